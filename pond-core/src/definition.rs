@@ -1,0 +1,550 @@
+//! Workflow definitions: what a run carries as its own snapshot, and their validation.
+//!
+//! A definition is an ordered list of stages. A stage without `needs` depends on the stage
+//! before it, so a plain list runs in order; `needs` (even `[]`) makes the dependencies
+//! explicit and turns the list into a DAG whose independent stages may run concurrently.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::FieldError;
+use crate::time::Millis;
+
+/// Longest a definition may be, in stages.
+pub const MAX_STAGES: usize = 256;
+/// Most attempts a stage may ask for.
+pub const MAX_ATTEMPTS: u32 = 20;
+/// Timeout used when a stage names none.
+pub const DEFAULT_TIMEOUT: Millis = Millis::from_secs(3600);
+/// Longest timeout a stage may ask for.
+pub const MAX_TIMEOUT: Millis = Millis::from_secs(7 * 24 * 3600);
+/// Backoff before the first retry when a stage names none; it doubles on each further retry.
+pub const DEFAULT_BACKOFF: Millis = Millis::from_secs(1);
+/// Longest wait between two attempts.
+pub const MAX_BACKOFF: Millis = Millis::from_secs(600);
+
+/// A workflow: an ordered list of stages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Definition {
+    /// The stages, in order.
+    pub stages: Vec<StageDef>,
+}
+
+/// One step of a workflow.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageDef {
+    /// Unique within the definition: lowercase letters, digits, `-` and `_`.
+    pub key: String,
+    /// A human name; the key when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// What runs the stage.
+    pub executor: ExecutorSpec,
+    /// Keys of the stages this one waits for. Absent: the previous stage. `[]`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needs: Option<Vec<String>>,
+    /// Wall-clock limit of one attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Millis>,
+    /// How many attempts before the stage fails (1 = no retry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Wait before the first retry; doubles on each further retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Millis>,
+    /// A failure of this stage does not fail the run; stages that need it still run.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub continue_on_error: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl StageDef {
+    /// The display name.
+    pub fn display_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.key)
+    }
+    /// The effective wall-clock limit of one attempt.
+    pub fn effective_timeout(&self) -> Millis {
+        self.timeout.unwrap_or(DEFAULT_TIMEOUT)
+    }
+    /// The effective number of attempts.
+    pub fn effective_max_attempts(&self) -> u32 {
+        self.max_attempts.unwrap_or(1)
+    }
+    /// Wait before the attempt that follows `failures` failed attempts.
+    pub fn backoff_after(&self, failures: u32) -> Millis {
+        let base = self.backoff.unwrap_or(DEFAULT_BACKOFF).0;
+        let factor = 1u64 << failures.saturating_sub(1).min(20);
+        Millis(base.saturating_mul(factor).min(MAX_BACKOFF.0))
+    }
+}
+
+/// Which executor runs a stage, with its settings. The `kind` field selects the variant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ExecutorSpec {
+    /// Does nothing, optionally after a delay.
+    Noop(NoopSpec),
+    /// A task built into pond.
+    Builtin(BuiltinSpec),
+    /// A subprocess on the executing host.
+    Shell(ShellSpec),
+    /// An AI coding agent; runs on a worker pool.
+    Swarm(SwarmSpec),
+}
+
+impl ExecutorSpec {
+    /// The `kind` text.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ExecutorSpec::Noop(_) => "noop",
+            ExecutorSpec::Builtin(_) => "builtin",
+            ExecutorSpec::Shell(_) => "shell",
+            ExecutorSpec::Swarm(_) => "swarm",
+        }
+    }
+    /// The sandbox a stage asks for, if its executor takes one.
+    pub fn sandbox(&self) -> Option<&SandboxSpec> {
+        match self {
+            ExecutorSpec::Shell(s) => s.sandbox.as_ref(),
+            ExecutorSpec::Swarm(s) => s.sandbox.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// Settings of the `noop` executor.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoopSpec {
+    /// Wait this long before succeeding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<Millis>,
+}
+
+/// Settings of the `builtin` executor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuiltinSpec {
+    /// Which builtin task.
+    pub name: BuiltinName,
+}
+
+/// The builtin tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuiltinName {
+    /// Every file with its size and language → `inventory.jsonl`.
+    FileInventory,
+    /// TODO/FIXME/XXX markers with file and line → `todos.jsonl`.
+    TodoScan,
+    /// Top-level areas with file counts → `areas.jsonl`.
+    RepoMap,
+}
+
+/// Settings of the `shell` executor: a program run directly (no implicit shell).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShellSpec {
+    /// Program and arguments; `argv[0]` is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Extra environment variables with literal values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The sandbox profile (only `none` until a sandbox backend is configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxSpec>,
+}
+
+/// Settings of the `swarm` (AI agent) executor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwarmSpec {
+    /// Registered harness key (e.g. `codex`).
+    pub harness: String,
+    /// Registered model key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_ref: Option<String>,
+    /// The prompt given to the agent.
+    pub prompt: String,
+    /// Isolation profile and trust tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxSpec>,
+    /// Capabilities a worker must have (glob match).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+    /// Tags a worker must have (subset match).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// How results are extracted from the transcript.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parse: Option<serde_json::Value>,
+    /// Fan the stage out over the items of an earlier stage's artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub foreach: Option<serde_json::Value>,
+}
+
+/// How a stage is contained and where it may run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSpec {
+    /// Isolation profile.
+    #[serde(default)]
+    pub profile: SandboxProfile,
+    /// Trust tier of the pool that may run it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<Tier>,
+}
+
+/// Isolation profiles (seed 000).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SandboxProfile {
+    /// Host process, network open: local development only.
+    #[default]
+    None,
+    /// Read-only checkout, network only to the model API.
+    UntrustedCodeRead,
+    /// Throwaway writable copy, default-deny egress allowlist.
+    UntrustedCodeWrite,
+}
+
+impl SandboxProfile {
+    /// The profile's name as written in definitions.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxProfile::None => "none",
+            SandboxProfile::UntrustedCodeRead => "untrusted-code-read",
+            SandboxProfile::UntrustedCodeWrite => "untrusted-code-write",
+        }
+    }
+}
+
+/// Trust tiers: which pool may run a stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    /// Pond's own pool (`pool:trusted`).
+    Trusted,
+    /// A bring-your-own host, pinned to the run's tenant.
+    Byo,
+    /// Any pool.
+    Any,
+}
+
+/// What the validating side knows about the server it runs on.
+#[derive(Clone, Debug, Default)]
+pub struct Capabilities {
+    /// Executor kinds that can run stages here.
+    pub executor_kinds: Vec<String>,
+    /// Sandbox profiles a backend can enforce here.
+    pub sandbox_profiles: Vec<SandboxProfile>,
+}
+
+/// Parses a definition from JSON, naming the failing field on error. `prefix` is the field
+/// path of the definition inside the request (e.g. `definition`).
+pub fn parse_definition(value: serde_json::Value, prefix: &str) -> Result<Definition, FieldError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path.is_empty() {
+            prefix.to_string()
+        } else {
+            format!("{prefix}.{path}")
+        };
+        FieldError::new(field, e.into_inner().to_string())
+    })
+}
+
+fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 64
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn valid_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+impl Definition {
+    /// The keys each stage waits for, with the implicit "previous stage" made explicit.
+    pub fn resolved_needs(&self) -> Vec<Vec<String>> {
+        self.stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match &s.needs {
+                Some(needs) => needs.clone(),
+                None if i == 0 => Vec::new(),
+                None => vec![self.stages[i - 1].key.clone()],
+            })
+            .collect()
+    }
+
+    /// Checks the definition against pond's rules and what this server can run. Errors name the
+    /// field path under `prefix`.
+    pub fn validate(&self, prefix: &str, caps: &Capabilities) -> Result<(), FieldError> {
+        let stages = &self.stages;
+        if stages.is_empty() {
+            return Err(FieldError::new(format!("{prefix}.stages"), "must hold at least one stage"));
+        }
+        if stages.len() > MAX_STAGES {
+            return Err(FieldError::new(
+                format!("{prefix}.stages"),
+                format!("holds {} stages; at most {MAX_STAGES} are allowed", stages.len()),
+            ));
+        }
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for (i, stage) in stages.iter().enumerate() {
+            let at = format!("{prefix}.stages[{i}]");
+            if !valid_key(&stage.key) {
+                return Err(FieldError::new(
+                    format!("{at}.key"),
+                    format!(
+                        "`{}` is not a valid key: use 1 to 64 lowercase letters, digits, `-` or `_`",
+                        stage.key
+                    ),
+                ));
+            }
+            if let Some(first) = index.insert(&stage.key, i) {
+                return Err(FieldError::new(
+                    format!("{at}.key"),
+                    format!("duplicate stage key `{}` (also stages[{first}])", stage.key),
+                ));
+            }
+            stage.validate_settings(&at, caps)?;
+        }
+        let needs = self.resolved_needs();
+        for (i, stage_needs) in needs.iter().enumerate() {
+            for (j, need) in stage_needs.iter().enumerate() {
+                let field = format!("{prefix}.stages[{i}].needs[{j}]");
+                if need == &stages[i].key {
+                    return Err(FieldError::new(field, "a stage cannot need itself"));
+                }
+                if !index.contains_key(need.as_str()) {
+                    return Err(FieldError::new(field, format!("no stage has the key `{need}`")));
+                }
+            }
+        }
+        if let Some(cycle) = find_cycle(stages, &needs, &index) {
+            let first = index[cycle[0].as_str()];
+            return Err(FieldError::new(
+                format!("{prefix}.stages[{first}].needs"),
+                format!("cycle in needs: {}", cycle.join(" -> ")),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl StageDef {
+    fn validate_settings(&self, at: &str, caps: &Capabilities) -> Result<(), FieldError> {
+        if let Some(name) = &self.name {
+            if name.len() > 200 {
+                return Err(FieldError::new(format!("{at}.name"), "longer than 200 bytes"));
+            }
+        }
+        if let Some(timeout) = self.timeout {
+            if timeout.0 == 0 || timeout > MAX_TIMEOUT {
+                return Err(FieldError::new(
+                    format!("{at}.timeout"),
+                    format!("must be more than 0 and at most {MAX_TIMEOUT}"),
+                ));
+            }
+        }
+        if let Some(n) = self.max_attempts {
+            if n == 0 || n > MAX_ATTEMPTS {
+                return Err(FieldError::new(
+                    format!("{at}.max_attempts"),
+                    format!("must be from 1 to {MAX_ATTEMPTS}"),
+                ));
+            }
+        }
+        if let Some(backoff) = self.backoff {
+            if backoff > MAX_BACKOFF {
+                return Err(FieldError::new(format!("{at}.backoff"), format!("must be at most {MAX_BACKOFF}")));
+            }
+        }
+        let kind = self.executor.kind();
+        if !caps.executor_kinds.iter().any(|k| k == kind) {
+            let reason = if kind == "swarm" {
+                "executor `swarm` runs on a worker pool, and this server has none attached".to_string()
+            } else {
+                format!("executor `{kind}` is not enabled on this server")
+            };
+            return Err(FieldError::new(format!("{at}.executor.kind"), reason));
+        }
+        if let Some(sandbox) = self.executor.sandbox() {
+            if !caps.sandbox_profiles.contains(&sandbox.profile) {
+                return Err(FieldError::new(
+                    format!("{at}.executor.sandbox.profile"),
+                    format!(
+                        "profile `{}` needs a sandbox backend that can enforce it, and this server has none (refused rather than run unconfined)",
+                        sandbox.profile.as_str()
+                    ),
+                ));
+            }
+        }
+        match &self.executor {
+            ExecutorSpec::Shell(shell) => {
+                if shell.argv.is_empty() || shell.argv[0].is_empty() {
+                    return Err(FieldError::new(format!("{at}.executor.argv"), "must name a program"));
+                }
+                if shell.argv.iter().any(|a| a.contains('\0')) {
+                    return Err(FieldError::new(format!("{at}.executor.argv"), "must not contain NUL bytes"));
+                }
+                for (name, value) in &shell.env {
+                    if !valid_env_name(name) || name.starts_with("POND_") {
+                        return Err(FieldError::new(
+                            format!("{at}.executor.env.{name}"),
+                            "not a valid variable name (letters, digits, `_`; `POND_` is reserved)",
+                        ));
+                    }
+                    if value.contains('\0') {
+                        return Err(FieldError::new(format!("{at}.executor.env.{name}"), "must not contain NUL bytes"));
+                    }
+                }
+            }
+            ExecutorSpec::Swarm(swarm) => {
+                if swarm.prompt.trim().is_empty() {
+                    return Err(FieldError::new(format!("{at}.executor.prompt"), "must not be empty"));
+                }
+            }
+            ExecutorSpec::Noop(_) | ExecutorSpec::Builtin(_) => {}
+        }
+        Ok(())
+    }
+}
+
+/// Returns the keys of one cycle (first key repeated at the end), if any.
+fn find_cycle(stages: &[StageDef], needs: &[Vec<String>], index: &HashMap<&str, usize>) -> Option<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        OnPath,
+        Done,
+    }
+    fn visit(
+        i: usize,
+        needs: &[Vec<String>],
+        index: &HashMap<&str, usize>,
+        marks: &mut [Mark],
+        path: &mut Vec<usize>,
+    ) -> Option<Vec<usize>> {
+        marks[i] = Mark::OnPath;
+        path.push(i);
+        for need in &needs[i] {
+            let j = index[need.as_str()];
+            match marks[j] {
+                Mark::OnPath => {
+                    let start = path.iter().position(|&p| p == j).unwrap_or(0);
+                    let mut cycle = path[start..].to_vec();
+                    cycle.push(j);
+                    return Some(cycle);
+                }
+                Mark::New => {
+                    if let Some(c) = visit(j, needs, index, marks, path) {
+                        return Some(c);
+                    }
+                }
+                Mark::Done => {}
+            }
+        }
+        path.pop();
+        marks[i] = Mark::Done;
+        None
+    }
+    let mut marks = vec![Mark::New; stages.len()];
+    for i in 0..stages.len() {
+        if marks[i] == Mark::New {
+            let mut path = Vec::new();
+            if let Some(cycle) = visit(i, needs, index, &mut marks, &mut path) {
+                return Some(cycle.into_iter().map(|k| stages[k].key.clone()).collect());
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn caps() -> Capabilities {
+        Capabilities {
+            executor_kinds: vec!["noop".into(), "builtin".into(), "shell".into()],
+            sandbox_profiles: vec![SandboxProfile::None],
+        }
+    }
+
+    /// Parses and validates `definition`; returns `Ok` or "field: reason".
+    fn check(definition: serde_json::Value) -> Result<(), String> {
+        let def = parse_definition(definition, "definition").map_err(|e| e.to_string())?;
+        def.validate("definition", &caps()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn valid_definitions_pass() {
+        check(json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]})).unwrap();
+        check(json!({"stages":[
+            {"key":"inv","name":"Inventory","executor":{"kind":"builtin","name":"file_inventory"}},
+            {"key":"lint","executor":{"kind":"shell","argv":["true"],"env":{"A":"1"}},"needs":[],"timeout":"5m","max_attempts":3,"backoff":2},
+            {"key":"end","executor":{"kind":"noop","delay":0.1},"needs":["inv","lint"],"continue_on_error":true}
+        ]}))
+        .unwrap();
+    }
+
+    #[test]
+    fn bad_definitions_name_the_field_and_reason() {
+        let cases = [
+            (json!({"stages":[]}), "definition.stages: must hold at least one stage"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"teleport"}}]}), "definition.stages[0].executor: unknown variant `teleport`"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"noop"}},{"key":"a","executor":{"kind":"noop"}}]}), "definition.stages[1].key: duplicate stage key `a`"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"needs":["b"]},{"key":"b","executor":{"kind":"noop"},"needs":["a"]}]}), "definition.stages[0].needs: cycle in needs: a -> b -> a"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"needs":["zz"]}]}), "definition.stages[0].needs[0]: no stage has the key `zz`"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"needs":["a"]}]}), "definition.stages[0].needs[0]: a stage cannot need itself"),
+            (json!({"stages":[{"key":"A b","executor":{"kind":"noop"}}]}), "definition.stages[0].key: `A b` is not a valid key"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":[]}}]}), "definition.stages[0].executor.argv: must name a program"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"max_attempts":0}]}), "definition.stages[0].max_attempts: must be from 1 to 20"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"timeout":"soon"}]}), "definition.stages[0].timeout: `soon` is not a duration"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"exector":1}]}), "definition.stages[0]: unknown field `exector`"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"builtin","name":"nope"}}]}), "definition.stages[0].executor.name: unknown variant `nope`"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":["x"],"sandbox":{"profile":"untrusted-code-write"}}}]}), "definition.stages[0].executor.sandbox.profile: profile `untrusted-code-write` needs a sandbox backend"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"swarm","harness":"codex","prompt":"hi"}}]}), "definition.stages[0].executor.kind: executor `swarm` runs on a worker pool"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":["x"],"env":{"POND_X":"1"}}}]}), "definition.stages[0].executor.env.POND_X: not a valid variable name"),
+        ];
+        for (definition, expected) in cases {
+            let got = check(definition.clone()).expect_err(&definition.to_string());
+            assert!(got.starts_with(expected), "for {definition}\n got: {got}\nwant: {expected}");
+        }
+    }
+
+    #[test]
+    fn stages_without_needs_follow_the_previous_stage() {
+        let def = parse_definition(
+            json!({"stages":[{"key":"a","executor":{"kind":"noop"}},{"key":"b","executor":{"kind":"noop"}},{"key":"c","executor":{"kind":"noop"},"needs":[]}]}),
+            "definition",
+        )
+        .unwrap();
+        assert_eq!(def.resolved_needs(), vec![vec![], vec!["a".to_string()], vec![]]);
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let mut stage: StageDef = serde_json::from_value(json!({"key":"a","executor":{"kind":"noop"},"backoff":"2s"})).unwrap();
+        assert_eq!(stage.backoff_after(1), Millis(2000));
+        assert_eq!(stage.backoff_after(2), Millis(4000));
+        assert_eq!(stage.backoff_after(3), Millis(8000));
+        stage.backoff = Some(Millis::from_secs(500));
+        assert_eq!(stage.backoff_after(5), MAX_BACKOFF);
+    }
+}

@@ -1,0 +1,26 @@
+//! pond-core: the domain of Pond and the engine that drives runs, free of IO.
+//!
+//! - [`definition`]: workflows (stages, executors, sandbox profiles, tiers) and their validation.
+//! - [`source`]: where a run's code comes from.
+//! - [`run`]: runs, stages, attempts and the state machine, as pure functions of `now`.
+//! - [`store`]: the [`store::Store`] trait everything persistent goes through.
+//! - [`exec`]: the [`exec::Executor`], output, stop-signal and workspace seams.
+//! - [`sandbox`]: the [`sandbox::SandboxBackend`] seam.
+//! - [`engine`]: the [`engine::Engine`] that ties them together.
+//!
+//! Nothing here opens a socket, a file or a process, or reads the clock: time arrives through
+//! the [`time::Clock`] the caller injects.
+#![deny(missing_docs)]
+
+pub mod definition;
+pub mod engine;
+pub mod error;
+pub mod exec;
+pub mod ids;
+pub mod run;
+pub mod sandbox;
+pub mod source;
+pub mod store;
+pub mod time;
+
+pub use error::{CoreError, FieldError, StoreError};

@@ -1,0 +1,193 @@
+//! Sources: what a run's stages work on. A run's checkout is fetched per node on first use and
+//! removed when the run ends; what was fetched (commit, `input_sha`) is recorded on the run so
+//! every later fetch, on any node, gets the same tree.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::FieldError;
+use crate::ids::BlobId;
+
+/// A source of a run, as submitted plus what fetching it resolved.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    /// Name of the source within the run; also its directory name in the checkout.
+    pub label: String,
+    /// Where it comes from.
+    #[serde(flatten)]
+    pub spec: SourceSpec,
+    /// What the first fetch found; later fetches reproduce it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<ResolvedSource>,
+}
+
+/// Where a source comes from. Serialized as `{"kind": …, "config": {…}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "config", rename_all = "snake_case")]
+pub enum SourceSpec {
+    /// A git repository over HTTPS.
+    GitHttps {
+        /// Clone URL.
+        url: String,
+        /// Branch, tag or commit; the remote's default branch when absent.
+        #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+        git_ref: Option<String>,
+    },
+    /// A directory on the pond host (allowed by the operator per root directory).
+    Local {
+        /// Absolute path.
+        path: PathBuf,
+    },
+    /// An uploaded `tar.zst` archive.
+    Bundle {
+        /// The id `POST /v1/bundles` returned.
+        bundle_id: BlobId,
+    },
+}
+
+/// What fetching a source found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvedSource {
+    /// For git: the commit checked out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// SHA-256 over the checkout's tree (see `pond_exec::tree_digest`), hex.
+    pub input_sha: String,
+}
+
+/// The operator's rules for sources.
+#[derive(Clone, Debug, Default)]
+pub struct SourcePolicy {
+    /// Directories under which `local` sources may point; empty: `local` is disabled.
+    pub local_roots: Vec<PathBuf>,
+    /// Allow `http://` git URLs (test setups, private networks). Off by default.
+    pub allow_plain_http_git: bool,
+}
+
+/// A submitted source before validation.
+#[derive(Clone, Debug, Deserialize)]
+pub struct SourceInput {
+    /// See [`Source::label`].
+    #[serde(default)]
+    pub label: Option<String>,
+    /// `git_https`, `local` or `bundle`.
+    pub kind: String,
+    /// Kind-specific settings.
+    #[serde(default)]
+    pub config: serde_json::Value,
+}
+
+impl SourceInput {
+    /// Validates the input at `field` (e.g. `sources[0]`) against the operator's policy.
+    pub fn validate(self, field: &str, policy: &SourcePolicy) -> Result<Source, FieldError> {
+        let label = self.label.unwrap_or_else(|| "repo".to_string());
+        let label_ok = !label.is_empty()
+            && label.len() <= 64
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && !label.starts_with('.');
+        if !label_ok {
+            return Err(FieldError::new(
+                format!("{field}.label"),
+                format!("`{label}` is not a valid label: use 1 to 64 letters, digits, `-`, `_` or `.`"),
+            ));
+        }
+        let tagged = serde_json::json!({"kind": self.kind, "config": self.config});
+        let spec: SourceSpec = serde_path_to_error::deserialize(tagged).map_err(|e| {
+            let path = e.path().to_string();
+            let at = if path.starts_with("config") { format!("{field}.{path}") } else { format!("{field}.kind") };
+            FieldError::new(at, e.into_inner().to_string())
+        })?;
+        match &spec {
+            SourceSpec::GitHttps { url, git_ref } => {
+                check_git_url(url, policy).map_err(|r| FieldError::new(format!("{field}.config.url"), r))?;
+                if let Some(r) = git_ref {
+                    let ok = !r.is_empty()
+                        && !r.starts_with('-')
+                        && r.len() <= 255
+                        && !r.contains("..")
+                        && r.bytes().all(|b| b.is_ascii_graphic() && !b"~^:?*[\\".contains(&b));
+                    if !ok {
+                        return Err(FieldError::new(format!("{field}.config.ref"), format!("`{r}` is not a valid git ref")));
+                    }
+                }
+            }
+            SourceSpec::Local { path } => check_local_path(path, policy)
+                .map_err(|r| FieldError::new(format!("{field}.config.path"), r))?,
+            SourceSpec::Bundle { .. } => {}
+        }
+        Ok(Source { label, spec, resolved: None })
+    }
+}
+
+fn check_git_url(url: &str, policy: &SourcePolicy) -> Result<(), String> {
+    let rest = if let Some(rest) = url.strip_prefix("https://") {
+        rest
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        if !policy.allow_plain_http_git {
+            return Err(format!("`{url}` is not an https URL (plain http is disabled on this server)"));
+        }
+        rest
+    } else {
+        return Err(format!("`{url}` is not an https URL"));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() {
+        return Err(format!("`{url}` has no host"));
+    }
+    if authority.contains('@') {
+        return Err("credentials in the URL are not accepted; register a credential instead".into());
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("the URL contains whitespace or control characters".into());
+    }
+    Ok(())
+}
+
+fn check_local_path(path: &Path, policy: &SourcePolicy) -> Result<(), String> {
+    if policy.local_roots.is_empty() {
+        return Err("local sources are disabled on this server (the operator enables them per directory with --allow-local-source)".into());
+    }
+    if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(format!("`{}` must be an absolute path without `..`", path.display()));
+    }
+    if !policy.local_roots.iter().any(|root| path.starts_with(root)) {
+        return Err(format!("`{}` is outside the directories the operator allowed", path.display()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(input: serde_json::Value) -> Result<Source, String> {
+        let policy = SourcePolicy { local_roots: vec!["/srv/repos".into()], allow_plain_http_git: false };
+        let input: SourceInput = serde_json::from_value(input).map_err(|e| e.to_string())?;
+        input.validate("sources[0]", &policy).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn sources_are_validated_field_by_field() {
+        let ok = check(json!({"label":"repo","kind":"git_https","config":{"url":"https://example.com/a.git","ref":"main"}})).unwrap();
+        assert!(matches!(ok.spec, SourceSpec::GitHttps { .. }));
+        check(json!({"kind":"local","config":{"path":"/srv/repos/x"}})).unwrap();
+        let cases = [
+            (json!({"kind":"git_https","config":{"url":"ftp://x/y"}}), "sources[0].config.url: `ftp://x/y` is not an https URL"),
+            (json!({"kind":"git_https","config":{"url":"http://x/y"}}), "sources[0].config.url: `http://x/y` is not an https URL (plain http"),
+            (json!({"kind":"git_https","config":{"url":"https://u:p@x/y"}}), "sources[0].config.url: credentials"),
+            (json!({"kind":"git_https","config":{"url":"https://x/y","ref":"--upload-pack=evil"}}), "sources[0].config.ref"),
+            (json!({"kind":"git_https","config":{}}), "sources[0].config: missing field `url`"),
+            (json!({"kind":"svn","config":{}}), "sources[0].kind: unknown variant `svn`"),
+            (json!({"kind":"local","config":{"path":"/etc"}}), "sources[0].config.path: `/etc` is outside"),
+            (json!({"kind":"local","config":{"path":"/srv/repos/../../etc"}}), "sources[0].config.path"),
+            (json!({"kind":"bundle","config":{"bundle_id":"nope"}}), "sources[0].config.bundle_id"),
+            (json!({"label":"../x","kind":"bundle","config":{}}), "sources[0].label"),
+        ];
+        for (input, expected) in cases {
+            let err = check(input.clone()).expect_err(&input.to_string());
+            assert!(err.starts_with(expected), "for {input}\n got: {err}\nwant: {expected}");
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The `Store` trait: everything pond persists. Implementations live in `pond-store` (memory,
+//! SQLite, PostgreSQL) and all pass one conformance suite.
+//!
+//! Each method is atomic. Run state changes go through [`Store::update_run`], which applies a
+//! pure mutation from [`crate::run`] inside the backend's transaction, so the state machine
+//! stays in pond-core while the store supplies the isolation.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoreError, StoreError};
+use crate::ids::{BlobId, RunId, TokenId};
+use crate::run::{Run, RunSnapshot, RunState, Stage};
+use crate::time::Timestamp;
+
+/// Size of the chunks blobs (artifacts, bundles) are stored in.
+pub const BLOB_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// What [`Store::insert_run`] did.
+#[derive(Debug)]
+pub enum InsertOutcome {
+    /// The run was stored.
+    Created,
+    /// A run with the same project and idempotency key exists; it is returned instead.
+    Existing(Box<RunSnapshot>),
+}
+
+/// A page request over runs, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct RunQuery {
+    /// Only these projects; `None` for all.
+    pub projects: Option<Vec<String>>,
+    /// Only runs in this state.
+    pub state: Option<RunState>,
+    /// Only runs older than this one (the cursor).
+    pub before: Option<RunId>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// A request to claim ready stages.
+#[derive(Clone, Debug)]
+pub struct ClaimQuery {
+    /// Who takes the lease.
+    pub owner: String,
+    /// Only stages whose executor kind is one of these.
+    pub kinds: Vec<String>,
+    /// The claim time.
+    pub now: Timestamp,
+    /// When the new leases expire.
+    pub lease_until: Timestamp,
+    /// At most this many stages.
+    pub limit: u32,
+}
+
+/// A stage taken by a claim, with its run.
+#[derive(Clone, Debug)]
+pub struct Claim {
+    /// The run (with its definition).
+    pub run: Run,
+    /// The stage as claimed: running, with the new attempt number.
+    pub stage: Stage,
+}
+
+/// Whether a lease is still held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// Still held; `cancel_requested` tells the holder to stop.
+    Held {
+        /// A cancel is pending.
+        cancel_requested: bool,
+    },
+    /// Another attempt took over, or the stage ended: stop and drop the result.
+    Lost,
+}
+
+/// Which stream a log line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// Pond's own messages about the run (transitions, retries, errors).
+    System,
+}
+
+impl LogStream {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+            LogStream::System => "system",
+        }
+    }
+    /// Parses a stored name.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "stdout" => LogStream::Stdout,
+            "stderr" => LogStream::Stderr,
+            "system" => LogStream::System,
+            _ => return None,
+        })
+    }
+}
+
+/// A log line to append.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewLogLine {
+    /// The stage it belongs to, if any.
+    pub stage: Option<String>,
+    /// The attempt (0 for run-level lines).
+    pub attempt: u32,
+    /// Where it came from.
+    pub stream: LogStream,
+    /// When it was produced.
+    pub at: Timestamp,
+    /// The line, without its newline.
+    pub text: String,
+}
+
+/// A stored log line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Position in the run's log; strictly increasing, the cursor for reads.
+    pub seq: i64,
+    /// The line.
+    #[serde(flatten)]
+    pub line: NewLogLine,
+}
+
+/// A stored blob's description.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobMeta {
+    /// Its id.
+    pub id: BlobId,
+    /// The project it belongs to.
+    pub project_id: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the bytes, hex.
+    pub sha256: String,
+    /// When it was stored.
+    pub created_at: Timestamp,
+}
+
+impl BlobMeta {
+    /// Number of chunks the blob is stored in.
+    pub fn chunk_count(&self) -> u64 {
+        self.size.div_ceil(BLOB_CHUNK_BYTES as u64)
+    }
+}
+
+/// An artifact of a run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// The run.
+    pub run_id: RunId,
+    /// Its name, unique within the run (a relative path such as `reports/a.json`).
+    pub name: String,
+    /// The stage that produced it.
+    pub stage: String,
+    /// Where its bytes are.
+    pub blob_id: BlobId,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the bytes, hex.
+    pub sha256: String,
+    /// When it was stored.
+    pub created_at: Timestamp,
+}
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Everything, including `/v1/admin`.
+    Admin,
+    /// Runs of the token's projects.
+    Consumer,
+}
+
+/// A stored API token. The secret itself is never stored, only its SHA-256.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Its id (shown, never secret).
+    pub id: TokenId,
+    /// A label.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// Projects a consumer token may use.
+    pub projects: Vec<String>,
+    /// SHA-256 of the secret, hex.
+    #[serde(skip_serializing)]
+    pub secret_sha256: String,
+    /// When it was made.
+    pub created_at: Timestamp,
+    /// When it was revoked.
+    pub revoked_at: Option<Timestamp>,
+}
+
+/// The mutation `update_run` applies inside its transaction.
+pub type RunMutation<'a> = &'a mut (dyn FnMut(&mut RunSnapshot) -> Result<(), CoreError> + Send);
+
+/// Everything pond persists: runs, stages, attempts, logs, blobs, artifacts, tokens.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new run. With an idempotency key already used in the project, stores nothing
+    /// and returns the existing run.
+    async fn insert_run(&self, snapshot: &RunSnapshot) -> Result<InsertOutcome, StoreError>;
+    /// A run with its stages and attempts.
+    async fn get_run(&self, id: RunId) -> Result<Option<RunSnapshot>, StoreError>;
+    /// Runs, newest first.
+    async fn list_runs(&self, query: &RunQuery) -> Result<Vec<Run>, StoreError>;
+    /// Applies `mutate` to the run atomically and returns the result. If `mutate` fails nothing
+    /// is written and the error comes back as [`StoreError::Rejected`].
+    async fn update_run(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, StoreError>;
+    /// Claims up to `limit` claimable stages (see [`Stage::claimable`]); no stage is ever
+    /// handed to two claimers for the same attempt.
+    async fn claim_stages(&self, query: &ClaimQuery) -> Result<Vec<Claim>, StoreError>;
+    /// Extends the lease of a running attempt held by `owner`.
+    async fn renew_lease(
+        &self,
+        run: RunId,
+        stage: &str,
+        attempt: u32,
+        owner: &str,
+        until: Timestamp,
+    ) -> Result<LeaseStatus, StoreError>;
+    /// Runs with a running stage whose lease expired while a cancel was pending, or that lost
+    /// its lease too often: they need [`RunSnapshot::reap`].
+    async fn runs_to_reap(&self, now: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError>;
+    /// Lets every running lease expire at `now`. Only for a store that one node owns
+    /// exclusively (SQLite), at start-up: the previous process is known to be dead.
+    async fn expire_all_leases(&self, now: Timestamp) -> Result<u64, StoreError>;
+
+    /// Appends log lines to a run's log, in order.
+    async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError>;
+    /// Log lines with `seq > after`, oldest first.
+    async fn read_logs(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<LogLine>, StoreError>;
+
+    /// Stores bytes in chunks.
+    async fn put_blob(&self, project_id: &str, data: &[u8], now: Timestamp) -> Result<BlobMeta, StoreError>;
+    /// A blob's description.
+    async fn blob_meta(&self, id: BlobId) -> Result<Option<BlobMeta>, StoreError>;
+    /// Chunk `index` of a blob (each [`BLOB_CHUNK_BYTES`] long but the last).
+    async fn read_blob_chunk(&self, id: BlobId, index: u64) -> Result<Vec<u8>, StoreError>;
+
+    /// Records an artifact (replacing one of the same name in the run).
+    async fn put_artifact(&self, artifact: &Artifact) -> Result<(), StoreError>;
+    /// A run's artifacts by name.
+    async fn list_artifacts(&self, run: RunId) -> Result<Vec<Artifact>, StoreError>;
+    /// One artifact.
+    async fn get_artifact(&self, run: RunId, name: &str) -> Result<Option<Artifact>, StoreError>;
+
+    /// Stores a token.
+    async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// The token whose secret hashes to `secret_sha256`.
+    async fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// All tokens.
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Revokes a token; false when there is none.
+    async fn revoke_token(&self, id: TokenId, now: Timestamp) -> Result<bool, StoreError>;
+}
+
+/// Reads a whole blob (for callers that need it in memory, such as bundle extraction).
+pub async fn read_blob(store: &dyn Store, meta: &BlobMeta) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(meta.size as usize);
+    for i in 0..meta.chunk_count() {
+        out.extend_from_slice(&store.read_blob_chunk(meta.id, i).await?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,19 @@
+//! pond-store: implementations of [`pond_core::store::Store`].
+//!
+//! - [`MemoryStore`]: everything in memory; the reference the others are compared against.
+//! - [`SqliteStore`]: one SQLite file (WAL), the embedded default; migrations in
+//!   `migrations/sqlite`, embedded at build time.
+//!
+//! All of them pass the conformance suite in `tests/conformance.rs`.
+#![deny(missing_docs)]
+
+mod memory;
+mod sqlite;
+
+pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
+
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}

@@ -1,0 +1,260 @@
+//! `MemoryStore`: the reference implementation of [`Store`], for tests and embedding. It keeps
+//! whole snapshots under one mutex, so every method is trivially atomic.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use pond_core::ids::{BlobId, RunId, TokenId};
+use pond_core::run::{Run, RunSnapshot, StageState, MAX_LOST_LEASES};
+use pond_core::store::{
+    Artifact, BlobMeta, Claim, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation, RunQuery,
+    Store, TokenRecord, BLOB_CHUNK_BYTES,
+};
+use pond_core::time::Timestamp;
+use pond_core::StoreError;
+
+use crate::sha256_hex;
+
+#[derive(Default)]
+struct Inner {
+    runs: BTreeMap<RunId, RunSnapshot>,
+    // Runs not yet ended: claims scan only these.
+    active: BTreeSet<RunId>,
+    idempotency: HashMap<(String, String), RunId>,
+    logs: HashMap<RunId, Vec<LogLine>>,
+    next_seq: i64,
+    blobs: HashMap<BlobId, (BlobMeta, Vec<u8>)>,
+    artifacts: HashMap<RunId, BTreeMap<String, Artifact>>,
+    tokens: BTreeMap<TokenId, TokenRecord>,
+}
+
+/// A store that keeps everything in memory.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, StoreError> {
+        // A panic while holding the lock would leave a half-applied change; refuse to go on.
+        self.inner.lock().map_err(|_| StoreError::Backend("memory store lock poisoned".into()))
+    }
+}
+
+fn track_active(inner: &mut Inner, snapshot: &RunSnapshot) {
+    if snapshot.run.state.is_terminal() {
+        inner.active.remove(&snapshot.run.id);
+    } else {
+        inner.active.insert(snapshot.run.id);
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn insert_run(&self, snapshot: &RunSnapshot) -> Result<InsertOutcome, StoreError> {
+        let mut inner = self.lock()?;
+        let run = &snapshot.run;
+        if let Some(key) = &run.idempotency_key {
+            let slot = (run.project_id.clone(), key.clone());
+            if let Some(existing) = inner.idempotency.get(&slot) {
+                let existing = inner.runs[existing].clone();
+                return Ok(InsertOutcome::Existing(Box::new(existing)));
+            }
+            inner.idempotency.insert(slot, run.id);
+        }
+        if inner.runs.contains_key(&run.id) {
+            return Err(StoreError::Conflict(format!("run {} exists", run.id)));
+        }
+        inner.runs.insert(run.id, snapshot.clone());
+        track_active(&mut inner, snapshot);
+        Ok(InsertOutcome::Created)
+    }
+
+    async fn get_run(&self, id: RunId) -> Result<Option<RunSnapshot>, StoreError> {
+        Ok(self.lock()?.runs.get(&id).cloned())
+    }
+
+    async fn list_runs(&self, query: &RunQuery) -> Result<Vec<Run>, StoreError> {
+        let inner = self.lock()?;
+        let upper = query.before.map(std::ops::Bound::Excluded).unwrap_or(std::ops::Bound::Unbounded);
+        Ok(inner
+            .runs
+            .range((std::ops::Bound::Unbounded, upper))
+            .rev()
+            .map(|(_, s)| &s.run)
+            .filter(|r| query.projects.as_ref().is_none_or(|p| p.contains(&r.project_id)))
+            .filter(|r| query.state.is_none_or(|s| r.state == s))
+            .take(query.limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn update_run(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, StoreError> {
+        let mut inner = self.lock()?;
+        let mut snapshot = inner.runs.get(&id).cloned().ok_or_else(|| StoreError::NotFound(format!("run {id}")))?;
+        mutate(&mut snapshot).map_err(|e| StoreError::Rejected(Box::new(e)))?;
+        track_active(&mut inner, &snapshot);
+        inner.runs.insert(id, snapshot.clone());
+        Ok(snapshot)
+    }
+
+    async fn claim_stages(&self, query: &ClaimQuery) -> Result<Vec<Claim>, StoreError> {
+        let mut inner = self.lock()?;
+        let mut picked: Vec<(Timestamp, RunId, String)> = Vec::new();
+        for id in &inner.active {
+            let snapshot = &inner.runs[id];
+            for stage in &snapshot.stages {
+                if stage.claimable(query.now) && query.kinds.contains(&stage.executor_kind) {
+                    let order = stage.ready_at.or(stage.lease_expires_at).unwrap_or_default();
+                    picked.push((order, *id, stage.key.clone()));
+                }
+            }
+        }
+        picked.sort();
+        picked.truncate(query.limit as usize);
+        let mut claims = Vec::with_capacity(picked.len());
+        for (_, id, key) in picked {
+            let Some(snapshot) = inner.runs.get_mut(&id) else { continue };
+            snapshot
+                .claim_stage(&key, &query.owner, query.now, query.lease_until)
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+            let stage = snapshot.stage(&key).cloned().ok_or_else(|| StoreError::Corrupt(format!("stage {key} vanished")))?;
+            claims.push(Claim { run: snapshot.run.clone(), stage });
+        }
+        Ok(claims)
+    }
+
+    async fn renew_lease(&self, run: RunId, stage: &str, attempt: u32, owner: &str, until: Timestamp) -> Result<LeaseStatus, StoreError> {
+        let mut inner = self.lock()?;
+        let Some(snapshot) = inner.runs.get_mut(&run) else { return Ok(LeaseStatus::Lost) };
+        let Some(s) = snapshot.stages.iter_mut().find(|s| s.key == stage) else { return Ok(LeaseStatus::Lost) };
+        if s.state != StageState::Running || s.attempt != attempt || s.lease_owner.as_deref() != Some(owner) {
+            return Ok(LeaseStatus::Lost);
+        }
+        s.lease_expires_at = Some(until);
+        Ok(LeaseStatus::Held { cancel_requested: s.cancel_requested })
+    }
+
+    async fn runs_to_reap(&self, now: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError> {
+        let inner = self.lock()?;
+        Ok(inner
+            .active
+            .iter()
+            .filter(|id| {
+                inner.runs[id].stages.iter().any(|s| {
+                    s.state == StageState::Running
+                        && s.lease_expires_at.is_some_and(|t| t <= now)
+                        && (s.cancel_requested || s.lost_leases > MAX_LOST_LEASES)
+                })
+            })
+            .take(limit as usize)
+            .copied()
+            .collect())
+    }
+
+    async fn expire_all_leases(&self, now: Timestamp) -> Result<u64, StoreError> {
+        let mut inner = self.lock()?;
+        let mut n = 0;
+        for snapshot in inner.runs.values_mut() {
+            for s in snapshot.stages.iter_mut().filter(|s| s.state == StageState::Running) {
+                s.lease_expires_at = Some(now);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        let mut seq = inner.next_seq;
+        let log = inner.logs.entry(run).or_default();
+        for line in lines {
+            seq += 1;
+            log.push(LogLine { seq, line: line.clone() });
+        }
+        inner.next_seq = seq;
+        Ok(())
+    }
+
+    async fn read_logs(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<LogLine>, StoreError> {
+        let inner = self.lock()?;
+        let Some(log) = inner.logs.get(&run) else { return Ok(Vec::new()) };
+        let start = log.partition_point(|l| l.seq <= after);
+        Ok(log[start..].iter().take(limit as usize).cloned().collect())
+    }
+
+    async fn put_blob(&self, project_id: &str, data: &[u8], now: Timestamp) -> Result<BlobMeta, StoreError> {
+        let meta = BlobMeta {
+            id: BlobId::generate(now),
+            project_id: project_id.to_string(),
+            size: data.len() as u64,
+            sha256: sha256_hex(data),
+            created_at: now,
+        };
+        self.lock()?.blobs.insert(meta.id, (meta.clone(), data.to_vec()));
+        Ok(meta)
+    }
+
+    async fn blob_meta(&self, id: BlobId) -> Result<Option<BlobMeta>, StoreError> {
+        Ok(self.lock()?.blobs.get(&id).map(|(m, _)| m.clone()))
+    }
+
+    async fn read_blob_chunk(&self, id: BlobId, index: u64) -> Result<Vec<u8>, StoreError> {
+        let inner = self.lock()?;
+        let (_, data) = inner.blobs.get(&id).ok_or_else(|| StoreError::NotFound(format!("blob {id}")))?;
+        let start = (index as usize).saturating_mul(BLOB_CHUNK_BYTES);
+        if start >= data.len() && !(start == 0 && data.is_empty()) {
+            return Err(StoreError::NotFound(format!("blob {id} chunk {index}")));
+        }
+        let end = (start + BLOB_CHUNK_BYTES).min(data.len());
+        Ok(data[start..end].to_vec())
+    }
+
+    async fn put_artifact(&self, artifact: &Artifact) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        inner.artifacts.entry(artifact.run_id).or_default().insert(artifact.name.clone(), artifact.clone());
+        Ok(())
+    }
+
+    async fn list_artifacts(&self, run: RunId) -> Result<Vec<Artifact>, StoreError> {
+        Ok(self.lock()?.artifacts.get(&run).map(|a| a.values().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn get_artifact(&self, run: RunId, name: &str) -> Result<Option<Artifact>, StoreError> {
+        Ok(self.lock()?.artifacts.get(&run).and_then(|a| a.get(name)).cloned())
+    }
+
+    async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        if inner.tokens.values().any(|t| t.secret_sha256 == token.secret_sha256) {
+            return Err(StoreError::Conflict("token exists".into()));
+        }
+        inner.tokens.insert(token.id, token.clone());
+        Ok(())
+    }
+
+    async fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>, StoreError> {
+        Ok(self.lock()?.tokens.values().find(|t| t.secret_sha256 == secret_sha256).cloned())
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        Ok(self.lock()?.tokens.values().cloned().collect())
+    }
+
+    async fn revoke_token(&self, id: TokenId, now: Timestamp) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        match inner.tokens.get_mut(&id) {
+            Some(t) => {
+                t.revoked_at.get_or_insert(now);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}

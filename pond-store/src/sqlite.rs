@@ -1,0 +1,711 @@
+//! `SqliteStore`: the embedded default. One file in WAL mode; all writes go through a pool of
+//! one connection with `BEGIN IMMEDIATE`, so writers queue in-process instead of failing with
+//! `SQLITE_BUSY`, while reads use their own connections and never wait for writers.
+//!
+//! Durability: `synchronous = NORMAL` in WAL mode survives a killed process (every committed
+//! transaction is in the WAL); a power cut may lose the last transactions before a checkpoint.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pond_core::definition::Definition;
+use pond_core::ids::{BlobId, RunId, TokenId};
+use pond_core::run::{Attempt, AttemptOutcome, Run, RunSnapshot, RunState, Stage, StageState, MAX_LOST_LEASES};
+use pond_core::source::Source;
+use pond_core::store::{
+    Artifact, BlobMeta, Claim, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, LogStream, NewLogLine, Role,
+    RunMutation, RunQuery, Store, TokenRecord, BLOB_CHUNK_BYTES,
+};
+use pond_core::time::Timestamp;
+use pond_core::StoreError;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, SqliteConnection, SqlitePool};
+
+use crate::sha256_hex;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The SQLite store.
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+fn db_err(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_string()),
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => StoreError::Unavailable(e.to_string()),
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StoreError::Corrupt(e.to_string()),
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path` and applies migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("temp_store", "memory");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await
+            .map_err(db_err)?;
+        MIGRATOR.run(&writer).await.map_err(|e| StoreError::Backend(format!("migrating {}: {e}", path.display())))?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(db_err)?;
+        Ok(SqliteStore { writer, reader })
+    }
+
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
+    }
+}
+
+fn ts(t: Option<Timestamp>) -> Option<i64> {
+    t.map(Timestamp::as_millis)
+}
+
+fn get_ts(row: &SqliteRow, col: &str) -> Result<Option<Timestamp>, StoreError> {
+    Ok(row.try_get::<Option<i64>, _>(col).map_err(db_err)?.map(Timestamp::from_millis))
+}
+
+fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
+    let id: String = row.try_get("id").map_err(db_err)?;
+    let state: String = row.try_get("state").map_err(db_err)?;
+    let definition: String = row.try_get("definition").map_err(db_err)?;
+    let sources: String = row.try_get("sources").map_err(db_err)?;
+    Ok(Run {
+        id: RunId::from_str(&id).map_err(corrupt)?,
+        project_id: row.try_get("project_id").map_err(db_err)?,
+        state: RunState::parse(&state).ok_or_else(|| corrupt(format!("run state `{state}`")))?,
+        definition: serde_json::from_str::<Definition>(&definition).map_err(corrupt)?,
+        sources: serde_json::from_str::<Vec<Source>>(&sources).map_err(corrupt)?,
+        idempotency_key: row.try_get("idempotency_key").map_err(db_err)?,
+        cancel_requested: row.try_get("cancel_requested").map_err(db_err)?,
+        error: row.try_get("error").map_err(db_err)?,
+        created_at: get_ts(row, "created_at")?.unwrap_or_default(),
+        started_at: get_ts(row, "started_at")?,
+        finished_at: get_ts(row, "finished_at")?,
+    })
+}
+
+fn stage_from_row(row: &SqliteRow) -> Result<Stage, StoreError> {
+    let state: String = row.try_get("state").map_err(db_err)?;
+    Ok(Stage {
+        key: row.try_get("key").map_err(db_err)?,
+        position: row.try_get::<i64, _>("position").map_err(db_err)? as u32,
+        executor_kind: row.try_get("executor_kind").map_err(db_err)?,
+        state: StageState::parse(&state).ok_or_else(|| corrupt(format!("stage state `{state}`")))?,
+        ready_at: get_ts(row, "ready_at")?,
+        attempt: row.try_get::<i64, _>("attempt").map_err(db_err)? as u32,
+        failures: row.try_get::<i64, _>("failures").map_err(db_err)? as u32,
+        lost_leases: row.try_get::<i64, _>("lost_leases").map_err(db_err)? as u32,
+        lease_owner: row.try_get("lease_owner").map_err(db_err)?,
+        lease_expires_at: get_ts(row, "lease_expires_at")?,
+        cancel_requested: row.try_get("cancel_requested").map_err(db_err)?,
+        started_at: get_ts(row, "started_at")?,
+        finished_at: get_ts(row, "finished_at")?,
+        error: row.try_get("error").map_err(db_err)?,
+        exit_code: row.try_get::<Option<i64>, _>("exit_code").map_err(db_err)?.map(|c| c as i32),
+    })
+}
+
+fn attempt_from_row(row: &SqliteRow) -> Result<Attempt, StoreError> {
+    let outcome: Option<String> = row.try_get("outcome").map_err(db_err)?;
+    Ok(Attempt {
+        stage_key: row.try_get("stage_key").map_err(db_err)?,
+        number: row.try_get::<i64, _>("number").map_err(db_err)? as u32,
+        owner: row.try_get("owner").map_err(db_err)?,
+        started_at: get_ts(row, "started_at")?.unwrap_or_default(),
+        finished_at: get_ts(row, "finished_at")?,
+        outcome: match outcome {
+            Some(o) => Some(AttemptOutcome::parse(&o).ok_or_else(|| corrupt(format!("attempt outcome `{o}`")))?),
+            None => None,
+        },
+        error: row.try_get("error").map_err(db_err)?,
+    })
+}
+
+fn blob_from_row(row: &SqliteRow) -> Result<BlobMeta, StoreError> {
+    let id: String = row.try_get("id").map_err(db_err)?;
+    Ok(BlobMeta {
+        id: BlobId::from_str(&id).map_err(corrupt)?,
+        project_id: row.try_get("project_id").map_err(db_err)?,
+        size: row.try_get::<i64, _>("size").map_err(db_err)? as u64,
+        sha256: row.try_get("sha256").map_err(db_err)?,
+        created_at: get_ts(row, "created_at")?.unwrap_or_default(),
+    })
+}
+
+fn artifact_from_row(row: &SqliteRow) -> Result<Artifact, StoreError> {
+    let run: String = row.try_get("run_id").map_err(db_err)?;
+    let blob: String = row.try_get("blob_id").map_err(db_err)?;
+    Ok(Artifact {
+        run_id: RunId::from_str(&run).map_err(corrupt)?,
+        name: row.try_get("name").map_err(db_err)?,
+        stage: row.try_get("stage").map_err(db_err)?,
+        blob_id: BlobId::from_str(&blob).map_err(corrupt)?,
+        size: row.try_get::<i64, _>("size").map_err(db_err)? as u64,
+        sha256: row.try_get("sha256").map_err(db_err)?,
+        created_at: get_ts(row, "created_at")?.unwrap_or_default(),
+    })
+}
+
+fn token_from_row(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
+    let id: String = row.try_get("id").map_err(db_err)?;
+    let role: String = row.try_get("role").map_err(db_err)?;
+    let projects: String = row.try_get("projects").map_err(db_err)?;
+    Ok(TokenRecord {
+        id: TokenId::from_str(&id).map_err(corrupt)?,
+        name: row.try_get("name").map_err(db_err)?,
+        role: match role.as_str() {
+            "admin" => Role::Admin,
+            "consumer" => Role::Consumer,
+            other => return Err(corrupt(format!("token role `{other}`"))),
+        },
+        projects: serde_json::from_str(&projects).map_err(corrupt)?,
+        secret_sha256: row.try_get("secret_sha256").map_err(db_err)?,
+        created_at: get_ts(row, "created_at")?.unwrap_or_default(),
+        revoked_at: get_ts(row, "revoked_at")?,
+    })
+}
+
+async fn load_snapshot(conn: &mut SqliteConnection, id: RunId) -> Result<Option<RunSnapshot>, StoreError> {
+    let key = id.to_string();
+    let Some(row) = sqlx::query("SELECT * FROM runs WHERE id = ?").bind(&key).fetch_optional(&mut *conn).await.map_err(db_err)? else {
+        return Ok(None);
+    };
+    let run = run_from_row(&row)?;
+    let stages = sqlx::query("SELECT * FROM stages WHERE run_id = ? ORDER BY position")
+        .bind(&key)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(stage_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let attempts = sqlx::query("SELECT * FROM attempts WHERE run_id = ? ORDER BY started_at, stage_key, number")
+        .bind(&key)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(attempt_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(RunSnapshot { run, stages, attempts }))
+}
+
+async fn write_run(conn: &mut SqliteConnection, run: &Run, insert: bool) -> Result<(), StoreError> {
+    let sources = serde_json::to_string(&run.sources).map_err(corrupt)?;
+    let sql = if insert {
+        "INSERT INTO runs (state, sources, cancel_requested, error, started_at, finished_at, id, project_id, idempotency_key, definition, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    } else {
+        "UPDATE runs SET state = ?, sources = ?, cancel_requested = ?, error = ?, started_at = ?, finished_at = ? WHERE id = ?"
+    };
+    let mut q = sqlx::query(sql)
+        .bind(run.state.as_str())
+        .bind(sources)
+        .bind(run.cancel_requested)
+        .bind(&run.error)
+        .bind(ts(run.started_at))
+        .bind(ts(run.finished_at))
+        .bind(run.id.to_string());
+    if insert {
+        let definition = serde_json::to_string(&run.definition).map_err(corrupt)?;
+        q = q.bind(&run.project_id).bind(&run.idempotency_key).bind(definition).bind(run.created_at.as_millis());
+    }
+    q.execute(&mut *conn).await.map_err(db_err)?;
+    Ok(())
+}
+
+async fn write_stage(conn: &mut SqliteConnection, run: RunId, s: &Stage) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO stages (run_id, key, position, executor_kind, state, ready_at, attempt, failures, lost_leases,
+                             lease_owner, lease_expires_at, cancel_requested, started_at, finished_at, error, exit_code)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (run_id, key) DO UPDATE SET
+            state = excluded.state, ready_at = excluded.ready_at, attempt = excluded.attempt,
+            failures = excluded.failures, lost_leases = excluded.lost_leases, lease_owner = excluded.lease_owner,
+            lease_expires_at = excluded.lease_expires_at, cancel_requested = excluded.cancel_requested,
+            started_at = excluded.started_at, finished_at = excluded.finished_at, error = excluded.error,
+            exit_code = excluded.exit_code",
+    )
+    .bind(run.to_string())
+    .bind(&s.key)
+    .bind(s.position as i64)
+    .bind(&s.executor_kind)
+    .bind(s.state.as_str())
+    .bind(ts(s.ready_at))
+    .bind(s.attempt as i64)
+    .bind(s.failures as i64)
+    .bind(s.lost_leases as i64)
+    .bind(&s.lease_owner)
+    .bind(ts(s.lease_expires_at))
+    .bind(s.cancel_requested)
+    .bind(ts(s.started_at))
+    .bind(ts(s.finished_at))
+    .bind(&s.error)
+    .bind(s.exit_code.map(|c| c as i64))
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    Ok(())
+}
+
+async fn write_attempt(conn: &mut SqliteConnection, run: RunId, a: &Attempt) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO attempts (run_id, stage_key, number, owner, started_at, finished_at, outcome, error)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (run_id, stage_key, number) DO UPDATE SET
+            finished_at = excluded.finished_at, outcome = excluded.outcome, error = excluded.error",
+    )
+    .bind(run.to_string())
+    .bind(&a.stage_key)
+    .bind(a.number as i64)
+    .bind(&a.owner)
+    .bind(a.started_at.as_millis())
+    .bind(ts(a.finished_at))
+    .bind(a.outcome.map(AttemptOutcome::as_str))
+    .bind(&a.error)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    Ok(())
+}
+
+/// Writes what differs between `before` and `after` (the whole snapshot when `before` is None).
+async fn write_changes(conn: &mut SqliteConnection, before: Option<&RunSnapshot>, after: &RunSnapshot) -> Result<(), StoreError> {
+    let id = after.run.id;
+    match before {
+        None => write_run(conn, &after.run, true).await?,
+        Some(b) if b.run != after.run => write_run(conn, &after.run, false).await?,
+        Some(_) => {}
+    }
+    for stage in &after.stages {
+        let unchanged = before.and_then(|b| b.stage(&stage.key)).is_some_and(|old| old == stage);
+        if !unchanged {
+            write_stage(conn, id, stage).await?;
+        }
+    }
+    for attempt in &after.attempts {
+        let unchanged = before
+            .is_some_and(|b| b.attempts.iter().any(|old| old == attempt));
+        if !unchanged {
+            write_attempt(conn, id, attempt).await?;
+        }
+    }
+    Ok(())
+}
+
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_run(&self, snapshot: &RunSnapshot) -> Result<InsertOutcome, StoreError> {
+        let mut tx = self.begin().await?;
+        let run = &snapshot.run;
+        if let Some(key) = &run.idempotency_key {
+            let existing: Option<String> = sqlx::query_scalar("SELECT id FROM runs WHERE project_id = ? AND idempotency_key = ?")
+                .bind(&run.project_id)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            if let Some(existing) = existing {
+                let id = RunId::from_str(&existing).map_err(corrupt)?;
+                let snapshot = load_snapshot(&mut tx, id).await?.ok_or_else(|| corrupt("idempotent run vanished"))?;
+                return Ok(InsertOutcome::Existing(Box::new(snapshot)));
+            }
+        }
+        write_changes(&mut tx, None, snapshot).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(InsertOutcome::Created)
+    }
+
+    async fn get_run(&self, id: RunId) -> Result<Option<RunSnapshot>, StoreError> {
+        let mut conn = self.reader.acquire().await.map_err(db_err)?;
+        load_snapshot(&mut conn, id).await
+    }
+
+    async fn list_runs(&self, query: &RunQuery) -> Result<Vec<Run>, StoreError> {
+        let mut sql = String::from("SELECT * FROM runs WHERE 1 = 1");
+        if let Some(projects) = &query.projects {
+            if projects.is_empty() {
+                return Ok(Vec::new());
+            }
+            sql.push_str(&format!(" AND project_id IN ({})", placeholders(projects.len())));
+        }
+        if query.state.is_some() {
+            sql.push_str(" AND state = ?");
+        }
+        if query.before.is_some() {
+            sql.push_str(" AND id < ?");
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT ?");
+        let mut q = sqlx::query(&sql);
+        for p in query.projects.iter().flatten() {
+            q = q.bind(p);
+        }
+        if let Some(state) = query.state {
+            q = q.bind(state.as_str());
+        }
+        if let Some(before) = query.before {
+            q = q.bind(before.to_string());
+        }
+        q = q.bind(query.limit as i64);
+        q.fetch_all(&self.reader).await.map_err(db_err)?.iter().map(run_from_row).collect()
+    }
+
+    async fn update_run(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, StoreError> {
+        let mut tx = self.begin().await?;
+        let before = load_snapshot(&mut tx, id).await?.ok_or_else(|| StoreError::NotFound(format!("run {id}")))?;
+        let mut after = before.clone();
+        mutate(&mut after).map_err(|e| StoreError::Rejected(Box::new(e)))?;
+        write_changes(&mut tx, Some(&before), &after).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(after)
+    }
+
+    async fn claim_stages(&self, query: &ClaimQuery) -> Result<Vec<Claim>, StoreError> {
+        if query.kinds.is_empty() || query.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let kinds = placeholders(query.kinds.len());
+        let select = format!(
+            "SELECT run_id, key FROM (
+                SELECT run_id, key, ready_at AS due FROM stages
+                 WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ? AND executor_kind IN ({kinds})
+                UNION ALL
+                SELECT run_id, key, lease_expires_at AS due FROM stages
+                 WHERE state = 'running' AND lease_expires_at <= ? AND cancel_requested = 0 AND executor_kind IN ({kinds})
+             ) ORDER BY due LIMIT ?"
+        );
+        let now = query.now.as_millis();
+        let mut tx = self.begin().await?;
+        let mut q = sqlx::query(&select).bind(now);
+        for k in &query.kinds {
+            q = q.bind(k);
+        }
+        q = q.bind(now);
+        for k in &query.kinds {
+            q = q.bind(k);
+        }
+        let picked = q.bind(query.limit as i64).fetch_all(&mut *tx).await.map_err(db_err)?;
+        let mut claims = Vec::with_capacity(picked.len());
+        let mut runs: std::collections::HashMap<String, Run> = std::collections::HashMap::new();
+        for row in picked {
+            let run_key: String = row.try_get("run_id").map_err(db_err)?;
+            let stage_key: String = row.try_get("key").map_err(db_err)?;
+            // Expressions in SET see the row as it was, so `state = 'running'` tells a re-claim
+            // of an expired lease from a first claim.
+            let stage_row = sqlx::query(
+                "UPDATE stages SET state = 'running', attempt = attempt + 1,
+                        lost_leases = lost_leases + (state = 'running'),
+                        lease_owner = ?, lease_expires_at = ?, started_at = COALESCE(started_at, ?)
+                  WHERE run_id = ? AND key = ? RETURNING *",
+            )
+            .bind(&query.owner)
+            .bind(query.lease_until.as_millis())
+            .bind(now)
+            .bind(&run_key)
+            .bind(&stage_key)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            let stage = stage_from_row(&stage_row)?;
+            sqlx::query(
+                "UPDATE attempts SET outcome = 'lease_expired', finished_at = ?,
+                        error = 'lease expired: the node running this attempt stopped renewing it'
+                  WHERE run_id = ? AND stage_key = ? AND number < ? AND outcome IS NULL",
+            )
+            .bind(now)
+            .bind(&run_key)
+            .bind(&stage_key)
+            .bind(stage.attempt as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            let run_id = RunId::from_str(&run_key).map_err(corrupt)?;
+            write_attempt(
+                &mut tx,
+                run_id,
+                &Attempt {
+                    stage_key: stage_key.clone(),
+                    number: stage.attempt,
+                    owner: query.owner.clone(),
+                    started_at: query.now,
+                    finished_at: None,
+                    outcome: None,
+                    error: None,
+                },
+            )
+            .await?;
+            if !runs.contains_key(&run_key) {
+                let row = sqlx::query(
+                    "UPDATE runs SET state = CASE WHEN state = 'queued' THEN 'running' ELSE state END,
+                            started_at = COALESCE(started_at, ?) WHERE id = ? RETURNING *",
+                )
+                .bind(now)
+                .bind(&run_key)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                runs.insert(run_key.clone(), run_from_row(&row)?);
+            }
+            claims.push(Claim { run: runs[&run_key].clone(), stage });
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(claims)
+    }
+
+    async fn renew_lease(&self, run: RunId, stage: &str, attempt: u32, owner: &str, until: Timestamp) -> Result<LeaseStatus, StoreError> {
+        let mut tx = self.begin().await?;
+        let cancel: Option<bool> = sqlx::query_scalar(
+            "UPDATE stages SET lease_expires_at = ?
+              WHERE run_id = ? AND key = ? AND attempt = ? AND lease_owner = ? AND state = 'running'
+              RETURNING cancel_requested",
+        )
+        .bind(until.as_millis())
+        .bind(run.to_string())
+        .bind(stage)
+        .bind(attempt as i64)
+        .bind(owner)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(match cancel {
+            Some(cancel_requested) => LeaseStatus::Held { cancel_requested },
+            None => LeaseStatus::Lost,
+        })
+    }
+
+    async fn runs_to_reap(&self, now: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT run_id FROM stages
+              WHERE state = 'running' AND lease_expires_at <= ? AND (cancel_requested = 1 OR lost_leases > ?)
+              LIMIT ?",
+        )
+        .bind(now.as_millis())
+        .bind(MAX_LOST_LEASES as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db_err)?;
+        ids.iter().map(|s| RunId::from_str(s).map_err(corrupt)).collect()
+    }
+
+    async fn expire_all_leases(&self, now: Timestamp) -> Result<u64, StoreError> {
+        let done = sqlx::query("UPDATE stages SET lease_expires_at = ? WHERE state = 'running'")
+            .bind(now.as_millis())
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        let run = run.to_string();
+        for line in lines {
+            sqlx::query("INSERT INTO logs (run_id, stage, attempt, stream, at, text) VALUES (?, ?, ?, ?, ?, ?)")
+                .bind(&run)
+                .bind(&line.stage)
+                .bind(line.attempt as i64)
+                .bind(line.stream.as_str())
+                .bind(line.at.as_millis())
+                .bind(&line.text)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn read_logs(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<LogLine>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM logs WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?")
+            .bind(run.to_string())
+            .bind(after)
+            .bind(limit as i64)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                let stream: String = row.try_get("stream").map_err(db_err)?;
+                Ok(LogLine {
+                    seq: row.try_get("seq").map_err(db_err)?,
+                    line: NewLogLine {
+                        stage: row.try_get("stage").map_err(db_err)?,
+                        attempt: row.try_get::<i64, _>("attempt").map_err(db_err)? as u32,
+                        stream: LogStream::parse(&stream).ok_or_else(|| corrupt(format!("log stream `{stream}`")))?,
+                        at: get_ts(row, "at")?.unwrap_or_default(),
+                        text: row.try_get("text").map_err(db_err)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn put_blob(&self, project_id: &str, data: &[u8], now: Timestamp) -> Result<BlobMeta, StoreError> {
+        let meta = BlobMeta {
+            id: BlobId::generate(now),
+            project_id: project_id.to_string(),
+            size: data.len() as u64,
+            sha256: sha256_hex(data),
+            created_at: now,
+        };
+        let id = meta.id.to_string();
+        let mut tx = self.begin().await?;
+        sqlx::query("INSERT INTO blobs (id, project_id, size, sha256, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(&id)
+            .bind(project_id)
+            .bind(meta.size as i64)
+            .bind(&meta.sha256)
+            .bind(now.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[][..]] } else { data.chunks(BLOB_CHUNK_BYTES).collect() };
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            sqlx::query("INSERT INTO blob_chunks (blob_id, idx, data) VALUES (?, ?, ?)")
+                .bind(&id)
+                .bind(i as i64)
+                .bind(chunk)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(meta)
+    }
+
+    async fn blob_meta(&self, id: BlobId) -> Result<Option<BlobMeta>, StoreError> {
+        let row = sqlx::query("SELECT * FROM blobs WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(blob_from_row).transpose()
+    }
+
+    async fn read_blob_chunk(&self, id: BlobId, index: u64) -> Result<Vec<u8>, StoreError> {
+        let data: Option<Vec<u8>> = sqlx::query_scalar("SELECT data FROM blob_chunks WHERE blob_id = ? AND idx = ?")
+            .bind(id.to_string())
+            .bind(index as i64)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_err)?;
+        data.ok_or_else(|| StoreError::NotFound(format!("blob {id} chunk {index}")))
+    }
+
+    async fn put_artifact(&self, a: &Artifact) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO artifacts (run_id, name, stage, blob_id, size, sha256, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (run_id, name) DO UPDATE SET stage = excluded.stage, blob_id = excluded.blob_id,
+                size = excluded.size, sha256 = excluded.sha256, created_at = excluded.created_at",
+        )
+        .bind(a.run_id.to_string())
+        .bind(&a.name)
+        .bind(&a.stage)
+        .bind(a.blob_id.to_string())
+        .bind(a.size as i64)
+        .bind(&a.sha256)
+        .bind(a.created_at.as_millis())
+        .execute(&self.writer)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn list_artifacts(&self, run: RunId) -> Result<Vec<Artifact>, StoreError> {
+        sqlx::query("SELECT * FROM artifacts WHERE run_id = ? ORDER BY name")
+            .bind(run.to_string())
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(artifact_from_row)
+            .collect()
+    }
+
+    async fn get_artifact(&self, run: RunId, name: &str) -> Result<Option<Artifact>, StoreError> {
+        let row = sqlx::query("SELECT * FROM artifacts WHERE run_id = ? AND name = ?")
+            .bind(run.to_string())
+            .bind(name)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(artifact_from_row).transpose()
+    }
+
+    async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        let role = match t.role {
+            Role::Admin => "admin",
+            Role::Consumer => "consumer",
+        };
+        sqlx::query("INSERT INTO tokens (id, name, role, projects, secret_sha256, created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(t.id.to_string())
+            .bind(&t.name)
+            .bind(role)
+            .bind(serde_json::to_string(&t.projects).map_err(corrupt)?)
+            .bind(&t.secret_sha256)
+            .bind(t.created_at.as_millis())
+            .bind(ts(t.revoked_at))
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM tokens WHERE secret_sha256 = ?")
+            .bind(secret_sha256)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        sqlx::query("SELECT * FROM tokens ORDER BY created_at, id")
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(token_from_row)
+            .collect()
+    }
+
+    async fn revoke_token(&self, id: TokenId, now: Timestamp) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+            .bind(now.as_millis())
+            .bind(id.to_string())
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+}

@@ -1,0 +1,319 @@
+//! One conformance suite for every store: each case is a function over `Arc<dyn Store>`, and
+//! `conformance!` generates a `#[tokio::test]` per case for each backend. The memory store
+//! runs first as the reference.
+
+use std::any::Any;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use pond_core::definition::Definition;
+use pond_core::ids::{RunId, TokenId};
+use pond_core::run::{AttemptOutcome, RunSnapshot, RunState, StageOutcome, StageState};
+use pond_core::store::{
+    Artifact, ClaimQuery, InsertOutcome, LeaseStatus, LogStream, NewLogLine, Role, RunQuery, Store, TokenRecord,
+    BLOB_CHUNK_BYTES,
+};
+use pond_core::time::{Millis, Timestamp};
+use pond_core::StoreError;
+use serde_json::json;
+
+const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
+
+fn at(ms: i64) -> Timestamp {
+    Timestamp::from_millis(T0.as_millis() + ms)
+}
+
+fn definition(value: serde_json::Value) -> Definition {
+    serde_json::from_value(value).expect("test definition")
+}
+
+fn new_run(project: &str, def: serde_json::Value, key: Option<&str>, now: Timestamp) -> RunSnapshot {
+    RunSnapshot::new(RunId::generate(now), project.into(), definition(def), vec![], key.map(str::to_string), now)
+}
+
+fn one_noop() -> serde_json::Value {
+    json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]})
+}
+
+fn claim_query(owner: &str, now: Timestamp, lease: i64, limit: u32) -> ClaimQuery {
+    ClaimQuery {
+        owner: owner.into(),
+        kinds: vec!["noop".into(), "shell".into()],
+        now,
+        lease_until: now.plus(Millis(lease as u64)),
+        limit,
+    }
+}
+
+pub async fn runs_round_trip_and_list_newest_first(store: Arc<dyn Store>) {
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let project = if i % 2 == 0 { "even" } else { "odd" };
+        let run = new_run(project, one_noop(), None, at(i));
+        assert!(matches!(store.insert_run(&run).await.unwrap(), InsertOutcome::Created));
+        assert_eq!(store.get_run(run.run.id).await.unwrap().as_ref(), Some(&run));
+        ids.push(run.run.id);
+    }
+    let all = store.list_runs(&RunQuery { limit: 10, ..Default::default() }).await.unwrap();
+    let got: Vec<RunId> = all.iter().map(|r| r.id).collect();
+    let mut want = ids.clone();
+    want.reverse();
+    assert_eq!(got, want, "newest first");
+
+    let page1 = store.list_runs(&RunQuery { limit: 2, ..Default::default() }).await.unwrap();
+    let page2 = store
+        .list_runs(&RunQuery { limit: 2, before: Some(page1[1].id), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(page2.iter().map(|r| r.id).collect::<Vec<_>>(), want[2..4].to_vec(), "cursor continues");
+
+    let even = store
+        .list_runs(&RunQuery { limit: 10, projects: Some(vec!["even".into()]), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(even.len(), 3);
+    assert!(even.iter().all(|r| r.project_id == "even"));
+    let none = store.list_runs(&RunQuery { limit: 10, projects: Some(vec![]), ..Default::default() }).await.unwrap();
+    assert!(none.is_empty(), "an empty project list sees nothing");
+    let queued = store
+        .list_runs(&RunQuery { limit: 10, state: Some(RunState::Succeeded), ..Default::default() })
+        .await
+        .unwrap();
+    assert!(queued.is_empty());
+    assert!(store.get_run(RunId::generate(T0)).await.unwrap().is_none());
+}
+
+pub async fn idempotency_key_returns_the_first_run(store: Arc<dyn Store>) {
+    let first = new_run("p", one_noop(), Some("k1"), at(0));
+    assert!(matches!(store.insert_run(&first).await.unwrap(), InsertOutcome::Created));
+    let retry = new_run("p", one_noop(), Some("k1"), at(1));
+    match store.insert_run(&retry).await.unwrap() {
+        InsertOutcome::Existing(existing) => assert_eq!(existing.run.id, first.run.id),
+        InsertOutcome::Created => panic!("a retried submit created a second run"),
+    }
+    let other_project = new_run("q", one_noop(), Some("k1"), at(2));
+    assert!(matches!(store.insert_run(&other_project).await.unwrap(), InsertOutcome::Created), "keys are per project");
+    assert!(store.get_run(retry.run.id).await.unwrap().is_none());
+}
+
+pub async fn claims_take_ready_stages_once_in_order(store: Arc<dyn Store>) {
+    let def = json!({"stages":[
+        {"key":"a","executor":{"kind":"noop"}},
+        {"key":"b","executor":{"kind":"noop"}},
+        {"key":"c","executor":{"kind":"builtin","name":"repo_map"},"needs":[]}
+    ]});
+    let run = new_run("p", def, None, at(0));
+    store.insert_run(&run).await.unwrap();
+    let claims = store.claim_stages(&claim_query("n1", at(1), 1000, 10)).await.unwrap();
+    assert_eq!(claims.len(), 1, "b waits for a; c's kind is not offered");
+    let claim = &claims[0];
+    assert_eq!((claim.stage.key.as_str(), claim.stage.attempt, claim.stage.state), ("a", 1, StageState::Running));
+    assert_eq!(claim.run.id, run.run.id);
+    assert_eq!(claim.run.state, RunState::Running);
+    assert!(store.claim_stages(&claim_query("n2", at(2), 1000, 10)).await.unwrap().is_empty(), "claimed once");
+
+    let snapshot = store.get_run(run.run.id).await.unwrap().unwrap();
+    assert_eq!(snapshot.run.state, RunState::Running);
+    assert_eq!(snapshot.attempts.len(), 1);
+    assert_eq!(snapshot.attempts[0].owner, "n1");
+
+    let done = store
+        .update_run(run.run.id, &mut |s| s.complete_attempt("a", 1, &StageOutcome::Succeeded, at(3)))
+        .await
+        .unwrap();
+    assert_eq!(done.stage("b").unwrap().ready_at, Some(at(3)));
+    let next = store.claim_stages(&claim_query("n2", at(4), 1000, 10)).await.unwrap();
+    assert_eq!(next.iter().map(|c| c.stage.key.as_str()).collect::<Vec<_>>(), vec!["b"]);
+}
+
+pub async fn concurrent_claims_never_share_a_stage(store: Arc<dyn Store>) {
+    let stages: Vec<_> = (0..20).map(|i| json!({"key": format!("s{i}"), "executor":{"kind":"noop"}, "needs": []})).collect();
+    for i in 0..10 {
+        store.insert_run(&new_run("p", json!({"stages": stages}), None, at(i))).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let claims = store.claim_stages(&claim_query(&format!("w{worker}"), at(100), 60_000, 3)).await.unwrap();
+                if claims.is_empty() {
+                    return mine;
+                }
+                mine.extend(claims.into_iter().map(|c| (c.run.id, c.stage.key)));
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for task in tasks {
+        for item in task.await.unwrap() {
+            total += 1;
+            assert!(seen.insert(item.clone()), "stage {item:?} was claimed twice");
+        }
+    }
+    assert_eq!(total, 200, "every stage claimed exactly once");
+}
+
+pub async fn expired_leases_are_reclaimed_as_new_attempts(store: Arc<dyn Store>) {
+    let run = new_run("p", one_noop(), None, at(0));
+    let id = run.run.id;
+    store.insert_run(&run).await.unwrap();
+    let first = store.claim_stages(&claim_query("dead", at(0), 1000, 1)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        store.renew_lease(id, "a", 1, "dead", at(500).plus(Millis(1000))).await.unwrap(),
+        LeaseStatus::Held { cancel_requested: false }
+    );
+    assert!(store.claim_stages(&claim_query("n2", at(1200), 1000, 1)).await.unwrap().is_empty(), "renewed lease holds");
+    let second = store.claim_stages(&claim_query("n2", at(1600), 1000, 1)).await.unwrap();
+    assert_eq!(second.len(), 1, "lease expired at 1500");
+    assert_eq!((second[0].stage.attempt, second[0].stage.lost_leases), (2, 1));
+    assert_eq!(store.renew_lease(id, "a", 1, "dead", at(1700)).await.unwrap(), LeaseStatus::Lost, "old holder lost it");
+
+    let stale = store
+        .update_run(id, &mut |s| s.complete_attempt("a", 1, &StageOutcome::Succeeded, at(1800)))
+        .await;
+    assert!(matches!(stale, Err(StoreError::Rejected(_))), "late result of the lost attempt is refused");
+    let snapshot = store.get_run(id).await.unwrap().unwrap();
+    assert_eq!(snapshot.stage("a").unwrap().state, StageState::Running, "rejected mutation wrote nothing");
+    let outcomes: Vec<_> = snapshot.attempts.iter().map(|a| (a.number, a.owner.clone(), a.outcome)).collect();
+    assert_eq!(outcomes, vec![(1, "dead".into(), Some(AttemptOutcome::LeaseExpired)), (2, "n2".into(), None)]);
+
+    let done = store
+        .update_run(id, &mut |s| s.complete_attempt("a", 2, &StageOutcome::Succeeded, at(1900)))
+        .await
+        .unwrap();
+    assert_eq!(done.run.state, RunState::Succeeded);
+    assert_eq!(store.get_run(id).await.unwrap().unwrap(), done);
+}
+
+pub async fn cancelled_stages_of_vanished_holders_are_reaped(store: Arc<dyn Store>) {
+    let run = new_run("p", one_noop(), None, at(0));
+    let id = run.run.id;
+    store.insert_run(&run).await.unwrap();
+    store.claim_stages(&claim_query("n1", at(0), 1000, 1)).await.unwrap();
+    store.update_run(id, &mut |s| { s.cancel("by test", at(10)); Ok(()) }).await.unwrap();
+    assert_eq!(
+        store.renew_lease(id, "a", 1, "n1", at(2000)).await.unwrap(),
+        LeaseStatus::Held { cancel_requested: true }
+    );
+    assert!(store.runs_to_reap(at(1500), 10).await.unwrap().is_empty(), "lease still held");
+    assert_eq!(store.expire_all_leases(at(1600)).await.unwrap(), 1);
+    assert!(store.claim_stages(&claim_query("n2", at(1700), 1000, 1)).await.unwrap().is_empty(), "a cancelled stage is not re-run");
+    assert_eq!(store.runs_to_reap(at(1700), 10).await.unwrap(), vec![id]);
+    let reaped = store.update_run(id, &mut |s| { s.reap(at(1700)); Ok(()) }).await.unwrap();
+    assert_eq!(reaped.run.state, RunState::Cancelled);
+    assert!(store.runs_to_reap(at(1800), 10).await.unwrap().is_empty());
+}
+
+pub async fn logs_append_in_order_and_page_by_cursor(store: Arc<dyn Store>) {
+    let a = RunId::generate(at(0));
+    let b = RunId::generate(at(1));
+    let line = |i: usize| NewLogLine { stage: Some("s".into()), attempt: 1, stream: LogStream::Stdout, at: at(i as i64), text: format!("line {i}") };
+    let lines: Vec<_> = (0..25).map(line).collect();
+    store.append_logs(a, &lines[..10]).await.unwrap();
+    store.append_logs(b, &[line(99)]).await.unwrap();
+    store.append_logs(a, &lines[10..]).await.unwrap();
+    let first = store.read_logs(a, 0, 20).await.unwrap();
+    assert_eq!(first.len(), 20);
+    let rest = store.read_logs(a, first.last().unwrap().seq, 20).await.unwrap();
+    let texts: Vec<_> = first.iter().chain(&rest).map(|l| l.line.text.clone()).collect();
+    assert_eq!(texts, (0..25).map(|i| format!("line {i}")).collect::<Vec<_>>());
+    assert!(first.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(store.read_logs(b, 0, 10).await.unwrap()[0].line, line(99));
+    assert!(store.read_logs(a, rest.last().unwrap().seq, 10).await.unwrap().is_empty());
+}
+
+pub async fn blobs_and_artifacts_are_chunked_and_replaced_by_name(store: Arc<dyn Store>) {
+    let data: Vec<u8> = (0..(BLOB_CHUNK_BYTES * 2 + 12345)).map(|i| (i * 7 % 251) as u8).collect();
+    let meta = store.put_blob("p", &data, at(0)).await.unwrap();
+    assert_eq!((meta.size, meta.chunk_count()), (data.len() as u64, 3));
+    assert_eq!(store.blob_meta(meta.id).await.unwrap(), Some(meta.clone()));
+    assert_eq!(pond_core::store::read_blob(&*store, &meta).await.unwrap(), data);
+    let empty = store.put_blob("p", b"", at(0)).await.unwrap();
+    assert_eq!(pond_core::store::read_blob(&*store, &empty).await.unwrap(), b"");
+    assert_eq!(empty.sha256, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+
+    let run = RunId::generate(at(0));
+    let artifact = |name: &str, blob: &pond_core::store::BlobMeta| Artifact {
+        run_id: run,
+        name: name.into(),
+        stage: "s".into(),
+        blob_id: blob.id,
+        size: blob.size,
+        sha256: blob.sha256.clone(),
+        created_at: at(5),
+    };
+    store.put_artifact(&artifact("z.txt", &empty)).await.unwrap();
+    store.put_artifact(&artifact("dir/a.bin", &meta)).await.unwrap();
+    store.put_artifact(&artifact("z.txt", &meta)).await.unwrap();
+    let listed = store.list_artifacts(run).await.unwrap();
+    assert_eq!(listed.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), vec!["dir/a.bin", "z.txt"]);
+    assert_eq!(store.get_artifact(run, "z.txt").await.unwrap().unwrap().blob_id, meta.id, "replaced");
+    assert!(store.get_artifact(run, "nope").await.unwrap().is_none());
+    assert!(store.list_artifacts(RunId::generate(at(9))).await.unwrap().is_empty());
+}
+
+pub async fn tokens_are_found_by_hash_and_revoked(store: Arc<dyn Store>) {
+    let token = TokenRecord {
+        id: TokenId::generate(at(0)),
+        name: "ci".into(),
+        role: Role::Consumer,
+        projects: vec!["a".into(), "b".into()],
+        secret_sha256: "ab".repeat(32),
+        created_at: at(0),
+        revoked_at: None,
+    };
+    store.insert_token(&token).await.unwrap();
+    assert_eq!(store.find_token(&token.secret_sha256).await.unwrap(), Some(token.clone()));
+    assert!(store.find_token(&"cd".repeat(32)).await.unwrap().is_none());
+    let dup = TokenRecord { id: TokenId::generate(at(1)), ..token.clone() };
+    assert!(matches!(store.insert_token(&dup).await, Err(StoreError::Conflict(_))));
+    assert!(store.revoke_token(token.id, at(7)).await.unwrap());
+    assert_eq!(store.find_token(&token.secret_sha256).await.unwrap().unwrap().revoked_at, Some(at(7)));
+    assert!(!store.revoke_token(TokenId::generate(at(2)), at(8)).await.unwrap());
+    assert_eq!(store.list_tokens().await.unwrap().len(), 1);
+}
+
+macro_rules! conformance {
+    ($backend:ident, $make:expr) => {
+        mod $backend {
+            use super::*;
+
+            async fn store() -> (Arc<dyn Store>, Box<dyn Any + Send>) {
+                $make
+            }
+
+            conformance!(@cases
+                runs_round_trip_and_list_newest_first,
+                idempotency_key_returns_the_first_run,
+                claims_take_ready_stages_once_in_order,
+                concurrent_claims_never_share_a_stage,
+                expired_leases_are_reclaimed_as_new_attempts,
+                cancelled_stages_of_vanished_holders_are_reaped,
+                logs_append_in_order_and_page_by_cursor,
+                blobs_and_artifacts_are_chunked_and_replaced_by_name,
+                tokens_are_found_by_hash_and_revoked,
+            );
+        }
+    };
+    (@cases $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let (store, _keep) = store().await;
+                super::$case(store).await;
+            }
+        )*
+    };
+}
+
+conformance!(memory, (Arc::new(pond_store::MemoryStore::new()), Box::new(())));
+conformance!(sqlite, {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = pond_store::SqliteStore::open(&dir.path().join("pond.db")).await.expect("open sqlite");
+    (Arc::new(store), Box::new(dir))
+});
