@@ -86,7 +86,7 @@ impl StageDef {
 }
 
 /// Which executor runs a stage, with its settings. The `kind` field selects the variant.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ExecutorSpec {
     /// Does nothing, optionally after a delay.
@@ -97,6 +97,33 @@ pub enum ExecutorSpec {
     Shell(ShellSpec),
     /// An AI coding agent; runs on a worker pool.
     Swarm(SwarmSpec),
+}
+
+impl<'de> Deserialize<'de> for ExecutorSpec {
+    // Hand-written so errors inside a variant keep their field path (serde's internally tagged
+    // enums lose it); see `crate::json` for how the nested path travels.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        let kind = match map.remove("kind") {
+            Some(serde_json::Value::String(k)) => k,
+            Some(_) => return Err(crate::json::nested_error("kind", "must be a string")),
+            None => return Err(D::Error::missing_field("kind")),
+        };
+        let rest = serde_json::Value::Object(map);
+        Ok(match kind.as_str() {
+            "noop" => ExecutorSpec::Noop(crate::json::nested(rest)?),
+            "builtin" => ExecutorSpec::Builtin(crate::json::nested(rest)?),
+            "shell" => ExecutorSpec::Shell(crate::json::nested(rest)?),
+            "swarm" => ExecutorSpec::Swarm(crate::json::nested(rest)?),
+            other => {
+                return Err(crate::json::nested_error(
+                    "kind",
+                    &format!("unknown executor kind `{other}`, expected one of `noop`, `builtin`, `shell`, `swarm`"),
+                ))
+            }
+        })
+    }
 }
 
 impl ExecutorSpec {
@@ -250,15 +277,7 @@ pub struct Capabilities {
 /// Parses a definition from JSON, naming the failing field on error. `prefix` is the field
 /// path of the definition inside the request (e.g. `definition`).
 pub fn parse_definition(value: serde_json::Value, prefix: &str) -> Result<Definition, FieldError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." || path.is_empty() {
-            prefix.to_string()
-        } else {
-            format!("{prefix}.{path}")
-        };
-        FieldError::new(field, e.into_inner().to_string())
-    })
+    crate::json::from_value_at(value, prefix)
 }
 
 fn valid_key(key: &str) -> bool {
@@ -507,7 +526,7 @@ mod tests {
     fn bad_definitions_name_the_field_and_reason() {
         let cases = [
             (json!({"stages":[]}), "definition.stages: must hold at least one stage"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"teleport"}}]}), "definition.stages[0].executor: unknown variant `teleport`"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"teleport"}}]}), "definition.stages[0].executor.kind: unknown executor kind `teleport`"),
             (json!({"stages":[{"key":"a","executor":{"kind":"noop"}},{"key":"a","executor":{"kind":"noop"}}]}), "definition.stages[1].key: duplicate stage key `a`"),
             (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"needs":["b"]},{"key":"b","executor":{"kind":"noop"},"needs":["a"]}]}), "definition.stages[0].needs: cycle in needs: a -> b -> a"),
             (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"needs":["zz"]}]}), "definition.stages[0].needs[0]: no stage has the key `zz`"),
@@ -516,7 +535,7 @@ mod tests {
             (json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":[]}}]}), "definition.stages[0].executor.argv: must name a program"),
             (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"max_attempts":0}]}), "definition.stages[0].max_attempts: must be from 1 to 20"),
             (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"timeout":"soon"}]}), "definition.stages[0].timeout: `soon` is not a duration"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"exector":1}]}), "definition.stages[0]: unknown field `exector`"),
+            (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"exector":1}]}), "definition.stages[0].exector: unknown field `exector`"),
             (json!({"stages":[{"key":"a","executor":{"kind":"builtin","name":"nope"}}]}), "definition.stages[0].executor.name: unknown variant `nope`"),
             (json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":["x"],"sandbox":{"profile":"untrusted-code-write"}}}]}), "definition.stages[0].executor.sandbox.profile: profile `untrusted-code-write` needs a sandbox backend"),
             (json!({"stages":[{"key":"a","executor":{"kind":"swarm","harness":"codex","prompt":"hi"}}]}), "definition.stages[0].executor.kind: executor `swarm` runs on a worker pool"),

@@ -6,6 +6,7 @@
 //! - [`store`]: the [`store::Store`] trait everything persistent goes through.
 //! - [`exec`]: the [`exec::Executor`], output, stop-signal and workspace seams.
 //! - [`sandbox`]: the [`sandbox::SandboxBackend`] seam.
+//! - [`json`]: JSON decoding whose errors name the field path.
 //! - [`engine`]: the [`engine::Engine`] that ties them together.
 //!
 //! Nothing here opens a socket, a file or a process, or reads the clock: time arrives through
@@ -17,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod exec;
 pub mod ids;
+pub mod json;
 pub mod run;
 pub mod sandbox;
 pub mod source;

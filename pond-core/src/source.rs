@@ -92,12 +92,20 @@ impl SourceInput {
                 format!("`{label}` is not a valid label: use 1 to 64 letters, digits, `-`, `_` or `.`"),
             ));
         }
-        let tagged = serde_json::json!({"kind": self.kind, "config": self.config});
-        let spec: SourceSpec = serde_path_to_error::deserialize(tagged).map_err(|e| {
-            let path = e.path().to_string();
-            let at = if path.starts_with("config") { format!("{field}.{path}") } else { format!("{field}.kind") };
-            FieldError::new(at, e.into_inner().to_string())
-        })?;
+        let spec = match self.kind.as_str() {
+            "git_https" => {
+                let c: GitConfig = parse_config(self.config, field)?;
+                SourceSpec::GitHttps { url: c.url, git_ref: c.git_ref }
+            }
+            "local" => SourceSpec::Local { path: parse_config::<LocalConfig>(self.config, field)?.path },
+            "bundle" => SourceSpec::Bundle { bundle_id: parse_config::<BundleConfig>(self.config, field)?.bundle_id },
+            other => {
+                return Err(FieldError::new(
+                    format!("{field}.kind"),
+                    format!("unknown source kind `{other}`, expected one of `git_https`, `local`, `bundle`"),
+                ))
+            }
+        };
         match &spec {
             SourceSpec::GitHttps { url, git_ref } => {
                 check_git_url(url, policy).map_err(|r| FieldError::new(format!("{field}.config.url"), r))?;
@@ -118,6 +126,30 @@ impl SourceInput {
         }
         Ok(Source { label, spec, resolved: None })
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GitConfig {
+    url: String,
+    #[serde(rename = "ref", default)]
+    git_ref: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalConfig {
+    path: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BundleConfig {
+    bundle_id: BlobId,
+}
+
+fn parse_config<T: serde::de::DeserializeOwned>(config: serde_json::Value, field: &str) -> Result<T, FieldError> {
+    crate::json::from_value_at(config, &format!("{field}.config"))
 }
 
 fn check_git_url(url: &str, policy: &SourcePolicy) -> Result<(), String> {
@@ -179,7 +211,7 @@ mod tests {
             (json!({"kind":"git_https","config":{"url":"https://u:p@x/y"}}), "sources[0].config.url: credentials"),
             (json!({"kind":"git_https","config":{"url":"https://x/y","ref":"--upload-pack=evil"}}), "sources[0].config.ref"),
             (json!({"kind":"git_https","config":{}}), "sources[0].config: missing field `url`"),
-            (json!({"kind":"svn","config":{}}), "sources[0].kind: unknown variant `svn`"),
+            (json!({"kind":"svn","config":{}}), "sources[0].kind: unknown source kind `svn`"),
             (json!({"kind":"local","config":{"path":"/etc"}}), "sources[0].config.path: `/etc` is outside"),
             (json!({"kind":"local","config":{"path":"/srv/repos/../../etc"}}), "sources[0].config.path"),
             (json!({"kind":"bundle","config":{"bundle_id":"nope"}}), "sources[0].config.bundle_id"),

@@ -1,0 +1,22 @@
+//! pond-exec: what runs stages on a node.
+//!
+//! - executors: [`NoopExecutor`], [`BuiltinExecutor`] (file inventory, TODO scan, repo map),
+//!   [`ShellExecutor`] (argv, env allowlist, live logs, artifacts, process-group kill);
+//! - [`LocalWorkspaces`]: run checkouts from `git_https`, `local` and `bundle` sources;
+//! - [`Driver`]: the claim → execute → renew → complete loop around a `pond_core::Engine`;
+//! - [`StopHandle`]: cancel / timeout / lost-lease signalling.
+#![deny(missing_docs)]
+
+mod builtin;
+mod driver;
+mod noop;
+mod shell;
+mod stop;
+mod workspace;
+
+pub use builtin::{file_inventory, language_of, repo_map, todo_scan, Area, BuiltinExecutor, FileEntry, Todo};
+pub use driver::{Driver, DriverConfig};
+pub use noop::NoopExecutor;
+pub use shell::{ShellConfig, ShellExecutor};
+pub use stop::StopHandle;
+pub use workspace::{pack_dir, tree_digest, unpack_bundle, FetchConfig, LocalWorkspaces};

@@ -1,0 +1,45 @@
+//! pond-sandbox: implementations of `pond_core::sandbox::SandboxBackend`.
+//!
+//! Today: [`HostBackend`], the `none` profile (a plain host process; local development only).
+//! It refuses every confined profile, so a stage that asks for confinement fails closed. The
+//! OCI backend on youki's libcontainer is the sandbox issue's work.
+#![deny(missing_docs)]
+
+use pond_core::definition::SandboxProfile;
+use pond_core::sandbox::{CommandSpec, SandboxBackend, SandboxError};
+
+/// Runs commands as plain host processes: the `none` profile only.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HostBackend;
+
+impl SandboxBackend for HostBackend {
+    fn name(&self) -> &'static str {
+        "host"
+    }
+
+    fn profiles(&self) -> Vec<SandboxProfile> {
+        vec![SandboxProfile::None]
+    }
+
+    fn wrap(&self, profile: SandboxProfile, command: CommandSpec) -> Result<CommandSpec, SandboxError> {
+        match profile {
+            SandboxProfile::None => Ok(command),
+            other => Err(SandboxError::Unsupported(other.as_str())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_backend_fails_closed_on_confined_profiles() {
+        let cmd = CommandSpec { argv: vec!["true".into()], env: vec![], cwd: "/".into() };
+        assert_eq!(HostBackend.wrap(SandboxProfile::None, cmd.clone()).unwrap(), cmd);
+        for p in [SandboxProfile::UntrustedCodeRead, SandboxProfile::UntrustedCodeWrite] {
+            let err = HostBackend.wrap(p, cmd.clone()).unwrap_err();
+            assert!(err.to_string().contains(p.as_str()));
+        }
+    }
+}

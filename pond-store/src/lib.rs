@@ -4,14 +4,18 @@
 //! - [`SqliteStore`]: one SQLite file (WAL), the embedded default; migrations in
 //!   `migrations/sqlite`, embedded at build time.
 //!
+//! - [`WatchedStore`]: wraps any store and announces its writes to waiters.
+//!
 //! All of them pass the conformance suite in `tests/conformance.rs`.
 #![deny(missing_docs)]
 
 mod memory;
 mod sqlite;
+mod watched;
 
 pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
+pub use watched::WatchedStore;
 
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;

@@ -1,0 +1,180 @@
+//! The [`Driver`]: the loop that makes an [`Engine`] do work on this node.
+//!
+//! It claims as many ready stages as it has free slots, runs each in its own task while
+//! renewing the lease, enforces the stage timeout, stops the attempt when a cancel arrives or
+//! the lease is lost, and records the outcome (retrying while the store is unavailable).
+//! It wakes when the store reports a change and, as a fallback, every `poll` interval (which
+//! also picks up retries whose backoff has passed).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pond_core::engine::Engine;
+use pond_core::exec::{StopReason, StopSignal};
+use pond_core::ids::RunId;
+use pond_core::store::{Claim, LeaseStatus};
+use pond_core::CoreError;
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::stop::StopHandle;
+
+/// Settings of a driver.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// Stages run at once on this node.
+    pub slots: usize,
+    /// Longest wait between two claims when nothing wakes the driver.
+    pub poll: Duration,
+    /// How often stages of vanished holders are reaped.
+    pub sweep_every: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig { slots: 16, poll: Duration::from_millis(500), sweep_every: Duration::from_secs(1) }
+    }
+}
+
+/// Runs claimed stages of an engine.
+pub struct Driver {
+    engine: Arc<Engine>,
+    config: DriverConfig,
+    wake: watch::Receiver<u64>,
+    running: Mutex<HashMap<RunId, Vec<Arc<Notify>>>>,
+    slots: Arc<Semaphore>,
+}
+
+impl Driver {
+    /// A driver for `engine` that wakes whenever `wake` changes.
+    pub fn new(engine: Arc<Engine>, config: DriverConfig, wake: watch::Receiver<u64>) -> Arc<Self> {
+        let slots = Arc::new(Semaphore::new(config.slots));
+        Arc::new(Driver { engine, config, wake, running: Mutex::new(HashMap::new()), slots })
+    }
+
+    /// Tells the attempts of `run` running here to check their lease now (a cancel arrived).
+    pub fn poke(&self, run: RunId) {
+        let map = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        for n in map.get(&run).into_iter().flatten() {
+            n.notify_one();
+        }
+    }
+
+    /// Claims and runs stages until `shutdown` turns true, then waits up to `drain` for the
+    /// attempts in progress. Attempts still running after that are abandoned; their leases
+    /// expire and another node (or the next start) retries them.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>, drain: Duration) {
+        let mut wake = self.wake.clone();
+        let mut last_sweep: Option<tokio::time::Instant> = None;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            if last_sweep.is_none_or(|t| t.elapsed() >= self.config.sweep_every) {
+                if let Err(e) = self.engine.sweep().await {
+                    tracing::warn!(error = %e, "sweep failed");
+                }
+                last_sweep = Some(tokio::time::Instant::now());
+            }
+            wake.borrow_and_update();
+            let free = self.slots.available_permits();
+            let mut claimed = 0;
+            if free > 0 {
+                match self.engine.claim(free as u32).await {
+                    Ok(claims) => {
+                        claimed = claims.len();
+                        for claim in claims {
+                            let Ok(permit) = self.slots.clone().try_acquire_owned() else { break };
+                            tokio::spawn(self.clone().attempt(claim, permit));
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "claim failed"),
+                }
+            }
+            if claimed > 0 && claimed == free {
+                continue;
+            }
+            tokio::select! {
+                _ = wake.changed() => {}
+                _ = tokio::time::sleep(self.config.poll) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        let all = self.config.slots as u32;
+        let _ = tokio::time::timeout(drain, self.slots.acquire_many(all)).await;
+    }
+
+    async fn check_lease(&self, claim: &Claim, stop: &StopHandle) {
+        match self.engine.renew(claim).await {
+            Ok(LeaseStatus::Held { cancel_requested: true }) => stop.fire(StopReason::Cancelled),
+            Ok(LeaseStatus::Lost) => stop.fire(StopReason::LeaseLost),
+            Ok(LeaseStatus::Held { .. }) => {}
+            // The store is away: keep working; if it stays away the lease expires and the
+            // attempt's result will be refused as stale.
+            Err(e) => tracing::warn!(run = %claim.run.id, stage = %claim.stage.key, error = %e, "lease renewal failed"),
+        }
+    }
+
+    async fn attempt(self: Arc<Self>, claim: Claim, _permit: OwnedSemaphorePermit) {
+        let run = claim.run.id;
+        let stop = StopHandle::new();
+        let poke = Arc::new(Notify::new());
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).entry(run).or_default().push(poke.clone());
+        let timeout = claim
+            .run
+            .definition
+            .stages
+            .get(claim.stage.position as usize)
+            .map(|s| s.effective_timeout())
+            .unwrap_or_default();
+        let renew_every = (self.engine.config().lease.to_std() / 3).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        let outcome = {
+            let exec = self.engine.execute(&claim, &stop);
+            tokio::pin!(exec);
+            let deadline = tokio::time::sleep(timeout.to_std());
+            tokio::pin!(deadline);
+            let mut ticker = tokio::time::interval(renew_every);
+            ticker.tick().await;
+            loop {
+                tokio::select! {
+                    outcome = &mut exec => break outcome,
+                    _ = &mut deadline, if stop.reason().is_none() => stop.fire(StopReason::TimedOut),
+                    _ = ticker.tick() => self.check_lease(&claim, &stop).await,
+                    _ = poke.notified() => self.check_lease(&claim, &stop).await,
+                }
+            }
+        };
+        {
+            let mut map = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(list) = map.get_mut(&run) {
+                list.retain(|n| !Arc::ptr_eq(n, &poke));
+                if list.is_empty() {
+                    map.remove(&run);
+                }
+            }
+        }
+        if stop.reason() == Some(StopReason::LeaseLost) {
+            tracing::warn!(%run, stage = %claim.stage.key, attempt = claim.stage.attempt, "lease lost; result dropped");
+            return;
+        }
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.engine.complete(&claim, outcome.clone()).await {
+                Ok(_) => return,
+                Err(CoreError::StaleAttempt { .. }) => {
+                    tracing::warn!(%run, stage = %claim.stage.key, "result refused: the attempt no longer holds the stage");
+                    return;
+                }
+                Err(e) => {
+                    if delay > self.engine.config().lease.to_std() {
+                        tracing::error!(%run, stage = %claim.stage.key, error = %e, "could not record the result; the lease will expire and the stage be retried");
+                        return;
+                    }
+                    tracing::warn!(%run, stage = %claim.stage.key, error = %e, "recording the result failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+    }
+}

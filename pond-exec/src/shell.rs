@@ -1,0 +1,275 @@
+//! The `shell` executor: runs `argv` directly (no implicit shell) in the run's checkout.
+//!
+//! - The environment is built, not inherited: an operator allowlist of host variables
+//!   (`PATH`, `LANG`, … by default), the stage's `env`, and `POND_*` variables.
+//! - stdout and stderr stream into the run's log line by line as they are produced.
+//! - Files written under `$POND_OUTPUT_DIR` become artifacts (relative path = name).
+//! - The child leads its own process group; stop (cancel, timeout, lost lease) sends SIGTERM
+//!   to the whole group, then SIGKILL after a grace period, so grandchildren die too.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pond_core::definition::{ExecutorSpec, SandboxProfile};
+use pond_core::exec::{ExecContext, Executor, OutputSink};
+use pond_core::run::StageOutcome;
+use pond_core::sandbox::{CommandSpec, SandboxBackend};
+use pond_core::store::LogStream;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::mpsc;
+
+/// Longest log line kept; longer lines are split.
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+/// Most artifacts one stage may write.
+pub const MAX_ARTIFACTS: usize = 1000;
+
+/// Settings of the shell executor.
+#[derive(Clone, Debug)]
+pub struct ShellConfig {
+    /// Host variables passed through to stages.
+    pub env_allowlist: Vec<String>,
+    /// Wait between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    /// Where per-attempt scratch directories (output dir, home) are made.
+    pub scratch_root: PathBuf,
+    /// Largest artifact stored.
+    pub max_artifact_bytes: u64,
+}
+
+impl ShellConfig {
+    /// Defaults with scratch space under `scratch_root`.
+    pub fn new(scratch_root: PathBuf) -> Self {
+        ShellConfig {
+            env_allowlist: ["PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM"].map(String::from).to_vec(),
+            kill_grace: Duration::from_secs(10),
+            scratch_root,
+            max_artifact_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Runs `shell` stages through a sandbox backend.
+pub struct ShellExecutor {
+    config: ShellConfig,
+    sandbox: Arc<dyn SandboxBackend>,
+}
+
+impl ShellExecutor {
+    /// A shell executor wrapping commands with `sandbox`.
+    pub fn new(config: ShellConfig, sandbox: Arc<dyn SandboxBackend>) -> Self {
+        ShellExecutor { config, sandbox }
+    }
+}
+
+/// Kills the process group when dropped, so an abandoned attempt (its task dropped, its node
+/// shutting down) leaves no processes behind.
+struct GroupGuard(Option<i32>);
+
+impl GroupGuard {
+    fn signal(&self, sig: i32) {
+        if let Some(pgid) = self.0 {
+            // SAFETY: killpg only sends a signal; a stale pgid at worst yields ESRCH.
+            unsafe {
+                libc::killpg(pgid, sig);
+            }
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.signal(libc::SIGKILL);
+    }
+}
+
+async fn pump<R: AsyncRead + Unpin>(reader: R, stream: LogStream, tx: mpsc::Sender<(LogStream, String)>) {
+    let mut reader = BufReader::new(reader);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if buf.last() == Some(&b'\n') {
+                    buf.pop();
+                }
+                if buf.last() == Some(&b'\r') {
+                    buf.pop();
+                }
+                for piece in buf.chunks(MAX_LINE_BYTES) {
+                    let text = String::from_utf8_lossy(piece).into_owned();
+                    if tx.send((stream, text)).await.is_err() {
+                        return;
+                    }
+                }
+                if buf.is_empty() && tx.send((stream, String::new())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Forwards lines to the sink in batches: whatever arrived within 50 ms goes in one write.
+async fn forward(mut rx: mpsc::Receiver<(LogStream, String)>, output: &dyn OutputSink) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+        while batch.len() < 512 {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(line)) => batch.push(line),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        output.lines(batch).await;
+    }
+}
+
+fn collect_outputs(dir: &Path, max_bytes: u64) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut files = Vec::new();
+    for entry in walkdir::WalkDir::new(dir).follow_links(false).sort_by_file_name() {
+        let entry = entry.map_err(|e| e.to_string())?;
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let name = entry.path().strip_prefix(dir).unwrap_or(entry.path()).to_string_lossy().replace('\\', "/");
+        let size = entry.metadata().map_err(|e| e.to_string())?.len();
+        if size > max_bytes {
+            return Err(format!("artifact `{name}` is {size} bytes; the limit is {max_bytes}"));
+        }
+        files.push((name, entry.into_path()));
+        if files.len() > MAX_ARTIFACTS {
+            return Err(format!("more than {MAX_ARTIFACTS} files in $POND_OUTPUT_DIR"));
+        }
+    }
+    Ok(files)
+}
+
+#[async_trait]
+impl Executor for ShellExecutor {
+    fn kind(&self) -> &'static str {
+        "shell"
+    }
+
+    async fn execute(&self, ctx: ExecContext<'_>) -> StageOutcome {
+        let ExecutorSpec::Shell(spec) = &ctx.stage.executor else {
+            return StageOutcome::Failed { error: "not a shell stage".into(), exit_code: None };
+        };
+        let fail = |error: String| StageOutcome::Failed { error, exit_code: None };
+        let scratch = match tempfile::Builder::new()
+            .prefix(&format!("{}-{}-{}-", ctx.run.id, ctx.stage.key, ctx.attempt))
+            .tempdir_in(&self.config.scratch_root)
+        {
+            Ok(d) => d,
+            Err(e) => return fail(format!("creating scratch dir in {}: {e}", self.config.scratch_root.display())),
+        };
+        let output_dir = scratch.path().join("output");
+        let home = scratch.path().join("home");
+        for d in [&output_dir, &home] {
+            if let Err(e) = std::fs::create_dir_all(d) {
+                return fail(format!("creating {}: {e}", d.display()));
+            }
+        }
+        let mut env: Vec<(String, String)> = Vec::new();
+        for name in &self.config.env_allowlist {
+            if let Ok(value) = std::env::var(name) {
+                env.push((name.clone(), value));
+            }
+        }
+        env.push(("HOME".into(), home.to_string_lossy().into_owned()));
+        for (k, v) in &spec.env {
+            env.retain(|(name, _)| name != k);
+            env.push((k.clone(), v.clone()));
+        }
+        env.push(("POND_RUN_ID".into(), ctx.run.id.to_string()));
+        env.push(("POND_PROJECT_ID".into(), ctx.run.project_id.clone()));
+        env.push(("POND_STAGE".into(), ctx.stage.key.clone()));
+        env.push(("POND_ATTEMPT".into(), ctx.attempt.to_string()));
+        env.push(("POND_OUTPUT_DIR".into(), output_dir.to_string_lossy().into_owned()));
+        for (label, path) in &ctx.workspace.sources {
+            let var = format!("POND_SOURCE_{}", label.to_ascii_uppercase().replace(['-', '.'], "_"));
+            env.push((var, path.to_string_lossy().into_owned()));
+        }
+        let profile = spec.sandbox.as_ref().map(|s| s.profile).unwrap_or(SandboxProfile::None);
+        let command = CommandSpec { argv: spec.argv.clone(), env, cwd: ctx.workspace.cwd.clone() };
+        let command = match self.sandbox.wrap(profile, command) {
+            Ok(c) => c,
+            Err(e) => return fail(e.to_string()),
+        };
+        let mut cmd = tokio::process::Command::new(&command.argv[0]);
+        cmd.args(&command.argv[1..])
+            .env_clear()
+            .envs(command.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&command.cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => return fail(format!("starting `{}`: {e}", command.argv[0])),
+        };
+        let group = GroupGuard(child.id().map(|pid| pid as i32));
+        let (tx, rx) = mpsc::channel(1024);
+        let pumps = [
+            child.stdout.take().map(|out| tokio::spawn(pump(out, LogStream::Stdout, tx.clone()))),
+            child.stderr.take().map(|err| tokio::spawn(pump(err, LogStream::Stderr, tx.clone()))),
+        ];
+        drop(tx);
+        let forwarding = forward(rx, ctx.output);
+        let waiting = async {
+            let status = tokio::select! {
+                status = child.wait() => status,
+                _ = ctx.stop.stopped() => {
+                    group.signal(libc::SIGTERM);
+                    match tokio::time::timeout(self.config.kill_grace, child.wait()).await {
+                        Ok(status) => status,
+                        Err(_) => {
+                            group.signal(libc::SIGKILL);
+                            child.wait().await
+                        }
+                    }
+                }
+            };
+            // Grandchildren may still hold the pipes open; the group dies with the leader.
+            group.signal(libc::SIGKILL);
+            status
+        };
+        let (status, ()) = tokio::join!(waiting, forwarding);
+        for p in pumps.into_iter().flatten() {
+            let _ = p.await;
+        }
+        let status = match status {
+            Ok(s) => s,
+            Err(e) => return fail(format!("waiting for the process: {e}")),
+        };
+        if ctx.stop.reason().is_some() {
+            return StageOutcome::Cancelled;
+        }
+        // Output files are kept even when the command failed: they often explain why.
+        let outputs = match collect_outputs(&output_dir, self.config.max_artifact_bytes) {
+            Ok(o) => o,
+            Err(e) => return fail(e),
+        };
+        for (name, path) in outputs {
+            let stored = match tokio::fs::read(&path).await {
+                Ok(data) => ctx.output.artifact(&name, data).await,
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = stored {
+                return fail(format!("storing artifact `{name}`: {e}"));
+            }
+        }
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(0), _) => StageOutcome::Succeeded,
+            (Some(code), _) => StageOutcome::Failed { error: format!("exited with code {code}"), exit_code: Some(code) },
+            (None, Some(sig)) => StageOutcome::Failed { error: format!("killed by signal {sig}"), exit_code: None },
+            (None, None) => fail("ended without an exit status".into()),
+        }
+    }
+}

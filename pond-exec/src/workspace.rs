@@ -1,0 +1,398 @@
+//! Run checkouts on this node: `LocalWorkspaces` fetches a run's sources into
+//! `<root>/<run-id>/<label>` on first use and removes the directory when the run ends.
+//!
+//! What the first fetch found (`commit`, `input_sha`) is recorded on the run by the engine; a
+//! later fetch (another node, or after a restart) checks out that commit and refuses a tree
+//! whose digest differs, so every stage of a run sees the same code.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pond_core::exec::{Workspace, Workspaces};
+use pond_core::ids::RunId;
+use pond_core::run::Run;
+use pond_core::source::{ResolvedSource, Source, SourceSpec};
+use pond_core::store::{read_blob, Store};
+use sha2::{Digest, Sha256};
+
+/// Limits and tools for fetching sources.
+#[derive(Clone, Debug)]
+pub struct FetchConfig {
+    /// The `git` program.
+    pub git: PathBuf,
+    /// Longest a clone may take.
+    pub git_timeout: Duration,
+    /// Most bytes a bundle may unpack to.
+    pub max_unpacked_bytes: u64,
+    /// Most entries a bundle may hold.
+    pub max_bundle_entries: u64,
+    /// Allow `http://` git remotes.
+    pub allow_plain_http_git: bool,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            git: PathBuf::from("git"),
+            git_timeout: Duration::from_secs(600),
+            max_unpacked_bytes: 2 * 1024 * 1024 * 1024,
+            max_bundle_entries: 200_000,
+            allow_plain_http_git: false,
+        }
+    }
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Workspace>>>;
+
+/// Checkouts in a local directory.
+pub struct LocalWorkspaces {
+    root: PathBuf,
+    store: Arc<dyn Store>,
+    config: FetchConfig,
+    prepared: Mutex<HashMap<RunId, Slot>>,
+}
+
+impl LocalWorkspaces {
+    /// Checkouts under `root`. Anything already there is from an earlier process and is
+    /// removed: checkouts are re-fetched per process, from the recorded commit.
+    pub fn new(root: PathBuf, store: Arc<dyn Store>, config: FetchConfig) -> std::io::Result<Self> {
+        if root.exists() {
+            std::fs::remove_dir_all(&root)?;
+        }
+        std::fs::create_dir_all(&root)?;
+        Ok(LocalWorkspaces { root, store, config, prepared: Mutex::new(HashMap::new()) })
+    }
+
+    fn slot(&self, run: RunId) -> Slot {
+        let mut map = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(run).or_default().clone()
+    }
+
+    async fn fetch(&self, run: &Run) -> Result<Workspace, String> {
+        let dir = self.root.join(run.id.to_string());
+        if dir.exists() {
+            tokio::fs::remove_dir_all(&dir).await.map_err(|e| format!("clearing {}: {e}", dir.display()))?;
+        }
+        tokio::fs::create_dir_all(&dir).await.map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let mut sources = Vec::new();
+        let mut resolved = Vec::new();
+        for source in &run.sources {
+            let target = dir.join(&source.label);
+            let commit = self.fetch_one(run, source, &target).await.map_err(|e| format!("source `{}`: {e}", source.label))?;
+            let digest_root = target.clone();
+            let input_sha = tokio::task::spawn_blocking(move || tree_digest(&digest_root))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("source `{}`: hashing the checkout: {e}", source.label))?;
+            if let Some(earlier) = &source.resolved {
+                if earlier.input_sha != input_sha {
+                    return Err(format!(
+                        "source `{}` changed since the run's first fetch (input_sha {} now {input_sha})",
+                        source.label, earlier.input_sha
+                    ));
+                }
+            }
+            sources.push((source.label.clone(), target));
+            resolved.push(ResolvedSource { commit, input_sha });
+        }
+        let cwd = match sources.first() {
+            Some((_, path)) => path.clone(),
+            None => {
+                let empty = dir.join("_empty");
+                tokio::fs::create_dir_all(&empty).await.map_err(|e| e.to_string())?;
+                empty
+            }
+        };
+        Ok(Workspace { cwd, sources, resolved })
+    }
+
+    async fn fetch_one(&self, run: &Run, source: &Source, target: &Path) -> Result<Option<String>, String> {
+        match &source.spec {
+            SourceSpec::GitHttps { url, git_ref } => {
+                let pinned = source.resolved.as_ref().and_then(|r| r.commit.clone());
+                let want = pinned.as_deref().or(git_ref.as_deref());
+                self.git_clone(url, want, target).await.map(Some)
+            }
+            SourceSpec::Local { path } => {
+                let (from, to) = (path.clone(), target.to_path_buf());
+                tokio::task::spawn_blocking(move || copy_tree(&from, &to))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("copying {}: {e}", path.display()))?;
+                Ok(None)
+            }
+            SourceSpec::Bundle { bundle_id } => {
+                let meta = self
+                    .store
+                    .blob_meta(*bundle_id)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .filter(|m| m.project_id == run.project_id)
+                    .ok_or_else(|| format!("bundle {bundle_id} not found"))?;
+                let data = read_blob(&*self.store, &meta).await.map_err(|e| e.to_string())?;
+                let (to, limits) = (target.to_path_buf(), (self.config.max_unpacked_bytes, self.config.max_bundle_entries));
+                tokio::task::spawn_blocking(move || unpack_bundle(&data, &to, limits.0, limits.1))
+                    .await
+                    .map_err(|e| e.to_string())??;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn git(&self, args: &[&str], cwd: Option<&Path>) -> Result<String, String> {
+        let mut cmd = tokio::process::Command::new(&self.config.git);
+        let protocols = if self.config.allow_plain_http_git { "https:http" } else { "https" };
+        cmd.args(["-c", "protocol.allow=never"]);
+        for p in protocols.split(':') {
+            cmd.args(["-c", &format!("protocol.{p}.allow=always")]);
+        }
+        cmd.args(["-c", "credential.helper=", "-c", "core.hooksPath=/dev/null"])
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("HOME", "/nonexistent")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
+        let out = tokio::time::timeout(self.config.git_timeout, cmd.output())
+            .await
+            .map_err(|_| format!("git {} timed out after {:?}", args.first().unwrap_or(&""), self.config.git_timeout))?
+            .map_err(|e| format!("running {}: {e}", self.config.git.display()))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let last = err.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").trim().to_string();
+            return Err(format!("git {} failed: {last}", args.first().unwrap_or(&"")));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Clones `url` into `target` at `want` (branch, tag or commit; the default branch when
+    /// `None`) and returns the commit checked out.
+    async fn git_clone(&self, url: &str, want: Option<&str>, target: &Path) -> Result<String, String> {
+        let dest = target.to_string_lossy().into_owned();
+        let is_sha = want.is_some_and(|w| w.len() >= 7 && w.len() <= 64 && w.bytes().all(|b| b.is_ascii_hexdigit()));
+        let shallow = match want {
+            Some(r) if !is_sha => {
+                self.git(&["clone", "--quiet", "--depth", "1", "--no-recurse-submodules", "--branch", r, "--", url, &dest], None).await
+            }
+            None => self.git(&["clone", "--quiet", "--depth", "1", "--no-recurse-submodules", "--", url, &dest], None).await,
+            Some(_) => Err("a commit needs a full clone".into()),
+        };
+        if shallow.is_err() {
+            // Dumb-HTTP remotes cannot serve shallow clones, and commits need full history.
+            if target.exists() {
+                let _ = tokio::fs::remove_dir_all(target).await;
+            }
+            self.git(&["clone", "--quiet", "--no-checkout", "--no-recurse-submodules", "--", url, &dest], None).await?;
+            let rev = want.unwrap_or("HEAD");
+            self.git(&["checkout", "--quiet", "--detach", rev, "--"], Some(target))
+                .await
+                .map_err(|e| format!("{e} (ref `{rev}`)"))?;
+        }
+        self.git(&["rev-parse", "HEAD"], Some(target)).await
+    }
+}
+
+#[async_trait]
+impl Workspaces for LocalWorkspaces {
+    async fn prepare(&self, run: &Run) -> Result<Workspace, String> {
+        let slot = self.slot(run.id);
+        let mut guard = slot.lock().await;
+        if let Some(ws) = guard.as_ref() {
+            return Ok(ws.clone());
+        }
+        let ws = self.fetch(run).await?;
+        *guard = Some(ws.clone());
+        Ok(ws)
+    }
+
+    async fn release(&self, run: RunId) {
+        let slot = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).remove(&run);
+        // Wait for a fetch in progress so it does not recreate the directory after removal.
+        if let Some(slot) = slot {
+            let _held = slot.lock().await;
+        }
+        let _ = tokio::fs::remove_dir_all(self.root.join(run.to_string())).await;
+    }
+}
+
+/// SHA-256 over a tree: one line per entry, sorted by path, `.git` at the top skipped:
+/// `F <mode> <sha256> <path>` for files (mode `755` if executable, else `644`) and
+/// `L <target> <path>` for symlinks. The same files give the same digest on every host.
+pub fn tree_digest(root: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut hasher = Sha256::new();
+    let walker = walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| !(e.depth() == 1 && e.file_name() == ".git"));
+    for entry in walker {
+        let entry = entry.map_err(std::io::Error::other)?;
+        let rel = entry.path().strip_prefix(root).unwrap_or(entry.path()).to_string_lossy().into_owned();
+        let ft = entry.file_type();
+        if ft.is_file() {
+            let mode = if entry.metadata().map_err(std::io::Error::other)?.permissions().mode() & 0o111 != 0 { "755" } else { "644" };
+            let mut file_hash = Sha256::new();
+            let mut file = std::fs::File::open(entry.path())?;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                file_hash.update(&buf[..n]);
+            }
+            hasher.update(format!("F {mode} {} {rel}\n", hex::encode(file_hash.finalize())));
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(entry.path())?;
+            hasher.update(format!("L {} {rel}\n", target.to_string_lossy()));
+        }
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    if !from.is_dir() {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"));
+    }
+    for entry in walkdir::WalkDir::new(from).follow_links(false) {
+        let entry = entry.map_err(std::io::Error::other)?;
+        let rel = entry.path().strip_prefix(from).unwrap_or(entry.path());
+        let dest = to.join(rel);
+        let ft = entry.file_type();
+        if ft.is_dir() {
+            std::fs::create_dir_all(&dest)?;
+        } else if ft.is_file() {
+            std::fs::copy(entry.path(), &dest)?;
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &dest)?;
+        }
+    }
+    Ok(())
+}
+
+/// Unpacks a `tar.zst` bundle into `to`. Only regular files and directories are taken; links,
+/// devices, absolute paths and `..` are refused, and the unpacked size and entry count are
+/// capped so a small upload cannot fill the disk.
+pub fn unpack_bundle(data: &[u8], to: &Path, max_bytes: u64, max_entries: u64) -> Result<(), String> {
+    let decoder = zstd::stream::read::Decoder::new(data).map_err(|e| format!("not a zstd stream: {e}"))?;
+    let mut archive = tar::Archive::new(decoder);
+    std::fs::create_dir_all(to).map_err(|e| e.to_string())?;
+    let (mut total, mut count) = (0u64, 0u64);
+    for entry in archive.entries().map_err(|e| format!("not a tar archive: {e}"))? {
+        let mut entry = entry.map_err(|e| format!("bad tar entry: {e}"))?;
+        count += 1;
+        if count > max_entries {
+            return Err(format!("bundle has more than {max_entries} entries"));
+        }
+        let path = entry.path().map_err(|e| format!("bad entry path: {e}"))?.into_owned();
+        if path.is_absolute() || path.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+            return Err(format!("bundle entry `{}` escapes the checkout", path.display()));
+        }
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            std::fs::create_dir_all(to.join(&path)).map_err(|e| e.to_string())?;
+        } else if kind.is_file() {
+            total += entry.header().size().unwrap_or(0);
+            if total > max_bytes {
+                return Err(format!("bundle unpacks to more than {max_bytes} bytes"));
+            }
+            if let Some(parent) = to.join(&path).parent() {
+                std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+            }
+            entry.set_preserve_mtime(false);
+            entry.unpack(to.join(&path)).map_err(|e| format!("unpacking `{}`: {e}", path.display()))?;
+        } else if !matches!(kind, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader) {
+            // Links and special files are skipped: a symlink could point the next entry outside.
+            continue;
+        }
+    }
+    Ok(())
+}
+
+/// Packs a directory as `tar.zst` (what `pond run submit --source <dir>` uploads). `.git` at
+/// the top and anything that is not a file or directory are left out.
+pub fn pack_dir(dir: &Path) -> std::io::Result<Vec<u8>> {
+    let encoder = zstd::stream::write::Encoder::new(Vec::new(), 3)?;
+    let mut builder = tar::Builder::new(encoder);
+    builder.follow_symlinks(false);
+    let walker = walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| !(e.depth() == 1 && e.file_name() == ".git"));
+    for entry in walker {
+        let entry = entry.map_err(std::io::Error::other)?;
+        if entry.depth() == 0 {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());
+        let ft = entry.file_type();
+        if ft.is_dir() {
+            builder.append_dir(rel, entry.path())?;
+        } else if ft.is_file() {
+            builder.append_path_with_name(entry.path(), rel)?;
+        }
+    }
+    builder.into_inner()?.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundles_round_trip_and_digest_is_stable() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(src.path().join("a/b")).unwrap();
+        std::fs::write(src.path().join("a/b/c.txt"), "hello").unwrap();
+        std::fs::write(src.path().join("top.rs"), "fn main(){}").unwrap();
+        std::fs::create_dir_all(src.path().join(".git")).unwrap();
+        std::fs::write(src.path().join(".git/HEAD"), "ref").unwrap();
+        let packed = pack_dir(src.path()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        unpack_bundle(&packed, out.path(), 1 << 20, 100).unwrap();
+        assert_eq!(std::fs::read_to_string(out.path().join("a/b/c.txt")).unwrap(), "hello");
+        assert!(!out.path().join(".git").exists());
+        assert_eq!(tree_digest(src.path()).unwrap(), tree_digest(out.path()).unwrap());
+        std::fs::write(out.path().join("top.rs"), "changed").unwrap();
+        assert_ne!(tree_digest(src.path()).unwrap(), tree_digest(out.path()).unwrap());
+        let err = unpack_bundle(&packed, tempfile::tempdir().unwrap().path(), 3, 100).unwrap_err();
+        assert!(err.contains("more than 3 bytes"), "{err}");
+        assert!(unpack_bundle(b"not zstd", out.path(), 1 << 20, 100).is_err());
+    }
+
+    #[test]
+    fn bundle_entries_cannot_escape() {
+        let mut raw = Vec::new();
+        {
+            let mut builder = tar::Builder::new(&mut raw);
+            let mut header = tar::Header::new_gnu();
+            let data = b"owned";
+            header.set_size(data.len() as u64);
+            header.set_entry_type(tar::EntryType::Regular);
+            // `append_data` refuses `..`, so write the name bytes directly as an attacker would.
+            let name = b"../escape.txt";
+            header.as_old_mut().name[..name.len()].copy_from_slice(name);
+            header.set_cksum();
+            builder.append(&header, &data[..]).unwrap();
+            builder.finish().unwrap();
+        }
+        let packed = zstd::encode_all(&raw[..], 3).unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let target = parent.path().join("checkout");
+        let err = unpack_bundle(&packed, &target, 1 << 20, 100).unwrap_err();
+        assert!(err.contains("escapes the checkout"), "{err}");
+        assert!(!parent.path().join("escape.txt").exists());
+    }
+}
