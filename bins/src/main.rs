@@ -1,1 +1,637 @@
-fn main() {}
+//! The `pond` binary: argument parsing and wiring only. Every command calls a library
+//! function (`pond_http::server`, `pond_http::cli`, `pond_http::bench`).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use pond_http::cli::{self, CliConfig, Context, SubmitOptions, TargetOverrides};
+use pond_http::client::Client;
+
+#[derive(Parser)]
+#[command(name = "pond", version, about = "Pond: a control plane and engine for running AI coding agents on code, safely")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Server URL (default: the current context, else http://127.0.0.1:8420).
+    #[arg(long, global = true, env = "POND_SERVER")]
+    server: Option<String>,
+    /// API token (default: the current context, else ./.pond/admin.token).
+    #[arg(long, global = true, env = "POND_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Use this context instead of the current one.
+    #[arg(long, global = true, env = "POND_CONTEXT")]
+    context: Option<String>,
+    /// CLI configuration file (default: ~/.config/pond/config.json).
+    #[arg(long, global = true, env = "POND_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: HTTP API, engine and local executors, on SQLite.
+    Server(ServerArgs),
+    /// Submit runs and read their status, logs and artifacts.
+    Run {
+        #[command(subcommand)]
+        command: RunCommand,
+    },
+    /// Administer the server (API keys).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Manage named server + token pairs.
+    Context {
+        #[command(subcommand)]
+        command: ContextCommand,
+    },
+    /// Start a throwaway server and run the bundled example workflow on the bundled example repository.
+    Demo(DemoArgs),
+    /// Measure submit throughput and end-to-end run throughput; prints figures.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, env = "POND_LISTEN", default_value = "127.0.0.1:8420")]
+    listen: SocketAddr,
+    /// Data directory (database, admin token, checkouts).
+    #[arg(long, env = "POND_DATA_DIR", default_value = ".pond")]
+    data_dir: PathBuf,
+    /// Lease of a running stage; a stage whose node stops renewing it is retried after this.
+    #[arg(long, env = "POND_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    lease: Duration,
+    /// Stages run at once by this server.
+    #[arg(long, env = "POND_SLOTS", default_value_t = 16)]
+    slots: usize,
+    /// Allow `local` sources under this directory (repeatable).
+    #[arg(long = "allow-local-source", value_name = "DIR")]
+    allow_local_sources: Vec<PathBuf>,
+    /// Allow plain `http://` git remotes (test setups, private networks).
+    #[arg(long)]
+    allow_http_git: bool,
+    /// Largest uploaded bundle and artifact, in bytes.
+    #[arg(long, default_value_t = 100 * 1024 * 1024)]
+    max_bundle_bytes: usize,
+    /// Pass this host environment variable to shell stages (repeatable).
+    #[arg(long = "shell-env-allow", value_name = "NAME")]
+    shell_env_allow: Vec<String>,
+    /// Wait between SIGTERM and SIGKILL when a stage is stopped.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    kill_grace: Duration,
+    /// Name of this node in leases and attempt history (default: random).
+    #[arg(long, env = "POND_NODE_ID")]
+    node_id: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum RunCommand {
+    /// Submit a run from a workflow file.
+    Submit {
+        /// Workflow file: a definition ({"stages": …}) or a whole request body.
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+        /// Project (default: from the file, POND_PROJECT or the context).
+        #[arg(long, env = "POND_PROJECT")]
+        project: Option<String>,
+        /// A directory (packed and uploaded) or an https git URL (repeatable).
+        #[arg(long)]
+        source: Vec<String>,
+        /// Branch, tag or commit for git sources.
+        #[arg(long = "ref")]
+        git_ref: Option<String>,
+        /// Retried submits with the same key return the same run.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Stream the logs until the run ends; exit 0 succeeded, 1 failed, 3 cancelled.
+        #[arg(long)]
+        wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a run and its stages.
+    Status {
+        /// Run id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List runs, newest first.
+    List {
+        /// Only this project.
+        #[arg(long)]
+        project: Option<String>,
+        /// Only runs in this state (queued, running, succeeded, failed, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// Page size.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Continue after this cursor (printed at the end of a page).
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a run's log.
+    Logs {
+        /// Run id.
+        id: String,
+        /// Keep streaming until the run ends.
+        #[arg(long)]
+        follow: bool,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a run: running stages are stopped (SIGTERM, then SIGKILL), the rest cancelled.
+    Cancel {
+        /// Run id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a run's artifacts, or download one.
+    Artifacts {
+        /// Run id.
+        id: String,
+        /// Artifact to download (to stdout unless -o).
+        name: Option<String>,
+        /// Write the artifact to this file.
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// API keys for consumers, scoped to projects.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Mint a key; its secret is printed once.
+    Create {
+        /// Project the key may use (repeatable).
+        #[arg(long = "project", required = true)]
+        projects: Vec<String>,
+        /// A label.
+        #[arg(long)]
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List keys (never their secrets).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key.
+    Revoke {
+        /// Key id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContextCommand {
+    /// Add or replace a context.
+    Add {
+        /// Context name.
+        name: String,
+        /// Server URL.
+        #[arg(long)]
+        server: String,
+        /// API token.
+        #[arg(long)]
+        token: Option<String>,
+        /// Read the token from this file.
+        #[arg(long, conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        /// Default project.
+        #[arg(long)]
+        project: Option<String>,
+        /// Make it the current context.
+        #[arg(long = "use")]
+        make_current: bool,
+    },
+    /// Make a context the current one.
+    Use {
+        /// Context name.
+        name: String,
+    },
+    /// List contexts.
+    List {
+        /// Print JSON (tokens hidden).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a context.
+    Remove {
+        /// Context name.
+        name: String,
+    },
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Data directory of the throwaway server (removed first).
+    #[arg(long, default_value = ".pond-demo")]
+    data_dir: PathBuf,
+    /// Workflow to run.
+    #[arg(long, default_value = "examples/workflows/review.json")]
+    workflow: PathBuf,
+    /// Repository to run it on.
+    #[arg(long, default_value = "examples/repo")]
+    source: PathBuf,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Runs to submit in each phase.
+    #[arg(long, default_value_t = 2000)]
+    runs: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Stage slots of the in-process server.
+    #[arg(long, default_value_t = 64)]
+    slots: usize,
+    /// Data directory of the in-process server (removed first).
+    #[arg(long, default_value = ".pond-bench")]
+    data_dir: PathBuf,
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("POND_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn dispatch(cli: Cli) -> Result<i32> {
+    let config_path = cli.global.config.clone().unwrap_or_else(CliConfig::default_path);
+    match cli.command {
+        Command::Server(args) => serve(args).map(|()| 0),
+        Command::Demo(args) => demo(args),
+        Command::Bench(args) => bench(args).map(|()| 0),
+        Command::Context { command } => context(command, &config_path).map(|()| 0),
+        Command::Run { command } => {
+            let config = CliConfig::load(&config_path)?;
+            let overrides = TargetOverrides {
+                server: cli.global.server,
+                token: cli.global.token,
+                context: cli.global.context,
+                project: std::env::var("POND_PROJECT").ok(),
+            };
+            let target = cli::resolve_target(&config, &overrides)?;
+            let client = Client::new(&target.server, target.token.clone());
+            run_command(command, &client, &target)
+        }
+        Command::Admin { command: AdminCommand::Keys { command } } => {
+            let config = CliConfig::load(&config_path)?;
+            let overrides = TargetOverrides { server: cli.global.server, token: cli.global.token, context: cli.global.context, project: None };
+            let target = cli::resolve_target(&config, &overrides)?;
+            let client = Client::new(&target.server, target.token);
+            keys(command, &client).map(|()| 0)
+        }
+    }
+}
+
+fn server_config(args: ServerArgs) -> pond_http::server::ServerConfig {
+    let mut config = pond_http::server::ServerConfig::new(args.data_dir, Arc::new(pond_sandbox::HostBackend));
+    config.listen = args.listen;
+    config.lease = args.lease;
+    config.slots = args.slots;
+    config.allow_local_sources = args.allow_local_sources;
+    config.allow_plain_http_git = args.allow_http_git;
+    config.limits.max_bundle_bytes = args.max_bundle_bytes;
+    config.shell_env_allow = args.shell_env_allow;
+    config.kill_grace = args.kill_grace;
+    config.node_id = args.node_id;
+    config
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+    }
+}
+
+fn serve(args: ServerArgs) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let data_dir = args.data_dir.clone();
+        let server = pond_http::server::start(server_config(args)).await?;
+        println!("pond server listening on {}", server.url());
+        println!("data directory: {}", data_dir.display());
+        match &server.new_admin_token {
+            Some(_) => println!("admin token created: {} (mode 0600)", server.admin_token_file.display()),
+            None => println!("admin token: {}", server.admin_token_file.display()),
+        }
+        if server.interrupted_stages > 0 {
+            println!("{} stage(s) interrupted by the previous stop will be retried", server.interrupted_stages);
+        }
+        std::io::stdout().flush().ok();
+        server.run_until(shutdown_signal()).await;
+        println!("pond server stopped");
+        Ok(())
+    })
+}
+
+fn run_command(command: RunCommand, client: &Client, target: &cli::Target) -> Result<i32> {
+    match command {
+        RunCommand::Submit { file, project, source, git_ref, idempotency_key, wait, json } => {
+            let options = SubmitOptions { file, project, sources: source, git_ref, idempotency_key: idempotency_key.clone() };
+            let body = cli::build_submit(client, target, &options)?;
+            let run = client.submit(&body, idempotency_key.as_deref())?;
+            if !wait {
+                if json {
+                    print_json(&run)?;
+                } else {
+                    println!("{}", run.id);
+                }
+                return Ok(0);
+            }
+            eprintln!("submitted run {} ({} stages)", run.id, run.stages.len());
+            let mut out = std::io::stdout().lock();
+            let end = cli::wait(client, &run.id.to_string(), &mut out, json)?;
+            drop(out);
+            let finished = client.get_run(&run.id.to_string())?;
+            if json {
+                print_json(&finished)?;
+            } else {
+                eprintln!("\n{}", cli::format_run(&finished));
+            }
+            Ok(cli::exit_code(end.state))
+        }
+        RunCommand::Status { id, json } => {
+            let run = client.get_run(&id)?;
+            if json {
+                print_json(&run)?;
+            } else {
+                print!("{}", cli::format_run(&run));
+            }
+            Ok(0)
+        }
+        RunCommand::List { project, state, limit, cursor, json } => {
+            let page = client.list_runs(project.as_deref(), state.as_deref(), Some(limit), cursor.as_deref())?;
+            if json {
+                print_json(&page)?;
+            } else {
+                print!("{}", cli::format_run_page(&page));
+            }
+            Ok(0)
+        }
+        RunCommand::Logs { id, follow, json } => {
+            let mut out = std::io::stdout().lock();
+            if follow {
+                let end = cli::wait(client, &id, &mut out, json)?;
+                return Ok(cli::exit_code(end.state));
+            }
+            let mut after = 0;
+            loop {
+                let page = client.logs(&id, after, 1000)?;
+                for line in &page.lines {
+                    let text = if json { serde_json::to_string(line)? } else { cli::format_log_line(line) };
+                    writeln!(out, "{text}")?;
+                }
+                if page.lines.is_empty() {
+                    return Ok(0);
+                }
+                after = page.next_cursor;
+            }
+        }
+        RunCommand::Cancel { id, json } => {
+            let run = client.cancel(&id)?;
+            if json {
+                print_json(&run)?;
+            } else {
+                println!("cancel requested for run {} (state: {})", run.id, run.state);
+            }
+            Ok(0)
+        }
+        RunCommand::Artifacts { id, name, output, json } => match name {
+            None => {
+                let list = client.artifacts(&id)?;
+                if json {
+                    print_json(&list)?;
+                } else {
+                    println!("{:<40} {:<16} {:>10}  SHA256", "NAME", "STAGE", "BYTES");
+                    for a in &list.artifacts {
+                        println!("{:<40} {:<16} {:>10}  {}", a.name, a.stage, a.size, a.sha256);
+                    }
+                }
+                Ok(0)
+            }
+            Some(name) => {
+                match output {
+                    Some(path) => {
+                        let tmp = path.with_extension("part");
+                        let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+                        let n = client.download_artifact(&id, &name, &mut file)?;
+                        file.sync_all()?;
+                        std::fs::rename(&tmp, &path)?;
+                        eprintln!("wrote {n} bytes to {}", path.display());
+                    }
+                    None => {
+                        let mut out = std::io::stdout().lock();
+                        client.download_artifact(&id, &name, &mut out)?;
+                    }
+                }
+                Ok(0)
+            }
+        },
+    }
+}
+
+fn keys(command: KeysCommand, client: &Client) -> Result<()> {
+    match command {
+        KeysCommand::Create { projects, name, json } => {
+            let key = client.create_key(&projects, name.as_deref())?;
+            if json {
+                print_json(&key)?;
+            } else {
+                println!("key {} for project(s) {}", key.id, key.projects.join(", "));
+                println!("token (shown once): {}", key.token.unwrap_or_default());
+            }
+        }
+        KeysCommand::List { json } => {
+            let list = client.list_keys()?;
+            if json {
+                print_json(&list)?;
+            } else {
+                println!("{:<36}  {:<8} {:<24} {:<8} NAME", "ID", "ROLE", "PROJECTS", "REVOKED");
+                for k in &list.keys {
+                    let role = if k.role == pond_core::store::Role::Admin { "admin" } else { "consumer" };
+                    let revoked = if k.revoked_at.is_some() { "yes" } else { "no" };
+                    println!("{:<36}  {:<8} {:<24} {:<8} {}", k.id, role, k.projects.join(","), revoked, k.name);
+                }
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            client.revoke_key(&id)?;
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+fn context(command: ContextCommand, path: &std::path::Path) -> Result<()> {
+    let mut config = CliConfig::load(path)?;
+    match command {
+        ContextCommand::Add { name, server, token, token_file, project, make_current } => {
+            let token = match token_file {
+                Some(f) => Some(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?.trim().to_string()),
+                None => token,
+            };
+            config.contexts.insert(name.clone(), Context { server, token, project });
+            if make_current || config.current.is_none() {
+                config.current = Some(name.clone());
+            }
+            config.save(path)?;
+            println!("context `{name}` saved in {}", path.display());
+        }
+        ContextCommand::Use { name } => {
+            if !config.contexts.contains_key(&name) {
+                bail!("no context named `{name}` (see `pond context list`)");
+            }
+            config.current = Some(name.clone());
+            config.save(path)?;
+            println!("current context: {name}");
+        }
+        ContextCommand::List { json } => {
+            if json {
+                let shown: std::collections::BTreeMap<_, _> = config
+                    .contexts
+                    .iter()
+                    .map(|(n, c)| (n.clone(), serde_json::json!({"server": c.server, "project": c.project, "has_token": c.token.is_some(), "current": config.current.as_deref() == Some(n)})))
+                    .collect();
+                print_json(&shown)?;
+            } else {
+                for (name, c) in &config.contexts {
+                    let mark = if config.current.as_deref() == Some(name) { "*" } else { " " };
+                    println!("{mark} {name:<16} {:<40} {}", c.server, c.project.clone().unwrap_or_default());
+                }
+            }
+        }
+        ContextCommand::Remove { name } => {
+            if config.contexts.remove(&name).is_none() {
+                bail!("no context named `{name}`");
+            }
+            if config.current.as_deref() == Some(&name) {
+                config.current = None;
+            }
+            config.save(path)?;
+            println!("removed context `{name}`");
+        }
+    }
+    Ok(())
+}
+
+fn demo(args: DemoArgs) -> Result<i32> {
+    if !args.workflow.is_file() || !args.source.is_dir() {
+        bail!(
+            "the demo runs {} on {}; run it from the root of a pond checkout or pass --workflow and --source",
+            args.workflow.display(),
+            args.source.display()
+        );
+    }
+    if args.data_dir.exists() {
+        std::fs::remove_dir_all(&args.data_dir).with_context(|| format!("clearing {}", args.data_dir.display()))?;
+    }
+    let rt = runtime()?;
+    let mut config = pond_http::server::ServerConfig::new(args.data_dir.clone(), Arc::new(pond_sandbox::HostBackend));
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let server = rt.block_on(pond_http::server::start(config))?;
+    let token = std::fs::read_to_string(&server.admin_token_file)?.trim().to_string();
+    println!("demo server on {} (data in {})", server.url(), args.data_dir.display());
+    let client = Client::new(&server.url(), Some(token));
+    let target = cli::Target { server: server.url(), token: None, project: Some("demo".into()) };
+    let options = SubmitOptions { file: args.workflow.clone(), sources: vec![args.source.display().to_string()], ..Default::default() };
+    let outcome = (|| -> Result<i32> {
+        let body = cli::build_submit(&client, &target, &options)?;
+        let run = client.submit(&body, None)?;
+        println!("submitted run {} ({}) on {}\n", run.id, args.workflow.display(), args.source.display());
+        let end = cli::wait(&client, &run.id.to_string(), &mut std::io::stdout().lock(), false)?;
+        let finished = client.get_run(&run.id.to_string())?;
+        println!("\n{}", cli::format_run(&finished));
+        for artifact in client.artifacts(&run.id.to_string())?.artifacts {
+            let mut data = Vec::new();
+            client.download_artifact(&run.id.to_string(), &artifact.name, &mut data)?;
+            let text = String::from_utf8_lossy(&data);
+            println!("artifact {} ({} bytes, stage {}):", artifact.name, artifact.size, artifact.stage);
+            for line in text.lines().take(5) {
+                println!("  {line}");
+            }
+            if text.lines().count() > 5 {
+                println!("  …");
+            }
+        }
+        Ok(cli::exit_code(end.state))
+    })();
+    rt.block_on(server.shutdown());
+    outcome
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    if args.data_dir.exists() {
+        std::fs::remove_dir_all(&args.data_dir).with_context(|| format!("clearing {}", args.data_dir.display()))?;
+    }
+    let rt = runtime()?;
+    let mut config = pond_http::server::ServerConfig::new(args.data_dir.clone(), Arc::new(pond_sandbox::HostBackend));
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.slots = args.slots;
+    let server = rt.block_on(pond_http::server::start(config))?;
+    let token = std::fs::read_to_string(&server.admin_token_file)?.trim().to_string();
+    let client = Client::new(&server.url(), Some(token));
+    let report = pond_http::bench::run(&client, args.runs, args.clients);
+    rt.block_on(server.shutdown());
+    let report = report?;
+    println!("{report}");
+    Ok(())
+}

@@ -262,12 +262,15 @@ impl Engine {
         };
         if run.sources.iter().any(|s| s.resolved.is_none()) {
             let resolved = workspace.resolved.clone();
+            let mut first = Vec::new();
             let recorded = self
                 .store
                 .update_run(run.id, &mut |s| {
-                    for (source, found) in s.run.sources.iter_mut().zip(&resolved) {
+                    first.clear();
+                    for (i, (source, found)) in s.run.sources.iter_mut().zip(&resolved).enumerate() {
                         if source.resolved.is_none() {
                             source.resolved = Some(found.clone());
+                            first.push(i);
                         }
                     }
                     Ok(())
@@ -276,7 +279,9 @@ impl Engine {
             if let Err(e) = recorded {
                 return StageOutcome::Failed { error: format!("recording the fetched sources failed: {e}"), exit_code: None };
             }
-            for (source, found) in run.sources.iter().zip(&workspace.resolved) {
+            // Stages fetching in parallel each try; only the one that recorded a source says so.
+            for i in first {
+                let (source, found) = (&run.sources[i], &workspace.resolved[i]);
                 let commit = found.commit.as_deref().map(|c| format!(" at commit {c}")).unwrap_or_default();
                 self.system_line(run.id, Some(&claim.stage.key), claim.stage.attempt, format!("source `{}` fetched{commit}, input_sha {}", source.label, found.input_sha)).await;
             }

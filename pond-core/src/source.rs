@@ -67,6 +67,7 @@ pub struct SourcePolicy {
 
 /// A submitted source before validation.
 #[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SourceInput {
     /// See [`Source::label`].
     #[serde(default)]

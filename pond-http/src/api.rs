@@ -1,0 +1,427 @@
+//! The `/v1` consumer and admin routes, plus `/healthz` and `/readyz`.
+//!
+//! `app(state)` builds the router, so tests can call it with `oneshot` and no socket.
+
+use std::convert::Infallible;
+use std::str::FromStr;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use pond_core::definition::Definition;
+use pond_core::engine::SubmitRequest;
+use pond_core::ids::{RunId, TokenId};
+use pond_core::run::{RunSnapshot, RunState};
+use pond_core::source::SourceInput;
+use pond_core::store::{LogLine, Role, RunQuery, Store};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::auth::{mint_token, Principal};
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::wire::{ArtifactList, BundleCreated, CreateKey, KeyList, KeyView, LogEnd, LogPage, RunPage, RunSummary, RunView};
+
+/// The whole HTTP API.
+pub fn app(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/runs", post(submit_run).get(list_runs))
+        .route("/runs/{id}", get(get_run))
+        .route("/runs/{id}/cancel", post(cancel_run))
+        .route("/runs/{id}/logs", get(run_logs))
+        .route("/runs/{id}/artifacts", get(list_artifacts))
+        .route("/runs/{id}/artifacts/{*name}", get(get_artifact))
+        .route("/bundles", post(upload_bundle))
+        .route("/admin/keys", post(create_key).get(list_keys))
+        .route("/admin/keys/{id}", delete(revoke_key));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// A JSON body decoded with field-path errors: 400 for malformed JSON, 413 when too large,
+/// 415 for a non-JSON content type, 422 naming the field for a wrong shape.
+pub struct ApiJson<T>(pub T);
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.to_string().contains("length limit"))
+            || e.to_string().contains("length limit");
+        if too_large {
+            ApiError::TooLarge(format!("body exceeds {limit} bytes"))
+        } else {
+            ApiError::BadRequest(format!("reading the body: {e}"))
+        }
+    })
+}
+
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/json") || ct.contains("+json"));
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType("send the body as Content-Type: application/json".into()));
+        }
+        let bytes = read_body(req.into_body(), state.limits.max_json_bytes).await?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
+        if !value.is_object() {
+            return Err(ApiError::invalid("body", "must be a JSON object"));
+        }
+        pond_core::json::from_value_at(value, "").map(ApiJson).map_err(ApiError::Invalid)
+    }
+}
+
+fn parse_query<T: DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
+    let query = query.unwrap_or("");
+    let pairs: Vec<(String, String)> = url_pairs(query);
+    let map: serde_json::Map<String, serde_json::Value> =
+        pairs.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
+    pond_core::json::from_value_at(serde_json::Value::Object(map), "query").map_err(ApiError::Invalid)
+}
+
+fn url_pairs(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes()).into_owned().collect()
+}
+
+fn number<T: FromStr>(field: &str, text: Option<&str>) -> Result<Option<T>, ApiError> {
+    text.map(|t| t.parse::<T>().map_err(|_| ApiError::invalid(format!("query.{field}"), format!("`{t}` is not a number"))))
+        .transpose()
+}
+
+async fn visible_run(state: &AppState, who: &Principal, id: &str) -> Result<RunSnapshot, ApiError> {
+    let not_found = || ApiError::NotFound(format!("run {id} not found"));
+    let run_id = RunId::from_str(id).map_err(|_| not_found())?;
+    // Another project's run answers exactly like a missing one, so ids do not leak.
+    state
+        .store
+        .get_run(run_id)
+        .await?
+        .filter(|s| who.can_use(&s.run.project_id))
+        .ok_or_else(not_found)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitBody {
+    #[serde(default, alias = "projectId")]
+    project_id: Option<String>,
+    definition: Definition,
+    #[serde(default)]
+    sources: Vec<SourceInput>,
+    #[serde(default)]
+    encrypt: Option<bool>,
+    #[serde(default, alias = "recipientPubkeys")]
+    recipient_pubkeys: Option<Vec<String>>,
+}
+
+async fn submit_run(
+    State(state): State<AppState>,
+    who: Principal,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<SubmitBody>,
+) -> Result<Response, ApiError> {
+    let project = body.project_id.ok_or_else(|| ApiError::invalid("project_id", "is required"))?;
+    if !who.can_use(&project) {
+        return Err(ApiError::Forbidden(format!("this token may not use project `{project}`")));
+    }
+    if body.encrypt == Some(true) {
+        let field = if body.recipient_pubkeys.as_ref().is_none_or(|r| r.is_empty()) { "recipient_pubkeys" } else { "encrypt" };
+        let reason = if field == "recipient_pubkeys" {
+            "`encrypt: true` needs at least one recipient public key"
+        } else {
+            "encrypted runs are not available on this server yet"
+        };
+        return Err(ApiError::invalid(field, reason));
+    }
+    let idempotency_key = match headers.get("idempotency-key") {
+        Some(v) => Some(v.to_str().map_err(|_| ApiError::invalid("Idempotency-Key", "must be visible ASCII"))?.to_string()),
+        None => None,
+    };
+    let submitted = state
+        .engine
+        .submit(SubmitRequest { project_id: project, definition: body.definition, sources: body.sources, idempotency_key })
+        .await?;
+    let status = if submitted.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(RunView::from(submitted.snapshot))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    project: Option<String>,
+    state: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+async fn list_runs(State(state): State<AppState>, who: Principal, uri: axum::http::Uri) -> Result<Json<RunPage>, ApiError> {
+    let q: ListQuery = parse_query(uri.query())?;
+    let limit = number::<u32>("limit", q.limit.as_deref())?.unwrap_or(50).clamp(1, state.limits.max_page);
+    let run_state = q
+        .state
+        .as_deref()
+        .map(|s| {
+            RunState::parse(s).ok_or_else(|| {
+                ApiError::invalid("query.state", format!("`{s}` is not one of queued, running, succeeded, failed, cancelled"))
+            })
+        })
+        .transpose()?;
+    let before = q
+        .cursor
+        .as_deref()
+        .map(|c| RunId::from_str(c).map_err(|_| ApiError::invalid("query.cursor", "not a cursor returned by this API")))
+        .transpose()?;
+    let projects = match (who.visible_projects(), q.project) {
+        (None, None) => None,
+        (None, Some(p)) => Some(vec![p]),
+        (Some(mine), None) => Some(mine),
+        (Some(mine), Some(p)) => Some(mine.into_iter().filter(|m| *m == p).collect()),
+    };
+    let runs = state.store.list_runs(&RunQuery { projects, state: run_state, before, limit: limit + 1 }).await?;
+    let more = runs.len() > limit as usize;
+    let runs: Vec<RunSummary> = runs
+        .into_iter()
+        .take(limit as usize)
+        .map(|r| RunSummary {
+            id: r.id,
+            stages: r.definition.stages.len(),
+            project_id: r.project_id,
+            state: r.state,
+            created_at: r.created_at,
+            finished_at: r.finished_at,
+            error: r.error,
+        })
+        .collect();
+    let next_cursor = if more { runs.last().map(|r| r.id) } else { None };
+    Ok(Json(RunPage { runs, next_cursor }))
+}
+
+async fn get_run(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<RunView>, ApiError> {
+    Ok(Json(visible_run(&state, &who, &id).await?.into()))
+}
+
+async fn cancel_run(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<RunView>, ApiError> {
+    let run = visible_run(&state, &who, &id).await?;
+    let snapshot = state.engine.cancel(run.run.id, "cancelled by request").await?;
+    if let Some(driver) = &state.driver {
+        driver.poke(run.run.id);
+    }
+    Ok(Json(snapshot.into()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    after: Option<String>,
+    limit: Option<String>,
+    follow: Option<String>,
+}
+
+async fn run_logs(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    let run = visible_run(&state, &who, &id).await?;
+    let q: LogQuery = parse_query(uri.query())?;
+    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i64>().ok());
+    let after = resume.or(number::<i64>("after", q.after.as_deref())?).unwrap_or(0);
+    let limit = number::<u32>("limit", q.limit.as_deref())?.unwrap_or(500).clamp(1, state.limits.max_page);
+    let follow = matches!(q.follow.as_deref(), Some("1" | "true" | "yes" | ""));
+    if follow {
+        return Ok(follow_logs(state, run.run.id, after).into_response());
+    }
+    let lines = state.store.read_logs(run.run.id, after, limit).await?;
+    let next_cursor = lines.last().map(|l| l.seq).unwrap_or(after);
+    Ok(Json(LogPage { lines, next_cursor, run_state: run.run.state }).into_response())
+}
+
+struct Follow {
+    state: AppState,
+    run: RunId,
+    cursor: i64,
+    pending: std::collections::VecDeque<Event>,
+    done: bool,
+    changes: tokio::sync::watch::Receiver<u64>,
+}
+
+fn line_event(line: &LogLine) -> Event {
+    let data = serde_json::to_string(line).unwrap_or_else(|_| "{}".into());
+    Event::default().event("log").id(line.seq.to_string()).data(data)
+}
+
+/// Server-sent events: `log` events (id = seq, for `Last-Event-ID` resumes) until the run
+/// ends, then one `end` event with the final state. Waits on store changes, with a 1 s
+/// fallback poll.
+fn follow_logs(state: AppState, run: RunId, after: i64) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let changes = state.store.output_changed();
+    let start = Follow { state, run, cursor: after, pending: Default::default(), done: false, changes };
+    let stream = futures_util::stream::unfold(start, |mut f| async move {
+        loop {
+            if let Some(event) = f.pending.pop_front() {
+                return Some((Ok(event), f));
+            }
+            if f.done {
+                return None;
+            }
+            f.changes.borrow_and_update();
+            let lines = match f.state.store.read_logs(f.run, f.cursor, 500).await {
+                Ok(lines) => lines,
+                Err(e) => {
+                    f.done = true;
+                    let event = Event::default().event("error").data(e.to_string());
+                    return Some((Ok(event), f));
+                }
+            };
+            if let Some(last) = lines.last() {
+                f.cursor = last.seq;
+                f.pending.extend(lines.iter().map(line_event));
+                continue;
+            }
+            match f.state.store.get_run(f.run).await {
+                Ok(Some(s)) if s.run.state.is_terminal() => {
+                    // Lines may have landed between the read above and the state check.
+                    match f.state.store.read_logs(f.run, f.cursor, 500).await {
+                        Ok(more) if !more.is_empty() => {
+                            f.cursor = more.last().map(|l| l.seq).unwrap_or(f.cursor);
+                            f.pending.extend(more.iter().map(line_event));
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    let end = LogEnd { state: s.run.state, error: s.run.error };
+                    let data = serde_json::to_string(&end).unwrap_or_else(|_| "{}".into());
+                    f.done = true;
+                    return Some((Ok(Event::default().event("end").data(data)), f));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "follow: reading the run failed"),
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), f.changes.changed()).await;
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+async fn list_artifacts(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<ArtifactList>, ApiError> {
+    let run = visible_run(&state, &who, &id).await?;
+    Ok(Json(ArtifactList { artifacts: state.store.list_artifacts(run.run.id).await? }))
+}
+
+async fn get_artifact(State(state): State<AppState>, who: Principal, Path((id, name)): Path<(String, String)>) -> Result<Response, ApiError> {
+    let run = visible_run(&state, &who, &id).await?;
+    let artifact = state
+        .store
+        .get_artifact(run.run.id, &name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("run {id} has no artifact `{name}`")))?;
+    let meta = state
+        .store
+        .blob_meta(artifact.blob_id)
+        .await?
+        .ok_or_else(|| ApiError::Internal(format!("artifact `{name}` of run {id} has no blob")))?;
+    let store = state.store_dyn();
+    let chunks = meta.chunk_count();
+    let blob = meta.id;
+    let body = futures_util::stream::unfold(0u64, move |i| {
+        let store = store.clone();
+        async move {
+            if i >= chunks {
+                return None;
+            }
+            let chunk = store.read_blob_chunk(blob, i).await.map(Bytes::from).map_err(std::io::Error::other);
+            Some((chunk, i + 1))
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, artifact.size.to_string()),
+            (header::HeaderName::from_static("x-pond-sha256"), artifact.sha256.clone()),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BundleQuery {
+    project: Option<String>,
+}
+
+async fn upload_bundle(State(state): State<AppState>, who: Principal, uri: axum::http::Uri, req: Request) -> Result<Response, ApiError> {
+    let q: BundleQuery = parse_query(uri.query())?;
+    let project = q.project.ok_or_else(|| ApiError::invalid("query.project", "is required"))?;
+    if !who.can_use(&project) {
+        return Err(ApiError::Forbidden(format!("this token may not use project `{project}`")));
+    }
+    let data = read_body(req.into_body(), state.limits.max_bundle_bytes).await?;
+    if !data.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        return Err(ApiError::invalid("body", "must be a zstd-compressed tar archive (.tar.zst)"));
+    }
+    let meta = state.store.put_blob(&project, &data, state.engine.clock().now()).await?;
+    let created = BundleCreated { bundle_id: meta.id, size: meta.size, sha256: meta.sha256 };
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn create_key(State(state): State<AppState>, who: Principal, ApiJson(body): ApiJson<CreateKey>) -> Result<Response, ApiError> {
+    who.require_admin()?;
+    if body.projects.is_empty() {
+        return Err(ApiError::invalid("projects", "must name at least one project"));
+    }
+    for (i, p) in body.projects.iter().enumerate() {
+        let ok = !p.is_empty() && p.len() <= 128 && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        if !ok {
+            return Err(ApiError::invalid(format!("projects[{i}]"), "must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`"));
+        }
+    }
+    let name = body.name.unwrap_or_else(|| format!("key for {}", body.projects.join(",")));
+    let (secret, record) = mint_token(Role::Consumer, &name, body.projects, state.engine.clock().now());
+    state.store.insert_token(&record).await?;
+    let mut view = KeyView::from(record);
+    view.token = Some(secret);
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+async fn list_keys(State(state): State<AppState>, who: Principal) -> Result<Json<KeyList>, ApiError> {
+    who.require_admin()?;
+    let keys = state.store.list_tokens().await?.into_iter().map(KeyView::from).collect();
+    Ok(Json(KeyList { keys }))
+}
+
+async fn revoke_key(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    who.require_admin()?;
+    let token = TokenId::from_str(&id).map_err(|_| ApiError::NotFound(format!("key {id} not found")))?;
+    if token == who.token_id {
+        return Err(ApiError::Conflict("a token cannot revoke itself".into()));
+    }
+    if state.store.revoke_token(token, state.engine.clock().now()).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!("key {id} not found")))
+    }
+}
+
+async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    state.store.list_runs(&RunQuery { limit: 1, ..Default::default() }).await?;
+    Ok(Json(serde_json::json!({"status": "ready"})))
+}

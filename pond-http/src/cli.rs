@@ -1,0 +1,376 @@
+//! The client-side commands of the `pond` binary: contexts, submitting (with directory
+//! sources packed and uploaded as bundles), waiting with live logs, and text output. The
+//! binary only parses arguments and calls these.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use pond_core::run::RunState;
+use pond_core::store::{LogLine, LogStream};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{Client, ClientError};
+use crate::wire::{LogEnd, RunPage, RunView};
+
+/// Default server URL when nothing else is configured.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8420";
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CliError {
+    /// The API call failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The configuration or an input file is wrong.
+    #[error("{0}")]
+    Input(String),
+    /// A local file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
+    let context = context.into();
+    move |source| CliError::Io { context, source }
+}
+
+/// A named server + token (+ default project).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Context {
+    /// Base URL.
+    pub server: String,
+    /// API token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Project used when a command names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+}
+
+/// The CLI configuration file (JSON, mode 0600: it holds tokens).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CliConfig {
+    /// The context used when none is named.
+    #[serde(default)]
+    pub current: Option<String>,
+    /// Contexts by name.
+    #[serde(default)]
+    pub contexts: BTreeMap<String, Context>,
+}
+
+impl CliConfig {
+    /// The config file: `$POND_CONFIG`, else `$XDG_CONFIG_HOME/pond/config.json`, else
+    /// `~/.config/pond/config.json`.
+    pub fn default_path() -> PathBuf {
+        if let Some(p) = std::env::var_os("POND_CONFIG") {
+            return PathBuf::from(p);
+        }
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        base.join("pond").join("config.json")
+    }
+
+    /// Reads the file; a missing file is an empty configuration.
+    pub fn load(path: &Path) -> Result<Self, CliError> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| CliError::Input(format!("{} is not a valid pond config: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CliConfig::default()),
+            Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
+        }
+    }
+
+    /// Writes the file atomically with mode 0600.
+    pub fn save(&self, path: &Path) -> Result<(), CliError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(self).map_err(|e| CliError::Input(e.to_string()))?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err(format!("writing {}", tmp.display())))?;
+        file.write_all(&text).map_err(io_err(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, path).map_err(io_err(format!("replacing {}", path.display())))
+    }
+}
+
+/// What a command talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Base URL.
+    pub server: String,
+    /// Token, if any.
+    pub token: Option<String>,
+    /// Default project.
+    pub project: Option<String>,
+}
+
+/// Settings given on the command line or in the environment.
+#[derive(Debug, Clone, Default)]
+pub struct TargetOverrides {
+    /// `--server` / `POND_SERVER`.
+    pub server: Option<String>,
+    /// `--token` / `POND_TOKEN`.
+    pub token: Option<String>,
+    /// `--context` / `POND_CONTEXT`.
+    pub context: Option<String>,
+    /// `--project` / `POND_PROJECT`.
+    pub project: Option<String>,
+}
+
+/// Picks the server and token: explicit flags and environment first, then the named or current
+/// context, then a local server at the default address with the admin token of `./.pond` (or
+/// `$POND_DATA_DIR`), which is what `pond server` with no flags creates.
+pub fn resolve_target(config: &CliConfig, overrides: &TargetOverrides) -> Result<Target, CliError> {
+    let context = match overrides.context.as_ref().or(config.current.as_ref()) {
+        Some(name) => Some(
+            config
+                .contexts
+                .get(name)
+                .ok_or_else(|| CliError::Input(format!("no context named `{name}` (see `pond context list`)")))?,
+        ),
+        None => None,
+    };
+    let server = overrides
+        .server
+        .clone()
+        .or_else(|| context.map(|c| c.server.clone()))
+        .unwrap_or_else(|| DEFAULT_SERVER.to_string());
+    let token = overrides.token.clone().or_else(|| context.and_then(|c| c.token.clone())).or_else(|| {
+        if context.is_some() {
+            return None;
+        }
+        let dir = std::env::var_os("POND_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".pond"));
+        std::fs::read_to_string(dir.join("admin.token")).ok().map(|t| t.trim().to_string())
+    });
+    let project = overrides.project.clone().or_else(|| context.and_then(|c| c.project.clone()));
+    Ok(Target { server, token, project })
+}
+
+/// Options of `pond run submit`.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitOptions {
+    /// The workflow file: a definition (`{"stages": …}`) or a whole request body.
+    pub file: PathBuf,
+    /// Project (overrides the file and the context).
+    pub project: Option<String>,
+    /// `--source`: a directory (packed and uploaded) or a git URL.
+    pub sources: Vec<String>,
+    /// `--ref` for git sources.
+    pub git_ref: Option<String>,
+    /// `Idempotency-Key`.
+    pub idempotency_key: Option<String>,
+}
+
+fn label_for(source: &str, taken: &[String]) -> String {
+    let base = source.trim_end_matches('/').rsplit('/').next().unwrap_or("repo").trim_end_matches(".git");
+    let mut label: String = base.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(48).collect();
+    if label.is_empty() || label.starts_with('.') {
+        label = "repo".into();
+    }
+    let mut candidate = label.clone();
+    let mut n = 2;
+    while taken.contains(&candidate) {
+        candidate = format!("{label}-{n}");
+        n += 1;
+    }
+    candidate
+}
+
+/// Builds the request body of a submit: reads the file, uploads directory sources as bundles.
+pub fn build_submit(client: &Client, target: &Target, options: &SubmitOptions) -> Result<serde_json::Value, CliError> {
+    let text = std::fs::read_to_string(&options.file).map_err(io_err(format!("reading {}", options.file.display())))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| CliError::Input(format!("{} is not valid JSON: {e}", options.file.display())))?;
+    let mut body = if value.get("definition").is_some() {
+        value
+    } else if value.get("stages").is_some() {
+        serde_json::json!({ "definition": value })
+    } else {
+        return Err(CliError::Input(format!(
+            "{} holds neither a definition (`stages`) nor a request (`definition`)",
+            options.file.display()
+        )));
+    };
+    let obj = body.as_object_mut().ok_or_else(|| CliError::Input("the workflow file must hold a JSON object".into()))?;
+    let file_project = obj.get("project_id").or_else(|| obj.get("projectId")).and_then(|v| v.as_str()).map(str::to_string);
+    let project = options
+        .project
+        .clone()
+        .or(file_project)
+        .or_else(|| target.project.clone())
+        .ok_or_else(|| CliError::Input("no project: pass --project, set POND_PROJECT, or set one on the context".into()))?;
+    obj.remove("projectId");
+    obj.insert("project_id".into(), project.clone().into());
+    let mut sources: Vec<serde_json::Value> = obj.get("sources").and_then(|s| s.as_array()).cloned().unwrap_or_default();
+    let mut labels: Vec<String> = sources.iter().filter_map(|s| s.get("label")?.as_str().map(str::to_string)).collect();
+    for source in &options.sources {
+        let label = label_for(source, &labels);
+        labels.push(label.clone());
+        if source.starts_with("https://") || source.starts_with("http://") {
+            let mut config = serde_json::json!({ "url": source });
+            if let Some(r) = &options.git_ref {
+                config["ref"] = r.clone().into();
+            }
+            sources.push(serde_json::json!({"label": label, "kind": "git_https", "config": config}));
+        } else {
+            let dir = Path::new(source);
+            if !dir.is_dir() {
+                return Err(CliError::Input(format!("--source {source}: not a directory or an http(s) git URL")));
+            }
+            let packed = pond_exec::pack_dir(dir).map_err(io_err(format!("packing {source}")))?;
+            let bundle = client.upload_bundle(&project, &packed)?;
+            sources.push(serde_json::json!({"label": label, "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}));
+        }
+    }
+    obj.insert("sources".into(), serde_json::Value::Array(sources));
+    Ok(body)
+}
+
+/// A log line for a terminal: `-- text` for pond's own lines, `[stage] text` for output
+/// (`[stage!]` for stderr).
+pub fn format_log_line(line: &LogLine) -> String {
+    let l = &line.line;
+    match (l.stream, &l.stage) {
+        (LogStream::System, _) => format!("-- {}", l.text),
+        (LogStream::Stdout, Some(stage)) => format!("[{stage}] {}", l.text),
+        (LogStream::Stderr, Some(stage)) => format!("[{stage}!] {}", l.text),
+        (_, None) => l.text.clone(),
+    }
+}
+
+/// Follows a run's log to its end, printing each line (or JSON lines), and returns how it
+/// ended.
+pub fn wait(client: &Client, run: &str, out: &mut dyn Write, json: bool) -> Result<LogEnd, CliError> {
+    let mut write_err = None;
+    let end = client.follow_logs(run, 0, &mut |line| {
+        let text = if json { serde_json::to_string(line).unwrap_or_default() } else { format_log_line(line) };
+        if let Err(e) = writeln!(out, "{text}") {
+            write_err.get_or_insert(e);
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(io_err("writing output")(e));
+    }
+    Ok(end)
+}
+
+/// The process exit code for a run's final state: 0 succeeded, 1 failed, 3 cancelled.
+pub fn exit_code(state: RunState) -> i32 {
+    match state {
+        RunState::Succeeded => 0,
+        RunState::Failed => 1,
+        RunState::Cancelled => 3,
+        RunState::Queued | RunState::Running => 4,
+    }
+}
+
+fn ts(t: Option<pond_core::time::Timestamp>) -> String {
+    t.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into())
+}
+
+/// A run as text: header, sources and a table of stages.
+pub fn format_run(run: &RunView) -> String {
+    let mut s = String::new();
+    s.push_str(&format!("run      {}\nproject  {}\nstate    {}\n", run.id, run.project_id, run.state));
+    s.push_str(&format!("created  {}\nfinished {}\n", run.created_at, ts(run.finished_at)));
+    if let Some(e) = &run.error {
+        s.push_str(&format!("error    {e}\n"));
+    }
+    for src in &run.sources {
+        let resolved = src
+            .resolved
+            .as_ref()
+            .map(|r| format!("input_sha {}{}", r.input_sha, r.commit.as_ref().map(|c| format!(" commit {c}")).unwrap_or_default()))
+            .unwrap_or_else(|| "not fetched yet".into());
+        s.push_str(&format!("source   {} ({}): {resolved}\n", src.label, source_kind(&src.spec)));
+    }
+    s.push_str(&format!("\n{:<20} {:<9} {:<10} {:>8}  {}\n", "STAGE", "EXECUTOR", "STATE", "ATTEMPT", "ERROR"));
+    for st in &run.stages {
+        s.push_str(&format!(
+            "{:<20} {:<9} {:<10} {:>8}  {}\n",
+            st.key,
+            st.executor,
+            st.state.as_str(),
+            format!("{}/{}", st.attempt, st.max_attempts),
+            st.error.clone().unwrap_or_default()
+        ));
+    }
+    s
+}
+
+fn source_kind(spec: &pond_core::source::SourceSpec) -> &'static str {
+    match spec {
+        pond_core::source::SourceSpec::GitHttps { .. } => "git_https",
+        pond_core::source::SourceSpec::Local { .. } => "local",
+        pond_core::source::SourceSpec::Bundle { .. } => "bundle",
+    }
+}
+
+/// A page of runs as a table.
+pub fn format_run_page(page: &RunPage) -> String {
+    let mut s = format!("{:<36}  {:<16} {:<10} {:>6}  {}\n", "RUN", "PROJECT", "STATE", "STAGES", "CREATED");
+    for r in &page.runs {
+        s.push_str(&format!("{:<36}  {:<16} {:<10} {:>6}  {}\n", r.id, r.project_id, r.state.as_str(), r.stages, r.created_at));
+    }
+    if let Some(c) = page.next_cursor {
+        s.push_str(&format!("(more: --cursor {c})\n"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_resolve_flags_then_context_then_local_default() {
+        let mut config = CliConfig::default();
+        config.contexts.insert("prod".into(), Context { server: "https://pond.example".into(), token: Some("t1".into()), project: Some("acme".into()) });
+        config.current = Some("prod".into());
+        let t = resolve_target(&config, &TargetOverrides::default()).unwrap();
+        assert_eq!((t.server.as_str(), t.token.as_deref(), t.project.as_deref()), ("https://pond.example", Some("t1"), Some("acme")));
+        let o = TargetOverrides { server: Some("http://other".into()), token: Some("t2".into()), ..Default::default() };
+        let t = resolve_target(&config, &o).unwrap();
+        assert_eq!((t.server.as_str(), t.token.as_deref()), ("http://other", Some("t2")));
+        let missing = TargetOverrides { context: Some("nope".into()), ..Default::default() };
+        assert!(resolve_target(&config, &missing).unwrap_err().to_string().contains("no context named `nope`"));
+        let t = resolve_target(&CliConfig::default(), &TargetOverrides::default()).unwrap();
+        assert_eq!(t.server, DEFAULT_SERVER);
+    }
+
+    #[test]
+    fn config_round_trips_with_private_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/config.json");
+        assert_eq!(CliConfig::load(&path).unwrap(), CliConfig::default());
+        let mut config = CliConfig::default();
+        config.contexts.insert("a".into(), Context { server: "http://x".into(), token: Some("secret".into()), project: None });
+        config.save(&path).unwrap();
+        assert_eq!(CliConfig::load(&path).unwrap(), config);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn labels_come_from_source_names_and_stay_unique() {
+        assert_eq!(label_for("https://example.com/acme/widgets.git", &[]), "widgets");
+        assert_eq!(label_for("./examples/repo/", &[]), "repo");
+        assert_eq!(label_for("/tmp/x", &["x".into()]), "x-2");
+        assert_eq!(label_for(".", &[]), "repo");
+    }
+}

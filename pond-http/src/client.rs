@@ -1,0 +1,284 @@
+//! [`Client`]: a typed, blocking client for the `/v1` API (ureq), used by the CLI, the
+//! benchmark and tests.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::time::Duration;
+
+use pond_core::store::LogLine;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use crate::error::ErrorBody;
+use crate::wire::{ArtifactList, BundleCreated, KeyList, KeyView, LogEnd, LogPage, RunPage, RunView};
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server answered with an error.
+    #[error("{} ({status}): {}", body.error.code, body.error.message)]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The error body.
+        body: ErrorBody,
+    },
+    /// The server could not be reached.
+    #[error("cannot reach {url}: {message}")]
+    Transport {
+        /// What was called.
+        url: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// The response was not what the API promises.
+    #[error("unexpected response: {0}")]
+    Decode(String),
+    /// Writing a download failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ClientError {
+    /// The HTTP status, for API errors.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to one pond server.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+fn encode_path(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn encode_query(value: &str) -> String {
+    encode_path(value).replace('/', "%2F")
+}
+
+impl Client {
+    /// A client for the server at `base` (e.g. `http://127.0.0.1:8420`).
+    pub fn new(base: &str, token: Option<String>) -> Self {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .timeout_read(Duration::from_secs(90))
+            .max_idle_connections_per_host(64)
+            .build();
+        Client { base: base.trim_end_matches('/').to_string(), token, agent }
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {token}"));
+        }
+        req
+    }
+
+    fn send(&self, req: ureq::Request, body: Option<Body<'_>>) -> Result<ureq::Response, ClientError> {
+        let url = req.url().to_string();
+        let result = match body {
+            None => req.call(),
+            Some(Body::Json(v)) => req.send_json(v),
+            Some(Body::Bytes(b, ct)) => req.set("Content-Type", ct).send_bytes(b),
+        };
+        match result {
+            Ok(r) => Ok(r),
+            Err(ureq::Error::Status(status, response)) => {
+                let text = response.into_string().unwrap_or_default();
+                let body = serde_json::from_str::<ErrorBody>(&text).unwrap_or_else(|_| ErrorBody {
+                    error: crate::error::ErrorDetail { code: "http_error".into(), message: text.chars().take(500).collect(), field: None, reason: None },
+                });
+                Err(ClientError::Api { status, body })
+            }
+            Err(ureq::Error::Transport(t)) => Err(ClientError::Transport { url, message: t.to_string() }),
+        }
+    }
+
+    fn json<T: DeserializeOwned>(&self, req: ureq::Request, body: Option<Body<'_>>) -> Result<T, ClientError> {
+        let response = self.send(req, body)?;
+        response.into_json::<T>().map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// `POST /v1/runs`.
+    pub fn submit(&self, body: &serde_json::Value, idempotency_key: Option<&str>) -> Result<RunView, ClientError> {
+        let mut req = self.request("POST", "/v1/runs");
+        if let Some(key) = idempotency_key {
+            req = req.set("Idempotency-Key", key);
+        }
+        self.json(req, Some(Body::Json(body.clone())))
+    }
+
+    /// `GET /v1/runs/{id}`.
+    pub fn get_run(&self, id: &str) -> Result<RunView, ClientError> {
+        self.json(self.request("GET", &format!("/v1/runs/{}", encode_path(id))), None)
+    }
+
+    /// `GET /v1/runs`.
+    pub fn list_runs(&self, project: Option<&str>, state: Option<&str>, limit: Option<u32>, cursor: Option<&str>) -> Result<RunPage, ClientError> {
+        let mut query = Vec::new();
+        if let Some(p) = project {
+            query.push(format!("project={}", encode_query(p)));
+        }
+        if let Some(s) = state {
+            query.push(format!("state={}", encode_query(s)));
+        }
+        if let Some(l) = limit {
+            query.push(format!("limit={l}"));
+        }
+        if let Some(c) = cursor {
+            query.push(format!("cursor={}", encode_query(c)));
+        }
+        let path = if query.is_empty() { "/v1/runs".to_string() } else { format!("/v1/runs?{}", query.join("&")) };
+        self.json(self.request("GET", &path), None)
+    }
+
+    /// `POST /v1/runs/{id}/cancel`.
+    pub fn cancel(&self, id: &str) -> Result<RunView, ClientError> {
+        self.json(self.request("POST", &format!("/v1/runs/{}/cancel", encode_path(id))), None)
+    }
+
+    /// `GET /v1/runs/{id}/logs?after=…`.
+    pub fn logs(&self, id: &str, after: i64, limit: u32) -> Result<LogPage, ClientError> {
+        self.json(self.request("GET", &format!("/v1/runs/{}/logs?after={after}&limit={limit}", encode_path(id))), None)
+    }
+
+    /// Follows a run's log (`?follow=1`, server-sent events) until the run ends, calling
+    /// `on_line` for each line. Reconnects from the last line seen when the connection drops.
+    pub fn follow_logs(&self, id: &str, after: i64, on_line: &mut dyn FnMut(&LogLine)) -> Result<LogEnd, ClientError> {
+        let mut cursor = after;
+        let mut failures = 0;
+        loop {
+            let req = self.request("GET", &format!("/v1/runs/{}/logs?follow=1&after={cursor}", encode_path(id)));
+            match self.send(req, None) {
+                Ok(response) => {
+                    failures = 0;
+                    if let Some(end) = read_events(response.into_reader(), &mut cursor, on_line)? {
+                        return Ok(end);
+                    }
+                }
+                Err(e @ ClientError::Api { .. }) => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    if failures > 30 {
+                        return Err(e);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// `GET /v1/runs/{id}/artifacts`.
+    pub fn artifacts(&self, id: &str) -> Result<ArtifactList, ClientError> {
+        self.json(self.request("GET", &format!("/v1/runs/{}/artifacts", encode_path(id))), None)
+    }
+
+    /// Downloads an artifact into `out`, checking its SHA-256 against the server's record.
+    pub fn download_artifact(&self, id: &str, name: &str, out: &mut dyn Write) -> Result<u64, ClientError> {
+        let req = self.request("GET", &format!("/v1/runs/{}/artifacts/{}", encode_path(id), encode_path(name)));
+        let response = self.send(req, None)?;
+        let expected = response.header("x-pond-sha256").map(str::to_string);
+        let mut reader = response.into_reader();
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+            total += n as u64;
+        }
+        let got = hex::encode(hasher.finalize());
+        match expected {
+            Some(want) if want != got => Err(ClientError::Decode(format!("artifact `{name}` arrived corrupted: sha256 {got}, expected {want}"))),
+            _ => Ok(total),
+        }
+    }
+
+    /// `POST /v1/bundles?project=…` with a `tar.zst` body.
+    pub fn upload_bundle(&self, project: &str, data: &[u8]) -> Result<BundleCreated, ClientError> {
+        let req = self.request("POST", &format!("/v1/bundles?project={}", encode_query(project)));
+        self.json(req, Some(Body::Bytes(data, "application/zstd")))
+    }
+
+    /// `POST /v1/admin/keys`.
+    pub fn create_key(&self, projects: &[String], name: Option<&str>) -> Result<KeyView, ClientError> {
+        let body = serde_json::json!({"projects": projects, "name": name});
+        self.json(self.request("POST", "/v1/admin/keys"), Some(Body::Json(body)))
+    }
+
+    /// `GET /v1/admin/keys`.
+    pub fn list_keys(&self) -> Result<KeyList, ClientError> {
+        self.json(self.request("GET", "/v1/admin/keys"), None)
+    }
+
+    /// `DELETE /v1/admin/keys/{id}`.
+    pub fn revoke_key(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.request("DELETE", &format!("/v1/admin/keys/{}", encode_path(id))), None).map(|_| ())
+    }
+}
+
+enum Body<'a> {
+    Json(serde_json::Value),
+    Bytes(&'a [u8], &'a str),
+}
+
+/// Reads server-sent events until the stream ends (`None`) or an `end` event arrives.
+fn read_events(reader: impl Read, cursor: &mut i64, on_line: &mut dyn FnMut(&LogLine)) -> Result<Option<LogEnd>, ClientError> {
+    let reader = BufReader::new(reader);
+    let (mut event, mut data) = (String::new(), String::new());
+    for line in reader.lines() {
+        let Ok(line) = line else { return Ok(None) };
+        if line.is_empty() {
+            match event.as_str() {
+                "log" => {
+                    let parsed: LogLine = serde_json::from_str(&data).map_err(|e| ClientError::Decode(format!("log event: {e}")))?;
+                    *cursor = parsed.seq;
+                    on_line(&parsed);
+                }
+                "end" => {
+                    let end: LogEnd = serde_json::from_str(&data).map_err(|e| ClientError::Decode(format!("end event: {e}")))?;
+                    return Ok(Some(end));
+                }
+                "error" => return Err(ClientError::Decode(format!("server error while following: {data}"))),
+                _ => {}
+            }
+            event.clear();
+            data.clear();
+        } else if let Some(v) = line.strip_prefix("event:") {
+            event = v.trim().to_string();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(v.strip_prefix(' ').unwrap_or(v));
+        }
+    }
+    Ok(None)
+}

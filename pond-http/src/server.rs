@@ -1,0 +1,246 @@
+//! Assembly of a pond server: store, engine, executors, driver and HTTP, started in-process.
+//! `pond server` calls [`start`]; tests and embedders can too.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pond_core::engine::{Engine, EngineConfig};
+use pond_core::sandbox::SandboxBackend;
+use pond_core::source::SourcePolicy;
+use pond_core::store::{Role, Store};
+use pond_core::time::{Clock, Millis, SystemClock};
+use pond_exec::{BuiltinExecutor, Driver, DriverConfig, FetchConfig, LocalWorkspaces, NoopExecutor, ShellConfig, ShellExecutor};
+use pond_store::{SqliteStore, WatchedStore};
+use rand::RngCore;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::app;
+use crate::auth::mint_token;
+use crate::state::{AppState, Limits};
+
+/// Everything `pond server` can be told.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Address to listen on (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Where the database, admin token and checkouts live.
+    pub data_dir: PathBuf,
+    /// Name of this node in leases; random when `None`.
+    pub node_id: Option<String>,
+    /// How long a stage's lease lasts without renewal.
+    pub lease: Duration,
+    /// Stages run at once.
+    pub slots: usize,
+    /// Fallback poll of the driver.
+    pub poll: Duration,
+    /// Directories `local` sources may point into.
+    pub allow_local_sources: Vec<PathBuf>,
+    /// Allow `http://` git remotes.
+    pub allow_plain_http_git: bool,
+    /// Request limits.
+    pub limits: Limits,
+    /// Host variables passed to `shell` stages besides the defaults.
+    pub shell_env_allow: Vec<String>,
+    /// Wait between SIGTERM and SIGKILL when a stage is stopped.
+    pub kill_grace: Duration,
+    /// How long shutdown waits for running stages.
+    pub drain: Duration,
+    /// Contains `shell` stages.
+    pub sandbox: Arc<dyn SandboxBackend>,
+}
+
+impl ServerConfig {
+    /// Defaults: 127.0.0.1:8420, data in `data_dir`, 30 s leases, 16 slots.
+    pub fn new(data_dir: PathBuf, sandbox: Arc<dyn SandboxBackend>) -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8420)),
+            data_dir,
+            node_id: None,
+            lease: Duration::from_secs(30),
+            slots: 16,
+            poll: Duration::from_millis(500),
+            allow_local_sources: Vec::new(),
+            allow_plain_http_git: false,
+            limits: Limits::default(),
+            shell_env_allow: Vec::new(),
+            kill_grace: Duration::from_secs(10),
+            drain: Duration::from_secs(10),
+            sandbox,
+        }
+    }
+}
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// Another server holds the data directory.
+    #[error("data directory {0} is in use by another pond server")]
+    InUse(PathBuf),
+    /// A file or socket operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error("opening the store: {0}")]
+    Store(#[from] pond_core::StoreError),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
+    let context = context.into();
+    move |source| ServerError::Io { context, source }
+}
+
+/// A started server.
+pub struct RunningServer {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// Where the admin token is stored.
+    pub admin_token_file: PathBuf,
+    /// The admin token, when this start created it.
+    pub new_admin_token: Option<String>,
+    /// Stages from an earlier process that will be retried.
+    pub interrupted_stages: u64,
+    /// The engine, for in-process callers.
+    pub engine: Arc<Engine>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    _lock: std::fs::File,
+}
+
+impl RunningServer {
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting requests and claims, waits for running stages (up to the drain time).
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Runs until `signal` resolves, then shuts down.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
+        signal.await;
+        self.shutdown().await;
+    }
+}
+
+fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    // The mode above applies only to new files; tighten an existing one too.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    file.write_all(secret.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()
+}
+
+async fn ensure_admin_token(store: &dyn Store, data_dir: &Path, now: pond_core::time::Timestamp) -> Result<(PathBuf, Option<String>), ServerError> {
+    let path = data_dir.join("admin.token");
+    let has_admin = store.list_tokens().await?.iter().any(|t| t.role == Role::Admin && t.revoked_at.is_none());
+    if has_admin {
+        return Ok((path, None));
+    }
+    let (secret, record) = mint_token(Role::Admin, "admin (created at first start)", Vec::new(), now);
+    // The file first: a token stored but never written down would lock the operator out.
+    write_secret_file(&path, &secret).map_err(io(format!("writing {}", path.display())))?;
+    store.insert_token(&record).await?;
+    Ok((path, Some(secret)))
+}
+
+/// Starts a server on SQLite in `config.data_dir`.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    let data_dir = &config.data_dir;
+    std::fs::create_dir_all(data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
+    let lock_path = data_dir.join("pond.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(format!("opening {}", lock_path.display())))?;
+    fs2::FileExt::try_lock_exclusive(&lock).map_err(|_| ServerError::InUse(data_dir.clone()))?;
+
+    let sqlite = SqliteStore::open(&data_dir.join("pond.db")).await?;
+    let store = Arc::new(WatchedStore::new(Arc::new(sqlite)));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // This process holds the data directory exclusively, so any lease in the database belongs
+    // to a process that is gone: let them expire now rather than after the lease time.
+    let interrupted_stages = store.expire_all_leases(clock.now()).await?;
+    let (admin_token_file, new_admin_token) = ensure_admin_token(&*store, data_dir, clock.now()).await?;
+
+    let node_id = config.node_id.clone().unwrap_or_else(|| {
+        let mut raw = [0u8; 4];
+        rand::rngs::OsRng.fill_bytes(&mut raw);
+        format!("node-{}", hex::encode(raw))
+    });
+    let fetch = FetchConfig { allow_plain_http_git: config.allow_plain_http_git, ..Default::default() };
+    let workspaces = LocalWorkspaces::new(data_dir.join("checkouts"), store.clone(), fetch)
+        .map_err(io("preparing the checkouts directory"))?;
+    let scratch = data_dir.join("scratch");
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch).map_err(io(format!("clearing {}", scratch.display())))?;
+    }
+    std::fs::create_dir_all(&scratch).map_err(io(format!("creating {}", scratch.display())))?;
+    let mut shell = ShellConfig::new(scratch);
+    shell.env_allowlist.extend(config.shell_env_allow.iter().cloned());
+    shell.kill_grace = config.kill_grace;
+    shell.max_artifact_bytes = config.limits.max_bundle_bytes as u64;
+    let engine_config = EngineConfig {
+        node_id,
+        lease: Millis(config.lease.as_millis() as u64),
+        source_policy: SourcePolicy {
+            local_roots: config.allow_local_sources.clone(),
+            allow_plain_http_git: config.allow_plain_http_git,
+        },
+    };
+    let engine = Arc::new(
+        Engine::new(store.clone(), clock, Arc::new(workspaces), engine_config)
+            .with_executor(Arc::new(NoopExecutor))
+            .with_executor(Arc::new(BuiltinExecutor))
+            .with_executor(Arc::new(ShellExecutor::new(shell, config.sandbox.clone())))
+            .with_sandbox_profiles(config.sandbox.profiles()),
+    );
+    let driver_config = DriverConfig { slots: config.slots.max(1), poll: config.poll, ..Default::default() };
+    let driver = Driver::new(engine.clone(), driver_config, store.runs_changed());
+    let state = AppState { engine: engine.clone(), store: store.clone(), driver: Some(driver.clone()), limits: config.limits.clone() };
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(io(format!("listening on {}", config.listen)))?;
+    let addr = listener.local_addr().map_err(io("reading the bound address"))?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut http_stop = shutdown_rx.clone();
+    let http = tokio::spawn(async move {
+        let stop = async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app(state)).with_graceful_shutdown(stop).await {
+            tracing::error!(error = %e, "http server stopped");
+        }
+    });
+    let drain = config.drain;
+    let driving = tokio::spawn(driver.run(shutdown_rx, drain));
+    Ok(RunningServer {
+        addr,
+        admin_token_file,
+        new_admin_token,
+        interrupted_stages,
+        engine,
+        shutdown,
+        tasks: vec![driving, http],
+        _lock: lock,
+    })
+}

@@ -1,0 +1,45 @@
+//! Application state shared by the handlers.
+
+use std::sync::Arc;
+
+use pond_core::engine::Engine;
+use pond_core::store::Store;
+use pond_exec::Driver;
+use pond_store::WatchedStore;
+
+/// What every handler gets.
+#[derive(Clone)]
+pub struct AppState {
+    /// The engine (submit, cancel, reads).
+    pub engine: Arc<Engine>,
+    /// The store, with change announcements.
+    pub store: Arc<WatchedStore>,
+    /// This node's driver, poked when a cancel arrives so local stages stop at once.
+    pub driver: Option<Arc<Driver>>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl AppState {
+    /// The store as a trait object.
+    pub fn store_dyn(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+}
+
+/// Request limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest JSON body.
+    pub max_json_bytes: usize,
+    /// Largest uploaded bundle.
+    pub max_bundle_bytes: usize,
+    /// Largest page of runs or log lines.
+    pub max_page: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_json_bytes: 4 * 1024 * 1024, max_bundle_bytes: 100 * 1024 * 1024, max_page: 1000 }
+    }
+}
