@@ -18,7 +18,7 @@ use crate::ids::RunId;
 use crate::run::{RunSnapshot, RunState, StageOutcome, MAX_LOST_LEASES};
 use crate::source::{SourceInput, SourcePolicy, SourceSpec};
 use crate::store::{Artifact, Claim, ClaimQuery, LeaseStatus, LogStream, NewLogLine, Store};
-use crate::time::{Clock, Millis};
+use crate::time::{Clock, Millis, Timestamp};
 
 /// Most sources a run may have.
 pub const MAX_SOURCES: usize = 16;
@@ -197,7 +197,7 @@ impl Engine {
             .map_err(|e| not_found_as(e, id))?;
         if !was_terminal.load(std::sync::atomic::Ordering::Relaxed) {
             self.system_line(id, None, 0, format!("run cancel requested: {reason}")).await;
-            self.after_change(&snapshot).await;
+            self.after_change(&snapshot, now).await;
         }
         Ok(snapshot)
     }
@@ -223,7 +223,7 @@ impl Engine {
                 };
                 if let Ok(snapshot) = self.store.update_run(run, &mut reap).await {
                     self.system_line(run, Some(&stage.key), stage.attempt, format!("stage `{}` failed: lost its lease {} times", stage.key, stage.lost_leases)).await;
-                    self.after_change(&snapshot).await;
+                    self.after_change(&snapshot, now).await;
                 }
                 continue;
             }
@@ -322,7 +322,7 @@ impl Engine {
             (StageOutcome::Failed { error, .. }, _) => format!("stage `{key}` failed after {took}: {error}"),
         };
         self.system_line(run, Some(key), attempt, text).await;
-        self.after_change(&snapshot).await;
+        self.after_change(&snapshot, now).await;
         Ok(snapshot)
     }
 
@@ -340,14 +340,15 @@ impl Engine {
                 })
                 .await?;
             changed += 1;
-            self.after_change(&snapshot).await;
+            self.after_change(&snapshot, now).await;
         }
         Ok(changed)
     }
 
-    async fn after_change(&self, snapshot: &RunSnapshot) {
+    /// Reports the end of a run and removes its checkout, when the change made at `now` ended it.
+    async fn after_change(&self, snapshot: &RunSnapshot, now: Timestamp) {
         let run = &snapshot.run;
-        if run.state.is_terminal() && run.finished_at.is_some_and(|t| t >= self.clock.now()) {
+        if run.state.is_terminal() && run.finished_at == Some(now) {
             let tail = match (&run.state, &run.error) {
                 (RunState::Succeeded, _) | (_, None) => String::new(),
                 (_, Some(e)) => format!(": {e}"),

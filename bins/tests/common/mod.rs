@@ -1,0 +1,136 @@
+//! Helpers for end-to-end tests: a real `pond server` process on 127.0.0.1 with its own data
+//! directory, killed when the test ends.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pond_http::client::Client;
+use pond_http::wire::RunView;
+
+pub const POND: &str = env!("CARGO_BIN_EXE_pond");
+
+/// The workspace root (examples live there).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub token: String,
+    pub extra: Vec<String>,
+}
+
+impl Server {
+    /// Starts `pond server` on a free port with `extra` flags.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut child = Command::new(POND)
+            .arg("server")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(&extra)
+            .env("POND_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn pond server");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next().expect("server printed nothing").unwrap();
+        let url = first.strip_prefix("pond server listening on ").unwrap_or_else(|| panic!("unexpected first line: {first}")).to_string();
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let token = std::fs::read_to_string(data_dir.join("admin.token")).expect("admin token").trim().to_string();
+        Server { child, url, data_dir: data_dir.to_path_buf(), token, extra }
+    }
+
+    pub fn admin(&self) -> Client {
+        Client::new(&self.url, Some(self.token.clone()))
+    }
+
+    pub fn client(&self, token: &str) -> Client {
+        Client::new(&self.url, Some(token.to_string()))
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Runs the `pond` CLI against this server with the admin token.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(POND)
+            .args(args)
+            .env("POND_SERVER", &self.url)
+            .env("POND_TOKEN", &self.token)
+            .env("POND_CONFIG", self.data_dir.join("cli-config.json"))
+            .env_remove("POND_PROJECT")
+            .current_dir(root())
+            .output()
+            .expect("run pond cli")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls until the run ends (or panics after `limit`).
+pub fn wait_done(client: &Client, id: &str, limit: Duration) -> RunView {
+    let start = Instant::now();
+    loop {
+        let run = client.get_run(id).expect("get run");
+        if run.state.is_terminal() {
+            return run;
+        }
+        assert!(start.elapsed() < limit, "run {id} still {} after {limit:?}", run.state);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls until `pred` holds (or panics after `limit`).
+pub fn eventually(what: &str, limit: Duration, mut pred: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !pred() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// All log text of a run.
+pub fn log_text(client: &Client, id: &str) -> Vec<String> {
+    let mut after = 0;
+    let mut out = Vec::new();
+    loop {
+        let page = client.logs(id, after, 1000).unwrap();
+        if page.lines.is_empty() {
+            return out;
+        }
+        after = page.next_cursor;
+        out.extend(page.lines.into_iter().map(|l| l.line.text));
+    }
+}
+
+/// Whether any process on the host has `needle` in its command line.
+pub fn process_running(needle: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return false };
+    entries.flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+            .unwrap_or(false)
+    })
+}
+
+pub fn run_json(def: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"project_id": "acme", "definition": def})
+}

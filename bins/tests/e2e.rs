@@ -1,0 +1,163 @@
+//! End to end: a real `pond server` process, the real `pond` CLI and HTTP on 127.0.0.1.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pond_core::run::{AttemptOutcome, RunState, StageState};
+use serde_json::json;
+
+#[test]
+fn the_example_workflow_runs_from_the_cli_and_its_artifacts_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let out = server.cli(&["run", "submit", "-f", "examples/workflows/review.json", "--source", "examples/repo", "--project", "demo", "--wait"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}\n{stdout}\n{stderr}", out.status.code());
+    assert!(stdout.contains("[todos] todo_scan: 5 markers"), "{stdout}");
+    assert!(stdout.contains("[summary] todo markers: 5"), "{stdout}");
+    assert!(stdout.contains("-- stage `summary` succeeded"), "live progress shows transitions: {stdout}");
+    let id = stderr.split_whitespace().nth(2).expect("submitted run <id>").to_string();
+
+    let status = server.cli(&["run", "status", &id, "--json"]);
+    let run: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(run["state"], "succeeded");
+    assert_eq!(run["sources"][0]["kind"], "bundle");
+    assert_eq!(run["sources"][0]["resolved"]["input_sha"].as_str().unwrap().len(), 64);
+
+    let file = dir.path().join("todos.jsonl");
+    let dl = server.cli(&["run", "artifacts", &id, "todos.jsonl", "-o", file.to_str().unwrap()]);
+    assert!(dl.status.success(), "{}", String::from_utf8_lossy(&dl.stderr));
+    let todos = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(todos.lines().count(), 5);
+    assert!(todos.contains("\"path\":\"src/parser/mod.rs\",\"line\":4,\"kind\":\"TODO\""), "{todos}");
+
+    let listed = server.cli(&["run", "artifacts", &id]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for name in ["areas.jsonl", "files.txt", "inventory.jsonl", "todos.jsonl"] {
+        assert!(listed.contains(name), "{listed}");
+    }
+    let list = server.cli(&["run", "list", "--json"]);
+    let page: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(page["runs"][0]["id"], id.as_str());
+    let logs = server.cli(&["run", "logs", &id]);
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("-- run succeeded"));
+    assert!(!dir.path().join("checkouts").join(&id).exists(), "the checkout is removed when the run ends");
+}
+
+#[test]
+fn a_failing_stage_is_retried_recorded_and_fails_the_cli_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let wf = dir.path().join("wf.json");
+    std::fs::write(
+        &wf,
+        json!({"stages":[
+            {"key":"flaky","executor":{"kind":"shell","argv":["sh","-c","echo try $POND_ATTEMPT; exit 3"]},"max_attempts":2,"backoff":0.2},
+            {"key":"never","executor":{"kind":"noop"}}
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let out = server.cli(&["run", "submit", "-f", wf.to_str().unwrap(), "--project", "acme", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "a failed run exits 1");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("[flaky] try 1") && stdout.contains("[flaky] try 2"), "{stdout}");
+    assert!(stdout.contains("attempt 1 failed: exited with code 3; retrying in 200ms"), "{stdout}");
+    let id = String::from_utf8_lossy(&out.stderr).split_whitespace().nth(2).unwrap().to_string();
+    let run = server.admin().get_run(&id).unwrap();
+    assert_eq!(run.state, RunState::Failed);
+    let flaky = &run.stages[0];
+    assert_eq!((flaky.state, flaky.attempt, flaky.exit_code), (StageState::Failed, 2, Some(3)));
+    assert_eq!(flaky.attempts.iter().map(|a| a.outcome).collect::<Vec<_>>(), vec![Some(AttemptOutcome::Failed); 2]);
+    assert_eq!(run.stages[1].state, StageState::Cancelled);
+    assert_eq!(run.error.as_deref(), Some("stage `flaky` failed: exited with code 3"));
+}
+
+#[test]
+fn shell_output_streams_live_and_a_timeout_kills_the_whole_process_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let admin = server.admin();
+    let marker = format!("3{}", std::process::id());
+    let script = format!("echo started; sleep {marker} & echo child-forked; sleep 600");
+    let run = admin
+        .submit(&run_json(json!({"stages":[{"key":"slow","timeout":"2s","executor":{"kind":"shell","argv":["sh","-c",script]}}]})), None)
+        .unwrap();
+    let id = run.id.to_string();
+    let mut seen_live = None;
+    let end = admin
+        .follow_logs(&id, 0, &mut |line| {
+            if line.line.text == "child-forked" && seen_live.is_none() {
+                seen_live = Some(admin.get_run(&id).unwrap().state);
+            }
+        })
+        .unwrap();
+    assert_eq!(seen_live, Some(RunState::Running), "the line arrived while the stage was still running");
+    assert_eq!(end.state, RunState::Failed);
+    let run = admin.get_run(&id).unwrap();
+    assert_eq!(run.stages[0].error.as_deref(), Some("timed out after 2s"));
+    eventually("the grandchild to die with its group", Duration::from_secs(5), || !process_running(&format!("sleep {marker}")));
+}
+
+#[test]
+fn cancel_sends_sigterm_to_running_stages_and_cancels_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let admin = server.admin();
+    let script = "trap 'echo got-term; exit 143' TERM; echo ready; while true; do sleep 0.1; done";
+    let run = admin
+        .submit(&run_json(json!({"stages":[
+            {"key":"loop","executor":{"kind":"shell","argv":["sh","-c",script]}},
+            {"key":"after","executor":{"kind":"noop"}}
+        ]})), None)
+        .unwrap();
+    let id = run.id.to_string();
+    eventually("the stage to print ready", Duration::from_secs(20), || log_text(&admin, &id).iter().any(|l| l == "ready"));
+    let out = server.cli(&["run", "cancel", &id]);
+    assert!(out.status.success());
+    let done = wait_done(&admin, &id, Duration::from_secs(20));
+    assert_eq!(done.state, RunState::Cancelled);
+    assert_eq!(done.stages[0].state, StageState::Cancelled);
+    assert_eq!(done.stages[1].state, StageState::Cancelled);
+    let text = log_text(&admin, &id);
+    assert!(text.iter().any(|l| l == "got-term"), "the stage got SIGTERM first: {text:?}");
+    let wait = server.cli(&["run", "logs", &id, "--follow"]);
+    assert_eq!(wait.status.code(), Some(3), "following a cancelled run exits 3");
+}
+
+#[test]
+fn kill_dash_nine_mid_run_loses_nothing_and_the_stage_is_retried_as_a_new_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--lease", "2s"]);
+    let admin = server.admin();
+    let before: Vec<String> = (0..5)
+        .map(|_| admin.submit(&run_json(json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]})), None).unwrap().id.to_string())
+        .collect();
+    let run = admin
+        .submit(&run_json(json!({"stages":[
+            {"key":"first","executor":{"kind":"noop"}},
+            {"key":"long","executor":{"kind":"shell","argv":["sh","-c","echo attempt $POND_ATTEMPT; sleep 3; echo finished $POND_ATTEMPT"]}},
+            {"key":"last","executor":{"kind":"noop"}}
+        ]})), None)
+        .unwrap();
+    let id = run.id.to_string();
+    eventually("the long stage to start", Duration::from_secs(20), || log_text(&admin, &id).iter().any(|l| l == "attempt 1"));
+    server.kill9();
+
+    let server = Server::start(dir.path(), &["--lease", "2s"]);
+    let admin = server.admin();
+    let done = wait_done(&admin, &id, Duration::from_secs(30));
+    assert_eq!(done.state, RunState::Succeeded);
+    let long = &done.stages[1];
+    assert_eq!(long.attempt, 2);
+    let outcomes: Vec<_> = long.attempts.iter().map(|a| a.outcome).collect();
+    assert_eq!(outcomes, vec![Some(AttemptOutcome::LeaseExpired), Some(AttemptOutcome::Succeeded)]);
+    let text = log_text(&admin, &id);
+    assert!(text.contains(&"finished 2".to_string()) && !text.contains(&"finished 1".to_string()), "{text:?}");
+    for id in before {
+        assert_eq!(wait_done(&admin, &id, Duration::from_secs(20)).state, RunState::Succeeded, "submitted before the crash");
+    }
+}
