@@ -27,6 +27,17 @@ pub fn from_value_at<T: DeserializeOwned>(value: serde_json::Value, prefix: &str
             }
             field.push_str(part);
         }
+        // serde names a missing field in the message, not in the path: move it to the path.
+        if let Some(missing) = reason.strip_prefix("missing field `").and_then(|r| r.strip_suffix('`')) {
+            if !field.is_empty() {
+                field.push('.');
+            }
+            field.push_str(missing);
+            return FieldError::new(field, "is required");
+        }
+        if field.is_empty() {
+            field.push_str("body");
+        }
         FieldError::new(field, reason)
     })
 }

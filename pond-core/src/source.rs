@@ -211,7 +211,7 @@ mod tests {
             (json!({"kind":"git_https","config":{"url":"http://x/y"}}), "sources[0].config.url: `http://x/y` is not an https URL (plain http"),
             (json!({"kind":"git_https","config":{"url":"https://u:p@x/y"}}), "sources[0].config.url: credentials"),
             (json!({"kind":"git_https","config":{"url":"https://x/y","ref":"--upload-pack=evil"}}), "sources[0].config.ref"),
-            (json!({"kind":"git_https","config":{}}), "sources[0].config: missing field `url`"),
+            (json!({"kind":"git_https","config":{}}), "sources[0].config.url: is required"),
             (json!({"kind":"svn","config":{}}), "sources[0].kind: unknown source kind `svn`"),
             (json!({"kind":"local","config":{"path":"/etc"}}), "sources[0].config.path: `/etc` is outside"),
             (json!({"kind":"local","config":{"path":"/srv/repos/../../etc"}}), "sources[0].config.path"),

@@ -1,0 +1,320 @@
+//! The /v1 API from a client's side: auth and tenancy, bad input, idempotency, paging, and
+//! every source kind, against a real server process.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pond_core::run::RunState;
+use pond_http::client::{Client, ClientError};
+use serde_json::json;
+
+fn api_error(e: ClientError) -> (u16, String, Option<String>) {
+    match e {
+        ClientError::Api { status, body } => (status, body.error.message, body.error.field),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+#[test]
+fn tokens_scope_runs_to_projects_and_never_leak_other_tenants() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let admin = server.admin();
+    let key_a = admin.create_key(&["tenant-a".into()], Some("a")).unwrap();
+    let key_b = admin.create_key(&["tenant-b".into()], None).unwrap();
+    let a = server.client(key_a.token.as_deref().unwrap());
+    let b = server.client(key_b.token.as_deref().unwrap());
+    let def = json!({"stages":[{"key":"s","executor":{"kind":"noop","delay":"30s"}}]});
+    let run_a = a.submit(&json!({"project_id":"tenant-a","definition":def}), None).unwrap();
+    let id = run_a.id.to_string();
+
+    for (what, result) in [("read", b.get_run(&id).map(|_| ())), ("cancel", b.cancel(&id).map(|_| ())), ("logs", b.logs(&id, 0, 10).map(|_| ())), ("artifacts", b.artifacts(&id).map(|_| ()))] {
+        let (status, message, _) = api_error(result.unwrap_err());
+        assert_eq!(status, 404, "{what} of another tenant's run");
+        assert_eq!(message, format!("run {id} not found"), "{what}: same answer as a missing run");
+    }
+    let missing = pond_core::ids::RunId::generate(pond_core::time::Timestamp::from_millis(0)).to_string();
+    assert_eq!(api_error(b.get_run(&missing).unwrap_err()).0, 404);
+    assert!(b.list_runs(None, None, None, None).unwrap().runs.is_empty(), "b lists none of a's runs");
+    assert!(b.list_runs(Some("tenant-a"), None, None, None).unwrap().runs.is_empty());
+    assert_eq!(a.list_runs(None, None, None, None).unwrap().runs.len(), 1);
+    let (status, _, _) = api_error(b.submit(&json!({"project_id":"tenant-a","definition":def}), None).unwrap_err());
+    assert_eq!(status, 403, "b may not submit into a's project");
+    assert_eq!(api_error(a.list_keys().unwrap_err()).0, 403, "consumer keys are not admins");
+    assert_eq!(api_error(a.create_key(&["x".into()], None).unwrap_err()).0, 403);
+
+    let nobody = Client::new(&server.url, None);
+    assert_eq!(api_error(nobody.get_run(&id).unwrap_err()).0, 401);
+    let forged = server.client("pond_key_0000000000000000000000000000000000000000000000000000000000000000");
+    assert_eq!(api_error(forged.get_run(&id).unwrap_err()).0, 401);
+
+    admin.revoke_key(&key_a.id.to_string()).unwrap();
+    assert_eq!(api_error(a.get_run(&id).unwrap_err()).0, 401, "a revoked key stops working");
+    assert_eq!(admin.cancel(&id).unwrap().id, run_a.id, "admins see every project");
+
+    let db = std::fs::read(dir.path().join("pond.db")).unwrap();
+    let wal = std::fs::read(dir.path().join("pond.db-wal")).unwrap_or_default();
+    for secret in [&server.token, key_a.token.as_ref().unwrap(), key_b.token.as_ref().unwrap()] {
+        let needle = secret.as_bytes();
+        assert!(!db.windows(needle.len()).any(|w| w == needle), "token stored in clear");
+        assert!(!wal.windows(needle.len()).any(|w| w == needle), "token stored in clear in the WAL");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("admin.token")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn bad_input_gets_a_4xx_naming_the_field_never_a_500() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--max-bundle-bytes", "2000"]);
+    let admin = server.admin();
+    let noop = json!({"key":"a","executor":{"kind":"noop"}});
+    let cases = [
+        (json!({"project_id":"p","definition":{"stages":[{"key":"a","executor":{"kind":"warp"}}]}}), 422, "definition.stages[0].executor.kind"),
+        (json!({"project_id":"p","definition":{"stages":[noop, noop]}}), 422, "definition.stages[1].key"),
+        (json!({"project_id":"p","definition":{"stages":[{"key":"a","executor":{"kind":"noop"},"needs":["b"]},{"key":"b","executor":{"kind":"noop"},"needs":["a"]}]}}), 422, "definition.stages[0].needs"),
+        (json!({"definition":{"stages":[noop]}}), 422, "project_id"),
+        (json!({"project_id":"p"}), 422, "definition"),
+        (json!({"project_id":"p","definition":{"stages":[noop]},"sources":[{"kind":"git_https","config":{"url":"ftp://example.com/x"}}]}), 422, "sources[0].config.url"),
+        (json!({"project_id":"p","definition":{"stages":[noop]},"sources":[{"kind":"local","config":{"path":"/etc"}}]}), 422, "sources[0].config.path"),
+        (json!({"project_id":"p","definition":{"stages":[noop]},"encrypt":true}), 422, "recipient_pubkeys"),
+        (json!({"project_id":"p","definition":{"stages":[{"key":"a","executor":{"kind":"shell","argv":["x"]},"timeout":"whenever"}]}}), 422, "definition.stages[0].timeout"),
+        (json!({"project_id":"p","definition":{"stages":[noop]},"colour":"red"}), 422, "colour"),
+    ];
+    for (body, status, field) in cases {
+        let (got, message, got_field) = api_error(admin.submit(&body, None).unwrap_err());
+        assert_eq!((got, got_field.as_deref()), (status, Some(field)), "{body} -> {message}");
+        assert!(message.starts_with(field), "message names the field: {message}");
+    }
+    let raw = |ct: &str, body: &[u8]| {
+        ureq::post(&format!("{}/v1/runs", server.url))
+            .set("Authorization", &format!("Bearer {}", server.token))
+            .set("Content-Type", ct)
+            .send_bytes(body)
+    };
+    for (ct, body, status) in [
+        ("application/json", &b"{not json"[..], 400),
+        ("text/plain", &b"{}"[..], 415),
+        ("application/json", &b"[1,2]"[..], 422),
+    ] {
+        match raw(ct, body) {
+            Err(ureq::Error::Status(code, resp)) => {
+                assert_eq!(code, status, "{}", String::from_utf8_lossy(body));
+                let err: serde_json::Value = resp.into_json().unwrap();
+                assert!(err["error"]["message"].is_string());
+            }
+            other => panic!("expected {status}, got {other:?}"),
+        }
+    }
+    let huge = vec![b' '; 5 * 1024 * 1024];
+    match raw("application/json", &huge) {
+        Err(ureq::Error::Status(code, _)) => assert_eq!(code, 413),
+        Err(ureq::Error::Transport(_)) => {} // the server may close the connection while we still send
+        Ok(r) => panic!("oversize body accepted: {}", r.status()),
+    }
+    let big_bundle = pond_exec::pack_dir(&root().join("examples/repo")).unwrap();
+    let mut padded = big_bundle.clone();
+    padded.extend(vec![0u8; 4000]);
+    assert_eq!(api_error(admin.upload_bundle("p", &padded).unwrap_err()).0, 413);
+    let (status, _, field) = api_error(admin.upload_bundle("p", b"plain text, not zstd").unwrap_err());
+    assert_eq!((status, field.as_deref()), (422, Some("body")));
+    let (status, _, field) = api_error(admin.list_runs(None, Some("sleeping"), None, None).unwrap_err());
+    assert_eq!((status, field.as_deref()), (422, Some("query.state")));
+    assert_eq!(api_error(admin.get_run("not-a-uuid").unwrap_err()).0, 404);
+}
+
+#[test]
+fn idempotency_keys_return_the_same_run_and_lists_page_by_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let admin = server.admin();
+    let body = run_json(json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]}));
+    let first = admin.submit(&body, Some("order-42")).unwrap();
+    let retry = admin.submit(&body, Some("order-42")).unwrap();
+    assert_eq!(first.id, retry.id);
+    let other = admin.submit(&body, Some("order-43")).unwrap();
+    assert_ne!(first.id, other.id);
+    for _ in 0..3 {
+        admin.submit(&body, None).unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = admin.list_runs(Some("acme"), None, Some(2), cursor.as_deref()).unwrap();
+        seen.extend(page.runs.iter().map(|r| r.id));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5, "five distinct runs across pages");
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.reverse();
+    assert_eq!(seen, sorted, "newest first");
+    eventually("all runs to finish", Duration::from_secs(20), || {
+        admin.list_runs(None, Some("succeeded"), Some(100), None).unwrap().runs.len() == 5
+    });
+}
+
+/// Serves a directory over plain HTTP (git's "dumb" protocol needs nothing more).
+fn serve_dir(dir: std::path::PathBuf) -> (String, std::sync::mpsc::Sender<()>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || loop {
+        if stopped.try_recv().is_ok() {
+            return;
+        }
+        let Ok((stream, _)) = listener.accept() else {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        stream.set_nonblocking(false).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut request = String::new();
+        reader.read_line(&mut request).unwrap_or(0);
+        let mut header = String::new();
+        while reader.read_line(&mut header).map(|n| n > 2).unwrap_or(false) {
+            header.clear();
+        }
+        let path = request.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_string();
+        let file = dir.join(path.trim_start_matches('/'));
+        let mut stream = stream;
+        match std::fs::read(&file) {
+            Ok(data) if !path.contains("..") => {
+                let _ = write!(stream, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", data.len());
+                let _ = stream.write_all(&data);
+            }
+            _ => {
+                let _ = write!(stream, "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+            }
+        }
+    });
+    (format!("http://{addr}"), stop)
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git is installed (the project's .ci/run installs it)");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn git_https_sources_clone_at_a_ref_and_record_the_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "-q"]);
+    std::fs::write(work.join("a.rs"), "// TODO: v1\n").unwrap();
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-qm", "v1"]);
+    git(&work, &["tag", "v1"]);
+    let v1 = git(&work, &["rev-parse", "HEAD"]);
+    std::fs::write(work.join("b.rs"), "// FIXME: v2\n").unwrap();
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-qm", "v2"]);
+    let v2 = git(&work, &["rev-parse", "HEAD"]);
+    let served = dir.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    git(dir.path(), &["clone", "-q", "--bare", work.to_str().unwrap(), served.join("repo.git").to_str().unwrap()]);
+    git(&served.join("repo.git"), &["update-server-info"]);
+    let (base, stop) = serve_dir(served);
+    let url = format!("{base}/repo.git");
+
+    let data = dir.path().join("data");
+    let strict = Server::start(&data, &[]);
+    let (status, message, _) = api_error(
+        strict
+            .admin()
+            .submit(&json!({"project_id":"p","definition":{"stages":[{"key":"a","executor":{"kind":"noop"}}]},"sources":[{"kind":"git_https","config":{"url":url}}]}), None)
+            .unwrap_err(),
+    );
+    assert_eq!(status, 422, "plain http is refused unless the operator allows it: {message}");
+    drop(strict);
+
+    let server = Server::start(&data, &["--allow-http-git"]);
+    let admin = server.admin();
+    let def = json!({"stages":[{"key":"todos","executor":{"kind":"builtin","name":"todo_scan"}}]});
+    let mut results = Vec::new();
+    for git_ref in [Some("v1"), None] {
+        let mut config = json!({"url": url});
+        if let Some(r) = git_ref {
+            config["ref"] = r.into();
+        }
+        let run = admin.submit(&json!({"project_id":"p","definition":def,"sources":[{"label":"code","kind":"git_https","config":config}]}), None).unwrap();
+        let done = wait_done(&admin, &run.id.to_string(), Duration::from_secs(60));
+        assert_eq!(done.state, RunState::Succeeded, "{:?}", log_text(&admin, &run.id.to_string()));
+        let mut todos = Vec::new();
+        admin.download_artifact(&run.id.to_string(), "todos.jsonl", &mut todos).unwrap();
+        results.push((done.sources[0].resolved.clone().unwrap(), String::from_utf8(todos).unwrap()));
+    }
+    assert_eq!(results[0].0.commit.as_deref(), Some(v1.as_str()), "tag v1 resolved to its commit");
+    assert_eq!(results[0].1.lines().count(), 1);
+    assert_eq!(results[1].0.commit.as_deref(), Some(v2.as_str()), "default branch head");
+    assert_eq!(results[1].1.lines().count(), 2);
+    assert_ne!(results[0].0.input_sha, results[1].0.input_sha);
+
+    let bad = admin
+        .submit(&json!({"project_id":"p","definition":def,"sources":[{"kind":"git_https","config":{"url":format!("{base}/missing.git")}}]}), None)
+        .unwrap();
+    let done = wait_done(&admin, &bad.id.to_string(), Duration::from_secs(60));
+    assert_eq!(done.state, RunState::Failed);
+    assert!(done.stages[0].error.as_deref().unwrap_or("").contains("fetching sources failed: source `repo`: git clone failed"), "{:?}", done.stages[0].error);
+    let _ = stop.send(());
+}
+
+#[test]
+fn local_sources_need_an_operator_allowlist_and_checkouts_are_throwaway() {
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = dir.path().join("repos");
+    std::fs::create_dir_all(allowed.join("proj/src")).unwrap();
+    std::fs::write(allowed.join("proj/src/main.rs"), "fn main() {} // TODO\n").unwrap();
+    let server = Server::start(&dir.path().join("data"), &["--allow-local-source", allowed.to_str().unwrap()]);
+    let admin = server.admin();
+    let def = json!({"stages":[{"key":"touch","executor":{"kind":"shell","argv":["sh","-c","pwd; echo changed > src/main.rs; ls"]}}]});
+    let body = json!({"project_id":"p","definition":def,"sources":[{"kind":"local","config":{"path": allowed.join("proj")}}]});
+    let run = admin.submit(&body, None).unwrap();
+    let done = wait_done(&admin, &run.id.to_string(), Duration::from_secs(30));
+    assert_eq!(done.state, RunState::Succeeded);
+    let text = log_text(&admin, &run.id.to_string());
+    let cwd = text.iter().find(|l| l.contains("/checkouts/")).expect("pwd printed");
+    assert!(cwd.ends_with(&format!("{}/repo", run.id)), "{cwd}");
+    assert_eq!(std::fs::read_to_string(allowed.join("proj/src/main.rs")).unwrap(), "fn main() {} // TODO\n", "the original is untouched");
+    assert!(!std::path::Path::new(cwd).exists(), "the checkout is removed when the run ends");
+    let outside = json!({"project_id":"p","definition":def,"sources":[{"kind":"local","config":{"path": dir.path().join("data")}}]});
+    let (status, _, field) = api_error(admin.submit(&outside, None).unwrap_err());
+    assert_eq!((status, field.as_deref()), (422, Some("sources[0].config.path")));
+}
+
+#[test]
+fn shell_stages_get_only_allowlisted_environment_and_output_files_become_artifacts() {
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("POND_TEST_SECRET_VAR", "do-not-leak");
+    let server = Server::start(dir.path(), &[]);
+    let admin = server.admin();
+    let script = "env | sort > $POND_OUTPUT_DIR/env.txt; mkdir -p $POND_OUTPUT_DIR/reports; echo '{\"ok\":true}' > $POND_OUTPUT_DIR/reports/r.json";
+    let run = admin
+        .submit(&run_json(json!({"stages":[{"key":"env","executor":{"kind":"shell","argv":["sh","-c",script],"env":{"GREETING":"hi"}}}]})), None)
+        .unwrap();
+    let id = run.id.to_string();
+    assert_eq!(wait_done(&admin, &id, Duration::from_secs(30)).state, RunState::Succeeded);
+    let mut env = Vec::new();
+    admin.download_artifact(&id, "env.txt", &mut env).unwrap();
+    let env = String::from_utf8(env).unwrap();
+    assert!(env.contains("GREETING=hi") && env.contains(&format!("POND_RUN_ID={id}")), "{env}");
+    assert!(!env.contains("do-not-leak") && !env.contains("POND_TEST_SECRET_VAR"), "host environment leaked: {env}");
+    let mut report = Vec::new();
+    admin.download_artifact(&id, "reports/r.json", &mut report).unwrap();
+    assert_eq!(String::from_utf8(report).unwrap().trim(), "{\"ok\":true}");
+}
