@@ -13,7 +13,11 @@ use pond_http::cli::{self, CliConfig, Context, SubmitOptions, TargetOverrides};
 use pond_http::client::Client;
 
 #[derive(Parser)]
-#[command(name = "pond", version, about = "Pond: a control plane and engine for running AI coding agents on code, safely")]
+#[command(
+    name = "pond",
+    version,
+    about = "Pond: a control plane and engine for running AI coding agents on code, safely"
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -332,7 +336,12 @@ fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Admin { command: AdminCommand::Keys { command } } => {
             let config = CliConfig::load(&config_path)?;
-            let overrides = TargetOverrides { server: cli.global.server, token: cli.global.token, context: cli.global.context, project: None };
+            let overrides = TargetOverrides {
+                server: cli.global.server,
+                token: cli.global.token,
+                context: cli.global.context,
+                project: None,
+            };
             let target = cli::resolve_target(&config, &overrides)?;
             let client = Client::new(&target.server, target.token);
             keys(command, &client).map(|()| 0)
@@ -386,7 +395,8 @@ fn serve(args: ServerArgs) -> Result<()> {
 fn run_command(command: RunCommand, client: &Client, target: &cli::Target) -> Result<i32> {
     match command {
         RunCommand::Submit { file, project, source, git_ref, idempotency_key, wait, json } => {
-            let options = SubmitOptions { file, project, sources: source, git_ref, idempotency_key: idempotency_key.clone() };
+            let options =
+                SubmitOptions { file, project, sources: source, git_ref, idempotency_key: idempotency_key.clone() };
             let body = cli::build_submit(client, target, &options)?;
             let run = client.submit(&body, idempotency_key.as_deref())?;
             if !wait {
@@ -472,7 +482,8 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target) -> Re
                 match output {
                     Some(path) => {
                         let tmp = path.with_extension("part");
-                        let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+                        let mut file =
+                            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
                         let n = client.download_artifact(&id, &name, &mut file)?;
                         file.sync_all()?;
                         std::fs::rename(&tmp, &path)?;
@@ -526,7 +537,9 @@ fn context(command: ContextCommand, path: &std::path::Path) -> Result<()> {
     match command {
         ContextCommand::Add { name, server, token, token_file, project, make_current } => {
             let token = match token_file {
-                Some(f) => Some(std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?.trim().to_string()),
+                Some(f) => Some(
+                    std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?.trim().to_string(),
+                ),
                 None => token,
             };
             config.contexts.insert(name.clone(), Context { server, token, project });
@@ -592,7 +605,11 @@ fn demo(args: DemoArgs) -> Result<i32> {
     println!("demo server on {} (data in {})", server.url(), args.data_dir.display());
     let client = Client::new(&server.url(), Some(token));
     let target = cli::Target { server: server.url(), token: None, project: Some("demo".into()) };
-    let options = SubmitOptions { file: args.workflow.clone(), sources: vec![args.source.display().to_string()], ..Default::default() };
+    let options = SubmitOptions {
+        file: args.workflow.clone(),
+        sources: vec![args.source.display().to_string()],
+        ..Default::default()
+    };
     let outcome = (|| -> Result<i32> {
         let body = cli::build_submit(&client, &target, &options)?;
         let run = client.submit(&body, None)?;

@@ -30,7 +30,12 @@ fn tokens_scope_runs_to_projects_and_never_leak_other_tenants() {
     let run_a = a.submit(&json!({"project_id":"tenant-a","definition":def}), None).unwrap();
     let id = run_a.id.to_string();
 
-    for (what, result) in [("read", b.get_run(&id).map(|_| ())), ("cancel", b.cancel(&id).map(|_| ())), ("logs", b.logs(&id, 0, 10).map(|_| ())), ("artifacts", b.artifacts(&id).map(|_| ()))] {
+    for (what, result) in [
+        ("read", b.get_run(&id).map(|_| ())),
+        ("cancel", b.cancel(&id).map(|_| ())),
+        ("logs", b.logs(&id, 0, 10).map(|_| ())),
+        ("artifacts", b.artifacts(&id).map(|_| ())),
+    ] {
         let (status, message, _) = api_error(result.unwrap_err());
         assert_eq!(status, 404, "{what} of another tenant's run");
         assert_eq!(message, format!("run {id} not found"), "{what}: same answer as a missing run");
@@ -73,15 +78,35 @@ fn bad_input_gets_a_4xx_naming_the_field_never_a_500() {
     let admin = server.admin();
     let noop = json!({"key":"a","executor":{"kind":"noop"}});
     let cases = [
-        (json!({"project_id":"p","definition":{"stages":[{"key":"a","executor":{"kind":"warp"}}]}}), 422, "definition.stages[0].executor.kind"),
+        (
+            json!({"project_id":"p","definition":{"stages":[{"key":"a","executor":{"kind":"warp"}}]}}),
+            422,
+            "definition.stages[0].executor.kind",
+        ),
         (json!({"project_id":"p","definition":{"stages":[noop, noop]}}), 422, "definition.stages[1].key"),
-        (json!({"project_id":"p","definition":{"stages":[{"key":"a","executor":{"kind":"noop"},"needs":["b"]},{"key":"b","executor":{"kind":"noop"},"needs":["a"]}]}}), 422, "definition.stages[0].needs"),
+        (
+            json!({"project_id":"p","definition":{"stages":[{"key":"a","executor":{"kind":"noop"},"needs":["b"]},{"key":"b","executor":{"kind":"noop"},"needs":["a"]}]}}),
+            422,
+            "definition.stages[0].needs",
+        ),
         (json!({"definition":{"stages":[noop]}}), 422, "project_id"),
         (json!({"project_id":"p"}), 422, "definition"),
-        (json!({"project_id":"p","definition":{"stages":[noop]},"sources":[{"kind":"git_https","config":{"url":"ftp://example.com/x"}}]}), 422, "sources[0].config.url"),
-        (json!({"project_id":"p","definition":{"stages":[noop]},"sources":[{"kind":"local","config":{"path":"/etc"}}]}), 422, "sources[0].config.path"),
+        (
+            json!({"project_id":"p","definition":{"stages":[noop]},"sources":[{"kind":"git_https","config":{"url":"ftp://example.com/x"}}]}),
+            422,
+            "sources[0].config.url",
+        ),
+        (
+            json!({"project_id":"p","definition":{"stages":[noop]},"sources":[{"kind":"local","config":{"path":"/etc"}}]}),
+            422,
+            "sources[0].config.path",
+        ),
         (json!({"project_id":"p","definition":{"stages":[noop]},"encrypt":true}), 422, "recipient_pubkeys"),
-        (json!({"project_id":"p","definition":{"stages":[{"key":"a","executor":{"kind":"shell","argv":["x"]},"timeout":"whenever"}]}}), 422, "definition.stages[0].timeout"),
+        (
+            json!({"project_id":"p","definition":{"stages":[{"key":"a","executor":{"kind":"shell","argv":["x"]},"timeout":"whenever"}]}}),
+            422,
+            "definition.stages[0].timeout",
+        ),
         (json!({"project_id":"p","definition":{"stages":[noop]},"colour":"red"}), 422, "colour"),
     ];
     for (body, status, field) in cases {
@@ -270,7 +295,15 @@ fn git_https_sources_clone_at_a_ref_and_record_the_commit() {
         .unwrap();
     let done = wait_done(&admin, &bad.id.to_string(), Duration::from_secs(60));
     assert_eq!(done.state, RunState::Failed);
-    assert!(done.stages[0].error.as_deref().unwrap_or("").contains("fetching sources failed: source `repo`: git clone failed"), "{:?}", done.stages[0].error);
+    assert!(
+        done.stages[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("fetching sources failed: source `repo`: git clone failed"),
+        "{:?}",
+        done.stages[0].error
+    );
     let _ = stop.send(());
 }
 
@@ -283,14 +316,19 @@ fn local_sources_need_an_operator_allowlist_and_checkouts_are_throwaway() {
     let server = Server::start(&dir.path().join("data"), &["--allow-local-source", allowed.to_str().unwrap()]);
     let admin = server.admin();
     let def = json!({"stages":[{"key":"touch","executor":{"kind":"shell","argv":["sh","-c","pwd; echo changed > src/main.rs; ls"]}}]});
-    let body = json!({"project_id":"p","definition":def,"sources":[{"kind":"local","config":{"path": allowed.join("proj")}}]});
+    let body =
+        json!({"project_id":"p","definition":def,"sources":[{"kind":"local","config":{"path": allowed.join("proj")}}]});
     let run = admin.submit(&body, None).unwrap();
     let done = wait_done(&admin, &run.id.to_string(), Duration::from_secs(30));
     assert_eq!(done.state, RunState::Succeeded);
     let text = log_text(&admin, &run.id.to_string());
     let cwd = text.iter().find(|l| l.contains("/checkouts/")).expect("pwd printed");
     assert!(cwd.ends_with(&format!("{}/repo", run.id)), "{cwd}");
-    assert_eq!(std::fs::read_to_string(allowed.join("proj/src/main.rs")).unwrap(), "fn main() {} // TODO\n", "the original is untouched");
+    assert_eq!(
+        std::fs::read_to_string(allowed.join("proj/src/main.rs")).unwrap(),
+        "fn main() {} // TODO\n",
+        "the original is untouched"
+    );
     assert!(!std::path::Path::new(cwd).exists(), "the checkout is removed when the run ends");
     let outside = json!({"project_id":"p","definition":def,"sources":[{"kind":"local","config":{"path": dir.path().join("data")}}]});
     let (status, _, field) = api_error(admin.submit(&outside, None).unwrap_err());

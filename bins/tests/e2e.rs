@@ -12,7 +12,17 @@ use serde_json::json;
 fn the_example_workflow_runs_from_the_cli_and_its_artifacts_download() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]);
-    let out = server.cli(&["run", "submit", "-f", "examples/workflows/review.json", "--source", "examples/repo", "--project", "demo", "--wait"]);
+    let out = server.cli(&[
+        "run",
+        "submit",
+        "-f",
+        "examples/workflows/review.json",
+        "--source",
+        "examples/repo",
+        "--project",
+        "demo",
+        "--wait",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "exit {:?}\n{stdout}\n{stderr}", out.status.code());
@@ -84,7 +94,12 @@ fn shell_output_streams_live_and_a_timeout_kills_the_whole_process_group() {
     let marker = format!("3{}", std::process::id());
     let script = format!("echo started; sleep {marker} & echo child-forked; sleep 600");
     let run = admin
-        .submit(&run_json(json!({"stages":[{"key":"slow","timeout":"2s","executor":{"kind":"shell","argv":["sh","-c",script]}}]})), None)
+        .submit(
+            &run_json(
+                json!({"stages":[{"key":"slow","timeout":"2s","executor":{"kind":"shell","argv":["sh","-c",script]}}]}),
+            ),
+            None,
+        )
         .unwrap();
     let id = run.id.to_string();
     let mut seen_live = None;
@@ -99,7 +114,9 @@ fn shell_output_streams_live_and_a_timeout_kills_the_whole_process_group() {
     assert_eq!(end.state, RunState::Failed);
     let run = admin.get_run(&id).unwrap();
     assert_eq!(run.stages[0].error.as_deref(), Some("timed out after 2s"));
-    eventually("the grandchild to die with its group", Duration::from_secs(5), || !process_running(&format!("sleep {marker}")));
+    eventually("the grandchild to die with its group", Duration::from_secs(5), || {
+        !process_running(&format!("sleep {marker}"))
+    });
 }
 
 #[test]
@@ -109,13 +126,18 @@ fn cancel_sends_sigterm_to_running_stages_and_cancels_the_rest() {
     let admin = server.admin();
     let script = "trap 'echo got-term; exit 143' TERM; echo ready; while true; do sleep 0.1; done";
     let run = admin
-        .submit(&run_json(json!({"stages":[
-            {"key":"loop","executor":{"kind":"shell","argv":["sh","-c",script]}},
-            {"key":"after","executor":{"kind":"noop"}}
-        ]})), None)
+        .submit(
+            &run_json(json!({"stages":[
+                {"key":"loop","executor":{"kind":"shell","argv":["sh","-c",script]}},
+                {"key":"after","executor":{"kind":"noop"}}
+            ]})),
+            None,
+        )
         .unwrap();
     let id = run.id.to_string();
-    eventually("the stage to print ready", Duration::from_secs(20), || log_text(&admin, &id).iter().any(|l| l == "ready"));
+    eventually("the stage to print ready", Duration::from_secs(20), || {
+        log_text(&admin, &id).iter().any(|l| l == "ready")
+    });
     let out = server.cli(&["run", "cancel", &id]);
     assert!(out.status.success());
     let done = wait_done(&admin, &id, Duration::from_secs(20));
@@ -134,20 +156,37 @@ fn kill_dash_nine_mid_run_loses_nothing_and_the_stage_is_retried_as_a_new_attemp
     let mut server = Server::start(dir.path(), &["--lease", "2s"]);
     let admin = server.admin();
     let before: Vec<String> = (0..5)
-        .map(|_| admin.submit(&run_json(json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]})), None).unwrap().id.to_string())
+        .map(|_| {
+            admin
+                .submit(&run_json(json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]})), None)
+                .unwrap()
+                .id
+                .to_string()
+        })
         .collect();
+    let orphan_marker = format!("4{}", std::process::id());
+    let long_script = format!(
+        "echo attempt $POND_ATTEMPT; sleep {orphan_marker}$POND_ATTEMPT & sleep 3; echo finished $POND_ATTEMPT"
+    );
     let run = admin
-        .submit(&run_json(json!({"stages":[
-            {"key":"first","executor":{"kind":"noop"}},
-            {"key":"long","executor":{"kind":"shell","argv":["sh","-c","echo attempt $POND_ATTEMPT; sleep 3; echo finished $POND_ATTEMPT"]}},
-            {"key":"last","executor":{"kind":"noop"}}
-        ]})), None)
+        .submit(
+            &run_json(json!({"stages":[
+                {"key":"first","executor":{"kind":"noop"}},
+                {"key":"long","executor":{"kind":"shell","argv":["sh","-c",long_script]}},
+                {"key":"last","executor":{"kind":"noop"}}
+            ]})),
+            None,
+        )
         .unwrap();
     let id = run.id.to_string();
-    eventually("the long stage to start", Duration::from_secs(20), || log_text(&admin, &id).iter().any(|l| l == "attempt 1"));
+    eventually("the long stage to start", Duration::from_secs(20), || {
+        log_text(&admin, &id).iter().any(|l| l == "attempt 1")
+    });
     server.kill9();
+    assert!(process_running(&format!("sleep {orphan_marker}1")), "kill -9 left the stage's processes behind");
 
     let server = Server::start(dir.path(), &["--lease", "2s"]);
+    assert!(!process_running(&format!("sleep {orphan_marker}1")), "the restart killed the orphaned attempt");
     let admin = server.admin();
     let done = wait_done(&admin, &id, Duration::from_secs(30));
     assert_eq!(done.state, RunState::Succeeded);
@@ -158,6 +197,10 @@ fn kill_dash_nine_mid_run_loses_nothing_and_the_stage_is_retried_as_a_new_attemp
     let text = log_text(&admin, &id);
     assert!(text.contains(&"finished 2".to_string()) && !text.contains(&"finished 1".to_string()), "{text:?}");
     for id in before {
-        assert_eq!(wait_done(&admin, &id, Duration::from_secs(20)).state, RunState::Succeeded, "submitted before the crash");
+        assert_eq!(
+            wait_done(&admin, &id, Duration::from_secs(20)).state,
+            RunState::Succeeded,
+            "submitted before the crash"
+        );
     }
 }

@@ -35,7 +35,10 @@ async fn main() -> Result<()> {
     let workspaces = LocalWorkspaces::new(data.join("checkouts"), store.clone(), FetchConfig::default())?;
     let config = EngineConfig {
         node_id: "embedded".into(),
-        source_policy: SourcePolicy { local_roots: vec![repo.parent().unwrap_or(&repo).to_path_buf()], ..Default::default() },
+        source_policy: SourcePolicy {
+            local_roots: vec![repo.parent().unwrap_or(&repo).to_path_buf()],
+            ..Default::default()
+        },
         ..Default::default()
     };
     let engine = Arc::new(
@@ -57,7 +60,12 @@ async fn main() -> Result<()> {
     )?;
     let source: SourceInput = serde_json::from_value(serde_json::json!({"kind": "local", "config": {"path": repo}}))?;
     let submitted = engine
-        .submit(SubmitRequest { project_id: "embedded".into(), definition, sources: vec![source], idempotency_key: None })
+        .submit(SubmitRequest {
+            project_id: "embedded".into(),
+            definition,
+            sources: vec![source],
+            idempotency_key: None,
+        })
         .await?;
     let id = submitted.snapshot.run.id;
     println!("run {id} on {}", repo.display());

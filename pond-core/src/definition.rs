@@ -283,9 +283,7 @@ pub fn parse_definition(value: serde_json::Value, prefix: &str) -> Result<Defini
 fn valid_key(key: &str) -> bool {
     !key.is_empty()
         && key.len() <= 64
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 fn valid_env_name(name: &str) -> bool {
@@ -327,10 +325,7 @@ impl Definition {
             if !valid_key(&stage.key) {
                 return Err(FieldError::new(
                     format!("{at}.key"),
-                    format!(
-                        "`{}` is not a valid key: use 1 to 64 lowercase letters, digits, `-` or `_`",
-                        stage.key
-                    ),
+                    format!("`{}` is not a valid key: use 1 to 64 lowercase letters, digits, `-` or `_`", stage.key),
                 ));
             }
             if let Some(first) = index.insert(&stage.key, i) {
@@ -381,10 +376,7 @@ impl StageDef {
         }
         if let Some(n) = self.max_attempts {
             if n == 0 || n > MAX_ATTEMPTS {
-                return Err(FieldError::new(
-                    format!("{at}.max_attempts"),
-                    format!("must be from 1 to {MAX_ATTEMPTS}"),
-                ));
+                return Err(FieldError::new(format!("{at}.max_attempts"), format!("must be from 1 to {MAX_ATTEMPTS}")));
             }
         }
         if let Some(backoff) = self.backoff {
@@ -526,20 +518,62 @@ mod tests {
     fn bad_definitions_name_the_field_and_reason() {
         let cases = [
             (json!({"stages":[]}), "definition.stages: must hold at least one stage"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"teleport"}}]}), "definition.stages[0].executor.kind: unknown executor kind `teleport`"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"noop"}},{"key":"a","executor":{"kind":"noop"}}]}), "definition.stages[1].key: duplicate stage key `a`"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"needs":["b"]},{"key":"b","executor":{"kind":"noop"},"needs":["a"]}]}), "definition.stages[0].needs: cycle in needs: a -> b -> a"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"needs":["zz"]}]}), "definition.stages[0].needs[0]: no stage has the key `zz`"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"needs":["a"]}]}), "definition.stages[0].needs[0]: a stage cannot need itself"),
-            (json!({"stages":[{"key":"A b","executor":{"kind":"noop"}}]}), "definition.stages[0].key: `A b` is not a valid key"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":[]}}]}), "definition.stages[0].executor.argv: must name a program"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"max_attempts":0}]}), "definition.stages[0].max_attempts: must be from 1 to 20"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"timeout":"soon"}]}), "definition.stages[0].timeout: `soon` is not a duration"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"noop"},"exector":1}]}), "definition.stages[0].exector: unknown field `exector`"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"builtin","name":"nope"}}]}), "definition.stages[0].executor.name: unknown variant `nope`"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":["x"],"sandbox":{"profile":"untrusted-code-write"}}}]}), "definition.stages[0].executor.sandbox.profile: profile `untrusted-code-write` needs a sandbox backend"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"swarm","harness":"codex","prompt":"hi"}}]}), "definition.stages[0].executor.kind: executor `swarm` runs on a worker pool"),
-            (json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":["x"],"env":{"POND_X":"1"}}}]}), "definition.stages[0].executor.env.POND_X: not a valid variable name"),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"teleport"}}]}),
+                "definition.stages[0].executor.kind: unknown executor kind `teleport`",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"noop"}},{"key":"a","executor":{"kind":"noop"}}]}),
+                "definition.stages[1].key: duplicate stage key `a`",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"noop"},"needs":["b"]},{"key":"b","executor":{"kind":"noop"},"needs":["a"]}]}),
+                "definition.stages[0].needs: cycle in needs: a -> b -> a",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"noop"},"needs":["zz"]}]}),
+                "definition.stages[0].needs[0]: no stage has the key `zz`",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"noop"},"needs":["a"]}]}),
+                "definition.stages[0].needs[0]: a stage cannot need itself",
+            ),
+            (
+                json!({"stages":[{"key":"A b","executor":{"kind":"noop"}}]}),
+                "definition.stages[0].key: `A b` is not a valid key",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":[]}}]}),
+                "definition.stages[0].executor.argv: must name a program",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"noop"},"max_attempts":0}]}),
+                "definition.stages[0].max_attempts: must be from 1 to 20",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"noop"},"timeout":"soon"}]}),
+                "definition.stages[0].timeout: `soon` is not a duration",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"noop"},"exector":1}]}),
+                "definition.stages[0].exector: unknown field `exector`",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"builtin","name":"nope"}}]}),
+                "definition.stages[0].executor.name: unknown variant `nope`",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":["x"],"sandbox":{"profile":"untrusted-code-write"}}}]}),
+                "definition.stages[0].executor.sandbox.profile: profile `untrusted-code-write` needs a sandbox backend",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"swarm","harness":"codex","prompt":"hi"}}]}),
+                "definition.stages[0].executor.kind: executor `swarm` runs on a worker pool",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":["x"],"env":{"POND_X":"1"}}}]}),
+                "definition.stages[0].executor.env.POND_X: not a valid variable name",
+            ),
         ];
         for (definition, expected) in cases {
             let got = check(definition.clone()).expect_err(&definition.to_string());
@@ -559,7 +593,8 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_is_capped() {
-        let mut stage: StageDef = serde_json::from_value(json!({"key":"a","executor":{"kind":"noop"},"backoff":"2s"})).unwrap();
+        let mut stage: StageDef =
+            serde_json::from_value(json!({"key":"a","executor":{"kind":"noop"},"backoff":"2s"})).unwrap();
         assert_eq!(stage.backoff_after(1), Millis(2000));
         assert_eq!(stage.backoff_after(2), Millis(4000));
         assert_eq!(stage.backoff_after(3), Millis(8000));

@@ -74,7 +74,12 @@ pub struct Engine {
 
 impl Engine {
     /// An engine with no executors; add them with [`Engine::with_executor`].
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, workspaces: Arc<dyn Workspaces>, config: EngineConfig) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        workspaces: Arc<dyn Workspaces>,
+        config: EngineConfig,
+    ) -> Self {
         Engine {
             store,
             clock,
@@ -126,11 +131,7 @@ impl Engine {
             && project.len() <= 128
             && project.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
         if !project_ok {
-            return Err(FieldError::new(
-                "project_id",
-                "must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`",
-            )
-            .into());
+            return Err(FieldError::new("project_id", "must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`").into());
         }
         if let Some(key) = &request.idempotency_key {
             if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
@@ -146,7 +147,9 @@ impl Engine {
             let field = format!("sources[{i}]");
             let source = input.validate(&field, &self.config.source_policy)?;
             if sources.iter().any(|s: &crate::source::Source| s.label == source.label) {
-                return Err(FieldError::new(format!("{field}.label"), format!("duplicate label `{}`", source.label)).into());
+                return Err(
+                    FieldError::new(format!("{field}.label"), format!("duplicate label `{}`", source.label)).into()
+                );
             }
             if let SourceSpec::Bundle { bundle_id } = &source.spec {
                 match self.store.blob_meta(*bundle_id).await? {
@@ -222,12 +225,19 @@ impl Engine {
                     Ok(())
                 };
                 if let Ok(snapshot) = self.store.update_run(run, &mut reap).await {
-                    self.system_line(run, Some(&stage.key), stage.attempt, format!("stage `{}` failed: lost its lease {} times", stage.key, stage.lost_leases)).await;
+                    self.system_line(
+                        run,
+                        Some(&stage.key),
+                        stage.attempt,
+                        format!("stage `{}` failed: lost its lease {} times", stage.key, stage.lost_leases),
+                    )
+                    .await;
                     self.after_change(&snapshot, now).await;
                 }
                 continue;
             }
-            let mut text = format!("stage `{}` attempt {} started on {}", stage.key, stage.attempt, self.config.node_id);
+            let mut text =
+                format!("stage `{}` attempt {} started on {}", stage.key, stage.attempt, self.config.node_id);
             if stage.lost_leases > 0 && stage.attempt > 1 {
                 text.push_str(" (an earlier attempt's node stopped renewing its lease)");
             }
@@ -242,7 +252,13 @@ impl Engine {
         let now = self.clock.now();
         Ok(self
             .store
-            .renew_lease(claim.run.id, &claim.stage.key, claim.stage.attempt, &self.config.node_id, now.plus(self.config.lease))
+            .renew_lease(
+                claim.run.id,
+                &claim.stage.key,
+                claim.stage.attempt,
+                &self.config.node_id,
+                now.plus(self.config.lease),
+            )
             .await?)
     }
 
@@ -254,7 +270,10 @@ impl Engine {
             return StageOutcome::Failed { error: "stage missing from the definition".into(), exit_code: None };
         };
         let Some(executor) = self.executors.get(def.executor.kind()) else {
-            return StageOutcome::Failed { error: format!("no `{}` executor on this node", def.executor.kind()), exit_code: None };
+            return StageOutcome::Failed {
+                error: format!("no `{}` executor on this node", def.executor.kind()),
+                exit_code: None,
+            };
         };
         let workspace = match self.workspaces.prepare(run).await {
             Ok(w) => w,
@@ -277,20 +296,31 @@ impl Engine {
                 })
                 .await;
             if let Err(e) = recorded {
-                return StageOutcome::Failed { error: format!("recording the fetched sources failed: {e}"), exit_code: None };
+                return StageOutcome::Failed {
+                    error: format!("recording the fetched sources failed: {e}"),
+                    exit_code: None,
+                };
             }
             // Stages fetching in parallel each try; only the one that recorded a source says so.
             for i in first {
                 let (source, found) = (&run.sources[i], &workspace.resolved[i]);
                 let commit = found.commit.as_deref().map(|c| format!(" at commit {c}")).unwrap_or_default();
-                self.system_line(run.id, Some(&claim.stage.key), claim.stage.attempt, format!("source `{}` fetched{commit}, input_sha {}", source.label, found.input_sha)).await;
+                self.system_line(
+                    run.id,
+                    Some(&claim.stage.key),
+                    claim.stage.attempt,
+                    format!("source `{}` fetched{commit}, input_sha {}", source.label, found.input_sha),
+                )
+                .await;
             }
         }
         let sink = StoreSink { engine: self, run: run.id, stage: &claim.stage.key, attempt: claim.stage.attempt };
-        let ctx = ExecContext { run, stage: def, attempt: claim.stage.attempt, workspace: &workspace, output: &sink, stop };
+        let ctx =
+            ExecContext { run, stage: def, attempt: claim.stage.attempt, workspace: &workspace, output: &sink, stop };
         let outcome = executor.execute(ctx).await;
         match (outcome, stop.reason()) {
-            (StageOutcome::Cancelled, Some(StopReason::TimedOut)) | (StageOutcome::Failed { .. }, Some(StopReason::TimedOut)) => {
+            (StageOutcome::Cancelled, Some(StopReason::TimedOut))
+            | (StageOutcome::Failed { .. }, Some(StopReason::TimedOut)) => {
                 StageOutcome::Failed { error: format!("timed out after {}", def.effective_timeout()), exit_code: None }
             }
             (outcome, _) => outcome,
@@ -359,7 +389,13 @@ impl Engine {
     }
 
     async fn system_line(&self, run: RunId, stage: Option<&str>, attempt: u32, text: String) {
-        let line = NewLogLine { stage: stage.map(str::to_string), attempt, stream: LogStream::System, at: self.clock.now(), text };
+        let line = NewLogLine {
+            stage: stage.map(str::to_string),
+            attempt,
+            stream: LogStream::System,
+            at: self.clock.now(),
+            text,
+        };
         // A log write that fails must not fail the transition it describes.
         let _ = self.store.append_logs(run, &[line]).await;
     }
@@ -402,7 +438,13 @@ impl OutputSink for StoreSink<'_> {
         let at = self.engine.clock.now();
         let lines: Vec<NewLogLine> = lines
             .into_iter()
-            .map(|(stream, text)| NewLogLine { stage: Some(self.stage.to_string()), attempt: self.attempt, stream, at, text })
+            .map(|(stream, text)| NewLogLine {
+                stage: Some(self.stage.to_string()),
+                attempt: self.attempt,
+                stream,
+                at,
+                text,
+            })
             .collect();
         let _ = self.engine.store.append_logs(self.run, &lines).await;
     }

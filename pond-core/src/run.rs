@@ -358,11 +358,7 @@ impl RunSnapshot {
                 stage.finished_at = Some(now);
             }
         }
-        if let Some(a) = self
-            .attempts
-            .iter_mut()
-            .find(|a| a.stage_key == key && a.number == attempt)
-        {
+        if let Some(a) = self.attempts.iter_mut().find(|a| a.stage_key == key && a.number == attempt) {
             a.finished_at = Some(now);
             a.outcome = Some(attempt_outcome);
             a.error = error;
@@ -418,8 +414,7 @@ impl RunSnapshot {
     pub fn reap(&mut self, now: Timestamp) -> bool {
         let mut changed = false;
         for stage in &mut self.stages {
-            let expired = stage.state == StageState::Running
-                && stage.lease_expires_at.is_some_and(|t| t <= now);
+            let expired = stage.state == StageState::Running && stage.lease_expires_at.is_some_and(|t| t <= now);
             if expired && stage.cancel_requested {
                 stage.state = StageState::Cancelled;
                 stage.finished_at = Some(now);
@@ -429,10 +424,8 @@ impl RunSnapshot {
             } else if stage.state == StageState::Running && stage.lost_leases > MAX_LOST_LEASES {
                 stage.state = StageState::Failed;
                 stage.finished_at = Some(now);
-                stage.error = Some(format!(
-                    "lost its lease {} times: the nodes running it kept stopping",
-                    stage.lost_leases
-                ));
+                stage.error =
+                    Some(format!("lost its lease {} times: the nodes running it kept stopping", stage.lost_leases));
                 stage.lease_owner = None;
                 stage.lease_expires_at = None;
                 changed = true;
@@ -460,8 +453,7 @@ impl RunSnapshot {
             return;
         }
         let failed_stage = self.stages.iter().find(|s| {
-            s.state == StageState::Failed
-                && !self.run.definition.stages[s.position as usize].continue_on_error
+            s.state == StageState::Failed && !self.run.definition.stages[s.position as usize].continue_on_error
         });
         if let Some(failed) = failed_stage {
             if !self.run.cancel_requested && self.run.error.is_none() {
@@ -508,8 +500,7 @@ impl RunSnapshot {
         }
         if self.stages.iter().all(|s| s.state.is_terminal()) {
             let failed = self.stages.iter().any(|s| {
-                s.state == StageState::Failed
-                    && !self.run.definition.stages[s.position as usize].continue_on_error
+                s.state == StageState::Failed && !self.run.definition.stages[s.position as usize].continue_on_error
             });
             self.run.state = if self.run.cancel_requested {
                 RunState::Cancelled
@@ -532,7 +523,13 @@ impl RunSnapshot {
 
     /// Applies a claim to stage `key` at `now` (what stores do in their claim statement, for
     /// stores that work on whole snapshots).
-    pub fn claim_stage(&mut self, key: &str, owner: &str, now: Timestamp, lease_until: Timestamp) -> Result<u32, CoreError> {
+    pub fn claim_stage(
+        &mut self,
+        key: &str,
+        owner: &str,
+        now: Timestamp,
+        lease_until: Timestamp,
+    ) -> Result<u32, CoreError> {
         let i = self.stage_index(key)?;
         let stage = &mut self.stages[i];
         if stage.state == StageState::Running {
@@ -565,9 +562,7 @@ impl Stage {
     pub fn claimable(&self, now: Timestamp) -> bool {
         match self.state {
             StageState::Queued => self.ready_at.is_some_and(|t| t <= now),
-            StageState::Running => {
-                !self.cancel_requested && self.lease_expires_at.is_some_and(|t| t <= now)
-            }
+            StageState::Running => !self.cancel_requested && self.lease_expires_at.is_some_and(|t| t <= now),
             _ => false,
         }
     }

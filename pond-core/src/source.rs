@@ -117,12 +117,16 @@ impl SourceInput {
                         && !r.contains("..")
                         && r.bytes().all(|b| b.is_ascii_graphic() && !b"~^:?*[\\".contains(&b));
                     if !ok {
-                        return Err(FieldError::new(format!("{field}.config.ref"), format!("`{r}` is not a valid git ref")));
+                        return Err(FieldError::new(
+                            format!("{field}.config.ref"),
+                            format!("`{r}` is not a valid git ref"),
+                        ));
                     }
                 }
             }
-            SourceSpec::Local { path } => check_local_path(path, policy)
-                .map_err(|r| FieldError::new(format!("{field}.config.path"), r))?,
+            SourceSpec::Local { path } => {
+                check_local_path(path, policy).map_err(|r| FieldError::new(format!("{field}.config.path"), r))?
+            }
             SourceSpec::Bundle { .. } => {}
         }
         Ok(Source { label, spec, resolved: None })
@@ -203,14 +207,25 @@ mod tests {
 
     #[test]
     fn sources_are_validated_field_by_field() {
-        let ok = check(json!({"label":"repo","kind":"git_https","config":{"url":"https://example.com/a.git","ref":"main"}})).unwrap();
+        let ok =
+            check(json!({"label":"repo","kind":"git_https","config":{"url":"https://example.com/a.git","ref":"main"}}))
+                .unwrap();
         assert!(matches!(ok.spec, SourceSpec::GitHttps { .. }));
         check(json!({"kind":"local","config":{"path":"/srv/repos/x"}})).unwrap();
         let cases = [
-            (json!({"kind":"git_https","config":{"url":"ftp://x/y"}}), "sources[0].config.url: `ftp://x/y` is not an https URL"),
-            (json!({"kind":"git_https","config":{"url":"http://x/y"}}), "sources[0].config.url: `http://x/y` is not an https URL (plain http"),
+            (
+                json!({"kind":"git_https","config":{"url":"ftp://x/y"}}),
+                "sources[0].config.url: `ftp://x/y` is not an https URL",
+            ),
+            (
+                json!({"kind":"git_https","config":{"url":"http://x/y"}}),
+                "sources[0].config.url: `http://x/y` is not an https URL (plain http",
+            ),
             (json!({"kind":"git_https","config":{"url":"https://u:p@x/y"}}), "sources[0].config.url: credentials"),
-            (json!({"kind":"git_https","config":{"url":"https://x/y","ref":"--upload-pack=evil"}}), "sources[0].config.ref"),
+            (
+                json!({"kind":"git_https","config":{"url":"https://x/y","ref":"--upload-pack=evil"}}),
+                "sources[0].config.ref",
+            ),
             (json!({"kind":"git_https","config":{}}), "sources[0].config.url: is required"),
             (json!({"kind":"svn","config":{}}), "sources[0].kind: unknown source kind `svn`"),
             (json!({"kind":"local","config":{"path":"/etc"}}), "sources[0].config.path: `/etc` is outside"),

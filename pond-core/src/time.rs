@@ -97,9 +97,7 @@ impl<'de> Deserialize<'de> for Millis {
                 f.write_str("a duration: seconds as a number, or text such as \"90s\" or \"5m\"")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Millis, E> {
-                v.checked_mul(1000)
-                    .map(Millis)
-                    .ok_or_else(|| E::custom("duration is too long"))
+                v.checked_mul(1000).map(Millis).ok_or_else(|| E::custom("duration is too long"))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Millis, E> {
                 if v < 0 {
@@ -135,10 +133,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
         Timestamp(ms)
     }
 }
@@ -154,8 +149,7 @@ impl FakeClock {
     }
     /// Moves the clock forward.
     pub fn advance(&self, span: Millis) {
-        self.0
-            .fetch_add(span.0 as i64, std::sync::atomic::Ordering::SeqCst);
+        self.0.fetch_add(span.0 as i64, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

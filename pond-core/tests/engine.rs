@@ -48,7 +48,11 @@ struct NoWorkspaces;
 #[async_trait]
 impl Workspaces for NoWorkspaces {
     async fn prepare(&self, run: &Run) -> Result<Workspace, String> {
-        let resolved = run.sources.iter().map(|s| ResolvedSource { commit: None, input_sha: format!("sha-of-{}", s.label) }).collect();
+        let resolved = run
+            .sources
+            .iter()
+            .map(|s| ResolvedSource { commit: None, input_sha: format!("sha-of-{}", s.label) })
+            .collect();
         Ok(Workspace { cwd: "/nonexistent".into(), sources: vec![], resolved })
     }
     async fn release(&self, _run: RunId) {}
@@ -84,7 +88,8 @@ impl World {
 
     fn engine(&self, node: &str) -> Engine {
         let config = EngineConfig { node_id: node.into(), lease: Millis::from_secs(30), ..Default::default() };
-        Engine::new(self.store.clone(), self.clock.clone(), Arc::new(NoWorkspaces), config).with_executor(self.exec.clone())
+        Engine::new(self.store.clone(), self.clock.clone(), Arc::new(NoWorkspaces), config)
+            .with_executor(self.exec.clone())
     }
 
     fn tick(&self, secs: u64) {
@@ -180,7 +185,9 @@ async fn failed_attempts_retry_after_backoff_then_succeed() {
     let fail = |msg: &str| StageOutcome::Failed { error: msg.into(), exit_code: Some(1) };
     w.exec.will("flaky", vec![fail("first"), fail("second")]);
     let id = engine
-        .submit(request(json!({"stages":[{"key":"flaky","executor":{"kind":"noop"},"max_attempts":3,"backoff":"10s"}]})))
+        .submit(request(
+            json!({"stages":[{"key":"flaky","executor":{"kind":"noop"},"max_attempts":3,"backoff":"10s"}]}),
+        ))
         .await
         .unwrap()
         .snapshot
@@ -287,7 +294,10 @@ async fn a_lost_lease_is_retried_as_a_new_attempt_and_the_late_result_refused() 
     let snap = survivor.get(id).await.unwrap();
     assert_eq!(snap.run.state, RunState::Succeeded);
     let history: Vec<_> = snap.attempts.iter().map(|a| (a.number, a.owner.as_str(), a.outcome.unwrap())).collect();
-    assert_eq!(history, vec![(1, "crashed-node", AttemptOutcome::LeaseExpired), (2, "survivor", AttemptOutcome::Succeeded)]);
+    assert_eq!(
+        history,
+        vec![(1, "crashed-node", AttemptOutcome::LeaseExpired), (2, "survivor", AttemptOutcome::Succeeded)]
+    );
 }
 
 #[tokio::test]
@@ -295,7 +305,9 @@ async fn cancel_stops_running_stages_and_cancels_the_rest() {
     let w = World::new();
     let engine = w.engine("n1");
     let id = engine
-        .submit(request(json!({"stages":[{"key":"a","executor":{"kind":"noop"}},{"key":"b","executor":{"kind":"noop"}}]})))
+        .submit(request(
+            json!({"stages":[{"key":"a","executor":{"kind":"noop"}},{"key":"b","executor":{"kind":"noop"}}]}),
+        ))
         .await
         .unwrap()
         .snapshot
@@ -321,7 +333,13 @@ async fn cancel_stops_running_stages_and_cancels_the_rest() {
 async fn a_cancelled_stage_whose_node_died_is_reaped() {
     let w = World::new();
     let engine = w.engine("n1");
-    let id = engine.submit(request(json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]}))).await.unwrap().snapshot.run.id;
+    let id = engine
+        .submit(request(json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]})))
+        .await
+        .unwrap()
+        .snapshot
+        .run
+        .id;
     claim_keys(&engine).await;
     engine.cancel(id, "stop").await.unwrap();
     assert_eq!(engine.sweep().await.unwrap(), 0);
@@ -334,7 +352,13 @@ async fn a_cancelled_stage_whose_node_died_is_reaped() {
 async fn a_timeout_is_a_failure_that_names_the_limit() {
     let w = World::new();
     let engine = w.engine("n1");
-    let id = engine.submit(request(json!({"stages":[{"key":"slow","executor":{"kind":"noop"},"timeout":"2m"}]}))).await.unwrap().snapshot.run.id;
+    let id = engine
+        .submit(request(json!({"stages":[{"key":"slow","executor":{"kind":"noop"},"timeout":"2m"}]})))
+        .await
+        .unwrap()
+        .snapshot
+        .run
+        .id;
     let (_, claims) = claim_keys(&engine).await;
     let outcome = engine.execute(&claims[0], &Fired(Some(StopReason::TimedOut))).await;
     assert_eq!(outcome, StageOutcome::Failed { error: "timed out after 2m".into(), exit_code: None });
@@ -360,7 +384,10 @@ async fn submit_validates_and_honours_idempotency_keys() {
     assert!(bad(shell).await.contains("project_id"));
     let mut with_bundle = request(json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]}));
     let foreign = w.store.put_blob("other-project", b"x", w.clock.now()).await.unwrap();
-    with_bundle.sources = vec![serde_json::from_value::<SourceInput>(json!({"kind":"bundle","config":{"bundle_id": foreign.id}})).unwrap()];
+    with_bundle.sources =
+        vec![
+            serde_json::from_value::<SourceInput>(json!({"kind":"bundle","config":{"bundle_id": foreign.id}})).unwrap()
+        ];
     let err = bad(with_bundle).await;
     assert!(err.contains("sources[0].config.bundle_id: no bundle"), "{err}");
 }
@@ -371,7 +398,10 @@ async fn what_a_source_resolved_to_is_recorded_once() {
     let engine = w.engine("n1");
     let own = w.store.put_blob("acme", b"bytes", w.clock.now()).await.unwrap();
     let mut req = request(json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]}));
-    req.sources = vec![serde_json::from_value::<SourceInput>(json!({"label":"code","kind":"bundle","config":{"bundle_id": own.id}})).unwrap()];
+    req.sources = vec![serde_json::from_value::<SourceInput>(
+        json!({"label":"code","kind":"bundle","config":{"bundle_id": own.id}}),
+    )
+    .unwrap()];
     let id = engine.submit(req).await.unwrap().snapshot.run.id;
     let (_, claims) = claim_keys(&engine).await;
     run_claims(&engine, claims).await;

@@ -186,7 +186,12 @@ pub fn repo_map(root: &Path) -> std::io::Result<Vec<Area>> {
             Some((top, _)) => top.to_string(),
             None => ".".to_string(),
         };
-        let area = areas.entry(name.clone()).or_insert_with(|| Area { area: name, files: 0, bytes: 0, languages: BTreeMap::new() });
+        let area = areas.entry(name.clone()).or_insert_with(|| Area {
+            area: name,
+            files: 0,
+            bytes: 0,
+            languages: BTreeMap::new(),
+        });
         area.files += 1;
         area.bytes += file.size;
         *area.languages.entry(file.language).or_default() += 1;
@@ -223,7 +228,11 @@ impl Executor for BuiltinExecutor {
                 BuiltinName::FileInventory => {
                     let files = file_inventory(&root)?;
                     let bytes: u64 = files.iter().map(|f| f.size).sum();
-                    (format!("inventory: {} files, {bytes} bytes", files.len()), "inventory.jsonl".into(), jsonl(&files))
+                    (
+                        format!("inventory: {} files, {bytes} bytes", files.len()),
+                        "inventory.jsonl".into(),
+                        jsonl(&files),
+                    )
                 }
                 BuiltinName::TodoScan => {
                     let todos = todo_scan(&root)?;
@@ -286,7 +295,15 @@ mod tests {
         std::fs::write(root.join("src/blob.bin"), b"\0TODO\0").unwrap();
         let files = file_inventory(root).unwrap();
         let paths: Vec<_> = files.iter().map(|f| (f.path.as_str(), f.language)).collect();
-        assert_eq!(paths, vec![("README.md", "text"), ("src/blob.bin", "other"), ("src/inner/x.py", "python"), ("src/main.rs", "rust")]);
+        assert_eq!(
+            paths,
+            vec![
+                ("README.md", "text"),
+                ("src/blob.bin", "other"),
+                ("src/inner/x.py", "python"),
+                ("src/main.rs", "rust")
+            ]
+        );
         let todos = todo_scan(root).unwrap();
         let found: Vec<_> = todos.iter().map(|t| (t.path.as_str(), t.line, t.kind)).collect();
         assert_eq!(found, vec![("src/inner/x.py", 1, "FIXME"), ("src/main.rs", 2, "TODO")]);

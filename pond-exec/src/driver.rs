@@ -127,7 +127,8 @@ impl Driver {
             .get(claim.stage.position as usize)
             .map(|s| s.effective_timeout())
             .unwrap_or_default();
-        let renew_every = (self.engine.config().lease.to_std() / 3).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        let renew_every =
+            (self.engine.config().lease.to_std() / 3).clamp(Duration::from_millis(100), Duration::from_secs(10));
         let outcome = {
             let exec = self.engine.execute(&claim, &stop);
             tokio::pin!(exec);

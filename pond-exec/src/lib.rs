@@ -17,6 +17,6 @@ mod workspace;
 pub use builtin::{file_inventory, language_of, repo_map, todo_scan, Area, BuiltinExecutor, FileEntry, Todo};
 pub use driver::{Driver, DriverConfig};
 pub use noop::NoopExecutor;
-pub use shell::{ShellConfig, ShellExecutor};
+pub use shell::{reap_orphans, ShellConfig, ShellExecutor};
 pub use stop::StopHandle;
 pub use workspace::{pack_dir, tree_digest, unpack_bundle, FetchConfig, LocalWorkspaces};

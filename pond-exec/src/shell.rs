@@ -37,6 +37,9 @@ pub struct ShellConfig {
     pub scratch_root: PathBuf,
     /// Largest artifact stored.
     pub max_artifact_bytes: u64,
+    /// Where the process groups of running stages are recorded, so that the next start can
+    /// kill the ones a crashed process left behind (see [`reap_orphans`]).
+    pub group_dir: Option<PathBuf>,
 }
 
 impl ShellConfig {
@@ -47,6 +50,7 @@ impl ShellConfig {
             kill_grace: Duration::from_secs(10),
             scratch_root,
             max_artifact_bytes: 256 * 1024 * 1024,
+            group_dir: None,
         }
     }
 }
@@ -65,10 +69,56 @@ impl ShellExecutor {
 }
 
 /// Kills the process group when dropped, so an abandoned attempt (its task dropped, its node
-/// shutting down) leaves no processes behind.
-struct GroupGuard(Option<i32>);
+/// shutting down) leaves no processes behind. With a record file, the group is also known to
+/// the next start of this node if this process dies without running any destructor.
+struct GroupGuard(Option<i32>, Option<PathBuf>);
+
+/// The start time of process `pid` in clock ticks since boot (field 22 of `/proc/<pid>/stat`),
+/// which tells a live process from a later one that reused its pid.
+fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills the process groups recorded in `dir` by an earlier process that died while stages
+/// ran (kill -9, OOM, power loss of the container), then clears the records. Returns how many
+/// groups were still alive.
+pub fn reap_orphans(dir: &Path) -> std::io::Result<usize> {
+    let mut killed = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let recorded = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            if let (Ok(pgid), Ok(ticks)) = (name.parse::<i32>(), recorded.trim().parse::<u64>()) {
+                if pgid > 1 && start_ticks(pgid) == Some(ticks) {
+                    // SAFETY: killpg only sends a signal to the recorded group.
+                    unsafe {
+                        libc::killpg(pgid, libc::SIGKILL);
+                    }
+                    killed += 1;
+                }
+            }
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    Ok(killed)
+}
 
 impl GroupGuard {
+    fn new(pgid: Option<i32>, dir: Option<&Path>) -> Self {
+        let record = match (pgid, dir) {
+            (Some(pgid), Some(dir)) => {
+                let path = dir.join(pgid.to_string());
+                let ticks = start_ticks(pgid).map(|t| t.to_string()).unwrap_or_default();
+                std::fs::write(&path, ticks).ok().map(|()| path)
+            }
+            _ => None,
+        };
+        GroupGuard(pgid, record)
+    }
+
     fn signal(&self, sig: i32) {
         if let Some(pgid) = self.0 {
             // SAFETY: killpg only sends a signal; a stale pgid at worst yields ESRCH.
@@ -82,6 +132,9 @@ impl GroupGuard {
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         self.signal(libc::SIGKILL);
+        if let Some(path) = &self.1 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -213,7 +266,7 @@ impl Executor for ShellExecutor {
             Ok(c) => c,
             Err(e) => return fail(format!("starting `{}`: {e}", command.argv[0])),
         };
-        let group = GroupGuard(child.id().map(|pid| pid as i32));
+        let group = GroupGuard::new(child.id().map(|pid| pid as i32), self.config.group_dir.as_deref());
         let (tx, rx) = mpsc::channel(1024);
         let pumps = [
             child.stdout.take().map(|out| tokio::spawn(pump(out, LogStream::Stdout, tx.clone()))),
@@ -267,7 +320,9 @@ impl Executor for ShellExecutor {
         use std::os::unix::process::ExitStatusExt;
         match (status.code(), status.signal()) {
             (Some(0), _) => StageOutcome::Succeeded,
-            (Some(code), _) => StageOutcome::Failed { error: format!("exited with code {code}"), exit_code: Some(code) },
+            (Some(code), _) => {
+                StageOutcome::Failed { error: format!("exited with code {code}"), exit_code: Some(code) }
+            }
             (None, Some(sig)) => StageOutcome::Failed { error: format!("killed by signal {sig}"), exit_code: None },
             (None, None) => fail("ended without an exit status".into()),
         }

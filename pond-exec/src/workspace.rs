@@ -82,7 +82,8 @@ impl LocalWorkspaces {
         let mut resolved = Vec::new();
         for source in &run.sources {
             let target = dir.join(&source.label);
-            let commit = self.fetch_one(run, source, &target).await.map_err(|e| format!("source `{}`: {e}", source.label))?;
+            let commit =
+                self.fetch_one(run, source, &target).await.map_err(|e| format!("source `{}`: {e}", source.label))?;
             let digest_root = target.clone();
             let input_sha = tokio::task::spawn_blocking(move || tree_digest(&digest_root))
                 .await
@@ -134,7 +135,8 @@ impl LocalWorkspaces {
                     .filter(|m| m.project_id == run.project_id)
                     .ok_or_else(|| format!("bundle {bundle_id} not found"))?;
                 let data = read_blob(&*self.store, &meta).await.map_err(|e| e.to_string())?;
-                let (to, limits) = (target.to_path_buf(), (self.config.max_unpacked_bytes, self.config.max_bundle_entries));
+                let (to, limits) =
+                    (target.to_path_buf(), (self.config.max_unpacked_bytes, self.config.max_bundle_entries));
                 tokio::task::spawn_blocking(move || unpack_bundle(&data, &to, limits.0, limits.1))
                     .await
                     .map_err(|e| e.to_string())??;
@@ -182,9 +184,15 @@ impl LocalWorkspaces {
         let is_sha = want.is_some_and(|w| w.len() >= 7 && w.len() <= 64 && w.bytes().all(|b| b.is_ascii_hexdigit()));
         let shallow = match want {
             Some(r) if !is_sha => {
-                self.git(&["clone", "--quiet", "--depth", "1", "--no-recurse-submodules", "--branch", r, "--", url, &dest], None).await
+                self.git(
+                    &["clone", "--quiet", "--depth", "1", "--no-recurse-submodules", "--branch", r, "--", url, &dest],
+                    None,
+                )
+                .await
             }
-            None => self.git(&["clone", "--quiet", "--depth", "1", "--no-recurse-submodules", "--", url, &dest], None).await,
+            None => {
+                self.git(&["clone", "--quiet", "--depth", "1", "--no-recurse-submodules", "--", url, &dest], None).await
+            }
             Some(_) => Err("a commit needs a full clone".into()),
         };
         if shallow.is_err() {
@@ -241,7 +249,11 @@ pub fn tree_digest(root: &Path) -> std::io::Result<String> {
         let rel = entry.path().strip_prefix(root).unwrap_or(entry.path()).to_string_lossy().into_owned();
         let ft = entry.file_type();
         if ft.is_file() {
-            let mode = if entry.metadata().map_err(std::io::Error::other)?.permissions().mode() & 0o111 != 0 { "755" } else { "644" };
+            let mode = if entry.metadata().map_err(std::io::Error::other)?.permissions().mode() & 0o111 != 0 {
+                "755"
+            } else {
+                "644"
+            };
             let mut file_hash = Sha256::new();
             let mut file = std::fs::File::open(entry.path())?;
             let mut buf = vec![0u8; 64 * 1024];

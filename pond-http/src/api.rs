@@ -25,7 +25,9 @@ use serde::Deserialize;
 use crate::auth::{mint_token, Principal};
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::wire::{ArtifactList, BundleCreated, CreateKey, KeyList, KeyView, LogEnd, LogPage, RunPage, RunSummary, RunView};
+use crate::wire::{
+    ArtifactList, BundleCreated, CreateKey, KeyList, KeyView, LogEnd, LogPage, RunPage, RunSummary, RunView,
+};
 
 /// The whole HTTP API.
 pub fn app(state: AppState) -> Router {
@@ -54,8 +56,7 @@ pub struct ApiJson<T>(pub T);
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.to_string().contains("length limit"))
+        let too_large = std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"))
             || e.to_string().contains("length limit");
         if too_large {
             ApiError::TooLarge(format!("body exceeds {limit} bytes"))
@@ -100,20 +101,17 @@ fn url_pairs(query: &str) -> Vec<(String, String)> {
 }
 
 fn number<T: FromStr>(field: &str, text: Option<&str>) -> Result<Option<T>, ApiError> {
-    text.map(|t| t.parse::<T>().map_err(|_| ApiError::invalid(format!("query.{field}"), format!("`{t}` is not a number"))))
-        .transpose()
+    text.map(|t| {
+        t.parse::<T>().map_err(|_| ApiError::invalid(format!("query.{field}"), format!("`{t}` is not a number")))
+    })
+    .transpose()
 }
 
 async fn visible_run(state: &AppState, who: &Principal, id: &str) -> Result<RunSnapshot, ApiError> {
     let not_found = || ApiError::NotFound(format!("run {id} not found"));
     let run_id = RunId::from_str(id).map_err(|_| not_found())?;
     // Another project's run answers exactly like a missing one, so ids do not leak.
-    state
-        .store
-        .get_run(run_id)
-        .await?
-        .filter(|s| who.can_use(&s.run.project_id))
-        .ok_or_else(not_found)
+    state.store.get_run(run_id).await?.filter(|s| who.can_use(&s.run.project_id)).ok_or_else(not_found)
 }
 
 #[derive(Deserialize)]
@@ -141,7 +139,8 @@ async fn submit_run(
         return Err(ApiError::Forbidden(format!("this token may not use project `{project}`")));
     }
     if body.encrypt == Some(true) {
-        let field = if body.recipient_pubkeys.as_ref().is_none_or(|r| r.is_empty()) { "recipient_pubkeys" } else { "encrypt" };
+        let field =
+            if body.recipient_pubkeys.as_ref().is_none_or(|r| r.is_empty()) { "recipient_pubkeys" } else { "encrypt" };
         let reason = if field == "recipient_pubkeys" {
             "`encrypt: true` needs at least one recipient public key"
         } else {
@@ -150,12 +149,19 @@ async fn submit_run(
         return Err(ApiError::invalid(field, reason));
     }
     let idempotency_key = match headers.get("idempotency-key") {
-        Some(v) => Some(v.to_str().map_err(|_| ApiError::invalid("Idempotency-Key", "must be visible ASCII"))?.to_string()),
+        Some(v) => {
+            Some(v.to_str().map_err(|_| ApiError::invalid("Idempotency-Key", "must be visible ASCII"))?.to_string())
+        }
         None => None,
     };
     let submitted = state
         .engine
-        .submit(SubmitRequest { project_id: project, definition: body.definition, sources: body.sources, idempotency_key })
+        .submit(SubmitRequest {
+            project_id: project,
+            definition: body.definition,
+            sources: body.sources,
+            idempotency_key,
+        })
         .await?;
     let status = if submitted.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(RunView::from(submitted.snapshot))).into_response())
@@ -170,7 +176,11 @@ struct ListQuery {
     cursor: Option<String>,
 }
 
-async fn list_runs(State(state): State<AppState>, who: Principal, uri: axum::http::Uri) -> Result<Json<RunPage>, ApiError> {
+async fn list_runs(
+    State(state): State<AppState>,
+    who: Principal,
+    uri: axum::http::Uri,
+) -> Result<Json<RunPage>, ApiError> {
     let q: ListQuery = parse_query(uri.query())?;
     let limit = number::<u32>("limit", q.limit.as_deref())?.unwrap_or(50).clamp(1, state.limits.max_page);
     let run_state = q
@@ -178,7 +188,10 @@ async fn list_runs(State(state): State<AppState>, who: Principal, uri: axum::htt
         .as_deref()
         .map(|s| {
             RunState::parse(s).ok_or_else(|| {
-                ApiError::invalid("query.state", format!("`{s}` is not one of queued, running, succeeded, failed, cancelled"))
+                ApiError::invalid(
+                    "query.state",
+                    format!("`{s}` is not one of queued, running, succeeded, failed, cancelled"),
+                )
             })
         })
         .transpose()?;
@@ -212,11 +225,19 @@ async fn list_runs(State(state): State<AppState>, who: Principal, uri: axum::htt
     Ok(Json(RunPage { runs, next_cursor }))
 }
 
-async fn get_run(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<RunView>, ApiError> {
+async fn get_run(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<RunView>, ApiError> {
     Ok(Json(visible_run(&state, &who, &id).await?.into()))
 }
 
-async fn cancel_run(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<RunView>, ApiError> {
+async fn cancel_run(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<RunView>, ApiError> {
     let run = visible_run(&state, &who, &id).await?;
     let snapshot = state.engine.cancel(run.run.id, "cancelled by request").await?;
     if let Some(driver) = &state.driver {
@@ -271,7 +292,11 @@ fn line_event(line: &LogLine) -> Event {
 /// Server-sent events: `log` events (id = seq, for `Last-Event-ID` resumes) until the run
 /// ends, then one `end` event with the final state. Waits on store changes, with a 1 s
 /// fallback poll.
-fn follow_logs(state: AppState, run: RunId, after: i64) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+fn follow_logs(
+    state: AppState,
+    run: RunId,
+    after: i64,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let changes = state.store.output_changed();
     let start = Follow { state, run, cursor: after, pending: Default::default(), done: false, changes };
     let stream = futures_util::stream::unfold(start, |mut f| async move {
@@ -321,12 +346,20 @@ fn follow_logs(state: AppState, run: RunId, after: i64) -> Sse<impl futures_util
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
-async fn list_artifacts(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<ArtifactList>, ApiError> {
+async fn list_artifacts(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<ArtifactList>, ApiError> {
     let run = visible_run(&state, &who, &id).await?;
     Ok(Json(ArtifactList { artifacts: state.store.list_artifacts(run.run.id).await? }))
 }
 
-async fn get_artifact(State(state): State<AppState>, who: Principal, Path((id, name)): Path<(String, String)>) -> Result<Response, ApiError> {
+async fn get_artifact(
+    State(state): State<AppState>,
+    who: Principal,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     let run = visible_run(&state, &who, &id).await?;
     let artifact = state
         .store
@@ -368,7 +401,12 @@ struct BundleQuery {
     project: Option<String>,
 }
 
-async fn upload_bundle(State(state): State<AppState>, who: Principal, uri: axum::http::Uri, req: Request) -> Result<Response, ApiError> {
+async fn upload_bundle(
+    State(state): State<AppState>,
+    who: Principal,
+    uri: axum::http::Uri,
+    req: Request,
+) -> Result<Response, ApiError> {
     let q: BundleQuery = parse_query(uri.query())?;
     let project = q.project.ok_or_else(|| ApiError::invalid("query.project", "is required"))?;
     if !who.can_use(&project) {
@@ -383,15 +421,23 @@ async fn upload_bundle(State(state): State<AppState>, who: Principal, uri: axum:
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-async fn create_key(State(state): State<AppState>, who: Principal, ApiJson(body): ApiJson<CreateKey>) -> Result<Response, ApiError> {
+async fn create_key(
+    State(state): State<AppState>,
+    who: Principal,
+    ApiJson(body): ApiJson<CreateKey>,
+) -> Result<Response, ApiError> {
     who.require_admin()?;
     if body.projects.is_empty() {
         return Err(ApiError::invalid("projects", "must name at least one project"));
     }
     for (i, p) in body.projects.iter().enumerate() {
-        let ok = !p.is_empty() && p.len() <= 128 && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        let ok =
+            !p.is_empty() && p.len() <= 128 && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
         if !ok {
-            return Err(ApiError::invalid(format!("projects[{i}]"), "must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`"));
+            return Err(ApiError::invalid(
+                format!("projects[{i}]"),
+                "must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`",
+            ));
         }
     }
     let name = body.name.unwrap_or_else(|| format!("key for {}", body.projects.join(",")));
@@ -408,7 +454,11 @@ async fn list_keys(State(state): State<AppState>, who: Principal) -> Result<Json
     Ok(Json(KeyList { keys }))
 }
 
-async fn revoke_key(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+async fn revoke_key(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     who.require_admin()?;
     let token = TokenId::from_str(&id).map_err(|_| ApiError::NotFound(format!("key {id} not found")))?;
     if token == who.token_id {

@@ -25,9 +25,21 @@ pub struct BenchReport {
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "pond bench --runs {} --clients {}  (SQLite store, one-stage noop runs, HTTP on 127.0.0.1)", self.runs, self.clients)?;
-        writeln!(f, "submit (POST /v1/runs):      {:>8.0} runs/s   latency p50 {:.1} ms, p99 {:.1} ms", self.submits_per_sec, self.submit_ms.0, self.submit_ms.1)?;
-        write!(f, "end to end (submit→done):    {:>8.0} runs/s   latency p50 {:.1} ms, p99 {:.1} ms", self.completed_per_sec, self.run_ms.0, self.run_ms.1)
+        writeln!(
+            f,
+            "pond bench --runs {} --clients {}  (SQLite store, one-stage noop runs, HTTP on 127.0.0.1)",
+            self.runs, self.clients
+        )?;
+        writeln!(
+            f,
+            "submit (POST /v1/runs):      {:>8.0} runs/s   latency p50 {:.1} ms, p99 {:.1} ms",
+            self.submits_per_sec, self.submit_ms.0, self.submit_ms.1
+        )?;
+        write!(
+            f,
+            "end to end (submit→done):    {:>8.0} runs/s   latency p50 {:.1} ms, p99 {:.1} ms",
+            self.completed_per_sec, self.run_ms.0, self.run_ms.1
+        )
     }
 }
 

@@ -82,7 +82,8 @@ impl CliConfig {
     /// Reads the file; a missing file is an empty configuration.
     pub fn load(path: &Path) -> Result<Self, CliError> {
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| CliError::Input(format!("{} is not a valid pond config: {e}", path.display()))),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| CliError::Input(format!("{} is not a valid pond config: {e}", path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CliConfig::default()),
             Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
         }
@@ -206,17 +207,17 @@ pub fn build_submit(client: &Client, target: &Target, options: &SubmitOptions) -
             options.file.display()
         )));
     };
-    let obj = body.as_object_mut().ok_or_else(|| CliError::Input("the workflow file must hold a JSON object".into()))?;
-    let file_project = obj.get("project_id").or_else(|| obj.get("projectId")).and_then(|v| v.as_str()).map(str::to_string);
-    let project = options
-        .project
-        .clone()
-        .or(file_project)
-        .or_else(|| target.project.clone())
-        .ok_or_else(|| CliError::Input("no project: pass --project, set POND_PROJECT, or set one on the context".into()))?;
+    let obj =
+        body.as_object_mut().ok_or_else(|| CliError::Input("the workflow file must hold a JSON object".into()))?;
+    let file_project =
+        obj.get("project_id").or_else(|| obj.get("projectId")).and_then(|v| v.as_str()).map(str::to_string);
+    let project = options.project.clone().or(file_project).or_else(|| target.project.clone()).ok_or_else(|| {
+        CliError::Input("no project: pass --project, set POND_PROJECT, or set one on the context".into())
+    })?;
     obj.remove("projectId");
     obj.insert("project_id".into(), project.clone().into());
-    let mut sources: Vec<serde_json::Value> = obj.get("sources").and_then(|s| s.as_array()).cloned().unwrap_or_default();
+    let mut sources: Vec<serde_json::Value> =
+        obj.get("sources").and_then(|s| s.as_array()).cloned().unwrap_or_default();
     let mut labels: Vec<String> = sources.iter().filter_map(|s| s.get("label")?.as_str().map(str::to_string)).collect();
     for source in &options.sources {
         let label = label_for(source, &labels);
@@ -234,7 +235,8 @@ pub fn build_submit(client: &Client, target: &Target, options: &SubmitOptions) -
             }
             let packed = pond_exec::pack_dir(dir).map_err(io_err(format!("packing {source}")))?;
             let bundle = client.upload_bundle(&project, &packed)?;
-            sources.push(serde_json::json!({"label": label, "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}));
+            sources
+                .push(serde_json::json!({"label": label, "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}));
         }
     }
     obj.insert("sources".into(), serde_json::Value::Array(sources));
@@ -295,7 +297,13 @@ pub fn format_run(run: &RunView) -> String {
         let resolved = src
             .resolved
             .as_ref()
-            .map(|r| format!("input_sha {}{}", r.input_sha, r.commit.as_ref().map(|c| format!(" commit {c}")).unwrap_or_default()))
+            .map(|r| {
+                format!(
+                    "input_sha {}{}",
+                    r.input_sha,
+                    r.commit.as_ref().map(|c| format!(" commit {c}")).unwrap_or_default()
+                )
+            })
             .unwrap_or_else(|| "not fetched yet".into());
         s.push_str(&format!("source   {} ({}): {resolved}\n", src.label, source_kind(&src.spec)));
     }
@@ -325,7 +333,14 @@ fn source_kind(spec: &pond_core::source::SourceSpec) -> &'static str {
 pub fn format_run_page(page: &RunPage) -> String {
     let mut s = format!("{:<36}  {:<16} {:<10} {:>6}  {}\n", "RUN", "PROJECT", "STATE", "STAGES", "CREATED");
     for r in &page.runs {
-        s.push_str(&format!("{:<36}  {:<16} {:<10} {:>6}  {}\n", r.id, r.project_id, r.state.as_str(), r.stages, r.created_at));
+        s.push_str(&format!(
+            "{:<36}  {:<16} {:<10} {:>6}  {}\n",
+            r.id,
+            r.project_id,
+            r.state.as_str(),
+            r.stages,
+            r.created_at
+        ));
     }
     if let Some(c) = page.next_cursor {
         s.push_str(&format!("(more: --cursor {c})\n"));
@@ -340,10 +355,16 @@ mod tests {
     #[test]
     fn targets_resolve_flags_then_context_then_local_default() {
         let mut config = CliConfig::default();
-        config.contexts.insert("prod".into(), Context { server: "https://pond.example".into(), token: Some("t1".into()), project: Some("acme".into()) });
+        config.contexts.insert(
+            "prod".into(),
+            Context { server: "https://pond.example".into(), token: Some("t1".into()), project: Some("acme".into()) },
+        );
         config.current = Some("prod".into());
         let t = resolve_target(&config, &TargetOverrides::default()).unwrap();
-        assert_eq!((t.server.as_str(), t.token.as_deref(), t.project.as_deref()), ("https://pond.example", Some("t1"), Some("acme")));
+        assert_eq!(
+            (t.server.as_str(), t.token.as_deref(), t.project.as_deref()),
+            ("https://pond.example", Some("t1"), Some("acme"))
+        );
         let o = TargetOverrides { server: Some("http://other".into()), token: Some("t2".into()), ..Default::default() };
         let t = resolve_target(&config, &o).unwrap();
         assert_eq!((t.server.as_str(), t.token.as_deref()), ("http://other", Some("t2")));
@@ -360,7 +381,9 @@ mod tests {
         let path = dir.path().join("sub/config.json");
         assert_eq!(CliConfig::load(&path).unwrap(), CliConfig::default());
         let mut config = CliConfig::default();
-        config.contexts.insert("a".into(), Context { server: "http://x".into(), token: Some("secret".into()), project: None });
+        config
+            .contexts
+            .insert("a".into(), Context { server: "http://x".into(), token: Some("secret".into()), project: None });
         config.save(&path).unwrap();
         assert_eq!(CliConfig::load(&path).unwrap(), config);
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);

@@ -109,7 +109,12 @@ impl Client {
             Err(ureq::Error::Status(status, response)) => {
                 let text = response.into_string().unwrap_or_default();
                 let body = serde_json::from_str::<ErrorBody>(&text).unwrap_or_else(|_| ErrorBody {
-                    error: crate::error::ErrorDetail { code: "http_error".into(), message: text.chars().take(500).collect(), field: None, reason: None },
+                    error: crate::error::ErrorDetail {
+                        code: "http_error".into(),
+                        message: text.chars().take(500).collect(),
+                        field: None,
+                        reason: None,
+                    },
                 });
                 Err(ClientError::Api { status, body })
             }
@@ -137,7 +142,13 @@ impl Client {
     }
 
     /// `GET /v1/runs`.
-    pub fn list_runs(&self, project: Option<&str>, state: Option<&str>, limit: Option<u32>, cursor: Option<&str>) -> Result<RunPage, ClientError> {
+    pub fn list_runs(
+        &self,
+        project: Option<&str>,
+        state: Option<&str>,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<RunPage, ClientError> {
         let mut query = Vec::new();
         if let Some(p) = project {
             query.push(format!("project={}", encode_query(p)));
@@ -216,7 +227,9 @@ impl Client {
         }
         let got = hex::encode(hasher.finalize());
         match expected {
-            Some(want) if want != got => Err(ClientError::Decode(format!("artifact `{name}` arrived corrupted: sha256 {got}, expected {want}"))),
+            Some(want) if want != got => {
+                Err(ClientError::Decode(format!("artifact `{name}` arrived corrupted: sha256 {got}, expected {want}")))
+            }
             _ => Ok(total),
         }
     }
@@ -250,7 +263,11 @@ enum Body<'a> {
 }
 
 /// Reads server-sent events until the stream ends (`None`) or an `end` event arrives.
-fn read_events(reader: impl Read, cursor: &mut i64, on_line: &mut dyn FnMut(&LogLine)) -> Result<Option<LogEnd>, ClientError> {
+fn read_events(
+    reader: impl Read,
+    cursor: &mut i64,
+    on_line: &mut dyn FnMut(&LogLine),
+) -> Result<Option<LogEnd>, ClientError> {
     let reader = BufReader::new(reader);
     let (mut event, mut data) = (String::new(), String::new());
     for line in reader.lines() {
@@ -258,12 +275,14 @@ fn read_events(reader: impl Read, cursor: &mut i64, on_line: &mut dyn FnMut(&Log
         if line.is_empty() {
             match event.as_str() {
                 "log" => {
-                    let parsed: LogLine = serde_json::from_str(&data).map_err(|e| ClientError::Decode(format!("log event: {e}")))?;
+                    let parsed: LogLine =
+                        serde_json::from_str(&data).map_err(|e| ClientError::Decode(format!("log event: {e}")))?;
                     *cursor = parsed.seq;
                     on_line(&parsed);
                 }
                 "end" => {
-                    let end: LogEnd = serde_json::from_str(&data).map_err(|e| ClientError::Decode(format!("end event: {e}")))?;
+                    let end: LogEnd =
+                        serde_json::from_str(&data).map_err(|e| ClientError::Decode(format!("end event: {e}")))?;
                     return Ok(Some(end));
                 }
                 "error" => return Err(ClientError::Decode(format!("server error while following: {data}"))),

@@ -11,7 +11,9 @@ use pond_core::sandbox::SandboxBackend;
 use pond_core::source::SourcePolicy;
 use pond_core::store::{Role, Store};
 use pond_core::time::{Clock, Millis, SystemClock};
-use pond_exec::{BuiltinExecutor, Driver, DriverConfig, FetchConfig, LocalWorkspaces, NoopExecutor, ShellConfig, ShellExecutor};
+use pond_exec::{
+    BuiltinExecutor, Driver, DriverConfig, FetchConfig, LocalWorkspaces, NoopExecutor, ShellConfig, ShellExecutor,
+};
 use pond_store::{SqliteStore, WatchedStore};
 use rand::RngCore;
 use tokio::sync::watch;
@@ -147,7 +149,11 @@ fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
-async fn ensure_admin_token(store: &dyn Store, data_dir: &Path, now: pond_core::time::Timestamp) -> Result<(PathBuf, Option<String>), ServerError> {
+async fn ensure_admin_token(
+    store: &dyn Store,
+    data_dir: &Path,
+    now: pond_core::time::Timestamp,
+) -> Result<(PathBuf, Option<String>), ServerError> {
     let path = data_dir.join("admin.token");
     let has_admin = store.list_tokens().await?.iter().any(|t| t.role == Role::Admin && t.revoked_at.is_none());
     if has_admin {
@@ -194,7 +200,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         std::fs::remove_dir_all(&scratch).map_err(io(format!("clearing {}", scratch.display())))?;
     }
     std::fs::create_dir_all(&scratch).map_err(io(format!("creating {}", scratch.display())))?;
+    let group_dir = data_dir.join("process-groups");
+    let orphans = pond_exec::reap_orphans(&group_dir).map_err(io(format!("cleaning {}", group_dir.display())))?;
+    if orphans > 0 {
+        tracing::warn!(orphans, "killed stage processes left running by the previous stop");
+    }
     let mut shell = ShellConfig::new(scratch);
+    shell.group_dir = Some(group_dir);
     shell.env_allowlist.extend(config.shell_env_allow.iter().cloned());
     shell.kill_grace = config.kill_grace;
     shell.max_artifact_bytes = config.limits.max_bundle_bytes as u64;
@@ -215,11 +227,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     );
     let driver_config = DriverConfig { slots: config.slots.max(1), poll: config.poll, ..Default::default() };
     let driver = Driver::new(engine.clone(), driver_config, store.runs_changed());
-    let state = AppState { engine: engine.clone(), store: store.clone(), driver: Some(driver.clone()), limits: config.limits.clone() };
+    let state = AppState {
+        engine: engine.clone(),
+        store: store.clone(),
+        driver: Some(driver.clone()),
+        limits: config.limits.clone(),
+    };
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(io(format!("listening on {}", config.listen)))?;
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.map_err(io(format!("listening on {}", config.listen)))?;
     let addr = listener.local_addr().map_err(io("reading the bound address"))?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut http_stop = shutdown_rx.clone();

@@ -194,7 +194,15 @@ pub struct KeyView {
 
 impl From<TokenRecord> for KeyView {
     fn from(t: TokenRecord) -> Self {
-        KeyView { id: t.id, name: t.name, role: t.role, projects: t.projects, created_at: t.created_at, revoked_at: t.revoked_at, token: None }
+        KeyView {
+            id: t.id,
+            name: t.name,
+            role: t.role,
+            projects: t.projects,
+            created_at: t.created_at,
+            revoked_at: t.revoked_at,
+            token: None,
+        }
     }
 }
 

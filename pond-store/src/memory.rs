@@ -124,13 +124,21 @@ impl Store for MemoryStore {
             snapshot
                 .claim_stage(&key, &query.owner, query.now, query.lease_until)
                 .map_err(|e| StoreError::Backend(e.to_string()))?;
-            let stage = snapshot.stage(&key).cloned().ok_or_else(|| StoreError::Corrupt(format!("stage {key} vanished")))?;
+            let stage =
+                snapshot.stage(&key).cloned().ok_or_else(|| StoreError::Corrupt(format!("stage {key} vanished")))?;
             claims.push(Claim { run: snapshot.run.clone(), stage });
         }
         Ok(claims)
     }
 
-    async fn renew_lease(&self, run: RunId, stage: &str, attempt: u32, owner: &str, until: Timestamp) -> Result<LeaseStatus, StoreError> {
+    async fn renew_lease(
+        &self,
+        run: RunId,
+        stage: &str,
+        attempt: u32,
+        owner: &str,
+        until: Timestamp,
+    ) -> Result<LeaseStatus, StoreError> {
         let mut inner = self.lock()?;
         let Some(snapshot) = inner.runs.get_mut(&run) else { return Ok(LeaseStatus::Lost) };
         let Some(s) = snapshot.stages.iter_mut().find(|s| s.key == stage) else { return Ok(LeaseStatus::Lost) };

@@ -36,7 +36,9 @@ pub struct SqliteStore {
 fn db_err(e: sqlx::Error) -> StoreError {
     match e {
         sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_string()),
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => StoreError::Unavailable(e.to_string()),
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+            StoreError::Unavailable(e.to_string())
+        }
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StoreError::Corrupt(e.to_string()),
         other => StoreError::Backend(other.to_string()),
     }
@@ -188,7 +190,9 @@ fn token_from_row(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
 
 async fn load_snapshot(conn: &mut SqliteConnection, id: RunId) -> Result<Option<RunSnapshot>, StoreError> {
     let key = id.to_string();
-    let Some(row) = sqlx::query("SELECT * FROM runs WHERE id = ?").bind(&key).fetch_optional(&mut *conn).await.map_err(db_err)? else {
+    let Some(row) =
+        sqlx::query("SELECT * FROM runs WHERE id = ?").bind(&key).fetch_optional(&mut *conn).await.map_err(db_err)?
+    else {
         return Ok(None);
     };
     let run = run_from_row(&row)?;
@@ -291,7 +295,11 @@ async fn write_attempt(conn: &mut SqliteConnection, run: RunId, a: &Attempt) -> 
 }
 
 /// Writes what differs between `before` and `after` (the whole snapshot when `before` is None).
-async fn write_changes(conn: &mut SqliteConnection, before: Option<&RunSnapshot>, after: &RunSnapshot) -> Result<(), StoreError> {
+async fn write_changes(
+    conn: &mut SqliteConnection,
+    before: Option<&RunSnapshot>,
+    after: &RunSnapshot,
+) -> Result<(), StoreError> {
     let id = after.run.id;
     match before {
         None => write_run(conn, &after.run, true).await?,
@@ -305,8 +313,7 @@ async fn write_changes(conn: &mut SqliteConnection, before: Option<&RunSnapshot>
         }
     }
     for attempt in &after.attempts {
-        let unchanged = before
-            .is_some_and(|b| b.attempts.iter().any(|old| old == attempt));
+        let unchanged = before.is_some_and(|b| b.attempts.iter().any(|old| old == attempt));
         if !unchanged {
             write_attempt(conn, id, attempt).await?;
         }
@@ -324,12 +331,13 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         let run = &snapshot.run;
         if let Some(key) = &run.idempotency_key {
-            let existing: Option<String> = sqlx::query_scalar("SELECT id FROM runs WHERE project_id = ? AND idempotency_key = ?")
-                .bind(&run.project_id)
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
+            let existing: Option<String> =
+                sqlx::query_scalar("SELECT id FROM runs WHERE project_id = ? AND idempotency_key = ?")
+                    .bind(&run.project_id)
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
             if let Some(existing) = existing {
                 let id = RunId::from_str(&existing).map_err(corrupt)?;
                 let snapshot = load_snapshot(&mut tx, id).await?.ok_or_else(|| corrupt("idempotent run vanished"))?;
@@ -477,7 +485,14 @@ impl Store for SqliteStore {
         Ok(claims)
     }
 
-    async fn renew_lease(&self, run: RunId, stage: &str, attempt: u32, owner: &str, until: Timestamp) -> Result<LeaseStatus, StoreError> {
+    async fn renew_lease(
+        &self,
+        run: RunId,
+        stage: &str,
+        attempt: u32,
+        owner: &str,
+        until: Timestamp,
+    ) -> Result<LeaseStatus, StoreError> {
         let mut tx = self.begin().await?;
         let cancel: Option<bool> = sqlx::query_scalar(
             "UPDATE stages SET lease_expires_at = ?

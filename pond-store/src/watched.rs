@@ -79,7 +79,14 @@ impl Store for WatchedStore {
         }
         Ok(out)
     }
-    async fn renew_lease(&self, run: RunId, stage: &str, attempt: u32, owner: &str, until: Timestamp) -> Result<LeaseStatus, StoreError> {
+    async fn renew_lease(
+        &self,
+        run: RunId,
+        stage: &str,
+        attempt: u32,
+        owner: &str,
+        until: Timestamp,
+    ) -> Result<LeaseStatus, StoreError> {
         self.inner.renew_lease(run, stage, attempt, owner, until).await
     }
     async fn runs_to_reap(&self, now: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError> {

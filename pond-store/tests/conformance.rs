@@ -61,10 +61,7 @@ pub async fn runs_round_trip_and_list_newest_first(store: Arc<dyn Store>) {
     assert_eq!(got, want, "newest first");
 
     let page1 = store.list_runs(&RunQuery { limit: 2, ..Default::default() }).await.unwrap();
-    let page2 = store
-        .list_runs(&RunQuery { limit: 2, before: Some(page1[1].id), ..Default::default() })
-        .await
-        .unwrap();
+    let page2 = store.list_runs(&RunQuery { limit: 2, before: Some(page1[1].id), ..Default::default() }).await.unwrap();
     assert_eq!(page2.iter().map(|r| r.id).collect::<Vec<_>>(), want[2..4].to_vec(), "cursor continues");
 
     let even = store
@@ -75,10 +72,8 @@ pub async fn runs_round_trip_and_list_newest_first(store: Arc<dyn Store>) {
     assert!(even.iter().all(|r| r.project_id == "even"));
     let none = store.list_runs(&RunQuery { limit: 10, projects: Some(vec![]), ..Default::default() }).await.unwrap();
     assert!(none.is_empty(), "an empty project list sees nothing");
-    let queued = store
-        .list_runs(&RunQuery { limit: 10, state: Some(RunState::Succeeded), ..Default::default() })
-        .await
-        .unwrap();
+    let queued =
+        store.list_runs(&RunQuery { limit: 10, state: Some(RunState::Succeeded), ..Default::default() }).await.unwrap();
     assert!(queued.is_empty());
     assert!(store.get_run(RunId::generate(T0)).await.unwrap().is_none());
 }
@@ -127,7 +122,8 @@ pub async fn claims_take_ready_stages_once_in_order(store: Arc<dyn Store>) {
 }
 
 pub async fn concurrent_claims_never_share_a_stage(store: Arc<dyn Store>) {
-    let stages: Vec<_> = (0..20).map(|i| json!({"key": format!("s{i}"), "executor":{"kind":"noop"}, "needs": []})).collect();
+    let stages: Vec<_> =
+        (0..20).map(|i| json!({"key": format!("s{i}"), "executor":{"kind":"noop"}, "needs": []})).collect();
     for i in 0..10 {
         store.insert_run(&new_run("p", json!({"stages": stages}), None, at(i))).await.unwrap();
     }
@@ -173,19 +169,15 @@ pub async fn expired_leases_are_reclaimed_as_new_attempts(store: Arc<dyn Store>)
     assert_eq!((second[0].stage.attempt, second[0].stage.lost_leases), (2, 1));
     assert_eq!(store.renew_lease(id, "a", 1, "dead", at(1700)).await.unwrap(), LeaseStatus::Lost, "old holder lost it");
 
-    let stale = store
-        .update_run(id, &mut |s| s.complete_attempt("a", 1, &StageOutcome::Succeeded, at(1800)))
-        .await;
+    let stale = store.update_run(id, &mut |s| s.complete_attempt("a", 1, &StageOutcome::Succeeded, at(1800))).await;
     assert!(matches!(stale, Err(StoreError::Rejected(_))), "late result of the lost attempt is refused");
     let snapshot = store.get_run(id).await.unwrap().unwrap();
     assert_eq!(snapshot.stage("a").unwrap().state, StageState::Running, "rejected mutation wrote nothing");
     let outcomes: Vec<_> = snapshot.attempts.iter().map(|a| (a.number, a.owner.clone(), a.outcome)).collect();
     assert_eq!(outcomes, vec![(1, "dead".into(), Some(AttemptOutcome::LeaseExpired)), (2, "n2".into(), None)]);
 
-    let done = store
-        .update_run(id, &mut |s| s.complete_attempt("a", 2, &StageOutcome::Succeeded, at(1900)))
-        .await
-        .unwrap();
+    let done =
+        store.update_run(id, &mut |s| s.complete_attempt("a", 2, &StageOutcome::Succeeded, at(1900))).await.unwrap();
     assert_eq!(done.run.state, RunState::Succeeded);
     assert_eq!(store.get_run(id).await.unwrap().unwrap(), done);
 }
@@ -195,16 +187,31 @@ pub async fn cancelled_stages_of_vanished_holders_are_reaped(store: Arc<dyn Stor
     let id = run.run.id;
     store.insert_run(&run).await.unwrap();
     store.claim_stages(&claim_query("n1", at(0), 1000, 1)).await.unwrap();
-    store.update_run(id, &mut |s| { s.cancel("by test", at(10)); Ok(()) }).await.unwrap();
+    store
+        .update_run(id, &mut |s| {
+            s.cancel("by test", at(10));
+            Ok(())
+        })
+        .await
+        .unwrap();
     assert_eq!(
         store.renew_lease(id, "a", 1, "n1", at(2000)).await.unwrap(),
         LeaseStatus::Held { cancel_requested: true }
     );
     assert!(store.runs_to_reap(at(1500), 10).await.unwrap().is_empty(), "lease still held");
     assert_eq!(store.expire_all_leases(at(1600)).await.unwrap(), 1);
-    assert!(store.claim_stages(&claim_query("n2", at(1700), 1000, 1)).await.unwrap().is_empty(), "a cancelled stage is not re-run");
+    assert!(
+        store.claim_stages(&claim_query("n2", at(1700), 1000, 1)).await.unwrap().is_empty(),
+        "a cancelled stage is not re-run"
+    );
     assert_eq!(store.runs_to_reap(at(1700), 10).await.unwrap(), vec![id]);
-    let reaped = store.update_run(id, &mut |s| { s.reap(at(1700)); Ok(()) }).await.unwrap();
+    let reaped = store
+        .update_run(id, &mut |s| {
+            s.reap(at(1700));
+            Ok(())
+        })
+        .await
+        .unwrap();
     assert_eq!(reaped.run.state, RunState::Cancelled);
     assert!(store.runs_to_reap(at(1800), 10).await.unwrap().is_empty());
 }
@@ -212,7 +219,13 @@ pub async fn cancelled_stages_of_vanished_holders_are_reaped(store: Arc<dyn Stor
 pub async fn logs_append_in_order_and_page_by_cursor(store: Arc<dyn Store>) {
     let a = RunId::generate(at(0));
     let b = RunId::generate(at(1));
-    let line = |i: usize| NewLogLine { stage: Some("s".into()), attempt: 1, stream: LogStream::Stdout, at: at(i as i64), text: format!("line {i}") };
+    let line = |i: usize| NewLogLine {
+        stage: Some("s".into()),
+        attempt: 1,
+        stream: LogStream::Stdout,
+        at: at(i as i64),
+        text: format!("line {i}"),
+    };
     let lines: Vec<_> = (0..25).map(line).collect();
     store.append_logs(a, &lines[..10]).await.unwrap();
     store.append_logs(b, &[line(99)]).await.unwrap();

@@ -44,7 +44,10 @@ impl Server {
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let first = lines.next().expect("server printed nothing").unwrap();
-        let url = first.strip_prefix("pond server listening on ").unwrap_or_else(|| panic!("unexpected first line: {first}")).to_string();
+        let url = first
+            .strip_prefix("pond server listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+            .to_string();
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let token = std::fs::read_to_string(data_dir.join("admin.token")).expect("admin token").trim().to_string();
