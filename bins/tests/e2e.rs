@@ -151,6 +151,30 @@ fn cancel_sends_sigterm_to_running_stages_and_cancels_the_rest() {
 }
 
 #[test]
+fn a_stage_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--kill-grace", "1s"]);
+    let admin = server.admin();
+    let marker = format!("5{}", std::process::id());
+    let script = format!("trap '' TERM; echo stubborn; sleep {marker}; echo never");
+    let run = admin
+        .submit(
+            &run_json(json!({"stages":[{"key":"stubborn","executor":{"kind":"shell","argv":["sh","-c",script]}}]})),
+            None,
+        )
+        .unwrap();
+    let id = run.id.to_string();
+    eventually("the stage to start", Duration::from_secs(20), || log_text(&admin, &id).iter().any(|l| l == "stubborn"));
+    let asked = std::time::Instant::now();
+    admin.cancel(&id).unwrap();
+    let done = wait_done(&admin, &id, Duration::from_secs(20));
+    assert_eq!(done.state, RunState::Cancelled);
+    assert!(asked.elapsed() >= Duration::from_millis(900), "SIGKILL waited for the grace period");
+    assert!(!process_running(&format!("sleep {marker}")), "the whole group was killed");
+    assert!(!log_text(&admin, &id).iter().any(|l| l == "never"));
+}
+
+#[test]
 fn kill_dash_nine_mid_run_loses_nothing_and_the_stage_is_retried_as_a_new_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), &["--lease", "2s"]);

@@ -217,6 +217,7 @@ impl Engine {
         };
         let claims = self.store.claim_stages(&query).await?;
         let mut runnable = Vec::with_capacity(claims.len());
+        let mut lines = Vec::with_capacity(claims.len());
         for claim in claims {
             let (run, stage) = (claim.run.id, &claim.stage);
             if stage.lost_leases > MAX_LOST_LEASES {
@@ -241,9 +242,12 @@ impl Engine {
             if stage.lost_leases > 0 && stage.attempt > 1 {
                 text.push_str(" (an earlier attempt's node stopped renewing its lease)");
             }
-            self.system_line(run, Some(&stage.key), stage.attempt, text).await;
+            lines.push((run, self.system(Some(&stage.key), stage.attempt, text)));
             runnable.push(claim);
         }
+        // One write for the whole batch's progress lines; a failed log write must not undo
+        // claims already made.
+        let _ = self.store.append_log_batch(&lines).await;
         Ok(runnable)
     }
 
@@ -351,8 +355,12 @@ impl Engine {
             }
             (StageOutcome::Failed { error, .. }, _) => format!("stage `{key}` failed after {took}: {error}"),
         };
-        self.system_line(run, Some(key), attempt, text).await;
-        self.after_change(&snapshot, now).await;
+        let mut lines = vec![(run, self.system(Some(key), attempt, text))];
+        lines.extend(self.run_ended(&snapshot, now).map(|l| (run, l)));
+        let _ = self.store.append_log_batch(&lines).await;
+        if snapshot.run.state.is_terminal() && snapshot.run.finished_at == Some(now) {
+            self.workspaces.release(run).await;
+        }
         Ok(snapshot)
     }
 
@@ -375,29 +383,34 @@ impl Engine {
         Ok(changed)
     }
 
+    /// The closing log line of a run, when the change made at `now` ended it.
+    fn run_ended(&self, snapshot: &RunSnapshot, now: Timestamp) -> Option<NewLogLine> {
+        let run = &snapshot.run;
+        if !(run.state.is_terminal() && run.finished_at == Some(now)) {
+            return None;
+        }
+        let tail = match (&run.state, &run.error) {
+            (RunState::Succeeded, _) | (_, None) => String::new(),
+            (_, Some(e)) => format!(": {e}"),
+        };
+        Some(self.system(None, 0, format!("run {}{tail}", run.state)))
+    }
+
     /// Reports the end of a run and removes its checkout, when the change made at `now` ended it.
     async fn after_change(&self, snapshot: &RunSnapshot, now: Timestamp) {
-        let run = &snapshot.run;
-        if run.state.is_terminal() && run.finished_at == Some(now) {
-            let tail = match (&run.state, &run.error) {
-                (RunState::Succeeded, _) | (_, None) => String::new(),
-                (_, Some(e)) => format!(": {e}"),
-            };
-            self.system_line(run.id, None, 0, format!("run {}{tail}", run.state)).await;
-            self.workspaces.release(run.id).await;
+        if let Some(line) = self.run_ended(snapshot, now) {
+            let _ = self.store.append_logs(snapshot.run.id, &[line]).await;
+            self.workspaces.release(snapshot.run.id).await;
         }
     }
 
+    fn system(&self, stage: Option<&str>, attempt: u32, text: String) -> NewLogLine {
+        NewLogLine { stage: stage.map(str::to_string), attempt, stream: LogStream::System, at: self.clock.now(), text }
+    }
+
     async fn system_line(&self, run: RunId, stage: Option<&str>, attempt: u32, text: String) {
-        let line = NewLogLine {
-            stage: stage.map(str::to_string),
-            attempt,
-            stream: LogStream::System,
-            at: self.clock.now(),
-            text,
-        };
         // A log write that fails must not fail the transition it describes.
-        let _ = self.store.append_logs(run, &[line]).await;
+        let _ = self.store.append_logs(run, &[self.system(stage, attempt, text)]).await;
     }
 }
 

@@ -239,6 +239,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends log lines to a run's log, in order.
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError>;
+    /// Appends lines to the logs of several runs, in order; one transaction where the backend
+    /// can (the engine batches its own progress lines this way).
+    async fn append_log_batch(&self, lines: &[(RunId, NewLogLine)]) -> Result<(), StoreError> {
+        for (run, line) in lines {
+            self.append_logs(*run, std::slice::from_ref(line)).await?;
+        }
+        Ok(())
+    }
     /// Log lines with `seq > after`, oldest first.
     async fn read_logs(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<LogLine>, StoreError>;
 

@@ -77,6 +77,35 @@ impl SqliteStore {
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
         self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
     }
+
+    /// Inserts log lines in one transaction, many rows per statement.
+    async fn insert_log_lines<'a>(
+        &self,
+        lines: impl ExactSizeIterator<Item = (&'a str, &'a NewLogLine)>,
+    ) -> Result<(), StoreError> {
+        if lines.len() == 0 {
+            return Ok(());
+        }
+        let lines: Vec<_> = lines.collect();
+        let mut tx = self.begin().await?;
+        // 6 parameters a row; SQLite allows 32766 per statement.
+        for chunk in lines.chunks(500) {
+            let mut sql = String::from("INSERT INTO logs (run_id, stage, attempt, stream, at, text) VALUES ");
+            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+            let mut q = sqlx::query(&sql);
+            for (run, line) in chunk {
+                q = q
+                    .bind(*run)
+                    .bind(&line.stage)
+                    .bind(line.attempt as i64)
+                    .bind(line.stream.as_str())
+                    .bind(line.at.as_millis())
+                    .bind(&line.text);
+            }
+            q.execute(&mut *tx).await.map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
 }
 
 fn ts(t: Option<Timestamp>) -> Option<i64> {
@@ -539,24 +568,13 @@ impl Store for SqliteStore {
     }
 
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError> {
-        if lines.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.begin().await?;
         let run = run.to_string();
-        for line in lines {
-            sqlx::query("INSERT INTO logs (run_id, stage, attempt, stream, at, text) VALUES (?, ?, ?, ?, ?, ?)")
-                .bind(&run)
-                .bind(&line.stage)
-                .bind(line.attempt as i64)
-                .bind(line.stream.as_str())
-                .bind(line.at.as_millis())
-                .bind(&line.text)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
-        tx.commit().await.map_err(db_err)
+        self.insert_log_lines(lines.iter().map(|l| (run.as_str(), l))).await
+    }
+
+    async fn append_log_batch(&self, lines: &[(RunId, NewLogLine)]) -> Result<(), StoreError> {
+        let ids: Vec<String> = lines.iter().map(|(r, _)| r.to_string()).collect();
+        self.insert_log_lines(ids.iter().map(String::as_str).zip(lines.iter().map(|(_, l)| l))).await
     }
 
     async fn read_logs(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<LogLine>, StoreError> {

@@ -102,6 +102,11 @@ impl Store for WatchedStore {
         self.announce_output();
         Ok(())
     }
+    async fn append_log_batch(&self, lines: &[(RunId, NewLogLine)]) -> Result<(), StoreError> {
+        self.inner.append_log_batch(lines).await?;
+        self.announce_output();
+        Ok(())
+    }
     async fn read_logs(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<LogLine>, StoreError> {
         self.inner.read_logs(run, after, limit).await
     }

@@ -238,6 +238,13 @@ pub async fn logs_append_in_order_and_page_by_cursor(store: Arc<dyn Store>) {
     assert!(first.windows(2).all(|w| w[0].seq < w[1].seq));
     assert_eq!(store.read_logs(b, 0, 10).await.unwrap()[0].line, line(99));
     assert!(store.read_logs(a, rest.last().unwrap().seq, 10).await.unwrap().is_empty());
+
+    let batch = vec![(a, line(100)), (b, line(101)), (a, line(102))];
+    store.append_log_batch(&batch).await.unwrap();
+    let tail: Vec<_> =
+        store.read_logs(a, rest.last().unwrap().seq, 10).await.unwrap().into_iter().map(|l| l.line).collect();
+    assert_eq!(tail, vec![line(100), line(102)], "a batch lands in each run's log in order");
+    assert_eq!(store.read_logs(b, 0, 10).await.unwrap().len(), 2);
 }
 
 pub async fn blobs_and_artifacts_are_chunked_and_replaced_by_name(store: Arc<dyn Store>) {
