@@ -114,6 +114,7 @@ fn bad_input_gets_a_4xx_naming_the_field_never_a_500() {
         assert_eq!((got, got_field.as_deref()), (status, Some(field)), "{body} -> {message}");
         assert!(message.starts_with(field), "message names the field: {message}");
     }
+    #[allow(clippy::result_large_err)]
     let raw = |ct: &str, body: &[u8]| {
         ureq::post(&format!("{}/v1/runs", server.url))
             .set("Authorization", &format!("Bearer {}", server.token))

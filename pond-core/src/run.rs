@@ -467,6 +467,7 @@ impl RunSnapshot {
         // Needs point at earlier or later stages in any order, so iterate until nothing moves.
         loop {
             let mut moved = false;
+            #[allow(clippy::needless_range_loop)] // the body mutates self.stages[i] while reading others
             for i in 0..self.stages.len() {
                 if self.stages[i].state != StageState::Queued || self.stages[i].ready_at.is_some() {
                     continue;

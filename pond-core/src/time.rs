@@ -106,7 +106,7 @@ impl<'de> Deserialize<'de> for Millis {
                 self.visit_u64(v as u64)
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Millis, E> {
-                if !v.is_finite() || v < 0.0 || v > 1e12 {
+                if !v.is_finite() || !(0.0..=1e12).contains(&v) {
                     return Err(E::custom("duration must be a non-negative number of seconds"));
                 }
                 Ok(Millis((v * 1000.0).round() as u64))

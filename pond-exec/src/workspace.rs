@@ -171,7 +171,7 @@ impl LocalWorkspaces {
             .map_err(|e| format!("running {}: {e}", self.config.git.display()))?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
-            let last = err.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").trim().to_string();
+            let last = err.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
             return Err(format!("git {} failed: {last}", args.first().unwrap_or(&"")));
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
