@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 mod memory;
+mod rows;
 mod sqlite;
 mod watched;
 

@@ -10,19 +10,21 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pond_core::definition::Definition;
 use pond_core::ids::{BlobId, RunId, TokenId};
-use pond_core::run::{Attempt, AttemptOutcome, Run, RunSnapshot, RunState, Stage, StageState, MAX_LOST_LEASES};
-use pond_core::source::Source;
+use pond_core::run::{Attempt, AttemptOutcome, Run, RunSnapshot, Stage, MAX_LOST_LEASES};
 use pond_core::store::{
-    Artifact, BlobMeta, Claim, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, LogStream, NewLogLine, Role,
-    RunMutation, RunQuery, Store, TokenRecord, BLOB_CHUNK_BYTES,
+    Artifact, BlobMeta, Claim, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation, RunQuery,
+    Store, TokenRecord, BLOB_CHUNK_BYTES,
 };
 use pond_core::time::Timestamp;
 use pond_core::StoreError;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
+use crate::rows::{
+    artifact_from_row, attempt_from_row, blob_from_row, corrupt, db_err, log_from_row, role_text, run_from_row,
+    stage_from_row, token_from_row, ts,
+};
 use crate::sha256_hex;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -31,21 +33,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
-}
-
-fn db_err(e: sqlx::Error) -> StoreError {
-    match e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_string()),
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-            StoreError::Unavailable(e.to_string())
-        }
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StoreError::Corrupt(e.to_string()),
-        other => StoreError::Backend(other.to_string()),
-    }
-}
-
-fn corrupt(what: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(what.to_string())
 }
 
 impl SqliteStore {
@@ -106,115 +93,6 @@ impl SqliteStore {
         }
         tx.commit().await.map_err(db_err)
     }
-}
-
-fn ts(t: Option<Timestamp>) -> Option<i64> {
-    t.map(Timestamp::as_millis)
-}
-
-fn get_ts(row: &SqliteRow, col: &str) -> Result<Option<Timestamp>, StoreError> {
-    Ok(row.try_get::<Option<i64>, _>(col).map_err(db_err)?.map(Timestamp::from_millis))
-}
-
-fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
-    let id: String = row.try_get("id").map_err(db_err)?;
-    let state: String = row.try_get("state").map_err(db_err)?;
-    let definition: String = row.try_get("definition").map_err(db_err)?;
-    let sources: String = row.try_get("sources").map_err(db_err)?;
-    Ok(Run {
-        id: RunId::from_str(&id).map_err(corrupt)?,
-        project_id: row.try_get("project_id").map_err(db_err)?,
-        state: RunState::parse(&state).ok_or_else(|| corrupt(format!("run state `{state}`")))?,
-        definition: serde_json::from_str::<Definition>(&definition).map_err(corrupt)?,
-        sources: serde_json::from_str::<Vec<Source>>(&sources).map_err(corrupt)?,
-        idempotency_key: row.try_get("idempotency_key").map_err(db_err)?,
-        cancel_requested: row.try_get("cancel_requested").map_err(db_err)?,
-        error: row.try_get("error").map_err(db_err)?,
-        created_at: get_ts(row, "created_at")?.unwrap_or_default(),
-        started_at: get_ts(row, "started_at")?,
-        finished_at: get_ts(row, "finished_at")?,
-    })
-}
-
-fn stage_from_row(row: &SqliteRow) -> Result<Stage, StoreError> {
-    let state: String = row.try_get("state").map_err(db_err)?;
-    Ok(Stage {
-        key: row.try_get("key").map_err(db_err)?,
-        position: row.try_get::<i64, _>("position").map_err(db_err)? as u32,
-        executor_kind: row.try_get("executor_kind").map_err(db_err)?,
-        state: StageState::parse(&state).ok_or_else(|| corrupt(format!("stage state `{state}`")))?,
-        ready_at: get_ts(row, "ready_at")?,
-        attempt: row.try_get::<i64, _>("attempt").map_err(db_err)? as u32,
-        failures: row.try_get::<i64, _>("failures").map_err(db_err)? as u32,
-        lost_leases: row.try_get::<i64, _>("lost_leases").map_err(db_err)? as u32,
-        lease_owner: row.try_get("lease_owner").map_err(db_err)?,
-        lease_expires_at: get_ts(row, "lease_expires_at")?,
-        cancel_requested: row.try_get("cancel_requested").map_err(db_err)?,
-        started_at: get_ts(row, "started_at")?,
-        finished_at: get_ts(row, "finished_at")?,
-        error: row.try_get("error").map_err(db_err)?,
-        exit_code: row.try_get::<Option<i64>, _>("exit_code").map_err(db_err)?.map(|c| c as i32),
-    })
-}
-
-fn attempt_from_row(row: &SqliteRow) -> Result<Attempt, StoreError> {
-    let outcome: Option<String> = row.try_get("outcome").map_err(db_err)?;
-    Ok(Attempt {
-        stage_key: row.try_get("stage_key").map_err(db_err)?,
-        number: row.try_get::<i64, _>("number").map_err(db_err)? as u32,
-        owner: row.try_get("owner").map_err(db_err)?,
-        started_at: get_ts(row, "started_at")?.unwrap_or_default(),
-        finished_at: get_ts(row, "finished_at")?,
-        outcome: match outcome {
-            Some(o) => Some(AttemptOutcome::parse(&o).ok_or_else(|| corrupt(format!("attempt outcome `{o}`")))?),
-            None => None,
-        },
-        error: row.try_get("error").map_err(db_err)?,
-    })
-}
-
-fn blob_from_row(row: &SqliteRow) -> Result<BlobMeta, StoreError> {
-    let id: String = row.try_get("id").map_err(db_err)?;
-    Ok(BlobMeta {
-        id: BlobId::from_str(&id).map_err(corrupt)?,
-        project_id: row.try_get("project_id").map_err(db_err)?,
-        size: row.try_get::<i64, _>("size").map_err(db_err)? as u64,
-        sha256: row.try_get("sha256").map_err(db_err)?,
-        created_at: get_ts(row, "created_at")?.unwrap_or_default(),
-    })
-}
-
-fn artifact_from_row(row: &SqliteRow) -> Result<Artifact, StoreError> {
-    let run: String = row.try_get("run_id").map_err(db_err)?;
-    let blob: String = row.try_get("blob_id").map_err(db_err)?;
-    Ok(Artifact {
-        run_id: RunId::from_str(&run).map_err(corrupt)?,
-        name: row.try_get("name").map_err(db_err)?,
-        stage: row.try_get("stage").map_err(db_err)?,
-        blob_id: BlobId::from_str(&blob).map_err(corrupt)?,
-        size: row.try_get::<i64, _>("size").map_err(db_err)? as u64,
-        sha256: row.try_get("sha256").map_err(db_err)?,
-        created_at: get_ts(row, "created_at")?.unwrap_or_default(),
-    })
-}
-
-fn token_from_row(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
-    let id: String = row.try_get("id").map_err(db_err)?;
-    let role: String = row.try_get("role").map_err(db_err)?;
-    let projects: String = row.try_get("projects").map_err(db_err)?;
-    Ok(TokenRecord {
-        id: TokenId::from_str(&id).map_err(corrupt)?,
-        name: row.try_get("name").map_err(db_err)?,
-        role: match role.as_str() {
-            "admin" => Role::Admin,
-            "consumer" => Role::Consumer,
-            other => return Err(corrupt(format!("token role `{other}`"))),
-        },
-        projects: serde_json::from_str(&projects).map_err(corrupt)?,
-        secret_sha256: row.try_get("secret_sha256").map_err(db_err)?,
-        created_at: get_ts(row, "created_at")?.unwrap_or_default(),
-        revoked_at: get_ts(row, "revoked_at")?,
-    })
 }
 
 async fn load_snapshot(conn: &mut SqliteConnection, id: RunId) -> Result<Option<RunSnapshot>, StoreError> {
@@ -585,21 +463,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.reader)
             .await
             .map_err(db_err)?;
-        rows.iter()
-            .map(|row| {
-                let stream: String = row.try_get("stream").map_err(db_err)?;
-                Ok(LogLine {
-                    seq: row.try_get("seq").map_err(db_err)?,
-                    line: NewLogLine {
-                        stage: row.try_get("stage").map_err(db_err)?,
-                        attempt: row.try_get::<i64, _>("attempt").map_err(db_err)? as u32,
-                        stream: LogStream::parse(&stream).ok_or_else(|| corrupt(format!("log stream `{stream}`")))?,
-                        at: get_ts(row, "at")?.unwrap_or_default(),
-                        text: row.try_get("text").map_err(db_err)?,
-                    },
-                })
-            })
-            .collect()
+        rows.iter().map(log_from_row).collect()
     }
 
     async fn put_blob(&self, project_id: &str, data: &[u8], now: Timestamp) -> Result<BlobMeta, StoreError> {
@@ -695,10 +559,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
-        let role = match t.role {
-            Role::Admin => "admin",
-            Role::Consumer => "consumer",
-        };
+        let role = role_text(t.role);
         sqlx::query("INSERT INTO tokens (id, name, role, projects, secret_sha256, created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(t.id.to_string())
             .bind(&t.name)

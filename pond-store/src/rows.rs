@@ -1,0 +1,205 @@
+//! Decoding rows into pond's types, shared by the SQLite and PostgreSQL stores: both store the
+//! same columns (ids as text, times as milliseconds, JSON as text), so one decoder per type
+//! serves both through the small [`Columns`] trait.
+
+use std::str::FromStr;
+
+use pond_core::definition::Definition;
+use pond_core::ids::{BlobId, RunId, TokenId};
+use pond_core::run::{Attempt, AttemptOutcome, Run, RunState, Stage, StageState};
+use pond_core::source::Source;
+use pond_core::store::{Artifact, BlobMeta, LogLine, LogStream, NewLogLine, Role, TokenRecord};
+use pond_core::time::Timestamp;
+use pond_core::StoreError;
+use sqlx::Row;
+
+/// Maps a database error to the store's error kinds: unreachable → `Unavailable` (the API says
+/// 503 and callers retry), uniqueness → `Conflict`, bad bytes → `Corrupt`.
+pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_string()),
+        // Class 08 (connection exception), 57P0x (shutdown / cannot connect now), 53300 (too many connections).
+        sqlx::Error::Database(d)
+            if d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300") =>
+        {
+            StoreError::Unavailable(d.message().to_string())
+        }
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::Io(_)
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => StoreError::Unavailable(e.to_string()),
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StoreError::Corrupt(e.to_string()),
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
+pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+pub(crate) fn ts(t: Option<Timestamp>) -> Option<i64> {
+    t.map(Timestamp::as_millis)
+}
+
+/// Typed column access over either backend's rows.
+pub(crate) trait Columns {
+    fn text(&self, col: &str) -> Result<String, StoreError>;
+    fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError>;
+    fn int(&self, col: &str) -> Result<i64, StoreError>;
+    fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError>;
+    fn flag(&self, col: &str) -> Result<bool, StoreError>;
+
+    fn time(&self, col: &str) -> Result<Timestamp, StoreError> {
+        self.int(col).map(Timestamp::from_millis)
+    }
+    fn opt_time(&self, col: &str) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self.opt_int(col)?.map(Timestamp::from_millis))
+    }
+    fn parsed<T: FromStr>(&self, col: &str) -> Result<T, StoreError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let text = self.text(col)?;
+        text.parse().map_err(|e| corrupt(format!("{col} `{text}`: {e}")))
+    }
+}
+
+macro_rules! columns_for {
+    ($row:ty) => {
+        impl Columns for $row {
+            fn text(&self, col: &str) -> Result<String, StoreError> {
+                self.try_get(col).map_err(db_err)
+            }
+            fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError> {
+                self.try_get(col).map_err(db_err)
+            }
+            fn int(&self, col: &str) -> Result<i64, StoreError> {
+                self.try_get(col).map_err(db_err)
+            }
+            fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError> {
+                self.try_get(col).map_err(db_err)
+            }
+            fn flag(&self, col: &str) -> Result<bool, StoreError> {
+                self.try_get(col).map_err(db_err)
+            }
+        }
+    };
+}
+
+columns_for!(sqlx::sqlite::SqliteRow);
+columns_for!(sqlx::postgres::PgRow);
+
+pub(crate) fn run_from_row(row: &impl Columns) -> Result<Run, StoreError> {
+    let state = row.text("state")?;
+    Ok(Run {
+        id: row.parsed::<RunId>("id")?,
+        project_id: row.text("project_id")?,
+        state: RunState::parse(&state).ok_or_else(|| corrupt(format!("run state `{state}`")))?,
+        definition: serde_json::from_str::<Definition>(&row.text("definition")?).map_err(corrupt)?,
+        sources: serde_json::from_str::<Vec<Source>>(&row.text("sources")?).map_err(corrupt)?,
+        idempotency_key: row.opt_text("idempotency_key")?,
+        cancel_requested: row.flag("cancel_requested")?,
+        error: row.opt_text("error")?,
+        created_at: row.time("created_at")?,
+        started_at: row.opt_time("started_at")?,
+        finished_at: row.opt_time("finished_at")?,
+    })
+}
+
+pub(crate) fn stage_from_row(row: &impl Columns) -> Result<Stage, StoreError> {
+    let state = row.text("state")?;
+    Ok(Stage {
+        key: row.text("key")?,
+        position: row.int("position")? as u32,
+        executor_kind: row.text("executor_kind")?,
+        state: StageState::parse(&state).ok_or_else(|| corrupt(format!("stage state `{state}`")))?,
+        ready_at: row.opt_time("ready_at")?,
+        attempt: row.int("attempt")? as u32,
+        failures: row.int("failures")? as u32,
+        lost_leases: row.int("lost_leases")? as u32,
+        lease_owner: row.opt_text("lease_owner")?,
+        lease_expires_at: row.opt_time("lease_expires_at")?,
+        cancel_requested: row.flag("cancel_requested")?,
+        started_at: row.opt_time("started_at")?,
+        finished_at: row.opt_time("finished_at")?,
+        error: row.opt_text("error")?,
+        exit_code: row.opt_int("exit_code")?.map(|c| c as i32),
+    })
+}
+
+pub(crate) fn attempt_from_row(row: &impl Columns) -> Result<Attempt, StoreError> {
+    let outcome = match row.opt_text("outcome")? {
+        Some(o) => Some(AttemptOutcome::parse(&o).ok_or_else(|| corrupt(format!("attempt outcome `{o}`")))?),
+        None => None,
+    };
+    Ok(Attempt {
+        stage_key: row.text("stage_key")?,
+        number: row.int("number")? as u32,
+        owner: row.text("owner")?,
+        started_at: row.time("started_at")?,
+        finished_at: row.opt_time("finished_at")?,
+        outcome,
+        error: row.opt_text("error")?,
+    })
+}
+
+pub(crate) fn blob_from_row(row: &impl Columns) -> Result<BlobMeta, StoreError> {
+    Ok(BlobMeta {
+        id: row.parsed::<BlobId>("id")?,
+        project_id: row.text("project_id")?,
+        size: row.int("size")? as u64,
+        sha256: row.text("sha256")?,
+        created_at: row.time("created_at")?,
+    })
+}
+
+pub(crate) fn artifact_from_row(row: &impl Columns) -> Result<Artifact, StoreError> {
+    Ok(Artifact {
+        run_id: row.parsed::<RunId>("run_id")?,
+        name: row.text("name")?,
+        stage: row.text("stage")?,
+        blob_id: row.parsed::<BlobId>("blob_id")?,
+        size: row.int("size")? as u64,
+        sha256: row.text("sha256")?,
+        created_at: row.time("created_at")?,
+    })
+}
+
+pub(crate) fn role_text(role: Role) -> &'static str {
+    match role {
+        Role::Admin => "admin",
+        Role::Consumer => "consumer",
+    }
+}
+
+pub(crate) fn token_from_row(row: &impl Columns) -> Result<TokenRecord, StoreError> {
+    let role = row.text("role")?;
+    Ok(TokenRecord {
+        id: row.parsed::<TokenId>("id")?,
+        name: row.text("name")?,
+        role: match role.as_str() {
+            "admin" => Role::Admin,
+            "consumer" => Role::Consumer,
+            other => return Err(corrupt(format!("token role `{other}`"))),
+        },
+        projects: serde_json::from_str(&row.text("projects")?).map_err(corrupt)?,
+        secret_sha256: row.text("secret_sha256")?,
+        created_at: row.time("created_at")?,
+        revoked_at: row.opt_time("revoked_at")?,
+    })
+}
+
+pub(crate) fn log_from_row(row: &impl Columns) -> Result<LogLine, StoreError> {
+    let stream = row.text("stream")?;
+    Ok(LogLine {
+        seq: row.int("seq")?,
+        line: NewLogLine {
+            stage: row.opt_text("stage")?,
+            attempt: row.int("attempt")? as u32,
+            stream: LogStream::parse(&stream).ok_or_else(|| corrupt(format!("log stream `{stream}`")))?,
+            at: row.time("at")?,
+            text: row.text("text")?,
+        },
+    })
+}
