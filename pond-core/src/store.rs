@@ -266,6 +266,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores a token.
     async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// Stores `token` only if no unrevoked admin token exists, atomically, so that nodes
+    /// starting at once make one admin token between them. Returns whether it was stored.
+    async fn insert_first_admin(&self, token: &TokenRecord) -> Result<bool, StoreError>;
     /// The token whose secret hashes to `secret_sha256`.
     async fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// All tokens.

@@ -4,17 +4,24 @@
 //! - [`SqliteStore`]: one SQLite file (WAL), the embedded default; migrations in
 //!   `migrations/sqlite`, embedded at build time.
 //!
+//! - [`PgStore`]: PostgreSQL, the production store shared by many nodes; migrations in
+//!   `migrations/postgres`.
+//! - [`ScratchDatabase`]: a throwaway PostgreSQL database for tests and benchmarks.
 //! - [`WatchedStore`]: wraps any store and announces its writes to waiters.
 //!
 //! All of them pass the conformance suite in `tests/conformance.rs`.
 #![deny(missing_docs)]
 
 mod memory;
+mod pg;
 mod rows;
+mod scratch;
 mod sqlite;
 mod watched;
 
 pub use memory::MemoryStore;
+pub use pg::{PgStore, CHANGE_CHANNEL};
+pub use scratch::ScratchDatabase;
 pub use sqlite::SqliteStore;
 pub use watched::WatchedStore;
 

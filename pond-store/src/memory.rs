@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use pond_core::ids::{BlobId, RunId, TokenId};
 use pond_core::run::{Run, RunSnapshot, StageState, MAX_LOST_LEASES};
 use pond_core::store::{
-    Artifact, BlobMeta, Claim, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation, RunQuery,
-    Store, TokenRecord, BLOB_CHUNK_BYTES,
+    Artifact, BlobMeta, Claim, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, Role, RunMutation,
+    RunQuery, Store, TokenRecord, BLOB_CHUNK_BYTES,
 };
 use pond_core::time::Timestamp;
 use pond_core::StoreError;
@@ -245,6 +245,15 @@ impl Store for MemoryStore {
         }
         inner.tokens.insert(token.id, token.clone());
         Ok(())
+    }
+
+    async fn insert_first_admin(&self, token: &TokenRecord) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        if inner.tokens.values().any(|t| t.role == Role::Admin && t.revoked_at.is_none()) {
+            return Ok(false);
+        }
+        inner.tokens.insert(token.id, token.clone());
+        Ok(true)
     }
 
     async fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>, StoreError> {

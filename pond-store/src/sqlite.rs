@@ -574,6 +574,32 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn insert_first_admin(&self, token: &TokenRecord) -> Result<bool, StoreError> {
+        // The writer connection serializes this check and insert against every other write.
+        let mut tx = self.begin().await?;
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT id FROM tokens WHERE role = 'admin' AND revoked_at IS NULL LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if exists.is_some() {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO tokens (id, name, role, projects, secret_sha256, created_at) VALUES (?, ?, 'admin', ?, ?, ?)",
+        )
+        .bind(token.id.to_string())
+        .bind(&token.name)
+        .bind(serde_json::to_string(&token.projects).map_err(corrupt)?)
+        .bind(&token.secret_sha256)
+        .bind(token.created_at.as_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
+    }
+
     async fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>, StoreError> {
         let row = sqlx::query("SELECT * FROM tokens WHERE secret_sha256 = ?")
             .bind(secret_sha256)

@@ -23,12 +23,21 @@ pub struct WatchedStore {
     inner: Arc<dyn Store>,
     runs: watch::Sender<u64>,
     output: watch::Sender<u64>,
+    // Writes made through this process only (what a relay tells other nodes about).
+    local_runs: watch::Sender<u64>,
+    local_output: watch::Sender<u64>,
 }
 
 impl WatchedStore {
     /// Wraps `inner`.
     pub fn new(inner: Arc<dyn Store>) -> Self {
-        WatchedStore { inner, runs: watch::channel(0).0, output: watch::channel(0).0 }
+        WatchedStore {
+            inner,
+            runs: watch::channel(0).0,
+            output: watch::channel(0).0,
+            local_runs: watch::channel(0).0,
+            local_output: watch::channel(0).0,
+        }
     }
 
     /// Changes when a run or stage changes.
@@ -41,15 +50,39 @@ impl WatchedStore {
         self.output.subscribe()
     }
 
-    /// Announces a change made elsewhere (another node, seen through the database).
-    pub fn announce_run_change(&self) {
-        self.runs.send_modify(|v| *v = v.wrapping_add(1));
-        self.output.send_modify(|v| *v = v.wrapping_add(1));
+    /// Changes when this process changed a run (for relaying to other nodes).
+    pub fn local_runs_changed(&self) -> watch::Receiver<u64> {
+        self.local_runs.subscribe()
+    }
+
+    /// Changes when this process appended output (for relaying to other nodes).
+    pub fn local_output_changed(&self) -> watch::Receiver<u64> {
+        self.local_output.subscribe()
+    }
+
+    /// Announces a change another node made (seen through the database): wakes local waiters
+    /// without counting as a local write.
+    pub fn announce_remote(&self, runs: bool) {
+        if runs {
+            bump(&self.runs);
+        }
+        bump(&self.output);
+    }
+
+    fn announce_run_change(&self) {
+        bump(&self.runs);
+        bump(&self.output);
+        bump(&self.local_runs);
     }
 
     fn announce_output(&self) {
-        self.output.send_modify(|v| *v = v.wrapping_add(1));
+        bump(&self.output);
+        bump(&self.local_output);
     }
+}
+
+fn bump(counter: &watch::Sender<u64>) {
+    counter.send_modify(|v| *v = v.wrapping_add(1));
 }
 
 #[async_trait]
@@ -132,6 +165,9 @@ impl Store for WatchedStore {
     }
     async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
         self.inner.insert_token(token).await
+    }
+    async fn insert_first_admin(&self, token: &TokenRecord) -> Result<bool, StoreError> {
+        self.inner.insert_first_admin(token).await
     }
     async fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.inner.find_token(secret_sha256).await

@@ -296,6 +296,58 @@ pub async fn tokens_are_found_by_hash_and_revoked(store: Arc<dyn Store>) {
     assert_eq!(store.find_token(&token.secret_sha256).await.unwrap().unwrap().revoked_at, Some(at(7)));
     assert!(!store.revoke_token(TokenId::generate(at(2)), at(8)).await.unwrap());
     assert_eq!(store.list_tokens().await.unwrap().len(), 1);
+
+    let admin = |n: i64| TokenRecord {
+        id: TokenId::generate(at(n)),
+        name: format!("admin {n}"),
+        role: Role::Admin,
+        projects: vec![],
+        secret_sha256: format!("{n:064}"),
+        created_at: at(n),
+        revoked_at: None,
+    };
+    let racers: Vec<_> = (10..16)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move { store.insert_first_admin(&admin(n)).await.unwrap() })
+        })
+        .collect();
+    let mut stored = 0;
+    for r in racers {
+        stored += r.await.unwrap() as usize;
+    }
+    assert_eq!(stored, 1, "nodes starting together make exactly one admin token");
+    assert!(!store.insert_first_admin(&admin(20)).await.unwrap());
+}
+
+pub async fn concurrent_updates_of_one_run_are_never_lost(store: Arc<dyn Store>) {
+    let stages: Vec<_> =
+        (0..10).map(|i| json!({"key": format!("s{i}"), "executor":{"kind":"noop"}, "needs": []})).collect();
+    let run = new_run("p", json!({"stages": stages}), None, at(0));
+    let id = run.run.id;
+    store.insert_run(&run).await.unwrap();
+    let claims = store.claim_stages(&claim_query("n", at(1), 60_000, 10)).await.unwrap();
+    assert_eq!(claims.len(), 10);
+    let tasks: Vec<_> = claims
+        .into_iter()
+        .map(|c| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .update_run(id, &mut |s| {
+                        s.complete_attempt(&c.stage.key, c.stage.attempt, &StageOutcome::Succeeded, at(2))
+                    })
+                    .await
+                    .unwrap();
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let done = store.get_run(id).await.unwrap().unwrap();
+    assert!(done.stages.iter().all(|s| s.state == StageState::Succeeded), "every completion landed");
+    assert_eq!(done.run.state, RunState::Succeeded, "the last completion saw all the others");
 }
 
 macro_rules! conformance {
@@ -303,7 +355,7 @@ macro_rules! conformance {
         mod $backend {
             use super::*;
 
-            async fn store() -> (Arc<dyn Store>, Box<dyn Any + Send>) {
+            async fn store() -> Option<(Arc<dyn Store>, Box<dyn Any + Send>)> {
                 $make
             }
 
@@ -317,6 +369,7 @@ macro_rules! conformance {
                 logs_append_in_order_and_page_by_cursor,
                 blobs_and_artifacts_are_chunked_and_replaced_by_name,
                 tokens_are_found_by_hash_and_revoked,
+                concurrent_updates_of_one_run_are_never_lost,
             );
         }
     };
@@ -324,16 +377,25 @@ macro_rules! conformance {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
-                let (store, _keep) = store().await;
+                let Some((store, _keep)) = store().await else { return };
                 super::$case(store).await;
             }
         )*
     };
 }
 
-conformance!(memory, (Arc::new(pond_store::MemoryStore::new()), Box::new(())));
+conformance!(memory, Some((Arc::new(pond_store::MemoryStore::new()), Box::new(()))));
 conformance!(sqlite, {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = pond_store::SqliteStore::open(&dir.path().join("pond.db")).await.expect("open sqlite");
-    (Arc::new(store), Box::new(dir))
+    Some((Arc::new(store), Box::new(dir)))
+});
+conformance!(postgres, {
+    let Ok(server) = std::env::var("POND_TEST_DATABASE_URL") else {
+        eprintln!("skipped: POND_TEST_DATABASE_URL is not set (a PostgreSQL server URL; .ci/run sets it)");
+        return None;
+    };
+    let db = pond_store::ScratchDatabase::create(&server, "conformance").await.expect("create a scratch database");
+    let store = pond_store::PgStore::connect(&db.url, 8).await.expect("connect to the scratch database");
+    Some((Arc::new(store), Box::new(db)))
 });

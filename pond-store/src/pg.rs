@@ -1,0 +1,786 @@
+//! `PgStore`: the production store. Any number of stateless `pond server` nodes share one
+//! database; nothing lives only in one node's memory.
+//!
+//! - Claims take due stages with `FOR UPDATE SKIP LOCKED` in index order (so their cost does
+//!   not grow with the queue) and set a lease; expired leases are taken the same way.
+//! - Lock order is the same everywhere — a run's stage rows (by position), then run rows (by
+//!   id) — and a transaction that still loses a deadlock or serialization race is retried.
+//! - Log positions are per run, allocated under a counter row's lock, so they become visible
+//!   in order and a follower's cursor never skips a late commit.
+//! - [`PgStore::relay_changes`] tells other nodes about this node's writes with one coalesced
+//!   `NOTIFY` (not one per row: a NOTIFY in every transaction serializes commits) and wakes
+//!   local waiters on theirs (`LISTEN`), with the waiters' own fallback poll as a safety net.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pond_core::ids::{BlobId, RunId, TokenId};
+use pond_core::run::{Attempt, AttemptOutcome, Run, RunSnapshot, Stage, MAX_LOST_LEASES};
+use pond_core::store::{
+    Artifact, BlobMeta, Claim, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation, RunQuery,
+    Store, TokenRecord, BLOB_CHUNK_BYTES,
+};
+use pond_core::time::Timestamp;
+use pond_core::StoreError;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{PgConnection, PgPool, Row};
+use tokio::task::JoinHandle;
+
+use crate::rows::{
+    artifact_from_row, attempt_from_row, blob_from_row, corrupt, db_err, log_from_row, role_text, run_from_row,
+    stage_from_row, token_from_row, ts,
+};
+use crate::{sha256_hex, WatchedStore};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The channel nodes announce their writes on.
+pub const CHANGE_CHANNEL: &str = "pond_changes";
+
+/// The PostgreSQL store.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+/// A failure inside a transaction: database errors are kept raw until the retry decision.
+enum Fail {
+    Db(sqlx::Error),
+    Store(StoreError),
+}
+
+impl From<sqlx::Error> for Fail {
+    fn from(e: sqlx::Error) -> Self {
+        Fail::Db(e)
+    }
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Store(e)
+    }
+}
+
+impl Fail {
+    /// Deadlock (40P01) or serialization failure (40001): the transaction may simply be run again.
+    fn retryable(&self) -> bool {
+        matches!(self, Fail::Db(sqlx::Error::Database(d)) if matches!(d.code().as_deref(), Some("40P01" | "40001")))
+    }
+
+    fn into_store(self) -> StoreError {
+        match self {
+            Fail::Db(e) => db_err(e),
+            Fail::Store(e) => e,
+        }
+    }
+}
+
+const TX_TRIES: u32 = 5;
+
+impl PgStore {
+    /// Connects with a pool of `max_connections` and applies migrations (under sqlx's advisory
+    /// lock, so several nodes starting at once migrate once).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Backend(format!("bad database URL: {e}")))?
+            .application_name("pond");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .min_connections(0)
+            // While the database is away, callers hear "unavailable" quickly (the API answers
+            // 503) instead of hanging; the pool reconnects by itself when it is back.
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_with(options)
+            .await
+            .map_err(db_err)?;
+        MIGRATOR.run(&pool).await.map_err(|e| StoreError::Backend(format!("migrating the database: {e}")))?;
+        Ok(PgStore { pool })
+    }
+
+    /// The pool (for benchmarks and tests that seed data directly).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Relays changes between this node and the others: local writes seen by `watched` become
+    /// one coalesced `NOTIFY` (at most every few milliseconds), and other nodes' notifications
+    /// wake this node's waiters. Runs until the returned tasks are aborted.
+    pub fn relay_changes(&self, watched: Arc<WatchedStore>, node_id: String) -> Vec<JoinHandle<()>> {
+        let notify_pool = self.pool.clone();
+        let me = node_id.clone();
+        let outgoing_watch = watched.clone();
+        let outgoing = tokio::spawn(async move {
+            let mut runs = outgoing_watch.local_runs_changed();
+            let mut output = outgoing_watch.local_output_changed();
+            loop {
+                let kind = tokio::select! {
+                    r = runs.changed() => { if r.is_err() { return; } "runs" }
+                    r = output.changed() => { if r.is_err() { return; } "output" }
+                };
+                // Let a burst of writes collapse into one notification.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let kind = if runs.has_changed().unwrap_or(false) { "runs" } else { kind };
+                runs.borrow_and_update();
+                output.borrow_and_update();
+                let sent = sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(CHANGE_CHANNEL)
+                    .bind(format!("{me} {kind}"))
+                    .execute(&notify_pool)
+                    .await;
+                if sent.is_err() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        });
+        let listen_pool = self.pool.clone();
+        let incoming = tokio::spawn(async move {
+            loop {
+                let mut listener = match PgListener::connect_with(&listen_pool).await {
+                    Ok(l) => l,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                if listener.listen(CHANGE_CHANNEL).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                // Whatever happened while not listening: let waiters look once.
+                watched.announce_remote(true);
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(n)) => {
+                            let mut parts = n.payload().splitn(2, ' ');
+                            let (from, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or("runs"));
+                            if from != node_id {
+                                watched.announce_remote(kind == "runs");
+                            }
+                        }
+                        // The connection dropped: reconnect and listen again.
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        vec![outgoing, incoming]
+    }
+
+    async fn try_update(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, Fail> {
+        let mut tx = self.pool.begin().await?;
+        let before =
+            load_snapshot(&mut tx, id, true).await?.ok_or_else(|| StoreError::NotFound(format!("run {id}")))?;
+        let mut after = before.clone();
+        mutate(&mut after).map_err(|e| StoreError::Rejected(Box::new(e)))?;
+        write_changes(&mut tx, Some(&before), &after).await?;
+        tx.commit().await?;
+        Ok(after)
+    }
+
+    async fn try_claim(&self, query: &ClaimQuery) -> Result<Vec<Claim>, Fail> {
+        let mut tx = self.pool.begin().await?;
+        let now = query.now.as_millis();
+        let mut stages: Vec<Stage> = Vec::new();
+        let mut run_ids: Vec<String> = Vec::new();
+        // Expired leases first (rare), then queued stages, each walked in index order.
+        let candidates = [
+            "SELECT run_id, key FROM stages
+              WHERE state = 'running' AND lease_expires_at <= $1 AND NOT cancel_requested AND executor_kind = ANY($2)
+              ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED",
+            "SELECT run_id, key FROM stages
+              WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1 AND executor_kind = ANY($2)
+              ORDER BY ready_at LIMIT $3 FOR UPDATE SKIP LOCKED",
+        ];
+        for select in candidates {
+            let want = query.limit as i64 - stages.len() as i64;
+            if want <= 0 {
+                break;
+            }
+            let sql = format!(
+                "WITH picked AS ({select})
+                 UPDATE stages s SET state = 'running', attempt = s.attempt + 1,
+                        lost_leases = s.lost_leases + CASE WHEN s.state = 'running' THEN 1 ELSE 0 END,
+                        lease_owner = $4, lease_expires_at = $5, started_at = COALESCE(s.started_at, $1)
+                   FROM picked WHERE s.run_id = picked.run_id AND s.key = picked.key
+                 RETURNING s.*"
+            );
+            let rows = sqlx::query(&sql)
+                .bind(now)
+                .bind(&query.kinds)
+                .bind(want)
+                .bind(&query.owner)
+                .bind(query.lease_until.as_millis())
+                .fetch_all(&mut *tx)
+                .await?;
+            for row in &rows {
+                run_ids.push(row.try_get::<String, _>("run_id")?);
+                stages.push(stage_from_row(row)?);
+            }
+        }
+        for (run, stage) in run_ids.iter().zip(&stages) {
+            sqlx::query(
+                "UPDATE attempts SET outcome = 'lease_expired', finished_at = $1,
+                        error = 'lease expired: the node running this attempt stopped renewing it'
+                  WHERE run_id = $2 AND stage_key = $3 AND number < $4 AND outcome IS NULL",
+            )
+            .bind(now)
+            .bind(run)
+            .bind(&stage.key)
+            .bind(stage.attempt as i64)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO attempts (run_id, stage_key, number, owner, started_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(run)
+            .bind(&stage.key)
+            .bind(stage.attempt as i64)
+            .bind(&query.owner)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut unique = run_ids.clone();
+        unique.sort();
+        unique.dedup();
+        // Run rows are locked in id order, after the stage rows: the order every writer uses.
+        let rows = sqlx::query(
+            "UPDATE runs SET state = CASE WHEN state = 'queued' THEN 'running' ELSE state END,
+                    started_at = COALESCE(started_at, $1)
+              WHERE id IN (SELECT id FROM runs WHERE id = ANY($2) ORDER BY id FOR UPDATE)
+              RETURNING *",
+        )
+        .bind(now)
+        .bind(&unique)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut runs = std::collections::HashMap::new();
+        for row in &rows {
+            let run = run_from_row(row)?;
+            runs.insert(run.id.to_string(), run);
+        }
+        tx.commit().await?;
+        let mut claims = Vec::with_capacity(stages.len());
+        for (run, stage) in run_ids.into_iter().zip(stages) {
+            let run =
+                runs.get(&run).cloned().ok_or_else(|| corrupt(format!("claimed a stage of missing run {run}")))?;
+            claims.push(Claim { run, stage });
+        }
+        Ok(claims)
+    }
+
+    async fn insert_logs(&self, lines: &[(RunId, &NewLogLine)]) -> Result<(), StoreError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut by_run: std::collections::BTreeMap<String, Vec<&NewLogLine>> = Default::default();
+        for (run, line) in lines {
+            by_run.entry(run.to_string()).or_default().push(line);
+        }
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // Counter rows are taken in run-id order so concurrent batches cannot deadlock.
+        for (run, lines) in &by_run {
+            let last: i64 = sqlx::query_scalar(
+                "INSERT INTO log_counters (run_id, seq) VALUES ($1, $2)
+                 ON CONFLICT (run_id) DO UPDATE SET seq = log_counters.seq + EXCLUDED.seq RETURNING seq",
+            )
+            .bind(run)
+            .bind(lines.len() as i64)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            let first = last - lines.len() as i64 + 1;
+            let seqs: Vec<i64> = (first..=last).collect();
+            let stages: Vec<Option<String>> = lines.iter().map(|l| l.stage.clone()).collect();
+            let attempts: Vec<i64> = lines.iter().map(|l| l.attempt as i64).collect();
+            let streams: Vec<&str> = lines.iter().map(|l| l.stream.as_str()).collect();
+            let ats: Vec<i64> = lines.iter().map(|l| l.at.as_millis()).collect();
+            let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+            sqlx::query(
+                "INSERT INTO logs (run_id, seq, stage, attempt, stream, at, text)
+                 SELECT $1, * FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[])",
+            )
+            .bind(run)
+            .bind(&seqs)
+            .bind(&stages)
+            .bind(&attempts)
+            .bind(&streams)
+            .bind(&ats)
+            .bind(&texts)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+}
+
+async fn load_snapshot(conn: &mut PgConnection, id: RunId, lock: bool) -> Result<Option<RunSnapshot>, Fail> {
+    let key = id.to_string();
+    let lock_clause = if lock { " FOR UPDATE" } else { "" };
+    let stage_rows = sqlx::query(&format!("SELECT * FROM stages WHERE run_id = $1 ORDER BY position{lock_clause}"))
+        .bind(&key)
+        .fetch_all(&mut *conn)
+        .await?;
+    let Some(run_row) = sqlx::query(&format!("SELECT * FROM runs WHERE id = $1{lock_clause}"))
+        .bind(&key)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let attempts = sqlx::query("SELECT * FROM attempts WHERE run_id = $1 ORDER BY started_at, stage_key, number")
+        .bind(&key)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(attempt_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(RunSnapshot {
+        run: run_from_row(&run_row)?,
+        stages: stage_rows.iter().map(stage_from_row).collect::<Result<Vec<_>, _>>()?,
+        attempts,
+    }))
+}
+
+/// Writes the run row; on insert, returns false (writing nothing) when its idempotency key is
+/// already taken in the project.
+async fn write_run(conn: &mut PgConnection, run: &Run, insert: bool) -> Result<bool, Fail> {
+    let sources = serde_json::to_string(&run.sources).map_err(corrupt)?;
+    if insert {
+        let definition = serde_json::to_string(&run.definition).map_err(corrupt)?;
+        let done = sqlx::query(
+            "INSERT INTO runs (id, project_id, state, idempotency_key, definition, sources, cancel_requested, error,
+                               created_at, started_at, finished_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (project_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+        )
+        .bind(run.id.to_string())
+        .bind(&run.project_id)
+        .bind(run.state.as_str())
+        .bind(&run.idempotency_key)
+        .bind(definition)
+        .bind(sources)
+        .bind(run.cancel_requested)
+        .bind(&run.error)
+        .bind(run.created_at.as_millis())
+        .bind(ts(run.started_at))
+        .bind(ts(run.finished_at))
+        .execute(&mut *conn)
+        .await?;
+        return Ok(done.rows_affected() > 0);
+    } else {
+        sqlx::query(
+            "UPDATE runs SET state = $1, sources = $2, cancel_requested = $3, error = $4, started_at = $5, finished_at = $6
+              WHERE id = $7",
+        )
+        .bind(run.state.as_str())
+        .bind(sources)
+        .bind(run.cancel_requested)
+        .bind(&run.error)
+        .bind(ts(run.started_at))
+        .bind(ts(run.finished_at))
+        .bind(run.id.to_string())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(true)
+}
+
+async fn write_stage(conn: &mut PgConnection, run: RunId, s: &Stage) -> Result<(), Fail> {
+    sqlx::query(
+        "INSERT INTO stages (run_id, key, position, executor_kind, state, ready_at, attempt, failures, lost_leases,
+                             lease_owner, lease_expires_at, cancel_requested, started_at, finished_at, error, exit_code)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+         ON CONFLICT (run_id, key) DO UPDATE SET
+            state = EXCLUDED.state, ready_at = EXCLUDED.ready_at, attempt = EXCLUDED.attempt,
+            failures = EXCLUDED.failures, lost_leases = EXCLUDED.lost_leases, lease_owner = EXCLUDED.lease_owner,
+            lease_expires_at = EXCLUDED.lease_expires_at, cancel_requested = EXCLUDED.cancel_requested,
+            started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at, error = EXCLUDED.error,
+            exit_code = EXCLUDED.exit_code",
+    )
+    .bind(run.to_string())
+    .bind(&s.key)
+    .bind(s.position as i64)
+    .bind(&s.executor_kind)
+    .bind(s.state.as_str())
+    .bind(ts(s.ready_at))
+    .bind(s.attempt as i64)
+    .bind(s.failures as i64)
+    .bind(s.lost_leases as i64)
+    .bind(&s.lease_owner)
+    .bind(ts(s.lease_expires_at))
+    .bind(s.cancel_requested)
+    .bind(ts(s.started_at))
+    .bind(ts(s.finished_at))
+    .bind(&s.error)
+    .bind(s.exit_code.map(|c| c as i64))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn write_attempt(conn: &mut PgConnection, run: RunId, a: &Attempt) -> Result<(), Fail> {
+    sqlx::query(
+        "INSERT INTO attempts (run_id, stage_key, number, owner, started_at, finished_at, outcome, error)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (run_id, stage_key, number) DO UPDATE SET
+            finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = EXCLUDED.error",
+    )
+    .bind(run.to_string())
+    .bind(&a.stage_key)
+    .bind(a.number as i64)
+    .bind(&a.owner)
+    .bind(a.started_at.as_millis())
+    .bind(ts(a.finished_at))
+    .bind(a.outcome.map(AttemptOutcome::as_str))
+    .bind(&a.error)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn write_changes(conn: &mut PgConnection, before: Option<&RunSnapshot>, after: &RunSnapshot) -> Result<(), Fail> {
+    let id = after.run.id;
+    match before {
+        None => {
+            if !write_run(conn, &after.run, true).await? {
+                return Err(StoreError::Conflict(format!("idempotency key of run {id} is taken")).into());
+            }
+        }
+        Some(b) if b.run != after.run => {
+            write_run(conn, &after.run, false).await?;
+        }
+        Some(_) => {}
+    }
+    for stage in &after.stages {
+        if !before.and_then(|b| b.stage(&stage.key)).is_some_and(|old| old == stage) {
+            write_stage(conn, id, stage).await?;
+        }
+    }
+    for attempt in &after.attempts {
+        if !before.is_some_and(|b| b.attempts.iter().any(|old| old == attempt)) {
+            write_attempt(conn, id, attempt).await?;
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn insert_run(&self, snapshot: &RunSnapshot) -> Result<InsertOutcome, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        match write_changes(&mut tx, None, snapshot).await {
+            Ok(()) => {
+                tx.commit().await.map_err(db_err)?;
+                Ok(InsertOutcome::Created)
+            }
+            // The key is taken: ON CONFLICT waited for the other submit to commit, so its run
+            // is visible now.
+            Err(Fail::Store(StoreError::Conflict(_))) if snapshot.run.idempotency_key.is_some() => {
+                drop(tx);
+                let run = &snapshot.run;
+                let existing: String =
+                    sqlx::query_scalar("SELECT id FROM runs WHERE project_id = $1 AND idempotency_key = $2")
+                        .bind(&run.project_id)
+                        .bind(&run.idempotency_key)
+                        .fetch_one(&self.pool)
+                        .await
+                        .map_err(db_err)?;
+                let existing = RunId::from_str(&existing).map_err(corrupt)?;
+                let found = self.get_run(existing).await?.ok_or_else(|| corrupt("idempotent run vanished"))?;
+                Ok(InsertOutcome::Existing(Box::new(found)))
+            }
+            Err(e) => Err(e.into_store()),
+        }
+    }
+
+    async fn get_run(&self, id: RunId) -> Result<Option<RunSnapshot>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        load_snapshot(&mut conn, id, false).await.map_err(Fail::into_store)
+    }
+
+    async fn list_runs(&self, query: &RunQuery) -> Result<Vec<Run>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM runs
+              WHERE ($1::TEXT[] IS NULL OR project_id = ANY($1))
+                AND ($2::TEXT IS NULL OR state = $2)
+                AND ($3::TEXT IS NULL OR id < $3)
+              ORDER BY id DESC LIMIT $4",
+        )
+        .bind(query.projects.as_ref())
+        .bind(query.state.map(|s| s.as_str()))
+        .bind(query.before.map(|b| b.to_string()))
+        .bind(query.limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    async fn update_run(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, StoreError> {
+        let mut tries = 0;
+        loop {
+            match self.try_update(id, &mut *mutate).await {
+                Err(f) if f.retryable() && tries < TX_TRIES => tries += 1,
+                result => return result.map_err(Fail::into_store),
+            }
+        }
+    }
+
+    async fn claim_stages(&self, query: &ClaimQuery) -> Result<Vec<Claim>, StoreError> {
+        if query.kinds.is_empty() || query.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut tries = 0;
+        loop {
+            match self.try_claim(query).await {
+                Err(f) if f.retryable() && tries < TX_TRIES => tries += 1,
+                result => return result.map_err(Fail::into_store),
+            }
+        }
+    }
+
+    async fn renew_lease(
+        &self,
+        run: RunId,
+        stage: &str,
+        attempt: u32,
+        owner: &str,
+        until: Timestamp,
+    ) -> Result<LeaseStatus, StoreError> {
+        let cancel: Option<bool> = sqlx::query_scalar(
+            "UPDATE stages SET lease_expires_at = $1
+              WHERE run_id = $2 AND key = $3 AND attempt = $4 AND lease_owner = $5 AND state = 'running'
+              RETURNING cancel_requested",
+        )
+        .bind(until.as_millis())
+        .bind(run.to_string())
+        .bind(stage)
+        .bind(attempt as i64)
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(match cancel {
+            Some(cancel_requested) => LeaseStatus::Held { cancel_requested },
+            None => LeaseStatus::Lost,
+        })
+    }
+
+    async fn runs_to_reap(&self, now: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT run_id FROM stages
+              WHERE state = 'running' AND lease_expires_at <= $1 AND (cancel_requested OR lost_leases > $2)
+              LIMIT $3",
+        )
+        .bind(now.as_millis())
+        .bind(MAX_LOST_LEASES as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        ids.iter().map(|s| RunId::from_str(s).map_err(corrupt)).collect()
+    }
+
+    async fn expire_all_leases(&self, now: Timestamp) -> Result<u64, StoreError> {
+        let done = sqlx::query("UPDATE stages SET lease_expires_at = $1 WHERE state = 'running'")
+            .bind(now.as_millis())
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError> {
+        let lines: Vec<(RunId, &NewLogLine)> = lines.iter().map(|l| (run, l)).collect();
+        self.insert_logs(&lines).await
+    }
+
+    async fn append_log_batch(&self, lines: &[(RunId, NewLogLine)]) -> Result<(), StoreError> {
+        let lines: Vec<(RunId, &NewLogLine)> = lines.iter().map(|(r, l)| (*r, l)).collect();
+        self.insert_logs(&lines).await
+    }
+
+    async fn read_logs(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<LogLine>, StoreError> {
+        sqlx::query("SELECT * FROM logs WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3")
+            .bind(run.to_string())
+            .bind(after)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(log_from_row)
+            .collect()
+    }
+
+    async fn put_blob(&self, project_id: &str, data: &[u8], now: Timestamp) -> Result<BlobMeta, StoreError> {
+        let meta = BlobMeta {
+            id: BlobId::generate(now),
+            project_id: project_id.to_string(),
+            size: data.len() as u64,
+            sha256: sha256_hex(data),
+            created_at: now,
+        };
+        let id = meta.id.to_string();
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query("INSERT INTO blobs (id, project_id, size, sha256, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&id)
+            .bind(project_id)
+            .bind(meta.size as i64)
+            .bind(&meta.sha256)
+            .bind(now.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[][..]] } else { data.chunks(BLOB_CHUNK_BYTES).collect() };
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            sqlx::query("INSERT INTO blob_chunks (blob_id, idx, data) VALUES ($1, $2, $3)")
+                .bind(&id)
+                .bind(i as i64)
+                .bind(chunk)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(meta)
+    }
+
+    async fn blob_meta(&self, id: BlobId) -> Result<Option<BlobMeta>, StoreError> {
+        let row = sqlx::query("SELECT * FROM blobs WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(blob_from_row).transpose()
+    }
+
+    async fn read_blob_chunk(&self, id: BlobId, index: u64) -> Result<Vec<u8>, StoreError> {
+        let data: Option<Vec<u8>> = sqlx::query_scalar("SELECT data FROM blob_chunks WHERE blob_id = $1 AND idx = $2")
+            .bind(id.to_string())
+            .bind(index as i64)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        data.ok_or_else(|| StoreError::NotFound(format!("blob {id} chunk {index}")))
+    }
+
+    async fn put_artifact(&self, a: &Artifact) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO artifacts (run_id, name, stage, blob_id, size, sha256, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (run_id, name) DO UPDATE SET stage = EXCLUDED.stage, blob_id = EXCLUDED.blob_id,
+                size = EXCLUDED.size, sha256 = EXCLUDED.sha256, created_at = EXCLUDED.created_at",
+        )
+        .bind(a.run_id.to_string())
+        .bind(&a.name)
+        .bind(&a.stage)
+        .bind(a.blob_id.to_string())
+        .bind(a.size as i64)
+        .bind(&a.sha256)
+        .bind(a.created_at.as_millis())
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn list_artifacts(&self, run: RunId) -> Result<Vec<Artifact>, StoreError> {
+        sqlx::query("SELECT * FROM artifacts WHERE run_id = $1 ORDER BY name")
+            .bind(run.to_string())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(artifact_from_row)
+            .collect()
+    }
+
+    async fn get_artifact(&self, run: RunId, name: &str) -> Result<Option<Artifact>, StoreError> {
+        let row = sqlx::query("SELECT * FROM artifacts WHERE run_id = $1 AND name = $2")
+            .bind(run.to_string())
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(artifact_from_row).transpose()
+    }
+
+    async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO tokens (id, name, role, projects, secret_sha256, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(t.id.to_string())
+        .bind(&t.name)
+        .bind(role_text(t.role))
+        .bind(serde_json::to_string(&t.projects).map_err(corrupt)?)
+        .bind(&t.secret_sha256)
+        .bind(t.created_at.as_millis())
+        .bind(ts(t.revoked_at))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn insert_first_admin(&self, token: &TokenRecord) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // Serializes the check-then-insert across nodes starting at the same moment.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('pond.first_admin'))")
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT id FROM tokens WHERE role = 'admin' AND revoked_at IS NULL LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if exists.is_some() {
+            return Ok(false);
+        }
+        sqlx::query("INSERT INTO tokens (id, name, role, projects, secret_sha256, created_at) VALUES ($1, $2, 'admin', $3, $4, $5)")
+            .bind(token.id.to_string())
+            .bind(&token.name)
+            .bind(serde_json::to_string(&token.projects).map_err(corrupt)?)
+            .bind(&token.secret_sha256)
+            .bind(token.created_at.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
+    }
+
+    async fn find_token(&self, secret_sha256: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM tokens WHERE secret_sha256 = $1")
+            .bind(secret_sha256)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        sqlx::query("SELECT * FROM tokens ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?
+            .iter()
+            .map(token_from_row)
+            .collect()
+    }
+
+    async fn revoke_token(&self, id: TokenId, now: Timestamp) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2")
+            .bind(now.as_millis())
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+}

@@ -1,0 +1,86 @@
+//! [`ScratchDatabase`]: a throwaway PostgreSQL database for tests and benchmarks, created on
+//! a server given by URL and dropped (with its connections) when the value is dropped.
+
+use std::str::FromStr;
+
+use pond_core::StoreError;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+
+use crate::rows::db_err;
+
+/// A database that exists for the lifetime of this value.
+pub struct ScratchDatabase {
+    /// URL of the new database.
+    pub url: String,
+    name: String,
+    server: PgConnectOptions,
+}
+
+fn with_database(url: &str, database: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match head[scheme_end..].find('/') {
+        Some(i) => &head[..scheme_end + i],
+        None => head,
+    };
+    match query {
+        Some(q) => format!("{base}/{database}?{q}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+impl ScratchDatabase {
+    /// Creates `pond_<prefix>_<random>` on the server of `server_url`.
+    pub async fn create(server_url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let server = PgConnectOptions::from_str(server_url)
+            .map_err(|e| StoreError::Backend(format!("bad database URL: {e}")))?;
+        let name = format!("pond_{prefix}_{}", uuid_suffix());
+        let mut conn = server.connect().await.map_err(db_err)?;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await.map_err(db_err)?;
+        conn.close().await.map_err(db_err)?;
+        Ok(ScratchDatabase { url: with_database(server_url, &name), name, server })
+    }
+}
+
+fn uuid_suffix() -> String {
+    let id = pond_core::ids::RunId::generate(pond_core::time::Timestamp::from_millis(0));
+    id.0.simple().to_string()[16..].to_string()
+}
+
+impl Drop for ScratchDatabase {
+    fn drop(&mut self) {
+        let (server, name) = (self.server.clone(), self.name.clone());
+        // Drop may run inside an async runtime; a thread with its own runtime keeps it simple.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async move {
+                if let Ok(mut conn) = server.connect().await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
+                    let _ = conn.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_names_replace_the_path_only() {
+        let cases = [
+            ("postgres://u@h:5432/test", "postgres://u@h:5432/x"),
+            ("postgres://u@h/test?sslmode=disable", "postgres://u@h/x?sslmode=disable"),
+            ("postgres://u@h", "postgres://u@h/x"),
+        ];
+        for (url, want) in cases {
+            assert_eq!(super::with_database(url, "x"), want);
+        }
+    }
+}
