@@ -71,9 +71,15 @@ struct ServerArgs {
     /// Address to listen on.
     #[arg(long, env = "POND_LISTEN", default_value = "127.0.0.1:8420")]
     listen: SocketAddr,
-    /// Data directory (database, admin token, checkouts).
+    /// Data directory (SQLite database, admin token, checkouts).
     #[arg(long, env = "POND_DATA_DIR", default_value = ".pond")]
     data_dir: PathBuf,
+    /// PostgreSQL URL: use PostgreSQL instead of SQLite; any number of servers may share it.
+    #[arg(long, env = "POND_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Connections to PostgreSQL per server.
+    #[arg(long, env = "POND_DATABASE_POOL", default_value_t = 16)]
+    database_pool: u32,
     /// Lease of a running stage; a stage whose node stops renewing it is retried after this.
     #[arg(long, env = "POND_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
     lease: Duration,
@@ -352,6 +358,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
 fn server_config(args: ServerArgs) -> pond_http::server::ServerConfig {
     let mut config = pond_http::server::ServerConfig::new(args.data_dir, Arc::new(pond_sandbox::HostBackend));
     config.listen = args.listen;
+    config.database_url = args.database_url;
+    config.database_pool = args.database_pool;
     config.lease = args.lease;
     config.slots = args.slots;
     config.allow_local_sources = args.allow_local_sources;
@@ -375,9 +383,10 @@ fn serve(args: ServerArgs) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let data_dir = args.data_dir.clone();
+        let store = if args.database_url.is_some() { "PostgreSQL" } else { "SQLite" };
         let server = pond_http::server::start(server_config(args)).await?;
         println!("pond server listening on {}", server.url());
-        println!("data directory: {}", data_dir.display());
+        println!("store: {store}; data directory: {}", data_dir.display());
         match &server.new_admin_token {
             Some(_) => println!("admin token created: {} (mode 0600)", server.admin_token_file.display()),
             None => println!("admin token: {}", server.admin_token_file.display()),

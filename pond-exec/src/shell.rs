@@ -262,6 +262,15 @@ impl Executor for ShellExecutor {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe and touches only the child being set up.
+        unsafe {
+            cmd.pre_exec(|| {
+                // If this node dies (kill -9, OOM) the stage's process dies with it instead of
+                // finishing work that another node will redo.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => return fail(format!("starting `{}`: {e}", command.argv[0])),

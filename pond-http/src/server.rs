@@ -14,7 +14,7 @@ use pond_core::time::{Clock, Millis, SystemClock};
 use pond_exec::{
     BuiltinExecutor, Driver, DriverConfig, FetchConfig, LocalWorkspaces, NoopExecutor, ShellConfig, ShellExecutor,
 };
-use pond_store::{SqliteStore, WatchedStore};
+use pond_store::{PgStore, SqliteStore, WatchedStore};
 use rand::RngCore;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -28,8 +28,13 @@ use crate::state::{AppState, Limits};
 pub struct ServerConfig {
     /// Address to listen on (port 0: any free port).
     pub listen: SocketAddr,
-    /// Where the database, admin token and checkouts live.
+    /// Where the database (SQLite), admin token and checkouts live.
     pub data_dir: PathBuf,
+    /// PostgreSQL URL; when set, the store is PostgreSQL (shared by any number of nodes)
+    /// instead of SQLite in `data_dir`.
+    pub database_url: Option<String>,
+    /// Connections in the PostgreSQL pool.
+    pub database_pool: u32,
     /// Name of this node in leases; random when `None`.
     pub node_id: Option<String>,
     /// How long a stage's lease lasts without renewal.
@@ -60,6 +65,8 @@ impl ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8420)),
             data_dir,
+            database_url: None,
+            database_pool: 16,
             node_id: None,
             lease: Duration::from_secs(30),
             slots: 16,
@@ -114,6 +121,7 @@ pub struct RunningServer {
     pub engine: Arc<Engine>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
     _lock: std::fs::File,
 }
 
@@ -128,6 +136,9 @@ impl RunningServer {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        for t in self.background {
+            t.abort();
         }
     }
 
@@ -166,7 +177,8 @@ async fn ensure_admin_token(
     Ok((path, Some(secret)))
 }
 
-/// Starts a server on SQLite in `config.data_dir`.
+/// Starts a server: on PostgreSQL when `config.database_url` is set, else on SQLite in
+/// `config.data_dir`.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let data_dir = &config.data_dir;
     std::fs::create_dir_all(data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
@@ -179,19 +191,32 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         .map_err(io(format!("opening {}", lock_path.display())))?;
     fs2::FileExt::try_lock_exclusive(&lock).map_err(|_| ServerError::InUse(data_dir.clone()))?;
 
-    let sqlite = SqliteStore::open(&data_dir.join("pond.db")).await?;
-    let store = Arc::new(WatchedStore::new(Arc::new(sqlite)));
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    // This process holds the data directory exclusively, so any lease in the database belongs
-    // to a process that is gone: let them expire now rather than after the lease time.
-    let interrupted_stages = store.expire_all_leases(clock.now()).await?;
-    let (admin_token_file, new_admin_token) = ensure_admin_token(&*store, data_dir, clock.now()).await?;
-
     let node_id = config.node_id.clone().unwrap_or_else(|| {
         let mut raw = [0u8; 4];
         rand::rngs::OsRng.fill_bytes(&mut raw);
         format!("node-{}", hex::encode(raw))
     });
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let mut background = Vec::new();
+    let (store, interrupted_stages) = match &config.database_url {
+        Some(url) => {
+            let pg = PgStore::connect(url, config.database_pool).await?;
+            let store = Arc::new(WatchedStore::new(Arc::new(pg.clone())));
+            background.extend(pg.relay_changes(store.clone(), node_id.clone()));
+            // Other nodes may hold leases: stale ones expire on their own and are adopted then.
+            (store, 0)
+        }
+        None => {
+            let sqlite = SqliteStore::open(&data_dir.join("pond.db")).await?;
+            let store = Arc::new(WatchedStore::new(Arc::new(sqlite)));
+            // This process holds the data directory exclusively, so any lease in the database
+            // belongs to a process that is gone: let them expire now, not after the lease time.
+            let interrupted = store.expire_all_leases(clock.now()).await?;
+            (store, interrupted)
+        }
+    };
+    let (admin_token_file, new_admin_token) = ensure_admin_token(&*store, data_dir, clock.now()).await?;
+
     let fetch = FetchConfig { allow_plain_http_git: config.allow_plain_http_git, ..Default::default() };
     let workspaces = LocalWorkspaces::new(data_dir.join("checkouts"), store.clone(), fetch)
         .map_err(io("preparing the checkouts directory"))?;
@@ -257,6 +282,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         engine,
         shutdown,
         tasks: vec![driving, http],
+        background,
         _lock: lock,
     })
 }
