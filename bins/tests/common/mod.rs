@@ -50,8 +50,20 @@ impl Server {
             .to_string();
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        let token = std::fs::read_to_string(data_dir.join("admin.token")).expect("admin token").trim().to_string();
+        // Of several nodes sharing a database only the first writes the admin token.
+        let token = std::fs::read_to_string(data_dir.join("admin.token")).map(|t| t.trim().to_string()).unwrap_or_default();
         Server { child, url, data_dir: data_dir.to_path_buf(), token, extra }
+    }
+
+    /// The test's PostgreSQL server URL, or `None` after printing why the test is skipped.
+    pub fn database_server() -> Option<String> {
+        match std::env::var("POND_TEST_DATABASE_URL") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                eprintln!("skipped: POND_TEST_DATABASE_URL is not set (a PostgreSQL server URL; .ci/run sets it)");
+                None
+            }
+        }
     }
 
     pub fn admin(&self) -> Client {
@@ -132,6 +144,12 @@ pub fn process_running(needle: &str) -> bool {
             .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
             .unwrap_or(false)
     })
+}
+
+/// A throwaway database on the test's PostgreSQL server.
+pub fn scratch_database(server: &str, prefix: &str) -> pond_store::ScratchDatabase {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(pond_store::ScratchDatabase::create(server, prefix)).expect("create a scratch database")
 }
 
 pub fn run_json(def: serde_json::Value) -> serde_json::Value {

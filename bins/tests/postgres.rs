@@ -1,0 +1,194 @@
+//! PostgreSQL deployments from the outside: several `pond server` processes on one database,
+//! a node killed with -9 mid-run, and the database going away during a run. Skipped, with a
+//! printed reason, when POND_TEST_DATABASE_URL is unset; .ci/run sets it.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use pond_core::run::{AttemptOutcome, RunState};
+use serde_json::json;
+
+#[test]
+fn three_nodes_share_one_database_and_a_killed_node_loses_nothing() {
+    let Some(pg) = Server::database_server() else { return };
+    let db = scratch_database(&pg, "multinode");
+    let dir = tempfile::tempdir().unwrap();
+    let done_log = dir.path().join("done.log");
+    let node = |name: &str| {
+        Server::start(&dir.path().join(name), &["--database-url", &db.url, "--lease", "2s", "--node-id", name])
+    };
+    let a = node("node-a");
+    let mut b = node("node-b");
+    let c = node("node-c");
+    assert!(!a.token.is_empty() && b.token.is_empty() && c.token.is_empty(), "one admin token for the cluster");
+    let clients = [a.client(&a.token), b.client(&a.token), c.client(&a.token)];
+
+    let script = format!(
+        "echo start $POND_ATTEMPT; sleep 1.5; echo \"$POND_RUN_ID\" >> {}; echo \"out $POND_RUN_ID\" > $POND_OUTPUT_DIR/out.txt",
+        done_log.display()
+    );
+    let ids: Vec<String> = (0..24)
+        .map(|i| {
+            let body = run_json(json!({"stages":[
+                {"key":"work","executor":{"kind":"shell","argv":["sh","-c",script]}},
+                {"key":"after","executor":{"kind":"noop"}}
+            ]}));
+            clients[i % 3].submit(&body, None).unwrap().id.to_string()
+        })
+        .collect();
+
+    let on_b = |client: &pond_http::client::Client| {
+        ids.iter()
+            .filter(|id| {
+                let run = client.get_run(id).unwrap();
+                run.stages[0].attempts.iter().any(|a| a.owner == "node-b" && a.outcome.is_none())
+            })
+            .count()
+    };
+    eventually("node-b to be running stages", Duration::from_secs(30), || on_b(&clients[0]) > 0);
+    b.kill9();
+
+    for (i, id) in ids.iter().enumerate() {
+        let run = wait_done(&clients[i % 2 * 2], id, Duration::from_secs(90));
+        assert_eq!(run.state, RunState::Succeeded, "run {id}: {:?}", run.stages[0].attempts);
+    }
+    let mut adopted = 0;
+    for (i, id) in ids.iter().enumerate() {
+        let (via_a, via_c) = (clients[0].get_run(id).unwrap(), clients[2].get_run(id).unwrap());
+        assert_eq!(via_a, via_c, "every node serves the same run");
+        let attempts = &via_a.stages[0].attempts;
+        let last = attempts.last().unwrap();
+        assert_eq!(last.outcome, Some(AttemptOutcome::Succeeded));
+        if attempts.len() > 1 {
+            assert_eq!(attempts[0].owner, "node-b");
+            assert_eq!(attempts[0].outcome, Some(AttemptOutcome::LeaseExpired));
+            adopted += 1;
+        }
+        let mut out = Vec::new();
+        clients[(i + 1) % 2 * 2].download_artifact(id, "out.txt", &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap().trim(), format!("out {id}"));
+        let text = log_text(&clients[i % 2 * 2], id);
+        assert!(text.iter().any(|l| l.starts_with("start ")), "{text:?}");
+    }
+    assert!(adopted > 0, "some stages were adopted from the killed node");
+    let done = std::fs::read_to_string(&done_log).unwrap();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for line in done.lines() {
+        *counts.entry(line).or_default() += 1;
+    }
+    for id in &ids {
+        assert_eq!(counts.get(id.as_str()), Some(&1), "run {id}'s stage ran to completion exactly once");
+    }
+}
+
+/// A TCP proxy in front of PostgreSQL that the test can take down and bring back, so the
+/// database "restarts" for pond without touching the server other tests use.
+struct Proxy {
+    port: u16,
+    upstream: String,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn new(upstream: String) -> Proxy {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let proxy = Proxy { port, upstream, up: Arc::new(AtomicBool::new(false)), conns: Default::default() };
+        proxy.start();
+        proxy
+    }
+
+    fn start(&self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        self.up.store(true, Ordering::SeqCst);
+        let (up, conns, upstream) = (self.up.clone(), self.conns.clone(), self.upstream.clone());
+        std::thread::spawn(move || {
+            while up.load(Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let Ok(server) = TcpStream::connect(&upstream) else { continue };
+                conns.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+    }
+
+    /// Refuses new connections and cuts the open ones, as a database restart does.
+    fn stop(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    let host = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
+    if host.contains(':') { host.to_string() } else { format!("{host}:5432") }
+}
+
+#[test]
+fn while_the_database_is_gone_the_api_answers_503_and_the_run_completes_afterwards() {
+    let Some(pg) = Server::database_server() else { return };
+    let db = scratch_database(&pg, "outage");
+    let upstream = host_port(&db.url);
+    let proxy = Proxy::new(upstream.clone());
+    let via_proxy = db.url.replacen(&upstream, &format!("127.0.0.1:{}", proxy.port), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--database-url", &via_proxy, "--lease", "30s"]);
+    let admin = server.admin();
+    let run = admin
+        .submit(&run_json(json!({"stages":[
+            {"key":"work","executor":{"kind":"shell","argv":["sh","-c","echo begin; sleep 4; echo end"]}},
+            {"key":"after","executor":{"kind":"noop"}}
+        ]})), None)
+        .unwrap();
+    let id = run.id.to_string();
+    eventually("the stage to begin", Duration::from_secs(30), || log_text(&admin, &id).iter().any(|l| l == "begin"));
+
+    proxy.stop();
+    let mut answer = None;
+    eventually("the API to notice the database is gone", Duration::from_secs(20), || {
+        match admin.get_run(&id) {
+            Err(e) if e.status() == Some(503) => {
+                answer = Some(e.to_string());
+                true
+            }
+            _ => false,
+        }
+    });
+    let answer = answer.unwrap();
+    assert!(answer.starts_with("unavailable (503): the database is unavailable"), "{answer}");
+    std::thread::sleep(Duration::from_secs(3));
+    proxy.start();
+
+    let done = wait_done(&admin, &id, Duration::from_secs(90));
+    assert_eq!(done.state, RunState::Succeeded, "{:?}", done.stages);
+    let text = log_text(&admin, &id);
+    assert!(text.iter().any(|l| l == "end"), "{text:?}");
+    assert_eq!(done.stages[0].attempts.len(), 1, "the outage did not cost a retry: {:?}", done.stages[0].attempts);
+}
