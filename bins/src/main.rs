@@ -295,6 +295,15 @@ struct BenchArgs {
     /// Data directory of the in-process server (removed first).
     #[arg(long, default_value = ".pond-bench")]
     data_dir: PathBuf,
+    /// Run on PostgreSQL: a server URL; the bench creates and drops a scratch database there.
+    #[arg(long, env = "POND_BENCH_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Servers sharing the database (PostgreSQL only), clients spread over them.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Instead: time claims on PostgreSQL with this many stages queued (repeatable).
+    #[arg(long = "claim-latency", value_name = "QUEUED")]
+    claim_latency: Vec<u64>,
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
@@ -645,18 +654,44 @@ fn demo(args: DemoArgs) -> Result<i32> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
+    let rt = runtime()?;
+    if !args.claim_latency.is_empty() {
+        let url = args.database_url.as_deref().context("--claim-latency needs --database-url")?;
+        for queued in &args.claim_latency {
+            println!("{}", rt.block_on(pond_http::bench::claim_latency(url, *queued))?);
+        }
+        return Ok(());
+    }
+    if args.nodes > 1 && args.database_url.is_none() {
+        bail!("--nodes needs --database-url: several servers share one PostgreSQL database");
+    }
     if args.data_dir.exists() {
         std::fs::remove_dir_all(&args.data_dir).with_context(|| format!("clearing {}", args.data_dir.display()))?;
     }
-    let rt = runtime()?;
-    let mut config = pond_http::server::ServerConfig::new(args.data_dir.clone(), Arc::new(pond_sandbox::HostBackend));
-    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.slots = args.slots;
-    let server = rt.block_on(pond_http::server::start(config))?;
-    let token = std::fs::read_to_string(&server.admin_token_file)?.trim().to_string();
-    let client = Client::new(&server.url(), Some(token));
-    let report = pond_http::bench::run(&client, args.runs, args.clients);
-    rt.block_on(server.shutdown());
+    let scratch = match &args.database_url {
+        Some(url) => Some(rt.block_on(pond_store::ScratchDatabase::create(url, "bench"))?),
+        None => None,
+    };
+    let mut servers = Vec::new();
+    for n in 0..args.nodes.max(1) {
+        let mut config =
+            pond_http::server::ServerConfig::new(args.data_dir.join(format!("node-{n}")), Arc::new(pond_sandbox::HostBackend));
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.slots = args.slots;
+        config.database_url = scratch.as_ref().map(|s| s.url.clone());
+        servers.push(rt.block_on(pond_http::server::start(config))?);
+    }
+    let token = std::fs::read_to_string(&servers[0].admin_token_file)?.trim().to_string();
+    let clients: Vec<Client> = servers.iter().map(|s| Client::new(&s.url(), Some(token.clone()))).collect();
+    let setup = match &scratch {
+        Some(_) => format!("PostgreSQL, {} node(s)", servers.len()),
+        None => "SQLite".to_string(),
+    };
+    let report = pond_http::bench::run(&clients, &setup, args.runs, args.clients);
+    for server in servers {
+        rt.block_on(server.shutdown());
+    }
+    drop(scratch);
     let report = report?;
     println!("{report}");
     Ok(())

@@ -25,7 +25,7 @@ use pond_core::store::{
 use pond_core::time::Timestamp;
 use pond_core::StoreError;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{ConnectOptions, PgConnection, PgPool, Row};
 use tokio::task::JoinHandle;
 
 use crate::rows::{
@@ -85,7 +85,8 @@ impl PgStore {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Backend(format!("bad database URL: {e}")))?
-            .application_name("pond");
+            .application_name("pond")
+            .disable_statement_logging();
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
             .min_connections(0)
@@ -102,6 +103,28 @@ impl PgStore {
     /// The pool (for benchmarks and tests that seed data directly).
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Benchmark support: inserts `n` one-stage `noop` runs whose stage is ready at `now`, in
+    /// two statements, so a claim benchmark can start from a queue of 100k items in seconds.
+    pub async fn seed_queued_runs(&self, n: u64, now: Timestamp) -> Result<(), StoreError> {
+        let definition = r#"{"stages":[{"key":"s","executor":{"kind":"noop"}}]}"#;
+        sqlx::query(
+            "WITH r AS (
+                INSERT INTO runs (id, project_id, state, definition, sources, created_at)
+                SELECT gen_random_uuid()::TEXT, 'bench', 'queued', $1, '[]', $2 FROM generate_series(1, $3)
+                RETURNING id)
+             INSERT INTO stages (run_id, key, position, executor_kind, state, ready_at)
+             SELECT id, 's', 0, 'noop', 'queued', $2 FROM r",
+        )
+        .bind(definition)
+        .bind(now.as_millis())
+        .bind(n as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        sqlx::query("ANALYZE").execute(&self.pool).await.map_err(db_err)?;
+        Ok(())
     }
 
     /// Relays changes between this node and the others: local writes seen by `watched` become
