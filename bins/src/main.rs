@@ -674,8 +674,10 @@ fn bench(args: BenchArgs) -> Result<()> {
     };
     let mut servers = Vec::new();
     for n in 0..args.nodes.max(1) {
-        let mut config =
-            pond_http::server::ServerConfig::new(args.data_dir.join(format!("node-{n}")), Arc::new(pond_sandbox::HostBackend));
+        let mut config = pond_http::server::ServerConfig::new(
+            args.data_dir.join(format!("node-{n}")),
+            Arc::new(pond_sandbox::HostBackend),
+        );
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.slots = args.slots;
         config.database_url = scratch.as_ref().map(|s| s.url.clone());

@@ -24,11 +24,15 @@ fn three_nodes_share_one_database_and_a_killed_node_loses_nothing() {
     let node = |name: &str| {
         Server::start(&dir.path().join(name), &["--database-url", &db.url, "--lease", "2s", "--node-id", name])
     };
-    let a = node("node-a");
-    let mut b = node("node-b");
-    let c = node("node-c");
-    assert!(!a.token.is_empty() && b.token.is_empty() && c.token.is_empty(), "one admin token for the cluster");
-    let clients = [a.client(&a.token), b.client(&a.token), c.client(&a.token)];
+    // Start all three at once on the empty database: migrations and the admin token race.
+    let (a, mut b, c) = std::thread::scope(|s| {
+        let (a, b, c) = (s.spawn(|| node("node-a")), s.spawn(|| node("node-b")), s.spawn(|| node("node-c")));
+        (a.join().unwrap(), b.join().unwrap(), c.join().unwrap())
+    });
+    let tokens: Vec<&String> = [&a.token, &b.token, &c.token].into_iter().filter(|t| !t.is_empty()).collect();
+    assert_eq!(tokens.len(), 1, "one admin token for the whole deployment: {:?}", [&a.token, &b.token, &c.token]);
+    let token = tokens[0].clone();
+    let clients = [a.client(&token), b.client(&token), c.client(&token)];
 
     let script = format!(
         "echo start $POND_ATTEMPT; sleep 1.5; echo \"$POND_RUN_ID\" >> {}; echo \"out $POND_RUN_ID\" > $POND_OUTPUT_DIR/out.txt",
@@ -119,7 +123,8 @@ impl Proxy {
                 client.set_nonblocking(false).unwrap();
                 let Ok(server) = TcpStream::connect(&upstream) else { continue };
                 conns.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
-                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16384];
                         while let Ok(n) = from.read(&mut buf) {
@@ -148,7 +153,11 @@ fn host_port(url: &str) -> String {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
     let authority = rest.split(['/', '?']).next().unwrap_or(rest);
     let host = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
-    if host.contains(':') { host.to_string() } else { format!("{host}:5432") }
+    if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:5432")
+    }
 }
 
 #[test]
@@ -162,24 +171,25 @@ fn while_the_database_is_gone_the_api_answers_503_and_the_run_completes_afterwar
     let server = Server::start(dir.path(), &["--database-url", &via_proxy, "--lease", "30s"]);
     let admin = server.admin();
     let run = admin
-        .submit(&run_json(json!({"stages":[
-            {"key":"work","executor":{"kind":"shell","argv":["sh","-c","echo begin; sleep 4; echo end"]}},
-            {"key":"after","executor":{"kind":"noop"}}
-        ]})), None)
+        .submit(
+            &run_json(json!({"stages":[
+                {"key":"work","executor":{"kind":"shell","argv":["sh","-c","echo begin; sleep 4; echo end"]}},
+                {"key":"after","executor":{"kind":"noop"}}
+            ]})),
+            None,
+        )
         .unwrap();
     let id = run.id.to_string();
     eventually("the stage to begin", Duration::from_secs(30), || log_text(&admin, &id).iter().any(|l| l == "begin"));
 
     proxy.stop();
     let mut answer = None;
-    eventually("the API to notice the database is gone", Duration::from_secs(20), || {
-        match admin.get_run(&id) {
-            Err(e) if e.status() == Some(503) => {
-                answer = Some(e.to_string());
-                true
-            }
-            _ => false,
+    eventually("the API to notice the database is gone", Duration::from_secs(20), || match admin.get_run(&id) {
+        Err(e) if e.status() == Some(503) => {
+            answer = Some(e.to_string());
+            true
         }
+        _ => false,
     });
     let answer = answer.unwrap();
     assert!(answer.starts_with("unavailable (503): the database is unavailable"), "{answer}");
@@ -191,4 +201,101 @@ fn while_the_database_is_gone_the_api_answers_503_and_the_run_completes_afterwar
     let text = log_text(&admin, &id);
     assert!(text.iter().any(|l| l == "end"), "{text:?}");
     assert_eq!(done.stages[0].attempts.len(), 1, "the outage did not cost a retry: {:?}", done.stages[0].attempts);
+}
+
+/// A PostgreSQL cluster of the test's own (initdb in a temp dir, run as the `postgres` user), so
+/// the test can restart it without disturbing the server other tests use.
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    fn start() -> Option<PrivatePostgres> {
+        let initdb = std::path::Path::new("/usr/lib/postgresql/15/bin/initdb");
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc_geteuid() } == 0;
+        if !root || !initdb.exists() {
+            eprintln!("skipped: a private PostgreSQL needs root and /usr/lib/postgresql/15/bin (CI has both)");
+            return None;
+        }
+        let dir = tempfile::Builder::new().prefix("pond-pg-").tempdir_in("/tmp").unwrap();
+        std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status().unwrap();
+        let data = dir.path().join("data");
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", "/usr/lib/postgresql/15/bin/initdb", "-A", "trust", "-U", "postgres", "-D"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let pg = PrivatePostgres { dir, port };
+        pg.ctl("start");
+        Some(pg)
+    }
+
+    fn ctl(&self, action: &str) {
+        let data = self.dir.path().join("data");
+        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.dir.path().display());
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-w", "-m", "fast", "-D"])
+            .arg(&data)
+            .args(["-o", &options, "-l"])
+            .arg(self.dir.path().join("log"))
+            .arg(action)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl {action}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-m", "immediate", "-D"])
+            .arg(&data)
+            .arg("stop")
+            .output();
+    }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+#[test]
+fn a_postgresql_restart_mid_run_answers_503_then_the_run_completes() {
+    let Some(_) = Server::database_server() else { return };
+    let Some(pg) = PrivatePostgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--database-url", &pg.url(), "--lease", "30s"]);
+    let admin = server.admin();
+    let run = admin
+        .submit(
+            &run_json(json!({"stages":[
+                {"key":"work","executor":{"kind":"shell","argv":["sh","-c","echo begin; sleep 4; echo end"]}},
+                {"key":"after","executor":{"kind":"noop"}}
+            ]})),
+            None,
+        )
+        .unwrap();
+    let id = run.id.to_string();
+    eventually("the stage to begin", Duration::from_secs(30), || log_text(&admin, &id).iter().any(|l| l == "begin"));
+
+    pg.ctl("stop");
+    let err = admin.get_run(&id).unwrap_err();
+    assert_eq!(err.status(), Some(503), "{err}");
+    assert!(err.to_string().starts_with("unavailable (503): the database is unavailable"), "{err}");
+    std::thread::sleep(Duration::from_secs(2));
+    pg.ctl("start");
+
+    let done = wait_done(&admin, &id, Duration::from_secs(90));
+    assert_eq!(done.state, RunState::Succeeded, "{:?}", done.stages);
+    assert!(log_text(&admin, &id).iter().any(|l| l == "end"));
 }

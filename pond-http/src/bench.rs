@@ -30,9 +30,7 @@ impl fmt::Display for BenchReport {
         writeln!(
             f,
             "runs {} clients {}  ({}, one-stage noop runs, HTTP on 127.0.0.1)",
-            self.runs,
-            self.clients,
-            self.setup
+            self.runs, self.clients, self.setup
         )?;
         writeln!(
             f,

@@ -171,10 +171,17 @@ async fn ensure_admin_token(
         return Ok((path, None));
     }
     let (secret, record) = mint_token(Role::Admin, "admin (created at first start)", Vec::new(), now);
-    // The file first: a token stored but never written down would lock the operator out.
-    write_secret_file(&path, &secret).map_err(io(format!("writing {}", path.display())))?;
-    store.insert_token(&record).await?;
-    Ok((path, Some(secret)))
+    // The file first: a token stored but never written down would lock the operator out. Of
+    // several nodes starting at once, one stores its token; the others discard theirs.
+    let pending = data_dir.join("admin.token.new");
+    write_secret_file(&pending, &secret).map_err(io(format!("writing {}", pending.display())))?;
+    if store.insert_first_admin(&record).await? {
+        std::fs::rename(&pending, &path).map_err(io(format!("writing {}", path.display())))?;
+        Ok((path, Some(secret)))
+    } else {
+        let _ = std::fs::remove_file(&pending);
+        Ok((path, None))
+    }
 }
 
 /// Starts a server: on PostgreSQL when `config.database_url` is set, else on SQLite in

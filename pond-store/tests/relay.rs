@@ -37,7 +37,8 @@ async fn a_write_on_one_node_wakes_waiters_on_another() {
     output_on_two.borrow_and_update();
 
     let now = Timestamp::from_millis(1_800_000_000_000);
-    let definition = serde_json::from_value(serde_json::json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]})).unwrap();
+    let definition =
+        serde_json::from_value(serde_json::json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]})).unwrap();
     let run = RunSnapshot::new(RunId::generate(now), "p".into(), definition, vec![], None, now);
     one.insert_run(&run).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), runs_on_two.changed())

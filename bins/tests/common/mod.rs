@@ -51,7 +51,8 @@ impl Server {
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         // Of several nodes sharing a database only the first writes the admin token.
-        let token = std::fs::read_to_string(data_dir.join("admin.token")).map(|t| t.trim().to_string()).unwrap_or_default();
+        let token =
+            std::fs::read_to_string(data_dir.join("admin.token")).map(|t| t.trim().to_string()).unwrap_or_default();
         Server { child, url, data_dir: data_dir.to_path_buf(), token, extra }
     }
 
