@@ -210,7 +210,9 @@ fn kill_dash_nine_mid_run_loses_nothing_and_the_stage_is_retried_as_a_new_attemp
     assert!(process_running(&format!("sleep {orphan_marker}1")), "kill -9 left the stage's processes behind");
 
     let server = Server::start(dir.path(), &["--lease", "2s"]);
-    assert!(!process_running(&format!("sleep {orphan_marker}1")), "the restart killed the orphaned attempt");
+    eventually("the restart to kill the orphaned attempt", Duration::from_secs(5), || {
+        !process_running(&format!("sleep {orphan_marker}1"))
+    });
     let admin = server.admin();
     let done = wait_done(&admin, &id, Duration::from_secs(30));
     assert_eq!(done.state, RunState::Succeeded);

@@ -188,20 +188,20 @@ impl Engine {
     /// Cancels a run (see [`RunSnapshot::cancel`]).
     pub async fn cancel(&self, id: RunId, reason: &str) -> Result<RunSnapshot, CoreError> {
         let now = self.clock.now();
-        let was_terminal = std::sync::atomic::AtomicBool::new(false);
         let snapshot = self
             .store
             .update_run(id, &mut |s| {
-                was_terminal.store(s.run.state.is_terminal(), std::sync::atomic::Ordering::Relaxed);
+                if s.run.state.is_terminal() {
+                    return Ok(Vec::new());
+                }
                 s.cancel(reason, now);
-                Ok(())
+                let mut lines = vec![self.system(None, 0, format!("run cancel requested: {reason}"))];
+                lines.extend(self.run_ended(s, now));
+                Ok(lines)
             })
             .await
             .map_err(|e| not_found_as(e, id))?;
-        if !was_terminal.load(std::sync::atomic::Ordering::Relaxed) {
-            self.system_line(id, None, 0, format!("run cancel requested: {reason}")).await;
-            self.after_change(&snapshot, now).await;
-        }
+        self.release_if_ended(&snapshot, now).await;
         Ok(snapshot)
     }
 
@@ -221,19 +221,15 @@ impl Engine {
         for claim in claims {
             let (run, stage) = (claim.run.id, &claim.stage);
             if stage.lost_leases > MAX_LOST_LEASES {
+                let text = format!("stage `{}` failed: lost its lease {} times", stage.key, stage.lost_leases);
                 let mut reap = |s: &mut RunSnapshot| {
                     s.reap(now);
-                    Ok(())
+                    let mut lines = vec![self.system(Some(&stage.key), stage.attempt, text.clone())];
+                    lines.extend(self.run_ended(s, now));
+                    Ok(lines)
                 };
                 if let Ok(snapshot) = self.store.update_run(run, &mut reap).await {
-                    self.system_line(
-                        run,
-                        Some(&stage.key),
-                        stage.attempt,
-                        format!("stage `{}` failed: lost its lease {} times", stage.key, stage.lost_leases),
-                    )
-                    .await;
-                    self.after_change(&snapshot, now).await;
+                    self.release_if_ended(&snapshot, now).await;
                 }
                 continue;
             }
@@ -285,18 +281,23 @@ impl Engine {
         };
         if run.sources.iter().any(|s| s.resolved.is_none()) {
             let resolved = workspace.resolved.clone();
-            let mut first = Vec::new();
+            let (key, attempt) = (&claim.stage.key, claim.stage.attempt);
             let recorded = self
                 .store
                 .update_run(run.id, &mut |s| {
-                    first.clear();
-                    for (i, (source, found)) in s.run.sources.iter_mut().zip(&resolved).enumerate() {
+                    // Stages fetching in parallel each try; only the one that records a source
+                    // says so.
+                    let mut lines = Vec::new();
+                    for (source, found) in s.run.sources.iter_mut().zip(&resolved) {
                         if source.resolved.is_none() {
                             source.resolved = Some(found.clone());
-                            first.push(i);
+                            let commit = found.commit.as_deref().map(|c| format!(" at commit {c}")).unwrap_or_default();
+                            let text =
+                                format!("source `{}` fetched{commit}, input_sha {}", source.label, found.input_sha);
+                            lines.push(self.system(Some(key), attempt, text));
                         }
                     }
-                    Ok(())
+                    Ok(lines)
                 })
                 .await;
             if let Err(e) = recorded {
@@ -304,18 +305,6 @@ impl Engine {
                     error: format!("recording the fetched sources failed: {e}"),
                     exit_code: None,
                 };
-            }
-            // Stages fetching in parallel each try; only the one that recorded a source says so.
-            for i in first {
-                let (source, found) = (&run.sources[i], &workspace.resolved[i]);
-                let commit = found.commit.as_deref().map(|c| format!(" at commit {c}")).unwrap_or_default();
-                self.system_line(
-                    run.id,
-                    Some(&claim.stage.key),
-                    claim.stage.attempt,
-                    format!("source `{}` fetched{commit}, input_sha {}", source.label, found.input_sha),
-                )
-                .await;
             }
         }
         let sink = StoreSink { engine: self, run: run.id, stage: &claim.stage.key, attempt: claim.stage.attempt };
@@ -336,31 +325,20 @@ impl Engine {
     pub async fn complete(&self, claim: &Claim, outcome: StageOutcome) -> Result<RunSnapshot, CoreError> {
         let now = self.clock.now();
         let (run, key, attempt) = (claim.run.id, claim.stage.key.as_str(), claim.stage.attempt);
+        // The progress lines are written in the same transaction as the change they describe,
+        // so a follower that sees the run ended has also seen how.
         let snapshot = self
             .store
-            .update_run(run, &mut |s| s.complete_attempt(key, attempt, &outcome, now))
+            .update_run(run, &mut |s| {
+                s.complete_attempt(key, attempt, &outcome, now)?;
+                let mut lines =
+                    vec![self.system(Some(key), attempt, describe_completion(s, key, attempt, &outcome, now))];
+                lines.extend(self.run_ended(s, now));
+                Ok(lines)
+            })
             .await
             .map_err(unwrap_rejected)?;
-        let stage = snapshot.stage(key);
-        let took = stage
-            .and_then(|s| snapshot.attempts.iter().rev().find(|a| a.stage_key == s.key && a.number == attempt))
-            .map(|a| now.since(a.started_at))
-            .unwrap_or_default();
-        let text = match (&outcome, stage) {
-            (StageOutcome::Succeeded, _) => format!("stage `{key}` succeeded in {took}"),
-            (StageOutcome::Cancelled, _) => format!("stage `{key}` cancelled after {took}"),
-            (StageOutcome::Failed { error, .. }, Some(s)) if s.state == crate::run::StageState::Queued => {
-                let wait = s.ready_at.map(|t| t.since(now)).unwrap_or_default();
-                format!("stage `{key}` attempt {attempt} failed: {error}; retrying in {wait}")
-            }
-            (StageOutcome::Failed { error, .. }, _) => format!("stage `{key}` failed after {took}: {error}"),
-        };
-        let mut lines = vec![(run, self.system(Some(key), attempt, text))];
-        lines.extend(self.run_ended(&snapshot, now).map(|l| (run, l)));
-        let _ = self.store.append_log_batch(&lines).await;
-        if snapshot.run.state.is_terminal() && snapshot.run.finished_at == Some(now) {
-            self.workspaces.release(run).await;
-        }
+        self.release_if_ended(&snapshot, now).await;
         Ok(snapshot)
     }
 
@@ -374,11 +352,11 @@ impl Engine {
                 .store
                 .update_run(id, &mut |s| {
                     s.reap(now);
-                    Ok(())
+                    Ok(self.run_ended(s, now).into_iter().collect())
                 })
                 .await?;
             changed += 1;
-            self.after_change(&snapshot, now).await;
+            self.release_if_ended(&snapshot, now).await;
         }
         Ok(changed)
     }
@@ -396,10 +374,9 @@ impl Engine {
         Some(self.system(None, 0, format!("run {}{tail}", run.state)))
     }
 
-    /// Reports the end of a run and removes its checkout, when the change made at `now` ended it.
-    async fn after_change(&self, snapshot: &RunSnapshot, now: Timestamp) {
-        if let Some(line) = self.run_ended(snapshot, now) {
-            let _ = self.store.append_logs(snapshot.run.id, &[line]).await;
+    /// Removes the run's checkout on this node, when the change made at `now` ended the run.
+    async fn release_if_ended(&self, snapshot: &RunSnapshot, now: Timestamp) {
+        if snapshot.run.state.is_terminal() && snapshot.run.finished_at == Some(now) {
             self.workspaces.release(snapshot.run.id).await;
         }
     }
@@ -407,10 +384,26 @@ impl Engine {
     fn system(&self, stage: Option<&str>, attempt: u32, text: String) -> NewLogLine {
         NewLogLine { stage: stage.map(str::to_string), attempt, stream: LogStream::System, at: self.clock.now(), text }
     }
+}
 
-    async fn system_line(&self, run: RunId, stage: Option<&str>, attempt: u32, text: String) {
-        // A log write that fails must not fail the transition it describes.
-        let _ = self.store.append_logs(run, &[self.system(stage, attempt, text)]).await;
+/// The progress line for an attempt that just ended (after `complete_attempt`).
+fn describe_completion(s: &RunSnapshot, key: &str, attempt: u32, outcome: &StageOutcome, now: Timestamp) -> String {
+    let stage = s.stage(key);
+    let took = s
+        .attempts
+        .iter()
+        .rev()
+        .find(|a| a.stage_key == key && a.number == attempt)
+        .map(|a| now.since(a.started_at))
+        .unwrap_or_default();
+    match (outcome, stage) {
+        (StageOutcome::Succeeded, _) => format!("stage `{key}` succeeded in {took}"),
+        (StageOutcome::Cancelled, _) => format!("stage `{key}` cancelled after {took}"),
+        (StageOutcome::Failed { error, .. }, Some(st)) if st.state == crate::run::StageState::Queued => {
+            let wait = st.ready_at.map(|t| t.since(now)).unwrap_or_default();
+            format!("stage `{key}` attempt {attempt} failed: {error}; retrying in {wait}")
+        }
+        (StageOutcome::Failed { error, .. }, _) => format!("stage `{key}` failed after {took}: {error}"),
     }
 }
 

@@ -202,8 +202,9 @@ pub struct TokenRecord {
     pub revoked_at: Option<Timestamp>,
 }
 
-/// The mutation `update_run` applies inside its transaction.
-pub type RunMutation<'a> = &'a mut (dyn FnMut(&mut RunSnapshot) -> Result<(), CoreError> + Send);
+/// The mutation `update_run` applies inside its transaction. It returns log lines describing
+/// the change, which the store appends to the run's log in the same transaction.
+pub type RunMutation<'a> = &'a mut (dyn FnMut(&mut RunSnapshot) -> Result<Vec<NewLogLine>, CoreError> + Send);
 
 /// Everything pond persists: runs, stages, attempts, logs, blobs, artifacts, tokens.
 #[async_trait]
@@ -215,8 +216,9 @@ pub trait Store: Send + Sync + 'static {
     async fn get_run(&self, id: RunId) -> Result<Option<RunSnapshot>, StoreError>;
     /// Runs, newest first.
     async fn list_runs(&self, query: &RunQuery) -> Result<Vec<Run>, StoreError>;
-    /// Applies `mutate` to the run atomically and returns the result. If `mutate` fails nothing
-    /// is written and the error comes back as [`StoreError::Rejected`].
+    /// Applies `mutate` to the run atomically, with the log lines it returns, and returns the
+    /// result. If `mutate` fails nothing is written and the error comes back as
+    /// [`StoreError::Rejected`].
     async fn update_run(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, StoreError>;
     /// Claims up to `limit` claimable stages (see [`Stage::claimable`]); no stage is ever
     /// handed to two claimers for the same attempt.

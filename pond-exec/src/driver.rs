@@ -158,7 +158,10 @@ impl Driver {
             tracing::warn!(%run, stage = %claim.stage.key, attempt = claim.stage.attempt, "lease lost; result dropped");
             return;
         }
+        // Keep trying while the store is away: nobody else can claim the stage meanwhile, and
+        // recording this result as soon as it is back beats re-running the stage elsewhere.
         let mut delay = Duration::from_millis(100);
+        let giving_up = tokio::time::Instant::now() + Duration::from_secs(600);
         loop {
             match self.engine.complete(&claim, outcome.clone()).await {
                 Ok(_) => return,
@@ -166,14 +169,14 @@ impl Driver {
                     tracing::warn!(%run, stage = %claim.stage.key, "result refused: the attempt no longer holds the stage");
                     return;
                 }
+                Err(e) if tokio::time::Instant::now() >= giving_up => {
+                    tracing::error!(%run, stage = %claim.stage.key, error = %e, "could not record the result; the stage will be retried after its lease expires");
+                    return;
+                }
                 Err(e) => {
-                    if delay > self.engine.config().lease.to_std() {
-                        tracing::error!(%run, stage = %claim.stage.key, error = %e, "could not record the result; the lease will expire and the stage be retried");
-                        return;
-                    }
                     tracing::warn!(%run, stage = %claim.stage.key, error = %e, "recording the result failed; retrying");
                     tokio::time::sleep(delay).await;
-                    delay *= 2;
+                    delay = (delay * 2).min(Duration::from_secs(1));
                 }
             }
         }

@@ -81,6 +81,16 @@ fn start_ticks(pid: i32) -> Option<u64> {
     after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Whether any process is in process group `pgid` (field 5 of `/proc/<pid>/stat`).
+fn group_has_members(pgid: i32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return false };
+    entries.flatten().any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { return false };
+        let Some(close) = stat.rfind(')') else { return false };
+        stat[close + 2..].split_whitespace().nth(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid)
+    })
+}
+
 /// Kills the process groups recorded in `dir` by an earlier process that died while stages
 /// ran (kill -9, OOM, power loss of the container), then clears the records. Returns how many
 /// groups were still alive.
@@ -91,7 +101,14 @@ pub fn reap_orphans(dir: &Path) -> std::io::Result<usize> {
             let name = entry.file_name().to_string_lossy().into_owned();
             let recorded = std::fs::read_to_string(entry.path()).unwrap_or_default();
             if let (Ok(pgid), Ok(ticks)) = (name.parse::<i32>(), recorded.trim().parse::<u64>()) {
-                if pgid > 1 && start_ticks(pgid) == Some(ticks) {
+                // The leader alive with its recorded start time is our group. A leader that is
+                // gone while members remain is ours too: Linux does not hand out a pid while a
+                // process group still uses it. A leader with another start time is a reused pid.
+                let ours = match start_ticks(pgid) {
+                    Some(t) => t == ticks,
+                    None => group_has_members(pgid),
+                };
+                if pgid > 1 && ours {
                     // SAFETY: killpg only sends a signal to the recorded group.
                     unsafe {
                         libc::killpg(pgid, libc::SIGKILL);

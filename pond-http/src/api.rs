@@ -465,6 +465,7 @@ async fn revoke_key(
         return Err(ApiError::Conflict("a token cannot revoke itself".into()));
     }
     if state.store.revoke_token(token, state.engine.clock().now()).await? {
+        state.tokens.clear();
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!("key {id} not found")))

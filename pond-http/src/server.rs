@@ -55,6 +55,9 @@ pub struct ServerConfig {
     pub kill_grace: Duration,
     /// How long shutdown waits for running stages.
     pub drain: Duration,
+    /// How long a verified token is trusted without asking the database again (a revocation
+    /// reaches the other nodes within this time).
+    pub token_cache: Duration,
     /// Contains `shell` stages.
     pub sandbox: Arc<dyn SandboxBackend>,
 }
@@ -77,6 +80,7 @@ impl ServerConfig {
             shell_env_allow: Vec::new(),
             kill_grace: Duration::from_secs(10),
             drain: Duration::from_secs(10),
+            token_cache: Duration::from_secs(5),
             sandbox,
         }
     }
@@ -264,6 +268,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         store: store.clone(),
         driver: Some(driver.clone()),
         limits: config.limits.clone(),
+        tokens: Arc::new(crate::auth::TokenCache::new(config.token_cache)),
     };
 
     let listener =

@@ -18,6 +18,8 @@ pub struct AppState {
     pub driver: Option<Arc<Driver>>,
     /// Limits.
     pub limits: Limits,
+    /// Recently verified tokens.
+    pub tokens: Arc<crate::auth::TokenCache>,
 }
 
 impl AppState {

@@ -55,6 +55,16 @@ fn track_active(inner: &mut Inner, snapshot: &RunSnapshot) {
     }
 }
 
+fn push_logs(inner: &mut Inner, run: RunId, lines: &[NewLogLine]) {
+    let mut seq = inner.next_seq;
+    let log = inner.logs.entry(run).or_default();
+    for line in lines {
+        seq += 1;
+        log.push(LogLine { seq, line: line.clone() });
+    }
+    inner.next_seq = seq;
+}
+
 #[async_trait]
 impl Store for MemoryStore {
     async fn insert_run(&self, snapshot: &RunSnapshot) -> Result<InsertOutcome, StoreError> {
@@ -98,9 +108,10 @@ impl Store for MemoryStore {
     async fn update_run(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, StoreError> {
         let mut inner = self.lock()?;
         let mut snapshot = inner.runs.get(&id).cloned().ok_or_else(|| StoreError::NotFound(format!("run {id}")))?;
-        mutate(&mut snapshot).map_err(|e| StoreError::Rejected(Box::new(e)))?;
+        let lines = mutate(&mut snapshot).map_err(|e| StoreError::Rejected(Box::new(e)))?;
         track_active(&mut inner, &snapshot);
         inner.runs.insert(id, snapshot.clone());
+        push_logs(&mut inner, id, &lines);
         Ok(snapshot)
     }
 
@@ -179,14 +190,7 @@ impl Store for MemoryStore {
     }
 
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError> {
-        let mut inner = self.lock()?;
-        let mut seq = inner.next_seq;
-        let log = inner.logs.entry(run).or_default();
-        for line in lines {
-            seq += 1;
-            log.push(LogLine { seq, line: line.clone() });
-        }
-        inner.next_seq = seq;
+        push_logs(&mut *self.lock()?, run, lines);
         Ok(())
     }
 

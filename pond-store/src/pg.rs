@@ -197,8 +197,10 @@ impl PgStore {
         let before =
             load_snapshot(&mut tx, id, true).await?.ok_or_else(|| StoreError::NotFound(format!("run {id}")))?;
         let mut after = before.clone();
-        mutate(&mut after).map_err(|e| StoreError::Rejected(Box::new(e)))?;
+        let lines = mutate(&mut after).map_err(|e| StoreError::Rejected(Box::new(e)))?;
         write_changes(&mut tx, Some(&before), &after).await?;
+        let lines: Vec<(RunId, &NewLogLine)> = lines.iter().map(|l| (id, l)).collect();
+        write_log_lines(&mut tx, &lines).await?;
         tx.commit().await?;
         Ok(after)
     }
@@ -299,46 +301,51 @@ impl PgStore {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut by_run: std::collections::BTreeMap<String, Vec<&NewLogLine>> = Default::default();
-        for (run, line) in lines {
-            by_run.entry(run.to_string()).or_default().push(line);
-        }
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        // Counter rows are taken in run-id order so concurrent batches cannot deadlock.
-        for (run, lines) in &by_run {
-            let last: i64 = sqlx::query_scalar(
-                "INSERT INTO log_counters (run_id, seq) VALUES ($1, $2)
-                 ON CONFLICT (run_id) DO UPDATE SET seq = log_counters.seq + EXCLUDED.seq RETURNING seq",
-            )
-            .bind(run)
-            .bind(lines.len() as i64)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            let first = last - lines.len() as i64 + 1;
-            let seqs: Vec<i64> = (first..=last).collect();
-            let stages: Vec<Option<String>> = lines.iter().map(|l| l.stage.clone()).collect();
-            let attempts: Vec<i64> = lines.iter().map(|l| l.attempt as i64).collect();
-            let streams: Vec<&str> = lines.iter().map(|l| l.stream.as_str()).collect();
-            let ats: Vec<i64> = lines.iter().map(|l| l.at.as_millis()).collect();
-            let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
-            sqlx::query(
-                "INSERT INTO logs (run_id, seq, stage, attempt, stream, at, text)
-                 SELECT $1, * FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[])",
-            )
-            .bind(run)
-            .bind(&seqs)
-            .bind(&stages)
-            .bind(&attempts)
-            .bind(&streams)
-            .bind(&ats)
-            .bind(&texts)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        }
+        write_log_lines(&mut tx, lines).await.map_err(Fail::into_store)?;
         tx.commit().await.map_err(db_err)
     }
+}
+
+/// Appends log lines inside the caller's transaction. Each run's positions come from its
+/// counter row, locked until commit; counters are taken in run-id order so concurrent batches
+/// cannot deadlock.
+async fn write_log_lines(conn: &mut PgConnection, lines: &[(RunId, &NewLogLine)]) -> Result<(), Fail> {
+    let mut by_run: std::collections::BTreeMap<String, Vec<&NewLogLine>> = Default::default();
+    for (run, line) in lines {
+        by_run.entry(run.to_string()).or_default().push(line);
+    }
+    for (run, lines) in &by_run {
+        let last: i64 = sqlx::query_scalar(
+            "INSERT INTO log_counters (run_id, seq) VALUES ($1, $2)
+             ON CONFLICT (run_id) DO UPDATE SET seq = log_counters.seq + EXCLUDED.seq RETURNING seq",
+        )
+        .bind(run)
+        .bind(lines.len() as i64)
+        .fetch_one(&mut *conn)
+        .await?;
+        let first = last - lines.len() as i64 + 1;
+        let seqs: Vec<i64> = (first..=last).collect();
+        let stages: Vec<Option<String>> = lines.iter().map(|l| l.stage.clone()).collect();
+        let attempts: Vec<i64> = lines.iter().map(|l| l.attempt as i64).collect();
+        let streams: Vec<&str> = lines.iter().map(|l| l.stream.as_str()).collect();
+        let ats: Vec<i64> = lines.iter().map(|l| l.at.as_millis()).collect();
+        let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO logs (run_id, seq, stage, attempt, stream, at, text)
+             SELECT $1, * FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[])",
+        )
+        .bind(run)
+        .bind(&seqs)
+        .bind(&stages)
+        .bind(&attempts)
+        .bind(&streams)
+        .bind(&ats)
+        .bind(&texts)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }
 
 async fn load_snapshot(conn: &mut PgConnection, id: RunId, lock: bool) -> Result<Option<RunSnapshot>, Fail> {

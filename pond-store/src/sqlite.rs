@@ -65,7 +65,7 @@ impl SqliteStore {
         self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
     }
 
-    /// Inserts log lines in one transaction, many rows per statement.
+    /// Inserts log lines in one transaction.
     async fn insert_log_lines<'a>(
         &self,
         lines: impl ExactSizeIterator<Item = (&'a str, &'a NewLogLine)>,
@@ -75,24 +75,30 @@ impl SqliteStore {
         }
         let lines: Vec<_> = lines.collect();
         let mut tx = self.begin().await?;
-        // 6 parameters a row; SQLite allows 32766 per statement.
-        for chunk in lines.chunks(500) {
-            let mut sql = String::from("INSERT INTO logs (run_id, stage, attempt, stream, at, text) VALUES ");
-            sql.push_str(&vec!["(?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
-            let mut q = sqlx::query(&sql);
-            for (run, line) in chunk {
-                q = q
-                    .bind(*run)
-                    .bind(&line.stage)
-                    .bind(line.attempt as i64)
-                    .bind(line.stream.as_str())
-                    .bind(line.at.as_millis())
-                    .bind(&line.text);
-            }
-            q.execute(&mut *tx).await.map_err(db_err)?;
-        }
+        write_log_lines(&mut tx, &lines).await?;
         tx.commit().await.map_err(db_err)
     }
+}
+
+/// Inserts log lines, many rows per statement, inside the caller's transaction.
+async fn write_log_lines(conn: &mut SqliteConnection, lines: &[(&str, &NewLogLine)]) -> Result<(), StoreError> {
+    // 6 parameters a row; SQLite allows 32766 per statement.
+    for chunk in lines.chunks(500) {
+        let mut sql = String::from("INSERT INTO logs (run_id, stage, attempt, stream, at, text) VALUES ");
+        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+        let mut q = sqlx::query(&sql);
+        for (run, line) in chunk {
+            q = q
+                .bind(*run)
+                .bind(&line.stage)
+                .bind(line.attempt as i64)
+                .bind(line.stream.as_str())
+                .bind(line.at.as_millis())
+                .bind(&line.text);
+        }
+        q.execute(&mut *conn).await.map_err(db_err)?;
+    }
+    Ok(())
 }
 
 async fn load_snapshot(conn: &mut SqliteConnection, id: RunId) -> Result<Option<RunSnapshot>, StoreError> {
@@ -294,8 +300,11 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         let before = load_snapshot(&mut tx, id).await?.ok_or_else(|| StoreError::NotFound(format!("run {id}")))?;
         let mut after = before.clone();
-        mutate(&mut after).map_err(|e| StoreError::Rejected(Box::new(e)))?;
+        let lines = mutate(&mut after).map_err(|e| StoreError::Rejected(Box::new(e)))?;
         write_changes(&mut tx, Some(&before), &after).await?;
+        let run = id.to_string();
+        let lines: Vec<(&str, &NewLogLine)> = lines.iter().map(|l| (run.as_str(), l)).collect();
+        write_log_lines(&mut tx, &lines).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(after)
     }

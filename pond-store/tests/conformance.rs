@@ -113,10 +113,26 @@ pub async fn claims_take_ready_stages_once_in_order(store: Arc<dyn Store>) {
     assert_eq!(snapshot.attempts[0].owner, "n1");
 
     let done = store
-        .update_run(run.run.id, &mut |s| s.complete_attempt("a", 1, &StageOutcome::Succeeded, at(3)))
+        .update_run(run.run.id, &mut |s| {
+            s.complete_attempt("a", 1, &StageOutcome::Succeeded, at(3))?;
+            let line = NewLogLine {
+                stage: Some("a".into()),
+                attempt: 1,
+                stream: LogStream::System,
+                at: at(3),
+                text: "a done".into(),
+            };
+            Ok(vec![line])
+        })
         .await
         .unwrap();
     assert_eq!(done.stage("b").unwrap().ready_at, Some(at(3)));
+    let logged = store.read_logs(run.run.id, 0, 10).await.unwrap();
+    assert_eq!(
+        logged.iter().map(|l| l.line.text.as_str()).collect::<Vec<_>>(),
+        vec!["a done"],
+        "lines land with the change"
+    );
     let next = store.claim_stages(&claim_query("n2", at(4), 1000, 10)).await.unwrap();
     assert_eq!(next.iter().map(|c| c.stage.key.as_str()).collect::<Vec<_>>(), vec!["b"]);
 }
@@ -169,15 +185,19 @@ pub async fn expired_leases_are_reclaimed_as_new_attempts(store: Arc<dyn Store>)
     assert_eq!((second[0].stage.attempt, second[0].stage.lost_leases), (2, 1));
     assert_eq!(store.renew_lease(id, "a", 1, "dead", at(1700)).await.unwrap(), LeaseStatus::Lost, "old holder lost it");
 
-    let stale = store.update_run(id, &mut |s| s.complete_attempt("a", 1, &StageOutcome::Succeeded, at(1800))).await;
+    let stale = store
+        .update_run(id, &mut |s| s.complete_attempt("a", 1, &StageOutcome::Succeeded, at(1800)).map(|()| Vec::new()))
+        .await;
     assert!(matches!(stale, Err(StoreError::Rejected(_))), "late result of the lost attempt is refused");
     let snapshot = store.get_run(id).await.unwrap().unwrap();
     assert_eq!(snapshot.stage("a").unwrap().state, StageState::Running, "rejected mutation wrote nothing");
     let outcomes: Vec<_> = snapshot.attempts.iter().map(|a| (a.number, a.owner.clone(), a.outcome)).collect();
     assert_eq!(outcomes, vec![(1, "dead".into(), Some(AttemptOutcome::LeaseExpired)), (2, "n2".into(), None)]);
 
-    let done =
-        store.update_run(id, &mut |s| s.complete_attempt("a", 2, &StageOutcome::Succeeded, at(1900))).await.unwrap();
+    let done = store
+        .update_run(id, &mut |s| s.complete_attempt("a", 2, &StageOutcome::Succeeded, at(1900)).map(|()| Vec::new()))
+        .await
+        .unwrap();
     assert_eq!(done.run.state, RunState::Succeeded);
     assert_eq!(store.get_run(id).await.unwrap().unwrap(), done);
 }
@@ -190,7 +210,7 @@ pub async fn cancelled_stages_of_vanished_holders_are_reaped(store: Arc<dyn Stor
     store
         .update_run(id, &mut |s| {
             s.cancel("by test", at(10));
-            Ok(())
+            Ok(Vec::new())
         })
         .await
         .unwrap();
@@ -208,7 +228,7 @@ pub async fn cancelled_stages_of_vanished_holders_are_reaped(store: Arc<dyn Stor
     let reaped = store
         .update_run(id, &mut |s| {
             s.reap(at(1700));
-            Ok(())
+            Ok(Vec::new())
         })
         .await
         .unwrap();
@@ -336,6 +356,7 @@ pub async fn concurrent_updates_of_one_run_are_never_lost(store: Arc<dyn Store>)
                 store
                     .update_run(id, &mut |s| {
                         s.complete_attempt(&c.stage.key, c.stage.attempt, &StageOutcome::Succeeded, at(2))
+                            .map(|()| Vec::new())
                     })
                     .await
                     .unwrap();
