@@ -695,6 +695,9 @@ fn bench(args: BenchArgs) -> Result<()> {
     }
     drop(scratch);
     let report = report?;
+    let command: Vec<String> =
+        std::env::args().map(|a| if a.contains("://") { "<database-url>".into() } else { a }).collect();
+    println!("command: {}", command.join(" "));
     println!("{report}");
     Ok(())
 }

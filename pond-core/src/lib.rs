@@ -7,18 +7,22 @@
 //! - [`exec`]: the [`exec::Executor`], output, stop-signal and workspace seams.
 //! - [`sandbox`]: the [`sandbox::SandboxBackend`] seam.
 //! - [`json`]: JSON decoding whose errors name the field path.
+//! - [`routing`]: placement on worker pools — tags, capability globs, trust tiers.
+//! - [`attest`]: signed results (wire format (d)) and key fingerprints.
 //! - [`engine`]: the [`engine::Engine`] that ties them together.
 //!
 //! Nothing here opens a socket, a file or a process, or reads the clock: time arrives through
 //! the [`time::Clock`] the caller injects.
 #![deny(missing_docs)]
 
+pub mod attest;
 pub mod definition;
 pub mod engine;
 pub mod error;
 pub mod exec;
 pub mod ids;
 pub mod json;
+pub mod routing;
 pub mod run;
 pub mod sandbox;
 pub mod source;

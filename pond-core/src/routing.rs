@@ -1,0 +1,176 @@
+//! Placement: which worker may run which job. Two axes (seed 000): **tags**, matched as a
+//! subset (`pool:trusted`, `tenant:acme`, `repo:x`), and **capabilities**, matched by glob
+//! (`harness.*` matches `harness.codex`). Trust tiers add required tags, so routing stays one
+//! rule: a worker may take a job only if it has every required tag and, for each required
+//! capability pattern, some capability that matches it. Fail closed: nothing widens a job's
+//! requirements into a looser match.
+
+use std::collections::BTreeSet;
+
+use crate::definition::{SandboxProfile, SandboxSpec, Tier};
+
+/// What a job requires of the worker that runs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Requirements {
+    /// Tags the worker must all have.
+    pub tags: BTreeSet<String>,
+    /// Capability patterns; each must match one of the worker's capabilities.
+    pub capabilities: Vec<String>,
+}
+
+/// What a worker offers. Its tags are the ones pinned by the operator at enrollment, never
+/// the ones a claim request states.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerOffer {
+    /// Tags.
+    pub tags: BTreeSet<String>,
+    /// Capabilities (plain names such as `harness.codex`, `sandbox.oci`).
+    pub capabilities: Vec<String>,
+}
+
+/// The tier a stage runs under: its explicit `tier`, else `trusted` for the untrusted-code
+/// profiles (agent code never lands on a BYO host by accident) and `any` otherwise.
+pub fn effective_tier(sandbox: Option<&SandboxSpec>) -> Tier {
+    match sandbox {
+        Some(SandboxSpec { tier: Some(tier), .. }) => *tier,
+        Some(SandboxSpec {
+            profile: SandboxProfile::UntrustedCodeRead | SandboxProfile::UntrustedCodeWrite, ..
+        }) => Tier::Trusted,
+        _ => Tier::Any,
+    }
+}
+
+/// The requirements of a job of `project_id` with the stage's own `tags` and `capabilities`
+/// under `tier`: `trusted` adds `pool:trusted`; `byo` adds `pool:byo` and `tenant:<project>`.
+pub fn requirements(project_id: &str, tier: Tier, tags: &[String], capabilities: &[String]) -> Requirements {
+    let mut required: BTreeSet<String> = tags.iter().cloned().collect();
+    match tier {
+        Tier::Trusted => {
+            required.insert("pool:trusted".into());
+        }
+        Tier::Byo => {
+            required.insert("pool:byo".into());
+            required.insert(format!("tenant:{project_id}"));
+        }
+        Tier::Any => {}
+    }
+    Requirements { tags: required, capabilities: capabilities.to_vec() }
+}
+
+/// Whether `worker` may run a job with `required`.
+pub fn admits(required: &Requirements, worker: &WorkerOffer) -> bool {
+    required.tags.is_subset(&worker.tags)
+        && required.capabilities.iter().all(|pattern| worker.capabilities.iter().any(|c| glob_match(pattern, c)))
+}
+
+/// Glob match over the whole text: `*` matches any run of characters (including none), `?`
+/// exactly one; everything else matches itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    // Where the last `*` was, and how much of the text it has swallowed so far.
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(tags: &[&str]) -> BTreeSet<String> {
+        tags.iter().map(|t| t.to_string()).collect()
+    }
+
+    fn offer(tags: &[&str], caps: &[&str]) -> WorkerOffer {
+        WorkerOffer { tags: set(tags), capabilities: caps.iter().map(|c| c.to_string()).collect() }
+    }
+
+    #[test]
+    fn globs_match_whole_names() {
+        let cases = [
+            ("harness.*", "harness.codex", true),
+            ("harness.*", "harness.", true),
+            ("harness.*", "harnesses.codex", false),
+            ("harness.codex", "harness.codex", true),
+            ("harness.codex", "harness.codex2", false),
+            ("*", "", true),
+            ("*.oci", "sandbox.oci", true),
+            ("sandbox.?ci", "sandbox.oci", true),
+            ("sandbox.?ci", "sandbox.ci", false),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            ("", "x", false),
+        ];
+        for (pattern, text, want) in cases {
+            assert_eq!(glob_match(pattern, text), want, "{pattern} vs {text}");
+        }
+    }
+
+    #[test]
+    fn placement_table() {
+        let trusted_codex = offer(&["pool:trusted"], &["harness.codex", "sandbox.oci"]);
+        let byo_acme = offer(&["pool:byo", "tenant:acme"], &["harness.claude"]);
+        let byo_globex = offer(&["pool:byo", "tenant:globex"], &["harness.claude", "harness.codex"]);
+        let untagged = offer(&[], &["harness.codex"]);
+        let cases: Vec<(&str, Requirements, &WorkerOffer, bool)> = vec![
+            ("any tier, no needs: anyone", requirements("acme", Tier::Any, &[], &[]), &untagged, true),
+            ("trusted needs pool:trusted", requirements("acme", Tier::Trusted, &[], &[]), &untagged, false),
+            (
+                "trusted on the trusted pool",
+                requirements("acme", Tier::Trusted, &[], &["harness.*".into()]),
+                &trusted_codex,
+                true,
+            ),
+            ("trusted never on byo", requirements("acme", Tier::Trusted, &[], &[]), &byo_acme, false),
+            (
+                "byo to its own tenant",
+                requirements("acme", Tier::Byo, &[], &["harness.claude".into()]),
+                &byo_acme,
+                true,
+            ),
+            ("byo never to another tenant", requirements("acme", Tier::Byo, &[], &[]), &byo_globex, false),
+            ("byo never to the trusted pool", requirements("acme", Tier::Byo, &[], &[]), &trusted_codex, false),
+            ("capability missing", requirements("globex", Tier::Byo, &[], &["sandbox.oci".into()]), &byo_globex, false),
+            (
+                "every capability must match",
+                requirements("x", Tier::Any, &[], &["harness.codex".into(), "sandbox.*".into()]),
+                &trusted_codex,
+                true,
+            ),
+            (
+                "extra stage tags are required too",
+                requirements("x", Tier::Trusted, &["repo:widgets".into()], &[]),
+                &trusted_codex,
+                false,
+            ),
+        ];
+        for (what, req, worker, want) in cases {
+            assert_eq!(admits(&req, worker), want, "{what}: {req:?} vs {worker:?}");
+        }
+    }
+
+    #[test]
+    fn untrusted_code_defaults_to_the_trusted_tier() {
+        let spec = |profile, tier| SandboxSpec { profile, tier };
+        assert_eq!(effective_tier(None), Tier::Any);
+        assert_eq!(effective_tier(Some(&spec(SandboxProfile::None, None))), Tier::Any);
+        assert_eq!(effective_tier(Some(&spec(SandboxProfile::UntrustedCodeWrite, None))), Tier::Trusted);
+        assert_eq!(effective_tier(Some(&spec(SandboxProfile::UntrustedCodeRead, None))), Tier::Trusted);
+        assert_eq!(effective_tier(Some(&spec(SandboxProfile::UntrustedCodeWrite, Some(Tier::Byo)))), Tier::Byo);
+    }
+}

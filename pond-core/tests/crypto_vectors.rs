@@ -1,0 +1,49 @@
+//! Interop: the reference vectors made by PyNaCl (libsodium) in shared/testdata/crypto-vectors.
+
+use std::path::PathBuf;
+
+use pond_core::attest::{fingerprint, Attestation};
+
+fn vectors() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/crypto-vectors")
+}
+
+fn load(name: &str) -> serde_json::Value {
+    let path = vectors().join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (shared/ must sit beside the checkout)", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn bytes<const N: usize>(hex_text: &serde_json::Value) -> [u8; N] {
+    hex::decode(hex_text.as_str().unwrap()).unwrap().try_into().unwrap()
+}
+
+#[test]
+fn the_pynacl_attestation_verifies_and_our_message_and_signature_match_it() {
+    let keys = load("pynacl_keys.json");
+    let vector = load("pynacl_attestation.json");
+    let attestation = Attestation {
+        job_id: vector["job_id"].as_str().unwrap().into(),
+        input_sha256: bytes(&vector["input_sha256_hex"]),
+        output_sha256: bytes(&vector["output_sha256_hex"]),
+        rc: vector["rc"].as_i64().unwrap(),
+    };
+    assert_eq!(hex::encode(attestation.message().unwrap()), vector["message_hex"].as_str().unwrap());
+    let public: [u8; 32] = bytes(&keys["worker_ed25519"]["pk_hex"]);
+    let signature: [u8; 64] = bytes(&vector["signature_hex"]);
+    attestation.verify(&public, &signature).expect("PyNaCl's signature verifies");
+    let ours = attestation.sign(&bytes(&keys["worker_ed25519"]["seed_hex"])).unwrap();
+    assert_eq!(ours, signature, "Ed25519 is deterministic: the same key signs the same bytes");
+    let forged = Attestation { rc: 0, ..attestation };
+    assert!(forged.verify(&public, &signature).is_err(), "a changed exit code does not verify");
+}
+
+#[test]
+fn fingerprints_match_the_reference() {
+    let keys = load("pynacl_keys.json");
+    for key in ["worker_ed25519", "worker_x25519", "consumer1", "consumer2"] {
+        let want = keys[key]["fingerprint"].as_str().expect("every reference key has a fingerprint");
+        assert_eq!(fingerprint(&bytes(&keys[key]["pk_hex"])), want, "{key}");
+    }
+}
