@@ -173,17 +173,12 @@ impl PgStore {
                 }
                 // Whatever happened while not listening: let waiters look once.
                 watched.announce_remote(true);
-                loop {
-                    match listener.try_recv().await {
-                        Ok(Some(n)) => {
-                            let mut parts = n.payload().splitn(2, ' ');
-                            let (from, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or("runs"));
-                            if from != node_id {
-                                watched.announce_remote(kind == "runs");
-                            }
-                        }
-                        // The connection dropped: reconnect and listen again.
-                        Ok(None) | Err(_) => break,
+                // `Ok(None)` or an error: the connection dropped; reconnect and listen again.
+                while let Ok(Some(n)) = listener.try_recv().await {
+                    let mut parts = n.payload().splitn(2, ' ');
+                    let (from, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or("runs"));
+                    if from != node_id {
+                        watched.announce_remote(kind == "runs");
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
