@@ -233,18 +233,22 @@ impl Workspaces for LocalWorkspaces {
     }
 }
 
+/// Every entry under `root` in path order, not following links, without the top-level `.git`.
+fn walk_without_git(root: &Path) -> impl Iterator<Item = walkdir::Result<walkdir::DirEntry>> {
+    walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| !(e.depth() == 1 && e.file_name() == ".git"))
+}
+
 /// SHA-256 over a tree: one line per entry, sorted by path, `.git` at the top skipped:
 /// `F <mode> <sha256> <path>` for files (mode `755` if executable, else `644`) and
 /// `L <target> <path>` for symlinks. The same files give the same digest on every host.
 pub fn tree_digest(root: &Path) -> std::io::Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let mut hasher = Sha256::new();
-    let walker = walkdir::WalkDir::new(root)
-        .follow_links(false)
-        .sort_by_file_name()
-        .into_iter()
-        .filter_entry(|e| !(e.depth() == 1 && e.file_name() == ".git"));
-    for entry in walker {
+    for entry in walk_without_git(root) {
         let entry = entry.map_err(std::io::Error::other)?;
         let rel = entry.path().strip_prefix(root).unwrap_or(entry.path()).to_string_lossy().into_owned();
         let ft = entry.file_type();
@@ -338,12 +342,7 @@ pub fn pack_dir(dir: &Path) -> std::io::Result<Vec<u8>> {
     let encoder = zstd::stream::write::Encoder::new(Vec::new(), 3)?;
     let mut builder = tar::Builder::new(encoder);
     builder.follow_symlinks(false);
-    let walker = walkdir::WalkDir::new(dir)
-        .follow_links(false)
-        .sort_by_file_name()
-        .into_iter()
-        .filter_entry(|e| !(e.depth() == 1 && e.file_name() == ".git"));
-    for entry in walker {
+    for entry in walk_without_git(dir) {
         let entry = entry.map_err(std::io::Error::other)?;
         if entry.depth() == 0 {
             continue;
