@@ -297,7 +297,7 @@ fn follow_logs(
     run: RunId,
     after: i64,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
-    let changes = state.store.output_changed();
+    let changes = state.store.run_changed(run);
     let start = Follow { state, run, cursor: after, pending: Default::default(), done: false, changes };
     let stream = futures_util::stream::unfold(start, |mut f| async move {
         loop {

@@ -1,11 +1,14 @@
 //! [`WatchedStore`]: wraps any store and announces its changes, so waiters (the driver, log
 //! followers, `--wait`) wake on a change instead of polling in a hot loop.
 //!
-//! Two counters: `runs` moves on run/stage changes (what the driver waits for), `output` on
-//! new log lines and artifacts (what followers wait for). A `watch` channel keeps only the
-//! latest value, so a burst of writes wakes each waiter once.
+//! Counters: `runs` moves on run/stage changes (what the driver waits for), `output` on new log
+//! lines and artifacts too, and one counter per followed run (what a log follower waits for, so
+//! a thousand followers are not all woken by every line of every run). A `watch` channel keeps
+//! only the latest value, so a burst of writes wakes each waiter once. Changes seen from other
+//! nodes (which carry no run id) wake every follower.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use pond_core::ids::{BlobId, RunId, TokenId};
@@ -26,6 +29,8 @@ pub struct WatchedStore {
     // Writes made through this process only (what a relay tells other nodes about).
     local_runs: watch::Sender<u64>,
     local_output: watch::Sender<u64>,
+    // One channel per run someone follows; dropped when its last follower leaves.
+    per_run: Mutex<HashMap<RunId, watch::Sender<u64>>>,
 }
 
 impl WatchedStore {
@@ -37,7 +42,38 @@ impl WatchedStore {
             output: watch::channel(0).0,
             local_runs: watch::channel(0).0,
             local_output: watch::channel(0).0,
+            per_run: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Changes when `run` changes or gets output (or when another node changed anything).
+    pub fn run_changed(&self, run: RunId) -> watch::Receiver<u64> {
+        let mut map = self.per_run.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 1024 {
+            map.retain(|_, tx| tx.receiver_count() > 0);
+        }
+        map.entry(run).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    fn bump_runs<'a>(&self, runs: impl IntoIterator<Item = &'a RunId>) {
+        let mut map = self.per_run.lock().unwrap_or_else(|p| p.into_inner());
+        if map.is_empty() {
+            return;
+        }
+        for run in runs {
+            if let Some(tx) = map.get(run) {
+                if tx.receiver_count() == 0 {
+                    map.remove(run);
+                } else {
+                    bump(tx);
+                }
+            }
+        }
+    }
+
+    fn bump_all_runs(&self) {
+        let map = self.per_run.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().for_each(bump);
     }
 
     /// Changes when a run or stage changes.
@@ -67,17 +103,20 @@ impl WatchedStore {
             bump(&self.runs);
         }
         bump(&self.output);
+        self.bump_all_runs();
     }
 
-    fn announce_run_change(&self) {
+    fn announce_run_change<'a>(&self, runs: impl IntoIterator<Item = &'a RunId>) {
         bump(&self.runs);
         bump(&self.output);
         bump(&self.local_runs);
+        self.bump_runs(runs);
     }
 
-    fn announce_output(&self) {
+    fn announce_output<'a>(&self, runs: impl IntoIterator<Item = &'a RunId>) {
         bump(&self.output);
         bump(&self.local_output);
+        self.bump_runs(runs);
     }
 }
 
@@ -90,7 +129,7 @@ impl Store for WatchedStore {
     async fn insert_run(&self, snapshot: &RunSnapshot) -> Result<InsertOutcome, StoreError> {
         let out = self.inner.insert_run(snapshot).await?;
         if matches!(out, InsertOutcome::Created) {
-            self.announce_run_change();
+            self.announce_run_change([&snapshot.run.id]);
         }
         Ok(out)
     }
@@ -102,13 +141,13 @@ impl Store for WatchedStore {
     }
     async fn update_run(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, StoreError> {
         let out = self.inner.update_run(id, mutate).await?;
-        self.announce_run_change();
+        self.announce_run_change([&id]);
         Ok(out)
     }
     async fn claim_stages(&self, query: &ClaimQuery) -> Result<Vec<Claim>, StoreError> {
         let out = self.inner.claim_stages(query).await?;
         if !out.is_empty() {
-            self.announce_output();
+            self.announce_output(out.iter().map(|c| &c.run.id));
         }
         Ok(out)
     }
@@ -127,17 +166,17 @@ impl Store for WatchedStore {
     }
     async fn expire_all_leases(&self, now: Timestamp) -> Result<u64, StoreError> {
         let n = self.inner.expire_all_leases(now).await?;
-        self.announce_run_change();
+        self.announce_run_change([]);
         Ok(n)
     }
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError> {
         self.inner.append_logs(run, lines).await?;
-        self.announce_output();
+        self.announce_output([&run]);
         Ok(())
     }
     async fn append_log_batch(&self, lines: &[(RunId, NewLogLine)]) -> Result<(), StoreError> {
         self.inner.append_log_batch(lines).await?;
-        self.announce_output();
+        self.announce_output(lines.iter().map(|(run, _)| run));
         Ok(())
     }
     async fn read_logs(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<LogLine>, StoreError> {
@@ -154,7 +193,7 @@ impl Store for WatchedStore {
     }
     async fn put_artifact(&self, artifact: &Artifact) -> Result<(), StoreError> {
         self.inner.put_artifact(artifact).await?;
-        self.announce_output();
+        self.announce_output([&artifact.run_id]);
         Ok(())
     }
     async fn list_artifacts(&self, run: RunId) -> Result<Vec<Artifact>, StoreError> {
@@ -177,5 +216,41 @@ impl Store for WatchedStore {
     }
     async fn revoke_token(&self, id: TokenId, now: Timestamp) -> Result<bool, StoreError> {
         self.inner.revoke_token(id, now).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pond_core::store::LogStream;
+
+    fn line(text: &str) -> NewLogLine {
+        NewLogLine {
+            stage: None,
+            attempt: 0,
+            stream: LogStream::Stdout,
+            at: Timestamp::from_millis(0),
+            text: text.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_follower_wakes_for_its_own_run_only_unless_another_node_wrote() {
+        let store = WatchedStore::new(Arc::new(crate::MemoryStore::new()));
+        let (a, b) = (RunId::generate(Timestamp::from_millis(1)), RunId::generate(Timestamp::from_millis(2)));
+        let mut follows_a = store.run_changed(a);
+        store.append_logs(b, &[line("for b")]).await.unwrap();
+        assert!(!follows_a.has_changed().unwrap(), "b's output does not wake a's follower");
+        store.append_logs(a, &[line("for a")]).await.unwrap();
+        assert!(follows_a.has_changed().unwrap());
+        follows_a.borrow_and_update();
+        store.append_log_batch(&[(b, line("b")), (a, line("a"))]).await.unwrap();
+        assert!(follows_a.has_changed().unwrap(), "a batch wakes every run it touches");
+        follows_a.borrow_and_update();
+        store.announce_remote(false);
+        assert!(follows_a.has_changed().unwrap(), "a change on another node wakes every follower");
+        drop(follows_a);
+        store.append_logs(a, &[line("nobody listens")]).await.unwrap();
+        assert!(store.per_run.lock().unwrap().is_empty(), "channels go with their last follower");
     }
 }
