@@ -240,29 +240,35 @@ impl PgStore {
                 stages.push(stage_from_row(row)?);
             }
         }
-        for (run, stage) in run_ids.iter().zip(&stages) {
-            sqlx::query(
-                "UPDATE attempts SET outcome = 'lease_expired', finished_at = $1,
-                        error = 'lease expired: the node running this attempt stopped renewing it'
-                  WHERE run_id = $2 AND stage_key = $3 AND number < $4 AND outcome IS NULL",
-            )
-            .bind(now)
-            .bind(run)
-            .bind(&stage.key)
-            .bind(stage.attempt as i64)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO attempts (run_id, stage_key, number, owner, started_at) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(run)
-            .bind(&stage.key)
-            .bind(stage.attempt as i64)
-            .bind(&query.owner)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        if stages.is_empty() {
+            return Ok(Vec::new());
         }
+        let keys: Vec<&str> = stages.iter().map(|s| s.key.as_str()).collect();
+        let numbers: Vec<i64> = stages.iter().map(|s| s.attempt as i64).collect();
+        // Attempts of the same stages that never reported: their holder vanished.
+        sqlx::query(
+            "UPDATE attempts a SET outcome = 'lease_expired', finished_at = $1,
+                    error = 'lease expired: the node running this attempt stopped renewing it'
+               FROM UNNEST($2::TEXT[], $3::TEXT[], $4::BIGINT[]) AS c(run_id, stage_key, number)
+              WHERE a.run_id = c.run_id AND a.stage_key = c.stage_key AND a.number < c.number AND a.outcome IS NULL",
+        )
+        .bind(now)
+        .bind(&run_ids)
+        .bind(&keys)
+        .bind(&numbers)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO attempts (run_id, stage_key, number, owner, started_at)
+             SELECT r, k, n, $4, $5 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS t(r, k, n)",
+        )
+        .bind(&run_ids)
+        .bind(&keys)
+        .bind(&numbers)
+        .bind(&query.owner)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         let mut unique = run_ids.clone();
         unique.sort();
         unique.dedup();

@@ -33,6 +33,79 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    inserts: tokio::sync::mpsc::Sender<(RunSnapshot, InsertReply)>,
+}
+
+type InsertReply = tokio::sync::oneshot::Sender<Result<InsertOutcome, StoreError>>;
+
+/// Most submits committed together.
+const INSERT_BATCH: usize = 128;
+
+/// Group commit for submits: whatever inserts are waiting when the writer is free go into one
+/// transaction. One transaction per submit costs a `BEGIN`, a `COMMIT` and a handoff of the
+/// writer connection each; under concurrent submits that, not SQLite, was the limit.
+async fn insert_batcher(writer: SqlitePool, mut queue: tokio::sync::mpsc::Receiver<(RunSnapshot, InsertReply)>) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < INSERT_BATCH {
+            match queue.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let snapshots: Vec<&RunSnapshot> = batch.iter().map(|(s, _)| s).collect();
+        match insert_batch(&writer, &snapshots).await {
+            Ok(outcomes) => {
+                for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            // One bad submit must not fail the others: retry them one by one.
+            Err(_) if batch.len() > 1 => {
+                for (snapshot, reply) in batch {
+                    let one = insert_batch(&writer, &[&snapshot]).await.map(|mut v| v.remove(0));
+                    let _ = reply.send(one);
+                }
+            }
+            Err(e) => {
+                if let Some((_, reply)) = batch.pop() {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+    }
+}
+
+async fn insert_batch(writer: &SqlitePool, snapshots: &[&RunSnapshot]) -> Result<Vec<InsertOutcome>, StoreError> {
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+    let mut outcomes = Vec::with_capacity(snapshots.len());
+    for snapshot in snapshots {
+        outcomes.push(insert_one(&mut tx, snapshot).await?);
+    }
+    tx.commit().await.map_err(db_err)?;
+    Ok(outcomes)
+}
+
+/// Inserts a run inside the caller's transaction, or finds the run its idempotency key names
+/// (also one inserted earlier in the same transaction).
+async fn insert_one(conn: &mut SqliteConnection, snapshot: &RunSnapshot) -> Result<InsertOutcome, StoreError> {
+    let run = &snapshot.run;
+    if let Some(key) = &run.idempotency_key {
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT id FROM runs WHERE project_id = ? AND idempotency_key = ?")
+                .bind(&run.project_id)
+                .bind(key)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db_err)?;
+        if let Some(existing) = existing {
+            let id = RunId::from_str(&existing).map_err(corrupt)?;
+            let snapshot = load_snapshot(conn, id).await?.ok_or_else(|| corrupt("idempotent run vanished"))?;
+            return Ok(InsertOutcome::Existing(Box::new(snapshot)));
+        }
+    }
+    write_changes(conn, None, snapshot).await?;
+    Ok(InsertOutcome::Created)
 }
 
 impl SqliteStore {
@@ -58,7 +131,9 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(db_err)?;
-        Ok(SqliteStore { writer, reader })
+        let (inserts, queue) = tokio::sync::mpsc::channel(4 * INSERT_BATCH);
+        tokio::spawn(insert_batcher(writer.clone(), queue));
+        Ok(SqliteStore { writer, reader, inserts })
     }
 
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
@@ -241,25 +316,10 @@ fn placeholders(n: usize) -> String {
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_run(&self, snapshot: &RunSnapshot) -> Result<InsertOutcome, StoreError> {
-        let mut tx = self.begin().await?;
-        let run = &snapshot.run;
-        if let Some(key) = &run.idempotency_key {
-            let existing: Option<String> =
-                sqlx::query_scalar("SELECT id FROM runs WHERE project_id = ? AND idempotency_key = ?")
-                    .bind(&run.project_id)
-                    .bind(key)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-            if let Some(existing) = existing {
-                let id = RunId::from_str(&existing).map_err(corrupt)?;
-                let snapshot = load_snapshot(&mut tx, id).await?.ok_or_else(|| corrupt("idempotent run vanished"))?;
-                return Ok(InsertOutcome::Existing(Box::new(snapshot)));
-            }
-        }
-        write_changes(&mut tx, None, snapshot).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(InsertOutcome::Created)
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let stopped = || StoreError::Unavailable("the SQLite insert queue has stopped".into());
+        self.inserts.send((snapshot.clone(), reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     async fn get_run(&self, id: RunId) -> Result<Option<RunSnapshot>, StoreError> {
@@ -314,18 +374,25 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let kinds = placeholders(query.kinds.len());
-        let select = format!(
-            "SELECT run_id, key FROM (
-                SELECT run_id, key, ready_at AS due FROM stages
-                 WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ? AND executor_kind IN ({kinds})
-                UNION ALL
-                SELECT run_id, key, lease_expires_at AS due FROM stages
-                 WHERE state = 'running' AND lease_expires_at <= ? AND cancel_requested = 0 AND executor_kind IN ({kinds})
-             ) ORDER BY due LIMIT ?"
+        // One statement claims the whole batch. Expressions in SET see each row as it was, so
+        // `state = 'running'` tells the re-claim of an expired lease from a first claim.
+        let claim = format!(
+            "UPDATE stages SET state = 'running', attempt = attempt + 1,
+                    lost_leases = lost_leases + (state = 'running'),
+                    lease_owner = ?, lease_expires_at = ?, started_at = COALESCE(started_at, ?)
+              WHERE (run_id, key) IN (
+                SELECT run_id, key FROM (
+                    SELECT run_id, key, ready_at AS due FROM stages
+                     WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ? AND executor_kind IN ({kinds})
+                    UNION ALL
+                    SELECT run_id, key, lease_expires_at AS due FROM stages
+                     WHERE state = 'running' AND lease_expires_at <= ? AND cancel_requested = 0 AND executor_kind IN ({kinds})
+                ) ORDER BY due LIMIT ?)
+              RETURNING *"
         );
         let now = query.now.as_millis();
         let mut tx = self.begin().await?;
-        let mut q = sqlx::query(&select).bind(now);
+        let mut q = sqlx::query(&claim).bind(&query.owner).bind(query.lease_until.as_millis()).bind(now).bind(now);
         for k in &query.kinds {
             q = q.bind(k);
         }
@@ -333,72 +400,64 @@ impl Store for SqliteStore {
         for k in &query.kinds {
             q = q.bind(k);
         }
-        let picked = q.bind(query.limit as i64).fetch_all(&mut *tx).await.map_err(db_err)?;
-        let mut claims = Vec::with_capacity(picked.len());
+        let rows = q.bind(query.limit as i64).fetch_all(&mut *tx).await.map_err(db_err)?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut claimed: Vec<(String, Stage)> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            claimed.push((row.try_get::<String, _>("run_id").map_err(db_err)?, stage_from_row(row)?));
+        }
+        let pairs = vec!["(?, ?)"; claimed.len()].join(", ");
+        // Attempts of the same stages that never reported: their holder vanished.
+        let lost_sql = format!(
+            "UPDATE attempts SET outcome = 'lease_expired', finished_at = ?,
+                    error = 'lease expired: the node running this attempt stopped renewing it'
+              WHERE outcome IS NULL AND (run_id, stage_key) IN (VALUES {pairs})
+                AND number < (SELECT s.attempt FROM stages s WHERE s.run_id = attempts.run_id AND s.key = attempts.stage_key)"
+        );
+        let mut lost = sqlx::query(&lost_sql).bind(now);
+        for (run, stage) in &claimed {
+            lost = lost.bind(run).bind(&stage.key);
+        }
+        lost.execute(&mut *tx).await.map_err(db_err)?;
+        let mut insert = sqlx::query_builder::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO attempts (run_id, stage_key, number, owner, started_at) ",
+        );
+        insert.push_values(&claimed, |mut b, (run, stage)| {
+            b.push_bind(run)
+                .push_bind(&stage.key)
+                .push_bind(stage.attempt as i64)
+                .push_bind(&query.owner)
+                .push_bind(now);
+        });
+        insert.build().execute(&mut *tx).await.map_err(db_err)?;
+        let mut run_ids: Vec<&String> = claimed.iter().map(|(r, _)| r).collect();
+        run_ids.sort();
+        run_ids.dedup();
+        let runs_sql = format!(
+            "UPDATE runs SET state = CASE WHEN state = 'queued' THEN 'running' ELSE state END,
+                    started_at = COALESCE(started_at, ?) WHERE id IN ({}) RETURNING *",
+            placeholders(run_ids.len())
+        );
+        let mut update_runs = sqlx::query(&runs_sql).bind(now);
+        for id in &run_ids {
+            update_runs = update_runs.bind(*id);
+        }
         let mut runs: std::collections::HashMap<String, Run> = std::collections::HashMap::new();
-        for row in picked {
-            let run_key: String = row.try_get("run_id").map_err(db_err)?;
-            let stage_key: String = row.try_get("key").map_err(db_err)?;
-            // Expressions in SET see the row as it was, so `state = 'running'` tells a re-claim
-            // of an expired lease from a first claim.
-            let stage_row = sqlx::query(
-                "UPDATE stages SET state = 'running', attempt = attempt + 1,
-                        lost_leases = lost_leases + (state = 'running'),
-                        lease_owner = ?, lease_expires_at = ?, started_at = COALESCE(started_at, ?)
-                  WHERE run_id = ? AND key = ? RETURNING *",
-            )
-            .bind(&query.owner)
-            .bind(query.lease_until.as_millis())
-            .bind(now)
-            .bind(&run_key)
-            .bind(&stage_key)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            let stage = stage_from_row(&stage_row)?;
-            sqlx::query(
-                "UPDATE attempts SET outcome = 'lease_expired', finished_at = ?,
-                        error = 'lease expired: the node running this attempt stopped renewing it'
-                  WHERE run_id = ? AND stage_key = ? AND number < ? AND outcome IS NULL",
-            )
-            .bind(now)
-            .bind(&run_key)
-            .bind(&stage_key)
-            .bind(stage.attempt as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            let run_id = RunId::from_str(&run_key).map_err(corrupt)?;
-            write_attempt(
-                &mut tx,
-                run_id,
-                &Attempt {
-                    stage_key: stage_key.clone(),
-                    number: stage.attempt,
-                    owner: query.owner.clone(),
-                    started_at: query.now,
-                    finished_at: None,
-                    outcome: None,
-                    error: None,
-                },
-            )
-            .await?;
-            if !runs.contains_key(&run_key) {
-                let row = sqlx::query(
-                    "UPDATE runs SET state = CASE WHEN state = 'queued' THEN 'running' ELSE state END,
-                            started_at = COALESCE(started_at, ?) WHERE id = ? RETURNING *",
-                )
-                .bind(now)
-                .bind(&run_key)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db_err)?;
-                runs.insert(run_key.clone(), run_from_row(&row)?);
-            }
-            claims.push(Claim { run: runs[&run_key].clone(), stage });
+        for row in update_runs.fetch_all(&mut *tx).await.map_err(db_err)? {
+            let run = run_from_row(&row)?;
+            runs.insert(run.id.to_string(), run);
         }
         tx.commit().await.map_err(db_err)?;
-        Ok(claims)
+        claimed
+            .into_iter()
+            .map(|(run, stage)| {
+                let run =
+                    runs.get(&run).cloned().ok_or_else(|| corrupt(format!("claimed a stage of missing run {run}")))?;
+                Ok(Claim { run, stage })
+            })
+            .collect()
     }
 
     async fn renew_lease(

@@ -91,6 +91,38 @@ pub async fn idempotency_key_returns_the_first_run(store: Arc<dyn Store>) {
     assert!(store.get_run(retry.run.id).await.unwrap().is_none());
 }
 
+pub async fn concurrent_submits_with_one_key_make_one_run(store: Arc<dyn Store>) {
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let key = if i % 2 == 0 { Some("same-key") } else { None };
+                let run = new_run("p", one_noop(), key, at(i));
+                let id = run.run.id;
+                match store.insert_run(&run).await.unwrap() {
+                    InsertOutcome::Created => (key.is_some(), id, true),
+                    InsertOutcome::Existing(existing) => (key.is_some(), existing.run.id, false),
+                }
+            })
+        })
+        .collect();
+    let mut keyed = HashSet::new();
+    let (mut created_keyed, mut created_plain) = (0, 0);
+    for t in tasks {
+        let (has_key, id, created) = t.await.unwrap();
+        if has_key {
+            keyed.insert(id);
+            created_keyed += created as usize;
+        } else {
+            created_plain += created as usize;
+        }
+    }
+    assert_eq!((keyed.len(), created_keyed), (1, 1), "eight racing submits with one key made one run");
+    assert_eq!(created_plain, 8, "submits without a key are all created");
+    let all = store.list_runs(&RunQuery { limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(all.len(), 9);
+}
+
 pub async fn claims_take_ready_stages_once_in_order(store: Arc<dyn Store>) {
     let def = json!({"stages":[
         {"key":"a","executor":{"kind":"noop"}},
@@ -383,6 +415,7 @@ macro_rules! conformance {
             conformance!(@cases
                 runs_round_trip_and_list_newest_first,
                 idempotency_key_returns_the_first_run,
+                concurrent_submits_with_one_key_make_one_run,
                 claims_take_ready_stages_once_in_order,
                 concurrent_claims_never_share_a_stage,
                 expired_leases_are_reclaimed_as_new_attempts,
