@@ -245,19 +245,22 @@ impl PgStore {
         }
         let keys: Vec<&str> = stages.iter().map(|s| s.key.as_str()).collect();
         let numbers: Vec<i64> = stages.iter().map(|s| s.attempt as i64).collect();
-        // Attempts of the same stages that never reported: their holder vanished.
-        sqlx::query(
-            "UPDATE attempts a SET outcome = 'lease_expired', finished_at = $1,
-                    error = 'lease expired: the node running this attempt stopped renewing it'
-               FROM UNNEST($2::TEXT[], $3::TEXT[], $4::BIGINT[]) AS c(run_id, stage_key, number)
-              WHERE a.run_id = c.run_id AND a.stage_key = c.stage_key AND a.number < c.number AND a.outcome IS NULL",
-        )
-        .bind(now)
-        .bind(&run_ids)
-        .bind(&keys)
-        .bind(&numbers)
-        .execute(&mut *tx)
-        .await?;
+        // Attempts of re-claimed stages that never reported: their holder vanished. (Only a
+        // re-claim of an expired lease can leave one, so first claims skip the statement.)
+        if stages.iter().any(|s| s.lost_leases > 0) {
+            sqlx::query(
+                "UPDATE attempts a SET outcome = 'lease_expired', finished_at = $1,
+                        error = 'lease expired: the node running this attempt stopped renewing it'
+                   FROM UNNEST($2::TEXT[], $3::TEXT[], $4::BIGINT[]) AS c(run_id, stage_key, number)
+                  WHERE a.run_id = c.run_id AND a.stage_key = c.stage_key AND a.number < c.number AND a.outcome IS NULL",
+            )
+            .bind(now)
+            .bind(&run_ids)
+            .bind(&keys)
+            .bind(&numbers)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query(
             "INSERT INTO attempts (run_id, stage_key, number, owner, started_at)
              SELECT r, k, n, $4, $5 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS t(r, k, n)",

@@ -408,19 +408,23 @@ impl Store for SqliteStore {
         for row in &rows {
             claimed.push((row.try_get::<String, _>("run_id").map_err(db_err)?, stage_from_row(row)?));
         }
-        let pairs = vec!["(?, ?)"; claimed.len()].join(", ");
-        // Attempts of the same stages that never reported: their holder vanished.
-        let lost_sql = format!(
-            "UPDATE attempts SET outcome = 'lease_expired', finished_at = ?,
-                    error = 'lease expired: the node running this attempt stopped renewing it'
-              WHERE outcome IS NULL AND (run_id, stage_key) IN (VALUES {pairs})
-                AND number < (SELECT s.attempt FROM stages s WHERE s.run_id = attempts.run_id AND s.key = attempts.stage_key)"
-        );
-        let mut lost = sqlx::query(&lost_sql).bind(now);
-        for (run, stage) in &claimed {
-            lost = lost.bind(run).bind(&stage.key);
+        // Attempts of re-claimed stages that never reported: their holder vanished. (Only a
+        // re-claim of an expired lease can leave one, so first claims skip the statement.)
+        let reclaimed: Vec<&(String, Stage)> = claimed.iter().filter(|(_, s)| s.lost_leases > 0).collect();
+        if !reclaimed.is_empty() {
+            let pairs = vec!["(?, ?)"; reclaimed.len()].join(", ");
+            let lost_sql = format!(
+                "UPDATE attempts SET outcome = 'lease_expired', finished_at = ?,
+                        error = 'lease expired: the node running this attempt stopped renewing it'
+                  WHERE outcome IS NULL AND (run_id, stage_key) IN (VALUES {pairs})
+                    AND number < (SELECT s.attempt FROM stages s WHERE s.run_id = attempts.run_id AND s.key = attempts.stage_key)"
+            );
+            let mut lost = sqlx::query(&lost_sql).bind(now);
+            for (run, stage) in &reclaimed {
+                lost = lost.bind(run).bind(&stage.key);
+            }
+            lost.execute(&mut *tx).await.map_err(db_err)?;
         }
-        lost.execute(&mut *tx).await.map_err(db_err)?;
         let mut insert = sqlx::query_builder::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO attempts (run_id, stage_key, number, owner, started_at) ",
         );
