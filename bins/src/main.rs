@@ -43,7 +43,7 @@ struct Global {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the control plane: HTTP API, engine and local executors, on SQLite.
+    /// Run the control plane: HTTP API, engine and local executors, on SQLite or PostgreSQL.
     Server(ServerArgs),
     /// Submit runs and read their status, logs and artifacts.
     Run {

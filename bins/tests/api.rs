@@ -150,6 +150,16 @@ fn bad_input_gets_a_4xx_naming_the_field_never_a_500() {
     let (status, _, field) = api_error(admin.list_runs(None, Some("sleeping"), None, None).unwrap_err());
     assert_eq!((status, field.as_deref()), (422, Some("query.state")));
     assert_eq!(api_error(admin.get_run("not-a-uuid").unwrap_err()).0, 404);
+    match ureq::delete(&format!("{}/v1/runs", server.url))
+        .set("Authorization", &format!("Bearer {}", server.token))
+        .call()
+    {
+        Err(ureq::Error::Status(405, resp)) => {
+            let err: serde_json::Value = resp.into_json().unwrap();
+            assert_eq!(err["error"]["code"], "method_not_allowed");
+        }
+        other => panic!("expected a JSON 405, got {other:?}"),
+    }
 }
 
 #[test]

@@ -46,6 +46,9 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+        })
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
@@ -102,7 +105,8 @@ fn url_pairs(query: &str) -> Vec<(String, String)> {
 
 fn number<T: FromStr>(field: &str, text: Option<&str>) -> Result<Option<T>, ApiError> {
     text.map(|t| {
-        t.parse::<T>().map_err(|_| ApiError::invalid(format!("query.{field}"), format!("`{t}` is not a number")))
+        t.parse::<T>()
+            .map_err(|_| ApiError::invalid(format!("query.{field}"), format!("`{t}` is not a whole number in range")))
     })
     .transpose()
 }
