@@ -64,6 +64,15 @@ enum Command {
     Demo(DemoArgs),
     /// Measure submit throughput and end-to-end run throughput; prints figures.
     Bench(BenchArgs),
+    /// Print this worker's key fingerprints (making its keys on first use), to pin at enrollment.
+    Fingerprint {
+        /// Worker key directory (default: $POND_WORKER_KEY_DIR, else ~/.local/share/pond/worker).
+        #[arg(long)]
+        key_dir: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -336,6 +345,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Server(args) => serve(args).map(|()| 0),
         Command::Demo(args) => demo(args),
         Command::Bench(args) => bench(args).map(|()| 0),
+        Command::Fingerprint { key_dir, json } => fingerprint(key_dir, json).map(|()| 0),
         Command::Context { command } => context(command, &config_path).map(|()| 0),
         Command::Run { command } => {
             let config = CliConfig::load(&config_path)?;
@@ -600,6 +610,28 @@ fn context(command: ContextCommand, path: &std::path::Path) -> Result<()> {
             config.save(path)?;
             println!("removed context `{name}`");
         }
+    }
+    Ok(())
+}
+
+fn fingerprint(key_dir: Option<PathBuf>, json: bool) -> Result<()> {
+    use base64::Engine as _;
+    let dir = key_dir.unwrap_or_else(pond_exec::default_key_dir);
+    let identity =
+        pond_exec::load_or_create_identity(&dir).with_context(|| format!("worker keys in {}", dir.display()))?;
+    let (sealing_fp, signing_fp) = identity.fingerprints();
+    let b64 = |k: [u8; 32]| base64::engine::general_purpose::STANDARD.encode(k);
+    let (sealing_pk, signing_pk) = (b64(identity.sealing_public()), b64(identity.signing_public()));
+    if json {
+        print_json(&serde_json::json!({
+            "key_dir": dir,
+            "sealing": {"alg": "x25519", "fingerprint": sealing_fp, "public_key": sealing_pk},
+            "signing": {"alg": "ed25519", "fingerprint": signing_fp, "public_key": signing_pk},
+        }))?;
+    } else {
+        println!("sealing (X25519):  {sealing_fp}  {sealing_pk}");
+        println!("signing (Ed25519): {signing_fp}  {signing_pk}");
+        println!("keys in {} (private, never sent)", dir.display());
     }
     Ok(())
 }

@@ -230,3 +230,29 @@ fn kill_dash_nine_mid_run_loses_nothing_and_the_stage_is_retried_as_a_new_attemp
         );
     }
 }
+
+#[test]
+fn fingerprint_prints_stable_keys_that_match_their_fingerprints() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let run = || {
+        let out =
+            std::process::Command::new(POND).args(["fingerprint", "--json", "--key-dir"]).arg(&keys).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let (first, second) = (run(), run());
+    assert_eq!(first, second, "the same keys on every call");
+    for key in ["sealing", "signing"] {
+        let pk: [u8; 32] = base64::engine::general_purpose::STANDARD
+            .decode(first[key]["public_key"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+        assert_eq!(first[key]["fingerprint"], pond_core::attest::fingerprint(&pk).as_str(), "{key}");
+    }
+    assert_ne!(first["sealing"]["public_key"], first["signing"]["public_key"]);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(keys.join("signing.key")).unwrap().permissions().mode() & 0o777, 0o600);
+}

@@ -9,6 +9,7 @@
 //! - [`json`]: JSON decoding whose errors name the field path.
 //! - [`routing`]: placement on worker pools — tags, capability globs, trust tiers.
 //! - [`attest`]: signed results (wire format (d)) and key fingerprints.
+//! - [`keys`]: a worker's sealing and signing keys; low-order X25519 keys refused.
 //! - [`engine`]: the [`engine::Engine`] that ties them together.
 //!
 //! Nothing here opens a socket, a file or a process, or reads the clock: time arrives through
@@ -22,6 +23,7 @@ pub mod error;
 pub mod exec;
 pub mod ids;
 pub mod json;
+pub mod keys;
 pub mod routing;
 pub mod run;
 pub mod sandbox;

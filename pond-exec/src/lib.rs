@@ -9,6 +9,7 @@
 
 mod builtin;
 mod driver;
+mod keys;
 mod noop;
 mod shell;
 mod stop;
@@ -16,6 +17,7 @@ mod workspace;
 
 pub use builtin::{file_inventory, language_of, repo_map, todo_scan, Area, BuiltinExecutor, FileEntry, Todo};
 pub use driver::{Driver, DriverConfig};
+pub use keys::{default_key_dir, load_or_create_identity};
 pub use noop::NoopExecutor;
 pub use shell::{reap_orphans, ShellConfig, ShellExecutor};
 pub use stop::StopHandle;

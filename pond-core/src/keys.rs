@@ -1,0 +1,90 @@
+//! A worker's identity: an X25519 key that secrets and bundles are sealed to, and a separate
+//! Ed25519 key that signs its results. Operators compare the fingerprints out of band
+//! (`pond fingerprint`) and pin them at enrollment. Key material comes in as bytes: generating
+//! and storing it is the caller's IO.
+
+use ed25519_dalek::SigningKey;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+use crate::attest::fingerprint;
+
+/// Why a public key was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// A low-order X25519 point: anything sealed to it could be opened by anyone.
+    #[error("X25519 public key is a low-order point (non-contributory); refused")]
+    LowOrder,
+}
+
+/// The two key pairs of a worker.
+pub struct WorkerIdentity {
+    sealing: StaticSecret,
+    signing: SigningKey,
+}
+
+impl WorkerIdentity {
+    /// The identity with these secrets: an X25519 secret scalar and an Ed25519 seed.
+    pub fn from_secrets(sealing_secret: [u8; 32], signing_seed: [u8; 32]) -> Self {
+        WorkerIdentity { sealing: StaticSecret::from(sealing_secret), signing: SigningKey::from_bytes(&signing_seed) }
+    }
+
+    /// The X25519 public key (what credentials and bundles are sealed to).
+    pub fn sealing_public(&self) -> [u8; 32] {
+        PublicKey::from(&self.sealing).to_bytes()
+    }
+
+    /// The Ed25519 public key (what results are verified with).
+    pub fn signing_public(&self) -> [u8; 32] {
+        self.signing.verifying_key().to_bytes()
+    }
+
+    /// The Ed25519 seed, for signing attestations.
+    pub fn signing_seed(&self) -> [u8; 32] {
+        self.signing.to_bytes()
+    }
+
+    /// `SHA256:…` fingerprints of the sealing and the signing public keys.
+    pub fn fingerprints(&self) -> (String, String) {
+        (fingerprint(&self.sealing_public()), fingerprint(&self.signing_public()))
+    }
+}
+
+/// Refuses an X25519 public key of low order: Diffie-Hellman with it gives all zeros whatever
+/// the secret, so a box sealed to it protects nothing. libsodium refuses these too.
+pub fn check_x25519_public(public: &[u8; 32]) -> Result<(), KeyError> {
+    // Any scalar shows it: for a low-order point the shared secret is zero for every
+    // (clamped) scalar.
+    let probe = StaticSecret::from([0x42u8; 32]);
+    if probe.diffie_hellman(&PublicKey::from(*public)).was_contributory() {
+        Ok(())
+    } else {
+        Err(KeyError::LowOrder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn low_order_keys_are_refused() {
+        let zero = [0u8; 32];
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        let order8 = hex::decode("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800").unwrap();
+        for bad in [zero, one, order8.try_into().unwrap()] {
+            assert_eq!(check_x25519_public(&bad), Err(KeyError::LowOrder), "{}", hex::encode(bad));
+        }
+        let good = WorkerIdentity::from_secrets([3; 32], [4; 32]).sealing_public();
+        assert_eq!(check_x25519_public(&good), Ok(()));
+    }
+
+    #[test]
+    fn the_two_keys_are_separate() {
+        let id = WorkerIdentity::from_secrets([5; 32], [5; 32]);
+        assert_ne!(id.sealing_public(), id.signing_public());
+        let (seal, sign) = id.fingerprints();
+        assert!(seal.starts_with("SHA256:") && sign.starts_with("SHA256:") && seal != sign);
+    }
+}
