@@ -1,17 +1,18 @@
-//! Interop: the reference vectors made by PyNaCl (libsodium) in shared/testdata/crypto-vectors.
+//! Interop: the reference vectors made by PyNaCl (libsodium), copied from the team's
+//! shared/testdata/crypto-vectors into testdata/ so a clone needs nothing beside it.
 
 use std::path::PathBuf;
 
 use pond_core::attest::{fingerprint, Attestation};
 
 fn vectors() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/crypto-vectors")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/crypto-vectors")
 }
 
 fn load(name: &str) -> serde_json::Value {
     let path = vectors().join(name);
     let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (shared/ must sit beside the checkout)", path.display()));
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
 
