@@ -11,8 +11,7 @@ fn vectors() -> PathBuf {
 
 fn load(name: &str) -> serde_json::Value {
     let path = vectors().join(name);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
 
