@@ -106,6 +106,11 @@ fn request(definition: serde_json::Value) -> SubmitRequest {
     }
 }
 
+/// Submits a definition as project `acme` and returns the run's id.
+async fn submit(engine: &Engine, definition: serde_json::Value) -> RunId {
+    engine.submit(request(definition)).await.unwrap().snapshot.run.id
+}
+
 /// Claims everything claimable and returns the stage keys, sorted.
 async fn claim_keys(engine: &Engine) -> (Vec<String>, Vec<pond_core::store::Claim>) {
     let claims = engine.claim(100).await.unwrap();
@@ -155,17 +160,15 @@ async fn stages_without_needs_run_in_order() {
 async fn independent_stages_are_claimed_together_and_joins_wait_for_all() {
     let w = World::new();
     let engine = w.engine("n1");
-    let id = engine
-        .submit(request(json!({"stages":[
+    let id = submit(
+        &engine,
+        json!({"stages":[
             {"key":"a","executor":{"kind":"noop"}},
             {"key":"b","executor":{"kind":"noop"},"needs":[]},
             {"key":"join","executor":{"kind":"noop"},"needs":["a","b"]}
-        ]})))
-        .await
-        .unwrap()
-        .snapshot
-        .run
-        .id;
+        ]}),
+    )
+    .await;
     let (keys, mut claims) = claim_keys(&engine).await;
     assert_eq!(keys, vec!["a", "b"]);
     let b = claims.pop().unwrap();
@@ -222,16 +225,14 @@ async fn a_failed_stage_fails_the_run_unless_it_may_continue() {
     let engine = w.engine("n1");
     w.exec.will("lint", vec![StageOutcome::Failed { error: "bad style".into(), exit_code: Some(2) }]);
     w.exec.will("test", vec![StageOutcome::Failed { error: "red".into(), exit_code: Some(1) }]);
-    let lenient = engine
-        .submit(request(json!({"stages":[
+    let lenient = submit(
+        &engine,
+        json!({"stages":[
             {"key":"lint","executor":{"kind":"noop"},"continue_on_error":true},
             {"key":"after","executor":{"kind":"noop"}}
-        ]})))
-        .await
-        .unwrap()
-        .snapshot
-        .run
-        .id;
+        ]}),
+    )
+    .await;
     for _ in 0..2 {
         let (_, claims) = claim_keys(&engine).await;
         run_claims(&engine, claims).await;
@@ -241,17 +242,15 @@ async fn a_failed_stage_fails_the_run_unless_it_may_continue() {
     assert_eq!(snap.stages[0].state, StageState::Failed);
     assert_eq!(snap.stages[1].state, StageState::Succeeded);
 
-    let strict = engine
-        .submit(request(json!({"stages":[
+    let strict = submit(
+        &engine,
+        json!({"stages":[
             {"key":"test","executor":{"kind":"noop"}},
             {"key":"deploy","executor":{"kind":"noop"}},
             {"key":"other","executor":{"kind":"noop"},"needs":[]}
-        ]})))
-        .await
-        .unwrap()
-        .snapshot
-        .run
-        .id;
+        ]}),
+    )
+    .await;
     let (keys, mut claims) = claim_keys(&engine).await;
     assert_eq!(keys, vec!["other", "test"]);
     let test = claims.iter().position(|c| c.stage.key == "test").unwrap();
@@ -273,13 +272,7 @@ async fn a_lost_lease_is_retried_as_a_new_attempt_and_the_late_result_refused() 
     let w = World::new();
     let crashed = w.engine("crashed-node");
     let survivor = w.engine("survivor");
-    let id = crashed
-        .submit(request(json!({"stages":[{"key":"work","executor":{"kind":"noop"}}]})))
-        .await
-        .unwrap()
-        .snapshot
-        .run
-        .id;
+    let id = submit(&crashed, json!({"stages":[{"key":"work","executor":{"kind":"noop"}}]})).await;
     let (_, lost_claims) = claim_keys(&crashed).await;
     w.tick(29);
     assert!(claim_keys(&survivor).await.0.is_empty(), "lease of 30s still held");
@@ -333,13 +326,7 @@ async fn cancel_stops_running_stages_and_cancels_the_rest() {
 async fn a_cancelled_stage_whose_node_died_is_reaped() {
     let w = World::new();
     let engine = w.engine("n1");
-    let id = engine
-        .submit(request(json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]})))
-        .await
-        .unwrap()
-        .snapshot
-        .run
-        .id;
+    let id = submit(&engine, json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]})).await;
     claim_keys(&engine).await;
     engine.cancel(id, "stop").await.unwrap();
     assert_eq!(engine.sweep().await.unwrap(), 0);
@@ -352,13 +339,7 @@ async fn a_cancelled_stage_whose_node_died_is_reaped() {
 async fn a_timeout_is_a_failure_that_names_the_limit() {
     let w = World::new();
     let engine = w.engine("n1");
-    let id = engine
-        .submit(request(json!({"stages":[{"key":"slow","executor":{"kind":"noop"},"timeout":"2m"}]})))
-        .await
-        .unwrap()
-        .snapshot
-        .run
-        .id;
+    let id = submit(&engine, json!({"stages":[{"key":"slow","executor":{"kind":"noop"},"timeout":"2m"}]})).await;
     let (_, claims) = claim_keys(&engine).await;
     let outcome = engine.execute(&claims[0], &Fired(Some(StopReason::TimedOut))).await;
     assert_eq!(outcome, StageOutcome::Failed { error: "timed out after 2m".into(), exit_code: None });
