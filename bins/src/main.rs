@@ -178,10 +178,18 @@ enum RunCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Cancel a run: running stages are stopped (SIGTERM, then SIGKILL), the rest cancelled.
+    /// Cancel a run, or every queued/running run of a project: running stages are stopped
+    /// (SIGTERM, then SIGKILL), the rest cancelled.
     Cancel {
-        /// Run id.
-        id: String,
+        /// Run id (or select runs with --project).
+        #[arg(required_unless_present = "project", conflicts_with = "project")]
+        id: Option<String>,
+        /// Cancel the queued and running runs of this project.
+        #[arg(long)]
+        project: Option<String>,
+        /// With --project: only runs in this state (queued or running).
+        #[arg(long, alias = "state", requires = "project")]
+        status: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -484,7 +492,20 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target) -> Re
                 after = page.next_cursor;
             }
         }
-        RunCommand::Cancel { id, json } => {
+        RunCommand::Cancel { id: None, project: Some(project), status, json } => {
+            let done = client.cancel_many(&project, status.as_deref())?;
+            if json {
+                print_json(&done)?;
+            } else {
+                println!("cancel requested for {} run(s) of project {project}", done.cancelled.len());
+                for f in &done.failed {
+                    println!("could not cancel {}: {}", f.id, f.error);
+                }
+            }
+            Ok(if done.failed.is_empty() { 0 } else { 1 })
+        }
+        RunCommand::Cancel { id, json, .. } => {
+            let id = id.context("a run id or --project is required")?;
             let run = client.cancel(&id)?;
             if json {
                 print_json(&run)?;

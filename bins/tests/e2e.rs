@@ -256,3 +256,33 @@ fn fingerprint_prints_stable_keys_that_match_their_fingerprints() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(keys.join("signing.key")).unwrap().permissions().mode() & 0o777, 0o600);
 }
+
+#[test]
+fn bulk_cancel_stops_one_projects_runs_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--slots", "2"]);
+    let admin = server.admin();
+    let slow = |project: &str| json!({"project_id": project, "definition": {"stages":[{"key":"wait","executor":{"kind":"noop","delay":"60s"}}]}});
+    let a: Vec<String> = (0..5).map(|_| admin.submit(&slow("proj-a"), None).unwrap().id.to_string()).collect();
+    let b: Vec<String> = (0..2).map(|_| admin.submit(&slow("proj-b"), None).unwrap().id.to_string()).collect();
+    let key_b = admin.create_key(&["proj-b".into()], None).unwrap();
+    let err = server.client(key_b.token.as_deref().unwrap()).cancel_many("proj-a", None).unwrap_err();
+    assert_eq!(err.status(), Some(403), "a key for b cannot cancel a's runs");
+
+    let out = server.cli(&["run", "cancel", "--project", "proj-a", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["cancelled"].as_array().unwrap().len(), 5, "{done}");
+    for id in &a {
+        assert_eq!(wait_done(&admin, id, Duration::from_secs(20)).state, RunState::Cancelled);
+    }
+    for id in &b {
+        assert!(!admin.get_run(id).unwrap().state.is_terminal(), "the other project is untouched");
+    }
+    let again = admin.cancel_many("proj-a", None).unwrap();
+    assert!(again.cancelled.is_empty() && again.failed.is_empty(), "a second call finds nothing to do");
+    let bad = admin.cancel_many("proj-b", Some("succeeded")).unwrap_err();
+    assert_eq!(bad.status(), Some(422));
+    let queued_only = admin.cancel_many("proj-b", Some("queued")).unwrap();
+    assert!(queued_only.cancelled.iter().all(|id| b.contains(&id.to_string())));
+}

@@ -26,7 +26,8 @@ use crate::auth::{mint_token, Principal};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::wire::{
-    ArtifactList, BundleCreated, CreateKey, KeyList, KeyView, LogEnd, LogPage, RunPage, RunSummary, RunView,
+    ArtifactList, BulkCancelled, BulkFailure, BundleCreated, CreateKey, KeyList, KeyView, LogEnd, LogPage, RunPage,
+    RunSummary, RunView,
 };
 
 /// The whole HTTP API.
@@ -35,6 +36,7 @@ pub fn app(state: AppState) -> Router {
         .route("/runs", post(submit_run).get(list_runs))
         .route("/runs/{id}", get(get_run))
         .route("/runs/{id}/cancel", post(cancel_run))
+        .route("/runs/cancel", post(cancel_runs))
         .route("/runs/{id}/logs", get(run_logs))
         .route("/runs/{id}/artifacts", get(list_artifacts))
         .route("/runs/{id}/artifacts/{*name}", get(get_artifact))
@@ -248,6 +250,64 @@ async fn cancel_run(
         driver.poke(run.run.id);
     }
     Ok(Json(snapshot.into()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkCancel {
+    project: String,
+    #[serde(default, alias = "status")]
+    state: Option<RunState>,
+}
+
+/// Cancels every queued or running run of a project (or only those in `state`). Idempotent:
+/// a second call finds nothing new to cancel. One run that cannot be cancelled is reported and
+/// the rest go on.
+async fn cancel_runs(
+    State(state): State<AppState>,
+    who: Principal,
+    ApiJson(body): ApiJson<BulkCancel>,
+) -> Result<Json<BulkCancelled>, ApiError> {
+    if !who.can_use(&body.project) {
+        return Err(ApiError::Forbidden(format!("this token may not use project `{}`", body.project)));
+    }
+    let states = match body.state {
+        None => vec![RunState::Queued, RunState::Running],
+        Some(s @ (RunState::Queued | RunState::Running)) => vec![s],
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "state",
+                format!("`{other}` runs have ended; only queued or running runs can be cancelled"),
+            ))
+        }
+    };
+    let mut out = BulkCancelled { cancelled: Vec::new(), failed: Vec::new() };
+    for run_state in states {
+        let mut before = None;
+        loop {
+            let query =
+                RunQuery { projects: Some(vec![body.project.clone()]), state: Some(run_state), before, limit: 500 };
+            let page = state.store.list_runs(&query).await?;
+            let Some(last) = page.last() else { break };
+            before = Some(last.id);
+            for run in page {
+                // Already asked: nothing to do, and not counted again.
+                if run.cancel_requested {
+                    continue;
+                }
+                match state.engine.cancel(run.id, "cancelled by request (bulk)").await {
+                    Ok(_) => {
+                        if let Some(driver) = &state.driver {
+                            driver.poke(run.id);
+                        }
+                        out.cancelled.push(run.id);
+                    }
+                    Err(e) => out.failed.push(BulkFailure { id: run.id, error: e.to_string() }),
+                }
+            }
+        }
+    }
+    Ok(Json(out))
 }
 
 #[derive(Deserialize)]

@@ -171,6 +171,12 @@ impl Client {
         self.json(self.request("POST", &format!("/v1/runs/{}/cancel", encode_path(id))), None)
     }
 
+    /// `POST /v1/runs/cancel`: every queued or running run of `project` (or only `state`).
+    pub fn cancel_many(&self, project: &str, state: Option<&str>) -> Result<crate::wire::BulkCancelled, ClientError> {
+        let body = serde_json::json!({"project": project, "state": state});
+        self.json(self.request("POST", "/v1/runs/cancel"), Some(Body::Json(body)))
+    }
+
     /// `GET /v1/runs/{id}/logs?after=…`.
     pub fn logs(&self, id: &str, after: i64, limit: u32) -> Result<LogPage, ClientError> {
         self.json(self.request("GET", &format!("/v1/runs/{}/logs?after={after}&limit={limit}", encode_path(id))), None)

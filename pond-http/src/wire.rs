@@ -221,3 +221,21 @@ pub struct LogEnd {
     /// Why it failed.
     pub error: Option<String>,
 }
+
+/// The answer to a bulk cancel.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BulkCancelled {
+    /// Runs asked to stop by this call.
+    pub cancelled: Vec<RunId>,
+    /// Runs that could not be cancelled, with why; the others went on.
+    pub failed: Vec<BulkFailure>,
+}
+
+/// One run a bulk cancel could not cancel.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BulkFailure {
+    /// The run.
+    pub id: RunId,
+    /// Why.
+    pub error: String,
+}
