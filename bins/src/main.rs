@@ -110,6 +110,9 @@ struct ServerArgs {
     /// Wait between SIGTERM and SIGKILL when a stage is stopped.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     kill_grace: Duration,
+    /// On SIGTERM, how long running stages may finish before they are stopped and handed back.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    drain: Duration,
     /// Name of this node in leases and attempt history (default: random).
     #[arg(long, env = "POND_NODE_ID")]
     node_id: Option<String>,
@@ -394,6 +397,7 @@ fn server_config(args: ServerArgs) -> pond_http::server::ServerConfig {
     config.limits.max_bundle_bytes = args.max_bundle_bytes;
     config.shell_env_allow = args.shell_env_allow;
     config.kill_grace = args.kill_grace;
+    config.drain = args.drain;
     config.node_id = args.node_id;
     config
 }

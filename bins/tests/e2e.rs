@@ -286,3 +286,31 @@ fn bulk_cancel_stops_one_projects_runs_and_is_idempotent() {
     let queued_only = admin.cancel_many("proj-b", Some("queued")).unwrap();
     assert!(queued_only.cancelled.iter().all(|id| b.contains(&id.to_string())));
 }
+
+#[test]
+fn sigterm_hands_running_stages_back_instead_of_leaving_them_to_their_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--drain", "500ms", "--kill-grace", "1s", "--lease", "1h"]);
+    let admin = server.admin();
+    let body = run_json(
+        json!({"stages":[{"key":"long","executor":{"kind":"shell","argv":["sh","-c","echo attempt $POND_ATTEMPT; sleep 2"]}}]}),
+    );
+    let id = admin.submit(&body, None).unwrap().id.to_string();
+    eventually("the stage to start", Duration::from_secs(20), || {
+        log_text(&admin, &id).iter().any(|l| l == "attempt 1")
+    });
+    let pid = server.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let exited = std::time::Instant::now();
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(exited.elapsed() < Duration::from_secs(15), "the server did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let server = Server::start(dir.path(), &["--lease", "1h"]);
+    let admin = server.admin();
+    let done = wait_done(&admin, &id, Duration::from_secs(30));
+    assert_eq!(done.state, RunState::Succeeded);
+    let outcomes: Vec<_> = done.stages[0].attempts.iter().map(|a| a.outcome).collect();
+    assert_eq!(outcomes, vec![Some(AttemptOutcome::HandedBack), Some(AttemptOutcome::Succeeded)]);
+    assert!(log_text(&admin, &id).iter().any(|l| l.contains("handed back")));
+}

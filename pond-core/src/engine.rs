@@ -342,6 +342,26 @@ impl Engine {
         Ok(snapshot)
     }
 
+    /// Gives a claimed stage back because this node is stopping (see [`RunSnapshot::hand_back`]).
+    pub async fn hand_back(&self, claim: &Claim) -> Result<RunSnapshot, CoreError> {
+        let now = self.clock.now();
+        let (run, key, attempt) = (claim.run.id, claim.stage.key.as_str(), claim.stage.attempt);
+        let node = &self.config.node_id;
+        let snapshot = self
+            .store
+            .update_run(run, &mut |s| {
+                s.hand_back(key, attempt, now)?;
+                let text = format!("stage `{key}` attempt {attempt} handed back: {node} is shutting down");
+                let mut lines = vec![self.system(Some(key), attempt, text)];
+                lines.extend(self.run_ended(s, now));
+                Ok(lines)
+            })
+            .await
+            .map_err(unwrap_rejected)?;
+        self.release_if_ended(&snapshot, now).await;
+        Ok(snapshot)
+    }
+
     /// Ends stages whose holder vanished while a cancel was pending. Returns how many runs
     /// changed.
     pub async fn sweep(&self) -> Result<usize, CoreError> {

@@ -26,6 +26,8 @@ pub enum StopReason {
     TimedOut,
     /// The lease was lost; another attempt owns the stage.
     LeaseLost,
+    /// The node is shutting down; the stage will be handed back.
+    Shutdown,
 }
 
 /// Tells a running executor to stop.

@@ -180,6 +180,8 @@ pub enum AttemptOutcome {
     Cancelled,
     /// Its holder stopped renewing the lease (crash, network loss); the stage was re-queued.
     LeaseExpired,
+    /// Its node shut down before it finished and gave the stage back to be run elsewhere.
+    HandedBack,
 }
 
 impl AttemptOutcome {
@@ -190,6 +192,7 @@ impl AttemptOutcome {
             AttemptOutcome::Failed => "failed",
             AttemptOutcome::Cancelled => "cancelled",
             AttemptOutcome::LeaseExpired => "lease_expired",
+            AttemptOutcome::HandedBack => "handed_back",
         }
     }
     /// Parses a stored name.
@@ -199,6 +202,7 @@ impl AttemptOutcome {
             "failed" => AttemptOutcome::Failed,
             "cancelled" => AttemptOutcome::Cancelled,
             "lease_expired" => AttemptOutcome::LeaseExpired,
+            "handed_back" => AttemptOutcome::HandedBack,
             _ => return None,
         })
     }
@@ -362,6 +366,39 @@ impl RunSnapshot {
             a.finished_at = Some(now);
             a.outcome = Some(attempt_outcome);
             a.error = error;
+        }
+        self.settle(now);
+        Ok(())
+    }
+
+    /// Gives a running attempt's stage back (its node is shutting down): the stage is queued
+    /// again at once, without counting a failure, so another node takes it without waiting for
+    /// the lease to expire. A stage whose cancel is pending ends as cancelled instead.
+    pub fn hand_back(&mut self, key: &str, attempt: u32, now: Timestamp) -> Result<(), CoreError> {
+        let i = self.stage_index(key)?;
+        let stage = &self.stages[i];
+        if stage.state != StageState::Running || stage.attempt != attempt {
+            return Err(CoreError::StaleAttempt {
+                stage: key.to_string(),
+                attempt,
+                current: stage.attempt,
+                state: stage.state,
+            });
+        }
+        let cancelled = stage.cancel_requested || self.run.cancel_requested;
+        let stage = &mut self.stages[i];
+        stage.lease_owner = None;
+        stage.lease_expires_at = None;
+        if cancelled {
+            stage.state = StageState::Cancelled;
+            stage.finished_at = Some(now);
+        } else {
+            stage.state = StageState::Queued;
+            stage.ready_at = Some(now);
+        }
+        if let Some(a) = self.attempts.iter_mut().find(|a| a.stage_key == key && a.number == attempt) {
+            a.finished_at = Some(now);
+            a.outcome = Some(if cancelled { AttemptOutcome::Cancelled } else { AttemptOutcome::HandedBack });
         }
         self.settle(now);
         Ok(())

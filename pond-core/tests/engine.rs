@@ -389,3 +389,31 @@ async fn what_a_source_resolved_to_is_recorded_once() {
     let snap = engine.get(id).await.unwrap();
     assert_eq!(snap.run.sources[0].resolved.as_ref().unwrap().input_sha, "sha-of-code");
 }
+
+#[tokio::test]
+async fn a_stage_handed_back_at_shutdown_is_taken_at_once_elsewhere() {
+    let w = World::new();
+    let stopping = w.engine("stopping");
+    let other = w.engine("other");
+    let id = submit(&stopping, json!({"stages":[{"key":"work","executor":{"kind":"noop"}}]})).await;
+    let (_, claims) = claim_keys(&stopping).await;
+    stopping.hand_back(&claims[0]).await.unwrap();
+    let (keys, claims) = claim_keys(&other).await;
+    assert_eq!(keys, vec!["work"], "no lease to wait for");
+    run_claims(&other, claims).await;
+    let snap = other.get(id).await.unwrap();
+    assert_eq!(snap.run.state, RunState::Succeeded);
+    let history: Vec<_> = snap.attempts.iter().map(|a| (a.owner.as_str(), a.outcome.unwrap())).collect();
+    assert_eq!(history, vec![("stopping", AttemptOutcome::HandedBack), ("other", AttemptOutcome::Succeeded)]);
+    assert_eq!(snap.stages[0].failures, 0, "a hand-back is not a failure");
+
+    let cancelled = submit(&stopping, json!({"stages":[{"key":"work","executor":{"kind":"noop"}}]})).await;
+    let (_, claims) = claim_keys(&stopping).await;
+    stopping.cancel(cancelled, "stop").await.unwrap();
+    stopping.hand_back(&claims[0]).await.unwrap();
+    assert_eq!(
+        stopping.get(cancelled).await.unwrap().run.state,
+        RunState::Cancelled,
+        "a cancelled stage is not handed on"
+    );
+}

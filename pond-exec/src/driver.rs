@@ -41,7 +41,7 @@ pub struct Driver {
     engine: Arc<Engine>,
     config: DriverConfig,
     wake: watch::Receiver<u64>,
-    running: Mutex<HashMap<RunId, Vec<Arc<Notify>>>>,
+    running: Mutex<HashMap<RunId, Vec<(Arc<Notify>, StopHandle)>>>,
     slots: Arc<Semaphore>,
 }
 
@@ -55,14 +55,14 @@ impl Driver {
     /// Tells the attempts of `run` running here to check their lease now (a cancel arrived).
     pub fn poke(&self, run: RunId) {
         let map = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        for n in map.get(&run).into_iter().flatten() {
+        for (n, _) in map.get(&run).into_iter().flatten() {
             n.notify_one();
         }
     }
 
     /// Claims and runs stages until `shutdown` turns true, then waits up to `drain` for the
-    /// attempts in progress. Attempts still running after that are abandoned; their leases
-    /// expire and another node (or the next start) retries them.
+    /// attempts in progress to finish. Attempts still running after that are stopped and handed
+    /// back, so another node takes them at once instead of after their lease expires.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>, drain: Duration) {
         let mut wake = self.wake.clone();
         let mut last_sweep: Option<tokio::time::Instant> = None;
@@ -101,7 +101,16 @@ impl Driver {
             }
         }
         let all = self.config.slots as u32;
-        let _ = tokio::time::timeout(drain, self.slots.acquire_many(all)).await;
+        if tokio::time::timeout(drain, self.slots.acquire_many(all)).await.is_err() {
+            {
+                let map = self.running.lock().unwrap_or_else(|p| p.into_inner());
+                for (_, stop) in map.values().flatten() {
+                    stop.fire(StopReason::Shutdown);
+                }
+            }
+            // Stopping takes the executor's kill grace at most; then each attempt hands back.
+            let _ = tokio::time::timeout(Duration::from_secs(60), self.slots.acquire_many(all)).await;
+        }
     }
 
     async fn check_lease(&self, claim: &Claim, stop: &StopHandle) {
@@ -119,7 +128,12 @@ impl Driver {
         let run = claim.run.id;
         let stop = StopHandle::new();
         let poke = Arc::new(Notify::new());
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).entry(run).or_default().push(poke.clone());
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(run)
+            .or_default()
+            .push((poke.clone(), stop.clone()));
         let timeout = claim
             .run
             .definition
@@ -148,7 +162,7 @@ impl Driver {
         {
             let mut map = self.running.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(list) = map.get_mut(&run) {
-                list.retain(|n| !Arc::ptr_eq(n, &poke));
+                list.retain(|(n, _)| !Arc::ptr_eq(n, &poke));
                 if list.is_empty() {
                     map.remove(&run);
                 }
@@ -156,6 +170,12 @@ impl Driver {
         }
         if stop.reason() == Some(StopReason::LeaseLost) {
             tracing::warn!(%run, stage = %claim.stage.key, attempt = claim.stage.attempt, "lease lost; result dropped");
+            return;
+        }
+        if stop.reason() == Some(StopReason::Shutdown) {
+            if let Err(e) = self.engine.hand_back(&claim).await {
+                tracing::warn!(%run, stage = %claim.stage.key, error = %e, "could not hand the stage back; its lease will expire instead");
+            }
             return;
         }
         // Keep trying while the store is away: nobody else can claim the stage meanwhile, and
