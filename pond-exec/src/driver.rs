@@ -36,12 +36,15 @@ impl Default for DriverConfig {
     }
 }
 
+/// An attempt in progress here: how to make it check its lease now, and how to stop it.
+type Running = (Arc<Notify>, StopHandle);
+
 /// Runs claimed stages of an engine.
 pub struct Driver {
     engine: Arc<Engine>,
     config: DriverConfig,
     wake: watch::Receiver<u64>,
-    running: Mutex<HashMap<RunId, Vec<(Arc<Notify>, StopHandle)>>>,
+    running: Mutex<HashMap<RunId, Vec<Running>>>,
     slots: Arc<Semaphore>,
 }
 
