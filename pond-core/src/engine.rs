@@ -307,7 +307,13 @@ impl Engine {
                 };
             }
         }
-        let sink = StoreSink { engine: self, run: run.id, stage: &claim.stage.key, attempt: claim.stage.attempt };
+        let sink = StoreSink {
+            engine: self,
+            run: run.id,
+            project: &run.project_id,
+            stage: &claim.stage.key,
+            attempt: claim.stage.attempt,
+        };
         let ctx =
             ExecContext { run, stage: def, attempt: claim.stage.attempt, workspace: &workspace, output: &sink, stop };
         let outcome = executor.execute(ctx).await;
@@ -454,6 +460,7 @@ pub fn valid_artifact_name(name: &str) -> bool {
 struct StoreSink<'a> {
     engine: &'a Engine,
     run: RunId,
+    project: &'a str,
     stage: &'a str,
     attempt: u32,
 }
@@ -481,8 +488,7 @@ impl OutputSink for StoreSink<'_> {
         }
         let now = self.engine.clock.now();
         let store = &self.engine.store;
-        let run = store.get_run(self.run).await.map_err(|e| e.to_string())?.ok_or("run vanished")?;
-        let blob = store.put_blob(&run.run.project_id, &data, now).await.map_err(|e| e.to_string())?;
+        let blob = store.put_blob(self.project, &data, now).await.map_err(|e| e.to_string())?;
         let artifact = Artifact {
             run_id: self.run,
             name: name.to_string(),
