@@ -64,6 +64,11 @@ enum Command {
     Demo(DemoArgs),
     /// Measure submit throughput and end-to-end run throughput; prints figures.
     Bench(BenchArgs),
+    /// This CLI context's encryption key (X25519): shown, its path, or a new one.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCliCommand,
+    },
     /// Print this worker's key fingerprints (making its keys on first use), to pin at enrollment.
     Fingerprint {
         /// Worker key directory (default: $POND_WORKER_KEY_DIR, else ~/.local/share/pond/worker).
@@ -213,6 +218,24 @@ enum RunCommand {
 }
 
 #[derive(Subcommand)]
+enum KeysCliCommand {
+    /// Show the public key (base64 and age recipient) and fingerprint, making the key on first use.
+    Show {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print where the private key is (back it up: results encrypted to it need it).
+    Path,
+    /// Make a key; replacing an existing one needs --force.
+    Gen {
+        /// Replace the existing key (what was encrypted to it can then no longer be read here).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum AdminCommand {
     /// API keys for consumers, scoped to projects.
     Keys {
@@ -358,6 +381,33 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Bench(args) => bench(args).map(|()| 0),
         Command::Fingerprint { key_dir, json } => fingerprint(key_dir, json).map(|()| 0),
         Command::Context { command } => context(command, &config_path).map(|()| 0),
+        Command::Keys { command } => {
+            let config = CliConfig::load(&config_path)?;
+            let context = cli.global.context.or(config.current);
+            let path = cli::consumer_key_path(&config_path, context.as_deref());
+            match command {
+                KeysCliCommand::Show { json } => {
+                    let key = cli::consumer_key(&path, false)?;
+                    if json {
+                        print_json(&key)?;
+                    } else {
+                        println!("public key:    {}", key.public_key);
+                        println!("age recipient: {}", key.age_recipient);
+                        println!("fingerprint:   {}", key.fingerprint);
+                        println!("private key:   {} (0600; back it up)", key.path.display());
+                    }
+                }
+                KeysCliCommand::Path => println!("{}", path.display()),
+                KeysCliCommand::Gen { force } => {
+                    if path.exists() && !force {
+                        bail!("a key exists at {}; pass --force to replace it", path.display());
+                    }
+                    let key = cli::consumer_key(&path, true)?;
+                    println!("new key {} at {}", key.fingerprint, key.path.display());
+                }
+            }
+            Ok(0)
+        }
         Command::Run { command } => {
             let config = CliConfig::load(&config_path)?;
             let overrides = TargetOverrides {

@@ -314,3 +314,32 @@ fn sigterm_hands_running_stages_back_instead_of_leaving_them_to_their_lease() {
     assert_eq!(outcomes, vec![Some(AttemptOutcome::HandedBack), Some(AttemptOutcome::Succeeded)]);
     assert!(log_text(&admin, &id).iter().any(|l| l.contains("handed back")));
 }
+
+#[test]
+fn keys_are_made_once_per_context_and_replaced_only_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    let pond = |args: &[&str]| {
+        std::process::Command::new(POND)
+            .args(args)
+            .env("POND_CONFIG", &config)
+            .env_remove("POND_CONTEXT")
+            .output()
+            .unwrap()
+    };
+    let show = || serde_json::from_slice::<serde_json::Value>(&pond(&["keys", "show", "--json"]).stdout).unwrap();
+    let first = show();
+    assert_eq!(first, show(), "the same key on every call");
+    assert!(first["age_recipient"].as_str().unwrap().starts_with("age1"));
+    let path = String::from_utf8(pond(&["keys", "path"]).stdout).unwrap();
+    assert_eq!(path.trim(), first["path"].as_str().unwrap());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(path.trim()).unwrap().permissions().mode() & 0o777, 0o600);
+    let refused = pond(&["keys", "gen"]);
+    assert_eq!(refused.status.code(), Some(2), "an existing key is not replaced without --force");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
+    assert!(pond(&["keys", "gen", "--force"]).status.success());
+    assert_ne!(show()["public_key"], first["public_key"]);
+    let other = pond(&["--context", "other", "keys", "path"]);
+    assert!(String::from_utf8_lossy(&other.stdout).trim().ends_with("keys/other.x25519"), "one key per context");
+}

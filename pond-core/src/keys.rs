@@ -50,6 +50,19 @@ impl WorkerIdentity {
     }
 }
 
+/// The age recipient (`age1…`, bech32) of an X25519 public key: the same key, in the form age
+/// and other tools accept.
+pub fn age_recipient(public: &[u8; 32]) -> String {
+    let hrp = bech32::Hrp::parse_unchecked("age");
+    // 32 bytes under a 3-letter prefix stay far below bech32's length limit, so this cannot fail.
+    bech32::encode::<bech32::Bech32>(hrp, public).unwrap_or_default()
+}
+
+/// The X25519 public key of a secret scalar.
+pub fn x25519_public(secret: &[u8; 32]) -> [u8; 32] {
+    PublicKey::from(&StaticSecret::from(*secret)).to_bytes()
+}
+
 /// Refuses an X25519 public key of low order: Diffie-Hellman with it gives all zeros whatever
 /// the secret, so a box sealed to it protects nothing. libsodium refuses these too.
 pub fn check_x25519_public(public: &[u8; 32]) -> Result<(), KeyError> {

@@ -47,3 +47,13 @@ fn fingerprints_match_the_reference() {
         assert_eq!(fingerprint(&bytes(&keys[key]["pk_hex"])), want, "{key}");
     }
 }
+
+#[test]
+fn consumer_keys_derive_the_reference_public_keys_and_age_recipients() {
+    let keys = load("pynacl_keys.json");
+    for key in ["consumer1", "consumer2", "worker_x25519"] {
+        let public = pond_core::keys::x25519_public(&bytes(&keys[key]["sk_hex"]));
+        assert_eq!(hex::encode(public), keys[key]["pk_hex"].as_str().unwrap(), "{key}");
+        assert_eq!(pond_core::keys::age_recipient(&public), keys[key]["age_recipient"].as_str().unwrap(), "{key}");
+    }
+}

@@ -23,7 +23,9 @@ pub fn default_key_dir() -> PathBuf {
     data.join("pond").join("worker")
 }
 
-fn read_or_create(path: &Path) -> std::io::Result<[u8; 32]> {
+/// Reads a 32-byte secret key file (base64), creating it with a random key (mode 0600) when it
+/// does not exist. A damaged file is an error, never silently replaced.
+pub fn load_or_create_key(path: &Path) -> std::io::Result<[u8; 32]> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let bytes = base64::engine::general_purpose::STANDARD.decode(text.trim()).map_err(|e| {
@@ -51,8 +53,8 @@ fn read_or_create(path: &Path) -> std::io::Result<[u8; 32]> {
 pub fn load_or_create_identity(dir: &Path) -> std::io::Result<WorkerIdentity> {
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    let sealing = read_or_create(&dir.join("sealing.key"))?;
-    let signing = read_or_create(&dir.join("signing.key"))?;
+    let sealing = load_or_create_key(&dir.join("sealing.key"))?;
+    let signing = load_or_create_key(&dir.join("signing.key"))?;
     Ok(WorkerIdentity::from_secrets(sealing, signing))
 }
 

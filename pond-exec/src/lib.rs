@@ -17,7 +17,7 @@ mod workspace;
 
 pub use builtin::{file_inventory, language_of, repo_map, todo_scan, Area, BuiltinExecutor, FileEntry, Todo};
 pub use driver::{Driver, DriverConfig};
-pub use keys::{default_key_dir, load_or_create_identity};
+pub use keys::{default_key_dir, load_or_create_identity, load_or_create_key};
 pub use noop::NoopExecutor;
 pub use shell::{reap_orphans, ShellConfig, ShellExecutor};
 pub use stop::StopHandle;

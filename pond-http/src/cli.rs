@@ -243,6 +243,45 @@ pub fn build_submit(client: &Client, target: &Target, options: &SubmitOptions) -
     Ok(body)
 }
 
+/// Where the consumer key of a context lives: `keys/<context>.x25519` beside the config file
+/// (`default` when no context is in use).
+pub fn consumer_key_path(config_path: &Path, context: Option<&str>) -> PathBuf {
+    let dir = config_path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    dir.join("keys").join(format!("{}.x25519", context.unwrap_or("default")))
+}
+
+/// A consumer's X25519 key as `pond keys show` presents it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConsumerKey {
+    /// Base64 of the 32-byte public key (what `recipientPubkeys` takes).
+    pub public_key: String,
+    /// The same key as an age recipient.
+    pub age_recipient: String,
+    /// `SHA256:…` of the public key.
+    pub fingerprint: String,
+    /// The private key file (0600).
+    pub path: PathBuf,
+}
+
+/// The consumer key at `path`, made on first use; with `replace`, a new key in its place.
+pub fn consumer_key(path: &Path, replace: bool) -> Result<ConsumerKey, CliError> {
+    use base64::Engine as _;
+    if replace && path.exists() {
+        std::fs::remove_file(path).map_err(io_err(format!("removing {}", path.display())))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    }
+    let secret = pond_exec::load_or_create_key(path).map_err(io_err(format!("key {}", path.display())))?;
+    let public = pond_core::keys::x25519_public(&secret);
+    Ok(ConsumerKey {
+        public_key: base64::engine::general_purpose::STANDARD.encode(public),
+        age_recipient: pond_core::keys::age_recipient(&public),
+        fingerprint: pond_core::attest::fingerprint(&public),
+        path: path.to_path_buf(),
+    })
+}
+
 /// A log line for a terminal: `-- text` for pond's own lines, `[stage] text` for output
 /// (`[stage!]` for stderr).
 pub fn format_log_line(line: &LogLine) -> String {
