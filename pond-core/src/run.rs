@@ -298,16 +298,9 @@ impl RunSnapshot {
             .ok_or_else(|| CoreError::StageNotFound { run: self.run.id, stage: key.to_string() })
     }
 
-    /// Records the end of attempt `attempt` of stage `key`. Refuses a result from an attempt
-    /// that no longer holds the stage (its lease expired and another attempt took over, or the
-    /// stage already ended): a late result is never applied twice.
-    pub fn complete_attempt(
-        &mut self,
-        key: &str,
-        attempt: u32,
-        outcome: &StageOutcome,
-        now: Timestamp,
-    ) -> Result<(), CoreError> {
+    /// The index of stage `key` if attempt `attempt` still holds it (running, not superseded);
+    /// otherwise [`CoreError::StaleAttempt`], so a late report changes nothing.
+    fn held_stage(&self, key: &str, attempt: u32) -> Result<usize, CoreError> {
         let i = self.stage_index(key)?;
         let stage = &self.stages[i];
         if stage.state != StageState::Running || stage.attempt != attempt {
@@ -318,6 +311,21 @@ impl RunSnapshot {
                 state: stage.state,
             });
         }
+        Ok(i)
+    }
+
+    /// Records the end of attempt `attempt` of stage `key`. Refuses a result from an attempt
+    /// that no longer holds the stage (its lease expired and another attempt took over, or the
+    /// stage already ended): a late result is never applied twice.
+    pub fn complete_attempt(
+        &mut self,
+        key: &str,
+        attempt: u32,
+        outcome: &StageOutcome,
+        now: Timestamp,
+    ) -> Result<(), CoreError> {
+        let i = self.held_stage(key, attempt)?;
+        let stage = &self.stages[i];
         let def = &self.run.definition.stages[stage.position as usize];
         let max_attempts = def.effective_max_attempts();
         let (attempt_outcome, error) = match outcome {
@@ -375,16 +383,8 @@ impl RunSnapshot {
     /// again at once, without counting a failure, so another node takes it without waiting for
     /// the lease to expire. A stage whose cancel is pending ends as cancelled instead.
     pub fn hand_back(&mut self, key: &str, attempt: u32, now: Timestamp) -> Result<(), CoreError> {
-        let i = self.stage_index(key)?;
+        let i = self.held_stage(key, attempt)?;
         let stage = &self.stages[i];
-        if stage.state != StageState::Running || stage.attempt != attempt {
-            return Err(CoreError::StaleAttempt {
-                stage: key.to_string(),
-                attempt,
-                current: stage.attempt,
-                state: stage.state,
-            });
-        }
         let cancelled = stage.cancel_requested || self.run.cancel_requested;
         let stage = &mut self.stages[i];
         stage.lease_owner = None;
