@@ -141,7 +141,28 @@ impl ExecutorSpec {
         match self {
             ExecutorSpec::Shell(s) => s.sandbox.as_ref(),
             ExecutorSpec::Swarm(s) => s.sandbox.as_ref(),
+            ExecutorSpec::Noop(s) => s.sandbox.as_ref(),
+            ExecutorSpec::Builtin(_) => None,
+        }
+    }
+
+    /// For a stage that runs on a worker pool: the tags and capability patterns it asks for.
+    /// Swarm stages always run on a pool.
+    pub fn pool_request(&self) -> Option<(&[String], &[String])> {
+        match self {
+            ExecutorSpec::Swarm(s) => Some((&s.tags, &s.capabilities)),
+            ExecutorSpec::Shell(s) if s.placement == Placement::Pool => Some((&s.tags, &s.capabilities)),
+            ExecutorSpec::Noop(s) if s.placement == Placement::Pool => Some((&s.tags, &s.capabilities)),
             _ => None,
+        }
+    }
+
+    /// The kind stores filter claims on: [`POOL_KIND`] for pooled stages, else the executor kind.
+    pub fn claim_kind(&self) -> &'static str {
+        if self.pool_request().is_some() {
+            POOL_KIND
+        } else {
+            self.kind()
         }
     }
 }
@@ -153,7 +174,40 @@ pub struct NoopSpec {
     /// Wait this long before succeeding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay: Option<Millis>,
+    /// Where the stage runs.
+    #[serde(default, skip_serializing_if = "Placement::is_local")]
+    pub placement: Placement,
+    /// Tags a pool worker must have (subset match).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Capabilities a pool worker must have (glob match).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+    /// Trust tier of the pool that may run it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxSpec>,
 }
+
+/// Where a stage runs: on the control plane's own driver, or on a worker pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// On a pond server node.
+    #[default]
+    Local,
+    /// On a worker of an attached pool, chosen by tags, capabilities and tier.
+    Pool,
+}
+
+impl Placement {
+    fn is_local(&self) -> bool {
+        *self == Placement::Local
+    }
+}
+
+/// The claim kind of every pooled stage: stores filter claims on it, so a server's own driver
+/// never takes a stage meant for a pool.
+pub const POOL_KIND: &str = "pool";
 
 /// Settings of the `builtin` executor.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -187,6 +241,15 @@ pub struct ShellSpec {
     /// The sandbox profile (only `none` until a sandbox backend is configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<SandboxSpec>,
+    /// Where the stage runs.
+    #[serde(default, skip_serializing_if = "Placement::is_local")]
+    pub placement: Placement,
+    /// Tags a pool worker must have (subset match).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Capabilities a pool worker must have (glob match).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
 }
 
 /// Settings of the `swarm` (AI agent) executor.
@@ -272,6 +335,29 @@ pub struct Capabilities {
     pub executor_kinds: Vec<String>,
     /// Sandbox profiles a backend can enforce here.
     pub sandbox_profiles: Vec<SandboxProfile>,
+    /// Executor kinds pool workers can run (`executor.placement: pool`).
+    pub pool_kinds: Vec<String>,
+}
+
+/// Whether `tag` is a valid tag: `name` or `name:value` of letters, digits and `._-/`.
+pub fn valid_tag(tag: &str) -> bool {
+    !tag.is_empty()
+        && tag.len() <= 128
+        && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/:".contains(&b))
+        && !tag.starts_with(':')
+}
+
+/// Whether `name` is a valid worker capability (`harness.codex`, `sandbox.oci`).
+pub fn valid_capability(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Whether `pattern` is a valid capability pattern: a capability with `*` and `?` wildcards.
+/// (`[` is refused so SQL `GLOB` and [`crate::routing::glob_match`] agree.)
+pub fn valid_capability_pattern(pattern: &str) -> bool {
+    !pattern.is_empty()
+        && pattern.len() <= 128
+        && pattern.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-*?".contains(&b))
 }
 
 /// Parses a definition from JSON, naming the failing field on error. `prefix` is the field
@@ -385,6 +471,9 @@ impl StageDef {
             }
         }
         let kind = self.executor.kind();
+        if let Some((tags, capabilities)) = self.executor.pool_request() {
+            return self.validate_pooled(at, caps, tags, capabilities);
+        }
         if !caps.executor_kinds.iter().any(|k| k == kind) {
             let reason = if kind == "swarm" {
                 "executor `swarm` runs on a worker pool, and this server has none attached".to_string()
@@ -404,6 +493,48 @@ impl StageDef {
                 ));
             }
         }
+        self.validate_executor(at)
+    }
+
+    /// A pooled stage: the kind must be one workers run; tags and capability patterns must be
+    /// well formed. The sandbox profile is enforced by the worker (see
+    /// [`crate::routing::stage_requirements`]), so the server's own profiles do not apply.
+    fn validate_pooled(
+        &self,
+        at: &str,
+        caps: &Capabilities,
+        tags: &[String],
+        capabilities: &[String],
+    ) -> Result<(), FieldError> {
+        let kind = self.executor.kind();
+        if !caps.pool_kinds.iter().any(|k| k == kind) {
+            let reason = if kind == "swarm" {
+                "executor `swarm` needs the agent harness registry, which this server does not have yet".to_string()
+            } else {
+                format!("executor `{kind}` cannot run on a worker pool")
+            };
+            return Err(FieldError::new(format!("{at}.executor.kind"), reason));
+        }
+        for (i, tag) in tags.iter().enumerate() {
+            if !valid_tag(tag) {
+                return Err(FieldError::new(
+                    format!("{at}.executor.tags[{i}]"),
+                    format!("`{tag}` is not a valid tag: use letters, digits and `._-/:` (e.g. `repo:web`)"),
+                ));
+            }
+        }
+        for (i, pattern) in capabilities.iter().enumerate() {
+            if !valid_capability_pattern(pattern) {
+                return Err(FieldError::new(
+                    format!("{at}.executor.capabilities[{i}]"),
+                    format!("`{pattern}` is not a valid capability pattern: letters, digits, `._-` and the wildcards `*` `?`"),
+                ));
+            }
+        }
+        self.validate_executor(at)
+    }
+
+    fn validate_executor(&self, at: &str) -> Result<(), FieldError> {
         match &self.executor {
             ExecutorSpec::Shell(shell) => {
                 if shell.argv.is_empty() || shell.argv[0].is_empty() {
@@ -494,6 +625,7 @@ mod tests {
         Capabilities {
             executor_kinds: vec!["noop".into(), "builtin".into(), "shell".into()],
             sandbox_profiles: vec![SandboxProfile::None],
+            pool_kinds: vec!["noop".into(), "shell".into()],
         }
     }
 
@@ -568,7 +700,19 @@ mod tests {
             ),
             (
                 json!({"stages":[{"key":"a","executor":{"kind":"swarm","harness":"codex","prompt":"hi"}}]}),
-                "definition.stages[0].executor.kind: executor `swarm` runs on a worker pool",
+                "definition.stages[0].executor.kind: executor `swarm` needs the agent harness registry",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"noop","placement":"pool","tags":["ok","no spaces"]}}]}),
+                "definition.stages[0].executor.tags[1]: `no spaces` is not a valid tag",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":["x"],"placement":"pool","capabilities":["harness.[ab]"]}}]}),
+                "definition.stages[0].executor.capabilities[0]: `harness.[ab]` is not a valid capability pattern",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"noop","placement":"cloud"}}]}),
+                "definition.stages[0].executor.placement: unknown variant `cloud`",
             ),
             (
                 json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":["x"],"env":{"POND_X":"1"}}}]}),

@@ -11,17 +11,22 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::definition::POOL_KIND;
 use crate::definition::{Capabilities, Definition, SandboxProfile};
 use crate::error::{CoreError, FieldError, StoreError};
-use crate::exec::{ExecContext, Executor, OutputSink, StopReason, StopSignal, Workspaces};
+use crate::exec::{ExecContext, Executor, OutputSink, StopReason, StopSignal, Workspace, Workspaces};
 use crate::ids::RunId;
-use crate::run::{RunSnapshot, RunState, StageOutcome, MAX_LOST_LEASES};
+use crate::pool::{JobId, PoolMember};
+use crate::run::{AttestationRecord, Run, RunSnapshot, RunState, StageOutcome, MAX_LOST_LEASES};
 use crate::source::{SourceInput, SourcePolicy, SourceSpec};
 use crate::store::{Artifact, Claim, ClaimQuery, LeaseStatus, LogStream, NewLogLine, Store};
 use crate::time::{Clock, Millis, Timestamp};
 
 /// Most sources a run may have.
 pub const MAX_SOURCES: usize = 16;
+
+/// Executor kinds a pool worker runs (`executor.placement: pool`).
+pub const POOL_EXECUTOR_KINDS: [&str; 2] = ["noop", "shell"];
 
 /// Settings of an engine.
 #[derive(Clone, Debug)]
@@ -121,7 +126,11 @@ impl Engine {
     pub fn capabilities(&self) -> Capabilities {
         let mut kinds: Vec<String> = self.executors.keys().map(|k| k.to_string()).collect();
         kinds.sort();
-        Capabilities { executor_kinds: kinds, sandbox_profiles: self.sandbox_profiles.clone() }
+        Capabilities {
+            executor_kinds: kinds,
+            sandbox_profiles: self.sandbox_profiles.clone(),
+            pool_kinds: POOL_EXECUTOR_KINDS.iter().map(|k| k.to_string()).collect(),
+        }
     }
 
     /// Validates and stores a run.
@@ -214,8 +223,30 @@ impl Engine {
             now,
             lease_until: now.plus(self.config.lease),
             limit,
+            offer: None,
         };
-        let claims = self.store.claim_stages(&query).await?;
+        self.claim_with(&query, &self.config.node_id).await
+    }
+
+    /// Claims up to `limit` pooled stages that `worker` may run (its pinned tags and
+    /// capabilities meet their requirements); the lease is held in the worker's name.
+    pub async fn claim_for_worker(&self, worker: &PoolMember, limit: u32) -> Result<Vec<Claim>, CoreError> {
+        let now = self.clock.now();
+        let query = ClaimQuery {
+            owner: worker.id.clone(),
+            kinds: vec![POOL_KIND.to_string()],
+            now,
+            lease_until: now.plus(self.config.lease),
+            limit,
+            offer: Some(worker.offer()),
+        };
+        let holder = format!("worker {} ({}, pool {})", worker.id, worker.name, worker.pool);
+        self.claim_with(&query, &holder).await
+    }
+
+    async fn claim_with(&self, query: &ClaimQuery, holder: &str) -> Result<Vec<Claim>, CoreError> {
+        let now = query.now;
+        let claims = self.store.claim_stages(query).await?;
         let mut runnable = Vec::with_capacity(claims.len());
         let mut lines = Vec::with_capacity(claims.len());
         for claim in claims {
@@ -233,8 +264,7 @@ impl Engine {
                 }
                 continue;
             }
-            let mut text =
-                format!("stage `{}` attempt {} started on {}", stage.key, stage.attempt, self.config.node_id);
+            let mut text = format!("stage `{}` attempt {} started on {holder}", stage.key, stage.attempt);
             if stage.lost_leases > 0 && stage.attempt > 1 {
                 text.push_str(" (an earlier attempt's node stopped renewing its lease)");
             }
@@ -279,33 +309,11 @@ impl Engine {
             Ok(w) => w,
             Err(e) => return StageOutcome::Failed { error: format!("fetching sources failed: {e}"), exit_code: None },
         };
-        if run.sources.iter().any(|s| s.resolved.is_none()) {
-            let resolved = workspace.resolved.clone();
-            let (key, attempt) = (&claim.stage.key, claim.stage.attempt);
-            let recorded = self
-                .store
-                .update_run(run.id, &mut |s| {
-                    // Stages fetching in parallel each try; only the one that records a source
-                    // says so.
-                    let mut lines = Vec::new();
-                    for (source, found) in s.run.sources.iter_mut().zip(&resolved) {
-                        if source.resolved.is_none() {
-                            source.resolved = Some(found.clone());
-                            let commit = found.commit.as_deref().map(|c| format!(" at commit {c}")).unwrap_or_default();
-                            let text =
-                                format!("source `{}` fetched{commit}, input_sha {}", source.label, found.input_sha);
-                            lines.push(self.system(Some(key), attempt, text));
-                        }
-                    }
-                    Ok(lines)
-                })
-                .await;
-            if let Err(e) = recorded {
-                return StageOutcome::Failed {
-                    error: format!("recording the fetched sources failed: {e}"),
-                    exit_code: None,
-                };
-            }
+        if let Err(e) = self.record_resolved(run, &workspace, &claim.stage.key, claim.stage.attempt).await {
+            return StageOutcome::Failed {
+                error: format!("recording the fetched sources failed: {e}"),
+                exit_code: None,
+            };
         }
         let sink = StoreSink {
             engine: self,
@@ -324,6 +332,169 @@ impl Engine {
             }
             (outcome, _) => outcome,
         }
+    }
+
+    /// Records what fetching the run's sources found, once per run.
+    async fn record_resolved(
+        &self,
+        run: &Run,
+        workspace: &Workspace,
+        key: &str,
+        attempt: u32,
+    ) -> Result<(), StoreError> {
+        if run.sources.iter().all(|s| s.resolved.is_some()) {
+            return Ok(());
+        }
+        let resolved = workspace.resolved.clone();
+        self.store
+            .update_run(run.id, &mut |s| {
+                // Stages fetching in parallel each try; only the one that records a source says so.
+                let mut lines = Vec::new();
+                for (source, found) in s.run.sources.iter_mut().zip(&resolved) {
+                    if source.resolved.is_none() {
+                        source.resolved = Some(found.clone());
+                        let commit = found.commit.as_deref().map(|c| format!(" at commit {c}")).unwrap_or_default();
+                        let text = format!("source `{}` fetched{commit}, input_sha {}", source.label, found.input_sha);
+                        lines.push(self.system(Some(key), attempt, text));
+                    }
+                }
+                Ok(lines)
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// The input bundle of a pooled job's run: its checkout packed as tar.zst, made once per run
+    /// and kept as a blob, so every attempt (and every API node) issues the same bytes and a
+    /// worker's attested `input_sha256` can be checked against it.
+    pub async fn job_input(&self, claim: &Claim) -> Result<JobInput, CoreError> {
+        let run = &claim.run;
+        let key = run.id.to_string();
+        if let Some(text) = self.store.get_record(JOB_INPUT, &key).await? {
+            return serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()).into());
+        }
+        let workspace = self.workspaces.prepare(run).await.map_err(CoreError::Workspace)?;
+        self.record_resolved(run, &workspace, &claim.stage.key, claim.stage.attempt).await?;
+        let bytes = self.workspaces.pack(run).await.map_err(CoreError::Workspace)?;
+        let blob = self.store.put_blob(&run.project_id, &bytes, self.clock.now()).await?;
+        let input = JobInput { blob_id: blob.id, sha256: blob.sha256, size: blob.size };
+        let text = serde_json::to_string(&input).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if self.store.swap_record(JOB_INPUT, &key, None, &text).await? {
+            return Ok(input);
+        }
+        // Another node packed it first: issue theirs.
+        let text = self.store.get_record(JOB_INPUT, &key).await?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
+        serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()).into())
+    }
+
+    /// Extends the lease of `job`, held by `worker`. Also the check that `worker` still holds it
+    /// before its logs or artifacts are accepted.
+    pub async fn renew_job(&self, job: &JobId, worker: &PoolMember) -> Result<LeaseStatus, CoreError> {
+        let now = self.clock.now();
+        Ok(self.store.renew_lease(job.run, &job.stage, job.attempt, &worker.id, now.plus(self.config.lease)).await?)
+    }
+
+    /// Appends a pooled job's output lines to its run's log.
+    pub async fn job_logs(&self, job: &JobId, lines: Vec<(LogStream, String)>) -> Result<(), CoreError> {
+        let at = self.clock.now();
+        let lines: Vec<NewLogLine> = lines
+            .into_iter()
+            .map(|(stream, text)| NewLogLine { stage: Some(job.stage.clone()), attempt: job.attempt, stream, at, text })
+            .collect();
+        Ok(self.store.append_logs(job.run, &lines).await?)
+    }
+
+    /// Stores an artifact a pooled job uploaded.
+    pub async fn job_artifact(
+        &self,
+        job: &JobId,
+        project: &str,
+        name: &str,
+        data: &[u8],
+    ) -> Result<Artifact, CoreError> {
+        if !valid_artifact_name(name) {
+            return Err(FieldError::new("name", format!("`{name}` is not a valid artifact name")).into());
+        }
+        let now = self.clock.now();
+        let blob = self.store.put_blob(project, data, now).await?;
+        let artifact = Artifact {
+            run_id: job.run,
+            name: name.to_string(),
+            stage: job.stage.clone(),
+            blob_id: blob.id,
+            size: blob.size,
+            sha256: blob.sha256,
+            created_at: now,
+        };
+        self.store.put_artifact(&artifact).await?;
+        Ok(artifact)
+    }
+
+    /// Records a pooled job's result. The signature is checked against the worker's pinned
+    /// Ed25519 key and `input_sha256` against the bundle pond issued; the outcome is applied
+    /// either way, with `attestation.verified` saying whether it can be trusted. A result from an
+    /// attempt that no longer holds the stage is refused ([`CoreError::StaleAttempt`]).
+    pub async fn complete_job(
+        &self,
+        job: &JobId,
+        worker: &PoolMember,
+        report: &JobReport,
+    ) -> Result<RunSnapshot, CoreError> {
+        let issued = match self.store.get_record(JOB_INPUT, &job.run.to_string()).await? {
+            Some(text) => serde_json::from_str::<JobInput>(&text).ok().map(|i| i.sha256),
+            None => None,
+        };
+        let attestation = verify_report(job, worker, report, issued.as_deref());
+        let now = self.clock.now();
+        let (key, attempt) = (job.stage.as_str(), job.attempt);
+        let outcome = report.outcome.clone();
+        let snapshot = self
+            .store
+            .update_run(job.run, &mut |s| {
+                let owner = s.stage(key).and_then(|st| st.lease_owner.clone());
+                if owner.as_deref() != Some(worker.id.as_str()) {
+                    let current = s.stage(key).map(|st| st.attempt).unwrap_or(0);
+                    let state = s.stage(key).map(|st| st.state).unwrap_or(crate::run::StageState::Queued);
+                    return Err(CoreError::StaleAttempt { stage: key.to_string(), attempt, current, state });
+                }
+                s.complete_attempt(key, attempt, &outcome, now)?;
+                s.record_attestation(key, attempt, attestation.clone());
+                let verdict = if attestation.verified {
+                    format!("attestation verified ({})", attestation.detail)
+                } else {
+                    format!("attestation NOT verified: {}", attestation.detail)
+                };
+                let mut lines = vec![
+                    self.system(Some(key), attempt, verdict),
+                    self.system(Some(key), attempt, describe_completion(s, key, attempt, &outcome, now)),
+                ];
+                lines.extend(self.run_ended(s, now));
+                Ok(lines)
+            })
+            .await
+            .map_err(|e| not_found_as(e, job.run))?;
+        Ok(snapshot)
+    }
+
+    /// Gives a pooled job back (its worker is stopping, or never got it): queued again at once.
+    pub async fn release_job(&self, job: &JobId, worker: &PoolMember, why: &str) -> Result<RunSnapshot, CoreError> {
+        let now = self.clock.now();
+        let (key, attempt) = (job.stage.as_str(), job.attempt);
+        self.store
+            .update_run(job.run, &mut |s| {
+                if s.stage(key).and_then(|st| st.lease_owner.as_deref()) != Some(worker.id.as_str()) {
+                    let current = s.stage(key).map(|st| st.attempt).unwrap_or(0);
+                    let state = s.stage(key).map(|st| st.state).unwrap_or(crate::run::StageState::Queued);
+                    return Err(CoreError::StaleAttempt { stage: key.to_string(), attempt, current, state });
+                }
+                s.hand_back(key, attempt, now)?;
+                let text = format!("stage `{key}` attempt {attempt} handed back by worker {}: {why}", worker.id);
+                let mut lines = vec![self.system(Some(key), attempt, text)];
+                lines.extend(self.run_ended(s, now));
+                Ok(lines)
+            })
+            .await
+            .map_err(|e| not_found_as(e, job.run))
     }
 
     /// Records an attempt's outcome. A stale attempt (lease lost, stage ended) is refused with
@@ -430,6 +601,80 @@ fn describe_completion(s: &RunSnapshot, key: &str, attempt: u32, outcome: &Stage
             format!("stage `{key}` attempt {attempt} failed: {error}; retrying in {wait}")
         }
         (StageOutcome::Failed { error, .. }, _) => format!("stage `{key}` failed after {took}: {error}"),
+    }
+}
+
+/// Record kind of a run's pooled input bundle.
+const JOB_INPUT: &str = "job_input";
+
+/// The input bundle issued to a pooled job.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JobInput {
+    /// The blob holding the tar.zst bytes.
+    pub blob_id: crate::ids::BlobId,
+    /// SHA-256 of those bytes, hex: the `input_sha256` a worker must attest.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// What a worker reports at the end of a job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobReport {
+    /// How it ended.
+    pub outcome: StageOutcome,
+    /// SHA-256 of the input bundle it received.
+    pub input_sha256: [u8; 32],
+    /// SHA-256 of what it produced (see `pond_exec::worker::output_digest`).
+    pub output_sha256: [u8; 32],
+    /// Ed25519 signature over the attestation (format (d)).
+    pub signature: [u8; 64],
+}
+
+impl JobReport {
+    /// The exit code signed in the attestation: the process's, else 0 for success, -1 otherwise.
+    pub fn rc(outcome: &StageOutcome) -> i64 {
+        match outcome {
+            StageOutcome::Succeeded => 0,
+            StageOutcome::Failed { exit_code: Some(c), .. } => *c as i64,
+            StageOutcome::Failed { .. } | StageOutcome::Cancelled => -1,
+        }
+    }
+}
+
+/// Checks a report's signature under the worker's pinned key and its input digest against the
+/// one issued.
+fn verify_report(job: &JobId, worker: &PoolMember, report: &JobReport, issued: Option<&str>) -> AttestationRecord {
+    let fingerprint =
+        worker.signing_key_bytes().map(|k| crate::attest::fingerprint(&k)).unwrap_or_else(|| "none".into());
+    let record = |verified: bool, detail: String| AttestationRecord {
+        verified,
+        worker: worker.id.clone(),
+        signing_fingerprint: fingerprint.clone(),
+        detail,
+        output_sha256: Some(hex::encode(report.output_sha256)),
+    };
+    let Some(key) = worker.signing_key_bytes() else {
+        return record(false, "the worker has no pinned signing key".into());
+    };
+    let attestation = crate::attest::Attestation {
+        job_id: job.to_string(),
+        input_sha256: report.input_sha256,
+        output_sha256: report.output_sha256,
+        rc: JobReport::rc(&report.outcome),
+    };
+    if let Err(e) = attestation.verify(&key, &report.signature) {
+        return record(false, e.to_string());
+    }
+    match issued {
+        Some(sha) if sha == hex::encode(report.input_sha256) => {
+            record(true, format!("signed by {fingerprint}, input {}", &sha[..12]))
+        }
+        Some(sha) => record(
+            false,
+            format!("input_sha256 {} is not the bundle pond issued ({sha})", hex::encode(report.input_sha256)),
+        ),
+        None => record(false, "pond issued no input bundle for this run".into()),
     }
 }
 

@@ -56,6 +56,9 @@ pub enum CoreError {
         /// The stage's current state.
         state: crate::run::StageState,
     },
+    /// Preparing or packing a run's checkout failed.
+    #[error("preparing the run's checkout failed: {0}")]
+    Workspace(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -65,6 +65,9 @@ pub trait Workspaces: Send + Sync {
     async fn prepare(&self, run: &Run) -> Result<Workspace, String>;
     /// Removes the run's checkout (the run ended).
     async fn release(&self, run: RunId);
+    /// The run's checkout (prepared first) as a tar.zst bundle of its sources by label, for a
+    /// pool worker.
+    async fn pack(&self, run: &Run) -> Result<Vec<u8>, String>;
 }
 
 /// Everything an executor gets for one attempt.

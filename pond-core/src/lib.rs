@@ -10,6 +10,7 @@
 //! - [`routing`]: placement on worker pools — tags, capability globs, trust tiers.
 //! - [`attest`]: signed results (wire format (d)) and key fingerprints.
 //! - [`keys`]: a worker's sealing and signing keys; low-order X25519 keys refused.
+//! - [`pool`]: enrollment codes, orchestrators and workers, job ids.
 //! - [`engine`]: the [`engine::Engine`] that ties them together.
 //!
 //! Nothing here opens a socket, a file or a process, or reads the clock: time arrives through
@@ -24,6 +25,7 @@ pub mod exec;
 pub mod ids;
 pub mod json;
 pub mod keys;
+pub mod pool;
 pub mod routing;
 pub mod run;
 pub mod sandbox;

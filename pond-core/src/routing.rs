@@ -7,10 +7,16 @@
 
 use std::collections::BTreeSet;
 
-use crate::definition::{SandboxProfile, SandboxSpec, Tier};
+use serde::{Deserialize, Serialize};
+
+use crate::definition::{ExecutorSpec, SandboxProfile, SandboxSpec, Tier};
+
+/// The capability a worker advertises when its OCI sandbox backend passed its self-check; a
+/// pooled stage asking for a confined profile requires it, so it never runs unconfined.
+pub const SANDBOX_CAPABILITY: &str = "sandbox.oci";
 
 /// What a job requires of the worker that runs it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Requirements {
     /// Tags the worker must all have.
     pub tags: BTreeSet<String>,
@@ -55,6 +61,19 @@ pub fn requirements(project_id: &str, tier: Tier, tags: &[String], capabilities:
         Tier::Any => {}
     }
     Requirements { tags: required, capabilities: capabilities.to_vec() }
+}
+
+/// The requirements of a pooled stage of `project_id` (`None` for a stage that runs on the
+/// control plane): its tags and capabilities, its tier's tags, and [`SANDBOX_CAPABILITY`] when
+/// it asks for a confined profile.
+pub fn stage_requirements(project_id: &str, executor: &ExecutorSpec) -> Option<Requirements> {
+    let (tags, capabilities) = executor.pool_request()?;
+    let sandbox = executor.sandbox();
+    let mut required = requirements(project_id, effective_tier(sandbox), tags, capabilities);
+    if sandbox.is_some_and(|s| s.profile != SandboxProfile::None) {
+        required.capabilities.push(SANDBOX_CAPABILITY.to_string());
+    }
+    Some(required)
 }
 
 /// Whether `worker` may run a job with `required`.

@@ -121,8 +121,11 @@ pub struct Stage {
     pub key: String,
     /// Its position in the definition.
     pub position: u32,
-    /// The executor kind (kept beside the definition so stores can filter claims on it).
+    /// The claim kind: the executor kind, or `pool` for a stage that runs on a worker pool
+    /// (kept beside the definition so stores can filter claims on it).
     pub executor_kind: String,
+    /// For a pooled stage, what its worker must offer (kept so stores can match claims).
+    pub requirements: Option<crate::routing::Requirements>,
     /// Current state.
     pub state: StageState,
     /// When a queued stage may be claimed; `None` while it waits for its needs.
@@ -166,6 +169,23 @@ pub struct Attempt {
     pub outcome: Option<AttemptOutcome>,
     /// Error text for failures.
     pub error: Option<String>,
+    /// For an attempt run by a pool worker: whether its signed result verified.
+    pub attestation: Option<AttestationRecord>,
+}
+
+/// What pond found when it checked a pool worker's signed result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttestationRecord {
+    /// The signature verified under the worker's pinned key and the input was the one issued.
+    pub verified: bool,
+    /// The worker that reported.
+    pub worker: String,
+    /// Fingerprint of the signing key the result was checked against.
+    pub signing_fingerprint: String,
+    /// Why it did not verify (or what was verified).
+    pub detail: String,
+    /// SHA-256 (hex) of the output the worker attested.
+    pub output_sha256: Option<String>,
 }
 
 /// How an attempt ended.
@@ -253,7 +273,8 @@ impl RunSnapshot {
             .map(|(i, s)| Stage {
                 key: s.key.clone(),
                 position: i as u32,
-                executor_kind: s.executor.kind().to_string(),
+                executor_kind: s.executor.claim_kind().to_string(),
+                requirements: crate::routing::stage_requirements(&project_id, &s.executor),
                 state: StageState::Queued,
                 ready_at: None,
                 attempt: 0,
@@ -402,6 +423,13 @@ impl RunSnapshot {
         }
         self.settle(now);
         Ok(())
+    }
+
+    /// Attaches what pond found checking a pool worker's signed result to the attempt.
+    pub fn record_attestation(&mut self, key: &str, attempt: u32, record: AttestationRecord) {
+        if let Some(a) = self.attempts.iter_mut().find(|a| a.stage_key == key && a.number == attempt) {
+            a.attestation = Some(record);
+        }
     }
 
     /// Marks attempts whose holder vanished: the stage was re-claimed (attempt number moved on)
@@ -587,6 +615,7 @@ impl RunSnapshot {
             finished_at: None,
             outcome: None,
             error: None,
+            attestation: None,
         });
         self.record_lost_attempts(now);
         self.settle(now);

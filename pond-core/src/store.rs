@@ -51,6 +51,9 @@ pub struct ClaimQuery {
     pub lease_until: Timestamp,
     /// At most this many stages.
     pub limit: u32,
+    /// For a pool worker's claim: what it offers. Only stages whose requirements it meets
+    /// (see [`crate::routing::admits`]) are taken.
+    pub offer: Option<crate::routing::WorkerOffer>,
 }
 
 /// A stage taken by a claim, with its run.
@@ -277,6 +280,16 @@ pub trait Store: Send + Sync + 'static {
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// Revokes a token; false when there is none.
     async fn revoke_token(&self, id: TokenId, now: Timestamp) -> Result<bool, StoreError>;
+
+    /// A small record (pool bookkeeping: enrollment codes, members, job inputs) by kind and key.
+    async fn get_record(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError>;
+    /// Every record of a kind, as (key, body).
+    async fn list_records(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError>;
+    /// Writes a record unconditionally.
+    async fn put_record(&self, kind: &str, key: &str, body: &str) -> Result<(), StoreError>;
+    /// Writes a record only if its body is `expected` now (`None`: only if absent), atomically.
+    /// Returns whether it wrote.
+    async fn swap_record(&self, kind: &str, key: &str, expected: Option<&str>, body: &str) -> Result<bool, StoreError>;
 }
 
 /// Reads a whole blob (for callers that need it in memory, such as bundle extraction).

@@ -231,6 +231,15 @@ impl Workspaces for LocalWorkspaces {
         }
         let _ = tokio::fs::remove_dir_all(self.root.join(run.to_string())).await;
     }
+
+    async fn pack(&self, run: &Run) -> Result<Vec<u8>, String> {
+        self.prepare(run).await?;
+        let dir = self.root.join(run.id.to_string());
+        tokio::task::spawn_blocking(move || pack_dir(&dir))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("packing the checkout: {e}"))
+    }
 }
 
 /// Every entry under `root` in path order, not following links, without the top-level `.git`.

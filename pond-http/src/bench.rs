@@ -181,6 +181,7 @@ pub async fn claim_latency(server_url: &str, queued: u64) -> Result<ClaimReport,
             now,
             lease_until: now.plus(Millis::from_secs(60)),
             limit: 1,
+            offer: None,
         };
         let t = Instant::now();
         let got = store.claim_stages(&query).await?;

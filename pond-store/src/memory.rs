@@ -27,6 +27,7 @@ struct Inner {
     blobs: HashMap<BlobId, (BlobMeta, Vec<u8>)>,
     artifacts: HashMap<RunId, BTreeMap<String, Artifact>>,
     tokens: BTreeMap<TokenId, TokenRecord>,
+    records: BTreeMap<(String, String), String>,
 }
 
 /// A store that keeps everything in memory.
@@ -121,7 +122,12 @@ impl Store for MemoryStore {
         for id in &inner.active {
             let snapshot = &inner.runs[id];
             for stage in &snapshot.stages {
-                if stage.claimable(query.now) && query.kinds.contains(&stage.executor_kind) {
+                let admitted = match (&query.offer, &stage.requirements) {
+                    (Some(offer), Some(required)) => pond_core::routing::admits(required, offer),
+                    (Some(_), None) => false,
+                    (None, _) => true,
+                };
+                if admitted && stage.claimable(query.now) && query.kinds.contains(&stage.executor_kind) {
                     let order = stage.ready_at.or(stage.lease_expires_at).unwrap_or_default();
                     picked.push((order, *id, stage.key.clone()));
                 }
@@ -277,5 +283,34 @@ impl Store for MemoryStore {
             }
             None => Ok(false),
         }
+    }
+
+    async fn get_record(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.lock()?.records.get(&(kind.to_string(), key.to_string())).cloned())
+    }
+
+    async fn list_records(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let inner = self.lock()?;
+        Ok(inner
+            .records
+            .iter()
+            .filter(|((k, _), _)| k == kind)
+            .map(|((_, key), body)| (key.clone(), body.clone()))
+            .collect())
+    }
+
+    async fn put_record(&self, kind: &str, key: &str, body: &str) -> Result<(), StoreError> {
+        self.lock()?.records.insert((kind.to_string(), key.to_string()), body.to_string());
+        Ok(())
+    }
+
+    async fn swap_record(&self, kind: &str, key: &str, expected: Option<&str>, body: &str) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        let slot = (kind.to_string(), key.to_string());
+        if inner.records.get(&slot).map(String::as_str) != expected {
+            return Ok(false);
+        }
+        inner.records.insert(slot, body.to_string());
+        Ok(true)
     }
 }

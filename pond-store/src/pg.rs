@@ -29,8 +29,8 @@ use sqlx::{ConnectOptions, PgConnection, PgPool, Row};
 use tokio::task::JoinHandle;
 
 use crate::rows::{
-    artifact_from_row, attempt_from_row, blob_from_row, corrupt, db_err, log_from_row, role_text, run_from_row,
-    stage_from_row, token_from_row, ts,
+    artifact_from_row, attempt_from_row, attestation_column, blob_from_row, corrupt, db_err, log_from_row,
+    requirement_columns, role_text, run_from_row, stage_from_row, token_from_row, ts,
 };
 use crate::{sha256_hex, WatchedStore};
 
@@ -206,13 +206,29 @@ impl PgStore {
         let mut stages: Vec<Stage> = Vec::new();
         let mut run_ids: Vec<String> = Vec::new();
         // Expired leases first (rare), then queued stages, each walked in index order.
+        // A pool worker's claim takes only stages whose required tags are all among the worker's
+        // ($6) and whose every capability glob matches one of its capabilities ($7), the glob
+        // turned into a LIKE pattern (patterns hold no `[`, see `valid_capability_pattern`).
+        let offer = if query.offer.is_some() {
+            r"AND pool_tags IS NOT NULL
+              AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements_text(pool_tags::jsonb) t(v) WHERE NOT (t.v = ANY($6)))
+              AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements_text(pool_caps::jsonb) p(v)
+                               WHERE NOT EXISTS (SELECT 1 FROM UNNEST($7::TEXT[]) c(v) WHERE c.v LIKE
+                                   replace(replace(replace(replace(replace(p.v, '', '\'), '%', '\%'), '_', '\_'), '*', '%'), '?', '_')))"
+        } else {
+            "AND $6::TEXT[] IS NULL AND $7::TEXT[] IS NULL"
+        };
+        let (offer_tags, offer_caps): (Option<Vec<String>>, Option<Vec<String>>) = match &query.offer {
+            Some(o) => (Some(o.tags.iter().cloned().collect()), Some(o.capabilities.clone())),
+            None => (None, None),
+        };
         let candidates = [
-            "SELECT run_id, key FROM stages
-              WHERE state = 'running' AND lease_expires_at <= $1 AND NOT cancel_requested AND executor_kind = ANY($2)
-              ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED",
-            "SELECT run_id, key FROM stages
-              WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1 AND executor_kind = ANY($2)
-              ORDER BY ready_at LIMIT $3 FOR UPDATE SKIP LOCKED",
+            format!("SELECT run_id, key FROM stages
+              WHERE state = 'running' AND lease_expires_at <= $1 AND NOT cancel_requested AND executor_kind = ANY($2) {offer}
+              ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED"),
+            format!("SELECT run_id, key FROM stages
+              WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1 AND executor_kind = ANY($2) {offer}
+              ORDER BY ready_at LIMIT $3 FOR UPDATE SKIP LOCKED"),
         ];
         for select in candidates {
             let want = query.limit as i64 - stages.len() as i64;
@@ -233,6 +249,8 @@ impl PgStore {
                 .bind(want)
                 .bind(&query.owner)
                 .bind(query.lease_until.as_millis())
+                .bind(&offer_tags)
+                .bind(&offer_caps)
                 .fetch_all(&mut *tx)
                 .await?;
             for row in &rows {
@@ -425,10 +443,12 @@ async fn write_run(conn: &mut PgConnection, run: &Run, insert: bool) -> Result<b
 }
 
 async fn write_stage(conn: &mut PgConnection, run: RunId, s: &Stage) -> Result<(), Fail> {
+    let (pool_tags, pool_caps) = requirement_columns(s);
     sqlx::query(
         "INSERT INTO stages (run_id, key, position, executor_kind, state, ready_at, attempt, failures, lost_leases,
-                             lease_owner, lease_expires_at, cancel_requested, started_at, finished_at, error, exit_code)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                             lease_owner, lease_expires_at, cancel_requested, started_at, finished_at, error, exit_code,
+                             pool_tags, pool_caps)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
          ON CONFLICT (run_id, key) DO UPDATE SET
             state = EXCLUDED.state, ready_at = EXCLUDED.ready_at, attempt = EXCLUDED.attempt,
             failures = EXCLUDED.failures, lost_leases = EXCLUDED.lost_leases, lease_owner = EXCLUDED.lease_owner,
@@ -452,6 +472,8 @@ async fn write_stage(conn: &mut PgConnection, run: RunId, s: &Stage) -> Result<(
     .bind(ts(s.finished_at))
     .bind(&s.error)
     .bind(s.exit_code.map(|c| c as i64))
+    .bind(pool_tags)
+    .bind(pool_caps)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -459,10 +481,11 @@ async fn write_stage(conn: &mut PgConnection, run: RunId, s: &Stage) -> Result<(
 
 async fn write_attempt(conn: &mut PgConnection, run: RunId, a: &Attempt) -> Result<(), Fail> {
     sqlx::query(
-        "INSERT INTO attempts (run_id, stage_key, number, owner, started_at, finished_at, outcome, error)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        "INSERT INTO attempts (run_id, stage_key, number, owner, started_at, finished_at, outcome, error, attestation)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
          ON CONFLICT (run_id, stage_key, number) DO UPDATE SET
-            finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = EXCLUDED.error",
+            finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = EXCLUDED.error,
+            attestation = EXCLUDED.attestation",
     )
     .bind(run.to_string())
     .bind(&a.stage_key)
@@ -472,6 +495,7 @@ async fn write_attempt(conn: &mut PgConnection, run: RunId, a: &Attempt) -> Resu
     .bind(ts(a.finished_at))
     .bind(a.outcome.map(AttemptOutcome::as_str))
     .bind(&a.error)
+    .bind(attestation_column(a))
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -621,11 +645,12 @@ impl Store for PgStore {
     }
 
     async fn expire_all_leases(&self, now: Timestamp) -> Result<u64, StoreError> {
-        let done = sqlx::query("UPDATE stages SET lease_expires_at = $1 WHERE state = 'running'")
-            .bind(now.as_millis())
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
+        let done =
+            sqlx::query("UPDATE stages SET lease_expires_at = $1 WHERE state = 'running' AND executor_kind <> 'pool'")
+                .bind(now.as_millis())
+                .execute(&self.pool)
+                .await
+                .map_err(db_err)?;
         Ok(done.rows_affected())
     }
 
@@ -816,5 +841,56 @@ impl Store for PgStore {
             .await
             .map_err(db_err)?;
         Ok(done.rows_affected() > 0)
+    }
+
+    async fn get_record(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT body FROM records WHERE kind = $1 AND key = $2")
+            .bind(kind)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+
+    async fn list_records(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError> {
+        sqlx::query_as("SELECT key, body FROM records WHERE kind = $1 ORDER BY key")
+            .bind(kind)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+
+    async fn put_record(&self, kind: &str, key: &str, body: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO records (kind, key, body) VALUES ($1, $2, $3)
+             ON CONFLICT (kind, key) DO UPDATE SET body = excluded.body",
+        )
+        .bind(kind)
+        .bind(key)
+        .bind(body)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn swap_record(&self, kind: &str, key: &str, expected: Option<&str>, body: &str) -> Result<bool, StoreError> {
+        let done = match expected {
+            None => sqlx::query(
+                "INSERT INTO records (kind, key, body) VALUES ($1, $2, $3) ON CONFLICT (kind, key) DO NOTHING",
+            )
+            .bind(kind)
+            .bind(key)
+            .bind(body),
+            Some(old) => sqlx::query("UPDATE records SET body = $3 WHERE kind = $1 AND key = $2 AND body = $4")
+                .bind(kind)
+                .bind(key)
+                .bind(body)
+                .bind(old),
+        }
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
     }
 }

@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use pond_core::definition::Definition;
 use pond_core::ids::{BlobId, RunId, TokenId};
+use pond_core::routing::Requirements;
 use pond_core::run::{Attempt, AttemptOutcome, Run, RunState, Stage, StageState};
 use pond_core::source::Source;
 use pond_core::store::{Artifact, BlobMeta, LogLine, LogStream, NewLogLine, Role, TokenRecord};
@@ -36,6 +37,22 @@ pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
 
 pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
+}
+
+/// A pooled stage's requirements as the two JSON columns `pool_tags` and `pool_caps`.
+pub(crate) fn requirement_columns(stage: &Stage) -> (Option<String>, Option<String>) {
+    match &stage.requirements {
+        Some(r) => (
+            Some(serde_json::to_string(&r.tags).unwrap_or_else(|_| "[]".into())),
+            Some(serde_json::to_string(&r.capabilities).unwrap_or_else(|_| "[]".into())),
+        ),
+        None => (None, None),
+    }
+}
+
+/// An attempt's attestation as its JSON column.
+pub(crate) fn attestation_column(attempt: &Attempt) -> Option<String> {
+    attempt.attestation.as_ref().and_then(|a| serde_json::to_string(a).ok())
 }
 
 pub(crate) fn ts(t: Option<Timestamp>) -> Option<i64> {
@@ -125,6 +142,13 @@ pub(crate) fn stage_from_row(row: &impl Columns) -> Result<Stage, StoreError> {
         finished_at: row.opt_time("finished_at")?,
         error: row.opt_text("error")?,
         exit_code: row.opt_int("exit_code")?.map(|c| c as i32),
+        requirements: match (row.opt_text("pool_tags")?, row.opt_text("pool_caps")?) {
+            (Some(tags), caps) => Some(Requirements {
+                tags: serde_json::from_str(&tags).map_err(corrupt)?,
+                capabilities: serde_json::from_str(caps.as_deref().unwrap_or("[]")).map_err(corrupt)?,
+            }),
+            (None, _) => None,
+        },
     })
 }
 
@@ -141,6 +165,10 @@ pub(crate) fn attempt_from_row(row: &impl Columns) -> Result<Attempt, StoreError
         finished_at: row.opt_time("finished_at")?,
         outcome,
         error: row.opt_text("error")?,
+        attestation: match row.opt_text("attestation")? {
+            Some(text) => Some(serde_json::from_str(&text).map_err(corrupt)?),
+            None => None,
+        },
     })
 }
 

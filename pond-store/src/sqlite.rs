@@ -22,8 +22,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use crate::rows::{
-    artifact_from_row, attempt_from_row, blob_from_row, corrupt, db_err, log_from_row, role_text, run_from_row,
-    stage_from_row, token_from_row, ts,
+    artifact_from_row, attempt_from_row, attestation_column, blob_from_row, corrupt, db_err, log_from_row,
+    requirement_columns, role_text, run_from_row, stage_from_row, token_from_row, ts,
 };
 use crate::sha256_hex;
 
@@ -228,10 +228,12 @@ async fn write_run(conn: &mut SqliteConnection, run: &Run, insert: bool) -> Resu
 }
 
 async fn write_stage(conn: &mut SqliteConnection, run: RunId, s: &Stage) -> Result<(), StoreError> {
+    let (pool_tags, pool_caps) = requirement_columns(s);
     sqlx::query(
         "INSERT INTO stages (run_id, key, position, executor_kind, state, ready_at, attempt, failures, lost_leases,
-                             lease_owner, lease_expires_at, cancel_requested, started_at, finished_at, error, exit_code)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                             lease_owner, lease_expires_at, cancel_requested, started_at, finished_at, error, exit_code,
+                             pool_tags, pool_caps)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (run_id, key) DO UPDATE SET
             state = excluded.state, ready_at = excluded.ready_at, attempt = excluded.attempt,
             failures = excluded.failures, lost_leases = excluded.lost_leases, lease_owner = excluded.lease_owner,
@@ -255,6 +257,8 @@ async fn write_stage(conn: &mut SqliteConnection, run: RunId, s: &Stage) -> Resu
     .bind(ts(s.finished_at))
     .bind(&s.error)
     .bind(s.exit_code.map(|c| c as i64))
+    .bind(pool_tags)
+    .bind(pool_caps)
     .execute(&mut *conn)
     .await
     .map_err(db_err)?;
@@ -263,10 +267,11 @@ async fn write_stage(conn: &mut SqliteConnection, run: RunId, s: &Stage) -> Resu
 
 async fn write_attempt(conn: &mut SqliteConnection, run: RunId, a: &Attempt) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO attempts (run_id, stage_key, number, owner, started_at, finished_at, outcome, error)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+        "INSERT INTO attempts (run_id, stage_key, number, owner, started_at, finished_at, outcome, error, attestation)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (run_id, stage_key, number) DO UPDATE SET
-            finished_at = excluded.finished_at, outcome = excluded.outcome, error = excluded.error",
+            finished_at = excluded.finished_at, outcome = excluded.outcome, error = excluded.error,
+            attestation = excluded.attestation",
     )
     .bind(run.to_string())
     .bind(&a.stage_key)
@@ -276,6 +281,7 @@ async fn write_attempt(conn: &mut SqliteConnection, run: RunId, a: &Attempt) -> 
     .bind(ts(a.finished_at))
     .bind(a.outcome.map(AttemptOutcome::as_str))
     .bind(&a.error)
+    .bind(attestation_column(a))
     .execute(&mut *conn)
     .await
     .map_err(db_err)?;
@@ -374,6 +380,23 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let kinds = placeholders(query.kinds.len());
+        // A pool worker's claim takes only stages whose required tags are all among the worker's
+        // and whose every capability pattern GLOB-matches one of its capabilities.
+        let offer = match &query.offer {
+            Some(_) => {
+                "AND pool_tags IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_tags) t WHERE t.value NOT IN (SELECT value FROM json_each(?)))
+                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_caps) p
+                                  WHERE NOT EXISTS (SELECT 1 FROM json_each(?) c WHERE c.value GLOB p.value))"
+            }
+            None => "",
+        };
+        let offer_json = query.offer.as_ref().map(|o| {
+            (
+                serde_json::to_string(&o.tags).unwrap_or_else(|_| "[]".into()),
+                serde_json::to_string(&o.capabilities).unwrap_or_else(|_| "[]".into()),
+            )
+        });
         // One statement claims the whole batch. Expressions in SET see each row as it was, so
         // `state = 'running'` tells the re-claim of an expired lease from a first claim.
         let claim = format!(
@@ -383,10 +406,10 @@ impl Store for SqliteStore {
               WHERE (run_id, key) IN (
                 SELECT run_id, key FROM (
                     SELECT run_id, key, ready_at AS due FROM stages
-                     WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ? AND executor_kind IN ({kinds})
+                     WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ? AND executor_kind IN ({kinds}) {offer}
                     UNION ALL
                     SELECT run_id, key, lease_expires_at AS due FROM stages
-                     WHERE state = 'running' AND lease_expires_at <= ? AND cancel_requested = 0 AND executor_kind IN ({kinds})
+                     WHERE state = 'running' AND lease_expires_at <= ? AND cancel_requested = 0 AND executor_kind IN ({kinds}) {offer}
                 ) ORDER BY due LIMIT ?)
               RETURNING *"
         );
@@ -396,9 +419,15 @@ impl Store for SqliteStore {
         for k in &query.kinds {
             q = q.bind(k);
         }
+        if let Some((tags, caps)) = &offer_json {
+            q = q.bind(tags).bind(caps);
+        }
         q = q.bind(now);
         for k in &query.kinds {
             q = q.bind(k);
+        }
+        if let Some((tags, caps)) = &offer_json {
+            q = q.bind(tags).bind(caps);
         }
         let rows = q.bind(query.limit as i64).fetch_all(&mut *tx).await.map_err(db_err)?;
         if rows.is_empty() {
@@ -509,11 +538,13 @@ impl Store for SqliteStore {
     }
 
     async fn expire_all_leases(&self, now: Timestamp) -> Result<u64, StoreError> {
-        let done = sqlx::query("UPDATE stages SET lease_expires_at = ? WHERE state = 'running'")
-            .bind(now.as_millis())
-            .execute(&self.writer)
-            .await
-            .map_err(db_err)?;
+        // Pool workers' leases are not this process's: their workers still renew them.
+        let done =
+            sqlx::query("UPDATE stages SET lease_expires_at = ? WHERE state = 'running' AND executor_kind <> 'pool'")
+                .bind(now.as_millis())
+                .execute(&self.writer)
+                .await
+                .map_err(db_err)?;
         Ok(done.rows_affected())
     }
 
@@ -699,5 +730,56 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?;
         Ok(done.rows_affected() > 0)
+    }
+
+    async fn get_record(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT body FROM records WHERE kind = ? AND key = ?")
+            .bind(kind)
+            .bind(key)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_err)
+    }
+
+    async fn list_records(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError> {
+        sqlx::query_as("SELECT key, body FROM records WHERE kind = ? ORDER BY key")
+            .bind(kind)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err)
+    }
+
+    async fn put_record(&self, kind: &str, key: &str, body: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO records (kind, key, body) VALUES (?, ?, ?)
+             ON CONFLICT (kind, key) DO UPDATE SET body = excluded.body",
+        )
+        .bind(kind)
+        .bind(key)
+        .bind(body)
+        .execute(&self.writer)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn swap_record(&self, kind: &str, key: &str, expected: Option<&str>, body: &str) -> Result<bool, StoreError> {
+        let done = match expected {
+            None => {
+                sqlx::query("INSERT INTO records (kind, key, body) VALUES (?, ?, ?) ON CONFLICT (kind, key) DO NOTHING")
+                    .bind(kind)
+                    .bind(key)
+                    .bind(body)
+            }
+            Some(old) => sqlx::query("UPDATE records SET body = ?3 WHERE kind = ?1 AND key = ?2 AND body = ?4")
+                .bind(kind)
+                .bind(key)
+                .bind(body)
+                .bind(old),
+        }
+        .execute(&self.writer)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
     }
 }

@@ -217,6 +217,18 @@ impl Store for WatchedStore {
     async fn revoke_token(&self, id: TokenId, now: Timestamp) -> Result<bool, StoreError> {
         self.inner.revoke_token(id, now).await
     }
+    async fn get_record(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError> {
+        self.inner.get_record(kind, key).await
+    }
+    async fn list_records(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError> {
+        self.inner.list_records(kind).await
+    }
+    async fn put_record(&self, kind: &str, key: &str, body: &str) -> Result<(), StoreError> {
+        self.inner.put_record(kind, key, body).await
+    }
+    async fn swap_record(&self, kind: &str, key: &str, expected: Option<&str>, body: &str) -> Result<bool, StoreError> {
+        self.inner.swap_record(kind, key, expected, body).await
+    }
 }
 
 #[cfg(test)]

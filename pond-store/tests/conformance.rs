@@ -42,6 +42,7 @@ fn claim_query(owner: &str, now: Timestamp, lease: i64, limit: u32) -> ClaimQuer
         now,
         lease_until: now.plus(Millis(lease as u64)),
         limit,
+        offer: None,
     }
 }
 
@@ -403,6 +404,115 @@ pub async fn concurrent_updates_of_one_run_are_never_lost(store: Arc<dyn Store>)
     assert_eq!(done.run.state, RunState::Succeeded, "the last completion saw all the others");
 }
 
+fn offer(tags: &[&str], caps: &[&str]) -> pond_core::routing::WorkerOffer {
+    pond_core::routing::WorkerOffer {
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        capabilities: caps.iter().map(|c| c.to_string()).collect(),
+    }
+}
+
+fn pool_query(owner: &str, now: Timestamp, offer: pond_core::routing::WorkerOffer) -> ClaimQuery {
+    ClaimQuery { kinds: vec!["pool".into()], offer: Some(offer), ..claim_query(owner, now, 60_000, 100) }
+}
+
+pub async fn pool_claims_match_pinned_tags_and_capability_globs(store: Arc<dyn Store>) {
+    // One run per tenant with a byo stage, a trusted stage needing a harness, and a local stage.
+    let mut runs = Vec::new();
+    for tenant in ["acme", "globex"] {
+        let run = new_run(
+            tenant,
+            json!({"stages":[
+                {"key":"byo","needs":[],"executor":{"kind":"noop","placement":"pool","sandbox":{"tier":"byo"}}},
+                {"key":"trusted","needs":[],"executor":{"kind":"shell","argv":["true"],"placement":"pool",
+                    "capabilities":["harness.*"],"sandbox":{"tier":"trusted"}}},
+                {"key":"local","needs":[],"executor":{"kind":"noop"}}
+            ]}),
+            None,
+            at(0),
+        );
+        store.insert_run(&run).await.unwrap();
+        runs.push(run.run.id);
+    }
+    let keys = |claims: &[pond_core::store::Claim]| {
+        let mut k: Vec<(String, String)> =
+            claims.iter().map(|c| (c.run.project_id.clone(), c.stage.key.clone())).collect();
+        k.sort();
+        k
+    };
+    // Tenant B's byo worker gets nothing of tenant A's, and never the trusted stages.
+    let globex = store
+        .claim_stages(&pool_query("w-globex", at(1), offer(&["pool:byo", "tenant:globex"], &["harness.codex"])))
+        .await
+        .unwrap();
+    assert_eq!(keys(&globex), vec![("globex".into(), "byo".into())]);
+    // A trusted worker without a matching capability gets nothing.
+    let bare =
+        store.claim_stages(&pool_query("w-bare", at(1), offer(&["pool:trusted"], &["sandbox.oci"]))).await.unwrap();
+    assert!(bare.is_empty(), "{:?}", keys(&bare));
+    // With `harness.codex` it matches `harness.*` for both tenants.
+    let trusted = store
+        .claim_stages(&pool_query("w-trusted", at(1), offer(&["pool:trusted", "extra"], &["harness.codex"])))
+        .await
+        .unwrap();
+    assert_eq!(keys(&trusted), vec![("acme".into(), "trusted".into()), ("globex".into(), "trusted".into())]);
+    assert!(trusted.iter().all(|c| c.stage.lease_owner.as_deref() == Some("w-trusted")));
+    // The server's own claim (local kinds) never takes a pooled stage, and the pool never a local one.
+    let local = store.claim_stages(&claim_query("node", at(1), 60_000, 100)).await.unwrap();
+    assert_eq!(keys(&local), vec![("acme".into(), "local".into()), ("globex".into(), "local".into())]);
+    let acme =
+        store.claim_stages(&pool_query("w-acme", at(1), offer(&["pool:byo", "tenant:acme"], &[]))).await.unwrap();
+    assert_eq!(keys(&acme), vec![("acme".into(), "byo".into())]);
+    // Requirements and attestations survive a round trip.
+    let mut record = None;
+    let snapshot = store
+        .update_run(runs[0], &mut |s| {
+            s.complete_attempt("byo", 1, &StageOutcome::Succeeded, at(2))?;
+            let r = pond_core::run::AttestationRecord {
+                verified: true,
+                worker: "w-acme".into(),
+                signing_fingerprint: "SHA256:x".into(),
+                detail: "ok".into(),
+                output_sha256: None,
+            };
+            record = Some(r.clone());
+            s.record_attestation("byo", 1, r);
+            Ok(Vec::new())
+        })
+        .await
+        .unwrap();
+    let stored = store.get_run(runs[0]).await.unwrap().unwrap();
+    assert_eq!(stored, snapshot);
+    assert_eq!(stored.attempts.iter().find(|a| a.stage_key == "byo").unwrap().attestation, record);
+    let byo = stored.stage("byo").unwrap().requirements.clone().unwrap();
+    assert!(byo.tags.contains("tenant:acme") && byo.tags.contains("pool:byo"));
+}
+
+pub async fn records_swap_atomically(store: Arc<dyn Store>) {
+    assert!(store.swap_record("k", "a", None, "1").await.unwrap());
+    assert!(!store.swap_record("k", "a", None, "2").await.unwrap(), "create only when absent");
+    assert!(!store.swap_record("k", "a", Some("0"), "2").await.unwrap(), "stale expectation");
+    assert!(store.swap_record("k", "a", Some("1"), "2").await.unwrap());
+    store.put_record("k", "b", "x").await.unwrap();
+    store.put_record("other", "a", "y").await.unwrap();
+    assert_eq!(store.get_record("k", "a").await.unwrap().as_deref(), Some("2"));
+    assert_eq!(store.get_record("k", "zz").await.unwrap(), None);
+    assert_eq!(store.list_records("k").await.unwrap(), vec![("a".into(), "2".into()), ("b".into(), "x".into())]);
+    // Of 8 concurrent redeemers of one code, exactly one wins.
+    store.put_record("code", "c", "unused").await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.swap_record("code", "c", Some("unused"), &format!("used by {i}")).await.unwrap()
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        wins += t.await.unwrap() as usize;
+    }
+    assert_eq!(wins, 1);
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -424,6 +534,8 @@ macro_rules! conformance {
                 blobs_and_artifacts_are_chunked_and_replaced_by_name,
                 tokens_are_found_by_hash_and_revoked,
                 concurrent_updates_of_one_run_are_never_lost,
+                pool_claims_match_pinned_tags_and_capability_globs,
+                records_swap_atomically,
             );
         }
     };

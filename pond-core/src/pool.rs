@@ -1,0 +1,567 @@
+//! Worker pools as pond records them: one-time enrollment codes, the orchestrators and workers
+//! that redeemed them (with the tags the operator pinned and the keys pinned at that moment),
+//! and job ids. Everything is kept through [`Store`] records, so any API node can serve any
+//! orchestrator.
+//!
+//! Trust rules enforced here: a code is used at most once and only before it expires; a worker
+//! code with an expected fingerprint admits only the keys that produce it; a worker's tags are
+//! the code's tags (it may ask for fewer, never for others); an orchestrator only speaks for
+//! workers of its own pool.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::definition::{valid_capability, valid_tag};
+use crate::error::StoreError;
+use crate::ids::RunId;
+use crate::keys::check_x25519_public;
+use crate::routing::WorkerOffer;
+use crate::store::Store;
+use crate::time::{Clock, Millis, Timestamp};
+
+const CODE: &str = "enroll_code";
+const MEMBER: &str = "pool_member";
+const TOKEN: &str = "pool_token";
+const SEEN: &str = "pool_seen";
+
+/// Longest an enrollment code may live.
+pub const MAX_CODE_TTL: Millis = Millis::from_secs(30 * 24 * 3600);
+
+/// What redeems a code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberKind {
+    /// The one process per pool that polls pond for its workers.
+    Orchestrator,
+    /// A process that runs jobs, enrolled through its orchestrator.
+    Worker,
+}
+
+impl MemberKind {
+    /// The name as shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberKind::Orchestrator => "orchestrator",
+            MemberKind::Worker => "worker",
+        }
+    }
+}
+
+/// A one-time enrollment code, as stored (the code itself only as its SHA-256).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollCode {
+    /// The pool it enrolls into.
+    pub pool: String,
+    /// Who may redeem it.
+    pub role: MemberKind,
+    /// Tags pinned on the worker that redeems it.
+    pub tags: Vec<String>,
+    /// The worker fingerprint (see [`worker_fingerprint`]) its keys must produce, if set.
+    pub fingerprint: Option<String>,
+    /// When it was made.
+    pub created_at: Timestamp,
+    /// When it stops working.
+    pub expires_at: Timestamp,
+    /// When it was redeemed.
+    pub used_at: Option<Timestamp>,
+    /// Who redeemed it.
+    pub used_by: Option<String>,
+}
+
+/// An enrolled orchestrator or worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolMember {
+    /// `orch-…` or `wrk-…`.
+    pub id: String,
+    /// Orchestrator or worker.
+    pub kind: MemberKind,
+    /// Its pool.
+    pub pool: String,
+    /// A label (host name, by default).
+    pub name: String,
+    /// For a worker: the orchestrator it enrolled through.
+    pub orchestrator: Option<String>,
+    /// Tags, pinned at enrollment.
+    pub tags: Vec<String>,
+    /// Capabilities, pinned at enrollment.
+    pub capabilities: Vec<String>,
+    /// For a worker: its X25519 public key (base64), what secrets are sealed to.
+    pub sealing_key: Option<String>,
+    /// For a worker: its Ed25519 public key (base64), what its results are verified with.
+    pub signing_key: Option<String>,
+    /// For a worker: [`worker_fingerprint`] of its two keys.
+    pub fingerprint: Option<String>,
+    /// When it enrolled.
+    pub enrolled_at: Timestamp,
+    /// Takes no new jobs.
+    pub draining: bool,
+}
+
+impl PoolMember {
+    /// What it offers to placement.
+    pub fn offer(&self) -> WorkerOffer {
+        WorkerOffer { tags: self.tags.iter().cloned().collect(), capabilities: self.capabilities.clone() }
+    }
+
+    /// The pinned Ed25519 key.
+    pub fn signing_key_bytes(&self) -> Option<[u8; 32]> {
+        decode_key(self.signing_key.as_deref()?).ok()
+    }
+}
+
+/// A worker's two public keys, as relayed by its orchestrator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerKeys {
+    /// X25519 (sealing).
+    pub sealing: [u8; 32],
+    /// Ed25519 (signing).
+    pub signing: [u8; 32],
+}
+
+/// The fingerprint that pins both of a worker's keys at once: `SHA256:` and unpadded base64 of
+/// SHA-256(`pond.worker.v1\0` ‖ X25519 key ‖ Ed25519 key). `pond fingerprint` prints it; an
+/// operator puts it on a worker's enrollment code.
+pub fn worker_fingerprint(keys: &WorkerKeys) -> String {
+    let mut hash = Sha256::new();
+    hash.update(b"pond.worker.v1\0");
+    hash.update(keys.sealing);
+    hash.update(keys.signing);
+    format!("SHA256:{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(hash.finalize()))
+}
+
+/// Decodes a base64 32-byte public key.
+pub fn decode_key(text: &str) -> Result<[u8; 32], String> {
+    let bytes =
+        base64::engine::general_purpose::STANDARD.decode(text.trim()).map_err(|_| "is not valid base64".to_string())?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| format!("is {} bytes long; a public key is 32", bytes.len()))
+}
+
+/// SHA-256 of a secret, hex: how codes and tokens are looked up without storing them.
+pub fn secret_digest(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Why an enrollment or a pool call was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// No such code (or a mistyped one).
+    #[error("unknown enrollment code")]
+    CodeUnknown,
+    /// The code was redeemed before.
+    #[error("enrollment code already used (codes are one-time; ask the operator for a new one)")]
+    CodeUsed,
+    /// The code expired.
+    #[error("enrollment code expired at {0}")]
+    CodeExpired(Timestamp),
+    /// A worker code given to an orchestrator, or the reverse.
+    #[error("this code enrolls a {expected}, not a {got}")]
+    WrongRole {
+        /// What the code is for.
+        expected: &'static str,
+        /// Who tried it.
+        got: &'static str,
+    },
+    /// The code is for another pool than the orchestrator relaying it.
+    #[error("this code enrolls into pool `{code}`, but the orchestrator serves pool `{orchestrator}`")]
+    WrongPool {
+        /// The code's pool.
+        code: String,
+        /// The orchestrator's pool.
+        orchestrator: String,
+    },
+    /// The worker's keys do not produce the fingerprint on the code.
+    #[error("worker key fingerprint {got} does not match the fingerprint {expected} pinned on the enrollment code")]
+    FingerprintMismatch {
+        /// On the code.
+        expected: String,
+        /// Of the presented keys.
+        got: String,
+    },
+    /// The worker asked for a tag the code does not grant.
+    #[error("tag `{0}` is not granted by the enrollment code (tags are pinned by the operator)")]
+    TagNotGranted(String),
+    /// A malformed field.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// No orchestrator or worker by that name or id.
+    #[error("no pool member `{0}`")]
+    NoMember(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> PoolError {
+    PoolError::Invalid { field: field.to_string(), reason: reason.into() }
+}
+
+/// A job: one attempt of one pooled stage, named `<run>.<stage>.<attempt>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct JobId {
+    /// The run.
+    pub run: RunId,
+    /// The stage key.
+    pub stage: String,
+    /// The attempt number.
+    pub attempt: u32,
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.run, self.stage, self.attempt)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a job id (<run>.<stage>.<attempt>)");
+        let (rest, attempt) = s.rsplit_once('.').ok_or_else(bad)?;
+        let (run, stage) = rest.split_once('.').ok_or_else(bad)?;
+        Ok(JobId {
+            run: run.parse().map_err(|_| bad())?,
+            stage: stage.to_string(),
+            attempt: attempt.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// Pool membership over a [`Store`].
+pub struct Pools {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String, PoolError> {
+    serde_json::to_string(value).map_err(|e| PoolError::Store(StoreError::Corrupt(e.to_string())))
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, PoolError> {
+    serde_json::from_str(text).map_err(|e| PoolError::Store(StoreError::Corrupt(e.to_string())))
+}
+
+fn check_tags(field: &str, tags: &[String]) -> Result<(), PoolError> {
+    for tag in tags {
+        if !valid_tag(tag) {
+            return Err(invalid(field, format!("`{tag}` is not a valid tag (letters, digits, `._-/:`)")));
+        }
+    }
+    Ok(())
+}
+
+impl Pools {
+    /// Pools over `store`.
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
+        Pools { store, clock }
+    }
+
+    /// Records a new code whose secret is `secret` (the caller makes it random).
+    pub async fn create_code(
+        &self,
+        secret: &str,
+        pool: &str,
+        role: MemberKind,
+        tags: Vec<String>,
+        fingerprint: Option<String>,
+        ttl: Millis,
+    ) -> Result<EnrollCode, PoolError> {
+        if !valid_tag(pool) || pool.contains(':') {
+            return Err(invalid("pool", format!("`{pool}` is not a valid pool name (letters, digits, `._-`)")));
+        }
+        check_tags("tags", &tags)?;
+        if role == MemberKind::Orchestrator && (!tags.is_empty() || fingerprint.is_some()) {
+            return Err(invalid("role", "tags and fingerprints belong on worker codes"));
+        }
+        if let Some(fp) = &fingerprint {
+            if !fp.starts_with("SHA256:") || fp.len() != 50 {
+                return Err(invalid(
+                    "fingerprint",
+                    "expected `SHA256:` and 43 base64 characters (from `pond fingerprint`)",
+                ));
+            }
+        }
+        if ttl.0 == 0 || ttl > MAX_CODE_TTL {
+            return Err(invalid("ttl", format!("must be more than 0 and at most {MAX_CODE_TTL}")));
+        }
+        let now = self.clock.now();
+        let code = EnrollCode {
+            pool: pool.to_string(),
+            role,
+            tags,
+            fingerprint,
+            created_at: now,
+            expires_at: now.plus(ttl),
+            used_at: None,
+            used_by: None,
+        };
+        self.store.swap_record(CODE, &secret_digest(secret), None, &to_json(&code)?).await?;
+        Ok(code)
+    }
+
+    /// Marks the code used by `member`, atomically: of two redeemers one wins. The checks that
+    /// may refuse without using the code run before, in `check`.
+    async fn redeem(
+        &self,
+        secret: &str,
+        role: MemberKind,
+        check: impl FnOnce(&EnrollCode) -> Result<(), PoolError>,
+        member: &PoolMember,
+    ) -> Result<EnrollCode, PoolError> {
+        let key = secret_digest(secret);
+        let stored = self.store.get_record(CODE, &key).await?.ok_or(PoolError::CodeUnknown)?;
+        let code: EnrollCode = from_json(&stored)?;
+        let now = self.clock.now();
+        if code.used_at.is_some() {
+            return Err(PoolError::CodeUsed);
+        }
+        if code.expires_at <= now {
+            return Err(PoolError::CodeExpired(code.expires_at));
+        }
+        if code.role != role {
+            return Err(PoolError::WrongRole { expected: code.role.as_str(), got: role.as_str() });
+        }
+        check(&code)?;
+        let used = EnrollCode { used_at: Some(now), used_by: Some(member.id.clone()), ..code.clone() };
+        if !self.store.swap_record(CODE, &key, Some(&stored), &to_json(&used)?).await? {
+            return Err(PoolError::CodeUsed);
+        }
+        Ok(code)
+    }
+
+    async fn save_member(&self, member: &PoolMember, token: &str) -> Result<(), PoolError> {
+        self.store.put_record(MEMBER, &member.id, &to_json(member)?).await?;
+        self.store.put_record(TOKEN, &secret_digest(token), &member.id).await?;
+        Ok(())
+    }
+
+    /// An orchestrator redeems `code`; `token` becomes its credential.
+    pub async fn enroll_orchestrator(
+        &self,
+        code: &str,
+        id: String,
+        name: &str,
+        token: &str,
+    ) -> Result<PoolMember, PoolError> {
+        let mut member = PoolMember {
+            id,
+            kind: MemberKind::Orchestrator,
+            pool: String::new(),
+            name: label(name),
+            orchestrator: None,
+            tags: Vec::new(),
+            capabilities: Vec::new(),
+            sealing_key: None,
+            signing_key: None,
+            fingerprint: None,
+            enrolled_at: self.clock.now(),
+            draining: false,
+        };
+        let code = self.redeem(code, MemberKind::Orchestrator, |_| Ok(()), &member).await?;
+        member.pool = code.pool;
+        self.save_member(&member, token).await?;
+        Ok(member)
+    }
+
+    /// A worker redeems `code` through `orchestrator`. Its keys are checked (lengths, a
+    /// low-order X25519 key is refused) and, when the code carries a fingerprint, must produce
+    /// it; both keys are pinned. Its tags are the code's, or the subset it asks for.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn enroll_worker(
+        &self,
+        orchestrator: &PoolMember,
+        code: &str,
+        id: String,
+        name: &str,
+        keys: WorkerKeys,
+        tags: Option<Vec<String>>,
+        capabilities: Vec<String>,
+        token: &str,
+    ) -> Result<PoolMember, PoolError> {
+        check_x25519_public(&keys.sealing).map_err(|e| invalid("sealing_key", e.to_string()))?;
+        ed25519_dalek::VerifyingKey::from_bytes(&keys.signing)
+            .map_err(|_| invalid("signing_key", "not a valid Ed25519 public key"))?;
+        if let Some(tags) = &tags {
+            check_tags("tags", tags)?;
+        }
+        for cap in &capabilities {
+            if !valid_capability(cap) {
+                return Err(invalid(
+                    "capabilities",
+                    format!("`{cap}` is not a valid capability (letters, digits, `._-`)"),
+                ));
+            }
+        }
+        let fingerprint = worker_fingerprint(&keys);
+        let b64 = |k: &[u8; 32]| base64::engine::general_purpose::STANDARD.encode(k);
+        let mut member = PoolMember {
+            id,
+            kind: MemberKind::Worker,
+            pool: orchestrator.pool.clone(),
+            name: label(name),
+            orchestrator: Some(orchestrator.id.clone()),
+            tags: Vec::new(),
+            capabilities,
+            sealing_key: Some(b64(&keys.sealing)),
+            signing_key: Some(b64(&keys.signing)),
+            fingerprint: Some(fingerprint.clone()),
+            enrolled_at: self.clock.now(),
+            draining: false,
+        };
+        let requested = tags.clone();
+        let check = |code: &EnrollCode| {
+            if code.pool != orchestrator.pool {
+                return Err(PoolError::WrongPool { code: code.pool.clone(), orchestrator: orchestrator.pool.clone() });
+            }
+            if let Some(expected) = &code.fingerprint {
+                if expected != &fingerprint {
+                    return Err(PoolError::FingerprintMismatch {
+                        expected: expected.clone(),
+                        got: fingerprint.clone(),
+                    });
+                }
+            }
+            for tag in requested.iter().flatten() {
+                if !code.tags.contains(tag) {
+                    return Err(PoolError::TagNotGranted(tag.clone()));
+                }
+            }
+            Ok(())
+        };
+        let code = self.redeem(code, MemberKind::Worker, check, &member).await?;
+        let mut pinned = tags.unwrap_or(code.tags);
+        pinned.sort();
+        pinned.dedup();
+        member.tags = pinned;
+        member.capabilities.sort();
+        member.capabilities.dedup();
+        self.save_member(&member, token).await?;
+        Ok(member)
+    }
+
+    /// The member whose credential is `token`.
+    pub async fn authenticate(&self, token: &str) -> Result<Option<PoolMember>, PoolError> {
+        let Some(id) = self.store.get_record(TOKEN, &secret_digest(token)).await? else {
+            return Ok(None);
+        };
+        self.member(&id).await
+    }
+
+    /// A member by id.
+    pub async fn member(&self, id: &str) -> Result<Option<PoolMember>, PoolError> {
+        match self.store.get_record(MEMBER, id).await? {
+            Some(text) => Ok(Some(from_json(&text)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every member, orchestrators first, then by pool and name.
+    pub async fn members(&self) -> Result<Vec<PoolMember>, PoolError> {
+        let mut all: Vec<PoolMember> = Vec::new();
+        for (_, text) in self.store.list_records(MEMBER).await? {
+            all.push(from_json(&text)?);
+        }
+        all.sort_by(|a, b| {
+            (a.kind != MemberKind::Orchestrator, &a.pool, &a.name, &a.id).cmp(&(
+                b.kind != MemberKind::Orchestrator,
+                &b.pool,
+                &b.name,
+                &b.id,
+            ))
+        });
+        Ok(all)
+    }
+
+    /// Finds a member by id or by name (a name must be unambiguous).
+    pub async fn find(&self, id_or_name: &str) -> Result<PoolMember, PoolError> {
+        if let Some(m) = self.member(id_or_name).await? {
+            return Ok(m);
+        }
+        let mut named: Vec<PoolMember> = self.members().await?.into_iter().filter(|m| m.name == id_or_name).collect();
+        match named.len() {
+            1 => Ok(named.remove(0)),
+            0 => Err(PoolError::NoMember(id_or_name.to_string())),
+            n => Err(invalid("worker", format!("{n} members are named `{id_or_name}`; use the id"))),
+        }
+    }
+
+    /// Sets or clears `draining` (a draining worker finishes its job and takes no more).
+    pub async fn set_draining(&self, id_or_name: &str, draining: bool) -> Result<PoolMember, PoolError> {
+        loop {
+            let member = self.find(id_or_name).await?;
+            let before = self
+                .store
+                .get_record(MEMBER, &member.id)
+                .await?
+                .ok_or_else(|| PoolError::NoMember(member.id.clone()))?;
+            let mut changed: PoolMember = from_json(&before)?;
+            changed.draining = draining;
+            if self.store.swap_record(MEMBER, &member.id, Some(&before), &to_json(&changed)?).await? {
+                return Ok(changed);
+            }
+        }
+    }
+
+    /// Notes that members were heard from now.
+    pub async fn touch(&self, ids: &[&str]) -> Result<(), PoolError> {
+        let now = self.clock.now().as_millis().to_string();
+        for id in ids {
+            self.store.put_record(SEEN, id, &now).await?;
+        }
+        Ok(())
+    }
+
+    /// When each member was last heard from.
+    pub async fn last_seen(&self) -> Result<HashMap<String, Timestamp>, PoolError> {
+        let mut seen = HashMap::new();
+        for (id, at) in self.store.list_records(SEEN).await? {
+            if let Ok(ms) = at.parse::<i64>() {
+                seen.insert(id, Timestamp::from_millis(ms));
+            }
+        }
+        Ok(seen)
+    }
+}
+
+fn label(name: &str) -> String {
+    let name: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
+    if name.is_empty() {
+        "unnamed".into()
+    } else {
+        name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_round_trip() {
+        let run = RunId::generate(Timestamp::from_millis(1));
+        let id = JobId { run, stage: "lint-2".into(), attempt: 3 };
+        assert_eq!(id.to_string().parse::<JobId>(), Ok(id));
+        assert!("nope".parse::<JobId>().is_err());
+        assert!(format!("{run}.a.x").parse::<JobId>().is_err());
+    }
+
+    #[test]
+    fn the_worker_fingerprint_binds_both_keys() {
+        let keys = WorkerKeys { sealing: [1; 32], signing: [2; 32] };
+        let fp = worker_fingerprint(&keys);
+        assert_eq!(fp.len(), 50);
+        assert_ne!(fp, worker_fingerprint(&WorkerKeys { sealing: [3; 32], ..keys }));
+        assert_ne!(fp, worker_fingerprint(&WorkerKeys { signing: [3; 32], ..keys }));
+    }
+}

@@ -1,0 +1,232 @@
+//! Pools from the attacker's side, on the memory store with a fake clock: enrollment codes are
+//! one-time, expiring and bound to the fingerprint the operator pinned; tags are the operator's,
+//! not the worker's; results are verified against the worker's pinned key and the input pond
+//! issued, and a bad one is kept but flagged; a late result after a lost lease changes nothing.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pond_core::attest::Attestation;
+use pond_core::engine::{Engine, EngineConfig, JobReport, SubmitRequest};
+use pond_core::exec::{Workspace, Workspaces};
+use pond_core::ids::RunId;
+use pond_core::pool::{worker_fingerprint, JobId, MemberKind, PoolError, PoolMember, Pools, WorkerKeys};
+use pond_core::run::{Run, StageOutcome, StageState};
+use pond_core::store::{Claim, Store};
+use pond_core::time::{FakeClock, Millis, Timestamp};
+use pond_core::CoreError;
+use pond_store::MemoryStore;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+struct Packing;
+
+#[async_trait]
+impl Workspaces for Packing {
+    async fn prepare(&self, _run: &Run) -> Result<Workspace, String> {
+        Ok(Workspace { cwd: "/nonexistent".into(), sources: vec![], resolved: vec![] })
+    }
+    async fn release(&self, _run: RunId) {}
+    async fn pack(&self, run: &Run) -> Result<Vec<u8>, String> {
+        Ok(format!("bundle of {}", run.id).into_bytes())
+    }
+}
+
+struct World {
+    store: Arc<dyn Store>,
+    clock: Arc<FakeClock>,
+    pools: Pools,
+    engine: Engine,
+}
+
+fn world() -> World {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let clock = Arc::new(FakeClock::new(Timestamp::from_millis(1_800_000_000_000)));
+    let config = EngineConfig { node_id: "n1".into(), lease: Millis::from_secs(30), ..Default::default() };
+    let engine = Engine::new(store.clone(), clock.clone(), Arc::new(Packing), config);
+    World { pools: Pools::new(store.clone(), clock.clone()), store, clock, engine }
+}
+
+/// A worker's keys from fixed seeds (X25519 secret, Ed25519 seed).
+fn keys(n: u8) -> (WorkerKeys, [u8; 32]) {
+    let identity = pond_core::keys::WorkerIdentity::from_secrets([n; 32], [n + 100; 32]);
+    (WorkerKeys { sealing: identity.sealing_public(), signing: identity.signing_public() }, identity.signing_seed())
+}
+
+const HOUR: Millis = Millis::from_secs(3600);
+
+async fn orchestrator(w: &World, pool: &str) -> PoolMember {
+    w.pools.create_code("orch-code", pool, MemberKind::Orchestrator, vec![], None, HOUR).await.unwrap();
+    w.pools.enroll_orchestrator("orch-code", "orch-1".into(), "orch", "orch-token").await.unwrap()
+}
+
+async fn worker(w: &World, orch: &PoolMember, n: u8, tags: &[&str]) -> (PoolMember, [u8; 32]) {
+    let code = format!("code-{n}");
+    let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
+    w.pools.create_code(&code, &orch.pool, MemberKind::Worker, tags, None, HOUR).await.unwrap();
+    let (k, seed) = keys(n);
+    let m = w
+        .pools
+        .enroll_worker(orch, &code, format!("wrk-{n}"), "w", k, None, vec![], &format!("token-{n}"))
+        .await
+        .unwrap();
+    (m, seed)
+}
+
+#[tokio::test]
+async fn codes_are_one_time_expiring_and_bound_to_the_pinned_fingerprint() {
+    let w = world();
+    let orch = orchestrator(&w, "byo-acme").await;
+    assert_eq!(orch.pool, "byo-acme");
+    // Replaying the orchestrator's code fails.
+    let replay = w.pools.enroll_orchestrator("orch-code", "orch-2".into(), "evil", "t2").await;
+    assert!(matches!(replay, Err(PoolError::CodeUsed)), "{replay:?}");
+
+    let (good, _) = keys(1);
+    let (other, _) = keys(2);
+    let fp = worker_fingerprint(&good);
+    let tags = vec!["pool:byo".to_string(), "tenant:acme".to_string()];
+    w.pools.create_code("w1", "byo-acme", MemberKind::Worker, tags.clone(), Some(fp.clone()), HOUR).await.unwrap();
+    // The wrong keys are refused, and do not use up the code.
+    let wrong = w.pools.enroll_worker(&orch, "w1", "wrk-x".into(), "x", other, None, vec![], "tx").await;
+    assert!(matches!(wrong, Err(PoolError::FingerprintMismatch { .. })), "{wrong:?}");
+    // Asking for a tag the code does not grant is refused.
+    let greedy = Some(vec!["tenant:globex".to_string()]);
+    let wider = w.pools.enroll_worker(&orch, "w1", "wrk-x".into(), "x", good, greedy, vec![], "tx").await;
+    assert!(matches!(wider, Err(PoolError::TagNotGranted(ref t)) if t == "tenant:globex"), "{wider:?}");
+    // The right keys enroll; both are pinned; the tags are the code's.
+    let caps = vec!["harness.codex".to_string()];
+    let m = w.pools.enroll_worker(&orch, "w1", "wrk-1".into(), "box", good, None, caps, "t1").await.unwrap();
+    assert_eq!(m.fingerprint.as_deref(), Some(fp.as_str()));
+    assert_eq!(m.tags, tags);
+    assert_eq!(m.signing_key_bytes(), Some(good.signing));
+    assert_eq!(w.pools.authenticate("t1").await.unwrap().map(|m| m.id), Some("wrk-1".into()));
+    assert_eq!(w.pools.authenticate("forged").await.unwrap(), None);
+    // A used worker code is spent.
+    let again = w.pools.enroll_worker(&orch, "w1", "wrk-y".into(), "y", good, None, vec![], "ty").await;
+    assert!(matches!(again, Err(PoolError::CodeUsed)), "{again:?}");
+
+    // Expiry, role and pool are enforced.
+    w.pools.create_code("late", "byo-acme", MemberKind::Worker, vec![], None, Millis::from_secs(60)).await.unwrap();
+    w.clock.advance(Millis::from_secs(61));
+    let late = w.pools.enroll_worker(&orch, "late", "wrk-z".into(), "z", good, None, vec![], "tz").await;
+    assert!(matches!(late, Err(PoolError::CodeExpired(_))), "{late:?}");
+    w.pools.create_code("for-worker", "byo-acme", MemberKind::Worker, vec![], None, HOUR).await.unwrap();
+    let role = w.pools.enroll_orchestrator("for-worker", "orch-3".into(), "o", "to").await;
+    assert!(matches!(role, Err(PoolError::WrongRole { .. })), "{role:?}");
+    w.pools.create_code("globex", "byo-globex", MemberKind::Worker, vec![], None, HOUR).await.unwrap();
+    let pool = w.pools.enroll_worker(&orch, "globex", "wrk-g".into(), "g", good, None, vec![], "tg").await;
+    assert!(matches!(pool, Err(PoolError::WrongPool { .. })), "{pool:?}");
+    // A low-order X25519 key is refused.
+    let low = WorkerKeys { sealing: [0; 32], ..good };
+    w.pools.create_code("low", "byo-acme", MemberKind::Worker, vec![], None, HOUR).await.unwrap();
+    let refused = w.pools.enroll_worker(&orch, "low", "wrk-l".into(), "l", low, None, vec![], "tl").await;
+    assert!(matches!(refused, Err(PoolError::Invalid { ref field, .. }) if field == "sealing_key"), "{refused:?}");
+}
+
+async fn submit_pooled(w: &World, project: &str, tier: &str) -> RunId {
+    let definition = json!({"stages":[{"key":"job","executor":{"kind":"shell","argv":["true"],"placement":"pool","sandbox":{"tier":tier}}}]});
+    let request = SubmitRequest {
+        project_id: project.into(),
+        definition: serde_json::from_value(definition).unwrap(),
+        sources: vec![],
+        idempotency_key: None,
+    };
+    w.engine.submit(request).await.unwrap().snapshot.run.id
+}
+
+fn sign(claim: &Claim, input_sha: [u8; 32], outcome: StageOutcome, seed: &[u8; 32]) -> (JobId, JobReport) {
+    let job = JobId { run: claim.run.id, stage: claim.stage.key.clone(), attempt: claim.stage.attempt };
+    let output = [7u8; 32];
+    let rc = JobReport::rc(&outcome);
+    let a = Attestation { job_id: job.to_string(), input_sha256: input_sha, output_sha256: output, rc };
+    let signature = a.sign(seed).unwrap();
+    (job, JobReport { outcome, input_sha256: input_sha, output_sha256: output, signature })
+}
+
+#[tokio::test]
+async fn tenants_only_see_their_jobs_and_results_are_verified_or_flagged() {
+    let w = world();
+    let orch = orchestrator(&w, "byo").await;
+    let (acme, acme_seed) = worker(&w, &orch, 1, &["pool:byo", "tenant:acme"]).await;
+    let (globex, globex_seed) = worker(&w, &orch, 2, &["pool:byo", "tenant:globex"]).await;
+    let run = submit_pooled(&w, "acme", "byo").await;
+    let trusted_run = submit_pooled(&w, "acme", "trusted").await;
+
+    // Tenant B's worker polling for tenant A's job gets nothing; neither gets the trusted job.
+    assert!(w.engine.claim_for_worker(&globex, 10).await.unwrap().is_empty());
+    let claims = w.engine.claim_for_worker(&acme, 10).await.unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].run.id, run);
+    // The server's own driver never takes a pooled stage.
+    assert!(w.engine.claim(10).await.unwrap().is_empty());
+
+    let input = w.engine.job_input(&claims[0]).await.unwrap();
+    let issued: [u8; 32] = Sha256::digest(format!("bundle of {run}")).into();
+    assert_eq!(input.sha256, hex::encode(issued));
+    // Another tenant's worker cannot report for this job.
+    let (job, good) = sign(&claims[0], issued, StageOutcome::Succeeded, &acme_seed);
+    let stolen = w.engine.complete_job(&job, &globex, &good).await;
+    assert!(matches!(stolen, Err(CoreError::StaleAttempt { .. })), "{stolen:?}");
+    // A result signed with another key is applied but flagged.
+    let (_, forged) = sign(&claims[0], issued, StageOutcome::Succeeded, &globex_seed);
+    let done = w.engine.complete_job(&job, &acme, &forged).await.unwrap();
+    let attempt = done.attempts.iter().find(|a| a.stage_key == "job").unwrap();
+    let record = attempt.attestation.clone().unwrap();
+    assert!(!record.verified, "{record:?}");
+    assert!(record.detail.contains("does not verify"), "{record:?}");
+    assert_eq!(done.stage("job").unwrap().state, StageState::Succeeded);
+    // Replaying the good result now is refused: the attempt no longer holds the stage.
+    let replay = w.engine.complete_job(&job, &acme, &good).await;
+    assert!(matches!(replay, Err(CoreError::StaleAttempt { .. })), "{replay:?}");
+
+    // A correctly signed result about a different input is flagged too.
+    let run2 = submit_pooled(&w, "acme", "byo").await;
+    let claims = w.engine.claim_for_worker(&acme, 10).await.unwrap();
+    assert_eq!(claims[0].run.id, run2);
+    w.engine.job_input(&claims[0]).await.unwrap();
+    let (job2, other_input) = sign(&claims[0], [9; 32], StageOutcome::Succeeded, &acme_seed);
+    let done = w.engine.complete_job(&job2, &acme, &other_input).await.unwrap();
+    let record = done.attempts[0].attestation.clone().unwrap();
+    assert!(!record.verified && record.detail.contains("not the bundle pond issued"), "{record:?}");
+
+    // A good one verifies.
+    let run3 = submit_pooled(&w, "acme", "byo").await;
+    let claims = w.engine.claim_for_worker(&acme, 10).await.unwrap();
+    let input = w.engine.job_input(&claims[0]).await.unwrap();
+    let sha: [u8; 32] = hex::decode(&input.sha256).unwrap().try_into().unwrap();
+    let (job3, report) =
+        sign(&claims[0], sha, StageOutcome::Failed { error: "rc 3".into(), exit_code: Some(3) }, &acme_seed);
+    let done = w.engine.complete_job(&job3, &acme, &report).await.unwrap();
+    assert_eq!(done.run.id, run3);
+    assert!(done.attempts[0].attestation.as_ref().unwrap().verified, "{:?}", done.attempts[0]);
+    assert_eq!(done.stage("job").unwrap().exit_code, Some(3));
+    let _ = trusted_run;
+}
+
+#[tokio::test]
+async fn a_silent_worker_loses_its_job_and_its_late_result_is_refused() {
+    let w = world();
+    let orch = orchestrator(&w, "p").await;
+    let (a, a_seed) = worker(&w, &orch, 1, &["pool:byo", "tenant:acme"]).await;
+    let (b, _) = worker(&w, &orch, 2, &["pool:byo", "tenant:acme"]).await;
+    let run = submit_pooled(&w, "acme", "byo").await;
+    let first = w.engine.claim_for_worker(&a, 1).await.unwrap().remove(0);
+    let input = w.engine.job_input(&first).await.unwrap();
+    let sha: [u8; 32] = hex::decode(&input.sha256).unwrap().try_into().unwrap();
+    // Within the lease, nobody else can take it.
+    w.clock.advance(Millis::from_secs(20));
+    assert!(w.engine.claim_for_worker(&b, 1).await.unwrap().is_empty());
+    // Worker `a` stops heartbeating; after the lease, `b` takes it as attempt 2.
+    w.clock.advance(Millis::from_secs(11));
+    let second = w.engine.claim_for_worker(&b, 1).await.unwrap().remove(0);
+    assert_eq!(second.stage.attempt, 2);
+    let job1 = JobId { run, stage: "job".into(), attempt: 1 };
+    assert_eq!(w.engine.renew_job(&job1, &a).await.unwrap(), pond_core::store::LeaseStatus::Lost);
+    let (_, late) = sign(&first, sha, StageOutcome::Succeeded, &a_seed);
+    let refused = w.engine.complete_job(&job1, &a, &late).await;
+    assert!(matches!(refused, Err(CoreError::StaleAttempt { .. })), "{refused:?}");
+    let snapshot = w.store.get_run(run).await.unwrap().unwrap();
+    assert_eq!(snapshot.attempts[0].outcome, Some(pond_core::run::AttemptOutcome::LeaseExpired));
+    assert_eq!(snapshot.stage("job").unwrap().state, StageState::Running);
+}
