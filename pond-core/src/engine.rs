@@ -387,6 +387,14 @@ impl Engine {
         serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()).into())
     }
 
+    /// The input bundle issued for a run's pooled jobs, if one was.
+    pub async fn issued_input(&self, run: RunId) -> Result<Option<JobInput>, CoreError> {
+        match self.store.get_record(JOB_INPUT, &run.to_string()).await? {
+            Some(text) => Ok(Some(serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?)),
+            None => Ok(None),
+        }
+    }
+
     /// Extends the lease of `job`, held by `worker`. Also the check that `worker` still holds it
     /// before its logs or artifacts are accepted.
     pub async fn renew_job(&self, job: &JobId, worker: &PoolMember) -> Result<LeaseStatus, CoreError> {
@@ -440,10 +448,7 @@ impl Engine {
         worker: &PoolMember,
         report: &JobReport,
     ) -> Result<RunSnapshot, CoreError> {
-        let issued = match self.store.get_record(JOB_INPUT, &job.run.to_string()).await? {
-            Some(text) => serde_json::from_str::<JobInput>(&text).ok().map(|i| i.sha256),
-            None => None,
-        };
+        let issued = self.issued_input(job.run).await?.map(|i| i.sha256);
         let attestation = verify_report(job, worker, report, issued.as_deref());
         let now = self.clock.now();
         let (key, attempt) = (job.stage.as_str(), job.attempt);

@@ -238,6 +238,67 @@ impl FromStr for JobId {
     }
 }
 
+/// A job as a worker receives it.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// Its id.
+    pub id: JobId,
+    /// The run (definition and sources).
+    pub run: crate::run::Run,
+    /// How long the lease lasts without a heartbeat.
+    pub lease: Millis,
+    /// SHA-256 (hex) of the input bundle pond issued.
+    pub input_sha256: String,
+}
+
+/// Why a worker's call to its orchestrator failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerCallError {
+    /// The orchestrator (or pond behind it) cannot be reached right now: retry.
+    #[error("unreachable: {0}")]
+    Unavailable(String),
+    /// The job's lease is gone (expired, or another attempt took over): stop, report nothing.
+    #[error("lease lost: {0}")]
+    LeaseLost(String),
+    /// Refused (bad credential, bad request): retrying will not help.
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// What a worker needs from its orchestrator: the worker loop (`pond_exec::Worker`) is
+/// written against this, and `pond-http` implements it over HTTP.
+#[async_trait::async_trait]
+pub trait WorkerClient: Send + Sync {
+    /// Waits up to `wait` for a job.
+    async fn claim(&self, wait: Millis) -> Result<Option<Job>, WorkerCallError>;
+    /// The job's input bundle.
+    async fn input(&self, job: &JobId) -> Result<Vec<u8>, WorkerCallError>;
+    /// Extends the lease; returns whether a cancel is pending.
+    async fn heartbeat(&self, job: &JobId) -> Result<bool, WorkerCallError>;
+    /// Appends output lines.
+    async fn logs(&self, job: &JobId, lines: Vec<(crate::store::LogStream, String)>) -> Result<(), WorkerCallError>;
+    /// Uploads an artifact.
+    async fn artifact(&self, job: &JobId, name: &str, data: Vec<u8>) -> Result<(), WorkerCallError>;
+    /// Reports the signed result; returns whether pond verified it, and its note.
+    async fn result(&self, job: &JobId, report: &crate::engine::JobReport) -> Result<(bool, String), WorkerCallError>;
+    /// Gives the job back (this worker is stopping).
+    async fn release(&self, job: &JobId) -> Result<(), WorkerCallError>;
+}
+
+/// The output digest a worker attests: SHA-256 over its artifacts in name order, each as
+/// `name` NUL `sha256-hex` LF. Pond keeps each artifact's SHA-256, so anyone can recompute it.
+pub fn output_digest(artifacts: &std::collections::BTreeMap<String, String>) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    for (name, sha) in artifacts {
+        hash.update(name.as_bytes());
+        hash.update([0]);
+        hash.update(sha.as_bytes());
+        hash.update(b"\n");
+    }
+    hash.finalize().into()
+}
+
 /// Pool membership over a [`Store`].
 pub struct Pools {
     store: Arc<dyn Store>,
@@ -513,25 +574,32 @@ impl Pools {
         }
     }
 
-    /// Notes that members were heard from now.
-    pub async fn touch(&self, ids: &[&str]) -> Result<(), PoolError> {
-        let now = self.clock.now().as_millis().to_string();
-        for id in ids {
-            self.store.put_record(SEEN, id, &now).await?;
+    /// Notes that members were heard from now, with the job each holds (`None`: idle).
+    pub async fn touch(&self, seen: &[(&str, Option<&str>)]) -> Result<(), PoolError> {
+        let now = self.clock.now();
+        for (id, job) in seen {
+            let body = to_json(&Seen { at: now, job: job.map(str::to_string) })?;
+            self.store.put_record(SEEN, id, &body).await?;
         }
         Ok(())
     }
 
-    /// When each member was last heard from.
-    pub async fn last_seen(&self) -> Result<HashMap<String, Timestamp>, PoolError> {
+    /// When each member was last heard from, and the job it held then.
+    pub async fn last_seen(&self) -> Result<HashMap<String, (Timestamp, Option<String>)>, PoolError> {
         let mut seen = HashMap::new();
-        for (id, at) in self.store.list_records(SEEN).await? {
-            if let Ok(ms) = at.parse::<i64>() {
-                seen.insert(id, Timestamp::from_millis(ms));
+        for (id, body) in self.store.list_records(SEEN).await? {
+            if let Ok(s) = serde_json::from_str::<Seen>(&body) {
+                seen.insert(id, (s.at, s.job));
             }
         }
         Ok(seen)
     }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Seen {
+    at: Timestamp,
+    job: Option<String>,
 }
 
 fn label(name: &str) -> String {

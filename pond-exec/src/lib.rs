@@ -4,7 +4,8 @@
 //!   [`ShellExecutor`] (argv, env allowlist, live logs, artifacts, process-group kill);
 //! - [`LocalWorkspaces`]: run checkouts from `git_https`, `local` and `bundle` sources;
 //! - [`Driver`]: the claim → execute → renew → complete loop around a `pond_core::Engine`;
-//! - [`StopHandle`]: cancel / timeout / lost-lease signalling.
+//! - [`StopHandle`]: cancel / timeout / lost-lease signalling;
+//! - [`Worker`]: a pool worker's claim → unpack → run → sign → report loop.
 #![deny(missing_docs)]
 
 mod builtin;
@@ -13,6 +14,7 @@ mod keys;
 mod noop;
 mod shell;
 mod stop;
+mod worker;
 mod workspace;
 
 pub use builtin::{file_inventory, language_of, repo_map, todo_scan, Area, BuiltinExecutor, FileEntry, Todo};
@@ -21,4 +23,5 @@ pub use keys::{default_key_dir, load_or_create_identity, load_or_create_key};
 pub use noop::NoopExecutor;
 pub use shell::{reap_orphans, ShellConfig, ShellExecutor};
 pub use stop::StopHandle;
+pub use worker::{Worker, WorkerConfig, WorkerSummary};
 pub use workspace::{pack_dir, tree_digest, unpack_bundle, FetchConfig, LocalWorkspaces};

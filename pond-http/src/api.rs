@@ -42,7 +42,8 @@ pub fn app(state: AppState) -> Router {
         .route("/runs/{id}/artifacts/{*name}", get(get_artifact))
         .route("/bundles", post(upload_bundle))
         .route("/admin/keys", post(create_key).get(list_keys))
-        .route("/admin/keys/{id}", delete(revoke_key));
+        .route("/admin/keys/{id}", delete(revoke_key))
+        .merge(crate::orch::routes());
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
@@ -59,7 +60,7 @@ pub fn app(state: AppState) -> Router {
 /// 415 for a non-JSON content type, 422 naming the field for a wrong shape.
 pub struct ApiJson<T>(pub T);
 
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         let too_large = std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"))
             || e.to_string().contains("length limit");
@@ -435,6 +436,12 @@ async fn get_artifact(
         .blob_meta(artifact.blob_id)
         .await?
         .ok_or_else(|| ApiError::Internal(format!("artifact `{name}` of run {id} has no blob")))?;
+    Ok(blob_response(&state, &meta))
+}
+
+/// A stored blob as an `application/octet-stream` response, streamed chunk by chunk, with its
+/// SHA-256 in `x-pond-sha256`.
+pub(crate) fn blob_response(state: &AppState, meta: &pond_core::store::BlobMeta) -> Response {
     let store = state.store_dyn();
     let chunks = meta.chunk_count();
     let blob = meta.id;
@@ -448,15 +455,15 @@ async fn get_artifact(
             Some((chunk, i + 1))
         }
     });
-    Ok((
+    (
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_LENGTH, artifact.size.to_string()),
-            (header::HeaderName::from_static("x-pond-sha256"), artifact.sha256.clone()),
+            (header::CONTENT_LENGTH, meta.size.to_string()),
+            (header::HeaderName::from_static("x-pond-sha256"), meta.sha256.clone()),
         ],
         Body::from_stream(body),
     )
-        .into_response())
+        .into_response()
 }
 
 #[derive(Deserialize)]

@@ -57,7 +57,7 @@ pub struct Client {
     agent: ureq::Agent,
 }
 
-fn encode_path(name: &str) -> String {
+pub(crate) fn encode_path(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for b in name.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
@@ -89,7 +89,7 @@ impl Client {
         &self.base
     }
 
-    fn request(&self, method: &str, path: &str) -> ureq::Request {
+    pub(crate) fn request(&self, method: &str, path: &str) -> ureq::Request {
         let mut req = self.agent.request(method, &format!("{}{path}", self.base));
         if let Some(token) = &self.token {
             req = req.set("Authorization", &format!("Bearer {token}"));
@@ -97,7 +97,7 @@ impl Client {
         req
     }
 
-    fn send(&self, req: ureq::Request, body: Option<Body<'_>>) -> Result<ureq::Response, ClientError> {
+    pub(crate) fn send(&self, req: ureq::Request, body: Option<Body<'_>>) -> Result<ureq::Response, ClientError> {
         let url = req.url().to_string();
         let result = match body {
             None => req.call(),
@@ -122,7 +122,7 @@ impl Client {
         }
     }
 
-    fn json<T: DeserializeOwned>(&self, req: ureq::Request, body: Option<Body<'_>>) -> Result<T, ClientError> {
+    pub(crate) fn json<T: DeserializeOwned>(&self, req: ureq::Request, body: Option<Body<'_>>) -> Result<T, ClientError> {
         let response = self.send(req, body)?;
         response.into_json::<T>().map_err(|e| ClientError::Decode(e.to_string()))
     }
@@ -263,7 +263,7 @@ impl Client {
     }
 }
 
-enum Body<'a> {
+pub(crate) enum Body<'a> {
     Json(serde_json::Value),
     Bytes(&'a [u8], &'a str),
 }

@@ -269,6 +269,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         driver: Some(driver.clone()),
         limits: config.limits.clone(),
         tokens: Arc::new(crate::auth::TokenCache::new(config.token_cache)),
+        pools: Arc::new(pond_core::pool::Pools::new(store.clone(), engine.clock().clone())),
+        seen: Arc::default(),
     };
 
     let listener =

@@ -20,6 +20,10 @@ pub struct AppState {
     pub limits: Limits,
     /// Recently verified tokens.
     pub tokens: Arc<crate::auth::TokenCache>,
+    /// Orchestrators, workers and enrollment codes.
+    pub pools: Arc<pond_core::pool::Pools>,
+    /// Throttles pool members' last-seen writes.
+    pub seen: Arc<crate::orch::SeenThrottle>,
 }
 
 impl AppState {

@@ -1,0 +1,302 @@
+//! The pool worker's loop: claim a job from the orchestrator → fetch and check its input bundle
+//! → unpack → run the stage's executor while heartbeating → sign (job, input, output, rc) with
+//! the worker's Ed25519 key → report. Written against [`WorkerClient`], so it runs the same over
+//! HTTP (`pond worker`) or in-process in a test.
+//!
+//! A job whose lease is lost (heartbeats refused) is stopped and its result dropped; on
+//! shutdown the current job gets `drain` to finish, then is stopped and handed back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pond_core::attest::Attestation;
+use pond_core::engine::JobReport;
+use pond_core::exec::{ExecContext, Executor, OutputSink, StopReason, StopSignal, Workspace};
+use pond_core::pool::{output_digest, Job, JobId, WorkerCallError, WorkerClient};
+use pond_core::run::StageOutcome;
+use pond_core::store::LogStream;
+use pond_core::time::Millis;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::stop::StopHandle;
+
+/// Settings of a worker.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Where job checkouts are unpacked (one directory per job, removed after).
+    pub scratch: PathBuf,
+    /// Take one job, then stop.
+    pub once: bool,
+    /// Longest claim long poll.
+    pub claim_wait: Duration,
+    /// On shutdown, how long the current job may run on before it is stopped and handed back.
+    pub drain: Duration,
+    /// Largest input bundle, and the most it may unpack to.
+    pub max_input_bytes: u64,
+}
+
+/// What a worker did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerSummary {
+    /// Jobs whose result was reported.
+    pub reported: u64,
+    /// Jobs handed back (shutdown).
+    pub handed_back: u64,
+    /// Jobs dropped because their lease was lost.
+    pub lost: u64,
+}
+
+/// A pool worker.
+pub struct Worker {
+    client: Arc<dyn WorkerClient>,
+    executors: HashMap<&'static str, Arc<dyn Executor>>,
+    signing_seed: [u8; 32],
+    config: WorkerConfig,
+}
+
+impl Worker {
+    /// A worker that signs with `signing_seed` (its Ed25519 key, pinned at enrollment).
+    pub fn new(client: Arc<dyn WorkerClient>, signing_seed: [u8; 32], config: WorkerConfig) -> Self {
+        Worker { client, executors: HashMap::new(), signing_seed, config }
+    }
+
+    /// Adds an executor for its kind.
+    pub fn with_executor(mut self, executor: Arc<dyn Executor>) -> Self {
+        self.executors.insert(executor.kind(), executor);
+        self
+    }
+
+    /// Claims and runs jobs until `shutdown` turns true (or after one job with `once`).
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> WorkerSummary {
+        let mut summary = WorkerSummary::default();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let claim = tokio::select! {
+                c = self.client.claim(Millis(self.config.claim_wait.as_millis() as u64)) => c,
+                _ = shutdown.changed() => continue,
+            };
+            match claim {
+                Ok(Some(job)) => {
+                    backoff = Duration::from_millis(100);
+                    match self.run_job(job, shutdown.clone()).await {
+                        Ended::Reported => summary.reported += 1,
+                        Ended::HandedBack => summary.handed_back += 1,
+                        Ended::Lost => summary.lost += 1,
+                    }
+                    if self.config.once {
+                        break;
+                    }
+                }
+                Ok(None) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "claim failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        summary
+    }
+
+    async fn run_job(&self, job: Job, shutdown: watch::Receiver<bool>) -> Ended {
+        let id = job.id.clone();
+        tracing::info!(job = %id, "job started");
+        let dir = self.config.scratch.join(id.to_string());
+        let stop = StopHandle::new();
+        let sink = ClientSink { client: self.client.clone(), job: id.clone(), artifacts: Mutex::default() };
+        let (outcome, input_sha) = {
+            let work = self.execute(&job, &dir, &sink, &stop);
+            tokio::pin!(work);
+            let lease = job.lease.to_std();
+            let beat_every = (lease / 3).clamp(Duration::from_millis(50), Duration::from_secs(10));
+            let mut ticker = tokio::time::interval(beat_every);
+            ticker.tick().await;
+            let mut last_heard = tokio::time::Instant::now();
+            let timeout = job
+                .run
+                .definition
+                .stages
+                .iter()
+                .find(|s| s.key == id.stage)
+                .map(|s| s.effective_timeout().to_std())
+                .unwrap_or(lease);
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            let mut shutdown = shutdown;
+            let drained = tokio::time::sleep(Duration::MAX / 4);
+            tokio::pin!(drained);
+            loop {
+                tokio::select! {
+                    out = &mut work => break out,
+                    _ = &mut deadline, if stop.reason().is_none() => stop.fire(StopReason::TimedOut),
+                    _ = ticker.tick() => match self.client.heartbeat(&id).await {
+                        Ok(cancel) => {
+                            last_heard = tokio::time::Instant::now();
+                            if cancel && stop.reason().is_none() {
+                                stop.fire(StopReason::Cancelled);
+                            }
+                        }
+                        Err(WorkerCallError::LeaseLost(_)) => stop.fire(StopReason::LeaseLost),
+                        // Unreachable for longer than the lease: another worker has it by now.
+                        Err(_) if last_heard.elapsed() > lease => stop.fire(StopReason::LeaseLost),
+                        Err(e) => tracing::warn!(job = %id, error = %e, "heartbeat failed; retrying"),
+                    },
+                    _ = shutdown.changed(), if !*shutdown.borrow() => {
+                        drained.as_mut().reset(tokio::time::Instant::now() + self.config.drain);
+                    }
+                    _ = &mut drained, if stop.reason().is_none() => stop.fire(StopReason::Shutdown),
+                }
+            }
+        };
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        match stop.reason() {
+            Some(StopReason::LeaseLost) => {
+                tracing::warn!(job = %id, "lease lost; result dropped");
+                return Ended::Lost;
+            }
+            Some(StopReason::Shutdown) => {
+                if let Err(e) = self.client.release(&id).await {
+                    tracing::warn!(job = %id, error = %e, "could not hand the job back; its lease will expire instead");
+                }
+                return Ended::HandedBack;
+            }
+            _ => {}
+        }
+        let artifacts = sink.artifacts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let output_sha256 = output_digest(&artifacts);
+        let attestation = Attestation {
+            job_id: id.to_string(),
+            input_sha256: input_sha,
+            output_sha256,
+            rc: JobReport::rc(&outcome),
+        };
+        let signature = match attestation.sign(&self.signing_seed) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(job = %id, error = %e, "signing failed");
+                [0; 64]
+            }
+        };
+        let report = JobReport { outcome, input_sha256: input_sha, output_sha256, signature };
+        let mut delay = Duration::from_millis(100);
+        let giving_up = tokio::time::Instant::now() + job.lease.to_std();
+        loop {
+            match self.client.result(&id, &report).await {
+                Ok((verified, detail)) => {
+                    tracing::info!(job = %id, verified, %detail, "result reported");
+                    return Ended::Reported;
+                }
+                Err(WorkerCallError::Unavailable(e)) if tokio::time::Instant::now() < giving_up => {
+                    tracing::warn!(job = %id, error = %e, "reporting the result failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "result not accepted");
+                    return Ended::Lost;
+                }
+            }
+        }
+    }
+
+    /// Fetches, checks and unpacks the input, then runs the stage. Returns the outcome and the
+    /// SHA-256 of the input bytes actually received (what the attestation signs).
+    async fn execute(
+        &self,
+        job: &Job,
+        dir: &std::path::Path,
+        sink: &ClientSink,
+        stop: &StopHandle,
+    ) -> (StageOutcome, [u8; 32]) {
+        let failed = |error: String| StageOutcome::Failed { error, exit_code: None };
+        let input = match self.client.input(&job.id).await {
+            Ok(bytes) => bytes,
+            Err(e) => return (failed(format!("fetching the input bundle failed: {e}")), [0; 32]),
+        };
+        let input_sha: [u8; 32] = Sha256::digest(&input).into();
+        if hex::encode(input_sha) != job.input_sha256 {
+            let error = format!("input bundle digest {} is not the one issued ({})", hex::encode(input_sha), job.input_sha256);
+            return (failed(error), input_sha);
+        }
+        let (unpack_to, max) = (dir.to_path_buf(), self.config.max_input_bytes);
+        let unpacked =
+            tokio::task::spawn_blocking(move || crate::unpack_bundle(&input, &unpack_to, max, 1_000_000)).await;
+        match unpacked {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return (failed(format!("unpacking the input bundle failed: {e}")), input_sha),
+            Err(e) => return (failed(format!("unpacking the input bundle failed: {e}")), input_sha),
+        }
+        let sources: Vec<(String, PathBuf)> =
+            job.run.sources.iter().map(|s| (s.label.clone(), dir.join(&s.label))).collect();
+        let cwd = match sources.first() {
+            Some((_, path)) => path.clone(),
+            None => dir.join("_empty"),
+        };
+        if let Err(e) = tokio::fs::create_dir_all(&cwd).await {
+            return (failed(format!("preparing the checkout: {e}")), input_sha);
+        }
+        let resolved = job.run.sources.iter().filter_map(|s| s.resolved.clone()).collect();
+        let workspace = Workspace { cwd, sources, resolved };
+        let Some(stage) = job.run.definition.stages.iter().find(|s| s.key == job.id.stage) else {
+            return (failed(format!("the run has no stage `{}`", job.id.stage)), input_sha);
+        };
+        let Some(executor) = self.executors.get(stage.executor.kind()) else {
+            return (failed(format!("this worker has no `{}` executor", stage.executor.kind())), input_sha);
+        };
+        let ctx = ExecContext {
+            run: &job.run,
+            stage,
+            attempt: job.id.attempt,
+            workspace: &workspace,
+            output: sink,
+            stop,
+        };
+        let outcome = match (executor.execute(ctx).await, stop.reason()) {
+            (StageOutcome::Cancelled | StageOutcome::Failed { .. }, Some(StopReason::TimedOut)) => {
+                failed(format!("timed out after {}", stage.effective_timeout()))
+            }
+            (outcome, _) => outcome,
+        };
+        (outcome, input_sha)
+    }
+}
+
+enum Ended {
+    Reported,
+    HandedBack,
+    Lost,
+}
+
+/// Sends a job's output to the orchestrator and remembers each artifact's digest for the
+/// attestation.
+struct ClientSink {
+    client: Arc<dyn WorkerClient>,
+    job: JobId,
+    artifacts: Mutex<BTreeMap<String, String>>,
+}
+
+#[async_trait]
+impl OutputSink for ClientSink {
+    async fn lines(&self, lines: Vec<(LogStream, String)>) {
+        if let Err(e) = self.client.logs(&self.job, lines).await {
+            tracing::warn!(job = %self.job, error = %e, "sending log lines failed");
+        }
+    }
+
+    async fn artifact(&self, name: &str, data: Vec<u8>) -> Result<(), String> {
+        let sha = hex::encode(Sha256::digest(&data));
+        self.client.artifact(&self.job, name, data).await.map_err(|e| e.to_string())?;
+        self.artifacts.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), sha);
+        Ok(())
+    }
+}

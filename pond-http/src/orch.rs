@@ -1,0 +1,494 @@
+//! Pond's side of the pool protocol: `/v1/orch/*` for orchestrators (enrollment, the claim
+//! long poll, and the job calls they relay for their workers) and the admin pool routes
+//! (`/v1/admin/enroll`, `/v1/admin/pools`, drain).
+//!
+//! Every connection dials inward: orchestrators call pond, workers call their orchestrator.
+//! An orchestrator proves itself with its bearer token; a job call also carries the worker's
+//! own token (`pond-worker-token`), so an orchestrator cannot act for a worker it does not hold
+//! the credential of, and a worker cannot act on a job leased to another.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::response::Response;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use base64::Engine as _;
+use pond_core::engine::JobReport;
+use pond_core::pool::{JobId, MemberKind, PoolError, PoolMember};
+use pond_core::run::StageOutcome;
+use pond_core::store::{Claim, LeaseStatus, Store};
+use pond_core::time::Millis;
+use rand::RngCore;
+
+use crate::api::{blob_response, read_body, ApiJson};
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::pool_wire::{
+    ClaimRequest, ClaimResponse, CodeCreated, CreateCode, Drain, EnrollOrchestrator, EnrollWorker, Enrolled,
+    Heartbeat, JobLines, JobResult, JobTicket, MemberView, PoolList, ResultAck, WORKER_TOKEN_HEADER,
+};
+use crate::state::AppState;
+
+/// Longest claim long poll.
+pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
+/// How often an idle long poll re-checks without a wake-up (backoffs that came due).
+const CLAIM_RECHECK: Duration = Duration::from_millis(500);
+
+/// The `/v1` routes of pools.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/orch/enroll", post(enroll_orchestrator))
+        .route("/orch/workers/enroll", post(enroll_worker))
+        .route("/orch/workers/me", get(worker_me))
+        .route("/orch/claim", post(claim))
+        .route("/orch/jobs/{job}/heartbeat", post(heartbeat))
+        .route("/orch/jobs/{job}/input", get(input))
+        .route("/orch/jobs/{job}/logs", post(logs))
+        .route("/orch/jobs/{job}/artifacts/{*name}", put(artifact))
+        .route("/orch/jobs/{job}/result", post(result))
+        .route("/orch/jobs/{job}/release", post(release))
+        .route("/admin/enroll", post(create_code))
+        .route("/admin/pools", get(list_pools))
+        .route("/admin/pools/workers/{id}/drain", post(drain))
+}
+
+impl From<PoolError> for ApiError {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::Invalid { field, reason } => ApiError::invalid(field, reason),
+            PoolError::CodeUnknown | PoolError::CodeUsed | PoolError::CodeExpired(_) => {
+                ApiError::Unauthorized(e.to_string())
+            }
+            PoolError::WrongRole { .. }
+            | PoolError::WrongPool { .. }
+            | PoolError::FingerprintMismatch { .. }
+            | PoolError::TagNotGranted(_) => ApiError::Forbidden(e.to_string()),
+            PoolError::NoMember(_) => ApiError::NotFound(e.to_string()),
+            PoolError::Store(s) => s.into(),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+fn bearer(parts: &Parts) -> Result<String, ApiError> {
+    parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::Unauthorized("missing bearer token (Authorization: Bearer <token>)".into()))
+}
+
+/// An authenticated orchestrator.
+pub struct Orchestrator(pub PoolMember);
+
+impl FromRequestParts<AppState> for Orchestrator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        match state.pools.authenticate(&bearer(parts)?).await? {
+            Some(m) if m.kind == MemberKind::Orchestrator => Ok(Orchestrator(m)),
+            _ => Err(ApiError::Unauthorized("unknown orchestrator credential".into())),
+        }
+    }
+}
+
+/// An orchestrator relaying for one of its pool's workers (whose own token it presents).
+pub struct Relayed {
+    /// The orchestrator.
+    pub orchestrator: PoolMember,
+    /// The worker.
+    pub worker: PoolMember,
+}
+
+impl FromRequestParts<AppState> for Relayed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let Orchestrator(orchestrator) = Orchestrator::from_request_parts(parts, state).await?;
+        let token = parts
+            .headers
+            .get(WORKER_TOKEN_HEADER)
+            .and_then(|h| h.to_str().ok())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::Unauthorized(format!("missing the worker's credential ({WORKER_TOKEN_HEADER})")))?;
+        match state.pools.authenticate(token).await? {
+            Some(worker) if worker.kind == MemberKind::Worker && worker.pool == orchestrator.pool => {
+                Ok(Relayed { orchestrator, worker })
+            }
+            _ => Err(ApiError::Unauthorized("unknown worker credential for this pool".into())),
+        }
+    }
+}
+
+fn random_secret(prefix: &str) -> String {
+    let mut raw = [0u8; 24];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    format!("{prefix}{}", hex::encode(raw))
+}
+
+fn member_id(prefix: &str) -> String {
+    let mut raw = [0u8; 6];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    format!("{prefix}-{}", hex::encode(raw))
+}
+
+async fn create_code(
+    State(state): State<AppState>,
+    who: Principal,
+    ApiJson(req): ApiJson<CreateCode>,
+) -> Result<(axum::http::StatusCode, Json<CodeCreated>), ApiError> {
+    who.require_admin()?;
+    let role = match req.role.as_deref().unwrap_or("orchestrator") {
+        "orchestrator" => MemberKind::Orchestrator,
+        "worker" => MemberKind::Worker,
+        other => return Err(ApiError::invalid("role", format!("`{other}` is not `orchestrator` or `worker`"))),
+    };
+    let secret = random_secret("pond_enroll_");
+    let ttl = req.ttl.unwrap_or(Millis::from_secs(3600));
+    let code = state.pools.create_code(&secret, &req.pool, role, req.tags, req.fingerprint, ttl).await?;
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(CodeCreated {
+            code: secret,
+            pool: code.pool,
+            role: role.as_str().into(),
+            tags: code.tags,
+            fingerprint: code.fingerprint,
+            expires_at: code.expires_at.to_rfc3339(),
+        }),
+    ))
+}
+
+async fn enroll_orchestrator(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<EnrollOrchestrator>,
+) -> Result<(axum::http::StatusCode, Json<Enrolled>), ApiError> {
+    let token = random_secret("pond_orch_");
+    let name = req.name.unwrap_or_else(|| "orchestrator".into());
+    let member = state.pools.enroll_orchestrator(&req.code, member_id("orch"), &name, &token).await?;
+    tracing::info!(id = %member.id, pool = %member.pool, "orchestrator enrolled");
+    Ok((axum::http::StatusCode::CREATED, Json(Enrolled { member, token })))
+}
+
+async fn enroll_worker(
+    State(state): State<AppState>,
+    Orchestrator(orchestrator): Orchestrator,
+    ApiJson(req): ApiJson<EnrollWorker>,
+) -> Result<(axum::http::StatusCode, Json<Enrolled>), ApiError> {
+    let sealing =
+        pond_core::pool::decode_key(&req.sealing_key).map_err(|e| ApiError::invalid("sealing_key", e))?;
+    let signing =
+        pond_core::pool::decode_key(&req.signing_key).map_err(|e| ApiError::invalid("signing_key", e))?;
+    let keys = pond_core::pool::WorkerKeys { sealing, signing };
+    let token = random_secret("pond_worker_");
+    let name = req.name.unwrap_or_else(|| "worker".into());
+    let member = state
+        .pools
+        .enroll_worker(&orchestrator, &req.code, member_id("wrk"), &name, keys, req.tags, req.capabilities, &token)
+        .await?;
+    tracing::info!(id = %member.id, pool = %member.pool, tags = ?member.tags, "worker enrolled");
+    Ok((axum::http::StatusCode::CREATED, Json(Enrolled { member, token })))
+}
+
+async fn worker_me(relayed: Relayed) -> Json<PoolMember> {
+    Json(relayed.worker)
+}
+
+/// Long poll: claims at most one job for each idle worker, waiting until some matching work
+/// appears (woken by the store's change announcements) or the wait runs out.
+async fn claim(
+    State(state): State<AppState>,
+    Orchestrator(orchestrator): Orchestrator,
+    ApiJson(req): ApiJson<ClaimRequest>,
+) -> Result<Json<ClaimResponse>, ApiError> {
+    if req.workers.len() > 10_000 {
+        return Err(ApiError::invalid("workers", "at most 10000 workers per claim"));
+    }
+    let wait = Duration::from_millis(req.wait_ms.unwrap_or(0)).min(MAX_CLAIM_WAIT);
+    let mut idle = Vec::new();
+    let mut refused = Vec::new();
+    let mut ids = req.workers.clone();
+    ids.sort();
+    ids.dedup();
+    for id in ids {
+        match state.pools.member(&id).await? {
+            Some(m) if m.kind == MemberKind::Worker && m.pool == orchestrator.pool && !m.draining => idle.push(m),
+            _ => refused.push(id),
+        }
+    }
+    let mut seen: Vec<(&str, Option<&str>)> = vec![(orchestrator.id.as_str(), None)];
+    seen.extend(idle.iter().map(|m| (m.id.as_str(), None)));
+    state.seen.touch(&state.pools, &seen).await?;
+    let deadline = Instant::now() + wait;
+    let mut wake = state.store.runs_changed();
+    loop {
+        wake.borrow_and_update();
+        let jobs = claim_round(&state, &idle).await?;
+        if !jobs.is_empty() || Instant::now() >= deadline {
+            return Ok(Json(ClaimResponse { jobs, refused }));
+        }
+        let recheck = (Instant::now() + CLAIM_RECHECK).min(deadline);
+        tokio::select! {
+            _ = wake.changed() => {}
+            _ = tokio::time::sleep_until(recheck.into()) => {}
+        }
+    }
+}
+
+/// One pass over the idle workers, grouped by what they offer: a group whose first claim finds
+/// nothing is not asked again (the rest of it would find nothing either).
+async fn claim_round(state: &AppState, idle: &[PoolMember]) -> Result<Vec<JobTicket>, ApiError> {
+    let mut groups: BTreeMap<(Vec<String>, Vec<String>), Vec<&PoolMember>> = BTreeMap::new();
+    for m in idle {
+        groups.entry((m.tags.clone(), m.capabilities.clone())).or_default().push(m);
+    }
+    let mut tickets = Vec::new();
+    for workers in groups.values() {
+        for worker in workers {
+            let Some(claim) = state.engine.claim_for_worker(worker, 1).await?.into_iter().next() else { break };
+            if let Some(ticket) = ticket(state, worker, &claim).await? {
+                tickets.push(ticket);
+            }
+        }
+    }
+    Ok(tickets)
+}
+
+async fn ticket(state: &AppState, worker: &PoolMember, claim: &Claim) -> Result<Option<JobTicket>, ApiError> {
+    let job = JobId { run: claim.run.id, stage: claim.stage.key.clone(), attempt: claim.stage.attempt };
+    let input = match state.engine.job_input(claim).await {
+        Ok(input) => input,
+        Err(e) => {
+            // The sources could not be fetched or packed: the attempt fails (and may retry).
+            let outcome =
+                StageOutcome::Failed { error: format!("preparing the job's input failed: {e}"), exit_code: None };
+            let _ = state.engine.complete(claim, outcome).await;
+            return Ok(None);
+        }
+    };
+    let job_id = job.to_string();
+    state.seen.touch(&state.pools, &[(worker.id.as_str(), Some(job_id.as_str()))]).await?;
+    Ok(Some(JobTicket {
+        job_id,
+        worker_id: worker.id.clone(),
+        run: claim.run.clone(),
+        stage: claim.stage.key.clone(),
+        attempt: claim.stage.attempt,
+        lease_ms: state.engine.config().lease.0,
+        input_sha256: input.sha256,
+        input_size: input.size,
+    }))
+}
+
+fn job_id(text: &str) -> Result<JobId, ApiError> {
+    text.parse().map_err(|e: String| ApiError::NotFound(e))
+}
+
+/// The job, if `worker` still holds it (renewing its lease on the way).
+async fn held(state: &AppState, job: &str, worker: &PoolMember) -> Result<(JobId, bool), ApiError> {
+    let job = job_id(job)?;
+    match state.engine.renew_job(&job, worker).await? {
+        LeaseStatus::Held { cancel_requested } => Ok((job, cancel_requested)),
+        LeaseStatus::Lost => Err(ApiError::Conflict(format!(
+            "lease lost: job {job} is no longer held by {} (it expired or another attempt took over)",
+            worker.id
+        ))),
+    }
+}
+
+async fn heartbeat(
+    State(state): State<AppState>,
+    Path(job): Path<String>,
+    r: Relayed,
+) -> Result<Json<Heartbeat>, ApiError> {
+    let (job, cancel_requested) = held(&state, &job, &r.worker).await?;
+    let job = job.to_string();
+    state
+        .seen
+        .touch(&state.pools, &[(r.worker.id.as_str(), Some(job.as_str())), (r.orchestrator.id.as_str(), None)])
+        .await?;
+    Ok(Json(Heartbeat { cancel_requested }))
+}
+
+async fn input(State(state): State<AppState>, Path(job): Path<String>, r: Relayed) -> Result<Response, ApiError> {
+    let (job, _) = held(&state, &job, &r.worker).await?;
+    let input = state
+        .engine
+        .issued_input(job.run)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no input was issued for job {job}")))?;
+    let meta = state
+        .store
+        .blob_meta(input.blob_id)
+        .await?
+        .ok_or_else(|| ApiError::Internal(format!("the input of job {job} has no blob")))?;
+    Ok(blob_response(&state, &meta))
+}
+
+async fn logs(
+    State(state): State<AppState>,
+    Path(job): Path<String>,
+    r: Relayed,
+    ApiJson(body): ApiJson<JobLines>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let (job, _) = held(&state, &job, &r.worker).await?;
+    let lines = body.lines.into_iter().map(|l| (l.stream, l.text)).collect();
+    state.engine.job_logs(&job, lines).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+async fn artifact(
+    State(state): State<AppState>,
+    Path((job, name)): Path<(String, String)>,
+    r: Relayed,
+    body: axum::body::Body,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let (job, _) = held(&state, &job, &r.worker).await?;
+    let data: Bytes = read_body(body, state.limits.max_bundle_bytes).await?;
+    let run = state.engine.get(job.run).await?;
+    state.engine.job_artifact(&job, &run.run.project_id, &name, &data).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+fn digest(field: &str, text: &str) -> Result<[u8; 32], ApiError> {
+    hex::decode(text)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+        .ok_or_else(|| ApiError::invalid(field, "must be 64 hex characters (a SHA-256)"))
+}
+
+async fn result(
+    State(state): State<AppState>,
+    Path(job): Path<String>,
+    r: Relayed,
+    ApiJson(body): ApiJson<JobResult>,
+) -> Result<Json<ResultAck>, ApiError> {
+    let job = job_id(&job)?;
+    let outcome = match body.outcome.as_str() {
+        "succeeded" => StageOutcome::Succeeded,
+        "failed" => StageOutcome::Failed {
+            error: body.error.clone().unwrap_or_else(|| "failed".into()),
+            exit_code: body.exit_code,
+        },
+        "cancelled" => StageOutcome::Cancelled,
+        other => {
+            return Err(ApiError::invalid("outcome", format!("`{other}` is not succeeded, failed or cancelled")))
+        }
+    };
+    let signature = base64::engine::general_purpose::STANDARD
+        .decode(&body.signature)
+        .ok()
+        .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
+        .ok_or_else(|| ApiError::invalid("signature", "must be a base64 Ed25519 signature (64 bytes)"))?;
+    let report = JobReport {
+        outcome,
+        input_sha256: digest("input_sha256", &body.input_sha256)?,
+        output_sha256: digest("output_sha256", &body.output_sha256)?,
+        signature,
+    };
+    let snapshot = state.engine.complete_job(&job, &r.worker, &report).await?;
+    state.seen.touch(&state.pools, &[(r.worker.id.as_str(), None)]).await?;
+    let record = snapshot
+        .attempts
+        .iter()
+        .find(|a| a.stage_key == job.stage && a.number == job.attempt)
+        .and_then(|a| a.attestation.clone());
+    let (attestation_verified, detail) = match record {
+        Some(a) => (a.verified, a.detail),
+        None => (false, "no attestation recorded".into()),
+    };
+    Ok(Json(ResultAck { attestation_verified, detail }))
+}
+
+async fn release(
+    State(state): State<AppState>,
+    Path(job): Path<String>,
+    r: Relayed,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let job = job_id(&job)?;
+    state.engine.release_job(&job, &r.worker, "the worker gave it back").await?;
+    state.seen.touch(&state.pools, &[(r.worker.id.as_str(), None)]).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+async fn list_pools(State(state): State<AppState>, who: Principal) -> Result<Json<PoolList>, ApiError> {
+    who.require_admin()?;
+    let seen = state.pools.last_seen().await?;
+    let mut list = PoolList { orchestrators: Vec::new(), workers: Vec::new() };
+    for member in state.pools.members().await? {
+        let (last_seen, current_job) = match seen.get(&member.id) {
+            Some((at, job)) => (Some(at.to_rfc3339()), job.clone()),
+            None => (None, None),
+        };
+        let view = MemberView { member, last_seen, current_job };
+        match view.member.kind {
+            MemberKind::Orchestrator => list.orchestrators.push(view),
+            MemberKind::Worker => list.workers.push(view),
+        }
+    }
+    Ok(Json(list))
+}
+
+async fn drain(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<PoolMember>, ApiError> {
+    who.require_admin()?;
+    let draining = if body.iter().all(u8::is_ascii_whitespace) {
+        true
+    } else {
+        let value: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
+        let drain: Drain = pond_core::json::from_value_at(value, "").map_err(ApiError::Invalid)?;
+        drain.draining.unwrap_or(true)
+    };
+    let member = state.pools.find(&id).await?;
+    if member.kind != MemberKind::Worker {
+        return Err(ApiError::invalid("id", format!("`{id}` is an orchestrator; drain its workers")));
+    }
+    Ok(Json(state.pools.set_draining(&member.id, draining).await?))
+}
+
+/// Throttles last-seen writes: a member's idle record is rewritten at most every few seconds,
+/// so 1,000 idle long-polling workers do not cost 1,000 writes per poll. Changes of the job a
+/// member holds are always written.
+#[derive(Default)]
+pub struct SeenThrottle {
+    written: std::sync::Mutex<HashMap<String, (Instant, Option<String>)>>,
+}
+
+impl SeenThrottle {
+    const EVERY: Duration = Duration::from_secs(5);
+
+    async fn touch(&self, pools: &pond_core::pool::Pools, seen: &[(&str, Option<&str>)]) -> Result<(), ApiError> {
+        let due: Vec<(&str, Option<&str>)> = {
+            let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            seen.iter()
+                .filter(|(id, job)| {
+                    let fresh = written
+                        .get(*id)
+                        .is_some_and(|(at, j)| now.duration_since(*at) < Self::EVERY && j.as_deref() == *job);
+                    if !fresh {
+                        written.insert(id.to_string(), (now, job.map(str::to_string)));
+                    }
+                    !fresh
+                })
+                .copied()
+                .collect()
+        };
+        if !due.is_empty() {
+            pools.touch(&due).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,467 @@
+//! The orchestrator: one per pool. It polls pond for its workers and serves them a small API,
+//! so every connection dials inward (pond never dials the pool; the orchestrator never dials a
+//! worker).
+//!
+//! Workers long-poll `POST /v1/worker/claim`. The orchestrator batches the idle ones into
+//! `POST /v1/orch/claim` long polls toward pond (each worker covered by at most one poll at a
+//! time; a worker that arrives while a poll is out starts a new poll for the uncovered ones),
+//! and hands each job to the waiting worker it was claimed for. A job whose worker went away
+//! meanwhile is kept for its next poll, then handed back to pond. Job calls
+//! (`/v1/worker/jobs/…`: input, heartbeat, logs, artifacts, result, release) are relayed to
+//! `/v1/orch/jobs/…` with the worker's own credential beside the orchestrator's.
+//!
+//! The orchestrator keeps nothing that matters: its credential is in a file, leases live in
+//! pond. Restarted, it picks up where it was; workers retry until it is back.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use pond_core::pool::PoolMember;
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::client::{Client, ClientError};
+use crate::error::ApiError;
+use crate::pool_wire::{ClaimRequest, Enrolled, JobTicket, WorkerClaim, WORKER_TOKEN_HEADER};
+
+/// Settings of an orchestrator.
+#[derive(Clone, Debug)]
+pub struct OrchestratorConfig {
+    /// Pond's URL.
+    pub server: String,
+    /// Where workers reach this orchestrator.
+    pub listen: SocketAddr,
+    /// Where the credential is kept (`orchestrator.json`, 0600).
+    pub state_dir: PathBuf,
+    /// An enrollment code, needed only the first time.
+    pub enroll_code: Option<String>,
+    /// A label shown by `pond pool ls`.
+    pub name: String,
+    /// Longest long poll toward pond.
+    pub claim_wait: Duration,
+    /// How long a job claimed for a worker that went away is kept for it before it is handed
+    /// back.
+    pub unclaimed_grace: Duration,
+}
+
+impl OrchestratorConfig {
+    /// Defaults for `server`, keeping state in `state_dir`.
+    pub fn new(server: &str, state_dir: PathBuf) -> Self {
+        OrchestratorConfig {
+            server: server.trim_end_matches('/').to_string(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8430)),
+            state_dir,
+            enroll_code: None,
+            name: "orchestrator".into(),
+            claim_wait: Duration::from_secs(20),
+            unclaimed_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why an orchestrator could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OrchestratorError {
+    /// No credential on disk and no code given.
+    #[error("not enrolled: pass --enroll <code> (from `pond admin enroll create --pool …`) the first time")]
+    NotEnrolled,
+    /// Enrollment was refused or pond is unreachable.
+    #[error("enrolling with {server}: {source}")]
+    Enroll {
+        /// Pond's URL.
+        server: String,
+        /// The failure.
+        source: ClientError,
+    },
+    /// A file or socket failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+}
+
+/// The credential file.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Credential {
+    server: String,
+    token: String,
+    member: PoolMember,
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> OrchestratorError {
+    let context = context.into();
+    move |source| OrchestratorError::Io { context, source }
+}
+
+/// Writes `data` to `path` readable by the owner only.
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    file.write_all(data)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// A started orchestrator.
+pub struct RunningOrchestrator {
+    /// Where workers reach it.
+    pub addr: SocketAddr,
+    /// Its enrollment.
+    pub member: PoolMember,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningOrchestrator {
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving and polling.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+struct Waiter {
+    generation: u64,
+    deliver: oneshot::Sender<JobTicket>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiters: HashMap<String, Waiter>,
+    covered: HashSet<String>,
+    /// Jobs claimed for workers that were no longer waiting.
+    stash: HashMap<String, (JobTicket, Instant)>,
+    /// Workers pond refused (draining, unknown): not polled for again until then.
+    refused_until: HashMap<String, Instant>,
+    generation: u64,
+}
+
+struct Orch {
+    pond: Client,
+    config: OrchestratorConfig,
+    queue: Mutex<Queue>,
+    kick: Notify,
+    /// Worker credentials seen, by token: the member and when pond last vouched for it.
+    workers: Mutex<HashMap<String, (PoolMember, Instant)>>,
+}
+
+/// How long pond's word on a worker credential is trusted before asking again.
+const WORKER_AUTH_TTL: Duration = Duration::from_secs(30);
+
+impl Orch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands `job` to its worker if it is waiting, else keeps it for the worker's next poll.
+    fn deliver(&self, job: JobTicket) {
+        let mut q = self.lock();
+        let job = match q.waiters.remove(&job.worker_id) {
+            Some(w) => match w.deliver.send(job) {
+                Ok(()) => return,
+                Err(job) => job,
+            },
+            None => job,
+        };
+        q.stash.insert(job.worker_id.clone(), (job, Instant::now()));
+    }
+
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<(PoolMember, String), ApiError> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::Unauthorized("missing the worker's bearer token".into()))?
+            .to_string();
+        if let Some((m, at)) = self.workers.lock().unwrap_or_else(|p| p.into_inner()).get(&token) {
+            if at.elapsed() < WORKER_AUTH_TTL {
+                return Ok((m.clone(), token));
+            }
+        }
+        let pond = self.pond.clone();
+        let t = token.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            pond.relay("GET", "/v1/orch/workers/me", &[], None, &[(WORKER_TOKEN_HEADER, &t)])
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Unavailable(format!("pond is unreachable: {e}")))?;
+        if answer.status != 200 {
+            return Err(ApiError::Unauthorized("pond does not know this worker credential".into()));
+        }
+        let member: PoolMember = serde_json::from_slice(&answer.body)
+            .map_err(|e| ApiError::Internal(format!("pond's answer about a worker: {e}")))?;
+        self.workers.lock().unwrap_or_else(|p| p.into_inner()).insert(token.clone(), (member.clone(), Instant::now()));
+        Ok((member, token))
+    }
+
+    fn token_of(&self, worker: &str) -> Option<String> {
+        let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        workers.iter().find(|(_, (m, _))| m.id == worker).map(|(t, _)| t.clone())
+    }
+
+    /// The loop that turns waiting workers into long polls toward pond, and hands back jobs
+    /// whose worker never came for them.
+    async fn poll_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = self.kick.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+            }
+            let (uncovered, expired) = {
+                let mut q = self.lock();
+                let now = Instant::now();
+                q.refused_until.retain(|_, until| *until > now);
+                let uncovered: Vec<String> = q
+                    .waiters
+                    .keys()
+                    .filter(|w| !q.covered.contains(*w) && !q.refused_until.contains_key(*w))
+                    .cloned()
+                    .collect();
+                for w in &uncovered {
+                    q.covered.insert(w.clone());
+                }
+                let grace = self.config.unclaimed_grace;
+                let expired: Vec<JobTicket> = q
+                    .stash
+                    .iter()
+                    .filter(|(_, (_, at))| at.elapsed() > grace)
+                    .map(|(_, (job, _))| job.clone())
+                    .collect();
+                for job in &expired {
+                    q.stash.remove(&job.worker_id);
+                }
+                (uncovered, expired)
+            };
+            for job in expired {
+                self.clone().hand_back(job);
+            }
+            if !uncovered.is_empty() {
+                tokio::spawn(self.clone().poll(uncovered));
+            }
+        }
+    }
+
+    fn hand_back(self: Arc<Self>, job: JobTicket) {
+        tokio::task::spawn_blocking(move || {
+            let Some(token) = self.token_of(&job.worker_id) else { return };
+            let path = format!("/v1/orch/jobs/{}/release", job.job_id);
+            match self.pond.relay("POST", &path, &[], None, &[(WORKER_TOKEN_HEADER, &token)]) {
+                Ok(r) if r.status < 300 => tracing::info!(job = %job.job_id, "handed back a job its worker did not collect"),
+                Ok(r) => tracing::warn!(job = %job.job_id, status = r.status, "handing back a job was refused"),
+                Err(e) => tracing::warn!(job = %job.job_id, error = %e, "handing back a job failed"),
+            }
+        });
+    }
+
+    async fn poll(self: Arc<Self>, workers: Vec<String>) {
+        let request = ClaimRequest { workers: workers.clone(), wait_ms: Some(self.config.claim_wait.as_millis() as u64) };
+        let pond = self.pond.clone();
+        let answer = tokio::task::spawn_blocking(move || pond.orch_claim(&request)).await;
+        let mut failed = false;
+        match answer {
+            Ok(Ok(response)) => {
+                for job in response.jobs {
+                    self.deliver(job);
+                }
+                if !response.refused.is_empty() {
+                    let mut q = self.lock();
+                    let until = Instant::now() + Duration::from_secs(5);
+                    for w in response.refused {
+                        q.refused_until.insert(w, until);
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "claiming from pond failed");
+                failed = true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "claim task failed");
+                failed = true;
+            }
+        }
+        if failed {
+            // Pond is away or refused: do not spin.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        {
+            let mut q = self.lock();
+            for w in &workers {
+                q.covered.remove(w);
+            }
+        }
+        self.kick.notify_one();
+    }
+}
+
+/// Starts an orchestrator: loads its credential (or enrolls with the code), serves workers and
+/// polls pond.
+pub async fn start(config: OrchestratorConfig) -> Result<RunningOrchestrator, OrchestratorError> {
+    std::fs::create_dir_all(&config.state_dir).map_err(io(format!("creating {}", config.state_dir.display())))?;
+    let path = config.state_dir.join("orchestrator.json");
+    let credential = match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice::<Credential>(&bytes).map_err(|e| OrchestratorError::Io {
+            context: format!("reading {}", path.display()),
+            source: std::io::Error::other(e),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let code = config.enroll_code.clone().ok_or(OrchestratorError::NotEnrolled)?;
+            let (server, name) = (config.server.clone(), config.name.clone());
+            let enrolled: Enrolled = tokio::task::spawn_blocking(move || {
+                Client::new(&server, None).enroll_orchestrator(&code, &name)
+            })
+            .await
+            .map_err(|e| io("enrolling")(std::io::Error::other(e)))?
+            .map_err(|source| OrchestratorError::Enroll { server: config.server.clone(), source })?;
+            let credential = Credential { server: config.server.clone(), token: enrolled.token, member: enrolled.member };
+            let bytes = serde_json::to_vec_pretty(&credential).map_err(|e| io("encoding")(std::io::Error::other(e)))?;
+            write_private(&path, &bytes).map_err(io(format!("writing {}", path.display())))?;
+            credential
+        }
+        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+    };
+    let orch = Arc::new(Orch {
+        pond: Client::new(&credential.server, Some(credential.token.clone())),
+        config: config.clone(),
+        queue: Mutex::default(),
+        kick: Notify::new(),
+        workers: Mutex::default(),
+    });
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.map_err(io(format!("listening on {}", config.listen)))?;
+    let addr = listener.local_addr().map_err(io("reading the bound address"))?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let router = Router::new()
+        .route("/v1/worker/enroll", post(enroll))
+        .route("/v1/worker/me", get(me))
+        .route("/v1/worker/claim", post(claim))
+        .route("/v1/worker/jobs/{*rest}", any(relay_job))
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(orch.clone());
+    let mut stop = shutdown_rx.clone();
+    let http = tokio::spawn(async move {
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stopped).await {
+            tracing::error!(error = %e, "orchestrator http server stopped");
+        }
+    });
+    let polling = tokio::spawn(orch.clone().poll_loop(shutdown_rx));
+    Ok(RunningOrchestrator { addr, member: credential.member, shutdown, tasks: vec![http, polling] })
+}
+
+async fn enroll(State(orch): State<Arc<Orch>>, body: Bytes) -> Response {
+    let pond = orch.pond.clone();
+    let relayed = tokio::task::spawn_blocking(move || {
+        pond.relay("POST", "/v1/orch/workers/enroll", &body, Some("application/json"), &[])
+    })
+    .await;
+    respond(relayed)
+}
+
+async fn me(State(orch): State<Arc<Orch>>, headers: HeaderMap) -> Result<Json<PoolMember>, ApiError> {
+    Ok(Json(orch.authenticate(&headers).await?.0))
+}
+
+/// A worker's long poll: a job (200) or nothing within the wait (204).
+async fn claim(State(orch): State<Arc<Orch>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let (worker, _) = orch.authenticate(&headers).await?;
+    let request: WorkerClaim = if body.is_empty() {
+        WorkerClaim::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body is not a claim: {e}")))?
+    };
+    let wait = Duration::from_millis(request.wait_ms.unwrap_or(20_000)).min(Duration::from_secs(60));
+    let (tx, rx) = oneshot::channel();
+    let generation = {
+        let mut q = orch.lock();
+        if let Some((job, _)) = q.stash.remove(&worker.id) {
+            return Ok(Json(job).into_response());
+        }
+        q.generation += 1;
+        let generation = q.generation;
+        q.waiters.insert(worker.id.clone(), Waiter { generation, deliver: tx });
+        generation
+    };
+    orch.kick.notify_one();
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(job)) => Ok(Json(job).into_response()),
+        _ => {
+            let mut q = orch.lock();
+            if q.waiters.get(&worker.id).is_some_and(|w| w.generation == generation) {
+                q.waiters.remove(&worker.id);
+            }
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+    }
+}
+
+/// Relays a job call to pond with the worker's credential beside the orchestrator's.
+async fn relay_job(
+    State(orch): State<Arc<Orch>>,
+    UrlPath(rest): UrlPath<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string())
+    else {
+        return ApiError::Unauthorized("missing the worker's bearer token".into()).into_response();
+    };
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|h| h.to_str().ok()).map(str::to_string);
+    let pond = orch.pond.clone();
+    let path = format!("/v1/orch/jobs/{rest}");
+    let relayed = tokio::task::spawn_blocking(move || {
+        pond.relay(method.as_str(), &path, &body, content_type.as_deref(), &[(WORKER_TOKEN_HEADER, &token)])
+    })
+    .await;
+    respond(relayed)
+}
+
+fn respond(relayed: Result<Result<crate::pool_client::Relayed, ClientError>, tokio::task::JoinError>) -> Response {
+    match relayed {
+        Ok(Ok(r)) => {
+            let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut response = (status, Body::from(r.body)).into_response();
+            if let Some(ct) = r.content_type.and_then(|c| header::HeaderValue::from_str(&c).ok()) {
+                response.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            response
+        }
+        Ok(Err(e)) => ApiError::Unavailable(format!("pond is unreachable: {e}")).into_response(),
+        Err(e) => ApiError::Internal(e.to_string()).into_response(),
+    }
+}

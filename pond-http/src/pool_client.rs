@@ -1,0 +1,256 @@
+//! Clients of the pool protocol: admin pool calls and orchestrator calls on [`Client`], and
+//! [`HttpWorkerClient`], the worker's side (toward its orchestrator) implementing
+//! [`pond_core::pool::WorkerClient`].
+
+use std::io::Read;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use pond_core::engine::JobReport;
+use pond_core::pool::{Job, JobId, PoolMember, WorkerCallError, WorkerClient};
+use pond_core::run::StageOutcome;
+use pond_core::store::LogStream;
+use pond_core::time::Millis;
+
+use crate::client::{encode_path, Body, Client, ClientError};
+use crate::pool_wire::{
+    ClaimRequest, ClaimResponse, CodeCreated, CreateCode, EnrollOrchestrator, EnrollWorker, Enrolled, Heartbeat,
+    JobLine, JobLines, JobResult, JobTicket, PoolList, ResultAck, WorkerClaim,
+};
+
+/// A raw response, for relaying: status, content type, body.
+pub struct Relayed {
+    /// HTTP status.
+    pub status: u16,
+    /// `Content-Type`, if any.
+    pub content_type: Option<String>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Client {
+    /// `POST /v1/admin/enroll`: a one-time enrollment code.
+    pub fn create_enroll_code(&self, request: &CreateCode) -> Result<CodeCreated, ClientError> {
+        let body = serde_json::to_value(request).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.json(self.request("POST", "/v1/admin/enroll"), Some(Body::Json(body)))
+    }
+
+    /// `GET /v1/admin/pools`.
+    pub fn pools(&self) -> Result<PoolList, ClientError> {
+        self.json(self.request("GET", "/v1/admin/pools"), None)
+    }
+
+    /// `POST /v1/admin/pools/workers/{id}/drain`.
+    pub fn drain_worker(&self, worker: &str, draining: bool) -> Result<PoolMember, ClientError> {
+        let path = format!("/v1/admin/pools/workers/{}/drain", encode_path(worker));
+        self.json(self.request("POST", &path), Some(Body::Json(serde_json::json!({ "draining": draining }))))
+    }
+
+    /// `POST /v1/orch/enroll`: an orchestrator redeems its code.
+    pub fn enroll_orchestrator(&self, code: &str, name: &str) -> Result<Enrolled, ClientError> {
+        let body = EnrollOrchestrator { code: code.into(), name: Some(name.into()) };
+        let body = serde_json::to_value(body).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.json(self.request("POST", "/v1/orch/enroll"), Some(Body::Json(body)))
+    }
+
+    /// `POST /v1/orch/claim`: the orchestrator's long poll for its idle workers.
+    pub fn orch_claim(&self, request: &ClaimRequest) -> Result<ClaimResponse, ClientError> {
+        let body = serde_json::to_value(request).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.json(self.request("POST", "/v1/orch/claim"), Some(Body::Json(body)))
+    }
+
+    /// Sends a request as is and returns whatever the server answered (for relays): only a
+    /// transport failure is an error.
+    pub fn relay(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        content_type: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<Relayed, ClientError> {
+        let mut req = self.request(method, path);
+        for (name, value) in headers {
+            req = req.set(name, value);
+        }
+        if let Some(ct) = content_type {
+            req = req.set("Content-Type", ct);
+        }
+        let url = req.url().to_string();
+        let result = if body.is_empty() && method == "GET" { req.call() } else { req.send_bytes(body) };
+        let response = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(ureq::Error::Transport(t)) => return Err(ClientError::Transport { url, message: t.to_string() }),
+        };
+        let status = response.status();
+        let content_type = response.header("Content-Type").map(str::to_string);
+        let mut bytes = Vec::new();
+        response.into_reader().read_to_end(&mut bytes)?;
+        Ok(Relayed { status, content_type, body: bytes })
+    }
+}
+
+/// A worker's connection to its orchestrator.
+#[derive(Clone)]
+pub struct HttpWorkerClient {
+    client: Client,
+}
+
+fn call_error(e: ClientError) -> WorkerCallError {
+    match e {
+        ClientError::Api { status: 409, .. } => WorkerCallError::LeaseLost(e.to_string()),
+        ClientError::Api { status, .. } if status == 502 || status == 503 || status == 504 => {
+            WorkerCallError::Unavailable(e.to_string())
+        }
+        ClientError::Transport { .. } | ClientError::Io(_) => WorkerCallError::Unavailable(e.to_string()),
+        other => WorkerCallError::Refused(other.to_string()),
+    }
+}
+
+impl HttpWorkerClient {
+    /// A client for the orchestrator at `base`, speaking as the worker whose token is `token`.
+    pub fn new(base: &str, token: &str) -> Self {
+        HttpWorkerClient { client: Client::new(base, Some(token.to_string())) }
+    }
+
+    /// Enrolls a worker through the orchestrator at `base` (no credential yet).
+    pub fn enroll(base: &str, request: &EnrollWorker) -> Result<Enrolled, ClientError> {
+        let client = Client::new(base, None);
+        let body = serde_json::to_value(request).map_err(|e| ClientError::Decode(e.to_string()))?;
+        client.json(client.request("POST", "/v1/worker/enroll"), Some(Body::Json(body)))
+    }
+
+    /// Who the orchestrator (and pond behind it) say this worker is.
+    pub fn whoami(&self) -> Result<PoolMember, ClientError> {
+        self.client.json(self.client.request("GET", "/v1/worker/me"), None)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Client) -> Result<T, ClientError> + Send + 'static,
+    ) -> Result<T, WorkerCallError> {
+        let client = self.client.clone();
+        tokio::task::spawn_blocking(move || f(&client))
+            .await
+            .map_err(|e| WorkerCallError::Unavailable(e.to_string()))?
+            .map_err(call_error)
+    }
+}
+
+fn job_path(job: &JobId, tail: &str) -> String {
+    format!("/v1/worker/jobs/{job}/{tail}")
+}
+
+/// Turns a ticket into the core's job.
+pub fn ticket_job(ticket: JobTicket) -> Result<Job, String> {
+    let id: JobId = ticket.job_id.parse()?;
+    Ok(Job { id, run: ticket.run, lease: Millis(ticket.lease_ms), input_sha256: ticket.input_sha256 })
+}
+
+#[async_trait]
+impl WorkerClient for HttpWorkerClient {
+    async fn claim(&self, wait: Millis) -> Result<Option<Job>, WorkerCallError> {
+        let ticket = self
+            .blocking(move |c| {
+                let body = serde_json::to_value(WorkerClaim { wait_ms: Some(wait.0) })
+                    .map_err(|e| ClientError::Decode(e.to_string()))?;
+                let response = c.send(c.request("POST", "/v1/worker/claim"), Some(Body::Json(body)))?;
+                if response.status() == 204 {
+                    return Ok(None);
+                }
+                response.into_json::<JobTicket>().map(Some).map_err(|e| ClientError::Decode(e.to_string()))
+            })
+            .await?;
+        ticket.map(ticket_job).transpose().map_err(WorkerCallError::Refused)
+    }
+
+    async fn input(&self, job: &JobId) -> Result<Vec<u8>, WorkerCallError> {
+        let path = job_path(job, "input");
+        self.blocking(move |c| {
+            let response = c.send(c.request("GET", &path), None)?;
+            let mut bytes = Vec::new();
+            response.into_reader().read_to_end(&mut bytes)?;
+            Ok(bytes)
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, job: &JobId) -> Result<bool, WorkerCallError> {
+        let path = job_path(job, "heartbeat");
+        let beat: Heartbeat = self.blocking(move |c| c.json(c.request("POST", &path), None)).await?;
+        Ok(beat.cancel_requested)
+    }
+
+    async fn logs(&self, job: &JobId, lines: Vec<(LogStream, String)>) -> Result<(), WorkerCallError> {
+        let path = job_path(job, "logs");
+        let body = JobLines { lines: lines.into_iter().map(|(stream, text)| JobLine { stream, text }).collect() };
+        self.blocking(move |c| {
+            let body = serde_json::to_value(body).map_err(|e| ClientError::Decode(e.to_string()))?;
+            c.send(c.request("POST", &path), Some(Body::Json(body))).map(|_| ())
+        })
+        .await
+    }
+
+    async fn artifact(&self, job: &JobId, name: &str, data: Vec<u8>) -> Result<(), WorkerCallError> {
+        let path = job_path(job, &format!("artifacts/{}", encode_path(name)));
+        self.blocking(move |c| {
+            c.send(c.request("PUT", &path), Some(Body::Bytes(&data, "application/octet-stream"))).map(|_| ())
+        })
+        .await
+    }
+
+    async fn result(&self, job: &JobId, report: &JobReport) -> Result<(bool, String), WorkerCallError> {
+        let path = job_path(job, "result");
+        let (outcome, error, exit_code) = match &report.outcome {
+            StageOutcome::Succeeded => ("succeeded", None, None),
+            StageOutcome::Failed { error, exit_code } => ("failed", Some(error.clone()), *exit_code),
+            StageOutcome::Cancelled => ("cancelled", None, None),
+        };
+        let body = JobResult {
+            outcome: outcome.into(),
+            error,
+            exit_code,
+            input_sha256: hex::encode(report.input_sha256),
+            output_sha256: hex::encode(report.output_sha256),
+            signature: base64::engine::general_purpose::STANDARD.encode(report.signature),
+        };
+        let ack: ResultAck = self
+            .blocking(move |c| {
+                let body = serde_json::to_value(body).map_err(|e| ClientError::Decode(e.to_string()))?;
+                c.json(c.request("POST", &path), Some(Body::Json(body)))
+            })
+            .await?;
+        Ok((ack.attestation_verified, ack.detail))
+    }
+
+    async fn release(&self, job: &JobId) -> Result<(), WorkerCallError> {
+        let path = job_path(job, "release");
+        self.blocking(move |c| c.send(c.request("POST", &path), None).map(|_| ())).await
+    }
+}
+
+/// Keeps the worker client behind an `Arc<dyn WorkerClient>`.
+pub fn worker_client(base: &str, token: &str) -> Arc<dyn WorkerClient> {
+    Arc::new(HttpWorkerClient::new(base, token))
+}
+
+/// Convenience for the enroll request.
+pub fn enroll_request(
+    code: &str,
+    name: &str,
+    identity: &pond_core::keys::WorkerIdentity,
+    tags: Option<Vec<String>>,
+    capabilities: Vec<String>,
+) -> EnrollWorker {
+    let b64 = |k: [u8; 32]| base64::engine::general_purpose::STANDARD.encode(k);
+    EnrollWorker {
+        code: code.into(),
+        name: Some(name.into()),
+        sealing_key: b64(identity.sealing_public()),
+        signing_key: b64(identity.signing_public()),
+        tags,
+        capabilities,
+    }
+}

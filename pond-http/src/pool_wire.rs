@@ -1,0 +1,222 @@
+//! Wire shapes of the pool protocol: `/v1/orch/*` (orchestrator → pond), `/v1/worker/*`
+//! (worker → orchestrator, the same job calls relayed) and the admin pool routes.
+
+use pond_core::pool::PoolMember;
+use pond_core::run::Run;
+use pond_core::store::LogStream;
+use serde::{Deserialize, Serialize};
+
+/// Header carrying a worker's own credential on job calls relayed by its orchestrator.
+pub const WORKER_TOKEN_HEADER: &str = "pond-worker-token";
+
+/// `POST /v1/admin/enroll`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCode {
+    /// The pool.
+    pub pool: String,
+    /// `orchestrator` (default) or `worker`.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// Tags pinned on the worker that redeems it.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Expected worker fingerprint (`pond fingerprint`).
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// Lifetime (`1h`, `30m`, seconds); default 1 h.
+    #[serde(default)]
+    pub ttl: Option<pond_core::time::Millis>,
+}
+
+/// A new code (shown once).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CodeCreated {
+    /// The secret code.
+    pub code: String,
+    /// The pool.
+    pub pool: String,
+    /// Who may redeem it.
+    pub role: String,
+    /// Pinned tags.
+    pub tags: Vec<String>,
+    /// Expected fingerprint.
+    pub fingerprint: Option<String>,
+    /// Expiry (RFC 3339).
+    pub expires_at: String,
+}
+
+/// `POST /v1/orch/enroll`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollOrchestrator {
+    /// The code.
+    pub code: String,
+    /// A label.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/worker/enroll` (relayed as `POST /v1/orch/workers/enroll`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollWorker {
+    /// The code.
+    pub code: String,
+    /// A label.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// X25519 public key, base64.
+    pub sealing_key: String,
+    /// Ed25519 public key, base64.
+    pub signing_key: String,
+    /// Tags asked for (a subset of the code's); absent: all of the code's.
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    /// Capabilities of this host.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+/// What enrollment returns: the member's id, pool, pinned tags and its credential (shown once).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Enrolled {
+    /// The member.
+    pub member: PoolMember,
+    /// Its bearer token.
+    pub token: String,
+}
+
+/// `POST /v1/orch/claim`: a long poll for jobs for idle workers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    /// Ids of idle workers of this orchestrator's pool.
+    pub workers: Vec<String>,
+    /// Longest wait in milliseconds (at most 30 s).
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+/// A job handed to a worker.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobTicket {
+    /// `<run>.<stage>.<attempt>`.
+    pub job_id: String,
+    /// The worker it is for.
+    pub worker_id: String,
+    /// The run (definition and sources).
+    pub run: Run,
+    /// The stage key.
+    pub stage: String,
+    /// The attempt.
+    pub attempt: u32,
+    /// Lease length: heartbeat well within it.
+    pub lease_ms: u64,
+    /// SHA-256 (hex) of the input bundle (`GET …/input`).
+    pub input_sha256: String,
+    /// Its size.
+    pub input_size: u64,
+}
+
+/// `POST /v1/orch/claim` response.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ClaimResponse {
+    /// Jobs claimed, at most one per worker.
+    pub jobs: Vec<JobTicket>,
+    /// Requested workers pond will not serve (unknown, other pool, draining).
+    #[serde(default)]
+    pub refused: Vec<String>,
+}
+
+/// `POST /v1/worker/claim`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerClaim {
+    /// Longest wait in milliseconds.
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+/// Heartbeat answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Stop: the run was cancelled.
+    pub cancel_requested: bool,
+}
+
+/// A log line from a worker.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobLine {
+    /// `stdout` or `stderr`.
+    pub stream: LogStream,
+    /// The line.
+    pub text: String,
+}
+
+/// `POST …/logs`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobLines {
+    /// The lines, in order.
+    pub lines: Vec<JobLine>,
+}
+
+/// `POST …/result`: the outcome with the signed attestation (format (d)).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobResult {
+    /// `succeeded`, `failed` or `cancelled`.
+    pub outcome: String,
+    /// Failure text.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Process exit code.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// SHA-256 of the input bundle received, hex.
+    pub input_sha256: String,
+    /// SHA-256 of the output manifest, hex.
+    pub output_sha256: String,
+    /// Ed25519 signature, base64.
+    pub signature: String,
+}
+
+/// `POST …/result` response.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResultAck {
+    /// Whether pond verified the attestation.
+    pub attestation_verified: bool,
+    /// Why not, or what was verified.
+    pub detail: String,
+}
+
+/// One member in `GET /v1/admin/pools`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberView {
+    /// The member.
+    #[serde(flatten)]
+    pub member: PoolMember,
+    /// Last heard from (RFC 3339).
+    pub last_seen: Option<String>,
+    /// The job it holds, if any.
+    pub current_job: Option<String>,
+}
+
+/// `GET /v1/admin/pools`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PoolList {
+    /// Orchestrators.
+    pub orchestrators: Vec<MemberView>,
+    /// Workers.
+    pub workers: Vec<MemberView>,
+}
+
+/// `POST /v1/admin/pools/workers/{id}/drain`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drain {
+    /// `false` to take work again.
+    #[serde(default)]
+    pub draining: Option<bool>,
+}
