@@ -69,6 +69,15 @@ enum Command {
         #[command(subcommand)]
         command: KeysCliCommand,
     },
+    /// Run a pool's orchestrator: it polls pond (--server) for its workers and serves them.
+    Orchestrator(OrchestratorArgs),
+    /// Run a pool worker: takes jobs from its orchestrator, runs them, signs the results.
+    Worker(WorkerArgs),
+    /// Worker pools: list orchestrators and workers, drain a worker.
+    Pool {
+        #[command(subcommand)]
+        command: PoolCommand,
+    },
     /// Print this worker's key fingerprints (making its keys on first use), to pin at enrollment.
     Fingerprint {
         /// Worker key directory (default: $POND_WORKER_KEY_DIR, else ~/.local/share/pond/worker).
@@ -242,6 +251,104 @@ enum AdminCommand {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// One-time enrollment codes for orchestrators and workers.
+    Enroll {
+        #[command(subcommand)]
+        command: EnrollCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EnrollCommand {
+    /// Mint a code (printed once). Without --worker it enrolls an orchestrator for the pool.
+    Create {
+        /// The pool (e.g. `byo-acme`).
+        #[arg(long)]
+        pool: String,
+        /// A code for one worker of the pool (relayed by its orchestrator) instead.
+        #[arg(long)]
+        worker: bool,
+        /// Tags pinned on the worker (comma-separated, e.g. `pool:byo,tenant:acme`); workers only.
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+        /// The worker fingerprint its keys must produce (`pond fingerprint` on the worker).
+        #[arg(long)]
+        fingerprint: Option<String>,
+        /// How long the code stays valid.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCommand {
+    /// Orchestrators and workers: pool, tags, capabilities, fingerprint, last seen, current job.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a worker finish its current job and take no more (--undo: take work again).
+    Drain {
+        /// Worker id or name.
+        worker: String,
+        /// Take work again.
+        #[arg(long)]
+        undo: bool,
+    },
+}
+
+#[derive(Args)]
+struct OrchestratorArgs {
+    /// Enrollment code (first start only; the credential is then kept in --state-dir).
+    #[arg(long, env = "POND_ENROLL_CODE", hide_env_values = true)]
+    enroll: Option<String>,
+    /// Address workers reach this orchestrator on.
+    #[arg(long, env = "POND_ORCH_LISTEN", default_value = "127.0.0.1:8430")]
+    listen: SocketAddr,
+    /// Where the credential is kept.
+    #[arg(long, env = "POND_ORCH_STATE_DIR", default_value = ".pond-orchestrator")]
+    state_dir: PathBuf,
+    /// A label shown by `pond pool ls` (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// The orchestrator's URL.
+    #[arg(long, env = "POND_ORCHESTRATOR")]
+    orchestrator: String,
+    /// Enrollment code (first start only; the credential is then kept in --key-dir).
+    #[arg(long, env = "POND_ENROLL_CODE", hide_env_values = true)]
+    enroll: Option<String>,
+    /// Tags to enroll with (comma-separated; a subset of the code's; default: all of them).
+    #[arg(long, value_delimiter = ',')]
+    tags: Option<Vec<String>>,
+    /// Capabilities of this host (comma-separated, e.g. `harness.codex`), declared at enrollment.
+    #[arg(long, value_delimiter = ',')]
+    capabilities: Vec<String>,
+    /// Key and credential directory (default: $POND_WORKER_KEY_DIR, else ~/.local/share/pond/worker).
+    #[arg(long)]
+    key_dir: Option<PathBuf>,
+    /// A label shown by `pond pool ls` (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Take one job, then exit.
+    #[arg(long)]
+    once: bool,
+    /// On SIGTERM, how long the current job may run on before it is stopped and handed back.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    drain: Duration,
+    /// Wait between SIGTERM and SIGKILL when a job is stopped.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    kill_grace: Duration,
+    /// Host environment variable to pass to shell jobs (repeatable).
+    #[arg(long = "shell-env-allow")]
+    shell_env_allow: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -380,6 +487,34 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Demo(args) => demo(args),
         Command::Bench(args) => bench(args).map(|()| 0),
         Command::Fingerprint { key_dir, json } => fingerprint(key_dir, json).map(|()| 0),
+        Command::Orchestrator(args) => {
+            let server =
+                cli.global.server.context("pass --server <pond URL> (or POND_SERVER): the orchestrator dials pond")?;
+            orchestrator(server, args).map(|()| 0)
+        }
+        Command::Worker(args) => worker(args),
+        Command::Pool { command } => {
+            let config = CliConfig::load(&config_path)?;
+            let overrides = TargetOverrides {
+                server: cli.global.server,
+                token: cli.global.token,
+                context: cli.global.context,
+                project: None,
+            };
+            let target = cli::resolve_target(&config, &overrides)?;
+            pool(command, &Client::new(&target.server, target.token)).map(|()| 0)
+        }
+        Command::Admin { command: AdminCommand::Enroll { command } } => {
+            let config = CliConfig::load(&config_path)?;
+            let overrides = TargetOverrides {
+                server: cli.global.server,
+                token: cli.global.token,
+                context: cli.global.context,
+                project: None,
+            };
+            let target = cli::resolve_target(&config, &overrides)?;
+            enroll(command, &Client::new(&target.server, target.token)).map(|()| 0)
+        }
         Command::Context { command } => context(command, &config_path).map(|()| 0),
         Command::Keys { command } => {
             let config = CliConfig::load(&config_path)?;
@@ -433,6 +568,142 @@ fn dispatch(cli: Cli) -> Result<i32> {
             keys(command, &client).map(|()| 0)
         }
     }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into())
+}
+
+fn orchestrator(server: String, args: OrchestratorArgs) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut config = pond_http::orchestrator::OrchestratorConfig::new(&server, args.state_dir);
+        config.listen = args.listen;
+        config.enroll_code = args.enroll;
+        config.name = args.name.unwrap_or_else(host_name);
+        let orch = pond_http::orchestrator::start(config).await?;
+        println!("pond orchestrator listening on {}", orch.url());
+        println!("pool: {}; id: {}; pond: {server}", orch.member.pool, orch.member.id);
+        std::io::stdout().flush()?;
+        shutdown_signal().await;
+        orch.shutdown().await;
+        Ok(())
+    })
+}
+
+fn worker(args: WorkerArgs) -> Result<i32> {
+    let key_dir = args.key_dir.unwrap_or_else(pond_exec::default_key_dir);
+    let config = pond_http::worker_process::WorkerProcessConfig {
+        orchestrator: args.orchestrator.trim_end_matches('/').to_string(),
+        enroll_code: args.enroll,
+        key_dir,
+        tags: args.tags,
+        capabilities: args.capabilities,
+        name: args.name.unwrap_or_else(host_name),
+        once: args.once,
+        drain: args.drain,
+        kill_grace: args.kill_grace,
+        shell_env_allow: args.shell_env_allow,
+        sandbox: Arc::new(pond_sandbox::HostBackend),
+    };
+    let prepared = pond_http::worker_process::prepare(&config)?;
+    let m = &prepared.member;
+    let how = if prepared.newly_enrolled { "enrolled" } else { "resuming" };
+    println!(
+        "pond worker {} {how} in pool {} (tags: {}; capabilities: {}; fingerprint {})",
+        m.id,
+        m.pool,
+        m.tags.join(","),
+        m.capabilities.join(","),
+        m.fingerprint.as_deref().unwrap_or("-")
+    );
+    std::io::stdout().flush()?;
+    let rt = runtime()?;
+    let summary = rt.block_on(async {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop.send(true);
+        });
+        prepared.worker.run(stopped).await
+    });
+    println!(
+        "pond worker stopped: {} reported, {} handed back, {} lost",
+        summary.reported, summary.handed_back, summary.lost
+    );
+    Ok(0)
+}
+
+fn enroll(command: EnrollCommand, client: &Client) -> Result<()> {
+    let EnrollCommand::Create { pool, worker, tags, fingerprint, ttl, json } = command;
+    let request = pond_http::pool_wire::CreateCode {
+        pool,
+        role: Some(if worker { "worker" } else { "orchestrator" }.into()),
+        tags,
+        fingerprint,
+        ttl: Some(pond_core::time::Millis(ttl.as_millis() as u64)),
+    };
+    let code = client.create_enroll_code(&request)?;
+    if json {
+        return print_json(&code);
+    }
+    println!("{}", code.code);
+    eprintln!(
+        "one-time {} code for pool {}{}{}, valid until {}",
+        code.role,
+        code.pool,
+        if code.tags.is_empty() { String::new() } else { format!(", tags {}", code.tags.join(",")) },
+        code.fingerprint.as_deref().map(|f| format!(", only for keys {f}")).unwrap_or_default(),
+        code.expires_at
+    );
+    Ok(())
+}
+
+fn pool(command: PoolCommand, client: &Client) -> Result<()> {
+    match command {
+        PoolCommand::Ls { json } => {
+            let list = client.pools()?;
+            if json {
+                return print_json(&list);
+            }
+            println!(
+                "{:<18} {:<14} {:<16} {:<24} {:<20} {:<8} {}",
+                "ID", "KIND", "POOL", "TAGS", "LAST SEEN", "STATE", "JOB"
+            );
+            for v in list.orchestrators.iter().chain(&list.workers) {
+                let m = &v.member;
+                let state = if m.draining { "draining" } else { "active" };
+                println!(
+                    "{:<18} {:<14} {:<16} {:<24} {:<20} {:<8} {}",
+                    m.id,
+                    m.kind.as_str(),
+                    m.pool,
+                    if m.tags.is_empty() { "-".into() } else { m.tags.join(",") },
+                    v.last_seen.as_deref().map(|s| s.get(..19).unwrap_or(s)).unwrap_or("never"),
+                    state,
+                    v.current_job.as_deref().unwrap_or("-")
+                );
+                if m.fingerprint.is_some() || !m.capabilities.is_empty() {
+                    println!(
+                        "{:<18} name {}, capabilities {}, fingerprint {}",
+                        "",
+                        m.name,
+                        if m.capabilities.is_empty() { "-".into() } else { m.capabilities.join(",") },
+                        m.fingerprint.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        PoolCommand::Drain { worker, undo } => {
+            let m = client.drain_worker(&worker, !undo)?;
+            if m.draining {
+                println!("{} is draining: it finishes its current job and takes no more", m.id);
+            } else {
+                println!("{} takes work again", m.id);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn server_config(args: ServerArgs) -> pond_http::server::ServerConfig {
@@ -695,15 +966,21 @@ fn fingerprint(key_dir: Option<PathBuf>, json: bool) -> Result<()> {
     let identity =
         pond_exec::load_or_create_identity(&dir).with_context(|| format!("worker keys in {}", dir.display()))?;
     let (sealing_fp, signing_fp) = identity.fingerprints();
+    let worker_fp = pond_core::pool::worker_fingerprint(&pond_core::pool::WorkerKeys {
+        sealing: identity.sealing_public(),
+        signing: identity.signing_public(),
+    });
     let b64 = |k: [u8; 32]| base64::engine::general_purpose::STANDARD.encode(k);
     let (sealing_pk, signing_pk) = (b64(identity.sealing_public()), b64(identity.signing_public()));
     if json {
         print_json(&serde_json::json!({
             "key_dir": dir,
+            "worker": worker_fp,
             "sealing": {"alg": "x25519", "fingerprint": sealing_fp, "public_key": sealing_pk},
             "signing": {"alg": "ed25519", "fingerprint": signing_fp, "public_key": signing_pk},
         }))?;
     } else {
+        println!("worker:            {worker_fp}  (pin with `pond admin enroll create --worker --fingerprint …`)");
         println!("sealing (X25519):  {sealing_fp}  {sealing_pk}");
         println!("signing (Ed25519): {signing_fp}  {signing_pk}");
         println!("keys in {} (private, never sent)", dir.display());

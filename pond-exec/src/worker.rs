@@ -174,12 +174,8 @@ impl Worker {
         }
         let artifacts = sink.artifacts.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let output_sha256 = output_digest(&artifacts);
-        let attestation = Attestation {
-            job_id: id.to_string(),
-            input_sha256: input_sha,
-            output_sha256,
-            rc: JobReport::rc(&outcome),
-        };
+        let attestation =
+            Attestation { job_id: id.to_string(), input_sha256: input_sha, output_sha256, rc: JobReport::rc(&outcome) };
         let signature = match attestation.sign(&self.signing_seed) {
             Ok(s) => s,
             Err(e) => {
@@ -225,7 +221,8 @@ impl Worker {
         };
         let input_sha: [u8; 32] = Sha256::digest(&input).into();
         if hex::encode(input_sha) != job.input_sha256 {
-            let error = format!("input bundle digest {} is not the one issued ({})", hex::encode(input_sha), job.input_sha256);
+            let error =
+                format!("input bundle digest {} is not the one issued ({})", hex::encode(input_sha), job.input_sha256);
             return (failed(error), input_sha);
         }
         let (unpack_to, max) = (dir.to_path_buf(), self.config.max_input_bytes);
@@ -253,14 +250,8 @@ impl Worker {
         let Some(executor) = self.executors.get(stage.executor.kind()) else {
             return (failed(format!("this worker has no `{}` executor", stage.executor.kind())), input_sha);
         };
-        let ctx = ExecContext {
-            run: &job.run,
-            stage,
-            attempt: job.id.attempt,
-            workspace: &workspace,
-            output: sink,
-            stop,
-        };
+        let ctx =
+            ExecContext { run: &job.run, stage, attempt: job.id.attempt, workspace: &workspace, output: sink, stop };
         let outcome = match (executor.execute(ctx).await, stop.reason()) {
             (StageOutcome::Cancelled | StageOutcome::Failed { .. }, Some(StopReason::TimedOut)) => {
                 failed(format!("timed out after {}", stage.effective_timeout()))

@@ -122,7 +122,11 @@ impl Client {
         }
     }
 
-    pub(crate) fn json<T: DeserializeOwned>(&self, req: ureq::Request, body: Option<Body<'_>>) -> Result<T, ClientError> {
+    pub(crate) fn json<T: DeserializeOwned>(
+        &self,
+        req: ureq::Request,
+        body: Option<Body<'_>>,
+    ) -> Result<T, ClientError> {
         let response = self.send(req, body)?;
         response.into_json::<T>().map_err(|e| ClientError::Decode(e.to_string()))
     }

@@ -7,6 +7,7 @@
 //! - [`pool_wire`]: the pool protocol's wire shapes;
 //! - [`orchestrator`]: the `pond orchestrator` process (worker API, batched long polls to pond);
 //! - [`pool_client`]: pool calls on the client, and the worker's HTTP client;
+//! - [`worker_process`]: assembly of a `pond worker` (keys, enrollment, executors);
 //! - [`wire`]: request and response shapes shared with the client;
 //! - [`client`]: the typed blocking client the CLI uses;
 //! - [`server`]: assembly of a whole server (store, engine, driver, HTTP) — [`server::start`];
@@ -27,3 +28,4 @@ pub mod pool_wire;
 pub mod server;
 pub mod state;
 pub mod wire;
+pub mod worker_process;

@@ -28,8 +28,8 @@ use crate::api::{blob_response, read_body, ApiJson};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::pool_wire::{
-    ClaimRequest, ClaimResponse, CodeCreated, CreateCode, Drain, EnrollOrchestrator, EnrollWorker, Enrolled,
-    Heartbeat, JobLines, JobResult, JobTicket, MemberView, PoolList, ResultAck, WORKER_TOKEN_HEADER,
+    ClaimRequest, ClaimResponse, CodeCreated, CreateCode, Drain, EnrollOrchestrator, EnrollWorker, Enrolled, Heartbeat,
+    JobLines, JobResult, JobTicket, MemberView, PoolList, ResultAck, WORKER_TOKEN_HEADER,
 };
 use crate::state::AppState;
 
@@ -112,12 +112,10 @@ impl FromRequestParts<AppState> for Relayed {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let Orchestrator(orchestrator) = Orchestrator::from_request_parts(parts, state).await?;
-        let token = parts
-            .headers
-            .get(WORKER_TOKEN_HEADER)
-            .and_then(|h| h.to_str().ok())
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| ApiError::Unauthorized(format!("missing the worker's credential ({WORKER_TOKEN_HEADER})")))?;
+        let token =
+            parts.headers.get(WORKER_TOKEN_HEADER).and_then(|h| h.to_str().ok()).filter(|t| !t.is_empty()).ok_or_else(
+                || ApiError::Unauthorized(format!("missing the worker's credential ({WORKER_TOKEN_HEADER})")),
+            )?;
         match state.pools.authenticate(token).await? {
             Some(worker) if worker.kind == MemberKind::Worker && worker.pool == orchestrator.pool => {
                 Ok(Relayed { orchestrator, worker })
@@ -182,10 +180,8 @@ async fn enroll_worker(
     Orchestrator(orchestrator): Orchestrator,
     ApiJson(req): ApiJson<EnrollWorker>,
 ) -> Result<(axum::http::StatusCode, Json<Enrolled>), ApiError> {
-    let sealing =
-        pond_core::pool::decode_key(&req.sealing_key).map_err(|e| ApiError::invalid("sealing_key", e))?;
-    let signing =
-        pond_core::pool::decode_key(&req.signing_key).map_err(|e| ApiError::invalid("signing_key", e))?;
+    let sealing = pond_core::pool::decode_key(&req.sealing_key).map_err(|e| ApiError::invalid("sealing_key", e))?;
+    let signing = pond_core::pool::decode_key(&req.signing_key).map_err(|e| ApiError::invalid("signing_key", e))?;
     let keys = pond_core::pool::WorkerKeys { sealing, signing };
     let token = random_secret("pond_worker_");
     let name = req.name.unwrap_or_else(|| "worker".into());
@@ -378,9 +374,7 @@ async fn result(
             exit_code: body.exit_code,
         },
         "cancelled" => StageOutcome::Cancelled,
-        other => {
-            return Err(ApiError::invalid("outcome", format!("`{other}` is not succeeded, failed or cancelled")))
-        }
+        other => return Err(ApiError::invalid("outcome", format!("`{other}` is not succeeded, failed or cancelled"))),
     };
     let signature = base64::engine::general_purpose::STANDARD
         .decode(&body.signature)

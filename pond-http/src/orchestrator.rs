@@ -272,7 +272,9 @@ impl Orch {
             let Some(token) = self.token_of(&job.worker_id) else { return };
             let path = format!("/v1/orch/jobs/{}/release", job.job_id);
             match self.pond.relay("POST", &path, &[], None, &[(WORKER_TOKEN_HEADER, &token)]) {
-                Ok(r) if r.status < 300 => tracing::info!(job = %job.job_id, "handed back a job its worker did not collect"),
+                Ok(r) if r.status < 300 => {
+                    tracing::info!(job = %job.job_id, "handed back a job its worker did not collect")
+                }
                 Ok(r) => tracing::warn!(job = %job.job_id, status = r.status, "handing back a job was refused"),
                 Err(e) => tracing::warn!(job = %job.job_id, error = %e, "handing back a job failed"),
             }
@@ -280,7 +282,8 @@ impl Orch {
     }
 
     async fn poll(self: Arc<Self>, workers: Vec<String>) {
-        let request = ClaimRequest { workers: workers.clone(), wait_ms: Some(self.config.claim_wait.as_millis() as u64) };
+        let request =
+            ClaimRequest { workers: workers.clone(), wait_ms: Some(self.config.claim_wait.as_millis() as u64) };
         let pond = self.pond.clone();
         let answer = tokio::task::spawn_blocking(move || pond.orch_claim(&request)).await;
         let mut failed = false;
@@ -333,13 +336,13 @@ pub async fn start(config: OrchestratorConfig) -> Result<RunningOrchestrator, Or
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let code = config.enroll_code.clone().ok_or(OrchestratorError::NotEnrolled)?;
             let (server, name) = (config.server.clone(), config.name.clone());
-            let enrolled: Enrolled = tokio::task::spawn_blocking(move || {
-                Client::new(&server, None).enroll_orchestrator(&code, &name)
-            })
-            .await
-            .map_err(|e| io("enrolling")(std::io::Error::other(e)))?
-            .map_err(|source| OrchestratorError::Enroll { server: config.server.clone(), source })?;
-            let credential = Credential { server: config.server.clone(), token: enrolled.token, member: enrolled.member };
+            let enrolled: Enrolled =
+                tokio::task::spawn_blocking(move || Client::new(&server, None).enroll_orchestrator(&code, &name))
+                    .await
+                    .map_err(|e| io("enrolling")(std::io::Error::other(e)))?
+                    .map_err(|source| OrchestratorError::Enroll { server: config.server.clone(), source })?;
+            let credential =
+                Credential { server: config.server.clone(), token: enrolled.token, member: enrolled.member };
             let bytes = serde_json::to_vec_pretty(&credential).map_err(|e| io("encoding")(std::io::Error::other(e)))?;
             write_private(&path, &bytes).map_err(io(format!("writing {}", path.display())))?;
             credential

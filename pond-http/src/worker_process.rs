@@ -1,0 +1,140 @@
+//! Assembly of a `pond worker` process: its keys (made on first use), its enrollment through
+//! the orchestrator (once; the credential is kept 0600 beside the keys), and a
+//! [`pond_exec::Worker`] with the `noop` and `shell` executors.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pond_core::pool::PoolMember;
+use pond_exec::{NoopExecutor, ShellConfig, ShellExecutor, Worker, WorkerConfig};
+
+use crate::client::ClientError;
+use crate::orchestrator::write_private;
+use crate::pool_client::{enroll_request, HttpWorkerClient};
+
+/// Everything `pond worker` can be told.
+#[derive(Clone)]
+pub struct WorkerProcessConfig {
+    /// The orchestrator's URL.
+    pub orchestrator: String,
+    /// An enrollment code, needed only the first time.
+    pub enroll_code: Option<String>,
+    /// Keys and credential live here.
+    pub key_dir: PathBuf,
+    /// Tags to ask for at enrollment (a subset of the code's); `None`: all of the code's.
+    pub tags: Option<Vec<String>>,
+    /// Capabilities to declare at enrollment.
+    pub capabilities: Vec<String>,
+    /// A label.
+    pub name: String,
+    /// Take one job, then exit.
+    pub once: bool,
+    /// On shutdown, how long the current job may run on.
+    pub drain: Duration,
+    /// Wait between SIGTERM and SIGKILL when a job is stopped.
+    pub kill_grace: Duration,
+    /// Host variables passed to `shell` jobs besides the defaults.
+    pub shell_env_allow: Vec<String>,
+    /// Contains `shell` jobs.
+    pub sandbox: Arc<dyn pond_core::sandbox::SandboxBackend>,
+}
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerSetupError {
+    /// No credential and no code.
+    #[error("not enrolled: pass --enroll <code> (from `pond admin enroll create --pool … --worker`) the first time")]
+    NotEnrolled,
+    /// The orchestrator or pond refused, or could not be reached.
+    #[error("enrolling through {orchestrator}: {source}")]
+    Enroll {
+        /// The orchestrator's URL.
+        orchestrator: String,
+        /// The failure.
+        source: ClientError,
+    },
+    /// A file failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Credential {
+    orchestrator: String,
+    token: String,
+    member: PoolMember,
+}
+
+/// A worker ready to run, with what it enrolled as and whether it enrolled just now.
+pub struct PreparedWorker {
+    /// Its enrollment (pinned tags, capabilities, fingerprint).
+    pub member: PoolMember,
+    /// Enrolled by this start (else the saved credential was used).
+    pub newly_enrolled: bool,
+    /// The loop; call [`Worker::run`].
+    pub worker: Worker,
+}
+
+/// Loads or makes the worker's keys, enrolls if it has no credential yet, and builds the loop.
+/// Blocking (enrollment is an HTTP call): call it outside an async context or in
+/// `spawn_blocking`.
+pub fn prepare(config: &WorkerProcessConfig) -> Result<PreparedWorker, WorkerSetupError> {
+    let io = |context: String| move |source| WorkerSetupError::Io { context, source };
+    let identity = pond_exec::load_or_create_identity(&config.key_dir)
+        .map_err(io(format!("worker keys in {}", config.key_dir.display())))?;
+    let path = config.key_dir.join("worker.json");
+    let (credential, newly_enrolled) = match std::fs::read(&path) {
+        Ok(bytes) => {
+            let c: Credential = serde_json::from_slice(&bytes)
+                .map_err(|e| io(format!("reading {}", path.display()))(std::io::Error::other(e)))?;
+            (c, false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let code = config.enroll_code.as_deref().ok_or(WorkerSetupError::NotEnrolled)?;
+            let request =
+                enroll_request(code, &config.name, &identity, config.tags.clone(), config.capabilities.clone());
+            let enrolled = HttpWorkerClient::enroll(&config.orchestrator, &request)
+                .map_err(|source| WorkerSetupError::Enroll { orchestrator: config.orchestrator.clone(), source })?;
+            let c = Credential {
+                orchestrator: config.orchestrator.clone(),
+                token: enrolled.token,
+                member: enrolled.member,
+            };
+            let bytes = serde_json::to_vec_pretty(&c)
+                .map_err(|e| io("encoding the credential".into())(std::io::Error::other(e)))?;
+            write_private(&path, &bytes).map_err(io(format!("writing {}", path.display())))?;
+            (c, true)
+        }
+        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+    };
+    let scratch = config.key_dir.join("jobs");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).map_err(io(format!("creating {}", scratch.display())))?;
+    // Stage processes a killed earlier run of this worker left behind die now.
+    let groups = config.key_dir.join("process-groups");
+    pond_exec::reap_orphans(&groups).map_err(io(format!("cleaning {}", groups.display())))?;
+    let mut shell = ShellConfig::new(scratch.join("_out"));
+    shell.group_dir = Some(groups);
+    shell.kill_grace = config.kill_grace;
+    shell.env_allowlist.extend(config.shell_env_allow.iter().cloned());
+    let worker_config = WorkerConfig {
+        scratch,
+        once: config.once,
+        claim_wait: Duration::from_secs(20),
+        drain: config.drain,
+        max_input_bytes: 2 * 1024 * 1024 * 1024,
+    };
+    // The orchestrator URL given now wins over the saved one (it may have moved).
+    let client = Arc::new(HttpWorkerClient::new(&config.orchestrator, &credential.token));
+    let worker = Worker::new(client, identity.signing_seed(), worker_config)
+        .with_executor(Arc::new(NoopExecutor))
+        .with_executor(Arc::new(ShellExecutor::new(shell, config.sandbox.clone())));
+    Ok(PreparedWorker { member: credential.member, newly_enrolled, worker })
+}
