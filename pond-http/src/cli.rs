@@ -346,14 +346,24 @@ pub fn format_run(run: &RunView) -> String {
             .unwrap_or_else(|| "not fetched yet".into());
         s.push_str(&format!("source   {} ({}): {resolved}\n", src.label, source_kind(&src.spec)));
     }
-    s.push_str(&format!("\n{:<20} {:<9} {:<10} {:>8}  {}\n", "STAGE", "EXECUTOR", "STATE", "ATTEMPT", "ERROR"));
+    s.push_str(&format!(
+        "\n{:<20} {:<9} {:<6} {:<10} {:>8}  {:<12} {}\n",
+        "STAGE", "EXECUTOR", "WHERE", "STATE", "ATTEMPT", "ATTESTATION", "ERROR"
+    ));
     for st in &run.stages {
+        let attestation = match st.attestation_verified {
+            Some(true) => "verified",
+            Some(false) => "NOT verified",
+            None => "-",
+        };
         s.push_str(&format!(
-            "{:<20} {:<9} {:<10} {:>8}  {}\n",
+            "{:<20} {:<9} {:<6} {:<10} {:>8}  {:<12} {}\n",
             st.key,
             st.executor,
+            st.placement,
             st.state.as_str(),
             format!("{}/{}", st.attempt, st.max_attempts),
+            attestation,
             st.error.clone().unwrap_or_default()
         ));
     }

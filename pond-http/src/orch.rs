@@ -248,6 +248,11 @@ async fn claim_round(state: &AppState, idle: &[PoolMember]) -> Result<Vec<JobTic
     let mut tickets = Vec::new();
     for workers in groups.values() {
         for worker in workers {
+            // Drained since the poll began: a drain takes effect before the next claim.
+            match state.pools.member(&worker.id).await? {
+                Some(now) if !now.draining => {}
+                _ => continue,
+            }
             let Some(claim) = state.engine.claim_for_worker(worker, 1).await?.into_iter().next() else { break };
             if let Some(ticket) = ticket(state, worker, &claim).await? {
                 tickets.push(ticket);

@@ -44,6 +44,15 @@ pub struct StageView {
     pub name: String,
     /// Executor kind.
     pub executor: String,
+    /// `local` (run by a server) or `pool` (run by a pool worker).
+    pub placement: String,
+    /// For a pooled stage, what its worker must offer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requirements: Option<pond_core::routing::Requirements>,
+    /// For a pooled stage whose last attempt reported: whether pond verified the worker's
+    /// signed result (signature under its pinned key, input it was issued).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attestation_verified: Option<bool>,
     /// State.
     pub state: StageState,
     /// Attempts started.
@@ -74,7 +83,15 @@ impl From<RunSnapshot> for RunView {
                 StageView {
                     key: st.key.clone(),
                     name: def.display_name().to_string(),
-                    executor: st.executor_kind.clone(),
+                    executor: def.executor.kind().to_string(),
+                    placement: if st.requirements.is_some() { "pool" } else { "local" }.into(),
+                    requirements: st.requirements.clone(),
+                    attestation_verified: s
+                        .attempts
+                        .iter()
+                        .rev()
+                        .find(|a| a.stage_key == st.key && a.attestation.is_some())
+                        .and_then(|a| a.attestation.as_ref().map(|x| x.verified)),
                     state: st.state,
                     attempt: st.attempt,
                     max_attempts: def.effective_max_attempts(),

@@ -120,7 +120,10 @@ pub fn prepare(config: &WorkerProcessConfig) -> Result<PreparedWorker, WorkerSet
     // Stage processes a killed earlier run of this worker left behind die now.
     let groups = config.key_dir.join("process-groups");
     pond_exec::reap_orphans(&groups).map_err(io(format!("cleaning {}", groups.display())))?;
-    let mut shell = ShellConfig::new(scratch.join("_out"));
+    let outputs = config.key_dir.join("outputs");
+    let _ = std::fs::remove_dir_all(&outputs);
+    std::fs::create_dir_all(&outputs).map_err(io(format!("creating {}", outputs.display())))?;
+    let mut shell = ShellConfig::new(outputs);
     shell.group_dir = Some(groups);
     shell.kill_grace = config.kill_grace;
     shell.env_allowlist.extend(config.shell_env_allow.iter().cloned());

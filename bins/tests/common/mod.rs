@@ -156,3 +156,125 @@ pub fn scratch_database(server: &str, prefix: &str) -> pond_store::ScratchDataba
 pub fn run_json(def: serde_json::Value) -> serde_json::Value {
     serde_json::json!({"project_id": "acme", "definition": def})
 }
+
+/// Spawns `pond <args>` and returns it with its first stdout line (the rest is drained).
+fn spawn_reporting(args: &[String], env: &[(&str, &str)]) -> (Child, String) {
+    let mut cmd = Command::new(POND);
+    cmd.args(args).env("POND_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn pond");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let first = match lines.next() {
+        Some(Ok(line)) => line,
+        _ => {
+            let status = child.wait().ok();
+            panic!("pond {args:?} printed nothing (exit {status:?})");
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, first)
+}
+
+/// A `pond orchestrator` process.
+pub struct Orchestrator {
+    pub child: Child,
+    pub url: String,
+    pub state_dir: PathBuf,
+    pub server: String,
+}
+
+impl Orchestrator {
+    /// Starts an orchestrator for `server` on `listen` (e.g. `127.0.0.1:0`), enrolling with
+    /// `code` when given.
+    pub fn start(server: &str, state_dir: &Path, listen: &str, code: Option<&str>) -> Orchestrator {
+        let mut args: Vec<String> = ["orchestrator", "--server", server, "--listen", listen, "--state-dir"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(state_dir.display().to_string());
+        if let Some(code) = code {
+            args.extend(["--enroll".to_string(), code.to_string()]);
+        }
+        let (child, first) = spawn_reporting(&args, &[]);
+        let url = first
+            .strip_prefix("pond orchestrator listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+            .to_string();
+        Orchestrator { child, url, state_dir: state_dir.to_path_buf(), server: server.to_string() }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills it and starts it again on the same address with the saved credential.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let listen = self.url.trim_start_matches("http://").to_string();
+        let again = Orchestrator::start(&self.server, &self.state_dir, &listen, None);
+        drop(std::mem::replace(self, again));
+    }
+}
+
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A `pond worker` process.
+pub struct Worker {
+    pub child: Child,
+    pub id: String,
+    pub key_dir: PathBuf,
+}
+
+impl Worker {
+    /// Starts a worker through `orchestrator`, enrolling with `code`, with extra flags.
+    pub fn start(orchestrator: &str, key_dir: &Path, code: &str, extra: &[&str]) -> Worker {
+        let mut args: Vec<String> = vec![
+            "worker".into(),
+            "--orchestrator".into(),
+            orchestrator.into(),
+            "--key-dir".into(),
+            key_dir.display().to_string(),
+            "--enroll".into(),
+            code.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (child, first) = spawn_reporting(&args, &[]);
+        let id = first
+            .strip_prefix("pond worker ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+            .to_string();
+        Worker { child, id, key_dir: key_dir.to_path_buf() }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Mints an enrollment code through the admin API.
+pub fn enroll_code(admin: &Client, pool: &str, worker_tags: Option<&[&str]>, fingerprint: Option<&str>) -> String {
+    let request = pond_http::pool_wire::CreateCode {
+        pool: pool.into(),
+        role: Some(if worker_tags.is_some() { "worker" } else { "orchestrator" }.into()),
+        tags: worker_tags.unwrap_or_default().iter().map(|t| t.to_string()).collect(),
+        fingerprint: fingerprint.map(str::to_string),
+        ttl: None,
+    };
+    admin.create_enroll_code(&request).expect("create an enrollment code").code
+}

@@ -1,0 +1,177 @@
+//! Worker pools end to end with real processes on 127.0.0.1: a `pond server`, one
+//! `pond orchestrator` and `pond worker`s with different pinned tags. Every connection dials
+//! inward (workers → orchestrator → pond).
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::{enroll_code, eventually, wait_done, Orchestrator, Server, Worker};
+use pond_http::client::Client;
+use pond_http::wire::RunView;
+use serde_json::json;
+
+fn pooled(project: &str, tier: &str, script: &str) -> serde_json::Value {
+    json!({"project_id": project, "definition": {"stages": [{"key": "job", "executor": {
+        "kind": "shell", "argv": ["sh", "-c", script], "placement": "pool", "sandbox": {"tier": tier}
+    }}]}})
+}
+
+fn submit(client: &Client, body: &serde_json::Value) -> String {
+    client.submit(body, None).expect("submit").id.to_string()
+}
+
+fn owners(run: &RunView) -> Vec<String> {
+    run.stages[0].attempts.iter().map(|a| a.owner.clone()).collect()
+}
+
+struct Pool {
+    server: Server,
+    orch: Orchestrator,
+    acme: Worker,
+    globex: Worker,
+    trusted: Worker,
+    _dir: tempfile::TempDir,
+}
+
+fn pool(lease: &str) -> Pool {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &["--lease", lease]);
+    let admin = server.admin();
+    let code = enroll_code(&admin, "p1", None, None);
+    let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+    let worker = |name: &str, tags: &[&str]| {
+        let code = enroll_code(&admin, "p1", Some(tags), None);
+        Worker::start(&orch.url, &dir.path().join(name), &code, &["--name", name, "--drain", "0s"])
+    };
+    let acme = worker("w-acme", &["pool:byo", "tenant:acme"]);
+    let globex = worker("w-globex", &["pool:byo", "tenant:globex"]);
+    let trusted = worker("w-trusted", &["pool:trusted"]);
+    Pool { server, orch, acme, globex, trusted, _dir: dir }
+}
+
+#[test]
+fn two_hundred_pooled_stages_land_only_where_allowed_and_verify() {
+    let p = pool("5s");
+    let admin = p.server.admin();
+    let mut expected: HashMap<String, String> = HashMap::new();
+    for i in 0..200 {
+        let (project, tier, worker) = match i % 5 {
+            0 | 1 => ("acme", "byo", &p.acme.id),
+            2 | 3 => ("globex", "byo", &p.globex.id),
+            _ => (if i % 2 == 0 { "acme" } else { "globex" }, "trusted", &p.trusted.id),
+        };
+        let script = format!("echo job {i} on $(hostname); echo {i} > \"$POND_OUTPUT_DIR/out.txt\"");
+        expected.insert(submit(&admin, &pooled(project, tier, &script)), worker.clone());
+    }
+    for (id, worker) in &expected {
+        let run = wait_done(&admin, id, Duration::from_secs(120));
+        assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
+        let stage = &run.stages[0];
+        assert_eq!(owners(&run), vec![worker.clone()], "run {id} ran on the wrong worker");
+        assert_eq!(stage.placement, "pool");
+        assert_eq!(stage.attestation_verified, Some(true), "{:?}", stage.attempts);
+        let mut out = Vec::new();
+        admin.download_artifact(id, "out.txt", &mut out).unwrap();
+        assert!(!out.is_empty());
+    }
+    // `pond run status` shows the verdict; `pond pool ls` shows the pool.
+    let some = expected.keys().next().unwrap();
+    let status = p.server.cli(&["run", "status", some]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("verified") && text.contains("pool"), "{text}");
+    let ls = p.server.cli(&["pool", "ls", "--json"]);
+    let list: pond_http::pool_wire::PoolList = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(list.orchestrators.len(), 1);
+    assert_eq!(list.workers.len(), 3);
+    let acme = list.workers.iter().find(|w| w.member.id == p.acme.id).unwrap();
+    assert_eq!(acme.member.tags, vec!["pool:byo".to_string(), "tenant:acme".to_string()]);
+    assert!(acme.member.fingerprint.as_deref().unwrap().starts_with("SHA256:"));
+    assert!(acme.last_seen.is_some());
+}
+
+#[test]
+fn a_killed_worker_s_job_completes_elsewhere_and_the_pool_survives_an_orchestrator_restart() {
+    let mut p = pool("2s");
+    let admin = p.server.admin();
+    // A tier-`any` job that any of the three may take; kill whichever takes it.
+    let id = submit(&admin, &pooled("acme", "any", "sleep 3; echo finished"));
+    let mut first = String::new();
+    eventually("the job to start", Duration::from_secs(20), || {
+        first = admin.get_run(&id).unwrap().stages[0].attempts.first().map(|a| a.owner.clone()).unwrap_or_default();
+        !first.is_empty()
+    });
+    let victim = [&mut p.acme, &mut p.globex, &mut p.trusted].into_iter().find(|w| w.id == first).unwrap();
+    victim.kill9();
+    let run = wait_done(&admin, &id, Duration::from_secs(60));
+    assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
+    let attempts = &run.stages[0].attempts;
+    assert_eq!(attempts[0].outcome.map(|o| o.as_str()), Some("lease_expired"), "{attempts:?}");
+    assert_ne!(attempts.last().unwrap().owner, first, "it completed on another worker");
+    assert_eq!(run.stages[0].attestation_verified, Some(true));
+
+    // Restart the orchestrator while jobs run; the pool recovers with no operator action.
+    let ids: Vec<String> = (0..6).map(|i| submit(&admin, &pooled("acme", "any", &format!("sleep 1; echo {i}")))).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    p.orch.restart();
+    for id in &ids {
+        let run = wait_done(&admin, id, Duration::from_secs(90));
+        assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
+    }
+    // And new work flows after the restart.
+    let after = submit(&admin, &pooled("globex", "byo", "echo after"));
+    assert_eq!(wait_done(&admin, &after, Duration::from_secs(30)).state.as_str(), "succeeded");
+}
+
+#[test]
+fn drain_once_and_graceful_shutdown() {
+    let mut p = pool("5s");
+    let admin = p.server.admin();
+    // Drained, the acme worker takes no new job; undone, it does.
+    let out = p.server.cli(&["pool", "drain", &p.acme.id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = submit(&admin, &pooled("acme", "byo", "echo drained"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(admin.get_run(&id).unwrap().state.as_str(), "queued");
+    let listed = admin.pools().unwrap();
+    assert!(listed.workers.iter().any(|w| w.member.id == p.acme.id && w.member.draining));
+    assert!(p.server.cli(&["pool", "drain", "--undo", &p.acme.id]).status.success());
+    assert_eq!(wait_done(&admin, &id, Duration::from_secs(30)).state.as_str(), "succeeded");
+
+    // SIGTERM mid-job with --drain 0s: the job is handed back at once, not after the lease.
+    let id = submit(&admin, &pooled("globex", "byo", "sleep 30"));
+    eventually("the globex job to start", Duration::from_secs(20), || {
+        admin.get_run(&id).unwrap().state.as_str() == "running"
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe { libc_kill(p.globex.child.id() as i32, 15) };
+    let status = p.globex.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let run = admin.get_run(&id).unwrap();
+    assert_eq!(run.stages[0].attempts[0].outcome.map(|o| o.as_str()), Some("handed_back"), "{run:?}");
+    assert_eq!(run.state.as_str(), "running", "queued again for another worker");
+    admin.cancel(&id).unwrap();
+
+    // `pond worker --once` takes one job and exits.
+    let dir = tempfile::tempdir().unwrap();
+    let code = enroll_code(&admin, "p1", Some(&["pool:byo", "tenant:globex"]), None);
+    let ids: Vec<String> = (0..2).map(|i| submit(&admin, &pooled("globex", "byo", &format!("echo once {i}")))).collect();
+    let mut once = Worker::start(&p.orch.url, dir.path(), &code, &["--once"]);
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(s) = once.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "--once worker did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success());
+    let done: Vec<bool> = ids.iter().map(|id| admin.get_run(id).unwrap().state.as_str() == "succeeded").collect();
+    assert_eq!(done.iter().filter(|d| **d).count(), 1, "exactly one job taken: {done:?}");
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
