@@ -175,3 +175,102 @@ extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+fn identity(n: u8) -> pond_core::keys::WorkerIdentity {
+    pond_core::keys::WorkerIdentity::from_secrets([n; 32], [n.wrapping_add(50); 32])
+}
+
+fn raw(method: &str, url: &str, token: &str, body: Option<serde_json::Value>) -> (u16, String) {
+    let req = ureq::request(method, url).set("Authorization", &format!("Bearer {token}"));
+    let result = match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    };
+    match result {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("{method} {url}: {e}"),
+    }
+}
+
+#[test]
+fn attacks_on_enrollment_claims_and_results_fail() {
+    use pond_http::pool_client::{enroll_request, HttpWorkerClient};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &["--lease", "5s"]);
+    let admin = server.admin();
+    let code = enroll_code(&admin, "byo", None, None);
+    let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+    let enroll = |code: &str, n: u8, tags: Option<Vec<String>>| {
+        HttpWorkerClient::enroll(&orch.url, &enroll_request(code, "fake", &identity(n), tags, vec![]))
+    };
+
+    // Replaying a used orchestrator code fails.
+    let replay = Client::new(&server.url, None).enroll_orchestrator(&code, "evil");
+    assert_eq!(replay.unwrap_err().status(), Some(401));
+    // A code pinned to one worker's fingerprint refuses other keys, and admits the right ones.
+    let id1 = identity(1);
+    let fp = pond_core::pool::worker_fingerprint(&pond_core::pool::WorkerKeys {
+        sealing: id1.sealing_public(),
+        signing: id1.signing_public(),
+    });
+    let pinned = enroll_code(&admin, "byo", Some(&["pool:byo", "tenant:acme"]), Some(&fp));
+    let wrong = enroll(&pinned, 2, None).unwrap_err();
+    assert_eq!(wrong.status(), Some(403), "{wrong}");
+    assert!(wrong.to_string().contains("does not match"), "{wrong}");
+    let acme = enroll(&pinned, 1, None).unwrap();
+    assert_eq!(acme.member.fingerprint.as_deref(), Some(fp.as_str()));
+    assert_eq!(enroll(&pinned, 1, None).unwrap_err().status(), Some(401), "a used code is spent");
+    // A globex worker asking for acme's tag at enrollment is refused.
+    let globex_code = enroll_code(&admin, "byo", Some(&["pool:byo", "tenant:globex"]), None);
+    let greedy = enroll(&globex_code, 3, Some(vec!["pool:byo".into(), "tenant:acme".into()])).unwrap_err();
+    assert_eq!(greedy.status(), Some(403), "{greedy}");
+    let globex = enroll(&globex_code, 3, None).unwrap();
+
+    // Tenant A's job; tenant B's worker polls and gets nothing, even claiming extra tags.
+    let id = submit(&admin, &pooled("acme", "byo", "echo secret-acme-output"));
+    let claim_url = format!("{}/v1/worker/claim", orch.url);
+    let (status, _) = raw("POST", &claim_url, &globex.token, Some(json!({"wait_ms": 1500})));
+    assert_eq!(status, 204, "tenant B's worker got tenant A's job");
+    let (status, body) = raw("POST", &claim_url, &globex.token, Some(json!({"wait_ms": 100, "tags": ["tenant:acme"]})));
+    assert_eq!(status, 400, "a claim cannot carry tags: {body}");
+    // A worker credential is not an orchestrator credential.
+    let (status, _) = raw("POST", &format!("{}/v1/orch/claim", server.url), &acme.token, Some(json!({"workers": [acme.member.id]})));
+    assert_eq!(status, 401);
+
+    // Tenant A's worker gets the job; tenant B's worker cannot act on it.
+    let (status, body) = raw("POST", &claim_url, &acme.token, Some(json!({"wait_ms": 5000})));
+    assert_eq!(status, 200, "{body}");
+    let ticket: pond_http::pool_wire::JobTicket = serde_json::from_str(&body).unwrap();
+    assert_eq!(ticket.run.id.to_string(), id);
+    let job_url = |tail: &str| format!("{}/v1/worker/jobs/{}/{tail}", orch.url, ticket.job_id);
+    for (method, tail, body) in [
+        ("POST", "heartbeat", None),
+        ("GET", "input", None),
+        ("POST", "logs", Some(json!({"lines": [{"stream": "stdout", "text": "injected"}]}))),
+        ("POST", "release", None),
+    ] {
+        let (status, text) = raw(method, &job_url(tail), &globex.token, body);
+        assert!(status == 409 || status == 401, "{method} {tail} by another worker: {status} {text}");
+    }
+    let forged_result = json!({
+        "outcome": "succeeded", "input_sha256": ticket.input_sha256, "output_sha256": "00".repeat(32),
+        "signature": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 64]),
+    });
+    let (status, _) = raw("POST", &job_url("result"), &globex.token, Some(forged_result.clone()));
+    assert_eq!(status, 409, "another tenant's worker reported a result");
+    assert!(!common::log_text(&admin, &id).iter().any(|l| l.contains("injected")));
+
+    // The holder reports a result with a forged signature: applied, but flagged.
+    let (status, body) = raw("POST", &job_url("result"), &acme.token, Some(forged_result.clone()));
+    assert_eq!(status, 200, "{body}");
+    let ack: pond_http::pool_wire::ResultAck = serde_json::from_str(&body).unwrap();
+    assert!(!ack.attestation_verified, "{ack:?}");
+    let run = admin.get_run(&id).unwrap();
+    assert_eq!(run.stages[0].attestation_verified, Some(false));
+    let status = server.cli(&["run", "status", &id]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("NOT verified"));
+    // Replaying it changes nothing.
+    let (status, _) = raw("POST", &job_url("result"), &acme.token, Some(forged_result));
+    assert_eq!(status, 409);
+}
