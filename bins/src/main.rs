@@ -454,6 +454,19 @@ struct BenchArgs {
     /// Instead: time claims on PostgreSQL with this many stages queued (repeatable).
     #[arg(long = "claim-latency", value_name = "QUEUED")]
     claim_latency: Vec<u64>,
+    /// Instead: the pool benchmark (server and orchestrator processes, workers over HTTP):
+    /// submit → worker start latency, pooled throughput, memory with idle long-pollers.
+    #[arg(long)]
+    pool: bool,
+    /// Pool benchmark: workers in the latency and throughput phases.
+    #[arg(long, default_value_t = 8)]
+    pool_workers: usize,
+    /// Pool benchmark: runs timed one at a time for the latency phase.
+    #[arg(long, default_value_t = 200)]
+    samples: usize,
+    /// Pool benchmark: idle long-polling workers in the memory phase.
+    #[arg(long, default_value_t = 1000)]
+    idle_workers: usize,
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
@@ -1044,6 +1057,23 @@ fn bench(args: BenchArgs) -> Result<()> {
         for queued in &args.claim_latency {
             println!("{}", rt.block_on(pond_http::bench::claim_latency(url, *queued))?);
         }
+        return Ok(());
+    }
+    if args.pool {
+        if args.data_dir.exists() {
+            std::fs::remove_dir_all(&args.data_dir).with_context(|| format!("clearing {}", args.data_dir.display()))?;
+        }
+        std::fs::create_dir_all(&args.data_dir)?;
+        let exe = std::env::current_exe()?;
+        let report = pond_http::bench::pool(
+            &exe,
+            &std::fs::canonicalize(&args.data_dir)?,
+            args.samples,
+            args.pool_workers,
+            args.runs,
+            args.idle_workers,
+        )?;
+        println!("{report}");
         return Ok(());
     }
     if args.nodes > 1 && args.database_url.is_none() {

@@ -274,3 +274,35 @@ fn attacks_on_enrollment_claims_and_results_fail() {
     let (status, _) = raw("POST", &job_url("result"), &acme.token, Some(forged_result));
     assert_eq!(status, 409);
 }
+
+#[test]
+fn a_pooled_stage_works_on_the_run_s_checkout_and_attests_its_bundle() {
+    let p = pool("5s");
+    let admin = p.server.admin();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("marker.txt"), "marker-7f3a\n").unwrap();
+    std::fs::create_dir_all(src.path().join("sub")).unwrap();
+    std::fs::write(src.path().join("sub/file.rs"), "fn main() {}\n").unwrap();
+    let bundle = pond_exec::pack_dir(src.path()).unwrap();
+    let uploaded = admin.upload_bundle("acme", &bundle).unwrap();
+    let body = json!({"project_id": "acme",
+        "sources": [{"label": "repo", "kind": "bundle", "config": {"bundle_id": uploaded.bundle_id}}],
+        "definition": {"stages": [
+            {"key": "scan", "executor": {"kind": "builtin", "name": "file_inventory"}},
+            {"key": "job", "executor": {"kind": "shell", "placement": "pool", "sandbox": {"tier": "byo"},
+             "argv": ["sh", "-c", "cat marker.txt && ls sub && cp marker.txt \"$POND_OUTPUT_DIR/seen.txt\""]}}
+        ]}});
+    let id = submit(&admin, &body);
+    let run = wait_done(&admin, &id, Duration::from_secs(60));
+    assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
+    assert_eq!(run.stages[0].placement, "local");
+    let job = &run.stages[1];
+    assert_eq!(job.attempts[0].owner, p.acme.id);
+    assert_eq!(job.attestation_verified, Some(true), "{:?}", job.attempts);
+    let logs = common::log_text(&admin, &id);
+    assert!(logs.iter().any(|l| l == "marker-7f3a"), "{logs:?}");
+    assert!(logs.iter().any(|l| l == "file.rs"), "{logs:?}");
+    let mut seen = Vec::new();
+    admin.download_artifact(&id, "seen.txt", &mut seen).unwrap();
+    assert_eq!(seen, b"marker-7f3a\n");
+}

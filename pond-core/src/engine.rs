@@ -369,6 +369,9 @@ impl Engine {
     /// worker's attested `input_sha256` can be checked against it.
     pub async fn job_input(&self, claim: &Claim) -> Result<JobInput, CoreError> {
         let run = &claim.run;
+        if run.sources.is_empty() {
+            return Ok(JobInput::empty());
+        }
         let key = run.id.to_string();
         if let Some(text) = self.store.get_record(JOB_INPUT, &key).await? {
             return serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()).into());
@@ -377,7 +380,7 @@ impl Engine {
         self.record_resolved(run, &workspace, &claim.stage.key, claim.stage.attempt).await?;
         let bytes = self.workspaces.pack(run).await.map_err(CoreError::Workspace)?;
         let blob = self.store.put_blob(&run.project_id, &bytes, self.clock.now()).await?;
-        let input = JobInput { blob_id: blob.id, sha256: blob.sha256, size: blob.size };
+        let input = JobInput { blob_id: Some(blob.id), sha256: blob.sha256, size: blob.size };
         let text = serde_json::to_string(&input).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         if self.store.swap_record(JOB_INPUT, &key, None, &text).await? {
             return Ok(input);
@@ -387,11 +390,15 @@ impl Engine {
         serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()).into())
     }
 
-    /// The input bundle issued for a run's pooled jobs, if one was.
+    /// The input bundle issued for a run's pooled jobs, if one was (a run without sources has
+    /// the empty input, [`JobInput::empty`]).
     pub async fn issued_input(&self, run: RunId) -> Result<Option<JobInput>, CoreError> {
         match self.store.get_record(JOB_INPUT, &run.to_string()).await? {
             Some(text) => Ok(Some(serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?)),
-            None => Ok(None),
+            None => match self.store.get_run(run).await? {
+                Some(s) if s.run.sources.is_empty() => Ok(Some(JobInput::empty())),
+                _ => Ok(None),
+            },
         }
     }
 
@@ -615,12 +622,21 @@ const JOB_INPUT: &str = "job_input";
 /// The input bundle issued to a pooled job.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JobInput {
-    /// The blob holding the tar.zst bytes.
-    pub blob_id: crate::ids::BlobId,
+    /// The blob holding the tar.zst bytes; `None` for the empty input of a run without sources
+    /// (zero bytes: nothing to store, pack or unpack).
+    pub blob_id: Option<crate::ids::BlobId>,
     /// SHA-256 of those bytes, hex: the `input_sha256` a worker must attest.
     pub sha256: String,
     /// Size in bytes.
     pub size: u64,
+}
+
+impl JobInput {
+    /// The input of a run without sources: zero bytes.
+    pub fn empty() -> Self {
+        use sha2::Digest;
+        JobInput { blob_id: None, sha256: hex::encode(sha2::Sha256::digest([])), size: 0 }
+    }
 }
 
 /// What a worker reports at the end of a job.

@@ -162,8 +162,10 @@ async fn tenants_only_see_their_jobs_and_results_are_verified_or_flagged() {
     assert!(w.engine.claim(10).await.unwrap().is_empty());
 
     let input = w.engine.job_input(&claims[0]).await.unwrap();
-    let issued: [u8; 32] = Sha256::digest(format!("bundle of {run}")).into();
+    // A run without sources gets the empty input: nothing stored, packed or unpacked.
+    let issued: [u8; 32] = Sha256::digest([]).into();
     assert_eq!(input.sha256, hex::encode(issued));
+    assert_eq!(input.blob_id, None);
     // Another tenant's worker cannot report for this job.
     let (job, good) = sign(&claims[0], issued, StageOutcome::Succeeded, &acme_seed);
     let stolen = w.engine.complete_job(&job, &globex, &good).await;

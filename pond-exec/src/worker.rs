@@ -226,8 +226,14 @@ impl Worker {
             return (failed(error), input_sha);
         }
         let (unpack_to, max) = (dir.to_path_buf(), self.config.max_input_bytes);
-        let unpacked =
-            tokio::task::spawn_blocking(move || crate::unpack_bundle(&input, &unpack_to, max, 1_000_000)).await;
+        let unpacked = tokio::task::spawn_blocking(move || {
+            if input.is_empty() {
+                // A run without sources.
+                return std::fs::create_dir_all(&unpack_to).map_err(|e| e.to_string());
+            }
+            crate::unpack_bundle(&input, &unpack_to, max, 1_000_000)
+        })
+        .await;
         match unpacked {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return (failed(format!("unpacking the input bundle failed: {e}")), input_sha),

@@ -199,3 +199,305 @@ pub async fn claim_latency(server_url: &str, queued: u64) -> Result<ClaimReport,
         per_sec: claims as f64 / elapsed.as_secs_f64(),
     })
 }
+
+/// Figures of the pool benchmark.
+#[derive(Debug, Clone)]
+pub struct PoolBenchReport {
+    /// Samples of the latency phase.
+    pub samples: usize,
+    /// Submit → worker holds the job, p50 / p99, ms.
+    pub start_ms: (f64, f64),
+    /// Workers in the throughput phase.
+    pub workers: usize,
+    /// Runs in the throughput phase.
+    pub runs: usize,
+    /// Pooled noop runs submitted and completed per second.
+    pub completed_per_sec: f64,
+    /// Idle long-polling workers in the memory phase.
+    pub idle_workers: usize,
+    /// Resident memory of the server and the orchestrator before the idle workers, KiB.
+    pub rss_before_kib: (u64, u64),
+    /// The same with the idle workers polling, KiB.
+    pub rss_idle_kib: (u64, u64),
+}
+
+impl fmt::Display for PoolBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "pool (pond server + pond orchestrator processes, workers over HTTP on 127.0.0.1, SQLite)"
+        )?;
+        writeln!(
+            f,
+            "submit → worker start, idle pool: p50 {:.2} ms, p99 {:.2} ms ({} runs, one at a time)",
+            self.start_ms.0, self.start_ms.1, self.samples
+        )?;
+        writeln!(
+            f,
+            "pooled noop runs, {} workers:   {:>6.0} runs/s submitted and completed ({} runs)",
+            self.workers, self.completed_per_sec, self.runs
+        )?;
+        write!(
+            f,
+            "memory, {} idle long-polling workers: server {} MiB (was {} MiB), orchestrator {} MiB (was {} MiB)",
+            self.idle_workers,
+            self.rss_idle_kib.0 / 1024,
+            self.rss_before_kib.0 / 1024,
+            self.rss_idle_kib.1 / 1024,
+            self.rss_before_kib.1 / 1024
+        )
+    }
+}
+
+/// A child `pond` process whose first stdout line announces its URL.
+struct Child {
+    process: std::process::Child,
+    url: String,
+}
+
+impl Child {
+    fn spawn(exe: &std::path::Path, args: &[&str], prefix: &str) -> Result<Child, ClientError> {
+        use std::io::BufRead;
+        let mut process = std::process::Command::new(exe)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()?;
+        let stdout = process.stdout.take().ok_or_else(|| ClientError::Decode("no stdout".into()))?;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().transpose()?.unwrap_or_default();
+        std::thread::spawn(move || for _ in lines {});
+        let url = first
+            .strip_prefix(prefix)
+            .ok_or_else(|| ClientError::Decode(format!("{args:?} printed `{first}`")))?
+            .to_string();
+        Ok(Child { process, url })
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// Records when each job reached its worker, and passes everything else through.
+struct Timed {
+    inner: std::sync::Arc<dyn pond_core::pool::WorkerClient>,
+    received: std::sync::mpsc::Sender<(String, Instant)>,
+}
+
+#[async_trait::async_trait]
+impl pond_core::pool::WorkerClient for Timed {
+    async fn claim(
+        &self,
+        wait: pond_core::time::Millis,
+    ) -> Result<Option<pond_core::pool::Job>, pond_core::pool::WorkerCallError> {
+        let job = self.inner.claim(wait).await?;
+        if let Some(j) = &job {
+            let _ = self.received.send((j.id.run.to_string(), Instant::now()));
+        }
+        Ok(job)
+    }
+    async fn input(&self, job: &pond_core::pool::JobId) -> Result<Vec<u8>, pond_core::pool::WorkerCallError> {
+        self.inner.input(job).await
+    }
+    async fn heartbeat(&self, job: &pond_core::pool::JobId) -> Result<bool, pond_core::pool::WorkerCallError> {
+        self.inner.heartbeat(job).await
+    }
+    async fn logs(
+        &self,
+        job: &pond_core::pool::JobId,
+        lines: Vec<(pond_core::store::LogStream, String)>,
+    ) -> Result<(), pond_core::pool::WorkerCallError> {
+        self.inner.logs(job, lines).await
+    }
+    async fn artifact(
+        &self,
+        job: &pond_core::pool::JobId,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<(), pond_core::pool::WorkerCallError> {
+        self.inner.artifact(job, name, data).await
+    }
+    async fn result(
+        &self,
+        job: &pond_core::pool::JobId,
+        report: &pond_core::engine::JobReport,
+    ) -> Result<(bool, String), pond_core::pool::WorkerCallError> {
+        self.inner.result(job, report).await
+    }
+    async fn release(&self, job: &pond_core::pool::JobId) -> Result<(), pond_core::pool::WorkerCallError> {
+        self.inner.release(job).await
+    }
+}
+
+fn pooled_noop() -> serde_json::Value {
+    serde_json::json!({
+        "project_id": "bench",
+        "definition": {"stages": [{"key": "noop", "executor": {"kind": "noop", "placement": "pool"}}]}
+    })
+}
+
+fn worker_code(admin: &Client, pool: &str) -> Result<String, ClientError> {
+    let request = crate::pool_wire::CreateCode {
+        pool: pool.into(),
+        role: Some("worker".into()),
+        tags: Vec::new(),
+        fingerprint: None,
+        ttl: None,
+    };
+    Ok(admin.create_enroll_code(&request)?.code)
+}
+
+fn enroll_fake(admin: &Client, orchestrator: &str, n: u64) -> Result<String, ClientError> {
+    let mut secrets = [0u8; 64];
+    secrets[..8].copy_from_slice(&n.to_le_bytes());
+    secrets[32..40].copy_from_slice(&(n + 1_000_000).to_le_bytes());
+    secrets[8] = 1;
+    secrets[40] = 1;
+    let identity = pond_core::keys::WorkerIdentity::from_secrets(
+        secrets[..32].try_into().unwrap_or([1; 32]),
+        secrets[32..].try_into().unwrap_or([2; 32]),
+    );
+    let code = worker_code(admin, "bench")?;
+    let request = crate::pool_client::enroll_request(&code, &format!("bench-{n}"), &identity, None, vec![]);
+    Ok(crate::pool_client::HttpWorkerClient::enroll(orchestrator, &request)?.token)
+}
+
+/// The pool benchmark: a `pond server` and a `pond orchestrator` as child processes of `exe`,
+/// `workers` pool workers (the real worker loop, in this process, over HTTP) for the latency
+/// and throughput phases, then `idle_workers` bare long-pollers for the memory phase.
+pub fn pool(
+    exe: &std::path::Path,
+    dir: &std::path::Path,
+    samples: usize,
+    workers: usize,
+    runs: usize,
+    idle_workers: usize,
+) -> Result<PoolBenchReport, ClientError> {
+    let data = dir.join("server");
+    let data_arg = data.display().to_string();
+    let server = Child::spawn(exe, &["server", "--listen", "127.0.0.1:0", "--data-dir", &data_arg], "pond server listening on ")?;
+    let token = std::fs::read_to_string(data.join("admin.token"))?.trim().to_string();
+    let admin = Client::new(&server.url, Some(token));
+    let code = admin
+        .create_enroll_code(&crate::pool_wire::CreateCode {
+            pool: "bench".into(),
+            role: None,
+            tags: Vec::new(),
+            fingerprint: None,
+            ttl: None,
+        })?
+        .code;
+    let state = dir.join("orchestrator").display().to_string();
+    let orch = Child::spawn(
+        exe,
+        &["orchestrator", "--server", &server.url, "--listen", "127.0.0.1:0", "--state-dir", &state, "--enroll", &code],
+        "pond orchestrator listening on ",
+    )?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (received_tx, received) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for n in 0..workers {
+        let token = enroll_fake(&admin, &orch.url, n as u64)?;
+        let client: std::sync::Arc<dyn pond_core::pool::WorkerClient> = std::sync::Arc::new(Timed {
+            inner: crate::pool_client::worker_client(&orch.url, &token),
+            received: received_tx.clone(),
+        });
+        let config = pond_exec::WorkerConfig {
+            scratch: dir.join(format!("worker-{n}")),
+            once: false,
+            claim_wait: Duration::from_secs(20),
+            drain: Duration::from_secs(1),
+            max_input_bytes: 1 << 30,
+        };
+        let worker = pond_exec::Worker::new(client, [n as u8 + 1; 32], config)
+            .with_executor(std::sync::Arc::new(pond_exec::NoopExecutor));
+        let stopped = stopped.clone();
+        tasks.push(rt.spawn(async move { worker.run(stopped).await }));
+    }
+    // Let every worker reach its long poll.
+    std::thread::sleep(Duration::from_millis(500));
+    let body = pooled_noop();
+    let mut latencies = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        while received.try_recv().is_ok() {}
+        let t = Instant::now();
+        let run = admin.submit(&body, None)?;
+        let id = run.id.to_string();
+        loop {
+            let (got, at) = received
+                .recv_timeout(Duration::from_secs(30))
+                .map_err(|_| ClientError::Decode("no worker received the job within 30 s".into()))?;
+            if got == id {
+                latencies.push(at.duration_since(t).as_secs_f64() * 1000.0);
+                break;
+            }
+        }
+        wait_all(&admin, &[id])?;
+        // Idle again: every worker back in its long poll.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    latencies.sort_by(f64::total_cmp);
+    let started = Instant::now();
+    let (ids, _, _) = submit_all(std::slice::from_ref(&admin), runs, 8)?;
+    wait_all(&admin, &ids)?;
+    let completed_per_sec = runs as f64 / started.elapsed().as_secs_f64();
+    let _ = stop.send(true);
+    for t in tasks {
+        let _ = rt.block_on(t);
+    }
+
+    // Memory: `idle_workers` enrolled workers, each holding a long poll on the orchestrator.
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_before_kib = (server.rss_kib(), orch.rss_kib());
+    let mut tokens = Vec::with_capacity(idle_workers);
+    for n in 0..idle_workers {
+        tokens.push(enroll_fake(&admin, &orch.url, 10_000 + n as u64)?);
+    }
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pollers: Vec<_> = tokens
+        .into_iter()
+        .map(|token| {
+            let (url, done) = (format!("{}/v1/worker/claim", orch.url), done.clone());
+            std::thread::Builder::new().stack_size(64 * 1024).spawn(move || {
+                let agent = ureq::AgentBuilder::new().timeout_read(Duration::from_secs(40)).build();
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = agent
+                        .post(&url)
+                        .set("Authorization", &format!("Bearer {token}"))
+                        .send_json(serde_json::json!({"wait_ms": 3000}));
+                }
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    std::thread::sleep(Duration::from_secs(5));
+    let rss_idle_kib = (server.rss_kib(), orch.rss_kib());
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in pollers {
+        let _ = p.join();
+    }
+    Ok(PoolBenchReport {
+        samples,
+        start_ms: (percentile(&latencies, 0.5), percentile(&latencies, 0.99)),
+        workers,
+        runs,
+        completed_per_sec,
+        idle_workers,
+        rss_before_kib,
+        rss_idle_kib,
+    })
+}

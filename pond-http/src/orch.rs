@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::Engine as _;
@@ -325,9 +325,13 @@ async fn input(State(state): State<AppState>, Path(job): Path<String>, r: Relaye
         .issued_input(job.run)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no input was issued for job {job}")))?;
+    let Some(blob) = input.blob_id else {
+        // A run without sources: the empty input.
+        return Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], Bytes::new()).into_response());
+    };
     let meta = state
         .store
-        .blob_meta(input.blob_id)
+        .blob_meta(blob)
         .await?
         .ok_or_else(|| ApiError::Internal(format!("the input of job {job} has no blob")))?;
     Ok(blob_response(&state, &meta))
