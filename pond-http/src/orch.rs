@@ -224,17 +224,42 @@ async fn claim(
     state.seen.touch(&state.pools, &seen).await?;
     let deadline = Instant::now() + wait;
     let mut wake = state.store.runs_changed();
+    // A newer poll of the same orchestrator (covering every worker it has waiting) ends this
+    // one, so one orchestrator holds one poll per node, not one per worker that came idle.
+    let (mine, mut superseded) = state.polls.begin(&orchestrator.id);
     loop {
         wake.borrow_and_update();
         let jobs = claim_round(&state, &idle).await?;
-        if !jobs.is_empty() || Instant::now() >= deadline {
+        if !jobs.is_empty() || Instant::now() >= deadline || *superseded.borrow_and_update() != mine {
             return Ok(Json(ClaimResponse { jobs, refused }));
         }
         let recheck = (Instant::now() + CLAIM_RECHECK).min(deadline);
         tokio::select! {
             _ = wake.changed() => {}
+            _ = superseded.changed() => {}
             _ = tokio::time::sleep_until(recheck.into()) => {}
         }
+    }
+}
+
+/// The newest claim poll of each orchestrator on this node.
+#[derive(Default)]
+pub struct Polls {
+    newest: std::sync::Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>,
+}
+
+impl Polls {
+    /// Registers a new poll of `orchestrator`; returns its number and a receiver that changes
+    /// when a newer poll begins.
+    fn begin(&self, orchestrator: &str) -> (u64, tokio::sync::watch::Receiver<u64>) {
+        let mut newest = self.newest.lock().unwrap_or_else(|p| p.into_inner());
+        let sender = newest.entry(orchestrator.to_string()).or_insert_with(|| tokio::sync::watch::channel(0).0);
+        let mut mine = 0;
+        sender.send_modify(|n| {
+            *n += 1;
+            mine = *n;
+        });
+        (mine, sender.subscribe())
     }
 }
 
@@ -275,7 +300,11 @@ async fn ticket(state: &AppState, worker: &PoolMember, claim: &Claim) -> Result<
         }
     };
     let job_id = job.to_string();
-    state.seen.touch(&state.pools, &[(worker.id.as_str(), Some(job_id.as_str()))]).await?;
+    // Off the hand-over's critical path: `pond pool ls` may learn of the job a moment later.
+    let (seen, pools, worker_id, held) = (state.seen.clone(), state.pools.clone(), worker.id.clone(), job_id.clone());
+    tokio::spawn(async move {
+        let _ = seen.touch(&pools, &[(worker_id.as_str(), Some(held.as_str()))]).await;
+    });
     Ok(Some(JobTicket {
         job_id,
         worker_id: worker.id.clone(),

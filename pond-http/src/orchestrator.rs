@@ -13,7 +13,7 @@
 //! The orchestrator keeps nothing that matters: its credential is in a file, leases live in
 //! pond. Restarted, it picks up where it was; workers retry until it is back.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -150,7 +150,9 @@ struct Waiter {
 #[derive(Default)]
 struct Queue {
     waiters: HashMap<String, Waiter>,
-    covered: HashSet<String>,
+    /// Which poll covers each waiting worker.
+    covered: HashMap<String, u64>,
+    polls: u64,
     /// Jobs claimed for workers that were no longer waiting.
     stash: HashMap<String, (JobTicket, Instant)>,
     /// Workers pond refused (draining, unknown): not polled for again until then.
@@ -233,19 +235,24 @@ impl Orch {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => return,
             }
-            let (uncovered, expired) = {
+            let (poll, expired) = {
                 let mut q = self.lock();
                 let now = Instant::now();
                 q.refused_until.retain(|_, until| *until > now);
-                let uncovered: Vec<String> = q
-                    .waiters
-                    .keys()
-                    .filter(|w| !q.covered.contains(*w) && !q.refused_until.contains_key(*w))
-                    .cloned()
-                    .collect();
-                for w in &uncovered {
-                    q.covered.insert(w.clone());
-                }
+                let eligible: Vec<String> =
+                    q.waiters.keys().filter(|w| !q.refused_until.contains_key(*w)).cloned().collect();
+                // A worker no poll covers starts a new poll for every waiting worker; pond ends
+                // the older one, so the pool holds one poll, not one per worker.
+                let poll = if eligible.iter().any(|w| !q.covered.contains_key(w)) {
+                    q.polls += 1;
+                    let n = q.polls;
+                    for w in &eligible {
+                        q.covered.insert(w.clone(), n);
+                    }
+                    Some((n, eligible))
+                } else {
+                    None
+                };
                 let grace = self.config.unclaimed_grace;
                 let expired: Vec<JobTicket> = q
                     .stash
@@ -256,13 +263,13 @@ impl Orch {
                 for job in &expired {
                     q.stash.remove(&job.worker_id);
                 }
-                (uncovered, expired)
+                (poll, expired)
             };
             for job in expired {
                 self.clone().hand_back(job);
             }
-            if !uncovered.is_empty() {
-                tokio::spawn(self.clone().poll(uncovered));
+            if let Some((n, workers)) = poll {
+                tokio::spawn(self.clone().poll(n, workers));
             }
         }
     }
@@ -281,7 +288,7 @@ impl Orch {
         });
     }
 
-    async fn poll(self: Arc<Self>, workers: Vec<String>) {
+    async fn poll(self: Arc<Self>, number: u64, workers: Vec<String>) {
         let request =
             ClaimRequest { workers: workers.clone(), wait_ms: Some(self.config.claim_wait.as_millis() as u64) };
         let pond = self.pond.clone();
@@ -316,7 +323,9 @@ impl Orch {
         {
             let mut q = self.lock();
             for w in &workers {
-                q.covered.remove(w);
+                if q.covered.get(w) == Some(&number) {
+                    q.covered.remove(w);
+                }
             }
         }
         self.kick.notify_one();

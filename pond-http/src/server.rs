@@ -271,6 +271,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         tokens: Arc::new(crate::auth::TokenCache::new(config.token_cache)),
         pools: Arc::new(pond_core::pool::Pools::new(store.clone(), engine.clock().clone())),
         seen: Arc::default(),
+        polls: Arc::default(),
     };
 
     let listener =

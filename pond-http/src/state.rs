@@ -24,6 +24,8 @@ pub struct AppState {
     pub pools: Arc<pond_core::pool::Pools>,
     /// Throttles pool members' last-seen writes.
     pub seen: Arc<crate::orch::SeenThrottle>,
+    /// Each orchestrator's newest claim poll.
+    pub polls: Arc<crate::orch::Polls>,
 }
 
 impl AppState {
