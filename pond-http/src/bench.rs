@@ -223,10 +223,7 @@ pub struct PoolBenchReport {
 
 impl fmt::Display for PoolBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "pool (pond server + pond orchestrator processes, workers over HTTP on 127.0.0.1, SQLite)"
-        )?;
+        writeln!(f, "pool (pond server + pond orchestrator processes, workers over HTTP on 127.0.0.1, SQLite)")?;
         writeln!(
             f,
             "submit → worker start, idle pool: p50 {:.2} ms, p99 {:.2} ms ({} runs, one at a time)",
@@ -388,7 +385,11 @@ pub fn pool(
 ) -> Result<PoolBenchReport, ClientError> {
     let data = dir.join("server");
     let data_arg = data.display().to_string();
-    let server = Child::spawn(exe, &["server", "--listen", "127.0.0.1:0", "--data-dir", &data_arg], "pond server listening on ")?;
+    let server = Child::spawn(
+        exe,
+        &["server", "--listen", "127.0.0.1:0", "--data-dir", &data_arg],
+        "pond server listening on ",
+    )?;
     let token = std::fs::read_to_string(data.join("admin.token"))?.trim().to_string();
     let admin = Client::new(&server.url, Some(token));
     let code = admin

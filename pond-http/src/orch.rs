@@ -230,7 +230,10 @@ async fn claim(
     loop {
         wake.borrow_and_update();
         let jobs = claim_round(&state, &idle).await?;
-        if !jobs.is_empty() || Instant::now() >= deadline || *superseded.borrow_and_update() != mine {
+        // Refused workers (draining, unknown) are reported at once, so the orchestrator stops
+        // counting on this poll for them and asks again for them later.
+        let done = !jobs.is_empty() || !refused.is_empty() || Instant::now() >= deadline;
+        if done || *superseded.borrow_and_update() != mine {
             return Ok(Json(ClaimResponse { jobs, refused }));
         }
         let recheck = (Instant::now() + CLAIM_RECHECK).min(deadline);

@@ -169,6 +169,9 @@ struct Orch {
     workers: Mutex<HashMap<String, (PoolMember, Instant)>>,
 }
 
+/// How long a worker pond refused (draining) is left out of polls before it is asked for again.
+const REFUSED_PAUSE: Duration = Duration::from_secs(2);
+
 /// How long pond's word on a worker credential is trusted before asking again.
 const WORKER_AUTH_TTL: Duration = Duration::from_secs(30);
 
@@ -301,7 +304,7 @@ impl Orch {
                 }
                 if !response.refused.is_empty() {
                     let mut q = self.lock();
-                    let until = Instant::now() + Duration::from_secs(5);
+                    let until = Instant::now() + REFUSED_PAUSE;
                     for w in response.refused {
                         q.refused_until.insert(w, until);
                     }
