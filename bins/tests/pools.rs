@@ -28,6 +28,7 @@ fn owners(run: &RunView) -> Vec<String> {
 
 struct Pool {
     server: Server,
+    _db: Option<pond_store::ScratchDatabase>,
     orch: Orchestrator,
     acme: Worker,
     globex: Worker,
@@ -36,8 +37,18 @@ struct Pool {
 }
 
 fn pool(lease: &str) -> Pool {
+    pool_on(lease, None)
+}
+
+/// A pool on SQLite, or on a scratch PostgreSQL database of `pg` (a server URL).
+fn pool_on(lease: &str, pg: Option<&str>) -> Pool {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), &["--lease", lease]);
+    let db = pg.map(|url| common::scratch_database(url, "pools"));
+    let mut args = vec!["--lease", lease];
+    if let Some(db) = &db {
+        args.extend(["--database-url", db.url.as_str()]);
+    }
+    let server = Server::start(&dir.path().join("server"), &args);
     let admin = server.admin();
     let code = enroll_code(&admin, "p1", None, None);
     let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
@@ -48,15 +59,24 @@ fn pool(lease: &str) -> Pool {
     let acme = worker("w-acme", &["pool:byo", "tenant:acme"]);
     let globex = worker("w-globex", &["pool:byo", "tenant:globex"]);
     let trusted = worker("w-trusted", &["pool:trusted"]);
-    Pool { server, orch, acme, globex, trusted, _dir: dir }
+    Pool { server, _db: db, orch, acme, globex, trusted, _dir: dir }
 }
 
 #[test]
 fn two_hundred_pooled_stages_land_only_where_allowed_and_verify() {
-    let p = pool("5s");
+    land_only_where_allowed(&pool("5s"), 200);
+}
+
+#[test]
+fn pooled_stages_land_only_where_allowed_on_postgres() {
+    let Some(pg) = Server::database_server() else { return };
+    land_only_where_allowed(&pool_on("5s", Some(&pg)), 100);
+}
+
+fn land_only_where_allowed(p: &Pool, count: usize) {
     let admin = p.server.admin();
     let mut expected: HashMap<String, String> = HashMap::new();
-    for i in 0..200 {
+    for i in 0..count {
         let (project, tier, worker) = match i % 5 {
             0 | 1 => ("acme", "byo", &p.acme.id),
             2 | 3 => ("globex", "byo", &p.globex.id),
