@@ -501,8 +501,11 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Bench(args) => bench(args).map(|()| 0),
         Command::Fingerprint { key_dir, json } => fingerprint(key_dir, json).map(|()| 0),
         Command::Orchestrator(args) => {
-            let server =
-                cli.global.server.context("pass --server <pond URL> (or POND_SERVER): the orchestrator dials pond")?;
+            // The server as for every other command: --server, else the context, else local.
+            let config = CliConfig::load(&config_path)?;
+            let overrides =
+                TargetOverrides { server: cli.global.server, token: None, context: cli.global.context, project: None };
+            let server = cli::resolve_target(&config, &overrides)?.server;
             orchestrator(server, args).map(|()| 0)
         }
         Command::Worker(args) => worker(args),

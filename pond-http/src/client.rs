@@ -49,6 +49,13 @@ impl ClientError {
     }
 }
 
+/// A transport failure, without ureq's repetition of the URL.
+pub(crate) fn transport(url: String, t: &ureq::Transport) -> ClientError {
+    let text = t.to_string();
+    let message = text.strip_prefix(&format!("{url}: ")).unwrap_or(&text).to_string();
+    ClientError::Transport { url, message }
+}
+
 /// A connection to one pond server.
 #[derive(Clone)]
 pub struct Client {
@@ -118,7 +125,7 @@ impl Client {
                 });
                 Err(ClientError::Api { status, body })
             }
-            Err(ureq::Error::Transport(t)) => Err(ClientError::Transport { url, message: t.to_string() }),
+            Err(ureq::Error::Transport(t)) => Err(transport(url, &t)),
         }
     }
 

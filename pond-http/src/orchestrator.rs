@@ -76,20 +76,20 @@ pub enum OrchestratorError {
     #[error("not enrolled: pass --enroll <code> (from `pond admin enroll create --pool …`) the first time")]
     NotEnrolled,
     /// Enrollment was refused or pond is unreachable.
-    #[error("enrolling with {server}: {source}")]
+    #[error("enrolling with {server}: {error}")]
     Enroll {
         /// Pond's URL.
         server: String,
         /// The failure.
-        source: ClientError,
+        error: ClientError,
     },
     /// A file or socket failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What was being done.
         context: String,
         /// The failure.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -103,7 +103,7 @@ struct Credential {
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> OrchestratorError {
     let context = context.into();
-    move |source| OrchestratorError::Io { context, source }
+    move |error| OrchestratorError::Io { context, error }
 }
 
 /// Writes `data` to `path` readable by the owner only.
@@ -343,7 +343,7 @@ pub async fn start(config: OrchestratorConfig) -> Result<RunningOrchestrator, Or
     let credential = match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice::<Credential>(&bytes).map_err(|e| OrchestratorError::Io {
             context: format!("reading {}", path.display()),
-            source: std::io::Error::other(e),
+            error: std::io::Error::other(e),
         })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let code = config.enroll_code.clone().ok_or(OrchestratorError::NotEnrolled)?;
@@ -352,7 +352,7 @@ pub async fn start(config: OrchestratorConfig) -> Result<RunningOrchestrator, Or
                 tokio::task::spawn_blocking(move || Client::new(&server, None).enroll_orchestrator(&code, &name))
                     .await
                     .map_err(|e| io("enrolling")(std::io::Error::other(e)))?
-                    .map_err(|source| OrchestratorError::Enroll { server: config.server.clone(), source })?;
+                    .map_err(|error| OrchestratorError::Enroll { server: config.server.clone(), error })?;
             let credential =
                 Credential { server: config.server.clone(), token: enrolled.token, member: enrolled.member };
             let bytes = serde_json::to_vec_pretty(&credential).map_err(|e| io("encoding")(std::io::Error::other(e)))?;

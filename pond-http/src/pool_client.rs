@@ -82,7 +82,7 @@ impl Client {
         let response = match result {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
-            Err(ureq::Error::Transport(t)) => return Err(ClientError::Transport { url, message: t.to_string() }),
+            Err(ureq::Error::Transport(t)) => return Err(crate::client::transport(url, &t)),
         };
         let status = response.status();
         let content_type = response.header("Content-Type").map(str::to_string);

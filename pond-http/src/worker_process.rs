@@ -48,20 +48,20 @@ pub enum WorkerSetupError {
     #[error("not enrolled: pass --enroll <code> (from `pond admin enroll create --pool … --worker`) the first time")]
     NotEnrolled,
     /// The orchestrator or pond refused, or could not be reached.
-    #[error("enrolling through {orchestrator}: {source}")]
+    #[error("enrolling through {orchestrator}: {error}")]
     Enroll {
         /// The orchestrator's URL.
         orchestrator: String,
         /// The failure.
-        source: ClientError,
+        error: ClientError,
     },
     /// A file failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What was being done.
         context: String,
         /// The failure.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -86,7 +86,7 @@ pub struct PreparedWorker {
 /// Blocking (enrollment is an HTTP call): call it outside an async context or in
 /// `spawn_blocking`.
 pub fn prepare(config: &WorkerProcessConfig) -> Result<PreparedWorker, WorkerSetupError> {
-    let io = |context: String| move |source| WorkerSetupError::Io { context, source };
+    let io = |context: String| move |error| WorkerSetupError::Io { context, error };
     let identity = pond_exec::load_or_create_identity(&config.key_dir)
         .map_err(io(format!("worker keys in {}", config.key_dir.display())))?;
     let path = config.key_dir.join("worker.json");
@@ -101,7 +101,7 @@ pub fn prepare(config: &WorkerProcessConfig) -> Result<PreparedWorker, WorkerSet
             let request =
                 enroll_request(code, &config.name, &identity, config.tags.clone(), config.capabilities.clone());
             let enrolled = HttpWorkerClient::enroll(&config.orchestrator, &request)
-                .map_err(|source| WorkerSetupError::Enroll { orchestrator: config.orchestrator.clone(), source })?;
+                .map_err(|error| WorkerSetupError::Enroll { orchestrator: config.orchestrator.clone(), error })?;
             let c = Credential {
                 orchestrator: config.orchestrator.clone(),
                 token: enrolled.token,
