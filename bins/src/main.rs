@@ -591,7 +591,9 @@ fn host_name() -> String {
 }
 
 fn orchestrator(server: String, args: OrchestratorArgs) -> Result<()> {
-    let rt = runtime()?;
+    // Calls toward pond block a thread each (ureq); bound them so a burst of workers cannot
+    // grow the process to hundreds of threads.
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(128).build()?;
     rt.block_on(async {
         let mut config = pond_http::orchestrator::OrchestratorConfig::new(&server, args.state_dir);
         config.listen = args.listen;

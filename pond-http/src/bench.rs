@@ -272,10 +272,18 @@ impl Child {
     }
 
     fn rss_kib(&self) -> u64 {
+        self.status_field("VmRSS:")
+    }
+
+    fn threads(&self) -> u64 {
+        self.status_field("Threads:")
+    }
+
+    fn status_field(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.id())).unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     }
@@ -487,6 +495,7 @@ pub fn pool(
         .collect::<Result<_, _>>()?;
     std::thread::sleep(Duration::from_secs(5));
     let rss_idle_kib = (server.rss_kib(), orch.rss_kib());
+    eprintln!("threads with the idle workers: server {}, orchestrator {}", server.threads(), orch.threads());
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     for p in pollers {
         let _ = p.join();

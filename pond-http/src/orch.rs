@@ -214,7 +214,7 @@ async fn claim(
     ids.sort();
     ids.dedup();
     for id in ids {
-        match state.pools.member(&id).await? {
+        match state.members.get(&state.pools, &id).await? {
             Some(m) if m.kind == MemberKind::Worker && m.pool == orchestrator.pool && !m.draining => idle.push(m),
             _ => refused.push(id),
         }
@@ -242,6 +242,38 @@ async fn claim(
             _ = superseded.changed() => {}
             _ = tokio::time::sleep_until(recheck.into()) => {}
         }
+    }
+}
+
+/// Workers recently read, for resolving the ids of a claim: an orchestrator with 1,000 idle
+/// workers sends 1,000 ids per poll. Only active workers are cached (a drain is re-read before
+/// every claim anyway, see `claim_round`), so an undone drain is never hidden by the cache.
+#[derive(Default)]
+pub struct MemberCache {
+    entries: std::sync::Mutex<HashMap<String, (PoolMember, Instant)>>,
+}
+
+impl MemberCache {
+    const TTL: Duration = Duration::from_secs(10);
+
+    async fn get(&self, pools: &pond_core::pool::Pools, id: &str) -> Result<Option<PoolMember>, ApiError> {
+        {
+            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((m, at)) = entries.get(id) {
+                if at.elapsed() < Self::TTL {
+                    return Ok(Some(m.clone()));
+                }
+            }
+        }
+        let member = pools.member(id).await?;
+        if let Some(m) = member.as_ref().filter(|m| !m.draining) {
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if entries.len() > 100_000 {
+                entries.retain(|_, (_, at)| at.elapsed() < Self::TTL);
+            }
+            entries.insert(id.to_string(), (m.clone(), Instant::now()));
+        }
+        Ok(member)
     }
 }
 
@@ -493,7 +525,7 @@ async fn drain(
     Ok(Json(state.pools.set_draining(&member.id, draining).await?))
 }
 
-/// Throttles last-seen writes: a member's idle record is rewritten at most every few seconds,
+/// Throttles last-seen writes: a member's idle record is rewritten at most every 30 s,
 /// so 1,000 idle long-polling workers do not cost 1,000 writes per poll. Changes of the job a
 /// member holds are always written.
 #[derive(Default)]
@@ -502,7 +534,7 @@ pub struct SeenThrottle {
 }
 
 impl SeenThrottle {
-    const EVERY: Duration = Duration::from_secs(5);
+    const EVERY: Duration = Duration::from_secs(30);
 
     async fn touch(&self, pools: &pond_core::pool::Pools, seen: &[(&str, Option<&str>)]) -> Result<(), ApiError> {
         let due: Vec<(&str, Option<&str>)> = {

@@ -144,6 +144,8 @@ impl RunningOrchestrator {
 
 struct Waiter {
     generation: u64,
+    /// The worker's pinned tags and capabilities: what pond matches jobs against.
+    offer: (Vec<String>, Vec<String>),
     deliver: oneshot::Sender<JobTicket>,
 }
 
@@ -167,6 +169,9 @@ struct Orch {
     kick: Notify,
     /// Worker credentials seen, by token: the member and when pond last vouched for it.
     workers: Mutex<HashMap<String, (PoolMember, Instant)>>,
+    /// Bounds the credential checks in flight: 1,000 workers arriving at once must not become
+    /// 1,000 blocking calls (threads) toward pond.
+    checks: tokio::sync::Semaphore,
 }
 
 /// How long a worker pond refused (draining) is left out of polls before it is asked for again.
@@ -202,6 +207,13 @@ impl Orch {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::Unauthorized("missing the worker's bearer token".into()))?
             .to_string();
+        if let Some((m, at)) = self.workers.lock().unwrap_or_else(|p| p.into_inner()).get(&token) {
+            if at.elapsed() < WORKER_AUTH_TTL {
+                return Ok((m.clone(), token));
+            }
+        }
+        let _permit = self.checks.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        // Another request may have asked for the same credential while this one waited.
         if let Some((m, at)) = self.workers.lock().unwrap_or_else(|p| p.into_inner()).get(&token) {
             if at.elapsed() < WORKER_AUTH_TTL {
                 return Ok((m.clone(), token));
@@ -244,9 +256,16 @@ impl Orch {
                 q.refused_until.retain(|_, until| *until > now);
                 let eligible: Vec<String> =
                     q.waiters.keys().filter(|w| !q.refused_until.contains_key(*w)).cloned().collect();
-                // A worker no poll covers starts a new poll for every waiting worker; pond ends
-                // the older one, so the pool holds one poll, not one per worker.
-                let poll = if eligible.iter().any(|w| !q.covered.contains_key(w)) {
+                // A worker no poll covers starts a new poll for every waiting worker (pond ends
+                // the older one, so the pool holds one poll, not one per worker) — unless a
+                // covered waiting worker offers the same: any job it could take would go to that
+                // one, and the next poll covers it anyway.
+                let covered_offers: std::collections::HashSet<&(Vec<String>, Vec<String>)> =
+                    q.covered.keys().filter_map(|w| q.waiters.get(w)).map(|w| &w.offer).collect();
+                let needed = eligible.iter().any(|w| {
+                    !q.covered.contains_key(w) && q.waiters.get(w).is_some_and(|x| !covered_offers.contains(&x.offer))
+                });
+                let poll = if needed {
                     q.polls += 1;
                     let n = q.polls;
                     for w in &eligible {
@@ -367,6 +386,7 @@ pub async fn start(config: OrchestratorConfig) -> Result<RunningOrchestrator, Or
         queue: Mutex::default(),
         kick: Notify::new(),
         workers: Mutex::default(),
+        checks: tokio::sync::Semaphore::new(8),
     });
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.map_err(io(format!("listening on {}", config.listen)))?;
@@ -424,7 +444,8 @@ async fn claim(State(orch): State<Arc<Orch>>, headers: HeaderMap, body: Bytes) -
         }
         q.generation += 1;
         let generation = q.generation;
-        q.waiters.insert(worker.id.clone(), Waiter { generation, deliver: tx });
+        let offer = (worker.tags.clone(), worker.capabilities.clone());
+        q.waiters.insert(worker.id.clone(), Waiter { generation, offer, deliver: tx });
         generation
     };
     orch.kick.notify_one();

@@ -272,6 +272,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         pools: Arc::new(pond_core::pool::Pools::new(store.clone(), engine.clock().clone())),
         seen: Arc::default(),
         polls: Arc::default(),
+        members: Arc::default(),
     };
 
     let listener =

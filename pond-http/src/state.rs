@@ -26,6 +26,8 @@ pub struct AppState {
     pub seen: Arc<crate::orch::SeenThrottle>,
     /// Each orchestrator's newest claim poll.
     pub polls: Arc<crate::orch::Polls>,
+    /// Workers recently resolved by claims.
+    pub members: Arc<crate::orch::MemberCache>,
 }
 
 impl AppState {
