@@ -685,8 +685,8 @@ fn pool(command: PoolCommand, client: &Client) -> Result<()> {
                 return print_json(&list);
             }
             println!(
-                "{:<18} {:<14} {:<16} {:<24} {:<20} {:<8} {}",
-                "ID", "KIND", "POOL", "TAGS", "LAST SEEN", "STATE", "JOB"
+                "{:<18} {:<14} {:<16} {:<24} {:<20} {:<8} JOB",
+                "ID", "KIND", "POOL", "TAGS", "LAST SEEN", "STATE"
             );
             for v in list.orchestrators.iter().chain(&list.workers) {
                 let m = &v.member;

@@ -328,4 +328,8 @@ fn a_pooled_stage_works_on_the_run_s_checkout_and_attests_its_bundle() {
     let mut seen = Vec::new();
     admin.download_artifact(&id, "seen.txt", &mut seen).unwrap();
     assert_eq!(seen, b"marker-7f3a\n");
+    // Both throwaway checkouts are gone: the server's (packed for the worker) and the worker's.
+    assert!(!p.server.data_dir.join("checkouts").join(&id).exists());
+    let jobs: Vec<_> = std::fs::read_dir(p.acme.key_dir.join("jobs")).unwrap().collect();
+    assert!(jobs.is_empty(), "{jobs:?}");
 }

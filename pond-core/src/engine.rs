@@ -485,6 +485,7 @@ impl Engine {
             })
             .await
             .map_err(|e| not_found_as(e, job.run))?;
+        self.release_if_ended(&snapshot, now).await;
         Ok(snapshot)
     }
 
@@ -492,7 +493,8 @@ impl Engine {
     pub async fn release_job(&self, job: &JobId, worker: &PoolMember, why: &str) -> Result<RunSnapshot, CoreError> {
         let now = self.clock.now();
         let (key, attempt) = (job.stage.as_str(), job.attempt);
-        self.store
+        let snapshot = self
+            .store
             .update_run(job.run, &mut |s| {
                 if s.stage(key).and_then(|st| st.lease_owner.as_deref()) != Some(worker.id.as_str()) {
                     let current = s.stage(key).map(|st| st.attempt).unwrap_or(0);
@@ -506,7 +508,9 @@ impl Engine {
                 Ok(lines)
             })
             .await
-            .map_err(|e| not_found_as(e, job.run))
+            .map_err(|e| not_found_as(e, job.run))?;
+        self.release_if_ended(&snapshot, now).await;
+        Ok(snapshot)
     }
 
     /// Records an attempt's outcome. A stale attempt (lease lost, stage ended) is refused with

@@ -53,7 +53,7 @@ pub enum WorkerSetupError {
         /// The orchestrator's URL.
         orchestrator: String,
         /// The failure.
-        error: ClientError,
+        error: Box<ClientError>,
     },
     /// A file failed.
     #[error("{context}: {error}")]
@@ -100,8 +100,9 @@ pub fn prepare(config: &WorkerProcessConfig) -> Result<PreparedWorker, WorkerSet
             let code = config.enroll_code.as_deref().ok_or(WorkerSetupError::NotEnrolled)?;
             let request =
                 enroll_request(code, &config.name, &identity, config.tags.clone(), config.capabilities.clone());
-            let enrolled = HttpWorkerClient::enroll(&config.orchestrator, &request)
-                .map_err(|error| WorkerSetupError::Enroll { orchestrator: config.orchestrator.clone(), error })?;
+            let enrolled = HttpWorkerClient::enroll(&config.orchestrator, &request).map_err(|error| {
+                WorkerSetupError::Enroll { orchestrator: config.orchestrator.clone(), error: Box::new(error) }
+            })?;
             let c = Credential {
                 orchestrator: config.orchestrator.clone(),
                 token: enrolled.token,
