@@ -11,6 +11,7 @@
 //! - [`attest`]: signed results (wire format (d)) and key fingerprints.
 //! - [`keys`]: a worker's sealing and signing keys; low-order X25519 keys refused.
 //! - [`pool`]: enrollment codes, orchestrators and workers, job ids.
+//! - [`seal`]: sealed boxes, encrypted log lines and artifacts (libsodium wire formats).
 //! - [`engine`]: the [`engine::Engine`] that ties them together.
 //!
 //! Nothing here opens a socket, a file or a process, or reads the clock: time arrives through
@@ -29,6 +30,7 @@ pub mod pool;
 pub mod routing;
 pub mod run;
 pub mod sandbox;
+pub mod seal;
 pub mod source;
 pub mod store;
 pub mod time;
