@@ -130,6 +130,9 @@ struct ServerArgs {
     /// Name of this node in leases and attempt history (default: random).
     #[arg(long, env = "POND_NODE_ID")]
     node_id: Option<String>,
+    /// Encrypt a run that names recipients but does not say `encrypt` (false: only on `encrypt: true`).
+    #[arg(long, env = "POND_ENCRYPTION_DEFAULT", default_value_t = true, action = clap::ArgAction::Set)]
+    encryption_default: bool,
 }
 
 #[derive(Subcommand)]
@@ -157,6 +160,13 @@ enum RunCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Also encrypt to this X25519 public key (base64; repeatable).
+        #[arg(long = "recipient")]
+        recipients: Vec<String>,
+        /// Do not encrypt (by default the run's logs and artifacts are encrypted to this
+        /// context's key, `pond keys show`; POND_ENCRYPTION_DEFAULT=false turns that off).
+        #[arg(long)]
+        no_encrypt: bool,
     },
     /// Show a run and its stages.
     Status {
@@ -567,9 +577,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 context: cli.global.context,
                 project: std::env::var("POND_PROJECT").ok(),
             };
+            let key_path = cli::consumer_key_path(&config_path, overrides.context.as_deref().or(config.current.as_deref()));
             let target = cli::resolve_target(&config, &overrides)?;
             let client = Client::new(&target.server, target.token.clone());
-            run_command(command, &client, &target)
+            run_command(command, &client, &target, &key_path)
         }
         Command::Admin { command: AdminCommand::Keys { command } } => {
             let config = CliConfig::load(&config_path)?;
@@ -738,6 +749,7 @@ fn server_config(args: ServerArgs) -> pond_http::server::ServerConfig {
     config.kill_grace = args.kill_grace;
     config.drain = args.drain;
     config.node_id = args.node_id;
+    config.limits.encryption_default = args.encryption_default;
     config
 }
 
@@ -771,11 +783,25 @@ fn serve(args: ServerArgs) -> Result<()> {
     })
 }
 
-fn run_command(command: RunCommand, client: &Client, target: &cli::Target) -> Result<i32> {
+fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_path: &std::path::Path) -> Result<i32> {
     match command {
-        RunCommand::Submit { file, project, source, git_ref, idempotency_key, wait, json } => {
-            let options =
-                SubmitOptions { file, project, sources: source, git_ref, idempotency_key: idempotency_key.clone() };
+        RunCommand::Submit { file, project, source, git_ref, idempotency_key, wait, json, recipients, no_encrypt } => {
+            let by_default = std::env::var("POND_ENCRYPTION_DEFAULT").map(|v| v != "false" && v != "0").unwrap_or(true);
+            let mut to = Vec::new();
+            if !no_encrypt && (by_default || !recipients.is_empty()) {
+                if by_default {
+                    to.push(cli::consumer_key(key_path, false)?.public_key);
+                }
+                to.extend(recipients);
+            }
+            let options = SubmitOptions {
+                file,
+                project,
+                sources: source,
+                git_ref,
+                idempotency_key: idempotency_key.clone(),
+                recipients: to,
+            };
             let body = cli::build_submit(client, target, &options)?;
             let run = client.submit(&body, idempotency_key.as_deref())?;
             if !wait {
@@ -788,7 +814,8 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target) -> Re
             }
             eprintln!("submitted run {} ({} stages)", run.id, run.stages.len());
             let mut out = std::io::stdout().lock();
-            let end = cli::wait(client, &run.id.to_string(), &mut out, json)?;
+            let mut decrypt = cli::LogDecryptor::new(key_path)?;
+            let end = cli::wait(client, &run.id.to_string(), &mut out, json, &mut decrypt)?;
             drop(out);
             let finished = client.get_run(&run.id.to_string())?;
             if json {
@@ -818,15 +845,17 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target) -> Re
         }
         RunCommand::Logs { id, follow, json } => {
             let mut out = std::io::stdout().lock();
+            let mut decrypt = cli::LogDecryptor::new(key_path)?;
             if follow {
-                let end = cli::wait(client, &id, &mut out, json)?;
+                let end = cli::wait(client, &id, &mut out, json, &mut decrypt)?;
                 return Ok(cli::exit_code(end.state));
             }
             let mut after = 0;
             loop {
                 let page = client.logs(&id, after, 1000)?;
                 for line in &page.lines {
-                    let text = if json { serde_json::to_string(line)? } else { cli::format_log_line(line) };
+                    let Some(line) = decrypt.line(line)? else { continue };
+                    let text = if json { serde_json::to_string(&line)? } else { cli::format_log_line(&line) };
                     writeln!(out, "{text}")?;
                 }
                 if page.lines.is_empty() {
@@ -871,20 +900,16 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target) -> Re
                 Ok(0)
             }
             Some(name) => {
+                // Decrypted locally when the artifact has a `.pondkey` sidecar.
+                let data = cli::fetch_artifact(client, &id, &name, key_path)?;
                 match output {
                     Some(path) => {
                         let tmp = path.with_extension("part");
-                        let mut file =
-                            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-                        let n = client.download_artifact(&id, &name, &mut file)?;
-                        file.sync_all()?;
+                        std::fs::write(&tmp, &data).with_context(|| format!("writing {}", tmp.display()))?;
                         std::fs::rename(&tmp, &path)?;
-                        eprintln!("wrote {n} bytes to {}", path.display());
+                        eprintln!("wrote {} bytes to {}", data.len(), path.display());
                     }
-                    None => {
-                        let mut out = std::io::stdout().lock();
-                        client.download_artifact(&id, &name, &mut out)?;
-                    }
+                    None => std::io::stdout().lock().write_all(&data)?,
                 }
                 Ok(0)
             }
@@ -1025,16 +1050,21 @@ fn demo(args: DemoArgs) -> Result<i32> {
     println!("demo server on {} (data in {})", server.url(), args.data_dir.display());
     let client = Client::new(&server.url(), Some(token));
     let target = cli::Target { server: server.url(), token: None, project: Some("demo".into()) };
+    // Like `pond run submit`, the demo encrypts the run's output to a key of its own and
+    // decrypts it here: the server stores only ciphertext.
+    let key = args.data_dir.join("demo.x25519");
     let options = SubmitOptions {
         file: args.workflow.clone(),
         sources: vec![args.source.display().to_string()],
+        recipients: vec![cli::consumer_key(&key, false)?.public_key],
         ..Default::default()
     };
     let outcome = (|| -> Result<i32> {
         let body = cli::build_submit(&client, &target, &options)?;
         let run = client.submit(&body, None)?;
         println!("submitted run {} ({}) on {}\n", run.id, args.workflow.display(), args.source.display());
-        let end = cli::wait(&client, &run.id.to_string(), &mut std::io::stdout().lock(), false)?;
+        let mut decrypt = cli::LogDecryptor::new(&key)?;
+        let end = cli::wait(&client, &run.id.to_string(), &mut std::io::stdout().lock(), false, &mut decrypt)?;
         let finished = client.get_run(&run.id.to_string())?;
         println!("\n{}", cli::format_run(&finished));
         for artifact in client.artifacts(&run.id.to_string())?.artifacts {

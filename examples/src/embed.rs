@@ -65,6 +65,7 @@ async fn main() -> Result<()> {
             definition,
             sources: vec![source],
             idempotency_key: None,
+        recipients: vec![],
         })
         .await?;
     let id = submitted.snapshot.run.id;

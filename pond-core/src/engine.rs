@@ -37,11 +37,18 @@ pub struct EngineConfig {
     pub lease: Millis,
     /// Rules for sources.
     pub source_policy: SourcePolicy,
+    /// Ed25519 seed that signs the log key headers of confidential runs run here.
+    pub signing_seed: [u8; 32],
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { node_id: "node".into(), lease: Millis::from_secs(30), source_policy: SourcePolicy::default() }
+        EngineConfig {
+            node_id: "node".into(),
+            lease: Millis::from_secs(30),
+            source_policy: SourcePolicy::default(),
+            signing_seed: crate::seal::random_key(),
+        }
     }
 }
 
@@ -56,6 +63,8 @@ pub struct SubmitRequest {
     pub sources: Vec<SourceInput>,
     /// Retried submits with the same key return the first run.
     pub idempotency_key: Option<String>,
+    /// Encrypt the run's output to these X25519 public keys (base64); empty: not encrypted.
+    pub recipients: Vec<String>,
 }
 
 /// The result of a submit.
@@ -174,8 +183,21 @@ impl Engine {
             }
             sources.push(source);
         }
+        let mut recipients = Vec::with_capacity(request.recipients.len());
+        for (i, text) in request.recipients.iter().enumerate() {
+            let field = format!("recipient_pubkeys[{i}]");
+            let key = crate::pool::decode_key(text).map_err(|e| FieldError::new(field.clone(), e))?;
+            crate::keys::check_x25519_public(&key).map_err(|e| FieldError::new(field, e.to_string()))?;
+            let canonical = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key);
+            if !recipients.contains(&canonical) {
+                recipients.push(canonical);
+            }
+        }
+        if recipients.len() > 16 {
+            return Err(FieldError::new("recipient_pubkeys", "at most 16 recipients").into());
+        }
         let now = self.clock.now();
-        let snapshot = RunSnapshot::new(
+        let mut snapshot = RunSnapshot::new(
             RunId::generate(now),
             project.to_string(),
             request.definition,
@@ -183,6 +205,9 @@ impl Engine {
             request.idempotency_key,
             now,
         );
+        if !recipients.is_empty() {
+            snapshot.run.encryption = Some(crate::run::Encryption { recipients });
+        }
         match self.store.insert_run(&snapshot).await? {
             crate::store::InsertOutcome::Created => Ok(Submitted { snapshot, created: true }),
             crate::store::InsertOutcome::Existing(existing) => Ok(Submitted { snapshot: *existing, created: false }),
@@ -321,6 +346,10 @@ impl Engine {
             project: &run.project_id,
             stage: &claim.stage.key,
             attempt: claim.stage.attempt,
+            sealer: run
+                .encryption
+                .as_ref()
+                .map(|e| crate::seal::OutputSealer::new(e.keys(), self.config.signing_seed)),
         };
         let ctx =
             ExecContext { run, stage: def, attempt: claim.stage.attempt, workspace: &workspace, output: &sink, stop };
@@ -419,15 +448,16 @@ impl Engine {
         Ok(self.store.append_logs(job.run, &lines).await?)
     }
 
-    /// Stores an artifact a pooled job uploaded.
-    pub async fn job_artifact(
-        &self,
-        job: &JobId,
-        project: &str,
-        name: &str,
-        data: &[u8],
-    ) -> Result<Artifact, CoreError> {
-        if !valid_artifact_name(name) {
+    /// Stores an artifact a pooled job uploaded (for a confidential run, the worker uploads the
+    /// ciphertext and its `.pondkey` sidecar).
+    pub async fn job_artifact(&self, job: &JobId, run: &Run, name: &str, data: &[u8]) -> Result<Artifact, CoreError> {
+        let project = run.project_id.as_str();
+        let sidecar_of = name.strip_suffix(crate::seal::SIDECAR_SUFFIX).filter(|_| run.encryption.is_some());
+        let valid = match sidecar_of {
+            Some(base) => valid_artifact_name(base),
+            None => valid_artifact_name(name),
+        };
+        if !valid {
             return Err(FieldError::new("name", format!("`{name}` is not a valid artifact name")).into());
         }
         let now = self.clock.now();
@@ -733,12 +763,36 @@ struct StoreSink<'a> {
     project: &'a str,
     stage: &'a str,
     attempt: u32,
+    /// For a confidential run: output is sealed before it is stored; pond keeps no key.
+    sealer: Option<crate::seal::OutputSealer>,
+}
+
+impl StoreSink<'_> {
+    async fn store_artifact(&self, name: &str, data: &[u8]) -> Result<(), String> {
+        let now = self.engine.clock.now();
+        let store = &self.engine.store;
+        let blob = store.put_blob(self.project, data, now).await.map_err(|e| e.to_string())?;
+        let artifact = Artifact {
+            run_id: self.run,
+            name: name.to_string(),
+            stage: self.stage.to_string(),
+            blob_id: blob.id,
+            size: blob.size,
+            sha256: blob.sha256,
+            created_at: now,
+        };
+        store.put_artifact(&artifact).await.map_err(|e| e.to_string())
+    }
 }
 
 #[async_trait]
 impl OutputSink for StoreSink<'_> {
     async fn lines(&self, lines: Vec<(LogStream, String)>) {
         let at = self.engine.clock.now();
+        let lines = match &self.sealer {
+            Some(sealer) => sealer.lines(lines),
+            None => lines,
+        };
         let lines: Vec<NewLogLine> = lines
             .into_iter()
             .map(|(stream, text)| NewLogLine {
@@ -756,18 +810,14 @@ impl OutputSink for StoreSink<'_> {
         if !valid_artifact_name(name) {
             return Err(format!("`{name}` is not a valid artifact name"));
         }
-        let now = self.engine.clock.now();
-        let store = &self.engine.store;
-        let blob = store.put_blob(self.project, &data, now).await.map_err(|e| e.to_string())?;
-        let artifact = Artifact {
-            run_id: self.run,
-            name: name.to_string(),
-            stage: self.stage.to_string(),
-            blob_id: blob.id,
-            size: blob.size,
-            sha256: blob.sha256,
-            created_at: now,
-        };
-        store.put_artifact(&artifact).await.map_err(|e| e.to_string())
+        match &self.sealer {
+            Some(sealer) => {
+                for (stored_name, bytes) in sealer.artifact(name, &data) {
+                    self.store_artifact(&stored_name, &bytes).await?;
+                }
+                Ok(())
+            }
+            None => self.store_artifact(name, &data).await,
+        }
     }
 }

@@ -112,6 +112,24 @@ pub struct Run {
     pub started_at: Option<Timestamp>,
     /// When it ended.
     pub finished_at: Option<Timestamp>,
+    /// For a confidential run: who its output is encrypted to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// A confidential run's recipients: its log lines and artifacts are encrypted to these X25519
+/// keys as they are produced (see [`crate::seal`]); pond keeps only ciphertext.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// X25519 public keys, base64, each checked (32 bytes, not low-order) at submit.
+    pub recipients: Vec<String>,
+}
+
+impl Encryption {
+    /// The recipients' raw keys (checked at submit, so decoding does not fail here).
+    pub fn keys(&self) -> Vec<[u8; 32]> {
+        self.recipients.iter().filter_map(|r| crate::pool::decode_key(r).ok()).collect()
+    }
 }
 
 /// A stage of a run as it executes.
@@ -301,6 +319,7 @@ impl RunSnapshot {
             created_at: now,
             started_at: None,
             finished_at: None,
+            encryption: None,
         };
         let mut snapshot = RunSnapshot { run, stages, attempts: Vec::new() };
         snapshot.settle(now);

@@ -61,6 +61,51 @@ pub enum SealError {
     Truncated(&'static str),
 }
 
+/// 32 random bytes (a new key or seed).
+pub fn random_key() -> [u8; 32] {
+    random()
+}
+
+/// Seals a stage attempt's output as it is produced, for the sinks that store or upload it:
+/// the first batch of lines gets the stream's `ENC1K:` header in front; each artifact becomes
+/// the ciphertext and its `.pondkey` sidecar.
+pub struct OutputSealer {
+    recipients: Vec<[u8; 32]>,
+    signer: [u8; 32],
+    stream: std::sync::Mutex<Option<LogSealer>>,
+}
+
+impl OutputSealer {
+    /// A sealer for `recipients`, signing log key headers with the Ed25519 seed `signer`.
+    pub fn new(recipients: Vec<[u8; 32]>, signer: [u8; 32]) -> Self {
+        OutputSealer { recipients, signer, stream: std::sync::Mutex::new(None) }
+    }
+
+    /// The lines as stored: a header first (once), then one `ENC1:` line per line.
+    pub fn lines(
+        &self,
+        lines: Vec<(crate::store::LogStream, String)>,
+    ) -> Vec<(crate::store::LogStream, String)> {
+        let mut guard = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::with_capacity(lines.len() + 1);
+        let sealer = guard.get_or_insert_with(|| {
+            let (sealer, header) = LogSealer::new(&self.recipients, &self.signer);
+            out.push((crate::store::LogStream::System, header));
+            sealer
+        });
+        for (stream, text) in lines {
+            out.push((stream, sealer.seal_line(&text)));
+        }
+        out
+    }
+
+    /// The artifact as stored: `(name, ciphertext)` and `(name.pondkey, sidecar)`.
+    pub fn artifact(&self, name: &str, data: &[u8]) -> [(String, Vec<u8>); 2] {
+        let (sealed, sidecar) = seal_artifact(data, &self.recipients);
+        [(name.to_string(), sealed), (format!("{name}{SIDECAR_SUFFIX}"), sidecar.into_bytes())]
+    }
+}
+
 fn random<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
     dryoc::rng::copy_randombytes(&mut out);

@@ -106,6 +106,7 @@ fn request(definition: serde_json::Value) -> SubmitRequest {
         definition: serde_json::from_value(definition).unwrap(),
         sources: vec![],
         idempotency_key: None,
+        recipients: vec![],
     }
 }
 

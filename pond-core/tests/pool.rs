@@ -131,6 +131,7 @@ async fn submit_pooled(w: &World, project: &str, tier: &str) -> RunId {
         definition: serde_json::from_value(definition).unwrap(),
         sources: vec![],
         idempotency_key: None,
+        recipients: vec![],
     };
     w.engine.submit(request).await.unwrap().snapshot.run.id
 }

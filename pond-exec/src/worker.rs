@@ -113,7 +113,12 @@ impl Worker {
         tracing::info!(job = %id, "job started");
         let dir = self.config.scratch.join(id.to_string());
         let stop = StopHandle::new();
-        let sink = ClientSink { client: self.client.clone(), job: id.clone(), artifacts: Mutex::default() };
+        let sealer = job
+            .run
+            .encryption
+            .as_ref()
+            .map(|e| pond_core::seal::OutputSealer::new(e.keys(), self.signing_seed));
+        let sink = ClientSink { client: self.client.clone(), job: id.clone(), artifacts: Mutex::default(), sealer };
         let (outcome, input_sha) = {
             let work = self.execute(&job, &dir, &sink, &stop);
             tokio::pin!(work);
@@ -275,16 +280,22 @@ enum Ended {
 }
 
 /// Sends a job's output to the orchestrator and remembers each artifact's digest for the
-/// attestation.
+/// attestation. For a confidential run the output is sealed here, before it leaves the worker:
+/// the orchestrator and pond only ever see ciphertext; the attestation covers the plaintext.
 struct ClientSink {
     client: Arc<dyn WorkerClient>,
     job: JobId,
     artifacts: Mutex<BTreeMap<String, String>>,
+    sealer: Option<pond_core::seal::OutputSealer>,
 }
 
 #[async_trait]
 impl OutputSink for ClientSink {
     async fn lines(&self, lines: Vec<(LogStream, String)>) {
+        let lines = match &self.sealer {
+            Some(sealer) => sealer.lines(lines),
+            None => lines,
+        };
         if let Err(e) = self.client.logs(&self.job, lines).await {
             tracing::warn!(job = %self.job, error = %e, "sending log lines failed");
         }
@@ -292,7 +303,14 @@ impl OutputSink for ClientSink {
 
     async fn artifact(&self, name: &str, data: Vec<u8>) -> Result<(), String> {
         let sha = hex::encode(Sha256::digest(&data));
-        self.client.artifact(&self.job, name, data).await.map_err(|e| e.to_string())?;
+        match &self.sealer {
+            Some(sealer) => {
+                for (stored_name, bytes) in sealer.artifact(name, &data) {
+                    self.client.artifact(&self.job, &stored_name, bytes).await.map_err(|e| e.to_string())?;
+                }
+            }
+            None => self.client.artifact(&self.job, name, data).await.map_err(|e| e.to_string())?,
+        }
         self.artifacts.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), sha);
         Ok(())
     }

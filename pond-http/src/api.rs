@@ -145,16 +145,14 @@ async fn submit_run(
     if !who.can_use(&project) {
         return Err(ApiError::Forbidden(format!("this token may not use project `{project}`")));
     }
-    if body.encrypt == Some(true) {
-        let field =
-            if body.recipient_pubkeys.as_ref().is_none_or(|r| r.is_empty()) { "recipient_pubkeys" } else { "encrypt" };
-        let reason = if field == "recipient_pubkeys" {
-            "`encrypt: true` needs at least one recipient public key"
-        } else {
-            "encrypted runs are not available on this server yet"
-        };
-        return Err(ApiError::invalid(field, reason));
+    let recipients = body.recipient_pubkeys.unwrap_or_default();
+    // Without `encrypt`, a run with recipients is encrypted unless the server's default is off
+    // (POND_ENCRYPTION_DEFAULT=false).
+    let encrypt = body.encrypt.unwrap_or(state.limits.encryption_default && !recipients.is_empty());
+    if encrypt && recipients.is_empty() {
+        return Err(ApiError::invalid("recipient_pubkeys", "`encrypt: true` needs at least one recipient public key"));
     }
+    let recipients = if encrypt { recipients } else { Vec::new() };
     let idempotency_key = match headers.get("idempotency-key") {
         Some(v) => {
             Some(v.to_str().map_err(|_| ApiError::invalid("Idempotency-Key", "must be visible ASCII"))?.to_string())
@@ -168,6 +166,7 @@ async fn submit_run(
             definition: body.definition,
             sources: body.sources,
             idempotency_key,
+            recipients,
         })
         .await?;
     let status = if submitted.created { StatusCode::CREATED } else { StatusCode::OK };

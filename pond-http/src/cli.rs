@@ -175,6 +175,8 @@ pub struct SubmitOptions {
     pub git_ref: Option<String>,
     /// `Idempotency-Key`.
     pub idempotency_key: Option<String>,
+    /// Encrypt the run's output to these X25519 public keys (base64); empty: not encrypted.
+    pub recipients: Vec<String>,
 }
 
 fn label_for(source: &str, taken: &[String]) -> String {
@@ -240,7 +242,88 @@ pub fn build_submit(client: &Client, target: &Target, options: &SubmitOptions) -
         }
     }
     obj.insert("sources".into(), serde_json::Value::Array(sources));
+    if !options.recipients.is_empty() {
+        obj.insert("encrypt".into(), true.into());
+        obj.insert("recipient_pubkeys".into(), options.recipients.clone().into());
+    }
     Ok(body)
+}
+
+/// Decrypts a confidential run's log lines with this context's key, stream by stream (one
+/// stream per stage attempt, opened by its `ENC1K:` header).
+pub struct LogDecryptor {
+    public: [u8; 32],
+    secret: [u8; 32],
+    streams: std::collections::HashMap<(Option<String>, u32), pond_core::seal::LogOpener>,
+}
+
+impl LogDecryptor {
+    /// A decryptor with the consumer key at `path` (made on first use: a new key opens
+    /// nothing, and says so).
+    pub fn new(path: &Path) -> Result<Self, CliError> {
+        let secret = pond_exec::load_or_create_key(path).map_err(io_err(format!("key {}", path.display())))?;
+        Ok(LogDecryptor { public: pond_core::keys::x25519_public(&secret), secret, streams: Default::default() })
+    }
+
+    /// The line as it should be shown: decrypted, passed through if plaintext, or `None` for a
+    /// key header.
+    pub fn line(&mut self, line: &LogLine) -> Result<Option<LogLine>, CliError> {
+        let l = &line.line;
+        let stream = (l.stage.clone(), l.attempt);
+        if l.text.starts_with("ENC1K:") {
+            let opener = pond_core::seal::LogOpener::from_header(&l.text, &self.public, &self.secret, None)
+                .map_err(|e| self.explain(e))?;
+            self.streams.insert(stream, opener);
+            return Ok(None);
+        }
+        if !l.text.starts_with("ENC1:") {
+            return Ok(Some(line.clone()));
+        }
+        let opener = self
+            .streams
+            .get_mut(&stream)
+            .ok_or_else(|| CliError::Input("an encrypted log line came before its key header".into()))?;
+        let text = opener.open_line(&l.text).map_err(|e| self.explain(e))?;
+        let mut plain = line.clone();
+        plain.line.text = text;
+        Ok(Some(plain))
+    }
+
+    fn explain(&self, e: pond_core::seal::SealError) -> CliError {
+        let fp = pond_core::attest::fingerprint(&self.public);
+        match e {
+            pond_core::seal::SealError::NotRecipient(_) => CliError::Input(format!(
+                "this run is encrypted to other keys: yours ({fp}, `pond keys show`) is not among its recipients"
+            )),
+            other => CliError::Input(format!("decrypting the log failed: {other}")),
+        }
+    }
+
+    /// Decrypts an artifact downloaded with its sidecar.
+    pub fn artifact(&self, data: &[u8], sidecar: &str) -> Result<Vec<u8>, CliError> {
+        pond_core::seal::open_artifact(data, sidecar, &self.public, &self.secret).map_err(|e| match e {
+            pond_core::seal::SealError::NotRecipient(_) => self.explain(e),
+            other => CliError::Input(format!("decrypting the artifact failed: {other}")),
+        })
+    }
+}
+
+/// Downloads an artifact, decrypting it when it has a `.pondkey` sidecar.
+pub fn fetch_artifact(client: &Client, run: &str, name: &str, key: &Path) -> Result<Vec<u8>, CliError> {
+    let mut data = Vec::new();
+    client.download_artifact(run, name, &mut data)?;
+    if name.ends_with(pond_core::seal::SIDECAR_SUFFIX) {
+        return Ok(data);
+    }
+    let mut sidecar = Vec::new();
+    match client.download_artifact(run, &format!("{name}{}", pond_core::seal::SIDECAR_SUFFIX), &mut sidecar) {
+        Ok(_) => {
+            let sidecar = String::from_utf8(sidecar).map_err(|_| CliError::Input("the sidecar is not UTF-8".into()))?;
+            LogDecryptor::new(key)?.artifact(&data, &sidecar)
+        }
+        Err(e) if e.status() == Some(404) => Ok(data),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Where the consumer key of a context lives: `keys/<context>.x25519` beside the config file
@@ -296,16 +379,33 @@ pub fn format_log_line(line: &LogLine) -> String {
 
 /// Follows a run's log to its end, printing each line (or JSON lines), and returns how it
 /// ended.
-pub fn wait(client: &Client, run: &str, out: &mut dyn Write, json: bool) -> Result<LogEnd, CliError> {
-    let mut write_err = None;
+pub fn wait(
+    client: &Client,
+    run: &str,
+    out: &mut dyn Write,
+    json: bool,
+    decrypt: &mut LogDecryptor,
+) -> Result<LogEnd, CliError> {
+    let mut failed: Option<CliError> = None;
     let end = client.follow_logs(run, 0, &mut |line| {
-        let text = if json { serde_json::to_string(line).unwrap_or_default() } else { format_log_line(line) };
+        if failed.is_some() {
+            return;
+        }
+        let line = match decrypt.line(line) {
+            Ok(Some(line)) => line,
+            Ok(None) => return,
+            Err(e) => {
+                failed = Some(e);
+                return;
+            }
+        };
+        let text = if json { serde_json::to_string(&line).unwrap_or_default() } else { format_log_line(&line) };
         if let Err(e) = writeln!(out, "{text}") {
-            write_err.get_or_insert(e);
+            failed.get_or_insert(io_err("writing output")(e));
         }
     })?;
-    if let Some(e) = write_err {
-        return Err(io_err("writing output")(e));
+    if let Some(e) = failed {
+        return Err(e);
     }
     Ok(end)
 }

@@ -422,7 +422,7 @@ async fn artifact(
     let (job, _) = held(&state, &job, &r.worker).await?;
     let data: Bytes = read_body(body, state.limits.max_bundle_bytes).await?;
     let run = state.engine.get(job.run).await?;
-    state.engine.job_artifact(&job, &run.run.project_id, &name, &data).await?;
+    state.engine.job_artifact(&job, &run.run, &name, &data).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 

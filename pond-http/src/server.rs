@@ -246,7 +246,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     shell.env_allowlist.extend(config.shell_env_allow.iter().cloned());
     shell.kill_grace = config.kill_grace;
     shell.max_artifact_bytes = config.limits.max_bundle_bytes as u64;
+    // Signs the log key headers of confidential runs run on this node.
+    let key_path = data_dir.join("signing.ed25519");
+    let signing_seed =
+        pond_exec::load_or_create_key(&key_path).map_err(io(format!("reading {}", key_path.display())))?;
     let engine_config = EngineConfig {
+        signing_seed,
         node_id,
         lease: Millis(config.lease.as_millis() as u64),
         source_policy: SourcePolicy {

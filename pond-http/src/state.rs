@@ -46,10 +46,17 @@ pub struct Limits {
     pub max_bundle_bytes: usize,
     /// Largest page of runs or log lines.
     pub max_page: u32,
+    /// Whether a run that names recipients but says nothing of `encrypt` is encrypted.
+    pub encryption_default: bool,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_json_bytes: 4 * 1024 * 1024, max_bundle_bytes: 100 * 1024 * 1024, max_page: 1000 }
+        Limits {
+            max_json_bytes: 4 * 1024 * 1024,
+            max_bundle_bytes: 100 * 1024 * 1024,
+            max_page: 1000,
+            encryption_default: true,
+        }
     }
 }

@@ -29,7 +29,7 @@ use sqlx::{ConnectOptions, PgConnection, PgPool, Row};
 use tokio::task::JoinHandle;
 
 use crate::rows::{
-    artifact_from_row, attempt_from_row, attestation_column, blob_from_row, corrupt, db_err, log_from_row,
+    artifact_from_row, attempt_from_row, attestation_column, blob_from_row, corrupt, db_err, encryption_column, log_from_row,
     requirement_columns, role_text, run_from_row, stage_from_row, token_from_row, ts,
 };
 use crate::{sha256_hex, WatchedStore};
@@ -406,8 +406,8 @@ async fn write_run(conn: &mut PgConnection, run: &Run, insert: bool) -> Result<b
         let definition = serde_json::to_string(&run.definition).map_err(corrupt)?;
         let done = sqlx::query(
             "INSERT INTO runs (id, project_id, state, idempotency_key, definition, sources, cancel_requested, error,
-                               created_at, started_at, finished_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                               created_at, started_at, finished_at, encryption)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
              ON CONFLICT (project_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
         )
         .bind(run.id.to_string())
@@ -421,6 +421,7 @@ async fn write_run(conn: &mut PgConnection, run: &Run, insert: bool) -> Result<b
         .bind(run.created_at.as_millis())
         .bind(ts(run.started_at))
         .bind(ts(run.finished_at))
+        .bind(encryption_column(run))
         .execute(&mut *conn)
         .await?;
         return Ok(done.rows_affected() > 0);

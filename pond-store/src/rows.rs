@@ -50,6 +50,11 @@ pub(crate) fn requirement_columns(stage: &Stage) -> (Option<String>, Option<Stri
     }
 }
 
+/// A run's encryption (its recipients) as its JSON column.
+pub(crate) fn encryption_column(run: &Run) -> Option<String> {
+    run.encryption.as_ref().and_then(|e| serde_json::to_string(e).ok())
+}
+
 /// An attempt's attestation as its JSON column.
 pub(crate) fn attestation_column(attempt: &Attempt) -> Option<String> {
     attempt.attestation.as_ref().and_then(|a| serde_json::to_string(a).ok())
@@ -121,6 +126,10 @@ pub(crate) fn run_from_row(row: &impl Columns) -> Result<Run, StoreError> {
         created_at: row.time("created_at")?,
         started_at: row.opt_time("started_at")?,
         finished_at: row.opt_time("finished_at")?,
+        encryption: match row.opt_text("encryption")? {
+            Some(text) => Some(serde_json::from_str(&text).map_err(corrupt)?),
+            None => None,
+        },
     })
 }
 

@@ -22,7 +22,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use crate::rows::{
-    artifact_from_row, attempt_from_row, attestation_column, blob_from_row, corrupt, db_err, log_from_row,
+    artifact_from_row, attempt_from_row, attestation_column, blob_from_row, corrupt, db_err, encryption_column, log_from_row,
     requirement_columns, role_text, run_from_row, stage_from_row, token_from_row, ts,
 };
 use crate::sha256_hex;
@@ -206,8 +206,8 @@ async fn load_snapshot(conn: &mut SqliteConnection, id: RunId) -> Result<Option<
 async fn write_run(conn: &mut SqliteConnection, run: &Run, insert: bool) -> Result<(), StoreError> {
     let sources = serde_json::to_string(&run.sources).map_err(corrupt)?;
     let sql = if insert {
-        "INSERT INTO runs (state, sources, cancel_requested, error, started_at, finished_at, id, project_id, idempotency_key, definition, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        "INSERT INTO runs (state, sources, cancel_requested, error, started_at, finished_at, id, project_id, idempotency_key, definition, created_at, encryption)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     } else {
         "UPDATE runs SET state = ?, sources = ?, cancel_requested = ?, error = ?, started_at = ?, finished_at = ? WHERE id = ?"
     };
@@ -221,7 +221,12 @@ async fn write_run(conn: &mut SqliteConnection, run: &Run, insert: bool) -> Resu
         .bind(run.id.to_string());
     if insert {
         let definition = serde_json::to_string(&run.definition).map_err(corrupt)?;
-        q = q.bind(&run.project_id).bind(&run.idempotency_key).bind(definition).bind(run.created_at.as_millis());
+        q = q
+            .bind(&run.project_id)
+            .bind(&run.idempotency_key)
+            .bind(definition)
+            .bind(run.created_at.as_millis())
+            .bind(encryption_column(run));
     }
     q.execute(&mut *conn).await.map_err(db_err)?;
     Ok(())
