@@ -89,7 +89,9 @@ fn land_only_where_allowed(p: &Pool, count: usize) {
         let run = wait_done(&admin, id, Duration::from_secs(120));
         assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
         let stage = &run.stages[0];
-        assert_eq!(owners(&run), vec![worker.clone()], "run {id} ran on the wrong worker");
+        // Every attempt on the allowed worker (an extra attempt is a job handed back because its
+        // worker had already got one from an overlapping poll).
+        assert!(owners(&run).iter().all(|o| o == worker), "run {id} ran on the wrong worker: {:?}", owners(&run));
         assert_eq!(stage.placement, "pool");
         assert_eq!(stage.attestation_verified, Some(true), "{:?}", stage.attempts);
         let mut out = Vec::new();

@@ -27,18 +27,18 @@ pub enum CliError {
     #[error("{0}")]
     Input(String),
     /// A local file operation failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What was being done.
         context: String,
         /// The failure.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
     let context = context.into();
-    move |source| CliError::Io { context, source }
+    move |error| CliError::Io { context, error }
 }
 
 /// A named server + token (+ default project).
@@ -252,17 +252,32 @@ pub fn build_submit(client: &Client, target: &Target, options: &SubmitOptions) -
 /// Decrypts a confidential run's log lines with this context's key, stream by stream (one
 /// stream per stage attempt, opened by its `ENC1K:` header).
 pub struct LogDecryptor {
-    public: [u8; 32],
-    secret: [u8; 32],
+    path: PathBuf,
+    key: Option<([u8; 32], [u8; 32])>,
     streams: std::collections::HashMap<(Option<String>, u32), pond_core::seal::LogOpener>,
 }
 
 impl LogDecryptor {
-    /// A decryptor with the consumer key at `path` (made on first use: a new key opens
-    /// nothing, and says so).
+    /// A decryptor with the consumer key at `path`, read when the first encrypted line comes.
     pub fn new(path: &Path) -> Result<Self, CliError> {
-        let secret = pond_exec::load_or_create_key(path).map_err(io_err(format!("key {}", path.display())))?;
-        Ok(LogDecryptor { public: pond_core::keys::x25519_public(&secret), secret, streams: Default::default() })
+        Ok(LogDecryptor { path: path.to_path_buf(), key: None, streams: Default::default() })
+    }
+
+    fn key(&mut self) -> Result<([u8; 32], [u8; 32]), CliError> {
+        if let Some(key) = self.key {
+            return Ok(key);
+        }
+        if !self.path.exists() {
+            return Err(CliError::Input(format!(
+                "this run is encrypted and there is no key at {} (the key of this CLI context; `pond keys path`)",
+                self.path.display()
+            )));
+        }
+        let secret =
+            pond_exec::load_or_create_key(&self.path).map_err(io_err(format!("key {}", self.path.display())))?;
+        let key = (pond_core::keys::x25519_public(&secret), secret);
+        self.key = Some(key);
+        Ok(key)
     }
 
     /// The line as it should be shown: decrypted, passed through if plaintext, or `None` for a
@@ -271,8 +286,9 @@ impl LogDecryptor {
         let l = &line.line;
         let stream = (l.stage.clone(), l.attempt);
         if l.text.starts_with("ENC1K:") {
-            let opener = pond_core::seal::LogOpener::from_header(&l.text, &self.public, &self.secret, None)
-                .map_err(|e| self.explain(e))?;
+            let (public, secret) = self.key()?;
+            let opener = pond_core::seal::LogOpener::from_header(&l.text, &public, &secret, None)
+                .map_err(|e| explain(&public, e))?;
             self.streams.insert(stream, opener);
             return Ok(None);
         }
@@ -283,28 +299,32 @@ impl LogDecryptor {
             .streams
             .get_mut(&stream)
             .ok_or_else(|| CliError::Input("an encrypted log line came before its key header".into()))?;
-        let text = opener.open_line(&l.text).map_err(|e| self.explain(e))?;
+        let text = match opener.open_line(&l.text) {
+            Ok(text) => text,
+            Err(e) => return Err(explain(&self.key()?.0, e)),
+        };
         let mut plain = line.clone();
         plain.line.text = text;
         Ok(Some(plain))
     }
 
-    fn explain(&self, e: pond_core::seal::SealError) -> CliError {
-        let fp = pond_core::attest::fingerprint(&self.public);
-        match e {
-            pond_core::seal::SealError::NotRecipient(_) => CliError::Input(format!(
-                "this run is encrypted to other keys: yours ({fp}, `pond keys show`) is not among its recipients"
-            )),
-            other => CliError::Input(format!("decrypting the log failed: {other}")),
-        }
-    }
-
     /// Decrypts an artifact downloaded with its sidecar.
-    pub fn artifact(&self, data: &[u8], sidecar: &str) -> Result<Vec<u8>, CliError> {
-        pond_core::seal::open_artifact(data, sidecar, &self.public, &self.secret).map_err(|e| match e {
-            pond_core::seal::SealError::NotRecipient(_) => self.explain(e),
+    pub fn artifact(&mut self, data: &[u8], sidecar: &str) -> Result<Vec<u8>, CliError> {
+        let (public, secret) = self.key()?;
+        pond_core::seal::open_artifact(data, sidecar, &public, &secret).map_err(|e| match e {
+            pond_core::seal::SealError::NotRecipient(_) => explain(&public, e),
             other => CliError::Input(format!("decrypting the artifact failed: {other}")),
         })
+    }
+}
+
+fn explain(public: &[u8; 32], e: pond_core::seal::SealError) -> CliError {
+    let fp = pond_core::attest::fingerprint(public);
+    match e {
+        pond_core::seal::SealError::NotRecipient(_) => CliError::Input(format!(
+            "this run is encrypted to other keys: yours ({fp}, `pond keys show`) is not among its recipients"
+        )),
+        other => CliError::Input(format!("decrypting the log failed: {other}")),
     }
 }
 

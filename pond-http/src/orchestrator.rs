@@ -6,7 +6,7 @@
 //! `POST /v1/orch/claim` long polls toward pond (each worker covered by at most one poll at a
 //! time; a worker that arrives while a poll is out starts a new poll for the uncovered ones),
 //! and hands each job to the waiting worker it was claimed for. A job whose worker went away
-//! meanwhile is kept for its next poll, then handed back to pond. Job calls
+//! meanwhile is handed back to pond at once. Job calls
 //! (`/v1/worker/jobs/…`: input, heartbeat, logs, artifacts, result, release) are relayed to
 //! `/v1/orch/jobs/…` with the worker's own credential beside the orchestrator's.
 //!
@@ -48,9 +48,6 @@ pub struct OrchestratorConfig {
     pub name: String,
     /// Longest long poll toward pond.
     pub claim_wait: Duration,
-    /// How long a job claimed for a worker that went away is kept for it before it is handed
-    /// back.
-    pub unclaimed_grace: Duration,
 }
 
 impl OrchestratorConfig {
@@ -63,7 +60,6 @@ impl OrchestratorConfig {
             enroll_code: None,
             name: "orchestrator".into(),
             claim_wait: Duration::from_secs(20),
-            unclaimed_grace: Duration::from_secs(10),
         }
     }
 }
@@ -155,8 +151,6 @@ struct Queue {
     /// Which poll covers each waiting worker.
     covered: HashMap<String, u64>,
     polls: u64,
-    /// Jobs claimed for workers that were no longer waiting.
-    stash: HashMap<String, (JobTicket, Instant)>,
     /// Workers pond refused (draining, unknown): not polled for again until then.
     refused_until: HashMap<String, Instant>,
     generation: u64,
@@ -185,17 +179,19 @@ impl Orch {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Hands `job` to its worker if it is waiting, else keeps it for the worker's next poll.
-    fn deliver(&self, job: JobTicket) {
-        let mut q = self.lock();
-        let job = match q.waiters.remove(&job.worker_id) {
+    /// Hands `job` to its worker if it is waiting; otherwise (it went away, or got a job from an
+    /// overlapping poll) gives it back to pond at once, so it is queued again instead of sitting
+    /// on a lease nobody renews.
+    fn deliver(self: &Arc<Self>, job: JobTicket) {
+        let waiter = self.lock().waiters.remove(&job.worker_id);
+        let job = match waiter {
             Some(w) => match w.deliver.send(job) {
                 Ok(()) => return,
                 Err(job) => job,
             },
             None => job,
         };
-        q.stash.insert(job.worker_id.clone(), (job, Instant::now()));
+        self.clone().hand_back(job);
     }
 
     async fn authenticate(&self, headers: &HeaderMap) -> Result<(PoolMember, String), ApiError> {
@@ -250,7 +246,7 @@ impl Orch {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => return,
             }
-            let (poll, expired) = {
+            let poll = {
                 let mut q = self.lock();
                 let now = Instant::now();
                 q.refused_until.retain(|_, until| *until > now);
@@ -275,21 +271,8 @@ impl Orch {
                 } else {
                     None
                 };
-                let grace = self.config.unclaimed_grace;
-                let expired: Vec<JobTicket> = q
-                    .stash
-                    .iter()
-                    .filter(|(_, (_, at))| at.elapsed() > grace)
-                    .map(|(_, (job, _))| job.clone())
-                    .collect();
-                for job in &expired {
-                    q.stash.remove(&job.worker_id);
-                }
-                (poll, expired)
+                poll
             };
-            for job in expired {
-                self.clone().hand_back(job);
-            }
             if let Some((n, workers)) = poll {
                 tokio::spawn(self.clone().poll(n, workers));
             }
@@ -439,9 +422,6 @@ async fn claim(State(orch): State<Arc<Orch>>, headers: HeaderMap, body: Bytes) -
     let (tx, rx) = oneshot::channel();
     let generation = {
         let mut q = orch.lock();
-        if let Some((job, _)) = q.stash.remove(&worker.id) {
-            return Ok(Json(job).into_response());
-        }
         q.generation += 1;
         let generation = q.generation;
         let offer = (worker.tags.clone(), worker.capabilities.clone());
