@@ -708,6 +708,10 @@ fn verify_report(job: &JobId, worker: &PoolMember, report: &JobReport, issued: O
         signing_fingerprint: fingerprint.clone(),
         detail,
         output_sha256: Some(hex::encode(report.output_sha256)),
+        job_id: job.to_string(),
+        input_sha256: hex::encode(report.input_sha256),
+        rc: JobReport::rc(&report.outcome),
+        signature: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, report.signature),
     };
     let Some(key) = worker.signing_key_bytes() else {
         return record(false, "the worker has no pinned signing key".into());

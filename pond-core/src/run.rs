@@ -204,6 +204,18 @@ pub struct AttestationRecord {
     pub detail: String,
     /// SHA-256 (hex) of the output the worker attested.
     pub output_sha256: Option<String>,
+    /// What was signed, so anyone can check it again (format (d)): the job id,
+    #[serde(default)]
+    pub job_id: String,
+    /// the input's SHA-256 (hex),
+    #[serde(default)]
+    pub input_sha256: String,
+    /// the exit code,
+    #[serde(default)]
+    pub rc: i64,
+    /// and the Ed25519 signature (base64).
+    #[serde(default)]
+    pub signature: String,
 }
 
 /// How an attempt ended.

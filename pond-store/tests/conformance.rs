@@ -473,6 +473,10 @@ pub async fn pool_claims_match_pinned_tags_and_capability_globs(store: Arc<dyn S
                 signing_fingerprint: "SHA256:x".into(),
                 detail: "ok".into(),
                 output_sha256: None,
+                job_id: "j".into(),
+                input_sha256: "00".into(),
+                rc: 0,
+                signature: "c2ln".into(),
             };
             record = Some(r.clone());
             s.record_attestation("byo", 1, r);

@@ -1,0 +1,149 @@
+//! Confidential runs end to end with real processes: the control plane and the orchestrator
+//! only ever hold ciphertext; the consumer decrypts with its own key — through the `pond` CLI,
+//! and through a PyNaCl (libsodium) program that uses no Pond code.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{enroll_code, log_text, wait_done, Orchestrator, Server, Worker, POND};
+use serde_json::json;
+
+/// Plaintext the stages produce at run time; the definition holds only pieces of it, so
+/// finding one of these anywhere pond stores data is a leak.
+const MARKERS: [&str; 4] = ["MKL0CAL-77a", "MKP00L-31q", "ARTIFACT-9z-local", "ARTIFACT-9z-pool"];
+
+fn all_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            all_files(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// `pond` as a consumer whose context key is in `config_dir/keys/default.x25519`.
+fn consumer(server: &Server, config_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(POND)
+        .args(args)
+        .env("POND_SERVER", &server.url)
+        .env("POND_TOKEN", &server.token)
+        .env("POND_CONFIG", config_dir.join("config.json"))
+        .output()
+        .unwrap()
+}
+
+fn public_key(server: &Server, config_dir: &Path) -> String {
+    let out = consumer(server, config_dir, &["keys", "show", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    key["public_key"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn only_ciphertext_is_stored_and_only_recipients_read_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let admin = server.admin();
+    let code = enroll_code(&admin, "byo", None, None);
+    let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+    let code = enroll_code(&admin, "byo", Some(&["pool:byo", "tenant:acme"]), None);
+    let worker = Worker::start(&orch.url, &dir.path().join("worker"), &code, &[]);
+    let (alice, mallory) = (dir.path().join("alice"), dir.path().join("mallory"));
+    let alice_key = public_key(&server, &alice);
+    let _ = public_key(&server, &mallory);
+
+    // Refused up front: encrypt without recipients, a low-order key.
+    let bad = admin
+        .submit(&json!({"project_id": "acme", "encrypt": true, "definition": {"stages": [{"key": "a", "executor": {"kind": "noop"}}]}}), None)
+        .unwrap_err();
+    assert_eq!(bad.status(), Some(422), "{bad}");
+    assert!(bad.to_string().contains("recipient_pubkeys"), "{bad}");
+    let zero = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0u8; 32]);
+    let low = admin
+        .submit(&json!({"project_id": "acme", "encrypt": true, "recipientPubkeys": [zero],
+            "definition": {"stages": [{"key": "a", "executor": {"kind": "noop"}}]}}), None)
+        .unwrap_err();
+    assert_eq!(low.status(), Some(422));
+    assert!(low.to_string().contains("recipient_pubkeys[0]") && low.to_string().contains("low-order"), "{low}");
+
+    // A run with a local and a pooled stage, encrypted to alice (camelCase field name).
+    let body = json!({"project_id": "acme", "encrypt": true, "recipientPubkeys": [alice_key],
+        "definition": {"stages": [
+            {"key": "local", "executor": {"kind": "shell", "argv": ["sh", "-c",
+                "printf 'MK%s%s\\n' L0CAL -77a; printf 'ARTIFACT-%s-local' 9z > \"$POND_OUTPUT_DIR/report.txt\""]}},
+            {"key": "pooled", "executor": {"kind": "shell", "placement": "pool", "sandbox": {"tier": "byo"}, "argv": ["sh", "-c",
+                "printf 'MK%s%s\\n' P00L -31q; printf 'ARTIFACT-%s-pool' 9z > \"$POND_OUTPUT_DIR/pool.txt\""]}}
+        ]}});
+    let id = admin.submit(&body, None).unwrap().id.to_string();
+    let run = wait_done(&admin, &id, Duration::from_secs(60));
+    assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
+    assert_eq!(run.stages[1].attestation_verified, Some(true), "the attestation still checks out");
+
+    // What the API serves: key headers and ENC1 lines, artifacts with sidecars, no plaintext.
+    let lines = log_text(&admin, &id);
+    assert_eq!(lines.iter().filter(|l| l.starts_with("ENC1K:")).count(), 2, "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with("ENC1:")));
+    let names: Vec<String> = admin.artifacts(&id).unwrap().artifacts.into_iter().map(|a| a.name).collect();
+    for name in ["report.txt", "report.txt.pondkey", "pool.txt", "pool.txt.pondkey"] {
+        assert!(names.contains(&name.to_string()), "{names:?}");
+    }
+    for marker in MARKERS {
+        assert!(!lines.iter().any(|l| l.contains(marker)), "{marker} served in clear");
+    }
+    // What the control plane and the orchestrator keep on disk: no marker anywhere.
+    let mut files = Vec::new();
+    all_files(&server.data_dir, &mut files);
+    all_files(&orch.state_dir, &mut files);
+    assert!(files.iter().any(|f| f.ends_with("pond.db")));
+    for file in &files {
+        let bytes = std::fs::read(file).unwrap_or_default();
+        for marker in MARKERS {
+            assert!(!contains(&bytes, marker), "{marker} found in {}", file.display());
+        }
+    }
+
+    // Alice reads it with the CLI; mallory (not a recipient) gets a clear error, not garbage.
+    let out = consumer(&server, &alice, &["run", "logs", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("MKL0CAL-77a") && text.contains("MKP00L-31q"), "{text}");
+    let out = consumer(&server, &alice, &["run", "artifacts", &id, "pool.txt"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ARTIFACT-9z-pool");
+    let out = consumer(&server, &mallory, &["run", "logs", &id]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("not among its recipients"), "{err}");
+    let out = consumer(&server, &mallory, &["run", "artifacts", &id, "report.txt"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not among its recipients"));
+
+    // A libsodium consumer with no Pond code reads the same run and checks the attestation.
+    let Some(python) = std::env::var("POND_TEST_PYTHON").ok().filter(|p| !p.is_empty()) else {
+        eprintln!("skipped: POND_TEST_PYTHON is not set (a python with PyNaCl; .ci/run sets it)");
+        return;
+    };
+    let secret = std::fs::read_to_string(alice.join("keys/default.x25519")).unwrap();
+    let secret = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, secret.trim()).unwrap();
+    let pools = admin.pools().unwrap();
+    let signing = pools.workers.iter().find(|w| w.member.id == worker.id).unwrap().member.signing_key.clone().unwrap();
+    let script = common::root().join("testdata/interop/pynacl_consumer.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args([&server.url, &server.token, &id, &hex::encode(secret), &signing])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let texts: Vec<&str> = got["lines"].as_array().unwrap().iter().map(|l| l[1].as_str().unwrap()).collect();
+    assert!(texts.contains(&"MKL0CAL-77a") && texts.contains(&"MKP00L-31q"), "{texts:?}");
+    assert_eq!(got["artifacts"]["report.txt"], hex::encode("ARTIFACT-9z-local"));
+    assert_eq!(got["artifacts"]["pool.txt"], hex::encode("ARTIFACT-9z-pool"));
+    assert_eq!(got["attestations"], json!([true]));
+}
