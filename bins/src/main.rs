@@ -477,6 +477,9 @@ struct BenchArgs {
     /// Pool benchmark: idle long-polling workers in the memory phase.
     #[arg(long, default_value_t = 1000)]
     idle_workers: usize,
+    /// Instead: encryption throughput on one core (log lines sealed/s, artifact GB/s, memcpy).
+    #[arg(long)]
+    crypto: bool,
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
@@ -1092,6 +1095,10 @@ fn bench(args: BenchArgs) -> Result<()> {
         for queued in &args.claim_latency {
             println!("{}", rt.block_on(pond_http::bench::claim_latency(url, *queued))?);
         }
+        return Ok(());
+    }
+    if args.crypto {
+        println!("{}", pond_http::bench::crypto(1_000_000, 256 << 20));
         return Ok(());
     }
     if args.pool {

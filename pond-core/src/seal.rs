@@ -279,36 +279,55 @@ pub struct SidecarRecipient {
     pub sealed_key: String,
 }
 
+/// Encrypts an artifact chunk by chunk (format (b)), so a large file streams through a small
+/// buffer: the header first, then [`ArtifactStream::push`] for each [`CHUNK`] of plaintext.
+pub struct ArtifactStream {
+    state: ss::State,
+}
+
+impl ArtifactStream {
+    /// A new stream for `recipients`: the stream, its 24-byte header (the file's first bytes)
+    /// and the sidecar JSON.
+    pub fn new(recipients: &[[u8; 32]]) -> (ArtifactStream, [u8; 24], String) {
+        let key: ss::Key = random();
+        let mut state = ss::State::new();
+        let mut header = ss::Header::default();
+        ss::crypto_secretstream_xchacha20poly1305_init_push(&mut state, &mut header, &key);
+        let sidecar = Sidecar {
+            pondkey: 1,
+            alg: "secretstream_xchacha20poly1305".into(),
+            chunk_size: CHUNK,
+            recipients: recipients
+                .iter()
+                .map(|pk| SidecarRecipient { fp: fingerprint(pk), sealed_key: B64.encode(seal(pk, &key)) })
+                .collect(),
+        };
+        (ArtifactStream { state }, header, serde_json::to_string(&sidecar).unwrap_or_default())
+    }
+
+    /// Appends the ciphertext of one chunk (at most [`CHUNK`] bytes; the `last` one is tagged
+    /// FINAL) to `out`.
+    pub fn push(&mut self, chunk: &[u8], last: bool, out: &mut Vec<u8>) {
+        let tag =
+            if last { CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_TAG_FINAL } else { CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_TAG_MESSAGE };
+        let start = out.len();
+        out.resize(start + chunk.len() + CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_ABYTES, 0);
+        // Only fails on a wrong output size, which the resize above rules out.
+        let _ = ss::crypto_secretstream_xchacha20poly1305_push(&mut self.state, &mut out[start..], chunk, None, tag);
+    }
+}
+
 /// Encrypts an artifact for `recipients` (format (b)): the file and its sidecar JSON.
 pub fn seal_artifact(data: &[u8], recipients: &[[u8; 32]]) -> (Vec<u8>, String) {
-    let key: ss::Key = random();
-    let mut state = ss::State::new();
-    let mut header = ss::Header::default();
-    ss::crypto_secretstream_xchacha20poly1305_init_push(&mut state, &mut header, &key);
+    let (mut stream, header, sidecar) = ArtifactStream::new(recipients);
     let chunks = data.len().div_ceil(CHUNK).max(1);
     let mut out = Vec::with_capacity(header.len() + data.len() + chunks * CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_ABYTES);
     out.extend_from_slice(&header);
     for i in 0..chunks {
         let part = &data[(i * CHUNK).min(data.len())..((i + 1) * CHUNK).min(data.len())];
-        let tag = if i + 1 == chunks {
-            CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_TAG_FINAL
-        } else {
-            CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_TAG_MESSAGE
-        };
-        let start = out.len();
-        out.resize(start + part.len() + CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_ABYTES, 0);
-        let _ = ss::crypto_secretstream_xchacha20poly1305_push(&mut state, &mut out[start..], part, None, tag);
+        stream.push(part, i + 1 == chunks, &mut out);
     }
-    let sidecar = Sidecar {
-        pondkey: 1,
-        alg: "secretstream_xchacha20poly1305".into(),
-        chunk_size: CHUNK,
-        recipients: recipients
-            .iter()
-            .map(|pk| SidecarRecipient { fp: fingerprint(pk), sealed_key: B64.encode(seal(pk, &key)) })
-            .collect(),
-    };
-    (out, serde_json::to_string(&sidecar).unwrap_or_default())
+    (out, sidecar)
 }
 
 /// Decrypts an artifact with its sidecar and the recipient's key pair. Fails on tampering, on
