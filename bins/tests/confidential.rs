@@ -50,8 +50,23 @@ fn public_key(server: &Server, config_dir: &Path) -> String {
 
 #[test]
 fn only_ciphertext_is_stored_and_only_recipients_read_it() {
+    confidential_run(None);
+}
+
+#[test]
+fn only_ciphertext_is_stored_on_postgres() {
+    let Some(pg) = Server::database_server() else { return };
+    confidential_run(Some(&pg));
+}
+
+fn confidential_run(pg: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), &[]);
+    let db = pg.map(|url| common::scratch_database(url, "confidential"));
+    let mut args = Vec::new();
+    if let Some(db) = &db {
+        args.extend(["--database-url", db.url.as_str()]);
+    }
+    let server = Server::start(&dir.path().join("server"), &args);
     let admin = server.admin();
     let code = enroll_code(&admin, "byo", None, None);
     let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
@@ -103,7 +118,17 @@ fn only_ciphertext_is_stored_and_only_recipients_read_it() {
     let mut files = Vec::new();
     all_files(&server.data_dir, &mut files);
     all_files(&orch.state_dir, &mut files);
-    assert!(files.iter().any(|f| f.ends_with("pond.db")));
+    if let Some(db) = &db {
+        // The whole PostgreSQL database, as `pg_dump` writes it.
+        let dump = dir.path().join("dump.sql");
+        let out = Command::new("pg_dump").args(["--data-only", "-f"]).arg(&dump).arg(&db.url).output().unwrap();
+        assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+        let text = std::fs::read_to_string(&dump).unwrap();
+        assert!(text.contains("ENC1K:"), "the dump holds the run's (encrypted) log");
+        files.push(dump);
+    } else {
+        assert!(files.iter().any(|f| f.ends_with("pond.db")));
+    }
     for file in &files {
         let bytes = std::fs::read(file).unwrap_or_default();
         for marker in MARKERS {
