@@ -39,6 +39,11 @@ impl WorkerIdentity {
         self.signing.verifying_key().to_bytes()
     }
 
+    /// The X25519 secret, for opening what was sealed to this worker.
+    pub fn sealing_secret(&self) -> [u8; 32] {
+        self.sealing.to_bytes()
+    }
+
     /// The Ed25519 seed, for signing attestations.
     pub fn signing_seed(&self) -> [u8; 32] {
         self.signing.to_bytes()

@@ -272,8 +272,8 @@ pub enum WorkerCallError {
 pub trait WorkerClient: Send + Sync {
     /// Waits up to `wait` for a job.
     async fn claim(&self, wait: Millis) -> Result<Option<Job>, WorkerCallError>;
-    /// The job's input bundle.
-    async fn input(&self, job: &JobId) -> Result<Vec<u8>, WorkerCallError>;
+    /// The job's input bundle, encrypted to this worker (format (b)): the bytes and the sidecar.
+    async fn input(&self, job: &JobId) -> Result<(Vec<u8>, Option<String>), WorkerCallError>;
     /// Extends the lease; returns whether a cancel is pending.
     async fn heartbeat(&self, job: &JobId) -> Result<bool, WorkerCallError>;
     /// Appends output lines.

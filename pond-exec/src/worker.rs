@@ -55,13 +55,21 @@ pub struct Worker {
     client: Arc<dyn WorkerClient>,
     executors: HashMap<&'static str, Arc<dyn Executor>>,
     signing_seed: [u8; 32],
+    sealing: ([u8; 32], [u8; 32]),
     config: WorkerConfig,
 }
 
 impl Worker {
-    /// A worker that signs with `signing_seed` (its Ed25519 key, pinned at enrollment).
-    pub fn new(client: Arc<dyn WorkerClient>, signing_seed: [u8; 32], config: WorkerConfig) -> Self {
-        Worker { client, executors: HashMap::new(), signing_seed, config }
+    /// A worker with its identity (both keys pinned at enrollment): it opens inputs sealed to
+    /// its X25519 key and signs results with its Ed25519 key.
+    pub fn new(client: Arc<dyn WorkerClient>, identity: pond_core::keys::WorkerIdentity, config: WorkerConfig) -> Self {
+        Worker {
+            client,
+            executors: HashMap::new(),
+            signing_seed: identity.signing_seed(),
+            sealing: (identity.sealing_public(), identity.sealing_secret()),
+            config,
+        }
     }
 
     /// Adds an executor for its kind.
@@ -221,7 +229,14 @@ impl Worker {
     ) -> (StageOutcome, [u8; 32]) {
         let failed = |error: String| StageOutcome::Failed { error, exit_code: None };
         let input = match self.client.input(&job.id).await {
-            Ok(bytes) => bytes,
+            // Sealed to this worker (format (b)): open it; refuse an input that came in clear.
+            Ok((sealed, Some(sidecar))) => {
+                match pond_core::seal::open_artifact(&sealed, &sidecar, &self.sealing.0, &self.sealing.1) {
+                    Ok(bytes) => bytes,
+                    Err(e) => return (failed(format!("opening the input bundle failed: {e}")), [0; 32]),
+                }
+            }
+            Ok((_, None)) => return (failed("the input bundle came unencrypted; refused".into()), [0; 32]),
             Err(e) => return (failed(format!("fetching the input bundle failed: {e}")), [0; 32]),
         };
         let input_sha: [u8; 32] = Sha256::digest(&input).into();

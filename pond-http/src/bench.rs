@@ -314,7 +314,10 @@ impl pond_core::pool::WorkerClient for Timed {
         }
         Ok(job)
     }
-    async fn input(&self, job: &pond_core::pool::JobId) -> Result<Vec<u8>, pond_core::pool::WorkerCallError> {
+    async fn input(
+        &self,
+        job: &pond_core::pool::JobId,
+    ) -> Result<(Vec<u8>, Option<String>), pond_core::pool::WorkerCallError> {
         self.inner.input(job).await
     }
     async fn heartbeat(&self, job: &pond_core::pool::JobId) -> Result<bool, pond_core::pool::WorkerCallError> {
@@ -365,16 +368,20 @@ fn worker_code(admin: &Client, pool: &str) -> Result<String, ClientError> {
     Ok(admin.create_enroll_code(&request)?.code)
 }
 
-fn enroll_fake(admin: &Client, orchestrator: &str, n: u64) -> Result<String, ClientError> {
+fn identity(n: u64) -> pond_core::keys::WorkerIdentity {
     let mut secrets = [0u8; 64];
     secrets[..8].copy_from_slice(&n.to_le_bytes());
     secrets[32..40].copy_from_slice(&(n + 1_000_000).to_le_bytes());
     secrets[8] = 1;
     secrets[40] = 1;
-    let identity = pond_core::keys::WorkerIdentity::from_secrets(
+    pond_core::keys::WorkerIdentity::from_secrets(
         secrets[..32].try_into().unwrap_or([1; 32]),
         secrets[32..].try_into().unwrap_or([2; 32]),
-    );
+    )
+}
+
+fn enroll_fake(admin: &Client, orchestrator: &str, n: u64) -> Result<String, ClientError> {
+    let identity = identity(n);
     let code = worker_code(admin, "bench")?;
     let request = crate::pool_client::enroll_request(&code, &format!("bench-{n}"), &identity, None, vec![]);
     Ok(crate::pool_client::HttpWorkerClient::enroll(orchestrator, &request)?.token)
@@ -433,7 +440,7 @@ pub fn pool(
             drain: Duration::from_secs(1),
             max_input_bytes: 1 << 30,
         };
-        let worker = pond_exec::Worker::new(client, [n as u8 + 1; 32], config)
+        let worker = pond_exec::Worker::new(client, identity(n as u64), config)
             .with_executor(std::sync::Arc::new(pond_exec::NoopExecutor));
         let stopped = stopped.clone();
         tasks.push(rt.spawn(async move { worker.run(stopped).await }));

@@ -24,7 +24,7 @@ use pond_core::store::{Claim, LeaseStatus, Store};
 use pond_core::time::Millis;
 use rand::RngCore;
 
-use crate::api::{blob_response, read_body, ApiJson};
+use crate::api::{read_body, ApiJson};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::pool_wire::{
@@ -389,16 +389,37 @@ async fn input(State(state): State<AppState>, Path(job): Path<String>, r: Relaye
         .issued_input(job.run)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no input was issued for job {job}")))?;
-    let Some(blob) = input.blob_id else {
+    let bytes = match input.blob_id {
         // A run without sources: the empty input.
-        return Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], Bytes::new()).into_response());
+        None => Vec::new(),
+        Some(blob) => {
+            let meta = state
+                .store
+                .blob_meta(blob)
+                .await?
+                .ok_or_else(|| ApiError::Internal(format!("the input of job {job} has no blob")))?;
+            pond_core::store::read_blob(state.store.as_ref(), &meta).await?
+        }
     };
-    let meta = state
-        .store
-        .blob_meta(blob)
-        .await?
-        .ok_or_else(|| ApiError::Internal(format!("the input of job {job} has no blob")))?;
-    Ok(blob_response(&state, &meta))
+    // Sealed to the claiming worker's pinned X25519 key: only it can open the checkout, not the
+    // orchestrator that relays it.
+    let sealing = r
+        .worker
+        .sealing_key
+        .as_deref()
+        .and_then(|k| pond_core::pool::decode_key(k).ok())
+        .ok_or_else(|| ApiError::Internal(format!("worker {} has no sealing key", r.worker.id)))?;
+    let (sealed, sidecar) = tokio::task::spawn_blocking(move || pond_core::seal::seal_artifact(&bytes, &[sealing]))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (axum::http::HeaderName::from_static(crate::pool_wire::INPUT_SIDECAR_HEADER), sidecar),
+        ],
+        sealed,
+    )
+        .into_response())
 }
 
 async fn logs(

@@ -475,6 +475,9 @@ fn respond(relayed: Result<Result<crate::pool_client::Relayed, ClientError>, tok
             if let Some(ct) = r.content_type.and_then(|c| header::HeaderValue::from_str(&c).ok()) {
                 response.headers_mut().insert(header::CONTENT_TYPE, ct);
             }
+            if let Some(sidecar) = r.sidecar.and_then(|c| header::HeaderValue::from_str(&c).ok()) {
+                response.headers_mut().insert(crate::pool_wire::INPUT_SIDECAR_HEADER, sidecar);
+            }
             response
         }
         Ok(Err(e)) => ApiError::Unavailable(format!("pond is unreachable: {e}")).into_response(),

@@ -27,6 +27,8 @@ pub struct Relayed {
     pub content_type: Option<String>,
     /// The body.
     pub body: Vec<u8>,
+    /// A job input's sidecar header, passed on.
+    pub sidecar: Option<String>,
 }
 
 impl Client {
@@ -86,9 +88,10 @@ impl Client {
         };
         let status = response.status();
         let content_type = response.header("Content-Type").map(str::to_string);
+        let sidecar = response.header(crate::pool_wire::INPUT_SIDECAR_HEADER).map(str::to_string);
         let mut bytes = Vec::new();
         response.into_reader().read_to_end(&mut bytes)?;
-        Ok(Relayed { status, content_type, body: bytes })
+        Ok(Relayed { status, content_type, body: bytes, sidecar })
     }
 }
 
@@ -166,13 +169,14 @@ impl WorkerClient for HttpWorkerClient {
         ticket.map(ticket_job).transpose().map_err(WorkerCallError::Refused)
     }
 
-    async fn input(&self, job: &JobId) -> Result<Vec<u8>, WorkerCallError> {
+    async fn input(&self, job: &JobId) -> Result<(Vec<u8>, Option<String>), WorkerCallError> {
         let path = job_path(job, "input");
         self.blocking(move |c| {
             let response = c.send(c.request("GET", &path), None)?;
+            let sidecar = response.header(crate::pool_wire::INPUT_SIDECAR_HEADER).map(str::to_string);
             let mut bytes = Vec::new();
             response.into_reader().read_to_end(&mut bytes)?;
-            Ok(bytes)
+            Ok((bytes, sidecar))
         })
         .await
     }

@@ -6,6 +6,9 @@ use pond_core::run::Run;
 use pond_core::store::LogStream;
 use serde::{Deserialize, Serialize};
 
+/// Header carrying the `.pondkey` sidecar of a job's input, encrypted to the claiming worker.
+pub const INPUT_SIDECAR_HEADER: &str = "pond-input-sidecar";
+
 /// Header carrying a worker's own credential on job calls relayed by its orchestrator.
 pub const WORKER_TOKEN_HEADER: &str = "pond-worker-token";
 

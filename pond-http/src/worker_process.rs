@@ -137,7 +137,7 @@ pub fn prepare(config: &WorkerProcessConfig) -> Result<PreparedWorker, WorkerSet
     };
     // The orchestrator URL given now wins over the saved one (it may have moved).
     let client = Arc::new(HttpWorkerClient::new(&config.orchestrator, &credential.token));
-    let worker = Worker::new(client, identity.signing_seed(), worker_config)
+    let worker = Worker::new(client, identity, worker_config)
         .with_executor(Arc::new(NoopExecutor))
         .with_executor(Arc::new(ShellExecutor::new(shell, config.sandbox.clone())));
     Ok(PreparedWorker { member: credential.member, newly_enrolled, worker })
