@@ -130,6 +130,10 @@ struct ServerArgs {
     /// Name of this node in leases and attempt history (default: random).
     #[arg(long, env = "POND_NODE_ID")]
     node_id: Option<String>,
+    /// The server key, base64 of 32 bytes (default: `server.key` in the data directory, made on
+    /// first use). Every node sharing a PostgreSQL database needs the same one.
+    #[arg(long, env = "POND_SERVER_KEY", hide_env_values = true, value_parser = parse_server_key)]
+    server_key: Option<ServerKey>,
     /// Encrypt a run that names recipients but does not say `encrypt` (false: only on `encrypt: true`).
     #[arg(long, env = "POND_ENCRYPTION_DEFAULT", default_value_t = true, action = clap::ArgAction::Set)]
     encryption_default: bool,
@@ -482,6 +486,13 @@ struct BenchArgs {
     crypto: bool,
 }
 
+#[derive(Clone, Copy)]
+struct ServerKey([u8; 32]);
+
+fn parse_server_key(text: &str) -> Result<ServerKey, String> {
+    pond_core::pool::decode_key(text).map(ServerKey).map_err(|e| format!("the server key {e}"))
+}
+
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -753,6 +764,7 @@ fn server_config(args: ServerArgs) -> pond_http::server::ServerConfig {
     config.drain = args.drain;
     config.node_id = args.node_id;
     config.limits.encryption_default = args.encryption_default;
+    config.server_key = args.server_key.map(|k| k.0);
     config
 }
 

@@ -39,6 +39,9 @@ pub struct EngineConfig {
     pub source_policy: SourcePolicy,
     /// Ed25519 seed that signs the log key headers of confidential runs run here.
     pub signing_seed: [u8; 32],
+    /// The server key: what pond keeps at rest that is not already encrypted to a consumer
+    /// (pooled jobs' inputs, credentials) is sealed under it. The same on every node.
+    pub at_rest_key: [u8; 32],
 }
 
 impl Default for EngineConfig {
@@ -48,6 +51,7 @@ impl Default for EngineConfig {
             lease: Millis::from_secs(30),
             source_policy: SourcePolicy::default(),
             signing_seed: crate::seal::random_key(),
+            at_rest_key: crate::seal::random_key(),
         }
     }
 }
@@ -408,8 +412,12 @@ impl Engine {
         let workspace = self.workspaces.prepare(run).await.map_err(CoreError::Workspace)?;
         self.record_resolved(run, &workspace, &claim.stage.key, claim.stage.attempt).await?;
         let bytes = self.workspaces.pack(run).await.map_err(CoreError::Workspace)?;
-        let blob = self.store.put_blob(&run.project_id, &bytes, self.clock.now()).await?;
-        let input = JobInput { blob_id: Some(blob.id), sha256: blob.sha256, size: blob.size };
+        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        let size = bytes.len() as u64;
+        // At rest under the server key; a worker gets it sealed to its own key.
+        let sealed = crate::seal::seal_at_rest(&self.config.at_rest_key, &bytes);
+        let blob = self.store.put_blob(&run.project_id, &sealed, self.clock.now()).await?;
+        let input = JobInput { blob_id: Some(blob.id), sha256, size };
         let text = serde_json::to_string(&input).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         if self.store.swap_record(JOB_INPUT, &key, None, &text).await? {
             return Ok(input);
@@ -656,10 +664,10 @@ const JOB_INPUT: &str = "job_input";
 /// The input bundle issued to a pooled job.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JobInput {
-    /// The blob holding the tar.zst bytes; `None` for the empty input of a run without sources
-    /// (zero bytes: nothing to store, pack or unpack).
+    /// The blob holding the tar.zst bytes, sealed under the server key; `None` for the empty
+    /// input of a run without sources (zero bytes: nothing to store, pack or unpack).
     pub blob_id: Option<crate::ids::BlobId>,
-    /// SHA-256 of those bytes, hex: the `input_sha256` a worker must attest.
+    /// SHA-256 of the tar.zst bytes, hex: the `input_sha256` a worker must attest.
     pub sha256: String,
     /// Size in bytes.
     pub size: u64,

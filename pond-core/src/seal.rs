@@ -286,13 +286,19 @@ pub struct ArtifactStream {
 }
 
 impl ArtifactStream {
+    /// A stream under `key` itself (no recipients): the stream and its 24-byte header.
+    pub fn with_key(key: &[u8; 32]) -> (ArtifactStream, [u8; 24]) {
+        let mut state = ss::State::new();
+        let mut header = ss::Header::default();
+        ss::crypto_secretstream_xchacha20poly1305_init_push(&mut state, &mut header, key);
+        (ArtifactStream { state }, header)
+    }
+
     /// A new stream for `recipients`: the stream, its 24-byte header (the file's first bytes)
     /// and the sidecar JSON.
     pub fn new(recipients: &[[u8; 32]]) -> (ArtifactStream, [u8; 24], String) {
         let key: ss::Key = random();
-        let mut state = ss::State::new();
-        let mut header = ss::Header::default();
-        ss::crypto_secretstream_xchacha20poly1305_init_push(&mut state, &mut header, &key);
+        let (stream, header) = ArtifactStream::with_key(&key);
         let sidecar = Sidecar {
             pondkey: 1,
             alg: "secretstream_xchacha20poly1305".into(),
@@ -302,7 +308,7 @@ impl ArtifactStream {
                 .map(|pk| SidecarRecipient { fp: fingerprint(pk), sealed_key: B64.encode(seal(pk, &key)) })
                 .collect(),
         };
-        (ArtifactStream { state }, header, serde_json::to_string(&sidecar).unwrap_or_default())
+        (stream, header, serde_json::to_string(&sidecar).unwrap_or_default())
     }
 
     /// Appends the ciphertext of one chunk (at most [`CHUNK`] bytes; the `last` one is tagged
@@ -317,9 +323,19 @@ impl ArtifactStream {
     }
 }
 
-/// Encrypts an artifact for `recipients` (format (b)): the file and its sidecar JSON.
-pub fn seal_artifact(data: &[u8], recipients: &[[u8; 32]]) -> (Vec<u8>, String) {
-    let (mut stream, header, sidecar) = ArtifactStream::new(recipients);
+/// Encrypts data kept at rest under the server's key (the secretstream file of format (b),
+/// without a sidecar): uploaded source bundles, pooled jobs' inputs, credentials.
+pub fn seal_at_rest(key: &[u8; 32], data: &[u8]) -> Vec<u8> {
+    let (stream, header) = ArtifactStream::with_key(key);
+    stream_chunks(stream, header, data)
+}
+
+/// Opens what [`seal_at_rest`] sealed.
+pub fn open_at_rest(key: &[u8; 32], data: &[u8]) -> Result<Vec<u8>, SealError> {
+    open_stream(data, key, CHUNK)
+}
+
+fn stream_chunks(mut stream: ArtifactStream, header: [u8; 24], data: &[u8]) -> Vec<u8> {
     let chunks = data.len().div_ceil(CHUNK).max(1);
     let mut out = Vec::with_capacity(header.len() + data.len() + chunks * CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_ABYTES);
     out.extend_from_slice(&header);
@@ -327,7 +343,13 @@ pub fn seal_artifact(data: &[u8], recipients: &[[u8; 32]]) -> (Vec<u8>, String) 
         let part = &data[(i * CHUNK).min(data.len())..((i + 1) * CHUNK).min(data.len())];
         stream.push(part, i + 1 == chunks, &mut out);
     }
-    (out, sidecar)
+    out
+}
+
+/// Encrypts an artifact for `recipients` (format (b)): the file and its sidecar JSON.
+pub fn seal_artifact(data: &[u8], recipients: &[[u8; 32]]) -> (Vec<u8>, String) {
+    let (stream, header, sidecar) = ArtifactStream::new(recipients);
+    (stream_chunks(stream, header, data), sidecar)
 }
 
 /// Decrypts an artifact with its sidecar and the recipient's key pair. Fails on tampering, on

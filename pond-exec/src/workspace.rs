@@ -32,6 +32,8 @@ pub struct FetchConfig {
     pub max_bundle_entries: u64,
     /// Allow `http://` git remotes.
     pub allow_plain_http_git: bool,
+    /// The server key uploaded bundles are sealed under at rest (`None`: stored in clear).
+    pub at_rest_key: Option<[u8; 32]>,
 }
 
 impl Default for FetchConfig {
@@ -42,6 +44,7 @@ impl Default for FetchConfig {
             max_unpacked_bytes: 2 * 1024 * 1024 * 1024,
             max_bundle_entries: 200_000,
             allow_plain_http_git: false,
+            at_rest_key: None,
         }
     }
 }
@@ -134,7 +137,11 @@ impl LocalWorkspaces {
                     .map_err(|e| e.to_string())?
                     .filter(|m| m.project_id == run.project_id)
                     .ok_or_else(|| format!("bundle {bundle_id} not found"))?;
-                let data = read_blob(&*self.store, &meta).await.map_err(|e| e.to_string())?;
+                let mut data = read_blob(&*self.store, &meta).await.map_err(|e| e.to_string())?;
+                if let Some(key) = &self.config.at_rest_key {
+                    data = pond_core::seal::open_at_rest(key, &data)
+                        .map_err(|e| format!("bundle {bundle_id} does not open with the server key: {e}"))?;
+                }
                 let (to, limits) =
                     (target.to_path_buf(), (self.config.max_unpacked_bytes, self.config.max_bundle_entries));
                 tokio::task::spawn_blocking(move || unpack_bundle(&data, &to, limits.0, limits.1))

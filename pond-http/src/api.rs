@@ -486,8 +486,11 @@ async fn upload_bundle(
     if !data.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         return Err(ApiError::invalid("body", "must be a zstd-compressed tar archive (.tar.zst)"));
     }
-    let meta = state.store.put_blob(&project, &data, state.engine.clock().now()).await?;
-    let created = BundleCreated { bundle_id: meta.id, size: meta.size, sha256: meta.sha256 };
+    // Kept at rest under the server key: a database dump shows no source file.
+    let sealed = pond_core::seal::seal_at_rest(&state.engine.config().at_rest_key, &data);
+    let meta = state.store.put_blob(&project, &sealed, state.engine.clock().now()).await?;
+    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+    let created = BundleCreated { bundle_id: meta.id, size: data.len() as u64, sha256 };
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 

@@ -398,7 +398,9 @@ async fn input(State(state): State<AppState>, Path(job): Path<String>, r: Relaye
                 .blob_meta(blob)
                 .await?
                 .ok_or_else(|| ApiError::Internal(format!("the input of job {job} has no blob")))?;
-            pond_core::store::read_blob(state.store.as_ref(), &meta).await?
+            let sealed = pond_core::store::read_blob(state.store.as_ref(), &meta).await?;
+            pond_core::seal::open_at_rest(&state.engine.config().at_rest_key, &sealed)
+                .map_err(|e| ApiError::Internal(format!("the input of job {job} does not open: {e}")))?
         }
     };
     // Sealed to the claiming worker's pinned X25519 key: only it can open the checkout, not the

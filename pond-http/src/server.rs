@@ -60,6 +60,9 @@ pub struct ServerConfig {
     pub token_cache: Duration,
     /// Contains `shell` stages.
     pub sandbox: Arc<dyn SandboxBackend>,
+    /// The server key (what pond keeps at rest is sealed under it; every node sharing a
+    /// database needs the same). `None`: `server.key` in the data directory, made on first use.
+    pub server_key: Option<[u8; 32]>,
 }
 
 impl ServerConfig {
@@ -82,6 +85,7 @@ impl ServerConfig {
             drain: Duration::from_secs(10),
             token_cache: Duration::from_secs(5),
             sandbox,
+            server_key: None,
         }
     }
 }
@@ -228,7 +232,24 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let (admin_token_file, new_admin_token) = ensure_admin_token(&*store, data_dir, clock.now()).await?;
 
-    let fetch = FetchConfig { allow_plain_http_git: config.allow_plain_http_git, ..Default::default() };
+    let at_rest_key = match config.server_key {
+        Some(key) => key,
+        None => {
+            let path = data_dir.join("server.key");
+            if config.database_url.is_some() {
+                tracing::warn!(
+                    "no POND_SERVER_KEY: using {} — every node sharing the database needs the same key",
+                    path.display()
+                );
+            }
+            pond_exec::load_or_create_key(&path).map_err(io(format!("reading {}", path.display())))?
+        }
+    };
+    let fetch = FetchConfig {
+        allow_plain_http_git: config.allow_plain_http_git,
+        at_rest_key: Some(at_rest_key),
+        ..Default::default()
+    };
     let workspaces = LocalWorkspaces::new(data_dir.join("checkouts"), store.clone(), fetch)
         .map_err(io("preparing the checkouts directory"))?;
     let scratch = data_dir.join("scratch");
@@ -252,6 +273,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         pond_exec::load_or_create_key(&key_path).map_err(io(format!("reading {}", key_path.display())))?;
     let engine_config = EngineConfig {
         signing_seed,
+        at_rest_key,
         node_id,
         lease: Millis(config.lease.as_millis() as u64),
         source_policy: SourcePolicy {

@@ -37,6 +37,8 @@ impl Server {
             .arg(data_dir)
             .args(&extra)
             .env("POND_LOG", "warn")
+            // One server key for every node of a test (nodes sharing a database need the same).
+            .env("POND_SERVER_KEY", "cG9uZC10ZXN0LXNlcnZlci1rZXktMzItYnl0ZXMhISE=")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
