@@ -13,7 +13,7 @@ use serde_json::json;
 
 /// Plaintext the stages produce at run time; the definition holds only pieces of it, so
 /// finding one of these anywhere pond stores data is a leak.
-const MARKERS: [&str; 4] = ["MKL0CAL-77a", "MKP00L-31q", "ARTIFACT-9z-local", "ARTIFACT-9z-pool"];
+const MARKERS: [&str; 5] = ["MKL0CAL-77a", "MKP00L-31q", "ARTIFACT-9z-local", "ARTIFACT-9z-pool", "SOURCE-FILE-4242"];
 
 fn all_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -90,13 +90,18 @@ fn confidential_run(pg: Option<&str>) {
     assert_eq!(low.status(), Some(422));
     assert!(low.to_string().contains("recipient_pubkeys[0]") && low.to_string().contains("low-order"), "{low}");
 
+    // A source with a secret file, uploaded as a bundle (kept sealed under the server key).
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("notes.txt"), "SOURCE-FILE-4242\n").unwrap();
+    let bundle = admin.upload_bundle("acme", &pond_exec::pack_dir(src.path()).unwrap()).unwrap();
     // A run with a local and a pooled stage, encrypted to alice (camelCase field name).
     let body = json!({"project_id": "acme", "encrypt": true, "recipientPubkeys": [alice_key],
+        "sources": [{"label": "repo", "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}],
         "definition": {"stages": [
             {"key": "local", "executor": {"kind": "shell", "argv": ["sh", "-c",
-                "printf 'MK%s%s\\n' L0CAL -77a; printf 'ARTIFACT-%s-local' 9z > \"$POND_OUTPUT_DIR/report.txt\""]}},
+                "cat notes.txt; printf 'MK%s%s\\n' L0CAL -77a; printf 'ARTIFACT-%s-local' 9z > \"$POND_OUTPUT_DIR/report.txt\""]}},
             {"key": "pooled", "executor": {"kind": "shell", "placement": "pool", "sandbox": {"tier": "byo"}, "argv": ["sh", "-c",
-                "printf 'MK%s%s\\n' P00L -31q; printf 'ARTIFACT-%s-pool' 9z > \"$POND_OUTPUT_DIR/pool.txt\""]}}
+                "cat notes.txt; printf 'MK%s%s\\n' P00L -31q; printf 'ARTIFACT-%s-pool' 9z > \"$POND_OUTPUT_DIR/pool.txt\""]}}
         ]}});
     let id = admin.submit(&body, None).unwrap().id.to_string();
     let run = wait_done(&admin, &id, Duration::from_secs(60));
@@ -140,6 +145,7 @@ fn confidential_run(pg: Option<&str>) {
     let out = consumer(&server, &alice, &["run", "logs", &id]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("MKL0CAL-77a") && text.contains("MKP00L-31q"), "{text}");
+    assert_eq!(text.matches("SOURCE-FILE-4242").count(), 2, "both stages read the checkout: {text}");
     let out = consumer(&server, &alice, &["run", "artifacts", &id, "pool.txt"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ARTIFACT-9z-pool");
     let out = consumer(&server, &mallory, &["run", "logs", &id]);
