@@ -270,6 +270,45 @@ enum AdminCommand {
         #[command(subcommand)]
         command: EnrollCommand,
     },
+    /// Credentials for pooled stages: sealed at rest, never shown again, delivered sealed to
+    /// the worker that claims a job.
+    Credentials {
+        #[command(subcommand)]
+        command: CredentialsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CredentialsCommand {
+    /// Register (or replace) a credential. The value is read from an environment variable, a
+    /// file or standard input, never from the command line.
+    Add {
+        /// Name stages list in `executor.credentials`.
+        name: String,
+        /// Provider (`openai`, `anthropic`, …).
+        #[arg(long)]
+        provider: String,
+        /// Environment variable it fills on the worker (default: the name in upper case).
+        #[arg(long)]
+        env: Option<String>,
+        /// Read the value from this environment variable.
+        #[arg(long, conflicts_with = "value_file")]
+        value_env: Option<String>,
+        /// Read the value from this file (else standard input).
+        #[arg(long)]
+        value_file: Option<PathBuf>,
+    },
+    /// List credentials: name, provider, variable, key fingerprint (never a value).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a credential.
+    Remove {
+        /// Its name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -544,6 +583,17 @@ fn dispatch(cli: Cli) -> Result<i32> {
             let target = cli::resolve_target(&config, &overrides)?;
             pool(command, &Client::new(&target.server, target.token)).map(|()| 0)
         }
+        Command::Admin { command: AdminCommand::Credentials { command } } => {
+            let config = CliConfig::load(&config_path)?;
+            let overrides = TargetOverrides {
+                server: cli.global.server,
+                token: cli.global.token,
+                context: cli.global.context,
+                project: None,
+            };
+            let target = cli::resolve_target(&config, &overrides)?;
+            credentials(command, &Client::new(&target.server, target.token)).map(|()| 0)
+        }
         Command::Admin { command: AdminCommand::Enroll { command } } => {
             let config = CliConfig::load(&config_path)?;
             let overrides = TargetOverrides {
@@ -591,7 +641,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 context: cli.global.context,
                 project: std::env::var("POND_PROJECT").ok(),
             };
-            let key_path = cli::consumer_key_path(&config_path, overrides.context.as_deref().or(config.current.as_deref()));
+            let key_path =
+                cli::consumer_key_path(&config_path, overrides.context.as_deref().or(config.current.as_deref()));
             let target = cli::resolve_target(&config, &overrides)?;
             let client = Client::new(&target.server, target.token.clone());
             run_command(command, &client, &target, &key_path)
@@ -675,6 +726,46 @@ fn worker(args: WorkerArgs) -> Result<i32> {
         summary.reported, summary.handed_back, summary.lost
     );
     Ok(0)
+}
+
+fn credentials(command: CredentialsCommand, client: &Client) -> Result<()> {
+    match command {
+        CredentialsCommand::Add { name, provider, env, value_env, value_file } => {
+            let value = match (value_env, value_file) {
+                (Some(var), _) => std::env::var(&var).with_context(|| format!("reading ${var}"))?,
+                (None, Some(path)) => {
+                    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
+                }
+                (None, None) => {
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+                    text
+                }
+            };
+            let value = value.trim_end_matches(['\n', '\r']).to_string();
+            let request = pond_http::pool_wire::PutCredential { name, provider, env, value };
+            let view = client.put_credential(&request)?;
+            println!(
+                "credential {} ({}) fills ${} on the worker; sealed under key {}",
+                view.name, view.provider, view.env, view.key_fingerprint
+            );
+        }
+        CredentialsCommand::List { json } => {
+            let list = client.credentials()?;
+            if json {
+                return print_json(&list);
+            }
+            println!("{:<24} {:<12} {:<24} KEY", "NAME", "PROVIDER", "ENV");
+            for c in &list.credentials {
+                println!("{:<24} {:<12} {:<24} {}", c.name, c.provider, c.env, c.key_fingerprint);
+            }
+        }
+        CredentialsCommand::Remove { name } => {
+            client.remove_credential(&name)?;
+            println!("removed credential {name}");
+        }
+    }
+    Ok(())
 }
 
 fn enroll(command: EnrollCommand, client: &Client) -> Result<()> {

@@ -13,7 +13,11 @@ use serde_json::json;
 
 /// Plaintext the stages produce at run time; the definition holds only pieces of it, so
 /// finding one of these anywhere pond stores data is a leak.
-const MARKERS: [&str; 5] = ["MKL0CAL-77a", "MKP00L-31q", "ARTIFACT-9z-local", "ARTIFACT-9z-pool", "SOURCE-FILE-4242"];
+const MARKERS: [&str; 6] =
+    ["MKL0CAL-77a", "MKP00L-31q", "ARTIFACT-9z-local", "ARTIFACT-9z-pool", "SOURCE-FILE-4242", CREDENTIAL];
+
+/// A registered credential's value: only the claiming worker may ever hold it in clear.
+const CREDENTIAL: &str = "sk-live-SECRET-8812";
 
 fn all_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -84,11 +88,40 @@ fn confidential_run(pg: Option<&str>) {
     assert!(bad.to_string().contains("recipient_pubkeys"), "{bad}");
     let zero = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0u8; 32]);
     let low = admin
-        .submit(&json!({"project_id": "acme", "encrypt": true, "recipientPubkeys": [zero],
-            "definition": {"stages": [{"key": "a", "executor": {"kind": "noop"}}]}}), None)
+        .submit(
+            &json!({"project_id": "acme", "encrypt": true, "recipientPubkeys": [zero],
+            "definition": {"stages": [{"key": "a", "executor": {"kind": "noop"}}]}}),
+            None,
+        )
         .unwrap_err();
     assert_eq!(low.status(), Some(422));
     assert!(low.to_string().contains("recipient_pubkeys[0]") && low.to_string().contains("low-order"), "{low}");
+
+    // A credential, registered through the CLI (the value from an environment variable).
+    let out = Command::new(POND)
+        .args(["admin", "credentials", "add", "openai", "--provider", "openai", "--env", "OPENAI_API_KEY"])
+        .args(["--value-env", "THE_KEY"])
+        .env("THE_KEY", CREDENTIAL)
+        .env("POND_SERVER", &server.url)
+        .env("POND_TOKEN", &server.token)
+        .env("POND_CONFIG", dir.path().join("admin-config.json"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed = serde_json::to_string(&admin.credentials().unwrap()).unwrap();
+    assert!(listed.contains("OPENAI_API_KEY") && !listed.contains(CREDENTIAL), "{listed}");
+    // Refused at submit: a local stage asking for credentials; an unknown credential.
+    for (placement, name, field) in [
+        ("local", "openai", "definition.stages[0].executor.credentials"),
+        ("pool", "nope", "definition.stages[0].executor.credentials[0]"),
+    ] {
+        let e = admin
+            .submit(&json!({"project_id": "acme", "definition": {"stages": [{"key": "a", "executor": {"kind": "shell",
+                "argv": ["true"], "placement": placement, "credentials": [name]}}]}}), None)
+            .unwrap_err();
+        assert_eq!(e.status(), Some(422), "{e}");
+        assert!(e.to_string().contains(field), "{e}");
+    }
 
     // A source with a secret file, uploaded as a bundle (kept sealed under the server key).
     let src = tempfile::tempdir().unwrap();
@@ -96,13 +129,14 @@ fn confidential_run(pg: Option<&str>) {
     let bundle = admin.upload_bundle("acme", &pond_exec::pack_dir(src.path()).unwrap()).unwrap();
     // A run with a local and a pooled stage, encrypted to alice (camelCase field name).
     let body = json!({"project_id": "acme", "encrypt": true, "recipientPubkeys": [alice_key],
-        "sources": [{"label": "repo", "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}],
-        "definition": {"stages": [
-            {"key": "local", "executor": {"kind": "shell", "argv": ["sh", "-c",
-                "cat notes.txt; printf 'MK%s%s\\n' L0CAL -77a; printf 'ARTIFACT-%s-local' 9z > \"$POND_OUTPUT_DIR/report.txt\""]}},
-            {"key": "pooled", "executor": {"kind": "shell", "placement": "pool", "sandbox": {"tier": "byo"}, "argv": ["sh", "-c",
-                "cat notes.txt; printf 'MK%s%s\\n' P00L -31q; printf 'ARTIFACT-%s-pool' 9z > \"$POND_OUTPUT_DIR/pool.txt\""]}}
-        ]}});
+    "sources": [{"label": "repo", "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}],
+    "definition": {"stages": [
+        {"key": "local", "executor": {"kind": "shell", "argv": ["sh", "-c",
+            "cat notes.txt; printf 'MK%s%s\\n' L0CAL -77a; printf 'ARTIFACT-%s-local' 9z > \"$POND_OUTPUT_DIR/report.txt\""]}},
+        {"key": "pooled", "executor": {"kind": "shell", "placement": "pool", "sandbox": {"tier": "byo"},
+            "credentials": ["openai"], "argv": ["sh", "-c",
+            "cat notes.txt; printf 'MK%s%s\\n' P00L -31q; printf 'ARTIFACT-%s-pool' 9z > \"$POND_OUTPUT_DIR/pool.txt\"; printf 'key-sha %s\\n' \"$(printf %s \"$OPENAI_API_KEY\" | sha256sum | cut -c1-16)\""]}}
+    ]}});
     let id = admin.submit(&body, None).unwrap().id.to_string();
     let run = wait_done(&admin, &id, Duration::from_secs(60));
     assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
@@ -146,6 +180,8 @@ fn confidential_run(pg: Option<&str>) {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("MKL0CAL-77a") && text.contains("MKP00L-31q"), "{text}");
     assert_eq!(text.matches("SOURCE-FILE-4242").count(), 2, "both stages read the checkout: {text}");
+    let key_sha = &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(CREDENTIAL))[..16];
+    assert!(text.contains(&format!("key-sha {key_sha}")), "the worker's process got the credential: {text}");
     let out = consumer(&server, &alice, &["run", "artifacts", &id, "pool.txt"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ARTIFACT-9z-pool");
     let out = consumer(&server, &mallory, &["run", "logs", &id]);

@@ -65,7 +65,7 @@ async fn main() -> Result<()> {
             definition,
             sources: vec![source],
             idempotency_key: None,
-        recipients: vec![],
+            recipients: vec![],
         })
         .await?;
     let id = submitted.snapshot.run.id;

@@ -127,6 +127,14 @@ impl<'de> Deserialize<'de> for ExecutorSpec {
 }
 
 impl ExecutorSpec {
+    /// The credentials the stage asks for.
+    pub fn credentials(&self) -> &[String] {
+        match self {
+            ExecutorSpec::Shell(s) => &s.credentials,
+            _ => &[],
+        }
+    }
+
     /// The `kind` text.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -250,6 +258,10 @@ pub struct ShellSpec {
     /// Capabilities a pool worker must have (glob match).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<String>,
+    /// Registered credentials the process gets as environment variables; delivered sealed to
+    /// the claiming pool worker only (pooled stages).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<String>,
 }
 
 /// Settings of the `swarm` (AI agent) executor.
@@ -372,7 +384,8 @@ fn valid_key(key: &str) -> bool {
         && key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
-fn valid_env_name(name: &str) -> bool {
+/// Whether `name` is a valid environment variable name.
+pub fn valid_env_name(name: &str) -> bool {
     let mut bytes = name.bytes();
     matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -537,6 +550,12 @@ impl StageDef {
     fn validate_executor(&self, at: &str) -> Result<(), FieldError> {
         match &self.executor {
             ExecutorSpec::Shell(shell) => {
+                if !shell.credentials.is_empty() && shell.placement != Placement::Pool {
+                    return Err(FieldError::new(
+                        format!("{at}.executor.credentials"),
+                        "credentials are delivered only to pool workers: set `placement: pool`",
+                    ));
+                }
                 if shell.argv.is_empty() || shell.argv[0].is_empty() {
                     return Err(FieldError::new(format!("{at}.executor.argv"), "must name a program"));
                 }

@@ -135,6 +135,11 @@ impl Engine {
         &self.config
     }
 
+    /// Registered credentials, sealed under the server key.
+    pub fn credentials(&self) -> crate::credentials::Credentials {
+        crate::credentials::Credentials::new(self.store.clone(), self.clock.clone(), self.config.at_rest_key)
+    }
+
     /// What stages may ask for here.
     pub fn capabilities(&self) -> Capabilities {
         let mut kinds: Vec<String> = self.executors.keys().map(|k| k.to_string()).collect();
@@ -186,6 +191,22 @@ impl Engine {
                 }
             }
             sources.push(source);
+        }
+        let credentials = self.credentials();
+        for (i, stage) in request.definition.stages.iter().enumerate() {
+            for (j, name) in stage.executor.credentials().iter().enumerate() {
+                let known = credentials.exists(name).await.map_err(|e| match e {
+                    crate::credentials::CredentialError::Store(s) => CoreError::Store(s),
+                    other => CoreError::Store(StoreError::Backend(other.to_string())),
+                })?;
+                if !known {
+                    return Err(FieldError::new(
+                        format!("definition.stages[{i}].executor.credentials[{j}]"),
+                        format!("no credential `{name}` is registered (`pond admin credentials add`)"),
+                    )
+                    .into());
+                }
+            }
         }
         let mut recipients = Vec::with_capacity(request.recipients.len());
         for (i, text) in request.recipients.iter().enumerate() {
@@ -350,10 +371,7 @@ impl Engine {
             project: &run.project_id,
             stage: &claim.stage.key,
             attempt: claim.stage.attempt,
-            sealer: run
-                .encryption
-                .as_ref()
-                .map(|e| crate::seal::OutputSealer::new(e.keys(), self.config.signing_seed)),
+            sealer: run.encryption.as_ref().map(|e| crate::seal::OutputSealer::new(e.keys(), self.config.signing_seed)),
         };
         let ctx =
             ExecContext { run, stage: def, attempt: claim.stage.attempt, workspace: &workspace, output: &sink, stop };

@@ -249,6 +249,8 @@ pub struct Job {
     pub lease: Millis,
     /// SHA-256 (hex) of the input bundle pond issued.
     pub input_sha256: String,
+    /// The stage's credentials sealed to this worker for this job (format (c)), if it has any.
+    pub credentials: Option<String>,
 }
 
 /// Why a worker's call to its orchestrator failed.

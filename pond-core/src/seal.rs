@@ -82,10 +82,7 @@ impl OutputSealer {
     }
 
     /// The lines as stored: a header first (once), then one `ENC1:` line per line.
-    pub fn lines(
-        &self,
-        lines: Vec<(crate::store::LogStream, String)>,
-    ) -> Vec<(crate::store::LogStream, String)> {
+    pub fn lines(&self, lines: Vec<(crate::store::LogStream, String)>) -> Vec<(crate::store::LogStream, String)> {
         let mut guard = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::with_capacity(lines.len() + 1);
         let sealer = guard.get_or_insert_with(|| {
@@ -314,8 +311,11 @@ impl ArtifactStream {
     /// Appends the ciphertext of one chunk (at most [`CHUNK`] bytes; the `last` one is tagged
     /// FINAL) to `out`.
     pub fn push(&mut self, chunk: &[u8], last: bool, out: &mut Vec<u8>) {
-        let tag =
-            if last { CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_TAG_FINAL } else { CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_TAG_MESSAGE };
+        let tag = if last {
+            CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_TAG_FINAL
+        } else {
+            CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_TAG_MESSAGE
+        };
         let start = out.len();
         out.resize(start + chunk.len() + CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_ABYTES, 0);
         // Only fails on a wrong output size, which the resize above rules out.

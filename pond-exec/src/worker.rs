@@ -121,11 +121,8 @@ impl Worker {
         tracing::info!(job = %id, "job started");
         let dir = self.config.scratch.join(id.to_string());
         let stop = StopHandle::new();
-        let sealer = job
-            .run
-            .encryption
-            .as_ref()
-            .map(|e| pond_core::seal::OutputSealer::new(e.keys(), self.signing_seed));
+        let sealer =
+            job.run.encryption.as_ref().map(|e| pond_core::seal::OutputSealer::new(e.keys(), self.signing_seed));
         let sink = ClientSink { client: self.client.clone(), job: id.clone(), artifacts: Mutex::default(), sealer };
         let (outcome, input_sha) = {
             let work = self.execute(&job, &dir, &sink, &stop);
@@ -273,6 +270,28 @@ impl Worker {
         let Some(stage) = job.run.definition.stages.iter().find(|s| s.key == job.id.stage) else {
             return (failed(format!("the run has no stage `{}`", job.id.stage)), input_sha);
         };
+        // Credentials: opened only if sealed to this worker, for this job, and not expired;
+        // they reach the process as environment variables and nothing else.
+        let mut stage = stage.clone();
+        if !stage.executor.credentials().is_empty() {
+            let Some(sealed) = &job.credentials else {
+                return (failed("the stage needs credentials and none came with the job".into()), input_sha);
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            let job_id = job.id.to_string();
+            match pond_core::credentials::open_credentials(sealed, &self.sealing.0, &self.sealing.1, &job_id, now) {
+                Ok(creds) => {
+                    if let pond_core::definition::ExecutorSpec::Shell(shell) = &mut stage.executor {
+                        shell.env.extend(creds);
+                    }
+                }
+                Err(e) => return (failed(format!("credentials refused: {e}")), input_sha),
+            }
+        }
+        let stage = &stage;
         let Some(executor) = self.executors.get(stage.executor.kind()) else {
             return (failed(format!("this worker has no `{}` executor", stage.executor.kind())), input_sha);
         };

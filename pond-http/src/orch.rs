@@ -54,6 +54,51 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/enroll", post(create_code))
         .route("/admin/pools", get(list_pools))
         .route("/admin/pools/workers/{id}/drain", post(drain))
+        .route("/admin/credentials", post(put_credential).get(list_credentials))
+        .route("/admin/credentials/{name}", axum::routing::delete(remove_credential))
+}
+
+impl From<pond_core::credentials::CredentialError> for ApiError {
+    fn from(e: pond_core::credentials::CredentialError) -> Self {
+        use pond_core::credentials::CredentialError;
+        match e {
+            CredentialError::Invalid(f) => ApiError::Invalid(f),
+            CredentialError::Unknown(_) => ApiError::NotFound(e.to_string()),
+            CredentialError::Store(s) => s.into(),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+async fn put_credential(
+    State(state): State<AppState>,
+    who: Principal,
+    ApiJson(req): ApiJson<crate::pool_wire::PutCredential>,
+) -> Result<(axum::http::StatusCode, Json<pond_core::credentials::CredentialView>), ApiError> {
+    who.require_admin()?;
+    let view = state.engine.credentials().put(&req.name, &req.provider, req.env.as_deref(), &req.value).await?;
+    Ok((axum::http::StatusCode::CREATED, Json(view)))
+}
+
+async fn list_credentials(
+    State(state): State<AppState>,
+    who: Principal,
+) -> Result<Json<crate::pool_wire::CredentialList>, ApiError> {
+    who.require_admin()?;
+    Ok(Json(crate::pool_wire::CredentialList { credentials: state.engine.credentials().list().await? }))
+}
+
+async fn remove_credential(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(name): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    who.require_admin()?;
+    if state.engine.credentials().remove(&name).await? {
+        Ok(axum::http::StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!("no credential `{name}`")))
+    }
 }
 
 impl From<PoolError> for ApiError {
@@ -335,6 +380,14 @@ async fn ticket(state: &AppState, worker: &PoolMember, claim: &Claim) -> Result<
         }
     };
     let job_id = job.to_string();
+    let credentials = match sealed_credentials(state, worker, claim, &job_id).await {
+        Ok(c) => c,
+        Err(e) => {
+            let outcome = StageOutcome::Failed { error: format!("credentials: {e}"), exit_code: None };
+            let _ = state.engine.complete(claim, outcome).await;
+            return Ok(None);
+        }
+    };
     // Off the hand-over's critical path: `pond pool ls` may learn of the job a moment later.
     let (seen, pools, worker_id, held) = (state.seen.clone(), state.pools.clone(), worker.id.clone(), job_id.clone());
     tokio::spawn(async move {
@@ -349,7 +402,33 @@ async fn ticket(state: &AppState, worker: &PoolMember, claim: &Claim) -> Result<
         lease_ms: state.engine.config().lease.0,
         input_sha256: input.sha256,
         input_size: input.size,
+        credentials,
     }))
+}
+
+/// How long a worker may take to start a job before its credentials expire.
+const CREDENTIALS_TTL_SECS: i64 = 600;
+
+/// The stage's credentials, sealed to the claiming worker's pinned X25519 key for this job.
+async fn sealed_credentials(
+    state: &AppState,
+    worker: &PoolMember,
+    claim: &Claim,
+    job_id: &str,
+) -> Result<Option<String>, String> {
+    let Some(def) = claim.run.definition.stages.get(claim.stage.position as usize) else { return Ok(None) };
+    let names = def.executor.credentials();
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let values = state.engine.credentials().values(names).await.map_err(|e| e.to_string())?;
+    let key = worker
+        .sealing_key
+        .as_deref()
+        .and_then(|k| pond_core::pool::decode_key(k).ok())
+        .ok_or_else(|| format!("worker {} has no sealing key", worker.id))?;
+    let not_after = state.engine.clock().now().as_millis() / 1000 + CREDENTIALS_TTL_SECS;
+    Ok(Some(pond_core::credentials::seal_credentials(&key, job_id, not_after, values)))
 }
 
 fn job_id(text: &str) -> Result<JobId, ApiError> {

@@ -49,6 +49,26 @@ impl Client {
         self.json(self.request("POST", &path), Some(Body::Json(serde_json::json!({ "draining": draining }))))
     }
 
+    /// `POST /v1/admin/credentials`.
+    pub fn put_credential(
+        &self,
+        request: &crate::pool_wire::PutCredential,
+    ) -> Result<pond_core::credentials::CredentialView, ClientError> {
+        let body = serde_json::to_value(request).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.json(self.request("POST", "/v1/admin/credentials"), Some(Body::Json(body)))
+    }
+
+    /// `GET /v1/admin/credentials`.
+    pub fn credentials(&self) -> Result<crate::pool_wire::CredentialList, ClientError> {
+        self.json(self.request("GET", "/v1/admin/credentials"), None)
+    }
+
+    /// `DELETE /v1/admin/credentials/{name}`.
+    pub fn remove_credential(&self, name: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/admin/credentials/{}", encode_path(name));
+        self.send(self.request("DELETE", &path), None).map(|_| ())
+    }
+
     /// `POST /v1/orch/enroll`: an orchestrator redeems its code.
     pub fn enroll_orchestrator(&self, code: &str, name: &str) -> Result<Enrolled, ClientError> {
         let body = EnrollOrchestrator { code: code.into(), name: Some(name.into()) };
@@ -149,7 +169,13 @@ fn job_path(job: &JobId, tail: &str) -> String {
 /// Turns a ticket into the core's job.
 pub fn ticket_job(ticket: JobTicket) -> Result<Job, String> {
     let id: JobId = ticket.job_id.parse()?;
-    Ok(Job { id, run: ticket.run, lease: Millis(ticket.lease_ms), input_sha256: ticket.input_sha256 })
+    Ok(Job {
+        id,
+        run: ticket.run,
+        lease: Millis(ticket.lease_ms),
+        input_sha256: ticket.input_sha256,
+        credentials: ticket.credentials,
+    })
 }
 
 #[async_trait]

@@ -120,6 +120,9 @@ pub struct JobTicket {
     pub input_sha256: String,
     /// Its size.
     pub input_size: u64,
+    /// The stage's credentials sealed to this worker for this job (format (c)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<String>,
 }
 
 /// `POST /v1/orch/claim` response.
@@ -213,6 +216,28 @@ pub struct PoolList {
     pub orchestrators: Vec<MemberView>,
     /// Workers.
     pub workers: Vec<MemberView>,
+}
+
+/// `POST /v1/admin/credentials`: the value is accepted here and never returned.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutCredential {
+    /// Name stages refer to.
+    pub name: String,
+    /// Provider (`openai`, `anthropic`, …).
+    pub provider: String,
+    /// Environment variable it fills (default: the name in upper case).
+    #[serde(default)]
+    pub env: Option<String>,
+    /// The secret.
+    pub value: String,
+}
+
+/// `GET /v1/admin/credentials`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CredentialList {
+    /// Name, provider, variable and key fingerprint of each; never a value.
+    pub credentials: Vec<pond_core::credentials::CredentialView>,
 }
 
 /// `POST /v1/admin/pools/workers/{id}/drain`.

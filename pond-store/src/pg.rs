@@ -29,8 +29,8 @@ use sqlx::{ConnectOptions, PgConnection, PgPool, Row};
 use tokio::task::JoinHandle;
 
 use crate::rows::{
-    artifact_from_row, attempt_from_row, attestation_column, blob_from_row, corrupt, db_err, encryption_column, log_from_row,
-    requirement_columns, role_text, run_from_row, stage_from_row, token_from_row, ts,
+    artifact_from_row, attempt_from_row, attestation_column, blob_from_row, corrupt, db_err, encryption_column,
+    log_from_row, requirement_columns, role_text, run_from_row, stage_from_row, token_from_row, ts,
 };
 use crate::{sha256_hex, WatchedStore};
 
