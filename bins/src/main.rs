@@ -1173,11 +1173,14 @@ fn demo(args: DemoArgs) -> Result<i32> {
         let end = cli::wait(&client, &run.id.to_string(), &mut std::io::stdout().lock(), false, &mut decrypt)?;
         let finished = client.get_run(&run.id.to_string())?;
         println!("\n{}", cli::format_run(&finished));
+        println!("the server holds these encrypted; decrypted here with {}:", key.display());
         for artifact in client.artifacts(&run.id.to_string())?.artifacts {
-            let mut data = Vec::new();
-            client.download_artifact(&run.id.to_string(), &artifact.name, &mut data)?;
+            if artifact.name.ends_with(pond_core::seal::SIDECAR_SUFFIX) {
+                continue;
+            }
+            let data = cli::fetch_artifact(&client, &run.id.to_string(), &artifact.name, &key)?;
             let text = String::from_utf8_lossy(&data);
-            println!("artifact {} ({} bytes, stage {}):", artifact.name, artifact.size, artifact.stage);
+            println!("artifact {} ({} bytes, stage {}):", artifact.name, data.len(), artifact.stage);
             for line in text.lines().take(5) {
                 println!("  {line}");
             }

@@ -261,7 +261,7 @@ impl Orch {
                 let needed = eligible.iter().any(|w| {
                     !q.covered.contains_key(w) && q.waiters.get(w).is_some_and(|x| !covered_offers.contains(&x.offer))
                 });
-                let poll = if needed {
+                if needed {
                     q.polls += 1;
                     let n = q.polls;
                     for w in &eligible {
@@ -270,8 +270,7 @@ impl Orch {
                     Some((n, eligible))
                 } else {
                     None
-                };
-                poll
+                }
             };
             if let Some((n, workers)) = poll {
                 tokio::spawn(self.clone().poll(n, workers));
