@@ -116,8 +116,11 @@ fn confidential_run(pg: Option<&str>) {
         ("pool", "nope", "definition.stages[0].executor.credentials[0]"),
     ] {
         let e = admin
-            .submit(&json!({"project_id": "acme", "definition": {"stages": [{"key": "a", "executor": {"kind": "shell",
-                "argv": ["true"], "placement": placement, "credentials": [name]}}]}}), None)
+            .submit(
+                &json!({"project_id": "acme", "definition": {"stages": [{"key": "a", "executor": {"kind": "shell",
+                "argv": ["true"], "placement": placement, "credentials": [name]}}]}}),
+                None,
+            )
             .unwrap_err();
         assert_eq!(e.status(), Some(422), "{e}");
         assert!(e.to_string().contains(field), "{e}");

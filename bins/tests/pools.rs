@@ -118,10 +118,18 @@ fn a_killed_worker_s_job_completes_elsewhere_and_the_pool_survives_an_orchestrat
     let mut p = pool("2s");
     let admin = p.server.admin();
     // A tier-`any` job that any of the three may take; kill whichever takes it.
-    let id = submit(&admin, &pooled("acme", "any", "sleep 3; echo finished"));
+    let id = submit(&admin, &pooled("acme", "any", "echo started; sleep 3; echo finished"));
+    // The worker whose attempt is running the script (an earlier attempt may have been handed
+    // back by the orchestrator before it ran).
     let mut first = String::new();
+    let mut held = 0;
     eventually("the job to start", Duration::from_secs(20), || {
-        first = admin.get_run(&id).unwrap().stages[0].attempts.first().map(|a| a.owner.clone()).unwrap_or_default();
+        let Some(line) = admin.logs(&id, 0, 1000).unwrap().lines.into_iter().find(|l| l.line.text == "started") else {
+            return false;
+        };
+        held = line.line.attempt;
+        let run = admin.get_run(&id).unwrap();
+        first = run.stages[0].attempts.iter().find(|a| a.number == held).map(|a| a.owner.clone()).unwrap_or_default();
         !first.is_empty()
     });
     let victim = [&mut p.acme, &mut p.globex, &mut p.trusted].into_iter().find(|w| w.id == first).unwrap();
@@ -129,7 +137,8 @@ fn a_killed_worker_s_job_completes_elsewhere_and_the_pool_survives_an_orchestrat
     let run = wait_done(&admin, &id, Duration::from_secs(60));
     assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
     let attempts = &run.stages[0].attempts;
-    assert_eq!(attempts[0].outcome.map(|o| o.as_str()), Some("lease_expired"), "{attempts:?}");
+    let killed = attempts.iter().find(|a| a.number == held).unwrap();
+    assert_eq!(killed.outcome.map(|o| o.as_str()), Some("lease_expired"), "{attempts:?}");
     assert_ne!(attempts.last().unwrap().owner, first, "it completed on another worker");
     assert_eq!(run.stages[0].attestation_verified, Some(true));
 

@@ -296,10 +296,32 @@ async fn claim(
 #[derive(Default)]
 pub struct MemberCache {
     entries: std::sync::Mutex<HashMap<String, (PoolMember, Instant)>>,
+    /// Workers this node gave a job, until it reports (or a while passes): two overlapping
+    /// polls of one orchestrator must not give one worker two jobs.
+    busy: std::sync::Mutex<HashMap<String, Instant>>,
 }
 
 impl MemberCache {
     const TTL: Duration = Duration::from_secs(10);
+    /// After this, a worker that never reported (it died; its lease expires) may be asked again.
+    const BUSY_FOR: Duration = Duration::from_secs(10);
+
+    fn busy(&self, worker: &str) -> bool {
+        let busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        busy.get(worker).is_some_and(|at| at.elapsed() < Self::BUSY_FOR)
+    }
+
+    fn set_busy(&self, worker: &str, on: bool) {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if on {
+            if busy.len() > 100_000 {
+                busy.retain(|_, at| at.elapsed() < Self::BUSY_FOR);
+            }
+            busy.insert(worker.to_string(), Instant::now());
+        } else {
+            busy.remove(worker);
+        }
+    }
 
     async fn get(&self, pools: &pond_core::pool::Pools, id: &str) -> Result<Option<PoolMember>, ApiError> {
         {
@@ -353,6 +375,10 @@ async fn claim_round(state: &AppState, idle: &[PoolMember]) -> Result<Vec<JobTic
     let mut tickets = Vec::new();
     for workers in groups.values() {
         for worker in workers {
+            // Given a job by an overlapping poll that has not reported yet: it is not idle.
+            if state.members.busy(&worker.id) {
+                continue;
+            }
             // Drained since the poll began: a drain takes effect before the next claim.
             match state.pools.member(&worker.id).await? {
                 Some(now) if !now.draining => {}
@@ -360,6 +386,7 @@ async fn claim_round(state: &AppState, idle: &[PoolMember]) -> Result<Vec<JobTic
             }
             let Some(claim) = state.engine.claim_for_worker(worker, 1).await?.into_iter().next() else { break };
             if let Some(ticket) = ticket(state, worker, &claim).await? {
+                state.members.set_busy(&worker.id, true);
                 tickets.push(ticket);
             }
         }
@@ -563,6 +590,7 @@ async fn result(
         signature,
     };
     let snapshot = state.engine.complete_job(&job, &r.worker, &report).await?;
+    state.members.set_busy(&r.worker.id, false);
     state.seen.touch(&state.pools, &[(r.worker.id.as_str(), None)]).await?;
     let record = snapshot
         .attempts
@@ -583,6 +611,7 @@ async fn release(
 ) -> Result<axum::http::StatusCode, ApiError> {
     let job = job_id(&job)?;
     state.engine.release_job(&job, &r.worker, "the worker gave it back").await?;
+    state.members.set_busy(&r.worker.id, false);
     state.seen.touch(&state.pools, &[(r.worker.id.as_str(), None)]).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
