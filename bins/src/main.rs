@@ -572,38 +572,12 @@ fn dispatch(cli: Cli) -> Result<i32> {
             orchestrator(server, args).map(|()| 0)
         }
         Command::Worker(args) => worker(args),
-        Command::Pool { command } => {
-            let config = CliConfig::load(&config_path)?;
-            let overrides = TargetOverrides {
-                server: cli.global.server,
-                token: cli.global.token,
-                context: cli.global.context,
-                project: None,
-            };
-            let target = cli::resolve_target(&config, &overrides)?;
-            pool(command, &Client::new(&target.server, target.token)).map(|()| 0)
-        }
+        Command::Pool { command } => pool(command, &admin_client(&cli.global, &config_path)?).map(|()| 0),
         Command::Admin { command: AdminCommand::Credentials { command } } => {
-            let config = CliConfig::load(&config_path)?;
-            let overrides = TargetOverrides {
-                server: cli.global.server,
-                token: cli.global.token,
-                context: cli.global.context,
-                project: None,
-            };
-            let target = cli::resolve_target(&config, &overrides)?;
-            credentials(command, &Client::new(&target.server, target.token)).map(|()| 0)
+            credentials(command, &admin_client(&cli.global, &config_path)?).map(|()| 0)
         }
         Command::Admin { command: AdminCommand::Enroll { command } } => {
-            let config = CliConfig::load(&config_path)?;
-            let overrides = TargetOverrides {
-                server: cli.global.server,
-                token: cli.global.token,
-                context: cli.global.context,
-                project: None,
-            };
-            let target = cli::resolve_target(&config, &overrides)?;
-            enroll(command, &Client::new(&target.server, target.token)).map(|()| 0)
+            enroll(command, &admin_client(&cli.global, &config_path)?).map(|()| 0)
         }
         Command::Context { command } => context(command, &config_path).map(|()| 0),
         Command::Keys { command } => {
@@ -648,16 +622,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             run_command(command, &client, &target, &key_path)
         }
         Command::Admin { command: AdminCommand::Keys { command } } => {
-            let config = CliConfig::load(&config_path)?;
-            let overrides = TargetOverrides {
-                server: cli.global.server,
-                token: cli.global.token,
-                context: cli.global.context,
-                project: None,
-            };
-            let target = cli::resolve_target(&config, &overrides)?;
-            let client = Client::new(&target.server, target.token);
-            keys(command, &client).map(|()| 0)
+            keys(command, &admin_client(&cli.global, &config_path)?).map(|()| 0)
         }
     }
 }
@@ -838,6 +803,20 @@ fn pool(command: PoolCommand, client: &Client) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A client for commands that act as the operator: --server/--token, else the context, else
+/// the local server with its admin token.
+fn admin_client(global: &Global, config_path: &std::path::Path) -> Result<Client> {
+    let config = CliConfig::load(config_path)?;
+    let overrides = TargetOverrides {
+        server: global.server.clone(),
+        token: global.token.clone(),
+        context: global.context.clone(),
+        project: None,
+    };
+    let target = cli::resolve_target(&config, &overrides)?;
+    Ok(Client::new(&target.server, target.token))
 }
 
 fn server_config(args: ServerArgs) -> pond_http::server::ServerConfig {
