@@ -520,9 +520,11 @@ impl StageDef {
         capabilities: &[String],
     ) -> Result<(), FieldError> {
         let kind = self.executor.kind();
+        // The executor's own fields first (an empty prompt is named as such).
+        self.validate_executor(at)?;
         if !caps.pool_kinds.iter().any(|k| k == kind) {
             let reason = if kind == "swarm" {
-                "executor `swarm` needs the agent harness registry, which this server does not have yet".to_string()
+                "agent stages (`swarm`) do not run on this server yet: the swarm executor is not built".to_string()
             } else {
                 format!("executor `{kind}` cannot run on a worker pool")
             };
@@ -719,7 +721,7 @@ mod tests {
             ),
             (
                 json!({"stages":[{"key":"a","executor":{"kind":"swarm","harness":"codex","prompt":"hi"}}]}),
-                "definition.stages[0].executor.kind: executor `swarm` needs the agent harness registry",
+                "definition.stages[0].executor.kind: agent stages (`swarm`) do not run on this server yet",
             ),
             (
                 json!({"stages":[{"key":"a","executor":{"kind":"noop","placement":"pool","tags":["ok","no spaces"]}}]}),

@@ -135,6 +135,42 @@ impl Engine {
         &self.config
     }
 
+    /// Agent stages name a registered harness and model: an unknown one is a 422 at submit,
+    /// not a failed run later.
+    async fn check_agents(&self, definition: &Definition) -> Result<(), CoreError> {
+        let registry = self.registry();
+        let store_err = |e: crate::agents::RegistryError| match e {
+            crate::agents::RegistryError::Store(s) => CoreError::Store(s),
+            other => CoreError::Store(StoreError::Backend(other.to_string())),
+        };
+        for (i, stage) in definition.stages.iter().enumerate() {
+            let crate::definition::ExecutorSpec::Swarm(swarm) = &stage.executor else { continue };
+            let at = format!("definition.stages[{i}].executor");
+            if registry.harness(&swarm.harness).await.map_err(store_err)?.is_none() {
+                return Err(FieldError::new(
+                    format!("{at}.harness"),
+                    format!("no harness `{}` is registered (`pond admin harnesses from-preset codex`)", swarm.harness),
+                )
+                .into());
+            }
+            if let Some(model) = &swarm.model_ref {
+                if registry.model(model).await.map_err(store_err)?.is_none() {
+                    return Err(FieldError::new(
+                        format!("{at}.model_ref"),
+                        format!("no model `{model}` is registered (`pond admin models add`)"),
+                    )
+                    .into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Registered models and harnesses.
+    pub fn registry(&self) -> crate::agents::Registry {
+        crate::agents::Registry::new(self.store.clone())
+    }
+
     /// Registered credentials, sealed under the server key.
     pub fn credentials(&self) -> crate::credentials::Credentials {
         crate::credentials::Credentials::new(self.store.clone(), self.clock.clone(), self.config.at_rest_key)
@@ -165,6 +201,7 @@ impl Engine {
                 return Err(FieldError::new("Idempotency-Key", "must be 1 to 255 visible ASCII characters").into());
             }
         }
+        self.check_agents(&request.definition).await?;
         request.definition.validate("definition", &self.capabilities())?;
         if request.sources.len() > MAX_SOURCES {
             return Err(FieldError::new("sources", format!("at most {MAX_SOURCES} sources are allowed")).into());

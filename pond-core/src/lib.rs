@@ -11,6 +11,7 @@
 //! - [`attest`]: signed results (wire format (d)) and key fingerprints.
 //! - [`keys`]: a worker's sealing and signing keys; low-order X25519 keys refused.
 //! - [`pool`]: enrollment codes, orchestrators and workers, job ids.
+//! - [`agents`]: the model and harness registry, presets, template lint, dry runs.
 //! - [`credentials`]: credentials sealed at rest and to one worker per job (format (c)).
 //! - [`seal`]: sealed boxes, encrypted log lines and artifacts (libsodium wire formats).
 //! - [`engine`]: the [`engine::Engine`] that ties them together.
@@ -19,6 +20,7 @@
 //! the [`time::Clock`] the caller injects.
 #![deny(missing_docs)]
 
+pub mod agents;
 pub mod attest;
 pub mod credentials;
 pub mod definition;

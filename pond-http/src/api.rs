@@ -43,7 +43,8 @@ pub fn app(state: AppState) -> Router {
         .route("/bundles", post(upload_bundle))
         .route("/admin/keys", post(create_key).get(list_keys))
         .route("/admin/keys/{id}", delete(revoke_key))
-        .merge(crate::orch::routes());
+        .merge(crate::orch::routes())
+        .merge(crate::agents_api::routes());
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))

@@ -1,5 +1,6 @@
 //! pond-http: the HTTP face of Pond — the only crate that knows HTTP and JSON wire shapes.
 //!
+//! - [`agents_api`]: the admin model and harness registry routes;
 //! - [`api`]: the axum router (`/v1` consumer and admin routes, health) — [`api::app`];
 //! - [`auth`]: bearer tokens (stored hashed) and the [`auth::Principal`] extractor;
 //! - [`error`]: [`error::ApiError`], the single error → status mapping;
@@ -15,6 +16,7 @@
 //! - [`cli`]: the client-side commands of the `pond` binary (contexts, submit, wait, …).
 #![deny(missing_docs)]
 
+pub mod agents_api;
 pub mod api;
 pub mod auth;
 pub mod bench;

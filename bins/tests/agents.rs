@@ -1,0 +1,97 @@
+//! The agent registry over real HTTP: presets, template lint, models bound to credentials,
+//! dry runs that show the exact argv and never a secret, and agent stages that name an unknown
+//! harness or model refused at submit.
+
+mod common;
+
+use common::Server;
+use serde_json::{json, Value};
+
+fn call(server: &Server, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let req = ureq::request(method, &format!("{}{path}", server.url)).set("Authorization", &format!("Bearer {token}"));
+    let result = match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    };
+    let response = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    let status = response.status();
+    let text = response.into_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+#[test]
+fn registry_presets_lint_dry_run_and_submit_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let t = server.token.clone();
+    let admin = |method: &str, path: &str, body: Option<Value>| call(&server, &t, method, path, body);
+
+    let (status, presets) = admin("GET", "/v1/admin/harness-presets", None);
+    assert_eq!(status, 200);
+    let keys: Vec<&str> = presets["harnesses"].as_array().unwrap().iter().map(|h| h["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["codex", "claude"]);
+    let (status, saved) = admin("POST", "/v1/admin/harnesses/from-preset", Some(json!({"preset": "codex"})));
+    assert_eq!(status, 201, "{saved}");
+    assert_eq!(saved["warnings"], json!([]));
+    let (status, e) = admin("POST", "/v1/admin/harnesses/from-preset", Some(json!({"preset": "gpt-cli"})));
+    assert_eq!((status, e["error"]["field"].as_str()), (422, Some("preset")));
+
+    // Lint: `{{…}}` refused naming the element; unknown placeholders and {prompt_file} warned.
+    let (status, e) = admin("POST", "/v1/admin/harnesses", Some(json!({"key": "bad", "capability": "harness.x",
+        "command_template": ["tool", "{{prompt}}"]})));
+    assert_eq!((status, e["error"]["field"].as_str()), (422, Some("command_template[1]")), "{e}");
+    let (status, saved) = admin("POST", "/v1/admin/harnesses", Some(json!({"key": "mine", "capability": "harness.mine",
+        "command_template": ["tool", "--colour={colour}", "--file", "{prompt_file}"], "env": {"TOOL_HOME": "{home}"}})));
+    assert_eq!(status, 201, "{saved}");
+    let warnings = saved["warnings"].to_string();
+    assert!(warnings.contains("{colour}") && warnings.contains("remote pool"), "{warnings}");
+
+    // A model needs a registered credential.
+    let model = json!({"key": "fast", "provider": "openai", "model_id": "gpt-5.5", "credential_name": "openai",
+        "capability": "harness.codex", "input_usd_per_mtok": 1.25, "output_usd_per_mtok": 10.0});
+    let (status, e) = admin("POST", "/v1/admin/models", Some(model.clone()));
+    assert_eq!((status, e["error"]["field"].as_str()), (422, Some("credential_name")), "{e}");
+    let (status, _) = admin("POST", "/v1/admin/credentials",
+        Some(json!({"name": "openai", "provider": "openai", "env": "OPENAI_API_KEY", "value": "sk-very-secret-value"})));
+    assert_eq!(status, 201);
+    let (status, _) = admin("POST", "/v1/admin/models", Some(model));
+    assert_eq!(status, 201);
+
+    // The dry run: the exact argv (the prompt one element, verbatim) and env names only.
+    let prompt = "fix the bug; rm -rf / \"$(whoami)\"";
+    let (status, dry) = admin("POST", "/v1/admin/harnesses/codex/dry-run", Some(json!({"model_ref": "fast", "prompt": prompt})));
+    assert_eq!(status, 200, "{dry}");
+    let argv: Vec<&str> = dry["argv"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert_eq!(argv[0], "codex");
+    assert_eq!(argv.last(), Some(&prompt));
+    assert!(argv.windows(2).any(|w| w == ["-m", "gpt-5.5"]), "{argv:?}");
+    assert!(argv.contains(&"--ephemeral") && argv.contains(&"plugins"), "offline-safe flags: {argv:?}");
+    assert_eq!(dry["env"], json!(["CODEX_HOME", "POND_AGENT_KEY"]));
+    assert!(!dry.to_string().contains("sk-very-secret-value"));
+    let (status, _) = admin("POST", "/v1/admin/harnesses/nope/dry-run", Some(json!({})));
+    assert_eq!(status, 404);
+
+    // Agent stages: unknown harness or model, or an empty prompt, are 422s at submit.
+    let swarm = |harness: &str, model: &str, prompt: &str| {
+        json!({"project_id": "acme", "definition": {"stages": [{"key": "agent", "executor": {
+            "kind": "swarm", "harness": harness, "model_ref": model, "prompt": prompt}}]}})
+    };
+    for (body, field) in [
+        (swarm("nope", "fast", "hi"), "definition.stages[0].executor.harness"),
+        (swarm("codex", "slow", "hi"), "definition.stages[0].executor.model_ref"),
+        (swarm("codex", "fast", " "), "definition.stages[0].executor.prompt"),
+        (swarm("codex", "fast", "hi"), "definition.stages[0].executor.kind"),
+    ] {
+        let (status, e) = admin("POST", "/v1/runs", Some(body));
+        assert_eq!((status, e["error"]["field"].as_str()), (422, Some(field)), "{e}");
+    }
+
+    // Consumers may not touch the registry.
+    let key = server.admin().create_key(&["acme".into()], None).unwrap();
+    let (status, _) = call(&server, key.token.as_deref().unwrap(), "GET", "/v1/admin/models", None);
+    assert_eq!(status, 403);
+}

@@ -1,0 +1,414 @@
+//! The agent registry: **models** (a provider's model behind a registered credential) and
+//! **harnesses** (how to run an agent CLI: an argv template and its environment), with presets
+//! for the `codex` and `claude` CLIs that keep them offline-safe and non-interactive, the lint
+//! run on every upsert, and the rendering a dry run shows (never a secret value).
+//!
+//! Placeholders in a template: `{model}` (the model's `model_id`), `{prompt}` (always one whole
+//! argv element, never shell-parsed), `{prompt_file}` (a file holding the prompt), and in the
+//! environment `{broker_url}` (the local key-swapping broker), `{dummy_key}` (the per-task key
+//! the broker accepts) and `{home}` (a private home directory per task).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::definition::valid_env_name;
+use crate::error::{FieldError, StoreError};
+use crate::store::Store;
+
+const MODEL: &str = "agent_model";
+const HARNESS: &str = "agent_harness";
+
+/// Placeholders a template may use.
+pub const PLACEHOLDERS: [&str; 6] = ["model", "prompt", "prompt_file", "broker_url", "dummy_key", "home"];
+
+/// A model: which provider, which model id, which credential pays for it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    /// Key stages refer to (`model_ref`).
+    pub key: String,
+    /// `openai` or `anthropic`.
+    pub provider: String,
+    /// The provider's model name.
+    pub model_id: String,
+    /// The registered credential holding the real key.
+    pub credential_name: String,
+    /// The capability a worker needs to run it (e.g. `harness.codex`).
+    pub capability: String,
+    /// The provider's API base URL (default: the provider's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Price per million input tokens, USD (for the run's cost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_usd_per_mtok: Option<f64>,
+    /// Price per million output tokens, USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_usd_per_mtok: Option<f64>,
+}
+
+/// A harness: how to run one agent CLI.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Harness {
+    /// Key stages refer to (`harness`).
+    pub key: String,
+    /// The capability a worker must advertise (e.g. `harness.codex`).
+    pub capability: String,
+    /// The argv, with placeholders.
+    pub command_template: Vec<String>,
+    /// Environment variables, values with placeholders.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// What an upsert found worth saying without refusing.
+pub type Warnings = Vec<String>;
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
+    FieldError::new(field, reason)
+}
+
+fn valid_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= 64 && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// The `{name}` placeholders in `text`, in order.
+fn placeholders(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start + 1..];
+        match after.find('}') {
+            Some(end) => {
+                out.push(&after[..end]);
+                rest = &after[end + 1..];
+            }
+            None => break,
+        }
+    }
+    out
+}
+
+impl Harness {
+    /// Checks a harness: refuses what cannot work (`{{…}}` template syntax, an empty command, a
+    /// bad variable name), and warns about what may not (unknown placeholders, `{prompt_file}`,
+    /// which a remote pool must materialise on the worker).
+    pub fn lint(&self) -> Result<Warnings, FieldError> {
+        if !valid_key(&self.key) {
+            return Err(invalid("key", "use 1 to 64 letters, digits, `-`, `_` or `.`"));
+        }
+        if self.capability.is_empty() || !crate::definition::valid_capability(&self.capability) {
+            return Err(invalid("capability", "a capability such as `harness.codex`"));
+        }
+        if self.command_template.is_empty() || self.command_template[0].trim().is_empty() {
+            return Err(invalid("command_template", "must name a program"));
+        }
+        let mut warnings = Vec::new();
+        for (i, arg) in self.command_template.iter().enumerate() {
+            if arg.contains("{{") || arg.contains("}}") {
+                return Err(invalid(
+                    format!("command_template[{i}]"),
+                    "`{{…}}` is not template syntax here: placeholders are `{model}`, `{prompt}`, `{prompt_file}`",
+                ));
+            }
+            for p in placeholders(arg) {
+                if !PLACEHOLDERS.contains(&p) {
+                    warnings.push(format!("command_template[{i}]: unknown placeholder `{{{p}}}` is passed as is"));
+                }
+                if p == "prompt" && arg != "{prompt}" {
+                    warnings.push(format!(
+                        "command_template[{i}]: `{{prompt}}` inside a larger argument; it is safest as an argument of its own"
+                    ));
+                }
+            }
+            if arg.contains("{prompt_file}") {
+                warnings.push(format!(
+                    "command_template[{i}]: `{{prompt_file}}` is a path on the machine that runs the agent; on a remote pool the worker writes it"
+                ));
+            }
+        }
+        if !self.command_template.iter().any(|a| a.contains("{prompt}") || a.contains("{prompt_file}")) {
+            warnings.push("command_template: neither `{prompt}` nor `{prompt_file}`: the agent gets no prompt".into());
+        }
+        for (name, value) in &self.env {
+            if !valid_env_name(name) || name.starts_with("POND_") && name != "POND_AGENT_KEY" {
+                return Err(invalid(format!("env.{name}"), "not a valid variable name (`POND_` is reserved)"));
+            }
+            for p in placeholders(value) {
+                if !PLACEHOLDERS.contains(&p) {
+                    warnings.push(format!("env.{name}: unknown placeholder `{{{p}}}` is passed as is"));
+                }
+            }
+        }
+        Ok(warnings)
+    }
+
+    /// The argv and environment a task would run with, placeholders filled from `values`.
+    pub fn render(&self, values: &BTreeMap<&str, String>) -> (Vec<String>, BTreeMap<String, String>) {
+        // One pass over the template: what a value holds (a prompt mentioning `{model}`) is
+        // never read as a placeholder, and `{prompt}` stays one argument, never shell-parsed.
+        let fill = |text: &str| {
+            let mut out = String::with_capacity(text.len());
+            let mut rest = text;
+            while let Some(start) = rest.find('{') {
+                out.push_str(&rest[..start]);
+                let after = &rest[start + 1..];
+                match after.find('}').map(|end| (&after[..end], end)) {
+                    Some((name, end)) if values.contains_key(name) => {
+                        out.push_str(&values[name]);
+                        rest = &after[end + 1..];
+                    }
+                    _ => {
+                        out.push('{');
+                        rest = after;
+                    }
+                }
+            }
+            out.push_str(rest);
+            out
+        };
+        let argv = self.command_template.iter().map(|a| fill(a)).collect();
+        let env = self.env.iter().map(|(k, v)| (k.clone(), fill(v))).collect();
+        (argv, env)
+    }
+}
+
+impl Model {
+    /// Checks a model.
+    pub fn lint(&self) -> Result<(), FieldError> {
+        if !valid_key(&self.key) {
+            return Err(invalid("key", "use 1 to 64 letters, digits, `-`, `_` or `.`"));
+        }
+        if !["openai", "anthropic"].contains(&self.provider.as_str()) {
+            return Err(invalid("provider", format!("`{}` is not `openai` or `anthropic`", self.provider)));
+        }
+        if self.model_id.trim().is_empty() || self.model_id.len() > 200 {
+            return Err(invalid("model_id", "must be 1 to 200 characters"));
+        }
+        if !crate::definition::valid_capability(&self.capability) {
+            return Err(invalid("capability", "a capability such as `harness.codex`"));
+        }
+        if let Some(url) = &self.base_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(invalid("base_url", "must be an http(s) URL"));
+            }
+        }
+        for (field, price) in [("input_usd_per_mtok", self.input_usd_per_mtok), ("output_usd_per_mtok", self.output_usd_per_mtok)] {
+            if price.is_some_and(|p| !(0.0..=1_000_000.0).contains(&p)) {
+                return Err(invalid(field, "must be from 0 to 1000000"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The presets: `codex` and `claude`, with the flags that keep each CLI offline-safe (no
+/// lookups beyond the broker, no retries that hang) and non-interactive.
+pub fn presets() -> Vec<Harness> {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let env = |v: &[(&str, &str)]| v.iter().map(|(k, x)| (k.to_string(), x.to_string())).collect();
+    vec![
+        Harness {
+            key: "codex".into(),
+            capability: "harness.codex".into(),
+            command_template: s(&[
+                "codex", "exec", "--ephemeral", "--dangerously-bypass-approvals-and-sandbox", "--skip-git-repo-check",
+                "-c", "model_provider=pond", "-c", "model_providers.pond.name=pond",
+                "-c", "model_providers.pond.base_url={broker_url}/v1", "-c", "model_providers.pond.env_key=POND_AGENT_KEY",
+                "-c", "model_providers.pond.wire_api=responses", "-c", "model_providers.pond.request_max_retries=0",
+                "-c", "model_providers.pond.stream_max_retries=0", "--disable", "unbounded_connection_retries",
+                "-c", "analytics.enabled=false", "--disable", "plugins", "--json", "-m", "{model}", "{prompt}",
+            ]),
+            env: env(&[("CODEX_HOME", "{home}"), ("POND_AGENT_KEY", "{dummy_key}")]),
+        },
+        Harness {
+            key: "claude".into(),
+            capability: "harness.claude".into(),
+            command_template: s(&[
+                "claude", "-p", "--dangerously-skip-permissions", "--no-session-persistence", "--output-format", "json",
+                "--model", "{model}", "{prompt}",
+            ]),
+            env: env(&[
+                ("HOME", "{home}"),
+                ("ANTHROPIC_BASE_URL", "{broker_url}"),
+                ("ANTHROPIC_API_KEY", "{dummy_key}"),
+                ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+                ("CLAUDE_CODE_MAX_RETRIES", "0"),
+                ("IS_SANDBOX", "1"),
+            ]),
+        },
+    ]
+}
+
+/// Why a registry call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// A field is wrong.
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    /// Not registered.
+    #[error("no {kind} `{key}`")]
+    Unknown {
+        /// `model` or `harness`.
+        kind: &'static str,
+        /// The key.
+        key: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Models and harnesses over a [`Store`].
+pub struct Registry {
+    store: Arc<dyn Store>,
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String, RegistryError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()).into())
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, RegistryError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()).into())
+}
+
+impl Registry {
+    /// The registry over `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Registry { store }
+    }
+
+    /// Adds or replaces a model.
+    pub async fn put_model(&self, model: &Model) -> Result<(), RegistryError> {
+        model.lint()?;
+        self.store.put_record(MODEL, &model.key, &to_json(model)?).await?;
+        Ok(())
+    }
+
+    /// Adds or replaces a harness; returns the lint's warnings.
+    pub async fn put_harness(&self, harness: &Harness) -> Result<Warnings, RegistryError> {
+        let warnings = harness.lint()?;
+        self.store.put_record(HARNESS, &harness.key, &to_json(harness)?).await?;
+        Ok(warnings)
+    }
+
+    /// A model by key.
+    pub async fn model(&self, key: &str) -> Result<Option<Model>, RegistryError> {
+        match self.store.get_record(MODEL, key).await? {
+            Some(text) if text != "{}" => Ok(Some(from_json(&text)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// A harness by key.
+    pub async fn harness(&self, key: &str) -> Result<Option<Harness>, RegistryError> {
+        match self.store.get_record(HARNESS, key).await? {
+            Some(text) if text != "{}" => Ok(Some(from_json(&text)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Every model.
+    pub async fn models(&self) -> Result<Vec<Model>, RegistryError> {
+        let mut out = Vec::new();
+        for (_, text) in self.store.list_records(MODEL).await? {
+            if text != "{}" {
+                out.push(from_json(&text)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every harness.
+    pub async fn harnesses(&self) -> Result<Vec<Harness>, RegistryError> {
+        let mut out = Vec::new();
+        for (_, text) in self.store.list_records(HARNESS).await? {
+            if text != "{}" {
+                out.push(from_json(&text)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a model or harness (`kind`: `model` or `harness`); false when there was none.
+    pub async fn remove(&self, kind: &'static str, key: &str) -> Result<bool, RegistryError> {
+        let record = if kind == "model" { MODEL } else { HARNESS };
+        match self.store.get_record(record, key).await? {
+            Some(text) if text != "{}" => {
+                self.store.put_record(record, key, "{}").await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// What a task of `harness` with `model` and `prompt` would exec: the argv and the names of
+    /// the environment variables (never their values: one of them carries the per-task key).
+    pub async fn dry_run(
+        &self,
+        harness: &str,
+        model: Option<&str>,
+        prompt: &str,
+    ) -> Result<(Vec<String>, Vec<String>, Warnings), RegistryError> {
+        let h = self.harness(harness).await?.ok_or_else(|| RegistryError::Unknown { kind: "harness", key: harness.into() })?;
+        let model_id = match model {
+            Some(key) => {
+                self.model(key).await?.ok_or_else(|| RegistryError::Unknown { kind: "model", key: key.into() })?.model_id
+            }
+            None => String::new(),
+        };
+        let values = BTreeMap::from([
+            ("model", model_id),
+            ("prompt", prompt.to_string()),
+            ("prompt_file", "<task home>/prompt.txt".to_string()),
+            ("broker_url", "http://127.0.0.1:<broker-port>".to_string()),
+            ("dummy_key", "<per-task dummy key>".to_string()),
+            ("home", "<task home>".to_string()),
+        ]);
+        let (argv, env) = h.render(&values);
+        Ok((argv, env.into_keys().collect(), h.lint()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn harness(argv: &[&str]) -> Harness {
+        Harness {
+            key: "h".into(),
+            capability: "harness.x".into(),
+            command_template: argv.iter().map(|a| a.to_string()).collect(),
+            env: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn lint_refuses_double_braces_and_warns_about_the_rest() {
+        let e = harness(&["tool", "{{prompt}}"]).lint().unwrap_err();
+        assert_eq!(e.field, "command_template[1]");
+        let w = harness(&["tool", "--x={colour}", "{prompt}"]).lint().unwrap();
+        assert!(w.iter().any(|w| w.contains("unknown placeholder `{colour}`")), "{w:?}");
+        let w = harness(&["tool", "--file", "{prompt_file}"]).lint().unwrap();
+        assert!(w.iter().any(|w| w.contains("remote pool")), "{w:?}");
+        let w = harness(&["tool", "-m", "{model}"]).lint().unwrap();
+        assert!(w.iter().any(|w| w.contains("no prompt")), "{w:?}");
+        for preset in presets() {
+            assert_eq!(preset.lint().unwrap(), Warnings::new(), "{}", preset.key);
+        }
+    }
+
+    #[test]
+    fn a_prompt_stays_one_argument_whatever_it_holds() {
+        let h = harness(&["tool", "-m", "{model}", "{prompt}"]);
+        let prompt = "fix it; rm -rf / \"$(whoami)\" {model}";
+        let values = BTreeMap::from([("model", "m1".to_string()), ("prompt", prompt.to_string())]);
+        let (argv, _) = h.render(&values);
+        assert_eq!(argv.len(), 4);
+        assert_eq!(argv[2], "m1");
+        assert_eq!(argv[3], prompt, "the prompt verbatim, its `{{model}}` not filled");
+    }
+}
