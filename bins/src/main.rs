@@ -270,11 +270,91 @@ enum AdminCommand {
         #[command(subcommand)]
         command: EnrollCommand,
     },
+    /// Models agent stages may use (`model_ref`), each bound to a registered credential.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Harnesses: how to run an agent CLI (argv template and environment); presets for codex and claude.
+    Harnesses {
+        #[command(subcommand)]
+        command: HarnessesCommand,
+    },
     /// Credentials for pooled stages: sealed at rest, never shown again, delivered sealed to
     /// the worker that claims a job.
     Credentials {
         #[command(subcommand)]
         command: CredentialsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Register (or replace) a model.
+    Add {
+        /// Key stages use as `model_ref`.
+        key: String,
+        /// `openai` or `anthropic`.
+        #[arg(long)]
+        provider: String,
+        /// The provider's model name.
+        #[arg(long)]
+        model_id: String,
+        /// The registered credential that pays for it.
+        #[arg(long)]
+        credential: String,
+        /// The capability a worker needs (e.g. `harness.codex`).
+        #[arg(long)]
+        capability: String,
+        /// The provider's API base URL.
+        #[arg(long)]
+        base_url: Option<String>,
+    },
+    /// List models.
+    List,
+    /// Remove a model.
+    Remove {
+        /// Its key.
+        key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum HarnessesCommand {
+    /// Register (or replace) a harness from a JSON file `{key, capability, command_template, env}`;
+    /// prints the lint's warnings.
+    Add {
+        /// The JSON file.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Register a preset (`codex` or `claude`), optionally under another key.
+    FromPreset {
+        /// The preset.
+        preset: String,
+        /// Key to save it under.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Show the presets.
+    Presets,
+    /// List harnesses.
+    List,
+    /// Remove a harness.
+    Remove {
+        /// Its key.
+        key: String,
+    },
+    /// The exact argv and the environment variable names a task would run with (never values).
+    DryRun {
+        /// The harness.
+        key: String,
+        /// A registered model.
+        #[arg(long)]
+        model: Option<String>,
+        /// The prompt.
+        #[arg(long)]
+        prompt: Option<String>,
     },
 }
 
@@ -573,6 +653,54 @@ fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Worker(args) => worker(args),
         Command::Pool { command } => pool(command, &admin_client(&cli.global, &config_path)?).map(|()| 0),
+        Command::Admin { command: AdminCommand::Models { command } } => {
+            let client = admin_client(&cli.global, &config_path)?;
+            let value = match command {
+                ModelsCommand::Add { key, provider, model_id, credential, capability, base_url } => {
+                    let body = serde_json::json!({"key": key, "provider": provider, "model_id": model_id,
+                        "credential_name": credential, "capability": capability, "base_url": base_url});
+                    client.admin_json("POST", "/v1/admin/models", Some(body))?
+                }
+                ModelsCommand::List => client.admin_json("GET", "/v1/admin/models", None)?,
+                ModelsCommand::Remove { key } => {
+                    client.admin_json("DELETE", &format!("/v1/admin/models/{key}"), None)?
+                }
+            };
+            if !value.is_null() {
+                print_json(&value)?;
+            }
+            Ok(0)
+        }
+        Command::Admin { command: AdminCommand::Harnesses { command } } => {
+            let client = admin_client(&cli.global, &config_path)?;
+            let value = match command {
+                HarnessesCommand::Add { file } => {
+                    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                    let body: serde_json::Value =
+                        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+                    client.admin_json("POST", "/v1/admin/harnesses", Some(body))?
+                }
+                HarnessesCommand::FromPreset { preset, key } => client.admin_json(
+                    "POST",
+                    "/v1/admin/harnesses/from-preset",
+                    Some(serde_json::json!({"preset": preset, "key": key})),
+                )?,
+                HarnessesCommand::Presets => client.admin_json("GET", "/v1/admin/harness-presets", None)?,
+                HarnessesCommand::List => client.admin_json("GET", "/v1/admin/harnesses", None)?,
+                HarnessesCommand::Remove { key } => {
+                    client.admin_json("DELETE", &format!("/v1/admin/harnesses/{key}"), None)?
+                }
+                HarnessesCommand::DryRun { key, model, prompt } => client.admin_json(
+                    "POST",
+                    &format!("/v1/admin/harnesses/{key}/dry-run"),
+                    Some(serde_json::json!({"model_ref": model, "prompt": prompt})),
+                )?,
+            };
+            if !value.is_null() {
+                print_json(&value)?;
+            }
+            Ok(0)
+        }
         Command::Admin { command: AdminCommand::Credentials { command } } => {
             credentials(command, &admin_client(&cli.global, &config_path)?).map(|()| 0)
         }

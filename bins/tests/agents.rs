@@ -41,11 +41,19 @@ fn registry_presets_lint_dry_run_and_submit_checks() {
     assert_eq!((status, e["error"]["field"].as_str()), (422, Some("preset")));
 
     // Lint: `{{…}}` refused naming the element; unknown placeholders and {prompt_file} warned.
-    let (status, e) = admin("POST", "/v1/admin/harnesses", Some(json!({"key": "bad", "capability": "harness.x",
-        "command_template": ["tool", "{{prompt}}"]})));
+    let (status, e) = admin(
+        "POST",
+        "/v1/admin/harnesses",
+        Some(json!({"key": "bad", "capability": "harness.x",
+        "command_template": ["tool", "{{prompt}}"]})),
+    );
     assert_eq!((status, e["error"]["field"].as_str()), (422, Some("command_template[1]")), "{e}");
-    let (status, saved) = admin("POST", "/v1/admin/harnesses", Some(json!({"key": "mine", "capability": "harness.mine",
-        "command_template": ["tool", "--colour={colour}", "--file", "{prompt_file}"], "env": {"TOOL_HOME": "{home}"}})));
+    let (status, saved) = admin(
+        "POST",
+        "/v1/admin/harnesses",
+        Some(json!({"key": "mine", "capability": "harness.mine",
+        "command_template": ["tool", "--colour={colour}", "--file", "{prompt_file}"], "env": {"TOOL_HOME": "{home}"}})),
+    );
     assert_eq!(status, 201, "{saved}");
     let warnings = saved["warnings"].to_string();
     assert!(warnings.contains("{colour}") && warnings.contains("remote pool"), "{warnings}");
@@ -55,15 +63,19 @@ fn registry_presets_lint_dry_run_and_submit_checks() {
         "capability": "harness.codex", "input_usd_per_mtok": 1.25, "output_usd_per_mtok": 10.0});
     let (status, e) = admin("POST", "/v1/admin/models", Some(model.clone()));
     assert_eq!((status, e["error"]["field"].as_str()), (422, Some("credential_name")), "{e}");
-    let (status, _) = admin("POST", "/v1/admin/credentials",
-        Some(json!({"name": "openai", "provider": "openai", "env": "OPENAI_API_KEY", "value": "sk-very-secret-value"})));
+    let (status, _) = admin(
+        "POST",
+        "/v1/admin/credentials",
+        Some(json!({"name": "openai", "provider": "openai", "env": "OPENAI_API_KEY", "value": "sk-very-secret-value"})),
+    );
     assert_eq!(status, 201);
     let (status, _) = admin("POST", "/v1/admin/models", Some(model));
     assert_eq!(status, 201);
 
     // The dry run: the exact argv (the prompt one element, verbatim) and env names only.
     let prompt = "fix the bug; rm -rf / \"$(whoami)\"";
-    let (status, dry) = admin("POST", "/v1/admin/harnesses/codex/dry-run", Some(json!({"model_ref": "fast", "prompt": prompt})));
+    let (status, dry) =
+        admin("POST", "/v1/admin/harnesses/codex/dry-run", Some(json!({"model_ref": "fast", "prompt": prompt})));
     assert_eq!(status, 200, "{dry}");
     let argv: Vec<&str> = dry["argv"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
     assert_eq!(argv[0], "codex");
@@ -74,6 +86,13 @@ fn registry_presets_lint_dry_run_and_submit_checks() {
     assert!(!dry.to_string().contains("sk-very-secret-value"));
     let (status, _) = admin("POST", "/v1/admin/harnesses/nope/dry-run", Some(json!({})));
     assert_eq!(status, 404);
+    // The same through the CLI.
+    let out = server.cli(&["admin", "harnesses", "dry-run", "codex", "--model", "fast", "--prompt", "two words"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cli["argv"].as_array().unwrap().last(), Some(&json!("two words")));
+    let out = server.cli(&["admin", "models", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("gpt-5.5"));
 
     // Agent stages: unknown harness or model, or an empty prompt, are 422s at submit.
     let swarm = |harness: &str, model: &str, prompt: &str| {

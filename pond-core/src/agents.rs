@@ -195,7 +195,9 @@ impl Model {
                 return Err(invalid("base_url", "must be an http(s) URL"));
             }
         }
-        for (field, price) in [("input_usd_per_mtok", self.input_usd_per_mtok), ("output_usd_per_mtok", self.output_usd_per_mtok)] {
+        for (field, price) in
+            [("input_usd_per_mtok", self.input_usd_per_mtok), ("output_usd_per_mtok", self.output_usd_per_mtok)]
+        {
             if price.is_some_and(|p| !(0.0..=1_000_000.0).contains(&p)) {
                 return Err(invalid(field, "must be from 0 to 1000000"));
             }
@@ -214,12 +216,35 @@ pub fn presets() -> Vec<Harness> {
             key: "codex".into(),
             capability: "harness.codex".into(),
             command_template: s(&[
-                "codex", "exec", "--ephemeral", "--dangerously-bypass-approvals-and-sandbox", "--skip-git-repo-check",
-                "-c", "model_provider=pond", "-c", "model_providers.pond.name=pond",
-                "-c", "model_providers.pond.base_url={broker_url}/v1", "-c", "model_providers.pond.env_key=POND_AGENT_KEY",
-                "-c", "model_providers.pond.wire_api=responses", "-c", "model_providers.pond.request_max_retries=0",
-                "-c", "model_providers.pond.stream_max_retries=0", "--disable", "unbounded_connection_retries",
-                "-c", "analytics.enabled=false", "--disable", "plugins", "--json", "-m", "{model}", "{prompt}",
+                "codex",
+                "exec",
+                "--ephemeral",
+                "--dangerously-bypass-approvals-and-sandbox",
+                "--skip-git-repo-check",
+                "-c",
+                "model_provider=pond",
+                "-c",
+                "model_providers.pond.name=pond",
+                "-c",
+                "model_providers.pond.base_url={broker_url}/v1",
+                "-c",
+                "model_providers.pond.env_key=POND_AGENT_KEY",
+                "-c",
+                "model_providers.pond.wire_api=responses",
+                "-c",
+                "model_providers.pond.request_max_retries=0",
+                "-c",
+                "model_providers.pond.stream_max_retries=0",
+                "--disable",
+                "unbounded_connection_retries",
+                "-c",
+                "analytics.enabled=false",
+                "--disable",
+                "plugins",
+                "--json",
+                "-m",
+                "{model}",
+                "{prompt}",
             ]),
             env: env(&[("CODEX_HOME", "{home}"), ("POND_AGENT_KEY", "{dummy_key}")]),
         },
@@ -227,8 +252,15 @@ pub fn presets() -> Vec<Harness> {
             key: "claude".into(),
             capability: "harness.claude".into(),
             command_template: s(&[
-                "claude", "-p", "--dangerously-skip-permissions", "--no-session-persistence", "--output-format", "json",
-                "--model", "{model}", "{prompt}",
+                "claude",
+                "-p",
+                "--dangerously-skip-permissions",
+                "--no-session-persistence",
+                "--output-format",
+                "json",
+                "--model",
+                "{model}",
+                "{prompt}",
             ]),
             env: env(&[
                 ("HOME", "{home}"),
@@ -353,10 +385,16 @@ impl Registry {
         model: Option<&str>,
         prompt: &str,
     ) -> Result<(Vec<String>, Vec<String>, Warnings), RegistryError> {
-        let h = self.harness(harness).await?.ok_or_else(|| RegistryError::Unknown { kind: "harness", key: harness.into() })?;
+        let h = self
+            .harness(harness)
+            .await?
+            .ok_or_else(|| RegistryError::Unknown { kind: "harness", key: harness.into() })?;
         let model_id = match model {
             Some(key) => {
-                self.model(key).await?.ok_or_else(|| RegistryError::Unknown { kind: "model", key: key.into() })?.model_id
+                self.model(key)
+                    .await?
+                    .ok_or_else(|| RegistryError::Unknown { kind: "model", key: key.into() })?
+                    .model_id
             }
             None => String::new(),
         };

@@ -114,7 +114,11 @@ async fn list_models(State(state): State<AppState>, who: Principal) -> Result<Js
     Ok(Json(ModelList { models: state.engine.registry().models().await? }))
 }
 
-async fn remove_model(State(state): State<AppState>, who: Principal, Path(key): Path<String>) -> Result<StatusCode, ApiError> {
+async fn remove_model(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(key): Path<String>,
+) -> Result<StatusCode, ApiError> {
     who.require_admin()?;
     match state.engine.registry().remove("model", &key).await? {
         true => Ok(StatusCode::NO_CONTENT),
@@ -137,7 +141,11 @@ async fn list_harnesses(State(state): State<AppState>, who: Principal) -> Result
     Ok(Json(HarnessList { harnesses: state.engine.registry().harnesses().await? }))
 }
 
-async fn remove_harness(State(state): State<AppState>, who: Principal, Path(key): Path<String>) -> Result<StatusCode, ApiError> {
+async fn remove_harness(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(key): Path<String>,
+) -> Result<StatusCode, ApiError> {
     who.require_admin()?;
     match state.engine.registry().remove("harness", &key).await? {
         true => Ok(StatusCode::NO_CONTENT),

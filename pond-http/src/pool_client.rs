@@ -69,6 +69,20 @@ impl Client {
         self.send(self.request("DELETE", &path), None).map(|_| ())
     }
 
+    /// A registry call (`/v1/admin/models`, `/v1/admin/harnesses…`): JSON in, JSON out.
+    pub fn admin_json(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let response = self.send(self.request(method, path), body.map(Body::Json))?;
+        if response.status() == 204 {
+            return Ok(serde_json::Value::Null);
+        }
+        response.into_json().map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
     /// `POST /v1/orch/enroll`: an orchestrator redeems its code.
     pub fn enroll_orchestrator(&self, code: &str, name: &str) -> Result<Enrolled, ClientError> {
         let body = EnrollOrchestrator { code: code.into(), name: Some(name.into()) };
