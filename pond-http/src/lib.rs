@@ -12,6 +12,7 @@
 //! - [`wire`]: request and response shapes shared with the client;
 //! - [`client`]: the typed blocking client the CLI uses;
 //! - [`server`]: assembly of a whole server (store, engine, driver, HTTP) — [`server::start`];
+//! - [`broker`]: the key-swapping reverse proxy agents reach their model API through;
 //! - [`bench`]: the `pond bench` benchmark program;
 //! - [`cli`]: the client-side commands of the `pond` binary (contexts, submit, wait, …).
 #![deny(missing_docs)]
@@ -20,6 +21,7 @@ pub mod agents_api;
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod error;

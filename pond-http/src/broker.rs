@@ -1,0 +1,312 @@
+//! The credential broker: a reverse proxy on 127.0.0.1 between an agent CLI and its model API.
+//! It holds the real key (unsealed only in this process), accepts only the per-task dummy key,
+//! swaps it for the real one in `Authorization` / `x-api-key`, streams responses back
+//! unbuffered, and meters token usage from them. The agent's environment carries only the dummy
+//! key and the broker's URL.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// Which API the broker fronts: how the key is sent and how errors and usage look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// OpenAI (`Authorization: Bearer`), Responses/Chat APIs.
+    Openai,
+    /// Anthropic (`x-api-key`), Messages API.
+    Anthropic,
+}
+
+/// Tokens metered from the responses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Requests relayed.
+    pub requests: u64,
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+}
+
+/// Settings of one broker (one per task).
+#[derive(Clone)]
+pub struct BrokerConfig {
+    /// The provider's base URL (e.g. `https://api.openai.com`), without a trailing slash.
+    pub upstream: String,
+    /// The provider.
+    pub provider: Provider,
+    /// The real key.
+    pub real_key: String,
+    /// The only key the broker accepts from the agent.
+    pub dummy_key: String,
+}
+
+impl std::fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a key.
+        f.debug_struct("BrokerConfig").field("upstream", &self.upstream).field("provider", &self.provider).finish()
+    }
+}
+
+struct Shared {
+    config: BrokerConfig,
+    agent: ureq::Agent,
+    usage: Mutex<Usage>,
+}
+
+/// A running broker.
+pub struct Broker {
+    /// Where the agent reaches it.
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+}
+
+impl Broker {
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Usage metered so far.
+    pub fn usage(&self) -> Usage {
+        *self.shared.usage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops it.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts a broker on a free port of 127.0.0.1.
+pub async fn start(config: BrokerConfig) -> std::io::Result<Broker> {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let addr = listener.local_addr()?;
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(std::time::Duration::from_secs(10))
+        .timeout_read(std::time::Duration::from_secs(600))
+        .redirects(0)
+        .build();
+    let shared = Arc::new(Shared { config, agent, usage: Mutex::default() });
+    let app = Router::new().fallback(relay).with_state(shared.clone());
+    let (stop, mut stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        let until = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        let _ = axum::serve(listener, app).with_graceful_shutdown(until).await;
+    });
+    Ok(Broker { addr, shared, stop })
+}
+
+fn refuse(provider: Provider, status: StatusCode, message: &str) -> Response {
+    // In the provider's own error format, so the CLI reports it sensibly.
+    let body = match provider {
+        Provider::Openai => serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "code": "invalid_api_key"}}),
+        Provider::Anthropic => serde_json::json!({"type": "error", "error": {"type": "authentication_error", "message": message}}),
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+fn presented_key(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(v.to_string());
+    }
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::to_string)
+}
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
+    let config = &shared.config;
+    // Only the per-task dummy key; a wrong one never reaches the provider.
+    if presented_key(req.headers()).as_deref() != Some(config.dummy_key.as_str()) {
+        return refuse(config.provider, StatusCode::UNAUTHORIZED, "pond broker: unknown key");
+    }
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for (name, value) in req.headers() {
+        let name = name.as_str();
+        if HOP_BY_HOP.contains(&name)
+            || name == "authorization"
+            || name == "x-api-key"
+            || name == "accept-encoding"
+            || name == "content-length"
+        {
+            continue;
+        }
+        if let Ok(v) = value.to_str() {
+            headers.push((name.to_string(), v.to_string()));
+        }
+    }
+    let body = match axum::body::to_bytes(req.into_body(), 64 * 1024 * 1024).await {
+        Ok(b) => b,
+        Err(e) => return refuse(config.provider, StatusCode::BAD_REQUEST, &format!("reading the request: {e}")),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel::<Result<(u16, Vec<(String, String)>), String>>();
+    let worker = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let config = &worker.config;
+        let mut request = worker.agent.request(&method, &format!("{}{path}", config.upstream));
+        for (name, value) in &headers {
+            request = request.set(name, value);
+        }
+        // Metering reads the stream, so ask for it uncompressed.
+        request = request.set("accept-encoding", "identity");
+        request = match config.provider {
+            Provider::Openai => request.set("authorization", &format!("Bearer {}", config.real_key)),
+            Provider::Anthropic => request.set("x-api-key", &config.real_key),
+        };
+        let response = match request.send_bytes(&body) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => {
+                let _ = head_tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let status = response.status();
+        let head: Vec<(String, String)> = response
+            .headers_names()
+            .into_iter()
+            .filter(|n| !HOP_BY_HOP.contains(&n.as_str()) && n != "content-length")
+            .filter_map(|n| response.header(&n).map(|v| (n.clone(), v.to_string())))
+            .collect();
+        if head_tx.send(Ok((status, head))).is_err() {
+            return;
+        }
+        let mut reader = response.into_reader();
+        let mut meter = Meter::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match std::io::Read::read(&mut reader, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    meter.feed(&buf[..n]);
+                    // Each read goes out as it arrives: streams stay unbuffered.
+                    if tx.blocking_send(Ok(Bytes::copy_from_slice(&buf[..n]))).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    break;
+                }
+            }
+        }
+        meter.finish();
+        let mut usage = worker.usage.lock().unwrap_or_else(|p| p.into_inner());
+        usage.requests += 1;
+        usage.input_tokens += meter.input;
+        usage.output_tokens += meter.output;
+    });
+    let (status, head) = match head_rx.await {
+        Ok(Ok(head)) => head,
+        Ok(Err(e)) => return refuse(config.provider, StatusCode::BAD_GATEWAY, &format!("pond broker: upstream: {e}")),
+        Err(_) => return refuse(config.provider, StatusCode::BAD_GATEWAY, "pond broker: upstream failed"),
+    };
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let mut response = Response::new(Body::from_stream(stream));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    for (name, value) in head {
+        if let (Ok(name), Ok(value)) =
+            (axum::http::HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value))
+        {
+            response.headers_mut().append(name, value);
+        }
+    }
+    response
+}
+
+/// Reads token usage from a response as it streams: SSE `data:` lines or a plain JSON body.
+/// OpenAI puts it in `response.completed` (`usage.input_tokens` / `output_tokens`); Anthropic
+/// in `message_start` (input) and `message_delta` (cumulative output).
+#[derive(Default)]
+struct Meter {
+    pending: Vec<u8>,
+    input: u64,
+    output: u64,
+}
+
+impl Meter {
+    fn feed(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            self.line(&line);
+        }
+        // A plain JSON body has no newline to wait for; keep at most a few MiB.
+        if self.pending.len() > 8 * 1024 * 1024 {
+            self.pending.clear();
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim();
+        let json = text.strip_prefix("data:").map(str::trim).unwrap_or(text);
+        if !json.starts_with('{') {
+            return;
+        }
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(json) {
+            self.usage_in(&value);
+        }
+    }
+
+    fn finish(&mut self) {
+        let rest = std::mem::take(&mut self.pending);
+        self.line(&rest);
+    }
+
+    fn usage_in(&mut self, value: &serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if let Some(usage) = map.get("usage").and_then(|u| u.as_object()) {
+                    let get = |k: &str| usage.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+                    let input = get("input_tokens").max(get("prompt_tokens"));
+                    let output = get("output_tokens").max(get("completion_tokens"));
+                    // Counts within one response are cumulative: keep the largest.
+                    self.input = self.input.max(input);
+                    self.output = self.output.max(output);
+                }
+                for v in map.values() {
+                    if v.is_object() {
+                        self.usage_in(v);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}

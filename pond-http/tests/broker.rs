@@ -1,0 +1,149 @@
+//! The broker from the agent's side and the provider's: the real key reaches only the
+//! provider, a wrong dummy key never leaves the machine, streams arrive as they are produced,
+//! and usage is metered.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::Router;
+use pond_http::broker::{start, BrokerConfig, Provider};
+
+/// A fake model API: records the headers it got and streams three SSE events (the last with
+/// usage); after the first it waits for `go`, so a broker that buffered would never let the
+/// client see the first event before the end.
+type Seen = Arc<Mutex<Vec<HeaderMap>>>;
+
+async fn fake_upstream(seen: Seen, go: Arc<tokio::sync::Notify>) -> String {
+    async fn handler(State((seen, go)): State<(Seen, Arc<tokio::sync::Notify>)>, headers: HeaderMap) -> Response {
+        seen.lock().unwrap().push(headers);
+        let events = futures_util::stream::unfold(0u32, move |i| {
+            let go = go.clone();
+            async move {
+                if i == 3 {
+                    return None;
+                }
+                if i == 1 {
+                    go.notified().await;
+                }
+                let event = if i == 2 {
+                    "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r1\",\"usage\":{\"input_tokens\":120,\"output_tokens\":45}}}\n\n".to_string()
+                } else {
+                    format!("event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"delta\":\"part {i}\"}}\n\n")
+                };
+                Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(event)), i + 1))
+            }
+        });
+        Response::builder().header("content-type", "text/event-stream").body(Body::from_stream(events)).unwrap()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().fallback(handler).with_state((seen, go));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_key_reaches_only_the_provider_and_streams_stay_unbuffered() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let go = Arc::new(tokio::sync::Notify::new());
+    let upstream = fake_upstream(seen.clone(), go.clone()).await;
+    let broker = start(BrokerConfig {
+        upstream,
+        provider: Provider::Openai,
+        real_key: "sk-real-0042".into(),
+        dummy_key: "pond-dummy-7".into(),
+    })
+    .await
+    .unwrap();
+    let url = format!("{}/v1/responses", broker.url());
+
+    // A wrong key is refused here, in the provider's error format, and never forwarded.
+    let wrong = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || match ureq::post(&url).set("authorization", "Bearer sk-real-0042").send_string("{}") {
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            other => panic!("{other:?}"),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(wrong.0, 401);
+    assert!(wrong.1.contains("invalid_api_key"), "{}", wrong.1);
+    assert!(seen.lock().unwrap().is_empty(), "nothing reached the provider");
+
+    // The dummy key: the provider sees the real key, and the first event reaches the client
+    // while the provider is still holding back the rest (a buffering broker would stall here).
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let reading = tokio::task::spawn_blocking(move || {
+        let response = ureq::post(&url)
+            .set("authorization", "Bearer pond-dummy-7")
+            .set("content-type", "application/json")
+            .send_string(r#"{"model":"m","stream":true}"#)
+            .unwrap();
+        let mut reader = response.into_reader();
+        let mut buf = [0u8; 4096];
+        let mut body = Vec::new();
+        let mut first_tx = Some(first_tx);
+        loop {
+            let n = std::io::Read::read(&mut reader, &mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&body).contains("part 0") {
+                if let Some(tx) = first_tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        String::from_utf8(body).unwrap()
+    });
+    tokio::time::timeout(Duration::from_secs(20), first_rx).await.expect("the first event arrived before the rest").unwrap();
+    go.notify_one();
+    let body = reading.await.unwrap();
+    assert!(body.contains("part 0") && body.contains("part 1") && body.contains("response.completed"), "{body}");
+    let headers = seen.lock().unwrap()[0].clone();
+    assert_eq!(headers.get("authorization").unwrap(), "Bearer sk-real-0042");
+    assert!(!format!("{headers:?}").contains("pond-dummy-7"), "the dummy key is not forwarded");
+    assert_eq!(headers.get("accept-encoding").unwrap(), "identity");
+    // Metered once the stream ended.
+    let mut usage = broker.usage();
+    for _ in 0..200 {
+        if usage.requests == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        usage = broker.usage();
+    }
+    assert_eq!((usage.requests, usage.input_tokens, usage.output_tokens), (1, 120, 45));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_keys_go_in_x_api_key() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let go = Arc::new(tokio::sync::Notify::new());
+    go.notify_one();
+    let upstream = fake_upstream(seen.clone(), go).await;
+    let broker = start(BrokerConfig {
+        upstream,
+        provider: Provider::Anthropic,
+        real_key: "sk-ant-real".into(),
+        dummy_key: "dummy".into(),
+    })
+    .await
+    .unwrap();
+    let url = format!("{}/v1/messages?beta=true", broker.url());
+    let status = tokio::task::spawn_blocking(move || {
+        ureq::post(&url).set("x-api-key", "dummy").set("authorization", "Bearer dummy").send_string("{}").unwrap().status()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let headers = seen.lock().unwrap()[0].clone();
+    assert_eq!(headers.get("x-api-key").unwrap(), "sk-ant-real");
+    assert!(headers.get("authorization").is_none(), "the dummy bearer is dropped");
+}
