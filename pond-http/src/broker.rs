@@ -290,23 +290,19 @@ impl Meter {
     }
 
     fn usage_in(&mut self, value: &serde_json::Value) {
-        match value {
-            serde_json::Value::Object(map) => {
-                if let Some(usage) = map.get("usage").and_then(|u| u.as_object()) {
-                    let get = |k: &str| usage.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-                    let input = get("input_tokens").max(get("prompt_tokens"));
-                    let output = get("output_tokens").max(get("completion_tokens"));
-                    // Counts within one response are cumulative: keep the largest.
-                    self.input = self.input.max(input);
-                    self.output = self.output.max(output);
-                }
-                for v in map.values() {
-                    if v.is_object() {
-                        self.usage_in(v);
-                    }
-                }
+        let serde_json::Value::Object(map) = value else { return };
+        if let Some(usage) = map.get("usage").and_then(|u| u.as_object()) {
+            let get = |k: &str| usage.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            let input = get("input_tokens").max(get("prompt_tokens"));
+            let output = get("output_tokens").max(get("completion_tokens"));
+            // Counts within one response are cumulative: keep the largest.
+            self.input = self.input.max(input);
+            self.output = self.output.max(output);
+        }
+        for v in map.values() {
+            if v.is_object() {
+                self.usage_in(v);
             }
-            _ => {}
         }
     }
 }
