@@ -241,7 +241,6 @@ pub fn presets() -> Vec<Harness> {
                 "analytics.enabled=false",
                 "--disable",
                 "plugins",
-                "--json",
                 "-m",
                 "{model}",
                 "{prompt}",
@@ -272,6 +271,86 @@ pub fn presets() -> Vec<Harness> {
             ]),
         },
     ]
+}
+
+/// A harness with what it needs for one task: the model and the real key (unsealed only in
+/// the process that runs the broker).
+pub struct ResolvedAgent {
+    /// The harness.
+    pub harness: Harness,
+    /// The model, if the stage names one.
+    pub model: Option<Model>,
+    /// The model's real key.
+    pub real_key: Option<String>,
+}
+
+/// Finds a stage's harness, model and key (the server: from its registry and credentials).
+#[async_trait::async_trait]
+pub trait AgentResolver: Send + Sync {
+    /// Resolves `harness` and `model`.
+    async fn resolve(&self, harness: &str, model: Option<&str>) -> Result<ResolvedAgent, String>;
+}
+
+/// A running broker for one task.
+pub trait BrokerSession: Send + Sync {
+    /// Where the agent reaches it.
+    fn url(&self) -> String;
+    /// (requests, input tokens, output tokens) so far.
+    fn usage(&self) -> (u64, u64, u64);
+}
+
+/// Starts brokers (implemented over HTTP in `pond-http`).
+#[async_trait::async_trait]
+pub trait KeyBroker: Send + Sync {
+    /// A broker in front of `upstream` for `provider` (`openai`, `anthropic`) that swaps
+    /// `dummy_key` for `real_key`.
+    async fn start(
+        &self,
+        provider: &str,
+        upstream: &str,
+        real_key: &str,
+        dummy_key: &str,
+    ) -> Result<Box<dyn BrokerSession>, String>;
+}
+
+/// A provider's own API base URL.
+pub fn default_base_url(provider: &str) -> &'static str {
+    match provider {
+        "anthropic" => "https://api.anthropic.com",
+        _ => "https://api.openai.com",
+    }
+}
+
+/// The fenced blocks named `fence` in a transcript: each block's text, JSON-checked. Returns the
+/// compact JSON lines and a note for each malformed block.
+pub fn extract_results(transcript: &[String], fence: &str) -> (Vec<String>, Vec<String>) {
+    let open = format!("```{fence}");
+    let (mut results, mut problems) = (Vec::new(), Vec::new());
+    let mut block: Option<Vec<&str>> = None;
+    let mut n = 0;
+    for line in transcript {
+        let trimmed = line.trim();
+        match &mut block {
+            None if trimmed == open => {
+                n += 1;
+                block = Some(Vec::new());
+            }
+            None => {}
+            Some(lines) if trimmed == "```" => {
+                let text = lines.join("\n");
+                match serde_json::from_str::<serde_json::Value>(&text) {
+                    Ok(value) => results.push(value.to_string()),
+                    Err(e) => problems.push(format!("result block {n} is not JSON ({e}); skipped")),
+                }
+                block = None;
+            }
+            Some(lines) => lines.push(line),
+        }
+    }
+    if block.is_some() {
+        problems.push(format!("result block {n} is not closed; skipped"));
+    }
+    (results, problems)
 }
 
 /// Why a registry call failed.
@@ -437,6 +516,35 @@ mod tests {
         for preset in presets() {
             assert_eq!(preset.lint().unwrap(), Warnings::new(), "{}", preset.key);
         }
+    }
+
+    #[test]
+    fn result_blocks_become_json_lines_and_bad_ones_are_reported() {
+        let transcript: Vec<String> = [
+            "thinking...",
+            "```result",
+            "{\"file\": \"a.rs\",",
+            " \"issue\": \"unwrap\"}",
+            "```",
+            "```result",
+            "not json",
+            "```",
+            "```json",
+            "{\"ignored\": true}",
+            "```",
+            "```result",
+            "[1, 2]",
+            "```",
+            "```result",
+            "{\"open\": 1}",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (results, problems) = extract_results(&transcript, "result");
+        assert_eq!(results, [r#"{"file":"a.rs","issue":"unwrap"}"#, "[1,2]"]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("block 2 is not JSON") && problems[1].contains("block 4 is not closed"));
     }
 
     #[test]

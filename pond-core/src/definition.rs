@@ -158,7 +158,7 @@ impl ExecutorSpec {
     /// Swarm stages always run on a pool.
     pub fn pool_request(&self) -> Option<(&[String], &[String])> {
         match self {
-            ExecutorSpec::Swarm(s) => Some((&s.tags, &s.capabilities)),
+            ExecutorSpec::Swarm(s) if s.placement != Some(Placement::Local) => Some((&s.tags, &s.capabilities)),
             ExecutorSpec::Shell(s) if s.placement == Placement::Pool => Some((&s.tags, &s.capabilities)),
             ExecutorSpec::Noop(s) if s.placement == Placement::Pool => Some((&s.tags, &s.capabilities)),
             _ => None,
@@ -290,6 +290,9 @@ pub struct SwarmSpec {
     /// Fan the stage out over the items of an earlier stage's artifact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub foreach: Option<serde_json::Value>,
+    /// `pool` (default) or `local` (run by the control plane itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
 }
 
 /// How a stage is contained and where it may run.

@@ -14,6 +14,7 @@ mod keys;
 mod noop;
 mod shell;
 mod stop;
+mod swarm;
 mod worker;
 mod workspace;
 
@@ -23,5 +24,6 @@ pub use keys::{default_key_dir, load_or_create_identity, load_or_create_key};
 pub use noop::NoopExecutor;
 pub use shell::{reap_orphans, ShellConfig, ShellExecutor};
 pub use stop::StopHandle;
+pub use swarm::SwarmExecutor;
 pub use worker::{Worker, WorkerConfig, WorkerSummary};
 pub use workspace::{pack_dir, tree_digest, unpack_bundle, FetchConfig, LocalWorkspaces};

@@ -117,8 +117,12 @@ pub async fn start(config: BrokerConfig) -> std::io::Result<Broker> {
 fn refuse(provider: Provider, status: StatusCode, message: &str) -> Response {
     // In the provider's own error format, so the CLI reports it sensibly.
     let body = match provider {
-        Provider::Openai => serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "code": "invalid_api_key"}}),
-        Provider::Anthropic => serde_json::json!({"type": "error", "error": {"type": "authentication_error", "message": message}}),
+        Provider::Openai => {
+            serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "code": "invalid_api_key"}})
+        }
+        Provider::Anthropic => {
+            serde_json::json!({"type": "error", "error": {"type": "authentication_error", "message": message}})
+        }
     };
     (status, axum::Json(body)).into_response()
 }
@@ -247,6 +251,86 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         }
     }
     response
+}
+
+/// Starts brokers for the swarm executor.
+pub struct HttpKeyBroker;
+
+struct Session(Broker);
+
+impl pond_core::agents::BrokerSession for Session {
+    fn url(&self) -> String {
+        self.0.url()
+    }
+    fn usage(&self) -> (u64, u64, u64) {
+        let u = self.0.usage();
+        (u.requests, u.input_tokens, u.output_tokens)
+    }
+}
+
+#[async_trait::async_trait]
+impl pond_core::agents::KeyBroker for HttpKeyBroker {
+    async fn start(
+        &self,
+        provider: &str,
+        upstream: &str,
+        real_key: &str,
+        dummy_key: &str,
+    ) -> Result<Box<dyn pond_core::agents::BrokerSession>, String> {
+        let provider = match provider {
+            "anthropic" => Provider::Anthropic,
+            _ => Provider::Openai,
+        };
+        let config = BrokerConfig {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            provider,
+            real_key: real_key.to_string(),
+            dummy_key: dummy_key.to_string(),
+        };
+        start(config)
+            .await
+            .map(|b| Box::new(Session(b)) as Box<dyn pond_core::agents::BrokerSession>)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Resolves agents from the server's registry and credentials (the real key is unsealed here,
+/// in the process that runs the broker).
+pub struct ServerAgents {
+    /// Models and harnesses.
+    pub registry: pond_core::agents::Registry,
+    /// Credentials.
+    pub credentials: pond_core::credentials::Credentials,
+}
+
+#[async_trait::async_trait]
+impl pond_core::agents::AgentResolver for ServerAgents {
+    async fn resolve(&self, harness: &str, model: Option<&str>) -> Result<pond_core::agents::ResolvedAgent, String> {
+        let found = self.registry.harness(harness).await.map_err(|e| e.to_string())?;
+        let harness = found.ok_or_else(|| format!("no harness `{harness}` is registered"))?;
+        let model = match model {
+            Some(key) => Some(
+                self.registry
+                    .model(key)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("no model `{key}` is registered"))?,
+            ),
+            None => None,
+        };
+        let real_key = match &model {
+            Some(m) => {
+                let values = self
+                    .credentials
+                    .values(std::slice::from_ref(&m.credential_name))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                values.into_values().next()
+            }
+            None => None,
+        };
+        Ok(pond_core::agents::ResolvedAgent { harness, model, real_key })
+    }
 }
 
 /// Reads token usage from a response as it streams: SSE `data:` lines or a plain JSON body.

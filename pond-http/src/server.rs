@@ -13,6 +13,7 @@ use pond_core::store::{Role, Store};
 use pond_core::time::{Clock, Millis, SystemClock};
 use pond_exec::{
     BuiltinExecutor, Driver, DriverConfig, FetchConfig, LocalWorkspaces, NoopExecutor, ShellConfig, ShellExecutor,
+    SwarmExecutor,
 };
 use pond_store::{PgStore, SqliteStore, WatchedStore};
 use rand::RngCore;
@@ -281,11 +282,20 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             allow_plain_http_git: config.allow_plain_http_git,
         },
     };
+    let shell_executor = Arc::new(ShellExecutor::new(shell, config.sandbox.clone()));
     let engine = Arc::new(
-        Engine::new(store.clone(), clock, Arc::new(workspaces), engine_config)
+        Engine::new(store.clone(), clock.clone(), Arc::new(workspaces), engine_config)
             .with_executor(Arc::new(NoopExecutor))
             .with_executor(Arc::new(BuiltinExecutor))
-            .with_executor(Arc::new(ShellExecutor::new(shell, config.sandbox.clone())))
+            .with_executor(Arc::new(SwarmExecutor::new(
+                Arc::new(crate::broker::ServerAgents {
+                    registry: pond_core::agents::Registry::new(store.clone()),
+                    credentials: pond_core::credentials::Credentials::new(store.clone(), clock.clone(), at_rest_key),
+                }),
+                Arc::new(crate::broker::HttpKeyBroker),
+                shell_executor.clone(),
+            )))
+            .with_executor(shell_executor)
             .with_sandbox_profiles(config.sandbox.profiles()),
     );
     let driver_config = DriverConfig { slots: config.slots.max(1), poll: config.poll, ..Default::default() };

@@ -102,7 +102,10 @@ async fn the_real_key_reaches_only_the_provider_and_streams_stay_unbuffered() {
         }
         String::from_utf8(body).unwrap()
     });
-    tokio::time::timeout(Duration::from_secs(20), first_rx).await.expect("the first event arrived before the rest").unwrap();
+    tokio::time::timeout(Duration::from_secs(20), first_rx)
+        .await
+        .expect("the first event arrived before the rest")
+        .unwrap();
     go.notify_one();
     let body = reading.await.unwrap();
     assert!(body.contains("part 0") && body.contains("part 1") && body.contains("response.completed"), "{body}");
@@ -138,7 +141,12 @@ async fn anthropic_keys_go_in_x_api_key() {
     .unwrap();
     let url = format!("{}/v1/messages?beta=true", broker.url());
     let status = tokio::task::spawn_blocking(move || {
-        ureq::post(&url).set("x-api-key", "dummy").set("authorization", "Bearer dummy").send_string("{}").unwrap().status()
+        ureq::post(&url)
+            .set("x-api-key", "dummy")
+            .set("authorization", "Bearer dummy")
+            .send_string("{}")
+            .unwrap()
+            .status()
     })
     .await
     .unwrap();

@@ -1,0 +1,181 @@
+//! The `swarm` executor: runs an agent CLI (a registered harness) over the run's checkout.
+//!
+//! For each task it resolves the harness, model and real key, starts a broker holding the key
+//! (the agent gets only a per-task dummy key and the broker's URL), renders the harness's argv
+//! (`{prompt}` one element, never shell-parsed) into a private home, and runs it through the
+//! shell executor: stdin `/dev/null`, a built environment, its own process group, the stage's
+//! wall-clock timeout, output streamed into the logs. Afterwards the fenced result blocks of
+//! the transcript become `results.jsonl`, the transcript `agent-<stage>.log`, and the metered
+//! usage (with its cost, from the model's prices) a log line and `usage-<stage>.json`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use pond_core::agents::{default_base_url, extract_results, AgentResolver, KeyBroker};
+use pond_core::definition::{ExecutorSpec, Placement, ShellSpec, StageDef};
+use pond_core::exec::{ExecContext, Executor, OutputSink};
+use pond_core::run::StageOutcome;
+use pond_core::store::LogStream;
+
+use crate::shell::ShellExecutor;
+
+/// Runs `swarm` stages.
+pub struct SwarmExecutor {
+    resolver: Arc<dyn AgentResolver>,
+    broker: Arc<dyn KeyBroker>,
+    shell: Arc<ShellExecutor>,
+}
+
+impl SwarmExecutor {
+    /// An executor resolving agents with `resolver`, starting brokers with `broker`, running
+    /// processes with `shell`.
+    pub fn new(resolver: Arc<dyn AgentResolver>, broker: Arc<dyn KeyBroker>, shell: Arc<ShellExecutor>) -> Self {
+        SwarmExecutor { resolver, broker, shell }
+    }
+}
+
+/// Forwards output and keeps the transcript.
+struct Capture<'a> {
+    inner: &'a dyn OutputSink,
+    transcript: Mutex<Vec<(LogStream, String)>>,
+}
+
+#[async_trait]
+impl OutputSink for Capture<'_> {
+    async fn lines(&self, lines: Vec<(LogStream, String)>) {
+        self.transcript.lock().unwrap_or_else(|p| p.into_inner()).extend(lines.iter().cloned());
+        self.inner.lines(lines).await;
+    }
+
+    async fn artifact(&self, name: &str, data: Vec<u8>) -> Result<(), String> {
+        self.inner.artifact(name, data).await
+    }
+}
+
+fn fail(error: String) -> StageOutcome {
+    StageOutcome::Failed { error, exit_code: None }
+}
+
+#[async_trait]
+impl Executor for SwarmExecutor {
+    fn kind(&self) -> &'static str {
+        "swarm"
+    }
+
+    async fn execute(&self, ctx: ExecContext<'_>) -> StageOutcome {
+        let ExecutorSpec::Swarm(spec) = &ctx.stage.executor else {
+            return fail("not a swarm stage".into());
+        };
+        if spec.prompt.trim().is_empty() {
+            return fail("the prompt is empty".into());
+        }
+        let agent = match self.resolver.resolve(&spec.harness, spec.model_ref.as_deref()).await {
+            Ok(a) => a,
+            Err(e) => return fail(e),
+        };
+        let dummy_key = format!("pond-task-{}", hex::encode(pond_core::seal::random_key()));
+        let (provider, upstream, model_id) = match &agent.model {
+            Some(m) => (
+                m.provider.clone(),
+                m.base_url.clone().unwrap_or_else(|| default_base_url(&m.provider).to_string()),
+                m.model_id.clone(),
+            ),
+            None => ("openai".to_string(), default_base_url("openai").to_string(), String::new()),
+        };
+        let broker = match &agent.real_key {
+            Some(key) => match self.broker.start(&provider, &upstream, key, &dummy_key).await {
+                Ok(b) => Some(b),
+                Err(e) => return fail(format!("starting the broker: {e}")),
+            },
+            None => None,
+        };
+        let home = match tempfile::Builder::new().prefix("pond-agent-home-").tempdir() {
+            Ok(d) => d,
+            Err(e) => return fail(format!("creating the agent's home: {e}")),
+        };
+        let prompt_file = home.path().join("prompt.txt");
+        if let Err(e) = std::fs::write(&prompt_file, &spec.prompt) {
+            return fail(format!("writing the prompt file: {e}"));
+        }
+        let values = BTreeMap::from([
+            ("model", model_id),
+            ("prompt", spec.prompt.clone()),
+            ("prompt_file", prompt_file.to_string_lossy().into_owned()),
+            ("broker_url", broker.as_ref().map(|b| b.url()).unwrap_or_default()),
+            ("dummy_key", dummy_key.clone()),
+            ("home", home.path().to_string_lossy().into_owned()),
+        ]);
+        let (argv, env) = agent.harness.render(&values);
+        let stage = StageDef {
+            executor: ExecutorSpec::Shell(ShellSpec {
+                argv,
+                env,
+                sandbox: spec.sandbox.clone(),
+                placement: Placement::Local,
+                tags: Vec::new(),
+                capabilities: Vec::new(),
+                credentials: Vec::new(),
+            }),
+            ..ctx.stage.clone()
+        };
+        let capture = Capture { inner: ctx.output, transcript: Mutex::default() };
+        let inner = ExecContext {
+            run: ctx.run,
+            stage: &stage,
+            attempt: ctx.attempt,
+            workspace: ctx.workspace,
+            output: &capture,
+            stop: ctx.stop,
+        };
+        let outcome = self.shell.execute(inner).await;
+        let transcript = std::mem::take(&mut *capture.transcript.lock().unwrap_or_else(|p| p.into_inner()));
+
+        // Results: fenced blocks of stdout; malformed ones are reported, not fatal.
+        let (fence, artifact) = parse_spec(spec.parse.as_ref());
+        let stdout: Vec<String> =
+            transcript.iter().filter(|(s, _)| *s == LogStream::Stdout).map(|(_, t)| t.clone()).collect();
+        let (results, problems) = extract_results(&stdout, &fence);
+        let mut notes: Vec<(LogStream, String)> = problems.into_iter().map(|p| (LogStream::System, p)).collect();
+        notes.push((LogStream::System, format!("{} result(s) in {artifact}", results.len())));
+        let mut jsonl = results.join("\n");
+        if !jsonl.is_empty() {
+            jsonl.push('\n');
+        }
+        if let Err(e) = ctx.output.artifact(&artifact, jsonl.into_bytes()).await {
+            notes.push((LogStream::System, format!("storing {artifact} failed: {e}")));
+        }
+        let log: String = transcript
+            .iter()
+            .map(|(s, t)| if *s == LogStream::Stderr { format!("! {t}\n") } else { format!("{t}\n") })
+            .collect();
+        let _ = ctx.output.artifact(&format!("agent-{}.log", ctx.stage.key), log.into_bytes()).await;
+        if let Some(b) = &broker {
+            let (requests, input, output) = b.usage();
+            let cost = agent.model.as_ref().map(|m| {
+                input as f64 / 1e6 * m.input_usd_per_mtok.unwrap_or(0.0)
+                    + output as f64 / 1e6 * m.output_usd_per_mtok.unwrap_or(0.0)
+            });
+            let usage = serde_json::json!({"requests": requests, "input_tokens": input, "output_tokens": output,
+                "cost_usd": cost});
+            notes.push((
+                LogStream::System,
+                format!(
+                    "usage: {requests} request(s), {input} input and {output} output tokens{}",
+                    cost.map(|c| format!(", ${c:.6}")).unwrap_or_default()
+                ),
+            ));
+            let _ = ctx.output.artifact(&format!("usage-{}.json", ctx.stage.key), usage.to_string().into_bytes()).await;
+        }
+        ctx.output.lines(notes).await;
+        outcome
+    }
+}
+
+/// The parse spec: `{"fence": "result", "artifact": "results.jsonl"}`, both optional.
+fn parse_spec(spec: Option<&serde_json::Value>) -> (String, String) {
+    let get = |k: &str, default: &str| {
+        spec.and_then(|s| s.get(k)).and_then(|v| v.as_str()).filter(|v| !v.is_empty()).unwrap_or(default).to_string()
+    };
+    (get("fence", "result"), get("artifact", "results.jsonl"))
+}
