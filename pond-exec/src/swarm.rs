@@ -25,13 +25,19 @@ pub struct SwarmExecutor {
     resolver: Arc<dyn AgentResolver>,
     broker: Arc<dyn KeyBroker>,
     shell: Arc<ShellExecutor>,
+    homes: std::path::PathBuf,
 }
 
 impl SwarmExecutor {
     /// An executor resolving agents with `resolver`, starting brokers with `broker`, running
-    /// processes with `shell`.
-    pub fn new(resolver: Arc<dyn AgentResolver>, broker: Arc<dyn KeyBroker>, shell: Arc<ShellExecutor>) -> Self {
-        SwarmExecutor { resolver, broker, shell }
+    /// processes with `shell`, making each task's private home under `homes`.
+    pub fn new(
+        resolver: Arc<dyn AgentResolver>,
+        broker: Arc<dyn KeyBroker>,
+        shell: Arc<ShellExecutor>,
+        homes: std::path::PathBuf,
+    ) -> Self {
+        SwarmExecutor { resolver, broker, shell, homes }
     }
 }
 
@@ -90,7 +96,7 @@ impl Executor for SwarmExecutor {
             },
             None => None,
         };
-        let home = match tempfile::Builder::new().prefix("pond-agent-home-").tempdir() {
+        let home = match tempfile::Builder::new().prefix("agent-home-").tempdir_in(&self.homes) {
             Ok(d) => d,
             Err(e) => return fail(format!("creating the agent's home: {e}")),
         };

@@ -263,7 +263,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     if orphans > 0 {
         tracing::warn!(orphans, "killed stage processes left running by the previous stop");
     }
-    let mut shell = ShellConfig::new(scratch);
+    let mut shell = ShellConfig::new(scratch.clone());
     shell.group_dir = Some(group_dir);
     shell.env_allowlist.extend(config.shell_env_allow.iter().cloned());
     shell.kill_grace = config.kill_grace;
@@ -294,6 +294,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 }),
                 Arc::new(crate::broker::HttpKeyBroker),
                 shell_executor.clone(),
+                scratch.clone(),
             )))
             .with_executor(shell_executor)
             .with_sandbox_profiles(config.sandbox.profiles()),

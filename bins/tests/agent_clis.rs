@@ -1,0 +1,135 @@
+//! Real agent CLIs (pinned `@openai/codex`, `@anthropic-ai/claude-code` from npm) run as
+//! `swarm` stages through a real `pond server`, against fake model APIs written here that speak
+//! the providers' streaming protocols. The broker holds the real key; the agent never sees it.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::Router;
+use common::{log_text, wait_done, Server};
+use serde_json::{json, Value};
+
+const REAL_KEY: &str = "sk-real-upstream-5150";
+
+/// Where `.ci/run` installed the CLIs (`node_modules/.bin` inside), or `None` after saying why
+/// the test is skipped.
+fn agents_bin() -> Option<PathBuf> {
+    match std::env::var("POND_TEST_AGENTS_DIR") {
+        Ok(dir) if !dir.is_empty() => Some(PathBuf::from(dir).join("node_modules/.bin")),
+        _ => {
+            eprintln!("skipped: POND_TEST_AGENTS_DIR is not set (the pinned agent CLIs; .ci/run installs them)");
+            None
+        }
+    }
+}
+
+type Seen = Arc<Mutex<Vec<(HeaderMap, Value)>>>;
+
+fn sse(events: Vec<(&str, Value)>) -> Response {
+    let mut body = String::new();
+    for (name, data) in events {
+        body.push_str(&format!("event: {name}\ndata: {data}\n\n"));
+    }
+    Response::builder().header("content-type", "text/event-stream").body(Body::from(body)).unwrap()
+}
+
+/// A fake OpenAI Responses API: every request is answered with one assistant message holding a
+/// result block, then `response.completed` with usage.
+async fn fake_openai(seen: Seen) -> String {
+    async fn handler(State(seen): State<Seen>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        seen.lock().unwrap().push((headers, request));
+        let text =
+            "Reviewed the repository.\n```result\n{\"finding\": \"no tests for parser\", \"severity\": \"low\"}\n```";
+        sse(vec![
+            ("response.created", json!({"type": "response.created", "response": {"id": "resp_1"}})),
+            (
+                "response.output_item.done",
+                json!({"type": "response.output_item.done", "output_index": 0, "item": {
+                "type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}}),
+            ),
+            (
+                "response.completed",
+                json!({"type": "response.completed", "response": {"id": "resp_1",
+                "usage": {"input_tokens": 1200, "output_tokens": 80, "total_tokens": 1280,
+                    "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}}),
+            ),
+        ])
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, Router::new().fallback(handler).with_state(seen)).await });
+    format!("http://{addr}")
+}
+
+fn admin(server: &Server, method: &str, path: &str, body: Value) -> Value {
+    let req = ureq::request(method, &format!("{}{path}", server.url))
+        .set("Authorization", &format!("Bearer {}", server.token));
+    match req.send_json(body) {
+        Ok(r) => r.into_json().unwrap(),
+        Err(ureq::Error::Status(code, r)) => panic!("{method} {path}: {code} {}", r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn codex_answers_with_a_result_block_through_the_broker() {
+    let Some(bin) = agents_bin() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen: Seen = Arc::default();
+    let upstream = rt.block_on(fake_openai(seen.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    admin(&server, "POST", "/v1/admin/credentials", json!({"name": "openai", "provider": "openai", "value": REAL_KEY}));
+    admin(
+        &server,
+        "POST",
+        "/v1/admin/models",
+        json!({"key": "fast", "provider": "openai", "model_id": "gpt-5.5",
+        "credential_name": "openai", "capability": "harness.codex", "base_url": upstream,
+        "input_usd_per_mtok": 1.25, "output_usd_per_mtok": 10.0}),
+    );
+    let mut codex = pond_core::agents::presets().into_iter().find(|h| h.key == "codex").unwrap();
+    codex.command_template[0] = bin.join("codex").display().to_string();
+    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&codex).unwrap());
+
+    let run = server
+        .admin()
+        .submit(
+            &json!({"project_id": "acme", "definition": {"stages": [{"key": "review", "timeout": "2m",
+            "executor": {"kind": "swarm", "placement": "local", "harness": "codex", "model_ref": "fast",
+                "prompt": "Review this repository; answer with a result block."}}]}}),
+            None,
+        )
+        .unwrap();
+    let id = run.id.to_string();
+    let done = wait_done(&server.admin(), &id, Duration::from_secs(120));
+    let logs = log_text(&server.admin(), &id);
+    assert_eq!(done.state.as_str(), "succeeded", "{logs:#?}");
+
+    let mut results = Vec::new();
+    server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
+    let results = String::from_utf8(results).unwrap();
+    assert_eq!(results.trim(), r#"{"finding":"no tests for parser","severity":"low"}"#);
+    assert!(
+        logs.iter().any(|l| l.contains("usage: 1 request(s), 1200 input and 80 output tokens, $0.002300")),
+        "{logs:#?}"
+    );
+    // The provider saw the real key; the agent only ever had the dummy one.
+    let seen = seen.lock().unwrap();
+    assert!(!seen.is_empty());
+    for (headers, _) in seen.iter() {
+        assert_eq!(headers.get("authorization").unwrap(), &format!("Bearer {REAL_KEY}"));
+    }
+    let mut transcript = Vec::new();
+    server.admin().download_artifact(&id, "agent-review.log", &mut transcript).unwrap();
+    assert!(!String::from_utf8_lossy(&transcript).contains(REAL_KEY));
+}
