@@ -70,6 +70,55 @@ async fn fake_openai(seen: Seen) -> String {
     format!("http://{addr}")
 }
 
+/// A fake Anthropic Messages API: a streamed text answer with a result block (and the plain
+/// JSON form, for a client that asks without streaming).
+async fn fake_anthropic(seen: Seen) -> String {
+    async fn handler(State(seen): State<Seen>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let stream = request["stream"].as_bool().unwrap_or(false);
+        seen.lock().unwrap().push((headers, request));
+        let text = "Done.\n```result\n{\"finding\": \"docs are stale\"}\n```";
+        if !stream {
+            let body = json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test",
+                "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": null,
+                "usage": {"input_tokens": 900, "output_tokens": 40}});
+            return Response::builder()
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+        }
+        sse(vec![
+            (
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "msg_1", "type": "message",
+                "role": "assistant", "model": "claude-test", "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": 900, "output_tokens": 1}}}),
+            ),
+            (
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "text", "text": ""}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": text}}),
+            ),
+            ("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+            (
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                "usage": {"output_tokens": 40}}),
+            ),
+            ("message_stop", json!({"type": "message_stop"})),
+        ])
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, Router::new().fallback(handler).with_state(seen)).await });
+    format!("http://{addr}")
+}
+
 fn admin(server: &Server, method: &str, path: &str, body: Value) -> Value {
     let req = ureq::request(method, &format!("{}{path}", server.url))
         .set("Authorization", &format!("Bearer {}", server.token));
@@ -132,4 +181,53 @@ fn codex_answers_with_a_result_block_through_the_broker() {
     let mut transcript = Vec::new();
     server.admin().download_artifact(&id, "agent-review.log", &mut transcript).unwrap();
     assert!(!String::from_utf8_lossy(&transcript).contains(REAL_KEY));
+}
+
+#[test]
+fn claude_answers_with_a_result_block_through_the_broker() {
+    let Some(bin) = agents_bin() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen: Seen = Arc::default();
+    let upstream = rt.block_on(fake_anthropic(seen.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    admin(
+        &server,
+        "POST",
+        "/v1/admin/credentials",
+        json!({"name": "anthropic", "provider": "anthropic", "value": REAL_KEY}),
+    );
+    admin(
+        &server,
+        "POST",
+        "/v1/admin/models",
+        json!({"key": "smart", "provider": "anthropic", "model_id": "claude-test",
+        "credential_name": "anthropic", "capability": "harness.claude", "base_url": upstream}),
+    );
+    let mut claude = pond_core::agents::presets().into_iter().find(|h| h.key == "claude").unwrap();
+    claude.command_template[0] = bin.join("claude").display().to_string();
+    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&claude).unwrap());
+
+    let run = server
+        .admin()
+        .submit(
+            &json!({"project_id": "acme", "definition": {"stages": [{"key": "review", "timeout": "2m",
+            "executor": {"kind": "swarm", "placement": "local", "harness": "claude", "model_ref": "smart",
+                "prompt": "Review the docs; answer with a result block."}}]}}),
+            None,
+        )
+        .unwrap();
+    let id = run.id.to_string();
+    let done = wait_done(&server.admin(), &id, Duration::from_secs(120));
+    let logs = log_text(&server.admin(), &id);
+    assert_eq!(done.state.as_str(), "succeeded", "{logs:#?}");
+    let mut results = Vec::new();
+    server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
+    assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"finding":"docs are stale"}"#, "{logs:#?}");
+    let seen = seen.lock().unwrap();
+    let messages: Vec<_> = seen.iter().filter(|(_, r)| r.get("messages").is_some()).collect();
+    assert!(!messages.is_empty(), "the CLI called the Messages API");
+    for (headers, _) in seen.iter() {
+        assert_eq!(headers.get("x-api-key").unwrap(), REAL_KEY);
+    }
 }

@@ -255,8 +255,6 @@ pub fn presets() -> Vec<Harness> {
                 "-p",
                 "--dangerously-skip-permissions",
                 "--no-session-persistence",
-                "--output-format",
-                "json",
                 "--model",
                 "{model}",
                 "{prompt}",
