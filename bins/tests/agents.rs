@@ -114,3 +114,40 @@ fn registry_presets_lint_dry_run_and_submit_checks() {
     let (status, _) = call(&server, key.token.as_deref().unwrap(), "GET", "/v1/admin/models", None);
     assert_eq!(status, 403);
 }
+
+#[test]
+fn a_missing_or_hanging_agent_cli_fails_the_stage_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let t = server.token.clone();
+    let admin = |method: &str, path: &str, body: Option<Value>| call(&server, &t, method, path, body);
+    for (key, argv) in [
+        ("missing", json!(["/nonexistent/agent-cli", "{prompt}"])),
+        ("hangs", json!(["sh", "-c", "sleep 600", "{prompt}"])),
+    ] {
+        let (status, e) = admin(
+            "POST",
+            "/v1/admin/harnesses",
+            Some(json!({"key": key, "capability": "harness.x",
+            "command_template": argv})),
+        );
+        assert_eq!(status, 201, "{e}");
+    }
+    let submit = |harness: &str| {
+        let body = json!({"project_id": "acme", "definition": {"stages": [{"key": "agent", "timeout": "1s",
+            "executor": {"kind": "swarm", "placement": "local", "harness": harness, "prompt": "hello"}}]}});
+        server.admin().submit(&body, None).unwrap().id.to_string()
+    };
+    let missing = common::wait_done(&server.admin(), &submit("missing"), std::time::Duration::from_secs(30));
+    let error = missing.stages[0].error.clone().unwrap_or_default();
+    assert_eq!(missing.state.as_str(), "failed");
+    assert!(
+        error.contains("/nonexistent/agent-cli"),
+        "{error} {:?}",
+        common::log_text(&server.admin(), &missing.id.to_string())
+    );
+    let hangs = common::wait_done(&server.admin(), &submit("hangs"), std::time::Duration::from_secs(30));
+    let error = hangs.stages[0].error.clone().unwrap_or_default();
+    assert_eq!(hangs.state.as_str(), "failed");
+    assert!(error.contains("timed out after 1s"), "{error}");
+}

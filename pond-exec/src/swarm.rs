@@ -113,6 +113,12 @@ impl Executor for SwarmExecutor {
             ("home", home.path().to_string_lossy().into_owned()),
         ]);
         let (argv, env) = agent.harness.render(&values);
+        if !installed(&argv[0]) {
+            return fail(format!(
+                "the agent CLI `{}` of harness `{}` is not installed here (not an executable file, nor in PATH)",
+                argv[0], agent.harness.key
+            ));
+        }
         let stage = StageDef {
             executor: ExecutorSpec::Shell(ShellSpec {
                 argv,
@@ -176,6 +182,19 @@ impl Executor for SwarmExecutor {
         ctx.output.lines(notes).await;
         outcome
     }
+}
+
+/// Whether `program` names an executable file, directly or through `PATH`.
+fn installed(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable =
+        |p: &std::path::Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        return executable(std::path::Path::new(program));
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| executable(&dir.join(program))))
+        .unwrap_or(false)
 }
 
 /// The parse spec: `{"fence": "result", "artifact": "results.jsonl"}`, both optional.
