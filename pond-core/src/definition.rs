@@ -583,6 +583,12 @@ impl StageDef {
                 if swarm.prompt.trim().is_empty() {
                     return Err(FieldError::new(format!("{at}.executor.prompt"), "must not be empty"));
                 }
+                if swarm.foreach.is_some() {
+                    return Err(FieldError::new(
+                        format!("{at}.executor.foreach"),
+                        "fan-out over an earlier stage's items is not built yet",
+                    ));
+                }
             }
             ExecutorSpec::Noop(_) | ExecutorSpec::Builtin(_) => {}
         }
