@@ -231,3 +231,78 @@ fn claude_answers_with_a_result_block_through_the_broker() {
         assert_eq!(headers.get("x-api-key").unwrap(), REAL_KEY);
     }
 }
+
+#[test]
+fn codex_runs_on_a_pool_worker_with_the_key_only_in_the_worker_s_broker() {
+    let Some(bin) = agents_bin() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen: Seen = Arc::default();
+    let upstream = rt.block_on(fake_openai(seen.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    admin(&server, "POST", "/v1/admin/credentials", json!({"name": "openai", "provider": "openai", "value": REAL_KEY}));
+    admin(
+        &server,
+        "POST",
+        "/v1/admin/models",
+        json!({"key": "fast", "provider": "openai", "model_id": "gpt-5.5",
+        "credential_name": "openai", "capability": "harness.codex", "base_url": upstream}),
+    );
+    let mut codex = pond_core::agents::presets().into_iter().find(|h| h.key == "codex").unwrap();
+    codex.command_template[0] = bin.join("codex").display().to_string();
+    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&codex).unwrap());
+    let code = common::enroll_code(&server.admin(), "agents", None, None);
+    let orch = common::Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+    // One worker without the harness, one with it: only the second may take the job.
+    let bare = common::enroll_code(&server.admin(), "agents", Some(&[]), None);
+    let _bare = common::Worker::start(&orch.url, &dir.path().join("bare"), &bare, &[]);
+    let code = common::enroll_code(&server.admin(), "agents", Some(&[]), None);
+    let worker =
+        common::Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--capabilities", "harness.codex"]);
+
+    let run = server
+        .admin()
+        .submit(
+            &json!({"project_id": "acme", "definition": {"stages": [{"key": "review", "timeout": "2m",
+            "executor": {"kind": "swarm", "harness": "codex", "model_ref": "fast",
+                "prompt": "Review this repository; answer with a result block."}}]}}),
+            None,
+        )
+        .unwrap();
+    let id = run.id.to_string();
+    let done = wait_done(&server.admin(), &id, Duration::from_secs(120));
+    let logs = log_text(&server.admin(), &id);
+    assert_eq!(done.state.as_str(), "succeeded", "{logs:#?}");
+    let stage = &done.stages[0];
+    assert_eq!(stage.placement, "pool");
+    assert_eq!(stage.attempts.last().unwrap().owner, worker.id, "the worker with the harness ran it");
+    assert_eq!(stage.attestation_verified, Some(true), "{:?}", stage.attempts);
+    let mut results = Vec::new();
+    server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
+    assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"finding":"no tests for parser","severity":"low"}"#);
+    for (headers, _) in seen.lock().unwrap().iter() {
+        assert_eq!(headers.get("authorization").unwrap(), &format!("Bearer {REAL_KEY}"));
+    }
+    // The key reached the worker sealed: nothing the orchestrator keeps, no log line, holds it.
+    let mut files = Vec::new();
+    for entry in walk(&orch.state_dir) {
+        files.push(entry);
+    }
+    for file in files {
+        assert!(!std::fs::read(&file).unwrap_or_default().windows(REAL_KEY.len()).any(|w| w == REAL_KEY.as_bytes()));
+    }
+    assert!(!logs.iter().any(|l| l.contains(REAL_KEY)));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

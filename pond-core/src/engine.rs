@@ -26,7 +26,7 @@ use crate::time::{Clock, Millis, Timestamp};
 pub const MAX_SOURCES: usize = 16;
 
 /// Executor kinds a pool worker runs (`executor.placement: pool`).
-pub const POOL_EXECUTOR_KINDS: [&str; 2] = ["noop", "shell"];
+pub const POOL_EXECUTOR_KINDS: [&str; 3] = ["noop", "shell", "swarm"];
 
 /// Settings of an engine.
 #[derive(Clone, Debug)]
@@ -137,21 +137,25 @@ impl Engine {
 
     /// Agent stages name a registered harness and model: an unknown one is a 422 at submit,
     /// not a failed run later.
-    async fn check_agents(&self, definition: &Definition) -> Result<(), CoreError> {
+    async fn check_agents(&self, definition: &mut Definition) -> Result<(), CoreError> {
         let registry = self.registry();
         let store_err = |e: crate::agents::RegistryError| match e {
             crate::agents::RegistryError::Store(s) => CoreError::Store(s),
             other => CoreError::Store(StoreError::Backend(other.to_string())),
         };
-        for (i, stage) in definition.stages.iter().enumerate() {
-            let crate::definition::ExecutorSpec::Swarm(swarm) = &stage.executor else { continue };
+        for (i, stage) in definition.stages.iter_mut().enumerate() {
+            let crate::definition::ExecutorSpec::Swarm(swarm) = &mut stage.executor else { continue };
             let at = format!("definition.stages[{i}].executor");
-            if registry.harness(&swarm.harness).await.map_err(store_err)?.is_none() {
+            let Some(harness) = registry.harness(&swarm.harness).await.map_err(store_err)? else {
                 return Err(FieldError::new(
                     format!("{at}.harness"),
                     format!("no harness `{}` is registered (`pond admin harnesses from-preset codex`)", swarm.harness),
                 )
                 .into());
+            };
+            // A pool worker must have the harness installed: its capability is required.
+            if !swarm.capabilities.contains(&harness.capability) {
+                swarm.capabilities.push(harness.capability.clone());
             }
             if let Some(model) = &swarm.model_ref {
                 if registry.model(model).await.map_err(store_err)?.is_none() {
@@ -201,8 +205,9 @@ impl Engine {
                 return Err(FieldError::new("Idempotency-Key", "must be 1 to 255 visible ASCII characters").into());
             }
         }
-        self.check_agents(&request.definition).await?;
-        request.definition.validate("definition", &self.capabilities())?;
+        let mut definition = request.definition.clone();
+        self.check_agents(&mut definition).await?;
+        definition.validate("definition", &self.capabilities())?;
         if request.sources.len() > MAX_SOURCES {
             return Err(FieldError::new("sources", format!("at most {MAX_SOURCES} sources are allowed")).into());
         }
@@ -230,7 +235,7 @@ impl Engine {
             sources.push(source);
         }
         let credentials = self.credentials();
-        for (i, stage) in request.definition.stages.iter().enumerate() {
+        for (i, stage) in definition.stages.iter().enumerate() {
             for (j, name) in stage.executor.credentials().iter().enumerate() {
                 let known = credentials.exists(name).await.map_err(|e| match e {
                     crate::credentials::CredentialError::Store(s) => CoreError::Store(s),
@@ -262,7 +267,7 @@ impl Engine {
         let mut snapshot = RunSnapshot::new(
             RunId::generate(now),
             project.to_string(),
-            request.definition,
+            definition,
             sources,
             request.idempotency_key,
             now,

@@ -250,7 +250,22 @@ pub struct Job {
     /// SHA-256 (hex) of the input bundle pond issued.
     pub input_sha256: String,
     /// The stage's credentials sealed to this worker for this job (format (c)), if it has any.
+    /// For an agent stage, the model's key is the entry named [`MODEL_KEY`].
     pub credentials: Option<String>,
+    /// For an agent stage: its harness and model as registered (nothing secret).
+    pub agent: Option<JobAgent>,
+}
+
+/// The name under which an agent stage's model key travels in its sealed credentials.
+pub const MODEL_KEY: &str = "model";
+
+/// An agent stage's harness and model, resolved by pond for the worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobAgent {
+    /// The harness.
+    pub harness: crate::agents::Harness,
+    /// The model.
+    pub model: Option<crate::agents::Model>,
 }
 
 /// Why a worker's call to its orchestrator failed.

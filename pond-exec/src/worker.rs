@@ -54,6 +54,8 @@ pub struct WorkerSummary {
 pub struct Worker {
     client: Arc<dyn WorkerClient>,
     executors: HashMap<&'static str, Arc<dyn Executor>>,
+    /// For agent stages: how to start a broker, and the shell executor agents run through.
+    agents: Option<(Arc<dyn pond_core::agents::KeyBroker>, Arc<crate::ShellExecutor>)>,
     signing_seed: [u8; 32],
     sealing: ([u8; 32], [u8; 32]),
     config: WorkerConfig,
@@ -66,10 +68,22 @@ impl Worker {
         Worker {
             client,
             executors: HashMap::new(),
+            agents: None,
             signing_seed: identity.signing_seed(),
             sealing: (identity.sealing_public(), identity.sealing_secret()),
             config,
         }
+    }
+
+    /// Lets the worker run agent (`swarm`) stages: brokers from `broker`, processes through
+    /// `shell`.
+    pub fn with_agents(
+        mut self,
+        broker: Arc<dyn pond_core::agents::KeyBroker>,
+        shell: Arc<crate::ShellExecutor>,
+    ) -> Self {
+        self.agents = Some((broker, shell));
+        self
     }
 
     /// Adds an executor for its kind.
@@ -292,7 +306,51 @@ impl Worker {
             }
         }
         let stage = &stage;
-        let Some(executor) = self.executors.get(stage.executor.kind()) else {
+        // An agent stage: the harness and model came with the job; the model key comes sealed
+        // to this worker and goes only into this worker's broker.
+        let agent_executor: Option<Arc<dyn Executor>> = match (&stage.executor, &self.agents) {
+            (pond_core::definition::ExecutorSpec::Swarm(_), None) => {
+                return (failed("this worker cannot run agent stages".into()), input_sha)
+            }
+            (pond_core::definition::ExecutorSpec::Swarm(_), Some((broker, shell))) => {
+                let Some(agent) = job.agent.clone() else {
+                    return (failed("the agent stage came without its harness".into()), input_sha);
+                };
+                let real_key = match &job.credentials {
+                    Some(sealed) => {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs() as i64)
+                            .unwrap_or(0);
+                        let job_id = job.id.to_string();
+                        match pond_core::credentials::open_credentials(
+                            sealed,
+                            &self.sealing.0,
+                            &self.sealing.1,
+                            &job_id,
+                            now,
+                        ) {
+                            Ok(mut creds) => creds.remove(pond_core::pool::MODEL_KEY),
+                            Err(e) => return (failed(format!("credentials refused: {e}")), input_sha),
+                        }
+                    }
+                    None => None,
+                };
+                let resolver = Arc::new(TicketAgent(Mutex::new(Some(pond_core::agents::ResolvedAgent {
+                    harness: agent.harness,
+                    model: agent.model,
+                    real_key,
+                }))));
+                Some(Arc::new(crate::SwarmExecutor::new(
+                    resolver,
+                    broker.clone(),
+                    shell.clone(),
+                    self.config.scratch.clone(),
+                )))
+            }
+            _ => None,
+        };
+        let Some(executor) = agent_executor.as_ref().or_else(|| self.executors.get(stage.executor.kind())) else {
             return (failed(format!("this worker has no `{}` executor", stage.executor.kind())), input_sha);
         };
         let ctx =
@@ -304,6 +362,16 @@ impl Worker {
             (outcome, _) => outcome,
         };
         (outcome, input_sha)
+    }
+}
+
+/// Resolves an agent stage from what came with the job.
+struct TicketAgent(Mutex<Option<pond_core::agents::ResolvedAgent>>);
+
+#[async_trait]
+impl pond_core::agents::AgentResolver for TicketAgent {
+    async fn resolve(&self, _harness: &str, _model: Option<&str>) -> Result<pond_core::agents::ResolvedAgent, String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or_else(|| "the agent was already used".to_string())
     }
 }
 

@@ -407,7 +407,11 @@ async fn ticket(state: &AppState, worker: &PoolMember, claim: &Claim) -> Result<
         }
     };
     let job_id = job.to_string();
-    let credentials = match sealed_credentials(state, worker, claim, &job_id).await {
+    let prepared = match job_agent(state, claim).await {
+        Ok(agent) => sealed_credentials(state, worker, claim, &job_id, agent.as_ref()).await.map(|c| (c, agent)),
+        Err(e) => Err(e),
+    };
+    let (credentials, agent) = match prepared {
         Ok(c) => c,
         Err(e) => {
             let outcome = StageOutcome::Failed { error: format!("credentials: {e}"), exit_code: None };
@@ -430,7 +434,31 @@ async fn ticket(state: &AppState, worker: &PoolMember, claim: &Claim) -> Result<
         input_sha256: input.sha256,
         input_size: input.size,
         credentials,
+        agent,
     }))
+}
+
+/// An agent stage's harness and model, as registered now.
+async fn job_agent(state: &AppState, claim: &Claim) -> Result<Option<pond_core::pool::JobAgent>, String> {
+    let Some(def) = claim.run.definition.stages.get(claim.stage.position as usize) else { return Ok(None) };
+    let pond_core::definition::ExecutorSpec::Swarm(swarm) = &def.executor else { return Ok(None) };
+    let registry = state.engine.registry();
+    let harness = registry
+        .harness(&swarm.harness)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("harness `{}` is no longer registered", swarm.harness))?;
+    let model = match &swarm.model_ref {
+        Some(key) => Some(
+            registry
+                .model(key)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("model `{key}` is no longer registered"))?,
+        ),
+        None => None,
+    };
+    Ok(Some(pond_core::pool::JobAgent { harness, model }))
 }
 
 /// How long a worker may take to start a job before its credentials expire.
@@ -442,13 +470,21 @@ async fn sealed_credentials(
     worker: &PoolMember,
     claim: &Claim,
     job_id: &str,
+    agent: Option<&pond_core::pool::JobAgent>,
 ) -> Result<Option<String>, String> {
     let Some(def) = claim.run.definition.stages.get(claim.stage.position as usize) else { return Ok(None) };
-    let names = def.executor.credentials();
-    if names.is_empty() {
+    let credentials = state.engine.credentials();
+    let mut values = credentials.values(def.executor.credentials()).await.map_err(|e| e.to_string())?;
+    // An agent stage's model key, for the worker's broker (never the agent's environment).
+    if let Some(model) = agent.and_then(|a| a.model.as_ref()) {
+        let key = credentials.values(std::slice::from_ref(&model.credential_name)).await.map_err(|e| e.to_string())?;
+        if let Some(value) = key.into_values().next() {
+            values.insert(pond_core::pool::MODEL_KEY.to_string(), value);
+        }
+    }
+    if values.is_empty() {
         return Ok(None);
     }
-    let values = state.engine.credentials().values(names).await.map_err(|e| e.to_string())?;
     let key = worker
         .sealing_key
         .as_deref()

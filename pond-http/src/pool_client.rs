@@ -189,6 +189,7 @@ pub fn ticket_job(ticket: JobTicket) -> Result<Job, String> {
         lease: Millis(ticket.lease_ms),
         input_sha256: ticket.input_sha256,
         credentials: ticket.credentials,
+        agent: ticket.agent,
     })
 }
 

@@ -123,6 +123,9 @@ pub struct JobTicket {
     /// The stage's credentials sealed to this worker for this job (format (c)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<String>,
+    /// For an agent stage: its harness and model (nothing secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<pond_core::pool::JobAgent>,
 }
 
 /// `POST /v1/orch/claim` response.

@@ -137,8 +137,10 @@ pub fn prepare(config: &WorkerProcessConfig) -> Result<PreparedWorker, WorkerSet
     };
     // The orchestrator URL given now wins over the saved one (it may have moved).
     let client = Arc::new(HttpWorkerClient::new(&config.orchestrator, &credential.token));
+    let shell = Arc::new(ShellExecutor::new(shell, config.sandbox.clone()));
     let worker = Worker::new(client, identity, worker_config)
         .with_executor(Arc::new(NoopExecutor))
-        .with_executor(Arc::new(ShellExecutor::new(shell, config.sandbox.clone())));
+        .with_executor(shell.clone())
+        .with_agents(Arc::new(crate::broker::HttpKeyBroker), shell);
     Ok(PreparedWorker { member: credential.member, newly_enrolled, worker })
 }
