@@ -103,11 +103,14 @@ fn registry_presets_lint_dry_run_and_submit_checks() {
         (swarm("nope", "fast", "hi"), "definition.stages[0].executor.harness"),
         (swarm("codex", "slow", "hi"), "definition.stages[0].executor.model_ref"),
         (swarm("codex", "fast", " "), "definition.stages[0].executor.prompt"),
-        (swarm("codex", "fast", "hi"), "definition.stages[0].executor.kind"),
     ] {
         let (status, e) = admin("POST", "/v1/runs", Some(body));
         assert_eq!((status, e["error"]["field"].as_str()), (422, Some(field)), "{e}");
     }
+    // A valid one is queued for a pool worker that has the harness installed.
+    let (status, run) = admin("POST", "/v1/runs", Some(swarm("codex", "fast", "hi")));
+    assert_eq!(status, 201, "{run}");
+    assert_eq!(run["stages"][0]["requirements"]["capabilities"], json!(["harness.codex"]));
 
     // Consumers may not touch the registry.
     let key = server.admin().create_key(&["acme".into()], None).unwrap();
