@@ -306,3 +306,131 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// A fake model API that refuses every request with `status`.
+async fn fake_refusing(status: u16) -> String {
+    async fn handler(State(status): State<u16>) -> Response {
+        let body = json!({"error": {"message": "refused by the fake", "type": "invalid_request_error", "code": "invalid_api_key"}});
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, Router::new().fallback(handler).with_state(status)).await });
+    format!("http://{addr}")
+}
+
+#[test]
+fn a_model_api_that_refuses_the_key_fails_the_stage_and_says_why() {
+    let Some(bin) = agents_bin() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream = rt.block_on(fake_refusing(401));
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    admin(&server, "POST", "/v1/admin/credentials", json!({"name": "openai", "provider": "openai", "value": REAL_KEY}));
+    admin(
+        &server,
+        "POST",
+        "/v1/admin/models",
+        json!({"key": "fast", "provider": "openai", "model_id": "gpt-5.5",
+        "credential_name": "openai", "capability": "harness.codex", "base_url": upstream}),
+    );
+    let mut codex = pond_core::agents::presets().into_iter().find(|h| h.key == "codex").unwrap();
+    codex.command_template[0] = bin.join("codex").display().to_string();
+    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&codex).unwrap());
+    let run = server
+        .admin()
+        .submit(&json!({"project_id": "acme", "definition": {"stages": [{"key": "review", "timeout": "2m",
+            "executor": {"kind": "swarm", "placement": "local", "harness": "codex", "model_ref": "fast", "prompt": "hi"}}]}}), None)
+        .unwrap();
+    let done = wait_done(&server.admin(), &run.id.to_string(), Duration::from_secs(120));
+    assert_eq!(done.state.as_str(), "failed");
+    let error = done.stages[0].error.clone().unwrap_or_default();
+    let logs = log_text(&server.admin(), &run.id.to_string());
+    assert!(error.contains("HTTP 401") && error.contains("credential was refused"), "{error} {logs:#?}");
+}
+
+/// A fake OpenAI Responses API for a tool turn: first it asks codex to run a shell command
+/// that edits a file in the checkout; once the command's output comes back, it answers.
+async fn fake_openai_tool(seen: Seen) -> String {
+    async fn handler(State(seen): State<Seen>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let has_output = request.to_string().contains("function_call_output");
+        seen.lock().unwrap().push((headers, request));
+        let usage = json!({"input_tokens": 500, "output_tokens": 20, "total_tokens": 520,
+            "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}});
+        let item = if has_output {
+            json!({"type": "message", "id": "msg_2", "role": "assistant", "status": "completed", "content": [{
+                "type": "output_text", "annotations": [],
+                "text": "Edited the notes.\n```result\n{\"edited\": \"notes.md\"}\n```"}]})
+        } else {
+            json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command", "status": "completed",
+                "arguments": json!({"cmd": "printf 'edited-by-%s\\n' agent > notes.md && cat notes.md"}).to_string()})
+        };
+        sse(vec![
+            ("response.created", json!({"type": "response.created", "response": {"id": "resp_t"}})),
+            (
+                "response.output_item.done",
+                json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+            ),
+            ("response.completed", json!({"type": "response.completed", "response": {"id": "resp_t", "usage": usage}})),
+        ])
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, Router::new().fallback(handler).with_state(seen)).await });
+    format!("http://{addr}")
+}
+
+#[test]
+fn codex_runs_a_shell_command_that_edits_the_checkout_then_answers() {
+    let Some(bin) = agents_bin() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen: Seen = Arc::default();
+    let upstream = rt.block_on(fake_openai_tool(seen.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    admin(&server, "POST", "/v1/admin/credentials", json!({"name": "openai", "provider": "openai", "value": REAL_KEY}));
+    admin(
+        &server,
+        "POST",
+        "/v1/admin/models",
+        json!({"key": "fast", "provider": "openai", "model_id": "gpt-5.5",
+        "credential_name": "openai", "capability": "harness.codex", "base_url": upstream}),
+    );
+    let mut codex = pond_core::agents::presets().into_iter().find(|h| h.key == "codex").unwrap();
+    codex.command_template[0] = bin.join("codex").display().to_string();
+    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&codex).unwrap());
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("notes.md"), "original\n").unwrap();
+    let bundle = server.admin().upload_bundle("acme", &pond_exec::pack_dir(src.path()).unwrap()).unwrap();
+    let run = server
+        .admin()
+        .submit(
+            &json!({"project_id": "acme",
+            "sources": [{"label": "repo", "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}],
+            "definition": {"stages": [
+                {"key": "edit", "timeout": "2m", "executor": {"kind": "swarm", "placement": "local", "harness": "codex",
+                    "model_ref": "fast", "prompt": "Update notes.md."}},
+                {"key": "check", "executor": {"kind": "shell", "argv": ["cat", "notes.md"]}}
+            ]}}),
+            None,
+        )
+        .unwrap();
+    let id = run.id.to_string();
+    let done = wait_done(&server.admin(), &id, Duration::from_secs(120));
+    let logs = log_text(&server.admin(), &id);
+    assert_eq!(done.state.as_str(), "succeeded", "{logs:#?}");
+    // The command ran in the checkout: the next stage sees the edit.
+    assert!(logs.iter().any(|l| l == "edited-by-agent"), "{logs:#?}");
+    let mut results = Vec::new();
+    server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
+    assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"edited":"notes.md"}"#);
+    assert!(logs.iter().any(|l| l.contains("usage: 2 request(s), 1000 input and 40 output tokens")), "{logs:#?}");
+    // The second request carried the command's output back to the model.
+    let seen = seen.lock().unwrap();
+    assert!(seen.iter().any(|(_, r)| r.to_string().contains("edited-by-agent")), "the tool output went back");
+}

@@ -295,6 +295,10 @@ pub trait BrokerSession: Send + Sync {
     fn url(&self) -> String;
     /// (requests, input tokens, output tokens) so far.
     fn usage(&self) -> (u64, u64, u64);
+    /// The last error status the model API answered, if any.
+    fn last_error(&self) -> Option<u16> {
+        None
+    }
 }
 
 /// Starts brokers (implemented over HTTP in `pond-http`).

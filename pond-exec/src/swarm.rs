@@ -180,7 +180,24 @@ impl Executor for SwarmExecutor {
             let _ = ctx.output.artifact(&format!("usage-{}.json", ctx.stage.key), usage.to_string().into_bytes()).await;
         }
         ctx.output.lines(notes).await;
-        outcome
+        // An agent that failed after the model API refused it: say so, not just the exit code.
+        match (outcome, broker.as_ref().and_then(|b| b.last_error())) {
+            (StageOutcome::Failed { error, exit_code }, Some(status)) => StageOutcome::Failed {
+                error: format!("{error}; the model API answered HTTP {status} ({})", api_error_hint(status)),
+                exit_code,
+            },
+            (outcome, _) => outcome,
+        }
+    }
+}
+
+fn api_error_hint(status: u16) -> &'static str {
+    match status {
+        401 | 403 => "the model's credential was refused",
+        404 => "unknown model or endpoint",
+        429 => "rate limited",
+        500..=599 => "the provider failed",
+        _ => "request refused",
     }
 }
 

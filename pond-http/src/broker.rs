@@ -34,6 +34,8 @@ pub struct Usage {
     pub input_tokens: u64,
     /// Output tokens.
     pub output_tokens: u64,
+    /// The last error status (4xx/5xx) the provider answered, if any.
+    pub last_error: Option<u16>,
 }
 
 /// Settings of one broker (one per task).
@@ -201,6 +203,9 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             }
         };
         let status = response.status();
+        if status >= 400 {
+            worker.usage.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(status);
+        }
         let head: Vec<(String, String)> = response
             .headers_names()
             .into_iter()
@@ -265,6 +270,9 @@ impl pond_core::agents::BrokerSession for Session {
     fn usage(&self) -> (u64, u64, u64) {
         let u = self.0.usage();
         (u.requests, u.input_tokens, u.output_tokens)
+    }
+    fn last_error(&self) -> Option<u16> {
+        self.0.usage().last_error
     }
 }
 
