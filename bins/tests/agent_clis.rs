@@ -434,3 +434,107 @@ fn codex_runs_a_shell_command_that_edits_the_checkout_then_answers() {
     let seen = seen.lock().unwrap();
     assert!(seen.iter().any(|(_, r)| r.to_string().contains("edited-by-agent")), "the tool output went back");
 }
+
+/// A fake Anthropic Messages API for a tool turn: asks claude to run a Bash command that edits
+/// a file, then answers once the tool result comes back.
+async fn fake_anthropic_tool(seen: Seen) -> String {
+    async fn handler(State(seen): State<Seen>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let has_result = request.to_string().contains("tool_result");
+        seen.lock().unwrap().push((headers, request));
+        let start = json!({"type": "message_start", "message": {"id": "msg_t", "type": "message", "role": "assistant",
+            "model": "claude-test", "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 700, "output_tokens": 1}}});
+        if has_result {
+            let text = "Edited.\n```result\n{\"edited\": \"notes.md\"}\n```";
+            return sse(vec![
+                ("message_start", start),
+                (
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                ),
+                (
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+                ),
+                ("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+                (
+                    "message_delta",
+                    json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 30}}),
+                ),
+                ("message_stop", json!({"type": "message_stop"})),
+            ]);
+        }
+        let input = json!({"command": "printf 'edited-by-%s\\n' claude > notes.md && cat notes.md", "description": "edit notes"});
+        sse(vec![
+            ("message_start", start),
+            (
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}}),
+            ),
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "input_json_delta", "partial_json": input.to_string()}}),
+            ),
+            ("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+            (
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 25}}),
+            ),
+            ("message_stop", json!({"type": "message_stop"})),
+        ])
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, Router::new().fallback(handler).with_state(seen)).await });
+    format!("http://{addr}")
+}
+
+#[test]
+fn claude_runs_a_shell_command_that_edits_the_checkout_then_answers() {
+    let Some(bin) = agents_bin() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen: Seen = Arc::default();
+    let upstream = rt.block_on(fake_anthropic_tool(seen.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    admin(
+        &server,
+        "POST",
+        "/v1/admin/credentials",
+        json!({"name": "anthropic", "provider": "anthropic", "value": REAL_KEY}),
+    );
+    admin(
+        &server,
+        "POST",
+        "/v1/admin/models",
+        json!({"key": "smart", "provider": "anthropic", "model_id": "claude-test",
+        "credential_name": "anthropic", "capability": "harness.claude", "base_url": upstream}),
+    );
+    let mut claude = pond_core::agents::presets().into_iter().find(|h| h.key == "claude").unwrap();
+    claude.command_template[0] = bin.join("claude").display().to_string();
+    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&claude).unwrap());
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("notes.md"), "original\n").unwrap();
+    let bundle = server.admin().upload_bundle("acme", &pond_exec::pack_dir(src.path()).unwrap()).unwrap();
+    let run = server
+        .admin()
+        .submit(&json!({"project_id": "acme",
+            "sources": [{"label": "repo", "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}],
+            "definition": {"stages": [
+                {"key": "edit", "timeout": "2m", "executor": {"kind": "swarm", "placement": "local", "harness": "claude",
+                    "model_ref": "smart", "prompt": "Update notes.md."}},
+                {"key": "check", "executor": {"kind": "shell", "argv": ["cat", "notes.md"]}}
+            ]}}), None)
+        .unwrap();
+    let id = run.id.to_string();
+    let done = wait_done(&server.admin(), &id, Duration::from_secs(120));
+    let logs = log_text(&server.admin(), &id);
+    assert_eq!(done.state.as_str(), "succeeded", "{logs:#?}");
+    assert!(logs.iter().any(|l| l == "edited-by-claude"), "{logs:#?}");
+    let mut results = Vec::new();
+    server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
+    assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"edited":"notes.md"}"#, "{logs:#?}");
+}
