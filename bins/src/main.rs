@@ -225,6 +225,15 @@ enum RunCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print an agent stage's results (one JSON value per line), decrypted locally for a
+    /// confidential run.
+    Results {
+        /// Run id.
+        id: String,
+        /// The results artifact (a stage's `parse.artifact`).
+        #[arg(long, default_value = "results.jsonl")]
+        artifact: String,
+    },
     /// List a run's artifacts, or download one.
     Artifacts {
         /// Run id.
@@ -1096,6 +1105,17 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
                 print_json(&run)?;
             } else {
                 println!("cancel requested for run {} (state: {})", run.id, run.state);
+            }
+            Ok(0)
+        }
+        RunCommand::Results { id, artifact } => {
+            let data = cli::fetch_artifact(client, &id, &artifact, key_path)?;
+            let text = String::from_utf8(data).context("the results are not UTF-8")?;
+            let mut out = std::io::stdout().lock();
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let value: serde_json::Value =
+                    serde_json::from_str(line).with_context(|| format!("{artifact} holds a line that is not JSON"))?;
+                writeln!(out, "{value}")?;
             }
             Ok(0)
         }
