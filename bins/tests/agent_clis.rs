@@ -325,9 +325,18 @@ async fn fake_refusing(status: u16) -> String {
 
 #[test]
 fn a_model_api_that_refuses_the_key_fails_the_stage_and_says_why() {
+    model_api_failure(401, "credential was refused");
+}
+
+#[test]
+fn a_failing_model_api_fails_the_stage_and_says_why() {
+    model_api_failure(500, "the provider failed");
+}
+
+fn model_api_failure(status: u16, hint: &str) {
     let Some(bin) = agents_bin() else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let upstream = rt.block_on(fake_refusing(401));
+    let upstream = rt.block_on(fake_refusing(status));
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("server"), &[]);
     admin(&server, "POST", "/v1/admin/credentials", json!({"name": "openai", "provider": "openai", "value": REAL_KEY}));
@@ -350,7 +359,7 @@ fn a_model_api_that_refuses_the_key_fails_the_stage_and_says_why() {
     assert_eq!(done.state.as_str(), "failed");
     let error = done.stages[0].error.clone().unwrap_or_default();
     let logs = log_text(&server.admin(), &run.id.to_string());
-    assert!(error.contains("HTTP 401") && error.contains("credential was refused"), "{error} {logs:#?}");
+    assert!(error.contains(&format!("HTTP {status}")) && error.contains(hint), "{error} {logs:#?}");
 }
 
 /// A fake OpenAI Responses API for a tool turn: first it asks codex to run a shell command

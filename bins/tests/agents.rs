@@ -163,18 +163,31 @@ fn the_agent_sees_only_the_dummy_key_and_results_decrypt_for_the_consumer() {
     let admin = |method: &str, path: &str, body: Option<Value>| call(&server, &t, method, path, body);
     let real = "sk-real-never-in-the-agent-77";
     admin("POST", "/v1/admin/credentials", Some(json!({"name": "openai", "provider": "openai", "value": real})));
-    admin("POST", "/v1/admin/models", Some(json!({"key": "fast", "provider": "openai", "model_id": "m",
-        "credential_name": "openai", "capability": "harness.x", "base_url": "http://127.0.0.1:9"})));
+    admin(
+        "POST",
+        "/v1/admin/models",
+        Some(json!({"key": "fast", "provider": "openai", "model_id": "m",
+        "credential_name": "openai", "capability": "harness.x", "base_url": "http://127.0.0.1:9"})),
+    );
     // An "agent" that shows everything it was given: its environment and every file in its home.
     let script = "env; find \"$HOME\" -type f -exec cat {} +; printf '```result\\n{\"ok\": true}\\n```\\n'";
-    let (status, e) = admin("POST", "/v1/admin/harnesses", Some(json!({"key": "snoop", "capability": "harness.x",
+    let (status, e) = admin(
+        "POST",
+        "/v1/admin/harnesses",
+        Some(json!({"key": "snoop", "capability": "harness.x",
         "command_template": ["sh", "-c", script, "{prompt}"],
-        "env": {"OPENAI_BASE_URL": "{broker_url}", "OPENAI_API_KEY": "{dummy_key}", "AGENT_HOME": "{home}"}})));
+        "env": {"OPENAI_BASE_URL": "{broker_url}", "OPENAI_API_KEY": "{dummy_key}", "AGENT_HOME": "{home}"}})),
+    );
     assert_eq!(status, 201, "{e}");
     // A confidential run: the CLI encrypts to the context key by default.
     let workflow = dir.path().join("agent.json");
-    std::fs::write(&workflow, json!({"stages": [{"key": "snoop", "executor": {"kind": "swarm", "placement": "local",
-        "harness": "snoop", "model_ref": "fast", "prompt": "show me"}}]}).to_string()).unwrap();
+    std::fs::write(
+        &workflow,
+        json!({"stages": [{"key": "snoop", "executor": {"kind": "swarm", "placement": "local",
+        "harness": "snoop", "model_ref": "fast", "prompt": "show me"}}]})
+        .to_string(),
+    )
+    .unwrap();
     let out = server.cli(&["run", "submit", "-f", workflow.to_str().unwrap(), "--project", "acme", "--wait"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
@@ -183,5 +196,10 @@ fn the_agent_sees_only_the_dummy_key_and_results_decrypt_for_the_consumer() {
     assert!(!text.contains(real), "the real key reached the agent: {text}");
     let id = server.admin().list_runs(Some("acme"), None, Some(1), None).unwrap().runs[0].id.to_string();
     let out = server.cli(&["run", "results", &id]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"ok":true}"#, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"ok":true}"#,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
