@@ -203,3 +203,71 @@ fn the_agent_sees_only_the_dummy_key_and_results_decrypt_for_the_consumer() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn foreach_fans_an_agent_stage_out_over_an_earlier_stage_s_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let t = server.token.clone();
+    let admin = |method: &str, path: &str, body: Option<Value>| call(&server, &t, method, path, body);
+    // An "agent" that answers each item with a result block holding it.
+    let (status, e) = admin(
+        "POST",
+        "/v1/admin/harnesses",
+        Some(json!({"key": "echo", "capability": "harness.echo",
+        "command_template": ["sh", "-c", "printf '```result\\n%s\\n```\\n' \"$1\"", "agent", "{prompt}"]})),
+    );
+    assert_eq!(status, 201, "{e}");
+    let bundle = server
+        .admin()
+        .upload_bundle("acme", &pond_exec::pack_dir(&common::root().join("examples/repo")).unwrap())
+        .unwrap();
+    let body = |encrypt: bool| {
+        let mut b = json!({"project_id": "acme",
+        "sources": [{"label": "repo", "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}],
+        "definition": {"stages": [
+            {"key": "map", "executor": {"kind": "builtin", "name": "repo_map"}},
+            {"key": "review", "executor": {"kind": "swarm", "placement": "local", "harness": "echo", "prompt": "{item}",
+                "foreach": {"artifact": "areas.jsonl", "max_concurrency": 2}}}
+        ]}});
+        if encrypt {
+            let key = base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                pond_core::keys::x25519_public(&[5; 32]),
+            );
+            b["encrypt"] = json!(true);
+            b["recipient_pubkeys"] = json!([key]);
+        }
+        b
+    };
+    let id = server.admin().submit(&body(false), None).unwrap().id.to_string();
+    let done = common::wait_done(&server.admin(), &id, std::time::Duration::from_secs(60));
+    assert_eq!(done.state.as_str(), "succeeded", "{:?}", common::log_text(&server.admin(), &id));
+    let mut areas = Vec::new();
+    server.admin().download_artifact(&id, "areas.jsonl", &mut areas).unwrap();
+    let mut results = Vec::new();
+    server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
+    let areas: Vec<Value> =
+        String::from_utf8(areas).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let results: Vec<Value> =
+        String::from_utf8(results).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(areas.len(), 4);
+    assert_eq!(results, areas, "one result per item, in item order");
+    let names: Vec<String> = server.admin().artifacts(&id).unwrap().artifacts.into_iter().map(|a| a.name).collect();
+    for i in 0..4 {
+        assert!(names.contains(&format!("agent-review-{i}.log")), "{names:?}");
+    }
+    // Bad foreach specs are refused at submit; a confidential run's items cannot be read by pond.
+    let mut bad = body(false);
+    bad["definition"]["stages"][1]["executor"]["foreach"] = json!({"artifact": "areas.jsonl", "max_concurrency": 99});
+    let (status, e) = admin("POST", "/v1/runs", Some(bad));
+    assert_eq!(
+        (status, e["error"]["field"].as_str()),
+        (422, Some("definition.stages[1].executor.foreach.max_concurrency")),
+        "{e}"
+    );
+    let id = server.admin().submit(&body(true), None).unwrap().id.to_string();
+    let done = common::wait_done(&server.admin(), &id, std::time::Duration::from_secs(60));
+    assert_eq!(done.state.as_str(), "failed");
+    assert!(done.stages[1].error.clone().unwrap_or_default().contains("confidential run"), "{:?}", done.stages[1]);
+}

@@ -355,6 +355,59 @@ pub fn extract_results(transcript: &[String], fence: &str) -> (Vec<String>, Vec<
     (results, problems)
 }
 
+/// A swarm stage's `foreach`: fan out over the lines of an earlier stage's artifact.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Foreach {
+    /// The artifact whose lines (JSON values, e.g. `areas.jsonl`) are the items.
+    pub artifact: String,
+    /// Tasks at once (default 4, at most 16).
+    #[serde(default)]
+    pub max_concurrency: Option<usize>,
+}
+
+impl Foreach {
+    /// Parses and checks a stage's `foreach`; errors name the field under `at`.
+    pub fn parse(value: &serde_json::Value, at: &str) -> Result<Foreach, FieldError> {
+        let foreach: Foreach = crate::json::from_value_at(value.clone(), at)?;
+        if !crate::engine::valid_artifact_name(&foreach.artifact) {
+            return Err(invalid(format!("{at}.artifact"), format!("`{}` is not an artifact name", foreach.artifact)));
+        }
+        if foreach.max_concurrency.is_some_and(|n| n == 0 || n > 16) {
+            return Err(invalid(format!("{at}.max_concurrency"), "must be from 1 to 16"));
+        }
+        Ok(foreach)
+    }
+
+    /// Tasks at once.
+    pub fn concurrency(&self) -> usize {
+        self.max_concurrency.unwrap_or(4)
+    }
+}
+
+/// Most items one `foreach` fans out over.
+pub const MAX_FOREACH_ITEMS: usize = 1000;
+
+/// The items of a `foreach` artifact: its non-empty lines.
+pub fn foreach_items(data: &[u8]) -> Result<Vec<String>, String> {
+    let text = std::str::from_utf8(data).map_err(|_| "the foreach artifact is not UTF-8 text".to_string())?;
+    let items: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
+    if items.len() > MAX_FOREACH_ITEMS {
+        return Err(format!("the foreach artifact has {} items; at most {MAX_FOREACH_ITEMS}", items.len()));
+    }
+    Ok(items)
+}
+
+/// A task's prompt: `{item}` in the prompt is replaced by the item; without it the item is
+/// appended.
+pub fn item_prompt(prompt: &str, item: &str) -> String {
+    if prompt.contains("{item}") {
+        prompt.replace("{item}", item)
+    } else {
+        format!("{prompt}\n\nItem:\n{item}")
+    }
+}
+
 /// Why a registry call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -583,11 +583,8 @@ impl StageDef {
                 if swarm.prompt.trim().is_empty() {
                     return Err(FieldError::new(format!("{at}.executor.prompt"), "must not be empty"));
                 }
-                if swarm.foreach.is_some() {
-                    return Err(FieldError::new(
-                        format!("{at}.executor.foreach"),
-                        "fan-out over an earlier stage's items is not built yet",
-                    ));
+                if let Some(foreach) = &swarm.foreach {
+                    crate::agents::Foreach::parse(foreach, &format!("{at}.executor.foreach"))?;
                 }
             }
             ExecutorSpec::Noop(_) | ExecutorSpec::Builtin(_) => {}

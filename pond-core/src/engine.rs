@@ -415,8 +415,19 @@ impl Engine {
             attempt: claim.stage.attempt,
             sealer: run.encryption.as_ref().map(|e| crate::seal::OutputSealer::new(e.keys(), self.config.signing_seed)),
         };
-        let ctx =
-            ExecContext { run, stage: def, attempt: claim.stage.attempt, workspace: &workspace, output: &sink, stop };
+        let items = match self.foreach_items(run, def).await {
+            Ok(items) => items,
+            Err(error) => return StageOutcome::Failed { error, exit_code: None },
+        };
+        let ctx = ExecContext {
+            run,
+            stage: def,
+            attempt: claim.stage.attempt,
+            workspace: &workspace,
+            output: &sink,
+            stop,
+            items: items.as_deref(),
+        };
         let outcome = executor.execute(ctx).await;
         match (outcome, stop.reason()) {
             (StageOutcome::Cancelled, Some(StopReason::TimedOut))
@@ -425,6 +436,36 @@ impl Engine {
             }
             (outcome, _) => outcome,
         }
+    }
+
+    /// The items of a swarm stage's `foreach`: the lines of the named artifact of this run.
+    pub async fn foreach_items(
+        &self,
+        run: &Run,
+        def: &crate::definition::StageDef,
+    ) -> Result<Option<Vec<String>>, String> {
+        let crate::definition::ExecutorSpec::Swarm(swarm) = &def.executor else { return Ok(None) };
+        let Some(value) = &swarm.foreach else { return Ok(None) };
+        let foreach = crate::agents::Foreach::parse(value, "foreach").map_err(|e| e.to_string())?;
+        if run.encryption.is_some() {
+            // The artifact is sealed to the consumer; pond cannot read its items.
+            return Err(
+                "`foreach` cannot read the items of a confidential run (its artifacts are sealed to the consumer)"
+                    .into(),
+            );
+        }
+        let artifact =
+            self.store.get_artifact(run.id, &foreach.artifact).await.map_err(|e| e.to_string())?.ok_or_else(|| {
+                format!("no artifact `{}` to fan out over (does an earlier stage write it?)", foreach.artifact)
+            })?;
+        let meta = self
+            .store
+            .blob_meta(artifact.blob_id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("artifact `{}` has no data", foreach.artifact))?;
+        let data = crate::store::read_blob(self.store.as_ref(), &meta).await.map_err(|e| e.to_string())?;
+        crate::agents::foreach_items(&data).map(Some)
     }
 
     /// Records what fetching the run's sources found, once per run.

@@ -84,6 +84,8 @@ pub struct ExecContext<'a> {
     pub output: &'a dyn OutputSink,
     /// Cancel, timeout, lost lease.
     pub stop: &'a dyn StopSignal,
+    /// For a stage with `foreach`: the items it fans out over (the lines of the named artifact).
+    pub items: Option<&'a [String]>,
 }
 
 /// Runs stages of one executor kind.

@@ -254,6 +254,8 @@ pub struct Job {
     pub credentials: Option<String>,
     /// For an agent stage: its harness and model as registered (nothing secret).
     pub agent: Option<JobAgent>,
+    /// For a `foreach` stage: its items.
+    pub items: Option<Vec<String>>,
 }
 
 /// The name under which an agent stage's model key travels in its sealed credentials.

@@ -63,61 +63,55 @@ fn fail(error: String) -> StageOutcome {
     StageOutcome::Failed { error, exit_code: None }
 }
 
-#[async_trait]
-impl Executor for SwarmExecutor {
-    fn kind(&self) -> &'static str {
-        "swarm"
-    }
+/// What one task (the whole stage, or one `foreach` item) left behind.
+struct TaskRun {
+    index: Option<usize>,
+    outcome: StageOutcome,
+    transcript: Vec<(LogStream, String)>,
+}
 
-    async fn execute(&self, ctx: ExecContext<'_>) -> StageOutcome {
-        let ExecutorSpec::Swarm(spec) = &ctx.stage.executor else {
-            return fail("not a swarm stage".into());
-        };
-        if spec.prompt.trim().is_empty() {
-            return fail("the prompt is empty".into());
-        }
-        let agent = match self.resolver.resolve(&spec.harness, spec.model_ref.as_deref()).await {
-            Ok(a) => a,
-            Err(e) => return fail(e),
-        };
-        let dummy_key = format!("pond-task-{}", hex::encode(pond_core::seal::random_key()));
-        let (provider, upstream, model_id) = match &agent.model {
-            Some(m) => (
-                m.provider.clone(),
-                m.base_url.clone().unwrap_or_else(|| default_base_url(&m.provider).to_string()),
-                m.model_id.clone(),
-            ),
-            None => ("openai".to_string(), default_base_url("openai").to_string(), String::new()),
-        };
-        let broker = match &agent.real_key {
-            Some(key) => match self.broker.start(&provider, &upstream, key, &dummy_key).await {
-                Ok(b) => Some(b),
-                Err(e) => return fail(format!("starting the broker: {e}")),
-            },
-            None => None,
-        };
+/// The agent and broker shared by a stage's tasks.
+struct Prepared<'a> {
+    agent: &'a pond_core::agents::ResolvedAgent,
+    model_id: String,
+    broker_url: String,
+    dummy_key: String,
+}
+
+impl SwarmExecutor {
+    /// Runs one task: a private home with the prompt file, the rendered argv through the shell
+    /// executor, its transcript captured.
+    async fn run_task(
+        &self,
+        ctx: &ExecContext<'_>,
+        prepared: &Prepared<'_>,
+        index: Option<usize>,
+        prompt: String,
+    ) -> TaskRun {
+        let done = |outcome| TaskRun { index, outcome, transcript: Vec::new() };
+        let ExecutorSpec::Swarm(spec) = &ctx.stage.executor else { return done(fail("not a swarm stage".into())) };
         let home = match tempfile::Builder::new().prefix("agent-home-").tempdir_in(&self.homes) {
             Ok(d) => d,
-            Err(e) => return fail(format!("creating the agent's home: {e}")),
+            Err(e) => return done(fail(format!("creating the agent's home: {e}"))),
         };
         let prompt_file = home.path().join("prompt.txt");
-        if let Err(e) = std::fs::write(&prompt_file, &spec.prompt) {
-            return fail(format!("writing the prompt file: {e}"));
+        if let Err(e) = std::fs::write(&prompt_file, &prompt) {
+            return done(fail(format!("writing the prompt file: {e}")));
         }
         let values = BTreeMap::from([
-            ("model", model_id),
-            ("prompt", spec.prompt.clone()),
+            ("model", prepared.model_id.clone()),
+            ("prompt", prompt),
             ("prompt_file", prompt_file.to_string_lossy().into_owned()),
-            ("broker_url", broker.as_ref().map(|b| b.url()).unwrap_or_default()),
-            ("dummy_key", dummy_key.clone()),
+            ("broker_url", prepared.broker_url.clone()),
+            ("dummy_key", prepared.dummy_key.clone()),
             ("home", home.path().to_string_lossy().into_owned()),
         ]);
-        let (argv, env) = agent.harness.render(&values);
+        let (argv, env) = prepared.agent.harness.render(&values);
         if !installed(&argv[0]) {
-            return fail(format!(
+            return done(fail(format!(
                 "the agent CLI `{}` of harness `{}` is not installed here (not an executable file, nor in PATH)",
-                argv[0], agent.harness.key
-            ));
+                argv[0], prepared.agent.harness.key
+            )));
         }
         let stage = StageDef {
             executor: ExecutorSpec::Shell(ShellSpec {
@@ -139,17 +133,106 @@ impl Executor for SwarmExecutor {
             workspace: ctx.workspace,
             output: &capture,
             stop: ctx.stop,
+            items: None,
         };
         let outcome = self.shell.execute(inner).await;
         let transcript = std::mem::take(&mut *capture.transcript.lock().unwrap_or_else(|p| p.into_inner()));
+        TaskRun { index, outcome, transcript }
+    }
+}
 
-        // Results: fenced blocks of stdout; malformed ones are reported, not fatal.
+#[async_trait]
+impl Executor for SwarmExecutor {
+    fn kind(&self) -> &'static str {
+        "swarm"
+    }
+
+    async fn execute(&self, ctx: ExecContext<'_>) -> StageOutcome {
+        use futures_util::StreamExt as _;
+        let ExecutorSpec::Swarm(spec) = &ctx.stage.executor else {
+            return fail("not a swarm stage".into());
+        };
+        if spec.prompt.trim().is_empty() {
+            return fail("the prompt is empty".into());
+        }
+        let agent = match self.resolver.resolve(&spec.harness, spec.model_ref.as_deref()).await {
+            Ok(a) => a,
+            Err(e) => return fail(e),
+        };
+        let dummy_key = format!("pond-task-{}", hex::encode(pond_core::seal::random_key()));
+        let (provider, upstream, model_id) = match &agent.model {
+            Some(m) => (
+                m.provider.clone(),
+                m.base_url.clone().unwrap_or_else(|| default_base_url(&m.provider).to_string()),
+                m.model_id.clone(),
+            ),
+            None => ("openai".to_string(), default_base_url("openai").to_string(), String::new()),
+        };
+        // One broker for the stage's tasks: it holds the key and meters them all.
+        let broker = match &agent.real_key {
+            Some(key) => match self.broker.start(&provider, &upstream, key, &dummy_key).await {
+                Ok(b) => Some(b),
+                Err(e) => return fail(format!("starting the broker: {e}")),
+            },
+            None => None,
+        };
+        let prepared = Prepared {
+            agent: &agent,
+            model_id,
+            broker_url: broker.as_ref().map(|b| b.url()).unwrap_or_default(),
+            dummy_key,
+        };
+        // The tasks: the stage itself, or one per `foreach` item, `concurrency` at a time.
+        let (tasks, concurrency): (Vec<(Option<usize>, String)>, usize) = match ctx.items {
+            None => (vec![(None, spec.prompt.clone())], 1),
+            Some(items) => {
+                let concurrency = spec
+                    .foreach
+                    .as_ref()
+                    .and_then(|f| pond_core::agents::Foreach::parse(f, "foreach").ok())
+                    .map(|f| f.concurrency())
+                    .unwrap_or(1);
+                let tasks = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| (Some(i), pond_core::agents::item_prompt(&spec.prompt, item)))
+                    .collect();
+                (tasks, concurrency)
+            }
+        };
+        let mut runs: Vec<TaskRun> = futures_util::stream::iter(tasks)
+            .map(|(index, prompt)| self.run_task(&ctx, &prepared, index, prompt))
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        runs.sort_by_key(|r| r.index);
+
+        // Results of every task, in item order; malformed blocks are reported, not fatal.
         let (fence, artifact) = parse_spec(spec.parse.as_ref());
-        let stdout: Vec<String> =
-            transcript.iter().filter(|(s, _)| *s == LogStream::Stdout).map(|(_, t)| t.clone()).collect();
-        let (results, problems) = extract_results(&stdout, &fence);
-        let mut notes: Vec<(LogStream, String)> = problems.into_iter().map(|p| (LogStream::System, p)).collect();
-        notes.push((LogStream::System, format!("{} result(s) in {artifact}", results.len())));
+        let mut results = Vec::new();
+        let mut notes: Vec<(LogStream, String)> = Vec::new();
+        for run in &runs {
+            let stdout: Vec<String> =
+                run.transcript.iter().filter(|(s, _)| *s == LogStream::Stdout).map(|(_, t)| t.clone()).collect();
+            let (found, problems) = extract_results(&stdout, &fence);
+            results.extend(found);
+            let task = run.index.map(|i| format!("task {i}: ")).unwrap_or_default();
+            notes.extend(problems.into_iter().map(|p| (LogStream::System, format!("{task}{p}"))));
+            let log: String = run
+                .transcript
+                .iter()
+                .map(|(s, t)| if *s == LogStream::Stderr { format!("! {t}\n") } else { format!("{t}\n") })
+                .collect();
+            let name = match run.index {
+                Some(i) => format!("agent-{}-{i}.log", ctx.stage.key),
+                None => format!("agent-{}.log", ctx.stage.key),
+            };
+            let _ = ctx.output.artifact(&name, log.into_bytes()).await;
+        }
+        notes.push((
+            LogStream::System,
+            format!("{} result(s) in {artifact} from {} task(s)", results.len(), runs.len()),
+        ));
         let mut jsonl = results.join("\n");
         if !jsonl.is_empty() {
             jsonl.push('\n');
@@ -157,11 +240,6 @@ impl Executor for SwarmExecutor {
         if let Err(e) = ctx.output.artifact(&artifact, jsonl.into_bytes()).await {
             notes.push((LogStream::System, format!("storing {artifact} failed: {e}")));
         }
-        let log: String = transcript
-            .iter()
-            .map(|(s, t)| if *s == LogStream::Stderr { format!("! {t}\n") } else { format!("{t}\n") })
-            .collect();
-        let _ = ctx.output.artifact(&format!("agent-{}.log", ctx.stage.key), log.into_bytes()).await;
         if let Some(b) = &broker {
             let (requests, input, output) = b.usage();
             let cost = agent.model.as_ref().map(|m| {
@@ -180,6 +258,24 @@ impl Executor for SwarmExecutor {
             let _ = ctx.output.artifact(&format!("usage-{}.json", ctx.stage.key), usage.to_string().into_bytes()).await;
         }
         ctx.output.lines(notes).await;
+        // The stage fails if a task did (the first failure is reported, with how many).
+        let failures: Vec<&TaskRun> = runs.iter().filter(|r| !matches!(r.outcome, StageOutcome::Succeeded)).collect();
+        let outcome = match failures.first() {
+            None => StageOutcome::Succeeded,
+            Some(first) if runs.len() == 1 => first.outcome.clone(),
+            Some(first) => match &first.outcome {
+                StageOutcome::Failed { error, exit_code } => StageOutcome::Failed {
+                    error: format!(
+                        "{} of {} tasks failed; task {}: {error}",
+                        failures.len(),
+                        runs.len(),
+                        first.index.unwrap_or(0)
+                    ),
+                    exit_code: *exit_code,
+                },
+                other => other.clone(),
+            },
+        };
         // An agent that failed after the model API refused it: say so, not just the exit code.
         match (outcome, broker.as_ref().and_then(|b| b.last_error())) {
             (StageOutcome::Failed { error, exit_code }, Some(status)) => StageOutcome::Failed {

@@ -353,8 +353,15 @@ impl Worker {
         let Some(executor) = agent_executor.as_ref().or_else(|| self.executors.get(stage.executor.kind())) else {
             return (failed(format!("this worker has no `{}` executor", stage.executor.kind())), input_sha);
         };
-        let ctx =
-            ExecContext { run: &job.run, stage, attempt: job.id.attempt, workspace: &workspace, output: sink, stop };
+        let ctx = ExecContext {
+            run: &job.run,
+            stage,
+            attempt: job.id.attempt,
+            workspace: &workspace,
+            output: sink,
+            stop,
+            items: job.items.as_deref(),
+        };
         let outcome = match (executor.execute(ctx).await, stop.reason()) {
             (StageOutcome::Cancelled | StageOutcome::Failed { .. }, Some(StopReason::TimedOut)) => {
                 failed(format!("timed out after {}", stage.effective_timeout()))

@@ -411,6 +411,16 @@ async fn ticket(state: &AppState, worker: &PoolMember, claim: &Claim) -> Result<
         Ok(agent) => sealed_credentials(state, worker, claim, &job_id, agent.as_ref()).await.map(|c| (c, agent)),
         Err(e) => Err(e),
     };
+    let items = match claim.run.definition.stages.get(claim.stage.position as usize) {
+        Some(def) => match state.engine.foreach_items(&claim.run, def).await {
+            Ok(items) => items,
+            Err(e) => {
+                let _ = state.engine.complete(claim, StageOutcome::Failed { error: e, exit_code: None }).await;
+                return Ok(None);
+            }
+        },
+        None => None,
+    };
     let (credentials, agent) = match prepared {
         Ok(c) => c,
         Err(e) => {
@@ -435,6 +445,7 @@ async fn ticket(state: &AppState, worker: &PoolMember, claim: &Claim) -> Result<
         input_size: input.size,
         credentials,
         agent,
+        items,
     }))
 }
 

@@ -190,6 +190,7 @@ pub fn ticket_job(ticket: JobTicket) -> Result<Job, String> {
         input_sha256: ticket.input_sha256,
         credentials: ticket.credentials,
         agent: ticket.agent,
+        items: ticket.items,
     })
 }
 

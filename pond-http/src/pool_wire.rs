@@ -126,6 +126,9 @@ pub struct JobTicket {
     /// For an agent stage: its harness and model (nothing secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<pond_core::pool::JobAgent>,
+    /// For a `foreach` stage: its items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<Vec<String>>,
 }
 
 /// `POST /v1/orch/claim` response.
