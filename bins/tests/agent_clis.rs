@@ -207,12 +207,18 @@ fn claude_answers_with_a_result_block_through_the_broker() {
     let mut claude = pond_core::agents::presets().into_iter().find(|h| h.key == "claude").unwrap();
     claude.command_template[0] = bin.join("claude").display().to_string();
     admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&claude).unwrap());
+    // On a pool worker: server + orchestrator + worker processes.
+    let code = common::enroll_code(&server.admin(), "agents", None, None);
+    let orch = common::Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+    let code = common::enroll_code(&server.admin(), "agents", Some(&[]), None);
+    let worker =
+        common::Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--capabilities", "harness.claude"]);
 
     let run = server
         .admin()
         .submit(
             &json!({"project_id": "acme", "definition": {"stages": [{"key": "review", "timeout": "2m",
-            "executor": {"kind": "swarm", "placement": "local", "harness": "claude", "model_ref": "smart",
+            "executor": {"kind": "swarm", "harness": "claude", "model_ref": "smart",
                 "prompt": "Review the docs; answer with a result block."}}]}}),
             None,
         )
@@ -221,6 +227,9 @@ fn claude_answers_with_a_result_block_through_the_broker() {
     let done = wait_done(&server.admin(), &id, Duration::from_secs(120));
     let logs = log_text(&server.admin(), &id);
     assert_eq!(done.state.as_str(), "succeeded", "{logs:#?}");
+    assert_eq!(done.stages[0].attempts.last().unwrap().owner, worker.id);
+    assert_eq!(done.stages[0].attestation_verified, Some(true));
+    assert!(logs.iter().any(|l| l.contains("usage: 1 request(s), 900 input and 40 output tokens")), "{logs:#?}");
     let mut results = Vec::new();
     server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
     assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"finding":"docs are stale"}"#, "{logs:#?}");
@@ -309,7 +318,8 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
 
 /// A fake model API that refuses every request with `status`.
 async fn fake_refusing(status: u16) -> String {
-    async fn handler(State(status): State<u16>) -> Response {
+    async fn handler(State(status): State<u16>, _body: axum::body::Bytes) -> Response {
+        // (The body is read first, as a provider does: answering mid-upload breaks the pipe.)
         let body = json!({"error": {"message": "refused by the fake", "type": "invalid_request_error", "code": "invalid_api_key"}});
         Response::builder()
             .status(status)
@@ -546,4 +556,44 @@ fn claude_runs_a_shell_command_that_edits_the_checkout_then_answers() {
     let mut results = Vec::new();
     server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
     assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"edited":"notes.md"}"#, "{logs:#?}");
+}
+
+/// A fake model API that reads the request and never answers.
+async fn fake_silent() -> String {
+    async fn handler(_body: axum::body::Bytes) -> Response {
+        std::future::pending::<Response>().await
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, Router::new().fallback(handler)).await });
+    format!("http://{addr}")
+}
+
+#[test]
+fn a_model_api_that_never_answers_is_cut_off_by_the_stage_timeout() {
+    let Some(bin) = agents_bin() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream = rt.block_on(fake_silent());
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    admin(&server, "POST", "/v1/admin/credentials", json!({"name": "openai", "provider": "openai", "value": REAL_KEY}));
+    admin(
+        &server,
+        "POST",
+        "/v1/admin/models",
+        json!({"key": "fast", "provider": "openai", "model_id": "gpt-5.5",
+        "credential_name": "openai", "capability": "harness.codex", "base_url": upstream}),
+    );
+    let mut codex = pond_core::agents::presets().into_iter().find(|h| h.key == "codex").unwrap();
+    codex.command_template[0] = bin.join("codex").display().to_string();
+    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&codex).unwrap());
+    let run = server
+        .admin()
+        .submit(&json!({"project_id": "acme", "definition": {"stages": [{"key": "review", "timeout": "3s",
+            "executor": {"kind": "swarm", "placement": "local", "harness": "codex", "model_ref": "fast", "prompt": "hi"}}]}}), None)
+        .unwrap();
+    let done = wait_done(&server.admin(), &run.id.to_string(), Duration::from_secs(60));
+    assert_eq!(done.state.as_str(), "failed");
+    let error = done.stages[0].error.clone().unwrap_or_default();
+    assert!(error.contains("timed out after 3s"), "{error}");
 }

@@ -352,6 +352,8 @@ pub struct Capabilities {
     pub sandbox_profiles: Vec<SandboxProfile>,
     /// Executor kinds pool workers can run (`executor.placement: pool`).
     pub pool_kinds: Vec<String>,
+    /// Sandbox profiles pool workers can enforce.
+    pub pool_sandbox_profiles: Vec<SandboxProfile>,
 }
 
 /// Whether `tag` is a valid tag: `name` or `name:value` of letters, digits and `._-/`.
@@ -525,6 +527,17 @@ impl StageDef {
         let kind = self.executor.kind();
         // The executor's own fields first (an empty prompt is named as such).
         self.validate_executor(at)?;
+        if let Some(sandbox) = self.executor.sandbox() {
+            if !caps.pool_sandbox_profiles.contains(&sandbox.profile) {
+                return Err(FieldError::new(
+                    format!("{at}.executor.sandbox.profile"),
+                    format!(
+                        "profile `{}` needs a sandbox backend on the worker, and none exists yet (refused rather than run unconfined)",
+                        sandbox.profile.as_str()
+                    ),
+                ));
+            }
+        }
         if !caps.pool_kinds.iter().any(|k| k == kind) {
             let reason = if kind == "swarm" {
                 "agent stages (`swarm`) do not run on this server yet: the swarm executor is not built".to_string()
@@ -653,6 +666,7 @@ mod tests {
             executor_kinds: vec!["noop".into(), "builtin".into(), "shell".into()],
             sandbox_profiles: vec![SandboxProfile::None],
             pool_kinds: vec!["noop".into(), "shell".into()],
+            pool_sandbox_profiles: vec![SandboxProfile::None],
         }
     }
 

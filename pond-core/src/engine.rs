@@ -188,6 +188,9 @@ impl Engine {
             executor_kinds: kinds,
             sandbox_profiles: self.sandbox_profiles.clone(),
             pool_kinds: POOL_EXECUTOR_KINDS.iter().map(|k| k.to_string()).collect(),
+            // No worker has a sandbox backend yet (the sandbox issue); until one does, a confined
+            // profile is refused rather than left waiting for a worker that cannot exist.
+            pool_sandbox_profiles: vec![SandboxProfile::None],
         }
     }
 
