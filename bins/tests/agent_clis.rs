@@ -406,6 +406,15 @@ async fn fake_openai_tool(seen: Seen) -> String {
 
 #[test]
 fn codex_runs_a_shell_command_that_edits_the_checkout_then_answers() {
+    codex_tool_turn(false);
+}
+
+#[test]
+fn codex_runs_a_shell_command_on_a_pool_worker_then_answers() {
+    codex_tool_turn(true);
+}
+
+fn codex_tool_turn(pooled: bool) {
     let Some(bin) = agents_bin() else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let seen: Seen = Arc::default();
@@ -426,13 +435,22 @@ fn codex_runs_a_shell_command_that_edits_the_checkout_then_answers() {
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("notes.md"), "original\n").unwrap();
     let bundle = server.admin().upload_bundle("acme", &pond_exec::pack_dir(src.path()).unwrap()).unwrap();
+    let mut _pool = None;
+    if pooled {
+        let code = common::enroll_code(&server.admin(), "agents", None, None);
+        let orch = common::Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+        let code = common::enroll_code(&server.admin(), "agents", Some(&[]), None);
+        let worker =
+            common::Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--capabilities", "harness.codex"]);
+        _pool = Some((orch, worker));
+    }
     let run = server
         .admin()
         .submit(
             &json!({"project_id": "acme",
             "sources": [{"label": "repo", "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}],
             "definition": {"stages": [
-                {"key": "edit", "timeout": "2m", "executor": {"kind": "swarm", "placement": "local", "harness": "codex",
+                {"key": "edit", "timeout": "2m", "executor": {"kind": "swarm", "placement": if pooled { "pool" } else { "local" }, "harness": "codex",
                     "model_ref": "fast", "prompt": "Update notes.md."}},
                 {"key": "check", "executor": {"kind": "shell", "argv": ["cat", "notes.md"]}}
             ]}}),
@@ -444,7 +462,17 @@ fn codex_runs_a_shell_command_that_edits_the_checkout_then_answers() {
     let logs = log_text(&server.admin(), &id);
     assert_eq!(done.state.as_str(), "succeeded", "{logs:#?}");
     // The command ran in the checkout: the next stage sees the edit.
-    assert!(logs.iter().any(|l| l == "edited-by-agent"), "{logs:#?}");
+    if pooled {
+        // The edit happened in the worker's throwaway checkout; its output went back to the model.
+        assert_eq!(done.stages[0].attestation_verified, Some(true), "{logs:#?}");
+        assert!(
+            seen.lock().unwrap().iter().any(|(_, r)| r.to_string().contains("edited-by-agent")),
+            "the tool output went back"
+        );
+    } else {
+        // On the control plane the next stage sees the edited checkout.
+        assert!(logs.iter().any(|l| l == "edited-by-agent"), "{logs:#?}");
+    }
     let mut results = Vec::new();
     server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
     assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"edited":"notes.md"}"#);
@@ -513,6 +541,15 @@ async fn fake_anthropic_tool(seen: Seen) -> String {
 
 #[test]
 fn claude_runs_a_shell_command_that_edits_the_checkout_then_answers() {
+    claude_tool_turn(false);
+}
+
+#[test]
+fn claude_runs_a_shell_command_on_a_pool_worker_then_answers() {
+    claude_tool_turn(true);
+}
+
+fn claude_tool_turn(pooled: bool) {
     let Some(bin) = agents_bin() else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let seen: Seen = Arc::default();
@@ -538,12 +575,21 @@ fn claude_runs_a_shell_command_that_edits_the_checkout_then_answers() {
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("notes.md"), "original\n").unwrap();
     let bundle = server.admin().upload_bundle("acme", &pond_exec::pack_dir(src.path()).unwrap()).unwrap();
+    let mut _pool = None;
+    if pooled {
+        let code = common::enroll_code(&server.admin(), "agents", None, None);
+        let orch = common::Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+        let code = common::enroll_code(&server.admin(), "agents", Some(&[]), None);
+        let worker =
+            common::Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--capabilities", "harness.claude"]);
+        _pool = Some((orch, worker));
+    }
     let run = server
         .admin()
         .submit(&json!({"project_id": "acme",
             "sources": [{"label": "repo", "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}],
             "definition": {"stages": [
-                {"key": "edit", "timeout": "2m", "executor": {"kind": "swarm", "placement": "local", "harness": "claude",
+                {"key": "edit", "timeout": "2m", "executor": {"kind": "swarm", "placement": if pooled { "pool" } else { "local" }, "harness": "claude",
                     "model_ref": "smart", "prompt": "Update notes.md."}},
                 {"key": "check", "executor": {"kind": "shell", "argv": ["cat", "notes.md"]}}
             ]}}), None)
@@ -552,7 +598,17 @@ fn claude_runs_a_shell_command_that_edits_the_checkout_then_answers() {
     let done = wait_done(&server.admin(), &id, Duration::from_secs(120));
     let logs = log_text(&server.admin(), &id);
     assert_eq!(done.state.as_str(), "succeeded", "{logs:#?}");
-    assert!(logs.iter().any(|l| l == "edited-by-claude"), "{logs:#?}");
+    if pooled {
+        // The edit happened in the worker's throwaway checkout; its output went back to the model.
+        assert_eq!(done.stages[0].attestation_verified, Some(true), "{logs:#?}");
+        assert!(
+            seen.lock().unwrap().iter().any(|(_, r)| r.to_string().contains("edited-by-claude")),
+            "the tool output went back"
+        );
+    } else {
+        // On the control plane the next stage sees the edited checkout.
+        assert!(logs.iter().any(|l| l == "edited-by-claude"), "{logs:#?}");
+    }
     let mut results = Vec::new();
     server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
     assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"edited":"notes.md"}"#, "{logs:#?}");
