@@ -119,6 +119,37 @@ async fn fake_anthropic(seen: Seen) -> String {
     format!("http://{addr}")
 }
 
+/// A server with a credential, a model and the `preset` harness (its CLI from `bin`) whose
+/// model API is `upstream`: codex → model `fast` (OpenAI, priced), claude → model `smart`.
+fn serve_agent(bin: &std::path::Path, preset: &str, upstream: &str) -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let (provider, key, model_id) =
+        if preset == "codex" { ("openai", "fast", "gpt-5.5") } else { ("anthropic", "smart", "claude-test") };
+    admin(&server, "POST", "/v1/admin/credentials", json!({"name": provider, "provider": provider, "value": REAL_KEY}));
+    admin(
+        &server,
+        "POST",
+        "/v1/admin/models",
+        json!({"key": key, "provider": provider, "model_id": model_id,
+        "credential_name": provider, "capability": format!("harness.{preset}"), "base_url": upstream,
+        "input_usd_per_mtok": 1.25, "output_usd_per_mtok": 10.0}),
+    );
+    let mut harness = pond_core::agents::presets().into_iter().find(|h| h.key == preset).unwrap();
+    harness.command_template[0] = bin.join(preset).display().to_string();
+    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&harness).unwrap());
+    (dir, server)
+}
+
+/// An orchestrator and one worker offering `capability`, for `server`.
+fn start_pool(server: &Server, dir: &std::path::Path, capability: &str) -> (common::Orchestrator, common::Worker) {
+    let code = common::enroll_code(&server.admin(), "agents", None, None);
+    let orch = common::Orchestrator::start(&server.url, &dir.join("orch"), "127.0.0.1:0", Some(&code));
+    let code = common::enroll_code(&server.admin(), "agents", Some(&[]), None);
+    let worker = common::Worker::start(&orch.url, &dir.join("worker"), &code, &["--capabilities", capability]);
+    (orch, worker)
+}
+
 fn admin(server: &Server, method: &str, path: &str, body: Value) -> Value {
     let req = ureq::request(method, &format!("{}{path}", server.url))
         .set("Authorization", &format!("Bearer {}", server.token));
@@ -135,20 +166,7 @@ fn codex_answers_with_a_result_block_through_the_broker() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let seen: Seen = Arc::default();
     let upstream = rt.block_on(fake_openai(seen.clone()));
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), &[]);
-    admin(&server, "POST", "/v1/admin/credentials", json!({"name": "openai", "provider": "openai", "value": REAL_KEY}));
-    admin(
-        &server,
-        "POST",
-        "/v1/admin/models",
-        json!({"key": "fast", "provider": "openai", "model_id": "gpt-5.5",
-        "credential_name": "openai", "capability": "harness.codex", "base_url": upstream,
-        "input_usd_per_mtok": 1.25, "output_usd_per_mtok": 10.0}),
-    );
-    let mut codex = pond_core::agents::presets().into_iter().find(|h| h.key == "codex").unwrap();
-    codex.command_template[0] = bin.join("codex").display().to_string();
-    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&codex).unwrap());
+    let (_dir, server) = serve_agent(&bin, "codex", &upstream);
 
     let run = server
         .admin()
@@ -189,30 +207,9 @@ fn claude_answers_with_a_result_block_through_the_broker() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let seen: Seen = Arc::default();
     let upstream = rt.block_on(fake_anthropic(seen.clone()));
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), &[]);
-    admin(
-        &server,
-        "POST",
-        "/v1/admin/credentials",
-        json!({"name": "anthropic", "provider": "anthropic", "value": REAL_KEY}),
-    );
-    admin(
-        &server,
-        "POST",
-        "/v1/admin/models",
-        json!({"key": "smart", "provider": "anthropic", "model_id": "claude-test",
-        "credential_name": "anthropic", "capability": "harness.claude", "base_url": upstream}),
-    );
-    let mut claude = pond_core::agents::presets().into_iter().find(|h| h.key == "claude").unwrap();
-    claude.command_template[0] = bin.join("claude").display().to_string();
-    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&claude).unwrap());
+    let (dir, server) = serve_agent(&bin, "claude", &upstream);
     // On a pool worker: server + orchestrator + worker processes.
-    let code = common::enroll_code(&server.admin(), "agents", None, None);
-    let orch = common::Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
-    let code = common::enroll_code(&server.admin(), "agents", Some(&[]), None);
-    let worker =
-        common::Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--capabilities", "harness.claude"]);
+    let (_orch, worker) = start_pool(&server, dir.path(), "harness.claude");
 
     let run = server
         .admin()
@@ -247,19 +244,7 @@ fn codex_runs_on_a_pool_worker_with_the_key_only_in_the_worker_s_broker() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let seen: Seen = Arc::default();
     let upstream = rt.block_on(fake_openai(seen.clone()));
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), &[]);
-    admin(&server, "POST", "/v1/admin/credentials", json!({"name": "openai", "provider": "openai", "value": REAL_KEY}));
-    admin(
-        &server,
-        "POST",
-        "/v1/admin/models",
-        json!({"key": "fast", "provider": "openai", "model_id": "gpt-5.5",
-        "credential_name": "openai", "capability": "harness.codex", "base_url": upstream}),
-    );
-    let mut codex = pond_core::agents::presets().into_iter().find(|h| h.key == "codex").unwrap();
-    codex.command_template[0] = bin.join("codex").display().to_string();
-    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&codex).unwrap());
+    let (dir, server) = serve_agent(&bin, "codex", &upstream);
     let code = common::enroll_code(&server.admin(), "agents", None, None);
     let orch = common::Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
     // One worker without the harness, one with it: only the second may take the job.
@@ -347,19 +332,7 @@ fn model_api_failure(status: u16, hint: &str) {
     let Some(bin) = agents_bin() else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let upstream = rt.block_on(fake_refusing(status));
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), &[]);
-    admin(&server, "POST", "/v1/admin/credentials", json!({"name": "openai", "provider": "openai", "value": REAL_KEY}));
-    admin(
-        &server,
-        "POST",
-        "/v1/admin/models",
-        json!({"key": "fast", "provider": "openai", "model_id": "gpt-5.5",
-        "credential_name": "openai", "capability": "harness.codex", "base_url": upstream}),
-    );
-    let mut codex = pond_core::agents::presets().into_iter().find(|h| h.key == "codex").unwrap();
-    codex.command_template[0] = bin.join("codex").display().to_string();
-    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&codex).unwrap());
+    let (_dir, server) = serve_agent(&bin, "codex", &upstream);
     let run = server
         .admin()
         .submit(&json!({"project_id": "acme", "definition": {"stages": [{"key": "review", "timeout": "2m",
@@ -419,29 +392,13 @@ fn codex_tool_turn(pooled: bool) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let seen: Seen = Arc::default();
     let upstream = rt.block_on(fake_openai_tool(seen.clone()));
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), &[]);
-    admin(&server, "POST", "/v1/admin/credentials", json!({"name": "openai", "provider": "openai", "value": REAL_KEY}));
-    admin(
-        &server,
-        "POST",
-        "/v1/admin/models",
-        json!({"key": "fast", "provider": "openai", "model_id": "gpt-5.5",
-        "credential_name": "openai", "capability": "harness.codex", "base_url": upstream}),
-    );
-    let mut codex = pond_core::agents::presets().into_iter().find(|h| h.key == "codex").unwrap();
-    codex.command_template[0] = bin.join("codex").display().to_string();
-    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&codex).unwrap());
+    let (dir, server) = serve_agent(&bin, "codex", &upstream);
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("notes.md"), "original\n").unwrap();
     let bundle = server.admin().upload_bundle("acme", &pond_exec::pack_dir(src.path()).unwrap()).unwrap();
     let mut _pool = None;
     if pooled {
-        let code = common::enroll_code(&server.admin(), "agents", None, None);
-        let orch = common::Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
-        let code = common::enroll_code(&server.admin(), "agents", Some(&[]), None);
-        let worker =
-            common::Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--capabilities", "harness.codex"]);
+        let (orch, worker) = start_pool(&server, dir.path(), "harness.codex");
         _pool = Some((orch, worker));
     }
     let run = server
@@ -554,34 +511,13 @@ fn claude_tool_turn(pooled: bool) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let seen: Seen = Arc::default();
     let upstream = rt.block_on(fake_anthropic_tool(seen.clone()));
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), &[]);
-    admin(
-        &server,
-        "POST",
-        "/v1/admin/credentials",
-        json!({"name": "anthropic", "provider": "anthropic", "value": REAL_KEY}),
-    );
-    admin(
-        &server,
-        "POST",
-        "/v1/admin/models",
-        json!({"key": "smart", "provider": "anthropic", "model_id": "claude-test",
-        "credential_name": "anthropic", "capability": "harness.claude", "base_url": upstream}),
-    );
-    let mut claude = pond_core::agents::presets().into_iter().find(|h| h.key == "claude").unwrap();
-    claude.command_template[0] = bin.join("claude").display().to_string();
-    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&claude).unwrap());
+    let (dir, server) = serve_agent(&bin, "claude", &upstream);
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("notes.md"), "original\n").unwrap();
     let bundle = server.admin().upload_bundle("acme", &pond_exec::pack_dir(src.path()).unwrap()).unwrap();
     let mut _pool = None;
     if pooled {
-        let code = common::enroll_code(&server.admin(), "agents", None, None);
-        let orch = common::Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
-        let code = common::enroll_code(&server.admin(), "agents", Some(&[]), None);
-        let worker =
-            common::Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--capabilities", "harness.claude"]);
+        let (orch, worker) = start_pool(&server, dir.path(), "harness.claude");
         _pool = Some((orch, worker));
     }
     let run = server
@@ -630,19 +566,7 @@ fn a_model_api_that_never_answers_is_cut_off_by_the_stage_timeout() {
     let Some(bin) = agents_bin() else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let upstream = rt.block_on(fake_silent());
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), &[]);
-    admin(&server, "POST", "/v1/admin/credentials", json!({"name": "openai", "provider": "openai", "value": REAL_KEY}));
-    admin(
-        &server,
-        "POST",
-        "/v1/admin/models",
-        json!({"key": "fast", "provider": "openai", "model_id": "gpt-5.5",
-        "credential_name": "openai", "capability": "harness.codex", "base_url": upstream}),
-    );
-    let mut codex = pond_core::agents::presets().into_iter().find(|h| h.key == "codex").unwrap();
-    codex.command_template[0] = bin.join("codex").display().to_string();
-    admin(&server, "POST", "/v1/admin/harnesses", serde_json::to_value(&codex).unwrap());
+    let (_dir, server) = serve_agent(&bin, "codex", &upstream);
     let run = server
         .admin()
         .submit(&json!({"project_id": "acme", "definition": {"stages": [{"key": "review", "timeout": "3s",
