@@ -1,9 +1,13 @@
 //! pond-sandbox: implementations of `pond_core::sandbox::SandboxBackend`.
 //!
-//! Today: [`HostBackend`], the `none` profile (a plain host process; local development only).
+//! Today: [`HostBackend`], the `none` profile (a plain host process; local development only),
+//! and [`egress::EgressProxy`], the allowlist proxy confined profiles will reach the network
+//! through.
 //! It refuses every confined profile, so a stage that asks for confinement fails closed. The
 //! OCI backend on youki's libcontainer is the sandbox issue's work.
 #![deny(missing_docs)]
+
+pub mod egress;
 
 use pond_core::definition::SandboxProfile;
 use pond_core::sandbox::{CommandSpec, SandboxBackend, SandboxError};
