@@ -31,6 +31,8 @@ use crate::attest::fingerprint;
 pub const LOGKEY_PREFIX: &[u8; 15] = b"pond.logkey.v1\0";
 /// Plaintext bytes per artifact chunk.
 pub const CHUNK: usize = 65_536;
+/// Largest chunk size a sidecar may name (a bigger one is refused, not allocated).
+pub const MAX_CHUNK: usize = 16 * 1024 * 1024;
 /// The sidecar's file suffix.
 pub const SIDECAR_SUFFIX: &str = ".pondkey";
 
@@ -356,7 +358,7 @@ pub fn seal_artifact(data: &[u8], recipients: &[[u8; 32]]) -> (Vec<u8>, String) 
 /// a missing FINAL chunk, and on bytes after it.
 pub fn open_artifact(data: &[u8], sidecar: &str, public: &[u8; 32], secret: &[u8; 32]) -> Result<Vec<u8>, SealError> {
     let sidecar: Sidecar = serde_json::from_str(sidecar).map_err(|_| SealError::Malformed("sidecar"))?;
-    if sidecar.pondkey != 1 || sidecar.alg != "secretstream_xchacha20poly1305" || sidecar.chunk_size == 0 {
+    if sidecar.pondkey != 1 || sidecar.alg != "secretstream_xchacha20poly1305" || !(1..=MAX_CHUNK).contains(&sidecar.chunk_size) {
         return Err(SealError::Malformed("sidecar"));
     }
     let mine = fingerprint(public);
@@ -369,6 +371,9 @@ pub fn open_artifact(data: &[u8], sidecar: &str, public: &[u8; 32], secret: &[u8
 
 /// Decrypts a secretstream file (header ‖ chunks of `chunk_size` plaintext bytes) under `key`.
 pub fn open_stream(data: &[u8], key: &[u8; 32], chunk_size: usize) -> Result<Vec<u8>, SealError> {
+    if !(1..=MAX_CHUNK).contains(&chunk_size) {
+        return Err(SealError::Malformed("chunk size"));
+    }
     if data.len() < CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_HEADERBYTES {
         return Err(SealError::Truncated("shorter than its header"));
     }

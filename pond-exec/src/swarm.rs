@@ -107,10 +107,13 @@ impl SwarmExecutor {
             ("home", home.path().to_string_lossy().into_owned()),
         ]);
         let (argv, env) = prepared.agent.harness.render(&values);
-        if !installed(&argv[0]) {
+        let Some(program) = argv.first() else {
+            return done(fail(format!("harness `{}` has an empty command", prepared.agent.harness.key)));
+        };
+        if !installed(program) {
             return done(fail(format!(
-                "the agent CLI `{}` of harness `{}` is not installed here (not an executable file, nor in PATH)",
-                argv[0], prepared.agent.harness.key
+                "the agent CLI `{program}` of harness `{}` is not installed here (not an executable file, nor in PATH)",
+                prepared.agent.harness.key
             )));
         }
         let stage = StageDef {

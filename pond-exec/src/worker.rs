@@ -163,7 +163,12 @@ impl Worker {
                 tokio::select! {
                     out = &mut work => break out,
                     _ = &mut deadline, if stop.reason().is_none() => stop.fire(StopReason::TimedOut),
-                    _ = ticker.tick() => match self.client.heartbeat(&id).await {
+                    // Bounded, so a hung orchestrator cannot keep this loop from the deadline,
+                    // the work's end or a lease that ran out meanwhile.
+                    _ = ticker.tick() => match tokio::time::timeout(beat_every, self.client.heartbeat(&id))
+                        .await
+                        .unwrap_or_else(|_| Err(WorkerCallError::Unavailable("heartbeat timed out".into())))
+                    {
                         Ok(cancel) => {
                             last_heard = tokio::time::Instant::now();
                             if cancel && stop.reason().is_none() {

@@ -274,7 +274,11 @@ async fn claim(
     let (mine, mut superseded) = state.polls.begin(&orchestrator.id);
     loop {
         wake.borrow_and_update();
-        let jobs = claim_round(&state, &idle).await?;
+        // A newer poll covers these workers now: claim nothing more here.
+        if *superseded.borrow_and_update() != mine {
+            return Ok(Json(ClaimResponse { jobs: Vec::new(), refused }));
+        }
+        let jobs = claim_round(&state, &idle).await;
         // Refused workers (draining, unknown) are reported at once, so the orchestrator stops
         // counting on this poll for them and asks again for them later.
         let done = !jobs.is_empty() || !refused.is_empty() || Instant::now() >= deadline;
@@ -306,17 +310,22 @@ impl MemberCache {
     /// After this, a worker that never reported (it died; its lease expires) may be asked again.
     const BUSY_FOR: Duration = Duration::from_secs(10);
 
-    fn busy(&self, worker: &str) -> bool {
-        let busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        busy.get(worker).is_some_and(|at| at.elapsed() < Self::BUSY_FOR)
+    /// Marks `worker` busy unless it already is; returns whether this call took it.
+    fn reserve(&self, worker: &str) -> bool {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if busy.get(worker).is_some_and(|at| at.elapsed() < Self::BUSY_FOR) {
+            return false;
+        }
+        if busy.len() > 100_000 {
+            busy.retain(|_, at| at.elapsed() < Self::BUSY_FOR);
+        }
+        busy.insert(worker.to_string(), Instant::now());
+        true
     }
 
     fn set_busy(&self, worker: &str, on: bool) {
         let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         if on {
-            if busy.len() > 100_000 {
-                busy.retain(|_, at| at.elapsed() < Self::BUSY_FOR);
-            }
             busy.insert(worker.to_string(), Instant::now());
         } else {
             busy.remove(worker);
@@ -367,7 +376,9 @@ impl Polls {
 
 /// One pass over the idle workers, grouped by what they offer: a group whose first claim finds
 /// nothing is not asked again (the rest of it would find nothing either).
-async fn claim_round(state: &AppState, idle: &[PoolMember]) -> Result<Vec<JobTicket>, ApiError> {
+/// A store failure part-way returns the tickets already claimed (their leases are held; dropping
+/// them would strand the jobs until the leases expire).
+async fn claim_round(state: &AppState, idle: &[PoolMember]) -> Vec<JobTicket> {
     let mut groups: BTreeMap<(Vec<String>, Vec<String>), Vec<&PoolMember>> = BTreeMap::new();
     for m in idle {
         groups.entry((m.tags.clone(), m.capabilities.clone())).or_default().push(m);
@@ -375,23 +386,36 @@ async fn claim_round(state: &AppState, idle: &[PoolMember]) -> Result<Vec<JobTic
     let mut tickets = Vec::new();
     for workers in groups.values() {
         for worker in workers {
-            // Given a job by an overlapping poll that has not reported yet: it is not idle.
-            if state.members.busy(&worker.id) {
+            // Reserved before any await: an overlapping poll skips this worker meanwhile.
+            if !state.members.reserve(&worker.id) {
                 continue;
             }
-            // Drained since the poll began: a drain takes effect before the next claim.
-            match state.pools.member(&worker.id).await? {
-                Some(now) if !now.draining => {}
-                _ => continue,
-            }
-            let Some(claim) = state.engine.claim_for_worker(worker, 1).await?.into_iter().next() else { break };
-            if let Some(ticket) = ticket(state, worker, &claim).await? {
-                state.members.set_busy(&worker.id, true);
-                tickets.push(ticket);
+            match claim_one(state, worker).await {
+                Ok(Some(ticket)) => tickets.push(ticket),
+                Ok(None) => {
+                    state.members.set_busy(&worker.id, false);
+                    break;
+                }
+                Err(e) => {
+                    state.members.set_busy(&worker.id, false);
+                    tracing::warn!(error = %e, "claiming for a pool worker failed");
+                    return tickets;
+                }
             }
         }
     }
-    Ok(tickets)
+    tickets
+}
+
+/// Claims one job for `worker` (unless it was drained since the poll began); `None` when there
+/// is nothing for it (or the claimed job could not be prepared and was failed).
+async fn claim_one(state: &AppState, worker: &PoolMember) -> Result<Option<JobTicket>, ApiError> {
+    match state.pools.member(&worker.id).await? {
+        Some(now) if !now.draining => {}
+        _ => return Ok(None),
+    }
+    let Some(claim) = state.engine.claim_for_worker(worker, 1).await?.into_iter().next() else { return Ok(None) };
+    ticket(state, worker, &claim).await
 }
 
 async fn ticket(state: &AppState, worker: &PoolMember, claim: &Claim) -> Result<Option<JobTicket>, ApiError> {

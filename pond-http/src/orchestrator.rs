@@ -171,6 +171,9 @@ struct Orch {
 /// How long a worker pond refused (draining) is left out of polls before it is asked for again.
 const REFUSED_PAUSE: Duration = Duration::from_secs(2);
 
+/// Largest body relayed for a job call (artifacts included).
+const MAX_RELAYED_BODY: usize = 512 * 1024 * 1024;
+
 /// How long pond's word on a worker credential is trusted before asking again.
 const WORKER_AUTH_TTL: Duration = Duration::from_secs(30);
 
@@ -428,37 +431,69 @@ async fn claim(State(orch): State<Arc<Orch>>, headers: HeaderMap, body: Bytes) -
         generation
     };
     orch.kick.notify_one();
-    match tokio::time::timeout(wait, rx).await {
+    let mut rx = rx;
+    match tokio::time::timeout(wait, &mut rx).await {
         Ok(Ok(job)) => Ok(Json(job).into_response()),
         _ => {
-            let mut q = orch.lock();
-            if q.waiters.get(&worker.id).is_some_and(|w| w.generation == generation) {
-                q.waiters.remove(&worker.id);
+            {
+                let mut q = orch.lock();
+                if q.waiters.get(&worker.id).is_some_and(|w| w.generation == generation) {
+                    q.waiters.remove(&worker.id);
+                }
             }
-            Ok(StatusCode::NO_CONTENT.into_response())
+            // A job delivered between the timeout and the removal above is this worker's.
+            rx.close();
+            match rx.try_recv() {
+                Ok(job) => Ok(Json(job).into_response()),
+                Err(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+            }
         }
     }
 }
 
 /// Relays a job call to pond with the worker's credential beside the orchestrator's.
+/// The pond path a worker's job call maps to: `<job id>/<call>`, with only the calls the
+/// protocol has and the artifact name re-encoded, so no `..` or other path can reach another
+/// pond route with the orchestrator's credential.
+fn job_call_path(rest: &str) -> Option<String> {
+    let (job, call) = rest.split_once('/')?;
+    let job: pond_core::pool::JobId = job.parse().ok()?;
+    let call = match call {
+        "heartbeat" | "input" | "logs" | "result" | "release" => call.to_string(),
+        _ => {
+            let name = call.strip_prefix("artifacts/")?;
+            if !pond_core::engine::valid_artifact_name(name.strip_suffix(pond_core::seal::SIDECAR_SUFFIX).unwrap_or(name)) {
+                return None;
+            }
+            format!("artifacts/{}", crate::client::encode_path(name))
+        }
+    };
+    Some(format!("/v1/orch/jobs/{job}/{call}"))
+}
+
 async fn relay_job(
     State(orch): State<Arc<Orch>>,
     UrlPath(rest): UrlPath<String>,
     method: Method,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    let Some(token) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_string())
-    else {
-        return ApiError::Unauthorized("missing the worker's bearer token".into()).into_response();
+    // The caller must be a worker pond knows, before anything is read or relayed.
+    let token = match orch.authenticate(&headers).await {
+        Ok((_, token)) => token,
+        Err(e) => return e.into_response(),
+    };
+    let Some(path) = job_call_path(&rest) else {
+        return ApiError::NotFound(format!("no job call `{rest}`")).into_response();
+    };
+    let body = match axum::body::to_bytes(body, MAX_RELAYED_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ApiError::TooLarge(format!("a job call's body is at most {MAX_RELAYED_BODY} bytes")).into_response()
+        }
     };
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|h| h.to_str().ok()).map(str::to_string);
     let pond = orch.pond.clone();
-    let path = format!("/v1/orch/jobs/{rest}");
     let relayed = tokio::task::spawn_blocking(move || {
         pond.relay(method.as_str(), &path, &body, content_type.as_deref(), &[(WORKER_TOKEN_HEADER, &token)])
     })
