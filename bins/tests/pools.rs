@@ -33,6 +33,7 @@ struct Pool {
     acme: Worker,
     globex: Worker,
     trusted: Worker,
+    shared: Worker,
     _dir: tempfile::TempDir,
 }
 
@@ -59,7 +60,9 @@ fn pool_on(lease: &str, pg: Option<&str>) -> Pool {
     let acme = worker("w-acme", &["pool:byo", "tenant:acme"]);
     let globex = worker("w-globex", &["pool:byo", "tenant:globex"]);
     let trusted = worker("w-trusted", &["pool:trusted"]);
-    Pool { server, _db: db, orch, acme, globex, trusted, _dir: dir }
+    // General work (tier `any`) goes to general workers, never to a tenant's own host.
+    let shared = worker("w-shared", &["pool:shared"]);
+    Pool { server, _db: db, orch, acme, globex, trusted, shared, _dir: dir }
 }
 
 #[test]
@@ -106,7 +109,7 @@ fn land_only_where_allowed(p: &Pool, count: usize) {
     let ls = p.server.cli(&["pool", "ls", "--json"]);
     let list: pond_http::pool_wire::PoolList = serde_json::from_slice(&ls.stdout).unwrap();
     assert_eq!(list.orchestrators.len(), 1);
-    assert_eq!(list.workers.len(), 3);
+    assert_eq!(list.workers.len(), 4);
     let acme = list.workers.iter().find(|w| w.member.id == p.acme.id).unwrap();
     assert_eq!(acme.member.tags, vec!["pool:byo".to_string(), "tenant:acme".to_string()]);
     assert!(acme.member.fingerprint.as_deref().unwrap().starts_with("SHA256:"));
@@ -132,7 +135,8 @@ fn a_killed_worker_s_job_completes_elsewhere_and_the_pool_survives_an_orchestrat
         first = run.stages[0].attempts.iter().find(|a| a.number == held).map(|a| a.owner.clone()).unwrap_or_default();
         !first.is_empty()
     });
-    let victim = [&mut p.acme, &mut p.globex, &mut p.trusted].into_iter().find(|w| w.id == first).unwrap();
+    let victim =
+        [&mut p.acme, &mut p.globex, &mut p.trusted, &mut p.shared].into_iter().find(|w| w.id == first).unwrap();
     victim.kill9();
     let run = wait_done(&admin, &id, Duration::from_secs(60));
     assert_eq!(run.state.as_str(), "succeeded", "{run:?}");

@@ -76,9 +76,14 @@ pub fn stage_requirements(project_id: &str, executor: &ExecutorSpec) -> Option<R
     Some(required)
 }
 
+/// The tag of bring-your-own workers: such a worker runs only jobs that ask for it (the `byo`
+/// tier, which also pins the tenant), never another tenant's general work.
+pub const BYO_TAG: &str = "pool:byo";
+
 /// Whether `worker` may run a job with `required`.
 pub fn admits(required: &Requirements, worker: &WorkerOffer) -> bool {
-    required.tags.is_subset(&worker.tags)
+    (!worker.tags.contains(BYO_TAG) || required.tags.contains(BYO_TAG))
+        && required.tags.is_subset(&worker.tags)
         && required.capabilities.iter().all(|pattern| worker.capabilities.iter().any(|c| glob_match(pattern, c)))
 }
 
@@ -164,6 +169,8 @@ mod tests {
             ),
             ("byo never to another tenant", requirements("acme", Tier::Byo, &[], &[]), &byo_globex, false),
             ("byo never to the trusted pool", requirements("acme", Tier::Byo, &[], &[]), &trusted_codex, false),
+            ("a byo host takes no general work", requirements("acme", Tier::Any, &[], &[]), &byo_acme, false),
+            ("general work goes to general workers", requirements("acme", Tier::Any, &[], &[]), &untagged, true),
             ("capability missing", requirements("globex", Tier::Byo, &[], &["sandbox.oci".into()]), &byo_globex, false),
             (
                 "every capability must match",

@@ -358,7 +358,10 @@ pub fn seal_artifact(data: &[u8], recipients: &[[u8; 32]]) -> (Vec<u8>, String) 
 /// a missing FINAL chunk, and on bytes after it.
 pub fn open_artifact(data: &[u8], sidecar: &str, public: &[u8; 32], secret: &[u8; 32]) -> Result<Vec<u8>, SealError> {
     let sidecar: Sidecar = serde_json::from_str(sidecar).map_err(|_| SealError::Malformed("sidecar"))?;
-    if sidecar.pondkey != 1 || sidecar.alg != "secretstream_xchacha20poly1305" || !(1..=MAX_CHUNK).contains(&sidecar.chunk_size) {
+    if sidecar.pondkey != 1
+        || sidecar.alg != "secretstream_xchacha20poly1305"
+        || !(1..=MAX_CHUNK).contains(&sidecar.chunk_size)
+    {
         return Err(SealError::Malformed("sidecar"));
     }
     let mine = fingerprint(public);

@@ -462,7 +462,9 @@ fn job_call_path(rest: &str) -> Option<String> {
         "heartbeat" | "input" | "logs" | "result" | "release" => call.to_string(),
         _ => {
             let name = call.strip_prefix("artifacts/")?;
-            if !pond_core::engine::valid_artifact_name(name.strip_suffix(pond_core::seal::SIDECAR_SUFFIX).unwrap_or(name)) {
+            if !pond_core::engine::valid_artifact_name(
+                name.strip_suffix(pond_core::seal::SIDECAR_SUFFIX).unwrap_or(name),
+            ) {
                 return None;
             }
             format!("artifacts/{}", crate::client::encode_path(name))

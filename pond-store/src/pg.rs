@@ -209,6 +209,8 @@ impl PgStore {
         // A pool worker's claim takes only stages whose required tags are all among the worker's
         // ($6) and whose every capability glob matches one of its capabilities ($7), the glob
         // turned into a LIKE pattern (patterns hold no `[`, see `valid_capability_pattern`).
+        let byo_only = query.offer.as_ref().is_some_and(|o| o.tags.contains(pond_core::routing::BYO_TAG));
+        let byo = if byo_only { "AND pool_tags::jsonb @> '[\"pool:byo\"]'::jsonb" } else { "" };
         let offer = if query.offer.is_some() {
             r"AND pool_tags IS NOT NULL
               AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements_text(pool_tags::jsonb) t(v) WHERE NOT (t.v = ANY($6)))
@@ -224,10 +226,10 @@ impl PgStore {
         };
         let candidates = [
             format!("SELECT run_id, key FROM stages
-              WHERE state = 'running' AND lease_expires_at <= $1 AND NOT cancel_requested AND executor_kind = ANY($2) {offer}
+              WHERE state = 'running' AND lease_expires_at <= $1 AND NOT cancel_requested AND executor_kind = ANY($2) {offer} {byo}
               ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED"),
             format!("SELECT run_id, key FROM stages
-              WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1 AND executor_kind = ANY($2) {offer}
+              WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1 AND executor_kind = ANY($2) {offer} {byo}
               ORDER BY ready_at LIMIT $3 FOR UPDATE SKIP LOCKED"),
         ];
         for select in candidates {

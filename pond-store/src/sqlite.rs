@@ -387,7 +387,15 @@ impl Store for SqliteStore {
         let kinds = placeholders(query.kinds.len());
         // A pool worker's claim takes only stages whose required tags are all among the worker's
         // and whose every capability pattern GLOB-matches one of its capabilities.
+        let byo_only = query.offer.as_ref().is_some_and(|o| o.tags.contains(pond_core::routing::BYO_TAG));
         let offer = match &query.offer {
+            Some(_) if byo_only => {
+                "AND pool_tags IS NOT NULL
+                 AND EXISTS (SELECT 1 FROM json_each(pool_tags) b WHERE b.value = 'pool:byo')
+                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_tags) t WHERE t.value NOT IN (SELECT value FROM json_each(?)))
+                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_caps) p
+                                  WHERE NOT EXISTS (SELECT 1 FROM json_each(?) c WHERE c.value GLOB p.value))"
+            }
             Some(_) => {
                 "AND pool_tags IS NOT NULL
                  AND NOT EXISTS (SELECT 1 FROM json_each(pool_tags) t WHERE t.value NOT IN (SELECT value FROM json_each(?)))

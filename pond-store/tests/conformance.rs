@@ -459,9 +459,15 @@ pub async fn pool_claims_match_pinned_tags_and_capability_globs(store: Arc<dyn S
     // The server's own claim (local kinds) never takes a pooled stage, and the pool never a local one.
     let local = store.claim_stages(&claim_query("node", at(1), 60_000, 100)).await.unwrap();
     assert_eq!(keys(&local), vec![("acme".into(), "local".into()), ("globex".into(), "local".into())]);
+    // A tenant's own host takes no general (tier `any`) work of anyone.
+    let general =
+        new_run("globex", json!({"stages":[{"key":"any","executor":{"kind":"noop","placement":"pool"}}]}), None, at(0));
+    store.insert_run(&general).await.unwrap();
     let acme =
         store.claim_stages(&pool_query("w-acme", at(1), offer(&["pool:byo", "tenant:acme"], &[]))).await.unwrap();
     assert_eq!(keys(&acme), vec![("acme".into(), "byo".into())]);
+    let shared = store.claim_stages(&pool_query("w-shared", at(1), offer(&["pool:shared"], &[]))).await.unwrap();
+    assert_eq!(keys(&shared), vec![("globex".into(), "any".into())], "general work goes to a general worker");
     // Requirements and attestations survive a round trip.
     let mut record = None;
     let snapshot = store
