@@ -386,6 +386,9 @@ enum CredentialsCommand {
         /// Read the value from this file (else standard input).
         #[arg(long)]
         value_file: Option<PathBuf>,
+        /// A project whose runs may use it (repeatable; `*` for any).
+        #[arg(long = "project", required = true)]
+        projects: Vec<String>,
     },
     /// List credentials: name, provider, variable, key fingerprint (never a value).
     List {
@@ -832,7 +835,7 @@ fn worker(args: WorkerArgs) -> Result<i32> {
 
 fn credentials(command: CredentialsCommand, client: &Client) -> Result<()> {
     match command {
-        CredentialsCommand::Add { name, provider, env, value_env, value_file } => {
+        CredentialsCommand::Add { name, provider, env, value_env, value_file, projects } => {
             let value = match (value_env, value_file) {
                 (Some(var), _) => std::env::var(&var).with_context(|| format!("reading ${var}"))?,
                 (None, Some(path)) => {
@@ -845,7 +848,7 @@ fn credentials(command: CredentialsCommand, client: &Client) -> Result<()> {
                 }
             };
             let value = value.trim_end_matches(['\n', '\r']).to_string();
-            let request = pond_http::pool_wire::PutCredential { name, provider, env, value };
+            let request = pond_http::pool_wire::PutCredential { name, provider, env, value, projects };
             let view = client.put_credential(&request)?;
             println!(
                 "credential {} ({}) fills ${} on the worker; sealed under key {}",

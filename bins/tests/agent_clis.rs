@@ -126,7 +126,12 @@ fn serve_agent(bin: &std::path::Path, preset: &str, upstream: &str) -> (tempfile
     let server = Server::start(&dir.path().join("server"), &[]);
     let (provider, key, model_id) =
         if preset == "codex" { ("openai", "fast", "gpt-5.5") } else { ("anthropic", "smart", "claude-test") };
-    admin(&server, "POST", "/v1/admin/credentials", json!({"name": provider, "provider": provider, "value": REAL_KEY}));
+    admin(
+        &server,
+        "POST",
+        "/v1/admin/credentials",
+        json!({"name": provider, "provider": provider, "value": REAL_KEY, "projects": ["acme"]}),
+    );
     admin(
         &server,
         "POST",

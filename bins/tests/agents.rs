@@ -66,7 +66,8 @@ fn registry_presets_lint_dry_run_and_submit_checks() {
     let (status, _) = admin(
         "POST",
         "/v1/admin/credentials",
-        Some(json!({"name": "openai", "provider": "openai", "env": "OPENAI_API_KEY", "value": "sk-very-secret-value"})),
+        Some(json!({"name": "openai", "provider": "openai", "env": "OPENAI_API_KEY", "value": "sk-very-secret-value",
+            "projects": ["acme"]})),
     );
     assert_eq!(status, 201);
     let (status, _) = admin("POST", "/v1/admin/models", Some(model));
@@ -111,6 +112,17 @@ fn registry_presets_lint_dry_run_and_submit_checks() {
     let (status, run) = admin("POST", "/v1/runs", Some(swarm("codex", "fast", "hi")));
     assert_eq!(status, 201, "{run}");
     assert_eq!(run["stages"][0]["requirements"]["capabilities"], json!(["harness.codex"]));
+
+    // The model's key belongs to project acme: another project may not use the model.
+    let mut other = swarm("codex", "fast", "hi");
+    other["project_id"] = json!("globex");
+    let (status, e) = admin("POST", "/v1/runs", Some(other));
+    assert_eq!((status, e["error"]["field"].as_str()), (422, Some("definition.stages[0].executor.model_ref")), "{e}");
+    assert!(e.to_string().contains("may not be used by project `globex`"), "{e}");
+    // A credential without projects is refused.
+    let (status, e) =
+        admin("POST", "/v1/admin/credentials", Some(json!({"name": "x", "provider": "openai", "value": "v"})));
+    assert_eq!(status, 422, "{e}");
 
     // Consumers may not touch the registry.
     let key = server.admin().create_key(&["acme".into()], None).unwrap();
@@ -162,7 +174,11 @@ fn the_agent_sees_only_the_dummy_key_and_results_decrypt_for_the_consumer() {
     let t = server.token.clone();
     let admin = |method: &str, path: &str, body: Option<Value>| call(&server, &t, method, path, body);
     let real = "sk-real-never-in-the-agent-77";
-    admin("POST", "/v1/admin/credentials", Some(json!({"name": "openai", "provider": "openai", "value": real})));
+    admin(
+        "POST",
+        "/v1/admin/credentials",
+        Some(json!({"name": "openai", "provider": "openai", "value": real, "projects": ["acme"]})),
+    );
     admin(
         "POST",
         "/v1/admin/models",

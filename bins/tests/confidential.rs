@@ -99,7 +99,18 @@ fn confidential_run(pg: Option<&str>) {
 
     // A credential, registered through the CLI (the value from an environment variable).
     let out = Command::new(POND)
-        .args(["admin", "credentials", "add", "openai", "--provider", "openai", "--env", "OPENAI_API_KEY"])
+        .args([
+            "admin",
+            "credentials",
+            "add",
+            "openai",
+            "--provider",
+            "openai",
+            "--env",
+            "OPENAI_API_KEY",
+            "--project",
+            "acme",
+        ])
         .args(["--value-env", "THE_KEY"])
         .env("THE_KEY", CREDENTIAL)
         .env("POND_SERVER", &server.url)
@@ -110,7 +121,16 @@ fn confidential_run(pg: Option<&str>) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let listed = serde_json::to_string(&admin.credentials().unwrap()).unwrap();
     assert!(listed.contains("OPENAI_API_KEY") && !listed.contains(CREDENTIAL), "{listed}");
-    // Refused at submit: a local stage asking for credentials; an unknown credential.
+    // Refused at submit: a local stage asking for credentials; an unknown credential; another
+    // project's run asking for acme's credential.
+    let other = admin
+        .submit(
+            &json!({"project_id": "globex", "definition": {"stages": [{"key": "a", "executor": {"kind": "shell",
+            "argv": ["true"], "placement": "pool", "credentials": ["openai"]}}]}}),
+            None,
+        )
+        .unwrap_err();
+    assert!(other.to_string().contains("may not be used by project `globex`"), "{other}");
     for (placement, name, field) in [
         ("local", "openai", "definition.stages[0].executor.credentials"),
         ("pool", "nope", "definition.stages[0].executor.credentials[0]"),

@@ -285,8 +285,9 @@ pub struct ResolvedAgent {
 /// Finds a stage's harness, model and key (the server: from its registry and credentials).
 #[async_trait::async_trait]
 pub trait AgentResolver: Send + Sync {
-    /// Resolves `harness` and `model`.
-    async fn resolve(&self, harness: &str, model: Option<&str>) -> Result<ResolvedAgent, String>;
+    /// Resolves `harness` and `model` for a run of `project` (whose use of the model's key is
+    /// checked).
+    async fn resolve(&self, harness: &str, model: Option<&str>, project: &str) -> Result<ResolvedAgent, String>;
 }
 
 /// A running broker for one task.

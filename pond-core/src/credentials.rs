@@ -38,6 +38,9 @@ pub struct CredentialView {
     pub env: String,
     /// Fingerprint of the server key it is sealed under.
     pub key_fingerprint: String,
+    /// The projects whose runs may use it (`*`: any).
+    #[serde(default)]
+    pub projects: Vec<String>,
     /// When it was registered.
     pub created_at: Timestamp,
 }
@@ -55,6 +58,14 @@ pub enum CredentialError {
     /// The stored value does not open with this server's key.
     #[error("credential `{0}` does not open with this server's key (was POND_SERVER_KEY changed?)")]
     WrongKey(String),
+    /// The credential exists but this project may not use it.
+    #[error("credential `{name}` may not be used by project `{project}`")]
+    NotAllowed {
+        /// The credential.
+        name: String,
+        /// The project that asked.
+        project: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -92,7 +103,20 @@ impl Credentials {
         provider: &str,
         env: Option<&str>,
         value: &str,
+        projects: &[String],
     ) -> Result<CredentialView, CredentialError> {
+        if projects.is_empty() {
+            return Err(FieldError::new("projects", "name the projects that may use it (`*` for any)").into());
+        }
+        for (i, p) in projects.iter().enumerate() {
+            let ok = p == "*"
+                || (!p.is_empty()
+                    && p.len() <= 128
+                    && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)));
+            if !ok {
+                return Err(FieldError::new(format!("projects[{i}]"), "a project id or `*`").into());
+            }
+        }
         if !valid_name(name) {
             return Err(FieldError::new("name", "use 1 to 64 letters, digits, `-`, `_` or `.`").into());
         }
@@ -117,6 +141,7 @@ impl Credentials {
             env,
             key_fingerprint: server_key_fingerprint(&self.key),
             created_at: self.clock.now(),
+            projects: projects.to_vec(),
         };
         let stored = Stored { view: view.clone(), sealed: B64.encode(seal_at_rest(&self.key, value.as_bytes())) };
         let body = serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -150,6 +175,16 @@ impl Credentials {
         Ok(self.stored(name).await?.is_some())
     }
 
+    /// Checks that `project` may use credential `name`.
+    pub async fn check(&self, name: &str, project: &str) -> Result<(), CredentialError> {
+        let stored = self.stored(name).await?.ok_or_else(|| CredentialError::Unknown(name.to_string()))?;
+        if stored.view.projects.iter().any(|p| p == "*" || p == project) {
+            Ok(())
+        } else {
+            Err(CredentialError::NotAllowed { name: name.to_string(), project: project.to_string() })
+        }
+    }
+
     /// Removes a credential; false when there is none.
     pub async fn remove(&self, name: &str) -> Result<bool, CredentialError> {
         if self.stored(name).await?.is_none() {
@@ -160,10 +195,12 @@ impl Credentials {
         Ok(true)
     }
 
-    /// The values of `names`, by the variable each fills (for sealing to a worker).
-    pub async fn values(&self, names: &[String]) -> Result<BTreeMap<String, String>, CredentialError> {
+    /// The values of `names` for a run of `project`, by the variable each fills (for sealing to
+    /// a worker). A credential the project may not use is refused.
+    pub async fn values(&self, names: &[String], project: &str) -> Result<BTreeMap<String, String>, CredentialError> {
         let mut out = BTreeMap::new();
         for name in names {
+            self.check(name, project).await?;
             let stored = self.stored(name).await?.ok_or_else(|| CredentialError::Unknown(name.clone()))?;
             let sealed = B64.decode(&stored.sealed).map_err(|_| CredentialError::WrongKey(name.clone()))?;
             let value = open_at_rest(&self.key, &sealed).map_err(|_| CredentialError::WrongKey(name.clone()))?;

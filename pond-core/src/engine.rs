@@ -137,7 +137,7 @@ impl Engine {
 
     /// Agent stages name a registered harness and model: an unknown one is a 422 at submit,
     /// not a failed run later.
-    async fn check_agents(&self, definition: &mut Definition) -> Result<(), CoreError> {
+    async fn check_agents(&self, definition: &mut Definition, project: &str) -> Result<(), CoreError> {
         let registry = self.registry();
         let store_err = |e: crate::agents::RegistryError| match e {
             crate::agents::RegistryError::Store(s) => CoreError::Store(s),
@@ -158,12 +158,16 @@ impl Engine {
                 swarm.capabilities.push(harness.capability.clone());
             }
             if let Some(model) = &swarm.model_ref {
-                if registry.model(model).await.map_err(store_err)?.is_none() {
+                let Some(found) = registry.model(model).await.map_err(store_err)? else {
                     return Err(FieldError::new(
                         format!("{at}.model_ref"),
                         format!("no model `{model}` is registered (`pond admin models add`)"),
                     )
                     .into());
+                };
+                // The model's key is a credential: the project must be allowed to use it.
+                if let Err(e) = self.credentials().check(&found.credential_name, project).await {
+                    return Err(FieldError::new(format!("{at}.model_ref"), format!("model `{model}`: {e}")).into());
                 }
             }
         }
@@ -209,7 +213,7 @@ impl Engine {
             }
         }
         let mut definition = request.definition.clone();
-        self.check_agents(&mut definition).await?;
+        self.check_agents(&mut definition, project).await?;
         definition.validate("definition", &self.capabilities())?;
         if request.sources.len() > MAX_SOURCES {
             return Err(FieldError::new("sources", format!("at most {MAX_SOURCES} sources are allowed")).into());
@@ -240,16 +244,21 @@ impl Engine {
         let credentials = self.credentials();
         for (i, stage) in definition.stages.iter().enumerate() {
             for (j, name) in stage.executor.credentials().iter().enumerate() {
-                let known = credentials.exists(name).await.map_err(|e| match e {
-                    crate::credentials::CredentialError::Store(s) => CoreError::Store(s),
-                    other => CoreError::Store(StoreError::Backend(other.to_string())),
-                })?;
-                if !known {
-                    return Err(FieldError::new(
-                        format!("definition.stages[{i}].executor.credentials[{j}]"),
-                        format!("no credential `{name}` is registered (`pond admin credentials add`)"),
-                    )
-                    .into());
+                let field = format!("definition.stages[{i}].executor.credentials[{j}]");
+                match credentials.check(name, project).await {
+                    Ok(()) => {}
+                    Err(crate::credentials::CredentialError::Unknown(_)) => {
+                        return Err(FieldError::new(
+                            field,
+                            format!("no credential `{name}` is registered (`pond admin credentials add`)"),
+                        )
+                        .into())
+                    }
+                    Err(e @ crate::credentials::CredentialError::NotAllowed { .. }) => {
+                        return Err(FieldError::new(field, e.to_string()).into())
+                    }
+                    Err(crate::credentials::CredentialError::Store(s)) => return Err(CoreError::Store(s)),
+                    Err(other) => return Err(CoreError::Store(StoreError::Backend(other.to_string()))),
                 }
             }
         }

@@ -158,7 +158,7 @@ impl Executor for SwarmExecutor {
         if spec.prompt.trim().is_empty() {
             return fail("the prompt is empty".into());
         }
-        let agent = match self.resolver.resolve(&spec.harness, spec.model_ref.as_deref()).await {
+        let agent = match self.resolver.resolve(&spec.harness, spec.model_ref.as_deref(), &ctx.run.project_id).await {
             Ok(a) => a,
             Err(e) => return fail(e),
         };

@@ -382,7 +382,12 @@ struct TicketAgent(Mutex<Option<pond_core::agents::ResolvedAgent>>);
 
 #[async_trait]
 impl pond_core::agents::AgentResolver for TicketAgent {
-    async fn resolve(&self, _harness: &str, _model: Option<&str>) -> Result<pond_core::agents::ResolvedAgent, String> {
+    async fn resolve(
+        &self,
+        _harness: &str,
+        _model: Option<&str>,
+        _project: &str,
+    ) -> Result<pond_core::agents::ResolvedAgent, String> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or_else(|| "the agent was already used".to_string())
     }
 }

@@ -313,7 +313,12 @@ pub struct ServerAgents {
 
 #[async_trait::async_trait]
 impl pond_core::agents::AgentResolver for ServerAgents {
-    async fn resolve(&self, harness: &str, model: Option<&str>) -> Result<pond_core::agents::ResolvedAgent, String> {
+    async fn resolve(
+        &self,
+        harness: &str,
+        model: Option<&str>,
+        project: &str,
+    ) -> Result<pond_core::agents::ResolvedAgent, String> {
         let found = self.registry.harness(harness).await.map_err(|e| e.to_string())?;
         let harness = found.ok_or_else(|| format!("no harness `{harness}` is registered"))?;
         let model = match model {
@@ -330,7 +335,7 @@ impl pond_core::agents::AgentResolver for ServerAgents {
             Some(m) => {
                 let values = self
                     .credentials
-                    .values(std::slice::from_ref(&m.credential_name))
+                    .values(std::slice::from_ref(&m.credential_name), project)
                     .await
                     .map_err(|e| e.to_string())?;
                 values.into_values().next()

@@ -64,6 +64,7 @@ impl From<pond_core::credentials::CredentialError> for ApiError {
         match e {
             CredentialError::Invalid(f) => ApiError::Invalid(f),
             CredentialError::Unknown(_) => ApiError::NotFound(e.to_string()),
+            CredentialError::NotAllowed { .. } => ApiError::Forbidden(e.to_string()),
             CredentialError::Store(s) => s.into(),
             other => ApiError::Internal(other.to_string()),
         }
@@ -76,7 +77,8 @@ async fn put_credential(
     ApiJson(req): ApiJson<crate::pool_wire::PutCredential>,
 ) -> Result<(axum::http::StatusCode, Json<pond_core::credentials::CredentialView>), ApiError> {
     who.require_admin()?;
-    let view = state.engine.credentials().put(&req.name, &req.provider, req.env.as_deref(), &req.value).await?;
+    let view =
+        state.engine.credentials().put(&req.name, &req.provider, req.env.as_deref(), &req.value, &req.projects).await?;
     Ok((axum::http::StatusCode::CREATED, Json(view)))
 }
 
@@ -509,10 +511,14 @@ async fn sealed_credentials(
 ) -> Result<Option<String>, String> {
     let Some(def) = claim.run.definition.stages.get(claim.stage.position as usize) else { return Ok(None) };
     let credentials = state.engine.credentials();
-    let mut values = credentials.values(def.executor.credentials()).await.map_err(|e| e.to_string())?;
+    let project = claim.run.project_id.as_str();
+    let mut values = credentials.values(def.executor.credentials(), project).await.map_err(|e| e.to_string())?;
     // An agent stage's model key, for the worker's broker (never the agent's environment).
     if let Some(model) = agent.and_then(|a| a.model.as_ref()) {
-        let key = credentials.values(std::slice::from_ref(&model.credential_name)).await.map_err(|e| e.to_string())?;
+        let key = credentials
+            .values(std::slice::from_ref(&model.credential_name), project)
+            .await
+            .map_err(|e| e.to_string())?;
         if let Some(value) = key.into_values().next() {
             values.insert(pond_core::pool::MODEL_KEY.to_string(), value);
         }

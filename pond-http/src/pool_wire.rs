@@ -237,6 +237,8 @@ pub struct PutCredential {
     pub env: Option<String>,
     /// The secret.
     pub value: String,
+    /// The projects whose runs may use it (`*`: any).
+    pub projects: Vec<String>,
 }
 
 /// `GET /v1/admin/credentials`.
