@@ -281,6 +281,18 @@ fn attacks_on_enrollment_claims_and_results_fail() {
     assert_eq!(status, 200, "{body}");
     let ticket: pond_http::pool_wire::JobTicket = serde_json::from_str(&body).unwrap();
     assert_eq!(ticket.run.id.to_string(), id);
+    // The ticket is signed by pond for this worker: an orchestrator that alters it (another
+    // recipient, another command) or hands it to another worker is refused by the worker.
+    let pond_key = pond_core::pool::decode_key(acme.pond_key.as_deref().unwrap()).unwrap();
+    use pond_http::pool_client::check_ticket;
+    assert_eq!(check_ticket(&ticket, &pond_key, &acme.member.id), Ok(()));
+    assert!(check_ticket(&ticket, &pond_key, &globex.member.id).is_err(), "another worker");
+    let mut altered = ticket.clone();
+    altered.run.encryption = Some(pond_core::run::Encryption { recipients: vec!["AAAA".into()] });
+    assert!(check_ticket(&altered, &pond_key, &acme.member.id).unwrap_err().contains("did not sign"));
+    let mut altered = ticket.clone();
+    altered.credentials = Some("swapped".into());
+    assert!(check_ticket(&altered, &pond_key, &acme.member.id).is_err());
     let job_url = |tail: &str| format!("{}/v1/worker/jobs/{}/{tail}", orch.url, ticket.job_id);
     for (method, tail, body) in [
         ("POST", "heartbeat", None),

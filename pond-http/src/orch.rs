@@ -219,7 +219,8 @@ async fn enroll_orchestrator(
     let name = req.name.unwrap_or_else(|| "orchestrator".into());
     let member = state.pools.enroll_orchestrator(&req.code, member_id("orch"), &name, &token).await?;
     tracing::info!(id = %member.id, pool = %member.pool, "orchestrator enrolled");
-    Ok((axum::http::StatusCode::CREATED, Json(Enrolled { member, token })))
+    let pond_key = Some(pond_core::pool::ticket_public(&state.engine.config().at_rest_key));
+    Ok((axum::http::StatusCode::CREATED, Json(Enrolled { member, token, pond_key })))
 }
 
 async fn enroll_worker(
@@ -237,7 +238,8 @@ async fn enroll_worker(
         .enroll_worker(&orchestrator, &req.code, member_id("wrk"), &name, keys, req.tags, req.capabilities, &token)
         .await?;
     tracing::info!(id = %member.id, pool = %member.pool, tags = ?member.tags, "worker enrolled");
-    Ok((axum::http::StatusCode::CREATED, Json(Enrolled { member, token })))
+    let pond_key = Some(pond_core::pool::ticket_public(&state.engine.config().at_rest_key));
+    Ok((axum::http::StatusCode::CREATED, Json(Enrolled { member, token, pond_key })))
 }
 
 async fn worker_me(relayed: Relayed) -> Json<PoolMember> {
@@ -460,7 +462,7 @@ async fn ticket(state: &AppState, worker: &PoolMember, claim: &Claim) -> Result<
     tokio::spawn(async move {
         let _ = seen.touch(&pools, &[(worker_id.as_str(), Some(held.as_str()))]).await;
     });
-    Ok(Some(JobTicket {
+    let mut ticket = JobTicket {
         job_id,
         worker_id: worker.id.clone(),
         run: claim.run.clone(),
@@ -472,7 +474,10 @@ async fn ticket(state: &AppState, worker: &PoolMember, claim: &Claim) -> Result<
         credentials,
         agent,
         items,
-    }))
+        signature: None,
+    };
+    ticket.signature = Some(pond_core::pool::sign_ticket(&state.engine.config().at_rest_key, &ticket.signed_bytes()));
+    Ok(Some(ticket))
 }
 
 /// An agent stage's harness and model, as registered now.

@@ -133,6 +133,9 @@ impl Client {
 #[derive(Clone)]
 pub struct HttpWorkerClient {
     client: Client,
+    /// Pond's ticket key and this worker's id: a ticket is accepted only if pond signed it,
+    /// for this worker.
+    pinned: Option<([u8; 32], String)>,
 }
 
 fn call_error(e: ClientError) -> WorkerCallError {
@@ -149,7 +152,14 @@ fn call_error(e: ClientError) -> WorkerCallError {
 impl HttpWorkerClient {
     /// A client for the orchestrator at `base`, speaking as the worker whose token is `token`.
     pub fn new(base: &str, token: &str) -> Self {
-        HttpWorkerClient { client: Client::new(base, Some(token.to_string())) }
+        HttpWorkerClient { client: Client::new(base, Some(token.to_string())), pinned: None }
+    }
+
+    /// Accepts only tickets signed with `pond_key` (base64, from enrollment) for `worker_id`.
+    pub fn pinned(mut self, pond_key: &str, worker_id: &str) -> Result<Self, String> {
+        let key = pond_core::pool::decode_key(pond_key).map_err(|e| format!("pond's ticket key {e}"))?;
+        self.pinned = Some((key, worker_id.to_string()));
+        Ok(self)
     }
 
     /// Enrolls a worker through the orchestrator at `base` (no credential yet).
@@ -180,6 +190,22 @@ fn job_path(job: &JobId, tail: &str) -> String {
     format!("/v1/worker/jobs/{job}/{tail}")
 }
 
+/// Checks that pond signed `ticket` (with the key the worker pinned at enrollment) and that it
+/// is for `worker`: an orchestrator cannot alter what a worker runs, nor hand it another's job.
+pub fn check_ticket(ticket: &JobTicket, pond_key: &[u8; 32], worker: &str) -> Result<(), String> {
+    let signed = ticket
+        .signature
+        .as_deref()
+        .is_some_and(|s| pond_core::pool::verify_ticket(pond_key, &ticket.signed_bytes(), s));
+    if !signed {
+        return Err("a job ticket pond did not sign (or that was altered on the way); refused".into());
+    }
+    if ticket.worker_id != worker {
+        return Err(format!("a job ticket for worker {}, not this one; refused", ticket.worker_id));
+    }
+    Ok(())
+}
+
 /// Turns a ticket into the core's job.
 pub fn ticket_job(ticket: JobTicket) -> Result<Job, String> {
     let id: JobId = ticket.job_id.parse()?;
@@ -208,7 +234,11 @@ impl WorkerClient for HttpWorkerClient {
                 response.into_json::<JobTicket>().map(Some).map_err(|e| ClientError::Decode(e.to_string()))
             })
             .await?;
-        ticket.map(ticket_job).transpose().map_err(WorkerCallError::Refused)
+        let Some(ticket) = ticket else { return Ok(None) };
+        if let Some((key, worker)) = &self.pinned {
+            check_ticket(&ticket, key, worker).map_err(WorkerCallError::Refused)?;
+        }
+        ticket_job(ticket).map(Some).map_err(WorkerCallError::Refused)
     }
 
     async fn input(&self, job: &JobId) -> Result<(Vec<u8>, Option<String>), WorkerCallError> {

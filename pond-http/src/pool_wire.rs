@@ -88,6 +88,10 @@ pub struct Enrolled {
     pub member: PoolMember,
     /// Its bearer token.
     pub token: String,
+    /// Pond's ticket-signing public key (base64): a worker pins it and refuses any job ticket
+    /// it did not sign, so an orchestrator cannot alter what a worker runs.
+    #[serde(default)]
+    pub pond_key: Option<String>,
 }
 
 /// `POST /v1/orch/claim`: a long poll for jobs for idle workers.
@@ -129,6 +133,18 @@ pub struct JobTicket {
     /// For a `foreach` stage: its items.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub items: Option<Vec<String>>,
+    /// Pond's Ed25519 signature (base64) over the ticket's JSON without this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+impl JobTicket {
+    /// The bytes the signature covers: the ticket's JSON with no signature.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut unsigned = self.clone();
+        unsigned.signature = None;
+        serde_json::to_vec(&unsigned).unwrap_or_default()
+    }
 }
 
 /// `POST /v1/orch/claim` response.

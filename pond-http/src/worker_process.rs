@@ -70,6 +70,9 @@ struct Credential {
     orchestrator: String,
     token: String,
     member: PoolMember,
+    /// Pond's ticket key, pinned at enrollment.
+    #[serde(default)]
+    pond_key: Option<String>,
 }
 
 /// A worker ready to run, with what it enrolled as and whether it enrolled just now.
@@ -107,6 +110,7 @@ pub fn prepare(config: &WorkerProcessConfig) -> Result<PreparedWorker, WorkerSet
                 orchestrator: config.orchestrator.clone(),
                 token: enrolled.token,
                 member: enrolled.member,
+                pond_key: enrolled.pond_key,
             };
             let bytes = serde_json::to_vec_pretty(&c)
                 .map_err(|e| io("encoding the credential".into())(std::io::Error::other(e)))?;
@@ -136,7 +140,17 @@ pub fn prepare(config: &WorkerProcessConfig) -> Result<PreparedWorker, WorkerSet
         max_input_bytes: 2 * 1024 * 1024 * 1024,
     };
     // The orchestrator URL given now wins over the saved one (it may have moved).
-    let client = Arc::new(HttpWorkerClient::new(&config.orchestrator, &credential.token));
+    let pond_key = credential.pond_key.as_deref().ok_or_else(|| WorkerSetupError::Io {
+        context: format!("{}", path.display()),
+        error: std::io::Error::other("no pinned pond key (enrolled by an older pond): enroll again"),
+    })?;
+    let client = HttpWorkerClient::new(&config.orchestrator, &credential.token)
+        .pinned(pond_key, &credential.member.id)
+        .map_err(|e| WorkerSetupError::Io {
+            context: format!("{}", path.display()),
+            error: std::io::Error::other(e),
+        })?;
+    let client = Arc::new(client);
     let shell = Arc::new(ShellExecutor::new(shell, config.sandbox.clone()));
     let worker = Worker::new(client, identity, worker_config)
         .with_executor(Arc::new(NoopExecutor))
