@@ -67,8 +67,11 @@ fn tokens_scope_runs_to_projects_and_never_leak_other_tenants() {
         assert!(!wal.windows(needle.len()).any(|w| w == needle), "token stored in clear in the WAL");
     }
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.path().join("admin.token")).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600);
+    // (The tests give the server its key through POND_SERVER_KEY, so there is no server.key.)
+    for file in ["admin.token", "pond.db", "pond.db-wal", "signing.ed25519"] {
+        let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
 }
 
 #[test]

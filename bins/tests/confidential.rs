@@ -71,6 +71,9 @@ fn confidential_run(pg: Option<&str>) {
         args.extend(["--database-url", db.url.as_str()]);
     }
     let server = Server::start(&dir.path().join("server"), &args);
+    // A data directory pond made is private.
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&server.data_dir).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700);
     let admin = server.admin();
     let code = enroll_code(&admin, "byo", None, None);
     let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));

@@ -2,6 +2,7 @@
 //! `pond server` calls [`start`]; tests and embedders can too.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -197,7 +198,12 @@ async fn ensure_admin_token(
 /// `config.data_dir`.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let data_dir = &config.data_dir;
-    std::fs::create_dir_all(data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
+    if !data_dir.exists() {
+        std::fs::create_dir_all(data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
+        // A data directory pond made is private: it holds the database, tokens and keys.
+        std::fs::set_permissions(data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(io(format!("securing {}", data_dir.display())))?;
+    }
     let lock_path = data_dir.join("pond.lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -223,7 +229,20 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             (store, 0)
         }
         None => {
-            let sqlite = SqliteStore::open(&data_dir.join("pond.db")).await?;
+            // The database (and the WAL and shared-memory files SQLite makes with its mode) is
+            // readable by the server's user only.
+            let db = data_dir.join("pond.db");
+            if !db.exists() {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&db)
+                    .map_err(io(format!("creating {}", db.display())))?;
+            }
+            std::fs::set_permissions(&db, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(io(format!("securing {}", db.display())))?;
+            let sqlite = SqliteStore::open(&db).await?;
             let store = Arc::new(WatchedStore::new(Arc::new(sqlite)));
             // This process holds the data directory exclusively, so any lease in the database
             // belongs to a process that is gone: let them expire now, not after the lease time.
