@@ -384,36 +384,39 @@ async fn fake_openai_tool(seen: Seen) -> String {
 
 #[test]
 fn codex_runs_a_shell_command_that_edits_the_checkout_then_answers() {
-    codex_tool_turn(false);
+    tool_turn("codex", false);
 }
 
 #[test]
 fn codex_runs_a_shell_command_on_a_pool_worker_then_answers() {
-    codex_tool_turn(true);
+    tool_turn("codex", true);
 }
 
-fn codex_tool_turn(pooled: bool) {
+/// One agent turn that runs a shell command editing the checkout, then answers: on the control
+/// plane (the next stage sees the edit) or on a pool worker (the command's output goes back to
+/// the model; the result is attested).
+fn tool_turn(preset: &str, pooled: bool) {
     let Some(bin) = agents_bin() else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let seen: Seen = Arc::default();
-    let upstream = rt.block_on(fake_openai_tool(seen.clone()));
-    let (dir, server) = serve_agent(&bin, "codex", &upstream);
+    let (upstream, model, edited) = if preset == "codex" {
+        (rt.block_on(fake_openai_tool(seen.clone())), "fast", "edited-by-agent")
+    } else {
+        (rt.block_on(fake_anthropic_tool(seen.clone())), "smart", "edited-by-claude")
+    };
+    let (dir, server) = serve_agent(&bin, preset, &upstream);
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("notes.md"), "original\n").unwrap();
     let bundle = server.admin().upload_bundle("acme", &pond_exec::pack_dir(src.path()).unwrap()).unwrap();
-    let mut _pool = None;
-    if pooled {
-        let (orch, worker) = start_pool(&server, dir.path(), "harness.codex");
-        _pool = Some((orch, worker));
-    }
+    let _pool = pooled.then(|| start_pool(&server, dir.path(), &format!("harness.{preset}")));
     let run = server
         .admin()
         .submit(
             &json!({"project_id": "acme",
             "sources": [{"label": "repo", "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}],
             "definition": {"stages": [
-                {"key": "edit", "timeout": "2m", "executor": {"kind": "swarm", "placement": if pooled { "pool" } else { "local" }, "harness": "codex",
-                    "model_ref": "fast", "prompt": "Update notes.md."}},
+                {"key": "edit", "timeout": "2m", "executor": {"kind": "swarm", "placement": if pooled { "pool" } else { "local" },
+                    "harness": preset, "model_ref": model, "prompt": "Update notes.md."}},
                 {"key": "check", "executor": {"kind": "shell", "argv": ["cat", "notes.md"]}}
             ]}}),
             None,
@@ -423,25 +426,22 @@ fn codex_tool_turn(pooled: bool) {
     let done = wait_done(&server.admin(), &id, Duration::from_secs(120));
     let logs = log_text(&server.admin(), &id);
     assert_eq!(done.state.as_str(), "succeeded", "{logs:#?}");
-    // The command ran in the checkout: the next stage sees the edit.
     if pooled {
-        // The edit happened in the worker's throwaway checkout; its output went back to the model.
+        // The edit happened in the worker's throwaway checkout.
         assert_eq!(done.stages[0].attestation_verified, Some(true), "{logs:#?}");
-        assert!(
-            seen.lock().unwrap().iter().any(|(_, r)| r.to_string().contains("edited-by-agent")),
-            "the tool output went back"
-        );
     } else {
         // On the control plane the next stage sees the edited checkout.
-        assert!(logs.iter().any(|l| l == "edited-by-agent"), "{logs:#?}");
+        assert!(logs.iter().any(|l| l == edited), "{logs:#?}");
     }
     let mut results = Vec::new();
     server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
-    assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"edited":"notes.md"}"#);
-    assert!(logs.iter().any(|l| l.contains("usage: 2 request(s), 1000 input and 40 output tokens")), "{logs:#?}");
+    assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"edited":"notes.md"}"#, "{logs:#?}");
+    if preset == "codex" {
+        assert!(logs.iter().any(|l| l.contains("usage: 2 request(s), 1000 input and 40 output tokens")), "{logs:#?}");
+    }
     // The second request carried the command's output back to the model.
     let seen = seen.lock().unwrap();
-    assert!(seen.iter().any(|(_, r)| r.to_string().contains("edited-by-agent")), "the tool output went back");
+    assert!(seen.iter().any(|(_, r)| r.to_string().contains(edited)), "the tool output went back");
 }
 
 /// A fake Anthropic Messages API for a tool turn: asks claude to run a Bash command that edits
@@ -503,56 +503,12 @@ async fn fake_anthropic_tool(seen: Seen) -> String {
 
 #[test]
 fn claude_runs_a_shell_command_that_edits_the_checkout_then_answers() {
-    claude_tool_turn(false);
+    tool_turn("claude", false);
 }
 
 #[test]
 fn claude_runs_a_shell_command_on_a_pool_worker_then_answers() {
-    claude_tool_turn(true);
-}
-
-fn claude_tool_turn(pooled: bool) {
-    let Some(bin) = agents_bin() else { return };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let seen: Seen = Arc::default();
-    let upstream = rt.block_on(fake_anthropic_tool(seen.clone()));
-    let (dir, server) = serve_agent(&bin, "claude", &upstream);
-    let src = tempfile::tempdir().unwrap();
-    std::fs::write(src.path().join("notes.md"), "original\n").unwrap();
-    let bundle = server.admin().upload_bundle("acme", &pond_exec::pack_dir(src.path()).unwrap()).unwrap();
-    let mut _pool = None;
-    if pooled {
-        let (orch, worker) = start_pool(&server, dir.path(), "harness.claude");
-        _pool = Some((orch, worker));
-    }
-    let run = server
-        .admin()
-        .submit(&json!({"project_id": "acme",
-            "sources": [{"label": "repo", "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}],
-            "definition": {"stages": [
-                {"key": "edit", "timeout": "2m", "executor": {"kind": "swarm", "placement": if pooled { "pool" } else { "local" }, "harness": "claude",
-                    "model_ref": "smart", "prompt": "Update notes.md."}},
-                {"key": "check", "executor": {"kind": "shell", "argv": ["cat", "notes.md"]}}
-            ]}}), None)
-        .unwrap();
-    let id = run.id.to_string();
-    let done = wait_done(&server.admin(), &id, Duration::from_secs(120));
-    let logs = log_text(&server.admin(), &id);
-    assert_eq!(done.state.as_str(), "succeeded", "{logs:#?}");
-    if pooled {
-        // The edit happened in the worker's throwaway checkout; its output went back to the model.
-        assert_eq!(done.stages[0].attestation_verified, Some(true), "{logs:#?}");
-        assert!(
-            seen.lock().unwrap().iter().any(|(_, r)| r.to_string().contains("edited-by-claude")),
-            "the tool output went back"
-        );
-    } else {
-        // On the control plane the next stage sees the edited checkout.
-        assert!(logs.iter().any(|l| l == "edited-by-claude"), "{logs:#?}");
-    }
-    let mut results = Vec::new();
-    server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
-    assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"edited":"notes.md"}"#, "{logs:#?}");
+    tool_turn("claude", true);
 }
 
 /// A fake model API that reads the request and never answers.

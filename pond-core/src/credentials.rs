@@ -289,10 +289,7 @@ pub fn open_credentials(
 mod tests {
     use super::*;
 
-    fn pair(n: u8) -> ([u8; 32], [u8; 32]) {
-        let secret = x25519_dalek::StaticSecret::from([n; 32]);
-        (x25519_dalek::PublicKey::from(&secret).to_bytes(), secret.to_bytes())
-    }
+    use crate::seal::tests::pair;
 
     #[test]
     fn a_worker_refuses_payloads_for_another_job_worker_or_time() {

@@ -409,12 +409,12 @@ pub fn open_stream(data: &[u8], key: &[u8; 32], chunk_size: usize) -> Result<Vec
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pair(n: u8) -> ([u8; 32], [u8; 32]) {
-        let secret = x25519_dalek::StaticSecret::from([n; 32]);
-        (x25519_dalek::PublicKey::from(&secret).to_bytes(), secret.to_bytes())
+    /// A test X25519 key pair (public, secret) from a fixed secret.
+    pub(crate) fn pair(n: u8) -> ([u8; 32], [u8; 32]) {
+        (crate::keys::x25519_public(&[n; 32]), [n; 32])
     }
 
     #[test]

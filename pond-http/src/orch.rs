@@ -327,13 +327,9 @@ impl MemberCache {
         true
     }
 
-    fn set_busy(&self, worker: &str, on: bool) {
-        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if on {
-            busy.insert(worker.to_string(), Instant::now());
-        } else {
-            busy.remove(worker);
-        }
+    /// The worker reported (or was not given a job after all): it may be asked for again.
+    fn release(&self, worker: &str) {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(worker);
     }
 
     async fn get(&self, pools: &pond_core::pool::Pools, id: &str) -> Result<Option<PoolMember>, ApiError> {
@@ -397,11 +393,11 @@ async fn claim_round(state: &AppState, idle: &[PoolMember]) -> Vec<JobTicket> {
             match claim_one(state, worker).await {
                 Ok(Some(ticket)) => tickets.push(ticket),
                 Ok(None) => {
-                    state.members.set_busy(&worker.id, false);
+                    state.members.release(&worker.id);
                     break;
                 }
                 Err(e) => {
-                    state.members.set_busy(&worker.id, false);
+                    state.members.release(&worker.id);
                     tracing::warn!(error = %e, "claiming for a pool worker failed");
                     return tickets;
                 }
@@ -672,7 +668,7 @@ async fn result(
         signature,
     };
     let snapshot = state.engine.complete_job(&job, &r.worker, &report).await?;
-    state.members.set_busy(&r.worker.id, false);
+    state.members.release(&r.worker.id);
     state.seen.touch(&state.pools, &[(r.worker.id.as_str(), None)]).await?;
     let record = snapshot
         .attempts
@@ -693,7 +689,7 @@ async fn release(
 ) -> Result<axum::http::StatusCode, ApiError> {
     let job = job_id(&job)?;
     state.engine.release_job(&job, &r.worker, "the worker gave it back").await?;
-    state.members.set_busy(&r.worker.id, false);
+    state.members.release(&r.worker.id);
     state.seen.touch(&state.pools, &[(r.worker.id.as_str(), None)]).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
