@@ -78,6 +78,11 @@ enum Command {
         #[command(subcommand)]
         command: PoolCommand,
     },
+    /// The OCI sandbox: check that this host can enforce the confined profiles.
+    Sandbox {
+        #[command(subcommand)]
+        command: SandboxCommand,
+    },
     /// Print this worker's key fingerprints (making its keys on first use), to pin at enrollment.
     Fingerprint {
         /// Worker key directory (default: $POND_WORKER_KEY_DIR, else ~/.local/share/pond/worker).
@@ -87,6 +92,126 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// Run the self-check (a probe sandbox) and print the profiles this host can enforce.
+    Check {
+        #[command(flatten)]
+        sandbox: SandboxArgs,
+    },
+    /// Remove what sandboxes of a state directory left behind (containers, cgroups, mounts).
+    Gc {
+        /// The sandbox state directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// The helper process of one sandbox (used by pond itself).
+    #[command(hide = true)]
+    Run {
+        /// The sandbox's spec file.
+        spec: PathBuf,
+    },
+}
+
+/// How stages are contained on this host.
+#[derive(Args, Clone)]
+struct SandboxArgs {
+    /// Sandbox backend: `oci` (libcontainer; confined profiles; needs root), `host` (the
+    /// `none` profile only), or `auto` (oci when its self-check passes here, else host).
+    #[arg(long = "sandbox", env = "POND_SANDBOX", default_value = "auto", value_parser = ["auto", "oci", "host"])]
+    backend: String,
+    /// Sandbox state directory (default: `sandbox` in the data or key directory).
+    #[arg(long = "sandbox-dir", env = "POND_SANDBOX_DIR")]
+    dir: Option<PathBuf>,
+    /// A host `untrusted-code-write` stages may reach through the egress proxy (repeatable):
+    /// `registry.npmjs.org`, `*.pypi.org`, `10.0.0.5:3128`.
+    #[arg(long = "egress-allow", value_name = "HOST")]
+    egress_allow: Vec<String>,
+    /// Limits of a stage that sets none, e.g. `memory_mib=2048,pids=512,cpus=2,timeout_secs=3600,disk_mib=2048`.
+    #[arg(long = "sandbox-defaults", value_parser = parse_limits_defaults)]
+    defaults: Option<pond_sandbox::oci::Limits>,
+    /// The most a stage may ask for (same keys as --sandbox-defaults).
+    #[arg(long = "sandbox-ceilings", value_parser = parse_limits_ceilings)]
+    ceilings: Option<pond_sandbox::oci::Limits>,
+}
+
+fn parse_limits(text: &str, base: pond_sandbox::oci::Limits) -> std::result::Result<pond_sandbox::oci::Limits, String> {
+    let mut limits = base;
+    for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
+        let (key, value) = pair.split_once('=').ok_or_else(|| format!("`{pair}` is not KEY=VALUE"))?;
+        let int = || {
+            value
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or_else(|| format!("{key}: `{value}` is not a positive integer"))
+        };
+        match key.trim() {
+            "memory_mib" => limits.memory_mib = int()?,
+            "pids" => limits.pids = int()?,
+            "timeout_secs" => limits.timeout_secs = int()?,
+            "disk_mib" => limits.disk_mib = int()?,
+            "cpus" => {
+                limits.cpus = value
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|c| c.is_finite() && *c > 0.0)
+                    .ok_or_else(|| format!("cpus: `{value}` is not a positive number"))?
+            }
+            other => return Err(format!("unknown limit `{other}` (memory_mib, pids, cpus, timeout_secs, disk_mib)")),
+        }
+    }
+    Ok(limits)
+}
+
+fn parse_limits_defaults(text: &str) -> std::result::Result<pond_sandbox::oci::Limits, String> {
+    parse_limits(text, pond_sandbox::oci::Limits::DEFAULTS)
+}
+
+fn parse_limits_ceilings(text: &str) -> std::result::Result<pond_sandbox::oci::Limits, String> {
+    parse_limits(text, pond_sandbox::oci::Limits::CEILINGS)
+}
+
+/// The sandbox backend `args` ask for, and whether it is the OCI one. `auto` falls back to
+/// the host backend (saying why); `oci` fails when the self-check does.
+fn sandbox_backend(
+    args: &SandboxArgs,
+    default_dir: PathBuf,
+) -> Result<(Arc<dyn pond_core::sandbox::SandboxBackend>, bool)> {
+    if args.backend == "host" {
+        return Ok((Arc::new(pond_sandbox::HostBackend), false));
+    }
+    for (i, host) in args.egress_allow.iter().enumerate() {
+        if let Err(e) = pond_sandbox::egress::Rule::parse(host) {
+            bail!("--egress-allow[{i}]: {e}");
+        }
+    }
+    let config = pond_sandbox::oci::OciConfig {
+        pond_exe: std::env::current_exe().context("finding the pond executable")?,
+        state_dir: args.dir.clone().unwrap_or(default_dir),
+        defaults: args.defaults.unwrap_or(pond_sandbox::oci::Limits::DEFAULTS),
+        ceilings: args.ceilings.unwrap_or(pond_sandbox::oci::Limits::CEILINGS),
+        egress_allow: args.egress_allow.clone(),
+    };
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let result = if root {
+        pond_sandbox::oci::OciBackend::new(config).map_err(|e| e.to_string())
+    } else {
+        Err("it needs root (mounts, namespaces, cgroups)".to_string())
+    };
+    match result {
+        Ok(backend) => Ok((Arc::new(backend), true)),
+        Err(why) if args.backend == "auto" => {
+            eprintln!("pond: the OCI sandbox is off ({why}); only the `none` profile runs here");
+            Ok((Arc::new(pond_sandbox::HostBackend), false))
+        }
+        Err(why) => bail!("the OCI sandbox cannot run here: {why}"),
+    }
 }
 
 #[derive(Args)]
@@ -137,6 +262,8 @@ struct ServerArgs {
     /// Encrypt a run that names recipients but does not say `encrypt` (false: only on `encrypt: true`).
     #[arg(long, env = "POND_ENCRYPTION_DEFAULT", default_value_t = true, action = clap::ArgAction::Set)]
     encryption_default: bool,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 #[derive(Subcommand)]
@@ -494,6 +621,8 @@ struct WorkerArgs {
     /// Host environment variable to pass to shell jobs (repeatable).
     #[arg(long = "shell-env-allow")]
     shell_env_allow: Vec<String>,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 #[derive(Subcommand)]
@@ -631,6 +760,11 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
 
 fn main() {
     let cli = Cli::parse();
+    if let Command::Sandbox { command: SandboxCommand::Run { spec } } = &cli.command {
+        // The sandbox helper: no logger and no threads before libcontainer has forked (its
+        // children deadlock on locks other threads hold).
+        std::process::exit(pond_sandbox::oci::run_helper(spec));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("POND_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
@@ -664,6 +798,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             orchestrator(server, args).map(|()| 0)
         }
         Command::Worker(args) => worker(args),
+        Command::Sandbox { command } => sandbox(command),
         Command::Pool { command } => pool(command, &admin_client(&cli.global, &config_path)?).map(|()| 0),
         Command::Admin { command: AdminCommand::Models { command } } => {
             let client = admin_client(&cli.global, &config_path)?;
@@ -790,20 +925,52 @@ fn orchestrator(server: String, args: OrchestratorArgs) -> Result<()> {
     })
 }
 
+fn sandbox(command: SandboxCommand) -> Result<i32> {
+    match command {
+        SandboxCommand::Check { mut sandbox } => {
+            if sandbox.backend == "auto" {
+                sandbox.backend = "oci".into();
+            }
+            let dir = std::env::temp_dir().join(format!("pond-sandbox-check-{}", std::process::id()));
+            let (backend, _) = sandbox_backend(&sandbox, dir.clone())?;
+            let profiles: Vec<&str> = backend.profiles().iter().map(|p| p.as_str()).collect();
+            println!("sandbox backend {}: self-check passed; profiles: {}", backend.name(), profiles.join(", "));
+            if sandbox.dir.is_none() {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            Ok(0)
+        }
+        SandboxCommand::Gc { dir } => {
+            let removed = pond_sandbox::oci::collect_garbage(&dir).map_err(anyhow::Error::msg)?;
+            println!("removed {removed} leftover sandbox objects from {}", dir.display());
+            Ok(0)
+        }
+        SandboxCommand::Run { spec } => Ok(pond_sandbox::oci::run_helper(&spec)),
+    }
+}
+
 fn worker(args: WorkerArgs) -> Result<i32> {
     let key_dir = args.key_dir.unwrap_or_else(pond_exec::default_key_dir);
+    let (backend, oci) = sandbox_backend(&args.sandbox, key_dir.join("sandbox"))?;
+    let mut capabilities = args.capabilities;
+    let sandbox_cap = pond_core::routing::SANDBOX_CAPABILITY.to_string();
+    if oci && !capabilities.contains(&sandbox_cap) {
+        capabilities.push(sandbox_cap);
+    } else if !oci && capabilities.contains(&sandbox_cap) {
+        bail!("--capabilities names {sandbox_cap}, but this worker has no OCI sandbox (see `pond sandbox check`)");
+    }
     let config = pond_http::worker_process::WorkerProcessConfig {
         orchestrator: args.orchestrator.trim_end_matches('/').to_string(),
         enroll_code: args.enroll,
         key_dir,
         tags: args.tags,
-        capabilities: args.capabilities,
+        capabilities,
         name: args.name.unwrap_or_else(host_name),
         once: args.once,
         drain: args.drain,
         kill_grace: args.kill_grace,
         shell_env_allow: args.shell_env_allow,
-        sandbox: Arc::new(pond_sandbox::HostBackend),
+        sandbox: backend,
     };
     let prepared = pond_http::worker_process::prepare(&config)?;
     let m = &prepared.member;
@@ -959,8 +1126,9 @@ fn admin_client(global: &Global, config_path: &std::path::Path) -> Result<Client
     Ok(Client::new(&target.server, target.token))
 }
 
-fn server_config(args: ServerArgs) -> pond_http::server::ServerConfig {
-    let mut config = pond_http::server::ServerConfig::new(args.data_dir, Arc::new(pond_sandbox::HostBackend));
+fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
+    let (backend, _) = sandbox_backend(&args.sandbox, args.data_dir.join("sandbox"))?;
+    let mut config = pond_http::server::ServerConfig::new(args.data_dir, backend);
     config.listen = args.listen;
     config.database_url = args.database_url;
     config.database_pool = args.database_pool;
@@ -975,7 +1143,7 @@ fn server_config(args: ServerArgs) -> pond_http::server::ServerConfig {
     config.node_id = args.node_id;
     config.limits.encryption_default = args.encryption_default;
     config.server_key = args.server_key.map(|k| k.0);
-    config
+    Ok(config)
 }
 
 async fn shutdown_signal() {
@@ -987,11 +1155,12 @@ async fn shutdown_signal() {
 }
 
 fn serve(args: ServerArgs) -> Result<()> {
+    let data_dir = args.data_dir.clone();
+    let store = if args.database_url.is_some() { "PostgreSQL" } else { "SQLite" };
+    let config = server_config(args)?;
     let rt = runtime()?;
     rt.block_on(async {
-        let data_dir = args.data_dir.clone();
-        let store = if args.database_url.is_some() { "PostgreSQL" } else { "SQLite" };
-        let server = pond_http::server::start(server_config(args)).await?;
+        let server = pond_http::server::start(config).await?;
         println!("pond server listening on {}", server.url());
         println!("store: {store}; data directory: {}", data_dir.display());
         match &server.new_admin_token {

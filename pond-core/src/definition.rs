@@ -305,6 +305,58 @@ pub struct SandboxSpec {
     /// Trust tier of the pool that may run it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<Tier>,
+    /// Resource limits of a confined profile; unset fields take the operator's defaults.
+    #[serde(default, skip_serializing_if = "SandboxLimits::is_empty")]
+    pub limits: SandboxLimits,
+}
+
+/// Resource limits of a confined stage. Each is checked against the executing host's
+/// ceilings; a request above a ceiling fails the stage (never silently lowered).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxLimits {
+    /// Memory (RAM + tmpfs pages written) in MiB; exceeding it is an OOM kill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// Most processes and threads at once (a fork bomb stops here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// CPU quota in cores (`0.5` is half a core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Wall-clock limit in seconds; the sandbox is killed when it passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Size in MiB of the writable space (workspace copy, home, outputs, /tmp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mib: Option<u64>,
+}
+
+impl SandboxLimits {
+    fn is_empty(&self) -> bool {
+        *self == SandboxLimits::default()
+    }
+
+    /// Checks that every set limit is positive and finite; `at` names the field's place.
+    pub fn validate(&self, at: &str) -> Result<(), FieldError> {
+        let positive = [
+            ("memory_mib", self.memory_mib),
+            ("pids", self.pids),
+            ("timeout_secs", self.timeout_secs),
+            ("disk_mib", self.disk_mib),
+        ];
+        for (name, value) in positive {
+            if value == Some(0) {
+                return Err(FieldError::new(format!("{at}.{name}"), "must be at least 1"));
+            }
+        }
+        if let Some(cpus) = self.cpus {
+            if !(cpus.is_finite() && cpus >= 0.01 && cpus <= 1024.0) {
+                return Err(FieldError::new(format!("{at}.cpus"), "must be a number of cores between 0.01 and 1024"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Isolation profiles (seed 000).
@@ -532,7 +584,7 @@ impl StageDef {
                 return Err(FieldError::new(
                     format!("{at}.executor.sandbox.profile"),
                     format!(
-                        "profile `{}` needs a sandbox backend on the worker, and none exists yet (refused rather than run unconfined)",
+                        "profile `{}` cannot be enforced by any pool here (refused rather than run unconfined)",
                         sandbox.profile.as_str()
                     ),
                 ));
@@ -566,6 +618,9 @@ impl StageDef {
     }
 
     fn validate_executor(&self, at: &str) -> Result<(), FieldError> {
+        if let Some(sandbox) = self.executor.sandbox() {
+            sandbox.limits.validate(&format!("{at}.executor.sandbox.limits"))?;
+        }
         match &self.executor {
             ExecutorSpec::Shell(shell) => {
                 if !shell.credentials.is_empty() && shell.placement != Placement::Pool {

@@ -192,9 +192,13 @@ impl Engine {
             executor_kinds: kinds,
             sandbox_profiles: self.sandbox_profiles.clone(),
             pool_kinds: POOL_EXECUTOR_KINDS.iter().map(|k| k.to_string()).collect(),
-            // No worker has a sandbox backend yet (the sandbox issue); until one does, a confined
-            // profile is refused rather than left waiting for a worker that cannot exist.
-            pool_sandbox_profiles: vec![SandboxProfile::None],
+            // A confined pooled stage requires `sandbox.oci` (routing), which a worker advertises
+            // only when its OCI backend passed its self-check: it waits for such a worker.
+            pool_sandbox_profiles: vec![
+                SandboxProfile::None,
+                SandboxProfile::UntrustedCodeRead,
+                SandboxProfile::UntrustedCodeWrite,
+            ],
         }
     }
 

@@ -192,7 +192,7 @@ mod tests {
 
     #[test]
     fn untrusted_code_defaults_to_the_trusted_tier() {
-        let spec = |profile, tier| SandboxSpec { profile, tier };
+        let spec = |profile, tier| SandboxSpec { profile, tier, limits: Default::default() };
         assert_eq!(effective_tier(None), Tier::Any);
         assert_eq!(effective_tier(Some(&spec(SandboxProfile::None, None))), Tier::Any);
         assert_eq!(effective_tier(Some(&spec(SandboxProfile::UntrustedCodeWrite, None))), Tier::Trusted);

@@ -16,7 +16,8 @@ use async_trait::async_trait;
 use pond_core::definition::{ExecutorSpec, SandboxProfile};
 use pond_core::exec::{ExecContext, Executor, OutputSink};
 use pond_core::run::StageOutcome;
-use pond_core::sandbox::{CommandSpec, SandboxBackend};
+use pond_core::sandbox::{CommandSpec, PathAccess, PathGrant, SandboxBackend, SandboxReport, SandboxRequest};
+use pond_core::source::SourceSpec;
 use pond_core::store::LogStream;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
@@ -66,6 +67,23 @@ impl ShellExecutor {
     pub fn new(config: ShellConfig, sandbox: Arc<dyn SandboxBackend>) -> Self {
         ShellExecutor { config, sandbox }
     }
+}
+
+/// What a caller (the swarm executor) gives a shell stage beyond its spec.
+#[derive(Clone, Debug, Default)]
+pub struct Grants {
+    /// Host paths the command needs (the agent CLI, its home).
+    pub paths: Vec<PathGrant>,
+    /// Host loopback ports it may reach (the model broker).
+    pub loopback_ports: Vec<u16>,
+}
+
+/// The host of a git URL (`https://user@host:port/x` → `host:port`), for the allowlist.
+fn git_remote_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    (!host.is_empty()).then(|| host.to_string())
 }
 
 /// Kills the process group when dropped, so an abandoned attempt (its task dropped, its node
@@ -198,6 +216,15 @@ async fn forward(mut rx: mpsc::Receiver<(LogStream, String)>, output: &dyn Outpu
     }
 }
 
+fn exit_text(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("signal {sig}"),
+        (None, None) => "no exit status".into(),
+    }
+}
+
 fn collect_outputs(dir: &Path, max_bytes: u64) -> Result<Vec<(String, PathBuf)>, String> {
     let mut files = Vec::new();
     for entry in walkdir::WalkDir::new(dir).follow_links(false).sort_by_file_name() {
@@ -225,6 +252,13 @@ impl Executor for ShellExecutor {
     }
 
     async fn execute(&self, ctx: ExecContext<'_>) -> StageOutcome {
+        self.run(ctx, Grants::default()).await
+    }
+}
+
+impl ShellExecutor {
+    /// Runs a shell stage with `grants` on top of what its spec asks for.
+    pub async fn run(&self, ctx: ExecContext<'_>, grants: Grants) -> StageOutcome {
         let ExecutorSpec::Shell(spec) = &ctx.stage.executor else {
             return StageOutcome::Failed { error: "not a shell stage".into(), exit_code: None };
         };
@@ -263,10 +297,34 @@ impl Executor for ShellExecutor {
             let var = format!("POND_SOURCE_{}", label.to_ascii_uppercase().replace(['-', '.'], "_"));
             env.push((var, path.to_string_lossy().into_owned()));
         }
-        let profile = spec.sandbox.as_ref().map(|s| s.profile).unwrap_or(SandboxProfile::None);
-        let command = CommandSpec { argv: spec.argv.clone(), env, cwd: ctx.workspace.cwd.clone() };
-        let command = match self.sandbox.wrap(profile, command) {
-            Ok(c) => c,
+        let mut paths = vec![PathGrant { path: ctx.workspace.cwd.clone(), access: PathAccess::Checkout }];
+        for (_, source) in &ctx.workspace.sources {
+            if !paths.iter().any(|g| source.starts_with(&g.path)) {
+                paths.push(PathGrant { path: source.clone(), access: PathAccess::Checkout });
+            }
+        }
+        for dir in [&output_dir, &home] {
+            paths.push(PathGrant { path: dir.clone(), access: PathAccess::Writable });
+        }
+        paths.extend(grants.paths);
+        let request = SandboxRequest {
+            profile: spec.sandbox.as_ref().map(|s| s.profile).unwrap_or(SandboxProfile::None),
+            limits: spec.sandbox.as_ref().map(|s| s.limits).unwrap_or_default(),
+            allow_hosts: ctx
+                .run
+                .sources
+                .iter()
+                .filter_map(|s| match &s.spec {
+                    SourceSpec::GitHttps { url, .. } => git_remote_host(url),
+                    _ => None,
+                })
+                .collect(),
+            loopback_ports: grants.loopback_ports,
+            scratch: scratch.path().to_path_buf(),
+        };
+        let command = CommandSpec { argv: spec.argv.clone(), env, cwd: ctx.workspace.cwd.clone(), paths };
+        let (command, report) = match self.sandbox.wrap(&request, command) {
+            Ok(w) => (w.command, w.report),
             Err(e) => return fail(e.to_string()),
         };
         let mut cmd = tokio::process::Command::new(&command.argv[0]);
@@ -342,6 +400,17 @@ impl Executor for ShellExecutor {
             if let Err(e) = stored {
                 return fail(format!("storing artifact `{name}`: {e}"));
             }
+        }
+        if let Some(report) = report {
+            // The backend's word on how the command ended; without it the sandbox failed.
+            let report: SandboxReport = match std::fs::read(&report).map(|b| serde_json::from_slice(&b)) {
+                Ok(Ok(r)) => r,
+                _ => return fail(format!("the sandbox ended without a report ({})", exit_text(status))),
+            };
+            return match report.failure() {
+                None => StageOutcome::Succeeded,
+                Some(error) => StageOutcome::Failed { error, exit_code: report.exit_code },
+            };
         }
         use std::os::unix::process::ExitStatusExt;
         match (status.code(), status.signal()) {

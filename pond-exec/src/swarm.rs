@@ -18,7 +18,8 @@ use pond_core::exec::{ExecContext, Executor, OutputSink};
 use pond_core::run::StageOutcome;
 use pond_core::store::LogStream;
 
-use crate::shell::ShellExecutor;
+use crate::shell::{Grants, ShellExecutor};
+use pond_core::sandbox::{PathAccess, PathGrant};
 
 /// Runs `swarm` stages.
 pub struct SwarmExecutor {
@@ -116,6 +117,9 @@ impl SwarmExecutor {
                 prepared.agent.harness.key
             )));
         }
+        let mut grants = Grants { paths: cli_grants(program), loopback_ports: Vec::new() };
+        grants.paths.push(PathGrant { path: home.path().to_path_buf(), access: PathAccess::Writable });
+        grants.loopback_ports.extend(loopback_port(&prepared.broker_url));
         let stage = StageDef {
             executor: ExecutorSpec::Shell(ShellSpec {
                 argv,
@@ -138,7 +142,7 @@ impl SwarmExecutor {
             stop: ctx.stop,
             items: None,
         };
-        let outcome = self.shell.execute(inner).await;
+        let outcome = self.shell.run(inner, grants).await;
         let transcript = std::mem::take(&mut *capture.transcript.lock().unwrap_or_else(|p| p.into_inner()));
         TaskRun { index, outcome, transcript }
     }
@@ -301,6 +305,49 @@ fn api_error_hint(status: u16) -> &'static str {
 }
 
 /// Whether `program` names an executable file, directly or through `PATH`.
+/// Where `program` lives: resolved through PATH and symlinks.
+fn locate(program: &str) -> Option<std::path::PathBuf> {
+    let found = if program.contains('/') {
+        Some(std::path::PathBuf::from(program))
+    } else {
+        std::env::var_os("PATH")
+            .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(program)).find(|p| p.is_file()))
+    }?;
+    std::fs::canonicalize(found).ok()
+}
+
+/// What a confined agent needs to see of its CLI's installation: the directory holding the
+/// outermost `node_modules` of an npm install (the CLI's code and its dependencies), else the
+/// directory of the program itself. System directories are visible anyway.
+fn cli_grants(program: &str) -> Vec<PathGrant> {
+    let mut grants = Vec::new();
+    let as_given = std::path::Path::new(program);
+    for path in [Some(as_given.to_path_buf()).filter(|p| p.is_absolute()), locate(program)].into_iter().flatten() {
+        let root = path
+            .ancestors()
+            .filter(|a| a.file_name().is_some_and(|n| n == "node_modules"))
+            .last()
+            .and_then(|nm| nm.parent())
+            .or_else(|| path.parent())
+            .map(|p| p.to_path_buf());
+        if let Some(root) = root {
+            if !grants.iter().any(|g: &PathGrant| root.starts_with(&g.path)) {
+                grants.push(PathGrant { path: root, access: PathAccess::ReadOnly });
+            }
+        }
+    }
+    grants
+}
+
+/// The port of a broker URL on the host's loopback (`http://127.0.0.1:4100/v1`).
+fn loopback_port(url: &str) -> Option<u16> {
+    let rest = url.strip_prefix("http://")?;
+    let authority = rest.split('/').next()?;
+    let (host, port) = authority.rsplit_once(':')?;
+    matches!(host, "127.0.0.1" | "localhost" | "[::1]").then_some(())?;
+    port.parse().ok()
+}
+
 fn installed(program: &str) -> bool {
     use std::os::unix::fs::PermissionsExt;
     let executable =

@@ -105,19 +105,37 @@ impl EgressProxy {
         let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let addr = listener.local_addr()?;
         let (stop, mut stopped) = watch::channel(false);
-        let rules = Arc::new(rules);
         tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let Ok((conn, _)) = accepted else { continue };
-                        tokio::spawn(serve(conn, rules.clone(), log.clone()));
-                    }
-                    _ = stopped.changed() => return,
-                }
+            tokio::select! {
+                () = serve_on(listener, rules, log) => {}
+                _ = stopped.changed() => {}
             }
         });
         Ok(EgressProxy { addr, stop })
+    }
+}
+
+/// Serves the proxy on `listener` until the task is dropped. The sandbox helper uses this
+/// with a listener it bound inside the sandbox's network namespace, while the connections it
+/// opens leave from the host's.
+pub async fn serve_on(listener: TcpListener, rules: Vec<Rule>, log: RefusalLog) {
+    let rules = Arc::new(rules);
+    loop {
+        let Ok((conn, _)) = listener.accept().await else { continue };
+        tokio::spawn(serve(conn, rules.clone(), log.clone()));
+    }
+}
+
+/// Relays every connection to `listener` to `target` until the task is dropped (the model
+/// broker's port on the host's loopback, seen inside the sandbox at the same address).
+pub async fn forward_on(listener: TcpListener, target: SocketAddr) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        tokio::spawn(async move {
+            if let Ok(mut upstream) = TcpStream::connect(target).await {
+                let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+            }
+        });
     }
 }
 

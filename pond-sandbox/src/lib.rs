@@ -8,9 +8,10 @@
 #![deny(missing_docs)]
 
 pub mod egress;
+pub mod oci;
 
 use pond_core::definition::SandboxProfile;
-use pond_core::sandbox::{CommandSpec, SandboxBackend, SandboxError};
+use pond_core::sandbox::{CommandSpec, SandboxBackend, SandboxError, SandboxRequest, Wrapped};
 
 /// Runs commands as plain host processes: the `none` profile only.
 #[derive(Debug, Default, Clone, Copy)]
@@ -25,9 +26,9 @@ impl SandboxBackend for HostBackend {
         vec![SandboxProfile::None]
     }
 
-    fn wrap(&self, profile: SandboxProfile, command: CommandSpec) -> Result<CommandSpec, SandboxError> {
-        match profile {
-            SandboxProfile::None => Ok(command),
+    fn wrap(&self, request: &SandboxRequest, command: CommandSpec) -> Result<Wrapped, SandboxError> {
+        match request.profile {
+            SandboxProfile::None => Ok(Wrapped { command, report: None }),
             other => Err(SandboxError::Unsupported(other.as_str())),
         }
     }
@@ -39,10 +40,11 @@ mod tests {
 
     #[test]
     fn host_backend_fails_closed_on_confined_profiles() {
-        let cmd = CommandSpec { argv: vec!["true".into()], env: vec![], cwd: "/".into() };
-        assert_eq!(HostBackend.wrap(SandboxProfile::None, cmd.clone()).unwrap(), cmd);
+        let cmd = CommandSpec { argv: vec!["true".into()], env: vec![], cwd: "/".into(), paths: vec![] };
+        let request = |profile| SandboxRequest { profile, ..SandboxRequest::default() };
+        assert_eq!(HostBackend.wrap(&request(SandboxProfile::None), cmd.clone()).unwrap().command, cmd);
         for p in [SandboxProfile::UntrustedCodeRead, SandboxProfile::UntrustedCodeWrite] {
-            let err = HostBackend.wrap(p, cmd.clone()).unwrap_err();
+            let err = HostBackend.wrap(&request(p), cmd.clone()).unwrap_err();
             assert!(err.to_string().contains(p.as_str()));
         }
     }

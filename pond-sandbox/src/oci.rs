@@ -1,0 +1,1073 @@
+//! The OCI backend on youki's libcontainer: `untrusted-code-read` and `untrusted-code-write`.
+//!
+//! libcontainer forks with raw `clone3` and runs Rust code in the child, which deadlocks when
+//! the caller has other threads (an inherited malloc or stderr lock). So the backend never
+//! calls it from the server or worker: [`OciBackend::wrap`] writes a [`HelperSpec`] and
+//! returns the command `pond sandbox run SPEC`, a single-threaded helper process (one per
+//! sandbox) that runs [`run_helper`]. The helper:
+//!
+//! 1. enters a new network namespace of its own with only `lo` up, and binds there the egress
+//!    proxy (`127.0.0.1:3128`) and the loopback ports the command may reach (the broker);
+//! 2. mounts a tmpfs of the stage's disk size for everything writable (a copy of the checkout
+//!    under `untrusted-code-write`, the home and output directories, `/tmp`);
+//! 3. writes an OCI bundle whose root is an empty directory with read-only binds of the host's
+//!    system directories and the granted paths, and creates the container in new pid, mount,
+//!    ipc, uts and cgroup namespaces sharing the helper's network namespace, as an
+//!    unprivileged uid ([`SANDBOX_UID`]); no capabilities, no_new_privileges, a seccomp filter
+//!    that also denies new namespaces, masked /proc paths, and cgroup limits (memory, pids, CPU);
+//! 4. checks in /proc that seccomp, no_new_privileges and the empty capability set are in
+//!    force before it starts the command, and refuses to start it otherwise;
+//! 5. proxies: a thread that moved back into the host's network namespace serves the proxy
+//!    and the forwards, so the sandbox's one way out is through them;
+//! 6. waits with the wall-clock limit, then reads the memory cgroup's OOM count, copies the
+//!    writable grants' contents back, deletes the container and its mounts, and writes a
+//!    [`SandboxReport`] the executor turns into the stage's result.
+//!
+//! A helper that dies (its worker was killed) leaves a container behind: [`collect_garbage`]
+//! removes every container, cgroup and mount of the state directory at the next start.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Write as _;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use pond_core::definition::{SandboxLimits, SandboxProfile};
+use pond_core::sandbox::{
+    CommandSpec, PathAccess, PathGrant, SandboxBackend, SandboxError, SandboxReport, SandboxRequest, Wrapped,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::egress::{self, Rule};
+
+/// The user (and group) the command runs as: an unprivileged id no host account uses.
+///
+/// No user namespace: its mapped root could not reach mount sources below the 0700
+/// directories a worker keeps its checkouts and scratch space in, and a non-root uid without
+/// capabilities, under no_new_privileges and seccomp, already cannot regain privileges.
+pub const SANDBOX_UID: u32 = 101_000;
+/// Where the egress proxy listens inside the sandbox.
+pub const PROXY_PORT: u16 = 3128;
+/// The cgroup (under each hierarchy's root) holding every sandbox's cgroup.
+const CGROUP_PARENT: &str = "pond-sandbox";
+
+/// The cgroup holding the sandboxes of one state directory (one worker or server), relative
+/// to a hierarchy's root: its own, so garbage collection and leak checks see only theirs.
+fn cgroup_group(state_dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    state_dir.hash(&mut hasher);
+    format!("{CGROUP_PARENT}/{:016x}", hasher.finish())
+}
+/// The host directories every sandbox sees, read-only, when they exist.
+const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt"];
+
+fn host_id() -> u32 {
+    SANDBOX_UID
+}
+
+/// Settings of the OCI backend (the operator's).
+#[derive(Clone, Debug)]
+pub struct OciConfig {
+    /// The `pond` executable whose hidden `sandbox run` subcommand is the helper.
+    pub pond_exe: PathBuf,
+    /// Private state: containers, bundles. One per worker or server; garbage-collected at start.
+    pub state_dir: PathBuf,
+    /// Limits of a stage that sets none.
+    pub defaults: Limits,
+    /// The most a stage may ask for.
+    pub ceilings: Limits,
+    /// Hosts every `untrusted-code-write` sandbox may reach (package registries).
+    pub egress_allow: Vec<String>,
+}
+
+/// Concrete limits (defaults or ceilings).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Processes and threads.
+    pub pids: u64,
+    /// CPU cores.
+    pub cpus: f64,
+    /// Wall-clock seconds.
+    pub timeout_secs: u64,
+    /// Writable space in MiB.
+    pub disk_mib: u64,
+}
+
+impl Limits {
+    /// Defaults for a stage that sets no limits.
+    pub const DEFAULTS: Limits = Limits { memory_mib: 2048, pids: 512, cpus: 2.0, timeout_secs: 3600, disk_mib: 2048 };
+    /// Default ceilings.
+    pub const CEILINGS: Limits =
+        Limits { memory_mib: 16384, pids: 4096, cpus: 16.0, timeout_secs: 86_400, disk_mib: 16384 };
+
+    /// The stage's request over `self` (the defaults), refused above `ceilings`.
+    pub fn resolve(&self, asked: &SandboxLimits, ceilings: &Limits) -> Result<Limits, SandboxError> {
+        let over = |field: &str, asked: String, ceiling: String| SandboxError::Request {
+            field: format!("sandbox.limits.{field}"),
+            reason: format!("{asked} is above this host's ceiling of {ceiling}"),
+        };
+        let pick = |field: &str, asked: Option<u64>, default: u64, ceiling: u64| match asked {
+            Some(v) if v > ceiling => Err(over(field, v.to_string(), ceiling.to_string())),
+            Some(v) => Ok(v),
+            None => Ok(default.min(ceiling)),
+        };
+        let cpus = match asked.cpus {
+            Some(c) if c > ceilings.cpus => return Err(over("cpus", c.to_string(), ceilings.cpus.to_string())),
+            Some(c) => c,
+            None => self.cpus.min(ceilings.cpus),
+        };
+        Ok(Limits {
+            memory_mib: pick("memory_mib", asked.memory_mib, self.memory_mib, ceilings.memory_mib)?,
+            pids: pick("pids", asked.pids, self.pids, ceilings.pids)?,
+            cpus,
+            timeout_secs: pick("timeout_secs", asked.timeout_secs, self.timeout_secs, ceilings.timeout_secs)?,
+            disk_mib: pick("disk_mib", asked.disk_mib, self.disk_mib, ceilings.disk_mib)?,
+        })
+    }
+}
+
+/// Everything the helper needs for one sandbox.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HelperSpec {
+    /// Container id (unique; also names the bundle and the cgroup).
+    pub id: String,
+    /// The backend's state directory.
+    pub state_dir: PathBuf,
+    /// The profile.
+    pub profile: SandboxProfile,
+    /// The command.
+    pub argv: Vec<String>,
+    /// Its environment.
+    pub env: Vec<(String, String)>,
+    /// Its working directory.
+    pub cwd: PathBuf,
+    /// Granted host paths.
+    pub paths: Vec<PathGrant>,
+    /// Limits in force.
+    pub limits: Limits,
+    /// Egress allowlist (`untrusted-code-write`); empty: no proxy.
+    pub egress_allow: Vec<String>,
+    /// Host loopback ports forwarded into the sandbox.
+    pub loopback_ports: Vec<u16>,
+    /// Where to write the report.
+    pub report: PathBuf,
+}
+
+/// The OCI backend.
+#[derive(Debug)]
+pub struct OciBackend {
+    config: OciConfig,
+}
+
+impl OciBackend {
+    /// A backend that has passed its self-check: a probe sandbox ran and saw seccomp,
+    /// no_new_privileges, no capabilities, a non-root uid and no network. Collects the
+    /// garbage a previous process left in the state directory first.
+    pub fn new(config: OciConfig) -> Result<OciBackend, SandboxError> {
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(|e| SandboxError::SelfCheck(format!("creating {}: {e}", config.state_dir.display())))?;
+        collect_garbage(&config.state_dir).map_err(SandboxError::SelfCheck)?;
+        let backend = OciBackend { config };
+        backend.self_check()?;
+        Ok(backend)
+    }
+
+    fn self_check(&self) -> Result<(), SandboxError> {
+        let scratch = tempfile::Builder::new()
+            .prefix("self-check-")
+            .tempdir_in(&self.config.state_dir)
+            .map_err(|e| SandboxError::SelfCheck(e.to_string()))?;
+        let out = scratch.path().join("out");
+        std::fs::create_dir_all(&out).map_err(|e| SandboxError::SelfCheck(e.to_string()))?;
+        let script = "set -e; grep -E '^(Uid|Seccomp|NoNewPrivs|CapEff|CapBnd):' /proc/self/status > \"$OUT/status\"; \
+                      cat /proc/net/dev > \"$OUT/netdev\"";
+        let command = CommandSpec {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            env: vec![("OUT".into(), out.to_string_lossy().into_owned()), ("PATH".into(), "/usr/bin:/bin".into())],
+            cwd: out.clone(),
+            paths: vec![PathGrant { path: out.clone(), access: PathAccess::Writable }],
+        };
+        let request = SandboxRequest {
+            profile: SandboxProfile::UntrustedCodeWrite,
+            limits: SandboxLimits { timeout_secs: Some(30), ..SandboxLimits::default() },
+            scratch: scratch.path().to_path_buf(),
+            ..SandboxRequest::default()
+        };
+        let wrapped = self.wrap(&request, command)?;
+        let output = std::process::Command::new(&wrapped.command.argv[0])
+            .args(&wrapped.command.argv[1..])
+            .env_clear()
+            .envs(wrapped.command.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&wrapped.command.cwd)
+            .output()
+            .map_err(|e| SandboxError::SelfCheck(format!("starting the helper: {e}")))?;
+        let report = wrapped.report.as_ref().and_then(|r| std::fs::read(r).ok());
+        let report: Option<SandboxReport> = report.and_then(|r| serde_json::from_slice(&r).ok());
+        let helper_said = || String::from_utf8_lossy(&output.stderr).trim().to_string();
+        match report.as_ref().map(|r| r.failure()) {
+            Some(None) => {}
+            Some(Some(why)) => {
+                return Err(SandboxError::SelfCheck(format!("the probe sandbox failed: {why} {}", helper_said())))
+            }
+            None => return Err(SandboxError::SelfCheck(format!("the helper wrote no report: {}", helper_said()))),
+        }
+        let status = std::fs::read_to_string(out.join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).unwrap_or_default()
+        };
+        let expect = [
+            ("Seccomp:", field("Seccomp:") == "2"),
+            ("NoNewPrivs:", field("NoNewPrivs:") == "1"),
+            ("CapEff:", field("CapEff:").trim_start_matches('0').is_empty()),
+            ("CapBnd:", field("CapBnd:").trim_start_matches('0').is_empty()),
+            ("Uid:", field("Uid:").split_whitespace().all(|u| u == SANDBOX_UID.to_string())),
+        ];
+        if let Some((name, _)) = expect.iter().find(|(_, ok)| !ok) {
+            return Err(SandboxError::SelfCheck(format!("inside the probe sandbox, {name} is `{}`", field(name))));
+        }
+        let netdev = std::fs::read_to_string(out.join("netdev")).unwrap_or_default();
+        let devices: Vec<&str> = netdev.lines().skip(2).filter_map(|l| l.split(':').next()).map(str::trim).collect();
+        if devices != ["lo"] {
+            return Err(SandboxError::SelfCheck(format!("the probe sandbox sees network devices {devices:?}")));
+        }
+        Ok(())
+    }
+
+    /// The backend's settings.
+    pub fn config(&self) -> &OciConfig {
+        &self.config
+    }
+}
+
+impl SandboxBackend for OciBackend {
+    fn name(&self) -> &'static str {
+        "oci"
+    }
+
+    fn profiles(&self) -> Vec<SandboxProfile> {
+        vec![SandboxProfile::None, SandboxProfile::UntrustedCodeRead, SandboxProfile::UntrustedCodeWrite]
+    }
+
+    fn wrap(&self, request: &SandboxRequest, command: CommandSpec) -> Result<Wrapped, SandboxError> {
+        if request.profile == SandboxProfile::None {
+            return Ok(Wrapped { command, report: None });
+        }
+        let limits = self.config.defaults.resolve(&request.limits, &self.config.ceilings)?;
+        if command.argv.is_empty() {
+            return Err(SandboxError::Request { field: "argv".into(), reason: "is empty".into() });
+        }
+        for grant in &command.paths {
+            if !grant.path.is_absolute() {
+                return Err(SandboxError::Prepare(format!("granted path {} is not absolute", grant.path.display())));
+            }
+        }
+        let mut egress_allow = Vec::new();
+        if request.profile == SandboxProfile::UntrustedCodeWrite {
+            egress_allow.extend(self.config.egress_allow.iter().cloned());
+            egress_allow.extend(request.allow_hosts.iter().cloned());
+        }
+        let id = unique_id();
+        let spec_path = request.scratch.join("sandbox.json");
+        let report = request.scratch.join("sandbox-report.json");
+        let spec = HelperSpec {
+            id,
+            state_dir: self.config.state_dir.clone(),
+            profile: request.profile,
+            argv: command.argv,
+            env: command.env,
+            cwd: command.cwd,
+            paths: command.paths,
+            limits,
+            egress_allow,
+            loopback_ports: request.loopback_ports.clone(),
+            report: report.clone(),
+        };
+        let text = serde_json::to_vec(&spec).map_err(|e| SandboxError::Prepare(e.to_string()))?;
+        std::fs::write(&spec_path, text)
+            .map_err(|e| SandboxError::Prepare(format!("writing {}: {e}", spec_path.display())))?;
+        let helper = CommandSpec {
+            argv: vec![
+                self.config.pond_exe.to_string_lossy().into_owned(),
+                "sandbox".into(),
+                "run".into(),
+                spec_path.to_string_lossy().into_owned(),
+            ],
+            env: vec![("PATH".into(), "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into())],
+            cwd: request.scratch.clone(),
+            paths: Vec::new(),
+        };
+        Ok(Wrapped { command: helper, report: Some(report) })
+    }
+}
+
+fn unique_id() -> String {
+    let mut bytes = [0u8; 8];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
+    }
+    format!("pond-{}-{}", std::process::id(), u64::from_le_bytes(bytes) & 0xffff_ffff_ffff)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The helper process.
+
+/// Runs one sandbox as [`HelperSpec`] at `spec_path` says, writes its report, and returns the
+/// helper's exit code (0: the report was written). Must run in a single-threaded process.
+pub fn run_helper(spec_path: &Path) -> i32 {
+    let spec: HelperSpec = match std::fs::read(spec_path).map(|b| serde_json::from_slice(&b)) {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return complain(&format!("reading {}: {e}", spec_path.display())),
+        Err(e) => return complain(&format!("reading {}: {e}", spec_path.display())),
+    };
+    let mut report = SandboxReport {
+        memory_mib: spec.limits.memory_mib,
+        timeout_secs: spec.limits.timeout_secs,
+        ..SandboxReport::default()
+    };
+    let mut sandbox = Sandbox::new(&spec);
+    if let Err(e) = sandbox.run(&mut report) {
+        report.error = Some(e);
+    }
+    if let Err(e) = sandbox.tear_down() {
+        report.error.get_or_insert(e);
+    }
+    let text = serde_json::to_vec(&report).unwrap_or_default();
+    match std::fs::write(&spec.report, text) {
+        Ok(()) => 0,
+        Err(e) => complain(&format!("writing {}: {e}", spec.report.display())),
+    }
+}
+
+fn complain(message: &str) -> i32 {
+    let _ = writeln!(std::io::stderr(), "pond sandbox: {message}");
+    2
+}
+
+struct Sandbox<'a> {
+    spec: &'a HelperSpec,
+    bundle: PathBuf,
+    rw: PathBuf,
+    container: Option<Container>,
+    rw_mounted: bool,
+}
+
+fn os_error(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+impl<'a> Sandbox<'a> {
+    fn new(spec: &'a HelperSpec) -> Self {
+        let bundle = spec.state_dir.join("bundles").join(&spec.id);
+        let rw = bundle.join("rw");
+        Sandbox { spec, bundle, rw, container: None, rw_mounted: false }
+    }
+
+    fn run(&mut self, report: &mut SandboxReport) -> Result<(), String> {
+        let spec = self.spec;
+        // SAFETY: prctl with constant arguments on this process only.
+        unsafe {
+            // Processes the container leaves behind are re-parented to us, not to the host's init.
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        }
+        let host_netns =
+            File::open("/proc/self/ns/net").map_err(|e| format!("opening the host network namespace: {e}"))?;
+        enter_private_network()?;
+        let proxy = if spec.egress_allow.is_empty() {
+            None
+        } else {
+            let mut rules = Vec::new();
+            for (i, text) in spec.egress_allow.iter().enumerate() {
+                rules.push(Rule::parse(text).map_err(|e| format!("egress allowlist entry {i}: {e}"))?);
+            }
+            let listener = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT))
+                .map_err(|e| format!("binding the egress proxy: {e}"))?;
+            Some((listener, rules))
+        };
+        let mut forwards = Vec::new();
+        for &port in &spec.loopback_ports {
+            let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+                .map_err(|e| format!("binding the forward of port {port}: {e}"))?;
+            forwards.push((listener, port));
+        }
+
+        std::fs::create_dir_all(self.bundle.join("rootfs")).map_err(|e| format!("creating the bundle: {e}"))?;
+        std::fs::create_dir_all(&self.rw).map_err(|e| format!("creating the bundle: {e}"))?;
+        mount_tmpfs(&self.rw, spec.limits.disk_mib)?;
+        self.rw_mounted = true;
+        let mounts = self.prepare_mounts()?;
+        let config = oci_config(spec, &mounts, proxy.is_some());
+        std::fs::write(self.bundle.join("config.json"), serde_json::to_vec_pretty(&config).unwrap_or_default())
+            .map_err(|e| format!("writing config.json: {e}"))?;
+
+        let stdout = dup_fd(1)?;
+        let stderr = dup_fd(2)?;
+        let stdin = File::open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
+        let root = spec.state_dir.join("containers");
+        std::fs::create_dir_all(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+        let built = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
+            .with_root_path(&root)
+            .map_err(|e| format!("container root: {e}"))?
+            .with_stdin(OwnedFd::from(stdin))
+            .with_stdout(stdout)
+            .with_stderr(stderr)
+            .validate_id()
+            .map_err(|e| format!("container id: {e}"))?
+            .as_init(&self.bundle)
+            .with_systemd(false)
+            .with_detach(true)
+            .build();
+        let container = self.container.insert(built.map_err(|e| format!("creating the container: {e}"))?);
+        let pid = container.pid().ok_or("the container has no process")?.as_raw();
+        verify_confinement(pid)?;
+
+        // Signals from here on are read from a signalfd; threads started below inherit the mask.
+        let signals = block_signals()?;
+        container.start().map_err(|e| format!("starting the container: {e}"))?;
+        if proxy.is_some() || !forwards.is_empty() {
+            spawn_network_thread(host_netns, proxy, forwards);
+        }
+        let status = wait_for(pid, signals.as_raw_fd(), spec.limits.timeout_secs, report)?;
+        if libc::WIFEXITED(status) {
+            report.exit_code = Some(libc::WEXITSTATUS(status));
+        } else if libc::WIFSIGNALED(status) {
+            report.signal = Some(libc::WTERMSIG(status));
+        }
+        report.oom_killed = oom_kills(&spec.state_dir, &spec.id) > 0;
+        self.copy_back()?;
+        Ok(())
+    }
+
+    /// Fills the tmpfs: `w<i>` for writable grants (their content copied in), `c<i>` for
+    /// checkout copies, `tmp`. Returns the OCI mounts.
+    fn prepare_mounts(&self) -> Result<Vec<serde_json::Value>, String> {
+        let spec = self.spec;
+        let bind = |source: &Path, destination: &Path, writable: bool| {
+            let mode = if writable { "rw" } else { "ro" };
+            json!({"destination": destination, "type": "bind", "source": source,
+                   "options": ["rbind", mode, "nosuid", "nodev"]})
+        };
+        let mut mounts = vec![
+            json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+            json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                   "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+            json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                   "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
+            json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                   "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        ];
+        let rootfs = self.bundle.join("rootfs");
+        for dir in SYSTEM_DIRS {
+            let path = Path::new(dir);
+            match std::fs::symlink_metadata(path) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    // `/bin -> usr/bin`: the same link inside.
+                    let target = std::fs::read_link(path).map_err(|e| format!("reading {dir}: {e}"))?;
+                    std::os::unix::fs::symlink(target, rootfs.join(dir.trim_start_matches('/')))
+                        .map_err(|e| format!("linking {dir}: {e}"))?;
+                }
+                Ok(m) if m.is_dir() => mounts.push(bind(path, path, false)),
+                _ => {}
+            }
+        }
+        // The sandbox's user has a name (tools that look themselves up need one).
+        for (file, line) in [
+            ("passwd", format!("root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:{SANDBOX_UID}:{SANDBOX_UID}:pond sandbox:/tmp:/bin/sh\n")),
+            ("group", format!("root:x:0:\nsandbox:x:{SANDBOX_UID}:\n")),
+        ] {
+            let path = self.bundle.join(file);
+            std::fs::write(&path, line).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            mounts.push(bind(&path, &Path::new("/etc").join(file), false));
+        }
+        let tmp = self.rw.join("tmp");
+        make_dir(&tmp, 0o1777)?;
+        mounts.push(bind(&tmp, Path::new("/tmp"), true));
+        let mut seen = BTreeSet::new();
+        for (i, grant) in spec.paths.iter().enumerate() {
+            if !seen.insert(grant.path.clone()) {
+                continue;
+            }
+            let copy = match (grant.access, spec.profile) {
+                (PathAccess::ReadOnly, _) | (PathAccess::Checkout, SandboxProfile::UntrustedCodeRead) => None,
+                (PathAccess::Writable, _) => Some(self.rw.join(format!("w{i}"))),
+                (PathAccess::Checkout, _) => Some(self.rw.join(format!("c{i}"))),
+            };
+            match copy {
+                None => {
+                    if !grant.path.exists() {
+                        return Err(format!("granted path {} does not exist", grant.path.display()));
+                    }
+                    mounts.push(bind(&grant.path, &grant.path, false));
+                }
+                Some(dir) => {
+                    copy_tree(&grant.path, &dir, Some(host_id()))?;
+                    mounts.push(bind(&dir, &grant.path, true));
+                }
+            }
+        }
+        Ok(mounts)
+    }
+
+    /// Copies what the command left in its writable grants back to the host paths.
+    fn copy_back(&self) -> Result<(), String> {
+        let mut seen = BTreeSet::new();
+        for (i, grant) in self.spec.paths.iter().enumerate() {
+            if grant.access == PathAccess::Writable && seen.insert(grant.path.clone()) {
+                copy_tree(&self.rw.join(format!("w{i}")), &grant.path, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn tear_down(&mut self) -> Result<(), String> {
+        let mut first_error = None;
+        if let Some(mut container) = self.container.take() {
+            if let Err(e) = container.delete(true) {
+                first_error = Some(format!("deleting the container: {e}"));
+            }
+        }
+        for dir in cgroup_dirs(&self.spec.state_dir, Some(&self.spec.id)) {
+            remove_cgroup(&dir);
+        }
+        if self.rw_mounted {
+            unmount(&self.rw);
+        }
+        // For debugging the backend by hand: keep the bundle (config.json) for inspection.
+        if std::env::var_os("POND_SANDBOX_KEEP_BUNDLE").is_some() {
+            return first_error.map_or(Ok(()), Err);
+        }
+        if let Err(e) = remove_bundle(&self.bundle) {
+            first_error.get_or_insert(e);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn remove_bundle(bundle: &Path) -> Result<(), String> {
+    // Mount points libcontainer made inside the rootfs are plain directories once the mount
+    // namespace is gone; the tmpfs was unmounted by the caller.
+    match std::fs::remove_dir_all(bundle) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("removing {}: {e}", bundle.display())),
+    }
+}
+
+fn oci_config(spec: &HelperSpec, mounts: &[serde_json::Value], proxied: bool) -> serde_json::Value {
+    let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if proxied {
+        let proxy = format!("http://127.0.0.1:{PROXY_PORT}");
+        for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"] {
+            env.retain(|e| !e.starts_with(&format!("{name}=")));
+            env.push(format!("{name}={proxy}"));
+        }
+        for name in ["NO_PROXY", "no_proxy"] {
+            env.retain(|e| !e.starts_with(&format!("{name}=")));
+            env.push(format!("{name}=127.0.0.1,localhost"));
+        }
+    }
+    let period: u64 = 100_000;
+    let quota = ((spec.limits.cpus * period as f64) as i64).max(1000);
+    let memory = (spec.limits.memory_mib * 1024 * 1024) as i64;
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": SANDBOX_UID, "gid": SANDBOX_UID},
+            "args": spec.argv,
+            "env": env,
+            "cwd": spec.cwd,
+            "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
+            "rlimits": [{"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
+                        {"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": "sandbox",
+        "mounts": mounts,
+        "linux": {
+            "namespaces": [
+                {"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"},
+                {"type": "cgroup"},
+                {"type": "network", "path": format!("/proc/{}/ns/net", std::process::id())}
+            ],
+            "cgroupsPath": format!("/{}/{}", cgroup_group(&spec.state_dir), spec.id),
+            "resources": {
+                "devices": [{"allow": false, "access": "rwm"}],
+                "memory": {"limit": memory},
+                "pids": {"limit": spec.limits.pids},
+                "cpu": {"quota": quota, "period": period}
+            },
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware"
+            ],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+            "seccomp": seccomp_profile()
+        }
+    })
+}
+
+/// Allows everything but what a contained command has no business doing: new namespaces,
+/// mounts, tracing other processes, kernel modules and keyrings, BPF, perf, and the like.
+/// Other architectures' system calls (32-bit entry points) kill the process.
+fn seccomp_profile() -> serde_json::Value {
+    let denied = [
+        "unshare",
+        "setns",
+        "mount",
+        "umount",
+        "umount2",
+        "pivot_root",
+        "chroot",
+        "ptrace",
+        "process_vm_readv",
+        "process_vm_writev",
+        "kexec_load",
+        "kexec_file_load",
+        "init_module",
+        "finit_module",
+        "delete_module",
+        "bpf",
+        "perf_event_open",
+        "keyctl",
+        "add_key",
+        "request_key",
+        "userfaultfd",
+        "open_by_handle_at",
+        "name_to_handle_at",
+        "swapon",
+        "swapoff",
+        "reboot",
+        "syslog",
+        "acct",
+        "settimeofday",
+        "clock_settime",
+        "clock_adjtime",
+        "adjtimex",
+        "quotactl",
+        "fsopen",
+        "fsconfig",
+        "fsmount",
+        "fspick",
+        "move_mount",
+        "open_tree",
+        "mount_setattr",
+        "lookup_dcookie",
+        "io_uring_setup",
+        "io_uring_enter",
+        "io_uring_register",
+        "personality",
+        "vhangup",
+        "iopl",
+        "ioperm",
+    ];
+    let arch = if cfg!(target_arch = "aarch64") { "SCMP_ARCH_AARCH64" } else { "SCMP_ARCH_X86_64" };
+    let new_namespaces: u64 = (libc::CLONE_NEWUSER
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWCGROUP) as u64;
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": [arch],
+        "syscalls": [
+            {"names": denied.to_vec(), "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM},
+            // clone3 passes its flags in memory a filter cannot read: answer ENOSYS so libc
+            // falls back to clone, whose flags are checked below.
+            {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS},
+            {"names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM,
+             "args": [{"index": 0, "value": new_namespaces, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]}
+        ]
+    })
+}
+
+/// Refuses to go on unless the container's init has seccomp, no_new_privileges and no
+/// capabilities (it is waiting to be started, with all three applied).
+fn verify_confinement(pid: i32) -> Result<(), String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("reading the container's status: {e}"))?;
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("");
+    if field("Seccomp:") != "2" {
+        return Err(format!(
+            "seccomp is not in force in the container (Seccomp: {:?}); refusing to run",
+            field("Seccomp:")
+        ));
+    }
+    if field("NoNewPrivs:") != "1" {
+        return Err("no_new_privileges is not set in the container; refusing to run".into());
+    }
+    if !field("CapEff:").trim_start_matches('0').is_empty() {
+        return Err(format!("the container has capabilities ({}); refusing to run", field("CapEff:")));
+    }
+    Ok(())
+}
+
+/// Moves this (single-threaded) process into a new network namespace with only `lo`, up.
+fn enter_private_network() -> Result<(), String> {
+    // SAFETY: unshare affects only this process, which has one thread.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(os_error("creating the network namespace"));
+    }
+    // SAFETY: a plain socket and two ioctls on a zeroed ifreq naming `lo`.
+    unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if sock < 0 {
+            return Err(os_error("socket"));
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        let ok = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) == 0 && {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(sock, libc::SIOCSIFFLAGS, &mut req) == 0
+        };
+        let err = os_error("bringing lo up");
+        libc::close(sock);
+        if !ok {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Serves the proxy and the forwards from a thread that went back to the host's network
+/// namespace: it accepts on sockets bound in the sandbox's namespace and dials out from the
+/// host's.
+fn spawn_network_thread(
+    host_netns: File,
+    proxy: Option<(std::net::TcpListener, Vec<Rule>)>,
+    forwards: Vec<(std::net::TcpListener, u16)>,
+) {
+    std::thread::spawn(move || {
+        // SAFETY: setns on this thread only, with a namespace fd we opened.
+        if unsafe { libc::setns(host_netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            let _ = writeln!(std::io::stderr(), "pond sandbox: {}", os_error("joining the host network"));
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        runtime.block_on(async move {
+            let mut tasks = Vec::new();
+            if let Some((listener, rules)) = proxy {
+                if let Ok(listener) = to_tokio(listener) {
+                    let log: egress::RefusalLog = std::sync::Arc::new(|line: String| {
+                        let _ = writeln!(std::io::stderr(), "pond sandbox: {line}");
+                    });
+                    tasks.push(tokio::spawn(egress::serve_on(listener, rules, log)));
+                }
+            }
+            for (listener, port) in forwards {
+                if let Ok(listener) = to_tokio(listener) {
+                    tasks.push(tokio::spawn(egress::forward_on(listener, ([127, 0, 0, 1], port).into())));
+                }
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        });
+    });
+}
+
+fn to_tokio(listener: std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
+    listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(listener)
+}
+
+fn block_signals() -> Result<OwnedFd, String> {
+    // SAFETY: sigset manipulation on a local, then a signalfd for it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(os_error("blocking signals"));
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(os_error("signalfd"));
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Waits for the container's init; kills it at the deadline (`timed_out`) or on a signal to
+/// the helper (the stage was cancelled). Returns the wait status.
+fn wait_for(pid: i32, signal_fd: i32, timeout_secs: u64, report: &mut SandboxReport) -> Result<i32, String> {
+    // SAFETY: pidfd_open on our own child.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if pidfd < 0 {
+        return Err(os_error("pidfd_open"));
+    }
+    // SAFETY: we own the new descriptor.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(timeout_secs);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            report.timed_out = true;
+            break;
+        }
+        let mut fds = [
+            libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: signal_fd, events: libc::POLLIN, revents: 0 },
+        ];
+        let millis = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: poll on two descriptors we own.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, millis) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(os_error("poll"));
+        }
+        if fds[0].revents != 0 || fds[1].revents != 0 {
+            break;
+        }
+    }
+    // Killing a pid namespace's init kills everything in it.
+    // SAFETY: signals our own child (a no-op if it already exited and awaits reaping).
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let mut status = 0;
+    loop {
+        // SAFETY: reaps our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            return Ok(status);
+        }
+        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return Err(os_error("waitpid"));
+        }
+    }
+}
+
+fn dup_fd(fd: i32) -> Result<OwnedFd, String> {
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we own.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(os_error("dup"));
+    }
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+fn cstring(path: &Path) -> Result<std::ffi::CString, String> {
+    std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{} has a NUL byte", path.display()))
+}
+
+fn mount_tmpfs(at: &Path, size_mib: u64) -> Result<(), String> {
+    let target = cstring(at)?;
+    let options = std::ffi::CString::new(format!("size={size_mib}m,mode=0755")).unwrap_or_default();
+    // SAFETY: mount with valid C strings.
+    let r = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            options.as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        return Err(os_error(&format!("mounting the sandbox's tmpfs at {}", at.display())));
+    }
+    Ok(())
+}
+
+fn unmount(at: &Path) {
+    if let Ok(target) = cstring(at) {
+        // SAFETY: umount2 with a valid C string.
+        unsafe {
+            libc::umount2(target.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+}
+
+fn make_dir(dir: &Path, mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("chmod {}: {e}", dir.display()))
+}
+
+/// Copies the regular files and directories of `from` into `to` (symlinks and special files
+/// are skipped: nothing the sandbox made may point the host elsewhere), owned by `owner`
+/// when given.
+fn copy_tree(from: &Path, to: &Path, owner: Option<u32>) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let chown = |p: &Path| match owner {
+        Some(id) => std::os::unix::fs::lchown(p, Some(id), Some(id)).map_err(|e| format!("chown {}: {e}", p.display())),
+        None => Ok(()),
+    };
+    std::fs::create_dir_all(to).map_err(|e| format!("creating {}: {e}", to.display()))?;
+    chown(to)?;
+    if !from.is_dir() {
+        return Ok(());
+    }
+    for entry in walk(from)? {
+        let (relative, kind, mode) = entry;
+        let target = to.join(&relative);
+        match kind {
+            EntryKind::Dir => {
+                std::fs::create_dir_all(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+                chown(&target)?;
+            }
+            EntryKind::File => {
+                let source = from.join(&relative);
+                if std::fs::symlink_metadata(&target).is_ok_and(|m| !m.is_file()) {
+                    continue;
+                }
+                std::fs::copy(&source, &target).map_err(|e| format!("copying {}: {e}", source.display()))?;
+                let _ = std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode & 0o777));
+                chown(&target)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+enum EntryKind {
+    Dir,
+    File,
+}
+
+fn walk(root: &Path) -> Result<Vec<(PathBuf, EntryKind, u32)>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(relative) = stack.pop() {
+        let dir = root.join(&relative);
+        let entries = std::fs::read_dir(&dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+        for entry in entries.flatten() {
+            let Ok(meta) = std::fs::symlink_metadata(entry.path()) else { continue };
+            let path = relative.join(entry.file_name());
+            if meta.is_dir() {
+                out.push((path.clone(), EntryKind::Dir, meta.permissions().mode()));
+                stack.push(path);
+            } else if meta.is_file() {
+                out.push((path, EntryKind::File, meta.permissions().mode()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The cgroup directories of sandbox `id` of `state_dir` (every sandbox of it: `None`) on
+/// every mounted hierarchy.
+fn cgroup_dirs(state_dir: &Path, id: Option<&str>) -> Vec<PathBuf> {
+    let base = Path::new("/sys/fs/cgroup");
+    let group = cgroup_group(state_dir);
+    let hierarchies: Vec<PathBuf> = if base.join("cgroup.controllers").exists() {
+        vec![base.to_path_buf()]
+    } else {
+        std::fs::read_dir(base).map(|e| e.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+    };
+    let mut dirs = Vec::new();
+    for hierarchy in hierarchies {
+        let parent = hierarchy.join(&group);
+        match id {
+            Some(id) => dirs.push(parent.join(id)),
+            None => {
+                if let Ok(entries) = std::fs::read_dir(&parent) {
+                    dirs.extend(entries.flatten().map(|e| e.path()));
+                }
+            }
+        }
+    }
+    dirs.into_iter().filter(|d| d.is_dir()).collect()
+}
+
+/// How often the memory cgroup of sandbox `id` killed a process for want of memory.
+fn oom_kills(state_dir: &Path, id: &str) -> u64 {
+    for dir in cgroup_dirs(state_dir, Some(id)) {
+        for file in ["memory.events", "memory.oom_control"] {
+            if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
+                if let Some(n) = text.lines().find_map(|l| l.strip_prefix("oom_kill ")) {
+                    return n.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+    }
+    0
+}
+
+/// Kills what is left in a sandbox's cgroup and removes it.
+fn remove_cgroup(dir: &Path) {
+    {
+        for _ in 0..50 {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                // SAFETY: kills a process of the sandbox's own cgroup.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// Removes what sandboxes of `state_dir` left behind when their helper died: containers (and
+/// their processes), cgroups, tmpfs mounts and bundles. Returns an error only if it could not
+/// read the state directory.
+pub fn collect_garbage(state_dir: &Path) -> Result<usize, String> {
+    let mut removed = 0;
+    let containers = state_dir.join("containers");
+    if let Ok(entries) = std::fs::read_dir(&containers) {
+        for entry in entries.flatten() {
+            if let Ok(mut container) = Container::load(entry.path()) {
+                let _ = container.delete(true);
+            }
+            let _ = std::fs::remove_dir_all(entry.path());
+            removed += 1;
+        }
+    }
+    let bundles = state_dir.join("bundles");
+    if let Ok(entries) = std::fs::read_dir(&bundles) {
+        for entry in entries.flatten() {
+            unmount(&entry.path().join("rw"));
+            remove_bundle(&entry.path())?;
+            removed += 1;
+        }
+    }
+    for dir in cgroup_dirs(state_dir, None) {
+        remove_cgroup(&dir);
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// What is left of sandboxes in `state_dir`: containers, bundles, tmpfs mounts and cgroups
+/// (for leak checks).
+pub fn leftovers(state_dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for sub in ["containers", "bundles"] {
+        if let Ok(entries) = std::fs::read_dir(state_dir.join(sub)) {
+            found.extend(entries.flatten().map(|e| format!("{sub}/{}", e.file_name().to_string_lossy())));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let state = state_dir.to_string_lossy();
+    found.extend(mounts.lines().filter(|l| l.contains(state.as_ref())).map(|l| format!("mount {l}")));
+    found.extend(cgroup_dirs(state_dir, None).into_iter().map(|d| format!("cgroup {}", d.display())));
+    found
+}
