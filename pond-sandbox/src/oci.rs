@@ -562,6 +562,9 @@ fn remove_bundle(bundle: &Path) -> Result<(), String> {
 
 fn oci_config(spec: &HelperSpec, mounts: &[serde_json::Value], proxied: bool) -> serde_json::Value {
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !spec.env.iter().any(|(k, _)| k == "PATH") {
+        env.push("PATH=/usr/local/bin:/usr/bin:/bin".into());
+    }
     if proxied {
         let proxy = format!("http://127.0.0.1:{PROXY_PORT}");
         for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"] {
@@ -670,25 +673,27 @@ fn seccomp_profile() -> serde_json::Value {
         "ioperm",
     ];
     let arch = if cfg!(target_arch = "aarch64") { "SCMP_ARCH_AARCH64" } else { "SCMP_ARCH_X86_64" };
-    let new_namespaces: u64 = (libc::CLONE_NEWUSER
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWNET
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWCGROUP) as u64;
-    json!({
-        "defaultAction": "SCMP_ACT_ALLOW",
-        "architectures": [arch],
-        "syscalls": [
-            {"names": denied.to_vec(), "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM},
-            // clone3 passes its flags in memory a filter cannot read: answer ENOSYS so libc
-            // falls back to clone, whose flags are checked below.
-            {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS},
-            {"names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM,
-             "args": [{"index": 0, "value": new_namespaces, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]}
-        ]
-    })
+    let mut syscalls = vec![
+        json!({"names": denied.to_vec(), "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}),
+        // clone3 passes its flags in memory a filter cannot read: answer ENOSYS so libc falls
+        // back to clone, whose flags are checked below.
+        json!({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS}),
+    ];
+    // clone with any new-namespace flag: one rule per flag (a rule's conditions are ANDed).
+    for flag in [
+        libc::CLONE_NEWUSER,
+        libc::CLONE_NEWNS,
+        libc::CLONE_NEWNET,
+        libc::CLONE_NEWPID,
+        libc::CLONE_NEWIPC,
+        libc::CLONE_NEWUTS,
+        libc::CLONE_NEWCGROUP,
+    ] {
+        let flag = flag as u64;
+        syscalls.push(json!({"names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM,
+            "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}]}));
+    }
+    json!({"defaultAction": "SCMP_ACT_ALLOW", "architectures": [arch], "syscalls": syscalls})
 }
 
 /// Refuses to go on unless the container's init has seccomp, no_new_privileges and no

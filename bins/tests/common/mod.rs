@@ -37,6 +37,8 @@ impl Server {
             .arg(data_dir)
             .args(&extra)
             .env("POND_LOG", "warn")
+            // The host backend unless a test asks for `--sandbox oci` (the sandbox tests).
+            .env("POND_SANDBOX", "host")
             // One server key for every node of a test (nodes sharing a database need the same).
             .env("POND_SERVER_KEY", "cG9uZC10ZXN0LXNlcnZlci1rZXktMzItYnl0ZXMhISE=")
             .stdout(Stdio::piped())
@@ -162,7 +164,7 @@ pub fn run_json(def: serde_json::Value) -> serde_json::Value {
 /// Spawns `pond <args>` and returns it with its first stdout line (the rest is drained).
 fn spawn_reporting(args: &[String], env: &[(&str, &str)]) -> (Child, String) {
     let mut cmd = Command::new(POND);
-    cmd.args(args).env("POND_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.args(args).env("POND_LOG", "warn").env("POND_SANDBOX", "host").stdout(Stdio::piped()).stderr(Stdio::inherit());
     for (k, v) in env {
         cmd.env(k, v);
     }

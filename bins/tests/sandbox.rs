@@ -1,0 +1,346 @@
+//! The OCI sandbox, end to end: a real `pond server --sandbox oci` runs shell stages in each
+//! profile; escape probes run as the attacker inside; limits are reported as such; a worker
+//! without the backend never runs confined work; a killed helper's sandbox is cleaned up.
+//! These tests need root (namespaces, mounts, cgroups); `.ci/run` runs the suite as root.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, UdpSocket};
+use std::path::Path;
+use std::time::Duration;
+
+use common::{log_text, wait_done, Server, POND};
+use pond_core::run::RunState;
+use pond_http::wire::RunView;
+use serde_json::{json, Value};
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the sandbox tests need root (run them as .ci/run does)");
+}
+
+/// The host's own address on its network (not loopback).
+fn lan_ip() -> String {
+    let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.connect("192.0.2.254:9").or_else(|_| socket.connect("203.0.113.1:9")).unwrap();
+    socket.local_addr().unwrap().ip().to_string()
+}
+
+/// A tiny HTTP server on every address of the host: answers 200 `lan-ok`.
+fn lan_service() -> String {
+    let listener = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            let mut buf = [0u8; 4096];
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nlan-ok");
+        }
+    });
+    format!("{}:{port}", lan_ip())
+}
+
+struct Probes {
+    _dir: tempfile::TempDir,
+    server: Server,
+    secret_file: std::path::PathBuf,
+    secret: String,
+    marker: String,
+    lan: String,
+    checkout: std::path::PathBuf,
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.secret_file);
+    }
+}
+
+/// A server with the OCI backend, a secret under /root, a marker in the server's environment
+/// (as a model key would be) and an HTTP service on the host's network address, allowed
+/// through the egress proxy when `allow_lan`.
+fn probe_server(allow_lan: bool) -> Probes {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = format!("secret-{}", std::process::id());
+    let secret_file = Path::new("/root").join(format!(".pond-probe-{}-{}", std::process::id(), allow_lan));
+    std::fs::write(&secret_file, &secret).unwrap();
+    let marker = format!("sk-real-model-key-{}", std::process::id());
+    let lan = lan_service();
+    let checkout = dir.path().join("src");
+    std::fs::create_dir_all(&checkout).unwrap();
+    std::fs::copy(common::root().join("testdata/sandbox/probes.sh"), checkout.join("probes.sh")).unwrap();
+    let data = dir.path().join("data");
+    let mut extra = vec!["--sandbox", "oci", "--allow-local-source"];
+    let root = dir.path().to_str().unwrap().to_string();
+    extra.push(&root);
+    if allow_lan {
+        extra.extend(["--egress-allow", lan.as_str()]);
+    }
+    let server = server_with_env(&data, &extra, &[("OPENAI_API_KEY", &marker)]);
+    Probes { _dir: dir, server, secret_file, secret, marker, lan, checkout }
+}
+
+fn server_with_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+    // Server::start with a few more environment variables for the server process.
+    for (k, v) in env {
+        std::env::set_var(k, v);
+    }
+    let server = Server::start(data, extra);
+    for (k, _) in env {
+        std::env::remove_var(k);
+    }
+    server
+}
+
+impl Probes {
+    /// Runs the probes under `profile`; returns each door's state and the run.
+    fn run(&self, profile: &str, outside: &Path) -> (BTreeMap<String, String>, RunView, Vec<String>) {
+        let port = self.server.url.rsplit(':').next().unwrap().to_string();
+        let env = json!({
+            "PROBE_SECRET_FILE": self.secret_file, "PROBE_SECRET": self.secret,
+            "PROBE_KEY_FILE": self.server.data_dir.join("admin.token"),
+            "PROBE_MARKER": self.marker, "PROBE_HOST_PORT": port, "PROBE_LAN": self.lan,
+            "PROBE_OUTSIDE": outside,
+        });
+        let body = json!({"project_id": "acme",
+            "sources": [{"kind": "local", "config": {"path": self.checkout}}],
+            "definition": {"stages": [{"key": "probe", "timeout": "2m", "executor": {"kind": "shell",
+                "argv": ["bash", "probes.sh"], "env": env,
+                "sandbox": {"profile": profile, "limits": {"pids": 64}}}}]}});
+        let admin = self.server.admin();
+        let run = admin.submit(&body, None).expect("submit the probes");
+        let run = wait_done(&admin, &run.id.to_string(), Duration::from_secs(120));
+        let lines = log_text(&admin, &run.id.to_string());
+        let doors = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("door "))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        (doors, run, lines)
+    }
+}
+
+const DOORS: &[&str] = &[
+    "read_root",
+    "read_key_file",
+    "host_environ",
+    "write_system",
+    "host_loopback",
+    "lan_direct",
+    "lan_http",
+    "dns",
+    "unshare_user",
+    "mount",
+    "ptrace",
+    "fork_bomb",
+];
+
+#[test]
+fn escape_probes_find_every_door_shut_in_confined_profiles_and_open_in_none() {
+    let probes = probe_server(false);
+    let outside = |name: &str| probes._dir.path().join(format!("outside-{name}"));
+
+    // `none`: the probes can succeed, so a shut door below is the sandbox's doing.
+    let (open, run, lines) = probes.run("none", &outside("none"));
+    assert_eq!(run.state, RunState::Succeeded, "{lines:?}");
+    for door in DOORS {
+        assert_eq!(open.get(*door).map(String::as_str), Some("open"), "door {door} under none: {lines:?}");
+    }
+    assert!(outside("none").exists(), "none writes outside its workspace");
+
+    for profile in ["untrusted-code-read", "untrusted-code-write"] {
+        let (doors, run, lines) = probes.run(profile, &outside(profile));
+        assert_eq!(run.state, RunState::Succeeded, "{profile}: {lines:?}");
+        for door in DOORS {
+            assert_eq!(doors.get(*door).map(String::as_str), Some("shut"), "door {door} under {profile}: {lines:?}");
+        }
+        assert!(!outside(profile).exists(), "{profile} wrote outside its workspace");
+        let forks: u32 = lines.iter().find_map(|l| l.strip_prefix("forks ")).unwrap().parse().unwrap();
+        assert!(forks < 64, "{profile}: the pids limit of 64 let {forks} forks through");
+    }
+}
+
+#[test]
+fn the_egress_proxy_lets_through_only_the_allowlist_and_logs_refusals() {
+    let probes = probe_server(true);
+    // The LAN service is on the allowlist: reachable through the proxy under -write only,
+    // and never directly.
+    let (doors, _, lines) = probes.run("untrusted-code-write", &probes._dir.path().join("o1"));
+    assert_eq!(doors.get("lan_http").map(String::as_str), Some("open"), "{lines:?}");
+    assert_eq!(doors.get("lan_direct").map(String::as_str), Some("shut"), "{lines:?}");
+    let (doors, _, lines) = probes.run("untrusted-code-read", &probes._dir.path().join("o2"));
+    assert_eq!(doors.get("lan_http").map(String::as_str), Some("shut"), "{lines:?}");
+
+    // A host not on the allowlist: refused by the proxy, and the refusal is in the run's log.
+    let body = json!({"project_id": "acme", "definition": {"stages": [{"key": "fetch", "executor": {"kind": "shell",
+        "argv": ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "http://example.invalid/"],
+        "sandbox": {"profile": "untrusted-code-write"}}}]}});
+    let admin = probes.server.admin();
+    let run = admin.submit(&body, None).unwrap();
+    let run = wait_done(&admin, &run.id.to_string(), Duration::from_secs(60));
+    let lines = log_text(&admin, &run.id.to_string());
+    assert!(lines.iter().any(|l| l == "403"), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("egress refused: example.invalid:80 is not on the allowlist")),
+        "{lines:?} ({:?})",
+        run.state
+    );
+}
+
+fn run_stage(server: &Server, profile: &str, argv: &[&str], limits: Value) -> (RunView, Vec<String>) {
+    let body = json!({"project_id": "acme", "definition": {"stages": [{"key": "s", "timeout": "2m",
+        "executor": {"kind": "shell", "argv": argv, "sandbox": {"profile": profile, "limits": limits}}}]}});
+    let admin = server.admin();
+    let run = admin.submit(&body, None).expect("submit");
+    let run = wait_done(&admin, &run.id.to_string(), Duration::from_secs(120));
+    let lines = log_text(&admin, &run.id.to_string());
+    (run, lines)
+}
+
+#[test]
+fn limits_are_enforced_and_an_oom_kill_or_timeout_is_reported_as_such() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        Server::start(&dir.path().join("data"), &["--sandbox", "oci", "--sandbox-ceilings", "memory_mib=1024"]);
+    let hog = ["perl", "-e", "my $x = 'a' x (200 * 1024 * 1024); print qq(allocated\\n)"];
+
+    let (run, lines) = run_stage(&server, "untrusted-code-write", &hog, json!({"memory_mib": 128}));
+    assert_eq!(run.state, RunState::Failed, "{lines:?}");
+    assert_eq!(
+        run.stages[0].error.as_deref(),
+        Some("out of memory: killed at the sandbox's 128 MiB memory limit"),
+        "{lines:?}"
+    );
+    // The same program with room succeeds: the limit, not the program, killed it.
+    let (run, lines) = run_stage(&server, "untrusted-code-write", &hog, json!({"memory_mib": 768}));
+    assert_eq!(run.state, RunState::Succeeded, "{lines:?}");
+
+    let (run, _) = run_stage(&server, "untrusted-code-read", &["sleep", "60"], json!({"timeout_secs": 2}));
+    assert_eq!(run.stages[0].error.as_deref(), Some("timed out: killed after the sandbox's 2 s wall-clock limit"));
+
+    // Filling the disk stops at the sandbox's size; the host's disk is not touched.
+    let fill = ["sh", "-c", "dd if=/dev/zero of=fill bs=1M count=64 2>&1"];
+    let (run, lines) = run_stage(&server, "untrusted-code-write", &fill, json!({"disk_mib": 16}));
+    assert_eq!(run.state, RunState::Failed, "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("No space left on device")), "{lines:?}");
+
+    // Above the operator's ceiling: refused with the field named, never silently lowered.
+    let (run, _) = run_stage(&server, "untrusted-code-write", &["true"], json!({"memory_mib": 4096}));
+    assert_eq!(
+        run.stages[0].error.as_deref(),
+        Some("sandbox.limits.memory_mib: 4096 is above this host's ceiling of 1024")
+    );
+    // A malformed limit is refused at submit.
+    let body = json!({"project_id": "acme", "definition": {"stages": [{"key": "s", "executor": {"kind": "shell",
+        "argv": ["true"], "sandbox": {"profile": "untrusted-code-write", "limits": {"pids": 0}}}}]}});
+    let err = server.admin().submit(&body, None).unwrap_err().to_string();
+    assert!(err.contains("definition.stages[0].executor.sandbox.limits.pids: must be at least 1"), "{err}");
+}
+
+#[test]
+fn the_checkout_is_read_only_or_a_throwaway_copy_and_outputs_come_back() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let checkout = dir.path().join("src");
+    std::fs::create_dir_all(&checkout).unwrap();
+    std::fs::write(checkout.join("README"), "original\n").unwrap();
+    let root = dir.path().to_str().unwrap();
+    let server = Server::start(&dir.path().join("data"), &["--sandbox", "oci", "--allow-local-source", root]);
+    let script = "echo changed > README; cat README; id -un; echo result > \"$POND_OUTPUT_DIR/out.txt\"";
+    let body = |profile: &str| {
+        json!({"project_id": "acme", "sources": [{"kind": "local", "config": {"path": checkout}}],
+            "definition": {"stages": [{"key": "s", "executor": {"kind": "shell", "argv": ["sh", "-c", script],
+                "sandbox": {"profile": profile}}}]}})
+    };
+    let admin = server.admin();
+    let run = admin.submit(&body("untrusted-code-write"), None).unwrap();
+    let run = wait_done(&admin, &run.id.to_string(), Duration::from_secs(60));
+    let lines = log_text(&admin, &run.id.to_string());
+    assert_eq!(run.state, RunState::Succeeded, "{lines:?}");
+    assert!(lines.contains(&"changed".to_string()) && lines.contains(&"sandbox".to_string()), "{lines:?}");
+    let mut out = Vec::new();
+    admin.download_artifact(&run.id.to_string(), "out.txt", &mut out).unwrap();
+    assert_eq!(out, b"result\n");
+
+    let run = admin.submit(&body("untrusted-code-read"), None).unwrap();
+    let run = wait_done(&admin, &run.id.to_string(), Duration::from_secs(60));
+    let lines = log_text(&admin, &run.id.to_string());
+    assert!(lines.iter().any(|l| l.contains("Read-only file system")), "{lines:?}");
+    assert_eq!(std::fs::read_to_string(checkout.join("README")).unwrap(), "original\n");
+}
+
+#[test]
+fn a_killed_helper_s_sandbox_is_cleaned_up_at_the_next_start_and_runs_leave_nothing() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let check = |state: &Path| {
+        let out =
+            std::process::Command::new(POND).args(["sandbox", "check", "--sandbox-dir"]).arg(state).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    check(&state);
+
+    // A sandbox whose helper is killed -9 while its command runs.
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let marker = format!("pond-orphan-{}", std::process::id());
+    let spec = json!({"id": format!("orphan-{}", std::process::id()), "state_dir": state, "profile": "untrusted-code-write",
+        "argv": ["bash", "-c", format!("exec -a {marker} sleep 600")], "env": [["PATH", "/usr/bin:/bin"]], "cwd": "/",
+        "paths": [], "limits": {"memory_mib": 64, "pids": 16, "cpus": 1.0, "timeout_secs": 600, "disk_mib": 8},
+        "egress_allow": [], "loopback_ports": [], "report": scratch.join("report.json")});
+    std::fs::write(scratch.join("spec.json"), spec.to_string()).unwrap();
+    let mut helper =
+        std::process::Command::new(POND).args(["sandbox", "run"]).arg(scratch.join("spec.json")).spawn().unwrap();
+    common::eventually("the sandboxed process", Duration::from_secs(30), || common::process_running(&marker));
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+    assert!(common::process_running(&marker), "the container outlived its helper");
+    assert!(!leftovers(&state).is_empty());
+
+    // The next start (the self-check collects garbage first) removes it all.
+    check(&state);
+    assert!(!common::process_running(&marker), "the orphaned sandbox still runs");
+    assert_eq!(leftovers(&state), Vec::<String>::new());
+}
+
+/// What sandboxes of `state` left: containers, bundles, mounts and cgroups.
+fn leftovers(state: &Path) -> Vec<String> {
+    pond_sandbox::oci::leftovers(state)
+}
+
+#[test]
+fn a_thousand_sandboxes_leave_no_containers_cgroups_mounts_or_processes() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let runs = 1000;
+    let mut failures = 0;
+    for i in 0..runs {
+        let scratch = dir.path().join("scratch");
+        std::fs::create_dir_all(&scratch).unwrap();
+        let spec = json!({"id": format!("n{i}"), "state_dir": state, "profile": "untrusted-code-write",
+            "argv": ["/bin/true"], "env": [], "cwd": "/", "paths": [],
+            "limits": {"memory_mib": 64, "pids": 16, "cpus": 1.0, "timeout_secs": 30, "disk_mib": 8},
+            "egress_allow": [], "loopback_ports": [], "report": scratch.join("report.json")});
+        std::fs::write(scratch.join("spec.json"), spec.to_string()).unwrap();
+        let status =
+            std::process::Command::new(POND).args(["sandbox", "run"]).arg(scratch.join("spec.json")).status().unwrap();
+        let report: Value = serde_json::from_slice(&std::fs::read(scratch.join("report.json")).unwrap()).unwrap();
+        if !status.success() || report["exit_code"] != 0 {
+            failures += 1;
+            eprintln!("run {i}: {report}");
+        }
+        std::fs::remove_dir_all(&scratch).unwrap();
+    }
+    assert_eq!(failures, 0);
+    assert_eq!(leftovers(&state), Vec::<String>::new());
+}
