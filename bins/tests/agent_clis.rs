@@ -122,8 +122,17 @@ async fn fake_anthropic(seen: Seen) -> String {
 /// A server with a credential, a model and the `preset` harness (its CLI from `bin`) whose
 /// model API is `upstream`: codex → model `fast` (OpenAI, priced), claude → model `smart`.
 fn serve_agent(bin: &std::path::Path, preset: &str, upstream: &str) -> (tempfile::TempDir, Server) {
+    serve_agent_with(bin, preset, upstream, &[])
+}
+
+fn serve_agent_with(
+    bin: &std::path::Path,
+    preset: &str,
+    upstream: &str,
+    extra: &[&str],
+) -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), &[]);
+    let server = Server::start(&dir.path().join("server"), extra);
     let (provider, key, model_id) =
         if preset == "codex" { ("openai", "fast", "gpt-5.5") } else { ("anthropic", "smart", "claude-test") };
     admin(
@@ -384,18 +393,38 @@ async fn fake_openai_tool(seen: Seen) -> String {
 
 #[test]
 fn codex_runs_a_shell_command_that_edits_the_checkout_then_answers() {
-    tool_turn("codex", false);
+    tool_turn("codex", Where::ControlPlane);
 }
 
 #[test]
 fn codex_runs_a_shell_command_on_a_pool_worker_then_answers() {
-    tool_turn("codex", true);
+    tool_turn("codex", Where::Pool);
+}
+
+#[test]
+fn codex_runs_a_shell_command_inside_untrusted_code_write() {
+    tool_turn("codex", Where::Sandboxed);
+}
+
+#[test]
+fn claude_runs_a_shell_command_inside_untrusted_code_write() {
+    tool_turn("claude", Where::Sandboxed);
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Where {
+    ControlPlane,
+    Pool,
+    /// On the control plane, in the OCI sandbox's `untrusted-code-write` profile.
+    Sandboxed,
 }
 
 /// One agent turn that runs a shell command editing the checkout, then answers: on the control
-/// plane (the next stage sees the edit) or on a pool worker (the command's output goes back to
-/// the model; the result is attested).
-fn tool_turn(preset: &str, pooled: bool) {
+/// plane (the next stage sees the edit), on a pool worker (the command's output goes back to
+/// the model; the result is attested), or confined (the edit stays in the throwaway copy; the
+/// CLI reaches the model only through the broker's port forwarded into the sandbox).
+fn tool_turn(preset: &str, place: Where) {
+    let pooled = place == Where::Pool;
     let Some(bin) = agents_bin() else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let seen: Seen = Arc::default();
@@ -404,7 +433,8 @@ fn tool_turn(preset: &str, pooled: bool) {
     } else {
         (rt.block_on(fake_anthropic_tool(seen.clone())), "smart", "edited-by-claude")
     };
-    let (dir, server) = serve_agent(&bin, preset, &upstream);
+    let extra: &[&str] = if place == Where::Sandboxed { &["--sandbox", "oci"] } else { &[] };
+    let (dir, server) = serve_agent_with(&bin, preset, &upstream, extra);
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("notes.md"), "original\n").unwrap();
     let bundle = server.admin().upload_bundle("acme", &pond_exec::pack_dir(src.path()).unwrap()).unwrap();
@@ -416,7 +446,8 @@ fn tool_turn(preset: &str, pooled: bool) {
             "sources": [{"label": "repo", "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}],
             "definition": {"stages": [
                 {"key": "edit", "timeout": "2m", "executor": {"kind": "swarm", "placement": if pooled { "pool" } else { "local" },
-                    "harness": preset, "model_ref": model, "prompt": "Update notes.md."}},
+                    "harness": preset, "model_ref": model, "prompt": "Update notes.md.",
+                    "sandbox": {"profile": if place == Where::Sandboxed { "untrusted-code-write" } else { "none" }}}},
                 {"key": "check", "executor": {"kind": "shell", "argv": ["cat", "notes.md"]}}
             ]}}),
             None,
@@ -429,6 +460,9 @@ fn tool_turn(preset: &str, pooled: bool) {
     if pooled {
         // The edit happened in the worker's throwaway checkout.
         assert_eq!(done.stages[0].attestation_verified, Some(true), "{logs:#?}");
+    } else if place == Where::Sandboxed {
+        // The edit happened in the sandbox's throwaway copy: the next stage sees the original.
+        assert!(logs.iter().any(|l| l == "original"), "{logs:#?}");
     } else {
         // On the control plane the next stage sees the edited checkout.
         assert!(logs.iter().any(|l| l == edited), "{logs:#?}");
@@ -503,12 +537,12 @@ async fn fake_anthropic_tool(seen: Seen) -> String {
 
 #[test]
 fn claude_runs_a_shell_command_that_edits_the_checkout_then_answers() {
-    tool_turn("claude", false);
+    tool_turn("claude", Where::ControlPlane);
 }
 
 #[test]
 fn claude_runs_a_shell_command_on_a_pool_worker_then_answers() {
-    tool_turn("claude", true);
+    tool_turn("claude", Where::Pool);
 }
 
 /// A fake model API that reads the request and never answers.

@@ -344,3 +344,59 @@ fn a_thousand_sandboxes_leave_no_containers_cgroups_mounts_or_processes() {
     assert_eq!(failures, 0);
     assert_eq!(leftovers(&state), Vec::<String>::new());
 }
+
+#[test]
+fn a_confined_pooled_stage_waits_for_a_worker_whose_sandbox_passed_its_self_check() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let admin = server.admin();
+    let code = common::enroll_code(&admin, "p", None, None);
+    let orch = common::Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+
+    // Claiming a capability the host cannot back is refused outright.
+    let code = common::enroll_code(&admin, "p", Some(&["pool:trusted"]), None);
+    let out = std::process::Command::new(POND)
+        .args([
+            "worker",
+            "--orchestrator",
+            &orch.url,
+            "--enroll",
+            &code,
+            "--sandbox",
+            "host",
+            "--capabilities",
+            "sandbox.oci",
+        ])
+        .arg("--key-dir")
+        .arg(dir.path().join("liar"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no OCI sandbox"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A trusted worker without the backend never takes the confined stage (confined profiles
+    // default to the trusted tier).
+    let code = common::enroll_code(&admin, "p", Some(&["pool:trusted"]), None);
+    let _host = common::Worker::start(&orch.url, &dir.path().join("host"), &code, &["--sandbox", "host"]);
+    let body = json!({"project_id": "acme", "definition": {"stages": [{"key": "s", "executor": {"kind": "shell",
+        "placement": "pool", "argv": ["id", "-un"], "sandbox": {"profile": "untrusted-code-write"}}}]}});
+    let run = admin.submit(&body, None).unwrap();
+    let id = run.id.to_string();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!admin.get_run(&id).unwrap().state.is_terminal(), "the stage waits");
+    assert!(admin.get_run(&id).unwrap().stages[0].attempts.is_empty(), "no worker took it");
+
+    // One whose self-check passes advertises sandbox.oci and runs it confined.
+    let code = common::enroll_code(&admin, "p", Some(&["pool:trusted"]), None);
+    let oci = common::Worker::start(&orch.url, &dir.path().join("oci"), &code, &["--sandbox", "oci"]);
+    let done = wait_done(&admin, &id, Duration::from_secs(60));
+    let lines = log_text(&admin, &id);
+    assert_eq!(done.state, RunState::Succeeded, "{lines:?}");
+    assert_eq!(done.stages[0].attempts.last().unwrap().owner, oci.id);
+    assert!(lines.contains(&"sandbox".to_string()), "ran as the sandbox's user: {lines:?}");
+}
