@@ -744,6 +744,10 @@ struct BenchArgs {
     /// Instead: encryption throughput on one core (log lines sealed/s, artifact GB/s, memcpy).
     #[arg(long)]
     crypto: bool,
+    /// Instead: /bin/true create + start + exit in the OCI sandbox beside crun, runc and
+    /// bubblewrap (those that are installed) and the fork/exec floor, --samples runs each (root).
+    #[arg(long)]
+    sandbox: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -759,12 +763,14 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
 }
 
 fn main() {
-    let cli = Cli::parse();
-    if let Command::Sandbox { command: SandboxCommand::Run { spec } } = &cli.command {
-        // The sandbox helper: no logger and no threads before libcontainer has forked (its
-        // children deadlock on locks other threads hold).
-        std::process::exit(pond_sandbox::oci::run_helper(spec));
+    // The sandbox helper (`pond sandbox run SPEC`), before clap builds its whole command tree
+    // (a millisecond on every sandbox's start): no logger and no threads before libcontainer
+    // has forked, whose children deadlock on locks other threads hold.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() == 4 && args[1] == "sandbox" && args[2] == "run" {
+        std::process::exit(pond_sandbox::oci::run_helper(std::path::Path::new(&args[3])));
     }
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("POND_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
@@ -945,6 +951,7 @@ fn sandbox(command: SandboxCommand) -> Result<i32> {
             println!("removed {removed} leftover sandbox objects from {}", dir.display());
             Ok(0)
         }
+        // Only reached with extra arguments (main runs the helper directly otherwise).
         SandboxCommand::Run { spec } => Ok(pond_sandbox::oci::run_helper(&spec)),
     }
 }
@@ -1494,6 +1501,18 @@ fn demo(args: DemoArgs) -> Result<i32> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
+    if args.sandbox {
+        // Before any runtime thread exists: the benchmark changes its mount namespace.
+        let work = std::fs::canonicalize(".").context("current directory")?.join(&args.data_dir);
+        if work.exists() {
+            std::fs::remove_dir_all(&work).with_context(|| format!("clearing {}", work.display()))?;
+        }
+        let report =
+            pond_sandbox::bench::run(&std::env::current_exe()?, &work, args.samples).map_err(anyhow::Error::msg)?;
+        println!("{report}");
+        let _ = std::fs::remove_dir_all(&work);
+        return Ok(());
+    }
     let rt = runtime()?;
     if !args.claim_latency.is_empty() {
         let url = args.database_url.as_deref().context("--claim-latency needs --database-url")?;

@@ -343,6 +343,8 @@ fn a_thousand_sandboxes_leave_no_containers_cgroups_mounts_or_processes() {
     }
     assert_eq!(failures, 0);
     assert_eq!(leftovers(&state), Vec::<String>::new());
+    // One at a time: one warm cgroup slot, reused by every run.
+    assert_eq!(pond_sandbox::oci::warm_slots(&state), 1);
 }
 
 #[test]

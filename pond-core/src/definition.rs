@@ -351,7 +351,7 @@ impl SandboxLimits {
             }
         }
         if let Some(cpus) = self.cpus {
-            if !(cpus.is_finite() && cpus >= 0.01 && cpus <= 1024.0) {
+            if !(cpus.is_finite() && (0.01..=1024.0).contains(&cpus)) {
                 return Err(FieldError::new(format!("{at}.cpus"), "must be a number of cores between 0.01 and 1024"));
             }
         }

@@ -7,6 +7,7 @@
 //! OCI backend on youki's libcontainer is the sandbox issue's work.
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod egress;
 pub mod oci;
 

@@ -339,6 +339,8 @@ pub fn run_helper(spec_path: &Path) -> i32 {
     if let Err(e) = sandbox.tear_down() {
         report.error.get_or_insert(e);
     }
+    sandbox.mark("teardown");
+    sandbox.print_trace();
     let text = serde_json::to_vec(&report).unwrap_or_default();
     match std::fs::write(&spec.report, text) {
         Ok(()) => 0,
@@ -357,6 +359,10 @@ struct Sandbox<'a> {
     rw: PathBuf,
     container: Option<Container>,
     rw_mounted: bool,
+    /// The cgroup slot held (its lock file) and its number.
+    slot: Option<(File, usize)>,
+    /// Phase ends, printed to stderr when `POND_SANDBOX_TRACE` is set (for tuning).
+    marks: Vec<(&'static str, std::time::Instant)>,
 }
 
 fn os_error(what: &str) -> String {
@@ -367,7 +373,23 @@ impl<'a> Sandbox<'a> {
     fn new(spec: &'a HelperSpec) -> Self {
         let bundle = spec.state_dir.join("bundles").join(&spec.id);
         let rw = bundle.join("rw");
-        Sandbox { spec, bundle, rw, container: None, rw_mounted: false }
+        let marks = vec![("start", std::time::Instant::now())];
+        Sandbox { spec, bundle, rw, container: None, rw_mounted: false, slot: None, marks }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        self.marks.push((phase, std::time::Instant::now()));
+    }
+
+    fn print_trace(&self) {
+        if std::env::var_os("POND_SANDBOX_TRACE").is_none() {
+            return;
+        }
+        let mut line = String::from("pond sandbox trace:");
+        for pair in self.marks.windows(2) {
+            line.push_str(&format!(" {} {:.2}ms", pair[1].0, (pair[1].1 - pair[0].1).as_secs_f64() * 1000.0));
+        }
+        let _ = writeln!(std::io::stderr(), "{line}");
     }
 
     fn run(&mut self, report: &mut SandboxReport) -> Result<(), String> {
@@ -380,6 +402,7 @@ impl<'a> Sandbox<'a> {
         let host_netns =
             File::open("/proc/self/ns/net").map_err(|e| format!("opening the host network namespace: {e}"))?;
         enter_private_network()?;
+        self.mark("network");
         let proxy = if spec.egress_allow.is_empty() {
             None
         } else {
@@ -398,20 +421,30 @@ impl<'a> Sandbox<'a> {
             forwards.push((listener, port));
         }
 
-        std::fs::create_dir_all(self.bundle.join("rootfs")).map_err(|e| format!("creating the bundle: {e}"))?;
-        std::fs::create_dir_all(&self.rw).map_err(|e| format!("creating the bundle: {e}"))?;
-        mount_tmpfs(&self.rw, spec.limits.disk_mib)?;
+        // The whole bundle is one tmpfs: the root's mount points, the container's state and
+        // the writable space cost memory operations, not ext4 ones, and go with one unmount.
+        std::fs::create_dir_all(&self.bundle).map_err(|e| format!("creating the bundle: {e}"))?;
+        mount_tmpfs(&self.bundle, spec.limits.disk_mib + 1)?;
         self.rw_mounted = true;
+        for dir in [self.bundle.join("rootfs"), self.rw.clone(), self.bundle.join("state")] {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("creating the bundle: {e}"))?;
+        }
+        self.mark("tmpfs");
         let mounts = self.prepare_mounts()?;
-        let config = oci_config(spec, &mounts, proxy.is_some());
+        let (lock, slot) = acquire_slot(&spec.state_dir)?;
+        self.slot = Some((lock, slot));
+        let cgroup = slot_cgroup(&spec.state_dir, slot);
+        let oom_before = oom_kills(&spec.state_dir, slot);
+        let netns = format!("/proc/{}/ns/net", std::process::id());
+        let config = oci_config(spec, &mounts, proxy.is_some(), Some(netns), &cgroup);
         std::fs::write(self.bundle.join("config.json"), serde_json::to_vec_pretty(&config).unwrap_or_default())
             .map_err(|e| format!("writing config.json: {e}"))?;
+        self.mark("bundle");
 
         let stdout = dup_fd(1)?;
         let stderr = dup_fd(2)?;
         let stdin = File::open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
-        let root = spec.state_dir.join("containers");
-        std::fs::create_dir_all(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+        let root = self.bundle.join("state");
         let built = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
             .with_root_path(&root)
             .map_err(|e| format!("container root: {e}"))?
@@ -424,7 +457,9 @@ impl<'a> Sandbox<'a> {
             .with_systemd(false)
             .with_detach(true)
             .build();
-        let container = self.container.insert(built.map_err(|e| format!("creating the container: {e}"))?);
+        let built = built.map_err(|e| format!("creating the container: {e}"))?;
+        self.mark("create");
+        let container = self.container.insert(built);
         let pid = container.pid().ok_or("the container has no process")?.as_raw();
         verify_confinement(pid)?;
 
@@ -435,12 +470,13 @@ impl<'a> Sandbox<'a> {
             spawn_network_thread(host_netns, proxy, forwards);
         }
         let status = wait_for(pid, signals.as_raw_fd(), spec.limits.timeout_secs, report)?;
+        self.mark("start+wait");
         if libc::WIFEXITED(status) {
             report.exit_code = Some(libc::WEXITSTATUS(status));
         } else if libc::WIFSIGNALED(status) {
             report.signal = Some(libc::WTERMSIG(status));
         }
-        report.oom_killed = oom_kills(&spec.state_dir, &spec.id) > 0;
+        report.oom_killed = oom_kills(&spec.state_dir, slot) > oom_before;
         self.copy_back()?;
         Ok(())
     }
@@ -449,34 +485,7 @@ impl<'a> Sandbox<'a> {
     /// checkout copies, `tmp`. Returns the OCI mounts.
     fn prepare_mounts(&self) -> Result<Vec<serde_json::Value>, String> {
         let spec = self.spec;
-        let bind = |source: &Path, destination: &Path, writable: bool| {
-            let mode = if writable { "rw" } else { "ro" };
-            json!({"destination": destination, "type": "bind", "source": source,
-                   "options": ["rbind", mode, "nosuid", "nodev"]})
-        };
-        let mut mounts = vec![
-            json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
-            json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-                   "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
-            json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-                   "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
-            json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-                   "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
-        ];
-        let rootfs = self.bundle.join("rootfs");
-        for dir in SYSTEM_DIRS {
-            let path = Path::new(dir);
-            match std::fs::symlink_metadata(path) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    // `/bin -> usr/bin`: the same link inside.
-                    let target = std::fs::read_link(path).map_err(|e| format!("reading {dir}: {e}"))?;
-                    std::os::unix::fs::symlink(target, rootfs.join(dir.trim_start_matches('/')))
-                        .map_err(|e| format!("linking {dir}: {e}"))?;
-                }
-                Ok(m) if m.is_dir() => mounts.push(bind(path, path, false)),
-                _ => {}
-            }
-        }
+        let mut mounts = system_mounts(&self.bundle.join("rootfs"))?;
         // The sandbox's user has a name (tools that look themselves up need one).
         for (file, line) in [
             ("passwd", format!("root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:{SANDBOX_UID}:{SANDBOX_UID}:pond sandbox:/tmp:/bin/sh\n")),
@@ -528,26 +537,89 @@ impl<'a> Sandbox<'a> {
 
     fn tear_down(&mut self) -> Result<(), String> {
         let mut first_error = None;
-        if let Some(mut container) = self.container.take() {
-            if let Err(e) = container.delete(true) {
-                first_error = Some(format!("deleting the container: {e}"));
+        if let Some(slot) = self.slot.as_ref().map(|(_, n)| *n) {
+            // Whatever is left in the slot's cgroup dies (the init was reaped, so the pid
+            // namespace is already gone; this is belt and braces). The cgroup itself stays,
+            // warm, for the next sandbox: a process's first entry into a fresh v1 cgroup costs
+            // milliseconds, into a used one microseconds.
+            for dir in cgroup_dirs(&self.spec.state_dir, Some(&slot_name(slot))) {
+                empty_cgroup(&dir);
             }
         }
-        for dir in cgroup_dirs(&self.spec.state_dir, Some(&self.spec.id)) {
-            remove_cgroup(&dir);
-        }
-        if self.rw_mounted {
-            unmount(&self.rw);
-        }
+        // libcontainer's delete() of a stopped container removes its cgroup and its state
+        // directory; the state lives in the bundle's tmpfs, and the cgroup is kept warm.
+        self.container = None;
         // For debugging the backend by hand: keep the bundle (config.json) for inspection.
         if std::env::var_os("POND_SANDBOX_KEEP_BUNDLE").is_some() {
             return first_error.map_or(Ok(()), Err);
+        }
+        if self.rw_mounted {
+            unmount(&self.bundle);
         }
         if let Err(e) = remove_bundle(&self.bundle) {
             first_error.get_or_insert(e);
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+fn bind(source: &Path, destination: &Path, writable: bool) -> serde_json::Value {
+    let mode = if writable { "rw" } else { "ro" };
+    json!({"destination": destination, "type": "bind", "source": source, "options": ["rbind", mode, "nosuid", "nodev"]})
+}
+
+/// /proc, /dev and read-only binds of the host's system directories (symlinked ones, like
+/// `/bin -> usr/bin`, become the same links in `rootfs`).
+fn system_mounts(rootfs: &Path) -> Result<Vec<serde_json::Value>, String> {
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+               "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+               "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+    ];
+    for dir in SYSTEM_DIRS {
+        let path = Path::new(dir);
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = std::fs::read_link(path).map_err(|e| format!("reading {dir}: {e}"))?;
+                std::os::unix::fs::symlink(target, rootfs.join(dir.trim_start_matches('/')))
+                    .map_err(|e| format!("linking {dir}: {e}"))?;
+            }
+            Ok(m) if m.is_dir() => mounts.push(bind(path, path, false)),
+            _ => {}
+        }
+    }
+    Ok(mounts)
+}
+
+/// Writes an OCI bundle at `dir` that runs `argv` with the same root filesystem, namespaces
+/// (a fresh network namespace), seccomp filter and limits as a pond sandbox, for running the
+/// same container under other runtimes (crun, runc) in the benchmark.
+pub fn comparison_bundle(dir: &Path, argv: &[&str]) -> Result<(), String> {
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(&rootfs).map_err(|e| format!("creating {}: {e}", rootfs.display()))?;
+    let mut mounts = system_mounts(&rootfs)?;
+    mounts.push(json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+        "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]}));
+    let spec = HelperSpec {
+        id: "comparison".into(),
+        state_dir: dir.to_path_buf(),
+        profile: SandboxProfile::UntrustedCodeWrite,
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: Vec::new(),
+        cwd: "/".into(),
+        paths: Vec::new(),
+        limits: Limits::DEFAULTS,
+        egress_allow: Vec::new(),
+        loopback_ports: Vec::new(),
+        report: dir.join("report.json"),
+    };
+    let config = oci_config(&spec, &mounts, false, None, "/pond-sandbox/comparison");
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap_or_default())
+        .map_err(|e| format!("writing config.json: {e}"))
 }
 
 fn remove_bundle(bundle: &Path) -> Result<(), String> {
@@ -560,7 +632,19 @@ fn remove_bundle(bundle: &Path) -> Result<(), String> {
     }
 }
 
-fn oci_config(spec: &HelperSpec, mounts: &[serde_json::Value], proxied: bool) -> serde_json::Value {
+/// The container's OCI configuration; `netns` is the network namespace to join (the helper's),
+/// `None` for a new one; `cgroup` the cgroup path.
+fn oci_config(
+    spec: &HelperSpec,
+    mounts: &[serde_json::Value],
+    proxied: bool,
+    netns: Option<String>,
+    cgroup: &str,
+) -> serde_json::Value {
+    let network = match netns {
+        Some(path) => json!({"type": "network", "path": path}),
+        None => json!({"type": "network"}),
+    };
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     if !spec.env.iter().any(|(k, _)| k == "PATH") {
         env.push("PATH=/usr/local/bin:/usr/bin:/bin".into());
@@ -599,9 +683,9 @@ fn oci_config(spec: &HelperSpec, mounts: &[serde_json::Value], proxied: bool) ->
             "namespaces": [
                 {"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"},
                 {"type": "cgroup"},
-                {"type": "network", "path": format!("/proc/{}/ns/net", std::process::id())}
+                network
             ],
-            "cgroupsPath": format!("/{}/{}", cgroup_group(&spec.state_dir), spec.id),
+            "cgroupsPath": cgroup,
             "resources": {
                 "devices": [{"allow": false, "access": "rwm"}],
                 "memory": {"limit": memory},
@@ -996,9 +1080,43 @@ fn cgroup_dirs(state_dir: &Path, id: Option<&str>) -> Vec<PathBuf> {
     dirs.into_iter().filter(|d| d.is_dir()).collect()
 }
 
-/// How often the memory cgroup of sandbox `id` killed a process for want of memory.
-fn oom_kills(state_dir: &Path, id: &str) -> u64 {
-    for dir in cgroup_dirs(state_dir, Some(id)) {
+fn slot_name(slot: usize) -> String {
+    format!("slot-{slot}")
+}
+
+/// The cgroup path (relative to each hierarchy's root) of cgroup slot `slot`.
+fn slot_cgroup(state_dir: &Path, slot: usize) -> String {
+    format!("/{}/{}", cgroup_group(state_dir), slot_name(slot))
+}
+
+/// Takes the first free cgroup slot of `state_dir`: a lock held for the helper's life (the
+/// descriptor is close-on-exec, so the container never holds it). A slot whose lock is free
+/// but whose cgroup still has processes belonged to a helper that died: they are killed.
+fn acquire_slot(state_dir: &Path) -> Result<(File, usize), String> {
+    let dir = state_dir.join("slots");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    for slot in 0..65_536 {
+        let path = dir.join(format!("{slot}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        if file.try_lock().is_ok() {
+            for cgroup in cgroup_dirs(state_dir, Some(&slot_name(slot))) {
+                empty_cgroup(&cgroup);
+            }
+            return Ok((file, slot));
+        }
+    }
+    Err("no free cgroup slot".into())
+}
+
+/// How often the memory cgroup of slot `slot` killed a process for want of memory (a counter
+/// over the slot's life: compare before and after).
+fn oom_kills(state_dir: &Path, slot: usize) -> u64 {
+    for dir in cgroup_dirs(state_dir, Some(&slot_name(slot))) {
         for file in ["memory.events", "memory.oom_control"] {
             if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
                 if let Some(n) = text.lines().find_map(|l| l.strip_prefix("oom_kill ")) {
@@ -1012,6 +1130,12 @@ fn oom_kills(state_dir: &Path, id: &str) -> u64 {
 
 /// Kills what is left in a sandbox's cgroup and removes it.
 fn remove_cgroup(dir: &Path) {
+    empty_cgroup(dir);
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Kills every process in a sandbox's cgroup.
+fn empty_cgroup(dir: &Path) {
     {
         for _ in 0..50 {
             let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
@@ -1027,7 +1151,6 @@ fn remove_cgroup(dir: &Path) {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = std::fs::remove_dir(dir);
     }
 }
 
@@ -1036,20 +1159,19 @@ fn remove_cgroup(dir: &Path) {
 /// read the state directory.
 pub fn collect_garbage(state_dir: &Path) -> Result<usize, String> {
     let mut removed = 0;
-    let containers = state_dir.join("containers");
-    if let Ok(entries) = std::fs::read_dir(&containers) {
-        for entry in entries.flatten() {
-            if let Ok(mut container) = Container::load(entry.path()) {
-                let _ = container.delete(true);
-            }
-            let _ = std::fs::remove_dir_all(entry.path());
-            removed += 1;
-        }
-    }
     let bundles = state_dir.join("bundles");
     if let Ok(entries) = std::fs::read_dir(&bundles) {
         for entry in entries.flatten() {
-            unmount(&entry.path().join("rw"));
+            // The container first (it kills the processes and removes the cgroup), then the
+            // bundle's tmpfs.
+            if let Ok(states) = std::fs::read_dir(entry.path().join("state")) {
+                for state in states.flatten() {
+                    if let Ok(mut container) = Container::load(state.path()) {
+                        let _ = container.delete(true);
+                    }
+                }
+            }
+            unmount(&entry.path());
             remove_bundle(&entry.path())?;
             removed += 1;
         }
@@ -1061,18 +1183,32 @@ pub fn collect_garbage(state_dir: &Path) -> Result<usize, String> {
     Ok(removed)
 }
 
+/// How many warm cgroup slots `state_dir` keeps (one per sandbox that ran at the same time).
+pub fn warm_slots(state_dir: &Path) -> usize {
+    let dirs = cgroup_dirs(state_dir, None);
+    let names: BTreeSet<_> =
+        dirs.iter().filter_map(|d| d.file_name()).filter(|n| n.to_string_lossy().starts_with("slot-")).collect();
+    names.len()
+}
+
 /// What is left of sandboxes in `state_dir`: containers, bundles, tmpfs mounts and cgroups
 /// (for leak checks).
 pub fn leftovers(state_dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
-    for sub in ["containers", "bundles"] {
-        if let Ok(entries) = std::fs::read_dir(state_dir.join(sub)) {
-            found.extend(entries.flatten().map(|e| format!("{sub}/{}", e.file_name().to_string_lossy())));
-        }
+    if let Ok(entries) = std::fs::read_dir(state_dir.join("bundles")) {
+        found.extend(entries.flatten().map(|e| format!("bundles/{}", e.file_name().to_string_lossy())));
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let state = state_dir.to_string_lossy();
     found.extend(mounts.lines().filter(|l| l.contains(state.as_ref())).map(|l| format!("mount {l}")));
-    found.extend(cgroup_dirs(state_dir, None).into_iter().map(|d| format!("cgroup {}", d.display())));
+    // The warm cgroup slots stay (one per sandbox that ran at the same time); a slot with a
+    // process in it, or any other cgroup, is a leftover.
+    for dir in cgroup_dirs(state_dir, None) {
+        let is_slot = dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("slot-"));
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if !is_slot || !procs.trim().is_empty() {
+            found.push(format!("cgroup {} (processes: {})", dir.display(), procs.split_whitespace().count()));
+        }
+    }
     found
 }

@@ -1,0 +1,205 @@
+//! The sandbox benchmark: create + start + exit of `/bin/true` in pond's OCI backend, beside
+//! crun, runc and bubblewrap on the same machine in the same run, and the fork/exec floor.
+//! Every runtime runs the same container where it can (the same root filesystem binds,
+//! namespaces, seccomp filter and cgroup limits); bubblewrap has no cgroups.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::oci::{self, HelperSpec, Limits};
+use pond_core::definition::SandboxProfile;
+
+/// One runtime's timings.
+#[derive(Debug)]
+pub struct Timing {
+    /// Runtime and version.
+    pub name: String,
+    /// Milliseconds per run, sorted.
+    pub millis: Vec<f64>,
+    /// Why it did not run, if it did not.
+    pub skipped: Option<String>,
+}
+
+impl Timing {
+    fn percentile(&self, p: f64) -> f64 {
+        if self.millis.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.millis.len() as f64 - 1.0) * p).round() as usize;
+        self.millis[i]
+    }
+}
+
+/// The benchmark's result.
+#[derive(Debug)]
+pub struct Report {
+    /// Runs per runtime.
+    pub runs: usize,
+    /// Timings, the floor first.
+    pub timings: Vec<Timing>,
+    /// Leftovers in pond's state directory after all runs (containers, bundles, mounts, cgroups).
+    pub leftovers: Vec<String>,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "/bin/true: create + start + exit, {} runs each (ms)", self.runs)?;
+        writeln!(f, "{:<44} {:>8} {:>8}", "runtime", "median", "p90")?;
+        for t in &self.timings {
+            match &t.skipped {
+                Some(why) => writeln!(f, "{:<44} skipped: {why}", t.name)?,
+                None => writeln!(f, "{:<44} {:>8.2} {:>8.2}", t.name, t.percentile(0.5), t.percentile(0.9))?,
+            }
+        }
+        write!(f, "pond leftovers after {} sandboxes: {}", self.runs, self.leftovers.len())
+    }
+}
+
+fn version(program: &str) -> Option<String> {
+    let out = Command::new(program).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next()?.trim().to_string();
+    Some(first)
+}
+
+fn time_runs(name: String, runs: usize, mut once: impl FnMut(usize) -> Result<(), String>) -> Timing {
+    let mut millis = Vec::with_capacity(runs);
+    // One unmeasured run warms the page cache.
+    if let Err(e) = once(usize::MAX) {
+        return Timing { name, millis, skipped: Some(e) };
+    }
+    for i in 0..runs {
+        let start = Instant::now();
+        if let Err(e) = once(i) {
+            return Timing { name, millis: Vec::new(), skipped: Some(format!("run {i}: {e}")) };
+        }
+        millis.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    millis.sort_by(f64::total_cmp);
+    Timing { name, millis, skipped: None }
+}
+
+fn status(mut cmd: Command) -> Result<(), String> {
+    let out =
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// Runs the benchmark in `work` (a scratch directory) with `pond_exe` as the helper. Must be
+/// called from a single-threaded process: it moves itself into a private mount namespace
+/// without the cgroup2 `unified` mount, which crun refuses on hybrid hosts.
+pub fn run(pond_exe: &Path, work: &Path, runs: usize) -> Result<Report, String> {
+    std::fs::create_dir_all(work).map_err(|e| format!("creating {}: {e}", work.display()))?;
+    private_mounts_without_unified();
+    let mut timings = Vec::new();
+
+    timings.push(time_runs("fork/exec floor".into(), runs, |_| status(Command::new("/bin/true"))));
+
+    let state = work.join("pond-state");
+    let scratch = work.join("pond-scratch");
+    std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
+    oci::collect_garbage(&state)?;
+    timings.push(time_runs("pond oci (helper + libcontainer 0.7)".into(), runs, |i| {
+        let spec = HelperSpec {
+            id: format!("bench-{i}"),
+            state_dir: state.clone(),
+            profile: SandboxProfile::UntrustedCodeWrite,
+            argv: vec!["/bin/true".into()],
+            env: Vec::new(),
+            cwd: "/".into(),
+            paths: Vec::new(),
+            limits: Limits::DEFAULTS,
+            egress_allow: Vec::new(),
+            loopback_ports: Vec::new(),
+            report: scratch.join("report.json"),
+        };
+        let path = scratch.join("spec.json");
+        std::fs::write(&path, serde_json::to_vec(&spec).unwrap_or_default()).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(pond_exe);
+        cmd.args(["sandbox", "run"]).arg(&path);
+        status(cmd)?;
+        let report = std::fs::read_to_string(&spec.report).map_err(|e| e.to_string())?;
+        if !report.contains("\"exit_code\":0") {
+            return Err(report);
+        }
+        Ok(())
+    }));
+    let leftovers = oci::leftovers(&state);
+
+    let bundle = work.join("bundle");
+    oci::comparison_bundle(&bundle, &["/bin/true"])?;
+    for runtime in ["crun", "runc"] {
+        let Some(v) = version(runtime) else {
+            timings.push(Timing { name: runtime.into(), millis: Vec::new(), skipped: Some("not installed".into()) });
+            continue;
+        };
+        let root = work.join(format!("{runtime}-root"));
+        timings.push(time_runs(v, runs, |i| {
+            let mut cmd = Command::new(runtime);
+            cmd.arg("--root").arg(&root).args(["run", "--bundle"]).arg(&bundle).arg(format!("bench-{i}"));
+            status(cmd)
+        }));
+    }
+    match version("bwrap") {
+        None => {
+            timings.push(Timing { name: "bwrap".into(), millis: Vec::new(), skipped: Some("not installed".into()) })
+        }
+        Some(v) => {
+            let mut args: Vec<String> = Vec::new();
+            for dir in ["/usr", "/etc", "/lib", "/lib64", "/bin", "/sbin"] {
+                match std::fs::symlink_metadata(dir) {
+                    Ok(m) if m.file_type().is_symlink() => {
+                        let target = std::fs::read_link(dir).unwrap_or_else(|_| PathBuf::from(dir));
+                        args.extend(["--symlink".into(), target.display().to_string(), dir.into()]);
+                    }
+                    Ok(_) => args.extend(["--ro-bind".into(), dir.into(), dir.into()]),
+                    Err(_) => {}
+                }
+            }
+            args.extend(
+                [
+                    "--proc",
+                    "/proc",
+                    "--dev",
+                    "/dev",
+                    "--tmpfs",
+                    "/tmp",
+                    "--unshare-all",
+                    "--die-with-parent",
+                    "--cap-drop",
+                    "ALL",
+                ]
+                .map(String::from),
+            );
+            args.push("/bin/true".into());
+            timings.push(time_runs(format!("{v} (no cgroups)"), runs, |_| {
+                let mut cmd = Command::new("bwrap");
+                cmd.args(&args);
+                status(cmd)
+            }));
+        }
+    }
+    Ok(Report { runs, timings, leftovers })
+}
+
+fn private_mounts_without_unified() {
+    // SAFETY: unshare and mount calls on this (single-threaded) process only.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return;
+        }
+        libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        );
+        libc::umount2(c"/sys/fs/cgroup/unified".as_ptr(), libc::MNT_DETACH);
+    }
+}
