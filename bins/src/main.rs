@@ -191,7 +191,7 @@ fn sandbox_backend(
         }
     }
     let config = pond_sandbox::oci::OciConfig {
-        pond_exe: std::env::current_exe().context("finding the pond executable")?,
+        helper: pond_sandbox::oci::helper_command(&std::env::current_exe().context("finding the pond executable")?),
         state_dir: args.dir.clone().unwrap_or(default_dir),
         defaults: args.defaults.unwrap_or(pond_sandbox::oci::Limits::DEFAULTS),
         ceilings: args.ceilings.unwrap_or(pond_sandbox::oci::Limits::CEILINGS),

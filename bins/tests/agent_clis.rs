@@ -425,6 +425,11 @@ enum Where {
 /// CLI reaches the model only through the broker's port forwarded into the sandbox).
 fn tool_turn(preset: &str, place: Where) {
     let pooled = place == Where::Pool;
+    // SAFETY: geteuid has no preconditions.
+    if place == Where::Sandboxed && unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the OCI sandbox needs root (namespaces, mounts, cgroups); .ci/run runs as root");
+        return;
+    }
     let Some(bin) = agents_bin() else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let seen: Seen = Arc::default();

@@ -45,11 +45,11 @@ pub struct Report {
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "/bin/true: create + start + exit, {} runs each (ms)", self.runs)?;
-        writeln!(f, "{:<44} {:>8} {:>8}", "runtime", "median", "p90")?;
+        writeln!(f, "{:<52} {:>8} {:>8}", "runtime", "median", "p90")?;
         for t in &self.timings {
             match &t.skipped {
-                Some(why) => writeln!(f, "{:<44} skipped: {why}", t.name)?,
-                None => writeln!(f, "{:<44} {:>8.2} {:>8.2}", t.name, t.percentile(0.5), t.percentile(0.9))?,
+                Some(why) => writeln!(f, "{:<52} skipped: {why}", t.name)?,
+                None => writeln!(f, "{:<52} {:>8.2} {:>8.2}", t.name, t.percentile(0.5), t.percentile(0.9))?,
             }
         }
         write!(f, "pond leftovers after {} sandboxes: {}", self.runs, self.leftovers.len())
@@ -104,7 +104,8 @@ pub fn run(pond_exe: &Path, work: &Path, runs: usize) -> Result<Report, String> 
     let scratch = work.join("pond-scratch");
     std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
     oci::collect_garbage(&state)?;
-    timings.push(time_runs("pond oci (helper + libcontainer 0.7)".into(), runs, |i| {
+    let helper_name = Path::new(&oci::helper_command(pond_exe)[0]).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    timings.push(time_runs(format!("pond oci ({helper_name} + libcontainer 0.7)"), runs, |i| {
         let spec = HelperSpec {
             id: format!("bench-{i}"),
             state_dir: state.clone(),
@@ -120,8 +121,9 @@ pub fn run(pond_exe: &Path, work: &Path, runs: usize) -> Result<Report, String> 
         };
         let path = scratch.join("spec.json");
         std::fs::write(&path, serde_json::to_vec(&spec).unwrap_or_default()).map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(pond_exe);
-        cmd.args(["sandbox", "run"]).arg(&path);
+        let helper = oci::helper_command(pond_exe);
+        let mut cmd = Command::new(&helper[0]);
+        cmd.args(&helper[1..]).arg(&path);
         status(cmd)?;
         let report = std::fs::read_to_string(&spec.report).map_err(|e| e.to_string())?;
         if !report.contains("\"exit_code\":0") {

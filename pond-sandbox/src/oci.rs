@@ -74,8 +74,9 @@ fn host_id() -> u32 {
 /// Settings of the OCI backend (the operator's).
 #[derive(Clone, Debug)]
 pub struct OciConfig {
-    /// The `pond` executable whose hidden `sandbox run` subcommand is the helper.
-    pub pond_exe: PathBuf,
+    /// The helper command, to which the spec file's path is appended: `pond-sandbox-helper`,
+    /// or `pond sandbox run` (see [`helper_command`]).
+    pub helper: Vec<String>,
     /// Private state: containers, bundles. One per worker or server; garbage-collected at start.
     pub state_dir: PathBuf,
     /// Limits of a stage that sets none.
@@ -261,7 +262,7 @@ impl SandboxBackend for OciBackend {
             return Ok(Wrapped { command, report: None });
         }
         let limits = self.config.defaults.resolve(&request.limits, &self.config.ceilings)?;
-        if command.argv.is_empty() {
+        if command.argv.is_empty() || self.config.helper.is_empty() {
             return Err(SandboxError::Request { field: "argv".into(), reason: "is empty".into() });
         }
         for grant in &command.paths {
@@ -293,18 +294,26 @@ impl SandboxBackend for OciBackend {
         let text = serde_json::to_vec(&spec).map_err(|e| SandboxError::Prepare(e.to_string()))?;
         std::fs::write(&spec_path, text)
             .map_err(|e| SandboxError::Prepare(format!("writing {}: {e}", spec_path.display())))?;
+        let mut argv = self.config.helper.clone();
+        argv.push(spec_path.to_string_lossy().into_owned());
         let helper = CommandSpec {
-            argv: vec![
-                self.config.pond_exe.to_string_lossy().into_owned(),
-                "sandbox".into(),
-                "run".into(),
-                spec_path.to_string_lossy().into_owned(),
-            ],
+            argv,
             env: vec![("PATH".into(), "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into())],
             cwd: request.scratch.clone(),
             paths: Vec::new(),
         };
         Ok(Wrapped { command: helper, report: Some(report) })
+    }
+}
+
+/// The helper command for a `pond` executable: `pond-sandbox-helper` beside it when installed
+/// (a smaller binary, a millisecond cheaper per sandbox), else `pond sandbox run`.
+pub fn helper_command(pond_exe: &Path) -> Vec<String> {
+    let small = pond_exe.with_file_name("pond-sandbox-helper");
+    if small.is_file() {
+        vec![small.to_string_lossy().into_owned()]
+    } else {
+        vec![pond_exe.to_string_lossy().into_owned(), "sandbox".into(), "run".into()]
     }
 }
 
