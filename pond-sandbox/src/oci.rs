@@ -969,7 +969,8 @@ fn cstring(path: &Path) -> Result<std::ffi::CString, String> {
 
 fn mount_tmpfs(at: &Path, size_mib: u64) -> Result<(), String> {
     let target = cstring(at)?;
-    let options = std::ffi::CString::new(format!("size={size_mib}m,mode=0755")).unwrap_or_default();
+    // nr_inodes bounds the files a sandbox can leave for the helper to copy back.
+    let options = std::ffi::CString::new(format!("size={size_mib}m,nr_inodes=262144,mode=0755")).unwrap_or_default();
     // SAFETY: mount with valid C strings.
     let r = unsafe {
         libc::mount(
