@@ -231,9 +231,19 @@ fn limits_are_enforced_and_an_oom_kill_or_timeout_is_reported_as_such() {
         Some("out of memory: killed at the sandbox's 128 MiB memory limit"),
         "{lines:?}"
     );
-    // The same program with room succeeds: the limit, not the program, killed it.
+    // The same program with room succeeds, and so it does unconfined: the limit killed it.
     let (run, lines) = run_stage(&server, "untrusted-code-write", &hog, json!({"memory_mib": 768}));
     assert_eq!(run.state, RunState::Succeeded, "{lines:?}");
+    let (run, lines) = run_stage(&server, "none", &hog, json!({}));
+    assert_eq!(run.state, RunState::Succeeded, "{lines:?}");
+
+    // CPU: a 2 s busy loop at a quarter of a core gets at most ~0.5 s of CPU (2 s unconfined).
+    let busy =
+        ["perl", "-e", "my $t = time; 1 while time - $t < 2; my @t = times; printf qq(cpu %.2f\\n), $t[0] + $t[1]"];
+    let (run, lines) = run_stage(&server, "untrusted-code-write", &busy, json!({"cpus": 0.25}));
+    assert_eq!(run.state, RunState::Succeeded, "{lines:?}");
+    let cpu: f64 = lines.iter().find_map(|l| l.strip_prefix("cpu ")).unwrap().parse().unwrap();
+    assert!(cpu < 1.2, "a 0.25-core quota let the loop use {cpu} s of CPU in 2 s");
 
     let (run, _) = run_stage(&server, "untrusted-code-read", &["sleep", "60"], json!({"timeout_secs": 2}));
     assert_eq!(run.stages[0].error.as_deref(), Some("timed out: killed after the sandbox's 2 s wall-clock limit"));
@@ -243,6 +253,8 @@ fn limits_are_enforced_and_an_oom_kill_or_timeout_is_reported_as_such() {
     let (run, lines) = run_stage(&server, "untrusted-code-write", &fill, json!({"disk_mib": 16}));
     assert_eq!(run.state, RunState::Failed, "{lines:?}");
     assert!(lines.iter().any(|l| l.contains("No space left on device")), "{lines:?}");
+    let (run, lines) = run_stage(&server, "none", &fill, json!({}));
+    assert_eq!(run.state, RunState::Succeeded, "unconfined, the same write fits: {lines:?}");
 
     // Above the operator's ceiling: refused with the field named, never silently lowered.
     let (run, _) = run_stage(&server, "untrusted-code-write", &["true"], json!({"memory_mib": 4096}));
@@ -406,8 +418,12 @@ fn a_confined_pooled_stage_waits_for_a_worker_whose_sandbox_passed_its_self_chec
     // default to the trusted tier).
     let code = common::enroll_code(&admin, "p", Some(&["pool:trusted"]), None);
     let _host = common::Worker::start(&orch.url, &dir.path().join("host"), &code, &["--sandbox", "host"]);
+    // The stage also tries the worker's signing key: a confined job must not read it.
+    let key_file = dir.path().join("oci/signing.key");
+    let script =
+        format!("id -un; if cat {} >/dev/null 2>&1; then echo key-read; else echo key-shut; fi", key_file.display());
     let body = json!({"project_id": "acme", "definition": {"stages": [{"key": "s", "executor": {"kind": "shell",
-        "placement": "pool", "argv": ["id", "-un"], "sandbox": {"profile": "untrusted-code-write"}}}]}});
+        "placement": "pool", "argv": ["sh", "-c", script], "sandbox": {"profile": "untrusted-code-write"}}}]}});
     let run = admin.submit(&body, None).unwrap();
     let id = run.id.to_string();
     std::thread::sleep(Duration::from_secs(2));
@@ -422,4 +438,5 @@ fn a_confined_pooled_stage_waits_for_a_worker_whose_sandbox_passed_its_self_chec
     assert_eq!(done.state, RunState::Succeeded, "{lines:?}");
     assert_eq!(done.stages[0].attempts.last().unwrap().owner, oci.id);
     assert!(lines.contains(&"sandbox".to_string()), "ran as the sandbox's user: {lines:?}");
+    assert!(key_file.exists() && lines.contains(&"key-shut".to_string()), "{lines:?}");
 }

@@ -104,7 +104,10 @@ pub fn run(pond_exe: &Path, work: &Path, runs: usize) -> Result<Report, String> 
     let scratch = work.join("pond-scratch");
     std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
     oci::collect_garbage(&state)?;
-    let helper_name = Path::new(&oci::helper_command(pond_exe)[0]).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let helper_name = Path::new(&oci::helper_command(pond_exe)[0])
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     timings.push(time_runs(format!("pond oci ({helper_name} + libcontainer 0.7)"), runs, |i| {
         let spec = HelperSpec {
             id: format!("bench-{i}"),
