@@ -14,6 +14,7 @@ use std::time::Duration;
 use common::{log_text, wait_done, Server, POND};
 use pond_core::run::RunState;
 use pond_http::wire::RunView;
+use pond_sandbox::oci::{leftovers, HelperSpec};
 use serde_json::{json, Value};
 
 /// Whether this test can run: the OCI sandbox needs root (namespaces, mounts, cgroups).
@@ -321,11 +322,9 @@ fn a_killed_helper_s_sandbox_is_cleaned_up_at_the_next_start_and_runs_leave_noth
     let scratch = dir.path().join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
     let marker = format!("pond-orphan-{}", std::process::id());
-    let spec = json!({"id": format!("orphan-{}", std::process::id()), "state_dir": state, "profile": "untrusted-code-write",
-        "argv": ["bash", "-c", format!("exec -a {marker} sleep 600")], "env": [["PATH", "/usr/bin:/bin"]], "cwd": "/",
-        "paths": [], "limits": {"memory_mib": 64, "pids": 16, "cpus": 1.0, "timeout_secs": 600, "disk_mib": 8},
-        "egress_allow": [], "loopback_ports": [], "report": scratch.join("report.json")});
-    std::fs::write(scratch.join("spec.json"), spec.to_string()).unwrap();
+    let command = format!("exec -a {marker} sleep 600");
+    let spec = HelperSpec::plain("orphan", &state, &["bash", "-c", &command], scratch.join("report.json"));
+    std::fs::write(scratch.join("spec.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
     let mut helper =
         std::process::Command::new(POND).args(["sandbox", "run"]).arg(scratch.join("spec.json")).spawn().unwrap();
     common::eventually("the sandboxed process", Duration::from_secs(30), || common::process_running(&marker));
@@ -338,11 +337,6 @@ fn a_killed_helper_s_sandbox_is_cleaned_up_at_the_next_start_and_runs_leave_noth
     check(&state);
     assert!(!common::process_running(&marker), "the orphaned sandbox still runs");
     assert_eq!(leftovers(&state), Vec::<String>::new());
-}
-
-/// What sandboxes of `state` left: containers, bundles, mounts and cgroups.
-fn leftovers(state: &Path) -> Vec<String> {
-    pond_sandbox::oci::leftovers(state)
 }
 
 #[test]
@@ -358,11 +352,8 @@ fn a_thousand_sandboxes_leave_no_containers_cgroups_mounts_or_processes() {
     for i in 0..runs {
         let scratch = dir.path().join("scratch");
         std::fs::create_dir_all(&scratch).unwrap();
-        let spec = json!({"id": format!("n{i}"), "state_dir": state, "profile": "untrusted-code-write",
-            "argv": ["/bin/true"], "env": [], "cwd": "/", "paths": [],
-            "limits": {"memory_mib": 64, "pids": 16, "cpus": 1.0, "timeout_secs": 30, "disk_mib": 8},
-            "egress_allow": [], "loopback_ports": [], "report": scratch.join("report.json")});
-        std::fs::write(scratch.join("spec.json"), spec.to_string()).unwrap();
+        let spec = HelperSpec::plain(&format!("n{i}"), &state, &["/bin/true"], scratch.join("report.json"));
+        std::fs::write(scratch.join("spec.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
         let status =
             std::process::Command::new(POND).args(["sandbox", "run"]).arg(scratch.join("spec.json")).status().unwrap();
         let report: Value = serde_json::from_slice(&std::fs::read(scratch.join("report.json")).unwrap()).unwrap();

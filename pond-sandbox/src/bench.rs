@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::oci::{self, HelperSpec, Limits};
-use pond_core::definition::SandboxProfile;
+use crate::oci::{self, HelperSpec};
 
 /// One runtime's timings.
 #[derive(Debug)]
@@ -109,19 +108,7 @@ pub fn run(pond_exe: &Path, work: &Path, runs: usize) -> Result<Report, String> 
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     timings.push(time_runs(format!("pond oci ({helper_name} + libcontainer 0.7)"), runs, |i| {
-        let spec = HelperSpec {
-            id: format!("bench-{i}"),
-            state_dir: state.clone(),
-            profile: SandboxProfile::UntrustedCodeWrite,
-            argv: vec!["/bin/true".into()],
-            env: Vec::new(),
-            cwd: "/".into(),
-            paths: Vec::new(),
-            limits: Limits::DEFAULTS,
-            egress_allow: Vec::new(),
-            loopback_ports: Vec::new(),
-            report: scratch.join("report.json"),
-        };
+        let spec = HelperSpec::plain(&format!("bench-{i}"), &state, &["/bin/true"], scratch.join("report.json"));
         let path = scratch.join("spec.json");
         std::fs::write(&path, serde_json::to_vec(&spec).unwrap_or_default()).map_err(|e| e.to_string())?;
         let helper = oci::helper_command(pond_exe);

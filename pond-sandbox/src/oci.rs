@@ -162,6 +162,26 @@ pub struct HelperSpec {
     pub report: PathBuf,
 }
 
+impl HelperSpec {
+    /// A `untrusted-code-write` sandbox running `argv` in `/` with the default limits, no
+    /// granted paths and no network (benchmarks, leak checks).
+    pub fn plain(id: &str, state_dir: &Path, argv: &[&str], report: PathBuf) -> HelperSpec {
+        HelperSpec {
+            id: id.to_string(),
+            state_dir: state_dir.to_path_buf(),
+            profile: SandboxProfile::UntrustedCodeWrite,
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: Vec::new(),
+            cwd: "/".into(),
+            paths: Vec::new(),
+            limits: Limits::DEFAULTS,
+            egress_allow: Vec::new(),
+            loopback_ports: Vec::new(),
+            report,
+        }
+    }
+}
+
 /// The OCI backend.
 #[derive(Debug)]
 pub struct OciBackend {
@@ -613,19 +633,7 @@ pub fn comparison_bundle(dir: &Path, argv: &[&str]) -> Result<(), String> {
     let mut mounts = system_mounts(&rootfs)?;
     mounts.push(json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
         "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]}));
-    let spec = HelperSpec {
-        id: "comparison".into(),
-        state_dir: dir.to_path_buf(),
-        profile: SandboxProfile::UntrustedCodeWrite,
-        argv: argv.iter().map(|a| a.to_string()).collect(),
-        env: Vec::new(),
-        cwd: "/".into(),
-        paths: Vec::new(),
-        limits: Limits::DEFAULTS,
-        egress_allow: Vec::new(),
-        loopback_ports: Vec::new(),
-        report: dir.join("report.json"),
-    };
+    let spec = HelperSpec::plain("comparison", dir, argv, dir.join("report.json"));
     let config = oci_config(&spec, &mounts, false, None, "/pond-sandbox/comparison");
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap_or_default())
         .map_err(|e| format!("writing config.json: {e}"))
