@@ -431,3 +431,25 @@ fn a_confined_pooled_stage_waits_for_a_worker_whose_sandbox_passed_its_self_chec
     assert!(lines.contains(&"sandbox".to_string()), "ran as the sandbox's user: {lines:?}");
     assert!(key_file.exists() && lines.contains(&"key-shut".to_string()), "{lines:?}");
 }
+
+#[test]
+fn a_cancelled_confined_stage_is_killed_and_its_sandbox_removed() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--sandbox", "oci"]);
+    let marker = format!("pond-cancel-{}", std::process::id());
+    let body = json!({"project_id": "acme", "definition": {"stages": [{"key": "s", "executor": {"kind": "shell",
+        "argv": ["bash", "-c", format!("exec -a {marker} sleep 600")], "sandbox": {"profile": "untrusted-code-write"}}}]}});
+    let admin = server.admin();
+    let id = admin.submit(&body, None).unwrap().id.to_string();
+    common::eventually("the sandboxed process", Duration::from_secs(30), || common::process_running(&marker));
+    admin.cancel(&id).unwrap();
+    let done = wait_done(&admin, &id, Duration::from_secs(30));
+    assert_eq!(done.state, RunState::Cancelled);
+    common::eventually("the sandbox's removal", Duration::from_secs(15), || {
+        !common::process_running(&marker) && leftovers(&data.join("sandbox")).is_empty()
+    });
+}

@@ -428,6 +428,7 @@ impl<'a> Sandbox<'a> {
             // Processes the container leaves behind are re-parented to us, not to the host's init.
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
         }
+        note_stop_signals();
         let host_netns =
             File::open("/proc/self/ns/net").map_err(|e| format!("opening the host network namespace: {e}"))?;
         enter_private_network()?;
@@ -494,6 +495,12 @@ impl<'a> Sandbox<'a> {
 
         // Signals from here on are read from a signalfd; threads started below inherit the mask.
         let signals = block_signals()?;
+        if STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) {
+            // Stopped (the stage was cancelled) while the container was being made: it never
+            // starts; tear_down empties the slot's cgroup, which kills the waiting init.
+            report.signal = Some(libc::SIGKILL);
+            return Ok(());
+        }
         container.start().map_err(|e| format!("starting the container: {e}"))?;
         if proxy.is_some() || !forwards.is_empty() {
             spawn_network_thread(host_netns, proxy, forwards);
@@ -887,6 +894,25 @@ fn spawn_network_thread(
 fn to_tokio(listener: std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
     listener.set_nonblocking(true)?;
     tokio::net::TcpListener::from_std(listener)
+}
+
+/// Set by a stop signal (SIGTERM, SIGINT, SIGHUP) that arrived before [`block_signals`].
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Until the container exists, a stop signal only sets [`STOP_REQUESTED`], so the helper still
+/// cleans up. A handler rather than a blocked mask: the mask would be inherited by the
+/// container's command, a handler is reset by its exec.
+fn note_stop_signals() {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: installs an async-signal-safe handler (one atomic store).
+        unsafe {
+            libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t);
+        }
+    }
 }
 
 fn block_signals() -> Result<OwnedFd, String> {
