@@ -205,7 +205,13 @@ fn sandbox_backend(
         Err("it needs root (mounts, namespaces, cgroups)".to_string())
     };
     match result {
-        Ok(backend) => Ok((Arc::new(backend), true)),
+        Ok(backend) => {
+            eprintln!(
+                "pond: OCI sandbox ready in {} (untrusted-code-read and untrusted-code-write enforced)",
+                backend.config().state_dir.display()
+            );
+            Ok((Arc::new(backend), true))
+        }
         Err(why) if args.backend == "auto" => {
             eprintln!("pond: the OCI sandbox is off ({why}); only the `none` profile runs here");
             Ok((Arc::new(pond_sandbox::HostBackend), false))

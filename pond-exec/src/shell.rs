@@ -423,3 +423,13 @@ impl ShellExecutor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_git_remote_host_is_what_the_egress_allowlist_gets() {
+        assert_eq!(super::git_remote_host("https://github.com/acme/app.git").as_deref(), Some("github.com"));
+        assert_eq!(super::git_remote_host("https://user:pw@git.internal:8443/x").as_deref(), Some("git.internal:8443"));
+        assert_eq!(super::git_remote_host("not a url"), None);
+    }
+}

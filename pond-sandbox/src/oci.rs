@@ -1256,3 +1256,43 @@ pub fn leftovers(state_dir: &Path) -> Vec<String> {
     }
     found
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_take_defaults_and_refuse_above_the_ceiling() {
+        let ceilings = Limits { memory_mib: 1024, ..Limits::CEILINGS };
+        let none = SandboxLimits::default();
+        let resolved = Limits::DEFAULTS.resolve(&none, &ceilings).unwrap();
+        assert_eq!(resolved.memory_mib, 1024, "a default above the ceiling is lowered to it");
+        assert_eq!(resolved.pids, Limits::DEFAULTS.pids);
+        let asked = SandboxLimits { memory_mib: Some(512), cpus: Some(0.5), ..none };
+        let resolved = Limits::DEFAULTS.resolve(&asked, &ceilings).unwrap();
+        assert_eq!((resolved.memory_mib, resolved.cpus), (512, 0.5));
+        let err = Limits::DEFAULTS.resolve(&SandboxLimits { memory_mib: Some(4096), ..none }, &ceilings).unwrap_err();
+        assert_eq!(err.to_string(), "sandbox.limits.memory_mib: 4096 is above this host's ceiling of 1024");
+        let err = Limits::DEFAULTS.resolve(&SandboxLimits { cpus: Some(64.0), ..none }, &ceilings).unwrap_err();
+        assert!(err.to_string().starts_with("sandbox.limits.cpus: 64 is above"), "{err}");
+    }
+
+    #[test]
+    fn the_seccomp_filter_denies_namespaces_and_tracing_but_not_plain_forks() {
+        let profile = seccomp_profile();
+        assert_eq!(profile["defaultAction"], "SCMP_ACT_ALLOW");
+        let rules = profile["syscalls"].as_array().unwrap();
+        let denies = |name: &str| rules.iter().any(|r| r["names"].as_array().unwrap().iter().any(|n| n == name));
+        for name in ["unshare", "setns", "mount", "ptrace", "bpf", "keyctl", "clone3"] {
+            assert!(denies(name), "{name}");
+        }
+        // Every clone rule needs a namespace flag set: a plain fork (flags without one) passes.
+        for rule in rules.iter().filter(|r| r["names"][0] == "clone") {
+            let arg = &rule["args"][0];
+            assert_eq!(arg["op"], "SCMP_CMP_MASKED_EQ");
+            assert_eq!(arg["value"], arg["valueTwo"]);
+            let flag = arg["value"].as_u64().unwrap();
+            assert_ne!(flag & libc::SIGCHLD as u64, flag);
+        }
+    }
+}
