@@ -964,6 +964,7 @@ fn sandbox(command: SandboxCommand) -> Result<i32> {
 
 fn worker(args: WorkerArgs) -> Result<i32> {
     let key_dir = args.key_dir.unwrap_or_else(pond_exec::default_key_dir);
+    let key_dir = std::path::absolute(&key_dir).context("resolving --key-dir")?;
     let (backend, oci) = sandbox_backend(&args.sandbox, key_dir.join("sandbox"))?;
     let mut capabilities = args.capabilities;
     let sandbox_cap = pond_core::routing::SANDBOX_CAPABILITY.to_string();
@@ -1167,7 +1168,9 @@ async fn shutdown_signal() {
     }
 }
 
-fn serve(args: ServerArgs) -> Result<()> {
+fn serve(mut args: ServerArgs) -> Result<()> {
+    // Absolute from here on: stages get paths under it (checkouts, outputs) and run elsewhere.
+    args.data_dir = std::path::absolute(&args.data_dir).context("resolving --data-dir")?;
     let data_dir = args.data_dir.clone();
     let store = if args.database_url.is_some() { "PostgreSQL" } else { "SQLite" };
     let config = server_config(args)?;

@@ -285,10 +285,14 @@ impl SandboxBackend for OciBackend {
         if command.argv.is_empty() || self.config.helper.is_empty() {
             return Err(SandboxError::Request { field: "argv".into(), reason: "is empty".into() });
         }
-        for grant in &command.paths {
-            if !grant.path.is_absolute() {
-                return Err(SandboxError::Prepare(format!("granted path {} is not absolute", grant.path.display())));
-            }
+        // The sandbox shows each path at its own place, so every one must be absolute.
+        let absolute = |p: &Path| {
+            std::path::absolute(p).map_err(|e| SandboxError::Prepare(format!("resolving {}: {e}", p.display())))
+        };
+        let mut command = command;
+        command.cwd = absolute(&command.cwd)?;
+        for grant in &mut command.paths {
+            grant.path = absolute(&grant.path)?;
         }
         let mut egress_allow = Vec::new();
         if request.profile == SandboxProfile::UntrustedCodeWrite {
