@@ -453,3 +453,36 @@ fn a_cancelled_confined_stage_is_killed_and_its_sandbox_removed() {
         !common::process_running(&marker) && leftovers(&data.join("sandbox")).is_empty()
     });
 }
+
+#[test]
+fn a_server_on_a_relative_data_directory_runs_confined_stages() {
+    if !is_root() {
+        return;
+    }
+    // The quickstart's way: `pond server` in a directory, data in ./.pond.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(POND)
+        .args(["server", "--listen", "127.0.0.1:0", "--sandbox", "oci"])
+        .current_dir(dir.path())
+        .env("POND_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
+    let url = first.trim().strip_prefix("pond server listening on ").unwrap().to_string();
+    let token = std::fs::read_to_string(dir.path().join(".pond/admin.token")).unwrap();
+    let admin = pond_http::client::Client::new(&url, Some(token.trim().to_string()));
+    let body = json!({"project_id": "acme", "definition": {"stages": [{"key": "s", "executor": {"kind": "shell",
+        "argv": ["sh", "-c", "echo made > \"$POND_OUTPUT_DIR/out.txt\""], "sandbox": {"profile": "untrusted-code-write"}}}]}});
+    let id = admin.submit(&body, None).unwrap().id.to_string();
+    let done = wait_done(&admin, &id, Duration::from_secs(60));
+    let lines = log_text(&admin, &id);
+    let mut out = Vec::new();
+    let downloaded = admin.download_artifact(&id, "out.txt", &mut out);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(done.state, RunState::Succeeded, "{lines:?}");
+    downloaded.unwrap();
+    assert_eq!(out, b"made\n");
+}
