@@ -282,7 +282,10 @@ impl SandboxBackend for OciBackend {
             return Ok(Wrapped { command, report: None });
         }
         let limits = self.config.defaults.resolve(&request.limits, &self.config.ceilings)?;
-        if command.argv.is_empty() || self.config.helper.is_empty() {
+        if self.config.helper.is_empty() {
+            return Err(SandboxError::SelfCheck("no helper command is configured".into()));
+        }
+        if command.argv.is_empty() {
             return Err(SandboxError::Request { field: "argv".into(), reason: "is empty".into() });
         }
         // The sandbox shows each path at its own place, so every one must be absolute.
