@@ -948,6 +948,8 @@ fn sandbox(command: SandboxCommand) -> Result<i32> {
             let profiles: Vec<&str> = backend.profiles().iter().map(|p| p.as_str()).collect();
             println!("sandbox backend {}: self-check passed; profiles: {}", backend.name(), profiles.join(", "));
             if sandbox.dir.is_none() {
+                // A throwaway state directory: its warm cgroup goes with it.
+                let _ = pond_sandbox::oci::collect_garbage(&dir);
                 let _ = std::fs::remove_dir_all(&dir);
             }
             Ok(0)

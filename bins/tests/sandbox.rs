@@ -337,6 +337,7 @@ fn a_killed_helper_s_sandbox_is_cleaned_up_at_the_next_start_and_runs_leave_noth
     check(&state);
     assert!(!common::process_running(&marker), "the orphaned sandbox still runs");
     assert_eq!(leftovers(&state), Vec::<String>::new());
+    pond_sandbox::oci::collect_garbage(&state).unwrap();
 }
 
 #[test]
@@ -367,6 +368,8 @@ fn a_thousand_sandboxes_leave_no_containers_cgroups_mounts_or_processes() {
     assert_eq!(leftovers(&state), Vec::<String>::new());
     // One at a time: one warm cgroup slot, reused by every run.
     assert_eq!(pond_sandbox::oci::warm_slots(&state), 1);
+    pond_sandbox::oci::collect_garbage(&state).unwrap();
+    assert_eq!(pond_sandbox::oci::warm_slots(&state), 0);
 }
 
 #[test]
@@ -482,6 +485,7 @@ fn a_server_on_a_relative_data_directory_runs_confined_stages() {
     let downloaded = admin.download_artifact(&id, "out.txt", &mut out);
     let _ = child.kill();
     let _ = child.wait();
+    let _ = pond_sandbox::oci::collect_garbage(&dir.path().join(".pond/sandbox"));
     assert_eq!(done.state, RunState::Succeeded, "{lines:?}");
     downloaded.unwrap();
     assert_eq!(out, b"made\n");

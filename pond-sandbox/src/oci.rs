@@ -1231,6 +1231,11 @@ pub fn collect_garbage(state_dir: &Path) -> Result<usize, String> {
         remove_cgroup(&dir);
         removed += 1;
     }
+    // The state directory's own cgroup group, on every hierarchy (empty now).
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        let _ = std::fs::remove_dir(hierarchy.path().join(cgroup_group(state_dir)));
+    }
+    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(cgroup_group(state_dir)));
     Ok(removed)
 }
 

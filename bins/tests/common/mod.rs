@@ -102,6 +102,9 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
+        // A server started with `--sandbox oci` keeps warm cgroups for its sandboxes; the
+        // test's data directory is about to go, so they go too.
+        let _ = pond_sandbox::oci::collect_garbage(&self.data_dir.join("sandbox"));
     }
 }
 
@@ -268,6 +271,7 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.kill9();
+        let _ = pond_sandbox::oci::collect_garbage(&self.key_dir.join("sandbox"));
     }
 }
 
