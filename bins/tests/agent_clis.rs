@@ -157,10 +157,21 @@ fn serve_agent_with(
 
 /// An orchestrator and one worker offering `capability`, for `server`.
 fn start_pool(server: &Server, dir: &std::path::Path, capability: &str) -> (common::Orchestrator, common::Worker) {
+    start_pool_with(server, dir, capability, &[])
+}
+
+fn start_pool_with(
+    server: &Server,
+    dir: &std::path::Path,
+    capability: &str,
+    flags: &[&str],
+) -> (common::Orchestrator, common::Worker) {
     let code = common::enroll_code(&server.admin(), "agents", None, None);
     let orch = common::Orchestrator::start(&server.url, &dir.join("orch"), "127.0.0.1:0", Some(&code));
     let code = common::enroll_code(&server.admin(), "agents", Some(&[]), None);
-    let worker = common::Worker::start(&orch.url, &dir.join("worker"), &code, &["--capabilities", capability]);
+    let mut args = vec!["--capabilities", capability];
+    args.extend_from_slice(flags);
+    let worker = common::Worker::start(&orch.url, &dir.join("worker"), &code, &args);
     (orch, worker)
 }
 
@@ -411,12 +422,19 @@ fn claude_runs_a_shell_command_inside_untrusted_code_write() {
     tool_turn("claude", Where::Sandboxed);
 }
 
+#[test]
+fn codex_runs_a_shell_command_inside_untrusted_code_write_on_a_pool_worker() {
+    tool_turn("codex", Where::PoolSandboxed);
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Where {
     ControlPlane,
     Pool,
     /// On the control plane, in the OCI sandbox's `untrusted-code-write` profile.
     Sandboxed,
+    /// On a pool worker with the OCI backend (`sandbox.oci`), in `untrusted-code-write`.
+    PoolSandboxed,
 }
 
 /// One agent turn that runs a shell command editing the checkout, then answers: on the control
@@ -424,9 +442,10 @@ enum Where {
 /// the model; the result is attested), or confined (the edit stays in the throwaway copy; the
 /// CLI reaches the model only through the broker's port forwarded into the sandbox).
 fn tool_turn(preset: &str, place: Where) {
-    let pooled = place == Where::Pool;
+    let pooled = matches!(place, Where::Pool | Where::PoolSandboxed);
+    let confined = matches!(place, Where::Sandboxed | Where::PoolSandboxed);
     // SAFETY: geteuid has no preconditions.
-    if place == Where::Sandboxed && unsafe { libc::geteuid() } != 0 {
+    if confined && unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: the OCI sandbox needs root (namespaces, mounts, cgroups); .ci/run runs as root");
         return;
     }
@@ -443,7 +462,10 @@ fn tool_turn(preset: &str, place: Where) {
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("notes.md"), "original\n").unwrap();
     let bundle = server.admin().upload_bundle("acme", &pond_exec::pack_dir(src.path()).unwrap()).unwrap();
-    let _pool = pooled.then(|| start_pool(&server, dir.path(), &format!("harness.{preset}")));
+    let _pool = pooled.then(|| {
+        let worker_flags: &[&str] = if confined { &["--sandbox", "oci"] } else { &[] };
+        start_pool_with(&server, dir.path(), &format!("harness.{preset}"), worker_flags)
+    });
     let run = server
         .admin()
         .submit(
@@ -452,7 +474,8 @@ fn tool_turn(preset: &str, place: Where) {
             "definition": {"stages": [
                 {"key": "edit", "timeout": "2m", "executor": {"kind": "swarm", "placement": if pooled { "pool" } else { "local" },
                     "harness": preset, "model_ref": model, "prompt": "Update notes.md.",
-                    "sandbox": {"profile": if place == Where::Sandboxed { "untrusted-code-write" } else { "none" }}}},
+                    // `any` tier: the test's worker is not tagged pool:trusted.
+                    "sandbox": {"profile": if confined { "untrusted-code-write" } else { "none" }, "tier": "any"}}},
                 {"key": "check", "executor": {"kind": "shell", "argv": ["cat", "notes.md"]}}
             ]}}),
             None,
