@@ -1231,11 +1231,23 @@ pub fn collect_garbage(state_dir: &Path) -> Result<usize, String> {
         remove_cgroup(&dir);
         removed += 1;
     }
-    // The state directory's own cgroup group, on every hierarchy (empty now).
-    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
-        let _ = std::fs::remove_dir(hierarchy.path().join(cgroup_group(state_dir)));
+    // The state directory's own cgroup group, on every hierarchy (empty now; a parent stays
+    // busy for a moment while the kernel finishes destroying its children).
+    let mut groups: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|h| h.path().join(cgroup_group(state_dir)))
+        .collect();
+    groups.push(Path::new("/sys/fs/cgroup").join(cgroup_group(state_dir)));
+    for group in groups.into_iter().filter(|g| g.is_dir()) {
+        for _ in 0..40 {
+            match std::fs::remove_dir(&group) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => std::thread::sleep(Duration::from_millis(5)),
+                _ => break,
+            }
+        }
     }
-    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(cgroup_group(state_dir)));
     Ok(removed)
 }
 
