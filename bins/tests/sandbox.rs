@@ -52,7 +52,7 @@ fn lan_service() -> String {
 }
 
 struct Probes {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     server: Server,
     secret_file: std::path::PathBuf,
     secret: String,
@@ -88,7 +88,7 @@ fn probe_server(allow_lan: bool) -> Probes {
         extra.extend(["--egress-allow", lan.as_str()]);
     }
     let server = server_with_env(&data, &extra, &[("OPENAI_API_KEY", &marker)]);
-    Probes { _dir: dir, server, secret_file, secret, marker, lan, checkout }
+    Probes { dir, server, secret_file, secret, marker, lan, checkout }
 }
 
 fn server_with_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
@@ -153,7 +153,7 @@ fn escape_probes_find_every_door_shut_in_confined_profiles_and_open_in_none() {
         return;
     }
     let probes = probe_server(false);
-    let outside = |name: &str| probes._dir.path().join(format!("outside-{name}"));
+    let outside = |name: &str| probes.dir.path().join(format!("outside-{name}"));
 
     // `none`: the probes can succeed, so a shut door below is the sandbox's doing.
     let (open, run, lines) = probes.run("none", &outside("none"));
@@ -183,10 +183,10 @@ fn the_egress_proxy_lets_through_only_the_allowlist_and_logs_refusals() {
     let probes = probe_server(true);
     // The LAN service is on the allowlist: reachable through the proxy under -write only,
     // and never directly.
-    let (doors, _, lines) = probes.run("untrusted-code-write", &probes._dir.path().join("o1"));
+    let (doors, _, lines) = probes.run("untrusted-code-write", &probes.dir.path().join("o1"));
     assert_eq!(doors.get("lan_http").map(String::as_str), Some("open"), "{lines:?}");
     assert_eq!(doors.get("lan_direct").map(String::as_str), Some("shut"), "{lines:?}");
-    let (doors, _, lines) = probes.run("untrusted-code-read", &probes._dir.path().join("o2"));
+    let (doors, _, lines) = probes.run("untrusted-code-read", &probes.dir.path().join("o2"));
     assert_eq!(doors.get("lan_http").map(String::as_str), Some("shut"), "{lines:?}");
 
     // A host not on the allowlist: refused by the proxy, and the refusal is in the run's log.

@@ -3,13 +3,14 @@
 //! libcontainer forks with raw `clone3` and runs Rust code in the child, which deadlocks when
 //! the caller has other threads (an inherited malloc or stderr lock). So the backend never
 //! calls it from the server or worker: [`OciBackend::wrap`] writes a [`HelperSpec`] and
-//! returns the command `pond sandbox run SPEC`, a single-threaded helper process (one per
-//! sandbox) that runs [`run_helper`]. The helper:
+//! returns the command `pond-sandbox-helper SPEC` (or `pond sandbox run SPEC`), a
+//! single-threaded helper process (one per sandbox) that runs [`run_helper`]. The helper:
 //!
 //! 1. enters a new network namespace of its own with only `lo` up, and binds there the egress
 //!    proxy (`127.0.0.1:3128`) and the loopback ports the command may reach (the broker);
-//! 2. mounts a tmpfs of the stage's disk size for everything writable (a copy of the checkout
-//!    under `untrusted-code-write`, the home and output directories, `/tmp`);
+//! 2. mounts one tmpfs of the stage's disk size as the bundle: the root's mount points, the
+//!    container's state, and everything writable (a copy of the checkout under
+//!    `untrusted-code-write`, the home and output directories, `/tmp`);
 //! 3. writes an OCI bundle whose root is an empty directory with read-only binds of the host's
 //!    system directories and the granted paths, and creates the container in new pid, mount,
 //!    ipc, uts and cgroup namespaces sharing the helper's network namespace, as an
@@ -20,8 +21,9 @@
 //! 5. proxies: a thread that moved back into the host's network namespace serves the proxy
 //!    and the forwards, so the sandbox's one way out is through them;
 //! 6. waits with the wall-clock limit, then reads the memory cgroup's OOM count, copies the
-//!    writable grants' contents back, deletes the container and its mounts, and writes a
-//!    [`SandboxReport`] the executor turns into the stage's result.
+//!    writable grants' contents back, unmounts the bundle (the cgroup stays, a warm slot for
+//!    the next sandbox), and writes a [`SandboxReport`] the executor turns into the stage's
+//!    result.
 //!
 //! A helper that dies (its worker was killed) leaves a container behind: [`collect_garbage`]
 //! removes every container, cgroup and mount of the state directory at the next start.
@@ -66,10 +68,6 @@ fn cgroup_group(state_dir: &Path) -> String {
 }
 /// The host directories every sandbox sees, read-only, when they exist.
 const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt"];
-
-fn host_id() -> u32 {
-    SANDBOX_UID
-}
 
 /// Settings of the OCI backend (the operator's).
 #[derive(Clone, Debug)]
@@ -241,9 +239,7 @@ impl OciBackend {
             None => return Err(SandboxError::SelfCheck(format!("the helper wrote no report: {}", helper_said()))),
         }
         let status = std::fs::read_to_string(out.join("status")).unwrap_or_default();
-        let field = |name: &str| {
-            status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).unwrap_or_default()
-        };
+        let field = |name: &str| status_field(&status, name);
         let expect = [
             ("Seccomp:", field("Seccomp:") == "2"),
             ("NoNewPrivs:", field("NoNewPrivs:") == "1"),
@@ -559,7 +555,7 @@ impl<'a> Sandbox<'a> {
                     mounts.push(bind(&grant.path, &grant.path, false));
                 }
                 Some(dir) => {
-                    copy_tree(&grant.path, &dir, Some(host_id()))?;
+                    copy_tree(&grant.path, &dir, Some(SANDBOX_UID))?;
                     mounts.push(bind(&dir, &grant.path, true));
                 }
             }
@@ -816,7 +812,7 @@ fn seccomp_profile() -> serde_json::Value {
 fn verify_confinement(pid: i32) -> Result<(), String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("reading the container's status: {e}"))?;
-    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("");
+    let field = |name: &str| status_field(&status, name);
     if field("Seccomp:") != "2" {
         return Err(format!(
             "seccomp is not in force in the container (Seccomp: {:?}); refusing to run",
@@ -830,6 +826,11 @@ fn verify_confinement(pid: i32) -> Result<(), String> {
         return Err(format!("the container has capabilities ({}); refusing to run", field("CapEff:")));
     }
     Ok(())
+}
+
+/// The value of a `/proc/<pid>/status` line (`Seccomp:` → `2`), empty when absent.
+fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
+    status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("")
 }
 
 /// Moves this (single-threaded) process into a new network namespace with only `lo`, up.
@@ -1187,21 +1188,19 @@ fn remove_cgroup(dir: &Path) {
 
 /// Kills every process in a sandbox's cgroup.
 fn empty_cgroup(dir: &Path) {
-    {
-        for _ in 0..50 {
-            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-            let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
-            if pids.is_empty() {
-                break;
-            }
-            for pid in pids {
-                // SAFETY: kills a process of the sandbox's own cgroup.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(10));
+    for _ in 0..50 {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        if pids.is_empty() {
+            break;
         }
+        for pid in pids {
+            // SAFETY: kills a process of the sandbox's own cgroup.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
