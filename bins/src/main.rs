@@ -246,6 +246,10 @@ struct ServerArgs {
     /// Allow plain `http://` git remotes (test setups, private networks).
     #[arg(long)]
     allow_http_git: bool,
+    /// Reserve a tag prefix for the operator, beyond `pool:` and `tenant:` (repeatable): a
+    /// stage that names such a tag is refused (e.g. `site:`).
+    #[arg(long = "reserved-tag-prefix", value_name = "PREFIX")]
+    reserved_tag_prefixes: Vec<String>,
     /// Largest uploaded bundle and artifact, in bytes.
     #[arg(long, default_value_t = 100 * 1024 * 1024)]
     max_bundle_bytes: usize,
@@ -549,6 +553,11 @@ enum EnrollCommand {
         /// Tags pinned on the worker (comma-separated, e.g. `pool:byo,tenant:acme`); workers only.
         #[arg(long, value_delimiter = ',')]
         tags: Vec<String>,
+        /// Capabilities the worker may declare (comma-separated patterns, e.g.
+        /// `harness.codex,sandbox.oci` or `harness.*`); a worker declaring others is refused.
+        /// Workers only; default none.
+        #[arg(long, value_delimiter = ',')]
+        capabilities: Vec<String>,
         /// The worker fingerprint its keys must produce (`pond fingerprint` on the worker).
         #[arg(long)]
         fingerprint: Option<String>,
@@ -627,6 +636,10 @@ struct WorkerArgs {
     /// Host environment variable to pass to shell jobs (repeatable).
     #[arg(long = "shell-env-allow")]
     shell_env_allow: Vec<String>,
+    /// On a bring-your-own host (`pool:byo`), also run stages without a sandbox profile (a
+    /// host process of this worker's user, which can read what that user can). Off by default.
+    #[arg(long, env = "POND_ALLOW_UNCONFINED")]
+    allow_unconfined: bool,
     #[command(flatten)]
     sandbox: SandboxArgs,
 }
@@ -987,6 +1000,7 @@ fn worker(args: WorkerArgs) -> Result<i32> {
         kill_grace: args.kill_grace,
         shell_env_allow: args.shell_env_allow,
         sandbox: backend,
+        allow_unconfined: args.allow_unconfined,
     };
     let prepared = pond_http::worker_process::prepare(&config)?;
     let m = &prepared.member;
@@ -1057,11 +1071,12 @@ fn credentials(command: CredentialsCommand, client: &Client) -> Result<()> {
 }
 
 fn enroll(command: EnrollCommand, client: &Client) -> Result<()> {
-    let EnrollCommand::Create { pool, worker, tags, fingerprint, ttl, json } = command;
+    let EnrollCommand::Create { pool, worker, tags, capabilities, fingerprint, ttl, json } = command;
     let request = pond_http::pool_wire::CreateCode {
         pool,
         role: Some(if worker { "worker" } else { "orchestrator" }.into()),
         tags,
+        capabilities,
         fingerprint,
         ttl: Some(pond_core::time::Millis(ttl.as_millis() as u64)),
     };
@@ -1071,10 +1086,15 @@ fn enroll(command: EnrollCommand, client: &Client) -> Result<()> {
     }
     println!("{}", code.code);
     eprintln!(
-        "one-time {} code for pool {}{}{}, valid until {}",
+        "one-time {} code for pool {}{}{}{}, valid until {}",
         code.role,
         code.pool,
         if code.tags.is_empty() { String::new() } else { format!(", tags {}", code.tags.join(",")) },
+        if code.capabilities.is_empty() {
+            String::new()
+        } else {
+            format!(", capabilities {}", code.capabilities.join(","))
+        },
         code.fingerprint.as_deref().map(|f| format!(", only for keys {f}")).unwrap_or_default(),
         code.expires_at
     );
@@ -1152,6 +1172,7 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
     config.slots = args.slots;
     config.allow_local_sources = args.allow_local_sources;
     config.allow_plain_http_git = args.allow_http_git;
+    config.reserved_tag_prefixes = args.reserved_tag_prefixes;
     config.limits.max_bundle_bytes = args.max_bundle_bytes;
     config.shell_env_allow = args.shell_env_allow;
     config.kill_grace = args.kill_grace;

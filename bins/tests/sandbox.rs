@@ -330,7 +330,12 @@ fn a_killed_helper_s_sandbox_is_cleaned_up_at_the_next_start_and_runs_leave_noth
     common::eventually("the sandboxed process", Duration::from_secs(30), || common::process_running(&marker));
     helper.kill().unwrap();
     helper.wait().unwrap();
-    assert!(common::process_running(&marker), "the container outlived its helper");
+    // The container dies with its helper (its init has the parent-death signal); what the
+    // helper could not remove (the bundle's tmpfs, its directory) stays for the next start.
+    let killed = std::time::Instant::now();
+    common::eventually("the container's end", Duration::from_secs(5), || !common::process_running(&marker));
+    eprintln!("the container was gone {:?} after its helper was killed", killed.elapsed());
+    assert!(no_process_in_slots(&state), "a cgroup slot still holds processes");
     assert!(!leftovers(&state).is_empty());
 
     // The next start (the self-check collects garbage first) removes it all.
@@ -338,6 +343,35 @@ fn a_killed_helper_s_sandbox_is_cleaned_up_at_the_next_start_and_runs_leave_noth
     assert!(!common::process_running(&marker), "the orphaned sandbox still runs");
     assert_eq!(leftovers(&state), Vec::<String>::new());
     pond_sandbox::oci::collect_garbage(&state).unwrap();
+}
+
+/// Whether every cgroup of the state directory's sandboxes is empty.
+fn no_process_in_slots(state: &Path) -> bool {
+    leftovers(state).iter().all(|l| !l.starts_with("cgroup "))
+}
+
+/// kill -9 of the node running a confined stage: the sandbox's processes are gone at once (the
+/// helper watches its parent; the container's init dies with the helper), so the stage's
+/// wall-clock limit never needs a living helper to hold.
+#[test]
+fn a_confined_stage_dies_with_its_node() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, &["--sandbox", "oci"]);
+    let marker = format!("pond-node-death-{}", std::process::id());
+    let body = json!({"project_id": "acme", "definition": {"stages": [{"key": "s", "executor": {"kind": "shell",
+        "argv": ["bash", "-c", format!("exec -a {marker} sleep 600")],
+        "sandbox": {"profile": "untrusted-code-read", "limits": {"timeout_secs": 3600}}}}]}});
+    server.admin().submit(&body, None).unwrap();
+    common::eventually("the sandboxed process", Duration::from_secs(30), || common::process_running(&marker));
+    server.kill9();
+    let killed = std::time::Instant::now();
+    common::eventually("the sandbox's end", Duration::from_secs(5), || !common::process_running(&marker));
+    eprintln!("the sandboxed process was gone {:?} after its server was killed", killed.elapsed());
+    common::eventually("empty cgroups", Duration::from_secs(5), || no_process_in_slots(&data.join("sandbox")));
 }
 
 #[test]

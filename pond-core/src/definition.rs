@@ -58,6 +58,33 @@ pub struct StageDef {
     /// A failure of this stage does not fail the run; stages that need it still run.
     #[serde(default, skip_serializing_if = "is_false")]
     pub continue_on_error: bool,
+    /// For a pooled stage: what a worker's result that fails verification does. Absent: the
+    /// server's default (`required`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<AttestationPolicy>,
+}
+
+/// What pond does with a pool worker's result that fails verification (a bad signature, an
+/// input it did not issue, outputs other than the ones stored).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttestationPolicy {
+    /// The stage fails, naming why (the default).
+    #[default]
+    Required,
+    /// The result is applied and kept flagged `attestation_verified: false` (an explicit
+    /// opt-out, for workers whose results are checked some other way).
+    Record,
+}
+
+impl AttestationPolicy {
+    /// The name as written in a definition.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttestationPolicy::Required => "required",
+            AttestationPolicy::Record => "record",
+        }
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -406,7 +433,15 @@ pub struct Capabilities {
     pub pool_kinds: Vec<String>,
     /// Sandbox profiles pool workers can enforce.
     pub pool_sandbox_profiles: Vec<SandboxProfile>,
+    /// Tag prefixes only the operator may use (always [`OPERATOR_TAG_PREFIXES`], plus any the
+    /// operator reserves): a stage naming such a tag is refused.
+    pub reserved_tag_prefixes: Vec<String>,
 }
+
+/// Tag namespaces that belong to the operator: `pool:` (which pool, and its trust) and
+/// `tenant:` (whose host). A consumer reaches them only through `sandbox.tier`, which derives
+/// them from the run's own project.
+pub const OPERATOR_TAG_PREFIXES: &[&str] = &["pool:", "tenant:"];
 
 /// Whether `tag` is a valid tag: `name` or `name:value` of letters, digits and `._-/`.
 pub fn valid_tag(tag: &str) -> bool {
@@ -605,6 +640,15 @@ impl StageDef {
                     format!("`{tag}` is not a valid tag: use letters, digits and `._-/:` (e.g. `repo:web`)"),
                 ));
             }
+            let reserved = OPERATOR_TAG_PREFIXES.iter().copied().chain(caps.reserved_tag_prefixes.iter().map(String::as_str));
+            if let Some(prefix) = reserved.into_iter().find(|p| tag.starts_with(p)) {
+                return Err(FieldError::new(
+                    format!("{at}.executor.tags[{i}]"),
+                    format!(
+                        "`{tag}` is under `{prefix}`, a namespace only the operator assigns: choose the pool with `executor.sandbox.tier` (`byo` runs on your own project's hosts)"
+                    ),
+                ));
+            }
         }
         for (i, pattern) in capabilities.iter().enumerate() {
             if !valid_capability_pattern(pattern) {
@@ -722,6 +766,7 @@ mod tests {
             sandbox_profiles: vec![SandboxProfile::None],
             pool_kinds: vec!["noop".into(), "shell".into()],
             pool_sandbox_profiles: vec![SandboxProfile::None],
+            reserved_tag_prefixes: vec!["site:".into()],
         }
     }
 
@@ -801,6 +846,19 @@ mod tests {
             (
                 json!({"stages":[{"key":"a","executor":{"kind":"noop","placement":"pool","tags":["ok","no spaces"]}}]}),
                 "definition.stages[0].executor.tags[1]: `no spaces` is not a valid tag",
+            ),
+            // Operator namespaces: built in (`pool:`, `tenant:`) and reserved by this operator.
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":["x"],"placement":"pool","tags":["pool:byo","tenant:b"]}}]}),
+                "definition.stages[0].executor.tags[0]: `pool:byo` is under `pool:`, a namespace only the operator assigns",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"noop","placement":"pool","tags":["repo:x","tenant:b"]}}]}),
+                "definition.stages[0].executor.tags[1]: `tenant:b` is under `tenant:`",
+            ),
+            (
+                json!({"stages":[{"key":"a","executor":{"kind":"noop","placement":"pool","tags":["site:eu"]}}]}),
+                "definition.stages[0].executor.tags[0]: `site:eu` is under `site:`",
             ),
             (
                 json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":["x"],"placement":"pool","capabilities":["harness.[ab]"]}}]}),

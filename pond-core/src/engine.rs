@@ -42,6 +42,11 @@ pub struct EngineConfig {
     /// The server key: what pond keeps at rest that is not already encrypted to a consumer
     /// (pooled jobs' inputs, credentials) is sealed under it. The same on every node.
     pub at_rest_key: [u8; 32],
+    /// Tag prefixes the operator reserves beyond `pool:` and `tenant:` (consumers cannot use
+    /// them in a stage's tags).
+    pub reserved_tag_prefixes: Vec<String>,
+    /// What a pooled result that fails verification does when its stage does not say.
+    pub attestation_default: crate::definition::AttestationPolicy,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +57,8 @@ impl Default for EngineConfig {
             source_policy: SourcePolicy::default(),
             signing_seed: crate::seal::random_key(),
             at_rest_key: crate::seal::random_key(),
+            reserved_tag_prefixes: Vec::new(),
+            attestation_default: crate::definition::AttestationPolicy::Required,
         }
     }
 }
@@ -199,6 +206,7 @@ impl Engine {
                 SandboxProfile::UntrustedCodeRead,
                 SandboxProfile::UntrustedCodeWrite,
             ],
+            reserved_tag_prefixes: self.config.reserved_tag_prefixes.clone(),
         }
     }
 
@@ -611,10 +619,11 @@ impl Engine {
         report: &JobReport,
     ) -> Result<RunSnapshot, CoreError> {
         let issued = self.issued_input(job.run).await?.map(|i| i.sha256);
-        let attestation = verify_report(job, worker, report, issued.as_deref());
-        let now = self.clock.now();
         let (key, attempt) = (job.stage.as_str(), job.attempt);
-        let outcome = report.outcome.clone();
+        let stored = self.stored_outputs(job).await?;
+        let attestation = verify_report(job, worker, report, issued.as_deref(), &stored);
+        let now = self.clock.now();
+        let default_policy = self.config.attestation_default;
         let snapshot = self
             .store
             .update_run(job.run, &mut |s| {
@@ -624,6 +633,27 @@ impl Engine {
                     let state = s.stage(key).map(|st| st.state).unwrap_or(crate::run::StageState::Queued);
                     return Err(CoreError::StaleAttempt { stage: key.to_string(), attempt, current, state });
                 }
+                let policy = s
+                    .run
+                    .definition
+                    .stages
+                    .iter()
+                    .find(|d| d.key == key)
+                    .and_then(|d| d.attestation)
+                    .unwrap_or(default_policy);
+                let outcome = match (&report.outcome, attestation.verified, policy) {
+                    (_, true, _) | (_, false, crate::definition::AttestationPolicy::Record) => report.outcome.clone(),
+                    (reported, false, crate::definition::AttestationPolicy::Required) => StageOutcome::Failed {
+                        error: format!(
+                            "the worker's result is not verified ({}); failed under attestation policy `required` (a stage may opt out with \"attestation\": \"record\")",
+                            attestation.detail
+                        ),
+                        exit_code: match reported {
+                            StageOutcome::Failed { exit_code, .. } => *exit_code,
+                            _ => None,
+                        },
+                    },
+                };
                 s.complete_attempt(key, attempt, &outcome, now)?;
                 s.record_attestation(key, attempt, attestation.clone());
                 let verdict = if attestation.verified {
@@ -642,6 +672,25 @@ impl Engine {
             .map_err(|e| not_found_as(e, job.run))?;
         self.release_if_ended(&snapshot, now).await;
         Ok(snapshot)
+    }
+
+    /// What pond stored for a job's attempt: the stage's artifacts written since the attempt
+    /// started (name → SHA-256 hex of the stored bytes), what the worker's signed manifest
+    /// must equal. An earlier attempt's leftovers are older than this attempt's start.
+    async fn stored_outputs(&self, job: &JobId) -> Result<std::collections::BTreeMap<String, String>, CoreError> {
+        let snapshot = self.store.get_run(job.run).await?.ok_or(CoreError::RunNotFound(job.run))?;
+        let started = snapshot
+            .attempts
+            .iter()
+            .find(|a| a.stage_key == job.stage && a.number == job.attempt)
+            .map(|a| a.started_at)
+            .unwrap_or_default();
+        let artifacts = self.store.list_artifacts(job.run).await?;
+        Ok(artifacts
+            .into_iter()
+            .filter(|a| a.stage == job.stage && a.created_at >= started)
+            .map(|a| (a.name, a.sha256))
+            .collect())
     }
 
     /// Gives a pooled job back (its worker is stopping, or never got it): queued again at once.
@@ -824,7 +873,16 @@ impl JobReport {
 
 /// Checks a report's signature under the worker's pinned key and its input digest against the
 /// one issued.
-fn verify_report(job: &JobId, worker: &PoolMember, report: &JobReport, issued: Option<&str>) -> AttestationRecord {
+/// Checks a pooled result: the signature under the worker's pinned key, the input digest
+/// against the bundle pond issued, and the signed output digest against the artifacts pond
+/// stored for the attempt (names and SHA-256, nothing missing, nothing extra).
+fn verify_report(
+    job: &JobId,
+    worker: &PoolMember,
+    report: &JobReport,
+    issued: Option<&str>,
+    stored: &std::collections::BTreeMap<String, String>,
+) -> AttestationRecord {
     let fingerprint =
         worker.signing_key_bytes().map(|k| crate::attest::fingerprint(&k)).unwrap_or_else(|| "none".into());
     let record = |verified: bool, detail: String| AttestationRecord {
@@ -850,16 +908,28 @@ fn verify_report(job: &JobId, worker: &PoolMember, report: &JobReport, issued: O
     if let Err(e) = attestation.verify(&key, &report.signature) {
         return record(false, e.to_string());
     }
-    match issued {
-        Some(sha) if sha == hex::encode(report.input_sha256) => {
-            record(true, format!("signed by {fingerprint}, input {}", &sha[..12]))
+    let sha = match issued {
+        Some(sha) if sha == hex::encode(report.input_sha256) => sha,
+        Some(sha) => {
+            return record(
+                false,
+                format!("input_sha256 {} is not the bundle pond issued ({sha})", hex::encode(report.input_sha256)),
+            )
         }
-        Some(sha) => record(
+        None => return record(false, "pond issued no input bundle for this run".into()),
+    };
+    if crate::pool::output_digest(stored) != report.output_sha256 {
+        let names: Vec<&str> = stored.keys().map(String::as_str).collect();
+        return record(
             false,
-            format!("input_sha256 {} is not the bundle pond issued ({sha})", hex::encode(report.input_sha256)),
-        ),
-        None => record(false, "pond issued no input bundle for this run".into()),
+            format!(
+                "the signed output manifest does not match the {} artifact(s) pond stored for this attempt ({}): an output was changed, added or lost on the way",
+                stored.len(),
+                names.join(", ")
+            ),
+        );
     }
+    record(true, format!("signed by {fingerprint}, input {}, {} output(s) as stored", &sha[..12], stored.len()))
 }
 
 fn unwrap_rejected(e: StoreError) -> CoreError {

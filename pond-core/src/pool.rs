@@ -53,6 +53,16 @@ impl MemberKind {
     }
 }
 
+/// What an enrollment code lets its worker be: the tags pinned on it (all, or the subset it
+/// asks for) and the capability patterns its declared capabilities must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Capability patterns.
+    pub capabilities: Vec<String>,
+}
+
 /// A one-time enrollment code, as stored (the code itself only as its SHA-256).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrollCode {
@@ -62,6 +72,10 @@ pub struct EnrollCode {
     pub role: MemberKind,
     /// Tags pinned on the worker that redeems it.
     pub tags: Vec<String>,
+    /// Capability patterns (`harness.*`, `sandbox.oci`) the redeeming worker may declare; it
+    /// is refused if it declares one no pattern matches. Codes made before this field grant none.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
     /// The worker fingerprint (see [`worker_fingerprint`]) its keys must produce, if set.
     pub fingerprint: Option<String>,
     /// When it was made.
@@ -187,6 +201,9 @@ pub enum PoolError {
     /// The worker asked for a tag the code does not grant.
     #[error("tag `{0}` is not granted by the enrollment code (tags are pinned by the operator)")]
     TagNotGranted(String),
+    /// The worker declared a capability the code does not grant.
+    #[error("capability `{0}` is not granted by the enrollment code (capabilities are pinned by the operator: `pond admin enroll create --worker --capabilities …`)")]
+    CapabilityNotGranted(String),
     /// A malformed field.
     #[error("{field}: {reason}")]
     Invalid {
@@ -387,16 +404,25 @@ impl Pools {
         secret: &str,
         pool: &str,
         role: MemberKind,
-        tags: Vec<String>,
+        grants: Grants,
         fingerprint: Option<String>,
         ttl: Millis,
     ) -> Result<EnrollCode, PoolError> {
+        let Grants { tags, capabilities } = grants;
         if !valid_tag(pool) || pool.contains(':') {
             return Err(invalid("pool", format!("`{pool}` is not a valid pool name (letters, digits, `._-`)")));
         }
         check_tags("tags", &tags)?;
-        if role == MemberKind::Orchestrator && (!tags.is_empty() || fingerprint.is_some()) {
-            return Err(invalid("role", "tags and fingerprints belong on worker codes"));
+        for (i, pattern) in capabilities.iter().enumerate() {
+            if !crate::definition::valid_capability_pattern(pattern) {
+                return Err(invalid(
+                    &format!("capabilities[{i}]"),
+                    format!("`{pattern}` is not a valid capability pattern (letters, digits, `._-`, `*`, `?`)"),
+                ));
+            }
+        }
+        if role == MemberKind::Orchestrator && (!tags.is_empty() || !capabilities.is_empty() || fingerprint.is_some()) {
+            return Err(invalid("role", "tags, capabilities and fingerprints belong on worker codes"));
         }
         if let Some(fp) = &fingerprint {
             if !fp.starts_with("SHA256:") || fp.len() != 50 {
@@ -414,6 +440,7 @@ impl Pools {
             pool: pool.to_string(),
             role,
             tags,
+            capabilities,
             fingerprint,
             created_at: now,
             expires_at: now.plus(ttl),
@@ -534,6 +561,7 @@ impl Pools {
             draining: false,
         };
         let requested = tags.clone();
+        let declared = member.capabilities.clone();
         let check = |code: &EnrollCode| {
             if code.pool != orchestrator.pool {
                 return Err(PoolError::WrongPool { code: code.pool.clone(), orchestrator: orchestrator.pool.clone() });
@@ -549,6 +577,11 @@ impl Pools {
             for tag in requested.iter().flatten() {
                 if !code.tags.contains(tag) {
                     return Err(PoolError::TagNotGranted(tag.clone()));
+                }
+            }
+            for cap in &declared {
+                if !code.capabilities.iter().any(|pattern| crate::routing::glob_match(pattern, cap)) {
+                    return Err(PoolError::CapabilityNotGranted(cap.clone()));
                 }
             }
             Ok(())

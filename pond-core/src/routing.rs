@@ -56,7 +56,7 @@ pub fn requirements(project_id: &str, tier: Tier, tags: &[String], capabilities:
         }
         Tier::Byo => {
             required.insert("pool:byo".into());
-            required.insert(format!("tenant:{project_id}"));
+            required.insert(tenant_tag(project_id));
         }
         Tier::Any => {}
     }
@@ -80,9 +80,21 @@ pub fn stage_requirements(project_id: &str, executor: &ExecutorSpec) -> Option<R
 /// tier, which also pins the tenant), never another tenant's general work.
 pub const BYO_TAG: &str = "pool:byo";
 
-/// Whether `worker` may run a job with `required`.
-pub fn admits(required: &Requirements, worker: &WorkerOffer) -> bool {
-    (!worker.tags.contains(BYO_TAG) || required.tags.contains(BYO_TAG))
+/// The tag that pins a host to one tenant (project).
+pub fn tenant_tag(project_id: &str) -> String {
+    format!("tenant:{project_id}")
+}
+
+/// Whether `worker` may run a job of `project_id` with `required`.
+///
+/// The tenant rule does not trust `required` alone: a bring-your-own host (`pool:byo`) takes a
+/// job only if the job asks for `pool:byo` **and** the host is pinned to the job's own project
+/// (`tenant:<project_id>`), whatever tags the job carries. The stores' claim statements and the
+/// worker itself (before it runs anything) apply the same rule.
+pub fn admits(required: &Requirements, project_id: &str, worker: &WorkerOffer) -> bool {
+    let byo_ok = !worker.tags.contains(BYO_TAG)
+        || (required.tags.contains(BYO_TAG) && worker.tags.contains(&tenant_tag(project_id)));
+    byo_ok
         && required.tags.is_subset(&worker.tags)
         && required.capabilities.iter().all(|pattern| worker.capabilities.iter().any(|c| glob_match(pattern, c)))
 }
@@ -151,6 +163,9 @@ mod tests {
         let byo_acme = offer(&["pool:byo", "tenant:acme"], &["harness.claude"]);
         let byo_globex = offer(&["pool:byo", "tenant:globex"], &["harness.claude", "harness.codex"]);
         let untagged = offer(&[], &["harness.codex"]);
+        // Requirements a stage's row could carry if someone other than `requirements` wrote
+        // them (an old row, a hand-edited database): tags naming another tenant.
+        let forged = |tags: &[&str]| Requirements { tags: set(tags), capabilities: Vec::new() };
         let cases: Vec<(&str, Requirements, &WorkerOffer, bool)> = vec![
             ("any tier, no needs: anyone", requirements("acme", Tier::Any, &[], &[]), &untagged, true),
             ("trusted needs pool:trusted", requirements("acme", Tier::Trusted, &[], &[]), &untagged, false),
@@ -171,7 +186,7 @@ mod tests {
             ("byo never to the trusted pool", requirements("acme", Tier::Byo, &[], &[]), &trusted_codex, false),
             ("a byo host takes no general work", requirements("acme", Tier::Any, &[], &[]), &byo_acme, false),
             ("general work goes to general workers", requirements("acme", Tier::Any, &[], &[]), &untagged, true),
-            ("capability missing", requirements("globex", Tier::Byo, &[], &["sandbox.oci".into()]), &byo_globex, false),
+            ("capability missing", requirements("acme", Tier::Byo, &[], &["sandbox.oci".into()]), &byo_acme, false),
             (
                 "every capability must match",
                 requirements("x", Tier::Any, &[], &["harness.codex".into(), "sandbox.*".into()]),
@@ -186,7 +201,40 @@ mod tests {
             ),
         ];
         for (what, req, worker, want) in cases {
-            assert_eq!(admits(&req, worker), want, "{what}: {req:?} vs {worker:?}");
+            assert_eq!(admits(&req, "acme", worker), want, "{what}: {req:?} vs {worker:?}");
+        }
+        // A job of project acme never reaches globex's host, whatever tags it carries.
+        for tags in [&["pool:byo", "tenant:globex"][..], &["pool:byo"], &["tenant:globex"], &[]] {
+            assert!(!admits(&forged(tags), "acme", &byo_globex), "{tags:?}");
+        }
+        assert!(admits(&forged(&["pool:byo"]), "globex", &byo_globex));
+        assert!(!admits(&forged(&["tenant:globex"]), "globex", &byo_globex), "a byo host takes only byo work");
+    }
+
+    /// Every tier × project × kind of host, against the rule as the README states it.
+    #[test]
+    fn tenant_rule_over_every_tier_and_host() {
+        let hosts = [
+            ("untagged", offer(&[], &[])),
+            ("trusted", offer(&["pool:trusted"], &[])),
+            ("byo acme", offer(&["pool:byo", "tenant:acme"], &[])),
+            ("byo globex", offer(&["pool:byo", "tenant:globex"], &[])),
+            ("byo of no tenant", offer(&["pool:byo"], &[])),
+            ("byo of both", offer(&["pool:byo", "tenant:acme", "tenant:globex", "pool:trusted"], &[])),
+        ];
+        for tier in [Tier::Any, Tier::Trusted, Tier::Byo] {
+            for project in ["acme", "globex", "initech"] {
+                for (host, worker) in &hosts {
+                    let byo_host = worker.tags.contains(BYO_TAG);
+                    let want = match tier {
+                        Tier::Byo => byo_host && worker.tags.contains(&tenant_tag(project)),
+                        Tier::Trusted => !byo_host && worker.tags.contains("pool:trusted"),
+                        Tier::Any => !byo_host,
+                    };
+                    let required = requirements(project, tier, &[], &[]);
+                    assert_eq!(admits(&required, project, worker), want, "{tier:?} job of {project} on {host}");
+                }
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use pond_core::attest::Attestation;
 use pond_core::engine::{Engine, EngineConfig, JobReport, SubmitRequest};
 use pond_core::exec::{Workspace, Workspaces};
 use pond_core::ids::RunId;
-use pond_core::pool::{worker_fingerprint, JobId, MemberKind, PoolError, PoolMember, Pools, WorkerKeys};
+use pond_core::pool::{worker_fingerprint, Grants, JobId, MemberKind, PoolError, PoolMember, Pools, WorkerKeys};
 use pond_core::run::{Run, StageOutcome, StageState};
 use pond_core::store::{Claim, Store};
 use pond_core::time::{FakeClock, Millis, Timestamp};
@@ -56,14 +56,14 @@ fn keys(n: u8) -> (WorkerKeys, [u8; 32]) {
 const HOUR: Millis = Millis::from_secs(3600);
 
 async fn orchestrator(w: &World, pool: &str) -> PoolMember {
-    w.pools.create_code("orch-code", pool, MemberKind::Orchestrator, vec![], None, HOUR).await.unwrap();
+    w.pools.create_code("orch-code", pool, MemberKind::Orchestrator, Grants::default(), None, HOUR).await.unwrap();
     w.pools.enroll_orchestrator("orch-code", "orch-1".into(), "orch", "orch-token").await.unwrap()
 }
 
 async fn worker(w: &World, orch: &PoolMember, n: u8, tags: &[&str]) -> (PoolMember, [u8; 32]) {
     let code = format!("code-{n}");
     let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
-    w.pools.create_code(&code, &orch.pool, MemberKind::Worker, tags, None, HOUR).await.unwrap();
+    w.pools.create_code(&code, &orch.pool, MemberKind::Worker, Grants { tags, capabilities: vec![] }, None, HOUR).await.unwrap();
     let (k, seed) = keys(n);
     let m = w
         .pools
@@ -86,7 +86,8 @@ async fn codes_are_one_time_expiring_and_bound_to_the_pinned_fingerprint() {
     let (other, _) = keys(2);
     let fp = worker_fingerprint(&good);
     let tags = vec!["pool:byo".to_string(), "tenant:acme".to_string()];
-    w.pools.create_code("w1", "byo-acme", MemberKind::Worker, tags.clone(), Some(fp.clone()), HOUR).await.unwrap();
+    let grants = Grants { tags: tags.clone(), capabilities: vec!["harness.*".into()] };
+    w.pools.create_code("w1", "byo-acme", MemberKind::Worker, grants, Some(fp.clone()), HOUR).await.unwrap();
     // The wrong keys are refused, and do not use up the code.
     let wrong = w.pools.enroll_worker(&orch, "w1", "wrk-x".into(), "x", other, None, vec![], "tx").await;
     assert!(matches!(wrong, Err(PoolError::FingerprintMismatch { .. })), "{wrong:?}");
@@ -94,11 +95,17 @@ async fn codes_are_one_time_expiring_and_bound_to_the_pinned_fingerprint() {
     let greedy = Some(vec!["tenant:globex".to_string()]);
     let wider = w.pools.enroll_worker(&orch, "w1", "wrk-x".into(), "x", good, greedy, vec![], "tx").await;
     assert!(matches!(wider, Err(PoolError::TagNotGranted(ref t)) if t == "tenant:globex"), "{wider:?}");
+    // Declaring a capability the code does not grant is refused (a worker cannot claim to
+    // have a sandbox, or a harness, that its operator did not pin).
+    let oci = vec!["harness.codex".to_string(), "sandbox.oci".to_string()];
+    let claims_more = w.pools.enroll_worker(&orch, "w1", "wrk-x".into(), "x", good, None, oci, "tx").await;
+    assert!(matches!(claims_more, Err(PoolError::CapabilityNotGranted(ref c)) if c == "sandbox.oci"), "{claims_more:?}");
     // The right keys enroll; both are pinned; the tags are the code's.
     let caps = vec!["harness.codex".to_string()];
     let m = w.pools.enroll_worker(&orch, "w1", "wrk-1".into(), "box", good, None, caps, "t1").await.unwrap();
     assert_eq!(m.fingerprint.as_deref(), Some(fp.as_str()));
     assert_eq!(m.tags, tags);
+    assert_eq!(m.capabilities, vec!["harness.codex".to_string()]);
     assert_eq!(m.signing_key_bytes(), Some(good.signing));
     assert_eq!(w.pools.authenticate("t1").await.unwrap().map(|m| m.id), Some("wrk-1".into()));
     assert_eq!(w.pools.authenticate("forged").await.unwrap(), None);
@@ -107,19 +114,19 @@ async fn codes_are_one_time_expiring_and_bound_to_the_pinned_fingerprint() {
     assert!(matches!(again, Err(PoolError::CodeUsed)), "{again:?}");
 
     // Expiry, role and pool are enforced.
-    w.pools.create_code("late", "byo-acme", MemberKind::Worker, vec![], None, Millis::from_secs(60)).await.unwrap();
+    w.pools.create_code("late", "byo-acme", MemberKind::Worker, Grants::default(), None, Millis::from_secs(60)).await.unwrap();
     w.clock.advance(Millis::from_secs(61));
     let late = w.pools.enroll_worker(&orch, "late", "wrk-z".into(), "z", good, None, vec![], "tz").await;
     assert!(matches!(late, Err(PoolError::CodeExpired(_))), "{late:?}");
-    w.pools.create_code("for-worker", "byo-acme", MemberKind::Worker, vec![], None, HOUR).await.unwrap();
+    w.pools.create_code("for-worker", "byo-acme", MemberKind::Worker, Grants::default(), None, HOUR).await.unwrap();
     let role = w.pools.enroll_orchestrator("for-worker", "orch-3".into(), "o", "to").await;
     assert!(matches!(role, Err(PoolError::WrongRole { .. })), "{role:?}");
-    w.pools.create_code("globex", "byo-globex", MemberKind::Worker, vec![], None, HOUR).await.unwrap();
+    w.pools.create_code("globex", "byo-globex", MemberKind::Worker, Grants::default(), None, HOUR).await.unwrap();
     let pool = w.pools.enroll_worker(&orch, "globex", "wrk-g".into(), "g", good, None, vec![], "tg").await;
     assert!(matches!(pool, Err(PoolError::WrongPool { .. })), "{pool:?}");
     // A low-order X25519 key is refused.
     let low = WorkerKeys { sealing: [0; 32], ..good };
-    w.pools.create_code("low", "byo-acme", MemberKind::Worker, vec![], None, HOUR).await.unwrap();
+    w.pools.create_code("low", "byo-acme", MemberKind::Worker, Grants::default(), None, HOUR).await.unwrap();
     let refused = w.pools.enroll_worker(&orch, "low", "wrk-l".into(), "l", low, None, vec![], "tl").await;
     assert!(matches!(refused, Err(PoolError::Invalid { ref field, .. }) if field == "sealing_key"), "{refused:?}");
 }
@@ -136,9 +143,22 @@ async fn submit_pooled(w: &World, project: &str, tier: &str) -> RunId {
     w.engine.submit(request).await.unwrap().snapshot.run.id
 }
 
+/// A result for `claim` signed with `seed`, claiming no outputs.
 fn sign(claim: &Claim, input_sha: [u8; 32], outcome: StageOutcome, seed: &[u8; 32]) -> (JobId, JobReport) {
+    sign_outputs(claim, input_sha, outcome, seed, &[])
+}
+
+/// A result whose signed manifest lists `outputs` (name, bytes).
+fn sign_outputs(
+    claim: &Claim,
+    input_sha: [u8; 32],
+    outcome: StageOutcome,
+    seed: &[u8; 32],
+    outputs: &[(&str, &[u8])],
+) -> (JobId, JobReport) {
     let job = JobId { run: claim.run.id, stage: claim.stage.key.clone(), attempt: claim.stage.attempt };
-    let output = [7u8; 32];
+    let manifest = outputs.iter().map(|(n, b)| (n.to_string(), hex::encode(Sha256::digest(b)))).collect();
+    let output = pond_core::pool::output_digest(&manifest);
     let rc = JobReport::rc(&outcome);
     let a = Attestation { job_id: job.to_string(), input_sha256: input_sha, output_sha256: output, rc };
     let signature = a.sign(seed).unwrap();
@@ -171,14 +191,17 @@ async fn tenants_only_see_their_jobs_and_results_are_verified_or_flagged() {
     let (job, good) = sign(&claims[0], issued, StageOutcome::Succeeded, &acme_seed);
     let stolen = w.engine.complete_job(&job, &globex, &good).await;
     assert!(matches!(stolen, Err(CoreError::StaleAttempt { .. })), "{stolen:?}");
-    // A result signed with another key is applied but flagged.
+    // A result signed with another key fails the stage (attestation `required`, the default),
+    // and is kept flagged.
     let (_, forged) = sign(&claims[0], issued, StageOutcome::Succeeded, &globex_seed);
     let done = w.engine.complete_job(&job, &acme, &forged).await.unwrap();
     let attempt = done.attempts.iter().find(|a| a.stage_key == "job").unwrap();
     let record = attempt.attestation.clone().unwrap();
     assert!(!record.verified, "{record:?}");
     assert!(record.detail.contains("does not verify"), "{record:?}");
-    assert_eq!(done.stage("job").unwrap().state, StageState::Succeeded);
+    assert_eq!(done.stage("job").unwrap().state, StageState::Failed);
+    let error = done.stage("job").unwrap().error.clone().unwrap_or_default();
+    assert!(error.contains("not verified") && error.contains("attestation policy `required`"), "{error}");
     // Replaying the good result now is refused: the attempt no longer holds the stage.
     let replay = w.engine.complete_job(&job, &acme, &good).await;
     assert!(matches!(replay, Err(CoreError::StaleAttempt { .. })), "{replay:?}");
@@ -192,6 +215,7 @@ async fn tenants_only_see_their_jobs_and_results_are_verified_or_flagged() {
     let done = w.engine.complete_job(&job2, &acme, &other_input).await.unwrap();
     let record = done.attempts[0].attestation.clone().unwrap();
     assert!(!record.verified && record.detail.contains("not the bundle pond issued"), "{record:?}");
+    assert_eq!(done.stage("job").unwrap().state, StageState::Failed);
 
     // A good one verifies.
     let run3 = submit_pooled(&w, "acme", "byo").await;
@@ -205,6 +229,66 @@ async fn tenants_only_see_their_jobs_and_results_are_verified_or_flagged() {
     assert!(done.attempts[0].attestation.as_ref().unwrap().verified, "{:?}", done.attempts[0]);
     assert_eq!(done.stage("job").unwrap().exit_code, Some(3));
     let _ = trusted_run;
+}
+
+/// The signed manifest must equal what pond stored for the attempt: a changed, extra or
+/// missing artifact (an orchestrator relaying uploads swapped one) fails verification.
+#[tokio::test]
+async fn results_verify_only_if_the_signed_manifest_is_what_was_stored() {
+    let w = world();
+    let orch = orchestrator(&w, "p").await;
+    let (acme, seed) = worker(&w, &orch, 1, &["pool:byo", "tenant:acme"]).await;
+    // Each case: what the worker signed, what reached pond's store, whether it verifies.
+    let cases: Vec<(&str, Vec<(&str, &[u8])>, Vec<(&str, &[u8])>, bool)> = vec![
+        ("as signed", vec![("a.txt", b"PASS")], vec![("a.txt", b"PASS")], true),
+        ("swapped bytes", vec![("a.txt", b"PASS")], vec![("a.txt", b"FAIL")], false),
+        ("extra artifact", vec![("a.txt", b"PASS")], vec![("a.txt", b"PASS"), ("b.txt", b"x")], false),
+        ("missing artifact", vec![("a.txt", b"PASS"), ("b.txt", b"x")], vec![("a.txt", b"PASS")], false),
+        ("renamed", vec![("a.txt", b"PASS")], vec![("c.txt", b"PASS")], false),
+    ];
+    for (what, signed, stored, verifies) in cases {
+        submit_pooled(&w, "acme", "byo").await;
+        let claim = w.engine.claim_for_worker(&acme, 1).await.unwrap().remove(0);
+        let input = w.engine.job_input(&claim).await.unwrap();
+        let sha: [u8; 32] = hex::decode(&input.sha256).unwrap().try_into().unwrap();
+        let (job, report) = sign_outputs(&claim, sha, StageOutcome::Succeeded, &seed, &signed);
+        for (name, bytes) in &stored {
+            w.engine.job_artifact(&job, &claim.run, name, bytes).await.unwrap();
+        }
+        let done = w.engine.complete_job(&job, &acme, &report).await.unwrap();
+        let record = done.attempts[0].attestation.clone().unwrap();
+        assert_eq!(record.verified, verifies, "{what}: {record:?}");
+        let state = done.stage("job").unwrap().state;
+        assert_eq!(state, if verifies { StageState::Succeeded } else { StageState::Failed }, "{what}");
+        if !verifies {
+            assert!(record.detail.contains("does not match"), "{what}: {record:?}");
+        }
+    }
+}
+
+/// `"attestation": "record"` keeps an unverified result applied (flagged), as an opt-out.
+#[tokio::test]
+async fn the_record_policy_applies_an_unverified_result_flagged() {
+    let w = world();
+    let orch = orchestrator(&w, "p").await;
+    let (acme, _) = worker(&w, &orch, 1, &["pool:byo", "tenant:acme"]).await;
+    let definition = json!({"stages":[{"key":"job","attestation":"record",
+        "executor":{"kind":"shell","argv":["true"],"placement":"pool","sandbox":{"tier":"byo"}}}]});
+    let request = SubmitRequest {
+        project_id: "acme".into(),
+        definition: serde_json::from_value(definition).unwrap(),
+        sources: vec![],
+        idempotency_key: None,
+        recipients: vec![],
+    };
+    w.engine.submit(request).await.unwrap();
+    let claim = w.engine.claim_for_worker(&acme, 1).await.unwrap().remove(0);
+    let input = w.engine.job_input(&claim).await.unwrap();
+    let sha: [u8; 32] = hex::decode(&input.sha256).unwrap().try_into().unwrap();
+    let (job, forged) = sign(&claim, sha, StageOutcome::Succeeded, &[42; 32]);
+    let done = w.engine.complete_job(&job, &acme, &forged).await.unwrap();
+    assert!(!done.attempts[0].attestation.as_ref().unwrap().verified);
+    assert_eq!(done.stage("job").unwrap().state, StageState::Succeeded);
 }
 
 #[tokio::test]

@@ -37,6 +37,37 @@ pub struct WorkerConfig {
     pub drain: Duration,
     /// Largest input bundle, and the most it may unpack to.
     pub max_input_bytes: u64,
+    /// The tags and capabilities the operator pinned this worker to at enrollment. The worker
+    /// checks every job against them (the same rule pond's claim applies) before it runs
+    /// anything, so a job that should never have reached it — another tenant's — is refused here
+    /// too.
+    pub pinned: pond_core::routing::WorkerOffer,
+    /// Run `none`-profile stages (a host process of this worker's user) even on a
+    /// bring-your-own host. Off by default there: such a stage could read what this worker's
+    /// user can. (The operator's `--allow-unconfined`.)
+    pub allow_unconfined: bool,
+}
+
+impl WorkerConfig {
+    /// Why this worker will not run `stage` of a run of `project_id`, if it will not.
+    pub fn refusal(&self, project_id: &str, stage: &pond_core::definition::StageDef) -> Option<String> {
+        use pond_core::routing;
+        let required = routing::stage_requirements(project_id, &stage.executor)?;
+        if !routing::admits(&required, project_id, &self.pinned) {
+            return Some(format!(
+                "refused by the worker: a job of project `{project_id}` needing tags {:?} and capabilities {:?} is not for a worker pinned to {:?}",
+                required.tags, required.capabilities, self.pinned.tags
+            ));
+        }
+        let unconfined = stage.executor.sandbox().is_none_or(|s| s.profile == pond_core::definition::SandboxProfile::None);
+        if unconfined && self.pinned.tags.contains(routing::BYO_TAG) && !self.allow_unconfined {
+            return Some(
+                "refused by the worker: a bring-your-own host runs only sandboxed stages (`executor.sandbox.profile`: `untrusted-code-read` or `untrusted-code-write`) unless its operator starts it with --allow-unconfined"
+                    .into(),
+            );
+        }
+        None
+    }
 }
 
 /// What a worker did.
@@ -244,6 +275,13 @@ impl Worker {
         stop: &StopHandle,
     ) -> (StageOutcome, [u8; 32]) {
         let failed = |error: String| StageOutcome::Failed { error, exit_code: None };
+        // Before anything of the job is fetched or run: is it for this worker at all?
+        if let Some(stage) = job.run.definition.stages.iter().find(|s| s.key == job.id.stage) {
+            if let Some(why) = self.config.refusal(&job.run.project_id, stage) {
+                tracing::warn!(job = %job.id, "{why}");
+                return (failed(why), [0; 32]);
+            }
+        }
         let input = match self.client.input(&job.id).await {
             // Sealed to this worker (format (b)): open it; refuse an input that came in clear.
             Ok((sealed, Some(sidecar))) => {
@@ -289,6 +327,7 @@ impl Worker {
         let Some(stage) = job.run.definition.stages.iter().find(|s| s.key == job.id.stage) else {
             return (failed(format!("the run has no stage `{}`", job.id.stage)), input_sha);
         };
+
         // Credentials: opened only if sealed to this worker, for this job, and not expired;
         // they reach the process as environment variables and nothing else.
         let mut stage = stage.clone();

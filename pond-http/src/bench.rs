@@ -362,6 +362,7 @@ fn worker_code(admin: &Client, pool: &str) -> Result<String, ClientError> {
         pool: pool.into(),
         role: Some("worker".into()),
         tags: Vec::new(),
+        capabilities: Vec::new(),
         fingerprint: None,
         ttl: None,
     };
@@ -380,11 +381,17 @@ fn identity(n: u64) -> pond_core::keys::WorkerIdentity {
     )
 }
 
-fn enroll_fake(admin: &Client, orchestrator: &str, n: u64) -> Result<String, ClientError> {
+/// Enrolls a worker with a fresh code; returns its token and what it was pinned to.
+fn enroll_fake(
+    admin: &Client,
+    orchestrator: &str,
+    n: u64,
+) -> Result<(String, pond_core::routing::WorkerOffer), ClientError> {
     let identity = identity(n);
     let code = worker_code(admin, "bench")?;
     let request = crate::pool_client::enroll_request(&code, &format!("bench-{n}"), &identity, None, vec![]);
-    Ok(crate::pool_client::HttpWorkerClient::enroll(orchestrator, &request)?.token)
+    let enrolled = crate::pool_client::HttpWorkerClient::enroll(orchestrator, &request)?;
+    Ok((enrolled.token, enrolled.member.offer()))
 }
 
 /// The pool benchmark: a `pond server` and a `pond orchestrator` as child processes of `exe`,
@@ -412,6 +419,7 @@ pub fn pool(
             pool: "bench".into(),
             role: None,
             tags: Vec::new(),
+            capabilities: Vec::new(),
             fingerprint: None,
             ttl: None,
         })?
@@ -428,7 +436,7 @@ pub fn pool(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for n in 0..workers {
-        let token = enroll_fake(&admin, &orch.url, n as u64)?;
+        let (token, pinned) = enroll_fake(&admin, &orch.url, n as u64)?;
         let client: std::sync::Arc<dyn pond_core::pool::WorkerClient> = std::sync::Arc::new(Timed {
             inner: crate::pool_client::worker_client(&orch.url, &token),
             received: received_tx.clone(),
@@ -439,6 +447,8 @@ pub fn pool(
             claim_wait: Duration::from_secs(20),
             drain: Duration::from_secs(1),
             max_input_bytes: 1 << 30,
+            pinned,
+            allow_unconfined: false,
         };
         let worker = pond_exec::Worker::new(client, identity(n as u64), config)
             .with_executor(std::sync::Arc::new(pond_exec::NoopExecutor));
@@ -482,7 +492,7 @@ pub fn pool(
     let rss_before_kib = (server.rss_kib(), orch.rss_kib());
     let mut tokens = Vec::with_capacity(idle_workers);
     for n in 0..idle_workers {
-        tokens.push(enroll_fake(&admin, &orch.url, 10_000 + n as u64)?);
+        tokens.push(enroll_fake(&admin, &orch.url, 10_000 + n as u64)?.0);
     }
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let pollers: Vec<_> = tokens

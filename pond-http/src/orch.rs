@@ -113,7 +113,8 @@ impl From<PoolError> for ApiError {
             PoolError::WrongRole { .. }
             | PoolError::WrongPool { .. }
             | PoolError::FingerprintMismatch { .. }
-            | PoolError::TagNotGranted(_) => ApiError::Forbidden(e.to_string()),
+            | PoolError::TagNotGranted(_)
+            | PoolError::CapabilityNotGranted(_) => ApiError::Forbidden(e.to_string()),
             PoolError::NoMember(_) => ApiError::NotFound(e.to_string()),
             PoolError::Store(s) => s.into(),
             other => ApiError::Internal(other.to_string()),
@@ -197,7 +198,8 @@ async fn create_code(
     };
     let secret = random_secret("pond_enroll_");
     let ttl = req.ttl.unwrap_or(Millis::from_secs(3600));
-    let code = state.pools.create_code(&secret, &req.pool, role, req.tags, req.fingerprint, ttl).await?;
+    let grants = pond_core::pool::Grants { tags: req.tags, capabilities: req.capabilities };
+    let code = state.pools.create_code(&secret, &req.pool, role, grants, req.fingerprint, ttl).await?;
     Ok((
         axum::http::StatusCode::CREATED,
         Json(CodeCreated {
@@ -205,6 +207,7 @@ async fn create_code(
             pool: code.pool,
             role: role.as_str().into(),
             tags: code.tags,
+            capabilities: code.capabilities,
             fingerprint: code.fingerprint,
             expires_at: code.expires_at.to_rfc3339(),
         }),

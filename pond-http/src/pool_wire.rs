@@ -24,6 +24,10 @@ pub struct CreateCode {
     /// Tags pinned on the worker that redeems it.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Capability patterns the worker may declare (`harness.*`, `sandbox.oci`); a worker
+    /// declaring one no pattern matches is refused (403).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
     /// Expected worker fingerprint (`pond fingerprint`).
     #[serde(default)]
     pub fingerprint: Option<String>,
@@ -43,6 +47,9 @@ pub struct CodeCreated {
     pub role: String,
     /// Pinned tags.
     pub tags: Vec<String>,
+    /// Granted capability patterns.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
     /// Expected fingerprint.
     pub fingerprint: Option<String>,
     /// Expiry (RFC 3339).

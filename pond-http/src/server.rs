@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub allow_local_sources: Vec<PathBuf>,
     /// Allow `http://` git remotes.
     pub allow_plain_http_git: bool,
+    /// Tag prefixes the operator reserves beyond `pool:` and `tenant:` (`--reserved-tag-prefix`).
+    pub reserved_tag_prefixes: Vec<String>,
     /// Request limits.
     pub limits: Limits,
     /// Host variables passed to `shell` stages besides the defaults.
@@ -81,6 +83,7 @@ impl ServerConfig {
             poll: Duration::from_millis(500),
             allow_local_sources: Vec::new(),
             allow_plain_http_git: false,
+            reserved_tag_prefixes: Vec::new(),
             limits: Limits::default(),
             shell_env_allow: Vec::new(),
             kill_grace: Duration::from_secs(10),
@@ -300,6 +303,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             local_roots: config.allow_local_sources.clone(),
             allow_plain_http_git: config.allow_plain_http_git,
         },
+        reserved_tag_prefixes: config.reserved_tag_prefixes.clone(),
     };
     let shell_executor = Arc::new(ShellExecutor::new(shell, config.sandbox.clone()));
     let engine = Arc::new(

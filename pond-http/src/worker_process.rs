@@ -38,6 +38,8 @@ pub struct WorkerProcessConfig {
     pub shell_env_allow: Vec<String>,
     /// Contains `shell` jobs.
     pub sandbox: Arc<dyn pond_core::sandbox::SandboxBackend>,
+    /// Let a bring-your-own host run `none`-profile stages (`--allow-unconfined`).
+    pub allow_unconfined: bool,
 }
 
 /// Why a worker could not start.
@@ -138,6 +140,8 @@ pub fn prepare(config: &WorkerProcessConfig) -> Result<PreparedWorker, WorkerSet
         claim_wait: Duration::from_secs(20),
         drain: config.drain,
         max_input_bytes: 2 * 1024 * 1024 * 1024,
+        pinned: credential.member.offer(),
+        allow_unconfined: config.allow_unconfined,
     };
     // The orchestrator URL given now wins over the saved one (it may have moved).
     let pond_key = credential.pond_key.as_deref().ok_or_else(|| WorkerSetupError::Io {

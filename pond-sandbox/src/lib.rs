@@ -1,15 +1,19 @@
 //! pond-sandbox: implementations of `pond_core::sandbox::SandboxBackend`.
 //!
-//! Today: [`HostBackend`], the `none` profile (a plain host process; local development only),
-//! and [`egress::EgressProxy`], the allowlist proxy confined profiles will reach the network
-//! through.
-//! It refuses every confined profile, so a stage that asks for confinement fails closed. The
-//! OCI backend on youki's libcontainer is the sandbox issue's work.
+//! - [`HostBackend`]: the `none` profile (a plain host process); it refuses every confined
+//!   profile, so a stage that asks for confinement fails closed where nothing else is set up.
+//! - `oci` (Linux): `untrusted-code-read` and `untrusted-code-write` on youki's libcontainer,
+//!   with the seccomp policy of `seccomp` compiled in pure Rust.
+//! - [`egress`]: the allowlist proxy confined sandboxes reach the network through.
 #![deny(missing_docs)]
 
+#[cfg(target_os = "linux")]
 pub mod bench;
 pub mod egress;
+#[cfg(target_os = "linux")]
 pub mod oci;
+#[cfg(target_os = "linux")]
+pub mod seccomp;
 
 use pond_core::definition::SandboxProfile;
 use pond_core::sandbox::{CommandSpec, SandboxBackend, SandboxError, SandboxRequest, Wrapped};

@@ -431,6 +431,9 @@ impl<'a> Sandbox<'a> {
             // Processes the container leaves behind are re-parented to us, not to the host's init.
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
         }
+        // The process that started us (the server or worker running the stage): if it dies,
+        // so does the sandbox, at once, rather than run on without anyone to take its output.
+        let parent = pidfd_of_parent()?;
         note_stop_signals();
         let host_netns =
             File::open("/proc/self/ns/net").map_err(|e| format!("opening the host network namespace: {e}"))?;
@@ -474,6 +477,7 @@ impl<'a> Sandbox<'a> {
             .map_err(|e| format!("writing config.json: {e}"))?;
         self.mark("bundle");
 
+        let seccomp_filters = crate::seccomp::programs()?;
         let stdout = dup_fd(1)?;
         let stderr = dup_fd(2)?;
         let stdin = File::open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
@@ -486,6 +490,7 @@ impl<'a> Sandbox<'a> {
             .with_stderr(stderr)
             .validate_id()
             .map_err(|e| format!("container id: {e}"))?
+            .with_executor(ConfinedExecutor { filters: seccomp_filters.clone() })
             .as_init(&self.bundle)
             .with_systemd(false)
             .with_detach(true)
@@ -508,7 +513,7 @@ impl<'a> Sandbox<'a> {
         if proxy.is_some() || !forwards.is_empty() {
             spawn_network_thread(host_netns, proxy, forwards);
         }
-        let status = wait_for(pid, signals.as_raw_fd(), spec.limits.timeout_secs, report)?;
+        let status = wait_for(pid, signals.as_raw_fd(), parent.as_raw_fd(), spec.limits.timeout_secs, report)?;
         self.mark("start+wait");
         if libc::WIFEXITED(status) {
             report.exit_code = Some(libc::WEXITSTATUS(status));
@@ -644,7 +649,10 @@ pub fn comparison_bundle(dir: &Path, argv: &[&str]) -> Result<(), String> {
     mounts.push(json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
         "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]}));
     let spec = HelperSpec::plain("comparison", dir, argv, dir.join("report.json"));
-    let config = oci_config(&spec, &mounts, false, None, "/pond-sandbox/comparison");
+    let mut config = oci_config(&spec, &mounts, false, None, "/pond-sandbox/comparison");
+    // Pond applies its filter from the container's init (see `ConfinedExecutor`); other
+    // runtimes get the same policy in the bundle.
+    config["linux"]["seccomp"] = crate::seccomp::oci_profile();
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap_or_default())
         .map_err(|e| format!("writing config.json: {e}"))
 }
@@ -723,88 +731,38 @@ fn oci_config(
                 "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
                 "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware"
             ],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
-            "seccomp": seccomp_profile()
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
         }
     })
 }
 
-/// Allows everything but what a contained command has no business doing: new namespaces,
-/// mounts, tracing other processes, kernel modules and keyrings, BPF, perf, and the like.
-/// Other architectures' system calls (32-bit entry points) kill the process.
-fn seccomp_profile() -> serde_json::Value {
-    let denied = [
-        "unshare",
-        "setns",
-        "mount",
-        "umount",
-        "umount2",
-        "pivot_root",
-        "chroot",
-        "ptrace",
-        "process_vm_readv",
-        "process_vm_writev",
-        "kexec_load",
-        "kexec_file_load",
-        "init_module",
-        "finit_module",
-        "delete_module",
-        "bpf",
-        "perf_event_open",
-        "keyctl",
-        "add_key",
-        "request_key",
-        "userfaultfd",
-        "open_by_handle_at",
-        "name_to_handle_at",
-        "swapon",
-        "swapoff",
-        "reboot",
-        "syslog",
-        "acct",
-        "settimeofday",
-        "clock_settime",
-        "clock_adjtime",
-        "adjtimex",
-        "quotactl",
-        "fsopen",
-        "fsconfig",
-        "fsmount",
-        "fspick",
-        "move_mount",
-        "open_tree",
-        "mount_setattr",
-        "lookup_dcookie",
-        "io_uring_setup",
-        "io_uring_enter",
-        "io_uring_register",
-        "personality",
-        "vhangup",
-        "iopl",
-        "ioperm",
-    ];
-    let arch = if cfg!(target_arch = "aarch64") { "SCMP_ARCH_AARCH64" } else { "SCMP_ARCH_X86_64" };
-    let mut syscalls = vec![
-        json!({"names": denied.to_vec(), "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}),
-        // clone3 passes its flags in memory a filter cannot read: answer ENOSYS so libc falls
-        // back to clone, whose flags are checked below.
-        json!({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS}),
-    ];
-    // clone with any new-namespace flag: one rule per flag (a rule's conditions are ANDed).
-    for flag in [
-        libc::CLONE_NEWUSER,
-        libc::CLONE_NEWNS,
-        libc::CLONE_NEWNET,
-        libc::CLONE_NEWPID,
-        libc::CLONE_NEWIPC,
-        libc::CLONE_NEWUTS,
-        libc::CLONE_NEWCGROUP,
-    ] {
-        let flag = flag as u64;
-        syscalls.push(json!({"names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM,
-            "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}]}));
+/// Runs the container's command as libcontainer's default executor does, after installing
+/// pond's seccomp filters. `validate` runs in the container's init once it is in its
+/// namespaces, under its uid, with no_new_privileges and no capabilities, before it waits to
+/// be started: the same point where libcontainer would apply a filter itself, so the helper's
+/// check of the waiting init ([`verify_confinement`]) sees it in force.
+#[derive(Clone)]
+struct ConfinedExecutor {
+    filters: Vec<seccompiler::BpfProgram>,
+}
+
+impl libcontainer::workload::Executor for ConfinedExecutor {
+    fn exec(&self, spec: &libcontainer::oci_spec::runtime::Spec) -> Result<(), libcontainer::workload::ExecutorError> {
+        libcontainer::workload::default::DefaultExecutor {}.exec(spec)
     }
-    json!({"defaultAction": "SCMP_ACT_ALLOW", "architectures": [arch], "syscalls": syscalls})
+
+    fn validate(&self, spec: &libcontainer::oci_spec::runtime::Spec) -> Result<(), libcontainer::workload::ExecutorValidationError> {
+        use libcontainer::workload::ExecutorValidationError as Invalid;
+        libcontainer::workload::default::DefaultExecutor {}.validate(spec)?;
+        // The container dies with its helper: init is the helper's child, and killing a pid
+        // namespace's init kills everything in it. Set after the switch to the sandbox's uid
+        // (a credential change clears it) and kept across the command's exec.
+        // SAFETY: prctl on this process with constant arguments.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) } != 0 {
+            return Err(Invalid::ArgValidationError(os_error("setting the parent-death signal")));
+        }
+        crate::seccomp::install(&self.filters).map_err(Invalid::ArgValidationError)
+    }
 }
 
 /// Refuses to go on unless the container's init has seccomp, no_new_privileges and no
@@ -942,9 +900,33 @@ fn block_signals() -> Result<OwnedFd, String> {
     }
 }
 
-/// Waits for the container's init; kills it at the deadline (`timed_out`) or on a signal to
-/// the helper (the stage was cancelled). Returns the wait status.
-fn wait_for(pid: i32, signal_fd: i32, timeout_secs: u64, report: &mut SandboxReport) -> Result<i32, String> {
+/// A pidfd of this process's parent, which becomes readable when the parent exits. Fails if
+/// the parent is already gone (we were re-parented to init or a subreaper).
+fn pidfd_of_parent() -> Result<OwnedFd, String> {
+    // SAFETY: getppid has no preconditions; pidfd_open on a pid we then re-check.
+    let ppid = unsafe { libc::getppid() };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, ppid, 0) } as i32;
+    if fd < 0 {
+        return Err(os_error("pidfd_open of the helper's parent"));
+    }
+    // SAFETY: we own the new descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if unsafe { libc::getppid() } != ppid || ppid == 1 {
+        return Err("the process that started the sandbox is gone; not starting it".into());
+    }
+    Ok(fd)
+}
+
+/// Waits for the container's init; kills it at the deadline (`timed_out`), on a signal to
+/// the helper (the stage was cancelled) or when the helper's parent dies (its node was
+/// killed). Returns the wait status.
+fn wait_for(
+    pid: i32,
+    signal_fd: i32,
+    parent_fd: i32,
+    timeout_secs: u64,
+    report: &mut SandboxReport,
+) -> Result<i32, String> {
     // SAFETY: pidfd_open on our own child.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
     if pidfd < 0 {
@@ -962,17 +944,18 @@ fn wait_for(pid: i32, signal_fd: i32, timeout_secs: u64, report: &mut SandboxRep
         let mut fds = [
             libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: signal_fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: parent_fd, events: libc::POLLIN, revents: 0 },
         ];
         let millis = left.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: poll on two descriptors we own.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, millis) };
+        // SAFETY: poll on three descriptors we own.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, millis) };
         if n < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(os_error("poll"));
         }
-        if fds[0].revents != 0 || fds[1].revents != 0 {
+        if fds.iter().any(|f| f.revents != 0) {
             break;
         }
     }
@@ -1298,24 +1281,5 @@ mod tests {
         assert_eq!(err.to_string(), "sandbox.limits.memory_mib: 4096 is above this host's ceiling of 1024");
         let err = Limits::DEFAULTS.resolve(&SandboxLimits { cpus: Some(64.0), ..none }, &ceilings).unwrap_err();
         assert!(err.to_string().starts_with("sandbox.limits.cpus: 64 is above"), "{err}");
-    }
-
-    #[test]
-    fn the_seccomp_filter_denies_namespaces_and_tracing_but_not_plain_forks() {
-        let profile = seccomp_profile();
-        assert_eq!(profile["defaultAction"], "SCMP_ACT_ALLOW");
-        let rules = profile["syscalls"].as_array().unwrap();
-        let denies = |name: &str| rules.iter().any(|r| r["names"].as_array().unwrap().iter().any(|n| n == name));
-        for name in ["unshare", "setns", "mount", "ptrace", "bpf", "keyctl", "clone3"] {
-            assert!(denies(name), "{name}");
-        }
-        // Every clone rule needs a namespace flag set: a plain fork (flags without one) passes.
-        for rule in rules.iter().filter(|r| r["names"][0] == "clone") {
-            let arg = &rule["args"][0];
-            assert_eq!(arg["op"], "SCMP_CMP_MASKED_EQ");
-            assert_eq!(arg["value"], arg["valueTwo"]);
-            let flag = arg["value"].as_u64().unwrap();
-            assert_ne!(flag & libc::SIGCHLD as u64, flag);
-        }
     }
 }

@@ -210,7 +210,14 @@ impl PgStore {
         // ($6) and whose every capability glob matches one of its capabilities ($7), the glob
         // turned into a LIKE pattern (patterns hold no `[`, see `valid_capability_pattern`).
         let byo_only = query.offer.as_ref().is_some_and(|o| o.tags.contains(pond_core::routing::BYO_TAG));
-        let byo = if byo_only { "AND pool_tags::jsonb @> '[\"pool:byo\"]'::jsonb" } else { "" };
+        // A bring-your-own host takes only byo work of the project it is pinned to (see
+        // `routing::admits`): the stage requires `pool:byo` and the host has `tenant:<project>`.
+        let byo = if byo_only {
+            "AND pool_tags::jsonb @> '[\"pool:byo\"]'::jsonb
+             AND EXISTS (SELECT 1 FROM runs r WHERE r.id = stages.run_id AND ('tenant:' || r.project_id) = ANY($6))"
+        } else {
+            ""
+        };
         let offer = if query.offer.is_some() {
             r"AND pool_tags IS NOT NULL
               AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements_text(pool_tags::jsonb) t(v) WHERE NOT (t.v = ANY($6)))

@@ -384,65 +384,63 @@ impl Store for SqliteStore {
         if query.kinds.is_empty() || query.limit == 0 {
             return Ok(Vec::new());
         }
-        let kinds = placeholders(query.kinds.len());
         // A pool worker's claim takes only stages whose required tags are all among the worker's
         // and whose every capability pattern GLOB-matches one of its capabilities.
+        // A bring-your-own host takes only byo work of the project it is pinned to: the stage
+        // must require `pool:byo`, and `tenant:<the run's project>` must be one of the host's
+        // tags (see `routing::admits`).
         let byo_only = query.offer.as_ref().is_some_and(|o| o.tags.contains(pond_core::routing::BYO_TAG));
         let offer = match &query.offer {
             Some(_) if byo_only => {
                 "AND pool_tags IS NOT NULL
-                 AND EXISTS (SELECT 1 FROM json_each(pool_tags) b WHERE b.value = 'pool:byo')
-                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_tags) t WHERE t.value NOT IN (SELECT value FROM json_each(?)))
+                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_tags) t WHERE t.value NOT IN (SELECT value FROM json_each(?5)))
                  AND NOT EXISTS (SELECT 1 FROM json_each(pool_caps) p
-                                  WHERE NOT EXISTS (SELECT 1 FROM json_each(?) c WHERE c.value GLOB p.value))"
+                                  WHERE NOT EXISTS (SELECT 1 FROM json_each(?6) c WHERE c.value GLOB p.value))
+                 AND EXISTS (SELECT 1 FROM json_each(pool_tags) b WHERE b.value = 'pool:byo')
+                 AND EXISTS (SELECT 1 FROM runs r WHERE r.id = stages.run_id
+                              AND ('tenant:' || r.project_id) IN (SELECT value FROM json_each(?5)))"
             }
             Some(_) => {
                 "AND pool_tags IS NOT NULL
-                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_tags) t WHERE t.value NOT IN (SELECT value FROM json_each(?)))
+                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_tags) t WHERE t.value NOT IN (SELECT value FROM json_each(?5)))
                  AND NOT EXISTS (SELECT 1 FROM json_each(pool_caps) p
-                                  WHERE NOT EXISTS (SELECT 1 FROM json_each(?) c WHERE c.value GLOB p.value))"
+                                  WHERE NOT EXISTS (SELECT 1 FROM json_each(?6) c WHERE c.value GLOB p.value))"
             }
             None => "",
         };
-        let offer_json = query.offer.as_ref().map(|o| {
-            (
-                serde_json::to_string(&o.tags).unwrap_or_else(|_| "[]".into()),
-                serde_json::to_string(&o.capabilities).unwrap_or_else(|_| "[]".into()),
-            )
-        });
         // One statement claims the whole batch. Expressions in SET see each row as it was, so
         // `state = 'running'` tells the re-claim of an expired lease from a first claim.
+        // Numbered parameters: ?1 owner, ?2 lease end, ?3 now, ?4 limit, ?5 the worker's tags,
+        // ?6 its capabilities, ?7… the executor kinds.
+        let kinds = (0..query.kinds.len()).map(|i| format!("?{}", i + 7)).collect::<Vec<_>>().join(", ");
         let claim = format!(
             "UPDATE stages SET state = 'running', attempt = attempt + 1,
                     lost_leases = lost_leases + (state = 'running'),
-                    lease_owner = ?, lease_expires_at = ?, started_at = COALESCE(started_at, ?)
+                    lease_owner = ?1, lease_expires_at = ?2, started_at = COALESCE(started_at, ?3)
               WHERE (run_id, key) IN (
                 SELECT run_id, key FROM (
                     SELECT run_id, key, ready_at AS due FROM stages
-                     WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ? AND executor_kind IN ({kinds}) {offer}
+                     WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ?3 AND executor_kind IN ({kinds}) {offer}
                     UNION ALL
                     SELECT run_id, key, lease_expires_at AS due FROM stages
-                     WHERE state = 'running' AND lease_expires_at <= ? AND cancel_requested = 0 AND executor_kind IN ({kinds}) {offer}
-                ) ORDER BY due LIMIT ?)
+                     WHERE state = 'running' AND lease_expires_at <= ?3 AND cancel_requested = 0 AND executor_kind IN ({kinds}) {offer}
+                ) ORDER BY due LIMIT ?4)
               RETURNING *"
         );
         let now = query.now.as_millis();
         let mut tx = self.begin().await?;
-        let mut q = sqlx::query(&claim).bind(&query.owner).bind(query.lease_until.as_millis()).bind(now).bind(now);
+        let (tags, caps) = offer_json.unwrap_or_default();
+        let mut q = sqlx::query(&claim)
+            .bind(&query.owner)
+            .bind(query.lease_until.as_millis())
+            .bind(now)
+            .bind(query.limit as i64)
+            .bind(tags)
+            .bind(caps);
         for k in &query.kinds {
             q = q.bind(k);
         }
-        if let Some((tags, caps)) = &offer_json {
-            q = q.bind(tags).bind(caps);
-        }
-        q = q.bind(now);
-        for k in &query.kinds {
-            q = q.bind(k);
-        }
-        if let Some((tags, caps)) = &offer_json {
-            q = q.bind(tags).bind(caps);
-        }
-        let rows = q.bind(query.limit as i64).fetch_all(&mut *tx).await.map_err(db_err)?;
+        let rows = q.fetch_all(&mut *tx).await.map_err(db_err)?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }

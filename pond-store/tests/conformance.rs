@@ -497,6 +497,34 @@ pub async fn pool_claims_match_pinned_tags_and_capability_globs(store: Arc<dyn S
     assert!(byo.tags.contains("tenant:acme") && byo.tags.contains("pool:byo"));
 }
 
+/// The tenant rule holds in the claim statement itself, not only in the requirements stored
+/// with a stage: a stage of project acme whose row names another tenant's tags (written before
+/// submit refused such tags, or by hand) never reaches that tenant's host.
+pub async fn byo_hosts_take_only_their_own_projects_work(store: Arc<dyn Store>) {
+    let mut run = new_run(
+        "acme",
+        json!({"stages":[{"key":"a","needs":[],"executor":{"kind":"noop","placement":"pool","sandbox":{"tier":"byo"}}}]}),
+        None,
+        at(0),
+    );
+    let forged: std::collections::BTreeSet<String> = ["pool:byo", "tenant:globex"].iter().map(|t| t.to_string()).collect();
+    run.stages[0].requirements.as_mut().unwrap().tags = forged;
+    store.insert_run(&run).await.unwrap();
+    for (who, tags) in [
+        ("globex", &["pool:byo", "tenant:globex"][..]),
+        ("untenanted", &["pool:byo", "tenant:globex", "pool:trusted"]),
+    ] {
+        let got = store.claim_stages(&pool_query(who, at(1), offer(tags, &[]))).await.unwrap();
+        assert!(got.is_empty(), "{who} took acme's job: {:?}", got.iter().map(|c| &c.stage.key).collect::<Vec<_>>());
+    }
+    // A host pinned to both tenants (the operator's choice) may take it.
+    let got = store
+        .claim_stages(&pool_query("both", at(1), offer(&["pool:byo", "tenant:globex", "tenant:acme"], &[])))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+}
+
 pub async fn records_swap_atomically(store: Arc<dyn Store>) {
     assert!(store.swap_record("k", "a", None, "1").await.unwrap());
     assert!(!store.swap_record("k", "a", None, "2").await.unwrap(), "create only when absent");
@@ -545,6 +573,7 @@ macro_rules! conformance {
                 tokens_are_found_by_hash_and_revoked,
                 concurrent_updates_of_one_run_are_never_lost,
                 pool_claims_match_pinned_tags_and_capability_globs,
+                byo_hosts_take_only_their_own_projects_work,
                 records_swap_atomically,
             );
         }

@@ -275,12 +275,26 @@ impl Drop for Worker {
     }
 }
 
-/// Mints an enrollment code through the admin API.
+/// Mints an enrollment code through the admin API. A worker code grants every capability
+/// (`*`): tests of the capability pin mint their own with [`enroll_code_granting`].
 pub fn enroll_code(admin: &Client, pool: &str, worker_tags: Option<&[&str]>, fingerprint: Option<&str>) -> String {
+    let capabilities: &[&str] = if worker_tags.is_some() { &["*"] } else { &[] };
+    enroll_code_granting(admin, pool, worker_tags, capabilities, fingerprint)
+}
+
+/// Mints an enrollment code granting exactly `capabilities` (patterns) to its worker.
+pub fn enroll_code_granting(
+    admin: &Client,
+    pool: &str,
+    worker_tags: Option<&[&str]>,
+    capabilities: &[&str],
+    fingerprint: Option<&str>,
+) -> String {
     let request = pond_http::pool_wire::CreateCode {
         pool: pool.into(),
         role: Some(if worker_tags.is_some() { "worker" } else { "orchestrator" }.into()),
         tags: worker_tags.unwrap_or_default().iter().map(|t| t.to_string()).collect(),
+        capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
         fingerprint: fingerprint.map(str::to_string),
         ttl: None,
     };
