@@ -246,6 +246,14 @@ struct ServerArgs {
     /// Allow plain `http://` git remotes (test setups, private networks).
     #[arg(long)]
     allow_http_git: bool,
+    /// What a pool worker's result that fails verification (signature, input, outputs) does
+    /// for stages that do not say: `required` fails the stage, `record` keeps it flagged.
+    #[arg(long, default_value = "required", value_parser = parse_attestation)]
+    attestation: pond_core::definition::AttestationPolicy,
+    /// Allow git remotes on loopback, private, link-local and other special-purpose addresses
+    /// (test setups, private networks). Off: such remotes are refused before any connection.
+    #[arg(long)]
+    allow_internal_git: bool,
     /// Reserve a tag prefix for the operator, beyond `pool:` and `tenant:` (repeatable): a
     /// stage that names such a tag is refused (e.g. `site:`).
     #[arg(long = "reserved-tag-prefix", value_name = "PREFIX")]
@@ -1023,6 +1031,9 @@ fn worker(args: WorkerArgs) -> Result<i32> {
         });
         prepared.worker.run(stopped).await
     });
+    // An idle worker's claim is a blocking long poll on a pool thread; nothing waits for its
+    // answer any more, so the process exits now instead of when the poll would have ended.
+    rt.shutdown_background();
     println!(
         "pond worker stopped: {} reported, {} handed back, {} lost",
         summary.reported, summary.handed_back, summary.lost
@@ -1162,6 +1173,14 @@ fn admin_client(global: &Global, config_path: &std::path::Path) -> Result<Client
     Ok(Client::new(&target.server, target.token))
 }
 
+fn parse_attestation(text: &str) -> Result<pond_core::definition::AttestationPolicy, String> {
+    match text {
+        "required" => Ok(pond_core::definition::AttestationPolicy::Required),
+        "record" => Ok(pond_core::definition::AttestationPolicy::Record),
+        other => Err(format!("`{other}` is not `required` or `record`")),
+    }
+}
+
 fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
     let (backend, _) = sandbox_backend(&args.sandbox, args.data_dir.join("sandbox"))?;
     let mut config = pond_http::server::ServerConfig::new(args.data_dir, backend);
@@ -1172,6 +1191,8 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
     config.slots = args.slots;
     config.allow_local_sources = args.allow_local_sources;
     config.allow_plain_http_git = args.allow_http_git;
+    config.allow_internal_git = args.allow_internal_git;
+    config.attestation_default = args.attestation;
     config.reserved_tag_prefixes = args.reserved_tag_prefixes;
     config.limits.max_bundle_bytes = args.max_bundle_bytes;
     config.shell_env_allow = args.shell_env_allow;

@@ -282,9 +282,19 @@ fn git_https_sources_clone_at_a_ref_and_record_the_commit() {
     assert_eq!(status, 422, "plain http is refused unless the operator allows it: {message}");
     drop(strict);
 
-    let server = Server::start(&data, &["--allow-http-git"]);
-    let admin = server.admin();
+    // The remote is on loopback: refused before anything connects, unless the operator allows
+    // internal git hosts (a test setup, a private network).
     let def = json!({"stages":[{"key":"todos","executor":{"kind":"builtin","name":"todo_scan"}}]});
+    let public_only = Server::start(&data, &["--allow-http-git"]);
+    let admin = public_only.admin();
+    let run = admin.submit(&json!({"project_id":"p","definition":def,"sources":[{"label":"code","kind":"git_https","config":{"url": url}}]}), None).unwrap();
+    let done = wait_done(&admin, &run.id.to_string(), Duration::from_secs(60));
+    let error = done.stages[0].error.clone().unwrap_or_default();
+    assert!(error.contains("git remote 127.0.0.1 refused: 127.0.0.1 is loopback"), "{error}");
+    drop(public_only);
+
+    let server = Server::start(&data, &["--allow-http-git", "--allow-internal-git"]);
+    let admin = server.admin();
     let mut results = Vec::new();
     for git_ref in [Some("v1"), None] {
         let mut config = json!({"url": url});
@@ -318,6 +328,21 @@ fn git_https_sources_clone_at_a_ref_and_record_the_commit() {
         "{:?}",
         done.stages[0].error
     );
+    // A source is no port scanner: a closed port, a plain HTTP server that is no git server,
+    // and a missing repository read the same.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut errors = Vec::new();
+    for remote in [format!("http://127.0.0.1:{closed}/x.git"), format!("{base}/missing.git")] {
+        let run = admin
+            .submit(
+                &json!({"project_id":"p","definition":def,"sources":[{"kind":"git_https","config":{"url":remote}}]}),
+                None,
+            )
+            .unwrap();
+        let done = wait_done(&admin, &run.id.to_string(), Duration::from_secs(60));
+        errors.push(done.stages[0].error.clone().unwrap_or_default().replace(&remote, "URL"));
+    }
+    assert_eq!(errors[0], errors[1], "the error tells port states apart");
     let _ = stop.send(());
 }
 

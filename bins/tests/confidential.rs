@@ -78,7 +78,7 @@ fn confidential_run(pg: Option<&str>) {
     let code = enroll_code(&admin, "byo", None, None);
     let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
     let code = enroll_code(&admin, "byo", Some(&["pool:byo", "tenant:acme"]), None);
-    let worker = Worker::start(&orch.url, &dir.path().join("worker"), &code, &[]);
+    let worker = Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--allow-unconfined"]);
     let (alice, mallory) = (dir.path().join("alice"), dir.path().join("mallory"));
     let alice_key = public_key(&server, &alice);
     let _ = public_key(&server, &mallory);

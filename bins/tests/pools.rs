@@ -55,7 +55,14 @@ fn pool_on(lease: &str, pg: Option<&str>) -> Pool {
     let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
     let worker = |name: &str, tags: &[&str]| {
         let code = enroll_code(&admin, "p1", Some(tags), None);
-        Worker::start(&orch.url, &dir.path().join(name), &code, &["--name", name, "--drain", "0s"])
+        // Jobs here run without a sandbox profile, which a byo host does only when its
+        // operator says so.
+        Worker::start(
+            &orch.url,
+            &dir.path().join(name),
+            &code,
+            &["--name", name, "--drain", "0s", "--allow-unconfined"],
+        )
     };
     let acme = worker("w-acme", &["pool:byo", "tenant:acme"]);
     let globex = worker("w-globex", &["pool:byo", "tenant:globex"]);
@@ -194,7 +201,7 @@ fn drain_once_and_graceful_shutdown() {
     let code = enroll_code(&admin, "p1", Some(&["pool:byo", "tenant:globex"]), None);
     let ids: Vec<String> =
         (0..2).map(|i| submit(&admin, &pooled("globex", "byo", &format!("echo once {i}")))).collect();
-    let mut once = Worker::start(&p.orch.url, dir.path(), &code, &["--once"]);
+    let mut once = Worker::start(&p.orch.url, dir.path(), &code, &["--once", "--allow-unconfined"]);
     let started = Instant::now();
     let exit = loop {
         if let Some(s) = once.child.try_wait().unwrap() {
@@ -311,18 +318,99 @@ fn attacks_on_enrollment_claims_and_results_fail() {
     assert_eq!(status, 409, "another tenant's worker reported a result");
     assert!(!common::log_text(&admin, &id).iter().any(|l| l.contains("injected")));
 
-    // The holder reports a result with a forged signature: applied, but flagged.
+    // The holder reports a result with a forged signature: recorded, flagged, and the stage
+    // fails (attestation `required` by default).
     let (status, body) = raw("POST", &job_url("result"), &acme.token, Some(forged_result.clone()));
     assert_eq!(status, 200, "{body}");
     let ack: pond_http::pool_wire::ResultAck = serde_json::from_str(&body).unwrap();
     assert!(!ack.attestation_verified, "{ack:?}");
     let run = admin.get_run(&id).unwrap();
     assert_eq!(run.stages[0].attestation_verified, Some(false));
+    assert_eq!(run.stages[0].state.as_str(), "failed", "{run:?}");
+    assert!(run.stages[0].error.as_deref().unwrap_or("").contains("not verified"), "{run:?}");
     let status = server.cli(&["run", "status", &id]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("NOT verified"));
     // Replaying it changes nothing.
     let (status, _) = raw("POST", &job_url("result"), &acme.token, Some(forged_result));
     assert_eq!(status, 409);
+}
+
+/// The attack an outside check found: a consumer of project acme names globex's byo host in
+/// its stage's tags. Refused at submit, naming the field, in every spelling; acme's byo job
+/// reaches only acme's host, and globex's host never sees it.
+#[test]
+fn a_consumer_cannot_pick_another_tenant_s_host() {
+    let p = pool("5s");
+    let admin = p.server.admin();
+    let key = admin.create_key(&["acme".to_string()], Some("acme-app")).unwrap();
+    let acme_app = p.server.client(key.token.as_deref().unwrap());
+    for (tier, tags) in [
+        (None, json!(["pool:byo", "tenant:globex"])),
+        (Some("any"), json!(["pool:byo", "tenant:globex"])),
+        (Some("byo"), json!(["tenant:globex"])),
+        (Some("trusted"), json!(["pool:trusted"])),
+        (None, json!(["repo:web", "tenant:globex"])),
+    ] {
+        let mut executor = json!({"kind": "shell", "argv": ["sh", "-c", "cat ~/.local/share/pond/worker/worker.json"],
+            "placement": "pool", "tags": tags});
+        if let Some(tier) = tier {
+            executor["sandbox"] = json!({"tier": tier});
+        }
+        let body = json!({"project_id": "acme", "definition": {"stages": [{"key": "steal", "executor": executor}]}});
+        let err = acme_app.submit(&body, None).unwrap_err();
+        assert_eq!(err.status(), Some(422), "{tier:?} {tags}: {err}");
+        let text = err.to_string();
+        assert!(text.contains("definition.stages[0].executor.tags[") && text.contains("only the operator"), "{text}");
+    }
+    // A byo job of acme lands on acme's host only.
+    let id = submit(&acme_app, &pooled("acme", "byo", "echo acme-only"));
+    let run = common::wait_done(&admin, &id, Duration::from_secs(60));
+    assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
+    assert_eq!(owners(&run), vec![p.acme.id.clone()]);
+}
+
+/// A byo host runs only sandboxed stages unless its operator opted in; capabilities are
+/// pinned by the code, and a worker declaring more is refused at enrollment.
+#[test]
+fn a_byo_host_refuses_unconfined_stages_and_undeclared_capabilities() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &["--lease", "5s"]);
+    let admin = server.admin();
+    let code = enroll_code(&admin, "byo", None, None);
+    let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+    let code =
+        common::enroll_code_granting(&admin, "byo", Some(&["pool:byo", "tenant:acme"]), &["harness.codex"], None);
+    let _worker = Worker::start(&orch.url, &dir.path().join("w"), &code, &["--capabilities", "harness.codex"]);
+    let id = submit(&admin, &pooled("acme", "byo", "cat worker.json ../../worker.json"));
+    let run = common::wait_done(&admin, &id, Duration::from_secs(60));
+    assert_eq!(run.state.as_str(), "failed", "{run:?}");
+    let error = run.stages[0].error.clone().unwrap_or_default();
+    assert!(error.contains("runs only sandboxed stages") && error.contains("--allow-unconfined"), "{error}");
+
+    // A worker declaring a capability its code does not grant is refused (403) and exits.
+    let code =
+        common::enroll_code_granting(&admin, "byo", Some(&["pool:byo", "tenant:acme"]), &["harness.codex"], None);
+    let out = std::process::Command::new(common::POND)
+        .args([
+            "worker",
+            "--orchestrator",
+            &orch.url,
+            "--enroll",
+            &code,
+            "--capabilities",
+            "harness.codex,harness.claude",
+        ])
+        .arg("--key-dir")
+        .arg(dir.path().join("greedy"))
+        .args(["--sandbox", "host"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("capability `harness.claude` is not granted"), "{stderr}");
+    let pools = server.cli(&["pool", "ls"]);
+    let listing = String::from_utf8_lossy(&pools.stdout);
+    assert!(listing.contains("harness.codex") && !listing.contains("harness.claude"), "{listing}");
 }
 
 #[test]

@@ -640,7 +640,8 @@ impl StageDef {
                     format!("`{tag}` is not a valid tag: use letters, digits and `._-/:` (e.g. `repo:web`)"),
                 ));
             }
-            let reserved = OPERATOR_TAG_PREFIXES.iter().copied().chain(caps.reserved_tag_prefixes.iter().map(String::as_str));
+            let reserved =
+                OPERATOR_TAG_PREFIXES.iter().copied().chain(caps.reserved_tag_prefixes.iter().map(String::as_str));
             if let Some(prefix) = reserved.into_iter().find(|p| tag.starts_with(p)) {
                 return Err(FieldError::new(
                     format!("{at}.executor.tags[{i}]"),

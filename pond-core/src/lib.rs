@@ -7,6 +7,7 @@
 //! - [`exec`]: the [`exec::Executor`], output, stop-signal and workspace seams.
 //! - [`sandbox`]: the [`sandbox::SandboxBackend`] seam.
 //! - [`json`]: JSON decoding whose errors name the field path.
+//! - [`net`]: the network destinations pond refuses to dial for a tenant (IANA special-purpose ranges).
 //! - [`routing`]: placement on worker pools — tags, capability globs, trust tiers.
 //! - [`attest`]: signed results (wire format (d)) and key fingerprints.
 //! - [`keys`]: a worker's sealing and signing keys; low-order X25519 keys refused.
@@ -30,6 +31,7 @@ pub mod exec;
 pub mod ids;
 pub mod json;
 pub mod keys;
+pub mod net;
 pub mod pool;
 pub mod routing;
 pub mod run;

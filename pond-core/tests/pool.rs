@@ -63,7 +63,10 @@ async fn orchestrator(w: &World, pool: &str) -> PoolMember {
 async fn worker(w: &World, orch: &PoolMember, n: u8, tags: &[&str]) -> (PoolMember, [u8; 32]) {
     let code = format!("code-{n}");
     let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
-    w.pools.create_code(&code, &orch.pool, MemberKind::Worker, Grants { tags, capabilities: vec![] }, None, HOUR).await.unwrap();
+    w.pools
+        .create_code(&code, &orch.pool, MemberKind::Worker, Grants { tags, capabilities: vec![] }, None, HOUR)
+        .await
+        .unwrap();
     let (k, seed) = keys(n);
     let m = w
         .pools
@@ -99,7 +102,10 @@ async fn codes_are_one_time_expiring_and_bound_to_the_pinned_fingerprint() {
     // have a sandbox, or a harness, that its operator did not pin).
     let oci = vec!["harness.codex".to_string(), "sandbox.oci".to_string()];
     let claims_more = w.pools.enroll_worker(&orch, "w1", "wrk-x".into(), "x", good, None, oci, "tx").await;
-    assert!(matches!(claims_more, Err(PoolError::CapabilityNotGranted(ref c)) if c == "sandbox.oci"), "{claims_more:?}");
+    assert!(
+        matches!(claims_more, Err(PoolError::CapabilityNotGranted(ref c)) if c == "sandbox.oci"),
+        "{claims_more:?}"
+    );
     // The right keys enroll; both are pinned; the tags are the code's.
     let caps = vec!["harness.codex".to_string()];
     let m = w.pools.enroll_worker(&orch, "w1", "wrk-1".into(), "box", good, None, caps, "t1").await.unwrap();
@@ -114,7 +120,10 @@ async fn codes_are_one_time_expiring_and_bound_to_the_pinned_fingerprint() {
     assert!(matches!(again, Err(PoolError::CodeUsed)), "{again:?}");
 
     // Expiry, role and pool are enforced.
-    w.pools.create_code("late", "byo-acme", MemberKind::Worker, Grants::default(), None, Millis::from_secs(60)).await.unwrap();
+    w.pools
+        .create_code("late", "byo-acme", MemberKind::Worker, Grants::default(), None, Millis::from_secs(60))
+        .await
+        .unwrap();
     w.clock.advance(Millis::from_secs(61));
     let late = w.pools.enroll_worker(&orch, "late", "wrk-z".into(), "z", good, None, vec![], "tz").await;
     assert!(matches!(late, Err(PoolError::CodeExpired(_))), "{late:?}");

@@ -116,8 +116,13 @@ impl Driver {
         }
     }
 
-    async fn check_lease(&self, claim: &Claim, stop: &StopHandle) {
-        match self.engine.renew(claim).await {
+    /// Renews the lease, waiting at most `limit` (so the deadline and cancels are not held up
+    /// behind a slow store); a renewal that did not finish is retried at the next tick.
+    async fn check_lease(&self, claim: &Claim, stop: &StopHandle, limit: Duration) {
+        let renewed = tokio::time::timeout(limit, self.engine.renew(claim)).await.unwrap_or_else(|_| {
+            Err(CoreError::Store(pond_core::StoreError::Unavailable("lease renewal timed out".into())))
+        });
+        match renewed {
             Ok(LeaseStatus::Held { cancel_requested: true }) => stop.fire(StopReason::Cancelled),
             Ok(LeaseStatus::Lost) => stop.fire(StopReason::LeaseLost),
             Ok(LeaseStatus::Held { .. }) => {}
@@ -146,19 +151,31 @@ impl Driver {
             .unwrap_or_default();
         let renew_every =
             (self.engine.config().lease.to_std() / 3).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        // The stage runs in a task of its own, so it is polled whatever the renewal below is
+        // waiting for. (Driven inside this select!, a stage paused mid-transaction on the store's
+        // one writer connection would wait for the renewal, and the renewal for that
+        // connection: every write stalled until the pool's acquire timeout.)
+        let exec = {
+            let (engine, claim, stop) = (self.engine.clone(), claim.clone(), stop.clone());
+            tokio::spawn(async move { engine.execute(&claim, &stop).await })
+        };
         let outcome = {
-            let exec = self.engine.execute(&claim, &stop);
             tokio::pin!(exec);
             let deadline = tokio::time::sleep(timeout.to_std());
             tokio::pin!(deadline);
             let mut ticker = tokio::time::interval(renew_every);
+            // A renewal that took long is followed by the next one on time, not by a burst.
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticker.tick().await;
             loop {
                 tokio::select! {
-                    outcome = &mut exec => break outcome,
+                    joined = &mut exec => break joined.unwrap_or_else(|e| pond_core::run::StageOutcome::Failed {
+                        error: format!("the stage's executor stopped abnormally: {e}"),
+                        exit_code: None,
+                    }),
                     _ = &mut deadline, if stop.reason().is_none() => stop.fire(StopReason::TimedOut),
-                    _ = ticker.tick() => self.check_lease(&claim, &stop).await,
-                    _ = poke.notified() => self.check_lease(&claim, &stop).await,
+                    _ = ticker.tick() => self.check_lease(&claim, &stop, renew_every).await,
+                    _ = poke.notified() => self.check_lease(&claim, &stop, renew_every).await,
                 }
             }
         };

@@ -59,7 +59,8 @@ impl WorkerConfig {
                 required.tags, required.capabilities, self.pinned.tags
             ));
         }
-        let unconfined = stage.executor.sandbox().is_none_or(|s| s.profile == pond_core::definition::SandboxProfile::None);
+        let unconfined =
+            stage.executor.sandbox().is_none_or(|s| s.profile == pond_core::definition::SandboxProfile::None);
         if unconfined && self.pinned.tags.contains(routing::BYO_TAG) && !self.allow_unconfined {
             return Some(
                 "refused by the worker: a bring-your-own host runs only sandboxed stages (`executor.sandbox.profile`: `untrusted-code-read` or `untrusted-code-write`) unless its operator starts it with --allow-unconfined"

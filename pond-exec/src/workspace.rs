@@ -32,6 +32,11 @@ pub struct FetchConfig {
     pub max_bundle_entries: u64,
     /// Allow `http://` git remotes.
     pub allow_plain_http_git: bool,
+    /// Allow git remotes whose addresses are internal (loopback, private, link-local, … see
+    /// `pond_core::net`): test setups and private networks. Off: such a remote is refused
+    /// before anything connects to it, so a source cannot make the control plane probe its own
+    /// network.
+    pub allow_internal_git: bool,
     /// The server key uploaded bundles are sealed under at rest (`None`: stored in clear).
     pub at_rest_key: Option<[u8; 32]>,
 }
@@ -44,6 +49,7 @@ impl Default for FetchConfig {
             max_unpacked_bytes: 2 * 1024 * 1024 * 1024,
             max_bundle_entries: 200_000,
             allow_plain_http_git: false,
+            allow_internal_git: false,
             at_rest_key: None,
         }
     }
@@ -153,8 +159,17 @@ impl LocalWorkspaces {
     }
 
     async fn git(&self, args: &[&str], cwd: Option<&Path>) -> Result<String, String> {
+        self.git_pinned(args, cwd, None).await
+    }
+
+    /// Runs git; `pinned` (`host:port:ip`) makes it connect to the address pond checked rather
+    /// than resolve the name again (a second answer could be an internal address).
+    async fn git_pinned(&self, args: &[&str], cwd: Option<&Path>, pinned: Option<&str>) -> Result<String, String> {
         let mut cmd = tokio::process::Command::new(&self.config.git);
         let protocols = if self.config.allow_plain_http_git { "https:http" } else { "https" };
+        if let Some(resolve) = pinned {
+            cmd.args(["-c", &format!("http.curloptResolve={resolve}"), "-c", "http.followRedirects=false"]);
+        }
         cmd.args(["-c", "protocol.allow=never"]);
         for p in protocols.split(':') {
             cmd.args(["-c", &format!("protocol.{p}.allow=always")]);
@@ -179,7 +194,7 @@ impl LocalWorkspaces {
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             let last = err.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
-            return Err(format!("git {} failed: {last}", args.first().unwrap_or(&"")));
+            return Err(format!("git {} failed: {}", args.first().unwrap_or(&""), git_failure(&last)));
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
@@ -187,18 +202,22 @@ impl LocalWorkspaces {
     /// Clones `url` into `target` at `want` (branch, tag or commit; the default branch when
     /// `None`) and returns the commit checked out.
     async fn git_clone(&self, url: &str, want: Option<&str>, target: &Path) -> Result<String, String> {
+        let pinned = self.check_git_remote(url).await?;
+        let pinned = pinned.as_deref();
         let dest = target.to_string_lossy().into_owned();
         let is_sha = want.is_some_and(|w| w.len() >= 7 && w.len() <= 64 && w.bytes().all(|b| b.is_ascii_hexdigit()));
         let shallow = match want {
             Some(r) if !is_sha => {
-                self.git(
+                self.git_pinned(
                     &["clone", "--quiet", "--depth", "1", "--no-recurse-submodules", "--branch", r, "--", url, &dest],
                     None,
+                    pinned,
                 )
                 .await
             }
             None => {
-                self.git(&["clone", "--quiet", "--depth", "1", "--no-recurse-submodules", "--", url, &dest], None).await
+                let args = ["clone", "--quiet", "--depth", "1", "--no-recurse-submodules", "--", url, &dest];
+                self.git_pinned(&args, None, pinned).await
             }
             Some(_) => Err("a commit needs a full clone".into()),
         };
@@ -207,13 +226,90 @@ impl LocalWorkspaces {
             if target.exists() {
                 let _ = tokio::fs::remove_dir_all(target).await;
             }
-            self.git(&["clone", "--quiet", "--no-checkout", "--no-recurse-submodules", "--", url, &dest], None).await?;
+            let args = ["clone", "--quiet", "--no-checkout", "--no-recurse-submodules", "--", url, &dest];
+            self.git_pinned(&args, None, pinned).await?;
             let rev = want.unwrap_or("HEAD");
             self.git(&["checkout", "--quiet", "--detach", rev, "--"], Some(target))
                 .await
                 .map_err(|e| format!("{e} (ref `{rev}`)"))?;
         }
         self.git(&["rev-parse", "HEAD"], Some(target)).await
+    }
+}
+
+impl LocalWorkspaces {
+    /// Resolves a git remote's host and refuses it if an address is internal (unless the
+    /// operator allowed that); returns the `host:port:ip` git must connect to.
+    async fn check_git_remote(&self, url: &str) -> Result<Option<String>, String> {
+        let (host, port) = remote_host_port(url).ok_or_else(|| format!("`{url}` has no host"))?;
+        if self.config.allow_internal_git {
+            return Ok(None);
+        }
+        let refused = |why: &str| format!("git remote {host} refused: {why} (pond fetches only from public addresses)");
+        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+            return match pond_core::net::special_purpose(ip) {
+                Some(range) => Err(refused(&format!("{ip} is {range}"))),
+                None => Ok(None),
+            };
+        }
+        let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|_| format!("git remote {host} could not be resolved"))?
+            .collect();
+        if let Some(bad) = addrs.iter().find_map(|a| pond_core::net::special_purpose(a.ip()).map(|r| (a.ip(), r))) {
+            return Err(refused(&format!("it resolves to {} ({})", bad.0, bad.1)));
+        }
+        let first = addrs.first().ok_or_else(|| format!("git remote {host} could not be resolved"))?;
+        let ip = match first.ip() {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        };
+        Ok(Some(format!("{host}:{port}:{ip}")))
+    }
+}
+
+/// The host and port of an `https://` or `http://` URL (userinfo dropped; IPv6 in brackets).
+fn remote_host_port(url: &str) -> Option<(String, u16)> {
+    let (rest, default_port) = match url.split_once("://")? {
+        ("https", rest) => (rest, 443),
+        ("http", rest) => (rest, 80),
+        _ => return None,
+    };
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (inside, after) = v6.split_once(']')?;
+        (format!("[{inside}]"), after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (authority.to_string(), None),
+        }
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => default_port,
+    };
+    (!host.is_empty()).then(|| (host.to_ascii_lowercase(), port))
+}
+
+/// What a failed git command reports: the ref or repository problems git names (useful to
+/// the consumer), but one message for anything about the connection itself, so a source's
+/// error text cannot tell closed, plain-HTTP and TLS ports apart.
+fn git_failure(last_line: &str) -> String {
+    let lower = last_line.to_ascii_lowercase();
+    let about_the_repository = [
+        "remote branch",
+        "not found in upstream",
+        "couldn't find remote ref",
+        "did not match any",
+        "reference is not a tree",
+        "unknown revision",
+    ];
+    if about_the_repository.iter().any(|m| lower.contains(m)) {
+        last_line.to_string()
+    } else {
+        "the remote could not be read as a git repository over http(s)".to_string()
     }
 }
 

@@ -49,6 +49,11 @@ pub struct ServerConfig {
     pub allow_local_sources: Vec<PathBuf>,
     /// Allow `http://` git remotes.
     pub allow_plain_http_git: bool,
+    /// What a pooled result that fails verification does, for stages that do not say
+    /// (`--attestation required|record`).
+    pub attestation_default: pond_core::definition::AttestationPolicy,
+    /// Allow git remotes on internal addresses (`--allow-internal-git`).
+    pub allow_internal_git: bool,
     /// Tag prefixes the operator reserves beyond `pool:` and `tenant:` (`--reserved-tag-prefix`).
     pub reserved_tag_prefixes: Vec<String>,
     /// Request limits.
@@ -84,6 +89,8 @@ impl ServerConfig {
             allow_local_sources: Vec::new(),
             allow_plain_http_git: false,
             reserved_tag_prefixes: Vec::new(),
+            allow_internal_git: false,
+            attestation_default: pond_core::definition::AttestationPolicy::Required,
             limits: Limits::default(),
             shell_env_allow: Vec::new(),
             kill_grace: Duration::from_secs(10),
@@ -270,6 +277,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let fetch = FetchConfig {
         allow_plain_http_git: config.allow_plain_http_git,
+        allow_internal_git: config.allow_internal_git,
         at_rest_key: Some(at_rest_key),
         ..Default::default()
     };
@@ -304,6 +312,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             allow_plain_http_git: config.allow_plain_http_git,
         },
         reserved_tag_prefixes: config.reserved_tag_prefixes.clone(),
+        attestation_default: config.attestation_default,
     };
     let shell_executor = Arc::new(ShellExecutor::new(shell, config.sandbox.clone()));
     let engine = Arc::new(

@@ -4,14 +4,20 @@
 //! resolves names itself (the sandbox has no DNS), and reports every refused connection so it
 //! lands in the run's log.
 //!
-//! A name on the allowlist that resolves to a loopback, private or link-local address is
-//! refused: an allowed registry name must not become a path to the host's own services (DNS
-//! rebinding). Such services (the broker on 127.0.0.1) are allowed only as IP literals.
+//! A name on the allowlist that resolves to an internal address (any IANA special-purpose
+//! range, `pond_core::net`) is refused: an allowed registry name must not become a path to the
+//! host's own services (DNS rebinding). Such services (the broker on 127.0.0.1) are allowed
+//! only as IP literals.
+//!
+//! What a sandbox can make the proxy spend is bounded ([`Bounds`]): request heads of 8 KiB read
+//! within 10 s (parsed by httparse), 256 connections at once, tunnels closed after 5 minutes
+//! without a byte, and a pause that grows after each failed accept.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -72,21 +78,10 @@ fn split_host_port(text: &str) -> Option<(&str, Option<u16>)> {
     }
 }
 
-/// Whether `ip` is the host's own or a private network's: reachable through a name only if the
-/// allowlist names that IP literally.
+/// Whether `ip` is internal (an IANA special-purpose range, see `pond_core::net`): reachable
+/// through a name only if the allowlist names that IP literally.
 fn is_internal(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            v4.is_loopback() || v4.is_private() || v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast()
-        }
-        IpAddr::V6(v6) => {
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || (v6.segments()[0] & 0xfe00) == 0xfc00
-                || (v6.segments()[0] & 0xffc0) == 0xfe80
-                || v6.to_ipv4_mapped().is_some_and(|v4| is_internal(IpAddr::V4(v4)))
-        }
-    }
+    pond_core::net::is_internal(ip)
 }
 
 /// Receives a line for each refused connection (for the run's log).
@@ -102,12 +97,17 @@ pub struct EgressProxy {
 impl EgressProxy {
     /// Starts a proxy on 127.0.0.1 allowing `rules`; each refusal is reported to `log`.
     pub async fn start(rules: Vec<Rule>, log: RefusalLog) -> std::io::Result<EgressProxy> {
+        Self::start_bounded(rules, log, Bounds::default()).await
+    }
+
+    /// [`EgressProxy::start`] with explicit bounds.
+    pub async fn start_bounded(rules: Vec<Rule>, log: RefusalLog, bounds: Bounds) -> std::io::Result<EgressProxy> {
         let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let addr = listener.local_addr()?;
         let (stop, mut stopped) = watch::channel(false);
         tokio::spawn(async move {
             tokio::select! {
-                () = serve_on(listener, rules, log) => {}
+                () = serve_bounded(listener, rules, log, bounds) => {}
                 _ = stopped.changed() => {}
             }
         });
@@ -115,27 +115,147 @@ impl EgressProxy {
     }
 }
 
+/// The proxy's bounds: what one sandbox can make it spend.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// Largest request head (request line and headers).
+    pub max_head: usize,
+    /// Longest wait for a whole request head.
+    pub head_timeout: Duration,
+    /// A tunnel or forward with no byte in either direction for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections open at once; more are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds {
+            max_head: 8 * 1024,
+            head_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 256,
+        }
+    }
+}
+
+/// Accepts on `listener` with the connection cap, handing each connection to `handle`. An
+/// accept error (out of descriptors, say) is followed by a growing pause, not a spin.
+async fn accept_loop<F, Fut>(listener: TcpListener, bounds: Bounds, log: Option<RefusalLog>, handle: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let open = Arc::new(tokio::sync::Semaphore::new(bounds.max_connections));
+    let mut pause = Duration::from_millis(10);
+    let mut refused: u64 = 0;
+    loop {
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => {
+                pause = Duration::from_millis(10);
+                conn
+            }
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            // Closed at once; the first refusal and then one in a thousand are logged.
+            if refused % 1000 == 0 {
+                if let Some(log) = &log {
+                    log(format!(
+                        "egress refused: more than {} connections open at once ({} refused so far)",
+                        bounds.max_connections,
+                        refused + 1
+                    ));
+                }
+            }
+            refused += 1;
+            drop(conn);
+            continue;
+        };
+        let work = handle(conn);
+        tokio::spawn(async move {
+            work.await;
+            drop(permit);
+        });
+    }
+}
+
 /// Serves the proxy on `listener` until the task is dropped. The sandbox helper uses this
 /// with a listener it bound inside the sandbox's network namespace, while the connections it
 /// opens leave from the host's.
 pub async fn serve_on(listener: TcpListener, rules: Vec<Rule>, log: RefusalLog) {
+    serve_bounded(listener, rules, log, Bounds::default()).await
+}
+
+/// [`serve_on`] with explicit bounds.
+pub async fn serve_bounded(listener: TcpListener, rules: Vec<Rule>, log: RefusalLog, bounds: Bounds) {
     let rules = Arc::new(rules);
-    loop {
-        let Ok((conn, _)) = listener.accept().await else { continue };
-        tokio::spawn(serve(conn, rules.clone(), log.clone()));
-    }
+    let refusals = log.clone();
+    accept_loop(listener, bounds, Some(refusals), move |conn| serve(conn, rules.clone(), log.clone(), bounds)).await
 }
 
 /// Relays every connection to `listener` to `target` until the task is dropped (the model
 /// broker's port on the host's loopback, seen inside the sandbox at the same address).
 pub async fn forward_on(listener: TcpListener, target: SocketAddr) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else { continue };
-        tokio::spawn(async move {
-            if let Ok(mut upstream) = TcpStream::connect(target).await {
-                let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+    let bounds = Bounds::default();
+    accept_loop(listener, bounds, None, move |conn| async move {
+        if let Ok(upstream) = TcpStream::connect(target).await {
+            relay(conn, upstream, Vec::new(), bounds.idle_timeout).await;
+        }
+    })
+    .await
+}
+
+/// Copies bytes both ways until either side closes or neither sends anything for `idle`.
+/// `first` is sent upstream before anything else (bytes already read from the client).
+async fn relay(client: TcpStream, upstream: TcpStream, first: Vec<u8>, idle: Duration) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::AsyncReadExt;
+    let began = tokio::time::Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut upstream_read, mut upstream_write) = upstream.into_split();
+    if !first.is_empty() && upstream_write.write_all(&first).await.is_err() {
+        return;
+    }
+    async fn pump(
+        from: &mut tokio::net::tcp::OwnedReadHalf,
+        to: &mut tokio::net::tcp::OwnedWriteHalf,
+        last: &AtomicU64,
+        began: tokio::time::Instant,
+        idle: Duration,
+    ) {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match tokio::time::timeout(idle, from.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => {
+                    last.store(began.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                // Quiet this way for `idle`: the tunnel is idle unless the other way was busy.
+                Err(_) => {
+                    let quiet = began.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                    if quiet >= idle {
+                        break;
+                    }
+                }
             }
-        });
+        }
+        let _ = to.shutdown().await;
+    }
+    let up = pump(&mut client_read, &mut upstream_write, &last, began, idle);
+    let down = pump(&mut upstream_read, &mut client_write, &last, began, idle);
+    // Either way ending (closed or idle) ends the tunnel.
+    tokio::select! {
+        () = up => {}
+        () = down => {}
     }
 }
 
@@ -166,98 +286,137 @@ async fn decide(rules: &[Rule], host: &str, port: u16) -> Result<SocketAddr, Str
     }
 }
 
-async fn refuse(conn: &mut BufReader<TcpStream>, log: &RefusalLog, why: String) {
+async fn refuse(conn: &mut TcpStream, log: &RefusalLog, why: String) {
     log(why.clone());
     let body = format!("{why}\n");
     let reply = format!(
         "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = conn.get_mut().write_all(reply.as_bytes()).await;
+    let _ = conn.write_all(reply.as_bytes()).await;
 }
 
-async fn serve(conn: TcpStream, rules: Arc<Vec<Rule>>, log: RefusalLog) {
-    let mut conn = BufReader::new(conn);
-    let mut request_line = String::new();
-    if conn.read_line(&mut request_line).await.unwrap_or(0) == 0 {
-        return;
-    }
-    let mut head = Vec::new();
+/// A parsed request head and the bytes read past it (the start of a body or a tunnel).
+struct Head {
+    method: String,
+    target: String,
+    version: u8,
+    headers: Vec<(String, Vec<u8>)>,
+    rest: Vec<u8>,
+}
+
+/// Reads one request head of at most `max` bytes within `timeout`, parsed by httparse.
+async fn read_head(conn: &mut TcpStream, bounds: Bounds) -> Result<Head, Option<String>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + bounds.head_timeout;
     loop {
-        let mut line = String::new();
-        match conn.read_line(&mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) if line == "\r\n" || line == "\n" => break,
-            Ok(_) => head.push(line),
-        }
-        if head.len() > 200 {
-            return;
+        let mut chunk = [0u8; 2048];
+        let room = (bounds.max_head + 1).saturating_sub(buf.len()).min(chunk.len());
+        let n = match tokio::time::timeout_at(deadline, conn.read(&mut chunk[..room])).await {
+            Err(_) => return Err(Some(format!("egress refused: no whole request within {:?}", bounds.head_timeout))),
+            Ok(Err(_)) | Ok(Ok(0)) => return Err(None),
+            Ok(Ok(n)) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                return Ok(Head {
+                    method: request.method.unwrap_or("").to_string(),
+                    target: request.path.unwrap_or("").to_string(),
+                    version: request.version.unwrap_or(1),
+                    headers: request.headers.iter().map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec())).collect(),
+                    rest: buf[len..].to_vec(),
+                })
+            }
+            Ok(httparse::Status::Partial) if buf.len() > bounds.max_head => {
+                return Err(Some(format!("egress refused: request head larger than {} bytes", bounds.max_head)))
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(e) => return Err(Some(format!("egress refused: malformed request ({e})"))),
         }
     }
-    let parts: Vec<&str> = request_line.split_whitespace().collect();
-    let [method, target, version] = parts[..] else {
-        return refuse(&mut conn, &log, "egress refused: malformed request".into()).await;
+}
+
+/// `host[:port]` as a (lowercase host, port) pair, the port defaulting to `default`.
+fn authority(text: &str, default: u16) -> Option<(String, u16)> {
+    let (host, port) = split_host_port(text)?;
+    Some((host.trim_end_matches('.').to_ascii_lowercase(), port.unwrap_or(default)))
+}
+
+async fn serve(mut conn: TcpStream, rules: Arc<Vec<Rule>>, log: RefusalLog, bounds: Bounds) {
+    let head = match read_head(&mut conn, bounds).await {
+        Ok(head) => head,
+        Err(Some(why)) => return refuse(&mut conn, &log, why).await,
+        Err(None) => return,
     };
-    if method.eq_ignore_ascii_case("CONNECT") {
-        let Some((host, Some(port))) = split_host_port(target) else {
-            return refuse(&mut conn, &log, format!("egress refused: bad CONNECT target `{target}`")).await;
+    if head.method.eq_ignore_ascii_case("CONNECT") {
+        let Some((host, port)) = split_host_port(&head.target).and_then(|(h, p)| Some((h.to_string(), p?))) else {
+            return refuse(&mut conn, &log, format!("egress refused: bad CONNECT target `{}`", head.target)).await;
         };
-        let addr = match decide(&rules, host, port).await {
+        let addr = match decide(&rules, &host, port).await {
             Ok(a) => a,
             Err(why) => return refuse(&mut conn, &log, why).await,
         };
-        let Ok(mut upstream) = TcpStream::connect(addr).await else {
+        let Ok(upstream) = TcpStream::connect(addr).await else {
             return refuse(&mut conn, &log, format!("egress: {host}:{port} did not accept the connection")).await;
         };
-        if conn.get_mut().write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await.is_err() {
+        if conn.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await.is_err() {
             return;
         }
-        // Bytes the client sent after the request head belong to the tunnel.
-        let buffered = conn.buffer().to_vec();
-        if !buffered.is_empty() && upstream.write_all(&buffered).await.is_err() {
-            return;
-        }
-        let mut client = conn.into_inner();
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-        return;
+        return relay(conn, upstream, head.rest, bounds.idle_timeout).await;
     }
     // Plain HTTP: an absolute URI (`GET http://host[:port]/path`), forwarded in origin form.
-    let Some(rest) = target.strip_prefix("http://") else {
-        return refuse(&mut conn, &log, format!("egress refused: `{target}` is not an absolute http:// URI")).await;
+    let Some(rest) = head.target.strip_prefix("http://") else {
+        let why = format!("egress refused: `{}` is not an absolute http:// URI", head.target);
+        return refuse(&mut conn, &log, why).await;
     };
-    let (authority, path) = match rest.find('/') {
+    let (target_authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let Some((host, port)) = split_host_port(authority) else {
-        return refuse(&mut conn, &log, format!("egress refused: bad host `{authority}`")).await;
+    let Some((host, port)) = authority(target_authority, 80) else {
+        return refuse(&mut conn, &log, format!("egress refused: bad host `{target_authority}`")).await;
     };
-    let port = port.unwrap_or(80);
-    let addr = match decide(&rules, host, port).await {
+    // The Host header must name the target: otherwise an allowed address would carry a
+    // request for another site (domain fronting).
+    for (name, value) in &head.headers {
+        if name == "host" {
+            let named = std::str::from_utf8(value).ok().and_then(|v| authority(v.trim(), 80));
+            if named.as_ref() != Some(&(host.clone(), port)) {
+                let shown = String::from_utf8_lossy(&value[..value.len().min(100)]).into_owned();
+                let why = format!("egress refused: Host `{shown}` does not match the target {host}:{port}");
+                return refuse(&mut conn, &log, why).await;
+            }
+        }
+    }
+    let addr = match decide(&rules, &host, port).await {
         Ok(a) => a,
         Err(why) => return refuse(&mut conn, &log, why).await,
     };
     let Ok(mut upstream) = TcpStream::connect(addr).await else {
         return refuse(&mut conn, &log, format!("egress: {host}:{port} did not accept the connection")).await;
     };
-    let mut out = format!("{method} {path} {version}\r\n");
-    for line in &head {
-        let name = line.split(':').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mut out = format!("{} {path} HTTP/1.{}\r\n", head.method, head.version).into_bytes();
+    if !head.headers.iter().any(|(n, _)| n == "host") {
+        out.extend_from_slice(format!("host: {target_authority}\r\n").as_bytes());
+    }
+    for (name, value) in &head.headers {
         if name.starts_with("proxy-") {
             continue;
         }
-        out.push_str(line);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
     }
-    out.push_str("\r\n");
-    if upstream.write_all(out.as_bytes()).await.is_err() {
+    out.extend_from_slice(b"\r\n");
+    if upstream.write_all(&out).await.is_err() {
         return;
     }
-    let buffered = conn.buffer().to_vec();
-    if !buffered.is_empty() && upstream.write_all(&buffered).await.is_err() {
-        return;
-    }
-    let mut client = conn.into_inner();
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    relay(conn, upstream, head.rest, bounds.idle_timeout).await
 }
 
 #[cfg(test)]

@@ -751,7 +751,10 @@ impl libcontainer::workload::Executor for ConfinedExecutor {
         libcontainer::workload::default::DefaultExecutor {}.exec(spec)
     }
 
-    fn validate(&self, spec: &libcontainer::oci_spec::runtime::Spec) -> Result<(), libcontainer::workload::ExecutorValidationError> {
+    fn validate(
+        &self,
+        spec: &libcontainer::oci_spec::runtime::Spec,
+    ) -> Result<(), libcontainer::workload::ExecutorValidationError> {
         use libcontainer::workload::ExecutorValidationError as Invalid;
         libcontainer::workload::default::DefaultExecutor {}.validate(spec)?;
         // The container dies with its helper: init is the helper's child, and killing a pid

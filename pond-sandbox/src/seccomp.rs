@@ -269,7 +269,10 @@ mod tests {
     #[test]
     fn namespaces_are_refused_and_plain_forks_are_not() {
         // SAFETY: plain system calls in a child.
-        assert_eq!(in_child(|| if unsafe { libc::unshare(libc::CLONE_NEWUTS) } < 0 { errno() } else { 0 }), libc::EPERM);
+        assert_eq!(
+            in_child(|| if unsafe { libc::unshare(libc::CLONE_NEWUTS) } < 0 { errno() } else { 0 }),
+            libc::EPERM
+        );
         let clone3 = || if unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) } < 0 { errno() } else { 0 };
         assert_eq!(in_child(clone3), libc::ENOSYS);
         #[cfg(target_arch = "x86_64")]

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use pond_sandbox::egress::{EgressProxy, Rule};
+use pond_sandbox::egress::{Bounds, EgressProxy, Rule};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -71,9 +71,17 @@ async fn only_the_allowlist_gets_out_and_refusals_are_logged() {
         ask(proxy.addr, &format!("CONNECT 127.0.0.1:{allowed} HTTP/1.1\r\nHost: x\r\n\r\n"), Some("ping")).await;
     assert!(reply.starts_with("HTTP/1.1 200") && reply.ends_with("allowed:ping"), "{reply}");
     // Plain HTTP to an allowed address: forwarded in origin form.
-    let reply =
-        ask(proxy.addr, &format!("GET http://127.0.0.1:{allowed}/index HTTP/1.1\r\nHost: x\r\n\r\n"), None).await;
+    let reply = ask(
+        proxy.addr,
+        &format!("GET http://127.0.0.1:{allowed}/index HTTP/1.1\r\nHost: 127.0.0.1:{allowed}\r\n\r\n"),
+        None,
+    )
+    .await;
     assert!(reply.contains("allowed saw GET /index HTTP/1.1"), "{reply}");
+    // Domain fronting: an allowed target carrying a request for another site.
+    let reply =
+        ask(proxy.addr, &format!("GET http://127.0.0.1:{allowed}/ HTTP/1.1\r\nHost: evil.example\r\n\r\n"), None).await;
+    assert!(reply.starts_with("HTTP/1.1 403") && reply.contains("does not match the target"), "{reply}");
     // Another port of the host, even of an allowed address: refused and logged.
     let reply = ask(proxy.addr, &format!("CONNECT 127.0.0.1:{other} HTTP/1.1\r\n\r\n"), Some("ping")).await;
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
@@ -84,6 +92,65 @@ async fn only_the_allowlist_gets_out_and_refusals_are_logged() {
     let reply = ask(proxy.addr, "GET /relative HTTP/1.1\r\n\r\n", None).await;
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
     let refused = refused.lock().unwrap().clone();
-    assert_eq!(refused.len(), 3, "{refused:?}");
-    assert!(refused[0].contains(&format!("127.0.0.1:{other} is not on the allowlist")), "{refused:?}");
+    assert_eq!(refused.len(), 4, "{refused:?}");
+    assert!(refused[1].contains(&format!("127.0.0.1:{other} is not on the allowlist")), "{refused:?}");
+}
+
+/// What a sandbox can make the proxy spend is bounded: an endless request line is cut at the
+/// head limit, connections past the cap are closed at once, a silent client is dropped.
+#[tokio::test]
+async fn the_proxy_bounds_heads_connections_and_idle_clients() {
+    let refused: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = refused.clone();
+    let bounds = Bounds {
+        max_head: 8 * 1024,
+        head_timeout: std::time::Duration::from_millis(500),
+        idle_timeout: std::time::Duration::from_millis(500),
+        max_connections: 8,
+    };
+    let proxy =
+        EgressProxy::start_bounded(vec![], Arc::new(move |line| log.lock().unwrap().push(line)), bounds).await.unwrap();
+
+    // 64 MiB of request line with no end: refused once 8 KiB are in, the connection closed;
+    // the rest is never read (the writer runs into a closed socket well before 64 MiB).
+    let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
+    let line = vec![b'A'; 1 << 20];
+    let mut written = 0usize;
+    conn.write_all(b"CONNECT ").await.unwrap();
+    for _ in 0..64 {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), conn.write_all(&line)).await {
+            Ok(Ok(())) => written += line.len(),
+            _ => break,
+        }
+    }
+    assert!(written < 32 << 20, "the proxy kept reading: {written} bytes");
+    common_eventually(|| refused.lock().unwrap().iter().any(|l| l.contains("larger than 8192 bytes"))).await;
+
+    // Past the cap, connections are closed at once; the ones within it wait for their head.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut extra = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), extra.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "a connection past the cap was served");
+    // The silent ones are dropped after the head timeout, with a 403 naming it.
+    let mut silent = held.remove(0);
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), silent.read_to_end(&mut out)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&out).contains("no whole request"), "{}", String::from_utf8_lossy(&out));
+    let refused = refused.lock().unwrap().clone();
+    assert!(refused.iter().any(|l| l.contains("more than 8 connections open at once")), "{refused:?}");
+}
+
+async fn common_eventually(mut pred: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if pred() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("condition not met within 5 s");
 }

@@ -123,7 +123,9 @@ impl Store for MemoryStore {
             let snapshot = &inner.runs[id];
             for stage in &snapshot.stages {
                 let admitted = match (&query.offer, &stage.requirements) {
-                    (Some(offer), Some(required)) => pond_core::routing::admits(required, &snapshot.run.project_id, offer),
+                    (Some(offer), Some(required)) => {
+                        pond_core::routing::admits(required, &snapshot.run.project_id, offer)
+                    }
                     (Some(_), None) => false,
                     (None, _) => true,
                 };

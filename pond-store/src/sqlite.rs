@@ -408,6 +408,12 @@ impl Store for SqliteStore {
             }
             None => "",
         };
+        let offer_json = query.offer.as_ref().map(|o| {
+            (
+                serde_json::to_string(&o.tags).unwrap_or_else(|_| "[]".into()),
+                serde_json::to_string(&o.capabilities).unwrap_or_else(|_| "[]".into()),
+            )
+        });
         // One statement claims the whole batch. Expressions in SET see each row as it was, so
         // `state = 'running'` tells the re-claim of an expired lease from a first claim.
         // Numbered parameters: ?1 owner, ?2 lease end, ?3 now, ?4 limit, ?5 the worker's tags,

@@ -507,13 +507,13 @@ pub async fn byo_hosts_take_only_their_own_projects_work(store: Arc<dyn Store>) 
         None,
         at(0),
     );
-    let forged: std::collections::BTreeSet<String> = ["pool:byo", "tenant:globex"].iter().map(|t| t.to_string()).collect();
+    let forged: std::collections::BTreeSet<String> =
+        ["pool:byo", "tenant:globex"].iter().map(|t| t.to_string()).collect();
     run.stages[0].requirements.as_mut().unwrap().tags = forged;
     store.insert_run(&run).await.unwrap();
-    for (who, tags) in [
-        ("globex", &["pool:byo", "tenant:globex"][..]),
-        ("untenanted", &["pool:byo", "tenant:globex", "pool:trusted"]),
-    ] {
+    for (who, tags) in
+        [("globex", &["pool:byo", "tenant:globex"][..]), ("untenanted", &["pool:byo", "tenant:globex", "pool:trusted"])]
+    {
         let got = store.claim_stages(&pool_query(who, at(1), offer(tags, &[]))).await.unwrap();
         assert!(got.is_empty(), "{who} took acme's job: {:?}", got.iter().map(|c| &c.stage.key).collect::<Vec<_>>());
     }
