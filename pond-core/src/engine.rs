@@ -643,16 +643,22 @@ impl Engine {
                     .unwrap_or(default_policy);
                 let outcome = match (&report.outcome, attestation.verified, policy) {
                     (_, true, _) | (_, false, crate::definition::AttestationPolicy::Record) => report.outcome.clone(),
-                    (reported, false, crate::definition::AttestationPolicy::Required) => StageOutcome::Failed {
-                        error: format!(
-                            "the worker's result is not verified ({}); failed under attestation policy `required` (a stage may opt out with \"attestation\": \"record\")",
-                            attestation.detail
-                        ),
-                        exit_code: match reported {
-                            StageOutcome::Failed { exit_code, .. } => *exit_code,
-                            _ => None,
-                        },
-                    },
+                    (reported, false, crate::definition::AttestationPolicy::Required) => {
+                        // What the worker said stays visible, marked as its unverified word.
+                        let (said, exit_code) = match reported {
+                            StageOutcome::Failed { error, exit_code } => {
+                                (format!("; the worker reported: {error}"), *exit_code)
+                            }
+                            _ => (String::new(), None),
+                        };
+                        StageOutcome::Failed {
+                            error: format!(
+                                "the worker's result is not verified ({}); failed under attestation policy `required` (a stage may opt out with \"attestation\": \"record\"){said}",
+                                attestation.detail
+                            ),
+                            exit_code,
+                        }
+                    }
                 };
                 s.complete_attempt(key, attempt, &outcome, now)?;
                 s.record_attestation(key, attempt, attestation.clone());

@@ -20,6 +20,10 @@ try lan_direct timeout 3 bash -c "exec 3<>/dev/tcp/${PROBE_LAN%:*}/${PROBE_LAN#*
 try lan_http curl -sf --max-time 5 "http://$PROBE_LAN/"
 try dns timeout 5 getent hosts registry.npmjs.org
 try unshare_user unshare -U true
+# AF_VSOCK (40): on a VM, a path to the hypervisor host outside the egress allowlist.
+try vsock perl -e 'socket(my $s, 40, 1, 0) or exit 1'
+# AF_PACKET (17), SOCK_RAW: raw frames off the host's interfaces.
+try packet_socket perl -e 'socket(my $s, 17, 3, 0) or exit 1'
 try mount unshare -m sh -c 'mount -t tmpfs probe /mnt'
 sleep 30 & victim=$!
 try ptrace perl -e 'exit(syscall(101, 16, $ARGV[0] + 0, 0, 0) == 0 ? 0 : 1)' "$victim"
