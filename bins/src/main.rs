@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -721,7 +721,8 @@ enum ContextCommand {
 
 #[derive(Args)]
 struct DemoArgs {
-    /// Data directory of the throwaway server (removed first).
+    /// Data directory of the throwaway server (cleared first if an earlier demo made it; any
+    /// other non-empty directory is refused).
     #[arg(long, default_value = ".pond-demo")]
     data_dir: PathBuf,
     /// Workflow to run.
@@ -1504,9 +1505,22 @@ fn demo(args: DemoArgs) -> Result<i32> {
             args.source.display()
         );
     }
+    // Only a directory an earlier demo made (it holds the marker) is cleared: never a server's
+    // data directory or anything else a user pointed --data-dir at.
+    const MARKER: &str = ".made-by-pond-demo";
+    let is_empty = |dir: &Path| std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false);
     if args.data_dir.exists() {
-        std::fs::remove_dir_all(&args.data_dir).with_context(|| format!("clearing {}", args.data_dir.display()))?;
+        if args.data_dir.join(MARKER).is_file() {
+            std::fs::remove_dir_all(&args.data_dir).with_context(|| format!("clearing {}", args.data_dir.display()))?;
+        } else if !is_empty(&args.data_dir) {
+            bail!(
+                "{} exists and was not made by `pond demo`; refusing to clear it (pass another --data-dir)",
+                args.data_dir.display()
+            );
+        }
     }
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    std::fs::write(args.data_dir.join(MARKER), b"pond demo data; removed by the next `pond demo`\n")?;
     let rt = runtime()?;
     let mut config = pond_http::server::ServerConfig::new(args.data_dir.clone(), Arc::new(pond_sandbox::HostBackend));
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));

@@ -24,7 +24,9 @@ fn agents_bin() -> Option<PathBuf> {
     match std::env::var("POND_TEST_AGENTS_DIR") {
         Ok(dir) if !dir.is_empty() => Some(PathBuf::from(dir).join("node_modules/.bin")),
         _ => {
-            eprintln!("skipped: POND_TEST_AGENTS_DIR is not set (the pinned agent CLIs; .ci/run installs them)");
+            pond_store::missing_prerequisite(
+                "POND_TEST_AGENTS_DIR is not set (the pinned agent CLIs; .ci/run installs them)",
+            );
             None
         }
     }
@@ -446,7 +448,9 @@ fn tool_turn(preset: &str, place: Where) {
     let confined = matches!(place, Where::Sandboxed | Where::PoolSandboxed);
     // SAFETY: geteuid has no preconditions.
     if confined && unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: the OCI sandbox needs root (namespaces, mounts, cgroups); .ci/run runs as root");
+        pond_store::missing_prerequisite(
+            "the OCI sandbox needs root (namespaces, mounts, cgroups); .ci/run runs as root",
+        );
         return;
     }
     let Some(bin) = agents_bin() else { return };

@@ -372,6 +372,28 @@ fn local_sources_need_an_operator_allowlist_and_checkouts_are_throwaway() {
     let outside = json!({"project_id":"p","definition":def,"sources":[{"kind":"local","config":{"path": dir.path().join("data")}}]});
     let (status, _, field) = api_error(admin.submit(&outside, None).unwrap_err());
     assert_eq!((status, field.as_deref()), (422, Some("sources[0].config.path")));
+
+    // Links under the allowed directory that lead out of it: the path is resolved, not read as
+    // text, so each is refused and nothing of the target is copied or published.
+    let secret = dir.path().join("secret");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("key.txt"), "TODO: secret-4b1d\n").unwrap();
+    std::os::unix::fs::symlink(&secret, allowed.join("lnk")).unwrap();
+    std::os::unix::fs::symlink("/", allowed.join("root")).unwrap();
+    std::fs::create_dir_all(allowed.join("a")).unwrap();
+    std::os::unix::fs::symlink(allowed.join("lnk"), allowed.join("a/nested")).unwrap();
+    let scan = json!({"stages":[{"key":"todos","executor":{"kind":"builtin","name":"todo_scan"}}]});
+    for path in ["lnk", "lnk/", "lnk/.", "a/nested", "a/nested/.", "root", "root/etc"] {
+        let body = json!({"project_id":"p","definition":scan,
+            "sources":[{"kind":"local","config":{"path": format!("{}/{path}", allowed.display())}}]});
+        let run = admin.submit(&body, None).unwrap();
+        let done = wait_done(&admin, &run.id.to_string(), Duration::from_secs(30));
+        assert_eq!(done.state, RunState::Failed, "{path}");
+        let error = done.stages[0].error.clone().unwrap_or_default();
+        assert!(error.contains("outside the directories the operator allowed"), "{path}: {error}");
+        let listed = admin.artifacts(&run.id.to_string()).unwrap();
+        assert!(listed.artifacts.is_empty(), "{path}: {:?}", listed.artifacts);
+    }
 }
 
 #[test]

@@ -219,7 +219,7 @@ fn confidential_run(pg: Option<&str>) {
 
     // A libsodium consumer with no Pond code reads the same run and checks the attestation.
     let Some(python) = std::env::var("POND_TEST_PYTHON").ok().filter(|p| !p.is_empty()) else {
-        eprintln!("skipped: POND_TEST_PYTHON is not set (a python with PyNaCl; .ci/run sets it)");
+        pond_store::missing_prerequisite("POND_TEST_PYTHON is not set (a python with PyNaCl; .ci/run sets it)");
         return;
     };
     let secret = std::fs::read_to_string(alice.join("keys/default.x25519")).unwrap();

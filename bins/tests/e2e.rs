@@ -343,3 +343,31 @@ fn keys_are_made_once_per_context_and_replaced_only_on_request() {
     let other = pond(&["--context", "other", "keys", "path"]);
     assert!(String::from_utf8_lossy(&other.stdout).trim().ends_with("keys/other.x25519"), "one key per context");
 }
+
+/// `pond demo` clears only what an earlier demo made: pointed at another directory (a server's
+/// data directory, say) it refuses and leaves it as it was.
+#[test]
+fn demo_never_deletes_a_directory_it_did_not_make() {
+    let dir = tempfile::tempdir().unwrap();
+    let foreign = dir.path().join("server-data");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("admin.token"), "keep me").unwrap();
+    let demo = |data: &std::path::Path| {
+        std::process::Command::new(common::POND)
+            .current_dir(common::root())
+            .args(["demo", "--data-dir"])
+            .arg(data)
+            .output()
+            .unwrap()
+    };
+    let out = demo(&foreign);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("was not made by `pond demo`"));
+    assert_eq!(std::fs::read_to_string(foreign.join("admin.token")).unwrap(), "keep me");
+    // Its own directory it clears and runs again.
+    let own = dir.path().join("demo");
+    for _ in 0..2 {
+        let out = demo(&own);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}

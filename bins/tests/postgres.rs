@@ -216,7 +216,9 @@ impl PrivatePostgres {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc_geteuid() } == 0;
         if !root || !initdb.exists() {
-            eprintln!("skipped: a private PostgreSQL needs root and /usr/lib/postgresql/15/bin (CI has both)");
+            pond_store::missing_prerequisite(
+                "a private PostgreSQL needs root and /usr/lib/postgresql/15/bin (CI has both)",
+            );
             return None;
         }
         let dir = tempfile::Builder::new().prefix("pond-pg-").tempdir_in("/tmp").unwrap();

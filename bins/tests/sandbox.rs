@@ -23,7 +23,9 @@ fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        eprintln!("skipped: the OCI sandbox tests need root (namespaces, mounts, cgroups); .ci/run runs as root");
+        pond_store::missing_prerequisite(
+            "the OCI sandbox tests need root (namespaces, mounts, cgroups); .ci/run runs as root",
+        );
     }
     root
 }
@@ -215,6 +217,39 @@ fn run_stage(server: &Server, profile: &str, argv: &[&str], limits: Value) -> (R
     let run = wait_done(&admin, &run.id.to_string(), Duration::from_secs(120));
     let lines = log_text(&admin, &run.id.to_string());
     (run, lines)
+}
+
+/// Each sandbox runs as its own uid, so a per-user kernel limit is per sandbox: one that takes
+/// every inotify instance its user may have (and holds them for 12 s) leaves the other, started
+/// beside it, its own.
+#[test]
+fn one_sandbox_exhausting_a_per_user_limit_leaves_the_others_theirs() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &["--sandbox", "oci"]);
+    // inotify_init1 is call 294 on x86-64, 26 on arm64.
+    let nr = if cfg!(target_arch = "aarch64") { 26 } else { 294 };
+    let hog = format!(
+        "perl -e 'my @fds; while (1) {{ my $fd = syscall({nr}, 0); last if $fd < 0; push @fds, $fd }} print \"hog holds \", scalar(@fds), \"\\n\"; sleep 12'"
+    );
+    let victim = format!(
+        "sleep 4; perl -e 'my $fd = syscall({nr}, 0); print $fd >= 0 ? \"victim got an instance\\n\" : \"victim refused: $!\\n\"'"
+    );
+    let stage = |key: &str, script: &str| {
+        json!({"key": key, "needs": [], "timeout": "2m", "executor": {"kind": "shell",
+        "argv": ["sh", "-c", script], "sandbox": {"profile": "untrusted-code-read", "limits": {"timeout_secs": 40}}}})
+    };
+    let body = json!({"project_id": "acme", "definition": {"stages": [stage("hog", &hog), stage("victim", &victim)]}});
+    let admin = server.admin();
+    let run = admin.submit(&body, None).unwrap();
+    let run = wait_done(&admin, &run.id.to_string(), Duration::from_secs(120));
+    let lines = log_text(&admin, &run.id.to_string());
+    assert_eq!(run.state, RunState::Succeeded, "{lines:?}");
+    let limit = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances").unwrap();
+    assert!(lines.iter().any(|l| l.contains(&format!("hog holds {}", limit.trim()))), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("victim got an instance")), "{lines:?}");
 }
 
 #[test]

@@ -31,14 +31,14 @@ async fn main() -> Result<()> {
     // The store: one SQLite file, wrapped so the driver wakes on changes.
     let sqlite = SqliteStore::open(&data.join("pond.db")).await?;
     let store = Arc::new(WatchedStore::new(Arc::new(sqlite)));
-    // Checkouts: `local` sources are allowed under the repository's parent directory only.
-    let workspaces = LocalWorkspaces::new(data.join("checkouts"), store.clone(), FetchConfig::default())?;
+    // Checkouts: `local` sources are allowed under the repository's parent directory only (the
+    // engine checks the path as written at submit, the workspaces the resolved one at fetch).
+    let roots = vec![repo.parent().unwrap_or(&repo).to_path_buf()];
+    let fetch = FetchConfig { local_roots: roots.clone(), ..FetchConfig::default() };
+    let workspaces = LocalWorkspaces::new(data.join("checkouts"), store.clone(), fetch)?;
     let config = EngineConfig {
         node_id: "embedded".into(),
-        source_policy: SourcePolicy {
-            local_roots: vec![repo.parent().unwrap_or(&repo).to_path_buf()],
-            ..Default::default()
-        },
+        source_policy: SourcePolicy { local_roots: roots, ..Default::default() },
         ..Default::default()
     };
     let engine = Arc::new(

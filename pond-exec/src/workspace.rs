@@ -37,6 +37,10 @@ pub struct FetchConfig {
     /// before anything connects to it, so a source cannot make the control plane probe its own
     /// network.
     pub allow_internal_git: bool,
+    /// Directories `local` sources may come from. Checked again here on the resolved path
+    /// (links followed), not only as text at submit: a link under an allowed directory that
+    /// points elsewhere is refused.
+    pub local_roots: Vec<PathBuf>,
     /// The server key uploaded bundles are sealed under at rest (`None`: stored in clear).
     pub at_rest_key: Option<[u8; 32]>,
 }
@@ -50,6 +54,7 @@ impl Default for FetchConfig {
             max_bundle_entries: 200_000,
             allow_plain_http_git: false,
             allow_internal_git: false,
+            local_roots: Vec::new(),
             at_rest_key: None,
         }
     }
@@ -128,8 +133,8 @@ impl LocalWorkspaces {
                 self.git_clone(url, want, target).await.map(Some)
             }
             SourceSpec::Local { path } => {
-                let (from, to) = (path.clone(), target.to_path_buf());
-                tokio::task::spawn_blocking(move || copy_tree(&from, &to))
+                let (from, to, roots) = (path.clone(), target.to_path_buf(), self.config.local_roots.clone());
+                tokio::task::spawn_blocking(move || copy_tree(&resolve_local(&from, &roots)?, &to))
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| format!("copying {}: {e}", path.display()))?;
@@ -389,11 +394,28 @@ pub fn tree_digest(root: &Path) -> std::io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// A `local` source's real directory: `path` with every link resolved, which must lie under
+/// one of `roots` (also resolved). Text that only looks inside (`ALLOWED/lnk/.` where `lnk`
+/// points out) is refused.
+fn resolve_local(path: &Path, roots: &[PathBuf]) -> std::io::Result<PathBuf> {
+    let real = std::fs::canonicalize(path)?;
+    let inside = roots.iter().filter_map(|r| std::fs::canonicalize(r).ok()).any(|root| real.starts_with(&root));
+    if !inside {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("it resolves to {}, outside the directories the operator allowed", real.display()),
+        ));
+    }
+    Ok(real)
+}
+
+/// Copies a directory tree, never following a link: links are copied as links, and the root
+/// itself must be a real directory.
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    if !from.is_dir() {
+    if !std::fs::symlink_metadata(from)?.is_dir() {
         return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"));
     }
-    for entry in walkdir::WalkDir::new(from).follow_links(false) {
+    for entry in walkdir::WalkDir::new(from).follow_links(false).follow_root_links(false) {
         let entry = entry.map_err(std::io::Error::other)?;
         let rel = entry.path().strip_prefix(from).unwrap_or(entry.path());
         let dest = to.join(rel);

@@ -278,6 +278,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let fetch = FetchConfig {
         allow_plain_http_git: config.allow_plain_http_git,
         allow_internal_git: config.allow_internal_git,
+        local_roots: config.allow_local_sources.clone(),
         at_rest_key: Some(at_rest_key),
         ..Default::default()
     };

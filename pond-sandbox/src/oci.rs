@@ -47,12 +47,52 @@ use serde_json::json;
 
 use crate::egress::{self, Rule};
 
-/// The user (and group) the command runs as: an unprivileged id no host account uses.
+/// The first of the users (and groups) commands run as: unprivileged ids no host account uses.
+/// Each sandbox running on the host at the same time has its own ([`SANDBOX_UIDS`] of them,
+/// held by a lock for the sandbox's life), so per-user kernel limits (inotify instances and
+/// watches, pipe buffers, …) are per sandbox: one cannot exhaust them for the others.
 ///
 /// No user namespace: its mapped root could not reach mount sources below the 0700
 /// directories a worker keeps its checkouts and scratch space in, and a non-root uid without
 /// capabilities, under no_new_privileges and seccomp, already cannot regain privileges.
 pub const SANDBOX_UID: u32 = 101_000;
+/// How many sandbox uids there are (`SANDBOX_UID..SANDBOX_UID + SANDBOX_UIDS`).
+pub const SANDBOX_UIDS: u32 = 4096;
+
+/// Where the host-wide uid locks live: one file per uid, `flock`ed by the helper using it.
+/// Host-wide rather than per state directory, since two workers on one host share the kernel.
+fn uid_lock_dir() -> PathBuf {
+    if Path::new("/run").is_dir() {
+        PathBuf::from("/run/pond-sandbox/uids")
+    } else {
+        std::env::temp_dir().join("pond-sandbox-uids")
+    }
+}
+
+/// Takes a sandbox uid no other sandbox on this host holds; the lock goes with the file.
+fn acquire_uid() -> Result<(File, u32), String> {
+    let dir = uid_lock_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let _ = std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+    for n in 0..SANDBOX_UIDS {
+        let path = dir.join(format!("{n}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        if file.try_lock().is_ok() {
+            return Ok((file, SANDBOX_UID + n));
+        }
+    }
+    Err(format!("all {SANDBOX_UIDS} sandbox uids are in use on this host"))
+}
+
+/// Whether `uid` is one of the sandbox uids.
+pub fn is_sandbox_uid(uid: u32) -> bool {
+    (SANDBOX_UID..SANDBOX_UID + SANDBOX_UIDS).contains(&uid)
+}
 /// Where the egress proxy listens inside the sandbox.
 pub const PROXY_PORT: u16 = 3128;
 /// The cgroup (under each hierarchy's root) holding every sandbox's cgroup.
@@ -245,7 +285,7 @@ impl OciBackend {
             ("NoNewPrivs:", field("NoNewPrivs:") == "1"),
             ("CapEff:", field("CapEff:").trim_start_matches('0').is_empty()),
             ("CapBnd:", field("CapBnd:").trim_start_matches('0').is_empty()),
-            ("Uid:", field("Uid:").split_whitespace().all(|u| u == SANDBOX_UID.to_string())),
+            ("Uid:", field("Uid:").split_whitespace().all(|u| u.parse().is_ok_and(is_sandbox_uid))),
         ];
         if let Some((name, _)) = expect.iter().find(|(_, ok)| !ok) {
             return Err(SandboxError::SelfCheck(format!("inside the probe sandbox, {name} is `{}`", field(name))));
@@ -393,6 +433,8 @@ struct Sandbox<'a> {
     rw_mounted: bool,
     /// The cgroup slot held (its lock file) and its number.
     slot: Option<(File, usize)>,
+    /// The uid held (its lock file) and its number.
+    uid: Option<(File, u32)>,
     /// Phase ends, printed to stderr when `POND_SANDBOX_TRACE` is set (for tuning).
     marks: Vec<(&'static str, std::time::Instant)>,
 }
@@ -406,7 +448,7 @@ impl<'a> Sandbox<'a> {
         let bundle = spec.state_dir.join("bundles").join(&spec.id);
         let rw = bundle.join("rw");
         let marks = vec![("start", std::time::Instant::now())];
-        Sandbox { spec, bundle, rw, container: None, rw_mounted: false, slot: None, marks }
+        Sandbox { spec, bundle, rw, container: None, rw_mounted: false, slot: None, uid: None, marks }
     }
 
     fn mark(&mut self, phase: &'static str) {
@@ -466,13 +508,15 @@ impl<'a> Sandbox<'a> {
             std::fs::create_dir_all(&dir).map_err(|e| format!("creating the bundle: {e}"))?;
         }
         self.mark("tmpfs");
-        let mounts = self.prepare_mounts()?;
+        let (uid_lock, uid) = acquire_uid()?;
+        self.uid = Some((uid_lock, uid));
+        let mounts = self.prepare_mounts(uid)?;
         let (lock, slot) = acquire_slot(&spec.state_dir)?;
         self.slot = Some((lock, slot));
         let cgroup = slot_cgroup(&spec.state_dir, slot);
         let oom_before = oom_kills(&spec.state_dir, slot);
         let netns = format!("/proc/{}/ns/net", std::process::id());
-        let config = oci_config(spec, &mounts, proxy.is_some(), Some(netns), &cgroup);
+        let config = oci_config(spec, uid, &mounts, proxy.is_some(), Some(netns), &cgroup);
         std::fs::write(self.bundle.join("config.json"), serde_json::to_vec_pretty(&config).unwrap_or_default())
             .map_err(|e| format!("writing config.json: {e}"))?;
         self.mark("bundle");
@@ -527,13 +571,16 @@ impl<'a> Sandbox<'a> {
 
     /// Fills the tmpfs: `w<i>` for writable grants (their content copied in), `c<i>` for
     /// checkout copies, `tmp`. Returns the OCI mounts.
-    fn prepare_mounts(&self) -> Result<Vec<serde_json::Value>, String> {
+    fn prepare_mounts(&self, uid: u32) -> Result<Vec<serde_json::Value>, String> {
         let spec = self.spec;
         let mut mounts = system_mounts(&self.bundle.join("rootfs"))?;
         // The sandbox's user has a name (tools that look themselves up need one).
         for (file, line) in [
-            ("passwd", format!("root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:{SANDBOX_UID}:{SANDBOX_UID}:pond sandbox:/tmp:/bin/sh\n")),
-            ("group", format!("root:x:0:\nsandbox:x:{SANDBOX_UID}:\n")),
+            (
+                "passwd",
+                format!("root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:{uid}:{uid}:pond sandbox:/tmp:/bin/sh\n"),
+            ),
+            ("group", format!("root:x:0:\nsandbox:x:{uid}:\n")),
         ] {
             let path = self.bundle.join(file);
             std::fs::write(&path, line).map_err(|e| format!("writing {}: {e}", path.display()))?;
@@ -560,7 +607,7 @@ impl<'a> Sandbox<'a> {
                     mounts.push(bind(&grant.path, &grant.path, false));
                 }
                 Some(dir) => {
-                    copy_tree(&grant.path, &dir, Some(SANDBOX_UID))?;
+                    copy_tree(&grant.path, &dir, Some(uid))?;
                     mounts.push(bind(&dir, &grant.path, true));
                 }
             }
@@ -649,7 +696,7 @@ pub fn comparison_bundle(dir: &Path, argv: &[&str]) -> Result<(), String> {
     mounts.push(json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
         "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]}));
     let spec = HelperSpec::plain("comparison", dir, argv, dir.join("report.json"));
-    let mut config = oci_config(&spec, &mounts, false, None, "/pond-sandbox/comparison");
+    let mut config = oci_config(&spec, SANDBOX_UID, &mounts, false, None, "/pond-sandbox/comparison");
     // Pond applies its filter from the container's init (see `ConfinedExecutor`); other
     // runtimes get the same policy in the bundle.
     config["linux"]["seccomp"] = crate::seccomp::oci_profile();
@@ -671,6 +718,7 @@ fn remove_bundle(bundle: &Path) -> Result<(), String> {
 /// `None` for a new one; `cgroup` the cgroup path.
 fn oci_config(
     spec: &HelperSpec,
+    uid: u32,
     mounts: &[serde_json::Value],
     proxied: bool,
     netns: Option<String>,
@@ -702,7 +750,7 @@ fn oci_config(
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
-            "user": {"uid": SANDBOX_UID, "gid": SANDBOX_UID},
+            "user": {"uid": uid, "gid": uid},
             "args": spec.argv,
             "env": env,
             "cwd": spec.cwd,

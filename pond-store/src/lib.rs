@@ -21,7 +21,7 @@ mod watched;
 
 pub use memory::MemoryStore;
 pub use pg::{PgStore, CHANGE_CHANNEL};
-pub use scratch::ScratchDatabase;
+pub use scratch::{missing_prerequisite, ScratchDatabase};
 pub use sqlite::SqliteStore;
 pub use watched::WatchedStore;
 

@@ -597,7 +597,9 @@ conformance!(sqlite, {
 });
 conformance!(postgres, {
     let Ok(server) = std::env::var("POND_TEST_DATABASE_URL") else {
-        eprintln!("skipped: POND_TEST_DATABASE_URL is not set (a PostgreSQL server URL; .ci/run sets it)");
+        pond_store::missing_prerequisite(
+            "POND_TEST_DATABASE_URL is not set (a PostgreSQL server URL; .ci/run sets it)",
+        );
         return None;
     };
     let db = pond_store::ScratchDatabase::create(&server, "conformance").await.expect("create a scratch database");

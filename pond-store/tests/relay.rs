@@ -14,7 +14,9 @@ use pond_store::{PgStore, ScratchDatabase, WatchedStore};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_on_one_node_wakes_waiters_on_another() {
     let Ok(server) = std::env::var("POND_TEST_DATABASE_URL") else {
-        eprintln!("skipped: POND_TEST_DATABASE_URL is not set (a PostgreSQL server URL; .ci/run sets it)");
+        pond_store::missing_prerequisite(
+            "POND_TEST_DATABASE_URL is not set (a PostgreSQL server URL; .ci/run sets it)",
+        );
         return;
     };
     let db = ScratchDatabase::create(&server, "relay").await.unwrap();

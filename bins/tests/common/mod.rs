@@ -65,7 +65,9 @@ impl Server {
         match std::env::var("POND_TEST_DATABASE_URL") {
             Ok(url) if !url.is_empty() => Some(url),
             _ => {
-                eprintln!("skipped: POND_TEST_DATABASE_URL is not set (a PostgreSQL server URL; .ci/run sets it)");
+                pond_store::missing_prerequisite(
+                    "POND_TEST_DATABASE_URL is not set (a PostgreSQL server URL; .ci/run sets it)",
+                );
                 None
             }
         }
