@@ -250,6 +250,10 @@ struct ServerArgs {
     /// for stages that do not say: `required` fails the stage, `record` keeps it flagged.
     #[arg(long, default_value = "required", value_parser = parse_attestation)]
     attestation: pond_core::definition::AttestationPolicy,
+    /// Most bytes of output kept per stage attempt; later output is read but not kept, after a
+    /// `log truncated` note.
+    #[arg(long, env = "POND_MAX_LOG_BYTES", default_value_t = pond_core::engine::DEFAULT_MAX_LOG_BYTES)]
+    max_log_bytes: u64,
     /// Allow git remotes on loopback, private, link-local and other special-purpose addresses
     /// (test setups, private networks). Off: such remotes are refused before any connection.
     #[arg(long)]
@@ -648,6 +652,10 @@ struct WorkerArgs {
     /// host process of this worker's user, which can read what that user can). Off by default.
     #[arg(long, env = "POND_ALLOW_UNCONFINED")]
     allow_unconfined: bool,
+    /// Most bytes of output kept per job; later output is read but not kept, after a
+    /// `log truncated` note.
+    #[arg(long, env = "POND_MAX_LOG_BYTES", default_value_t = pond_core::engine::DEFAULT_MAX_LOG_BYTES)]
+    max_log_bytes: u64,
     #[command(flatten)]
     sandbox: SandboxArgs,
 }
@@ -1010,6 +1018,7 @@ fn worker(args: WorkerArgs) -> Result<i32> {
         shell_env_allow: args.shell_env_allow,
         sandbox: backend,
         allow_unconfined: args.allow_unconfined,
+        max_log_bytes: args.max_log_bytes,
     };
     let prepared = pond_http::worker_process::prepare(&config)?;
     let m = &prepared.member;
@@ -1194,6 +1203,7 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
     config.allow_plain_http_git = args.allow_http_git;
     config.allow_internal_git = args.allow_internal_git;
     config.attestation_default = args.attestation;
+    config.max_log_bytes = args.max_log_bytes;
     config.reserved_tag_prefixes = args.reserved_tag_prefixes;
     config.limits.max_bundle_bytes = args.max_bundle_bytes;
     config.shell_env_allow = args.shell_env_allow;
@@ -1306,12 +1316,16 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
                 return Ok(cli::exit_code(end.state));
             }
             let mut after = 0;
+            let mut printer = cli::LinePrinter::default();
             loop {
                 let page = client.logs(&id, after, 1000)?;
                 for line in &page.lines {
                     let Some(line) = decrypt.line(line)? else { continue };
-                    let text = if json { serde_json::to_string(&line)? } else { cli::format_log_line(&line) };
-                    writeln!(out, "{text}")?;
+                    if json {
+                        writeln!(out, "{}", serde_json::to_string(&line)?)?;
+                    } else {
+                        printer.print(&mut out, &line)?;
+                    }
                 }
                 if page.lines.is_empty() {
                     return Ok(0);

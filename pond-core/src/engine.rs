@@ -47,7 +47,14 @@ pub struct EngineConfig {
     pub reserved_tag_prefixes: Vec<String>,
     /// What a pooled result that fails verification does when its stage does not say.
     pub attestation_default: crate::definition::AttestationPolicy,
+    /// Most bytes of output kept per stage attempt; more is dropped after a truncation note.
+    pub max_log_bytes: u64,
+    /// How long output is retried while the store is away before the stage fails for it.
+    pub delivery_budget: Millis,
 }
+
+/// The per-stage log cap unless the operator sets one: 64 MiB.
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -59,6 +66,8 @@ impl Default for EngineConfig {
             at_rest_key: crate::seal::random_key(),
             reserved_tag_prefixes: Vec::new(),
             attestation_default: crate::definition::AttestationPolicy::Required,
+            max_log_bytes: DEFAULT_MAX_LOG_BYTES,
+            delivery_budget: Millis::from_secs(300),
         }
     }
 }
@@ -91,6 +100,7 @@ pub struct Submitted {
 pub struct Engine {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    pause: Arc<dyn crate::time::Pause>,
     executors: HashMap<&'static str, Arc<dyn Executor>>,
     workspaces: Arc<dyn Workspaces>,
     sandbox_profiles: Vec<SandboxProfile>,
@@ -108,11 +118,19 @@ impl Engine {
         Engine {
             store,
             clock,
+            pause: Arc::new(crate::time::NoPause),
             executors: HashMap::new(),
             workspaces,
             sandbox_profiles: vec![SandboxProfile::None],
             config,
         }
+    }
+
+    /// How the engine waits between retries of a write the store refused for being away (the
+    /// caller's runtime's sleep).
+    pub fn with_pause(mut self, pause: Arc<dyn crate::time::Pause>) -> Self {
+        self.pause = pause;
+        self
     }
 
     /// Registers an executor for its kind.
@@ -438,6 +456,8 @@ impl Engine {
             stage: &claim.stage.key,
             attempt: claim.stage.attempt,
             sealer: run.encryption.as_ref().map(|e| crate::seal::OutputSealer::new(e.keys(), self.config.signing_seed)),
+            budget: crate::exec::LogBudget::new(self.config.max_log_bytes),
+            delivery: std::sync::Mutex::new(Delivery::default()),
         };
         let items = match self.foreach_items(run, def).await {
             Ok(items) => items,
@@ -453,6 +473,14 @@ impl Engine {
             items: items.as_deref(),
         };
         let outcome = executor.execute(ctx).await;
+        // Output that never reached the store fails the stage, whatever the process did: a
+        // run must not read `succeeded` with a hole in its log.
+        let outcome = match (sink.finish().await, outcome) {
+            (Err(why), StageOutcome::Succeeded | StageOutcome::Failed { .. }) => {
+                StageOutcome::Failed { error: why, exit_code: None }
+            }
+            (_, outcome) => outcome,
+        };
         match (outcome, stop.reason()) {
             (StageOutcome::Cancelled, Some(StopReason::TimedOut))
             | (StageOutcome::Failed { .. }, Some(StopReason::TimedOut)) => {
@@ -571,12 +599,13 @@ impl Engine {
         Ok(self.store.renew_lease(job.run, &job.stage, job.attempt, &worker.id, now.plus(self.config.lease)).await?)
     }
 
-    /// Appends a pooled job's output lines to its run's log.
-    pub async fn job_logs(&self, job: &JobId, lines: Vec<(LogStream, String)>) -> Result<(), CoreError> {
+    /// Appends a pooled job's output lines to its run's log. Lines carry the worker's
+    /// `line_seq`, so a batch delivered again (a retry after a lost answer) is stored once.
+    pub async fn job_logs(&self, job: &JobId, lines: Vec<NewLogLine>) -> Result<(), CoreError> {
         let at = self.clock.now();
         let lines: Vec<NewLogLine> = lines
             .into_iter()
-            .map(|(stream, text)| NewLogLine { stage: Some(job.stage.clone()), attempt: job.attempt, stream, at, text })
+            .map(|line| NewLogLine { stage: Some(job.stage.clone()), attempt: job.attempt, at, ..line })
             .collect();
         Ok(self.store.append_logs(job.run, &lines).await?)
     }
@@ -805,7 +834,7 @@ impl Engine {
     }
 
     fn system(&self, stage: Option<&str>, attempt: u32, text: String) -> NewLogLine {
-        NewLogLine { stage: stage.map(str::to_string), attempt, stream: LogStream::System, at: self.clock.now(), text }
+        NewLogLine::text(stage.map(str::to_string), attempt, LogStream::System, self.clock.now(), text)
     }
 }
 
@@ -970,13 +999,67 @@ struct StoreSink<'a> {
     attempt: u32,
     /// For a confidential run: output is sealed before it is stored; pond keeps no key.
     sealer: Option<crate::seal::OutputSealer>,
+    budget: crate::exec::LogBudget,
+    delivery: std::sync::Mutex<Delivery>,
+}
+
+/// Where a sink's delivery stands: the next line number, and the first failure.
+#[derive(Default)]
+struct Delivery {
+    next_seq: u64,
+    failed: Option<String>,
 }
 
 impl StoreSink<'_> {
+    fn delivery(&self) -> std::sync::MutexGuard<'_, Delivery> {
+        self.delivery.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `write` until it succeeds, retrying with backoff while the store is away, up to the
+    /// engine's delivery budget. A failure is remembered: it fails the stage at the end.
+    async fn deliver<'f, F, Fut>(&self, what: &str, write: F) -> Result<(), String>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), StoreError>> + 'f,
+    {
+        let engine = self.engine;
+        let started = engine.clock.now();
+        let mut backoff = crate::time::Backoff::new(Millis(100), Millis::from_secs(5));
+        loop {
+            let error = match write().await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Unavailable(e)) => e,
+                Err(other) => return Err(self.failed(format!("{what} could not be stored: {other}"))),
+            };
+            let waited = Millis(engine.clock.now().as_millis().saturating_sub(started.as_millis()).max(0) as u64);
+            if waited >= engine.config.delivery_budget {
+                return Err(self
+                    .failed(format!("{what} could not be stored: the store was unavailable for {waited} ({error})")));
+            }
+            let random = u16::from_le_bytes(crate::seal::random_bytes::<2>());
+            engine.pause.pause(backoff.next(random)).await;
+        }
+    }
+
+    fn failed(&self, why: String) -> String {
+        self.delivery().failed.get_or_insert(why).clone()
+    }
+
     async fn store_artifact(&self, name: &str, data: &[u8]) -> Result<(), String> {
         let now = self.engine.clock.now();
         let store = &self.engine.store;
-        let blob = store.put_blob(self.project, data, now).await.map_err(|e| e.to_string())?;
+        let what = format!("artifact `{name}`");
+        // Blob then record, each retried: a blob stored twice is garbage, never a wrong answer.
+        let blob = std::sync::Mutex::new(None);
+        self.deliver(&what, || async {
+            let meta = store.put_blob(self.project, data, now).await?;
+            *blob.lock().unwrap_or_else(|p| p.into_inner()) = Some(meta);
+            Ok(())
+        })
+        .await?;
+        let Some(blob) = blob.into_inner().unwrap_or_else(|p| p.into_inner()) else {
+            return Err(self.failed(format!("{what} could not be stored")));
+        };
         let artifact = Artifact {
             run_id: self.run,
             name: name.to_string(),
@@ -986,29 +1069,45 @@ impl StoreSink<'_> {
             sha256: blob.sha256,
             created_at: now,
         };
-        store.put_artifact(&artifact).await.map_err(|e| e.to_string())
+        self.deliver(&what, || store.put_artifact(&artifact)).await
     }
 }
 
 #[async_trait]
 impl OutputSink for StoreSink<'_> {
-    async fn lines(&self, lines: Vec<(LogStream, String)>) {
-        let at = self.engine.clock.now();
+    async fn lines(&self, lines: Vec<crate::exec::OutputLine>) {
+        if self.delivery().failed.is_some() {
+            return;
+        }
+        let lines = self.budget.admit(lines);
         let lines = match &self.sealer {
             Some(sealer) => sealer.lines(lines),
             None => lines,
         };
-        let lines: Vec<NewLogLine> = lines
-            .into_iter()
-            .map(|(stream, text)| NewLogLine {
-                stage: Some(self.stage.to_string()),
-                attempt: self.attempt,
-                stream,
-                at,
-                text,
-            })
+        if lines.is_empty() {
+            return;
+        }
+        let at = self.engine.clock.now();
+        let first = {
+            let mut delivery = self.delivery();
+            let first = delivery.next_seq;
+            delivery.next_seq += lines.len() as u64;
+            first
+        };
+        let records: Vec<NewLogLine> = lines
+            .iter()
+            .enumerate()
+            .map(|(i, line)| NewLogLine::output(self.stage, self.attempt, at, line, first + i as u64))
             .collect();
-        let _ = self.engine.store.append_logs(self.run, &lines).await;
+        let store = &self.engine.store;
+        let _ = self.deliver("the stage's output", || store.append_logs(self.run, &records)).await;
+    }
+
+    async fn finish(&self) -> Result<(), String> {
+        match &self.delivery().failed {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
+        }
     }
 
     async fn artifact(&self, name: &str, data: Vec<u8>) -> Result<(), String> {

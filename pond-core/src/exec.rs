@@ -38,13 +38,111 @@ pub trait StopSignal: Send + Sync {
     fn stopped(&self) -> BoxFuture<'_, StopReason>;
 }
 
-/// Where a stage's output goes.
+/// The most bytes one log record holds: a longer line is cut into records of this size, all
+/// but the last marked `continued`, as it is read (no line is ever buffered whole).
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// A line of a stage's output (or a piece of one, see [`MAX_LINE_BYTES`]): its bytes exactly as
+/// the process wrote them, without the newline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputLine {
+    /// stdout, stderr, or pond's own note about the output (a truncation, an egress refusal).
+    pub stream: LogStream,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    /// More of the same line follows in the next piece.
+    pub continued: bool,
+}
+
+impl OutputLine {
+    /// A whole line of text.
+    pub fn text(stream: LogStream, text: impl Into<String>) -> Self {
+        OutputLine { stream, bytes: text.into().into_bytes(), continued: false }
+    }
+
+    /// The bytes as text (invalid UTF-8 replaced), for code that reads output as text.
+    pub fn lossy(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.bytes)
+    }
+}
+
+/// Where a stage's output goes. Delivery is the sink's job: it retries while its destination
+/// is away, and [`OutputSink::finish`] says whether everything arrived.
 #[async_trait]
 pub trait OutputSink: Send + Sync {
-    /// Appends lines to the run's log.
-    async fn lines(&self, lines: Vec<(LogStream, String)>);
+    /// Appends lines to the stage's log.
+    async fn lines(&self, lines: Vec<OutputLine>);
     /// Stores an artifact of the run.
     async fn artifact(&self, name: &str, data: Vec<u8>) -> Result<(), String>;
+    /// Waits until every line handed over so far is delivered; the error says what could not be
+    /// (after the sink's retries), and the stage then fails with it.
+    async fn finish(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Whole lines again from output pieces: each stream's `continued` pieces joined with the piece
+/// that ends them. Lines come out in the order they ended.
+pub fn whole_lines(pieces: &[OutputLine]) -> Vec<(LogStream, Vec<u8>)> {
+    let mut open: Vec<(LogStream, Vec<u8>)> = Vec::new();
+    let mut out = Vec::new();
+    for piece in pieces {
+        let at = match open.iter().position(|(s, _)| *s == piece.stream) {
+            Some(i) => i,
+            None => {
+                open.push((piece.stream, Vec::new()));
+                open.len() - 1
+            }
+        };
+        open[at].1.extend_from_slice(&piece.bytes);
+        if !piece.continued {
+            out.push(open.remove(at));
+        }
+    }
+    out.extend(open);
+    out
+}
+
+/// A stage's log budget: lines pass until `limit` bytes have, then one note says the log was
+/// truncated and the rest is dropped (still read from the process, never stored).
+#[derive(Debug)]
+pub struct LogBudget {
+    limit: u64,
+    state: std::sync::Mutex<(u64, bool)>,
+}
+
+impl LogBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Self {
+        LogBudget { limit, state: std::sync::Mutex::new((0, false)) }
+    }
+
+    /// The lines that fit, and the truncation note the first time the budget runs out.
+    pub fn admit(&self, lines: Vec<OutputLine>) -> Vec<OutputLine> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (used, truncated) = &mut *state;
+        if *truncated {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(lines.len());
+        for line in lines {
+            let size = line.bytes.len() as u64 + 1;
+            if *used + size > self.limit {
+                *truncated = true;
+                out.push(OutputLine::text(
+                    LogStream::System,
+                    format!(
+                        "log truncated at {} bytes (this server's per-stage log cap): later output was read but not kept",
+                        *used
+                    ),
+                ));
+                break;
+            }
+            *used += size;
+            out.push(line);
+        }
+        out
+    }
 }
 
 /// A run's checkout on this node.

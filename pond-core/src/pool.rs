@@ -312,8 +312,9 @@ pub trait WorkerClient: Send + Sync {
     async fn input(&self, job: &JobId) -> Result<(Vec<u8>, Option<String>), WorkerCallError>;
     /// Extends the lease; returns whether a cancel is pending.
     async fn heartbeat(&self, job: &JobId) -> Result<bool, WorkerCallError>;
-    /// Appends output lines.
-    async fn logs(&self, job: &JobId, lines: Vec<(crate::store::LogStream, String)>) -> Result<(), WorkerCallError>;
+    /// Appends output lines (their `line_seq` makes a re-sent batch harmless; stage, attempt
+    /// and time are pond's to set).
+    async fn logs(&self, job: &JobId, lines: Vec<crate::store::NewLogLine>) -> Result<(), WorkerCallError>;
     /// Uploads an artifact.
     async fn artifact(&self, job: &JobId, name: &str, data: Vec<u8>) -> Result<(), WorkerCallError>;
     /// Reports the signed result; returns whether pond verified it, and its note.

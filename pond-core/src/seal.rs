@@ -83,17 +83,25 @@ impl OutputSealer {
         OutputSealer { recipients, signer, stream: std::sync::Mutex::new(None) }
     }
 
-    /// The lines as stored: a header first (once), then one `ENC1:` line per line.
-    pub fn lines(&self, lines: Vec<(crate::store::LogStream, String)>) -> Vec<(crate::store::LogStream, String)> {
+    /// The lines as stored: a header first (once), then one `ENC1:` line per line (pieces of a
+    /// long line keep their `continued` mark). Pond's own notes (`System`) stay in clear.
+    pub fn lines(&self, lines: Vec<crate::exec::OutputLine>) -> Vec<crate::exec::OutputLine> {
+        use crate::exec::OutputLine;
+        use crate::store::LogStream;
         let mut guard = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::with_capacity(lines.len() + 1);
         let sealer = guard.get_or_insert_with(|| {
             let (sealer, header) = LogSealer::new(&self.recipients, &self.signer);
-            out.push((crate::store::LogStream::System, header));
+            out.push(OutputLine::text(LogStream::System, header));
             sealer
         });
-        for (stream, text) in lines {
-            out.push((stream, sealer.seal_line(&text)));
+        for line in lines {
+            if line.stream == LogStream::System {
+                out.push(line);
+                continue;
+            }
+            let sealed = sealer.seal_line(&line.bytes);
+            out.push(OutputLine { stream: line.stream, bytes: sealed.into_bytes(), continued: line.continued });
         }
         out
     }
@@ -103,6 +111,11 @@ impl OutputSealer {
         let (sealed, sidecar) = seal_artifact(data, &self.recipients);
         [(name.to_string(), sealed), (format!("{name}{SIDECAR_SUFFIX}"), sidecar.into_bytes())]
     }
+}
+
+/// `N` random bytes from the OS (through dryoc).
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    random()
 }
 
 fn random<const N: usize>() -> [u8; N] {
@@ -168,11 +181,11 @@ impl LogSealer {
     }
 
     /// The `ENC1:` line for the next log line.
-    pub fn seal_line(&mut self, line: &str) -> String {
+    pub fn seal_line(&mut self, line: &[u8]) -> String {
         let nonce = line_nonce(&self.stream_id, self.seq);
         self.seq += 1;
         let mut boxed = vec![0u8; line.len() + CRYPTO_SECRETBOX_MACBYTES];
-        let _ = crypto_secretbox_easy(&mut boxed, line.as_bytes(), &nonce, &self.key);
+        let _ = crypto_secretbox_easy(&mut boxed, line, &nonce, &self.key);
         let mut out = Vec::with_capacity(24 + boxed.len());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&boxed);
@@ -238,7 +251,7 @@ impl LogOpener {
 
     /// Opens the next `ENC1:` line; a line from another position (dropped, reordered or
     /// replayed) is refused.
-    pub fn open_line(&mut self, line: &str) -> Result<String, SealError> {
+    pub fn open_line(&mut self, line: &str) -> Result<Vec<u8>, SealError> {
         let b64 = line.strip_prefix("ENC1:").ok_or(SealError::Malformed("log line"))?;
         let raw = B64.decode(b64).map_err(|_| SealError::Malformed("log line"))?;
         if raw.len() < 24 + CRYPTO_SECRETBOX_MACBYTES {
@@ -252,7 +265,7 @@ impl LogOpener {
         crypto_secretbox_open_easy(&mut out, &raw[24..], &nonce, &self.key)
             .map_err(|_| SealError::Forged("log line"))?;
         self.next += 1;
-        String::from_utf8(out).map_err(|_| SealError::Malformed("log line text"))
+        Ok(out)
     }
 }
 
@@ -425,11 +438,12 @@ pub(crate) mod tests {
         let signer = [9u8; 32];
         let signer_pub = SigningKey::from_bytes(&signer).verifying_key().to_bytes();
         let (mut sealer, header) = LogSealer::new(&[a_pub, b_pub], &signer);
-        let lines: Vec<String> = ["one", "", "three ✓"].iter().map(|l| sealer.seal_line(l)).collect();
+        let plain: [&[u8]; 4] = [b"one", b"", "three ✓".as_bytes(), &[0, 0xff, b'\n']];
+        let lines: Vec<String> = plain.iter().map(|l| sealer.seal_line(l)).collect();
         for (public, secret) in [(a_pub, a_sec), (b_pub, b_sec)] {
             let mut opener = LogOpener::from_header(&header, &public, &secret, Some(&signer_pub)).unwrap();
-            let got: Vec<String> = lines.iter().map(|l| opener.open_line(l).unwrap()).collect();
-            assert_eq!(got, ["one", "", "three ✓"]);
+            let got: Vec<Vec<u8>> = lines.iter().map(|l| opener.open_line(l).unwrap()).collect();
+            assert_eq!(got, plain.map(|p| p.to_vec()), "any bytes round-trip");
         }
         assert!(matches!(LogOpener::from_header(&header, &c_pub, &c_sec, None), Err(SealError::NotRecipient(_))));
         let other = SigningKey::from_bytes(&[8u8; 32]).verifying_key().to_bytes();

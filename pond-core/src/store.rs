@@ -109,6 +109,27 @@ impl LogStream {
     }
 }
 
+/// How a stored line's `text` holds its bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineEncoding {
+    /// The bytes are UTF-8 text without NUL, stored as they are.
+    #[default]
+    Utf8,
+    /// Standard base64 (with padding) of bytes that are not: any bytes round-trip exactly.
+    Base64,
+}
+
+impl LineEncoding {
+    fn is_utf8(&self) -> bool {
+        *self == LineEncoding::Utf8
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// A log line to append.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewLogLine {
@@ -120,8 +141,59 @@ pub struct NewLogLine {
     pub stream: LogStream,
     /// When it was produced.
     pub at: Timestamp,
-    /// The line, without its newline.
+    /// The line's bytes without its newline, as `encoding` says.
     pub text: String,
+    /// `base64` when the bytes are not UTF-8 text without NUL (absent: `utf8`).
+    #[serde(default, skip_serializing_if = "LineEncoding::is_utf8")]
+    pub encoding: LineEncoding,
+    /// The line goes on in the next record of the same stage, attempt and stream: it was longer
+    /// than one record holds (16 KiB). Readers join the pieces with nothing between them.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub continued: bool,
+    /// The producer's number for this line within its attempt's output (0, 1, 2, …): a line
+    /// delivered twice (a retried batch) is stored once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line_seq: Option<u64>,
+}
+
+impl NewLogLine {
+    /// A whole line of UTF-8 text (pond's own messages, tests).
+    pub fn text(stage: Option<String>, attempt: u32, stream: LogStream, at: Timestamp, text: String) -> Self {
+        NewLogLine { stage, attempt, stream, at, text, encoding: LineEncoding::Utf8, continued: false, line_seq: None }
+    }
+
+    /// A line (or piece of one) of output bytes, stored as text when they are UTF-8 without NUL
+    /// and as base64 otherwise.
+    pub fn output(stage: &str, attempt: u32, at: Timestamp, line: &crate::exec::OutputLine, seq: u64) -> Self {
+        let (text, encoding) = encode_line(&line.bytes);
+        NewLogLine {
+            stage: Some(stage.to_string()),
+            attempt,
+            stream: line.stream,
+            at,
+            text,
+            encoding,
+            continued: line.continued,
+            line_seq: Some(seq),
+        }
+    }
+
+    /// The line's bytes.
+    pub fn bytes(&self) -> Result<Vec<u8>, String> {
+        match self.encoding {
+            LineEncoding::Utf8 => Ok(self.text.as_bytes().to_vec()),
+            LineEncoding::Base64 => base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &self.text)
+                .map_err(|e| format!("a base64 log line does not decode: {e}")),
+        }
+    }
+}
+
+/// `bytes` as stored: the text itself when it is UTF-8 without NUL, else base64.
+pub fn encode_line(bytes: &[u8]) -> (String, LineEncoding) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) if !text.contains('\0') => (text.to_string(), LineEncoding::Utf8),
+        _ => (base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes), LineEncoding::Base64),
+    }
 }
 
 /// A stored log line.

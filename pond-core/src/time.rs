@@ -181,3 +181,44 @@ mod tests {
         assert_eq!(Timestamp::parse_rfc3339(&t.to_rfc3339()), Some(t));
     }
 }
+
+/// How the engine waits between retries without owning a runtime: the caller passes its own
+/// (tokio's `sleep` in pond's processes). The default does not wait at all, which only suits
+/// stores that never report themselves unavailable (the memory store in tests).
+pub trait Pause: Send + Sync {
+    /// Resolves after `delay`.
+    fn pause(&self, delay: Millis) -> crate::exec::BoxFuture<'_, ()>;
+}
+
+/// A [`Pause`] that returns at once.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoPause;
+
+impl Pause for NoPause {
+    fn pause(&self, _delay: Millis) -> crate::exec::BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+}
+
+/// Exponential backoff with full jitter: each delay is a random share of a ceiling that
+/// doubles from `first` up to `max`, so retries of many producers spread out.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    ceiling: Millis,
+    max: Millis,
+}
+
+impl Backoff {
+    /// Starts at `first`, doubles up to `max`.
+    pub fn new(first: Millis, max: Millis) -> Self {
+        Backoff { ceiling: first, max }
+    }
+
+    /// The next delay: between half the ceiling and the ceiling, chosen by `random`.
+    pub fn next(&mut self, random: u16) -> Millis {
+        let ceiling = self.ceiling.0.max(1);
+        let delay = ceiling / 2 + (ceiling / 2) * u64::from(random) / u64::from(u16::MAX);
+        self.ceiling = Millis(ceiling.saturating_mul(2).min(self.max.0));
+        Millis(delay)
+    }
+}

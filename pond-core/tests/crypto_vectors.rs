@@ -118,16 +118,12 @@ fn pynacl_log_lines_open_for_both_recipients_and_the_header_signature_verifies()
     let keys = load("pynacl_keys.json");
     let signer: [u8; 32] = bytes(&keys["worker_ed25519"]["pk_hex"]);
     let lines: Vec<&str> = v["lines"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
-    let want: Vec<String> = v["plaintexts_hex"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| String::from_utf8(hex::decode(p.as_str().unwrap()).unwrap()).unwrap())
-        .collect();
+    let want: Vec<Vec<u8>> =
+        v["plaintexts_hex"].as_array().unwrap().iter().map(|p| hex::decode(p.as_str().unwrap()).unwrap()).collect();
     for name in ["consumer1", "consumer2"] {
         let (public, secret) = keypair(name);
         let mut opener = pond_core::seal::LogOpener::from_header(lines[0], &public, &secret, Some(&signer)).unwrap();
-        let got: Vec<String> = lines[1..].iter().map(|l| opener.open_line(l).unwrap()).collect();
+        let got: Vec<Vec<u8>> = lines[1..].iter().map(|l| opener.open_line(l).unwrap()).collect();
         assert_eq!(got, want, "{name}");
     }
     let (public, secret) = keypair("worker_x25519");

@@ -34,7 +34,9 @@ impl Executor for Scripted {
         "noop"
     }
     async fn execute(&self, ctx: ExecContext<'_>) -> StageOutcome {
-        ctx.output.lines(vec![(LogStream::Stdout, format!("hello from {}", ctx.stage.key))]).await;
+        ctx.output
+            .lines(vec![pond_core::exec::OutputLine::text(LogStream::Stdout, format!("hello from {}", ctx.stage.key))])
+            .await;
         if ctx.stop.reason().is_some() {
             return StageOutcome::Cancelled;
         }

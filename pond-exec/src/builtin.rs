@@ -250,7 +250,7 @@ impl Executor for BuiltinExecutor {
         };
         match result {
             Ok(Ok((summary, artifact, data))) => {
-                ctx.output.lines(vec![(LogStream::Stdout, summary)]).await;
+                ctx.output.lines(vec![pond_core::exec::OutputLine::text(LogStream::Stdout, summary)]).await;
                 match ctx.output.artifact(&artifact, data).await {
                     Ok(()) => StageOutcome::Succeeded,
                     Err(e) => StageOutcome::Failed { error: format!("storing {artifact}: {e}"), exit_code: None },

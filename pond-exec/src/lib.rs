@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 mod builtin;
+mod delivery;
 mod driver;
 mod keys;
 mod noop;
@@ -23,7 +24,7 @@ pub use driver::{Driver, DriverConfig};
 pub use keys::{default_key_dir, load_or_create_identity, load_or_create_key};
 pub use noop::NoopExecutor;
 pub use shell::{reap_orphans, ShellConfig, ShellExecutor};
-pub use stop::StopHandle;
+pub use stop::{StopHandle, TokioPause};
 pub use swarm::SwarmExecutor;
 pub use worker::{Worker, WorkerConfig, WorkerSummary};
 pub use workspace::{pack_dir, tree_digest, unpack_bundle, FetchConfig, LocalWorkspaces};

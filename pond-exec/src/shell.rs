@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pond_core::definition::{ExecutorSpec, SandboxProfile};
+use pond_core::exec::OutputLine;
 use pond_core::exec::{ExecContext, Executor, OutputSink};
 use pond_core::run::StageOutcome;
 use pond_core::sandbox::{CommandSpec, PathAccess, PathGrant, SandboxBackend, SandboxReport, SandboxRequest};
@@ -22,8 +23,8 @@ use pond_core::store::LogStream;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
 
-/// Longest log line kept; longer lines are split.
-pub const MAX_LINE_BYTES: usize = 16 * 1024;
+/// Longest log record; longer lines are cut into pieces marked `continued`.
+pub use pond_core::exec::MAX_LINE_BYTES;
 /// Most artifacts one stage may write.
 pub const MAX_ARTIFACTS: usize = 1000;
 
@@ -173,36 +174,47 @@ impl Drop for GroupGuard {
     }
 }
 
-async fn pump<R: AsyncRead + Unpin>(reader: R, stream: LogStream, tx: mpsc::Sender<(LogStream, String)>) {
-    let mut reader = BufReader::new(reader);
-    let mut buf = Vec::new();
+/// Reads a pipe into lines, bytes exactly as written (the newline dropped). A line longer than
+/// [`MAX_LINE_BYTES`] goes out in pieces of that size as it is read, so no line is ever
+/// buffered whole, whatever the process writes.
+async fn pump<R: AsyncRead + Unpin>(reader: R, stream: LogStream, tx: mpsc::Sender<OutputLine>) {
+    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    let mut line: Vec<u8> = Vec::new();
     loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if buf.last() == Some(&b'\n') {
-                    buf.pop();
+        let (used, ended) = match reader.fill_buf().await {
+            Ok([]) | Err(_) => {
+                if !line.is_empty() {
+                    let _ = tx.send(OutputLine { stream, bytes: line, continued: false }).await;
                 }
-                if buf.last() == Some(&b'\r') {
-                    buf.pop();
-                }
-                for piece in buf.chunks(MAX_LINE_BYTES) {
-                    let text = String::from_utf8_lossy(piece).into_owned();
-                    if tx.send((stream, text)).await.is_err() {
-                        return;
+                return;
+            }
+            Ok(buf) => {
+                let room = MAX_LINE_BYTES - line.len();
+                match buf.iter().take(room).position(|&b| b == b'\n') {
+                    Some(i) => {
+                        line.extend_from_slice(&buf[..i]);
+                        (i + 1, Some(false))
+                    }
+                    None => {
+                        let n = buf.len().min(room);
+                        line.extend_from_slice(&buf[..n]);
+                        (n, (line.len() == MAX_LINE_BYTES).then_some(true))
                     }
                 }
-                if buf.is_empty() && tx.send((stream, String::new())).await.is_err() {
-                    return;
-                }
+            }
+        };
+        reader.consume(used);
+        if let Some(continued) = ended {
+            let bytes = std::mem::take(&mut line);
+            if tx.send(OutputLine { stream, bytes, continued }).await.is_err() {
+                return;
             }
         }
     }
 }
 
 /// Forwards lines to the sink in batches: whatever arrived within 50 ms goes in one write.
-async fn forward(mut rx: mpsc::Receiver<(LogStream, String)>, output: &dyn OutputSink) {
+async fn forward(mut rx: mpsc::Receiver<OutputLine>, output: &dyn OutputSink) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + Duration::from_millis(50);

@@ -50,3 +50,13 @@ impl StopSignal for StopHandle {
         })
     }
 }
+
+/// The engine's [`pond_core::time::Pause`] on tokio's timer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TokioPause;
+
+impl pond_core::time::Pause for TokioPause {
+    fn pause(&self, delay: pond_core::time::Millis) -> pond_core::exec::BoxFuture<'_, ()> {
+        Box::pin(tokio::time::sleep(delay.to_std()))
+    }
+}

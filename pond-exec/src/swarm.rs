@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use pond_core::agents::{default_base_url, extract_results, AgentResolver, KeyBroker};
 use pond_core::definition::{ExecutorSpec, Placement, ShellSpec, StageDef};
-use pond_core::exec::{ExecContext, Executor, OutputSink};
+use pond_core::exec::{ExecContext, Executor, OutputLine, OutputSink};
 use pond_core::run::StageOutcome;
 use pond_core::store::LogStream;
 
@@ -42,21 +42,28 @@ impl SwarmExecutor {
     }
 }
 
-/// Forwards output and keeps the transcript.
+/// Forwards output and keeps the transcript, within the per-stage log cap (a transcript is
+/// never more than what the log may hold).
 struct Capture<'a> {
     inner: &'a dyn OutputSink,
-    transcript: Mutex<Vec<(LogStream, String)>>,
+    transcript: Mutex<Vec<OutputLine>>,
+    budget: pond_core::exec::LogBudget,
 }
 
 #[async_trait]
 impl OutputSink for Capture<'_> {
-    async fn lines(&self, lines: Vec<(LogStream, String)>) {
-        self.transcript.lock().unwrap_or_else(|p| p.into_inner()).extend(lines.iter().cloned());
+    async fn lines(&self, lines: Vec<OutputLine>) {
+        let kept = self.budget.admit(lines.clone());
+        self.transcript.lock().unwrap_or_else(|p| p.into_inner()).extend(kept);
         self.inner.lines(lines).await;
     }
 
     async fn artifact(&self, name: &str, data: Vec<u8>) -> Result<(), String> {
         self.inner.artifact(name, data).await
+    }
+
+    async fn finish(&self) -> Result<(), String> {
+        self.inner.finish().await
     }
 }
 
@@ -68,7 +75,7 @@ fn fail(error: String) -> StageOutcome {
 struct TaskRun {
     index: Option<usize>,
     outcome: StageOutcome,
-    transcript: Vec<(LogStream, String)>,
+    transcript: Vec<OutputLine>,
 }
 
 /// The agent and broker shared by a stage's tasks.
@@ -132,7 +139,11 @@ impl SwarmExecutor {
             }),
             ..ctx.stage.clone()
         };
-        let capture = Capture { inner: ctx.output, transcript: Mutex::default() };
+        let capture = Capture {
+            inner: ctx.output,
+            transcript: Mutex::default(),
+            budget: pond_core::exec::LogBudget::new(pond_core::engine::DEFAULT_MAX_LOG_BYTES),
+        };
         let inner = ExecContext {
             run: ctx.run,
             stage: &stage,
@@ -217,26 +228,34 @@ impl Executor for SwarmExecutor {
         // Results of every task, in item order; malformed blocks are reported, not fatal.
         let (fence, artifact) = parse_spec(spec.parse.as_ref());
         let mut results = Vec::new();
-        let mut notes: Vec<(LogStream, String)> = Vec::new();
+        let mut notes: Vec<OutputLine> = Vec::new();
         for run in &runs {
-            let stdout: Vec<String> =
-                run.transcript.iter().filter(|(s, _)| *s == LogStream::Stdout).map(|(_, t)| t.clone()).collect();
+            // Lines longer than one log record are whole again here, so a long result parses.
+            let lines = pond_core::exec::whole_lines(&run.transcript);
+            let stdout: Vec<String> = lines
+                .iter()
+                .filter(|(s, _)| *s == LogStream::Stdout)
+                .map(|(_, t)| String::from_utf8_lossy(t).into_owned())
+                .collect();
             let (found, problems) = extract_results(&stdout, &fence);
             results.extend(found);
             let task = run.index.map(|i| format!("task {i}: ")).unwrap_or_default();
-            notes.extend(problems.into_iter().map(|p| (LogStream::System, format!("{task}{p}"))));
-            let log: String = run
-                .transcript
-                .iter()
-                .map(|(s, t)| if *s == LogStream::Stderr { format!("! {t}\n") } else { format!("{t}\n") })
-                .collect();
+            notes.extend(problems.into_iter().map(|p| OutputLine::text(LogStream::System, format!("{task}{p}"))));
+            let mut log: Vec<u8> = Vec::new();
+            for (stream, bytes) in &lines {
+                if *stream == LogStream::Stderr {
+                    log.extend_from_slice(b"! ");
+                }
+                log.extend_from_slice(bytes);
+                log.push(b'\n');
+            }
             let name = match run.index {
                 Some(i) => format!("agent-{}-{i}.log", ctx.stage.key),
                 None => format!("agent-{}.log", ctx.stage.key),
             };
-            let _ = ctx.output.artifact(&name, log.into_bytes()).await;
+            let _ = ctx.output.artifact(&name, log).await;
         }
-        notes.push((
+        notes.push(OutputLine::text(
             LogStream::System,
             format!("{} result(s) in {artifact} from {} task(s)", results.len(), runs.len()),
         ));
@@ -245,7 +264,7 @@ impl Executor for SwarmExecutor {
             jsonl.push('\n');
         }
         if let Err(e) = ctx.output.artifact(&artifact, jsonl.into_bytes()).await {
-            notes.push((LogStream::System, format!("storing {artifact} failed: {e}")));
+            notes.push(OutputLine::text(LogStream::System, format!("storing {artifact} failed: {e}")));
         }
         if let Some(b) = &broker {
             let (requests, input, output) = b.usage();
@@ -255,7 +274,7 @@ impl Executor for SwarmExecutor {
             });
             let usage = serde_json::json!({"requests": requests, "input_tokens": input, "output_tokens": output,
                 "cost_usd": cost});
-            notes.push((
+            notes.push(OutputLine::text(
                 LogStream::System,
                 format!(
                     "usage: {requests} request(s), {input} input and {output} output tokens{}",

@@ -6,7 +6,7 @@
 //! A job whose lease is lost (heartbeats refused) is stopped and its result dropped; on
 //! shutdown the current job gets `drain` to finish, then is stopped and handed back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,9 +15,8 @@ use async_trait::async_trait;
 use pond_core::attest::Attestation;
 use pond_core::engine::JobReport;
 use pond_core::exec::{ExecContext, Executor, OutputSink, StopReason, StopSignal, Workspace};
-use pond_core::pool::{output_digest, Job, JobId, WorkerCallError, WorkerClient};
+use pond_core::pool::{output_digest, Job, WorkerCallError, WorkerClient};
 use pond_core::run::StageOutcome;
-use pond_core::store::LogStream;
 use pond_core::time::Millis;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -42,6 +41,8 @@ pub struct WorkerConfig {
     /// anything, so a job that should never have reached it — another tenant's — is refused here
     /// too.
     pub pinned: pond_core::routing::WorkerOffer,
+    /// Most bytes of output kept per job; more is dropped after a truncation note.
+    pub max_log_bytes: u64,
     /// Run `none`-profile stages (a host process of this worker's user) even on a
     /// bring-your-own host. Off by default there: such a stage could read what this worker's
     /// user can. (The operator's `--allow-unconfined`.)
@@ -169,7 +170,14 @@ impl Worker {
         let stop = StopHandle::new();
         let sealer =
             job.run.encryption.as_ref().map(|e| pond_core::seal::OutputSealer::new(e.keys(), self.signing_seed));
-        let sink = ClientSink { client: self.client.clone(), job: id.clone(), artifacts: Mutex::default(), sealer };
+        let sink = crate::delivery::ClientSink::new(
+            self.client.clone(),
+            id.clone(),
+            sealer,
+            self.config.scratch.join(format!("{id}.spool")),
+            self.config.max_log_bytes,
+            job.lease.to_std().max(Duration::from_secs(30)),
+        );
         let (outcome, input_sha) = {
             let work = self.execute(&job, &dir, &sink, &stop);
             tokio::pin!(work);
@@ -272,7 +280,7 @@ impl Worker {
         &self,
         job: &Job,
         dir: &std::path::Path,
-        sink: &ClientSink,
+        sink: &crate::delivery::ClientSink,
         stop: &StopHandle,
     ) -> (StageOutcome, [u8; 32]) {
         let failed = |error: String| StageOutcome::Failed { error, exit_code: None };
@@ -407,7 +415,13 @@ impl Worker {
             stop,
             items: job.items.as_deref(),
         };
-        let outcome = match (executor.execute(ctx).await, stop.reason()) {
+        let outcome = executor.execute(ctx).await;
+        // Output that never reached pond fails the stage, whatever the process did.
+        let outcome = match (sink.finish().await, outcome) {
+            (Err(why), StageOutcome::Succeeded | StageOutcome::Failed { .. }) => failed(why),
+            (_, outcome) => outcome,
+        };
+        let outcome = match (outcome, stop.reason()) {
             (StageOutcome::Cancelled | StageOutcome::Failed { .. }, Some(StopReason::TimedOut)) => {
                 failed(format!("timed out after {}", stage.effective_timeout()))
             }
@@ -436,41 +450,4 @@ enum Ended {
     Reported,
     HandedBack,
     Lost,
-}
-
-/// Sends a job's output to the orchestrator and remembers each artifact's digest for the
-/// attestation. For a confidential run the output is sealed here, before it leaves the worker:
-/// the orchestrator and pond only ever see ciphertext; the attestation covers the plaintext.
-struct ClientSink {
-    client: Arc<dyn WorkerClient>,
-    job: JobId,
-    artifacts: Mutex<BTreeMap<String, String>>,
-    sealer: Option<pond_core::seal::OutputSealer>,
-}
-
-#[async_trait]
-impl OutputSink for ClientSink {
-    async fn lines(&self, lines: Vec<(LogStream, String)>) {
-        let lines = match &self.sealer {
-            Some(sealer) => sealer.lines(lines),
-            None => lines,
-        };
-        if let Err(e) = self.client.logs(&self.job, lines).await {
-            tracing::warn!(job = %self.job, error = %e, "sending log lines failed");
-        }
-    }
-
-    async fn artifact(&self, name: &str, data: Vec<u8>) -> Result<(), String> {
-        let sha = hex::encode(Sha256::digest(&data));
-        match &self.sealer {
-            Some(sealer) => {
-                for (stored_name, bytes) in sealer.artifact(name, &data) {
-                    self.client.artifact(&self.job, &stored_name, bytes).await.map_err(|e| e.to_string())?;
-                }
-            }
-            None => self.client.artifact(&self.job, name, data).await.map_err(|e| e.to_string())?,
-        }
-        self.artifacts.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), sha);
-        Ok(())
-    }
 }

@@ -326,7 +326,7 @@ impl pond_core::pool::WorkerClient for Timed {
     async fn logs(
         &self,
         job: &pond_core::pool::JobId,
-        lines: Vec<(pond_core::store::LogStream, String)>,
+        lines: Vec<pond_core::store::NewLogLine>,
     ) -> Result<(), pond_core::pool::WorkerCallError> {
         self.inner.logs(job, lines).await
     }
@@ -449,6 +449,7 @@ pub fn pool(
             max_input_bytes: 1 << 30,
             pinned,
             allow_unconfined: false,
+            max_log_bytes: pond_core::engine::DEFAULT_MAX_LOG_BYTES,
         };
         let worker = pond_exec::Worker::new(client, identity(n as u64), config)
             .with_executor(std::sync::Arc::new(pond_exec::NoopExecutor));
@@ -559,7 +560,7 @@ pub fn crypto(lines: usize, bytes: usize) -> CryptoReport {
     let started = Instant::now();
     let mut total = 0usize;
     for _ in 0..lines {
-        total += sealer.seal_line(&line).len();
+        total += sealer.seal_line(line.as_bytes()).len();
     }
     let lines_per_sec = lines as f64 / started.elapsed().as_secs_f64();
     let data: Vec<u8> = (0..bytes).map(|i| (i * 31 % 251) as u8).collect();

@@ -299,12 +299,12 @@ impl LogDecryptor {
             .streams
             .get_mut(&stream)
             .ok_or_else(|| CliError::Input("an encrypted log line came before its key header".into()))?;
-        let text = match opener.open_line(&l.text) {
-            Ok(text) => text,
+        let bytes = match opener.open_line(&l.text) {
+            Ok(bytes) => bytes,
             Err(e) => return Err(explain(&self.key()?.0, e)),
         };
         let mut plain = line.clone();
-        plain.line.text = text;
+        (plain.line.text, plain.line.encoding) = pond_core::store::encode_line(&bytes);
         Ok(Some(plain))
     }
 
@@ -385,15 +385,41 @@ pub fn consumer_key(path: &Path, replace: bool) -> Result<ConsumerKey, CliError>
     })
 }
 
-/// A log line for a terminal: `-- text` for pond's own lines, `[stage] text` for output
-/// (`[stage!]` for stderr).
-pub fn format_log_line(line: &LogLine) -> String {
-    let l = &line.line;
-    match (l.stream, &l.stage) {
-        (LogStream::System, _) => format!("-- {}", l.text),
-        (LogStream::Stdout, Some(stage)) => format!("[{stage}] {}", l.text),
-        (LogStream::Stderr, Some(stage)) => format!("[{stage}!] {}", l.text),
-        (_, None) => l.text.clone(),
+/// Writes log lines for a terminal: `-- text` for pond's own lines, `[stage] text` for output
+/// (`[stage!]` for stderr), the line's bytes exactly as the process wrote them. Pieces of a
+/// long line (`continued`) are written as one line, as they arrive.
+#[derive(Default)]
+pub struct LinePrinter {
+    /// The line being written (stage, attempt, stream), when its last piece has not come yet.
+    open: Option<(Option<String>, u32, LogStream)>,
+}
+
+impl LinePrinter {
+    /// Writes one record.
+    pub fn print(&mut self, out: &mut dyn Write, line: &LogLine) -> std::io::Result<()> {
+        let l = &line.line;
+        let key = (l.stage.clone(), l.attempt, l.stream);
+        let bytes = l.bytes().unwrap_or_else(|e| format!("<{e}>").into_bytes());
+        if self.open.as_ref() != Some(&key) {
+            if self.open.take().is_some() {
+                // Another stream spoke while a long line was being written.
+                out.write_all(b"\n")?;
+            }
+            let prefix = match (l.stream, &l.stage) {
+                (LogStream::System, _) => "-- ".to_string(),
+                (LogStream::Stdout, Some(stage)) => format!("[{stage}] "),
+                (LogStream::Stderr, Some(stage)) => format!("[{stage}!] "),
+                (_, None) => String::new(),
+            };
+            out.write_all(prefix.as_bytes())?;
+        }
+        out.write_all(&bytes)?;
+        if l.continued {
+            self.open = Some(key);
+        } else {
+            out.write_all(b"\n")?;
+        }
+        Ok(())
     }
 }
 
@@ -407,6 +433,7 @@ pub fn wait(
     decrypt: &mut LogDecryptor,
 ) -> Result<LogEnd, CliError> {
     let mut failed: Option<CliError> = None;
+    let mut printer = LinePrinter::default();
     let end = client.follow_logs(run, 0, &mut |line| {
         if failed.is_some() {
             return;
@@ -419,8 +446,12 @@ pub fn wait(
                 return;
             }
         };
-        let text = if json { serde_json::to_string(&line).unwrap_or_default() } else { format_log_line(&line) };
-        if let Err(e) = writeln!(out, "{text}") {
+        let written = if json {
+            writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default())
+        } else {
+            printer.print(out, &line)
+        };
+        if let Err(e) = written {
             failed.get_or_insert(io_err("writing output")(e));
         }
     })?;

@@ -618,7 +618,13 @@ async fn logs(
     ApiJson(body): ApiJson<JobLines>,
 ) -> Result<axum::http::StatusCode, ApiError> {
     let (job, _) = held(&state, &job, &r.worker).await?;
-    let lines = body.lines.into_iter().map(|l| (l.stream, l.text)).collect();
+    let lines = body
+        .lines
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| l.into_line(i))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pond_core::CoreError::from)?;
     state.engine.job_logs(&job, lines).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use pond_core::engine::JobReport;
 use pond_core::pool::{Job, JobId, PoolMember, WorkerCallError, WorkerClient};
 use pond_core::run::StageOutcome;
-use pond_core::store::LogStream;
+
 use pond_core::time::Millis;
 
 use crate::client::{encode_path, Body, Client, ClientError};
@@ -259,9 +259,9 @@ impl WorkerClient for HttpWorkerClient {
         Ok(beat.cancel_requested)
     }
 
-    async fn logs(&self, job: &JobId, lines: Vec<(LogStream, String)>) -> Result<(), WorkerCallError> {
+    async fn logs(&self, job: &JobId, lines: Vec<pond_core::store::NewLogLine>) -> Result<(), WorkerCallError> {
         let path = job_path(job, "logs");
-        let body = JobLines { lines: lines.into_iter().map(|(stream, text)| JobLine { stream, text }).collect() };
+        let body = JobLines { lines: lines.into_iter().map(JobLine::from_line).collect() };
         self.blocking(move |c| {
             let body = serde_json::to_value(body).map_err(|e| ClientError::Decode(e.to_string()))?;
             c.send(c.request("POST", &path), Some(Body::Json(body))).map(|_| ())

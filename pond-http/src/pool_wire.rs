@@ -182,11 +182,61 @@ pub struct Heartbeat {
 
 /// A log line from a worker.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct JobLine {
-    /// `stdout` or `stderr`.
+    /// `stdout` or `stderr` (`system` for the key header of an encrypted stream).
     pub stream: LogStream,
-    /// The line.
+    /// The line's bytes, as `encoding` says.
     pub text: String,
+    /// `utf8` (default) or `base64`.
+    #[serde(default)]
+    pub encoding: pond_core::store::LineEncoding,
+    /// The line goes on in the next record.
+    #[serde(default)]
+    pub continued: bool,
+    /// The worker's number for the line within the job (0, 1, 2, …): a batch sent again after
+    /// a lost answer is stored once.
+    #[serde(default)]
+    pub line_seq: Option<u64>,
+}
+
+impl JobLine {
+    /// The wire form of a line.
+    pub fn from_line(line: pond_core::store::NewLogLine) -> JobLine {
+        JobLine {
+            stream: line.stream,
+            text: line.text,
+            encoding: line.encoding,
+            continued: line.continued,
+            line_seq: line.line_seq,
+        }
+    }
+
+    /// The line as pond stores it (stage, attempt and time are set by the engine), refused if
+    /// larger than one record may be or if its base64 does not decode.
+    pub fn into_line(self, index: usize) -> Result<pond_core::store::NewLogLine, pond_core::FieldError> {
+        // A record holds at most MAX_LINE_BYTES of the line; sealing and base64 add at most
+        // a third plus a few hundred bytes.
+        let most = pond_core::exec::MAX_LINE_BYTES * 4 / 3 + 512;
+        if self.text.len() > most {
+            return Err(pond_core::FieldError::new(
+                format!("lines[{index}].text"),
+                format!("is {} bytes; a record holds at most {most}", self.text.len()),
+            ));
+        }
+        let line = pond_core::store::NewLogLine {
+            stage: None,
+            attempt: 0,
+            stream: self.stream,
+            at: pond_core::time::Timestamp::from_millis(0),
+            text: self.text,
+            encoding: self.encoding,
+            continued: self.continued,
+            line_seq: self.line_seq,
+        };
+        line.bytes().map_err(|e| pond_core::FieldError::new(format!("lines[{index}].text"), e))?;
+        Ok(line)
+    }
 }
 
 /// `POST …/logs`.

@@ -52,6 +52,8 @@ pub struct ServerConfig {
     /// What a pooled result that fails verification does, for stages that do not say
     /// (`--attestation required|record`).
     pub attestation_default: pond_core::definition::AttestationPolicy,
+    /// Most bytes of output kept per stage attempt (`--max-log-bytes`).
+    pub max_log_bytes: u64,
     /// Allow git remotes on internal addresses (`--allow-internal-git`).
     pub allow_internal_git: bool,
     /// Tag prefixes the operator reserves beyond `pool:` and `tenant:` (`--reserved-tag-prefix`).
@@ -91,6 +93,7 @@ impl ServerConfig {
             reserved_tag_prefixes: Vec::new(),
             allow_internal_git: false,
             attestation_default: pond_core::definition::AttestationPolicy::Required,
+            max_log_bytes: pond_core::engine::DEFAULT_MAX_LOG_BYTES,
             limits: Limits::default(),
             shell_env_allow: Vec::new(),
             kill_grace: Duration::from_secs(10),
@@ -314,10 +317,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         },
         reserved_tag_prefixes: config.reserved_tag_prefixes.clone(),
         attestation_default: config.attestation_default,
+        max_log_bytes: config.max_log_bytes,
+        ..EngineConfig::default()
     };
     let shell_executor = Arc::new(ShellExecutor::new(shell, config.sandbox.clone()));
     let engine = Arc::new(
         Engine::new(store.clone(), clock.clone(), Arc::new(workspaces), engine_config)
+            .with_pause(Arc::new(pond_exec::TokioPause))
             .with_executor(Arc::new(NoopExecutor))
             .with_executor(Arc::new(BuiltinExecutor))
             .with_executor(Arc::new(SwarmExecutor::new(

@@ -40,6 +40,8 @@ pub struct WorkerProcessConfig {
     pub sandbox: Arc<dyn pond_core::sandbox::SandboxBackend>,
     /// Let a bring-your-own host run `none`-profile stages (`--allow-unconfined`).
     pub allow_unconfined: bool,
+    /// Most bytes of output kept per job (`--max-log-bytes`).
+    pub max_log_bytes: u64,
 }
 
 /// Why a worker could not start.
@@ -141,6 +143,7 @@ pub fn prepare(config: &WorkerProcessConfig) -> Result<PreparedWorker, WorkerSet
         drain: config.drain,
         max_input_bytes: 2 * 1024 * 1024 * 1024,
         pinned: credential.member.offer(),
+        max_log_bytes: config.max_log_bytes,
         allow_unconfined: config.allow_unconfined,
     };
     // The orchestrator URL given now wins over the saved one (it may have moved).

@@ -60,6 +60,14 @@ fn push_logs(inner: &mut Inner, run: RunId, lines: &[NewLogLine]) {
     let mut seq = inner.next_seq;
     let log = inner.logs.entry(run).or_default();
     for line in lines {
+        // A line whose producer number is already stored (a retried batch) is skipped.
+        let again = line.line_seq.is_some()
+            && log.iter().any(|l| {
+                l.line.line_seq == line.line_seq && l.line.stage == line.stage && l.line.attempt == line.attempt
+            });
+        if again {
+            continue;
+        }
         seq += 1;
         log.push(LogLine { seq, line: line.clone() });
     }

@@ -362,9 +362,14 @@ async fn write_log_lines(conn: &mut PgConnection, lines: &[(RunId, &NewLogLine)]
         let streams: Vec<&str> = lines.iter().map(|l| l.stream.as_str()).collect();
         let ats: Vec<i64> = lines.iter().map(|l| l.at.as_millis()).collect();
         let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+        let flags: Vec<i64> = lines.iter().map(|l| crate::rows::log_flags(l)).collect();
+        let line_seqs: Vec<Option<i64>> = lines.iter().map(|l| l.line_seq.map(|n| n as i64)).collect();
+        // A line whose producer number is already stored (a retried batch) is skipped; its
+        // position stays unused (positions only need to grow).
         sqlx::query(
-            "INSERT INTO logs (run_id, seq, stage, attempt, stream, at, text)
-             SELECT $1, * FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[])",
+            "INSERT INTO logs (run_id, seq, stage, attempt, stream, at, text, flags, line_seq)
+             SELECT $1, * FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::BIGINT[], $9::BIGINT[])
+             ON CONFLICT DO NOTHING",
         )
         .bind(run)
         .bind(&seqs)
@@ -373,6 +378,8 @@ async fn write_log_lines(conn: &mut PgConnection, lines: &[(RunId, &NewLogLine)]
         .bind(&streams)
         .bind(&ats)
         .bind(&texts)
+        .bind(&flags)
+        .bind(&line_seqs)
         .execute(&mut *conn)
         .await?;
     }

@@ -227,8 +227,26 @@ pub(crate) fn token_from_row(row: &impl Columns) -> Result<TokenRecord, StoreErr
     })
 }
 
+/// `logs.flags`: the line continues in the next record.
+pub(crate) const LOG_CONTINUED: i64 = 1;
+/// `logs.flags`: `text` is base64.
+pub(crate) const LOG_BASE64: i64 = 2;
+
+/// A line's `logs.flags`.
+pub(crate) fn log_flags(line: &NewLogLine) -> i64 {
+    let mut flags = 0;
+    if line.continued {
+        flags |= LOG_CONTINUED;
+    }
+    if line.encoding == pond_core::store::LineEncoding::Base64 {
+        flags |= LOG_BASE64;
+    }
+    flags
+}
+
 pub(crate) fn log_from_row(row: &impl Columns) -> Result<LogLine, StoreError> {
     let stream = row.text("stream")?;
+    let flags = row.int("flags")?;
     Ok(LogLine {
         seq: row.int("seq")?,
         line: NewLogLine {
@@ -237,6 +255,13 @@ pub(crate) fn log_from_row(row: &impl Columns) -> Result<LogLine, StoreError> {
             stream: LogStream::parse(&stream).ok_or_else(|| corrupt(format!("log stream `{stream}`")))?,
             at: row.time("at")?,
             text: row.text("text")?,
+            encoding: if flags & LOG_BASE64 != 0 {
+                pond_core::store::LineEncoding::Base64
+            } else {
+                pond_core::store::LineEncoding::Utf8
+            },
+            continued: flags & LOG_CONTINUED != 0,
+            line_seq: row.opt_int("line_seq")?.map(|n| n as u64),
         },
     })
 }

@@ -157,10 +157,13 @@ impl SqliteStore {
 
 /// Inserts log lines, many rows per statement, inside the caller's transaction.
 async fn write_log_lines(conn: &mut SqliteConnection, lines: &[(&str, &NewLogLine)]) -> Result<(), StoreError> {
-    // 6 parameters a row; SQLite allows 32766 per statement.
+    // 8 parameters a row; SQLite allows 32766 per statement. A line whose producer number is
+    // already stored (a retried batch) is skipped.
     for chunk in lines.chunks(500) {
-        let mut sql = String::from("INSERT INTO logs (run_id, stage, attempt, stream, at, text) VALUES ");
-        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
+        let mut sql = String::from(
+            "INSERT OR IGNORE INTO logs (run_id, stage, attempt, stream, at, text, flags, line_seq) VALUES ",
+        );
+        sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", "));
         let mut q = sqlx::query(&sql);
         for (run, line) in chunk {
             q = q
@@ -169,7 +172,9 @@ async fn write_log_lines(conn: &mut SqliteConnection, lines: &[(&str, &NewLogLin
                 .bind(line.attempt as i64)
                 .bind(line.stream.as_str())
                 .bind(line.at.as_millis())
-                .bind(&line.text);
+                .bind(&line.text)
+                .bind(crate::rows::log_flags(line))
+                .bind(line.line_seq.map(|n| n as i64));
         }
         q.execute(&mut *conn).await.map_err(db_err)?;
     }

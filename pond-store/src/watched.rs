@@ -237,13 +237,7 @@ mod tests {
     use pond_core::store::LogStream;
 
     fn line(text: &str) -> NewLogLine {
-        NewLogLine {
-            stage: None,
-            attempt: 0,
-            stream: LogStream::Stdout,
-            at: Timestamp::from_millis(0),
-            text: text.into(),
-        }
+        NewLogLine::text(None, 0, LogStream::Stdout, Timestamp::from_millis(0), text.into())
     }
 
     #[tokio::test]

@@ -148,13 +148,7 @@ pub async fn claims_take_ready_stages_once_in_order(store: Arc<dyn Store>) {
     let done = store
         .update_run(run.run.id, &mut |s| {
             s.complete_attempt("a", 1, &StageOutcome::Succeeded, at(3))?;
-            let line = NewLogLine {
-                stage: Some("a".into()),
-                attempt: 1,
-                stream: LogStream::System,
-                at: at(3),
-                text: "a done".into(),
-            };
+            let line = NewLogLine::text(Some("a".into()), 1, LogStream::System, at(3), "a done".into());
             Ok(vec![line])
         })
         .await
@@ -272,13 +266,7 @@ pub async fn cancelled_stages_of_vanished_holders_are_reaped(store: Arc<dyn Stor
 pub async fn logs_append_in_order_and_page_by_cursor(store: Arc<dyn Store>) {
     let a = RunId::generate(at(0));
     let b = RunId::generate(at(1));
-    let line = |i: usize| NewLogLine {
-        stage: Some("s".into()),
-        attempt: 1,
-        stream: LogStream::Stdout,
-        at: at(i as i64),
-        text: format!("line {i}"),
-    };
+    let line = |i: usize| NewLogLine::text(Some("s".into()), 1, LogStream::Stdout, at(i as i64), format!("line {i}"));
     let lines: Vec<_> = (0..25).map(line).collect();
     store.append_logs(a, &lines[..10]).await.unwrap();
     store.append_logs(b, &[line(99)]).await.unwrap();
@@ -298,6 +286,43 @@ pub async fn logs_append_in_order_and_page_by_cursor(store: Arc<dyn Store>) {
         store.read_logs(a, rest.last().unwrap().seq, 10).await.unwrap().into_iter().map(|l| l.line).collect();
     assert_eq!(tail, vec![line(100), line(102)], "a batch lands in each run's log in order");
     assert_eq!(store.read_logs(b, 0, 10).await.unwrap().len(), 2);
+}
+
+/// Any bytes round-trip (NUL, invalid UTF-8, a long line in continued pieces), and a batch
+/// delivered twice (a producer's retry) is stored once.
+pub async fn log_lines_are_byte_exact_and_idempotent(store: Arc<dyn Store>) {
+    use pond_core::exec::OutputLine;
+    let run = RunId::generate(at(0));
+    let pieces: Vec<Vec<u8>> = vec![
+        b"plain text".to_vec(),
+        b"nul \0 inside".to_vec(),
+        vec![0xff, 0xfe, b'x', 0x80],
+        "ünïcödé ✓".as_bytes().to_vec(),
+        vec![b'a'; 16 * 1024],
+        b"end of the long line".to_vec(),
+        Vec::new(),
+    ];
+    let lines: Vec<NewLogLine> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| {
+            let out = OutputLine { stream: LogStream::Stdout, bytes: bytes.clone(), continued: i == 4 };
+            NewLogLine::output("s", 1, at(1), &out, i as u64)
+        })
+        .collect();
+    store.append_logs(run, &lines[..5]).await.unwrap();
+    // The producer did not hear back and sends lines 3.. again.
+    store.append_logs(run, &lines[3..]).await.unwrap();
+    let stored = store.read_logs(run, 0, 100).await.unwrap();
+    assert_eq!(stored.len(), pieces.len(), "every line once: {stored:?}");
+    for (line, want) in stored.iter().zip(&pieces) {
+        assert_eq!(&line.line.bytes().unwrap(), want);
+    }
+    assert!(stored[4].line.continued && !stored[5].line.continued);
+    // Another attempt's line 0 is another line.
+    let again = NewLogLine::output("s", 2, at(2), &OutputLine::text(LogStream::Stdout, "attempt 2"), 0);
+    store.append_logs(run, &[again]).await.unwrap();
+    assert_eq!(store.read_logs(run, 0, 100).await.unwrap().len(), pieces.len() + 1);
 }
 
 pub async fn blobs_and_artifacts_are_chunked_and_replaced_by_name(store: Arc<dyn Store>) {
@@ -569,6 +594,7 @@ macro_rules! conformance {
                 expired_leases_are_reclaimed_as_new_attempts,
                 cancelled_stages_of_vanished_holders_are_reaped,
                 logs_append_in_order_and_page_by_cursor,
+                log_lines_are_byte_exact_and_idempotent,
                 blobs_and_artifacts_are_chunked_and_replaced_by_name,
                 tokens_are_found_by_hash_and_revoked,
                 concurrent_updates_of_one_run_are_never_lost,

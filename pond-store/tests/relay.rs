@@ -49,7 +49,7 @@ async fn a_write_on_one_node_wakes_waiters_on_another() {
         .unwrap();
 
     output_on_two.borrow_and_update();
-    let line = NewLogLine { stage: None, attempt: 0, stream: LogStream::Stdout, at: now, text: "hello".into() };
+    let line = NewLogLine::text(None, 0, LogStream::Stdout, now, "hello".into());
     one.append_logs(run.run.id, &[line]).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), output_on_two.changed())
         .await
