@@ -62,7 +62,7 @@ impl Spool {
 pub(crate) struct ClientSink {
     client: Arc<dyn WorkerClient>,
     job: JobId,
-    /// Name → SHA-256 (hex) of each artifact's plaintext, for the signed manifest.
+    /// Stored name → SHA-256 (hex) of each stored artifact, for the signed manifest.
     pub(crate) artifacts: Mutex<BTreeMap<String, String>>,
     sealer: Option<pond_core::seal::OutputSealer>,
     budget: LogBudget,
@@ -157,19 +157,23 @@ impl OutputSink for ClientSink {
     }
 
     async fn artifact(&self, name: &str, data: Vec<u8>) -> Result<(), String> {
-        let sha = hex::encode(Sha256::digest(&data));
         let uploads: Vec<(String, Vec<u8>)> = match &self.sealer {
             Some(sealer) => sealer.artifact(name, &data).into_iter().collect(),
             None => vec![(name.to_string(), data)],
         };
         for (stored_name, bytes) in uploads {
+            // The signed manifest lists what is stored (for a confidential run: ciphertext and
+            // sidecar), so pond can check it against its store and it tells nothing about the
+            // plaintext; a recipient who decrypts still knows the plaintext is the worker's,
+            // since the ciphertext authenticates it.
+            let sha = hex::encode(Sha256::digest(&bytes));
             let client = &self.client;
             let job = &self.job;
             retry(self.patience, || client.artifact(job, &stored_name, bytes.clone()))
                 .await
                 .map_err(|e| self.spool.fail(format!("artifact `{stored_name}` could not be delivered: {e}")))?;
+            self.artifacts.lock().unwrap_or_else(|p| p.into_inner()).insert(stored_name, sha);
         }
-        self.artifacts.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), sha);
         Ok(())
     }
 

@@ -101,6 +101,14 @@ for stage in run["stages"]:
         msg = (b"pond.attest.v1\0" + struct.pack(">I", len(job)) + job + bytes.fromhex(a["input_sha256"])
                + bytes.fromhex(a["output_sha256"]) + struct.pack(">q", a["rc"]))
         VerifyKey(signing_pk).verify(msg, base64.b64decode(a["signature"]))
+        # The signed manifest is over what pond stores for the stage (ciphertext and sidecars):
+        # recomputed here from the listing, and each listed digest from the bytes served.
+        mine = sorted((x for x in listing if x["stage"] == stage["key"]), key=lambda x: x["name"])
+        manifest = hashlib.sha256()
+        for x in mine:
+            assert hashlib.sha256(get(f"/v1/runs/{run_id}/artifacts/{x['name']}")).hexdigest() == x["sha256"]
+            manifest.update(x["name"].encode() + b"\0" + x["sha256"].encode() + b"\n")
+        assert manifest.hexdigest() == a["output_sha256"], "the signed manifest is not what pond stores"
         attestations.append(True)
 
 print(json.dumps({"lines": lines, "artifacts": artifacts, "attestations": attestations}))
