@@ -171,13 +171,14 @@ fn while_the_database_is_gone_the_api_answers_503_and_the_run_completes_afterwar
 }
 
 /// Runs a stage across a database outage: the API must answer 503 with a clear error while the
-/// database is gone, and the run must complete after it is back, without a retry.
+/// database is gone, and the run must complete after it is back, without a retry, with every
+/// line the stage printed during the outage in its log, in order, once.
 fn survives_an_outage(database_url: &str, take_down: impl FnOnce(), bring_back: impl FnOnce()) {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--database-url", database_url, "--lease", "30s"]);
     let admin = server.admin();
     let body = run_json(json!({"stages":[
-        {"key":"work","executor":{"kind":"shell","argv":["sh","-c","echo begin; sleep 4; echo end"]}},
+        {"key":"work","executor":{"kind":"shell","argv":["sh","-c","echo begin; for i in $(seq 1 80); do echo line-$i; sleep 0.1; done; echo end"]}},
         {"key":"after","executor":{"kind":"noop"}}
     ]}));
     let id = admin.submit(&body, None).unwrap().id.to_string();
@@ -199,6 +200,9 @@ fn survives_an_outage(database_url: &str, take_down: impl FnOnce(), bring_back: 
 
     let done = wait_done(&admin, &id, Duration::from_secs(90));
     assert_eq!(done.state, RunState::Succeeded, "{:?}", done.stages);
+    let output: Vec<String> = log_text(&admin, &id).into_iter().filter(|l| l.starts_with("line-")).collect();
+    let expected: Vec<String> = (1..=80).map(|i| format!("line-{i}")).collect();
+    assert_eq!(output, expected, "lines were lost, doubled or reordered across the outage");
     assert!(log_text(&admin, &id).iter().any(|l| l == "end"));
     assert_eq!(done.stages[0].attempts.len(), 1, "the outage did not cost a retry: {:?}", done.stages[0].attempts);
 }
