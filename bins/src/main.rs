@@ -254,6 +254,10 @@ struct ServerArgs {
     /// `log truncated` note.
     #[arg(long, env = "POND_MAX_LOG_BYTES", default_value_t = pond_core::engine::DEFAULT_MAX_LOG_BYTES)]
     max_log_bytes: u64,
+    /// An origin (`https://llm.internal:8443`) a model's base URL may point at, besides
+    /// api.openai.com and api.anthropic.com (repeatable): the broker sends the model key there.
+    #[arg(long = "model-origin", value_name = "URL")]
+    model_origins: Vec<String>,
     /// Allow git remotes on loopback, private, link-local and other special-purpose addresses
     /// (test setups, private networks). Off: such remotes are refused before any connection.
     #[arg(long)]
@@ -997,11 +1001,13 @@ fn sandbox(command: SandboxCommand) -> Result<i32> {
 fn worker(args: WorkerArgs) -> Result<i32> {
     let key_dir = args.key_dir.unwrap_or_else(pond_exec::default_key_dir);
     let key_dir = std::path::absolute(&key_dir).context("resolving --key-dir")?;
+    private_dir(&key_dir)?;
     let (backend, oci) = sandbox_backend(&args.sandbox, key_dir.join("sandbox"))?;
     let mut capabilities = args.capabilities;
     let sandbox_cap = pond_core::routing::SANDBOX_CAPABILITY.to_string();
-    if oci && !capabilities.contains(&sandbox_cap) {
-        capabilities.push(sandbox_cap);
+    let sandbox_cap_added = oci && !capabilities.contains(&sandbox_cap);
+    if sandbox_cap_added {
+        capabilities.push(sandbox_cap.clone());
     } else if !oci && capabilities.contains(&sandbox_cap) {
         bail!("--capabilities names {sandbox_cap}, but this worker has no OCI sandbox (see `pond sandbox check`)");
     }
@@ -1020,7 +1026,23 @@ fn worker(args: WorkerArgs) -> Result<i32> {
         allow_unconfined: args.allow_unconfined,
         max_log_bytes: args.max_log_bytes,
     };
-    let prepared = pond_http::worker_process::prepare(&config)?;
+    let prepared = match pond_http::worker_process::prepare(&config) {
+        // The sandbox capability was added because the self-check passed, not asked for: if the
+        // code does not grant it, enroll without it (and say so) rather than not at all.
+        Err(pond_http::worker_process::WorkerSetupError::Enroll { error, .. })
+            if sandbox_cap_added
+                && error.status() == Some(403)
+                && error.to_string().contains(&format!("capability `{sandbox_cap}`")) =>
+        {
+            eprintln!(
+                "pond worker: the enrollment code does not grant `{sandbox_cap}`; enrolling without it (sandboxed stages will not come here; mint a code with --capabilities {sandbox_cap} to take them)"
+            );
+            let mut config = config.clone();
+            config.capabilities.retain(|c| c != &sandbox_cap);
+            pond_http::worker_process::prepare(&config)?
+        }
+        other => other?,
+    };
     let m = &prepared.member;
     let how = if prepared.newly_enrolled { "enrolled" } else { "resuming" };
     println!(
@@ -1191,7 +1213,19 @@ fn parse_attestation(text: &str) -> Result<pond_core::definition::AttestationPol
     }
 }
 
+/// Creates `dir` (and its parents) readable by this user only, if it does not exist yet: a data
+/// or key directory, made before anything (the sandbox's state) is put in it.
+fn private_dir(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .with_context(|| format!("securing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
 fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
+    private_dir(&args.data_dir)?;
     let (backend, _) = sandbox_backend(&args.sandbox, args.data_dir.join("sandbox"))?;
     let mut config = pond_http::server::ServerConfig::new(args.data_dir, backend);
     config.listen = args.listen;
@@ -1204,6 +1238,7 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
     config.allow_internal_git = args.allow_internal_git;
     config.attestation_default = args.attestation;
     config.max_log_bytes = args.max_log_bytes;
+    config.model_origins = args.model_origins;
     config.reserved_tag_prefixes = args.reserved_tag_prefixes;
     config.limits.max_bundle_bytes = args.max_bundle_bytes;
     config.shell_env_allow = args.shell_env_allow;

@@ -134,7 +134,9 @@ fn serve_agent_with(
     extra: &[&str],
 ) -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), extra);
+    let mut args = vec!["--model-origin", upstream];
+    args.extend_from_slice(extra);
+    let server = Server::start(&dir.path().join("server"), &args);
     let (provider, key, model_id) =
         if preset == "codex" { ("openai", "fast", "gpt-5.5") } else { ("anthropic", "smart", "claude-test") };
     admin(

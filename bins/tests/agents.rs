@@ -70,6 +70,13 @@ fn registry_presets_lint_dry_run_and_submit_checks() {
             "projects": ["acme"]})),
     );
     assert_eq!(status, 201);
+    // A model's base URL must be a provider's own origin or one the operator allowed: an
+    // admin token alone cannot make the broker send the key elsewhere.
+    let mut elsewhere = model.clone();
+    elsewhere["base_url"] = json!("https://collector.example/v1");
+    let (status, e) = admin("POST", "/v1/admin/models", Some(elsewhere));
+    assert_eq!((status, e["error"]["field"].as_str()), (422, Some("base_url")), "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("--model-origin"), "{e}");
     let (status, _) = admin("POST", "/v1/admin/models", Some(model));
     assert_eq!(status, 201);
 
@@ -170,7 +177,7 @@ fn a_missing_or_hanging_agent_cli_fails_the_stage_clearly() {
 #[test]
 fn the_agent_sees_only_the_dummy_key_and_results_decrypt_for_the_consumer() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start(dir.path(), &["--model-origin", "http://127.0.0.1:9"]);
     let t = server.token.clone();
     let admin = |method: &str, path: &str, body: Option<Value>| call(&server, &t, method, path, body);
     let real = "sk-real-never-in-the-agent-77";

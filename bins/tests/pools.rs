@@ -448,3 +448,72 @@ fn a_pooled_stage_works_on_the_run_s_checkout_and_attests_its_bundle() {
     let jobs: Vec<_> = std::fs::read_dir(p.acme.key_dir.join("jobs")).unwrap().collect();
     assert!(jobs.is_empty(), "{jobs:?}");
 }
+
+/// A round-robin TCP load balancer on 127.0.0.1: each new connection goes to the next node.
+fn round_robin(nodes: Vec<String>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let targets: Vec<String> = nodes.iter().map(|u| u.trim_start_matches("http://").to_string()).collect();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(client) = conn else { continue };
+            let target = targets[n % targets.len()].clone();
+            std::thread::spawn(move || {
+                let Ok(upstream) = std::net::TcpStream::connect(&target) else { return };
+                let (mut a, mut b) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                let (mut c, mut d) = (client, upstream);
+                let up = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(std::net::Shutdown::Write);
+                });
+                let _ = std::io::copy(&mut d, &mut c);
+                let _ = c.shutdown(std::net::Shutdown::Write);
+                let _ = up.join();
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Behind a load balancer over 3 nodes on one PostgreSQL, an orchestrator's long polls land on
+/// different nodes, and an older one may still wait on one node while a newer one claims on
+/// another: pond still gives a job only to an idle worker. Measured over 150 pooled jobs: no
+/// attempt is handed back, and every job runs once.
+#[test]
+fn behind_a_load_balancer_jobs_go_only_to_idle_workers() {
+    let Some(pg) = Server::database_server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let db = common::scratch_database(&pg, "lb");
+    let nodes: Vec<Server> = (0..3)
+        .map(|i| {
+            Server::start(&dir.path().join(format!("node{i}")), &["--database-url", db.url.as_str(), "--lease", "10s"])
+        })
+        .collect();
+    let balancer = round_robin(nodes.iter().map(|n| n.url.clone()).collect());
+    let admin = nodes[0].admin();
+    let code = enroll_code(&admin, "p", None, None);
+    let orch = Orchestrator::start(&balancer, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+    let _workers: Vec<Worker> = (0..3)
+        .map(|i| {
+            let code = enroll_code(&admin, "p", Some(&["pool:trusted"]), None);
+            Worker::start(&orch.url, &dir.path().join(format!("w{i}")), &code, &[])
+        })
+        .collect();
+    let ids: Vec<String> = (0..150)
+        .map(|i| {
+            let body = json!({"project_id": "acme", "definition": {"stages": [{"key": "job", "executor": {"kind": "shell",
+                "argv": ["sh", "-c", format!("echo job {i}")], "placement": "pool", "sandbox": {"tier": "trusted"}}}]}});
+            submit(&nodes[i % 3].admin(), &body)
+        })
+        .collect();
+    let mut handed_back = 0;
+    for id in &ids {
+        let run = wait_done(&admin, id, Duration::from_secs(120));
+        assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
+        handed_back +=
+            run.stages[0].attempts.iter().filter(|a| a.outcome.map(|o| o.as_str()) == Some("handed_back")).count();
+        assert_eq!(run.stages[0].attempts.len(), 1, "{run:?}");
+    }
+    eprintln!("handed back: {handed_back} of {} jobs", ids.len());
+    assert_eq!(handed_back, 0);
+}

@@ -560,4 +560,8 @@ fn a_server_on_a_relative_data_directory_runs_confined_stages() {
     assert_eq!(done.state, RunState::Succeeded, "{lines:?}");
     downloaded.unwrap();
     assert_eq!(out, b"made\n");
+    // The data directory is private even though the sandbox's state was made in it first.
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join(".pond")).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
 }

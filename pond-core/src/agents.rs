@@ -432,6 +432,19 @@ pub enum RegistryError {
 /// Models and harnesses over a [`Store`].
 pub struct Registry {
     store: Arc<dyn Store>,
+    /// Origins (`scheme://host[:port]`) a model's `base_url` may point at besides the
+    /// providers' own: the broker sends the real key there, so it is the operator's list.
+    model_origins: Vec<String>,
+}
+
+/// The origin (`scheme://host[:port]`, lowercase, no path) of an http(s) URL.
+pub fn url_origin(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    if authority.is_empty() || authority.contains('@') || !["http", "https"].contains(&scheme) {
+        return None;
+    }
+    Some(format!("{scheme}://{}", authority.to_ascii_lowercase()))
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<String, RegistryError> {
@@ -443,14 +456,36 @@ fn from_json<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, RegistryErro
 }
 
 impl Registry {
-    /// The registry over `store`.
+    /// The registry over `store`; models may point only at the providers' own APIs.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Registry { store }
+        Registry { store, model_origins: Vec::new() }
     }
 
-    /// Adds or replaces a model.
+    /// Also allows these origins for a model's `base_url` (the operator's `--model-origin`).
+    pub fn with_model_origins(mut self, origins: Vec<String>) -> Self {
+        self.model_origins = origins;
+        self
+    }
+
+    /// Adds or replaces a model. Its `base_url`, if any, must be on a provider's own origin or
+    /// one the operator allowed: an admin token alone cannot send the key elsewhere.
     pub async fn put_model(&self, model: &Model) -> Result<(), RegistryError> {
         model.lint()?;
+        if let Some(url) = &model.base_url {
+            let origin = url_origin(url).ok_or_else(|| invalid("base_url", "must be an http(s) URL with a host"))?;
+            let allowed = ["https://api.openai.com", "https://api.anthropic.com"]
+                .iter()
+                .map(|o| o.to_string())
+                .chain(self.model_origins.iter().filter_map(|o| url_origin(o)))
+                .any(|o| o == origin);
+            if !allowed {
+                return Err(invalid(
+                    "base_url",
+                    format!("`{origin}` is not an origin this server sends model keys to (the operator allows more with `pond server --model-origin URL`)"),
+                )
+                .into());
+            }
+        }
         self.store.put_record(MODEL, &model.key, &to_json(model)?).await?;
         Ok(())
     }

@@ -51,6 +51,8 @@ pub struct EngineConfig {
     pub max_log_bytes: u64,
     /// How long output is retried while the store is away before the stage fails for it.
     pub delivery_budget: Millis,
+    /// Origins a model's `base_url` may point at besides the providers' own APIs.
+    pub model_origins: Vec<String>,
 }
 
 /// The per-stage log cap unless the operator sets one: 64 MiB.
@@ -68,6 +70,7 @@ impl Default for EngineConfig {
             attestation_default: crate::definition::AttestationPolicy::Required,
             max_log_bytes: DEFAULT_MAX_LOG_BYTES,
             delivery_budget: Millis::from_secs(300),
+            model_origins: Vec::new(),
         }
     }
 }
@@ -201,7 +204,7 @@ impl Engine {
 
     /// Registered models and harnesses.
     pub fn registry(&self) -> crate::agents::Registry {
-        crate::agents::Registry::new(self.store.clone())
+        crate::agents::Registry::new(self.store.clone()).with_model_origins(self.config.model_origins.clone())
     }
 
     /// Registered credentials, sealed under the server key.

@@ -103,6 +103,32 @@ pub fn whole_lines(pieces: &[OutputLine]) -> Vec<(LogStream, Vec<u8>)> {
     out
 }
 
+/// What a redacted secret reads as.
+pub const REDACTED: &str = "[redacted by pond]";
+
+/// `bytes` with every occurrence of each secret (of at least 8 bytes) replaced by [`REDACTED`].
+pub fn redact(bytes: &[u8], secrets: &[&[u8]]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for secret in secrets.iter().filter(|s| s.len() >= 8) {
+        if out.len() < secret.len() || !out.windows(secret.len()).any(|w| w == *secret) {
+            continue;
+        }
+        let mut next = Vec::with_capacity(out.len());
+        let mut i = 0;
+        while i < out.len() {
+            if out[i..].starts_with(secret) {
+                next.extend_from_slice(REDACTED.as_bytes());
+                i += secret.len();
+            } else {
+                next.push(out[i]);
+                i += 1;
+            }
+        }
+        out = next;
+    }
+    out
+}
+
 /// A stage's log budget: lines pass until `limit` bytes have, then one note says the log was
 /// truncated and the rest is dropped (still read from the process, never stored).
 #[derive(Debug)]

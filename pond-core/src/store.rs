@@ -52,7 +52,9 @@ pub struct ClaimQuery {
     /// At most this many stages.
     pub limit: u32,
     /// For a pool worker's claim: what it offers. Only stages whose requirements it meets
-    /// (see [`crate::routing::admits`]) are taken.
+    /// (see [`crate::routing::admits`]) are taken, and only while the worker (`owner`) holds
+    /// no live lease: a worker runs one job at a time, so pond never gives a busy one another —
+    /// not even to an older long poll still waiting on another node behind a load balancer.
     pub offer: Option<crate::routing::WorkerOffer>,
 }
 

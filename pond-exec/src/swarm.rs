@@ -48,11 +48,20 @@ struct Capture<'a> {
     inner: &'a dyn OutputSink,
     transcript: Mutex<Vec<OutputLine>>,
     budget: pond_core::exec::LogBudget,
+    /// Never written to the log or transcript (the model's real key), whatever the agent
+    /// prints: a second line behind the broker's own redaction.
+    secrets: Vec<String>,
 }
 
 #[async_trait]
 impl OutputSink for Capture<'_> {
-    async fn lines(&self, lines: Vec<OutputLine>) {
+    async fn lines(&self, mut lines: Vec<OutputLine>) {
+        if !self.secrets.is_empty() {
+            let secrets: Vec<&[u8]> = self.secrets.iter().map(|s| s.as_bytes()).collect();
+            for line in &mut lines {
+                line.bytes = pond_core::exec::redact(&line.bytes, &secrets);
+            }
+        }
         let kept = self.budget.admit(lines.clone());
         self.transcript.lock().unwrap_or_else(|p| p.into_inner()).extend(kept);
         self.inner.lines(lines).await;
@@ -143,6 +152,7 @@ impl SwarmExecutor {
             inner: ctx.output,
             transcript: Mutex::default(),
             budget: pond_core::exec::LogBudget::new(pond_core::engine::DEFAULT_MAX_LOG_BYTES),
+            secrets: prepared.agent.real_key.iter().cloned().collect(),
         };
         let inner = ExecContext {
             run: ctx.run,

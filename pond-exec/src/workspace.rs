@@ -453,15 +453,31 @@ pub fn unpack_bundle(data: &[u8], to: &Path, max_bytes: u64, max_entries: u64) -
         if kind.is_dir() {
             std::fs::create_dir_all(to.join(&path)).map_err(|e| e.to_string())?;
         } else if kind.is_file() {
-            total += entry.header().size().unwrap_or(0);
-            if total > max_bytes {
-                return Err(format!("bundle unpacks to more than {max_bytes} bytes"));
-            }
-            if let Some(parent) = to.join(&path).parent() {
+            // Counted by the bytes actually written, not by a header field: a PAX `size` can
+            // say more than the ustar one, and the archive reader believes the PAX one.
+            let dest = to.join(&path);
+            if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
             }
-            entry.set_preserve_mtime(false);
-            entry.unpack(to.join(&path)).map_err(|e| format!("unpacking `{}`: {e}", path.display()))?;
+            let mut file = std::fs::File::create(&dest).map_err(|e| format!("unpacking `{}`: {e}", path.display()))?;
+            let room = max_bytes.saturating_sub(total);
+            let written = std::io::copy(&mut (&mut entry).take(room + 1), &mut file)
+                .map_err(|e| format!("unpacking `{}`: {e}", path.display()))?;
+            total += written;
+            if total > max_bytes {
+                drop(file);
+                let _ = std::fs::remove_file(&dest);
+                return Err(format!("bundle unpacks to more than {max_bytes} bytes"));
+            }
+            if let Ok(mode) = entry.header().mode() {
+                use std::os::unix::fs::PermissionsExt;
+                // Only the owner's execute bit matters to a checkout; never setuid, setgid or sticky.
+                let _ = file.set_permissions(std::fs::Permissions::from_mode(if mode & 0o100 != 0 {
+                    0o755
+                } else {
+                    0o644
+                }));
+            }
         } else if !matches!(kind, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader) {
             // Links and special files are skipped: a symlink could point the next entry outside.
             continue;
@@ -515,6 +531,28 @@ mod tests {
         let err = unpack_bundle(&packed, tempfile::tempdir().unwrap().path(), 3, 100).unwrap_err();
         assert!(err.contains("more than 3 bytes"), "{err}");
         assert!(unpack_bundle(b"not zstd", out.path(), 1 << 20, 100).is_err());
+    }
+
+    /// The outside check's bypass: a PAX `size` larger than the ustar one. The cap counts the
+    /// bytes written, so a small upload cannot unpack to more than it allows.
+    #[test]
+    fn a_pax_size_cannot_unpack_past_the_cap() {
+        let mut builder = tar::Builder::new(Vec::new());
+        builder.append_pax_extensions([("size", "10485760".as_bytes())]).unwrap();
+        let mut header = tar::Header::new_ustar();
+        header.set_path("big").unwrap();
+        header.set_size(10);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        builder.append(&header, std::io::repeat(0).take(10 << 20)).unwrap();
+        let packed = zstd::encode_all(builder.into_inner().unwrap().as_slice(), 3).unwrap();
+        assert!(packed.len() < 64 * 1024, "a small upload: {} bytes", packed.len());
+        let out = tempfile::tempdir().unwrap();
+        let err = unpack_bundle(&packed, out.path(), 1 << 20, 100).unwrap_err();
+        assert!(err.contains("more than 1048576 bytes"), "{err}");
+        let left = out.path().join("big").metadata().map(|m| m.len()).unwrap_or(0);
+        assert!(left <= 1 << 20, "{left} bytes written");
     }
 
     #[test]

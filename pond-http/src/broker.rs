@@ -152,11 +152,77 @@ const HOP_BY_HOP: [&str; 9] = [
     "host",
 ];
 
+/// The provider API calls an agent needs: method and the path's last segments (after any base
+/// path such as `/v1`). Anything else is refused before it reaches the provider with the real
+/// key: the broker is no general relay.
+fn allowed_call(provider: Provider, method: &str, path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or("").trim_end_matches('/');
+    let (posts, gets): (&[&str], &[&str]) = match provider {
+        Provider::Openai => (&["/responses", "/chat/completions", "/completions", "/embeddings"], &["/models"]),
+        Provider::Anthropic => (&["/messages", "/messages/count_tokens"], &["/models"]),
+    };
+    let model_lookup = path.rsplit_once("/models/").is_some_and(|(_, id)| !id.is_empty() && !id.contains('/'));
+    match method {
+        "POST" => posts.iter().any(|p| path.ends_with(p)),
+        "GET" => gets.iter().any(|p| path.ends_with(p)) || model_lookup,
+        _ => false,
+    }
+}
+
+/// Replaces every occurrence of the secrets in a byte stream, whatever the chunking: the last
+/// `longest - 1` bytes are held back until the next chunk shows whether a secret goes on there.
+struct Redactor {
+    secrets: Vec<Vec<u8>>,
+    held: Vec<u8>,
+}
+
+pub use pond_core::exec::REDACTED;
+
+impl Redactor {
+    fn new(secrets: &[&str]) -> Self {
+        let secrets = secrets.iter().filter(|s| s.len() >= 8).map(|s| s.as_bytes().to_vec()).collect();
+        Redactor { secrets, held: Vec::new() }
+    }
+
+    fn redact(&self, bytes: &[u8]) -> Vec<u8> {
+        let secrets: Vec<&[u8]> = self.secrets.iter().map(Vec::as_slice).collect();
+        pond_core::exec::redact(bytes, &secrets)
+    }
+
+    /// Bytes safe to send now.
+    fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
+        self.held.extend_from_slice(chunk);
+        let mut text = self.redact(&self.held);
+        let hold = self.secrets.iter().map(Vec::len).max().unwrap_or(1).saturating_sub(1);
+        let keep = hold.min(text.len());
+        self.held = text.split_off(text.len() - keep);
+        text
+    }
+
+    /// What is left at the end.
+    fn finish(&mut self) -> Vec<u8> {
+        let held = std::mem::take(&mut self.held);
+        self.redact(&held)
+    }
+
+    fn text(&self, value: &str) -> String {
+        String::from_utf8_lossy(&self.redact(value.as_bytes())).into_owned()
+    }
+}
+
 async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let config = &shared.config;
     // Only the per-task dummy key; a wrong one never reaches the provider.
     if presented_key(req.headers()).as_deref() != Some(config.dummy_key.as_str()) {
         return refuse(config.provider, StatusCode::UNAUTHORIZED, "pond broker: unknown key");
+    }
+    let shown_path = req.uri().path().chars().take(100).collect::<String>();
+    if !allowed_call(config.provider, req.method().as_str(), req.uri().path()) {
+        return refuse(
+            config.provider,
+            StatusCode::FORBIDDEN,
+            &format!("pond broker: {} {shown_path} is not a model API call this broker relays", req.method()),
+        );
     }
     let method = req.method().as_str().to_string();
     let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
@@ -206,11 +272,14 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         if status >= 400 {
             worker.usage.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(status);
         }
+        // Whatever the provider sends back — an error body echoing the key, a header, a
+        // stream — reaches the agent with the real key redacted.
+        let mut redactor = Redactor::new(&[&config.real_key]);
         let head: Vec<(String, String)> = response
             .headers_names()
             .into_iter()
             .filter(|n| !HOP_BY_HOP.contains(&n.as_str()) && n != "content-length")
-            .filter_map(|n| response.header(&n).map(|v| (n.clone(), v.to_string())))
+            .filter_map(|n| response.header(&n).map(|v| (n.clone(), redactor.text(v))))
             .collect();
         if head_tx.send(Ok((status, head))).is_err() {
             return;
@@ -220,11 +289,19 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             match std::io::Read::read(&mut reader, &mut buf) {
-                Ok(0) => break,
+                Ok(0) => {
+                    let rest = redactor.finish();
+                    if !rest.is_empty() {
+                        let _ = tx.blocking_send(Ok(Bytes::from(rest)));
+                    }
+                    break;
+                }
                 Ok(n) => {
                     meter.feed(&buf[..n]);
-                    // Each read goes out as it arrives: streams stay unbuffered.
-                    if tx.blocking_send(Ok(Bytes::copy_from_slice(&buf[..n]))).is_err() {
+                    // Each read goes out as it arrives (less what may be the start of a key):
+                    // streams stay unbuffered.
+                    let out = redactor.feed(&buf[..n]);
+                    if !out.is_empty() && tx.blocking_send(Ok(Bytes::from(out))).is_err() {
                         break;
                     }
                 }
@@ -242,7 +319,10 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     });
     let (status, head) = match head_rx.await {
         Ok(Ok(head)) => head,
-        Ok(Err(e)) => return refuse(config.provider, StatusCode::BAD_GATEWAY, &format!("pond broker: upstream: {e}")),
+        Ok(Err(e)) => {
+            let e = Redactor::new(&[&config.real_key]).text(&e);
+            return refuse(config.provider, StatusCode::BAD_GATEWAY, &format!("pond broker: upstream: {e}"));
+        }
         Err(_) => return refuse(config.provider, StatusCode::BAD_GATEWAY, "pond broker: upstream failed"),
     };
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
@@ -400,6 +480,55 @@ impl Meter {
             if v.is_object() {
                 self.usage_in(v);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_is_redacted_however_the_stream_is_cut() {
+        let key = "sk-live-REAL-0123456789abcdef";
+        let text = format!("error: invalid key {key}; again:{key}.");
+        for cut in 1..text.len() {
+            let mut r = Redactor::new(&[key]);
+            let mut out = Vec::new();
+            for chunk in text.as_bytes().chunks(cut) {
+                out.extend(r.feed(chunk));
+            }
+            out.extend(r.finish());
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("error: invalid key {REDACTED}; again:{REDACTED}."),
+                "chunks of {cut}"
+            );
+        }
+        assert_eq!(Redactor::new(&[key]).text(&format!("Bearer {key}")), format!("Bearer {REDACTED}"));
+    }
+
+    #[test]
+    fn only_model_calls_are_relayed() {
+        let openai =
+            [("POST", "/v1/responses"), ("POST", "/responses"), ("GET", "/v1/models"), ("GET", "/v1/models/gpt-5")];
+        for (method, path) in openai {
+            assert!(allowed_call(Provider::Openai, method, path), "{method} {path}");
+        }
+        let anthropic =
+            [("POST", "/v1/messages"), ("POST", "/v1/messages?beta=true"), ("POST", "/v1/messages/count_tokens")];
+        for (method, path) in anthropic {
+            assert!(allowed_call(Provider::Anthropic, method, path), "{method} {path}");
+        }
+        for (method, path) in [
+            ("GET", "/v1/responses"),
+            ("DELETE", "/v1/models/x"),
+            ("POST", "/v1/organization/api_keys"),
+            ("POST", "/v1/files"),
+            ("GET", "/admin"),
+            ("POST", "/v1/messages"),
+        ] {
+            assert!(!allowed_call(Provider::Openai, method, path), "{method} {path}");
         }
     }
 }

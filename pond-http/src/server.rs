@@ -52,6 +52,8 @@ pub struct ServerConfig {
     /// What a pooled result that fails verification does, for stages that do not say
     /// (`--attestation required|record`).
     pub attestation_default: pond_core::definition::AttestationPolicy,
+    /// Origins a model's `base_url` may point at besides the providers' own (`--model-origin`).
+    pub model_origins: Vec<String>,
     /// Most bytes of output kept per stage attempt (`--max-log-bytes`).
     pub max_log_bytes: u64,
     /// Allow git remotes on internal addresses (`--allow-internal-git`).
@@ -94,6 +96,7 @@ impl ServerConfig {
             allow_internal_git: false,
             attestation_default: pond_core::definition::AttestationPolicy::Required,
             max_log_bytes: pond_core::engine::DEFAULT_MAX_LOG_BYTES,
+            model_origins: Vec::new(),
             limits: Limits::default(),
             shell_env_allow: Vec::new(),
             kill_grace: Duration::from_secs(10),
@@ -318,6 +321,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         reserved_tag_prefixes: config.reserved_tag_prefixes.clone(),
         attestation_default: config.attestation_default,
         max_log_bytes: config.max_log_bytes,
+        model_origins: config.model_origins.clone(),
         ..EngineConfig::default()
     };
     let shell_executor = Arc::new(ShellExecutor::new(shell, config.sandbox.clone()));
@@ -328,7 +332,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             .with_executor(Arc::new(BuiltinExecutor))
             .with_executor(Arc::new(SwarmExecutor::new(
                 Arc::new(crate::broker::ServerAgents {
-                    registry: pond_core::agents::Registry::new(store.clone()),
+                    registry: pond_core::agents::Registry::new(store.clone())
+                        .with_model_origins(config.model_origins.clone()),
                     credentials: pond_core::credentials::Credentials::new(store.clone(), clock.clone(), at_rest_key),
                 }),
                 Arc::new(crate::broker::HttpKeyBroker),

@@ -155,3 +155,76 @@ async fn anthropic_keys_go_in_x_api_key() {
     assert_eq!(headers.get("x-api-key").unwrap(), "sk-ant-real");
     assert!(headers.get("authorization").is_none(), "the dummy bearer is dropped");
 }
+
+/// A provider that echoes the key it was given — in a 401 body, in a header, and inside an SSE
+/// error event cut across chunks: the agent sees none of it, only the redaction. A call that is
+/// not a model API call never reaches the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_echoing_the_key_never_shows_it_to_the_agent() {
+    const KEY: &str = "sk-live-ECHOED-9f8e7d6c5b4a";
+    async fn echo(headers: HeaderMap, uri: axum::http::Uri) -> Response {
+        let presented = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        if uri.path().ends_with("/chat/completions") {
+            // An SSE error with the key split over two chunks.
+            let text = format!("event: error\ndata: {{\"error\":\"bad key {presented}\"}}\n\n");
+            let (a, b) = text.split_at(text.len() / 2 + 3);
+            let chunks =
+                vec![Ok::<_, std::io::Error>(axum::body::Bytes::from(a.to_string())), Ok(b.to_string().into())];
+            return Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(futures_util::stream::iter(chunks)))
+                .unwrap();
+        }
+        Response::builder()
+            .status(401)
+            .header("x-echo", presented.clone())
+            .body(Body::from(format!("{{\"error\":{{\"message\":\"Incorrect API key provided: {presented}\"}}}}")))
+            .unwrap()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(Mutex::new(0u32));
+    let counted = hits.clone();
+    let app = Router::new().fallback(move |h: HeaderMap, u: axum::http::Uri| {
+        *counted.lock().unwrap() += 1;
+        echo(h, u)
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let broker = start(BrokerConfig {
+        upstream: format!("http://{addr}"),
+        provider: Provider::Openai,
+        real_key: KEY.into(),
+        dummy_key: "pond-dummy-8".into(),
+    })
+    .await
+    .unwrap();
+    let base = broker.url();
+    let call = move |method: &'static str, path: &'static str| {
+        let url = format!("{base}{path}");
+        move || {
+            let request = ureq::request(method, &url).set("authorization", "Bearer pond-dummy-8");
+            let response = match request.send_string("{}") {
+                Ok(r) => r,
+                Err(ureq::Error::Status(_, r)) => r,
+                Err(e) => panic!("{e}"),
+            };
+            let status = response.status();
+            let headers: Vec<String> =
+                response.headers_names().iter().filter_map(|n| response.header(n).map(str::to_string)).collect();
+            (status, headers.join("\n"), response.into_string().unwrap())
+        }
+    };
+    let (status, headers, body) = tokio::task::spawn_blocking(call("POST", "/v1/responses")).await.unwrap();
+    assert_eq!(status, 401);
+    for text in [&headers, &body] {
+        assert!(!text.contains(KEY) && !text.contains("ECHOED"), "{text}");
+    }
+    assert!(body.contains("[redacted by pond]"), "{body}");
+    let (_, _, stream) = tokio::task::spawn_blocking(call("POST", "/v1/chat/completions")).await.unwrap();
+    assert!(!stream.contains(KEY) && stream.contains("bad key Bearer [redacted by pond]"), "{stream}");
+    // Not a model API call: refused here, nothing reaches the provider.
+    let before = *hits.lock().unwrap();
+    let (status, _, body) = tokio::task::spawn_blocking(call("POST", "/v1/organization/admin_api_keys")).await.unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(*hits.lock().unwrap(), before);
+}

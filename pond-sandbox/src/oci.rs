@@ -555,7 +555,13 @@ impl<'a> Sandbox<'a> {
         }
         container.start().map_err(|e| format!("starting the container: {e}"))?;
         if proxy.is_some() || !forwards.is_empty() {
-            spawn_network_thread(host_netns, proxy, forwards);
+            // The proxy's CPU time is the sandbox's: its thread joins the slot's cpu cgroup
+            // (cgroup v1 moves single threads; on a v2-only host it stays the helper's).
+            let cpu_cgroups: Vec<PathBuf> = cgroup_dirs(&spec.state_dir, Some(&slot_name(slot)))
+                .into_iter()
+                .filter(|d| d.to_string_lossy().split('/').any(|part| part.split(',').any(|c| c == "cpu")))
+                .collect();
+            spawn_network_thread(host_netns, proxy, forwards, cpu_cgroups);
         }
         let status = wait_for(pid, signals.as_raw_fd(), parent.as_raw_fd(), spec.limits.timeout_secs, report)?;
         self.mark("start+wait");
@@ -878,8 +884,14 @@ fn spawn_network_thread(
     host_netns: File,
     proxy: Option<(std::net::TcpListener, Vec<Rule>)>,
     forwards: Vec<(std::net::TcpListener, u16)>,
+    cpu_cgroups: Vec<PathBuf>,
 ) {
     std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        for dir in &cpu_cgroups {
+            let _ = std::fs::write(dir.join("tasks"), tid.to_string());
+        }
         // SAFETY: setns on this thread only, with a namespace fd we opened.
         if unsafe { libc::setns(host_netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             let _ = writeln!(std::io::stderr(), "pond sandbox: {}", os_error("joining the host network"));
@@ -1222,9 +1234,11 @@ fn remove_cgroup(dir: &Path) {
 
 /// Kills every process in a sandbox's cgroup.
 fn empty_cgroup(dir: &Path) {
+    // This helper itself is listed while its proxy thread is charged to the slot's cpu cgroup.
+    let own = std::process::id() as i32;
     for _ in 0..50 {
         let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).filter(|p| *p != own).collect();
         if pids.is_empty() {
             break;
         }

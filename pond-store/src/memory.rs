@@ -126,6 +126,18 @@ impl Store for MemoryStore {
 
     async fn claim_stages(&self, query: &ClaimQuery) -> Result<Vec<Claim>, StoreError> {
         let mut inner = self.lock()?;
+        if query.offer.is_some() {
+            let busy = inner.active.iter().any(|id| {
+                inner.runs[id].stages.iter().any(|s| {
+                    s.state == pond_core::run::StageState::Running
+                        && s.lease_owner.as_deref() == Some(query.owner.as_str())
+                        && s.lease_expires_at.is_some_and(|t| t > query.now)
+                })
+            });
+            if busy {
+                return Ok(Vec::new());
+            }
+        }
         let mut picked: Vec<(Timestamp, RunId, String)> = Vec::new();
         for id in &inner.active {
             let snapshot = &inner.runs[id];

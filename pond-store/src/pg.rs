@@ -203,6 +203,27 @@ impl PgStore {
     async fn try_claim(&self, query: &ClaimQuery) -> Result<Vec<Claim>, Fail> {
         let mut tx = self.pool.begin().await?;
         let now = query.now.as_millis();
+        if query.offer.is_some() {
+            // A worker runs one job at a time: none for a worker that holds a live lease. Claims
+            // for one worker from several nodes (an older long poll still waiting behind a load
+            // balancer) take turns on a transaction lock keyed by the worker, so the check and
+            // the claim cannot interleave.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))")
+                .bind(&query.owner)
+                .execute(&mut *tx)
+                .await?;
+            let busy: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM stages WHERE state = 'running' AND lease_owner = $1 AND lease_expires_at > $2)",
+            )
+            .bind(&query.owner)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            if busy {
+                tx.commit().await?;
+                return Ok(Vec::new());
+            }
+        }
         let mut stages: Vec<Stage> = Vec::new();
         let mut run_ids: Vec<String> = Vec::new();
         // Expired leases first (rare), then queued stages, each walked in index order.

@@ -413,6 +413,14 @@ impl Store for SqliteStore {
             }
             None => "",
         };
+        // A worker runs one job at a time: none for a worker that holds a live lease. (The one
+        // writer connection serializes claims, so the check and the claim cannot interleave.)
+        let idle = if query.offer.is_some() {
+            "AND NOT EXISTS (SELECT 1 FROM stages busy
+                              WHERE busy.state = 'running' AND busy.lease_owner = ?1 AND busy.lease_expires_at > ?3)"
+        } else {
+            ""
+        };
         let offer_json = query.offer.as_ref().map(|o| {
             (
                 serde_json::to_string(&o.tags).unwrap_or_else(|_| "[]".into()),
@@ -435,7 +443,7 @@ impl Store for SqliteStore {
                     UNION ALL
                     SELECT run_id, key, lease_expires_at AS due FROM stages
                      WHERE state = 'running' AND lease_expires_at <= ?3 AND cancel_requested = 0 AND executor_kind IN ({kinds}) {offer}
-                ) ORDER BY due LIMIT ?4)
+                ) ORDER BY due LIMIT ?4) {idle}
               RETURNING *"
         );
         let now = query.now.as_millis();

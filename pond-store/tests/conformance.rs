@@ -550,6 +550,34 @@ pub async fn byo_hosts_take_only_their_own_projects_work(store: Arc<dyn Store>) 
     assert_eq!(got.len(), 1);
 }
 
+/// A worker runs one job at a time: while it holds a live lease no claim gives it another,
+/// however many polls ask (behind a load balancer, an older poll may still wait on another
+/// node); once the lease is gone it takes work again.
+pub async fn a_busy_worker_is_given_no_second_job(store: Arc<dyn Store>) {
+    for _ in 0..3 {
+        let run = new_run(
+            "acme",
+            json!({"stages":[{"key":"a","executor":{"kind":"noop","placement":"pool","sandbox":{"tier":"trusted"}}}]}),
+            None,
+            at(0),
+        );
+        store.insert_run(&run).await.unwrap();
+    }
+    let trusted = || offer(&["pool:trusted"], &[]);
+    let first = store.claim_stages(&ClaimQuery { limit: 1, ..pool_query("w1", at(1), trusted()) }).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let queries: Vec<ClaimQuery> =
+        (0..4).map(|_| ClaimQuery { limit: 1, ..pool_query("w1", at(2), trusted()) }).collect();
+    let concurrent = futures_util::future::join_all(queries.iter().map(|q| store.claim_stages(q))).await;
+    assert!(concurrent.iter().all(|c| c.as_ref().unwrap().is_empty()), "a busy worker got a second job");
+    // Another worker is not held up.
+    assert_eq!(store.claim_stages(&pool_query("w2", at(2), trusted())).await.unwrap().len(), 2);
+    // After w1's lease expired (60 s in pool_query), it takes work again: here, its own
+    // stage's next attempt.
+    let later = store.claim_stages(&ClaimQuery { limit: 1, ..pool_query("w1", at(61_000), trusted()) }).await.unwrap();
+    assert_eq!(later.len(), 1);
+}
+
 pub async fn records_swap_atomically(store: Arc<dyn Store>) {
     assert!(store.swap_record("k", "a", None, "1").await.unwrap());
     assert!(!store.swap_record("k", "a", None, "2").await.unwrap(), "create only when absent");
@@ -600,6 +628,7 @@ macro_rules! conformance {
                 concurrent_updates_of_one_run_are_never_lost,
                 pool_claims_match_pinned_tags_and_capability_globs,
                 byo_hosts_take_only_their_own_projects_work,
+                a_busy_worker_is_given_no_second_job,
                 records_swap_atomically,
             );
         }
