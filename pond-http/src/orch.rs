@@ -39,7 +39,8 @@ pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
 /// How often an idle long poll re-checks without a wake-up (backoffs that came due).
 const CLAIM_RECHECK: Duration = Duration::from_millis(500);
 
-/// The `/v1` routes of pools, each group with the body limit its routes need.
+/// The `/v1` routes of pools, each group with the body limit its routes need. Handlers take
+/// their credential extractor first: a caller is authenticated before its path or body is.
 pub fn routes(limits: &crate::state::Limits) -> Router<AppState> {
     // A worker's artifacts are bounded like bundles; a confidential run's are sealed, which adds
     // 17 bytes per 64 KiB chunk and a 24-byte header — well inside the allowance.
@@ -565,8 +566,8 @@ async fn held(state: &AppState, job: &str, worker: &PoolMember) -> Result<(JobId
 
 async fn heartbeat(
     State(state): State<AppState>,
-    Path(job): Path<String>,
     r: Relayed,
+    Path(job): Path<String>,
 ) -> Result<Json<Heartbeat>, ApiError> {
     let (job, cancel_requested) = held(&state, &job, &r.worker).await?;
     let job = job.to_string();
@@ -577,7 +578,7 @@ async fn heartbeat(
     Ok(Json(Heartbeat { cancel_requested }))
 }
 
-async fn input(State(state): State<AppState>, Path(job): Path<String>, r: Relayed) -> Result<Response, ApiError> {
+async fn input(State(state): State<AppState>, r: Relayed, Path(job): Path<String>) -> Result<Response, ApiError> {
     let (job, _) = held(&state, &job, &r.worker).await?;
     let input = state
         .engine
@@ -621,8 +622,8 @@ async fn input(State(state): State<AppState>, Path(job): Path<String>, r: Relaye
 
 async fn logs(
     State(state): State<AppState>,
-    Path(job): Path<String>,
     r: Relayed,
+    Path(job): Path<String>,
     LogLinesJson(body): LogLinesJson<JobLines>,
 ) -> Result<axum::http::StatusCode, ApiError> {
     let (job, _) = held(&state, &job, &r.worker).await?;
@@ -633,8 +634,8 @@ async fn logs(
 
 async fn artifact(
     State(state): State<AppState>,
-    Path((job, name)): Path<(String, String)>,
     r: Relayed,
+    Path((job, name)): Path<(String, String)>,
     body: axum::body::Body,
 ) -> Result<axum::http::StatusCode, ApiError> {
     let (job, _) = held(&state, &job, &r.worker).await?;
@@ -653,8 +654,8 @@ fn digest(field: &str, text: &str) -> Result<[u8; 32], ApiError> {
 
 async fn result(
     State(state): State<AppState>,
-    Path(job): Path<String>,
     r: Relayed,
+    Path(job): Path<String>,
     ApiJson(body): ApiJson<JobResult>,
 ) -> Result<Json<ResultAck>, ApiError> {
     let job = job_id(&job)?;
@@ -695,8 +696,8 @@ async fn result(
 
 async fn release(
     State(state): State<AppState>,
-    Path(job): Path<String>,
     r: Relayed,
+    Path(job): Path<String>,
 ) -> Result<axum::http::StatusCode, ApiError> {
     let job = job_id(&job)?;
     state.engine.release_job(&job, &r.worker, "the worker gave it back").await?;
