@@ -104,8 +104,9 @@ pub struct Run {
     pub idempotency_key: Option<String>,
     /// SHA-256 (hex) of what the submit asked for (see `Engine::submit`): a later submit with
     /// the same key is a retry only if it asked for the same. `None` for runs stored before it
-    /// was kept.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// was kept. Pond's own bookkeeping, kept by the stores: never serialized, so job tickets
+    /// (signed over the serialized run) read the same to workers of any version.
+    #[serde(skip)]
     pub request_digest: Option<String>,
     /// A caller asked to cancel.
     pub cancel_requested: bool,
