@@ -164,7 +164,7 @@ fn every_error_answer_is_json() {
         ("POST", s("/v1/admin/keys"), token, Some(r#"{"projects":"p"}"#), 422, "validation_failed"),
         ("GET", s("/v1/runs?limit=x"), token, None, 422, "validation_failed"),
         ("GET", s("/v1/runs?colour=red"), token, None, 422, "validation_failed"),
-        ("GET", s("/nope"), None, None, 404, "not_found"),
+        ("GET", s("/v1/runs/%FF"), token, None, 400, "bad_request"),
         ("GET", o("/nope"), None, None, 404, "not_found"),
         ("DELETE", o("/v1/worker/claim"), None, None, 405, "method_not_allowed"),
         ("GET", o("/v1/worker/me"), None, None, 401, "unauthorized"),
