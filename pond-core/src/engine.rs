@@ -90,6 +90,28 @@ pub struct SubmitRequest {
     pub recipients: Vec<String>,
 }
 
+/// SHA-256 (hex) of what a submit asks for — project, definition, sources, recipients — as
+/// submitted, not its key. Decoded and re-encoded through `serde_json::Value`, whose maps are
+/// ordered, so key order and spacing in the request do not matter.
+fn request_digest(request: &SubmitRequest, project: &str) -> Result<String, CoreError> {
+    #[derive(serde::Serialize)]
+    struct Asked<'a> {
+        project_id: &'a str,
+        definition: &'a Definition,
+        sources: &'a [SourceInput],
+        recipients: &'a [String],
+    }
+    let asked = Asked {
+        project_id: project,
+        definition: &request.definition,
+        sources: &request.sources,
+        recipients: &request.recipients,
+    };
+    let value = serde_json::to_value(&asked)
+        .map_err(|e| CoreError::Store(StoreError::Backend(format!("encoding the request's digest: {e}"))))?;
+    Ok(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(value.to_string().as_bytes())))
+}
+
 /// The result of a submit.
 #[derive(Clone, Debug)]
 pub struct Submitted {
@@ -245,6 +267,7 @@ impl Engine {
                 return Err(FieldError::new("Idempotency-Key", "must be 1 to 255 visible ASCII characters").into());
             }
         }
+        let digest = request_digest(&request, project)?;
         let mut definition = request.definition.clone();
         self.check_agents(&mut definition, project).await?;
         definition.validate("definition", &self.capabilities())?;
@@ -320,9 +343,26 @@ impl Engine {
         if !recipients.is_empty() {
             snapshot.run.encryption = Some(crate::run::Encryption { recipients });
         }
+        snapshot.run.request_digest = Some(digest.clone());
         match self.store.insert_run(&snapshot).await? {
             crate::store::InsertOutcome::Created => Ok(Submitted { snapshot, created: true }),
-            crate::store::InsertOutcome::Existing(existing) => Ok(Submitted { snapshot: *existing, created: false }),
+            crate::store::InsertOutcome::Existing(existing) => {
+                // A retry returns the first run; another request under the same key is refused
+                // rather than answered with a run it did not ask for. (A run stored before
+                // digests were kept has none and is taken as a retry, as before.)
+                if existing.run.request_digest.as_ref().is_some_and(|d| *d != digest) {
+                    let key = existing.run.idempotency_key.as_deref().unwrap_or_default();
+                    return Err(FieldError::new(
+                        "Idempotency-Key",
+                        format!(
+                            "`{key}` was already used for a different request (run {}); send a new key with a new request",
+                            existing.run.id
+                        ),
+                    )
+                    .into());
+                }
+                Ok(Submitted { snapshot: *existing, created: false })
+            }
         }
     }
 

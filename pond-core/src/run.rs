@@ -102,6 +102,12 @@ pub struct Run {
     pub sources: Vec<Source>,
     /// The submit's `Idempotency-Key`, if any.
     pub idempotency_key: Option<String>,
+    /// SHA-256 (hex) of what the submit asked for (see `Engine::submit`): a later submit with
+    /// the same key is a retry only if it asked for the same. `None` for runs stored before it
+    /// was kept. Pond's own bookkeeping, kept by the stores: never serialized, so job tickets
+    /// (signed over the serialized run) read the same to workers of any version.
+    #[serde(skip)]
+    pub request_digest: Option<String>,
     /// A caller asked to cancel.
     pub cancel_requested: bool,
     /// Why the run failed or was cancelled.
@@ -326,6 +332,7 @@ impl RunSnapshot {
             definition,
             sources,
             idempotency_key,
+            request_digest: None,
             cancel_requested: false,
             error: None,
             created_at: now,

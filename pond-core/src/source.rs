@@ -66,7 +66,7 @@ pub struct SourcePolicy {
 }
 
 /// A submitted source before validation.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceInput {
     /// See [`Source::label`].

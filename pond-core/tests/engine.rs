@@ -360,9 +360,20 @@ async fn submit_validates_and_honours_idempotency_keys() {
     let mut req = request(json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]}));
     req.idempotency_key = Some("retry-1".into());
     let first = engine.submit(req.clone()).await.unwrap();
-    let second = engine.submit(req).await.unwrap();
+    let second = engine.submit(req.clone()).await.unwrap();
     assert!(first.created && !second.created);
     assert_eq!(first.snapshot.run.id, second.snapshot.run.id);
+    // The same key with another request is refused, naming the key, and makes no run.
+    let mut other = req;
+    other.definition = request(json!({"stages":[{"key":"b","executor":{"kind":"noop"}}]})).definition;
+    match engine.submit(other).await.unwrap_err() {
+        pond_core::CoreError::Invalid(f) => {
+            assert_eq!(f.field, "Idempotency-Key");
+            assert!(f.reason.contains("different request"), "{}", f.reason);
+            assert!(f.reason.contains(&first.snapshot.run.id.to_string()), "{}", f.reason);
+        }
+        other => panic!("expected a field error, got {other}"),
+    }
 
     let bad = |r: SubmitRequest| async { engine.submit(r).await.unwrap_err().to_string() };
     let mut shell = request(json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":["true"]}}]}));

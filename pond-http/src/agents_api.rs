@@ -1,7 +1,7 @@
 //! The admin agent registry routes: `/v1/admin/models`, `/v1/admin/harnesses`, the presets,
 //! creating a harness from a preset, and dry runs.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::ApiJson;
 use crate::auth::Principal;
+use crate::boundary::ApiPath as Path;
 use crate::error::ApiError;
 use crate::state::AppState;
 

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,10 +19,11 @@ use pond_core::ids::{RunId, TokenId};
 use pond_core::run::{RunSnapshot, RunState};
 use pond_core::source::SourceInput;
 use pond_core::store::{LogLine, Role, RunQuery, Store};
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::auth::{mint_token, Principal};
+use crate::boundary::{body_limit, json_errors, parse_query, ApiPath as Path, SMALL_BODY_BYTES};
+pub use crate::boundary::{read_body, ApiJson};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::wire::{
@@ -30,81 +31,40 @@ use crate::wire::{
     RunSummary, RunView,
 };
 
-/// The whole HTTP API.
+/// The whole HTTP API. Every route sits in a group with a body limit fitting what it takes
+/// (see [`crate::boundary`]); every error answer, the fallbacks' included, is JSON.
 pub fn app(state: AppState) -> Router {
-    let v1 = Router::new()
-        .route("/runs", post(submit_run).get(list_runs))
+    let limits = state.limits.clone();
+    // A run's definition and sources.
+    let submit =
+        Router::new().route("/runs", post(submit_run).get(list_runs)).route_layer(body_limit(limits.max_json_bytes));
+    let bundles = Router::new().route("/bundles", post(upload_bundle)).route_layer(body_limit(limits.max_bundle_bytes));
+    // Small JSON documents, or no body at all.
+    let small = Router::new()
         .route("/runs/{id}", get(get_run))
         .route("/runs/{id}/cancel", post(cancel_run))
         .route("/runs/cancel", post(cancel_runs))
         .route("/runs/{id}/logs", get(run_logs))
         .route("/runs/{id}/artifacts", get(list_artifacts))
         .route("/runs/{id}/artifacts/{*name}", get(get_artifact))
-        .route("/bundles", post(upload_bundle))
         .route("/admin/keys", post(create_key).get(list_keys))
         .route("/admin/keys/{id}", delete(revoke_key))
-        .merge(crate::orch::routes())
-        .merge(crate::agents_api::routes());
-    Router::new()
-        .nest("/v1", v1)
+        .merge(crate::agents_api::routes())
+        .route_layer(body_limit(SMALL_BODY_BYTES));
+    let v1 = submit.merge(bundles).merge(small).merge(crate::orch::routes(&limits));
+    let health = Router::new()
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
+        .route_layer(body_limit(SMALL_BODY_BYTES));
+    Router::new()
+        .nest("/v1", v1)
+        .merge(health)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
             ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
         })
-        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
-}
-
-/// A JSON body decoded with field-path errors: 400 for malformed JSON, 413 when too large,
-/// 415 for a non-JSON content type, 422 naming the field for a wrong shape.
-pub struct ApiJson<T>(pub T);
-
-pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"))
-            || e.to_string().contains("length limit");
-        if too_large {
-            ApiError::TooLarge(format!("body exceeds {limit} bytes"))
-        } else {
-            ApiError::BadRequest(format!("reading the body: {e}"))
-        }
-    })
-}
-
-impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("application/json") || ct.contains("+json"));
-        if !is_json {
-            return Err(ApiError::UnsupportedMediaType("send the body as Content-Type: application/json".into()));
-        }
-        let bytes = read_body(req.into_body(), state.limits.max_json_bytes).await?;
-        let value: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
-        if !value.is_object() {
-            return Err(ApiError::invalid("body", "must be a JSON object"));
-        }
-        pond_core::json::from_value_at(value, "").map(ApiJson).map_err(ApiError::Invalid)
-    }
-}
-
-fn parse_query<T: DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
-    let query = query.unwrap_or("");
-    let pairs: Vec<(String, String)> = url_pairs(query);
-    let map: serde_json::Map<String, serde_json::Value> =
-        pairs.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
-    pond_core::json::from_value_at(serde_json::Value::Object(map), "query").map_err(ApiError::Invalid)
-}
-
-fn url_pairs(query: &str) -> Vec<(String, String)> {
-    form_urlencoded::parse(query.as_bytes()).into_owned().collect()
 }
 
 fn number<T: FromStr>(field: &str, text: Option<&str>) -> Result<Option<T>, ApiError> {
@@ -333,7 +293,7 @@ async fn run_logs(
     let limit = number::<u32>("limit", q.limit.as_deref())?.unwrap_or(500).clamp(1, state.limits.max_page);
     let follow = matches!(q.follow.as_deref(), Some("1" | "true" | "yes" | ""));
     if follow {
-        return Ok(follow_logs(state, run.run.id, after).into_response());
+        return Ok(follow_logs(state, run.run.id, after, who.secret_sha256).into_response());
     }
     let lines = state.store.read_logs(run.run.id, after, limit).await?;
     let next_cursor = lines.last().map(|l| l.seq).unwrap_or(after);
@@ -347,7 +307,14 @@ struct Follow {
     pending: std::collections::VecDeque<Event>,
     done: bool,
     changes: tokio::sync::watch::Receiver<u64>,
+    /// The follower's token (SHA-256), re-checked while the stream is open.
+    token: String,
+    checked: std::time::Instant,
 }
+
+/// How often an open follow re-checks its token: with the cache's freshness bound
+/// (`auth::still_valid`), a revoked key's streams end within about 3 s.
+const TOKEN_RECHECK: Duration = Duration::from_secs(1);
 
 fn line_event(line: &LogLine) -> Event {
     let data = serde_json::to_string(line).unwrap_or_else(|_| "{}".into());
@@ -356,16 +323,32 @@ fn line_event(line: &LogLine) -> Event {
 
 /// Server-sent events: `log` events (id = seq, for `Last-Event-ID` resumes) until the run
 /// ends, then one `end` event with the final state. Waits on store changes, with a 1 s
-/// fallback poll.
+/// fallback poll. A token revoked meanwhile ends the stream with an `error` event.
 fn follow_logs(
     state: AppState,
     run: RunId,
     after: i64,
+    token: String,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let changes = state.store.run_changed(run);
-    let start = Follow { state, run, cursor: after, pending: Default::default(), done: false, changes };
+    let checked = std::time::Instant::now();
+    let start = Follow { state, run, cursor: after, pending: Default::default(), done: false, changes, token, checked };
     let stream = futures_util::stream::unfold(start, |mut f| async move {
         loop {
+            if !f.done && f.checked.elapsed() >= TOKEN_RECHECK {
+                f.checked = std::time::Instant::now();
+                match crate::auth::still_valid(&f.state, &f.token).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        f.done = true;
+                        f.pending.clear();
+                        let event = Event::default().event("error").data("the token was revoked");
+                        return Some((Ok(event), f));
+                    }
+                    // The database is away: the stream waits for it like the reads below do.
+                    Err(e) => tracing::warn!(error = %e, "follow: re-checking the token failed"),
+                }
+            }
             if let Some(event) = f.pending.pop_front() {
                 return Some((Ok(event), f));
             }
@@ -483,7 +466,7 @@ async fn upload_bundle(
     if !who.can_use(&project) {
         return Err(ApiError::Forbidden(format!("this token may not use project `{project}`")));
     }
-    let data = read_body(req.into_body(), state.limits.max_bundle_bytes).await?;
+    let data = read_body(req.into_body()).await?;
     if !data.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         return Err(ApiError::invalid("body", "must be a zstd-compressed tar archive (.tar.zst)"));
     }

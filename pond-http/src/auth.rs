@@ -21,6 +21,9 @@ pub struct Principal {
     pub role: Role,
     /// The projects a consumer token may use.
     pub projects: Vec<String>,
+    /// SHA-256 of the secret presented, to check later that the token still stands (a long
+    /// log follow re-checks it).
+    pub(crate) secret_sha256: String,
 }
 
 impl Principal {
@@ -71,6 +74,12 @@ impl TokenCache {
             entries.retain(|_, (_, at)| at.elapsed() < self.ttl);
         }
         entries.insert(hash, (token, std::time::Instant::now()));
+    }
+
+    /// The entry for `hash` if it was read from the store less than `max_age` ago.
+    fn fresh(&self, hash: &str, max_age: std::time::Duration) -> Option<TokenRecord> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.get(hash).filter(|(_, at)| at.elapsed() < max_age.min(self.ttl)).map(|(t, _)| t.clone())
     }
 
     /// Forgets every entry (after a revocation).
@@ -130,10 +139,29 @@ impl FromRequestParts<AppState> for Principal {
                     .await?
                     .filter(|t| t.revoked_at.is_none())
                     .ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".into()))?;
-                state.tokens.put(hash, record.clone());
+                state.tokens.put(hash.clone(), record.clone());
                 record
             }
         };
-        Ok(Principal { token_id: record.id, role: record.role, projects: record.projects })
+        Ok(Principal { token_id: record.id, role: record.role, projects: record.projects, secret_sha256: hash })
+    }
+}
+
+/// How stale a "still valid" answer for a long-lived request may be: a revocation made on
+/// another node ends such requests within this (plus their re-check period), whatever the
+/// token cache's own lifetime. Streams of one token share one store read per period.
+const REVALIDATE_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether the token whose secret hashes to `hash` still stands (exists, not revoked).
+pub(crate) async fn still_valid(state: &AppState, hash: &str) -> Result<bool, pond_core::StoreError> {
+    if state.tokens.fresh(hash, REVALIDATE_AFTER).is_some() {
+        return Ok(true);
+    }
+    match state.store.find_token(hash).await?.filter(|t| t.revoked_at.is_none()) {
+        Some(record) => {
+            state.tokens.put(hash.to_string(), record);
+            Ok(true)
+        }
+        None => Ok(false),
     }
 }

@@ -67,6 +67,15 @@ pub enum ApiError {
     /// 500: a bug or an unexpected failure; the detail is logged, not returned.
     #[error("{0}")]
     Internal(String),
+    /// Any other status (a layer's or the transport's answer, made JSON by
+    /// [`crate::boundary::json_errors`]).
+    #[error("{message}")]
+    Status {
+        /// The status.
+        status: StatusCode,
+        /// What happened.
+        message: String,
+    },
 }
 
 impl ApiError {
@@ -84,6 +93,25 @@ impl ApiError {
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Status { status, .. } => *status,
+        }
+    }
+
+    /// The error a response of `status` saying `message` stands for.
+    pub fn from_status(status: StatusCode, message: String) -> Self {
+        match status {
+            StatusCode::BAD_REQUEST => ApiError::BadRequest(message),
+            StatusCode::UNAUTHORIZED => ApiError::Unauthorized(message),
+            StatusCode::FORBIDDEN => ApiError::Forbidden(message),
+            StatusCode::NOT_FOUND => ApiError::NotFound(message),
+            StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed(message),
+            StatusCode::CONFLICT => ApiError::Conflict(message),
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(message),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(message),
+            StatusCode::UNPROCESSABLE_ENTITY => ApiError::invalid("body", message),
+            StatusCode::SERVICE_UNAVAILABLE => ApiError::Unavailable(message),
+            StatusCode::INTERNAL_SERVER_ERROR => ApiError::Internal(message),
+            status => ApiError::Status { status, message },
         }
     }
 
@@ -100,6 +128,8 @@ impl ApiError {
             ApiError::Invalid(_) => "validation_failed",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
+            ApiError::Status { status, .. } if status.is_server_error() => "server_error",
+            ApiError::Status { .. } => "client_error",
         }
     }
 
@@ -145,6 +175,9 @@ impl IntoResponse for ApiError {
             }
             other => (other.to_string(), None, None),
         };
+        // Messages quote what the caller sent; a reply never grows with the request.
+        let (message, field, reason) =
+            (clip_echo(&message), field.map(|f| clip_field(&f)), reason.map(|r| clip_echo(&r)));
         let body = ErrorBody { error: ErrorDetail { code: self.code().into(), message, field, reason } };
         let mut response = (status, axum::Json(body)).into_response();
         match status {
@@ -157,5 +190,97 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+}
+
+/// Longest piece of quoted input an error message repeats.
+const MAX_ECHO: usize = 100;
+/// Longest error message, field or reason, whatever it quotes.
+const MAX_MESSAGE: usize = 1024;
+
+/// Bounds what an error text repeats of the request: each quoted piece (between backticks or
+/// double quotes, as this crate's and serde's messages quote input) is cut to 100 bytes and an
+/// ellipsis, and the whole text to 1 KiB, so an error answer stays small however large the
+/// input it names.
+pub fn clip_echo(text: &str) -> String {
+    clip_to(text, MAX_MESSAGE)
+}
+
+/// A field path: built from the request's keys, shown whole up to 200 bytes.
+fn clip_field(field: &str) -> String {
+    clip_to(field, 200)
+}
+
+fn clip_to(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max + 8));
+    let mut open: Option<(char, usize)> = None;
+    for c in text.chars() {
+        match open {
+            Some((quote, _)) if c == quote => {
+                out.push(c);
+                open = None;
+            }
+            Some((quote, shown)) => {
+                // Past the limit the rest of the quoted piece is dropped.
+                if shown <= MAX_ECHO {
+                    if shown + c.len_utf8() <= MAX_ECHO {
+                        out.push(c);
+                        open = Some((quote, shown + c.len_utf8()));
+                    } else {
+                        out.push('…');
+                        open = Some((quote, MAX_ECHO + 1));
+                    }
+                }
+            }
+            None => {
+                out.push(c);
+                if c == '`' || c == '"' {
+                    open = Some((c, 0));
+                }
+            }
+        }
+        if out.len() > max {
+            let mut cut = max;
+            while !out.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            out.truncate(cut);
+            out.push('…');
+            return out;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoed_input_is_clipped() {
+        let long = "x".repeat(50_000);
+        let clipped = clip_echo(&format!("`{long}` is not a preset: `codex` or `claude`"));
+        assert_eq!(clipped, format!("`{}…` is not a preset: `codex` or `claude`", "x".repeat(100)));
+        let clipped = clip_echo(&format!("invalid type: string \"{long}\", expected u64"));
+        assert!(clipped.ends_with("…\", expected u64") && clipped.len() < 150, "{clipped}");
+        // Unquoted input is bounded by the whole-text cap.
+        let clipped = clip_echo(&format!("run {long} not found"));
+        assert!(clipped.len() <= MAX_MESSAGE + 3 && clipped.ends_with('…'));
+        // Short texts and multi-byte characters pass unchanged.
+        assert_eq!(clip_echo("`é` is fine"), "`é` is fine");
+        let accents = "é".repeat(80);
+        let clipped = clip_echo(&format!("`{accents}`"));
+        assert_eq!(clipped, format!("`{}…`", "é".repeat(50)));
+    }
+
+    #[test]
+    fn an_error_answer_stays_small_however_large_the_input() {
+        let long = "y".repeat(1_000_000);
+        let e = ApiError::invalid(format!("env.{long}"), format!("`{long}` is not allowed"));
+        let response = e.into_response();
+        let (_, body) = response.into_parts();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let bytes = rt.block_on(axum::body::to_bytes(body, usize::MAX)).unwrap();
+        assert!(bytes.len() < 4 * MAX_MESSAGE, "{} bytes", bytes.len());
     }
 }

@@ -3,6 +3,8 @@
 //! - [`agents_api`]: the admin model and harness registry routes;
 //! - [`api`]: the axum router (`/v1` consumer and admin routes, health) — [`api::app`];
 //! - [`auth`]: bearer tokens (stored hashed) and the [`auth::Principal`] extractor;
+//! - [`boundary`]: what every request crosses (body limits, JSON errors, NUL refusal,
+//!   lingering close);
 //! - [`error`]: [`error::ApiError`], the single error → status mapping;
 //! - [`orch`]: pond's side of the pool protocol (`/v1/orch`, admin pool routes);
 //! - [`pool_wire`]: the pool protocol's wire shapes;
@@ -21,6 +23,7 @@ pub mod agents_api;
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod boundary;
 pub mod broker;
 pub mod cli;
 pub mod client;

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -26,6 +26,7 @@ use rand::RngCore;
 
 use crate::api::{read_body, ApiJson};
 use crate::auth::Principal;
+use crate::boundary::{body_limit, ApiPath as Path, LogLinesJson, LOG_BATCH_BYTES, SMALL_BODY_BYTES};
 use crate::error::ApiError;
 use crate::pool_wire::{
     ClaimRequest, ClaimResponse, CodeCreated, CreateCode, Drain, EnrollOrchestrator, EnrollWorker, Enrolled, Heartbeat,
@@ -38,17 +39,23 @@ pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
 /// How often an idle long poll re-checks without a wake-up (backoffs that came due).
 const CLAIM_RECHECK: Duration = Duration::from_millis(500);
 
-/// The `/v1` routes of pools.
-pub fn routes() -> Router<AppState> {
-    Router::new()
+/// The `/v1` routes of pools, each group with the body limit its routes need. Handlers take
+/// their credential extractor first: a caller is authenticated before its path or body is.
+pub fn routes(limits: &crate::state::Limits) -> Router<AppState> {
+    // A worker's artifacts are bounded like bundles; a confidential run's are sealed, which adds
+    // 17 bytes per 64 KiB chunk and a 24-byte header — well inside the allowance.
+    let artifact_bytes = limits.max_bundle_bytes.saturating_add(limits.max_bundle_bytes / 1024 + 64 * 1024);
+    let artifacts = Router::new()
+        .route("/orch/jobs/{job}/artifacts/{*name}", put(artifact))
+        .route_layer(body_limit(artifact_bytes));
+    let logs = Router::new().route("/orch/jobs/{job}/logs", post(logs)).route_layer(body_limit(LOG_BATCH_BYTES));
+    let small = Router::new()
         .route("/orch/enroll", post(enroll_orchestrator))
         .route("/orch/workers/enroll", post(enroll_worker))
         .route("/orch/workers/me", get(worker_me))
         .route("/orch/claim", post(claim))
         .route("/orch/jobs/{job}/heartbeat", post(heartbeat))
         .route("/orch/jobs/{job}/input", get(input))
-        .route("/orch/jobs/{job}/logs", post(logs))
-        .route("/orch/jobs/{job}/artifacts/{*name}", put(artifact))
         .route("/orch/jobs/{job}/result", post(result))
         .route("/orch/jobs/{job}/release", post(release))
         .route("/admin/enroll", post(create_code))
@@ -56,6 +63,8 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/pools/workers/{id}/drain", post(drain))
         .route("/admin/credentials", post(put_credential).get(list_credentials))
         .route("/admin/credentials/{name}", axum::routing::delete(remove_credential))
+        .route_layer(body_limit(SMALL_BODY_BYTES));
+    small.merge(logs).merge(artifacts)
 }
 
 impl From<pond_core::credentials::CredentialError> for ApiError {
@@ -557,8 +566,8 @@ async fn held(state: &AppState, job: &str, worker: &PoolMember) -> Result<(JobId
 
 async fn heartbeat(
     State(state): State<AppState>,
-    Path(job): Path<String>,
     r: Relayed,
+    Path(job): Path<String>,
 ) -> Result<Json<Heartbeat>, ApiError> {
     let (job, cancel_requested) = held(&state, &job, &r.worker).await?;
     let job = job.to_string();
@@ -569,7 +578,7 @@ async fn heartbeat(
     Ok(Json(Heartbeat { cancel_requested }))
 }
 
-async fn input(State(state): State<AppState>, Path(job): Path<String>, r: Relayed) -> Result<Response, ApiError> {
+async fn input(State(state): State<AppState>, r: Relayed, Path(job): Path<String>) -> Result<Response, ApiError> {
     let (job, _) = held(&state, &job, &r.worker).await?;
     let input = state
         .engine
@@ -613,9 +622,9 @@ async fn input(State(state): State<AppState>, Path(job): Path<String>, r: Relaye
 
 async fn logs(
     State(state): State<AppState>,
-    Path(job): Path<String>,
     r: Relayed,
-    ApiJson(body): ApiJson<JobLines>,
+    Path(job): Path<String>,
+    LogLinesJson(body): LogLinesJson<JobLines>,
 ) -> Result<axum::http::StatusCode, ApiError> {
     let (job, _) = held(&state, &job, &r.worker).await?;
     let lines = body
@@ -631,12 +640,12 @@ async fn logs(
 
 async fn artifact(
     State(state): State<AppState>,
-    Path((job, name)): Path<(String, String)>,
     r: Relayed,
+    Path((job, name)): Path<(String, String)>,
     body: axum::body::Body,
 ) -> Result<axum::http::StatusCode, ApiError> {
     let (job, _) = held(&state, &job, &r.worker).await?;
-    let data: Bytes = read_body(body, state.limits.max_bundle_bytes).await?;
+    let data: Bytes = read_body(body).await?;
     let run = state.engine.get(job.run).await?;
     state.engine.job_artifact(&job, &run.run, &name, &data).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
@@ -651,8 +660,8 @@ fn digest(field: &str, text: &str) -> Result<[u8; 32], ApiError> {
 
 async fn result(
     State(state): State<AppState>,
-    Path(job): Path<String>,
     r: Relayed,
+    Path(job): Path<String>,
     ApiJson(body): ApiJson<JobResult>,
 ) -> Result<Json<ResultAck>, ApiError> {
     let job = job_id(&job)?;
@@ -693,8 +702,8 @@ async fn result(
 
 async fn release(
     State(state): State<AppState>,
-    Path(job): Path<String>,
     r: Relayed,
+    Path(job): Path<String>,
 ) -> Result<axum::http::StatusCode, ApiError> {
     let job = job_id(&job)?;
     state.engine.release_job(&job, &r.worker, "the worker gave it back").await?;
@@ -725,17 +734,11 @@ async fn drain(
     State(state): State<AppState>,
     who: Principal,
     Path(id): Path<String>,
-    body: Bytes,
+    body: Option<ApiJson<Drain>>,
 ) -> Result<Json<PoolMember>, ApiError> {
     who.require_admin()?;
-    let draining = if body.iter().all(u8::is_ascii_whitespace) {
-        true
-    } else {
-        let value: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
-        let drain: Drain = pond_core::json::from_value_at(value, "").map_err(ApiError::Invalid)?;
-        drain.draining.unwrap_or(true)
-    };
+    // No body (or no JSON one) drains.
+    let draining = body.and_then(|ApiJson(d)| d.draining).unwrap_or(true);
     let member = state.pools.find(&id).await?;
     if member.kind != MemberKind::Worker {
         return Err(ApiError::invalid("id", format!("`{id}` is an orchestrator; drain its workers")));

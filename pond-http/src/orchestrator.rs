@@ -19,16 +19,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Path as UrlPath, State};
+use axum::body::Body;
+use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{get, post, put};
+use axum::Extension;
 use axum::{Json, Router};
 use pond_core::pool::PoolMember;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
+use crate::boundary::{read_body, ApiPath as UrlPath};
 use crate::client::{Client, ClientError};
 use crate::error::ApiError;
 use crate::pool_wire::{ClaimRequest, Enrolled, JobTicket, WorkerClaim, WORKER_TOKEN_HEADER};
@@ -171,8 +173,8 @@ struct Orch {
 /// How long a worker pond refused (draining) is left out of polls before it is asked for again.
 const REFUSED_PAUSE: Duration = Duration::from_secs(2);
 
-/// Largest body relayed for a job call (artifacts included).
-const MAX_RELAYED_BODY: usize = 512 * 1024 * 1024;
+/// Largest artifact relayed for a job (pond applies its own, usually smaller, limit).
+const MAX_RELAYED_ARTIFACT: usize = 512 * 1024 * 1024;
 
 /// How long pond's word on a worker credential is trusted before asking again.
 const WORKER_AUTH_TTL: Duration = Duration::from_secs(30);
@@ -197,21 +199,25 @@ impl Orch {
         self.clone().hand_back(job);
     }
 
-    async fn authenticate(&self, headers: &HeaderMap) -> Result<(PoolMember, String), ApiError> {
+    /// The worker whose bearer token `headers` carry, as pond vouches for it (cached for a
+    /// while). Pond's own refusal of the credential (401, 404) is a 401; any other answer of
+    /// pond's (a 503 while its database is away, …) is passed on as pond gave it, so a valid
+    /// worker is never told its credential is unknown because pond had a bad moment.
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<(PoolMember, String), Response> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|h| h.to_str().ok())
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| ApiError::Unauthorized("missing the worker's bearer token".into()))?
+            .ok_or_else(|| ApiError::Unauthorized("missing the worker's bearer token".into()).into_response())?
             .to_string();
         if let Some((m, at)) = self.workers.lock().unwrap_or_else(|p| p.into_inner()).get(&token) {
             if at.elapsed() < WORKER_AUTH_TTL {
                 return Ok((m.clone(), token));
             }
         }
-        let _permit = self.checks.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let _permit = self.checks.acquire().await.map_err(|e| ApiError::Internal(e.to_string()).into_response())?;
         // Another request may have asked for the same credential while this one waited.
         if let Some((m, at)) = self.workers.lock().unwrap_or_else(|p| p.into_inner()).get(&token) {
             if at.elapsed() < WORKER_AUTH_TTL {
@@ -223,14 +229,20 @@ impl Orch {
         let answer = tokio::task::spawn_blocking(move || {
             pond.relay("GET", "/v1/orch/workers/me", &[], None, &[(WORKER_TOKEN_HEADER, &t)])
         })
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Unavailable(format!("pond is unreachable: {e}")))?;
-        if answer.status != 200 {
-            return Err(ApiError::Unauthorized("pond does not know this worker credential".into()));
+        .await;
+        let answer = match answer {
+            Ok(Ok(answer)) => answer,
+            other => return Err(respond(other)),
+        };
+        match answer.status {
+            200 => {}
+            401 | 404 => {
+                return Err(ApiError::Unauthorized("pond does not know this worker credential".into()).into_response())
+            }
+            _ => return Err(respond(Ok(Ok(answer)))),
         }
         let member: PoolMember = serde_json::from_slice(&answer.body)
-            .map_err(|e| ApiError::Internal(format!("pond's answer about a worker: {e}")))?;
+            .map_err(|e| ApiError::Internal(format!("pond's answer about a worker: {e}")).into_response())?;
         self.workers.lock().unwrap_or_else(|p| p.into_inner()).insert(token.clone(), (member.clone(), Instant::now()));
         Ok((member, token))
     }
@@ -377,20 +389,13 @@ pub async fn start(config: OrchestratorConfig) -> Result<RunningOrchestrator, Or
         tokio::net::TcpListener::bind(config.listen).await.map_err(io(format!("listening on {}", config.listen)))?;
     let addr = listener.local_addr().map_err(io("reading the bound address"))?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let router = Router::new()
-        .route("/v1/worker/enroll", post(enroll))
-        .route("/v1/worker/me", get(me))
-        .route("/v1/worker/claim", post(claim))
-        .route("/v1/worker/jobs/{*rest}", any(relay_job))
-        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
-        .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(axum::extract::DefaultBodyLimit::disable())
-        .with_state(orch.clone());
+    let router = worker_api(orch.clone());
     let mut stop = shutdown_rx.clone();
     let http = tokio::spawn(async move {
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
+        let listener = crate::boundary::LingeringListener(listener);
         if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stopped).await {
             tracing::error!(error = %e, "orchestrator http server stopped");
         }
@@ -399,7 +404,74 @@ pub async fn start(config: OrchestratorConfig) -> Result<RunningOrchestrator, Or
     Ok(RunningOrchestrator { addr, member: credential.member, shutdown, tasks: vec![http, polling] })
 }
 
-async fn enroll(State(orch): State<Arc<Orch>>, body: Bytes) -> Response {
+/// The worker API. Every route has a body limit fitting what it relays (checked before
+/// anything else); every route but enrollment (whose credential is the code in its body)
+/// authenticates the worker before its body is read; every error answer is JSON.
+fn worker_api(orch: Arc<Orch>) -> Router {
+    use crate::boundary::{body_limit, json_errors, LOG_BATCH_BYTES, SMALL_BODY_BYTES};
+    let worker = axum::middleware::from_fn_with_state(orch.clone(), require_worker);
+    let small = Router::new()
+        .route("/v1/worker/me", get(me))
+        .route("/v1/worker/claim", post(claim))
+        .route("/v1/worker/jobs/{job}/heartbeat", post(relay_call))
+        .route("/v1/worker/jobs/{job}/input", get(relay_call))
+        .route("/v1/worker/jobs/{job}/result", post(relay_call))
+        .route("/v1/worker/jobs/{job}/release", post(relay_call))
+        .route_layer(worker.clone())
+        .route_layer(body_limit(SMALL_BODY_BYTES));
+    let logs = Router::new()
+        .route("/v1/worker/jobs/{job}/logs", post(relay_call))
+        .route_layer(worker.clone())
+        .route_layer(body_limit(LOG_BATCH_BYTES));
+    let artifacts = Router::new()
+        .route("/v1/worker/jobs/{job}/artifacts/{*name}", put(relay_artifact))
+        .route_layer(worker)
+        .route_layer(body_limit(MAX_RELAYED_ARTIFACT));
+    let open = Router::new()
+        .route("/v1/worker/enroll", post(enroll))
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route_layer(body_limit(SMALL_BODY_BYTES));
+    Router::new()
+        .merge(small)
+        .merge(logs)
+        .merge(artifacts)
+        .merge(open)
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|method: Method, uri: axum::http::Uri| async move {
+            ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+        })
+        .layer(axum::middleware::from_fn(json_errors))
+        .with_state(orch)
+}
+
+/// A worker pond vouched for, and the credential it presented.
+#[derive(Clone)]
+struct WorkerAuth {
+    member: PoolMember,
+    token: String,
+}
+
+/// Authenticates the worker (see [`Orch::authenticate`]) before the handler, and so before
+/// its body, runs.
+async fn require_worker(
+    State(orch): State<Arc<Orch>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match orch.authenticate(req.headers()).await {
+        Ok((member, token)) => {
+            req.extensions_mut().insert(WorkerAuth { member, token });
+            next.run(req).await
+        }
+        Err(refused) => refused,
+    }
+}
+
+async fn enroll(State(orch): State<Arc<Orch>>, body: Body) -> Response {
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
     let pond = orch.pond.clone();
     let relayed = tokio::task::spawn_blocking(move || {
         pond.relay("POST", "/v1/orch/workers/enroll", &body, Some("application/json"), &[])
@@ -408,13 +480,18 @@ async fn enroll(State(orch): State<Arc<Orch>>, body: Bytes) -> Response {
     respond(relayed)
 }
 
-async fn me(State(orch): State<Arc<Orch>>, headers: HeaderMap) -> Result<Json<PoolMember>, ApiError> {
-    Ok(Json(orch.authenticate(&headers).await?.0))
+async fn me(Extension(auth): Extension<WorkerAuth>) -> Json<PoolMember> {
+    Json(auth.member)
 }
 
 /// A worker's long poll: a job (200) or nothing within the wait (204).
-async fn claim(State(orch): State<Arc<Orch>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let (worker, _) = orch.authenticate(&headers).await?;
+async fn claim(
+    State(orch): State<Arc<Orch>>,
+    Extension(auth): Extension<WorkerAuth>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let worker = auth.member;
+    let body = read_body(body).await?;
     let request: WorkerClaim = if body.is_empty() {
         WorkerClaim::default()
     } else {
@@ -473,29 +550,51 @@ fn job_call_path(rest: &str) -> Option<String> {
     Some(format!("/v1/orch/jobs/{job}/{call}"))
 }
 
-async fn relay_job(
+/// Relays a job call other than an artifact upload: the call is the path's last segment.
+async fn relay_call(
     State(orch): State<Arc<Orch>>,
-    UrlPath(rest): UrlPath<String>,
+    Extension(auth): Extension<WorkerAuth>,
+    UrlPath(job): UrlPath<String>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let call = uri.path().rsplit('/').next().unwrap_or_default();
+    relay_job(orch, auth, &format!("{job}/{call}"), method, headers, body).await
+}
+
+async fn relay_artifact(
+    State(orch): State<Arc<Orch>>,
+    Extension(auth): Extension<WorkerAuth>,
+    UrlPath((job, name)): UrlPath<(String, String)>,
     method: Method,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    // The caller must be a worker pond knows, before anything is read or relayed.
-    let token = match orch.authenticate(&headers).await {
-        Ok((_, token)) => token,
-        Err(e) => return e.into_response(),
-    };
-    let Some(path) = job_call_path(&rest) else {
+    relay_job(orch, auth, &format!("{job}/artifacts/{name}"), method, headers, body).await
+}
+
+/// Relays a job call (`rest`: `<job>/<call>`) to pond, with the worker's credential beside the
+/// orchestrator's, and answers what pond answered.
+async fn relay_job(
+    orch: Arc<Orch>,
+    auth: WorkerAuth,
+    rest: &str,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(path) = job_call_path(rest) else {
         return ApiError::NotFound(format!("no job call `{rest}`")).into_response();
     };
-    let body = match axum::body::to_bytes(body, MAX_RELAYED_BODY).await {
+    let body = match read_body(body).await {
         Ok(b) => b,
-        Err(_) => {
-            return ApiError::TooLarge(format!("a job call's body is at most {MAX_RELAYED_BODY} bytes")).into_response()
-        }
+        Err(e) => return e.into_response(),
     };
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|h| h.to_str().ok()).map(str::to_string);
     let pond = orch.pond.clone();
+    let token = auth.token;
     let relayed = tokio::task::spawn_blocking(move || {
         pond.relay(method.as_str(), &path, &body, content_type.as_deref(), &[(WORKER_TOKEN_HEADER, &token)])
     })
@@ -516,6 +615,7 @@ fn respond(relayed: Result<Result<crate::pool_client::Relayed, ClientError>, tok
             }
             response
         }
+        // Only a transport failure: pond's own answers, errors included, are passed on above.
         Ok(Err(e)) => ApiError::Unavailable(format!("pond is unreachable: {e}")).into_response(),
         Err(e) => ApiError::Internal(e.to_string()).into_response(),
     }

@@ -366,6 +366,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         let stop = async move {
             let _ = http_stop.wait_for(|s| *s).await;
         };
+        // Early answers (401, 409, 413) reach a client still sending its body; see `boundary`.
+        let listener = crate::boundary::LingeringListener(listener);
         if let Err(e) = axum::serve(listener, app(state)).with_graceful_shutdown(stop).await {
             tracing::error!(error = %e, "http server stopped");
         }

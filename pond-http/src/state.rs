@@ -40,9 +40,10 @@ impl AppState {
 /// Request limits.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Largest JSON body.
+    /// Largest run submission (`POST /v1/runs`); other JSON routes take at most
+    /// [`crate::boundary::SMALL_BODY_BYTES`].
     pub max_json_bytes: usize,
-    /// Largest uploaded bundle.
+    /// Largest uploaded bundle, and (with room for sealing) a pooled job's artifact.
     pub max_bundle_bytes: usize,
     /// Largest page of runs or log lines.
     pub max_page: u32,

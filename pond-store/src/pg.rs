@@ -443,8 +443,8 @@ async fn write_run(conn: &mut PgConnection, run: &Run, insert: bool) -> Result<b
         let definition = serde_json::to_string(&run.definition).map_err(corrupt)?;
         let done = sqlx::query(
             "INSERT INTO runs (id, project_id, state, idempotency_key, definition, sources, cancel_requested, error,
-                               created_at, started_at, finished_at, encryption)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                               created_at, started_at, finished_at, encryption, request_digest)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
              ON CONFLICT (project_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
         )
         .bind(run.id.to_string())
@@ -459,6 +459,7 @@ async fn write_run(conn: &mut PgConnection, run: &Run, insert: bool) -> Result<b
         .bind(ts(run.started_at))
         .bind(ts(run.finished_at))
         .bind(encryption_column(run))
+        .bind(&run.request_digest)
         .execute(&mut *conn)
         .await?;
         return Ok(done.rows_affected() > 0);

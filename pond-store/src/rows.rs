@@ -121,6 +121,7 @@ pub(crate) fn run_from_row(row: &impl Columns) -> Result<Run, StoreError> {
         definition: serde_json::from_str::<Definition>(&row.text("definition")?).map_err(corrupt)?,
         sources: serde_json::from_str::<Vec<Source>>(&row.text("sources")?).map_err(corrupt)?,
         idempotency_key: row.opt_text("idempotency_key")?,
+        request_digest: row.opt_text("request_digest")?,
         cancel_requested: row.flag("cancel_requested")?,
         error: row.opt_text("error")?,
         created_at: row.time("created_at")?,

@@ -211,8 +211,8 @@ async fn load_snapshot(conn: &mut SqliteConnection, id: RunId) -> Result<Option<
 async fn write_run(conn: &mut SqliteConnection, run: &Run, insert: bool) -> Result<(), StoreError> {
     let sources = serde_json::to_string(&run.sources).map_err(corrupt)?;
     let sql = if insert {
-        "INSERT INTO runs (state, sources, cancel_requested, error, started_at, finished_at, id, project_id, idempotency_key, definition, created_at, encryption)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        "INSERT INTO runs (state, sources, cancel_requested, error, started_at, finished_at, id, project_id, idempotency_key, definition, created_at, encryption, request_digest)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     } else {
         "UPDATE runs SET state = ?, sources = ?, cancel_requested = ?, error = ?, started_at = ?, finished_at = ? WHERE id = ?"
     };
@@ -231,7 +231,8 @@ async fn write_run(conn: &mut SqliteConnection, run: &Run, insert: bool) -> Resu
             .bind(&run.idempotency_key)
             .bind(definition)
             .bind(run.created_at.as_millis())
-            .bind(encryption_column(run));
+            .bind(encryption_column(run))
+            .bind(&run.request_digest);
     }
     q.execute(&mut *conn).await.map_err(db_err)?;
     Ok(())

@@ -80,11 +80,20 @@ pub async fn runs_round_trip_and_list_newest_first(store: Arc<dyn Store>) {
 }
 
 pub async fn idempotency_key_returns_the_first_run(store: Arc<dyn Store>) {
-    let first = new_run("p", one_noop(), Some("k1"), at(0));
+    let mut first = new_run("p", one_noop(), Some("k1"), at(0));
+    // The digest of the first request is kept with the run, so the engine can tell a retry
+    // from another request reusing the key.
+    first.run.request_digest = Some("digest-of-the-first-request".into());
     assert!(matches!(store.insert_run(&first).await.unwrap(), InsertOutcome::Created));
-    let retry = new_run("p", one_noop(), Some("k1"), at(1));
+    let stored = store.get_run(first.run.id).await.unwrap().unwrap();
+    assert_eq!(stored.run.request_digest.as_deref(), Some("digest-of-the-first-request"));
+    let mut retry = new_run("p", one_noop(), Some("k1"), at(1));
+    retry.run.request_digest = Some("digest-of-another-request".into());
     match store.insert_run(&retry).await.unwrap() {
-        InsertOutcome::Existing(existing) => assert_eq!(existing.run.id, first.run.id),
+        InsertOutcome::Existing(existing) => {
+            assert_eq!(existing.run.id, first.run.id);
+            assert_eq!(existing.run.request_digest.as_deref(), Some("digest-of-the-first-request"));
+        }
         InsertOutcome::Created => panic!("a retried submit created a second run"),
     }
     let other_project = new_run("q", one_noop(), Some("k1"), at(2));
