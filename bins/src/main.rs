@@ -258,6 +258,9 @@ struct ServerArgs {
     /// api.openai.com and api.anthropic.com (repeatable): the broker sends the model key there.
     #[arg(long = "model-origin", value_name = "URL")]
     model_origins: Vec<String>,
+    /// Most bytes all of a run's artifacts may take together; a stage storing more fails.
+    #[arg(long, env = "POND_MAX_RUN_ARTIFACT_BYTES", default_value_t = pond_core::engine::DEFAULT_MAX_RUN_ARTIFACT_BYTES)]
+    max_run_artifact_bytes: u64,
     /// Allow git remotes on loopback, private, link-local and other special-purpose addresses
     /// (test setups, private networks). Off: such remotes are refused before any connection.
     #[arg(long)]
@@ -1239,6 +1242,7 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
     config.attestation_default = args.attestation;
     config.max_log_bytes = args.max_log_bytes;
     config.model_origins = args.model_origins;
+    config.max_run_artifact_bytes = args.max_run_artifact_bytes;
     config.reserved_tag_prefixes = args.reserved_tag_prefixes;
     config.limits.max_bundle_bytes = args.max_bundle_bytes;
     config.shell_env_allow = args.shell_env_allow;

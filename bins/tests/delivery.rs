@@ -203,3 +203,29 @@ fn an_endless_line_costs_the_server_its_caps_not_its_size() {
     eprintln!("server peak RSS {} MiB after a 200 MB line", peak_kb / 1024);
     assert!(peak_kb < 150 * 1024, "server peak RSS {peak_kb} kB");
 }
+
+/// A run's artifacts together are capped: the stage that would go past the cap fails, naming
+/// it, locally and on a pool worker.
+#[test]
+fn a_run_s_artifacts_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _orch, _worker) = pool(dir.path(), &["--max-run-artifact-bytes", "3000000"]);
+    let admin = server.admin();
+    let write = "head -c 1000000 /dev/zero > \"$POND_OUTPUT_DIR/a.bin\"; head -c 1000000 /dev/zero > \"$POND_OUTPUT_DIR/b.bin\"";
+    let body = json!({"project_id": "acme", "definition": {"stages": [
+        {"key": "first", "executor": {"kind": "shell", "argv": ["sh", "-c", write]}},
+        {"key": "local", "executor": {"kind": "shell", "argv": ["sh", "-c", write.replace(".bin", "2.bin")]}, "continue_on_error": true},
+        {"key": "pooled", "executor": {"kind": "shell", "argv": ["sh", "-c", write.replace(".bin", "3.bin")],
+            "placement": "pool", "sandbox": {"tier": "trusted"}}}
+    ]}});
+    let id = admin.submit(&body, None).unwrap().id.to_string();
+    let run = wait_done(&admin, &id, Duration::from_secs(60));
+    assert_eq!(run.stages[0].state.as_str(), "succeeded", "{run:?}");
+    for stage in &run.stages[1..] {
+        let error = stage.error.clone().unwrap_or_default();
+        assert_eq!(stage.state.as_str(), "failed", "{run:?}");
+        assert!(error.contains("per-run cap of 3000000 bytes"), "{}: {error}", stage.key);
+    }
+    let total: u64 = admin.artifacts(&id).unwrap().artifacts.iter().map(|a| a.size).sum();
+    assert!(total <= 3_000_000, "{total}");
+}

@@ -53,7 +53,12 @@ pub struct EngineConfig {
     pub delivery_budget: Millis,
     /// Origins a model's `base_url` may point at besides the providers' own APIs.
     pub model_origins: Vec<String>,
+    /// Most bytes all of a run's artifacts may take together.
+    pub max_run_artifact_bytes: u64,
 }
+
+/// The per-run artifact cap unless the operator sets one: 4 GiB.
+pub const DEFAULT_MAX_RUN_ARTIFACT_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 
 /// The per-stage log cap unless the operator sets one: 64 MiB.
 pub const DEFAULT_MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
@@ -71,6 +76,7 @@ impl Default for EngineConfig {
             max_log_bytes: DEFAULT_MAX_LOG_BYTES,
             delivery_budget: Millis::from_secs(300),
             model_origins: Vec::new(),
+            max_run_artifact_bytes: DEFAULT_MAX_RUN_ARTIFACT_BYTES,
         }
     }
 }
@@ -665,6 +671,9 @@ impl Engine {
         if !valid {
             return Err(FieldError::new("name", format!("`{name}` is not a valid artifact name")).into());
         }
+        if let Err(why) = self.artifact_room(job.run, name, data.len() as u64).await? {
+            return Err(FieldError::new("artifact", why).into());
+        }
         let now = self.clock.now();
         let blob = self.store.put_blob(project, data, now).await?;
         let artifact = Artifact {
@@ -678,6 +687,20 @@ impl Engine {
         };
         self.store.put_artifact(&artifact).await?;
         Ok(artifact)
+    }
+
+    /// Whether a run has room for an artifact `name` of `size` bytes under the per-run cap
+    /// (an artifact replaced by name no longer counts). `Ok(Err(why))` when it has not.
+    async fn artifact_room(&self, run: RunId, name: &str, size: u64) -> Result<Result<(), String>, CoreError> {
+        let others: u64 = self.store.list_artifacts(run).await?.iter().filter(|a| a.name != name).map(|a| a.size).sum();
+        let cap = self.config.max_run_artifact_bytes;
+        if others.saturating_add(size) > cap {
+            return Ok(Err(format!(
+                "`{name}` ({size} bytes) would bring the run's artifacts to {} bytes, above this server's per-run cap of {cap} bytes",
+                others.saturating_add(size)
+            )));
+        }
+        Ok(Ok(()))
     }
 
     /// Records a pooled job's result. The signature is checked against the worker's pinned
@@ -1092,6 +1115,11 @@ impl StoreSink<'_> {
         let now = self.engine.clock.now();
         let store = &self.engine.store;
         let what = format!("artifact `{name}`");
+        match self.engine.artifact_room(self.run, name, data.len() as u64).await {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => return Err(why),
+            Err(e) => return Err(self.failed(format!("{what} could not be stored: {e}"))),
+        }
         // Blob then record, each retried: a blob stored twice is garbage, never a wrong answer.
         let blob = std::sync::Mutex::new(None);
         self.deliver(&what, || async {

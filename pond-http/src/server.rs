@@ -52,6 +52,8 @@ pub struct ServerConfig {
     /// What a pooled result that fails verification does, for stages that do not say
     /// (`--attestation required|record`).
     pub attestation_default: pond_core::definition::AttestationPolicy,
+    /// Most bytes all of a run's artifacts may take (`--max-run-artifact-bytes`).
+    pub max_run_artifact_bytes: u64,
     /// Origins a model's `base_url` may point at besides the providers' own (`--model-origin`).
     pub model_origins: Vec<String>,
     /// Most bytes of output kept per stage attempt (`--max-log-bytes`).
@@ -97,6 +99,7 @@ impl ServerConfig {
             attestation_default: pond_core::definition::AttestationPolicy::Required,
             max_log_bytes: pond_core::engine::DEFAULT_MAX_LOG_BYTES,
             model_origins: Vec::new(),
+            max_run_artifact_bytes: pond_core::engine::DEFAULT_MAX_RUN_ARTIFACT_BYTES,
             limits: Limits::default(),
             shell_env_allow: Vec::new(),
             kill_grace: Duration::from_secs(10),
@@ -322,6 +325,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         attestation_default: config.attestation_default,
         max_log_bytes: config.max_log_bytes,
         model_origins: config.model_origins.clone(),
+        max_run_artifact_bytes: config.max_run_artifact_bytes,
         ..EngineConfig::default()
     };
     let shell_executor = Arc::new(ShellExecutor::new(shell, config.sandbox.clone()));
