@@ -189,12 +189,17 @@ impl Redactor {
         pond_core::exec::redact(bytes, &secrets)
     }
 
-    /// Bytes safe to send now.
+    /// Bytes safe to send now: everything but a tail that could be the start of a secret
+    /// (so a stream's events go out whole and at once unless they end like a key begins).
     fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
         self.held.extend_from_slice(chunk);
         let mut text = self.redact(&self.held);
-        let hold = self.secrets.iter().map(Vec::len).max().unwrap_or(1).saturating_sub(1);
-        let keep = hold.min(text.len());
+        let keep = self
+            .secrets
+            .iter()
+            .filter_map(|secret| (1..secret.len().min(text.len() + 1)).rev().find(|&k| text.ends_with(&secret[..k])))
+            .max()
+            .unwrap_or(0);
         self.held = text.split_off(text.len() - keep);
         text
     }
