@@ -213,6 +213,15 @@ fn drain_once_and_graceful_shutdown() {
     assert!(exit.success());
     let done: Vec<bool> = ids.iter().map(|id| admin.get_run(id).unwrap().state.as_str() == "succeeded").collect();
     assert_eq!(done.iter().filter(|d| **d).count(), 1, "exactly one job taken: {done:?}");
+
+    // An idle worker (in its long poll) exits at once on SIGTERM, not when the poll would end.
+    std::thread::sleep(Duration::from_secs(1));
+    let sent = Instant::now();
+    unsafe { libc_kill(p.shared.child.id() as i32, 15) };
+    let status = p.shared.child.wait().unwrap();
+    eprintln!("an idle worker exited {:?} after SIGTERM", sent.elapsed());
+    assert!(status.success(), "{status:?}");
+    assert!(sent.elapsed() < Duration::from_secs(5), "an idle worker took {:?} to exit", sent.elapsed());
 }
 
 extern "C" {
