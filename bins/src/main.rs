@@ -1283,8 +1283,11 @@ fn serve(mut args: ServerArgs) -> Result<()> {
         std::io::stdout().flush().ok();
         server.run_until(shutdown_signal()).await;
         println!("pond server stopped");
-        Ok(())
-    })
+        Ok::<(), anyhow::Error>(())
+    })?;
+    // Work still blocked on an absent store is not waited for: its leases cover it.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
 }
 
 fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_path: &std::path::Path) -> Result<i32> {

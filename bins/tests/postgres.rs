@@ -281,3 +281,31 @@ fn a_postgresql_restart_mid_run_answers_503_then_the_run_completes() {
     let Some(pg) = PrivatePostgres::start() else { return };
     survives_an_outage(&pg.url(), || pg.ctl("stop"), || pg.ctl("start"));
 }
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// A node whose database is gone still stops on SIGTERM within its drain, kill grace and a few
+/// seconds: what it cannot record is left to its leases.
+#[test]
+fn a_node_whose_database_is_away_still_stops_on_sigterm() {
+    let Some(_) = Server::database_server() else { return };
+    let Some(pg) = PrivatePostgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--database-url", &pg.url(), "--drain", "2s", "--kill-grace", "1s"]);
+    let admin = server.admin();
+    let body = run_json(
+        json!({"stages":[{"key":"work","executor":{"kind":"shell","argv":["sh","-c","echo begin; sleep 60"]}}]}),
+    );
+    let id = admin.submit(&body, None).unwrap().id.to_string();
+    eventually("the stage to begin", Duration::from_secs(30), || log_text(&admin, &id).iter().any(|l| l == "begin"));
+    pg.ctl("stop");
+    let sent = std::time::Instant::now();
+    // SAFETY: signals the server child this test started.
+    unsafe { libc_kill(server.child.id() as i32, 15) };
+    let status = server.child.wait().unwrap();
+    eprintln!("stopped {:?} after SIGTERM with the database away ({status:?})", sent.elapsed());
+    assert!(sent.elapsed() < Duration::from_secs(20), "took {:?}", sent.elapsed());
+}

@@ -151,6 +151,8 @@ pub struct RunningServer {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
+    /// The longest shutdown waits: the drain, the kill grace, and a little for hand-backs.
+    stop_within: Duration,
     _lock: std::fs::File,
 }
 
@@ -161,10 +163,16 @@ impl RunningServer {
     }
 
     /// Stops accepting requests and claims, waits for running stages (up to the drain time).
+    /// Bounded even when the store is away (hand-backs and results that cannot be written are
+    /// left to their leases, which another node adopts).
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        let tasks = futures_util::future::join_all(self.tasks);
+        if tokio::time::timeout(self.stop_within, tasks).await.is_err() {
+            tracing::warn!(
+                waited = ?self.stop_within,
+                "stopping without recording what is left (the store may be away); its leases will expire and another node will retry it"
+            );
         }
         for t in self.background {
             t.abort();
@@ -387,6 +395,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         shutdown,
         tasks: vec![driving, http],
         background,
+        stop_within: config.drain + config.kill_grace + Duration::from_secs(5),
         _lock: lock,
     })
 }
