@@ -371,3 +371,30 @@ fn demo_never_deletes_a_directory_it_did_not_make() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// What a stage starts in a session of its own (as codex does with its tools) is outside the
+/// stage's process group, but not outside the stage: on cancel, and when the stage's command
+/// ends, nothing of it survives (checked in /proc), and the stage does not wait on the pipes
+/// such a process holds.
+#[test]
+fn processes_a_stage_started_in_new_sessions_do_not_survive_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--kill-grace", "1s"]);
+    let admin = server.admin();
+    let pid = std::process::id();
+    for (case, then) in [("cancel", "sleep 600"), ("exit", "true")] {
+        let marker = format!("pond-escapee-{case}-{pid}");
+        let script = format!("setsid sh -c 'exec -a {marker} sleep 600' & sleep 0.5; echo started; {then}");
+        let body =
+            run_json(json!({"stages": [{"key": "s", "executor": {"kind": "shell", "argv": ["bash", "-c", script]}}]}));
+        let id = admin.submit(&body, None).unwrap().id.to_string();
+        eventually("the escapee", Duration::from_secs(20), || common::process_running(&marker));
+        if case == "cancel" {
+            admin.cancel(&id).unwrap();
+        }
+        let run = wait_done(&admin, &id, Duration::from_secs(20));
+        let want = if case == "cancel" { RunState::Cancelled } else { RunState::Succeeded };
+        assert_eq!(run.state, want, "{case}: {run:?}");
+        eventually("the escapee's end", Duration::from_secs(5), || !common::process_running(&marker));
+    }
+}

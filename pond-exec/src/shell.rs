@@ -177,6 +177,45 @@ impl Drop for GroupGuard {
 /// Reads a pipe into lines, bytes exactly as written (the newline dropped). A line longer than
 /// [`MAX_LINE_BYTES`] goes out in pieces of that size as it is read, so no line is ever
 /// buffered whole, whatever the process writes.
+/// The variable that marks every process of one stage attempt.
+const STAGE_MARK: &str = "POND_STAGE_MARK";
+
+fn random_mark() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+/// Kills every process whose environment carries `mark` (`POND_STAGE_MARK=<mark>`), until none
+/// is left: the tools an agent started with `setsid` are out of the stage's process group but
+/// not out of its environment. A process that rewrote its own environment escapes this; the
+/// confined profiles kill a whole pid namespace instead.
+fn kill_marked(mark: &str) {
+    let needle = format!("{STAGE_MARK}={mark}");
+    let own = std::process::id() as i32;
+    for _ in 0..50 {
+        let Ok(entries) = std::fs::read_dir("/proc") else { return };
+        let marked: Vec<i32> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+            .filter(|&pid| pid != own)
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == needle.as_bytes()))
+            })
+            .collect();
+        if marked.is_empty() {
+            return;
+        }
+        for pid in marked {
+            // SAFETY: signals a process that carries this stage's mark.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 async fn pump<R: AsyncRead + Unpin>(reader: R, stream: LogStream, tx: mpsc::Sender<OutputLine>) {
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let mut line: Vec<u8> = Vec::new();
@@ -305,6 +344,10 @@ impl ShellExecutor {
         env.push(("POND_STAGE".into(), ctx.stage.key.clone()));
         env.push(("POND_ATTEMPT".into(), ctx.attempt.to_string()));
         env.push(("POND_OUTPUT_DIR".into(), output_dir.to_string_lossy().into_owned()));
+        // Every process of this attempt inherits the mark, whatever session or group it makes,
+        // so none outlives the stage (see `kill_marked`).
+        let mark = random_mark();
+        env.push((STAGE_MARK.into(), mark.clone()));
         for (label, path) in &ctx.workspace.sources {
             let var = format!("POND_SOURCE_{}", label.to_ascii_uppercase().replace(['-', '.'], "_"));
             env.push((var, path.to_string_lossy().into_owned()));
@@ -384,8 +427,12 @@ impl ShellExecutor {
                     }
                 }
             };
-            // Grandchildren may still hold the pipes open; the group dies with the leader.
+            // Grandchildren may still hold the pipes open; the group dies with the leader, and so
+            // does whatever left the group (a tool an agent started in a session of its own):
+            // every process that carries this attempt's mark.
             group.signal(libc::SIGKILL);
+            let mark = mark.clone();
+            let _ = tokio::task::spawn_blocking(move || kill_marked(&mark)).await;
             status
         };
         let (status, ()) = tokio::join!(waiting, forwarding);
