@@ -157,6 +157,11 @@ const HOP_BY_HOP: [&str; 9] = [
 /// key: the broker is no general relay.
 fn allowed_call(provider: Provider, method: &str, path: &str) -> bool {
     let path = path.split('?').next().unwrap_or("").trim_end_matches('/');
+    // The provider's URL parser removes `.`/`..` segments (percent-encoded too): a path that
+    // has any, or any escape or `;`, could match here and reach another endpoint there.
+    if path.contains('%') || path.contains(';') || path.split('/').any(|seg| seg == "." || seg == "..") {
+        return false;
+    }
     let (posts, gets): (&[&str], &[&str]) = match provider {
         Provider::Openai => (&["/responses", "/chat/completions", "/completions", "/embeddings"], &["/models"]),
         Provider::Anthropic => (&["/messages", "/messages/count_tokens"], &["/models"]),
@@ -532,6 +537,9 @@ mod redaction_tests {
             ("POST", "/v1/files"),
             ("GET", "/admin"),
             ("POST", "/v1/messages"),
+            ("GET", "/v1/chat/completions/models/%2e%2e"),
+            ("GET", "/v1/files/f1/content/models/.."),
+            ("GET", "/v1/models/%2fx"),
         ] {
             assert!(!allowed_call(Provider::Openai, method, path), "{method} {path}");
         }
