@@ -9,22 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{enroll_code, wait_done, Orchestrator, Server, Worker, POND};
-use pond_http::client::Client;
 use serde_json::json;
-
-/// Every log record of a run, in order.
-fn records(client: &Client, id: &str) -> Vec<pond_core::store::LogLine> {
-    let mut after = 0;
-    let mut out = Vec::new();
-    loop {
-        let page = client.logs(id, after, 1000).unwrap();
-        if page.lines.is_empty() {
-            return out;
-        }
-        after = page.next_cursor;
-        out.extend(page.lines);
-    }
-}
 
 /// A stage's stdout as bytes: its records' bytes, pieces joined, lines ended by `\n`.
 fn stdout_bytes(lines: &[pond_core::store::LogLine], stage: &str) -> Vec<u8> {
@@ -82,7 +67,7 @@ fn byte_exact_on(pg: Option<&str>) {
     let id = admin.submit(&body, None).unwrap().id.to_string();
     let run = wait_done(&admin, &id, Duration::from_secs(60));
     assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
-    let lines = records(&admin, &id);
+    let lines = common::log_records(&admin, &id);
     for stage in ["local", "pooled"] {
         assert_eq!(stdout_bytes(&lines, stage), expected_output(), "{stage}");
     }
@@ -185,7 +170,7 @@ fn an_endless_line_costs_the_server_its_caps_not_its_size() {
     let id = admin.submit(&body, None).unwrap().id.to_string();
     let run = wait_done(&admin, &id, Duration::from_secs(120));
     assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
-    let lines = records(&admin, &id);
+    let lines = common::log_records(&admin, &id);
     let kept: usize = lines.iter().filter_map(|l| l.line.bytes().ok()).map(|b| b.len()).sum();
     assert!(kept < 5 * 1024 * 1024, "kept {kept} bytes of log");
     assert!(

@@ -1150,11 +1150,7 @@ impl OutputSink for StoreSink<'_> {
         if self.delivery().failed.is_some() {
             return;
         }
-        let lines = self.budget.admit(lines);
-        let lines = match &self.sealer {
-            Some(sealer) => sealer.lines(lines),
-            None => lines,
-        };
+        let lines = self.budget.admit_sealed(lines, self.sealer.as_ref());
         if lines.is_empty() {
             return;
         }

@@ -138,6 +138,16 @@ pub struct LogBudget {
 }
 
 impl LogBudget {
+    /// The lines as a sink stores or sends them: cut to the budget, then sealed for a
+    /// confidential run (the truncation note stays in clear, like pond's other notes).
+    pub fn admit_sealed(&self, lines: Vec<OutputLine>, sealer: Option<&crate::seal::OutputSealer>) -> Vec<OutputLine> {
+        let lines = self.admit(lines);
+        match sealer {
+            Some(sealer) if !lines.is_empty() => sealer.lines(lines),
+            _ => lines,
+        }
+    }
+
     /// A budget of `limit` bytes.
     pub fn new(limit: u64) -> Self {
         LogBudget { limit, state: std::sync::Mutex::new((0, false)) }

@@ -74,7 +74,16 @@ fn acquire_uid() -> Result<(File, u32), String> {
     let dir = uid_lock_dir();
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let _ = std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
-    for n in 0..SANDBOX_UIDS {
+    match first_free_lock(&dir, SANDBOX_UIDS as usize)? {
+        Some((file, n)) => Ok((file, SANDBOX_UID + n as u32)),
+        None => Err(format!("all {SANDBOX_UIDS} sandbox uids are in use on this host")),
+    }
+}
+
+/// The first of `dir/0.lock` … `dir/<count-1>.lock` this process could `flock`, and its number;
+/// the lock lasts as long as the file is open (close-on-exec, so no container holds it).
+fn first_free_lock(dir: &Path, count: usize) -> Result<Option<(File, usize)>, String> {
+    for n in 0..count {
         let path = dir.join(format!("{n}.lock"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -83,10 +92,10 @@ fn acquire_uid() -> Result<(File, u32), String> {
             .open(&path)
             .map_err(|e| format!("opening {}: {e}", path.display()))?;
         if file.try_lock().is_ok() {
-            return Ok((file, SANDBOX_UID + n));
+            return Ok(Some((file, n)));
         }
     }
-    Err(format!("all {SANDBOX_UIDS} sandbox uids are in use on this host"))
+    Ok(None)
 }
 
 /// Whether `uid` is one of the sandbox uids.
@@ -1193,22 +1202,11 @@ fn slot_cgroup(state_dir: &Path, slot: usize) -> String {
 fn acquire_slot(state_dir: &Path) -> Result<(File, usize), String> {
     let dir = state_dir.join("slots");
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    for slot in 0..65_536 {
-        let path = dir.join(format!("{slot}.lock"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| format!("opening {}: {e}", path.display()))?;
-        if file.try_lock().is_ok() {
-            for cgroup in cgroup_dirs(state_dir, Some(&slot_name(slot))) {
-                empty_cgroup(&cgroup);
-            }
-            return Ok((file, slot));
-        }
+    let (file, slot) = first_free_lock(&dir, 65_536)?.ok_or("no free cgroup slot")?;
+    for cgroup in cgroup_dirs(state_dir, Some(&slot_name(slot))) {
+        empty_cgroup(&cgroup);
     }
-    Err("no free cgroup slot".into())
+    Ok((file, slot))
 }
 
 /// How often the memory cgroup of slot `slot` killed a process for want of memory (a counter

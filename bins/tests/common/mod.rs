@@ -132,8 +132,8 @@ pub fn eventually(what: &str, limit: Duration, mut pred: impl FnMut() -> bool) {
     }
 }
 
-/// All log text of a run.
-pub fn log_text(client: &Client, id: &str) -> Vec<String> {
+/// Every log record of a run, in order.
+pub fn log_records(client: &Client, id: &str) -> Vec<pond_core::store::LogLine> {
     let mut after = 0;
     let mut out = Vec::new();
     loop {
@@ -142,8 +142,13 @@ pub fn log_text(client: &Client, id: &str) -> Vec<String> {
             return out;
         }
         after = page.next_cursor;
-        out.extend(page.lines.into_iter().map(|l| l.line.text));
+        out.extend(page.lines);
     }
+}
+
+/// All log text of a run.
+pub fn log_text(client: &Client, id: &str) -> Vec<String> {
+    log_records(client, id).into_iter().map(|l| l.line.text).collect()
 }
 
 /// Whether any process on the host has `needle` in its command line.
