@@ -527,3 +527,128 @@ fn behind_a_load_balancer_jobs_go_only_to_idle_workers() {
     eprintln!("handed back: {handed_back} of {} jobs", ids.len());
     assert_eq!(handed_back, 0);
 }
+
+/// The orchestrator relays every upload, so the test plays a tampering one against a real
+/// server (its own orchestrator credential, a real enrolled worker key): bytes swapped on the
+/// way fail verification and the stage; an upload finished after the verified result was
+/// relayed is refused, and the verified bytes are what a consumer downloads.
+#[test]
+fn a_tampering_orchestrator_cannot_change_verified_outputs() {
+    use pond_http::pool_client::enroll_request;
+    use pond_http::pool_wire::{ClaimResponse, Enrolled, ResultAck, WORKER_TOKEN_HEADER};
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &["--lease", "30s"]);
+    let admin = server.admin();
+    let orch =
+        Client::new(&server.url, None).enroll_orchestrator(&enroll_code(&admin, "p", None, None), "evil").unwrap();
+    let call = |method: &str, path: &str, worker: Option<&str>, body: Option<Vec<u8>>| -> (u16, String) {
+        let mut req = ureq::request(method, &format!("{}{path}", server.url))
+            .set("Authorization", &format!("Bearer {}", orch.token));
+        if let Some(w) = worker {
+            req = req.set(WORKER_TOKEN_HEADER, w);
+        }
+        let result = match body {
+            Some(b) => req.set("Content-Type", "application/json").send_bytes(&b),
+            None => req.call(),
+        };
+        match result {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("{method} {path}: {e}"),
+        }
+    };
+    let id = identity(7);
+    let code = enroll_code(&admin, "p", Some(&["pool:byo", "tenant:acme"]), None);
+    let enroll = serde_json::to_vec(&enroll_request(&code, "w", &id, None, vec![])).unwrap();
+    let (status, body) = call("POST", "/v1/orch/workers/enroll", None, Some(enroll));
+    assert_eq!(status, 201, "{body}");
+    let worker: Enrolled = serde_json::from_str(&body).unwrap();
+
+    // One job: the worker's signed result names `out.txt` = PASS; what reaches pond is `relayed`.
+    // Returns the run, the job's path and the result body the worker signed.
+    let job = |relayed: &[u8]| {
+        let run = submit(&admin, &pooled("acme", "byo", "true"));
+        let claim = serde_json::to_vec(&json!({"workers": [worker.member.id], "wait_ms": 5000})).unwrap();
+        let (status, body) = call("POST", "/v1/orch/claim", None, Some(claim));
+        assert_eq!(status, 200, "{body}");
+        let ticket = serde_json::from_str::<ClaimResponse>(&body).unwrap().jobs.remove(0);
+        let base = format!("/v1/orch/jobs/{}", ticket.job_id);
+        let (status, _) = call("GET", &format!("{base}/input"), Some(&worker.token), None);
+        assert_eq!(status, 200);
+        let (status, body) =
+            call("PUT", &format!("{base}/artifacts/out.txt"), Some(&worker.token), Some(relayed.to_vec()));
+        assert_eq!(status, 204, "{body}");
+        let manifest = [("out.txt".to_string(), hex::encode(Sha256::digest(b"PASS")))].into_iter().collect();
+        let output = pond_core::pool::output_digest(&manifest);
+        let input: [u8; 32] = hex::decode(&ticket.input_sha256).unwrap().try_into().unwrap();
+        let attestation = pond_core::attest::Attestation {
+            job_id: ticket.job_id.clone(),
+            input_sha256: input,
+            output_sha256: output,
+            rc: 0,
+        };
+        let signature = attestation.sign(&id.signing_seed()).unwrap();
+        let result = json!({"outcome": "succeeded", "input_sha256": ticket.input_sha256, "output_sha256": hex::encode(output),
+            "signature": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, signature)});
+        (run, base, serde_json::to_vec(&result).unwrap())
+    };
+    let report = |base: &str, result: Vec<u8>| -> ResultAck {
+        let (status, body) = call("POST", &format!("{base}/result"), Some(&worker.token), Some(result));
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+
+    // Swapped on the way: not verified, and the stage fails.
+    let (run, base, result) = job(b"FAIL");
+    let ack = report(&base, result);
+    assert!(!ack.attestation_verified && ack.detail.contains("does not match"), "{ack:?}");
+    let view = admin.get_run(&run).unwrap();
+    assert_eq!(view.stages[0].state.as_str(), "failed", "{view:?}");
+
+    // Relayed faithfully — but the orchestrator holds back uploads it started while the job
+    // ran (a chunked body, one piece sent), relays the verified result, then finishes them.
+    let (run, base, result) = job(b"PASS");
+    let held_back: Vec<std::net::TcpStream> = ["out.txt", "extra.txt"]
+        .iter()
+        .map(|name| {
+            use std::io::Write;
+            let mut conn = std::net::TcpStream::connect(server.url.trim_start_matches("http://")).unwrap();
+            write!(
+                conn,
+                "PUT {base}/artifacts/{name} HTTP/1.1\r\nHost: pond\r\nAuthorization: Bearer {}\r\n{WORKER_TOKEN_HEADER}: {}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nFA\r\n",
+                orch.token, worker.token
+            )
+            .unwrap();
+            conn.flush().unwrap();
+            conn
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let ack = report(&base, result);
+    assert!(ack.attestation_verified, "{ack:?}");
+    for mut conn in held_back {
+        use std::io::{Read, Write};
+        conn.write_all(b"2\r\nIL\r\n0\r\n\r\n").unwrap();
+        let mut answer = Vec::new();
+        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = conn.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 409"), "a held-back upload finished after the result: {answer}");
+    }
+    let names: Vec<String> = admin.artifacts(&run).unwrap().artifacts.into_iter().map(|a| a.name).collect();
+    assert_eq!(names, vec!["out.txt".to_string()]);
+    let mut out = Vec::new();
+    admin.download_artifact(&run, "out.txt", &mut out).unwrap();
+    assert_eq!(out, b"PASS");
+    assert_eq!(admin.get_run(&run).unwrap().stages[0].state.as_str(), "succeeded");
+}

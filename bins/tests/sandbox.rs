@@ -341,6 +341,25 @@ fn the_checkout_is_read_only_or_a_throwaway_copy_and_outputs_come_back() {
     assert_eq!(std::fs::read_to_string(checkout.join("README")).unwrap(), "original\n");
 }
 
+/// A worker or server that is pid 1 (a container's init) starts sandboxes: the helper checks
+/// its parent against the pid the spec names, not against "anyone but init".
+#[test]
+fn pond_as_pid_1_starts_sandboxes() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child", "--", POND, "sandbox", "check", "--sandbox", "oci"])
+        .arg("--sandbox-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pond as pid 1: {stderr}");
+    assert!(!stderr.contains("is gone"), "{stderr}");
+}
+
 #[test]
 fn a_killed_helper_s_sandbox_is_cleaned_up_at_the_next_start_and_runs_leave_nothing() {
     if !is_root() {

@@ -504,6 +504,7 @@ impl Engine {
             project: &run.project_id,
             stage: &claim.stage.key,
             attempt: claim.stage.attempt,
+            holder: claim.stage.lease_owner.as_deref().unwrap_or_default(),
             sealer: run.encryption.as_ref().map(|e| crate::seal::OutputSealer::new(e.keys(), self.config.signing_seed)),
             budget: crate::exec::LogBudget::new(self.config.max_log_bytes),
             delivery: std::sync::Mutex::new(Delivery::default()),
@@ -661,7 +662,14 @@ impl Engine {
 
     /// Stores an artifact a pooled job uploaded (for a confidential run, the worker uploads the
     /// ciphertext and its `.pondkey` sidecar).
-    pub async fn job_artifact(&self, job: &JobId, run: &Run, name: &str, data: &[u8]) -> Result<Artifact, CoreError> {
+    pub async fn job_artifact(
+        &self,
+        job: &JobId,
+        worker: &PoolMember,
+        run: &Run,
+        name: &str,
+        data: &[u8],
+    ) -> Result<Artifact, CoreError> {
         let project = run.project_id.as_str();
         let sidecar_of = name.strip_suffix(crate::seal::SIDECAR_SUFFIX).filter(|_| run.encryption.is_some());
         let valid = match sidecar_of {
@@ -680,12 +688,15 @@ impl Engine {
             run_id: job.run,
             name: name.to_string(),
             stage: job.stage.clone(),
+            attempt: job.attempt,
             blob_id: blob.id,
             size: blob.size,
             sha256: blob.sha256,
             created_at: now,
         };
-        self.store.put_artifact(&artifact).await?;
+        // Refused unless the attempt is still running under this worker's lease and its result
+        // has not been reported: a relay that finishes an upload late changes nothing.
+        self.store.put_artifact(&artifact, &worker.id).await?;
         Ok(artifact)
     }
 
@@ -715,6 +726,14 @@ impl Engine {
     ) -> Result<RunSnapshot, CoreError> {
         let issued = self.issued_input(job.run).await?.map(|i| i.sha256);
         let (key, attempt) = (job.stage.as_str(), job.attempt);
+        // The attempt takes no more output from here on, so what is compared with the signed
+        // manifest below is what stays stored.
+        if !self.store.close_output(job.run, key, attempt, &worker.id).await? {
+            let snapshot = self.store.get_run(job.run).await?.ok_or(CoreError::RunNotFound(job.run))?;
+            let current = snapshot.stage(key).map(|st| st.attempt).unwrap_or(0);
+            let state = snapshot.stage(key).map(|st| st.state).unwrap_or(crate::run::StageState::Queued);
+            return Err(CoreError::StaleAttempt { stage: key.to_string(), attempt, current, state });
+        }
         let stored = self.stored_outputs(job).await?;
         let attestation = verify_report(job, worker, report, issued.as_deref(), &stored);
         let now = self.clock.now();
@@ -775,21 +794,14 @@ impl Engine {
         Ok(snapshot)
     }
 
-    /// What pond stored for a job's attempt: the stage's artifacts written since the attempt
-    /// started (name → SHA-256 hex of the stored bytes), what the worker's signed manifest
-    /// must equal. An earlier attempt's leftovers are older than this attempt's start.
+    /// What pond stored for a job's attempt (name → SHA-256 hex of the stored bytes), what the
+    /// worker's signed manifest must equal. Artifacts carry their attempt, so an earlier
+    /// attempt's leftovers never count, whatever the clocks said.
     async fn stored_outputs(&self, job: &JobId) -> Result<std::collections::BTreeMap<String, String>, CoreError> {
-        let snapshot = self.store.get_run(job.run).await?.ok_or(CoreError::RunNotFound(job.run))?;
-        let started = snapshot
-            .attempts
-            .iter()
-            .find(|a| a.stage_key == job.stage && a.number == job.attempt)
-            .map(|a| a.started_at)
-            .unwrap_or_default();
         let artifacts = self.store.list_artifacts(job.run).await?;
         Ok(artifacts
             .into_iter()
-            .filter(|a| a.stage == job.stage && a.created_at >= started)
+            .filter(|a| a.stage == job.stage && a.attempt == job.attempt)
             .map(|a| (a.name, a.sha256))
             .collect())
     }
@@ -1063,6 +1075,8 @@ struct StoreSink<'a> {
     project: &'a str,
     stage: &'a str,
     attempt: u32,
+    /// Who holds the attempt's lease (this node): artifacts are stored only while it does.
+    holder: &'a str,
     /// For a confidential run: output is sealed before it is stored; pond keeps no key.
     sealer: Option<crate::seal::OutputSealer>,
     budget: crate::exec::LogBudget,
@@ -1135,12 +1149,13 @@ impl StoreSink<'_> {
             run_id: self.run,
             name: name.to_string(),
             stage: self.stage.to_string(),
+            attempt: self.attempt,
             blob_id: blob.id,
             size: blob.size,
             sha256: blob.sha256,
             created_at: now,
         };
-        self.deliver(&what, || store.put_artifact(&artifact)).await
+        self.deliver(&what, || store.put_artifact(&artifact, self.holder)).await
     }
 }
 

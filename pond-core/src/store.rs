@@ -239,6 +239,9 @@ pub struct Artifact {
     pub name: String,
     /// The stage that produced it.
     pub stage: String,
+    /// The attempt of that stage that produced it (what a pooled result's signed manifest is
+    /// compared with: this attempt's artifacts, whatever the clocks said).
+    pub attempt: u32,
     /// Where its bytes are.
     pub blob_id: BlobId,
     /// Size in bytes.
@@ -336,8 +339,16 @@ pub trait Store: Send + Sync + 'static {
     /// Chunk `index` of a blob (each [`BLOB_CHUNK_BYTES`] long but the last).
     async fn read_blob_chunk(&self, id: BlobId, index: u64) -> Result<Vec<u8>, StoreError>;
 
-    /// Records an artifact (replacing one of the same name in the run).
-    async fn put_artifact(&self, artifact: &Artifact) -> Result<(), StoreError>;
+    /// Records an artifact, atomically with the check that its attempt may still write: the
+    /// stage is running that attempt under `holder`'s lease and its output is not closed
+    /// ([`Store::close_output`]). An artifact of the same name from an earlier attempt of the
+    /// same stage is replaced; one from another stage is never replaced. Refusals are
+    /// [`StoreError::Conflict`] saying which rule.
+    async fn put_artifact(&self, artifact: &Artifact, holder: &str) -> Result<(), StoreError>;
+    /// Closes an attempt's output before its result is judged: from then on no artifact of
+    /// that attempt is accepted, so what was verified is what stays stored. Returns whether
+    /// `holder` still holds the running attempt (closing twice is fine).
+    async fn close_output(&self, run: RunId, stage: &str, attempt: u32, holder: &str) -> Result<bool, StoreError>;
     /// A run's artifacts by name.
     async fn list_artifacts(&self, run: RunId) -> Result<Vec<Artifact>, StoreError>;
     /// One artifact.

@@ -262,7 +262,7 @@ async fn results_verify_only_if_the_signed_manifest_is_what_was_stored() {
         let sha: [u8; 32] = hex::decode(&input.sha256).unwrap().try_into().unwrap();
         let (job, report) = sign_outputs(&claim, sha, StageOutcome::Succeeded, &seed, &signed);
         for (name, bytes) in &stored {
-            w.engine.job_artifact(&job, &claim.run, name, bytes).await.unwrap();
+            w.engine.job_artifact(&job, &acme, &claim.run, name, bytes).await.unwrap();
         }
         let done = w.engine.complete_job(&job, &acme, &report).await.unwrap();
         let record = done.attempts[0].attestation.clone().unwrap();
@@ -273,6 +273,74 @@ async fn results_verify_only_if_the_signed_manifest_is_what_was_stored() {
             assert!(record.detail.contains("does not match"), "{what}: {record:?}");
         }
     }
+}
+
+/// The attack an outside check found: whoever relays uploads (the orchestrator) holds an upload
+/// open, relays the worker's verified result, then finishes the upload with other bytes. Once a
+/// result is reported its attempt takes no more output, so the verified artifacts stay.
+#[tokio::test]
+async fn an_upload_finished_after_the_result_changes_nothing() {
+    let w = world();
+    let orch = orchestrator(&w, "p").await;
+    let (acme, seed) = worker(&w, &orch, 1, &["pool:byo", "tenant:acme"]).await;
+    let run = submit_pooled(&w, "acme", "byo").await;
+    let claim = w.engine.claim_for_worker(&acme, 1).await.unwrap().remove(0);
+    let input = w.engine.job_input(&claim).await.unwrap();
+    let sha: [u8; 32] = hex::decode(&input.sha256).unwrap().try_into().unwrap();
+    let (job, report) = sign_outputs(&claim, sha, StageOutcome::Succeeded, &seed, &[("a.txt", b"PASS")]);
+    w.engine.job_artifact(&job, &acme, &claim.run, "a.txt", b"PASS").await.unwrap();
+    let done = w.engine.complete_job(&job, &acme, &report).await.unwrap();
+    assert!(done.attempts[0].attestation.as_ref().unwrap().verified);
+    for (name, bytes) in [("a.txt", &b"FAIL"[..]), ("extra.txt", &b"x"[..])] {
+        let late = w.engine.job_artifact(&job, &acme, &claim.run, name, bytes).await;
+        match late {
+            Err(CoreError::Store(pond_core::StoreError::Conflict(m))) => {
+                assert!(m.contains("no longer takes output"), "{m}")
+            }
+            other => panic!("a late upload of {name} was not refused: {other:?}"),
+        }
+    }
+    let stored = w.store.list_artifacts(run).await.unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].sha256, hex::encode(Sha256::digest(b"PASS")));
+}
+
+/// Two pooled stages of one run, on two workers at once: the second to use a name is refused
+/// (naming the stage that has it), and the first stage's genuine result still verifies.
+#[tokio::test]
+async fn parallel_stages_cannot_take_each_other_s_artifact_names() {
+    let w = world();
+    let orch = orchestrator(&w, "p").await;
+    let (one, one_seed) = worker(&w, &orch, 1, &["pool:byo", "tenant:acme"]).await;
+    let (two, _) = worker(&w, &orch, 2, &["pool:byo", "tenant:acme"]).await;
+    let stage = |key: &str| json!({"key":key,"needs":[],"executor":{"kind":"shell","argv":["true"],"placement":"pool","sandbox":{"tier":"byo"}}});
+    let request = SubmitRequest {
+        project_id: "acme".into(),
+        definition: serde_json::from_value(json!({"stages":[stage("left"), stage("right")]})).unwrap(),
+        sources: vec![],
+        idempotency_key: None,
+        recipients: vec![],
+    };
+    w.engine.submit(request).await.unwrap();
+    let first = w.engine.claim_for_worker(&one, 1).await.unwrap().remove(0);
+    let second = w.engine.claim_for_worker(&two, 1).await.unwrap().remove(0);
+    let input = w.engine.job_input(&first).await.unwrap();
+    let sha: [u8; 32] = hex::decode(&input.sha256).unwrap().try_into().unwrap();
+    let (job1, report1) = sign_outputs(&first, sha, StageOutcome::Succeeded, &one_seed, &[("report.txt", b"mine")]);
+    let job2 = JobId { run: second.run.id, stage: second.stage.key.clone(), attempt: second.stage.attempt };
+    w.engine.job_artifact(&job1, &one, &first.run, "report.txt", b"mine").await.unwrap();
+    let taken = w.engine.job_artifact(&job2, &two, &second.run, "report.txt", b"theirs").await;
+    match taken {
+        Err(CoreError::Store(pond_core::StoreError::Conflict(m))) => {
+            assert!(m.contains(&format!("stage `{}`", first.stage.key)), "{m}")
+        }
+        other => panic!("the second stage took the name: {other:?}"),
+    }
+    // A worker cannot write into another worker's attempt either.
+    assert!(w.engine.job_artifact(&job1, &two, &first.run, "other.txt", b"x").await.is_err());
+    let done = w.engine.complete_job(&job1, &one, &report1).await.unwrap();
+    let record = done.attempts.iter().find(|a| a.stage_key == first.stage.key).unwrap().attestation.clone().unwrap();
+    assert!(record.verified, "{record:?}");
 }
 
 /// `"attestation": "record"` keeps an unverified result applied (flagged), as an opt-out.

@@ -647,7 +647,7 @@ async fn artifact(
     let (job, _) = held(&state, &job, &r.worker).await?;
     let data: Bytes = read_body(body).await?;
     let run = state.engine.get(job.run).await?;
-    state.engine.job_artifact(&job, &run.run, &name, &data).await?;
+    state.engine.job_artifact(&job, &r.worker, &run.run, &name, &data).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 

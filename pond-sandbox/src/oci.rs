@@ -207,6 +207,12 @@ pub struct HelperSpec {
     pub loopback_ports: Vec<u16>,
     /// Where to write the report.
     pub report: PathBuf,
+    /// The pid of the process that starts the helper (the server or worker running the stage):
+    /// the helper watches it, and refuses to start if its parent is already another process.
+    /// Compared with `getppid()`, not assumed from it, so a worker that is pid 1 (a container's
+    /// init) is watched like any other.
+    #[serde(default)]
+    pub parent_pid: u32,
 }
 
 impl HelperSpec {
@@ -225,6 +231,7 @@ impl HelperSpec {
             egress_allow: Vec::new(),
             loopback_ports: Vec::new(),
             report,
+            parent_pid: std::process::id(),
         }
     }
 }
@@ -362,6 +369,7 @@ impl SandboxBackend for OciBackend {
             egress_allow,
             loopback_ports: request.loopback_ports.clone(),
             report: report.clone(),
+            parent_pid: std::process::id(),
         };
         let text = serde_json::to_vec(&spec).map_err(|e| SandboxError::Prepare(e.to_string()))?;
         std::fs::write(&spec_path, text)
@@ -484,7 +492,7 @@ impl<'a> Sandbox<'a> {
         }
         // The process that started us (the server or worker running the stage): if it dies,
         // so does the sandbox, at once, rather than run on without anyone to take its output.
-        let parent = pidfd_of_parent()?;
+        let parent = pidfd_of_parent(spec.parent_pid)?;
         note_stop_signals();
         let host_netns =
             File::open("/proc/self/ns/net").map_err(|e| format!("opening the host network namespace: {e}"))?;
@@ -974,16 +982,23 @@ fn block_signals() -> Result<OwnedFd, String> {
 
 /// A pidfd of this process's parent, which becomes readable when the parent exits. Fails if
 /// the parent is already gone (we were re-parented to init or a subreaper).
-fn pidfd_of_parent() -> Result<OwnedFd, String> {
+fn pidfd_of_parent(expected: u32) -> Result<OwnedFd, String> {
     // SAFETY: getppid has no preconditions; pidfd_open on a pid we then re-check.
     let ppid = unsafe { libc::getppid() };
+    // The parent we were started by is gone when our parent is not the pid the spec names (we
+    // were re-parented to a reaper). A spec without one (older writer): any parent but init.
+    let started_by = |pid: i32| if expected == 0 { pid != 1 } else { pid as u32 == expected };
+    if !started_by(ppid) {
+        return Err("the process that started the sandbox is gone; not starting it".into());
+    }
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, ppid, 0) } as i32;
     if fd < 0 {
         return Err(os_error("pidfd_open of the helper's parent"));
     }
     // SAFETY: we own the new descriptor.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    if unsafe { libc::getppid() } != ppid || ppid == 1 {
+    // Re-checked after opening: the descriptor names our parent, not a process that reused its pid.
+    if unsafe { libc::getppid() } != ppid {
         return Err("the process that started the sandbox is gone; not starting it".into());
     }
     Ok(fd)

@@ -29,3 +29,20 @@ pub(crate) fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }
+
+/// The refusal of an artifact whose attempt may no longer write (see
+/// [`pond_core::store::Store::put_artifact`]).
+pub(crate) fn attempt_not_writing(a: &pond_core::store::Artifact) -> pond_core::StoreError {
+    pond_core::StoreError::Conflict(format!(
+        "artifact `{}` was refused: stage `{}` attempt {} no longer takes output (its result was reported, or it lost its lease)",
+        a.name, a.stage, a.attempt
+    ))
+}
+
+/// The refusal of an artifact whose name another stage of the run already used.
+pub(crate) fn name_taken(a: &pond_core::store::Artifact, owner: &str) -> pond_core::StoreError {
+    pond_core::StoreError::Conflict(format!(
+        "artifact `{}` was refused: stage `{owner}` of this run already stored an artifact of that name (names are unique within a run)",
+        a.name
+    ))
+}

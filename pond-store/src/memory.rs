@@ -26,6 +26,8 @@ struct Inner {
     next_seq: i64,
     blobs: HashMap<BlobId, (BlobMeta, Vec<u8>)>,
     artifacts: HashMap<RunId, BTreeMap<String, Artifact>>,
+    // Attempts whose output is closed (attempt numbers only grow, so this never reopens).
+    closed_outputs: BTreeSet<(RunId, String, u32)>,
     tokens: BTreeMap<TokenId, TokenRecord>,
     records: BTreeMap<(String, String), String>,
 }
@@ -256,10 +258,38 @@ impl Store for MemoryStore {
         Ok(data[start..end].to_vec())
     }
 
-    async fn put_artifact(&self, artifact: &Artifact) -> Result<(), StoreError> {
+    async fn put_artifact(&self, artifact: &Artifact, holder: &str) -> Result<(), StoreError> {
         let mut inner = self.lock()?;
-        inner.artifacts.entry(artifact.run_id).or_default().insert(artifact.name.clone(), artifact.clone());
+        let open = inner
+            .runs
+            .get(&artifact.run_id)
+            .and_then(|r| r.stages.iter().find(|s| s.key == artifact.stage))
+            .is_some_and(|s| {
+                s.state == StageState::Running
+                    && s.attempt == artifact.attempt
+                    && s.lease_owner.as_deref() == Some(holder)
+            })
+            && !inner.closed_outputs.contains(&(artifact.run_id, artifact.stage.clone(), artifact.attempt));
+        if !open {
+            return Err(crate::attempt_not_writing(artifact));
+        }
+        let named = inner.artifacts.entry(artifact.run_id).or_default();
+        if let Some(other) = named.get(&artifact.name).filter(|a| a.stage != artifact.stage) {
+            return Err(crate::name_taken(artifact, &other.stage));
+        }
+        named.insert(artifact.name.clone(), artifact.clone());
         Ok(())
+    }
+
+    async fn close_output(&self, run: RunId, stage: &str, attempt: u32, holder: &str) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        let held = inner.runs.get(&run).and_then(|r| r.stages.iter().find(|s| s.key == stage)).is_some_and(|s| {
+            s.state == StageState::Running && s.attempt == attempt && s.lease_owner.as_deref() == Some(holder)
+        });
+        if held {
+            inner.closed_outputs.insert((run, stage.to_string(), attempt));
+        }
+        Ok(held)
     }
 
     async fn list_artifacts(&self, run: RunId) -> Result<Vec<Artifact>, StoreError> {

@@ -768,23 +768,68 @@ impl Store for PgStore {
         data.ok_or_else(|| StoreError::NotFound(format!("blob {id} chunk {index}")))
     }
 
-    async fn put_artifact(&self, a: &Artifact) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO artifacts (run_id, name, stage, blob_id, size, sha256, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (run_id, name) DO UPDATE SET stage = EXCLUDED.stage, blob_id = EXCLUDED.blob_id,
-                size = EXCLUDED.size, sha256 = EXCLUDED.sha256, created_at = EXCLUDED.created_at",
+    async fn put_artifact(&self, a: &Artifact, holder: &str) -> Result<(), StoreError> {
+        // The stage row is share-locked until the write commits: closing the attempt's output
+        // (an UPDATE of that row) waits for writes under way, and refuses later ones.
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let open: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM stages WHERE run_id = $1 AND key = $2 AND attempt = $3 AND lease_owner = $4 AND state = 'running'
+                AND (output_closed_attempt IS NULL OR output_closed_attempt <> attempt)
+             FOR SHARE",
+        )
+        .bind(a.run_id.to_string())
+        .bind(&a.stage)
+        .bind(a.attempt as i64)
+        .bind(holder)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if open.is_none() {
+            return Err(crate::attempt_not_writing(a));
+        }
+        let written = sqlx::query(
+            "INSERT INTO artifacts (run_id, name, stage, attempt, blob_id, size, sha256, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (run_id, name) DO UPDATE SET attempt = EXCLUDED.attempt, blob_id = EXCLUDED.blob_id,
+                size = EXCLUDED.size, sha256 = EXCLUDED.sha256, created_at = EXCLUDED.created_at
+             WHERE artifacts.stage = EXCLUDED.stage",
         )
         .bind(a.run_id.to_string())
         .bind(&a.name)
         .bind(&a.stage)
+        .bind(a.attempt as i64)
         .bind(a.blob_id.to_string())
         .bind(a.size as i64)
         .bind(&a.sha256)
         .bind(a.created_at.as_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if written.rows_affected() == 0 {
+            let owner: String = sqlx::query_scalar("SELECT stage FROM artifacts WHERE run_id = $1 AND name = $2")
+                .bind(a.run_id.to_string())
+                .bind(&a.name)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            return Err(crate::name_taken(a, &owner));
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn close_output(&self, run: RunId, stage: &str, attempt: u32, holder: &str) -> Result<bool, StoreError> {
+        let closed = sqlx::query(
+            "UPDATE stages SET output_closed_attempt = attempt
+              WHERE run_id = $1 AND key = $2 AND attempt = $3 AND lease_owner = $4 AND state = 'running'",
+        )
+        .bind(run.to_string())
+        .bind(stage)
+        .bind(attempt as i64)
+        .bind(holder)
         .execute(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(())
+        Ok(closed.rows_affected() == 1)
     }
 
     async fn list_artifacts(&self, run: RunId) -> Result<Vec<Artifact>, StoreError> {

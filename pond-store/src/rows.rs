@@ -197,6 +197,7 @@ pub(crate) fn artifact_from_row(row: &impl Columns) -> Result<Artifact, StoreErr
         run_id: row.parsed::<RunId>("run_id")?,
         name: row.text("name")?,
         stage: row.text("stage")?,
+        attempt: row.int("attempt")? as u32,
         blob_id: row.parsed::<BlobId>("blob_id")?,
         size: row.int("size")? as u64,
         sha256: row.text("sha256")?,

@@ -652,23 +652,66 @@ impl Store for SqliteStore {
         data.ok_or_else(|| StoreError::NotFound(format!("blob {id} chunk {index}")))
     }
 
-    async fn put_artifact(&self, a: &Artifact) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO artifacts (run_id, name, stage, blob_id, size, sha256, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (run_id, name) DO UPDATE SET stage = excluded.stage, blob_id = excluded.blob_id,
-                size = excluded.size, sha256 = excluded.sha256, created_at = excluded.created_at",
+    async fn put_artifact(&self, a: &Artifact, holder: &str) -> Result<(), StoreError> {
+        // One write transaction: the attempt check and the write see the same stage row.
+        let mut tx = self.begin().await?;
+        let open: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM stages WHERE run_id = ? AND key = ? AND attempt = ? AND lease_owner = ? AND state = 'running'
+                AND (output_closed_attempt IS NULL OR output_closed_attempt <> attempt)",
+        )
+        .bind(a.run_id.to_string())
+        .bind(&a.stage)
+        .bind(a.attempt as i64)
+        .bind(holder)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if open.is_none() {
+            return Err(crate::attempt_not_writing(a));
+        }
+        let written = sqlx::query(
+            "INSERT INTO artifacts (run_id, name, stage, attempt, blob_id, size, sha256, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (run_id, name) DO UPDATE SET attempt = excluded.attempt, blob_id = excluded.blob_id,
+                size = excluded.size, sha256 = excluded.sha256, created_at = excluded.created_at
+             WHERE artifacts.stage = excluded.stage",
         )
         .bind(a.run_id.to_string())
         .bind(&a.name)
         .bind(&a.stage)
+        .bind(a.attempt as i64)
         .bind(a.blob_id.to_string())
         .bind(a.size as i64)
         .bind(&a.sha256)
         .bind(a.created_at.as_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if written.rows_affected() == 0 {
+            let owner: String = sqlx::query_scalar("SELECT stage FROM artifacts WHERE run_id = ? AND name = ?")
+                .bind(a.run_id.to_string())
+                .bind(&a.name)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            return Err(crate::name_taken(a, &owner));
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn close_output(&self, run: RunId, stage: &str, attempt: u32, holder: &str) -> Result<bool, StoreError> {
+        let closed = sqlx::query(
+            "UPDATE stages SET output_closed_attempt = attempt
+              WHERE run_id = ? AND key = ? AND attempt = ? AND lease_owner = ? AND state = 'running'",
+        )
+        .bind(run.to_string())
+        .bind(stage)
+        .bind(attempt as i64)
+        .bind(holder)
         .execute(&self.writer)
         .await
         .map_err(db_err)?;
-        Ok(())
+        Ok(closed.rows_affected() == 1)
     }
 
     async fn list_artifacts(&self, run: RunId) -> Result<Vec<Artifact>, StoreError> {

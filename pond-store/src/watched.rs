@@ -191,10 +191,13 @@ impl Store for WatchedStore {
     async fn read_blob_chunk(&self, id: BlobId, index: u64) -> Result<Vec<u8>, StoreError> {
         self.inner.read_blob_chunk(id, index).await
     }
-    async fn put_artifact(&self, artifact: &Artifact) -> Result<(), StoreError> {
-        self.inner.put_artifact(artifact).await?;
+    async fn put_artifact(&self, artifact: &Artifact, holder: &str) -> Result<(), StoreError> {
+        self.inner.put_artifact(artifact, holder).await?;
         self.announce_output([&artifact.run_id]);
         Ok(())
+    }
+    async fn close_output(&self, run: RunId, stage: &str, attempt: u32, holder: &str) -> Result<bool, StoreError> {
+        self.inner.close_output(run, stage, attempt, holder).await
     }
     async fn list_artifacts(&self, run: RunId) -> Result<Vec<Artifact>, StoreError> {
         self.inner.list_artifacts(run).await

@@ -334,7 +334,7 @@ pub async fn log_lines_are_byte_exact_and_idempotent(store: Arc<dyn Store>) {
     assert_eq!(store.read_logs(run, 0, 100).await.unwrap().len(), pieces.len() + 1);
 }
 
-pub async fn blobs_and_artifacts_are_chunked_and_replaced_by_name(store: Arc<dyn Store>) {
+pub async fn blobs_and_artifacts_are_chunked_and_written_only_by_their_open_attempt(store: Arc<dyn Store>) {
     let data: Vec<u8> = (0..(BLOB_CHUNK_BYTES * 2 + 12345)).map(|i| (i * 7 % 251) as u8).collect();
     let meta = store.put_blob("p", &data, at(0)).await.unwrap();
     assert_eq!((meta.size, meta.chunk_count()), (data.len() as u64, 3));
@@ -344,24 +344,56 @@ pub async fn blobs_and_artifacts_are_chunked_and_replaced_by_name(store: Arc<dyn
     assert_eq!(pond_core::store::read_blob(&*store, &empty).await.unwrap(), b"");
     assert_eq!(empty.sha256, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
 
-    let run = RunId::generate(at(0));
-    let artifact = |name: &str, blob: &pond_core::store::BlobMeta| Artifact {
+    // Two stages running in parallel, both held by node n1.
+    let snapshot = new_run(
+        "p",
+        json!({"stages":[{"key":"a","executor":{"kind":"noop"},"needs":[]},{"key":"b","executor":{"kind":"noop"},"needs":[]}]}),
+        None,
+        at(0),
+    );
+    let run = snapshot.run.id;
+    store.insert_run(&snapshot).await.unwrap();
+    assert_eq!(store.claim_stages(&claim_query("n1", at(1), 60_000, 2)).await.unwrap().len(), 2);
+    let artifact = |stage: &str, attempt: u32, name: &str, blob: &pond_core::store::BlobMeta| Artifact {
         run_id: run,
         name: name.into(),
-        stage: "s".into(),
+        stage: stage.into(),
+        attempt,
         blob_id: blob.id,
         size: blob.size,
         sha256: blob.sha256.clone(),
         created_at: at(5),
     };
-    store.put_artifact(&artifact("z.txt", &empty)).await.unwrap();
-    store.put_artifact(&artifact("dir/a.bin", &meta)).await.unwrap();
-    store.put_artifact(&artifact("z.txt", &meta)).await.unwrap();
+    store.put_artifact(&artifact("a", 1, "z.txt", &empty), "n1").await.unwrap();
+    store.put_artifact(&artifact("a", 1, "dir/a.bin", &meta), "n1").await.unwrap();
+    store.put_artifact(&artifact("a", 1, "z.txt", &meta), "n1").await.unwrap();
     let listed = store.list_artifacts(run).await.unwrap();
     assert_eq!(listed.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), vec!["dir/a.bin", "z.txt"]);
+    assert!(listed.iter().all(|a| a.stage == "a" && a.attempt == 1), "{listed:?}");
     assert_eq!(store.get_artifact(run, "z.txt").await.unwrap().unwrap().blob_id, meta.id, "replaced");
     assert!(store.get_artifact(run, "nope").await.unwrap().is_none());
     assert!(store.list_artifacts(RunId::generate(at(9))).await.unwrap().is_empty());
+
+    // Only the lease holder's current attempt writes; another stage never takes a name over.
+    let refused = |r: Result<(), StoreError>, says: &str| match r {
+        Err(StoreError::Conflict(m)) => assert!(m.contains(says), "{m}"),
+        other => panic!("expected a conflict saying `{says}`: {other:?}"),
+    };
+    refused(store.put_artifact(&artifact("a", 1, "x", &meta), "n2").await, "no longer takes output");
+    refused(store.put_artifact(&artifact("a", 2, "x", &meta), "n1").await, "no longer takes output");
+    refused(store.put_artifact(&artifact("b", 1, "z.txt", &empty), "n1").await, "stage `a` of this run already stored");
+    assert_eq!(store.get_artifact(run, "z.txt").await.unwrap().unwrap().blob_id, meta.id, "a's z.txt kept");
+    store.put_artifact(&artifact("b", 1, "b.txt", &empty), "n1").await.unwrap();
+
+    // Closing a's output (its result arrived): nothing more of a's is stored; b still writes.
+    assert!(!store.close_output(run, "a", 1, "n2").await.unwrap(), "n2 does not hold a");
+    assert!(store.close_output(run, "a", 1, "n1").await.unwrap());
+    assert!(store.close_output(run, "a", 1, "n1").await.unwrap(), "closing twice is fine");
+    refused(store.put_artifact(&artifact("a", 1, "z.txt", &empty), "n1").await, "no longer takes output");
+    refused(store.put_artifact(&artifact("a", 1, "late.txt", &empty), "n1").await, "no longer takes output");
+    assert_eq!(store.get_artifact(run, "z.txt").await.unwrap().unwrap().blob_id, meta.id);
+    assert!(store.get_artifact(run, "late.txt").await.unwrap().is_none());
+    store.put_artifact(&artifact("b", 1, "b2.txt", &empty), "n1").await.unwrap();
 }
 
 pub async fn tokens_are_found_by_hash_and_revoked(store: Arc<dyn Store>) {
@@ -632,7 +664,7 @@ macro_rules! conformance {
                 cancelled_stages_of_vanished_holders_are_reaped,
                 logs_append_in_order_and_page_by_cursor,
                 log_lines_are_byte_exact_and_idempotent,
-                blobs_and_artifacts_are_chunked_and_replaced_by_name,
+                blobs_and_artifacts_are_chunked_and_written_only_by_their_open_attempt,
                 tokens_are_found_by_hash_and_revoked,
                 concurrent_updates_of_one_run_are_never_lost,
                 pool_claims_match_pinned_tags_and_capability_globs,
