@@ -652,3 +652,93 @@ fn a_tampering_orchestrator_cannot_change_verified_outputs() {
     assert_eq!(out, b"PASS");
     assert_eq!(admin.get_run(&run).unwrap().stages[0].state.as_str(), "succeeded");
 }
+
+/// What a `none`-profile job on a pool worker can reach of its worker's secrets: nothing. The
+/// job plays the attacker — it knows where the key directory is (two levels above its checkout),
+/// tries to read it, to uncover it, to reach it through /proc and raw devices, and to read the
+/// worker's memory and environment — and prints whatever it finds.
+fn a_none_job_finds_none_of_its_worker_s_secrets(uid: Option<u32>) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &["--lease", "30s"]);
+    let admin = server.admin();
+    let orch = Orchestrator::start(
+        &server.url,
+        &dir.path().join("orch"),
+        "127.0.0.1:0",
+        Some(&enroll_code(&admin, "p", None, None)),
+    );
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    if let Some(uid) = uid {
+        std::os::unix::fs::chown(&home, Some(uid), Some(uid)).unwrap();
+        // The test's temporary directory is private to root; the worker's user must reach its own.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let key_dir = home.join("worker");
+    let code = enroll_code(&admin, "p", Some(&["pool:trusted"]), None);
+    let _worker = Worker::start_as(&orch.url, &key_dir, &code, &["--name", "w", "--drain", "0s"], uid);
+    // The attacker knows where its worker's key directory is.
+    let script = r#"
+        K="$KEYS"; echo "key dir seen as $K: $(ls -A "$K" | tr '\n' ' ')"
+        for f in "$K"/worker.json "$K"/sealing.key "$K"/signing.key; do cat "$f" 2>&1 | head -c 400; echo; done
+        umount "$K" 2>&1; umount -l "$K" 2>&1; cat "$K"/worker.json 2>&1
+        for p in /proc/[0-9]*; do cat "$p/root$K/worker.json" "$p/environ" 2>/dev/null | tr '\0' '\n' | grep -a 'pond_worker_\|"token"'; done
+        grep -a -o 'pond_worker_[0-9a-f]*' /proc/$PPID/mem /proc/$PPID/environ /proc/$PPID/cmdline 2>&1 | head -3
+        ls /proc/$PPID/fd/ 2>&1 | head -3; cat /proc/$PPID/fd/* 2>&1 | grep -a -o 'pond_worker_[0-9a-f]*' | head -3
+        for d in /dev/vd? /dev/sd? /dev/nvme?n? /dev/xvd?; do [ -e "$d" ] && head -c 512 "$d" >/dev/null 2>&1 && echo "RAW DISK $d READABLE"; done
+        head -c 64 /proc/kcore >/dev/null 2>&1 && echo "KCORE READABLE"
+        echo '|/bin/sh' > /proc/sys/kernel/core_pattern 2>/dev/null && echo "CORE PATTERN WRITABLE"
+        find / -xdev -name signing.key 2>/dev/null | while read f; do echo "found $f"; cat "$f"; done
+        echo work > mine.txt && cat mine.txt && mkdir -p "$POND_OUTPUT_DIR" && echo made > "$POND_OUTPUT_DIR/made.txt"
+        echo DONE
+    "#;
+    let script = script.replace("$KEYS", &key_dir.display().to_string());
+    let run = submit(&admin, &pooled("acme", "trusted", &script));
+    let view = wait_done(&admin, &run, Duration::from_secs(60));
+    let log = common::log_text(&admin, &run).join("\n");
+    eprintln!("what the job saw:\n{log}");
+    assert!(log.contains("DONE") && log.contains("work"), "the job ran: {log}");
+    assert_eq!(view.stages[0].state.as_str(), "succeeded", "{view:?} {log}");
+    let mut made = Vec::new();
+    admin.download_artifact(&run, "made.txt", &mut made).unwrap();
+    assert_eq!(made, b"made\n", "the job's own output dir works");
+
+    let credential: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(key_dir.join("worker.json")).unwrap()).unwrap();
+    let token = credential["token"].as_str().unwrap().to_string();
+    let mut secrets = vec![token.clone(), token["pond_worker_".len()..].to_string()];
+    for key in ["sealing.key", "signing.key"] {
+        secrets.push(std::fs::read_to_string(key_dir.join(key)).unwrap().trim().to_string());
+    }
+    for secret in &secrets {
+        assert!(!log.contains(secret.as_str()), "the job found a secret of its worker:\n{log}");
+    }
+    for door in ["RAW DISK", "KCORE READABLE", "CORE PATTERN WRITABLE", "found /", "\"token\""] {
+        assert!(!log.contains(door), "{door}:\n{log}");
+    }
+    // The job saw its own directories in the key directory and nothing else.
+    let seen = log.lines().find(|l| l.contains("key dir seen as")).unwrap_or_default().to_string();
+    assert!(seen.ends_with(": jobs outputs ") || seen.ends_with(": outputs jobs "), "{seen}");
+    assert!(log.contains("worker.json: No such file"), "{log}");
+}
+
+#[test]
+fn a_none_job_of_a_root_worker_finds_none_of_its_secrets() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        pond_store::missing_prerequisite("a worker running as root needs the tests to run as root");
+        return;
+    }
+    a_none_job_finds_none_of_its_worker_s_secrets(None);
+}
+
+#[test]
+fn a_none_job_of_an_unprivileged_worker_finds_none_of_its_secrets() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // Run as the tests' own user: it is the unprivileged worker.
+        a_none_job_finds_none_of_its_worker_s_secrets(None);
+        return;
+    }
+    a_none_job_finds_none_of_its_worker_s_secrets(Some(65534));
+}

@@ -9,6 +9,8 @@
 #![deny(missing_docs)]
 
 mod builtin;
+#[cfg(target_os = "linux")]
+pub mod cover;
 mod delivery;
 mod driver;
 mod keys;

@@ -42,6 +42,10 @@ pub struct ShellConfig {
     /// Where the process groups of running stages are recorded, so that the next start can
     /// kill the ones a crashed process left behind (see [`reap_orphans`]).
     pub group_dir: Option<PathBuf>,
+    /// For a pool worker: its key directory, covered from every `none`-profile stage (see
+    /// [`crate::cover`]). Confined profiles never see it anyway.
+    #[cfg(target_os = "linux")]
+    pub key_cover: Option<Arc<crate::cover::KeyCover>>,
 }
 
 impl ShellConfig {
@@ -53,6 +57,8 @@ impl ShellConfig {
             scratch_root,
             max_artifact_bytes: 256 * 1024 * 1024,
             group_dir: None,
+            #[cfg(target_os = "linux")]
+            key_cover: None,
         }
     }
 }
@@ -392,12 +398,27 @@ impl ShellExecutor {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe and touches only the child being set up.
+        // The worker's keys are covered from a host (`none`) process; a wrapped (confined)
+        // command is the sandbox helper, which shows the stage nothing of the host anyway.
+        #[cfg(target_os = "linux")]
+        let cover = match (&self.config.key_cover, report.is_none()) {
+            (Some(cover), true) => match std::ffi::CString::new(command.cwd.as_os_str().as_encoded_bytes()) {
+                Ok(cwd) => Some((cover.clone(), cwd)),
+                Err(_) => return fail(format!("the working directory {} holds a NUL", command.cwd.display())),
+            },
+            _ => None,
+        };
+        // SAFETY: prctl and the cover's calls are async-signal-safe system calls on the child
+        // being set up, with everything they need prepared before the fork.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // If this node dies (kill -9, OOM) the stage's process dies with it instead of
                 // finishing work that another node will redo.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                #[cfg(target_os = "linux")]
+                if let Some((cover, cwd)) = &cover {
+                    cover.enter(cwd)?;
+                }
                 Ok(())
             });
         }

@@ -132,8 +132,18 @@ pub fn prepare(config: &WorkerProcessConfig) -> Result<PreparedWorker, WorkerSet
     let outputs = config.key_dir.join("outputs");
     let _ = std::fs::remove_dir_all(&outputs);
     std::fs::create_dir_all(&outputs).map_err(io(format!("creating {}", outputs.display())))?;
+    // A `none`-profile job sees the key directory covered, with only these two shown through.
+    #[cfg(target_os = "linux")]
+    let key_cover = pond_exec::cover::KeyCover::new(&config.key_dir, &[scratch.clone(), outputs.clone()])
+        .map_err(io(format!("preparing the cover of {}", config.key_dir.display())))?;
     let mut shell = ShellConfig::new(outputs);
     shell.group_dir = Some(groups);
+    #[cfg(target_os = "linux")]
+    {
+        shell.key_cover = Some(Arc::new(key_cover));
+        // Nor can a job of the same user read this process's memory or descriptors.
+        pond_exec::cover::make_undumpable();
+    }
     shell.kill_grace = config.kill_grace;
     shell.env_allowlist.extend(config.shell_env_allow.iter().cloned());
     let worker_config = WorkerConfig {

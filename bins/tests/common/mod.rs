@@ -173,7 +173,16 @@ pub fn run_json(def: serde_json::Value) -> serde_json::Value {
 
 /// Spawns `pond <args>` and returns it with its first stdout line (the rest is drained).
 fn spawn_reporting(args: &[String], env: &[(&str, &str)]) -> (Child, String) {
+    spawn_reporting_as(args, env, None)
+}
+
+/// Spawns pond (as user `uid` when given) and reads its first line.
+fn spawn_reporting_as(args: &[String], env: &[(&str, &str)], uid: Option<u32>) -> (Child, String) {
     let mut cmd = Command::new(POND);
+    if let Some(uid) = uid {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(uid);
+    }
     cmd.args(args).env("POND_LOG", "warn").env("POND_SANDBOX", "host").stdout(Stdio::piped()).stderr(Stdio::inherit());
     for (k, v) in env {
         cmd.env(k, v);
@@ -250,6 +259,11 @@ pub struct Worker {
 impl Worker {
     /// Starts a worker through `orchestrator`, enrolling with `code`, with extra flags.
     pub fn start(orchestrator: &str, key_dir: &Path, code: &str, extra: &[&str]) -> Worker {
+        Worker::start_as(orchestrator, key_dir, code, extra, None)
+    }
+
+    /// [`Worker::start`] as user `uid` (root only).
+    pub fn start_as(orchestrator: &str, key_dir: &Path, code: &str, extra: &[&str], uid: Option<u32>) -> Worker {
         let mut args: Vec<String> = vec![
             "worker".into(),
             "--orchestrator".into(),
@@ -260,7 +274,7 @@ impl Worker {
             code.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let (child, first) = spawn_reporting(&args, &[]);
+        let (child, first) = spawn_reporting_as(&args, &[], uid);
         let id = first
             .strip_prefix("pond worker ")
             .and_then(|rest| rest.split_whitespace().next())
