@@ -1014,7 +1014,18 @@ fn worker(args: WorkerArgs) -> Result<i32> {
     } else if !oci && capabilities.contains(&sandbox_cap) {
         bail!("--capabilities names {sandbox_cap}, but this worker has no OCI sandbox (see `pond sandbox check`)");
     }
+    // A root worker's unsandboxed jobs run as a uid of their own, held (by a lock) for as long
+    // as this process lives, so no other worker's jobs or sandboxes share it.
+    // SAFETY: geteuid has no preconditions.
+    let (job_uid, _job_uid_lock) = if unsafe { libc::geteuid() } == 0 {
+        let (lock, uid) =
+            pond_sandbox::oci::acquire_job_uid().map_err(|e| anyhow::anyhow!("a uid for this worker's jobs: {e}"))?;
+        (Some(uid), Some(lock))
+    } else {
+        (None, None)
+    };
     let config = pond_http::worker_process::WorkerProcessConfig {
+        job_uid,
         orchestrator: args.orchestrator.trim_end_matches('/').to_string(),
         enroll_code: args.enroll,
         key_dir,

@@ -677,6 +677,18 @@ fn a_none_job_finds_none_of_its_worker_s_secrets(uid: Option<u32>) {
     let key_dir = home.join("worker");
     let code = enroll_code(&admin, "p", Some(&["pool:trusted"]), None);
     let _worker = Worker::start_as(&orch.url, &key_dir, &code, &["--name", "w", "--drain", "0s"], uid);
+    // Another worker on this host, in a directory anyone may enter. Two root workers give
+    // their jobs two uids, so its secrets are out of reach too; two workers of one unprivileged
+    // user share that user's files (README: run each as its own user), so there it is another
+    // user's worker.
+    let neighbour_dir = home.join("neighbour");
+    let neighbour_uid = if uid.is_some() { Some(65533) } else { None };
+    if uid.is_some() {
+        std::fs::create_dir_all(&neighbour_dir).unwrap();
+        std::os::unix::fs::chown(&neighbour_dir, Some(65533), Some(65533)).unwrap();
+    }
+    let neighbour_code = enroll_code(&admin, "p", Some(&["pool:elsewhere"]), None);
+    let _neighbour = Worker::start_as(&orch.url, &neighbour_dir, &neighbour_code, &["--name", "n"], neighbour_uid);
     // The attacker knows where its worker's key directory is.
     let script = r#"
         K="$KEYS"; echo "key dir seen as $K: $(ls -A "$K" | tr '\n' ' ')"
@@ -689,10 +701,13 @@ fn a_none_job_finds_none_of_its_worker_s_secrets(uid: Option<u32>) {
         head -c 64 /proc/kcore >/dev/null 2>&1 && echo "KCORE READABLE"
         echo '|/bin/sh' > /proc/sys/kernel/core_pattern 2>/dev/null && echo "CORE PATTERN WRITABLE"
         find / -xdev -name signing.key 2>/dev/null | while read f; do echo "found $f"; cat "$f"; done
+        cat "$NEIGHBOUR"/*.key "$NEIGHBOUR"/worker.json 2>&1
         echo work > mine.txt && cat mine.txt && mkdir -p "$POND_OUTPUT_DIR" && echo made > "$POND_OUTPUT_DIR/made.txt"
         echo DONE
     "#;
-    let script = script.replace("$KEYS", &key_dir.display().to_string());
+    let script = script
+        .replace("$KEYS", &key_dir.display().to_string())
+        .replace("$NEIGHBOUR", &neighbour_dir.display().to_string());
     let run = submit(&admin, &pooled("acme", "trusted", &script));
     let view = wait_done(&admin, &run, Duration::from_secs(60));
     let log = common::log_text(&admin, &run).join("\n");
@@ -707,9 +722,14 @@ fn a_none_job_finds_none_of_its_worker_s_secrets(uid: Option<u32>) {
         serde_json::from_slice(&std::fs::read(key_dir.join("worker.json")).unwrap()).unwrap();
     let token = credential["token"].as_str().unwrap().to_string();
     let mut secrets = vec![token.clone(), token["pond_worker_".len()..].to_string()];
-    for key in ["sealing.key", "signing.key"] {
-        secrets.push(std::fs::read_to_string(key_dir.join(key)).unwrap().trim().to_string());
+    for dir in [&key_dir, &neighbour_dir] {
+        for key in ["sealing.key", "signing.key"] {
+            secrets.push(std::fs::read_to_string(dir.join(key)).unwrap().trim().to_string());
+        }
     }
+    let neighbour: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(neighbour_dir.join("worker.json")).unwrap()).unwrap();
+    secrets.push(neighbour["token"].as_str().unwrap().to_string());
     for secret in &secrets {
         assert!(!log.contains(secret.as_str()), "the job found a secret of its worker:\n{log}");
     }

@@ -8,13 +8,13 @@
 //!   uid to itself; the program then runs under that non-zero uid, so it has no capability left
 //!   to unmount with, and the worker is not dumpable ([`make_undumpable`]), so the job cannot
 //!   read the worker's memory, environment or descriptors through `/proc` or ptrace.
-//! - a root worker: the job stays uid 0 but loses every capability (bounding set emptied,
-//!   securebits locked so `execve` cannot regain them): it cannot unmount, read another
-//!   process's memory (`/proc/<pid>/mem`, `/proc/1/root`: the kernel refuses a caller whose
-//!   capabilities are not a superset of the target's), load modules or read kernel memory.
-//!   `/dev` is a fresh tmpfs holding only the harmless device nodes (no raw disks), and
-//!   `/proc/sys` and `/sys` are read-only (no `core_pattern` or `uevent_helper` helper running
-//!   with full privileges).
+//! - a root worker: the job runs as the worker's own unprivileged uid (one per worker,
+//!   allocated by the caller), with no capabilities and no supplementary groups; the job's
+//!   directories are handed to that uid. Root-owned files (other workers' keys on the host)
+//!   stay unreadable, other processes' `/proc` entries are out of reach, and since the key
+//!   directory often sits below directories only root may enter (`/root`, a private
+//!   temporary directory), the cover is laid on the highest such ancestor, with the path down
+//!   to the job's directories made again inside it.
 //!
 //! Every call in [`KeyCover::enter`] runs in the forked child before `execve`: only system
 //! calls, on strings prepared beforehand.
@@ -24,19 +24,21 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-/// Device nodes a job on a root worker keeps (bound from the host's).
-const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
-
 /// A key directory to cover, and the job directories inside it to show through.
 #[derive(Debug)]
 pub struct KeyCover {
+    /// Where the tmpfs goes: the key directory, or its highest ancestor the job's user could
+    /// not enter.
     cover: CString,
-    /// (the directory's path, the path it is mounted back at — the same, inside the cover).
+    /// Directories to make inside the tmpfs, outermost first, down to the key directory.
+    chain: Vec<CString>,
+    /// The job directories shown through (direct children of the key directory).
     keep: Vec<CString>,
-    root: bool,
+    keep_paths: Vec<PathBuf>,
+    /// For a root worker: the uid (and gid) its jobs run as.
+    job_uid: Option<u32>,
     uid_map: CString,
     gid_map: CString,
-    devices: Vec<(CString, CString)>,
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {
@@ -48,35 +50,93 @@ fn c_text(text: &str) -> CString {
 }
 
 impl KeyCover {
-    /// Covers `cover` (made absolute and resolved), showing the directories `keep`, each a
-    /// direct child of `cover`.
-    pub fn new(cover: &Path, keep: &[PathBuf]) -> io::Result<KeyCover> {
-        let cover = std::fs::canonicalize(cover)?;
+    /// Covers the key directory `keys` (made absolute and resolved), showing the directories
+    /// `keep`, each a direct child of it. A root worker must name the uid its jobs run as.
+    pub fn new(keys: &Path, keep: &[PathBuf], job_uid: Option<u32>) -> io::Result<KeyCover> {
+        let keys = std::fs::canonicalize(keys)?;
         if keep.len() > 8 {
             return Err(io::Error::other("at most 8 directories can be shown through a cover"));
         }
         let mut kept = Vec::new();
+        let mut keep_paths = Vec::new();
         for dir in keep {
             let dir = std::fs::canonicalize(dir)?;
-            if dir.parent() != Some(cover.as_path()) {
+            if dir.parent() != Some(keys.as_path()) {
                 return Err(io::Error::other(format!(
                     "{} is not directly inside {}: it cannot be shown through the cover",
                     dir.display(),
-                    cover.display()
+                    keys.display()
                 )));
             }
             kept.push(c_path(&dir)?);
+            keep_paths.push(dir);
         }
         // SAFETY: geteuid/getuid/getgid have no preconditions.
         let (euid, uid, gid) = unsafe { (libc::geteuid(), libc::getuid(), libc::getgid()) };
+        let job_uid = match (euid, job_uid) {
+            (0, None) => return Err(io::Error::other("a root worker's jobs need a uid of their own to run as")),
+            (0, Some(0)) => return Err(io::Error::other("a root worker's jobs cannot run as root")),
+            (0, some) => some,
+            _ => None,
+        };
+        // A job of another uid cannot pass a directory that is not searchable by others: cover
+        // the highest such ancestor instead, and make the path down again inside the tmpfs.
+        let mut cover = keys.clone();
+        if job_uid.is_some() {
+            for ancestor in keys.ancestors().skip(1) {
+                if ancestor == Path::new("/") {
+                    break;
+                }
+                use std::os::unix::fs::PermissionsExt;
+                if std::fs::metadata(ancestor)?.permissions().mode() & 0o001 == 0 {
+                    cover = ancestor.to_path_buf();
+                }
+            }
+        }
+        let mut chain = Vec::new();
+        let mut below = keys.as_path();
+        while below != cover {
+            chain.push(c_path(below)?);
+            below = below.parent().unwrap_or(&cover);
+        }
+        chain.reverse();
         Ok(KeyCover {
             cover: c_path(&cover)?,
+            chain,
             keep: kept,
-            root: euid == 0,
+            keep_paths,
+            job_uid,
             uid_map: c_text(&format!("{uid} {uid} 1\n")),
             gid_map: c_text(&format!("{gid} {gid} 1\n")),
-            devices: DEVICES.iter().map(|d| (c_text(&format!("/dev/{d}")), c_text(&format!("/dev/{d}")))).collect(),
         })
+    }
+
+    /// The uid jobs run as, when it is not the worker's own.
+    pub fn job_uid(&self) -> Option<u32> {
+        self.job_uid
+    }
+
+    /// Hands `dir` (recursively) and the directories between it and the kept directory it is
+    /// in to the job's uid, so the job can work there. Nothing to do when the job keeps the
+    /// worker's uid; refused for a path outside the kept directories.
+    pub fn hand_over(&self, dir: &Path) -> io::Result<()> {
+        let Some(uid) = self.job_uid else { return Ok(()) };
+        let Some(top) = self.keep_paths.iter().find(|k| dir.starts_with(k) && dir != k.as_path()) else {
+            return Err(io::Error::other(format!("{} is not inside a job directory", dir.display())));
+        };
+        for ancestor in dir.ancestors().skip(1).take_while(|a| a != top) {
+            std::os::unix::fs::lchown(ancestor, Some(uid), Some(uid))?;
+        }
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(path) = pending.pop() {
+            std::os::unix::fs::lchown(&path, Some(uid), Some(uid))?;
+            if std::fs::symlink_metadata(&path)?.is_dir() {
+                for entry in std::fs::read_dir(&path)? {
+                    pending.push(entry?.path());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Enters the covered view, changes to `cwd` again through it (a working directory taken
@@ -88,7 +148,8 @@ impl KeyCover {
     /// Runs in a forked child; uses only async-signal-safe system calls.
     pub unsafe fn enter(&self, cwd: &std::ffi::CStr) -> io::Result<()> {
         let check = |rc: libc::c_int| if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) };
-        if self.root {
+        let root = self.job_uid.is_some();
+        if root {
             check(libc::unshare(libc::CLONE_NEWNS))?;
         } else {
             check(libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS))?;
@@ -114,12 +175,6 @@ impl KeyCover {
         for (slot, dir) in kept.iter_mut().zip(&self.keep) {
             *slot = check(libc::open(dir.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC))?;
         }
-        let mut devices = [-1; DEVICES.len()];
-        if self.root {
-            for (slot, (host, _)) in devices.iter_mut().zip(&self.devices) {
-                *slot = libc::open(host.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
-            }
-        }
         check(libc::mount(
             c"tmpfs".as_ptr(),
             self.cover.as_ptr(),
@@ -127,111 +182,22 @@ impl KeyCover {
             libc::MS_NOSUID | libc::MS_NODEV,
             c"mode=0755,size=64k".as_ptr().cast(),
         ))?;
+        for dir in &self.chain {
+            check(libc::mkdir(dir.as_ptr(), 0o755))?;
+        }
         for (fd, dir) in kept.iter().zip(&self.keep) {
             check(libc::mkdir(dir.as_ptr(), 0o755))?;
             bind_fd(*fd, dir)?;
         }
-        if self.root {
-            self.confine_root(&devices)?;
+        if let Some(uid) = self.job_uid {
+            // Leaving uid 0 for another clears every capability (no SECBIT_KEEP_CAPS); with
+            // no_new_privileges below, no set-uid program gives one back.
+            check(libc::setgroups(0, std::ptr::null()))?;
+            check(libc::setresgid(uid, uid, uid))?;
+            check(libc::setresuid(uid, uid, uid))?;
         }
         check(libc::chdir(cwd.as_ptr()))?;
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
-        Ok(())
-    }
-
-    /// For a job of a root worker: a /dev without disks, read-only kernel knobs, and no
-    /// capabilities, ever again.
-    unsafe fn confine_root(&self, devices: &[libc::c_int]) -> io::Result<()> {
-        let check = |rc: libc::c_int| if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) };
-        for knobs in [c"/proc/sys", c"/sys"] {
-            check(libc::mount(
-                knobs.as_ptr(),
-                knobs.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND | libc::MS_REC,
-                std::ptr::null(),
-            ))?;
-            let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
-            check(libc::mount(std::ptr::null(), knobs.as_ptr(), std::ptr::null(), flags, std::ptr::null()))?;
-        }
-        // /dev/pts and /dev/shm are taken along; the device nodes are bound one by one.
-        let pts = libc::open(c"/dev/pts".as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC);
-        check(libc::mount(
-            c"tmpfs".as_ptr(),
-            c"/dev".as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NOEXEC,
-            c"mode=0755,size=64k".as_ptr().cast(),
-        ))?;
-        for (fd, (_, node)) in devices.iter().zip(&self.devices) {
-            if *fd < 0 {
-                continue;
-            }
-            let made = libc::open(node.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o666);
-            if made >= 0 {
-                libc::close(made);
-                bind_fd(*fd, node)?;
-            }
-        }
-        if pts >= 0 && libc::mkdir(c"/dev/pts".as_ptr(), 0o755) == 0 {
-            bind_fd(pts, c"/dev/pts")?;
-        }
-        if libc::mkdir(c"/dev/shm".as_ptr(), 0o1777) == 0 {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                c"/dev/shm".as_ptr(),
-                c"tmpfs".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV,
-                std::ptr::null(),
-            );
-        }
-        for (link, target) in [
-            (c"/dev/fd", c"/proc/self/fd"),
-            (c"/dev/stdin", c"/proc/self/fd/0"),
-            (c"/dev/stdout", c"/proc/self/fd/1"),
-            (c"/dev/stderr", c"/proc/self/fd/2"),
-        ] {
-            libc::symlink(target.as_ptr(), link.as_ptr());
-        }
-        // No capability now, and none from executing anything (uid 0 gets no full set back).
-        const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
-        const SECBIT_NOROOT_LOCKED: libc::c_ulong = 1 << 1;
-        const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
-        const SECBIT_NO_SETUID_FIXUP_LOCKED: libc::c_ulong = 1 << 3;
-        const SECBIT_KEEP_CAPS_LOCKED: libc::c_ulong = 1 << 5;
-        const SECBIT_NO_CAP_AMBIENT_RAISE: libc::c_ulong = 1 << 6;
-        const SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED: libc::c_ulong = 1 << 7;
-        let bits = SECBIT_NOROOT
-            | SECBIT_NOROOT_LOCKED
-            | SECBIT_NO_SETUID_FIXUP
-            | SECBIT_NO_SETUID_FIXUP_LOCKED
-            | SECBIT_KEEP_CAPS_LOCKED
-            | SECBIT_NO_CAP_AMBIENT_RAISE
-            | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED;
-        check(libc::prctl(libc::PR_SET_SECUREBITS, bits, 0, 0, 0))?;
-        for cap in 0..64 {
-            // Numbers past the kernel's last capability answer EINVAL: nothing to drop.
-            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
-        }
-        check(libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0))?;
-        #[repr(C)]
-        struct CapHeader {
-            version: u32,
-            pid: i32,
-        }
-        #[repr(C)]
-        struct CapData {
-            effective: u32,
-            permitted: u32,
-            inheritable: u32,
-        }
-        const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-        let mut header = CapHeader { version: CAPABILITY_VERSION_3, pid: 0 };
-        let none = [
-            CapData { effective: 0, permitted: 0, inheritable: 0 },
-            CapData { effective: 0, permitted: 0, inheritable: 0 },
-        ];
-        check(libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, none.as_ptr()) as libc::c_int)?;
         Ok(())
     }
 }
@@ -301,8 +267,8 @@ mod tests {
     fn kept_directories_must_be_direct_children_of_the_cover() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("jobs/deep")).unwrap();
-        assert!(KeyCover::new(dir.path(), &[dir.path().join("jobs")]).is_ok());
-        let deep = KeyCover::new(dir.path(), &[dir.path().join("jobs/deep")]).unwrap_err();
+        assert!(KeyCover::new(dir.path(), &[dir.path().join("jobs")], Some(101_000)).is_ok());
+        let deep = KeyCover::new(dir.path(), &[dir.path().join("jobs/deep")], Some(101_000)).unwrap_err();
         assert!(deep.to_string().contains("not directly inside"), "{deep}");
     }
 }

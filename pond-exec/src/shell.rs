@@ -198,37 +198,58 @@ fn random_mark() -> String {
 fn kill_marked(mark: &str) {
     let needle = format!("{STAGE_MARK}={mark}");
     let own = std::process::id() as i32;
+    let carries_mark = |pid: i32| {
+        std::fs::read(format!("/proc/{pid}/environ"))
+            .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == needle.as_bytes()))
+    };
     for _ in 0..50 {
         let Ok(entries) = std::fs::read_dir("/proc") else { return };
         let marked: Vec<i32> = entries
             .flatten()
             .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
-            .filter(|&pid| pid != own)
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/environ"))
-                    .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == needle.as_bytes()))
-            })
+            .filter(|&pid| pid != own && carries_mark(pid))
             .collect();
         if marked.is_empty() {
             return;
         }
         for pid in marked {
-            // SAFETY: signals a process that carries this stage's mark.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
+            // The pid is pinned by a descriptor, then checked again: if it was reused between
+            // the scan and now, the process we would signal is not the one we saw, and is left.
+            // SAFETY: pidfd_open of a pid; the descriptor is owned below.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+            if fd < 0 {
+                continue;
+            }
+            // SAFETY: we own the new descriptor.
+            let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            if carries_mark(pid) {
+                // SAFETY: signals exactly the process the descriptor names.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    );
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    tracing::warn!(mark, "processes of an ended stage still run after 50 rounds of SIGKILL (stuck in the kernel?)");
 }
 
 async fn pump<R: AsyncRead + Unpin>(reader: R, stream: LogStream, tx: mpsc::Sender<OutputLine>) {
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let mut line: Vec<u8> = Vec::new();
+    // Whether the last piece sent said "continued": the stream must not end on such a piece,
+    // or a reader would wait for the rest of a line that never comes.
+    let mut open_piece = false;
     loop {
         let (used, ended) = match reader.fill_buf().await {
             Ok([]) | Err(_) => {
-                if !line.is_empty() {
+                if !line.is_empty() || open_piece {
                     let _ = tx.send(OutputLine { stream, bytes: line, continued: false }).await;
                 }
                 return;
@@ -251,6 +272,7 @@ async fn pump<R: AsyncRead + Unpin>(reader: R, stream: LogStream, tx: mpsc::Send
         reader.consume(used);
         if let Some(continued) = ended {
             let bytes = std::mem::take(&mut line);
+            open_piece = continued;
             if tx.send(OutputLine { stream, bytes, continued }).await.is_err() {
                 return;
             }
@@ -402,10 +424,20 @@ impl ShellExecutor {
         // command is the sandbox helper, which shows the stage nothing of the host anyway.
         #[cfg(target_os = "linux")]
         let cover = match (&self.config.key_cover, report.is_none()) {
-            (Some(cover), true) => match std::ffi::CString::new(command.cwd.as_os_str().as_encoded_bytes()) {
-                Ok(cwd) => Some((cover.clone(), cwd)),
-                Err(_) => return fail(format!("the working directory {} holds a NUL", command.cwd.display())),
-            },
+            (Some(cover), true) => {
+                // A root worker's job runs as a uid of its own: its directories become that uid's.
+                let mut theirs = vec![scratch.path().to_path_buf(), ctx.workspace.cwd.clone()];
+                theirs.extend(ctx.workspace.sources.iter().map(|(_, path)| path.clone()));
+                for dir in &theirs {
+                    if let Err(e) = cover.hand_over(dir) {
+                        return fail(format!("handing {} to the job's user: {e}", dir.display()));
+                    }
+                }
+                match std::ffi::CString::new(command.cwd.as_os_str().as_encoded_bytes()) {
+                    Ok(cwd) => Some((cover.clone(), cwd)),
+                    Err(_) => return fail(format!("the working directory {} holds a NUL", command.cwd.display())),
+                }
+            }
             _ => None,
         };
         // SAFETY: prctl and the cover's calls are async-signal-safe system calls on the child
@@ -511,5 +543,31 @@ mod tests {
         assert_eq!(super::git_remote_host("https://github.com/acme/app.git").as_deref(), Some("github.com"));
         assert_eq!(super::git_remote_host("https://user:pw@git.internal:8443/x").as_deref(), Some("git.internal:8443"));
         assert_eq!(super::git_remote_host("not a url"), None);
+    }
+
+    /// What a reader of the pieces sees for output of `bytes`: (length, continued) per piece.
+    async fn pieces(bytes: Vec<u8>) -> Vec<(usize, bool)> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        super::pump(std::io::Cursor::new(bytes), pond_core::store::LogStream::Stdout, tx).await;
+        let mut seen = Vec::new();
+        while let Some(piece) = rx.recv().await {
+            seen.push((piece.bytes.len(), piece.continued));
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn output_never_ends_on_a_piece_that_says_more_follows() {
+        let max = super::MAX_LINE_BYTES;
+        // Exactly one piece's worth, no newline: the line is closed by an empty last piece.
+        assert_eq!(pieces(vec![b'x'; max]).await, vec![(max, true), (0, false)]);
+        assert_eq!(pieces(vec![b'x'; 2 * max]).await, vec![(max, true), (max, true), (0, false)]);
+        // With its newline, the same.
+        let mut line = vec![b'x'; max];
+        line.push(b'\n');
+        assert_eq!(pieces(line).await, vec![(max, true), (0, false)]);
+        // A short last line without newline is one closed piece; nothing at all is nothing.
+        assert_eq!(pieces(b"a\nbc".to_vec()).await, vec![(1, false), (2, false)]);
+        assert_eq!(pieces(Vec::new()).await, vec![]);
     }
 }

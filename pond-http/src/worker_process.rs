@@ -18,6 +18,9 @@ use crate::pool_client::{enroll_request, HttpWorkerClient};
 pub struct WorkerProcessConfig {
     /// The orchestrator's URL.
     pub orchestrator: String,
+    /// For a root worker: the unprivileged uid its unsandboxed (`none`) jobs run as, its own
+    /// on this host (see `pond_exec::cover`).
+    pub job_uid: Option<u32>,
     /// An enrollment code, needed only the first time.
     pub enroll_code: Option<String>,
     /// Keys and credential live here.
@@ -134,8 +137,9 @@ pub fn prepare(config: &WorkerProcessConfig) -> Result<PreparedWorker, WorkerSet
     std::fs::create_dir_all(&outputs).map_err(io(format!("creating {}", outputs.display())))?;
     // A `none`-profile job sees the key directory covered, with only these two shown through.
     #[cfg(target_os = "linux")]
-    let key_cover = pond_exec::cover::KeyCover::new(&config.key_dir, &[scratch.clone(), outputs.clone()])
-        .map_err(io(format!("preparing the cover of {}", config.key_dir.display())))?;
+    let key_cover =
+        pond_exec::cover::KeyCover::new(&config.key_dir, &[scratch.clone(), outputs.clone()], config.job_uid)
+            .map_err(io(format!("preparing the cover of {}", config.key_dir.display())))?;
     let mut shell = ShellConfig::new(outputs);
     shell.group_dir = Some(groups);
     #[cfg(target_os = "linux")]

@@ -73,7 +73,18 @@ fn uid_lock_dir() -> PathBuf {
 fn acquire_uid() -> Result<(File, u32), String> {
     let dir = uid_lock_dir();
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let _ = std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+    // In a shared directory (the /tmp fallback) another user could have made it first, or put
+    // a symlink there: the locks are trusted only in a real directory of ours that nobody else
+    // can write.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(&dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != euid {
+        return Err(format!("{} is not a directory of this user: refusing its uid locks", dir.display()));
+    }
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(|e| format!("making {} private: {e}", dir.display()))?;
     match first_free_lock(&dir, SANDBOX_UIDS as usize)? {
         Some((file, n)) => Ok((file, SANDBOX_UID + n as u32)),
         None => Err(format!("all {SANDBOX_UIDS} sandbox uids are in use on this host")),
@@ -83,12 +94,14 @@ fn acquire_uid() -> Result<(File, u32), String> {
 /// The first of `dir/0.lock` … `dir/<count-1>.lock` this process could `flock`, and its number;
 /// the lock lasts as long as the file is open (close-on-exec, so no container holds it).
 fn first_free_lock(dir: &Path, count: usize) -> Result<Option<(File, usize)>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
     for n in 0..count {
         let path = dir.join(format!("{n}.lock"));
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| format!("opening {}: {e}", path.display()))?;
         if file.try_lock().is_ok() {
@@ -96,6 +109,12 @@ fn first_free_lock(dir: &Path, count: usize) -> Result<Option<(File, usize)>, St
         }
     }
     Ok(None)
+}
+
+/// A sandbox uid for a root worker's unsandboxed jobs, held (with the returned lock file open)
+/// for as long as the worker runs: no sandbox and no other worker on this host gets it.
+pub fn acquire_job_uid() -> Result<(File, u32), String> {
+    acquire_uid()
 }
 
 /// Whether `uid` is one of the sandbox uids.

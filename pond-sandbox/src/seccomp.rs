@@ -153,10 +153,23 @@ pub fn programs() -> Result<Vec<BpfProgram>, String> {
         condition(0, SeccompCmpOp::Eq, libc::AF_NETLINK as u64)?,
         condition(2, SeccompCmpOp::Ne, NETLINK_PROTOCOL as u64)?,
     ];
-    let sockets = BTreeMap::from([
-        (libc::SYS_socket, vec![rule(other_family.clone())?, rule(other_netlink)?]),
-        (libc::SYS_socketpair, vec![rule(other_family)?]),
-    ]);
+    // Packet-level sockets reached through the inet families (the obsolete `SOCK_PACKET` type,
+    // and raw IP): refused here too, not only by the missing CAP_NET_RAW. The type's low four
+    // bits are the kind; the rest are SOCK_NONBLOCK/SOCK_CLOEXEC.
+    // (libc marks SOCK_PACKET deprecated for use; refusing it is the point.)
+    const SOCK_PACKET: i32 = 10;
+    let mut packet_kinds = Vec::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        for kind in [SOCK_PACKET, libc::SOCK_RAW] {
+            packet_kinds.push(rule(vec![
+                condition(0, SeccompCmpOp::Eq, family as u64)?,
+                condition(1, SeccompCmpOp::MaskedEq(0xf), kind as u64)?,
+            ])?);
+        }
+    }
+    let mut socket_rules = vec![rule(other_family.clone())?, rule(other_netlink)?];
+    socket_rules.extend(packet_kinds);
+    let sockets = BTreeMap::from([(libc::SYS_socket, socket_rules), (libc::SYS_socketpair, vec![rule(other_family)?])]);
 
     Ok(vec![
         x32_guard(),
@@ -262,6 +275,25 @@ mod tests {
         assert_eq!(in_child(|| socket(libc::AF_PACKET, 0)), libc::EAFNOSUPPORT);
         assert_eq!(in_child(|| socket(libc::AF_NETLINK, libc::NETLINK_AUDIT)), libc::EAFNOSUPPORT);
         assert_eq!(in_child(|| socket(libc::AF_INET, 0)), 0);
+        // Packet-level kinds through the inet families, whatever flags ride along.
+        fn inet_packet() -> i32 {
+            // SAFETY: a socket call in a child that exits at once.
+            if unsafe { libc::socket(libc::AF_INET, 10 | libc::SOCK_CLOEXEC, 0) } < 0 {
+                errno()
+            } else {
+                0
+            }
+        }
+        fn inet6_raw() -> i32 {
+            // SAFETY: as above.
+            if unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW | libc::SOCK_NONBLOCK, 58) } < 0 {
+                errno()
+            } else {
+                0
+            }
+        }
+        assert_eq!(in_child(inet_packet), libc::EAFNOSUPPORT);
+        assert_eq!(in_child(inet6_raw), libc::EAFNOSUPPORT);
         assert_eq!(in_child(|| socket(libc::AF_UNIX, 0)), 0);
         assert_eq!(in_child(|| socket(libc::AF_NETLINK, libc::NETLINK_ROUTE)), 0);
     }
