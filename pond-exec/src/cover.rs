@@ -116,11 +116,19 @@ impl KeyCover {
         self.job_uid
     }
 
+    /// Whether `path` is inside one of the directories shown through the cover.
+    pub fn shows(&self, path: &Path) -> bool {
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        self.keep_paths.iter().any(|k| path.starts_with(k) && path != *k)
+    }
+
     /// Hands `dir` (recursively) and the directories between it and the kept directory it is
     /// in to the job's uid, so the job can work there. Nothing to do when the job keeps the
     /// worker's uid; refused for a path outside the kept directories.
     pub fn hand_over(&self, dir: &Path) -> io::Result<()> {
         let Some(uid) = self.job_uid else { return Ok(()) };
+        let dir = std::fs::canonicalize(dir)?;
+        let dir = dir.as_path();
         let Some(top) = self.keep_paths.iter().find(|k| dir.starts_with(k) && dir != k.as_path()) else {
             return Err(io::Error::other(format!("{} is not inside a job directory", dir.display())));
         };

@@ -426,8 +426,16 @@ impl ShellExecutor {
         let cover = match (&self.config.key_cover, report.is_none()) {
             (Some(cover), true) => {
                 // A root worker's job runs as a uid of its own: its directories become that uid's.
-                let mut theirs = vec![scratch.path().to_path_buf(), ctx.workspace.cwd.clone()];
-                theirs.extend(ctx.workspace.sources.iter().map(|(_, path)| path.clone()));
+                // (Everything the stage may write or check out in the worker's directories: its
+                // scratch, checkout, sources and the writable grants, e.g. an agent's home.)
+                let mut theirs = vec![scratch.path().to_path_buf()];
+                theirs.extend(
+                    command
+                        .paths
+                        .iter()
+                        .filter(|g| g.access != PathAccess::ReadOnly && cover.shows(&g.path))
+                        .map(|g| g.path.clone()),
+                );
                 for dir in &theirs {
                     if let Err(e) = cover.hand_over(dir) {
                         return fail(format!("handing {} to the job's user: {e}", dir.display()));
