@@ -1305,6 +1305,12 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
     match command {
         RunCommand::Submit { file, project, source, git_ref, idempotency_key, wait, json, recipients, no_encrypt } => {
             let by_default = std::env::var("POND_ENCRYPTION_DEFAULT").map(|v| v != "false" && v != "0").unwrap_or(true);
+            // Checked here, so an error names the flag the user gave (the server's index would
+            // count this context's own key first).
+            for r in &recipients {
+                let key = pond_core::pool::decode_key(r).map_err(|e| anyhow::anyhow!("--recipient `{r}` {e}"))?;
+                pond_core::keys::check_x25519_public(&key).map_err(|e| anyhow::anyhow!("--recipient `{r}`: {e}"))?;
+            }
             let mut to = Vec::new();
             if !no_encrypt && (by_default || !recipients.is_empty()) {
                 if by_default {
@@ -1319,6 +1325,7 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
                 git_ref,
                 idempotency_key: idempotency_key.clone(),
                 recipients: to,
+                signing_key: Some(key_path.to_path_buf()),
             };
             let body = cli::build_submit(client, target, &options)?;
             let run = client.submit(&body, idempotency_key.as_deref())?;
@@ -1332,7 +1339,7 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
             }
             eprintln!("submitted run {} ({} stages)", run.id, run.stages.len());
             let mut out = std::io::stdout().lock();
-            let mut decrypt = cli::LogDecryptor::new(key_path)?;
+            let mut decrypt = cli::LogDecryptor::new(key_path)?.verifying(client, &run.id.to_string());
             let end = cli::wait(client, &run.id.to_string(), &mut out, json, &mut decrypt)?;
             drop(out);
             let finished = client.get_run(&run.id.to_string())?;
@@ -1363,7 +1370,7 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
         }
         RunCommand::Logs { id, follow, json } => {
             let mut out = std::io::stdout().lock();
-            let mut decrypt = cli::LogDecryptor::new(key_path)?;
+            let mut decrypt = cli::LogDecryptor::new(key_path)?.verifying(client, &id);
             if follow {
                 let end = cli::wait(client, &id, &mut out, json, &mut decrypt)?;
                 return Ok(cli::exit_code(end.state));
@@ -1603,13 +1610,14 @@ fn demo(args: DemoArgs) -> Result<i32> {
         file: args.workflow.clone(),
         sources: vec![args.source.display().to_string()],
         recipients: vec![cli::consumer_key(&key, false)?.public_key],
+        signing_key: Some(key.clone()),
         ..Default::default()
     };
     let outcome = (|| -> Result<i32> {
         let body = cli::build_submit(&client, &target, &options)?;
         let run = client.submit(&body, None)?;
         println!("submitted run {} ({}) on {}\n", run.id, args.workflow.display(), args.source.display());
-        let mut decrypt = cli::LogDecryptor::new(&key)?;
+        let mut decrypt = cli::LogDecryptor::new(&key)?.verifying(&client, &run.id.to_string());
         let end = cli::wait(&client, &run.id.to_string(), &mut std::io::stdout().lock(), false, &mut decrypt)?;
         let finished = client.get_run(&run.id.to_string())?;
         println!("\n{}", cli::format_run(&finished));

@@ -260,6 +260,7 @@ fn foreach_fans_an_agent_stage_out_over_an_earlier_stage_s_items() {
             );
             b["encrypt"] = json!(true);
             b["recipient_pubkeys"] = json!([key]);
+            common::sign_request(&mut b, &[5; 32]);
         }
         b
     };

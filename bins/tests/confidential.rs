@@ -163,9 +163,33 @@ fn confidential_run(pg: Option<&str>) {
             "credentials": ["openai"], "argv": ["sh", "-c",
             "cat notes.txt; printf 'MK%s%s\\n' P00L -31q; printf 'ARTIFACT-%s-pool' 9z > \"$POND_OUTPUT_DIR/pool.txt\"; printf 'key-sha %s\\n' \"$(printf %s \"$OPENAI_API_KEY\" | sha256sum | cut -c1-16)\""]}}
     ]}});
+    // Unsigned, the server refuses it: nothing would stop a recipient being added later.
+    let unsigned = admin.submit(&body, None).unwrap_err();
+    assert_eq!(unsigned.status(), Some(422), "{unsigned}");
+    assert!(unsigned.to_string().contains("consumer_signature"), "{unsigned}");
+    let mut body = body;
+    let alice_secret = pond_exec::load_or_create_key(&alice.join("keys/default.x25519")).unwrap();
+    common::sign_request(&mut body, &alice_secret);
+    // A signature over another request (one more recipient than sent) is refused too.
+    let mut other = body.clone();
+    other["recipientPubkeys"] = json!([alice_key, public_key(&server, &mallory)]);
+    common::sign_request(&mut other, &alice_secret);
+    let mut mixed = body.clone();
+    mixed["consumer_signature"] = other["consumer_signature"].clone();
+    let e = admin.submit(&mixed, None).unwrap_err();
+    assert!(e.status() == Some(422) && e.to_string().contains("consumer_signature"), "{e}");
+    assert!(e.to_string().contains("does not verify"), "{e}");
     let id = admin.submit(&body, None).unwrap().id.to_string();
     let run = wait_done(&admin, &id, Duration::from_secs(60));
     assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
+    // The signed request is kept with the run: anyone can check what the consumer asked for.
+    let kept = run.encryption.as_ref().and_then(|e| e.request.clone()).expect("the signed request is in the run view");
+    let signed = kept.verify().unwrap();
+    assert_eq!(
+        kept.signing_key,
+        pond_core::signed_request::signing_public(&pond_core::signed_request::consumer_signing_seed(&alice_secret))
+    );
+    assert_eq!(signed.project_id, "acme");
     assert_eq!(run.stages[1].attestation_verified, Some(true), "the attestation still checks out");
 
     // What the API serves: key headers and ENC1 lines, artifacts with sidecars, no plaintext.
@@ -239,4 +263,143 @@ fn confidential_run(pg: Option<&str>) {
     assert_eq!(got["artifacts"]["report.txt"], hex::encode("ARTIFACT-9z-local"));
     assert_eq!(got["artifacts"]["pool.txt"], hex::encode("ARTIFACT-9z-pool"));
     assert_eq!(got["attestations"], json!([true]));
+    assert_eq!(got["request"], json!({"signed_by_me": true, "canonical": true, "covers_recipients": true}));
+}
+
+/// Someone who can write the database adds their key to a running run's recipients. The stages
+/// that start afterwards, on the control plane and on a pool worker, check the recipients
+/// against the consumer's signed request and fail without running: nothing is sealed to the
+/// injected key. (Editing the signed request instead breaks its signature the same way.)
+#[test]
+fn a_recipient_injected_in_the_database_gets_nothing_sealed_to_it() {
+    let Some(pg) = Server::database_server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let db = common::scratch_database(&pg, "injected");
+    let server = Server::start(&dir.path().join("server"), &["--database-url", db.url.as_str()]);
+    let admin = server.admin();
+    let code = enroll_code(&admin, "byo", None, None);
+    let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+    let code = enroll_code(&admin, "byo", Some(&["pool:byo", "tenant:acme"]), None);
+    let _worker = Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--allow-unconfined"]);
+    let (alice, mallory) = (dir.path().join("alice"), dir.path().join("mallory"));
+    let alice_key = public_key(&server, &alice);
+    let mallory_key = public_key(&server, &mallory);
+    let gate = dir.path().join("gate");
+    let wait = format!("while [ ! -e {} ]; do sleep 0.05; done; echo FIRST-SEALED", gate.display());
+    let mut body = json!({"project_id": "acme", "encrypt": true, "recipient_pubkeys": [alice_key],
+    "definition": {"stages": [
+        {"key": "first", "executor": {"kind": "shell", "argv": ["sh", "-c", wait]}},
+        {"key": "local", "continue_on_error": true, "executor": {"kind": "shell", "argv": ["sh", "-c",
+            "echo INJ-LOCAL-5k; printf x > \"$POND_OUTPUT_DIR/local.txt\""]}},
+        {"key": "pooled", "executor": {"kind": "shell", "placement": "pool",
+            "sandbox": {"tier": "byo"}, "argv": ["sh", "-c", "echo INJ-POOL-6k"]}}
+    ]}});
+    common::sign_request(&mut body, &pond_exec::load_or_create_key(&alice.join("keys/default.x25519")).unwrap());
+    let id = admin.submit(&body, None).unwrap().id.to_string();
+    common::eventually("the first stage runs", Duration::from_secs(30), || {
+        admin.get_run(&id).unwrap().stages[0].state.as_str() == "running"
+    });
+
+    // The attacker rewrites the run's encryption column: the consumer's signed request kept as
+    // it is, one more recipient.
+    let mut encryption = admin.get_run(&id).unwrap().encryption.unwrap();
+    encryption.recipients.push(mallory_key.clone());
+    let sql = format!(
+        "UPDATE runs SET encryption = '{}' WHERE id = '{id}'",
+        serde_json::to_string(&encryption).unwrap().replace('\'', "''")
+    );
+    let out = Command::new("psql").args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", &sql]).output().unwrap();
+    assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&gate, "").unwrap();
+
+    let run = wait_done(&admin, &id, Duration::from_secs(60));
+    assert_eq!(run.state.as_str(), "failed", "{run:?}");
+    assert_eq!(run.stages[0].state.as_str(), "succeeded", "sealed before the injection, to alice only");
+    for stage in &run.stages[1..] {
+        let error = stage.error.clone().unwrap_or_default();
+        assert_eq!(stage.state.as_str(), "failed", "{}: {error}", stage.key);
+        assert!(error.contains("not among the recipients the consumer signed"), "{}: {error}", stage.key);
+        assert_eq!(stage.attempts.len(), 1, "{}: refused, not retried: {:?}", stage.key, stage.attempts);
+    }
+    // Nothing was sealed to anyone after the injection: one key header (the first stage's), no
+    // artifact; mallory reads nothing, alice reads the first stage.
+    let lines = log_text(&admin, &id);
+    assert_eq!(lines.iter().filter(|l| l.starts_with("ENC1K:")).count(), 1, "{lines:?}");
+    assert!(admin.artifacts(&id).unwrap().artifacts.is_empty());
+    let out = consumer(&server, &mallory, &["run", "logs", &id]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not among its recipients"));
+    let out = consumer(&server, &alice, &["run", "logs", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("FIRST-SEALED") && !text.contains("INJ-"), "{text}");
+}
+
+/// Whoever can write the database (or knows the recipients' public keys) can seal a stream of
+/// their own to the consumer. The CLI checks every stream's key header against the keys of the
+/// nodes and workers that ran the run (`GET /v1/runs/{id}/keys`) and refuses a forged one.
+#[test]
+fn a_forged_log_stream_is_refused_by_the_cli() {
+    let Some(pg) = Server::database_server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let db = common::scratch_database(&pg, "forged");
+    let server = Server::start(&dir.path().join("server"), &["--database-url", db.url.as_str()]);
+    let admin = server.admin();
+    let alice = dir.path().join("alice");
+    let workflow = dir.path().join("wf.json");
+    std::fs::write(
+        &workflow,
+        json!({"stages": [{"key": "a", "executor": {"kind": "shell", "argv": ["echo", "GENUINE-1"]}}]}).to_string(),
+    )
+    .unwrap();
+    let out =
+        consumer(&server, &alice, &["run", "submit", "-f", workflow.to_str().unwrap(), "--project", "acme", "--wait"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("GENUINE-1"), "verified and shown");
+    let id = admin.list_runs(None, None, Some(1), None).unwrap().runs[0].id.to_string();
+    // Another reader added in the `age1…` form `pond keys show` prints reads the run too.
+    let bob = dir.path().join("bob");
+    let shown = consumer(&server, &bob, &["keys", "show", "--json"]);
+    let age = serde_json::from_slice::<serde_json::Value>(&shown.stdout).unwrap()["age_recipient"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = consumer(
+        &server,
+        &alice,
+        &["run", "submit", "-f", workflow.to_str().unwrap(), "--project", "acme", "--recipient", &age, "--wait"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let second = admin.list_runs(None, None, Some(1), None).unwrap().runs[0].id.to_string();
+    let out = consumer(&server, &bob, &["run", "logs", &second]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("GENUINE-1"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A bad --recipient is named as given, not by its index in the request.
+    let out = consumer(
+        &server,
+        &alice,
+        &["run", "submit", "-f", workflow.to_str().unwrap(), "--project", "acme", "--recipient", "AAAA"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--recipient `AAAA` is 3 bytes long"), "{stderr}");
+    // The node's key is published, and the run's keys name it.
+    let keys = admin.run_keys(&id).unwrap();
+    assert_eq!(keys.control_plane.len(), 1);
+    assert!(admin.keys().unwrap().control_plane.contains(&keys.control_plane[0]));
+
+    // The attacker rewrites the stage's stream: a header of their own (sealed to alice, signed by
+    // a key pond never had) and a line.
+    let records = common::log_records(&admin, &id);
+    let header = records.iter().find(|r| r.line.text.starts_with("ENC1K:")).unwrap().seq;
+    let line = records.iter().find(|r| r.line.text.starts_with("ENC1:")).unwrap().seq;
+    let alice_public =
+        pond_core::keys::x25519_public(&pond_exec::load_or_create_key(&alice.join("keys/default.x25519")).unwrap());
+    let (mut sealer, forged_header) = pond_core::seal::LogSealer::new(&[alice_public], &[0x66; 32]);
+    let forged_line = sealer.seal_line(b"FORGED-2");
+    for (seq, text) in [(header, forged_header), (line, forged_line)] {
+        let sql = format!("UPDATE logs SET text = '{text}' WHERE run_id = '{id}' AND seq = {seq}");
+        let out = Command::new("psql").args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", &sql]).output().unwrap();
+        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = consumer(&server, &alice, &["run", "logs", &id]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && !stdout.contains("FORGED-2"), "{stdout}");
+    assert!(stderr.contains("signed by none of this run's nodes or workers"), "{stderr}");
 }

@@ -214,3 +214,40 @@ fn a_run_s_artifacts_are_capped() {
     let total: u64 = admin.artifacts(&id).unwrap().artifacts.iter().map(|a| a.size).sum();
     assert!(total <= 3_000_000, "{total}");
 }
+
+/// A process that writes an output named like a key sidecar gets the same clear failure on the
+/// control plane and on a worker, in clear and confidential runs alike.
+#[test]
+fn a_pondkey_output_name_fails_the_stage_alike_locally_and_on_a_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _orch, _worker) = pool(dir.path(), &[]);
+    let admin = server.admin();
+    let write = "printf x > \"$POND_OUTPUT_DIR/notes.pondkey\"";
+    for encrypt in [false, true] {
+        let mut body = json!({"project_id": "acme", "definition": {"stages": [
+            {"key": "local", "continue_on_error": true, "executor": {"kind": "shell", "argv": ["sh", "-c", write]}},
+            {"key": "pooled", "executor": {"kind": "shell", "argv": ["sh", "-c", write], "placement": "pool",
+                "sandbox": {"tier": "trusted"}}}
+        ]}});
+        if encrypt {
+            let secret = [3u8; 32];
+            let key = base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                pond_core::keys::x25519_public(&secret),
+            );
+            body["recipient_pubkeys"] = json!([key]);
+            common::sign_request(&mut body, &secret);
+        }
+        let id = admin.submit(&body, None).unwrap().id.to_string();
+        let run = wait_done(&admin, &id, Duration::from_secs(60));
+        for stage in &run.stages {
+            let error = stage.error.clone().unwrap_or_default();
+            assert!(
+                error.contains("`notes.pondkey` is not a valid artifact name: names ending in `.pondkey` are kept"),
+                "encrypt {encrypt}, {}: {error}",
+                stage.key
+            );
+        }
+        assert!(admin.artifacts(&id).unwrap().artifacts.is_empty());
+    }
+}

@@ -304,7 +304,7 @@ fn attacks_on_enrollment_claims_and_results_fail() {
     assert_eq!(check_ticket(&ticket, &pond_key, &acme.member.id), Ok(()));
     assert!(check_ticket(&ticket, &pond_key, &globex.member.id).is_err(), "another worker");
     let mut altered = ticket.clone();
-    altered.run.encryption = Some(pond_core::run::Encryption { recipients: vec!["AAAA".into()] });
+    altered.run.encryption = Some(pond_core::run::Encryption { recipients: vec!["AAAA".into()], request: None });
     assert!(check_ticket(&altered, &pond_key, &acme.member.id).unwrap_err().contains("did not sign"));
     let mut altered = ticket.clone();
     altered.credentials = Some("swapped".into());

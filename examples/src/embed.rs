@@ -66,6 +66,7 @@ async fn main() -> Result<()> {
             sources: vec![source],
             idempotency_key: None,
             recipients: vec![],
+            signed: None,
         })
         .await?;
     let id = submitted.snapshot.run.id;

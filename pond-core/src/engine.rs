@@ -94,6 +94,9 @@ pub struct SubmitRequest {
     pub idempotency_key: Option<String>,
     /// Encrypt the run's output to these X25519 public keys (base64); empty: not encrypted.
     pub recipients: Vec<String>,
+    /// The consumer's signature over the request, required when `recipients` is not empty: it
+    /// must cover the project and every recipient (see [`crate::signed_request`]).
+    pub signed: Option<crate::signed_request::SignedRequest>,
 }
 
 /// SHA-256 (hex) of what a submit asks for — project, definition, sources, recipients — as
@@ -116,6 +119,53 @@ fn request_digest(request: &SubmitRequest, project: &str) -> Result<String, Core
     let value = serde_json::to_value(&asked)
         .map_err(|e| CoreError::Store(StoreError::Backend(format!("encoding the request's digest: {e}"))))?;
     Ok(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(value.to_string().as_bytes())))
+}
+
+/// Record kind of a control-plane node's log-signing key, keyed by node id.
+const LOG_SIGNER: &str = "log_signer";
+
+/// A control-plane node's log-signing key.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogSigner {
+    /// The node (the owner of the local attempts it runs).
+    pub node_id: String,
+    /// Base64 Ed25519 public key.
+    pub signing_key: String,
+    /// `SHA256:…` of it.
+    pub fingerprint: String,
+}
+
+/// The most recipients a confidential run may have: every log stream header and artifact
+/// sidecar carries one sealed key per recipient.
+pub const MAX_RECIPIENTS: usize = 16;
+
+/// The consumer's signed request of a confidential submit, checked: it verifies, and it was
+/// signed for this project and these recipients (as decoded keys; the same set).
+fn check_signed(
+    signed: Option<&crate::signed_request::SignedRequest>,
+    project: &str,
+    recipients: &[String],
+) -> Result<crate::signed_request::SignedRequest, CoreError> {
+    let field = "consumer_signature";
+    let signed = signed.ok_or_else(|| {
+        FieldError::new(
+            field,
+            "is required for an encrypted run: the consumer's Ed25519 signature over the request \
+             (definition, project_id, recipient_pubkeys, sources; FORMATS.md \"Signed requests\"); \
+             the CLI signs with its context's key",
+        )
+    })?;
+    let body = signed.verify().map_err(|e| FieldError::new(field, e.to_string()))?;
+    if body.project_id != project {
+        return Err(
+            FieldError::new(field, format!("was made for project `{}`, not `{project}`", body.project_id)).into()
+        );
+    }
+    let keys: Vec<[u8; 32]> = recipients.iter().filter_map(|r| crate::pool::decode_key(r).ok()).collect();
+    if keys.iter().any(|k| !body.recipients.contains(k)) || body.recipients.iter().any(|k| !keys.contains(k)) {
+        return Err(FieldError::new(field, "covers other recipients than `recipient_pubkeys`").into());
+    }
+    Ok(signed.clone())
 }
 
 /// The result of a submit.
@@ -230,6 +280,32 @@ impl Engine {
         Ok(())
     }
 
+    /// Publishes this node's log-signing key (what signs the `ENC1K:` headers of the local
+    /// stages it runs) under its node id, so readers can check those headers.
+    pub async fn publish_log_signer(&self) -> Result<(), CoreError> {
+        let key = crate::keys::ed25519_public(&self.config.signing_seed);
+        let signer = LogSigner {
+            node_id: self.config.node_id.clone(),
+            signing_key: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key),
+            fingerprint: crate::attest::fingerprint(&key),
+        };
+        let body = serde_json::to_string(&signer)
+            .map_err(|e| CoreError::Store(StoreError::Backend(format!("encoding the log signer: {e}"))))?;
+        Ok(self.store.put_record(LOG_SIGNER, &signer.node_id, &body).await?)
+    }
+
+    /// The log-signing keys control-plane nodes published, by node id.
+    pub async fn log_signers(&self) -> Result<Vec<LogSigner>, CoreError> {
+        let mut all = Vec::new();
+        for (_, body) in self.store.list_records(LOG_SIGNER).await? {
+            // A record that does not parse is no signer anyone can check against.
+            if let Ok(signer) = serde_json::from_str::<LogSigner>(&body) {
+                all.push(signer);
+            }
+        }
+        Ok(all)
+    }
+
     /// Registered models and harnesses.
     pub fn registry(&self) -> crate::agents::Registry {
         crate::agents::Registry::new(self.store.clone()).with_model_origins(self.config.model_origins.clone())
@@ -334,9 +410,18 @@ impl Engine {
                 recipients.push(canonical);
             }
         }
-        if recipients.len() > 16 {
-            return Err(FieldError::new("recipient_pubkeys", "at most 16 recipients").into());
+        if recipients.len() > MAX_RECIPIENTS {
+            return Err(FieldError::new(
+                "recipient_pubkeys",
+                format!("at most {MAX_RECIPIENTS} recipients (each sealed log stream and artifact carries a sealed key per recipient)"),
+            )
+            .into());
         }
+        let signed = if recipients.is_empty() {
+            None
+        } else {
+            Some(check_signed(request.signed.as_ref(), project, &recipients)?)
+        };
         let now = self.clock.now();
         let mut snapshot = RunSnapshot::new(
             RunId::generate(now),
@@ -347,7 +432,7 @@ impl Engine {
             now,
         );
         if !recipients.is_empty() {
-            snapshot.run.encryption = Some(crate::run::Encryption { recipients });
+            snapshot.run.encryption = Some(crate::run::Encryption { recipients, request: signed });
         }
         snapshot.run.request_digest = Some(digest.clone());
         match self.store.insert_run(&snapshot).await? {
@@ -488,6 +573,10 @@ impl Engine {
                 exit_code: None,
             };
         };
+        let sealer = match crate::seal::OutputSealer::for_run(run, self.config.signing_seed) {
+            Ok(sealer) => sealer,
+            Err(error) => return StageOutcome::Failed { error, exit_code: None },
+        };
         let workspace = match self.workspaces.prepare(run).await {
             Ok(w) => w,
             Err(e) => return StageOutcome::Failed { error: format!("fetching sources failed: {e}"), exit_code: None },
@@ -505,7 +594,7 @@ impl Engine {
             stage: &claim.stage.key,
             attempt: claim.stage.attempt,
             holder: claim.stage.lease_owner.as_deref().unwrap_or_default(),
-            sealer: run.encryption.as_ref().map(|e| crate::seal::OutputSealer::new(e.keys(), self.config.signing_seed)),
+            sealer,
             budget: crate::exec::LogBudget::new(self.config.max_log_bytes),
             delivery: std::sync::Mutex::new(Delivery::default()),
         };
@@ -1002,6 +1091,7 @@ fn verify_report(
         verified,
         worker: worker.id.clone(),
         signing_fingerprint: fingerprint.clone(),
+        signing_key: worker.signing_key.clone(),
         detail,
         output_sha256: Some(hex::encode(report.output_sha256)),
         job_id: job.to_string(),
@@ -1057,6 +1147,22 @@ fn not_found_as(e: StoreError, id: RunId) -> CoreError {
         StoreError::NotFound(_) => CoreError::RunNotFound(id),
         other => unwrap_rejected(other),
     }
+}
+
+/// An artifact name a stage's process may use, or why not (both output sinks, local and
+/// pooled, check it alike before anything is stored or uploaded).
+pub fn check_artifact_name(name: &str) -> Result<(), String> {
+    if name.ends_with(crate::seal::SIDECAR_SUFFIX) {
+        return Err(format!(
+            "`{name}` is not a valid artifact name: names ending in `.pondkey` are kept for the key sidecars of encrypted artifacts"
+        ));
+    }
+    if !valid_artifact_name(name) {
+        return Err(format!(
+            "`{name}` is not a valid artifact name (a relative path of plain components, at most 255 bytes, no control characters or `\\`)"
+        ));
+    }
+    Ok(())
 }
 
 /// Checks an artifact name: a relative path of plain components.
@@ -1193,9 +1299,7 @@ impl OutputSink for StoreSink<'_> {
     }
 
     async fn artifact(&self, name: &str, data: Vec<u8>) -> Result<(), String> {
-        if !valid_artifact_name(name) {
-            return Err(format!("`{name}` is not a valid artifact name"));
-        }
+        check_artifact_name(name)?;
         match &self.sealer {
             Some(sealer) => {
                 for (stored_name, bytes) in sealer.artifact(name, &data) {

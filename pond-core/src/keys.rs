@@ -63,6 +63,20 @@ pub fn age_recipient(public: &[u8; 32]) -> String {
     bech32::encode::<bech32::Bech32>(hrp, public).unwrap_or_default()
 }
 
+/// The X25519 public key in an age recipient (`age1…`).
+pub fn from_age_recipient(text: &str) -> Result<[u8; 32], String> {
+    let (hrp, data) = bech32::decode(text).map_err(|e| format!("is not a valid age recipient ({e})"))?;
+    if hrp.as_str() != "age" {
+        return Err(format!("is not an age recipient (prefix `{hrp}`, expected `age`)"));
+    }
+    <[u8; 32]>::try_from(data.as_slice()).map_err(|_| format!("holds {} bytes; an age recipient holds 32", data.len()))
+}
+
+/// The Ed25519 public key of a seed.
+pub fn ed25519_public(seed: &[u8; 32]) -> [u8; 32] {
+    SigningKey::from_bytes(seed).verifying_key().to_bytes()
+}
+
 /// The X25519 public key of a secret scalar.
 pub fn x25519_public(secret: &[u8; 32]) -> [u8; 32] {
     PublicKey::from(&StaticSecret::from(*secret)).to_bytes()

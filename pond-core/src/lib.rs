@@ -37,6 +37,7 @@ pub mod routing;
 pub mod run;
 pub mod sandbox;
 pub mod seal;
+pub mod signed_request;
 pub mod source;
 pub mod store;
 pub mod time;

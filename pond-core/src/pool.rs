@@ -151,8 +151,13 @@ pub fn worker_fingerprint(keys: &WorkerKeys) -> String {
 
 /// Decodes a base64 32-byte public key.
 pub fn decode_key(text: &str) -> Result<[u8; 32], String> {
+    let text = text.trim();
+    // `pond keys show` prints the same key as an age recipient too; take it in that form.
+    if text.starts_with("age1") {
+        return crate::keys::from_age_recipient(text);
+    }
     let bytes =
-        base64::engine::general_purpose::STANDARD.decode(text.trim()).map_err(|_| "is not valid base64".to_string())?;
+        base64::engine::general_purpose::STANDARD.decode(text).map_err(|_| "is not valid base64".to_string())?;
     <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| format!("is {} bytes long; a public key is 32", bytes.len()))
 }
 

@@ -129,12 +129,45 @@ pub struct Run {
 pub struct Encryption {
     /// X25519 public keys, base64, each checked (32 bytes, not low-order) at submit.
     pub recipients: Vec<String>,
+    /// The consumer's signed request, which must cover every recipient: sealers check it
+    /// before sealing anything (runs stored without one get no more output sealed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<crate::signed_request::SignedRequest>,
 }
 
 impl Encryption {
-    /// The recipients' raw keys (checked at submit, so decoding does not fail here).
-    pub fn keys(&self) -> Vec<[u8; 32]> {
-        self.recipients.iter().filter_map(|r| crate::pool::decode_key(r).ok()).collect()
+    /// The keys output of this run may be sealed to: every recipient, each covered by the
+    /// consumer's valid signature over a request to `project`. Otherwise why not: a recipient
+    /// added where the run is kept (the database) gets nothing sealed to it.
+    pub fn sealing_keys(&self, project: &str) -> Result<Vec<[u8; 32]>, String> {
+        let refused = |why: String| format!("not sealing this run's output: {why}");
+        let request = self.request.as_ref().ok_or_else(|| {
+            refused(
+                "its recipients are covered by no consumer signature (no signed request is kept with the run)".into(),
+            )
+        })?;
+        let signed = request.verify().map_err(|e| refused(format!("its signed request does not verify: {e}")))?;
+        if signed.project_id != project {
+            return Err(refused(format!(
+                "its request was signed for project `{}`, not `{project}`",
+                signed.project_id
+            )));
+        }
+        let mut keys = Vec::with_capacity(self.recipients.len());
+        for text in &self.recipients {
+            let key = crate::pool::decode_key(text).map_err(|e| refused(format!("recipient `{text}` {e}")))?;
+            if !signed.recipients.contains(&key) {
+                return Err(refused(format!(
+                    "recipient {} is not among the recipients the consumer signed",
+                    crate::attest::fingerprint(&key)
+                )));
+            }
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            return Err(refused("it has no recipients".into()));
+        }
+        Ok(keys)
     }
 }
 
@@ -206,6 +239,10 @@ pub struct AttestationRecord {
     pub worker: String,
     /// Fingerprint of the signing key the result was checked against.
     pub signing_fingerprint: String,
+    /// That key (base64 Ed25519), so a reader can check the signature and the worker's log key
+    /// headers itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<String>,
     /// Why it did not verify (or what was verified).
     pub detail: String,
     /// SHA-256 (hex) of the output the worker attested.

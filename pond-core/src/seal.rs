@@ -21,7 +21,7 @@ use dryoc::constants::{
     CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_HEADERBYTES, CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_TAG_FINAL,
     CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_TAG_MESSAGE,
 };
-use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -81,6 +81,17 @@ impl OutputSealer {
     /// A sealer for `recipients`, signing log key headers with the Ed25519 seed `signer`.
     pub fn new(recipients: Vec<[u8; 32]>, signer: [u8; 32]) -> Self {
         OutputSealer { recipients, signer, stream: std::sync::Mutex::new(None) }
+    }
+
+    /// The sealer for a run's output: none for a run in clear; for a confidential run, one
+    /// sealing only to the recipients its consumer signed, or why it cannot (the stage must then
+    /// fail without running: nothing may be written in clear, or to a key the consumer did not
+    /// choose).
+    pub fn for_run(run: &crate::run::Run, signer: [u8; 32]) -> Result<Option<Self>, String> {
+        match &run.encryption {
+            None => Ok(None),
+            Some(e) => Ok(Some(OutputSealer::new(e.sealing_keys(&run.project_id)?, signer))),
+        }
     }
 
     /// The lines as stored: a header first (once), then one `ENC1:` line per line (pieces of a
@@ -210,6 +221,7 @@ pub struct LogOpener {
 impl LogOpener {
     /// Opens a header line with the recipient's key pair. With `signer`, the header's signature
     /// must verify under it.
+    /// (See [`header_signer`] to check a header against several keys first.)
     pub fn from_header(
         line: &str,
         public: &[u8; 32],
@@ -217,15 +229,10 @@ impl LogOpener {
         signer: Option<&[u8; 32]>,
     ) -> Result<LogOpener, SealError> {
         let rest = line.strip_prefix("ENC1K:").ok_or(SealError::Malformed("log key header"))?;
-        let (body_b64, sig_b64) = rest.split_once(' ').ok_or(SealError::Malformed("log key header"))?;
+        let (body_b64, _signature) = rest.split_once(' ').ok_or(SealError::Malformed("log key header"))?;
         let body = B64.decode(body_b64).map_err(|_| SealError::Malformed("log key header"))?;
         if let Some(signer) = signer {
-            let sig = B64.decode(sig_b64).map_err(|_| SealError::Malformed("log key header signature"))?;
-            let sig = ed25519_dalek::Signature::from_slice(&sig).map_err(|_| SealError::BadSignature)?;
-            let key = VerifyingKey::from_bytes(signer).map_err(|_| SealError::BadSignature)?;
-            let mut signed = LOGKEY_PREFIX.to_vec();
-            signed.extend_from_slice(&body);
-            key.verify(&signed, &sig).map_err(|_| SealError::BadSignature)?;
+            header_signer(line, std::slice::from_ref(signer))?;
         }
         if body.len() < 17 {
             return Err(SealError::Malformed("log key header"));
@@ -419,6 +426,24 @@ pub fn open_stream(data: &[u8], key: &[u8; 32], chunk_size: usize) -> Result<Vec
             return Ok(out);
         }
     }
+}
+
+/// Which of `signers` (Ed25519 public keys) signed a log key header (`ENC1K:`); an error when
+/// none did. A reader checks this before trusting a stream: anyone who knows the recipients'
+/// public keys can write a header and lines, but only pond's nodes and the run's workers sign.
+pub fn header_signer(line: &str, signers: &[[u8; 32]]) -> Result<[u8; 32], SealError> {
+    let rest = line.strip_prefix("ENC1K:").ok_or(SealError::Malformed("log key header"))?;
+    let (body_b64, sig_b64) = rest.split_once(' ').ok_or(SealError::Malformed("log key header"))?;
+    let body = B64.decode(body_b64).map_err(|_| SealError::Malformed("log key header"))?;
+    let sig = B64.decode(sig_b64).map_err(|_| SealError::Malformed("log key header signature"))?;
+    let sig = ed25519_dalek::Signature::from_slice(&sig).map_err(|_| SealError::BadSignature)?;
+    let mut signed = LOGKEY_PREFIX.to_vec();
+    signed.extend_from_slice(&body);
+    signers
+        .iter()
+        .find(|k| VerifyingKey::from_bytes(k).is_ok_and(|key| key.verify_strict(&signed, &sig).is_ok()))
+        .copied()
+        .ok_or(SealError::BadSignature)
 }
 
 #[cfg(test)]

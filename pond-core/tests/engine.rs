@@ -109,6 +109,7 @@ fn request(definition: serde_json::Value) -> SubmitRequest {
         sources: vec![],
         idempotency_key: None,
         recipients: vec![],
+        signed: None,
     }
 }
 

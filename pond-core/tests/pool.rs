@@ -148,6 +148,7 @@ async fn submit_pooled(w: &World, project: &str, tier: &str) -> RunId {
         sources: vec![],
         idempotency_key: None,
         recipients: vec![],
+        signed: None,
     };
     w.engine.submit(request).await.unwrap().snapshot.run.id
 }
@@ -320,6 +321,7 @@ async fn parallel_stages_cannot_take_each_other_s_artifact_names() {
         sources: vec![],
         idempotency_key: None,
         recipients: vec![],
+        signed: None,
     };
     w.engine.submit(request).await.unwrap();
     let first = w.engine.claim_for_worker(&one, 1).await.unwrap().remove(0);
@@ -357,6 +359,7 @@ async fn the_record_policy_applies_an_unverified_result_flagged() {
         sources: vec![],
         idempotency_key: None,
         recipients: vec![],
+        signed: None,
     };
     w.engine.submit(request).await.unwrap();
     let claim = w.engine.claim_for_worker(&acme, 1).await.unwrap().remove(0);

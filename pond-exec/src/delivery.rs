@@ -153,6 +153,7 @@ impl OutputSink for ClientSink {
     }
 
     async fn artifact(&self, name: &str, data: Vec<u8>) -> Result<(), String> {
+        pond_core::engine::check_artifact_name(name)?;
         let uploads: Vec<(String, Vec<u8>)> = match &self.sealer {
             Some(sealer) => sealer.artifact(name, &data).into_iter().collect(),
             None => vec![(name.to_string(), data)],

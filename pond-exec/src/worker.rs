@@ -168,8 +168,12 @@ impl Worker {
         tracing::info!(job = %id, "job started");
         let dir = self.config.scratch.join(id.to_string());
         let stop = StopHandle::new();
-        let sealer =
-            job.run.encryption.as_ref().map(|e| pond_core::seal::OutputSealer::new(e.keys(), self.signing_seed));
+        // A confidential run's output is sealed only to the recipients its consumer signed;
+        // when that does not hold the job fails without running.
+        let (sealer, refused) = match pond_core::seal::OutputSealer::for_run(&job.run, self.signing_seed) {
+            Ok(sealer) => (sealer, None),
+            Err(why) => (None, Some(why)),
+        };
         let sink = crate::delivery::ClientSink::new(
             self.client.clone(),
             id.clone(),
@@ -179,7 +183,7 @@ impl Worker {
             job.lease.to_std().max(Duration::from_secs(30)),
         );
         let (outcome, input_sha) = {
-            let work = self.execute(&job, &dir, &sink, &stop);
+            let work = self.execute(&job, &dir, &sink, &stop, refused);
             tokio::pin!(work);
             let lease = job.lease.to_std();
             let beat_every = (lease / 3).clamp(Duration::from_millis(50), Duration::from_secs(10));
@@ -282,8 +286,13 @@ impl Worker {
         dir: &std::path::Path,
         sink: &crate::delivery::ClientSink,
         stop: &StopHandle,
+        refused: Option<String>,
     ) -> (StageOutcome, [u8; 32]) {
         let failed = |error: String| StageOutcome::Failed { error, exit_code: None };
+        if let Some(why) = refused {
+            tracing::warn!(job = %job.id, "{why}");
+            return (failed(why), [0; 32]);
+        }
         // Before anything of the job is fetched or run: is it for this worker at all?
         if let Some(stage) = job.run.definition.stages.iter().find(|s| s.key == job.id.stage) {
             if let Some(why) = self.config.refusal(&job.run.project_id, stage) {

@@ -50,6 +50,7 @@ pub fn app(state: AppState) -> Router {
         .route("/admin/keys", post(create_key).get(list_keys))
         .route("/admin/keys/{id}", delete(revoke_key))
         .merge(crate::agents_api::routes())
+        .merge(crate::keys_api::routes())
         .route_layer(body_limit(SMALL_BODY_BYTES));
     let v1 = submit.merge(bundles).merge(small).merge(crate::orch::routes(&limits));
     let health = Router::new()
@@ -75,7 +76,7 @@ fn number<T: FromStr>(field: &str, text: Option<&str>) -> Result<Option<T>, ApiE
     .transpose()
 }
 
-async fn visible_run(state: &AppState, who: &Principal, id: &str) -> Result<RunSnapshot, ApiError> {
+pub(crate) async fn visible_run(state: &AppState, who: &Principal, id: &str) -> Result<RunSnapshot, ApiError> {
     let not_found = || ApiError::NotFound(format!("run {id} not found"));
     let run_id = RunId::from_str(id).map_err(|_| not_found())?;
     // Another project's run answers exactly like a missing one, so ids do not leak.
@@ -94,14 +95,20 @@ struct SubmitBody {
     encrypt: Option<bool>,
     #[serde(default, alias = "recipientPubkeys")]
     recipient_pubkeys: Option<Vec<String>>,
+    /// The consumer's signature over the request's canonical form (required when encrypted).
+    #[serde(default, alias = "consumerSignature")]
+    consumer_signature: Option<pond_core::signed_request::ConsumerSignature>,
 }
 
 async fn submit_run(
     State(state): State<AppState>,
     who: Principal,
     headers: HeaderMap,
-    ApiJson(body): ApiJson<SubmitBody>,
+    ApiJson(raw): ApiJson<serde_json::Value>,
 ) -> Result<Response, ApiError> {
+    // The signature covers the request as sent, so its fields are kept raw beside the decoded
+    // body.
+    let body: SubmitBody = pond_core::json::from_value_at(raw.clone(), "").map_err(ApiError::Invalid)?;
     let project = body.project_id.ok_or_else(|| ApiError::invalid("project_id", "is required"))?;
     if !who.can_use(&project) {
         return Err(ApiError::Forbidden(format!("this token may not use project `{project}`")));
@@ -120,6 +127,10 @@ async fn submit_run(
         }
         None => None,
     };
+    let signed = body.consumer_signature.as_ref().map(|signature| {
+        use pond_core::signed_request::{signed_fields, SignedRequest};
+        SignedRequest::from_parts(signature, &signed_fields(&raw, &project))
+    });
     let submitted = state
         .engine
         .submit(SubmitRequest {
@@ -127,6 +138,7 @@ async fn submit_run(
             definition: body.definition,
             sources: body.sources,
             idempotency_key,
+            signed,
             recipients,
         })
         .await?;

@@ -177,6 +177,8 @@ pub struct SubmitOptions {
     pub idempotency_key: Option<String>,
     /// Encrypt the run's output to these X25519 public keys (base64); empty: not encrypted.
     pub recipients: Vec<String>,
+    /// The consumer key file (X25519) whose derived Ed25519 key signs an encrypted request.
+    pub signing_key: Option<PathBuf>,
 }
 
 fn label_for(source: &str, taken: &[String]) -> String {
@@ -245,8 +247,27 @@ pub fn build_submit(client: &Client, target: &Target, options: &SubmitOptions) -
     if !options.recipients.is_empty() {
         obj.insert("encrypt".into(), true.into());
         obj.insert("recipient_pubkeys".into(), options.recipients.clone().into());
+        if let Some(key) = &options.signing_key {
+            sign_request(&mut body, key)?;
+        }
     }
     Ok(body)
+}
+
+/// Adds `consumer_signature` to a run request: the signature, with the Ed25519 key derived from
+/// the consumer key at `key_path`, over the request's canonical form (what the server keeps and
+/// what every sealer checks before sealing to the request's recipients).
+pub fn sign_request(body: &mut serde_json::Value, key_path: &Path) -> Result<(), CliError> {
+    use pond_core::signed_request::{consumer_signing_seed, signed_fields, SignedRequest};
+    let secret = pond_exec::load_or_create_key(key_path).map_err(io_err(format!("key {}", key_path.display())))?;
+    let project = body.get("project_id").or_else(|| body.get("projectId")).and_then(|p| p.as_str()).unwrap_or_default();
+    let signed = SignedRequest::sign(&consumer_signing_seed(&secret), &signed_fields(body, project));
+    let signature = serde_json::to_value(signed.consumer_signature())
+        .map_err(|e| CliError::Input(format!("encoding the signature: {e}")))?;
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("consumer_signature".into(), signature);
+    }
+    Ok(())
 }
 
 /// Decrypts a confidential run's log lines with this context's key, stream by stream (one
@@ -255,12 +276,53 @@ pub struct LogDecryptor {
     path: PathBuf,
     key: Option<([u8; 32], [u8; 32])>,
     streams: std::collections::HashMap<(Option<String>, u32), pond_core::seal::LogOpener>,
+    signers: Option<Signers>,
+}
+
+/// Where the keys that may sign a run's log key headers come from, and those fetched so far.
+struct Signers {
+    client: Client,
+    run: String,
+    known: Vec<[u8; 32]>,
+}
+
+impl Signers {
+    /// The signer of a key header among the run's nodes and workers, fetching their keys again
+    /// when none known so far signed it (a stream's worker may have claimed it since).
+    fn check(&mut self, header: &str, stage: Option<&str>, attempt: u32) -> Result<(), CliError> {
+        if pond_core::seal::header_signer(header, &self.known).is_ok() {
+            return Ok(());
+        }
+        let keys = self.client.run_keys(&self.run)?;
+        let texts = keys
+            .control_plane
+            .iter()
+            .map(|n| Some(n.signing_key.as_str()))
+            .chain(keys.workers.iter().map(|w| w.signing_key.as_deref()));
+        self.known = texts.flatten().filter_map(|t| pond_core::pool::decode_key(t).ok()).collect();
+        pond_core::seal::header_signer(header, &self.known).map(|_| ()).map_err(|_| {
+            CliError::Input(format!(
+                "the log of stage `{}` (attempt {attempt}) is signed by none of this run's nodes or workers \
+                 (GET /v1/runs/{}/keys): it was not written by pond; refusing to show it",
+                stage.unwrap_or("-"),
+                self.run
+            ))
+        })
+    }
 }
 
 impl LogDecryptor {
     /// A decryptor with the consumer key at `path`, read when the first encrypted line comes.
+    /// It does not check who signed the streams; see [`LogDecryptor::verifying`].
     pub fn new(path: &Path) -> Result<Self, CliError> {
-        Ok(LogDecryptor { path: path.to_path_buf(), key: None, streams: Default::default() })
+        Ok(LogDecryptor { path: path.to_path_buf(), key: None, streams: Default::default(), signers: None })
+    }
+
+    /// Checks every stream's key header against the keys of the nodes and workers that ran
+    /// `run` (`GET /v1/runs/{id}/keys`) before showing any of its lines.
+    pub fn verifying(mut self, client: &Client, run: &str) -> Self {
+        self.signers = Some(Signers { client: client.clone(), run: run.to_string(), known: Vec::new() });
+        self
     }
 
     fn key(&mut self) -> Result<([u8; 32], [u8; 32]), CliError> {
@@ -286,6 +348,9 @@ impl LogDecryptor {
         let l = &line.line;
         let stream = (l.stage.clone(), l.attempt);
         if l.text.starts_with("ENC1K:") {
+            if let Some(signers) = self.signers.as_mut() {
+                signers.check(&l.text, l.stage.as_deref(), l.attempt)?;
+            }
             let (public, secret) = self.key()?;
             let opener = pond_core::seal::LogOpener::from_header(&l.text, &public, &secret, None)
                 .map_err(|e| explain(&public, e))?;

@@ -152,6 +152,16 @@ impl Client {
         self.json(self.request("GET", &format!("/v1/runs/{}", encode_path(id))), None)
     }
 
+    /// `GET /v1/runs/{id}/keys`: the keys of the nodes and workers that ran the run's attempts.
+    pub fn run_keys(&self, id: &str) -> Result<crate::keys_api::RunKeys, ClientError> {
+        self.json(self.request("GET", &format!("/v1/runs/{}/keys", encode_path(id))), None)
+    }
+
+    /// `GET /v1/keys`: the control plane's log-signing keys.
+    pub fn keys(&self) -> Result<crate::keys_api::KeysDocument, ClientError> {
+        self.json(self.request("GET", "/v1/keys"), None)
+    }
+
     /// `GET /v1/runs`.
     pub fn list_runs(
         &self,

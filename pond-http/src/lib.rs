@@ -28,6 +28,7 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod keys_api;
 pub mod orch;
 pub mod orchestrator;
 pub mod pool_client;

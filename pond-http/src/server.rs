@@ -129,6 +129,9 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error("opening the store: {0}")]
     Store(#[from] pond_core::StoreError),
+    /// This node's log-signing key could not be published.
+    #[error("publishing this node's log-signing key: {0}")]
+    Publish(String),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -355,6 +358,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             .with_executor(shell_executor)
             .with_sandbox_profiles(config.sandbox.profiles()),
     );
+    engine.publish_log_signer().await.map_err(|e| ServerError::Publish(e.to_string()))?;
     let driver_config = DriverConfig { slots: config.slots.max(1), poll: config.poll, ..Default::default() };
     let driver = Driver::new(engine.clone(), driver_config, store.runs_changed());
     let state = AppState {

@@ -33,6 +33,9 @@ pub struct RunView {
     pub stages: Vec<StageView>,
     /// The workflow snapshot.
     pub definition: Definition,
+    /// A confidential run's recipients and the consumer's signed request covering them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<pond_core::run::Encryption>,
 }
 
 /// A stage as the API shows it.
@@ -117,6 +120,7 @@ impl From<RunSnapshot> for RunView {
             sources: r.sources,
             stages,
             definition: r.definition,
+            encryption: r.encryption,
         }
     }
 }

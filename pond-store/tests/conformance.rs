@@ -543,6 +543,7 @@ pub async fn pool_claims_match_pinned_tags_and_capability_globs(store: Arc<dyn S
                 verified: true,
                 worker: "w-acme".into(),
                 signing_fingerprint: "SHA256:x".into(),
+                signing_key: None,
                 detail: "ok".into(),
                 output_sha256: None,
                 job_id: "j".into(),

@@ -1,8 +1,11 @@
 """A consumer written with PyNaCl (libsodium) and no Pond code: fetches a confidential run over
-/v1, decrypts its log lines and artifacts, and checks its pooled stages' attestations.
+/v1, decrypts its log lines and artifacts, checks its pooled stages' attestations, and checks the
+signed request kept with the run: signed by this consumer's key, in canonical form, covering
+every recipient.
 
 usage: pynacl_consumer.py SERVER TOKEN RUN_ID CONSUMER_SK_HEX [WORKER_SIGNING_PK_B64]
-prints JSON: {"lines": [[stage, text], ...], "artifacts": {name: hex}, "attestations": [bool, ...]}
+prints JSON: {"lines": [[stage, text], ...], "artifacts": {name: hex}, "attestations": [bool, ...],
+              "request": {"signed_by_me": bool, "canonical": bool, "covers_recipients": bool}}
 """
 import base64
 import hashlib
@@ -19,7 +22,7 @@ from nacl.bindings import (
 )
 from nacl.public import PrivateKey, SealedBox
 from nacl.secret import SecretBox
-from nacl.signing import VerifyKey
+from nacl.signing import SigningKey, VerifyKey
 
 server, token, run_id, sk_hex = sys.argv[1:5]
 signing_pk = base64.b64decode(sys.argv[5]) if len(sys.argv) > 5 else None
@@ -111,4 +114,19 @@ for stage in run["stages"]:
         assert manifest.hexdigest() == a["output_sha256"], "the signed manifest is not what pond stores"
         attestations.append(True)
 
-print(json.dumps({"lines": lines, "artifacts": artifacts, "attestations": attestations}))
+# The request this consumer signed (FORMATS.md "Signed requests"): its Ed25519 key is derived
+# from the X25519 secret; the signature is over a context string and the canonical JSON.
+signed = run["encryption"]["request"]
+my_signing_key = SigningKey(hashlib.sha256(b"pond consumer signing key v1\0" + bytes(sk)).digest()).verify_key
+VerifyKey(base64.b64decode(signed["signing_key"])).verify(
+    b"pond-request-v1\0" + signed["body"].encode(), base64.b64decode(signed["signature"]))
+body = json.loads(signed["body"])
+signed_keys = {base64.b64decode(k) for k in body["recipient_pubkeys"]}
+request = {
+    "signed_by_me": base64.b64decode(signed["signing_key"]) == bytes(my_signing_key),
+    "canonical": json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False) == signed["body"],
+    "covers_recipients": all(base64.b64decode(r) in signed_keys for r in run["encryption"]["recipients"])
+    and body["project_id"] == run["project_id"],
+}
+
+print(json.dumps({"lines": lines, "artifacts": artifacts, "attestations": attestations, "request": request}))

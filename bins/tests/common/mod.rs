@@ -321,3 +321,12 @@ pub fn enroll_code_granting(
     };
     admin.create_enroll_code(&request).expect("create an enrollment code").code
 }
+
+/// Signs a confidential run request (`consumer_signature`) as the consumer whose X25519 secret
+/// is `secret`, as the CLI does with its context's key.
+pub fn sign_request(body: &mut serde_json::Value, secret: &[u8; 32]) {
+    use pond_core::signed_request::{consumer_signing_seed, signed_fields, SignedRequest};
+    let project = body["project_id"].as_str().unwrap_or_default().to_string();
+    let signed = SignedRequest::sign(&consumer_signing_seed(secret), &signed_fields(body, &project));
+    body["consumer_signature"] = serde_json::to_value(signed.consumer_signature()).unwrap();
+}
