@@ -1339,10 +1339,11 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
             }
             eprintln!("submitted run {} ({} stages)", run.id, run.stages.len());
             let mut out = std::io::stdout().lock();
-            let mut decrypt = cli::LogDecryptor::new(key_path)?.verifying(client, &run.id.to_string());
+            let mut decrypt = cli::LogDecryptor::new(key_path, &run.id.to_string())?.verifying(client);
             let end = cli::wait(client, &run.id.to_string(), &mut out, json, &mut decrypt)?;
             drop(out);
             let finished = client.get_run(&run.id.to_string())?;
+            decrypt.check_whole(&finished)?;
             if json {
                 print_json(&finished)?;
             } else {
@@ -1370,11 +1371,13 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
         }
         RunCommand::Logs { id, follow, json } => {
             let mut out = std::io::stdout().lock();
-            let mut decrypt = cli::LogDecryptor::new(key_path)?.verifying(client, &id);
+            let mut decrypt = cli::LogDecryptor::new(key_path, &id)?.verifying(client);
             if follow {
                 let end = cli::wait(client, &id, &mut out, json, &mut decrypt)?;
+                decrypt.check_whole(&client.get_run(&id)?)?;
                 return Ok(cli::exit_code(end.state));
             }
+            let finished_before = Some(client.get_run(&id)?).filter(|r| r.state.is_terminal());
             let mut after = 0;
             let mut printer = cli::LinePrinter::default();
             loop {
@@ -1388,6 +1391,10 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
                     }
                 }
                 if page.lines.is_empty() {
+                    // Only the streams of a run finished before the log was read must be whole.
+                    if let Some(run) = &finished_before {
+                        decrypt.check_whole(run)?;
+                    }
                     return Ok(0);
                 }
                 after = page.next_cursor;
@@ -1617,9 +1624,10 @@ fn demo(args: DemoArgs) -> Result<i32> {
         let body = cli::build_submit(&client, &target, &options)?;
         let run = client.submit(&body, None)?;
         println!("submitted run {} ({}) on {}\n", run.id, args.workflow.display(), args.source.display());
-        let mut decrypt = cli::LogDecryptor::new(&key)?.verifying(&client, &run.id.to_string());
+        let mut decrypt = cli::LogDecryptor::new(&key, &run.id.to_string())?.verifying(&client);
         let end = cli::wait(&client, &run.id.to_string(), &mut std::io::stdout().lock(), false, &mut decrypt)?;
         let finished = client.get_run(&run.id.to_string())?;
+        decrypt.check_whole(&finished)?;
         println!("\n{}", cli::format_run(&finished));
         println!("the server holds these encrypted; decrypted here with {}:", key.display());
         for artifact in client.artifacts(&run.id.to_string())?.artifacts {

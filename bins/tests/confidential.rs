@@ -192,10 +192,10 @@ fn confidential_run(pg: Option<&str>) {
     assert_eq!(signed.project_id, "acme");
     assert_eq!(run.stages[1].attestation_verified, Some(true), "the attestation still checks out");
 
-    // What the API serves: key headers and ENC1 lines, artifacts with sidecars, no plaintext.
+    // What the API serves: key headers and ENC2 lines, artifacts with sidecars, no plaintext.
     let lines = log_text(&admin, &id);
-    assert_eq!(lines.iter().filter(|l| l.starts_with("ENC1K:")).count(), 2, "{lines:?}");
-    assert!(lines.iter().any(|l| l.starts_with("ENC1:")));
+    assert_eq!(lines.iter().filter(|l| l.starts_with("ENC2K:")).count(), 2, "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with("ENC2:")));
     let names: Vec<String> = admin.artifacts(&id).unwrap().artifacts.into_iter().map(|a| a.name).collect();
     for name in ["report.txt", "report.txt.pondkey", "pool.txt", "pool.txt.pondkey"] {
         assert!(names.contains(&name.to_string()), "{names:?}");
@@ -213,7 +213,7 @@ fn confidential_run(pg: Option<&str>) {
         let out = Command::new("pg_dump").args(["--data-only", "-f"]).arg(&dump).arg(&db.url).output().unwrap();
         assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
         let text = std::fs::read_to_string(&dump).unwrap();
-        assert!(text.contains("ENC1K:"), "the dump holds the run's (encrypted) log");
+        assert!(text.contains("ENC2K:"), "the dump holds the run's (encrypted) log");
         files.push(dump);
     } else {
         assert!(files.iter().any(|f| f.ends_with("pond.db")));
@@ -324,7 +324,7 @@ fn a_recipient_injected_in_the_database_gets_nothing_sealed_to_it() {
     // Nothing was sealed to anyone after the injection: one key header (the first stage's), no
     // artifact; mallory reads nothing, alice reads the first stage.
     let lines = log_text(&admin, &id);
-    assert_eq!(lines.iter().filter(|l| l.starts_with("ENC1K:")).count(), 1, "{lines:?}");
+    assert_eq!(lines.iter().filter(|l| l.starts_with("ENC2K:")).count(), 1, "{lines:?}");
     assert!(admin.artifacts(&id).unwrap().artifacts.is_empty());
     let out = consumer(&server, &mallory, &["run", "logs", &id]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not among its recipients"));
@@ -387,12 +387,13 @@ fn a_forged_log_stream_is_refused_by_the_cli() {
     // The attacker rewrites the stage's stream: a header of their own (sealed to alice, signed by
     // a key pond never had) and a line.
     let records = common::log_records(&admin, &id);
-    let header = records.iter().find(|r| r.line.text.starts_with("ENC1K:")).unwrap().seq;
-    let line = records.iter().find(|r| r.line.text.starts_with("ENC1:")).unwrap().seq;
+    let header = records.iter().find(|r| r.line.text.starts_with("ENC2K:")).unwrap().seq;
+    let line = records.iter().find(|r| r.line.text.starts_with("ENC2:")).unwrap().seq;
     let alice_public =
         pond_core::keys::x25519_public(&pond_exec::load_or_create_key(&alice.join("keys/default.x25519")).unwrap());
-    let (mut sealer, forged_header) = pond_core::seal::LogSealer::new(&[alice_public], &[0x66; 32]);
-    let forged_line = sealer.seal_line(b"FORGED-2");
+    let place = pond_core::seal::Place::new(&id, "a", 1);
+    let (mut sealer, forged_header) = pond_core::seal::LogSealer::new(&[alice_public], &[0x66; 32], &place);
+    let forged_line = sealer.seal_line(b"FORGED-2", pond_core::store::LogStream::Stdout, false);
     for (seq, text) in [(header, forged_header), (line, forged_line)] {
         let sql = format!("UPDATE logs SET text = '{text}' WHERE run_id = '{id}' AND seq = {seq}");
         let out = Command::new("psql").args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", &sql]).output().unwrap();

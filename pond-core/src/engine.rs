@@ -573,7 +573,12 @@ impl Engine {
                 exit_code: None,
             };
         };
-        let sealer = match crate::seal::OutputSealer::for_run(run, self.config.signing_seed) {
+        let sealer = match crate::seal::OutputSealer::for_run(
+            run,
+            &claim.stage.key,
+            claim.stage.attempt,
+            self.config.signing_seed,
+        ) {
             Ok(sealer) => sealer,
             Err(error) => return StageOutcome::Failed { error, exit_code: None },
         };
@@ -1263,15 +1268,9 @@ impl StoreSink<'_> {
         };
         self.deliver(&what, || store.put_artifact(&artifact, self.holder)).await
     }
-}
 
-#[async_trait]
-impl OutputSink for StoreSink<'_> {
-    async fn lines(&self, lines: Vec<crate::exec::OutputLine>) {
-        if self.delivery().failed.is_some() {
-            return;
-        }
-        let lines = self.budget.admit_sealed(lines, self.sealer.as_ref());
+    /// Stores lines as they are (admitted and sealed), numbered in order.
+    async fn store_lines(&self, lines: Vec<crate::exec::OutputLine>) {
         if lines.is_empty() {
             return;
         }
@@ -1290,8 +1289,26 @@ impl OutputSink for StoreSink<'_> {
         let store = &self.engine.store;
         let _ = self.deliver("the stage's output", || store.append_logs(self.run, &records)).await;
     }
+}
+
+#[async_trait]
+impl OutputSink for StoreSink<'_> {
+    async fn lines(&self, lines: Vec<crate::exec::OutputLine>) {
+        if self.delivery().failed.is_some() {
+            return;
+        }
+        let lines = self.budget.admit_sealed(lines, self.sealer.as_ref());
+        self.store_lines(lines).await;
+    }
 
     async fn finish(&self) -> Result<(), String> {
+        // A confidential stream ends with its signed final record, so a reader can tell it
+        // whole from one cut short.
+        if let Some(sealer) = &self.sealer {
+            if self.delivery().failed.is_none() {
+                self.store_lines(sealer.finish()).await;
+            }
+        }
         match &self.delivery().failed {
             Some(why) => Err(why.clone()),
             None => Ok(()),

@@ -108,7 +108,7 @@ fn pynacl_secretstreams_open_including_tags_and_associated_data() {
     }
     let big = &v["big"];
     let data = std::fs::read(vectors().join(big["file"].as_str().unwrap())).unwrap();
-    let opened = pond_core::seal::open_stream(&data, &bytes(&big["key_hex"]), 65536).unwrap();
+    let opened = pond_core::seal::open_stream(&data, &bytes(&big["key_hex"]), 65536, None).unwrap();
     assert_eq!(opened, pattern(1 << 20));
 }
 
@@ -122,12 +122,20 @@ fn pynacl_log_lines_open_for_both_recipients_and_the_header_signature_verifies()
         v["plaintexts_hex"].as_array().unwrap().iter().map(|p| hex::decode(p.as_str().unwrap()).unwrap()).collect();
     for name in ["consumer1", "consumer2"] {
         let (public, secret) = keypair(name);
-        let mut opener = pond_core::seal::LogOpener::from_header(lines[0], &public, &secret, Some(&signer)).unwrap();
-        let got: Vec<Vec<u8>> = lines[1..].iter().map(|l| opener.open_line(l).unwrap()).collect();
+        // Version 1 streams (older runs) are bound to no place: any place opens them.
+        let place = pond_core::seal::Place::new("any", "any", 1);
+        let mut opener =
+            pond_core::seal::LogOpener::from_header(lines[0], &public, &secret, &place, &[signer]).unwrap();
+        let stdout = pond_core::store::LogStream::Stdout;
+        let got: Vec<Vec<u8>> = lines[1..].iter().map(|l| opener.open_line(l, stdout, false).unwrap()).collect();
         assert_eq!(got, want, "{name}");
     }
     let (public, secret) = keypair("worker_x25519");
-    assert!(pond_core::seal::LogOpener::from_header(lines[0], &public, &secret, None).is_err(), "not a recipient");
+    let place = pond_core::seal::Place::new("any", "any", 1);
+    assert!(
+        pond_core::seal::LogOpener::from_header(lines[0], &public, &secret, &place, &[]).is_err(),
+        "not a recipient"
+    );
 }
 
 #[test]

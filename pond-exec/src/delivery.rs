@@ -175,6 +175,14 @@ impl OutputSink for ClientSink {
     }
 
     async fn finish(&self) -> Result<(), String> {
+        // A confidential stream ends with its signed final record, spooled like its lines.
+        if let Some(sealer) = &self.sealer {
+            if self.spool.failure().is_none() {
+                if let Err(e) = self.spool_lines(sealer.finish()).await {
+                    self.spool.fail(format!("the stage's output could not be kept for delivery: {e}"));
+                }
+            }
+        }
         self.spool.written.send_modify(|w| w.closed = true);
         let target = self.spool.written.borrow().bytes;
         let mut sent = self.spool.sent.subscribe();

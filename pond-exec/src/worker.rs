@@ -170,10 +170,11 @@ impl Worker {
         let stop = StopHandle::new();
         // A confidential run's output is sealed only to the recipients its consumer signed;
         // when that does not hold the job fails without running.
-        let (sealer, refused) = match pond_core::seal::OutputSealer::for_run(&job.run, self.signing_seed) {
-            Ok(sealer) => (sealer, None),
-            Err(why) => (None, Some(why)),
-        };
+        let (sealer, refused) =
+            match pond_core::seal::OutputSealer::for_run(&job.run, &job.id.stage, job.id.attempt, self.signing_seed) {
+                Ok(sealer) => (sealer, None),
+                Err(why) => (None, Some(why)),
+            };
         let sink = crate::delivery::ClientSink::new(
             self.client.clone(),
             id.clone(),

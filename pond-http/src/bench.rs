@@ -555,12 +555,13 @@ impl fmt::Display for CryptoReport {
 /// Times sealing `lines` log lines and encrypting, decrypting and copying `bytes` bytes.
 pub fn crypto(lines: usize, bytes: usize) -> CryptoReport {
     let recipient = pond_core::keys::x25519_public(&[7u8; 32]);
-    let (mut sealer, _) = pond_core::seal::LogSealer::new(&[recipient], &[9u8; 32]);
+    let place = pond_core::seal::Place::new("bench", "stage", 1);
+    let (mut sealer, _) = pond_core::seal::LogSealer::new(&[recipient], &[9u8; 32], &place);
     let line = "x".repeat(80);
     let started = Instant::now();
     let mut total = 0usize;
     for _ in 0..lines {
-        total += sealer.seal_line(line.as_bytes()).len();
+        total += sealer.seal_line(line.as_bytes(), pond_core::store::LogStream::Stdout, false).len();
     }
     let lines_per_sec = lines as f64 / started.elapsed().as_secs_f64();
     let data: Vec<u8> = (0..bytes).map(|i| (i * 31 % 251) as u8).collect();
@@ -576,9 +577,18 @@ pub fn crypto(lines: usize, bytes: usize) -> CryptoReport {
         std::hint::black_box(&buffer);
     }
     let artifact_gb_per_sec = bytes as f64 / started.elapsed().as_secs_f64() / 1e9;
-    let (sealed, sidecar) = pond_core::seal::seal_artifact(&data, &[recipient]);
+    let (sealed, sidecar) = pond_core::seal::seal_output_artifact(&data, &[recipient], &place, "bench.bin", &[9u8; 32]);
+    let signer = pond_core::keys::ed25519_public(&[9u8; 32]);
     let started = Instant::now();
-    let opened = pond_core::seal::open_artifact(&sealed, &sidecar, &recipient, &[7u8; 32]);
+    let opened = pond_core::seal::open_output_artifact(
+        &sealed,
+        &sidecar,
+        &recipient,
+        &[7u8; 32],
+        &place,
+        "bench.bin",
+        &[signer],
+    );
     let artifact_open_gb_per_sec = bytes as f64 / started.elapsed().as_secs_f64() / 1e9;
     // The destination is touched first, so the figure is the copy, not the page faults.
     let mut copy = vec![1u8; bytes];

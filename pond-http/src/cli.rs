@@ -271,57 +271,76 @@ pub fn sign_request(body: &mut serde_json::Value, key_path: &Path) -> Result<(),
 }
 
 /// Decrypts a confidential run's log lines with this context's key, stream by stream (one
-/// stream per stage attempt, opened by its `ENC1K:` header).
+/// stream per stage attempt: its key header, its lines, its final record), each bound to its
+/// place in the run. With [`LogDecryptor::verifying`], every stream's header must be signed by
+/// a node or worker that ran the run, and [`LogDecryptor::check_whole`] then checks no stream
+/// was cut short or removed.
 pub struct LogDecryptor {
     path: PathBuf,
+    run: String,
     key: Option<([u8; 32], [u8; 32])>,
     streams: std::collections::HashMap<(Option<String>, u32), pond_core::seal::LogOpener>,
     signers: Option<Signers>,
 }
 
-/// Where the keys that may sign a run's log key headers come from, and those fetched so far.
+/// Where the keys that may sign a run's streams come from, and those fetched so far.
 struct Signers {
     client: Client,
-    run: String,
     known: Vec<[u8; 32]>,
 }
 
 impl Signers {
-    /// The signer of a key header among the run's nodes and workers, fetching their keys again
-    /// when none known so far signed it (a stream's worker may have claimed it since).
-    fn check(&mut self, header: &str, stage: Option<&str>, attempt: u32) -> Result<(), CliError> {
-        if pond_core::seal::header_signer(header, &self.known).is_ok() {
-            return Ok(());
+    /// The run's signing keys, fetched again when none known so far signed `header` (a stream's
+    /// worker may have claimed it since).
+    fn for_header(
+        &mut self,
+        run: &str,
+        header: &str,
+        place: &pond_core::seal::Place,
+    ) -> Result<Vec<[u8; 32]>, CliError> {
+        if pond_core::seal::header_signer(header, place, &self.known).is_err() {
+            self.known = run_signers(&self.client, run)?;
         }
-        let keys = self.client.run_keys(&self.run)?;
-        let texts = keys
-            .control_plane
-            .iter()
-            .map(|n| Some(n.signing_key.as_str()))
-            .chain(keys.workers.iter().map(|w| w.signing_key.as_deref()));
-        self.known = texts.flatten().filter_map(|t| pond_core::pool::decode_key(t).ok()).collect();
-        pond_core::seal::header_signer(header, &self.known).map(|_| ()).map_err(|_| {
+        pond_core::seal::header_signer(header, place, &self.known).map_err(|_| {
             CliError::Input(format!(
-                "the log of stage `{}` (attempt {attempt}) is signed by none of this run's nodes or workers \
-                 (GET /v1/runs/{}/keys): it was not written by pond; refusing to show it",
-                stage.unwrap_or("-"),
-                self.run
+                "the log of stage `{}` (attempt {}) is signed by none of this run's nodes or workers \
+                 (GET /v1/runs/{run}/keys) for this place: it was not written there by pond; refusing to show it",
+                place.stage, place.attempt
             ))
-        })
+        })?;
+        Ok(self.known.clone())
     }
 }
 
+/// The Ed25519 keys of the nodes and workers that ran `run`'s attempts.
+fn run_signers(client: &Client, run: &str) -> Result<Vec<[u8; 32]>, CliError> {
+    let keys = client.run_keys(run)?;
+    let texts = keys
+        .control_plane
+        .iter()
+        .map(|n| Some(n.signing_key.as_str()))
+        .chain(keys.workers.iter().map(|w| w.signing_key.as_deref()));
+    Ok(texts.flatten().filter_map(|t| pond_core::pool::decode_key(t).ok()).collect())
+}
+
 impl LogDecryptor {
-    /// A decryptor with the consumer key at `path`, read when the first encrypted line comes.
-    /// It does not check who signed the streams; see [`LogDecryptor::verifying`].
-    pub fn new(path: &Path) -> Result<Self, CliError> {
-        Ok(LogDecryptor { path: path.to_path_buf(), key: None, streams: Default::default(), signers: None })
+    /// A decryptor for `run`'s log with the consumer key at `path`, read when the first
+    /// encrypted line comes. It does not check who signed the streams; see
+    /// [`LogDecryptor::verifying`].
+    pub fn new(path: &Path, run: &str) -> Result<Self, CliError> {
+        Ok(LogDecryptor {
+            path: path.to_path_buf(),
+            run: run.to_string(),
+            key: None,
+            streams: Default::default(),
+            signers: None,
+        })
     }
 
-    /// Checks every stream's key header against the keys of the nodes and workers that ran
-    /// `run` (`GET /v1/runs/{id}/keys`) before showing any of its lines.
-    pub fn verifying(mut self, client: &Client, run: &str) -> Self {
-        self.signers = Some(Signers { client: client.clone(), run: run.to_string(), known: Vec::new() });
+    /// Checks every stream's key header and final record against the keys of the nodes and
+    /// workers that ran the run (`GET /v1/runs/{id}/keys`) before showing any of its lines.
+    pub fn verifying(mut self, client: &Client) -> Self {
+        self.signers = Some(Signers { client: client.clone(), known: Vec::new() });
         self
     }
 
@@ -343,43 +362,105 @@ impl LogDecryptor {
     }
 
     /// The line as it should be shown: decrypted, passed through if plaintext, or `None` for a
-    /// key header.
+    /// key header or final record.
     pub fn line(&mut self, line: &LogLine) -> Result<Option<LogLine>, CliError> {
         let l = &line.line;
         let stream = (l.stage.clone(), l.attempt);
-        if l.text.starts_with("ENC1K:") {
-            if let Some(signers) = self.signers.as_mut() {
-                signers.check(&l.text, l.stage.as_deref(), l.attempt)?;
-            }
+        let place = pond_core::seal::Place::new(&self.run, l.stage.as_deref().unwrap_or_default(), l.attempt);
+        let problem = |what: &str, e: pond_core::seal::SealError| {
+            CliError::Input(format!(
+                "the log of stage `{}` (attempt {}) {what}: {e}; refusing to show it",
+                place.stage, place.attempt
+            ))
+        };
+        if l.text.starts_with("ENC2K:") || l.text.starts_with("ENC1K:") {
+            let signers = match self.signers.as_mut() {
+                Some(signers) => signers.for_header(&self.run, &l.text, &place)?,
+                None => Vec::new(),
+            };
             let (public, secret) = self.key()?;
-            let opener = pond_core::seal::LogOpener::from_header(&l.text, &public, &secret, None)
+            let opener = pond_core::seal::LogOpener::from_header(&l.text, &public, &secret, &place, &signers)
                 .map_err(|e| explain(&public, e))?;
-            self.streams.insert(stream, opener);
+            if self.streams.insert(stream, opener).is_some() {
+                return Err(problem("has two key headers", pond_core::seal::SealError::Malformed("stream")));
+            }
             return Ok(None);
         }
-        if !l.text.starts_with("ENC1:") {
+        if l.text.starts_with("ENC2F:") {
+            let opener = self.streams.get_mut(&stream).ok_or_else(|| {
+                problem("has a final record before its key header", pond_core::seal::SealError::Malformed("stream"))
+            })?;
+            opener.end(&l.text).map_err(|e| problem("does not end as it was written", e))?;
+            return Ok(None);
+        }
+        if !l.text.starts_with("ENC2:") && !l.text.starts_with("ENC1:") {
             return Ok(Some(line.clone()));
         }
         let opener = self
             .streams
             .get_mut(&stream)
             .ok_or_else(|| CliError::Input("an encrypted log line came before its key header".into()))?;
-        let bytes = match opener.open_line(&l.text) {
+        let bytes = match opener.open_line(&l.text, l.stream, l.continued) {
             Ok(bytes) => bytes,
-            Err(e) => return Err(explain(&self.key()?.0, e)),
+            Err(e @ pond_core::seal::SealError::NotRecipient(_)) => return Err(explain(&self.key()?.0, e)),
+            Err(e) => return Err(problem("was altered", e)),
         };
         let mut plain = line.clone();
         (plain.line.text, plain.line.encoding) = pond_core::store::encode_line(&bytes);
         Ok(Some(plain))
     }
 
-    /// Decrypts an artifact downloaded with its sidecar.
-    pub fn artifact(&mut self, data: &[u8], sidecar: &str) -> Result<Vec<u8>, CliError> {
+    /// After the whole log was read: every stream of an attempt that ended (not lost with its
+    /// holder) ends with its final record, and every attempt that succeeded has a stream. A
+    /// stream cut short, or removed, is an error.
+    pub fn check_whole(&self, run: &RunView) -> Result<(), CliError> {
+        use pond_core::run::AttemptOutcome;
+        if run.encryption.is_none() {
+            return Ok(());
+        }
+        for stage in &run.stages {
+            for attempt in &stage.attempts {
+                let ended = matches!(
+                    attempt.outcome,
+                    Some(AttemptOutcome::Succeeded | AttemptOutcome::Failed | AttemptOutcome::Cancelled)
+                );
+                let at = format!("stage `{}` (attempt {})", stage.key, attempt.number);
+                match self.streams.get(&(Some(stage.key.clone()), attempt.number)) {
+                    Some(opener) if ended => {
+                        opener.complete().map_err(|e| CliError::Input(format!("the log of {at} is not whole: {e}")))?
+                    }
+                    None if attempt.outcome == Some(AttemptOutcome::Succeeded) => {
+                        return Err(CliError::Input(format!(
+                            "the log of {at} is missing: a succeeded attempt always writes one (it was removed)"
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decrypts an output artifact downloaded with its sidecar, checking it belongs to its
+    /// place and name (and, with `signers`, who wrote it).
+    pub fn artifact(
+        &mut self,
+        data: &[u8],
+        sidecar: &str,
+        artifact: &pond_core::store::Artifact,
+        signers: &[[u8; 32]],
+    ) -> Result<Vec<u8>, CliError> {
         let (public, secret) = self.key()?;
-        pond_core::seal::open_artifact(data, sidecar, &public, &secret).map_err(|e| match e {
-            pond_core::seal::SealError::NotRecipient(_) => explain(&public, e),
-            other => CliError::Input(format!("decrypting the artifact failed: {other}")),
-        })
+        let place = pond_core::seal::Place::new(&self.run, &artifact.stage, artifact.attempt);
+        pond_core::seal::open_output_artifact(data, sidecar, &public, &secret, &place, &artifact.name, signers).map_err(
+            |e| match e {
+                pond_core::seal::SealError::NotRecipient(_) => explain(&public, e),
+                other => CliError::Input(format!(
+                    "artifact `{}` of stage `{}` (attempt {}) does not open as written there: {other}",
+                    artifact.name, artifact.stage, artifact.attempt
+                )),
+            },
+        )
     }
 }
 
@@ -393,7 +474,9 @@ fn explain(public: &[u8; 32], e: pond_core::seal::SealError) -> CliError {
     }
 }
 
-/// Downloads an artifact, decrypting it when it has a `.pondkey` sidecar.
+/// Downloads an artifact, decrypting it when it has a `.pondkey` sidecar: it must open as
+/// the output `name` of the attempt that stored it, with its sidecar signed by a node or worker
+/// that ran the run.
 pub fn fetch_artifact(client: &Client, run: &str, name: &str, key: &Path) -> Result<Vec<u8>, CliError> {
     let mut data = Vec::new();
     client.download_artifact(run, name, &mut data)?;
@@ -404,7 +487,14 @@ pub fn fetch_artifact(client: &Client, run: &str, name: &str, key: &Path) -> Res
     match client.download_artifact(run, &format!("{name}{}", pond_core::seal::SIDECAR_SUFFIX), &mut sidecar) {
         Ok(_) => {
             let sidecar = String::from_utf8(sidecar).map_err(|_| CliError::Input("the sidecar is not UTF-8".into()))?;
-            LogDecryptor::new(key)?.artifact(&data, &sidecar)
+            let listed = client
+                .artifacts(run)?
+                .artifacts
+                .into_iter()
+                .find(|a| a.name == name)
+                .ok_or_else(|| CliError::Input(format!("artifact `{name}` is not in the run's listing")))?;
+            let signers = run_signers(client, run)?;
+            LogDecryptor::new(key, run)?.artifact(&data, &sidecar, &listed, &signers)
         }
         Err(e) if e.status() == Some(404) => Ok(data),
         Err(e) => Err(e.into()),

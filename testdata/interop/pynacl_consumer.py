@@ -1,5 +1,7 @@
 """A consumer written with PyNaCl (libsodium) and no Pond code: fetches a confidential run over
-/v1, decrypts its log lines and artifacts, checks its pooled stages' attestations, and checks the
+/v1, checks and decrypts its log streams (ENC2: signed headers and final records, each line bound
+to its run, stage, attempt and stream) and artifacts (bound to place and name, sidecars signed),
+checks its pooled stages' attestations, and checks the
 signed request kept with the run: signed by this consumer's key, in canonical form, covering
 every recipient.
 
@@ -15,13 +17,14 @@ import sys
 import urllib.request
 
 from nacl.bindings import (
+    crypto_aead_xchacha20poly1305_ietf_decrypt,
     crypto_secretstream_xchacha20poly1305_init_pull,
     crypto_secretstream_xchacha20poly1305_pull,
     crypto_secretstream_xchacha20poly1305_state,
     crypto_secretstream_xchacha20poly1305_TAG_FINAL,
 )
 from nacl.public import PrivateKey, SealedBox
-from nacl.secret import SecretBox
+from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 server, token, run_id, sk_hex = sys.argv[1:5]
@@ -41,7 +44,30 @@ def fingerprint(key):
     return "SHA256:" + base64.b64encode(hashlib.sha256(key).digest()).decode().rstrip("=")
 
 
-# Log lines: one stream per (stage, attempt), opened by its ENC1K header.
+run = json.loads(get(f"/v1/runs/{run_id}"))
+keys = json.loads(get(f"/v1/runs/{run_id}/keys"))
+signers = [VerifyKey(base64.b64decode(k["signing_key"])) for k in keys["control_plane"]]
+signers += [VerifyKey(base64.b64decode(w["signing_key"])) for w in keys["workers"] if w.get("signing_key")]
+
+
+def place(stage, attempt):
+    """What every ENC2 signature and associated data binds: run ‖ 0 ‖ stage ‖ 0 ‖ attempt."""
+    return run_id.encode() + b"\0" + stage.encode() + b"\0" + struct.pack(">I", attempt)
+
+
+def signed_by_one(message, signature):
+    """The signer (a node's or a worker's key, from /v1/runs/{id}/keys) whose signature holds."""
+    for key in signers:
+        try:
+            key.verify(message, signature)
+            return key
+        except BadSignatureError:
+            pass
+    raise AssertionError("signed by none of the run's nodes or workers")
+
+
+# Log streams: one per (stage, attempt): an ENC2K header, ENC2 lines, an ENC2F final record.
+STREAM_BYTE = {"stdout": 1, "stderr": 2}
 streams, lines, after = {}, [], 0
 while True:
     page = json.loads(get(f"/v1/runs/{run_id}/logs?after={after}&limit=1000"))
@@ -50,41 +76,74 @@ while True:
     after = page["next_cursor"]
     for line in page["lines"]:
         text, key = line["text"], (line.get("stage"), line["attempt"])
-        if text.startswith("ENC1K:"):
+        where = place(line.get("stage") or "", line["attempt"])
+        if text.startswith("ENC2K:"):
             body_b64, sig_b64 = text[6:].split(" ")
             body = base64.b64decode(body_b64)
+            signer = signed_by_one(b"pond.logkey.v2\0" + where + body, base64.b64decode(sig_b64))
             n, mine = body[16], hashlib.sha256(pk).digest()[:8]
+            assert key not in streams, "two key headers for one stream"
             for i in range(n):
                 at = 17 + i * 88
                 if body[at:at + 8] == mine:
-                    streams[key] = (SecretBox(box.decrypt(body[at + 8:at + 88])), body[:16], 0)
+                    streams[key] = {"key": box.decrypt(body[at + 8:at + 88]), "id": body[:16], "seq": 0,
+                                    "chain": bytes(32), "signer": signer, "ended": False}
             assert key in streams, "not a recipient of this stream"
-        elif text.startswith("ENC1:"):
-            secret, stream_id, seq = streams[key]
+        elif text.startswith("ENC2:"):
+            s = streams[key]
+            assert not s["ended"], "a line after the final record"
             raw = base64.b64decode(text[5:])
-            assert raw[:24] == stream_id + struct.pack(">Q", seq), "log line out of order"
-            lines.append([line.get("stage"), secret.decrypt(raw).decode()])
-            streams[key] = (secret, stream_id, seq + 1)
+            nonce = s["id"] + struct.pack(">Q", s["seq"])
+            assert raw[:24] == nonce, "log line out of order"
+            ad = b"pond.logline.v2\0" + where + bytes([STREAM_BYTE[line["stream"]], 1 if line.get("continued") else 0])
+            plain = crypto_aead_xchacha20poly1305_ietf_decrypt(raw[24:], ad, nonce, s["key"])
+            s["chain"] = hashlib.sha256(s["chain"] + raw).digest()
+            s["seq"] += 1
+            lines.append([line.get("stage"), plain.decode()])
+        elif text.startswith("ENC2F:"):
+            s = streams[key]
+            body_b64, sig_b64 = text[6:].split(" ")
+            body = base64.b64decode(body_b64)
+            s["signer"].verify(b"pond.logend.v2\0" + where + s["id"] + body, base64.b64decode(sig_b64))
+            count, chain = struct.unpack(">Q", body[:8])[0], body[8:]
+            assert count == s["seq"], f"the final record counts {count} lines, {s['seq']} were read"
+            assert chain == s["chain"], "the running hash differs from the final record's"
+            s["ended"] = True
         else:
             lines.append([line.get("stage"), text])
 
-# Artifacts: secretstream files with a .pondkey sidecar.
+# Every attempt that ended has a whole stream; every succeeded one has a stream.
+for stage in run["stages"]:
+    for attempt in stage["attempts"]:
+        s = streams.get((stage["key"], attempt["number"]))
+        if s is None:
+            assert attempt.get("outcome") != "succeeded", f"stage {stage['key']}: the stream is missing"
+        elif attempt.get("outcome") in ("succeeded", "failed", "cancelled"):
+            assert s["ended"], f"stage {stage['key']}: the stream has no final record (cut short)"
+
+# Artifacts: secretstream files with a .pondkey sidecar, bound to their place and name.
 artifacts = {}
 listing = json.loads(get(f"/v1/runs/{run_id}/artifacts"))["artifacts"]
 names = {a["name"] for a in listing}
-for name in sorted(names):
+for entry_ in sorted(listing, key=lambda a: a["name"]):
+    name = entry_["name"]
     if name.endswith(".pondkey") or name + ".pondkey" not in names:
         continue
     sidecar = json.loads(get(f"/v1/runs/{run_id}/artifacts/{name}.pondkey"))
+    assert sidecar["pondkey"] == 2, "an output artifact of this run is format 2"
     entry = next(r for r in sidecar["recipients"] if r["fp"] == fingerprint(pk))
     file_key = box.decrypt(base64.b64decode(entry["sealed_key"]))
     data = get(f"/v1/runs/{run_id}/artifacts/{name}")
+    where = place(entry_["stage"], entry_["attempt"])
+    signed_by_one(b"pond.artifact.v2\0" + where + name.encode() + b"\0" + hashlib.sha256(data).digest(),
+                  base64.b64decode(sidecar["signature"]))
+    ad = b"pond.artifact.v2\0" + where + name.encode()
     state = crypto_secretstream_xchacha20poly1305_state()
     crypto_secretstream_xchacha20poly1305_init_pull(state, data[:24], file_key)
     rest, out, step, final = data[24:], b"", sidecar["chunk_size"] + 17, False
     while rest:
         chunk, rest = rest[:step], rest[step:]
-        msg, tag = crypto_secretstream_xchacha20poly1305_pull(state, chunk, None)
+        msg, tag = crypto_secretstream_xchacha20poly1305_pull(state, chunk, ad)
         out += msg
         if tag == crypto_secretstream_xchacha20poly1305_TAG_FINAL:
             final = True
@@ -94,7 +153,6 @@ for name in sorted(names):
 
 # Attestations of pooled stages (format (d)), checked against the worker's signing key.
 attestations = []
-run = json.loads(get(f"/v1/runs/{run_id}"))
 for stage in run["stages"]:
     for attempt in stage["attempts"]:
         a = attempt.get("attestation")
