@@ -404,3 +404,116 @@ fn a_forged_log_stream_is_refused_by_the_cli() {
     assert!(!out.status.success() && !stdout.contains("FORGED-2"), "{stdout}");
     assert!(stderr.contains("signed by none of this run's nodes or workers"), "{stderr}");
 }
+
+/// Whoever holds the database moves confidential output around instead of forging it: cuts a
+/// stream's tail, passes one stage's stream off as another's, swaps two artifacts, relabels
+/// stdout as stderr. Each is caught by the CLI and by the PyNaCl consumer (no Pond code), and
+/// both read the run again once it is put back.
+#[test]
+fn moved_truncated_or_relabelled_output_is_detected_by_the_cli_and_by_pynacl() {
+    let Some(pg) = Server::database_server() else { return };
+    let Some(python) = std::env::var("POND_TEST_PYTHON").ok().filter(|p| !p.is_empty()) else {
+        pond_store::missing_prerequisite("POND_TEST_PYTHON is not set (a python with PyNaCl; .ci/run sets it)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = common::scratch_database(&pg, "moved");
+    let server = Server::start(&dir.path().join("server"), &["--database-url", db.url.as_str()]);
+    let alice = dir.path().join("alice");
+    let workflow = dir.path().join("wf.json");
+    let script = |stage: &str| {
+        format!("echo {stage}-out-1; echo {stage}-err-1 >&2; echo {stage}-out-2; printf {stage} > \"$POND_OUTPUT_DIR/{stage}.txt\"")
+    };
+    std::fs::write(
+        &workflow,
+        json!({"stages": [
+            {"key": "a", "executor": {"kind": "shell", "argv": ["sh", "-c", script("a")]}},
+            {"key": "b", "executor": {"kind": "shell", "argv": ["sh", "-c", script("b")]}}
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let out =
+        consumer(&server, &alice, &["run", "submit", "-f", workflow.to_str().unwrap(), "--project", "acme", "--wait"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let admin = server.admin();
+    let id = admin.list_runs(None, None, Some(1), None).unwrap().runs[0].id.to_string();
+    let secret = hex::encode(pond_exec::load_or_create_key(&alice.join("keys/default.x25519")).unwrap());
+    let sql = |statement: &str| {
+        let out =
+            Command::new("psql").args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", statement]).output().unwrap();
+        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // (what the CLI reads, the error it must give)
+    let readers = |expect: Option<&str>, cli: &[&str]| {
+        let out = consumer(&server, &alice, cli);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        let py = Command::new(&python)
+            .arg(common::root().join("testdata/interop/pynacl_consumer.py"))
+            .args([&server.url, &server.token, &id, &secret])
+            .output()
+            .unwrap();
+        let py_err = String::from_utf8_lossy(&py.stderr).to_string();
+        match expect {
+            None => {
+                assert!(out.status.success(), "CLI {cli:?}: {stderr}");
+                assert!(py.status.success(), "PyNaCl: {py_err}");
+            }
+            Some(why) => {
+                assert!(!out.status.success() && stderr.contains(why), "CLI {cli:?} must say {why:?}: {stderr}");
+                assert!(!py.status.success(), "PyNaCl must refuse it");
+            }
+        }
+    };
+    let logs = ["run", "logs", id.as_str()];
+    readers(None, &logs);
+    readers(None, &["run", "artifacts", &id, "a.txt"]);
+
+    // The tail of stage a's stream (its last line and its final record) moved out of the run.
+    let records = common::log_records(&admin, &id);
+    let of_a: Vec<i64> = records
+        .iter()
+        .filter(|r| r.line.stage.as_deref() == Some("a") && (r.line.text.starts_with("ENC2")))
+        .map(|r| r.seq)
+        .collect();
+    let tail = format!("{}, {}", of_a[of_a.len() - 2], of_a[of_a.len() - 1]);
+    sql(&format!("UPDATE logs SET run_id = 'hidden' WHERE run_id = '{id}' AND seq IN ({tail})"));
+    readers(Some("has no final record"), &logs);
+    sql(&format!("UPDATE logs SET run_id = '{id}' WHERE run_id = 'hidden' AND seq IN ({tail})"));
+    readers(None, &logs);
+
+    // Stage b's stream shown as stage a's and a's as b's.
+    // (Three steps: the log's producer index is unique per stage.)
+    let swap_stages = || {
+        for (from, to) in [("a", "swap"), ("b", "a"), ("swap", "b")] {
+            sql(&format!("UPDATE logs SET stage = '{to}' WHERE run_id = '{id}' AND stage = '{from}'"));
+        }
+    };
+    swap_stages();
+    readers(Some("signed by none of this run's nodes or workers"), &logs);
+    swap_stages();
+
+    // stdout and stderr of stage a relabelled.
+    let relabel = format!(
+        "UPDATE logs SET stream = CASE stream WHEN 'stdout' THEN 'stderr' ELSE 'stdout' END \
+         WHERE run_id = '{id}' AND stage = 'a' AND stream IN ('stdout', 'stderr')"
+    );
+    sql(&relabel);
+    readers(Some("was altered"), &logs);
+    sql(&relabel);
+
+    // a.txt and b.txt (with their sidecars) swapped.
+    let swap_artifacts = format!(
+        "UPDATE artifacts t SET blob_id = s.blob_id, size = s.size, sha256 = s.sha256 FROM artifacts s \
+         WHERE t.run_id = '{id}' AND s.run_id = '{id}' AND ( \
+         (t.name = 'a.txt' AND s.name = 'b.txt') OR (t.name = 'b.txt' AND s.name = 'a.txt') OR \
+         (t.name = 'a.txt.pondkey' AND s.name = 'b.txt.pondkey') OR (t.name = 'b.txt.pondkey' AND s.name = 'a.txt.pondkey'))"
+    );
+    sql(&swap_artifacts);
+    readers(Some("does not open as written there"), &["run", "artifacts", &id, "a.txt"]);
+    sql(&swap_artifacts);
+
+    // Put back, everything reads again.
+    readers(None, &logs);
+    readers(None, &["run", "artifacts", &id, "a.txt"]);
+}
