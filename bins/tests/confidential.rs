@@ -264,6 +264,23 @@ fn confidential_run(pg: Option<&str>) {
     assert_eq!(got["artifacts"]["pool.txt"], hex::encode("ARTIFACT-9z-pool"));
     assert_eq!(got["attestations"], json!([true]));
     assert_eq!(got["request"], json!({"signed_by_me": true, "canonical": true, "covers_recipients": true}));
+
+    // Whoever reads the database guesses the pooled stage's output and hashes the guess the way
+    // a manifest over plaintext would: nothing pond stores or serves confirms it (the attestation
+    // is over ciphertext, and no plaintext digest is kept anywhere).
+    let finished = admin.get_run(&id).unwrap();
+    let attested = finished.stages[1].attempts.last().and_then(|a| a.attestation.clone()).unwrap();
+    let served = format!(
+        "{}{}",
+        serde_json::to_string(&finished).unwrap(),
+        serde_json::to_string(&admin.artifacts(&id).unwrap()).unwrap()
+    );
+    for guess in ["ARTIFACT-9z-pool", "PASS", "FAIL"] {
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(guess));
+        let manifest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(format!("pool.txt\0{digest}\n").as_bytes()));
+        assert_ne!(attested.output_sha256.as_deref(), Some(manifest.as_str()), "guess {guess} confirmed");
+        assert!(!served.contains(&digest) && !served.contains(&manifest), "guess {guess} confirmed by what is served");
+    }
 }
 
 /// Someone who can write the database adds their key to a running run's recipients. The stages
