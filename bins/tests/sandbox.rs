@@ -384,6 +384,15 @@ fn a_killed_helper_s_sandbox_is_cleaned_up_at_the_next_start_and_runs_leave_noth
     let mut helper =
         std::process::Command::new(POND).args(["sandbox", "run"]).arg(scratch.join("spec.json")).spawn().unwrap();
     common::eventually("the sandboxed process", Duration::from_secs(30), || common::process_running(&marker));
+    // While its helper lives the sandbox is not garbage: collection (`pond sandbox gc`, another
+    // process starting on the same directory) refuses and kills nothing.
+    let gc = std::process::Command::new(POND).args(["sandbox", "gc", "--dir"]).arg(&state).output().unwrap();
+    assert!(!gc.status.success(), "gc beside a live sandbox must refuse");
+    assert!(String::from_utf8_lossy(&gc.stderr).contains("are running"), "{}", String::from_utf8_lossy(&gc.stderr));
+    check(&state);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(common::process_running(&marker), "the live sandbox was killed");
+    assert_eq!(helper.try_wait().unwrap(), None, "the live helper was killed");
     helper.kill().unwrap();
     helper.wait().unwrap();
     // The container dies with its helper (its init has the parent-death signal); what the

@@ -268,7 +268,8 @@ impl OciBackend {
     pub fn new(config: OciConfig) -> Result<OciBackend, SandboxError> {
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|e| SandboxError::SelfCheck(format!("creating {}: {e}", config.state_dir.display())))?;
-        collect_garbage(&config.state_dir).map_err(SandboxError::SelfCheck)?;
+        // Another live process's sandboxes in the same directory are left alone.
+        collect_garbage_if_idle(&config.state_dir).map_err(SandboxError::SelfCheck)?;
         let backend = OciBackend { config };
         backend.self_check()?;
         Ok(backend)
@@ -440,6 +441,15 @@ pub fn run_helper(spec_path: &Path) -> i32 {
         timeout_secs: spec.limits.timeout_secs,
         ..SandboxReport::default()
     };
+    // Held (shared) until this helper exits, through teardown: garbage collection of the state
+    // directory waits for no one and touches nothing while any helper of it lives.
+    let active = match active_lock(&spec.state_dir).and_then(|f| {
+        f.lock_shared().map_err(|e| format!("locking {}: {e}", spec.state_dir.join(ACTIVE_LOCK).display()))?;
+        Ok(f)
+    }) {
+        Ok(f) => f,
+        Err(e) => return complain(&e),
+    };
     let mut sandbox = Sandbox::new(&spec);
     if let Err(e) = sandbox.run(&mut report) {
         report.error = Some(e);
@@ -449,6 +459,7 @@ pub fn run_helper(spec_path: &Path) -> i32 {
     }
     sandbox.mark("teardown");
     sandbox.print_trace();
+    drop(active);
     let text = serde_json::to_vec(&report).unwrap_or_default();
     match std::fs::write(&spec.report, text) {
         Ok(()) => 0,
@@ -1284,10 +1295,43 @@ fn empty_cgroup(dir: &Path) {
     }
 }
 
+/// The lock file every helper of a state directory holds shared for its life.
+const ACTIVE_LOCK: &str = "active.lock";
+
+fn active_lock(state_dir: &Path) -> Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join(ACTIVE_LOCK);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))
+}
+
 /// Removes what sandboxes of `state_dir` left behind when their helper died: containers (and
-/// their processes), cgroups, tmpfs mounts and bundles. Returns an error only if it could not
-/// read the state directory.
+/// their processes), cgroups, tmpfs mounts and bundles. Refused while any helper of the
+/// directory is alive (another server or worker using it, or `pond sandbox gc` run beside one):
+/// its sandboxes are not garbage, and its cgroup holds the helper itself.
 pub fn collect_garbage(state_dir: &Path) -> Result<usize, String> {
+    collect_garbage_if_idle(state_dir)?.ok_or_else(|| {
+        format!(
+            "sandboxes of {} are running (a server or worker uses this directory); nothing was collected",
+            state_dir.display()
+        )
+    })
+}
+
+/// [`collect_garbage`], or `None` (nothing touched) while a helper of the directory is alive.
+pub fn collect_garbage_if_idle(state_dir: &Path) -> Result<Option<usize>, String> {
+    if !state_dir.is_dir() {
+        return Ok(Some(0));
+    }
+    let lock = active_lock(state_dir)?;
+    if lock.try_lock().is_err() {
+        return Ok(None);
+    }
     let mut removed = 0;
     let bundles = state_dir.join("bundles");
     if let Ok(entries) = std::fs::read_dir(&bundles) {
@@ -1327,7 +1371,8 @@ pub fn collect_garbage(state_dir: &Path) -> Result<usize, String> {
             }
         }
     }
-    Ok(removed)
+    drop(lock);
+    Ok(Some(removed))
 }
 
 /// How many warm cgroup slots `state_dir` keeps (one per sandbox that ran at the same time).
