@@ -790,7 +790,7 @@ impl Engine {
         };
         // Refused unless the attempt is still running under this worker's lease and its result
         // has not been reported: a relay that finishes an upload late changes nothing.
-        self.store.put_artifact(&artifact, &worker.id).await?;
+        self.store.put_artifact(&artifact, &worker.id, self.config.max_run_artifact_bytes).await?;
         Ok(artifact)
     }
 
@@ -1266,7 +1266,8 @@ impl StoreSink<'_> {
             sha256: blob.sha256,
             created_at: now,
         };
-        self.deliver(&what, || store.put_artifact(&artifact, self.holder)).await
+        let cap = self.engine.config.max_run_artifact_bytes;
+        self.deliver(&what, || store.put_artifact(&artifact, self.holder, cap)).await
     }
 
     /// Stores lines as they are (admitted and sealed), numbered in order.

@@ -344,7 +344,11 @@ pub trait Store: Send + Sync + 'static {
     /// ([`Store::close_output`]). An artifact of the same name from an earlier attempt of the
     /// same stage is replaced; one from another stage is never replaced. Refusals are
     /// [`StoreError::Conflict`] saying which rule.
-    async fn put_artifact(&self, artifact: &Artifact, holder: &str) -> Result<(), StoreError>;
+    ///
+    /// `run_cap` bounds the run's stored artifact bytes (the new one counted, one it replaces
+    /// not): a write that would pass it is refused (`Conflict`), checked in the same atomic
+    /// step as the write, so concurrent writers cannot pass it together.
+    async fn put_artifact(&self, artifact: &Artifact, holder: &str, run_cap: u64) -> Result<(), StoreError>;
     /// Closes an attempt's output before its result is judged: from then on no artifact of
     /// that attempt is accepted, so what was verified is what stays stored. Returns whether
     /// `holder` still holds the running attempt (closing twice is fine).

@@ -39,6 +39,16 @@ pub(crate) fn attempt_not_writing(a: &pond_core::store::Artifact) -> pond_core::
     ))
 }
 
+/// The refusal of an artifact that would take its run past the per-run cap.
+pub(crate) fn over_cap(a: &pond_core::store::Artifact, others: u64, cap: u64) -> pond_core::StoreError {
+    pond_core::StoreError::Conflict(format!(
+        "`{}` ({} bytes) would bring the run's artifacts to {} bytes, above this server's per-run cap of {cap} bytes",
+        a.name,
+        a.size,
+        others.saturating_add(a.size)
+    ))
+}
+
 /// The refusal of an artifact whose name another stage of the run already used.
 pub(crate) fn name_taken(a: &pond_core::store::Artifact, owner: &str) -> pond_core::StoreError {
     pond_core::StoreError::Conflict(format!(

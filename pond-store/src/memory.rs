@@ -258,7 +258,7 @@ impl Store for MemoryStore {
         Ok(data[start..end].to_vec())
     }
 
-    async fn put_artifact(&self, artifact: &Artifact, holder: &str) -> Result<(), StoreError> {
+    async fn put_artifact(&self, artifact: &Artifact, holder: &str, run_cap: u64) -> Result<(), StoreError> {
         let mut inner = self.lock()?;
         let open = inner
             .runs
@@ -276,6 +276,10 @@ impl Store for MemoryStore {
         let named = inner.artifacts.entry(artifact.run_id).or_default();
         if let Some(other) = named.get(&artifact.name).filter(|a| a.stage != artifact.stage) {
             return Err(crate::name_taken(artifact, &other.stage));
+        }
+        let others: u64 = named.values().filter(|a| a.name != artifact.name).map(|a| a.size).sum();
+        if others.saturating_add(artifact.size) > run_cap {
+            return Err(crate::over_cap(artifact, others, run_cap));
         }
         named.insert(artifact.name.clone(), artifact.clone());
         Ok(())

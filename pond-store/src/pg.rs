@@ -768,10 +768,17 @@ impl Store for PgStore {
         data.ok_or_else(|| StoreError::NotFound(format!("blob {id} chunk {index}")))
     }
 
-    async fn put_artifact(&self, a: &Artifact, holder: &str) -> Result<(), StoreError> {
-        // The stage row is share-locked until the write commits: closing the attempt's output
-        // (an UPDATE of that row) waits for writes under way, and refuses later ones.
+    async fn put_artifact(&self, a: &Artifact, holder: &str, run_cap: u64) -> Result<(), StoreError> {
+        // The run row is locked first (as every run update does), so the run's artifact writes
+        // take turns and the cap's sum cannot be passed by two at once. The stage row is
+        // share-locked until the write commits: closing the attempt's output (an UPDATE of that
+        // row) waits for writes under way, and refuses later ones.
         let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
+            .bind(a.run_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
         let open: Option<i32> = sqlx::query_scalar(
             "SELECT 1 FROM stages WHERE run_id = $1 AND key = $2 AND attempt = $3 AND lease_owner = $4 AND state = 'running'
                 AND (output_closed_attempt IS NULL OR output_closed_attempt <> attempt)
@@ -786,6 +793,16 @@ impl Store for PgStore {
         .map_err(db_err)?;
         if open.is_none() {
             return Err(crate::attempt_not_writing(a));
+        }
+        let others: i64 =
+            sqlx::query_scalar("SELECT COALESCE(SUM(size), 0)::BIGINT FROM artifacts WHERE run_id = $1 AND name <> $2")
+                .bind(a.run_id.to_string())
+                .bind(&a.name)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if (others.max(0) as u64).saturating_add(a.size) > run_cap {
+            return Err(crate::over_cap(a, others.max(0) as u64, run_cap));
         }
         let written = sqlx::query(
             "INSERT INTO artifacts (run_id, name, stage, attempt, blob_id, size, sha256, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)

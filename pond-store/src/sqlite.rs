@@ -652,7 +652,7 @@ impl Store for SqliteStore {
         data.ok_or_else(|| StoreError::NotFound(format!("blob {id} chunk {index}")))
     }
 
-    async fn put_artifact(&self, a: &Artifact, holder: &str) -> Result<(), StoreError> {
+    async fn put_artifact(&self, a: &Artifact, holder: &str, run_cap: u64) -> Result<(), StoreError> {
         // One write transaction: the attempt check and the write see the same stage row.
         let mut tx = self.begin().await?;
         let open: Option<i64> = sqlx::query_scalar(
@@ -668,6 +668,18 @@ impl Store for SqliteStore {
         .map_err(db_err)?;
         if open.is_none() {
             return Err(crate::attempt_not_writing(a));
+        }
+        // The transaction holds SQLite's write lock: no other artifact lands between the sum
+        // and the write.
+        let others: i64 =
+            sqlx::query_scalar("SELECT COALESCE(SUM(size), 0) FROM artifacts WHERE run_id = ? AND name <> ?")
+                .bind(a.run_id.to_string())
+                .bind(&a.name)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if (others.max(0) as u64).saturating_add(a.size) > run_cap {
+            return Err(crate::over_cap(a, others.max(0) as u64, run_cap));
         }
         let written = sqlx::query(
             "INSERT INTO artifacts (run_id, name, stage, attempt, blob_id, size, sha256, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)

@@ -191,8 +191,8 @@ impl Store for WatchedStore {
     async fn read_blob_chunk(&self, id: BlobId, index: u64) -> Result<Vec<u8>, StoreError> {
         self.inner.read_blob_chunk(id, index).await
     }
-    async fn put_artifact(&self, artifact: &Artifact, holder: &str) -> Result<(), StoreError> {
-        self.inner.put_artifact(artifact, holder).await?;
+    async fn put_artifact(&self, artifact: &Artifact, holder: &str, run_cap: u64) -> Result<(), StoreError> {
+        self.inner.put_artifact(artifact, holder, run_cap).await?;
         self.announce_output([&artifact.run_id]);
         Ok(())
     }

@@ -364,9 +364,9 @@ pub async fn blobs_and_artifacts_are_chunked_and_written_only_by_their_open_atte
         sha256: blob.sha256.clone(),
         created_at: at(5),
     };
-    store.put_artifact(&artifact("a", 1, "z.txt", &empty), "n1").await.unwrap();
-    store.put_artifact(&artifact("a", 1, "dir/a.bin", &meta), "n1").await.unwrap();
-    store.put_artifact(&artifact("a", 1, "z.txt", &meta), "n1").await.unwrap();
+    store.put_artifact(&artifact("a", 1, "z.txt", &empty), "n1", u64::MAX).await.unwrap();
+    store.put_artifact(&artifact("a", 1, "dir/a.bin", &meta), "n1", u64::MAX).await.unwrap();
+    store.put_artifact(&artifact("a", 1, "z.txt", &meta), "n1", u64::MAX).await.unwrap();
     let listed = store.list_artifacts(run).await.unwrap();
     assert_eq!(listed.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), vec!["dir/a.bin", "z.txt"]);
     assert!(listed.iter().all(|a| a.stage == "a" && a.attempt == 1), "{listed:?}");
@@ -379,21 +379,40 @@ pub async fn blobs_and_artifacts_are_chunked_and_written_only_by_their_open_atte
         Err(StoreError::Conflict(m)) => assert!(m.contains(says), "{m}"),
         other => panic!("expected a conflict saying `{says}`: {other:?}"),
     };
-    refused(store.put_artifact(&artifact("a", 1, "x", &meta), "n2").await, "no longer takes output");
-    refused(store.put_artifact(&artifact("a", 2, "x", &meta), "n1").await, "no longer takes output");
-    refused(store.put_artifact(&artifact("b", 1, "z.txt", &empty), "n1").await, "stage `a` of this run already stored");
+    refused(store.put_artifact(&artifact("a", 1, "x", &meta), "n2", u64::MAX).await, "no longer takes output");
+    refused(store.put_artifact(&artifact("a", 2, "x", &meta), "n1", u64::MAX).await, "no longer takes output");
+    refused(
+        store.put_artifact(&artifact("b", 1, "z.txt", &empty), "n1", u64::MAX).await,
+        "stage `a` of this run already stored",
+    );
     assert_eq!(store.get_artifact(run, "z.txt").await.unwrap().unwrap().blob_id, meta.id, "a's z.txt kept");
-    store.put_artifact(&artifact("b", 1, "b.txt", &empty), "n1").await.unwrap();
+    store.put_artifact(&artifact("b", 1, "b.txt", &empty), "n1", u64::MAX).await.unwrap();
+
+    // The run's cap counts what is stored (a name being replaced is not counted twice), in the
+    // write's own atomic step: of eight concurrent writes with room for three, three land.
+    let cap = 2 * meta.size;
+    refused(store.put_artifact(&artifact("b", 1, "big.bin", &meta), "n1", cap).await, "per-run cap");
+    store.put_artifact(&artifact("a", 1, "z.txt", &meta), "n1", cap).await.unwrap();
+    let cap = 5 * meta.size;
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let (store, artifact) = (store.clone(), artifact("b", 1, &format!("c{i}.bin"), &meta));
+        writes.spawn(async move { store.put_artifact(&artifact, "n1", cap).await });
+    }
+    let landed = writes.join_all().await.into_iter().filter(|r| r.is_ok()).count();
+    assert_eq!(landed, 3);
+    let total: u64 = store.list_artifacts(run).await.unwrap().iter().map(|a| a.size).sum();
+    assert_eq!(total, cap);
 
     // Closing a's output (its result arrived): nothing more of a's is stored; b still writes.
     assert!(!store.close_output(run, "a", 1, "n2").await.unwrap(), "n2 does not hold a");
     assert!(store.close_output(run, "a", 1, "n1").await.unwrap());
     assert!(store.close_output(run, "a", 1, "n1").await.unwrap(), "closing twice is fine");
-    refused(store.put_artifact(&artifact("a", 1, "z.txt", &empty), "n1").await, "no longer takes output");
-    refused(store.put_artifact(&artifact("a", 1, "late.txt", &empty), "n1").await, "no longer takes output");
+    refused(store.put_artifact(&artifact("a", 1, "z.txt", &empty), "n1", u64::MAX).await, "no longer takes output");
+    refused(store.put_artifact(&artifact("a", 1, "late.txt", &empty), "n1", u64::MAX).await, "no longer takes output");
     assert_eq!(store.get_artifact(run, "z.txt").await.unwrap().unwrap().blob_id, meta.id);
     assert!(store.get_artifact(run, "late.txt").await.unwrap().is_none());
-    store.put_artifact(&artifact("b", 1, "b2.txt", &empty), "n1").await.unwrap();
+    store.put_artifact(&artifact("b", 1, "b2.txt", &empty), "n1", u64::MAX).await.unwrap();
 }
 
 pub async fn tokens_are_found_by_hash_and_revoked(store: Arc<dyn Store>) {
