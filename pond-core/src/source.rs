@@ -158,13 +158,25 @@ fn parse_config<T: serde::de::DeserializeOwned>(config: serde_json::Value, field
 }
 
 fn check_git_url(url: &str, policy: &SourcePolicy) -> Result<(), String> {
-    let rest = if let Some(rest) = url.strip_prefix("https://") {
-        rest
+    if url.starts_with("http://") && !policy.allow_plain_http_git {
+        return Err(format!("`{url}` is not an https URL (plain http is disabled on this server)"));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("the URL contains whitespace or control characters".into());
+    }
+    git_remote(url).map(|_| ())
+}
+
+/// The host (lowercase; an IPv6 literal in brackets) and port of a git remote URL, accepted only
+/// in a plain form every URL parser reads alike: `https://` or `http://`, no credentials, no
+/// `\`, a host of DNS labels (letters, digits, `-`) without a trailing dot or an IP literal,
+/// a numeric port. Pond checks and pins the address of this host before git connects; a URL
+/// that git's parser could read as another host is refused rather than guessed at.
+pub fn git_remote(url: &str) -> Result<(String, u16), String> {
+    let (rest, default_port) = if let Some(rest) = url.strip_prefix("https://") {
+        (rest, 443)
     } else if let Some(rest) = url.strip_prefix("http://") {
-        if !policy.allow_plain_http_git {
-            return Err(format!("`{url}` is not an https URL (plain http is disabled on this server)"));
-        }
-        rest
+        (rest, 80)
     } else {
         return Err(format!("`{url}` is not an https URL"));
     };
@@ -175,10 +187,44 @@ fn check_git_url(url: &str, policy: &SourcePolicy) -> Result<(), String> {
     if authority.contains('@') {
         return Err("credentials in the URL are not accepted; register a credential instead".into());
     }
-    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("the URL contains whitespace or control characters".into());
+    if authority.contains('\\') || url.split(['?', '#']).next().unwrap_or("").contains('\\') {
+        return Err(format!("`{url}`: `\\` is not accepted in a git URL"));
     }
-    Ok(())
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (inside, after) = v6.split_once(']').ok_or_else(|| format!("`{url}`: unclosed `[` in the host"))?;
+        inside.parse::<std::net::Ipv6Addr>().map_err(|_| format!("`{url}`: `[{inside}]` is not an IPv6 address"))?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or_else(|| format!("`{url}`: unexpected `{p}` after the host"))?),
+        };
+        (format!("[{}]", inside.to_ascii_lowercase()), port)
+    } else {
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        };
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if host.len() > 253 || !host.split('.').all(label_ok) {
+            return Err(format!(
+                "`{url}`: the host must be a plain DNS name (letters, digits, `-`, dots between labels, no trailing dot) or an IP address"
+            ));
+        }
+        (host.to_ascii_lowercase(), port)
+    };
+    let port = match port {
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            p.parse::<u16>().map_err(|_| format!("`{url}`: port `{p}` is out of range"))?
+        }
+        Some(p) => return Err(format!("`{url}`: port `{p}` is not a number")),
+        None => default_port,
+    };
+    Ok((host, port))
 }
 
 fn check_local_path(path: &Path, policy: &SourcePolicy) -> Result<(), String> {
@@ -222,6 +268,15 @@ mod tests {
                 "sources[0].config.url: `http://x/y` is not an https URL (plain http",
             ),
             (json!({"kind":"git_https","config":{"url":"https://u:p@x/y"}}), "sources[0].config.url: credentials"),
+            (json!({"kind":"git_https","config":{"url":"https://example.com./y"}}), "no trailing dot"),
+            (json!({"kind":"git_https","config":{"url":"https://exa%6dple.com/y"}}), "plain DNS name"),
+            (
+                json!({"kind":"git_https","config":{"url":"https://good.com\\@evil.com/y"}}),
+                "sources[0].config.url: credentials",
+            ),
+            (json!({"kind":"git_https","config":{"url":"https://good.com\\.evil.com/y"}}), "`\\` is not accepted"),
+            (json!({"kind":"git_https","config":{"url":"https://example.com:443x/y"}}), "is not a number"),
+            (json!({"kind":"git_https","config":{"url":"https://[::1/y"}}), "unclosed"),
             (
                 json!({"kind":"git_https","config":{"url":"https://x/y","ref":"--upload-pack=evil"}}),
                 "sources[0].config.ref",
@@ -235,7 +290,10 @@ mod tests {
         ];
         for (input, expected) in cases {
             let err = check(input.clone()).expect_err(&input.to_string());
-            assert!(err.starts_with(expected), "for {input}\n got: {err}\nwant: {expected}");
+            assert!(
+                err.starts_with(expected) || (err.starts_with("sources[0].config.url: ") && err.contains(expected)),
+                "for {input}\n got: {err}\nwant: {expected}"
+            );
         }
     }
 }

@@ -246,7 +246,8 @@ impl LocalWorkspaces {
     /// Resolves a git remote's host and refuses it if an address is internal (unless the
     /// operator allowed that); returns the `host:port:ip` git must connect to.
     async fn check_git_remote(&self, url: &str) -> Result<Option<String>, String> {
-        let (host, port) = remote_host_port(url).ok_or_else(|| format!("`{url}` has no host"))?;
+        // The same plain form submit accepted (a run stored before that check is held to it too).
+        let (host, port) = pond_core::source::git_remote(url)?;
         if self.config.allow_internal_git {
             return Ok(None);
         }
@@ -271,31 +272,6 @@ impl LocalWorkspaces {
         };
         Ok(Some(format!("{host}:{port}:{ip}")))
     }
-}
-
-/// The host and port of an `https://` or `http://` URL (userinfo dropped; IPv6 in brackets).
-fn remote_host_port(url: &str) -> Option<(String, u16)> {
-    let (rest, default_port) = match url.split_once("://")? {
-        ("https", rest) => (rest, 443),
-        ("http", rest) => (rest, 80),
-        _ => return None,
-    };
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (inside, after) = v6.split_once(']')?;
-        (format!("[{inside}]"), after.strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (authority.to_string(), None),
-        }
-    };
-    let port = match port {
-        Some(p) => p.parse().ok()?,
-        None => default_port,
-    };
-    (!host.is_empty()).then(|| (host.to_ascii_lowercase(), port))
 }
 
 /// What a failed git command reports: the ref or repository problems git names (useful to
