@@ -90,6 +90,9 @@ pub struct SandboxReport {
     pub timeout_secs: u64,
     /// The sandbox itself failed (could not be set up or cleaned up).
     pub error: Option<String>,
+    /// The uid the backend gave the sandbox's processes (held by it alone while it ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 impl SandboxReport {

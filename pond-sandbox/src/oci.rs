@@ -321,7 +321,13 @@ impl OciBackend {
             ("NoNewPrivs:", field("NoNewPrivs:") == "1"),
             ("CapEff:", field("CapEff:").trim_start_matches('0').is_empty()),
             ("CapBnd:", field("CapBnd:").trim_start_matches('0').is_empty()),
-            ("Uid:", field("Uid:").split_whitespace().all(|u| u.parse().is_ok_and(is_sandbox_uid))),
+            // Every uid (real, effective, saved, filesystem) is the one the helper took for this
+            // sandbox alone: a sandbox uid, and not one shared with anything else.
+            ("Uid:", {
+                let assigned = report.as_ref().and_then(|r| r.uid).filter(|u| is_sandbox_uid(*u));
+                let uids: Vec<&str> = field("Uid:").split_whitespace().collect();
+                uids.len() == 4 && assigned.is_some_and(|a| uids.iter().all(|u| u.parse() == Ok(a)))
+            }),
         ];
         if let Some((name, _)) = expect.iter().find(|(_, ok)| !ok) {
             return Err(SandboxError::SelfCheck(format!("inside the probe sandbox, {name} is `{}`", field(name))));
@@ -557,6 +563,7 @@ impl<'a> Sandbox<'a> {
         self.mark("tmpfs");
         let (uid_lock, uid) = acquire_uid()?;
         self.uid = Some((uid_lock, uid));
+        report.uid = Some(uid);
         let mounts = self.prepare_mounts(uid)?;
         let (lock, slot) = acquire_slot(&spec.state_dir)?;
         self.slot = Some((lock, slot));
