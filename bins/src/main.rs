@@ -83,6 +83,17 @@ enum Command {
         #[command(subcommand)]
         command: SandboxCommand,
     },
+    /// Check a run end to end as its consumer, trusting the server for nothing: the transparency
+    /// log's signed tree head and its consistency with the last one this CLI saw, the run's
+    /// signed request (your key) and attestations in the log, every stream and artifact signed
+    /// and in place.
+    Verify {
+        /// The run id.
+        id: String,
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print this worker's key fingerprints (making its keys on first use), to pin at enrollment.
     Fingerprint {
         /// Worker key directory (default: $POND_WORKER_KEY_DIR, else ~/.local/share/pond/worker).
@@ -928,6 +939,31 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     let key = cli::consumer_key(&path, true)?;
                     println!("new key {} at {}", key.fingerprint, key.path.display());
                 }
+            }
+            Ok(0)
+        }
+        Command::Verify { id, json } => {
+            let config = CliConfig::load(&config_path)?;
+            let context = cli.global.context.clone();
+            let overrides = TargetOverrides {
+                server: cli.global.server,
+                token: cli.global.token,
+                context: cli.global.context,
+                project: std::env::var("POND_PROJECT").ok(),
+            };
+            let key_path = cli::consumer_key_path(&config_path, context.as_deref().or(config.current.as_deref()));
+            let target = cli::resolve_target(&config, &overrides)?;
+            let client = Client::new(&target.server, target.token.clone());
+            let config_dir = config_path.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+            let heads = pond_http::verify::heads_path(&config_dir);
+            let verified = pond_http::verify::verify_run(&client, &target.server, &id, &key_path, &heads)?;
+            if json {
+                print_json(&verified)?;
+            } else {
+                for check in &verified.checks {
+                    println!("ok  {check}");
+                }
+                println!("run {id} verified");
             }
             Ok(0)
         }

@@ -534,3 +534,130 @@ fn moved_truncated_or_relabelled_output_is_detected_by_the_cli_and_by_pynacl() {
     readers(None, &logs);
     readers(None, &["run", "artifacts", &id, "a.txt"]);
 }
+
+/// `pond verify` and a PyNaCl + hashlib verifier check runs against the transparency log: the
+/// signed tree head, its consistency with the head each saw before, the run's signed request and
+/// attestation in the log. Whoever holds the database then rewrites a logged leaf, removes the
+/// newest one, or re-signs a run's request with a key of their own: each is caught by both.
+#[test]
+fn the_transparency_log_catches_a_rewritten_history() {
+    let Some(pg) = Server::database_server() else { return };
+    let Some(python) = std::env::var("POND_TEST_PYTHON").ok().filter(|p| !p.is_empty()) else {
+        pond_store::missing_prerequisite("POND_TEST_PYTHON is not set (a python with PyNaCl; .ci/run sets it)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = common::scratch_database(&pg, "translog");
+    let server = Server::start(&dir.path().join("server"), &["--database-url", db.url.as_str()]);
+    let admin = server.admin();
+    let code = enroll_code(&admin, "byo", None, None);
+    let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+    let code = enroll_code(&admin, "byo", Some(&["pool:byo", "tenant:acme"]), None);
+    let _worker = Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--allow-unconfined"]);
+    let alice = dir.path().join("alice");
+    let _ = public_key(&server, &alice);
+    let secret = hex::encode(pond_exec::load_or_create_key(&alice.join("keys/default.x25519")).unwrap());
+    let workflow = dir.path().join("wf.json");
+    std::fs::write(
+        &workflow,
+        json!({"stages": [
+            {"key": "local", "executor": {"kind": "shell", "argv": ["sh", "-c", "echo hi; printf x > \"$POND_OUTPUT_DIR/l.txt\""]}},
+            {"key": "pooled", "executor": {"kind": "shell", "placement": "pool", "sandbox": {"tier": "byo"},
+                "argv": ["sh", "-c", "echo there; printf y > \"$POND_OUTPUT_DIR/p.txt\""]}}
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let submit = || {
+        let out = consumer(
+            &server,
+            &alice,
+            &["run", "submit", "-f", workflow.to_str().unwrap(), "--project", "acme", "--wait"],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        admin.list_runs(None, None, Some(1), None).unwrap().runs[0].id.to_string()
+    };
+    let state = dir.path().join("pynacl-tree-head.json");
+    let verifiers = |id: &str, expect: Option<&str>| {
+        let out = consumer(&server, &alice, &["verify", id]);
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let py = Command::new(&python)
+            .arg(common::root().join("testdata/interop/pynacl_verify.py"))
+            .args([server.url.as_str(), &server.token, id, &secret])
+            .arg(&state)
+            .output()
+            .unwrap();
+        let py_said = format!("{}{}", String::from_utf8_lossy(&py.stdout), String::from_utf8_lossy(&py.stderr));
+        match expect {
+            None => {
+                assert!(out.status.success(), "pond verify {id}: {stderr}");
+                assert!(py.status.success(), "PyNaCl verify: {py_said}");
+                stdout.to_string()
+            }
+            Some(why) => {
+                assert!(
+                    !out.status.success() && stderr.contains(why),
+                    "pond verify must say {why:?}: {stdout}{stderr}"
+                );
+                assert!(!py.status.success(), "PyNaCl must refuse: {py_said}");
+                String::new()
+            }
+        }
+    };
+    let first = submit();
+    let said = verifiers(&first, None);
+    for check in
+        ["request signed by this context's key", "attestation signed by worker", "artifacts signed and in place"]
+    {
+        assert!(said.contains(check), "{said}");
+    }
+    let second = submit();
+    let said = verifiers(&second, None);
+    assert!(said.contains("the log extends the tree head seen before"), "{said}");
+    let sql = |statement: &str| {
+        let out =
+            Command::new("psql").args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", statement]).output().unwrap();
+        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+    };
+
+    // A leaf both verifiers saw in a tree head is rewritten (the first run's request, now
+    // naming another signing key).
+    sql("CREATE TABLE saved AS SELECT * FROM transparency_log");
+    sql(&format!(
+        "UPDATE transparency_log SET leaf = replace(leaf, '\"kind\":\"request\"', '\"kind\":\"request\",\"x\":1'), \
+         leaf_hash = sha256(convert_to(E'\\\\000' || replace(leaf, '\"kind\":\"request\"', '\"kind\":\"request\",\"x\":1'), 'UTF8')) \
+         WHERE run_id = '{first}' AND leaf LIKE '%\"kind\":\"request\"%'"
+    ));
+    verifiers(&second, Some("its history was rewritten"));
+    let restore = || {
+        sql("DELETE FROM transparency_log");
+        sql("INSERT INTO transparency_log SELECT * FROM saved");
+    };
+    restore();
+    verifiers(&second, None);
+
+    // The newest leaf removed: the log shrinks below what both saw.
+    sql("DELETE FROM transparency_log WHERE idx = (SELECT MAX(idx) FROM transparency_log)");
+    verifiers(&second, Some("the log shrank"));
+    restore();
+
+    // The run's signed request replaced by one the attacker signed (with mallory as a recipient).
+    let view = admin.get_run(&first).unwrap();
+    let mut encryption = view.encryption.clone().unwrap();
+    let mallory = pond_core::keys::x25519_public(&[0x6d; 32]);
+    let mallory_b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, mallory);
+    encryption.recipients.push(mallory_b64.clone());
+    let mut body: serde_json::Value = serde_json::from_str(&encryption.request.as_ref().unwrap().body).unwrap();
+    body["recipient_pubkeys"].as_array_mut().unwrap().push(json!(mallory_b64));
+    encryption.request = Some(pond_core::signed_request::SignedRequest::sign(&[0x6d; 32], &body));
+    sql(&format!(
+        "UPDATE runs SET encryption = '{}' WHERE id = '{first}'",
+        serde_json::to_string(&encryption).unwrap().replace('\'', "''")
+    ));
+    verifiers(&first, Some("not by this context's key"));
+    sql(&format!(
+        "UPDATE runs SET encryption = '{}' WHERE id = '{first}'",
+        serde_json::to_string(&view.encryption.unwrap()).unwrap().replace('\'', "''")
+    ));
+    verifiers(&first, None);
+}

@@ -306,6 +306,73 @@ impl Engine {
         Ok(all)
     }
 
+    /// Appends a leaf about `run` to the transparency log.
+    pub async fn log_leaf(&self, run: RunId, leaf: &str) -> Result<u64, CoreError> {
+        let hash = crate::merkle::leaf_hash(leaf.as_bytes());
+        Ok(self.store.append_leaf(run, leaf, &hash, self.clock.now()).await?)
+    }
+
+    /// The transparency log's current tree head, signed by this node.
+    pub async fn tree_head(&self) -> Result<crate::transparency::TreeHead, CoreError> {
+        let leaves = self.store.leaf_hashes(None).await?;
+        let root = crate::merkle::root(&leaves);
+        Ok(crate::transparency::TreeHead::sign(
+            leaves.len() as u64,
+            &root,
+            self.clock.now().as_millis(),
+            &self.config.node_id,
+            &self.config.signing_seed,
+        ))
+    }
+
+    /// The consistency proof from the tree of `first` leaves to the tree of `second`, or why
+    /// not (a size of 0, out of order, or larger than the log).
+    pub async fn log_consistency(&self, first: u64, second: u64) -> Result<Vec<crate::merkle::Hash>, CoreError> {
+        let leaves = self.store.leaf_hashes(Some(second)).await?;
+        if first == 0 || first > second || second > leaves.len() as u64 {
+            return Err(FieldError::new(
+                "query",
+                format!("`first` must be from 1 to `second`, and `second` at most the log's size ({})", leaves.len()),
+            )
+            .into());
+        }
+        Ok(crate::merkle::consistency_proof(&leaves, first as usize).unwrap_or_default())
+    }
+
+    /// A run's leaves with their audit paths in the tree of `size` leaves (the size of a tree
+    /// head the reader holds).
+    pub async fn run_log(&self, run: RunId, size: u64) -> Result<Vec<crate::transparency::LoggedLeaf>, CoreError> {
+        let leaves = self.store.leaf_hashes(Some(size)).await?;
+        if size == 0 || size > leaves.len() as u64 {
+            return Err(FieldError::new(
+                "query.tree_size",
+                format!("must be from 1 to the log's size ({})", leaves.len()),
+            )
+            .into());
+        }
+        let mut out = Vec::new();
+        for (index, leaf) in self.store.run_leaves(run).await? {
+            if let Some(proof) = crate::merkle::inclusion_proof(&leaves, index as usize) {
+                out.push(crate::transparency::LoggedLeaf {
+                    index,
+                    leaf,
+                    proof: crate::transparency::encode_hashes(&proof),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Logs a confidential run's signed request unless it already is (a retried submit logs it
+    /// if the first try stopped between storing the run and logging it).
+    async fn log_request(&self, run: &crate::run::Run) -> Result<(), CoreError> {
+        let Some(leaf) = crate::transparency::request_leaf(run) else { return Ok(()) };
+        if !self.store.run_leaves(run.id).await?.iter().any(|(_, l)| *l == leaf) {
+            self.log_leaf(run.id, &leaf).await?;
+        }
+        Ok(())
+    }
+
     /// Registered models and harnesses.
     pub fn registry(&self) -> crate::agents::Registry {
         crate::agents::Registry::new(self.store.clone()).with_model_origins(self.config.model_origins.clone())
@@ -436,7 +503,10 @@ impl Engine {
         }
         snapshot.run.request_digest = Some(digest.clone());
         match self.store.insert_run(&snapshot).await? {
-            crate::store::InsertOutcome::Created => Ok(Submitted { snapshot, created: true }),
+            crate::store::InsertOutcome::Created => {
+                self.log_request(&snapshot.run).await?;
+                Ok(Submitted { snapshot, created: true })
+            }
             crate::store::InsertOutcome::Existing(existing) => {
                 // A retry returns the first run; another request under the same key is refused
                 // rather than answered with a run it did not ask for. (A run stored before
@@ -452,6 +522,7 @@ impl Engine {
                     )
                     .into());
                 }
+                self.log_request(&existing.run).await?;
                 Ok(Submitted { snapshot: *existing, created: false })
             }
         }
@@ -830,6 +901,10 @@ impl Engine {
         }
         let stored = self.stored_outputs(job).await?;
         let attestation = verify_report(job, worker, report, issued.as_deref(), &stored);
+        // Logged before it is recorded: every attestation a run shows is in the log (a retried
+        // result may log the same leaf twice, which changes nothing a reader checks).
+        let leaf = crate::transparency::attestation_leaf(&job.run.to_string(), key, attempt, &attestation);
+        self.log_leaf(job.run, &leaf).await?;
         let now = self.clock.now();
         let default_policy = self.config.attestation_default;
         let snapshot = self

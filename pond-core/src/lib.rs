@@ -31,6 +31,7 @@ pub mod exec;
 pub mod ids;
 pub mod json;
 pub mod keys;
+pub mod merkle;
 pub mod net;
 pub mod pool;
 pub mod routing;
@@ -41,5 +42,6 @@ pub mod signed_request;
 pub mod source;
 pub mod store;
 pub mod time;
+pub mod transparency;
 
 pub use error::{CoreError, FieldError, StoreError};

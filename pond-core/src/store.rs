@@ -358,6 +358,15 @@ pub trait Store: Send + Sync + 'static {
     /// One artifact.
     async fn get_artifact(&self, run: RunId, name: &str) -> Result<Option<Artifact>, StoreError>;
 
+    /// Appends a leaf (about `run`) to the transparency log, at the next index, which it
+    /// returns. Appends from several nodes take turns; a leaf is never changed or removed.
+    async fn append_leaf(&self, run: RunId, leaf: &str, leaf_hash: &[u8; 32], at: Timestamp)
+        -> Result<u64, StoreError>;
+    /// The hashes of the log's first `size` leaves (all of them with `None`), in order.
+    async fn leaf_hashes(&self, size: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError>;
+    /// A run's leaves, `(index, leaf)` in index order.
+    async fn run_leaves(&self, run: RunId) -> Result<Vec<(u64, String)>, StoreError>;
+
     /// Stores a token.
     async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
     /// Stores `token` only if no unrevoked admin token exists, atomically, so that nodes

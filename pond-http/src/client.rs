@@ -157,6 +157,21 @@ impl Client {
         self.json(self.request("GET", &format!("/v1/runs/{}/keys", encode_path(id))), None)
     }
 
+    /// `GET /v1/log/tree-head`.
+    pub fn tree_head(&self) -> Result<pond_core::transparency::TreeHead, ClientError> {
+        self.json(self.request("GET", "/v1/log/tree-head"), None)
+    }
+
+    /// `GET /v1/log/consistency?first=&second=`.
+    pub fn log_consistency(&self, first: u64, second: u64) -> Result<crate::keys_api::ConsistencyProof, ClientError> {
+        self.json(self.request("GET", &format!("/v1/log/consistency?first={first}&second={second}")), None)
+    }
+
+    /// `GET /v1/runs/{id}/log?tree_size=`.
+    pub fn run_log(&self, id: &str, tree_size: u64) -> Result<crate::keys_api::RunLog, ClientError> {
+        self.json(self.request("GET", &format!("/v1/runs/{}/log?tree_size={tree_size}", encode_path(id))), None)
+    }
+
     /// `GET /v1/keys`: the control plane's log-signing keys.
     pub fn keys(&self) -> Result<crate::keys_api::KeysDocument, ClientError> {
         self.json(self.request("GET", "/v1/keys"), None)

@@ -1,6 +1,8 @@
-//! The keys a reader needs to check what pond serves without trusting it further: the
-//! control plane's log-signing keys (`GET /v1/keys`) and, for one run, the keys of every node and
-//! worker that ran an attempt of it (`GET /v1/runs/{id}/keys`).
+//! What a reader needs to check what pond serves without trusting it further: the control
+//! plane's signing keys (`GET /v1/keys`), for one run the keys of every node and worker that ran
+//! an attempt of it (`GET /v1/runs/{id}/keys`), and the transparency log: signed tree heads
+//! (`GET /v1/log/tree-head`), consistency proofs (`GET /v1/log/consistency`) and a run's leaves
+//! with their audit paths (`GET /v1/runs/{id}/log`).
 
 use axum::extract::{Path, State};
 use axum::routing::get;
@@ -42,9 +44,82 @@ pub struct RunKeys {
     pub workers: Vec<WorkerKeys>,
 }
 
-/// `/v1/keys` and `/v1/runs/{id}/keys`.
+/// A consistency proof between two tree sizes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConsistencyProof {
+    /// The older tree's size.
+    pub first: u64,
+    /// The newer tree's size.
+    pub second: u64,
+    /// Base64 hashes (RFC 9162 §2.1.4).
+    pub proof: Vec<String>,
+}
+
+/// A run's leaves in the tree of `tree_size` leaves.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunLog {
+    /// The size of the tree the audit paths lead to.
+    pub tree_size: u64,
+    /// The run's leaves, in log order.
+    pub entries: Vec<pond_core::transparency::LoggedLeaf>,
+}
+
+/// `/v1/keys`, `/v1/runs/{id}/keys`, `/v1/log/…` and `/v1/runs/{id}/log`.
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/keys", get(keys)).route("/runs/{id}/keys", get(run_keys))
+    Router::new()
+        .route("/keys", get(keys))
+        .route("/runs/{id}/keys", get(run_keys))
+        .route("/log/tree-head", get(tree_head))
+        .route("/log/consistency", get(consistency))
+        .route("/runs/{id}/log", get(run_log))
+}
+
+async fn tree_head(
+    State(state): State<AppState>,
+    _who: Principal,
+) -> Result<Json<pond_core::transparency::TreeHead>, ApiError> {
+    Ok(Json(state.engine.tree_head().await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsistencyQuery {
+    first: String,
+    second: String,
+}
+
+fn size(field: &str, text: &str) -> Result<u64, ApiError> {
+    text.parse().map_err(|_| ApiError::invalid(format!("query.{field}"), format!("`{text}` is not a tree size")))
+}
+
+async fn consistency(
+    State(state): State<AppState>,
+    _who: Principal,
+    uri: axum::http::Uri,
+) -> Result<Json<ConsistencyProof>, ApiError> {
+    let q: ConsistencyQuery = crate::boundary::parse_query(uri.query())?;
+    let (first, second) = (size("first", &q.first)?, size("second", &q.second)?);
+    let proof = state.engine.log_consistency(first, second).await?;
+    Ok(Json(ConsistencyProof { first, second, proof: pond_core::transparency::encode_hashes(&proof) }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunLogQuery {
+    tree_size: String,
+}
+
+async fn run_log(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    uri: axum::http::Uri,
+) -> Result<Json<RunLog>, ApiError> {
+    let run = crate::api::visible_run(&state, &who, &id).await?;
+    let q: RunLogQuery = crate::boundary::parse_query(uri.query())?;
+    let tree_size = size("tree_size", &q.tree_size)?;
+    let entries = state.engine.run_log(run.run.id, tree_size).await?;
+    Ok(Json(RunLog { tree_size, entries }))
 }
 
 async fn keys(State(state): State<AppState>, _who: Principal) -> Result<Json<KeysDocument>, ApiError> {

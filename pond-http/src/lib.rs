@@ -35,5 +35,6 @@ pub mod pool_client;
 pub mod pool_wire;
 pub mod server;
 pub mod state;
+pub mod verify;
 pub mod wire;
 pub mod worker_process;

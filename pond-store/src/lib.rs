@@ -39,6 +39,13 @@ pub(crate) fn attempt_not_writing(a: &pond_core::store::Artifact) -> pond_core::
     ))
 }
 
+/// A stored leaf hash, which must be 32 bytes.
+pub(crate) fn leaf_hash_of(bytes: &[u8]) -> Result<[u8; 32], pond_core::StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| pond_core::StoreError::Corrupt(format!("a transparency log leaf hash of {} bytes", bytes.len())))
+}
+
 /// The refusal of an artifact that would take its run past the per-run cap.
 pub(crate) fn over_cap(a: &pond_core::store::Artifact, others: u64, cap: u64) -> pond_core::StoreError {
     pond_core::StoreError::Conflict(format!(

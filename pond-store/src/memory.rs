@@ -30,6 +30,8 @@ struct Inner {
     closed_outputs: BTreeSet<(RunId, String, u32)>,
     tokens: BTreeMap<TokenId, TokenRecord>,
     records: BTreeMap<(String, String), String>,
+    // The transparency log: (run, leaf, leaf hash) by index.
+    log: Vec<(RunId, String, [u8; 32])>,
 }
 
 /// A store that keeps everything in memory.
@@ -256,6 +258,35 @@ impl Store for MemoryStore {
         }
         let end = (start + BLOB_CHUNK_BYTES).min(data.len());
         Ok(data[start..end].to_vec())
+    }
+
+    async fn append_leaf(
+        &self,
+        run: RunId,
+        leaf: &str,
+        leaf_hash: &[u8; 32],
+        _at: Timestamp,
+    ) -> Result<u64, StoreError> {
+        let mut inner = self.lock()?;
+        inner.log.push((run, leaf.to_string(), *leaf_hash));
+        Ok(inner.log.len() as u64 - 1)
+    }
+
+    async fn leaf_hashes(&self, size: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError> {
+        let inner = self.lock()?;
+        let n = size.map_or(inner.log.len(), |s| (s as usize).min(inner.log.len()));
+        Ok(inner.log[..n].iter().map(|(_, _, h)| *h).collect())
+    }
+
+    async fn run_leaves(&self, run: RunId) -> Result<Vec<(u64, String)>, StoreError> {
+        let inner = self.lock()?;
+        Ok(inner
+            .log
+            .iter()
+            .enumerate()
+            .filter(|(_, (r, _, _))| *r == run)
+            .map(|(i, (_, l, _))| (i as u64, l.clone()))
+            .collect())
     }
 
     async fn put_artifact(&self, artifact: &Artifact, holder: &str, run_cap: u64) -> Result<(), StoreError> {

@@ -652,6 +652,52 @@ impl Store for SqliteStore {
         data.ok_or_else(|| StoreError::NotFound(format!("blob {id} chunk {index}")))
     }
 
+    async fn append_leaf(
+        &self,
+        run: RunId,
+        leaf: &str,
+        leaf_hash: &[u8; 32],
+        at: Timestamp,
+    ) -> Result<u64, StoreError> {
+        // The write transaction holds SQLite's write lock: indices are taken in turn.
+        let mut tx = self.begin().await?;
+        let idx: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM transparency_log")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        sqlx::query("INSERT INTO transparency_log (idx, run_id, leaf, leaf_hash, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(idx)
+            .bind(run.to_string())
+            .bind(leaf)
+            .bind(leaf_hash.as_slice())
+            .bind(at.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(idx as u64)
+    }
+
+    async fn leaf_hashes(&self, size: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError> {
+        let limit = size.map_or(i64::MAX, |s| s.min(i64::MAX as u64) as i64);
+        let rows: Vec<Vec<u8>> = sqlx::query_scalar("SELECT leaf_hash FROM transparency_log ORDER BY idx LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err)?;
+        rows.into_iter().map(|h| crate::leaf_hash_of(&h)).collect()
+    }
+
+    async fn run_leaves(&self, run: RunId) -> Result<Vec<(u64, String)>, StoreError> {
+        let rows: Vec<(i64, String)> =
+            sqlx::query_as("SELECT idx, leaf FROM transparency_log WHERE run_id = ? ORDER BY idx")
+                .bind(run.to_string())
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
+        Ok(rows.into_iter().map(|(i, l)| (i.max(0) as u64, l)).collect())
+    }
+
     async fn put_artifact(&self, a: &Artifact, holder: &str, run_cap: u64) -> Result<(), StoreError> {
         // One write transaction: the attempt check and the write see the same stage row.
         let mut tx = self.begin().await?;

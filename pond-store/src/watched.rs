@@ -191,6 +191,24 @@ impl Store for WatchedStore {
     async fn read_blob_chunk(&self, id: BlobId, index: u64) -> Result<Vec<u8>, StoreError> {
         self.inner.read_blob_chunk(id, index).await
     }
+    async fn append_leaf(
+        &self,
+        run: RunId,
+        leaf: &str,
+        leaf_hash: &[u8; 32],
+        at: Timestamp,
+    ) -> Result<u64, StoreError> {
+        self.inner.append_leaf(run, leaf, leaf_hash, at).await
+    }
+
+    async fn leaf_hashes(&self, size: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError> {
+        self.inner.leaf_hashes(size).await
+    }
+
+    async fn run_leaves(&self, run: RunId) -> Result<Vec<(u64, String)>, StoreError> {
+        self.inner.run_leaves(run).await
+    }
+
     async fn put_artifact(&self, artifact: &Artifact, holder: &str, run_cap: u64) -> Result<(), StoreError> {
         self.inner.put_artifact(artifact, holder, run_cap).await?;
         self.announce_output([&artifact.run_id]);

@@ -665,6 +665,32 @@ pub async fn records_swap_atomically(store: Arc<dyn Store>) {
     assert_eq!(wins, 1);
 }
 
+pub async fn the_transparency_log_appends_in_turn_and_never_forgets(store: Arc<dyn Store>) {
+    let (a, b) = (RunId::generate(at(1)), RunId::generate(at(2)));
+    let hash = |text: &str| pond_core::merkle::leaf_hash(text.as_bytes());
+    assert_eq!(store.append_leaf(a, "a0", &hash("a0"), at(3)).await.unwrap(), 0);
+    assert_eq!(store.append_leaf(b, "b1", &hash("b1"), at(4)).await.unwrap(), 1);
+    // Sixteen appends at once: sixteen distinct indices right after, none lost.
+    let mut appends = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let store = store.clone();
+        appends.spawn(async move { store.append_leaf(a, &format!("c{i}"), &hash(&format!("c{i}")), at(5)).await });
+    }
+    let mut indices: Vec<u64> = appends.join_all().await.into_iter().map(|r| r.unwrap()).collect();
+    indices.sort_unstable();
+    assert_eq!(indices, (2..18).collect::<Vec<u64>>());
+    let all = store.leaf_hashes(None).await.unwrap();
+    assert_eq!(all.len(), 18);
+    assert_eq!(&all[..2], &[hash("a0"), hash("b1")]);
+    assert_eq!(store.leaf_hashes(Some(2)).await.unwrap(), all[..2].to_vec());
+    assert_eq!(store.leaf_hashes(Some(99)).await.unwrap(), all);
+    assert_eq!(store.run_leaves(b).await.unwrap(), vec![(1, "b1".to_string())]);
+    let of_a = store.run_leaves(a).await.unwrap();
+    assert_eq!(of_a.len(), 17);
+    assert_eq!(of_a[0], (0, "a0".to_string()));
+    assert!(of_a.iter().all(|(i, leaf)| all[*i as usize] == hash(leaf)), "each leaf at its own index");
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -691,6 +717,7 @@ macro_rules! conformance {
                 byo_hosts_take_only_their_own_projects_work,
                 a_busy_worker_is_given_no_second_job,
                 records_swap_atomically,
+                the_transparency_log_appends_in_turn_and_never_forgets,
             );
         }
     };
