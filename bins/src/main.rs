@@ -1380,6 +1380,7 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
             drop(out);
             let finished = client.get_run(&run.id.to_string())?;
             decrypt.check_whole(&finished)?;
+            cli::check_attestations(client, &finished)?;
             if json {
                 print_json(&finished)?;
             } else {
@@ -1430,6 +1431,7 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
                     // Only the streams of a run finished before the log was read must be whole.
                     if let Some(run) = &finished_before {
                         decrypt.check_whole(run)?;
+                        cli::check_attestations(client, run)?;
                     }
                     return Ok(0);
                 }

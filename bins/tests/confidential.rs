@@ -660,4 +660,84 @@ fn the_transparency_log_catches_a_rewritten_history() {
         serde_json::to_string(&view.encryption.unwrap()).unwrap().replace('\'', "''")
     ));
     verifiers(&first, None);
+
+    // The pooled attempt's recorded exit code changed: its signature no longer holds, which the
+    // CLI checks by default when it reads the run's log.
+    let attempts = format!("run_id = '{first}' AND stage_key = 'pooled'");
+    sql(&format!("UPDATE attempts SET attestation = replace(attestation, '\"rc\":0', '\"rc\":1') WHERE {attempts}"));
+    let out = consumer(&server, &alice, &["run", "logs", &first]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("does not verify under worker"), "{stderr}");
+    verifiers(&first, Some("attempt 1"));
+    sql(&format!("UPDATE attempts SET attestation = replace(attestation, '\"rc\":1', '\"rc\":0') WHERE {attempts}"));
+    verifiers(&first, None);
+}
+
+/// A consumer with PyNaCl and no Pond code does the whole round: signs and submits a
+/// confidential run (its definition with non-ASCII text, quotes and escapes, so the canonical
+/// form is tested across languages), reads and checks its streams and artifacts, and verifies
+/// it against the transparency log. The CLI, holding the same key, verifies it too.
+#[test]
+fn a_pynacl_consumer_signs_submits_reads_and_verifies_a_run() {
+    let Some(python) = std::env::var("POND_TEST_PYTHON").ok().filter(|p| !p.is_empty()) else {
+        pond_store::missing_prerequisite("POND_TEST_PYTHON is not set (a python with PyNaCl; .ci/run sets it)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let admin = server.admin();
+    let code = enroll_code(&admin, "byo", None, None);
+    let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+    let code = enroll_code(&admin, "byo", Some(&["pool:byo", "tenant:acme"]), None);
+    let _worker = Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--allow-unconfined"]);
+    let alice = dir.path().join("alice");
+    let _ = public_key(&server, &alice);
+    let secret = hex::encode(pond_exec::load_or_create_key(&alice.join("keys/default.x25519")).unwrap());
+    let request = dir.path().join("request.json");
+    std::fs::write(
+        &request,
+        json!({"definition": {"stages": [
+            {"key": "local", "name": "Grüße \"quoted\"\ttab", "executor": {"kind": "shell", "argv": ["sh", "-c",
+                "echo 'naïve ✓ \\\\ line'; printf 'é' > \"$POND_OUTPUT_DIR/e.txt\""]}},
+            {"key": "pooled", "executor": {"kind": "shell", "placement": "pool", "sandbox": {"tier": "byo"},
+                "argv": ["sh", "-c", "echo pooled-✓; printf p > \"$POND_OUTPUT_DIR/p.txt\""]}}
+        ]}})
+        .to_string(),
+    )
+    .unwrap();
+    let script = |name: &str| common::root().join("testdata/interop").join(name);
+    let out = Command::new(&python)
+        .arg(script("pynacl_submit.py"))
+        .args([server.url.as_str(), &server.token, "acme", &secret])
+        .arg(&request)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let run = wait_done(&admin, &id, Duration::from_secs(60));
+    assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
+
+    let out = Command::new(&python)
+        .arg(script("pynacl_consumer.py"))
+        .args([server.url.as_str(), &server.token, &id, &secret])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let texts: Vec<&str> = got["lines"].as_array().unwrap().iter().map(|l| l[1].as_str().unwrap()).collect();
+    assert!(texts.contains(&"naïve ✓ \\ line") && texts.contains(&"pooled-✓"), "{texts:?}");
+    assert_eq!(got["artifacts"]["e.txt"], hex::encode("é"));
+    assert_eq!(got["request"], json!({"signed_by_me": true, "canonical": true, "covers_recipients": true}));
+
+    let out = Command::new(&python)
+        .arg(script("pynacl_verify.py"))
+        .args([server.url.as_str(), &server.token, &id, &secret])
+        .arg(dir.path().join("head.json"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let checks = String::from_utf8_lossy(&out.stdout);
+    assert!(checks.contains("attestation of pooled signed by its worker, in the log"), "{checks}");
+    let out = consumer(&server, &alice, &["verify", &id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -312,6 +312,52 @@ impl Signers {
     }
 }
 
+/// Checks every attestation a run shows against the pinned key of the worker that made it
+/// (`GET /v1/runs/{id}/keys`): the signature over job, input, output manifest and exit code
+/// must hold, whatever pond's own verdict says.
+pub fn check_attestations(client: &Client, view: &RunView) -> Result<(), CliError> {
+    let attested: Vec<_> = view
+        .stages
+        .iter()
+        .flat_map(|s| s.attempts.iter().map(move |a| (s, a)))
+        .filter_map(|(s, a)| a.attestation.as_ref().map(|r| (s, a, r)))
+        .collect();
+    if attested.is_empty() {
+        return Ok(());
+    }
+    let keys = client.run_keys(&view.id.to_string())?;
+    for (stage, attempt, record) in attested {
+        let at = format!("the attestation of stage `{}` (attempt {})", stage.key, attempt.number);
+        let pinned = keys
+            .workers
+            .iter()
+            .find(|w| w.id == record.worker)
+            .and_then(|w| w.signing_key.as_deref())
+            .and_then(pond_core::transparency::decode32)
+            .ok_or_else(|| CliError::Input(format!("{at}: worker `{}` has no pinned key", record.worker)))?;
+        let digest = |h: &str| hex::decode(h).ok().and_then(|b| <[u8; 32]>::try_from(b).ok());
+        let signature = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &record.signature)
+            .ok()
+            .and_then(|b| <[u8; 64]>::try_from(b).ok());
+        let checked = match (digest(&record.input_sha256), record.output_sha256.as_deref().and_then(digest), signature)
+        {
+            (Some(input_sha256), Some(output_sha256), Some(signature)) => pond_core::attest::Attestation {
+                job_id: record.job_id.clone(),
+                input_sha256,
+                output_sha256,
+                rc: record.rc,
+            }
+            .verify(&pinned, &signature)
+            .map_err(|e| e.to_string()),
+            _ => Err("malformed".to_string()),
+        };
+        checked.map_err(|e| {
+            CliError::Input(format!("{at} does not verify under worker `{}`'s pinned key: {e}", record.worker))
+        })?;
+    }
+    Ok(())
+}
+
 /// The Ed25519 keys of the nodes and workers that ran `run`'s attempts.
 fn run_signers(client: &Client, run: &str) -> Result<Vec<[u8; 32]>, CliError> {
     let keys = client.run_keys(run)?;
