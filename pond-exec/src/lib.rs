@@ -16,6 +16,8 @@ mod driver;
 mod keys;
 mod noop;
 mod shell;
+#[cfg(target_os = "linux")]
+mod stage_cgroup;
 mod stop;
 mod swarm;
 mod worker;

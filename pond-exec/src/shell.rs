@@ -144,6 +144,10 @@ pub fn reap_orphans(dir: &Path) -> std::io::Result<usize> {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+    #[cfg(target_os = "linux")]
+    {
+        killed += crate::stage_cgroup::reap_stage_cgroups(dir);
+    }
     std::fs::create_dir_all(dir)?;
     Ok(killed)
 }
@@ -448,13 +452,28 @@ impl ShellExecutor {
             }
             _ => None,
         };
-        // SAFETY: prctl and the cover's calls are async-signal-safe system calls on the child
-        // being set up, with everything they need prepared before the fork.
+        // A host process gets a cgroup of its own (when this node may make one), so the stage's
+        // end kills whatever it started, in any session or environment. (A wrapped command is the
+        // sandbox helper, whose container has its own cgroup and dies with it.)
+        #[cfg(target_os = "linux")]
+        let cgroup = match (&self.config.group_dir, report.is_none()) {
+            (Some(groups), true) => crate::stage_cgroup::StageCgroup::create(groups, &mark).map(std::sync::Arc::new),
+            _ => None,
+        };
+        #[cfg(target_os = "linux")]
+        let child_cgroup = cgroup.clone();
+        // SAFETY: prctl, the cgroup's and the cover's calls are async-signal-safe system calls on
+        // the child being set up, with everything they need prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
                 // If this node dies (kill -9, OOM) the stage's process dies with it instead of
                 // finishing work that another node will redo.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // Into the stage's cgroup while still root (the cover may drop to the job's uid).
+                #[cfg(target_os = "linux")]
+                if let Some(cgroup) = &child_cgroup {
+                    cgroup.enter_from_child()?;
+                }
                 #[cfg(target_os = "linux")]
                 if let Some((cover, cwd)) = &cover {
                     cover.enter(cwd)?;
@@ -493,7 +512,16 @@ impl ShellExecutor {
             // every process that carries this attempt's mark.
             group.signal(libc::SIGKILL);
             let mark = mark.clone();
-            let _ = tokio::task::spawn_blocking(move || kill_marked(&mark)).await;
+            #[cfg(target_os = "linux")]
+            let cgroup = cgroup.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                #[cfg(target_os = "linux")]
+                if let Some(cgroup) = &cgroup {
+                    cgroup.kill_all();
+                }
+                kill_marked(&mark)
+            })
+            .await;
             status
         };
         let (status, ()) = tokio::join!(waiting, forwarding);

@@ -161,6 +161,15 @@ pub fn process_running(needle: &str) -> bool {
     })
 }
 
+/// Whether a process whose argv[0] is exactly `name` runs (`exec -a name …`): unlike
+/// [`process_running`], a parent whose command line merely mentions the name does not count.
+pub fn process_named(name: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return false };
+    entries.flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c.split(|&b| b == 0).next() == Some(name.as_bytes()))
+    })
+}
+
 /// A throwaway database on the test's PostgreSQL server.
 pub fn scratch_database(server: &str, prefix: &str) -> pond_store::ScratchDatabase {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
