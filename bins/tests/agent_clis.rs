@@ -606,3 +606,100 @@ fn a_model_api_that_never_answers_is_cut_off_by_the_stage_timeout() {
     let error = done.stages[0].error.clone().unwrap_or_default();
     assert!(error.contains("timed out after 3s"), "{error}");
 }
+
+/// A fake OpenAI Responses API whose first answer asks codex to run a long tool command that
+/// also leaves a process in a session of its own with an empty environment (out of the stage's
+/// process group and without its environment mark).
+async fn fake_openai_long_tool(escapee: String, tool: String) -> String {
+    let handler = move |body: axum::body::Bytes| {
+        let (escapee, tool) = (escapee.clone(), tool.clone());
+        async move {
+            let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let item = if request.to_string().contains("function_call_output") {
+                json!({"type": "message", "id": "msg_2", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "annotations": [], "text": "done"}]})
+            } else {
+                let cmd = format!(
+                    "/bin/bash -c 'env -i /usr/bin/setsid /bin/bash -c \"exec -a {escapee} sleep 600\" & exec -a {tool} sleep 600'"
+                );
+                json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command",
+                    "status": "completed", "arguments": json!({"cmd": cmd}).to_string()})
+            };
+            let usage = json!({"input_tokens": 10, "output_tokens": 2, "total_tokens": 12,
+                "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}});
+            sse(vec![
+                ("response.created", json!({"type": "response.created", "response": {"id": "resp_l"}})),
+                (
+                    "response.output_item.done",
+                    json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+                ),
+                (
+                    "response.completed",
+                    json!({"type": "response.completed", "response": {"id": "resp_l", "usage": usage}}),
+                ),
+            ])
+        }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, Router::new().fallback(handler)).await });
+    format!("http://{addr}")
+}
+
+/// Real codex runs a long tool command that also starts a process in a session of its own
+/// under `env -i`; the stage is cancelled mid-command, on the control plane and on a pool
+/// worker. Nothing of it survives: not the tool, not the escapee, not codex (checked in /proc).
+#[test]
+fn a_cancelled_codex_stage_leaves_none_of_its_processes_running() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        pond_store::missing_prerequisite("stage cgroups need root; .ci/run runs as root");
+        return;
+    }
+    let Some(bin) = agents_bin() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for pooled in [false, true] {
+        let tag = format!("{}-{}", if pooled { "pool" } else { "local" }, std::process::id());
+        let (escapee, tool) = (format!("pond-codex-escapee-{tag}"), format!("pond-codex-tool-{tag}"));
+        let upstream = rt.block_on(fake_openai_long_tool(escapee.clone(), tool.clone()));
+        let (dir, server) = serve_agent(&bin, "codex", &upstream);
+        let _pool = pooled.then(|| start_pool(&server, dir.path(), "harness.codex"));
+        let run = server
+            .admin()
+            .submit(
+                &json!({"project_id": "acme", "definition": {"stages": [
+                    {"key": "agent", "timeout": "5m", "executor": {"kind": "swarm",
+                        "placement": if pooled { "pool" } else { "local" }, "harness": "codex",
+                        "model_ref": "fast", "prompt": "Run the long command.", "sandbox": {"tier": "any"}}}
+                ]}}),
+                None,
+            )
+            .unwrap();
+        let id = run.id.to_string();
+        let started = std::time::Instant::now();
+        while !(common::process_named(&escapee) && common::process_named(&tool)) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the tool command never ran: {:#?}",
+                log_text(&server.admin(), &id)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server.admin().cancel(&id).unwrap();
+        let done = wait_done(&server.admin(), &id, Duration::from_secs(60));
+        assert_eq!(done.state.as_str(), "cancelled", "{:#?}", log_text(&server.admin(), &id));
+        common::eventually("nothing of the stage left", Duration::from_secs(10), || {
+            !common::process_named(&escapee) && !common::process_named(&tool)
+        });
+        // Nor codex itself: no process runs the CLI from this test's agents directory under
+        // the task's home.
+        let codex = bin.join("codex").display().to_string();
+        let leftover = std::fs::read_dir("/proc").unwrap().flatten().find(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains("codex")
+                && String::from_utf8_lossy(&environ).contains(&dir.path().display().to_string())
+        });
+        assert!(leftover.is_none(), "a codex process of the stage survived: {leftover:?} ({codex})");
+    }
+}

@@ -122,8 +122,7 @@ fn kill_all(dir: &Path, v2: bool) {
     }
     // Frozen first, so nothing forks between the listing and the signal; SIGKILL is delivered
     // to frozen tasks once they thaw.
-    let (state, frozen, thawed) =
-        if v2 { ("cgroup.freeze", "1", "0") } else { ("freezer.state", "FROZEN", "THAWED") };
+    let (state, frozen, thawed) = if v2 { ("cgroup.freeze", "1", "0") } else { ("freezer.state", "FROZEN", "THAWED") };
     for _ in 0..50 {
         let members = pids(dir);
         if members.is_empty() {
