@@ -1375,7 +1375,8 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
             }
             eprintln!("submitted run {} ({} stages)", run.id, run.stages.len());
             let mut out = std::io::stdout().lock();
-            let mut decrypt = cli::LogDecryptor::new(key_path, &run.id.to_string())?.verifying(client);
+            let asked = body.get("recipient_pubkeys").is_some();
+            let mut decrypt = cli::LogDecryptor::new(key_path, &run.id.to_string())?.verifying(client, asked)?;
             let end = cli::wait(client, &run.id.to_string(), &mut out, json, &mut decrypt)?;
             drop(out);
             let finished = client.get_run(&run.id.to_string())?;
@@ -1408,7 +1409,7 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
         }
         RunCommand::Logs { id, follow, json } => {
             let mut out = std::io::stdout().lock();
-            let mut decrypt = cli::LogDecryptor::new(key_path, &id)?.verifying(client);
+            let mut decrypt = cli::LogDecryptor::new(key_path, &id)?.verifying(client, false)?;
             if follow {
                 let end = cli::wait(client, &id, &mut out, json, &mut decrypt)?;
                 decrypt.check_whole(&client.get_run(&id)?)?;
@@ -1662,7 +1663,7 @@ fn demo(args: DemoArgs) -> Result<i32> {
         let body = cli::build_submit(&client, &target, &options)?;
         let run = client.submit(&body, None)?;
         println!("submitted run {} ({}) on {}\n", run.id, args.workflow.display(), args.source.display());
-        let mut decrypt = cli::LogDecryptor::new(&key, &run.id.to_string())?.verifying(&client);
+        let mut decrypt = cli::LogDecryptor::new(&key, &run.id.to_string())?.verifying(&client, true)?;
         let end = cli::wait(&client, &run.id.to_string(), &mut std::io::stdout().lock(), false, &mut decrypt)?;
         let finished = client.get_run(&run.id.to_string())?;
         decrypt.check_whole(&finished)?;

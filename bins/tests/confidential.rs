@@ -283,12 +283,14 @@ fn confidential_run(pg: Option<&str>) {
     }
 }
 
-/// Someone who can write the database adds their key to a running run's recipients. The stages
-/// that start afterwards, on the control plane and on a pool worker, check the recipients
-/// against the consumer's signed request and fail without running: nothing is sealed to the
-/// injected key. (Editing the signed request instead breaks its signature the same way.)
+/// Someone who can write the database changes a running run's encryption: adds their key to
+/// its recipients, removes its encryption, or replaces its signed request with one they signed
+/// themselves. The stages that start afterwards, on the control plane and on a pool worker, are
+/// refused before they run (the recipients must be covered by the signed request, and the
+/// request must be the one the transparency log holds from submit): nothing is sealed to the
+/// attacker's key and nothing is written in clear.
 #[test]
-fn a_recipient_injected_in_the_database_gets_nothing_sealed_to_it() {
+fn a_run_s_encryption_changed_in_the_database_gets_nothing_sealed_or_written_in_clear() {
     let Some(pg) = Server::database_server() else { return };
     let dir = tempfile::tempdir().unwrap();
     let db = common::scratch_database(&pg, "injected");
@@ -301,53 +303,72 @@ fn a_recipient_injected_in_the_database_gets_nothing_sealed_to_it() {
     let (alice, mallory) = (dir.path().join("alice"), dir.path().join("mallory"));
     let alice_key = public_key(&server, &alice);
     let mallory_key = public_key(&server, &mallory);
-    let gate = dir.path().join("gate");
-    let wait = format!("while [ ! -e {} ]; do sleep 0.05; done; echo FIRST-SEALED", gate.display());
-    let mut body = json!({"project_id": "acme", "encrypt": true, "recipient_pubkeys": [alice_key],
-    "definition": {"stages": [
-        {"key": "first", "executor": {"kind": "shell", "argv": ["sh", "-c", wait]}},
-        {"key": "local", "continue_on_error": true, "executor": {"kind": "shell", "argv": ["sh", "-c",
-            "echo INJ-LOCAL-5k; printf x > \"$POND_OUTPUT_DIR/local.txt\""]}},
-        {"key": "pooled", "executor": {"kind": "shell", "placement": "pool",
-            "sandbox": {"tier": "byo"}, "argv": ["sh", "-c", "echo INJ-POOL-6k"]}}
-    ]}});
-    common::sign_request(&mut body, &pond_exec::load_or_create_key(&alice.join("keys/default.x25519")).unwrap());
-    let id = admin.submit(&body, None).unwrap().id.to_string();
-    common::eventually("the first stage runs", Duration::from_secs(30), || {
-        admin.get_run(&id).unwrap().stages[0].state.as_str() == "running"
-    });
+    let mallory_secret = pond_exec::load_or_create_key(&mallory.join("keys/default.x25519")).unwrap();
+    let attacks: [(&str, &str); 3] = [
+        ("inject", "not among the recipients the consumer signed"),
+        ("strip", "it was stripped where the run is kept"),
+        ("re-sign", "not the one logged when it was submitted"),
+    ];
+    for (attack, refusal) in attacks {
+        let gate = dir.path().join(format!("gate-{attack}"));
+        let wait = format!("while [ ! -e {} ]; do sleep 0.05; done; echo FIRST-SEALED", gate.display());
+        let mut body = json!({"project_id": "acme", "encrypt": true, "recipient_pubkeys": [alice_key],
+        "definition": {"stages": [
+            {"key": "first", "executor": {"kind": "shell", "argv": ["sh", "-c", wait]}},
+            {"key": "local", "continue_on_error": true, "executor": {"kind": "shell", "argv": ["sh", "-c",
+                "echo INJ-LOCAL-5k; printf x > \"$POND_OUTPUT_DIR/local.txt\""]}},
+            {"key": "pooled", "executor": {"kind": "shell", "placement": "pool",
+                "sandbox": {"tier": "byo"}, "argv": ["sh", "-c", "echo INJ-POOL-6k"]}}
+        ]}});
+        common::sign_request(&mut body, &pond_exec::load_or_create_key(&alice.join("keys/default.x25519")).unwrap());
+        let id = admin.submit(&body, None).unwrap().id.to_string();
+        common::eventually("the first stage runs", Duration::from_secs(30), || {
+            admin.get_run(&id).unwrap().stages[0].state.as_str() == "running"
+        });
+        let mut encryption = admin.get_run(&id).unwrap().encryption.unwrap();
+        encryption.recipients.push(mallory_key.clone());
+        let column = match attack {
+            // One more recipient, the consumer's signed request kept as it is.
+            "inject" => format!("'{}'", serde_json::to_string(&encryption).unwrap()),
+            "strip" => "NULL".to_string(),
+            // A request the attacker signed, covering their key.
+            _ => {
+                let mut signed = body.clone();
+                signed["recipient_pubkeys"] = json!([alice_key, mallory_key]);
+                common::sign_request(&mut signed, &mallory_secret);
+                let fields = pond_core::signed_request::signed_fields(&signed, "acme");
+                encryption.request = Some(pond_core::signed_request::SignedRequest::sign(
+                    &pond_core::signed_request::consumer_signing_seed(&mallory_secret),
+                    &fields,
+                ));
+                format!("'{}'", serde_json::to_string(&encryption).unwrap())
+            }
+        };
+        let sql = format!("UPDATE runs SET encryption = {column} WHERE id = '{id}'");
+        let out = Command::new("psql").args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", &sql]).output().unwrap();
+        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::write(&gate, "").unwrap();
 
-    // The attacker rewrites the run's encryption column: the consumer's signed request kept as
-    // it is, one more recipient.
-    let mut encryption = admin.get_run(&id).unwrap().encryption.unwrap();
-    encryption.recipients.push(mallory_key.clone());
-    let sql = format!(
-        "UPDATE runs SET encryption = '{}' WHERE id = '{id}'",
-        serde_json::to_string(&encryption).unwrap().replace('\'', "''")
-    );
-    let out = Command::new("psql").args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", &sql]).output().unwrap();
-    assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
-    std::fs::write(&gate, "").unwrap();
-
-    let run = wait_done(&admin, &id, Duration::from_secs(60));
-    assert_eq!(run.state.as_str(), "failed", "{run:?}");
-    assert_eq!(run.stages[0].state.as_str(), "succeeded", "sealed before the injection, to alice only");
-    for stage in &run.stages[1..] {
-        let error = stage.error.clone().unwrap_or_default();
-        assert_eq!(stage.state.as_str(), "failed", "{}: {error}", stage.key);
-        assert!(error.contains("not among the recipients the consumer signed"), "{}: {error}", stage.key);
-        assert_eq!(stage.attempts.len(), 1, "{}: refused, not retried: {:?}", stage.key, stage.attempts);
+        let run = wait_done(&admin, &id, Duration::from_secs(60));
+        assert_eq!(run.state.as_str(), "failed", "{attack}: {run:?}");
+        assert_eq!(run.stages[0].state.as_str(), "succeeded", "{attack}: sealed before the change, to alice only");
+        for stage in &run.stages[1..] {
+            let error = stage.error.clone().unwrap_or_default();
+            assert_eq!(stage.state.as_str(), "failed", "{attack} {}: {error}", stage.key);
+            assert!(error.contains(refusal), "{attack} {}: {error}", stage.key);
+            assert_eq!(stage.attempts.len(), 1, "{attack} {}: refused, not retried: {:?}", stage.key, stage.attempts);
+        }
+        // Nothing was written after the change: one key header (the first stage's), no
+        // artifact, no clear-text output.
+        let lines = log_text(&admin, &id);
+        assert_eq!(lines.iter().filter(|l| l.starts_with("ENC2K:")).count(), 1, "{attack}: {lines:?}");
+        assert!(!lines.iter().any(|l| l.contains("INJ-")), "{attack}: {lines:?}");
+        assert!(admin.artifacts(&id).unwrap().artifacts.is_empty(), "{attack}");
+        if attack != "strip" {
+            let out = consumer(&server, &mallory, &["run", "logs", &id]);
+            assert!(String::from_utf8_lossy(&out.stderr).contains("not among its recipients"), "{attack}");
+        }
     }
-    // Nothing was sealed to anyone after the injection: one key header (the first stage's), no
-    // artifact; mallory reads nothing, alice reads the first stage.
-    let lines = log_text(&admin, &id);
-    assert_eq!(lines.iter().filter(|l| l.starts_with("ENC2K:")).count(), 1, "{lines:?}");
-    assert!(admin.artifacts(&id).unwrap().artifacts.is_empty());
-    let out = consumer(&server, &mallory, &["run", "logs", &id]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not among its recipients"));
-    let out = consumer(&server, &alice, &["run", "logs", &id]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("FIRST-SEALED") && !text.contains("INJ-"), "{text}");
 }
 
 /// Whoever can write the database (or knows the recipients' public keys) can seal a stream of
@@ -518,6 +539,20 @@ fn moved_truncated_or_relabelled_output_is_detected_by_the_cli_and_by_pynacl() {
     sql(&relabel);
     readers(Some("was altered"), &logs);
     sql(&relabel);
+
+    // A clear-text line added to stage a's output: "all tests passed", in no stream at all.
+    let max_seq = records.iter().map(|r| r.seq).max().unwrap();
+    sql(&format!(
+        "INSERT INTO logs (run_id, seq, stage, attempt, stream, at, text) VALUES ('{id}', {}, 'a', 1, 'stdout', 0, 'all tests passed')",
+        max_seq + 1
+    ));
+    readers(Some("clear-text stdout line in a confidential run"), &logs);
+    sql(&format!("DELETE FROM logs WHERE run_id = '{id}' AND seq = {}", max_seq + 1));
+
+    // a.txt's sidecar removed and its bytes replaced by clear text.
+    sql(&format!("UPDATE artifacts SET name = 'hidden.pondkey' WHERE run_id = '{id}' AND name = 'a.txt.pondkey'"));
+    readers(Some("has no key sidecar"), &["run", "artifacts", &id, "a.txt"]);
+    sql(&format!("UPDATE artifacts SET name = 'a.txt.pondkey' WHERE run_id = '{id}' AND name = 'hidden.pondkey'"));
 
     // a.txt and b.txt (with their sidecars) swapped.
     let swap_artifacts = format!(

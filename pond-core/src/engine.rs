@@ -363,6 +363,37 @@ impl Engine {
         Ok(out)
     }
 
+    /// Why a run must not run, judged against the transparency log: a run whose consumer's
+    /// signed request was logged at submit is confidential, so one shown without encryption was
+    /// stripped where it is kept; and its request must be the first one logged for it, not one
+    /// re-signed since. (Whoever can rewrite the log's own rows in place is caught by readers
+    /// holding earlier tree heads, not here.)
+    async fn check_logged_request(&self, run: &crate::run::Run) -> Result<(), String> {
+        let leaves = self
+            .store
+            .run_leaves(run.id)
+            .await
+            .map_err(|e| format!("could not check the run against the transparency log: {e}"))?;
+        let first = leaves
+            .into_iter()
+            .map(|(_, leaf)| leaf)
+            .find(|leaf| serde_json::from_str::<serde_json::Value>(leaf).is_ok_and(|v| v["kind"] == "request"));
+        let Some(first) = first else { return Ok(()) };
+        match crate::transparency::request_leaf(run) {
+            None => {
+                Err("the run's signed request is in the transparency log, but the run shows no encryption: it was \
+                 stripped where the run is kept; refusing to run it in clear"
+                    .into())
+            }
+            Some(mine) if mine == first => Ok(()),
+            Some(_) => {
+                Err("the run's signed request is not the one logged when it was submitted: it was replaced where \
+                 the run is kept; nothing is sealed"
+                    .into())
+            }
+        }
+    }
+
     /// Logs a confidential run's signed request unless it already is (a retried submit logs it
     /// if the first try stopped between storing the run and logging it).
     async fn log_request(&self, run: &crate::run::Run) -> Result<(), CoreError> {
@@ -599,6 +630,21 @@ impl Engine {
                     Ok(lines)
                 };
                 if let Ok(snapshot) = self.store.update_run(run, &mut reap).await {
+                    self.release_if_ended(&snapshot, now).await;
+                }
+                continue;
+            }
+            // Before anything of it runs or is sealed, here or on a worker: is the run's
+            // encryption the one its consumer's signed request put in the log at submit?
+            if let Err(why) = self.check_logged_request(&claim.run).await {
+                let failed = StageOutcome::Failed { error: why.clone(), exit_code: None };
+                let mut refuse = |s: &mut RunSnapshot| {
+                    s.complete_attempt(&stage.key, stage.attempt, &failed, now)?;
+                    let mut lines = vec![self.system(Some(&stage.key), stage.attempt, why.clone())];
+                    lines.extend(self.run_ended(s, now));
+                    Ok(lines)
+                };
+                if let Ok(snapshot) = self.store.update_run(run, &mut refuse).await {
                     self.release_if_ended(&snapshot, now).await;
                 }
                 continue;

@@ -658,7 +658,9 @@ pub fn open_artifact(data: &[u8], sidecar: &str, public: &[u8; 32], secret: &[u8
 /// Decrypts an output artifact `name` of the attempt at `place`. A `pondkey: 2` file opens only
 /// at its own place and name, and with `signers` not empty its sidecar must be signed by one of
 /// them over place, name and these exact bytes; a `pondkey: 1` file of an older run has neither
-/// to check.
+/// to check, and is refused when `minimum_version` is 2 (a run written since, where a v1 file
+/// can only be a downgrade).
+#[allow(clippy::too_many_arguments)]
 pub fn open_output_artifact(
     data: &[u8],
     sidecar: &str,
@@ -667,8 +669,12 @@ pub fn open_output_artifact(
     place: &Place,
     name: &str,
     signers: &[[u8; 32]],
+    minimum_version: u32,
 ) -> Result<Vec<u8>, SealError> {
     let sidecar = parse_sidecar(sidecar)?;
+    if sidecar.pondkey < minimum_version {
+        return Err(SealError::Malformed("sidecar (an older version than this run's)"));
+    }
     let ad = match sidecar.pondkey {
         1 => None,
         2 => {
@@ -864,7 +870,7 @@ pub(crate) mod tests {
         let data = vec![3u8; CHUNK + 10];
         let (sealed, sidecar) = seal_output_artifact(&data, &[a_pub], &at, "report.txt", &signer);
         let open = |bytes: &[u8], place: &Place, name: &str, signers: &[[u8; 32]]| {
-            open_output_artifact(bytes, &sidecar, &a_pub, &a_sec, place, name, signers)
+            open_output_artifact(bytes, &sidecar, &a_pub, &a_sec, place, name, signers, 2)
         };
         assert_eq!(open(&sealed, &at, "report.txt", &signers).unwrap(), data);
         // Under another name or place: the signature fails, and without signers the chunks do.

@@ -588,6 +588,7 @@ pub fn crypto(lines: usize, bytes: usize) -> CryptoReport {
         &place,
         "bench.bin",
         &[signer],
+        2,
     );
     let artifact_open_gb_per_sec = bytes as f64 / started.elapsed().as_secs_f64() / 1e9;
     // The destination is touched first, so the figure is the copy, not the page faults.

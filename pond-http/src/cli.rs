@@ -281,6 +281,26 @@ pub struct LogDecryptor {
     key: Option<([u8; 32], [u8; 32])>,
     streams: std::collections::HashMap<(Option<String>, u32), pond_core::seal::LogOpener>,
     signers: Option<Signers>,
+    policy: Policy,
+}
+
+/// What a reader requires of a run's output.
+#[derive(Clone, Copy, Debug, Default)]
+struct Policy {
+    /// Every stdout/stderr record must be sealed (the run is confidential).
+    sealed: bool,
+    /// Only the current, place-bound formats (ENC2 streams, signed v2 sidecars): the run's
+    /// request is signed, so it is not a run from before them.
+    current: bool,
+}
+
+impl Policy {
+    /// The policy for a run as its view shows it, and as this CLI knows it (`asked`: it
+    /// submitted the run encrypted itself, whatever the view says now).
+    fn of(view: &RunView, asked: bool) -> Policy {
+        let signed = view.encryption.as_ref().is_some_and(|e| e.request.is_some());
+        Policy { sealed: asked || view.encryption.is_some(), current: asked || signed }
+    }
 }
 
 /// Where the keys that may sign a run's streams come from, and those fetched so far.
@@ -328,6 +348,10 @@ pub fn check_attestations(client: &Client, view: &RunView) -> Result<(), CliErro
     let keys = client.run_keys(&view.id.to_string())?;
     for (stage, attempt, record) in attested {
         let at = format!("the attestation of stage `{}` (attempt {})", stage.key, attempt.number);
+        if !record.verified {
+            // Pond said so itself; the stage failed under `required`, or it opted into `record`.
+            continue;
+        }
         let pinned = keys
             .workers
             .iter()
@@ -380,14 +404,26 @@ impl LogDecryptor {
             key: None,
             streams: Default::default(),
             signers: None,
+            policy: Policy::default(),
         })
     }
 
     /// Checks every stream's key header and final record against the keys of the nodes and
-    /// workers that ran the run (`GET /v1/runs/{id}/keys`) before showing any of its lines.
-    pub fn verifying(mut self, client: &Client) -> Self {
+    /// workers that ran the run (`GET /v1/runs/{id}/keys`) before showing any of its lines, and
+    /// holds a confidential run's log to its formats: a clear-text output line, or an older
+    /// stream format in a run whose request is signed, is refused. `asked`: this CLI submitted
+    /// the run encrypted, so a view that now says otherwise is not believed.
+    pub fn verifying(mut self, client: &Client, asked: bool) -> Result<Self, CliError> {
+        let view = client.get_run(&self.run)?;
+        if asked && view.encryption.is_none() {
+            return Err(CliError::Input(format!(
+                "run {} was submitted encrypted by this CLI but the server shows it without encryption: refusing to read it",
+                self.run
+            )));
+        }
+        self.policy = Policy::of(&view, asked);
         self.signers = Some(Signers { client: client.clone(), known: Vec::new() });
-        self
+        Ok(self)
     }
 
     fn key(&mut self) -> Result<([u8; 32], [u8; 32]), CliError> {
@@ -419,6 +455,12 @@ impl LogDecryptor {
                 place.stage, place.attempt
             ))
         };
+        if self.policy.current && l.text.starts_with("ENC1K:") {
+            return Err(problem(
+                "is in the older ENC1 format (bound to no place), in a run whose request is signed",
+                pond_core::seal::SealError::Malformed("stream format"),
+            ));
+        }
         if l.text.starts_with("ENC2K:") || l.text.starts_with("ENC1K:") {
             let signers = match self.signers.as_mut() {
                 Some(signers) => signers.for_header(&self.run, &l.text, &place)?,
@@ -440,6 +482,14 @@ impl LogDecryptor {
             return Ok(None);
         }
         if !l.text.starts_with("ENC2:") && !l.text.starts_with("ENC1:") {
+            if self.policy.sealed && l.stream != pond_core::store::LogStream::System {
+                return Err(CliError::Input(format!(
+                    "the log of stage `{}` (attempt {}) has a clear-text {} line in a confidential run: pond did not write it; refusing to show it",
+                    place.stage,
+                    place.attempt,
+                    l.stream.as_str()
+                )));
+            }
             return Ok(Some(line.clone()));
         }
         let opener = self
@@ -461,7 +511,7 @@ impl LogDecryptor {
     /// stream cut short, or removed, is an error.
     pub fn check_whole(&self, run: &RunView) -> Result<(), CliError> {
         use pond_core::run::AttemptOutcome;
-        if run.encryption.is_none() {
+        if !self.policy.sealed && run.encryption.is_none() {
             return Ok(());
         }
         for stage in &run.stages {
@@ -498,15 +548,15 @@ impl LogDecryptor {
     ) -> Result<Vec<u8>, CliError> {
         let (public, secret) = self.key()?;
         let place = pond_core::seal::Place::new(&self.run, &artifact.stage, artifact.attempt);
-        pond_core::seal::open_output_artifact(data, sidecar, &public, &secret, &place, &artifact.name, signers).map_err(
-            |e| match e {
+        let minimum = if self.policy.current { 2 } else { 1 };
+        pond_core::seal::open_output_artifact(data, sidecar, &public, &secret, &place, &artifact.name, signers, minimum)
+            .map_err(|e| match e {
                 pond_core::seal::SealError::NotRecipient(_) => explain(&public, e),
                 other => CliError::Input(format!(
                     "artifact `{}` of stage `{}` (attempt {}) does not open as written there: {other}",
                     artifact.name, artifact.stage, artifact.attempt
                 )),
-            },
-        )
+            })
     }
 }
 
@@ -529,6 +579,7 @@ pub fn fetch_artifact(client: &Client, run: &str, name: &str, key: &Path) -> Res
     if name.ends_with(pond_core::seal::SIDECAR_SUFFIX) {
         return Ok(data);
     }
+    let view = client.get_run(run)?;
     let mut sidecar = Vec::new();
     match client.download_artifact(run, &format!("{name}{}", pond_core::seal::SIDECAR_SUFFIX), &mut sidecar) {
         Ok(_) => {
@@ -540,9 +591,16 @@ pub fn fetch_artifact(client: &Client, run: &str, name: &str, key: &Path) -> Res
                 .find(|a| a.name == name)
                 .ok_or_else(|| CliError::Input(format!("artifact `{name}` is not in the run's listing")))?;
             let signers = run_signers(client, run)?;
-            LogDecryptor::new(key, run)?.artifact(&data, &sidecar, &listed, &signers)
+            let mut reader = LogDecryptor::new(key, run)?;
+            reader.policy = Policy::of(&view, false);
+            reader.artifact(&data, &sidecar, &listed, &signers)
         }
-        Err(e) if e.status() == Some(404) => Ok(data),
+        // In clear only in a run that is: a confidential run's artifact without its sidecar
+        // was not stored by pond.
+        Err(e) if e.status() == Some(404) && view.encryption.is_none() => Ok(data),
+        Err(e) if e.status() == Some(404) => Err(CliError::Input(format!(
+            "artifact `{name}` of a confidential run has no key sidecar: pond did not store it so; refusing it"
+        ))),
         Err(e) => Err(e.into()),
     }
 }

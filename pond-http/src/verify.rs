@@ -103,11 +103,25 @@ pub fn verify_run(
     }
     let leaves: Vec<&str> = logged.entries.iter().map(|e| e.leaf.as_str()).collect();
     out.checks.push(format!("{} log leaves of this run, each in the tree", leaves.len()));
+    // A run whose signed request is in the log is confidential, whatever its view says now.
+    let logged_request =
+        leaves.iter().any(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["kind"] == "request"));
+    if view.encryption.is_none() && logged_request {
+        return Err(fail(
+            "the log holds a signed request for this run, but the run shows no encryption: it was stripped",
+        ));
+    }
     // The consumer's signed request: this context's key, the run's project and recipients.
     if let Some(encryption) = &view.encryption {
         let request = encryption.request.as_ref().ok_or_else(|| fail("the run keeps no signed request"))?;
         let body = request.verify().map_err(|e| fail(format!("the signed request: {e}")))?;
-        if key_path.exists() {
+        if !key_path.exists() {
+            return Err(fail(format!(
+                "this run is encrypted and there is no consumer key at {} (this CLI context's; `pond keys path`): nothing of its output can be checked",
+                key_path.display()
+            )));
+        }
+        {
             let secret = pond_exec::load_or_create_key(key_path)
                 .map_err(|error| CliError::Io { context: format!("key {}", key_path.display()), error })?;
             let mine =
@@ -122,32 +136,52 @@ pub fn verify_run(
         if body.project_id != view.project_id {
             return Err(fail(format!("the request was signed for project `{}`", body.project_id)));
         }
+        let mut shown = Vec::new();
         for r in &encryption.recipients {
             let key = pond_core::pool::decode_key(r).map_err(|e| fail(format!("recipient {r}: {e}")))?;
             if !body.recipients.contains(&key) {
                 return Err(fail(format!("recipient {} was not signed for", pond_core::attest::fingerprint(&key))));
             }
+            shown.push(key);
+        }
+        if let Some(dropped) = body.recipients.iter().find(|k| !shown.contains(k)) {
+            return Err(fail(format!(
+                "recipient {} was signed for but the run no longer shows it",
+                pond_core::attest::fingerprint(dropped)
+            )));
         }
         let leaf = pond_core::transparency::request_leaf_of(&view.id.to_string(), &view.project_id, request);
         if !leaves.contains(&leaf.as_str()) {
             return Err(fail("the run's signed request is not in the transparency log"));
         }
         out.checks.push(format!(
-            "request signed by {}, covering its {} recipients, in the log",
-            if key_path.exists() { "this context's key" } else { "its consumer" },
+            "request signed by this context's key, covering its {} recipients, in the log",
             encryption.recipients.len()
         ));
     }
-    // Every attestation: its signature under its worker's key, and in the log.
+    // Every attestation: pond verified it, its signature holds under the key pinned for its
+    // worker (not merely the key the record names), and it is in the log.
+    let run_keys = client.run_keys(run)?;
     for stage in &view.stages {
         for attempt in &stage.attempts {
             let Some(record) = &attempt.attestation else { continue };
             let at = format!("stage `{}` attempt {}", stage.key, attempt.number);
-            let key = record
-                .signing_key
-                .as_deref()
+            if !record.verified {
+                return Err(fail(format!("{at}: pond did not verify this attestation ({})", record.detail)));
+            }
+            let key = run_keys
+                .workers
+                .iter()
+                .find(|w| w.id == record.worker)
+                .and_then(|w| w.signing_key.as_deref())
                 .and_then(pond_core::transparency::decode32)
-                .ok_or_else(|| fail(format!("{at}: the attestation names no worker key")))?;
+                .ok_or_else(|| fail(format!("{at}: worker `{}` has no pinned key", record.worker)))?;
+            if record.signing_key.as_deref().and_then(pond_core::transparency::decode32) != Some(key) {
+                return Err(fail(format!(
+                    "{at}: the attestation names another key than worker `{}`'s pinned one",
+                    record.worker
+                )));
+            }
             let sha = |h: &str| -> Result<[u8; 32], CliError> {
                 hex::decode(h)
                     .ok()
@@ -175,8 +209,8 @@ pub fn verify_run(
         }
     }
     // The output: every stream and artifact where it belongs and signed.
-    if view.encryption.is_some() && key_path.exists() {
-        let mut decrypt = LogDecryptor::new(key_path, run)?.verifying(client);
+    if view.encryption.is_some() {
+        let mut decrypt = LogDecryptor::new(key_path, run)?.verifying(client, false)?;
         let mut after = 0;
         loop {
             let page = client.logs(run, after, 1000)?;

@@ -40,6 +40,21 @@ def get(path):
         return r.read()
 
 
+def decode_key(text):
+    """A recipient key: base64, or the age1... (bech32) form `pond keys show` prints."""
+    if not text.startswith("age1"):
+        return base64.b64decode(text)
+    charset = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+    values = [charset.index(c) for c in text.lower()[4:]][:-6]  # drop the checksum
+    acc, bits, out = 0, 0, bytearray()
+    for v in values:
+        acc, bits = (acc << 5) | v, bits + 5
+        if bits >= 8:
+            bits -= 8
+            out.append((acc >> bits) & 0xFF)
+    return bytes(out)
+
+
 def fingerprint(key):
     return "SHA256:" + base64.b64encode(hashlib.sha256(key).digest()).decode().rstrip("=")
 
@@ -110,6 +125,8 @@ while True:
             assert chain == s["chain"], "the running hash differs from the final record's"
             s["ended"] = True
         else:
+            # A confidential run's output is sealed, all of it: clear text there is not pond's.
+            assert line["stream"] == "system", f"a clear-text {line['stream']} line in a confidential run"
             lines.append([line.get("stage"), text])
 
 # Every attempt that ended has a whole stream; every succeeded one has a stream.
@@ -127,8 +144,9 @@ listing = json.loads(get(f"/v1/runs/{run_id}/artifacts"))["artifacts"]
 names = {a["name"] for a in listing}
 for entry_ in sorted(listing, key=lambda a: a["name"]):
     name = entry_["name"]
-    if name.endswith(".pondkey") or name + ".pondkey" not in names:
+    if name.endswith(".pondkey"):
         continue
+    assert name + ".pondkey" in names, f"artifact {name} of a confidential run has no key sidecar"
     sidecar = json.loads(get(f"/v1/runs/{run_id}/artifacts/{name}.pondkey"))
     assert sidecar["pondkey"] == 2, "an output artifact of this run is format 2"
     entry = next(r for r in sidecar["recipients"] if r["fp"] == fingerprint(pk))
@@ -179,11 +197,11 @@ my_signing_key = SigningKey(hashlib.sha256(b"pond consumer signing key v1\0" + b
 VerifyKey(base64.b64decode(signed["signing_key"])).verify(
     b"pond-request-v1\0" + signed["body"].encode(), base64.b64decode(signed["signature"]))
 body = json.loads(signed["body"])
-signed_keys = {base64.b64decode(k) for k in body["recipient_pubkeys"]}
+signed_keys = {decode_key(k) for k in body["recipient_pubkeys"]}
 request = {
     "signed_by_me": base64.b64decode(signed["signing_key"]) == bytes(my_signing_key),
     "canonical": json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False) == signed["body"],
-    "covers_recipients": all(base64.b64decode(r) in signed_keys for r in run["encryption"]["recipients"])
+    "covers_recipients": all(decode_key(r) in signed_keys for r in run["encryption"]["recipients"])
     and body["project_id"] == run["project_id"],
 }
 

@@ -30,6 +30,21 @@ def get(path):
         return json.loads(r.read())
 
 
+def decode_key(text):
+    """A recipient key: base64, or the age1... (bech32) form `pond keys show` prints."""
+    if not text.startswith("age1"):
+        return base64.b64decode(text)
+    charset = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+    values = [charset.index(c) for c in text.lower()[4:]][:-6]  # drop the checksum
+    acc, bits, out = 0, 0, bytearray()
+    for v in values:
+        acc, bits = (acc << 5) | v, bits + 5
+        if bits >= 8:
+            bits -= 8
+            out.append((acc >> bits) & 0xFF)
+    return bytes(out)
+
+
 def canonical(value):
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -130,19 +145,22 @@ checks.append(f"{len(logged)} leaves in the tree")
 
 # 4. The request: this consumer's key, its recipients, in the log.
 run = get(f"/v1/runs/{run_id}")
+assert run.get("encryption"), "the run shows no encryption (this consumer signed it encrypted: it was stripped)"
 request = run["encryption"]["request"]
 mine = SigningKey(hashlib.sha256(b"pond consumer signing key v1\0" + bytes.fromhex(sk_hex)).digest()).verify_key
 assert b64(request["signing_key"]) == bytes(mine), "the request is not signed by this consumer's key"
 mine.verify(b"pond-request-v1\0" + request["body"].encode(), b64(request["signature"]))
 body = json.loads(request["body"])
-signed = {b64(k) for k in body["recipient_pubkeys"]}
+signed = {decode_key(k) for k in body["recipient_pubkeys"]}
 assert body["project_id"] == run["project_id"], "signed for another project"
-assert all(b64(r) in signed for r in run["encryption"]["recipients"]), "a recipient was not signed for"
+shown = {decode_key(r) for r in run["encryption"]["recipients"]}
+assert shown == signed, "the run's recipients are not the ones signed for"
 assert canonical({"kind": "request", "run": run_id, "project": run["project_id"], "signing_key": request["signing_key"],
                   "signature": request["signature"], "body": request["body"]}) in leaves, "the request is not in the log"
 checks.append("request signed by this consumer, in the log")
 
-# 5. Attestations: worker signatures, in the log.
+# 5. Attestations: verified by pond, signed under their worker's pinned key, in the log.
+workers = get(f"/v1/runs/{run_id}/keys")["workers"]
 for stage in run["stages"]:
     for attempt in stage["attempts"]:
         a = attempt.get("attestation")
@@ -151,7 +169,10 @@ for stage in run["stages"]:
         job = a["job_id"].encode()
         msg = (b"pond.attest.v1\0" + struct.pack(">I", len(job)) + job + bytes.fromhex(a["input_sha256"])
                + bytes.fromhex(a["output_sha256"]) + struct.pack(">q", a["rc"]))
-        VerifyKey(b64(a["signing_key"])).verify(msg, b64(a["signature"]))
+        assert a["verified"], f"pond did not verify the attestation of {stage['key']}"
+        pinned = next(w["signing_key"] for w in workers if w["id"] == a["worker"])
+        assert a["signing_key"] == pinned, "the attestation names another key than its worker's pinned one"
+        VerifyKey(b64(pinned)).verify(msg, b64(a["signature"]))
         leaf = canonical({"kind": "attestation", "run": run_id, "stage": stage["key"], "attempt": attempt["number"],
                           "worker": a["worker"], "signing_key": a.get("signing_key"), "job_id": a["job_id"],
                           "input_sha256": a["input_sha256"], "output_sha256": a.get("output_sha256"), "rc": a["rc"],
