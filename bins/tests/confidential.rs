@@ -182,6 +182,16 @@ fn confidential_run(pg: Option<&str>) {
     let id = admin.submit(&body, None).unwrap().id.to_string();
     let run = wait_done(&admin, &id, Duration::from_secs(60));
     assert_eq!(run.state.as_str(), "succeeded", "{run:?}");
+    // The same signed request again (a replay by anyone who saw it) makes no second run; a
+    // retry of one submit under its idempotency key still answers with its run.
+    let replay = admin.submit(&body, None).unwrap_err();
+    assert!(replay.status() == Some(422) && replay.to_string().contains("already used for run"), "{replay}");
+    let mut keyed = body.clone();
+    common::sign_request(&mut keyed, &alice_secret);
+    let once = admin.submit(&keyed, Some("retry-1")).unwrap();
+    let again = admin.submit(&keyed, Some("retry-1")).unwrap();
+    assert_eq!(once.id, again.id);
+    wait_done(&admin, &once.id.to_string(), Duration::from_secs(60));
     // The signed request is kept with the run: anyone can check what the consumer asked for.
     let kept = run.encryption.as_ref().and_then(|e| e.request.clone()).expect("the signed request is in the run view");
     let signed = kept.verify().unwrap();

@@ -121,6 +121,9 @@ fn request_digest(request: &SubmitRequest, project: &str) -> Result<String, Core
     Ok(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(value.to_string().as_bytes())))
 }
 
+/// Record kind of a used consumer signature (base64), holding the id of its run.
+const REQUEST_SIGNATURE: &str = "request_signature";
+
 /// Record kind of a control-plane node's log-signing key, keyed by node id.
 const LOG_SIGNER: &str = "log_signer";
 
@@ -529,12 +532,36 @@ impl Engine {
             request.idempotency_key,
             now,
         );
+        // A signed request makes one run: the same signature again (a replay by anyone who
+        // saw it) is refused, unless it is a retry of the same submit (same idempotency key).
+        if let Some(request) = &signed {
+            if let Some(owner) = self.store.get_record(REQUEST_SIGNATURE, &request.signature).await? {
+                let retry =
+                    match (&snapshot.run.idempotency_key, owner.parse::<RunId>()) {
+                        (Some(key), Ok(id)) => self.store.get_run(id).await?.is_some_and(|r| {
+                            r.run.idempotency_key.as_ref() == Some(key) && r.run.project_id == project
+                        }),
+                        _ => false,
+                    };
+                if !retry {
+                    return Err(FieldError::new(
+                        "consumer_signature",
+                        format!("this signed request was already used for run {owner}; sign a new one (with a fresh `nonce`)"),
+                    )
+                    .into());
+                }
+            }
+        }
         if !recipients.is_empty() {
             snapshot.run.encryption = Some(crate::run::Encryption { recipients, request: signed });
         }
         snapshot.run.request_digest = Some(digest.clone());
         match self.store.insert_run(&snapshot).await? {
             crate::store::InsertOutcome::Created => {
+                if let Some(request) = snapshot.run.encryption.as_ref().and_then(|e| e.request.as_ref()) {
+                    let id = snapshot.run.id.to_string();
+                    self.store.swap_record(REQUEST_SIGNATURE, &request.signature, None, &id).await?;
+                }
                 self.log_request(&snapshot.run).await?;
                 Ok(Submitted { snapshot, created: true })
             }

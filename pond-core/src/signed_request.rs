@@ -78,13 +78,15 @@ pub fn signing_public(seed: &[u8; 32]) -> String {
     B64.encode(SigningKey::from_bytes(seed).verifying_key().to_bytes())
 }
 
-/// The part of a run request a consumer signs, from the request's JSON: `definition`,
-/// `project_id`, `recipient_pubkeys` (`[]` when absent) and `sources` (`[]` when absent), exactly
-/// as sent. `project_id` is the project the run is submitted to.
+/// The part of a run request a consumer signs, from the request's JSON: `definition`, `nonce`
+/// (`""` when absent), `project_id`, `recipient_pubkeys` (`[]` when absent) and `sources` (`[]`
+/// when absent), exactly as sent. `project_id` is the project the run is submitted to. The nonce
+/// makes two identical requests two signatures: a signature is accepted for one run only.
 pub fn signed_fields(request: &Value, project_id: &str) -> Value {
     let field = |a: &str, b: &str| request.get(a).or_else(|| request.get(b)).cloned();
     let mut map = serde_json::Map::new();
     map.insert("definition".into(), field("definition", "definition").unwrap_or(Value::Null));
+    map.insert("nonce".into(), request.get("nonce").cloned().unwrap_or_else(|| Value::String(String::new())));
     map.insert("project_id".into(), Value::String(project_id.to_string()));
     map.insert(
         "recipient_pubkeys".into(),

@@ -87,10 +87,10 @@ pub struct Grants {
 
 /// The host of a git URL (`https://user@host:port/x` → `host:port`), for the allowlist.
 fn git_remote_host(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    (!host.is_empty()).then(|| host.to_string())
+    // The one parser submit and fetch use, so the egress rule names the host git connects to.
+    let (host, port) = pond_core::source::git_remote(url).ok()?;
+    let default = if url.starts_with("http://") { 80 } else { 443 };
+    Some(if port == default { host } else { format!("{host}:{port}") })
 }
 
 /// Kills the process group when dropped, so an abandoned attempt (its task dropped, its node
@@ -577,7 +577,10 @@ mod tests {
     #[test]
     fn the_git_remote_host_is_what_the_egress_allowlist_gets() {
         assert_eq!(super::git_remote_host("https://github.com/acme/app.git").as_deref(), Some("github.com"));
-        assert_eq!(super::git_remote_host("https://user:pw@git.internal:8443/x").as_deref(), Some("git.internal:8443"));
+        assert_eq!(super::git_remote_host("https://Git.Internal:8443/x").as_deref(), Some("git.internal:8443"));
+        assert_eq!(super::git_remote_host("https://github.com:443/x").as_deref(), Some("github.com"));
+        // What submit refuses gets no egress rule either.
+        assert_eq!(super::git_remote_host("https://user:pw@git.internal:8443/x"), None);
         assert_eq!(super::git_remote_host("not a url"), None);
     }
 

@@ -95,6 +95,9 @@ struct SubmitBody {
     encrypt: Option<bool>,
     #[serde(default, alias = "recipientPubkeys")]
     recipient_pubkeys: Option<Vec<String>>,
+    /// Makes a signed request unique (signed with it; a signature is accepted for one run).
+    #[serde(default)]
+    nonce: Option<String>,
     /// The consumer's signature over the request's canonical form (required when encrypted).
     #[serde(default, alias = "consumerSignature")]
     consumer_signature: Option<pond_core::signed_request::ConsumerSignature>,
@@ -109,6 +112,9 @@ async fn submit_run(
     // The signature covers the request as sent, so its fields are kept raw beside the decoded
     // body.
     let body: SubmitBody = pond_core::json::from_value_at(raw.clone(), "").map_err(ApiError::Invalid)?;
+    if body.nonce.as_ref().is_some_and(|n| n.len() > 128) {
+        return Err(ApiError::invalid("nonce", "at most 128 bytes"));
+    }
     let project = body.project_id.ok_or_else(|| ApiError::invalid("project_id", "is required"))?;
     if !who.can_use(&project) {
         return Err(ApiError::Forbidden(format!("this token may not use project `{project}`")));

@@ -260,6 +260,10 @@ pub fn build_submit(client: &Client, target: &Target, options: &SubmitOptions) -
 pub fn sign_request(body: &mut serde_json::Value, key_path: &Path) -> Result<(), CliError> {
     use pond_core::signed_request::{consumer_signing_seed, signed_fields, SignedRequest};
     let secret = pond_exec::load_or_create_key(key_path).map_err(io_err(format!("key {}", key_path.display())))?;
+    if let Some(obj) = body.as_object_mut() {
+        // Two identical submits are two requests, each signature good for one run.
+        obj.entry("nonce").or_insert_with(|| hex::encode(pond_core::seal::random_bytes::<16>()).into());
+    }
     let project = body.get("project_id").or_else(|| body.get("projectId")).and_then(|p| p.as_str()).unwrap_or_default();
     let signed = SignedRequest::sign(&consumer_signing_seed(&secret), &signed_fields(body, project));
     let signature = serde_json::to_value(signed.consumer_signature())

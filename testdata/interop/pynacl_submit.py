@@ -9,6 +9,7 @@ usage: pynacl_submit.py SERVER TOKEN PROJECT CONSUMER_SK_HEX REQUEST_JSON_FILE
 import base64
 import hashlib
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -26,9 +27,11 @@ request["project_id"] = project
 request["encrypt"] = True
 request["recipient_pubkeys"] = [me] + request.get("recipient_pubkeys", [])
 
-# What is signed: the four fields as sent, sources and recipients [] when absent, canonical JSON.
+# What is signed: five fields as sent (nonce "" and sources, recipients [] when absent), canonical JSON.
+request["nonce"] = os.urandom(16).hex()  # each request its own signature
 signed = {
     "definition": request["definition"],
+    "nonce": request["nonce"],
     "project_id": project,
     "recipient_pubkeys": request["recipient_pubkeys"],
     "sources": request.get("sources", []),

@@ -336,6 +336,7 @@ pub fn enroll_code_granting(
 pub fn sign_request(body: &mut serde_json::Value, secret: &[u8; 32]) {
     use pond_core::signed_request::{consumer_signing_seed, signed_fields, SignedRequest};
     let project = body["project_id"].as_str().unwrap_or_default().to_string();
+    body["nonce"] = serde_json::Value::String(hex::encode(pond_core::seal::random_bytes::<16>()));
     let signed = SignedRequest::sign(&consumer_signing_seed(secret), &signed_fields(body, &project));
     body["consumer_signature"] = serde_json::to_value(signed.consumer_signature()).unwrap();
 }
