@@ -189,6 +189,8 @@ pub struct Engine {
     workspaces: Arc<dyn Workspaces>,
     sandbox_profiles: Vec<SandboxProfile>,
     config: EngineConfig,
+    /// The transparency log's tree as this node has read it (see [`Engine::with_log_tree`]).
+    log_tree: std::sync::Mutex<crate::merkle::Tree>,
 }
 
 impl Engine {
@@ -207,6 +209,7 @@ impl Engine {
             workspaces,
             sandbox_profiles: vec![SandboxProfile::None],
             config,
+            log_tree: std::sync::Mutex::default(),
         }
     }
 
@@ -315,12 +318,27 @@ impl Engine {
         Ok(self.store.append_leaf(run, leaf, &hash, self.clock.now()).await?)
     }
 
+    /// Calls `f` with the log's tree as this node knows it, brought up to date with the leaves
+    /// appended since (by any node). Kept in memory: the log only grows, so what was read once
+    /// stays true — and a leaf rewritten in the database afterwards is not what this node signs
+    /// heads over. Reading the new leaves is the only cost that grows with the log.
+    async fn with_log_tree<R>(&self, f: impl FnOnce(&crate::merkle::Tree) -> R) -> Result<R, CoreError> {
+        let known = self.log_tree.lock().unwrap_or_else(|p| p.into_inner()).len() as u64;
+        let new = self.store.leaf_hashes(known, None).await?;
+        let mut tree = self.log_tree.lock().unwrap_or_else(|p| p.into_inner());
+        // Another call may have added some of them meanwhile: take only what follows.
+        let skip = (tree.len() as u64).saturating_sub(known) as usize;
+        for leaf in new.into_iter().skip(skip) {
+            tree.push(leaf);
+        }
+        Ok(f(&tree))
+    }
+
     /// The transparency log's current tree head, signed by this node.
     pub async fn tree_head(&self) -> Result<crate::transparency::TreeHead, CoreError> {
-        let leaves = self.store.leaf_hashes(None).await?;
-        let root = crate::merkle::root(&leaves);
+        let (size, root) = self.with_log_tree(|tree| (tree.len(), tree.root(tree.len()))).await?;
         Ok(crate::transparency::TreeHead::sign(
-            leaves.len() as u64,
+            size as u64,
             &root,
             self.clock.now().as_millis(),
             &self.config.node_id,
@@ -331,31 +349,37 @@ impl Engine {
     /// The consistency proof from the tree of `first` leaves to the tree of `second`, or why
     /// not (a size of 0, out of order, or larger than the log).
     pub async fn log_consistency(&self, first: u64, second: u64) -> Result<Vec<crate::merkle::Hash>, CoreError> {
-        let leaves = self.store.leaf_hashes(Some(second)).await?;
-        if first == 0 || first > second || second > leaves.len() as u64 {
-            return Err(FieldError::new(
+        let (size, proof) = self
+            .with_log_tree(|tree| (tree.len() as u64, tree.consistency_proof(first as usize, second as usize)))
+            .await?;
+        proof.filter(|_| first > 0 && first <= second && second <= size).ok_or_else(|| {
+            FieldError::new(
                 "query",
-                format!("`first` must be from 1 to `second`, and `second` at most the log's size ({})", leaves.len()),
+                format!("`first` must be from 1 to `second`, and `second` at most the log's size ({size})"),
             )
-            .into());
-        }
-        Ok(crate::merkle::consistency_proof(&leaves, first as usize).unwrap_or_default())
+            .into()
+        })
     }
 
     /// A run's leaves with their audit paths in the tree of `size` leaves (the size of a tree
     /// head the reader holds).
     pub async fn run_log(&self, run: RunId, size: u64) -> Result<Vec<crate::transparency::LoggedLeaf>, CoreError> {
-        let leaves = self.store.leaf_hashes(Some(size)).await?;
-        if size == 0 || size > leaves.len() as u64 {
-            return Err(FieldError::new(
-                "query.tree_size",
-                format!("must be from 1 to the log's size ({})", leaves.len()),
-            )
-            .into());
+        let leaves = self.store.run_leaves(run).await?;
+        let (known, proofs) = self
+            .with_log_tree(|tree| {
+                let proofs: Vec<Option<Vec<crate::merkle::Hash>>> =
+                    leaves.iter().map(|(index, _)| tree.inclusion_proof(*index as usize, size as usize)).collect();
+                (tree.len(), proofs)
+            })
+            .await?;
+        if size == 0 || size > known as u64 {
+            return Err(
+                FieldError::new("query.tree_size", format!("must be from 1 to the log's size ({known})")).into()
+            );
         }
         let mut out = Vec::new();
-        for (index, leaf) in self.store.run_leaves(run).await? {
-            if let Some(proof) = crate::merkle::inclusion_proof(&leaves, index as usize) {
+        for ((index, leaf), proof) in leaves.into_iter().zip(proofs) {
+            if let Some(proof) = proof {
                 out.push(crate::transparency::LoggedLeaf {
                     index,
                     leaf,

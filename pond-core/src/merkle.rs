@@ -167,6 +167,109 @@ pub fn verify_consistency(old_size: u64, new_size: u64, old_root: &Hash, new_roo
     snode == 0 && fr == *old_root && sr == *new_root
 }
 
+/// A log's tree kept in memory: every perfect subtree's hash, level by level, so the root of
+/// any prefix and its proofs take O(log² n) hashes instead of rehashing the log. Appending a
+/// leaf costs O(1) amortized. The results equal [`root`], [`inclusion_proof`] and
+/// [`consistency_proof`] over the same leaves.
+#[derive(Clone, Debug, Default)]
+pub struct Tree {
+    /// `levels[k][i]`: the hash of leaves `i·2^k .. (i+1)·2^k`.
+    levels: Vec<Vec<Hash>>,
+}
+
+impl Tree {
+    /// Leaves in the tree.
+    pub fn len(&self) -> usize {
+        self.levels.first().map_or(0, Vec::len)
+    }
+
+    /// Whether it has no leaf.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends a leaf hash.
+    pub fn push(&mut self, leaf: Hash) {
+        if self.levels.is_empty() {
+            self.levels.push(Vec::new());
+        }
+        self.levels[0].push(leaf);
+        let mut level = 0;
+        while self.levels[level].len() % 2 == 0 {
+            let n = self.levels[level].len();
+            let parent = node_hash(&self.levels[level][n - 2], &self.levels[level][n - 1]);
+            if self.levels.len() == level + 1 {
+                self.levels.push(Vec::new());
+            }
+            self.levels[level + 1].push(parent);
+            level += 1;
+        }
+    }
+
+    /// The hash of the tree over leaves `lo..hi` (RFC 9162's MTH), `lo` aligned as the RFC's
+    /// recursion aligns it.
+    fn mth(&self, lo: usize, hi: usize) -> Hash {
+        let n = hi - lo;
+        if n == 0 {
+            return Sha256::digest([]).into();
+        }
+        if n.is_power_of_two() && lo % n == 0 {
+            return self.levels[n.trailing_zeros() as usize][lo / n];
+        }
+        let k = split(n);
+        node_hash(&self.mth(lo, lo + k), &self.mth(lo + k, hi))
+    }
+
+    /// The root of the tree of the first `size` leaves (`size` at most [`Tree::len`]).
+    pub fn root(&self, size: usize) -> Hash {
+        self.mth(0, size.min(self.len()))
+    }
+
+    /// The audit path of leaf `index` in the tree of the first `size` leaves.
+    pub fn inclusion_proof(&self, index: usize, size: usize) -> Option<Vec<Hash>> {
+        (index < size && size <= self.len()).then(|| self.path(index, 0, size))
+    }
+
+    fn path(&self, m: usize, lo: usize, hi: usize) -> Vec<Hash> {
+        let n = hi - lo;
+        if n <= 1 {
+            return Vec::new();
+        }
+        let k = split(n);
+        if m < k {
+            let mut p = self.path(m, lo, lo + k);
+            p.push(self.mth(lo + k, hi));
+            p
+        } else {
+            let mut p = self.path(m - k, lo + k, hi);
+            p.push(self.mth(lo, lo + k));
+            p
+        }
+    }
+
+    /// The consistency proof from the tree of `old_size` leaves to the tree of `size`.
+    pub fn consistency_proof(&self, old_size: usize, size: usize) -> Option<Vec<Hash>> {
+        (old_size > 0 && old_size <= size && size <= self.len()).then(|| self.subproof(old_size, 0, size, true))
+    }
+
+    fn subproof(&self, m: usize, lo: usize, hi: usize, complete: bool) -> Vec<Hash> {
+        let n = hi - lo;
+        if m == n {
+            return if complete { Vec::new() } else { vec![self.mth(lo, hi)] };
+        }
+        let k = split(n);
+        if m <= k {
+            let mut p = self.subproof(m, lo, lo + k, complete);
+            p.push(self.mth(lo + k, hi));
+            p
+        } else {
+            let mut p = self.subproof(m - k, lo + k, hi, false);
+            p.push(self.mth(lo, lo + k));
+            p
+        }
+    }
+}
+
 /// The bytes a tree head's signature covers.
 pub fn tree_head_message(size: u64, root: &Hash, timestamp_ms: i64) -> Vec<u8> {
     [TREE_HEAD_CONTEXT, &size.to_be_bytes(), root, &timestamp_ms.to_be_bytes()].concat()
@@ -202,6 +305,26 @@ mod tests {
             }
             assert!(inclusion_proof(&l, n).is_none());
         }
+    }
+
+    #[test]
+    fn the_kept_tree_answers_as_the_recomputed_one() {
+        let l = leaves(70);
+        let mut tree = Tree::default();
+        for (n, leaf) in l.iter().enumerate() {
+            tree.push(*leaf);
+            assert_eq!(tree.len(), n + 1);
+        }
+        for size in 0..=70 {
+            assert_eq!(tree.root(size), root(&l[..size]), "size {size}");
+            for i in 0..size {
+                assert_eq!(tree.inclusion_proof(i, size), inclusion_proof(&l[..size], i), "size {size} i {i}");
+            }
+            for m in 1..=size {
+                assert_eq!(tree.consistency_proof(m, size), consistency_proof(&l[..size], m), "m {m} size {size}");
+            }
+        }
+        assert!(tree.inclusion_proof(3, 71).is_none() && tree.consistency_proof(0, 5).is_none());
     }
 
     #[test]

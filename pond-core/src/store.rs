@@ -362,8 +362,9 @@ pub trait Store: Send + Sync + 'static {
     /// returns. Appends from several nodes take turns; a leaf is never changed or removed.
     async fn append_leaf(&self, run: RunId, leaf: &str, leaf_hash: &[u8; 32], at: Timestamp)
         -> Result<u64, StoreError>;
-    /// The hashes of the log's first `size` leaves (all of them with `None`), in order.
-    async fn leaf_hashes(&self, size: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError>;
+    /// The hashes of the log's leaves from index `from` up to (not including) `to` (to the end
+    /// with `None`), in order.
+    async fn leaf_hashes(&self, from: u64, to: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError>;
     /// A run's leaves, `(index, leaf)` in index order.
     async fn run_leaves(&self, run: RunId) -> Result<Vec<(u64, String)>, StoreError>;
 

@@ -272,10 +272,11 @@ impl Store for MemoryStore {
         Ok(inner.log.len() as u64 - 1)
     }
 
-    async fn leaf_hashes(&self, size: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError> {
+    async fn leaf_hashes(&self, from: u64, to: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError> {
         let inner = self.lock()?;
-        let n = size.map_or(inner.log.len(), |s| (s as usize).min(inner.log.len()));
-        Ok(inner.log[..n].iter().map(|(_, _, h)| *h).collect())
+        let end = to.map_or(inner.log.len(), |s| (s as usize).min(inner.log.len()));
+        let start = (from as usize).min(end);
+        Ok(inner.log[start..end].iter().map(|(_, _, h)| *h).collect())
     }
 
     async fn run_leaves(&self, run: RunId) -> Result<Vec<(u64, String)>, StoreError> {

@@ -678,13 +678,16 @@ impl Store for SqliteStore {
         Ok(idx as u64)
     }
 
-    async fn leaf_hashes(&self, size: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError> {
-        let limit = size.map_or(i64::MAX, |s| s.min(i64::MAX as u64) as i64);
-        let rows: Vec<Vec<u8>> = sqlx::query_scalar("SELECT leaf_hash FROM transparency_log ORDER BY idx LIMIT ?")
-            .bind(limit)
-            .fetch_all(&self.reader)
-            .await
-            .map_err(db_err)?;
+    async fn leaf_hashes(&self, from: u64, to: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError> {
+        let from = from.min(i64::MAX as u64) as i64;
+        let to = to.map_or(i64::MAX, |t| t.min(i64::MAX as u64) as i64);
+        let rows: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT leaf_hash FROM transparency_log WHERE idx >= ? AND idx < ? ORDER BY idx")
+                .bind(from)
+                .bind(to)
+                .fetch_all(&self.reader)
+                .await
+                .map_err(db_err)?;
         rows.into_iter().map(|h| crate::leaf_hash_of(&h)).collect()
     }
 

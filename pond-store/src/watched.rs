@@ -201,8 +201,8 @@ impl Store for WatchedStore {
         self.inner.append_leaf(run, leaf, leaf_hash, at).await
     }
 
-    async fn leaf_hashes(&self, size: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError> {
-        self.inner.leaf_hashes(size).await
+    async fn leaf_hashes(&self, from: u64, to: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError> {
+        self.inner.leaf_hashes(from, to).await
     }
 
     async fn run_leaves(&self, run: RunId) -> Result<Vec<(u64, String)>, StoreError> {

@@ -679,11 +679,13 @@ pub async fn the_transparency_log_appends_in_turn_and_never_forgets(store: Arc<d
     let mut indices: Vec<u64> = appends.join_all().await.into_iter().map(|r| r.unwrap()).collect();
     indices.sort_unstable();
     assert_eq!(indices, (2..18).collect::<Vec<u64>>());
-    let all = store.leaf_hashes(None).await.unwrap();
+    let all = store.leaf_hashes(0, None).await.unwrap();
     assert_eq!(all.len(), 18);
     assert_eq!(&all[..2], &[hash("a0"), hash("b1")]);
-    assert_eq!(store.leaf_hashes(Some(2)).await.unwrap(), all[..2].to_vec());
-    assert_eq!(store.leaf_hashes(Some(99)).await.unwrap(), all);
+    assert_eq!(store.leaf_hashes(0, Some(2)).await.unwrap(), all[..2].to_vec());
+    assert_eq!(store.leaf_hashes(0, Some(99)).await.unwrap(), all);
+    assert_eq!(store.leaf_hashes(16, None).await.unwrap(), all[16..].to_vec());
+    assert_eq!(store.leaf_hashes(5, Some(7)).await.unwrap(), all[5..7].to_vec());
     assert_eq!(store.run_leaves(b).await.unwrap(), vec![(1, "b1".to_string())]);
     let of_a = store.run_leaves(a).await.unwrap();
     assert_eq!(of_a.len(), 17);
