@@ -798,6 +798,10 @@ struct BenchArgs {
     /// Instead: encryption throughput on one core (log lines sealed/s, artifact GB/s, memcpy).
     #[arg(long)]
     crypto: bool,
+    /// Instead: the soak check — this many mixed good and bad requests against a `pond server`
+    /// process (SQLite, or --database-url), its RSS sampled every tenth, statuses counted.
+    #[arg(long, value_name = "REQUESTS")]
+    soak: Option<usize>,
     /// Instead: /bin/true create + start + exit in the OCI sandbox beside crun, runc and
     /// bubblewrap (those that are installed) and the fork/exec floor, --samples runs each (root).
     #[arg(long)]
@@ -1712,6 +1716,26 @@ fn bench(args: BenchArgs) -> Result<()> {
     }
     if args.crypto {
         println!("{}", pond_http::bench::crypto(1_000_000, 256 << 20));
+        return Ok(());
+    }
+    if let Some(requests) = args.soak {
+        if args.data_dir.exists() {
+            std::fs::remove_dir_all(&args.data_dir).with_context(|| format!("clearing {}", args.data_dir.display()))?;
+        }
+        std::fs::create_dir_all(&args.data_dir)?;
+        let exe = std::env::current_exe()?;
+        let scratch = match &args.database_url {
+            Some(url) => Some(rt.block_on(pond_store::ScratchDatabase::create(url, "soak"))?),
+            None => None,
+        };
+        let report = pond_http::bench::soak(
+            &exe,
+            &std::fs::canonicalize(&args.data_dir)?,
+            scratch.as_ref().map(|d| d.url.as_str()),
+            requests,
+            args.clients,
+        )?;
+        println!("{report}");
         return Ok(());
     }
     if args.pool {

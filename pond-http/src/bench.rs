@@ -599,3 +599,142 @@ pub fn crypto(lines: usize, bytes: usize) -> CryptoReport {
     std::hint::black_box((total, copy, opened.map(|o| o.len()).unwrap_or(0)));
     CryptoReport { lines_per_sec, artifact_gb_per_sec, artifact_open_gb_per_sec, memcpy_gb_per_sec }
 }
+
+/// What the soak run found.
+#[derive(Debug, Clone)]
+pub struct SoakReport {
+    /// Requests sent.
+    pub requests: usize,
+    /// Answers by status code.
+    pub statuses: std::collections::BTreeMap<u16, usize>,
+    /// Requests that got no HTTP answer (connection refused or reset, timed out).
+    pub transport_errors: usize,
+    /// The server's RSS (KiB) after each tenth of the requests, the first sample after the
+    /// first tenth.
+    pub rss_kib: Vec<u64>,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for SoakReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let server_errors: usize = self.statuses.iter().filter(|(s, _)| **s >= 500).map(|(_, n)| n).sum();
+        writeln!(
+            f,
+            "{} mixed requests in {:.1} s ({:.0}/s): {} answered 5xx, {} without an answer",
+            self.requests,
+            self.seconds,
+            self.requests as f64 / self.seconds,
+            server_errors,
+            self.transport_errors
+        )?;
+        let statuses: Vec<String> = self.statuses.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+        writeln!(f, "statuses: {}", statuses.join(", "))?;
+        let rss: Vec<String> = self.rss_kib.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect();
+        write!(f, "server RSS (MiB) after each tenth: {}", rss.join(" "))
+    }
+}
+
+/// The soak check: a `pond server` process (SQLite, or PostgreSQL at `database_url`) takes
+/// `requests` mixed good and bad requests from `clients` threads — valid submits, run and log
+/// reads, tree heads, malformed and oversized bodies, NUL in fields, bad numbers in queries,
+/// unknown runs and routes, no or a wrong token — while its RSS is sampled every tenth.
+pub fn soak(
+    exe: &std::path::Path,
+    dir: &std::path::Path,
+    database_url: Option<&str>,
+    requests: usize,
+    clients: usize,
+) -> Result<SoakReport, ClientError> {
+    let data = dir.join("server");
+    let data_arg = data.display().to_string();
+    let mut args = vec!["server", "--listen", "127.0.0.1:0", "--data-dir", &data_arg];
+    if let Some(url) = database_url {
+        args.extend(["--database-url", url]);
+    }
+    let server = Child::spawn(exe, &args, "pond server listening on ")?;
+    let token = std::fs::read_to_string(data.join("admin.token"))?.trim().to_string();
+    let admin = Client::new(&server.url, Some(token.clone()));
+    let noop = serde_json::json!({"project_id": "soak", "definition": {"stages": [{"key": "a", "executor": {"kind": "noop"}}]}});
+    let first = admin.submit(&noop, None)?.id.to_string();
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
+    let big = vec![b'x'; 2 << 20];
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let statuses = std::sync::Mutex::new(std::collections::BTreeMap::<u16, usize>::new());
+    let transport = std::sync::atomic::AtomicUsize::new(0);
+    let mut rss = Vec::new();
+    let started = Instant::now();
+    let tenth = (requests / 10).max(1);
+    std::thread::scope(|scope| {
+        let (sampled_tx, sampled) = std::sync::mpsc::channel::<()>();
+        for _ in 0..clients.max(1) {
+            let sampled_tx = sampled_tx.clone();
+            let (agent, url, token, big, first, noop) = (&agent, &server.url, &token, &big, &first, &noop);
+            let (next, statuses, transport) = (&next, &statuses, &transport);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= requests {
+                    return;
+                }
+                let auth = format!("Bearer {token}");
+                let runs = format!("{url}/v1/runs");
+                let answer = match i % 12 {
+                    0 => agent.post(&runs).set("authorization", &auth).send_json(noop.clone()),
+                    1 => agent
+                        .post(&runs)
+                        .set("authorization", &auth)
+                        .set("content-type", "application/json")
+                        .send_string("{\"project_id\": \"soak\", \"definition\": "),
+                    2 => agent
+                        .post(&runs)
+                        .set("authorization", &auth)
+                        .set("content-type", "application/json")
+                        .send_bytes(big),
+                    3 => agent.get(&format!("{url}/v1/runs/{}", uuid_like(i))).set("authorization", &auth).call(),
+                    4 => agent.get(&format!("{url}/v1/runs?limit=lots")).set("authorization", &auth).call(),
+                    5 => agent.get(&runs).call(),
+                    6 => agent.get(&runs).set("authorization", "Bearer pond_wrong").call(),
+                    7 => agent.get(&format!("{url}/v1/nothing/here")).set("authorization", &auth).call(),
+                    8 => agent
+                        .post(&runs)
+                        .set("authorization", &auth)
+                        .send_json(serde_json::json!({"project_id": "so\u{0}ak", "definition": {"stages": []}})),
+                    9 => agent.get(&format!("{url}/v1/runs/{first}/logs?limit=100")).set("authorization", &auth).call(),
+                    10 => agent.get(&format!("{url}/v1/log/tree-head")).set("authorization", &auth).call(),
+                    _ => agent.get(&format!("{url}/v1/runs/{first}")).set("authorization", &auth).call(),
+                };
+                let status = match answer {
+                    Ok(r) => Some(r.status()),
+                    Err(ureq::Error::Status(code, _)) => Some(code),
+                    Err(_) => None,
+                };
+                match status {
+                    Some(code) => *statuses.lock().unwrap_or_else(|p| p.into_inner()).entry(code).or_default() += 1,
+                    None => {
+                        transport.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                if (i + 1) % tenth == 0 {
+                    let _ = sampled_tx.send(());
+                }
+            });
+        }
+        drop(sampled_tx);
+        for () in sampled {
+            rss.push(server.rss_kib());
+        }
+    });
+    let statuses = statuses.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok(SoakReport {
+        requests,
+        statuses,
+        transport_errors: transport.into_inner(),
+        rss_kib: rss,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// A well-formed run id no run has.
+fn uuid_like(i: usize) -> String {
+    format!("01a00000-0000-7000-8000-{i:012x}")
+}
