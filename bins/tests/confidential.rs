@@ -447,10 +447,30 @@ fn a_forged_log_stream_is_refused_by_the_cli() {
         let out = Command::new("psql").args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", &sql]).output().unwrap();
         assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let out = consumer(&server, &alice, &["run", "logs", &id]);
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success() && !stdout.contains("FORGED-2"), "{stdout}");
-    assert!(stderr.contains("signed by none of this run's nodes or workers"), "{stderr}");
+    let refused = || {
+        let out = consumer(&server, &alice, &["run", "logs", &id]);
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success() && !stdout.contains("FORGED-2"), "{stdout}");
+        assert!(stderr.contains("signed by none of this run's nodes or workers"), "{stderr}");
+    };
+    refused();
+    // The attacker also registers the forging key as a node's and makes that node the attempt's
+    // owner: the key is listed for the run, but without the control plane's endorsement (made
+    // with the server key, which the database does not hold) no reader accepts it.
+    let key = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        pond_core::keys::ed25519_public(&[0x66; 32]),
+    );
+    let forged = json!({"node_id": "node-evil", "signing_key": key, "fingerprint": "SHA256:x", "endorsement": key});
+    for sql in [
+        format!("INSERT INTO records (kind, key, body) VALUES ('log_signer', 'node-evil', '{forged}')"),
+        format!("UPDATE attempts SET owner = 'node-evil' WHERE run_id = '{id}'"),
+    ] {
+        let out = Command::new("psql").args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", &sql]).output().unwrap();
+        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(admin.run_keys(&id).unwrap().control_plane.iter().any(|n| n.node_id == "node-evil"), "listed");
+    refused();
 }
 
 /// Whoever holds the database moves confidential output around instead of forging it: cuts a

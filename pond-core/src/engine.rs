@@ -136,6 +136,9 @@ pub struct LogSigner {
     pub signing_key: String,
     /// `SHA256:…` of it.
     pub fingerprint: String,
+    /// The control plane's endorsement of the key for this node ([`crate::keys::endorse`]).
+    #[serde(default)]
+    pub endorsement: String,
 }
 
 /// The most recipients a confidential run may have: every log stream header and artifact
@@ -294,6 +297,7 @@ impl Engine {
             node_id: self.config.node_id.clone(),
             signing_key: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key),
             fingerprint: crate::attest::fingerprint(&key),
+            endorsement: crate::keys::endorse(&self.config.at_rest_key, "node", &self.config.node_id, &key),
         };
         let body = serde_json::to_string(&signer)
             .map_err(|e| CoreError::Store(StoreError::Backend(format!("encoding the log signer: {e}"))))?;
@@ -342,8 +346,19 @@ impl Engine {
             &root,
             self.clock.now().as_millis(),
             &self.config.node_id,
-            &self.config.signing_seed,
+            &crate::keys::control_plane_seed(&self.config.at_rest_key),
         ))
+    }
+
+    /// The control plane's public key (the same on every node; see
+    /// [`crate::keys::control_plane_seed`]).
+    pub fn control_plane_key(&self) -> [u8; 32] {
+        crate::keys::ed25519_public(&crate::keys::control_plane_seed(&self.config.at_rest_key))
+    }
+
+    /// The control plane's endorsement of a worker's signing key (made when it enrolls).
+    pub fn endorse_worker(&self, id: &str, key: &[u8; 32]) -> String {
+        crate::keys::endorse(&self.config.at_rest_key, "worker", id, key)
     }
 
     /// The consistency proof from the tree of `first` leaves to the tree of `second`, or why

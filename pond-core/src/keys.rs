@@ -72,6 +72,42 @@ pub fn from_age_recipient(text: &str) -> Result<[u8; 32], String> {
     <[u8; 32]>::try_from(data.as_slice()).map_err(|_| format!("holds {} bytes; an age recipient holds 32", data.len()))
 }
 
+/// The control plane's own Ed25519 seed, the same on every node: derived from the server key,
+/// which lives in the nodes' configuration, never in the database. It endorses each node's
+/// log-signing key and each worker's signing key, and signs the transparency log's tree heads,
+/// so whoever holds only the database cannot add a key readers would accept.
+pub fn control_plane_seed(server_key: &[u8; 32]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    hash.update(b"pond.control-plane.v1\0");
+    hash.update(server_key);
+    hash.finalize().into()
+}
+
+/// What an endorsement signs: `pond.endorse.v1\0 ‖ kind ‖ 0x00 ‖ id ‖ 0x00 ‖ key` (kind `node`
+/// or `worker`, the id of the node or worker, its Ed25519 signing key).
+pub fn endorsement_message(kind: &str, id: &str, key: &[u8; 32]) -> Vec<u8> {
+    [b"pond.endorse.v1\0".as_slice(), kind.as_bytes(), &[0], id.as_bytes(), &[0], key].concat()
+}
+
+/// The control plane's endorsement (base64 signature) of `key` as the signing key of `kind` `id`.
+pub fn endorse(server_key: &[u8; 32], kind: &str, id: &str, key: &[u8; 32]) -> String {
+    use base64::Engine as _;
+    use ed25519_dalek::Signer as _;
+    let signature = SigningKey::from_bytes(&control_plane_seed(server_key)).sign(&endorsement_message(kind, id, key));
+    base64::engine::general_purpose::STANDARD.encode(signature.to_bytes())
+}
+
+/// Whether `endorsement` is the control plane's (public key `control_plane`) over `key` as
+/// the signing key of `kind` `id`.
+pub fn endorsed(control_plane: &[u8; 32], kind: &str, id: &str, key: &[u8; 32], endorsement: &str) -> bool {
+    use base64::Engine as _;
+    let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(endorsement.trim()) else { return false };
+    let Ok(sig) = ed25519_dalek::Signature::from_slice(&sig) else { return false };
+    ed25519_dalek::VerifyingKey::from_bytes(control_plane)
+        .is_ok_and(|k| k.verify_strict(&endorsement_message(kind, id, key), &sig).is_ok())
+}
+
 /// The Ed25519 public key of a seed.
 pub fn ed25519_public(seed: &[u8; 32]) -> [u8; 32] {
     SigningKey::from_bytes(seed).verifying_key().to_bytes()

@@ -113,6 +113,10 @@ pub struct PoolMember {
     pub fingerprint: Option<String>,
     /// When it enrolled.
     pub enrolled_at: Timestamp,
+    /// For a worker: the control plane's endorsement of its signing key (readers accept the
+    /// worker's signatures only with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endorsement: Option<String>,
     /// Takes no new jobs.
     pub draining: bool,
 }
@@ -514,6 +518,7 @@ impl Pools {
             fingerprint: None,
             enrolled_at: self.clock.now(),
             draining: false,
+            endorsement: None,
         };
         let code = self.redeem(code, MemberKind::Orchestrator, |_| Ok(()), &member).await?;
         member.pool = code.pool;
@@ -565,6 +570,7 @@ impl Pools {
             fingerprint: Some(fingerprint.clone()),
             enrolled_at: self.clock.now(),
             draining: false,
+            endorsement: None,
         };
         let requested = tags.clone();
         let declared = member.capabilities.clone();
@@ -646,6 +652,18 @@ impl Pools {
             1 => Ok(named.remove(0)),
             0 => Err(PoolError::NoMember(id_or_name.to_string())),
             n => Err(invalid("worker", format!("{n} members are named `{id_or_name}`; use the id"))),
+        }
+    }
+
+    /// Records the control plane's endorsement of a worker's signing key.
+    pub async fn set_endorsement(&self, id: &str, endorsement: String) -> Result<PoolMember, PoolError> {
+        loop {
+            let before = self.store.get_record(MEMBER, id).await?.ok_or_else(|| PoolError::NoMember(id.to_string()))?;
+            let mut changed: PoolMember = from_json(&before)?;
+            changed.endorsement = Some(endorsement.clone());
+            if self.store.swap_record(MEMBER, id, Some(&before), &to_json(&changed)?).await? {
+                return Ok(changed);
+            }
         }
     }
 

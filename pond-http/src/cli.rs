@@ -350,19 +350,17 @@ pub fn check_attestations(client: &Client, view: &RunView) -> Result<(), CliErro
         return Ok(());
     }
     let keys = client.run_keys(&view.id.to_string())?;
+    let control = control_plane_key(client)?;
     for (stage, attempt, record) in attested {
         let at = format!("the attestation of stage `{}` (attempt {})", stage.key, attempt.number);
         if !record.verified {
             // Pond said so itself; the stage failed under `required`, or it opted into `record`.
             continue;
         }
-        let pinned = keys
-            .workers
-            .iter()
-            .find(|w| w.id == record.worker)
-            .and_then(|w| w.signing_key.as_deref())
-            .and_then(pond_core::transparency::decode32)
-            .ok_or_else(|| CliError::Input(format!("{at}: worker `{}` has no pinned key", record.worker)))?;
+        let pinned =
+            keys.workers.iter().find(|w| w.id == record.worker).and_then(|w| endorsed_worker(&control, w)).ok_or_else(
+                || CliError::Input(format!("{at}: worker `{}` has no key the control plane endorsed", record.worker)),
+            )?;
         let digest = |h: &str| hex::decode(h).ok().and_then(|b| <[u8; 32]>::try_from(b).ok());
         let signature = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &record.signature)
             .ok()
@@ -386,15 +384,32 @@ pub fn check_attestations(client: &Client, view: &RunView) -> Result<(), CliErro
     Ok(())
 }
 
-/// The Ed25519 keys of the nodes and workers that ran `run`'s attempts.
+/// The control plane's key, as the server serves it from its configuration (not from the
+/// database): what every node and worker key must be endorsed by.
+pub fn control_plane_key(client: &Client) -> Result<[u8; 32], CliError> {
+    let keys = client.keys()?;
+    pond_core::transparency::decode32(&keys.control_plane_key)
+        .ok_or_else(|| CliError::Input("the server's control-plane key is not a 32-byte base64 key".into()))
+}
+
+/// The Ed25519 keys of the nodes and workers that ran `run`'s attempts, each only if the control
+/// plane endorsed it: a key written into the database by someone without the server key is not
+/// among them.
 fn run_signers(client: &Client, run: &str) -> Result<Vec<[u8; 32]>, CliError> {
+    let control = control_plane_key(client)?;
     let keys = client.run_keys(run)?;
-    let texts = keys
-        .control_plane
-        .iter()
-        .map(|n| Some(n.signing_key.as_str()))
-        .chain(keys.workers.iter().map(|w| w.signing_key.as_deref()));
-    Ok(texts.flatten().filter_map(|t| pond_core::pool::decode_key(t).ok()).collect())
+    let nodes = keys.control_plane.iter().filter_map(|n| {
+        let key = pond_core::transparency::decode32(&n.signing_key)?;
+        pond_core::keys::endorsed(&control, "node", &n.node_id, &key, &n.endorsement).then_some(key)
+    });
+    let workers = keys.workers.iter().filter_map(|w| endorsed_worker(&control, w));
+    Ok(nodes.chain(workers).collect())
+}
+
+/// A worker's signing key, if the control plane endorsed it.
+pub fn endorsed_worker(control: &[u8; 32], worker: &crate::keys_api::WorkerKeys) -> Option<[u8; 32]> {
+    let key = pond_core::transparency::decode32(worker.signing_key.as_deref()?)?;
+    pond_core::keys::endorsed(control, "worker", &worker.id, &key, worker.endorsement.as_deref()?).then_some(key)
 }
 
 impl LogDecryptor {

@@ -16,7 +16,11 @@ use crate::state::AppState;
 /// The public keys that sign what pond serves.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct KeysDocument {
-    /// Control-plane nodes' log-signing keys (they sign the key headers of local stages' logs).
+    /// The control plane's own key (base64 Ed25519, the same on every node, from the server
+    /// key): it endorses node and worker keys and signs tree heads.
+    pub control_plane_key: String,
+    /// Control-plane nodes' log-signing keys (they sign the key headers of local stages' logs),
+    /// each with the control plane's endorsement.
     pub control_plane: Vec<pond_core::engine::LogSigner>,
 }
 
@@ -33,6 +37,8 @@ pub struct WorkerKeys {
     pub sealing_key: Option<String>,
     /// `SHA256:…` of the signing key.
     pub signing_fingerprint: Option<String>,
+    /// The control plane's endorsement of the signing key (`kind` `worker`, the worker's id).
+    pub endorsement: Option<String>,
 }
 
 /// Who signed a run's streams and results.
@@ -123,7 +129,13 @@ async fn run_log(
 }
 
 async fn keys(State(state): State<AppState>, _who: Principal) -> Result<Json<KeysDocument>, ApiError> {
-    Ok(Json(KeysDocument { control_plane: state.engine.log_signers().await? }))
+    Ok(Json(KeysDocument {
+        control_plane_key: base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            state.engine.control_plane_key(),
+        ),
+        control_plane: state.engine.log_signers().await?,
+    }))
 }
 
 async fn run_keys(
@@ -147,6 +159,7 @@ async fn run_keys(
                 signing_fingerprint: member.signing_key_bytes().map(|k| pond_core::attest::fingerprint(&k)),
                 signing_key: member.signing_key,
                 sealing_key: member.sealing_key,
+                endorsement: member.endorsement,
             });
         }
     }

@@ -249,6 +249,9 @@ async fn enroll_worker(
         .pools
         .enroll_worker(&orchestrator, &req.code, member_id("wrk"), &name, keys, req.tags, req.capabilities, &token)
         .await?;
+    // The control plane vouches for the keys it just pinned: readers accept this worker's
+    // signatures (attestations, log streams, artifacts) only with this endorsement.
+    let member = state.pools.set_endorsement(&member.id, state.engine.endorse_worker(&member.id, &signing)).await?;
     tracing::info!(id = %member.id, pool = %member.pool, tags = ?member.tags, "worker enrolled");
     let pond_key = Some(pond_core::pool::ticket_public(&state.engine.config().at_rest_key));
     Ok((axum::http::StatusCode::CREATED, Json(Enrolled { member, token, pond_key })))

@@ -61,12 +61,10 @@ pub fn verify_run(
     heads: &Path,
 ) -> Result<Verified, CliError> {
     let mut out = Verified::default();
-    // The tree head, signed by a control-plane node.
-    let keys = client.keys()?;
-    let control: Vec<[u8; 32]> =
-        keys.control_plane.iter().filter_map(|k| pond_core::transparency::decode32(&k.signing_key)).collect();
+    // The tree head, signed by the control plane's key (from the server key, not the database).
+    let control = crate::cli::control_plane_key(client)?;
     let head = client.tree_head()?;
-    head.verify(&control).map_err(|e| fail(format!("tree head: {e}")))?;
+    head.verify(&[control]).map_err(|e| fail(format!("tree head: {e}")))?;
     let root = head.root().map_err(|e| fail(format!("tree head: {e}")))?;
     out.checks.push(format!("tree head: {} leaves, signed by node {}", head.tree_size, head.node_id));
     // It extends the head this CLI saw before.
@@ -173,9 +171,10 @@ pub fn verify_run(
                 .workers
                 .iter()
                 .find(|w| w.id == record.worker)
-                .and_then(|w| w.signing_key.as_deref())
-                .and_then(pond_core::transparency::decode32)
-                .ok_or_else(|| fail(format!("{at}: worker `{}` has no pinned key", record.worker)))?;
+                .and_then(|w| crate::cli::endorsed_worker(&control, w))
+                .ok_or_else(|| {
+                    fail(format!("{at}: worker `{}` has no key the control plane endorsed", record.worker))
+                })?;
             if record.signing_key.as_deref().and_then(pond_core::transparency::decode32) != Some(key) {
                 return Err(fail(format!(
                     "{at}: the attestation names another key than worker `{}`'s pinned one",

@@ -61,8 +61,24 @@ def fingerprint(key):
 
 run = json.loads(get(f"/v1/runs/{run_id}"))
 keys = json.loads(get(f"/v1/runs/{run_id}/keys"))
-signers = [VerifyKey(base64.b64decode(k["signing_key"])) for k in keys["control_plane"]]
-signers += [VerifyKey(base64.b64decode(w["signing_key"])) for w in keys["workers"] if w.get("signing_key")]
+# Node and worker keys count only with the control plane's endorsement (its key comes from the
+# server key, which the database does not hold).
+control = VerifyKey(base64.b64decode(json.loads(get("/v1/keys"))["control_plane_key"]))
+
+
+def endorsed(kind, ident, key_b64, endorsement):
+    try:
+        control.verify(b"pond.endorse.v1\0" + kind.encode() + b"\0" + ident.encode() + b"\0" + base64.b64decode(key_b64),
+                       base64.b64decode(endorsement or ""))
+        return True
+    except (BadSignatureError, ValueError):
+        return False
+
+
+signers = [VerifyKey(base64.b64decode(k["signing_key"])) for k in keys["control_plane"]
+           if endorsed("node", k["node_id"], k["signing_key"], k.get("endorsement"))]
+signers += [VerifyKey(base64.b64decode(w["signing_key"])) for w in keys["workers"]
+            if w.get("signing_key") and endorsed("worker", w["id"], w["signing_key"], w.get("endorsement"))]
 
 
 def place(stage, attempt):
