@@ -355,8 +355,7 @@ fn a_run_s_encryption_changed_in_the_database_gets_nothing_sealed_or_written_in_
             }
         };
         let sql = format!("UPDATE runs SET encryption = {column} WHERE id = '{id}'");
-        let out = Command::new("psql").args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", &sql]).output().unwrap();
-        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        common::psql(&db.url, &sql);
         std::fs::write(&gate, "").unwrap();
 
         let run = wait_done(&admin, &id, Duration::from_secs(60));
@@ -444,8 +443,7 @@ fn a_forged_log_stream_is_refused_by_the_cli() {
     let forged_line = sealer.seal_line(b"FORGED-2", pond_core::store::LogStream::Stdout, false);
     for (seq, text) in [(header, forged_header), (line, forged_line)] {
         let sql = format!("UPDATE logs SET text = '{text}' WHERE run_id = '{id}' AND seq = {seq}");
-        let out = Command::new("psql").args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", &sql]).output().unwrap();
-        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        common::psql(&db.url, &sql);
     }
     let refused = || {
         let out = consumer(&server, &alice, &["run", "logs", &id]);
@@ -466,8 +464,7 @@ fn a_forged_log_stream_is_refused_by_the_cli() {
         format!("INSERT INTO records (kind, key, body) VALUES ('log_signer', 'node-evil', '{forged}')"),
         format!("UPDATE attempts SET owner = 'node-evil' WHERE run_id = '{id}'"),
     ] {
-        let out = Command::new("psql").args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", &sql]).output().unwrap();
-        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        common::psql(&db.url, &sql);
     }
     assert!(admin.run_keys(&id).unwrap().control_plane.iter().any(|n| n.node_id == "node-evil"), "listed");
     refused();
@@ -507,11 +504,7 @@ fn moved_truncated_or_relabelled_output_is_detected_by_the_cli_and_by_pynacl() {
     let admin = server.admin();
     let id = admin.list_runs(None, None, Some(1), None).unwrap().runs[0].id.to_string();
     let secret = hex::encode(pond_exec::load_or_create_key(&alice.join("keys/default.x25519")).unwrap());
-    let sql = |statement: &str| {
-        let out =
-            Command::new("psql").args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", statement]).output().unwrap();
-        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
-    };
+    let sql = |statement: &str| common::psql(&db.url, statement);
     // (what the CLI reads, the error it must give)
     let readers = |expect: Option<&str>, cli: &[&str]| {
         let out = consumer(&server, &alice, cli);
@@ -679,11 +672,7 @@ fn the_transparency_log_catches_a_rewritten_history() {
     let second = submit();
     let said = verifiers(&second, None);
     assert!(said.contains("the log extends the tree head seen before"), "{said}");
-    let sql = |statement: &str| {
-        let out =
-            Command::new("psql").args([db.url.as_str(), "-v", "ON_ERROR_STOP=1", "-c", statement]).output().unwrap();
-        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
-    };
+    let sql = |statement: &str| common::psql(&db.url, statement);
 
     // A leaf both verifiers saw in a tree head is rewritten (the first run's request). The
     // node keeps the tree it read (it signs heads only over what it saw), so the rewritten leaf

@@ -340,3 +340,11 @@ pub fn sign_request(body: &mut serde_json::Value, secret: &[u8; 32]) {
     let signed = SignedRequest::sign(&consumer_signing_seed(secret), &signed_fields(body, &project));
     body["consumer_signature"] = serde_json::to_value(signed.consumer_signature()).unwrap();
 }
+
+/// Runs one SQL statement on the PostgreSQL database at `url` with `psql`, as someone holding
+/// the database would.
+pub fn psql(url: &str, statement: &str) {
+    let out =
+        std::process::Command::new("psql").args([url, "-v", "ON_ERROR_STOP=1", "-c", statement]).output().unwrap();
+    assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+}
