@@ -1369,6 +1369,9 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
             };
             let body = cli::build_submit(client, target, &options)?;
             let run = client.submit(&body, idempotency_key.as_deref())?;
+            for warning in &run.warnings {
+                eprintln!("warning: {warning}");
+            }
             if !wait {
                 if json {
                     print_json(&run)?;

@@ -762,3 +762,34 @@ fn a_none_job_of_an_unprivileged_worker_finds_none_of_its_secrets() {
     }
     a_none_job_finds_none_of_its_worker_s_secrets(Some(65534));
 }
+
+/// A pooled stage no enrolled worker could ever take (a tenant without a host of its own) is
+/// named at submit (the answer's warnings, and the CLI's stderr) and in the run's status, with
+/// the fix; a stage some worker can take gets no warning.
+#[test]
+fn a_stage_no_enrolled_worker_could_take_is_named_at_submit_and_in_status() {
+    let p = pool("3s");
+    let admin = p.server.admin();
+    let waiting = admin.submit(&pooled("initech", "byo", "true"), None).unwrap();
+    assert_eq!(waiting.warnings.len(), 1, "{:?}", waiting.warnings);
+    let warning = &waiting.warnings[0];
+    assert!(warning.contains("stage `job` waits for a worker with tags [pool:byo, tenant:initech]"), "{warning}");
+    assert!(warning.contains("none of the 4 enrolled workers offers that: enroll one"), "{warning}");
+    let id = waiting.id.to_string();
+    let status = p.server.cli(&["run", "status", &id]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("waits for a worker with tags [pool:byo, tenant:initech]"), "{text}");
+    // The CLI says it at submit, on stderr.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wf.json");
+    std::fs::write(&file, pooled("initech", "byo", "true").to_string()).unwrap();
+    let out = p.server.cli(&["run", "submit", "-f", file.to_str().unwrap(), "--no-encrypt"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("warning: stage `job` waits for"), "{stderr}");
+    // acme has a host: no warning, and it runs.
+    let fine = admin.submit(&pooled("acme", "byo", "true"), None).unwrap();
+    assert!(fine.warnings.is_empty(), "{:?}", fine.warnings);
+    let done = wait_done(&admin, &fine.id.to_string(), Duration::from_secs(30));
+    assert_eq!(done.state.as_str(), "succeeded");
+    assert!(admin.get_run(&id).unwrap().stages[0].waiting_for.is_some(), "still waiting, still said");
+}

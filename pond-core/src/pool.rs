@@ -121,6 +121,40 @@ pub struct PoolMember {
     pub draining: bool,
 }
 
+/// What a pooled stage waits for, in words, given the pool members enrolled now: `None` when an
+/// enrolled, non-draining worker could take it (it waits only for one to be free), else what no
+/// worker offers and how to fix it.
+pub fn waiting_for(
+    required: &crate::routing::Requirements,
+    project_id: &str,
+    members: &[PoolMember],
+) -> Option<String> {
+    let workers: Vec<&PoolMember> = members.iter().filter(|m| m.kind == MemberKind::Worker).collect();
+    let able: Vec<&&PoolMember> =
+        workers.iter().filter(|m| crate::routing::admits(required, project_id, &m.offer())).collect();
+    if able.iter().any(|m| !m.draining) {
+        return None;
+    }
+    let tags: Vec<&str> = required.tags.iter().map(String::as_str).collect();
+    let wants = format!(
+        "a worker with tags [{}]{}",
+        tags.join(", "),
+        if required.capabilities.is_empty() {
+            String::new()
+        } else {
+            format!(" and capabilities [{}]", required.capabilities.join(", "))
+        }
+    );
+    Some(if able.is_empty() {
+        format!(
+            "{wants}; none of the {} enrolled workers offers that: enroll one (`pond admin enroll create --worker --tags … --capabilities …`) or change the stage's tier, tags or executor",
+            workers.len()
+        )
+    } else {
+        format!("{wants}; the {} enrolled workers that offer it are draining", able.len())
+    })
+}
+
 impl PoolMember {
     /// What it offers to placement.
     pub fn offer(&self) -> WorkerOffer {

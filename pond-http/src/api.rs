@@ -149,7 +149,17 @@ async fn submit_run(
         })
         .await?;
     let status = if submitted.created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(RunView::from(submitted.snapshot))).into_response())
+    let mut view = RunView::from(submitted.snapshot);
+    if view.stages.iter().any(|s| s.requirements.is_some()) {
+        // A pooled stage no enrolled worker could take would wait forever: say so now.
+        view.explain_waiting(&state.pools.members().await?);
+        view.warnings = view
+            .stages
+            .iter()
+            .filter_map(|s| s.waiting_for.as_ref().map(|w| format!("stage `{}` waits for {w}", s.key)))
+            .collect();
+    }
+    Ok((status, Json(view)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -215,7 +225,11 @@ async fn get_run(
     who: Principal,
     Path(id): Path<String>,
 ) -> Result<Json<RunView>, ApiError> {
-    Ok(Json(visible_run(&state, &who, &id).await?.into()))
+    let mut view: RunView = visible_run(&state, &who, &id).await?.into();
+    if view.stages.iter().any(|s| s.requirements.is_some() && s.state == pond_core::run::StageState::Queued) {
+        view.explain_waiting(&state.pools.members().await?);
+    }
+    Ok(Json(view))
 }
 
 async fn cancel_run(

@@ -795,6 +795,9 @@ pub fn format_run(run: &RunView) -> String {
             attestation,
             st.error.clone().unwrap_or_default()
         ));
+        if let Some(waiting) = &st.waiting_for {
+            s.push_str(&format!("{:<20} waits for {waiting}\n", ""));
+        }
     }
     s
 }

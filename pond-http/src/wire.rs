@@ -36,6 +36,9 @@ pub struct RunView {
     /// A confidential run's recipients and the consumer's signed request covering them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<pond_core::run::Encryption>,
+    /// Things the submitter should know (e.g. a pooled stage no enrolled worker could take).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// A stage as the API shows it.
@@ -52,6 +55,9 @@ pub struct StageView {
     /// For a pooled stage, what its worker must offer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requirements: Option<pond_core::routing::Requirements>,
+    /// For a queued pooled stage no enrolled worker could take: what it waits for, and the fix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
     /// For a pooled stage whose last attempt reported: whether pond verified the worker's
     /// signed result (signature under its pinned key, input it was issued).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -76,6 +82,21 @@ pub struct StageView {
     pub attempts: Vec<Attempt>,
 }
 
+impl RunView {
+    /// Says, for each queued pooled stage no enrolled worker could take, what it waits for
+    /// (given the pool members enrolled now).
+    pub fn explain_waiting(&mut self, members: &[pond_core::pool::PoolMember]) {
+        for stage in &mut self.stages {
+            if stage.state != StageState::Queued {
+                continue;
+            }
+            if let Some(required) = &stage.requirements {
+                stage.waiting_for = pond_core::pool::waiting_for(required, &self.project_id, members);
+            }
+        }
+    }
+}
+
 impl From<RunSnapshot> for RunView {
     fn from(s: RunSnapshot) -> Self {
         let stages = s
@@ -89,6 +110,7 @@ impl From<RunSnapshot> for RunView {
                     executor: def.executor.kind().to_string(),
                     placement: if st.requirements.is_some() { "pool" } else { "local" }.into(),
                     requirements: st.requirements.clone(),
+                    waiting_for: None,
                     attestation_verified: s
                         .attempts
                         .iter()
@@ -121,6 +143,7 @@ impl From<RunSnapshot> for RunView {
             stages,
             definition: r.definition,
             encryption: r.encryption,
+            warnings: Vec::new(),
         }
     }
 }
