@@ -417,3 +417,55 @@ fn shell_stages_get_only_allowlisted_environment_and_output_files_become_artifac
     admin.download_artifact(&id, "reports/r.json", &mut report).unwrap();
     assert_eq!(String::from_utf8(report).unwrap().trim(), "{\"ok\":true}");
 }
+
+/// `GET /metrics` (admin token) serves Prometheus text that `promtool check metrics` accepts,
+/// with the requests, runs and stages the server just handled.
+#[test]
+fn metrics_are_prometheus_text_for_an_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let admin = server.admin();
+    let ok = admin.submit(&run_json(json!({"stages": [{"key": "n", "executor": {"kind": "noop"}}]})), None).unwrap();
+    let bad = admin
+        .submit(&run_json(json!({"stages": [{"key": "f", "executor": {"kind": "shell", "argv": ["false"]}}]})), None)
+        .unwrap();
+    wait_done(&admin, &ok.id.to_string(), Duration::from_secs(20));
+    wait_done(&admin, &bad.id.to_string(), Duration::from_secs(20));
+    let get = |token: Option<&str>| {
+        let mut req = ureq::get(&format!("{}/metrics", server.url));
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        match req.call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(get(None).0, 401);
+    let consumer = admin.create_key(&["acme".into()], None).unwrap();
+    assert_eq!(get(consumer.token.as_deref()).0, 403, "a consumer's token reads no operator figures");
+    let (status, text) = get(Some(&server.token));
+    assert_eq!(status, 200, "{text}");
+    let line = |needles: &[&str]| text.lines().any(|l| !l.starts_with('#') && needles.iter().all(|n| l.contains(n)));
+    assert!(line(&["pond_http_requests_total", "route=\"/v1/runs\"", "status=\"201\""]), "{text}");
+    assert!(line(&["pond_runs_submitted_total", "encrypted=\"no\"", " 2"]), "{text}");
+    assert!(line(&["pond_stages_finished_total", "executor=\"noop\"", "outcome=\"succeeded\""]), "{text}");
+    assert!(line(&["pond_stages_finished_total", "executor=\"shell\"", "outcome=\"failed\""]), "{text}");
+    assert!(line(&["pond_stage_duration_seconds_bucket", "executor=\"noop\""]), "{text}");
+    assert!(line(&["pond_stages_claimed_total", "placement=\"local\""]), "{text}");
+    // What Prometheus's own checker says of it.
+    if std::process::Command::new("promtool").arg("--version").output().is_err() {
+        pond_store::missing_prerequisite("promtool is not installed (Debian `prometheus`; .ci/run installs it)");
+        return;
+    }
+    let scraped = dir.path().join("metrics.txt");
+    std::fs::write(&scraped, &text).unwrap();
+    let check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&scraped).unwrap())
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    assert!(check.status.success(), "promtool check metrics: {said}");
+}

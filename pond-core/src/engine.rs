@@ -121,6 +121,23 @@ fn request_digest(request: &SubmitRequest, project: &str) -> Result<String, Core
     Ok(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(value.to_string().as_bytes())))
 }
 
+/// Counts an attempt's end and its duration, by executor and outcome.
+fn record_finish(snapshot: &RunSnapshot, key: &str, attempt: u32, now: Timestamp) {
+    let Some(done) = snapshot.attempts.iter().find(|a| a.stage_key == key && a.number == attempt) else { return };
+    let executor = snapshot
+        .run
+        .definition
+        .stages
+        .iter()
+        .find(|d| d.key == key)
+        .map(|d| d.executor.kind().to_string())
+        .unwrap_or_default();
+    let outcome = done.outcome.map(|o| format!("{o:?}").to_ascii_lowercase()).unwrap_or_else(|| "unknown".into());
+    let seconds = (now.as_millis() - done.started_at.as_millis()).max(0) as f64 / 1000.0;
+    metrics::histogram!("pond_stage_duration_seconds", "executor" => executor.clone()).record(seconds);
+    metrics::counter!("pond_stages_finished_total", "executor" => executor, "outcome" => outcome).increment(1);
+}
+
 /// Record kind of a used consumer signature (base64), holding the id of its run.
 const REQUEST_SIGNATURE: &str = "request_signature";
 
@@ -597,6 +614,8 @@ impl Engine {
         snapshot.run.request_digest = Some(digest.clone());
         match self.store.insert_run(&snapshot).await? {
             crate::store::InsertOutcome::Created => {
+                let encrypted = if snapshot.run.encryption.is_some() { "yes" } else { "no" };
+                metrics::counter!("pond_runs_submitted_total", "encrypted" => encrypted).increment(1);
                 if let Some(request) = snapshot.run.encryption.as_ref().and_then(|e| e.request.as_ref()) {
                     let id = snapshot.run.id.to_string();
                     self.store.swap_record(REQUEST_SIGNATURE, &request.signature, None, &id).await?;
@@ -715,8 +734,11 @@ impl Engine {
                 }
                 continue;
             }
+            let placement = if query.kinds.iter().any(|k| k == POOL_KIND) { "pool" } else { "local" };
+            metrics::counter!("pond_stages_claimed_total", "placement" => placement).increment(1);
             let mut text = format!("stage `{}` attempt {} started on {holder}", stage.key, stage.attempt);
             if stage.lost_leases > 0 && stage.attempt > 1 {
+                metrics::counter!("pond_lease_expiries_total").increment(1);
                 text.push_str(" (an earlier attempt's node stopped renewing its lease)");
             }
             lines.push((run, self.system(Some(&stage.key), stage.attempt, text)));
@@ -934,6 +956,8 @@ impl Engine {
             .into_iter()
             .map(|line| NewLogLine { stage: Some(job.stage.clone()), attempt: job.attempt, at, ..line })
             .collect();
+        let bytes: usize = lines.iter().map(|l| l.text.len()).sum();
+        metrics::counter!("pond_log_bytes_total", "placement" => "pool").increment(bytes as u64);
         Ok(self.store.append_logs(job.run, &lines).await?)
     }
 
@@ -974,6 +998,7 @@ impl Engine {
         // Refused unless the attempt is still running under this worker's lease and its result
         // has not been reported: a relay that finishes an upload late changes nothing.
         self.store.put_artifact(&artifact, &worker.id, self.config.max_run_artifact_bytes).await?;
+        metrics::counter!("pond_artifact_bytes_total", "placement" => "pool").increment(artifact.size);
         Ok(artifact)
     }
 
@@ -1017,6 +1042,8 @@ impl Engine {
         // result may log the same leaf twice, which changes nothing a reader checks).
         let leaf = crate::transparency::attestation_leaf(&job.run.to_string(), key, attempt, &attestation);
         self.log_leaf(job.run, &leaf).await?;
+        let verified = if attestation.verified { "yes" } else { "no" };
+        metrics::counter!("pond_attestations_total", "verified" => verified).increment(1);
         let now = self.clock.now();
         let default_policy = self.config.attestation_default;
         let snapshot = self
@@ -1072,6 +1099,7 @@ impl Engine {
             .await
             .map_err(|e| not_found_as(e, job.run))?;
         self.release_if_ended(&snapshot, now).await;
+        record_finish(&snapshot, key, attempt, now);
         Ok(snapshot)
     }
 
@@ -1130,6 +1158,7 @@ impl Engine {
             .await
             .map_err(unwrap_rejected)?;
         self.release_if_ended(&snapshot, now).await;
+        record_finish(&snapshot, key, attempt, now);
         Ok(snapshot)
     }
 
@@ -1454,7 +1483,9 @@ impl StoreSink<'_> {
             created_at: now,
         };
         let cap = self.engine.config.max_run_artifact_bytes;
-        self.deliver(&what, || store.put_artifact(&artifact, self.holder, cap)).await
+        self.deliver(&what, || store.put_artifact(&artifact, self.holder, cap)).await?;
+        metrics::counter!("pond_artifact_bytes_total", "placement" => "local").increment(artifact.size);
+        Ok(())
     }
 
     /// Stores lines as they are (admitted and sealed), numbered in order.
@@ -1474,6 +1505,8 @@ impl StoreSink<'_> {
             .enumerate()
             .map(|(i, line)| NewLogLine::output(self.stage, self.attempt, at, line, first + i as u64))
             .collect();
+        let bytes: usize = lines.iter().map(|l| l.bytes.len()).sum();
+        metrics::counter!("pond_log_bytes_total", "placement" => "local").increment(bytes as u64);
         let store = &self.engine.store;
         let _ = self.deliver("the stage's output", || store.append_logs(self.run, &records)).await;
     }

@@ -56,10 +56,13 @@ pub fn app(state: AppState) -> Router {
     let health = Router::new()
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(crate::metrics::render))
         .route_layer(body_limit(SMALL_BODY_BYTES));
     Router::new()
         .nest("/v1", v1)
         .merge(health)
+        // Every routed request counted by its route template and status.
+        .route_layer(axum::middleware::from_fn(crate::metrics::count_requests))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
             ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))

@@ -322,6 +322,13 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             }
         }
         meter.finish();
+        let provider = match config.provider {
+            Provider::Openai => "openai",
+            Provider::Anthropic => "anthropic",
+        };
+        metrics::counter!("pond_broker_tokens_total", "provider" => provider, "kind" => "input").increment(meter.input);
+        metrics::counter!("pond_broker_tokens_total", "provider" => provider, "kind" => "output")
+            .increment(meter.output);
         let mut usage = worker.usage.lock().unwrap_or_else(|p| p.into_inner());
         usage.requests += 1;
         usage.input_tokens += meter.input;

@@ -141,6 +141,9 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if matches!(e, StoreError::Unavailable(_) | StoreError::Backend(_) | StoreError::Corrupt(_)) {
+            metrics::counter!("pond_store_errors_total").increment(1);
+        }
         match e {
             StoreError::Unavailable(m) => ApiError::Unavailable(format!("the database is unavailable: {m}")),
             StoreError::Conflict(m) => ApiError::Conflict(m),

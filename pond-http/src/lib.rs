@@ -29,6 +29,7 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod keys_api;
+pub mod metrics;
 pub mod orch;
 pub mod orchestrator;
 pub mod pool_client;

@@ -248,6 +248,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         rand::rngs::OsRng.fill_bytes(&mut raw);
         format!("node-{}", hex::encode(raw))
     });
+    // The process's metrics recorder, before anything records.
+    let _ = crate::metrics::handle();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut background = Vec::new();
     let (store, interrupted_stages) = match &config.database_url {
