@@ -94,6 +94,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check this CLI's set-up against its server (reachable, version, clock, token, keys, the
+    /// transparency log) and, with --data-dir or --sandbox, this host's; each failure names its
+    /// fix. Exits 1 when a check fails.
+    Doctor {
+        /// Also check a server's or worker's data directory on this host (private, writable,
+        /// free space).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Also run the OCI sandbox's self-check here (needs root).
+        #[arg(long)]
+        sandbox: bool,
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print this worker's key fingerprints (making its keys on first use), to pin at enrollment.
     Fingerprint {
         /// Worker key directory (default: $POND_WORKER_KEY_DIR, else ~/.local/share/pond/worker).
@@ -946,6 +961,32 @@ fn dispatch(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Doctor { data_dir, sandbox, json } => {
+            let config = CliConfig::load(&config_path)?;
+            let context = cli.global.context.clone();
+            let overrides = TargetOverrides {
+                server: cli.global.server,
+                token: cli.global.token,
+                context: cli.global.context,
+                project: None,
+            };
+            let key_path = cli::consumer_key_path(&config_path, context.as_deref().or(config.current.as_deref()));
+            let target = cli::resolve_target(&config, &overrides)?;
+            let client = Client::new(&target.server, target.token.clone());
+            let mut checks =
+                pond_http::doctor::client_checks(&client, &target.server, target.token.is_some(), &key_path);
+            checks.extend(host_checks(data_dir.as_deref(), sandbox));
+            let failed = checks.iter().filter(|c| !c.ok).count();
+            if json {
+                print_json(&checks)?;
+            } else {
+                for check in &checks {
+                    println!("{}", check.line());
+                }
+                println!("{} checks, {failed} failed", checks.len());
+            }
+            Ok(if failed == 0 { 0 } else { 1 })
+        }
         Command::Verify { id, json } => {
             let config = CliConfig::load(&config_path)?;
             let context = cli.global.context.clone();
@@ -989,6 +1030,88 @@ fn dispatch(cli: Cli) -> Result<i32> {
             keys(command, &admin_client(&cli.global, &config_path)?).map(|()| 0)
         }
     }
+}
+
+/// The host side of `pond doctor`: git (for git sources), the agent CLIs on PATH, and with
+/// `data_dir` a data directory's permissions and space, with `sandbox` the OCI self-check.
+fn host_checks(data_dir: Option<&std::path::Path>, sandbox: bool) -> Vec<pond_http::doctor::Check> {
+    use pond_http::doctor::Check;
+    let mut checks = Vec::new();
+    let version = |cmd: &str| {
+        std::process::Command::new(cmd)
+            .arg("--version")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().trim().to_string())
+    };
+    match version("git") {
+        Some(v) => checks.push(Check::ok("git", v)),
+        None => checks.push(Check::fail("git", "not on PATH (git_https sources need it)", "install git")),
+    }
+    for cli in ["codex", "claude"] {
+        match version(cli) {
+            Some(v) => checks.push(Check::ok(cli, v)),
+            // Not a failure: only stages of that harness need it, and only where they run.
+            None => checks.push(Check::ok(cli, "not on PATH: this host cannot run that harness's agent stages")),
+        }
+    }
+    if let Some(dir) = data_dir {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(dir) {
+            Err(e) => checks.push(Check::fail(
+                "data dir",
+                format!("{}: {e}", dir.display()),
+                "create it, or pass the right --data-dir",
+            )),
+            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => checks.push(Check::fail(
+                "data dir",
+                format!(
+                    "{} is open to others (mode {:o}); it holds keys and tokens",
+                    dir.display(),
+                    meta.permissions().mode() & 0o777
+                ),
+                format!("chmod 700 {}", dir.display()),
+            )),
+            Ok(_) => checks.push(Check::ok("data dir", format!("{} (0700)", dir.display()))),
+        }
+        if let Some(free) = free_bytes(dir) {
+            let text = format!("{:.1} GiB free", free as f64 / (1u64 << 30) as f64);
+            if free >= 1 << 30 {
+                checks.push(Check::ok("disk", text));
+            } else {
+                checks.push(Check::fail("disk", text, "free space: checkouts, spools and SQLite grow here"));
+            }
+        }
+    }
+    if sandbox {
+        let args =
+            SandboxArgs { backend: "oci".into(), dir: None, egress_allow: Vec::new(), defaults: None, ceilings: None };
+        let dir = std::env::temp_dir().join(format!("pond-doctor-sandbox-{}", std::process::id()));
+        match sandbox_backend(&args, dir.clone()) {
+            Ok((backend, _)) => {
+                let profiles: Vec<&str> = backend.profiles().iter().map(|p| p.as_str()).collect();
+                checks.push(Check::ok("sandbox", format!("self-check passed; profiles: {}", profiles.join(", "))));
+            }
+            Err(e) => checks.push(Check::fail(
+                "sandbox",
+                format!("{e:#}"),
+                "run as root on Linux with cgroups and namespaces (README \"Sandboxes\"); without it only the `none` profile runs",
+            )),
+        }
+        let _ = pond_sandbox::oci::collect_garbage(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    checks
+}
+
+/// Free bytes for an unprivileged user on the filesystem of `path`.
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs writes into the struct we own, for a NUL-terminated path.
+    (unsafe { libc::statvfs(c.as_ptr(), &mut stat) } == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 fn host_name() -> String {

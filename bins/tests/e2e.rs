@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -410,4 +411,56 @@ fn processes_a_stage_started_in_new_sessions_do_not_survive_it() {
         assert_eq!(run.state, want, "{case}: {run:?}");
         eventually("the escapee's end", Duration::from_secs(5), || !common::process_named(&marker));
     }
+}
+
+/// `pond doctor` checks the set-up and names the fix of what fails: a good set-up passes; a
+/// wrong token, a data directory open to others, and a server that does not answer each fail
+/// with exit code 1.
+#[test]
+fn doctor_names_what_is_wrong_and_how_to_fix_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let data = server.data_dir.to_str().unwrap().to_string();
+    let out = server.cli(&["doctor", "--data-dir", &data]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for check in [
+        "ok    server:",
+        "ok    version:",
+        "ok    clock:",
+        "ok    token: accepted",
+        "ok    transparency log:",
+        "ok    data dir:",
+    ] {
+        assert!(text.contains(check), "{check}: {text}");
+    }
+    let wrong = Command::new(POND)
+        .args(["doctor"])
+        .env("POND_SERVER", &server.url)
+        .env("POND_TOKEN", "pond_wrong")
+        .env("POND_CONFIG", dir.path().join("other.json"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&wrong.stdout);
+    assert_eq!(wrong.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL  token: refused") && text.contains("pond admin keys create"), "{text}");
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = server.cli(&["doctor", "--data-dir", open.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL  data dir:") && text.contains("chmod 700"), "{text}");
+    let away = Command::new(POND)
+        .args(["doctor", "--json"])
+        .env("POND_SERVER", "http://127.0.0.1:9")
+        .env("POND_TOKEN", "x")
+        .env("POND_CONFIG", dir.path().join("other.json"))
+        .output()
+        .unwrap();
+    assert_eq!(away.status.code(), Some(1));
+    let checks: serde_json::Value = serde_json::from_slice(&away.stdout).unwrap();
+    assert_eq!(checks[0]["name"], "server");
+    assert_eq!(checks[0]["ok"], false);
+    assert!(checks[0]["fix"].as_str().unwrap().contains("pond server"), "{checks}");
 }

@@ -54,7 +54,10 @@ pub fn app(state: AppState) -> Router {
         .route_layer(body_limit(SMALL_BODY_BYTES));
     let v1 = submit.merge(bundles).merge(small).merge(crate::orch::routes(&limits));
     let health = Router::new()
-        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})) }),
+        )
         .route("/readyz", get(ready))
         .route("/metrics", get(crate::metrics::render))
         .route_layer(body_limit(SMALL_BODY_BYTES));

@@ -27,6 +27,7 @@ pub mod boundary;
 pub mod broker;
 pub mod cli;
 pub mod client;
+pub mod doctor;
 pub mod error;
 pub mod keys_api;
 pub mod metrics;

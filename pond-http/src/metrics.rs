@@ -42,17 +42,30 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
 fn describe() {
     use metrics::{describe_counter, describe_histogram, Unit};
     describe_counter!("pond_http_requests_total", "HTTP requests answered, by method, route template and status");
-    describe_histogram!("pond_http_request_duration_seconds", Unit::Seconds, "Time to answer an HTTP request, by route template");
+    describe_histogram!(
+        "pond_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request, by route template"
+    );
     describe_counter!("pond_runs_submitted_total", "Runs created by submits, by whether they are encrypted");
-    describe_counter!("pond_stages_claimed_total", "Stage attempts claimed, by placement (local: this node; pool: a worker)");
+    describe_counter!(
+        "pond_stages_claimed_total",
+        "Stage attempts claimed, by placement (local: this node; pool: a worker)"
+    );
     describe_counter!("pond_stages_finished_total", "Stage attempts ended, by executor and outcome");
     describe_histogram!("pond_stage_duration_seconds", Unit::Seconds, "Stage attempt durations, by executor");
     describe_counter!("pond_lease_expiries_total", "Stages claimed again after a holder stopped renewing its lease");
     describe_counter!("pond_attestations_total", "Pooled results checked, by whether their attestation verified");
     describe_counter!("pond_log_bytes_total", Unit::Bytes, "Output bytes stored, by placement");
     describe_counter!("pond_artifact_bytes_total", Unit::Bytes, "Artifact bytes stored, by placement");
-    describe_counter!("pond_broker_tokens_total", "Model tokens metered by the credential broker, by provider and kind");
-    describe_counter!("pond_store_errors_total", "API answers that failed for a store error (unavailable, backend, corrupt)");
+    describe_counter!(
+        "pond_broker_tokens_total",
+        "Model tokens metered by the credential broker, by provider and kind"
+    );
+    describe_counter!(
+        "pond_store_errors_total",
+        "API answers that failed for a store error (unavailable, backend, corrupt)"
+    );
 }
 
 /// Counts and times every request by method, route template (never the raw path: ids would
