@@ -717,6 +717,20 @@ fn the_transparency_log_catches_a_rewritten_history() {
     ));
     verifiers(&first, None);
 
+    // The local attempt relabelled as lost with its holder, and its stream's final record
+    // removed: the run's view now excuses the cut stream, but the log recorded that the attempt
+    // ended with its stream finished, and `pond verify` holds the stream to that.
+    sql(&format!("UPDATE attempts SET outcome = 'lease_expired' WHERE run_id = '{first}' AND stage_key = 'local'"));
+    sql(&format!(
+        "UPDATE logs SET run_id = 'hidden' WHERE run_id = '{first}' AND stage = 'local' AND text LIKE 'ENC2F:%'"
+    ));
+    let out = consumer(&server, &alice, &["verify", &first]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("the log records the end of stage `local` attempt 1"), "{stderr}");
+    sql(&format!("UPDATE logs SET run_id = '{first}' WHERE run_id = 'hidden'"));
+    sql(&format!("UPDATE attempts SET outcome = 'succeeded' WHERE run_id = '{first}' AND stage_key = 'local'"));
+    verifiers(&first, None);
+
     // The pooled attempt's recorded exit code changed: its signature no longer holds, which the
     // CLI checks by default when it reads the run's log.
     let attempts = format!("run_id = '{first}' AND stage_key = 'pooled'");

@@ -810,7 +810,10 @@ impl Engine {
         };
         let items = match self.foreach_items(run, def).await {
             Ok(items) => items,
-            Err(error) => return StageOutcome::Failed { error, exit_code: None },
+            Err(error) => {
+                let _ = self.finish_sink(&sink, run, claim).await;
+                return StageOutcome::Failed { error, exit_code: None };
+            }
         };
         let ctx = ExecContext {
             run,
@@ -824,7 +827,7 @@ impl Engine {
         let outcome = executor.execute(ctx).await;
         // Output that never reached the store fails the stage, whatever the process did: a
         // run must not read `succeeded` with a hole in its log.
-        let outcome = match (sink.finish().await, outcome) {
+        let outcome = match (self.finish_sink(&sink, run, claim).await, outcome) {
             (Err(why), StageOutcome::Succeeded | StageOutcome::Failed { .. }) => {
                 StageOutcome::Failed { error: why, exit_code: None }
             }
@@ -837,6 +840,19 @@ impl Engine {
             }
             (outcome, _) => outcome,
         }
+    }
+
+    /// Ends an attempt's output: the sink delivers what it holds (a confidential stream its final
+    /// record), and for a confidential run the attempt's end is logged, so a reader requires
+    /// that stream whole whatever the attempt is labelled later where the run is kept.
+    async fn finish_sink(&self, sink: &StoreSink<'_>, run: &Run, claim: &Claim) -> Result<(), String> {
+        sink.finish().await?;
+        if sink.sealer.is_some() {
+            let leaf =
+                crate::transparency::attempt_leaf(&run.id.to_string(), &claim.stage.key, claim.stage.attempt, "ended");
+            self.log_leaf(run.id, &leaf).await.map_err(|e| format!("logging the attempt's end failed: {e}"))?;
+        }
+        Ok(())
     }
 
     /// The items of a swarm stage's `foreach`: the lines of the named artifact of this run.
@@ -1144,6 +1160,7 @@ impl Engine {
     pub async fn complete(&self, claim: &Claim, outcome: StageOutcome) -> Result<RunSnapshot, CoreError> {
         let now = self.clock.now();
         let (run, key, attempt) = (claim.run.id, claim.stage.key.as_str(), claim.stage.attempt);
+
         // The progress lines are written in the same transaction as the change they describe,
         // so a follower that sees the run ended has also seen how.
         let snapshot = self

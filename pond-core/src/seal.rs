@@ -142,13 +142,20 @@ pub struct OutputSealer {
     signer: [u8; 32],
     place: Place,
     stream: std::sync::Mutex<Option<LogSealer>>,
+    finished: std::sync::atomic::AtomicBool,
 }
 
 impl OutputSealer {
     /// A sealer for `recipients` of the attempt at `place`, signing with the Ed25519 seed
     /// `signer`.
     pub fn new(recipients: Vec<[u8; 32]>, signer: [u8; 32], place: Place) -> Self {
-        OutputSealer { recipients, signer, place, stream: std::sync::Mutex::new(None) }
+        OutputSealer {
+            recipients,
+            signer,
+            place,
+            stream: std::sync::Mutex::new(None),
+            finished: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// The sealer for an attempt of a run: none for a run in clear; for a confidential run, one
@@ -193,9 +200,13 @@ impl OutputSealer {
     /// The stream's last records: its header if no line came, then the signed `ENC2F:` final
     /// record. Every attempt that ends normally has a whole stream, even an empty one, so a
     /// reader can tell a stream cut off (or removed) from one that said nothing.
+    /// A second call gives nothing: the stream has one final record.
     pub fn finish(&self) -> Vec<crate::exec::OutputLine> {
         use crate::exec::OutputLine;
         use crate::store::LogStream;
+        if self.finished.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Vec::new();
+        }
         let mut out = self.lines(Vec::new());
         let guard = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(sealer) = guard.as_ref() {

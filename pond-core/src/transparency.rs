@@ -131,6 +131,19 @@ pub fn attestation_leaf(run: &str, stage: &str, attempt: u32, record: &Attestati
     }))
 }
 
+/// The leaf of a confidential run's local attempt that ended (a pooled attempt's end is its
+/// attestation's leaf): its stream was finished, with its final record, before this was logged,
+/// so a reader requires that stream whole whatever the attempt's label says later.
+pub fn attempt_leaf(run: &str, stage: &str, attempt: u32, outcome: &str) -> String {
+    crate::signed_request::canonical_json(&json!({
+        "kind": "attempt",
+        "run": run,
+        "stage": stage,
+        "attempt": attempt,
+        "outcome": outcome,
+    }))
+}
+
 /// A run's leaf with its audit path in a tree of some size.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoggedLeaf {

@@ -233,6 +233,11 @@ impl Worker {
             }
         };
         let _ = tokio::fs::remove_dir_all(&dir).await;
+        if !matches!(stop.reason(), Some(StopReason::LeaseLost | StopReason::Shutdown)) {
+            // Every attempt that reports has its output ended — a confidential stream its final
+            // record — early failures included (a second finish adds nothing).
+            let _ = sink.finish().await;
+        }
         match stop.reason() {
             Some(StopReason::LeaseLost) => {
                 tracing::warn!(job = %id, "lease lost; result dropped");

@@ -525,6 +525,12 @@ impl LogDecryptor {
         Ok(Some(plain))
     }
 
+    /// Whether the stream of `stage` attempt `attempt` was read whole (its final record checked):
+    /// `None` when the log holds no stream of it.
+    pub fn stream_whole(&self, stage: &str, attempt: u32) -> Option<bool> {
+        self.streams.get(&(Some(stage.to_string()), attempt)).map(|o| o.complete().is_ok())
+    }
+
     /// After the whole log was read: every stream of an attempt that ended (not lost with its
     /// holder) ends with its final record, and every attempt that succeeded has a stream. A
     /// stream cut short, or removed, is an error.

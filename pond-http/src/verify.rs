@@ -224,6 +224,25 @@ pub fn verify_run(
         if view.state.is_terminal() {
             decrypt.check_whole(&view)?;
         }
+        // Every attempt the log says ended (a local attempt's end, a pooled one's attestation)
+        // has its stream whole, whatever the run's view says of that attempt now.
+        for leaf in &leaves {
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(leaf) else { continue };
+            if value["kind"] != "attempt" && value["kind"] != "attestation" {
+                continue;
+            }
+            let (stage, attempt) =
+                (value["stage"].as_str().unwrap_or_default(), value["attempt"].as_u64().unwrap_or(0));
+            match decrypt.stream_whole(stage, attempt as u32) {
+                Some(true) => {}
+                found => {
+                    return Err(fail(format!(
+                        "the log records the end of stage `{stage}` attempt {attempt}, but its stream is {}",
+                        if found.is_none() { "missing" } else { "not whole (no final record)" }
+                    )))
+                }
+            }
+        }
         let mut opened = 0;
         for artifact in client.artifacts(run)?.artifacts {
             if !artifact.name.ends_with(pond_core::seal::SIDECAR_SUFFIX) {
