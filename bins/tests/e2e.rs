@@ -30,7 +30,8 @@ fn the_example_workflow_runs_from_the_cli_and_its_artifacts_download() {
     assert!(stdout.contains("[todos] todo_scan: 5 markers"), "{stdout}");
     assert!(stdout.contains("[summary] todo markers: 5"), "{stdout}");
     assert!(stdout.contains("-- stage `summary` succeeded"), "live progress shows transitions: {stdout}");
-    let id = stderr.split_whitespace().nth(2).expect("submitted run <id>").to_string();
+    let id = submitted_id(&out.stderr);
+    assert!(stderr.contains("packed examples/repo: "), "{stderr}");
 
     let status = server.cli(&["run", "status", &id, "--json"]);
     let run: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
@@ -77,7 +78,7 @@ fn a_failing_stage_is_retried_recorded_and_fails_the_cli_wait() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("[flaky] try 1") && stdout.contains("[flaky] try 2"), "{stdout}");
     assert!(stdout.contains("attempt 1 failed: exited with code 3; retrying in 200ms"), "{stdout}");
-    let id = String::from_utf8_lossy(&out.stderr).split_whitespace().nth(2).unwrap().to_string();
+    let id = submitted_id(&out.stderr);
     let run = server.admin().get_run(&id).unwrap();
     assert_eq!(run.state, RunState::Failed);
     let flaky = &run.stages[0];
@@ -463,4 +464,53 @@ fn doctor_names_what_is_wrong_and_how_to_fix_it() {
     assert_eq!(checks[0]["name"], "server");
     assert_eq!(checks[0]["ok"], false);
     assert!(checks[0]["fix"].as_str().unwrap().contains("pond server"), "{checks}");
+}
+
+/// `--source DIR` leaves out what `.gitignore` and `.pondignore` list, and a source too large for
+/// the server is refused before it is uploaded, saying how to fix it.
+#[test]
+fn a_source_directory_honours_its_ignore_files_and_its_size_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &["--max-bundle-bytes", "200000"]);
+    let src = dir.path().join("src");
+    for (path, text) in [
+        (".gitignore", "target/\n*.log\n"),
+        (".pondignore", ".env\n"),
+        ("lib.rs", "pub fn f() {}"),
+        ("target/debug/big.bin", "built"),
+        ("build.log", "noise"),
+        (".env", "API_KEY=sk-live"),
+    ] {
+        let path = src.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    let workflow = dir.path().join("wf.json");
+    std::fs::write(
+        &workflow,
+        json!({"stages": [{"key": "ls", "executor": {"kind": "shell", "argv": ["sh", "-c", "find . -type f | sort"]}}]}).to_string(),
+    )
+    .unwrap();
+    let args =
+        ["run", "submit", "-f", workflow.to_str().unwrap(), "--source", src.to_str().unwrap(), "--project", "acme"];
+    let out = server.cli(&[&args[..], &["--wait", "--no-encrypt"]].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for kept in ["./lib.rs", "./.gitignore", "./.pondignore"] {
+        assert!(stdout.contains(kept), "{kept}: {stdout}");
+    }
+    for left in ["big.bin", "build.log", "./.env"] {
+        assert!(!stdout.lines().any(|l| l.ends_with(left)), "{left}: {stdout}");
+    }
+    // Hash output does not compress: 320 kB of it pass the 200 kB limit.
+    let noise: Vec<u8> =
+        (0..10_000u32).flat_map(|i| <sha2::Sha256 as sha2::Digest>::digest(i.to_be_bytes()).to_vec()).collect();
+    std::fs::write(src.join("data.bin"), noise).unwrap();
+    let out = server.cli(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("above the server's bundle limit of 200000 bytes") && stderr.contains(".pondignore"),
+        "{stderr}"
+    );
 }

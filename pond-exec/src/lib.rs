@@ -31,4 +31,6 @@ pub use shell::{reap_orphans, ShellConfig, ShellExecutor};
 pub use stop::{StopHandle, TokioPause};
 pub use swarm::SwarmExecutor;
 pub use worker::{Worker, WorkerConfig, WorkerSummary};
-pub use workspace::{pack_dir, tree_digest, unpack_bundle, FetchConfig, LocalWorkspaces};
+pub use workspace::{
+    pack_dir, pack_source, tree_digest, unpack_bundle, FetchConfig, LocalWorkspaces, PackError, Packed,
+};

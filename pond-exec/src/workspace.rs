@@ -484,9 +484,114 @@ pub fn pack_dir(dir: &Path) -> std::io::Result<Vec<u8>> {
     builder.into_inner()?.finish()
 }
 
+/// What [`pack_source`] packed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Packed {
+    /// Files packed.
+    pub files: u64,
+    /// Their bytes, before compression.
+    pub bytes: u64,
+}
+
+/// Packs a consumer's source directory for upload: like [`pack_dir`], but what the directory's
+/// `.gitignore` files (and `.git/info/exclude`) ignore, and what `.pondignore` files list in the
+/// same syntax, stays out — build outputs, dependencies, local secrets. Symlinks are packed as
+/// links, never followed. Gives up (with [`PackError::TooLarge`]) as soon as the files pass
+/// `max_bytes`, before anything is uploaded.
+pub fn pack_source(dir: &Path, max_bytes: u64) -> Result<(Vec<u8>, Packed), PackError> {
+    let encoder = zstd::stream::write::Encoder::new(Vec::new(), 3)?;
+    let mut builder = tar::Builder::new(encoder);
+    builder.follow_symlinks(false);
+    let mut packed = Packed::default();
+    let walk = ignore::WalkBuilder::new(dir)
+        .hidden(false)
+        .follow_links(false)
+        .git_ignore(true)
+        .git_exclude(true)
+        .git_global(false)
+        .require_git(false)
+        .add_custom_ignore_filename(".pondignore")
+        .filter_entry(|e| !(e.depth() == 1 && e.file_name() == ".git"))
+        .sort_by_file_name(|a, b| a.cmp(b))
+        .build();
+    for entry in walk {
+        let entry = entry.map_err(|e| PackError::Io(std::io::Error::other(e)))?;
+        if entry.depth() == 0 {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());
+        let Some(ft) = entry.file_type() else { continue };
+        if ft.is_dir() {
+            builder.append_dir(rel, entry.path())?;
+        } else if ft.is_file() || ft.is_symlink() {
+            let size = if ft.is_file() { entry.metadata().map(|m| m.len()).unwrap_or(0) } else { 0 };
+            packed.files += 1;
+            packed.bytes += size;
+            if packed.bytes > max_bytes {
+                return Err(PackError::TooLarge { bytes: packed.bytes, max: max_bytes, at: rel.to_path_buf() });
+            }
+            builder.append_path_with_name(entry.path(), rel)?;
+        }
+    }
+    Ok((builder.into_inner()?.finish()?, packed))
+}
+
+/// Why a source directory could not be packed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PackError {
+    /// Reading or packing failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The files pass the limit.
+    #[error(
+        "the source passes {max} bytes (at least {bytes} by {}): leave out what the run does not need with .gitignore or .pondignore",
+        at.display()
+    )]
+    TooLarge {
+        /// Bytes counted so far.
+        bytes: u64,
+        /// The limit.
+        max: u64,
+        /// The file that passed it.
+        at: std::path::PathBuf,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_leaves_out_what_gitignore_and_pondignore_list() {
+        let src = tempfile::tempdir().unwrap();
+        for (path, text) in [
+            (".gitignore", "node_modules/\n*.log\n"),
+            (".pondignore", "secret.txt\n"),
+            ("app/main.rs", "fn main() {}"),
+            ("app/run.log", "noise"),
+            ("node_modules/dep/index.js", "x"),
+            ("secret.txt", "sk-live"),
+            (".env.example", "A=1"),
+            (".git/config", "[core]"),
+        ] {
+            let path = src.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        let (bytes, packed) = pack_source(src.path(), 1 << 20).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        unpack_bundle(&bytes, out.path(), 1 << 20, 100).unwrap();
+        for kept in [".gitignore", ".pondignore", "app/main.rs", ".env.example"] {
+            assert!(out.path().join(kept).exists(), "{kept} kept");
+        }
+        for left in ["app/run.log", "node_modules", "secret.txt", ".git"] {
+            assert!(!out.path().join(left).exists(), "{left} left out");
+        }
+        assert_eq!(packed.files, 4);
+        let err = pack_source(src.path(), 10).unwrap_err();
+        assert!(matches!(err, PackError::TooLarge { max: 10, .. }), "{err}");
+    }
 
     #[test]
     fn bundles_round_trip_and_digest_is_stable() {

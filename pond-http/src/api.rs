@@ -56,7 +56,10 @@ pub fn app(state: AppState) -> Router {
     let health = Router::new()
         .route(
             "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})) }),
+            get(|State(state): State<AppState>| async move {
+                Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"),
+                    "limits": {"max_bundle_bytes": state.limits.max_bundle_bytes}}))
+            }),
         )
         .route("/readyz", get(ready))
         .route("/metrics", get(crate::metrics::render))

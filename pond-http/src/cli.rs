@@ -237,7 +237,24 @@ pub fn build_submit(client: &Client, target: &Target, options: &SubmitOptions) -
             if !dir.is_dir() {
                 return Err(CliError::Input(format!("--source {source}: not a directory or an http(s) git URL")));
             }
-            let packed = pond_exec::pack_dir(dir).map_err(io_err(format!("packing {source}")))?;
+            // What .gitignore and .pondignore list stays out; a source too large for the server
+            // is refused here, before it is uploaded.
+            let limit = client.bundle_limit()?;
+            let (packed, stats) = pond_exec::pack_source(dir, limit.saturating_mul(10))
+                .map_err(|e| CliError::Input(format!("--source {source}: {e}")))?;
+            if packed.len() as u64 > limit {
+                return Err(CliError::Input(format!(
+                    "--source {source}: packs to {} bytes ({} files), above the server's bundle limit of {limit} bytes: leave out what the run does not need with .gitignore or .pondignore",
+                    packed.len(),
+                    stats.files
+                )));
+            }
+            eprintln!(
+                "packed {source}: {} files, {:.1} MiB ({:.1} MiB compressed); uploading",
+                stats.files,
+                stats.bytes as f64 / 1048576.0,
+                packed.len() as f64 / 1048576.0
+            );
             let bundle = client.upload_bundle(&project, &packed)?;
             sources
                 .push(serde_json::json!({"label": label, "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}));

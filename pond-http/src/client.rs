@@ -157,6 +157,12 @@ impl Client {
         self.json(self.request("GET", &format!("/v1/runs/{}/keys", encode_path(id))), None)
     }
 
+    /// The server's largest bundle upload, from `/healthz` (64 MiB when it does not say).
+    pub fn bundle_limit(&self) -> Result<u64, ClientError> {
+        let health: serde_json::Value = self.json(self.request("GET", "/healthz"), None)?;
+        Ok(health["limits"]["max_bundle_bytes"].as_u64().unwrap_or(64 << 20))
+    }
+
     /// `GET /v1/log/tree-head`.
     pub fn tree_head(&self) -> Result<pond_core::transparency::TreeHead, ClientError> {
         self.json(self.request("GET", "/v1/log/tree-head"), None)

@@ -348,3 +348,13 @@ pub fn psql(url: &str, statement: &str) {
         std::process::Command::new("psql").args([url, "-v", "ON_ERROR_STOP=1", "-c", statement]).output().unwrap();
     assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// The run id in the CLI's `submitted run <id> (…)` line.
+pub fn submitted_id(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    text.lines()
+        .find_map(|l| l.strip_prefix("submitted run "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no `submitted run` line in: {text}"))
+        .to_string()
+}
