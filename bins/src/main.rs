@@ -109,6 +109,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print shell completions (`pond completions bash > /etc/bash_completion.d/pond`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (pond.1 and one per command) into a directory.
+    Man {
+        /// Where to write them.
+        #[arg(long, default_value = "man")]
+        dir: PathBuf,
+    },
     /// Print this worker's key fingerprints (making its keys on first use), to pin at enrollment.
     Fingerprint {
         /// Worker key directory (default: $POND_WORKER_KEY_DIR, else ~/.local/share/pond/worker).
@@ -959,6 +970,25 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     println!("new key {} at {}", key.fingerprint, key.path.display());
                 }
             }
+            Ok(0)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            // Into a buffer first: the generator panics on a write error (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "pond", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+                _ => {}
+            }
+            Ok(0)
+        }
+        Command::Man { dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages to {}", dir.display()))?;
+            println!("man pages written to {}", dir.display());
             Ok(0)
         }
         Command::Doctor { data_dir, sandbox, json } => {

@@ -514,3 +514,28 @@ fn a_source_directory_honours_its_ignore_files_and_its_size_limit() {
         "{stderr}"
     );
 }
+
+/// Shell completions that bash loads, and man pages for every command, from the CLI's own
+/// definitions.
+#[test]
+fn completions_and_man_pages_come_from_the_cli_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("pond.bash");
+    let out = Command::new(POND).args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success());
+    std::fs::write(&script, &out.stdout).unwrap();
+    let loaded = Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p pond", script.display()))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&loaded.stdout).contains("-F _pond pond"), "{loaded:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("verify"), "every command is completed");
+    let man = dir.path().join("man");
+    let out = Command::new(POND).args(["man", "--dir"]).arg(&man).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for page in ["pond.1", "pond-run-submit.1", "pond-verify.1", "pond-doctor.1"] {
+        let text = std::fs::read_to_string(man.join(page)).unwrap_or_default();
+        assert!(text.contains(".TH"), "{page}: {text}");
+    }
+}
