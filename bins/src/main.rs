@@ -511,6 +511,12 @@ enum ModelsCommand {
         /// The provider's API base URL.
         #[arg(long)]
         base_url: Option<String>,
+        /// Price of a million input tokens, USD (the broker reports each stage's cost with it).
+        #[arg(long, value_name = "USD", allow_negative_numbers = true)]
+        input_price: Option<f64>,
+        /// Price of a million output tokens, USD.
+        #[arg(long, value_name = "USD", allow_negative_numbers = true)]
+        output_price: Option<f64>,
     },
     /// List models.
     List,
@@ -893,9 +899,19 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Admin { command: AdminCommand::Models { command } } => {
             let client = admin_client(&cli.global, &config_path)?;
             let value = match command {
-                ModelsCommand::Add { key, provider, model_id, credential, capability, base_url } => {
+                ModelsCommand::Add {
+                    key,
+                    provider,
+                    model_id,
+                    credential,
+                    capability,
+                    base_url,
+                    input_price,
+                    output_price,
+                } => {
                     let body = serde_json::json!({"key": key, "provider": provider, "model_id": model_id,
-                        "credential_name": credential, "capability": capability, "base_url": base_url});
+                        "credential_name": credential, "capability": capability, "base_url": base_url,
+                        "input_usd_per_mtok": input_price, "output_usd_per_mtok": output_price});
                     client.admin_json("POST", "/v1/admin/models", Some(body))?
                 }
                 ModelsCommand::List => client.admin_json("GET", "/v1/admin/models", None)?,

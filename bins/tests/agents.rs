@@ -295,3 +295,56 @@ fn foreach_fans_an_agent_stage_out_over_an_earlier_stage_s_items() {
     assert_eq!(done.state.as_str(), "failed");
     assert!(done.stages[1].error.clone().unwrap_or_default().contains("confidential run"), "{:?}", done.stages[1]);
 }
+
+/// Model prices are set from the CLI, shown in the listing, and checked (a negative price names
+/// the field).
+#[test]
+fn model_prices_are_set_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::Server::start(dir.path(), &[]);
+    let out = server.cli(&[
+        "admin",
+        "credentials",
+        "add",
+        "openai",
+        "--provider",
+        "openai",
+        "--env",
+        "OPENAI_API_KEY",
+        "--project",
+        "acme",
+        "--value-env",
+        "HOME",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let add = |price: &str| {
+        server.cli(&[
+            "admin",
+            "models",
+            "add",
+            "fast",
+            "--provider",
+            "openai",
+            "--model-id",
+            "gpt-5.5",
+            "--credential",
+            "openai",
+            "--capability",
+            "harness.codex",
+            "--input-price",
+            price,
+            "--output-price",
+            "10",
+        ])
+    };
+    let out = add("1.25");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed = String::from_utf8_lossy(&server.cli(&["admin", "models", "list"]).stdout).to_string();
+    assert!(
+        listed.contains("\"input_usd_per_mtok\": 1.25") && listed.contains("\"output_usd_per_mtok\": 10.0"),
+        "{listed}"
+    );
+    let out = add("-1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("input_usd_per_mtok"), "{stderr}");
+}
