@@ -703,3 +703,34 @@ fn a_cancelled_codex_stage_leaves_none_of_its_processes_running() {
         assert!(leftover.is_none(), "a codex process of the stage survived: {leftover:?} ({codex})");
     }
 }
+
+/// Real codex under a stage budget smaller than its first response: the broker cuts that
+/// response off, the stage fails saying the budget ran out and by how much, and the usage line
+/// counts what was spent.
+#[test]
+fn a_stage_budget_stops_codex_when_it_is_spent() {
+    let Some(bin) = agents_bin() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen: Seen = Arc::default();
+    let upstream = rt.block_on(fake_openai_tool(seen.clone()));
+    let (_dir, server) = serve_agent(&bin, "codex", &upstream);
+    let run = server
+        .admin()
+        .submit(
+            &json!({"project_id": "acme", "definition": {"stages": [
+                {"key": "agent", "timeout": "2m", "executor": {"kind": "swarm", "placement": "local", "harness": "codex",
+                    "model_ref": "fast", "prompt": "Update notes.md.", "budget": {"tokens": 300},
+                    "sandbox": {"profile": "none", "tier": "any"}}}
+            ]}}),
+            None,
+        )
+        .unwrap();
+    let id = run.id.to_string();
+    let done = wait_done(&server.admin(), &id, Duration::from_secs(120));
+    let logs = log_text(&server.admin(), &id);
+    assert_eq!(done.state.as_str(), "failed", "{logs:#?}");
+    let error = done.stages[0].error.clone().unwrap_or_default();
+    assert_eq!(error, "budget exhausted: 520 of 300 tokens", "{logs:#?}");
+    assert!(logs.iter().any(|l| l.contains("usage: 1 request(s), 500 input and 20 output tokens")), "{logs:#?}");
+    assert_eq!(seen.lock().unwrap().len(), 1, "no call went to the provider after the budget ran out");
+}

@@ -300,6 +300,35 @@ pub trait BrokerSession: Send + Sync {
     fn last_error(&self) -> Option<u16> {
         None
     }
+    /// Why the broker stopped relaying (its budget ran out), if it did.
+    fn exhausted(&self) -> Option<String> {
+        None
+    }
+}
+
+/// What a broker may let its calls spend, and at what prices.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BrokerLimit {
+    /// Tokens, input (cache included) and output together.
+    pub tokens: Option<u64>,
+    /// US dollars at these prices.
+    pub usd: Option<f64>,
+    /// USD per million input tokens.
+    pub input_usd_per_mtok: f64,
+    /// USD per million output tokens.
+    pub output_usd_per_mtok: f64,
+}
+
+impl BrokerLimit {
+    /// Why `input` and `output` tokens pass the limit, if they do.
+    pub fn passed(&self, input: u64, output: u64) -> Option<String> {
+        let tokens = input + output;
+        if let Some(max) = self.tokens.filter(|max| tokens > *max) {
+            return Some(format!("budget exhausted: {tokens} of {max} tokens"));
+        }
+        let cost = input as f64 / 1e6 * self.input_usd_per_mtok + output as f64 / 1e6 * self.output_usd_per_mtok;
+        self.usd.filter(|max| cost > *max).map(|max| format!("budget exhausted: ${cost:.6} of ${max:.6}"))
+    }
 }
 
 /// Starts brokers (implemented over HTTP in `pond-http`).
@@ -313,6 +342,7 @@ pub trait KeyBroker: Send + Sync {
         upstream: &str,
         real_key: &str,
         dummy_key: &str,
+        limit: Option<BrokerLimit>,
     ) -> Result<Box<dyn BrokerSession>, String>;
 }
 

@@ -320,6 +320,23 @@ pub struct SwarmSpec {
     /// `pool` (default) or `local` (run by the control plane itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
+    /// The most the stage's model calls may spend, all its tasks together: when a response
+    /// passes it, the broker cuts that response off, refuses further calls, and the stage fails
+    /// (`budget exhausted: …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+}
+
+/// A spending limit of an agent stage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// US dollars, at the model's registered prices (cache tokens counted as input).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd: Option<f64>,
+    /// Tokens, input (cache included) and output together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
 }
 
 /// How a stage is contained and where it may run.
@@ -699,6 +716,20 @@ impl StageDef {
                 if let Some(foreach) = &swarm.foreach {
                     crate::agents::Foreach::parse(foreach, &format!("{at}.executor.foreach"))?;
                 }
+                if let Some(budget) = &swarm.budget {
+                    if budget.usd.is_none() && budget.tokens.is_none() {
+                        return Err(FieldError::new(format!("{at}.executor.budget"), "set `usd`, `tokens` or both"));
+                    }
+                    if budget.usd.is_some_and(|u| !(u.is_finite() && u > 0.0 && u <= 1_000_000.0)) {
+                        return Err(FieldError::new(
+                            format!("{at}.executor.budget.usd"),
+                            "must be more than 0 and at most 1000000",
+                        ));
+                    }
+                    if budget.tokens == Some(0) {
+                        return Err(FieldError::new(format!("{at}.executor.budget.tokens"), "must be more than 0"));
+                    }
+                }
             }
             ExecutorSpec::Noop(_) | ExecutorSpec::Builtin(_) => {}
         }
@@ -786,6 +817,31 @@ mod tests {
             {"key":"end","executor":{"kind":"noop","delay":0.1},"needs":["inv","lint"],"continue_on_error":true}
         ]}))
         .unwrap();
+    }
+
+    #[test]
+    fn agent_budgets_are_checked_field_by_field() {
+        let caps = Capabilities { executor_kinds: vec!["swarm".into()], ..caps() };
+        let check = |budget: serde_json::Value| {
+            let def = parse_definition(
+                json!({"stages":[{"key":"a","executor":{"kind":"swarm","placement":"local","harness":"codex","prompt":"x","budget":budget}}]}),
+                "definition",
+            )
+            .map_err(|e| e.to_string())?;
+            def.validate("definition", &caps).map_err(|e| e.to_string())
+        };
+        check(json!({"usd": 0.5, "tokens": 1000})).unwrap();
+        check(json!({"tokens": 1})).unwrap();
+        for (budget, said) in [
+            (json!({}), "definition.stages[0].executor.budget: set `usd`, `tokens` or both"),
+            (json!({"usd": -1}), "definition.stages[0].executor.budget.usd: must be more than 0"),
+            (json!({"usd": 0}), "definition.stages[0].executor.budget.usd: must be more than 0"),
+            (json!({"tokens": 0}), "definition.stages[0].executor.budget.tokens: must be more than 0"),
+            (json!({"dollars": 1}), "definition.stages[0].executor.budget"),
+        ] {
+            let err = check(budget.clone()).unwrap_err();
+            assert!(err.starts_with(said), "{budget}: {err}");
+        }
     }
 
     #[test]

@@ -196,9 +196,26 @@ impl Executor for SwarmExecutor {
             ),
             None => ("openai".to_string(), default_base_url("openai").to_string(), String::new()),
         };
-        // One broker for the stage's tasks: it holds the key and meters them all.
+        // The stage's budget, priced at the model's registered prices.
+        let limit = match (&spec.budget, &agent.model) {
+            (None, _) => None,
+            (Some(b), Some(m)) if b.usd.is_some() && (m.input_usd_per_mtok.is_none() || m.output_usd_per_mtok.is_none()) => {
+                return fail(format!(
+                    "a budget in USD needs the model's prices: `pond admin models add {} … --input-price USD --output-price USD`",
+                    m.key
+                ))
+            }
+            (Some(b), model) => Some(pond_core::agents::BrokerLimit {
+                tokens: b.tokens,
+                usd: b.usd,
+                input_usd_per_mtok: model.as_ref().and_then(|m| m.input_usd_per_mtok).unwrap_or(0.0),
+                output_usd_per_mtok: model.as_ref().and_then(|m| m.output_usd_per_mtok).unwrap_or(0.0),
+            }),
+        };
+        // One broker for the stage's tasks: it holds the key, meters them all, and holds them to
+        // the stage's budget together.
         let broker = match &agent.real_key {
-            Some(key) => match self.broker.start(&provider, &upstream, key, &dummy_key).await {
+            Some(key) => match self.broker.start(&provider, &upstream, key, &dummy_key, limit).await {
                 Ok(b) => Some(b),
                 Err(e) => return fail(format!("starting the broker: {e}")),
             },
@@ -312,6 +329,11 @@ impl Executor for SwarmExecutor {
                 other => other.clone(),
             },
         };
+        // The budget ran out: the stage fails for that, whatever the agent made of the call it
+        // saw cut off (it may even have exited 0).
+        if let Some(why) = broker.as_ref().and_then(|b| b.exhausted()) {
+            return StageOutcome::Failed { error: why, exit_code: None };
+        }
         // An agent that failed after the model API refused it: say so, not just the exit code.
         match (outcome, broker.as_ref().and_then(|b| b.last_error())) {
             (StageOutcome::Failed { error, exit_code }, Some(status)) => StageOutcome::Failed {

@@ -49,6 +49,8 @@ pub struct BrokerConfig {
     pub real_key: String,
     /// The only key the broker accepts from the agent.
     pub dummy_key: String,
+    /// What its calls may spend; past it, the response is cut off and calls are refused.
+    pub limit: Option<pond_core::agents::BrokerLimit>,
 }
 
 impl std::fmt::Debug for BrokerConfig {
@@ -62,6 +64,8 @@ struct Shared {
     config: BrokerConfig,
     agent: ureq::Agent,
     usage: Mutex<Usage>,
+    /// Why it stopped relaying (its budget ran out).
+    exhausted: Mutex<Option<String>>,
 }
 
 /// A running broker.
@@ -81,6 +85,11 @@ impl Broker {
     /// Usage metered so far.
     pub fn usage(&self) -> Usage {
         *self.shared.usage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why it stopped relaying, if its budget ran out.
+    pub fn exhausted(&self) -> Option<String> {
+        self.shared.exhausted.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Stops it.
@@ -104,7 +113,7 @@ pub async fn start(config: BrokerConfig) -> std::io::Result<Broker> {
         .timeout_read(std::time::Duration::from_secs(600))
         .redirects(0)
         .build();
-    let shared = Arc::new(Shared { config, agent, usage: Mutex::default() });
+    let shared = Arc::new(Shared { config, agent, usage: Mutex::default(), exhausted: Mutex::default() });
     let app = Router::new().fallback(relay).with_state(shared.clone());
     let (stop, mut stopped) = watch::channel(false);
     tokio::spawn(async move {
@@ -226,6 +235,9 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     if presented_key(req.headers()).as_deref() != Some(config.dummy_key.as_str()) {
         return refuse(config.provider, StatusCode::UNAUTHORIZED, "pond broker: unknown key");
     }
+    if let Some(why) = shared.exhausted.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        return refuse(config.provider, StatusCode::TOO_MANY_REQUESTS, &format!("pond broker: {why}"));
+    }
     let shown_path = req.uri().path().chars().take(100).collect::<String>();
     if !allowed_call(config.provider, req.method().as_str(), req.uri().path()) {
         return refuse(
@@ -308,6 +320,18 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
                 }
                 Ok(n) => {
                     meter.feed(&buf[..n]);
+                    // Past the budget: this response goes no further (the agent sees it cut
+                    // off) and no call after it is relayed; what was metered is accounted.
+                    if let Some(limit) = &config.limit {
+                        let before = *worker.usage.lock().unwrap_or_else(|p| p.into_inner());
+                        let spent =
+                            limit.passed(before.input_tokens + meter.input, before.output_tokens + meter.output);
+                        if let Some(why) = spent {
+                            *worker.exhausted.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+                            let _ = tx.blocking_send(Err(std::io::Error::other(why)));
+                            break;
+                        }
+                    }
                     // Each read goes out as it arrives (less what may be the start of a key):
                     // streams stay unbuffered.
                     let out = redactor.feed(&buf[..n]);
@@ -371,6 +395,9 @@ impl pond_core::agents::BrokerSession for Session {
     fn last_error(&self) -> Option<u16> {
         self.0.usage().last_error
     }
+    fn exhausted(&self) -> Option<String> {
+        self.0.exhausted()
+    }
 }
 
 #[async_trait::async_trait]
@@ -381,6 +408,7 @@ impl pond_core::agents::KeyBroker for HttpKeyBroker {
         upstream: &str,
         real_key: &str,
         dummy_key: &str,
+        limit: Option<pond_core::agents::BrokerLimit>,
     ) -> Result<Box<dyn pond_core::agents::BrokerSession>, String> {
         let provider = match provider {
             "anthropic" => Provider::Anthropic,
@@ -391,6 +419,7 @@ impl pond_core::agents::KeyBroker for HttpKeyBroker {
             provider,
             real_key: real_key.to_string(),
             dummy_key: dummy_key.to_string(),
+            limit,
         };
         start(config)
             .await
@@ -487,7 +516,11 @@ impl Meter {
         let serde_json::Value::Object(map) = value else { return };
         if let Some(usage) = map.get("usage").and_then(|u| u.as_object()) {
             let get = |k: &str| usage.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-            let input = get("input_tokens").max(get("prompt_tokens"));
+            // Anthropic counts cache reads and writes apart from `input_tokens`; OpenAI's
+            // `input_tokens` already include its cached ones.
+            let input = get("input_tokens").max(get("prompt_tokens"))
+                + get("cache_creation_input_tokens")
+                + get("cache_read_input_tokens");
             let output = get("output_tokens").max(get("completion_tokens"));
             // Counts within one response are cumulative: keep the largest.
             self.input = self.input.max(input);

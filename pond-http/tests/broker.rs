@@ -56,6 +56,7 @@ async fn the_real_key_reaches_only_the_provider_and_streams_stay_unbuffered() {
         provider: Provider::Openai,
         real_key: "sk-real-0042".into(),
         dummy_key: "pond-dummy-7".into(),
+        limit: None,
     })
     .await
     .unwrap();
@@ -136,6 +137,7 @@ async fn anthropic_keys_go_in_x_api_key() {
         provider: Provider::Anthropic,
         real_key: "sk-ant-real".into(),
         dummy_key: "dummy".into(),
+        limit: None,
     })
     .await
     .unwrap();
@@ -195,6 +197,7 @@ async fn a_provider_echoing_the_key_never_shows_it_to_the_agent() {
         provider: Provider::Openai,
         real_key: KEY.into(),
         dummy_key: "pond-dummy-8".into(),
+        limit: None,
     })
     .await
     .unwrap();
@@ -227,4 +230,79 @@ async fn a_provider_echoing_the_key_never_shows_it_to_the_agent() {
     let (status, _, body) = tokio::task::spawn_blocking(call("POST", "/v1/organization/admin_api_keys")).await.unwrap();
     assert_eq!(status, 403, "{body}");
     assert_eq!(*hits.lock().unwrap(), before);
+}
+
+/// A stage's budget held by its broker while responses stream: the response that passes it is
+/// cut off before its rest reaches the agent, every call after it is refused (429, saying so),
+/// and what was spent is accounted exactly — Anthropic's cache reads and writes included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_cuts_off_the_response_that_passes_it_and_refuses_the_next_call() {
+    async fn stream() -> Response {
+        let events = [
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":300,\"cache_read_input_tokens\":200,\"cache_creation_input_tokens\":100,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"SPENT-TEXT\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":50}}\n\n",
+        ];
+        // Each event in a chunk of its own, a little apart, as a provider streams them.
+        let chunks = futures_util::stream::iter(events).then(|e| async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            Ok::<_, std::io::Error>(axum::body::Bytes::from(e))
+        });
+        Response::builder().header("content-type", "text/event-stream").body(Body::from_stream(chunks)).unwrap()
+    }
+    use futures_util::StreamExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, Router::new().fallback(stream)).await });
+    for (limit, said) in [
+        (
+            pond_core::agents::BrokerLimit { tokens: Some(500), ..Default::default() },
+            "budget exhausted: 601 of 500 tokens",
+        ),
+        (
+            pond_core::agents::BrokerLimit {
+                usd: Some(0.001),
+                input_usd_per_mtok: 3.0,
+                output_usd_per_mtok: 15.0,
+                ..Default::default()
+            },
+            "budget exhausted: $0.001815 of $0.001000",
+        ),
+    ] {
+        let broker = start(BrokerConfig {
+            upstream: format!("http://{addr}"),
+            provider: Provider::Anthropic,
+            real_key: "sk-ant-real".into(),
+            dummy_key: "dummy".into(),
+            limit: Some(limit),
+        })
+        .await
+        .unwrap();
+        let url = format!("{}/v1/messages", broker.url());
+        let first = tokio::task::spawn_blocking({
+            let url = url.clone();
+            move || {
+                let r = ureq::post(&url).set("x-api-key", "dummy").send_string("{}").unwrap();
+                let mut body = String::new();
+                let _ = std::io::Read::read_to_string(&mut r.into_reader(), &mut body);
+                body
+            }
+        })
+        .await
+        .unwrap();
+        assert!(first.contains("message_start") || first.is_empty(), "{first}");
+        assert!(!first.contains("SPENT-TEXT"), "the rest of the response never reached the agent: {first}");
+        assert_eq!(broker.exhausted().as_deref(), Some(said));
+        let second =
+            tokio::task::spawn_blocking(move || match ureq::post(&url).set("x-api-key", "dummy").send_string("{}") {
+                Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+                other => panic!("{other:?}"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(second.0, 429);
+        assert!(second.1.contains(said), "{}", second.1);
+        let usage = broker.usage();
+        assert_eq!((usage.requests, usage.input_tokens), (1, 600), "cache tokens counted as input");
+    }
 }
