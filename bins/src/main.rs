@@ -309,6 +309,10 @@ struct ServerArgs {
     /// Largest uploaded bundle and artifact, in bytes.
     #[arg(long, default_value_t = 100 * 1024 * 1024)]
     max_bundle_bytes: usize,
+    /// A web origin whose pages may call the API from a browser (CORS), e.g.
+    /// `https://app.example.com` (repeatable; none by default).
+    #[arg(long = "cors-origin", value_name = "ORIGIN", env = "POND_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origins: Vec<String>,
     /// Pass this host environment variable to shell stages (repeatable).
     #[arg(long = "shell-env-allow", value_name = "NAME")]
     shell_env_allow: Vec<String>,
@@ -1465,6 +1469,15 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
     config.max_run_artifact_bytes = args.max_run_artifact_bytes;
     config.reserved_tag_prefixes = args.reserved_tag_prefixes;
     config.limits.max_bundle_bytes = args.max_bundle_bytes;
+    for origin in &args.cors_origins {
+        let rest = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+        if rest.is_none_or(|host| host.is_empty() || host.contains('/') || host.contains('*')) {
+            bail!(
+                "--cors-origin `{origin}`: an origin is `https://host[:port]` (scheme and host, no path, no wildcard)"
+            );
+        }
+    }
+    config.limits.cors_origins = args.cors_origins.clone();
     config.shell_env_allow = args.shell_env_allow;
     config.kill_grace = args.kill_grace;
     config.drain = args.drain;

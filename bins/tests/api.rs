@@ -469,3 +469,42 @@ fn metrics_are_prometheus_text_for_an_admin_token() {
     let said = format!("{}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
     assert!(check.status.success(), "promtool check metrics: {said}");
 }
+
+/// A web origin the operator allowed may call the API from a browser (CORS preflight answered,
+/// the answer carries the origin); any other origin gets no CORS headers.
+#[test]
+fn cors_lets_only_the_allowed_origins_call_from_a_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--cors-origin", "https://app.example.com"]);
+    let preflight = |origin: &str| {
+        let r = ureq::request("OPTIONS", &format!("{}/v1/runs", server.url))
+            .set("Origin", origin)
+            .set("Access-Control-Request-Method", "POST")
+            .set("Access-Control-Request-Headers", "authorization,content-type,idempotency-key")
+            .call();
+        match r {
+            Ok(r) => (r.status(), r.header("access-control-allow-origin").map(str::to_string)),
+            Err(ureq::Error::Status(code, r)) => (code, r.header("access-control-allow-origin").map(str::to_string)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (status, allowed) = preflight("https://app.example.com");
+    assert!(status < 300, "{status}");
+    assert_eq!(allowed.as_deref(), Some("https://app.example.com"));
+    assert_eq!(preflight("https://evil.example").1, None);
+    let page = ureq::get(&format!("{}/v1/runs", server.url))
+        .set("Origin", "https://app.example.com")
+        .set("Authorization", &format!("Bearer {}", server.token))
+        .call()
+        .unwrap();
+    assert_eq!(page.header("access-control-allow-origin"), Some("https://app.example.com"));
+    // A bad origin is refused at start, naming the flag.
+    let out = std::process::Command::new(POND)
+        .args(["server", "--data-dir"])
+        .arg(dir.path().join("other"))
+        .args(["--listen", "127.0.0.1:0", "--cors-origin", "app.example.com/x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cors-origin"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -74,7 +74,21 @@ pub fn app(state: AppState) -> Router {
             ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
         })
         .layer(axum::middleware::from_fn(json_errors))
+        .layer(cors(&limits.cors_origins))
         .with_state(state)
+}
+
+/// CORS for the origins the operator allowed (`pond server --cors-origin`): a browser page of
+/// one of them may call the API with a bearer token; any other origin gets no CORS headers, so
+/// browsers keep its pages out. Preflights are answered before authentication.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::{header, HeaderName, HeaderValue, Method};
+    let allowed: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(allowed)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static("idempotency-key")])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 fn number<T: FromStr>(field: &str, text: Option<&str>) -> Result<Option<T>, ApiError> {

@@ -49,6 +49,9 @@ pub struct Limits {
     pub max_page: u32,
     /// Whether a run that names recipients but says nothing of `encrypt` is encrypted.
     pub encryption_default: bool,
+    /// Web origins (`https://app.example.com`) whose pages may call the API from a browser
+    /// (CORS); none by default.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for Limits {
@@ -58,6 +61,7 @@ impl Default for Limits {
             max_bundle_bytes: 100 * 1024 * 1024,
             max_page: 1000,
             encryption_default: true,
+            cors_origins: Vec::new(),
         }
     }
 }
