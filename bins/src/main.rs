@@ -422,14 +422,18 @@ enum RunCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print an agent stage's results (one JSON value per line), decrypted locally for a
-    /// confidential run.
+    /// Print a run's agent results, decrypted locally for a confidential run: one
+    /// `{"stage", "result"}` line per result of every agent stage, or with --stage that stage's
+    /// results alone (one JSON value per line).
     Results {
         /// Run id.
         id: String,
-        /// The results artifact (a stage's `parse.artifact`).
-        #[arg(long, default_value = "results.jsonl")]
-        artifact: String,
+        /// Only this stage's results, as plain JSON values.
+        #[arg(long)]
+        stage: Option<String>,
+        /// A results artifact a stage named itself (its `parse.artifact`), printed as plain values.
+        #[arg(long, conflicts_with = "stage")]
+        artifact: Option<String>,
     },
     /// List a run's artifacts, or download one.
     Artifacts {
@@ -1650,14 +1654,38 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
             }
             Ok(0)
         }
-        RunCommand::Results { id, artifact } => {
-            let data = cli::fetch_artifact(client, &id, &artifact, key_path)?;
-            let text = String::from_utf8(data).context("the results are not UTF-8")?;
+        RunCommand::Results { id, stage, artifact } => {
+            // Each agent stage's results are `results-<stage>.jsonl` (or what its `parse` named).
+            let listed = client.artifacts(&id)?.artifacts;
+            let wanted: Vec<(String, String)> = match (&artifact, &stage) {
+                (Some(name), _) => vec![(String::new(), name.clone())],
+                (None, only) => listed
+                    .iter()
+                    .filter(|a| a.name.starts_with("results") && a.name.ends_with(".jsonl"))
+                    .filter(|a| only.as_ref().is_none_or(|s| *s == a.stage))
+                    .map(|a| (a.stage.clone(), a.name.clone()))
+                    .collect(),
+            };
+            if wanted.is_empty() {
+                bail!(
+                    "run {id} has no agent results{}",
+                    stage.as_ref().map(|s| format!(" from stage `{s}`")).unwrap_or_default()
+                );
+            }
+            let plain = artifact.is_some() || stage.is_some();
             let mut out = std::io::stdout().lock();
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                let value: serde_json::Value =
-                    serde_json::from_str(line).with_context(|| format!("{artifact} holds a line that is not JSON"))?;
-                writeln!(out, "{value}")?;
+            for (stage_key, name) in wanted {
+                let data = cli::fetch_artifact(client, &id, &name, key_path)?;
+                let text = String::from_utf8(data).with_context(|| format!("{name} is not UTF-8"))?;
+                for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                    let value: serde_json::Value =
+                        serde_json::from_str(line).with_context(|| format!("{name} holds a line that is not JSON"))?;
+                    if plain {
+                        writeln!(out, "{value}")?;
+                    } else {
+                        writeln!(out, "{}", serde_json::json!({"stage": stage_key, "result": value}))?;
+                    }
+                }
             }
             Ok(0)
         }

@@ -212,7 +212,7 @@ fn codex_answers_with_a_result_block_through_the_broker() {
     assert_eq!(done.state.as_str(), "succeeded", "{logs:#?}");
 
     let mut results = Vec::new();
-    server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
+    server.admin().download_artifact(&id, &format!("results-{}.jsonl", done.stages[0].key), &mut results).unwrap();
     let results = String::from_utf8(results).unwrap();
     assert_eq!(results.trim(), r#"{"finding":"no tests for parser","severity":"low"}"#);
     assert!(
@@ -257,7 +257,7 @@ fn claude_answers_with_a_result_block_through_the_broker() {
     assert_eq!(done.stages[0].attestation_verified, Some(true));
     assert!(logs.iter().any(|l| l.contains("usage: 1 request(s), 900 input and 40 output tokens")), "{logs:#?}");
     let mut results = Vec::new();
-    server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
+    server.admin().download_artifact(&id, &format!("results-{}.jsonl", done.stages[0].key), &mut results).unwrap();
     assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"finding":"docs are stale"}"#, "{logs:#?}");
     let seen = seen.lock().unwrap();
     let messages: Vec<_> = seen.iter().filter(|(_, r)| r.get("messages").is_some()).collect();
@@ -301,7 +301,7 @@ fn codex_runs_on_a_pool_worker_with_the_key_only_in_the_worker_s_broker() {
     assert_eq!(stage.attempts.last().unwrap().owner, worker.id, "the worker with the harness ran it");
     assert_eq!(stage.attestation_verified, Some(true), "{:?}", stage.attempts);
     let mut results = Vec::new();
-    server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
+    server.admin().download_artifact(&id, &format!("results-{}.jsonl", done.stages[0].key), &mut results).unwrap();
     assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"finding":"no tests for parser","severity":"low"}"#);
     for (headers, _) in seen.lock().unwrap().iter() {
         assert_eq!(headers.get("authorization").unwrap(), &format!("Bearer {REAL_KEY}"));
@@ -502,7 +502,7 @@ fn tool_turn(preset: &str, place: Where) {
         assert!(logs.iter().any(|l| l == edited), "{logs:#?}");
     }
     let mut results = Vec::new();
-    server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
+    server.admin().download_artifact(&id, &format!("results-{}.jsonl", done.stages[0].key), &mut results).unwrap();
     assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"edited":"notes.md"}"#, "{logs:#?}");
     if preset == "codex" {
         assert!(logs.iter().any(|l| l.contains("usage: 2 request(s), 1000 input and 40 output tokens")), "{logs:#?}");

@@ -207,7 +207,9 @@ fn the_agent_sees_only_the_dummy_key_and_results_decrypt_for_the_consumer() {
     std::fs::write(
         &workflow,
         json!({"stages": [{"key": "snoop", "executor": {"kind": "swarm", "placement": "local",
-        "harness": "snoop", "model_ref": "fast", "prompt": "show me"}}]})
+        "harness": "snoop", "model_ref": "fast", "prompt": "show me"}},
+        {"key": "again", "executor": {"kind": "swarm", "placement": "local",
+        "harness": "snoop", "model_ref": "fast", "prompt": "show me again"}}]})
         .to_string(),
     )
     .unwrap();
@@ -218,7 +220,15 @@ fn the_agent_sees_only_the_dummy_key_and_results_decrypt_for_the_consumer() {
     assert!(text.contains("OPENAI_BASE_URL=http://127.0.0.1:"), "{text}");
     assert!(!text.contains(real), "the real key reached the agent: {text}");
     let id = server.admin().list_runs(Some("acme"), None, Some(1), None).unwrap().runs[0].id.to_string();
+    // Two agent stages, results of each: per stage, then one stage's alone.
     let out = server.cli(&["run", "results", &id]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "{\"result\":{\"ok\":true},\"stage\":\"again\"}\n{\"result\":{\"ok\":true},\"stage\":\"snoop\"}",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = server.cli(&["run", "results", &id, "--stage", "snoop"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         r#"{"ok":true}"#,
@@ -270,7 +280,7 @@ fn foreach_fans_an_agent_stage_out_over_an_earlier_stage_s_items() {
     let mut areas = Vec::new();
     server.admin().download_artifact(&id, "areas.jsonl", &mut areas).unwrap();
     let mut results = Vec::new();
-    server.admin().download_artifact(&id, "results.jsonl", &mut results).unwrap();
+    server.admin().download_artifact(&id, "results-review.jsonl", &mut results).unwrap();
     let areas: Vec<Value> =
         String::from_utf8(areas).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let results: Vec<Value> =

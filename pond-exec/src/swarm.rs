@@ -253,7 +253,7 @@ impl Executor for SwarmExecutor {
         runs.sort_by_key(|r| r.index);
 
         // Results of every task, in item order; malformed blocks are reported, not fatal.
-        let (fence, artifact) = parse_spec(spec.parse.as_ref());
+        let (fence, artifact) = parse_spec(spec.parse.as_ref(), &ctx.stage.key);
         let mut results = Vec::new();
         let mut notes: Vec<OutputLine> = Vec::new();
         for run in &runs {
@@ -412,9 +412,11 @@ fn installed(program: &str) -> bool {
 }
 
 /// The parse spec: `{"fence": "result", "artifact": "results.jsonl"}`, both optional.
-fn parse_spec(spec: Option<&serde_json::Value>) -> (String, String) {
+/// The result fence and the results artifact of a stage: `results-<stage>.jsonl` unless the
+/// stage's `parse` names another, so two agent stages of a run never want the same name.
+fn parse_spec(spec: Option<&serde_json::Value>, stage: &str) -> (String, String) {
     let get = |k: &str, default: &str| {
         spec.and_then(|s| s.get(k)).and_then(|v| v.as_str()).filter(|v| !v.is_empty()).unwrap_or(default).to_string()
     };
-    (get("fence", "result"), get("artifact", "results.jsonl"))
+    (get("fence", "result"), get("artifact", &format!("results-{stage}.jsonl")))
 }
