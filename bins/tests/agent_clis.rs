@@ -202,7 +202,7 @@ fn codex_answers_with_a_result_block_through_the_broker() {
         .submit(
             &json!({"project_id": "acme", "definition": {"stages": [{"key": "review", "timeout": "2m",
             "executor": {"kind": "swarm", "placement": "local", "harness": "codex", "model_ref": "fast",
-                "prompt": "Review this repository; answer with a result block."}}]}}),
+                "prompt": "--help is not what I ask: review this repository; answer with a result block."}}]}}),
             None,
         )
         .unwrap();
@@ -222,6 +222,8 @@ fn codex_answers_with_a_result_block_through_the_broker() {
     // The provider saw the real key; the agent only ever had the dummy one.
     let seen = seen.lock().unwrap();
     assert!(!seen.is_empty());
+    // A prompt that starts with `-` reached the model as the prompt, not the CLI as a flag.
+    assert!(seen.iter().any(|(_, r)| r.to_string().contains("--help is not what I ask")), "{seen:?}");
     for (headers, _) in seen.iter() {
         assert_eq!(headers.get("authorization").unwrap(), &format!("Bearer {REAL_KEY}"));
     }
@@ -245,7 +247,7 @@ fn claude_answers_with_a_result_block_through_the_broker() {
         .submit(
             &json!({"project_id": "acme", "definition": {"stages": [{"key": "review", "timeout": "2m",
             "executor": {"kind": "swarm", "harness": "claude", "model_ref": "smart",
-                "prompt": "Review the docs; answer with a result block."}}]}}),
+                "prompt": "-p is not a flag here: review the docs; answer with a result block."}}]}}),
             None,
         )
         .unwrap();
@@ -262,6 +264,7 @@ fn claude_answers_with_a_result_block_through_the_broker() {
     let seen = seen.lock().unwrap();
     let messages: Vec<_> = seen.iter().filter(|(_, r)| r.get("messages").is_some()).collect();
     assert!(!messages.is_empty(), "the CLI called the Messages API");
+    assert!(messages.iter().any(|(_, r)| r.to_string().contains("-p is not a flag here")), "the prompt, as a prompt");
     for (headers, _) in seen.iter() {
         assert_eq!(headers.get("x-api-key").unwrap(), REAL_KEY);
     }
@@ -288,7 +291,7 @@ fn codex_runs_on_a_pool_worker_with_the_key_only_in_the_worker_s_broker() {
         .submit(
             &json!({"project_id": "acme", "definition": {"stages": [{"key": "review", "timeout": "2m",
             "executor": {"kind": "swarm", "harness": "codex", "model_ref": "fast",
-                "prompt": "Review this repository; answer with a result block."}}]}}),
+                "prompt": "--help is not what I ask: review this repository; answer with a result block."}}]}}),
             None,
         )
         .unwrap();

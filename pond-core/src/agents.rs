@@ -117,6 +117,11 @@ impl Harness {
                 if !PLACEHOLDERS.contains(&p) {
                     warnings.push(format!("command_template[{i}]: unknown placeholder `{{{p}}}` is passed as is"));
                 }
+                if p == "prompt" && arg == "{prompt}" && (i == 0 || self.command_template[i - 1] != "--") {
+                    warnings.push(format!(
+                        "command_template[{i}]: `{{prompt}}` without `--` before it: a prompt that starts with `-` would be read as a flag"
+                    ));
+                }
                 if p == "prompt" && arg != "{prompt}" {
                     warnings.push(format!(
                         "command_template[{i}]: `{{prompt}}` inside a larger argument; it is safest as an argument of its own"
@@ -243,6 +248,8 @@ pub fn presets() -> Vec<Harness> {
                 "plugins",
                 "-m",
                 "{model}",
+                // A prompt that starts with `-` is still the prompt, never a flag.
+                "--",
                 "{prompt}",
             ]),
             env: env(&[("CODEX_HOME", "{home}"), ("POND_AGENT_KEY", "{dummy_key}")]),
@@ -257,6 +264,7 @@ pub fn presets() -> Vec<Harness> {
                 "--no-session-persistence",
                 "--model",
                 "{model}",
+                "--",
                 "{prompt}",
             ]),
             env: env(&[
@@ -634,6 +642,10 @@ mod tests {
         assert!(w.iter().any(|w| w.contains("remote pool")), "{w:?}");
         let w = harness(&["tool", "-m", "{model}"]).lint().unwrap();
         assert!(w.iter().any(|w| w.contains("no prompt")), "{w:?}");
+        assert!(w.iter().all(|w| !w.contains("without `--`")), "{w:?}");
+        let w = harness(&["tool", "{prompt}"]).lint().unwrap();
+        assert!(w.iter().any(|w| w.contains("without `--` before it")), "{w:?}");
+        assert!(harness(&["tool", "--", "{prompt}"]).lint().unwrap().is_empty());
         for preset in presets() {
             assert_eq!(preset.lint().unwrap(), Warnings::new(), "{}", preset.key);
         }
