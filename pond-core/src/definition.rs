@@ -327,6 +327,10 @@ pub struct SwarmSpec {
     pub budget: Option<Budget>,
 }
 
+/// The longest prompt of an agent stage, in bytes (one argument of the agent CLI; Linux's limit
+/// for one argument is 128 KiB, and a `foreach` item is added to it).
+pub const MAX_PROMPT_BYTES: usize = 100 * 1024;
+
 /// A spending limit of an agent stage.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -713,6 +717,17 @@ impl StageDef {
                 if swarm.prompt.trim().is_empty() {
                     return Err(FieldError::new(format!("{at}.executor.prompt"), "must not be empty"));
                 }
+                // The prompt is one argument of the agent CLI, and Linux takes at most 128 KiB
+                // in one argument: refused here rather than failing at exec.
+                if swarm.prompt.len() > MAX_PROMPT_BYTES {
+                    return Err(FieldError::new(
+                        format!("{at}.executor.prompt"),
+                        format!(
+                            "{} bytes; at most {MAX_PROMPT_BYTES} (it is passed to the agent as one argument): put long material in a file of the checkout and point the prompt at it",
+                            swarm.prompt.len()
+                        ),
+                    ));
+                }
                 if let Some(foreach) = &swarm.foreach {
                     crate::agents::Foreach::parse(foreach, &format!("{at}.executor.foreach"))?;
                 }
@@ -831,6 +846,13 @@ mod tests {
             def.validate("definition", &caps).map_err(|e| e.to_string())
         };
         check(json!({"usd": 0.5, "tokens": 1000})).unwrap();
+        let long = parse_definition(
+            json!({"stages":[{"key":"a","executor":{"kind":"swarm","placement":"local","harness":"codex","prompt":"x".repeat(MAX_PROMPT_BYTES + 1)}}]}),
+            "definition",
+        )
+        .unwrap();
+        let err = long.validate("definition", &caps).unwrap_err().to_string();
+        assert!(err.starts_with("definition.stages[0].executor.prompt: 102401 bytes; at most 102400"), "{err}");
         check(json!({"tokens": 1})).unwrap();
         for (budget, said) in [
             (json!({}), "definition.stages[0].executor.budget: set `usd`, `tokens` or both"),
