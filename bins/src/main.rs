@@ -648,6 +648,13 @@ enum PoolCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Revoke a worker or an orchestrator for good (a host lost or compromised): its credential
+    /// stops working at once, on every node; a job it holds runs again elsewhere. Enroll the host
+    /// again with a new code to bring it back.
+    Revoke {
+        /// Member id or name.
+        member: String,
+    },
     /// Let a worker finish its current job and take no more (--undo: take work again).
     Drain {
         /// Worker id or name.
@@ -1388,7 +1395,13 @@ fn pool(command: PoolCommand, client: &Client) -> Result<()> {
             );
             for v in list.orchestrators.iter().chain(&list.workers) {
                 let m = &v.member;
-                let state = if m.draining { "draining" } else { "active" };
+                let state = if m.revoked_at.is_some() {
+                    "revoked"
+                } else if m.draining {
+                    "draining"
+                } else {
+                    "active"
+                };
                 println!(
                     "{:<18} {:<14} {:<16} {:<24} {:<20} {:<8} {}",
                     m.id,
@@ -1409,6 +1422,10 @@ fn pool(command: PoolCommand, client: &Client) -> Result<()> {
                     );
                 }
             }
+        }
+        PoolCommand::Revoke { member } => {
+            let m = client.revoke_member(&member)?;
+            println!("{} ({}) is revoked: its credential no longer works", m.id, m.kind.as_str());
         }
         PoolCommand::Drain { worker, undo } => {
             let m = client.drain_worker(&worker, !undo)?;

@@ -793,3 +793,46 @@ fn a_stage_no_enrolled_worker_could_take_is_named_at_submit_and_in_status() {
     assert_eq!(done.state.as_str(), "succeeded");
     assert!(admin.get_run(&id).unwrap().stages[0].waiting_for.is_some(), "still waiting, still said");
 }
+
+/// A revoked worker (a host lost or compromised) is refused at once: its claims, its job calls
+/// and its orchestrator's claims for it; `pond pool ls` shows it revoked. Revoking its
+/// orchestrator stops that orchestrator's credential too.
+#[test]
+fn a_revoked_member_s_credential_stops_working_at_once() {
+    use pond_http::pool_client::{enroll_request, HttpWorkerClient};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let admin = server.admin();
+    let code = enroll_code(&admin, "p", None, None);
+    let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+    let code = enroll_code(&admin, "p", Some(&["pool:trusted"]), None);
+    let worker =
+        HttpWorkerClient::enroll(&orch.url, &enroll_request(&code, "lost", &identity(9), None, vec![])).unwrap();
+    let claim_url = format!("{}/v1/worker/claim", orch.url);
+    let (status, _) = raw("POST", &claim_url, &worker.token, Some(json!({"wait_ms": 100})));
+    assert_eq!(status, 204, "before: a claim with nothing to do");
+    let out = server.cli(&["pool", "revoke", "lost"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Job calls reach pond, which refuses the credential at once. (The orchestrator keeps a
+    // worker's credential for up to 30 s; meanwhile its claims are answered, but with nothing.)
+    let job_call = format!("{}/v1/worker/jobs/01a00000-0000-7000-8000-000000000000.s.1/heartbeat", orch.url);
+    let (status, _) = raw("POST", &job_call, &worker.token, None);
+    assert!(status == 401 || status == 404, "a job call after revocation: {status}");
+    let listed = String::from_utf8_lossy(&server.cli(&["pool", "ls"]).stdout).to_string();
+    assert!(listed.lines().any(|l| l.starts_with(&worker.member.id) && l.contains("revoked")), "{listed}");
+    // A job for the pool waits for another worker; none of it reaches the revoked one.
+    let id = submit(&admin, &pooled("acme", "trusted", "true"));
+    for _ in 0..3 {
+        let (status, body) = raw("POST", &claim_url, &worker.token, Some(json!({"wait_ms": 500})));
+        assert!(status == 204 || status == 401, "a revoked worker was given work: {status} {body}");
+    }
+    assert_eq!(admin.get_run(&id).unwrap().stages[0].attempts.len(), 0);
+    // The orchestrator too.
+    let orch_id = admin.pools().unwrap().orchestrators[0].member.id.clone();
+    let out = server.cli(&["pool", "revoke", &orch_id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let saved = std::fs::read_to_string(dir.path().join("orch").join("orchestrator.json")).unwrap();
+    let token = serde_json::from_str::<serde_json::Value>(&saved).unwrap()["token"].as_str().unwrap().to_string();
+    let (status, _) = raw("POST", &format!("{}/v1/orch/claim", server.url), &token, Some(json!({"workers": []})));
+    assert_eq!(status, 401, "the revoked orchestrator's credential");
+}

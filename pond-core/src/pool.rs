@@ -113,6 +113,10 @@ pub struct PoolMember {
     pub fingerprint: Option<String>,
     /// When it enrolled.
     pub enrolled_at: Timestamp,
+    /// When the operator revoked it: its credential no longer authenticates (every call it or
+    /// its orchestrator makes for it is refused) and it takes no work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<Timestamp>,
     /// For a worker: the control plane's endorsement of its signing key (readers accept the
     /// worker's signatures only with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -553,6 +557,7 @@ impl Pools {
             enrolled_at: self.clock.now(),
             draining: false,
             endorsement: None,
+            revoked_at: None,
         };
         let code = self.redeem(code, MemberKind::Orchestrator, |_| Ok(()), &member).await?;
         member.pool = code.pool;
@@ -605,6 +610,7 @@ impl Pools {
             enrolled_at: self.clock.now(),
             draining: false,
             endorsement: None,
+            revoked_at: None,
         };
         let requested = tags.clone();
         let declared = member.capabilities.clone();
@@ -643,12 +649,32 @@ impl Pools {
         Ok(member)
     }
 
-    /// The member whose credential is `token`.
+    /// The member whose credential is `token` (none for a revoked member).
     pub async fn authenticate(&self, token: &str) -> Result<Option<PoolMember>, PoolError> {
         let Some(id) = self.store.get_record(TOKEN, &secret_digest(token)).await? else {
             return Ok(None);
         };
-        self.member(&id).await
+        Ok(self.member(&id).await?.filter(|m| m.revoked_at.is_none()))
+    }
+
+    /// Revokes a member (a worker or an orchestrator, by id or name) for good: its credential
+    /// stops authenticating at once, on every node, and a worker takes no more work (a job it
+    /// holds is lost with its lease and runs again elsewhere).
+    pub async fn revoke(&self, id_or_name: &str) -> Result<PoolMember, PoolError> {
+        loop {
+            let member = self.find(id_or_name).await?;
+            let before = self
+                .store
+                .get_record(MEMBER, &member.id)
+                .await?
+                .ok_or_else(|| PoolError::NoMember(member.id.clone()))?;
+            let mut changed: PoolMember = from_json(&before)?;
+            changed.revoked_at.get_or_insert(self.clock.now());
+            changed.draining = true;
+            if self.store.swap_record(MEMBER, &member.id, Some(&before), &to_json(&changed)?).await? {
+                return Ok(changed);
+            }
+        }
     }
 
     /// A member by id.

@@ -61,6 +61,7 @@ pub fn routes(limits: &crate::state::Limits) -> Router<AppState> {
         .route("/admin/enroll", post(create_code))
         .route("/admin/pools", get(list_pools))
         .route("/admin/pools/workers/{id}/drain", post(drain))
+        .route("/admin/pools/members/{id}/revoke", post(revoke))
         .route("/admin/credentials", post(put_credential).get(list_credentials))
         .route("/admin/credentials/{name}", axum::routing::delete(remove_credential))
         .route_layer(body_limit(SMALL_BODY_BYTES));
@@ -340,6 +341,12 @@ impl MemberCache {
         }
         busy.insert(worker.to_string(), Instant::now());
         true
+    }
+
+    /// Forgets a member this node cached (it was revoked or drained here; other nodes see it
+    /// within the cache's life).
+    fn forget(&self, id: &str) {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 
     /// The worker reported (or was not given a job after all): it may be asked for again.
@@ -733,6 +740,20 @@ async fn list_pools(State(state): State<AppState>, who: Principal) -> Result<Jso
     Ok(Json(list))
 }
 
+/// Revokes a worker or an orchestrator: its credential stops working at once (see
+/// [`pond_core::pool::Pools::revoke`]).
+async fn revoke(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<PoolMember>, ApiError> {
+    who.require_admin()?;
+    let member = state.pools.revoke(&id).await?;
+    state.members.forget(&member.id);
+    tracing::warn!(id = %member.id, kind = member.kind.as_str(), "pool member revoked");
+    Ok(Json(member))
+}
+
 async fn drain(
     State(state): State<AppState>,
     who: Principal,
@@ -746,6 +767,7 @@ async fn drain(
     if member.kind != MemberKind::Worker {
         return Err(ApiError::invalid("id", format!("`{id}` is an orchestrator; drain its workers")));
     }
+    state.members.forget(&member.id);
     Ok(Json(state.pools.set_draining(&member.id, draining).await?))
 }
 

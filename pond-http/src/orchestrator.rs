@@ -319,6 +319,12 @@ impl Orch {
                     self.deliver(job);
                 }
                 if !response.refused.is_empty() {
+                    // A refused worker (draining, revoked, unknown) is asked about again before
+                    // its credential is trusted again: a revoked one then gets 401 here too.
+                    self.workers
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .retain(|_, (m, _)| !response.refused.contains(&m.id));
                     let mut q = self.lock();
                     let until = Instant::now() + REFUSED_PAUSE;
                     for w in response.refused {

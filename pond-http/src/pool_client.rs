@@ -49,6 +49,12 @@ impl Client {
         self.json(self.request("POST", &path), Some(Body::Json(serde_json::json!({ "draining": draining }))))
     }
 
+    /// `POST /v1/admin/pools/members/{id}/revoke`.
+    pub fn revoke_member(&self, member: &str) -> Result<PoolMember, ClientError> {
+        let path = format!("/v1/admin/pools/members/{}/revoke", encode_path(member));
+        self.json(self.request("POST", &path), None)
+    }
+
     /// `POST /v1/admin/credentials`.
     pub fn put_credential(
         &self,
