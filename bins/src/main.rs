@@ -845,6 +845,13 @@ struct BenchArgs {
     /// Instead: encryption throughput on one core (log lines sealed/s, artifact GB/s, memcpy).
     #[arg(long)]
     crypto: bool,
+    /// Instead: the stress check — this many rounds of 8 runs × 8 stages printing a line every
+    /// 2 ms for --stress-seconds, against a `pond server` process (SQLite, or --database-url).
+    #[arg(long, value_name = "ROUNDS")]
+    stress: Option<usize>,
+    /// Stress check: how long each stage prints.
+    #[arg(long, default_value_t = 25)]
+    stress_seconds: u64,
     /// Instead: the soak check — this many mixed good and bad requests against a `pond server`
     /// process (SQLite, or --database-url), its RSS sampled every tenth, statuses counted.
     #[arg(long, value_name = "REQUESTS")]
@@ -1946,6 +1953,28 @@ fn bench(args: BenchArgs) -> Result<()> {
     }
     if args.crypto {
         println!("{}", pond_http::bench::crypto(1_000_000, 256 << 20));
+        return Ok(());
+    }
+    if let Some(rounds) = args.stress {
+        if args.data_dir.exists() {
+            std::fs::remove_dir_all(&args.data_dir).with_context(|| format!("clearing {}", args.data_dir.display()))?;
+        }
+        std::fs::create_dir_all(&args.data_dir)?;
+        let exe = std::env::current_exe()?;
+        let scratch = match &args.database_url {
+            Some(url) => Some(rt.block_on(pond_store::ScratchDatabase::create(url, "stress"))?),
+            None => None,
+        };
+        let report = pond_http::bench::stress(
+            &exe,
+            &std::fs::canonicalize(&args.data_dir)?,
+            scratch.as_ref().map(|d| d.url.as_str()),
+            rounds,
+            args.stress_seconds,
+            8,
+            8,
+        )?;
+        println!("{report}");
         return Ok(());
     }
     if let Some(requests) = args.soak {

@@ -271,6 +271,30 @@ impl Child {
         Ok(Child { process, url })
     }
 
+    /// Like [`Child::spawn`], its standard error written to `log`.
+    fn spawn_logged(
+        exe: &std::path::Path,
+        args: &[&str],
+        prefix: &str,
+        log: &std::path::Path,
+    ) -> Result<Child, ClientError> {
+        use std::io::BufRead;
+        let mut process = std::process::Command::new(exe)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()?;
+        let stdout = process.stdout.take().ok_or_else(|| ClientError::Decode("no stdout".into()))?;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().transpose()?.unwrap_or_default();
+        std::thread::spawn(move || for _ in lines {});
+        let url = first
+            .strip_prefix(prefix)
+            .ok_or_else(|| ClientError::Decode(format!("{args:?} printed `{first}`")))?
+            .to_string();
+        Ok(Child { process, url })
+    }
+
     fn rss_kib(&self) -> u64 {
         self.status_field("VmRSS:")
     }
@@ -741,4 +765,135 @@ pub fn soak(
 /// A well-formed run id no run has.
 fn uuid_like(i: usize) -> String {
     format!("01a00000-0000-7000-8000-{i:012x}")
+}
+
+/// One round of the stress check.
+#[derive(Debug, Clone, Default)]
+pub struct StressRound {
+    /// Output lines the stages printed and the store kept.
+    pub lines: u64,
+    /// Lines expected.
+    pub expected: u64,
+    /// Stages claimed more than once (a live stage re-claimed: its lease lapsed).
+    pub reclaimed: usize,
+    /// 503 answers to the reads and submits made meanwhile.
+    pub unavailable: usize,
+    /// Reads and submits made meanwhile.
+    pub requests: usize,
+    /// Seconds the round took.
+    pub seconds: f64,
+}
+
+/// What the stress check found, round by round.
+#[derive(Debug, Clone)]
+pub struct StressReport {
+    /// The rounds.
+    pub rounds: Vec<StressRound>,
+    /// Lines of the server's log that say a lease renewal failed.
+    pub renewal_failures: usize,
+}
+
+impl std::fmt::Display for StressReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, r) in self.rounds.iter().enumerate() {
+            writeln!(
+                f,
+                "round {}: {:.1} s, lines {} of {}, re-claimed stages {}, 503s {} of {} requests",
+                i + 1,
+                r.seconds,
+                r.lines,
+                r.expected,
+                r.reclaimed,
+                r.unavailable,
+                r.requests
+            )?;
+        }
+        write!(f, "lease renewal failures logged: {}", self.renewal_failures)
+    }
+}
+
+/// The writer under busy output: each round, `runs` runs of `stages` parallel stages, each
+/// printing a line every 2 ms for `seconds` seconds (perl, no fork per line), against a
+/// `pond server` process (SQLite, or PostgreSQL at `database_url`) with a 5 s lease, while runs
+/// are read and noop runs submitted every 250 ms. Counts lines kept, stages claimed twice, 503
+/// answers and the renewal failures the server logged.
+pub fn stress(
+    exe: &std::path::Path,
+    dir: &std::path::Path,
+    database_url: Option<&str>,
+    rounds: usize,
+    seconds: u64,
+    runs: usize,
+    stages: usize,
+) -> Result<StressReport, ClientError> {
+    let data = dir.join("server");
+    let data_arg = data.display().to_string();
+    let slots = (runs * stages).to_string();
+    let mut args =
+        vec!["server", "--listen", "127.0.0.1:0", "--data-dir", &data_arg, "--lease", "5s", "--slots", &slots];
+    if let Some(url) = database_url {
+        args.extend(["--database-url", url]);
+    }
+    let log = dir.join("server.log");
+    let server = Child::spawn_logged(exe, &args, "pond server listening on ", &log)?;
+    let token = std::fs::read_to_string(data.join("admin.token"))?.trim().to_string();
+    let admin = Client::new(&server.url, Some(token));
+    let lines_each = seconds * 500;
+    let script =
+        format!("$|=1; for my $i (1..{lines_each}) {{ print \"line $i\\n\"; select(undef, undef, undef, 0.002) }}");
+    let noop = serde_json::json!({"project_id": "stress", "definition": {"stages": [{"key": "n", "executor": {"kind": "noop"}}]}});
+    let mut report = StressReport { rounds: Vec::new(), renewal_failures: 0 };
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let definition = serde_json::json!({"stages": (0..stages).map(|i| serde_json::json!({
+            "key": format!("s{i}"), "needs": [], "executor": {"kind": "shell", "argv": ["perl", "-e", script]}})).collect::<Vec<_>>()});
+        let ids: Vec<String> = (0..runs)
+            .map(|_| {
+                admin
+                    .submit(&serde_json::json!({"project_id": "stress", "definition": definition}), None)
+                    .map(|r| r.id.to_string())
+            })
+            .collect::<Result<_, _>>()?;
+        let mut round = StressRound { expected: (runs * stages) as u64 * lines_each, ..Default::default() };
+        loop {
+            let mut ended = 0;
+            for id in &ids {
+                round.requests += 1;
+                match admin.get_run(id) {
+                    Ok(run) if run.state.is_terminal() => ended += 1,
+                    Ok(_) => {}
+                    Err(e) if e.status() == Some(503) => round.unavailable += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+            if ended == ids.len() {
+                break;
+            }
+            round.requests += 1;
+            match admin.submit(&noop, None) {
+                Ok(_) => {}
+                Err(e) if e.status() == Some(503) => round.unavailable += 1,
+                Err(e) => return Err(e),
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        round.seconds = started.elapsed().as_secs_f64();
+        for id in &ids {
+            let run = admin.get_run(id)?;
+            round.reclaimed += run.stages.iter().filter(|s| s.attempts.len() > 1).count();
+            let mut after = 0;
+            loop {
+                let page = admin.logs(id, after, 1000)?;
+                if page.lines.is_empty() {
+                    break;
+                }
+                round.lines += page.lines.iter().filter(|l| l.line.text.starts_with("line ")).count() as u64;
+                after = page.next_cursor;
+            }
+        }
+        report.rounds.push(round);
+    }
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    report.renewal_failures = logged.lines().filter(|l| l.contains("lease renewal failed")).count();
+    Ok(report)
 }
