@@ -655,6 +655,16 @@ enum PoolCommand {
         /// Member id or name.
         member: String,
     },
+    /// Endorse the keys of a worker enrolled before endorsements existed (readers accept its
+    /// signatures only then). Compare first: --fingerprint is what `pond fingerprint` prints on
+    /// the worker's own host; pond refuses if the keys it holds have another.
+    Endorse {
+        /// Worker id or name.
+        worker: String,
+        /// The `worker:` fingerprint `pond fingerprint` prints on the worker's host.
+        #[arg(long)]
+        fingerprint: String,
+    },
     /// Let a worker finish its current job and take no more (--undo: take work again).
     Drain {
         /// Worker id or name.
@@ -1429,6 +1439,10 @@ fn pool(command: PoolCommand, client: &Client) -> Result<()> {
                     );
                 }
             }
+        }
+        PoolCommand::Endorse { worker, fingerprint } => {
+            let m = client.endorse_worker(&worker, &fingerprint)?;
+            println!("{} is endorsed: readers accept what its keys sign", m.id);
         }
         PoolCommand::Revoke { member } => {
             let m = client.revoke_member(&member)?;

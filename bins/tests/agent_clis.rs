@@ -721,7 +721,7 @@ fn a_stage_budget_stops_codex_when_it_is_spent() {
         .admin()
         .submit(
             &json!({"project_id": "acme", "definition": {"stages": [
-                {"key": "agent", "timeout": "2m", "executor": {"kind": "swarm", "placement": "local", "harness": "codex",
+                {"key": "agent", "timeout": "2m", "max_attempts": 3, "executor": {"kind": "swarm", "placement": "local", "harness": "codex",
                     "model_ref": "fast", "prompt": "Update notes.md.", "budget": {"tokens": 300},
                     "sandbox": {"profile": "none", "tier": "any"}}}
             ]}}),
@@ -736,4 +736,5 @@ fn a_stage_budget_stops_codex_when_it_is_spent() {
     assert_eq!(error, "budget exhausted: 520 of 300 tokens", "{logs:#?}");
     assert!(logs.iter().any(|l| l.contains("usage: 1 request(s), 500 input and 20 output tokens")), "{logs:#?}");
     assert_eq!(seen.lock().unwrap().len(), 1, "no call went to the provider after the budget ran out");
+    assert_eq!(done.stages[0].attempts.len(), 1, "a spent budget is not retried (a new attempt would spend it again)");
 }

@@ -314,6 +314,10 @@ pub trait BrokerSession: Send + Sync {
     }
 }
 
+/// How a stage's error starts when its budget ran out: such a failure is not retried (a new
+/// attempt would start with the budget whole again).
+pub const BUDGET_EXHAUSTED: &str = "budget exhausted";
+
 /// What a broker may let its calls spend, and at what prices.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct BrokerLimit {
@@ -332,10 +336,10 @@ impl BrokerLimit {
     pub fn passed(&self, input: u64, output: u64) -> Option<String> {
         let tokens = input + output;
         if let Some(max) = self.tokens.filter(|max| tokens > *max) {
-            return Some(format!("budget exhausted: {tokens} of {max} tokens"));
+            return Some(format!("{BUDGET_EXHAUSTED}: {tokens} of {max} tokens"));
         }
         let cost = input as f64 / 1e6 * self.input_usd_per_mtok + output as f64 / 1e6 * self.output_usd_per_mtok;
-        self.usd.filter(|max| cost > *max).map(|max| format!("budget exhausted: ${cost:.6} of ${max:.6}"))
+        self.usd.filter(|max| cost > *max).map(|max| format!("{BUDGET_EXHAUSTED}: ${cost:.6} of ${max:.6}"))
     }
 }
 

@@ -732,6 +732,12 @@ impl StageDef {
                     crate::agents::Foreach::parse(foreach, &format!("{at}.executor.foreach"))?;
                 }
                 if let Some(budget) = &swarm.budget {
+                    if swarm.model_ref.is_none() {
+                        return Err(FieldError::new(
+                            format!("{at}.executor.budget"),
+                            "needs `model_ref`: only calls through pond's broker (a registered model) are metered",
+                        ));
+                    }
                     if budget.usd.is_none() && budget.tokens.is_none() {
                         return Err(FieldError::new(format!("{at}.executor.budget"), "set `usd`, `tokens` or both"));
                     }
@@ -839,7 +845,7 @@ mod tests {
         let caps = Capabilities { executor_kinds: vec!["swarm".into()], ..caps() };
         let check = |budget: serde_json::Value| {
             let def = parse_definition(
-                json!({"stages":[{"key":"a","executor":{"kind":"swarm","placement":"local","harness":"codex","prompt":"x","budget":budget}}]}),
+                json!({"stages":[{"key":"a","executor":{"kind":"swarm","placement":"local","harness":"codex","model_ref":"m","prompt":"x","budget":budget}}]}),
                 "definition",
             )
             .map_err(|e| e.to_string())?;
@@ -854,6 +860,13 @@ mod tests {
         let err = long.validate("definition", &caps).unwrap_err().to_string();
         assert!(err.starts_with("definition.stages[0].executor.prompt: 102401 bytes; at most 102400"), "{err}");
         check(json!({"tokens": 1})).unwrap();
+        let unmetered = parse_definition(
+            json!({"stages":[{"key":"a","executor":{"kind":"swarm","placement":"local","harness":"codex","prompt":"x","budget":{"tokens":5}}}]}),
+            "definition",
+        )
+        .unwrap();
+        let err = unmetered.validate("definition", &caps).unwrap_err().to_string();
+        assert!(err.starts_with("definition.stages[0].executor.budget: needs `model_ref`"), "{err}");
         for (budget, said) in [
             (json!({}), "definition.stages[0].executor.budget: set `usd`, `tokens` or both"),
             (json!({"usd": -1}), "definition.stages[0].executor.budget.usd: must be more than 0"),

@@ -318,7 +318,20 @@ impl Engine {
         };
         let body = serde_json::to_string(&signer)
             .map_err(|e| CoreError::Store(StoreError::Backend(format!("encoding the log signer: {e}"))))?;
-        Ok(self.store.put_record(LOG_SIGNER, &signer.node_id, &body).await?)
+        self.store.put_record(LOG_SIGNER, &signer.node_id, &body).await?;
+        // This node's earlier starts (other node ids, the same key, which only this node's data
+        // directory holds) wrote records before endorsements existed: endorse those, so the
+        // streams of older runs stay readable. Records of other keys are left as they are.
+        for (id, text) in self.store.list_records(LOG_SIGNER).await? {
+            let Ok(mut old) = serde_json::from_str::<LogSigner>(&text) else { continue };
+            if old.signing_key == signer.signing_key && old.endorsement.is_empty() {
+                old.endorsement = crate::keys::endorse(&self.config.at_rest_key, "node", &old.node_id, &key);
+                if let Ok(body) = serde_json::to_string(&old) {
+                    self.store.put_record(LOG_SIGNER, &id, &body).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The log-signing keys control-plane nodes published, by node id.

@@ -136,7 +136,7 @@ pub fn waiting_for(
     let workers: Vec<&PoolMember> = members.iter().filter(|m| m.kind == MemberKind::Worker).collect();
     let able: Vec<&&PoolMember> =
         workers.iter().filter(|m| crate::routing::admits(required, project_id, &m.offer())).collect();
-    if able.iter().any(|m| !m.draining) {
+    if able.iter().any(|m| !m.draining && m.revoked_at.is_none()) {
         return None;
     }
     let tags: Vec<&str> = required.tags.iter().map(String::as_str).collect();
@@ -151,11 +151,10 @@ pub fn waiting_for(
     );
     Some(if able.is_empty() {
         format!(
-            "{wants}; none of the {} enrolled workers offers that: enroll one (`pond admin enroll create --worker --tags … --capabilities …`) or change the stage's tier, tags or executor",
-            workers.len()
+            "{wants}; no enrolled worker offers that: enroll one (`pond admin enroll create --worker --tags … --capabilities …`) or change the stage's tier, tags or executor"
         )
     } else {
-        format!("{wants}; the {} enrolled workers that offer it are draining", able.len())
+        format!("{wants}; the enrolled workers that offer it are draining or revoked")
     })
 }
 
@@ -737,6 +736,12 @@ impl Pools {
                 .await?
                 .ok_or_else(|| PoolError::NoMember(member.id.clone()))?;
             let mut changed: PoolMember = from_json(&before)?;
+            if changed.revoked_at.is_some() && !draining {
+                return Err(invalid(
+                    "worker",
+                    format!("`{}` is revoked; enroll the host again with a new code", changed.id),
+                ));
+            }
             changed.draining = draining;
             if self.store.swap_record(MEMBER, &member.id, Some(&before), &to_json(&changed)?).await? {
                 return Ok(changed);

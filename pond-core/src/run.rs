@@ -432,7 +432,10 @@ impl RunSnapshot {
         let retry_at = {
             let stage = &self.stages[i];
             let failures = stage.failures + 1;
+            // A spent budget is not retried: the next attempt would spend it again.
+            let spent = matches!(outcome, StageOutcome::Failed { error, .. } if error.starts_with(crate::agents::BUDGET_EXHAUSTED));
             let may_retry = matches!(outcome, StageOutcome::Failed { .. })
+                && !spent
                 && failures < max_attempts
                 && !stage.cancel_requested
                 && !self.run.cancel_requested;

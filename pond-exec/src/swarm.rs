@@ -221,6 +221,11 @@ impl Executor for SwarmExecutor {
             },
             None => None,
         };
+        if spec.budget.is_some() && broker.is_none() {
+            return fail(
+                "the stage has a budget but its model's key is not held by pond, so its calls could not be metered: register the model's credential for this project".into(),
+            );
+        }
         let prepared = Prepared {
             agent: &agent,
             model_id,

@@ -511,7 +511,9 @@ pub fn pack_source(dir: &Path, max_bytes: u64) -> Result<(Vec<u8>, Packed), Pack
         .git_global(false)
         .require_git(false)
         .add_custom_ignore_filename(".pondignore")
-        .filter_entry(|e| !(e.depth() == 1 && e.file_name() == ".git"))
+        // No repository metadata, at any depth (a vendored clone's `.git/config` may hold a
+        // token in a remote URL).
+        .filter_entry(|e| e.file_name() != ".git")
         .sort_by_file_name(|a, b| a.cmp(b))
         .build();
     for entry in walk {
@@ -574,6 +576,7 @@ mod tests {
             ("secret.txt", "sk-live"),
             (".env.example", "A=1"),
             (".git/config", "[core]"),
+            ("vendor/lib/.git/config", "url = https://user:token@example.com/x"),
         ] {
             let path = src.path().join(path);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -585,7 +588,7 @@ mod tests {
         for kept in [".gitignore", ".pondignore", "app/main.rs", ".env.example"] {
             assert!(out.path().join(kept).exists(), "{kept} kept");
         }
-        for left in ["app/run.log", "node_modules", "secret.txt", ".git"] {
+        for left in ["app/run.log", "node_modules", "secret.txt", ".git", "vendor/lib/.git"] {
             assert!(!out.path().join(left).exists(), "{left} left out");
         }
         assert_eq!(packed.files, 4);

@@ -83,7 +83,12 @@ pub fn app(state: AppState) -> Router {
 /// browsers keep its pages out. Preflights are answered before authentication.
 fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
     use axum::http::{header, HeaderName, HeaderValue, Method};
-    let allowed: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    // Exact origins only (a wildcard would panic in tower-http's list and is refused anyway).
+    let allowed: Vec<HeaderValue> = origins
+        .iter()
+        .filter(|o| (o.starts_with("https://") || o.starts_with("http://")) && !o.contains('*'))
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
     tower_http::cors::CorsLayer::new()
         .allow_origin(allowed)
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])

@@ -267,6 +267,14 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return refuse(config.provider, StatusCode::BAD_REQUEST, &format!("reading the request: {e}")),
     };
+    // Under a budget every call must report what it costs.
+    let body = match config.limit {
+        Some(_) => match metered_body(&path, body) {
+            Ok(b) => b,
+            Err(why) => return refuse(config.provider, StatusCode::BAD_REQUEST, &format!("pond broker: {why}")),
+        },
+        None => body,
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let (head_tx, head_rx) = tokio::sync::oneshot::channel::<Result<(u16, Vec<(String, String)>), String>>();
     let worker = shared.clone();
@@ -308,6 +316,7 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         }
         let mut reader = response.into_reader();
         let mut meter = Meter::default();
+        let mut gone = false;
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             match std::io::Read::read(&mut reader, &mut buf) {
@@ -333,10 +342,11 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
                         }
                     }
                     // Each read goes out as it arrives (less what may be the start of a key):
-                    // streams stay unbuffered.
+                    // streams stay unbuffered. An agent that went away stops getting it, but
+                    // the response is still read to its end: what it costs is metered.
                     let out = redactor.feed(&buf[..n]);
-                    if !out.is_empty() && tx.blocking_send(Ok(Bytes::from(out))).is_err() {
-                        break;
+                    if !gone && !out.is_empty() && tx.blocking_send(Ok(Bytes::from(out))).is_err() {
+                        gone = true;
                     }
                 }
                 Err(e) => {
@@ -346,6 +356,16 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             }
         }
         meter.finish();
+        // Under a budget, a successful call whose cost cannot be read is not let through again:
+        // pond stops rather than spend unmetered.
+        if config.limit.is_some() && (200..300).contains(&status) && !meter.found {
+            worker.exhausted.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| {
+                format!(
+                    "{}: a model call reported no usage, so the budget cannot be kept",
+                    pond_core::agents::BUDGET_EXHAUSTED
+                )
+            });
+        }
         let provider = match config.provider {
             Provider::Openai => "openai",
             Provider::Anthropic => "anthropic",
@@ -472,6 +492,27 @@ impl pond_core::agents::AgentResolver for ServerAgents {
     }
 }
 
+/// A request body as relayed under a budget: a streamed chat completion is asked to report its
+/// usage (`stream_options.include_usage`), and a background response (billed, never streamed
+/// back) is refused. Bodies that are not JSON objects pass as they are.
+fn metered_body(path: &str, body: Bytes) -> Result<Bytes, String> {
+    let Ok(serde_json::Value::Object(mut request)) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return Ok(body);
+    };
+    if request.get("background").and_then(|b| b.as_bool()) == Some(true) {
+        return Err("a background response cannot be metered, so it is not relayed under a budget".into());
+    }
+    let path = path.split('?').next().unwrap_or(path);
+    if path.ends_with("/completions") && request.get("stream").and_then(|s| s.as_bool()) == Some(true) {
+        let options = request.entry("stream_options").or_insert_with(|| serde_json::json!({}));
+        if let Some(options) = options.as_object_mut() {
+            options.insert("include_usage".into(), true.into());
+        }
+        return serde_json::to_vec(&serde_json::Value::Object(request)).map(Bytes::from).map_err(|e| e.to_string());
+    }
+    Ok(body)
+}
+
 /// Reads token usage from a response as it streams: SSE `data:` lines or a plain JSON body.
 /// OpenAI puts it in `response.completed` (`usage.input_tokens` / `output_tokens`); Anthropic
 /// in `message_start` (input) and `message_delta` (cumulative output).
@@ -480,16 +521,32 @@ struct Meter {
     pending: Vec<u8>,
     input: u64,
     output: u64,
+    /// The body is one JSON document (not an event stream): read whole at the end, however it
+    /// is laid out over lines.
+    whole: Option<bool>,
+    /// A `usage` object was seen.
+    found: bool,
 }
 
 impl Meter {
     fn feed(&mut self, bytes: &[u8]) {
         self.pending.extend_from_slice(bytes);
+        if self.whole.is_none() {
+            if let Some(first) = self.pending.iter().find(|b| !b.is_ascii_whitespace()) {
+                self.whole = Some(*first == b'{' || *first == b'[');
+            }
+        }
+        if self.whole == Some(true) {
+            // Kept whole (bounded) and read at the end.
+            if self.pending.len() > 32 * 1024 * 1024 {
+                self.pending.clear();
+            }
+            return;
+        }
         while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = self.pending.drain(..=end).collect();
             self.line(&line);
         }
-        // A plain JSON body has no newline to wait for; keep at most a few MiB.
         if self.pending.len() > 8 * 1024 * 1024 {
             self.pending.clear();
         }
@@ -515,6 +572,7 @@ impl Meter {
     fn usage_in(&mut self, value: &serde_json::Value) {
         let serde_json::Value::Object(map) = value else { return };
         if let Some(usage) = map.get("usage").and_then(|u| u.as_object()) {
+            self.found = true;
             let get = |k: &str| usage.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
             // Anthropic counts cache reads and writes apart from `input_tokens`; OpenAI's
             // `input_tokens` already include its cached ones.

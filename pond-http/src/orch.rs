@@ -62,6 +62,7 @@ pub fn routes(limits: &crate::state::Limits) -> Router<AppState> {
         .route("/admin/pools", get(list_pools))
         .route("/admin/pools/workers/{id}/drain", post(drain))
         .route("/admin/pools/members/{id}/revoke", post(revoke))
+        .route("/admin/pools/workers/{id}/endorse", post(endorse))
         .route("/admin/credentials", post(put_credential).get(list_credentials))
         .route("/admin/credentials/{name}", axum::routing::delete(remove_credential))
         .route_layer(body_limit(SMALL_BODY_BYTES));
@@ -433,7 +434,7 @@ async fn claim_round(state: &AppState, idle: &[PoolMember]) -> Vec<JobTicket> {
 /// is nothing for it (or the claimed job could not be prepared and was failed).
 async fn claim_one(state: &AppState, worker: &PoolMember) -> Result<Option<JobTicket>, ApiError> {
     match state.pools.member(&worker.id).await? {
-        Some(now) if !now.draining => {}
+        Some(now) if !now.draining && now.revoked_at.is_none() => {}
         _ => return Ok(None),
     }
     let Some(claim) = state.engine.claim_for_worker(worker, 1).await?.into_iter().next() else { return Ok(None) };
@@ -738,6 +739,44 @@ async fn list_pools(State(state): State<AppState>, who: Principal) -> Result<Jso
         }
     }
     Ok(Json(list))
+}
+
+/// `POST /v1/admin/pools/workers/{id}/endorse` body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Endorse {
+    /// The worker's fingerprint as `pond fingerprint` prints it on the worker's own host.
+    fingerprint: String,
+}
+
+/// Endorses the keys of a worker enrolled before endorsements existed, once the operator has
+/// compared its fingerprint on the worker's host: the keys stored for it must have exactly that
+/// fingerprint (a key written into the database by someone else does not).
+async fn endorse(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<Endorse>,
+) -> Result<Json<PoolMember>, ApiError> {
+    who.require_admin()?;
+    let member = state.pools.find(&id).await?;
+    let (Some(key), Some(stored)) = (member.signing_key_bytes(), member.fingerprint.as_deref()) else {
+        return Err(ApiError::invalid("id", format!("`{id}` is not a worker with keys")));
+    };
+    if member.revoked_at.is_some() {
+        return Err(ApiError::invalid("id", format!("`{id}` is revoked")));
+    }
+    if stored != body.fingerprint.trim() {
+        return Err(ApiError::invalid(
+            "fingerprint",
+            format!(
+                "the keys stored for `{}` have fingerprint {stored}, not the one given: do not endorse them",
+                member.id
+            ),
+        ));
+    }
+    let endorsement = state.engine.endorse_worker(&member.id, &key);
+    Ok(Json(state.pools.set_endorsement(&member.id, endorsement).await?))
 }
 
 /// Revokes a worker or an orchestrator: its credential stops working at once (see

@@ -49,6 +49,12 @@ impl Client {
         self.json(self.request("POST", &path), Some(Body::Json(serde_json::json!({ "draining": draining }))))
     }
 
+    /// `POST /v1/admin/pools/workers/{id}/endorse`.
+    pub fn endorse_worker(&self, worker: &str, fingerprint: &str) -> Result<PoolMember, ClientError> {
+        let path = format!("/v1/admin/pools/workers/{}/endorse", encode_path(worker));
+        self.json(self.request("POST", &path), Some(Body::Json(serde_json::json!({ "fingerprint": fingerprint }))))
+    }
+
     /// `POST /v1/admin/pools/members/{id}/revoke`.
     pub fn revoke_member(&self, member: &str) -> Result<PoolMember, ClientError> {
         let path = format!("/v1/admin/pools/members/{}/revoke", encode_path(member));

@@ -361,15 +361,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             .with_sandbox_profiles(config.sandbox.profiles()),
     );
     engine.publish_log_signer().await.map_err(|e| ServerError::Publish(e.to_string()))?;
-    // Workers enrolled before endorsements existed get theirs now (their keys were pinned at
-    // enrollment; from here on a worker's keys are endorsed when it enrolls).
-    let pools = pond_core::pool::Pools::new(store.clone(), clock.clone());
-    for member in pools.members().await.map_err(|e| ServerError::Publish(e.to_string()))? {
-        if let (None, Some(key)) = (&member.endorsement, member.signing_key_bytes()) {
-            let endorsement = engine.endorse_worker(&member.id, &key);
-            pools.set_endorsement(&member.id, endorsement).await.map_err(|e| ServerError::Publish(e.to_string()))?;
-        }
-    }
+
     let driver_config = DriverConfig { slots: config.slots.max(1), poll: config.poll, ..Default::default() };
     let driver = Driver::new(engine.clone(), driver_config, store.runs_changed());
     let state = AppState {

@@ -306,3 +306,59 @@ async fn a_budget_cuts_off_the_response_that_passes_it_and_refuses_the_next_call
         assert_eq!((usage.requests, usage.input_tokens), (1, 600), "cache tokens counted as input");
     }
 }
+
+/// Under a budget a call must say what it costs: a JSON body laid out over many lines is read
+/// whole, a streamed chat completion is asked for its usage, a background response is refused,
+/// and a successful call that reports no usage stops the broker rather than spend unmetered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_budget_every_call_is_metered_or_refused() {
+    let bodies = Arc::new(Mutex::new(Vec::<serde_json::Value>::new()));
+    let seen = bodies.clone();
+    let handler = move |body: axum::body::Bytes| {
+        let seen = seen.clone();
+        async move {
+            let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            seen.lock().unwrap().push(request.clone());
+            if request["input"] == "silent" {
+                return Response::builder().body(Body::from("{\n  \"id\": \"x\"\n}\n")).unwrap();
+            }
+            // OpenAI's non-streamed answer, pretty-printed: `usage` spread over lines.
+            Response::builder()
+                .body(Body::from("{\n  \"id\": \"r\",\n  \"usage\": {\n    \"input_tokens\": 70,\n    \"output_tokens\": 5\n  }\n}\n"))
+                .unwrap()
+        }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, Router::new().fallback(handler)).await });
+    let broker = start(BrokerConfig {
+        upstream: format!("http://{addr}"),
+        provider: Provider::Openai,
+        real_key: "sk".into(),
+        dummy_key: "d".into(),
+        limit: Some(pond_core::agents::BrokerLimit { tokens: Some(1_000), ..Default::default() }),
+    })
+    .await
+    .unwrap();
+    let post = |path: &str, body: serde_json::Value| {
+        let url = format!("{}{path}", broker.url());
+        tokio::task::spawn_blocking(move || match ureq::post(&url).set("authorization", "Bearer d").send_json(body) {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("{e}"),
+        })
+    };
+    assert_eq!(post("/v1/responses", serde_json::json!({"input": "hi"})).await.unwrap().0, 200);
+    assert_eq!((broker.usage().input_tokens, broker.usage().output_tokens), (70, 5), "read whole");
+    let (status, body) = post("/v1/responses", serde_json::json!({"input": "hi", "background": true})).await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("background response cannot be metered"), "{body}");
+    post("/v1/chat/completions", serde_json::json!({"stream": true, "messages": []})).await.unwrap();
+    let asked = bodies.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(asked["stream_options"]["include_usage"], true, "{asked}");
+    assert_eq!(broker.exhausted(), None);
+    // A call that reports no usage: the broker stops.
+    assert_eq!(post("/v1/responses", serde_json::json!({"input": "silent"})).await.unwrap().0, 200);
+    assert!(broker.exhausted().unwrap().contains("reported no usage"), "{:?}", broker.exhausted());
+    assert_eq!(post("/v1/responses", serde_json::json!({"input": "hi"})).await.unwrap().0, 429);
+}
