@@ -107,6 +107,15 @@ impl SwarmExecutor {
     ) -> TaskRun {
         let done = |outcome| TaskRun { index, outcome, transcript: Vec::new() };
         let ExecutorSpec::Swarm(spec) = &ctx.stage.executor else { return done(fail("not a swarm stage".into())) };
+        // The prompt with its `foreach` item is one argument of the agent CLI: past Linux's
+        // 128 KiB for one argument the exec would fail with E2BIG; say why instead.
+        if prompt.len() > 120 * 1024 {
+            return done(fail(format!(
+                "the prompt{} is {} bytes, more than one argument of the agent CLI may hold (120 KiB): shorten the item or the prompt",
+                index.map(|i| format!(" with item {i}")).unwrap_or_default(),
+                prompt.len()
+            )));
+        }
         let home = match tempfile::Builder::new().prefix("agent-home-").tempdir_in(&self.homes) {
             Ok(d) => d,
             Err(e) => return done(fail(format!("creating the agent's home: {e}"))),
