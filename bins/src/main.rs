@@ -1969,46 +1969,29 @@ fn bench(args: BenchArgs) -> Result<()> {
         println!("{}", pond_http::bench::crypto(1_000_000, 256 << 20));
         return Ok(());
     }
-    if let Some(rounds) = args.stress {
+    // A bench against `pond` processes of its own: a fresh data directory, and a scratch
+    // PostgreSQL database when one is given (dropped afterwards).
+    let process_bench = |name: &str| -> Result<(PathBuf, PathBuf, Option<pond_store::ScratchDatabase>)> {
         if args.data_dir.exists() {
             std::fs::remove_dir_all(&args.data_dir).with_context(|| format!("clearing {}", args.data_dir.display()))?;
         }
         std::fs::create_dir_all(&args.data_dir)?;
-        let exe = std::env::current_exe()?;
         let scratch = match &args.database_url {
-            Some(url) => Some(rt.block_on(pond_store::ScratchDatabase::create(url, "stress"))?),
+            Some(url) => Some(rt.block_on(pond_store::ScratchDatabase::create(url, name))?),
             None => None,
         };
-        let report = pond_http::bench::stress(
-            &exe,
-            &std::fs::canonicalize(&args.data_dir)?,
-            scratch.as_ref().map(|d| d.url.as_str()),
-            rounds,
-            args.stress_seconds,
-            8,
-            8,
-        )?;
-        println!("{report}");
+        Ok((std::env::current_exe()?, std::fs::canonicalize(&args.data_dir)?, scratch))
+    };
+    if let Some(rounds) = args.stress {
+        let (exe, dir, scratch) = process_bench("stress")?;
+        let url = scratch.as_ref().map(|d| d.url.as_str());
+        println!("{}", pond_http::bench::stress(&exe, &dir, url, rounds, args.stress_seconds, 8, 8)?);
         return Ok(());
     }
     if let Some(requests) = args.soak {
-        if args.data_dir.exists() {
-            std::fs::remove_dir_all(&args.data_dir).with_context(|| format!("clearing {}", args.data_dir.display()))?;
-        }
-        std::fs::create_dir_all(&args.data_dir)?;
-        let exe = std::env::current_exe()?;
-        let scratch = match &args.database_url {
-            Some(url) => Some(rt.block_on(pond_store::ScratchDatabase::create(url, "soak"))?),
-            None => None,
-        };
-        let report = pond_http::bench::soak(
-            &exe,
-            &std::fs::canonicalize(&args.data_dir)?,
-            scratch.as_ref().map(|d| d.url.as_str()),
-            requests,
-            args.clients,
-        )?;
-        println!("{report}");
+        let (exe, dir, scratch) = process_bench("soak")?;
+        let url = scratch.as_ref().map(|d| d.url.as_str());
+        println!("{}", pond_http::bench::soak(&exe, &dir, url, requests, args.clients)?);
         return Ok(());
     }
     if args.pool {

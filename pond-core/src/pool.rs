@@ -660,6 +660,22 @@ impl Pools {
     /// stops authenticating at once, on every node, and a worker takes no more work (a job it
     /// holds is lost with its lease and runs again elsewhere).
     pub async fn revoke(&self, id_or_name: &str) -> Result<PoolMember, PoolError> {
+        let now = self.clock.now();
+        self.update_member(id_or_name, |m| {
+            m.revoked_at.get_or_insert(now);
+            m.draining = true;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Changes a member (by id or name) atomically: read, `change`, written back unless another
+    /// write came between (then again).
+    async fn update_member(
+        &self,
+        id_or_name: &str,
+        mut change: impl FnMut(&mut PoolMember) -> Result<(), PoolError>,
+    ) -> Result<PoolMember, PoolError> {
         loop {
             let member = self.find(id_or_name).await?;
             let before = self
@@ -668,8 +684,7 @@ impl Pools {
                 .await?
                 .ok_or_else(|| PoolError::NoMember(member.id.clone()))?;
             let mut changed: PoolMember = from_json(&before)?;
-            changed.revoked_at.get_or_insert(self.clock.now());
-            changed.draining = true;
+            change(&mut changed)?;
             if self.store.swap_record(MEMBER, &member.id, Some(&before), &to_json(&changed)?).await? {
                 return Ok(changed);
             }
@@ -716,37 +731,23 @@ impl Pools {
 
     /// Records the control plane's endorsement of a worker's signing key.
     pub async fn set_endorsement(&self, id: &str, endorsement: String) -> Result<PoolMember, PoolError> {
-        loop {
-            let before = self.store.get_record(MEMBER, id).await?.ok_or_else(|| PoolError::NoMember(id.to_string()))?;
-            let mut changed: PoolMember = from_json(&before)?;
-            changed.endorsement = Some(endorsement.clone());
-            if self.store.swap_record(MEMBER, id, Some(&before), &to_json(&changed)?).await? {
-                return Ok(changed);
-            }
-        }
+        self.update_member(id, |m| {
+            m.endorsement = Some(endorsement.clone());
+            Ok(())
+        })
+        .await
     }
 
     /// Sets or clears `draining` (a draining worker finishes its job and takes no more).
     pub async fn set_draining(&self, id_or_name: &str, draining: bool) -> Result<PoolMember, PoolError> {
-        loop {
-            let member = self.find(id_or_name).await?;
-            let before = self
-                .store
-                .get_record(MEMBER, &member.id)
-                .await?
-                .ok_or_else(|| PoolError::NoMember(member.id.clone()))?;
-            let mut changed: PoolMember = from_json(&before)?;
-            if changed.revoked_at.is_some() && !draining {
-                return Err(invalid(
-                    "worker",
-                    format!("`{}` is revoked; enroll the host again with a new code", changed.id),
-                ));
+        self.update_member(id_or_name, |m| {
+            if m.revoked_at.is_some() && !draining {
+                return Err(invalid("worker", format!("`{}` is revoked; enroll the host again with a new code", m.id)));
             }
-            changed.draining = draining;
-            if self.store.swap_record(MEMBER, &member.id, Some(&before), &to_json(&changed)?).await? {
-                return Ok(changed);
-            }
-        }
+            m.draining = draining;
+            Ok(())
+        })
+        .await
     }
 
     /// Notes that members were heard from now, with the job each holds (`None`: idle).

@@ -254,21 +254,7 @@ struct Child {
 
 impl Child {
     fn spawn(exe: &std::path::Path, args: &[&str], prefix: &str) -> Result<Child, ClientError> {
-        use std::io::BufRead;
-        let mut process = std::process::Command::new(exe)
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()?;
-        let stdout = process.stdout.take().ok_or_else(|| ClientError::Decode("no stdout".into()))?;
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let first = lines.next().transpose()?.unwrap_or_default();
-        std::thread::spawn(move || for _ in lines {});
-        let url = first
-            .strip_prefix(prefix)
-            .ok_or_else(|| ClientError::Decode(format!("{args:?} printed `{first}`")))?
-            .to_string();
-        Ok(Child { process, url })
+        Child::spawn_with(exe, args, prefix, std::process::Stdio::inherit())
     }
 
     /// Like [`Child::spawn`], its standard error written to `log`.
@@ -278,12 +264,18 @@ impl Child {
         prefix: &str,
         log: &std::path::Path,
     ) -> Result<Child, ClientError> {
+        Child::spawn_with(exe, args, prefix, std::fs::File::create(log)?.into())
+    }
+
+    fn spawn_with(
+        exe: &std::path::Path,
+        args: &[&str],
+        prefix: &str,
+        stderr: std::process::Stdio,
+    ) -> Result<Child, ClientError> {
         use std::io::BufRead;
-        let mut process = std::process::Command::new(exe)
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::fs::File::create(log)?)
-            .spawn()?;
+        let mut process =
+            std::process::Command::new(exe).args(args).stdout(std::process::Stdio::piped()).stderr(stderr).spawn()?;
         let stdout = process.stdout.take().ok_or_else(|| ClientError::Decode("no stdout".into()))?;
         let mut lines = std::io::BufReader::new(stdout).lines();
         let first = lines.next().transpose()?.unwrap_or_default();
