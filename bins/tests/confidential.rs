@@ -727,6 +727,13 @@ fn the_transparency_log_catches_a_rewritten_history() {
     let out = consumer(&server, &alice, &["verify", &first]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("the log records the end of stage `local` attempt 1"), "{stderr}");
+    let py = Command::new(&python)
+        .arg(common::root().join("testdata/interop/pynacl_consumer.py"))
+        .args([server.url.as_str(), &server.token, &first, &secret])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&py.stderr);
+    assert!(!py.status.success() && said.contains("its stream is not whole"), "PyNaCl consumer: {said}");
     sql(&format!("UPDATE logs SET run_id = '{first}' WHERE run_id = 'hidden'"));
     sql(&format!("UPDATE attempts SET outcome = 'succeeded' WHERE run_id = '{first}' AND stage_key = 'local'"));
     verifiers(&first, None);

@@ -145,6 +145,17 @@ while True:
             assert line["stream"] == "system", f"a clear-text {line['stream']} line in a confidential run"
             lines.append([line.get("stage"), text])
 
+# Every attempt the transparency log says ended (a local attempt's end, a pooled attempt's
+# attestation) has a whole stream, whatever the run view's labels say now.
+head = json.loads(get("/v1/log/tree-head"))
+if head["tree_size"] > 0:
+    logged = json.loads(get(f"/v1/runs/{run_id}/log?tree_size={head['tree_size']}"))["entries"]
+    for entry in logged:
+        leaf = json.loads(entry["leaf"])
+        if leaf["kind"] in ("attempt", "attestation"):
+            s = streams.get((leaf["stage"], leaf["attempt"]))
+            assert s and s["ended"], f"the log says stage {leaf['stage']} attempt {leaf['attempt']} ended; its stream is not whole"
+
 # Every attempt that ended has a whole stream; every succeeded one has a stream.
 for stage in run["stages"]:
     for attempt in stage["attempts"]:
