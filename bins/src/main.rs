@@ -1693,15 +1693,26 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
             Ok(0)
         }
         RunCommand::Results { id, stage, artifact } => {
-            // Each agent stage's results are `results-<stage>.jsonl` (or what its `parse` named).
-            let listed = client.artifacts(&id)?.artifacts;
+            // Each agent stage's results are `results-<stage>.jsonl`, or what its `parse` named:
+            // read from the run's own definition, and only those stored.
+            let run = client.get_run(&id)?;
+            let listed: Vec<String> = client.artifacts(&id)?.artifacts.into_iter().map(|a| a.name).collect();
             let wanted: Vec<(String, String)> = match (&artifact, &stage) {
                 (Some(name), _) => vec![(String::new(), name.clone())],
-                (None, only) => listed
+                (None, only) => run
+                    .definition
+                    .stages
                     .iter()
-                    .filter(|a| a.name.starts_with("results") && a.name.ends_with(".jsonl"))
-                    .filter(|a| only.as_ref().is_none_or(|s| *s == a.stage))
-                    .map(|a| (a.stage.clone(), a.name.clone()))
+                    .filter(|d| only.as_ref().is_none_or(|s| *s == d.key))
+                    .filter_map(|d| match &d.executor {
+                        pond_core::definition::ExecutorSpec::Swarm(swarm) => {
+                            let named = swarm.parse.as_ref().and_then(|p| p.get("artifact")).and_then(|a| a.as_str());
+                            let name = named.map(str::to_string).unwrap_or_else(|| format!("results-{}.jsonl", d.key));
+                            Some((d.key.clone(), name))
+                        }
+                        _ => None,
+                    })
+                    .filter(|(_, name)| listed.contains(name))
                     .collect(),
             };
             if wanted.is_empty() {

@@ -220,11 +220,11 @@ fn the_agent_sees_only_the_dummy_key_and_results_decrypt_for_the_consumer() {
     assert!(text.contains("OPENAI_BASE_URL=http://127.0.0.1:"), "{text}");
     assert!(!text.contains(real), "the real key reached the agent: {text}");
     let id = server.admin().list_runs(Some("acme"), None, Some(1), None).unwrap().runs[0].id.to_string();
-    // Two agent stages, results of each: per stage, then one stage's alone.
+    // Two agent stages, results of each in definition order: per stage, then one stage's alone.
     let out = server.cli(&["run", "results", &id]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "{\"result\":{\"ok\":true},\"stage\":\"again\"}\n{\"result\":{\"ok\":true},\"stage\":\"snoop\"}",
+        "{\"result\":{\"ok\":true},\"stage\":\"snoop\"}\n{\"result\":{\"ok\":true},\"stage\":\"again\"}",
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
