@@ -45,6 +45,18 @@ fn consumer(server: &Server, config_dir: &Path, args: &[&str]) -> std::process::
         .unwrap()
 }
 
+/// A server (with `args`), an orchestrator of pool `byo`, and a bring-your-own worker pinned to
+/// tenant `acme` that runs unsandboxed stages.
+fn acme_pool(dir: &Path, args: &[&str]) -> (Server, Orchestrator, Worker) {
+    let server = Server::start(&dir.join("server"), args);
+    let admin = server.admin();
+    let code = enroll_code(&admin, "byo", None, None);
+    let orch = Orchestrator::start(&server.url, &dir.join("orch"), "127.0.0.1:0", Some(&code));
+    let code = enroll_code(&admin, "byo", Some(&["pool:byo", "tenant:acme"]), None);
+    let worker = Worker::start(&orch.url, &dir.join("worker"), &code, &["--allow-unconfined"]);
+    (server, orch, worker)
+}
+
 fn public_key(server: &Server, config_dir: &Path) -> String {
     let out = consumer(server, config_dir, &["keys", "show", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -304,12 +316,8 @@ fn a_run_s_encryption_changed_in_the_database_gets_nothing_sealed_or_written_in_
     let Some(pg) = Server::database_server() else { return };
     let dir = tempfile::tempdir().unwrap();
     let db = common::scratch_database(&pg, "injected");
-    let server = Server::start(&dir.path().join("server"), &["--database-url", db.url.as_str()]);
+    let (server, _orch, _worker) = acme_pool(dir.path(), &["--database-url", db.url.as_str()]);
     let admin = server.admin();
-    let code = enroll_code(&admin, "byo", None, None);
-    let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
-    let code = enroll_code(&admin, "byo", Some(&["pool:byo", "tenant:acme"]), None);
-    let _worker = Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--allow-unconfined"]);
     let (alice, mallory) = (dir.path().join("alice"), dir.path().join("mallory"));
     let alice_key = public_key(&server, &alice);
     let mallory_key = public_key(&server, &mallory);
@@ -606,12 +614,8 @@ fn the_transparency_log_catches_a_rewritten_history() {
     };
     let dir = tempfile::tempdir().unwrap();
     let db = common::scratch_database(&pg, "translog");
-    let server = Server::start(&dir.path().join("server"), &["--database-url", db.url.as_str()]);
+    let (server, _orch, _worker) = acme_pool(dir.path(), &["--database-url", db.url.as_str()]);
     let admin = server.admin();
-    let code = enroll_code(&admin, "byo", None, None);
-    let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
-    let code = enroll_code(&admin, "byo", Some(&["pool:byo", "tenant:acme"]), None);
-    let _worker = Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--allow-unconfined"]);
     let alice = dir.path().join("alice");
     let _ = public_key(&server, &alice);
     let secret = hex::encode(pond_exec::load_or_create_key(&alice.join("keys/default.x25519")).unwrap());
@@ -761,12 +765,8 @@ fn a_pynacl_consumer_signs_submits_reads_and_verifies_a_run() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), &[]);
+    let (server, _orch, _worker) = acme_pool(dir.path(), &[]);
     let admin = server.admin();
-    let code = enroll_code(&admin, "byo", None, None);
-    let orch = Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
-    let code = enroll_code(&admin, "byo", Some(&["pool:byo", "tenant:acme"]), None);
-    let _worker = Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--allow-unconfined"]);
     let alice = dir.path().join("alice");
     let _ = public_key(&server, &alice);
     let secret = hex::encode(pond_exec::load_or_create_key(&alice.join("keys/default.x25519")).unwrap());
