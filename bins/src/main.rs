@@ -1723,8 +1723,9 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
             }
             let plain = artifact.is_some() || stage.is_some();
             let mut out = std::io::stdout().lock();
+            let mut fetcher = cli::ArtifactFetcher::new(client, &id, key_path)?;
             for (stage_key, name) in wanted {
-                let data = cli::fetch_artifact(client, &id, &name, key_path)?;
+                let data = fetcher.fetch(&name)?;
                 let text = String::from_utf8(data).with_context(|| format!("{name} is not UTF-8"))?;
                 for line in text.lines().filter(|l| !l.trim().is_empty()) {
                     let value: serde_json::Value =
@@ -1935,11 +1936,12 @@ fn demo(args: DemoArgs) -> Result<i32> {
         decrypt.check_whole(&finished)?;
         println!("\n{}", cli::format_run(&finished));
         println!("the server holds these encrypted; decrypted here with {}:", key.display());
+        let mut fetcher = cli::ArtifactFetcher::new(&client, &run.id.to_string(), &key)?;
         for artifact in client.artifacts(&run.id.to_string())?.artifacts {
             if artifact.name.ends_with(pond_core::seal::SIDECAR_SUFFIX) {
                 continue;
             }
-            let data = cli::fetch_artifact(&client, &run.id.to_string(), &artifact.name, &key)?;
+            let data = fetcher.fetch(&artifact.name)?;
             let text = String::from_utf8_lossy(&data);
             println!("artifact {} ({} bytes, stage {}):", artifact.name, data.len(), artifact.stage);
             for line in text.lines().take(5) {

@@ -183,7 +183,7 @@ impl Worker {
             self.config.max_log_bytes,
             job.lease.to_std().max(Duration::from_secs(30)),
         );
-        let (outcome, input_sha) = {
+        let (mut outcome, input_sha) = {
             let work = self.execute(&job, &dir, &sink, &stop, refused);
             tokio::pin!(work);
             let lease = job.lease.to_std();
@@ -235,8 +235,13 @@ impl Worker {
         let _ = tokio::fs::remove_dir_all(&dir).await;
         if !matches!(stop.reason(), Some(StopReason::LeaseLost | StopReason::Shutdown)) {
             // Every attempt that reports has its output ended — a confidential stream its final
-            // record — early failures included (a second finish adds nothing).
-            let _ = sink.finish().await;
+            // record — early failures included (a second finish adds nothing). Output that could
+            // not be delivered fails the attempt, as it does after a run.
+            if let Err(why) = sink.finish().await {
+                if matches!(outcome, StageOutcome::Succeeded) {
+                    outcome = StageOutcome::Failed { error: why, exit_code: None };
+                }
+            }
         }
         match stop.reason() {
             Some(StopReason::LeaseLost) => {

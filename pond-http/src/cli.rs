@@ -614,36 +614,69 @@ fn explain(public: &[u8; 32], e: pond_core::seal::SealError) -> CliError {
 
 /// Downloads an artifact, decrypting it when it has a `.pondkey` sidecar: it must open as
 /// the output `name` of the attempt that stored it, with its sidecar signed by a node or worker
-/// that ran the run.
+/// that ran the run. (Several artifacts of one run: [`ArtifactFetcher`].)
 pub fn fetch_artifact(client: &Client, run: &str, name: &str, key: &Path) -> Result<Vec<u8>, CliError> {
-    let mut data = Vec::new();
-    client.download_artifact(run, name, &mut data)?;
-    if name.ends_with(pond_core::seal::SIDECAR_SUFFIX) {
-        return Ok(data);
+    ArtifactFetcher::new(client, run, key)?.fetch(name)
+}
+
+/// Downloads and checks a run's artifacts, reading the run, its listing and its signers' keys
+/// once for all of them.
+pub struct ArtifactFetcher<'a> {
+    client: &'a Client,
+    run: String,
+    key: PathBuf,
+    view: RunView,
+    listing: Vec<pond_core::store::Artifact>,
+    signers: Option<Vec<[u8; 32]>>,
+}
+
+impl<'a> ArtifactFetcher<'a> {
+    /// A fetcher for `run`'s artifacts, opened with the consumer key at `key`.
+    pub fn new(client: &'a Client, run: &str, key: &Path) -> Result<Self, CliError> {
+        Ok(ArtifactFetcher {
+            client,
+            run: run.to_string(),
+            key: key.to_path_buf(),
+            view: client.get_run(run)?,
+            listing: client.artifacts(run)?.artifacts,
+            signers: None,
+        })
     }
-    let view = client.get_run(run)?;
-    let mut sidecar = Vec::new();
-    match client.download_artifact(run, &format!("{name}{}", pond_core::seal::SIDECAR_SUFFIX), &mut sidecar) {
-        Ok(_) => {
-            let sidecar = String::from_utf8(sidecar).map_err(|_| CliError::Input("the sidecar is not UTF-8".into()))?;
-            let listed = client
-                .artifacts(run)?
-                .artifacts
-                .into_iter()
-                .find(|a| a.name == name)
-                .ok_or_else(|| CliError::Input(format!("artifact `{name}` is not in the run's listing")))?;
-            let signers = run_signers(client, run)?;
-            let mut reader = LogDecryptor::new(key, run)?;
-            reader.policy = Policy::of(&view, false);
-            reader.artifact(&data, &sidecar, &listed, &signers)
+
+    /// The artifact `name`, decrypted and checked (see [`fetch_artifact`]).
+    pub fn fetch(&mut self, name: &str) -> Result<Vec<u8>, CliError> {
+        let (client, run) = (self.client, self.run.as_str());
+        let mut data = Vec::new();
+        client.download_artifact(run, name, &mut data)?;
+        if name.ends_with(pond_core::seal::SIDECAR_SUFFIX) {
+            return Ok(data);
         }
-        // In clear only in a run that is: a confidential run's artifact without its sidecar
-        // was not stored by pond.
-        Err(e) if e.status() == Some(404) && view.encryption.is_none() => Ok(data),
-        Err(e) if e.status() == Some(404) => Err(CliError::Input(format!(
-            "artifact `{name}` of a confidential run has no key sidecar: pond did not store it so; refusing it"
-        ))),
-        Err(e) => Err(e.into()),
+        let mut sidecar = Vec::new();
+        match client.download_artifact(run, &format!("{name}{}", pond_core::seal::SIDECAR_SUFFIX), &mut sidecar) {
+            Ok(_) => {
+                let sidecar =
+                    String::from_utf8(sidecar).map_err(|_| CliError::Input("the sidecar is not UTF-8".into()))?;
+                let listed = self
+                    .listing
+                    .iter()
+                    .find(|a| a.name == name)
+                    .ok_or_else(|| CliError::Input(format!("artifact `{name}` is not in the run's listing")))?;
+                let signers = match &self.signers {
+                    Some(signers) => signers,
+                    None => self.signers.insert(run_signers(client, run)?),
+                };
+                let mut reader = LogDecryptor::new(&self.key, run)?;
+                reader.policy = Policy::of(&self.view, false);
+                reader.artifact(&data, &sidecar, listed, signers)
+            }
+            // In clear only in a run that is: a confidential run's artifact without its sidecar
+            // was not stored by pond.
+            Err(e) if e.status() == Some(404) && self.view.encryption.is_none() => Ok(data),
+            Err(e) if e.status() == Some(404) => Err(CliError::Input(format!(
+                "artifact `{name}` of a confidential run has no key sidecar: pond did not store it so; refusing it"
+            ))),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

@@ -244,9 +244,10 @@ pub fn verify_run(
             }
         }
         let mut opened = 0;
+        let mut fetcher = crate::cli::ArtifactFetcher::new(client, run, key_path)?;
         for artifact in client.artifacts(run)?.artifacts {
             if !artifact.name.ends_with(pond_core::seal::SIDECAR_SUFFIX) {
-                crate::cli::fetch_artifact(client, run, &artifact.name, key_path)?;
+                fetcher.fetch(&artifact.name)?;
                 opened += 1;
             }
         }
