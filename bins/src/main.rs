@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod usage;
+
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use pond_http::cli::{self, CliConfig, Context, SubmitOptions, TargetOverrides};
@@ -94,6 +96,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What agent stages spent on model calls: a project's per day and model (with its monthly
+    /// budget), or one run's per stage attempt.
+    Usage(usage::UsageArgs),
     /// Check this CLI's set-up against its server (reachable, version, clock, token, keys, the
     /// transparency log) and, with --data-dir or --sandbox, this host's; each failure names its
     /// fix. Exits 1 when a check fails.
@@ -495,6 +500,11 @@ enum AdminCommand {
     Credentials {
         #[command(subcommand)]
         command: CredentialsCommand,
+    },
+    /// Projects' monthly budgets for agent stages' model calls.
+    Budgets {
+        #[command(subcommand)]
+        command: usage::BudgetsCommand,
     },
 }
 
@@ -1089,6 +1099,21 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 println!("run {id} verified");
             }
             Ok(0)
+        }
+        Command::Usage(args) => {
+            let config = CliConfig::load(&config_path)?;
+            let overrides = TargetOverrides {
+                server: cli.global.server,
+                token: cli.global.token,
+                context: cli.global.context,
+                project: std::env::var("POND_PROJECT").ok(),
+            };
+            let target = cli::resolve_target(&config, &overrides)?;
+            let client = Client::new(&target.server, target.token.clone());
+            usage::usage(&client, target.project, args)
+        }
+        Command::Admin { command: AdminCommand::Budgets { command } } => {
+            usage::budgets(&admin_client(&cli.global, &config_path)?, command)
         }
         Command::Run { command } => {
             let config = CliConfig::load(&config_path)?;

@@ -738,3 +738,89 @@ fn a_stage_budget_stops_codex_when_it_is_spent() {
     assert_eq!(seen.lock().unwrap().len(), 1, "no call went to the provider after the budget ran out");
     assert_eq!(done.stages[0].attempts.len(), 1, "a spent budget is not retried (a new attempt would spend it again)");
 }
+
+/// Budgets beyond the stage: a run's budget holds across its stages, a project's monthly
+/// budget across its runs — local and on a pool worker — and once spent, no call reaches the
+/// provider. Every call is booked: `pond usage` and a run's usage add up to what the fake model
+/// reported, priced at the model's registered prices.
+#[test]
+fn run_and_project_budgets_hold_across_stages_runs_and_workers() {
+    let Some(bin) = agents_bin() else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen: Seen = Arc::default();
+    // Each codex stage makes two calls (a tool call, then its answer) of 500 input and 20
+    // output tokens each.
+    let upstream = rt.block_on(fake_openai_tool(seen.clone()));
+    let (dir, server) = serve_agent(&bin, "codex", &upstream);
+    let _pool = start_pool(&server, dir.path(), "harness.codex");
+    let set = server.cli(&["admin", "budgets", "set", "acme", "--tokens", "2500"]);
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    let stage = |key: &str, placement: &str| {
+        json!({"key": key, "timeout": "2m", "max_attempts": 2, "executor": {"kind": "swarm", "placement": placement,
+            "harness": "codex", "model_ref": "fast", "prompt": "Update notes.md.", "sandbox": {"profile": "none", "tier": "any"}}})
+    };
+    let submit = |definition: Value| {
+        let run = server.admin().submit(&json!({"project_id": "acme", "definition": definition}), None).unwrap();
+        let id = run.id.to_string();
+        let done = wait_done(&server.admin(), &id, Duration::from_secs(120));
+        (id, done)
+    };
+
+    // 1. A run of 1500 tokens: its first stage spends 1040, its second passes the rest on its
+    //    first call, which is cut off there.
+    let (first, done) =
+        submit(json!({"budget": {"tokens": 1500}, "stages": [stage("a", "local"), stage("b", "local")]}));
+    let logs = log_text(&server.admin(), &first);
+    assert_eq!(done.state.as_str(), "failed", "{logs:#?}");
+    assert_eq!(done.stages[0].state.as_str(), "succeeded", "{logs:#?}");
+    assert_eq!(done.stages[1].error.as_deref(), Some("budget exhausted (run): 1560 of 1500 tokens"), "{logs:#?}");
+    assert_eq!(done.stages[1].attempts.len(), 1, "a spent budget is not retried");
+    assert_eq!(seen.lock().unwrap().len(), 3);
+    let usage = server.admin().run_usage(&first).unwrap();
+    assert_eq!((usage.attempts["a#1"].tokens(), usage.attempts["b#1"].tokens()), (1040, 520), "{usage:?}");
+    assert_eq!(usage.total.requests, 3);
+
+    // 2. A pooled run: the worker's broker gets what is left of the project's month (940) with
+    //    the job and stops on its second call; the worker reports what it spent.
+    let (second, done) = submit(json!({"stages": [stage("p", "pool")]}));
+    let logs = log_text(&server.admin(), &second);
+    let month: String =
+        pond_core::time::Clock::now(&pond_core::time::SystemClock).to_rfc3339().chars().take(7).collect();
+    assert_eq!(
+        done.stages[0].error.as_deref(),
+        Some(format!("budget exhausted (project acme in {month}): 2600 of 2500 tokens").as_str()),
+        "{logs:#?}"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 5);
+    assert_eq!(server.admin().run_usage(&second).unwrap().total.tokens(), 1040);
+
+    // 3. The month is spent: a new run's first call is refused by the broker, and nothing more
+    //    reaches the provider.
+    let (third, done) = submit(json!({"stages": [stage("c", "local")]}));
+    let logs = log_text(&server.admin(), &third);
+    assert_eq!(
+        done.stages[0].error.as_deref(),
+        Some(format!("budget exhausted (project acme in {month}): 2600 of 2500 tokens").as_str()),
+        "{logs:#?}"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 5, "no call went to the provider once the month was spent");
+
+    // `pond usage`: the project's spend this month, per model, priced (1.25 and 10 USD per
+    // million input and output tokens).
+    let out = server.cli(&["usage", "--project", "acme", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let usage: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(usage["month_spent"]["input_tokens"], 2500, "{usage:#}");
+    assert_eq!(usage["month_spent"]["output_tokens"], 100, "{usage:#}");
+    assert_eq!(usage["month_spent"]["requests"], 5, "{usage:#}");
+    let cost = usage["month_spent"]["cost_usd"].as_f64().unwrap();
+    assert!((cost - (2500.0 * 1.25 + 100.0 * 10.0) / 1e6).abs() < 1e-9, "{usage:#}");
+    assert_eq!(usage["rows"][0]["model"], "fast", "{usage:#}");
+    assert_eq!(usage["budget"]["tokens"], 2500, "{usage:#}");
+    let table = server.cli(&["usage", "--project", "acme"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains(&format!("{month}: 2600 tokens")) && table.contains("of a budget of 2500 tokens"),
+        "{table}"
+    );
+}

@@ -49,6 +49,22 @@ fn tokens_scope_runs_to_projects_and_never_leak_other_tenants() {
     assert_eq!(status, 403, "b may not submit into a's project");
     assert_eq!(api_error(a.list_keys().unwrap_err()).0, 403, "consumer keys are not admins");
     assert_eq!(api_error(a.create_key(&["x".into()], None).unwrap_err()).0, 403);
+    // Spend is scoped like runs: a's own, not b's; budgets are for admins.
+    assert_eq!(a.usage("tenant-a", None, None).unwrap().total.requests, 0);
+    assert_eq!(a.run_usage(&id).unwrap().total.requests, 0);
+    assert_eq!(api_error(b.usage("tenant-a", None, None).unwrap_err()).0, 403);
+    assert_eq!(api_error(b.run_usage(&id).unwrap_err()).0, 404);
+    let budget = pond_core::definition::Budget { usd: Some(5.0), tokens: None };
+    assert_eq!(api_error(a.set_budget("tenant-a", &budget).unwrap_err()).0, 403);
+    let (status, _, field) = api_error(a.usage("tenant-a", Some("2026-13-01"), None).unwrap_err());
+    assert_eq!((status, field.as_deref()), (422, Some("query.from")));
+    let (status, _, field) = api_error(a.usage("tenant-a", Some("2026-12-05"), Some("2026-12-01")).unwrap_err());
+    assert_eq!((status, field.as_deref()), (422, Some("query.from")));
+    let bad = pond_core::definition::Budget { usd: Some(-1.0), tokens: None };
+    let (status, _, field) = api_error(admin.set_budget("tenant-a", &bad).unwrap_err());
+    assert_eq!((status, field.as_deref()), (422, Some("budget.usd")));
+    admin.set_budget("tenant-a", &budget).unwrap();
+    assert_eq!(a.usage("tenant-a", None, None).unwrap().budget, Some(budget), "a consumer sees its project's budget");
 
     let nobody = Client::new(&server.url, None);
     assert_eq!(api_error(nobody.get_run(&id).unwrap_err()).0, 401);

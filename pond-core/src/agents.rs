@@ -296,6 +296,59 @@ pub trait AgentResolver: Send + Sync {
     /// Resolves `harness` and `model` for a run of `project` (whose use of the model's key is
     /// checked).
     async fn resolve(&self, harness: &str, model: Option<&str>, project: &str) -> Result<ResolvedAgent, String>;
+
+    /// Where a stage's model calls are booked and which run and project budgets hold them
+    /// (none: the calls are metered for the stage only).
+    fn account(
+        &self,
+        _run: &crate::run::Run,
+        _stage: &str,
+        _attempt: u32,
+        _model: Option<&Model>,
+    ) -> Option<std::sync::Arc<dyn SpendAccount>> {
+        None
+    }
+}
+
+/// A budget beyond the stage's own that a broker's calls count against, with what it had spent
+/// when read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BudgetCap {
+    /// Whose budget: `run`, `project acme in 2026-12`.
+    pub scope: String,
+    /// Its limits.
+    pub budget: crate::definition::Budget,
+    /// What was spent against it.
+    pub spent: crate::usage::Spend,
+}
+
+impl BudgetCap {
+    /// Why it is spent: it was when read, or spending `more_tokens` and `more_usd` on top
+    /// passes it.
+    pub fn passed(&self, more_tokens: u64, more_usd: f64) -> Option<String> {
+        let tokens = self.spent.tokens() + more_tokens;
+        if let Some(max) = self.budget.tokens.filter(|max| tokens > *max || self.spent.tokens() >= *max) {
+            return Some(format!("{BUDGET_EXHAUSTED} ({}): {tokens} of {max} tokens", self.scope));
+        }
+        let cost = self.spent.cost_usd + more_usd;
+        self.budget
+            .usd
+            .filter(|max| cost > *max || self.spent.cost_usd >= *max)
+            .map(|max| format!("{BUDGET_EXHAUSTED} ({}): ${cost:.6} of ${max:.6}", self.scope))
+    }
+}
+
+/// A stage's account: the run and project budgets its calls count against, and where each call
+/// is booked as it ends. Read before every call, so what other stages spent counts (calls in
+/// flight at the same time may pass a budget together by at most what they spend).
+#[async_trait::async_trait]
+pub trait SpendAccount: Send + Sync {
+    /// The budgets with what they have spent so far.
+    async fn caps(&self) -> Result<Vec<BudgetCap>, String>;
+    /// Books one finished call.
+    async fn book(&self, usage: crate::usage::TokenUsage);
+    /// USD per million input and output tokens (the model's registered prices).
+    fn prices(&self) -> (f64, f64);
 }
 
 /// A running broker for one task.
@@ -355,6 +408,7 @@ pub trait KeyBroker: Send + Sync {
         real_key: &str,
         dummy_key: &str,
         limit: Option<BrokerLimit>,
+        account: Option<std::sync::Arc<dyn SpendAccount>>,
     ) -> Result<Box<dyn BrokerSession>, String>;
 }
 

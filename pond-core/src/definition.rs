@@ -30,6 +30,10 @@ pub const MAX_BACKOFF: Millis = Millis::from_secs(600);
 pub struct Definition {
     /// The stages, in order.
     pub stages: Vec<StageDef>,
+    /// The most the run's agent stages may spend on model calls, all together (each stage's own
+    /// `budget` holds as well, and so does its project's monthly budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
 }
 
 /// One step of a workflow.
@@ -343,6 +347,22 @@ pub struct Budget {
     pub tokens: Option<u64>,
 }
 
+impl Budget {
+    /// Checks its limits; errors name the field under `at`.
+    pub fn validate(&self, at: &str) -> Result<(), FieldError> {
+        if self.usd.is_none() && self.tokens.is_none() {
+            return Err(FieldError::new(at, "set `usd`, `tokens` or both"));
+        }
+        if self.usd.is_some_and(|u| !(u.is_finite() && u > 0.0 && u <= 1_000_000.0)) {
+            return Err(FieldError::new(format!("{at}.usd"), "must be more than 0 and at most 1000000"));
+        }
+        if self.tokens == Some(0) {
+            return Err(FieldError::new(format!("{at}.tokens"), "must be more than 0"));
+        }
+        Ok(())
+    }
+}
+
 /// How a stage is contained and where it may run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -530,6 +550,9 @@ impl Definition {
                 format!("{prefix}.stages"),
                 format!("holds {} stages; at most {MAX_STAGES} are allowed", stages.len()),
             ));
+        }
+        if let Some(budget) = &self.budget {
+            budget.validate(&format!("{prefix}.budget"))?;
         }
         let mut index: HashMap<&str, usize> = HashMap::new();
         for (i, stage) in stages.iter().enumerate() {
@@ -738,18 +761,7 @@ impl StageDef {
                             "needs `model_ref`: only calls through pond's broker (a registered model) are metered",
                         ));
                     }
-                    if budget.usd.is_none() && budget.tokens.is_none() {
-                        return Err(FieldError::new(format!("{at}.executor.budget"), "set `usd`, `tokens` or both"));
-                    }
-                    if budget.usd.is_some_and(|u| !(u.is_finite() && u > 0.0 && u <= 1_000_000.0)) {
-                        return Err(FieldError::new(
-                            format!("{at}.executor.budget.usd"),
-                            "must be more than 0 and at most 1000000",
-                        ));
-                    }
-                    if budget.tokens == Some(0) {
-                        return Err(FieldError::new(format!("{at}.executor.budget.tokens"), "must be more than 0"));
-                    }
+                    budget.validate(&format!("{at}.executor.budget"))?;
                 }
             }
             ExecutorSpec::Noop(_) | ExecutorSpec::Builtin(_) => {}

@@ -1311,6 +1311,8 @@ pub struct JobReport {
     pub output_sha256: [u8; 32],
     /// Ed25519 signature over the attestation (format (d)).
     pub signature: [u8; 64],
+    /// What an agent stage's model calls spent, as the worker metered them.
+    pub usage: Option<crate::usage::TokenUsage>,
 }
 
 impl JobReport {

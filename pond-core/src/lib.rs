@@ -43,5 +43,6 @@ pub mod source;
 pub mod store;
 pub mod time;
 pub mod transparency;
+pub mod usage;
 
 pub use error::{CoreError, FieldError, StoreError};

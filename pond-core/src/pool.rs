@@ -331,6 +331,9 @@ pub struct JobAgent {
     pub harness: crate::agents::Harness,
     /// The model.
     pub model: Option<crate::agents::Model>,
+    /// The run's and project's budgets with what they had spent at the claim.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<crate::agents::BudgetCap>,
 }
 
 /// Why a worker's call to its orchestrator failed.

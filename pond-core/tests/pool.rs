@@ -172,7 +172,7 @@ fn sign_outputs(
     let rc = JobReport::rc(&outcome);
     let a = Attestation { job_id: job.to_string(), input_sha256: input_sha, output_sha256: output, rc };
     let signature = a.sign(seed).unwrap();
-    (job, JobReport { outcome, input_sha256: input_sha, output_sha256: output, signature })
+    (job, JobReport { outcome, input_sha256: input_sha, output_sha256: output, signature, usage: None })
 }
 
 #[tokio::test]

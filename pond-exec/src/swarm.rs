@@ -221,18 +221,28 @@ impl Executor for SwarmExecutor {
                 output_usd_per_mtok: model.as_ref().and_then(|m| m.output_usd_per_mtok).unwrap_or(0.0),
             }),
         };
+        if ctx.run.definition.budget.is_some_and(|b| b.usd.is_some())
+            && agent.model.as_ref().is_some_and(|m| m.input_usd_per_mtok.is_none() || m.output_usd_per_mtok.is_none())
+        {
+            let key = agent.model.as_ref().map(|m| m.key.as_str()).unwrap_or_default();
+            return fail(format!(
+                "the run's budget is in USD, which needs the model's prices: `pond admin models add {key} … --input-price USD --output-price USD`"
+            ));
+        }
+        // Where its calls are booked, and the run's and project's budgets they count against.
+        let account = self.resolver.account(ctx.run, &ctx.stage.key, ctx.attempt, agent.model.as_ref());
         // One broker for the stage's tasks: it holds the key, meters them all, and holds them to
         // the stage's budget together.
         let broker = match &agent.real_key {
-            Some(key) => match self.broker.start(&provider, &upstream, key, &dummy_key, limit).await {
+            Some(key) => match self.broker.start(&provider, &upstream, key, &dummy_key, limit, account).await {
                 Ok(b) => Some(b),
                 Err(e) => return fail(format!("starting the broker: {e}")),
             },
             None => None,
         };
-        if spec.budget.is_some() && broker.is_none() {
+        if (spec.budget.is_some() || ctx.run.definition.budget.is_some()) && broker.is_none() {
             return fail(
-                "the stage has a budget but its model's key is not held by pond, so its calls could not be metered: register the model's credential for this project".into(),
+                "the stage or its run has a budget but its model's key is not held by pond, so its calls could not be metered: register the model's credential for this project".into(),
             );
         }
         let prepared = Prepared {

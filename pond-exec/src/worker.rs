@@ -18,6 +18,7 @@ use pond_core::exec::{ExecContext, Executor, OutputSink, StopReason, StopSignal,
 use pond_core::pool::{output_digest, Job, WorkerCallError, WorkerClient};
 use pond_core::run::StageOutcome;
 use pond_core::time::Millis;
+use pond_core::usage::TokenUsage;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -183,8 +184,10 @@ impl Worker {
             self.config.max_log_bytes,
             job.lease.to_std().max(Duration::from_secs(30)),
         );
+        // What the job's model calls spend, booked by its broker as each call ends.
+        let spent: Arc<Mutex<Option<TokenUsage>>> = Arc::default();
         let (mut outcome, input_sha) = {
-            let work = self.execute(&job, &dir, &sink, &stop, refused);
+            let work = self.execute(&job, &dir, &sink, &stop, refused, &spent);
             tokio::pin!(work);
             let lease = job.lease.to_std();
             let beat_every = (lease / 3).clamp(Duration::from_millis(50), Duration::from_secs(10));
@@ -267,7 +270,8 @@ impl Worker {
                 [0; 64]
             }
         };
-        let report = JobReport { outcome, input_sha256: input_sha, output_sha256, signature };
+        let usage = *spent.lock().unwrap_or_else(|p| p.into_inner());
+        let report = JobReport { outcome, input_sha256: input_sha, output_sha256, signature, usage };
         let mut delay = Duration::from_millis(100);
         let giving_up = tokio::time::Instant::now() + job.lease.to_std();
         loop {
@@ -298,6 +302,7 @@ impl Worker {
         sink: &crate::delivery::ClientSink,
         stop: &StopHandle,
         refused: Option<String>,
+        spent: &Arc<Mutex<Option<TokenUsage>>>,
     ) -> (StageOutcome, [u8; 32]) {
         let failed = |error: String| StageOutcome::Failed { error, exit_code: None };
         if let Some(why) = refused {
@@ -409,11 +414,23 @@ impl Worker {
                     }
                     None => None,
                 };
-                let resolver = Arc::new(TicketAgent(Mutex::new(Some(pond_core::agents::ResolvedAgent {
-                    harness: agent.harness,
-                    model: agent.model,
-                    real_key,
-                }))));
+                let account = TicketAccount {
+                    budgets: agent.budgets.clone(),
+                    prices: agent
+                        .model
+                        .as_ref()
+                        .map(|m| (m.input_usd_per_mtok.unwrap_or(0.0), m.output_usd_per_mtok.unwrap_or(0.0)))
+                        .unwrap_or((0.0, 0.0)),
+                    spent: spent.clone(),
+                };
+                let resolver = Arc::new(TicketAgent(
+                    Mutex::new(Some(pond_core::agents::ResolvedAgent {
+                        harness: agent.harness,
+                        model: agent.model,
+                        real_key,
+                    })),
+                    Arc::new(account),
+                ));
                 Some(Arc::new(crate::SwarmExecutor::new(
                     resolver,
                     broker.clone(),
@@ -452,7 +469,47 @@ impl Worker {
 }
 
 /// Resolves an agent stage from what came with the job.
-struct TicketAgent(Mutex<Option<pond_core::agents::ResolvedAgent>>);
+struct TicketAgent(Mutex<Option<pond_core::agents::ResolvedAgent>>, Arc<TicketAccount>);
+
+/// A pooled job's account: the budgets as pond read them at the claim, less what this job's
+/// calls spend since; the total goes back to pond with the result.
+struct TicketAccount {
+    budgets: Vec<pond_core::agents::BudgetCap>,
+    prices: (f64, f64),
+    spent: Arc<Mutex<Option<TokenUsage>>>,
+}
+
+#[async_trait]
+impl pond_core::agents::SpendAccount for TicketAccount {
+    async fn caps(&self) -> Result<Vec<pond_core::agents::BudgetCap>, String> {
+        let spent = self.spent.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or_default();
+        let cost = spent.input_tokens as f64 / 1e6 * self.prices.0 + spent.output_tokens as f64 / 1e6 * self.prices.1;
+        Ok(self
+            .budgets
+            .iter()
+            .map(|cap| {
+                let mut cap = cap.clone();
+                cap.spent.requests += spent.requests;
+                cap.spent.input_tokens += spent.input_tokens;
+                cap.spent.output_tokens += spent.output_tokens;
+                cap.spent.cost_usd += cost;
+                cap
+            })
+            .collect())
+    }
+
+    async fn book(&self, usage: TokenUsage) {
+        let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+        let total = spent.get_or_insert_with(TokenUsage::default);
+        total.requests += usage.requests;
+        total.input_tokens += usage.input_tokens;
+        total.output_tokens += usage.output_tokens;
+    }
+
+    fn prices(&self) -> (f64, f64) {
+        self.prices
+    }
+}
 
 #[async_trait]
 impl pond_core::agents::AgentResolver for TicketAgent {
@@ -463,6 +520,16 @@ impl pond_core::agents::AgentResolver for TicketAgent {
         _project: &str,
     ) -> Result<pond_core::agents::ResolvedAgent, String> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or_else(|| "the agent was already used".to_string())
+    }
+
+    fn account(
+        &self,
+        _run: &pond_core::run::Run,
+        _stage: &str,
+        _attempt: u32,
+        _model: Option<&pond_core::agents::Model>,
+    ) -> Option<Arc<dyn pond_core::agents::SpendAccount>> {
+        Some(self.1.clone())
     }
 }
 

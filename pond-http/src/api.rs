@@ -51,6 +51,7 @@ pub fn app(state: AppState) -> Router {
         .route("/admin/keys/{id}", delete(revoke_key))
         .merge(crate::agents_api::routes())
         .merge(crate::keys_api::routes())
+        .merge(crate::usage_api::routes())
         .route_layer(body_limit(SMALL_BODY_BYTES));
     let v1 = submit.merge(bundles).merge(small).merge(crate::orch::routes(&limits));
     let health = Router::new()

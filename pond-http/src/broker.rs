@@ -51,6 +51,8 @@ pub struct BrokerConfig {
     pub dummy_key: String,
     /// What its calls may spend; past it, the response is cut off and calls are refused.
     pub limit: Option<pond_core::agents::BrokerLimit>,
+    /// Where each call is booked, and the run and project budgets read before each call.
+    pub account: Option<Arc<dyn pond_core::agents::SpendAccount>>,
 }
 
 impl std::fmt::Debug for BrokerConfig {
@@ -238,6 +240,25 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     if let Some(why) = shared.exhausted.lock().unwrap_or_else(|p| p.into_inner()).clone() {
         return refuse(config.provider, StatusCode::TOO_MANY_REQUESTS, &format!("pond broker: {why}"));
     }
+    // The run's and project's budgets as they stand now, with what every other stage booked.
+    let caps = match &config.account {
+        Some(account) => match account.caps().await {
+            Ok(caps) => caps,
+            // Not knowing what is left, pond does not spend.
+            Err(e) => {
+                return refuse(
+                    config.provider,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("pond broker: reading the budgets: {e}"),
+                )
+            }
+        },
+        None => Vec::new(),
+    };
+    if let Some(why) = caps.iter().find_map(|cap| cap.passed(0, 0.0)) {
+        *shared.exhausted.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+        return refuse(config.provider, StatusCode::TOO_MANY_REQUESTS, &format!("pond broker: {why}"));
+    }
     let shown_path = req.uri().path().chars().take(100).collect::<String>();
     if !allowed_call(config.provider, req.method().as_str(), req.uri().path()) {
         return refuse(
@@ -268,13 +289,16 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         Err(e) => return refuse(config.provider, StatusCode::BAD_REQUEST, &format!("reading the request: {e}")),
     };
     // Under a budget every call must report what it costs.
-    let body = match config.limit {
-        Some(_) => match metered_body(&path, body) {
+    let metered = config.limit.is_some() || !caps.is_empty();
+    let body = match metered {
+        true => match metered_body(&path, body) {
             Ok(b) => b,
             Err(why) => return refuse(config.provider, StatusCode::BAD_REQUEST, &format!("pond broker: {why}")),
         },
-        None => body,
+        false => body,
     };
+    let prices = config.account.as_ref().map(|a| a.prices()).unwrap_or((0.0, 0.0));
+    let runtime = tokio::runtime::Handle::current();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let (head_tx, head_rx) = tokio::sync::oneshot::channel::<Result<(u16, Vec<(String, String)>), String>>();
     let worker = shared.clone();
@@ -331,15 +355,16 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
                     meter.feed(&buf[..n]);
                     // Past the budget: this response goes no further (the agent sees it cut
                     // off) and no call after it is relayed; what was metered is accounted.
-                    if let Some(limit) = &config.limit {
+                    let cost = meter.input as f64 / 1e6 * prices.0 + meter.output as f64 / 1e6 * prices.1;
+                    let over_cap = caps.iter().find_map(|cap| cap.passed(meter.input + meter.output, cost));
+                    let over_stage = config.limit.as_ref().and_then(|limit| {
                         let before = *worker.usage.lock().unwrap_or_else(|p| p.into_inner());
-                        let spent =
-                            limit.passed(before.input_tokens + meter.input, before.output_tokens + meter.output);
-                        if let Some(why) = spent {
-                            *worker.exhausted.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
-                            let _ = tx.blocking_send(Err(std::io::Error::other(why)));
-                            break;
-                        }
+                        limit.passed(before.input_tokens + meter.input, before.output_tokens + meter.output)
+                    });
+                    if let Some(why) = over_stage.or(over_cap) {
+                        *worker.exhausted.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+                        let _ = tx.blocking_send(Err(std::io::Error::other(why)));
+                        break;
                     }
                     // Each read goes out as it arrives (less what may be the start of a key):
                     // streams stay unbuffered. An agent that went away stops getting it, but
@@ -358,7 +383,7 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         meter.finish();
         // Under a budget, a successful call whose cost cannot be read is not let through again:
         // pond stops rather than spend unmetered.
-        if config.limit.is_some() && (200..300).contains(&status) && !meter.found {
+        if metered && (200..300).contains(&status) && !meter.found {
             worker.exhausted.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| {
                 format!(
                     "{}: a model call reported no usage, so the budget cannot be kept",
@@ -373,10 +398,18 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         metrics::counter!("pond_broker_tokens_total", "provider" => provider, "kind" => "input").increment(meter.input);
         metrics::counter!("pond_broker_tokens_total", "provider" => provider, "kind" => "output")
             .increment(meter.output);
-        let mut usage = worker.usage.lock().unwrap_or_else(|p| p.into_inner());
-        usage.requests += 1;
-        usage.input_tokens += meter.input;
-        usage.output_tokens += meter.output;
+        {
+            let mut usage = worker.usage.lock().unwrap_or_else(|p| p.into_inner());
+            usage.requests += 1;
+            usage.input_tokens += meter.input;
+            usage.output_tokens += meter.output;
+        }
+        // Booked as it ends, so the next call (of any stage) reads it against the budgets.
+        if let Some(account) = &config.account {
+            let call =
+                pond_core::usage::TokenUsage { requests: 1, input_tokens: meter.input, output_tokens: meter.output };
+            runtime.block_on(account.book(call));
+        }
     });
     let (status, head) = match head_rx.await {
         Ok(Ok(head)) => head,
@@ -429,6 +462,7 @@ impl pond_core::agents::KeyBroker for HttpKeyBroker {
         real_key: &str,
         dummy_key: &str,
         limit: Option<pond_core::agents::BrokerLimit>,
+        account: Option<Arc<dyn pond_core::agents::SpendAccount>>,
     ) -> Result<Box<dyn pond_core::agents::BrokerSession>, String> {
         let provider = match provider {
             "anthropic" => Provider::Anthropic,
@@ -440,6 +474,7 @@ impl pond_core::agents::KeyBroker for HttpKeyBroker {
             real_key: real_key.to_string(),
             dummy_key: dummy_key.to_string(),
             limit,
+            account,
         };
         start(config)
             .await
@@ -455,6 +490,55 @@ pub struct ServerAgents {
     pub registry: pond_core::agents::Registry,
     /// Credentials.
     pub credentials: pond_core::credentials::Credentials,
+    /// Where stages' model calls are booked and budgets read, with the clock that dates them.
+    pub ledger: Option<(pond_core::usage::Ledger, Arc<dyn pond_core::time::Clock>)>,
+}
+
+/// A local stage's account in the server's books.
+struct LedgerAccount {
+    ledger: pond_core::usage::Ledger,
+    clock: Arc<dyn pond_core::time::Clock>,
+    project: String,
+    run: pond_core::ids::RunId,
+    run_budget: Option<pond_core::definition::Budget>,
+    stage: String,
+    attempt: u32,
+    model: Option<pond_core::agents::Model>,
+}
+
+#[async_trait::async_trait]
+impl pond_core::agents::SpendAccount for LedgerAccount {
+    async fn caps(&self) -> Result<Vec<pond_core::agents::BudgetCap>, String> {
+        self.ledger.caps(&self.project, self.run, self.run_budget, self.clock.now()).await.map_err(|e| e.to_string())
+    }
+
+    async fn book(&self, usage: pond_core::usage::TokenUsage) {
+        let spend = pond_core::usage::Spend::priced(usage, self.model.as_ref());
+        let model = self.model.as_ref().map(|m| m.key.as_str());
+        let booked = self
+            .ledger
+            .book(
+                &self.project,
+                self.run,
+                &self.stage,
+                self.attempt,
+                model,
+                spend,
+                pond_core::usage::Booking::Add,
+                self.clock.now(),
+            )
+            .await;
+        if let Err(e) = booked {
+            tracing::warn!(run = %self.run, stage = %self.stage, error = %e, "a model call's usage was not booked");
+        }
+    }
+
+    fn prices(&self) -> (f64, f64) {
+        self.model
+            .as_ref()
+            .map(|m| (m.input_usd_per_mtok.unwrap_or(0.0), m.output_usd_per_mtok.unwrap_or(0.0)))
+            .unwrap_or((0.0, 0.0))
+    }
 }
 
 #[async_trait::async_trait]
@@ -489,6 +573,26 @@ impl pond_core::agents::AgentResolver for ServerAgents {
             None => None,
         };
         Ok(pond_core::agents::ResolvedAgent { harness, model, real_key })
+    }
+
+    fn account(
+        &self,
+        run: &pond_core::run::Run,
+        stage: &str,
+        attempt: u32,
+        model: Option<&pond_core::agents::Model>,
+    ) -> Option<Arc<dyn pond_core::agents::SpendAccount>> {
+        let (ledger, clock) = self.ledger.clone()?;
+        Some(Arc::new(LedgerAccount {
+            ledger,
+            clock,
+            project: run.project_id.clone(),
+            run: run.id,
+            run_budget: run.definition.budget,
+            stage: stage.to_string(),
+            attempt,
+            model: model.cloned(),
+        }))
     }
 }
 

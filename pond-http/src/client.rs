@@ -303,6 +303,47 @@ impl Client {
     pub fn revoke_key(&self, id: &str) -> Result<(), ClientError> {
         self.send(self.request("DELETE", &format!("/v1/admin/keys/{}", encode_path(id))), None).map(|_| ())
     }
+
+    /// `GET /v1/usage?project=&from=&to=`: a project's model spend per day and model.
+    pub fn usage(
+        &self,
+        project: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<crate::usage_api::ProjectUsage, ClientError> {
+        let mut query = format!("project={}", encode_query(project));
+        for (name, value) in [("from", from), ("to", to)] {
+            if let Some(v) = value {
+                query.push_str(&format!("&{name}={}", encode_query(v)));
+            }
+        }
+        self.json(self.request("GET", &format!("/v1/usage?{query}")), None)
+    }
+
+    /// `GET /v1/runs/{id}/usage`: a run's model spend per stage attempt.
+    pub fn run_usage(&self, id: &str) -> Result<pond_core::usage::RunUsage, ClientError> {
+        self.json(self.request("GET", &format!("/v1/runs/{}/usage", encode_path(id))), None)
+    }
+
+    /// `GET /v1/admin/budgets`.
+    pub fn budgets(&self) -> Result<Vec<crate::usage_api::ProjectBudget>, ClientError> {
+        self.json(self.request("GET", "/v1/admin/budgets"), None)
+    }
+
+    /// `PUT /v1/admin/budgets/{project}`: a project's monthly budget.
+    pub fn set_budget(
+        &self,
+        project: &str,
+        budget: &pond_core::definition::Budget,
+    ) -> Result<crate::usage_api::ProjectBudget, ClientError> {
+        let body = serde_json::to_value(budget).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.json(self.request("PUT", &format!("/v1/admin/budgets/{}", encode_path(project))), Some(Body::Json(body)))
+    }
+
+    /// `DELETE /v1/admin/budgets/{project}`.
+    pub fn clear_budget(&self, project: &str) -> Result<(), ClientError> {
+        self.send(self.request("DELETE", &format!("/v1/admin/budgets/{}", encode_path(project))), None).map(|_| ())
+    }
 }
 
 pub(crate) enum Body<'a> {

@@ -37,6 +37,7 @@ pub mod pool_client;
 pub mod pool_wire;
 pub mod server;
 pub mod state;
+pub mod usage_api;
 pub mod verify;
 pub mod wire;
 pub mod worker_process;

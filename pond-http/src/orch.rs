@@ -519,7 +519,15 @@ async fn job_agent(state: &AppState, claim: &Claim) -> Result<Option<pond_core::
         ),
         None => None,
     };
-    Ok(Some(pond_core::pool::JobAgent { harness, model }))
+    // The run's and project's budgets as they stand at the claim: the worker's broker holds the
+    // job's calls to what is left of them (calls of other jobs at the same time are not seen).
+    let ledger = pond_core::usage::Ledger::new(state.store_dyn());
+    let now = state.engine.clock().now();
+    let budgets = ledger
+        .caps(&claim.run.project_id, claim.run.id, claim.run.definition.budget, now)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Some(pond_core::pool::JobAgent { harness, model, budgets }))
 }
 
 /// How long a worker may take to start a job before its credentials expire.
@@ -695,8 +703,12 @@ async fn result(
         input_sha256: digest("input_sha256", &body.input_sha256)?,
         output_sha256: digest("output_sha256", &body.output_sha256)?,
         signature,
+        usage: body.usage,
     };
     let snapshot = state.engine.complete_job(&job, &r.worker, &report).await?;
+    if let Some(usage) = body.usage {
+        book_job_usage(&state, &snapshot, &job, usage).await;
+    }
     state.members.release(&r.worker.id);
     state.seen.touch(&state.pools, &[(r.worker.id.as_str(), None)]).await?;
     let record = snapshot
@@ -709,6 +721,41 @@ async fn result(
         None => (false, "no attestation recorded".into()),
     };
     Ok(Json(ResultAck { attestation_verified, detail }))
+}
+
+/// Books what a worker's broker metered for a job, as the attempt's whole spend (a result sent
+/// again books nothing twice). The figures are the worker's: it held the model's key.
+async fn book_job_usage(
+    state: &AppState,
+    snapshot: &pond_core::run::RunSnapshot,
+    job: &JobId,
+    usage: pond_core::usage::TokenUsage,
+) {
+    let model_ref =
+        snapshot.run.definition.stages.iter().find(|s| s.key == job.stage).and_then(|s| match &s.executor {
+            pond_core::definition::ExecutorSpec::Swarm(swarm) => swarm.model_ref.clone(),
+            _ => None,
+        });
+    let model = match &model_ref {
+        Some(key) => state.engine.registry().model(key).await.ok().flatten(),
+        None => None,
+    };
+    let spend = pond_core::usage::Spend::priced(usage, model.as_ref());
+    let booked = pond_core::usage::Ledger::new(state.store_dyn())
+        .book(
+            &snapshot.run.project_id,
+            snapshot.run.id,
+            &job.stage,
+            job.attempt,
+            model_ref.as_deref(),
+            spend,
+            pond_core::usage::Booking::Total,
+            state.engine.clock().now(),
+        )
+        .await;
+    if let Err(e) = booked {
+        tracing::warn!(job = %job, error = %e, "a pooled job's model usage was not booked");
+    }
 }
 
 async fn release(

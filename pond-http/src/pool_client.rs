@@ -303,6 +303,7 @@ impl WorkerClient for HttpWorkerClient {
             input_sha256: hex::encode(report.input_sha256),
             output_sha256: hex::encode(report.output_sha256),
             signature: base64::engine::general_purpose::STANDARD.encode(report.signature),
+            usage: report.usage,
         };
         let ack: ResultAck = self
             .blocking(move |c| {

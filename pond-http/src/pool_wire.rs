@@ -265,6 +265,9 @@ pub struct JobResult {
     pub output_sha256: String,
     /// Ed25519 signature, base64.
     pub signature: String,
+    /// What the job's model calls spent, as the worker's broker metered them (agent stages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<pond_core::usage::TokenUsage>,
 }
 
 /// `POST …/result` response.

@@ -352,6 +352,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                     registry: pond_core::agents::Registry::new(store.clone())
                         .with_model_origins(config.model_origins.clone()),
                     credentials: pond_core::credentials::Credentials::new(store.clone(), clock.clone(), at_rest_key),
+                    ledger: Some((pond_core::usage::Ledger::new(store.clone()), clock.clone())),
                 }),
                 Arc::new(crate::broker::HttpKeyBroker),
                 shell_executor.clone(),

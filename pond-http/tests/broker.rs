@@ -57,6 +57,7 @@ async fn the_real_key_reaches_only_the_provider_and_streams_stay_unbuffered() {
         real_key: "sk-real-0042".into(),
         dummy_key: "pond-dummy-7".into(),
         limit: None,
+        account: None,
     })
     .await
     .unwrap();
@@ -138,6 +139,7 @@ async fn anthropic_keys_go_in_x_api_key() {
         real_key: "sk-ant-real".into(),
         dummy_key: "dummy".into(),
         limit: None,
+        account: None,
     })
     .await
     .unwrap();
@@ -198,6 +200,7 @@ async fn a_provider_echoing_the_key_never_shows_it_to_the_agent() {
         real_key: KEY.into(),
         dummy_key: "pond-dummy-8".into(),
         limit: None,
+        account: None,
     })
     .await
     .unwrap();
@@ -275,6 +278,7 @@ async fn a_budget_cuts_off_the_response_that_passes_it_and_refuses_the_next_call
             real_key: "sk-ant-real".into(),
             dummy_key: "dummy".into(),
             limit: Some(limit),
+            account: None,
         })
         .await
         .unwrap();
@@ -337,6 +341,7 @@ async fn under_a_budget_every_call_is_metered_or_refused() {
         real_key: "sk".into(),
         dummy_key: "d".into(),
         limit: Some(pond_core::agents::BrokerLimit { tokens: Some(1_000), ..Default::default() }),
+        account: None,
     })
     .await
     .unwrap();

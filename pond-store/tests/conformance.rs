@@ -693,6 +693,50 @@ pub async fn the_transparency_log_appends_in_turn_and_never_forgets(store: Arc<d
     assert!(of_a.iter().all(|(i, leaf)| all[*i as usize] == hash(leaf)), "each leaf at its own index");
 }
 
+pub async fn usage_books_every_call_once(store: Arc<dyn Store>) {
+    use pond_core::usage::{Booking, Ledger, Spend};
+    let ledger = Ledger::new(store.clone());
+    let (run, day) = (RunId::generate(at(1)), Timestamp::parse_rfc3339("2025-12-03T10:00:00Z").unwrap());
+    let call = Spend { requests: 1, input_tokens: 100, output_tokens: 10, cost_usd: 0.5 };
+    // Sixteen calls of one attempt booked at once: none lost.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let ledger = ledger.clone();
+        calls.spawn(async move { ledger.book("acme", run, "a", 1, Some("fast"), call, Booking::Add, day).await });
+    }
+    calls.join_all().await.into_iter().for_each(|r| r.unwrap());
+    // A worker's total, sent twice (a retried result), counts once.
+    let total = Spend { requests: 2, input_tokens: 1000, output_tokens: 40, cost_usd: 1.0 };
+    for _ in 0..2 {
+        ledger.book("acme", run, "p", 1, Some("fast"), total, Booking::Total, day).await.unwrap();
+    }
+    let usage = ledger.run(run).await.unwrap();
+    assert_eq!(usage.attempts["a#1"].requests, 16);
+    assert_eq!(usage.attempts["a#1"].input_tokens, 1600);
+    assert_eq!(usage.total.tokens(), 1760 + 1040);
+    let rows = ledger.rows("acme", "2025-12-01", "2025-12-31").await.unwrap();
+    assert_eq!(rows.len(), 1, "{:?}", store.list_records("usage:acme").await);
+    assert_eq!((rows[0].day.as_str(), rows[0].model.as_str()), ("2025-12-03", "fast"));
+    assert_eq!(rows[0].spend.requests, 18);
+    assert_eq!(rows[0].spend.tokens(), 2800);
+    assert!((rows[0].spend.cost_usd - 9.0).abs() < 1e-9);
+    assert_eq!(ledger.month("acme", day).await.unwrap().tokens(), 2800);
+    assert!(ledger.rows("other", "2025-12-01", "2025-12-31").await.unwrap().is_empty(), "projects apart");
+    assert!(ledger.rows("acme", "2025-11-01", "2025-11-30").await.unwrap().is_empty(), "days apart");
+    // Budgets: the run's and the project's, each with what it spent.
+    let budget = pond_core::definition::Budget { usd: None, tokens: Some(2000) };
+    ledger.set_budget("acme", Some(budget)).await.unwrap();
+    let caps = ledger.caps("acme", run, Some(budget), day).await.unwrap();
+    assert_eq!(caps.len(), 2);
+    assert_eq!(caps[1].scope, "project acme in 2025-12");
+    assert_eq!(
+        caps[1].passed(0, 0.0).as_deref(),
+        Some("budget exhausted (project acme in 2025-12): 2800 of 2000 tokens")
+    );
+    ledger.set_budget("acme", None).await.unwrap();
+    assert_eq!(ledger.caps("acme", run, None, day).await.unwrap(), vec![]);
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -720,6 +764,7 @@ macro_rules! conformance {
                 a_busy_worker_is_given_no_second_job,
                 records_swap_atomically,
                 the_transparency_log_appends_in_turn_and_never_forgets,
+                usage_books_every_call_once,
             );
         }
     };
