@@ -209,6 +209,27 @@ fn the_egress_proxy_lets_through_only_the_allowlist_and_logs_refusals() {
     );
 }
 
+/// With no allowlist at all, both profiles still have the proxy: a tool that reaches out
+/// through it is refused, and the refusal is in the stage's log.
+#[test]
+fn without_an_allowlist_every_egress_attempt_is_refused_and_logged() {
+    if !is_root() {
+        return;
+    }
+    let probes = probe_server(false);
+    for profile in ["untrusted-code-write", "untrusted-code-read"] {
+        let argv =
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "http://example.invalid/"];
+        let (run, lines) = run_stage(&probes.server, profile, &argv, json!({}));
+        assert!(lines.iter().any(|l| l == "403"), "{profile}: {lines:?}");
+        assert!(
+            lines.iter().any(|l| l.contains("egress refused: example.invalid:80 is not on the allowlist")),
+            "{profile}: {lines:?} ({:?})",
+            run.state
+        );
+    }
+}
+
 fn run_stage(server: &Server, profile: &str, argv: &[&str], limits: Value) -> (RunView, Vec<String>) {
     let body = json!({"project_id": "acme", "definition": {"stages": [{"key": "s", "timeout": "2m",
         "executor": {"kind": "shell", "argv": argv, "sandbox": {"profile": profile, "limits": limits}}}]}});

@@ -220,7 +220,7 @@ pub struct HelperSpec {
     pub paths: Vec<PathGrant>,
     /// Limits in force.
     pub limits: Limits,
-    /// Egress allowlist (`untrusted-code-write`); empty: no proxy.
+    /// Egress allowlist (`untrusted-code-write`); empty: the proxy refuses (and logs) every host.
     pub egress_allow: Vec<String>,
     /// Host loopback ports forwarded into the sandbox.
     pub loopback_ports: Vec<u16>,
@@ -534,9 +534,10 @@ impl<'a> Sandbox<'a> {
             File::open("/proc/self/ns/net").map_err(|e| format!("opening the host network namespace: {e}"))?;
         enter_private_network()?;
         self.mark("network");
-        let proxy = if spec.egress_allow.is_empty() {
-            None
-        } else {
+        // Every sandbox has the proxy, whatever its allowlist (`untrusted-code-read` and an
+        // empty list allow nothing): a tool that reaches out through it is refused with a line in
+        // the stage's log, so an attempt is seen, not only failed.
+        let proxy = {
             let mut rules = Vec::new();
             for (i, text) in spec.egress_allow.iter().enumerate() {
                 rules.push(Rule::parse(text).map_err(|e| format!("egress allowlist entry {i}: {e}"))?);
