@@ -68,6 +68,8 @@ struct Shared {
     usage: Mutex<Usage>,
     /// Why it stopped relaying (its budget ran out).
     exhausted: Mutex<Option<String>>,
+    /// The stage ended: calls in flight stop waiting and reading.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 /// A running broker.
@@ -94,8 +96,10 @@ impl Broker {
         self.shared.exhausted.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Stops it.
+    /// Stops it: no new call is taken, and calls in flight stop waiting to retry and stop
+    /// reading their response at its next bytes (the provider sees the connection close).
     pub fn stop(&self) {
+        self.shared.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self.stop.send(true);
     }
 }
@@ -115,7 +119,13 @@ pub async fn start(config: BrokerConfig) -> std::io::Result<Broker> {
         .timeout_read(std::time::Duration::from_secs(600))
         .redirects(0)
         .build();
-    let shared = Arc::new(Shared { config, agent, usage: Mutex::default(), exhausted: Mutex::default() });
+    let shared = Arc::new(Shared {
+        config,
+        agent,
+        usage: Mutex::default(),
+        exhausted: Mutex::default(),
+        stopped: Default::default(),
+    });
     let app = Router::new().fallback(relay).with_state(shared.clone());
     let (stop, mut stopped) = watch::channel(false);
     tokio::spawn(async move {
@@ -304,23 +314,50 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let worker = shared.clone();
     tokio::task::spawn_blocking(move || {
         let config = &worker.config;
-        let mut request = worker.agent.request(&method, &format!("{}{path}", config.upstream));
-        for (name, value) in &headers {
-            request = request.set(name, value);
-        }
-        // Metering reads the stream, so ask for it uncompressed.
-        request = request.set("accept-encoding", "identity");
-        request = match config.provider {
-            Provider::Openai => request.set("authorization", &format!("Bearer {}", config.real_key)),
-            Provider::Anthropic => request.set("x-api-key", &config.real_key),
-        };
-        let response = match request.send_bytes(&body) {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => {
-                let _ = head_tx.send(Err(e.to_string()));
-                return;
+        let send = || {
+            let mut request = worker.agent.request(&method, &format!("{}{path}", config.upstream));
+            for (name, value) in &headers {
+                request = request.set(name, value);
             }
+            // Metering reads the stream, so ask for it uncompressed.
+            request = request.set("accept-encoding", "identity");
+            request = match config.provider {
+                Provider::Openai => request.set("authorization", &format!("Bearer {}", config.real_key)),
+                Provider::Anthropic => request.set("x-api-key", &config.real_key),
+            };
+            match request.send_bytes(&body) {
+                Ok(r) => Ok(r),
+                Err(ureq::Error::Status(_, r)) => Ok(r),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        // A provider that asks to be called again later (429/503 with `Retry-After`) is, after
+        // that wait, up to RETRIES times while the wait is short: the agent sees a slow answer,
+        // not a failure. A longer wait, or the stage ending, hands the answer on as it is.
+        let mut retries = 0;
+        let response = loop {
+            let response = match send() {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = head_tx.send(Err(e));
+                    return;
+                }
+            };
+            let wait = retry_after(response.status(), |name| response.header(name));
+            match wait {
+                Some(wait) if retries < RETRIES && !worker.is_stopped() => {
+                    retries += 1;
+                    drop(response);
+                    if !worker.sleep_unless_stopped(wait) {
+                        break None;
+                    }
+                }
+                _ => break Some(response),
+            }
+        };
+        let Some(response) = response else {
+            let _ = head_tx.send(Err("the stage ended while the provider asked to wait".into()));
+            return;
         };
         let status = response.status();
         if status >= 400 {
@@ -343,6 +380,10 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         let mut gone = false;
         let mut buf = vec![0u8; 16 * 1024];
         loop {
+            if worker.is_stopped() {
+                let _ = tx.blocking_send(Err(std::io::Error::other("the stage ended")));
+                break;
+            }
             match std::io::Read::read(&mut reader, &mut buf) {
                 Ok(0) => {
                     let rest = redactor.finish();
@@ -430,6 +471,51 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         }
     }
     response
+}
+
+/// How often a call the provider asked to retry later is retried by the broker.
+const RETRIES: u32 = 3;
+/// The longest `Retry-After` the broker waits out itself.
+const LONGEST_RETRY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long the provider asks to wait before calling again: a 429 or 503 with `retry-after-ms`,
+/// or `Retry-After` in seconds or as an HTTP date; `None` when it does not say, or says longer
+/// than [`LONGEST_RETRY_WAIT`].
+fn retry_after<'a>(status: u16, header: impl Fn(&str) -> Option<&'a str>) -> Option<std::time::Duration> {
+    if status != 429 && status != 503 {
+        return None;
+    }
+    let wait = if let Some(ms) = header("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
+        (ms.is_finite() && ms >= 0.0).then(|| std::time::Duration::from_secs_f64(ms / 1000.0))?
+    } else {
+        let value = header("retry-after")?.trim();
+        match value.parse::<u64>() {
+            Ok(secs) => std::time::Duration::from_secs(secs),
+            Err(_) => {
+                let at = httpdate::parse_http_date(value).ok()?;
+                at.duration_since(std::time::SystemTime::now()).unwrap_or_default()
+            }
+        }
+    };
+    (wait <= LONGEST_RETRY_WAIT).then_some(wait)
+}
+
+impl Shared {
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Sleeps `wait` unless the broker stops first; false if it did.
+    fn sleep_unless_stopped(&self, wait: std::time::Duration) -> bool {
+        let until = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < until {
+            if self.is_stopped() {
+                return false;
+            }
+            std::thread::sleep((until - std::time::Instant::now()).min(std::time::Duration::from_millis(50)));
+        }
+        !self.is_stopped()
+    }
 }
 
 /// Starts brokers for the swarm executor.

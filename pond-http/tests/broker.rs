@@ -367,3 +367,87 @@ async fn under_a_budget_every_call_is_metered_or_refused() {
     assert!(broker.exhausted().unwrap().contains("reported no usage"), "{:?}", broker.exhausted());
     assert_eq!(post("/v1/responses", serde_json::json!({"input": "hi"})).await.unwrap().0, 429);
 }
+
+/// A provider that answers 429 with `Retry-After` the first `busy` times it is called.
+async fn busy_upstream(busy: usize, retry_after: &'static str) -> (String, Arc<Mutex<Vec<std::time::Instant>>>) {
+    type Calls = Arc<Mutex<Vec<std::time::Instant>>>;
+    async fn handler(State((calls, busy, wait)): State<(Calls, usize, &'static str)>) -> Response {
+        let n = {
+            let mut calls = calls.lock().unwrap();
+            calls.push(std::time::Instant::now());
+            calls.len()
+        };
+        if n <= busy {
+            return Response::builder()
+                .status(429)
+                .header("retry-after", wait)
+                .body(Body::from(r#"{"error":{"message":"slow down","type":"rate_limit"}}"#))
+                .unwrap();
+        }
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"id":"r","usage":{"input_tokens":1,"output_tokens":1}}"#))
+            .unwrap()
+    }
+    let calls: Calls = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().fallback(handler).with_state((calls.clone(), busy, retry_after));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), calls)
+}
+
+async fn call(url: String) -> (u16, Option<String>) {
+    tokio::task::spawn_blocking(move || {
+        match ureq::post(&url).set("authorization", "Bearer pond-dummy-7").send_string("{}") {
+            Ok(r) => (r.status(), None),
+            Err(ureq::Error::Status(code, r)) => (code, r.header("retry-after").map(str::to_string)),
+            Err(e) => panic!("{e}"),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+fn config(upstream: String) -> BrokerConfig {
+    BrokerConfig {
+        upstream,
+        provider: Provider::Openai,
+        real_key: "sk-real-0042".into(),
+        dummy_key: "pond-dummy-7".into(),
+        limit: None,
+        account: None,
+    }
+}
+
+/// `Retry-After` is honoured: the broker waits as long as the provider asks, then calls again,
+/// and the agent gets the answer; a wait longer than the broker's reaches the agent as the
+/// provider sent it; a broker stopped while it waits stops waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_waited_out_then_the_call_is_made_again() {
+    let (upstream, calls) = busy_upstream(2, "1").await;
+    let broker = start(config(upstream)).await.unwrap();
+    assert_eq!(call(format!("{}/v1/responses", broker.url())).await, (200, None));
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3, "two 429s, then the answer");
+    for pair in calls.windows(2) {
+        assert!(pair[1] - pair[0] >= Duration::from_millis(950), "called again before Retry-After passed");
+    }
+    assert_eq!(broker.usage().requests, 1);
+
+    let (upstream, calls) = busy_upstream(usize::MAX, "3600").await;
+    let broker = start(config(upstream)).await.unwrap();
+    assert_eq!(call(format!("{}/v1/responses", broker.url())).await, (429, Some("3600".into())));
+    assert_eq!(calls.lock().unwrap().len(), 1, "an hour is the agent's to wait, not the broker's");
+
+    let (upstream, calls) = busy_upstream(usize::MAX, "20").await;
+    let broker = start(config(upstream)).await.unwrap();
+    let waiting = tokio::spawn(call(format!("{}/v1/responses", broker.url())));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = std::time::Instant::now();
+    broker.stop();
+    let (status, _) = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("still waiting").unwrap();
+    assert!(stopped.elapsed() < Duration::from_secs(5), "the wait outlived the stage");
+    assert_eq!(status, 502);
+    assert_eq!(calls.lock().unwrap().len(), 1);
+}
