@@ -448,6 +448,16 @@ enum Where {
 /// plane (the next stage sees the edit), on a pool worker (the command's output goes back to
 /// the model; the result is attested), or confined (the edit stays in the throwaway copy; the
 /// CLI reaches the model only through the broker's port forwarded into the sandbox).
+/// Whether a string in `value` holds `text`.
+fn holds_text(value: &Value, text: &str) -> bool {
+    match value {
+        Value::String(s) => s.contains(text),
+        Value::Array(items) => items.iter().any(|v| holds_text(v, text)),
+        Value::Object(map) => map.values().any(|v| holds_text(v, text)),
+        _ => false,
+    }
+}
+
 fn tool_turn(preset: &str, place: Where) {
     let pooled = matches!(place, Where::Pool | Where::PoolSandboxed);
     let confined = matches!(place, Where::Sandboxed | Where::PoolSandboxed);
@@ -475,6 +485,15 @@ fn tool_turn(preset: &str, place: Where) {
         let worker_flags: &[&str] = if confined { &["--sandbox", "oci"] } else { &[] };
         start_pool_with(&server, dir.path(), &format!("harness.{preset}"), worker_flags)
     });
+    // A prompt larger than one argument may be (300 KiB), that starts like a flag and holds
+    // shell and template syntax: it reaches the model whole, on stdin, wherever the agent runs.
+    let mut prompt = String::from("--version Update notes.md.\n");
+    let mut i = 0;
+    while prompt.len() < 300 * 1024 {
+        prompt.push_str(&format!("context {i}: $(whoami) `id` {{model}} \"quoted\" 'single' ; | &\n"));
+        i += 1;
+    }
+    prompt.push_str("End of context.");
     let run = server
         .admin()
         .submit(
@@ -482,7 +501,7 @@ fn tool_turn(preset: &str, place: Where) {
             "sources": [{"label": "repo", "kind": "bundle", "config": {"bundle_id": bundle.bundle_id}}],
             "definition": {"stages": [
                 {"key": "edit", "timeout": "2m", "executor": {"kind": "swarm", "placement": if pooled { "pool" } else { "local" },
-                    "harness": preset, "model_ref": model, "prompt": "Update notes.md.",
+                    "harness": preset, "model_ref": model, "prompt": prompt,
                     // `any` tier: the test's worker is not tagged pool:trusted.
                     "sandbox": {"profile": if confined { "untrusted-code-write" } else { "none" }, "tier": "any"}}},
                 {"key": "check", "executor": {"kind": "shell", "argv": ["cat", "notes.md"]}}
@@ -504,6 +523,8 @@ fn tool_turn(preset: &str, place: Where) {
         // On the control plane the next stage sees the edited checkout.
         assert!(logs.iter().any(|l| l == edited), "{logs:#?}");
     }
+    let first = seen.lock().unwrap()[0].1.clone();
+    assert!(holds_text(&first, &prompt), "the model never got the whole prompt");
     let mut results = Vec::new();
     server.admin().download_artifact(&id, &format!("results-{}.jsonl", done.stages[0].key), &mut results).unwrap();
     assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"edited":"notes.md"}"#, "{logs:#?}");

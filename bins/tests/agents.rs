@@ -80,14 +80,16 @@ fn registry_presets_lint_dry_run_and_submit_checks() {
     let (status, _) = admin("POST", "/v1/admin/models", Some(model));
     assert_eq!(status, 201);
 
-    // The dry run: the exact argv (the prompt one element, verbatim) and env names only.
+    // The dry run: the exact argv, what the agent reads on stdin (the prompt, verbatim) and
+    // env names only.
     let prompt = "fix the bug; rm -rf / \"$(whoami)\"";
     let (status, dry) =
         admin("POST", "/v1/admin/harnesses/codex/dry-run", Some(json!({"model_ref": "fast", "prompt": prompt})));
     assert_eq!(status, 200, "{dry}");
     let argv: Vec<&str> = dry["argv"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
     assert_eq!(argv[0], "codex");
-    assert_eq!(argv.last(), Some(&prompt));
+    assert_eq!(argv.last(), Some(&"-"), "codex reads its prompt from stdin");
+    assert_eq!(dry["stdin"], json!(prompt));
     assert!(argv.windows(2).any(|w| w == ["-m", "gpt-5.5"]), "{argv:?}");
     assert!(argv.contains(&"--ephemeral") && argv.contains(&"plugins"), "offline-safe flags: {argv:?}");
     assert_eq!(dry["env"], json!(["CODEX_HOME", "POND_AGENT_KEY"]));
@@ -98,7 +100,7 @@ fn registry_presets_lint_dry_run_and_submit_checks() {
     let out = server.cli(&["admin", "harnesses", "dry-run", "codex", "--model", "fast", "--prompt", "two words"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(cli["argv"].as_array().unwrap().last(), Some(&json!("two words")));
+    assert_eq!(cli["stdin"], json!("two words"));
     let out = server.cli(&["admin", "models", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("gpt-5.5"));
 

@@ -61,6 +61,10 @@ pub struct Harness {
     /// Environment variables, values with placeholders.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// What the agent reads on stdin, with placeholders (`{prompt}`); absent: nothing
+    /// (`/dev/null`). A prompt on stdin has no argument's size limit and can never be a flag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
 }
 
 /// What an upsert found worth saying without refusing.
@@ -134,8 +138,19 @@ impl Harness {
                 ));
             }
         }
-        if !self.command_template.iter().any(|a| a.contains("{prompt}") || a.contains("{prompt_file}")) {
-            warnings.push("command_template: neither `{prompt}` nor `{prompt_file}`: the agent gets no prompt".into());
+        let on_stdin = self.stdin.as_deref().is_some_and(|s| s.contains("{prompt}") || s.contains("{prompt_file}"));
+        if !on_stdin && !self.command_template.iter().any(|a| a.contains("{prompt}") || a.contains("{prompt_file}")) {
+            warnings.push(
+                "command_template: neither `{prompt}` nor `{prompt_file}`, and no `stdin`: the agent gets no prompt"
+                    .into(),
+            );
+        }
+        if let Some(stdin) = &self.stdin {
+            for p in placeholders(stdin) {
+                if !PLACEHOLDERS.contains(&p) {
+                    warnings.push(format!("stdin: unknown placeholder `{{{p}}}` is passed as is"));
+                }
+            }
         }
         for (name, value) in &self.env {
             if !valid_env_name(name) || name.starts_with("POND_") && name != "POND_AGENT_KEY" {
@@ -152,32 +167,44 @@ impl Harness {
 
     /// The argv and environment a task would run with, placeholders filled from `values`.
     pub fn render(&self, values: &BTreeMap<&str, String>) -> (Vec<String>, BTreeMap<String, String>) {
-        // One pass over the template: what a value holds (a prompt mentioning `{model}`) is
-        // never read as a placeholder, and `{prompt}` stays one argument, never shell-parsed.
-        let fill = |text: &str| {
-            let mut out = String::with_capacity(text.len());
-            let mut rest = text;
-            while let Some(start) = rest.find('{') {
-                out.push_str(&rest[..start]);
-                let after = &rest[start + 1..];
-                match after.find('}').map(|end| (&after[..end], end)) {
-                    Some((name, end)) if values.contains_key(name) => {
-                        out.push_str(&values[name]);
-                        rest = &after[end + 1..];
-                    }
-                    _ => {
-                        out.push('{');
-                        rest = after;
-                    }
-                }
-            }
-            out.push_str(rest);
-            out
-        };
-        let argv = self.command_template.iter().map(|a| fill(a)).collect();
-        let env = self.env.iter().map(|(k, v)| (k.clone(), fill(v))).collect();
+        let argv = self.command_template.iter().map(|a| fill(a, values)).collect();
+        let env = self.env.iter().map(|(k, v)| (k.clone(), fill(v, values))).collect();
         (argv, env)
     }
+
+    /// What the task reads on stdin, placeholders filled from `values`.
+    pub fn render_stdin(&self, values: &BTreeMap<&str, String>) -> Option<String> {
+        self.stdin.as_deref().map(|s| fill(s, values))
+    }
+
+    /// Whether the prompt goes into the argv (and so is bound by one argument's size).
+    pub fn prompt_in_argv(&self) -> bool {
+        self.command_template.iter().any(|a| a.contains("{prompt}"))
+    }
+}
+
+/// `text` with its placeholders filled from `values`, in one pass: what a value holds (a prompt
+/// mentioning `{model}`) is never read as a placeholder, and `{prompt}` stays one argument,
+/// never shell-parsed.
+fn fill(text: &str, values: &BTreeMap<&str, String>) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        match after.find('}').map(|end| (&after[..end], end)) {
+            Some((name, end)) if values.contains_key(name) => {
+                out.push_str(&values[name]);
+                rest = &after[end + 1..];
+            }
+            _ => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 impl Model {
@@ -248,11 +275,11 @@ pub fn presets() -> Vec<Harness> {
                 "plugins",
                 "-m",
                 "{model}",
-                // A prompt that starts with `-` is still the prompt, never a flag.
-                "--",
-                "{prompt}",
+                // The prompt comes on stdin: any size, never a flag.
+                "-",
             ]),
             env: env(&[("CODEX_HOME", "{home}"), ("POND_AGENT_KEY", "{dummy_key}")]),
+            stdin: Some("{prompt}".into()),
         },
         Harness {
             key: "claude".into(),
@@ -264,8 +291,6 @@ pub fn presets() -> Vec<Harness> {
                 "--no-session-persistence",
                 "--model",
                 "{model}",
-                "--",
-                "{prompt}",
             ]),
             env: env(&[
                 ("HOME", "{home}"),
@@ -275,8 +300,23 @@ pub fn presets() -> Vec<Harness> {
                 ("CLAUDE_CODE_MAX_RETRIES", "0"),
                 ("IS_SANDBOX", "1"),
             ]),
+            // The prompt comes on stdin: any size, never a flag.
+            stdin: Some("{prompt}".into()),
         },
     ]
+}
+
+/// What a task of a harness would run, without running it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DryRun {
+    /// The exact argv.
+    pub argv: Vec<String>,
+    /// The names of the environment variables it sets (never their values).
+    pub env: Vec<String>,
+    /// What it reads on stdin.
+    pub stdin: Option<String>,
+    /// The lint's warnings.
+    pub warnings: Warnings,
 }
 
 /// A harness with what it needs for one task: the model and the real key (unsealed only in
@@ -645,12 +685,7 @@ impl Registry {
 
     /// What a task of `harness` with `model` and `prompt` would exec: the argv and the names of
     /// the environment variables (never their values: one of them carries the per-task key).
-    pub async fn dry_run(
-        &self,
-        harness: &str,
-        model: Option<&str>,
-        prompt: &str,
-    ) -> Result<(Vec<String>, Vec<String>, Warnings), RegistryError> {
+    pub async fn dry_run(&self, harness: &str, model: Option<&str>, prompt: &str) -> Result<DryRun, RegistryError> {
         let h = self
             .harness(harness)
             .await?
@@ -673,7 +708,7 @@ impl Registry {
             ("home", "<task home>".to_string()),
         ]);
         let (argv, env) = h.render(&values);
-        Ok((argv, env.into_keys().collect(), h.lint()?))
+        Ok(DryRun { stdin: h.render_stdin(&values), argv, env: env.into_keys().collect(), warnings: h.lint()? })
     }
 }
 
@@ -687,6 +722,7 @@ mod tests {
             capability: "harness.x".into(),
             command_template: argv.iter().map(|a| a.to_string()).collect(),
             env: BTreeMap::new(),
+            stdin: None,
         }
     }
 
@@ -704,6 +740,8 @@ mod tests {
         let w = harness(&["tool", "{prompt}"]).lint().unwrap();
         assert!(w.iter().any(|w| w.contains("without `--` before it")), "{w:?}");
         assert!(harness(&["tool", "--", "{prompt}"]).lint().unwrap().is_empty());
+        let on_stdin = Harness { stdin: Some("{prompt}".into()), ..harness(&["tool", "-"]) };
+        assert!(on_stdin.lint().unwrap().is_empty(), "a prompt on stdin is a prompt");
         for preset in presets() {
             assert_eq!(preset.lint().unwrap(), Warnings::new(), "{}", preset.key);
         }
@@ -747,5 +785,8 @@ mod tests {
         assert_eq!(argv.len(), 4);
         assert_eq!(argv[2], "m1");
         assert_eq!(argv[3], prompt, "the prompt verbatim, its `{{model}}` not filled");
+        let h = Harness { stdin: Some("{prompt}".into()), ..harness(&["tool", "-"]) };
+        assert_eq!(h.render_stdin(&values).as_deref(), Some(prompt));
+        assert!(!h.prompt_in_argv());
     }
 }

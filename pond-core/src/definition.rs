@@ -293,6 +293,10 @@ pub struct ShellSpec {
     /// the claiming pool worker only (pooled stages).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<String>,
+    /// A file the process reads as stdin (an agent's prompt, set by the swarm executor; never
+    /// from a definition). Absent: `/dev/null`.
+    #[serde(skip)]
+    pub stdin_file: Option<std::path::PathBuf>,
 }
 
 /// Settings of the `swarm` (AI agent) executor.
@@ -331,9 +335,9 @@ pub struct SwarmSpec {
     pub budget: Option<Budget>,
 }
 
-/// The longest prompt of an agent stage, in bytes (one argument of the agent CLI; Linux's limit
-/// for one argument is 128 KiB, and a `foreach` item is added to it).
-pub const MAX_PROMPT_BYTES: usize = 100 * 1024;
+/// The longest prompt of an agent stage, in bytes. The presets pass it on stdin; a harness that
+/// passes it as one argument is bound at run time by Linux's 128 KiB for one argument.
+pub const MAX_PROMPT_BYTES: usize = 1024 * 1024;
 
 /// A spending limit of an agent stage.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -746,7 +750,7 @@ impl StageDef {
                     return Err(FieldError::new(
                         format!("{at}.executor.prompt"),
                         format!(
-                            "{} bytes; at most {MAX_PROMPT_BYTES} (it is passed to the agent as one argument): put long material in a file of the checkout and point the prompt at it",
+                            "{} bytes; at most {MAX_PROMPT_BYTES}: put long material in a file of the checkout and point the prompt at it",
                             swarm.prompt.len()
                         ),
                     ));
@@ -870,7 +874,7 @@ mod tests {
         )
         .unwrap();
         let err = long.validate("definition", &caps).unwrap_err().to_string();
-        assert!(err.starts_with("definition.stages[0].executor.prompt: 102401 bytes; at most 102400"), "{err}");
+        assert!(err.starts_with("definition.stages[0].executor.prompt: 1048577 bytes; at most 1048576"), "{err}");
         check(json!({"tokens": 1})).unwrap();
         let unmetered = parse_definition(
             json!({"stages":[{"key":"a","executor":{"kind":"swarm","placement":"local","harness":"codex","prompt":"x","budget":{"tokens":5}}}]}),

@@ -414,12 +414,21 @@ impl ShellExecutor {
             Ok(w) => (w.command, w.report),
             Err(e) => return fail(e.to_string()),
         };
+        // Stdin: /dev/null, or the file the stage reads (an agent's prompt). Opened here, by the
+        // host process: a sandboxed command gets it through its helper without a path grant.
+        let stdin = match &spec.stdin_file {
+            Some(path) => match std::fs::File::open(path) {
+                Ok(file) => Stdio::from(file),
+                Err(e) => return fail(format!("opening the stage's stdin {}: {e}", path.display())),
+            },
+            None => Stdio::null(),
+        };
         let mut cmd = tokio::process::Command::new(&command.argv[0]);
         cmd.args(&command.argv[1..])
             .env_clear()
             .envs(command.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&command.cwd)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)

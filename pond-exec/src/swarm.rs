@@ -107,13 +107,15 @@ impl SwarmExecutor {
     ) -> TaskRun {
         let done = |outcome| TaskRun { index, outcome, transcript: Vec::new() };
         let ExecutorSpec::Swarm(spec) = &ctx.stage.executor else { return done(fail("not a swarm stage".into())) };
-        // The prompt with its `foreach` item is one argument of the agent CLI: past Linux's
-        // 128 KiB for one argument the exec would fail with E2BIG; say why instead.
-        if prompt.len() > 120 * 1024 {
+        // A harness that passes the prompt (with its `foreach` item) as one argument of the
+        // agent CLI is bound by Linux's 128 KiB for one argument (the exec would fail with
+        // E2BIG): say why instead. On stdin (the presets) it has no such bound.
+        if prepared.agent.harness.prompt_in_argv() && prompt.len() > 120 * 1024 {
             return done(fail(format!(
-                "the prompt{} is {} bytes, more than one argument of the agent CLI may hold (120 KiB): shorten the item or the prompt",
+                "the prompt{} is {} bytes, more than one argument of the agent CLI may hold (120 KiB): harness `{}` passes it as an argument; give it `\"stdin\": \"{{prompt}}\"` (as the presets do) or shorten the prompt",
                 index.map(|i| format!(" with item {i}")).unwrap_or_default(),
-                prompt.len()
+                prompt.len(),
+                prepared.agent.harness.key,
             )));
         }
         let home = match tempfile::Builder::new().prefix("agent-home-").tempdir_in(&self.homes) {
@@ -133,6 +135,17 @@ impl SwarmExecutor {
             ("home", home.path().to_string_lossy().into_owned()),
         ]);
         let (argv, env) = prepared.agent.harness.render(&values);
+        // What the agent reads on stdin (the prompt, for the presets), from a file in its home.
+        let stdin_file = match prepared.agent.harness.render_stdin(&values) {
+            Some(text) => {
+                let path = home.path().join("stdin.txt");
+                if let Err(e) = std::fs::write(&path, text) {
+                    return done(fail(format!("writing the agent's stdin: {e}")));
+                }
+                Some(path)
+            }
+            None => None,
+        };
         let Some(program) = argv.first() else {
             return done(fail(format!("harness `{}` has an empty command", prepared.agent.harness.key)));
         };
@@ -154,6 +167,7 @@ impl SwarmExecutor {
                 tags: Vec::new(),
                 capabilities: Vec::new(),
                 credentials: Vec::new(),
+                stdin_file,
             }),
             ..ctx.stage.clone()
         };

@@ -90,6 +90,9 @@ pub struct DryRunResult {
     pub argv: Vec<String>,
     /// The names of the environment variables it sets (never their values).
     pub env: Vec<String>,
+    /// What it reads on stdin (the prompt, for the presets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
     /// The lint's warnings.
     pub warnings: Vec<String>,
 }
@@ -184,6 +187,6 @@ async fn dry_run(
 ) -> Result<Json<DryRunResult>, ApiError> {
     who.require_admin()?;
     let prompt = req.prompt.unwrap_or_else(|| "<prompt>".into());
-    let (argv, env, warnings) = state.engine.registry().dry_run(&key, req.model_ref.as_deref(), &prompt).await?;
-    Ok(Json(DryRunResult { argv, env, warnings }))
+    let run = state.engine.registry().dry_run(&key, req.model_ref.as_deref(), &prompt).await?;
+    Ok(Json(DryRunResult { argv: run.argv, env: run.env, stdin: run.stdin, warnings: run.warnings }))
 }

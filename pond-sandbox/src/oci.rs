@@ -579,12 +579,13 @@ impl<'a> Sandbox<'a> {
         let seccomp_filters = crate::seccomp::programs()?;
         let stdout = dup_fd(1)?;
         let stderr = dup_fd(2)?;
-        let stdin = File::open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
+        // The container reads what the helper was given (/dev/null, or an agent's prompt).
+        let stdin = dup_fd(0)?;
         let root = self.bundle.join("state");
         let built = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
             .with_root_path(&root)
             .map_err(|e| format!("container root: {e}"))?
-            .with_stdin(OwnedFd::from(stdin))
+            .with_stdin(stdin)
             .with_stdout(stdout)
             .with_stderr(stderr)
             .validate_id()
