@@ -880,6 +880,11 @@ struct BenchArgs {
     /// bubblewrap (those that are installed) and the fork/exec floor, --samples runs each (root).
     #[arg(long)]
     sandbox: bool,
+    /// Instead: what pond adds to an agent CLI — this codex binary run raw against a local fake
+    /// model, as a local agent stage and as a pooled one (pond server, orchestrator and worker
+    /// processes), --samples runs each.
+    #[arg(long, value_name = "CODEX")]
+    agent_overhead: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy)]
@@ -1983,6 +1988,13 @@ fn demo(args: DemoArgs) -> Result<i32> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
+    if let Some(codex) = &args.agent_overhead {
+        let work = std::fs::canonicalize(".").context("current directory")?.join(&args.data_dir);
+        let report = pond_http::agent_bench::run(&std::env::current_exe()?, codex, &work, args.samples)?;
+        println!("{report}");
+        let _ = std::fs::remove_dir_all(&work);
+        return Ok(());
+    }
     if args.sandbox {
         // Before any runtime thread exists: the benchmark changes its mount namespace.
         let work = std::fs::canonicalize(".").context("current directory")?.join(&args.data_dir);

@@ -247,13 +247,13 @@ impl fmt::Display for PoolBenchReport {
 }
 
 /// A child `pond` process whose first stdout line announces its URL.
-struct Child {
+pub(crate) struct Child {
     process: std::process::Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Child {
-    fn spawn(exe: &std::path::Path, args: &[&str], prefix: &str) -> Result<Child, ClientError> {
+    pub(crate) fn spawn(exe: &std::path::Path, args: &[&str], prefix: &str) -> Result<Child, ClientError> {
         Child::spawn_with(exe, args, prefix, std::process::Stdio::inherit())
     }
 

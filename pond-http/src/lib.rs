@@ -19,6 +19,7 @@
 //! - [`cli`]: the client-side commands of the `pond` binary (contexts, submit, wait, …).
 #![deny(missing_docs)]
 
+pub mod agent_bench;
 pub mod agents_api;
 pub mod api;
 pub mod auth;
