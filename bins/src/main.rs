@@ -334,6 +334,11 @@ struct ServerArgs {
     /// first use). Every node sharing a PostgreSQL database needs the same one.
     #[arg(long, env = "POND_SERVER_KEY", hide_env_values = true, value_parser = parse_server_key)]
     server_key: Option<ServerKey>,
+    /// The first admin token (`pond_admin_` and at least 32 letters or digits), stored hashed
+    /// while the store has no admin token; every node given the same agrees on it (one Secret
+    /// for a whole deployment). Without it, the first node to start mints one into admin.token.
+    #[arg(long, env = "POND_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_admin_token)]
+    admin_token: Option<String>,
     /// Encrypt a run that names recipients but does not say `encrypt` (false: only on `encrypt: true`).
     #[arg(long, env = "POND_ENCRYPTION_DEFAULT", default_value_t = true, action = clap::ArgAction::Set)]
     encryption_default: bool,
@@ -644,6 +649,10 @@ enum EnrollCommand {
         /// How long the code stays valid.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// How many hosts may enroll with it, each once (e.g. the replicas of a worker
+        /// StatefulSet sharing one Secret); at most 1000.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -889,6 +898,10 @@ struct BenchArgs {
 
 #[derive(Clone, Copy)]
 struct ServerKey([u8; 32]);
+
+fn parse_admin_token(text: &str) -> Result<String, String> {
+    pond_http::server::check_admin_token(text).map(|()| text.to_string()).map_err(|e| format!("the admin token {e}"))
+}
 
 fn parse_server_key(text: &str) -> Result<ServerKey, String> {
     pond_core::pool::decode_key(text).map(ServerKey).map_err(|e| format!("the server key {e}"))
@@ -1399,7 +1412,7 @@ fn credentials(command: CredentialsCommand, client: &Client) -> Result<()> {
 }
 
 fn enroll(command: EnrollCommand, client: &Client) -> Result<()> {
-    let EnrollCommand::Create { pool, worker, tags, capabilities, fingerprint, ttl, json } = command;
+    let EnrollCommand::Create { pool, worker, tags, capabilities, fingerprint, ttl, uses, json } = command;
     let request = pond_http::pool_wire::CreateCode {
         pool,
         role: Some(if worker { "worker" } else { "orchestrator" }.into()),
@@ -1407,6 +1420,7 @@ fn enroll(command: EnrollCommand, client: &Client) -> Result<()> {
         capabilities,
         fingerprint,
         ttl: Some(pond_core::time::Millis(ttl.as_millis() as u64)),
+        uses: Some(uses),
     };
     let code = client.create_enroll_code(&request)?;
     if json {
@@ -1414,7 +1428,8 @@ fn enroll(command: EnrollCommand, client: &Client) -> Result<()> {
     }
     println!("{}", code.code);
     eprintln!(
-        "one-time {} code for pool {}{}{}{}, valid until {}",
+        "{} {} code for pool {}{}{}{}, valid until {}",
+        if code.uses == 1 { "one-time".to_string() } else { format!("{}-use", code.uses) },
         code.role,
         code.pool,
         if code.tags.is_empty() { String::new() } else { format!(", tags {}", code.tags.join(",")) },
@@ -1556,6 +1571,7 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
     config.node_id = args.node_id;
     config.limits.encryption_default = args.encryption_default;
     config.server_key = args.server_key.map(|k| k.0);
+    config.bootstrap_admin_token = args.admin_token;
     Ok(config)
 }
 

@@ -524,3 +524,39 @@ fn cors_lets_only_the_allowed_origins_call_from_a_browser() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cors-origin"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// An operator's own first admin token (`POND_ADMIN_TOKEN`, one Secret for every node): stored
+/// hashed, it works at once; a later start with another changes nothing; a malformed one stops
+/// the server with the reason, before it listens.
+#[test]
+fn the_first_admin_token_can_be_the_operator_s_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let chosen = format!("pond_admin_{}", "7".repeat(64));
+    let server = Server::start(dir.path(), &["--admin-token", &chosen]);
+    let admin = server.client(&chosen);
+    admin.create_key(&["acme".into()], Some("from the operator's token")).unwrap();
+    let keys = admin.list_keys().unwrap();
+    assert!(keys.keys.iter().any(|k| k.name == "admin (POND_ADMIN_TOKEN)"), "{keys:?}");
+    let db = std::fs::read(dir.path().join("pond.db")).unwrap();
+    assert!(!db.windows(chosen.len()).any(|w| w == chosen.as_bytes()), "stored in clear");
+    drop(server);
+
+    // Restarted with another token: an admin exists, so it is not added.
+    let other = format!("pond_admin_{}", "8".repeat(64));
+    let server = Server::start(dir.path(), &["--admin-token", &other]);
+    assert_eq!(api_error(server.client(&other).list_keys().unwrap_err()).0, 401);
+    assert!(server.client(&chosen).list_keys().is_ok());
+    drop(server);
+
+    for bad in ["secret", "pond_admin_short"] {
+        let out = std::process::Command::new(common::POND)
+            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .args(["--admin-token", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("the admin token"), "{err}");
+    }
+}

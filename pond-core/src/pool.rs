@@ -82,10 +82,31 @@ pub struct EnrollCode {
     pub created_at: Timestamp,
     /// When it stops working.
     pub expires_at: Timestamp,
-    /// When it was redeemed.
+    /// When it was last redeemed.
     pub used_at: Option<Timestamp>,
-    /// Who redeemed it.
+    /// Who redeemed it last.
     pub used_by: Option<String>,
+    /// How many hosts may redeem it (1 unless made with `uses`, e.g. for the replicas of a
+    /// Kubernetes StatefulSet that share one Secret).
+    #[serde(default = "one_use")]
+    pub uses: u32,
+    /// How many have.
+    #[serde(default)]
+    pub redeemed: u32,
+}
+
+fn one_use() -> u32 {
+    1
+}
+
+/// The most hosts one enrollment code may enroll.
+pub const MAX_CODE_USES: u32 = 1000;
+
+impl EnrollCode {
+    /// Redemptions so far (a code stored before `redeemed` existed counts its one use).
+    pub fn redemptions(&self) -> u32 {
+        self.redeemed.max(self.used_at.is_some() as u32)
+    }
 }
 
 /// An enrolled orchestrator or worker.
@@ -448,7 +469,7 @@ impl Pools {
         Pools { store, clock }
     }
 
-    /// Records a new code whose secret is `secret` (the caller makes it random).
+    /// Records a new one-time code whose secret is `secret` (the caller makes it random).
     pub async fn create_code(
         &self,
         secret: &str,
@@ -458,7 +479,31 @@ impl Pools {
         fingerprint: Option<String>,
         ttl: Millis,
     ) -> Result<EnrollCode, PoolError> {
+        self.create_code_for(secret, pool, role, grants, fingerprint, ttl, 1).await
+    }
+
+    /// Records a new code that `uses` hosts may redeem, each once, until it expires.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_code_for(
+        &self,
+        secret: &str,
+        pool: &str,
+        role: MemberKind,
+        grants: Grants,
+        fingerprint: Option<String>,
+        ttl: Millis,
+        uses: u32,
+    ) -> Result<EnrollCode, PoolError> {
         let Grants { tags, capabilities } = grants;
+        if uses == 0 || uses > MAX_CODE_USES {
+            return Err(invalid("uses", format!("must be from 1 to {MAX_CODE_USES}")));
+        }
+        if uses > 1 && fingerprint.is_some() {
+            return Err(invalid(
+                "uses",
+                "a code pinned to one worker's fingerprint enrolls that worker only: leave `uses` at 1",
+            ));
+        }
         if !valid_tag(pool) || pool.contains(':') {
             return Err(invalid("pool", format!("`{pool}` is not a valid pool name (letters, digits, `._-`)")));
         }
@@ -496,6 +541,8 @@ impl Pools {
             expires_at: now.plus(ttl),
             used_at: None,
             used_by: None,
+            uses,
+            redeemed: 0,
         };
         self.store.swap_record(CODE, &secret_digest(secret), None, &to_json(&code)?).await?;
         Ok(code)
@@ -507,28 +554,39 @@ impl Pools {
         &self,
         secret: &str,
         role: MemberKind,
-        check: impl FnOnce(&EnrollCode) -> Result<(), PoolError>,
+        check: impl Fn(&EnrollCode) -> Result<(), PoolError>,
         member: &PoolMember,
     ) -> Result<EnrollCode, PoolError> {
         let key = secret_digest(secret);
-        let stored = self.store.get_record(CODE, &key).await?.ok_or(PoolError::CodeUnknown)?;
-        let code: EnrollCode = from_json(&stored)?;
-        let now = self.clock.now();
-        if code.used_at.is_some() {
-            return Err(PoolError::CodeUsed);
+        // Compare-and-swap on the record as read: of redeemers racing for the last use, one
+        // wins; a code with uses left that changed under us is read (and checked) again.
+        loop {
+            let stored = self.store.get_record(CODE, &key).await?.ok_or(PoolError::CodeUnknown)?;
+            let code: EnrollCode = from_json(&stored)?;
+            let now = self.clock.now();
+            if code.redemptions() >= code.uses {
+                return Err(PoolError::CodeUsed);
+            }
+            if code.expires_at <= now {
+                return Err(PoolError::CodeExpired(code.expires_at));
+            }
+            if code.role != role {
+                return Err(PoolError::WrongRole { expected: code.role.as_str(), got: role.as_str() });
+            }
+            check(&code)?;
+            let used = EnrollCode {
+                used_at: Some(now),
+                used_by: Some(member.id.clone()),
+                redeemed: code.redemptions() + 1,
+                ..code.clone()
+            };
+            if self.store.swap_record(CODE, &key, Some(&stored), &to_json(&used)?).await? {
+                return Ok(code);
+            }
+            if code.uses == 1 {
+                return Err(PoolError::CodeUsed);
+            }
         }
-        if code.expires_at <= now {
-            return Err(PoolError::CodeExpired(code.expires_at));
-        }
-        if code.role != role {
-            return Err(PoolError::WrongRole { expected: code.role.as_str(), got: role.as_str() });
-        }
-        check(&code)?;
-        let used = EnrollCode { used_at: Some(now), used_by: Some(member.id.clone()), ..code.clone() };
-        if !self.store.swap_record(CODE, &key, Some(&stored), &to_json(&used)?).await? {
-            return Err(PoolError::CodeUsed);
-        }
-        Ok(code)
     }
 
     async fn save_member(&self, member: &PoolMember, token: &str) -> Result<(), PoolError> {

@@ -76,6 +76,42 @@ async fn worker(w: &World, orch: &PoolMember, n: u8, tags: &[&str]) -> (PoolMemb
     (m, seed)
 }
 
+/// A code made for several hosts (one Secret for a StatefulSet's replicas) enrolls exactly that
+/// many, each once, even when they all redeem it at the same moment; each is still checked
+/// against what the code grants; a fingerprint-pinned code cannot be shared.
+#[tokio::test]
+async fn a_code_for_n_hosts_enrolls_exactly_n_even_at_once() {
+    let w = world();
+    let orch = orchestrator(&w, "k8s").await;
+    let grants = Grants { tags: vec![], capabilities: vec!["harness.*".into()] };
+    let ttl = HOUR;
+    w.pools.create_code_for("shared", "k8s", MemberKind::Worker, grants.clone(), None, ttl, 3).await.unwrap();
+    // A worker asking for more than the code grants is refused and uses nothing.
+    let (k, _) = keys(9);
+    let greedy =
+        w.pools.enroll_worker(&orch, "shared", "wrk-9".into(), "w", k, None, vec!["sandbox.oci".into()], "t9").await;
+    assert!(matches!(greedy, Err(PoolError::CapabilityNotGranted(_))), "{greedy:?}");
+    let pools = Arc::new(Pools::new(w.store.clone(), w.clock.clone()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 10..18u8 {
+        let (pools, orch) = (pools.clone(), orch.clone());
+        tasks.spawn(async move {
+            let (k, _) = keys(n);
+            pools.enroll_worker(&orch, "shared", format!("wrk-{n}"), "w", k, None, vec![], &format!("t{n}")).await
+        });
+    }
+    let results = tasks.join_all().await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 3, "{results:?}");
+    assert!(results.iter().filter(|r| r.is_err()).all(|r| matches!(r, Err(PoolError::CodeUsed))), "{results:?}");
+    for (uses, fingerprint, field) in
+        [(0, None, "uses"), (1001, None, "uses"), (2, Some(worker_fingerprint(&k)), "uses")]
+    {
+        let made =
+            w.pools.create_code_for("bad", "k8s", MemberKind::Worker, grants.clone(), fingerprint, ttl, uses).await;
+        assert!(matches!(made, Err(PoolError::Invalid { field: ref f, .. }) if f == field), "{uses}: {made:?}");
+    }
+}
+
 #[tokio::test]
 async fn codes_are_one_time_expiring_and_bound_to_the_pinned_fingerprint() {
     let w = world();

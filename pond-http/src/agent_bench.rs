@@ -172,6 +172,7 @@ pub fn run(
             capabilities: Vec::new(),
             fingerprint: None,
             ttl: None,
+            uses: None,
         })?
         .code;
     let state = dir.join("orchestrator").display().to_string();
@@ -185,9 +186,10 @@ pub fn run(
             pool: "bench".into(),
             role: Some("worker".into()),
             tags: Vec::new(),
-            capabilities: Vec::new(),
+            capabilities: vec!["harness.codex".into()],
             fingerprint: None,
             ttl: None,
+            uses: None,
         })?
         .code;
     let keys = dir.join("worker").display().to_string();

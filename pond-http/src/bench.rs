@@ -381,6 +381,7 @@ fn worker_code(admin: &Client, pool: &str) -> Result<String, ClientError> {
         capabilities: Vec::new(),
         fingerprint: None,
         ttl: None,
+        uses: None,
     };
     Ok(admin.create_enroll_code(&request)?.code)
 }
@@ -438,6 +439,7 @@ pub fn pool(
             capabilities: Vec::new(),
             fingerprint: None,
             ttl: None,
+            uses: None,
         })?
         .code;
     let state = dir.join("orchestrator").display().to_string();

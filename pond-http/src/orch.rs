@@ -210,7 +210,8 @@ async fn create_code(
     let secret = random_secret("pond_enroll_");
     let ttl = req.ttl.unwrap_or(Millis::from_secs(3600));
     let grants = pond_core::pool::Grants { tags: req.tags, capabilities: req.capabilities };
-    let code = state.pools.create_code(&secret, &req.pool, role, grants, req.fingerprint, ttl).await?;
+    let uses = req.uses.unwrap_or(1);
+    let code = state.pools.create_code_for(&secret, &req.pool, role, grants, req.fingerprint, ttl, uses).await?;
     Ok((
         axum::http::StatusCode::CREATED,
         Json(CodeCreated {
@@ -221,6 +222,7 @@ async fn create_code(
             capabilities: code.capabilities,
             fingerprint: code.fingerprint,
             expires_at: code.expires_at.to_rfc3339(),
+            uses: code.uses,
         }),
     ))
 }

@@ -34,6 +34,10 @@ pub struct CreateCode {
     /// Lifetime (`1h`, `30m`, seconds); default 1 h.
     #[serde(default)]
     pub ttl: Option<pond_core::time::Millis>,
+    /// How many hosts may enroll with it, each once (default 1, at most 1000): one code in a
+    /// Secret for every replica of a worker StatefulSet.
+    #[serde(default)]
+    pub uses: Option<u32>,
 }
 
 /// A new code (shown once).
@@ -54,6 +58,13 @@ pub struct CodeCreated {
     pub fingerprint: Option<String>,
     /// Expiry (RFC 3339).
     pub expires_at: String,
+    /// How many hosts may enroll with it.
+    #[serde(default = "one")]
+    pub uses: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// `POST /v1/orch/enroll`.

@@ -78,6 +78,19 @@ pub struct ServerConfig {
     /// The server key (what pond keeps at rest is sealed under it; every node sharing a
     /// database needs the same). `None`: `server.key` in the data directory, made on first use.
     pub server_key: Option<[u8; 32]>,
+    /// The first admin token, when the operator chooses it (`POND_ADMIN_TOKEN`: every node of a
+    /// deployment gets the same from one Secret). Stored (hashed) only while no admin token
+    /// exists; `None`: the first node to start mints one into `admin.token`.
+    pub bootstrap_admin_token: Option<String>,
+}
+
+/// Why an operator's first admin token is refused, if it is.
+pub fn check_admin_token(token: &str) -> Result<(), String> {
+    let body = token.strip_prefix("pond_admin_").ok_or("must start with `pond_admin_`")?;
+    if body.len() < 32 || !body.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err("needs at least 32 letters, digits, `-` or `_` after `pond_admin_` (e.g. `pond_admin_$(openssl rand -hex 32)`)".into());
+    }
+    Ok(())
 }
 
 impl ServerConfig {
@@ -107,6 +120,7 @@ impl ServerConfig {
             token_cache: Duration::from_secs(5),
             sandbox,
             server_key: None,
+            bootstrap_admin_token: None,
         }
     }
 }
@@ -203,6 +217,7 @@ fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
 async fn ensure_admin_token(
     store: &dyn Store,
     data_dir: &Path,
+    bootstrap: Option<&str>,
     now: pond_core::time::Timestamp,
 ) -> Result<(PathBuf, Option<String>), ServerError> {
     let path = data_dir.join("admin.token");
@@ -210,7 +225,15 @@ async fn ensure_admin_token(
     if has_admin {
         return Ok((path, None));
     }
-    let (secret, record) = mint_token(Role::Admin, "admin (created at first start)", Vec::new(), now);
+    let (secret, record) = match bootstrap {
+        // The operator's own: stored hashed, the same whichever node stores it first.
+        Some(token) => {
+            let (_, mut record) = mint_token(Role::Admin, "admin (POND_ADMIN_TOKEN)", Vec::new(), now);
+            record.secret_sha256 = crate::auth::hash_secret(token);
+            (token.to_string(), record)
+        }
+        None => mint_token(Role::Admin, "admin (created at first start)", Vec::new(), now),
+    };
     // The file first: a token stored but never written down would lock the operator out. Of
     // several nodes starting at once, one stores its token; the others discard theirs.
     let pending = data_dir.join("admin.token.new");
@@ -282,7 +305,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             (store, interrupted)
         }
     };
-    let (admin_token_file, new_admin_token) = ensure_admin_token(&*store, data_dir, clock.now()).await?;
+    let (admin_token_file, new_admin_token) =
+        ensure_admin_token(&*store, data_dir, config.bootstrap_admin_token.as_deref(), clock.now()).await?;
 
     let at_rest_key = match config.server_key {
         Some(key) => key,

@@ -327,6 +327,7 @@ pub fn enroll_code_granting(
         capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
         fingerprint: fingerprint.map(str::to_string),
         ttl: None,
+        uses: None,
     };
     admin.create_enroll_code(&request).expect("create an enrollment code").code
 }
