@@ -51,7 +51,9 @@ fn p50_p90(mut samples: Vec<f64>) -> (f64, f64) {
 
 /// A fake OpenAI Responses API answering every call with one short message and its usage.
 async fn fake_model() -> std::io::Result<String> {
-    async fn answer() -> axum::response::Response {
+    // It reads the whole request first, as a provider does (answering before would break the
+    // sender's pipe).
+    async fn answer(_request: axum::body::Bytes) -> axum::response::Response {
         let events = [
             serde_json::json!({"type": "response.created", "response": {"id": "resp_b"}}),
             serde_json::json!({"type": "response.output_item.done", "output_index": 0, "item": {
