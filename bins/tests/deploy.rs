@@ -150,3 +150,216 @@ fn every_overlay_renders_validates_and_keeps_its_promises() {
         }
     }
 }
+
+/// `podman …` in a mount namespace of its own without the cgroup2 `unified` mount (crun refuses
+/// the hybrid layout of hosts like these; elsewhere the unmount does nothing).
+fn podman(args: &[&str]) -> std::process::Output {
+    Command::new("unshare")
+        .args(["-m", "sh", "-c", "umount /sys/fs/cgroup/unified 2>/dev/null; exec podman \"$@\"", "sh"])
+        .args(args)
+        .output()
+        .expect("run podman")
+}
+
+/// Containers of one test, removed when it ends.
+struct Containers(Vec<String>);
+
+impl Containers {
+    fn run(&mut self, name: &str, image: &str, env: &[(&str, &str)], args: &[&str]) {
+        let name = format!("pond-e2e-{}-{name}", std::process::id());
+        let mut all: Vec<String> = ["run", "-d", "--name", &name, "--network", "host"].map(String::from).to_vec();
+        // Limits below this host's own (crun may not raise them here).
+        all.extend(["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"].map(String::from));
+        for (k, v) in env {
+            all.extend(["-e".to_string(), format!("{k}={v}")]);
+        }
+        all.push(image.to_string());
+        all.extend(args.iter().map(|a| a.to_string()));
+        let out = podman(&all.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "podman run {name}: {}", String::from_utf8_lossy(&out.stderr));
+        self.0.push(name);
+    }
+
+    fn kill(&self, name: &str) {
+        let name = format!("pond-e2e-{}-{name}", std::process::id());
+        assert!(podman(&["kill", &name]).status.success());
+    }
+
+    fn logs(&self) -> String {
+        self.0.iter().map(|n| format!("--- {n}\n{}", String::from_utf8_lossy(&podman(&["logs", n]).stderr))).collect()
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = podman(&["rm", "-f", name]);
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_ready(url: &str, containers: &Containers) {
+    let started = std::time::Instant::now();
+    while ureq::get(&format!("{url}/readyz")).call().is_err() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{url} never got ready:\n{}",
+            containers.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// A fake OpenAI Responses API that reads each request and answers one short message.
+async fn fake_model() -> String {
+    async fn answer(_request: axum::body::Bytes) -> axum::response::Response {
+        let mut body = String::new();
+        for event in [
+            serde_json::json!({"type": "response.created", "response": {"id": "r"}}),
+            serde_json::json!({"type": "response.output_item.done", "output_index": 0, "item": {"type": "message",
+                "id": "m", "role": "assistant", "status": "completed", "content": [{"type": "output_text",
+                "text": "Done.\n```result\n{\"ran\": \"in the image\"}\n```", "annotations": []}]}}),
+            serde_json::json!({"type": "response.completed", "response": {"id": "r",
+                "usage": {"input_tokens": 10, "output_tokens": 2, "total_tokens": 12}}}),
+        ] {
+            body.push_str(&format!("event: {}\ndata: {event}\n\n", event["type"].as_str().unwrap()));
+        }
+        axum::response::Response::builder().header("content-type", "text/event-stream").body(body.into()).unwrap()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, axum::Router::new().fallback(answer)).await });
+    format!("http://{addr}")
+}
+
+/// The images as a deployment, with podman: two server containers on the host's PostgreSQL, an
+/// orchestrator container and a worker container of the agents image. A pooled shell run and a
+/// pooled codex run (codex of the image, against a local fake model) succeed with verified
+/// attestations; one server container is killed while runs are under way on it, and every run
+/// still succeeds on the other.
+#[test]
+fn the_images_run_pond_as_a_deployment_and_a_killed_server_loses_nothing() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || Command::new("podman").arg("--version").output().is_err() {
+        pond_store::missing_prerequisite("the image test needs root and podman (.ci/run installs it)");
+        return;
+    }
+    let Some(database) = common::Server::database_server() else { return };
+    // The images, with this build's binaries on the cached Debian bases.
+    let bin = Path::new(common::POND).parent().unwrap();
+    let built = Command::new("bash")
+        .arg(common::root().join("deploy/images/build.sh"))
+        .env("POND_IMAGE_TAG", "e2e")
+        .env("POND_IMAGE_BIN_DIR", bin)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "build.sh: {}", String::from_utf8_lossy(&built.stderr));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let scratch = rt.block_on(pond_store::ScratchDatabase::create(&database, "images")).unwrap();
+    let upstream = rt.block_on(fake_model());
+    let token = format!("pond_admin_{}", "e2e0".repeat(16));
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let (s1, s2) = (format!("http://127.0.0.1:{p1}"), format!("http://127.0.0.1:{p2}"));
+    let mut containers = Containers(Vec::new());
+    for (name, port) in [("s1", p1), ("s2", p2)] {
+        let listen = format!("127.0.0.1:{port}");
+        containers.run(
+            name,
+            "localhost/pond-server:e2e",
+            &[
+                ("POND_LISTEN", &listen),
+                ("POND_NODE_ID", name),
+                ("POND_DATABASE_URL", &scratch.url),
+                ("POND_SERVER_KEY", "cG9uZC10ZXN0LXNlcnZlci1rZXktMzItYnl0ZXMhISE="),
+                ("POND_ADMIN_TOKEN", &token),
+                ("POND_LEASE", "3s"),
+            ],
+            &["server", "--model-origin", &upstream],
+        );
+    }
+    wait_ready(&s1, &containers);
+    wait_ready(&s2, &containers);
+    let admin = pond_http::client::Client::new(&s1, Some(token.clone()));
+    let harness = pond_core::agents::presets().into_iter().find(|h| h.key == "codex").unwrap();
+    for (path, body) in [
+        (
+            "/v1/admin/credentials",
+            serde_json::json!({"name": "openai", "provider": "openai", "value": "sk-e2e-real-key", "projects": ["acme"]}),
+        ),
+        (
+            "/v1/admin/models",
+            serde_json::json!({"key": "fast", "provider": "openai", "model_id": "gpt-5.5",
+            "credential_name": "openai", "capability": "harness.codex", "base_url": upstream}),
+        ),
+        ("/v1/admin/harnesses", serde_json::to_value(&harness).unwrap()),
+    ] {
+        admin.admin_json("POST", path, Some(body)).unwrap();
+    }
+    let orch_code = common::enroll_code_granting(&admin, "k8s", None, &[], None);
+    let worker_code = common::enroll_code_granting(&admin, "k8s", Some(&[]), &["harness.*"], None);
+    let orch_listen = format!("127.0.0.1:{p3}");
+    containers.run(
+        "orch",
+        "localhost/pond-worker:e2e",
+        &[("POND_ENROLL_CODE", &orch_code), ("POND_ORCH_LISTEN", &orch_listen)],
+        &["orchestrator", "--server", &s2],
+    );
+    containers.run(
+        "worker",
+        "localhost/pond-worker-agents:e2e",
+        &[("POND_ENROLL_CODE", &worker_code)],
+        &["worker", "--orchestrator", &format!("http://{orch_listen}"), "--capabilities", "harness.codex"],
+    );
+
+    // A pooled shell run and a pooled codex run, both on the worker container.
+    let shell = admin
+        .submit(
+            &serde_json::json!({"project_id": "acme", "definition": {"stages": [{"key": "hello", "executor": {
+                "kind": "shell", "placement": "pool", "argv": ["sh", "-c", "echo ran as $(id -u); git --version"],
+                "sandbox": {"tier": "any"}}}]}}),
+            None,
+        )
+        .unwrap();
+    let agent = admin
+        .submit(
+            &serde_json::json!({"project_id": "acme", "definition": {"stages": [{"key": "agent", "timeout": "2m",
+                "executor": {"kind": "swarm", "placement": "pool", "harness": "codex", "model_ref": "fast",
+                "prompt": "Say done.", "sandbox": {"tier": "any"}}}]}}),
+            None,
+        )
+        .unwrap();
+    for run in [&shell, &agent] {
+        let id = run.id.to_string();
+        let done = common::wait_done(&admin, &id, std::time::Duration::from_secs(120));
+        let logs = common::log_text(&admin, &id);
+        assert_eq!(done.state.as_str(), "succeeded", "{logs:#?}\n{}", containers.logs());
+        assert_eq!(done.stages[0].attestation_verified, Some(true), "{logs:#?}");
+    }
+    let logs = common::log_text(&admin, &shell.id.to_string());
+    assert!(logs.iter().any(|l| l == "ran as 10001"), "the worker image runs unprivileged: {logs:#?}");
+    let mut results = Vec::new();
+    admin.download_artifact(&agent.id.to_string(), "results-agent.jsonl", &mut results).unwrap();
+    assert_eq!(String::from_utf8(results).unwrap().trim(), r#"{"ran":"in the image"}"#);
+
+    // Runs under way, then s1 is killed: each one still succeeds, on s2.
+    let ids: Vec<String> = (0..6)
+        .map(|i| {
+            let body = serde_json::json!({"project_id": "acme", "definition": {"stages": [
+                {"key": "a", "executor": {"kind": "noop", "delay": "1s"}},
+                {"key": "b", "executor": {"kind": "noop", "delay": "1s"}}]}});
+            admin.submit(&body, Some(&format!("kill-{i}"))).unwrap().id.to_string()
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    containers.kill("s1");
+    let survivor = pond_http::client::Client::new(&s2, Some(token));
+    for id in &ids {
+        let done = common::wait_done(&survivor, id, std::time::Duration::from_secs(90));
+        assert_eq!(done.state.as_str(), "succeeded", "{id}: {:#?}", common::log_text(&survivor, id));
+        assert!(done.stages.iter().all(|s| s.state.as_str() == "succeeded"));
+    }
+}
