@@ -405,6 +405,10 @@ pub trait BrokerSession: Send + Sync {
     fn exhausted(&self) -> Option<String> {
         None
     }
+    /// Calls it is still reading and metering.
+    fn in_flight(&self) -> usize {
+        0
+    }
 }
 
 /// How a stage's error starts when its budget ran out: such a failure is not retried (a new

@@ -332,6 +332,12 @@ impl Executor for SwarmExecutor {
             notes.push(OutputLine::text(LogStream::System, format!("storing {artifact} failed: {e}")));
         }
         if let Some(b) = &broker {
+            // An agent may exit as soon as it has what it needs from a response, before the
+            // broker has read the rest and booked it: wait for that (a stalled one, briefly).
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while b.in_flight() > 0 && std::time::Instant::now() < until {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
             let (requests, input, output) = b.usage();
             let cost = agent.model.as_ref().map(|m| {
                 input as f64 / 1e6 * m.input_usd_per_mtok.unwrap_or(0.0)

@@ -70,6 +70,9 @@ struct Shared {
     exhausted: Mutex<Option<String>>,
     /// The stage ended: calls in flight stop waiting and reading.
     stopped: std::sync::atomic::AtomicBool,
+    /// Calls relayed whose metering has not ended (an agent may have what it needs from a
+    /// response, and exit, before the broker has read and booked all of it).
+    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// A running broker.
@@ -89,6 +92,20 @@ impl Broker {
     /// Usage metered so far.
     pub fn usage(&self) -> Usage {
         *self.shared.usage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Calls still being read and metered.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits (at most `limit`) until no call is being read and metered, so [`Broker::usage`]
+    /// counts every call the agent made.
+    pub async fn settle(&self, limit: std::time::Duration) {
+        let until = tokio::time::Instant::now() + limit;
+        while self.in_flight() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     /// Why it stopped relaying, if its budget ran out.
@@ -125,6 +142,7 @@ pub async fn start(config: BrokerConfig) -> std::io::Result<Broker> {
         usage: Mutex::default(),
         exhausted: Mutex::default(),
         stopped: Default::default(),
+        in_flight: Default::default(),
     });
     let app = Router::new().fallback(relay).with_state(shared.clone());
     let (stop, mut stopped) = watch::channel(false);
@@ -312,7 +330,10 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let (head_tx, head_rx) = tokio::sync::oneshot::channel::<Result<(u16, Vec<(String, String)>), String>>();
     let worker = shared.clone();
+    // Counted from here to the end of metering (the guard drops at the end of the task).
+    let flight = InFlight::new(shared.clone());
     tokio::task::spawn_blocking(move || {
+        let _flight = flight;
         let config = &worker.config;
         let send = || {
             let mut request = worker.agent.request(&method, &format!("{}{path}", config.upstream));
@@ -473,6 +494,22 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     response
 }
 
+/// One call being relayed and metered, in [`Shared::in_flight`] while it lives.
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// How often a call the provider asked to retry later is retried by the broker.
 const RETRIES: u32 = 3;
 /// The longest `Retry-After` the broker waits out itself.
@@ -536,6 +573,9 @@ impl pond_core::agents::BrokerSession for Session {
     }
     fn exhausted(&self) -> Option<String> {
         self.0.exhausted()
+    }
+    fn in_flight(&self) -> usize {
+        self.0.in_flight()
     }
 }
 

@@ -306,6 +306,7 @@ async fn a_budget_cuts_off_the_response_that_passes_it_and_refuses_the_next_call
             .unwrap();
         assert_eq!(second.0, 429);
         assert!(second.1.contains(said), "{}", second.1);
+        broker.settle(Duration::from_secs(5)).await;
         let usage = broker.usage();
         assert_eq!((usage.requests, usage.input_tokens), (1, 600), "cache tokens counted as input");
     }
@@ -354,6 +355,7 @@ async fn under_a_budget_every_call_is_metered_or_refused() {
         })
     };
     assert_eq!(post("/v1/responses", serde_json::json!({"input": "hi"})).await.unwrap().0, 200);
+    broker.settle(Duration::from_secs(5)).await;
     assert_eq!((broker.usage().input_tokens, broker.usage().output_tokens), (70, 5), "read whole");
     let (status, body) = post("/v1/responses", serde_json::json!({"input": "hi", "background": true})).await.unwrap();
     assert_eq!(status, 400, "{body}");
@@ -433,6 +435,7 @@ async fn retry_after_is_waited_out_then_the_call_is_made_again() {
     for pair in calls.windows(2) {
         assert!(pair[1] - pair[0] >= Duration::from_millis(950), "called again before Retry-After passed");
     }
+    broker.settle(Duration::from_secs(5)).await;
     assert_eq!(broker.usage().requests, 1);
 
     let (upstream, calls) = busy_upstream(usize::MAX, "3600").await;
