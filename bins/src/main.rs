@@ -1858,18 +1858,28 @@ fn context(command: ContextCommand, path: &std::path::Path) -> Result<()> {
                 ),
                 None => token,
             };
+            if name == cli::LOCAL_CONTEXT {
+                bail!(
+                    "`local` is the built-in context (this machine's server and its admin token): choose another name"
+                );
+            }
             config.contexts.insert(name.clone(), Context { server, token, project });
-            if make_current || config.current.is_none() {
+            // Only `--use` switches: adding a context never changes who later commands act as.
+            if make_current {
                 config.current = Some(name.clone());
             }
             config.save(path)?;
-            println!("context `{name}` saved in {}", path.display());
+            let current = config.current.as_deref().unwrap_or(cli::LOCAL_CONTEXT);
+            println!("context `{name}` saved in {}; current context: {current}", path.display());
         }
         ContextCommand::Use { name } => {
-            if !config.contexts.contains_key(&name) {
+            if name == cli::LOCAL_CONTEXT && !config.contexts.contains_key(&name) {
+                config.current = None;
+            } else if !config.contexts.contains_key(&name) {
                 bail!("no context named `{name}` (see `pond context list`)");
+            } else {
+                config.current = Some(name.clone());
             }
-            config.current = Some(name.clone());
             config.save(path)?;
             println!("current context: {name}");
         }
@@ -1882,6 +1892,14 @@ fn context(command: ContextCommand, path: &std::path::Path) -> Result<()> {
                     .collect();
                 print_json(&shown)?;
             } else {
+                if !config.contexts.contains_key(cli::LOCAL_CONTEXT) {
+                    let mark = if config.current.is_none() { "*" } else { " " };
+                    let server = cli::DEFAULT_SERVER;
+                    println!(
+                        "{mark} {:<16} {server:<40} (built in: the admin token of ./.pond or $POND_DATA_DIR)",
+                        cli::LOCAL_CONTEXT
+                    );
+                }
                 for (name, c) in &config.contexts {
                     let mark = if config.current.as_deref() == Some(name) { "*" } else { " " };
                     println!("{mark} {name:<16} {:<40} {}", c.server, c.project.clone().unwrap_or_default());

@@ -16,6 +16,11 @@ use crate::wire::{LogEnd, RunPage, RunView};
 /// Default server URL when nothing else is configured.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8420";
 
+/// The built-in context: this machine's server (`DEFAULT_SERVER`) with the admin token of the
+/// server's data directory (`$POND_DATA_DIR`, else `./.pond`). Current until another is chosen,
+/// and `pond context use local` returns to it.
+pub const LOCAL_CONTEXT: &str = "local";
+
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -138,6 +143,7 @@ pub struct TargetOverrides {
 /// `$POND_DATA_DIR`), which is what `pond server` with no flags creates.
 pub fn resolve_target(config: &CliConfig, overrides: &TargetOverrides) -> Result<Target, CliError> {
     let context = match overrides.context.as_ref().or(config.current.as_ref()) {
+        Some(name) if name == LOCAL_CONTEXT && !config.contexts.contains_key(name) => None,
         Some(name) => Some(
             config
                 .contexts
@@ -684,7 +690,13 @@ impl<'a> ArtifactFetcher<'a> {
 /// (`default` when no context is in use).
 pub fn consumer_key_path(config_path: &Path, context: Option<&str>) -> PathBuf {
     let dir = config_path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    dir.join("keys").join(format!("{}.x25519", context.unwrap_or("default")))
+    // The built-in context's key is the one used before contexts had names.
+    let name = match context {
+        None => "default",
+        Some(LOCAL_CONTEXT) => "default",
+        Some(name) => name,
+    };
+    dir.join("keys").join(format!("{name}.x25519"))
 }
 
 /// A consumer's X25519 key as `pond keys show` presents it.
