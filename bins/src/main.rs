@@ -41,6 +41,10 @@ struct Global {
     /// CLI configuration file (default: ~/.config/pond/config.json).
     #[arg(long, global = true, env = "POND_CONFIG")]
     config: Option<PathBuf>,
+    /// Log lines on stderr: `text` (colours only on a terminal) or `json` (one object per line).
+    /// What is logged: `POND_LOG` (e.g. `info`, `warn,pond_access=info`).
+    #[arg(long, global = true, env = "POND_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[derive(Subcommand)]
@@ -907,6 +911,21 @@ fn parse_server_key(text: &str) -> Result<ServerKey, String> {
     pond_core::pool::decode_key(text).map(ServerKey).map_err(|e| format!("the server key {e}"))
 }
 
+/// The process's log: `POND_LOG` says what (default: warnings, and for a server or an
+/// orchestrator also its access log), `--log-format` how; colours only on a terminal.
+fn init_logging(cli: &Cli) {
+    use std::io::IsTerminal as _;
+    let serves = matches!(cli.command, Command::Server(_) | Command::Orchestrator(_));
+    let default = if serves { "warn,pond_access=info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("POND_LOG").unwrap_or_else(|_| default.into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.global.log_format == "json" {
+        builder.json().flatten_event(true).with_current_span(false).init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}
+
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -921,10 +940,7 @@ fn main() {
         std::process::exit(pond_sandbox::oci::run_helper(std::path::Path::new(&args[3])));
     }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("POND_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&cli);
     match dispatch(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

@@ -560,3 +560,116 @@ fn the_first_admin_token_can_be_the_operator_s_own() {
         assert!(err.contains("the admin token"), "{err}");
     }
 }
+
+/// A real Prometheus (Debian's `prometheus`) scrapes the server with a bearer token file and
+/// answers a query for a series pond exports: `up` is 1, and the queue-depth gauge counts the
+/// pooled stage that no worker has taken.
+#[test]
+fn a_real_prometheus_scrapes_the_server_and_sees_the_queue() {
+    if std::process::Command::new("prometheus").arg("--version").output().is_err() {
+        pond_store::missing_prerequisite("prometheus is not installed (Debian `prometheus`; .ci/run installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let admin = server.admin();
+    let pooled = json!({"stages": [{"key": "p", "executor": {"kind": "noop", "placement": "pool"}}]});
+    admin.submit(&run_json(pooled), None).unwrap();
+    let token_file = dir.path().join("scrape.token");
+    std::fs::write(&token_file, &server.token).unwrap();
+    let target = server.url.trim_start_matches("http://").to_string();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: pond\n    authorization:\n      credentials_file: {}\n    static_configs:\n      - targets: ['{target}']\n",
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let prometheus = std::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _prometheus = Kill(prometheus);
+    let query = |q: &str| -> Option<f64> {
+        let encoded: String = q
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() || b == b'_' { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
+        let url = format!("http://127.0.0.1:{port}/api/v1/query?query={encoded}");
+        let answer: serde_json::Value = ureq::get(&url).call().ok()?.into_json().ok()?;
+        answer["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let up = query("up{job=\"pond\"}");
+        let queued = query("pond_stages_queued{placement=\"pool\",ready=\"true\"}");
+        if up == Some(1.0) && queued == Some(1.0) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "prometheus never saw pond: up {up:?}, queued {queued:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `--log-format json` writes one JSON object per line and no colour codes; every request gets
+/// an access-log line with its request id — the one it came with (echoed back), or a new one.
+#[test]
+fn json_logs_carry_an_access_line_with_the_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let mut child = std::process::Command::new(common::POND)
+        .args(["server", "--listen", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env_remove("POND_LOG")
+        .env("POND_SANDBOX", "host")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
+    let url = first.trim().strip_prefix("pond server listening on ").unwrap().to_string();
+    let given = ureq::get(&format!("{url}/healthz")).set("x-request-id", "trace-42").call().unwrap();
+    assert_eq!(given.header("x-request-id"), Some("trace-42"));
+    let missing = ureq::get(&format!("{url}/no/such/route")).call().unwrap_err();
+    let ureq::Error::Status(404, missing) = missing else { panic!("{missing}") };
+    let made = missing.header("x-request-id").unwrap().to_string();
+    assert_eq!(made.len(), 16, "{made}");
+    let mut lines = Vec::new();
+    let started = std::time::Instant::now();
+    while lines.len() < 2 && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(!text.contains('\u{1b}'), "colour codes in a file: {text}");
+        lines = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .filter(|l| l["target"] == "pond_access")
+            .collect();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let by_id = |id: &str| lines.iter().find(|l| l["request_id"] == id).cloned();
+    let health = by_id("trace-42").unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(
+        (health["method"].as_str(), health["path"].as_str(), health["status"].as_u64()),
+        (Some("GET"), Some("/healthz"), Some(200))
+    );
+    let unknown = by_id(&made).unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(unknown["status"], 404);
+    assert!(unknown["duration_ms"].as_f64().is_some());
+}

@@ -67,6 +67,19 @@ pub struct Claim {
     pub stage: Stage,
 }
 
+/// Stages of unfinished runs in one state and placement (the queue-depth gauges).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StageCount {
+    /// `queued` or `running`.
+    pub state: crate::run::StageState,
+    /// Whether a pool worker runs it (else a server).
+    pub pooled: bool,
+    /// Queued only: whether it may start now (its needs met, its backoff over).
+    pub ready: bool,
+    /// How many.
+    pub count: u64,
+}
+
 /// Whether a lease is still held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LeaseStatus {
@@ -315,6 +328,8 @@ pub trait Store: Send + Sync + 'static {
     /// Runs with a running stage whose lease expired while a cancel was pending, or that lost
     /// its lease too often: they need [`RunSnapshot::reap`].
     async fn runs_to_reap(&self, now: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError>;
+    /// Queued and running stages by state, placement and (queued) readiness at `now`.
+    async fn stage_counts(&self, now: Timestamp) -> Result<Vec<StageCount>, StoreError>;
     /// Lets every running lease expire at `now`. Only for a store that one node owns
     /// exclusively (SQLite), at start-up: the previous process is known to be dead.
     async fn expire_all_leases(&self, now: Timestamp) -> Result<u64, StoreError>;

@@ -295,6 +295,14 @@ async fn forward(mut rx: mpsc::Receiver<OutputLine>, output: &dyn OutputSink) {
                 Ok(None) | Err(_) => break,
             }
         }
+        // The sandbox's egress proxy says each refusal on the stage's stderr.
+        let refused = batch
+            .iter()
+            .filter(|l| l.stream == LogStream::Stderr && l.bytes.starts_with(b"pond sandbox: egress refused"))
+            .count();
+        if refused > 0 {
+            metrics::counter!("pond_sandbox_egress_refusals_total").increment(refused as u64);
+        }
         output.lines(batch).await;
     }
 }
@@ -562,8 +570,18 @@ impl ShellExecutor {
             // The backend's word on how the command ended; without it the sandbox failed.
             let report: SandboxReport = match std::fs::read(&report).map(|b| serde_json::from_slice(&b)) {
                 Ok(Ok(r)) => r,
-                _ => return fail(format!("the sandbox ended without a report ({})", exit_text(status))),
+                _ => {
+                    metrics::counter!("pond_sandboxes_total", "outcome" => "sandbox_error").increment(1);
+                    return fail(format!("the sandbox ended without a report ({})", exit_text(status)));
+                }
             };
+            let outcome = match (&report.error, report.oom_killed, report.timed_out) {
+                (Some(_), _, _) => "sandbox_error",
+                (None, true, _) => "oom_killed",
+                (None, false, true) => "timed_out",
+                _ => "exited",
+            };
+            metrics::counter!("pond_sandboxes_total", "outcome" => outcome).increment(1);
             return match report.failure() {
                 None => StageOutcome::Succeeded,
                 Some(error) => StageOutcome::Failed { error, exit_code: report.exit_code },

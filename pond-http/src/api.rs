@@ -76,6 +76,8 @@ pub fn app(state: AppState) -> Router {
         })
         .layer(axum::middleware::from_fn(json_errors))
         .layer(cors(&limits.cors_origins))
+        // Outermost: every request gets an id and an access-log line.
+        .layer(axum::middleware::from_fn(crate::metrics::access_log))
         .with_state(state)
 }
 
@@ -93,7 +95,13 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
     tower_http::cors::CorsLayer::new()
         .allow_origin(allowed)
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static("idempotency-key")])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static(crate::metrics::REQUEST_ID),
+        ])
+        .expose_headers([HeaderName::from_static(crate::metrics::REQUEST_ID)])
         .max_age(std::time::Duration::from_secs(600))
 }
 

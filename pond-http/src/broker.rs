@@ -620,6 +620,17 @@ pub struct ServerAgents {
     pub ledger: Option<(pond_core::usage::Ledger, Arc<dyn pond_core::time::Clock>)>,
 }
 
+/// Model spend by project and model, as booked (local calls one by one, pooled jobs with their
+/// result).
+pub fn record_spend(project: &str, model: Option<&str>, spend: &pond_core::usage::Spend) {
+    let (project, model) = (project.to_string(), model.unwrap_or("-").to_string());
+    let labels = [("project", project), ("model", model)];
+    metrics::counter!("pond_model_requests_total", &labels).increment(spend.requests);
+    metrics::counter!("pond_model_input_tokens_total", &labels).increment(spend.input_tokens);
+    metrics::counter!("pond_model_output_tokens_total", &labels).increment(spend.output_tokens);
+    metrics::counter!("pond_model_cost_microusd_total", &labels).increment((spend.cost_usd * 1e6).round() as u64);
+}
+
 /// A local stage's account in the server's books.
 struct LedgerAccount {
     ledger: pond_core::usage::Ledger,
@@ -641,6 +652,7 @@ impl pond_core::agents::SpendAccount for LedgerAccount {
     async fn book(&self, usage: pond_core::usage::TokenUsage) {
         let spend = pond_core::usage::Spend::priced(usage, self.model.as_ref());
         let model = self.model.as_ref().map(|m| m.key.as_str());
+        record_spend(&self.project, model, &spend);
         let booked = self
             .ledger
             .book(

@@ -40,7 +40,7 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
 
 /// The help text of every series (Prometheus shows it; `promtool check metrics` requires it).
 fn describe() {
-    use metrics::{describe_counter, describe_histogram, Unit};
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!("pond_http_requests_total", "HTTP requests answered, by method, route template and status");
     describe_histogram!(
         "pond_http_request_duration_seconds",
@@ -66,6 +66,47 @@ fn describe() {
         "pond_store_errors_total",
         "API answers that failed for a store error (unavailable, backend, corrupt)"
     );
+    describe_counter!("pond_model_requests_total", "Model calls booked, by project and model");
+    describe_counter!(
+        "pond_model_input_tokens_total",
+        "Model input tokens booked (cache included), by project and model"
+    );
+    describe_counter!("pond_model_output_tokens_total", "Model output tokens booked, by project and model");
+    describe_counter!(
+        "pond_model_cost_microusd_total",
+        "Model spend booked at the registered prices, in millionths of a US dollar, by project and model"
+    );
+    describe_counter!(
+        "pond_sandboxes_total",
+        "OCI sandboxes ended, by outcome (exited, oom_killed, timed_out, sandbox_error)"
+    );
+    describe_counter!("pond_sandbox_egress_refusals_total", "Connections the sandboxes' egress proxy refused");
+    describe_gauge!(
+        "pond_stages_queued",
+        "Queued stages of unfinished runs, by placement and whether they may start now"
+    );
+    describe_gauge!("pond_stages_running", "Stages whose attempt holds a lease, by placement");
+}
+
+/// Sets the queue-depth gauges from the store (at each scrape: every node reports the whole
+/// store's figures, so a dashboard takes one node's or the max, not the sum).
+async fn queue_depth(state: &AppState) -> Result<(), ApiError> {
+    let counts = pond_core::store::Store::stage_counts(&*state.store, state.engine.clock().now()).await?;
+    for pooled in [false, true] {
+        let placement = if pooled { "pool" } else { "local" };
+        let sum = |running: bool, ready: bool| {
+            counts
+                .iter()
+                .filter(|c| c.pooled == pooled && (c.state == pond_core::run::StageState::Running) == running)
+                .filter(|c| running || c.ready == ready)
+                .map(|c| c.count)
+                .sum::<u64>() as f64
+        };
+        metrics::gauge!("pond_stages_queued", "placement" => placement, "ready" => "true").set(sum(false, true));
+        metrics::gauge!("pond_stages_queued", "placement" => placement, "ready" => "false").set(sum(false, false));
+        metrics::gauge!("pond_stages_running", "placement" => placement).set(sum(true, false));
+    }
+    Ok(())
 }
 
 /// Counts and times every request by method, route template (never the raw path: ids would
@@ -86,11 +127,57 @@ pub async fn count_requests(request: Request, next: Next) -> Response {
     response
 }
 
+/// The header that carries a request's id, both ways.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The access log and request ids, around everything the server answers (unrouted requests and
+/// preflights included): a request keeps the `x-request-id` it came with (1 to 64 letters,
+/// digits, `-`, `_`, `.`) or gets a new one; the answer carries it back; one `pond_access`
+/// line per request (at `info`) says method, path (no query), status, duration and the id.
+pub async fn access_log(mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let given = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
+        .map(str::to_string);
+    let id = given.unwrap_or_else(|| {
+        use rand::RngCore as _;
+        let mut raw = [0u8; 8];
+        rand::rngs::OsRng.fill_bytes(&mut raw);
+        hex::encode(raw)
+    });
+    if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
+        request.headers_mut().insert(REQUEST_ID, value);
+    }
+    let method = request.method().to_string();
+    let path: String = request.uri().path().chars().take(256).collect();
+    let mut response = next.run(request).await;
+    if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    tracing::info!(
+        target: "pond_access",
+        method = %method,
+        path = %path,
+        status = response.status().as_u16(),
+        duration_ms = (started.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0,
+        request_id = %id,
+        "{method} {path} {}",
+        response.status().as_u16()
+    );
+    response
+}
+
 /// `GET /metrics`: the Prometheus text format, for an admin token.
-pub async fn render(State(_state): State<AppState>, who: Principal) -> Result<Response, ApiError> {
+pub async fn render(State(state): State<AppState>, who: Principal) -> Result<Response, ApiError> {
     if who.visible_projects().is_some() {
         return Err(ApiError::Forbidden("metrics are for an admin token".into()));
     }
+    queue_depth(&state).await?;
     let Some(handle) = handle() else {
         return Err(ApiError::NotFound("this process records metrics elsewhere (its own recorder)".into()));
     };

@@ -743,6 +743,7 @@ async fn book_job_usage(
         None => None,
     };
     let spend = pond_core::usage::Spend::priced(usage, model.as_ref());
+    crate::broker::record_spend(&snapshot.run.project_id, model_ref.as_deref(), &spend);
     let booked = pond_core::usage::Ledger::new(state.store_dyn())
         .book(
             &snapshot.run.project_id,

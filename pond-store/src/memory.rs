@@ -192,6 +192,31 @@ impl Store for MemoryStore {
         Ok(LeaseStatus::Held { cancel_requested: s.cancel_requested })
     }
 
+    async fn stage_counts(&self, now: Timestamp) -> Result<Vec<pond_core::store::StageCount>, StoreError> {
+        let inner = self.lock()?;
+        let mut counts: std::collections::BTreeMap<(bool, bool, bool), u64> = Default::default();
+        for id in &inner.active {
+            for s in &inner.runs[id].stages {
+                let running = match s.state {
+                    StageState::Queued => false,
+                    StageState::Running => true,
+                    _ => continue,
+                };
+                let ready = !running && s.ready_at.is_some_and(|t| t <= now);
+                *counts.entry((running, s.requirements.is_some(), ready)).or_default() += 1;
+            }
+        }
+        Ok(counts
+            .into_iter()
+            .map(|((running, pooled, ready), count)| pond_core::store::StageCount {
+                state: if running { StageState::Running } else { StageState::Queued },
+                pooled,
+                ready,
+                count,
+            })
+            .collect())
+    }
+
     async fn runs_to_reap(&self, now: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError> {
         let inner = self.lock()?;
         Ok(inner

@@ -553,6 +553,25 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn stage_counts(&self, now: Timestamp) -> Result<Vec<pond_core::store::StageCount>, StoreError> {
+        let rows: Vec<(String, bool, bool, i64)> = sqlx::query_as(
+            "SELECT state, pool_tags IS NOT NULL AS pooled, (state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ?) AS ready, COUNT(*)
+               FROM stages WHERE state IN ('queued', 'running')
+              GROUP BY 1, 2, 3",
+        )
+        .bind(now.as_millis())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(state, pooled, ready, count)| {
+                let state = pond_core::run::StageState::parse(&state)?;
+                Some(pond_core::store::StageCount { state, pooled, ready, count: count.max(0) as u64 })
+            })
+            .collect())
+    }
+
     async fn runs_to_reap(&self, now: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError> {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT run_id FROM stages

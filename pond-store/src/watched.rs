@@ -164,6 +164,9 @@ impl Store for WatchedStore {
     async fn runs_to_reap(&self, now: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError> {
         self.inner.runs_to_reap(now, limit).await
     }
+    async fn stage_counts(&self, now: Timestamp) -> Result<Vec<pond_core::store::StageCount>, StoreError> {
+        self.inner.stage_counts(now).await
+    }
     async fn expire_all_leases(&self, now: Timestamp) -> Result<u64, StoreError> {
         let n = self.inner.expire_all_leases(now).await?;
         self.announce_run_change([]);

@@ -693,6 +693,32 @@ pub async fn the_transparency_log_appends_in_turn_and_never_forgets(store: Arc<d
     assert!(of_a.iter().all(|(i, leaf)| all[*i as usize] == hash(leaf)), "each leaf at its own index");
 }
 
+pub async fn stage_counts_give_queue_depth_by_placement(store: Arc<dyn Store>) {
+    use pond_core::run::StageState;
+    // Two runs: a local chain (first ready, second waiting for it) and a pooled stage.
+    let chain = json!({"stages":[{"key":"a","executor":{"kind":"noop"}},{"key":"b","executor":{"kind":"noop"}}]});
+    store.insert_run(&new_run("p", chain, None, at(1))).await.unwrap();
+    let pooled = json!({"stages":[{"key":"w","executor":{"kind":"noop","placement":"pool"}}]});
+    store.insert_run(&new_run("p", pooled, None, at(2))).await.unwrap();
+    let count = |counts: &[pond_core::store::StageCount], state: StageState, pooled: bool, ready: bool| {
+        counts
+            .iter()
+            .filter(|c| c.state == state && c.pooled == pooled && c.ready == ready)
+            .map(|c| c.count)
+            .sum::<u64>()
+    };
+    let counts = store.stage_counts(at(10)).await.unwrap();
+    assert_eq!(count(&counts, StageState::Queued, false, true), 1, "{counts:?}");
+    assert_eq!(count(&counts, StageState::Queued, false, false), 1, "{counts:?}");
+    assert_eq!(count(&counts, StageState::Queued, true, true), 1, "{counts:?}");
+    // The local one claimed: running, and nothing local is ready.
+    assert_eq!(store.claim_stages(&claim_query("n1", at(11), 30_000, 1)).await.unwrap().len(), 1);
+    let counts = store.stage_counts(at(12)).await.unwrap();
+    assert_eq!(count(&counts, StageState::Running, false, false), 1, "{counts:?}");
+    assert_eq!(count(&counts, StageState::Queued, false, true), 0, "{counts:?}");
+    assert_eq!(count(&counts, StageState::Queued, true, true), 1, "{counts:?}");
+}
+
 pub async fn usage_books_every_call_once(store: Arc<dyn Store>) {
     use pond_core::usage::{Booking, Ledger, Spend};
     let ledger = Ledger::new(store.clone());
@@ -765,6 +791,7 @@ macro_rules! conformance {
                 records_swap_atomically,
                 the_transparency_log_appends_in_turn_and_never_forgets,
                 usage_books_every_call_once,
+                stage_counts_give_queue_depth_by_placement,
             );
         }
     };
