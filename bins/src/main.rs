@@ -712,6 +712,10 @@ struct OrchestratorArgs {
     /// A label shown by `pond pool ls` (default: the host name).
     #[arg(long)]
     name: Option<String>,
+    /// Also serve Prometheus `GET /metrics` here, without a token (bind it where only the
+    /// scraper reaches, e.g. 127.0.0.1:9430).
+    #[arg(long, env = "POND_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -754,6 +758,10 @@ struct WorkerArgs {
     /// `log truncated` note.
     #[arg(long, env = "POND_MAX_LOG_BYTES", default_value_t = pond_core::engine::DEFAULT_MAX_LOG_BYTES)]
     max_log_bytes: u64,
+    /// Also serve Prometheus `GET /metrics` here, without a token (jobs by outcome, sandboxes,
+    /// egress refusals; bind it where only the scraper reaches, e.g. 127.0.0.1:9431).
+    #[arg(long, env = "POND_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     sandbox: SandboxArgs,
 }
@@ -1266,6 +1274,10 @@ fn orchestrator(server: String, args: OrchestratorArgs) -> Result<()> {
         config.name = args.name.unwrap_or_else(host_name);
         let orch = pond_http::orchestrator::start(config).await?;
         println!("pond orchestrator listening on {}", orch.url());
+        if let Some(addr) = args.metrics_listen {
+            let bound = pond_http::metrics::serve_unauthenticated(addr).await.context("--metrics-listen")?;
+            println!("metrics on http://{bound}/metrics");
+        }
         println!("pool: {}; id: {}; pond: {server}", orch.member.pool, orch.member.id);
         std::io::stdout().flush()?;
         shutdown_signal().await;
@@ -1369,6 +1381,10 @@ fn worker(args: WorkerArgs) -> Result<i32> {
     );
     std::io::stdout().flush()?;
     let rt = runtime()?;
+    if let Some(addr) = args.metrics_listen {
+        let bound = rt.block_on(pond_http::metrics::serve_unauthenticated(addr)).context("--metrics-listen")?;
+        println!("metrics on http://{bound}/metrics");
+    }
     let summary = rt.block_on(async {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

@@ -845,3 +845,56 @@ fn a_revoked_member_s_credential_stops_working_at_once() {
     let (status, _) = raw("POST", &format!("{}/v1/orch/claim", server.url), &token, Some(json!({"workers": []})));
     assert_eq!(status, 401, "the revoked orchestrator's credential");
 }
+
+/// An orchestrator and a worker serve their own Prometheus metrics (`--metrics-listen`): the
+/// orchestrator counts the jobs it handed out and the worker requests it answered, the worker
+/// the jobs it ended by outcome; both pass `promtool check metrics`.
+#[test]
+fn orchestrator_and_worker_serve_their_own_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let admin = server.admin();
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (orch_metrics, worker_metrics) = (format!("127.0.0.1:{}", free()), format!("127.0.0.1:{}", free()));
+    let code = enroll_code(&admin, "obs", None, None);
+    let orch = Orchestrator::start_with(
+        &server.url,
+        &dir.path().join("orch"),
+        "127.0.0.1:0",
+        Some(&code),
+        &[("POND_METRICS_LISTEN", orch_metrics.as_str())],
+    );
+    let code = enroll_code(&admin, "obs", Some(&[]), None);
+    let _worker = Worker::start(&orch.url, &dir.path().join("worker"), &code, &["--metrics-listen", &worker_metrics]);
+    let body = json!({"project_id": "acme", "definition": {"stages": [{"key": "p", "executor": {"kind": "shell",
+        "argv": ["true"], "placement": "pool", "sandbox": {"tier": "any"}}}]}});
+    let run = admin.submit(&body, None).unwrap();
+    assert_eq!(wait_done(&admin, &run.id.to_string(), Duration::from_secs(60)).state.as_str(), "succeeded");
+    let scrape = |addr: &str| ureq::get(&format!("http://{addr}/metrics")).call().unwrap().into_string().unwrap();
+    let has = |text: &str, needles: &[&str]| {
+        text.lines().any(|l| !l.starts_with('#') && needles.iter().all(|n| l.contains(n)))
+    };
+    let mut texts = Vec::new();
+    eventually("both sides counted the job", Duration::from_secs(10), || {
+        let (o, w) = (scrape(&orch_metrics), scrape(&worker_metrics));
+        let done = has(&o, &["pond_orchestrator_jobs_handed_total", " 1"])
+            && has(&o, &["pond_http_requests_total", "route=\"/v1/worker/jobs/{job}/result\"", "status=\"200\""])
+            && has(&w, &["pond_worker_jobs_total", "outcome=\"succeeded\"", " 1"]);
+        texts = vec![o, w];
+        done
+    });
+    if std::process::Command::new("promtool").arg("--version").output().is_err() {
+        pond_store::missing_prerequisite("promtool is not installed (Debian `prometheus`; .ci/run installs it)");
+        return;
+    }
+    for text in texts {
+        let file = dir.path().join("m.txt");
+        std::fs::write(&file, &text).unwrap();
+        let check = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::fs::File::open(&file).unwrap())
+            .output()
+            .unwrap();
+        assert!(check.status.success(), "{}{}", String::from_utf8_lossy(&check.stderr), text);
+    }
+}

@@ -143,8 +143,14 @@ impl Worker {
                     backoff = Duration::from_millis(100);
                     match self.run_job(job, shutdown.clone()).await {
                         Ended::Reported => summary.reported += 1,
-                        Ended::HandedBack => summary.handed_back += 1,
-                        Ended::Lost => summary.lost += 1,
+                        Ended::HandedBack => {
+                            metrics::counter!("pond_worker_jobs_total", "outcome" => "handed_back").increment(1);
+                            summary.handed_back += 1
+                        }
+                        Ended::Lost => {
+                            metrics::counter!("pond_worker_jobs_total", "outcome" => "lost").increment(1);
+                            summary.lost += 1
+                        }
                     }
                     if self.config.once {
                         break;
@@ -270,6 +276,12 @@ impl Worker {
                 [0; 64]
             }
         };
+        let ended = match &outcome {
+            StageOutcome::Succeeded => "succeeded",
+            StageOutcome::Failed { .. } => "failed",
+            StageOutcome::Cancelled => "cancelled",
+        };
+        metrics::counter!("pond_worker_jobs_total", "outcome" => ended).increment(1);
         let usage = *spent.lock().unwrap_or_else(|p| p.into_inner());
         let report = JobReport { outcome, input_sha256: input_sha, output_sha256, signature, usage };
         let mut delay = Duration::from_millis(100);

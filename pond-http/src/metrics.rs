@@ -86,6 +86,35 @@ fn describe() {
         "Queued stages of unfinished runs, by placement and whether they may start now"
     );
     describe_gauge!("pond_stages_running", "Stages whose attempt holds a lease, by placement");
+    describe_gauge!("pond_orchestrator_waiting_workers", "Workers holding a claim long poll on this orchestrator");
+    describe_counter!("pond_orchestrator_jobs_handed_total", "Jobs this orchestrator handed to its workers");
+    describe_counter!(
+        "pond_worker_jobs_total",
+        "Jobs this worker ended, by how (succeeded, failed, cancelled, handed_back, lost)"
+    );
+}
+
+/// Serves `GET /metrics` without a token on `addr`, for an orchestrator or a worker (which have
+/// no admin token to check): bind it where only the scraper reaches (loopback, a private
+/// network). Returns the bound address.
+pub async fn serve_unauthenticated(addr: std::net::SocketAddr) -> std::io::Result<std::net::SocketAddr> {
+    let _ = handle();
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            match handle() {
+                Some(h) => {
+                    h.run_upkeep();
+                    ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response()
+                }
+                None => (axum::http::StatusCode::NOT_FOUND, "this process records metrics elsewhere").into_response(),
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(bound)
 }
 
 /// Sets the queue-depth gauges from the store (at each scrape: every node reports the whole

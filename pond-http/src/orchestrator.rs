@@ -446,7 +446,9 @@ fn worker_api(orch: Arc<Orch>) -> Router {
         .method_not_allowed_fallback(|method: Method, uri: axum::http::Uri| async move {
             ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
         })
+        .route_layer(axum::middleware::from_fn(crate::metrics::count_requests))
         .layer(axum::middleware::from_fn(json_errors))
+        .layer(axum::middleware::from_fn(crate::metrics::access_log))
         .with_state(orch)
 }
 
@@ -515,8 +517,13 @@ async fn claim(
     };
     orch.kick.notify_one();
     let mut rx = rx;
+    let waiting = orch.lock().waiters.len();
+    metrics::gauge!("pond_orchestrator_waiting_workers").set(waiting as f64);
     match tokio::time::timeout(wait, &mut rx).await {
-        Ok(Ok(job)) => Ok(Json(job).into_response()),
+        Ok(Ok(job)) => {
+            metrics::counter!("pond_orchestrator_jobs_handed_total").increment(1);
+            Ok(Json(job).into_response())
+        }
         _ => {
             {
                 let mut q = orch.lock();

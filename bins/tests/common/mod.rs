@@ -222,6 +222,17 @@ impl Orchestrator {
     /// Starts an orchestrator for `server` on `listen` (e.g. `127.0.0.1:0`), enrolling with
     /// `code` when given.
     pub fn start(server: &str, state_dir: &Path, listen: &str, code: Option<&str>) -> Orchestrator {
+        Orchestrator::start_with(server, state_dir, listen, code, &[])
+    }
+
+    /// [`Orchestrator::start`] with extra environment variables.
+    pub fn start_with(
+        server: &str,
+        state_dir: &Path,
+        listen: &str,
+        code: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Orchestrator {
         let mut args: Vec<String> = ["orchestrator", "--server", server, "--listen", listen, "--state-dir"]
             .iter()
             .map(|s| s.to_string())
@@ -230,7 +241,7 @@ impl Orchestrator {
         if let Some(code) = code {
             args.extend(["--enroll".to_string(), code.to_string()]);
         }
-        let (child, first) = spawn_reporting(&args, &[]);
+        let (child, first) = spawn_reporting(&args, env);
         let url = first
             .strip_prefix("pond orchestrator listening on ")
             .unwrap_or_else(|| panic!("unexpected first line: {first}"))
