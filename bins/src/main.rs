@@ -831,6 +831,10 @@ enum ContextCommand {
         /// Context name.
         name: String,
     },
+    /// Replace the current context's token with a new one (same role and projects); the old
+    /// stops working at once. The new token is saved where the old was: in the context, or for
+    /// `local` in the data directory's admin.token.
+    RotateToken,
 }
 
 #[derive(Args)]
@@ -1044,7 +1048,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Admin { command: AdminCommand::Enroll { command } } => {
             enroll(command, &admin_client(&cli.global, &config_path)?).map(|()| 0)
         }
-        Command::Context { command } => context(command, &config_path).map(|()| 0),
+        Command::Context { command } => context(command, &config_path, cli.global.server.clone()).map(|()| 0),
         Command::Keys { command } => {
             let config = CliConfig::load(&config_path)?;
             let context = cli.global.context.or(config.current);
@@ -1880,7 +1884,7 @@ fn keys(command: KeysCommand, client: &Client) -> Result<()> {
     Ok(())
 }
 
-fn context(command: ContextCommand, path: &std::path::Path) -> Result<()> {
+fn context(command: ContextCommand, path: &std::path::Path, server: Option<String>) -> Result<()> {
     let mut config = CliConfig::load(path)?;
     match command {
         ContextCommand::Add { name, server, token, token_file, project, make_current } => {
@@ -1935,6 +1939,44 @@ fn context(command: ContextCommand, path: &std::path::Path) -> Result<()> {
                 for (name, c) in &config.contexts {
                     let mark = if config.current.as_deref() == Some(name) { "*" } else { " " };
                     println!("{mark} {name:<16} {:<40} {}", c.server, c.project.clone().unwrap_or_default());
+                }
+            }
+        }
+        ContextCommand::RotateToken => {
+            let current = config.current.clone().filter(|n| config.contexts.contains_key(n));
+            let overrides = TargetOverrides { context: current.clone(), server, ..Default::default() };
+            let target = cli::resolve_target(&config, &overrides)?;
+            if target.token.is_none() {
+                bail!("the current context has no token to rotate");
+            }
+            let rotated = Client::new(&target.server, target.token).rotate_own_key()?;
+            let secret = rotated.token.context("the server returned no token")?;
+            match current {
+                Some(name) => {
+                    if let Some(c) = config.contexts.get_mut(&name) {
+                        c.token = Some(secret);
+                    }
+                    config.save(path)?;
+                    println!("context `{name}`: token rotated (key {})", rotated.id);
+                }
+                None => {
+                    let dir =
+                        std::env::var_os("POND_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".pond"));
+                    let file = dir.join("admin.token");
+                    let pending = dir.join("admin.token.new");
+                    {
+                        use std::os::unix::fs::OpenOptionsExt as _;
+                        let mut f = std::fs::OpenOptions::new()
+                            .write(true)
+                            .create(true)
+                            .truncate(true)
+                            .mode(0o600)
+                            .open(&pending)?;
+                        f.write_all(secret.as_bytes())?;
+                        f.sync_all()?;
+                    }
+                    std::fs::rename(&pending, &file)?;
+                    println!("admin token rotated (key {}); the new one is in {}", rotated.id, file.display());
                 }
             }
         }

@@ -673,3 +673,31 @@ fn json_logs_carry_an_access_line_with_the_request_id() {
     assert_eq!(unknown["status"], 404);
     assert!(unknown["duration_ms"].as_f64().is_some());
 }
+
+/// `pond context rotate-token` on the built-in context: the admin token in the data directory is
+/// replaced, the old one stops working at once, the new one works; `/v1/version` needs no token.
+#[test]
+fn the_admin_token_rotates_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let old = server.token.clone();
+    let out = std::process::Command::new(common::POND)
+        .args(["context", "rotate-token"])
+        .env("POND_SERVER", &server.url)
+        .env("POND_DATA_DIR", dir.path())
+        .env("POND_CONFIG", dir.path().join("cli.json"))
+        .env_remove("POND_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let new = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_string();
+    assert_ne!(new, old);
+    assert!(new.starts_with("pond_admin_"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(dir.path().join("admin.token")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(api_error(server.client(&old).list_keys().unwrap_err()).0, 401, "the old token is dead");
+    assert!(server.client(&new).list_keys().is_ok());
+    let version: serde_json::Value =
+        ureq::get(&format!("{}/v1/version", server.url)).call().unwrap().into_json().unwrap();
+    assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
+}

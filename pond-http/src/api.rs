@@ -49,6 +49,8 @@ pub fn app(state: AppState) -> Router {
         .route("/runs/{id}/artifacts/{*name}", get(get_artifact))
         .route("/admin/keys", post(create_key).get(list_keys))
         .route("/admin/keys/{id}", delete(revoke_key))
+        .route("/keys/rotate", post(rotate_own_key))
+        .route("/version", get(version))
         .merge(crate::agents_api::routes())
         .merge(crate::keys_api::routes())
         .merge(crate::usage_api::routes())
@@ -572,6 +574,28 @@ async fn create_key(
     let mut view = KeyView::from(record);
     view.token = Some(secret);
     Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+/// `POST /v1/keys/rotate`: the caller's token (admin or consumer) is replaced by a new one with
+/// the same role, projects and name; the answer carries the new secret (shown once) and the old
+/// token stops working at once on this node (within the token cache's few seconds on others).
+async fn rotate_own_key(State(state): State<AppState>, who: Principal) -> Result<Response, ApiError> {
+    let now = state.engine.clock().now();
+    let old = state.store.list_tokens().await?.into_iter().find(|t| t.id == who.token_id);
+    let name = old.map(|t| t.name).unwrap_or_else(|| "rotated key".into());
+    let (secret, record) = mint_token(who.role, &name, who.projects.clone(), now);
+    // The new one first: a failure between the two leaves both working, never neither.
+    state.store.insert_token(&record).await?;
+    state.store.revoke_token(who.token_id, now).await?;
+    state.tokens.clear();
+    let mut view = KeyView::from(record);
+    view.token = Some(secret);
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+/// `GET /v1/version` (no token needed): the server's version and API.
+async fn version() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "api": "v1"}))
 }
 
 async fn list_keys(State(state): State<AppState>, who: Principal) -> Result<Json<KeyList>, ApiError> {

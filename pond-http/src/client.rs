@@ -294,6 +294,11 @@ impl Client {
         self.json(self.request("POST", "/v1/admin/keys"), Some(Body::Json(body)))
     }
 
+    /// `POST /v1/keys/rotate`: this client's token replaced by a new one (returned once).
+    pub fn rotate_own_key(&self) -> Result<KeyView, ClientError> {
+        self.json(self.request("POST", "/v1/keys/rotate"), None)
+    }
+
     /// `GET /v1/admin/keys`.
     pub fn list_keys(&self) -> Result<KeyList, ClientError> {
         self.json(self.request("GET", "/v1/admin/keys"), None)
