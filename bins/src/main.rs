@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod settings;
 mod usage;
 
 use anyhow::{bail, Context as _, Result};
@@ -45,6 +46,11 @@ struct Global {
     /// What is logged: `POND_LOG` (e.g. `info`, `warn,pond_access=info`).
     #[arg(long, global = true, env = "POND_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Settings for `server`, `orchestrator` and `worker` from a TOML file (a `[server]`,
+    /// `[orchestrator]` or `[worker]` table of their long flags); flags and environment
+    /// variables win over it.
+    #[arg(long, global = true, env = "POND_CONFIG_FILE")]
+    config_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -343,6 +349,9 @@ struct ServerArgs {
     /// for a whole deployment). Without it, the first node to start mints one into admin.token.
     #[arg(long, env = "POND_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_admin_token)]
     admin_token: Option<String>,
+    /// Print every setting (flags, environment, config file, defaults) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
     /// Encrypt a run that names recipients but does not say `encrypt` (false: only on `encrypt: true`).
     #[arg(long, env = "POND_ENCRYPTION_DEFAULT", default_value_t = true, action = clap::ArgAction::Set)]
     encryption_default: bool,
@@ -716,6 +725,9 @@ struct OrchestratorArgs {
     /// scraper reaches, e.g. 127.0.0.1:9430).
     #[arg(long, env = "POND_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Print every setting (flags, environment, config file, defaults) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 #[derive(Args)]
@@ -762,6 +774,9 @@ struct WorkerArgs {
     /// egress refusals; bind it where only the scraper reaches, e.g. 127.0.0.1:9431).
     #[arg(long, env = "POND_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Print every setting (flags, environment, config file, defaults) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
     #[command(flatten)]
     sandbox: SandboxArgs,
 }
@@ -951,7 +966,31 @@ fn main() {
     if args.len() == 4 && args[1] == "sandbox" && args[2] == "run" {
         std::process::exit(pond_sandbox::oci::run_helper(std::path::Path::new(&args[3])));
     }
-    let cli = Cli::parse();
+    let argv: Vec<String> = std::env::args().collect();
+    let (argv, from_file) = match settings::apply::<Cli>(argv) {
+        Ok(applied) => applied,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let matches = <Cli as clap::CommandFactory>::command().get_matches_from(argv);
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let printing = match &cli.command {
+        Command::Server(a) => a.print_config.then_some("server"),
+        Command::Orchestrator(a) => a.print_config.then_some("orchestrator"),
+        Command::Worker(a) => a.print_config.then_some("worker"),
+        _ => None,
+    };
+    if let Some(section) = printing {
+        if let Some(sub) = matches.subcommand_matches(section) {
+            settings::print(section, sub, &from_file);
+        }
+        std::process::exit(0);
+    }
     init_logging(&cli);
     match dispatch(cli) {
         Ok(code) => std::process::exit(code),

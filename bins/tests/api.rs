@@ -701,3 +701,73 @@ fn the_admin_token_rotates_in_place() {
         ureq::get(&format!("{}/v1/version", server.url)).call().unwrap().into_json().unwrap();
     assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
 }
+
+/// One TOML file configures the server: its settings apply where no flag or environment
+/// variable says otherwise, `--print-config` shows each setting with where it came from (secrets
+/// hidden), an unknown key is refused naming it, and a server starts from the file.
+#[test]
+fn a_config_file_sets_what_flags_and_env_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pond.toml");
+    let data = dir.path().join("from-file");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata-dir = \"{}\"\nslots = 3\nlease = \"45s\"\nmodel-origin = [\"https://a.example\", \"https://b.example\"]\nallow-http-git = true\nadmin-token = \"pond_admin_{}\"\n[worker]\norchestrator = \"http://o:8430\"\n",
+            data.display(),
+            "5".repeat(64)
+        ),
+    )
+    .unwrap();
+    let pond = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(common::POND);
+        cmd.args(args).env_remove("POND_SLOTS").env_remove("POND_LEASE").env_remove("POND_LISTEN");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let file_arg = file.display().to_string();
+    let out = pond(&["server", "--config-file", &file_arg, "--print-config", "--lease", "10s"], &[("POND_SLOTS", "5")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "listen = \"127.0.0.1:0\"  # file",
+        "slots = \"5\"  # env",
+        "lease = \"10s\"  # flag",
+        "model-origin = [\"https://a.example\", \"https://b.example\"]  # file",
+        "allow-http-git = \"true\"  # file",
+        "admin-token = \"<hidden>\"  # file",
+        "database-pool = \"16\"  # default",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+    }
+    assert!(!text.contains(&"5".repeat(64)), "a secret printed");
+
+    std::fs::write(dir.path().join("bad.toml"), "[server]\nlisen = \"x\"\n").unwrap();
+    let bad = dir.path().join("bad.toml").display().to_string();
+    let out = pond(&["server", "--config-file", &bad, "--print-config"], &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("[server] has no setting `lisen`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A server from the file alone (POND_CONFIG_FILE): listening, its data where the file says.
+    let mut child = std::process::Command::new(common::POND)
+        .arg("server")
+        .env("POND_CONFIG_FILE", &file)
+        .env("POND_SANDBOX", "host")
+        .env_remove("POND_LISTEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(first.starts_with("pond server listening on http://127.0.0.1:"), "{first}");
+    assert!(data.join("admin.token").is_file(), "the data directory is the file's");
+}
