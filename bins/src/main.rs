@@ -106,6 +106,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Back up a SQLite server's data directory while it runs: the database (a consistent copy)
+    /// and the keys beside it (`server.key` seals what is at rest), into a new directory.
+    /// Restore by starting `pond server --data-dir` on it. (PostgreSQL: `pg_dump` the database
+    /// and keep the server key.)
+    Backup {
+        /// The server's data directory.
+        #[arg(long, env = "POND_DATA_DIR", default_value = ".pond")]
+        data_dir: PathBuf,
+        /// Where the backup goes (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// What agent stages spent on model calls: a project's per day and model (with its monthly
     /// budget), or one run's per stage attempt.
     Usage(usage::UsageArgs),
@@ -953,6 +965,36 @@ fn init_logging(cli: &Cli) {
     }
 }
 
+fn backup(data_dir: &Path, to: &Path) -> Result<()> {
+    let db = data_dir.join("pond.db");
+    if !db.is_file() {
+        bail!(
+            "{} has no pond.db: a server on PostgreSQL is backed up with `pg_dump` of its database, plus its server key (POND_SERVER_KEY or server.key)",
+            data_dir.display()
+        );
+    }
+    if to.exists() {
+        bail!("{} exists; a backup goes into a new directory", to.display());
+    }
+    private_dir(to)?;
+    runtime()?.block_on(pond_store::SqliteStore::backup(&db, &to.join("pond.db")))?;
+    let mut copied = vec!["pond.db".to_string()];
+    for file in ["server.key", "signing.ed25519", "admin.token"] {
+        let from = data_dir.join(file);
+        if from.is_file() {
+            std::fs::copy(&from, to.join(file)).with_context(|| format!("copying {}", from.display()))?;
+            std::fs::set_permissions(to.join(file), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            copied.push(file.to_string());
+        }
+    }
+    std::fs::set_permissions(to.join("pond.db"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    println!("backed up {} into {}: {}", data_dir.display(), to.display(), copied.join(", "));
+    if !copied.iter().any(|f| f == "server.key") {
+        println!("no server.key here: keep the POND_SERVER_KEY this server runs with; without it the sealed credentials and keys cannot be opened");
+    }
+    Ok(())
+}
+
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -1185,6 +1227,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Backup { data_dir, to } => backup(&data_dir, &to).map(|()| 0),
         Command::Usage(args) => {
             let config = CliConfig::load(&config_path)?;
             let overrides = TargetOverrides {

@@ -771,3 +771,36 @@ fn a_config_file_sets_what_flags_and_env_do_not() {
     assert!(first.starts_with("pond server listening on http://127.0.0.1:"), "{first}");
     assert!(data.join("admin.token").is_file(), "the data directory is the file's");
 }
+
+/// `pond backup` copies a running SQLite server's data directory (a consistent database copy
+/// and the keys beside it); a server started on the copy serves the same runs, logs and
+/// artifacts with the same admin token.
+#[test]
+fn a_backup_taken_while_the_server_runs_restores_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[]);
+    let admin = server.admin();
+    let body = run_json(json!({"stages": [{"key": "s", "executor": {"kind": "shell",
+        "argv": ["sh", "-c", "echo backed-up-line; echo payload > $POND_OUTPUT_DIR/out.txt"]}}]}));
+    let run = admin.submit(&body, None).unwrap();
+    let id = run.id.to_string();
+    assert_eq!(wait_done(&admin, &id, Duration::from_secs(20)).state.as_str(), "succeeded");
+    let copy = dir.path().join("copy");
+    let out = server.cli(&["backup", "--data-dir", &data.display().to_string(), "--to", &copy.display().to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Into an existing directory: refused.
+    let again = server.cli(&["backup", "--data-dir", &data.display().to_string(), "--to", &copy.display().to_string()]);
+    assert!(!again.status.success());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777, 0o700);
+    drop(server);
+
+    let restored = Server::start(&copy, &[]);
+    let admin = restored.admin();
+    assert_eq!(admin.get_run(&id).unwrap().state.as_str(), "succeeded");
+    assert!(log_text(&admin, &id).iter().any(|l| l == "backed-up-line"));
+    let mut artifact = Vec::new();
+    admin.download_artifact(&id, "out.txt", &mut artifact).unwrap();
+    assert_eq!(artifact, b"payload\n");
+}

@@ -109,6 +109,23 @@ async fn insert_one(conn: &mut SqliteConnection, snapshot: &RunSnapshot) -> Resu
 }
 
 impl SqliteStore {
+    /// Copies the database at `path` into a new file `to`, consistent as of one moment, while a
+    /// server may be using it (SQLite's `VACUUM INTO` on a connection of its own; writers wait
+    /// at most for the copy's read, never for a lock it holds).
+    pub async fn backup(path: &Path, to: &Path) -> Result<(), StoreError> {
+        if to.exists() {
+            return Err(StoreError::Conflict(format!("{} exists; a backup never overwrites", to.display())));
+        }
+        let options = SqliteConnectOptions::new().filename(path).busy_timeout(Duration::from_secs(30));
+        let mut conn = sqlx::ConnectOptions::connect(&options).await.map_err(db_err)?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(to.to_string_lossy().into_owned())
+            .execute(&mut conn)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
     /// Opens (creating if needed) the database file at `path` and applies migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::new()
