@@ -7,7 +7,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::bench::Child;
-use crate::client::{Client, ClientError};
+use crate::client::ClientError;
 
 /// The figures.
 #[derive(Debug, Clone)]
@@ -139,15 +139,7 @@ pub fn run(
     }
 
     // Through pond: a server with the model and harness, and a pool with one codex worker.
-    let data = dir.join("server");
-    let data_arg = data.display().to_string();
-    let server = Child::spawn(
-        exe,
-        &["server", "--listen", "127.0.0.1:0", "--data-dir", &data_arg, "--model-origin", &upstream],
-        "pond server listening on ",
-    )?;
-    let token = std::fs::read_to_string(data.join("admin.token"))?.trim().to_string();
-    let admin = Client::new(&server.url, Some(token));
+    let (_server, admin, orch) = crate::bench::server_and_orchestrator(exe, dir, &["--model-origin", &upstream])?;
     admin.admin_json(
         "POST",
         "/v1/admin/credentials",
@@ -165,23 +157,6 @@ pub fn run(
         "POST",
         "/v1/admin/harnesses",
         Some(serde_json::to_value(&harness).map_err(|e| failed("harness", e))?),
-    )?;
-    let code = admin
-        .create_enroll_code(&crate::pool_wire::CreateCode {
-            pool: "bench".into(),
-            role: None,
-            tags: Vec::new(),
-            capabilities: Vec::new(),
-            fingerprint: None,
-            ttl: None,
-            uses: None,
-        })?
-        .code;
-    let state = dir.join("orchestrator").display().to_string();
-    let orch = Child::spawn(
-        exe,
-        &["orchestrator", "--server", &server.url, "--listen", "127.0.0.1:0", "--state-dir", &state, "--enroll", &code],
-        "pond orchestrator listening on ",
     )?;
     let code = admin
         .create_enroll_code(&crate::pool_wire::CreateCode {

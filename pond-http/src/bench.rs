@@ -411,24 +411,18 @@ fn enroll_fake(
     Ok((enrolled.token, enrolled.member.offer()))
 }
 
-/// The pool benchmark: a `pond server` and a `pond orchestrator` as child processes of `exe`,
-/// `workers` pool workers (the real worker loop, in this process, over HTTP) for the latency
-/// and throughput phases, then `idle_workers` bare long-pollers for the memory phase.
-pub fn pool(
+/// A `pond server` (SQLite in `dir/server`, with `server_args`) and an enrolled `pond
+/// orchestrator` of pool `bench`, as child processes of `exe`, with an admin client.
+pub(crate) fn server_and_orchestrator(
     exe: &std::path::Path,
     dir: &std::path::Path,
-    samples: usize,
-    workers: usize,
-    runs: usize,
-    idle_workers: usize,
-) -> Result<PoolBenchReport, ClientError> {
+    server_args: &[&str],
+) -> Result<(Child, Client, Child), ClientError> {
     let data = dir.join("server");
     let data_arg = data.display().to_string();
-    let server = Child::spawn(
-        exe,
-        &["server", "--listen", "127.0.0.1:0", "--data-dir", &data_arg],
-        "pond server listening on ",
-    )?;
+    let mut args = vec!["server", "--listen", "127.0.0.1:0", "--data-dir", &data_arg];
+    args.extend_from_slice(server_args);
+    let server = Child::spawn(exe, &args, "pond server listening on ")?;
     let token = std::fs::read_to_string(data.join("admin.token"))?.trim().to_string();
     let admin = Client::new(&server.url, Some(token));
     let code = admin
@@ -448,6 +442,21 @@ pub fn pool(
         &["orchestrator", "--server", &server.url, "--listen", "127.0.0.1:0", "--state-dir", &state, "--enroll", &code],
         "pond orchestrator listening on ",
     )?;
+    Ok((server, admin, orch))
+}
+
+/// The pool benchmark: a `pond server` and a `pond orchestrator` as child processes of `exe`,
+/// `workers` pool workers (the real worker loop, in this process, over HTTP) for the latency
+/// and throughput phases, then `idle_workers` bare long-pollers for the memory phase.
+pub fn pool(
+    exe: &std::path::Path,
+    dir: &std::path::Path,
+    samples: usize,
+    workers: usize,
+    runs: usize,
+    idle_workers: usize,
+) -> Result<PoolBenchReport, ClientError> {
+    let (server, admin, orch) = server_and_orchestrator(exe, dir, &[])?;
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (received_tx, received) = std::sync::mpsc::channel();
