@@ -973,17 +973,29 @@ fn backup(data_dir: &Path, to: &Path) -> Result<()> {
             data_dir.display()
         );
     }
-    if to.exists() {
-        bail!("{} exists; a backup goes into a new directory", to.display());
+    // A new directory of our own (never one that appeared meanwhile), and new files in it.
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(to)
+            .with_context(|| format!("creating {} (a backup goes into a new directory)", to.display()))?;
     }
-    private_dir(to)?;
     runtime()?.block_on(pond_store::SqliteStore::backup(&db, &to.join("pond.db")))?;
     let mut copied = vec!["pond.db".to_string()];
     for file in ["server.key", "signing.ed25519", "admin.token"] {
         let from = data_dir.join(file);
         if from.is_file() {
-            std::fs::copy(&from, to.join(file)).with_context(|| format!("copying {}", from.display()))?;
-            std::fs::set_permissions(to.join(file), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut target = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(to.join(file))
+                .with_context(|| format!("creating {}", to.join(file).display()))?;
+            let mut source = std::fs::File::open(&from).with_context(|| format!("reading {}", from.display()))?;
+            std::io::copy(&mut source, &mut target)?;
+            target.sync_all()?;
             copied.push(file.to_string());
         }
     }
@@ -1008,7 +1020,7 @@ fn main() {
     if args.len() == 4 && args[1] == "sandbox" && args[2] == "run" {
         std::process::exit(pond_sandbox::oci::run_helper(std::path::Path::new(&args[3])));
     }
-    let argv: Vec<String> = std::env::args().collect();
+    let argv: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
     let (argv, from_file) = match settings::apply::<Cli>(argv) {
         Ok(applied) => applied,
         Err(e) => {

@@ -27,7 +27,9 @@ const SECTIONS: [&str; 3] = ["server", "orchestrator", "worker"];
 /// came from the file (for `--print-config`).
 pub fn apply<C: CommandFactory>(mut argv: Vec<String>) -> Result<(Vec<String>, Vec<String>)> {
     let Some(path) = file_path(&argv) else { return Ok((argv, Vec::new())) };
-    let Some(section) = argv.iter().skip(1).find(|a| !a.starts_with('-')).cloned() else {
+    // The command is the first argument that names one (a global flag's value never does).
+    let commands: Vec<String> = C::command().get_subcommands().map(|c| c.get_name().to_string()).collect();
+    let Some(section) = argv.iter().skip(1).find(|a| commands.contains(a)).cloned() else {
         return Ok((argv, Vec::new()));
     };
     if !SECTIONS.contains(&section.as_str()) {
@@ -76,7 +78,8 @@ pub fn apply<C: CommandFactory>(mut argv: Vec<String>) -> Result<(Vec<String>, V
                 (false, "true") => argv.push(flag.clone()),
                 (false, "false") => {}
                 (false, _) => bail!("the config file {path}: [{section}] `{key}` is a switch: true or false"),
-                (true, _) => argv.extend([flag.clone(), text]),
+                // `--flag=value`: a value that starts with `-` stays a value.
+                (true, _) => argv.push(format!("{flag}={text}")),
             }
         }
         from_file.push(key.clone());

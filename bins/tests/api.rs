@@ -728,7 +728,11 @@ fn a_config_file_sets_what_flags_and_env_do_not() {
         cmd.output().unwrap()
     };
     let file_arg = file.display().to_string();
-    let out = pond(&["server", "--config-file", &file_arg, "--print-config", "--lease", "10s"], &[("POND_SLOTS", "5")]);
+    // Global flags before the command (their values are not commands).
+    let out = pond(
+        &["--log-format", "json", "--config-file", &file_arg, "server", "--print-config", "--lease", "10s"],
+        &[("POND_SLOTS", "5")],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     for line in [

@@ -366,7 +366,7 @@ impl BudgetCap {
     /// Why it is spent: it was when read, or spending `more_tokens` and `more_usd` on top
     /// passes it.
     pub fn passed(&self, more_tokens: u64, more_usd: f64) -> Option<String> {
-        let tokens = self.spent.tokens() + more_tokens;
+        let tokens = self.spent.tokens().saturating_add(more_tokens);
         if let Some(max) = self.budget.tokens.filter(|max| tokens > *max || self.spent.tokens() >= *max) {
             return Some(format!("{BUDGET_EXHAUSTED} ({}): {tokens} of {max} tokens", self.scope));
         }

@@ -16,6 +16,11 @@ use crate::ids::RunId;
 use crate::store::Store;
 use crate::time::Timestamp;
 
+/// The most a worker may report for one job (beyond it the report is refused, not booked).
+pub const MAX_REPORTED_TOKENS: u64 = 10_000_000_000;
+/// The most calls a worker may report for one job.
+pub const MAX_REPORTED_REQUESTS: u64 = 1_000_000;
+
 /// Tokens counted by a broker (what a worker reports at the end of a pooled job).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenUsage {
@@ -56,13 +61,14 @@ impl Spend {
 
     /// Input and output tokens together.
     pub fn tokens(&self) -> u64 {
-        self.input_tokens + self.output_tokens
+        self.input_tokens.saturating_add(self.output_tokens)
     }
 
-    fn add(&mut self, other: &Spend) {
-        self.requests += other.requests;
-        self.input_tokens += other.input_tokens;
-        self.output_tokens += other.output_tokens;
+    /// Adds `other` (saturating: books never wrap).
+    pub fn add(&mut self, other: &Spend) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
         self.cost_usd += other.cost_usd;
     }
 
@@ -281,5 +287,20 @@ impl Ledger {
             });
         }
         Ok(caps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn books_never_wrap() {
+        let mut spend = Spend { requests: u64::MAX, input_tokens: u64::MAX - 1, output_tokens: 5, cost_usd: 1.0 };
+        spend.add(&Spend { requests: 1, input_tokens: 10, output_tokens: u64::MAX, cost_usd: 1.0 });
+        assert_eq!((spend.requests, spend.input_tokens, spend.output_tokens), (u64::MAX, u64::MAX, u64::MAX));
+        assert_eq!(spend.tokens(), u64::MAX);
+        let cap = BudgetCap { scope: "run".into(), budget: Budget { usd: None, tokens: Some(10) }, spent: spend };
+        assert!(cap.passed(u64::MAX, 0.0).is_some());
     }
 }

@@ -245,6 +245,18 @@ impl Executor for SwarmExecutor {
         }
         // Where its calls are booked, and the run's and project's budgets they count against.
         let account = self.resolver.account(ctx.run, &ctx.stage.key, ctx.attempt, agent.model.as_ref());
+        // A budget in USD (the project's too) needs prices: without them nothing would count.
+        if let (Some(account), Some(m)) = (&account, &agent.model) {
+            if m.input_usd_per_mtok.is_none() || m.output_usd_per_mtok.is_none() {
+                let caps = account.caps().await.unwrap_or_default();
+                if let Some(cap) = caps.iter().find(|c| c.budget.usd.is_some()) {
+                    return fail(format!(
+                        "the {} budget is in USD, which needs the model's prices: `pond admin models add {} … --input-price USD --output-price USD`",
+                        cap.scope, m.key
+                    ));
+                }
+            }
+        }
         // One broker for the stage's tasks: it holds the key, meters them all, and holds them to
         // the stage's budget together.
         let broker = match &agent.real_key {

@@ -501,10 +501,12 @@ impl pond_core::agents::SpendAccount for TicketAccount {
             .iter()
             .map(|cap| {
                 let mut cap = cap.clone();
-                cap.spent.requests += spent.requests;
-                cap.spent.input_tokens += spent.input_tokens;
-                cap.spent.output_tokens += spent.output_tokens;
-                cap.spent.cost_usd += cost;
+                cap.spent.add(&pond_core::usage::Spend {
+                    requests: spent.requests,
+                    input_tokens: spent.input_tokens,
+                    output_tokens: spent.output_tokens,
+                    cost_usd: cost,
+                });
                 cap
             })
             .collect())
@@ -513,9 +515,9 @@ impl pond_core::agents::SpendAccount for TicketAccount {
     async fn book(&self, usage: TokenUsage) {
         let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
         let total = spent.get_or_insert_with(TokenUsage::default);
-        total.requests += usage.requests;
-        total.input_tokens += usage.input_tokens;
-        total.output_tokens += usage.output_tokens;
+        total.requests = total.requests.saturating_add(usage.requests);
+        total.input_tokens = total.input_tokens.saturating_add(usage.input_tokens);
+        total.output_tokens = total.output_tokens.saturating_add(usage.output_tokens);
     }
 
     fn prices(&self) -> (f64, f64) {

@@ -581,8 +581,13 @@ async fn create_key(
 /// token stops working at once on this node (within the token cache's few seconds on others).
 async fn rotate_own_key(State(state): State<AppState>, who: Principal) -> Result<Response, ApiError> {
     let now = state.engine.clock().now();
+    // From the store, not the token cache: a token revoked elsewhere a moment ago (or rotated
+    // by a concurrent call) gets no successor.
     let old = state.store.list_tokens().await?.into_iter().find(|t| t.id == who.token_id);
-    let name = old.map(|t| t.name).unwrap_or_else(|| "rotated key".into());
+    let Some(old) = old.filter(|t| t.revoked_at.is_none()) else {
+        return Err(ApiError::Unauthorized("this token has been revoked".into()));
+    };
+    let name = old.name;
     let (secret, record) = mint_token(who.role, &name, who.projects.clone(), now);
     // The new one first: a failure between the two leaves both working, never neither.
     state.store.insert_token(&record).await?;

@@ -523,7 +523,8 @@ fn retry_after<'a>(status: u16, header: impl Fn(&str) -> Option<&'a str>) -> Opt
         return None;
     }
     let wait = if let Some(ms) = header("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
-        (ms.is_finite() && ms >= 0.0).then(|| std::time::Duration::from_secs_f64(ms / 1000.0))?
+        let longest = LONGEST_RETRY_WAIT.as_secs_f64() * 1000.0;
+        (ms.is_finite() && (0.0..=longest).contains(&ms)).then(|| std::time::Duration::from_secs_f64(ms / 1000.0))?
     } else {
         let value = header("retry-after")?.trim();
         match value.parse::<u64>() {

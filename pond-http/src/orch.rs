@@ -695,6 +695,18 @@ async fn result(
         "cancelled" => StageOutcome::Cancelled,
         other => return Err(ApiError::invalid("outcome", format!("`{other}` is not succeeded, failed or cancelled"))),
     };
+    if let Some(u) = &body.usage {
+        use pond_core::usage::{MAX_REPORTED_REQUESTS, MAX_REPORTED_TOKENS};
+        if u.requests > MAX_REPORTED_REQUESTS
+            || u.input_tokens > MAX_REPORTED_TOKENS
+            || u.output_tokens > MAX_REPORTED_TOKENS
+        {
+            return Err(ApiError::invalid(
+                "usage",
+                format!("more than {MAX_REPORTED_REQUESTS} calls or {MAX_REPORTED_TOKENS} tokens for one job"),
+            ));
+        }
+    }
     let signature = base64::engine::general_purpose::STANDARD
         .decode(&body.signature)
         .ok()

@@ -225,6 +225,15 @@ async fn ensure_admin_token(
     if has_admin {
         return Ok((path, None));
     }
+    // An operator's token that was stored once already (rotated or revoked since) is not
+    // brought back: a new one is minted into admin.token instead.
+    let bootstrap = match bootstrap {
+        Some(token) if store.find_token(&crate::auth::hash_secret(token)).await?.is_some() => {
+            tracing::warn!("POND_ADMIN_TOKEN was used before and has been revoked or rotated; minting a new admin token into admin.token");
+            None
+        }
+        other => other,
+    };
     let (secret, record) = match bootstrap {
         // The operator's own: stored hashed, the same whichever node stores it first.
         Some(token) => {

@@ -101,10 +101,7 @@ async fn project_usage(
     let rows = ledger.rows(&project, &from, &to).await?;
     let mut total = Spend::default();
     for row in &rows {
-        total.requests += row.spend.requests;
-        total.input_tokens += row.spend.input_tokens;
-        total.output_tokens += row.spend.output_tokens;
-        total.cost_usd += row.spend.cost_usd;
+        total.add(&row.spend);
     }
     let month_spent = ledger.month(&project, now).await?;
     let budget = ledger.budget(&project).await?;
