@@ -93,6 +93,9 @@ pub struct EnrollCode {
     /// How many have.
     #[serde(default)]
     pub redeemed: u32,
+    /// The worker fingerprints that redeemed a multi-use code: each host enrolls once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redeemed_by: Vec<String>,
 }
 
 fn one_use() -> u32 {
@@ -543,6 +546,7 @@ impl Pools {
             used_by: None,
             uses,
             redeemed: 0,
+            redeemed_by: Vec::new(),
         };
         self.store.swap_record(CODE, &secret_digest(secret), None, &to_json(&code)?).await?;
         Ok(code)
@@ -574,10 +578,19 @@ impl Pools {
                 return Err(PoolError::WrongRole { expected: code.role.as_str(), got: role.as_str() });
             }
             check(&code)?;
+            // A multi-use code enrolls each set of keys once: the same host enrolling again
+            // would take a use meant for another replica.
+            let fingerprint = member.fingerprint.clone().filter(|_| code.uses > 1);
+            if fingerprint.as_ref().is_some_and(|f| code.redeemed_by.contains(f)) {
+                return Err(PoolError::CodeUsed);
+            }
+            let mut redeemed_by = code.redeemed_by.clone();
+            redeemed_by.extend(fingerprint);
             let used = EnrollCode {
                 used_at: Some(now),
                 used_by: Some(member.id.clone()),
                 redeemed: code.redemptions() + 1,
+                redeemed_by,
                 ..code.clone()
             };
             if self.store.swap_record(CODE, &key, Some(&stored), &to_json(&used)?).await? {

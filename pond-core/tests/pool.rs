@@ -103,6 +103,14 @@ async fn a_code_for_n_hosts_enrolls_exactly_n_even_at_once() {
     let results = tasks.join_all().await;
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 3, "{results:?}");
     assert!(results.iter().filter(|r| r.is_err()).all(|r| matches!(r, Err(PoolError::CodeUsed))), "{results:?}");
+    // The same keys enroll once per code, even while uses remain.
+    w.pools.create_code_for("twice", "k8s", MemberKind::Worker, grants.clone(), None, ttl, 5).await.unwrap();
+    let (k1, _) = keys(30);
+    w.pools.enroll_worker(&orch, "twice", "wrk-30".into(), "w", k1, None, vec![], "t30").await.unwrap();
+    let again = w.pools.enroll_worker(&orch, "twice", "wrk-31".into(), "w", k1, None, vec![], "t31").await;
+    assert!(matches!(again, Err(PoolError::CodeUsed)), "{again:?}");
+    let (k2, _) = keys(32);
+    w.pools.enroll_worker(&orch, "twice", "wrk-32".into(), "w", k2, None, vec![], "t32").await.unwrap();
     for (uses, fingerprint, field) in
         [(0, None, "uses"), (1001, None, "uses"), (2, Some(worker_fingerprint(&k)), "uses")]
     {
