@@ -1217,12 +1217,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Verify { id, json } => {
             let config = CliConfig::load(&config_path)?;
             let context = cli.global.context.clone();
-            let overrides = TargetOverrides {
-                server: cli.global.server,
-                token: cli.global.token,
-                context: cli.global.context,
-                project: std::env::var("POND_PROJECT").ok(),
-            };
+            let overrides = consumer_overrides(&cli.global);
             let key_path = cli::consumer_key_path(&config_path, context.as_deref().or(config.current.as_deref()));
             let target = cli::resolve_target(&config, &overrides)?;
             let client = Client::new(&target.server, target.token.clone());
@@ -1242,12 +1237,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Backup { data_dir, to } => backup(&data_dir, &to).map(|()| 0),
         Command::Usage(args) => {
             let config = CliConfig::load(&config_path)?;
-            let overrides = TargetOverrides {
-                server: cli.global.server,
-                token: cli.global.token,
-                context: cli.global.context,
-                project: std::env::var("POND_PROJECT").ok(),
-            };
+            let overrides = consumer_overrides(&cli.global);
             let target = cli::resolve_target(&config, &overrides)?;
             let client = Client::new(&target.server, target.token.clone());
             usage::usage(&client, target.project, args)
@@ -1257,12 +1247,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Run { command } => {
             let config = CliConfig::load(&config_path)?;
-            let overrides = TargetOverrides {
-                server: cli.global.server,
-                token: cli.global.token,
-                context: cli.global.context,
-                project: std::env::var("POND_PROJECT").ok(),
-            };
+            let overrides = consumer_overrides(&cli.global);
             let key_path =
                 cli::consumer_key_path(&config_path, overrides.context.as_deref().or(config.current.as_deref()));
             let target = cli::resolve_target(&config, &overrides)?;
@@ -1637,6 +1622,16 @@ fn pool(command: PoolCommand, client: &Client) -> Result<()> {
 
 /// A client for commands that act as the operator: --server/--token, else the context, else
 /// the local server with its admin token.
+/// What the global flags (and `POND_PROJECT`) say of the server, token, context and project.
+fn consumer_overrides(global: &Global) -> TargetOverrides {
+    TargetOverrides {
+        server: global.server.clone(),
+        token: global.token.clone(),
+        context: global.context.clone(),
+        project: std::env::var("POND_PROJECT").ok(),
+    }
+}
+
 fn admin_client(global: &Global, config_path: &std::path::Path) -> Result<Client> {
     let config = CliConfig::load(config_path)?;
     let overrides = TargetOverrides {

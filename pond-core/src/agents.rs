@@ -385,8 +385,8 @@ impl BudgetCap {
 pub trait SpendAccount: Send + Sync {
     /// The budgets with what they have spent so far.
     async fn caps(&self) -> Result<Vec<BudgetCap>, String>;
-    /// Books one finished call.
-    async fn book(&self, usage: crate::usage::TokenUsage);
+    /// Books one finished call; an error says it could not be (the broker then stops).
+    async fn book(&self, usage: crate::usage::TokenUsage) -> Result<(), String>;
     /// USD per million input and output tokens (the model's registered prices).
     fn prices(&self) -> (f64, f64);
 }

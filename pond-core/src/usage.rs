@@ -140,7 +140,8 @@ impl Ledger {
 
     /// Books `spend` of one stage attempt of a run of `project` on `model`, on `at`'s day. The
     /// run's record is the one of truth for an attempt (so a repeated [`Booking::Total`] books
-    /// nothing twice); the project's day is moved by what the attempt's spend changed.
+    /// nothing twice); the project's day is moved by what the attempt's spend changed, which is
+    /// returned.
     #[allow(clippy::too_many_arguments)]
     pub async fn book(
         &self,
@@ -152,15 +153,17 @@ impl Ledger {
         spend: Spend,
         booking: Booking,
         at: Timestamp,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Spend, StoreError> {
         let run_key = run.to_string();
         let attempt_key = format!("{stage}#{attempt}");
         let mut delta = Spend::default();
         let mut booked = false;
         for _ in 0..CAS_TRIES {
+            // The run's record holds each attempt's spend; its total is summed when read.
             let current = self.store.get_record(RUN_KIND, &run_key).await?;
-            let mut usage: RunUsage = current.as_deref().and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
-            let before = usage.attempts.get(&attempt_key).copied().unwrap_or_default();
+            let mut attempts: BTreeMap<String, Spend> =
+                current.as_deref().and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
+            let before = attempts.get(&attempt_key).copied().unwrap_or_default();
             let after = match booking {
                 Booking::Add => {
                     let mut after = before;
@@ -170,12 +173,8 @@ impl Ledger {
                 Booking::Total => spend,
             };
             delta = after.minus(&before);
-            usage.attempts.insert(attempt_key.clone(), after);
-            usage.total = Spend::default();
-            for s in usage.attempts.values() {
-                usage.total.add(s);
-            }
-            let body = serde_json::to_string(&usage).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            attempts.insert(attempt_key.clone(), after);
+            let body = serde_json::to_string(&attempts).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             if self.store.swap_record(RUN_KIND, &run_key, current.as_deref(), &body).await? {
                 booked = true;
                 break;
@@ -185,9 +184,10 @@ impl Ledger {
             return Err(StoreError::Conflict(format!("the usage of run {run} kept changing; not booked")));
         }
         if delta == Spend::default() {
-            return Ok(());
+            return Ok(delta);
         }
-        self.add_to_day(project, &format!("{}/{}", day_of(at), model.unwrap_or("-")), &delta).await
+        self.add_to_day(project, &format!("{}/{}", day_of(at), model.unwrap_or("-")), &delta).await?;
+        Ok(delta)
     }
 
     async fn add_to_day(&self, project: &str, key: &str, delta: &Spend) -> Result<(), StoreError> {
@@ -207,7 +207,13 @@ impl Ledger {
     /// A run's spend.
     pub async fn run(&self, run: RunId) -> Result<RunUsage, StoreError> {
         let body = self.store.get_record(RUN_KIND, &run.to_string()).await?;
-        Ok(body.as_deref().and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default())
+        let attempts: BTreeMap<String, Spend> =
+            body.as_deref().and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
+        let mut total = Spend::default();
+        for spend in attempts.values() {
+            total.add(spend);
+        }
+        Ok(RunUsage { total, attempts })
     }
 
     /// A project's spend per day and model with `from <= day <= to` (`YYYY-MM-DD`), by day.

@@ -512,12 +512,13 @@ impl pond_core::agents::SpendAccount for TicketAccount {
             .collect())
     }
 
-    async fn book(&self, usage: TokenUsage) {
+    async fn book(&self, usage: TokenUsage) -> Result<(), String> {
         let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
         let total = spent.get_or_insert_with(TokenUsage::default);
         total.requests = total.requests.saturating_add(usage.requests);
         total.input_tokens = total.input_tokens.saturating_add(usage.input_tokens);
         total.output_tokens = total.output_tokens.saturating_add(usage.output_tokens);
+        Ok(())
     }
 
     fn prices(&self) -> (f64, f64) {

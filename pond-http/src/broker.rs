@@ -466,11 +466,16 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             usage.input_tokens += meter.input;
             usage.output_tokens += meter.output;
         }
-        // Booked as it ends, so the next call (of any stage) reads it against the budgets.
+        // Booked as it ends, so the next call (of any stage) reads it against the budgets. A call
+        // that cannot be booked stops the broker: pond does not spend what it cannot account.
         if let Some(account) = &config.account {
             let call =
                 pond_core::usage::TokenUsage { requests: 1, input_tokens: meter.input, output_tokens: meter.output };
-            runtime.block_on(account.book(call));
+            if let Err(e) = runtime.block_on(account.book(call)) {
+                worker.exhausted.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| {
+                    format!("{}: a model call's usage could not be booked ({e})", pond_core::agents::BUDGET_EXHAUSTED)
+                });
+            }
         }
     });
     let (status, head) = match head_rx.await {
@@ -650,26 +655,38 @@ impl pond_core::agents::SpendAccount for LedgerAccount {
         self.ledger.caps(&self.project, self.run, self.run_budget, self.clock.now()).await.map_err(|e| e.to_string())
     }
 
-    async fn book(&self, usage: pond_core::usage::TokenUsage) {
+    async fn book(&self, usage: pond_core::usage::TokenUsage) -> Result<(), String> {
         let spend = pond_core::usage::Spend::priced(usage, self.model.as_ref());
         let model = self.model.as_ref().map(|m| m.key.as_str());
-        record_spend(&self.project, model, &spend);
-        let booked = self
-            .ledger
-            .book(
-                &self.project,
-                self.run,
-                &self.stage,
-                self.attempt,
-                model,
-                spend,
-                pond_core::usage::Booking::Add,
-                self.clock.now(),
-            )
-            .await;
-        if let Err(e) = booked {
-            tracing::warn!(run = %self.run, stage = %self.stage, error = %e, "a model call's usage was not booked");
+        // A store that is away for a moment is waited for (about 3 s) before the call is given
+        // up as unbooked.
+        let mut wait = std::time::Duration::from_millis(100);
+        let mut last = String::new();
+        for _ in 0..5 {
+            let booked = self
+                .ledger
+                .book(
+                    &self.project,
+                    self.run,
+                    &self.stage,
+                    self.attempt,
+                    model,
+                    spend,
+                    pond_core::usage::Booking::Add,
+                    self.clock.now(),
+                )
+                .await;
+            match booked {
+                Ok(_) => {
+                    record_spend(&self.project, model, &spend);
+                    return Ok(());
+                }
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(wait).await;
+            wait *= 2;
         }
+        Err(last)
     }
 
     fn prices(&self) -> (f64, f64) {

@@ -719,10 +719,15 @@ async fn result(
         signature,
         usage: body.usage,
     };
-    let snapshot = state.engine.complete_job(&job, &r.worker, &report).await?;
+    // The job's model spend is booked before its result is taken: if the books cannot be
+    // written the worker is answered with an error and sends the result again (booking the
+    // attempt's total is idempotent), so no spend goes unbooked behind an accepted result.
     if let Some(usage) = body.usage {
-        book_job_usage(&state, &snapshot, &job, usage).await;
+        if let LeaseStatus::Held { .. } = state.engine.renew_job(&job, &r.worker).await? {
+            book_job_usage(&state, &job, usage).await?;
+        }
     }
+    let snapshot = state.engine.complete_job(&job, &r.worker, &report).await?;
     state.members.release(&r.worker.id);
     state.seen.touch(&state.pools, &[(r.worker.id.as_str(), None)]).await?;
     let record = snapshot
@@ -739,23 +744,19 @@ async fn result(
 
 /// Books what a worker's broker metered for a job, as the attempt's whole spend (a result sent
 /// again books nothing twice). The figures are the worker's: it held the model's key.
-async fn book_job_usage(
-    state: &AppState,
-    snapshot: &pond_core::run::RunSnapshot,
-    job: &JobId,
-    usage: pond_core::usage::TokenUsage,
-) {
-    let model_ref =
-        snapshot.run.definition.stages.iter().find(|s| s.key == job.stage).and_then(|s| match &s.executor {
-            pond_core::definition::ExecutorSpec::Swarm(swarm) => swarm.model_ref.clone(),
-            _ => None,
-        });
+async fn book_job_usage(state: &AppState, job: &JobId, usage: pond_core::usage::TokenUsage) -> Result<(), ApiError> {
+    let Some(snapshot) = state.store.get_run(job.run).await? else { return Ok(()) };
+    let stage = snapshot.run.definition.stages.iter().find(|s| s.key == job.stage);
+    let Some(pond_core::definition::ExecutorSpec::Swarm(swarm)) = stage.map(|s| &s.executor) else {
+        // Only an agent stage's broker meters model calls: anything else reported is not booked.
+        return Ok(());
+    };
+    let model_ref = swarm.model_ref.clone();
     let model = match &model_ref {
         Some(key) => state.engine.registry().model(key).await.ok().flatten(),
         None => None,
     };
     let spend = pond_core::usage::Spend::priced(usage, model.as_ref());
-    crate::broker::record_spend(&snapshot.run.project_id, model_ref.as_deref(), &spend);
     let booked = pond_core::usage::Ledger::new(state.store_dyn())
         .book(
             &snapshot.run.project_id,
@@ -767,10 +768,10 @@ async fn book_job_usage(
             pond_core::usage::Booking::Total,
             state.engine.clock().now(),
         )
-        .await;
-    if let Err(e) = booked {
-        tracing::warn!(job = %job, error = %e, "a pooled job's model usage was not booked");
-    }
+        .await?;
+    // What this report changed (nothing when a result is sent again).
+    crate::broker::record_spend(&snapshot.run.project_id, model_ref.as_deref(), &booked);
+    Ok(())
 }
 
 async fn release(

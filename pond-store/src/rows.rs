@@ -60,6 +60,17 @@ pub(crate) fn attestation_column(attempt: &Attempt) -> Option<String> {
     attempt.attestation.as_ref().and_then(|a| serde_json::to_string(a).ok())
 }
 
+/// `stage_counts` rows (state, pooled, ready, count) as the trait returns them; a state pond
+/// does not know is left out.
+pub(crate) fn stage_counts(rows: Vec<(String, bool, bool, i64)>) -> Vec<pond_core::store::StageCount> {
+    rows.into_iter()
+        .filter_map(|(state, pooled, ready, count)| {
+            let state = pond_core::run::StageState::parse(&state)?;
+            Some(pond_core::store::StageCount { state, pooled, ready, count: count.max(0) as u64 })
+        })
+        .collect()
+}
+
 pub(crate) fn ts(t: Option<Timestamp>) -> Option<i64> {
     t.map(Timestamp::as_millis)
 }

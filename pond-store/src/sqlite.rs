@@ -580,13 +580,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await
         .map_err(db_err)?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(state, pooled, ready, count)| {
-                let state = pond_core::run::StageState::parse(&state)?;
-                Some(pond_core::store::StageCount { state, pooled, ready, count: count.max(0) as u64 })
-            })
-            .collect())
+        Ok(crate::rows::stage_counts(rows))
     }
 
     async fn runs_to_reap(&self, now: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError> {

@@ -730,11 +730,15 @@ pub async fn usage_books_every_call_once(store: Arc<dyn Store>) {
         let ledger = ledger.clone();
         calls.spawn(async move { ledger.book("acme", run, "a", 1, Some("fast"), call, Booking::Add, day).await });
     }
-    calls.join_all().await.into_iter().for_each(|r| r.unwrap());
+    calls
+        .join_all()
+        .await
+        .into_iter()
+        .for_each(|r| assert_eq!(r.unwrap(), call, "each call moves the books by itself"));
     // A worker's total, sent twice (a retried result), counts once.
     let total = Spend { requests: 2, input_tokens: 1000, output_tokens: 40, cost_usd: 1.0 };
-    for _ in 0..2 {
-        ledger.book("acme", run, "p", 1, Some("fast"), total, Booking::Total, day).await.unwrap();
+    for moved in [total, Spend::default()] {
+        assert_eq!(ledger.book("acme", run, "p", 1, Some("fast"), total, Booking::Total, day).await.unwrap(), moved);
     }
     let usage = ledger.run(run).await.unwrap();
     assert_eq!(usage.attempts["a#1"].requests, 16);
