@@ -360,6 +360,11 @@ fn the_images_run_pond_as_a_deployment_and_a_killed_server_loses_nothing() {
     for id in &ids {
         let done = common::wait_done(&survivor, id, std::time::Duration::from_secs(90));
         assert_eq!(done.state.as_str(), "succeeded", "{id}: {:#?}", common::log_text(&survivor, id));
-        assert!(done.stages.iter().all(|s| s.state.as_str() == "succeeded"));
+        let states: Vec<(&str, &str)> = done.stages.iter().map(|s| (s.key.as_str(), s.state.as_str())).collect();
+        assert!(
+            states.iter().all(|(_, s)| *s == "succeeded"),
+            "{id}: {states:?} {:#?}",
+            common::log_text(&survivor, id)
+        );
     }
 }
