@@ -641,7 +641,10 @@ fn json_logs_carry_an_access_line_with_the_request_id() {
         .spawn()
         .unwrap();
     let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    // Keep reading what it prints after (a closed pipe would fail its next line).
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let url = first.trim().strip_prefix("pond server listening on ").unwrap().to_string();
     let given = ureq::get(&format!("{url}/healthz")).set("x-request-id", "trace-42").call().unwrap();
     assert_eq!(given.header("x-request-id"), Some("trace-42"));
@@ -772,7 +775,10 @@ fn a_config_file_sets_what_flags_and_env_do_not() {
         .spawn()
         .unwrap();
     let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    // Keep reading what it prints after (a closed pipe would fail its next line).
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let _ = child.kill();
     let _ = child.wait();
     assert!(first.starts_with("pond server listening on http://127.0.0.1:"), "{first}");
