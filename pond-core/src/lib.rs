@@ -27,6 +27,7 @@ pub mod credentials;
 pub mod definition;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod exec;
 pub mod ids;
 pub mod json;

@@ -334,6 +334,19 @@ pub trait Store: Send + Sync + 'static {
     /// exclusively (SQLite), at start-up: the previous process is known to be dead.
     async fn expire_all_leases(&self, now: Timestamp) -> Result<u64, StoreError>;
 
+    /// Events (run and stage state changes, written by [`Store::insert_run`],
+    /// [`Store::update_run`] and [`Store::claim_stages`] in the change's own transaction) with
+    /// `seq > after`, oldest first; only those of `projects` when given. Positions grow in commit
+    /// order across every node, so reading on from the last position seen misses nothing.
+    async fn read_events(
+        &self,
+        after: i64,
+        projects: Option<&[String]>,
+        limit: u32,
+    ) -> Result<Vec<crate::events::Event>, StoreError>;
+    /// The position of the newest event (0 when there is none).
+    async fn last_event_seq(&self) -> Result<i64, StoreError>;
+
     /// Appends log lines to a run's log, in order.
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError>;
     /// Appends lines to the logs of several runs, in order; one transaction where the backend

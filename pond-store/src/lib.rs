@@ -63,3 +63,9 @@ pub(crate) fn name_taken(a: &pond_core::store::Artifact, owner: &str) -> pond_co
         a.name
     ))
 }
+
+/// The time a store stamps on what it writes itself (events).
+pub(crate) fn wall_clock() -> pond_core::time::Timestamp {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    pond_core::time::Timestamp::from_millis(since_epoch.as_millis() as i64)
+}

@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
+use pond_core::events::{self, Event, NewEvent};
 use pond_core::ids::{BlobId, RunId, TokenId};
-use pond_core::run::{Run, RunSnapshot, StageState, MAX_LOST_LEASES};
+use pond_core::run::{Run, RunSnapshot, RunState, StageState, MAX_LOST_LEASES};
 use pond_core::store::{
     Artifact, BlobMeta, Claim, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, Role, RunMutation,
     RunQuery, Store, TokenRecord, BLOB_CHUNK_BYTES,
@@ -32,6 +33,8 @@ struct Inner {
     records: BTreeMap<(String, String), String>,
     // The transparency log: (run, leaf, leaf hash) by index.
     log: Vec<(RunId, String, [u8; 32])>,
+    // Run and stage state changes, in order (an event's seq is its index + 1).
+    events: Vec<Event>,
 }
 
 /// A store that keeps everything in memory.
@@ -57,6 +60,13 @@ fn track_active(inner: &mut Inner, snapshot: &RunSnapshot) {
         inner.active.remove(&snapshot.run.id);
     } else {
         inner.active.insert(snapshot.run.id);
+    }
+}
+
+fn push_events(inner: &mut Inner, events: Vec<NewEvent>) {
+    for event in events {
+        let seq = inner.events.len() as i64 + 1;
+        inner.events.push(Event { seq, event });
     }
 }
 
@@ -96,6 +106,7 @@ impl Store for MemoryStore {
         }
         inner.runs.insert(run.id, snapshot.clone());
         track_active(&mut inner, snapshot);
+        push_events(&mut inner, events::changes(None, snapshot, crate::wall_clock()));
         Ok(InsertOutcome::Created)
     }
 
@@ -120,10 +131,12 @@ impl Store for MemoryStore {
 
     async fn update_run(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, StoreError> {
         let mut inner = self.lock()?;
-        let mut snapshot = inner.runs.get(&id).cloned().ok_or_else(|| StoreError::NotFound(format!("run {id}")))?;
+        let before = inner.runs.get(&id).cloned().ok_or_else(|| StoreError::NotFound(format!("run {id}")))?;
+        let mut snapshot = before.clone();
         let lines = mutate(&mut snapshot).map_err(|e| StoreError::Rejected(Box::new(e)))?;
         track_active(&mut inner, &snapshot);
         inner.runs.insert(id, snapshot.clone());
+        push_events(&mut inner, events::changes(Some(&before), &snapshot, crate::wall_clock()));
         push_logs(&mut inner, id, &lines);
         Ok(snapshot)
     }
@@ -164,12 +177,16 @@ impl Store for MemoryStore {
         let mut claims = Vec::with_capacity(picked.len());
         for (_, id, key) in picked {
             let Some(snapshot) = inner.runs.get_mut(&id) else { continue };
+            let run_was_queued = snapshot.run.state == RunState::Queued;
+            let stage_was = snapshot.stage(&key).map(|s| s.state.as_str()).unwrap_or("queued");
             snapshot
                 .claim_stage(&key, &query.owner, query.now, query.lease_until)
                 .map_err(|e| StoreError::Backend(e.to_string()))?;
             let stage =
                 snapshot.stage(&key).cloned().ok_or_else(|| StoreError::Corrupt(format!("stage {key} vanished")))?;
-            claims.push(Claim { run: snapshot.run.clone(), stage });
+            let run = snapshot.run.clone();
+            push_events(&mut inner, events::claimed(&run, &stage, run_was_queued, stage_was, crate::wall_clock()));
+            claims.push(Claim { run, stage });
         }
         Ok(claims)
     }
@@ -244,6 +261,21 @@ impl Store for MemoryStore {
             }
         }
         Ok(n)
+    }
+
+    async fn read_events(&self, after: i64, projects: Option<&[String]>, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let inner = self.lock()?;
+        let start = after.clamp(0, inner.events.len() as i64) as usize;
+        Ok(inner.events[start..]
+            .iter()
+            .filter(|e| projects.is_none_or(|p| p.contains(&e.event.project_id)))
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn last_event_seq(&self) -> Result<i64, StoreError> {
+        Ok(self.lock()?.events.len() as i64)
     }
 
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError> {

@@ -196,6 +196,7 @@ impl PgStore {
         write_changes(&mut tx, Some(&before), &after).await?;
         let lines: Vec<(RunId, &NewLogLine)> = lines.iter().map(|l| (id, l)).collect();
         write_log_lines(&mut tx, &lines).await?;
+        write_events(&mut tx, &pond_core::events::changes(Some(&before), &after, crate::wall_clock())).await?;
         tx.commit().await?;
         Ok(after)
     }
@@ -295,19 +296,23 @@ impl PgStore {
         let numbers: Vec<i64> = stages.iter().map(|s| s.attempt as i64).collect();
         // Attempts of re-claimed stages that never reported: their holder vanished. (Only a
         // re-claim of an expired lease can leave one, so first claims skip the statement.)
+        // Stages taken over from an expired lease (their earlier attempt was still open).
+        let mut taken_over: std::collections::HashSet<(String, String)> = Default::default();
         if stages.iter().any(|s| s.lost_leases > 0) {
-            sqlx::query(
+            let closed: Vec<(String, String)> = sqlx::query_as(
                 "UPDATE attempts a SET outcome = 'lease_expired', finished_at = $1,
                         error = 'lease expired: the node running this attempt stopped renewing it'
                    FROM UNNEST($2::TEXT[], $3::TEXT[], $4::BIGINT[]) AS c(run_id, stage_key, number)
-                  WHERE a.run_id = c.run_id AND a.stage_key = c.stage_key AND a.number < c.number AND a.outcome IS NULL",
+                  WHERE a.run_id = c.run_id AND a.stage_key = c.stage_key AND a.number < c.number AND a.outcome IS NULL
+                 RETURNING a.run_id, a.stage_key",
             )
             .bind(now)
             .bind(&run_ids)
             .bind(&keys)
             .bind(&numbers)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
+            taken_over.extend(closed);
         }
         sqlx::query(
             "INSERT INTO attempts (run_id, stage_key, number, owner, started_at)
@@ -325,20 +330,33 @@ impl PgStore {
         unique.dedup();
         // Run rows are locked in id order, after the stage rows: the order every writer uses.
         let rows = sqlx::query(
-            "UPDATE runs SET state = CASE WHEN state = 'queued' THEN 'running' ELSE state END,
+            "WITH locked AS (SELECT id, state AS was FROM runs WHERE id = ANY($2) ORDER BY id FOR UPDATE)
+             UPDATE runs SET state = CASE WHEN runs.state = 'queued' THEN 'running' ELSE runs.state END,
                     started_at = COALESCE(started_at, $1)
-              WHERE id IN (SELECT id FROM runs WHERE id = ANY($2) ORDER BY id FOR UPDATE)
-              RETURNING *",
+               FROM locked WHERE runs.id = locked.id
+             RETURNING runs.*, locked.was",
         )
         .bind(now)
         .bind(&unique)
         .fetch_all(&mut *tx)
         .await?;
         let mut runs = std::collections::HashMap::new();
+        let mut queued_runs = std::collections::HashSet::new();
         for row in &rows {
             let run = run_from_row(row)?;
+            if row.try_get::<String, _>("was")? == "queued" {
+                queued_runs.insert(run.id.to_string());
+            }
             runs.insert(run.id.to_string(), run);
         }
+        let at = crate::wall_clock();
+        let mut events = Vec::new();
+        for (run, stage) in run_ids.iter().zip(&stages) {
+            let run = runs.get(run).ok_or_else(|| corrupt(format!("claimed a stage of missing run {run}")))?;
+            let was = if taken_over.contains(&(run.id.to_string(), stage.key.clone())) { "running" } else { "queued" };
+            events.extend(pond_core::events::claimed(run, stage, queued_runs.remove(&run.id.to_string()), was, at));
+        }
+        write_events(&mut tx, &events).await?;
         tx.commit().await?;
         let mut claims = Vec::with_capacity(stages.len());
         for (run, stage) in run_ids.into_iter().zip(stages) {
@@ -404,6 +422,45 @@ async fn write_log_lines(conn: &mut PgConnection, lines: &[(RunId, &NewLogLine)]
         .execute(&mut *conn)
         .await?;
     }
+    Ok(())
+}
+
+/// Appends events as the transaction's last write: the positions come from the one counter row,
+/// whose lock is held until commit, so positions are handed out in commit order across nodes
+/// (a reader never finds a position filled in behind its cursor) and a rollback returns them.
+async fn write_events(conn: &mut PgConnection, events: &[pond_core::events::NewEvent]) -> Result<(), Fail> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let last: i64 = sqlx::query_scalar("UPDATE event_counter SET seq = seq + $1 WHERE id = 1 RETURNING seq")
+        .bind(events.len() as i64)
+        .fetch_one(&mut *conn)
+        .await?;
+    let first = last - events.len() as i64 + 1;
+    let seqs: Vec<i64> = (first..=last).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let projects: Vec<&str> = events.iter().map(|e| e.project_id.as_str()).collect();
+    let runs: Vec<String> = events.iter().map(|e| e.run_id.to_string()).collect();
+    let stages: Vec<Option<&str>> = events.iter().map(|e| e.stage.as_deref()).collect();
+    let attempts: Vec<Option<i64>> = events.iter().map(|e| e.attempt.map(|n| n as i64)).collect();
+    let states: Vec<&str> = events.iter().map(|e| e.state.as_str()).collect();
+    let previous: Vec<Option<&str>> = events.iter().map(|e| e.previous_state.as_deref()).collect();
+    let ats: Vec<i64> = events.iter().map(|e| e.at.as_millis()).collect();
+    sqlx::query(
+        "INSERT INTO events (seq, type, project_id, run_id, stage, attempt, state, previous_state, at)
+         SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::TEXT[], $9::BIGINT[])",
+    )
+    .bind(&seqs)
+    .bind(&kinds)
+    .bind(&projects)
+    .bind(&runs)
+    .bind(&stages)
+    .bind(&attempts)
+    .bind(&states)
+    .bind(&previous)
+    .bind(&ats)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -570,7 +627,11 @@ async fn write_changes(conn: &mut PgConnection, before: Option<&RunSnapshot>, af
 impl Store for PgStore {
     async fn insert_run(&self, snapshot: &RunSnapshot) -> Result<InsertOutcome, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        match write_changes(&mut tx, None, snapshot).await {
+        let written = match write_changes(&mut tx, None, snapshot).await {
+            Ok(()) => write_events(&mut tx, &pond_core::events::changes(None, snapshot, crate::wall_clock())).await,
+            failed => failed,
+        };
+        match written {
             Ok(()) => {
                 tx.commit().await.map_err(db_err)?;
                 Ok(InsertOutcome::Created)
@@ -704,6 +765,28 @@ impl Store for PgStore {
                 .await
                 .map_err(db_err)?;
         Ok(done.rows_affected())
+    }
+
+    async fn read_events(
+        &self,
+        after: i64,
+        projects: Option<&[String]>,
+        limit: u32,
+    ) -> Result<Vec<pond_core::events::Event>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE seq > $1 AND ($2::TEXT[] IS NULL OR project_id = ANY($2)) ORDER BY seq LIMIT $3",
+        )
+        .bind(after)
+        .bind(projects)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(crate::rows::event_from_row).collect()
+    }
+
+    async fn last_event_seq(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar("SELECT seq FROM event_counter WHERE id = 1").fetch_one(&self.pool).await.map_err(db_err)
     }
 
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError> {

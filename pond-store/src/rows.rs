@@ -278,3 +278,19 @@ pub(crate) fn log_from_row(row: &impl Columns) -> Result<LogLine, StoreError> {
         },
     })
 }
+
+pub(crate) fn event_from_row(row: &impl Columns) -> Result<pond_core::events::Event, StoreError> {
+    Ok(pond_core::events::Event {
+        seq: row.int("seq")?,
+        event: pond_core::events::NewEvent {
+            kind: row.text("type")?,
+            project_id: row.text("project_id")?,
+            run_id: row.parsed::<RunId>("run_id")?,
+            stage: row.opt_text("stage")?,
+            attempt: row.opt_int("attempt")?.map(|n| n as u32),
+            state: row.text("state")?,
+            previous_state: row.opt_text("previous_state")?,
+            at: row.time("at")?,
+        },
+    })
+}

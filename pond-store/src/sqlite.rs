@@ -340,6 +340,28 @@ async fn write_changes(
             write_attempt(conn, id, attempt).await?;
         }
     }
+    write_events(conn, &pond_core::events::changes(before, after, crate::wall_clock())).await
+}
+
+/// Appends events inside the caller's transaction (the one writer makes rowid order commit order).
+async fn write_events(conn: &mut SqliteConnection, events: &[pond_core::events::NewEvent]) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut insert = sqlx::query_builder::QueryBuilder::<sqlx::Sqlite>::new(
+        "INSERT INTO events (type, project_id, run_id, stage, attempt, state, previous_state, at) ",
+    );
+    insert.push_values(events, |mut b, e| {
+        b.push_bind(&e.kind)
+            .push_bind(&e.project_id)
+            .push_bind(e.run_id.to_string())
+            .push_bind(&e.stage)
+            .push_bind(e.attempt.map(|n| n as i64))
+            .push_bind(&e.state)
+            .push_bind(&e.previous_state)
+            .push_bind(e.at.as_millis());
+    });
+    insert.build().execute(&mut *conn).await.map_err(db_err)?;
     Ok(())
 }
 
@@ -485,9 +507,23 @@ impl Store for SqliteStore {
         for row in &rows {
             claimed.push((row.try_get::<String, _>("run_id").map_err(db_err)?, stage_from_row(row)?));
         }
+        // Which runs this claim starts (read before they are marked running below).
+        let mut claimed_runs: Vec<&String> = claimed.iter().map(|(r, _)| r).collect();
+        claimed_runs.sort();
+        claimed_runs.dedup();
+        let queued_sql =
+            format!("SELECT id FROM runs WHERE state = 'queued' AND id IN ({})", placeholders(claimed_runs.len()));
+        let mut queued_query = sqlx::query_scalar::<_, String>(&queued_sql);
+        for id in &claimed_runs {
+            queued_query = queued_query.bind(*id);
+        }
+        let mut queued_runs: std::collections::HashSet<String> =
+            queued_query.fetch_all(&mut *tx).await.map_err(db_err)?.into_iter().collect();
         // Attempts of re-claimed stages that never reported: their holder vanished. (Only a
         // re-claim of an expired lease can leave one, so first claims skip the statement.)
         let reclaimed: Vec<&(String, Stage)> = claimed.iter().filter(|(_, s)| s.lost_leases > 0).collect();
+        // Stages taken over from an expired lease (their earlier attempt was still open).
+        let mut taken_over: std::collections::HashSet<(String, String)> = Default::default();
         if !reclaimed.is_empty() {
             let pairs = vec!["(?, ?)"; reclaimed.len()].join(", ");
             let lost_sql = format!(
@@ -496,11 +532,12 @@ impl Store for SqliteStore {
                   WHERE outcome IS NULL AND (run_id, stage_key) IN (VALUES {pairs})
                     AND number < (SELECT s.attempt FROM stages s WHERE s.run_id = attempts.run_id AND s.key = attempts.stage_key)"
             );
-            let mut lost = sqlx::query(&lost_sql).bind(now);
+            let lost_sql = format!("{lost_sql} RETURNING run_id, stage_key");
+            let mut lost = sqlx::query_as::<_, (String, String)>(&lost_sql).bind(now);
             for (run, stage) in &reclaimed {
                 lost = lost.bind(run).bind(&stage.key);
             }
-            lost.execute(&mut *tx).await.map_err(db_err)?;
+            taken_over.extend(lost.fetch_all(&mut *tx).await.map_err(db_err)?);
         }
         let mut insert = sqlx::query_builder::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO attempts (run_id, stage_key, number, owner, started_at) ",
@@ -530,6 +567,15 @@ impl Store for SqliteStore {
             let run = run_from_row(&row)?;
             runs.insert(run.id.to_string(), run);
         }
+        let at = crate::wall_clock();
+        let mut events = Vec::new();
+        for (run, stage) in &claimed {
+            let run = runs.get(run).ok_or_else(|| corrupt(format!("claimed a stage of missing run {run}")))?;
+            let taken = taken_over.contains(&(run.id.to_string(), stage.key.clone()));
+            let was = if taken { "running" } else { "queued" };
+            events.extend(pond_core::events::claimed(run, stage, queued_runs.remove(&run.id.to_string()), was, at));
+        }
+        write_events(&mut tx, &events).await?;
         tx.commit().await.map_err(db_err)?;
         claimed
             .into_iter()
@@ -607,6 +653,32 @@ impl Store for SqliteStore {
                 .await
                 .map_err(db_err)?;
         Ok(done.rows_affected())
+    }
+
+    async fn read_events(
+        &self,
+        after: i64,
+        projects: Option<&[String]>,
+        limit: u32,
+    ) -> Result<Vec<pond_core::events::Event>, StoreError> {
+        let mut sql = String::from("SELECT * FROM events WHERE seq > ?");
+        if let Some(projects) = projects {
+            if projects.is_empty() {
+                return Ok(Vec::new());
+            }
+            sql.push_str(&format!(" AND project_id IN ({})", placeholders(projects.len())));
+        }
+        sql.push_str(" ORDER BY seq LIMIT ?");
+        let mut q = sqlx::query(&sql).bind(after);
+        for p in projects.into_iter().flatten() {
+            q = q.bind(p);
+        }
+        let rows = q.bind(limit as i64).fetch_all(&self.reader).await.map_err(db_err)?;
+        rows.iter().map(crate::rows::event_from_row).collect()
+    }
+
+    async fn last_event_seq(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events").fetch_one(&self.reader).await.map_err(db_err)
     }
 
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError> {

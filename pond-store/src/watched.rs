@@ -185,6 +185,17 @@ impl Store for WatchedStore {
     async fn read_logs(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<LogLine>, StoreError> {
         self.inner.read_logs(run, after, limit).await
     }
+    async fn read_events(
+        &self,
+        after: i64,
+        projects: Option<&[String]>,
+        limit: u32,
+    ) -> Result<Vec<pond_core::events::Event>, StoreError> {
+        self.inner.read_events(after, projects, limit).await
+    }
+    async fn last_event_seq(&self) -> Result<i64, StoreError> {
+        self.inner.last_event_seq().await
+    }
     async fn put_blob(&self, project_id: &str, data: &[u8], now: Timestamp) -> Result<BlobMeta, StoreError> {
         self.inner.put_blob(project_id, data, now).await
     }

@@ -767,6 +767,92 @@ pub async fn usage_books_every_call_once(store: Arc<dyn Store>) {
     assert_eq!(ledger.caps("acme", run, None, day).await.unwrap(), vec![]);
 }
 
+/// (type, stage, attempt, previous state) of each event, in order.
+fn event_story(
+    events: &[pond_core::events::Event],
+) -> Vec<(Option<String>, Option<String>, Option<u32>, Option<String>)> {
+    events
+        .iter()
+        .map(|e| (Some(e.event.kind.clone()), e.event.stage.clone(), e.event.attempt, e.event.previous_state.clone()))
+        .collect()
+}
+
+pub async fn state_changes_are_events_in_commit_order(store: Arc<dyn Store>) {
+    let s = |t: &str| Some(t.to_string());
+    let run = new_run("p", one_noop(), None, at(0));
+    let id = run.run.id;
+    store.insert_run(&run).await.unwrap();
+    assert_eq!(store.claim_stages(&claim_query("dead", at(10), 1000, 1)).await.unwrap().len(), 1);
+    // The holder vanishes; another node takes the stage over as attempt 2, which succeeds.
+    let second = store.claim_stages(&claim_query("n2", at(2000), 1000, 1)).await.unwrap();
+    assert_eq!((second[0].run.id, second[0].stage.attempt), (id, 2));
+    let other = new_run("q", one_noop(), None, at(1));
+    store.insert_run(&other).await.unwrap();
+    store
+        .update_run(id, &mut |s| s.complete_attempt("a", 2, &StageOutcome::Succeeded, at(2100)).map(|()| Vec::new()))
+        .await
+        .unwrap();
+    // A mutation that changes no state writes no event; a rejected one writes nothing.
+    store.update_run(id, &mut |_| Ok(Vec::new())).await.unwrap();
+    let _ = store
+        .update_run(id, &mut |s| {
+            s.complete_attempt("a", 1, &StageOutcome::Failed { error: "late".into(), exit_code: None }, at(2200))
+                .map(|()| Vec::new())
+        })
+        .await;
+
+    let all = store.read_events(0, None, 100).await.unwrap();
+    let seqs: Vec<i64> = all.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=all.len() as i64).collect::<Vec<_>>(), "positions are 1, 2, 3… with no gap");
+    assert_eq!(store.last_event_seq().await.unwrap(), all.len() as i64);
+    let mine: Vec<_> = all.iter().filter(|e| e.event.run_id == id).cloned().collect();
+    assert_eq!(
+        event_story(&mine),
+        vec![
+            (s("run.queued"), None, None, None),
+            (s("run.running"), None, None, s("queued")),
+            (s("stage.running"), s("a"), Some(1), s("queued")),
+            (s("stage.running"), s("a"), Some(2), s("running")),
+            (s("stage.succeeded"), s("a"), Some(2), s("running")),
+            (s("run.succeeded"), None, None, s("running")),
+        ]
+    );
+    assert!(mine.iter().all(|e| e.event.project_id == "p"));
+    let only_q = store.read_events(0, Some(&["q".to_string()]), 100).await.unwrap();
+    assert_eq!(event_story(&only_q), vec![(s("run.queued"), None, None, None)]);
+    assert!(store.read_events(0, Some(&[]), 100).await.unwrap().is_empty(), "no project sees nothing");
+    let tail = store.read_events(all[2].seq, None, 2).await.unwrap();
+    assert_eq!(tail, all[3..5].to_vec(), "a cursor and a limit page the sequence");
+
+    // Many writers at once: still one gapless sequence, each run's events in its own order.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let run = new_run("c", one_noop(), None, at(3000 + i));
+            store.insert_run(&run).await.unwrap();
+            store
+                .update_run(run.run.id, &mut |s| {
+                    s.cancel("stop", at(3100));
+                    Ok(Vec::new())
+                })
+                .await
+                .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let all = store.read_events(0, None, 1000).await.unwrap();
+    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=all.len() as i64).collect::<Vec<_>>());
+    for e in all.iter().filter(|e| e.event.kind == "run.cancelled") {
+        let queued = all.iter().position(|q| q.event.run_id == e.event.run_id && q.event.kind == "run.queued");
+        let cancelled = all.iter().position(|q| q.seq == e.seq);
+        assert!(queued < cancelled, "a run's events keep their order");
+    }
+    assert_eq!(all.iter().filter(|e| e.event.kind == "run.cancelled").count(), 8);
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -796,6 +882,7 @@ macro_rules! conformance {
                 the_transparency_log_appends_in_turn_and_never_forgets,
                 usage_books_every_call_once,
                 stage_counts_give_queue_depth_by_placement,
+                state_changes_are_events_in_commit_order,
             );
         }
     };
