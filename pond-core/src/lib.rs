@@ -45,5 +45,6 @@ pub mod store;
 pub mod time;
 pub mod transparency;
 pub mod usage;
+pub mod webhooks;
 
 pub use error::{CoreError, FieldError, StoreError};

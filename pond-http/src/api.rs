@@ -54,6 +54,7 @@ pub fn app(state: AppState) -> Router {
         .merge(crate::agents_api::routes())
         .merge(crate::keys_api::routes())
         .merge(crate::usage_api::routes())
+        .merge(crate::events_api::routes())
         .route_layer(body_limit(SMALL_BODY_BYTES));
     let v1 = submit.merge(bundles).merge(small).merge(crate::orch::routes(&limits));
     let health = Router::new()

@@ -30,6 +30,7 @@ pub mod cli;
 pub mod client;
 pub mod doctor;
 pub mod error;
+pub mod events_api;
 pub mod keys_api;
 pub mod metrics;
 pub mod orch;

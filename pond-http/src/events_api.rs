@@ -1,0 +1,208 @@
+//! `GET /v1/events`: run and stage state changes of the caller's projects, in commit order
+//! across every node — a page of JSON, or a server-sent event stream (`follow=1` or
+//! `Accept: text/event-stream`) resumable with `Last-Event-ID`.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use pond_core::events::{type_matches, valid_type_pattern, Event};
+use pond_core::store::Store;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Principal;
+use crate::boundary::parse_query;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The routes (under `/v1`).
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/events", get(events))
+}
+
+/// A page of events.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EventPage {
+    /// Events after the cursor, oldest first.
+    pub events: Vec<Event>,
+    /// Where the next page starts (`after`): the last event read, matching or not.
+    pub next_cursor: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventQuery {
+    project: Option<String>,
+    /// Comma-separated event types or `run.*`, `stage.*`, `*`.
+    types: Option<String>,
+    after: Option<String>,
+    limit: Option<String>,
+    follow: Option<String>,
+}
+
+/// What a caller asked to see.
+struct Selection {
+    projects: Option<Vec<String>>,
+    types: Vec<String>,
+}
+
+impl Selection {
+    fn wants(&self, event: &Event) -> bool {
+        self.types.is_empty() || self.types.iter().any(|t| type_matches(t, &event.event.kind))
+    }
+}
+
+/// Reads a comma-separated list of event type patterns, naming the first that is not one.
+pub(crate) fn parse_types(field: &str, text: Option<&str>) -> Result<Vec<String>, ApiError> {
+    let mut types = Vec::new();
+    for t in text.unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        if !valid_type_pattern(t) {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "`{t}` is not an event type; use one of {} or run.*, stage.*, *",
+                    pond_core::events::EVENT_TYPES.join(", ")
+                ),
+            ));
+        }
+        types.push(t.to_string());
+    }
+    Ok(types)
+}
+
+fn whole<T: std::str::FromStr>(field: &str, text: Option<&str>) -> Result<Option<T>, ApiError> {
+    text.map(|t| t.parse::<T>().map_err(|_| ApiError::invalid(field, format!("`{t}` is not a whole number in range"))))
+        .transpose()
+}
+
+async fn events(
+    State(state): State<AppState>,
+    who: Principal,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    let q: EventQuery = parse_query(uri.query())?;
+    let projects = match q.project.as_deref() {
+        // Another tenant's project answers like one that does not exist.
+        Some(p) if !who.can_use(p) => return Err(ApiError::NotFound(format!("project {p} not found"))),
+        Some(p) => Some(vec![p.to_string()]),
+        None => who.visible_projects(),
+    };
+    let selection = Selection { projects, types: parse_types("query.types", q.types.as_deref())? };
+    let resume = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| ApiError::invalid("header.last-event-id", "must be an event position (a whole number)"))?,
+        ),
+        None => None,
+    };
+    let after = resume.or(whole::<i64>("query.after", q.after.as_deref())?.map(|n| n.max(0)));
+    let limit = whole::<u32>("query.limit", q.limit.as_deref())?.unwrap_or(500).clamp(1, state.limits.max_page);
+    let streamed = match q.follow.as_deref() {
+        Some("1" | "true" | "yes" | "") => true,
+        Some("0" | "false" | "no") => false,
+        Some(other) => return Err(ApiError::invalid("query.follow", format!("`{other}` is not true or false"))),
+        None => headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/event-stream")),
+    };
+    if streamed {
+        // A stream without a cursor starts at what happens next.
+        let after = match after {
+            Some(a) => a,
+            None => state.store.last_event_seq().await?,
+        };
+        return Ok(follow(state, selection, after, who.secret_sha256).into_response());
+    }
+    let after = after.unwrap_or(0);
+    let read = state.store.read_events(after, selection.projects.as_deref(), limit).await?;
+    let next_cursor = read.last().map(|e| e.seq).unwrap_or(after);
+    let events = read.into_iter().filter(|e| selection.wants(e)).collect();
+    Ok(Json(EventPage { events, next_cursor }).into_response())
+}
+
+/// How often an open stream re-checks its token (a revoked key's streams end within seconds).
+const TOKEN_RECHECK: Duration = Duration::from_secs(1);
+
+struct Stream {
+    state: AppState,
+    selection: Selection,
+    cursor: i64,
+    pending: std::collections::VecDeque<SseEvent>,
+    done: bool,
+    changes: tokio::sync::watch::Receiver<u64>,
+    token: String,
+    checked: std::time::Instant,
+}
+
+fn sse_event(event: &Event) -> SseEvent {
+    let data = serde_json::to_string(event).unwrap_or_else(|_| "{}".into());
+    SseEvent::default().event(event.event.kind.clone()).id(event.seq.to_string()).data(data)
+}
+
+/// Server-sent events named by their type (`run.succeeded`, …), id = position, until the
+/// client leaves. Wakes on store changes (this node's, and other nodes' through the store's
+/// notifications), with a 1 s fallback poll.
+fn follow(
+    state: AppState,
+    selection: Selection,
+    after: i64,
+    token: String,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    let changes = state.store.runs_changed();
+    let start = Stream {
+        state,
+        selection,
+        cursor: after,
+        pending: Default::default(),
+        done: false,
+        changes,
+        token,
+        checked: std::time::Instant::now(),
+    };
+    let stream = futures_util::stream::unfold(start, |mut s| async move {
+        loop {
+            if !s.done && s.checked.elapsed() >= TOKEN_RECHECK {
+                s.checked = std::time::Instant::now();
+                match crate::auth::still_valid(&s.state, &s.token).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        s.done = true;
+                        s.pending.clear();
+                        return Some((Ok(SseEvent::default().event("error").data("the token was revoked")), s));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "events: re-checking the token failed"),
+                }
+            }
+            if let Some(event) = s.pending.pop_front() {
+                return Some((Ok(event), s));
+            }
+            if s.done {
+                return None;
+            }
+            s.changes.borrow_and_update();
+            match s.state.store.read_events(s.cursor, s.selection.projects.as_deref(), 500).await {
+                Ok(read) if !read.is_empty() => {
+                    s.cursor = read.last().map(|e| e.seq).unwrap_or(s.cursor);
+                    let wanted = read.iter().filter(|e| s.selection.wants(e)).map(sse_event);
+                    s.pending.extend(wanted);
+                    continue;
+                }
+                Ok(_) => {}
+                // The database is away: keep the stream and look again (the cursor holds).
+                Err(e) => tracing::warn!(error = %e, "events: reading failed"),
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), s.changes.changed()).await;
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
