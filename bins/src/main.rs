@@ -9,6 +9,7 @@ use std::time::Duration;
 
 mod settings;
 mod usage;
+mod webhooks;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
@@ -121,6 +122,15 @@ enum Command {
     /// What agent stages spent on model calls: a project's per day and model (with its monthly
     /// budget), or one run's per stage attempt.
     Usage(usage::UsageArgs),
+    /// Run and stage state changes of your projects, in commit order: followed live (resuming
+    /// where it left off after a dropped connection), or a page with --no-follow.
+    Events(webhooks::EventsArgs),
+    /// Webhooks: a project's events POSTed to your URL, signed (Standard Webhooks), retried for
+    /// over a day, with a delivery log.
+    Webhooks {
+        #[command(subcommand)]
+        command: webhooks::WebhooksCommand,
+    },
     /// Check this CLI's set-up against its server (reachable, version, clock, token, keys, the
     /// transparency log) and, with --data-dir or --sandbox, this host's; each failure names its
     /// fix. Exits 1 when a check fails.
@@ -340,6 +350,10 @@ struct ServerArgs {
     /// `https://app.example.com` (repeatable; none by default).
     #[arg(long = "cors-origin", value_name = "ORIGIN", env = "POND_CORS_ORIGINS", value_delimiter = ',')]
     cors_origins: Vec<String>,
+    /// An internal address (loopback, private, link-local…) webhooks may be sent to anyway, e.g.
+    /// a receiver on this host or network (repeatable; others are refused, like the egress proxy).
+    #[arg(long = "webhook-allow-ip", value_name = "IP", env = "POND_WEBHOOK_ALLOW_IPS", value_delimiter = ',')]
+    webhook_allow_ips: Vec<std::net::IpAddr>,
     /// Pass this host environment variable to shell stages (repeatable).
     #[arg(long = "shell-env-allow", value_name = "NAME")]
     shell_env_allow: Vec<String>,
@@ -1242,6 +1256,16 @@ fn dispatch(cli: Cli) -> Result<i32> {
             let client = Client::new(&target.server, target.token.clone());
             usage::usage(&client, target.project, args)
         }
+        Command::Events(args) => {
+            let config = CliConfig::load(&config_path)?;
+            let target = cli::resolve_target(&config, &consumer_overrides(&cli.global))?;
+            webhooks::events(&Client::new(&target.server, target.token.clone()), args)
+        }
+        Command::Webhooks { command } => {
+            let config = CliConfig::load(&config_path)?;
+            let target = cli::resolve_target(&config, &consumer_overrides(&cli.global))?;
+            webhooks::webhooks(&Client::new(&target.server, target.token.clone()), target.project, command)
+        }
         Command::Admin { command: AdminCommand::Budgets { command } } => {
             usage::budgets(&admin_client(&cli.global, &config_path)?, command)
         }
@@ -1697,6 +1721,7 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
     config.limits.encryption_default = args.encryption_default;
     config.server_key = args.server_key.map(|k| k.0);
     config.bootstrap_admin_token = args.admin_token;
+    config.webhook_allow_ips = args.webhook_allow_ips;
     Ok(config)
 }
 

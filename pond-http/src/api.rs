@@ -55,6 +55,7 @@ pub fn app(state: AppState) -> Router {
         .merge(crate::keys_api::routes())
         .merge(crate::usage_api::routes())
         .merge(crate::events_api::routes())
+        .merge(crate::webhooks::routes())
         .route_layer(body_limit(SMALL_BODY_BYTES));
     let v1 = submit.merge(bundles).merge(small).merge(crate::orch::routes(&limits));
     let health = Router::new()

@@ -76,7 +76,7 @@ pub(crate) fn encode_path(name: &str) -> String {
     out
 }
 
-fn encode_query(value: &str) -> String {
+pub(crate) fn encode_query(value: &str) -> String {
     encode_path(value).replace('/', "%2F")
 }
 

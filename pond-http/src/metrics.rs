@@ -42,6 +42,10 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!("pond_http_requests_total", "HTTP requests answered, by method, route template and status");
+    describe_counter!(
+        "pond_webhook_deliveries_total",
+        "Webhook delivery attempts, by outcome (delivered, retrying, gave_up, failed redelivery)"
+    );
     describe_histogram!(
         "pond_http_request_duration_seconds",
         Unit::Seconds,
@@ -212,4 +216,9 @@ pub async fn render(State(state): State<AppState>, who: Principal) -> Result<Res
     };
     handle.run_upkeep();
     Ok(([("content-type", "text/plain; version=0.0.4")], handle.render()).into_response())
+}
+
+/// Counts one webhook delivery attempt by how it ended.
+pub fn webhook_delivery(outcome: &str) {
+    metrics::counter!("pond_webhook_deliveries_total", "outcome" => outcome.to_string()).increment(1);
 }

@@ -82,6 +82,8 @@ pub struct ServerConfig {
     /// deployment gets the same from one Secret). Stored (hashed) only while no admin token
     /// exists; `None`: the first node to start mints one into `admin.token`.
     pub bootstrap_admin_token: Option<String>,
+    /// Internal addresses webhooks may be sent to (`--webhook-allow-ip`); others are refused.
+    pub webhook_allow_ips: Vec<std::net::IpAddr>,
 }
 
 /// Why an operator's first admin token is refused, if it is.
@@ -121,6 +123,7 @@ impl ServerConfig {
             sandbox,
             server_key: None,
             bootstrap_admin_token: None,
+            webhook_allow_ips: Vec::new(),
         }
     }
 }
@@ -408,12 +411,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         seen: Arc::default(),
         polls: Arc::default(),
         members: Arc::default(),
+        webhooks: Arc::new(crate::webhooks::WebhookConfig {
+            at_rest_key,
+            allow_ips: config.webhook_allow_ips.clone(),
+        }),
     };
 
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.map_err(io(format!("listening on {}", config.listen)))?;
     let addr = listener.local_addr().map_err(io("reading the bound address"))?;
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let webhooks = tokio::spawn(crate::webhooks::dispatch(state.clone(), shutdown_rx.clone()));
     let mut http_stop = shutdown_rx.clone();
     let http = tokio::spawn(async move {
         let stop = async move {
@@ -434,7 +442,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         interrupted_stages,
         engine,
         shutdown,
-        tasks: vec![driving, http],
+        tasks: vec![driving, http, webhooks],
         background,
         stop_within: config.drain + config.kill_grace + Duration::from_secs(5),
         _lock: lock,

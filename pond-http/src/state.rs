@@ -28,6 +28,8 @@ pub struct AppState {
     pub polls: Arc<crate::orch::Polls>,
     /// Workers recently resolved by claims.
     pub members: Arc<crate::orch::MemberCache>,
+    /// Webhook secrets' key and receiver policy.
+    pub webhooks: Arc<crate::webhooks::WebhookConfig>,
 }
 
 impl AppState {

@@ -1,0 +1,670 @@
+//! Webhooks: per-project subscriptions (`/v1/webhooks`) and the sender that delivers every
+//! event to them, at least once, in order, from whichever node holds the subscription.
+//!
+//! The outbox is the event table itself (written with each state change, see
+//! [`pond_core::events`]); each subscription keeps a cursor record. A node delivers a
+//! subscription only while it holds the cursor's lease (a compare-and-swap on the record), so
+//! one node sends each event in the normal course; a node that dies mid-send leaves the lease
+//! to lapse and another sends the event again with the same `webhook-id`. A failed event is
+//! retried on [`pond_core::webhooks::RETRY_SCHEDULE`] (about 27 h) before it is given up and
+//! logged as such; the events behind it wait, so a receiver that was down gets them all, in
+//! order, once it is back.
+//!
+//! The sender dials only addresses the egress policy allows: a name resolving to an internal
+//! address (loopback, private, link-local, metadata…) is refused unless the operator allowed
+//! that address (`pond server --webhook-allow-ip`).
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use pond_core::events::Event;
+use pond_core::store::Store;
+use pond_core::time::Timestamp;
+use pond_core::webhooks::{
+    payload, retry_delay, secret_text, signature, webhook_id, Cursor, Delivery, StoredSecret, Subscription,
+    CURSOR_RECORD, LOG_KEEP, LOG_RECORD, SUBSCRIPTION_RECORD,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Principal;
+use crate::boundary::ApiPath as Path;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// How long a node holds a subscription without renewing.
+const LEASE: Duration = Duration::from_secs(30);
+/// How long one delivery may take, connection included.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Receiver answers kept in the log (bytes of its body are not kept).
+const MAX_URL_BYTES: usize = 2048;
+/// Subscriptions per project.
+const MAX_PER_PROJECT: usize = 50;
+
+/// What the webhook routes and the sender need.
+#[derive(Clone)]
+pub struct WebhookConfig {
+    /// The server key: secrets are kept sealed under it.
+    pub at_rest_key: [u8; 32],
+    /// Internal addresses the operator allowed as receivers.
+    pub allow_ips: Vec<IpAddr>,
+}
+
+/// The routes (under `/v1`).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/webhooks", post(create).get(list))
+        .route("/webhooks/{id}", get(show).delete(remove))
+        .route("/webhooks/{id}/rotate-secret", post(rotate_secret))
+        .route("/webhooks/{id}/deliveries", get(deliveries))
+        .route("/webhooks/{id}/redeliver", post(redeliver))
+}
+
+/// A subscription as shown (never its secrets).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WebhookView {
+    /// Its id.
+    pub id: String,
+    /// Whose events.
+    pub project_id: String,
+    /// Where they go.
+    pub url: String,
+    /// Event type patterns (empty: all).
+    pub types: Vec<String>,
+    /// A label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// When it was made.
+    pub created_at: Timestamp,
+    /// Live secrets: when each was made and, for a retired one, until when it still signs.
+    pub secrets: Vec<SecretView>,
+    /// Every event up to this position was delivered or given up.
+    pub delivered_through: i64,
+    /// Failed attempts at the next event.
+    pub failures: u32,
+    /// When the next attempt is due, after a failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<Timestamp>,
+    /// The signing secret (`whsec_…`): in the answer that made it only, never again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// A secret's dates.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SecretView {
+    /// When it was made.
+    pub created_at: Timestamp,
+    /// When it stops signing (a rotated-out secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Timestamp>,
+}
+
+/// `POST /v1/webhooks`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWebhook {
+    /// Whose events (a project the caller may use).
+    pub project_id: String,
+    /// The receiver: an `https://` (or `http://`) URL.
+    pub url: String,
+    /// Event types or `run.*`, `stage.*`, `*` (absent or empty: all).
+    #[serde(default)]
+    pub types: Vec<String>,
+    /// A label.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// `POST /v1/webhooks/{id}/rotate-secret`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateSecret {
+    /// Seconds the old secret keeps signing beside the new one (default a day, at most 7 days).
+    #[serde(default)]
+    pub overlap_seconds: Option<u64>,
+}
+
+/// `POST /v1/webhooks/{id}/redeliver`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redeliver {
+    /// The event's position (its `webhook-id` is `evt_<position>`).
+    pub event: i64,
+}
+
+/// `GET /v1/webhooks`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WebhookList {
+    /// The caller's subscriptions.
+    pub webhooks: Vec<WebhookView>,
+}
+
+/// `GET /v1/webhooks/{id}/deliveries`: newest first.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeliveryLog {
+    /// The last deliveries (at most 100).
+    pub deliveries: Vec<Delivery>,
+}
+
+fn now(state: &AppState) -> Timestamp {
+    state.engine.clock().now()
+}
+
+async fn load(state: &AppState, who: &Principal, id: &str) -> Result<(Subscription, String), ApiError> {
+    let missing = || ApiError::NotFound(format!("webhook {id} not found"));
+    // A removed subscription is an empty record.
+    let body = state.store.get_record(SUBSCRIPTION_RECORD, id).await?.filter(|b| !b.is_empty()).ok_or_else(missing)?;
+    let sub: Subscription = serde_json::from_str(&body).map_err(|e| ApiError::Internal(format!("webhook {id}: {e}")))?;
+    // Another tenant's subscription answers like a missing one.
+    if !who.can_use(&sub.project_id) {
+        return Err(missing());
+    }
+    Ok((sub, body))
+}
+
+async fn cursor_of(store: &dyn Store, id: &str) -> Result<(Cursor, Option<String>), ApiError> {
+    let body = store.get_record(CURSOR_RECORD, id).await?;
+    let cursor = match &body {
+        Some(b) => serde_json::from_str(b).map_err(|e| ApiError::Internal(format!("webhook cursor {id}: {e}")))?,
+        None => Cursor::default(),
+    };
+    Ok((cursor, body))
+}
+
+fn view(sub: &Subscription, cursor: &Cursor, now: Timestamp) -> WebhookView {
+    WebhookView {
+        id: sub.id.clone(),
+        project_id: sub.project_id.clone(),
+        url: sub.url.clone(),
+        types: sub.types.clone(),
+        description: sub.description.clone(),
+        created_at: sub.created_at,
+        secrets: sub
+            .secrets
+            .iter()
+            .filter(|s| s.expires_at.is_none_or(|t| t > now))
+            .map(|s| SecretView { created_at: s.created_at, expires_at: s.expires_at })
+            .collect(),
+        delivered_through: cursor.after,
+        failures: cursor.failures,
+        retry_at: cursor.retry_at,
+        secret: None,
+    }
+}
+
+/// Checks a receiver URL: http(s), a host, no credentials, and — when the host is an address —
+/// one the policy allows. (A name is checked at each delivery, against what it resolves to.)
+fn check_url(url: &str, allow: &[IpAddr]) -> Result<(), ApiError> {
+    let bad = |why: &str| ApiError::invalid("url", why.to_string());
+    if url.len() > MAX_URL_BYTES {
+        return Err(bad("is longer than 2048 bytes"));
+    }
+    let parsed = url::Url::parse(url).map_err(|e| bad(&format!("is not a URL ({e})")))?;
+    if !matches!(parsed.scheme(), "https" | "http") {
+        return Err(bad("must be an https:// or http:// URL"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(bad("must not carry a user name or password (sign with the webhook secret instead)"));
+    }
+    match parsed.host() {
+        None => return Err(bad("has no host")),
+        Some(url::Host::Ipv4(ip)) => refuse_internal(IpAddr::V4(ip), allow).map_err(|e| bad(&e))?,
+        Some(url::Host::Ipv6(ip)) => refuse_internal(IpAddr::V6(ip), allow).map_err(|e| bad(&e))?,
+        Some(url::Host::Domain(_)) => {}
+    }
+    Ok(())
+}
+
+fn refuse_internal(ip: IpAddr, allow: &[IpAddr]) -> Result<(), String> {
+    match pond_core::net::special_purpose(ip) {
+        Some(range) if !allow.contains(&ip) => Err(format!(
+            "{ip} is an internal address ({range}); the server refuses to send webhooks there unless its operator allows it (--webhook-allow-ip)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn new_secret(key: &[u8; 32], now: Timestamp) -> (String, StoredSecret) {
+    let bytes: [u8; 32] = rand::random();
+    let sealed = B64.encode(pond_core::seal::seal_at_rest(key, &bytes));
+    (secret_text(&bytes), StoredSecret { sealed, created_at: now, expires_at: None })
+}
+
+async fn create(
+    State(state): State<AppState>,
+    who: Principal,
+    crate::boundary::ApiJson(body): crate::boundary::ApiJson<CreateWebhook>,
+) -> Result<Response, ApiError> {
+    if !who.can_use(&body.project_id) {
+        return Err(ApiError::NotFound(format!("project {} not found", body.project_id)));
+    }
+    check_url(&body.url, &state.webhooks.allow_ips)?;
+    for (i, t) in body.types.iter().enumerate() {
+        crate::events_api::parse_types(&format!("types[{i}]"), Some(t))?;
+        if t.contains(',') {
+            return Err(ApiError::invalid(format!("types[{i}]"), "is one type per entry"));
+        }
+    }
+    if body.description.as_ref().is_some_and(|d| d.len() > 512) {
+        return Err(ApiError::invalid("description", "is longer than 512 bytes"));
+    }
+    let existing = subscriptions(&*state.store).await?;
+    if existing.iter().filter(|s| s.project_id == body.project_id).count() >= MAX_PER_PROJECT {
+        return Err(ApiError::Conflict(format!(
+            "project {} already has {MAX_PER_PROJECT} webhooks; remove one first",
+            body.project_id
+        )));
+    }
+    let now = now(&state);
+    let (secret, stored) = new_secret(&state.webhooks.at_rest_key, now);
+    let id = format!("wh_{}", uuid::Uuid::now_v7().simple());
+    let sub = Subscription {
+        id: id.clone(),
+        project_id: body.project_id,
+        url: body.url,
+        types: body.types,
+        description: body.description,
+        secrets: vec![stored],
+        created_at: now,
+    };
+    // A new subscription gets what happens from now on.
+    let cursor = Cursor { after: state.store.last_event_seq().await?, ..Cursor::default() };
+    let cursor_body = serde_json::to_string(&cursor).map_err(|e| ApiError::Internal(e.to_string()))?;
+    state.store.put_record(CURSOR_RECORD, &id, &cursor_body).await?;
+    let body = serde_json::to_string(&sub).map_err(|e| ApiError::Internal(e.to_string()))?;
+    state.store.put_record(SUBSCRIPTION_RECORD, &id, &body).await?;
+    let mut shown = view(&sub, &cursor, now);
+    shown.secret = Some(secret);
+    Ok((StatusCode::CREATED, Json(shown)).into_response())
+}
+
+async fn subscriptions(store: &dyn Store) -> Result<Vec<Subscription>, pond_core::StoreError> {
+    let mut out = Vec::new();
+    for (key, body) in store.list_records(SUBSCRIPTION_RECORD).await? {
+        if body.is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Subscription>(&body) {
+            Ok(sub) => out.push(sub),
+            Err(e) => tracing::warn!(webhook = %key, error = %e, "skipping an unreadable webhook record"),
+        }
+    }
+    Ok(out)
+}
+
+async fn list(State(state): State<AppState>, who: Principal) -> Result<Json<WebhookList>, ApiError> {
+    let now = now(&state);
+    let mut webhooks = Vec::new();
+    for sub in subscriptions(&*state.store).await?.into_iter().filter(|s| who.can_use(&s.project_id)) {
+        let (cursor, _) = cursor_of(&*state.store, &sub.id).await?;
+        webhooks.push(view(&sub, &cursor, now));
+    }
+    Ok(Json(WebhookList { webhooks }))
+}
+
+async fn show(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<WebhookView>, ApiError> {
+    let (sub, _) = load(&state, &who, &id).await?;
+    let (cursor, _) = cursor_of(&*state.store, &id).await?;
+    Ok(Json(view(&sub, &cursor, now(&state))))
+}
+
+async fn remove(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let (_, body) = load(&state, &who, &id).await?;
+    // A tombstone the sender recognises: records are never deleted, only emptied.
+    if !state.store.swap_record(SUBSCRIPTION_RECORD, &id, Some(&body), "").await? {
+        return Err(ApiError::Conflict(format!("webhook {id} changed meanwhile; try again")));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn rotate_secret(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    body: Option<crate::boundary::ApiJson<RotateSecret>>,
+) -> Result<Json<WebhookView>, ApiError> {
+    let overlap = body.and_then(|b| b.0.overlap_seconds).unwrap_or(24 * 3600);
+    if overlap > 7 * 24 * 3600 {
+        return Err(ApiError::invalid("overlap_seconds", "must be at most 604800 (7 days)"));
+    }
+    let (mut sub, old_body) = load(&state, &who, &id).await?;
+    let now = now(&state);
+    let until = now.plus(pond_core::time::Millis(overlap * 1000));
+    // The current secret signs on until the overlap ends; older retired ones keep their end.
+    sub.secrets.retain(|s| s.expires_at.is_none_or(|t| t > now));
+    for s in sub.secrets.iter_mut().filter(|s| s.expires_at.is_none()) {
+        s.expires_at = Some(until);
+    }
+    let (secret, stored) = new_secret(&state.webhooks.at_rest_key, now);
+    sub.secrets.push(stored);
+    let body = serde_json::to_string(&sub).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if !state.store.swap_record(SUBSCRIPTION_RECORD, &id, Some(&old_body), &body).await? {
+        return Err(ApiError::Conflict(format!("webhook {id} changed meanwhile; try again")));
+    }
+    let (cursor, _) = cursor_of(&*state.store, &id).await?;
+    let mut shown = view(&sub, &cursor, now);
+    shown.secret = Some(secret);
+    Ok(Json(shown))
+}
+
+async fn deliveries(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<DeliveryLog>, ApiError> {
+    load(&state, &who, &id).await?;
+    let mut deliveries: Vec<Delivery> = match state.store.get_record(LOG_RECORD, &id).await? {
+        Some(body) => serde_json::from_str(&body).map_err(|e| ApiError::Internal(format!("webhook log {id}: {e}")))?,
+        None => Vec::new(),
+    };
+    deliveries.reverse();
+    Ok(Json(DeliveryLog { deliveries }))
+}
+
+async fn redeliver(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    crate::boundary::ApiJson(body): crate::boundary::ApiJson<Redeliver>,
+) -> Result<StatusCode, ApiError> {
+    let (sub, _) = load(&state, &who, &id).await?;
+    let event = state
+        .store
+        .read_events(body.event - 1, Some(std::slice::from_ref(&sub.project_id)), 1)
+        .await?
+        .into_iter()
+        .find(|e| e.seq == body.event)
+        .ok_or_else(|| ApiError::invalid("event", format!("no event {} of project {}", body.event, sub.project_id)))?;
+    if !sub.wants(&event) {
+        return Err(ApiError::invalid("event", format!("event {} ({}) is not one this webhook takes", event.seq, event.event.kind)));
+    }
+    // Queued on the cursor; the node holding the subscription sends it next.
+    for _ in 0..20 {
+        let (mut cursor, old) = cursor_of(&*state.store, &id).await?;
+        if cursor.redeliver.len() >= 100 {
+            return Err(ApiError::Conflict("100 redeliveries are already queued for this webhook".into()));
+        }
+        if !cursor.redeliver.contains(&event.seq) {
+            cursor.redeliver.push(event.seq);
+        }
+        let new = serde_json::to_string(&cursor).map_err(|e| ApiError::Internal(e.to_string()))?;
+        if state.store.swap_record(CURSOR_RECORD, &id, old.as_deref(), &new).await? {
+            return Ok(StatusCode::ACCEPTED);
+        }
+    }
+    Err(ApiError::Unavailable("the webhook's cursor is busy; try again".into()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sender.
+
+/// Runs until `stop`: delivers every subscription this node can hold, waking on state changes
+/// (this node's and other nodes') and at least once a second.
+pub async fn dispatch(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let node = format!("wh-{}", uuid::Uuid::now_v7().simple());
+    let busy: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let mut changes = state.store.runs_changed();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        changes.borrow_and_update();
+        match subscriptions(&*state.store).await {
+            Ok(subs) => {
+                for sub in subs {
+                    if !busy.lock().unwrap_or_else(|p| p.into_inner()).insert(sub.id.clone()) {
+                        continue;
+                    }
+                    let (state, node, busy) = (state.clone(), node.clone(), busy.clone());
+                    tokio::spawn(async move {
+                        let id = sub.id.clone();
+                        if let Err(e) = drain(&state, &node, sub).await {
+                            tracing::warn!(webhook = %id, error = %e, "webhook delivery stopped; will retry");
+                        }
+                        busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listing webhooks failed"),
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// What to send next for a subscription.
+enum Next {
+    /// An event asked for again.
+    Again(Event),
+    /// The next event of the stream.
+    Stream(Event),
+}
+
+/// Delivers a subscription's pending events while this node holds it, until none are left,
+/// one fails, or the lease is lost.
+async fn drain(state: &AppState, node: &str, sub: Subscription) -> Result<(), pond_core::StoreError> {
+    let store: &dyn Store = &*state.store;
+    loop {
+        let now = now(state);
+        let Some(body) = store.get_record(CURSOR_RECORD, &sub.id).await? else { return Ok(()) };
+        let Ok(mut cursor) = serde_json::from_str::<Cursor>(&body) else { return Ok(()) };
+        if !cursor.free_for(node, now) || cursor.retry_at.is_some_and(|t| t > now) {
+            return Ok(());
+        }
+        // The subscription may have been removed or changed (a rotation) since it was listed.
+        let Some(current) = store.get_record(SUBSCRIPTION_RECORD, &sub.id).await? else { return Ok(()) };
+        let Ok(sub) = serde_json::from_str::<Subscription>(&current) else { return Ok(()) };
+        let next = match cursor.redeliver.first() {
+            Some(&seq) => match store.read_events(seq - 1, Some(std::slice::from_ref(&sub.project_id)), 1).await?.pop() {
+                Some(e) if e.seq == seq => Some(Next::Again(e)),
+                _ => {
+                    cursor.redeliver.remove(0);
+                    None
+                }
+            },
+            None => {
+                let page = store.read_events(cursor.after, Some(std::slice::from_ref(&sub.project_id)), 100).await?;
+                match page.iter().find(|e| sub.wants(e)) {
+                    Some(e) => Some(Next::Stream(e.clone())),
+                    // Nothing wanted in this page: skip past it.
+                    None => match page.last() {
+                        Some(last) => {
+                            cursor.after = last.seq;
+                            None
+                        }
+                        None => return Ok(()),
+                    },
+                }
+            }
+        };
+        let Some(next) = next else {
+            // Only the cursor moved; write it (under the lease check) and look again.
+            cursor.holder = Some(node.to_string());
+            cursor.lease_until = Some(now.plus(millis(LEASE)));
+            if !swap_cursor(store, &sub.id, &body, &cursor).await? {
+                return Ok(());
+            }
+            continue;
+        };
+        // Take (or renew) the lease before sending, so no other node sends meanwhile.
+        cursor.holder = Some(node.to_string());
+        cursor.lease_until = Some(now.plus(millis(LEASE + SEND_TIMEOUT)));
+        let leased = serde_json::to_string(&cursor).map_err(|e| pond_core::StoreError::Corrupt(e.to_string()))?;
+        if !store.swap_record(CURSOR_RECORD, &sub.id, Some(&body), &leased).await? {
+            return Ok(());
+        }
+        let (event, again) = match next {
+            Next::Again(e) => (e, true),
+            Next::Stream(e) => (e, false),
+        };
+        let attempt = if again { 1 } else { cursor.failures + 1 };
+        let sent = send(state, &sub, &event).await;
+        let at = now;
+        let delivered = sent.status.is_some_and(|s| (200..300).contains(&s));
+        let mut entry = Delivery {
+            event: event.seq,
+            webhook_id: webhook_id(&event),
+            kind: event.event.kind.clone(),
+            attempt,
+            at,
+            status: sent.status,
+            error: sent.error,
+            duration_ms: sent.took.as_millis() as u64,
+            outcome: "delivered".into(),
+            retry_at: None,
+        };
+        if again {
+            // A redelivery is tried once; its result is logged either way.
+            cursor.redeliver.retain(|s| *s != event.seq);
+            if !delivered {
+                entry.outcome = "failed".into();
+            }
+        } else if delivered {
+            cursor.after = event.seq;
+            cursor.failures = 0;
+            cursor.retry_at = None;
+        } else {
+            cursor.failures += 1;
+            match retry_delay(cursor.failures, rand::random::<f64>() * 2.0 - 1.0) {
+                Some(wait) => {
+                    let due = now.plus(millis(wait));
+                    cursor.retry_at = Some(due);
+                    entry.outcome = "retrying".into();
+                    entry.retry_at = Some(due);
+                }
+                None => {
+                    // The schedule is spent: give this event up and go on with the next.
+                    cursor.after = event.seq;
+                    cursor.failures = 0;
+                    cursor.retry_at = None;
+                    entry.outcome = "gave_up".into();
+                }
+            }
+        }
+        crate::metrics::webhook_delivery(&entry.outcome);
+        log_delivery(store, &sub.id, entry).await?;
+        cursor.lease_until = Some(now.plus(millis(LEASE)));
+        if !swap_cursor(store, &sub.id, &leased, &cursor).await? || (!delivered && !again) {
+            return Ok(());
+        }
+    }
+}
+
+fn millis(d: Duration) -> pond_core::time::Millis {
+    pond_core::time::Millis(d.as_millis() as u64)
+}
+
+async fn swap_cursor(store: &dyn Store, id: &str, old: &str, cursor: &Cursor) -> Result<bool, pond_core::StoreError> {
+    let body = serde_json::to_string(cursor).map_err(|e| pond_core::StoreError::Corrupt(e.to_string()))?;
+    store.swap_record(CURSOR_RECORD, id, Some(old), &body).await
+}
+
+async fn log_delivery(store: &dyn Store, id: &str, entry: Delivery) -> Result<(), pond_core::StoreError> {
+    for _ in 0..20 {
+        let old = store.get_record(LOG_RECORD, id).await?;
+        let mut log: Vec<Delivery> = old.as_deref().and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
+        log.push(entry.clone());
+        if log.len() > LOG_KEEP {
+            let excess = log.len() - LOG_KEEP;
+            log.drain(..excess);
+        }
+        let body = serde_json::to_string(&log).map_err(|e| pond_core::StoreError::Corrupt(e.to_string()))?;
+        if store.swap_record(LOG_RECORD, id, old.as_deref(), &body).await? {
+            return Ok(());
+        }
+    }
+    tracing::warn!(webhook = %id, "the delivery log stayed busy; one entry was not logged");
+    Ok(())
+}
+
+/// How one POST went.
+struct Sent {
+    status: Option<u16>,
+    error: Option<String>,
+    took: Duration,
+}
+
+async fn send(state: &AppState, sub: &Subscription, event: &Event) -> Sent {
+    let now = now(state);
+    let secrets: Vec<Vec<u8>> = sub
+        .secrets
+        .iter()
+        .filter(|s| s.expires_at.is_none_or(|t| t > now))
+        .filter_map(|s| {
+            let sealed = B64.decode(&s.sealed).ok()?;
+            pond_core::seal::open_at_rest(&state.webhooks.at_rest_key, &sealed).ok()
+        })
+        .collect();
+    if secrets.is_empty() {
+        return Sent {
+            status: None,
+            error: Some("no secret of this webhook opens under this server's key".into()),
+            took: Duration::ZERO,
+        };
+    }
+    let id = webhook_id(event);
+    let body = payload(event);
+    let timestamp = now.as_millis() / 1000;
+    let signed = signature(&secrets, &id, timestamp, &body);
+    let url = sub.url.clone();
+    let allow = state.webhooks.allow_ips.clone();
+    let started = Instant::now();
+    let result = tokio::task::spawn_blocking(move || {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(SEND_TIMEOUT)
+            .redirects(0)
+            .resolver(PolicyResolver { allow })
+            .user_agent(concat!("pond-webhooks/", env!("CARGO_PKG_VERSION")))
+            .build();
+        agent
+            .post(&url)
+            .set("content-type", "application/json")
+            .set("webhook-id", &id)
+            .set("webhook-timestamp", &timestamp.to_string())
+            .set("webhook-signature", &signed)
+            .send_string(&body)
+    })
+    .await;
+    let took = started.elapsed();
+    match result {
+        Ok(Ok(response)) => Sent { status: Some(response.status()), error: None, took },
+        Ok(Err(ureq::Error::Status(code, _))) => {
+            Sent { status: Some(code), error: Some(format!("the receiver answered {code}")), took }
+        }
+        Ok(Err(ureq::Error::Transport(t))) => Sent { status: None, error: Some(t.to_string()), took },
+        Err(e) => Sent { status: None, error: Some(format!("the send task failed: {e}")), took },
+    }
+}
+
+/// Resolves a receiver's name and keeps only the addresses the policy lets pond dial, so a name
+/// pointing inside (or re-pointed there later) is refused at connect time.
+struct PolicyResolver {
+    allow: Vec<IpAddr>,
+}
+
+impl ureq::Resolver for PolicyResolver {
+    fn resolve(&self, netloc: &str) -> std::io::Result<Vec<SocketAddr>> {
+        let all: Vec<SocketAddr> = netloc.to_socket_addrs()?.collect();
+        let allowed: Vec<SocketAddr> =
+            all.iter().copied().filter(|a| refuse_internal(a.ip(), &self.allow).is_ok()).collect();
+        if allowed.is_empty() {
+            let why = all
+                .first()
+                .map(|a| refuse_internal(a.ip(), &self.allow).err().unwrap_or_default())
+                .unwrap_or_else(|| format!("{netloc} resolves to no address"));
+            return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why));
+        }
+        Ok(allowed)
+    }
+}
