@@ -191,7 +191,10 @@ pub fn webhooks(client: &Client, default_project: Option<String>, command: Webho
                 println!("{}", serde_json::to_string_pretty(&log)?);
                 return Ok(0);
             }
-            println!("{:<24} {:>8} {:<16} {:>7} {:>6} {:>7}  OUTCOME", "AT", "EVENT", "TYPE", "ATTEMPT", "STATUS", "MS");
+            println!(
+                "{:<24} {:>8} {:<16} {:>7} {:>6} {:>7}  OUTCOME",
+                "AT", "EVENT", "TYPE", "ATTEMPT", "STATUS", "MS"
+            );
             for d in &log.deliveries {
                 let status = d.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
                 let why = d.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();

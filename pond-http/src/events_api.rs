@@ -95,13 +95,11 @@ async fn events(
     };
     let selection = Selection { projects, types: parse_types("query.types", q.types.as_deref())? };
     let resume = match headers.get("last-event-id") {
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<i64>().ok())
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| ApiError::invalid("header.last-event-id", "must be an event position (a whole number)"))?,
-        ),
+        Some(v) => {
+            Some(v.to_str().ok().and_then(|v| v.trim().parse::<i64>().ok()).filter(|n| *n >= 0).ok_or_else(|| {
+                ApiError::invalid("header.last-event-id", "must be an event position (a whole number)")
+            })?)
+        }
         None => None,
     };
     let after = resume.or(whole::<i64>("query.after", q.after.as_deref())?.map(|n| n.max(0)));
@@ -110,10 +108,9 @@ async fn events(
         Some("1" | "true" | "yes" | "") => true,
         Some("0" | "false" | "no") => false,
         Some(other) => return Err(ApiError::invalid("query.follow", format!("`{other}` is not true or false"))),
-        None => headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| a.contains("text/event-stream")),
+        None => {
+            headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/event-stream"))
+        }
     };
     if streamed {
         // A stream without a cursor starts at what happens next.

@@ -411,10 +411,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         seen: Arc::default(),
         polls: Arc::default(),
         members: Arc::default(),
-        webhooks: Arc::new(crate::webhooks::WebhookConfig {
-            at_rest_key,
-            allow_ips: config.webhook_allow_ips.clone(),
-        }),
+        webhooks: Arc::new(crate::webhooks::WebhookConfig { at_rest_key, allow_ips: config.webhook_allow_ips.clone() }),
     };
 
     let listener =

@@ -162,7 +162,8 @@ async fn load(state: &AppState, who: &Principal, id: &str) -> Result<(Subscripti
     let missing = || ApiError::NotFound(format!("webhook {id} not found"));
     // A removed subscription is an empty record.
     let body = state.store.get_record(SUBSCRIPTION_RECORD, id).await?.filter(|b| !b.is_empty()).ok_or_else(missing)?;
-    let sub: Subscription = serde_json::from_str(&body).map_err(|e| ApiError::Internal(format!("webhook {id}: {e}")))?;
+    let sub: Subscription =
+        serde_json::from_str(&body).map_err(|e| ApiError::Internal(format!("webhook {id}: {e}")))?;
     // Another tenant's subscription answers like a missing one.
     if !who.can_use(&sub.project_id) {
         return Err(missing());
@@ -310,7 +311,11 @@ async fn list(State(state): State<AppState>, who: Principal) -> Result<Json<Webh
     Ok(Json(WebhookList { webhooks }))
 }
 
-async fn show(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<Json<WebhookView>, ApiError> {
+async fn show(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<WebhookView>, ApiError> {
     let (sub, _) = load(&state, &who, &id).await?;
     let (cursor, _) = cursor_of(&*state.store, &id).await?;
     Ok(Json(view(&sub, &cursor, now(&state))))
@@ -384,7 +389,10 @@ async fn redeliver(
         .find(|e| e.seq == body.event)
         .ok_or_else(|| ApiError::invalid("event", format!("no event {} of project {}", body.event, sub.project_id)))?;
     if !sub.wants(&event) {
-        return Err(ApiError::invalid("event", format!("event {} ({}) is not one this webhook takes", event.seq, event.event.kind)));
+        return Err(ApiError::invalid(
+            "event",
+            format!("event {} ({}) is not one this webhook takes", event.seq, event.event.kind),
+        ));
     }
     // Queued on the cursor; the node holding the subscription sends it next.
     for _ in 0..20 {
@@ -466,7 +474,8 @@ async fn drain(state: &AppState, node: &str, sub: Subscription) -> Result<(), po
         let Some(current) = store.get_record(SUBSCRIPTION_RECORD, &sub.id).await? else { return Ok(()) };
         let Ok(sub) = serde_json::from_str::<Subscription>(&current) else { return Ok(()) };
         let next = match cursor.redeliver.first() {
-            Some(&seq) => match store.read_events(seq - 1, Some(std::slice::from_ref(&sub.project_id)), 1).await?.pop() {
+            Some(&seq) => match store.read_events(seq - 1, Some(std::slice::from_ref(&sub.project_id)), 1).await?.pop()
+            {
                 Some(e) if e.seq == seq => Some(Next::Again(e)),
                 _ => {
                     cursor.redeliver.remove(0);
