@@ -951,6 +951,11 @@ struct BenchArgs {
     /// processes), --samples runs each.
     #[arg(long, value_name = "CODEX")]
     agent_overhead: Option<PathBuf>,
+    /// Instead: how fast state changes reach consumers — --runs noop runs while a webhook
+    /// receiver and a /v1/events follower time each event from commit to arrival (SQLite, or
+    /// --database-url).
+    #[arg(long)]
+    events: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -2210,6 +2215,23 @@ fn demo(args: DemoArgs) -> Result<i32> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
+    if args.events {
+        let rt = runtime()?;
+        let db = match &args.database_url {
+            Some(server) => Some(rt.block_on(pond_store::ScratchDatabase::create(server, "bench_events"))?),
+            None => None,
+        };
+        let report = rt
+            .block_on(pond_http::events_bench::run(
+                &args.data_dir,
+                Arc::new(pond_sandbox::HostBackend),
+                db.as_ref().map(|d| d.url.clone()),
+                args.runs,
+            ))
+            .map_err(anyhow::Error::msg)?;
+        println!("{report}");
+        return Ok(());
+    }
     if let Some(codex) = &args.agent_overhead {
         let work = std::fs::canonicalize(".").context("current directory")?.join(&args.data_dir);
         let report = pond_http::agent_bench::run(&std::env::current_exe()?, codex, &work, args.samples)?;

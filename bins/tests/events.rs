@@ -410,13 +410,16 @@ fn three_nodes_give_every_reader_one_gapless_order_and_a_kill_loses_no_event() {
         .count();
     assert!(taken_over > 0, "a stage of the killed node was taken over");
 
-    // The webhook got every event once (a node killed mid-send may resend one, same id).
+    // The webhook got every event (a node killed while sending may leave some to be resent,
+    // with the same webhook-id).
     eventually("every event at the receiver", Duration::from_secs(60), || {
         let got: HashSet<String> = receiver.received().into_iter().map(|(id, _, _)| id).collect();
         stored.iter().all(|e| got.contains(&format!("evt_{}", e.seq)))
     });
     let received = receiver.received();
     let distinct: HashSet<&String> = received.iter().map(|(id, _, _)| id).collect();
-    assert!(received.len() - distinct.len() <= 1, "{} deliveries of {} events", received.len(), distinct.len());
+    // Progress is written every 50 deliveries or 0.5 s: a node killed while holding the webhook
+    // leaves at most that many to be sent again.
+    assert!(received.len() - distinct.len() <= 50, "{} deliveries of {} events", received.len(), distinct.len());
     assert!(received.iter().all(|(_, v, _)| v == &vec![0]));
 }

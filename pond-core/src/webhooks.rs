@@ -22,6 +22,8 @@ pub const SUBSCRIPTION_RECORD: &str = "webhook";
 pub const CURSOR_RECORD: &str = "webhook-cursor";
 /// Record kind of each subscription's recent deliveries (key: the subscription id).
 pub const LOG_RECORD: &str = "webhook-log";
+/// Record kind of each subscription's queue of events asked for again (key: the subscription id).
+pub const REDELIVER_RECORD: &str = "webhook-redeliver";
 /// Deliveries kept in a subscription's log.
 pub const LOG_KEEP: usize = 100;
 /// The secret prefix the spec uses.
@@ -91,9 +93,6 @@ pub struct Cursor {
     /// No attempt before this time (after a failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<Timestamp>,
-    /// Events asked for again (`redeliver`), sent before the stream goes on.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub redeliver: Vec<i64>,
     /// The node delivering, and until when it holds the subscription.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<String>,

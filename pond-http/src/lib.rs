@@ -31,6 +31,7 @@ pub mod client;
 pub mod doctor;
 pub mod error;
 pub mod events_api;
+pub mod events_bench;
 pub mod events_client;
 pub mod keys_api;
 pub mod metrics;

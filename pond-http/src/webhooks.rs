@@ -30,7 +30,7 @@ use pond_core::store::Store;
 use pond_core::time::Timestamp;
 use pond_core::webhooks::{
     payload, retry_delay, secret_text, signature, webhook_id, Cursor, Delivery, StoredSecret, Subscription,
-    CURSOR_RECORD, LOG_KEEP, LOG_RECORD, SUBSCRIPTION_RECORD,
+    CURSOR_RECORD, LOG_KEEP, LOG_RECORD, REDELIVER_RECORD, SUBSCRIPTION_RECORD,
 };
 use serde::{Deserialize, Serialize};
 
@@ -394,21 +394,22 @@ async fn redeliver(
             format!("event {} ({}) is not one this webhook takes", event.seq, event.event.kind),
         ));
     }
-    // Queued on the cursor; the node holding the subscription sends it next.
+    // Queued beside the cursor; the node holding the subscription sends it next.
     for _ in 0..20 {
-        let (mut cursor, old) = cursor_of(&*state.store, &id).await?;
-        if cursor.redeliver.len() >= 100 {
+        let old = state.store.get_record(REDELIVER_RECORD, &id).await?;
+        let mut queue: Vec<i64> = old.as_deref().and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
+        if queue.len() >= 100 {
             return Err(ApiError::Conflict("100 redeliveries are already queued for this webhook".into()));
         }
-        if !cursor.redeliver.contains(&event.seq) {
-            cursor.redeliver.push(event.seq);
+        if !queue.contains(&event.seq) {
+            queue.push(event.seq);
         }
-        let new = serde_json::to_string(&cursor).map_err(|e| ApiError::Internal(e.to_string()))?;
-        if state.store.swap_record(CURSOR_RECORD, &id, old.as_deref(), &new).await? {
+        let new = serde_json::to_string(&queue).map_err(|e| ApiError::Internal(e.to_string()))?;
+        if state.store.swap_record(REDELIVER_RECORD, &id, old.as_deref(), &new).await? {
             return Ok(StatusCode::ACCEPTED);
         }
     }
-    Err(ApiError::Unavailable("the webhook's cursor is busy; try again".into()))
+    Err(ApiError::Unavailable("the webhook's redelivery queue is busy; try again".into()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -451,122 +452,167 @@ pub async fn dispatch(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
     }
 }
 
-/// What to send next for a subscription.
-enum Next {
-    /// An event asked for again.
-    Again(Event),
-    /// The next event of the stream.
-    Stream(Event),
+/// How often a draining node writes its progress (cursor, lease, log) while it sends.
+const FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// ... or after this many deliveries.
+const FLUSH_AFTER: usize = 50;
+
+/// A subscription held by this node while it drains: its cursor as last written, and the
+/// deliveries not yet logged.
+struct Holding<'a> {
+    store: &'a dyn Store,
+    id: String,
+    node: String,
+    written: String,
+    cursor: Cursor,
+    log: Vec<Delivery>,
+    flushed: Instant,
+}
+
+impl Holding<'_> {
+    /// Writes the cursor (renewing the lease) and the log entries; false when another node
+    /// took the subscription meanwhile (its lease lapsed), which then resends from its cursor.
+    async fn flush(&mut self, now: Timestamp) -> Result<bool, pond_core::StoreError> {
+        self.cursor.holder = Some(self.node.clone());
+        self.cursor.lease_until = Some(now.plus(millis(LEASE)));
+        let body = serde_json::to_string(&self.cursor).map_err(|e| pond_core::StoreError::Corrupt(e.to_string()))?;
+        if !self.store.swap_record(CURSOR_RECORD, &self.id, Some(&self.written), &body).await? {
+            return Ok(false);
+        }
+        self.written = body;
+        self.flushed = Instant::now();
+        let entries = std::mem::take(&mut self.log);
+        log_deliveries(self.store, &self.id, entries).await?;
+        Ok(true)
+    }
 }
 
 /// Delivers a subscription's pending events while this node holds it, until none are left,
-/// one fails, or the lease is lost.
+/// one fails, or the lease is lost. Progress is written every [`FLUSH_EVERY`] or
+/// [`FLUSH_AFTER`] deliveries: a node that dies sends at most that many events twice (same
+/// `webhook-id`), never fewer than once.
 async fn drain(state: &AppState, node: &str, sub: Subscription) -> Result<(), pond_core::StoreError> {
     let store: &dyn Store = &*state.store;
-    loop {
-        let now = now(state);
-        let Some(body) = store.get_record(CURSOR_RECORD, &sub.id).await? else { return Ok(()) };
-        let Ok(mut cursor) = serde_json::from_str::<Cursor>(&body) else { return Ok(()) };
-        if !cursor.free_for(node, now) || cursor.retry_at.is_some_and(|t| t > now) {
+    let now = now(state);
+    let Some(body) = store.get_record(CURSOR_RECORD, &sub.id).await? else { return Ok(()) };
+    let Ok(cursor) = serde_json::from_str::<Cursor>(&body) else { return Ok(()) };
+    if !cursor.free_for(node, now) {
+        return Ok(());
+    }
+    // The subscription may have been removed or changed (a rotation) since it was listed.
+    let Some(current) = store.get_record(SUBSCRIPTION_RECORD, &sub.id).await? else { return Ok(()) };
+    let Ok(sub) = serde_json::from_str::<Subscription>(&current) else { return Ok(()) };
+    let mut held = Holding {
+        store,
+        id: sub.id.clone(),
+        node: node.to_string(),
+        written: body,
+        cursor,
+        log: Vec::new(),
+        flushed: Instant::now(),
+    };
+    let agent = sender(&state.webhooks.allow_ips);
+
+    // Redeliveries asked for: each sent once, whatever the stream's state.
+    let asked = redeliveries(store, &sub.id).await?;
+    if !asked.is_empty() {
+        if !held.flush(now).await? {
             return Ok(());
         }
-        // The subscription may have been removed or changed (a rotation) since it was listed.
-        let Some(current) = store.get_record(SUBSCRIPTION_RECORD, &sub.id).await? else { return Ok(()) };
-        let Ok(sub) = serde_json::from_str::<Subscription>(&current) else { return Ok(()) };
-        let next = match cursor.redeliver.first() {
-            Some(&seq) => match store.read_events(seq - 1, Some(std::slice::from_ref(&sub.project_id)), 1).await?.pop()
-            {
-                Some(e) if e.seq == seq => Some(Next::Again(e)),
-                _ => {
-                    cursor.redeliver.remove(0);
-                    None
+        for seq in &asked {
+            let found = store.read_events(seq - 1, Some(std::slice::from_ref(&sub.project_id)), 1).await?.pop();
+            if let Some(event) = found.filter(|e| e.seq == *seq) {
+                let sent = send(state, &agent, &sub, &event).await;
+                let mut entry = delivery(&event, 1, now, sent);
+                if entry.status.is_none_or(|s| !(200..300).contains(&s)) {
+                    entry.outcome = "failed".into();
                 }
-            },
-            None => {
-                let page = store.read_events(cursor.after, Some(std::slice::from_ref(&sub.project_id)), 100).await?;
-                match page.iter().find(|e| sub.wants(e)) {
-                    Some(e) => Some(Next::Stream(e.clone())),
-                    // Nothing wanted in this page: skip past it.
-                    None => match page.last() {
-                        Some(last) => {
-                            cursor.after = last.seq;
-                            None
-                        }
-                        None => return Ok(()),
-                    },
-                }
+                crate::metrics::webhook_delivery(&entry.outcome);
+                held.log.push(entry);
             }
-        };
-        let Some(next) = next else {
-            // Only the cursor moved; write it (under the lease check) and look again.
-            cursor.holder = Some(node.to_string());
-            cursor.lease_until = Some(now.plus(millis(LEASE)));
-            if !swap_cursor(store, &sub.id, &body, &cursor).await? {
+        }
+        take_redeliveries(store, &sub.id, &asked).await?;
+    }
+
+    if held.cursor.retry_at.is_some_and(|t| t > now) {
+        if !held.log.is_empty() {
+            held.flush(now).await?;
+        }
+        return Ok(());
+    }
+    let start = held.cursor.after;
+    loop {
+        let page = store.read_events(held.cursor.after, Some(std::slice::from_ref(&sub.project_id)), 100).await?;
+        if page.is_empty() {
+            break;
+        }
+        for event in page {
+            if !sub.wants(&event) {
+                held.cursor.after = event.seq;
+                continue;
+            }
+            let now = state.engine.clock().now();
+            // Hold the lease before sending (first event, or one about to lapse).
+            let lapsing = held.cursor.lease_until.is_none_or(|t| t <= now.plus(millis(LEASE / 2)));
+            if (lapsing || held.cursor.holder.as_deref() != Some(node)) && !held.flush(now).await? {
                 return Ok(());
             }
-            continue;
-        };
-        // Take (or renew) the lease before sending, so no other node sends meanwhile.
-        cursor.holder = Some(node.to_string());
-        cursor.lease_until = Some(now.plus(millis(LEASE + SEND_TIMEOUT)));
-        let leased = serde_json::to_string(&cursor).map_err(|e| pond_core::StoreError::Corrupt(e.to_string()))?;
-        if !store.swap_record(CURSOR_RECORD, &sub.id, Some(&body), &leased).await? {
-            return Ok(());
-        }
-        let (event, again) = match next {
-            Next::Again(e) => (e, true),
-            Next::Stream(e) => (e, false),
-        };
-        let attempt = if again { 1 } else { cursor.failures + 1 };
-        let sent = send(state, &sub, &event).await;
-        let at = now;
-        let delivered = sent.status.is_some_and(|s| (200..300).contains(&s));
-        let mut entry = Delivery {
-            event: event.seq,
-            webhook_id: webhook_id(&event),
-            kind: event.event.kind.clone(),
-            attempt,
-            at,
-            status: sent.status,
-            error: sent.error,
-            duration_ms: sent.took.as_millis() as u64,
-            outcome: "delivered".into(),
-            retry_at: None,
-        };
-        if again {
-            // A redelivery is tried once; its result is logged either way.
-            cursor.redeliver.retain(|s| *s != event.seq);
-            if !delivered {
-                entry.outcome = "failed".into();
-            }
-        } else if delivered {
-            cursor.after = event.seq;
-            cursor.failures = 0;
-            cursor.retry_at = None;
-        } else {
-            cursor.failures += 1;
-            match retry_delay(cursor.failures, rand::random::<f64>() * 2.0 - 1.0) {
-                Some(wait) => {
-                    let due = now.plus(millis(wait));
-                    cursor.retry_at = Some(due);
-                    entry.outcome = "retrying".into();
-                    entry.retry_at = Some(due);
-                }
-                None => {
-                    // The schedule is spent: give this event up and go on with the next.
-                    cursor.after = event.seq;
-                    cursor.failures = 0;
-                    cursor.retry_at = None;
-                    entry.outcome = "gave_up".into();
+            let attempt = held.cursor.failures + 1;
+            let sent = send(state, &agent, &sub, &event).await;
+            let mut entry = delivery(&event, attempt, now, sent);
+            let delivered = entry.status.is_some_and(|s| (200..300).contains(&s));
+            if delivered {
+                held.cursor.after = event.seq;
+                held.cursor.failures = 0;
+                held.cursor.retry_at = None;
+            } else {
+                held.cursor.failures += 1;
+                match retry_delay(held.cursor.failures, rand::random::<f64>() * 2.0 - 1.0) {
+                    Some(wait) => {
+                        let due = now.plus(millis(wait));
+                        held.cursor.retry_at = Some(due);
+                        entry.outcome = "retrying".into();
+                        entry.retry_at = Some(due);
+                    }
+                    None => {
+                        // The schedule is spent: give this event up and go on with the next.
+                        held.cursor.after = event.seq;
+                        held.cursor.failures = 0;
+                        held.cursor.retry_at = None;
+                        entry.outcome = "gave_up".into();
+                    }
                 }
             }
+            crate::metrics::webhook_delivery(&entry.outcome);
+            held.log.push(entry);
+            if held.cursor.retry_at.is_some() {
+                held.flush(now).await?;
+                return Ok(());
+            }
+            if (held.log.len() >= FLUSH_AFTER || held.flushed.elapsed() >= FLUSH_EVERY) && !held.flush(now).await? {
+                return Ok(());
+            }
         }
-        crate::metrics::webhook_delivery(&entry.outcome);
-        log_delivery(store, &sub.id, entry).await?;
-        cursor.lease_until = Some(now.plus(millis(LEASE)));
-        if !swap_cursor(store, &sub.id, &leased, &cursor).await? || (!delivered && !again) {
-            return Ok(());
-        }
+    }
+    // Written only when something moved: an idle subscription costs each node a read a tick.
+    if held.cursor.after != start || !held.log.is_empty() {
+        held.flush(now).await?;
+    }
+    Ok(())
+}
+
+fn delivery(event: &Event, attempt: u32, at: Timestamp, sent: Sent) -> Delivery {
+    Delivery {
+        event: event.seq,
+        webhook_id: webhook_id(event),
+        kind: event.event.kind.clone(),
+        attempt,
+        at,
+        status: sent.status,
+        error: sent.error,
+        duration_ms: sent.took.as_millis() as u64,
+        outcome: "delivered".into(),
+        retry_at: None,
     }
 }
 
@@ -574,16 +620,34 @@ fn millis(d: Duration) -> pond_core::time::Millis {
     pond_core::time::Millis(d.as_millis() as u64)
 }
 
-async fn swap_cursor(store: &dyn Store, id: &str, old: &str, cursor: &Cursor) -> Result<bool, pond_core::StoreError> {
-    let body = serde_json::to_string(cursor).map_err(|e| pond_core::StoreError::Corrupt(e.to_string()))?;
-    store.swap_record(CURSOR_RECORD, id, Some(old), &body).await
+/// Events asked for again (`POST …/redeliver`), oldest first.
+async fn redeliveries(store: &dyn Store, id: &str) -> Result<Vec<i64>, pond_core::StoreError> {
+    let body = store.get_record(REDELIVER_RECORD, id).await?;
+    Ok(body.as_deref().and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default())
 }
 
-async fn log_delivery(store: &dyn Store, id: &str, entry: Delivery) -> Result<(), pond_core::StoreError> {
+/// Removes `sent` from the redelivery queue (others may have been added meanwhile).
+async fn take_redeliveries(store: &dyn Store, id: &str, sent: &[i64]) -> Result<(), pond_core::StoreError> {
+    for _ in 0..20 {
+        let old = store.get_record(REDELIVER_RECORD, id).await?;
+        let mut queue: Vec<i64> = old.as_deref().and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
+        queue.retain(|s| !sent.contains(s));
+        let body = serde_json::to_string(&queue).map_err(|e| pond_core::StoreError::Corrupt(e.to_string()))?;
+        if store.swap_record(REDELIVER_RECORD, id, old.as_deref(), &body).await? {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+async fn log_deliveries(store: &dyn Store, id: &str, entries: Vec<Delivery>) -> Result<(), pond_core::StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
     for _ in 0..20 {
         let old = store.get_record(LOG_RECORD, id).await?;
         let mut log: Vec<Delivery> = old.as_deref().and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
-        log.push(entry.clone());
+        log.extend(entries.iter().cloned());
         if log.len() > LOG_KEEP {
             let excess = log.len() - LOG_KEEP;
             log.drain(..excess);
@@ -593,7 +657,7 @@ async fn log_delivery(store: &dyn Store, id: &str, entry: Delivery) -> Result<()
             return Ok(());
         }
     }
-    tracing::warn!(webhook = %id, "the delivery log stayed busy; one entry was not logged");
+    tracing::warn!(webhook = %id, "the delivery log stayed busy; entries were not logged");
     Ok(())
 }
 
@@ -604,7 +668,18 @@ struct Sent {
     took: Duration,
 }
 
-async fn send(state: &AppState, sub: &Subscription, event: &Event) -> Sent {
+/// An HTTP agent for one drain: connections kept alive between its deliveries, no redirects,
+/// names resolved through the address policy.
+fn sender(allow: &[IpAddr]) -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(SEND_TIMEOUT)
+        .redirects(0)
+        .resolver(PolicyResolver { allow: allow.to_vec() })
+        .user_agent(concat!("pond-webhooks/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+async fn send(state: &AppState, agent: &ureq::Agent, sub: &Subscription, event: &Event) -> Sent {
     let now = now(state);
     let secrets: Vec<Vec<u8>> = sub
         .secrets
@@ -626,16 +701,9 @@ async fn send(state: &AppState, sub: &Subscription, event: &Event) -> Sent {
     let body = payload(event);
     let timestamp = now.as_millis() / 1000;
     let signed = signature(&secrets, &id, timestamp, &body);
-    let url = sub.url.clone();
-    let allow = state.webhooks.allow_ips.clone();
+    let (url, agent) = (sub.url.clone(), agent.clone());
     let started = Instant::now();
     let result = tokio::task::spawn_blocking(move || {
-        let agent = ureq::AgentBuilder::new()
-            .timeout(SEND_TIMEOUT)
-            .redirects(0)
-            .resolver(PolicyResolver { allow })
-            .user_agent(concat!("pond-webhooks/", env!("CARGO_PKG_VERSION")))
-            .build();
         agent
             .post(&url)
             .set("content-type", "application/json")
@@ -647,7 +715,12 @@ async fn send(state: &AppState, sub: &Subscription, event: &Event) -> Sent {
     .await;
     let took = started.elapsed();
     match result {
-        Ok(Ok(response)) => Sent { status: Some(response.status()), error: None, took },
+        Ok(Ok(response)) => {
+            let status = response.status();
+            // Read the (small) answer so the connection can be kept.
+            let _ = std::io::copy(&mut std::io::Read::take(response.into_reader(), 64 * 1024), &mut std::io::sink());
+            Sent { status: Some(status), error: None, took }
+        }
         Ok(Err(ureq::Error::Status(code, _))) => {
             Sent { status: Some(code), error: Some(format!("the receiver answered {code}")), took }
         }
