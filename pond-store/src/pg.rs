@@ -187,6 +187,38 @@ impl PgStore {
         vec![outgoing, incoming]
     }
 
+    /// Gives committed events without a position the next positions, in `id` order, under one
+    /// advisory lock (any node may do it; they take turns). An event committed later is
+    /// numbered later, so a reader that has read up to `n` never misses one below `n`. Events
+    /// of one run keep their order: a run's next change takes its row lock, so it inserts
+    /// (and gets its ids) only after the previous one committed.
+    async fn sequence_events(&self) -> Result<(), StoreError> {
+        let pending: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE seq IS NULL)")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        if !pending {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('pond-events', 11))")
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        // A statement after the lock: its snapshot sees the positions the previous holder gave.
+        sqlx::query(
+            "UPDATE events e SET seq = b.base + n.rn
+               FROM (SELECT id, row_number() OVER (ORDER BY id) AS rn
+                       FROM (SELECT id FROM events WHERE seq IS NULL ORDER BY id LIMIT 10000) t) n,
+                    (SELECT COALESCE(MAX(seq), 0) AS base FROM events) b
+              WHERE e.id = n.id",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
     async fn try_update(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, Fail> {
         let mut tx = self.pool.begin().await?;
         let before =
@@ -425,19 +457,12 @@ async fn write_log_lines(conn: &mut PgConnection, lines: &[(RunId, &NewLogLine)]
     Ok(())
 }
 
-/// Appends events as the transaction's last write: the positions come from the one counter row,
-/// whose lock is held until commit, so positions are handed out in commit order across nodes
-/// (a reader never finds a position filled in behind its cursor) and a rollback returns them.
+/// Appends events inside the caller's transaction, with no position yet: positions are given
+/// after commit by [`PgStore::sequence_events`], so writers do not queue on a shared counter.
 async fn write_events(conn: &mut PgConnection, events: &[pond_core::events::NewEvent]) -> Result<(), Fail> {
     if events.is_empty() {
         return Ok(());
     }
-    let last: i64 = sqlx::query_scalar("UPDATE event_counter SET seq = seq + $1 WHERE id = 1 RETURNING seq")
-        .bind(events.len() as i64)
-        .fetch_one(&mut *conn)
-        .await?;
-    let first = last - events.len() as i64 + 1;
-    let seqs: Vec<i64> = (first..=last).collect();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     let projects: Vec<&str> = events.iter().map(|e| e.project_id.as_str()).collect();
     let runs: Vec<String> = events.iter().map(|e| e.run_id.to_string()).collect();
@@ -446,11 +471,13 @@ async fn write_events(conn: &mut PgConnection, events: &[pond_core::events::NewE
     let states: Vec<&str> = events.iter().map(|e| e.state.as_str()).collect();
     let previous: Vec<Option<&str>> = events.iter().map(|e| e.previous_state.as_deref()).collect();
     let ats: Vec<i64> = events.iter().map(|e| e.at.as_millis()).collect();
+    // WITH ORDINALITY keeps the events' order in their ids.
     sqlx::query(
-        "INSERT INTO events (seq, type, project_id, run_id, stage, attempt, state, previous_state, at)
-         SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::TEXT[], $9::BIGINT[])",
+        "INSERT INTO events (type, project_id, run_id, stage, attempt, state, previous_state, at)
+         SELECT t, p, r, s, a, st, ps, at FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[])
+              WITH ORDINALITY AS u(t, p, r, s, a, st, ps, at, n)
+          ORDER BY n",
     )
-    .bind(&seqs)
     .bind(&kinds)
     .bind(&projects)
     .bind(&runs)
@@ -773,6 +800,7 @@ impl Store for PgStore {
         projects: Option<&[String]>,
         limit: u32,
     ) -> Result<Vec<pond_core::events::Event>, StoreError> {
+        self.sequence_events().await?;
         let rows = sqlx::query(
             "SELECT * FROM events WHERE seq > $1 AND ($2::TEXT[] IS NULL OR project_id = ANY($2)) ORDER BY seq LIMIT $3",
         )
@@ -786,7 +814,8 @@ impl Store for PgStore {
     }
 
     async fn last_event_seq(&self) -> Result<i64, StoreError> {
-        sqlx::query_scalar("SELECT seq FROM event_counter WHERE id = 1").fetch_one(&self.pool).await.map_err(db_err)
+        self.sequence_events().await?;
+        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events").fetch_one(&self.pool).await.map_err(db_err)
     }
 
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError> {

@@ -1,9 +1,11 @@
 -- Run and stage state changes (the event outbox), written in the same transaction as the change.
--- Positions come from the one row of event_counter, updated as a transaction's last statement:
--- its lock is held until commit, so positions are handed out in commit order and a rolled-back
--- transaction gives its positions back (no gaps, nothing committed behind a reader's cursor).
+-- A writer inserts with no position (`seq` NULL), so writers never wait on each other for one;
+-- readers give positions to committed events in `id` order under one advisory lock before
+-- reading (see `PgStore::sequence_events`). Positions are so handed out after commit, in the
+-- order events became visible: gapless, and nothing ever lands behind a reader's cursor.
 CREATE TABLE events (
-    seq            BIGINT PRIMARY KEY,
+    id             BIGSERIAL PRIMARY KEY,
+    seq            BIGINT UNIQUE,
     type           TEXT NOT NULL,
     project_id     TEXT NOT NULL,
     run_id         TEXT NOT NULL,
@@ -13,9 +15,5 @@ CREATE TABLE events (
     previous_state TEXT,
     at             BIGINT NOT NULL
 );
+CREATE INDEX events_unsequenced ON events (id) WHERE seq IS NULL;
 CREATE INDEX events_by_project ON events (project_id, seq);
-CREATE TABLE event_counter (
-    id  INT PRIMARY KEY CHECK (id = 1),
-    seq BIGINT NOT NULL
-);
-INSERT INTO event_counter (id, seq) VALUES (1, 0);
