@@ -311,6 +311,21 @@ fn webhooks_reach_a_standard_receiver_that_was_down_and_survive_a_secret_rotatio
         receiver.received().iter().filter(|(i, _, _)| *i == format!("evt_{again}")).count() == 2
     });
 
+    // A confidential run's events say no more than its public state: none of its output.
+    let secret: [u8; 32] = pond_core::seal::random_bytes::<32>();
+    let public =
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pond_core::keys::x25519_public(&secret));
+    let mut body = json!({"project_id": "acme", "encrypt": true, "recipient_pubkeys": [public],
+        "definition": {"stages": [{"key": "quiet", "executor": sh("echo CONFIDENTIAL-7q; echo CONFIDENTIAL-8r >&2; exit 3")}]}});
+    sign_request(&mut body, &secret);
+    let sealed = admin.submit(&body, None).unwrap().id.to_string();
+    wait_done(&admin, &sealed, Duration::from_secs(30));
+    eventually("the confidential run's end at the receiver", Duration::from_secs(20), || {
+        receiver.received().iter().any(|(_, _, b)| b["data"]["run_id"] == sealed.as_str() && b["type"] == "run.failed")
+    });
+    let everything = format!("{:?}{:?}", receiver.received(), all_events(&admin, Some("acme")));
+    assert!(!everything.contains("CONFIDENTIAL"), "an event carried output");
+
     // The event stream is scoped: the other tenant sees none of acme's events.
     other
         .submit(&json!({"project_id":"other","definition":{"stages":[{"key":"a","executor":{"kind":"noop"}}]}}), None)
@@ -326,6 +341,25 @@ fn webhooks_reach_a_standard_receiver_that_was_down_and_survive_a_secret_rotatio
     let cli = server.cli(&["events", "--no-follow", "--project", "acme", "--type", "run.succeeded"]);
     assert!(cli.status.success());
     assert_eq!(String::from_utf8_lossy(&cli.stdout).lines().count(), 5, "{}", String::from_utf8_lossy(&cli.stdout));
+    let failed = server.cli(&["events", "--no-follow", "--type", "run.failed", "--json"]);
+    assert!(String::from_utf8_lossy(&failed.stdout).contains(&sealed), "the CLI pages events as JSON lines");
+
+    // Pending deliveries survive the server's death: the receiver is down, the server is
+    // killed, both come back, and the events arrive.
+    receiver.down();
+    let run = admin.submit(&run_json(json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]})), None).unwrap();
+    wait_done(&admin, &run.id.to_string(), Duration::from_secs(30));
+    let mut server = server;
+    server.kill9();
+    let server = Server::start(&dir.path().join("data"), &["--webhook-allow-ip", "127.0.0.1"]);
+    receiver.up();
+    eventually("the events of the run finished before the restart", Duration::from_secs(40), || {
+        receiver
+            .received()
+            .iter()
+            .any(|(_, _, b)| b["data"]["run_id"] == run.id.to_string() && b["type"] == "run.succeeded")
+    });
+    drop(server);
 }
 
 #[test]

@@ -361,6 +361,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let key_path = data_dir.join("signing.ed25519");
     let signing_seed =
         pond_exec::load_or_create_key(&key_path).map_err(io(format!("reading {}", key_path.display())))?;
+    let node_id_for_webhooks = node_id.clone();
     let engine_config = EngineConfig {
         signing_seed,
         at_rest_key,
@@ -418,7 +419,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         tokio::net::TcpListener::bind(config.listen).await.map_err(io(format!("listening on {}", config.listen)))?;
     let addr = listener.local_addr().map_err(io("reading the bound address"))?;
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let webhooks = tokio::spawn(crate::webhooks::dispatch(state.clone(), shutdown_rx.clone()));
+    let webhooks = tokio::spawn(crate::webhooks::dispatch(
+        state.clone(),
+        shutdown_rx.clone(),
+        node_id_for_webhooks,
+        config.database_url.is_none(),
+    ));
     let mut http_stop = shutdown_rx.clone();
     let http = tokio::spawn(async move {
         let stop = async move {

@@ -247,7 +247,16 @@ async fn create(
     if !who.can_use(&body.project_id) {
         return Err(ApiError::NotFound(format!("project {} not found", body.project_id)));
     }
+    let project_ok = !body.project_id.is_empty()
+        && body.project_id.len() <= 128
+        && body.project_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if !project_ok {
+        return Err(ApiError::invalid("project_id", "must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`"));
+    }
     check_url(&body.url, &state.webhooks.allow_ips)?;
+    if body.types.len() > 32 {
+        return Err(ApiError::invalid("types", "lists more than 32 patterns (use `run.*`, `stage.*` or `*`)"));
+    }
     for (i, t) in body.types.iter().enumerate() {
         crate::events_api::parse_types(&format!("types[{i}]"), Some(t))?;
         if t.contains(',') {
@@ -417,8 +426,11 @@ async fn redeliver(
 
 /// Runs until `stop`: delivers every subscription this node can hold, waking on state changes
 /// (this node's and other nodes') and at least once a second.
-pub async fn dispatch(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let node = format!("wh-{}", uuid::Uuid::now_v7().simple());
+///
+/// `node` names this node in the cursors' leases: a node restarted under the same id (its
+/// `--node-id`) takes its subscriptions back at once. `exclusive`: this process owns the store
+/// alone (SQLite), so any lease in it is a dead process's.
+pub async fn dispatch(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>, node: String, exclusive: bool) {
     let busy: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     let mut changes = state.store.runs_changed();
     loop {
@@ -435,7 +447,7 @@ pub async fn dispatch(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
                     let (state, node, busy) = (state.clone(), node.clone(), busy.clone());
                     tokio::spawn(async move {
                         let id = sub.id.clone();
-                        if let Err(e) = drain(&state, &node, sub).await {
+                        if let Err(e) = drain(&state, &node, exclusive, sub).await {
                             tracing::warn!(webhook = %id, error = %e, "webhook delivery stopped; will retry");
                         }
                         busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
@@ -491,12 +503,12 @@ impl Holding<'_> {
 /// one fails, or the lease is lost. Progress is written every [`FLUSH_EVERY`] or
 /// [`FLUSH_AFTER`] deliveries: a node that dies sends at most that many events twice (same
 /// `webhook-id`), never fewer than once.
-async fn drain(state: &AppState, node: &str, sub: Subscription) -> Result<(), pond_core::StoreError> {
+async fn drain(state: &AppState, node: &str, exclusive: bool, sub: Subscription) -> Result<(), pond_core::StoreError> {
     let store: &dyn Store = &*state.store;
     let now = now(state);
     let Some(body) = store.get_record(CURSOR_RECORD, &sub.id).await? else { return Ok(()) };
     let Ok(cursor) = serde_json::from_str::<Cursor>(&body) else { return Ok(()) };
-    if !cursor.free_for(node, now) {
+    if !exclusive && !cursor.free_for(node, now) {
         return Ok(());
     }
     // The subscription may have been removed or changed (a rotation) since it was listed.
