@@ -7,6 +7,27 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// `println!` that does not panic when stdout is closed (`pond server | head -1`, a reader that
+/// went away): what cannot be written is dropped and the command goes on.
+macro_rules! say {
+    () => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` likewise.
+macro_rules! say_part {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod settings;
 mod usage;
 mod webhooks;
@@ -1019,15 +1040,15 @@ fn backup(data_dir: &Path, to: &Path) -> Result<()> {
         }
     }
     std::fs::set_permissions(to.join("pond.db"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    println!("backed up {} into {}: {}", data_dir.display(), to.display(), copied.join(", "));
+    say!("backed up {} into {}: {}", data_dir.display(), to.display(), copied.join(", "));
     if !copied.iter().any(|f| f == "server.key") {
-        println!("no server.key here: keep the POND_SERVER_KEY this server runs with; without it the sealed credentials and keys cannot be opened");
+        say!("no server.key here: keep the POND_SERVER_KEY this server runs with; without it the sealed credentials and keys cannot be opened");
     }
     Ok(())
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    say!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -1171,19 +1192,19 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     if json {
                         print_json(&key)?;
                     } else {
-                        println!("public key:    {}", key.public_key);
-                        println!("age recipient: {}", key.age_recipient);
-                        println!("fingerprint:   {}", key.fingerprint);
-                        println!("private key:   {} (0600; back it up)", key.path.display());
+                        say!("public key:    {}", key.public_key);
+                        say!("age recipient: {}", key.age_recipient);
+                        say!("fingerprint:   {}", key.fingerprint);
+                        say!("private key:   {} (0600; back it up)", key.path.display());
                     }
                 }
-                KeysCliCommand::Path => println!("{}", path.display()),
+                KeysCliCommand::Path => say!("{}", path.display()),
                 KeysCliCommand::Gen { force } => {
                     if path.exists() && !force {
                         bail!("a key exists at {}; pass --force to replace it", path.display());
                     }
                     let key = cli::consumer_key(&path, true)?;
-                    println!("new key {} at {}", key.fingerprint, key.path.display());
+                    say!("new key {} at {}", key.fingerprint, key.path.display());
                 }
             }
             Ok(0)
@@ -1204,7 +1225,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             clap_mangen::generate_to(Cli::command(), &dir)
                 .with_context(|| format!("writing man pages to {}", dir.display()))?;
-            println!("man pages written to {}", dir.display());
+            say!("man pages written to {}", dir.display());
             Ok(0)
         }
         Command::Doctor { data_dir, sandbox, json } => {
@@ -1227,9 +1248,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 print_json(&checks)?;
             } else {
                 for check in &checks {
-                    println!("{}", check.line());
+                    say!("{}", check.line());
                 }
-                println!("{} checks, {failed} failed", checks.len());
+                say!("{} checks, {failed} failed", checks.len());
             }
             Ok(if failed == 0 { 0 } else { 1 })
         }
@@ -1247,9 +1268,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 print_json(&verified)?;
             } else {
                 for check in &verified.checks {
-                    println!("ok  {check}");
+                    say!("ok  {check}");
                 }
-                println!("run {id} verified");
+                say!("run {id} verified");
             }
             Ok(0)
         }
@@ -1385,12 +1406,12 @@ fn orchestrator(server: String, args: OrchestratorArgs) -> Result<()> {
         config.enroll_code = args.enroll;
         config.name = args.name.unwrap_or_else(host_name);
         let orch = pond_http::orchestrator::start(config).await?;
-        println!("pond orchestrator listening on {}", orch.url());
+        say!("pond orchestrator listening on {}", orch.url());
         if let Some(addr) = args.metrics_listen {
             let bound = pond_http::metrics::serve_unauthenticated(addr).await.context("--metrics-listen")?;
-            println!("metrics on http://{bound}/metrics");
+            say!("metrics on http://{bound}/metrics");
         }
-        println!("pool: {}; id: {}; pond: {server}", orch.member.pool, orch.member.id);
+        say!("pool: {}; id: {}; pond: {server}", orch.member.pool, orch.member.id);
         std::io::stdout().flush()?;
         shutdown_signal().await;
         orch.shutdown().await;
@@ -1407,7 +1428,7 @@ fn sandbox(command: SandboxCommand) -> Result<i32> {
             let dir = std::env::temp_dir().join(format!("pond-sandbox-check-{}", std::process::id()));
             let (backend, _) = sandbox_backend(&sandbox, dir.clone())?;
             let profiles: Vec<&str> = backend.profiles().iter().map(|p| p.as_str()).collect();
-            println!("sandbox backend {}: self-check passed; profiles: {}", backend.name(), profiles.join(", "));
+            say!("sandbox backend {}: self-check passed; profiles: {}", backend.name(), profiles.join(", "));
             if sandbox.dir.is_none() {
                 // A throwaway state directory: its warm cgroup goes with it.
                 let _ = pond_sandbox::oci::collect_garbage(&dir);
@@ -1417,7 +1438,7 @@ fn sandbox(command: SandboxCommand) -> Result<i32> {
         }
         SandboxCommand::Gc { dir } => {
             let removed = pond_sandbox::oci::collect_garbage(&dir).map_err(anyhow::Error::msg)?;
-            println!("removed {removed} leftover sandbox objects from {}", dir.display());
+            say!("removed {removed} leftover sandbox objects from {}", dir.display());
             Ok(0)
         }
         // Only reached with extra arguments (main runs the helper directly otherwise).
@@ -1483,7 +1504,7 @@ fn worker(args: WorkerArgs) -> Result<i32> {
     };
     let m = &prepared.member;
     let how = if prepared.newly_enrolled { "enrolled" } else { "resuming" };
-    println!(
+    say!(
         "pond worker {} {how} in pool {} (tags: {}; capabilities: {}; fingerprint {})",
         m.id,
         m.pool,
@@ -1495,7 +1516,7 @@ fn worker(args: WorkerArgs) -> Result<i32> {
     let rt = runtime()?;
     if let Some(addr) = args.metrics_listen {
         let bound = rt.block_on(pond_http::metrics::serve_unauthenticated(addr)).context("--metrics-listen")?;
-        println!("metrics on http://{bound}/metrics");
+        say!("metrics on http://{bound}/metrics");
     }
     let summary = rt.block_on(async {
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -1508,9 +1529,11 @@ fn worker(args: WorkerArgs) -> Result<i32> {
     // An idle worker's claim is a blocking long poll on a pool thread; nothing waits for its
     // answer any more, so the process exits now instead of when the poll would have ended.
     rt.shutdown_background();
-    println!(
+    say!(
         "pond worker stopped: {} reported, {} handed back, {} lost",
-        summary.reported, summary.handed_back, summary.lost
+        summary.reported,
+        summary.handed_back,
+        summary.lost
     );
     Ok(0)
 }
@@ -1532,9 +1555,12 @@ fn credentials(command: CredentialsCommand, client: &Client) -> Result<()> {
             let value = value.trim_end_matches(['\n', '\r']).to_string();
             let request = pond_http::pool_wire::PutCredential { name, provider, env, value, projects };
             let view = client.put_credential(&request)?;
-            println!(
+            say!(
                 "credential {} ({}) fills ${} on the worker; sealed under key {}",
-                view.name, view.provider, view.env, view.key_fingerprint
+                view.name,
+                view.provider,
+                view.env,
+                view.key_fingerprint
             );
         }
         CredentialsCommand::List { json } => {
@@ -1542,14 +1568,14 @@ fn credentials(command: CredentialsCommand, client: &Client) -> Result<()> {
             if json {
                 return print_json(&list);
             }
-            println!("{:<24} {:<12} {:<24} KEY", "NAME", "PROVIDER", "ENV");
+            say!("{:<24} {:<12} {:<24} KEY", "NAME", "PROVIDER", "ENV");
             for c in &list.credentials {
-                println!("{:<24} {:<12} {:<24} {}", c.name, c.provider, c.env, c.key_fingerprint);
+                say!("{:<24} {:<12} {:<24} {}", c.name, c.provider, c.env, c.key_fingerprint);
             }
         }
         CredentialsCommand::Remove { name } => {
             client.remove_credential(&name)?;
-            println!("removed credential {name}");
+            say!("removed credential {name}");
         }
     }
     Ok(())
@@ -1570,7 +1596,7 @@ fn enroll(command: EnrollCommand, client: &Client) -> Result<()> {
     if json {
         return print_json(&code);
     }
-    println!("{}", code.code);
+    say!("{}", code.code);
     eprintln!(
         "{} {} code for pool {}{}{}{}, valid until {}",
         if code.uses == 1 { "one-time".to_string() } else { format!("{}-use", code.uses) },
@@ -1595,10 +1621,7 @@ fn pool(command: PoolCommand, client: &Client) -> Result<()> {
             if json {
                 return print_json(&list);
             }
-            println!(
-                "{:<18} {:<14} {:<16} {:<24} {:<20} {:<8} JOB",
-                "ID", "KIND", "POOL", "TAGS", "LAST SEEN", "STATE"
-            );
+            say!("{:<18} {:<14} {:<16} {:<24} {:<20} {:<8} JOB", "ID", "KIND", "POOL", "TAGS", "LAST SEEN", "STATE");
             for v in list.orchestrators.iter().chain(&list.workers) {
                 let m = &v.member;
                 let state = if m.revoked_at.is_some() {
@@ -1608,7 +1631,7 @@ fn pool(command: PoolCommand, client: &Client) -> Result<()> {
                 } else {
                     "active"
                 };
-                println!(
+                say!(
                     "{:<18} {:<14} {:<16} {:<24} {:<20} {:<8} {}",
                     m.id,
                     m.kind.as_str(),
@@ -1619,7 +1642,7 @@ fn pool(command: PoolCommand, client: &Client) -> Result<()> {
                     v.current_job.as_deref().unwrap_or("-")
                 );
                 if m.fingerprint.is_some() || !m.capabilities.is_empty() {
-                    println!(
+                    say!(
                         "{:<18} name {}, capabilities {}, fingerprint {}",
                         "",
                         m.name,
@@ -1631,18 +1654,18 @@ fn pool(command: PoolCommand, client: &Client) -> Result<()> {
         }
         PoolCommand::Endorse { worker, fingerprint } => {
             let m = client.endorse_worker(&worker, &fingerprint)?;
-            println!("{} is endorsed: readers accept what its keys sign", m.id);
+            say!("{} is endorsed: readers accept what its keys sign", m.id);
         }
         PoolCommand::Revoke { member } => {
             let m = client.revoke_member(&member)?;
-            println!("{} ({}) is revoked: its credential no longer works", m.id, m.kind.as_str());
+            say!("{} ({}) is revoked: its credential no longer works", m.id, m.kind.as_str());
         }
         PoolCommand::Drain { worker, undo } => {
             let m = client.drain_worker(&worker, !undo)?;
             if m.draining {
-                println!("{} is draining: it finishes its current job and takes no more", m.id);
+                say!("{} is draining: it finishes its current job and takes no more", m.id);
             } else {
-                println!("{} takes work again", m.id);
+                say!("{} takes work again", m.id);
             }
         }
     }
@@ -1747,18 +1770,18 @@ fn serve(mut args: ServerArgs) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let server = pond_http::server::start(config).await?;
-        println!("pond server listening on {}", server.url());
-        println!("store: {store}; data directory: {}", data_dir.display());
+        say!("pond server listening on {}", server.url());
+        say!("store: {store}; data directory: {}", data_dir.display());
         match &server.new_admin_token {
-            Some(_) => println!("admin token created: {} (mode 0600)", server.admin_token_file.display()),
-            None => println!("admin token: {}", server.admin_token_file.display()),
+            Some(_) => say!("admin token created: {} (mode 0600)", server.admin_token_file.display()),
+            None => say!("admin token: {}", server.admin_token_file.display()),
         }
         if server.interrupted_stages > 0 {
-            println!("{} stage(s) interrupted by the previous stop will be retried", server.interrupted_stages);
+            say!("{} stage(s) interrupted by the previous stop will be retried", server.interrupted_stages);
         }
         std::io::stdout().flush().ok();
         server.run_until(shutdown_signal()).await;
-        println!("pond server stopped");
+        say!("pond server stopped");
         Ok::<(), anyhow::Error>(())
     })?;
     // Work still blocked on an absent store is not waited for: its leases cover it.
@@ -1801,7 +1824,7 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
                 if json {
                     print_json(&run)?;
                 } else {
-                    println!("{}", run.id);
+                    say!("{}", run.id);
                 }
                 return Ok(0);
             }
@@ -1826,7 +1849,7 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
             if json {
                 print_json(&run)?;
             } else {
-                print!("{}", cli::format_run(&run));
+                say_part!("{}", cli::format_run(&run));
             }
             Ok(0)
         }
@@ -1835,7 +1858,7 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
             if json {
                 print_json(&page)?;
             } else {
-                print!("{}", cli::format_run_page(&page));
+                say_part!("{}", cli::format_run_page(&page));
             }
             Ok(0)
         }
@@ -1876,9 +1899,9 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
             if json {
                 print_json(&done)?;
             } else {
-                println!("cancel requested for {} run(s) of project {project}", done.cancelled.len());
+                say!("cancel requested for {} run(s) of project {project}", done.cancelled.len());
                 for f in &done.failed {
-                    println!("could not cancel {}: {}", f.id, f.error);
+                    say!("could not cancel {}: {}", f.id, f.error);
                 }
             }
             Ok(if done.failed.is_empty() { 0 } else { 1 })
@@ -1889,7 +1912,7 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
             if json {
                 print_json(&run)?;
             } else {
-                println!("cancel requested for run {} (state: {})", run.id, run.state);
+                say!("cancel requested for run {} (state: {})", run.id, run.state);
             }
             Ok(0)
         }
@@ -1946,9 +1969,9 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
                 if json {
                     print_json(&list)?;
                 } else {
-                    println!("{:<40} {:<16} {:>10}  SHA256", "NAME", "STAGE", "BYTES");
+                    say!("{:<40} {:<16} {:>10}  SHA256", "NAME", "STAGE", "BYTES");
                     for a in &list.artifacts {
-                        println!("{:<40} {:<16} {:>10}  {}", a.name, a.stage, a.size, a.sha256);
+                        say!("{:<40} {:<16} {:>10}  {}", a.name, a.stage, a.size, a.sha256);
                     }
                 }
                 Ok(0)
@@ -1978,8 +2001,8 @@ fn keys(command: KeysCommand, client: &Client) -> Result<()> {
             if json {
                 print_json(&key)?;
             } else {
-                println!("key {} for project(s) {}", key.id, key.projects.join(", "));
-                println!("token (shown once): {}", key.token.unwrap_or_default());
+                say!("key {} for project(s) {}", key.id, key.projects.join(", "));
+                say!("token (shown once): {}", key.token.unwrap_or_default());
             }
         }
         KeysCommand::List { json } => {
@@ -1987,17 +2010,17 @@ fn keys(command: KeysCommand, client: &Client) -> Result<()> {
             if json {
                 print_json(&list)?;
             } else {
-                println!("{:<36}  {:<8} {:<24} {:<8} NAME", "ID", "ROLE", "PROJECTS", "REVOKED");
+                say!("{:<36}  {:<8} {:<24} {:<8} NAME", "ID", "ROLE", "PROJECTS", "REVOKED");
                 for k in &list.keys {
                     let role = if k.role == pond_core::store::Role::Admin { "admin" } else { "consumer" };
                     let revoked = if k.revoked_at.is_some() { "yes" } else { "no" };
-                    println!("{:<36}  {:<8} {:<24} {:<8} {}", k.id, role, k.projects.join(","), revoked, k.name);
+                    say!("{:<36}  {:<8} {:<24} {:<8} {}", k.id, role, k.projects.join(","), revoked, k.name);
                 }
             }
         }
         KeysCommand::Revoke { id } => {
             client.revoke_key(&id)?;
-            println!("revoked {id}");
+            say!("revoked {id}");
         }
     }
     Ok(())
@@ -2025,7 +2048,7 @@ fn context(command: ContextCommand, path: &std::path::Path, server: Option<Strin
             }
             config.save(path)?;
             let current = config.current.as_deref().unwrap_or(cli::LOCAL_CONTEXT);
-            println!("context `{name}` saved in {}; current context: {current}", path.display());
+            say!("context `{name}` saved in {}; current context: {current}", path.display());
         }
         ContextCommand::Use { name } => {
             if name == cli::LOCAL_CONTEXT && !config.contexts.contains_key(&name) {
@@ -2036,7 +2059,7 @@ fn context(command: ContextCommand, path: &std::path::Path, server: Option<Strin
                 config.current = Some(name.clone());
             }
             config.save(path)?;
-            println!("current context: {name}");
+            say!("current context: {name}");
         }
         ContextCommand::List { json } => {
             if json {
@@ -2050,14 +2073,14 @@ fn context(command: ContextCommand, path: &std::path::Path, server: Option<Strin
                 if !config.contexts.contains_key(cli::LOCAL_CONTEXT) {
                     let mark = if config.current.is_none() { "*" } else { " " };
                     let server = cli::DEFAULT_SERVER;
-                    println!(
+                    say!(
                         "{mark} {:<16} {server:<40} (built in: the admin token of ./.pond or $POND_DATA_DIR)",
                         cli::LOCAL_CONTEXT
                     );
                 }
                 for (name, c) in &config.contexts {
                     let mark = if config.current.as_deref() == Some(name) { "*" } else { " " };
-                    println!("{mark} {name:<16} {:<40} {}", c.server, c.project.clone().unwrap_or_default());
+                    say!("{mark} {name:<16} {:<40} {}", c.server, c.project.clone().unwrap_or_default());
                 }
             }
         }
@@ -2076,7 +2099,7 @@ fn context(command: ContextCommand, path: &std::path::Path, server: Option<Strin
                         c.token = Some(secret);
                     }
                     config.save(path)?;
-                    println!("context `{name}`: token rotated (key {})", rotated.id);
+                    say!("context `{name}`: token rotated (key {})", rotated.id);
                 }
                 None => {
                     let dir =
@@ -2095,7 +2118,7 @@ fn context(command: ContextCommand, path: &std::path::Path, server: Option<Strin
                         f.sync_all()?;
                     }
                     std::fs::rename(&pending, &file)?;
-                    println!("admin token rotated (key {}); the new one is in {}", rotated.id, file.display());
+                    say!("admin token rotated (key {}); the new one is in {}", rotated.id, file.display());
                 }
             }
         }
@@ -2107,7 +2130,7 @@ fn context(command: ContextCommand, path: &std::path::Path, server: Option<Strin
                 config.current = None;
             }
             config.save(path)?;
-            println!("removed context `{name}`");
+            say!("removed context `{name}`");
         }
     }
     Ok(())
@@ -2133,10 +2156,10 @@ fn fingerprint(key_dir: Option<PathBuf>, json: bool) -> Result<()> {
             "signing": {"alg": "ed25519", "fingerprint": signing_fp, "public_key": signing_pk},
         }))?;
     } else {
-        println!("worker:            {worker_fp}  (pin with `pond admin enroll create --worker --fingerprint …`)");
-        println!("sealing (X25519):  {sealing_fp}  {sealing_pk}");
-        println!("signing (Ed25519): {signing_fp}  {signing_pk}");
-        println!("keys in {} (private, never sent)", dir.display());
+        say!("worker:            {worker_fp}  (pin with `pond admin enroll create --worker --fingerprint …`)");
+        say!("sealing (X25519):  {sealing_fp}  {sealing_pk}");
+        say!("signing (Ed25519): {signing_fp}  {signing_pk}");
+        say!("keys in {} (private, never sent)", dir.display());
     }
     Ok(())
 }
@@ -2170,7 +2193,7 @@ fn demo(args: DemoArgs) -> Result<i32> {
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     let server = rt.block_on(pond_http::server::start(config))?;
     let token = std::fs::read_to_string(&server.admin_token_file)?.trim().to_string();
-    println!("demo server on {} (data in {})", server.url(), args.data_dir.display());
+    say!("demo server on {} (data in {})", server.url(), args.data_dir.display());
     let client = Client::new(&server.url(), Some(token));
     let target = cli::Target { server: server.url(), token: None, project: Some("demo".into()) };
     // Like `pond run submit`, the demo encrypts the run's output to a key of its own and
@@ -2186,13 +2209,13 @@ fn demo(args: DemoArgs) -> Result<i32> {
     let outcome = (|| -> Result<i32> {
         let body = cli::build_submit(&client, &target, &options)?;
         let run = client.submit(&body, None)?;
-        println!("submitted run {} ({}) on {}\n", run.id, args.workflow.display(), args.source.display());
+        say!("submitted run {} ({}) on {}\n", run.id, args.workflow.display(), args.source.display());
         let mut decrypt = cli::LogDecryptor::new(&key, &run.id.to_string())?.verifying(&client, true)?;
         let end = cli::wait(&client, &run.id.to_string(), &mut std::io::stdout().lock(), false, &mut decrypt)?;
         let finished = client.get_run(&run.id.to_string())?;
         decrypt.check_whole(&finished)?;
-        println!("\n{}", cli::format_run(&finished));
-        println!("the server holds these encrypted; decrypted here with {}:", key.display());
+        say!("\n{}", cli::format_run(&finished));
+        say!("the server holds these encrypted; decrypted here with {}:", key.display());
         let mut fetcher = cli::ArtifactFetcher::new(&client, &run.id.to_string(), &key)?;
         for artifact in client.artifacts(&run.id.to_string())?.artifacts {
             if artifact.name.ends_with(pond_core::seal::SIDECAR_SUFFIX) {
@@ -2200,12 +2223,12 @@ fn demo(args: DemoArgs) -> Result<i32> {
             }
             let data = fetcher.fetch(&artifact.name)?;
             let text = String::from_utf8_lossy(&data);
-            println!("artifact {} ({} bytes, stage {}):", artifact.name, data.len(), artifact.stage);
+            say!("artifact {} ({} bytes, stage {}):", artifact.name, data.len(), artifact.stage);
             for line in text.lines().take(5) {
-                println!("  {line}");
+                say!("  {line}");
             }
             if text.lines().count() > 5 {
-                println!("  …");
+                say!("  …");
             }
         }
         Ok(cli::exit_code(end.state))
@@ -2229,13 +2252,13 @@ fn bench(args: BenchArgs) -> Result<()> {
                 args.runs,
             ))
             .map_err(anyhow::Error::msg)?;
-        println!("{report}");
+        say!("{report}");
         return Ok(());
     }
     if let Some(codex) = &args.agent_overhead {
         let work = std::fs::canonicalize(".").context("current directory")?.join(&args.data_dir);
         let report = pond_http::agent_bench::run(&std::env::current_exe()?, codex, &work, args.samples)?;
-        println!("{report}");
+        say!("{report}");
         let _ = std::fs::remove_dir_all(&work);
         return Ok(());
     }
@@ -2247,7 +2270,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         }
         let report =
             pond_sandbox::bench::run(&std::env::current_exe()?, &work, args.samples).map_err(anyhow::Error::msg)?;
-        println!("{report}");
+        say!("{report}");
         let _ = std::fs::remove_dir_all(&work);
         return Ok(());
     }
@@ -2255,12 +2278,12 @@ fn bench(args: BenchArgs) -> Result<()> {
     if !args.claim_latency.is_empty() {
         let url = args.database_url.as_deref().context("--claim-latency needs --database-url")?;
         for queued in &args.claim_latency {
-            println!("{}", rt.block_on(pond_http::bench::claim_latency(url, *queued))?);
+            say!("{}", rt.block_on(pond_http::bench::claim_latency(url, *queued))?);
         }
         return Ok(());
     }
     if args.crypto {
-        println!("{}", pond_http::bench::crypto(1_000_000, 256 << 20));
+        say!("{}", pond_http::bench::crypto(1_000_000, 256 << 20));
         return Ok(());
     }
     // A bench against `pond` processes of its own: a fresh data directory, and a scratch
@@ -2279,13 +2302,13 @@ fn bench(args: BenchArgs) -> Result<()> {
     if let Some(rounds) = args.stress {
         let (exe, dir, scratch) = process_bench("stress")?;
         let url = scratch.as_ref().map(|d| d.url.as_str());
-        println!("{}", pond_http::bench::stress(&exe, &dir, url, rounds, args.stress_seconds, 8, 8)?);
+        say!("{}", pond_http::bench::stress(&exe, &dir, url, rounds, args.stress_seconds, 8, 8)?);
         return Ok(());
     }
     if let Some(requests) = args.soak {
         let (exe, dir, scratch) = process_bench("soak")?;
         let url = scratch.as_ref().map(|d| d.url.as_str());
-        println!("{}", pond_http::bench::soak(&exe, &dir, url, requests, args.clients)?);
+        say!("{}", pond_http::bench::soak(&exe, &dir, url, requests, args.clients)?);
         return Ok(());
     }
     if args.pool {
@@ -2302,7 +2325,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             args.runs,
             args.idle_workers,
         )?;
-        println!("{report}");
+        say!("{report}");
         return Ok(());
     }
     if args.nodes > 1 && args.database_url.is_none() {
@@ -2340,7 +2363,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     let report = report?;
     let command: Vec<String> =
         std::env::args().map(|a| if a.contains("://") { "<database-url>".into() } else { a }).collect();
-    println!("command: {}", command.join(" "));
-    println!("{report}");
+    say!("command: {}", command.join(" "));
+    say!("{report}");
     Ok(())
 }

@@ -105,7 +105,7 @@ fn file_path(argv: &[String]) -> Option<String> {
 pub fn print(section: &str, matches: &clap::ArgMatches, from_file: &[String]) {
     let command = crate::Cli::command();
     let Some(sub) = command.find_subcommand(section) else { return };
-    println!("[{section}]");
+    say!("[{section}]");
     for arg in sub.get_arguments() {
         let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else { continue };
         if ["print-config", "help", "config-file"].contains(&long) || arg.is_hide_set() {
@@ -127,6 +127,6 @@ pub fn print(section: &str, matches: &clap::ArgMatches, from_file: &[String]) {
             Some(clap::parser::ValueSource::DefaultValue) => "default",
             _ => "?",
         };
-        println!("{long} = {value}  # {source}");
+        say!("{long} = {value}  # {source}");
     }
 }

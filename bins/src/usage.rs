@@ -70,14 +70,14 @@ pub fn usage(client: &Client, default_project: Option<String>, args: UsageArgs) 
     if let Some(run) = &args.run {
         let usage = client.run_usage(run)?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&usage)?);
+            say!("{}", serde_json::to_string_pretty(&usage)?);
             return Ok(0);
         }
-        println!("{:<32} {:>8} {:>12} {:>12}  COST", "STAGE#ATTEMPT", "REQUESTS", "INPUT", "OUTPUT");
+        say!("{:<32} {:>8} {:>12} {:>12}  COST", "STAGE#ATTEMPT", "REQUESTS", "INPUT", "OUTPUT");
         for (attempt, spend) in &usage.attempts {
-            println!("{attempt:<32} {}", spend_line(spend));
+            say!("{attempt:<32} {}", spend_line(spend));
         }
-        println!("{:<32} {}", "total", spend_line(&usage.total));
+        say!("{:<32} {}", "total", spend_line(&usage.total));
         return Ok(0);
     }
     let Some(project) = args.project.or(default_project) else {
@@ -85,18 +85,18 @@ pub fn usage(client: &Client, default_project: Option<String>, args: UsageArgs) 
     };
     let usage = client.usage(&project, args.from.as_deref(), args.to.as_deref())?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&usage)?);
+        say!("{}", serde_json::to_string_pretty(&usage)?);
         return Ok(0);
     }
-    println!("project {}, {} to {}", usage.project, usage.from, usage.to);
-    println!("{:<10}  {:<20} {:>8} {:>12} {:>12}  COST", "DAY", "MODEL", "REQUESTS", "INPUT", "OUTPUT");
+    say!("project {}, {} to {}", usage.project, usage.from, usage.to);
+    say!("{:<10}  {:<20} {:>8} {:>12} {:>12}  COST", "DAY", "MODEL", "REQUESTS", "INPUT", "OUTPUT");
     for row in &usage.rows {
-        println!("{:<10}  {:<20} {}", row.day, row.model, spend_line(&row.spend));
+        say!("{:<10}  {:<20} {}", row.day, row.model, spend_line(&row.spend));
     }
-    println!("{:<10}  {:<20} {}", "total", "", spend_line(&usage.total));
+    say!("{:<10}  {:<20} {}", "total", "", spend_line(&usage.total));
     let month = &usage.month_spent;
     let budget = usage.budget.as_ref().map(|b| format!(" of a budget of {}", budget_text(b))).unwrap_or_default();
-    println!("{}: {} tokens, ${:.6}{budget}", usage.month, month.tokens(), month.cost_usd);
+    say!("{}: {} tokens, ${:.6}{budget}", usage.month, month.tokens(), month.cost_usd);
     Ok(0)
 }
 
@@ -105,15 +105,15 @@ pub fn budgets(client: &Client, command: BudgetsCommand) -> Result<i32> {
     match command {
         BudgetsCommand::Set { project, usd, tokens } => {
             let set = client.set_budget(&project, &pond_core::definition::Budget { usd, tokens })?;
-            println!("project {}: {} a month", set.project, budget_text(&set.budget));
+            say!("project {}: {} a month", set.project, budget_text(&set.budget));
         }
         BudgetsCommand::Clear { project } => {
             client.clear_budget(&project)?;
-            println!("project {project}: no budget");
+            say!("project {project}: no budget");
         }
         BudgetsCommand::List => {
             for b in client.budgets()? {
-                println!("{:<24} {} a month", b.project, budget_text(&b.budget));
+                say!("{:<24} {} a month", b.project, budget_text(&b.budget));
             }
         }
     }

@@ -132,13 +132,13 @@ pub fn events(client: &Client, args: EventsArgs) -> Result<i32> {
 
 fn print_view(view: &WebhookView) {
     let types = if view.types.is_empty() { "*".to_string() } else { view.types.join(",") };
-    println!("{}  {}  {}  types={types}", view.id, view.project_id, view.url);
+    say!("{}  {}  {}  types={types}", view.id, view.project_id, view.url);
     let state = match (view.failures, view.retry_at) {
         (0, _) => "ok".to_string(),
         (n, Some(at)) => format!("{n} failed attempt(s), next at {at}"),
         (n, None) => format!("{n} failed attempt(s)"),
     };
-    println!("  delivered through event {}; {state}", view.delivered_through);
+    say!("  delivered through event {}; {state}", view.delivered_through);
 }
 
 /// Runs a `pond webhooks` command.
@@ -150,55 +150,52 @@ pub fn webhooks(client: &Client, default_project: Option<String>, command: Webho
             };
             let view = client.create_webhook(&CreateWebhook { project_id, url, types, description })?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
+                say!("{}", serde_json::to_string_pretty(&view)?);
             } else {
                 print_view(&view);
                 if let Some(secret) = &view.secret {
-                    println!("signing secret (shown once; keep it with the receiver): {secret}");
+                    say!("signing secret (shown once; keep it with the receiver): {secret}");
                 }
             }
         }
         WebhooksCommand::Ls { json } => {
             let list = client.webhooks()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                say!("{}", serde_json::to_string_pretty(&list)?);
             } else if list.webhooks.is_empty() {
-                println!("no webhooks");
+                say!("no webhooks");
             } else {
                 list.webhooks.iter().for_each(print_view);
             }
         }
-        WebhooksCommand::Show { id } => println!("{}", serde_json::to_string_pretty(&client.webhook(&id)?)?),
+        WebhooksCommand::Show { id } => say!("{}", serde_json::to_string_pretty(&client.webhook(&id)?)?),
         WebhooksCommand::Rm { id } => {
             client.remove_webhook(&id)?;
-            println!("removed {id}");
+            say!("removed {id}");
         }
         WebhooksCommand::RotateSecret { id, overlap } => {
             let view = client.rotate_webhook_secret(&id, overlap.map(|d| d.as_secs()))?;
             if let Some(secret) = &view.secret {
-                println!("new signing secret (shown once): {secret}");
+                say!("new signing secret (shown once): {secret}");
             }
             for s in &view.secrets {
                 match s.expires_at {
-                    Some(until) => println!("  old secret made {} signs until {until}", s.created_at),
-                    None => println!("  current secret made {}", s.created_at),
+                    Some(until) => say!("  old secret made {} signs until {until}", s.created_at),
+                    None => say!("  current secret made {}", s.created_at),
                 }
             }
         }
         WebhooksCommand::Deliveries { id, json } => {
             let log = client.webhook_deliveries(&id)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&log)?);
+                say!("{}", serde_json::to_string_pretty(&log)?);
                 return Ok(0);
             }
-            println!(
-                "{:<24} {:>8} {:<16} {:>7} {:>6} {:>7}  OUTCOME",
-                "AT", "EVENT", "TYPE", "ATTEMPT", "STATUS", "MS"
-            );
+            say!("{:<24} {:>8} {:<16} {:>7} {:>6} {:>7}  OUTCOME", "AT", "EVENT", "TYPE", "ATTEMPT", "STATUS", "MS");
             for d in &log.deliveries {
                 let status = d.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
                 let why = d.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
-                println!(
+                say!(
                     "{:<24} {:>8} {:<16} {:>7} {:>6} {:>7}  {}{why}",
                     d.at.to_string(),
                     d.event,
@@ -212,7 +209,7 @@ pub fn webhooks(client: &Client, default_project: Option<String>, command: Webho
         }
         WebhooksCommand::Redeliver { id, event } => {
             client.redeliver_webhook(&id, event)?;
-            println!("event {event} queued for redelivery to {id}");
+            say!("event {event} queued for redelivery to {id}");
         }
     }
     Ok(0)

@@ -817,3 +817,31 @@ fn a_backup_taken_while_the_server_runs_restores_whole() {
     admin.download_artifact(&id, "out.txt", &mut artifact).unwrap();
     assert_eq!(artifact, b"payload\n");
 }
+
+#[test]
+fn a_server_whose_stdout_reader_went_away_keeps_serving() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(POND)
+        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("POND_SANDBOX", "host")
+        .env("POND_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Like `pond server | head -1`: read the first line, then close the pipe.
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let url = first.trim().strip_prefix("pond server listening on ").unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(500));
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let client = Client::new(&url, Some(token.trim().to_string()));
+    let run = client.submit(&run_json(json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]})), None).unwrap();
+    assert_eq!(wait_done(&client, &run.id.to_string(), Duration::from_secs(30)).state, RunState::Succeeded);
+    assert!(child.try_wait().unwrap().is_none(), "the server is still up");
+    // Its goodbye line goes nowhere, and the stop is still clean.
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "a clean stop, not a panic on the closed pipe: {status}");
+}
