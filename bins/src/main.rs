@@ -375,6 +375,10 @@ struct ServerArgs {
     /// a receiver on this host or network (repeatable; others are refused, like the egress proxy).
     #[arg(long = "webhook-allow-ip", value_name = "IP", env = "POND_WEBHOOK_ALLOW_IPS", value_delimiter = ',')]
     webhook_allow_ips: Vec<std::net::IpAddr>,
+    /// How long run and stage events are kept (`/v1/events`, webhooks); at least 2 days, so a
+    /// webhook's retries (about 27 h) never outlive the events they send.
+    #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
+    event_retention: Duration,
     /// Pass this host environment variable to shell stages (repeatable).
     #[arg(long = "shell-env-allow", value_name = "NAME")]
     shell_env_allow: Vec<String>,
@@ -1750,6 +1754,10 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
     config.server_key = args.server_key.map(|k| k.0);
     config.bootstrap_admin_token = args.admin_token;
     config.webhook_allow_ips = args.webhook_allow_ips;
+    if args.event_retention < Duration::from_secs(2 * 24 * 3600) {
+        bail!("--event-retention must be at least 2 days: webhook retries run for about 27 hours");
+    }
+    config.event_retention = args.event_retention;
     Ok(config)
 }
 

@@ -346,6 +346,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<crate::events::Event>, StoreError>;
     /// The position of the newest event (0 when there is none).
     async fn last_event_seq(&self) -> Result<i64, StoreError>;
+    /// Deletes events committed before `before` (retention); returns how many. Positions are
+    /// never reused.
+    async fn prune_events(&self, before: Timestamp) -> Result<u64, StoreError>;
 
     /// Appends log lines to a run's log, in order.
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError>;

@@ -11,7 +11,7 @@ use pond_core::engine::{Engine, EngineConfig};
 use pond_core::sandbox::SandboxBackend;
 use pond_core::source::SourcePolicy;
 use pond_core::store::{Role, Store};
-use pond_core::time::{Clock, Millis, SystemClock};
+use pond_core::time::{Clock, Millis, SystemClock, Timestamp};
 use pond_exec::{
     BuiltinExecutor, Driver, DriverConfig, FetchConfig, LocalWorkspaces, NoopExecutor, ShellConfig, ShellExecutor,
     SwarmExecutor,
@@ -84,6 +84,8 @@ pub struct ServerConfig {
     pub bootstrap_admin_token: Option<String>,
     /// Internal addresses webhooks may be sent to (`--webhook-allow-ip`); others are refused.
     pub webhook_allow_ips: Vec<std::net::IpAddr>,
+    /// How long events are kept (`--event-retention`); at least the webhook retry window.
+    pub event_retention: Duration,
 }
 
 /// Why an operator's first admin token is refused, if it is.
@@ -124,6 +126,7 @@ impl ServerConfig {
             server_key: None,
             bootstrap_admin_token: None,
             webhook_allow_ips: Vec::new(),
+            event_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -419,6 +422,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         tokio::net::TcpListener::bind(config.listen).await.map_err(io(format!("listening on {}", config.listen)))?;
     let addr = listener.local_addr().map_err(io("reading the bound address"))?;
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let pruning = tokio::spawn(prune_events(store.clone(), clock.clone(), config.event_retention, shutdown_rx.clone()));
     let webhooks = tokio::spawn(crate::webhooks::dispatch(
         state.clone(),
         shutdown_rx.clone(),
@@ -445,9 +449,33 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         interrupted_stages,
         engine,
         shutdown,
-        tasks: vec![driving, http, webhooks],
+        tasks: vec![driving, http, webhooks, pruning],
         background,
         stop_within: config.drain + config.kill_grace + Duration::from_secs(5),
         _lock: lock,
     })
+}
+
+/// Deletes events older than `retention`, hourly (the first time a minute after start), until
+/// `stop`. Every node may; deleting what another already deleted is harmless.
+async fn prune_events(
+    store: Arc<WatchedStore>,
+    clock: Arc<dyn Clock>,
+    retention: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut wait = Duration::from_secs(60);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = Duration::from_secs(3600);
+        let before = Timestamp::from_millis(clock.now().as_millis() - retention.as_millis() as i64);
+        match store.prune_events(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "pruned events past the retention"),
+            Err(e) => tracing::warn!(error = %e, "pruning events failed; will retry"),
+        }
+    }
 }

@@ -33,8 +33,9 @@ struct Inner {
     records: BTreeMap<(String, String), String>,
     // The transparency log: (run, leaf, leaf hash) by index.
     log: Vec<(RunId, String, [u8; 32])>,
-    // Run and stage state changes, in order (an event's seq is its index + 1).
+    // Run and stage state changes, in order (an event's seq is its index + 1 + events_pruned).
     events: Vec<Event>,
+    events_pruned: usize,
 }
 
 /// A store that keeps everything in memory.
@@ -65,7 +66,7 @@ fn track_active(inner: &mut Inner, snapshot: &RunSnapshot) {
 
 fn push_events(inner: &mut Inner, events: Vec<NewEvent>) {
     for event in events {
-        let seq = inner.events.len() as i64 + 1;
+        let seq = (inner.events_pruned + inner.events.len()) as i64 + 1;
         inner.events.push(Event { seq, event });
     }
 }
@@ -265,7 +266,7 @@ impl Store for MemoryStore {
 
     async fn read_events(&self, after: i64, projects: Option<&[String]>, limit: u32) -> Result<Vec<Event>, StoreError> {
         let inner = self.lock()?;
-        let start = after.clamp(0, inner.events.len() as i64) as usize;
+        let start = (after - inner.events_pruned as i64).clamp(0, inner.events.len() as i64) as usize;
         Ok(inner.events[start..]
             .iter()
             .filter(|e| projects.is_none_or(|p| p.contains(&e.event.project_id)))
@@ -275,7 +276,16 @@ impl Store for MemoryStore {
     }
 
     async fn last_event_seq(&self) -> Result<i64, StoreError> {
-        Ok(self.lock()?.events.len() as i64)
+        let inner = self.lock()?;
+        Ok((inner.events_pruned + inner.events.len()) as i64)
+    }
+
+    async fn prune_events(&self, before: Timestamp) -> Result<u64, StoreError> {
+        let mut inner = self.lock()?;
+        let old = inner.events.iter().take_while(|e| e.event.at < before).count();
+        inner.events.drain(..old);
+        inner.events_pruned += old;
+        Ok(old as u64)
     }
 
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError> {

@@ -818,6 +818,17 @@ impl Store for PgStore {
         sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events").fetch_one(&self.pool).await.map_err(db_err)
     }
 
+    async fn prune_events(&self, before: Timestamp) -> Result<u64, StoreError> {
+        // The newest event always stays: positions continue from it.
+        let done =
+            sqlx::query("DELETE FROM events WHERE at < $1 AND seq IS NOT NULL AND seq < (SELECT MAX(seq) FROM events)")
+                .bind(before.as_millis())
+                .execute(&self.pool)
+                .await
+                .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError> {
         let lines: Vec<(RunId, &NewLogLine)> = lines.iter().map(|l| (run, l)).collect();
         self.insert_logs(&lines).await

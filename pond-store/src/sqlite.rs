@@ -678,7 +678,33 @@ impl Store for SqliteStore {
     }
 
     async fn last_event_seq(&self) -> Result<i64, StoreError> {
-        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events").fetch_one(&self.reader).await.map_err(db_err)
+        // The AUTOINCREMENT counter, not MAX(seq): it stays put when old events are pruned.
+        let last: Option<i64> = sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db_err)?;
+        Ok(last.unwrap_or(0))
+    }
+
+    async fn prune_events(&self, before: Timestamp) -> Result<u64, StoreError> {
+        // In slices, so the one writer is never held long.
+        let mut total = 0;
+        loop {
+            let mut tx = self.begin().await?;
+            let done = sqlx::query(
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE at < ? ORDER BY seq LIMIT 5000)",
+            )
+            .bind(before.as_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?
+            .rows_affected();
+            tx.commit().await.map_err(db_err)?;
+            total += done;
+            if done < 5000 {
+                return Ok(total);
+            }
+        }
     }
 
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError> {

@@ -851,6 +851,17 @@ pub async fn state_changes_are_events_in_commit_order(store: Arc<dyn Store>) {
         assert!(queued < cancelled, "a run's events keep their order");
     }
     assert_eq!(all.iter().filter(|e| e.event.kind == "run.cancelled").count(), 8);
+
+    // Retention: old events go, positions are never reused.
+    let last = store.last_event_seq().await.unwrap();
+    let far = Timestamp::from_millis(i64::MAX / 2);
+    assert!(store.prune_events(far).await.unwrap() >= all.len() as u64 - 1);
+    assert_eq!(store.last_event_seq().await.unwrap(), last);
+    let after_prune = new_run("p", one_noop(), None, at(5000));
+    store.insert_run(&after_prune).await.unwrap();
+    let left = store.read_events(0, None, 100).await.unwrap();
+    assert!(left.iter().all(|e| e.seq >= last), "only the newest may stay: {left:?}");
+    assert_eq!(left.last().map(|e| (e.seq, e.event.run_id)), Some((last + 1, after_prune.run.id)));
 }
 
 macro_rules! conformance {
