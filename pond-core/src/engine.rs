@@ -800,16 +800,23 @@ impl Engine {
             Ok(sealer) => sealer,
             Err(error) => return StageOutcome::Failed { error, exit_code: None },
         };
-        let workspace = match self.workspaces.prepare(run).await {
-            Ok(w) => w,
-            Err(e) => return StageOutcome::Failed { error: format!("fetching sources failed: {e}"), exit_code: None },
-        };
-        if let Err(e) = self.record_resolved(run, &workspace, &claim.stage.key, claim.stage.attempt).await {
-            return StageOutcome::Failed {
-                error: format!("recording the fetched sources failed: {e}"),
-                exit_code: None,
+        let workspace = if !executor.needs_workspace() && run.sources.is_empty() {
+            Workspace { cwd: std::path::PathBuf::new(), sources: Vec::new(), resolved: Vec::new() }
+        } else {
+            let workspace = match self.workspaces.prepare(run).await {
+                Ok(w) => w,
+                Err(e) => {
+                    return StageOutcome::Failed { error: format!("fetching sources failed: {e}"), exit_code: None }
+                }
             };
-        }
+            if let Err(e) = self.record_resolved(run, &workspace, &claim.stage.key, claim.stage.attempt).await {
+                return StageOutcome::Failed {
+                    error: format!("recording the fetched sources failed: {e}"),
+                    exit_code: None,
+                };
+            }
+            workspace
+        };
         let sink = StoreSink {
             engine: self,
             run: run.id,

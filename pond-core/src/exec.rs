@@ -227,6 +227,11 @@ pub struct ExecContext<'a> {
 pub trait Executor: Send + Sync {
     /// The `kind` it handles.
     fn kind(&self) -> &'static str;
+    /// Whether its stages use the run's checkout. One that does not (a timer) skips the
+    /// checkout directory when the run has no sources either: no directory made and removed.
+    fn needs_workspace(&self) -> bool {
+        true
+    }
     /// Runs one attempt. When `stop` fires it stops promptly and returns
     /// [`StageOutcome::Cancelled`]; the engine turns a timeout into a failure.
     async fn execute(&self, ctx: ExecContext<'_>) -> StageOutcome;

@@ -15,6 +15,10 @@ impl Executor for NoopExecutor {
         "noop"
     }
 
+    fn needs_workspace(&self) -> bool {
+        false
+    }
+
     async fn execute(&self, ctx: ExecContext<'_>) -> StageOutcome {
         let delay = match &ctx.stage.executor {
             ExecutorSpec::Noop(spec) => spec.delay.unwrap_or_default(),

@@ -310,10 +310,17 @@ impl Workspaces for LocalWorkspaces {
     async fn release(&self, run: RunId) {
         let slot = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).remove(&run);
         // Wait for a fetch in progress so it does not recreate the directory after removal.
-        if let Some(slot) = slot {
-            let _held = slot.lock().await;
+        let dir = self.root.join(run.to_string());
+        match slot {
+            Some(slot) => {
+                let _held = slot.lock().await;
+            }
+            // Never prepared here (a run of timer stages only): skip the blocking-pool hop
+            // unless an earlier process left the directory.
+            None if std::fs::symlink_metadata(&dir).is_err() => return,
+            None => {}
         }
-        let _ = tokio::fs::remove_dir_all(self.root.join(run.to_string())).await;
+        let _ = tokio::fs::remove_dir_all(dir).await;
     }
 
     async fn pack(&self, run: &Run) -> Result<Vec<u8>, String> {
