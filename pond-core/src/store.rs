@@ -346,9 +346,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<crate::events::Event>, StoreError>;
     /// The position of the newest event (0 when there is none).
     async fn last_event_seq(&self) -> Result<i64, StoreError>;
-    /// Deletes events committed before `before` (retention); returns how many. Positions are
-    /// never reused.
-    async fn prune_events(&self, before: Timestamp) -> Result<u64, StoreError>;
+    /// Deletes events written before `before` and positioned below `below` (retention, short of
+    /// what a webhook has yet to deliver); returns how many. Positions are never reused.
+    async fn prune_events(&self, before: Timestamp, below: i64) -> Result<u64, StoreError>;
 
     /// Appends log lines to a run's log, in order.
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError>;
@@ -417,6 +417,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_records(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError>;
     /// Writes a record unconditionally.
     async fn put_record(&self, kind: &str, key: &str, body: &str) -> Result<(), StoreError>;
+    /// Deletes a record (absent: nothing to do).
+    async fn delete_record(&self, kind: &str, key: &str) -> Result<(), StoreError>;
     /// Writes a record only if its body is `expected` now (`None`: only if absent), atomically.
     /// Returns whether it wrote.
     async fn swap_record(&self, kind: &str, key: &str, expected: Option<&str>, body: &str) -> Result<bool, StoreError>;

@@ -29,7 +29,9 @@ impl Timestamp {
     }
     /// RFC 3339 text with millisecond precision.
     pub fn to_rfc3339(self) -> String {
-        let t = UNIX_EPOCH + Duration::from_millis(self.0.max(0) as u64);
+        // RFC 3339 ends at year 9999; a later value (a corrupt record) is shown as that end.
+        const LAST: i64 = 253_402_300_799_999;
+        let t = UNIX_EPOCH + Duration::from_millis(self.0.clamp(0, LAST) as u64);
         humantime::format_rfc3339_millis(t).to_string()
     }
     /// Parses RFC 3339 text.

@@ -146,8 +146,8 @@ fn sse_event(event: &Event) -> SseEvent {
     SseEvent::default().event(event.event.kind.clone()).id(event.seq.to_string()).data(data)
 }
 
-/// Server-sent events named by their type (`run.succeeded`, …), id = position, until the
-/// client leaves. Wakes on store changes (this node's, and other nodes' through the store's
+/// Server-sent events: first `ready` (id = the position the stream starts after), then events
+/// named by their type (`run.succeeded`, …), id = position, until the client leaves. Wakes on store changes (this node's, and other nodes' through the store's
 /// notifications), with a 1 s fallback poll.
 fn follow(
     state: AppState,
@@ -156,11 +156,14 @@ fn follow(
     token: String,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let changes = state.store.runs_changed();
+    // The first event names where the stream starts, so a client that started "from now" and
+    // lost the connection before any event can resume from there (`Last-Event-ID`).
+    let ready = SseEvent::default().event("ready").id(after.to_string()).data(format!("{{\"after\":{after}}}"));
     let start = Stream {
         state,
         selection,
         cursor: after,
-        pending: Default::default(),
+        pending: std::collections::VecDeque::from([ready]),
         done: false,
         changes,
         token,

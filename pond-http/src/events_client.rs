@@ -120,12 +120,14 @@ fn read_stream(
     cursor: &mut Option<i64>,
     on_event: &mut dyn FnMut(&Event) -> bool,
 ) -> Result<bool, ClientError> {
-    let (mut name, mut data) = (String::new(), String::new());
+    let (mut name, mut data, mut id) = (String::new(), String::new(), None::<i64>);
     for line in BufReader::new(reader).lines() {
         let Ok(line) = line else { return Ok(true) };
         if line.is_empty() {
             match name.as_str() {
                 "" => {}
+                // Where the stream starts: resume from there even if no event follows.
+                "ready" => *cursor = id.or(*cursor),
                 "error" => return Err(ClientError::Decode(format!("server error while following: {data}"))),
                 _ => {
                     let event: Event =
@@ -138,6 +140,9 @@ fn read_stream(
             }
             name.clear();
             data.clear();
+            id = None;
+        } else if let Some(v) = line.strip_prefix("id:") {
+            id = v.trim().parse().ok();
         } else if let Some(v) = line.strip_prefix("event:") {
             name = v.trim().to_string();
         } else if let Some(v) = line.strip_prefix("data:") {

@@ -456,8 +456,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     })
 }
 
-/// Deletes events older than `retention`, hourly (the first time a minute after start), until
-/// `stop`. Every node may; deleting what another already deleted is harmless.
+/// Deletes events older than `retention` that no webhook still has to deliver, hourly (the
+/// first time a minute after start), until `stop`. Every node may; deleting what another
+/// already deleted is harmless.
 async fn prune_events(
     store: Arc<WatchedStore>,
     clock: Arc<dyn Clock>,
@@ -472,7 +473,15 @@ async fn prune_events(
         }
         wait = Duration::from_secs(3600);
         let before = Timestamp::from_millis(clock.now().as_millis() - retention.as_millis() as i64);
-        match store.prune_events(before).await {
+        // Events a webhook has yet to deliver stay, however old (its receiver may be down).
+        let below = match crate::webhooks::first_undelivered(&*store).await {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading webhook cursors failed; not pruning events");
+                continue;
+            }
+        };
+        match store.prune_events(before, below).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(events = n, "pruned events past the retention"),
             Err(e) => tracing::warn!(error = %e, "pruning events failed; will retry"),

@@ -257,10 +257,15 @@ async fn create(
     if body.types.len() > 32 {
         return Err(ApiError::invalid("types", "lists more than 32 patterns (use `run.*`, `stage.*` or `*`)"));
     }
+    let mut types = Vec::new();
     for (i, t) in body.types.iter().enumerate() {
-        crate::events_api::parse_types(&format!("types[{i}]"), Some(t))?;
         if t.contains(',') {
             return Err(ApiError::invalid(format!("types[{i}]"), "is one type per entry"));
+        }
+        match crate::events_api::parse_types(&format!("types[{i}]"), Some(t))?.pop() {
+            Some(t) if !types.contains(&t) => types.push(t),
+            Some(_) => {}
+            None => return Err(ApiError::invalid(format!("types[{i}]"), "is empty")),
         }
     }
     if body.description.as_ref().is_some_and(|d| d.len() > 512) {
@@ -280,7 +285,7 @@ async fn create(
         id: id.clone(),
         project_id: body.project_id,
         url: body.url,
-        types: body.types,
+        types,
         description: body.description,
         secrets: vec![stored],
         created_at: now,
@@ -332,9 +337,13 @@ async fn show(
 
 async fn remove(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let (_, body) = load(&state, &who, &id).await?;
-    // A tombstone the sender recognises: records are never deleted, only emptied.
+    // Emptied first (a drain in progress stops at its next write), then removed with its cursor,
+    // log and redelivery queue.
     if !state.store.swap_record(SUBSCRIPTION_RECORD, &id, Some(&body), "").await? {
         return Err(ApiError::Conflict(format!("webhook {id} changed meanwhile; try again")));
+    }
+    for kind in [CURSOR_RECORD, LOG_RECORD, REDELIVER_RECORD, SUBSCRIPTION_RECORD] {
+        state.store.delete_record(kind, &id).await?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -390,6 +399,9 @@ async fn redeliver(
     crate::boundary::ApiJson(body): crate::boundary::ApiJson<Redeliver>,
 ) -> Result<StatusCode, ApiError> {
     let (sub, _) = load(&state, &who, &id).await?;
+    if body.event < 1 {
+        return Err(ApiError::invalid("event", "must be an event position (1 or more)"));
+    }
     let event = state
         .store
         .read_events(body.event - 1, Some(std::slice::from_ref(&sub.project_id)), 1)
@@ -421,6 +433,20 @@ async fn redeliver(
     Err(ApiError::Unavailable("the webhook's redelivery queue is busy; try again".into()))
 }
 
+/// The first event some webhook has yet to deliver (`i64::MAX` when none waits): retention
+/// keeps it and everything after it.
+pub async fn first_undelivered(store: &dyn Store) -> Result<i64, pond_core::StoreError> {
+    let mut first = i64::MAX;
+    for sub in subscriptions(store).await? {
+        if let Some(body) = store.get_record(CURSOR_RECORD, &sub.id).await? {
+            if let Ok(cursor) = serde_json::from_str::<Cursor>(&body) {
+                first = first.min(cursor.after.saturating_add(1));
+            }
+        }
+    }
+    Ok(first)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The sender.
 
@@ -444,23 +470,40 @@ pub async fn dispatch(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
                     if !busy.lock().unwrap_or_else(|p| p.into_inner()).insert(sub.id.clone()) {
                         continue;
                     }
-                    let (state, node, busy) = (state.clone(), node.clone(), busy.clone());
+                    let (state, node) = (state.clone(), node.clone());
+                    // Freed however the drain ends (a panic included), so the subscription is
+                    // looked at again on the next tick.
+                    let guard = Busy { set: busy.clone(), id: sub.id.clone() };
                     tokio::spawn(async move {
+                        let _guard = guard;
                         let id = sub.id.clone();
                         if let Err(e) = drain(&state, &node, exclusive, sub).await {
                             tracing::warn!(webhook = %id, error = %e, "webhook delivery stopped; will retry");
                         }
-                        busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                     });
                 }
             }
             Err(e) => tracing::warn!(error = %e, "listing webhooks failed"),
         }
+        // At most ten looks a second however busy the store is.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         tokio::select! {
             _ = stop.changed() => {}
             _ = changes.changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+/// A subscription being drained on this node; dropping it frees the subscription.
+struct Busy {
+    set: Arc<Mutex<std::collections::HashSet<String>>>,
+    id: String,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
     }
 }
 
@@ -475,6 +518,9 @@ struct Holding<'a> {
     store: &'a dyn Store,
     id: String,
     node: String,
+    /// The subscription's record as this drain read it: a removal or a change (a rotated
+    /// secret, a new URL) stops the drain at its next write.
+    subscription: String,
     written: String,
     cursor: Cursor,
     log: Vec<Delivery>,
@@ -485,6 +531,8 @@ impl Holding<'_> {
     /// Writes the cursor (renewing the lease) and the log entries; false when another node
     /// took the subscription meanwhile (its lease lapsed), which then resends from its cursor.
     async fn flush(&mut self, now: Timestamp) -> Result<bool, pond_core::StoreError> {
+        let current = self.store.get_record(SUBSCRIPTION_RECORD, &self.id).await?;
+        let unchanged = current.as_deref() == Some(self.subscription.as_str());
         self.cursor.holder = Some(self.node.clone());
         self.cursor.lease_until = Some(now.plus(millis(LEASE)));
         let body = serde_json::to_string(&self.cursor).map_err(|e| pond_core::StoreError::Corrupt(e.to_string()))?;
@@ -495,7 +543,7 @@ impl Holding<'_> {
         self.flushed = Instant::now();
         let entries = std::mem::take(&mut self.log);
         log_deliveries(self.store, &self.id, entries).await?;
-        Ok(true)
+        Ok(unchanged)
     }
 }
 
@@ -513,11 +561,24 @@ async fn drain(state: &AppState, node: &str, exclusive: bool, sub: Subscription)
     }
     // The subscription may have been removed or changed (a rotation) since it was listed.
     let Some(current) = store.get_record(SUBSCRIPTION_RECORD, &sub.id).await? else { return Ok(()) };
-    let Ok(sub) = serde_json::from_str::<Subscription>(&current) else { return Ok(()) };
+    let sub = match serde_json::from_str::<Subscription>(&current) {
+        Ok(sub) => sub,
+        Err(e) => {
+            tracing::warn!(webhook = %sub.id, error = %e, "skipping an unreadable webhook record");
+            return Ok(());
+        }
+    };
+    if live_secrets(state, &sub, now).is_empty() {
+        // A configuration fault of this node (another server key), not the receiver's: no
+        // attempt is spent on it; another node with the right key delivers.
+        tracing::warn!(webhook = %sub.id, "no secret of this webhook opens under this server's key; not sending");
+        return Ok(());
+    }
     let mut held = Holding {
         store,
         id: sub.id.clone(),
         node: node.to_string(),
+        subscription: current,
         written: body,
         cursor,
         log: Vec::new(),
@@ -532,6 +593,10 @@ async fn drain(state: &AppState, node: &str, exclusive: bool, sub: Subscription)
             return Ok(());
         }
         for seq in &asked {
+            let now = state.engine.clock().now();
+            if held.cursor.lease_until.is_none_or(|t| t <= now.plus(millis(LEASE / 2))) && !held.flush(now).await? {
+                return Ok(());
+            }
             let found = store.read_events(seq - 1, Some(std::slice::from_ref(&sub.project_id)), 1).await?.pop();
             if let Some(event) = found.filter(|e| e.seq == *seq) {
                 let sent = send(state, &agent, &sub, &event).await;
@@ -569,7 +634,7 @@ async fn drain(state: &AppState, node: &str, exclusive: bool, sub: Subscription)
             if (lapsing || held.cursor.holder.as_deref() != Some(node)) && !held.flush(now).await? {
                 return Ok(());
             }
-            let attempt = held.cursor.failures + 1;
+            let attempt = held.cursor.failures.saturating_add(1);
             let sent = send(state, &agent, &sub, &event).await;
             let mut entry = delivery(&event, attempt, now, sent);
             let delivered = entry.status.is_some_and(|s| (200..300).contains(&s));
@@ -578,7 +643,7 @@ async fn drain(state: &AppState, node: &str, exclusive: bool, sub: Subscription)
                 held.cursor.failures = 0;
                 held.cursor.retry_at = None;
             } else {
-                held.cursor.failures += 1;
+                held.cursor.failures = held.cursor.failures.saturating_add(1);
                 match retry_delay(held.cursor.failures, rand::random::<f64>() * 2.0 - 1.0) {
                     Some(wait) => {
                         let due = now.plus(millis(wait));
@@ -693,15 +758,7 @@ fn sender(allow: &[IpAddr]) -> ureq::Agent {
 
 async fn send(state: &AppState, agent: &ureq::Agent, sub: &Subscription, event: &Event) -> Sent {
     let now = now(state);
-    let secrets: Vec<Vec<u8>> = sub
-        .secrets
-        .iter()
-        .filter(|s| s.expires_at.is_none_or(|t| t > now))
-        .filter_map(|s| {
-            let sealed = B64.decode(&s.sealed).ok()?;
-            pond_core::seal::open_at_rest(&state.webhooks.at_rest_key, &sealed).ok()
-        })
-        .collect();
+    let secrets = live_secrets(state, sub, now);
     if secrets.is_empty() {
         return Sent {
             status: None,
@@ -715,30 +772,43 @@ async fn send(state: &AppState, agent: &ureq::Agent, sub: &Subscription, event: 
     let signed = signature(&secrets, &id, timestamp, &body);
     let (url, agent) = (sub.url.clone(), agent.clone());
     let started = Instant::now();
+    // Everything that touches the socket — the answer's body too — stays on the blocking pool,
+    // so a receiver that stalls holds one of its threads, never the runtime's.
     let result = tokio::task::spawn_blocking(move || {
-        agent
+        let response = agent
             .post(&url)
             .set("content-type", "application/json")
             .set("webhook-id", &id)
             .set("webhook-timestamp", &timestamp.to_string())
             .set("webhook-signature", &signed)
-            .send_string(&body)
+            .send_string(&body)?;
+        let status = response.status();
+        // A short answer is read so the connection can be kept; a long one is dropped with it.
+        let _ = std::io::copy(&mut std::io::Read::take(response.into_reader(), 16 * 1024), &mut std::io::sink());
+        Ok::<u16, ureq::Error>(status)
     })
     .await;
     let took = started.elapsed();
     match result {
-        Ok(Ok(response)) => {
-            let status = response.status();
-            // Read the (small) answer so the connection can be kept.
-            let _ = std::io::copy(&mut std::io::Read::take(response.into_reader(), 64 * 1024), &mut std::io::sink());
-            Sent { status: Some(status), error: None, took }
-        }
+        Ok(Ok(status)) => Sent { status: Some(status), error: None, took },
         Ok(Err(ureq::Error::Status(code, _))) => {
             Sent { status: Some(code), error: Some(format!("the receiver answered {code}")), took }
         }
         Ok(Err(ureq::Error::Transport(t))) => Sent { status: None, error: Some(t.to_string()), took },
         Err(e) => Sent { status: None, error: Some(format!("the send task failed: {e}")), took },
     }
+}
+
+/// The secrets that sign now, opened.
+fn live_secrets(state: &AppState, sub: &Subscription, now: Timestamp) -> Vec<Vec<u8>> {
+    sub.secrets
+        .iter()
+        .filter(|s| s.expires_at.is_none_or(|t| t > now))
+        .filter_map(|s| {
+            let sealed = B64.decode(&s.sealed).ok()?;
+            pond_core::seal::open_at_rest(&state.webhooks.at_rest_key, &sealed).ok()
+        })
+        .collect()
 }
 
 /// Resolves a receiver's name and keeps only the addresses the policy lets pond dial, so a name
@@ -753,10 +823,13 @@ impl ureq::Resolver for PolicyResolver {
         let allowed: Vec<SocketAddr> =
             all.iter().copied().filter(|a| refuse_internal(a.ip(), &self.allow).is_ok()).collect();
         if allowed.is_empty() {
-            let why = all
-                .first()
-                .map(|a| refuse_internal(a.ip(), &self.allow).err().unwrap_or_default())
-                .unwrap_or_else(|| format!("{netloc} resolves to no address"));
+            // The tenant sees that it was refused, not which internal address its name led to.
+            let why = if all.is_empty() {
+                "the receiver's name resolves to no address".to_string()
+            } else {
+                tracing::warn!(receiver = %netloc, addresses = ?all, "webhook refused: internal address");
+                "refused: the receiver's name resolves to an internal address (the server's operator may allow it with --webhook-allow-ip)".to_string()
+            };
             return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why));
         }
         Ok(allowed)

@@ -280,9 +280,9 @@ impl Store for MemoryStore {
         Ok((inner.events_pruned + inner.events.len()) as i64)
     }
 
-    async fn prune_events(&self, before: Timestamp) -> Result<u64, StoreError> {
+    async fn prune_events(&self, before: Timestamp, below: i64) -> Result<u64, StoreError> {
         let mut inner = self.lock()?;
-        let old = inner.events.iter().take_while(|e| e.event.at < before).count();
+        let old = inner.events.iter().take_while(|e| e.event.at < before && e.seq < below).count();
         inner.events.drain(..old);
         inner.events_pruned += old;
         Ok(old as u64)
@@ -456,6 +456,11 @@ impl Store for MemoryStore {
 
     async fn put_record(&self, kind: &str, key: &str, body: &str) -> Result<(), StoreError> {
         self.lock()?.records.insert((kind.to_string(), key.to_string()), body.to_string());
+        Ok(())
+    }
+
+    async fn delete_record(&self, kind: &str, key: &str) -> Result<(), StoreError> {
+        self.lock()?.records.remove(&(kind.to_string(), key.to_string()));
         Ok(())
     }
 

@@ -192,31 +192,46 @@ impl PgStore {
     /// numbered later, so a reader that has read up to `n` never misses one below `n`. Events
     /// of one run keep their order: a run's next change takes its row lock, so it inserts
     /// (and gets its ids) only after the previous one committed.
-    async fn sequence_events(&self) -> Result<(), StoreError> {
-        let pending: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE seq IS NULL)")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db_err)?;
-        if !pending {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('pond-events', 11))")
+    ///
+    /// `wait`: wait for the lock when another node holds it (retention, `last_event_seq`);
+    /// otherwise a reader that finds it taken reads what is numbered already — still a prefix
+    /// of the order, so correct — instead of tying up a connection.
+    async fn sequence_events(&self, wait: bool) -> Result<(), StoreError> {
+        loop {
+            let pending: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE seq IS NULL)")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_err)?;
+            if !pending {
+                return Ok(());
+            }
+            let mut tx = self.pool.begin().await.map_err(db_err)?;
+            let lock = if wait {
+                "SELECT pg_advisory_xact_lock(hashtextextended('pond-events', 11))::TEXT = ''"
+            } else {
+                "SELECT pg_try_advisory_xact_lock(hashtextextended('pond-events', 11))"
+            };
+            let got: bool = sqlx::query_scalar(lock).fetch_one(&mut *tx).await.map_err(db_err)?;
+            if !wait && !got {
+                return Ok(());
+            }
+            // A statement after the lock: its snapshot sees the positions the previous holder gave.
+            let numbered = sqlx::query(
+                "UPDATE events e SET seq = b.base + n.rn
+                   FROM (SELECT id, row_number() OVER (ORDER BY id) AS rn
+                           FROM (SELECT id FROM events WHERE seq IS NULL ORDER BY id LIMIT 10000) t) n,
+                        (SELECT COALESCE(MAX(seq), 0) AS base FROM events) b
+                  WHERE e.id = n.id",
+            )
             .execute(&mut *tx)
             .await
-            .map_err(db_err)?;
-        // A statement after the lock: its snapshot sees the positions the previous holder gave.
-        sqlx::query(
-            "UPDATE events e SET seq = b.base + n.rn
-               FROM (SELECT id, row_number() OVER (ORDER BY id) AS rn
-                       FROM (SELECT id FROM events WHERE seq IS NULL ORDER BY id LIMIT 10000) t) n,
-                    (SELECT COALESCE(MAX(seq), 0) AS base FROM events) b
-              WHERE e.id = n.id",
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)
+            .map_err(db_err)?
+            .rows_affected();
+            tx.commit().await.map_err(db_err)?;
+            if numbered < 10_000 {
+                return Ok(());
+            }
+        }
     }
 
     async fn try_update(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, Fail> {
@@ -800,7 +815,7 @@ impl Store for PgStore {
         projects: Option<&[String]>,
         limit: u32,
     ) -> Result<Vec<pond_core::events::Event>, StoreError> {
-        self.sequence_events().await?;
+        self.sequence_events(false).await?;
         let rows = sqlx::query(
             "SELECT * FROM events WHERE seq > $1 AND ($2::TEXT[] IS NULL OR project_id = ANY($2)) ORDER BY seq LIMIT $3",
         )
@@ -814,19 +829,42 @@ impl Store for PgStore {
     }
 
     async fn last_event_seq(&self) -> Result<i64, StoreError> {
-        self.sequence_events().await?;
+        self.sequence_events(true).await?;
         sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM events").fetch_one(&self.pool).await.map_err(db_err)
     }
 
-    async fn prune_events(&self, before: Timestamp) -> Result<u64, StoreError> {
-        // The newest event always stays: positions continue from it.
-        let done =
-            sqlx::query("DELETE FROM events WHERE at < $1 AND seq IS NOT NULL AND seq < (SELECT MAX(seq) FROM events)")
-                .bind(before.as_millis())
-                .execute(&self.pool)
-                .await
-                .map_err(db_err)?;
-        Ok(done.rows_affected())
+    async fn prune_events(&self, before: Timestamp, below: i64) -> Result<u64, StoreError> {
+        self.sequence_events(true).await?;
+        // The newest event always stays: positions continue from it. In slices, so no one
+        // statement holds many rows.
+        let mut total = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM events WHERE id IN (
+                    SELECT id FROM events WHERE at < $1 AND seq < $2 AND seq < (SELECT MAX(seq) FROM events)
+                     ORDER BY seq LIMIT 5000)",
+            )
+            .bind(before.as_millis())
+            .bind(below)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?
+            .rows_affected();
+            total += done;
+            if done < 5000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn delete_record(&self, kind: &str, key: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM records WHERE kind = $1 AND key = $2")
+            .bind(kind)
+            .bind(key)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
     }
 
     async fn append_logs(&self, run: RunId, lines: &[NewLogLine]) -> Result<(), StoreError> {

@@ -686,15 +686,16 @@ impl Store for SqliteStore {
         Ok(last.unwrap_or(0))
     }
 
-    async fn prune_events(&self, before: Timestamp) -> Result<u64, StoreError> {
+    async fn prune_events(&self, before: Timestamp, below: i64) -> Result<u64, StoreError> {
         // In slices, so the one writer is never held long.
         let mut total = 0;
         loop {
             let mut tx = self.begin().await?;
             let done = sqlx::query(
-                "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE at < ? ORDER BY seq LIMIT 5000)",
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE at < ? AND seq < ? ORDER BY seq LIMIT 5000)",
             )
             .bind(before.as_millis())
+            .bind(below)
             .execute(&mut *tx)
             .await
             .map_err(db_err)?
@@ -1024,6 +1025,17 @@ impl Store for SqliteStore {
         .await
         .map_err(db_err)?;
         Ok(())
+    }
+
+    async fn delete_record(&self, kind: &str, key: &str) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM records WHERE kind = ? AND key = ?")
+            .bind(kind)
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
     }
 
     async fn swap_record(&self, kind: &str, key: &str, expected: Option<&str>, body: &str) -> Result<bool, StoreError> {

@@ -196,8 +196,11 @@ impl Store for WatchedStore {
     async fn last_event_seq(&self) -> Result<i64, StoreError> {
         self.inner.last_event_seq().await
     }
-    async fn prune_events(&self, before: Timestamp) -> Result<u64, StoreError> {
-        self.inner.prune_events(before).await
+    async fn prune_events(&self, before: Timestamp, below: i64) -> Result<u64, StoreError> {
+        self.inner.prune_events(before, below).await
+    }
+    async fn delete_record(&self, kind: &str, key: &str) -> Result<(), StoreError> {
+        self.inner.delete_record(kind, key).await
     }
     async fn put_blob(&self, project_id: &str, data: &[u8], now: Timestamp) -> Result<BlobMeta, StoreError> {
         self.inner.put_blob(project_id, data, now).await
