@@ -43,6 +43,7 @@ pub struct Definition {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StageDef {
     /// Unique within the definition: lowercase letters, digits, `-` and `_`.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z0-9_-]{1,64}$"))]
     pub key: String,
     /// A human name; the key when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -355,9 +356,11 @@ pub const MAX_PROMPT_BYTES: usize = 1024 * 1024;
 pub struct Budget {
     /// US dollars, at the model's registered prices (cache tokens counted as input).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0.0, maximum = 1_000_000.0))]
     pub usd: Option<f64>,
     /// Tokens, input (cache included) and output together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 9_223_372_036_854_775_807_i64))]
     pub tokens: Option<u64>,
 }
 
@@ -370,8 +373,13 @@ impl Budget {
         if self.usd.is_some_and(|u| !(u.is_finite() && u > 0.0 && u <= 1_000_000.0)) {
             return Err(FieldError::new(format!("{at}.usd"), "must be more than 0 and at most 1000000"));
         }
-        if self.tokens == Some(0) {
-            return Err(FieldError::new(format!("{at}.tokens"), "must be more than 0"));
+        // The API documents counts as int64; a larger budget was kept and shown back as a
+        // number no int64 client can read.
+        if self.tokens.is_some_and(|t| t == 0 || t > i64::MAX as u64) {
+            return Err(FieldError::new(
+                format!("{at}.tokens"),
+                format!("must be more than 0 and at most {}", i64::MAX),
+            ));
         }
         Ok(())
     }
