@@ -148,6 +148,7 @@ pub(crate) async fn visible_run(state: &AppState, who: &Principal, id: &str) -> 
 struct SubmitBody {
     /// The project the run belongs to (required; `projectId` is accepted too).
     #[serde(default, alias = "projectId")]
+    #[schema(required = true, value_type = String, pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     project_id: Option<String>,
     /// The workflow snapshot.
     definition: Definition,
@@ -176,8 +177,26 @@ struct SubmitBody {
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried submit return the run the first made (visible ASCII).")),
     request_body(content = SubmitBody, content_type = "application/json"),
     responses(
-        (status = 201, description = "The run was made.", body = RunView),
-        (status = 200, description = "An earlier submit with this `Idempotency-Key` made this run.", body = RunView),
+        (status = 201, description = "The run was made.", body = RunView,
+            links(
+                ("get" = (operation_id = "get_run", parameters(("id" = "$response.body#/id")), description = "The run's state.")),
+                ("logs" = (operation_id = "run_logs", parameters(("id" = "$response.body#/id")), description = "The run's log.")),
+                ("artifacts" = (operation_id = "list_artifacts", parameters(("id" = "$response.body#/id")), description = "The run's artifacts.")),
+                ("cancel" = (operation_id = "cancel_run", parameters(("id" = "$response.body#/id")), description = "Stop the run.")),
+                ("usage" = (operation_id = "run_usage", parameters(("id" = "$response.body#/id")), description = "What the run spent.")),
+                ("keys" = (operation_id = "run_keys", parameters(("id" = "$response.body#/id")), description = "Who signed the run's output.")),
+            )),
+
+        (status = 200, description = "An earlier submit with this `Idempotency-Key` made this run.", body = RunView,
+            links(
+                ("get" = (operation_id = "get_run", parameters(("id" = "$response.body#/id")), description = "The run's state.")),
+                ("logs" = (operation_id = "run_logs", parameters(("id" = "$response.body#/id")), description = "The run's log.")),
+                ("artifacts" = (operation_id = "list_artifacts", parameters(("id" = "$response.body#/id")), description = "The run's artifacts.")),
+                ("cancel" = (operation_id = "cancel_run", parameters(("id" = "$response.body#/id")), description = "Stop the run.")),
+                ("usage" = (operation_id = "run_usage", parameters(("id" = "$response.body#/id")), description = "What the run spent.")),
+                ("keys" = (operation_id = "run_keys", parameters(("id" = "$response.body#/id")), description = "Who signed the run's output.")),
+            )),
+
         (status = 400, response = crate::openapi::BadRequest),
         (status = 401, response = crate::openapi::Unauthorized),
         (status = 403, response = crate::openapi::Forbidden),
@@ -260,7 +279,7 @@ struct ListQuery {
     params(
         ("project" = Option<String>, Query, description = "Only this project's runs."),
         ("state" = Option<RunState>, Query, description = "Only runs in this state."),
-        ("limit" = Option<u32>, Query, minimum = 1, description = "Page size (default 50; larger values are cut to the server's page limit)."),
+        ("limit" = Option<i64>, Query, minimum = 0, maximum = 4294967295_i64, description = "Page size (default 50; 0 counts as 1, larger values are cut to the server's page limit)."),
         ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page."),
     ),
     responses(
@@ -453,7 +472,7 @@ struct LogQuery {
     params(
         ("id" = String, Path, description = "The run's id."),
         ("after" = Option<i64>, Query, description = "Lines after this `seq` (default 0: from the start)."),
-        ("limit" = Option<u32>, Query, minimum = 1, description = "Page size (default 500; cut to the server's page limit)."),
+        ("limit" = Option<i64>, Query, minimum = 0, maximum = 4294967295_i64, description = "Page size (default 500; 0 counts as 1, larger values are cut to the server's page limit)."),
         ("follow" = Option<String>, Query, description = "`1`, `true`, `yes` or empty: stream as server-sent events."),
         ("Last-Event-ID" = Option<i64>, Header, description = "With `follow`: resume after this `seq` (takes precedence over `after`)."),
     ),
@@ -672,7 +691,8 @@ struct BundleQuery {
     description = "Uploads a source bundle (a zstd-compressed tar archive) for `sources[].config.bundle_id`. It is \
         kept sealed under the server key.",
     params(("project" = String, Query, description = "The project whose runs may use it.")),
-    request_body(content = Vec<u8>, content_type = "application/zstd", description = "A `.tar.zst` archive (any content type is accepted; the bytes must start with zstd's magic number)."),
+    request_body(description = "A `.tar.zst` archive: the bytes must start with zstd's magic number (the content type is not checked).",
+        content((Vec<u8> = "application/zstd"), (Vec<u8> = "application/octet-stream"))),
     responses(
         (status = 201, description = "Stored.", body = BundleCreated),
         (status = 400, response = crate::openapi::BadRequest),

@@ -192,6 +192,23 @@ pub(crate) fn finish(mut openapi: OpenApi) -> OpenApi {
     openapi
 }
 
+/// `T`'s object schema with one more (required) property: the schema of a type that flattens
+/// `T` beside a field of its own. (utoipa's `allOf` for `#[serde(flatten)]` would keep `T`'s
+/// `additionalProperties: false`, which refuses the other field.)
+pub(crate) fn with_property<T: utoipa::PartialSchema>(
+    name: &str,
+    property: RefOr<utoipa::openapi::schema::Schema>,
+    description: &str,
+) -> RefOr<utoipa::openapi::schema::Schema> {
+    let mut schema = T::schema();
+    if let RefOr::T(utoipa::openapi::schema::Schema::Object(object)) = &mut schema {
+        object.properties.insert(name.to_string(), property);
+        object.required.insert(0, name.to_string());
+        object.description = Some(description.to_string());
+    }
+    schema
+}
+
 /// The server's document (see the module docs).
 pub fn server_document() -> &'static OpenApi {
     static DOCUMENT: OnceLock<OpenApi> = OnceLock::new();
@@ -206,9 +223,34 @@ pub fn orchestrator_document() -> &'static OpenApi {
 
 /// A document as the checked-in files hold it: pretty JSON ending in a newline.
 pub fn to_json(openapi: &OpenApi) -> String {
-    let mut text = openapi.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    let mut value = match serde_json::to_value(openapi) {
+        Ok(value) => value,
+        Err(e) => return format!("{{\"error\": \"{e}\"}}\n"),
+    };
+    fix_link_fields(&mut value);
+    let mut text = serde_json::to_string_pretty(&value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
     text.push('\n');
     text
+}
+
+/// utoipa 5 writes a Link object's fields in snake case (`operation_id`); OpenAPI spells them
+/// `operationId`, `operationRef` and `requestBody`, and clients ignore a link without them.
+fn fix_link_fields(document: &mut serde_json::Value) {
+    let Some(paths) = document.get_mut("paths").and_then(|p| p.as_object_mut()) else { return };
+    let operations = paths.values_mut().filter_map(|item| item.as_object_mut()).flat_map(|item| item.values_mut());
+    let responses = operations.filter_map(|op| op.get_mut("responses")?.as_object_mut()).flat_map(|r| r.values_mut());
+    for response in responses {
+        let Some(links) = response.get_mut("links").and_then(|l| l.as_object_mut()) else { continue };
+        for link in links.values_mut().filter_map(|l| l.as_object_mut()) {
+            for (from, to) in
+                [("operation_id", "operationId"), ("operation_ref", "operationRef"), ("request_body", "requestBody")]
+            {
+                if let Some(value) = link.remove(from) {
+                    link.insert(to.to_string(), value);
+                }
+            }
+        }
+    }
 }
 
 fn json_document(openapi: &'static OpenApi, cache: &'static OnceLock<String>) -> Response {

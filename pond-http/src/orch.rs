@@ -1051,7 +1051,7 @@ async fn revoke(
 
 #[utoipa::path(post, path = "/admin/pools/workers/{id}/drain", tag = "pools", security(("bearer" = [])),
     params(("id" = String, Path, description = "The worker's id.")),
-    request_body(content = Option<Drain>, content_type = "application/json", description = "Optional: no body drains."),
+    request_body(content = Drain, content_type = "application/json", description = "Optional: no body drains."),
     responses(
         (status = 200, description = "The worker, draining (or not).", body = PoolMember),
         (status = 400, response = crate::openapi::BadRequest),

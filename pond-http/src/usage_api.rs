@@ -38,13 +38,30 @@ pub struct ProjectUsage {
 }
 
 /// One project's budget in `GET /v1/admin/budgets`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ProjectBudget {
     /// The project.
     pub project: String,
     /// Its monthly limits.
     #[serde(flatten)]
     pub budget: Budget,
+}
+
+// The budget's fields sit beside `project` (flattened): its schema is the budget's with
+// `project` added, rather than an `allOf` whose budget half would refuse `project`.
+impl utoipa::PartialSchema for ProjectBudget {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let project = utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .description(Some("The project."));
+        crate::openapi::with_property::<Budget>("project", project.into(), "One project's monthly budget.")
+    }
+}
+
+impl utoipa::ToSchema for ProjectBudget {
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        <Budget as utoipa::ToSchema>::schemas(schemas);
+    }
 }
 
 /// `/v1/usage`, `/v1/runs/{id}/usage`, `/v1/admin/budgets…`.

@@ -1,0 +1,168 @@
+//! The OpenAPI documents: the checked-in files are what the code generates, the processes serve
+//! them (and the docs page, with nothing loaded from elsewhere), and Schemathesis finds no
+//! answer of a live server that breaks them — on SQLite and on PostgreSQL.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Server, POND};
+
+fn checked_in(name: &str) -> PathBuf {
+    common::root().join("docs").join(name)
+}
+
+fn pond_openapi(args: &[&str]) -> String {
+    let out = Command::new(POND).arg("openapi").args(args).output().expect("run pond openapi");
+    assert!(out.status.success(), "pond openapi {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("the document is UTF-8")
+}
+
+#[test]
+fn the_checked_in_documents_are_what_the_code_generates() {
+    for (args, file) in [(&[][..], "openapi.json"), (&["--orchestrator"][..], "openapi-orchestrator.json")] {
+        let generated = pond_openapi(args);
+        let on_disk = std::fs::read_to_string(checked_in(file)).unwrap_or_default();
+        let command = format!("pond openapi {}> docs/{file}", args.iter().map(|a| format!("{a} ")).collect::<String>());
+        assert!(
+            generated == on_disk,
+            "docs/{file} is stale: the API changed. Regenerate it with `{command}` \
+             (`cargo run -p pond -- openapi {}> docs/{file}`) and commit it",
+            args.iter().map(|a| format!("{a} ")).collect::<String>()
+        );
+        let document: serde_json::Value = serde_json::from_str(&generated).unwrap();
+        assert_eq!(document["openapi"], "3.1.0");
+    }
+}
+
+#[test]
+fn the_server_serves_its_document_and_a_docs_page_that_loads_nothing_from_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let agent = ureq::AgentBuilder::new().build();
+    // No token: the document and the docs are public.
+    let served = agent.get(&format!("{}/v1/openapi.json", server.url)).call().unwrap();
+    assert_eq!(served.content_type(), "application/json");
+    assert_eq!(served.into_string().unwrap(), std::fs::read_to_string(checked_in("openapi.json")).unwrap());
+
+    let page = agent.get(&format!("{}/docs", server.url)).call().unwrap();
+    assert_eq!(page.content_type(), "text/html");
+    let csp = page.header("content-security-policy").unwrap_or_default().to_string();
+    let html = page.into_string().unwrap();
+    assert!(!html.contains("http://") && !html.contains("https://"), "the page names another origin:\n{html}");
+    let references = local_references(&html);
+    assert!(references.contains(&"/v1/openapi.json".to_string()), "{references:?}");
+    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");
+    for reference in &references {
+        assert!(reference.starts_with('/') && !reference.starts_with("//"), "`{reference}` is not a local URL");
+        let answer = agent.get(&format!("{}{reference}", server.url)).call().unwrap();
+        assert_eq!(answer.status(), 200, "{reference}");
+        if reference.ends_with(".js") {
+            assert_eq!(answer.content_type(), "text/javascript");
+            let script = answer.into_string().unwrap();
+            assert!(script.len() > 500_000 && script.contains("Redoc"), "the script is not Redoc's bundle");
+            assert!(!script.contains("cdn.redoc.ly"), "the script loads Redocly's CDN logo");
+        }
+    }
+    assert!(references.iter().any(|r| r.ends_with(".js")), "the page loads no script: {references:?}");
+}
+
+/// Every `src`, `href` and `spec-url` attribute of `html`.
+fn local_references(html: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for attribute in ["src=\"", "href=\"", "spec-url=\""] {
+        let mut rest = html;
+        while let Some(at) = rest.find(attribute) {
+            let value = &rest[at + attribute.len()..];
+            let end = value.find('"').unwrap_or(value.len());
+            found.push(value[..end].to_string());
+            rest = &value[end..];
+        }
+    }
+    found
+}
+
+#[test]
+fn the_orchestrator_serves_its_workers_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let code = common::enroll_code(&server.admin(), "docs", None, None);
+    let orchestrator = common::Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+    let served = ureq::get(&format!("{}/v1/openapi.json", orchestrator.url)).call().unwrap();
+    assert_eq!(served.content_type(), "application/json");
+    let text = served.into_string().unwrap();
+    assert_eq!(text, std::fs::read_to_string(checked_in("openapi-orchestrator.json")).unwrap());
+    let document: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(document["paths"]["/v1/worker/claim"]["post"].is_object(), "{document}");
+}
+
+/// The Schemathesis command of README.md ("HTTP API"), against `server`'s document.
+const SEED: &str = "20261203";
+const EXAMPLES: &str = "100";
+
+fn schemathesis(python: &str, server: &Server, token: &str, filters: &[&str]) {
+    let program = Path::new(python).with_file_name("schemathesis");
+    let config = common::root().join("bins/tests/schemathesis/schemathesis.toml");
+    let reports = tempfile::tempdir().unwrap();
+    let out = Command::new(&program)
+        .arg("--config-file")
+        .arg(&config)
+        .arg("run")
+        .arg(format!("{}/v1/openapi.json", server.url))
+        .args(["--header", &format!("Authorization: Bearer {token}")])
+        .args(["--checks", "all", "--max-examples", EXAMPLES, "--seed", SEED])
+        // The token is set above; generated ones would only be refused.
+        .args(["--generation-with-security-parameters", "false", "--generation-database", "none"])
+        .args(["--no-color", "--workers", "2", "--request-timeout", "20"])
+        .arg("--report-dir")
+        .arg(reports.path())
+        .args(filters)
+        .current_dir(reports.path())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "schemathesis {filters:?} found failures:\n{text}");
+    assert!(text.contains(" passed"), "schemathesis ran nothing:\n{text}");
+}
+
+/// A server whose runs cannot start a program: its shell stages look programs up in an empty
+/// `PATH`, so what the fuzzer submits fails at once instead of running.
+fn fuzz_server(dir: &Path, extra: &[&str]) -> Server {
+    let empty = dir.join("empty-path");
+    std::fs::create_dir_all(&empty).unwrap();
+    Server::start_with_env(&dir.join("server"), extra, &[("PATH", empty.to_str().unwrap())])
+}
+
+fn fuzz(extra: &[&str], dir: &Path) {
+    let Some(python) = std::env::var("POND_TEST_PYTHON").ok().filter(|p| !p.is_empty()) else {
+        pond_store::missing_prerequisite("POND_TEST_PYTHON is not set (a python with schemathesis; .ci/run sets it)");
+        return;
+    };
+    let server = fuzz_server(dir, extra);
+    // Every operation with the admin token, but rotating it (which would end the run's token).
+    schemathesis(&python, &server, &server.token, &["--exclude-path", "/v1/keys/rotate"]);
+    // The consumer's operations with a consumer key: its own project, others refused.
+    let consumer = server.admin().create_key(&["acme".to_string()], Some("fuzz")).unwrap().token.unwrap();
+    let consumer_ops = ["--include-tag", "runs", "--include-tag", "verify", "--include-tag", "usage"];
+    schemathesis(&python, &server, &consumer, &[&consumer_ops[..], &["--exclude-path", "/v1/keys/rotate"]].concat());
+    // Rotating a key last, with a key of its own (after the first call it is revoked: 401).
+    let rotated = server.admin().create_key(&["acme".to_string()], Some("rotate")).unwrap().token.unwrap();
+    // (No stateful phase: no link leads from it.)
+    let filters = ["--include-path", "/v1/keys/rotate", "--phases", "examples,coverage,fuzzing"];
+    schemathesis(&python, &server, &rotated, &filters);
+}
+
+#[test]
+fn schemathesis_finds_no_failure_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    fuzz(&[], dir.path());
+}
+
+#[test]
+fn schemathesis_finds_no_failure_on_postgresql() {
+    let Some(pg) = Server::database_server() else { return };
+    let db = common::scratch_database(&pg, "openapi");
+    let dir = tempfile::tempdir().unwrap();
+    fuzz(&["--database-url", db.url.as_str()], dir.path());
+}
