@@ -146,11 +146,42 @@ fn fuzz(extra: &[&str], dir: &Path) {
     let consumer = server.admin().create_key(&["acme".to_string()], Some("fuzz")).unwrap().token.unwrap();
     let consumer_ops = ["--include-tag", "runs", "--include-tag", "verify", "--include-tag", "usage"];
     schemathesis(&python, &server, &consumer, &[&consumer_ops[..], &["--exclude-path", "/v1/keys/rotate"]].concat());
+    // The orchestrators' routes with an orchestrator's credential and a worker's beside it. Not
+    // the claim long poll: each call waits its full `wait_ms` (up to 30 s) for work that never
+    // comes, which would be the whole time budget; the pool tests exercise it.
+    let (orchestrator, worker) = enrolled_pool(&server);
+    let pool_ops =
+        ["--include-tag", "orch", "--exclude-path", "/v1/orch/claim", "--phases", "examples,coverage,fuzzing"];
+    let worker_header = format!("{}: {worker}", pond_http::pool_wire::WORKER_TOKEN_HEADER);
+    schemathesis(&python, &server, &orchestrator, &[&pool_ops[..], &["--header", &worker_header]].concat());
     // Rotating a key last, with a key of its own (after the first call it is revoked: 401).
     let rotated = server.admin().create_key(&["acme".to_string()], Some("rotate")).unwrap().token.unwrap();
     // (No stateful phase: no link leads from it.)
     let filters = ["--include-path", "/v1/keys/rotate", "--phases", "examples,coverage,fuzzing"];
     schemathesis(&python, &server, &rotated, &filters);
+}
+
+/// An orchestrator enrolled with `server` and a worker enrolled through it (fresh keys): their
+/// credentials.
+fn enrolled_pool(server: &Server) -> (String, String) {
+    let admin = server.admin();
+    let orchestrator =
+        admin.enroll_orchestrator(&common::enroll_code(&admin, "fuzz", None, None), "fuzz").unwrap().token;
+    // Fixed keys: each test has a server of its own.
+    let identity = pond_core::keys::WorkerIdentity::from_secrets([7; 32], [9; 32]);
+    let b64 = |key: [u8; 32]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key);
+    let body = serde_json::json!({
+        "code": common::enroll_code(&admin, "fuzz", Some(&["gpu"]), None),
+        "sealing_key": b64(identity.sealing_public()),
+        "signing_key": b64(identity.signing_public()),
+    });
+    let enrolled: serde_json::Value = ureq::post(&format!("{}/v1/orch/workers/enroll", server.url))
+        .set("Authorization", &format!("Bearer {orchestrator}"))
+        .send_json(body)
+        .unwrap()
+        .into_json()
+        .unwrap();
+    (orchestrator, enrolled["token"].as_str().unwrap().to_string())
 }
 
 #[test]
