@@ -354,9 +354,12 @@ pub const MAX_PROMPT_BYTES: usize = 1024 * 1024;
 #[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Budget {
-    /// US dollars, at the model's registered prices (cache tokens counted as input).
+    /// US dollars, at the model's registered prices (cache tokens counted as input): more than 0,
+    /// at most 1000000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0.0, maximum = 1_000_000.0))]
+    // No `maximum` in the schema: a number within a float's precision of the limit reads as the
+    // limit, so no server could tell `1000000.0000000001` from it.
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0.0))]
     pub usd: Option<f64>,
     /// Tokens, input (cache included) and output together.
     #[serde(default, skip_serializing_if = "Option::is_none")]

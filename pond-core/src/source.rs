@@ -11,7 +11,6 @@ use crate::ids::BlobId;
 
 /// A source of a run, as submitted plus what fetching it resolved.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Source {
     /// Name of the source within the run; also its directory name in the checkout.
     pub label: String,

@@ -480,7 +480,7 @@ struct LogQuery {
         (status = 200, description = "A page of lines, or (with `follow`) the stream of them.",
             content(
                 (LogPage = "application/json"),
-                (String = "text/event-stream"),
+                (crate::openapi::LogStreamEvent = "text/event-stream"),
             )),
         (status = 400, response = crate::openapi::BadRequest),
         (status = 401, response = crate::openapi::Unauthorized),
@@ -627,7 +627,7 @@ async fn list_artifacts(
         in `<name>.pondkey`, sealed to the run's recipients (docs/FORMATS.md).",
     params(("id" = String, Path, description = "The run's id."), ("name" = String, Path, description = "The artifact's name (may hold `/`).")),
     responses(
-        (status = 200, description = "The bytes.", content_type = "application/octet-stream", body = Vec<u8>,
+        (status = 200, description = "The bytes.", content_type = "application/octet-stream", body = crate::openapi::Binary,
             headers(("x-pond-sha256" = String, description = "SHA-256 of the bytes, hex."))),
         (status = 400, response = crate::openapi::BadRequest),
         (status = 401, response = crate::openapi::Unauthorized),
@@ -692,7 +692,7 @@ struct BundleQuery {
         kept sealed under the server key.",
     params(("project" = String, Query, description = "The project whose runs may use it.")),
     request_body(description = "A `.tar.zst` archive: the bytes must start with zstd's magic number (the content type is not checked).",
-        content((Vec<u8> = "application/zstd"), (Vec<u8> = "application/octet-stream"))),
+        content((crate::openapi::Binary = "application/zstd"), (crate::openapi::Binary = "application/octet-stream"))),
     responses(
         (status = 201, description = "Stored.", body = BundleCreated),
         (status = 400, response = crate::openapi::BadRequest),

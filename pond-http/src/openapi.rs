@@ -65,6 +65,48 @@ fn error_response(description: &str) -> utoipa::openapi::Response {
         .build()
 }
 
+/// Bytes as they are: an artifact, a job's input, a bundle upload.
+pub struct Binary;
+
+impl utoipa::PartialSchema for Binary {
+    fn schema() -> RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .format(Some(utoipa::openapi::schema::SchemaFormat::KnownFormat(
+                utoipa::openapi::schema::KnownFormat::Binary,
+            )))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Binary {}
+
+/// One server-sent event of a followed log (`GET /v1/runs/{id}/logs?follow=1`).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Documents the stream's events; the stream writes them with axum's `Event`.
+pub struct LogStreamEvent {
+    /// `log`: a line; `end`: the run ended (the last event); `error`: the stream ends early (the
+    /// token was revoked, or the log could not be read).
+    event: LogStreamEventKind,
+    /// For `log`: the line's `seq`, which `Last-Event-ID` resumes after.
+    id: Option<String>,
+    /// JSON: a `LogLine` (`log`), a `LogEnd` (`end`); text for `error`.
+    data: String,
+}
+
+/// The kinds of [`LogStreamEvent`].
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+#[schema(rename_all = "snake_case")]
+pub enum LogStreamEventKind {
+    /// A line.
+    Log,
+    /// The run ended.
+    End,
+    /// The stream ends early.
+    Error,
+}
+
 /// Adds the security schemes.
 struct Security;
 

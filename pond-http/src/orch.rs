@@ -699,7 +699,7 @@ async fn heartbeat(
 #[utoipa::path(get, path = "/orch/jobs/{job}/input", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
     responses(
-        (status = 200, description = "The job's input (a `tar.zst` checkout) sealed to the worker (secretstream).", content_type = "application/octet-stream", body = Vec<u8>,
+        (status = 200, description = "The job's input (a `tar.zst` checkout) sealed to the worker (secretstream).", content_type = "application/octet-stream", body = crate::openapi::Binary,
             headers(("pond-input-sidecar" = String, description = "The input's `.pondkey` sidecar, sealed to the worker."))),
         (status = 400, response = crate::openapi::BadRequest),
         (status = 401, response = crate::openapi::Unauthorized),
@@ -784,7 +784,7 @@ async fn logs(
 
 #[utoipa::path(put, path = "/orch/jobs/{job}/artifacts/{*name}", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`."), ("name" = String, Path, description = "The artifact's name (may hold `/`).")),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    request_body(content = crate::openapi::Binary, content_type = "application/octet-stream"),
     responses(
         (status = 204, description = "Stored."),
         (status = 400, response = crate::openapi::BadRequest),

@@ -658,7 +658,7 @@ async fn relay_heartbeat(UrlPath(job): UrlPath<String>, call: JobCall) -> Respon
 #[utoipa::path(get, path = "/v1/worker/jobs/{job}/input", tag = "worker", security(("worker" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
     responses(
-        (status = 200, description = "The job's input sealed to the worker.", content_type = "application/octet-stream", body = Vec<u8>,
+        (status = 200, description = "The job's input sealed to the worker.", content_type = "application/octet-stream", body = crate::openapi::Binary,
             headers(("pond-input-sidecar" = String, description = "The input's `.pondkey` sidecar, sealed to the worker."))),
         (status = 400, response = crate::openapi::BadRequest),
         (status = 401, response = crate::openapi::Unauthorized),
@@ -724,7 +724,7 @@ async fn relay_logs(UrlPath(job): UrlPath<String>, call: JobCall) -> Response {
 
 #[utoipa::path(put, path = "/v1/worker/jobs/{job}/artifacts/{*name}", tag = "worker", security(("worker" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`."), ("name" = String, Path, description = "The artifact's name (may hold `/`).")),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    request_body(content = crate::openapi::Binary, content_type = "application/octet-stream"),
     responses(
         (status = 204, description = "Stored."),
         (status = 400, response = crate::openapi::BadRequest),
