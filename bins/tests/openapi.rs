@@ -197,3 +197,49 @@ fn schemathesis_finds_no_failure_on_postgresql() {
     let dir = tempfile::tempdir().unwrap();
     fuzz(&["--database-url", db.url.as_str()], dir.path());
 }
+
+/// A client generated from docs/openapi.json (openapi-python-client, into a temporary
+/// directory) drives a run and a confidential run, whose output it opens with PyNaCl.
+#[test]
+fn a_client_generated_from_the_document_runs_and_reads_a_confidential_run() {
+    let Some(python) = std::env::var("POND_TEST_PYTHON").ok().filter(|p| !p.is_empty()) else {
+        pond_store::missing_prerequisite(
+            "POND_TEST_PYTHON is not set (a python with openapi-python-client and PyNaCl; .ci/run sets it)",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let generator = Path::new(&python).with_file_name("openapi-python-client");
+    let out = Command::new(&generator)
+        .args(["generate", "--meta", "none", "--path"])
+        .arg(checked_in("openapi.json"))
+        .arg("--output-path")
+        .arg(dir.path().join("pond_client"))
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", generator.display()));
+    assert!(out.status.success(), "generating the client: {}", String::from_utf8_lossy(&out.stderr));
+
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let consumer = server.admin().create_key(&["acme".to_string()], Some("generated")).unwrap().token.unwrap();
+    let secret = hex::encode(pond_exec::load_or_create_key(&dir.path().join("consumer.x25519")).unwrap());
+    let out = Command::new(&python)
+        .arg(common::root().join("testdata/interop/generated_client.py"))
+        .arg(dir.path())
+        .args([server.url.as_str(), &consumer, "acme", &secret])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected_plain = serde_json::json!({
+        "state": "succeeded",
+        "lines": ["hello from the generated client"],
+        "artifacts": ["out.txt"],
+        "artifact": "artifact ✓",
+    });
+    assert_eq!(got["plain"], expected_plain);
+    let confidential = &got["confidential"];
+    assert_eq!(confidential["state"], "succeeded", "{got}");
+    assert_eq!(confidential["lines"], serde_json::json!(["hello from the generated client"]), "{got}");
+    assert_eq!(confidential["artifact"], "artifact ✓", "{got}");
+    assert_eq!(confidential["sealed_on_the_wire"], true, "pond served a confidential run's output in clear: {got}");
+}
