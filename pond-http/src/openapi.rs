@@ -370,3 +370,64 @@ pub(crate) async fn docs_script() -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The modules that build the server's and the orchestrator's routers register routes only
+    /// through `routes!`, which documents them: axum's own `.route(` would serve one undocumented.
+    #[test]
+    fn routers_register_routes_only_with_their_documentation() {
+        let routers = [
+            ("api.rs", include_str!("api.rs")),
+            ("orch.rs", include_str!("orch.rs")),
+            ("orchestrator.rs", include_str!("orchestrator.rs")),
+            ("agents_api.rs", include_str!("agents_api.rs")),
+            ("keys_api.rs", include_str!("keys_api.rs")),
+            ("usage_api.rs", include_str!("usage_api.rs")),
+        ];
+        for (file, text) in routers {
+            for undocumented in [".route(\"", ".route_service(", ".nest_service(", "axum::routing::"] {
+                assert!(!text.contains(undocumented), "{file} registers a route with `{undocumented}`: use `routes!`");
+            }
+        }
+    }
+
+    /// What the boundary guarantees for every route is in every operation's responses: a
+    /// credential refused (401) where one is needed, a body over the limit (413) where one is
+    /// taken, and each answer's body in the error shape.
+    #[test]
+    fn every_operation_documents_what_the_boundary_answers() {
+        for document in [server_document(), orchestrator_document()] {
+            let json: serde_json::Value = serde_json::from_str(&to_json(document)).unwrap();
+            for (path, item) in json["paths"].as_object().unwrap() {
+                for (method, operation) in item.as_object().unwrap() {
+                    let responses = operation["responses"].as_object().unwrap();
+                    let secured = operation["security"]
+                        .as_array()
+                        .is_some_and(|s| s.iter().any(|r| r.as_object().is_some_and(|r| !r.is_empty())));
+                    if secured {
+                        assert!(responses.contains_key("401"), "{method} {path} does not document 401");
+                    }
+                    if operation.get("requestBody").is_some() {
+                        assert!(responses.contains_key("413"), "{method} {path} does not document 413");
+                    }
+                    for (status, response) in responses {
+                        if status.starts_with('4') || status.starts_with('5') {
+                            let reference = response["$ref"].as_str().unwrap_or_default();
+                            assert!(reference.starts_with("#/components/responses/"), "{method} {path} {status}");
+                        }
+                    }
+                    // Links name operations that exist, as OpenAPI spells the field.
+                    for response in responses.values() {
+                        for link in response["links"].as_object().into_iter().flat_map(|l| l.values()) {
+                            let target = link["operationId"].as_str().unwrap_or_default();
+                            assert!(json.to_string().contains(&format!("\"operationId\":\"{target}\"")), "{target}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
