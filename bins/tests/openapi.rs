@@ -243,3 +243,29 @@ fn a_client_generated_from_the_document_runs_and_reads_a_confidential_run() {
     assert_eq!(confidential["artifact"], "artifact ✓", "{got}");
     assert_eq!(confidential["sealed_on_the_wire"], true, "pond served a confidential run's output in clear: {got}");
 }
+
+/// Found by Schemathesis: a `Last-Event-ID` that is not an event id was read as "from the
+/// start" (the whole log again) and an unknown `follow` as "no"; both are refused naming them.
+#[test]
+fn a_log_resume_or_follow_flag_that_means_nothing_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let stages = serde_json::json!({"stages": [{"key": "a", "executor": {"kind": "noop"}}]});
+    let run = server.admin().submit(&common::run_json(stages), None).unwrap();
+    let logs = format!("{}/v1/runs/{}/logs", server.url, run.id);
+    let auth = format!("Bearer {}", server.token);
+    let refused = |request: ureq::Request| match request.set("Authorization", &auth).call() {
+        Err(ureq::Error::Status(status, answer)) => (status, answer.into_json::<serde_json::Value>().unwrap()),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let (status, body) = refused(ureq::get(&format!("{logs}?follow=1")).set("Last-Event-ID", "/,"));
+    assert_eq!((status, body["error"]["field"].as_str()), (422, Some("Last-Event-ID")), "{body}");
+    let (status, body) = refused(ureq::get(&format!("{logs}?follow=maybe")));
+    assert_eq!((status, body["error"]["field"].as_str()), (422, Some("query.follow")), "{body}");
+    // What a browser's EventSource sends on reconnecting, and the page forms, still work.
+    common::wait_done(&server.admin(), &run.id.to_string(), std::time::Duration::from_secs(30));
+    for query in ["follow=1", "follow=", "follow=0", "follow=false"] {
+        let answer = ureq::get(&format!("{logs}?{query}")).set("Authorization", &auth).set("Last-Event-ID", "1").call();
+        assert_eq!(answer.map(|a| a.status()).unwrap_or(0), 200, "{query}");
+    }
+}

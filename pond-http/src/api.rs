@@ -473,7 +473,8 @@ struct LogQuery {
         ("id" = String, Path, description = "The run's id."),
         ("after" = Option<i64>, Query, description = "Lines after this `seq` (default 0: from the start)."),
         ("limit" = Option<i64>, Query, minimum = 0, maximum = 4294967295_i64, description = "Page size (default 500; 0 counts as 1, larger values are cut to the server's page limit)."),
-        ("follow" = Option<String>, Query, description = "`1`, `true`, `yes` or empty: stream as server-sent events."),
+        ("follow" = Option<String>, Query, pattern = "^(1|true|yes|0|false|no)?$",
+            description = "`1`, `true`, `yes` or empty: stream as server-sent events; `0`, `false`, `no`: a page."),
         ("Last-Event-ID" = Option<i64>, Header, description = "With `follow`: resume after this `seq` (takes precedence over `after`)."),
     ),
     responses(
@@ -497,10 +498,24 @@ async fn run_logs(
 ) -> Result<Response, ApiError> {
     let run = visible_run(&state, &who, &id).await?;
     let q: LogQuery = parse_query(uri.query())?;
-    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i64>().ok());
+    // A resume names a `log` event's id; anything else is refused rather than read as "from the
+    // start", which would send the whole log again.
+    let resume =
+        match headers.get("last-event-id") {
+            None => None,
+            Some(v) => Some(v.to_str().ok().and_then(|v| v.trim().parse::<i64>().ok()).ok_or_else(|| {
+                ApiError::invalid("Last-Event-ID", "must be the `id` of a `log` event (a whole number)")
+            })?),
+        };
     let after = resume.or(number::<i64>("after", q.after.as_deref())?).unwrap_or(0);
     let limit = number::<u32>("limit", q.limit.as_deref())?.unwrap_or(500).clamp(1, state.limits.max_page);
-    let follow = matches!(q.follow.as_deref(), Some("1" | "true" | "yes" | ""));
+    let follow = match q.follow.as_deref() {
+        None | Some("0" | "false" | "no") => false,
+        Some("1" | "true" | "yes" | "") => true,
+        Some(other) => {
+            return Err(ApiError::invalid("query.follow", format!("`{other}` is not 1, true, yes, 0, false or no")))
+        }
+    };
     if follow {
         return Ok(follow_logs(state, run.run.id, after, who.secret_sha256).into_response());
     }
