@@ -140,20 +140,21 @@ fn fuzz(extra: &[&str], dir: &Path) {
         return;
     };
     let server = fuzz_server(dir, extra);
+    // First the orchestrators' routes (the admin run may revoke the pool's worker), with an
+    // orchestrator's credential and a worker's beside it. Not the claim long poll: each call
+    // waits its full `wait_ms` (up to 30 s) for work that never comes, which would be the whole
+    // time budget; the pool tests exercise it.
+    let (orchestrator, worker) = enrolled_pool(&server);
+    let pool_ops =
+        ["--include-tag", "orch", "--exclude-path", "/v1/orch/claim", "--phases", "examples,coverage,fuzzing"];
+    let worker_header = format!("{}: {worker}", pond_http::pool_wire::WORKER_TOKEN_HEADER);
+    schemathesis(&python, &server, &orchestrator, &[&pool_ops[..], &["--header", &worker_header]].concat());
     // Every operation with the admin token, but rotating it (which would end the run's token).
     schemathesis(&python, &server, &server.token, &["--exclude-path", "/v1/keys/rotate"]);
     // The consumer's operations with a consumer key: its own project, others refused.
     let consumer = server.admin().create_key(&["acme".to_string()], Some("fuzz")).unwrap().token.unwrap();
     let consumer_ops = ["--include-tag", "runs", "--include-tag", "verify", "--include-tag", "usage"];
     schemathesis(&python, &server, &consumer, &[&consumer_ops[..], &["--exclude-path", "/v1/keys/rotate"]].concat());
-    // The orchestrators' routes with an orchestrator's credential and a worker's beside it. Not
-    // the claim long poll: each call waits its full `wait_ms` (up to 30 s) for work that never
-    // comes, which would be the whole time budget; the pool tests exercise it.
-    let (orchestrator, worker) = enrolled_pool(&server);
-    let pool_ops =
-        ["--include-tag", "orch", "--exclude-path", "/v1/orch/claim", "--phases", "examples,coverage,fuzzing"];
-    let worker_header = format!("{}: {worker}", pond_http::pool_wire::WORKER_TOKEN_HEADER);
-    schemathesis(&python, &server, &orchestrator, &[&pool_ops[..], &["--header", &worker_header]].concat());
     // Rotating a key last, with a key of its own (after the first call it is revoked: 401).
     let rotated = server.admin().create_key(&["acme".to_string()], Some("rotate")).unwrap().token.unwrap();
     // (No stateful phase: no link leads from it.)

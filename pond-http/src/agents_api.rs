@@ -101,7 +101,10 @@ pub struct DryRunResult {
 #[utoipa::path(post, path = "/admin/models", tag = "agents", security(("bearer" = [])),
     request_body(content = Model, content_type = "application/json"),
     responses(
-        (status = 201, description = "Saved (a model of the same key is replaced).", body = Model),
+        (status = 201, description = "Saved (a model of the same key is replaced).", body = Model,
+            links(
+                ("remove" = (operation_id = "remove_model", parameters(("key" = "$response.body#/key")), description = "Remove it.")),
+            )),
         (status = 400, response = crate::openapi::BadRequest),
         (status = 401, response = crate::openapi::Unauthorized),
         (status = 403, response = crate::openapi::Forbidden),
@@ -164,7 +167,11 @@ async fn remove_model(
 #[utoipa::path(post, path = "/admin/harnesses", tag = "agents", security(("bearer" = [])),
     request_body(content = Harness, content_type = "application/json"),
     responses(
-        (status = 201, description = "Saved, with what the template lint found.", body = HarnessSaved),
+        (status = 201, description = "Saved, with what the template lint found.", body = HarnessSaved,
+            links(
+                ("dry_run" = (operation_id = "dry_run", parameters(("key" = "$response.body#/harness/key")), description = "What a task would exec.")),
+                ("remove" = (operation_id = "remove_harness", parameters(("key" = "$response.body#/harness/key")), description = "Remove it.")),
+            )),
         (status = 400, response = crate::openapi::BadRequest),
         (status = 401, response = crate::openapi::Unauthorized),
         (status = 403, response = crate::openapi::Forbidden),
@@ -233,7 +240,11 @@ async fn presets(who: Principal) -> Result<Json<HarnessList>, ApiError> {
 #[utoipa::path(post, path = "/admin/harnesses/from-preset", tag = "agents", security(("bearer" = [])),
     request_body(content = FromPreset, content_type = "application/json"),
     responses(
-        (status = 201, description = "Saved, with what the template lint found.", body = HarnessSaved),
+        (status = 201, description = "Saved, with what the template lint found.", body = HarnessSaved,
+            links(
+                ("dry_run" = (operation_id = "dry_run", parameters(("key" = "$response.body#/harness/key")), description = "What a task would exec.")),
+                ("remove" = (operation_id = "remove_harness", parameters(("key" = "$response.body#/harness/key")), description = "Remove it.")),
+            )),
         (status = 400, response = crate::openapi::BadRequest),
         (status = 401, response = crate::openapi::Unauthorized),
         (status = 403, response = crate::openapi::Forbidden),

@@ -743,7 +743,10 @@ async fn upload_bundle(
 #[utoipa::path(post, path = "/admin/keys", tag = "keys", security(("bearer" = [])),
     request_body(content = CreateKey, content_type = "application/json"),
     responses(
-        (status = 201, description = "The consumer key, with its secret (shown once).", body = KeyView),
+        (status = 201, description = "The consumer key, with its secret (shown once).", body = KeyView,
+            links(
+                ("revoke" = (operation_id = "revoke_key", parameters(("id" = "$response.body#/id")), description = "Revoke it.")),
+            )),
         (status = 400, response = crate::openapi::BadRequest),
         (status = 401, response = crate::openapi::Unauthorized),
         (status = 403, response = crate::openapi::Forbidden),

@@ -84,7 +84,10 @@ impl From<pond_core::credentials::CredentialError> for ApiError {
 #[utoipa::path(post, path = "/admin/credentials", tag = "credentials", security(("bearer" = [])),
     request_body(content = crate::pool_wire::PutCredential, content_type = "application/json"),
     responses(
-        (status = 201, description = "Saved (sealed at rest); the value is never returned.", body = pond_core::credentials::CredentialView),
+        (status = 201, description = "Saved (sealed at rest); the value is never returned.", body = pond_core::credentials::CredentialView,
+            links(
+                ("remove" = (operation_id = "remove_credential", parameters(("name" = "$response.body#/name")), description = "Remove it.")),
+            )),
         (status = 400, response = crate::openapi::BadRequest),
         (status = 401, response = crate::openapi::Unauthorized),
         (status = 403, response = crate::openapi::Forbidden),
@@ -949,7 +952,12 @@ async fn release(
 
 #[utoipa::path(get, path = "/admin/pools", tag = "pools", security(("bearer" = [])),
     responses(
-        (status = 200, description = "Orchestrators and workers.", body = PoolList),
+        (status = 200, description = "Orchestrators and workers.", body = PoolList,
+            links(
+                ("drain" = (operation_id = "drain", parameters(("id" = "$response.body#/workers/0/id")), description = "Drain the first worker.")),
+                ("endorse" = (operation_id = "endorse", parameters(("id" = "$response.body#/workers/0/id")), description = "Endorse the first worker's keys.")),
+                ("revoke" = (operation_id = "revoke", parameters(("id" = "$response.body#/workers/0/id")), description = "Revoke the first worker.")),
+            )),
         (status = 401, response = crate::openapi::Unauthorized),
         (status = 403, response = crate::openapi::Forbidden),
         (status = 503, response = crate::openapi::Unavailable),

@@ -175,7 +175,10 @@ async fn list_budgets(State(state): State<AppState>, who: Principal) -> Result<J
     params(("project" = String, Path, description = "The project.")),
     request_body(content = Budget, content_type = "application/json"),
     responses(
-        (status = 200, description = "The project's budget now.", body = ProjectBudget),
+        (status = 200, description = "The project's budget now.", body = ProjectBudget,
+            links(
+                ("clear" = (operation_id = "clear_budget", parameters(("project" = "$response.body#/project")), description = "Remove it.")),
+            )),
         (status = 400, response = crate::openapi::BadRequest),
         (status = 401, response = crate::openapi::Unauthorized),
         (status = 403, response = crate::openapi::Forbidden),
