@@ -98,7 +98,7 @@ pub struct DryRunResult {
     pub warnings: Vec<String>,
 }
 
-#[utoipa::path(post, path = "/admin/models", tag = "agents", security(("bearer" = [])),
+#[utoipa::path(post, path = "/admin/models", summary = "Register a model", tag = "agents", security(("bearer" = [])),
     request_body(content = Model, content_type = "application/json"),
     responses(
         (status = 201, description = "Saved (a model of the same key is replaced).", body = Model,
@@ -129,7 +129,7 @@ async fn put_model(
     Ok((StatusCode::CREATED, Json(model)))
 }
 
-#[utoipa::path(get, path = "/admin/models", tag = "agents", security(("bearer" = [])),
+#[utoipa::path(get, path = "/admin/models", summary = "List models", tag = "agents", security(("bearer" = [])),
     responses(
         (status = 200, description = "The registered models.", body = ModelList),
         (status = 401, response = crate::openapi::Unauthorized),
@@ -141,7 +141,7 @@ async fn list_models(State(state): State<AppState>, who: Principal) -> Result<Js
     Ok(Json(ModelList { models: state.engine.registry().models().await? }))
 }
 
-#[utoipa::path(delete, path = "/admin/models/{key}", tag = "agents", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/admin/models/{key}", summary = "Remove a model", tag = "agents", security(("bearer" = [])),
     params(("key" = String, Path, description = "The model's key.")),
     responses(
         (status = 204, description = "Removed."),
@@ -164,7 +164,7 @@ async fn remove_model(
     }
 }
 
-#[utoipa::path(post, path = "/admin/harnesses", tag = "agents", security(("bearer" = [])),
+#[utoipa::path(post, path = "/admin/harnesses", summary = "Register a harness", tag = "agents", security(("bearer" = [])),
     request_body(content = Harness, content_type = "application/json"),
     responses(
         (status = 201, description = "Saved, with what the template lint found.", body = HarnessSaved,
@@ -190,7 +190,7 @@ async fn put_harness(
     Ok((StatusCode::CREATED, Json(HarnessSaved { harness, warnings })))
 }
 
-#[utoipa::path(get, path = "/admin/harnesses", tag = "agents", security(("bearer" = [])),
+#[utoipa::path(get, path = "/admin/harnesses", summary = "List harnesses", tag = "agents", security(("bearer" = [])),
     responses(
         (status = 200, description = "The registered harnesses.", body = HarnessList),
         (status = 401, response = crate::openapi::Unauthorized),
@@ -202,7 +202,7 @@ async fn list_harnesses(State(state): State<AppState>, who: Principal) -> Result
     Ok(Json(HarnessList { harnesses: state.engine.registry().harnesses().await? }))
 }
 
-#[utoipa::path(delete, path = "/admin/harnesses/{key}", tag = "agents", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/admin/harnesses/{key}", summary = "Remove a harness", tag = "agents", security(("bearer" = [])),
     params(("key" = String, Path, description = "The harness's key.")),
     responses(
         (status = 204, description = "Removed."),
@@ -225,7 +225,7 @@ async fn remove_harness(
     }
 }
 
-#[utoipa::path(get, path = "/admin/harness-presets", tag = "agents", security(("bearer" = [])),
+#[utoipa::path(get, path = "/admin/harness-presets", summary = "List the harness presets", tag = "agents", security(("bearer" = [])),
     responses(
         (status = 200, description = "The built-in harness presets (`codex`, `claude`).", body = HarnessList),
         (status = 401, response = crate::openapi::Unauthorized),
@@ -237,7 +237,7 @@ async fn presets(who: Principal) -> Result<Json<HarnessList>, ApiError> {
     Ok(Json(HarnessList { harnesses: pond_core::agents::presets() }))
 }
 
-#[utoipa::path(post, path = "/admin/harnesses/from-preset", tag = "agents", security(("bearer" = [])),
+#[utoipa::path(post, path = "/admin/harnesses/from-preset", summary = "Register a harness from a preset", tag = "agents", security(("bearer" = [])),
     request_body(content = FromPreset, content_type = "application/json"),
     responses(
         (status = 201, description = "Saved, with what the template lint found.", body = HarnessSaved,
@@ -270,7 +270,7 @@ async fn from_preset(
     Ok((StatusCode::CREATED, Json(HarnessSaved { harness, warnings })))
 }
 
-#[utoipa::path(post, path = "/admin/harnesses/{key}/dry-run", tag = "agents", security(("bearer" = [])),
+#[utoipa::path(post, path = "/admin/harnesses/{key}/dry-run", summary = "Show what a harness would exec", tag = "agents", security(("bearer" = [])),
     params(("key" = String, Path, description = "The harness's key.")),
     request_body(content = DryRun, content_type = "application/json"),
     responses(

@@ -170,7 +170,7 @@ struct SubmitBody {
     consumer_signature: Option<pond_core::signed_request::ConsumerSignature>,
 }
 
-#[utoipa::path(post, path = "/runs", tag = "runs", security(("bearer" = [])),
+#[utoipa::path(post, path = "/runs", summary = "Submit a run", tag = "runs", security(("bearer" = [])),
     description = "Submits a run: a workflow snapshot (`definition`) and its `sources`. A confidential run \
         (`encrypt`, `recipient_pubkeys`) needs the consumer's `consumer_signature` over the request. \
         An `Idempotency-Key` makes a retried submit answer the run the first one made (200).",
@@ -274,7 +274,7 @@ struct ListQuery {
     cursor: Option<String>,
 }
 
-#[utoipa::path(get, path = "/runs", tag = "runs", security(("bearer" = [])),
+#[utoipa::path(get, path = "/runs", summary = "List runs", tag = "runs", security(("bearer" = [])),
     description = "The runs visible to the credential, newest first, a page at a time.",
     params(
         ("project" = Option<String>, Query, description = "Only this project's runs."),
@@ -337,7 +337,7 @@ async fn list_runs(
     Ok(Json(RunPage { runs, next_cursor }))
 }
 
-#[utoipa::path(get, path = "/runs/{id}", tag = "runs", security(("bearer" = [])),
+#[utoipa::path(get, path = "/runs/{id}", summary = "A run with its stages and attempts", tag = "runs", security(("bearer" = [])),
     params(("id" = String, Path, description = "The run's id.")),
     responses(
         (status = 200, description = "The run, its stages and attempts.", body = RunView),
@@ -359,7 +359,7 @@ async fn get_run(
     Ok(Json(view))
 }
 
-#[utoipa::path(post, path = "/runs/{id}/cancel", tag = "runs", security(("bearer" = [])),
+#[utoipa::path(post, path = "/runs/{id}/cancel", summary = "Cancel a run", tag = "runs", security(("bearer" = [])),
     description = "Asks a run to stop: queued stages are cancelled, running ones stopped. A run that has ended is answered as it is.",
     params(("id" = String, Path, description = "The run's id.")),
     responses(
@@ -464,7 +464,7 @@ struct LogQuery {
     follow: Option<String>,
 }
 
-#[utoipa::path(get, path = "/runs/{id}/logs", tag = "runs", security(("bearer" = [])),
+#[utoipa::path(get, path = "/runs/{id}/logs", summary = "Read or follow a run's log", tag = "runs", security(("bearer" = [])),
     description = "The run's log. Without `follow`: a page of lines as JSON. With `follow`: server-sent events \
         (`text/event-stream`) — `log` events (data: a `LogLine`, id: its `seq`, for `Last-Event-ID` resumes) until \
         the run ends, then one `end` event (data: a `LogEnd`); an `error` event ends the stream early (the token \
@@ -618,7 +618,7 @@ fn follow_logs(
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
-#[utoipa::path(get, path = "/runs/{id}/artifacts", tag = "runs", security(("bearer" = [])),
+#[utoipa::path(get, path = "/runs/{id}/artifacts", summary = "List a run's artifacts", tag = "runs", security(("bearer" = [])),
     params(("id" = String, Path, description = "The run's id.")),
     responses(
         (status = 200, description = "The run's artifacts, by name.", body = ArtifactList),
@@ -637,7 +637,7 @@ async fn list_artifacts(
     Ok(Json(ArtifactList { artifacts: state.store.list_artifacts(run.run.id).await? }))
 }
 
-#[utoipa::path(get, path = "/runs/{id}/artifacts/{*name}", tag = "runs", security(("bearer" = [])),
+#[utoipa::path(get, path = "/runs/{id}/artifacts/{*name}", summary = "Download an artifact", tag = "runs", security(("bearer" = [])),
     description = "An artifact's bytes. A confidential run's artifacts are sealed (secretstream); their keys are \
         in `<name>.pondkey`, sealed to the run's recipients (docs/FORMATS.md).",
     params(("id" = String, Path, description = "The run's id."), ("name" = String, Path, description = "The artifact's name (may hold `/`).")),
@@ -702,7 +702,7 @@ struct BundleQuery {
     project: Option<String>,
 }
 
-#[utoipa::path(post, path = "/bundles", tag = "runs", security(("bearer" = [])),
+#[utoipa::path(post, path = "/bundles", summary = "Upload a source bundle", tag = "runs", security(("bearer" = [])),
     description = "Uploads a source bundle (a zstd-compressed tar archive) for `sources[].config.bundle_id`. It is \
         kept sealed under the server key.",
     params(("project" = String, Query, description = "The project whose runs may use it.")),
@@ -740,7 +740,7 @@ async fn upload_bundle(
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-#[utoipa::path(post, path = "/admin/keys", tag = "keys", security(("bearer" = [])),
+#[utoipa::path(post, path = "/admin/keys", summary = "Create a consumer API key", tag = "keys", security(("bearer" = [])),
     request_body(content = CreateKey, content_type = "application/json"),
     responses(
         (status = 201, description = "The consumer key, with its secret (shown once).", body = KeyView,
@@ -817,7 +817,7 @@ async fn version() -> Json<Version> {
     Json(Version { version: env!("CARGO_PKG_VERSION").into(), api: "v1".into() })
 }
 
-#[utoipa::path(get, path = "/admin/keys", tag = "keys", security(("bearer" = [])),
+#[utoipa::path(get, path = "/admin/keys", summary = "List API keys", tag = "keys", security(("bearer" = [])),
     responses(
         (status = 200, description = "Every API key (never a secret).", body = KeyList),
         (status = 401, response = crate::openapi::Unauthorized),
@@ -830,7 +830,7 @@ async fn list_keys(State(state): State<AppState>, who: Principal) -> Result<Json
     Ok(Json(KeyList { keys }))
 }
 
-#[utoipa::path(delete, path = "/admin/keys/{id}", tag = "keys", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/admin/keys/{id}", summary = "Revoke an API key", tag = "keys", security(("bearer" = [])),
     params(("id" = String, Path, description = "The key's id.")),
     responses(
         (status = 204, description = "Revoked: it stops working at once on this node, within seconds on others."),
@@ -860,7 +860,7 @@ async fn revoke_key(
     }
 }
 
-#[utoipa::path(get, path = "/readyz", tag = "meta", security(()),
+#[utoipa::path(get, path = "/readyz", summary = "Readiness: the database answers", tag = "meta", security(()),
     responses(
         (status = 200, description = "Ready: the database answers.", body = Ready),
         (status = 503, response = crate::openapi::Unavailable),

@@ -81,7 +81,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(run_log))
 }
 
-#[utoipa::path(get, path = "/log/tree-head", tag = "verify", security(("bearer" = [])),
+#[utoipa::path(get, path = "/log/tree-head", summary = "The transparency log's signed tree head", tag = "verify", security(("bearer" = [])),
     responses(
         (status = 200, description = "The transparency log's signed tree head.", body = pond_core::transparency::TreeHead),
         (status = 401, response = crate::openapi::Unauthorized),
@@ -105,7 +105,7 @@ fn size(field: &str, text: &str) -> Result<u64, ApiError> {
     text.parse().map_err(|_| ApiError::invalid(format!("query.{field}"), format!("`{text}` is not a tree size")))
 }
 
-#[utoipa::path(get, path = "/log/consistency", tag = "verify", security(("bearer" = [])),
+#[utoipa::path(get, path = "/log/consistency", summary = "A consistency proof of the transparency log", tag = "verify", security(("bearer" = [])),
     params(
         ("first" = u64, Query, description = "The older tree's size."),
         ("second" = u64, Query, description = "The newer tree's size."),
@@ -133,7 +133,7 @@ struct RunLogQuery {
     tree_size: String,
 }
 
-#[utoipa::path(get, path = "/runs/{id}/log", tag = "verify", security(("bearer" = [])),
+#[utoipa::path(get, path = "/runs/{id}/log", summary = "A run's transparency-log leaves with audit paths", tag = "verify", security(("bearer" = [])),
     params(("id" = String, Path, description = "The run's id."),
         ("tree_size" = u64, Query, description = "The size of the tree the audit paths lead to.")),
     responses(
@@ -157,7 +157,7 @@ async fn run_log(
     Ok(Json(RunLog { tree_size, entries }))
 }
 
-#[utoipa::path(get, path = "/keys", tag = "verify", security(("bearer" = [])),
+#[utoipa::path(get, path = "/keys", summary = "The control plane's signing keys", tag = "verify", security(("bearer" = [])),
     responses(
         (status = 200, description = "The control plane's signing keys.", body = KeysDocument),
         (status = 401, response = crate::openapi::Unauthorized),
@@ -173,7 +173,7 @@ async fn keys(State(state): State<AppState>, _who: Principal) -> Result<Json<Key
     }))
 }
 
-#[utoipa::path(get, path = "/runs/{id}/keys", tag = "verify", security(("bearer" = [])),
+#[utoipa::path(get, path = "/runs/{id}/keys", summary = "Who signed a run's output", tag = "verify", security(("bearer" = [])),
     params(("id" = String, Path, description = "The run's id.")),
     responses(
         (status = 200, description = "The keys of every node and worker that ran an attempt of the run.", body = RunKeys),

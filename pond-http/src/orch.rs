@@ -81,7 +81,7 @@ impl From<pond_core::credentials::CredentialError> for ApiError {
     }
 }
 
-#[utoipa::path(post, path = "/admin/credentials", tag = "credentials", security(("bearer" = [])),
+#[utoipa::path(post, path = "/admin/credentials", summary = "Register a credential", tag = "credentials", security(("bearer" = [])),
     request_body(content = crate::pool_wire::PutCredential, content_type = "application/json"),
     responses(
         (status = 201, description = "Saved (sealed at rest); the value is never returned.", body = pond_core::credentials::CredentialView,
@@ -107,7 +107,7 @@ async fn put_credential(
     Ok((axum::http::StatusCode::CREATED, Json(view)))
 }
 
-#[utoipa::path(get, path = "/admin/credentials", tag = "credentials", security(("bearer" = [])),
+#[utoipa::path(get, path = "/admin/credentials", summary = "List credentials", tag = "credentials", security(("bearer" = [])),
     responses(
         (status = 200, description = "Every credential's name, provider, variable and key fingerprint; never a value.", body = crate::pool_wire::CredentialList),
         (status = 401, response = crate::openapi::Unauthorized),
@@ -122,7 +122,7 @@ async fn list_credentials(
     Ok(Json(crate::pool_wire::CredentialList { credentials: state.engine.credentials().list().await? }))
 }
 
-#[utoipa::path(delete, path = "/admin/credentials/{name}", tag = "credentials", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/admin/credentials/{name}", summary = "Remove a credential", tag = "credentials", security(("bearer" = [])),
     params(("name" = String, Path, description = "The credential's name.")),
     responses(
         (status = 204, description = "Removed."),
@@ -228,7 +228,7 @@ fn member_id(prefix: &str) -> String {
     format!("{prefix}-{}", hex::encode(raw))
 }
 
-#[utoipa::path(post, path = "/admin/enroll", tag = "pools", security(("bearer" = [])),
+#[utoipa::path(post, path = "/admin/enroll", summary = "Mint an enrollment code", tag = "pools", security(("bearer" = [])),
     request_body(content = CreateCode, content_type = "application/json"),
     responses(
         (status = 201, description = "The code (shown once).", body = CodeCreated),
@@ -271,7 +271,7 @@ async fn create_code(
     ))
 }
 
-#[utoipa::path(post, path = "/orch/enroll", tag = "orch", security(()),
+#[utoipa::path(post, path = "/orch/enroll", summary = "Enroll an orchestrator", tag = "orch", security(()),
     description = "Redeems an enrollment code (the credential is the code in the body): 401 for a code that is unknown, used up or expired.",
     request_body(content = EnrollOrchestrator, content_type = "application/json"),
     responses(
@@ -296,7 +296,7 @@ async fn enroll_orchestrator(
     Ok((axum::http::StatusCode::CREATED, Json(Enrolled { member, token, pond_key })))
 }
 
-#[utoipa::path(post, path = "/orch/workers/enroll", tag = "orch", security(("orchestrator" = [])),
+#[utoipa::path(post, path = "/orch/workers/enroll", summary = "Enroll a worker (relayed)", tag = "orch", security(("orchestrator" = [])),
     description = "Enrolls a worker with its code, relayed by its orchestrator: its keys and the tags and capabilities the code grants are pinned.",
     request_body(content = EnrollWorker, content_type = "application/json"),
     responses(
@@ -332,7 +332,7 @@ async fn enroll_worker(
     Ok((axum::http::StatusCode::CREATED, Json(Enrolled { member, token, pond_key })))
 }
 
-#[utoipa::path(get, path = "/orch/workers/me", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
+#[utoipa::path(get, path = "/orch/workers/me", summary = "The relayed worker, as pond knows it", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
     responses(
         (status = 200, description = "The worker whose credential is relayed.", body = PoolMember),
         (status = 401, response = crate::openapi::Unauthorized),
@@ -674,7 +674,7 @@ async fn held(state: &AppState, job: &str, worker: &PoolMember) -> Result<(JobId
     }
 }
 
-#[utoipa::path(post, path = "/orch/jobs/{job}/heartbeat", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
+#[utoipa::path(post, path = "/orch/jobs/{job}/heartbeat", summary = "Renew a job's lease", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
     responses(
         (status = 200, description = "The lease is renewed.", body = Heartbeat),
@@ -699,7 +699,7 @@ async fn heartbeat(
     Ok(Json(Heartbeat { cancel_requested }))
 }
 
-#[utoipa::path(get, path = "/orch/jobs/{job}/input", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
+#[utoipa::path(get, path = "/orch/jobs/{job}/input", summary = "A job's input, sealed to its worker", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
     responses(
         (status = 200, description = "The job's input (a `tar.zst` checkout) sealed to the worker (secretstream).", content_type = "application/octet-stream", body = crate::openapi::Binary,
@@ -753,7 +753,7 @@ async fn input(State(state): State<AppState>, r: Relayed, Path(job): Path<String
         .into_response())
 }
 
-#[utoipa::path(post, path = "/orch/jobs/{job}/logs", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
+#[utoipa::path(post, path = "/orch/jobs/{job}/logs", summary = "Append a batch of a job's log lines", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
     request_body(content = JobLines, content_type = "application/json"),
     responses(
@@ -785,7 +785,7 @@ async fn logs(
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(put, path = "/orch/jobs/{job}/artifacts/{*name}", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
+#[utoipa::path(put, path = "/orch/jobs/{job}/artifacts/{*name}", summary = "Store a job's artifact", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`."), ("name" = String, Path, description = "The artifact's name (may hold `/`).")),
     request_body(content = crate::openapi::Binary, content_type = "application/octet-stream"),
     responses(
@@ -818,7 +818,7 @@ fn digest(field: &str, text: &str) -> Result<[u8; 32], ApiError> {
         .ok_or_else(|| ApiError::invalid(field, "must be 64 hex characters (a SHA-256)"))
 }
 
-#[utoipa::path(post, path = "/orch/jobs/{job}/result", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
+#[utoipa::path(post, path = "/orch/jobs/{job}/result", summary = "Report a job's signed result", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
     request_body(content = JobResult, content_type = "application/json"),
     responses(
@@ -927,7 +927,7 @@ async fn book_job_usage(state: &AppState, job: &JobId, usage: pond_core::usage::
     Ok(())
 }
 
-#[utoipa::path(post, path = "/orch/jobs/{job}/release", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
+#[utoipa::path(post, path = "/orch/jobs/{job}/release", summary = "Hand a job back", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
     responses(
         (status = 204, description = "Handed back: the stage is queued again."),
@@ -950,7 +950,7 @@ async fn release(
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/admin/pools", tag = "pools", security(("bearer" = [])),
+#[utoipa::path(get, path = "/admin/pools", summary = "List orchestrators and workers", tag = "pools", security(("bearer" = [])),
     responses(
         (status = 200, description = "Orchestrators and workers.", body = PoolList,
             links(
@@ -1057,7 +1057,7 @@ async fn revoke(
     Ok(Json(member))
 }
 
-#[utoipa::path(post, path = "/admin/pools/workers/{id}/drain", tag = "pools", security(("bearer" = [])),
+#[utoipa::path(post, path = "/admin/pools/workers/{id}/drain", summary = "Drain a worker (or undo it)", tag = "pools", security(("bearer" = [])),
     params(("id" = String, Path, description = "The worker's id.")),
     request_body(content = Drain, content_type = "application/json", description = "Optional: no body drains."),
     responses(

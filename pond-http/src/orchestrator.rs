@@ -494,7 +494,7 @@ async fn require_worker(
     }
 }
 
-#[utoipa::path(post, path = "/v1/worker/enroll", tag = "worker", security(()),
+#[utoipa::path(post, path = "/v1/worker/enroll", summary = "Enroll this worker", tag = "worker", security(()),
     description = "Relayed to pond (`POST /v1/orch/workers/enroll`) with the orchestrator's credential; the code in the body is the worker's.",
     request_body(content = crate::pool_wire::EnrollWorker, content_type = "application/json"),
     responses(
@@ -521,7 +521,7 @@ async fn enroll(State(orch): State<Arc<Orch>>, body: Body) -> Response {
     respond(relayed)
 }
 
-#[utoipa::path(get, path = "/v1/worker/me", tag = "worker", security(("worker" = [])),
+#[utoipa::path(get, path = "/v1/worker/me", summary = "This worker, as pond knows it", tag = "worker", security(("worker" = [])),
     responses(
         (status = 200, description = "The worker, as pond knows it.", body = PoolMember),
         (status = 401, response = crate::openapi::Unauthorized),
@@ -532,7 +532,7 @@ async fn me(Extension(auth): Extension<WorkerAuth>) -> Json<PoolMember> {
 }
 
 /// A worker's long poll: a job (200) or nothing within the wait (204).
-#[utoipa::path(post, path = "/v1/worker/claim", tag = "worker", security(("worker" = [])),
+#[utoipa::path(post, path = "/v1/worker/claim", summary = "Wait for a job", tag = "worker", security(("worker" = [])),
     description = "Long poll for a job (`wait_ms`, default 20 s, at most 60 s). An empty body waits the default.",
     request_body(content = Option<WorkerClaim>, content_type = "application/json"),
     responses(
@@ -640,7 +640,7 @@ impl JobCall {
     }
 }
 
-#[utoipa::path(post, path = "/v1/worker/jobs/{job}/heartbeat", tag = "worker", security(("worker" = [])),
+#[utoipa::path(post, path = "/v1/worker/jobs/{job}/heartbeat", summary = "Renew a job's lease", tag = "worker", security(("worker" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
     responses(
         (status = 200, description = "The lease is renewed.", body = crate::pool_wire::Heartbeat),
@@ -655,7 +655,7 @@ async fn relay_heartbeat(UrlPath(job): UrlPath<String>, call: JobCall) -> Respon
     call.relay(&format!("{job}/heartbeat")).await
 }
 
-#[utoipa::path(get, path = "/v1/worker/jobs/{job}/input", tag = "worker", security(("worker" = [])),
+#[utoipa::path(get, path = "/v1/worker/jobs/{job}/input", summary = "A job's input, sealed to this worker", tag = "worker", security(("worker" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
     responses(
         (status = 200, description = "The job's input sealed to the worker.", content_type = "application/octet-stream", body = crate::openapi::Binary,
@@ -671,7 +671,7 @@ async fn relay_input(UrlPath(job): UrlPath<String>, call: JobCall) -> Response {
     call.relay(&format!("{job}/input")).await
 }
 
-#[utoipa::path(post, path = "/v1/worker/jobs/{job}/result", tag = "worker", security(("worker" = [])),
+#[utoipa::path(post, path = "/v1/worker/jobs/{job}/result", summary = "Report a job's signed result", tag = "worker", security(("worker" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
     request_body(content = crate::pool_wire::JobResult, content_type = "application/json"),
     responses(
@@ -689,7 +689,7 @@ async fn relay_result(UrlPath(job): UrlPath<String>, call: JobCall) -> Response 
     call.relay(&format!("{job}/result")).await
 }
 
-#[utoipa::path(post, path = "/v1/worker/jobs/{job}/release", tag = "worker", security(("worker" = [])),
+#[utoipa::path(post, path = "/v1/worker/jobs/{job}/release", summary = "Hand a job back", tag = "worker", security(("worker" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
     responses(
         (status = 204, description = "Handed back."),
@@ -704,7 +704,7 @@ async fn relay_release(UrlPath(job): UrlPath<String>, call: JobCall) -> Response
     call.relay(&format!("{job}/release")).await
 }
 
-#[utoipa::path(post, path = "/v1/worker/jobs/{job}/logs", tag = "worker", security(("worker" = [])),
+#[utoipa::path(post, path = "/v1/worker/jobs/{job}/logs", summary = "Append a batch of a job's log lines", tag = "worker", security(("worker" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
     request_body(content = crate::pool_wire::JobLines, content_type = "application/json"),
     responses(
@@ -722,7 +722,7 @@ async fn relay_logs(UrlPath(job): UrlPath<String>, call: JobCall) -> Response {
     call.relay(&format!("{job}/logs")).await
 }
 
-#[utoipa::path(put, path = "/v1/worker/jobs/{job}/artifacts/{*name}", tag = "worker", security(("worker" = [])),
+#[utoipa::path(put, path = "/v1/worker/jobs/{job}/artifacts/{*name}", summary = "Store a job's artifact", tag = "worker", security(("worker" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`."), ("name" = String, Path, description = "The artifact's name (may hold `/`).")),
     request_body(content = crate::openapi::Binary, content_type = "application/octet-stream"),
     responses(

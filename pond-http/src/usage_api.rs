@@ -91,7 +91,7 @@ fn day(field: &str, text: &str) -> Result<String, ApiError> {
     }
 }
 
-#[utoipa::path(get, path = "/usage", tag = "usage", security(("bearer" = [])),
+#[utoipa::path(get, path = "/usage", summary = "A project's model spend", tag = "usage", security(("bearer" = [])),
     params(
         ("project" = String, Query, description = "The project."),
         ("from" = Option<String>, Query, format = Date, description = "First day (`YYYY-MM-DD`, UTC; default: the month's first)."),
@@ -139,7 +139,7 @@ async fn project_usage(
     Ok(Json(ProjectUsage { project, from, to, rows, total, month, month_spent, budget }))
 }
 
-#[utoipa::path(get, path = "/runs/{id}/usage", tag = "usage", security(("bearer" = [])),
+#[utoipa::path(get, path = "/runs/{id}/usage", summary = "What a run's agent stages spent", tag = "usage", security(("bearer" = [])),
     params(("id" = String, Path, description = "The run's id.")),
     responses(
         (status = 200, description = "What the run's agent stages spent, per attempt.", body = RunUsage),
@@ -158,7 +158,7 @@ async fn run_usage(
     Ok(Json(Ledger::new(state.store_dyn()).run(run.run.id).await?))
 }
 
-#[utoipa::path(get, path = "/admin/budgets", tag = "usage", security(("bearer" = [])),
+#[utoipa::path(get, path = "/admin/budgets", summary = "List projects' monthly budgets", tag = "usage", security(("bearer" = [])),
     responses(
         (status = 200, description = "Every project's monthly budget.", body = Vec<ProjectBudget>),
         (status = 401, response = crate::openapi::Unauthorized),
@@ -171,7 +171,7 @@ async fn list_budgets(State(state): State<AppState>, who: Principal) -> Result<J
     Ok(Json(budgets.into_iter().map(|(project, budget)| ProjectBudget { project, budget }).collect()))
 }
 
-#[utoipa::path(put, path = "/admin/budgets/{project}", tag = "usage", security(("bearer" = [])),
+#[utoipa::path(put, path = "/admin/budgets/{project}", summary = "Set a project's monthly budget", tag = "usage", security(("bearer" = [])),
     params(("project" = String, Path, description = "The project.")),
     request_body(content = Budget, content_type = "application/json"),
     responses(
@@ -202,7 +202,7 @@ async fn set_budget(
     Ok(Json(ProjectBudget { project, budget }))
 }
 
-#[utoipa::path(delete, path = "/admin/budgets/{project}", tag = "usage", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/admin/budgets/{project}", summary = "Remove a project's budget", tag = "usage", security(("bearer" = [])),
     params(("project" = String, Path, description = "The project.")),
     responses(
         (status = 204, description = "The project has no budget now."),
