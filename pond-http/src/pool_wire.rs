@@ -208,6 +208,7 @@ pub struct JobLine {
     /// The worker's number for the line within the job (0, 1, 2, …): a batch sent again after
     /// a lost answer is stored once.
     #[serde(default)]
+    #[schema(maximum = 9_223_372_036_854_775_807_i64)]
     pub line_seq: Option<u64>,
 }
 
@@ -246,6 +247,13 @@ impl JobLine {
             line_seq: self.line_seq,
         };
         line.bytes().map_err(|e| pond_core::FieldError::new(format!("lines[{index}].text"), e))?;
+        // The stores keep it as a signed 64-bit integer (BIGINT), as the document says.
+        if line.line_seq.is_some_and(|n| n > i64::MAX as u64) {
+            return Err(pond_core::FieldError::new(
+                format!("lines[{index}].line_seq"),
+                format!("must be at most {}", i64::MAX),
+            ));
+        }
         Ok(line)
     }
 }
