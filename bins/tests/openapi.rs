@@ -102,9 +102,16 @@ const SEED: &str = "20261203";
 const EXAMPLES: &str = "100";
 
 fn schemathesis(python: &str, server: &Server, token: &str, filters: &[&str]) {
+    schemathesis_with(python, server, token, filters, "");
+}
+
+/// [`schemathesis`] with `extra` appended to the settings file (fixed parameter values).
+fn schemathesis_with(python: &str, server: &Server, token: &str, filters: &[&str], extra: &str) {
     let program = Path::new(python).with_file_name("schemathesis");
-    let config = common::root().join("bins/tests/schemathesis/schemathesis.toml");
     let reports = tempfile::tempdir().unwrap();
+    let settings = std::fs::read_to_string(common::root().join("bins/tests/schemathesis/schemathesis.toml")).unwrap();
+    let config = reports.path().join("schemathesis.toml");
+    std::fs::write(&config, format!("{settings}\n{extra}")).unwrap();
     let out = Command::new(&program)
         .arg("--config-file")
         .arg(&config)
@@ -114,7 +121,7 @@ fn schemathesis(python: &str, server: &Server, token: &str, filters: &[&str]) {
         .args(["--checks", "all", "--max-examples", EXAMPLES, "--seed", SEED])
         // The token is set above; generated ones would only be refused.
         .args(["--generation-with-security-parameters", "false", "--generation-database", "none"])
-        .args(["--no-color", "--workers", "2", "--request-timeout", "20"])
+        .args(["--no-color", "--workers", "2", "--request-timeout", "10"])
         .arg("--report-dir")
         .arg(reports.path())
         .args(filters)
@@ -144,11 +151,18 @@ fn fuzz(extra: &[&str], dir: &Path) {
     // orchestrator's credential and a worker's beside it. Not the claim long poll: each call
     // waits its full `wait_ms` (up to 30 s) for work that never comes, which would be the whole
     // time budget; the pool tests exercise it.
-    let (orchestrator, worker) = enrolled_pool(&server);
+    let (orchestrator, worker, worker_id) = enrolled_pool(&server);
     let pool_ops =
         ["--include-tag", "orch", "--exclude-path", "/v1/orch/claim", "--phases", "examples,coverage,fuzzing"];
     let worker_header = format!("{}: {worker}", pond_http::pool_wire::WORKER_TOKEN_HEADER);
-    schemathesis(&python, &server, &orchestrator, &[&pool_ops[..], &["--header", &worker_header]].concat());
+    let pool_filters = [&pool_ops[..], &["--header", &worker_header]].concat();
+    schemathesis(&python, &server, &orchestrator, &pool_filters);
+    // Again on a job the worker holds, so the job calls reach the engine (its logs, artifacts,
+    // result) rather than stopping at an unknown job id.
+    let job = held_job(&server, &orchestrator, &worker_id);
+    let enrollment = ["--exclude-path", "/v1/orch/enroll", "--exclude-path", "/v1/orch/workers/enroll"];
+    let job_param = format!("[parameters]\n\"path.job\" = \"{job}\"\n");
+    schemathesis_with(&python, &server, &orchestrator, &[&pool_filters[..], &enrollment[..]].concat(), &job_param);
     // Every operation with the admin token, but rotating it (which would end the run's token).
     schemathesis(&python, &server, &server.token, &["--exclude-path", "/v1/keys/rotate"]);
     // The consumer's operations with a consumer key: its own project, others refused.
@@ -163,8 +177,8 @@ fn fuzz(extra: &[&str], dir: &Path) {
 }
 
 /// An orchestrator enrolled with `server` and a worker enrolled through it (fresh keys): their
-/// credentials.
-fn enrolled_pool(server: &Server) -> (String, String) {
+/// credentials and the worker's id.
+fn enrolled_pool(server: &Server) -> (String, String, String) {
     let admin = server.admin();
     let orchestrator =
         admin.enroll_orchestrator(&common::enroll_code(&admin, "fuzz", None, None), "fuzz").unwrap().token;
@@ -182,7 +196,21 @@ fn enrolled_pool(server: &Server) -> (String, String) {
         .unwrap()
         .into_json()
         .unwrap();
-    (orchestrator, enrolled["token"].as_str().unwrap().to_string())
+    let token = enrolled["token"].as_str().unwrap().to_string();
+    (orchestrator, token, enrolled["member"]["id"].as_str().unwrap().to_string())
+}
+
+/// A pooled stage submitted and claimed for `worker`: its job id.
+fn held_job(server: &Server, orchestrator: &str, worker: &str) -> String {
+    let stages = serde_json::json!({"stages": [{"key": "p", "executor": {"kind": "noop", "placement": "pool", "tags": ["gpu"]}}]});
+    server.admin().submit(&common::run_json(stages), None).unwrap();
+    let claimed: serde_json::Value = ureq::post(&format!("{}/v1/orch/claim", server.url))
+        .set("Authorization", &format!("Bearer {orchestrator}"))
+        .send_json(serde_json::json!({"workers": [worker], "wait_ms": 10000}))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    claimed["jobs"][0]["job_id"].as_str().unwrap_or_else(|| panic!("no job claimed: {claimed}")).to_string()
 }
 
 #[test]

@@ -787,7 +787,7 @@ async fn logs(
 
 #[utoipa::path(put, path = "/orch/jobs/{job}/artifacts/{*name}", summary = "Store a job's artifact", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`."), ("name" = String, Path, description = "The artifact's name (may hold `/`).")),
-    request_body(content = crate::openapi::Binary, content_type = "application/octet-stream"),
+    request_body(content = Option<crate::openapi::Binary>, content_type = "application/octet-stream", description = "The artifact's bytes (none: an empty file)."),
     responses(
         (status = 204, description = "Stored."),
         (status = 400, response = crate::openapi::BadRequest),

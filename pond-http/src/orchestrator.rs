@@ -724,7 +724,7 @@ async fn relay_logs(UrlPath(job): UrlPath<String>, call: JobCall) -> Response {
 
 #[utoipa::path(put, path = "/v1/worker/jobs/{job}/artifacts/{*name}", summary = "Store a job's artifact", tag = "worker", security(("worker" = [])),
     params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`."), ("name" = String, Path, description = "The artifact's name (may hold `/`).")),
-    request_body(content = crate::openapi::Binary, content_type = "application/octet-stream"),
+    request_body(content = Option<crate::openapi::Binary>, content_type = "application/octet-stream", description = "The artifact's bytes (none: an empty file)."),
     responses(
         (status = 204, description = "Stored."),
         (status = 400, response = crate::openapi::BadRequest),
