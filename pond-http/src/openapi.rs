@@ -59,10 +59,22 @@ error_responses! {
 }
 
 fn error_response(description: &str) -> utoipa::openapi::Response {
-    ResponseBuilder::new()
+    let mut response = ResponseBuilder::new()
         .description(description)
-        .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build())
-        .build()
+        .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build());
+    // What `ApiError` adds to these two (see `error.rs`).
+    let header = |description: &str| {
+        utoipa::openapi::HeaderBuilder::new()
+            .schema(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String))
+            .description(Some(description))
+            .build()
+    };
+    if description.starts_with("No valid credential") {
+        response = response.header("WWW-Authenticate", header("`Bearer`."));
+    } else if description.starts_with("The database is unreachable") {
+        response = response.header("Retry-After", header("Seconds to wait before retrying (`1`)."));
+    }
+    response.build()
 }
 
 /// Bytes as they are: an artifact, a job's input, a bundle upload.
