@@ -107,6 +107,11 @@ fn schemathesis(python: &str, server: &Server, token: &str, filters: &[&str]) {
 
 /// [`schemathesis`] with `extra` appended to the settings file (fixed parameter values).
 fn schemathesis_with(python: &str, server: &Server, token: &str, filters: &[&str], extra: &str) {
+    schemathesis_at(python, &server.url, token, filters, extra);
+}
+
+/// Schemathesis against the document `url` serves at `/v1/openapi.json`.
+fn schemathesis_at(python: &str, url: &str, token: &str, filters: &[&str], extra: &str) {
     let program = Path::new(python).with_file_name("schemathesis");
     let reports = tempfile::tempdir().unwrap();
     let settings = std::fs::read_to_string(common::root().join("bins/tests/schemathesis/schemathesis.toml")).unwrap();
@@ -116,7 +121,7 @@ fn schemathesis_with(python: &str, server: &Server, token: &str, filters: &[&str
         .arg("--config-file")
         .arg(&config)
         .arg("run")
-        .arg(format!("{}/v1/openapi.json", server.url))
+        .arg(format!("{url}/v1/openapi.json"))
         .args(["--header", &format!("Authorization: Bearer {token}")])
         .args(["--checks", "all", "--max-examples", EXAMPLES, "--seed", SEED])
         // The token is set above; generated ones would only be refused.
@@ -182,6 +187,15 @@ fn enrolled_pool(server: &Server) -> (String, String, String) {
     let admin = server.admin();
     let orchestrator =
         admin.enroll_orchestrator(&common::enroll_code(&admin, "fuzz", None, None), "fuzz").unwrap().token;
+    let enrolled = enroll_worker(server, &format!("{}/v1/orch/workers/enroll", server.url), Some(&orchestrator));
+    let token = enrolled["token"].as_str().unwrap().to_string();
+    (orchestrator, token, enrolled["member"]["id"].as_str().unwrap().to_string())
+}
+
+/// Enrolls a worker (fixed keys, a fresh code) at `url`: pond's relayed route with the
+/// orchestrator's credential, or an orchestrator's `/v1/worker/enroll`.
+fn enroll_worker(server: &Server, url: &str, orchestrator: Option<&str>) -> serde_json::Value {
+    let admin = server.admin();
     // Fixed keys: each test has a server of its own.
     let identity = pond_core::keys::WorkerIdentity::from_secrets([7; 32], [9; 32]);
     let b64 = |key: [u8; 32]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key);
@@ -190,14 +204,11 @@ fn enrolled_pool(server: &Server) -> (String, String, String) {
         "sealing_key": b64(identity.sealing_public()),
         "signing_key": b64(identity.signing_public()),
     });
-    let enrolled: serde_json::Value = ureq::post(&format!("{}/v1/orch/workers/enroll", server.url))
-        .set("Authorization", &format!("Bearer {orchestrator}"))
-        .send_json(body)
-        .unwrap()
-        .into_json()
-        .unwrap();
-    let token = enrolled["token"].as_str().unwrap().to_string();
-    (orchestrator, token, enrolled["member"]["id"].as_str().unwrap().to_string())
+    let mut request = ureq::post(url);
+    if let Some(orchestrator) = orchestrator {
+        request = request.set("Authorization", &format!("Bearer {orchestrator}"));
+    }
+    request.send_json(body).unwrap().into_json().unwrap()
 }
 
 /// A pooled stage submitted and claimed for `worker`: its job id.
@@ -297,4 +308,23 @@ fn a_log_resume_or_follow_flag_that_means_nothing_is_refused_naming_it() {
         let answer = ureq::get(&format!("{logs}?{query}")).set("Authorization", &auth).set("Last-Event-ID", "1").call();
         assert_eq!(answer.map(|a| a.status()).unwrap_or(0), 200, "{query}");
     }
+}
+
+/// The routes an orchestrator serves its workers, fuzzed with an enrolled worker's credential
+/// (its answers relayed from pond included). Not the claim long poll (every call waits out its
+/// `wait_ms`) nor enrollment (each call would need a fresh code).
+#[test]
+fn schemathesis_finds_no_failure_in_the_orchestrator_s_worker_routes() {
+    let Some(python) = std::env::var("POND_TEST_PYTHON").ok().filter(|p| !p.is_empty()) else {
+        pond_store::missing_prerequisite("POND_TEST_PYTHON is not set (a python with schemathesis; .ci/run sets it)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = fuzz_server(dir.path(), &[]);
+    let code = common::enroll_code(&server.admin(), "fuzz", None, None);
+    let orchestrator = common::Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+    let worker = enroll_worker(&server, &format!("{}/v1/worker/enroll", orchestrator.url), None);
+    let filters = ["--exclude-path", "/v1/worker/claim", "--exclude-path", "/v1/worker/enroll"];
+    let filters = [&filters[..], &["--phases", "examples,coverage,fuzzing"]].concat();
+    schemathesis_at(&python, &orchestrator.url, worker["token"].as_str().unwrap(), &filters, "");
 }
