@@ -97,10 +97,12 @@ fn the_orchestrator_serves_its_workers_document() {
     assert!(document["paths"]["/v1/worker/claim"]["post"].is_object(), "{document}");
 }
 
-/// The Schemathesis command of README.md ("HTTP API"), against `server`'s document.
+/// The seed and examples per operation README.md ("HTTP API") names.
 const SEED: &str = "20261203";
 const EXAMPLES: &str = "100";
 
+/// The Schemathesis command of README.md ("HTTP API") against `server`'s document, as `token`,
+/// narrowed by `filters`: every check must pass.
 fn schemathesis(python: &str, server: &Server, token: &str, filters: &[&str]) {
     schemathesis_with(python, server, token, filters, "");
 }
