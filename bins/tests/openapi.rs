@@ -330,3 +330,33 @@ fn schemathesis_finds_no_failure_in_the_orchestrator_s_worker_routes() {
     let filters = [&filters[..], &["--phases", "examples,coverage,fuzzing"]].concat();
     schemathesis_at(&python, &orchestrator.url, worker["token"].as_str().unwrap(), &filters, "");
 }
+
+/// The headers the document gives pond's 401 (and 503) reach a worker through its orchestrator:
+/// a worker revoked while the orchestrator still trusts its credential is refused by pond, and
+/// the refusal arrives whole.
+#[test]
+fn a_refusal_relayed_by_the_orchestrator_keeps_its_documented_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let code = common::enroll_code(&server.admin(), "fuzz", None, None);
+    let orchestrator = common::Orchestrator::start(&server.url, &dir.path().join("orch"), "127.0.0.1:0", Some(&code));
+    let worker = enroll_worker(&server, &format!("{}/v1/worker/enroll", orchestrator.url), None);
+    let token = format!("Bearer {}", worker["token"].as_str().unwrap());
+    // The orchestrator learns the credential, then pond revokes its worker.
+    ureq::get(&format!("{}/v1/worker/me", orchestrator.url)).set("Authorization", &token).call().unwrap();
+    let id = worker["member"]["id"].as_str().unwrap();
+    ureq::post(&format!("{}/v1/admin/pools/members/{id}/revoke", server.url))
+        .set("Authorization", &format!("Bearer {}", server.token))
+        .call()
+        .unwrap();
+    let job = format!("{}.a.1", pond_core::ids::RunId::generate(pond_core::time::Timestamp::from_millis(0)));
+    let heartbeat = format!("{}/v1/worker/jobs/{job}/heartbeat", orchestrator.url);
+    match ureq::post(&heartbeat).set("Authorization", &token).call() {
+        Err(ureq::Error::Status(401, answer)) => {
+            assert_eq!(answer.header("www-authenticate"), Some("Bearer"));
+            let body: serde_json::Value = answer.into_json().unwrap();
+            assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+        }
+        other => panic!("expected pond's 401 relayed, got {other:?}"),
+    }
+}

@@ -777,6 +777,12 @@ fn respond(relayed: Result<Result<crate::pool_client::Relayed, ClientError>, tok
             if let Some(sidecar) = r.sidecar.and_then(|c| header::HeaderValue::from_str(&c).ok()) {
                 response.headers_mut().insert(crate::pool_wire::INPUT_SIDECAR_HEADER, sidecar);
             }
+            // The documented headers of pond's 401 and 503 reach the worker with them.
+            for (name, value) in r.advice {
+                if let Ok(value) = header::HeaderValue::from_str(&value) {
+                    response.headers_mut().insert(name, value);
+                }
+            }
             response
         }
         // Only a transport failure: pond's own answers, errors included, are passed on above.
