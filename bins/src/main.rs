@@ -178,6 +178,13 @@ enum Command {
         #[arg(long, default_value = "man")]
         dir: PathBuf,
     },
+    /// Print the OpenAPI 3.1 document of `pond server`'s HTTP API (docs/openapi.json), or with
+    /// --orchestrator the one of the routes `pond orchestrator` serves its workers.
+    Openapi {
+        /// The orchestrator's document (docs/openapi-orchestrator.json).
+        #[arg(long)]
+        orchestrator: bool,
+    },
     /// Print this worker's key fingerprints (making its keys on first use), to pin at enrollment.
     Fingerprint {
         /// Worker key directory (default: $POND_WORKER_KEY_DIR, else ~/.local/share/pond/worker).
@@ -1219,6 +1226,18 @@ fn dispatch(cli: Cli) -> Result<i32> {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "pond", &mut script);
             match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+                _ => {}
+            }
+            Ok(0)
+        }
+        Command::Openapi { orchestrator } => {
+            let document = if orchestrator {
+                pond_http::openapi::orchestrator_document()
+            } else {
+                pond_http::openapi::server_document()
+            };
+            match std::io::Write::write_all(&mut std::io::stdout(), pond_http::openapi::to_json(document).as_bytes()) {
                 Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
                 _ => {}
             }

@@ -26,6 +26,7 @@ pub const PLACEHOLDERS: [&str; 6] = ["model", "prompt", "prompt_file", "broker_u
 /// A model: which provider, which model id, which credential pays for it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Model {
     /// Key stages refer to (`model_ref`).
     pub key: String,
@@ -51,6 +52,7 @@ pub struct Model {
 /// A harness: how to run one agent CLI.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Harness {
     /// Key stages refer to (`harness`).
     pub key: String,
@@ -353,6 +355,7 @@ pub trait AgentResolver: Send + Sync {
 /// A budget beyond the stage's own that a broker's calls count against, with what it had spent
 /// when read.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BudgetCap {
     /// Whose budget: `run`, `project acme in 2026-12`.
     pub scope: String,

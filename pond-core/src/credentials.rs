@@ -29,6 +29,7 @@ struct Stored {
 
 /// What anyone may see of a credential.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CredentialView {
     /// Its name (what stages list in `executor.credentials`).
     pub name: String,

@@ -27,6 +27,7 @@ pub const MAX_BACKOFF: Millis = Millis::from_secs(600);
 /// A workflow: an ordered list of stages.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Definition {
     /// The stages, in order.
     pub stages: Vec<StageDef>,
@@ -39,8 +40,10 @@ pub struct Definition {
 /// One step of a workflow.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StageDef {
     /// Unique within the definition: lowercase letters, digits, `-` and `_`.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z0-9_-]{1,64}$"))]
     pub key: String,
     /// A human name; the key when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,6 +75,7 @@ pub struct StageDef {
 /// input it did not issue, outputs other than the ones stored).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum AttestationPolicy {
     /// The stage fails, naming why (the default).
     #[default]
@@ -209,6 +213,7 @@ impl ExecutorSpec {
 /// Settings of the `noop` executor.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NoopSpec {
     /// Wait this long before succeeding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -230,6 +235,7 @@ pub struct NoopSpec {
 /// Where a stage runs: on the control plane's own driver, or on a worker pool.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Placement {
     /// On a pond server node.
     #[default]
@@ -251,6 +257,7 @@ pub const POOL_KIND: &str = "pool";
 /// Settings of the `builtin` executor.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BuiltinSpec {
     /// Which builtin task.
     pub name: BuiltinName,
@@ -259,6 +266,7 @@ pub struct BuiltinSpec {
 /// The builtin tasks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum BuiltinName {
     /// Every file with its size and language → `inventory.jsonl`.
     FileInventory,
@@ -271,6 +279,7 @@ pub enum BuiltinName {
 /// Settings of the `shell` executor: a program run directly (no implicit shell).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ShellSpec {
     /// Program and arguments; `argv[0]` is looked up in `PATH`.
     pub argv: Vec<String>,
@@ -302,6 +311,7 @@ pub struct ShellSpec {
 /// Settings of the `swarm` (AI agent) executor.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SwarmSpec {
     /// Registered harness key (e.g. `codex`).
     pub harness: String,
@@ -342,12 +352,18 @@ pub const MAX_PROMPT_BYTES: usize = 1024 * 1024;
 /// A spending limit of an agent stage.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Budget {
-    /// US dollars, at the model's registered prices (cache tokens counted as input).
+    /// US dollars, at the model's registered prices (cache tokens counted as input): more than 0,
+    /// at most 1000000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    // No `maximum` in the schema: a number within a float's precision of the limit reads as the
+    // limit, so no server could tell `1000000.0000000001` from it.
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0.0))]
     pub usd: Option<f64>,
     /// Tokens, input (cache included) and output together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 9_223_372_036_854_775_807_i64))]
     pub tokens: Option<u64>,
 }
 
@@ -360,8 +376,13 @@ impl Budget {
         if self.usd.is_some_and(|u| !(u.is_finite() && u > 0.0 && u <= 1_000_000.0)) {
             return Err(FieldError::new(format!("{at}.usd"), "must be more than 0 and at most 1000000"));
         }
-        if self.tokens == Some(0) {
-            return Err(FieldError::new(format!("{at}.tokens"), "must be more than 0"));
+        // The API documents counts as int64; a larger budget was kept and shown back as a
+        // number no int64 client can read.
+        if self.tokens.is_some_and(|t| t == 0 || t > i64::MAX as u64) {
+            return Err(FieldError::new(
+                format!("{at}.tokens"),
+                format!("must be more than 0 and at most {}", i64::MAX),
+            ));
         }
         Ok(())
     }
@@ -370,6 +391,7 @@ impl Budget {
 /// How a stage is contained and where it may run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SandboxSpec {
     /// Isolation profile.
     #[serde(default)]
@@ -386,6 +408,7 @@ pub struct SandboxSpec {
 /// ceilings; a request above a ceiling fails the stage (never silently lowered).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SandboxLimits {
     /// Memory (RAM + tmpfs pages written) in MiB; exceeding it is an OOM kill.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -434,6 +457,7 @@ impl SandboxLimits {
 /// Isolation profiles (seed 000).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum SandboxProfile {
     /// Host process, network open: local development only.
     #[default]
@@ -458,6 +482,7 @@ impl SandboxProfile {
 /// Trust tiers: which pool may run a stage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Tier {
     /// Pond's own pool (`pool:trusted`).
     Trusted,

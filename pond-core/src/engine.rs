@@ -146,6 +146,7 @@ const LOG_SIGNER: &str = "log_signer";
 
 /// A control-plane node's log-signing key.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogSigner {
     /// The node (the owner of the local attempts it runs).
     pub node_id: String,

@@ -14,6 +14,7 @@ use crate::time::Timestamp;
 
 /// An event to store with the change that caused it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NewEvent {
     /// `run.<state>` or `stage.<state>` (the state entered), e.g. `run.succeeded`.
     #[serde(rename = "type")]
@@ -39,6 +40,7 @@ pub struct NewEvent {
 
 /// A stored event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Event {
     /// Position in the global sequence: strictly increasing in commit order, the cursor for
     /// reads (`Last-Event-ID`).

@@ -16,6 +16,7 @@
 //! - [`credentials`]: credentials sealed at rest and to one worker per job (format (c)).
 //! - [`seal`]: sealed boxes, encrypted log lines and artifacts (libsodium wire formats).
 //! - [`engine`]: the [`engine::Engine`] that ties them together.
+//! - `openapi` (feature `openapi`): OpenAPI schemas of the types whose JSON is hand-written.
 //!
 //! Nothing here opens a socket, a file or a process, or reads the clock: time arrives through
 //! the [`time::Clock`] the caller injects.
@@ -34,6 +35,8 @@ pub mod json;
 pub mod keys;
 pub mod merkle;
 pub mod net;
+#[cfg(feature = "openapi")]
+mod openapi;
 pub mod pool;
 pub mod routing;
 pub mod run;

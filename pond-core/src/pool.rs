@@ -36,6 +36,7 @@ pub const MAX_CODE_TTL: Millis = Millis::from_secs(30 * 24 * 3600);
 /// What redeems a code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum MemberKind {
     /// The one process per pool that polls pond for its workers.
     Orchestrator,
@@ -114,6 +115,7 @@ impl EnrollCode {
 
 /// An enrolled orchestrator or worker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PoolMember {
     /// `orch-…` or `wrk-…`.
     pub id: String,
@@ -350,6 +352,7 @@ pub const MODEL_KEY: &str = "model";
 
 /// An agent stage's harness and model, resolved by pond for the worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobAgent {
     /// The harness.
     pub harness: crate::agents::Harness,

@@ -17,6 +17,7 @@ pub const SANDBOX_CAPABILITY: &str = "sandbox.oci";
 
 /// What a job requires of the worker that runs it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Requirements {
     /// Tags the worker must all have.
     pub tags: BTreeSet<String>,

@@ -21,6 +21,7 @@ pub const MAX_LOST_LEASES: u32 = 5;
 /// The state of a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum RunState {
     /// Submitted; no stage has started.
     Queued,
@@ -37,6 +38,7 @@ pub enum RunState {
 /// The state of a stage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum StageState {
     /// Waiting for its needs, its backoff, or a free slot.
     Queued,
@@ -89,6 +91,7 @@ impl StageState {
 
 /// A run: one execution of the workflow snapshot it carries.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Run {
     /// Its id.
     pub id: RunId,
@@ -126,6 +129,7 @@ pub struct Run {
 /// A confidential run's recipients: its log lines and artifacts are encrypted to these X25519
 /// keys as they are produced (see [`crate::seal`]); pond keeps only ciphertext.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Encryption {
     /// X25519 public keys, base64, each checked (32 bytes, not low-order) at submit.
     pub recipients: Vec<String>,
@@ -211,6 +215,7 @@ pub struct Stage {
 
 /// One attempt at a stage, kept as history.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Attempt {
     /// The stage key.
     pub stage_key: String,
@@ -232,6 +237,7 @@ pub struct Attempt {
 
 /// What pond found when it checked a pool worker's signed result.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AttestationRecord {
     /// The signature verified under the worker's pinned key and the input was the one issued.
     pub verified: bool,
@@ -264,6 +270,7 @@ pub struct AttestationRecord {
 /// How an attempt ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum AttemptOutcome {
     /// It succeeded.
     Succeeded,

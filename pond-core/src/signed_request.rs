@@ -37,6 +37,7 @@ pub enum RequestSignatureError {
 /// The consumer's signature as a request carries it (`consumer_signature`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConsumerSignature {
     /// Base64 of the Ed25519 public key.
     pub signing_key: String,
@@ -46,6 +47,7 @@ pub struct ConsumerSignature {
 
 /// A request as the consumer signed it, kept with the run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SignedRequest {
     /// Base64 of the consumer's Ed25519 public key.
     pub signing_key: String,

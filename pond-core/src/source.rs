@@ -25,6 +25,7 @@ pub struct Source {
 /// Where a source comes from. Serialized as `{"kind": …, "config": {…}}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "config", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum SourceSpec {
     /// A git repository over HTTPS.
     GitHttps {
@@ -37,6 +38,7 @@ pub enum SourceSpec {
     /// A directory on the pond host (allowed by the operator per root directory).
     Local {
         /// Absolute path.
+        #[cfg_attr(feature = "openapi", schema(value_type = String))]
         path: PathBuf,
     },
     /// An uploaded `tar.zst` archive.
@@ -48,6 +50,7 @@ pub enum SourceSpec {
 
 /// What fetching a source found.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ResolvedSource {
     /// For git: the commit checked out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,6 +71,7 @@ pub struct SourcePolicy {
 /// A submitted source before validation.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SourceInput {
     /// See [`Source::label`].
     #[serde(default)]

@@ -95,6 +95,7 @@ pub enum LeaseStatus {
 /// Which stream a log line came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum LogStream {
     /// Standard output.
     Stdout,
@@ -127,6 +128,7 @@ impl LogStream {
 /// How a stored line's `text` holds its bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum LineEncoding {
     /// The bytes are UTF-8 text without NUL, stored as they are.
     #[default]
@@ -147,6 +149,7 @@ fn is_false(b: &bool) -> bool {
 
 /// A log line to append.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NewLogLine {
     /// The stage it belongs to, if any.
     pub stage: Option<String>,
@@ -213,6 +216,7 @@ pub fn encode_line(bytes: &[u8]) -> (String, LineEncoding) {
 
 /// A stored log line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogLine {
     /// Position in the run's log; strictly increasing, the cursor for reads.
     pub seq: i64,
@@ -245,6 +249,7 @@ impl BlobMeta {
 
 /// An artifact of a run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Artifact {
     /// The run.
     pub run_id: RunId,
@@ -268,6 +273,7 @@ pub struct Artifact {
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Role {
     /// Everything, including `/v1/admin`.
     Admin,

@@ -16,6 +16,7 @@ use crate::run::{AttestationRecord, Run};
 
 /// A signed tree head: the log's size and root at a time, signed by a control-plane node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TreeHead {
     /// Leaves in the tree.
     pub tree_size: u64,
@@ -146,6 +147,7 @@ pub fn attempt_leaf(run: &str, stage: &str, attempt: u32, outcome: &str) -> Stri
 
 /// A run's leaf with its audit path in a tree of some size.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LoggedLeaf {
     /// Its index in the log.
     pub index: u64,

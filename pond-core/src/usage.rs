@@ -23,6 +23,7 @@ pub const MAX_REPORTED_REQUESTS: u64 = 1_000_000;
 
 /// Tokens counted by a broker (what a worker reports at the end of a pooled job).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenUsage {
     /// Model calls relayed.
     pub requests: u64,
@@ -34,6 +35,7 @@ pub struct TokenUsage {
 
 /// Tokens and what they cost at the model's registered prices.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Spend {
     /// Model calls.
     pub requests: u64,
@@ -84,6 +86,7 @@ impl Spend {
 
 /// One day's spend of a project on one model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageRow {
     /// `YYYY-MM-DD` (UTC).
     pub day: String,
@@ -96,6 +99,7 @@ pub struct UsageRow {
 
 /// A run's spend, per stage attempt (`<stage>#<attempt>`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunUsage {
     /// All of it.
     pub total: Spend,

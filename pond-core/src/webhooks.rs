@@ -110,6 +110,7 @@ impl Cursor {
 
 /// How one attempt at one event went.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Delivery {
     /// The event's position.
     pub event: i64,

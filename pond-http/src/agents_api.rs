@@ -3,10 +3,11 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::Json;
 use pond_core::agents::{Harness, Model, RegistryError};
 use serde::{Deserialize, Serialize};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::api::ApiJson;
 use crate::auth::Principal;
@@ -15,15 +16,15 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 /// The registry routes (admin only).
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/admin/models", post(put_model).get(list_models))
-        .route("/admin/models/{key}", delete(remove_model))
-        .route("/admin/harnesses", post(put_harness).get(list_harnesses))
-        .route("/admin/harnesses/{key}", delete(remove_harness))
-        .route("/admin/harness-presets", get(presets))
-        .route("/admin/harnesses/from-preset", post(from_preset))
-        .route("/admin/harnesses/{key}/dry-run", post(dry_run))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(put_model, list_models))
+        .routes(routes!(remove_model))
+        .routes(routes!(put_harness, list_harnesses))
+        .routes(routes!(remove_harness))
+        .routes(routes!(presets))
+        .routes(routes!(from_preset))
+        .routes(routes!(dry_run))
 }
 
 impl From<RegistryError> for ApiError {
@@ -38,7 +39,7 @@ impl From<RegistryError> for ApiError {
 }
 
 /// A harness as stored, with what the lint found.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HarnessSaved {
     /// The harness.
     pub harness: Harness,
@@ -47,21 +48,21 @@ pub struct HarnessSaved {
 }
 
 /// `GET /v1/admin/models`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelList {
     /// Models.
     pub models: Vec<Model>,
 }
 
 /// `GET /v1/admin/harnesses` and `/v1/admin/harness-presets`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HarnessList {
     /// Harnesses.
     pub harnesses: Vec<Harness>,
 }
 
 /// `POST /v1/admin/harnesses/from-preset`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FromPreset {
     /// `codex` or `claude`.
@@ -72,7 +73,7 @@ pub struct FromPreset {
 }
 
 /// `POST /v1/admin/harnesses/{key}/dry-run`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DryRun {
     /// A registered model.
@@ -84,7 +85,7 @@ pub struct DryRun {
 }
 
 /// What a task would exec.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DryRunResult {
     /// The exact argv.
     pub argv: Vec<String>,
@@ -97,6 +98,21 @@ pub struct DryRunResult {
     pub warnings: Vec<String>,
 }
 
+#[utoipa::path(post, path = "/admin/models", summary = "Register a model", tag = "agents", security(("bearer" = [])),
+    request_body(content = Model, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Saved (a model of the same key is replaced).", body = Model,
+            links(
+                ("remove" = (operation_id = "remove_model", parameters(("key" = "$response.body#/key")), description = "Remove it.")),
+            )),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn put_model(
     State(state): State<AppState>,
     who: Principal,
@@ -113,11 +129,29 @@ async fn put_model(
     Ok((StatusCode::CREATED, Json(model)))
 }
 
+#[utoipa::path(get, path = "/admin/models", summary = "List models", tag = "agents", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The registered models.", body = ModelList),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn list_models(State(state): State<AppState>, who: Principal) -> Result<Json<ModelList>, ApiError> {
     who.require_admin()?;
     Ok(Json(ModelList { models: state.engine.registry().models().await? }))
 }
 
+#[utoipa::path(delete, path = "/admin/models/{key}", summary = "Remove a model", tag = "agents", security(("bearer" = [])),
+    params(("key" = String, Path, description = "The model's key.")),
+    responses(
+        (status = 204, description = "Removed."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn remove_model(
     State(state): State<AppState>,
     who: Principal,
@@ -130,6 +164,22 @@ async fn remove_model(
     }
 }
 
+#[utoipa::path(post, path = "/admin/harnesses", summary = "Register a harness", tag = "agents", security(("bearer" = [])),
+    request_body(content = Harness, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Saved, with what the template lint found.", body = HarnessSaved,
+            links(
+                ("dry_run" = (operation_id = "dry_run", parameters(("key" = "$response.body#/harness/key")), description = "What a task would exec.")),
+                ("remove" = (operation_id = "remove_harness", parameters(("key" = "$response.body#/harness/key")), description = "Remove it.")),
+            )),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn put_harness(
     State(state): State<AppState>,
     who: Principal,
@@ -140,11 +190,29 @@ async fn put_harness(
     Ok((StatusCode::CREATED, Json(HarnessSaved { harness, warnings })))
 }
 
+#[utoipa::path(get, path = "/admin/harnesses", summary = "List harnesses", tag = "agents", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The registered harnesses.", body = HarnessList),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn list_harnesses(State(state): State<AppState>, who: Principal) -> Result<Json<HarnessList>, ApiError> {
     who.require_admin()?;
     Ok(Json(HarnessList { harnesses: state.engine.registry().harnesses().await? }))
 }
 
+#[utoipa::path(delete, path = "/admin/harnesses/{key}", summary = "Remove a harness", tag = "agents", security(("bearer" = [])),
+    params(("key" = String, Path, description = "The harness's key.")),
+    responses(
+        (status = 204, description = "Removed."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn remove_harness(
     State(state): State<AppState>,
     who: Principal,
@@ -157,11 +225,34 @@ async fn remove_harness(
     }
 }
 
+#[utoipa::path(get, path = "/admin/harness-presets", summary = "List the harness presets", tag = "agents", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The built-in harness presets (`codex`, `claude`).", body = HarnessList),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn presets(who: Principal) -> Result<Json<HarnessList>, ApiError> {
     who.require_admin()?;
     Ok(Json(HarnessList { harnesses: pond_core::agents::presets() }))
 }
 
+#[utoipa::path(post, path = "/admin/harnesses/from-preset", summary = "Register a harness from a preset", tag = "agents", security(("bearer" = [])),
+    request_body(content = FromPreset, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Saved, with what the template lint found.", body = HarnessSaved,
+            links(
+                ("dry_run" = (operation_id = "dry_run", parameters(("key" = "$response.body#/harness/key")), description = "What a task would exec.")),
+                ("remove" = (operation_id = "remove_harness", parameters(("key" = "$response.body#/harness/key")), description = "Remove it.")),
+            )),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn from_preset(
     State(state): State<AppState>,
     who: Principal,
@@ -179,6 +270,20 @@ async fn from_preset(
     Ok((StatusCode::CREATED, Json(HarnessSaved { harness, warnings })))
 }
 
+#[utoipa::path(post, path = "/admin/harnesses/{key}/dry-run", summary = "Show what a harness would exec", tag = "agents", security(("bearer" = [])),
+    params(("key" = String, Path, description = "The harness's key.")),
+    request_body(content = DryRun, content_type = "application/json"),
+    responses(
+        (status = 200, description = "What a task would exec (no secret value).", body = DryRunResult),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn dry_run(
     State(state): State<AppState>,
     who: Principal,

@@ -11,7 +11,6 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use pond_core::definition::Definition;
 use pond_core::engine::SubmitRequest;
@@ -20,6 +19,8 @@ use pond_core::run::{RunSnapshot, RunState};
 use pond_core::source::SourceInput;
 use pond_core::store::{LogLine, Role, RunQuery, Store};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::{mint_token, Principal};
 use crate::boundary::{body_limit, json_errors, parse_query, ApiPath as Path, SMALL_BODY_BYTES};
@@ -27,51 +28,16 @@ pub use crate::boundary::{read_body, ApiJson};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::wire::{
-    ArtifactList, BulkCancelled, BulkFailure, BundleCreated, CreateKey, KeyList, KeyView, LogEnd, LogPage, RunPage,
-    RunSummary, RunView,
+    ArtifactList, BulkCancelled, BulkFailure, BundleCreated, CreateKey, Health, HealthLimits, KeyList, KeyView, LogEnd,
+    LogPage, Ready, RunPage, RunSummary, RunView, Version,
 };
 
 /// The whole HTTP API. Every route sits in a group with a body limit fitting what it takes
 /// (see [`crate::boundary`]); every error answer, the fallbacks' included, is JSON.
 pub fn app(state: AppState) -> Router {
     let limits = state.limits.clone();
-    // A run's definition and sources.
-    let submit =
-        Router::new().route("/runs", post(submit_run).get(list_runs)).route_layer(body_limit(limits.max_json_bytes));
-    let bundles = Router::new().route("/bundles", post(upload_bundle)).route_layer(body_limit(limits.max_bundle_bytes));
-    // Small JSON documents, or no body at all.
-    let small = Router::new()
-        .route("/runs/{id}", get(get_run))
-        .route("/runs/{id}/cancel", post(cancel_run))
-        .route("/runs/cancel", post(cancel_runs))
-        .route("/runs/{id}/logs", get(run_logs))
-        .route("/runs/{id}/artifacts", get(list_artifacts))
-        .route("/runs/{id}/artifacts/{*name}", get(get_artifact))
-        .route("/admin/keys", post(create_key).get(list_keys))
-        .route("/admin/keys/{id}", delete(revoke_key))
-        .route("/keys/rotate", post(rotate_own_key))
-        .route("/version", get(version))
-        .merge(crate::agents_api::routes())
-        .merge(crate::keys_api::routes())
-        .merge(crate::usage_api::routes())
-        .merge(crate::events_api::routes())
-        .merge(crate::webhooks::routes())
-        .route_layer(body_limit(SMALL_BODY_BYTES));
-    let v1 = submit.merge(bundles).merge(small).merge(crate::orch::routes(&limits));
-    let health = Router::new()
-        .route(
-            "/healthz",
-            get(|State(state): State<AppState>| async move {
-                Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"),
-                    "limits": {"max_bundle_bytes": state.limits.max_bundle_bytes}}))
-            }),
-        )
-        .route("/readyz", get(ready))
-        .route("/metrics", get(crate::metrics::render))
-        .route_layer(body_limit(SMALL_BODY_BYTES));
-    Router::new()
-        .nest("/v1", v1)
-        .merge(health)
+    let (routes, _) = routes(&limits).split_for_parts();
+    routes
         // Every routed request counted by its route template and status.
         .route_layer(axum::middleware::from_fn(crate::metrics::count_requests))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
@@ -83,6 +49,60 @@ pub fn app(state: AppState) -> Router {
         // Outermost: every request gets an id and an access-log line.
         .layer(axum::middleware::from_fn(crate::metrics::access_log))
         .with_state(state)
+}
+
+/// The server's OpenAPI document: what [`app`]'s routes say of themselves (body limits do not
+/// change it).
+pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
+    crate::openapi::finish(routes(&crate::state::Limits::default()).into_openapi())
+}
+
+/// Every route of the server, each documented by its handler's `#[utoipa::path]`: a route is
+/// registered only through `routes!`, so none is served undocumented.
+fn routes(limits: &crate::state::Limits) -> OpenApiRouter<AppState> {
+    // A run's definition and sources.
+    let submit =
+        OpenApiRouter::new().routes(routes!(submit_run, list_runs)).route_layer(body_limit(limits.max_json_bytes));
+    let bundles = OpenApiRouter::new().routes(routes!(upload_bundle)).route_layer(body_limit(limits.max_bundle_bytes));
+    // Small JSON documents, or no body at all.
+    let small = OpenApiRouter::new()
+        .routes(routes!(get_run))
+        .routes(routes!(cancel_run))
+        .routes(routes!(cancel_runs))
+        .routes(routes!(run_logs))
+        .routes(routes!(list_artifacts))
+        .routes(routes!(get_artifact))
+        .routes(routes!(create_key, list_keys))
+        .routes(routes!(revoke_key))
+        .routes(routes!(rotate_own_key))
+        .routes(routes!(version))
+        .routes(routes!(crate::openapi::server_openapi_json))
+        .merge(crate::agents_api::routes())
+        .merge(crate::keys_api::routes())
+        .merge(crate::usage_api::routes())
+        .merge(crate::events_api::routes())
+        .merge(crate::webhooks::routes())
+        .route_layer(body_limit(SMALL_BODY_BYTES));
+    let v1 = submit.merge(bundles).merge(small).merge(crate::orch::routes(limits));
+    let health = OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(ready))
+        .routes(routes!(crate::metrics::render))
+        .routes(routes!(crate::openapi::docs_page))
+        .routes(routes!(crate::openapi::docs_script))
+        .route_layer(body_limit(SMALL_BODY_BYTES));
+    OpenApiRouter::with_openapi(crate::openapi::server_base()).nest("/v1", v1).merge(health)
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "meta", security(()),
+    responses((status = 200, description = "Up: the version and the largest bundle accepted.", body = Health)))]
+async fn healthz(State(state): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        limits: HealthLimits { max_bundle_bytes: state.limits.max_bundle_bytes as u64 },
+    })
 }
 
 /// CORS for the origins the operator allowed (`pond server --cors-origin`): a browser page of
@@ -124,16 +144,24 @@ pub(crate) async fn visible_run(state: &AppState, who: &Principal, id: &str) -> 
     state.store.get_run(run_id).await?.filter(|s| who.can_use(&s.run.project_id)).ok_or_else(not_found)
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/runs` body.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SubmitBody {
+    /// The project the run belongs to (required; `projectId` is accepted too).
     #[serde(default, alias = "projectId")]
+    #[schema(required = true, value_type = String, pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     project_id: Option<String>,
+    /// The workflow snapshot.
     definition: Definition,
+    /// Where the run's code comes from.
     #[serde(default)]
     sources: Vec<SourceInput>,
+    /// Seal logs and artifacts to `recipient_pubkeys`; absent: encrypted when recipients are given
+    /// (unless the server's default is off).
     #[serde(default)]
     encrypt: Option<bool>,
+    /// X25519 public keys (base64) of who may read a confidential run (`recipientPubkeys` too).
     #[serde(default, alias = "recipientPubkeys")]
     recipient_pubkeys: Option<Vec<String>>,
     /// Makes a signed request unique (signed with it; a signature is accepted for one run).
@@ -144,6 +172,42 @@ struct SubmitBody {
     consumer_signature: Option<pond_core::signed_request::ConsumerSignature>,
 }
 
+#[utoipa::path(post, path = "/runs", summary = "Submit a run", tag = "runs", security(("bearer" = [])),
+    description = "Submits a run: a workflow snapshot (`definition`) and its `sources`. A confidential run \
+        (`encrypt`, `recipient_pubkeys`) needs the consumer's `consumer_signature` over the request. \
+        An `Idempotency-Key` makes a retried submit answer the run the first one made (200).",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried submit return the run the first made (visible ASCII).")),
+    request_body(content = SubmitBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The run was made.", body = RunView,
+            links(
+                ("get" = (operation_id = "get_run", parameters(("id" = "$response.body#/id")), description = "The run's state.")),
+                ("logs" = (operation_id = "run_logs", parameters(("id" = "$response.body#/id")), description = "The run's log.")),
+                ("artifacts" = (operation_id = "list_artifacts", parameters(("id" = "$response.body#/id")), description = "The run's artifacts.")),
+                ("cancel" = (operation_id = "cancel_run", parameters(("id" = "$response.body#/id")), description = "Stop the run.")),
+                ("usage" = (operation_id = "run_usage", parameters(("id" = "$response.body#/id")), description = "What the run spent.")),
+                ("keys" = (operation_id = "run_keys", parameters(("id" = "$response.body#/id")), description = "Who signed the run's output.")),
+            )),
+
+        (status = 200, description = "An earlier submit with this `Idempotency-Key` made this run.", body = RunView,
+            links(
+                ("get" = (operation_id = "get_run", parameters(("id" = "$response.body#/id")), description = "The run's state.")),
+                ("logs" = (operation_id = "run_logs", parameters(("id" = "$response.body#/id")), description = "The run's log.")),
+                ("artifacts" = (operation_id = "list_artifacts", parameters(("id" = "$response.body#/id")), description = "The run's artifacts.")),
+                ("cancel" = (operation_id = "cancel_run", parameters(("id" = "$response.body#/id")), description = "Stop the run.")),
+                ("usage" = (operation_id = "run_usage", parameters(("id" = "$response.body#/id")), description = "What the run spent.")),
+                ("keys" = (operation_id = "run_keys", parameters(("id" = "$response.body#/id")), description = "Who signed the run's output.")),
+            )),
+
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn submit_run(
     State(state): State<AppState>,
     who: Principal,
@@ -212,6 +276,20 @@ struct ListQuery {
     cursor: Option<String>,
 }
 
+#[utoipa::path(get, path = "/runs", summary = "List runs", tag = "runs", security(("bearer" = [])),
+    description = "The runs visible to the credential, newest first, a page at a time.",
+    params(
+        ("project" = Option<String>, Query, description = "Only this project's runs."),
+        ("state" = Option<RunState>, Query, description = "Only runs in this state."),
+        ("limit" = Option<i64>, Query, minimum = 0, maximum = 4294967295_i64, description = "Page size (default 50; 0 counts as 1, larger values are cut to the server's page limit)."),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page."),
+    ),
+    responses(
+        (status = 200, description = "A page of runs.", body = RunPage),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn list_runs(
     State(state): State<AppState>,
     who: Principal,
@@ -261,6 +339,16 @@ async fn list_runs(
     Ok(Json(RunPage { runs, next_cursor }))
 }
 
+#[utoipa::path(get, path = "/runs/{id}", summary = "A run with its stages and attempts", tag = "runs", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The run's id.")),
+    responses(
+        (status = 200, description = "The run, its stages and attempts.", body = RunView),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn get_run(
     State(state): State<AppState>,
     who: Principal,
@@ -273,6 +361,17 @@ async fn get_run(
     Ok(Json(view))
 }
 
+#[utoipa::path(post, path = "/runs/{id}/cancel", summary = "Cancel a run", tag = "runs", security(("bearer" = [])),
+    description = "Asks a run to stop: queued stages are cancelled, running ones stopped. A run that has ended is answered as it is.",
+    params(("id" = String, Path, description = "The run's id.")),
+    responses(
+        (status = 200, description = "The run after the request.", body = RunView),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn cancel_run(
     State(state): State<AppState>,
     who: Principal,
@@ -286,10 +385,13 @@ async fn cancel_run(
     Ok(Json(snapshot.into()))
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/runs/cancel` body.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BulkCancel {
+    /// The project whose runs are cancelled.
     project: String,
+    /// Only runs in this state (`queued` or `running`); absent: both (`status` is accepted too).
     #[serde(default, alias = "status")]
     state: Option<RunState>,
 }
@@ -297,6 +399,18 @@ struct BulkCancel {
 /// Cancels every queued or running run of a project (or only those in `state`). Idempotent:
 /// a second call finds nothing new to cancel. One run that cannot be cancelled is reported and
 /// the rest go on.
+#[utoipa::path(post, path = "/runs/cancel", tag = "runs", security(("bearer" = [])),
+    request_body(content = BulkCancel, content_type = "application/json"),
+    responses(
+        (status = 200, description = "What this call cancelled, and what it could not.", body = BulkCancelled),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn cancel_runs(
     State(state): State<AppState>,
     who: Principal,
@@ -352,6 +466,31 @@ struct LogQuery {
     follow: Option<String>,
 }
 
+#[utoipa::path(get, path = "/runs/{id}/logs", summary = "Read or follow a run's log", tag = "runs", security(("bearer" = [])),
+    description = "The run's log. Without `follow`: a page of lines as JSON. With `follow`: server-sent events \
+        (`text/event-stream`) — `log` events (data: a `LogLine`, id: its `seq`, for `Last-Event-ID` resumes) until \
+        the run ends, then one `end` event (data: a `LogEnd`); an `error` event ends the stream early (the token \
+        was revoked). Lines of a confidential run are sealed (`ENC2K:`/`ENC2:`/`ENC2F:`, see docs/FORMATS.md).",
+    params(
+        ("id" = String, Path, description = "The run's id."),
+        ("after" = Option<i64>, Query, description = "Lines after this `seq` (default 0: from the start)."),
+        ("limit" = Option<i64>, Query, minimum = 0, maximum = 4294967295_i64, description = "Page size (default 500; 0 counts as 1, larger values are cut to the server's page limit)."),
+        ("follow" = Option<String>, Query, pattern = "^(1|true|yes|0|false|no)?$",
+            description = "`1`, `true`, `yes` or empty: stream as server-sent events; `0`, `false`, `no`: a page."),
+        ("Last-Event-ID" = Option<i64>, Header, description = "With `follow`: resume after this `seq` (takes precedence over `after`)."),
+    ),
+    responses(
+        (status = 200, description = "A page of lines, or (with `follow`) the stream of them.",
+            content(
+                (LogPage = "application/json"),
+                (crate::openapi::LogStreamEvent = "text/event-stream"),
+            )),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn run_logs(
     State(state): State<AppState>,
     who: Principal,
@@ -361,10 +500,24 @@ async fn run_logs(
 ) -> Result<Response, ApiError> {
     let run = visible_run(&state, &who, &id).await?;
     let q: LogQuery = parse_query(uri.query())?;
-    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i64>().ok());
+    // A resume names a `log` event's id; anything else is refused rather than read as "from the
+    // start", which would send the whole log again.
+    let resume =
+        match headers.get("last-event-id") {
+            None => None,
+            Some(v) => Some(v.to_str().ok().and_then(|v| v.trim().parse::<i64>().ok()).ok_or_else(|| {
+                ApiError::invalid("Last-Event-ID", "must be the `id` of a `log` event (a whole number)")
+            })?),
+        };
     let after = resume.or(number::<i64>("after", q.after.as_deref())?).unwrap_or(0);
     let limit = number::<u32>("limit", q.limit.as_deref())?.unwrap_or(500).clamp(1, state.limits.max_page);
-    let follow = matches!(q.follow.as_deref(), Some("1" | "true" | "yes" | ""));
+    let follow = match q.follow.as_deref() {
+        None | Some("0" | "false" | "no") => false,
+        Some("1" | "true" | "yes" | "") => true,
+        Some(other) => {
+            return Err(ApiError::invalid("query.follow", format!("`{other}` is not 1, true, yes, 0, false or no")))
+        }
+    };
     if follow {
         return Ok(follow_logs(state, run.run.id, after, who.secret_sha256).into_response());
     }
@@ -467,6 +620,16 @@ fn follow_logs(
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
+#[utoipa::path(get, path = "/runs/{id}/artifacts", summary = "List a run's artifacts", tag = "runs", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The run's id.")),
+    responses(
+        (status = 200, description = "The run's artifacts, by name.", body = ArtifactList),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn list_artifacts(
     State(state): State<AppState>,
     who: Principal,
@@ -476,6 +639,19 @@ async fn list_artifacts(
     Ok(Json(ArtifactList { artifacts: state.store.list_artifacts(run.run.id).await? }))
 }
 
+#[utoipa::path(get, path = "/runs/{id}/artifacts/{*name}", summary = "Download an artifact", tag = "runs", security(("bearer" = [])),
+    description = "An artifact's bytes. A confidential run's artifacts are sealed (secretstream); their keys are \
+        in `<name>.pondkey`, sealed to the run's recipients (docs/FORMATS.md).",
+    params(("id" = String, Path, description = "The run's id."), ("name" = String, Path, description = "The artifact's name (may hold `/`).")),
+    responses(
+        (status = 200, description = "The bytes.", content_type = "application/octet-stream", body = crate::openapi::Binary,
+            headers(("x-pond-sha256" = String, description = "SHA-256 of the bytes, hex."))),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn get_artifact(
     State(state): State<AppState>,
     who: Principal,
@@ -528,6 +704,21 @@ struct BundleQuery {
     project: Option<String>,
 }
 
+#[utoipa::path(post, path = "/bundles", summary = "Upload a source bundle", tag = "runs", security(("bearer" = [])),
+    description = "Uploads a source bundle (a zstd-compressed tar archive) for `sources[].config.bundle_id`. It is \
+        kept sealed under the server key.",
+    params(("project" = String, Query, description = "The project whose runs may use it.")),
+    request_body(description = "A `.tar.zst` archive: the bytes must start with zstd's magic number (the content type is not checked).",
+        content((crate::openapi::Binary = "application/zstd"), (crate::openapi::Binary = "application/octet-stream"))),
+    responses(
+        (status = 201, description = "Stored.", body = BundleCreated),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn upload_bundle(
     State(state): State<AppState>,
     who: Principal,
@@ -551,6 +742,21 @@ async fn upload_bundle(
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
+#[utoipa::path(post, path = "/admin/keys", summary = "Create a consumer API key", tag = "keys", security(("bearer" = [])),
+    request_body(content = CreateKey, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The consumer key, with its secret (shown once).", body = KeyView,
+            links(
+                ("revoke" = (operation_id = "revoke_key", parameters(("id" = "$response.body#/id")), description = "Revoke it.")),
+            )),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn create_key(
     State(state): State<AppState>,
     who: Principal,
@@ -581,6 +787,12 @@ async fn create_key(
 /// `POST /v1/keys/rotate`: the caller's token (admin or consumer) is replaced by a new one with
 /// the same role, projects and name; the answer carries the new secret (shown once) and the old
 /// token stops working at once on this node (within the token cache's few seconds on others).
+#[utoipa::path(post, path = "/keys/rotate", tag = "keys", security(("bearer" = [])),
+    responses(
+        (status = 201, description = "The caller's new key, with its secret (shown once); the old one stopped working.", body = KeyView),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn rotate_own_key(State(state): State<AppState>, who: Principal) -> Result<Response, ApiError> {
     let now = state.engine.clock().now();
     // From the store, not the token cache: a token revoked elsewhere a moment ago (or rotated
@@ -601,16 +813,37 @@ async fn rotate_own_key(State(state): State<AppState>, who: Principal) -> Result
 }
 
 /// `GET /v1/version` (no token needed): the server's version and API.
-async fn version() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "api": "v1"}))
+#[utoipa::path(get, path = "/version", tag = "meta", security(()),
+    responses((status = 200, description = "The server's version and API.", body = Version)))]
+async fn version() -> Json<Version> {
+    Json(Version { version: env!("CARGO_PKG_VERSION").into(), api: "v1".into() })
 }
 
+#[utoipa::path(get, path = "/admin/keys", summary = "List API keys", tag = "keys", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every API key (never a secret).", body = KeyList),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn list_keys(State(state): State<AppState>, who: Principal) -> Result<Json<KeyList>, ApiError> {
     who.require_admin()?;
     let keys = state.store.list_tokens().await?.into_iter().map(KeyView::from).collect();
     Ok(Json(KeyList { keys }))
 }
 
+#[utoipa::path(delete, path = "/admin/keys/{id}", summary = "Revoke an API key", tag = "keys", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The key's id.")),
+    responses(
+        (status = 204, description = "Revoked: it stops working at once on this node, within seconds on others."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn revoke_key(
     State(state): State<AppState>,
     who: Principal,
@@ -629,7 +862,12 @@ async fn revoke_key(
     }
 }
 
-async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+#[utoipa::path(get, path = "/readyz", summary = "Readiness: the database answers", tag = "meta", security(()),
+    responses(
+        (status = 200, description = "Ready: the database answers.", body = Ready),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
+async fn ready(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> {
     state.store.list_runs(&RunQuery { limit: 1, ..Default::default() }).await?;
-    Ok(Json(serde_json::json!({"status": "ready"})))
+    Ok(Json(Ready { status: "ready".into() }))
 }

@@ -9,8 +9,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use pond_core::events::{type_matches, valid_type_pattern, Event};
 use pond_core::store::Store;
 use serde::{Deserialize, Serialize};
@@ -21,12 +20,25 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 /// The routes (under `/v1`).
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/events", get(events))
+pub fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    utoipa_axum::router::OpenApiRouter::new().routes(utoipa_axum::routes!(events))
+}
+
+/// One server-sent event of `GET /v1/events` followed.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Documents the stream's events; the stream writes them with axum's `Event`.
+pub struct EventStreamEvent {
+    /// `ready` first (the stream starts after `id`), then the event's type (`run.succeeded`, …),
+    /// or `error` (the stream ends: the token was revoked).
+    event: String,
+    /// The position: `Last-Event-ID` resumes after it.
+    id: Option<String>,
+    /// JSON: an `Event` (`{"after": n}` for `ready`); text for `error`.
+    data: String,
 }
 
 /// A page of events.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventPage {
     /// Events after the cursor, oldest first.
     pub events: Vec<Event>,
@@ -80,6 +92,35 @@ fn whole<T: std::str::FromStr>(field: &str, text: Option<&str>) -> Result<Option
         .transpose()
 }
 
+#[utoipa::path(get, path = "/events", summary = "Read or follow run and stage state changes", tag = "events",
+    security(("bearer" = [])),
+    description = "Run and stage state changes of the caller's projects (`run.queued` … `stage.cancelled`), \
+        numbered in the order they became visible across every node. Without `follow`: a page of events after \
+        `after` as JSON. With `follow` (or `Accept: text/event-stream`): server-sent events — `ready` (id: where \
+        the stream starts), then one per event named by its type (data: an `Event`, id: its `seq`); resume with \
+        `Last-Event-ID`. A stream with no cursor starts at the newest event. Events carry states and names only, \
+        never output.",
+    params(
+        ("project" = Option<String>, Query, description = "Only this project (default: every project the token may use; another project answers 404)."),
+        ("types" = Option<String>, Query, description = "Comma-separated event types or `run.*`, `stage.*`, `*` (default: all)."),
+        ("after" = Option<i64>, Query, description = "Events after this position (a page: default 0; a stream: default the newest)."),
+        ("limit" = Option<i64>, Query, minimum = 0, maximum = 4294967295_i64, description = "Page size (default 500; cut to the server's page limit)."),
+        ("follow" = Option<String>, Query, pattern = "^(1|true|yes|0|false|no)?$",
+            description = "`1`, `true`, `yes` or empty: stream server-sent events; `0`, `false`, `no`: a page."),
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this position (takes precedence over `after`)."),
+    ),
+    responses(
+        (status = 200, description = "A page of events, or (with `follow`) the stream of them.",
+            content(
+                (EventPage = "application/json"),
+                (EventStreamEvent = "text/event-stream"),
+            )),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn events(
     State(state): State<AppState>,
     who: Principal,

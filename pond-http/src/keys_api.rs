@@ -5,16 +5,17 @@
 //! with their audit paths (`GET /v1/runs/{id}/log`).
 
 use axum::extract::{Path, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
 
 /// The public keys that sign what pond serves.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct KeysDocument {
     /// The control plane's own key (base64 Ed25519, the same on every node, from the server
     /// key): it endorses node and worker keys and signs tree heads.
@@ -25,7 +26,7 @@ pub struct KeysDocument {
 }
 
 /// A worker's pinned public keys.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct WorkerKeys {
     /// Its id (the owner of the attempts it ran).
     pub id: String,
@@ -42,7 +43,7 @@ pub struct WorkerKeys {
 }
 
 /// Who signed a run's streams and results.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct RunKeys {
     /// Nodes that ran local attempts of the run.
     pub control_plane: Vec<pond_core::engine::LogSigner>,
@@ -51,7 +52,7 @@ pub struct RunKeys {
 }
 
 /// A consistency proof between two tree sizes.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ConsistencyProof {
     /// The older tree's size.
     pub first: u64,
@@ -62,7 +63,7 @@ pub struct ConsistencyProof {
 }
 
 /// A run's leaves in the tree of `tree_size` leaves.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct RunLog {
     /// The size of the tree the audit paths lead to.
     pub tree_size: u64,
@@ -71,15 +72,21 @@ pub struct RunLog {
 }
 
 /// `/v1/keys`, `/v1/runs/{id}/keys`, `/v1/log/…` and `/v1/runs/{id}/log`.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/keys", get(keys))
-        .route("/runs/{id}/keys", get(run_keys))
-        .route("/log/tree-head", get(tree_head))
-        .route("/log/consistency", get(consistency))
-        .route("/runs/{id}/log", get(run_log))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(keys))
+        .routes(routes!(run_keys))
+        .routes(routes!(tree_head))
+        .routes(routes!(consistency))
+        .routes(routes!(run_log))
 }
 
+#[utoipa::path(get, path = "/log/tree-head", summary = "The transparency log's signed tree head", tag = "verify", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The transparency log's signed tree head.", body = pond_core::transparency::TreeHead),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn tree_head(
     State(state): State<AppState>,
     _who: Principal,
@@ -98,6 +105,17 @@ fn size(field: &str, text: &str) -> Result<u64, ApiError> {
     text.parse().map_err(|_| ApiError::invalid(format!("query.{field}"), format!("`{text}` is not a tree size")))
 }
 
+#[utoipa::path(get, path = "/log/consistency", summary = "A consistency proof of the transparency log", tag = "verify", security(("bearer" = [])),
+    params(
+        ("first" = u64, Query, description = "The older tree's size."),
+        ("second" = u64, Query, description = "The newer tree's size."),
+    ),
+    responses(
+        (status = 200, description = "A consistency proof between two tree sizes (RFC 9162).", body = ConsistencyProof),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn consistency(
     State(state): State<AppState>,
     _who: Principal,
@@ -115,6 +133,17 @@ struct RunLogQuery {
     tree_size: String,
 }
 
+#[utoipa::path(get, path = "/runs/{id}/log", summary = "A run's transparency-log leaves with audit paths", tag = "verify", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The run's id."),
+        ("tree_size" = u64, Query, description = "The size of the tree the audit paths lead to.")),
+    responses(
+        (status = 200, description = "The run's leaves with their audit paths.", body = RunLog),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn run_log(
     State(state): State<AppState>,
     who: Principal,
@@ -128,6 +157,12 @@ async fn run_log(
     Ok(Json(RunLog { tree_size, entries }))
 }
 
+#[utoipa::path(get, path = "/keys", summary = "The control plane's signing keys", tag = "verify", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The control plane's signing keys.", body = KeysDocument),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn keys(State(state): State<AppState>, _who: Principal) -> Result<Json<KeysDocument>, ApiError> {
     Ok(Json(KeysDocument {
         control_plane_key: base64::Engine::encode(
@@ -138,6 +173,16 @@ async fn keys(State(state): State<AppState>, _who: Principal) -> Result<Json<Key
     }))
 }
 
+#[utoipa::path(get, path = "/runs/{id}/keys", summary = "Who signed a run's output", tag = "verify", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The run's id.")),
+    responses(
+        (status = 200, description = "The keys of every node and worker that ran an attempt of the run.", body = RunKeys),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn run_keys(
     State(state): State<AppState>,
     who: Principal,

@@ -6,6 +6,7 @@
 //! - [`boundary`]: what every request crosses (body limits, JSON errors, NUL refusal,
 //!   lingering close);
 //! - [`error`]: [`error::ApiError`], the single error → status mapping;
+//! - [`openapi`]: the OpenAPI 3.1 documents, generated from the routers, and the `/docs` page;
 //! - [`orch`]: pond's side of the pool protocol (`/v1/orch`, admin pool routes);
 //! - [`pool_wire`]: the pool protocol's wire shapes;
 //! - [`orchestrator`]: the `pond orchestrator` process (worker API, batched long polls to pond);
@@ -35,6 +36,7 @@ pub mod events_bench;
 pub mod events_client;
 pub mod keys_api;
 pub mod metrics;
+pub mod openapi;
 pub mod orch;
 pub mod orchestrator;
 pub mod pool_client;

@@ -206,6 +206,14 @@ pub async fn access_log(mut request: Request, next: Next) -> Response {
 }
 
 /// `GET /metrics`: the Prometheus text format, for an admin token.
+#[utoipa::path(get, path = "/metrics", tag = "meta", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Prometheus text exposition (admin token).", content_type = "text/plain", body = String),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 pub async fn render(State(state): State<AppState>, who: Principal) -> Result<Response, ApiError> {
     if who.visible_projects().is_some() {
         return Err(ApiError::Forbidden("metrics are for an admin token".into()));

@@ -14,8 +14,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::Json;
 use base64::Engine as _;
 use pond_core::engine::JobReport;
 use pond_core::pool::{JobId, MemberKind, PoolError, PoolMember};
@@ -23,6 +22,8 @@ use pond_core::run::StageOutcome;
 use pond_core::store::{Claim, LeaseStatus, Store};
 use pond_core::time::Millis;
 use rand::RngCore;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::api::{read_body, ApiJson};
 use crate::auth::Principal;
@@ -41,30 +42,28 @@ const CLAIM_RECHECK: Duration = Duration::from_millis(500);
 
 /// The `/v1` routes of pools, each group with the body limit its routes need. Handlers take
 /// their credential extractor first: a caller is authenticated before its path or body is.
-pub fn routes(limits: &crate::state::Limits) -> Router<AppState> {
+pub fn routes(limits: &crate::state::Limits) -> OpenApiRouter<AppState> {
     // A worker's artifacts are bounded like bundles; a confidential run's are sealed, which adds
     // 17 bytes per 64 KiB chunk and a 24-byte header — well inside the allowance.
     let artifact_bytes = limits.max_bundle_bytes.saturating_add(limits.max_bundle_bytes / 1024 + 64 * 1024);
-    let artifacts = Router::new()
-        .route("/orch/jobs/{job}/artifacts/{*name}", put(artifact))
-        .route_layer(body_limit(artifact_bytes));
-    let logs = Router::new().route("/orch/jobs/{job}/logs", post(logs)).route_layer(body_limit(LOG_BATCH_BYTES));
-    let small = Router::new()
-        .route("/orch/enroll", post(enroll_orchestrator))
-        .route("/orch/workers/enroll", post(enroll_worker))
-        .route("/orch/workers/me", get(worker_me))
-        .route("/orch/claim", post(claim))
-        .route("/orch/jobs/{job}/heartbeat", post(heartbeat))
-        .route("/orch/jobs/{job}/input", get(input))
-        .route("/orch/jobs/{job}/result", post(result))
-        .route("/orch/jobs/{job}/release", post(release))
-        .route("/admin/enroll", post(create_code))
-        .route("/admin/pools", get(list_pools))
-        .route("/admin/pools/workers/{id}/drain", post(drain))
-        .route("/admin/pools/members/{id}/revoke", post(revoke))
-        .route("/admin/pools/workers/{id}/endorse", post(endorse))
-        .route("/admin/credentials", post(put_credential).get(list_credentials))
-        .route("/admin/credentials/{name}", axum::routing::delete(remove_credential))
+    let artifacts = OpenApiRouter::new().routes(routes!(artifact)).route_layer(body_limit(artifact_bytes));
+    let logs = OpenApiRouter::new().routes(routes!(logs)).route_layer(body_limit(LOG_BATCH_BYTES));
+    let small = OpenApiRouter::new()
+        .routes(routes!(enroll_orchestrator))
+        .routes(routes!(enroll_worker))
+        .routes(routes!(worker_me))
+        .routes(routes!(claim))
+        .routes(routes!(heartbeat))
+        .routes(routes!(input))
+        .routes(routes!(result))
+        .routes(routes!(release))
+        .routes(routes!(create_code))
+        .routes(routes!(list_pools))
+        .routes(routes!(drain))
+        .routes(routes!(revoke))
+        .routes(routes!(endorse))
+        .routes(routes!(put_credential, list_credentials))
+        .routes(routes!(remove_credential))
         .route_layer(body_limit(SMALL_BODY_BYTES));
     small.merge(logs).merge(artifacts)
 }
@@ -82,6 +81,21 @@ impl From<pond_core::credentials::CredentialError> for ApiError {
     }
 }
 
+#[utoipa::path(post, path = "/admin/credentials", summary = "Register a credential", tag = "credentials", security(("bearer" = [])),
+    request_body(content = crate::pool_wire::PutCredential, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Saved (sealed at rest); the value is never returned.", body = pond_core::credentials::CredentialView,
+            links(
+                ("remove" = (operation_id = "remove_credential", parameters(("name" = "$response.body#/name")), description = "Remove it.")),
+            )),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn put_credential(
     State(state): State<AppState>,
     who: Principal,
@@ -93,6 +107,13 @@ async fn put_credential(
     Ok((axum::http::StatusCode::CREATED, Json(view)))
 }
 
+#[utoipa::path(get, path = "/admin/credentials", summary = "List credentials", tag = "credentials", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every credential's name, provider, variable and key fingerprint; never a value.", body = crate::pool_wire::CredentialList),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn list_credentials(
     State(state): State<AppState>,
     who: Principal,
@@ -101,6 +122,17 @@ async fn list_credentials(
     Ok(Json(crate::pool_wire::CredentialList { credentials: state.engine.credentials().list().await? }))
 }
 
+#[utoipa::path(delete, path = "/admin/credentials/{name}", summary = "Remove a credential", tag = "credentials", security(("bearer" = [])),
+    params(("name" = String, Path, description = "The credential's name.")),
+    responses(
+        (status = 204, description = "Removed."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn remove_credential(
     State(state): State<AppState>,
     who: Principal,
@@ -196,6 +228,18 @@ fn member_id(prefix: &str) -> String {
     format!("{prefix}-{}", hex::encode(raw))
 }
 
+#[utoipa::path(post, path = "/admin/enroll", summary = "Mint an enrollment code", tag = "pools", security(("bearer" = [])),
+    request_body(content = CreateCode, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The code (shown once).", body = CodeCreated),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn create_code(
     State(state): State<AppState>,
     who: Principal,
@@ -227,6 +271,19 @@ async fn create_code(
     ))
 }
 
+#[utoipa::path(post, path = "/orch/enroll", summary = "Enroll an orchestrator", tag = "orch", security(()),
+    description = "Redeems an enrollment code (the credential is the code in the body): 401 for a code that is unknown, used up or expired.",
+    request_body(content = EnrollOrchestrator, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Enrolled: the orchestrator's credential (shown once).", body = Enrolled),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn enroll_orchestrator(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<EnrollOrchestrator>,
@@ -239,6 +296,20 @@ async fn enroll_orchestrator(
     Ok((axum::http::StatusCode::CREATED, Json(Enrolled { member, token, pond_key })))
 }
 
+#[utoipa::path(post, path = "/orch/workers/enroll", summary = "Enroll a worker (relayed)", tag = "orch", security(("orchestrator" = [])),
+    description = "Enrolls a worker with its code, relayed by its orchestrator: its keys and the tags and capabilities the code grants are pinned.",
+    request_body(content = EnrollWorker, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Enrolled: the worker's credential (shown once) and pond's ticket-signing key.", body = Enrolled),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn enroll_worker(
     State(state): State<AppState>,
     Orchestrator(orchestrator): Orchestrator,
@@ -261,12 +332,30 @@ async fn enroll_worker(
     Ok((axum::http::StatusCode::CREATED, Json(Enrolled { member, token, pond_key })))
 }
 
+#[utoipa::path(get, path = "/orch/workers/me", summary = "The relayed worker, as pond knows it", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
+    responses(
+        (status = 200, description = "The worker whose credential is relayed.", body = PoolMember),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn worker_me(relayed: Relayed) -> Json<PoolMember> {
     Json(relayed.worker)
 }
 
 /// Long poll: claims at most one job for each idle worker, waiting until some matching work
 /// appears (woken by the store's change announcements) or the wait runs out.
+#[utoipa::path(post, path = "/orch/claim", tag = "orch", security(("orchestrator" = [])),
+    description = "Long poll: claims at most one job for each idle worker, waiting up to `wait_ms` (at most 30 s) for matching work. A newer poll of the same orchestrator ends this one.",
+    request_body(content = ClaimRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Jobs claimed (at most one per worker) and the workers pond will not serve.", body = ClaimResponse),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn claim(
     State(state): State<AppState>,
     Orchestrator(orchestrator): Orchestrator,
@@ -585,6 +674,17 @@ async fn held(state: &AppState, job: &str, worker: &PoolMember) -> Result<(JobId
     }
 }
 
+#[utoipa::path(post, path = "/orch/jobs/{job}/heartbeat", summary = "Renew a job's lease", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
+    params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
+    responses(
+        (status = 200, description = "The lease is renewed.", body = Heartbeat),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn heartbeat(
     State(state): State<AppState>,
     r: Relayed,
@@ -599,6 +699,18 @@ async fn heartbeat(
     Ok(Json(Heartbeat { cancel_requested }))
 }
 
+#[utoipa::path(get, path = "/orch/jobs/{job}/input", summary = "A job's input, sealed to its worker", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
+    params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
+    responses(
+        (status = 200, description = "The job's input (a `tar.zst` checkout) sealed to the worker (secretstream).", content_type = "application/octet-stream", body = crate::openapi::Binary,
+            headers(("pond-input-sidecar" = String, description = "The input's `.pondkey` sidecar, sealed to the worker."))),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn input(State(state): State<AppState>, r: Relayed, Path(job): Path<String>) -> Result<Response, ApiError> {
     let (job, _) = held(&state, &job, &r.worker).await?;
     let input = state
@@ -641,6 +753,20 @@ async fn input(State(state): State<AppState>, r: Relayed, Path(job): Path<String
         .into_response())
 }
 
+#[utoipa::path(post, path = "/orch/jobs/{job}/logs", summary = "Append a batch of a job's log lines", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
+    params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
+    request_body(content = JobLines, content_type = "application/json"),
+    responses(
+        (status = 204, description = "Stored (a batch sent again is stored once)."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn logs(
     State(state): State<AppState>,
     r: Relayed,
@@ -659,6 +785,19 @@ async fn logs(
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(put, path = "/orch/jobs/{job}/artifacts/{*name}", summary = "Store a job's artifact", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
+    params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`."), ("name" = String, Path, description = "The artifact's name (may hold `/`).")),
+    request_body(content = Option<crate::openapi::Binary>, content_type = "application/octet-stream", description = "The artifact's bytes (none: an empty file)."),
+    responses(
+        (status = 204, description = "Stored."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn artifact(
     State(state): State<AppState>,
     r: Relayed,
@@ -679,6 +818,20 @@ fn digest(field: &str, text: &str) -> Result<[u8; 32], ApiError> {
         .ok_or_else(|| ApiError::invalid(field, "must be 64 hex characters (a SHA-256)"))
 }
 
+#[utoipa::path(post, path = "/orch/jobs/{job}/result", summary = "Report a job's signed result", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
+    params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
+    request_body(content = JobResult, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Applied; whether pond verified the attestation.", body = ResultAck),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn result(
     State(state): State<AppState>,
     r: Relayed,
@@ -774,6 +927,17 @@ async fn book_job_usage(state: &AppState, job: &JobId, usage: pond_core::usage::
     Ok(())
 }
 
+#[utoipa::path(post, path = "/orch/jobs/{job}/release", summary = "Hand a job back", tag = "orch", security(("orchestrator" = [], "worker_token" = [])),
+    params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
+    responses(
+        (status = 204, description = "Handed back: the stage is queued again."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn release(
     State(state): State<AppState>,
     r: Relayed,
@@ -786,6 +950,18 @@ async fn release(
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/admin/pools", summary = "List orchestrators and workers", tag = "pools", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Orchestrators and workers.", body = PoolList,
+            links(
+                ("drain" = (operation_id = "drain", parameters(("id" = "$response.body#/workers/0/id")), description = "Drain the first worker.")),
+                ("endorse" = (operation_id = "endorse", parameters(("id" = "$response.body#/workers/0/id")), description = "Endorse the first worker's keys.")),
+                ("revoke" = (operation_id = "revoke", parameters(("id" = "$response.body#/workers/0/id")), description = "Revoke the first worker.")),
+            )),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn list_pools(State(state): State<AppState>, who: Principal) -> Result<Json<PoolList>, ApiError> {
     who.require_admin()?;
     let seen = state.pools.last_seen().await?;
@@ -805,7 +981,7 @@ async fn list_pools(State(state): State<AppState>, who: Principal) -> Result<Jso
 }
 
 /// `POST /v1/admin/pools/workers/{id}/endorse` body.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Endorse {
     /// The worker's fingerprint as `pond fingerprint` prints it on the worker's own host.
@@ -815,6 +991,20 @@ struct Endorse {
 /// Endorses the keys of a worker enrolled before endorsements existed, once the operator has
 /// compared its fingerprint on the worker's host: the keys stored for it must have exactly that
 /// fingerprint (a key written into the database by someone else does not).
+#[utoipa::path(post, path = "/admin/pools/workers/{id}/endorse", tag = "pools", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The worker's id.")),
+    request_body(content = Endorse, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The worker, its keys endorsed.", body = PoolMember),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn endorse(
     State(state): State<AppState>,
     who: Principal,
@@ -844,6 +1034,17 @@ async fn endorse(
 
 /// Revokes a worker or an orchestrator: its credential stops working at once (see
 /// [`pond_core::pool::Pools::revoke`]).
+#[utoipa::path(post, path = "/admin/pools/members/{id}/revoke", tag = "pools", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The member's id.")),
+    responses(
+        (status = 200, description = "The member, revoked for good.", body = PoolMember),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn revoke(
     State(state): State<AppState>,
     who: Principal,
@@ -856,6 +1057,20 @@ async fn revoke(
     Ok(Json(member))
 }
 
+#[utoipa::path(post, path = "/admin/pools/workers/{id}/drain", summary = "Drain a worker (or undo it)", tag = "pools", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The worker's id.")),
+    request_body(content = Drain, content_type = "application/json", description = "Optional: no body drains."),
+    responses(
+        (status = 200, description = "The worker, draining (or not).", body = PoolMember),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn drain(
     State(state): State<AppState>,
     who: Principal,

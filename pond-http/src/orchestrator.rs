@@ -23,14 +23,15 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::Extension;
 use axum::{Json, Router};
 use pond_core::pool::PoolMember;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::boundary::{read_body, ApiPath as UrlPath};
+use crate::boundary::{body_limit, json_errors, read_body, ApiPath as UrlPath, LOG_BATCH_BYTES, SMALL_BODY_BYTES};
 use crate::client::{Client, ClientError};
 use crate::error::ApiError;
 use crate::pool_wire::{ClaimRequest, Enrolled, JobTicket, WorkerClaim, WORKER_TOKEN_HEADER};
@@ -414,34 +415,8 @@ pub async fn start(config: OrchestratorConfig) -> Result<RunningOrchestrator, Or
 /// anything else); every route but enrollment (whose credential is the code in its body)
 /// authenticates the worker before its body is read; every error answer is JSON.
 fn worker_api(orch: Arc<Orch>) -> Router {
-    use crate::boundary::{body_limit, json_errors, LOG_BATCH_BYTES, SMALL_BODY_BYTES};
-    let worker = axum::middleware::from_fn_with_state(orch.clone(), require_worker);
-    let small = Router::new()
-        .route("/v1/worker/me", get(me))
-        .route("/v1/worker/claim", post(claim))
-        .route("/v1/worker/jobs/{job}/heartbeat", post(relay_call))
-        .route("/v1/worker/jobs/{job}/input", get(relay_call))
-        .route("/v1/worker/jobs/{job}/result", post(relay_call))
-        .route("/v1/worker/jobs/{job}/release", post(relay_call))
-        .route_layer(worker.clone())
-        .route_layer(body_limit(SMALL_BODY_BYTES));
-    let logs = Router::new()
-        .route("/v1/worker/jobs/{job}/logs", post(relay_call))
-        .route_layer(worker.clone())
-        .route_layer(body_limit(LOG_BATCH_BYTES));
-    let artifacts = Router::new()
-        .route("/v1/worker/jobs/{job}/artifacts/{*name}", put(relay_artifact))
-        .route_layer(worker)
-        .route_layer(body_limit(MAX_RELAYED_ARTIFACT));
-    let open = Router::new()
-        .route("/v1/worker/enroll", post(enroll))
-        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
-        .route_layer(body_limit(SMALL_BODY_BYTES));
-    Router::new()
-        .merge(small)
-        .merge(logs)
-        .merge(artifacts)
-        .merge(open)
+    let (routes, _) = worker_routes(Some(orch.clone())).split_for_parts();
+    routes
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|method: Method, uri: axum::http::Uri| async move {
             ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
@@ -450,6 +425,49 @@ fn worker_api(orch: Arc<Orch>) -> Router {
         .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn(crate::metrics::access_log))
         .with_state(orch)
+}
+
+/// The orchestrator's OpenAPI document: what [`worker_api`]'s routes say of themselves.
+pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
+    crate::openapi::finish(worker_routes(None).into_openapi())
+}
+
+/// Every route of the worker API, each documented by its handler's `#[utoipa::path]` (a route
+/// is registered only through `routes!`). `orch` is what authenticates workers; without one
+/// (for the document alone) the routes are the same, unauthenticated.
+fn worker_routes(orch: Option<Arc<Orch>>) -> OpenApiRouter<Arc<Orch>> {
+    let authenticated = |router: OpenApiRouter<Arc<Orch>>| match &orch {
+        Some(orch) => router.route_layer(axum::middleware::from_fn_with_state(orch.clone(), require_worker)),
+        None => router,
+    };
+    let small = OpenApiRouter::new()
+        .routes(routes!(me))
+        .routes(routes!(claim))
+        .routes(routes!(relay_heartbeat))
+        .routes(routes!(relay_input))
+        .routes(routes!(relay_result))
+        .routes(routes!(relay_release));
+    let small = authenticated(small).route_layer(body_limit(SMALL_BODY_BYTES));
+    let logs = authenticated(OpenApiRouter::new().routes(routes!(relay_logs))).route_layer(body_limit(LOG_BATCH_BYTES));
+    let artifacts = authenticated(OpenApiRouter::new().routes(routes!(relay_artifact)))
+        .route_layer(body_limit(MAX_RELAYED_ARTIFACT));
+    let open = OpenApiRouter::new()
+        .routes(routes!(enroll))
+        .routes(routes!(healthz))
+        .routes(routes!(crate::openapi::orchestrator_openapi_json))
+        .route_layer(body_limit(SMALL_BODY_BYTES));
+    OpenApiRouter::with_openapi(crate::openapi::orchestrator_base())
+        .merge(small)
+        .merge(logs)
+        .merge(artifacts)
+        .merge(open)
+}
+
+/// The orchestrator is up.
+#[utoipa::path(get, path = "/healthz", tag = "meta", security(()),
+    responses((status = 200, description = "Up.", body = crate::wire::Ready)))]
+async fn healthz() -> Json<crate::wire::Ready> {
+    Json(crate::wire::Ready { status: "ok".into() })
 }
 
 /// A worker pond vouched for, and the credential it presented.
@@ -469,12 +487,27 @@ async fn require_worker(
     match orch.authenticate(req.headers()).await {
         Ok((member, token)) => {
             req.extensions_mut().insert(WorkerAuth { member, token });
+            req.extensions_mut().insert(orch.clone());
             next.run(req).await
         }
         Err(refused) => refused,
     }
 }
 
+#[utoipa::path(post, path = "/v1/worker/enroll", summary = "Enroll this worker", tag = "worker", security(()),
+    description = "Relayed to pond (`POST /v1/orch/workers/enroll`) with the orchestrator's credential; the code in the body is the worker's.",
+    request_body(content = crate::pool_wire::EnrollWorker, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Enrolled: the worker's credential (shown once) and pond's ticket-signing key.", body = crate::pool_wire::Enrolled),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn enroll(State(orch): State<Arc<Orch>>, body: Body) -> Response {
     let body = match read_body(body).await {
         Ok(b) => b,
@@ -488,11 +521,28 @@ async fn enroll(State(orch): State<Arc<Orch>>, body: Body) -> Response {
     respond(relayed)
 }
 
+#[utoipa::path(get, path = "/v1/worker/me", summary = "This worker, as pond knows it", tag = "worker", security(("worker" = [])),
+    responses(
+        (status = 200, description = "The worker, as pond knows it.", body = PoolMember),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn me(Extension(auth): Extension<WorkerAuth>) -> Json<PoolMember> {
     Json(auth.member)
 }
 
 /// A worker's long poll: a job (200) or nothing within the wait (204).
+#[utoipa::path(post, path = "/v1/worker/claim", summary = "Wait for a job", tag = "worker", security(("worker" = [])),
+    description = "Long poll for a job (`wait_ms`, default 20 s, at most 60 s). An empty body waits the default.",
+    request_body(content = Option<WorkerClaim>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "A job, its ticket signed by pond.", body = JobTicket),
+        (status = 204, description = "No job within the wait."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn claim(
     State(orch): State<Arc<Orch>>,
     Extension(auth): Extension<WorkerAuth>,
@@ -563,29 +613,130 @@ fn job_call_path(rest: &str) -> Option<String> {
     Some(format!("/v1/orch/jobs/{job}/{call}"))
 }
 
-/// Relays a job call other than an artifact upload: the call is the path's last segment.
-async fn relay_call(
-    State(orch): State<Arc<Orch>>,
-    Extension(auth): Extension<WorkerAuth>,
-    UrlPath(job): UrlPath<String>,
+/// A relayed job call's parts: the worker (authenticated by `require_worker`) and the request.
+struct JobCall {
+    orch: Arc<Orch>,
+    auth: WorkerAuth,
     method: Method,
-    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    let call = uri.path().rsplit('/').next().unwrap_or_default();
-    relay_job(orch, auth, &format!("{job}/{call}"), method, headers, body).await
 }
 
-async fn relay_artifact(
-    State(orch): State<Arc<Orch>>,
-    Extension(auth): Extension<WorkerAuth>,
-    UrlPath((job, name)): UrlPath<(String, String)>,
-    method: Method,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    relay_job(orch, auth, &format!("{job}/artifacts/{name}"), method, headers, body).await
+impl<S: Send + Sync> axum::extract::FromRequest<S> for JobCall {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, _: &S) -> Result<Self, Response> {
+        let (parts, body) = req.into_parts();
+        let missing = || ApiError::Internal("a job call reached its handler unauthenticated".into()).into_response();
+        let orch = parts.extensions.get::<Arc<Orch>>().cloned().ok_or_else(missing)?;
+        let auth = parts.extensions.get::<WorkerAuth>().cloned().ok_or_else(missing)?;
+        Ok(JobCall { orch, auth, method: parts.method, headers: parts.headers, body })
+    }
+}
+
+impl JobCall {
+    async fn relay(self, rest: &str) -> Response {
+        relay_job(self.orch, self.auth, rest, self.method, self.headers, self.body).await
+    }
+}
+
+#[utoipa::path(post, path = "/v1/worker/jobs/{job}/heartbeat", summary = "Renew a job's lease", tag = "worker", security(("worker" = [])),
+    params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
+    responses(
+        (status = 200, description = "The lease is renewed.", body = crate::pool_wire::Heartbeat),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
+async fn relay_heartbeat(UrlPath(job): UrlPath<String>, call: JobCall) -> Response {
+    call.relay(&format!("{job}/heartbeat")).await
+}
+
+#[utoipa::path(get, path = "/v1/worker/jobs/{job}/input", summary = "A job's input, sealed to this worker", tag = "worker", security(("worker" = [])),
+    params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
+    responses(
+        (status = 200, description = "The job's input sealed to the worker.", content_type = "application/octet-stream", body = crate::openapi::Binary,
+            headers(("pond-input-sidecar" = String, description = "The input's `.pondkey` sidecar, sealed to the worker."))),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
+async fn relay_input(UrlPath(job): UrlPath<String>, call: JobCall) -> Response {
+    call.relay(&format!("{job}/input")).await
+}
+
+#[utoipa::path(post, path = "/v1/worker/jobs/{job}/result", summary = "Report a job's signed result", tag = "worker", security(("worker" = [])),
+    params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
+    request_body(content = crate::pool_wire::JobResult, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Applied; whether pond verified the attestation.", body = crate::pool_wire::ResultAck),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
+async fn relay_result(UrlPath(job): UrlPath<String>, call: JobCall) -> Response {
+    call.relay(&format!("{job}/result")).await
+}
+
+#[utoipa::path(post, path = "/v1/worker/jobs/{job}/release", summary = "Hand a job back", tag = "worker", security(("worker" = [])),
+    params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
+    responses(
+        (status = 204, description = "Handed back."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
+async fn relay_release(UrlPath(job): UrlPath<String>, call: JobCall) -> Response {
+    call.relay(&format!("{job}/release")).await
+}
+
+#[utoipa::path(post, path = "/v1/worker/jobs/{job}/logs", summary = "Append a batch of a job's log lines", tag = "worker", security(("worker" = [])),
+    params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`.")),
+    request_body(content = crate::pool_wire::JobLines, content_type = "application/json"),
+    responses(
+        (status = 204, description = "Stored (a batch sent again is stored once)."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
+async fn relay_logs(UrlPath(job): UrlPath<String>, call: JobCall) -> Response {
+    call.relay(&format!("{job}/logs")).await
+}
+
+#[utoipa::path(put, path = "/v1/worker/jobs/{job}/artifacts/{*name}", summary = "Store a job's artifact", tag = "worker", security(("worker" = [])),
+    params(("job" = String, Path, description = "The job: `<run>.<stage>.<attempt>`."), ("name" = String, Path, description = "The artifact's name (may hold `/`).")),
+    request_body(content = Option<crate::openapi::Binary>, content_type = "application/octet-stream", description = "The artifact's bytes (none: an empty file)."),
+    responses(
+        (status = 204, description = "Stored."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
+async fn relay_artifact(UrlPath((job, name)): UrlPath<(String, String)>, call: JobCall) -> Response {
+    call.relay(&format!("{job}/artifacts/{name}")).await
 }
 
 /// Relays a job call (`rest`: `<job>/<call>`) to pond, with the worker's credential beside the
@@ -625,6 +776,12 @@ fn respond(relayed: Result<Result<crate::pool_client::Relayed, ClientError>, tok
             }
             if let Some(sidecar) = r.sidecar.and_then(|c| header::HeaderValue::from_str(&c).ok()) {
                 response.headers_mut().insert(crate::pool_wire::INPUT_SIDECAR_HEADER, sidecar);
+            }
+            // The documented headers of pond's 401 and 503 reach the worker with them.
+            for (name, value) in r.advice {
+                if let Ok(value) = header::HeaderValue::from_str(&value) {
+                    response.headers_mut().insert(name, value);
+                }
             }
             response
         }

@@ -29,6 +29,9 @@ pub struct Relayed {
     pub body: Vec<u8>,
     /// A job input's sidecar header, passed on.
     pub sidecar: Option<String>,
+    /// What pond said beside an error that a client acts on (`Retry-After`, `WWW-Authenticate`),
+    /// passed on.
+    pub advice: Vec<(&'static str, String)>,
 }
 
 impl Client {
@@ -135,9 +138,13 @@ impl Client {
         let status = response.status();
         let content_type = response.header("Content-Type").map(str::to_string);
         let sidecar = response.header(crate::pool_wire::INPUT_SIDECAR_HEADER).map(str::to_string);
+        let advice = ["retry-after", "www-authenticate"]
+            .into_iter()
+            .filter_map(|name| response.header(name).map(|value| (name, value.to_string())))
+            .collect();
         let mut bytes = Vec::new();
         response.into_reader().read_to_end(&mut bytes)?;
-        Ok(Relayed { status, content_type, body: bytes, sidecar })
+        Ok(Relayed { status, content_type, body: bytes, sidecar, advice })
     }
 }
 

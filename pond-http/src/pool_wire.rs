@@ -13,7 +13,7 @@ pub const INPUT_SIDECAR_HEADER: &str = "pond-input-sidecar";
 pub const WORKER_TOKEN_HEADER: &str = "pond-worker-token";
 
 /// `POST /v1/admin/enroll`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCode {
     /// The pool.
@@ -41,7 +41,7 @@ pub struct CreateCode {
 }
 
 /// A new code (shown once).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CodeCreated {
     /// The secret code.
     pub code: String,
@@ -68,7 +68,7 @@ fn one() -> u32 {
 }
 
 /// `POST /v1/orch/enroll`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollOrchestrator {
     /// The code.
@@ -79,7 +79,7 @@ pub struct EnrollOrchestrator {
 }
 
 /// `POST /v1/worker/enroll` (relayed as `POST /v1/orch/workers/enroll`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollWorker {
     /// The code.
@@ -100,7 +100,7 @@ pub struct EnrollWorker {
 }
 
 /// What enrollment returns: the member's id, pool, pinned tags and its credential (shown once).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Enrolled {
     /// The member.
     pub member: PoolMember,
@@ -113,7 +113,7 @@ pub struct Enrolled {
 }
 
 /// `POST /v1/orch/claim`: a long poll for jobs for idle workers.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClaimRequest {
     /// Ids of idle workers of this orchestrator's pool.
@@ -124,7 +124,7 @@ pub struct ClaimRequest {
 }
 
 /// A job handed to a worker.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobTicket {
     /// `<run>.<stage>.<attempt>`.
     pub job_id: String,
@@ -166,7 +166,7 @@ impl JobTicket {
 }
 
 /// `POST /v1/orch/claim` response.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClaimResponse {
     /// Jobs claimed, at most one per worker.
     pub jobs: Vec<JobTicket>,
@@ -176,7 +176,7 @@ pub struct ClaimResponse {
 }
 
 /// `POST /v1/worker/claim`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerClaim {
     /// Longest wait in milliseconds.
@@ -185,14 +185,14 @@ pub struct WorkerClaim {
 }
 
 /// Heartbeat answer.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Heartbeat {
     /// Stop: the run was cancelled.
     pub cancel_requested: bool,
 }
 
 /// A log line from a worker.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobLine {
     /// `stdout` or `stderr` (`system` for the key header of an encrypted stream).
@@ -208,6 +208,7 @@ pub struct JobLine {
     /// The worker's number for the line within the job (0, 1, 2, …): a batch sent again after
     /// a lost answer is stored once.
     #[serde(default)]
+    #[schema(maximum = 9_223_372_036_854_775_807_i64)]
     pub line_seq: Option<u64>,
 }
 
@@ -246,12 +247,19 @@ impl JobLine {
             line_seq: self.line_seq,
         };
         line.bytes().map_err(|e| pond_core::FieldError::new(format!("lines[{index}].text"), e))?;
+        // The stores keep it as a signed 64-bit integer (BIGINT), as the document says.
+        if line.line_seq.is_some_and(|n| n > i64::MAX as u64) {
+            return Err(pond_core::FieldError::new(
+                format!("lines[{index}].line_seq"),
+                format!("must be at most {}", i64::MAX),
+            ));
+        }
         Ok(line)
     }
 }
 
 /// `POST …/logs`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobLines {
     /// The lines, in order.
@@ -259,7 +267,7 @@ pub struct JobLines {
 }
 
 /// `POST …/result`: the outcome with the signed attestation (format (d)).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobResult {
     /// `succeeded`, `failed` or `cancelled`.
@@ -282,7 +290,7 @@ pub struct JobResult {
 }
 
 /// `POST …/result` response.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ResultAck {
     /// Whether pond verified the attestation.
     pub attestation_verified: bool,
@@ -291,7 +299,7 @@ pub struct ResultAck {
 }
 
 /// One member in `GET /v1/admin/pools`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MemberView {
     /// The member.
     #[serde(flatten)]
@@ -303,7 +311,7 @@ pub struct MemberView {
 }
 
 /// `GET /v1/admin/pools`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PoolList {
     /// Orchestrators.
     pub orchestrators: Vec<MemberView>,
@@ -312,7 +320,7 @@ pub struct PoolList {
 }
 
 /// `POST /v1/admin/credentials`: the value is accepted here and never returned.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutCredential {
     /// Name stages refer to.
@@ -329,14 +337,14 @@ pub struct PutCredential {
 }
 
 /// `GET /v1/admin/credentials`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CredentialList {
     /// Name, provider, variable and key fingerprint of each; never a value.
     pub credentials: Vec<pond_core::credentials::CredentialView>,
 }
 
 /// `POST /v1/admin/pools/workers/{id}/drain`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Drain {
     /// `false` to take work again.

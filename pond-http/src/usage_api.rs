@@ -4,11 +4,12 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, put};
-use axum::{Json, Router};
+use axum::Json;
 use pond_core::definition::Budget;
 use pond_core::usage::{day_of, Ledger, RunUsage, Spend, UsageRow};
 use serde::{Deserialize, Serialize};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Principal;
 use crate::boundary::{ApiJson, ApiPath as Path};
@@ -16,7 +17,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 /// `GET /v1/usage` answer.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ProjectUsage {
     /// The project.
     pub project: String,
@@ -46,13 +47,30 @@ pub struct ProjectBudget {
     pub budget: Budget,
 }
 
+// The budget's fields sit beside `project` (flattened): its schema is the budget's with
+// `project` added, rather than an `allOf` whose budget half would refuse `project`.
+impl utoipa::PartialSchema for ProjectBudget {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let project = utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .description(Some("The project."));
+        crate::openapi::with_property::<Budget>("project", project.into(), "One project's monthly budget.")
+    }
+}
+
+impl utoipa::ToSchema for ProjectBudget {
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        <Budget as utoipa::ToSchema>::schemas(schemas);
+    }
+}
+
 /// `/v1/usage`, `/v1/runs/{id}/usage`, `/v1/admin/budgets…`.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/usage", get(project_usage))
-        .route("/runs/{id}/usage", get(run_usage))
-        .route("/admin/budgets", get(list_budgets))
-        .route("/admin/budgets/{project}", put(set_budget).delete(clear_budget))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(project_usage))
+        .routes(routes!(run_usage))
+        .routes(routes!(list_budgets))
+        .routes(routes!(set_budget, clear_budget))
 }
 
 #[derive(Deserialize)]
@@ -73,6 +91,19 @@ fn day(field: &str, text: &str) -> Result<String, ApiError> {
     }
 }
 
+#[utoipa::path(get, path = "/usage", summary = "A project's model spend", tag = "usage", security(("bearer" = [])),
+    params(
+        ("project" = String, Query, description = "The project."),
+        ("from" = Option<String>, Query, format = Date, description = "First day (`YYYY-MM-DD`, UTC; default: the month's first)."),
+        ("to" = Option<String>, Query, format = Date, description = "Last day (default: today)."),
+    ),
+    responses(
+        (status = 200, description = "The project's spend per day and model, the month's and its budget.", body = ProjectUsage),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn project_usage(
     State(state): State<AppState>,
     who: Principal,
@@ -108,6 +139,16 @@ async fn project_usage(
     Ok(Json(ProjectUsage { project, from, to, rows, total, month, month_spent, budget }))
 }
 
+#[utoipa::path(get, path = "/runs/{id}/usage", summary = "What a run's agent stages spent", tag = "usage", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The run's id.")),
+    responses(
+        (status = 200, description = "What the run's agent stages spent, per attempt.", body = RunUsage),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn run_usage(
     State(state): State<AppState>,
     who: Principal,
@@ -117,12 +158,35 @@ async fn run_usage(
     Ok(Json(Ledger::new(state.store_dyn()).run(run.run.id).await?))
 }
 
+#[utoipa::path(get, path = "/admin/budgets", summary = "List projects' monthly budgets", tag = "usage", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every project's monthly budget.", body = Vec<ProjectBudget>),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn list_budgets(State(state): State<AppState>, who: Principal) -> Result<Json<Vec<ProjectBudget>>, ApiError> {
     who.require_admin()?;
     let budgets = Ledger::new(state.store_dyn()).budgets().await?;
     Ok(Json(budgets.into_iter().map(|(project, budget)| ProjectBudget { project, budget }).collect()))
 }
 
+#[utoipa::path(put, path = "/admin/budgets/{project}", summary = "Set a project's monthly budget", tag = "usage", security(("bearer" = [])),
+    params(("project" = String, Path, description = "The project.")),
+    request_body(content = Budget, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The project's budget now.", body = ProjectBudget,
+            links(
+                ("clear" = (operation_id = "clear_budget", parameters(("project" = "$response.body#/project")), description = "Remove it.")),
+            )),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn set_budget(
     State(state): State<AppState>,
     who: Principal,
@@ -138,6 +202,16 @@ async fn set_budget(
     Ok(Json(ProjectBudget { project, budget }))
 }
 
+#[utoipa::path(delete, path = "/admin/budgets/{project}", summary = "Remove a project's budget", tag = "usage", security(("bearer" = [])),
+    params(("project" = String, Path, description = "The project.")),
+    responses(
+        (status = 204, description = "The project has no budget now."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 403, response = crate::openapi::Forbidden),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn clear_budget(
     State(state): State<AppState>,
     who: Principal,

@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use pond_core::events::Event;
@@ -58,17 +59,17 @@ pub struct WebhookConfig {
 }
 
 /// The routes (under `/v1`).
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/webhooks", post(create).get(list))
-        .route("/webhooks/{id}", get(show).delete(remove))
-        .route("/webhooks/{id}/rotate-secret", post(rotate_secret))
-        .route("/webhooks/{id}/deliveries", get(deliveries))
-        .route("/webhooks/{id}/redeliver", post(redeliver))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(show, remove))
+        .routes(routes!(rotate_secret))
+        .routes(routes!(deliveries))
+        .routes(routes!(redeliver))
 }
 
 /// A subscription as shown (never its secrets).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WebhookView {
     /// Its id.
     pub id: String,
@@ -98,7 +99,7 @@ pub struct WebhookView {
 }
 
 /// A secret's dates.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SecretView {
     /// When it was made.
     pub created_at: Timestamp,
@@ -108,7 +109,7 @@ pub struct SecretView {
 }
 
 /// `POST /v1/webhooks`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
     /// Whose events (a project the caller may use).
@@ -124,7 +125,7 @@ pub struct CreateWebhook {
 }
 
 /// `POST /v1/webhooks/{id}/rotate-secret`.
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateSecret {
     /// Seconds the old secret keeps signing beside the new one (default a day, at most 7 days).
@@ -133,7 +134,7 @@ pub struct RotateSecret {
 }
 
 /// `POST /v1/webhooks/{id}/redeliver`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Redeliver {
     /// The event's position (its `webhook-id` is `evt_<position>`).
@@ -141,14 +142,14 @@ pub struct Redeliver {
 }
 
 /// `GET /v1/webhooks`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WebhookList {
     /// The caller's subscriptions.
     pub webhooks: Vec<WebhookView>,
 }
 
 /// `GET /v1/webhooks/{id}/deliveries`: newest first.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeliveryLog {
     /// The last deliveries (at most 100).
     pub deliveries: Vec<Delivery>,
@@ -239,6 +240,30 @@ fn new_secret(key: &[u8; 32], now: Timestamp) -> (String, StoredSecret) {
     (secret_text(&bytes), StoredSecret { sealed, created_at: now, expires_at: None })
 }
 
+#[utoipa::path(post, path = "/webhooks", operation_id = "create_webhook", summary = "Subscribe a URL to a project's events", tag = "webhooks",
+    security(("bearer" = [])),
+    description = "Events of the project (all, or those `types` select) are POSTed to `url` as Standard Webhooks \
+        deliveries (`webhook-id`, `webhook-timestamp`, `webhook-signature`), in order, at least once, retried for \
+        about 27 h. The answer carries the signing secret (`whsec_…`) once. A URL whose host is an internal address \
+        is refused unless the server allows it (`--webhook-allow-ip`); a name is checked at each delivery.",
+    request_body(content = CreateWebhook, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The webhook, with its signing secret (shown once).", body = WebhookView,
+            links(
+                ("get" = (operation_id = "show_webhook", parameters(("id" = "$response.body#/id")), description = "The webhook.")),
+                ("deliveries" = (operation_id = "webhook_deliveries", parameters(("id" = "$response.body#/id")), description = "Its delivery log.")),
+                ("rotate" = (operation_id = "rotate_webhook_secret", parameters(("id" = "$response.body#/id")), description = "A new secret.")),
+                ("remove" = (operation_id = "remove_webhook", parameters(("id" = "$response.body#/id")), description = "Remove it.")),
+            )),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn create(
     State(state): State<AppState>,
     who: Principal,
@@ -315,6 +340,13 @@ async fn subscriptions(store: &dyn Store) -> Result<Vec<Subscription>, pond_core
     Ok(out)
 }
 
+#[utoipa::path(get, path = "/webhooks", operation_id = "list_webhooks", summary = "List webhooks", tag = "webhooks",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The webhooks of the projects this token may use (never a secret).", body = WebhookList),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn list(State(state): State<AppState>, who: Principal) -> Result<Json<WebhookList>, ApiError> {
     let now = now(&state);
     let mut webhooks = Vec::new();
@@ -325,6 +357,17 @@ async fn list(State(state): State<AppState>, who: Principal) -> Result<Json<Webh
     Ok(Json(WebhookList { webhooks }))
 }
 
+#[utoipa::path(get, path = "/webhooks/{id}", operation_id = "show_webhook", summary = "A webhook and where its delivery stands", tag = "webhooks",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The webhook's id (`wh_…`).")),
+    responses(
+        (status = 200, description = "The webhook (never a secret).", body = WebhookView),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn show(
     State(state): State<AppState>,
     who: Principal,
@@ -335,6 +378,18 @@ async fn show(
     Ok(Json(view(&sub, &cursor, now(&state))))
 }
 
+#[utoipa::path(delete, path = "/webhooks/{id}", operation_id = "remove_webhook", summary = "Remove a webhook", tag = "webhooks",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The webhook's id.")),
+    responses(
+        (status = 204, description = "Removed: nothing more is sent to it (a delivery in progress stops at its next step)."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn remove(State(state): State<AppState>, who: Principal, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let (_, body) = load(&state, &who, &id).await?;
     // Emptied first (a drain in progress stops at its next write), then removed with its cursor,
@@ -348,6 +403,22 @@ async fn remove(State(state): State<AppState>, who: Principal, Path(id): Path<St
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/webhooks/{id}/rotate-secret", operation_id = "rotate_webhook_secret", summary = "Make a new signing secret", tag = "webhooks",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The webhook's id.")),
+    request_body(content = Option<RotateSecret>, content_type = "application/json",
+        description = "Optional: how long the old secret keeps signing beside the new one (default a day)."),
+    responses(
+        (status = 200, description = "The webhook with its new secret (shown once); deliveries carry a signature per live secret.", body = WebhookView),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn rotate_secret(
     State(state): State<AppState>,
     who: Principal,
@@ -378,6 +449,17 @@ async fn rotate_secret(
     Ok(Json(shown))
 }
 
+#[utoipa::path(get, path = "/webhooks/{id}/deliveries", operation_id = "webhook_deliveries", summary = "A webhook's delivery log", tag = "webhooks",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The webhook's id.")),
+    responses(
+        (status = 200, description = "The last 100 deliveries, newest first.", body = DeliveryLog),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn deliveries(
     State(state): State<AppState>,
     who: Principal,
@@ -392,6 +474,21 @@ async fn deliveries(
     Ok(Json(DeliveryLog { deliveries }))
 }
 
+#[utoipa::path(post, path = "/webhooks/{id}/redeliver", operation_id = "redeliver_webhook", summary = "Send one event again", tag = "webhooks",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The webhook's id.")),
+    request_body(content = Redeliver, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Queued: the node delivering the webhook sends it next, with the same `webhook-id`."),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 409, response = crate::openapi::Conflict),
+        (status = 413, response = crate::openapi::PayloadTooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 422, response = crate::openapi::Invalid),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
 async fn redeliver(
     State(state): State<AppState>,
     who: Principal,

@@ -9,7 +9,7 @@ use pond_core::time::Timestamp;
 use serde::{Deserialize, Serialize};
 
 /// A run as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct RunView {
     /// Id.
     pub id: RunId,
@@ -42,7 +42,7 @@ pub struct RunView {
 }
 
 /// A stage as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct StageView {
     /// Key.
     pub key: String,
@@ -149,7 +149,7 @@ impl From<RunSnapshot> for RunView {
 }
 
 /// A run in a list (no stages).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct RunSummary {
     /// Id.
     pub id: RunId,
@@ -168,7 +168,7 @@ pub struct RunSummary {
 }
 
 /// A page of runs.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct RunPage {
     /// Runs, newest first.
     pub runs: Vec<RunSummary>,
@@ -177,7 +177,7 @@ pub struct RunPage {
 }
 
 /// A page of log lines.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct LogPage {
     /// Lines, oldest first.
     pub lines: Vec<LogLine>,
@@ -188,14 +188,14 @@ pub struct LogPage {
 }
 
 /// The artifacts of a run.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ArtifactList {
     /// By name.
     pub artifacts: Vec<Artifact>,
 }
 
 /// An uploaded bundle.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct BundleCreated {
     /// Use as `sources[].config.bundle_id`.
     pub bundle_id: BlobId,
@@ -206,7 +206,7 @@ pub struct BundleCreated {
 }
 
 /// `POST /v1/admin/keys` body.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     /// Projects the key may use.
@@ -217,7 +217,7 @@ pub struct CreateKey {
 }
 
 /// An API key, with its secret only at creation.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct KeyView {
     /// Id.
     pub id: TokenId,
@@ -251,14 +251,14 @@ impl From<TokenRecord> for KeyView {
 }
 
 /// The list of API keys.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct KeyList {
     /// Keys, oldest first.
     pub keys: Vec<KeyView>,
 }
 
 /// The `end` event of a followed log: the run's final state.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct LogEnd {
     /// Final state.
     pub state: RunState,
@@ -267,7 +267,7 @@ pub struct LogEnd {
 }
 
 /// The answer to a bulk cancel.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct BulkCancelled {
     /// Runs asked to stop by this call.
     pub cancelled: Vec<RunId>,
@@ -276,10 +276,44 @@ pub struct BulkCancelled {
 }
 
 /// One run a bulk cancel could not cancel.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct BulkFailure {
     /// The run.
     pub id: RunId,
     /// Why.
     pub error: String,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    /// The server's version.
+    pub version: String,
+    /// What the server accepts.
+    pub limits: HealthLimits,
+}
+
+/// The limits `GET /healthz` shows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct HealthLimits {
+    /// Largest source bundle `POST /v1/bundles` accepts.
+    pub max_bundle_bytes: u64,
+}
+
+/// `GET /readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct Ready {
+    /// `ready`.
+    pub status: String,
+}
+
+/// `GET /v1/version`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct Version {
+    /// The server's version.
+    pub version: String,
+    /// The API (`v1`).
+    pub api: String,
 }

@@ -28,8 +28,14 @@ pub struct Server {
 impl Server {
     /// Starts `pond server` on a free port with `extra` flags.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Server::start_with_env(data_dir, extra, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables.
+    pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut child = Command::new(POND)
+            .envs(env.iter().copied())
             .arg("server")
             .arg("--listen")
             .arg("127.0.0.1:0")
