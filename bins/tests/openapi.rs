@@ -114,6 +114,10 @@ fn schemathesis_with(python: &str, server: &Server, token: &str, filters: &[&str
 
 /// Schemathesis against the document `url` serves at `/v1/openapi.json`.
 fn schemathesis_at(python: &str, url: &str, token: &str, filters: &[&str], extra: &str) {
+    schemathesis_run(python, url, token, filters, extra, false)
+}
+
+fn schemathesis_run(python: &str, url: &str, token: &str, filters: &[&str], extra: &str, retried: bool) {
     let program = Path::new(python).with_file_name("schemathesis");
     let reports = tempfile::tempdir().unwrap();
     let settings = std::fs::read_to_string(common::root().join("bins/tests/schemathesis/schemathesis.toml")).unwrap();
@@ -136,6 +140,12 @@ fn schemathesis_at(python: &str, url: &str, token: &str, filters: &[&str], extra
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // CPython 3.11 sometimes fails inside Hypothesis while describing a strategy ("AST
+    // constructor recursion depth mismatch", an interpreter bug, not a finding): run again once.
+    if !out.status.success() && text.contains("AST constructor recursion depth mismatch") && !retried {
+        eprintln!("schemathesis hit CPython's AST recursion bug; running the pass again");
+        return schemathesis_run(python, url, token, filters, extra, true);
+    }
     assert!(out.status.success(), "schemathesis {filters:?} found failures:\n{text}");
     assert!(text.contains(" passed"), "schemathesis ran nothing:\n{text}");
 }
@@ -175,12 +185,15 @@ fn fuzz(extra: &[&str], dir: &Path) {
     let never_ending = ["--exclude-path", "/v1/keys/rotate", "--exclude-path", "/v1/events"];
     schemathesis(&python, &server, &server.token, &never_ending);
     let pages = "[parameters]\n\"query.follow\" = \"0\"\n";
-    schemathesis_with(&python, &server, &server.token, &["--include-path", "/v1/events"], pages);
+    // (No stateful phase: no link leads to or from it.)
+    let events = ["--include-path", "/v1/events", "--phases", "examples,coverage,fuzzing"];
+    schemathesis_with(&python, &server, &server.token, &events, pages);
     // The consumer's operations with a consumer key: its own project, others refused.
     let consumer = server.admin().create_key(&["acme".to_string()], Some("fuzz")).unwrap().token.unwrap();
-    let consumer_ops = ["--include-tag", "runs", "--include-tag", "verify", "--include-tag", "usage", "--include-tag", "webhooks"];
+    let consumer_ops =
+        ["--include-tag", "runs", "--include-tag", "verify", "--include-tag", "usage", "--include-tag", "webhooks"];
     schemathesis(&python, &server, &consumer, &[&consumer_ops[..], &never_ending[..]].concat());
-    schemathesis_with(&python, &server, &consumer, &["--include-path", "/v1/events"], pages);
+    schemathesis_with(&python, &server, &consumer, &events, pages);
     // Rotating a key last, with a key of its own (after the first call it is revoked: 401).
     let rotated = server.admin().create_key(&["acme".to_string()], Some("rotate")).unwrap().token.unwrap();
     // (No stateful phase: no link leads from it.)

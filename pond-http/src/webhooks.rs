@@ -22,8 +22,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use pond_core::events::Event;
@@ -34,6 +32,8 @@ use pond_core::webhooks::{
     CURSOR_RECORD, LOG_KEEP, LOG_RECORD, REDELIVER_RECORD, SUBSCRIPTION_RECORD,
 };
 use serde::{Deserialize, Serialize};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Principal;
 use crate::boundary::ApiPath as Path;
@@ -113,8 +113,10 @@ pub struct SecretView {
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
     /// Whose events (a project the caller may use).
+    #[schema(example = "acme", pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     pub project_id: String,
     /// The receiver: an `https://` (or `http://`) URL.
+    #[schema(example = "https://hooks.example.com/pond", max_length = 2048)]
     pub url: String,
     /// Event types or `run.*`, `stage.*`, `*` (absent or empty: all).
     #[serde(default)]
