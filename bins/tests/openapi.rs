@@ -114,10 +114,6 @@ fn schemathesis_with(python: &str, server: &Server, token: &str, filters: &[&str
 
 /// Schemathesis against the document `url` serves at `/v1/openapi.json`.
 fn schemathesis_at(python: &str, url: &str, token: &str, filters: &[&str], extra: &str) {
-    schemathesis_run(python, url, token, filters, extra, false)
-}
-
-fn schemathesis_run(python: &str, url: &str, token: &str, filters: &[&str], extra: &str, retried: bool) {
     let program = Path::new(python).with_file_name("schemathesis");
     let reports = tempfile::tempdir().unwrap();
     let settings = std::fs::read_to_string(common::root().join("bins/tests/schemathesis/schemathesis.toml")).unwrap();
@@ -132,7 +128,10 @@ fn schemathesis_run(python: &str, url: &str, token: &str, filters: &[&str], extr
         .args(["--checks", "all", "--max-examples", EXAMPLES, "--seed", SEED])
         // The token is set above; generated ones would only be refused.
         .args(["--generation-with-security-parameters", "false", "--generation-database", "none"])
-        .args(["--no-color", "--workers", "2", "--request-timeout", "10"])
+        // One worker: Hypothesis describes strategies with `ast.parse`, which CPython 3.11 cannot
+        // run on two threads at once ("AST constructor recursion depth mismatch", KeyErrors in
+        // its lambda cache) — failures of the tool, not of pond. On 2 cores one is as fast.
+        .args(["--no-color", "--workers", "1", "--request-timeout", "10"])
         .arg("--report-dir")
         .arg(reports.path())
         .args(filters)
@@ -140,12 +139,6 @@ fn schemathesis_run(python: &str, url: &str, token: &str, filters: &[&str], extr
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    // CPython 3.11 sometimes fails inside Hypothesis while describing a strategy ("AST
-    // constructor recursion depth mismatch", an interpreter bug, not a finding): run again once.
-    if !out.status.success() && text.contains("AST constructor recursion depth mismatch") && !retried {
-        eprintln!("schemathesis hit CPython's AST recursion bug; running the pass again");
-        return schemathesis_run(python, url, token, filters, extra, true);
-    }
     assert!(out.status.success(), "schemathesis {filters:?} found failures:\n{text}");
     assert!(text.contains(" passed"), "schemathesis ran nothing:\n{text}");
 }
