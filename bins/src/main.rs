@@ -386,6 +386,10 @@ struct ServerArgs {
     /// webhook's retries (about 27 h) never outlive the events they send.
     #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
     event_retention: Duration,
+    /// Delete runs that ended longer ago than this, with their logs, artifacts and blobs (e.g.
+    /// `30d`; checked every tenth of it, at most every ten minutes). Default: keep them.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    retain_finished: Option<Duration>,
     /// Pass this host environment variable to shell stages (repeatable).
     #[arg(long = "shell-env-allow", value_name = "NAME")]
     shell_env_allow: Vec<String>,
@@ -1777,6 +1781,10 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
         bail!("--event-retention must be at least 2 days: webhook retries run for about 27 hours");
     }
     config.event_retention = args.event_retention;
+    if args.retain_finished.is_some_and(|d| d.is_zero()) {
+        bail!("--retain-finished must be longer than 0 (omit it to keep runs)");
+    }
+    config.retain_finished = args.retain_finished;
     Ok(config)
 }
 

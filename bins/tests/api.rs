@@ -845,3 +845,31 @@ fn a_server_whose_stdout_reader_went_away_keeps_serving() {
     let status = child.wait().unwrap();
     assert!(status.success(), "a clean stop, not a panic on the closed pipe: {status}");
 }
+
+#[test]
+fn runs_past_the_retention_go_with_their_output_and_unfinished_ones_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--retain-finished", "2s"]);
+    let admin = server.admin();
+    let done = admin
+        .submit(
+            &run_json(json!({"stages":[{"key":"a","executor":{"kind":"shell","argv":["sh","-c",
+                "echo kept-for-now; echo data > \"$POND_OUTPUT_DIR/out.txt\""]}}]})),
+            None,
+        )
+        .unwrap()
+        .id
+        .to_string();
+    assert_eq!(wait_done(&admin, &done, Duration::from_secs(30)).state, RunState::Succeeded);
+    assert_eq!(admin.artifacts(&done).unwrap().artifacts.len(), 1);
+    let waiting = admin
+        .submit(&run_json(json!({"stages":[{"key":"a","executor":{"kind":"noop","delay":"60s"}}]})), None)
+        .unwrap()
+        .id
+        .to_string();
+    eventually("the ended run deleted", Duration::from_secs(30), || {
+        matches!(admin.get_run(&done), Err(ClientError::Api { status: 404, .. }))
+    });
+    assert_eq!(admin.artifacts(&done).unwrap_err().status(), Some(404));
+    assert!(!admin.get_run(&waiting).unwrap().state.is_terminal(), "a run still going stays");
+}

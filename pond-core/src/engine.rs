@@ -1252,6 +1252,27 @@ impl Engine {
         Some(self.system(None, 0, format!("run {}{tail}", run.state)))
     }
 
+    /// Retention: deletes up to `limit` runs that ended before `before`, with their logs,
+    /// artifacts and blobs (see [`Store::delete_finished_runs`]), their pooled input bundle and
+    /// usage record, and any checkout of theirs on this node. Returns how many went. The
+    /// record of which signed requests were accepted stays, so an old request cannot be
+    /// replayed once its run is gone.
+    pub async fn retire_finished(&self, before: Timestamp, limit: u32) -> Result<usize, CoreError> {
+        let gone = self.store.delete_finished_runs(before, limit).await?;
+        for snapshot in &gone {
+            let key = snapshot.run.id.to_string();
+            if let Some(text) = self.store.get_record(JOB_INPUT, &key).await? {
+                if let Ok(JobInput { blob_id: Some(blob), .. }) = serde_json::from_str::<JobInput>(&text) {
+                    self.store.delete_blob(blob).await?;
+                }
+                self.store.delete_record(JOB_INPUT, &key).await?;
+            }
+            self.store.delete_record(crate::usage::RUN_KIND, &key).await?;
+            self.workspaces.release(snapshot.run.id).await;
+        }
+        Ok(gone.len())
+    }
+
     /// Removes the run's checkout on this node, when the change made at `now` ended the run.
     async fn release_if_ended(&self, snapshot: &RunSnapshot, now: Timestamp) {
         if snapshot.run.state.is_terminal() && snapshot.run.finished_at == Some(now) {

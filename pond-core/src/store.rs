@@ -373,6 +373,13 @@ pub trait Store: Send + Sync + 'static {
     async fn put_blob(&self, project_id: &str, data: &[u8], now: Timestamp) -> Result<BlobMeta, StoreError>;
     /// A blob's description.
     async fn blob_meta(&self, id: BlobId) -> Result<Option<BlobMeta>, StoreError>;
+    /// Deletes a blob (absent: nothing to do).
+    async fn delete_blob(&self, id: BlobId) -> Result<(), StoreError>;
+    /// Deletes up to `limit` runs that ended before `finished_before`, oldest first, with their
+    /// stages, attempts, logs and artifacts, and the blobs of those artifacts that no other
+    /// artifact holds (retention). Returns the runs deleted. Events and transparency-log leaves
+    /// stay (they have their own retention, or none: the log is append-only).
+    async fn delete_finished_runs(&self, finished_before: Timestamp, limit: u32) -> Result<Vec<RunSnapshot>, StoreError>;
     /// Chunk `index` of a blob (each [`BLOB_CHUNK_BYTES`] long but the last).
     async fn read_blob_chunk(&self, id: BlobId, index: u64) -> Result<Vec<u8>, StoreError>;
 

@@ -107,7 +107,8 @@ pub struct RunUsage {
     pub attempts: BTreeMap<String, Spend>,
 }
 
-const RUN_KIND: &str = "run-usage";
+/// Record kind of a run's usage (key: the run id).
+pub const RUN_KIND: &str = "run-usage";
 const BUDGET_KIND: &str = "project-budget";
 const CAS_TRIES: usize = 64;
 

@@ -86,6 +86,9 @@ pub struct ServerConfig {
     pub webhook_allow_ips: Vec<std::net::IpAddr>,
     /// How long events are kept (`--event-retention`); at least the webhook retry window.
     pub event_retention: Duration,
+    /// How long ended runs are kept, with their logs, artifacts and blobs (`--retain-finished`);
+    /// `None`: for ever.
+    pub retain_finished: Option<Duration>,
 }
 
 /// Why an operator's first admin token is refused, if it is.
@@ -127,6 +130,7 @@ impl ServerConfig {
             bootstrap_admin_token: None,
             webhook_allow_ips: Vec::new(),
             event_retention: Duration::from_secs(30 * 24 * 3600),
+            retain_finished: None,
         }
     }
 }
@@ -423,6 +427,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let addr = listener.local_addr().map_err(io("reading the bound address"))?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let pruning = tokio::spawn(prune_events(store.clone(), clock.clone(), config.event_retention, shutdown_rx.clone()));
+    let retiring = tokio::spawn(retire_finished(engine.clone(), config.retain_finished, shutdown_rx.clone()));
     let webhooks = tokio::spawn(crate::webhooks::dispatch(
         state.clone(),
         shutdown_rx.clone(),
@@ -449,7 +454,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         interrupted_stages,
         engine,
         shutdown,
-        tasks: vec![driving, http, webhooks, pruning],
+        tasks: vec![driving, http, webhooks, pruning, retiring],
         background,
         stop_within: config.drain + config.kill_grace + Duration::from_secs(5),
         _lock: lock,
@@ -485,6 +490,42 @@ async fn prune_events(
             Ok(0) => {}
             Ok(n) => tracing::info!(events = n, "pruned events past the retention"),
             Err(e) => tracing::warn!(error = %e, "pruning events failed; will retry"),
+        }
+    }
+}
+
+/// Deletes runs that ended more than `retain` ago, with their output, every tenth of `retain`
+/// (between a second and ten minutes; the first time at most a minute after start), in batches
+/// so no transaction grows large, until `stop`.
+/// Every node may; each run is deleted once (the store skips rows another node holds).
+async fn retire_finished(engine: Arc<Engine>, retain: Option<Duration>, mut stop: watch::Receiver<bool>) {
+    let Some(retain) = retain else { return };
+    let every = (retain / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    let mut wait = every.min(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = every;
+        let before = Timestamp::from_millis(engine.clock().now().as_millis() - retain.as_millis() as i64);
+        let mut total = 0;
+        loop {
+            match engine.retire_finished(before, 200).await {
+                Ok(0) => break,
+                Ok(n) => total += n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "deleting runs past the retention failed; will retry");
+                    break;
+                }
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+        if total > 0 {
+            tracing::info!(runs = total, "deleted runs past the retention (--retain-finished)");
+            metrics::counter!("pond_runs_retired_total").increment(total as u64);
         }
     }
 }

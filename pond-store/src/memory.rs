@@ -264,6 +264,45 @@ impl Store for MemoryStore {
         Ok(n)
     }
 
+    async fn delete_blob(&self, id: BlobId) -> Result<(), StoreError> {
+        self.lock()?.blobs.remove(&id);
+        Ok(())
+    }
+
+    async fn delete_finished_runs(
+        &self,
+        finished_before: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<RunSnapshot>, StoreError> {
+        let mut inner = self.lock()?;
+        let mut old: Vec<(Timestamp, RunId)> = inner
+            .runs
+            .values()
+            .filter(|s| s.run.state.is_terminal() && s.run.finished_at.is_some_and(|t| t < finished_before))
+            .map(|s| (s.run.finished_at.unwrap_or_default(), s.run.id))
+            .collect();
+        old.sort();
+        old.truncate(limit as usize);
+        let mut deleted = Vec::with_capacity(old.len());
+        for (_, id) in old {
+            let Some(snapshot) = inner.runs.remove(&id) else { continue };
+            if let Some(key) = &snapshot.run.idempotency_key {
+                inner.idempotency.remove(&(snapshot.run.project_id.clone(), key.clone()));
+            }
+            inner.logs.remove(&id);
+            inner.active.remove(&id);
+            let artifacts = inner.artifacts.remove(&id).unwrap_or_default();
+            for artifact in artifacts.values() {
+                let held = inner.artifacts.values().any(|a| a.values().any(|o| o.blob_id == artifact.blob_id));
+                if !held {
+                    inner.blobs.remove(&artifact.blob_id);
+                }
+            }
+            deleted.push(snapshot);
+        }
+        Ok(deleted)
+    }
+
     async fn read_events(&self, after: i64, projects: Option<&[String]>, limit: u32) -> Result<Vec<Event>, StoreError> {
         let inner = self.lock()?;
         let start = (after - inner.events_pruned as i64).clamp(0, inner.events.len() as i64) as usize;
@@ -380,7 +419,14 @@ impl Store for MemoryStore {
         if others.saturating_add(artifact.size) > run_cap {
             return Err(crate::over_cap(artifact, others, run_cap));
         }
-        named.insert(artifact.name.clone(), artifact.clone());
+        let replaced = named.insert(artifact.name.clone(), artifact.clone());
+        // The replaced artifact's blob goes when nothing else holds it.
+        if let Some(old) = replaced.filter(|old| old.blob_id != artifact.blob_id) {
+            let held = inner.artifacts.values().any(|a| a.values().any(|o| o.blob_id == old.blob_id));
+            if !held {
+                inner.blobs.remove(&old.blob_id);
+            }
+        }
         Ok(())
     }
 

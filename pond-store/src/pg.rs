@@ -809,6 +809,70 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
+    async fn delete_blob(&self, id: BlobId) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        for sql in ["DELETE FROM blob_chunks WHERE blob_id = $1", "DELETE FROM blobs WHERE id = $1"] {
+            sqlx::query(sql).bind(id.to_string()).execute(&mut *tx).await.map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn delete_finished_runs(
+        &self,
+        finished_before: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<RunSnapshot>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // Runs locked (skipping any another node is deleting), stage rows first as every writer
+        // takes them.
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM runs WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < $1
+              ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(finished_before.as_millis())
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut deleted = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let run = RunId::from_str(id).map_err(corrupt)?;
+            if let Some(snapshot) = load_snapshot(&mut tx, run, false).await.map_err(Fail::into_store)? {
+                deleted.push(snapshot);
+            }
+        }
+        let blobs: Vec<String> = sqlx::query_scalar("SELECT DISTINCT blob_id FROM artifacts WHERE run_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        for sql in [
+            "DELETE FROM logs WHERE run_id = ANY($1)",
+            "DELETE FROM log_counters WHERE run_id = ANY($1)",
+            "DELETE FROM attempts WHERE run_id = ANY($1)",
+            "DELETE FROM stages WHERE run_id = ANY($1)",
+            "DELETE FROM artifacts WHERE run_id = ANY($1)",
+            "DELETE FROM runs WHERE id = ANY($1)",
+        ] {
+            sqlx::query(sql).bind(&ids).execute(&mut *tx).await.map_err(db_err)?;
+        }
+        // Blobs no remaining artifact holds.
+        sqlx::query(
+            "WITH gone AS (SELECT b FROM UNNEST($1::TEXT[]) b WHERE NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.blob_id = b))
+             , chunks AS (DELETE FROM blob_chunks WHERE blob_id IN (SELECT b FROM gone))
+             DELETE FROM blobs WHERE id IN (SELECT b FROM gone)",
+        )
+        .bind(&blobs)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(deleted)
+    }
+
     async fn read_events(
         &self,
         after: i64,
@@ -1027,6 +1091,13 @@ impl Store for PgStore {
         if (others.max(0) as u64).saturating_add(a.size) > run_cap {
             return Err(crate::over_cap(a, others.max(0) as u64, run_cap));
         }
+        let replaced: Option<String> =
+            sqlx::query_scalar("SELECT blob_id FROM artifacts WHERE run_id = $1 AND name = $2")
+                .bind(a.run_id.to_string())
+                .bind(&a.name)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
         let written = sqlx::query(
             "INSERT INTO artifacts (run_id, name, stage, attempt, blob_id, size, sha256, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (run_id, name) DO UPDATE SET attempt = EXCLUDED.attempt, blob_id = EXCLUDED.blob_id,
@@ -1052,6 +1123,18 @@ impl Store for PgStore {
                 .await
                 .map_err(db_err)?;
             return Err(crate::name_taken(a, &owner));
+        }
+        // The replaced artifact's blob goes when nothing else holds it.
+        if let Some(old) = replaced.filter(|old| *old != a.blob_id.to_string()) {
+            sqlx::query(
+                "WITH gone AS (SELECT $1::TEXT AS b WHERE NOT EXISTS (SELECT 1 FROM artifacts WHERE blob_id = $1))
+                 , chunks AS (DELETE FROM blob_chunks WHERE blob_id IN (SELECT b FROM gone))
+                 DELETE FROM blobs WHERE id IN (SELECT b FROM gone)",
+            )
+            .bind(&old)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
         }
         tx.commit().await.map_err(db_err)?;
         Ok(())

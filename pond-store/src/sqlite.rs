@@ -655,6 +655,66 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    async fn delete_blob(&self, id: BlobId) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        for sql in ["DELETE FROM blob_chunks WHERE blob_id = ?", "DELETE FROM blobs WHERE id = ?"] {
+            sqlx::query(sql).bind(id.to_string()).execute(&mut *tx).await.map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn delete_finished_runs(
+        &self,
+        finished_before: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<RunSnapshot>, StoreError> {
+        let mut tx = self.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM runs WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?
+              ORDER BY finished_at LIMIT ?",
+        )
+        .bind(finished_before.as_millis())
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let mut deleted = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let run = RunId::from_str(id).map_err(corrupt)?;
+            if let Some(snapshot) = load_snapshot(&mut tx, run).await? {
+                deleted.push(snapshot);
+            }
+            let blobs: Vec<String> = sqlx::query_scalar("SELECT DISTINCT blob_id FROM artifacts WHERE run_id = ?")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            for sql in [
+                "DELETE FROM logs WHERE run_id = ?",
+                "DELETE FROM attempts WHERE run_id = ?",
+                "DELETE FROM stages WHERE run_id = ?",
+                "DELETE FROM artifacts WHERE run_id = ?",
+                "DELETE FROM runs WHERE id = ?",
+            ] {
+                sqlx::query(sql).bind(id).execute(&mut *tx).await.map_err(db_err)?;
+            }
+            for blob in blobs {
+                let held: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM artifacts WHERE blob_id = ?)")
+                    .bind(&blob)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                if !held {
+                    for sql in ["DELETE FROM blob_chunks WHERE blob_id = ?", "DELETE FROM blobs WHERE id = ?"] {
+                        sqlx::query(sql).bind(&blob).execute(&mut *tx).await.map_err(db_err)?;
+                    }
+                }
+            }
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(deleted)
+    }
+
     async fn read_events(
         &self,
         after: i64,
@@ -859,6 +919,13 @@ impl Store for SqliteStore {
         if (others.max(0) as u64).saturating_add(a.size) > run_cap {
             return Err(crate::over_cap(a, others.max(0) as u64, run_cap));
         }
+        let replaced: Option<String> =
+            sqlx::query_scalar("SELECT blob_id FROM artifacts WHERE run_id = ? AND name = ?")
+                .bind(a.run_id.to_string())
+                .bind(&a.name)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
         let written = sqlx::query(
             "INSERT INTO artifacts (run_id, name, stage, attempt, blob_id, size, sha256, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (run_id, name) DO UPDATE SET attempt = excluded.attempt, blob_id = excluded.blob_id,
@@ -884,6 +951,19 @@ impl Store for SqliteStore {
                 .await
                 .map_err(db_err)?;
             return Err(crate::name_taken(a, &owner));
+        }
+        // The replaced artifact's blob goes when nothing else holds it.
+        if let Some(old) = replaced.filter(|old| *old != a.blob_id.to_string()) {
+            let held: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM artifacts WHERE blob_id = ?)")
+                .bind(&old)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            if !held {
+                for sql in ["DELETE FROM blob_chunks WHERE blob_id = ?", "DELETE FROM blobs WHERE id = ?"] {
+                    sqlx::query(sql).bind(&old).execute(&mut *tx).await.map_err(db_err)?;
+                }
+            }
         }
         tx.commit().await.map_err(db_err)?;
         Ok(())

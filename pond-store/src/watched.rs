@@ -196,6 +196,16 @@ impl Store for WatchedStore {
     async fn last_event_seq(&self) -> Result<i64, StoreError> {
         self.inner.last_event_seq().await
     }
+    async fn delete_blob(&self, id: BlobId) -> Result<(), StoreError> {
+        self.inner.delete_blob(id).await
+    }
+    async fn delete_finished_runs(
+        &self,
+        finished_before: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<RunSnapshot>, StoreError> {
+        self.inner.delete_finished_runs(finished_before, limit).await
+    }
     async fn prune_events(&self, before: Timestamp, below: i64) -> Result<u64, StoreError> {
         self.inner.prune_events(before, below).await
     }

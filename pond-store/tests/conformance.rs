@@ -866,6 +866,60 @@ pub async fn state_changes_are_events_in_commit_order(store: Arc<dyn Store>) {
     assert_eq!(left.last().map(|e| (e.seq, e.event.run_id)), Some((last + 1, after_prune.run.id)));
 }
 
+pub async fn retention_deletes_ended_runs_with_their_output(store: Arc<dyn Store>) {
+    let run = new_run("p", one_noop(), None, at(0));
+    let id = run.run.id;
+    store.insert_run(&run).await.unwrap();
+    assert_eq!(store.claim_stages(&claim_query("n", at(10), 10_000, 1)).await.unwrap().len(), 1);
+    let line = NewLogLine::text(Some("a".into()), 1, LogStream::Stdout, at(11), "hello".into());
+    store.append_logs(id, &[line]).await.unwrap();
+    let artifact = |blob: &pond_core::store::BlobMeta| Artifact {
+        run_id: id,
+        name: "out.txt".into(),
+        stage: "a".into(),
+        attempt: 1,
+        blob_id: blob.id,
+        size: blob.size,
+        sha256: blob.sha256.clone(),
+        created_at: at(20),
+    };
+    let first = store.put_blob("p", b"one", at(20)).await.unwrap();
+    store.put_artifact(&artifact(&first), "n", 1 << 20).await.unwrap();
+    let second = store.put_blob("p", b"two!", at(21)).await.unwrap();
+    store.put_artifact(&artifact(&second), "n", 1 << 20).await.unwrap();
+    assert!(store.blob_meta(first.id).await.unwrap().is_none(), "a replaced artifact's blob goes");
+    assert!(store.blob_meta(second.id).await.unwrap().is_some());
+    store
+        .update_run(id, &mut |s| s.complete_attempt("a", 1, &StageOutcome::Succeeded, at(100)).map(|()| Vec::new()))
+        .await
+        .unwrap();
+    let unfinished = new_run("p", one_noop(), None, at(1));
+    store.insert_run(&unfinished).await.unwrap();
+
+    assert!(store.delete_finished_runs(at(100), 10).await.unwrap().is_empty(), "ended at 100: not before 100");
+    let gone = store.delete_finished_runs(at(101), 10).await.unwrap();
+    assert_eq!(gone.iter().map(|s| s.run.id).collect::<Vec<_>>(), vec![id]);
+    assert!(store.get_run(id).await.unwrap().is_none());
+    assert!(store.read_logs(id, 0, 10).await.unwrap().is_empty());
+    assert!(store.list_artifacts(id).await.unwrap().is_empty());
+    assert!(store.blob_meta(second.id).await.unwrap().is_none(), "its artifacts' blobs go with it");
+    assert!(store.get_run(unfinished.run.id).await.unwrap().is_some(), "an unfinished run stays");
+    assert!(store.delete_finished_runs(at(10_000), 10).await.unwrap().is_empty());
+    // The idempotency key of a deleted run may be used again.
+    let keyed = new_run("p", one_noop(), Some("k"), at(2));
+    store.insert_run(&keyed).await.unwrap();
+    store
+        .update_run(keyed.run.id, &mut |s| {
+            s.cancel("stop", at(200));
+            Ok(Vec::new())
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.delete_finished_runs(at(300), 10).await.unwrap().len(), 1);
+    let again = new_run("p", one_noop(), Some("k"), at(3));
+    assert!(matches!(store.insert_run(&again).await.unwrap(), InsertOutcome::Created));
+}
+
 macro_rules! conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -896,6 +950,7 @@ macro_rules! conformance {
                 usage_books_every_call_once,
                 stage_counts_give_queue_depth_by_placement,
                 state_changes_are_events_in_commit_order,
+                retention_deletes_ended_runs_with_their_output,
             );
         }
     };
