@@ -457,3 +457,76 @@ fn three_nodes_give_every_reader_one_gapless_order_and_a_kill_loses_no_event() {
     assert!(received.len() - distinct.len() <= 50, "{} deliveries of {} events", received.len(), distinct.len());
     assert!(received.iter().all(|(_, v, _)| v == &vec![0]));
 }
+
+/// A receiver that answers 204 after `delay`, counting what it got.
+fn slow_receiver(delay: Duration) -> (String, Arc<Mutex<usize>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let count: Arc<Mutex<usize>> = Arc::default();
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Requests on a kept-alive connection, one after another.
+                loop {
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n");
+                    if let Some(end) = end {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + length {
+                            buf.drain(..end + 4 + length);
+                            std::thread::sleep(delay);
+                            *seen.lock().unwrap() += 1;
+                            if stream.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (url, count)
+}
+
+#[test]
+fn removing_a_webhook_stops_its_backlog_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--webhook-allow-ip", "127.0.0.1"]);
+    let admin = server.admin();
+    let (url, count) = slow_receiver(Duration::from_millis(200));
+    let hook = admin
+        .create_webhook(&CreateWebhook { project_id: "acme".into(), url, types: vec![], description: None })
+        .unwrap();
+    let ids: Vec<String> = (0..10)
+        .map(|_| {
+            let body = run_json(json!({"stages":[{"key":"a","executor":{"kind":"noop"}}]}));
+            admin.submit(&body, None).unwrap().id.to_string()
+        })
+        .collect();
+    for id in &ids {
+        wait_done(&admin, id, Duration::from_secs(30));
+    }
+    // 50 events at 200 ms each: about 10 s of backlog.
+    eventually("deliveries under way", Duration::from_secs(20), || *count.lock().unwrap() >= 3);
+    admin.remove_webhook(&hook.id).unwrap();
+    let at_removal = *count.lock().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let after = *count.lock().unwrap();
+    assert!(after <= at_removal + 4, "{} deliveries after the webhook was removed", after - at_removal);
+    assert!(after < 50, "the backlog was not cut short: {after}");
+    assert_eq!(admin.webhook(&hook.id).unwrap_err().status(), Some(404));
+}
