@@ -530,3 +530,28 @@ fn removing_a_webhook_stops_its_backlog_at_once() {
     assert!(after < 50, "the backlog was not cut short: {after}");
     assert_eq!(admin.webhook(&hook.id).unwrap_err().status(), Some(404));
 }
+
+#[test]
+fn one_key_holds_a_bounded_number_of_event_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let key = server.admin().create_key(&["acme".into()], None).unwrap().token.unwrap();
+    let other = server.admin().create_key(&["acme".into()], None).unwrap().token.unwrap();
+    let open = |token: &str| {
+        ureq::get(&format!("{}/v1/events?follow=1", server.url)).set("Authorization", &format!("Bearer {token}")).call()
+    };
+    let held: Vec<ureq::Response> =
+        (0..pond_http::events_api::MAX_STREAMS_PER_KEY).map(|_| open(&key).unwrap()).collect();
+    match open(&key) {
+        Err(ureq::Error::Status(429, response)) => {
+            let text = response.into_string().unwrap();
+            assert!(text.contains("event streams"), "{text}");
+        }
+        other => panic!("the 17th stream of one key: {:?}", other.map(|r| r.status())),
+    }
+    assert_eq!(open(&other).unwrap().status(), 200, "another key is not held back");
+    // Pages are not streams: still served.
+    let page = Client::new(&server.url, Some(key.clone())).events(&EventFilter::default(), 0, 10);
+    assert!(page.is_ok());
+    drop(held);
+}

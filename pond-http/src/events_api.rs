@@ -119,6 +119,7 @@ fn whole<T: std::str::FromStr>(field: &str, text: Option<&str>) -> Result<Option
         (status = 401, response = crate::openapi::Unauthorized),
         (status = 404, response = crate::openapi::NotFound),
         (status = 422, response = crate::openapi::Invalid),
+        (status = 429, response = crate::openapi::TooManyRequests),
         (status = 503, response = crate::openapi::Unavailable),
     ))]
 async fn events(
@@ -154,18 +155,59 @@ async fn events(
         }
     };
     if streamed {
+        let slot = StreamSlot::take(&who.secret_sha256).ok_or_else(|| ApiError::Status {
+            status: axum::http::StatusCode::TOO_MANY_REQUESTS,
+            message: format!(
+                "this key already holds {MAX_STREAMS_PER_KEY} event streams on this node; close one, or read pages"
+            ),
+        })?;
         // A stream without a cursor starts at what happens next.
         let after = match after {
             Some(a) => a,
             None => state.store.last_event_seq().await?,
         };
-        return Ok(follow(state, selection, after, who.secret_sha256).into_response());
+        return Ok(follow(state, selection, after, who.secret_sha256, slot).into_response());
     }
     let after = after.unwrap_or(0);
     let read = state.store.read_events(after, selection.projects.as_deref(), limit).await?;
     let next_cursor = read.last().map(|e| e.seq).unwrap_or(after);
     let events = read.into_iter().filter(|e| selection.wants(e)).collect();
     Ok(Json(EventPage { events, next_cursor }).into_response())
+}
+
+/// Open event streams one key may hold at once on a node: each wakes on every change and reads
+/// the store, so a key opening thousands would multiply that load.
+pub const MAX_STREAMS_PER_KEY: usize = 16;
+
+/// Open streams by key (SHA-256 of the token).
+static OPEN_STREAMS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, usize>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// One of a key's stream slots, given back when the stream ends (dropped with it).
+struct StreamSlot(String);
+
+impl StreamSlot {
+    fn take(key: &str) -> Option<StreamSlot> {
+        let mut open = OPEN_STREAMS.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(key.to_string()).or_default();
+        if *count >= MAX_STREAMS_PER_KEY {
+            return None;
+        }
+        *count += 1;
+        Some(StreamSlot(key.to_string()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = OPEN_STREAMS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.0) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.0);
+            }
+        }
+    }
 }
 
 /// How often an open stream re-checks its token (a revoked key's streams end within seconds).
@@ -180,6 +222,7 @@ struct Stream {
     changes: tokio::sync::watch::Receiver<u64>,
     token: String,
     checked: std::time::Instant,
+    _slot: StreamSlot,
 }
 
 fn sse_event(event: &Event) -> SseEvent {
@@ -195,6 +238,7 @@ fn follow(
     selection: Selection,
     after: i64,
     token: String,
+    slot: StreamSlot,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let changes = state.store.runs_changed();
     // The first event names where the stream starts, so a client that started "from now" and
@@ -209,6 +253,7 @@ fn follow(
         changes,
         token,
         checked: std::time::Instant::now(),
+        _slot: slot,
     };
     let stream = futures_util::stream::unfold(start, |mut s| async move {
         loop {
