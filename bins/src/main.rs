@@ -1784,6 +1784,12 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
     if args.retain_finished.is_some_and(|d| d.is_zero()) {
         bail!("--retain-finished must be longer than 0 (omit it to keep runs)");
     }
+    if args.retain_finished.is_some_and(|d| d < Duration::from_secs(2 * 24 * 3600)) {
+        eprintln!(
+            "warning: --retain-finished is shorter than 2 days: a webhook receiver that was down may be told \
+             of runs already deleted"
+        );
+    }
     config.retain_finished = args.retain_finished;
     Ok(config)
 }

@@ -1252,15 +1252,16 @@ impl Engine {
         Some(self.system(None, 0, format!("run {}{tail}", run.state)))
     }
 
-    /// Retention: deletes up to `limit` runs that ended before `before`, with their logs,
-    /// artifacts and blobs (see [`Store::delete_finished_runs`]), their pooled input bundle and
-    /// usage record, and any checkout of theirs on this node. Returns how many went. The
-    /// record of which signed requests were accepted stays, so an old request cannot be
-    /// replayed once its run is gone.
+    /// Retention: deletes up to `limit` runs that ended before `before`, each with its pooled
+    /// input bundle and usage record (first: deleting them again is harmless, so a failure
+    /// midway leaves nothing unreachable), then its logs, artifacts and blobs
+    /// ([`Store::delete_finished_run`]) and any checkout of it on this node. Returns how many
+    /// went. The record of which signed requests were accepted stays, so an old request cannot
+    /// be replayed once its run is gone.
     pub async fn retire_finished(&self, before: Timestamp, limit: u32) -> Result<usize, CoreError> {
-        let gone = self.store.delete_finished_runs(before, limit).await?;
-        for snapshot in &gone {
-            let key = snapshot.run.id.to_string();
+        let mut gone = 0;
+        for run in self.store.finished_runs(before, limit).await? {
+            let key = run.to_string();
             if let Some(text) = self.store.get_record(JOB_INPUT, &key).await? {
                 if let Ok(JobInput { blob_id: Some(blob), .. }) = serde_json::from_str::<JobInput>(&text) {
                     self.store.delete_blob(blob).await?;
@@ -1268,9 +1269,12 @@ impl Engine {
                 self.store.delete_record(JOB_INPUT, &key).await?;
             }
             self.store.delete_record(crate::usage::RUN_KIND, &key).await?;
-            self.workspaces.release(snapshot.run.id).await;
+            if self.store.delete_finished_run(run, before).await?.is_some() {
+                gone += 1;
+            }
+            self.workspaces.release(run).await;
         }
-        Ok(gone.len())
+        Ok(gone)
     }
 
     /// Removes the run's checkout on this node, when the change made at `now` ended the run.

@@ -375,11 +375,19 @@ pub trait Store: Send + Sync + 'static {
     async fn blob_meta(&self, id: BlobId) -> Result<Option<BlobMeta>, StoreError>;
     /// Deletes a blob (absent: nothing to do).
     async fn delete_blob(&self, id: BlobId) -> Result<(), StoreError>;
-    /// Deletes up to `limit` runs that ended before `finished_before`, oldest first, with their
-    /// stages, attempts, logs and artifacts, and the blobs of those artifacts that no other
-    /// artifact holds (retention). Returns the runs deleted. Events and transparency-log leaves
-    /// stay (they have their own retention, or none: the log is append-only).
-    async fn delete_finished_runs(&self, finished_before: Timestamp, limit: u32) -> Result<Vec<RunSnapshot>, StoreError>;
+    /// Up to `limit` runs that ended before `finished_before`, oldest first: retention's
+    /// candidates for [`Store::delete_finished_run`].
+    async fn finished_runs(&self, finished_before: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError>;
+    /// Deletes `run` if it ended before `finished_before`, with its stages, attempts, logs and
+    /// artifacts and the blobs of those artifacts (retention); `None` when it is no such run
+    /// (another node deleted it first). A large log is deleted in slices first, so no one
+    /// transaction holds the writer long. Events and transparency-log leaves stay (they have
+    /// their own retention, or none: the log is append-only).
+    async fn delete_finished_run(
+        &self,
+        run: RunId,
+        finished_before: Timestamp,
+    ) -> Result<Option<RunSnapshot>, StoreError>;
     /// Chunk `index` of a blob (each [`BLOB_CHUNK_BYTES`] long but the last).
     async fn read_blob_chunk(&self, id: BlobId, index: u64) -> Result<Vec<u8>, StoreError>;
 

@@ -495,8 +495,8 @@ async fn prune_events(
 }
 
 /// Deletes runs that ended more than `retain` ago, with their output, every tenth of `retain`
-/// (between a second and ten minutes; the first time at most a minute after start), in batches
-/// so no transaction grows large, until `stop`.
+/// (between a second and ten minutes; the first time at most a minute after start), a run at a
+/// time (its log in slices), until `stop`.
 /// Every node may; each run is deleted once (the store skips rows another node holds).
 async fn retire_finished(engine: Arc<Engine>, retain: Option<Duration>, mut stop: watch::Receiver<bool>) {
     let Some(retain) = retain else { return };
@@ -511,21 +511,23 @@ async fn retire_finished(engine: Arc<Engine>, retain: Option<Duration>, mut stop
         let before = Timestamp::from_millis(engine.clock().now().as_millis() - retain.as_millis() as i64);
         let mut total = 0;
         loop {
-            match engine.retire_finished(before, 200).await {
+            match engine.retire_finished(before, 50).await {
                 Ok(0) => break,
-                Ok(n) => total += n,
+                Ok(n) => {
+                    total += n;
+                    metrics::counter!("pond_runs_retired_total").increment(n as u64);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "deleting runs past the retention failed; will retry");
                     break;
                 }
             }
             if *stop.borrow() {
-                return;
+                break;
             }
         }
         if total > 0 {
             tracing::info!(runs = total, "deleted runs past the retention (--retain-finished)");
-            metrics::counter!("pond_runs_retired_total").increment(total as u64);
         }
     }
 }

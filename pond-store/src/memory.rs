@@ -269,12 +269,8 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn delete_finished_runs(
-        &self,
-        finished_before: Timestamp,
-        limit: u32,
-    ) -> Result<Vec<RunSnapshot>, StoreError> {
-        let mut inner = self.lock()?;
+    async fn finished_runs(&self, finished_before: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError> {
+        let inner = self.lock()?;
         let mut old: Vec<(Timestamp, RunId)> = inner
             .runs
             .values()
@@ -282,25 +278,37 @@ impl Store for MemoryStore {
             .map(|s| (s.run.finished_at.unwrap_or_default(), s.run.id))
             .collect();
         old.sort();
-        old.truncate(limit as usize);
-        let mut deleted = Vec::with_capacity(old.len());
-        for (_, id) in old {
-            let Some(snapshot) = inner.runs.remove(&id) else { continue };
-            if let Some(key) = &snapshot.run.idempotency_key {
-                inner.idempotency.remove(&(snapshot.run.project_id.clone(), key.clone()));
-            }
-            inner.logs.remove(&id);
-            inner.active.remove(&id);
-            let artifacts = inner.artifacts.remove(&id).unwrap_or_default();
-            for artifact in artifacts.values() {
-                let held = inner.artifacts.values().any(|a| a.values().any(|o| o.blob_id == artifact.blob_id));
-                if !held {
-                    inner.blobs.remove(&artifact.blob_id);
-                }
-            }
-            deleted.push(snapshot);
+        Ok(old.into_iter().take(limit as usize).map(|(_, id)| id).collect())
+    }
+
+    async fn delete_finished_run(
+        &self,
+        id: RunId,
+        finished_before: Timestamp,
+    ) -> Result<Option<RunSnapshot>, StoreError> {
+        let mut inner = self.lock()?;
+        let ended = inner
+            .runs
+            .get(&id)
+            .is_some_and(|s| s.run.state.is_terminal() && s.run.finished_at.is_some_and(|t| t < finished_before));
+        if !ended {
+            return Ok(None);
         }
-        Ok(deleted)
+        let Some(snapshot) = inner.runs.remove(&id) else { return Ok(None) };
+        if let Some(key) = &snapshot.run.idempotency_key {
+            inner.idempotency.remove(&(snapshot.run.project_id.clone(), key.clone()));
+        }
+        inner.logs.remove(&id);
+        inner.active.remove(&id);
+        inner.closed_outputs.retain(|(run, _, _)| *run != id);
+        let artifacts = inner.artifacts.remove(&id).unwrap_or_default();
+        for artifact in artifacts.values() {
+            let held = inner.artifacts.values().any(|a| a.values().any(|o| o.blob_id == artifact.blob_id));
+            if !held {
+                inner.blobs.remove(&artifact.blob_id);
+            }
+        }
+        Ok(Some(snapshot))
     }
 
     async fn read_events(&self, after: i64, projects: Option<&[String]>, limit: u32) -> Result<Vec<Event>, StoreError> {

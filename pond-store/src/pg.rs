@@ -817,47 +817,71 @@ impl Store for PgStore {
         tx.commit().await.map_err(db_err)
     }
 
-    async fn delete_finished_runs(
-        &self,
-        finished_before: Timestamp,
-        limit: u32,
-    ) -> Result<Vec<RunSnapshot>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        // Runs locked (skipping any another node is deleting), stage rows first as every writer
-        // takes them.
+    async fn finished_runs(&self, finished_before: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError> {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM runs WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < $1
-              ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+              ORDER BY finished_at LIMIT $2",
         )
         .bind(finished_before.as_millis())
         .bind(limit as i64)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut deleted = Vec::with_capacity(ids.len());
-        for id in &ids {
-            let run = RunId::from_str(id).map_err(corrupt)?;
-            if let Some(snapshot) = load_snapshot(&mut tx, run, false).await.map_err(Fail::into_store)? {
-                deleted.push(snapshot);
+        ids.iter().map(|id| RunId::from_str(id).map_err(corrupt)).collect()
+    }
+
+    async fn delete_finished_run(
+        &self,
+        run: RunId,
+        finished_before: Timestamp,
+    ) -> Result<Option<RunSnapshot>, StoreError> {
+        let id = run.to_string();
+        // The log and the artifacts' chunks first, in slices (each its own statement): no one
+        // transaction holds the run long or writes a burst of WAL.
+        let slices = [
+            "DELETE FROM logs WHERE run_id = $1 AND seq IN (SELECT seq FROM logs WHERE run_id = $1 LIMIT 5000)
+               AND EXISTS (SELECT 1 FROM runs WHERE id = $1 AND state IN ('succeeded', 'failed', 'cancelled') AND finished_at < $2)",
+            "DELETE FROM blob_chunks c USING (SELECT c2.blob_id, c2.idx FROM blob_chunks c2 JOIN artifacts a ON a.blob_id = c2.blob_id
+                 WHERE a.run_id = $1 LIMIT 64) s
+               WHERE c.blob_id = s.blob_id AND c.idx = s.idx
+                 AND EXISTS (SELECT 1 FROM runs WHERE id = $1 AND state IN ('succeeded', 'failed', 'cancelled') AND finished_at < $2)",
+        ];
+        for slice in slices {
+            loop {
+                let done = sqlx::query(slice)
+                    .bind(&id)
+                    .bind(finished_before.as_millis())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if done == 0 {
+                    break;
+                }
             }
         }
-        let blobs: Vec<String> = sqlx::query_scalar("SELECT DISTINCT blob_id FROM artifacts WHERE run_id = ANY($1)")
-            .bind(&ids)
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // Locked as every writer locks a run: its stage rows, then the run row.
+        let Some(snapshot) = load_snapshot(&mut tx, run, true).await.map_err(Fail::into_store)? else {
+            return Ok(None);
+        };
+        if !snapshot.run.state.is_terminal() || snapshot.run.finished_at.is_none_or(|t| t >= finished_before) {
+            return Ok(None);
+        }
+        let blobs: Vec<String> = sqlx::query_scalar("SELECT DISTINCT blob_id FROM artifacts WHERE run_id = $1")
+            .bind(&id)
             .fetch_all(&mut *tx)
             .await
             .map_err(db_err)?;
         for sql in [
-            "DELETE FROM logs WHERE run_id = ANY($1)",
-            "DELETE FROM log_counters WHERE run_id = ANY($1)",
-            "DELETE FROM attempts WHERE run_id = ANY($1)",
-            "DELETE FROM stages WHERE run_id = ANY($1)",
-            "DELETE FROM artifacts WHERE run_id = ANY($1)",
-            "DELETE FROM runs WHERE id = ANY($1)",
+            "DELETE FROM logs WHERE run_id = $1",
+            "DELETE FROM log_counters WHERE run_id = $1",
+            "DELETE FROM attempts WHERE run_id = $1",
+            "DELETE FROM stages WHERE run_id = $1",
+            "DELETE FROM artifacts WHERE run_id = $1",
+            "DELETE FROM runs WHERE id = $1",
         ] {
-            sqlx::query(sql).bind(&ids).execute(&mut *tx).await.map_err(db_err)?;
+            sqlx::query(sql).bind(&id).execute(&mut *tx).await.map_err(db_err)?;
         }
         // Blobs no remaining artifact holds.
         sqlx::query(
@@ -870,7 +894,7 @@ impl Store for PgStore {
         .await
         .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
-        Ok(deleted)
+        Ok(Some(snapshot))
     }
 
     async fn read_events(

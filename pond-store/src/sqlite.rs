@@ -663,56 +663,91 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(db_err)
     }
 
-    async fn delete_finished_runs(
-        &self,
-        finished_before: Timestamp,
-        limit: u32,
-    ) -> Result<Vec<RunSnapshot>, StoreError> {
-        let mut tx = self.begin().await?;
+    async fn finished_runs(&self, finished_before: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError> {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM runs WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?
               ORDER BY finished_at LIMIT ?",
         )
         .bind(finished_before.as_millis())
         .bind(limit as i64)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.reader)
         .await
         .map_err(db_err)?;
-        let mut deleted = Vec::with_capacity(ids.len());
-        for id in &ids {
-            let run = RunId::from_str(id).map_err(corrupt)?;
-            if let Some(snapshot) = load_snapshot(&mut tx, run).await? {
-                deleted.push(snapshot);
+        ids.iter().map(|id| RunId::from_str(id).map_err(corrupt)).collect()
+    }
+
+    async fn delete_finished_run(
+        &self,
+        run: RunId,
+        finished_before: Timestamp,
+    ) -> Result<Option<RunSnapshot>, StoreError> {
+        let id = run.to_string();
+        let ended = "SELECT EXISTS (SELECT 1 FROM runs WHERE id = ? AND state IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?)";
+        let is_ended: bool = sqlx::query_scalar(ended)
+            .bind(&id)
+            .bind(finished_before.as_millis())
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db_err)?;
+        if !is_ended {
+            return Ok(None);
+        }
+        // The log and the artifacts' chunks first, a slice per transaction: the one writer is
+        // never held for a whole large run.
+        let slices = [
+            "DELETE FROM logs WHERE run_id = ?1 AND seq IN (SELECT seq FROM logs WHERE run_id = ?1 LIMIT 5000)",
+            "DELETE FROM blob_chunks WHERE rowid IN (SELECT c.rowid FROM blob_chunks c JOIN artifacts a ON a.blob_id = c.blob_id
+                WHERE a.run_id = ?1 LIMIT 64)",
+        ];
+        for slice in slices {
+            loop {
+                let mut tx = self.begin().await?;
+                let done = sqlx::query(slice).bind(&id).execute(&mut *tx).await.map_err(db_err)?.rows_affected();
+                tx.commit().await.map_err(db_err)?;
+                if done == 0 {
+                    break;
+                }
             }
-            let blobs: Vec<String> = sqlx::query_scalar("SELECT DISTINCT blob_id FROM artifacts WHERE run_id = ?")
-                .bind(id)
-                .fetch_all(&mut *tx)
+        }
+        let mut tx = self.begin().await?;
+        let still: bool = sqlx::query_scalar(ended)
+            .bind(&id)
+            .bind(finished_before.as_millis())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        if !still {
+            return Ok(None);
+        }
+        let snapshot = load_snapshot(&mut tx, run).await?;
+        let blobs: Vec<String> = sqlx::query_scalar("SELECT DISTINCT blob_id FROM artifacts WHERE run_id = ?")
+            .bind(&id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        for sql in [
+            "DELETE FROM logs WHERE run_id = ?",
+            "DELETE FROM attempts WHERE run_id = ?",
+            "DELETE FROM stages WHERE run_id = ?",
+            "DELETE FROM artifacts WHERE run_id = ?",
+            "DELETE FROM runs WHERE id = ?",
+        ] {
+            sqlx::query(sql).bind(&id).execute(&mut *tx).await.map_err(db_err)?;
+        }
+        for blob in blobs {
+            let held: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM artifacts WHERE blob_id = ?)")
+                .bind(&blob)
+                .fetch_one(&mut *tx)
                 .await
                 .map_err(db_err)?;
-            for sql in [
-                "DELETE FROM logs WHERE run_id = ?",
-                "DELETE FROM attempts WHERE run_id = ?",
-                "DELETE FROM stages WHERE run_id = ?",
-                "DELETE FROM artifacts WHERE run_id = ?",
-                "DELETE FROM runs WHERE id = ?",
-            ] {
-                sqlx::query(sql).bind(id).execute(&mut *tx).await.map_err(db_err)?;
-            }
-            for blob in blobs {
-                let held: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM artifacts WHERE blob_id = ?)")
-                    .bind(&blob)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-                if !held {
-                    for sql in ["DELETE FROM blob_chunks WHERE blob_id = ?", "DELETE FROM blobs WHERE id = ?"] {
-                        sqlx::query(sql).bind(&blob).execute(&mut *tx).await.map_err(db_err)?;
-                    }
+            if !held {
+                for sql in ["DELETE FROM blob_chunks WHERE blob_id = ?", "DELETE FROM blobs WHERE id = ?"] {
+                    sqlx::query(sql).bind(&blob).execute(&mut *tx).await.map_err(db_err)?;
                 }
             }
         }
         tx.commit().await.map_err(db_err)?;
-        Ok(deleted)
+        Ok(snapshot)
     }
 
     async fn read_events(

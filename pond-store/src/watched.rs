@@ -199,12 +199,15 @@ impl Store for WatchedStore {
     async fn delete_blob(&self, id: BlobId) -> Result<(), StoreError> {
         self.inner.delete_blob(id).await
     }
-    async fn delete_finished_runs(
+    async fn finished_runs(&self, finished_before: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError> {
+        self.inner.finished_runs(finished_before, limit).await
+    }
+    async fn delete_finished_run(
         &self,
+        run: RunId,
         finished_before: Timestamp,
-        limit: u32,
-    ) -> Result<Vec<RunSnapshot>, StoreError> {
-        self.inner.delete_finished_runs(finished_before, limit).await
+    ) -> Result<Option<RunSnapshot>, StoreError> {
+        self.inner.delete_finished_run(run, finished_before).await
     }
     async fn prune_events(&self, before: Timestamp, below: i64) -> Result<u64, StoreError> {
         self.inner.prune_events(before, below).await
