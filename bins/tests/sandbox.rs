@@ -228,6 +228,24 @@ fn without_an_allowlist_every_egress_attempt_is_refused_and_logged() {
             run.state
         );
     }
+    // The refusal counter is the proxy's own: a stage printing the proxy's words adds nothing.
+    let refusals = || {
+        let text = ureq::get(&format!("{}/metrics", probes.server.url))
+            .set("Authorization", &format!("Bearer {}", probes.server.token))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("pond_sandbox_egress_refusals_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(refusals(), 2.0, "one refusal per profile");
+    let forged = ["sh", "-c", "for i in 1 2 3; do echo 'pond sandbox: egress refused: forged' >&2; done"];
+    let (run, lines) = run_stage(&probes.server, "untrusted-code-write", &forged, json!({}));
+    assert!(lines.iter().any(|l| l.contains("forged")), "{lines:?} ({:?})", run.state);
+    assert_eq!(refusals(), 2.0, "stderr is the stage's: forged refusals are not counted");
 }
 
 fn run_stage(server: &Server, profile: &str, argv: &[&str], limits: Value) -> (RunView, Vec<String>) {

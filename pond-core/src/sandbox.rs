@@ -93,6 +93,10 @@ pub struct SandboxReport {
     /// The uid the backend gave the sandbox's processes (held by it alone while it ran).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    /// Connections the egress proxy refused, counted by the proxy itself (the stage's stderr,
+    /// which also says so, is the stage's to write and proves nothing).
+    #[serde(default)]
+    pub egress_refused: u64,
 }
 
 impl SandboxReport {

@@ -295,14 +295,6 @@ async fn forward(mut rx: mpsc::Receiver<OutputLine>, output: &dyn OutputSink) {
                 Ok(None) | Err(_) => break,
             }
         }
-        // The sandbox's egress proxy says each refusal on the stage's stderr.
-        let refused = batch
-            .iter()
-            .filter(|l| l.stream == LogStream::Stderr && l.bytes.starts_with(b"pond sandbox: egress refused"))
-            .count();
-        if refused > 0 {
-            metrics::counter!("pond_sandbox_egress_refusals_total").increment(refused as u64);
-        }
         output.lines(batch).await;
     }
 }
@@ -582,6 +574,9 @@ impl ShellExecutor {
                 _ => "exited",
             };
             metrics::counter!("pond_sandboxes_total", "outcome" => outcome).increment(1);
+            if report.egress_refused > 0 {
+                metrics::counter!("pond_sandbox_egress_refusals_total").increment(report.egress_refused);
+            }
             return match report.failure() {
                 None => StageOutcome::Succeeded,
                 Some(error) => StageOutcome::Failed { error, exit_code: report.exit_code },

@@ -460,6 +460,7 @@ pub fn run_helper(spec_path: &Path) -> i32 {
     if let Err(e) = sandbox.run(&mut report) {
         report.error = Some(e);
     }
+    report.egress_refused = EGRESS_REFUSED.load(std::sync::atomic::Ordering::Relaxed);
     if let Err(e) = sandbox.tear_down() {
         report.error.get_or_insert(e);
     }
@@ -933,6 +934,9 @@ fn enter_private_network() -> Result<(), String> {
     Ok(())
 }
 
+/// Refusals of this helper's egress proxy (one sandbox per helper process), for its report.
+static EGRESS_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Serves the proxy and the forwards from a thread that went back to the host's network
 /// namespace: it accepts on sockets bound in the sandbox's namespace and dials out from the
 /// host's.
@@ -959,6 +963,7 @@ fn spawn_network_thread(
             if let Some((listener, rules)) = proxy {
                 if let Ok(listener) = to_tokio(listener) {
                     let log: egress::RefusalLog = std::sync::Arc::new(|line: String| {
+                        EGRESS_REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let _ = writeln!(std::io::stderr(), "pond sandbox: {line}");
                     });
                     tasks.push(tokio::spawn(egress::serve_on(listener, rules, log)));
