@@ -44,6 +44,8 @@ use crate::state::AppState;
 const LEASE: Duration = Duration::from_secs(30);
 /// How long one delivery may take, connection included.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long resolving a receiver's name may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Receiver answers kept in the log (bytes of its body are not kept).
 const MAX_URL_BYTES: usize = 2048;
 /// Subscriptions per project.
@@ -236,10 +238,21 @@ fn refuse_internal(ip: IpAddr, allow: &[IpAddr]) -> Result<(), String> {
     }
 }
 
-fn new_secret(key: &[u8; 32], now: Timestamp) -> (String, StoredSecret) {
+/// A new secret for subscription `id`: sealed together with the id, so a sealed secret moved to
+/// another subscription's record (by someone writing the database) opens to nothing there.
+fn new_secret(key: &[u8; 32], id: &str, now: Timestamp) -> (String, StoredSecret) {
     let bytes: [u8; 32] = rand::random();
-    let sealed = B64.encode(pond_core::seal::seal_at_rest(key, &bytes));
+    let mut bound = bound_prefix(id);
+    bound.extend_from_slice(&bytes);
+    let sealed = B64.encode(pond_core::seal::seal_at_rest(key, &bound));
     (secret_text(&bytes), StoredSecret { sealed, created_at: now, expires_at: None })
+}
+
+/// What a sealed secret starts with: its subscription's id and a NUL.
+fn bound_prefix(id: &str) -> Vec<u8> {
+    let mut prefix = id.as_bytes().to_vec();
+    prefix.push(0);
+    prefix
 }
 
 #[utoipa::path(post, path = "/webhooks", operation_id = "create_webhook", summary = "Subscribe a URL to a project's events", tag = "webhooks",
@@ -306,8 +319,8 @@ async fn create(
         )));
     }
     let now = now(&state);
-    let (secret, stored) = new_secret(&state.webhooks.at_rest_key, now);
     let id = format!("wh_{}", uuid::Uuid::now_v7().simple());
+    let (secret, stored) = new_secret(&state.webhooks.at_rest_key, &id, now);
     let sub = Subscription {
         id: id.clone(),
         project_id: body.project_id,
@@ -439,7 +452,7 @@ async fn rotate_secret(
     for s in sub.secrets.iter_mut().filter(|s| s.expires_at.is_none()) {
         s.expires_at = Some(until);
     }
-    let (secret, stored) = new_secret(&state.webhooks.at_rest_key, now);
+    let (secret, stored) = new_secret(&state.webhooks.at_rest_key, &id, now);
     sub.secrets.push(stored);
     let body = serde_json::to_string(&sub).map_err(|e| ApiError::Internal(e.to_string()))?;
     if !state.store.swap_record(SUBSCRIPTION_RECORD, &id, Some(&old_body), &body).await? {
@@ -903,11 +916,15 @@ fn live_secrets(state: &AppState, sub: &Subscription, now: Timestamp) -> Vec<Vec
     sub.secrets
         .iter()
         .filter(|s| s.expires_at.is_none_or(|t| t > now))
-        .filter_map(|s| {
-            let sealed = B64.decode(&s.sealed).ok()?;
-            pond_core::seal::open_at_rest(&state.webhooks.at_rest_key, &sealed).ok()
-        })
+        .filter_map(|s| open_secret(&state.webhooks.at_rest_key, &sub.id, s))
         .collect()
+}
+
+/// A stored secret's bytes, if it opens under `key` and was sealed for subscription `id`.
+fn open_secret(key: &[u8; 32], id: &str, stored: &StoredSecret) -> Option<Vec<u8>> {
+    let sealed = B64.decode(&stored.sealed).ok()?;
+    let opened = pond_core::seal::open_at_rest(key, &sealed).ok()?;
+    opened.strip_prefix(bound_prefix(id).as_slice()).map(<[u8]>::to_vec)
 }
 
 /// Resolves a receiver's name and keeps only the addresses the policy lets pond dial, so a name
@@ -918,7 +935,16 @@ struct PolicyResolver {
 
 impl ureq::Resolver for PolicyResolver {
     fn resolve(&self, netloc: &str) -> std::io::Result<Vec<SocketAddr>> {
-        let all: Vec<SocketAddr> = netloc.to_socket_addrs()?.collect();
+        // Resolution bounded like the rest of a delivery: a slow name server does not hold the
+        // subscription past its lease (the lookup thread is left to finish on its own).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let name = netloc.to_string();
+        std::thread::spawn(move || {
+            let _ = tx.send(name.to_socket_addrs().map(|a| a.collect::<Vec<SocketAddr>>()));
+        });
+        let all = rx.recv_timeout(RESOLVE_TIMEOUT).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "the receiver's name did not resolve within 5 s")
+        })??;
         let allowed: Vec<SocketAddr> =
             all.iter().copied().filter(|a| refuse_internal(a.ip(), &self.allow).is_ok()).collect();
         if allowed.is_empty() {
@@ -932,5 +958,22 @@ impl ureq::Resolver for PolicyResolver {
             return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why));
         }
         Ok(allowed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_secret_opens_only_for_its_own_subscription_and_key() {
+        let key = [7u8; 32];
+        let (shown, stored) = new_secret(&key, "wh_a", Timestamp::from_millis(0));
+        let bytes = open_secret(&key, "wh_a", &stored).expect("opens for its subscription");
+        assert_eq!(secret_text(&bytes), shown);
+        // Moved into another subscription's record, or read under another server key: nothing.
+        assert_eq!(open_secret(&key, "wh_b", &stored), None);
+        assert_eq!(open_secret(&key, "wh_", &stored), None);
+        assert_eq!(open_secret(&[8u8; 32], "wh_a", &stored), None);
     }
 }
