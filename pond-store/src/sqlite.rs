@@ -154,7 +154,19 @@ impl SqliteStore {
     }
 
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
-        self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
+        match self.writer.begin_with("BEGIN IMMEDIATE").await {
+            // The writer connection is still inside a transaction nobody holds (seen once in
+            // the stress test, after lease renewals timed out under load: a rollback that did
+            // not take). Every later write would fail the same way, so that connection is closed
+            // (SQLite rolls back what it held) and a fresh one opened.
+            Err(sqlx::Error::InvalidSavePointStatement) => {
+                if let Ok(conn) = self.writer.acquire().await {
+                    let _ = sqlx::Connection::close(conn.detach()).await;
+                }
+                self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
+            }
+            other => other.map_err(db_err),
+        }
     }
 
     /// Inserts log lines in one transaction.
