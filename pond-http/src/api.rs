@@ -129,7 +129,7 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
         .max_age(std::time::Duration::from_secs(600))
 }
 
-fn number<T: FromStr>(field: &str, text: Option<&str>) -> Result<Option<T>, ApiError> {
+pub(crate) fn number<T: FromStr>(field: &str, text: Option<&str>) -> Result<Option<T>, ApiError> {
     text.map(|t| {
         t.parse::<T>()
             .map_err(|_| ApiError::invalid(format!("query.{field}"), format!("`{t}` is not a whole number in range")))

@@ -356,36 +356,26 @@ pub(crate) enum Body<'a> {
     Bytes(&'a [u8], &'a str),
 }
 
-/// Reads server-sent events until the stream ends (`None`) or an `end` event arrives.
-fn read_events(
+/// Reads server-sent events, calling `on(name, id, data)` for each, until the stream ends
+/// (`Ok(true)`) or `on` says stop (`Ok(false)`).
+pub(crate) fn for_each_event(
     reader: impl Read,
-    cursor: &mut i64,
-    on_line: &mut dyn FnMut(&LogLine),
-) -> Result<Option<LogEnd>, ClientError> {
-    let reader = BufReader::new(reader);
-    let (mut event, mut data) = (String::new(), String::new());
-    for line in reader.lines() {
-        let Ok(line) = line else { return Ok(None) };
+    on: &mut dyn FnMut(&str, Option<&str>, &str) -> Result<bool, ClientError>,
+) -> Result<bool, ClientError> {
+    let (mut event, mut data, mut id) = (String::new(), String::new(), None::<String>);
+    for line in BufReader::new(reader).lines() {
+        let Ok(line) = line else { return Ok(true) };
         if line.is_empty() {
-            match event.as_str() {
-                "log" => {
-                    let parsed: LogLine =
-                        serde_json::from_str(&data).map_err(|e| ClientError::Decode(format!("log event: {e}")))?;
-                    *cursor = parsed.seq;
-                    on_line(&parsed);
-                }
-                "end" => {
-                    let end: LogEnd =
-                        serde_json::from_str(&data).map_err(|e| ClientError::Decode(format!("end event: {e}")))?;
-                    return Ok(Some(end));
-                }
-                "error" => return Err(ClientError::Decode(format!("server error while following: {data}"))),
-                _ => {}
+            if !event.is_empty() && !on(&event, id.as_deref(), &data)? {
+                return Ok(false);
             }
             event.clear();
             data.clear();
+            id = None;
         } else if let Some(v) = line.strip_prefix("event:") {
             event = v.trim().to_string();
+        } else if let Some(v) = line.strip_prefix("id:") {
+            id = Some(v.trim().to_string());
         } else if let Some(v) = line.strip_prefix("data:") {
             if !data.is_empty() {
                 data.push('\n');
@@ -393,5 +383,30 @@ fn read_events(
             data.push_str(v.strip_prefix(' ').unwrap_or(v));
         }
     }
-    Ok(None)
+    Ok(true)
+}
+
+/// Reads a followed log until the stream ends (`None`) or an `end` event arrives.
+fn read_events(
+    reader: impl Read,
+    cursor: &mut i64,
+    on_line: &mut dyn FnMut(&LogLine),
+) -> Result<Option<LogEnd>, ClientError> {
+    let mut end = None;
+    for_each_event(reader, &mut |event, _, data| match event {
+        "log" => {
+            let parsed: LogLine =
+                serde_json::from_str(data).map_err(|e| ClientError::Decode(format!("log event: {e}")))?;
+            *cursor = parsed.seq;
+            on_line(&parsed);
+            Ok(true)
+        }
+        "end" => {
+            end = Some(serde_json::from_str(data).map_err(|e| ClientError::Decode(format!("end event: {e}")))?);
+            Ok(false)
+        }
+        "error" => Err(ClientError::Decode(format!("server error while following: {data}"))),
+        _ => Ok(true),
+    })?;
+    Ok(end)
 }

@@ -87,11 +87,6 @@ pub(crate) fn parse_types(field: &str, text: Option<&str>) -> Result<Vec<String>
     Ok(types)
 }
 
-fn whole<T: std::str::FromStr>(field: &str, text: Option<&str>) -> Result<Option<T>, ApiError> {
-    text.map(|t| t.parse::<T>().map_err(|_| ApiError::invalid(field, format!("`{t}` is not a whole number in range"))))
-        .transpose()
-}
-
 #[utoipa::path(get, path = "/events", summary = "Read or follow run and stage state changes", tag = "events",
     security(("bearer" = [])),
     description = "Run and stage state changes of the caller's projects (`run.queued` … `stage.cancelled`), \
@@ -144,8 +139,8 @@ async fn events(
         }
         None => None,
     };
-    let after = resume.or(whole::<i64>("query.after", q.after.as_deref())?.map(|n| n.max(0)));
-    let limit = whole::<u32>("query.limit", q.limit.as_deref())?.unwrap_or(500).clamp(1, state.limits.max_page);
+    let after = resume.or(crate::api::number::<i64>("after", q.after.as_deref())?.map(|n| n.max(0)));
+    let limit = crate::api::number::<u32>("limit", q.limit.as_deref())?.unwrap_or(500).clamp(1, state.limits.max_page);
     let streamed = match q.follow.as_deref() {
         Some("1" | "true" | "yes" | "") => true,
         Some("0" | "false" | "no") => false,

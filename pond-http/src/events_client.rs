@@ -1,6 +1,5 @@
 //! The typed client's calls for events (`/v1/events`) and webhooks (`/v1/webhooks`).
 
-use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use pond_core::events::Event;
@@ -120,37 +119,17 @@ fn read_stream(
     cursor: &mut Option<i64>,
     on_event: &mut dyn FnMut(&Event) -> bool,
 ) -> Result<bool, ClientError> {
-    let (mut name, mut data, mut id) = (String::new(), String::new(), None::<i64>);
-    for line in BufReader::new(reader).lines() {
-        let Ok(line) = line else { return Ok(true) };
-        if line.is_empty() {
-            match name.as_str() {
-                "" => {}
-                // Where the stream starts: resume from there even if no event follows.
-                "ready" => *cursor = id.or(*cursor),
-                "error" => return Err(ClientError::Decode(format!("server error while following: {data}"))),
-                _ => {
-                    let event: Event =
-                        serde_json::from_str(&data).map_err(|e| ClientError::Decode(format!("event: {e}")))?;
-                    *cursor = Some(event.seq);
-                    if !on_event(&event) {
-                        return Ok(false);
-                    }
-                }
-            }
-            name.clear();
-            data.clear();
-            id = None;
-        } else if let Some(v) = line.strip_prefix("id:") {
-            id = v.trim().parse().ok();
-        } else if let Some(v) = line.strip_prefix("event:") {
-            name = v.trim().to_string();
-        } else if let Some(v) = line.strip_prefix("data:") {
-            if !data.is_empty() {
-                data.push('\n');
-            }
-            data.push_str(v.strip_prefix(' ').unwrap_or(v));
+    crate::client::for_each_event(reader, &mut |name, id, data| match name {
+        // Where the stream starts: resume from there even if no event follows.
+        "ready" => {
+            *cursor = id.and_then(|i| i.parse().ok()).or(*cursor);
+            Ok(true)
         }
-    }
-    Ok(true)
+        "error" => Err(ClientError::Decode(format!("server error while following: {data}"))),
+        _ => {
+            let event: Event = serde_json::from_str(data).map_err(|e| ClientError::Decode(format!("event: {e}")))?;
+            *cursor = Some(event.seq);
+            Ok(on_event(&event))
+        }
+    })
 }
