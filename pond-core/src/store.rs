@@ -34,8 +34,41 @@ pub struct RunQuery {
     pub state: Option<RunState>,
     /// Only runs older than this one (the cursor).
     pub before: Option<RunId>,
+    /// Only runs whose id, idempotency key, error or definition (stage keys, names, commands)
+    /// contains this text, ASCII letters matched in either case.
+    pub text: Option<String>,
     /// Page size.
     pub limit: u32,
+}
+
+impl RunQuery {
+    /// The `LIKE` pattern for [`RunQuery::text`]: the text with `\`, `%` and `_` escaped (the
+    /// stores' `LIKE … ESCAPE '\'`), between two `%`.
+    pub fn like_pattern(&self) -> Option<String> {
+        self.text.as_ref().map(|t| {
+            let mut pattern = String::with_capacity(t.len() + 2);
+            pattern.push('%');
+            for c in t.chars() {
+                if matches!(c, '\\' | '%' | '_') {
+                    pattern.push('\\');
+                }
+                pattern.push(c);
+            }
+            pattern.push('%');
+            pattern
+        })
+    }
+
+    /// Whether `run` matches [`RunQuery::text`] (the in-memory store's form of the stores' `LIKE`).
+    pub fn matches_text(&self, run: &crate::run::Run) -> bool {
+        let Some(text) = &self.text else { return true };
+        let needle = text.to_ascii_lowercase();
+        let definition = serde_json::to_string(&run.definition).unwrap_or_default();
+        [Some(run.id.to_string()), run.idempotency_key.clone(), run.error.clone(), Some(definition)]
+            .into_iter()
+            .flatten()
+            .any(|hay| hay.to_ascii_lowercase().contains(&needle))
+    }
 }
 
 /// A request to claim ready stages.

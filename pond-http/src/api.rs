@@ -29,7 +29,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use crate::wire::{
     ArtifactList, BulkCancelled, BulkFailure, BundleCreated, CreateKey, Health, HealthLimits, KeyList, KeyView, LogEnd,
-    LogPage, Ready, RunPage, RunSummary, RunView, Version,
+    LogPage, Ready, RunPage, RunSummary, RunView, Version, WhoAmI,
 };
 
 /// The whole HTTP API. Every route sits in a group with a body limit fitting what it takes
@@ -76,6 +76,7 @@ fn routes(limits: &crate::state::Limits) -> OpenApiRouter<AppState> {
         .routes(routes!(revoke_key))
         .routes(routes!(rotate_own_key))
         .routes(routes!(version))
+        .routes(routes!(whoami))
         .routes(routes!(crate::openapi::server_openapi_json))
         .merge(crate::agents_api::routes())
         .merge(crate::keys_api::routes())
@@ -90,6 +91,8 @@ fn routes(limits: &crate::state::Limits) -> OpenApiRouter<AppState> {
         .routes(routes!(crate::metrics::render))
         .routes(routes!(crate::openapi::docs_page))
         .routes(routes!(crate::openapi::docs_script))
+        .routes(routes!(crate::console::console_page))
+        .routes(routes!(crate::console::console_asset))
         .route_layer(body_limit(SMALL_BODY_BYTES));
     OpenApiRouter::with_openapi(crate::openapi::server_base()).nest("/v1", v1).merge(health)
 }
@@ -274,7 +277,11 @@ struct ListQuery {
     state: Option<String>,
     limit: Option<String>,
     cursor: Option<String>,
+    text: Option<String>,
 }
+
+/// The longest `text` a run search takes.
+const MAX_SEARCH_CHARS: usize = 200;
 
 #[utoipa::path(get, path = "/runs", summary = "List runs", tag = "runs", security(("bearer" = [])),
     description = "The runs visible to the credential, newest first, a page at a time.",
@@ -283,6 +290,7 @@ struct ListQuery {
         ("state" = Option<RunState>, Query, description = "Only runs in this state."),
         ("limit" = Option<i64>, Query, minimum = 0, maximum = 4294967295_i64, description = "Page size (default 50; 0 counts as 1, larger values are cut to the server's page limit)."),
         ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page."),
+        ("text" = Option<String>, Query, max_length = 200, description = "Only runs whose id, idempotency key, error or definition (stage keys, names, commands) contains this text; ASCII letters match in either case."),
     ),
     responses(
         (status = 200, description = "A page of runs.", body = RunPage),
@@ -320,7 +328,16 @@ async fn list_runs(
         (Some(mine), None) => Some(mine),
         (Some(mine), Some(p)) => Some(mine.into_iter().filter(|m| *m == p).collect()),
     };
-    let runs = state.store.list_runs(&RunQuery { projects, state: run_state, before, limit: limit + 1 }).await?;
+    let text = match q.text {
+        Some(t) if t.chars().count() > MAX_SEARCH_CHARS => {
+            return Err(ApiError::invalid("query.text", format!("longer than {MAX_SEARCH_CHARS} characters")))
+        }
+        Some(t) if t.contains('\0') => return Err(ApiError::invalid("query.text", "contains a NUL character")),
+        Some(t) if !t.is_empty() => Some(t),
+        _ => None,
+    };
+    let query = RunQuery { projects, state: run_state, before, text, limit: limit + 1 };
+    let runs = state.store.list_runs(&query).await?;
     let more = runs.len() > limit as usize;
     let runs: Vec<RunSummary> = runs
         .into_iter()
@@ -433,8 +450,13 @@ async fn cancel_runs(
     for run_state in states {
         let mut before = None;
         loop {
-            let query =
-                RunQuery { projects: Some(vec![body.project.clone()]), state: Some(run_state), before, limit: 500 };
+            let query = RunQuery {
+                projects: Some(vec![body.project.clone()]),
+                state: Some(run_state),
+                before,
+                limit: 500,
+                text: None,
+            };
             let page = state.store.list_runs(&query).await?;
             let Some(last) = page.last() else { break };
             before = Some(last.id);
@@ -810,6 +832,18 @@ async fn rotate_own_key(State(state): State<AppState>, who: Principal) -> Result
     let mut view = KeyView::from(record);
     view.token = Some(secret);
     Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+/// `GET /v1/whoami`: what the presented key is and may see (the console signs in with it).
+#[utoipa::path(get, path = "/whoami", summary = "Describe the calling key", tag = "keys", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The key's id, role and projects.", body = WhoAmI),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
+async fn whoami(who: Principal) -> Json<WhoAmI> {
+    let projects = if who.role == Role::Admin { Vec::new() } else { who.projects };
+    Json(WhoAmI { key_id: who.token_id, role: who.role, projects })
 }
 
 /// `GET /v1/version` (no token needed): the server's version and API.

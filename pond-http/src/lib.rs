@@ -7,6 +7,7 @@
 //!   lingering close);
 //! - [`error`]: [`error::ApiError`], the single error → status mapping;
 //! - [`openapi`]: the OpenAPI 3.1 documents, generated from the routers, and the `/docs` page;
+//! - [`console`]: the web console at `/` (embedded files, strict CSP; a client of `/v1`);
 //! - [`orch`]: pond's side of the pool protocol (`/v1/orch`, admin pool routes);
 //! - [`pool_wire`]: the pool protocol's wire shapes;
 //! - [`orchestrator`]: the `pond orchestrator` process (worker API, batched long polls to pond);
@@ -29,6 +30,7 @@ pub mod boundary;
 pub mod broker;
 pub mod cli;
 pub mod client;
+pub mod console;
 pub mod doctor;
 pub mod error;
 pub mod events_api;

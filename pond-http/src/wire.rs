@@ -309,6 +309,17 @@ pub struct Ready {
     pub status: String,
 }
 
+/// `GET /v1/whoami`: the credential presented, as the API scopes it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct WhoAmI {
+    /// The key's id (`pond keys revoke` takes it).
+    pub key_id: TokenId,
+    /// `admin` or `consumer`.
+    pub role: Role,
+    /// The projects a consumer key may use (empty for an admin key, which sees every project).
+    pub projects: Vec<String>,
+}
+
 /// `GET /v1/version`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Version {

@@ -125,6 +125,7 @@ impl Store for MemoryStore {
             .map(|(_, s)| &s.run)
             .filter(|r| query.projects.as_ref().is_none_or(|p| p.contains(&r.project_id)))
             .filter(|r| query.state.is_none_or(|s| r.state == s))
+            .filter(|r| query.matches_text(r))
             .take(query.limit as usize)
             .cloned()
             .collect())

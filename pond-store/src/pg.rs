@@ -709,12 +709,16 @@ impl Store for PgStore {
               WHERE ($1::TEXT[] IS NULL OR project_id = ANY($1))
                 AND ($2::TEXT IS NULL OR state = $2)
                 AND ($3::TEXT IS NULL OR id < $3)
+                AND ($5::TEXT IS NULL OR id ILIKE $5 OR idempotency_key ILIKE $5 OR error ILIKE $5
+                     OR definition ILIKE $5)
               ORDER BY id DESC LIMIT $4",
         )
         .bind(query.projects.as_ref())
         .bind(query.state.map(|s| s.as_str()))
         .bind(query.before.map(|b| b.to_string()))
         .bind(query.limit as i64)
+        // ILIKE's default escape character is `\`, as the pattern assumes.
+        .bind(query.like_pattern())
         .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;

@@ -409,6 +409,14 @@ impl Store for SqliteStore {
         if query.before.is_some() {
             sql.push_str(" AND id < ?");
         }
+        let pattern = query.like_pattern();
+        if pattern.is_some() {
+            // SQLite's LIKE matches ASCII letters in either case.
+            sql.push_str(
+                " AND (id LIKE ? ESCAPE '\\' OR idempotency_key LIKE ? ESCAPE '\\' \
+                   OR error LIKE ? ESCAPE '\\' OR definition LIKE ? ESCAPE '\\')",
+            );
+        }
         sql.push_str(" ORDER BY id DESC LIMIT ?");
         let mut q = sqlx::query(&sql);
         for p in query.projects.iter().flatten() {
@@ -419,6 +427,11 @@ impl Store for SqliteStore {
         }
         if let Some(before) = query.before {
             q = q.bind(before.to_string());
+        }
+        if let Some(pattern) = &pattern {
+            for _ in 0..4 {
+                q = q.bind(pattern);
+            }
         }
         q = q.bind(query.limit as i64);
         q.fetch_all(&self.reader).await.map_err(db_err)?.iter().map(run_from_row).collect()

@@ -77,6 +77,30 @@ pub async fn runs_round_trip_and_list_newest_first(store: Arc<dyn Store>) {
         store.list_runs(&RunQuery { limit: 10, state: Some(RunState::Succeeded), ..Default::default() }).await.unwrap();
     assert!(queued.is_empty());
     assert!(store.get_run(RunId::generate(T0)).await.unwrap().is_none());
+
+    // Text search: stage keys and names in the definition, any case; `%`, `_` and `\` are text.
+    let named = new_run(
+        "odd",
+        json!({"stages":[{"key":"lint_zz9","name":"Check 100%","executor":{"kind":"noop"}}]}),
+        Some("idem-Q"),
+        at(9),
+    );
+    store.insert_run(&named).await.unwrap();
+    let search = |text: &str| {
+        let store = store.clone();
+        let query = RunQuery { limit: 10, text: Some(text.to_string()), ..Default::default() };
+        async move { store.list_runs(&query).await.unwrap().iter().map(|r| r.id).collect::<Vec<_>>() }
+    };
+    assert_eq!(search("ZZ9").await, vec![named.run.id], "a stage key, in another case");
+    assert_eq!(search("check 100%").await, vec![named.run.id], "a name with `%`");
+    assert_eq!(search("lint_").await, vec![named.run.id]);
+    assert!(search("lintXzz9").await.is_empty(), "`_` matches only itself");
+    assert!(search("100%%").await.is_empty(), "`%` matches only itself");
+    assert!(search("\\").await.is_empty());
+    assert_eq!(search("idem-q").await, vec![named.run.id], "the idempotency key");
+    let prefix = &named.run.id.to_string()[..13];
+    assert!(search(prefix).await.contains(&named.run.id), "the id");
+    assert_eq!(search("\"noop\"").await.len(), 6, "every run's definition");
 }
 
 pub async fn idempotency_key_returns_the_first_run(store: Arc<dyn Store>) {

@@ -1,0 +1,121 @@
+//! The console: a web page served at `/` that shows runs, pools, agents and keys, made of
+//! files compiled into the binary (no CDN, nothing fetched at run time). It is a client of the
+//! same `/v1` API as the CLI, signed in with an API key kept in the tab's session storage.
+//!
+//! Confidential runs stay sealed on the server: the page fetches ciphertext like any consumer
+//! and opens it in the browser with the reader's X25519 key and a vendored libsodium
+//! (`assets/console/sodium`, ISC), so plaintext never crosses the wire.
+//!
+//! Every answer carries a strict Content-Security-Policy: scripts only from this server (no
+//! inline script, no `eval`; WebAssembly for libsodium), requests only to this server, no
+//! framing, and pictures only from here or from `blob:` URLs the page made itself (artifact
+//! previews).
+
+use std::sync::OnceLock;
+
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use crate::boundary::ApiPath as Path;
+use crate::error::ApiError;
+
+/// The policy every console answer carries.
+const CSP: &str = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; \
+                   img-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; \
+                   frame-ancestors 'none'";
+
+/// The console's files: name under `/console/`, content type, bytes.
+const ASSETS: &[(&str, &str, &[u8])] = &[
+    ("console.js", "text/javascript; charset=utf-8", include_bytes!("../assets/console/console.js")),
+    ("console.css", "text/css; charset=utf-8", include_bytes!("../assets/console/console.css")),
+    ("open.js", "text/javascript; charset=utf-8", include_bytes!("../assets/console/open.js")),
+    ("favicon.svg", "image/svg+xml", include_bytes!("../assets/console/favicon.svg")),
+    // libsodium.js (ISC), vendored from npm; see `assets/console/sodium/README.md`.
+    (
+        "libsodium-wrappers.mjs",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/console/sodium/libsodium-wrappers.mjs"),
+    ),
+    (
+        "libsodium-sumo.mjs",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/console/sodium/libsodium-sumo.mjs"),
+    ),
+    ("libsodium-LICENSE.txt", "text/plain; charset=utf-8", include_bytes!("../assets/console/sodium/LICENSE")),
+];
+
+const INDEX_HTML: &[u8] = include_bytes!("../assets/console/index.html");
+
+/// The console's page.
+#[utoipa::path(get, path = "/", tag = "meta", security(()),
+    responses((status = 200, description = "The console (a web page served by pond itself; it signs in with an API key).", content_type = "text/html", body = String)))]
+pub(crate) async fn console_page(headers: HeaderMap) -> Response {
+    serve(&headers, "index.html", "text/html; charset=utf-8", INDEX_HTML)
+}
+
+/// One of the console's files.
+#[utoipa::path(get, path = "/console/{file}", tag = "meta", security(()),
+    params(("file" = String, Path, description = "The file's name, e.g. `console.js`.")),
+    responses(
+        (status = 200, description = "The file (script, style sheet, icon, or the vendored libsodium and its licence).", content_type = "text/javascript", body = String),
+        (status = 404, response = crate::openapi::NotFound),
+    ))]
+pub(crate) async fn console_asset(headers: HeaderMap, Path(file): Path<String>) -> Result<Response, ApiError> {
+    let (name, kind, bytes) = ASSETS
+        .iter()
+        .find(|(name, _, _)| *name == file)
+        .ok_or_else(|| ApiError::NotFound(format!("the console has no file `{file}`")))?;
+    Ok(serve(&headers, name, kind, bytes))
+}
+
+/// The console's files and their sizes (for BENCHMARKS: the page's own script and style, and
+/// the vendored libsodium apart).
+pub fn asset_sizes() -> Vec<(&'static str, usize)> {
+    let mut sizes = vec![("index.html", INDEX_HTML.len())];
+    sizes.extend(ASSETS.iter().map(|(name, _, bytes)| (*name, bytes.len())));
+    sizes
+}
+
+/// An answer with the policy, revalidated on each load by its digest (an upgraded server's
+/// files are never read from a stale cache).
+fn serve(headers: &HeaderMap, name: &str, kind: &'static str, bytes: &'static [u8]) -> Response {
+    let tag = etag(name, bytes);
+    let fresh = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|candidate| candidate.trim() == tag.to_str().unwrap_or_default()));
+    let common = [
+        (header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP)),
+        (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+        (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
+        (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        (header::ETAG, tag),
+    ];
+    if fresh {
+        return (StatusCode::NOT_MODIFIED, common).into_response();
+    }
+    (common, [(header::CONTENT_TYPE, HeaderValue::from_static(kind))], bytes).into_response()
+}
+
+/// A strong validator for one embedded file, computed once.
+fn etag(name: &str, bytes: &[u8]) -> HeaderValue {
+    static TAGS: OnceLock<std::collections::HashMap<String, HeaderValue>> = OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut all = vec![("index.html", INDEX_HTML)];
+        all.extend(ASSETS.iter().map(|(n, _, b)| (*n, *b)));
+        all.into_iter()
+            .map(|(n, b)| {
+                let digest = Sha256::digest(b);
+                let text = format!("\"{}\"", hex::encode(&digest[..12]));
+                (n.to_string(), HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("\"0\"")))
+            })
+            .collect()
+    });
+    tags.get(name).cloned().unwrap_or_else(|| {
+        let digest = Sha256::digest(bytes);
+        HeaderValue::from_str(&format!("\"{}\"", hex::encode(&digest[..12])))
+            .unwrap_or(HeaderValue::from_static("\"0\""))
+    })
+}
