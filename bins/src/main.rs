@@ -992,6 +992,11 @@ struct BenchArgs {
     /// --database-url).
     #[arg(long)]
     events: bool,
+    /// Instead: what the console asks of the server — this many finished runs stored, then
+    /// each run-list request it makes timed --samples times (SQLite, or --database-url); the
+    /// console's file sizes beside.
+    #[arg(long, value_name = "RUNS")]
+    run_list: Option<usize>,
 }
 
 #[derive(Clone, Copy)]
@@ -1648,7 +1653,16 @@ fn pool(command: PoolCommand, client: &Client) -> Result<()> {
             if json {
                 return print_json(&list);
             }
-            say!("{:<18} {:<14} {:<16} {:<24} {:<20} {:<8} JOB", "ID", "KIND", "POOL", "TAGS", "LAST SEEN", "STATE");
+            say!(
+                "{:<18} {:<14} {:<16} {:<24} {:<20} {:<8} {:<10} JOB",
+                "ID",
+                "KIND",
+                "POOL",
+                "TAGS",
+                "LAST SEEN",
+                "STATE",
+                "VERSION"
+            );
             for v in list.orchestrators.iter().chain(&list.workers) {
                 let m = &v.member;
                 let state = if m.revoked_at.is_some() {
@@ -1659,13 +1673,14 @@ fn pool(command: PoolCommand, client: &Client) -> Result<()> {
                     "active"
                 };
                 say!(
-                    "{:<18} {:<14} {:<16} {:<24} {:<20} {:<8} {}",
+                    "{:<18} {:<14} {:<16} {:<24} {:<20} {:<8} {:<10} {}",
                     m.id,
                     m.kind.as_str(),
                     m.pool,
                     if m.tags.is_empty() { "-".into() } else { m.tags.join(",") },
                     v.last_seen.as_deref().map(|s| s.get(..19).unwrap_or(s)).unwrap_or("never"),
                     state,
+                    v.version.as_deref().unwrap_or("-"),
                     v.current_job.as_deref().unwrap_or("-")
                 );
                 if m.fingerprint.is_some() || !m.capabilities.is_empty() {
@@ -2279,6 +2294,24 @@ fn demo(args: DemoArgs) -> Result<i32> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
+    if let Some(runs) = args.run_list {
+        let rt = runtime()?;
+        let db = match &args.database_url {
+            Some(server) => Some(rt.block_on(pond_store::ScratchDatabase::create(server, "bench_console"))?),
+            None => None,
+        };
+        let report = rt
+            .block_on(pond_http::console_bench::run(
+                &args.data_dir,
+                Arc::new(pond_sandbox::HostBackend),
+                db.as_ref().map(|d| d.url.clone()),
+                runs,
+                args.samples,
+            ))
+            .map_err(anyhow::Error::msg)?;
+        say!("{report}");
+        return Ok(());
+    }
     if args.events {
         let rt = runtime()?;
         let db = match &args.database_url {

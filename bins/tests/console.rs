@@ -258,6 +258,11 @@ fn the_console_in_a_real_browser() {
     );
     assert_eq!(list(&got["bad_lines"]), Vec::<String>::new());
     assert_eq!(list(&got["whole_streams"]).len(), 2, "{}", got["whole_streams"]);
+    let checks = text(&got["checks"]);
+    assert!(
+        checks.contains("signed by your key and covers every recipient") && checks.contains("Every stream is whole"),
+        "{checks}"
+    );
     assert_eq!(text(&got["confidential_download"]), "ARTIFACT-SECRET-77q");
     assert_eq!(text(&got["confidential_preview"]), "ARTIFACT-SECRET-77q");
     assert_eq!(got["key_in_storage"], false);
@@ -284,7 +289,8 @@ fn the_console_in_a_real_browser() {
     );
 
     // Pools, agents, keys.
-    assert!(text(&got["worker_row"]).contains("tenant:web"), "{}", got["worker_row"]);
+    let worker_row = text(&got["worker_row"]);
+    assert!(worker_row.contains("tenant:web") && worker_row.contains(env!("CARGO_PKG_VERSION")), "{worker_row}");
     assert_eq!(got["drained_in_api"], true);
     assert_eq!(got["undrained_in_api"], true);
     let agents = text(&got["agents_text"]);

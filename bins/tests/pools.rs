@@ -181,6 +181,17 @@ fn drain_once_and_graceful_shutdown() {
     assert!(listed.workers.iter().any(|w| w.member.id == p.acme.id && w.member.draining));
     assert!(p.server.cli(&["pool", "drain", "--undo", &p.acme.id]).status.success());
     assert_eq!(wait_done(&admin, &id, Duration::from_secs(30)).state.as_str(), "succeeded");
+    // Every member reported its version (a worker through its orchestrator); `pond pool ls`
+    // shows it.
+    let version = env!("CARGO_PKG_VERSION");
+    let listed = admin.pools().unwrap();
+    for m in listed.orchestrators.iter().chain(&listed.workers).filter(|m| m.member.revoked_at.is_none()) {
+        assert_eq!(m.version.as_deref(), Some(version), "{} reported no version", m.member.id);
+    }
+    let out = p.server.cli(&["pool", "ls"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text.lines().find(|l| l.starts_with(&p.acme.id)).unwrap_or_default();
+    assert!(row.contains(version), "{text}");
 
     // SIGTERM mid-job with --drain 0s: the job is handed back at once, not after the lease.
     let id = submit(&admin, &pooled("globex", "byo", "sleep 30"));

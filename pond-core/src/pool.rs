@@ -29,6 +29,18 @@ const CODE: &str = "enroll_code";
 const MEMBER: &str = "pool_member";
 const TOKEN: &str = "pool_token";
 const SEEN: &str = "pool_seen";
+const VERSION: &str = "pool_version";
+
+/// A version a pond process reports of itself (`pond/<version>` in its `User-Agent`, or an
+/// orchestrator's report of a worker's), or `None` when the text is not one: at most 32
+/// letters, digits, `.`, `+` or `-`. What a member reports is shown, not trusted.
+pub fn reported_version(text: &str) -> Option<&str> {
+    let version = text.trim();
+    let valid = !version.is_empty()
+        && version.len() <= 32
+        && version.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '-'));
+    valid.then_some(version)
+}
 
 /// Longest an enrollment code may live.
 pub const MAX_CODE_TTL: Millis = Millis::from_secs(30 * 24 * 3600);
@@ -835,6 +847,19 @@ impl Pools {
             self.store.put_record(SEEN, id, &body).await?;
         }
         Ok(())
+    }
+
+    /// Notes the versions members reported (id, version).
+    pub async fn note_versions(&self, versions: &[(&str, &str)]) -> Result<(), PoolError> {
+        for (id, version) in versions {
+            self.store.put_record(VERSION, id, version).await?;
+        }
+        Ok(())
+    }
+
+    /// The version each member last reported.
+    pub async fn versions(&self) -> Result<HashMap<String, String>, PoolError> {
+        Ok(self.store.list_records(VERSION).await?.into_iter().collect())
     }
 
     /// When each member was last heard from, and the job it held then.

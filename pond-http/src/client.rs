@@ -84,6 +84,8 @@ impl Client {
     /// A client for the server at `base` (e.g. `http://127.0.0.1:8420`).
     pub fn new(base: &str, token: Option<String>) -> Self {
         let agent = ureq::AgentBuilder::new()
+            // Servers learn which release calls them (`pond pool ls` shows members' versions).
+            .user_agent(concat!("pond/", env!("CARGO_PKG_VERSION")))
             .timeout_connect(Duration::from_secs(10))
             .timeout_read(Duration::from_secs(90))
             .max_idle_connections_per_host(64)

@@ -7,13 +7,17 @@
 //! (`assets/console/sodium`, ISC), so plaintext never crosses the wire.
 //!
 //! Every answer carries a strict Content-Security-Policy: scripts only from this server (no
-//! inline script, no `eval`; WebAssembly for libsodium), requests only to this server, no
-//! framing, and pictures only from here or from `blob:` URLs the page made itself (artifact
-//! previews).
+//! inline script, no `eval`; WebAssembly for libsodium), no HTML-from-text sinks at all (Trusted
+//! Types with no policy), requests only to this server, no framing, and pictures only from here
+//! or from `blob:` URLs the page made itself (artifact previews).
+//!
+//! What it does not protect against: the page is served by the same server whose storage it
+//! does not trust with plaintext. A reader who does not trust the server's *code* either opens
+//! runs with `pond run logs` or a libsodium client of their own; the console says so.
 
 use std::sync::OnceLock;
 
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
@@ -23,7 +27,7 @@ use crate::error::ApiError;
 /// The policy every console answer carries.
 const CSP: &str = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; \
                    img-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; \
-                   frame-ancestors 'none'";
+                   frame-ancestors 'none'; require-trusted-types-for 'script'; trusted-types 'none'";
 
 /// The console's files: name under `/console/`, content type, bytes.
 const ASSETS: &[(&str, &str, &[u8])] = &[
@@ -90,6 +94,13 @@ fn serve(headers: &HeaderMap, name: &str, kind: &'static str, bytes: &'static [u
         (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
         (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
         (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+        // No other origin's window keeps a handle on the page, nor embeds its files.
+        (HeaderName::from_static("cross-origin-opener-policy"), HeaderValue::from_static("same-origin")),
+        (HeaderName::from_static("cross-origin-resource-policy"), HeaderValue::from_static("same-origin")),
+        (
+            HeaderName::from_static("permissions-policy"),
+            HeaderValue::from_static("camera=(), microphone=(), geolocation=(), payment=(), usb=()"),
+        ),
         (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
         (header::ETAG, tag),
     ];

@@ -31,6 +31,7 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod console;
+pub mod console_bench;
 pub mod doctor;
 pub mod error;
 pub mod events_api;

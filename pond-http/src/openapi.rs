@@ -363,7 +363,8 @@ pub(crate) async fn docs_page() -> Response {
                 header::CONTENT_SECURITY_POLICY,
                 HeaderValue::from_static(
                     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
-                     img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:",
+                     img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; \
+                     frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
                 ),
             ),
         ],

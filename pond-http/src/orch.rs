@@ -347,6 +347,7 @@ async fn worker_me(relayed: Relayed) -> Json<PoolMember> {
 #[utoipa::path(post, path = "/orch/claim", tag = "orch", security(("orchestrator" = [])),
     description = "Long poll: claims at most one job for each idle worker, waiting up to `wait_ms` (at most 30 s) for matching work. A newer poll of the same orchestrator ends this one.",
     request_body(content = ClaimRequest, content_type = "application/json"),
+    params(("pond-worker-versions" = Option<String>, Header, description = "The pond versions the claim's workers reported to the orchestrator: `<worker id>=<version>`, comma-separated (only changes need be sent). The orchestrator's own version is read from its `User-Agent` (`pond/<version>`).")),
     responses(
         (status = 200, description = "Jobs claimed (at most one per worker) and the workers pond will not serve.", body = ClaimResponse),
         (status = 400, response = crate::openapi::BadRequest),
@@ -359,6 +360,7 @@ async fn worker_me(relayed: Relayed) -> Json<PoolMember> {
 async fn claim(
     State(state): State<AppState>,
     Orchestrator(orchestrator): Orchestrator,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<ClaimRequest>,
 ) -> Result<Json<ClaimResponse>, ApiError> {
     if req.workers.len() > 10_000 {
@@ -379,6 +381,25 @@ async fn claim(
     let mut seen: Vec<(&str, Option<&str>)> = vec![(orchestrator.id.as_str(), None)];
     seen.extend(idle.iter().map(|m| (m.id.as_str(), None)));
     state.seen.touch(&state.pools, &seen).await?;
+    // Versions: the orchestrator's own from its User-Agent, its workers' as it reports them
+    // (only for workers of this claim: it speaks for no one else).
+    let mut versions = Vec::new();
+    let own =
+        crate::pool_wire::agent_version(headers.get(axum::http::header::USER_AGENT).and_then(|v| v.to_str().ok()));
+    if let Some(own) = &own {
+        versions.push((orchestrator.id.as_str(), own.as_str()));
+    }
+    let reported = headers.get(crate::pool_wire::WORKER_VERSIONS_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    for entry in reported.split(',').take(10_000) {
+        let Some((id, version)) = entry.trim().split_once('=') else { continue };
+        let (Some(member), Some(version)) =
+            (idle.iter().find(|m| m.id == id.trim()), pond_core::pool::reported_version(version))
+        else {
+            continue;
+        };
+        versions.push((member.id.as_str(), version));
+    }
+    state.seen.note_versions(&state.pools, &versions).await?;
     let deadline = Instant::now() + wait;
     let mut wake = state.store.runs_changed();
     // A newer poll of the same orchestrator (covering every worker it has waiting) ends this
@@ -965,13 +986,15 @@ async fn release(
 async fn list_pools(State(state): State<AppState>, who: Principal) -> Result<Json<PoolList>, ApiError> {
     who.require_admin()?;
     let seen = state.pools.last_seen().await?;
+    let versions = state.pools.versions().await?;
     let mut list = PoolList { orchestrators: Vec::new(), workers: Vec::new() };
     for member in state.pools.members().await? {
         let (last_seen, current_job) = match seen.get(&member.id) {
             Some((at, job)) => (Some(at.to_rfc3339()), job.clone()),
             None => (None, None),
         };
-        let view = MemberView { member, last_seen, current_job };
+        let version = versions.get(&member.id).cloned();
+        let view = MemberView { member, last_seen, current_job, version };
         match view.member.kind {
             MemberKind::Orchestrator => list.orchestrators.push(view),
             MemberKind::Worker => list.workers.push(view),
@@ -1094,10 +1117,35 @@ async fn drain(
 #[derive(Default)]
 pub struct SeenThrottle {
     written: std::sync::Mutex<HashMap<String, (Instant, Option<String>)>>,
+    /// The version last written for each member.
+    versions: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl SeenThrottle {
     const EVERY: Duration = Duration::from_secs(30);
+
+    /// Writes the versions that changed since this node last wrote them.
+    async fn note_versions(&self, pools: &pond_core::pool::Pools, versions: &[(&str, &str)]) -> Result<(), ApiError> {
+        let changed: Vec<(&str, &str)> = {
+            let mut known = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+            versions
+                .iter()
+                .filter(|(id, version)| known.insert(id.to_string(), version.to_string()).as_deref() != Some(*version))
+                .copied()
+                .collect()
+        };
+        if !changed.is_empty() {
+            if let Err(e) = pools.note_versions(&changed).await {
+                // Not written: forget them, so the next claim tries again.
+                let mut known = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+                for (id, _) in &changed {
+                    known.remove(*id);
+                }
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
 
     async fn touch(&self, pools: &pond_core::pool::Pools, seen: &[(&str, Option<&str>)]) -> Result<(), ApiError> {
         let due: Vec<(&str, Option<&str>)> = {

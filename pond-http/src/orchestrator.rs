@@ -145,6 +145,8 @@ struct Waiter {
     generation: u64,
     /// The worker's pinned tags and capabilities: what pond matches jobs against.
     offer: (Vec<String>, Vec<String>),
+    /// The pond version in its `User-Agent`.
+    version: Option<String>,
     deliver: oneshot::Sender<JobTicket>,
 }
 
@@ -157,6 +159,8 @@ struct Queue {
     /// Workers pond refused (draining, unknown): not polled for again until then.
     refused_until: HashMap<String, Instant>,
     generation: u64,
+    /// The worker versions pond has been told of (sent again only when one changes).
+    versions_told: HashMap<String, String>,
 }
 
 struct Orch {
@@ -311,11 +315,23 @@ impl Orch {
     async fn poll(self: Arc<Self>, number: u64, workers: Vec<String>) {
         let request =
             ClaimRequest { workers: workers.clone(), wait_ms: Some(self.config.claim_wait.as_millis() as u64) };
+        // The versions pond has not heard yet (a header: a pond that predates it ignores it).
+        let untold: Vec<(String, String)> = {
+            let q = self.lock();
+            workers
+                .iter()
+                .filter_map(|w| Some((w.clone(), q.waiters.get(w)?.version.clone()?)))
+                .filter(|(w, v)| q.versions_told.get(w) != Some(v))
+                .take(200)
+                .collect()
+        };
+        let header = untold.iter().map(|(w, v)| format!("{w}={v}")).collect::<Vec<_>>().join(",");
         let pond = self.pond.clone();
-        let answer = tokio::task::spawn_blocking(move || pond.orch_claim(&request)).await;
+        let answer = tokio::task::spawn_blocking(move || pond.orch_claim(&request, &header)).await;
         let mut failed = false;
         match answer {
             Ok(Ok(response)) => {
+                self.lock().versions_told.extend(untold);
                 for job in response.jobs {
                     self.deliver(job);
                 }
@@ -546,9 +562,12 @@ async fn me(Extension(auth): Extension<WorkerAuth>) -> Json<PoolMember> {
 async fn claim(
     State(orch): State<Arc<Orch>>,
     Extension(auth): Extension<WorkerAuth>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let worker = auth.member;
+    let version =
+        crate::pool_wire::agent_version(headers.get(axum::http::header::USER_AGENT).and_then(|v| v.to_str().ok()));
     let body = read_body(body).await?;
     let request: WorkerClaim = if body.is_empty() {
         WorkerClaim::default()
@@ -562,7 +581,7 @@ async fn claim(
         q.generation += 1;
         let generation = q.generation;
         let offer = (worker.tags.clone(), worker.capabilities.clone());
-        q.waiters.insert(worker.id.clone(), Waiter { generation, offer, deliver: tx });
+        q.waiters.insert(worker.id.clone(), Waiter { generation, offer, version, deliver: tx });
         generation
     };
     orch.kick.notify_one();

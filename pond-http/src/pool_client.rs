@@ -106,9 +106,14 @@ impl Client {
     }
 
     /// `POST /v1/orch/claim`: the orchestrator's long poll for its idle workers.
-    pub fn orch_claim(&self, request: &ClaimRequest) -> Result<ClaimResponse, ClientError> {
+    /// `worker_versions`: the [`crate::pool_wire::WORKER_VERSIONS_HEADER`] value (empty: none).
+    pub fn orch_claim(&self, request: &ClaimRequest, worker_versions: &str) -> Result<ClaimResponse, ClientError> {
         let body = serde_json::to_value(request).map_err(|e| ClientError::Decode(e.to_string()))?;
-        self.json(self.request("POST", "/v1/orch/claim"), Some(Body::Json(body)))
+        let mut req = self.request("POST", "/v1/orch/claim");
+        if !worker_versions.is_empty() {
+            req = req.set(crate::pool_wire::WORKER_VERSIONS_HEADER, worker_versions);
+        }
+        self.json(req, Some(Body::Json(body)))
     }
 
     /// Sends a request as is and returns whatever the server answered (for relays): only a

@@ -8,6 +8,16 @@ use serde::{Deserialize, Serialize};
 
 /// Header carrying the `.pondkey` sidecar of a job's input, encrypted to the claiming worker.
 pub const INPUT_SIDECAR_HEADER: &str = "pond-input-sidecar";
+/// On `POST /v1/orch/claim`: the versions of the claim's workers, as they reported them to
+/// their orchestrator (`<worker id>=<version>`, comma-separated; only changes need be sent).
+/// A header, so a pond that predates it ignores it.
+pub const WORKER_VERSIONS_HEADER: &str = "pond-worker-versions";
+
+/// The version in a `User-Agent` of pond's own clients (`pond/<version>`).
+pub fn agent_version(user_agent: Option<&str>) -> Option<String> {
+    let rest = user_agent?.strip_prefix("pond/")?;
+    pond_core::pool::reported_version(rest.split_whitespace().next()?).map(str::to_string)
+}
 
 /// Header carrying a worker's own credential on job calls relayed by its orchestrator.
 pub const WORKER_TOKEN_HEADER: &str = "pond-worker-token";
@@ -308,6 +318,10 @@ pub struct MemberView {
     pub last_seen: Option<String>,
     /// The job it holds, if any.
     pub current_job: Option<String>,
+    /// The pond version it last reported (an orchestrator its own, a worker through its
+    /// orchestrator); absent for a member that never did (older releases).
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 /// `GET /v1/admin/pools`.

@@ -223,7 +223,9 @@ with sync_playwright() as p:
         raise
     found["decrypted_lines"] = [t for t in spage.locator(".logs .ln").all_inner_texts() if cfg["marker"] in t]
     found["bad_lines"] = spage.locator(".logs .ln.bad").all_inner_texts()
-    found["whole_streams"] = [t for t in spage.locator(".logs .ln").all_inner_texts() if "is whole" in t]
+    found["whole_streams"] = [t for t in spage.locator(".logs .ln.ok").all_inner_texts() if "is whole" in t]
+    spage.wait_for_selector("#checks :text('Every stream is whole')", timeout=20000)
+    found["checks"] = spage.inner_text("#checks")
     with spage.expect_download() as d:
         spage.click("button[aria-label='Download secret.txt']")
     found["confidential_download"] = open(d.value.path(), "rb").read().decode()

@@ -19,8 +19,11 @@ function h(tag, attrs, ...children) {
     : document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === null || v === undefined || v === false) continue;
-    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-    else if (k === "class") el.setAttribute("class", v);
+    // Handlers are the code's own functions, never text; links and images point only into the
+    // page (`#…`) or at blobs it made — whatever a server value holds.
+    if (k.startsWith("on")) { if (typeof v === "function") el.addEventListener(k.slice(2), v); continue; }
+    if ((k === "href" || k === "src") && !/^(#|blob:|\/console\/)/.test(String(v))) continue;
+    if (k === "class") el.setAttribute("class", v);
     else el.setAttribute(k, v === true ? "" : String(v));
   }
   for (const c of children.flat()) {
@@ -117,6 +120,13 @@ async function follow(path, onEvent, signal, onState = () => {}) {
       if (last !== null) headers["Last-Event-ID"] = last;
       const res = await fetch(path, { headers, signal });
       if (res.status === 401) { signOut("The key was refused (revoked or unknown): sign in again."); return; }
+      if (res.status >= 400 && res.status < 500 && res.status !== 429) {
+        let message = `${res.status}`;
+        try { message = (await res.json()).error.message; } catch { /* not JSON */ }
+        alertBox(`Live updates stopped: ${message}`);
+        onState(false);
+        return;
+      }
       if (!res.ok) throw new Error(`${res.status}`);
       onState(true);
       const reader = res.body.getReader();
@@ -241,6 +251,9 @@ async function runsView() {
     pager, count);
 
   const rows = new Map();
+  const stop = new AbortController();
+  let reload = null;
+  leave.push(() => { stop.abort(); clearTimeout(reload); });
   const params = new URLSearchParams({ limit: "50" });
   for (const k of ["project", "state", "text"]) if (filters[k]) params.set(k, filters[k]);
   if (cursors.length) params.set("cursor", cursors[cursors.length - 1]);
@@ -251,7 +264,7 @@ async function runsView() {
     fill(body, ...page.runs.map((r) => {
       const stateCell = h("td", {}, badge(r.state));
       const tr = h("tr", { "data-run": r.id },
-        h("td", { class: "mono" }, h("a", { href: `#/runs/${r.id}` }, r.id)),
+        h("td", { class: "mono" }, h("a", { href: `#/runs/${encodeURIComponent(r.id)}` }, r.id)),
         h("td", {}, r.project_id), stateCell, h("td", {}, r.stages), h("td", {}, when(r.created_at)),
         h("td", {}, r.finished_at ? span(r.created_at, r.finished_at) : "—"), h("td", {}, r.error || ""));
       rows.set(r.id, { tr, stateCell });
@@ -267,10 +280,7 @@ async function runsView() {
   await load();
 
   // Live: the event stream says which runs changed; a visible run's state is updated in place,
-  // a new run on the first page reloads it.
-  const stop = new AbortController();
-  leave.push(() => stop.abort());
-  let reload = null;
+  // a new run on the first page reloads it (not under a text search: each would scan again).
   follow("/v1/events?follow=1&types=run.*", (ev) => {
     if (ev.event === "ready" || ev.event === "error") return;
     let e;
@@ -280,7 +290,7 @@ async function runsView() {
       if (filters.state && e.state !== filters.state) { row.tr.remove(); rows.delete(e.run_id); return; }
       fill(row.stateCell, badge(e.state));
       row.tr.classList.remove("flash"); void row.tr.offsetWidth; row.tr.classList.add("flash");
-    } else if (!cursors.length) {
+    } else if (!cursors.length && !filters.text && (!filters.state || e.state === filters.state)) {
       clearTimeout(reload);
       reload = setTimeout(() => load().catch((err) => alertBox(err.message)), 400);
     }
@@ -306,7 +316,7 @@ async function runView(id) {
   const snapshot = h("div", { class: "panel" });
   const artifactsBox = h("div");
   const keyBox = confidential ? h("div", { class: "panel", id: "reader" }) : null;
-  const logs = logPanel(run, stop.signal);
+  const logs = logPanel(run, stop.signal, (problems) => keyBox && keyBox.whole(problems));
   let usage = null;
 
   function paint() {
@@ -331,26 +341,34 @@ async function runView(id) {
     if (!confirm(`Cancel run ${run.id}?`)) return;
     try { await api(`/v1/runs/${encodeURIComponent(run.id)}/cancel`, { method: "POST" }); await refresh(); } catch (e) { alertBox(e.message); }
   }
+  let listedAt = null;   // the state the artifact list was read in (read again when it ends)
   async function refresh() {
     run = await api(`/v1/runs/${encodeURIComponent(id)}`);
     try { usage = await api(`/v1/runs/${encodeURIComponent(id)}/usage`); } catch { usage = null; }
     paint();
-    if (terminal.has(run.state)) artifacts(run, artifactsBox).catch((e) => alertBox(e.message));
+    const ended = terminal.has(run.state);
+    if (listedAt === null || (ended && !terminal.has(listedAt))) {
+      listedAt = run.state;
+      artifacts(run, artifactsBox).catch((e) => alertBox(e.message));
+    }
   }
 
   fill(snapshot, h("h2", {}, "Snapshot"), snapshotFacts(run));
   show(head, keyBox, h("div", { class: "grid" }, graph, timeline), stagesBox, logs.node, artifactsBox, snapshot);
-  if (confidential) readerPanel(run, keyBox, () => { logs.reopen(); artifacts(run, artifactsBox).catch((e) => alertBox(e.message)); });
+  if (confidential) {
+    readerPanel(run, keyBox, () => { logs.reopen(); artifacts(run, artifactsBox).catch((e) => alertBox(e.message)); });
+    if (reader) logs.reopen();   // a key loaded on another run's page opens this one too
+  }
   await refresh();
-  if (!terminal.has(run.state)) artifacts(run, artifactsBox).catch(() => {});
 
   // Live: this run's events (one stream for the page) reload its view, coalesced.
   let pending = null;
+  leave.push(() => clearTimeout(pending));
   follow(`/v1/events?follow=1&project=${encodeURIComponent(run.project_id)}`, (ev) => {
     if (ev.event === "ready" || ev.event === "error") return;
     let e;
     try { e = JSON.parse(ev.data); } catch { return; }
-    if (e.run_id !== id) return;
+    if (e.run_id !== run.id) return;
     clearTimeout(pending);
     pending = setTimeout(() => refresh().catch((err) => alertBox(err.message)), 250);
   }, stop.signal, liveState);
@@ -438,7 +456,7 @@ function timelineSvg(run) {
       const x0 = LEFT + ((new Date(a.started_at) - t0) / total) * WIDTH;
       const x1 = LEFT + (((a.finished_at ? new Date(a.finished_at) : new Date(Math.min(Date.now(), end))) - t0) / total) * WIDTH;
       const outcome = a.outcome || (a.finished_at ? "lease_expired" : "running");
-      const att = a.attestation ? (a.attestation.verified ? " ✓ attested" : " ✗ attestation failed") : "";
+      const att = a.attestation ? (a.attestation.verified ? " ✓ attested (pond's check)" : " ✗ attestation failed") : "";
       const label = `#${a.number} ${a.owner}${att}`;
       return svg("g", {},
         svg("title", {}, `${s.key} attempt ${a.number}: ${outcome} on ${a.owner}, ${span(a.started_at, a.finished_at)}${att}${a.error ? " — " + a.error : ""}`),
@@ -455,7 +473,7 @@ function timelineSvg(run) {
   const list = table(["Stage", "Attempt", "Outcome", "Where", "Started", "Took", "Attestation"], attempts.map((a) =>
     h("tr", {}, h("td", {}, a.stage), h("td", {}, a.number), h("td", {}, a.outcome || (a.finished_at ? "—" : "running")),
       h("td", { class: "mono" }, a.owner), h("td", {}, when(a.started_at)), h("td", {}, span(a.started_at, a.finished_at)),
-      h("td", {}, a.attestation ? (a.attestation.verified ? "verified" : `not verified: ${a.attestation.detail}`) : "—"))), "Attempts");
+      h("td", {}, a.attestation ? (a.attestation.verified ? "verified by pond" : `not verified: ${a.attestation.detail}`) : "—"))), "Attempts");
   return h("div", {}, picture, h("details", {}, h("summary", {}, "Attempts as a table"), list));
 }
 
@@ -486,89 +504,144 @@ function stagesTable(run, usage) {
 
 const MAX_LINES = 20000;
 
-function logPanel(run, signal) {
+function logPanel(run, signal, onWhole) {
   const box = h("div", { class: "logs", tabindex: "0", role: "log", "aria-label": "Log lines", "aria-live": "off" });
   const stageSel = h("select", { name: "stage" }, h("option", { value: "" }, "all stages"),
     run.definition.stages.map((d) => h("option", { value: d.key }, d.key)));
   const search = h("input", { type: "search", name: "search", placeholder: "find in logs", size: 24 });
   const pause = h("button", { type: "button", "aria-pressed": "false" }, "Pause");
   const status = h("span", { class: "note", "aria-live": "polite" });
-  const lines = [];   // {line, shown: {kind, text}}
-  let paused = false, held = 0, opener = null, connected = false;
+  const sealed = !!run.encryption;
+  let lines = [];   // {line, shown: {kind, text}, el}
+  let paused = false, held = [], opener = null, shownCount = 0, ended = false, stream = null, statusQueued = false;
 
+  function classFor(l, shown) {
+    // Styled by what was checked, not by the stream a server claims: in a confidential run only
+    // `meta` lines are pond's signed checks; clear system lines are marked unsigned.
+    if (shown.kind === "bad") return "bad";
+    if (shown.kind === "sealed") return "sealed";
+    if (shown.kind === "meta") return "ok";
+    if (l.stream === "stderr") return "err";
+    if (l.stream === "system") return "sys";
+    return "";
+  }
   function render(entry) {
     const l = entry.line, shown = entry.shown;
-    const cls = shown.kind === "bad" ? "bad" : shown.kind === "sealed" ? "sealed" : l.stream === "stderr" ? "err" : l.stream === "system" ? "sys" : "";
-    const el = h("span", { class: `ln ${cls}`, "data-stage": l.stage || "" },
+    entry.el = h("span", { class: `ln ${classFor(l, shown)}`, "data-stage": l.stage || "" },
       h("span", { class: "st" }, `${l.stage || "run"}#${l.attempt}`),
-      l.stream === "stderr" ? h("span", { class: "tag" }, "stderr") : null,
+      l.stream === "stderr" && shown.kind !== "bad" ? h("span", { class: "tag" }, "stderr") : null,
+      shown.kind === "meta" ? h("span", { class: "tag" }, "checked") : null,
+      sealed && shown.kind === "clear" ? h("span", { class: "tag" }, "pond note, unsigned") : null,
       h("span", { class: "tx" }, shown.text));
-    entry.el = el;
-    apply(entry);
-    return el;
+  }
+  function matches(entry) {
+    const want = stageSel.value, needle = search.value.toLowerCase();
+    return (!want || entry.line.stage === want) && (!needle || entry.shown.text.toLowerCase().includes(needle));
   }
   function apply(entry) {
-    const want = stageSel.value, needle = search.value.toLowerCase();
-    const visible = (!want || entry.line.stage === want) && (!needle || entry.shown.text.toLowerCase().includes(needle));
+    const visible = matches(entry);
     entry.el.hidden = !visible;
-    entry.el.classList.toggle("hit", !!needle && visible);
+    entry.el.classList.toggle("hit", !!search.value && visible);
+    return visible;
+  }
+  function showStatus() {
+    // At most once a frame: a replay of thousands of lines updates the count once.
+    if (statusQueued) return;
+    statusQueued = true;
+    requestAnimationFrame(() => {
+      statusQueued = false;
+      status.textContent = `${shownCount} of ${lines.length} lines shown${held.length ? `, ${held.length} held while paused` : ""}${ended ? "; the run ended" : ""}`;
+    });
   }
   function refilter() {
-    lines.forEach(apply);
-    const n = lines.filter((e) => !e.el.hidden).length;
-    status.textContent = `${n} of ${lines.length} lines shown${held ? `, ${held} held while paused` : ""}`;
+    shownCount = 0;
+    for (const e of lines) if (!e.held && apply(e)) shownCount++;
+    showStatus();
   }
   function shownFor(l) {
-    if (!run.encryption) return { kind: "plain", text: l.encoding === "base64" ? `[${l.text.length} base64 chars of non-text bytes]` : l.text };
+    if (!sealed) return { kind: "plain", text: l.encoding === "base64" ? `[${l.text.length} base64 chars of non-text bytes]` : l.text };
     if (opener) return opener.line(l);
     if (l.stream === "system" && !l.text.startsWith("ENC")) return { kind: "clear", text: l.text };
     return { kind: "sealed", text: "[sealed: load your key above to read it]" };
   }
+  function place(entry) {
+    const atBottom = box.scrollTop + box.clientHeight >= box.scrollHeight - 30;
+    box.append(entry.el);
+    if (apply(entry)) shownCount++;
+    if (atBottom) box.scrollTop = box.scrollHeight;
+  }
   function add(l) {
     const entry = { line: l, shown: shownFor(l) };
+    render(entry);
     lines.push(entry);
-    if (lines.length > MAX_LINES) { const old = lines.shift(); old.el && old.el.remove(); }
-    if (paused) { held++; entry.el = render(entry); entry.el.hidden = true; entry.pending = true; return; }
-    const atBottom = box.scrollTop + box.clientHeight >= box.scrollHeight - 30;
-    box.append(render(entry));
-    if (atBottom) box.scrollTop = box.scrollHeight;
+    if (lines.length > MAX_LINES) {
+      const old = lines.shift();
+      if (!old.held && !old.el.hidden) shownCount--;
+      old.dropped = true;
+      old.el.remove();
+    }
+    if (paused) { entry.held = true; held.push(entry); } else place(entry);
+    showStatus();
   }
   pause.addEventListener("click", () => {
     paused = !paused;
     pause.textContent = paused ? "Follow" : "Pause";
     pause.setAttribute("aria-pressed", String(paused));
     if (!paused) {
-      for (const e of lines) if (e.pending) { e.pending = false; box.append(e.el); apply(e); }
-      held = 0;
+      for (const e of held) { e.held = false; if (!e.dropped) place(e); }
+      held = [];
       box.scrollTop = box.scrollHeight;
     }
-    refilter();
+    showStatus();
   });
   stageSel.addEventListener("change", refilter);
   search.addEventListener("input", refilter);
-  follow(`/v1/runs/${encodeURIComponent(run.id)}/logs?follow=1`, (ev) => {
-    if (ev.event === "log") { try { add(JSON.parse(ev.data)); } catch { /* not a line */ } refilter(); }
-    else if (ev.event === "end") { status.textContent = `${lines.length} lines; the run ended`; return false; }
-    else if (ev.event === "error") { alertBox(`Log stream: ${ev.data}`); return false; }
-    return true;
-  }, signal, (up) => { connected = up; });
+
+  /** Reads the whole log from its start (again): a key loaded later opens every stream from
+   *  its signed header, whatever the page had dropped. */
+  async function start() {
+    if (stream) stream.abort();
+    stream = new AbortController();
+    signal.addEventListener("abort", () => stream.abort(), { once: true });
+    lines = []; held = []; shownCount = 0; ended = false;
+    box.replaceChildren();
+    const mine = stream.signal;
+    follow(`/v1/runs/${encodeURIComponent(run.id)}/logs?follow=1`, (ev) => {
+      if (mine.aborted) return false;
+      if (ev.event === "log") { try { add(JSON.parse(ev.data)); } catch { /* not a line */ } }
+      else if (ev.event === "end") {
+        ended = true;
+        showStatus();
+        if (opener) whole();
+        return false;
+      } else if (ev.event === "error") { alertBox(`Log stream: ${ev.data}`); return false; }
+      return true;
+    }, mine);
+  }
+  async function whole() {
+    try {
+      const { loggedAttempts } = await import("./open.js");
+      const fresh = await api(`/v1/runs/${encodeURIComponent(run.id)}`);
+      onWhole(opener.missing(fresh, await loggedAttempts(api, run.id)));
+    } catch (e) { onWhole([`the log could not be checked: ${e.message}`]); }
+  }
+  start();
 
   const node = h("section", { "aria-labelledby": "logs-h" }, h("h2", { id: "logs-h" }, "Logs"),
     h("div", { class: "row" }, field("Stage", stageSel), field("Find", search), pause, status), box);
   return {
     node,
     select(key) { stageSel.value = key; refilter(); box.focus(); },
-    /** Re-reads every line with the reader key now loaded (the streams open from their headers). */
+    /** Opens every line again with the reader key now loaded (or seals them, once forgotten). */
     async reopen() {
-      const { LogOpener, runSigners } = await import("./open.js");
-      opener = reader ? new LogOpener(reader, run.id, await runSigners(api, run.id)) : null;
-      for (const e of lines) {
-        const old = e.el;
-        e.shown = shownFor(e.line);
-        const fresh = render(e);
-        if (old.parentNode) old.replaceWith(fresh);
+      if (opener) opener.forget();
+      opener = null;
+      if (reader) {
+        const { LogOpener, runSigners } = await import("./open.js");
+        opener = new LogOpener(reader, run.id, await runSigners(api, run.id));
       }
-      refilter();
+      onWhole(null);
+      start();
     },
   };
 }
@@ -576,9 +649,11 @@ function logPanel(run, signal) {
 // ---------- confidential runs: the reader's key ----------
 
 function readerPanel(run, box, changed) {
-  const file = h("input", { type: "file", id: "keyfile", accept: ".key,text/plain" });
+  const file = h("input", { type: "file", id: "keyfile", accept: ".key,.x25519,text/plain" });
   const paste = h("textarea", { id: "keytext", rows: 1, cols: 48, placeholder: "or paste the base64 key", spellcheck: "false", autocomplete: "off" });
   const stateLine = h("p", { "aria-live": "polite" });
+  const checks = h("div", { id: "checks", "aria-live": "polite" });
+  let request = [], logState = null;
   async function load(text) {
     try {
       const { Reader } = await import("./open.js");
@@ -592,23 +667,51 @@ function readerPanel(run, box, changed) {
       alertBox(`The key cannot be used: ${e.message}`);
     }
   }
-  function paint() {
+  async function paint() {
+    request = [];
+    if (reader) {
+      const { checkRequest } = await import("./open.js");
+      request = checkRequest(reader, run);
+    }
     fill(stateLine, reader
-      ? h("span", {}, "Key ", h("span", { class: "mono" }, reader.fingerprint), " is loaded in this page's memory only (never stored, never sent). ",
-        h("button", { type: "button", onclick: () => { reader.forget(); reader = null; paint(); changed(); } }, "Forget key"))
+      ? h("span", {}, "Key ", h("span", { class: "mono" }, reader.fingerprint), " is in this page's memory only (not stored; the page sends it nowhere). ",
+        h("button", { type: "button", onclick: () => { reader.forget(); reader = null; forgetPreviews(); paint(); changed(); } }, "Forget key"))
       : h("span", {}, "This run's output is sealed to its recipients' keys; the server holds only ciphertext. Load your key to read it in this page."));
+    showChecks();
   }
+  function showChecks() {
+    if (!reader) { fill(checks); return; }
+    const items = [];
+    items.push(request.length
+      ? h("li", { class: "s-failed" }, `The signed request does not hold: ${request.join("; ")}`)
+      : h("li", { class: "s-succeeded" }, "The run's request is signed by your key and covers every recipient it is sealed to."));
+    if (logState === null) items.push(h("li", { class: "note" }, "The log is checked when the run has ended and every line is read."));
+    else if (logState.length) items.push(h("li", { class: "s-failed" }, `The log is not whole: ${logState.join("; ")}`));
+    else items.push(h("li", { class: "s-succeeded" }, "Every stream is whole: each attempt's signed final record matches the lines read."));
+    fill(checks, h("ul", {}, items));
+  }
+  box.whole = (problems) => { logState = problems; showChecks(); };
   file.addEventListener("change", async () => { if (file.files[0]) await load(await file.files[0].text()); });
-  fill(box, h("h2", {}, "Confidential run"), stateLine,
+  fill(box, h("h2", {}, "Confidential run"), stateLine, checks,
     h("div", { class: "row" }, h("label", { for: "keyfile" }, "Key file", file),
       h("label", { for: "keytext" }, "Key", paste),
-      h("button", { type: "button", onclick: () => load(paste.value) }, "Open with this key")));
+      h("button", { type: "button", onclick: () => load(paste.value) }, "Open with this key")),
+    h("p", { class: "note" }, "This page comes from the pond server itself: it opens your output without sending the key, "
+      + "but only as far as you trust that server's code. Where you do not, read the run with `pond run logs` or your own libsodium client."));
   paint();
 }
 
 // ---------- artifacts ----------
 
 const IMAGE = { png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", gif: "image/gif", webp: "image/webp" };
+let previews = [];   // blob URLs of opened artifacts: revoked when the view changes or the key is forgotten
+
+function forgetPreviews() {
+  for (const url of previews) URL.revokeObjectURL(url);
+  previews = [];
+  const open = document.getElementById("preview");
+  if (open) fill(open);
+}
 
 async function artifacts(run, box) {
   const list = (await api(`/v1/runs/${encodeURIComponent(run.id)}/artifacts`)).artifacts || [];
@@ -642,7 +745,9 @@ async function artifacts(run, box) {
       const ext = (a.name.split(".").pop() || "").toLowerCase();
       let view;
       if (IMAGE[ext]) {
+        forgetPreviews();
         const url = URL.createObjectURL(new Blob([data], { type: IMAGE[ext] }));
+        previews.push(url);
         view = h("img", { class: "preview", src: url, alt: `${a.name} (artifact of stage ${a.stage})` });
       } else {
         const text = new TextDecoder().decode(data.slice(0, 1 << 20));
@@ -677,7 +782,7 @@ async function poolsView() {
   const runLink = (job) => {
     if (!job) return "idle";
     const runId = job.split(".")[0];
-    return h("a", { href: `#/runs/${runId}`, class: "mono" }, job);
+    return h("a", { href: `#/runs/${encodeURIComponent(runId)}`, class: "mono" }, job);
   };
   const member = (m, worker) => h("tr", { "data-member": m.id },
     h("td", {}, m.name), h("td", { class: "mono" }, m.id), h("td", {}, m.pool), h("td", {}, (m.tags || []).join(", ")),
@@ -769,15 +874,17 @@ async function keysView(created) {
 // ---------- routing ----------
 
 async function render() {
-  views++;
+  const mine = ++views;
   for (const stop of leave) stop();
+  forgetPreviews();
   leave = [];
   document.getElementById("live").textContent = "";
   const [path] = location.hash.replace(/^#/, "").split("?");
   const parts = path.split("/").filter(Boolean);
   if (!sessionStorage.getItem(TOKEN)) { me = null; navigation(); return signInView(); }
   if (!me) {
-    try { me = await api("/v1/whoami"); } catch (e) { navigation(); return signInView(e.message); }
+    try { me = await api("/v1/whoami"); } catch (e) { if (mine === views) { navigation(); signInView(e.message); } return; }
+    if (mine !== views) return;
   }
   navigation();
   alertBox("");

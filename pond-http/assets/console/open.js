@@ -59,7 +59,7 @@ export class Reader {
   }
   /** Opens a sealed box addressed to this key. */
   unseal(sealed) { return this.s.crypto_box_seal_open(sealed, this.public, this.secret); }
-  forget() { this.secret.fill(0); }
+  forget() { this.secret.fill(0); this.public.fill(0); }
 }
 
 /** The signing keys a run's output may be signed with: its nodes' and workers' keys, each
@@ -79,6 +79,74 @@ export async function runSigners(api, runId) {
   for (const k of keys.control_plane || []) if (endorsed("node", k.node_id, k.signing_key, k.endorsement)) signers.push(b64(k.signing_key));
   for (const w of keys.workers || []) if (w.signing_key && endorsed("worker", w.id, w.signing_key, w.endorsement)) signers.push(b64(w.signing_key));
   return signers;
+}
+
+/** The attempts the transparency log says ended ("stage\0attempt"), read as the reference
+ *  consumer does. */
+export async function loggedAttempts(api, runId) {
+  const head = await api("/v1/log/tree-head");
+  if (!head.tree_size) return [];
+  const log = await api(`/v1/runs/${encodeURIComponent(runId)}/log?tree_size=${head.tree_size}`);
+  const out = [];
+  for (const entry of log.entries || []) {
+    const leaf = JSON.parse(entry.leaf);
+    if (leaf.kind === "attempt" || leaf.kind === "attestation") out.push(`${leaf.stage}\0${leaf.attempt}`);
+  }
+  return out;
+}
+
+/** JSON with object keys sorted and no spaces: Python's `json.dumps(sort_keys=True,
+ *  separators=(",", ":"), ensure_ascii=False)`, the form consumers sign. */
+function canonical(value) {
+  if (Array.isArray(value)) return `[${value.map(canonical).join(",")}]`;
+  if (value && typeof value === "object") {
+    return `{${Object.keys(value).sort().map((k) => `${JSON.stringify(k)}:${canonical(value[k])}`).join(",")}}`;
+  }
+  return JSON.stringify(value);
+}
+
+/** A recipient key as the API shows it: base64, or the `age1…` (bech32) form. */
+function recipientBytes(s, text) {
+  if (!text.startsWith("age1")) return s.from_base64(text, s.base64_variants.ORIGINAL);
+  const charset = "qpzry9x8gf2tvdw0s3jn54khce6mua7l";
+  const values = [...text.toLowerCase().slice(4)].map((c) => charset.indexOf(c)).slice(0, -6);
+  let acc = 0, bits = 0;
+  const out = [];
+  for (const v of values) {
+    if (v < 0) throw new Error("not bech32");
+    acc = (acc << 5) | v; bits += 5;
+    if (bits >= 8) { bits -= 8; out.push((acc >> bits) & 0xff); }
+  }
+  return new Uint8Array(out);
+}
+
+/** Checks the request kept with a confidential run against the reader's key, as the reference
+ *  consumer does: signed by the key derived from this reader's (so, by this consumer), in
+ *  canonical form, covering every recipient the run is sealed to and its project. Returns the
+ *  problems (empty when it holds). */
+export function checkRequest(reader, run) {
+  const s = reader.s;
+  const signed = run.encryption && run.encryption.request;
+  if (!signed) return ["the run keeps no signed request: nothing shows who chose its recipients"];
+  const problems = [];
+  const seed = s.crypto_hash_sha256(concat(enc.encode("pond consumer signing key v1\0"), reader.secret));
+  const mine = s.crypto_sign_seed_keypair(seed).publicKey;
+  const theirs = s.from_base64(signed.signing_key, s.base64_variants.ORIGINAL);
+  if (!equal(mine, theirs)) problems.push("the request was signed by another key than yours");
+  let ok = false;
+  try { ok = s.crypto_sign_verify_detached(s.from_base64(signed.signature, s.base64_variants.ORIGINAL), concat(enc.encode("pond-request-v1\0"), enc.encode(signed.body)), theirs); } catch { ok = false; }
+  if (!ok) problems.push("the request's signature does not hold");
+  let body = {};
+  try { body = JSON.parse(signed.body); } catch { problems.push("the signed request is not JSON"); }
+  if (canonical(body) !== signed.body) problems.push("the signed request is not in canonical form");
+  if (body.project_id !== run.project_id) problems.push(`the request was signed for project ${body.project_id}, not ${run.project_id}`);
+  const signedKeys = new Set((body.recipient_pubkeys || []).map((k) => { try { return s.to_base64(recipientBytes(s, k)); } catch { return ""; } }));
+  for (const r of run.encryption.recipients || []) {
+    let key = "";
+    try { key = s.to_base64(recipientBytes(s, r)); } catch { /* counted below */ }
+    if (!signedKeys.has(key)) problems.push(`recipient ${r.slice(0, 16)}… is not in the request you signed`);
+  }
+  return problems;
 }
 
 function place(runId, stage, attempt) {
@@ -103,6 +171,32 @@ export class LogOpener {
   }
   line(l) {
     try { return this.open(l); } catch (e) { return { kind: "bad", text: `cannot open: ${e.message}` }; }
+  }
+  /** Wipes the stream keys this opener holds. */
+  forget() {
+    for (const st of this.streams.values()) st.key.fill(0);
+    this.streams.clear();
+  }
+  /** What is missing from the run's log, as the CLI and the reference consumer check it once a
+   *  run has ended: every attempt that ended has a whole stream (its signed final record read),
+   *  every succeeded attempt has a stream, and so does every attempt the transparency log says
+   *  ended (`logged`: "stage\0attempt" keys). Empty when the log is whole. */
+  missing(run, logged) {
+    const problems = [];
+    const ended = new Set(["succeeded", "failed", "cancelled"]);
+    for (const stage of run.stages) {
+      for (const a of stage.attempts || []) {
+        const st = this.streams.get(`${stage.key}\0${a.number}`);
+        const at = `stage ${stage.key} attempt ${a.number}`;
+        if (!st && a.outcome === "succeeded") problems.push(`${at}: its log is missing (a succeeded attempt always writes one)`);
+        else if (st && ended.has(a.outcome) && !st.ended) problems.push(`${at}: its log is cut short (no signed final record)`);
+      }
+    }
+    for (const key of logged) {
+      const st = this.streams.get(key);
+      if (!st || !st.ended) problems.push(`stage ${key.replace("\0", " attempt ")}: the transparency log says it ended, but its log is not whole`);
+    }
+    return [...new Set(problems)];
   }
   open(l) {
     const s = this.s, text = l.text, stage = l.stage || "", key = `${stage}\0${l.attempt}`;
