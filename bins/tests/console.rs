@@ -246,6 +246,8 @@ fn the_console_in_a_real_browser() {
     let pooled_attempts = list(&got["pooled_attempts"]);
     assert!(pooled_attempts[0].contains(&worker.id) && pooled_attempts[0].contains("verified"), "{pooled_attempts:?}");
 
+    assert_eq!(got["cancelled_in_api"], "cancelled");
+
     // Confidential: sealed until the key is loaded; then the lines and the artifact open in the
     // page, every stream checked whole, and nothing the browser sent or received holds the
     // plaintext or the key.
@@ -316,12 +318,12 @@ fn the_console_in_a_real_browser() {
         "script errors or CSP refusals: {errors:?}"
     );
     assert!(!errors.iter().any(|e| e.contains("Content Security Policy")), "{errors:?}");
-    for page in ["runs", "run", "run-pooled", "run-confidential", "pools", "agents", "keys", "signin"] {
+    for page in ["runs", "runs-web", "run", "run-pooled", "run-confidential", "pools", "agents", "keys", "signin"] {
         assert!(shots.join(format!("{page}.png")).exists(), "screenshot {page}");
     }
     if std::env::var("POND_UPDATE_README_SHOT").is_ok_and(|v| v == "1") {
-        std::fs::copy(shots.join("run.png"), common::root().join("docs/console-run.png")).unwrap();
-        std::fs::copy(shots.join("runs.png"), common::root().join("docs/console-runs.png")).unwrap();
+        std::fs::copy(shots.join("runs-web.png"), common::root().join("docs/console-runs.png")).unwrap();
+        std::fs::copy(shots.join("run-confidential.png"), common::root().join("docs/console-run.png")).unwrap();
     }
     drop((orch, worker));
 }

