@@ -77,13 +77,47 @@ async fn insert_batcher(writer: SqlitePool, mut queue: tokio::sync::mpsc::Receiv
 }
 
 async fn insert_batch(writer: &SqlitePool, snapshots: &[&RunSnapshot]) -> Result<Vec<InsertOutcome>, StoreError> {
-    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+    let mut tx = begin_immediate(writer).await?;
     let mut outcomes = Vec::with_capacity(snapshots.len());
     for snapshot in snapshots {
         outcomes.push(insert_one(&mut tx, snapshot).await?);
     }
     tx.commit().await.map_err(db_err)?;
     Ok(outcomes)
+}
+
+/// A write transaction on the writer connection. A connection still inside a transaction is
+/// never handed out (see [`discard_if_in_transaction`]); should one be anyway, it is closed (SQLite
+/// rolls back what it held) and the transaction begun on a fresh one.
+async fn begin_immediate(writer: &SqlitePool) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+    match writer.begin_with("BEGIN IMMEDIATE").await {
+        Err(sqlx::Error::InvalidSavePointStatement) => {
+            tracing::warn!("the SQLite writer was inside a transaction nobody holds: reopening it");
+            if let Ok(conn) = writer.acquire().await {
+                let _ = sqlx::Connection::close(conn.detach()).await;
+            }
+            writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
+        }
+        other => other.map_err(db_err),
+    }
+}
+
+/// The pools' check before handing out a connection: one still inside a transaction is closed
+/// instead (SQLite rolls back what it held). A caller dropped while sqlx's answer to its `BEGIN`
+/// was in flight leaves exactly that: a transaction no `Transaction` value owns, so nothing
+/// rolls it back — later autocommit writes on that connection would join it and never commit,
+/// and every `BEGIN IMMEDIATE` would fail (seen in the stress test after lease renewals, which
+/// are given up after a while, timed out under load). Checked after the release ping has
+/// flushed the rollbacks that dropped transactions queue.
+fn discard_if_in_transaction(
+    conn: &mut sqlx::SqliteConnection,
+    _meta: sqlx::pool::PoolConnectionMetadata,
+) -> futures_util::future::BoxFuture<'_, Result<bool, sqlx::Error>> {
+    let open = sqlx::Connection::is_in_transaction(conn);
+    if open {
+        tracing::warn!("closing a SQLite connection left inside a transaction nobody holds");
+    }
+    Box::pin(async move { Ok(!open) })
 }
 
 /// Inserts a run inside the caller's transaction, or finds the run its idempotency key names
@@ -138,6 +172,7 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
+            .before_acquire(discard_if_in_transaction)
             .connect_with(options.clone())
             .await
             .map_err(db_err)?;
@@ -147,6 +182,7 @@ impl SqliteStore {
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
+            .before_acquire(discard_if_in_transaction)
             .connect_with(options.read_only(true).pragma("mmap_size", "1073741824"))
             .await
             .map_err(db_err)?;
@@ -156,19 +192,7 @@ impl SqliteStore {
     }
 
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
-        match self.writer.begin_with("BEGIN IMMEDIATE").await {
-            // The writer connection is still inside a transaction nobody holds (seen once in
-            // the stress test, after lease renewals timed out under load: a rollback that did
-            // not take). Every later write would fail the same way, so that connection is closed
-            // (SQLite rolls back what it held) and a fresh one opened.
-            Err(sqlx::Error::InvalidSavePointStatement) => {
-                if let Ok(conn) = self.writer.acquire().await {
-                    let _ = sqlx::Connection::close(conn.detach()).await;
-                }
-                self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
-            }
-            other => other.map_err(db_err),
-        }
+        begin_immediate(&self.writer).await
     }
 
     /// Inserts log lines in one transaction.
