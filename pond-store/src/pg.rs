@@ -85,13 +85,21 @@ const TX_TRIES: u32 = 5;
 /// autocommit write on that connection would then join a transaction that never commits — 6
 /// of 600 acknowledged writes were lost so in `tests/abandoned_writes.rs` before this check. A
 /// statement that is not its transaction's first has a later start than its transaction.
+/// Whether a statement sent now starts its own transaction. Sent with the simple query
+/// protocol: one message, so the statement's start and an implicit transaction's are the same
+/// instant (with Parse/Bind/Execute they are not, and every connection would look busy).
+async fn statement_starts_its_transaction(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
+    let row = sqlx::Executor::fetch_one(conn, sqlx::raw_sql("SELECT statement_timestamp() = transaction_timestamp()"))
+        .await?;
+    sqlx::Row::try_get(&row, 0)
+}
+
 fn discard_if_in_transaction(
     conn: &mut sqlx::PgConnection,
     _meta: sqlx::pool::PoolConnectionMetadata,
 ) -> futures_util::future::BoxFuture<'_, Result<bool, sqlx::Error>> {
     Box::pin(async move {
-        let first: bool =
-            sqlx::query_scalar("SELECT statement_timestamp() = transaction_timestamp()").fetch_one(&mut *conn).await?;
+        let first = statement_starts_its_transaction(conn).await?;
         if !first {
             tracing::warn!("closing a PostgreSQL connection left inside a transaction nobody holds");
         }

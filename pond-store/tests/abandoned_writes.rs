@@ -118,8 +118,20 @@ async fn writes_abandoned_at_any_point_leave_later_writes_durable_on_postgres() 
     let db = pond_store::ScratchDatabase::create(&server, "cancel").await.expect("create a scratch database");
     let store: Arc<dyn Store> = Arc::new(pond_store::PgStore::connect(&db.url, 4).await.unwrap());
     let acknowledged = abandon_writes(store.clone()).await;
-    drop(store);
     let mut own = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // The check closes only connections left in a transaction: 200 writes that nobody abandons
+    // open no session (a check that mistook every connection for a busy one — with the
+    // extended protocol a statement's and its transaction's timestamps differ — opened one per
+    // write).
+    let sessions =
+        || sqlx::query_scalar::<_, i64>("SELECT sessions FROM pg_stat_database WHERE datname = current_database()");
+    let before = sessions().fetch_one(&mut own).await.unwrap();
+    for i in 0..200 {
+        store.put_record("calm", &format!("{i:03}"), "kept").await.unwrap();
+    }
+    let after = sessions().fetch_one(&mut own).await.unwrap();
+    assert!(after - before <= 2, "{} sessions opened for 200 ordinary writes", after - before);
+    drop(store);
     let kept: i64 =
         sqlx::query_scalar("SELECT count(*) FROM records WHERE kind = 'check'").fetch_one(&mut own).await.unwrap();
     assert_eq!(kept, acknowledged, "acknowledged writes lost");
