@@ -381,25 +381,28 @@ async fn claim(
     let mut seen: Vec<(&str, Option<&str>)> = vec![(orchestrator.id.as_str(), None)];
     seen.extend(idle.iter().map(|m| (m.id.as_str(), None)));
     state.seen.touch(&state.pools, &seen).await?;
-    // Versions: the orchestrator's own from its User-Agent, its workers' as it reports them
-    // (only for workers of this claim: it speaks for no one else).
-    let mut versions = Vec::new();
+    // Versions: the orchestrator's own from its User-Agent, its workers' as it reports them —
+    // only for this claim's idle workers (it speaks for no one else), one entry per worker (the
+    // last), so a claim writes at most one record per member it names. Display only: a failed
+    // write is logged, never fails the claim.
+    let mut versions: HashMap<&str, &str> = HashMap::new();
     let own =
         crate::pool_wire::agent_version(headers.get(axum::http::header::USER_AGENT).and_then(|v| v.to_str().ok()));
     if let Some(own) = &own {
-        versions.push((orchestrator.id.as_str(), own.as_str()));
+        versions.insert(orchestrator.id.as_str(), own.as_str());
     }
+    let idle_ids: std::collections::HashSet<&str> = idle.iter().map(|m| m.id.as_str()).collect();
     let reported = headers.get(crate::pool_wire::WORKER_VERSIONS_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-    for entry in reported.split(',').take(10_000) {
+    for entry in reported.split(',').take(idle_ids.len()) {
         let Some((id, version)) = entry.trim().split_once('=') else { continue };
-        let (Some(member), Some(version)) =
-            (idle.iter().find(|m| m.id == id.trim()), pond_core::pool::reported_version(version))
-        else {
-            continue;
-        };
-        versions.push((member.id.as_str(), version));
+        if let (Some(id), Some(version)) = (idle_ids.get(id.trim()), pond_core::pool::reported_version(version)) {
+            versions.insert(id, version);
+        }
     }
-    state.seen.note_versions(&state.pools, &versions).await?;
+    let versions: Vec<(&str, &str)> = versions.into_iter().collect();
+    if let Err(e) = state.seen.note_versions(&state.pools, &versions).await {
+        tracing::warn!(error = %e, "recording members' versions failed");
+    }
     let deadline = Instant::now() + wait;
     let mut wake = state.store.runs_changed();
     // A newer poll of the same orchestrator (covering every worker it has waiting) ends this

@@ -159,8 +159,9 @@ struct Queue {
     /// Workers pond refused (draining, unknown): not polled for again until then.
     refused_until: HashMap<String, Instant>,
     generation: u64,
-    /// The worker versions pond has been told of (sent again only when one changes).
-    versions_told: HashMap<String, String>,
+    /// The worker versions pond has been told of, and when (sent again when one changes, or
+    /// after [`VERSIONS_RETOLD`]).
+    versions_told: HashMap<String, (String, Instant)>,
 }
 
 struct Orch {
@@ -174,6 +175,9 @@ struct Orch {
     /// 1,000 blocking calls (threads) toward pond.
     checks: tokio::sync::Semaphore,
 }
+
+/// How often a worker's version is told to pond again though it did not change.
+const VERSIONS_RETOLD: Duration = Duration::from_secs(600);
 
 /// How long a worker pond refused (draining) is left out of polls before it is asked for again.
 const REFUSED_PAUSE: Duration = Duration::from_secs(2);
@@ -315,14 +319,22 @@ impl Orch {
     async fn poll(self: Arc<Self>, number: u64, workers: Vec<String>) {
         let request =
             ClaimRequest { workers: workers.clone(), wait_ms: Some(self.config.claim_wait.as_millis() as u64) };
-        // The versions pond has not heard yet (a header: a pond that predates it ignores it).
+        // The versions pond has not heard lately (a header: a pond that predates it ignores
+        // it), at most 4 KB of them a claim (proxies refuse long header lines); each is told
+        // again every 10 minutes, so one an older pond or a failed write missed arrives later.
         let untold: Vec<(String, String)> = {
             let q = self.lock();
+            let mut bytes = 0;
             workers
                 .iter()
                 .filter_map(|w| Some((w.clone(), q.waiters.get(w)?.version.clone()?)))
-                .filter(|(w, v)| q.versions_told.get(w) != Some(v))
-                .take(200)
+                .filter(|(w, v)| {
+                    q.versions_told.get(w).is_none_or(|(told, at)| told != v || at.elapsed() > VERSIONS_RETOLD)
+                })
+                .take_while(|(w, v)| {
+                    bytes += w.len() + v.len() + 2;
+                    bytes <= 4096
+                })
                 .collect()
         };
         let header = untold.iter().map(|(w, v)| format!("{w}={v}")).collect::<Vec<_>>().join(",");
@@ -331,7 +343,13 @@ impl Orch {
         let mut failed = false;
         match answer {
             Ok(Ok(response)) => {
-                self.lock().versions_told.extend(untold);
+                {
+                    let now = Instant::now();
+                    let mut q = self.lock();
+                    for (w, v) in untold.into_iter().filter(|(w, _)| !response.refused.contains(w)) {
+                        q.versions_told.insert(w, (v, now));
+                    }
+                }
                 for job in response.jobs {
                     self.deliver(job);
                 }

@@ -85,6 +85,9 @@ const TX_TRIES: u32 = 5;
 /// autocommit write on that connection would then join a transaction that never commits — 6
 /// of 600 acknowledged writes were lost so in `tests/abandoned_writes.rs` before this check. A
 /// statement that is not its transaction's first has a later start than its transaction.
+/// (sqlx runs it on every `acquire`, `begin` and query on the pool; its `try_acquire`/
+/// `try_begin` skip it — do not use them. Nor nested `begin`s: a cancelled one rolls back the
+/// outer transaction in sqlx 0.8 and leaves its `Transaction` committing nothing.)
 /// Whether a statement sent now starts its own transaction. Sent with the simple query
 /// protocol: one message, so the statement's start and an implicit transaction's are the same
 /// instant (with Parse/Bind/Execute they are not, and every connection would look busy).

@@ -108,7 +108,8 @@ async fn begin_immediate(writer: &SqlitePool) -> Result<sqlx::Transaction<'stati
 /// rolls it back — later autocommit writes on that connection would join it and never commit,
 /// and every `BEGIN IMMEDIATE` would fail (seen in the stress test after lease renewals, which
 /// are given up after a while, timed out under load). Checked after the release ping has
-/// flushed the rollbacks that dropped transactions queue.
+/// flushed the rollbacks that dropped transactions queue. (sqlx runs it on every `acquire`,
+/// `begin` and query on a pool; its `try_acquire`/`try_begin` skip it — do not use them.)
 fn discard_if_in_transaction(
     conn: &mut sqlx::SqliteConnection,
     _meta: sqlx::pool::PoolConnectionMetadata,
@@ -118,6 +119,19 @@ fn discard_if_in_transaction(
         tracing::warn!("closing a SQLite connection left inside a transaction nobody holds");
     }
     Box::pin(async move { Ok(!open) })
+}
+
+/// The same check when a connection comes back to the pool, after flushing what is queued on
+/// it: a transaction nobody holds is rolled back at once (closing the connection), so it does
+/// not keep SQLite's write lock until the connection's next use.
+fn close_if_left_in_transaction(
+    conn: &mut sqlx::SqliteConnection,
+    _meta: sqlx::pool::PoolConnectionMetadata,
+) -> futures_util::future::BoxFuture<'_, Result<bool, sqlx::Error>> {
+    Box::pin(async move {
+        sqlx::Connection::ping(&mut *conn).await?;
+        Ok(!sqlx::Connection::is_in_transaction(conn))
+    })
 }
 
 /// Inserts a run inside the caller's transaction, or finds the run its idempotency key names
@@ -172,6 +186,7 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
+            .after_release(close_if_left_in_transaction)
             .before_acquire(discard_if_in_transaction)
             .connect_with(options.clone())
             .await
