@@ -151,12 +151,25 @@ fn fuzz_server(dir: &Path, extra: &[&str]) -> Server {
     Server::start_with_env(&dir.join("server"), extra, &[("PATH", empty.to_str().unwrap())])
 }
 
+/// The server process's resident memory, MiB (`VmRSS` in `/proc/<pid>/status`).
+fn rss_mib(server: &Server) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
 fn fuzz(extra: &[&str], dir: &Path) {
     let Some(python) = std::env::var("POND_TEST_PYTHON").ok().filter(|p| !p.is_empty()) else {
         pond_store::missing_prerequisite("POND_TEST_PYTHON is not set (a python with schemathesis; .ci/run sets it)");
         return;
     };
     let server = fuzz_server(dir, extra);
+    let mut rss = vec![rss_mib(&server)];
     // First the orchestrators' routes (the admin run may revoke the pool's worker), with an
     // orchestrator's credential and a worker's beside it. Not the claim long poll: each call
     // waits its full `wait_ms` (up to 30 s) for work that never comes, which would be the whole
@@ -167,6 +180,7 @@ fn fuzz(extra: &[&str], dir: &Path) {
     let worker_header = format!("{}: {worker}", pond_http::pool_wire::WORKER_TOKEN_HEADER);
     let pool_filters = [&pool_ops[..], &["--header", &worker_header]].concat();
     schemathesis(&python, &server, &orchestrator, &pool_filters);
+    rss.push(rss_mib(&server));
     // Again on a job the worker holds, so the job calls reach the engine (its logs, artifacts,
     // result) rather than stopping at an unknown job id.
     let job = held_job(&server, &orchestrator, &worker_id);
@@ -177,6 +191,7 @@ fn fuzz(extra: &[&str], dir: &Path) {
     // and the event stream, which never ends by itself: its pages are fuzzed next.
     let never_ending = ["--exclude-path", "/v1/keys/rotate", "--exclude-path", "/v1/events"];
     schemathesis(&python, &server, &server.token, &never_ending);
+    rss.push(rss_mib(&server));
     let pages = "[parameters]\n\"query.follow\" = \"0\"\n";
     // (No stateful phase: no link leads to or from it.)
     let events = ["--include-path", "/v1/events", "--phases", "examples,coverage,fuzzing"];
@@ -187,11 +202,18 @@ fn fuzz(extra: &[&str], dir: &Path) {
         ["--include-tag", "runs", "--include-tag", "verify", "--include-tag", "usage", "--include-tag", "webhooks"];
     schemathesis(&python, &server, &consumer, &[&consumer_ops[..], &never_ending[..]].concat());
     schemathesis_with(&python, &server, &consumer, &events, pages);
+    rss.push(rss_mib(&server));
     // Rotating a key last, with a key of its own (after the first call it is revoked: 401).
     let rotated = server.admin().create_key(&["acme".to_string()], Some("rotate")).unwrap().token.unwrap();
     // (No stateful phase: no link leads from it.)
     let filters = ["--include-path", "/v1/keys/rotate", "--phases", "examples,coverage,fuzzing"];
     schemathesis(&python, &server, &rotated, &filters);
+    rss.push(rss_mib(&server));
+    // Bounded memory under the fuzzer (what it stored — runs, keys, webhooks — stays in the
+    // database, not in the process).
+    eprintln!("server RSS (MiB) at start and after each fuzz phase: {rss:.1?}");
+    let peak = rss.iter().cloned().fold(0.0, f64::max);
+    assert!(peak < 256.0, "the server grew to {peak:.0} MiB under the fuzzer: {rss:.1?}");
 }
 
 /// An orchestrator enrolled with `server` and a worker enrolled through it (fresh keys): their
