@@ -524,12 +524,20 @@ async fn claim_round(state: &AppState, idle: &[PoolMember]) -> Vec<JobTicket> {
     let mut tickets = Vec::new();
     for workers in groups.values() {
         for worker in workers {
-            // Reserved before any await: an overlapping poll skips this worker meanwhile.
+            // Reserved while its claim is in flight: an overlapping poll on this node skips it
+            // meanwhile. Once claimed, the job's live lease is what keeps the worker busy — on
+            // every node: the store refuses a claim for a worker holding one. (Holding the
+            // reservation until the result came back to this node kept a worker idle up to
+            // 10 s behind a load balancer, whose next node got its result: 60 pooled jobs took
+            // 93 s over 3 nodes.)
             if !state.members.reserve(&worker.id) {
                 continue;
             }
             match claim_one(state, worker).await {
-                Ok(Some(ticket)) => tickets.push(ticket),
+                Ok(Some(ticket)) => {
+                    state.members.release(&worker.id);
+                    tickets.push(ticket)
+                }
                 Ok(None) => {
                     state.members.release(&worker.id);
                     break;
