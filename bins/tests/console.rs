@@ -157,13 +157,7 @@ fn the_console_in_a_real_browser() {
             .collect::<Vec<_>>(),
         vec!["admin", "harnesses", "from-preset", "codex"],
     ] {
-        let out = Command::new(POND)
-            .args(&args)
-            .env("POND_SERVER", &server.url)
-            .env("POND_TOKEN", &server.token)
-            .env("POND_CONFIG", dir.path().join("admin-config.json"))
-            .output()
-            .unwrap();
+        let out = server.cli(&args);
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
