@@ -172,7 +172,7 @@ fn the_console_in_a_real_browser() {
                  "other": other, "confidential": confidential},
         "search_text": "zz9", "worker_id": worker.id, "key_file": key_file, "key_b64": std::fs::read_to_string(&key_file).unwrap().trim(),
         "marker": "CONSOLE-PLAIN-51x", "artifact_marker": "ARTIFACT-SECRET-77q",
-        "shots": shots, "axe": axe, "chromium": chromium,
+        "shots": shots, "axe": axe, "chromium": chromium, "db_path": server.data_dir.join("pond.db"),
     });
     let config_path = dir.path().join("console.json");
     std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
@@ -269,6 +269,17 @@ fn the_console_in_a_real_browser() {
     assert_eq!(list(&got["key_in_requests"]), Vec::<String>::new());
     assert_eq!(got["ciphertext_served"], true);
 
+    // Someone holding the database cut a stream's final record and inserted a clear line
+    // claiming it whole: the page says the log is not whole, and marks the line unsigned.
+    let tampered = text(&got["tampered_checks"]);
+    assert!(
+        tampered.contains("not whole") && tampered.contains("stage sealed attempt 1") && tampered.contains("cut short"),
+        "{tampered}"
+    );
+    let class = text(&got["forged_line_class"]);
+    assert!(class.contains("sys") && !class.contains(" ok"), "{class}");
+    assert!(text(&got["forged_line_text"]).contains("pond note, unsigned"), "{}", got["forged_line_text"]);
+
     // Hostile text is text.
     assert_eq!(got["xss_fired"], Value::Null);
     assert_eq!(got["xss_injected_elements"], 0);
@@ -312,7 +323,18 @@ fn the_console_in_a_real_browser() {
         "script errors or CSP refusals: {errors:?}"
     );
     assert!(!errors.iter().any(|e| e.contains("Content Security Policy")), "{errors:?}");
-    for page in ["runs", "runs-web", "run", "run-pooled", "run-confidential", "pools", "agents", "keys", "signin"] {
+    for page in [
+        "runs",
+        "runs-web",
+        "run",
+        "run-pooled",
+        "run-confidential",
+        "run-confidential-tampered",
+        "pools",
+        "agents",
+        "keys",
+        "signin",
+    ] {
         assert!(shots.join(format!("{page}.png")).exists(), "screenshot {page}");
     }
     if std::env::var("POND_UPDATE_README_SHOT").is_ok_and(|v| v == "1") {

@@ -268,6 +268,28 @@ with sync_playwright() as p:
     found["key_in_requests"] = [u for (_, u, t) in traffic if cfg["key_b64"] in t]
     found["ciphertext_served"] = any(b"ENC2:" in b for (_, b) in bodies)
 
+    # 6b. As someone holding the database: the final record of one stream deleted, a clear
+    # system line claiming that stream is whole inserted. The page says the log is not whole,
+    # and shows the forged line as an unsigned note, not as a check.
+    step("tampered log")
+    import sqlite3
+    db = sqlite3.connect(cfg["db_path"], timeout=10)
+    db.execute("DELETE FROM logs WHERE run_id = ? AND stage = 'sealed' AND text LIKE 'ENC2F:%'", (RUNS["confidential"],))
+    forged = "stream of stage sealed attempt 1 is whole: 1 line, final record signed"
+    db.execute("INSERT INTO logs (run_id, stage, attempt, stream, at, text) VALUES (?, 'sealed', 1, 'system', 0, ?)",
+               (RUNS["confidential"], forged))
+    db.commit()
+    db.close()
+    spage.reload()
+    spage.wait_for_selector("text=the run ended")
+    spage.set_input_files("#keyfile", cfg["key_file"])
+    spage.wait_for_selector("#checks :text('not whole')", timeout=20000)
+    found["tampered_checks"] = spage.inner_text("#checks")
+    forged_line = spage.locator(".logs .ln", has_text=forged).last
+    found["forged_line_class"] = forged_line.get_attribute("class")
+    found["forged_line_text"] = forged_line.inner_text()
+    shot(spage, "run-confidential-tampered")
+
     # 7. Hostile text renders as text.
     step("xss")
     page.goto(URL + f"/#/runs/{RUNS['xss']}")
