@@ -78,7 +78,7 @@ fn the_console_in_a_real_browser() {
                  printf '{{\"file\":\"a.rs\",\"score\":3}}\\n{{\"file\":\"b.rs\",\"score\":5}}\\n' > \"$POND_OUTPUT_DIR/report.jsonl\"; \
                  echo {PIXEL_PNG} | base64 -d > \"$POND_OUTPUT_DIR/pixel.png\""
             )),
-            shell("second", "echo second-stage-line"),
+            shell("second", "echo second-stage-line; printf 'raw-\\377-bytes\\n'"),
         ]),
     );
     let failed = submit(&admin, "web", json!([shell("flaky-zz9", "echo about to fail; exit 3")]));
@@ -224,6 +224,8 @@ fn the_console_in_a_real_browser() {
     );
     let log = text(&got["log_text"]);
     assert!(log.contains("needle-42") && log.contains("second-stage-line"), "{log}");
+    // A line that is not UTF-8 (stored byte-exact, as base64) shows with U+FFFD for the byte.
+    assert!(log.contains("raw-\u{FFFD}-bytes"), "{log}");
     let second_only = list(&got["stage_filter_visible"]);
     assert!(!second_only.is_empty() && second_only.iter().all(|l| l.starts_with("second#")), "{second_only:?}");
     let hits = list(&got["search_visible"]);

@@ -559,7 +559,7 @@ function logPanel(run, signal, onWhole) {
     showStatus();
   }
   function shownFor(l) {
-    if (!sealed) return { kind: "plain", text: l.encoding === "base64" ? `[${l.text.length} base64 chars of non-text bytes]` : l.text };
+    if (!sealed) return { kind: "plain", text: l.encoding === "base64" ? bytesAsText(l.text) : l.text };
     if (opener) return opener.line(l);
     if (l.stream === "system" && !l.text.startsWith("ENC")) return { kind: "clear", text: l.text };
     return { kind: "sealed", text: "[sealed: load your key above to read it]" };
@@ -644,6 +644,15 @@ function logPanel(run, signal, onWhole) {
       start();
     },
   };
+}
+
+/** A line stored as base64 (bytes that are not UTF-8), shown with U+FFFD for what is not. */
+function bytesAsText(b64) {
+  try {
+    return new TextDecoder("utf-8", { fatal: false }).decode(Uint8Array.from(atob(b64), (c) => c.charCodeAt(0)));
+  } catch {
+    return `[${b64.length} base64 characters that do not decode]`;
+  }
 }
 
 // ---------- confidential runs: the reader's key ----------
