@@ -2,7 +2,8 @@
 //! against a real server with real runs — local, pooled (a real orchestrator and worker),
 //! confidential, failed, retried, hostile — as `testdata/console/console_check.py` describes.
 //! Screenshots of each page are kept under `target/console-shots` (set `POND_CONSOLE_SHOTS` to
-//! choose); `POND_UPDATE_README_SHOT=1` also copies the run list's to `docs/console.png`.
+//! choose); `POND_UPDATE_README_SHOT=1` also copies two of them to `docs/console-runs.png` and
+//! `docs/console-run.png` (the README's).
 
 mod common;
 

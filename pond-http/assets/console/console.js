@@ -207,7 +207,7 @@ function signInView(message) {
   h("label", { for: "token" }, "API key (admin or consumer)", input),
   h("button", { class: "primary", type: "submit" }, "Sign in"),
   h("p", { class: "note" }, "The key stays in this tab (session storage) and is sent only in the Authorization header to this server. ",
-    "Make one with ", h("code", {}, "pond keys create"), "."));
+    "An admin makes one with ", h("code", {}, "pond admin keys create --project <name>"), "."));
   show(h("section", { class: "signin" }, h("h1", {}, "Sign in to Pond"), message ? h("p", {}, message) : null, form));
   input.focus();
 }

@@ -245,7 +245,7 @@ export class LogOpener {
       st.ended = true;
       return { kind: "meta", text: `stream of stage ${stage} attempt ${l.attempt} is whole: ${count} line${count === 1 ? "" : "s"}, final record signed` };
     }
-    if (text.startsWith("ENC1")) throw new Error("an older ENC1 line (bound to no place): use `pond logs`");
+    if (text.startsWith("ENC1")) throw new Error("an older ENC1 line (bound to no place): use `pond run logs`");
     if (l.stream !== "system") throw new Error(`a clear-text ${l.stream} line in a confidential run`);
     return { kind: "clear", text };
   }
