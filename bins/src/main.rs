@@ -470,6 +470,10 @@ enum RunCommand {
         /// Only runs in this state (queued, running, succeeded, failed, cancelled).
         #[arg(long)]
         state: Option<String>,
+        /// Only runs whose id, idempotency key, error or definition (stage keys, names,
+        /// commands) contains this text (ASCII letters in either case).
+        #[arg(long)]
+        text: Option<String>,
         /// Page size.
         #[arg(long, default_value_t = 20)]
         limit: u32,
@@ -1909,8 +1913,14 @@ fn run_command(command: RunCommand, client: &Client, target: &cli::Target, key_p
             }
             Ok(0)
         }
-        RunCommand::List { project, state, limit, cursor, json } => {
-            let page = client.list_runs(project.as_deref(), state.as_deref(), Some(limit), cursor.as_deref())?;
+        RunCommand::List { project, state, text, limit, cursor, json } => {
+            let page = client.search_runs(
+                project.as_deref(),
+                state.as_deref(),
+                text.as_deref(),
+                Some(limit),
+                cursor.as_deref(),
+            )?;
             if json {
                 print_json(&page)?;
             } else {

@@ -54,6 +54,13 @@ fn the_example_workflow_runs_from_the_cli_and_its_artifacts_download() {
     let list = server.cli(&["run", "list", "--json"]);
     let page: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(page["runs"][0]["id"], id.as_str());
+    // Search: a stage key of the workflow finds the run, other text finds nothing.
+    let found = server.cli(&["run", "list", "--json", "--text", "TODOS"]);
+    let found: serde_json::Value = serde_json::from_slice(&found.stdout).unwrap();
+    assert_eq!(found["runs"][0]["id"], id.as_str(), "{found}");
+    let none = server.cli(&["run", "list", "--json", "--text", "no-such-text-9q"]);
+    let none: serde_json::Value = serde_json::from_slice(&none.stdout).unwrap();
+    assert_eq!(none["runs"], serde_json::json!([]), "{none}");
     let logs = server.cli(&["run", "logs", &id]);
     assert!(String::from_utf8_lossy(&logs.stdout).contains("-- run succeeded"));
     assert!(!dir.path().join("checkouts").join(&id).exists(), "the checkout is removed when the run ends");

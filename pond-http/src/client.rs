@@ -193,7 +193,22 @@ impl Client {
         limit: Option<u32>,
         cursor: Option<&str>,
     ) -> Result<RunPage, ClientError> {
+        self.search_runs(project, state, None, limit, cursor)
+    }
+
+    /// `GET /v1/runs` with `text`: runs whose id, idempotency key, error or definition holds it.
+    pub fn search_runs(
+        &self,
+        project: Option<&str>,
+        state: Option<&str>,
+        text: Option<&str>,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<RunPage, ClientError> {
         let mut query = Vec::new();
+        if let Some(t) = text {
+            query.push(format!("text={}", encode_query(t)));
+        }
         if let Some(p) = project {
             query.push(format!("project={}", encode_query(p)));
         }
