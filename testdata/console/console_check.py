@@ -132,19 +132,24 @@ with sync_playwright() as p:
     # Filters: by state and by text (a stage key of one run).
     page.select_option("select[name=state]", "failed")
     page.click("form[role=search] button[type=submit]")
-    page.wait_for_function("location.hash.includes('state=failed')")
+    page.wait_for_function("() => location.hash.includes('state=failed')")
     page.wait_for_selector(f"tr[data-run='{RUNS['failed']}']")
     found["failed_filter"] = page.eval_on_selector_all("tr[data-run]", "rows => rows.map(r => r.dataset.run)")
+    # (Each wait below is for the new view's own rows: its filter shown, its rows arrived.)
     page.goto(URL + "/#/runs?text=" + cfg["search_text"])
-    page.wait_for_selector("tr[data-run]")
+    page.wait_for_function(f"() => document.querySelector('input[name=text]')?.value === '{cfg['search_text']}' && "
+                           "document.querySelectorAll('tr[data-run]').length > 0")
     found["text_filter"] = page.eval_on_selector_all("tr[data-run]", "rows => rows.map(r => r.dataset.run)")
     # Paging: 50 a page, "Older" goes on from the cursor.
     page.goto(URL + "/#/runs?project=bulk")
-    page.wait_for_selector("tr[data-run]")
+    page.wait_for_function("() => document.querySelector('input[name=project]')?.value === 'bulk' && "
+                           "document.querySelectorAll('tr[data-run]').length > 0")
     first_page = page.eval_on_selector_all("tr[data-run]", "rows => rows.map(r => r.dataset.run)")
     page.click("text=Older →")
-    page.wait_for_function("location.hash.includes('page=')")
-    page.wait_for_function(f"!document.querySelector(\"tr[data-run='{first_page[0]}']\")")
+    page.wait_for_function("() => location.hash.includes('page=')")
+    # The next page is painted once its rows arrived: some rows, none of the first page's.
+    page.wait_for_function(
+        f"() => document.querySelectorAll('tr[data-run]').length > 0 && !document.querySelector(\"tr[data-run='{first_page[0]}']\")")
     second_page = page.eval_on_selector_all("tr[data-run]", "rows => rows.map(r => r.dataset.run)")
     found["paging"] = {"first": len(first_page), "second": len(second_page), "overlap": len(set(first_page) & set(second_page))}
 
