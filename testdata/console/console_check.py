@@ -53,6 +53,16 @@ def shot(page, name):
     page.screenshot(path=f"{SHOTS}/{name}.png", full_page=True)
 
 
+def open_run(page, run_id, ended=True):
+    """Opens a run's page and waits for that page itself (the previous view of the same
+    document may still show its own run, or its own "the run ended")."""
+    page.goto(URL + f"/#/runs/{run_id}")
+    page.wait_for_function(f"() => document.querySelector('h1 .mono')?.textContent === '{run_id}'")
+    if ended:
+        page.wait_for_function("() => [...document.querySelectorAll('.row .note')]"
+                               ".some(e => e.textContent.includes('the run ended'))")
+
+
 def sign_in(page, token):
     page.goto(URL + "/")
     page.fill("#token", token)
@@ -196,13 +206,11 @@ with sync_playwright() as p:
 
     # 5. Retried and pooled runs: every attempt on the timeline, where it ran, its attestation.
     step("retried and pooled")
-    page.goto(URL + f"/#/runs/{RUNS['retried']}")
-    page.wait_for_selector("text=the run ended")
+    open_run(page, RUNS['retried'])
     page.click("text=Attempts as a table")
     found["retried_attempts"] = page.locator("details table tbody tr").all_inner_texts()
     found["retried_bars"] = page.locator("svg.timeline rect").count()
-    page.goto(URL + f"/#/runs/{RUNS['pooled']}")
-    page.wait_for_selector("text=the run ended")
+    open_run(page, RUNS['pooled'])
     page.click("text=Attempts as a table")
     found["pooled_attempts"] = page.locator("details table tbody tr").all_inner_texts()
     shot(page, "run-pooled")
@@ -211,7 +219,7 @@ with sync_playwright() as p:
     step("cancel")
     long_run = call("/v1/runs", body={"project_id": "web", "definition": {"stages": [
         {"key": "forever", "executor": {"kind": "shell", "argv": ["sleep", "60"]}}]}})["id"]
-    page.goto(URL + f"/#/runs/{long_run}")
+    open_run(page, long_run, ended=False)
     page.wait_for_selector("button:text('Cancel run')")
     page.wait_for_selector("h1 .badge:text('running')")
     page.click("button:text('Cancel run')")
@@ -227,8 +235,7 @@ with sync_playwright() as p:
     responses = []
     spage.on("response", lambda r: responses.append(r))
     sign_in(spage, CONSUMER)
-    spage.goto(URL + f"/#/runs/{RUNS['confidential']}")
-    spage.wait_for_selector("text=the run ended")
+    open_run(spage, RUNS["confidential"])
     found["sealed_before_key"] = spage.locator(".logs .ln.sealed").count()
     found["marker_before_key"] = cfg["marker"] in spage.inner_text("body")
     spage.set_input_files("#keyfile", cfg["key_file"])
@@ -297,8 +304,7 @@ with sync_playwright() as p:
 
     # 7. Hostile text renders as text.
     step("xss")
-    page.goto(URL + f"/#/runs/{RUNS['xss']}")
-    page.wait_for_selector("text=the run ended")
+    open_run(page, RUNS['xss'])
     page.wait_for_selector("h2:text('Artifacts') + table")
     found["xss_fired"] = page.evaluate("window.__pwned || null")
     found["xss_log_text"] = page.inner_text(".logs")
@@ -346,8 +352,10 @@ with sync_playwright() as p:
     new_token = page.inner_text("#new-token .token")
     found["new_token_works"] = call("/v1/whoami", token=new_token)["projects"] == ["web"]
     page.goto(URL + "/#/runs")
+    page.wait_for_selector("h1:text('Runs')")
     page.goto(URL + "/#/keys")
     page.wait_for_selector("h1:text('Keys')")
+    page.wait_for_selector("tr[data-key]")
     found["token_shown_again"] = new_token in page.inner_text("main")
     shot(page, "keys")
     axe(page, "keys")
