@@ -76,15 +76,13 @@ pub(crate) async fn console_asset(headers: HeaderMap, Path(file): Path<String>) 
 /// The console's files and their sizes (for BENCHMARKS: the page's own script and style, and
 /// the vendored libsodium apart).
 pub fn asset_sizes() -> Vec<(&'static str, usize)> {
-    let mut sizes = vec![("index.html", INDEX_HTML.len())];
-    sizes.extend(ASSETS.iter().map(|(name, _, bytes)| (*name, bytes.len())));
-    sizes
+    files().map(|(name, bytes)| (name, bytes.len())).collect()
 }
 
 /// An answer with the policy, revalidated on each load by its digest (an upgraded server's
 /// files are never read from a stale cache).
 fn serve(headers: &HeaderMap, name: &str, kind: &'static str, bytes: &'static [u8]) -> Response {
-    let tag = etag(name, bytes);
+    let tag = etag(name);
     let fresh = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -110,23 +108,21 @@ fn serve(headers: &HeaderMap, name: &str, kind: &'static str, bytes: &'static [u
     (common, [(header::CONTENT_TYPE, HeaderValue::from_static(kind))], bytes).into_response()
 }
 
-/// A strong validator for one embedded file, computed once.
-fn etag(name: &str, bytes: &[u8]) -> HeaderValue {
-    static TAGS: OnceLock<std::collections::HashMap<String, HeaderValue>> = OnceLock::new();
+/// A strong validator for each embedded file, computed once (every name served is in it).
+fn etag(name: &str) -> HeaderValue {
+    static TAGS: OnceLock<std::collections::HashMap<&'static str, HeaderValue>> = OnceLock::new();
     let tags = TAGS.get_or_init(|| {
-        let mut all = vec![("index.html", INDEX_HTML)];
-        all.extend(ASSETS.iter().map(|(n, _, b)| (*n, *b)));
-        all.into_iter()
-            .map(|(n, b)| {
-                let digest = Sha256::digest(b);
-                let text = format!("\"{}\"", hex::encode(&digest[..12]));
-                (n.to_string(), HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("\"0\"")))
+        files()
+            .filter_map(|(n, b)| {
+                let text = format!("\"{}\"", hex::encode(&Sha256::digest(b)[..12]));
+                Some((n, HeaderValue::from_str(&text).ok()?))
             })
             .collect()
     });
-    tags.get(name).cloned().unwrap_or_else(|| {
-        let digest = Sha256::digest(bytes);
-        HeaderValue::from_str(&format!("\"{}\"", hex::encode(&digest[..12])))
-            .unwrap_or(HeaderValue::from_static("\"0\""))
-    })
+    tags.get(name).cloned().unwrap_or(HeaderValue::from_static("\"0\""))
+}
+
+/// The page and every file under `/console/`: (name, bytes).
+fn files() -> impl Iterator<Item = (&'static str, &'static [u8])> {
+    std::iter::once(("index.html", INDEX_HTML)).chain(ASSETS.iter().map(|(name, _, bytes)| (*name, *bytes)))
 }

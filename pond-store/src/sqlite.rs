@@ -86,20 +86,10 @@ async fn insert_batch(writer: &SqlitePool, snapshots: &[&RunSnapshot]) -> Result
     Ok(outcomes)
 }
 
-/// A write transaction on the writer connection. A connection still inside a transaction is
-/// never handed out (see [`discard_if_in_transaction`]); should one be anyway, it is closed (SQLite
-/// rolls back what it held) and the transaction begun on a fresh one.
+/// A write transaction on the writer connection (never one left inside a transaction: see
+/// [`discard_if_in_transaction`]).
 async fn begin_immediate(writer: &SqlitePool) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
-    match writer.begin_with("BEGIN IMMEDIATE").await {
-        Err(sqlx::Error::InvalidSavePointStatement) => {
-            tracing::warn!("the SQLite writer was inside a transaction nobody holds: reopening it");
-            if let Ok(conn) = writer.acquire().await {
-                let _ = sqlx::Connection::close(conn.detach()).await;
-            }
-            writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
-        }
-        other => other.map_err(db_err),
-    }
+    writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
 }
 
 /// The pools' check before handing out a connection: one still inside a transaction is closed
@@ -119,19 +109,6 @@ fn discard_if_in_transaction(
         tracing::warn!("closing a SQLite connection left inside a transaction nobody holds");
     }
     Box::pin(async move { Ok(!open) })
-}
-
-/// The same check when a connection comes back to the pool, after flushing what is queued on
-/// it: a transaction nobody holds is rolled back at once (closing the connection), so it does
-/// not keep SQLite's write lock until the connection's next use.
-fn close_if_left_in_transaction(
-    conn: &mut sqlx::SqliteConnection,
-    _meta: sqlx::pool::PoolConnectionMetadata,
-) -> futures_util::future::BoxFuture<'_, Result<bool, sqlx::Error>> {
-    Box::pin(async move {
-        sqlx::Connection::ping(&mut *conn).await?;
-        Ok(!sqlx::Connection::is_in_transaction(conn))
-    })
 }
 
 /// Inserts a run inside the caller's transaction, or finds the run its idempotency key names
@@ -186,7 +163,6 @@ impl SqliteStore {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
-            .after_release(close_if_left_in_transaction)
             .before_acquire(discard_if_in_transaction)
             .connect_with(options.clone())
             .await
