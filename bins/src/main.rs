@@ -2422,6 +2422,10 @@ fn bench(args: BenchArgs) -> Result<()> {
         Some(url) => Some(rt.block_on(pond_store::ScratchDatabase::create(url, "bench"))?),
         None => None,
     };
+    let activity_before = match &scratch {
+        Some(db) => Some(rt.block_on(db.activity())?),
+        None => None,
+    };
     let mut servers = Vec::new();
     for n in 0..args.nodes.max(1) {
         let mut config = pond_http::server::ServerConfig::new(
@@ -2443,11 +2447,30 @@ fn bench(args: BenchArgs) -> Result<()> {
     for server in servers {
         rt.block_on(server.shutdown());
     }
+    // Read once the servers' connections have closed (a backend reports its counts as it ends).
+    let activity = match (&scratch, activity_before) {
+        (Some(db), Some(before)) => Some(rt.block_on(db.activity())?.since(&before)),
+        _ => None,
+    };
     drop(scratch);
     let report = report?;
     let command: Vec<String> =
         std::env::args().map(|a| if a.contains("://") { "<database-url>".into() } else { a }).collect();
     say!("command: {}", command.join(" "));
     say!("{report}");
+    if let Some(a) = activity {
+        // Both phases' runs, set-up (migrations, the first admin token) included.
+        let runs = (2 * args.runs) as f64;
+        let statements = match a.statements {
+            Some(n) => format!("{:.2}", n as f64 / runs),
+            None => "n/a (pg_stat_statements is not in shared_preload_libraries)".into(),
+        };
+        say!(
+            "PostgreSQL work per run ({} runs): statements {statements}, transactions {:.2}, WAL syncs {:.2}",
+            2 * args.runs,
+            a.transactions as f64 / runs,
+            a.wal_syncs as f64 / runs
+        );
+    }
     Ok(())
 }

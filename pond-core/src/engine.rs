@@ -1179,25 +1179,49 @@ impl Engine {
     /// Records an attempt's outcome. A stale attempt (lease lost, stage ended) is refused with
     /// [`CoreError::StaleAttempt`] and changes nothing.
     pub async fn complete(&self, claim: &Claim, outcome: StageOutcome) -> Result<RunSnapshot, CoreError> {
-        let now = self.clock.now();
-        let (run, key, attempt) = (claim.run.id, claim.stage.key.as_str(), claim.stage.attempt);
+        let mut results = self.complete_many(&[(claim, outcome)]).await;
+        results.pop().unwrap_or_else(|| Err(CoreError::Store(StoreError::Backend("no completion was recorded".into()))))
+    }
 
+    /// Records several attempts' outcomes, as [`Engine::complete`] would each, in one store
+    /// write (see [`Store::update_runs`]): a driver finishing many short stages at once commits
+    /// them together. Results in the order given.
+    pub async fn complete_many(&self, items: &[(&Claim, StageOutcome)]) -> Vec<Result<RunSnapshot, CoreError>> {
+        let now = self.clock.now();
         // The progress lines are written in the same transaction as the change they describe,
         // so a follower that sees the run ended has also seen how.
-        let snapshot = self
-            .store
-            .update_run(run, &mut |s| {
-                s.complete_attempt(key, attempt, &outcome, now)?;
-                let mut lines =
-                    vec![self.system(Some(key), attempt, describe_completion(s, key, attempt, &outcome, now))];
-                lines.extend(self.run_ended(s, now));
-                Ok(lines)
+        let mut mutations: Vec<_> = items
+            .iter()
+            .map(|(claim, outcome)| {
+                let (key, attempt) = (claim.stage.key.as_str(), claim.stage.attempt);
+                move |s: &mut RunSnapshot| -> Result<Vec<NewLogLine>, CoreError> {
+                    s.complete_attempt(key, attempt, outcome, now)?;
+                    let mut lines =
+                        vec![self.system(Some(key), attempt, describe_completion(s, key, attempt, outcome, now))];
+                    lines.extend(self.run_ended(s, now));
+                    Ok(lines)
+                }
             })
-            .await
-            .map_err(unwrap_rejected)?;
-        self.release_if_ended(&snapshot, now).await;
-        record_finish(&snapshot, key, attempt, now);
-        Ok(snapshot)
+            .collect();
+        let mut changes: Vec<(RunId, crate::store::RunMutation<'_>)> = items
+            .iter()
+            .zip(mutations.iter_mut())
+            .map(|((claim, _), mutate)| (claim.run.id, mutate as crate::store::RunMutation<'_>))
+            .collect();
+        let results = self.store.update_runs(&mut changes).await;
+        drop(changes);
+        let mut out = Vec::with_capacity(results.len());
+        for ((claim, _), result) in items.iter().zip(results) {
+            match result {
+                Ok(snapshot) => {
+                    self.release_if_ended(&snapshot, now).await;
+                    record_finish(&snapshot, &claim.stage.key, claim.stage.attempt, now);
+                    out.push(Ok(snapshot));
+                }
+                Err(e) => out.push(Err(unwrap_rejected(e))),
+            }
+        }
+        out
     }
 
     /// Gives a claimed stage back because this node is stopping (see [`RunSnapshot::hand_back`]).

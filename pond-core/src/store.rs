@@ -352,6 +352,18 @@ pub trait Store: Send + Sync + 'static {
     /// result. If `mutate` fails nothing is written and the error comes back as
     /// [`StoreError::Rejected`].
     async fn update_run(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, StoreError>;
+    /// Applies several mutations, each as [`Store::update_run`] would and in the order given
+    /// (a later one for the same run sees what the earlier ones did), committed together where
+    /// the backend can: a batch of completions is one transaction, not one each. Results come
+    /// back in the same order. A mutation that fails leaves its run as the earlier ones left it
+    /// and does not stop the others; a store error fails only the items it touched.
+    async fn update_runs(&self, changes: &mut [(RunId, RunMutation<'_>)]) -> Vec<Result<RunSnapshot, StoreError>> {
+        let mut results = Vec::with_capacity(changes.len());
+        for (id, mutate) in changes.iter_mut() {
+            results.push(self.update_run(*id, &mut **mutate).await);
+        }
+        results
+    }
     /// Claims up to `limit` claimable stages (see [`Stage::claimable`]); no stage is ever
     /// handed to two claimers for the same attempt.
     async fn claim_stages(&self, query: &ClaimQuery) -> Result<Vec<Claim>, StoreError>;

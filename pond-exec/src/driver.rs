@@ -15,7 +15,8 @@ use pond_core::exec::{StopReason, StopSignal};
 use pond_core::ids::RunId;
 use pond_core::store::{Claim, LeaseStatus};
 use pond_core::CoreError;
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use pond_core::run::StageOutcome;
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::stop::StopHandle;
 
@@ -39,6 +40,12 @@ impl Default for DriverConfig {
 /// An attempt in progress here: how to make it check its lease now, and how to stop it.
 type Running = (Arc<Notify>, StopHandle);
 
+/// An attempt's outcome waiting to be recorded, with where the answer goes.
+type Completion = (Claim, StageOutcome, oneshot::Sender<Result<(), CoreError>>);
+
+/// Most outcomes recorded in one store write.
+const COMPLETION_BATCH: usize = 256;
+
 /// Runs claimed stages of an engine.
 pub struct Driver {
     engine: Arc<Engine>,
@@ -46,13 +53,45 @@ pub struct Driver {
     wake: watch::Receiver<u64>,
     running: Mutex<HashMap<RunId, Vec<Running>>>,
     slots: Arc<Semaphore>,
+    completions: mpsc::Sender<Completion>,
+    /// Taken by the first [`Driver::run`], which starts the task that records outcomes.
+    completion_queue: Mutex<Option<mpsc::Receiver<Completion>>>,
+}
+
+/// Records outcomes as they come, whatever are waiting together in one store write (group
+/// commit): with many short stages ending at once, one transaction instead of one each.
+async fn record_outcomes(engine: Arc<Engine>, mut queue: mpsc::Receiver<Completion>) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < COMPLETION_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let items: Vec<(&Claim, StageOutcome)> = batch.iter().map(|(c, o, _)| (c, o.clone())).collect();
+        let results = engine.complete_many(&items).await;
+        drop(items);
+        for ((_, _, reply), result) in batch.into_iter().zip(results) {
+            let _ = reply.send(result.map(|_| ()));
+        }
+    }
 }
 
 impl Driver {
     /// A driver for `engine` that wakes whenever `wake` changes.
     pub fn new(engine: Arc<Engine>, config: DriverConfig, wake: watch::Receiver<u64>) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.slots));
-        Arc::new(Driver { engine, config, wake, running: Mutex::new(HashMap::new()), slots })
+        let (completions, queue) = mpsc::channel(COMPLETION_BATCH);
+        Arc::new(Driver {
+            engine,
+            config,
+            wake,
+            running: Mutex::new(HashMap::new()),
+            slots,
+            completions,
+            completion_queue: Mutex::new(Some(queue)),
+        })
     }
 
     /// Tells the attempts of `run` running here to check their lease now (a cancel arrived).
@@ -67,6 +106,9 @@ impl Driver {
     /// attempts in progress to finish. Attempts still running after that are stopped and handed
     /// back, so another node takes them at once instead of after their lease expires.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>, drain: Duration) {
+        if let Some(queue) = self.completion_queue.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            tokio::spawn(record_outcomes(self.engine.clone(), queue));
+        }
         let mut wake = self.wake.clone();
         let mut last_sweep: Option<tokio::time::Instant> = None;
         loop {
@@ -132,6 +174,19 @@ impl Driver {
         }
     }
 
+    /// Records an outcome through the group-commit task (directly, should it be gone).
+    async fn record(&self, claim: &Claim, outcome: StageOutcome) -> Result<(), CoreError> {
+        let (reply, answer) = oneshot::channel();
+        if let Err(mpsc::error::SendError((claim, outcome, _))) =
+            self.completions.send((claim.clone(), outcome, reply)).await
+        {
+            return self.engine.complete(&claim, outcome).await.map(|_| ());
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(CoreError::Store(pond_core::StoreError::Unavailable("the outcome recorder stopped".into())))
+        })
+    }
+
     async fn attempt(self: Arc<Self>, claim: Claim, _permit: OwnedSemaphorePermit) {
         let run = claim.run.id;
         let stop = StopHandle::new();
@@ -169,7 +224,7 @@ impl Driver {
             ticker.tick().await;
             loop {
                 tokio::select! {
-                    joined = &mut exec => break joined.unwrap_or_else(|e| pond_core::run::StageOutcome::Failed {
+                    joined = &mut exec => break joined.unwrap_or_else(|e| StageOutcome::Failed {
                         error: format!("the stage's executor stopped abnormally: {e}"),
                         exit_code: None,
                     }),
@@ -203,8 +258,8 @@ impl Driver {
         let mut delay = Duration::from_millis(100);
         let giving_up = tokio::time::Instant::now() + Duration::from_secs(600);
         loop {
-            match self.engine.complete(&claim, outcome.clone()).await {
-                Ok(_) => return,
+            match self.record(&claim, outcome.clone()).await {
+                Ok(()) => return,
                 Err(CoreError::StaleAttempt { .. }) => {
                     tracing::warn!(%run, stage = %claim.stage.key, "result refused: the attempt no longer holds the stage");
                     return;

@@ -12,6 +12,7 @@
 //! All of them pass the conformance suite in `tests/conformance.rs`.
 #![deny(missing_docs)]
 
+mod batch;
 mod memory;
 mod pg;
 mod rows;
@@ -21,7 +22,7 @@ mod watched;
 
 pub use memory::MemoryStore;
 pub use pg::{PgStore, CHANGE_CHANNEL};
-pub use scratch::{missing_prerequisite, ScratchDatabase};
+pub use scratch::{missing_prerequisite, Activity, ScratchDatabase};
 pub use sqlite::SqliteStore;
 pub use watched::WatchedStore;
 

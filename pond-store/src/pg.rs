@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pond_core::ids::{BlobId, RunId, TokenId};
-use pond_core::run::{Attempt, AttemptOutcome, Run, RunSnapshot, Stage, MAX_LOST_LEASES};
+use pond_core::run::{AttemptOutcome, Run, RunSnapshot, Stage, MAX_LOST_LEASES};
 use pond_core::store::{
     Artifact, BlobMeta, Claim, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation, RunQuery,
     Store, TokenRecord, BLOB_CHUNK_BYTES,
@@ -32,6 +32,7 @@ use crate::rows::{
     artifact_from_row, attempt_from_row, attestation_column, blob_from_row, corrupt, db_err, encryption_column,
     log_from_row, requirement_columns, role_text, run_from_row, stage_from_row, token_from_row, ts,
 };
+use crate::batch::{group_commit, queue_write, Queued, Rows};
 use crate::{sha256_hex, WatchedStore};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -43,7 +44,11 @@ pub const CHANGE_CHANNEL: &str = "pond_changes";
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    inserts: tokio::sync::mpsc::Sender<Queued<RunSnapshot, InsertOutcome>>,
 }
+
+/// Most submits committed together (one transaction, one WAL sync).
+const INSERT_BATCH: usize = 128;
 
 /// A failure inside a transaction: database errors are kept raw until the retry decision.
 enum Fail {
@@ -132,7 +137,13 @@ impl PgStore {
             .await
             .map_err(db_err)?;
         MIGRATOR.run(&pool).await.map_err(|e| StoreError::Backend(format!("migrating the database: {e}")))?;
-        Ok(PgStore { pool })
+        let (inserts, queue) = tokio::sync::mpsc::channel(4 * INSERT_BATCH);
+        let batch_pool = pool.clone();
+        tokio::spawn(group_commit(queue, INSERT_BATCH, move |snapshots| {
+            let pool = batch_pool.clone();
+            Box::pin(async move { insert_batch(&pool, snapshots).await })
+        }));
+        Ok(PgStore { pool, inserts })
     }
 
     /// The pool (for benchmarks and tests that seed data directly).
@@ -269,18 +280,28 @@ impl PgStore {
         }
     }
 
-    async fn try_update(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, Fail> {
+    /// [`Store::update_runs`] in one transaction: the batch's runs are loaded and locked with
+    /// three statements (stages, then runs, in id order, as every writer takes them), the
+    /// mutations run in memory, and what changed goes back in a few statements over arrays.
+    async fn try_update_runs(
+        &self,
+        changes: &mut [(RunId, RunMutation<'_>)],
+    ) -> Result<Vec<Result<RunSnapshot, StoreError>>, Fail> {
+        let mut ids: Vec<RunId> = changes.iter().map(|(id, _)| *id).collect();
+        ids.sort();
+        ids.dedup();
         let mut tx = self.pool.begin().await?;
-        let before =
-            load_snapshot(&mut tx, id, true).await?.ok_or_else(|| StoreError::NotFound(format!("run {id}")))?;
-        let mut after = before.clone();
-        let lines = mutate(&mut after).map_err(|e| StoreError::Rejected(Box::new(e)))?;
-        write_changes(&mut tx, Some(&before), &after).await?;
-        let lines: Vec<(RunId, &NewLogLine)> = lines.iter().map(|l| (id, l)).collect();
+        let loaded = load_snapshots(&mut tx, &ids, true).await?;
+        let applied = crate::batch::apply(loaded, changes);
+        if applied.changed.is_empty() {
+            return Ok(applied.results);
+        }
+        write_rows(&mut tx, &Rows::of(applied.changed.iter().map(|(b, a)| (Some(b), a)))).await?;
+        let lines: Vec<(RunId, &NewLogLine)> = applied.lines.iter().map(|(id, l)| (*id, l)).collect();
         write_log_lines(&mut tx, &lines).await?;
-        write_events(&mut tx, &pond_core::events::changes(Some(&before), &after, crate::wall_clock())).await?;
+        write_events(&mut tx, &applied.events).await?;
         tx.commit().await?;
-        Ok(after)
+        Ok(applied.results)
     }
 
     async fn try_claim(&self, query: &ClaimQuery) -> Result<Vec<Claim>, Fail> {
@@ -459,51 +480,73 @@ impl PgStore {
     }
 }
 
-/// Appends log lines inside the caller's transaction. Each run's positions come from its
-/// counter row, locked until commit; counters are taken in run-id order so concurrent batches
-/// cannot deadlock.
+/// Appends log lines inside the caller's transaction, two statements for any number of runs.
+/// Each run's positions come from its counter row, locked until commit; counters are taken in
+/// run-id order so concurrent batches cannot deadlock.
 async fn write_log_lines(conn: &mut PgConnection, lines: &[(RunId, &NewLogLine)]) -> Result<(), Fail> {
+    if lines.is_empty() {
+        return Ok(());
+    }
     let mut by_run: std::collections::BTreeMap<String, Vec<&NewLogLine>> = Default::default();
     for (run, line) in lines {
         by_run.entry(run.to_string()).or_default().push(line);
     }
+    let runs: Vec<&str> = by_run.keys().map(String::as_str).collect();
+    let counts: Vec<i64> = by_run.values().map(|l| l.len() as i64).collect();
+    let lasts: Vec<(String, i64)> = sqlx::query_as(
+        "INSERT INTO log_counters (run_id, seq) SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[])
+         ON CONFLICT (run_id) DO UPDATE SET seq = log_counters.seq + EXCLUDED.seq RETURNING run_id, seq",
+    )
+    .bind(&runs)
+    .bind(&counts)
+    .fetch_all(&mut *conn)
+    .await?;
+    let lasts: std::collections::HashMap<String, i64> = lasts.into_iter().collect();
+    let total = lines.len();
+    let (mut run_ids, mut seqs, mut stages, mut attempts, mut streams, mut ats, mut texts, mut flags, mut line_seqs) = (
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+    );
     for (run, lines) in &by_run {
-        let last: i64 = sqlx::query_scalar(
-            "INSERT INTO log_counters (run_id, seq) VALUES ($1, $2)
-             ON CONFLICT (run_id) DO UPDATE SET seq = log_counters.seq + EXCLUDED.seq RETURNING seq",
-        )
-        .bind(run)
-        .bind(lines.len() as i64)
-        .fetch_one(&mut *conn)
-        .await?;
+        let last = *lasts.get(run).ok_or_else(|| corrupt(format!("no log counter came back for run {run}")))?;
         let first = last - lines.len() as i64 + 1;
-        let seqs: Vec<i64> = (first..=last).collect();
-        let stages: Vec<Option<String>> = lines.iter().map(|l| l.stage.clone()).collect();
-        let attempts: Vec<i64> = lines.iter().map(|l| l.attempt as i64).collect();
-        let streams: Vec<&str> = lines.iter().map(|l| l.stream.as_str()).collect();
-        let ats: Vec<i64> = lines.iter().map(|l| l.at.as_millis()).collect();
-        let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
-        let flags: Vec<i64> = lines.iter().map(|l| crate::rows::log_flags(l)).collect();
-        let line_seqs: Vec<Option<i64>> = lines.iter().map(|l| l.line_seq.map(|n| n as i64)).collect();
-        // A line whose producer number is already stored (a retried batch) is skipped; its
-        // position stays unused (positions only need to grow).
-        sqlx::query(
-            "INSERT INTO logs (run_id, seq, stage, attempt, stream, at, text, flags, line_seq)
-             SELECT $1, * FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::BIGINT[], $9::BIGINT[])
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(run)
-        .bind(&seqs)
-        .bind(&stages)
-        .bind(&attempts)
-        .bind(&streams)
-        .bind(&ats)
-        .bind(&texts)
-        .bind(&flags)
-        .bind(&line_seqs)
-        .execute(&mut *conn)
-        .await?;
+        for (i, l) in lines.iter().enumerate() {
+            run_ids.push(run.as_str());
+            seqs.push(first + i as i64);
+            stages.push(l.stage.as_deref());
+            attempts.push(l.attempt as i64);
+            streams.push(l.stream.as_str());
+            ats.push(l.at.as_millis());
+            texts.push(l.text.as_str());
+            flags.push(crate::rows::log_flags(l));
+            line_seqs.push(l.line_seq.map(|n| n as i64));
+        }
     }
+    // A line whose producer number is already stored (a retried batch) is skipped; its
+    // position stays unused (positions only need to grow).
+    sqlx::query(
+        "INSERT INTO logs (run_id, seq, stage, attempt, stream, at, text, flags, line_seq)
+         SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::BIGINT[], $9::BIGINT[])
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&run_ids)
+    .bind(&seqs)
+    .bind(&stages)
+    .bind(&attempts)
+    .bind(&streams)
+    .bind(&ats)
+    .bind(&texts)
+    .bind(&flags)
+    .bind(&line_seqs)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -541,196 +584,287 @@ async fn write_events(conn: &mut PgConnection, events: &[pond_core::events::NewE
     Ok(())
 }
 
-async fn load_snapshot(conn: &mut PgConnection, id: RunId, lock: bool) -> Result<Option<RunSnapshot>, Fail> {
-    let key = id.to_string();
+/// Loads runs with their stages and attempts, three statements for the lot; with `lock`, the
+/// stages and then the runs are locked, in id order. Runs that do not exist are left out.
+async fn load_snapshots(conn: &mut PgConnection, ids: &[RunId], lock: bool) -> Result<Vec<RunSnapshot>, Fail> {
+    let keys: Vec<String> = ids.iter().map(RunId::to_string).collect();
     let lock_clause = if lock { " FOR UPDATE" } else { "" };
-    let stage_rows = sqlx::query(&format!("SELECT * FROM stages WHERE run_id = $1 ORDER BY position{lock_clause}"))
-        .bind(&key)
+    let stage_rows = sqlx::query(&format!(
+        "SELECT * FROM stages WHERE run_id = ANY($1) ORDER BY run_id, position{lock_clause}"
+    ))
+    .bind(&keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    let run_rows = sqlx::query(&format!("SELECT * FROM runs WHERE id = ANY($1) ORDER BY id{lock_clause}"))
+        .bind(&keys)
         .fetch_all(&mut *conn)
         .await?;
-    let Some(run_row) = sqlx::query(&format!("SELECT * FROM runs WHERE id = $1{lock_clause}"))
-        .bind(&key)
-        .fetch_optional(&mut *conn)
-        .await?
-    else {
-        return Ok(None);
-    };
-    let attempts = sqlx::query("SELECT * FROM attempts WHERE run_id = $1 ORDER BY started_at, stage_key, number")
-        .bind(&key)
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(attempt_from_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Some(RunSnapshot {
-        run: run_from_row(&run_row)?,
-        stages: stage_rows.iter().map(stage_from_row).collect::<Result<Vec<_>, _>>()?,
-        attempts,
-    }))
+    let attempt_rows =
+        sqlx::query("SELECT * FROM attempts WHERE run_id = ANY($1) ORDER BY run_id, started_at, stage_key, number")
+            .bind(&keys)
+            .fetch_all(&mut *conn)
+            .await?;
+    let runs = run_rows.iter().map(run_from_row).collect::<Result<Vec<_>, _>>()?;
+    let mut stages = Vec::with_capacity(stage_rows.len());
+    for row in &stage_rows {
+        stages.push((run_id_of(row)?, stage_from_row(row)?));
+    }
+    let mut attempts = Vec::with_capacity(attempt_rows.len());
+    for row in &attempt_rows {
+        attempts.push((run_id_of(row)?, attempt_from_row(row)?));
+    }
+    Ok(crate::batch::assemble(runs, stages, attempts))
 }
 
-/// Writes the run row; on insert, returns false (writing nothing) when its idempotency key is
-/// already taken in the project.
-async fn write_run(conn: &mut PgConnection, run: &Run, insert: bool) -> Result<bool, Fail> {
-    let sources = serde_json::to_string(&run.sources).map_err(corrupt)?;
-    if insert {
-        let definition = serde_json::to_string(&run.definition).map_err(corrupt)?;
-        let done = sqlx::query(
-            "INSERT INTO runs (id, project_id, state, idempotency_key, definition, sources, cancel_requested, error,
-                               created_at, started_at, finished_at, encryption, request_digest)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-             ON CONFLICT (project_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
-        )
-        .bind(run.id.to_string())
-        .bind(&run.project_id)
-        .bind(run.state.as_str())
-        .bind(&run.idempotency_key)
-        .bind(definition)
-        .bind(sources)
-        .bind(run.cancel_requested)
-        .bind(&run.error)
-        .bind(run.created_at.as_millis())
-        .bind(ts(run.started_at))
-        .bind(ts(run.finished_at))
-        .bind(encryption_column(run))
-        .bind(&run.request_digest)
-        .execute(&mut *conn)
-        .await?;
-        return Ok(done.rows_affected() > 0);
-    } else {
+async fn load_snapshot(conn: &mut PgConnection, id: RunId, lock: bool) -> Result<Option<RunSnapshot>, Fail> {
+    Ok(load_snapshots(conn, &[id], lock).await?.pop())
+}
+
+fn run_id_of(row: &sqlx::postgres::PgRow) -> Result<RunId, StoreError> {
+    RunId::from_str(&row.try_get::<String, _>("run_id").map_err(db_err)?).map_err(corrupt)
+}
+
+/// Inserts runs in one statement; returns the ids of those inserted (a run whose idempotency
+/// key is already taken in its project, or taken earlier in the same batch, is not).
+async fn insert_runs(conn: &mut PgConnection, runs: &[&Run]) -> Result<std::collections::HashSet<String>, Fail> {
+    let n = runs.len();
+    let (mut ids, mut projects, mut states, mut keys, mut definitions, mut sources) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut cancels, mut errors, mut created, mut started, mut finished, mut encryptions, mut digests) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for run in runs {
+        ids.push(run.id.to_string());
+        projects.push(run.project_id.as_str());
+        states.push(run.state.as_str());
+        keys.push(run.idempotency_key.as_deref());
+        definitions.push(serde_json::to_string(&run.definition).map_err(corrupt)?);
+        sources.push(serde_json::to_string(&run.sources).map_err(corrupt)?);
+        cancels.push(run.cancel_requested);
+        errors.push(run.error.as_deref());
+        created.push(run.created_at.as_millis());
+        started.push(ts(run.started_at));
+        finished.push(ts(run.finished_at));
+        encryptions.push(encryption_column(run));
+        digests.push(run.request_digest.as_deref());
+    }
+    let inserted: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO runs (id, project_id, state, idempotency_key, definition, sources, cancel_requested, error,
+                           created_at, started_at, finished_at, encryption, request_digest)
+         SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BOOLEAN[],
+                              $8::TEXT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[], $12::TEXT[], $13::TEXT[])
+         ON CONFLICT (project_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+         RETURNING id",
+    )
+    .bind(&ids)
+    .bind(&projects)
+    .bind(&states)
+    .bind(&keys)
+    .bind(&definitions)
+    .bind(&sources)
+    .bind(&cancels)
+    .bind(&errors)
+    .bind(&created)
+    .bind(&started)
+    .bind(&finished)
+    .bind(&encryptions)
+    .bind(&digests)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(inserted.into_iter().collect())
+}
+
+/// Writes rows that changed, one statement over arrays per table: runs updated, stages and
+/// attempts upserted. (Runs are inserted by [`insert_runs`], which must go first.)
+async fn write_rows(conn: &mut PgConnection, rows: &Rows<'_>) -> Result<(), Fail> {
+    if !rows.updated_runs.is_empty() {
+        let n = rows.updated_runs.len();
+        let (mut ids, mut states, mut sources, mut cancels, mut errors, mut started, mut finished) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for run in &rows.updated_runs {
+            ids.push(run.id.to_string());
+            states.push(run.state.as_str());
+            sources.push(serde_json::to_string(&run.sources).map_err(corrupt)?);
+            cancels.push(run.cancel_requested);
+            errors.push(run.error.as_deref());
+            started.push(ts(run.started_at));
+            finished.push(ts(run.finished_at));
+        }
         sqlx::query(
-            "UPDATE runs SET state = $1, sources = $2, cancel_requested = $3, error = $4, started_at = $5, finished_at = $6
-              WHERE id = $7",
+            "UPDATE runs r SET state = u.state, sources = u.sources, cancel_requested = u.cancel_requested,
+                               error = u.error, started_at = u.started_at, finished_at = u.finished_at
+               FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BOOLEAN[], $5::TEXT[], $6::BIGINT[], $7::BIGINT[])
+                    AS u(id, state, sources, cancel_requested, error, started_at, finished_at)
+              WHERE r.id = u.id",
         )
-        .bind(run.state.as_str())
-        .bind(sources)
-        .bind(run.cancel_requested)
-        .bind(&run.error)
-        .bind(ts(run.started_at))
-        .bind(ts(run.finished_at))
-        .bind(run.id.to_string())
+        .bind(&ids)
+        .bind(&states)
+        .bind(&sources)
+        .bind(&cancels)
+        .bind(&errors)
+        .bind(&started)
+        .bind(&finished)
         .execute(&mut *conn)
         .await?;
     }
-    Ok(true)
-}
-
-async fn write_stage(conn: &mut PgConnection, run: RunId, s: &Stage) -> Result<(), Fail> {
-    let (pool_tags, pool_caps) = requirement_columns(s);
-    sqlx::query(
-        "INSERT INTO stages (run_id, key, position, executor_kind, state, ready_at, attempt, failures, lost_leases,
-                             lease_owner, lease_expires_at, cancel_requested, started_at, finished_at, error, exit_code,
-                             pool_tags, pool_caps)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
-         ON CONFLICT (run_id, key) DO UPDATE SET
-            state = EXCLUDED.state, ready_at = EXCLUDED.ready_at, attempt = EXCLUDED.attempt,
-            failures = EXCLUDED.failures, lost_leases = EXCLUDED.lost_leases, lease_owner = EXCLUDED.lease_owner,
-            lease_expires_at = EXCLUDED.lease_expires_at, cancel_requested = EXCLUDED.cancel_requested,
-            started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at, error = EXCLUDED.error,
-            exit_code = EXCLUDED.exit_code",
-    )
-    .bind(run.to_string())
-    .bind(&s.key)
-    .bind(s.position as i64)
-    .bind(&s.executor_kind)
-    .bind(s.state.as_str())
-    .bind(ts(s.ready_at))
-    .bind(s.attempt as i64)
-    .bind(s.failures as i64)
-    .bind(s.lost_leases as i64)
-    .bind(&s.lease_owner)
-    .bind(ts(s.lease_expires_at))
-    .bind(s.cancel_requested)
-    .bind(ts(s.started_at))
-    .bind(ts(s.finished_at))
-    .bind(&s.error)
-    .bind(s.exit_code.map(|c| c as i64))
-    .bind(pool_tags)
-    .bind(pool_caps)
-    .execute(&mut *conn)
-    .await?;
+    if !rows.stages.is_empty() {
+        let n = rows.stages.len();
+        let mut cols: (Vec<String>, Vec<&str>, Vec<i64>, Vec<&str>, Vec<&str>, Vec<Option<i64>>) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut more: (Vec<i64>, Vec<i64>, Vec<i64>, Vec<Option<&str>>, Vec<Option<i64>>, Vec<bool>) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut rest: (Vec<Option<i64>>, Vec<Option<i64>>, Vec<Option<&str>>, Vec<Option<i64>>, Vec<Option<String>>, Vec<Option<String>>) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for (run, s) in &rows.stages {
+            let (pool_tags, pool_caps) = requirement_columns(s);
+            cols.0.push(run.to_string());
+            cols.1.push(&s.key);
+            cols.2.push(s.position as i64);
+            cols.3.push(&s.executor_kind);
+            cols.4.push(s.state.as_str());
+            cols.5.push(ts(s.ready_at));
+            more.0.push(s.attempt as i64);
+            more.1.push(s.failures as i64);
+            more.2.push(s.lost_leases as i64);
+            more.3.push(s.lease_owner.as_deref());
+            more.4.push(ts(s.lease_expires_at));
+            more.5.push(s.cancel_requested);
+            rest.0.push(ts(s.started_at));
+            rest.1.push(ts(s.finished_at));
+            rest.2.push(s.error.as_deref());
+            rest.3.push(s.exit_code.map(|c| c as i64));
+            rest.4.push(pool_tags);
+            rest.5.push(pool_caps);
+        }
+        sqlx::query(
+            "INSERT INTO stages (run_id, key, position, executor_kind, state, ready_at, attempt, failures, lost_leases,
+                                 lease_owner, lease_expires_at, cancel_requested, started_at, finished_at, error,
+                                 exit_code, pool_tags, pool_caps)
+             SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[],
+                                  $7::BIGINT[], $8::BIGINT[], $9::BIGINT[], $10::TEXT[], $11::BIGINT[], $12::BOOLEAN[],
+                                  $13::BIGINT[], $14::BIGINT[], $15::TEXT[], $16::BIGINT[], $17::TEXT[], $18::TEXT[])
+             ON CONFLICT (run_id, key) DO UPDATE SET
+                state = EXCLUDED.state, ready_at = EXCLUDED.ready_at, attempt = EXCLUDED.attempt,
+                failures = EXCLUDED.failures, lost_leases = EXCLUDED.lost_leases, lease_owner = EXCLUDED.lease_owner,
+                lease_expires_at = EXCLUDED.lease_expires_at, cancel_requested = EXCLUDED.cancel_requested,
+                started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at, error = EXCLUDED.error,
+                exit_code = EXCLUDED.exit_code",
+        )
+        .bind(&cols.0)
+        .bind(&cols.1)
+        .bind(&cols.2)
+        .bind(&cols.3)
+        .bind(&cols.4)
+        .bind(&cols.5)
+        .bind(&more.0)
+        .bind(&more.1)
+        .bind(&more.2)
+        .bind(&more.3)
+        .bind(&more.4)
+        .bind(&more.5)
+        .bind(&rest.0)
+        .bind(&rest.1)
+        .bind(&rest.2)
+        .bind(&rest.3)
+        .bind(&rest.4)
+        .bind(&rest.5)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !rows.attempts.is_empty() {
+        let n = rows.attempts.len();
+        let (mut runs, mut keys, mut numbers, mut owners, mut started) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut finished, mut outcomes, mut errors, mut attestations) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for (run, a) in &rows.attempts {
+            runs.push(run.to_string());
+            keys.push(a.stage_key.as_str());
+            numbers.push(a.number as i64);
+            owners.push(a.owner.as_str());
+            started.push(a.started_at.as_millis());
+            finished.push(ts(a.finished_at));
+            outcomes.push(a.outcome.map(AttemptOutcome::as_str));
+            errors.push(a.error.as_deref());
+            attestations.push(attestation_column(a));
+        }
+        sqlx::query(
+            "INSERT INTO attempts (run_id, stage_key, number, owner, started_at, finished_at, outcome, error, attestation)
+             SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[],
+                                  $7::TEXT[], $8::TEXT[], $9::TEXT[])
+             ON CONFLICT (run_id, stage_key, number) DO UPDATE SET
+                finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = EXCLUDED.error,
+                attestation = EXCLUDED.attestation",
+        )
+        .bind(&runs)
+        .bind(&keys)
+        .bind(&numbers)
+        .bind(&owners)
+        .bind(&started)
+        .bind(&finished)
+        .bind(&outcomes)
+        .bind(&errors)
+        .bind(&attestations)
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(())
 }
 
-async fn write_attempt(conn: &mut PgConnection, run: RunId, a: &Attempt) -> Result<(), Fail> {
-    sqlx::query(
-        "INSERT INTO attempts (run_id, stage_key, number, owner, started_at, finished_at, outcome, error, attestation)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         ON CONFLICT (run_id, stage_key, number) DO UPDATE SET
-            finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = EXCLUDED.error,
-            attestation = EXCLUDED.attestation",
-    )
-    .bind(run.to_string())
-    .bind(&a.stage_key)
-    .bind(a.number as i64)
-    .bind(&a.owner)
-    .bind(a.started_at.as_millis())
-    .bind(ts(a.finished_at))
-    .bind(a.outcome.map(AttemptOutcome::as_str))
-    .bind(&a.error)
-    .bind(attestation_column(a))
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+/// Inserts runs in one transaction (see [`crate::batch::group_commit`]): runs whose idempotency
+/// key is taken are found after the commit (ON CONFLICT waited for the other submit to commit,
+/// so its run is visible then).
+async fn insert_batch(pool: &PgPool, snapshots: &[&RunSnapshot]) -> Result<Vec<InsertOutcome>, StoreError> {
+    let mut tries = 0;
+    let inserted = loop {
+        match try_insert_batch(pool, snapshots).await {
+            Err(f) if f.retryable() && tries < TX_TRIES => tries += 1,
+            result => break result.map_err(Fail::into_store)?,
+        }
+    };
+    let mut outcomes = Vec::with_capacity(snapshots.len());
+    for snapshot in snapshots {
+        let run = &snapshot.run;
+        if inserted.contains(&run.id.to_string()) {
+            outcomes.push(InsertOutcome::Created);
+            continue;
+        }
+        let existing: String = sqlx::query_scalar("SELECT id FROM runs WHERE project_id = $1 AND idempotency_key = $2")
+            .bind(&run.project_id)
+            .bind(&run.idempotency_key)
+            .fetch_one(pool)
+            .await
+            .map_err(db_err)?;
+        let existing = RunId::from_str(&existing).map_err(corrupt)?;
+        let mut conn = pool.acquire().await.map_err(db_err)?;
+        let found = load_snapshot(&mut conn, existing, false).await.map_err(Fail::into_store)?;
+        outcomes.push(InsertOutcome::Existing(Box::new(found.ok_or_else(|| corrupt("idempotent run vanished"))?)));
+    }
+    Ok(outcomes)
 }
 
-async fn write_changes(conn: &mut PgConnection, before: Option<&RunSnapshot>, after: &RunSnapshot) -> Result<(), Fail> {
-    let id = after.run.id;
-    match before {
-        None => {
-            if !write_run(conn, &after.run, true).await? {
-                return Err(StoreError::Conflict(format!("idempotency key of run {id} is taken")).into());
-            }
-        }
-        Some(b) if b.run != after.run => {
-            write_run(conn, &after.run, false).await?;
-        }
-        Some(_) => {}
-    }
-    for stage in &after.stages {
-        if !before.and_then(|b| b.stage(&stage.key)).is_some_and(|old| old == stage) {
-            write_stage(conn, id, stage).await?;
-        }
-    }
-    for attempt in &after.attempts {
-        if !before.is_some_and(|b| b.attempts.iter().any(|old| old == attempt)) {
-            write_attempt(conn, id, attempt).await?;
-        }
-    }
-    Ok(())
+async fn try_insert_batch(
+    pool: &PgPool,
+    snapshots: &[&RunSnapshot],
+) -> Result<std::collections::HashSet<String>, Fail> {
+    let mut tx = pool.begin().await?;
+    let runs: Vec<&Run> = snapshots.iter().map(|s| &s.run).collect();
+    let inserted = insert_runs(&mut tx, &runs).await?;
+    let fresh: Vec<&RunSnapshot> =
+        snapshots.iter().copied().filter(|s| inserted.contains(&s.run.id.to_string())).collect();
+    let mut rows = Rows::of(fresh.iter().map(|s| (None, *s)));
+    rows.inserted_runs.clear();
+    write_rows(&mut tx, &rows).await?;
+    let at = crate::wall_clock();
+    let events: Vec<_> = fresh.iter().flat_map(|s| pond_core::events::changes(None, s, at)).collect();
+    write_events(&mut tx, &events).await?;
+    tx.commit().await?;
+    Ok(inserted)
 }
 
 #[async_trait]
 impl Store for PgStore {
     async fn insert_run(&self, snapshot: &RunSnapshot) -> Result<InsertOutcome, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let written = match write_changes(&mut tx, None, snapshot).await {
-            Ok(()) => write_events(&mut tx, &pond_core::events::changes(None, snapshot, crate::wall_clock())).await,
-            failed => failed,
-        };
-        match written {
-            Ok(()) => {
-                tx.commit().await.map_err(db_err)?;
-                Ok(InsertOutcome::Created)
-            }
-            // The key is taken: ON CONFLICT waited for the other submit to commit, so its run
-            // is visible now.
-            Err(Fail::Store(StoreError::Conflict(_))) if snapshot.run.idempotency_key.is_some() => {
-                drop(tx);
-                let run = &snapshot.run;
-                let existing: String =
-                    sqlx::query_scalar("SELECT id FROM runs WHERE project_id = $1 AND idempotency_key = $2")
-                        .bind(&run.project_id)
-                        .bind(&run.idempotency_key)
-                        .fetch_one(&self.pool)
-                        .await
-                        .map_err(db_err)?;
-                let existing = RunId::from_str(&existing).map_err(corrupt)?;
-                let found = self.get_run(existing).await?.ok_or_else(|| corrupt("idempotent run vanished"))?;
-                Ok(InsertOutcome::Existing(Box::new(found)))
-            }
-            Err(e) => Err(e.into_store()),
-        }
+        queue_write(&self.inserts, snapshot.clone(), "PostgreSQL insert").await
     }
 
     async fn get_run(&self, id: RunId) -> Result<Option<RunSnapshot>, StoreError> {
@@ -767,13 +901,28 @@ impl Store for PgStore {
     }
 
     async fn update_run(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, StoreError> {
+        let mut changes = [(id, mutate)];
+        self.update_runs(&mut changes).await.pop().unwrap_or_else(|| Err(StoreError::NotFound(format!("run {id}"))))
+    }
+
+    async fn update_runs(&self, changes: &mut [(RunId, RunMutation<'_>)]) -> Vec<Result<RunSnapshot, StoreError>> {
         let mut tries = 0;
-        loop {
-            match self.try_update(id, &mut *mutate).await {
+        let failed = loop {
+            match self.try_update_runs(changes).await {
+                Ok(results) => return results,
                 Err(f) if f.retryable() && tries < TX_TRIES => tries += 1,
-                result => return result.map_err(Fail::into_store),
+                Err(f) => break f.into_store(),
             }
+        };
+        if changes.len() == 1 {
+            return vec![Err(failed)];
         }
+        // A failed batch: each item on its own, so one cannot fail the others.
+        let mut results = Vec::with_capacity(changes.len());
+        for one in changes.chunks_mut(1) {
+            results.extend(self.update_runs(one).await);
+        }
+        results
     }
 
     async fn claim_stages(&self, query: &ClaimQuery) -> Result<Vec<Claim>, StoreError> {

@@ -46,6 +46,57 @@ impl ScratchDatabase {
     }
 }
 
+/// What the database server counted of the work done in one database (see
+/// [`ScratchDatabase::activity`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Activity {
+    /// Transactions committed or rolled back in the database.
+    pub transactions: i64,
+    /// Statements executed in the database, when `pg_stat_statements` is loaded
+    /// (`shared_preload_libraries`); `None` otherwise.
+    pub statements: Option<i64>,
+    /// WAL syncs (fsync/fdatasync of the WAL) of the whole server.
+    pub wal_syncs: i64,
+}
+
+impl Activity {
+    /// The work between `earlier` and this reading.
+    pub fn since(&self, earlier: &Activity) -> Activity {
+        Activity {
+            transactions: self.transactions - earlier.transactions,
+            statements: self.statements.zip(earlier.statements).map(|(a, b)| a - b),
+            wal_syncs: self.wal_syncs - earlier.wal_syncs,
+        }
+    }
+}
+
+impl ScratchDatabase {
+    /// The server's counters for this database. Backends report theirs when they end (or after
+    /// a while idle), so read them after the pools using the database have closed.
+    pub async fn activity(&self) -> Result<Activity, StoreError> {
+        let options = PgConnectOptions::from_str(&self.url).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let mut conn = options.connect().await.map_err(db_err)?;
+        let transactions: i64 = sqlx::query_scalar(
+            "SELECT (xact_commit + xact_rollback)::BIGINT FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(db_err)?;
+        let wal_syncs: i64 =
+            sqlx::query_scalar("SELECT wal_sync::BIGINT FROM pg_stat_wal").fetch_one(&mut conn).await.map_err(db_err)?;
+        let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(&mut conn).await;
+        let statements: Option<i64> = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(calls), 0)::BIGINT FROM pg_stat_statements
+              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .ok();
+        conn.close().await.map_err(db_err)?;
+        Ok(Activity { transactions, statements, wal_syncs })
+    }
+}
+
 fn uuid_suffix() -> String {
     let id = pond_core::ids::RunId::generate(pond_core::time::Timestamp::from_millis(0));
     id.0.simple().to_string()[16..].to_string()

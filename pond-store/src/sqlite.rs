@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pond_core::ids::{BlobId, RunId, TokenId};
-use pond_core::run::{Attempt, AttemptOutcome, Run, RunSnapshot, Stage, MAX_LOST_LEASES};
+use pond_core::run::{AttemptOutcome, Run, RunSnapshot, Stage, MAX_LOST_LEASES};
 use pond_core::store::{
     Artifact, BlobMeta, Claim, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation, RunQuery,
     Store, TokenRecord, BLOB_CHUNK_BYTES,
@@ -25,6 +25,7 @@ use crate::rows::{
     artifact_from_row, attempt_from_row, attestation_column, blob_from_row, corrupt, db_err, encryption_column,
     log_from_row, requirement_columns, role_text, run_from_row, stage_from_row, token_from_row, ts,
 };
+use crate::batch::{group_commit, queue_write, Queued, Rows};
 use crate::sha256_hex;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -33,57 +34,60 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
-    inserts: tokio::sync::mpsc::Sender<(RunSnapshot, InsertReply)>,
+    inserts: tokio::sync::mpsc::Sender<Queued<RunSnapshot, InsertOutcome>>,
 }
-
-type InsertReply = tokio::sync::oneshot::Sender<Result<InsertOutcome, StoreError>>;
 
 /// Most submits committed together.
 const INSERT_BATCH: usize = 128;
 
-/// Group commit for submits: whatever inserts are waiting when the writer is free go into one
-/// transaction. One transaction per submit costs a `BEGIN`, a `COMMIT` and a handoff of the
-/// writer connection each; under concurrent submits that, not SQLite, was the limit.
-async fn insert_batcher(writer: SqlitePool, mut queue: tokio::sync::mpsc::Receiver<(RunSnapshot, InsertReply)>) {
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < INSERT_BATCH {
-            match queue.try_recv() {
-                Ok(item) => batch.push(item),
-                Err(_) => break,
-            }
-        }
-        let snapshots: Vec<&RunSnapshot> = batch.iter().map(|(s, _)| s).collect();
-        match insert_batch(&writer, &snapshots).await {
-            Ok(outcomes) => {
-                for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
-                }
-            }
-            // One bad submit must not fail the others: retry them one by one.
-            Err(_) if batch.len() > 1 => {
-                for (snapshot, reply) in batch {
-                    let one = insert_batch(&writer, &[&snapshot]).await.map(|mut v| v.remove(0));
-                    let _ = reply.send(one);
-                }
-            }
-            Err(e) => {
-                if let Some((_, reply)) = batch.pop() {
-                    let _ = reply.send(Err(e));
-                }
-            }
-        }
-    }
-}
+/// Rows a multi-row statement carries: SQLite allows 32,766 parameters, and a stage row has 18.
+const ROWS_PER_STATEMENT: usize = 500;
 
+/// Inserts runs in one transaction, or finds the run each one's idempotency key names (also one
+/// inserted earlier in the same batch). Rows go in a few multi-row statements, not a few each.
 async fn insert_batch(writer: &SqlitePool, snapshots: &[&RunSnapshot]) -> Result<Vec<InsertOutcome>, StoreError> {
     let mut tx = begin_immediate(writer).await?;
-    let mut outcomes = Vec::with_capacity(snapshots.len());
+    let mut outcomes: Vec<Option<InsertOutcome>> = Vec::with_capacity(snapshots.len());
+    let mut fresh: Vec<&RunSnapshot> = Vec::with_capacity(snapshots.len());
+    let mut keys: std::collections::HashMap<(&str, &str), usize> = Default::default();
     for snapshot in snapshots {
-        outcomes.push(insert_one(&mut tx, snapshot).await?);
+        let run = &snapshot.run;
+        let Some(key) = &run.idempotency_key else {
+            fresh.push(snapshot);
+            outcomes.push(Some(InsertOutcome::Created));
+            continue;
+        };
+        if let Some(&first) = keys.get(&(run.project_id.as_str(), key.as_str())) {
+            outcomes.push(Some(InsertOutcome::Existing(Box::new(snapshots[first].clone()))));
+            continue;
+        }
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT id FROM runs WHERE project_id = ? AND idempotency_key = ?")
+                .bind(&run.project_id)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        match existing {
+            Some(existing) => {
+                let id = RunId::from_str(&existing).map_err(corrupt)?;
+                let found = load_snapshots(&mut tx, &[id]).await?.pop();
+                let found = found.ok_or_else(|| corrupt("idempotent run vanished"))?;
+                outcomes.push(Some(InsertOutcome::Existing(Box::new(found))));
+            }
+            None => {
+                keys.insert((run.project_id.as_str(), key.as_str()), outcomes.len());
+                fresh.push(snapshot);
+                outcomes.push(Some(InsertOutcome::Created));
+            }
+        }
     }
+    write_rows(&mut tx, &Rows::of(fresh.iter().map(|s| (None, *s)))).await?;
+    let at = crate::wall_clock();
+    let events: Vec<_> = fresh.iter().flat_map(|s| pond_core::events::changes(None, s, at)).collect();
+    write_events(&mut tx, &events).await?;
     tx.commit().await.map_err(db_err)?;
-    Ok(outcomes)
+    Ok(outcomes.into_iter().flatten().collect())
 }
 
 /// A write transaction on the writer connection (never one left inside a transaction: see
@@ -111,29 +115,31 @@ fn discard_if_in_transaction(
     Box::pin(async move { Ok(!open) })
 }
 
-/// Inserts a run inside the caller's transaction, or finds the run its idempotency key names
-/// (also one inserted earlier in the same transaction).
-async fn insert_one(conn: &mut SqliteConnection, snapshot: &RunSnapshot) -> Result<InsertOutcome, StoreError> {
-    let run = &snapshot.run;
-    if let Some(key) = &run.idempotency_key {
-        let existing: Option<String> =
-            sqlx::query_scalar("SELECT id FROM runs WHERE project_id = ? AND idempotency_key = ?")
-                .bind(&run.project_id)
-                .bind(key)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(db_err)?;
-        if let Some(existing) = existing {
-            let id = RunId::from_str(&existing).map_err(corrupt)?;
-            let snapshot = load_snapshot(conn, id).await?.ok_or_else(|| corrupt("idempotent run vanished"))?;
-            return Ok(InsertOutcome::Existing(Box::new(snapshot)));
-        }
-    }
-    write_changes(conn, None, snapshot).await?;
-    Ok(InsertOutcome::Created)
-}
-
 impl SqliteStore {
+    /// [`Store::update_runs`] in one transaction: three reads load every run of the batch, the
+    /// mutations run in memory, and the rows that changed go back in a few multi-row statements.
+    async fn try_update_runs(
+        &self,
+        changes: &mut [(RunId, RunMutation<'_>)],
+    ) -> Result<Vec<Result<RunSnapshot, StoreError>>, StoreError> {
+        let mut ids: Vec<RunId> = changes.iter().map(|(id, _)| *id).collect();
+        ids.sort();
+        ids.dedup();
+        let mut tx = self.begin().await?;
+        let loaded = load_snapshots(&mut tx, &ids).await?;
+        let applied = crate::batch::apply(loaded, changes);
+        if applied.changed.is_empty() {
+            return Ok(applied.results);
+        }
+        write_rows(&mut tx, &Rows::of(applied.changed.iter().map(|(b, a)| (Some(b), a)))).await?;
+        write_events(&mut tx, &applied.events).await?;
+        let keys: Vec<String> = applied.lines.iter().map(|(run, _)| run.to_string()).collect();
+        let lines: Vec<(&str, &NewLogLine)> = keys.iter().map(String::as_str).zip(applied.lines.iter().map(|(_, l)| l)).collect();
+        write_log_lines(&mut tx, &lines).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(applied.results)
+    }
+
     /// Copies the database at `path` into a new file `to`, consistent as of one moment, while a
     /// server may be using it (SQLite's `VACUUM INTO` on a connection of its own; writers wait
     /// at most for the copy's read, never for a lock it holds).
@@ -178,7 +184,11 @@ impl SqliteStore {
             .await
             .map_err(db_err)?;
         let (inserts, queue) = tokio::sync::mpsc::channel(4 * INSERT_BATCH);
-        tokio::spawn(insert_batcher(writer.clone(), queue));
+        let batch_writer = writer.clone();
+        tokio::spawn(group_commit(queue, INSERT_BATCH, move |snapshots| {
+            let writer = batch_writer.clone();
+            Box::pin(async move { insert_batch(&writer, snapshots).await })
+        }));
         Ok(SqliteStore { writer, reader, inserts })
     }
 
@@ -227,149 +237,163 @@ async fn write_log_lines(conn: &mut SqliteConnection, lines: &[(&str, &NewLogLin
     Ok(())
 }
 
+/// Loads runs with their stages and attempts: three statements for the lot (per 500 runs).
+/// Runs that do not exist are left out.
+async fn load_snapshots(conn: &mut SqliteConnection, ids: &[RunId]) -> Result<Vec<RunSnapshot>, StoreError> {
+    let (mut runs, mut stages, mut attempts) = (Vec::new(), Vec::new(), Vec::new());
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let keys: Vec<String> = chunk.iter().map(RunId::to_string).collect();
+        let marks = placeholders(keys.len());
+        let sql = [
+            format!("SELECT * FROM runs WHERE id IN ({marks})"),
+            format!("SELECT * FROM stages WHERE run_id IN ({marks}) ORDER BY run_id, position"),
+            format!(
+                "SELECT * FROM attempts WHERE run_id IN ({marks}) ORDER BY run_id, started_at, stage_key, number"
+            ),
+        ];
+        let mut rows = Vec::with_capacity(3);
+        for sql in &sql {
+            let mut q = sqlx::query(sql);
+            for key in &keys {
+                q = q.bind(key);
+            }
+            rows.push(q.fetch_all(&mut *conn).await.map_err(db_err)?);
+        }
+        for row in &rows[0] {
+            runs.push(run_from_row(row)?);
+        }
+        for row in &rows[1] {
+            stages.push((run_id_of(row, "run_id")?, stage_from_row(row)?));
+        }
+        for row in &rows[2] {
+            attempts.push((run_id_of(row, "run_id")?, attempt_from_row(row)?));
+        }
+    }
+    Ok(crate::batch::assemble(runs, stages, attempts))
+}
+
 async fn load_snapshot(conn: &mut SqliteConnection, id: RunId) -> Result<Option<RunSnapshot>, StoreError> {
-    let key = id.to_string();
-    let Some(row) =
-        sqlx::query("SELECT * FROM runs WHERE id = ?").bind(&key).fetch_optional(&mut *conn).await.map_err(db_err)?
-    else {
-        return Ok(None);
-    };
-    let run = run_from_row(&row)?;
-    let stages = sqlx::query("SELECT * FROM stages WHERE run_id = ? ORDER BY position")
-        .bind(&key)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db_err)?
-        .iter()
-        .map(stage_from_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    let attempts = sqlx::query("SELECT * FROM attempts WHERE run_id = ? ORDER BY started_at, stage_key, number")
-        .bind(&key)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db_err)?
-        .iter()
-        .map(attempt_from_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Some(RunSnapshot { run, stages, attempts }))
+    Ok(load_snapshots(conn, &[id]).await?.pop())
 }
 
-async fn write_run(conn: &mut SqliteConnection, run: &Run, insert: bool) -> Result<(), StoreError> {
-    let sources = serde_json::to_string(&run.sources).map_err(corrupt)?;
-    let sql = if insert {
-        "INSERT INTO runs (state, sources, cancel_requested, error, started_at, finished_at, id, project_id, idempotency_key, definition, created_at, encryption, request_digest)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    } else {
-        "UPDATE runs SET state = ?, sources = ?, cancel_requested = ?, error = ?, started_at = ?, finished_at = ? WHERE id = ?"
-    };
-    let mut q = sqlx::query(sql)
-        .bind(run.state.as_str())
-        .bind(sources)
-        .bind(run.cancel_requested)
-        .bind(&run.error)
-        .bind(ts(run.started_at))
-        .bind(ts(run.finished_at))
-        .bind(run.id.to_string());
-    if insert {
-        let definition = serde_json::to_string(&run.definition).map_err(corrupt)?;
-        q = q
-            .bind(&run.project_id)
-            .bind(&run.idempotency_key)
-            .bind(definition)
-            .bind(run.created_at.as_millis())
-            .bind(encryption_column(run))
-            .bind(&run.request_digest);
-    }
-    q.execute(&mut *conn).await.map_err(db_err)?;
-    Ok(())
+fn run_id_of(row: &sqlx::sqlite::SqliteRow, column: &str) -> Result<RunId, StoreError> {
+    RunId::from_str(&row.try_get::<String, _>(column).map_err(db_err)?).map_err(corrupt)
 }
 
-async fn write_stage(conn: &mut SqliteConnection, run: RunId, s: &Stage) -> Result<(), StoreError> {
-    let (pool_tags, pool_caps) = requirement_columns(s);
-    sqlx::query(
-        "INSERT INTO stages (run_id, key, position, executor_kind, state, ready_at, attempt, failures, lost_leases,
-                             lease_owner, lease_expires_at, cancel_requested, started_at, finished_at, error, exit_code,
-                             pool_tags, pool_caps)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (run_id, key) DO UPDATE SET
-            state = excluded.state, ready_at = excluded.ready_at, attempt = excluded.attempt,
-            failures = excluded.failures, lost_leases = excluded.lost_leases, lease_owner = excluded.lease_owner,
-            lease_expires_at = excluded.lease_expires_at, cancel_requested = excluded.cancel_requested,
-            started_at = excluded.started_at, finished_at = excluded.finished_at, error = excluded.error,
-            exit_code = excluded.exit_code",
-    )
-    .bind(run.to_string())
-    .bind(&s.key)
-    .bind(s.position as i64)
-    .bind(&s.executor_kind)
-    .bind(s.state.as_str())
-    .bind(ts(s.ready_at))
-    .bind(s.attempt as i64)
-    .bind(s.failures as i64)
-    .bind(s.lost_leases as i64)
-    .bind(&s.lease_owner)
-    .bind(ts(s.lease_expires_at))
-    .bind(s.cancel_requested)
-    .bind(ts(s.started_at))
-    .bind(ts(s.finished_at))
-    .bind(&s.error)
-    .bind(s.exit_code.map(|c| c as i64))
-    .bind(pool_tags)
-    .bind(pool_caps)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err)?;
-    Ok(())
-}
-
-async fn write_attempt(conn: &mut SqliteConnection, run: RunId, a: &Attempt) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO attempts (run_id, stage_key, number, owner, started_at, finished_at, outcome, error, attestation)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (run_id, stage_key, number) DO UPDATE SET
-            finished_at = excluded.finished_at, outcome = excluded.outcome, error = excluded.error,
-            attestation = excluded.attestation",
-    )
-    .bind(run.to_string())
-    .bind(&a.stage_key)
-    .bind(a.number as i64)
-    .bind(&a.owner)
-    .bind(a.started_at.as_millis())
-    .bind(ts(a.finished_at))
-    .bind(a.outcome.map(AttemptOutcome::as_str))
-    .bind(&a.error)
-    .bind(attestation_column(a))
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err)?;
-    Ok(())
-}
-
-/// Writes what differs between `before` and `after` (the whole snapshot when `before` is None).
-async fn write_changes(
-    conn: &mut SqliteConnection,
-    before: Option<&RunSnapshot>,
-    after: &RunSnapshot,
-) -> Result<(), StoreError> {
-    let id = after.run.id;
-    match before {
-        None => write_run(conn, &after.run, true).await?,
-        Some(b) if b.run != after.run => write_run(conn, &after.run, false).await?,
-        Some(_) => {}
-    }
-    for stage in &after.stages {
-        let unchanged = before.and_then(|b| b.stage(&stage.key)).is_some_and(|old| old == stage);
-        if !unchanged {
-            write_stage(conn, id, stage).await?;
+/// Writes rows that changed, a few multi-row statements in all: runs inserted, runs updated,
+/// stages upserted, attempts upserted.
+async fn write_rows(conn: &mut SqliteConnection, rows: &Rows<'_>) -> Result<(), StoreError> {
+    use sqlx::query_builder::QueryBuilder;
+    for chunk in rows.inserted_runs.chunks(ROWS_PER_STATEMENT) {
+        let mut insert = QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO runs (id, project_id, state, idempotency_key, definition, sources, cancel_requested, error,
+                               created_at, started_at, finished_at, encryption, request_digest) ",
+        );
+        let mut encoded = Vec::with_capacity(chunk.len());
+        for run in chunk {
+            let definition = serde_json::to_string(&run.definition).map_err(corrupt)?;
+            let sources = serde_json::to_string(&run.sources).map_err(corrupt)?;
+            encoded.push((run, definition, sources));
         }
+        insert.push_values(&encoded, |mut b, (run, definition, sources)| {
+            b.push_bind(run.id.to_string())
+                .push_bind(&run.project_id)
+                .push_bind(run.state.as_str())
+                .push_bind(&run.idempotency_key)
+                .push_bind(definition)
+                .push_bind(sources)
+                .push_bind(run.cancel_requested)
+                .push_bind(&run.error)
+                .push_bind(run.created_at.as_millis())
+                .push_bind(ts(run.started_at))
+                .push_bind(ts(run.finished_at))
+                .push_bind(encryption_column(run))
+                .push_bind(&run.request_digest);
+        });
+        insert.build().execute(&mut *conn).await.map_err(db_err)?;
     }
-    for attempt in &after.attempts {
-        let unchanged = before.is_some_and(|b| b.attempts.iter().any(|old| old == attempt));
-        if !unchanged {
-            write_attempt(conn, id, attempt).await?;
+    for chunk in rows.updated_runs.chunks(ROWS_PER_STATEMENT) {
+        let mut encoded = Vec::with_capacity(chunk.len());
+        for run in chunk {
+            encoded.push((run, serde_json::to_string(&run.sources).map_err(corrupt)?));
         }
+        let mut update = QueryBuilder::<sqlx::Sqlite>::new(
+            "UPDATE runs SET state = v.column2, sources = v.column3, cancel_requested = v.column4, error = v.column5,
+                             started_at = v.column6, finished_at = v.column7
+               FROM (",
+        );
+        update.push_values(&encoded, |mut b, (run, sources)| {
+            b.push_bind(run.id.to_string())
+                .push_bind(run.state.as_str())
+                .push_bind(sources)
+                .push_bind(run.cancel_requested)
+                .push_bind(&run.error)
+                .push_bind(ts(run.started_at))
+                .push_bind(ts(run.finished_at));
+        });
+        update.push(") AS v WHERE runs.id = v.column1");
+        update.build().execute(&mut *conn).await.map_err(db_err)?;
     }
-    write_events(conn, &pond_core::events::changes(before, after, crate::wall_clock())).await
+    for chunk in rows.stages.chunks(ROWS_PER_STATEMENT) {
+        let mut upsert = QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO stages (run_id, key, position, executor_kind, state, ready_at, attempt, failures, lost_leases,
+                                 lease_owner, lease_expires_at, cancel_requested, started_at, finished_at, error,
+                                 exit_code, pool_tags, pool_caps) ",
+        );
+        upsert.push_values(chunk, |mut b, (run, s)| {
+            let (pool_tags, pool_caps) = requirement_columns(s);
+            b.push_bind(run.to_string())
+                .push_bind(&s.key)
+                .push_bind(s.position as i64)
+                .push_bind(&s.executor_kind)
+                .push_bind(s.state.as_str())
+                .push_bind(ts(s.ready_at))
+                .push_bind(s.attempt as i64)
+                .push_bind(s.failures as i64)
+                .push_bind(s.lost_leases as i64)
+                .push_bind(&s.lease_owner)
+                .push_bind(ts(s.lease_expires_at))
+                .push_bind(s.cancel_requested)
+                .push_bind(ts(s.started_at))
+                .push_bind(ts(s.finished_at))
+                .push_bind(&s.error)
+                .push_bind(s.exit_code.map(|c| c as i64))
+                .push_bind(pool_tags)
+                .push_bind(pool_caps);
+        });
+        upsert.push(
+            " ON CONFLICT (run_id, key) DO UPDATE SET
+                state = excluded.state, ready_at = excluded.ready_at, attempt = excluded.attempt,
+                failures = excluded.failures, lost_leases = excluded.lost_leases, lease_owner = excluded.lease_owner,
+                lease_expires_at = excluded.lease_expires_at, cancel_requested = excluded.cancel_requested,
+                started_at = excluded.started_at, finished_at = excluded.finished_at, error = excluded.error,
+                exit_code = excluded.exit_code",
+        );
+        upsert.build().execute(&mut *conn).await.map_err(db_err)?;
+    }
+    for chunk in rows.attempts.chunks(ROWS_PER_STATEMENT) {
+        let mut upsert = QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO attempts (run_id, stage_key, number, owner, started_at, finished_at, outcome, error, attestation) ",
+        );
+        upsert.push_values(chunk, |mut b, (run, a)| {
+            b.push_bind(run.to_string())
+                .push_bind(&a.stage_key)
+                .push_bind(a.number as i64)
+                .push_bind(&a.owner)
+                .push_bind(a.started_at.as_millis())
+                .push_bind(ts(a.finished_at))
+                .push_bind(a.outcome.map(AttemptOutcome::as_str))
+                .push_bind(&a.error)
+                .push_bind(attestation_column(a));
+        });
+        upsert.push(
+            " ON CONFLICT (run_id, stage_key, number) DO UPDATE SET
+                finished_at = excluded.finished_at, outcome = excluded.outcome, error = excluded.error,
+                attestation = excluded.attestation",
+        );
+        upsert.build().execute(&mut *conn).await.map_err(db_err)?;
+    }
+    Ok(())
 }
 
 /// Appends events inside the caller's transaction (the one writer makes rowid order commit order).
@@ -401,10 +425,7 @@ fn placeholders(n: usize) -> String {
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_run(&self, snapshot: &RunSnapshot) -> Result<InsertOutcome, StoreError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let stopped = || StoreError::Unavailable("the SQLite insert queue has stopped".into());
-        self.inserts.send((snapshot.clone(), reply)).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        queue_write(&self.inserts, snapshot.clone(), "SQLite insert").await
     }
 
     async fn get_run(&self, id: RunId) -> Result<Option<RunSnapshot>, StoreError> {
@@ -455,16 +476,26 @@ impl Store for SqliteStore {
     }
 
     async fn update_run(&self, id: RunId, mutate: RunMutation<'_>) -> Result<RunSnapshot, StoreError> {
-        let mut tx = self.begin().await?;
-        let before = load_snapshot(&mut tx, id).await?.ok_or_else(|| StoreError::NotFound(format!("run {id}")))?;
-        let mut after = before.clone();
-        let lines = mutate(&mut after).map_err(|e| StoreError::Rejected(Box::new(e)))?;
-        write_changes(&mut tx, Some(&before), &after).await?;
-        let run = id.to_string();
-        let lines: Vec<(&str, &NewLogLine)> = lines.iter().map(|l| (run.as_str(), l)).collect();
-        write_log_lines(&mut tx, &lines).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(after)
+        let mut changes = [(id, mutate)];
+        self.update_runs(&mut changes).await.pop().unwrap_or_else(|| Err(StoreError::NotFound(format!("run {id}"))))
+    }
+
+    async fn update_runs(&self, changes: &mut [(RunId, RunMutation<'_>)]) -> Vec<Result<RunSnapshot, StoreError>> {
+        match self.try_update_runs(changes).await {
+            Ok(results) => results,
+            // A failed batch: each item on its own, so one cannot fail the others.
+            Err(_) if changes.len() > 1 => {
+                let mut results = Vec::with_capacity(changes.len());
+                for one in changes.chunks_mut(1) {
+                    results.push(match self.try_update_runs(one).await {
+                        Ok(mut r) => r.pop().unwrap_or_else(|| Err(StoreError::Backend("no result".into()))),
+                        Err(e) => Err(e),
+                    });
+                }
+                results
+            }
+            Err(e) => vec![Err(e)],
+        }
     }
 
     async fn claim_stages(&self, query: &ClaimQuery) -> Result<Vec<Claim>, StoreError> {

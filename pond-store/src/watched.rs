@@ -144,6 +144,15 @@ impl Store for WatchedStore {
         self.announce_run_change([&id]);
         Ok(out)
     }
+    async fn update_runs(&self, changes: &mut [(RunId, RunMutation<'_>)]) -> Vec<Result<RunSnapshot, StoreError>> {
+        let results = self.inner.update_runs(changes).await;
+        let changed: Vec<&RunId> =
+            changes.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|((id, _), _)| id).collect();
+        if !changed.is_empty() {
+            self.announce_run_change(changed);
+        }
+        results
+    }
     async fn claim_stages(&self, query: &ClaimQuery) -> Result<Vec<Claim>, StoreError> {
         let out = self.inner.claim_stages(query).await?;
         if !out.is_empty() {

@@ -890,6 +890,75 @@ pub async fn state_changes_are_events_in_commit_order(store: Arc<dyn Store>) {
     assert_eq!(left.last().map(|e| (e.seq, e.event.run_id)), Some((last + 1, after_prune.run.id)));
 }
 
+pub async fn batched_updates_apply_in_order_and_a_failure_stops_no_other(store: Arc<dyn Store>) {
+    let two = json!({"stages":[{"key":"x","executor":{"kind":"noop"}},{"key":"y","executor":{"kind":"noop"},"needs":[]}]});
+    let a = new_run("p", two, None, at(0));
+    let b = new_run("p", one_noop(), None, at(1));
+    let c = new_run("p", one_noop(), None, at(2));
+    for run in [&a, &b, &c] {
+        store.insert_run(run).await.unwrap();
+    }
+    assert_eq!(store.claim_stages(&claim_query("n", at(10), 60_000, 10)).await.unwrap().len(), 4);
+    let (a_id, b_id, c_id, missing) = (a.run.id, b.run.id, c.run.id, RunId::generate(at(3)));
+    let line = |text: &str| NewLogLine::text(None, 0, LogStream::System, at(20), text.to_string());
+    let mut finish_x = |s: &mut RunSnapshot| {
+        s.complete_attempt("x", 1, &StageOutcome::Succeeded, at(20)).map(|()| vec![line("x done")])
+    };
+    let mut stale_b = |s: &mut RunSnapshot| {
+        s.complete_attempt("a", 7, &StageOutcome::Succeeded, at(20)).map(|()| vec![line("never")])
+    };
+    let mut nothing = |_: &mut RunSnapshot| Ok(vec![line("never")]);
+    let mut finish_y = |s: &mut RunSnapshot| {
+        // Sees what the first change of the batch did to the same run.
+        assert_eq!(s.stage("x").map(|x| x.state), Some(StageState::Succeeded));
+        s.complete_attempt("y", 1, &StageOutcome::Succeeded, at(21)).map(|()| vec![line("y done")])
+    };
+    let mut cancel_c = |s: &mut RunSnapshot| {
+        s.cancel("stop", at(22));
+        Ok(Vec::new())
+    };
+    let mut changes: Vec<(RunId, pond_core::store::RunMutation<'_>)> = vec![
+        (a_id, &mut finish_x),
+        (b_id, &mut stale_b),
+        (missing, &mut nothing),
+        (a_id, &mut finish_y),
+        (c_id, &mut cancel_c),
+    ];
+    let results = store.update_runs(&mut changes).await;
+    drop(changes);
+    assert_eq!(results.len(), 5);
+    let first = results[0].as_ref().expect("the first change applies");
+    assert_eq!((first.run.state, first.stage("y").map(|y| y.state)), (RunState::Running, Some(StageState::Running)));
+    assert!(matches!(results[1], Err(StoreError::Rejected(_))), "a stale attempt is refused: {:?}", results[1]);
+    assert!(matches!(results[2], Err(StoreError::NotFound(_))), "a missing run: {:?}", results[2]);
+    assert_eq!(results[3].as_ref().expect("the second change of a").run.state, RunState::Succeeded);
+    assert!(results[4].as_ref().expect("c's change applies").run.cancel_requested);
+
+    let a_now = store.get_run(a_id).await.unwrap().unwrap();
+    assert_eq!(a_now.run.state, RunState::Succeeded);
+    assert!(a_now.attempts.iter().all(|t| t.outcome == Some(AttemptOutcome::Succeeded)));
+    let b_now = store.get_run(b_id).await.unwrap().unwrap();
+    assert_eq!((b_now.run.state, b_now.stages[0].state), (RunState::Running, StageState::Running), "b untouched");
+    assert!(store.get_run(c_id).await.unwrap().unwrap().run.cancel_requested);
+    let logs: Vec<String> = store.read_logs(a_id, 0, 10).await.unwrap().into_iter().map(|l| l.line.text).collect();
+    assert_eq!(logs, vec!["x done".to_string(), "y done".to_string()]);
+    assert!(store.read_logs(b_id, 0, 10).await.unwrap().is_empty(), "a refused change writes no line");
+    let events = store.read_events(0, Some(&["p".to_string()]), 100).await.unwrap();
+    let of_a: Vec<_> = events.iter().filter(|e| e.event.run_id == a_id).cloned().collect();
+    let story = event_story(&of_a);
+    let tail: Vec<_> = story[story.len() - 3..].to_vec();
+    let s = |t: &str| Some(t.to_string());
+    assert_eq!(
+        tail,
+        vec![
+            (s("stage.succeeded"), s("x"), Some(1), s("running")),
+            (s("stage.succeeded"), s("y"), Some(1), s("running")),
+            (s("run.succeeded"), None, None, s("running")),
+        ],
+        "each change's events, in the batch's order"
+    );
+}
+
 /// Retention as the engine drives it: the candidates, each deleted.
 async fn delete_finished(
     store: &Arc<dyn Store>,
@@ -979,6 +1048,7 @@ macro_rules! conformance {
                 blobs_and_artifacts_are_chunked_and_written_only_by_their_open_attempt,
                 tokens_are_found_by_hash_and_revoked,
                 concurrent_updates_of_one_run_are_never_lost,
+                batched_updates_apply_in_order_and_a_failure_stops_no_other,
                 pool_claims_match_pinned_tags_and_capability_globs,
                 byo_hosts_take_only_their_own_projects_work,
                 a_busy_worker_is_given_no_second_job,
