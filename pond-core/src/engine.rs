@@ -441,15 +441,9 @@ impl Engine {
     /// stripped where it is kept; and its request must be the first one logged for it, not one
     /// re-signed since. (Whoever can rewrite the log's own rows in place is caught by readers
     /// holding earlier tree heads, not here.)
-    async fn check_logged_request(&self, run: &crate::run::Run) -> Result<(), String> {
-        let leaves = self
-            .store
-            .run_leaves(run.id)
-            .await
-            .map_err(|e| format!("could not check the run against the transparency log: {e}"))?;
+    fn check_logged_request(run: &crate::run::Run, leaves: &[&str]) -> Result<(), String> {
         let first = leaves
-            .into_iter()
-            .map(|(_, leaf)| leaf)
+            .iter()
             .find(|leaf| serde_json::from_str::<serde_json::Value>(leaf).is_ok_and(|v| v["kind"] == "request"));
         let Some(first) = first else { return Ok(()) };
         match crate::transparency::request_leaf(run) {
@@ -458,7 +452,7 @@ impl Engine {
                  stripped where the run is kept; refusing to run it in clear"
                     .into())
             }
-            Some(mine) if mine == first => Ok(()),
+            Some(mine) if mine == *first => Ok(()),
             Some(_) => {
                 Err("the run's signed request is not the one logged when it was submitted: it was replaced where \
                  the run is kept; nothing is sealed"
@@ -716,6 +710,17 @@ impl Engine {
     async fn claim_with(&self, query: &ClaimQuery, holder: &str) -> Result<Vec<Claim>, CoreError> {
         let now = query.now;
         let claims = self.store.claim_stages(query).await?;
+        if claims.is_empty() {
+            return Ok(claims);
+        }
+        // The batch's transparency-log leaves in one read. If it fails, each claimed run fails
+        // the check below (never run unchecked); the read is what a claim must not skip.
+        let ids: Vec<RunId> = claims.iter().map(|c| c.run.id).collect();
+        let leaves = self
+            .store
+            .leaves_of_runs(&ids)
+            .await
+            .map_err(|e| format!("could not check the run against the transparency log: {e}"));
         let mut runnable = Vec::with_capacity(claims.len());
         let mut lines = Vec::with_capacity(claims.len());
         for claim in claims {
@@ -735,7 +740,11 @@ impl Engine {
             }
             // Before anything of it runs or is sealed, here or on a worker: is the run's
             // encryption the one its consumer's signed request put in the log at submit?
-            if let Err(why) = self.check_logged_request(&claim.run).await {
+            let checked = leaves.as_ref().map_err(Clone::clone).and_then(|all| {
+                let mine: Vec<&str> = all.iter().filter(|(r, _, _)| *r == run).map(|(_, _, l)| l.as_str()).collect();
+                Self::check_logged_request(&claim.run, &mine)
+            });
+            if let Err(why) = checked {
                 let failed = StageOutcome::Failed { error: why.clone(), exit_code: None };
                 let mut refuse = |s: &mut RunSnapshot| {
                     s.complete_attempt(&stage.key, stage.attempt, &failed, now)?;

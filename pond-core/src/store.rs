@@ -464,6 +464,16 @@ pub trait Store: Send + Sync + 'static {
     async fn leaf_hashes(&self, from: u64, to: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError>;
     /// A run's leaves, `(index, leaf)` in index order.
     async fn run_leaves(&self, run: RunId) -> Result<Vec<(u64, String)>, StoreError>;
+    /// The leaves of several runs, `(run, index, leaf)` in index order: one read for a claim's
+    /// whole batch.
+    async fn leaves_of_runs(&self, runs: &[RunId]) -> Result<Vec<(RunId, u64, String)>, StoreError> {
+        let mut all = Vec::new();
+        for run in runs {
+            all.extend(self.run_leaves(*run).await?.into_iter().map(|(i, l)| (*run, i, l)));
+        }
+        all.sort_by_key(|(_, i, _)| *i);
+        Ok(all)
+    }
 
     /// Stores a token.
     async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;

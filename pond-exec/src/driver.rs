@@ -46,6 +46,12 @@ type Completion = (Claim, StageOutcome, oneshot::Sender<Result<(), CoreError>>);
 /// Most outcomes recorded in one store write.
 const COMPLETION_BATCH: usize = 256;
 
+/// Most attempts that have ended here and wait for their outcome to be recorded. An attempt
+/// frees its slot when it ends (the slot bounds what runs, and nothing runs any more), and
+/// takes one of these instead until its outcome is stored, so a slow store holds back new
+/// claims without holding back stages ready to run.
+const RECORDING: usize = 4 * COMPLETION_BATCH;
+
 /// Runs claimed stages of an engine.
 pub struct Driver {
     engine: Arc<Engine>,
@@ -53,6 +59,7 @@ pub struct Driver {
     wake: watch::Receiver<u64>,
     running: Mutex<HashMap<RunId, Vec<Running>>>,
     slots: Arc<Semaphore>,
+    recording: Arc<Semaphore>,
     completions: mpsc::Sender<Completion>,
     /// Taken by the first [`Driver::run`], which starts the task that records outcomes.
     completion_queue: Mutex<Option<mpsc::Receiver<Completion>>>,
@@ -89,6 +96,7 @@ impl Driver {
             wake,
             running: Mutex::new(HashMap::new()),
             slots,
+            recording: Arc::new(Semaphore::new(RECORDING)),
             completions,
             completion_queue: Mutex::new(Some(queue)),
         })
@@ -156,6 +164,9 @@ impl Driver {
             // Stopping takes the executor's kill grace at most; then each attempt hands back.
             let _ = tokio::time::timeout(Duration::from_secs(60), self.slots.acquire_many(all)).await;
         }
+        // Outcomes still being recorded: a stopping node stores what its stages did rather than
+        // leave them to be run again after their leases expire.
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.recording.acquire_many(RECORDING as u32)).await;
     }
 
     /// Renews the lease, waiting at most `limit` (so the deadline and cancels are not held up
@@ -187,7 +198,7 @@ impl Driver {
         })
     }
 
-    async fn attempt(self: Arc<Self>, claim: Claim, _permit: OwnedSemaphorePermit) {
+    async fn attempt(self: Arc<Self>, claim: Claim, permit: OwnedSemaphorePermit) {
         let run = claim.run.id;
         let stop = StopHandle::new();
         let poke = Arc::new(Notify::new());
@@ -253,6 +264,9 @@ impl Driver {
             }
             return;
         }
+        // The stage has ended: its slot goes to the next one while the outcome is recorded.
+        let Ok(_recording) = self.recording.clone().acquire_owned().await else { return };
+        drop(permit);
         // Keep trying while the store is away: nobody else can claim the stage meanwhile, and
         // recording this result as soon as it is back beats re-running the stage elsewhere.
         let mut delay = Duration::from_millis(100);

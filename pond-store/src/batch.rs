@@ -117,51 +117,72 @@ pub(crate) fn assemble(runs: Vec<Run>, stages: Vec<(RunId, Stage)>, attempts: Ve
 /// A write waiting for the next group commit, with where its answer goes.
 pub(crate) type Queued<T, R> = (T, tokio::sync::oneshot::Sender<Result<R, StoreError>>);
 
-/// Group commit: whatever writes are waiting when the previous batch is done go into one call
-/// of `commit` (up to `max`). One transaction per write costs a `BEGIN`, a `COMMIT` (a WAL sync
-/// on PostgreSQL) and a connection handoff each; under concurrent writers that, not the
-/// database, is the limit. When a batch fails, its writes are tried one by one, so one bad
-/// write cannot fail the others.
-pub(crate) async fn group_commit<T, R, C>(mut queue: tokio::sync::mpsc::Receiver<Queued<T, R>>, max: usize, commit: C)
-where
+/// Group commit: whatever writes are waiting when a batch can start go into one call of
+/// `commit` (up to `max`), with at most `concurrency` batches in flight (PostgreSQL commits
+/// several at once on its pool; SQLite has one writer). One transaction per write costs a
+/// `BEGIN`, a `COMMIT` (a WAL sync on PostgreSQL) and a connection handoff each; under
+/// concurrent writers that, not the database, is the limit. When a batch fails, its writes are
+/// tried one by one, so one bad write cannot fail the others.
+pub(crate) async fn group_commit<T, R, C>(
+    mut queue: tokio::sync::mpsc::Receiver<Queued<T, R>>,
+    max: usize,
+    concurrency: usize,
+    commit: C,
+) where
     T: Send,
     R: Send,
     C: for<'a> Fn(&'a [&'a T]) -> futures_util::future::BoxFuture<'a, Result<Vec<R>, StoreError>>,
 {
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < max {
-            match queue.try_recv() {
-                Ok(item) => batch.push(item),
-                Err(_) => break,
+    use futures_util::StreamExt;
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            item = queue.recv(), if in_flight.len() < concurrency.max(1) => {
+                let Some(first) = item else { break };
+                let mut batch = vec![first];
+                while batch.len() < max {
+                    match queue.try_recv() {
+                        Ok(item) => batch.push(item),
+                        Err(_) => break,
+                    }
+                }
+                in_flight.push(commit_batch(batch, &commit));
+            }
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+        }
+    }
+    while in_flight.next().await.is_some() {}
+}
+
+async fn commit_batch<T, R, C>(mut batch: Vec<Queued<T, R>>, commit: &C)
+where
+    C: for<'a> Fn(&'a [&'a T]) -> futures_util::future::BoxFuture<'a, Result<Vec<R>, StoreError>>,
+{
+    let items: Vec<&T> = batch.iter().map(|(t, _)| t).collect();
+    let outcome = commit(&items).await;
+    drop(items);
+    match outcome {
+        Ok(results) if results.len() == batch.len() => {
+            for ((_, reply), result) in batch.into_iter().zip(results) {
+                let _ = reply.send(Ok(result));
             }
         }
-        let items: Vec<&T> = batch.iter().map(|(t, _)| t).collect();
-        let outcome = commit(&items).await;
-        drop(items);
-        match outcome {
-            Ok(results) if results.len() == batch.len() => {
-                for ((_, reply), result) in batch.into_iter().zip(results) {
-                    let _ = reply.send(Ok(result));
-                }
+        Ok(_) => {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(StoreError::Backend("a batch write answered the wrong count".into())));
             }
-            Ok(_) => {
-                for (_, reply) in batch {
-                    let _ = reply.send(Err(StoreError::Backend("a batch write answered the wrong count".into())));
-                }
+        }
+        Err(_) if batch.len() > 1 => {
+            for (item, reply) in batch {
+                let one = commit(&[&item])
+                    .await
+                    .and_then(|mut v| v.pop().ok_or_else(|| StoreError::Backend("a write answered nothing".into())));
+                let _ = reply.send(one);
             }
-            Err(_) if batch.len() > 1 => {
-                for (item, reply) in batch {
-                    let one = commit(&[&item]).await.and_then(|mut v| {
-                        v.pop().ok_or_else(|| StoreError::Backend("a write answered nothing".into()))
-                    });
-                    let _ = reply.send(one);
-                }
-            }
-            Err(e) => {
-                if let Some((_, reply)) = batch.pop() {
-                    let _ = reply.send(Err(e));
-                }
+        }
+        Err(e) => {
+            if let Some((_, reply)) = batch.pop() {
+                let _ = reply.send(Err(e));
             }
         }
     }

@@ -50,6 +50,9 @@ pub struct PgStore {
 /// Most submits committed together (one transaction, one WAL sync).
 const INSERT_BATCH: usize = 128;
 
+/// Submit batches committing at once: while one waits for its WAL sync, the next forms.
+const INSERT_CONCURRENCY: usize = 2;
+
 /// A failure inside a transaction: database errors are kept raw until the retry decision.
 enum Fail {
     Db(sqlx::Error),
@@ -139,7 +142,7 @@ impl PgStore {
         MIGRATOR.run(&pool).await.map_err(|e| StoreError::Backend(format!("migrating the database: {e}")))?;
         let (inserts, queue) = tokio::sync::mpsc::channel(4 * INSERT_BATCH);
         let batch_pool = pool.clone();
-        tokio::spawn(group_commit(queue, INSERT_BATCH, move |snapshots| {
+        tokio::spawn(group_commit(queue, INSERT_BATCH, INSERT_CONCURRENCY, move |snapshots| {
             let pool = batch_pool.clone();
             Box::pin(async move { insert_batch(&pool, snapshots).await })
         }));
@@ -1271,6 +1274,19 @@ impl Store for PgStore {
                 .await
                 .map_err(db_err)?;
         Ok(rows.into_iter().map(|(i, l)| (i.max(0) as u64, l)).collect())
+    }
+
+    async fn leaves_of_runs(&self, runs: &[RunId]) -> Result<Vec<(RunId, u64, String)>, StoreError> {
+        let keys: Vec<String> = runs.iter().map(RunId::to_string).collect();
+        let rows: Vec<(String, i64, String)> =
+            sqlx::query_as("SELECT run_id, idx, leaf FROM transparency_log WHERE run_id = ANY($1) ORDER BY idx")
+                .bind(&keys)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+        rows.into_iter()
+            .map(|(run, i, leaf)| Ok((RunId::from_str(&run).map_err(corrupt)?, i.max(0) as u64, leaf)))
+            .collect()
     }
 
     async fn put_artifact(&self, a: &Artifact, holder: &str, run_cap: u64) -> Result<(), StoreError> {

@@ -185,7 +185,7 @@ impl SqliteStore {
             .map_err(db_err)?;
         let (inserts, queue) = tokio::sync::mpsc::channel(4 * INSERT_BATCH);
         let batch_writer = writer.clone();
-        tokio::spawn(group_commit(queue, INSERT_BATCH, move |snapshots| {
+        tokio::spawn(group_commit(queue, INSERT_BATCH, 1, move |snapshots| {
             let writer = batch_writer.clone();
             Box::pin(async move { insert_batch(&writer, snapshots).await })
         }));
@@ -996,6 +996,25 @@ impl Store for SqliteStore {
                 .await
                 .map_err(db_err)?;
         Ok(rows.into_iter().map(|(i, l)| (i.max(0) as u64, l)).collect())
+    }
+
+    async fn leaves_of_runs(&self, runs: &[RunId]) -> Result<Vec<(RunId, u64, String)>, StoreError> {
+        let mut all = Vec::new();
+        for chunk in runs.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT run_id, idx, leaf FROM transparency_log WHERE run_id IN ({}) ORDER BY idx",
+                placeholders(chunk.len())
+            );
+            let mut q = sqlx::query_as::<_, (String, i64, String)>(&sql);
+            for run in chunk {
+                q = q.bind(run.to_string());
+            }
+            for (run, i, leaf) in q.fetch_all(&self.reader).await.map_err(db_err)? {
+                all.push((RunId::from_str(&run).map_err(corrupt)?, i.max(0) as u64, leaf));
+            }
+        }
+        all.sort_by_key(|(_, i, _)| *i);
+        Ok(all)
     }
 
     async fn put_artifact(&self, a: &Artifact, holder: &str, run_cap: u64) -> Result<(), StoreError> {

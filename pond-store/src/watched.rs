@@ -250,6 +250,9 @@ impl Store for WatchedStore {
     async fn run_leaves(&self, run: RunId) -> Result<Vec<(u64, String)>, StoreError> {
         self.inner.run_leaves(run).await
     }
+    async fn leaves_of_runs(&self, runs: &[RunId]) -> Result<Vec<(RunId, u64, String)>, StoreError> {
+        self.inner.leaves_of_runs(runs).await
+    }
 
     async fn put_artifact(&self, artifact: &Artifact, holder: &str, run_cap: u64) -> Result<(), StoreError> {
         self.inner.put_artifact(artifact, holder, run_cap).await?;
