@@ -25,22 +25,31 @@ if [ ! -f "$PGBOSS/node_modules/pg-boss/package.json" ]; then
   mkdir -p "$PGBOSS"
   (cd "$PGBOSS" && npm install --no-audit --no-fund pg-boss@12.38.0 >/dev/null)
 fi
-# Node resolves the script's imports from where the script is.
-cp bench/pgboss.mjs "$PGBOSS/pgboss.mjs"
 TARGET="${CARGO_TARGET_DIR:-target}"
 POND="$TARGET/release/pond"
 [ -x "$POND" ] || cargo build --release --bin pond
+# pg-boss 12 asks for Node.js >= 22.12; Debian 12 has 20. The npm registry's `node` package
+# brings a Node.js 22 binary into the cache when the system's is older.
+NODE=node
+if ! node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>22||(a==22&&b>=12)?0:1)' 2>/dev/null; then
+  NODE22="${POND_CI_CACHE:-$CACHE}/node22"
+  [ -x "$NODE22/node_modules/.bin/node" ] || { mkdir -p "$NODE22" && (cd "$NODE22" && npm install --no-audit --no-fund node@22 >/dev/null 2>&1); }
+  NODE="$NODE22/node_modules/.bin/node"
+fi
+echo "pg-boss $(sed -n 's/.*"version": "\(.*\)".*/\1/p' "$PGBOSS/node_modules/pg-boss/package.json") on Node.js $("$NODE" --version); $("$POND" --version 2>/dev/null | head -1)"
+# Node resolves the script's imports from where the script is.
+cp bench/pgboss.mjs "$PGBOSS/pgboss.mjs"
 BENCH_DIR="$(mktemp -d)"
 trap 'rm -rf "$BENCH_DIR"' EXIT
 
-field() { sed -n "s/^$1 *\([0-9.]*\) runs\/s.*/\1/p"; }
+field() { sed -n "s|^$1 *\([0-9.]*\) runs/s.*|\1|p"; }
 printf '%-6s %12s %12s %14s %14s %14s %10s %10s\n' round pgboss_enq pgboss_proc pond_pg_submit pond_pg_e2e pond_sqlite_e2e pg_ratio sqlite_ratio
 for round in $(seq 1 "$ROUNDS"); do
-  boss=$(cd "$PGBOSS" && node pgboss.mjs "$URL" "$JOBS")
+  boss=$(cd "$PGBOSS" && "$NODE" pgboss.mjs "$URL" "$JOBS")
   enq=$(echo "$boss" | sed -n 's/.*"enqueue_per_sec":\([0-9.]*\).*/\1/p')
   proc=$(echo "$boss" | sed -n 's/.*"process_per_sec":\([0-9.]*\).*/\1/p')
-  pg_out=$("$POND" bench --data-dir "$BENCH_DIR/pg" --database-url "$URL" --runs "$RUNS" --clients 16)
-  lite_out=$("$POND" bench --data-dir "$BENCH_DIR/lite" --runs "$RUNS" --clients 16)
+  pg_out=$("$POND" bench --data-dir "$BENCH_DIR/pg" --database-url "$URL" --runs "$RUNS" --clients 16 2>/dev/null)
+  lite_out=$("$POND" bench --data-dir "$BENCH_DIR/lite" --runs "$RUNS" --clients 16 2>/dev/null)
   pg_submit=$(echo "$pg_out" | field 'submit (POST /v1/runs):')
   pg_e2e=$(echo "$pg_out" | field 'end to end (submit→done):')
   lite_e2e=$(echo "$lite_out" | field 'end to end (submit→done):')

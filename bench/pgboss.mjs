@@ -1,6 +1,7 @@
 // pg-boss measured the way `pond bench` measures Pond, on the same PostgreSQL: 16 producers
 // enqueue JOBS no-op jobs with send() (one job each call), then work() drains them in batches
-// of 16 with localConcurrency 16. Prints one JSON line of figures. Used by compare-pgboss.sh.
+// of 16 with localConcurrency 16 in burst mode (fetching again at once while batches come back
+// full). Prints one JSON line of figures. Used by compare-pgboss.sh.
 //   node pgboss.mjs <server-url> [jobs]
 import { PgBoss } from 'pg-boss';
 import pg from 'pg';
@@ -53,7 +54,7 @@ try {
   t = performance.now();
   let seen = 0;
   await new Promise((resolve) => {
-    boss.work('bench', { batchSize: 16, localConcurrency: 16, pollingIntervalSeconds: 0.5 }, async (batch) => {
+    boss.work('bench', { batchSize: 16, localConcurrency: 16, pollingIntervalSeconds: 0.5, burstWhenBatchFull: true }, async (batch) => {
       seen += batch.length;
       if (seen >= jobs) setTimeout(resolve, 0);
     });
