@@ -62,9 +62,22 @@ impl std::fmt::Debug for BrokerConfig {
     }
 }
 
+/// The upstream client: HTTPS (webpki roots) or plain HTTP, async, so a call the stage no longer
+/// needs is dropped — its connection closed — the moment the stage ends, however the provider
+/// stalls (a blocking client could only give up at its read timeout).
+type Upstream = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<Bytes>,
+>;
+
+/// Longest wait for the provider's next bytes (a slow model's first byte included).
+const UPSTREAM_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 struct Shared {
     config: BrokerConfig,
-    agent: ureq::Agent,
+    client: Upstream,
+    /// Turns true when the stage ends (see `stopped`).
+    stop_signal: watch::Receiver<bool>,
     usage: Mutex<Usage>,
     /// Why it stopped relaying (its budget ran out).
     exhausted: Mutex<Option<String>>,
@@ -131,21 +144,28 @@ impl Drop for Broker {
 pub async fn start(config: BrokerConfig) -> std::io::Result<Broker> {
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let addr = listener.local_addr()?;
-    let agent = ureq::AgentBuilder::new()
-        .timeout_connect(std::time::Duration::from_secs(10))
-        .timeout_read(std::time::Duration::from_secs(600))
-        .redirects(0)
-        .build();
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
+    http.enforce_http(false);
+    let tls = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    // No redirects: the legacy client never follows one.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(tls);
+    let (stop, stopped) = watch::channel(false);
     let shared = Arc::new(Shared {
         config,
-        agent,
+        client,
+        stop_signal: stopped.clone(),
         usage: Mutex::default(),
         exhausted: Mutex::default(),
         stopped: Default::default(),
         in_flight: Default::default(),
     });
     let app = Router::new().fallback(relay).with_state(shared.clone());
-    let (stop, mut stopped) = watch::channel(false);
+    let mut stopped = stopped;
     tokio::spawn(async move {
         let until = async move {
             let _ = stopped.wait_for(|s| *s).await;
@@ -300,7 +320,9 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let mut headers: Vec<(String, String)> = Vec::new();
     for (name, value) in req.headers() {
         let name = name.as_str();
+        // `host` names the broker; the client names the provider.
         if HOP_BY_HOP.contains(&name)
+            || name == "host"
             || name == "authorization"
             || name == "x-api-key"
             || name == "accept-encoding"
@@ -326,61 +348,73 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         false => body,
     };
     let prices = config.account.as_ref().map(|a| a.prices()).unwrap_or((0.0, 0.0));
-    let runtime = tokio::runtime::Handle::current();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let (head_tx, head_rx) = tokio::sync::oneshot::channel::<Result<(u16, Vec<(String, String)>), String>>();
     let worker = shared.clone();
     // Counted from here to the end of metering (the guard drops at the end of the task).
     let flight = InFlight::new(shared.clone());
-    tokio::task::spawn_blocking(move || {
+    tokio::spawn(async move {
         let _flight = flight;
         let config = &worker.config;
         let send = || {
-            let mut request = worker.agent.request(&method, &format!("{}{path}", config.upstream));
+            let mut request = axum::http::Request::builder().method(method.as_str()).uri(format!("{}{path}", config.upstream));
             for (name, value) in &headers {
-                request = request.set(name, value);
+                request = request.header(name.as_str(), value.as_str());
             }
             // Metering reads the stream, so ask for it uncompressed.
-            request = request.set("accept-encoding", "identity");
+            request = request.header("accept-encoding", "identity");
             request = match config.provider {
-                Provider::Openai => request.set("authorization", &format!("Bearer {}", config.real_key)),
-                Provider::Anthropic => request.set("x-api-key", &config.real_key),
+                Provider::Openai => request.header("authorization", format!("Bearer {}", config.real_key)),
+                Provider::Anthropic => request.header("x-api-key", config.real_key.as_str()),
             };
-            match request.send_bytes(&body) {
-                Ok(r) => Ok(r),
-                Err(ureq::Error::Status(_, r)) => Ok(r),
-                Err(e) => Err(e.to_string()),
+            let request = request.body(http_body_util::Full::new(body.clone()));
+            let client = worker.client.clone();
+            async move {
+                let request = request.map_err(|e| e.to_string())?;
+                match tokio::time::timeout(UPSTREAM_READ_TIMEOUT, client.request(request)).await {
+                    Ok(Ok(response)) => Ok(response),
+                    Ok(Err(e)) => Err(upstream_error(&e)),
+                    Err(_) => Err(format!("no answer within {}s", UPSTREAM_READ_TIMEOUT.as_secs())),
+                }
             }
         };
         // A provider that asks to be called again later (429/503 with `Retry-After`) is, after
         // that wait, up to RETRIES times while the wait is short: the agent sees a slow answer,
-        // not a failure. A longer wait, or the stage ending, hands the answer on as it is.
+        // not a failure. A longer wait, or the stage ending, hands the answer on as it is. The
+        // stage ending also drops a call in flight (its connection closes at once).
         let mut retries = 0;
         let response = loop {
-            let response = match send() {
+            let sent = tokio::select! {
+                sent = send() => sent,
+                _ = worker.stopped() => break None,
+            };
+            let response = match sent {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = head_tx.send(Err(e));
                     return;
                 }
             };
-            let wait = retry_after(response.status(), |name| response.header(name));
+            let wait = retry_after(response.status().as_u16(), |name| {
+                response.headers().get(name).and_then(|v| v.to_str().ok())
+            });
             match wait {
                 Some(wait) if retries < RETRIES && !worker.is_stopped() => {
                     retries += 1;
                     drop(response);
-                    if !worker.sleep_unless_stopped(wait) {
-                        break None;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = worker.stopped() => break None,
                     }
                 }
                 _ => break Some(response),
             }
         };
         let Some(response) = response else {
-            let _ = head_tx.send(Err("the stage ended while the provider asked to wait".into()));
+            let _ = head_tx.send(Err("the stage ended before the provider answered".into()));
             return;
         };
-        let status = response.status();
+        let status = response.status().as_u16();
         if status >= 400 {
             worker.usage.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(status);
         }
@@ -388,60 +422,72 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         // stream — reaches the agent with the real key redacted.
         let mut redactor = Redactor::new(&[&config.real_key]);
         let head: Vec<(String, String)> = response
-            .headers_names()
-            .into_iter()
-            .filter(|n| !HOP_BY_HOP.contains(&n.as_str()) && n != "content-length")
-            .filter_map(|n| response.header(&n).map(|v| (n.clone(), redactor.text(v))))
+            .headers()
+            .iter()
+            .filter(|(n, _)| !HOP_BY_HOP.contains(&n.as_str()) && n.as_str() != "content-length")
+            .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str().to_string(), redactor.text(v))))
             .collect();
         if head_tx.send(Ok((status, head))).is_err() {
             return;
         }
-        let mut reader = response.into_reader();
+        let mut body = response.into_body();
         let mut meter = Meter::default();
         let mut gone = false;
-        let mut buf = vec![0u8; 16 * 1024];
         loop {
-            if worker.is_stopped() {
-                let _ = tx.blocking_send(Err(std::io::Error::other("the stage ended")));
-                break;
-            }
-            match std::io::Read::read(&mut reader, &mut buf) {
-                Ok(0) => {
+            let next = tokio::select! {
+                next = tokio::time::timeout(UPSTREAM_READ_TIMEOUT, http_body_util::BodyExt::frame(&mut body)) => next,
+                _ = worker.stopped() => {
+                    let _ = tx.send(Err(std::io::Error::other("the stage ended"))).await;
+                    break;
+                }
+            };
+            let chunk = match next {
+                Err(_) => {
+                    let why = format!("the provider sent nothing for {}s", UPSTREAM_READ_TIMEOUT.as_secs());
+                    let _ = tx.send(Err(std::io::Error::other(why))).await;
+                    break;
+                }
+                Ok(None) => {
                     let rest = redactor.finish();
                     if !rest.is_empty() {
-                        let _ = tx.blocking_send(Ok(Bytes::from(rest)));
+                        let _ = tx.send(Ok(Bytes::from(rest))).await;
                     }
                     break;
                 }
-                Ok(n) => {
-                    meter.feed(&buf[..n]);
-                    // Past the budget: this response goes no further (the agent sees it cut
-                    // off) and no call after it is relayed; what was metered is accounted.
-                    let cost = meter.input as f64 / 1e6 * prices.0 + meter.output as f64 / 1e6 * prices.1;
-                    let over_cap = caps.iter().find_map(|cap| cap.passed(meter.input + meter.output, cost));
-                    let over_stage = config.limit.as_ref().and_then(|limit| {
-                        let before = *worker.usage.lock().unwrap_or_else(|p| p.into_inner());
-                        limit.passed(before.input_tokens + meter.input, before.output_tokens + meter.output)
-                    });
-                    if let Some(why) = over_stage.or(over_cap) {
-                        *worker.exhausted.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
-                        let _ = tx.blocking_send(Err(std::io::Error::other(why)));
-                        break;
-                    }
-                    // Each read goes out as it arrives (less what may be the start of a key):
-                    // streams stay unbuffered. An agent that went away stops getting it, but
-                    // the response is still read to its end: what it costs is metered.
-                    let out = redactor.feed(&buf[..n]);
-                    if !gone && !out.is_empty() && tx.blocking_send(Ok(Bytes::from(out))).is_err() {
-                        gone = true;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
+                Ok(Some(Err(e))) => {
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
                     break;
                 }
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue, // trailers
+                },
+            };
+            meter.feed(&chunk);
+            // Past the budget: this response goes no further (the agent sees it cut off) and
+            // no call after it is relayed; what was metered is accounted.
+            let cost = meter.input as f64 / 1e6 * prices.0 + meter.output as f64 / 1e6 * prices.1;
+            let over_cap = caps.iter().find_map(|cap| cap.passed(meter.input + meter.output, cost));
+            let over_stage = config.limit.as_ref().and_then(|limit| {
+                let before = *worker.usage.lock().unwrap_or_else(|p| p.into_inner());
+                limit.passed(before.input_tokens + meter.input, before.output_tokens + meter.output)
+            });
+            if let Some(why) = over_stage.or(over_cap) {
+                *worker.exhausted.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+                let _ = tx.send(Err(std::io::Error::other(why))).await;
+                break;
+            }
+            // Each read goes out as it arrives (less what may be the start of a key): streams
+            // stay unbuffered. An agent that went away stops getting it, but the response is
+            // still read to its end: what it costs is metered.
+            let out = redactor.feed(&chunk);
+            if !gone && !out.is_empty() && tx.send(Ok(Bytes::from(out))).await.is_err() {
+                gone = true;
             }
         }
+        // The connection is released (or closed, when the response was not read to its end)
+        // here, not at a read timeout.
+        drop(body);
         meter.finish();
         // Under a budget, a successful call whose cost cannot be read is not let through again:
         // pond stops rather than spend unmetered.
@@ -471,7 +517,7 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         if let Some(account) = &config.account {
             let call =
                 pond_core::usage::TokenUsage { requests: 1, input_tokens: meter.input, output_tokens: meter.output };
-            if let Err(e) = runtime.block_on(account.book(call)) {
+            if let Err(e) = account.book(call).await {
                 worker.exhausted.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| {
                     format!("{}: a model call's usage could not be booked ({e})", pond_core::agents::BUDGET_EXHAUSTED)
                 });
@@ -548,17 +594,23 @@ impl Shared {
         self.stopped.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Sleeps `wait` unless the broker stops first; false if it did.
-    fn sleep_unless_stopped(&self, wait: std::time::Duration) -> bool {
-        let until = std::time::Instant::now() + wait;
-        while std::time::Instant::now() < until {
-            if self.is_stopped() {
-                return false;
-            }
-            std::thread::sleep((until - std::time::Instant::now()).min(std::time::Duration::from_millis(50)));
-        }
-        !self.is_stopped()
+    /// Resolves when the broker stops (at once if it has).
+    async fn stopped(&self) {
+        let mut signal = self.stop_signal.clone();
+        let _ = signal.wait_for(|s| *s).await;
     }
+}
+
+/// An upstream failure in words, with its causes (hyper's own message is only the outermost).
+fn upstream_error(e: &hyper_util::client::legacy::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Starts brokers for the swarm executor.

@@ -51,6 +51,7 @@ async fn the_real_key_reaches_only_the_provider_and_streams_stay_unbuffered() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let go = Arc::new(tokio::sync::Notify::new());
     let upstream = fake_upstream(seen.clone(), go.clone()).await;
+    let authority = upstream.trim_start_matches("http://").to_string();
     let broker = start(BrokerConfig {
         upstream,
         provider: Provider::Openai,
@@ -115,6 +116,9 @@ async fn the_real_key_reaches_only_the_provider_and_streams_stay_unbuffered() {
     assert_eq!(headers.get("authorization").unwrap(), "Bearer sk-real-0042");
     assert!(!format!("{headers:?}").contains("pond-dummy-7"), "the dummy key is not forwarded");
     assert_eq!(headers.get("accept-encoding").unwrap(), "identity");
+    // The provider is asked for by its own name, not the broker's (a CDN in front of a real
+    // API answers only for its own host).
+    assert_eq!(headers.get("host").unwrap(), authority.as_str());
     // Metered once the stream ended.
     let mut usage = broker.usage();
     for _ in 0..200 {
@@ -453,4 +457,90 @@ async fn retry_after_is_waited_out_then_the_call_is_made_again() {
     assert!(stopped.elapsed() < Duration::from_secs(5), "the wait outlived the stage");
     assert_eq!(status, 502);
     assert_eq!(calls.lock().unwrap().len(), 1);
+}
+
+/// A provider that stalls: it reads a call, then (with `head`) answers a status line and one
+/// chunk of a stream, and sends nothing more. Returns its URL and when it saw each
+/// connection closed by the broker.
+async fn stalling_upstream(head: bool) -> (String, Arc<Mutex<Vec<std::time::Instant>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let closed = Arc::new(Mutex::new(Vec::new()));
+    let seen = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head {
+                    let first = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+                                 10\r\ndata: {\"n\": 1}\n\n\r\n";
+                    let _ = conn.write_all(first.as_bytes()).await;
+                }
+                // Nothing more, ever: wait for the other side to close.
+                loop {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+                seen.lock().unwrap().push(std::time::Instant::now());
+            });
+        }
+    });
+    (url, closed)
+}
+
+/// A stage that ends while its provider stalls — before answering, or mid-stream — closes the
+/// provider's connection at once (no thread or socket held until a read timeout), and the
+/// agent's call ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_provider_is_let_go_when_the_stage_ends() {
+    for head in [false, true] {
+        let (upstream, closed) = stalling_upstream(head).await;
+        let broker = start(config(upstream)).await.unwrap();
+        let url = format!("{}/v1/responses", broker.url());
+        let agent = tokio::task::spawn_blocking(move || {
+            let response = ureq::post(&url).set("authorization", "Bearer pond-dummy-7").send_string("{}");
+            match response {
+                Ok(r) => {
+                    let mut text = String::new();
+                    let read = std::io::Read::read_to_string(&mut r.into_reader(), &mut text);
+                    (200, text, read.is_ok())
+                }
+                Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default(), true),
+                Err(e) => panic!("{e}"),
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(closed.lock().unwrap().is_empty(), "the provider's connection is open while the stage runs");
+        assert_eq!(broker.in_flight(), 1);
+        let stopped = std::time::Instant::now();
+        broker.stop();
+        let (status, text, _) =
+            tokio::time::timeout(Duration::from_secs(10), agent).await.expect("the agent's call ended").unwrap();
+        let deadline = stopped + Duration::from_secs(2);
+        while closed.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let at = *closed.lock().unwrap().first().expect("the broker closed the provider's connection");
+        assert!(at - stopped < Duration::from_secs(2), "closed {:?} after the stage ended", at - stopped);
+        broker.settle(Duration::from_secs(2)).await;
+        assert_eq!(broker.in_flight(), 0, "nothing of the call is left running");
+        if head {
+            assert_eq!(status, 200);
+            assert!(text.starts_with("data: {\"n\": 1}"), "the agent got what was streamed: {text:?}");
+        } else {
+            assert_eq!(status, 502, "{text}");
+            assert!(text.contains("the stage ended"), "{text}");
+        }
+    }
 }
