@@ -912,6 +912,13 @@ enum ContextCommand {
         /// Context name.
         name: String,
     },
+    /// Show who the current context's token is to its server: the key's id, its role, and the
+    /// projects a consumer key may use.
+    Whoami {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Replace the current context's token with a new one (same role and projects); the old
     /// stops working at once. The new token is saved where the old was: in the context, or for
     /// `local` in the data directory's admin.token.
@@ -2148,6 +2155,31 @@ fn context(command: ContextCommand, path: &std::path::Path, server: Option<Strin
                     let mark = if config.current.as_deref() == Some(name) { "*" } else { " " };
                     say!("{mark} {name:<16} {:<40} {}", c.server, c.project.clone().unwrap_or_default());
                 }
+            }
+        }
+        ContextCommand::Whoami { json } => {
+            let current = config.current.clone().filter(|n| config.contexts.contains_key(n));
+            let overrides = TargetOverrides { context: current.clone(), server, ..Default::default() };
+            let target = cli::resolve_target(&config, &overrides)?;
+            let me = Client::new(&target.server, target.token).whoami()?;
+            if json {
+                say!("{}", serde_json::to_string_pretty(&me)?);
+            } else {
+                let projects = match (me.role, me.projects.is_empty()) {
+                    (pond_core::store::Role::Admin, _) => "every project".to_string(),
+                    (_, true) => "no project".to_string(),
+                    (_, false) => me.projects.join(", "),
+                };
+                say!(
+                    "context `{}` on {}: key {} ({}), {projects}",
+                    current.as_deref().unwrap_or(cli::LOCAL_CONTEXT),
+                    target.server,
+                    me.key_id,
+                    match me.role {
+                        pond_core::store::Role::Admin => "admin",
+                        pond_core::store::Role::Consumer => "consumer",
+                    }
+                );
             }
         }
         ContextCommand::RotateToken => {

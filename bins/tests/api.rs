@@ -687,6 +687,30 @@ fn the_admin_token_rotates_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]);
     let old = server.token.clone();
+    let pond = |args: &[&str]| {
+        let out = std::process::Command::new(common::POND)
+            .args(args)
+            .env("POND_SERVER", &server.url)
+            .env("POND_DATA_DIR", dir.path())
+            .env("POND_CONFIG", dir.path().join("cli.json"))
+            .env_remove("POND_TOKEN")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // Who each context's token is, to its server.
+    let admin_key = server.client(&old).list_keys().unwrap().keys[0].id;
+    let me = pond(&["context", "whoami"]);
+    assert_eq!(me.trim(), format!("context `local` on {}: key {admin_key} (admin), every project", server.url));
+    let tenant = server.client(&old).create_key(&["acme".into(), "blue".into()], Some("ci")).unwrap();
+    let tenant_token = tenant.token.clone().unwrap();
+    pond(&["context", "add", "ci", "--server", &server.url, "--token", &tenant_token, "--use"]);
+    let me: serde_json::Value = serde_json::from_str(&pond(&["context", "whoami", "--json"])).unwrap();
+    assert_eq!(me["key_id"], tenant.id.to_string());
+    assert_eq!(me["role"], "consumer");
+    assert_eq!(me["projects"], serde_json::json!(["acme", "blue"]));
+    pond(&["context", "use", "local"]);
     let out = std::process::Command::new(common::POND)
         .args(["context", "rotate-token"])
         .env("POND_SERVER", &server.url)

@@ -312,6 +312,11 @@ impl Client {
     }
 
     /// `POST /v1/keys/rotate`: this client's token replaced by a new one (returned once).
+    pub fn whoami(&self) -> Result<crate::wire::WhoAmI, ClientError> {
+        self.json(self.request("GET", "/v1/whoami"), None)
+    }
+
+    /// `POST /v1/keys/rotate`.
     pub fn rotate_own_key(&self) -> Result<KeyView, ClientError> {
         self.json(self.request("POST", "/v1/keys/rotate"), None)
     }
