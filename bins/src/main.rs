@@ -363,6 +363,13 @@ struct ServerArgs {
     /// Most bytes all of a run's artifacts may take together; a stage storing more fails.
     #[arg(long, env = "POND_MAX_RUN_ARTIFACT_BYTES", default_value_t = pond_core::engine::DEFAULT_MAX_RUN_ARTIFACT_BYTES)]
     max_run_artifact_bytes: u64,
+    /// Most bytes of uploaded bundles no run uses yet that one project may hold; an upload past
+    /// it is refused (429) naming what frees room.
+    #[arg(long, env = "POND_MAX_PENDING_BUNDLE_BYTES", default_value_t = pond_core::engine::DEFAULT_MAX_PENDING_BUNDLE_BYTES)]
+    max_pending_bundle_bytes: u64,
+    /// How long an uploaded bundle no run uses is kept before it is deleted (e.g. `1h`).
+    #[arg(long, env = "POND_BUNDLE_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    bundle_ttl: Duration,
     /// Allow git remotes on loopback, private, link-local and other special-purpose addresses
     /// (test setups, private networks). Off: such remotes are refused before any connection.
     #[arg(long)]
@@ -1784,6 +1791,11 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
     config.max_log_bytes = args.max_log_bytes;
     config.model_origins = args.model_origins;
     config.max_run_artifact_bytes = args.max_run_artifact_bytes;
+    config.max_pending_bundle_bytes = args.max_pending_bundle_bytes;
+    if args.bundle_ttl.is_zero() {
+        bail!("--bundle-ttl must be longer than 0");
+    }
+    config.bundle_ttl = args.bundle_ttl;
     config.reserved_tag_prefixes = args.reserved_tag_prefixes;
     config.limits.max_bundle_bytes = args.max_bundle_bytes;
     for origin in &args.cors_origins {

@@ -897,3 +897,49 @@ fn runs_past_the_retention_go_with_their_output_and_unfinished_ones_stay() {
     assert_eq!(admin.artifacts(&done).unwrap_err().status(), Some(404));
     assert!(!admin.get_run(&waiting).unwrap().state.is_terminal(), "a run still going stays");
 }
+
+/// Uploading bundles without ever submitting cannot fill the server's disk: a project holds at
+/// most `--max-pending-bundle-bytes` of bundles no run uses (past it, 429 naming the limit and
+/// what frees room), a run that uses one frees its room and keeps it, and one unused for
+/// `--bundle-ttl` after its upload is deleted (a submit naming it then hears why).
+#[test]
+fn unused_bundles_are_bounded_and_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = pond_exec::pack_dir(&root().join("examples/repo")).unwrap();
+    // Room for two of them (sealed, each is a little larger than packed), not three.
+    let limit = (bundle.len() * 5 / 2).to_string();
+    let server =
+        Server::start(dir.path(), &["--max-pending-bundle-bytes", &limit, "--bundle-ttl", "3s"]);
+    let admin = server.client(&server.token);
+    let run_with = |bundle_id: &str| {
+        admin.submit(
+            &serde_json::json!({
+                "project_id": "acme",
+                "definition": {"stages": [{"key": "a", "executor": {"kind": "noop"}}]},
+                "sources": [{"label": "src", "kind": "bundle", "config": {"bundle_id": bundle_id}}],
+            }),
+            None,
+        )
+    };
+    let first = admin.upload_bundle("acme", &bundle).unwrap().bundle_id.to_string();
+    let second = admin.upload_bundle("acme", &bundle).unwrap().bundle_id.to_string();
+    let (status, message, _) = api_error(admin.upload_bundle("acme", &bundle).unwrap_err());
+    assert_eq!(status, 429, "{message}");
+    assert!(message.contains("--max-pending-bundle-bytes") && message.contains("project `acme`"), "{message}");
+    // Another project's room is its own.
+    admin.upload_bundle("other", &bundle).unwrap();
+    // A run that uses a bundle takes it out of the pending ones: room for another upload.
+    let run = run_with(&first).unwrap();
+    let third = admin.upload_bundle("acme", &bundle).unwrap().bundle_id.to_string();
+    // Past the TTL, the unused ones are gone; the used one stays with its run.
+    std::thread::sleep(Duration::from_secs(6));
+    for unused in [&second, &third] {
+        let (status, message, field) = api_error(run_with(unused).unwrap_err());
+        assert_eq!((status, field.as_deref()), (422, Some("sources[0].config.bundle_id")), "{message}");
+    }
+    let again = run_with(&first).expect("a bundle a run used is kept");
+    assert_ne!(again.id, run.id);
+    // And the room they held is free again.
+    admin.upload_bundle("acme", &bundle).unwrap();
+    admin.upload_bundle("acme", &bundle).unwrap();
+}

@@ -55,10 +55,18 @@ pub struct EngineConfig {
     pub model_origins: Vec<String>,
     /// Most bytes all of a run's artifacts may take together.
     pub max_run_artifact_bytes: u64,
+    /// Most bytes of uploaded bundles no run uses yet a project may hold (see
+    /// [`crate::bundles`]).
+    pub max_pending_bundle_bytes: u64,
+    /// How long an uploaded bundle no run uses is kept.
+    pub bundle_ttl: Millis,
 }
 
 /// The per-run artifact cap unless the operator sets one: 4 GiB.
 pub const DEFAULT_MAX_RUN_ARTIFACT_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
+/// What a project may hold of uploaded bundles no run uses, unless the operator sets it: 1 GiB.
+pub const DEFAULT_MAX_PENDING_BUNDLE_BYTES: u64 = 1024 * 1024 * 1024;
 
 /// The per-stage log cap unless the operator sets one: 64 MiB.
 pub const DEFAULT_MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
@@ -77,6 +85,8 @@ impl Default for EngineConfig {
             delivery_budget: Millis::from_secs(300),
             model_origins: Vec::new(),
             max_run_artifact_bytes: DEFAULT_MAX_RUN_ARTIFACT_BYTES,
+            max_pending_bundle_bytes: DEFAULT_MAX_PENDING_BUNDLE_BYTES,
+            bundle_ttl: Millis::from_secs(3600),
         }
     }
 }
@@ -503,12 +513,7 @@ impl Engine {
     /// Validates and stores a run.
     pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, CoreError> {
         let project = request.project_id.trim();
-        let project_ok = !project.is_empty()
-            && project.len() <= 128
-            && project.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-        if !project_ok {
-            return Err(FieldError::new("project_id", "must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`").into());
-        }
+        check_project_id("project_id", project)?;
         if let Some(key) = &request.idempotency_key {
             if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(FieldError::new("Idempotency-Key", "must be 1 to 255 visible ASCII characters").into());
@@ -620,7 +625,23 @@ impl Engine {
             snapshot.run.encryption = Some(crate::run::Encryption { recipients, request: signed });
         }
         snapshot.run.request_digest = Some(digest.clone());
-        match self.store.insert_run(&snapshot).await? {
+        // Its bundles are the run's from here (or, if the run is not stored, pending again).
+        let mut claimed = Vec::new();
+        for (i, source) in snapshot.run.sources.iter().enumerate() {
+            if let SourceSpec::Bundle { bundle_id } = &source.spec {
+                let field = format!("sources[{i}].config.bundle_id");
+                match self.claim_bundle(&field, project, *bundle_id).await {
+                    Ok(c) => claimed.extend(c),
+                    Err(e) => {
+                        self.settle_bundles(claimed, false).await;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let inserted = self.store.insert_run(&snapshot).await;
+        self.settle_bundles(claimed, matches!(inserted, Ok(crate::store::InsertOutcome::Created))).await;
+        match inserted? {
             crate::store::InsertOutcome::Created => {
                 let encrypted = if snapshot.run.encryption.is_some() { "yes" } else { "no" };
                 metrics::counter!("pond_runs_submitted_total", "encrypted" => encrypted).increment(1);
@@ -1319,6 +1340,18 @@ impl Engine {
 
     fn system(&self, stage: Option<&str>, attempt: u32, text: String) -> NewLogLine {
         NewLogLine::text(stage.map(str::to_string), attempt, LogStream::System, self.clock.now(), text)
+    }
+}
+
+/// A project id is 1 to 128 letters, digits, `-`, `_`, `.` or `:`.
+pub fn check_project_id(field: &str, project: &str) -> Result<(), FieldError> {
+    let ok = !project.is_empty()
+        && project.len() <= 128
+        && project.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(field, "must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`"))
     }
 }
 

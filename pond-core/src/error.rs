@@ -56,6 +56,9 @@ pub enum CoreError {
         /// The stage's current state.
         state: crate::run::StageState,
     },
+    /// A quota of the caller's project is used up (the message names it and what frees it).
+    #[error("{0}")]
+    Quota(String),
     /// Preparing or packing a run's checkout failed.
     #[error("preparing the run's checkout failed: {0}")]
     Workspace(String),

@@ -24,6 +24,7 @@
 
 pub mod agents;
 pub mod attest;
+pub mod bundles;
 pub mod credentials;
 pub mod definition;
 pub mod engine;

@@ -728,7 +728,8 @@ struct BundleQuery {
 
 #[utoipa::path(post, path = "/bundles", summary = "Upload a source bundle", tag = "runs", security(("bearer" = [])),
     description = "Uploads a source bundle (a zstd-compressed tar archive) for `sources[].config.bundle_id`. It is \
-        kept sealed under the server key.",
+        kept sealed under the server key. A project may hold only so many bytes of bundles no run uses yet \
+        (429 beyond it); one unused for the server's bundle TTL (default an hour) after its upload is deleted.",
     params(("project" = String, Query, description = "The project whose runs may use it.")),
     request_body(description = "A `.tar.zst` archive: the bytes must start with zstd's magic number (the content type is not checked).",
         content((crate::openapi::Binary = "application/zstd"), (crate::openapi::Binary = "application/octet-stream"))),
@@ -739,6 +740,7 @@ struct BundleQuery {
         (status = 403, response = crate::openapi::Forbidden),
         (status = 413, response = crate::openapi::PayloadTooLarge),
         (status = 422, response = crate::openapi::Invalid),
+        (status = 429, response = crate::openapi::TooManyRequests),
         (status = 503, response = crate::openapi::Unavailable),
     ))]
 async fn upload_bundle(
@@ -758,7 +760,7 @@ async fn upload_bundle(
     }
     // Kept at rest under the server key: a database dump shows no source file.
     let sealed = pond_core::seal::seal_at_rest(&state.engine.config().at_rest_key, &data);
-    let meta = state.store.put_blob(&project, &sealed, state.engine.clock().now()).await?;
+    let meta = state.engine.store_bundle(&project, &sealed).await?;
     let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
     let created = BundleCreated { bundle_id: meta.id, size: data.len() as u64, sha256 };
     Ok((StatusCode::CREATED, Json(created)).into_response())

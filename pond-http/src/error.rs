@@ -161,6 +161,7 @@ impl From<CoreError> for ApiError {
             CoreError::RunNotFound(id) => ApiError::NotFound(format!("run {id} not found")),
             e @ CoreError::StageNotFound { .. } => ApiError::NotFound(e.to_string()),
             e @ CoreError::StaleAttempt { .. } => ApiError::Conflict(e.to_string()),
+            CoreError::Quota(why) => ApiError::Status { status: StatusCode::TOO_MANY_REQUESTS, message: why },
             CoreError::Store(s) => s.into(),
             other => ApiError::Internal(other.to_string()),
         }

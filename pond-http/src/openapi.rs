@@ -56,7 +56,7 @@ error_responses! {
     UnsupportedMediaType => "The body is not sent as `Content-Type: application/json`.",
     Invalid => "A field failed validation: `error.field` names it (`definition.stages[1].key`, `query.limit`, `path.id`) and `error.reason` says why. Text holding NUL (U+0000) is refused here too.",
     Unavailable => "The database is unreachable; retry (`Retry-After: 1`).",
-    TooManyRequests => "Too many at once for this credential (e.g. open event streams); close one and retry.",
+    TooManyRequests => "Too many at once for this credential (e.g. open event streams), or a quota of its project used up (e.g. uploaded bundles no run uses); the message says which and what frees it.",
 }
 
 fn error_response(description: &str) -> utoipa::openapi::Response {

@@ -54,6 +54,10 @@ pub struct ServerConfig {
     pub attestation_default: pond_core::definition::AttestationPolicy,
     /// Most bytes all of a run's artifacts may take (`--max-run-artifact-bytes`).
     pub max_run_artifact_bytes: u64,
+    /// Most bytes of unused uploaded bundles a project may hold (`--max-pending-bundle-bytes`).
+    pub max_pending_bundle_bytes: u64,
+    /// How long an uploaded bundle no run uses is kept (`--bundle-ttl`).
+    pub bundle_ttl: Duration,
     /// Origins a model's `base_url` may point at besides the providers' own (`--model-origin`).
     pub model_origins: Vec<String>,
     /// Most bytes of output kept per stage attempt (`--max-log-bytes`).
@@ -120,6 +124,8 @@ impl ServerConfig {
             max_log_bytes: pond_core::engine::DEFAULT_MAX_LOG_BYTES,
             model_origins: Vec::new(),
             max_run_artifact_bytes: pond_core::engine::DEFAULT_MAX_RUN_ARTIFACT_BYTES,
+            max_pending_bundle_bytes: pond_core::engine::DEFAULT_MAX_PENDING_BUNDLE_BYTES,
+            bundle_ttl: Duration::from_secs(3600),
             limits: Limits::default(),
             shell_env_allow: Vec::new(),
             kill_grace: Duration::from_secs(10),
@@ -383,6 +389,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         max_log_bytes: config.max_log_bytes,
         model_origins: config.model_origins.clone(),
         max_run_artifact_bytes: config.max_run_artifact_bytes,
+        max_pending_bundle_bytes: config.max_pending_bundle_bytes,
+        bundle_ttl: Millis(config.bundle_ttl.as_millis() as u64),
         ..EngineConfig::default()
     };
     let shell_executor = Arc::new(ShellExecutor::new(shell, config.sandbox.clone()));
@@ -428,6 +436,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let pruning = tokio::spawn(prune_events(store.clone(), clock.clone(), config.event_retention, shutdown_rx.clone()));
     let retiring = tokio::spawn(retire_finished(engine.clone(), config.retain_finished, shutdown_rx.clone()));
+    let expiring = tokio::spawn(expire_bundles(engine.clone(), config.bundle_ttl, shutdown_rx.clone()));
     let webhooks = tokio::spawn(crate::webhooks::dispatch(
         state.clone(),
         shutdown_rx.clone(),
@@ -454,7 +463,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         interrupted_stages,
         engine,
         shutdown,
-        tasks: vec![driving, http, webhooks, pruning, retiring],
+        tasks: vec![driving, http, webhooks, pruning, retiring, expiring],
         background,
         stop_within: config.drain + config.kill_grace + Duration::from_secs(5),
         _lock: lock,
@@ -490,6 +499,26 @@ async fn prune_events(
             Ok(0) => {}
             Ok(n) => tracing::info!(events = n, "pruned events past the retention"),
             Err(e) => tracing::warn!(error = %e, "pruning events failed; will retry"),
+        }
+    }
+}
+
+/// Deletes uploaded bundles no run used within `ttl`, every quarter of it (between a second and
+/// a minute), until `stop`. Every node may (records are swapped, so each goes once).
+async fn expire_bundles(engine: Arc<Engine>, ttl: Duration, mut stop: watch::Receiver<bool>) {
+    let every = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match engine.expire_bundles().await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!("pond_bundles_expired_total").increment(n as u64);
+                tracing::info!(bundles = n, "deleted uploaded bundles no run used (--bundle-ttl)");
+            }
+            Err(e) => tracing::warn!(error = %e, "deleting unused bundles failed; will retry"),
         }
     }
 }
