@@ -730,7 +730,20 @@ impl Engine {
 
     async fn claim_with(&self, query: &ClaimQuery, holder: &str) -> Result<Vec<Claim>, CoreError> {
         let now = query.now;
-        let claims = self.store.claim_stages(query).await?;
+        // Each stage's "started" line is written with the claim itself (one commit). A stage
+        // past its lost-lease limit is failed below instead, with a line saying so.
+        let started = |claim: &Claim| -> Option<NewLogLine> {
+            let stage = &claim.stage;
+            if stage.lost_leases > MAX_LOST_LEASES {
+                return None;
+            }
+            let mut text = format!("stage `{}` attempt {} started on {holder}", stage.key, stage.attempt);
+            if stage.lost_leases > 0 && stage.attempt > 1 {
+                text.push_str(" (an earlier attempt's node stopped renewing its lease)");
+            }
+            Some(self.system(Some(&stage.key), stage.attempt, text))
+        };
+        let claims = self.store.claim_stages_logged(query, &started).await?;
         if claims.is_empty() {
             return Ok(claims);
         }
@@ -743,7 +756,6 @@ impl Engine {
             .await
             .map_err(|e| format!("could not check the run against the transparency log: {e}"));
         let mut runnable = Vec::with_capacity(claims.len());
-        let mut lines = Vec::with_capacity(claims.len());
         for claim in claims {
             let (run, stage) = (claim.run.id, &claim.stage);
             if stage.lost_leases > MAX_LOST_LEASES {
@@ -780,17 +792,11 @@ impl Engine {
             }
             let placement = if query.kinds.iter().any(|k| k == POOL_KIND) { "pool" } else { "local" };
             metrics::counter!("pond_stages_claimed_total", "placement" => placement).increment(1);
-            let mut text = format!("stage `{}` attempt {} started on {holder}", stage.key, stage.attempt);
             if stage.lost_leases > 0 && stage.attempt > 1 {
                 metrics::counter!("pond_lease_expiries_total").increment(1);
-                text.push_str(" (an earlier attempt's node stopped renewing its lease)");
             }
-            lines.push((run, self.system(Some(&stage.key), stage.attempt, text)));
             runnable.push(claim);
         }
-        // One write for the whole batch's progress lines; a failed log write must not undo
-        // claims already made.
-        let _ = self.store.append_log_batch(&lines).await;
         Ok(runnable)
     }
 

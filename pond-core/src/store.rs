@@ -338,6 +338,9 @@ pub struct TokenRecord {
 /// the change, which the store appends to the run's log in the same transaction.
 pub type RunMutation<'a> = &'a mut (dyn FnMut(&mut RunSnapshot) -> Result<Vec<NewLogLine>, CoreError> + Send);
 
+/// The progress line a claim writes for a stage it hands out (`None`: none).
+pub type ClaimLine<'a> = &'a (dyn Fn(&Claim) -> Option<NewLogLine> + Sync);
+
 /// Everything pond persists: runs, stages, attempts, logs, blobs, artifacts, tokens.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -367,6 +370,15 @@ pub trait Store: Send + Sync + 'static {
     /// Claims up to `limit` claimable stages (see [`Stage::claimable`]); no stage is ever
     /// handed to two claimers for the same attempt.
     async fn claim_stages(&self, query: &ClaimQuery) -> Result<Vec<Claim>, StoreError>;
+    /// [`Store::claim_stages`], also writing the progress line `line` gives for each stage
+    /// claimed — in the claim's own transaction where the backend can (one commit, not two).
+    /// A failed line write never undoes the claim.
+    async fn claim_stages_logged(&self, query: &ClaimQuery, line: ClaimLine<'_>) -> Result<Vec<Claim>, StoreError> {
+        let claims = self.claim_stages(query).await?;
+        let lines: Vec<(RunId, NewLogLine)> = claims.iter().filter_map(|c| line(c).map(|l| (c.run.id, l))).collect();
+        let _ = self.append_log_batch(&lines).await;
+        Ok(claims)
+    }
     /// Extends the lease of a running attempt held by `owner`.
     async fn renew_lease(
         &self,

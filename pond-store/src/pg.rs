@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use pond_core::ids::{BlobId, RunId, TokenId};
 use pond_core::run::{AttemptOutcome, Run, RunSnapshot, Stage, MAX_LOST_LEASES};
 use pond_core::store::{
-    Artifact, BlobMeta, Claim, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation, RunQuery,
+    Artifact, BlobMeta, Claim, ClaimLine, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation, RunQuery,
     Store, TokenRecord, BLOB_CHUNK_BYTES,
 };
 use pond_core::time::Timestamp;
@@ -283,6 +283,16 @@ impl PgStore {
         }
     }
 
+    async fn claim(&self, query: &ClaimQuery, line: Option<ClaimLine<'_>>) -> Result<Vec<Claim>, StoreError> {
+        let mut tries = 0;
+        loop {
+            match self.try_claim(query, line).await {
+                Err(f) if f.retryable() && tries < TX_TRIES => tries += 1,
+                result => return result.map_err(Fail::into_store),
+            }
+        }
+    }
+
     /// [`Store::update_runs`] in one transaction: the batch's runs are loaded and locked with
     /// three statements (stages, then runs, in id order, as every writer takes them), the
     /// mutations run in memory, and what changed goes back in a few statements over arrays.
@@ -307,7 +317,7 @@ impl PgStore {
         Ok(applied.results)
     }
 
-    async fn try_claim(&self, query: &ClaimQuery) -> Result<Vec<Claim>, Fail> {
+    async fn try_claim(&self, query: &ClaimQuery, line: Option<ClaimLine<'_>>) -> Result<Vec<Claim>, Fail> {
         let mut tx = self.pool.begin().await?;
         let now = query.now.as_millis();
         if query.offer.is_some() {
@@ -463,13 +473,19 @@ impl PgStore {
             events.extend(pond_core::events::claimed(run, stage, queued_runs.remove(&run.id.to_string()), was, at));
         }
         write_events(&mut tx, &events).await?;
-        tx.commit().await?;
         let mut claims = Vec::with_capacity(stages.len());
         for (run, stage) in run_ids.into_iter().zip(stages) {
             let run =
                 runs.get(&run).cloned().ok_or_else(|| corrupt(format!("claimed a stage of missing run {run}")))?;
             claims.push(Claim { run, stage });
         }
+        if let Some(line) = line {
+            let lines: Vec<(RunId, NewLogLine)> =
+                claims.iter().filter_map(|c| line(c).map(|l| (c.run.id, l))).collect();
+            let rows: Vec<(RunId, &NewLogLine)> = lines.iter().map(|(id, l)| (*id, l)).collect();
+            write_log_lines(&mut tx, &rows).await?;
+        }
+        tx.commit().await?;
         Ok(claims)
     }
 
@@ -932,13 +948,14 @@ impl Store for PgStore {
         if query.kinds.is_empty() || query.limit == 0 {
             return Ok(Vec::new());
         }
-        let mut tries = 0;
-        loop {
-            match self.try_claim(query).await {
-                Err(f) if f.retryable() && tries < TX_TRIES => tries += 1,
-                result => return result.map_err(Fail::into_store),
-            }
+        self.claim(query, None).await
+    }
+
+    async fn claim_stages_logged(&self, query: &ClaimQuery, line: ClaimLine<'_>) -> Result<Vec<Claim>, StoreError> {
+        if query.kinds.is_empty() || query.limit == 0 {
+            return Ok(Vec::new());
         }
+        self.claim(query, Some(line)).await
     }
 
     async fn renew_lease(

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use pond_core::ids::{BlobId, RunId, TokenId};
 use pond_core::run::{AttemptOutcome, Run, RunSnapshot, Stage, MAX_LOST_LEASES};
 use pond_core::store::{
-    Artifact, BlobMeta, Claim, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation, RunQuery,
+    Artifact, BlobMeta, Claim, ClaimLine, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation, RunQuery,
     Store, TokenRecord, BLOB_CHUNK_BYTES,
 };
 use pond_core::time::Timestamp;
@@ -116,6 +116,178 @@ fn discard_if_in_transaction(
 }
 
 impl SqliteStore {
+    /// Claims in one transaction; with `line`, the claimed stages' progress lines go in it too.
+    async fn claim(&self, query: &ClaimQuery, line: Option<ClaimLine<'_>>) -> Result<Vec<Claim>, StoreError> {
+        if query.kinds.is_empty() || query.limit == 0 {
+            return Ok(Vec::new());
+        }
+        // A pool worker's claim takes only stages whose required tags are all among the worker's
+        // and whose every capability pattern GLOB-matches one of its capabilities.
+        // A bring-your-own host takes only byo work of the project it is pinned to: the stage
+        // must require `pool:byo`, and `tenant:<the run's project>` must be one of the host's
+        // tags (see `routing::admits`).
+        let byo_only = query.offer.as_ref().is_some_and(|o| o.tags.contains(pond_core::routing::BYO_TAG));
+        let offer = match &query.offer {
+            Some(_) if byo_only => {
+                "AND pool_tags IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_tags) t WHERE t.value NOT IN (SELECT value FROM json_each(?5)))
+                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_caps) p
+                                  WHERE NOT EXISTS (SELECT 1 FROM json_each(?6) c WHERE c.value GLOB p.value))
+                 AND EXISTS (SELECT 1 FROM json_each(pool_tags) b WHERE b.value = 'pool:byo')
+                 AND EXISTS (SELECT 1 FROM runs r WHERE r.id = stages.run_id
+                              AND ('tenant:' || r.project_id) IN (SELECT value FROM json_each(?5)))"
+            }
+            Some(_) => {
+                "AND pool_tags IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_tags) t WHERE t.value NOT IN (SELECT value FROM json_each(?5)))
+                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_caps) p
+                                  WHERE NOT EXISTS (SELECT 1 FROM json_each(?6) c WHERE c.value GLOB p.value))"
+            }
+            None => "",
+        };
+        // A worker runs one job at a time: none for a worker that holds a live lease. (The one
+        // writer connection serializes claims, so the check and the claim cannot interleave.)
+        let idle = if query.offer.is_some() {
+            "AND NOT EXISTS (SELECT 1 FROM stages busy
+                              WHERE busy.state = 'running' AND busy.lease_owner = ?1 AND busy.lease_expires_at > ?3)"
+        } else {
+            ""
+        };
+        let offer_json = query.offer.as_ref().map(|o| {
+            (
+                serde_json::to_string(&o.tags).unwrap_or_else(|_| "[]".into()),
+                serde_json::to_string(&o.capabilities).unwrap_or_else(|_| "[]".into()),
+            )
+        });
+        // One statement claims the whole batch. Expressions in SET see each row as it was, so
+        // `state = 'running'` tells the re-claim of an expired lease from a first claim.
+        // Numbered parameters: ?1 owner, ?2 lease end, ?3 now, ?4 limit, ?5 the worker's tags,
+        // ?6 its capabilities, ?7… the executor kinds.
+        let kinds = (0..query.kinds.len()).map(|i| format!("?{}", i + 7)).collect::<Vec<_>>().join(", ");
+        let claim = format!(
+            "UPDATE stages SET state = 'running', attempt = attempt + 1,
+                    lost_leases = lost_leases + (state = 'running'),
+                    lease_owner = ?1, lease_expires_at = ?2, started_at = COALESCE(started_at, ?3)
+              WHERE (run_id, key) IN (
+                SELECT run_id, key FROM (
+                    SELECT run_id, key, ready_at AS due FROM stages
+                     WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ?3 AND executor_kind IN ({kinds}) {offer}
+                    UNION ALL
+                    SELECT run_id, key, lease_expires_at AS due FROM stages
+                     WHERE state = 'running' AND lease_expires_at <= ?3 AND cancel_requested = 0 AND executor_kind IN ({kinds}) {offer}
+                ) ORDER BY due LIMIT ?4) {idle}
+              RETURNING *"
+        );
+        let now = query.now.as_millis();
+        let mut tx = self.begin().await?;
+        let (tags, caps) = offer_json.unwrap_or_default();
+        let mut q = sqlx::query(&claim)
+            .bind(&query.owner)
+            .bind(query.lease_until.as_millis())
+            .bind(now)
+            .bind(query.limit as i64)
+            .bind(tags)
+            .bind(caps);
+        for k in &query.kinds {
+            q = q.bind(k);
+        }
+        let rows = q.fetch_all(&mut *tx).await.map_err(db_err)?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut claimed: Vec<(String, Stage)> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            claimed.push((row.try_get::<String, _>("run_id").map_err(db_err)?, stage_from_row(row)?));
+        }
+        // Which runs this claim starts (read before they are marked running below).
+        let mut claimed_runs: Vec<&String> = claimed.iter().map(|(r, _)| r).collect();
+        claimed_runs.sort();
+        claimed_runs.dedup();
+        let queued_sql =
+            format!("SELECT id FROM runs WHERE state = 'queued' AND id IN ({})", placeholders(claimed_runs.len()));
+        let mut queued_query = sqlx::query_scalar::<_, String>(&queued_sql);
+        for id in &claimed_runs {
+            queued_query = queued_query.bind(*id);
+        }
+        let mut queued_runs: std::collections::HashSet<String> =
+            queued_query.fetch_all(&mut *tx).await.map_err(db_err)?.into_iter().collect();
+        // Attempts of re-claimed stages that never reported: their holder vanished. (Only a
+        // re-claim of an expired lease can leave one, so first claims skip the statement.)
+        let reclaimed: Vec<&(String, Stage)> = claimed.iter().filter(|(_, s)| s.lost_leases > 0).collect();
+        // Stages taken over from an expired lease (their earlier attempt was still open).
+        let mut taken_over: std::collections::HashSet<(String, String)> = Default::default();
+        if !reclaimed.is_empty() {
+            let pairs = vec!["(?, ?)"; reclaimed.len()].join(", ");
+            let lost_sql = format!(
+                "UPDATE attempts SET outcome = 'lease_expired', finished_at = ?,
+                        error = 'lease expired: the node running this attempt stopped renewing it'
+                  WHERE outcome IS NULL AND (run_id, stage_key) IN (VALUES {pairs})
+                    AND number < (SELECT s.attempt FROM stages s WHERE s.run_id = attempts.run_id AND s.key = attempts.stage_key)"
+            );
+            let lost_sql = format!("{lost_sql} RETURNING run_id, stage_key");
+            let mut lost = sqlx::query_as::<_, (String, String)>(&lost_sql).bind(now);
+            for (run, stage) in &reclaimed {
+                lost = lost.bind(run).bind(&stage.key);
+            }
+            taken_over.extend(lost.fetch_all(&mut *tx).await.map_err(db_err)?);
+        }
+        let mut insert = sqlx::query_builder::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO attempts (run_id, stage_key, number, owner, started_at) ",
+        );
+        insert.push_values(&claimed, |mut b, (run, stage)| {
+            b.push_bind(run)
+                .push_bind(&stage.key)
+                .push_bind(stage.attempt as i64)
+                .push_bind(&query.owner)
+                .push_bind(now);
+        });
+        insert.build().execute(&mut *tx).await.map_err(db_err)?;
+        let mut run_ids: Vec<&String> = claimed.iter().map(|(r, _)| r).collect();
+        run_ids.sort();
+        run_ids.dedup();
+        let runs_sql = format!(
+            "UPDATE runs SET state = CASE WHEN state = 'queued' THEN 'running' ELSE state END,
+                    started_at = COALESCE(started_at, ?) WHERE id IN ({}) RETURNING *",
+            placeholders(run_ids.len())
+        );
+        let mut update_runs = sqlx::query(&runs_sql).bind(now);
+        for id in &run_ids {
+            update_runs = update_runs.bind(*id);
+        }
+        let mut runs: std::collections::HashMap<String, Run> = std::collections::HashMap::new();
+        for row in update_runs.fetch_all(&mut *tx).await.map_err(db_err)? {
+            let run = run_from_row(&row)?;
+            runs.insert(run.id.to_string(), run);
+        }
+        let at = crate::wall_clock();
+        let mut events = Vec::new();
+        for (run, stage) in &claimed {
+            let run = runs.get(run).ok_or_else(|| corrupt(format!("claimed a stage of missing run {run}")))?;
+            let taken = taken_over.contains(&(run.id.to_string(), stage.key.clone()));
+            let was = if taken { "running" } else { "queued" };
+            events.extend(pond_core::events::claimed(run, stage, queued_runs.remove(&run.id.to_string()), was, at));
+        }
+        write_events(&mut tx, &events).await?;
+        let claims = claimed
+            .into_iter()
+            .map(|(run, stage)| {
+                let run =
+                    runs.get(&run).cloned().ok_or_else(|| corrupt(format!("claimed a stage of missing run {run}")))?;
+                Ok(Claim { run, stage })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        if let Some(line) = line {
+            let lines: Vec<(RunId, NewLogLine)> =
+                claims.iter().filter_map(|c| line(c).map(|l| (c.run.id, l))).collect();
+            let keys: Vec<String> = lines.iter().map(|(run, _)| run.to_string()).collect();
+            let rows: Vec<(&str, &NewLogLine)> =
+                keys.iter().map(String::as_str).zip(lines.iter().map(|(_, l)| l)).collect();
+            write_log_lines(&mut tx, &rows).await?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(claims)
+    }
+
     /// [`Store::update_runs`] in one transaction: three reads load every run of the batch, the
     /// mutations run in memory, and the rows that changed go back in a few multi-row statements.
     async fn try_update_runs(
@@ -499,165 +671,11 @@ impl Store for SqliteStore {
     }
 
     async fn claim_stages(&self, query: &ClaimQuery) -> Result<Vec<Claim>, StoreError> {
-        if query.kinds.is_empty() || query.limit == 0 {
-            return Ok(Vec::new());
-        }
-        // A pool worker's claim takes only stages whose required tags are all among the worker's
-        // and whose every capability pattern GLOB-matches one of its capabilities.
-        // A bring-your-own host takes only byo work of the project it is pinned to: the stage
-        // must require `pool:byo`, and `tenant:<the run's project>` must be one of the host's
-        // tags (see `routing::admits`).
-        let byo_only = query.offer.as_ref().is_some_and(|o| o.tags.contains(pond_core::routing::BYO_TAG));
-        let offer = match &query.offer {
-            Some(_) if byo_only => {
-                "AND pool_tags IS NOT NULL
-                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_tags) t WHERE t.value NOT IN (SELECT value FROM json_each(?5)))
-                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_caps) p
-                                  WHERE NOT EXISTS (SELECT 1 FROM json_each(?6) c WHERE c.value GLOB p.value))
-                 AND EXISTS (SELECT 1 FROM json_each(pool_tags) b WHERE b.value = 'pool:byo')
-                 AND EXISTS (SELECT 1 FROM runs r WHERE r.id = stages.run_id
-                              AND ('tenant:' || r.project_id) IN (SELECT value FROM json_each(?5)))"
-            }
-            Some(_) => {
-                "AND pool_tags IS NOT NULL
-                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_tags) t WHERE t.value NOT IN (SELECT value FROM json_each(?5)))
-                 AND NOT EXISTS (SELECT 1 FROM json_each(pool_caps) p
-                                  WHERE NOT EXISTS (SELECT 1 FROM json_each(?6) c WHERE c.value GLOB p.value))"
-            }
-            None => "",
-        };
-        // A worker runs one job at a time: none for a worker that holds a live lease. (The one
-        // writer connection serializes claims, so the check and the claim cannot interleave.)
-        let idle = if query.offer.is_some() {
-            "AND NOT EXISTS (SELECT 1 FROM stages busy
-                              WHERE busy.state = 'running' AND busy.lease_owner = ?1 AND busy.lease_expires_at > ?3)"
-        } else {
-            ""
-        };
-        let offer_json = query.offer.as_ref().map(|o| {
-            (
-                serde_json::to_string(&o.tags).unwrap_or_else(|_| "[]".into()),
-                serde_json::to_string(&o.capabilities).unwrap_or_else(|_| "[]".into()),
-            )
-        });
-        // One statement claims the whole batch. Expressions in SET see each row as it was, so
-        // `state = 'running'` tells the re-claim of an expired lease from a first claim.
-        // Numbered parameters: ?1 owner, ?2 lease end, ?3 now, ?4 limit, ?5 the worker's tags,
-        // ?6 its capabilities, ?7… the executor kinds.
-        let kinds = (0..query.kinds.len()).map(|i| format!("?{}", i + 7)).collect::<Vec<_>>().join(", ");
-        let claim = format!(
-            "UPDATE stages SET state = 'running', attempt = attempt + 1,
-                    lost_leases = lost_leases + (state = 'running'),
-                    lease_owner = ?1, lease_expires_at = ?2, started_at = COALESCE(started_at, ?3)
-              WHERE (run_id, key) IN (
-                SELECT run_id, key FROM (
-                    SELECT run_id, key, ready_at AS due FROM stages
-                     WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ?3 AND executor_kind IN ({kinds}) {offer}
-                    UNION ALL
-                    SELECT run_id, key, lease_expires_at AS due FROM stages
-                     WHERE state = 'running' AND lease_expires_at <= ?3 AND cancel_requested = 0 AND executor_kind IN ({kinds}) {offer}
-                ) ORDER BY due LIMIT ?4) {idle}
-              RETURNING *"
-        );
-        let now = query.now.as_millis();
-        let mut tx = self.begin().await?;
-        let (tags, caps) = offer_json.unwrap_or_default();
-        let mut q = sqlx::query(&claim)
-            .bind(&query.owner)
-            .bind(query.lease_until.as_millis())
-            .bind(now)
-            .bind(query.limit as i64)
-            .bind(tags)
-            .bind(caps);
-        for k in &query.kinds {
-            q = q.bind(k);
-        }
-        let rows = q.fetch_all(&mut *tx).await.map_err(db_err)?;
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut claimed: Vec<(String, Stage)> = Vec::with_capacity(rows.len());
-        for row in &rows {
-            claimed.push((row.try_get::<String, _>("run_id").map_err(db_err)?, stage_from_row(row)?));
-        }
-        // Which runs this claim starts (read before they are marked running below).
-        let mut claimed_runs: Vec<&String> = claimed.iter().map(|(r, _)| r).collect();
-        claimed_runs.sort();
-        claimed_runs.dedup();
-        let queued_sql =
-            format!("SELECT id FROM runs WHERE state = 'queued' AND id IN ({})", placeholders(claimed_runs.len()));
-        let mut queued_query = sqlx::query_scalar::<_, String>(&queued_sql);
-        for id in &claimed_runs {
-            queued_query = queued_query.bind(*id);
-        }
-        let mut queued_runs: std::collections::HashSet<String> =
-            queued_query.fetch_all(&mut *tx).await.map_err(db_err)?.into_iter().collect();
-        // Attempts of re-claimed stages that never reported: their holder vanished. (Only a
-        // re-claim of an expired lease can leave one, so first claims skip the statement.)
-        let reclaimed: Vec<&(String, Stage)> = claimed.iter().filter(|(_, s)| s.lost_leases > 0).collect();
-        // Stages taken over from an expired lease (their earlier attempt was still open).
-        let mut taken_over: std::collections::HashSet<(String, String)> = Default::default();
-        if !reclaimed.is_empty() {
-            let pairs = vec!["(?, ?)"; reclaimed.len()].join(", ");
-            let lost_sql = format!(
-                "UPDATE attempts SET outcome = 'lease_expired', finished_at = ?,
-                        error = 'lease expired: the node running this attempt stopped renewing it'
-                  WHERE outcome IS NULL AND (run_id, stage_key) IN (VALUES {pairs})
-                    AND number < (SELECT s.attempt FROM stages s WHERE s.run_id = attempts.run_id AND s.key = attempts.stage_key)"
-            );
-            let lost_sql = format!("{lost_sql} RETURNING run_id, stage_key");
-            let mut lost = sqlx::query_as::<_, (String, String)>(&lost_sql).bind(now);
-            for (run, stage) in &reclaimed {
-                lost = lost.bind(run).bind(&stage.key);
-            }
-            taken_over.extend(lost.fetch_all(&mut *tx).await.map_err(db_err)?);
-        }
-        let mut insert = sqlx::query_builder::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO attempts (run_id, stage_key, number, owner, started_at) ",
-        );
-        insert.push_values(&claimed, |mut b, (run, stage)| {
-            b.push_bind(run)
-                .push_bind(&stage.key)
-                .push_bind(stage.attempt as i64)
-                .push_bind(&query.owner)
-                .push_bind(now);
-        });
-        insert.build().execute(&mut *tx).await.map_err(db_err)?;
-        let mut run_ids: Vec<&String> = claimed.iter().map(|(r, _)| r).collect();
-        run_ids.sort();
-        run_ids.dedup();
-        let runs_sql = format!(
-            "UPDATE runs SET state = CASE WHEN state = 'queued' THEN 'running' ELSE state END,
-                    started_at = COALESCE(started_at, ?) WHERE id IN ({}) RETURNING *",
-            placeholders(run_ids.len())
-        );
-        let mut update_runs = sqlx::query(&runs_sql).bind(now);
-        for id in &run_ids {
-            update_runs = update_runs.bind(*id);
-        }
-        let mut runs: std::collections::HashMap<String, Run> = std::collections::HashMap::new();
-        for row in update_runs.fetch_all(&mut *tx).await.map_err(db_err)? {
-            let run = run_from_row(&row)?;
-            runs.insert(run.id.to_string(), run);
-        }
-        let at = crate::wall_clock();
-        let mut events = Vec::new();
-        for (run, stage) in &claimed {
-            let run = runs.get(run).ok_or_else(|| corrupt(format!("claimed a stage of missing run {run}")))?;
-            let taken = taken_over.contains(&(run.id.to_string(), stage.key.clone()));
-            let was = if taken { "running" } else { "queued" };
-            events.extend(pond_core::events::claimed(run, stage, queued_runs.remove(&run.id.to_string()), was, at));
-        }
-        write_events(&mut tx, &events).await?;
-        tx.commit().await.map_err(db_err)?;
-        claimed
-            .into_iter()
-            .map(|(run, stage)| {
-                let run =
-                    runs.get(&run).cloned().ok_or_else(|| corrupt(format!("claimed a stage of missing run {run}")))?;
-                Ok(Claim { run, stage })
-            })
-            .collect()
+        self.claim(query, None).await
+    }
+
+    async fn claim_stages_logged(&self, query: &ClaimQuery, line: ClaimLine<'_>) -> Result<Vec<Claim>, StoreError> {
+        self.claim(query, Some(line)).await
     }
 
     async fn renew_lease(

@@ -160,6 +160,17 @@ impl Store for WatchedStore {
         }
         Ok(out)
     }
+    async fn claim_stages_logged(
+        &self,
+        query: &ClaimQuery,
+        line: pond_core::store::ClaimLine<'_>,
+    ) -> Result<Vec<Claim>, StoreError> {
+        let out = self.inner.claim_stages_logged(query, line).await?;
+        if !out.is_empty() {
+            self.announce_output(out.iter().map(|c| &c.run.id));
+        }
+        Ok(out)
+    }
     async fn renew_lease(
         &self,
         run: RunId,

@@ -959,6 +959,29 @@ pub async fn batched_updates_apply_in_order_and_a_failure_stops_no_other(store: 
     );
 }
 
+pub async fn a_logged_claim_writes_each_stage_s_line(store: Arc<dyn Store>) {
+    let a = new_run("p", one_noop(), None, at(0));
+    let b = new_run("p", one_noop(), None, at(1));
+    for run in [&a, &b] {
+        store.insert_run(run).await.unwrap();
+    }
+    let line = |c: &pond_core::store::Claim| {
+        (c.run.id == a.run.id).then(|| {
+            NewLogLine::text(Some(c.stage.key.clone()), c.stage.attempt, LogStream::System, at(10), format!(
+                "stage `{}` attempt {} started",
+                c.stage.key, c.stage.attempt
+            ))
+        })
+    };
+    let claims = store.claim_stages_logged(&claim_query("n", at(10), 60_000, 10), &line).await.unwrap();
+    assert_eq!(claims.len(), 2);
+    let logged: Vec<String> = store.read_logs(a.run.id, 0, 10).await.unwrap().into_iter().map(|l| l.line.text).collect();
+    assert_eq!(logged, vec!["stage `a` attempt 1 started".to_string()]);
+    assert!(store.read_logs(b.run.id, 0, 10).await.unwrap().is_empty(), "no line where it gave none");
+    let none = store.claim_stages_logged(&claim_query("n", at(11), 60_000, 10), &line).await.unwrap();
+    assert!(none.is_empty());
+}
+
 /// Retention as the engine drives it: the candidates, each deleted.
 async fn delete_finished(
     store: &Arc<dyn Store>,
@@ -1049,6 +1072,7 @@ macro_rules! conformance {
                 tokens_are_found_by_hash_and_revoked,
                 concurrent_updates_of_one_run_are_never_lost,
                 batched_updates_apply_in_order_and_a_failure_stops_no_other,
+                a_logged_claim_writes_each_stage_s_line,
                 pool_claims_match_pinned_tags_and_capability_globs,
                 byo_hosts_take_only_their_own_projects_work,
                 a_busy_worker_is_given_no_second_job,
