@@ -263,6 +263,11 @@ impl Engine {
         self
     }
 
+    /// How it waits between retries.
+    pub fn pause(&self) -> &Arc<dyn crate::time::Pause> {
+        &self.pause
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
@@ -749,12 +754,18 @@ impl Engine {
         }
         // The batch's transparency-log leaves in one read. If it fails, each claimed run fails
         // the check below (never run unchecked); the read is what a claim must not skip.
+        // Read again after a moment when the store stumbles: a failed read fails every stage of
+        // the batch.
         let ids: Vec<RunId> = claims.iter().map(|c| c.run.id).collect();
-        let leaves = self
-            .store
-            .leaves_of_runs(&ids)
-            .await
-            .map_err(|e| format!("could not check the run against the transparency log: {e}"));
+        let mut leaves = self.store.leaves_of_runs(&ids).await;
+        for _ in 0..2 {
+            if leaves.is_ok() {
+                break;
+            }
+            self.pause.pause(Millis(100)).await;
+            leaves = self.store.leaves_of_runs(&ids).await;
+        }
+        let leaves = leaves.map_err(|e| format!("could not check the run against the transparency log: {e}"));
         let mut runnable = Vec::with_capacity(claims.len());
         for claim in claims {
             let (run, stage) = (claim.run.id, &claim.stage);

@@ -437,25 +437,28 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             let next = tokio::select! {
                 next = tokio::time::timeout(UPSTREAM_READ_TIMEOUT, http_body_util::BodyExt::frame(&mut body)) => next,
                 _ = worker.stopped() => {
-                    let _ = tx.send(Err(std::io::Error::other("the stage ended"))).await;
+                    let _ = tx.try_send(Err(std::io::Error::other("the stage ended")));
                     break;
                 }
             };
             let chunk = match next {
                 Err(_) => {
                     let why = format!("the provider sent nothing for {}s", UPSTREAM_READ_TIMEOUT.as_secs());
-                    let _ = tx.send(Err(std::io::Error::other(why))).await;
+                    let _ = tx.try_send(Err(std::io::Error::other(why)));
                     break;
                 }
                 Ok(None) => {
                     let rest = redactor.finish();
                     if !rest.is_empty() {
-                        let _ = tx.send(Ok(Bytes::from(rest))).await;
+                        tokio::select! {
+                            _ = tx.send(Ok(Bytes::from(rest))) => {}
+                            _ = worker.stopped() => {}
+                        }
                     }
                     break;
                 }
                 Ok(Some(Err(e))) => {
-                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    let _ = tx.try_send(Err(std::io::Error::other(e.to_string())));
                     break;
                 }
                 Ok(Some(Ok(frame))) => match frame.into_data() {
@@ -474,15 +477,23 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             });
             if let Some(why) = over_stage.or(over_cap) {
                 *worker.exhausted.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
-                let _ = tx.send(Err(std::io::Error::other(why))).await;
+                let _ = tx.try_send(Err(std::io::Error::other(why)));
                 break;
             }
             // Each read goes out as it arrives (less what may be the start of a key): streams
             // stay unbuffered. An agent that went away stops getting it, but the response is
             // still read to its end: what it costs is metered.
             let out = redactor.feed(&chunk);
-            if !gone && !out.is_empty() && tx.send(Ok(Bytes::from(out))).await.is_err() {
-                gone = true;
+            // An agent that stops reading does not hold the call past the stage's end.
+            if !gone && !out.is_empty() {
+                let sent = tokio::select! {
+                    sent = tx.send(Ok(Bytes::from(out))) => sent.is_ok(),
+                    _ = worker.stopped() => {
+                        let _ = tx.try_send(Err(std::io::Error::other("the stage ended")));
+                        break;
+                    }
+                };
+                gone = !sent;
             }
         }
         // The connection is released (or closed, when the response was not read to its end)

@@ -44,7 +44,9 @@ pub const CHANGE_CHANNEL: &str = "pond_changes";
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
-    inserts: tokio::sync::mpsc::Sender<Queued<RunSnapshot, InsertOutcome>>,
+    /// Submits waiting for the next group commit. Each answer is its own: a lookup after the
+    /// commit that fails fails that submit only (the batch is never replayed once committed).
+    inserts: tokio::sync::mpsc::Sender<Queued<RunSnapshot, Result<InsertOutcome, StoreError>>>,
 }
 
 /// Most submits committed together (one transaction, one WAL sync).
@@ -832,7 +834,10 @@ async fn write_rows(conn: &mut PgConnection, rows: &Rows<'_>) -> Result<(), Fail
 /// Inserts runs in one transaction (see [`crate::batch::group_commit`]): runs whose idempotency
 /// key is taken are found after the commit (ON CONFLICT waited for the other submit to commit,
 /// so its run is visible then).
-async fn insert_batch(pool: &PgPool, snapshots: &[&RunSnapshot]) -> Result<Vec<InsertOutcome>, StoreError> {
+async fn insert_batch(
+    pool: &PgPool,
+    snapshots: &[&RunSnapshot],
+) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
     let mut tries = 0;
     let inserted = loop {
         match try_insert_batch(pool, snapshots).await {
@@ -842,23 +847,27 @@ async fn insert_batch(pool: &PgPool, snapshots: &[&RunSnapshot]) -> Result<Vec<I
     };
     let mut outcomes = Vec::with_capacity(snapshots.len());
     for snapshot in snapshots {
-        let run = &snapshot.run;
-        if inserted.contains(&run.id.to_string()) {
-            outcomes.push(InsertOutcome::Created);
-            continue;
+        if inserted.contains(&snapshot.run.id.to_string()) {
+            outcomes.push(Ok(InsertOutcome::Created));
+        } else {
+            outcomes.push(existing_run(pool, &snapshot.run).await);
         }
-        let existing: String = sqlx::query_scalar("SELECT id FROM runs WHERE project_id = $1 AND idempotency_key = $2")
-            .bind(&run.project_id)
-            .bind(&run.idempotency_key)
-            .fetch_one(pool)
-            .await
-            .map_err(db_err)?;
-        let existing = RunId::from_str(&existing).map_err(corrupt)?;
-        let mut conn = pool.acquire().await.map_err(db_err)?;
-        let found = load_snapshot(&mut conn, existing, false).await.map_err(Fail::into_store)?;
-        outcomes.push(InsertOutcome::Existing(Box::new(found.ok_or_else(|| corrupt("idempotent run vanished"))?)));
     }
     Ok(outcomes)
+}
+
+/// The run stored under `run`'s idempotency key (its insert found the key taken).
+async fn existing_run(pool: &PgPool, run: &Run) -> Result<InsertOutcome, StoreError> {
+    let existing: String = sqlx::query_scalar("SELECT id FROM runs WHERE project_id = $1 AND idempotency_key = $2")
+        .bind(&run.project_id)
+        .bind(&run.idempotency_key)
+        .fetch_one(pool)
+        .await
+        .map_err(db_err)?;
+    let existing = RunId::from_str(&existing).map_err(corrupt)?;
+    let mut conn = pool.acquire().await.map_err(db_err)?;
+    let found = load_snapshot(&mut conn, existing, false).await.map_err(Fail::into_store)?;
+    Ok(InsertOutcome::Existing(Box::new(found.ok_or_else(|| corrupt("idempotent run vanished"))?)))
 }
 
 async fn try_insert_batch(
@@ -883,7 +892,7 @@ async fn try_insert_batch(
 #[async_trait]
 impl Store for PgStore {
     async fn insert_run(&self, snapshot: &RunSnapshot) -> Result<InsertOutcome, StoreError> {
-        queue_write(&self.inserts, snapshot.clone(), "PostgreSQL insert").await
+        queue_write(&self.inserts, snapshot.clone(), "PostgreSQL insert").await?
     }
 
     async fn get_run(&self, id: RunId) -> Result<Option<RunSnapshot>, StoreError> {
