@@ -1316,16 +1316,12 @@ impl Store for PgStore {
     }
 
     async fn put_artifact(&self, a: &Artifact, holder: &str, run_cap: u64) -> Result<(), StoreError> {
-        // The run row is locked first (as every run update does), so the run's artifact writes
-        // take turns and the cap's sum cannot be passed by two at once. The stage row is
-        // share-locked until the write commits: closing the attempt's output (an UPDATE of that
-        // row) waits for writes under way, and refuses later ones.
+        // The stage row is share-locked until the write commits: closing the attempt's output
+        // (an UPDATE of that row) waits for writes under way, and refuses later ones. Then the
+        // run row, so the run's artifact writes take turns and the cap's sum cannot be passed by
+        // two at once. Stage before run, the order every run update takes them in (the other
+        // order could deadlock with a completion holding the stages and waiting for the run).
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
-            .bind(a.run_id.to_string())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_err)?;
         let open: Option<i32> = sqlx::query_scalar(
             "SELECT 1 FROM stages WHERE run_id = $1 AND key = $2 AND attempt = $3 AND lease_owner = $4 AND state = 'running'
                 AND (output_closed_attempt IS NULL OR output_closed_attempt <> attempt)
@@ -1341,6 +1337,11 @@ impl Store for PgStore {
         if open.is_none() {
             return Err(crate::attempt_not_writing(a));
         }
+        sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
+            .bind(a.run_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
         let others: i64 =
             sqlx::query_scalar("SELECT COALESCE(SUM(size), 0)::BIGINT FROM artifacts WHERE run_id = $1 AND name <> $2")
                 .bind(a.run_id.to_string())
