@@ -315,10 +315,9 @@ impl Workspaces for LocalWorkspaces {
             Some(slot) => {
                 let _held = slot.lock().await;
             }
-            // Never prepared here (a run of timer stages only): skip the blocking-pool hop
-            // unless an earlier process left the directory.
-            None if std::fs::symlink_metadata(&dir).is_err() => return,
-            None => {}
+            // Never prepared by this process (a run of timer stages only), and `new` cleared what
+            // earlier ones left: nothing to remove, and no system call to find that out.
+            None => return,
         }
         let _ = tokio::fs::remove_dir_all(dir).await;
     }
