@@ -900,8 +900,7 @@ fn unused_bundles_are_bounded_and_expire() {
     let bundle = pond_exec::pack_dir(&root().join("examples/repo")).unwrap();
     // Room for two of them (sealed, each is a little larger than packed), not three.
     let limit = (bundle.len() * 5 / 2).to_string();
-    let server =
-        Server::start(dir.path(), &["--max-pending-bundle-bytes", &limit, "--bundle-ttl", "3s"]);
+    let server = Server::start(dir.path(), &["--max-pending-bundle-bytes", &limit, "--bundle-ttl", "3s"]);
     let admin = server.client(&server.token);
     let run_with = |bundle_id: &str| {
         admin.submit(

@@ -112,7 +112,10 @@ impl Engine {
     ) -> Result<Option<Claimed>, CoreError> {
         let key = key(project, blob);
         let gone = || {
-            FieldError::new(field, format!("no bundle `{blob}` in project `{project}` (it expired unused, or never was)"))
+            FieldError::new(
+                field,
+                format!("no bundle `{blob}` in project `{project}` (it expired unused, or never was)"),
+            )
         };
         // A record another submit holds (`Used`) is waited out: that submit either stores its
         // run (the record goes: the bundle is a run's) or gives it back to pending (then this
@@ -131,7 +134,10 @@ impl Engine {
                 Some(Ending::Expiring) => {
                     return Err(FieldError::new(
                         field,
-                        format!("bundle `{blob}` expired unused ({} after its upload); upload it again", self.config().bundle_ttl),
+                        format!(
+                            "bundle `{blob}` expired unused ({} after its upload); upload it again",
+                            self.config().bundle_ttl
+                        ),
                     )
                     .into())
                 }

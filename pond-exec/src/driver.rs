@@ -13,9 +13,9 @@ use std::time::Duration;
 use pond_core::engine::Engine;
 use pond_core::exec::{StopReason, StopSignal};
 use pond_core::ids::RunId;
+use pond_core::run::StageOutcome;
 use pond_core::store::{Claim, LeaseStatus};
 use pond_core::CoreError;
-use pond_core::run::StageOutcome;
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::stop::StopHandle;

@@ -357,7 +357,8 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         let _flight = flight;
         let config = &worker.config;
         let send = || {
-            let mut request = axum::http::Request::builder().method(method.as_str()).uri(format!("{}{path}", config.upstream));
+            let mut request =
+                axum::http::Request::builder().method(method.as_str()).uri(format!("{}{path}", config.upstream));
             for (name, value) in &headers {
                 request = request.header(name.as_str(), value.as_str());
             }

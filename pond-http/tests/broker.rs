@@ -481,7 +481,8 @@ async fn stalling_upstream(head: bool) -> (String, Arc<Mutex<Vec<std::time::Inst
                     }
                 }
                 if head {
-                    let first = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+                    let first =
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
                                  10\r\ndata: {\"n\": 1}\n\n\r\n";
                     let _ = conn.write_all(first.as_bytes()).await;
                 }

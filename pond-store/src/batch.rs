@@ -97,7 +97,11 @@ impl<'a> Rows<'a> {
 }
 
 /// Groups loaded rows into snapshots, in the order of `runs`.
-pub(crate) fn assemble(runs: Vec<Run>, stages: Vec<(RunId, Stage)>, attempts: Vec<(RunId, Attempt)>) -> Vec<RunSnapshot> {
+pub(crate) fn assemble(
+    runs: Vec<Run>,
+    stages: Vec<(RunId, Stage)>,
+    attempts: Vec<(RunId, Attempt)>,
+) -> Vec<RunSnapshot> {
     let order: Vec<RunId> = runs.iter().map(|r| r.id).collect();
     let mut by_run: HashMap<RunId, RunSnapshot> =
         runs.into_iter().map(|run| (run.id, RunSnapshot { run, stages: Vec::new(), attempts: Vec::new() })).collect();

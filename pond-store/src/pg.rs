@@ -19,8 +19,8 @@ use async_trait::async_trait;
 use pond_core::ids::{BlobId, RunId, TokenId};
 use pond_core::run::{AttemptOutcome, Run, RunSnapshot, Stage, MAX_LOST_LEASES};
 use pond_core::store::{
-    Artifact, BlobMeta, Claim, ClaimLine, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation, RunQuery,
-    Store, TokenRecord, BLOB_CHUNK_BYTES,
+    Artifact, BlobMeta, Claim, ClaimLine, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation,
+    RunQuery, Store, TokenRecord, BLOB_CHUNK_BYTES,
 };
 use pond_core::time::Timestamp;
 use pond_core::StoreError;
@@ -28,11 +28,11 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection, PgPool, Row};
 use tokio::task::JoinHandle;
 
+use crate::batch::{group_commit, queue_write, Queued, Rows};
 use crate::rows::{
     artifact_from_row, attempt_from_row, attestation_column, blob_from_row, corrupt, db_err, encryption_column,
     log_from_row, requirement_columns, role_text, run_from_row, stage_from_row, token_from_row, ts,
 };
-use crate::batch::{group_commit, queue_write, Queued, Rows};
 use crate::{sha256_hex, WatchedStore};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -610,12 +610,11 @@ async fn write_events(conn: &mut PgConnection, events: &[pond_core::events::NewE
 async fn load_snapshots(conn: &mut PgConnection, ids: &[RunId], lock: bool) -> Result<Vec<RunSnapshot>, Fail> {
     let keys: Vec<String> = ids.iter().map(RunId::to_string).collect();
     let lock_clause = if lock { " FOR UPDATE" } else { "" };
-    let stage_rows = sqlx::query(&format!(
-        "SELECT * FROM stages WHERE run_id = ANY($1) ORDER BY run_id, position{lock_clause}"
-    ))
-    .bind(&keys)
-    .fetch_all(&mut *conn)
-    .await?;
+    let stage_rows =
+        sqlx::query(&format!("SELECT * FROM stages WHERE run_id = ANY($1) ORDER BY run_id, position{lock_clause}"))
+            .bind(&keys)
+            .fetch_all(&mut *conn)
+            .await?;
     let run_rows = sqlx::query(&format!("SELECT * FROM runs WHERE id = ANY($1) ORDER BY id{lock_clause}"))
         .bind(&keys)
         .fetch_all(&mut *conn)
@@ -649,10 +648,23 @@ fn run_id_of(row: &sqlx::postgres::PgRow) -> Result<RunId, StoreError> {
 /// key is already taken in its project, or taken earlier in the same batch, is not).
 async fn insert_runs(conn: &mut PgConnection, runs: &[&Run]) -> Result<std::collections::HashSet<String>, Fail> {
     let n = runs.len();
-    let (mut ids, mut projects, mut states, mut keys, mut definitions, mut sources) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut cancels, mut errors, mut created, mut started, mut finished, mut encryptions, mut digests) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut ids, mut projects, mut states, mut keys, mut definitions, mut sources) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut cancels, mut errors, mut created, mut started, mut finished, mut encryptions, mut digests) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for run in runs {
         ids.push(run.id.to_string());
         projects.push(run.project_id.as_str());
@@ -699,8 +711,15 @@ async fn insert_runs(conn: &mut PgConnection, runs: &[&Run]) -> Result<std::coll
 async fn write_rows(conn: &mut PgConnection, rows: &Rows<'_>) -> Result<(), Fail> {
     if !rows.updated_runs.is_empty() {
         let n = rows.updated_runs.len();
-        let (mut ids, mut states, mut sources, mut cancels, mut errors, mut started, mut finished) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut ids, mut states, mut sources, mut cancels, mut errors, mut started, mut finished) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for run in &rows.updated_runs {
             ids.push(run.id.to_string());
             states.push(run.state.as_str());
@@ -729,12 +748,37 @@ async fn write_rows(conn: &mut PgConnection, rows: &Rows<'_>) -> Result<(), Fail
     }
     if !rows.stages.is_empty() {
         let n = rows.stages.len();
-        let mut cols: (Vec<String>, Vec<&str>, Vec<i64>, Vec<&str>, Vec<&str>, Vec<Option<i64>>) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let mut more: (Vec<i64>, Vec<i64>, Vec<i64>, Vec<Option<&str>>, Vec<Option<i64>>, Vec<bool>) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let mut rest: (Vec<Option<i64>>, Vec<Option<i64>>, Vec<Option<&str>>, Vec<Option<i64>>, Vec<Option<String>>, Vec<Option<String>>) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut cols: (Vec<String>, Vec<&str>, Vec<i64>, Vec<&str>, Vec<&str>, Vec<Option<i64>>) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let mut more: (Vec<i64>, Vec<i64>, Vec<i64>, Vec<Option<&str>>, Vec<Option<i64>>, Vec<bool>) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let mut rest: (
+            Vec<Option<i64>>,
+            Vec<Option<i64>>,
+            Vec<Option<&str>>,
+            Vec<Option<i64>>,
+            Vec<Option<String>>,
+            Vec<Option<String>>,
+        ) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for (run, s) in &rows.stages {
             let (pool_tags, pool_caps) = requirement_columns(s);
             cols.0.push(run.to_string());
@@ -793,8 +837,13 @@ async fn write_rows(conn: &mut PgConnection, rows: &Rows<'_>) -> Result<(), Fail
     }
     if !rows.attempts.is_empty() {
         let n = rows.attempts.len();
-        let (mut runs, mut keys, mut numbers, mut owners, mut started) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut runs, mut keys, mut numbers, mut owners, mut started) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         let (mut finished, mut outcomes, mut errors, mut attestations) =
             (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         for (run, a) in &rows.attempts {

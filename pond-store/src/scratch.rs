@@ -82,8 +82,10 @@ impl ScratchDatabase {
         .fetch_one(&mut conn)
         .await
         .map_err(db_err)?;
-        let wal_syncs: i64 =
-            sqlx::query_scalar("SELECT wal_sync::BIGINT FROM pg_stat_wal").fetch_one(&mut conn).await.map_err(db_err)?;
+        let wal_syncs: i64 = sqlx::query_scalar("SELECT wal_sync::BIGINT FROM pg_stat_wal")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(db_err)?;
         let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(&mut conn).await;
         let statements: Option<i64> = sqlx::query_scalar(
             "SELECT COALESCE(SUM(calls), 0)::BIGINT FROM pg_stat_statements

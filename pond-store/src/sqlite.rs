@@ -13,19 +13,19 @@ use async_trait::async_trait;
 use pond_core::ids::{BlobId, RunId, TokenId};
 use pond_core::run::{AttemptOutcome, Run, RunSnapshot, Stage, MAX_LOST_LEASES};
 use pond_core::store::{
-    Artifact, BlobMeta, Claim, ClaimLine, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation, RunQuery,
-    Store, TokenRecord, BLOB_CHUNK_BYTES,
+    Artifact, BlobMeta, Claim, ClaimLine, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation,
+    RunQuery, Store, TokenRecord, BLOB_CHUNK_BYTES,
 };
 use pond_core::time::Timestamp;
 use pond_core::StoreError;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
+use crate::batch::{group_commit, queue_write, Queued, Rows};
 use crate::rows::{
     artifact_from_row, attempt_from_row, attestation_column, blob_from_row, corrupt, db_err, encryption_column,
     log_from_row, requirement_columns, role_text, run_from_row, stage_from_row, token_from_row, ts,
 };
-use crate::batch::{group_commit, queue_write, Queued, Rows};
 use crate::sha256_hex;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -306,7 +306,8 @@ impl SqliteStore {
         write_rows(&mut tx, &Rows::of(applied.changed.iter().map(|(b, a)| (Some(b), a)))).await?;
         write_events(&mut tx, &applied.events).await?;
         let keys: Vec<String> = applied.lines.iter().map(|(run, _)| run.to_string()).collect();
-        let lines: Vec<(&str, &NewLogLine)> = keys.iter().map(String::as_str).zip(applied.lines.iter().map(|(_, l)| l)).collect();
+        let lines: Vec<(&str, &NewLogLine)> =
+            keys.iter().map(String::as_str).zip(applied.lines.iter().map(|(_, l)| l)).collect();
         write_log_lines(&mut tx, &lines).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(applied.results)
@@ -419,9 +420,7 @@ async fn load_snapshots(conn: &mut SqliteConnection, ids: &[RunId]) -> Result<Ve
         let sql = [
             format!("SELECT * FROM runs WHERE id IN ({marks})"),
             format!("SELECT * FROM stages WHERE run_id IN ({marks}) ORDER BY run_id, position"),
-            format!(
-                "SELECT * FROM attempts WHERE run_id IN ({marks}) ORDER BY run_id, started_at, stage_key, number"
-            ),
+            format!("SELECT * FROM attempts WHERE run_id IN ({marks}) ORDER BY run_id, started_at, stage_key, number"),
         ];
         let mut rows = Vec::with_capacity(3);
         for sql in &sql {

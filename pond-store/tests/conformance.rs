@@ -891,7 +891,8 @@ pub async fn state_changes_are_events_in_commit_order(store: Arc<dyn Store>) {
 }
 
 pub async fn batched_updates_apply_in_order_and_a_failure_stops_no_other(store: Arc<dyn Store>) {
-    let two = json!({"stages":[{"key":"x","executor":{"kind":"noop"}},{"key":"y","executor":{"kind":"noop"},"needs":[]}]});
+    let two =
+        json!({"stages":[{"key":"x","executor":{"kind":"noop"}},{"key":"y","executor":{"kind":"noop"},"needs":[]}]});
     let a = new_run("p", two, None, at(0));
     let b = new_run("p", one_noop(), None, at(1));
     let c = new_run("p", one_noop(), None, at(2));
@@ -967,15 +968,19 @@ pub async fn a_logged_claim_writes_each_stage_s_line(store: Arc<dyn Store>) {
     }
     let line = |c: &pond_core::store::Claim| {
         (c.run.id == a.run.id).then(|| {
-            NewLogLine::text(Some(c.stage.key.clone()), c.stage.attempt, LogStream::System, at(10), format!(
-                "stage `{}` attempt {} started",
-                c.stage.key, c.stage.attempt
-            ))
+            NewLogLine::text(
+                Some(c.stage.key.clone()),
+                c.stage.attempt,
+                LogStream::System,
+                at(10),
+                format!("stage `{}` attempt {} started", c.stage.key, c.stage.attempt),
+            )
         })
     };
     let claims = store.claim_stages_logged(&claim_query("n", at(10), 60_000, 10), &line).await.unwrap();
     assert_eq!(claims.len(), 2);
-    let logged: Vec<String> = store.read_logs(a.run.id, 0, 10).await.unwrap().into_iter().map(|l| l.line.text).collect();
+    let logged: Vec<String> =
+        store.read_logs(a.run.id, 0, 10).await.unwrap().into_iter().map(|l| l.line.text).collect();
     assert_eq!(logged, vec!["stage `a` attempt 1 started".to_string()]);
     assert!(store.read_logs(b.run.id, 0, 10).await.unwrap().is_empty(), "no line where it gave none");
     let none = store.claim_stages_logged(&claim_query("n", at(11), 60_000, 10), &line).await.unwrap();
