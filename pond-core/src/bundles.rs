@@ -74,10 +74,9 @@ impl Engine {
         // A count too, not only bytes: many tiny bundles would make every upload and sweep slow.
         if pending.len() >= MAX_PENDING_BUNDLES {
             return Err(CoreError::Quota(format!(
-                "project `{project}` holds {} uploaded bundles no run uses yet, the most a project may: submit \
-                 the runs that use them, or wait until unused ones expire ({} after their upload)",
+                "project `{project}` holds {} uploaded bundles no run uses yet, the most a project may: {}",
                 pending.len(),
-                self.config().bundle_ttl
+                self.what_frees_room()
             )));
         }
         let held: u64 = pending.iter().map(|p| p.size).sum();
@@ -85,9 +84,8 @@ impl Engine {
         if held.saturating_add(size) > limit {
             return Err(CoreError::Quota(format!(
                 "project `{project}` holds {held} bytes of uploaded bundles no run uses yet; this one ({size} bytes) \
-                 would pass the server's limit of {limit} (--max-pending-bundle-bytes): submit the runs that use \
-                 them, or wait until unused ones expire ({} after their upload)",
-                self.config().bundle_ttl
+                 would pass the server's limit of {limit} (--max-pending-bundle-bytes): {}",
+                self.what_frees_room()
             )));
         }
         let now = self.clock().now();
@@ -101,9 +99,16 @@ impl Engine {
         Ok(meta)
     }
 
+    fn what_frees_room(&self) -> String {
+        format!(
+            "submit the runs that use them, or wait until unused ones expire ({} after their upload)",
+            self.config().bundle_ttl
+        )
+    }
+
     /// Marks a pending bundle used by the run being submitted; refuses one the sweep is
     /// deleting. A bundle with no record is one some run used already (or one uploaded before
-    /// pending bundles were kept): it is used as it is.
+    /// pending bundles were kept) if its blob is still there, and is used as it is.
     pub(crate) async fn claim_bundle(
         &self,
         field: &str,
@@ -160,6 +165,8 @@ impl Engine {
 
     /// After the submit: a stored run holds its bundles (their records go); a run not stored
     /// gives them back to pending.
+    /// A write that fails here leaves the record marked used: the sweep drops such a record
+    /// after the TTL and keeps the bundle (untracked, never lost under a run; see the README).
     pub(crate) async fn settle_bundles(&self, claimed: Vec<Claimed>, stored: bool) {
         for c in claimed {
             let _ = if stored {

@@ -752,10 +752,9 @@ impl Engine {
         if claims.is_empty() {
             return Ok(claims);
         }
-        // The batch's transparency-log leaves in one read. If it fails, each claimed run fails
-        // the check below (never run unchecked); the read is what a claim must not skip.
-        // Read again after a moment when the store stumbles: a failed read fails every stage of
-        // the batch.
+        // The batch's transparency-log leaves in one read, tried again after a moment when the
+        // store stumbles: if it still fails, every claimed stage fails the check below (never run
+        // unchecked).
         let ids: Vec<RunId> = claims.iter().map(|c| c.run.id).collect();
         let mut leaves = self.store.leaves_of_runs(&ids).await;
         for _ in 0..2 {
@@ -1226,14 +1225,14 @@ impl Engine {
     /// Records an attempt's outcome. A stale attempt (lease lost, stage ended) is refused with
     /// [`CoreError::StaleAttempt`] and changes nothing.
     pub async fn complete(&self, claim: &Claim, outcome: StageOutcome) -> Result<RunSnapshot, CoreError> {
-        let mut results = self.complete_many(&[(claim, outcome)]).await;
+        let mut results = self.complete_many(&[(claim, &outcome)]).await;
         results.pop().unwrap_or_else(|| Err(CoreError::Store(StoreError::Backend("no completion was recorded".into()))))
     }
 
     /// Records several attempts' outcomes, as [`Engine::complete`] would each, in one store
     /// write (see [`Store::update_runs`]): a driver finishing many short stages at once commits
     /// them together. Results in the order given.
-    pub async fn complete_many(&self, items: &[(&Claim, StageOutcome)]) -> Vec<Result<RunSnapshot, CoreError>> {
+    pub async fn complete_many(&self, items: &[(&Claim, &StageOutcome)]) -> Vec<Result<RunSnapshot, CoreError>> {
         let now = self.clock.now();
         // The progress lines are written in the same transaction as the change they describe,
         // so a follower that sees the run ended has also seen how.

@@ -76,13 +76,11 @@ const UPSTREAM_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 struct Shared {
     config: BrokerConfig,
     client: Upstream,
-    /// Turns true when the stage ends (see `stopped`).
+    /// Turns true when the stage ends: calls in flight stop waiting and reading.
     stop_signal: watch::Receiver<bool>,
     usage: Mutex<Usage>,
     /// Why it stopped relaying (its budget ran out).
     exhausted: Mutex<Option<String>>,
-    /// The stage ended: calls in flight stop waiting and reading.
-    stopped: std::sync::atomic::AtomicBool,
     /// Calls relayed whose metering has not ended (an agent may have what it needs from a
     /// response, and exit, before the broker has read and booked all of it).
     in_flight: std::sync::atomic::AtomicUsize,
@@ -129,7 +127,6 @@ impl Broker {
     /// Stops it: no new call is taken, and calls in flight stop waiting to retry and stop
     /// reading their response at its next bytes (the provider sees the connection close).
     pub fn stop(&self) {
-        self.shared.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self.stop.send(true);
     }
 }
@@ -161,7 +158,6 @@ pub async fn start(config: BrokerConfig) -> std::io::Result<Broker> {
         stop_signal: stopped.clone(),
         usage: Mutex::default(),
         exhausted: Mutex::default(),
-        stopped: Default::default(),
         in_flight: Default::default(),
     });
     let app = Router::new().fallback(relay).with_state(shared.clone());
@@ -603,7 +599,7 @@ fn retry_after<'a>(status: u16, header: impl Fn(&str) -> Option<&'a str>) -> Opt
 
 impl Shared {
     fn is_stopped(&self) -> bool {
-        self.stopped.load(std::sync::atomic::Ordering::SeqCst)
+        *self.stop_signal.borrow()
     }
 
     /// Resolves when the broker stops (at once if it has).

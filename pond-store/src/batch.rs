@@ -13,8 +13,9 @@ use pond_core::StoreError;
 pub(crate) struct Applied {
     /// One per mutation, in order: the run as that mutation left it, or why it did not apply.
     pub results: Vec<Result<RunSnapshot, StoreError>>,
-    /// Each run some mutation changed: as loaded, and as the last of them left it.
-    pub changed: Vec<(RunSnapshot, RunSnapshot)>,
+    /// Each run of the batch: as loaded, and as its last applied mutation left it (the rows
+    /// to write are what differs; [`Rows::of`] skips the rest).
+    pub runs: Vec<(RunSnapshot, RunSnapshot)>,
     /// The log lines the mutations returned, in order.
     pub lines: Vec<(RunId, NewLogLine)>,
     /// The events of each step, in order.
@@ -26,10 +27,9 @@ pub(crate) struct Applied {
 pub(crate) fn apply(loaded: Vec<RunSnapshot>, changes: &mut [(RunId, RunMutation<'_>)]) -> Applied {
     let at = crate::wall_clock();
     let mut current: HashMap<RunId, RunSnapshot> = loaded.iter().map(|s| (s.run.id, s.clone())).collect();
-    let mut touched: Vec<RunId> = Vec::new();
     let mut applied = Applied {
         results: Vec::with_capacity(changes.len()),
-        changed: Vec::new(),
+        runs: Vec::with_capacity(loaded.len()),
         lines: Vec::new(),
         events: Vec::new(),
     };
@@ -43,19 +43,15 @@ pub(crate) fn apply(loaded: Vec<RunSnapshot>, changes: &mut [(RunId, RunMutation
             Ok(lines) => {
                 applied.events.extend(pond_core::events::changes(Some(before), &after, at));
                 applied.lines.extend(lines.into_iter().map(|l| (*id, l)));
-                if !touched.contains(id) {
-                    touched.push(*id);
-                }
                 applied.results.push(Ok(after.clone()));
                 current.insert(*id, after);
             }
             Err(e) => applied.results.push(Err(StoreError::Rejected(Box::new(e)))),
         }
     }
-    let mut loaded: HashMap<RunId, RunSnapshot> = loaded.into_iter().map(|s| (s.run.id, s)).collect();
-    for id in touched {
-        if let (Some(before), Some(after)) = (loaded.remove(&id), current.remove(&id)) {
-            applied.changed.push((before, after));
+    for before in loaded {
+        if let Some(after) = current.remove(&before.run.id) {
+            applied.runs.push((before, after));
         }
     }
     applied

@@ -308,10 +308,11 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
         let loaded = load_snapshots(&mut tx, &ids, true).await?;
         let applied = crate::batch::apply(loaded, changes);
-        if applied.changed.is_empty() {
+        // Nothing applied (every mutation refused): nothing to commit.
+        if applied.results.iter().all(Result::is_err) {
             return Ok(applied.results);
         }
-        write_rows(&mut tx, &Rows::of(applied.changed.iter().map(|(b, a)| (Some(b), a)))).await?;
+        write_rows(&mut tx, &Rows::of(applied.runs.iter().map(|(b, a)| (Some(b), a)))).await?;
         let lines: Vec<(RunId, &NewLogLine)> = applied.lines.iter().map(|(id, l)| (*id, l)).collect();
         write_log_lines(&mut tx, &lines).await?;
         write_events(&mut tx, &applied.events).await?;

@@ -300,10 +300,11 @@ impl SqliteStore {
         let mut tx = self.begin().await?;
         let loaded = load_snapshots(&mut tx, &ids).await?;
         let applied = crate::batch::apply(loaded, changes);
-        if applied.changed.is_empty() {
+        // Nothing applied (every mutation refused): nothing to commit.
+        if applied.results.iter().all(Result::is_err) {
             return Ok(applied.results);
         }
-        write_rows(&mut tx, &Rows::of(applied.changed.iter().map(|(b, a)| (Some(b), a)))).await?;
+        write_rows(&mut tx, &Rows::of(applied.runs.iter().map(|(b, a)| (Some(b), a)))).await?;
         write_events(&mut tx, &applied.events).await?;
         let keys: Vec<String> = applied.lines.iter().map(|(run, _)| run.to_string()).collect();
         let lines: Vec<(&str, &NewLogLine)> =
