@@ -73,6 +73,10 @@ struct Global {
     /// variables win over it.
     #[arg(long, global = true, env = "POND_CONFIG_FILE")]
     config_file: Option<PathBuf>,
+    /// Also trust the certificate authorities in this PEM file for HTTPS (the system's and the
+    /// bundled public ones are always trusted); default: the context's `--ca-cert`.
+    #[arg(long, global = true, env = "POND_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -330,6 +334,8 @@ struct ServerArgs {
     /// Data directory (SQLite database, admin token, checkouts).
     #[arg(long, env = "POND_DATA_DIR", default_value = ".pond")]
     data_dir: PathBuf,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// PostgreSQL URL: use PostgreSQL instead of SQLite; any number of servers may share it.
     #[arg(long, env = "POND_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
@@ -780,6 +786,24 @@ enum PoolCommand {
     },
 }
 
+/// HTTPS on a listener.
+#[derive(Args)]
+struct TlsArgs {
+    /// Serve HTTPS with this certificate chain (PEM, the listener's own certificate first); a
+    /// renewed file is picked up within seconds, without a restart.
+    #[arg(long, env = "POND_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "POND_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn files(self) -> Option<pond_http::tls::TlsFiles> {
+        Some(pond_http::tls::TlsFiles { cert: self.tls_cert?, key: self.tls_key? })
+    }
+}
+
 #[derive(Args)]
 struct OrchestratorArgs {
     /// Enrollment code (first start only; the credential is then kept in --state-dir).
@@ -791,6 +815,8 @@ struct OrchestratorArgs {
     /// Where the credential is kept.
     #[arg(long, env = "POND_ORCH_STATE_DIR", default_value = ".pond-orchestrator")]
     state_dir: PathBuf,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// A label shown by `pond pool ls` (default: the host name).
     #[arg(long)]
     name: Option<String>,
@@ -899,6 +925,10 @@ enum ContextCommand {
         /// Default project.
         #[arg(long)]
         project: Option<String>,
+        /// Trust the certificate authorities in this PEM file when calling the server (for a
+        /// server whose certificate a private CA signed).
+        #[arg(long, value_name = "FILE")]
+        ca_cert: Option<PathBuf>,
         /// Make it the current context.
         #[arg(long = "use")]
         make_current: bool,
@@ -1124,6 +1154,10 @@ fn main() {
         std::process::exit(0);
     }
     init_logging(&cli);
+    if let Err(e) = trust_ca(&cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
     match dispatch(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -1131,6 +1165,22 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// Adds `--ca-cert` (else the context's) to what this process's HTTPS clients trust.
+fn trust_ca(cli: &Cli) -> Result<()> {
+    let from_context = || {
+        // Only commands that call a server through a context read it.
+        if matches!(cli.command, Command::Server(_) | Command::Worker(_) | Command::Demo(_) | Command::Bench(_)) {
+            return None;
+        }
+        let path = cli.global.config.clone().unwrap_or_else(CliConfig::default_path);
+        let config = CliConfig::load(&path).ok()?;
+        let name = cli.global.context.as_ref().or(config.current.as_ref())?;
+        config.contexts.get(name)?.ca_cert.clone()
+    };
+    let Some(path) = cli.global.ca_cert.clone().or_else(from_context) else { return Ok(()) };
+    pond_http::tls::trust_also(&path).context("--ca-cert")
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -1453,6 +1503,7 @@ fn orchestrator(server: String, args: OrchestratorArgs) -> Result<()> {
     rt.block_on(async {
         let mut config = pond_http::orchestrator::OrchestratorConfig::new(&server, args.state_dir);
         config.listen = args.listen;
+        config.tls = args.tls.files();
         config.enroll_code = args.enroll;
         config.name = args.name.unwrap_or_else(host_name);
         let orch = pond_http::orchestrator::start(config).await?;
@@ -1829,6 +1880,7 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
         );
     }
     config.retain_finished = args.retain_finished;
+    config.tls = args.tls.files();
     Ok(config)
 }
 
@@ -2114,7 +2166,7 @@ fn keys(command: KeysCommand, client: &Client) -> Result<()> {
 fn context(command: ContextCommand, path: &std::path::Path, server: Option<String>) -> Result<()> {
     let mut config = CliConfig::load(path)?;
     match command {
-        ContextCommand::Add { name, server, token, token_file, project, make_current } => {
+        ContextCommand::Add { name, server, token, token_file, project, ca_cert, make_current } => {
             let token = match token_file {
                 Some(f) => Some(
                     std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?.trim().to_string(),
@@ -2126,7 +2178,15 @@ fn context(command: ContextCommand, path: &std::path::Path, server: Option<Strin
                     "`local` is the built-in context (this machine's server and its admin token): choose another name"
                 );
             }
-            config.contexts.insert(name.clone(), Context { server, token, project });
+            // Kept as an absolute path (a renewed CA file is read again), checked now.
+            let ca_cert = match ca_cert {
+                Some(path) => {
+                    pond_http::tls::read_certificates(&path)?;
+                    Some(std::path::absolute(&path).with_context(|| format!("resolving {}", path.display()))?)
+                }
+                None => None,
+            };
+            config.contexts.insert(name.clone(), Context { server, token, project, ca_cert });
             // Only `--use` switches: adding a context never changes who later commands act as.
             if make_current {
                 config.current = Some(name.clone());
@@ -2151,7 +2211,7 @@ fn context(command: ContextCommand, path: &std::path::Path, server: Option<Strin
                 let shown: std::collections::BTreeMap<_, _> = config
                     .contexts
                     .iter()
-                    .map(|(n, c)| (n.clone(), serde_json::json!({"server": c.server, "project": c.project, "has_token": c.token.is_some(), "current": config.current.as_deref() == Some(n)})))
+                    .map(|(n, c)| (n.clone(), serde_json::json!({"server": c.server, "project": c.project, "has_token": c.token.is_some(), "ca_cert": c.ca_cert, "current": config.current.as_deref() == Some(n)})))
                     .collect();
                 print_json(&shown)?;
             } else {

@@ -22,6 +22,8 @@ use clap::CommandFactory;
 
 /// The commands the file configures (its tables).
 const SECTIONS: [&str; 3] = ["server", "orchestrator", "worker"];
+/// Global flags the file may also set in each table (they matter to every long-running command).
+const GLOBALS: [&str; 2] = ["ca-cert", "log-format"];
 
 /// `argv` with the config file's settings for the command it runs added, and the flags that
 /// came from the file (for `--print-config`).
@@ -47,8 +49,10 @@ pub fn apply<C: CommandFactory>(mut argv: Vec<String>) -> Result<(Vec<String>, V
     let command = C::command();
     let sub = command.find_subcommand(&section).context("no such command")?;
     let mut from_file = Vec::new();
+    let globals = command.get_arguments().filter(|a| a.get_long().is_some_and(|l| GLOBALS.contains(&l)));
+    let settable: Vec<&clap::Arg> = sub.get_arguments().chain(globals).collect();
     for (key, value) in settings {
-        let Some(arg) = sub.get_arguments().find(|a| a.get_long() == Some(key.as_str())) else {
+        let Some(arg) = settable.iter().find(|a| a.get_long() == Some(key.as_str())) else {
             bail!("the config file {path}: [{section}] has no setting `{key}` (see `pond {section} --help`)");
         };
         let flag = format!("--{key}");
@@ -106,7 +110,8 @@ pub fn print(section: &str, matches: &clap::ArgMatches, from_file: &[String]) {
     let command = crate::Cli::command();
     let Some(sub) = command.find_subcommand(section) else { return };
     say!("[{section}]");
-    for arg in sub.get_arguments() {
+    let globals = command.get_arguments().filter(|a| a.get_long().is_some_and(|l| GLOBALS.contains(&l)));
+    for arg in sub.get_arguments().chain(globals) {
         let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else { continue };
         if ["print-config", "help", "config-file"].contains(&long) || arg.is_hide_set() {
             continue;

@@ -327,6 +327,11 @@ const LINGER_IDLE: Duration = Duration::from_secs(2);
 pub struct LingeringStream(Option<tokio::net::TcpStream>);
 
 impl LingeringStream {
+    /// Reads the next bytes without taking them (see `TcpStream::peek`).
+    pub async fn peek(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream().get_mut().peek(buf).await
+    }
+
     fn stream(&mut self) -> Pin<&mut tokio::net::TcpStream> {
         // Taken only in `drop`.
         Pin::new(self.0.as_mut().expect("stream present until dropped"))

@@ -145,7 +145,8 @@ pub async fn start(config: BrokerConfig) -> std::io::Result<Broker> {
     http.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
     http.enforce_http(false);
     let tls = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
+        // The process's trust store: an internal model gateway's authority via --ca-cert.
+        .with_tls_config((*crate::tls::client_config()).clone())
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);

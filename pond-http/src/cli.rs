@@ -57,6 +57,9 @@ pub struct Context {
     /// Project used when a command names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
+    /// Authorities (PEM file) trusted for this server besides the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// The CLI configuration file (JSON, mode 0600: it holds tokens).
@@ -906,7 +909,12 @@ mod tests {
         let mut config = CliConfig::default();
         config.contexts.insert(
             "prod".into(),
-            Context { server: "https://pond.example".into(), token: Some("t1".into()), project: Some("acme".into()) },
+            Context {
+                server: "https://pond.example".into(),
+                token: Some("t1".into()),
+                project: Some("acme".into()),
+                ca_cert: None,
+            },
         );
         config.current = Some("prod".into());
         let t = resolve_target(&config, &TargetOverrides::default()).unwrap();
@@ -930,9 +938,10 @@ mod tests {
         let path = dir.path().join("sub/config.json");
         assert_eq!(CliConfig::load(&path).unwrap(), CliConfig::default());
         let mut config = CliConfig::default();
-        config
-            .contexts
-            .insert("a".into(), Context { server: "http://x".into(), token: Some("secret".into()), project: None });
+        config.contexts.insert(
+            "a".into(),
+            Context { server: "http://x".into(), token: Some("secret".into()), project: None, ca_cert: None },
+        );
         config.save(&path).unwrap();
         assert_eq!(CliConfig::load(&path).unwrap(), config);
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);

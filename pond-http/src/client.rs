@@ -52,7 +52,10 @@ impl ClientError {
 /// A transport failure, without ureq's repetition of the URL.
 pub(crate) fn transport(url: String, t: &ureq::Transport) -> ClientError {
     let text = t.to_string();
-    let message = text.strip_prefix(&format!("{url}: ")).unwrap_or(&text).to_string();
+    let mut message = text.strip_prefix(&format!("{url}: ")).unwrap_or(&text).to_string();
+    if let Some(hint) = crate::tls::hint(&url, &message) {
+        message = format!("{message} ({hint})");
+    }
     ClientError::Transport { url, message }
 }
 
@@ -89,6 +92,7 @@ impl Client {
             .timeout_connect(Duration::from_secs(10))
             .timeout_read(Duration::from_secs(90))
             .max_idle_connections_per_host(64)
+            .tls_config(crate::tls::client_config())
             .build();
         Client { base: base.trim_end_matches('/').to_string(), token, agent }
     }

@@ -49,22 +49,27 @@ impl Check {
 /// `key_path`. Stops early when the server does not answer (nothing else can be checked).
 pub fn client_checks(client: &Client, server: &str, has_token: bool, key_path: &Path) -> Vec<Check> {
     let mut checks = Vec::new();
-    let health =
-        ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build().get(&format!("{server}/healthz")).call();
+    let health = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .tls_config(crate::tls::client_config())
+        .build()
+        .get(&format!("{server}/healthz"))
+        .call();
     let response = match health {
         Ok(r) => r,
         Err(e) => {
-            checks.push(Check::fail(
-                "server",
-                format!("{server} does not answer: {e}"),
+            let text = e.to_string();
+            let fix = crate::tls::hint(server, &text).unwrap_or(
                 "start it (`pond server`), or point this CLI at it (`--server`, POND_SERVER, `pond context add`)",
-            ));
+            );
+            checks.push(Check::fail("server", format!("{server} does not answer: {text}"), fix));
             return checks;
         }
     };
     let date = response.header("date").map(str::to_string);
     let body: serde_json::Value = response.into_json().unwrap_or_default();
-    checks.push(Check::ok("server", format!("{server} answers /healthz")));
+    let over = if server.starts_with("https://") { " over TLS (certificate trusted)" } else { "" };
+    checks.push(Check::ok("server", format!("{server} answers /healthz{over}")));
     let ours = env!("CARGO_PKG_VERSION");
     match body.get("version").and_then(|v| v.as_str()) {
         Some(theirs) if theirs == ours => checks.push(Check::ok("version", format!("server and CLI are both {ours}"))),

@@ -46,6 +46,7 @@ pub mod pool_client;
 pub mod pool_wire;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod usage_api;
 pub mod verify;
 pub mod webhooks;

@@ -51,6 +51,8 @@ pub struct OrchestratorConfig {
     pub name: String,
     /// Longest long poll toward pond.
     pub claim_wait: Duration,
+    /// Serve workers over HTTPS with this certificate and key; `None`: plain HTTP.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl OrchestratorConfig {
@@ -63,6 +65,7 @@ impl OrchestratorConfig {
             enroll_code: None,
             name: "orchestrator".into(),
             claim_wait: Duration::from_secs(20),
+            tls: None,
         }
     }
 }
@@ -90,6 +93,9 @@ pub enum OrchestratorError {
         /// The failure.
         error: std::io::Error,
     },
+    /// The TLS certificate or key cannot be used.
+    #[error("--tls-cert/--tls-key: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The credential file.
@@ -120,6 +126,8 @@ pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
 pub struct RunningOrchestrator {
     /// Where workers reach it.
     pub addr: SocketAddr,
+    /// Whether it serves HTTPS.
+    pub https: bool,
     /// Its enrollment.
     pub member: PoolMember,
     shutdown: watch::Sender<bool>,
@@ -129,7 +137,8 @@ pub struct RunningOrchestrator {
 impl RunningOrchestrator {
     /// `http://addr`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops serving and polling.
@@ -395,6 +404,7 @@ impl Orch {
 /// Starts an orchestrator: loads its credential (or enrolls with the code), serves workers and
 /// polls pond.
 pub async fn start(config: OrchestratorConfig) -> Result<RunningOrchestrator, OrchestratorError> {
+    let tls = config.tls.as_ref().map(crate::tls::ServerTls::load).transpose()?;
     std::fs::create_dir_all(&config.state_dir).map_err(io(format!("creating {}", config.state_dir.display())))?;
     let path = config.state_dir.join("orchestrator.json");
     let credential = match std::fs::read(&path) {
@@ -436,13 +446,13 @@ pub async fn start(config: OrchestratorConfig) -> Result<RunningOrchestrator, Or
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        let listener = crate::boundary::LingeringListener(listener);
-        if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stopped).await {
+        if let Err(e) = crate::tls::serve(listener, tls, router, stopped).await {
             tracing::error!(error = %e, "orchestrator http server stopped");
         }
     });
     let polling = tokio::spawn(orch.clone().poll_loop(shutdown_rx));
-    Ok(RunningOrchestrator { addr, member: credential.member, shutdown, tasks: vec![http, polling] })
+    let https = config.tls.is_some();
+    Ok(RunningOrchestrator { addr, https, member: credential.member, shutdown, tasks: vec![http, polling] })
 }
 
 /// The worker API. Every route has a body limit fitting what it relays (checked before

@@ -93,6 +93,8 @@ pub struct ServerConfig {
     /// How long ended runs are kept, with their logs, artifacts and blobs (`--retain-finished`);
     /// `None`: for ever.
     pub retain_finished: Option<Duration>,
+    /// Serve HTTPS with this certificate and key (`--tls-cert`, `--tls-key`); `None`: plain HTTP.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Why an operator's first admin token is refused, if it is.
@@ -137,6 +139,7 @@ impl ServerConfig {
             webhook_allow_ips: Vec::new(),
             event_retention: Duration::from_secs(30 * 24 * 3600),
             retain_finished: None,
+            tls: None,
         }
     }
 }
@@ -162,6 +165,9 @@ pub enum ServerError {
     /// This node's log-signing key could not be published.
     #[error("publishing this node's log-signing key: {0}")]
     Publish(String),
+    /// The TLS certificate or key cannot be used.
+    #[error("--tls-cert/--tls-key: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -173,6 +179,8 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError 
 pub struct RunningServer {
     /// The bound address.
     pub addr: SocketAddr,
+    /// Whether it serves HTTPS.
+    pub https: bool,
     /// Where the admin token is stored.
     pub admin_token_file: PathBuf,
     /// The admin token, when this start created it.
@@ -192,7 +200,8 @@ pub struct RunningServer {
 impl RunningServer {
     /// `http://addr`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops accepting requests and claims, waits for running stages (up to the drain time).
@@ -275,6 +284,8 @@ async fn ensure_admin_token(
 /// Starts a server: on PostgreSQL when `config.database_url` is set, else on SQLite in
 /// `config.data_dir`.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    // Checked first: a certificate that cannot be served fails the start before anything else.
+    let tls_settings = config.tls.as_ref().map(crate::tls::ServerTls::load).transpose()?;
     let data_dir = &config.data_dir;
     if !data_dir.exists() {
         std::fs::create_dir_all(data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
@@ -434,6 +445,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         tokio::net::TcpListener::bind(config.listen).await.map_err(io(format!("listening on {}", config.listen)))?;
     let addr = listener.local_addr().map_err(io("reading the bound address"))?;
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let tls = tls_settings;
     let pruning = tokio::spawn(prune_events(store.clone(), clock.clone(), config.event_retention, shutdown_rx.clone()));
     let retiring = tokio::spawn(retire_finished(engine.clone(), config.retain_finished, shutdown_rx.clone()));
     let expiring = tokio::spawn(expire_bundles(engine.clone(), config.bundle_ttl, shutdown_rx.clone()));
@@ -448,9 +460,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         let stop = async move {
             let _ = http_stop.wait_for(|s| *s).await;
         };
-        // Early answers (401, 409, 413) reach a client still sending its body; see `boundary`.
-        let listener = crate::boundary::LingeringListener(listener);
-        if let Err(e) = axum::serve(listener, app(state)).with_graceful_shutdown(stop).await {
+        if let Err(e) = crate::tls::serve(listener, tls, app(state), stop).await {
             tracing::error!(error = %e, "http server stopped");
         }
     });
@@ -458,6 +468,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let driving = tokio::spawn(driver.run(shutdown_rx, drain));
     Ok(RunningServer {
         addr,
+        https: config.tls.is_some(),
         admin_token_file,
         new_admin_token,
         interrupted_stages,

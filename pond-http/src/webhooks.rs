@@ -865,6 +865,7 @@ fn sender(allow: &[IpAddr]) -> ureq::Agent {
         .redirects(0)
         .resolver(PolicyResolver { allow: allow.to_vec() })
         .user_agent(concat!("pond-webhooks/", env!("CARGO_PKG_VERSION")))
+        .tls_config(crate::tls::client_config())
         .build()
 }
 
