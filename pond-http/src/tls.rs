@@ -126,11 +126,20 @@ fn client_with(roots: rustls::RootCertStore) -> rustls::ClientConfig {
 
 /// What to tell a user whose connection failed with `message`, if the cause is a TLS mismatch.
 pub fn hint(url: &str, message: &str) -> Option<&'static str> {
-    if message.contains("invalid peer certificate") || message.contains("UnknownIssuer") {
+    if message.contains("UnknownIssuer") {
         return Some(
             "the server's certificate is not signed by an authority this client trusts: pass \
              --ca-cert FILE (or POND_CA_CERT), or save it in the context with `pond context add … --ca-cert FILE`",
         );
+    }
+    let certificate = message.contains("invalid peer certificate");
+    if certificate && (message.contains("not valid for name") || message.contains("NotValidForName")) {
+        return Some("the server's certificate does not name the host in this URL: use a name it holds, or reissue it");
+    }
+    if certificate
+        && (message.contains("xpired") || message.contains("NotValidYet") || message.contains("not valid before"))
+    {
+        return Some("the server's certificate is outside its validity period (or a clock is wrong): renew it, or check the clocks");
     }
     if url.starts_with("https://") && (message.contains("InvalidContentType") || message.contains("corrupt message")) {
         return Some("the server does not speak TLS on this port: use an http:// URL");
@@ -350,6 +359,8 @@ mod tests {
             "Connection Failed: tls connection init failed: received corrupt message of type InvalidContentType";
         assert!(hint("https://h:1", plain).unwrap().contains("http://"));
         assert_eq!(hint("http://h:1", "Connection refused"), None);
+        let name = "invalid peer certificate: certificate not valid for name \"pond.example\"; certificate is only valid for IpAddress";
+        assert!(hint("https://pond.example", name).unwrap().contains("does not name the host"));
     }
 
     #[test]
