@@ -419,6 +419,11 @@ struct ServerArgs {
     /// first use). Every node sharing a PostgreSQL database needs the same one.
     #[arg(long, env = "POND_SERVER_KEY", hide_env_values = true, value_parser = parse_server_key)]
     server_key: Option<ServerKey>,
+    /// A server key a rotation replaced (repeatable; the variable takes a comma-separated list):
+    /// still accepted for opening while this node re-seals what it sealed under --server-key.
+    #[arg(long = "previous-server-key", env = "POND_PREVIOUS_SERVER_KEYS", hide_env_values = true,
+          value_delimiter = ',', value_parser = parse_server_key)]
+    previous_server_keys: Vec<ServerKey>,
     /// The first admin token (`pond_admin_` and at least 32 letters or digits), stored hashed
     /// while the store has no admin token; every node given the same agrees on it (one Secret
     /// for a whole deployment). Without it, the first node to start mints one into admin.token.
@@ -603,6 +608,26 @@ enum AdminCommand {
         #[command(subcommand)]
         command: usage::BudgetsCommand,
     },
+    /// The server key that seals what pond keeps at rest: rotate it.
+    ServerKey {
+        #[command(subcommand)]
+        command: ServerKeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServerKeyCommand {
+    /// Put a new key in a data directory's `server.key`, keeping the old one in
+    /// `server.key.previous`; restart the server: it opens with both, re-seals everything under
+    /// the new one and then removes `server.key.previous`.
+    Rotate {
+        /// The server's data directory.
+        #[arg(long, env = "POND_DATA_DIR", default_value = ".pond")]
+        data_dir: PathBuf,
+    },
+    /// Print a new random key (base64) for `POND_SERVER_KEY` (PostgreSQL deployments; see
+    /// README "Operating Pond").
+    New,
 }
 
 #[derive(Subcommand)]
@@ -1404,6 +1429,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             let client = Client::new(&target.server, target.token.clone());
             run_command(command, &client, &target, &key_path)
         }
+        Command::Admin { command: AdminCommand::ServerKey { command } } => server_key(command).map(|()| 0),
         Command::Admin { command: AdminCommand::Keys { command } } => {
             keys(command, &admin_client(&cli.global, &config_path)?).map(|()| 0)
         }
@@ -1795,6 +1821,60 @@ fn consumer_overrides(global: &Global) -> TargetOverrides {
     }
 }
 
+fn server_key(command: ServerKeyCommand) -> Result<()> {
+    use base64::Engine as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    match command {
+        ServerKeyCommand::New => {
+            say!("{}", b64.encode(pond_core::seal::random_key()));
+        }
+        ServerKeyCommand::Rotate { data_dir } => {
+            let current = data_dir.join("server.key");
+            let old = std::fs::read_to_string(&current).with_context(|| {
+                format!("reading {} (is {} a server's data directory?)", current.display(), data_dir.display())
+            })?;
+            let old_key = pond_core::pool::decode_key(old.trim())
+                .map_err(|e| anyhow::anyhow!("{}: the key {e}", current.display()))?;
+            let previous = data_dir.join(pond_http::server::PREVIOUS_KEYS_FILE);
+            // The old key is safe on disk before the new one replaces it.
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&previous)
+                .with_context(|| format!("opening {}", previous.display()))?;
+            writeln!(file, "{}", old.trim())?;
+            file.sync_all()?;
+            let key = pond_core::seal::random_key();
+            let staged = data_dir.join("server.key.new");
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&staged)
+                .with_context(|| format!("writing {}", staged.display()))?;
+            writeln!(file, "{}", b64.encode(key))?;
+            file.sync_all()?;
+            std::fs::rename(&staged, &current).with_context(|| format!("replacing {}", current.display()))?;
+            say!(
+                "new server key {} in {}; the old one ({}) is kept in {}",
+                pond_core::credentials::server_key_fingerprint(&key),
+                current.display(),
+                pond_core::credentials::server_key_fingerprint(&old_key),
+                previous.display()
+            );
+            say!(
+                "restart the server: it opens with both, re-seals everything under the new key, then removes {} \
+                 (its log says `server-key rotation done`)",
+                previous.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn admin_client(global: &Global, config_path: &std::path::Path) -> Result<Client> {
     let config = CliConfig::load(config_path)?;
     let overrides = TargetOverrides {
@@ -1864,6 +1944,7 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
     config.node_id = args.node_id;
     config.limits.encryption_default = args.encryption_default;
     config.server_key = args.server_key.map(|k| k.0);
+    config.previous_server_keys = args.previous_server_keys.iter().map(|k| k.0).collect();
     config.bootstrap_admin_token = args.admin_token;
     config.webhook_allow_ips = args.webhook_allow_ips;
     if args.event_retention < Duration::from_secs(2 * 24 * 3600) {

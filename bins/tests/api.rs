@@ -934,3 +934,134 @@ fn unused_bundles_are_bounded_and_expire() {
     admin.upload_bundle("acme", &bundle).unwrap();
     admin.upload_bundle("acme", &bundle).unwrap();
 }
+
+/// `pond admin server-key rotate` on a SQLite data directory, then a restart: everything the old
+/// key sealed (a credential, a webhook secret, uploaded bundles, the identity root) is sealed
+/// under the new one — checked in the database file with both keys —, still works, the
+/// control plane's identity is unchanged, the previous key file goes when the sweep is done,
+/// and a node given only the old key (or another key) is refused at start.
+#[test]
+fn the_server_key_rotates_and_what_it_sealed_follows() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let own_key = [("POND_SERVER_KEY", "")];
+    let mut server = Server::start_with_env(&data, &[], &own_key);
+    let admin = server.admin();
+    let old_key = pond_core::pool::decode_key(&std::fs::read_to_string(data.join("server.key")).unwrap()).unwrap();
+    let control_plane = admin.keys().unwrap().control_plane_key;
+
+    // Sealed under the old key: a credential, a webhook secret, a used and an unused bundle.
+    let out = std::process::Command::new(POND)
+        .args(["admin", "credentials", "add", "openai", "--provider", "openai", "--project", "acme"])
+        .args(["--value-env", "THE_KEY"])
+        .env("THE_KEY", "sk-rotate-me")
+        .env("POND_SERVER", &server.url)
+        .env("POND_TOKEN", &server.token)
+        .env("POND_CONFIG", dir.path().join("cli.json"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = server.cli(&["webhooks", "add", "https://receiver.example/hook", "--project", "acme"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bundle = pond_exec::pack_dir(&root().join("examples/repo")).unwrap();
+    let used = admin.upload_bundle("acme", &bundle).unwrap().bundle_id.to_string();
+    let unused = admin.upload_bundle("acme", &bundle).unwrap().bundle_id.to_string();
+    let run_with = |client: &Client, bundle_id: &str| {
+        let body = json!({
+            "project_id": "acme",
+            "definition": {"stages": [{"key": "a", "executor": {"kind": "shell", "argv": ["sh", "-c", "ls src >/dev/null"]}}]},
+            "sources": [{"label": "src", "kind": "bundle", "config": {"bundle_id": bundle_id}}],
+        });
+        let id = client.submit(&body, None).unwrap().id.to_string();
+        wait_done(client, &id, Duration::from_secs(30))
+    };
+    assert_eq!(run_with(&admin, &used).state, RunState::Succeeded);
+
+    // Rotate (the server stopped), restart.
+    server.kill9();
+    let out = std::process::Command::new(POND)
+        .args(["admin", "server-key", "rotate", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let new_key = pond_core::pool::decode_key(&std::fs::read_to_string(data.join("server.key")).unwrap()).unwrap();
+    assert_ne!(new_key, old_key);
+    let previous = data.join("server.key.previous");
+    assert!(std::fs::read_to_string(&previous).unwrap().contains(&b64.encode(old_key)));
+    let server = Server::start_with_env(&data, &[], &own_key);
+    let admin = server.admin();
+    eventually("the re-seal to finish and remove server.key.previous", Duration::from_secs(30), || !previous.exists());
+
+    // Holding the database file and the old key opens nothing any more; the new key opens it all.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use pond_core::store::Store;
+        let store = pond_store::SqliteStore::open(&data.join("pond.db")).await.unwrap();
+        let mut sealed_values = Vec::new();
+        for kind in ["credential", "webhook", "server-identity"] {
+            for (_, body) in store.list_records(kind).await.unwrap() {
+                // The identity record is the sealed value itself; the others hold them in JSON.
+                match serde_json::from_str::<serde_json::Value>(&body) {
+                    Ok(value) => collect_sealed(&value, &mut sealed_values),
+                    Err(_) => sealed_values.push(body),
+                }
+            }
+        }
+        assert!(sealed_values.len() >= 3, "credential, webhook secret, identity: {sealed_values:?}");
+        for text in &sealed_values {
+            let sealed = b64.decode(text).unwrap();
+            assert!(pond_core::seal::open_at_rest(&old_key, &sealed).is_err(), "still opens under the old key");
+            assert!(pond_core::seal::open_at_rest(&new_key, &sealed).is_ok(), "does not open under the new key");
+        }
+        let blobs = store.list_blobs(None, 1000).await.unwrap();
+        for id in [&used, &unused] {
+            let meta = blobs.iter().find(|b| b.id.to_string() == *id).expect("bundle kept");
+            let data = pond_core::store::read_blob(&store, meta).await.unwrap();
+            assert!(pond_core::seal::open_at_rest(&old_key, &data).is_err(), "bundle {id} still under the old key");
+            assert!(pond_core::seal::open_at_rest(&new_key, &data).is_ok(), "bundle {id} not under the new key");
+        }
+    });
+
+    // Still works: both bundles run, the credential's fingerprint is the new key's, the
+    // identity consumers pinned is the same.
+    assert_eq!(run_with(&admin, &used).state, RunState::Succeeded);
+    assert_eq!(run_with(&admin, &unused).state, RunState::Succeeded);
+    assert_eq!(admin.keys().unwrap().control_plane_key, control_plane);
+    let listed = server.cli(&["admin", "credentials", "list", "--json"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(text.contains(&pond_core::credentials::server_key_fingerprint(&new_key)), "{text}");
+
+    // A node given only the old key, or a stranger's, is refused at start by name.
+    drop(server);
+    for key in [old_key, [9u8; 32]] {
+        let out = std::process::Command::new(POND)
+            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .env("POND_SERVER_KEY", b64.encode(key))
+            .env("POND_SANDBOX", "host")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("does not open this database's sealed identity"), "{stderr}");
+    }
+}
+
+/// Every string under a `sealed` key, nested anywhere.
+fn collect_sealed(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("sealed", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => collect_sealed(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_sealed(v, out)),
+        _ => {}
+    }
+}

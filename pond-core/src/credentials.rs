@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::attest::fingerprint;
 use crate::definition::valid_env_name;
 use crate::error::{FieldError, StoreError};
-use crate::seal::{open_at_rest, open_sealed, seal, seal_at_rest, SealError};
+use crate::seal::{open_sealed, seal, SealError};
 use crate::store::Store;
 use crate::time::{Clock, Timestamp};
 
@@ -76,7 +76,7 @@ pub enum CredentialError {
 pub struct Credentials {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    key: [u8; 32],
+    keys: crate::server_keys::AtRestKeys,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -93,8 +93,8 @@ pub fn server_key_fingerprint(key: &[u8; 32]) -> String {
 
 impl Credentials {
     /// Credentials sealed under `key`.
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, key: [u8; 32]) -> Self {
-        Credentials { store, clock, key }
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, keys: crate::server_keys::AtRestKeys) -> Self {
+        Credentials { store, clock, keys }
     }
 
     /// Registers (or replaces) a credential.
@@ -140,11 +140,11 @@ impl Credentials {
             name: name.to_string(),
             provider: provider.to_string(),
             env,
-            key_fingerprint: server_key_fingerprint(&self.key),
+            key_fingerprint: server_key_fingerprint(self.keys.current()),
             created_at: self.clock.now(),
             projects: projects.to_vec(),
         };
-        let stored = Stored { view: view.clone(), sealed: B64.encode(seal_at_rest(&self.key, value.as_bytes())) };
+        let stored = Stored { view: view.clone(), sealed: B64.encode(self.keys.seal(value.as_bytes())) };
         let body = serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.store.put_record(CREDENTIAL, name, &body).await?;
         Ok(view)
@@ -204,7 +204,7 @@ impl Credentials {
             self.check(name, project).await?;
             let stored = self.stored(name).await?.ok_or_else(|| CredentialError::Unknown(name.clone()))?;
             let sealed = B64.decode(&stored.sealed).map_err(|_| CredentialError::WrongKey(name.clone()))?;
-            let value = open_at_rest(&self.key, &sealed).map_err(|_| CredentialError::WrongKey(name.clone()))?;
+            let value = self.keys.open(&sealed).map_err(|_| CredentialError::WrongKey(name.clone()))?;
             out.insert(stored.view.env, String::from_utf8(value).map_err(|_| CredentialError::WrongKey(name.clone()))?);
         }
         Ok(out)

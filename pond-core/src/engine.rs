@@ -42,6 +42,12 @@ pub struct EngineConfig {
     /// The server key: what pond keeps at rest that is not already encrypted to a consumer
     /// (pooled jobs' inputs, credentials) is sealed under it. The same on every node.
     pub at_rest_key: [u8; 32],
+    /// Server keys still accepted for opening while a rotation re-seals what they sealed (see
+    /// [`crate::server_keys`]).
+    pub previous_keys: Vec<[u8; 32]>,
+    /// The root of the control plane's signing identity (endorsements, transparency heads, job
+    /// tickets), kept in the store sealed under the server key so a rotation leaves it as it is.
+    pub identity_key: [u8; 32],
     /// Tag prefixes the operator reserves beyond `pool:` and `tenant:` (consumers cannot use
     /// them in a stage's tags).
     pub reserved_tag_prefixes: Vec<String>,
@@ -79,6 +85,8 @@ impl Default for EngineConfig {
             source_policy: SourcePolicy::default(),
             signing_seed: crate::seal::random_key(),
             at_rest_key: crate::seal::random_key(),
+            previous_keys: Vec::new(),
+            identity_key: crate::seal::random_key(),
             reserved_tag_prefixes: Vec::new(),
             attestation_default: crate::definition::AttestationPolicy::Required,
             max_log_bytes: DEFAULT_MAX_LOG_BYTES,
@@ -330,7 +338,7 @@ impl Engine {
             node_id: self.config.node_id.clone(),
             signing_key: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key),
             fingerprint: crate::attest::fingerprint(&key),
-            endorsement: crate::keys::endorse(&self.config.at_rest_key, "node", &self.config.node_id, &key),
+            endorsement: crate::keys::endorse(&self.config.identity_key, "node", &self.config.node_id, &key),
         };
         let body = serde_json::to_string(&signer)
             .map_err(|e| CoreError::Store(StoreError::Backend(format!("encoding the log signer: {e}"))))?;
@@ -341,7 +349,7 @@ impl Engine {
         for (id, text) in self.store.list_records(LOG_SIGNER).await? {
             let Ok(mut old) = serde_json::from_str::<LogSigner>(&text) else { continue };
             if old.signing_key == signer.signing_key && old.endorsement.is_empty() {
-                old.endorsement = crate::keys::endorse(&self.config.at_rest_key, "node", &old.node_id, &key);
+                old.endorsement = crate::keys::endorse(&self.config.identity_key, "node", &old.node_id, &key);
                 if let Ok(body) = serde_json::to_string(&old) {
                     self.store.put_record(LOG_SIGNER, &id, &body).await?;
                 }
@@ -392,19 +400,19 @@ impl Engine {
             &root,
             self.clock.now().as_millis(),
             &self.config.node_id,
-            &crate::keys::control_plane_seed(&self.config.at_rest_key),
+            &crate::keys::control_plane_seed(&self.config.identity_key),
         ))
     }
 
     /// The control plane's public key (the same on every node; see
     /// [`crate::keys::control_plane_seed`]).
     pub fn control_plane_key(&self) -> [u8; 32] {
-        crate::keys::ed25519_public(&crate::keys::control_plane_seed(&self.config.at_rest_key))
+        crate::keys::ed25519_public(&crate::keys::control_plane_seed(&self.config.identity_key))
     }
 
     /// The control plane's endorsement of a worker's signing key (made when it enrolls).
     pub fn endorse_worker(&self, id: &str, key: &[u8; 32]) -> String {
-        crate::keys::endorse(&self.config.at_rest_key, "worker", id, key)
+        crate::keys::endorse(&self.config.identity_key, "worker", id, key)
     }
 
     /// The consistency proof from the tree of `first` leaves to the tree of `second`, or why
@@ -493,7 +501,7 @@ impl Engine {
 
     /// Registered credentials, sealed under the server key.
     pub fn credentials(&self) -> crate::credentials::Credentials {
-        crate::credentials::Credentials::new(self.store.clone(), self.clock.clone(), self.config.at_rest_key)
+        crate::credentials::Credentials::new(self.store.clone(), self.clock.clone(), self.at_rest_keys())
     }
 
     /// What stages may ask for here.
@@ -1000,7 +1008,7 @@ impl Engine {
         let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
         let size = bytes.len() as u64;
         // At rest under the server key; a worker gets it sealed to its own key.
-        let sealed = crate::seal::seal_at_rest(&self.config.at_rest_key, &bytes);
+        let sealed = self.at_rest_keys().seal(&bytes);
         let blob = self.store.put_blob(&run.project_id, &sealed, self.clock.now()).await?;
         let input = JobInput { blob_id: Some(blob.id), sha256, size };
         let text = serde_json::to_string(&input).map_err(|e| StoreError::Corrupt(e.to_string()))?;

@@ -43,6 +43,7 @@ pub mod routing;
 pub mod run;
 pub mod sandbox;
 pub mod seal;
+pub mod server_keys;
 pub mod signed_request;
 pub mod source;
 pub mod store;

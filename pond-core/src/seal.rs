@@ -591,6 +591,25 @@ pub fn seal_at_rest(key: &[u8; 32], data: &[u8]) -> Vec<u8> {
     stream_chunks(stream, header, data)
 }
 
+/// Whether `prefix` — the start of what [`seal_at_rest`] made, holding its header and at least
+/// its first chunk (or all of it) — opens under `key`: tells which key sealed a large value
+/// without reading all of it.
+pub fn at_rest_opens(key: &[u8; 32], prefix: &[u8]) -> bool {
+    let (header_bytes, tag_bytes) =
+        (CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_HEADERBYTES, CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_ABYTES);
+    if prefix.len() < header_bytes + tag_bytes {
+        return false;
+    }
+    let Ok(header) = <ss::Header>::try_from(&prefix[..header_bytes]) else { return false };
+    let mut state = ss::State::new();
+    ss::crypto_secretstream_xchacha20poly1305_init_pull(&mut state, &header, key);
+    let rest = &prefix[header_bytes..];
+    let take = rest.len().min(CHUNK + tag_bytes);
+    let mut out = vec![0u8; take - tag_bytes];
+    let mut tag = 0u8;
+    ss::crypto_secretstream_xchacha20poly1305_pull(&mut state, &mut out, &mut tag, &rest[..take], None).is_ok()
+}
+
 /// Opens what [`seal_at_rest`] sealed.
 pub fn open_at_rest(key: &[u8; 32], data: &[u8]) -> Result<Vec<u8>, SealError> {
     open_stream(data, key, CHUNK, None)

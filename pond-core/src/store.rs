@@ -432,6 +432,11 @@ pub trait Store: Send + Sync + 'static {
     async fn blob_meta(&self, id: BlobId) -> Result<Option<BlobMeta>, StoreError>;
     /// Deletes a blob (absent: nothing to do).
     async fn delete_blob(&self, id: BlobId) -> Result<(), StoreError>;
+    /// Up to `limit` blobs with ids after `after`, in id order (the key re-seal's walk).
+    async fn list_blobs(&self, after: Option<BlobId>, limit: u32) -> Result<Vec<BlobMeta>, StoreError>;
+    /// Replaces a blob's bytes under the same id, atomically, if its SHA-256 is still
+    /// `expected_sha256`; returns whether it did (`false`: changed or gone meanwhile).
+    async fn replace_blob(&self, id: BlobId, expected_sha256: &str, data: &[u8]) -> Result<bool, StoreError>;
     /// Up to `limit` runs that ended before `finished_before`, oldest first: retention's
     /// candidates for [`Store::delete_finished_run`].
     async fn finished_runs(&self, finished_before: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError>;

@@ -41,8 +41,8 @@ pub struct FetchConfig {
     /// (links followed), not only as text at submit: a link under an allowed directory that
     /// points elsewhere is refused.
     pub local_roots: Vec<PathBuf>,
-    /// The server key uploaded bundles are sealed under at rest (`None`: stored in clear).
-    pub at_rest_key: Option<[u8; 32]>,
+    /// The server keys uploaded bundles are sealed under at rest (`None`: stored in clear).
+    pub at_rest_keys: Option<pond_core::server_keys::AtRestKeys>,
 }
 
 impl Default for FetchConfig {
@@ -55,7 +55,7 @@ impl Default for FetchConfig {
             allow_plain_http_git: false,
             allow_internal_git: false,
             local_roots: Vec::new(),
-            at_rest_key: None,
+            at_rest_keys: None,
         }
     }
 }
@@ -141,17 +141,25 @@ impl LocalWorkspaces {
                 Ok(None)
             }
             SourceSpec::Bundle { bundle_id } => {
-                let meta = self
-                    .store
-                    .blob_meta(*bundle_id)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .filter(|m| m.project_id == run.project_id)
-                    .ok_or_else(|| format!("bundle {bundle_id} not found"))?;
-                let mut data = read_blob(&*self.store, &meta).await.map_err(|e| e.to_string())?;
-                if let Some(key) = &self.config.at_rest_key {
-                    data = pond_core::seal::open_at_rest(key, &data)
-                        .map_err(|e| format!("bundle {bundle_id} does not open with the server key: {e}"))?;
+                let not_found = || format!("bundle {bundle_id} not found");
+                let (meta, data) = match &self.config.at_rest_keys {
+                    Some(keys) => {
+                        use pond_core::server_keys::{open_sealed_blob, SealedBlobError};
+                        match open_sealed_blob(&*self.store, *bundle_id, keys).await {
+                            Ok(opened) => opened,
+                            Err(SealedBlobError::Missing) => return Err(not_found()),
+                            Err(e) => return Err(format!("bundle {bundle_id}: {e}")),
+                        }
+                    }
+                    None => {
+                        let meta = self.store.blob_meta(*bundle_id).await.map_err(|e| e.to_string())?;
+                        let meta = meta.ok_or_else(not_found)?;
+                        let data = read_blob(&*self.store, &meta).await.map_err(|e| e.to_string())?;
+                        (meta, data)
+                    }
+                };
+                if meta.project_id != run.project_id {
+                    return Err(not_found());
                 }
                 let (to, limits) =
                     (target.to_path_buf(), (self.config.max_unpacked_bytes, self.config.max_bundle_entries));

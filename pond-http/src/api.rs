@@ -759,7 +759,7 @@ async fn upload_bundle(
         return Err(ApiError::invalid("body", "must be a zstd-compressed tar archive (.tar.zst)"));
     }
     // Kept at rest under the server key: a database dump shows no source file.
-    let sealed = pond_core::seal::seal_at_rest(&state.engine.config().at_rest_key, &data);
+    let sealed = state.engine.at_rest_keys().seal(&data);
     let meta = state.engine.store_bundle(&project, &sealed).await?;
     let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
     let created = BundleCreated { bundle_id: meta.id, size: data.len() as u64, sha256 };

@@ -292,7 +292,7 @@ async fn enroll_orchestrator(
     let name = req.name.unwrap_or_else(|| "orchestrator".into());
     let member = state.pools.enroll_orchestrator(&req.code, member_id("orch"), &name, &token).await?;
     tracing::info!(id = %member.id, pool = %member.pool, "orchestrator enrolled");
-    let pond_key = Some(pond_core::pool::ticket_public(&state.engine.config().at_rest_key));
+    let pond_key = Some(pond_core::pool::ticket_public(&state.engine.config().identity_key));
     Ok((axum::http::StatusCode::CREATED, Json(Enrolled { member, token, pond_key })))
 }
 
@@ -328,7 +328,7 @@ async fn enroll_worker(
     // signatures (attestations, log streams, artifacts) only with this endorsement.
     let member = state.pools.set_endorsement(&member.id, state.engine.endorse_worker(&member.id, &signing)).await?;
     tracing::info!(id = %member.id, pool = %member.pool, tags = ?member.tags, "worker enrolled");
-    let pond_key = Some(pond_core::pool::ticket_public(&state.engine.config().at_rest_key));
+    let pond_key = Some(pond_core::pool::ticket_public(&state.engine.config().identity_key));
     Ok((axum::http::StatusCode::CREATED, Json(Enrolled { member, token, pond_key })))
 }
 
@@ -618,7 +618,7 @@ async fn ticket(state: &AppState, worker: &PoolMember, claim: &Claim) -> Result<
         items,
         signature: None,
     };
-    ticket.signature = Some(pond_core::pool::sign_ticket(&state.engine.config().at_rest_key, &ticket.signed_bytes()));
+    ticket.signature = Some(pond_core::pool::sign_ticket(&state.engine.config().identity_key, &ticket.signed_bytes()));
     Ok(Some(ticket))
 }
 
@@ -754,14 +754,12 @@ async fn input(State(state): State<AppState>, r: Relayed, Path(job): Path<String
         // A run without sources: the empty input.
         None => Vec::new(),
         Some(blob) => {
-            let meta = state
-                .store
-                .blob_meta(blob)
-                .await?
-                .ok_or_else(|| ApiError::Internal(format!("the input of job {job} has no blob")))?;
-            let sealed = pond_core::store::read_blob(state.store.as_ref(), &meta).await?;
-            pond_core::seal::open_at_rest(&state.engine.config().at_rest_key, &sealed)
-                .map_err(|e| ApiError::Internal(format!("the input of job {job} does not open: {e}")))?
+            use pond_core::server_keys::{open_sealed_blob, SealedBlobError};
+            match open_sealed_blob(state.store.as_ref(), blob, &state.engine.at_rest_keys()).await {
+                Ok((_, opened)) => opened,
+                Err(SealedBlobError::Store(e)) => return Err(e.into()),
+                Err(e) => return Err(ApiError::Internal(format!("the input of job {job}: {e}"))),
+            }
         }
     };
     // Sealed to the claiming worker's pinned X25519 key: only it can open the checkout, not the

@@ -82,6 +82,10 @@ pub struct ServerConfig {
     /// The server key (what pond keeps at rest is sealed under it; every node sharing a
     /// database needs the same). `None`: `server.key` in the data directory, made on first use.
     pub server_key: Option<[u8; 32]>,
+    /// Server keys still accepted for opening while a rotation re-seals what they sealed
+    /// (`--previous-server-key`); with `server_key` unset, `server.key.previous` in the data
+    /// directory (one per line, as `pond admin server-key rotate` writes them) is added.
+    pub previous_server_keys: Vec<[u8; 32]>,
     /// The first admin token, when the operator chooses it (`POND_ADMIN_TOKEN`: every node of a
     /// deployment gets the same from one Secret). Stored (hashed) only while no admin token
     /// exists; `None`: the first node to start mints one into `admin.token`.
@@ -135,6 +139,7 @@ impl ServerConfig {
             token_cache: Duration::from_secs(5),
             sandbox,
             server_key: None,
+            previous_server_keys: Vec::new(),
             bootstrap_admin_token: None,
             webhook_allow_ips: Vec::new(),
             event_retention: Duration::from_secs(30 * 24 * 3600),
@@ -357,11 +362,24 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             pond_exec::load_or_create_key(&path).map_err(io(format!("reading {}", path.display())))?
         }
     };
+    let previous_file = data_dir.join(PREVIOUS_KEYS_FILE);
+    let mut previous_keys = config.previous_server_keys.clone();
+    if config.server_key.is_none() {
+        previous_keys.extend(read_previous_keys(&previous_file)?);
+    }
+    let at_rest_keys = pond_core::server_keys::AtRestKeys::new(at_rest_key, &previous_keys);
+    // The control plane's identity outlives rotations; a node given a foreign key stops here.
+    let identity_key = pond_core::server_keys::identity_root(store.as_ref(), &at_rest_keys)
+        .await
+        .map_err(|e| ServerError::Publish(e.to_string()))?;
+    let reseals = pond_core::server_keys::announce(store.as_ref(), &at_rest_keys, clock.now())
+        .await
+        .map_err(|e| ServerError::Publish(e.to_string()))?;
     let fetch = FetchConfig {
         allow_plain_http_git: config.allow_plain_http_git,
         allow_internal_git: config.allow_internal_git,
         local_roots: config.allow_local_sources.clone(),
-        at_rest_key: Some(at_rest_key),
+        at_rest_keys: Some(at_rest_keys.clone()),
         ..Default::default()
     };
     let workspaces = LocalWorkspaces::new(data_dir.join("checkouts"), store.clone(), fetch)
@@ -389,6 +407,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let engine_config = EngineConfig {
         signing_seed,
         at_rest_key,
+        previous_keys: at_rest_keys.previous().to_vec(),
+        identity_key,
         node_id,
         lease: Millis(config.lease.as_millis() as u64),
         source_policy: SourcePolicy {
@@ -414,7 +434,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 Arc::new(crate::broker::ServerAgents {
                     registry: pond_core::agents::Registry::new(store.clone())
                         .with_model_origins(config.model_origins.clone()),
-                    credentials: pond_core::credentials::Credentials::new(store.clone(), clock.clone(), at_rest_key),
+                    credentials: pond_core::credentials::Credentials::new(
+                        store.clone(),
+                        clock.clone(),
+                        at_rest_keys.clone(),
+                    ),
                     ledger: Some((pond_core::usage::Ledger::new(store.clone()), clock.clone())),
                 }),
                 Arc::new(crate::broker::HttpKeyBroker),
@@ -438,7 +462,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         seen: Arc::default(),
         polls: Arc::default(),
         members: Arc::default(),
-        webhooks: Arc::new(crate::webhooks::WebhookConfig { at_rest_key, allow_ips: config.webhook_allow_ips.clone() }),
+        webhooks: Arc::new(crate::webhooks::WebhookConfig {
+            keys: at_rest_keys.clone(),
+            allow_ips: config.webhook_allow_ips.clone(),
+        }),
     };
 
     let listener =
@@ -449,6 +476,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let pruning = tokio::spawn(prune_events(store.clone(), clock.clone(), config.event_retention, shutdown_rx.clone()));
     let retiring = tokio::spawn(retire_finished(engine.clone(), config.retain_finished, shutdown_rx.clone()));
     let expiring = tokio::spawn(expire_bundles(engine.clone(), config.bundle_ttl, shutdown_rx.clone()));
+    // Only the nodes on the newest key move data to it (see `pond_core::server_keys`).
+    let file = (config.server_key.is_none() && reseals).then_some(previous_file);
+    let resealing = tokio::spawn(reseal_at_rest(engine.clone(), reseals, file, shutdown_rx.clone()));
     let webhooks = tokio::spawn(crate::webhooks::dispatch(
         state.clone(),
         shutdown_rx.clone(),
@@ -474,7 +504,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         interrupted_stages,
         engine,
         shutdown,
-        tasks: vec![driving, http, webhooks, pruning, retiring, expiring],
+        tasks: vec![driving, http, webhooks, pruning, retiring, expiring, resealing],
         background,
         stop_within: config.drain + config.kill_grace + Duration::from_secs(5),
         _lock: lock,
@@ -516,6 +546,81 @@ async fn prune_events(
 
 /// Deletes uploaded bundles no run used within `ttl`, every quarter of it (between a second and
 /// a minute), until `stop`. Every node may (records are swapped, so each goes once).
+/// Where a data directory keeps the server keys a rotation replaced.
+pub const PREVIOUS_KEYS_FILE: &str = "server.key.previous";
+
+/// The keys of a `server.key.previous` file (absent: none).
+fn read_previous_keys(path: &std::path::Path) -> Result<Vec<[u8; 32]>, ServerError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+    };
+    let lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    lines
+        .enumerate()
+        .map(|(i, line)| {
+            pond_core::pool::decode_key(line).map_err(|e| {
+                io(format!("reading {}", path.display()))(std::io::Error::other(format!("line {}: the key {e}", i + 1)))
+            })
+        })
+        .collect()
+}
+
+/// While previous server keys are configured, re-seals what they sealed under the current key
+/// (a pass at start, then every minute until one finds nothing left); then, on a data
+/// directory's keys, removes `server.key.previous`, and says the rotation is done.
+async fn reseal_at_rest(
+    engine: Arc<Engine>,
+    allowed: bool,
+    previous_file: Option<PathBuf>,
+    mut stop: watch::Receiver<bool>,
+) {
+    if engine.config().previous_keys.is_empty() {
+        return;
+    }
+    if !allowed {
+        tracing::info!("another node runs a newer server key: it re-seals; this node only opens with both");
+        return;
+    }
+    let mut wait = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = Duration::from_secs(60);
+        match engine.reseal_at_rest().await {
+            Ok(report) => {
+                metrics::counter!("pond_resealed_total", "what" => "record").increment(report.records);
+                metrics::counter!("pond_resealed_total", "what" => "blob").increment(report.blobs);
+                metrics::gauge!("pond_sealed_under_previous_keys").set(report.remaining as f64);
+                tracing::info!(
+                    records = report.records,
+                    blobs = report.blobs,
+                    blobs_checked = report.blobs_checked,
+                    remaining = report.remaining,
+                    "server-key rotation: re-sealed under the current key"
+                );
+                if report.remaining > 0 {
+                    continue;
+                }
+                if let Some(path) = &previous_file {
+                    if let Err(e) = std::fs::remove_file(path) {
+                        tracing::warn!(error = %e, path = %path.display(), "the previous keys could not be removed");
+                    }
+                }
+                tracing::info!(
+                    "server-key rotation done: nothing is sealed under a previous key any more; they may be forgotten \
+                     (POND_PREVIOUS_SERVER_KEYS can go; a data directory's server.key.previous is removed)"
+                );
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "re-sealing under the current server key failed; will retry"),
+        }
+    }
+}
+
 async fn expire_bundles(engine: Arc<Engine>, ttl: Duration, mut stop: watch::Receiver<bool>) {
     let every = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {

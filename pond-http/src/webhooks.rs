@@ -54,8 +54,8 @@ const MAX_PER_PROJECT: usize = 50;
 /// What the webhook routes and the sender need.
 #[derive(Clone)]
 pub struct WebhookConfig {
-    /// The server key: secrets are kept sealed under it.
-    pub at_rest_key: [u8; 32],
+    /// The server keys: secrets are kept sealed under the current one.
+    pub keys: pond_core::server_keys::AtRestKeys,
     /// Internal addresses the operator allowed as receivers.
     pub allow_ips: Vec<IpAddr>,
 }
@@ -240,11 +240,11 @@ fn refuse_internal(ip: IpAddr, allow: &[IpAddr]) -> Result<(), String> {
 
 /// A new secret for subscription `id`: sealed together with the id, so a sealed secret moved to
 /// another subscription's record (by someone writing the database) opens to nothing there.
-fn new_secret(key: &[u8; 32], id: &str, now: Timestamp) -> (String, StoredSecret) {
+fn new_secret(keys: &pond_core::server_keys::AtRestKeys, id: &str, now: Timestamp) -> (String, StoredSecret) {
     let bytes: [u8; 32] = rand::random();
     let mut bound = bound_prefix(id);
     bound.extend_from_slice(&bytes);
-    let sealed = B64.encode(pond_core::seal::seal_at_rest(key, &bound));
+    let sealed = B64.encode(keys.seal(&bound));
     (secret_text(&bytes), StoredSecret { sealed, created_at: now, expires_at: None })
 }
 
@@ -320,7 +320,7 @@ async fn create(
     }
     let now = now(&state);
     let id = format!("wh_{}", uuid::Uuid::now_v7().simple());
-    let (secret, stored) = new_secret(&state.webhooks.at_rest_key, &id, now);
+    let (secret, stored) = new_secret(&state.webhooks.keys, &id, now);
     let sub = Subscription {
         id: id.clone(),
         project_id: body.project_id,
@@ -452,7 +452,7 @@ async fn rotate_secret(
     for s in sub.secrets.iter_mut().filter(|s| s.expires_at.is_none()) {
         s.expires_at = Some(until);
     }
-    let (secret, stored) = new_secret(&state.webhooks.at_rest_key, &id, now);
+    let (secret, stored) = new_secret(&state.webhooks.keys, &id, now);
     sub.secrets.push(stored);
     let body = serde_json::to_string(&sub).map_err(|e| ApiError::Internal(e.to_string()))?;
     if !state.store.swap_record(SUBSCRIPTION_RECORD, &id, Some(&old_body), &body).await? {
@@ -917,14 +917,14 @@ fn live_secrets(state: &AppState, sub: &Subscription, now: Timestamp) -> Vec<Vec
     sub.secrets
         .iter()
         .filter(|s| s.expires_at.is_none_or(|t| t > now))
-        .filter_map(|s| open_secret(&state.webhooks.at_rest_key, &sub.id, s))
+        .filter_map(|s| open_secret(&state.webhooks.keys, &sub.id, s))
         .collect()
 }
 
-/// A stored secret's bytes, if it opens under `key` and was sealed for subscription `id`.
-fn open_secret(key: &[u8; 32], id: &str, stored: &StoredSecret) -> Option<Vec<u8>> {
+/// A stored secret's bytes, if it opens under `keys` and was sealed for subscription `id`.
+fn open_secret(keys: &pond_core::server_keys::AtRestKeys, id: &str, stored: &StoredSecret) -> Option<Vec<u8>> {
     let sealed = B64.decode(&stored.sealed).ok()?;
-    let opened = pond_core::seal::open_at_rest(key, &sealed).ok()?;
+    let opened = keys.open(&sealed).ok()?;
     opened.strip_prefix(bound_prefix(id).as_slice()).map(<[u8]>::to_vec)
 }
 
@@ -968,13 +968,17 @@ mod tests {
 
     #[test]
     fn a_sealed_secret_opens_only_for_its_own_subscription_and_key() {
-        let key = [7u8; 32];
+        let key = pond_core::server_keys::AtRestKeys::new([7u8; 32], &[]);
         let (shown, stored) = new_secret(&key, "wh_a", Timestamp::from_millis(0));
         let bytes = open_secret(&key, "wh_a", &stored).expect("opens for its subscription");
         assert_eq!(secret_text(&bytes), shown);
         // Moved into another subscription's record, or read under another server key: nothing.
         assert_eq!(open_secret(&key, "wh_b", &stored), None);
         assert_eq!(open_secret(&key, "wh_", &stored), None);
-        assert_eq!(open_secret(&[8u8; 32], "wh_a", &stored), None);
+        let other = pond_core::server_keys::AtRestKeys::new([8u8; 32], &[]);
+        assert_eq!(open_secret(&other, "wh_a", &stored), None);
+        // During a rotation, the new key opens it with the old one as previous.
+        let rotated = pond_core::server_keys::AtRestKeys::new([8u8; 32], &[[7u8; 32]]);
+        assert_eq!(open_secret(&rotated, "wh_a", &stored).as_deref(), Some(&bytes[..]));
     }
 }

@@ -265,6 +265,31 @@ impl Store for MemoryStore {
         Ok(n)
     }
 
+    async fn list_blobs(&self, after: Option<BlobId>, limit: u32) -> Result<Vec<BlobMeta>, StoreError> {
+        let inner = self.lock()?;
+        let mut metas: Vec<BlobMeta> = inner
+            .blobs
+            .values()
+            .map(|(m, _)| m.clone())
+            .filter(|m| after.is_none_or(|a| m.id.to_string() > a.to_string()))
+            .collect();
+        metas.sort_by_key(|m| m.id.to_string());
+        metas.truncate(limit as usize);
+        Ok(metas)
+    }
+
+    async fn replace_blob(&self, id: BlobId, expected_sha256: &str, data: &[u8]) -> Result<bool, StoreError> {
+        let mut inner = self.lock()?;
+        let Some((meta, bytes)) = inner.blobs.get_mut(&id) else { return Ok(false) };
+        if meta.sha256 != expected_sha256 {
+            return Ok(false);
+        }
+        meta.size = data.len() as u64;
+        meta.sha256 = sha256_hex(data);
+        *bytes = data.to_vec();
+        Ok(true)
+    }
+
     async fn delete_blob(&self, id: BlobId) -> Result<(), StoreError> {
         self.lock()?.blobs.remove(&id);
         Ok(())

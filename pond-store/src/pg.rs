@@ -1082,6 +1082,36 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
+    async fn list_blobs(&self, after: Option<BlobId>, limit: u32) -> Result<Vec<BlobMeta>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM blobs WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind(after.map(|a| a.to_string()).unwrap_or_default())
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(blob_from_row).collect()
+    }
+
+    async fn replace_blob(&self, id: BlobId, expected_sha256: &str, data: &[u8]) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let updated = sqlx::query("UPDATE blobs SET size = $1, sha256 = $2 WHERE id = $3 AND sha256 = $4")
+            .bind(data.len() as i64)
+            .bind(sha256_hex(data))
+            .bind(&id)
+            .bind(expected_sha256)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        if updated.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM blob_chunks WHERE blob_id = $1").bind(&id).execute(&mut *tx).await.map_err(db_err)?;
+        insert_chunks(&mut tx, &id, data).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
+    }
+
     async fn delete_blob(&self, id: BlobId) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         for sql in ["DELETE FROM blob_chunks WHERE blob_id = $1", "DELETE FROM blobs WHERE id = $1"] {
@@ -1270,16 +1300,7 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[][..]] } else { data.chunks(BLOB_CHUNK_BYTES).collect() };
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            sqlx::query("INSERT INTO blob_chunks (blob_id, idx, data) VALUES ($1, $2, $3)")
-                .bind(&id)
-                .bind(i as i64)
-                .bind(chunk)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
+        insert_chunks(&mut tx, &id, data).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(meta)
     }
@@ -1611,4 +1632,19 @@ impl Store for PgStore {
         .map_err(db_err)?;
         Ok(done.rows_affected() == 1)
     }
+}
+
+/// A blob's bytes as its chunk rows (an empty blob is one empty chunk).
+async fn insert_chunks(tx: &mut sqlx::PgConnection, id: &str, data: &[u8]) -> Result<(), StoreError> {
+    let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[][..]] } else { data.chunks(BLOB_CHUNK_BYTES).collect() };
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        sqlx::query("INSERT INTO blob_chunks (blob_id, idx, data) VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(i as i64)
+            .bind(chunk)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(())
 }

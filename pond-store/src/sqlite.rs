@@ -746,6 +746,36 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    async fn list_blobs(&self, after: Option<BlobId>, limit: u32) -> Result<Vec<BlobMeta>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM blobs WHERE id > ? ORDER BY id LIMIT ?")
+            .bind(after.map(|a| a.to_string()).unwrap_or_default())
+            .bind(limit as i64)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(blob_from_row).collect()
+    }
+
+    async fn replace_blob(&self, id: BlobId, expected_sha256: &str, data: &[u8]) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        let mut tx = self.begin().await?;
+        let updated = sqlx::query("UPDATE blobs SET size = ?, sha256 = ? WHERE id = ? AND sha256 = ?")
+            .bind(data.len() as i64)
+            .bind(sha256_hex(data))
+            .bind(&id)
+            .bind(expected_sha256)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        if updated.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM blob_chunks WHERE blob_id = ?").bind(&id).execute(&mut *tx).await.map_err(db_err)?;
+        insert_chunks(&mut tx, &id, data).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
+    }
+
     async fn delete_blob(&self, id: BlobId) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         for sql in ["DELETE FROM blob_chunks WHERE blob_id = ?", "DELETE FROM blobs WHERE id = ?"] {
@@ -934,16 +964,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[][..]] } else { data.chunks(BLOB_CHUNK_BYTES).collect() };
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            sqlx::query("INSERT INTO blob_chunks (blob_id, idx, data) VALUES (?, ?, ?)")
-                .bind(&id)
-                .bind(i as i64)
-                .bind(chunk)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
+        insert_chunks(&mut tx, &id, data).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(meta)
     }
@@ -1282,4 +1303,19 @@ impl Store for SqliteStore {
         .map_err(db_err)?;
         Ok(done.rows_affected() == 1)
     }
+}
+
+/// A blob's bytes as its chunk rows (an empty blob is one empty chunk).
+async fn insert_chunks(tx: &mut sqlx::SqliteConnection, id: &str, data: &[u8]) -> Result<(), StoreError> {
+    let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[][..]] } else { data.chunks(BLOB_CHUNK_BYTES).collect() };
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        sqlx::query("INSERT INTO blob_chunks (blob_id, idx, data) VALUES (?, ?, ?)")
+            .bind(id)
+            .bind(i as i64)
+            .bind(chunk)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(())
 }

@@ -219,6 +219,12 @@ impl Store for WatchedStore {
     async fn delete_blob(&self, id: BlobId) -> Result<(), StoreError> {
         self.inner.delete_blob(id).await
     }
+    async fn list_blobs(&self, after: Option<BlobId>, limit: u32) -> Result<Vec<BlobMeta>, StoreError> {
+        self.inner.list_blobs(after, limit).await
+    }
+    async fn replace_blob(&self, id: BlobId, expected_sha256: &str, data: &[u8]) -> Result<bool, StoreError> {
+        self.inner.replace_blob(id, expected_sha256, data).await
+    }
     async fn finished_runs(&self, finished_before: Timestamp, limit: u32) -> Result<Vec<RunId>, StoreError> {
         self.inner.finished_runs(finished_before, limit).await
     }

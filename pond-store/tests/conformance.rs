@@ -367,6 +367,22 @@ pub async fn blobs_and_artifacts_are_chunked_and_written_only_by_their_open_atte
     let empty = store.put_blob("p", b"", at(0)).await.unwrap();
     assert_eq!(pond_core::store::read_blob(&*store, &empty).await.unwrap(), b"");
     assert_eq!(empty.sha256, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    // Listed in id order, a page at a time; replaced in place only while unchanged.
+    let mut both = vec![meta.clone(), empty.clone()];
+    both.sort_by_key(|m| m.id.to_string());
+    assert_eq!(store.list_blobs(None, 10).await.unwrap(), both);
+    assert_eq!(store.list_blobs(None, 1).await.unwrap(), both[..1]);
+    assert_eq!(store.list_blobs(Some(both[0].id), 10).await.unwrap(), both[1..]);
+    assert_eq!(store.list_blobs(Some(both[1].id), 10).await.unwrap(), []);
+    let shorter = &data[..BLOB_CHUNK_BYTES + 3];
+    assert!(!store.replace_blob(meta.id, &empty.sha256, shorter).await.unwrap(), "a stale hash replaces nothing");
+    assert!(store.replace_blob(meta.id, &meta.sha256, shorter).await.unwrap());
+    let replaced = store.blob_meta(meta.id).await.unwrap().unwrap();
+    assert_eq!((replaced.size, replaced.chunk_count()), (shorter.len() as u64, 2));
+    assert_eq!(pond_core::store::read_blob(&*store, &replaced).await.unwrap(), shorter);
+    assert!(!store.replace_blob(meta.id, &meta.sha256, &data).await.unwrap(), "replaced already");
+    assert!(store.replace_blob(meta.id, &replaced.sha256, &data).await.unwrap());
+    assert_eq!(pond_core::store::read_blob(&*store, &meta).await.unwrap(), data);
 
     // Two stages running in parallel, both held by node n1.
     let snapshot = new_run(

@@ -34,7 +34,17 @@ impl Server {
     /// [`Server::start`] with extra environment variables.
     pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let mut child = Command::new(POND)
+        let mut command = Command::new(POND);
+        // One server key for every node of a test (nodes sharing a database need the same),
+        // unless the test gives its own — an empty one: the data directory's `server.key`.
+        match env.iter().find(|(k, _)| *k == "POND_SERVER_KEY") {
+            None => command.env("POND_SERVER_KEY", "cG9uZC10ZXN0LXNlcnZlci1rZXktMzItYnl0ZXMhISE="),
+            Some((_, "")) => command.env_remove("POND_SERVER_KEY"),
+            Some(_) => &mut command,
+        };
+        let env: Vec<(&str, &str)> =
+            env.iter().copied().filter(|(k, v)| !(*k == "POND_SERVER_KEY" && v.is_empty())).collect();
+        let mut child = command
             .envs(env.iter().copied())
             .arg("server")
             .arg("--listen")
@@ -45,8 +55,6 @@ impl Server {
             .env("POND_LOG", "warn")
             // The host backend unless a test asks for `--sandbox oci` (the sandbox tests).
             .env("POND_SANDBOX", "host")
-            // One server key for every node of a test (nodes sharing a database need the same).
-            .env("POND_SERVER_KEY", "cG9uZC10ZXN0LXNlcnZlci1rZXktMzItYnl0ZXMhISE=")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
