@@ -72,15 +72,16 @@ pub fn from_age_recipient(text: &str) -> Result<[u8; 32], String> {
     <[u8; 32]>::try_from(data.as_slice()).map_err(|_| format!("holds {} bytes; an age recipient holds 32", data.len()))
 }
 
-/// The control plane's own Ed25519 seed, the same on every node: derived from the server key,
-/// which lives in the nodes' configuration, never in the database. It endorses each node's
+/// The control plane's own Ed25519 seed, the same on every node: derived from the identity root
+/// (see [`crate::server_keys::identity_root`]), which the database holds only sealed under the
+/// server key, and the server key lives in the nodes' configuration. It endorses each node's
 /// log-signing key and each worker's signing key, and signs the transparency log's tree heads,
 /// so whoever holds only the database cannot add a key readers would accept.
-pub fn control_plane_seed(server_key: &[u8; 32]) -> [u8; 32] {
+pub fn control_plane_seed(identity_root: &[u8; 32]) -> [u8; 32] {
     use sha2::Digest;
     let mut hash = sha2::Sha256::new();
     hash.update(b"pond.control-plane.v1\0");
-    hash.update(server_key);
+    hash.update(identity_root);
     hash.finalize().into()
 }
 
@@ -91,10 +92,11 @@ pub fn endorsement_message(kind: &str, id: &str, key: &[u8; 32]) -> Vec<u8> {
 }
 
 /// The control plane's endorsement (base64 signature) of `key` as the signing key of `kind` `id`.
-pub fn endorse(server_key: &[u8; 32], kind: &str, id: &str, key: &[u8; 32]) -> String {
+pub fn endorse(identity_root: &[u8; 32], kind: &str, id: &str, key: &[u8; 32]) -> String {
     use base64::Engine as _;
     use ed25519_dalek::Signer as _;
-    let signature = SigningKey::from_bytes(&control_plane_seed(server_key)).sign(&endorsement_message(kind, id, key));
+    let signature =
+        SigningKey::from_bytes(&control_plane_seed(identity_root)).sign(&endorsement_message(kind, id, key));
     base64::engine::general_purpose::STANDARD.encode(signature.to_bytes())
 }
 

@@ -424,27 +424,27 @@ pub fn output_digest(artifacts: &std::collections::BTreeMap<String, String>) -> 
     hash.finalize().into()
 }
 
-/// The Ed25519 seed pond signs job tickets with, derived from the server key (so every node
+/// The Ed25519 seed pond signs job tickets with, derived from the identity root (so every node
 /// sharing a database signs with the same key, and workers pin one public key).
-pub fn ticket_seed(server_key: &[u8; 32]) -> [u8; 32] {
+pub fn ticket_seed(identity_root: &[u8; 32]) -> [u8; 32] {
     let mut hash = Sha256::new();
     hash.update(b"pond.ticket.v1\0");
-    hash.update(server_key);
+    hash.update(identity_root);
     hash.finalize().into()
 }
 
 /// The public key of [`ticket_seed`], base64: what a worker pins at enrollment.
-pub fn ticket_public(server_key: &[u8; 32]) -> String {
-    let key = ed25519_dalek::SigningKey::from_bytes(&ticket_seed(server_key)).verifying_key();
+pub fn ticket_public(identity_root: &[u8; 32]) -> String {
+    let key = ed25519_dalek::SigningKey::from_bytes(&ticket_seed(identity_root)).verifying_key();
     base64::engine::general_purpose::STANDARD.encode(key.to_bytes())
 }
 
 /// Signs a ticket's canonical bytes.
-pub fn sign_ticket(server_key: &[u8; 32], bytes: &[u8]) -> String {
+pub fn sign_ticket(identity_root: &[u8; 32], bytes: &[u8]) -> String {
     use ed25519_dalek::Signer as _;
     let mut message = b"pond.ticket.v1\0".to_vec();
     message.extend_from_slice(bytes);
-    let sig = ed25519_dalek::SigningKey::from_bytes(&ticket_seed(server_key)).sign(&message);
+    let sig = ed25519_dalek::SigningKey::from_bytes(&ticket_seed(identity_root)).sign(&message);
     base64::engine::general_purpose::STANDARD.encode(sig.to_bytes())
 }
 

@@ -372,7 +372,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let identity_key = pond_core::server_keys::identity_root(store.as_ref(), &at_rest_keys)
         .await
         .map_err(|e| ServerError::Publish(e.to_string()))?;
-    let reseals = pond_core::server_keys::announce(store.as_ref(), &at_rest_keys, clock.now())
+    // Recorded before anything is sealed under it, so an older key's node never moves data back.
+    pond_core::server_keys::announce(store.as_ref(), &at_rest_keys, clock.now())
         .await
         .map_err(|e| ServerError::Publish(e.to_string()))?;
     let fetch = FetchConfig {
@@ -477,8 +478,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let retiring = tokio::spawn(retire_finished(engine.clone(), config.retain_finished, shutdown_rx.clone()));
     let expiring = tokio::spawn(expire_bundles(engine.clone(), config.bundle_ttl, shutdown_rx.clone()));
     // Only the nodes on the newest key move data to it (see `pond_core::server_keys`).
-    let file = (config.server_key.is_none() && reseals).then_some(previous_file);
-    let resealing = tokio::spawn(reseal_at_rest(engine.clone(), reseals, file, shutdown_rx.clone()));
+    let file = config.server_key.is_none().then_some(previous_file);
+    let resealing = tokio::spawn(reseal_at_rest(engine.clone(), file, shutdown_rx.clone()));
     let webhooks = tokio::spawn(crate::webhooks::dispatch(
         state.clone(),
         shutdown_rx.clone(),
@@ -570,17 +571,8 @@ fn read_previous_keys(path: &std::path::Path) -> Result<Vec<[u8; 32]>, ServerErr
 /// While previous server keys are configured, re-seals what they sealed under the current key
 /// (a pass at start, then every minute until one finds nothing left); then, on a data
 /// directory's keys, removes `server.key.previous`, and says the rotation is done.
-async fn reseal_at_rest(
-    engine: Arc<Engine>,
-    allowed: bool,
-    previous_file: Option<PathBuf>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn reseal_at_rest(engine: Arc<Engine>, previous_file: Option<PathBuf>, mut stop: watch::Receiver<bool>) {
     if engine.config().previous_keys.is_empty() {
-        return;
-    }
-    if !allowed {
-        tracing::info!("another node runs a newer server key: it re-seals; this node only opens with both");
         return;
     }
     let mut wait = Duration::ZERO;
@@ -590,6 +582,20 @@ async fn reseal_at_rest(
             _ = tokio::time::sleep(wait) => {}
         }
         wait = Duration::from_secs(60);
+        // Asked before every pass: once a node starts with a newer key, the data is moving to
+        // that one, and this node (given it as a previous key during a roll) only opens.
+        let keys = engine.at_rest_keys();
+        match pond_core::server_keys::announce(engine.store().as_ref(), &keys, engine.clock().now()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!("another node runs a newer server key: it re-seals; this node only opens with both");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "checking which server key is newest failed; will retry");
+                continue;
+            }
+        }
         match engine.reseal_at_rest().await {
             Ok(report) => {
                 metrics::counter!("pond_resealed_total", "what" => "record").increment(report.records);
