@@ -28,6 +28,7 @@ macro_rules! say_part {
     }};
 }
 
+mod doctor;
 mod settings;
 mod usage;
 mod webhooks;
@@ -432,6 +433,13 @@ struct ServerArgs {
     /// Print every setting (flags, environment, config file, defaults) as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Check this set-up (the same flags, environment and config file) without starting: one
+    /// line per check with the fix of what fails; exit 1 when one does.
+    #[arg(long)]
+    check: bool,
+    /// With --check: print the checks as JSON.
+    #[arg(long, requires = "check")]
+    json: bool,
     /// Encrypt a run that names recipients but does not say `encrypt` (false: only on `encrypt: true`).
     #[arg(long, env = "POND_ENCRYPTION_DEFAULT", default_value_t = true, action = clap::ArgAction::Set)]
     encryption_default: bool,
@@ -852,6 +860,13 @@ struct OrchestratorArgs {
     /// Print every setting (flags, environment, config file, defaults) as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Check this set-up (the same flags, environment and config file) without starting: one
+    /// line per check with the fix of what fails; exit 1 when one does.
+    #[arg(long)]
+    check: bool,
+    /// With --check: print the checks as JSON.
+    #[arg(long, requires = "check")]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -901,6 +916,13 @@ struct WorkerArgs {
     /// Print every setting (flags, environment, config file, defaults) as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Check this set-up (the same flags, environment and config file) without starting: one
+    /// line per check with the fix of what fails; exit 1 when one does.
+    #[arg(long)]
+    check: bool,
+    /// With --check: print the checks as JSON.
+    #[arg(long, requires = "check")]
+    json: bool,
     #[command(flatten)]
     sandbox: SandboxArgs,
 }
@@ -1215,6 +1237,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn dispatch(cli: Cli) -> Result<i32> {
     let config_path = cli.global.config.clone().unwrap_or_else(CliConfig::default_path);
     match cli.command {
+        Command::Server(args) if args.check => doctor::report(&doctor::server(&args)?, args.json),
         Command::Server(args) => serve(args).map(|()| 0),
         Command::Demo(args) => demo(args),
         Command::Bench(args) => bench(args).map(|()| 0),
@@ -1225,8 +1248,12 @@ fn dispatch(cli: Cli) -> Result<i32> {
             let overrides =
                 TargetOverrides { server: cli.global.server, token: None, context: cli.global.context, project: None };
             let server = cli::resolve_target(&config, &overrides)?.server;
+            if args.check {
+                return doctor::report(&doctor::orchestrator(&server, &args), args.json);
+            }
             orchestrator(server, args).map(|()| 0)
         }
+        Command::Worker(args) if args.check => doctor::report(&doctor::worker(&args), args.json),
         Command::Worker(args) => worker(args),
         Command::Sandbox { command } => sandbox(command),
         Command::Pool { command } => pool(command, &admin_client(&cli.global, &config_path)?).map(|()| 0),
@@ -1367,17 +1394,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
             let client = Client::new(&target.server, target.token.clone());
             let mut checks =
                 pond_http::doctor::client_checks(&client, &target.server, target.token.is_some(), &key_path);
-            checks.extend(host_checks(data_dir.as_deref(), sandbox));
-            let failed = checks.iter().filter(|c| !c.ok).count();
-            if json {
-                print_json(&checks)?;
-            } else {
-                for check in &checks {
-                    say!("{}", check.line());
-                }
-                say!("{} checks, {failed} failed", checks.len());
-            }
-            Ok(if failed == 0 { 0 } else { 1 })
+            checks.extend(doctor::host_checks(data_dir.as_deref(), sandbox));
+            doctor::report(&checks, json)
         }
         Command::Verify { id, json } => {
             let config = CliConfig::load(&config_path)?;
@@ -1434,88 +1452,6 @@ fn dispatch(cli: Cli) -> Result<i32> {
             keys(command, &admin_client(&cli.global, &config_path)?).map(|()| 0)
         }
     }
-}
-
-/// The host side of `pond doctor`: git (for git sources), the agent CLIs on PATH, and with
-/// `data_dir` a data directory's permissions and space, with `sandbox` the OCI self-check.
-fn host_checks(data_dir: Option<&std::path::Path>, sandbox: bool) -> Vec<pond_http::doctor::Check> {
-    use pond_http::doctor::Check;
-    let mut checks = Vec::new();
-    let version = |cmd: &str| {
-        std::process::Command::new(cmd)
-            .arg("--version")
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().trim().to_string())
-    };
-    match version("git") {
-        Some(v) => checks.push(Check::ok("git", v)),
-        None => checks.push(Check::fail("git", "not on PATH (git_https sources need it)", "install git")),
-    }
-    for cli in ["codex", "claude"] {
-        match version(cli) {
-            Some(v) => checks.push(Check::ok(cli, v)),
-            // Not a failure: only stages of that harness need it, and only where they run.
-            None => checks.push(Check::ok(cli, "not on PATH: this host cannot run that harness's agent stages")),
-        }
-    }
-    if let Some(dir) = data_dir {
-        use std::os::unix::fs::PermissionsExt;
-        match std::fs::metadata(dir) {
-            Err(e) => checks.push(Check::fail(
-                "data dir",
-                format!("{}: {e}", dir.display()),
-                "create it, or pass the right --data-dir",
-            )),
-            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => checks.push(Check::fail(
-                "data dir",
-                format!(
-                    "{} is open to others (mode {:o}); it holds keys and tokens",
-                    dir.display(),
-                    meta.permissions().mode() & 0o777
-                ),
-                format!("chmod 700 {}", dir.display()),
-            )),
-            Ok(_) => checks.push(Check::ok("data dir", format!("{} (0700)", dir.display()))),
-        }
-        if let Some(free) = free_bytes(dir) {
-            let text = format!("{:.1} GiB free", free as f64 / (1u64 << 30) as f64);
-            if free >= 1 << 30 {
-                checks.push(Check::ok("disk", text));
-            } else {
-                checks.push(Check::fail("disk", text, "free space: checkouts, spools and SQLite grow here"));
-            }
-        }
-    }
-    if sandbox {
-        let args =
-            SandboxArgs { backend: "oci".into(), dir: None, egress_allow: Vec::new(), defaults: None, ceilings: None };
-        let dir = std::env::temp_dir().join(format!("pond-doctor-sandbox-{}", std::process::id()));
-        match sandbox_backend(&args, dir.clone()) {
-            Ok((backend, _)) => {
-                let profiles: Vec<&str> = backend.profiles().iter().map(|p| p.as_str()).collect();
-                checks.push(Check::ok("sandbox", format!("self-check passed; profiles: {}", profiles.join(", "))));
-            }
-            Err(e) => checks.push(Check::fail(
-                "sandbox",
-                format!("{e:#}"),
-                "run as root on Linux with cgroups and namespaces (README \"Sandboxes\"); without it only the `none` profile runs",
-            )),
-        }
-        let _ = pond_sandbox::oci::collect_garbage(&dir);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    checks
-}
-
-/// Free bytes for an unprivileged user on the filesystem of `path`.
-fn free_bytes(path: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statvfs writes into the struct we own, for a NUL-terminated path.
-    (unsafe { libc::statvfs(c.as_ptr(), &mut stat) } == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 fn host_name() -> String {

@@ -50,7 +50,8 @@ pub fn apply<C: CommandFactory>(mut argv: Vec<String>) -> Result<(Vec<String>, V
     let sub = command.find_subcommand(&section).context("no such command")?;
     let mut from_file = Vec::new();
     let globals = command.get_arguments().filter(|a| a.get_long().is_some_and(|l| GLOBALS.contains(&l)));
-    let settable: Vec<&clap::Arg> = sub.get_arguments().chain(globals).collect();
+    let settable: Vec<&clap::Arg> =
+        sub.get_arguments().chain(globals).filter(|a| !a.get_long().is_some_and(|l| ACTIONS.contains(&l))).collect();
     for (key, value) in settings {
         let Some(arg) = settable.iter().find(|a| a.get_long() == Some(key.as_str())) else {
             bail!("the config file {path}: [{section}] has no setting `{key}` (see `pond {section} --help`)");
@@ -105,6 +106,9 @@ fn file_path(argv: &[String]) -> Option<String> {
     std::env::var("POND_CONFIG_FILE").ok().filter(|p| !p.is_empty())
 }
 
+/// Flags that say what to do this once, not how to run: neither set from the file nor printed.
+const ACTIONS: [&str; 5] = ["print-config", "help", "config-file", "check", "json"];
+
 /// Every setting of the command `matches` holds, as TOML, each with where it came from.
 pub fn print(section: &str, matches: &clap::ArgMatches, from_file: &[String]) {
     let command = crate::Cli::command();
@@ -113,7 +117,7 @@ pub fn print(section: &str, matches: &clap::ArgMatches, from_file: &[String]) {
     let globals = command.get_arguments().filter(|a| a.get_long().is_some_and(|l| GLOBALS.contains(&l)));
     for arg in sub.get_arguments().chain(globals) {
         let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else { continue };
-        if ["print-config", "help", "config-file"].contains(&long) || arg.is_hide_set() {
+        if ACTIONS.contains(&long) || arg.is_hide_set() {
             continue;
         }
         let Some(raw) = matches.get_raw(id) else { continue };

@@ -421,6 +421,97 @@ fn processes_a_stage_started_in_new_sessions_do_not_survive_it() {
     }
 }
 
+/// `--check` on `pond server`, `pond orchestrator` and `pond worker` checks that role's set-up
+/// with its own flags, without starting: beside a running server its database, schema and key
+/// pass and a foreign key, unusable TLS files and an unreachable database fail naming their fix;
+/// an orchestrator and a worker without enrollment fail, enrolled pass, and a revoked worker's
+/// saved credential fails at once; a promised agent CLI that is missing fails.
+#[test]
+fn server_orchestrator_and_worker_check_their_set_up_without_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let data = server.data_dir.to_str().unwrap().to_string();
+    let listen = server.url.trim_start_matches("http://").to_string();
+    let check = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(POND)
+            .args(args)
+            .env("POND_SERVER_KEY", "cG9uZC10ZXN0LXNlcnZlci1rZXktMzItYnl0ZXMhISE=")
+            .env("POND_CONFIG", dir.path().join("cli.json"))
+            .env("POND_SANDBOX", "host")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let server_check = ["server", "--check", "--data-dir", &data, "--listen", &listen];
+    let (code, text) = check(&server_check, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    for line in [
+        "ok    data dir:",
+        "ok    listen: ",
+        "served by a running pond",
+        "ok    database: SQLite answers; its schema is this build's",
+        "opens this database's sealed identity",
+    ] {
+        assert!(text.contains(line), "{line}: {text}");
+    }
+    let foreign = [("POND_SERVER_KEY", "b3RoZXItZGVwbG95bWVudC1zZXJ2ZXIta2V5LTMyISE=")];
+    let (code, text) = check(&server_check, &foreign);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("FAIL  server key:") && text.contains("does not open this database's sealed identity"),
+        "{text}"
+    );
+    let missing = dir.path().join("missing.pem");
+    let missing = missing.to_str().unwrap();
+    let mut with_tls = server_check.to_vec();
+    with_tls.extend(["--tls-cert", missing, "--tls-key", missing]);
+    let (code, text) = check(&with_tls, &[]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("FAIL  tls:") && text.contains("missing.pem"), "{text}");
+    let (code, text) = check(
+        &["server", "--check", "--data-dir", &data, "--database-url", "postgres://pond@127.0.0.1:9/none", "--json"],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{text}");
+    let checks: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let database = checks.as_array().unwrap().iter().find(|c| c["name"] == "database").expect("a database check");
+    assert_eq!(database["ok"], false, "{checks}");
+    assert!(database["fix"].as_str().unwrap().contains("POND_DATABASE_URL"), "{checks}");
+
+    // An orchestrator: not enrolled, then enrolled (and its state directory private).
+    let admin = server.admin();
+    let state = dir.path().join("orch");
+    let orch_check = ["orchestrator", "--check", "--server", &server.url, "--state-dir", state.to_str().unwrap()];
+    let (code, text) = check(&orch_check, &[]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("FAIL  credential: not enrolled") && text.contains("pond admin enroll create"), "{text}");
+    let orch =
+        Orchestrator::start(&server.url, &state, "127.0.0.1:0", Some(&enroll_code(&admin, "checks", None, None)));
+    let mode = std::fs::metadata(&state).unwrap().permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o700, "the orchestrator's state directory");
+    let (code, text) = check(&orch_check, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("ok    enrollment: accepted: orchestrator"), "{text}");
+
+    // A worker: enrolled and accepted; a promised CLI missing; revoked.
+    let keys = dir.path().join("worker");
+    let worker = Worker::start(&orch.url, &keys, &enroll_code(&admin, "checks", Some(&["pool:checks"]), None), &[]);
+    let worker_check = ["worker", "--check", "--orchestrator", &orch.url, "--key-dir", keys.to_str().unwrap()];
+    let (code, text) = check(&worker_check, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&format!("ok    enrollment: accepted: worker `{}`", worker.id)), "{text}");
+    let mut promising = worker_check.to_vec();
+    promising.extend(["--capabilities", "harness.codex"]);
+    let (code, text) = check(&promising, &[("PATH", "/usr/bin:/bin")]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("FAIL  codex: not on PATH, but this worker declares harness.codex"), "{text}");
+    admin.revoke_member(&worker.id).unwrap();
+    let (code, text) = check(&worker_check, &[]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("FAIL  enrollment: the saved credential is refused"), "{text}");
+}
+
 /// `pond doctor` checks the set-up and names the fix of what fails: a good set-up passes; a
 /// wrong token, a data directory open to others, and a server that does not answer each fail
 /// with exit code 1.

@@ -117,9 +117,16 @@ struct Announced {
     first_seen: Timestamp,
 }
 
-/// Which of `keys`' derived root opens the stored identity, storing one when the database has
-/// none: the identity root for [`crate::engine::EngineConfig::identity_key`].
-pub async fn identity_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 32], CoreError> {
+/// The identity root the store holds, opened with `keys`; `None` when it holds none yet. Reads
+/// only (`pond server --check`); [`identity_root`] stores one when there is none.
+pub async fn stored_identity(store: &dyn Store, keys: &AtRestKeys) -> Result<Option<[u8; 32]>, CoreError> {
+    match store.get_record(IDENTITY, "root").await? {
+        Some(text) => open_identity(keys, &text).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn open_identity(keys: &AtRestKeys, text: &str) -> Result<[u8; 32], CoreError> {
     let wrong_key = || {
         CoreError::Store(StoreError::Backend(format!(
             "the server key (fingerprint {}) does not open this database's sealed identity: this node was given \
@@ -127,14 +134,17 @@ pub async fn identity_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 
             crate::credentials::server_key_fingerprint(keys.current())
         )))
     };
-    let open = |text: &str| -> Result<[u8; 32], CoreError> {
-        let sealed = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, text.trim())
-            .map_err(|_| StoreError::Corrupt("the sealed identity is not base64".into()))?;
-        let root = keys.open(&sealed).map_err(|_| wrong_key())?;
-        root.try_into().map_err(|_| CoreError::Store(StoreError::Corrupt("the identity root is not 32 bytes".into())))
-    };
-    if let Some(text) = store.get_record(IDENTITY, "root").await? {
-        return open(&text);
+    let sealed = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, text.trim())
+        .map_err(|_| StoreError::Corrupt("the sealed identity is not base64".into()))?;
+    let root = keys.open(&sealed).map_err(|_| wrong_key())?;
+    root.try_into().map_err(|_| CoreError::Store(StoreError::Corrupt("the identity root is not 32 bytes".into())))
+}
+
+/// Which of `keys`' derived root opens the stored identity, storing one when the database has
+/// none: the identity root for [`crate::engine::EngineConfig::identity_key`].
+pub async fn identity_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 32], CoreError> {
+    if let Some(root) = stored_identity(store, keys).await? {
+        return Ok(root);
     }
     // None stored yet: the identity so far was derived from the key that sealed the data — the
     // first previous key while a rotation is under way, else the current one.
@@ -145,7 +155,7 @@ pub async fn identity_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 
     }
     // Another node stored it first.
     let text = store.get_record(IDENTITY, "root").await?.ok_or_else(|| StoreError::NotFound("identity".into()))?;
-    open(&text)
+    open_identity(keys, &text)
 }
 
 /// Records that `keys`' current key is in use (first time only) and says whether it is the

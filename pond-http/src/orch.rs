@@ -52,6 +52,7 @@ pub fn routes(limits: &crate::state::Limits) -> OpenApiRouter<AppState> {
         .routes(routes!(enroll_orchestrator))
         .routes(routes!(enroll_worker))
         .routes(routes!(worker_me))
+        .routes(routes!(orchestrator_me))
         .routes(routes!(claim))
         .routes(routes!(heartbeat))
         .routes(routes!(input))
@@ -340,6 +341,17 @@ async fn enroll_worker(
     ))]
 async fn worker_me(relayed: Relayed) -> Json<PoolMember> {
     Json(relayed.worker)
+}
+
+#[utoipa::path(get, path = "/orch/me", summary = "This orchestrator, as pond knows it", tag = "orch", security(("orchestrator" = [])),
+    description = "What `pond orchestrator --check` asks to learn whether the saved credential is still accepted.",
+    responses(
+        (status = 200, description = "The orchestrator whose credential is presented.", body = PoolMember),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 503, response = crate::openapi::Unavailable),
+    ))]
+async fn orchestrator_me(Orchestrator(member): Orchestrator) -> Json<PoolMember> {
+    Json(member)
 }
 
 /// Long poll: claims at most one job for each idle worker, waiting until some matching work

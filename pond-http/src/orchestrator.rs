@@ -98,13 +98,16 @@ pub enum OrchestratorError {
     Tls(#[from] crate::tls::TlsError),
 }
 
-/// The credential file.
+/// The credential file (`orchestrator.json` in the state directory).
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Credential {
-    server: String,
-    token: String,
-    member: PoolMember,
+pub(crate) struct Credential {
+    pub(crate) server: String,
+    pub(crate) token: String,
+    pub(crate) member: PoolMember,
 }
+
+/// The credential file's name in the state directory.
+pub(crate) const CREDENTIAL_FILE: &str = "orchestrator.json";
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> OrchestratorError {
     let context = context.into();
@@ -406,7 +409,10 @@ impl Orch {
 pub async fn start(config: OrchestratorConfig) -> Result<RunningOrchestrator, OrchestratorError> {
     let tls = config.tls.as_ref().map(crate::tls::ServerTls::load).transpose()?;
     std::fs::create_dir_all(&config.state_dir).map_err(io(format!("creating {}", config.state_dir.display())))?;
-    let path = config.state_dir.join("orchestrator.json");
+    // It holds the orchestrator's credential: its owner's alone, whatever the umask.
+    std::fs::set_permissions(&config.state_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(io(format!("securing {}", config.state_dir.display())))?;
+    let path = config.state_dir.join(CREDENTIAL_FILE);
     let credential = match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice::<Credential>(&bytes).map_err(|e| OrchestratorError::Io {
             context: format!("reading {}", path.display()),
@@ -509,9 +515,9 @@ fn worker_routes(orch: Option<Arc<Orch>>) -> OpenApiRouter<Arc<Orch>> {
 
 /// The orchestrator is up.
 #[utoipa::path(get, path = "/healthz", tag = "meta", security(()),
-    responses((status = 200, description = "Up.", body = crate::wire::Ready)))]
-async fn healthz() -> Json<crate::wire::Ready> {
-    Json(crate::wire::Ready { status: "ok".into() })
+    responses((status = 200, description = "Up, and its version.", body = crate::wire::OrchestratorHealth)))]
+async fn healthz() -> Json<crate::wire::OrchestratorHealth> {
+    Json(crate::wire::OrchestratorHealth { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
 }
 
 /// A worker pond vouched for, and the credential it presented.
@@ -571,8 +577,14 @@ async fn enroll(State(orch): State<Arc<Orch>>, body: Body) -> Response {
         (status = 401, response = crate::openapi::Unauthorized),
         (status = 503, response = crate::openapi::Unavailable),
     ))]
-async fn me(Extension(auth): Extension<WorkerAuth>) -> Json<PoolMember> {
-    Json(auth.member)
+async fn me(State(orch): State<Arc<Orch>>, Extension(auth): Extension<WorkerAuth>, headers: HeaderMap) -> Response {
+    // Asked of pond now, not answered from the authentication cache: `pond worker --check`
+    // reads it to learn whether the credential still holds, and a revocation must show at once.
+    orch.workers.lock().unwrap_or_else(|p| p.into_inner()).remove(&auth.token);
+    match orch.authenticate(&headers).await {
+        Ok((member, _)) => Json(member).into_response(),
+        Err(refused) => refused,
+    }
 }
 
 /// A worker's long poll: a job (200) or nothing within the wait (204).

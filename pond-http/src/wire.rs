@@ -309,6 +309,15 @@ pub struct Ready {
     pub status: String,
 }
 
+/// An orchestrator's `GET /healthz`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct OrchestratorHealth {
+    /// `ok`.
+    pub status: String,
+    /// The orchestrator's pond version.
+    pub version: String,
+}
+
 /// `GET /v1/whoami`: the credential presented, as the API scopes it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct WhoAmI {

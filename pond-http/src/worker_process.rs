@@ -72,15 +72,19 @@ pub enum WorkerSetupError {
     },
 }
 
+/// The credential file (`worker.json` in the key directory).
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Credential {
-    orchestrator: String,
-    token: String,
-    member: PoolMember,
+pub(crate) struct Credential {
+    pub(crate) orchestrator: String,
+    pub(crate) token: String,
+    pub(crate) member: PoolMember,
     /// Pond's ticket key, pinned at enrollment.
     #[serde(default)]
-    pond_key: Option<String>,
+    pub(crate) pond_key: Option<String>,
 }
+
+/// The credential file's name in the key directory.
+pub(crate) const CREDENTIAL_FILE: &str = "worker.json";
 
 /// A worker ready to run, with what it enrolled as and whether it enrolled just now.
 pub struct PreparedWorker {
@@ -99,7 +103,7 @@ pub fn prepare(config: &WorkerProcessConfig) -> Result<PreparedWorker, WorkerSet
     let io = |context: String| move |error| WorkerSetupError::Io { context, error };
     let identity = pond_exec::load_or_create_identity(&config.key_dir)
         .map_err(io(format!("worker keys in {}", config.key_dir.display())))?;
-    let path = config.key_dir.join("worker.json");
+    let path = config.key_dir.join(CREDENTIAL_FILE);
     let (credential, newly_enrolled) = match std::fs::read(&path) {
         Ok(bytes) => {
             let c: Credential = serde_json::from_slice(&bytes)

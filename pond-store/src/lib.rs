@@ -16,12 +16,14 @@ mod batch;
 mod memory;
 mod pg;
 mod rows;
+mod schema;
 mod scratch;
 mod sqlite;
 mod watched;
 
 pub use memory::MemoryStore;
 pub use pg::{PgStore, CHANGE_CHANNEL};
+pub use schema::{pg_schema, sqlite_schema, SchemaStatus};
 pub use scratch::{missing_prerequisite, Activity, ScratchDatabase};
 pub use sqlite::SqliteStore;
 pub use watched::WatchedStore;

@@ -35,7 +35,7 @@ use crate::rows::{
 };
 use crate::{sha256_hex, WatchedStore};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// The channel nodes announce their writes on.
 pub const CHANGE_CHANNEL: &str = "pond_changes";

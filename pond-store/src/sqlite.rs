@@ -28,7 +28,7 @@ use crate::rows::{
 };
 use crate::sha256_hex;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// The SQLite store.
 pub struct SqliteStore {
