@@ -309,3 +309,126 @@ fn a_node_whose_database_is_away_still_stops_on_sigterm() {
     eprintln!("stopped {:?} after SIGTERM with the database away ({status:?})", sent.elapsed());
     assert!(sent.elapsed() < Duration::from_secs(20), "took {:?}", sent.elapsed());
 }
+
+/// A server-key rotation rolled across two nodes on one database, as README says: every node
+/// first learns the new key as a previous one, then each moves to it in turn. A node still on the
+/// old key opens what the new one sealed, never moves data back to its key (even restarted), and
+/// what it sealed meanwhile is moved by the last node to roll; in the end everything opens under
+/// the new key only, and runs use bundles sealed under either.
+#[test]
+fn a_server_key_rotation_rolls_across_nodes_and_never_moves_back() {
+    use base64::Engine as _;
+    let Some(pg) = Server::database_server() else { return };
+    let db = scratch_database(&pg, "rotation");
+    let dir = tempfile::tempdir().unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (old, new) = ([1u8; 32], [2u8; 32]);
+    let node = |name: &str, key: &[u8; 32], previous: Option<&[u8; 32]>| {
+        let key = b64.encode(key);
+        let previous = previous.map(|k| b64.encode(k));
+        let mut env = vec![("POND_SERVER_KEY", key.as_str())];
+        if let Some(p) = &previous {
+            env.push(("POND_PREVIOUS_SERVER_KEYS", p.as_str()));
+        }
+        Server::start_with_env(&dir.path().join(name), &["--database-url", &db.url, "--node-id", name], &env)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = rt.block_on(pond_store::PgStore::connect(&db.url, 2)).unwrap();
+    // Whether the given bundles, and with `credential` the credential, open under `key` only.
+    let sealed_only_under_if = |key: &[u8; 32], credential: bool, bundles: &[&str]| -> bool {
+        rt.block_on(async {
+            use pond_core::store::Store;
+            let other = if *key == old { new } else { old };
+            let opens = |data: &[u8]| {
+                pond_core::seal::open_at_rest(key, data).is_ok() && pond_core::seal::open_at_rest(&other, data).is_err()
+            };
+            let credentials = if credential { store.list_records("credential").await.unwrap() } else { Vec::new() };
+            for (_, body) in credentials {
+                let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+                if !opens(&b64.decode(value["sealed"].as_str().unwrap()).unwrap()) {
+                    return false;
+                }
+            }
+            let blobs = store.list_blobs(None, 1000).await.unwrap();
+            for id in bundles {
+                let meta = blobs.iter().find(|b| b.id.to_string() == *id).expect("bundle kept");
+                if !opens(&pond_core::store::read_blob(&store, meta).await.unwrap()) {
+                    return false;
+                }
+            }
+            true
+        })
+    };
+    let sealed_only_under = |key: &[u8; 32], bundles: &[&str]| sealed_only_under_if(key, true, bundles);
+    let bundles_only_under = |key: &[u8; 32], bundles: &[&str]| sealed_only_under_if(key, false, bundles);
+    let run_with = |server: &Server, bundle_id: &str| {
+        let body = json!({
+            "project_id": "acme",
+            "definition": {"stages": [{"key": "a", "executor": {"kind": "shell", "argv": ["sh", "-c", "ls src >/dev/null"]}}]},
+            "sources": [{"label": "src", "kind": "bundle", "config": {"bundle_id": bundle_id}}],
+        });
+        let admin = server.admin();
+        let id = admin.submit(&body, None).unwrap().id.to_string();
+        wait_done(&admin, &id, Duration::from_secs(30)).state
+    };
+    let bundle = pond_exec::pack_dir(&root().join("examples/repo")).unwrap();
+
+    // Two nodes on the old key; a credential and a bundle sealed under it.
+    let mut a = node("node-a", &old, None);
+    let mut b = node("node-b", &old, None);
+    let out = std::process::Command::new(POND)
+        .args(["admin", "credentials", "add", "openai", "--provider", "openai", "--project", "acme"])
+        .args(["--value-env", "THE_KEY"])
+        .env("THE_KEY", "sk-rotate-me")
+        .env("POND_SERVER", &a.url)
+        .env("POND_TOKEN", &a.token)
+        .env("POND_CONFIG", dir.path().join("cli.json"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = a.token.clone();
+    let first = a.admin().upload_bundle("acme", &bundle).unwrap().bundle_id.to_string();
+    assert!(sealed_only_under(&old, &[&first]));
+
+    // (1) Every node learns the new key as a previous one: nothing moves.
+    for (server, name) in [(&mut b, "node-b"), (&mut a, "node-a")] {
+        server.kill9();
+        *server = node(name, &old, Some(&new));
+        server.token = token.clone();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(sealed_only_under(&old, &[&first]), "a node whose key is still the old one re-sealed");
+
+    // (2) Node a moves to the new key: it re-seals everything.
+    a.kill9();
+    a = node("node-a", &new, Some(&old));
+    a.token = token.clone();
+    eventually("node a re-seals under the new key", Duration::from_secs(30), || sealed_only_under(&new, &[&first]));
+    // Its pass ends. Node b, still on the old key, seals new uploads under it, opens the new
+    // key's data, and restarted, does not move anything back.
+    std::thread::sleep(Duration::from_secs(1));
+    let second = b.admin().upload_bundle("acme", &bundle).unwrap().bundle_id.to_string();
+    assert!(bundles_only_under(&old, &[&second]));
+    a.kill9();
+    assert_eq!(run_with(&b, &first), RunState::Succeeded, "node b opens what the new key sealed");
+    b.kill9();
+    b = node("node-b", &old, Some(&new));
+    b.token = token.clone();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(sealed_only_under(&new, &[&first]), "a node on the older key moved data back to it");
+
+    // Node b moves last: it re-seals what it sealed under the old key meanwhile.
+    b.kill9();
+    b = node("node-b", &new, Some(&old));
+    b.token = token.clone();
+    eventually("node b re-seals its own uploads", Duration::from_secs(30), || {
+        sealed_only_under(&new, &[&first, &second])
+    });
+
+    // (3) The old key is dropped: both bundles still run.
+    b.kill9();
+    b = node("node-b", &new, None);
+    b.token = token;
+    assert_eq!(run_with(&b, &first), RunState::Succeeded);
+    assert_eq!(run_with(&b, &second), RunState::Succeeded);
+}
