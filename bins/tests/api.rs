@@ -890,6 +890,51 @@ fn runs_past_the_retention_go_with_their_output_and_unfinished_ones_stay() {
     assert!(!admin.get_run(&waiting).unwrap().state.is_terminal(), "a run still going stays");
 }
 
+/// A bundle runs used is counted, not kept forever: retention deleting one of its runs keeps it
+/// for the others (one run naming it twice counts once), deleting the last takes it along, and
+/// a submit naming it then hears why.
+#[test]
+fn a_bundle_goes_with_the_last_run_that_used_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--retain-finished", "2s"]);
+    let admin = server.admin();
+    let bundle = pond_exec::pack_dir(&root().join("examples/repo")).unwrap();
+    let id = admin.upload_bundle("acme", &bundle).unwrap().bundle_id.to_string();
+    let run_with = |labels: &[&str], delay: &str| {
+        let sources: Vec<serde_json::Value> =
+            labels.iter().map(|l| json!({"label": l, "kind": "bundle", "config": {"bundle_id": &id}})).collect();
+        admin.submit(
+            &json!({
+                "project_id": "acme",
+                "definition": {"stages": [{"key": "a", "executor": {"kind": "noop", "delay": delay}}]},
+                "sources": sources,
+            }),
+            None,
+        )
+    };
+    let blob_kept = || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            use pond_core::store::Store;
+            let store = pond_store::SqliteStore::open(&dir.path().join("pond.db")).await.unwrap();
+            store.blob_meta(id.parse().unwrap()).await.unwrap().is_some()
+        })
+    };
+    let first = run_with(&["src", "again"], "0s").unwrap().id.to_string();
+    assert_eq!(wait_done(&admin, &first, Duration::from_secs(30)).state, RunState::Succeeded);
+    let second = run_with(&["src"], "5s").unwrap().id.to_string();
+    eventually("the first run deleted", Duration::from_secs(30), || {
+        matches!(admin.get_run(&first), Err(ClientError::Api { status: 404, .. }))
+    });
+    assert!(blob_kept(), "the bundle went while a run still holds it");
+    assert_eq!(wait_done(&admin, &second, Duration::from_secs(30)).state, RunState::Succeeded);
+    eventually("the last run deleted, and its bundle with it", Duration::from_secs(30), || {
+        matches!(admin.get_run(&second), Err(ClientError::Api { status: 404, .. })) && !blob_kept()
+    });
+    let (status, message, field) = api_error(run_with(&["src"], "0s").unwrap_err());
+    assert_eq!((status, field.as_deref()), (422, Some("sources[0].config.bundle_id")), "{message}");
+}
+
 /// Uploading bundles without ever submitting cannot fill the server's disk: a project holds at
 /// most `--max-pending-bundle-bytes` of bundles no run uses (past it, 429 naming the limit and
 /// what frees room), a run that uses one frees its room and keeps it, and one unused for

@@ -1,13 +1,19 @@
-//! Uploaded source bundles that no run uses yet. A project may hold only so many bytes of them
+//! Uploaded source bundles. A project may hold only so many bytes of those no run uses yet
 //! (`EngineConfig::max_pending_bundle_bytes`): uploading without ever submitting cannot fill
 //! the server's disk. One unused for `EngineConfig::bundle_ttl` after its upload is deleted.
-//! A bundle a run uses stays while runs hold it (retention deletes runs, not the bundles they
-//! share).
+//! A bundle runs use is counted: it stays while a run holds it, and goes with the last of them
+//! that retention deletes.
 //!
 //! Each pending bundle is a record (`pending-bundle`, key `<project>/<blob id>`). A submit and
 //! the expiry sweep race for it through `swap_record`: the submit marks it used before storing
 //! its run, the sweep marks it expiring before deleting the blob, and only one of them wins —
-//! so a run is never stored using a bundle the sweep deletes.
+//! so a run is never stored using a bundle the sweep deletes. Once a run is stored the pending
+//! record gives way to a `held-bundle` record counting the runs that use it (made before the
+//! pending record goes, so there is no moment with neither); later submits raise the count
+//! before storing their run, retention lowers it after deleting one, and the one that takes it
+//! to zero marks it ending in the same swap before deleting the blob — so a submit either
+//! counted itself first or is told the bundle is gone. A crash between a count and the run it
+//! counts leaves the count high: the bundle is kept, never deleted under a run.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +25,9 @@ use crate::time::{Millis, Timestamp};
 
 /// Record kind of an uploaded bundle no run has used yet.
 pub const PENDING_BUNDLE: &str = "pending-bundle";
+
+/// Record kind of a bundle runs hold: how many.
+pub const HELD_BUNDLE: &str = "held-bundle";
 
 /// Most uploaded bundles no run uses yet a project may hold, whatever their size.
 pub const MAX_PENDING_BUNDLES: usize = 1000;
@@ -40,6 +49,15 @@ enum Ending {
     Expiring,
 }
 
+/// A bundle runs hold.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+struct Held {
+    runs: u64,
+    /// The last run that held it went; the blob is being deleted.
+    #[serde(default)]
+    ending: bool,
+}
+
 fn key(project: &str, blob: BlobId) -> String {
     format!("{project}/{blob}")
 }
@@ -48,11 +66,12 @@ fn encode(p: &Pending) -> String {
     serde_json::to_string(p).unwrap_or_default()
 }
 
-/// A bundle a submit marked used: the mark is taken back if the run is not stored.
-pub(crate) struct Claimed {
-    key: String,
-    before: String,
-    used: String,
+/// A bundle a submit counted on: taken back if the run is not stored.
+pub(crate) enum Claimed {
+    /// No run held it: marked used (`before` → `used`).
+    Pending { key: String, before: String, used: String },
+    /// Runs held it: the count was raised for this one.
+    Held { key: String },
 }
 
 impl Engine {
@@ -106,9 +125,10 @@ impl Engine {
         )
     }
 
-    /// Marks a pending bundle used by the run being submitted; refuses one the sweep is
-    /// deleting. A bundle with no record is one some run used already (or one uploaded before
-    /// pending bundles were kept) if its blob is still there, and is used as it is.
+    /// Counts the run being submitted on a bundle: marks a pending one used, or raises the
+    /// count of one runs hold; refuses one being deleted. A bundle with neither record is one
+    /// uploaded before bundles were counted, if its blob is still there, and is used as it is
+    /// (never deleted by retention).
     pub(crate) async fn claim_bundle(
         &self,
         field: &str,
@@ -119,7 +139,7 @@ impl Engine {
         let gone = || {
             FieldError::new(
                 field,
-                format!("no bundle `{blob}` in project `{project}` (it expired unused, or never was)"),
+                format!("no bundle `{blob}` in project `{project}` (it expired unused, went with the last run that used it, or never was)"),
             )
         };
         // A record another submit holds (`Used`) is waited out: that submit either stores its
@@ -127,8 +147,19 @@ impl Engine {
         // submit takes it) — never trusted while it may still be given back.
         for _ in 0..200 {
             let Some(before) = self.store().get_record(PENDING_BUNDLE, &key).await? else {
-                // No record: some run holds the bundle, or the sweep deleted it (blob first,
-                // then the record), or it predates pending records. Only the blob tells.
+                // Held by runs (counted here), deleted (blob first, then its record), or older
+                // than the records: the held record, then the blob, tell.
+                match self.adjust_held(&key, Adjust::Raise).await? {
+                    HeldNow::Counted(_) => return Ok(Some(Claimed::Held { key })),
+                    HeldNow::Ending => {
+                        return Err(FieldError::new(
+                            field,
+                            format!("bundle `{blob}` was deleted with the last run that used it; upload it again"),
+                        )
+                        .into())
+                    }
+                    HeldNow::Untracked => {}
+                }
                 return match self.store().blob_meta(blob).await? {
                     Some(meta) if meta.project_id == project => Ok(None),
                     _ => Err(gone().into()),
@@ -153,7 +184,7 @@ impl Engine {
                 None => {
                     let used = encode(&Pending { ending: Some(Ending::Used), ..pending });
                     if self.store().swap_record(PENDING_BUNDLE, &key, Some(&before), &used).await? {
-                        return Ok(Some(Claimed { key, before, used }));
+                        return Ok(Some(Claimed::Pending { key, before, used }));
                     }
                 }
             }
@@ -163,17 +194,69 @@ impl Engine {
         ))))
     }
 
-    /// After the submit: a stored run holds its bundles (their records go); a run not stored
-    /// gives them back to pending.
-    /// A write that fails here leaves the record marked used: the sweep drops such a record
+    /// After the submit: a stored run holds its bundles (a pending one becomes held, counted
+    /// once); a run not stored gives them back (pending again, or the count lowered).
+    /// A write that fails here leaves a pending record marked used: the sweep drops such a record
     /// after the TTL and keeps the bundle (untracked, never lost under a run; see the README).
     pub(crate) async fn settle_bundles(&self, claimed: Vec<Claimed>, stored: bool) {
         for c in claimed {
-            let _ = if stored {
-                self.store().delete_record(PENDING_BUNDLE, &c.key).await
-            } else {
-                self.store().swap_record(PENDING_BUNDLE, &c.key, Some(&c.used), &c.before).await.map(|_| ())
+            match (c, stored) {
+                (Claimed::Pending { key, .. }, true) => {
+                    // Held before no longer pending: a submit waiting on the pending record
+                    // then finds the held one and counts itself.
+                    if matches!(self.adjust_held(&key, Adjust::Create).await, Ok(HeldNow::Counted(_))) {
+                        let _ = self.store().delete_record(PENDING_BUNDLE, &key).await;
+                    }
+                }
+                (Claimed::Pending { key, before, used }, false) => {
+                    let _ = self.store().swap_record(PENDING_BUNDLE, &key, Some(&used), &before).await;
+                }
+                (Claimed::Held { .. }, true) => {}
+                (Claimed::Held { key }, false) => {
+                    let _ = self.release_held(&key).await;
+                }
+            }
+        }
+    }
+
+    /// Retention deleted a run of `project` that used `bundles`: each one's count is lowered,
+    /// and the bundle deleted when no run holds it any more.
+    pub(crate) async fn release_bundles(&self, project: &str, bundles: &[BlobId]) -> Result<(), CoreError> {
+        for blob in bundles {
+            self.release_held(&key(project, *blob)).await?;
+        }
+        Ok(())
+    }
+
+    /// Lowers a held bundle's count; at zero, marks it ending (in the same swap) and deletes
+    /// the blob, then the record.
+    async fn release_held(&self, key: &str) -> Result<(), CoreError> {
+        if let HeldNow::Counted(0) = self.adjust_held(key, Adjust::Lower).await? {
+            self.delete_pending_blob(key).await?;
+            self.store().delete_record(HELD_BUNDLE, key).await?;
+        }
+        Ok(())
+    }
+
+    /// Changes a held bundle's count through compare-and-swap, retrying when another change won.
+    async fn adjust_held(&self, key: &str, adjust: Adjust) -> Result<HeldNow, CoreError> {
+        loop {
+            let before = self.store().get_record(HELD_BUNDLE, key).await?;
+            let held = before.as_deref().and_then(|b| serde_json::from_str::<Held>(b).ok());
+            let after = match (held, adjust) {
+                (Some(Held { ending: true, .. }), _) => return Ok(HeldNow::Ending),
+                (None, Adjust::Raise | Adjust::Lower) => return Ok(HeldNow::Untracked),
+                (None, Adjust::Create) => Held { runs: 1, ending: false },
+                (Some(h), Adjust::Raise | Adjust::Create) => Held { runs: h.runs + 1, ending: false },
+                (Some(h), Adjust::Lower) => {
+                    let runs = h.runs.saturating_sub(1);
+                    Held { runs, ending: runs == 0 }
+                }
             };
+            let body = serde_json::to_string(&after).unwrap_or_default();
+            if self.store().swap_record(HELD_BUNDLE, key, before.as_deref(), &body).await? {
+                return Ok(HeldNow::Counted(after.runs));
+            }
         }
     }
 
@@ -231,10 +314,37 @@ impl Engine {
     }
 
     async fn delete_pending(&self, key: &str) -> Result<(), CoreError> {
-        if let Some(blob) = key.rsplit_once('/').and_then(|(_, id)| id.parse::<BlobId>().ok()) {
-            self.store().delete_blob(blob).await?;
-        }
+        self.delete_pending_blob(key).await?;
         self.store().delete_record(PENDING_BUNDLE, key).await?;
         Ok(())
     }
+
+    /// Deletes the blob a bundle record's key names.
+    async fn delete_pending_blob(&self, key: &str) -> Result<(), CoreError> {
+        if let Some(blob) = key.rsplit_once('/').and_then(|(_, id)| id.parse::<BlobId>().ok()) {
+            self.store().delete_blob(blob).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A change to a held bundle's count.
+#[derive(Clone, Copy)]
+enum Adjust {
+    /// One more run (only if runs hold it already).
+    Raise,
+    /// One more run, making the record if there is none (a pending bundle's first run).
+    Create,
+    /// One run fewer.
+    Lower,
+}
+
+/// A held bundle after a change.
+enum HeldNow {
+    /// Held by this many runs (0: the last went; it is ending).
+    Counted(u64),
+    /// Being deleted: no run may count on it.
+    Ending,
+    /// No held record (never used, or uploaded before bundles were counted).
+    Untracked,
 }

@@ -640,8 +640,14 @@ impl Engine {
         snapshot.run.request_digest = Some(digest.clone());
         // Its bundles are the run's from here (or, if the run is not stored, pending again).
         let mut claimed = Vec::new();
+        let mut counted = Vec::new();
         for (i, source) in snapshot.run.sources.iter().enumerate() {
             if let SourceSpec::Bundle { bundle_id } = &source.spec {
+                // A run counts once on a bundle however many of its sources name it.
+                if counted.contains(bundle_id) {
+                    continue;
+                }
+                counted.push(*bundle_id);
                 let field = format!("sources[{i}].config.bundle_id");
                 match self.claim_bundle(&field, project, *bundle_id).await {
                     Ok(c) => claimed.extend(c),
@@ -1333,13 +1339,31 @@ impl Engine {
     /// Retention: deletes up to `limit` runs that ended before `before`, each with its pooled
     /// input bundle and usage record (first: deleting them again is harmless, so a failure
     /// midway leaves nothing unreachable), then its logs, artifacts and blobs
-    /// ([`Store::delete_finished_run`]) and any checkout of it on this node. Returns how many
-    /// went. The record of which signed requests were accepted stays, so an old request cannot
-    /// be replayed once its run is gone.
+    /// ([`Store::delete_finished_run`]) and any checkout of it on this node, and then lowers the
+    /// count of the uploaded bundles it used (the last run of one takes it along; a failure
+    /// before that keeps the bundle, never deletes one a run holds). Returns how many went. The
+    /// record of which signed requests were accepted stays, so an old request cannot be replayed
+    /// once its run is gone.
     pub async fn retire_finished(&self, before: Timestamp, limit: u32) -> Result<usize, CoreError> {
         let mut gone = 0;
         for run in self.store.finished_runs(before, limit).await? {
             let key = run.to_string();
+            let (project, mut bundles) = match self.store.get_run(run).await? {
+                Some(s) => (
+                    s.run.project_id.clone(),
+                    s.run
+                        .sources
+                        .iter()
+                        .filter_map(|source| match &source.spec {
+                            SourceSpec::Bundle { bundle_id } => Some(*bundle_id),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+                None => (String::new(), Vec::new()),
+            };
+            bundles.sort();
+            bundles.dedup();
             if let Some(text) = self.store.get_record(JOB_INPUT, &key).await? {
                 if let Ok(JobInput { blob_id: Some(blob), .. }) = serde_json::from_str::<JobInput>(&text) {
                     self.store.delete_blob(blob).await?;
@@ -1349,6 +1373,7 @@ impl Engine {
             self.store.delete_record(crate::usage::RUN_KIND, &key).await?;
             if self.store.delete_finished_run(run, before).await?.is_some() {
                 gone += 1;
+                self.release_bundles(&project, &bundles).await?;
             }
             self.workspaces.release(run).await;
         }
