@@ -432,3 +432,70 @@ fn a_server_key_rotation_rolls_across_nodes_and_never_moves_back() {
     assert_eq!(run_with(&b, &first), RunState::Succeeded);
     assert_eq!(run_with(&b, &second), RunState::Succeeded);
 }
+
+/// PostgreSQL backup as README says: `pg_dump` taken while the server runs, restored with
+/// `pg_restore` into an empty database and started with the same server key, is the same
+/// deployment — runs, logs, artifacts, the credential, the control plane's key, a run that
+/// verifies —; started with another key it refuses, naming why.
+#[test]
+fn a_postgresql_dump_and_the_server_key_restore_the_deployment() {
+    let Some(pg) = Server::database_server() else { return };
+    let db = scratch_database(&pg, "backup");
+    let restored_db = scratch_database(&pg, "restored");
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("a"), &["--database-url", &db.url]);
+    let admin = server.admin();
+    let body = run_json(json!({"stages": [{"key": "s", "executor": {"kind": "shell",
+        "argv": ["sh", "-c", "echo backed-up-line; echo payload > $POND_OUTPUT_DIR/out.txt"]}}]}));
+    let id = admin.submit(&body, None).unwrap().id.to_string();
+    assert_eq!(wait_done(&admin, &id, Duration::from_secs(30)).state, RunState::Succeeded);
+    let out = std::process::Command::new(POND)
+        .args(["admin", "credentials", "add", "openai", "--provider", "openai", "--project", "acme"])
+        .args(["--value-env", "THE_KEY"])
+        .env("THE_KEY", "sk-backed-up")
+        .env("POND_SERVER", &server.url)
+        .env("POND_TOKEN", &server.token)
+        .env("POND_CONFIG", dir.path().join("cli.json"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let control_plane = admin.keys().unwrap().control_plane_key;
+    let dump = dir.path().join("pond.dump");
+    let out = std::process::Command::new("pg_dump").args(["-Fc", "-f"]).arg(&dump).arg(&db.url).output().unwrap();
+    assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+    let token = server.token.clone();
+    drop(server);
+
+    let out = std::process::Command::new("pg_restore")
+        .args(["--no-owner", "-d", &restored_db.url])
+        .arg(&dump)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pg_restore: {}", String::from_utf8_lossy(&out.stderr));
+    let mut restored = Server::start(&dir.path().join("b"), &["--database-url", &restored_db.url]);
+    restored.token = token;
+    let admin = restored.admin();
+    assert_eq!(admin.get_run(&id).unwrap().state, RunState::Succeeded);
+    assert!(log_text(&admin, &id).iter().any(|l| l == "backed-up-line"));
+    let mut artifact = Vec::new();
+    admin.download_artifact(&id, "out.txt", &mut artifact).unwrap();
+    assert_eq!(artifact, b"payload\n");
+    assert_eq!(admin.keys().unwrap().control_plane_key, control_plane, "the same control plane");
+    let listed = restored.cli(&["admin", "credentials", "list"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("openai"), "{listed:?}");
+    let verified = restored.cli(&["verify", &id]);
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    drop(restored);
+
+    let out = std::process::Command::new(POND)
+        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("c"))
+        .args(["--database-url", &restored_db.url])
+        .env("POND_SERVER_KEY", "b3RoZXItZGVwbG95bWVudC1zZXJ2ZXIta2V5LTMyISE=")
+        .env("POND_SANDBOX", "host")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("does not open this database's sealed identity"), "{stderr}");
+}

@@ -441,11 +441,10 @@ impl Engine {
                 (tree.len(), proofs)
             })
             .await?;
-        if size == 0 || size > known as u64 {
-            return Err(
-                FieldError::new("query.tree_size", format!("must be from 1 to the log's size ({known})")).into()
-            );
+        if size > known as u64 {
+            return Err(FieldError::new("query.tree_size", format!("must be at most the log's size ({known})")).into());
         }
+        // The empty tree (a log nothing was appended to yet) holds none of the run's leaves.
         let mut out = Vec::new();
         for ((index, leaf), proof) in leaves.into_iter().zip(proofs) {
             if let Some(proof) = proof {
