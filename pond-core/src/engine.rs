@@ -1020,7 +1020,8 @@ impl Engine {
         if self.store.swap_record(JOB_INPUT, &key, None, &text).await? {
             return Ok(input);
         }
-        // Another node packed it first: issue theirs.
+        // Another node packed it first: issue theirs, and this copy (which nothing names) goes.
+        let _ = self.store.delete_blob(blob.id).await;
         let text = self.store.get_record(JOB_INPUT, &key).await?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
         serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()).into())
     }
@@ -1092,8 +1093,15 @@ impl Engine {
             created_at: now,
         };
         // Refused unless the attempt is still running under this worker's lease and its result
-        // has not been reported: a relay that finishes an upload late changes nothing.
-        self.store.put_artifact(&artifact, &worker.id, self.config.max_run_artifact_bytes).await?;
+        // has not been reported: a relay that finishes an upload late changes nothing. A refusal
+        // (nothing written) takes the blob back; any other error may have committed, so the
+        // blob stays.
+        if let Err(e) = self.store.put_artifact(&artifact, &worker.id, self.config.max_run_artifact_bytes).await {
+            if matches!(e, StoreError::Conflict(_)) {
+                let _ = self.store.delete_blob(blob.id).await;
+            }
+            return Err(e.into());
+        }
         metrics::counter!("pond_artifact_bytes_total", "placement" => "pool").increment(artifact.size);
         Ok(artifact)
     }

@@ -336,6 +336,7 @@ async fn an_upload_finished_after_the_result_changes_nothing() {
     w.engine.job_artifact(&job, &acme, &claim.run, "a.txt", b"PASS").await.unwrap();
     let done = w.engine.complete_job(&job, &acme, &report).await.unwrap();
     assert!(done.attempts[0].attestation.as_ref().unwrap().verified);
+    let blobs = w.store.list_blobs(None, 1000).await.unwrap().len();
     for (name, bytes) in [("a.txt", &b"FAIL"[..]), ("extra.txt", &b"x"[..])] {
         let late = w.engine.job_artifact(&job, &acme, &claim.run, name, bytes).await;
         match late {
@@ -348,6 +349,8 @@ async fn an_upload_finished_after_the_result_changes_nothing() {
     let stored = w.store.list_artifacts(run).await.unwrap();
     assert_eq!(stored.len(), 1, "{stored:?}");
     assert_eq!(stored[0].sha256, hex::encode(Sha256::digest(b"PASS")));
+    // What the refused uploads stored went with the refusal.
+    assert_eq!(w.store.list_blobs(None, 1000).await.unwrap().len(), blobs, "a refused upload left its blob");
 }
 
 /// Two pooled stages of one run, on two workers at once: the second to use a name is refused
