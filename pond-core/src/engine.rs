@@ -1670,7 +1670,27 @@ impl StoreSink<'_> {
             created_at: now,
         };
         let cap = self.engine.config.max_run_artifact_bytes;
-        self.deliver(&what, || store.put_artifact(&artifact, self.holder, cap)).await?;
+        // Refused on the first try, nothing was written: the blob goes with the refusal. After a
+        // try whose outcome is unknown (the store was away), a refusal may follow a write that
+        // did commit, so the blob stays.
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let refused_outright = std::sync::atomic::AtomicBool::new(false);
+        let stored = self
+            .deliver(&what, || async {
+                let first = tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0;
+                let result = store.put_artifact(&artifact, self.holder, cap).await;
+                if first && matches!(result, Err(StoreError::Conflict(_))) {
+                    refused_outright.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                result
+            })
+            .await;
+        if let Err(why) = stored {
+            if refused_outright.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = store.delete_blob(blob.id).await;
+            }
+            return Err(why);
+        }
         metrics::counter!("pond_artifact_bytes_total", "placement" => "local").increment(artifact.size);
         Ok(())
     }
