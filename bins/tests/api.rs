@@ -998,16 +998,7 @@ fn the_server_key_rotates_and_what_it_sealed_follows() {
     let control_plane = admin.keys().unwrap().control_plane_key;
 
     // Sealed under the old key: a credential, a webhook secret, a used and an unused bundle.
-    let out = std::process::Command::new(POND)
-        .args(["admin", "credentials", "add", "openai", "--provider", "openai", "--project", "acme"])
-        .args(["--value-env", "THE_KEY"])
-        .env("THE_KEY", "sk-rotate-me")
-        .env("POND_SERVER", &server.url)
-        .env("POND_TOKEN", &server.token)
-        .env("POND_CONFIG", dir.path().join("cli.json"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    add_openai_credential(&server, "sk-rotate-me");
     let out = server.cli(&["webhooks", "add", "https://receiver.example/hook", "--project", "acme"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bundle = pond_exec::pack_dir(&root().join("examples/repo")).unwrap();

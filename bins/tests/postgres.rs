@@ -376,16 +376,7 @@ fn a_server_key_rotation_rolls_across_nodes_and_never_moves_back() {
     // Two nodes on the old key; a credential and a bundle sealed under it.
     let mut a = node("node-a", &old, None);
     let mut b = node("node-b", &old, None);
-    let out = std::process::Command::new(POND)
-        .args(["admin", "credentials", "add", "openai", "--provider", "openai", "--project", "acme"])
-        .args(["--value-env", "THE_KEY"])
-        .env("THE_KEY", "sk-rotate-me")
-        .env("POND_SERVER", &a.url)
-        .env("POND_TOKEN", &a.token)
-        .env("POND_CONFIG", dir.path().join("cli.json"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    add_openai_credential(&a, "sk-rotate-me");
     let token = a.token.clone();
     let first = a.admin().upload_bundle("acme", &bundle).unwrap().bundle_id.to_string();
     assert!(sealed_only_under(&old, &[&first]));
@@ -449,16 +440,7 @@ fn a_postgresql_dump_and_the_server_key_restore_the_deployment() {
         "argv": ["sh", "-c", "echo backed-up-line; echo payload > $POND_OUTPUT_DIR/out.txt"]}}]}));
     let id = admin.submit(&body, None).unwrap().id.to_string();
     assert_eq!(wait_done(&admin, &id, Duration::from_secs(30)).state, RunState::Succeeded);
-    let out = std::process::Command::new(POND)
-        .args(["admin", "credentials", "add", "openai", "--provider", "openai", "--project", "acme"])
-        .args(["--value-env", "THE_KEY"])
-        .env("THE_KEY", "sk-backed-up")
-        .env("POND_SERVER", &server.url)
-        .env("POND_TOKEN", &server.token)
-        .env("POND_CONFIG", dir.path().join("cli.json"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    add_openai_credential(&server, "sk-backed-up");
     let control_plane = admin.keys().unwrap().control_plane_key;
     let dump = dir.path().join("pond.dump");
     let out = std::process::Command::new("pg_dump").args(["-Fc", "-f"]).arg(&dump).arg(&db.url).output().unwrap();

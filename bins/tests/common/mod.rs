@@ -103,8 +103,14 @@ impl Server {
 
     /// Runs the `pond` CLI against this server with the admin token.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_env(args, &[])
+    }
+
+    /// [`Server::cli`] with extra environment variables.
+    pub fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         Command::new(POND)
             .args(args)
+            .envs(env.iter().copied())
             .env("POND_SERVER", &self.url)
             .env("POND_TOKEN", &self.token)
             .env("POND_CONFIG", self.data_dir.join("cli-config.json"))
@@ -328,6 +334,27 @@ impl Drop for Worker {
         self.kill9();
         let _ = pond_sandbox::oci::collect_garbage(&self.key_dir.join("sandbox"));
     }
+}
+
+/// Registers credential `openai` (provider openai, project acme) holding `value`, through the
+/// CLI as an operator would (the value from an environment variable, never argv).
+pub fn add_openai_credential(server: &Server, value: &str) {
+    let out = server.cli_env(
+        &[
+            "admin",
+            "credentials",
+            "add",
+            "openai",
+            "--provider",
+            "openai",
+            "--project",
+            "acme",
+            "--value-env",
+            "THE_KEY",
+        ],
+        &[("THE_KEY", value)],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Mints an enrollment code through the admin API. A worker code grants every capability
