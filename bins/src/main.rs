@@ -1138,7 +1138,9 @@ fn backup(data_dir: &Path, to: &Path) -> Result<()> {
     }
     runtime()?.block_on(pond_store::SqliteStore::backup(&db, &to.join("pond.db")))?;
     let mut copied = vec!["pond.db".to_string()];
-    for file in ["server.key", "signing.ed25519", "admin.token"] {
+    // A rotation under way keeps its previous keys beside server.key: what they still seal
+    // opens only with them.
+    for file in ["server.key", pond_http::server::PREVIOUS_KEYS_FILE, "signing.ed25519", "admin.token"] {
         let from = data_dir.join(file);
         if from.is_file() {
             use std::os::unix::fs::OpenOptionsExt as _;
@@ -1772,6 +1774,10 @@ fn server_key(command: ServerKeyCommand) -> Result<()> {
             })?;
             let old_key = pond_core::pool::decode_key(old.trim())
                 .map_err(|e| anyhow::anyhow!("{}: the key {e}", current.display()))?;
+            // Never beside a running server: it holds the keys it started with in memory, and
+            // its sweep would remove the previous-keys file this writes to.
+            let _lock = pond_http::server::lock_data_dir(&data_dir)
+                .map_err(|e| anyhow::anyhow!("{e}: stop it first, then rotate and start it again"))?;
             let previous = data_dir.join(pond_http::server::PREVIOUS_KEYS_FILE);
             // The old key is safe on disk before the new one replaces it.
             let mut file = std::fs::OpenOptions::new()

@@ -1015,6 +1015,14 @@ fn the_server_key_rotates_and_what_it_sealed_follows() {
     };
     assert_eq!(run_with(&admin, &used).state, RunState::Succeeded);
 
+    // Not beside the running server (its sweep would remove the previous-keys file under it).
+    let out = std::process::Command::new(POND)
+        .args(["admin", "server-key", "rotate", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop it first"), "{out:?}");
     // Rotate (the server stopped), restart.
     server.kill9();
     let out = std::process::Command::new(POND)

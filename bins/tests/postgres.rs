@@ -312,9 +312,9 @@ fn a_node_whose_database_is_away_still_stops_on_sigterm() {
 
 /// A server-key rotation rolled across two nodes on one database, as README says: every node
 /// first learns the new key as a previous one, then each moves to it in turn. A node still on the
-/// old key opens what the new one sealed, never moves data back to its key (even restarted), and
-/// what it sealed meanwhile is moved by the last node to roll; in the end everything opens under
-/// the new key only, and runs use bundles sealed under either.
+/// old key opens what the new one sealed; restarted mid-roll it moves to the newest announced key
+/// it holds (never data back to the old one) and re-seals what it sealed meanwhile; in the end
+/// everything opens under the new key only, and runs use bundles sealed under either.
 #[test]
 fn a_server_key_rotation_rolls_across_nodes_and_never_moves_back() {
     use base64::Engine as _;
@@ -395,33 +395,38 @@ fn a_server_key_rotation_rolls_across_nodes_and_never_moves_back() {
     a = node("node-a", &new, Some(&old));
     a.token = token.clone();
     eventually("node a re-seals under the new key", Duration::from_secs(30), || sealed_only_under(&new, &[&first]));
-    // Its pass ends. Node b, still on the old key, seals new uploads under it, opens the new
-    // key's data, and restarted, does not move anything back.
+    // Its pass ends. Node b, still on the old key, seals new uploads under it and opens the new
+    // key's data.
     std::thread::sleep(Duration::from_secs(1));
     let second = b.admin().upload_bundle("acme", &bundle).unwrap().bundle_id.to_string();
     assert!(bundles_only_under(&old, &[&second]));
     a.kill9();
     assert_eq!(run_with(&b, &first), RunState::Succeeded, "node b opens what the new key sealed");
+    // Restarted with its step-(1) settings, it does not move anything back: it sees the new key
+    // announced, seals with it, and moves what it sealed under the old one.
     b.kill9();
     b = node("node-b", &old, Some(&new));
     b.token = token.clone();
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(sealed_only_under(&new, &[&first]), "a node on the older key moved data back to it");
+    eventually("node b, restarted mid-roll, moves to the newest key", Duration::from_secs(30), || {
+        sealed_only_under(&new, &[&first, &second])
+    });
+    let third = b.admin().upload_bundle("acme", &bundle).unwrap().bundle_id.to_string();
+    assert!(bundles_only_under(&new, &[&third]), "a node holding the newest key seals with it");
 
-    // Node b moves last: it re-seals what it sealed under the old key meanwhile.
+    // Node b moves as the roll says.
     b.kill9();
     b = node("node-b", &new, Some(&old));
     b.token = token.clone();
-    eventually("node b re-seals its own uploads", Duration::from_secs(30), || {
-        sealed_only_under(&new, &[&first, &second])
-    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(sealed_only_under(&new, &[&first, &second, &third]));
 
     // (3) The old key is dropped: both bundles still run.
     b.kill9();
     b = node("node-b", &new, None);
     b.token = token;
-    assert_eq!(run_with(&b, &first), RunState::Succeeded);
-    assert_eq!(run_with(&b, &second), RunState::Succeeded);
+    for bundle in [&first, &second, &third] {
+        assert_eq!(run_with(&b, bundle), RunState::Succeeded);
+    }
 }
 
 /// PostgreSQL backup as README says: `pg_dump` taken while the server runs, restored with

@@ -158,6 +158,39 @@ pub async fn identity_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 
     open_identity(keys, &text)
 }
 
+/// `keys` with the current key swapped for a previous one that nodes announced after it: a node
+/// restarted mid-roll with the new key still as a previous one (or given its keys the wrong way
+/// round) seals with the newest key, never moving data back. A current key no node has started
+/// with yet stays current: it is the new one.
+pub async fn prefer_newest(store: &dyn Store, keys: &AtRestKeys) -> Result<AtRestKeys, CoreError> {
+    let announced: Vec<(String, Timestamp)> = store
+        .list_records(ANNOUNCED)
+        .await?
+        .into_iter()
+        .filter_map(|(fingerprint, body)| {
+            Some((fingerprint, serde_json::from_str::<Announced>(&body).ok()?.first_seen))
+        })
+        .collect();
+    let seen = |key: &[u8; 32]| {
+        let fingerprint = crate::credentials::server_key_fingerprint(key);
+        announced.iter().find(|(f, _)| *f == fingerprint).map(|(_, t)| *t)
+    };
+    let Some(current_seen) = seen(keys.current()) else { return Ok(keys.clone()) };
+    let newer = keys
+        .previous()
+        .iter()
+        .filter_map(|key| seen(key).filter(|t| *t > current_seen).map(|t| (t, *key)))
+        .max_by_key(|(t, _)| *t);
+    Ok(match newer {
+        Some((_, key)) => {
+            let mut previous = vec![*keys.current()];
+            previous.extend(keys.previous().iter().copied().filter(|k| *k != key));
+            AtRestKeys::new(key, &previous)
+        }
+        None => keys.clone(),
+    })
+}
+
 /// Records that `keys`' current key is in use (first time only) and says whether it is the
 /// newest key any node has started with — the nodes that may move data to their key.
 pub async fn announce(store: &dyn Store, keys: &AtRestKeys, now: Timestamp) -> Result<bool, CoreError> {

@@ -298,14 +298,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         std::fs::set_permissions(data_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(io(format!("securing {}", data_dir.display())))?;
     }
-    let lock_path = data_dir.join("pond.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io(format!("opening {}", lock_path.display())))?;
-    fs2::FileExt::try_lock_exclusive(&lock).map_err(|_| ServerError::InUse(data_dir.clone()))?;
+    let lock = lock_data_dir(data_dir)?;
 
     let node_id = config.node_id.clone().unwrap_or_else(|| {
         let mut raw = [0u8; 4];
@@ -364,10 +357,21 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let previous_file = data_dir.join(PREVIOUS_KEYS_FILE);
     let mut previous_keys = config.previous_server_keys.clone();
+    let mut from_file = Vec::new();
     if config.server_key.is_none() {
-        previous_keys.extend(read_previous_keys(&previous_file)?);
+        from_file = read_previous_keys(&previous_file)?;
+        previous_keys.extend(from_file.iter().copied());
     }
-    let at_rest_keys = pond_core::server_keys::AtRestKeys::new(at_rest_key, &previous_keys);
+    let given = pond_core::server_keys::AtRestKeys::new(at_rest_key, &previous_keys);
+    let at_rest_keys = pond_core::server_keys::prefer_newest(store.as_ref(), &given)
+        .await
+        .map_err(|e| ServerError::Publish(e.to_string()))?;
+    if at_rest_keys.current() != given.current() {
+        tracing::warn!(
+            sealing_with = %pond_core::credentials::server_key_fingerprint(at_rest_keys.current()),
+            "a previous server key is newer than the current one (other nodes already moved to it): sealing with it"
+        );
+    }
     // The control plane's identity outlives rotations; a node given a foreign key stops here.
     let identity_key = pond_core::server_keys::identity_root(store.as_ref(), &at_rest_keys)
         .await
@@ -407,7 +411,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let node_id_for_webhooks = node_id.clone();
     let engine_config = EngineConfig {
         signing_seed,
-        at_rest_key,
+        at_rest_key: *at_rest_keys.current(),
         previous_keys: at_rest_keys.previous().to_vec(),
         identity_key,
         node_id,
@@ -478,7 +482,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let retiring = tokio::spawn(retire_finished(engine.clone(), config.retain_finished, shutdown_rx.clone()));
     let expiring = tokio::spawn(expire_bundles(engine.clone(), config.bundle_ttl, shutdown_rx.clone()));
     // Only the nodes on the newest key move data to it (see `pond_core::server_keys`).
-    let file = config.server_key.is_none().then_some(previous_file);
+    let file = config.server_key.is_none().then_some((previous_file, from_file));
     let resealing = tokio::spawn(reseal_at_rest(engine.clone(), file, shutdown_rx.clone()));
     let webhooks = tokio::spawn(crate::webhooks::dispatch(
         state.clone(),
@@ -550,6 +554,20 @@ async fn prune_events(
 /// Where a data directory keeps the server keys a rotation replaced.
 pub const PREVIOUS_KEYS_FILE: &str = "server.key.previous";
 
+/// Holds `data_dir` for this process alone (`pond.lock`) for as long as the file returned is
+/// open: a second server on it, or a key rotation beside a running one, is refused.
+pub fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
+    let lock_path = data_dir.join("pond.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(format!("opening {}", lock_path.display())))?;
+    fs2::FileExt::try_lock_exclusive(&lock).map_err(|_| ServerError::InUse(data_dir.to_path_buf()))?;
+    Ok(lock)
+}
+
 /// The keys of a `server.key.previous` file (absent: none).
 fn read_previous_keys(path: &std::path::Path) -> Result<Vec<[u8; 32]>, ServerError> {
     let text = match std::fs::read_to_string(path) {
@@ -571,7 +589,11 @@ fn read_previous_keys(path: &std::path::Path) -> Result<Vec<[u8; 32]>, ServerErr
 /// While previous server keys are configured, re-seals what they sealed under the current key
 /// (a pass at start, then every minute until one finds nothing left); then, on a data
 /// directory's keys, removes `server.key.previous`, and says the rotation is done.
-async fn reseal_at_rest(engine: Arc<Engine>, previous_file: Option<PathBuf>, mut stop: watch::Receiver<bool>) {
+async fn reseal_at_rest(
+    engine: Arc<Engine>,
+    previous_file: Option<(PathBuf, Vec<[u8; 32]>)>,
+    mut stop: watch::Receiver<bool>,
+) {
     if engine.config().previous_keys.is_empty() {
         return;
     }
@@ -611,14 +633,25 @@ async fn reseal_at_rest(engine: Arc<Engine>, previous_file: Option<PathBuf>, mut
                 if report.remaining > 0 {
                     continue;
                 }
-                if let Some(path) = &previous_file {
-                    if let Err(e) = std::fs::remove_file(path) {
-                        tracing::warn!(error = %e, path = %path.display(), "the previous keys could not be removed");
+                // Only the keys this node started with, and only if nobody changed the file
+                // since (a rotation started meanwhile appended to it).
+                if let Some((path, loaded)) = &previous_file {
+                    match read_previous_keys(path) {
+                        Ok(now) if now.is_empty() => {}
+                        Ok(now) if now == *loaded => {
+                            if let Err(e) = std::fs::remove_file(path) {
+                                tracing::warn!(error = %e, path = %path.display(), "the previous keys could not be removed");
+                            }
+                        }
+                        _ => {
+                            tracing::warn!(path = %path.display(), "the previous keys file changed since this node started; kept")
+                        }
                     }
                 }
                 tracing::info!(
-                    "server-key rotation done: nothing is sealed under a previous key any more; they may be forgotten \
-                     (POND_PREVIOUS_SERVER_KEYS can go; a data directory's server.key.previous is removed)"
+                    "server-key rotation done: nothing is sealed under this node's previous keys any more \
+                     (POND_PREVIOUS_SERVER_KEYS can go once every node runs this node's key; a data directory's \
+                     server.key.previous is removed)"
                 );
                 return;
             }
