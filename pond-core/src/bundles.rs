@@ -38,6 +38,25 @@ struct Pending {
     uploaded_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ending: Option<Ending>,
+    /// When a submit marked it used (the sweep leaves such a mark alone for [`USED_GRACE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    used_at: Option<Timestamp>,
+}
+
+/// How long a submit's mark on a pending bundle is honoured before the sweep takes it for the
+/// mark of a submit that died: far longer than any submit takes.
+const USED_GRACE: Millis = Millis(3600 * 1000);
+
+/// What became of the run a submit counted its bundles for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Stored: it holds them.
+    Stored,
+    /// Definitely not stored (refused, or the same request's run already was).
+    NotStored,
+    /// Unknown (the store failed mid-write): the claims stay, so a run that was stored keeps
+    /// its bundles; at worst they are kept unused.
+    Unknown,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,7 +128,7 @@ impl Engine {
         }
         let now = self.clock().now();
         let meta = self.store().put_blob(project, sealed, now).await?;
-        let pending = Pending { size, uploaded_at: now, ending: None };
+        let pending = Pending { size, uploaded_at: now, ending: None, used_at: None };
         if let Err(e) = self.store().put_record(PENDING_BUNDLE, &key(project, meta.id), &encode(&pending)).await {
             // Untracked, it would never expire: gone rather than kept.
             let _ = self.store().delete_blob(meta.id).await;
@@ -182,7 +201,8 @@ impl Engine {
                     continue;
                 }
                 None => {
-                    let used = encode(&Pending { ending: Some(Ending::Used), ..pending });
+                    let used_at = Some(self.clock().now());
+                    let used = encode(&Pending { ending: Some(Ending::Used), used_at, ..pending });
                     if self.store().swap_record(PENDING_BUNDLE, &key, Some(&before), &used).await? {
                         return Ok(Some(Claimed::Pending { key, before, used }));
                     }
@@ -198,21 +218,27 @@ impl Engine {
     /// once); a run not stored gives them back (pending again, or the count lowered).
     /// A write that fails here leaves a pending record marked used: the sweep drops such a record
     /// after the TTL and keeps the bundle (untracked, never lost under a run; see the README).
-    pub(crate) async fn settle_bundles(&self, claimed: Vec<Claimed>, stored: bool) {
+    pub(crate) async fn settle_bundles(&self, claimed: Vec<Claimed>, outcome: Outcome) {
         for c in claimed {
-            match (c, stored) {
-                (Claimed::Pending { key, .. }, true) => {
+            match (c, outcome) {
+                (_, Outcome::Unknown) => {}
+                (Claimed::Pending { key, used, .. }, Outcome::Stored) => {
+                    // Only while the mark is still this submit's (a sweep that took it for a dead
+                    // submit's leaves the bundle untracked: kept, never deleted under a run).
+                    if self.store().get_record(PENDING_BUNDLE, &key).await.ok().flatten().as_deref() != Some(&used) {
+                        continue;
+                    }
                     // Held before no longer pending: a submit waiting on the pending record
                     // then finds the held one and counts itself.
                     if matches!(self.adjust_held(&key, Adjust::Create).await, Ok(HeldNow::Counted(_))) {
                         let _ = self.store().delete_record(PENDING_BUNDLE, &key).await;
                     }
                 }
-                (Claimed::Pending { key, before, used }, false) => {
+                (Claimed::Pending { key, before, used }, Outcome::NotStored) => {
                     let _ = self.store().swap_record(PENDING_BUNDLE, &key, Some(&used), &before).await;
                 }
-                (Claimed::Held { .. }, true) => {}
-                (Claimed::Held { key }, false) => {
+                (Claimed::Held { .. }, Outcome::Stored) => {}
+                (Claimed::Held { key }, Outcome::NotStored) => {
                     let _ = self.release_held(&key).await;
                 }
             }
@@ -303,9 +329,10 @@ impl Engine {
                 self.delete_pending(key).await?;
                 Ok(true)
             }
-            // A submit that stopped between marking it and settling: whether its run was stored
-            // is not known here, so the bundle is kept (untracked; see the README's gaps).
-            Some(Ending::Used) if old => {
+            // A submit that stopped between marking it and settling (long ago: a live one settles
+            // within seconds): whether its run was stored is not known here, so the bundle is
+            // kept (untracked; see the README's gaps).
+            Some(Ending::Used) if now.since(pending.used_at.unwrap_or(pending.uploaded_at)) >= ttl.max(USED_GRACE) => {
                 self.store().delete_record(PENDING_BUNDLE, key).await?;
                 Ok(false)
             }

@@ -651,14 +651,22 @@ impl Engine {
                 match self.claim_bundle(&field, project, *bundle_id).await {
                     Ok(c) => claimed.extend(c),
                     Err(e) => {
-                        self.settle_bundles(claimed, false).await;
+                        self.settle_bundles(claimed, crate::bundles::Outcome::NotStored).await;
                         return Err(e);
                     }
                 }
             }
         }
         let inserted = self.store.insert_run(&snapshot).await;
-        self.settle_bundles(claimed, matches!(inserted, Ok(crate::store::InsertOutcome::Created))).await;
+        let outcome = match &inserted {
+            Ok(crate::store::InsertOutcome::Created) => crate::bundles::Outcome::Stored,
+            Ok(_) | Err(StoreError::Conflict(_) | StoreError::NotFound(_) | StoreError::Rejected(_)) => {
+                crate::bundles::Outcome::NotStored
+            }
+            // The write may have committed before the error: keep the claims.
+            Err(_) => crate::bundles::Outcome::Unknown,
+        };
+        self.settle_bundles(claimed, outcome).await;
         match inserted? {
             crate::store::InsertOutcome::Created => {
                 let encrypted = if snapshot.run.encryption.is_some() { "yes" } else { "no" };
