@@ -270,7 +270,7 @@ async fn store_checks(args: &ServerArgs) -> Vec<Check> {
 }
 
 /// The server key (flag or file) and a rotation's previous keys; with `current_schema`, whether
-/// they open the database's sealed identity (opening the store changes nothing then).
+/// they open the database's sealed identity.
 async fn key_checks(args: &ServerArgs, current_schema: bool) -> Vec<Check> {
     let mut checks = Vec::new();
     let file = args.data_dir.join("server.key");
@@ -322,14 +322,16 @@ async fn key_checks(args: &ServerArgs, current_schema: bool) -> Vec<Check> {
         checks.push(Check::ok("server key", format!("{fingerprint}{rotating}")));
         return checks;
     }
-    let store: Result<std::sync::Arc<dyn pond_core::store::Store>, pond_core::StoreError> = match &args.database_url {
-        Some(url) => pond_store::PgStore::connect(url, 2).await.map(|s| std::sync::Arc::new(s) as _),
-        None => {
-            pond_store::SqliteStore::open(&args.data_dir.join("pond.db")).await.map(|s| std::sync::Arc::new(s) as _)
-        }
+    // Read over a read-only connection: the check changes nothing in the database (SQLite may
+    // still make its shared-memory file beside it, as any reader does).
+    let (kind, key) = (pond_core::server_keys::IDENTITY, pond_core::server_keys::IDENTITY_KEY);
+    let record = match &args.database_url {
+        Some(url) => pond_store::pg_record(url, kind, key).await,
+        None => pond_store::sqlite_record(&args.data_dir.join("pond.db"), kind, key).await,
     };
-    let identity = match store {
-        Ok(store) => pond_core::server_keys::stored_identity(store.as_ref(), &keys).await,
+    let identity = match record {
+        Ok(Some(text)) => pond_core::server_keys::open_identity(&keys, &text).map(Some),
+        Ok(None) => Ok(None),
         Err(e) => Err(e.into()),
     };
     match identity {

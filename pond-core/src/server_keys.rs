@@ -26,8 +26,10 @@ use crate::seal::{open_at_rest, seal_at_rest, SealError};
 use crate::store::{BlobMeta, Store};
 use crate::time::Timestamp;
 
-/// Record kind of the sealed identity root (one record, key `root`).
-const IDENTITY: &str = "server-identity";
+/// Record kind of the sealed identity root (one record, key [`IDENTITY_KEY`]).
+pub const IDENTITY: &str = "server-identity";
+/// The key of the identity root's record.
+pub const IDENTITY_KEY: &str = "root";
 /// Record kind of the keys nodes have started with (key: the key's fingerprint).
 const ANNOUNCED: &str = "server-key";
 /// Record kinds whose bodies hold values sealed at rest (see [`sealed_fields`]).
@@ -120,13 +122,15 @@ struct Announced {
 /// The identity root the store holds, opened with `keys`; `None` when it holds none yet. Reads
 /// only (`pond server --check`); [`identity_root`] stores one when there is none.
 pub async fn stored_identity(store: &dyn Store, keys: &AtRestKeys) -> Result<Option<[u8; 32]>, CoreError> {
-    match store.get_record(IDENTITY, "root").await? {
+    match store.get_record(IDENTITY, IDENTITY_KEY).await? {
         Some(text) => open_identity(keys, &text).map(Some),
         None => Ok(None),
     }
 }
 
-fn open_identity(keys: &AtRestKeys, text: &str) -> Result<[u8; 32], CoreError> {
+/// Opens the identity root's record body with `keys`, or says the keys are not this
+/// deployment's.
+pub fn open_identity(keys: &AtRestKeys, text: &str) -> Result<[u8; 32], CoreError> {
     let wrong_key = || {
         CoreError::Store(StoreError::Backend(format!(
             "the server key (fingerprint {}) does not open this database's sealed identity: this node was given \
@@ -150,11 +154,12 @@ pub async fn identity_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 
     // first previous key while a rotation is under way, else the current one.
     let root = keys.previous().first().copied().unwrap_or(*keys.current());
     let sealed = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, keys.seal(&root));
-    if store.swap_record(IDENTITY, "root", None, &sealed).await? {
+    if store.swap_record(IDENTITY, IDENTITY_KEY, None, &sealed).await? {
         return Ok(root);
     }
     // Another node stored it first.
-    let text = store.get_record(IDENTITY, "root").await?.ok_or_else(|| StoreError::NotFound("identity".into()))?;
+    let text =
+        store.get_record(IDENTITY, IDENTITY_KEY).await?.ok_or_else(|| StoreError::NotFound("identity".into()))?;
     open_identity(keys, &text)
 }
 
@@ -269,12 +274,12 @@ impl Engine {
         }
         let store = self.store();
         // The identity root, then the records holding sealed values.
-        if let Some(text) = store.get_record(IDENTITY, "root").await? {
+        if let Some(text) = store.get_record(IDENTITY, IDENTITY_KEY).await? {
             let mut value = serde_json::Value::String(text.clone());
             match reseal_text(&keys, &mut value) {
                 Some(true) => {
                     let body = value.as_str().unwrap_or_default();
-                    if store.swap_record(IDENTITY, "root", Some(&text), body).await? {
+                    if store.swap_record(IDENTITY, IDENTITY_KEY, Some(&text), body).await? {
                         report.records += 1;
                     } else {
                         report.remaining += 1;

@@ -577,13 +577,37 @@ async fn enroll(State(orch): State<Arc<Orch>>, body: Body) -> Response {
         (status = 401, response = crate::openapi::Unauthorized),
         (status = 503, response = crate::openapi::Unavailable),
     ))]
-async fn me(State(orch): State<Arc<Orch>>, Extension(auth): Extension<WorkerAuth>, headers: HeaderMap) -> Response {
+async fn me(State(orch): State<Arc<Orch>>, Extension(auth): Extension<WorkerAuth>) -> Response {
     // Asked of pond now, not answered from the authentication cache: `pond worker --check`
     // reads it to learn whether the credential still holds, and a revocation must show at once.
-    orch.workers.lock().unwrap_or_else(|p| p.into_inner()).remove(&auth.token);
-    match orch.authenticate(&headers).await {
-        Ok((member, _)) => Json(member).into_response(),
-        Err(refused) => refused,
+    // Relayed like any job call, beside the shared authentication path: a worker asking often
+    // neither waits for nor holds up other workers' checks, and the cache changes only with
+    // pond's answer.
+    let (pond, token) = (orch.pond.clone(), auth.token.clone());
+    let answer = tokio::task::spawn_blocking(move || {
+        pond.relay("GET", "/v1/orch/workers/me", &[], None, &[(WORKER_TOKEN_HEADER, &token)])
+    })
+    .await;
+    let answer = match answer {
+        Ok(Ok(answer)) => answer,
+        other => return respond(other),
+    };
+    match answer.status {
+        200 => match serde_json::from_slice::<PoolMember>(&answer.body) {
+            Ok(member) => {
+                orch.workers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(auth.token, (member.clone(), Instant::now()));
+                Json(member).into_response()
+            }
+            Err(e) => ApiError::Internal(format!("pond's answer about a worker: {e}")).into_response(),
+        },
+        401 | 404 => {
+            orch.workers.lock().unwrap_or_else(|p| p.into_inner()).remove(&auth.token);
+            ApiError::Unauthorized("pond does not know this worker credential".into()).into_response()
+        }
+        _ => respond(Ok(Ok(answer))),
     }
 }
 

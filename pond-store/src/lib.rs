@@ -23,7 +23,7 @@ mod watched;
 
 pub use memory::MemoryStore;
 pub use pg::{PgStore, CHANGE_CHANNEL};
-pub use schema::{pg_schema, sqlite_schema, SchemaStatus};
+pub use schema::{pg_record, pg_schema, sqlite_record, sqlite_schema, SchemaStatus};
 pub use scratch::{missing_prerequisite, Activity, ScratchDatabase};
 pub use sqlite::SqliteStore;
 pub use watched::WatchedStore;

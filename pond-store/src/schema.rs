@@ -75,3 +75,42 @@ pub async fn pg_schema(url: &str) -> Result<SchemaStatus, StoreError> {
     let _ = conn.close().await;
     Ok(SchemaStatus { applied, known: known(&crate::pg::MIGRATOR) })
 }
+
+const RECORD: &str = "SELECT body FROM records WHERE kind = $1 AND key = $2";
+
+/// One record of the SQLite database at `path`, read over a read-only connection.
+pub async fn sqlite_record(path: &Path, kind: &str, key: &str) -> Result<Option<String>, StoreError> {
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path).read_only(true);
+    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
+    let body = sqlx::query_scalar::<_, String>(RECORD)
+        .bind(kind)
+        .bind(key)
+        .fetch_optional(&mut conn)
+        .await
+        .map_err(|e| StoreError::Backend(format!("reading {}: {e}", path.display())));
+    let _ = conn.close().await;
+    body
+}
+
+/// One record of the PostgreSQL database at `url`, read in a read-only transaction.
+pub async fn pg_record(url: &str, kind: &str, key: &str) -> Result<Option<String>, StoreError> {
+    let options = sqlx::postgres::PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Backend(format!("bad database URL: {e}")))?
+        .application_name("pond-check");
+    let mut conn =
+        sqlx::PgConnection::connect_with(&options).await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    sqlx::query("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        .execute(&mut conn)
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?;
+    let body = sqlx::query_scalar::<_, String>(RECORD)
+        .bind(kind)
+        .bind(key)
+        .fetch_optional(&mut conn)
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()));
+    let _ = conn.close().await;
+    body
+}
