@@ -160,7 +160,7 @@ fn record_finish(snapshot: &RunSnapshot, key: &str, attempt: u32, now: Timestamp
 const REQUEST_SIGNATURE: &str = "request_signature";
 
 /// Record kind of a control-plane node's log-signing key, keyed by node id.
-const LOG_SIGNER: &str = "log_signer";
+pub(crate) const LOG_SIGNER: &str = "log_signer";
 
 /// A control-plane node's log-signing key.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

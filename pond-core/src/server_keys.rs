@@ -150,9 +150,7 @@ pub async fn identity_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 
     if let Some(root) = stored_identity(store, keys).await? {
         return Ok(root);
     }
-    // None stored yet: the identity so far was derived from the key that sealed the data — the
-    // first previous key while a rotation is under way, else the current one.
-    let root = keys.previous().first().copied().unwrap_or(*keys.current());
+    let root = first_root(store, keys).await?;
     let sealed = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, keys.seal(&root));
     if store.swap_record(IDENTITY, IDENTITY_KEY, None, &sealed).await? {
         return Ok(root);
@@ -161,6 +159,46 @@ pub async fn identity_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 
     let text =
         store.get_record(IDENTITY, IDENTITY_KEY).await?.ok_or_else(|| StoreError::NotFound("identity".into()))?;
     open_identity(keys, &text)
+}
+
+/// The identity root of a database that stores none yet. A new deployment (no node ever
+/// endorsed its log-signing key here) gets a random one: the server key then only guards it, so
+/// a rotation after a leak of the key alone leaves nothing derivable from the old key. A
+/// deployment older than the stored root derived its identity from its server key: the one of
+/// `keys` whose control-plane key endorsed the nodes' signing keys is taken — and if none did,
+/// the node was given another deployment's key and is refused before it stores anything.
+async fn first_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 32], CoreError> {
+    let signers: Vec<crate::engine::LogSigner> = store
+        .list_records(crate::engine::LOG_SIGNER)
+        .await?
+        .iter()
+        .filter_map(|(_, body)| serde_json::from_str::<crate::engine::LogSigner>(body).ok())
+        .collect();
+    let endorsed: Vec<&crate::engine::LogSigner> = signers.iter().filter(|s| !s.endorsement.is_empty()).collect();
+    if signers.is_empty() {
+        return Ok(crate::seal::random_key());
+    }
+    let candidates = std::iter::once(*keys.current()).chain(keys.previous().iter().copied());
+    if endorsed.is_empty() {
+        // Signers from before endorsements: nothing to check a key against; the key that sealed
+        // the data — the first previous one while a rotation is under way, else the current.
+        return Ok(keys.previous().first().copied().unwrap_or(*keys.current()));
+    }
+    for candidate in candidates {
+        let control = crate::keys::ed25519_public(&crate::keys::control_plane_seed(&candidate));
+        let vouches = endorsed.iter().any(|s| {
+            crate::transparency::decode32(&s.signing_key)
+                .is_some_and(|key| crate::keys::endorsed(&control, "node", &s.node_id, &key, &s.endorsement))
+        });
+        if vouches {
+            return Ok(candidate);
+        }
+    }
+    Err(CoreError::Store(StoreError::Backend(format!(
+        "the server key (fingerprint {}) is not the one this database's nodes were endorsed under: this node was \
+         given another key than the nodes that wrote it (give it theirs; while rotating, the old one as a previous key)",
+        crate::credentials::server_key_fingerprint(keys.current())
+    ))))
 }
 
 /// `keys` with the current key swapped for a previous one that nodes announced after it: a node
