@@ -302,6 +302,21 @@ impl Engine {
                 }
             }
         }
+        // A held bundle whose last run went but whose deletion failed half way is finished here.
+        for (key, body) in self.store().list_records(HELD_BUNDLE).await? {
+            if serde_json::from_str::<Held>(&body).is_ok_and(|h| h.ending) {
+                let finished = async {
+                    self.delete_pending_blob(&key).await?;
+                    self.store().delete_record(HELD_BUNDLE, &key).await.map_err(CoreError::from)
+                };
+                match finished.await {
+                    Ok(()) => gone += 1,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
         match first_error {
             Some(e) => Err(e),
             None => Ok(gone),

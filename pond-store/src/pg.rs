@@ -1114,7 +1114,13 @@ impl Store for PgStore {
 
     async fn delete_blob(&self, id: BlobId) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        for sql in ["DELETE FROM blob_chunks WHERE blob_id = $1", "DELETE FROM blobs WHERE id = $1"] {
+        // The blob's row first, then its chunks: the order `replace_blob` takes them in, so the
+        // two never wait on each other crosswise.
+        for sql in [
+            "SELECT 1 FROM blobs WHERE id = $1 FOR UPDATE",
+            "DELETE FROM blob_chunks WHERE blob_id = $1",
+            "DELETE FROM blobs WHERE id = $1",
+        ] {
             sqlx::query(sql).bind(id.to_string()).execute(&mut *tx).await.map_err(db_err)?;
         }
         tx.commit().await.map_err(db_err)
