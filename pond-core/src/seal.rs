@@ -591,6 +591,11 @@ pub fn seal_at_rest(key: &[u8; 32], data: &[u8]) -> Vec<u8> {
     stream_chunks(stream, header, data)
 }
 
+/// How much of what [`seal_at_rest`] made [`at_rest_opens`] needs: the header and the first
+/// chunk with its tag.
+pub const AT_REST_PREFIX_BYTES: usize =
+    CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_HEADERBYTES + CHUNK + CRYPTO_SECRETSTREAM_XCHACHA20POLY1305_ABYTES;
+
 /// Whether `prefix` — the start of what [`seal_at_rest`] made, holding its header and at least
 /// its first chunk (or all of it) — opens under `key`: tells which key sealed a large value
 /// without reading all of it.

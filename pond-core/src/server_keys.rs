@@ -356,7 +356,8 @@ impl Engine {
             }
         }
         // Blobs: uploaded bundles and pooled inputs are sealed at rest; artifacts are not (they
-        // are plain or sealed to the run's recipients) and are left alone after one chunk.
+        // are plain or sealed to the run's recipients) and are left alone after a look at their
+        // first sealed chunk's worth of bytes (the header and one 64 KiB chunk), not more.
         let mut after = None;
         loop {
             let page = store.list_blobs(after, BLOB_PAGE).await?;
@@ -364,7 +365,7 @@ impl Engine {
             after = Some(last.id);
             for meta in &page {
                 report.blobs_checked += 1;
-                let first = match store.read_blob_chunk(meta.id, 0).await {
+                let first = match store.read_blob_prefix(meta.id, crate::seal::AT_REST_PREFIX_BYTES).await {
                     Ok(chunk) => chunk,
                     Err(StoreError::NotFound(_)) => continue,
                     Err(e) => return Err(e.into()),

@@ -453,6 +453,14 @@ pub trait Store: Send + Sync + 'static {
     /// Chunk `index` of a blob (each [`BLOB_CHUNK_BYTES`] long but the last).
     async fn read_blob_chunk(&self, id: BlobId, index: u64) -> Result<Vec<u8>, StoreError>;
 
+    /// The first `len` bytes of a blob (fewer if it is shorter): what tells a sealed value's key
+    /// without reading the rest. Stores that can read part of a chunk do.
+    async fn read_blob_prefix(&self, id: BlobId, len: usize) -> Result<Vec<u8>, StoreError> {
+        let mut chunk = self.read_blob_chunk(id, 0).await?;
+        chunk.truncate(len);
+        Ok(chunk)
+    }
+
     /// Records an artifact, atomically with the check that its attempt may still write: the
     /// stage is running that attempt under `holder`'s lease and its output is not closed
     /// ([`Store::close_output`]). An artifact of the same name from an earlier attempt of the

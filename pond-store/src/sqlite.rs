@@ -988,6 +988,17 @@ impl Store for SqliteStore {
         data.ok_or_else(|| StoreError::NotFound(format!("blob {id} chunk {index}")))
     }
 
+    async fn read_blob_prefix(&self, id: BlobId, len: usize) -> Result<Vec<u8>, StoreError> {
+        let data: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT substr(data, 1, ?) FROM blob_chunks WHERE blob_id = ? AND idx = 0")
+                .bind(len as i64)
+                .bind(id.to_string())
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(db_err)?;
+        data.ok_or_else(|| StoreError::NotFound(format!("blob {id} chunk 0")))
+    }
+
     async fn append_leaf(
         &self,
         run: RunId,

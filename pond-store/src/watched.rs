@@ -250,6 +250,9 @@ impl Store for WatchedStore {
     async fn read_blob_chunk(&self, id: BlobId, index: u64) -> Result<Vec<u8>, StoreError> {
         self.inner.read_blob_chunk(id, index).await
     }
+    async fn read_blob_prefix(&self, id: BlobId, len: usize) -> Result<Vec<u8>, StoreError> {
+        self.inner.read_blob_prefix(id, len).await
+    }
     async fn append_leaf(
         &self,
         run: RunId,

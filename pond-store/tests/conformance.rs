@@ -383,6 +383,10 @@ pub async fn blobs_and_artifacts_are_chunked_and_written_only_by_their_open_atte
     assert!(!store.replace_blob(meta.id, &meta.sha256, &data).await.unwrap(), "replaced already");
     assert!(store.replace_blob(meta.id, &replaced.sha256, &data).await.unwrap());
     assert_eq!(pond_core::store::read_blob(&*store, &meta).await.unwrap(), data);
+    // A prefix reads only the start of the first chunk.
+    assert_eq!(store.read_blob_prefix(meta.id, 100).await.unwrap(), data[..100]);
+    assert_eq!(store.read_blob_prefix(empty.id, 100).await.unwrap(), b"");
+    assert!(store.read_blob_prefix(pond_core::ids::BlobId::generate(at(0)), 100).await.is_err());
 
     // Two stages running in parallel, both held by node n1.
     let snapshot = new_run(
