@@ -621,6 +621,30 @@ enum AdminCommand {
         #[command(subcommand)]
         command: ServerKeyCommand,
     },
+    /// Admin tokens: rotate this context's, or recover when every admin token is lost.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Replace this context's token (the same as `pond context rotate-token`).
+    Rotate,
+    /// Mint a new admin token straight into the database (on the server's host: it needs the
+    /// data directory or the database URL) into `admin.token`, for when every admin token is lost.
+    Recover {
+        /// The server's data directory (SQLite's pond.db; admin.token is written here).
+        #[arg(long, env = "POND_DATA_DIR", default_value = ".pond")]
+        data_dir: PathBuf,
+        /// PostgreSQL instead of the data directory's SQLite.
+        #[arg(long, env = "POND_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// Also revoke every other admin token (a leaked one stops working).
+        #[arg(long)]
+        revoke_others: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1450,6 +1474,23 @@ fn dispatch(cli: Cli) -> Result<i32> {
             run_command(command, &client, &target, &key_path)
         }
         Command::Admin { command: AdminCommand::ServerKey { command } } => server_key(command).map(|()| 0),
+        Command::Admin { command: AdminCommand::Token { command: TokenCommand::Rotate } } => {
+            context(ContextCommand::RotateToken, &config_path, cli.global.server.clone()).map(|()| 0)
+        }
+        Command::Admin {
+            command: AdminCommand::Token { command: TokenCommand::Recover { data_dir, database_url, revoke_others } },
+        } => {
+            let recovered = runtime()?.block_on(pond_http::server::recover_admin_token(
+                &data_dir,
+                database_url.as_deref(),
+                revoke_others,
+            ))?;
+            say!("new admin token {} written to {} (mode 0600)", recovered.id, recovered.file.display());
+            if revoke_others {
+                say!("{} other admin token(s) revoked", recovered.revoked);
+            }
+            Ok(0)
+        }
         Command::Admin { command: AdminCommand::Keys { command } } => {
             keys(command, &admin_client(&cli.global, &config_path)?).map(|()| 0)
         }

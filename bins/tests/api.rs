@@ -682,6 +682,7 @@ fn json_logs_carry_an_access_line_with_the_request_id() {
 
 /// `pond context rotate-token` on the built-in context: the admin token in the data directory is
 /// replaced, the old one stops working at once, the new one works; `/v1/version` needs no token.
+/// A lost admin token is recovered from the database (`pond admin token recover`).
 #[test]
 fn the_admin_token_rotates_in_place() {
     let dir = tempfile::tempdir().unwrap();
@@ -722,6 +723,24 @@ fn the_admin_token_rotates_in_place() {
     let version: serde_json::Value =
         ureq::get(&format!("{}/v1/version", server.url)).call().unwrap().into_json().unwrap();
     assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
+
+    // Every admin token lost (the file gone, say): the operator on the server's host recovers
+    // one from the database beside the running server, and may revoke the others; `pond admin
+    // token rotate` is `pond context rotate-token`.
+    std::fs::remove_file(dir.path().join("admin.token")).unwrap();
+    let out = pond(&["admin", "token", "recover", "--revoke-others"]);
+    assert!(out.contains("1 other admin token(s) revoked"), "{out}");
+    let recovered = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_string();
+    assert_eq!(std::fs::metadata(dir.path().join("admin.token")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(server.client(&recovered).list_keys().is_ok(), "the recovered token works");
+    eventually("the revoked admin token to stop working", Duration::from_secs(10), || {
+        server.client(&new).list_keys().is_err()
+    });
+    assert!(server.client(&tenant_token).list_runs(None, None, Some(1), None).is_ok(), "consumer keys stay");
+    pond(&["admin", "token", "rotate"]);
+    let rotated = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_string();
+    assert_ne!(rotated, recovered);
+    assert!(server.client(&rotated).list_keys().is_ok());
 }
 
 /// One TOML file configures the server: its settings apply where no flag or environment

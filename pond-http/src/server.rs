@@ -286,6 +286,58 @@ async fn ensure_admin_token(
     }
 }
 
+/// What `pond admin token recover` did.
+#[derive(Debug)]
+pub struct RecoveredToken {
+    /// Where the new admin token was written (0600).
+    pub file: PathBuf,
+    /// Its id.
+    pub id: pond_core::ids::TokenId,
+    /// Other admin tokens revoked.
+    pub revoked: usize,
+}
+
+/// Mints a new admin token straight into the store — SQLite in `data_dir`, or PostgreSQL at
+/// `database_url` — for an operator who lost every admin token, and writes it to
+/// `data_dir/admin.token` (0600; the file first, so a stored token is never unwritten). With
+/// `revoke_others` every other admin token stops working (at once on this store; within the
+/// servers' token cache, 5 s). Only someone who can open the database can do it, and that
+/// someone is the operator already. Beside a running server it is safe: one more token row.
+pub async fn recover_admin_token(
+    data_dir: &Path,
+    database_url: Option<&str>,
+    revoke_others: bool,
+) -> Result<RecoveredToken, ServerError> {
+    let store: Arc<dyn Store> = match database_url {
+        Some(url) => Arc::new(PgStore::connect(url, 2).await?),
+        None => {
+            let db = data_dir.join("pond.db");
+            if !db.is_file() {
+                return Err(io(format!("opening {}", db.display()))(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no pond.db here: pass the server's --data-dir, or --database-url for PostgreSQL",
+                )));
+            }
+            Arc::new(SqliteStore::open(&db).await?)
+        }
+    };
+    let now = SystemClock.now();
+    let (secret, record) = mint_token(Role::Admin, "admin (recovered)", Vec::new(), now);
+    let (pending, file) = (data_dir.join("admin.token.new"), data_dir.join("admin.token"));
+    write_secret_file(&pending, &secret).map_err(io(format!("writing {}", pending.display())))?;
+    store.insert_token(&record).await?;
+    std::fs::rename(&pending, &file).map_err(io(format!("writing {}", file.display())))?;
+    let mut revoked = 0;
+    if revoke_others {
+        for token in store.list_tokens().await? {
+            if token.role == Role::Admin && token.id != record.id && token.revoked_at.is_none() {
+                revoked += usize::from(store.revoke_token(token.id, now).await?);
+            }
+        }
+    }
+    Ok(RecoveredToken { file, id: record.id, revoked })
+}
+
 /// Starts a server: on PostgreSQL when `config.database_url` is set, else on SQLite in
 /// `config.data_dir`.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
