@@ -382,8 +382,9 @@ impl BudgetCap {
 }
 
 /// A stage's account: the run and project budgets its calls count against, and where each call
-/// is booked as it ends. Read before every call, so what other stages spent counts (calls in
-/// flight at the same time may pass a budget together by at most what they spend).
+/// is booked as it ends. Read before every call, so what other stages spent counts; the broker
+/// adds what its own stage spends from then on, streaming responses included (other stages'
+/// calls in flight at the same moment may pass a budget together by at most what they spend).
 #[async_trait::async_trait]
 pub trait SpendAccount: Send + Sync {
     /// The budgets with what they have spent so far.

@@ -84,6 +84,10 @@ struct Shared {
     /// Calls relayed whose metering has not ended (an agent may have what it needs from a
     /// response, and exit, before the broker has read and booked all of it).
     in_flight: std::sync::atomic::AtomicUsize,
+    /// Tokens (input, output) metered so far of the responses still streaming: with `usage`,
+    /// what the stage has spent at this moment, so responses in flight together are held to the
+    /// budgets as one.
+    streaming: Mutex<(u64, u64)>,
 }
 
 /// A running broker.
@@ -159,6 +163,7 @@ pub async fn start(config: BrokerConfig) -> std::io::Result<Broker> {
         stop_signal: stopped.clone(),
         usage: Mutex::default(),
         exhausted: Mutex::default(),
+        streaming: Mutex::default(),
         in_flight: Default::default(),
     });
     let app = Router::new().fallback(relay).with_state(shared.clone());
@@ -345,6 +350,12 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         false => body,
     };
     let prices = config.account.as_ref().map(|a| a.prices()).unwrap_or((0.0, 0.0));
+    // The run's and project's caps were read now: what this stage spends from here on — calls
+    // that end, and every response streaming — counts against them on top of that.
+    let usage_at_caps = {
+        let u = shared.usage.lock().unwrap_or_else(|p| p.into_inner());
+        (u.input_tokens, u.output_tokens)
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let (head_tx, head_rx) = tokio::sync::oneshot::channel::<Result<(u16, Vec<(String, String)>), String>>();
     let worker = shared.clone();
@@ -430,6 +441,8 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         }
         let mut body = response.into_body();
         let mut meter = Meter::default();
+        // What of this response is counted in the shared `streaming` total.
+        let mut counted = (0u64, 0u64);
         let mut gone = false;
         loop {
             let next = tokio::select! {
@@ -465,14 +478,32 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
                 },
             };
             meter.feed(&chunk);
-            // Past the budget: this response goes no further (the agent sees it cut off) and
-            // no call after it is relayed; what was metered is accounted.
-            let cost = meter.input as f64 / 1e6 * prices.0 + meter.output as f64 / 1e6 * prices.1;
-            let over_cap = caps.iter().find_map(|cap| cap.passed(meter.input + meter.output, cost));
-            let over_stage = config.limit.as_ref().and_then(|limit| {
-                let before = *worker.usage.lock().unwrap_or_else(|p| p.into_inner());
-                limit.passed(before.input_tokens + meter.input, before.output_tokens + meter.output)
-            });
+            // This response's tokens so far join the stage's streaming total.
+            let streaming = {
+                let mut streaming = worker.streaming.lock().unwrap_or_else(|p| p.into_inner());
+                streaming.0 += meter.input.saturating_sub(counted.0);
+                streaming.1 += meter.output.saturating_sub(counted.1);
+                counted = (counted.0.max(meter.input), counted.1.max(meter.output));
+                *streaming
+            };
+            // The stage's spend now: calls that ended, and every response streaming (this one
+            // included). Past a budget: this response goes no further (the agent sees it cut
+            // off), nor does any other of the stage's in flight, and no call after it is
+            // relayed; what was metered is accounted.
+            let ended = {
+                let u = worker.usage.lock().unwrap_or_else(|p| p.into_inner());
+                (u.input_tokens, u.output_tokens)
+            };
+            let (input, output) = (ended.0 + streaming.0, ended.1 + streaming.1);
+            let (extra_in, extra_out) = (input.saturating_sub(usage_at_caps.0), output.saturating_sub(usage_at_caps.1));
+            let cost = extra_in as f64 / 1e6 * prices.0 + extra_out as f64 / 1e6 * prices.1;
+            let over_cap = caps.iter().find_map(|cap| cap.passed(extra_in + extra_out, cost));
+            let over_stage = config.limit.as_ref().and_then(|limit| limit.passed(input, output));
+            let spent_elsewhere = worker.exhausted.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(why) = spent_elsewhere {
+                let _ = tx.try_send(Err(std::io::Error::other(why)));
+                break;
+            }
             if let Some(why) = over_stage.or(over_cap) {
                 *worker.exhausted.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
                 let _ = tx.try_send(Err(std::io::Error::other(why)));
@@ -516,10 +547,16 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         metrics::counter!("pond_broker_tokens_total", "provider" => provider, "kind" => "output")
             .increment(meter.output);
         {
+            // Into the ended calls first, then out of the streaming total: the stage's spend is
+            // never under-read in between.
             let mut usage = worker.usage.lock().unwrap_or_else(|p| p.into_inner());
             usage.requests += 1;
             usage.input_tokens += meter.input;
             usage.output_tokens += meter.output;
+            drop(usage);
+            let mut streaming = worker.streaming.lock().unwrap_or_else(|p| p.into_inner());
+            streaming.0 = streaming.0.saturating_sub(counted.0);
+            streaming.1 = streaming.1.saturating_sub(counted.1);
         }
         // Booked as it ends, so the next call (of any stage) reads it against the budgets. A call
         // that cannot be booked stops the broker: pond does not spend what it cannot account.

@@ -545,3 +545,89 @@ async fn a_stalled_provider_is_let_go_when_the_stage_ends() {
         }
     }
 }
+
+/// The run's (or project's) budget as a stage's account reports it: nothing spent yet.
+struct Caps(u64);
+
+#[async_trait::async_trait]
+impl pond_core::agents::SpendAccount for Caps {
+    async fn caps(&self) -> Result<Vec<pond_core::agents::BudgetCap>, String> {
+        Ok(vec![pond_core::agents::BudgetCap {
+            scope: "run".into(),
+            budget: pond_core::definition::Budget { tokens: Some(self.0), ..Default::default() },
+            spent: pond_core::usage::Spend::default(),
+        }])
+    }
+    async fn book(&self, _usage: pond_core::usage::TokenUsage) -> Result<(), String> {
+        Ok(())
+    }
+    fn prices(&self) -> (f64, f64) {
+        (0.0, 0.0)
+    }
+}
+
+/// Responses streaming at the same time are held to a budget together: two calls that would
+/// spend 400 tokens each under a budget of 500 are both cut off soon after their sum passes it —
+/// the stage's own budget and a run's alike — instead of each finishing because it alone stays
+/// under.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_in_flight_together_are_held_to_the_budget_together() {
+    async fn stream() -> Response {
+        let mut events = vec![
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":100,\"output_tokens\":1}}}\n\n".to_string(),
+        ];
+        for output in (50..=300).step_by(50) {
+            events.push(format!(
+                "event: message_delta\ndata: {{\"type\":\"message_delta\",\"usage\":{{\"output_tokens\":{output}}}}}\n\n"
+            ));
+        }
+        events.push("event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"THE-END\"}}\n\n".into());
+        let chunks = futures_util::stream::iter(events).then(|e| async move {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            Ok::<_, std::io::Error>(axum::body::Bytes::from(e))
+        });
+        Response::builder().header("content-type", "text/event-stream").body(Body::from_stream(chunks)).unwrap()
+    }
+    use futures_util::StreamExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, Router::new().fallback(stream)).await });
+    let stage_limit = || Some(pond_core::agents::BrokerLimit { tokens: Some(500), ..Default::default() });
+    let run_budget = || Some(Arc::new(Caps(500)) as Arc<dyn pond_core::agents::SpendAccount>);
+    for (limit, account, said) in
+        [(stage_limit(), None, "budget exhausted: "), (None, run_budget(), "budget exhausted (run): ")]
+    {
+        let broker = start(BrokerConfig {
+            upstream: format!("http://{addr}"),
+            provider: Provider::Anthropic,
+            real_key: "sk-ant-real".into(),
+            dummy_key: "dummy".into(),
+            limit,
+            account,
+        })
+        .await
+        .unwrap();
+        let url = format!("{}/v1/messages", broker.url());
+        let call = |url: String| {
+            tokio::task::spawn_blocking(move || {
+                let r = ureq::post(&url).set("x-api-key", "dummy").send_string("{}").unwrap();
+                let mut body = String::new();
+                let _ = std::io::Read::read_to_string(&mut r.into_reader(), &mut body);
+                body
+            })
+        };
+        let (one, two) = (call(url.clone()), call(url.clone()));
+        let (one, two) = (one.await.unwrap(), two.await.unwrap());
+        for body in [&one, &two] {
+            assert!(!body.contains("THE-END"), "a response ran to its end past the budget: {body}");
+        }
+        let why = broker.exhausted().unwrap_or_default();
+        assert!(why.starts_with(said), "{why}");
+        broker.settle(Duration::from_secs(5)).await;
+        let usage = broker.usage();
+        let spent = usage.input_tokens + usage.output_tokens;
+        // Past 500 by at most the last event of each (50 output tokens apiece).
+        assert!(spent > 500 && spent <= 600, "spent {spent} tokens ({why})");
+        assert_eq!(usage.requests, 2);
+    }
+}
