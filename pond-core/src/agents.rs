@@ -382,9 +382,10 @@ impl BudgetCap {
 }
 
 /// A stage's account: the run and project budgets its calls count against, and where each call
-/// is booked as it ends. Read before every call, so what other stages spent counts; the broker
-/// adds what its own stage spends from then on, streaming responses included (other stages'
-/// calls in flight at the same moment may pass a budget together by at most what they spend).
+/// is booked as it ends. Read before every call and every 0.5 s while a response streams, so
+/// what other stages booked counts; the broker adds what its own stage spends beyond what it had
+/// booked, streaming responses included (other stages' responses streaming at the same moment
+/// may pass a budget together by what they spend until they are booked).
 #[async_trait::async_trait]
 pub trait SpendAccount: Send + Sync {
     /// The budgets with what they have spent so far.

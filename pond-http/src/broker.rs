@@ -88,7 +88,14 @@ struct Shared {
     /// what the stage has spent at this moment, so responses in flight together are held to the
     /// budgets as one.
     streaming: Mutex<(u64, u64)>,
+    /// Tokens (input, output) of this stage's calls booked in the store so far: what the run's
+    /// and project's caps already count of this stage when they are read.
+    booked: Mutex<(u64, u64)>,
 }
+
+/// How often a streaming response reads the run's and project's caps again, so what other
+/// stages (on any node) booked meanwhile counts against it before it ends.
+const CAPS_REREAD: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A running broker.
 pub struct Broker {
@@ -164,6 +171,7 @@ pub async fn start(config: BrokerConfig) -> std::io::Result<Broker> {
         usage: Mutex::default(),
         exhausted: Mutex::default(),
         streaming: Mutex::default(),
+        booked: Mutex::default(),
         in_flight: Default::default(),
     });
     let app = Router::new().fallback(relay).with_state(shared.clone());
@@ -291,6 +299,9 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         return refuse(config.provider, StatusCode::TOO_MANY_REQUESTS, &format!("pond broker: {why}"));
     }
     // The run's and project's budgets as they stand now, with what every other stage booked.
+    // What this stage had booked is read first: a call booked in between is then counted
+    // twice (safe), never missed.
+    let booked_at_caps = *shared.booked.lock().unwrap_or_else(|p| p.into_inner());
     let caps = match &config.account {
         Some(account) => match account.caps().await {
             Ok(caps) => caps,
@@ -350,12 +361,9 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         false => body,
     };
     let prices = config.account.as_ref().map(|a| a.prices()).unwrap_or((0.0, 0.0));
-    // The run's and project's caps were read now: what this stage spends from here on — calls
-    // that end, and every response streaming — counts against them on top of that.
-    let usage_at_caps = {
-        let u = shared.usage.lock().unwrap_or_else(|p| p.into_inner());
-        (u.input_tokens, u.output_tokens)
-    };
+    // What this stage spends beyond what it had booked when the caps were read — calls that
+    // ended since, and every response streaming — counts against them on top of that.
+    let (mut caps, mut booked_at_caps, mut caps_read) = (caps, booked_at_caps, tokio::time::Instant::now());
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let (head_tx, head_rx) = tokio::sync::oneshot::channel::<Result<(u16, Vec<(String, String)>), String>>();
     let worker = shared.clone();
@@ -495,7 +503,19 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
                 (u.input_tokens, u.output_tokens)
             };
             let (input, output) = (ended.0 + streaming.0, ended.1 + streaming.1);
-            let (extra_in, extra_out) = (input.saturating_sub(usage_at_caps.0), output.saturating_sub(usage_at_caps.1));
+            // Other stages' calls, on any node, count once booked: the caps are read again while
+            // this response streams.
+            if let Some(account) = &config.account {
+                if caps_read.elapsed() >= CAPS_REREAD {
+                    let booked = *worker.booked.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Ok(fresh) = account.caps().await {
+                        (caps, booked_at_caps) = (fresh, booked);
+                    }
+                    caps_read = tokio::time::Instant::now();
+                }
+            }
+            let (extra_in, extra_out) =
+                (input.saturating_sub(booked_at_caps.0), output.saturating_sub(booked_at_caps.1));
             let cost = extra_in as f64 / 1e6 * prices.0 + extra_out as f64 / 1e6 * prices.1;
             let over_cap = caps.iter().find_map(|cap| cap.passed(extra_in + extra_out, cost));
             let over_stage = config.limit.as_ref().and_then(|limit| limit.passed(input, output));
@@ -563,7 +583,13 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         if let Some(account) = &config.account {
             let call =
                 pond_core::usage::TokenUsage { requests: 1, input_tokens: meter.input, output_tokens: meter.output };
-            if let Err(e) = account.book(call).await {
+            let booked = account.book(call).await;
+            if booked.is_ok() {
+                let mut booked = worker.booked.lock().unwrap_or_else(|p| p.into_inner());
+                booked.0 += meter.input;
+                booked.1 += meter.output;
+            }
+            if let Err(e) = booked {
                 worker.exhausted.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| {
                     format!("{}: a model call's usage could not be booked ({e})", pond_core::agents::BUDGET_EXHAUSTED)
                 });

@@ -631,3 +631,96 @@ async fn responses_in_flight_together_are_held_to_the_budget_together() {
         assert_eq!(usage.requests, 2);
     }
 }
+
+/// A run's budget as the store keeps it: what every stage booked, shared by their accounts.
+struct Booked {
+    budget: u64,
+    spent: Arc<Mutex<u64>>,
+}
+
+#[async_trait::async_trait]
+impl pond_core::agents::SpendAccount for Booked {
+    async fn caps(&self) -> Result<Vec<pond_core::agents::BudgetCap>, String> {
+        let tokens = *self.spent.lock().unwrap();
+        Ok(vec![pond_core::agents::BudgetCap {
+            scope: "run".into(),
+            budget: pond_core::definition::Budget { tokens: Some(self.budget), ..Default::default() },
+            spent: pond_core::usage::Spend { input_tokens: tokens, ..Default::default() },
+        }])
+    }
+    async fn book(&self, usage: pond_core::usage::TokenUsage) -> Result<(), String> {
+        *self.spent.lock().unwrap() += usage.input_tokens + usage.output_tokens;
+        Ok(())
+    }
+    fn prices(&self) -> (f64, f64) {
+        (0.0, 0.0)
+    }
+}
+
+/// Another stage's call that ends and is booked while this stage's response streams counts
+/// against the run's budget before this response ends: the streaming response reads the caps
+/// again and is cut off, instead of running to its end on what was left when it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_stage_s_booked_call_cuts_a_response_still_streaming() {
+    async fn stream(headers: HeaderMap) -> Response {
+        let slow = headers.contains_key("x-slow");
+        let mut events = vec![
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":100,\"output_tokens\":1}}}\n\n".to_string(),
+        ];
+        let (step, last, pause) = if slow { (10, 200, 100) } else { (300, 300, 10) };
+        for output in (step..=last).step_by(step as usize) {
+            events.push(format!(
+                "event: message_delta\ndata: {{\"type\":\"message_delta\",\"usage\":{{\"output_tokens\":{output}}}}}\n\n"
+            ));
+        }
+        events.push("event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"THE-END\"}}\n\n".into());
+        let chunks = futures_util::stream::iter(events).then(move |e| async move {
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            Ok::<_, std::io::Error>(axum::body::Bytes::from(e))
+        });
+        Response::builder().header("content-type", "text/event-stream").body(Body::from_stream(chunks)).unwrap()
+    }
+    use futures_util::StreamExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, Router::new().fallback(stream)).await });
+    let spent = Arc::new(Mutex::new(0u64));
+    let stage = || async {
+        start(BrokerConfig {
+            upstream: format!("http://{addr}"),
+            provider: Provider::Anthropic,
+            real_key: "sk-ant-real".into(),
+            dummy_key: "dummy".into(),
+            limit: None,
+            account: Some(Arc::new(Booked { budget: 500, spent: spent.clone() })),
+        })
+        .await
+        .unwrap()
+    };
+    let (slow_stage, quick_stage) = (stage().await, stage().await);
+    let call = |url: String, slow: bool| {
+        tokio::task::spawn_blocking(move || {
+            let mut request = ureq::post(&url).set("x-api-key", "dummy");
+            if slow {
+                request = request.set("x-slow", "1");
+            }
+            let mut body = String::new();
+            let _ = std::io::Read::read_to_string(&mut request.send_string("{}").unwrap().into_reader(), &mut body);
+            body
+        })
+    };
+    // The slow response (300 tokens over ~2 s) starts with the whole budget left; the other
+    // stage's quick call (400 tokens) ends and is booked meanwhile.
+    let slow = call(format!("{}/v1/messages", slow_stage.url()), true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let quick = call(format!("{}/v1/messages", quick_stage.url()), false).await.unwrap();
+    assert!(quick.contains("THE-END"), "the quick call stays under the budget: {quick}");
+    let slow = slow.await.unwrap();
+    assert!(!slow.contains("THE-END"), "the slow response ran to its end past the run's budget: {slow}");
+    let why = slow_stage.exhausted().unwrap_or_default();
+    assert!(why.starts_with("budget exhausted (run): "), "{why}");
+    slow_stage.settle(Duration::from_secs(5)).await;
+    let total = *spent.lock().unwrap();
+    // Past 500 by what the slow response streamed until its next read of the caps (≤ 0.5 s).
+    assert!(total > 500 && total < 700, "spent {total} tokens ({why})");
+}
