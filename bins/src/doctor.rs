@@ -312,11 +312,14 @@ async fn key_checks(args: &ServerArgs, current_schema: bool) -> Vec<Check> {
             }
         }
     }
-    let keys = pond_core::server_keys::AtRestKeys::new(current, &previous);
+    let next: Vec<[u8; 32]> = args.next_server_keys.iter().map(|k| k.0).collect();
+    let keys = pond_core::server_keys::AtRestKeys::new(current, &previous).with_next(&next);
     let fingerprint = pond_core::credentials::server_key_fingerprint(keys.current());
-    let rotating = match keys.previous().len() {
-        0 => String::new(),
-        n => format!("; a rotation is under way ({n} previous key(s) still accepted for opening)"),
+    let rotating = match (keys.previous().len(), keys.next().len()) {
+        (0, 0) => String::new(),
+        (p, n) => format!(
+            "; a rotation is under way ({p} previous key(s) this node moves data from, {n} next key(s) it only opens)"
+        ),
     };
     if !current_schema {
         checks.push(Check::ok("server key", format!("{fingerprint}{rotating}")));

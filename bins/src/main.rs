@@ -425,6 +425,12 @@ struct ServerArgs {
     #[arg(long = "previous-server-key", env = "POND_PREVIOUS_SERVER_KEYS", hide_env_values = true,
           value_delimiter = ',', value_parser = parse_server_key)]
     previous_server_keys: Vec<ServerKey>,
+    /// A server key other nodes are moving to (repeatable; the variable takes a comma-separated
+    /// list): accepted for opening only — the first step of rolling a rotation over several
+    /// nodes (README "Operating Pond").
+    #[arg(long = "next-server-key", env = "POND_NEXT_SERVER_KEYS", hide_env_values = true,
+          value_delimiter = ',', value_parser = parse_server_key)]
+    next_server_keys: Vec<ServerKey>,
     /// The first admin token (`pond_admin_` and at least 32 letters or digits), stored hashed
     /// while the store has no admin token; every node given the same agrees on it (one Secret
     /// for a whole deployment). Without it, the first node to start mints one into admin.token.
@@ -1928,6 +1934,7 @@ fn server_config(args: ServerArgs) -> Result<pond_http::server::ServerConfig> {
     config.limits.encryption_default = args.encryption_default;
     config.server_key = args.server_key.map(|k| k.0);
     config.previous_server_keys = args.previous_server_keys.iter().map(|k| k.0).collect();
+    config.next_server_keys = args.next_server_keys.iter().map(|k| k.0).collect();
     config.bootstrap_admin_token = args.admin_token;
     config.webhook_allow_ips = args.webhook_allow_ips;
     if args.event_retention < Duration::from_secs(2 * 24 * 3600) {

@@ -728,7 +728,12 @@ fn the_admin_token_rotates_in_place() {
     // one from the database beside the running server, and may revoke the others; `pond admin
     // token rotate` is `pond context rotate-token`.
     std::fs::remove_file(dir.path().join("admin.token")).unwrap();
+    // A link planted where the new token is staged is replaced, not written through.
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "untouched").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.path().join("admin.token.new")).unwrap();
     let out = pond(&["admin", "token", "recover", "--revoke-others"]);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
     assert!(out.contains("1 other admin token(s) revoked"), "{out}");
     let recovered = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_string();
     assert_eq!(std::fs::metadata(dir.path().join("admin.token")).unwrap().permissions().mode() & 0o777, 0o600);
@@ -1111,6 +1116,39 @@ fn the_server_key_rotates_and_what_it_sealed_follows() {
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains("does not open this database's sealed identity"), "{stderr}");
     }
+}
+
+/// Someone holding the database deletes its sealed identity and the nodes' endorsements (so a
+/// restart would make a new identity nobody pinned): the node refuses to start, naming the
+/// control-plane key its data directory pinned.
+#[test]
+fn a_node_refuses_a_database_whose_identity_was_swapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start_with_env(&data, &[], &[("POND_SERVER_KEY", "")]);
+    let control_plane = server.admin().keys().unwrap().control_plane_key;
+    server.kill9();
+    let pinned = std::fs::read_to_string(data.join("control-plane.pub")).unwrap();
+    assert_eq!(pinned.trim(), control_plane);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use pond_core::store::Store;
+        let store = pond_store::SqliteStore::open(&data.join("pond.db")).await.unwrap();
+        store.delete_record("server-identity", "root").await.unwrap();
+        for (id, _) in store.list_records("log_signer").await.unwrap() {
+            store.delete_record("log_signer", &id).await.unwrap();
+        }
+    });
+    let out = std::process::Command::new(POND)
+        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env_remove("POND_SERVER_KEY")
+        .env("POND_SANDBOX", "host")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not the one this node served before") && stderr.contains(&control_plane), "{stderr}");
 }
 
 /// Every string under a `sealed` key, nested anywhere.

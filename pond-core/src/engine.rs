@@ -45,6 +45,8 @@ pub struct EngineConfig {
     /// Server keys still accepted for opening while a rotation re-seals what they sealed (see
     /// [`crate::server_keys`]).
     pub previous_keys: Vec<[u8; 32]>,
+    /// Server keys accepted for opening only (a rotation under way on other nodes).
+    pub next_keys: Vec<[u8; 32]>,
     /// The root of the control plane's signing identity (endorsements, transparency heads, job
     /// tickets), kept in the store sealed under the server key so a rotation leaves it as it is.
     pub identity_key: [u8; 32],
@@ -86,6 +88,7 @@ impl Default for EngineConfig {
             signing_seed: crate::seal::random_key(),
             at_rest_key: crate::seal::random_key(),
             previous_keys: Vec::new(),
+            next_keys: Vec::new(),
             identity_key: crate::seal::random_key(),
             reserved_tag_prefixes: Vec::new(),
             attestation_default: crate::definition::AttestationPolicy::Required,

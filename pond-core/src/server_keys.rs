@@ -13,9 +13,10 @@
 //! its data so far, which is what the identity was derived from before. A node whose keys do
 //! not open the stored root is refused at start: it was given another deployment's key.
 //!
-//! Several nodes on one database roll a rotation one at a time; only nodes whose current key is
-//! the newest any node has announced re-seal, so data never moves back to an older key while
-//! the roll is under way.
+//! Several nodes on one database roll a rotation in two steps: first every node is given the new
+//! key as a *next* key (opened, never moved to or from), then each moves to it with the old one
+//! as previous. A node not yet moved reads what moved nodes sealed and never moves it back; which
+//! way data moves is the operator's setting alone, never something the database says.
 
 use serde::{Deserialize, Serialize};
 
@@ -24,24 +25,36 @@ use crate::error::{CoreError, StoreError};
 use crate::ids::BlobId;
 use crate::seal::{open_at_rest, seal_at_rest, SealError};
 use crate::store::{BlobMeta, Store};
-use crate::time::Timestamp;
 
 /// Record kind of the sealed identity root (one record, key [`IDENTITY_KEY`]).
 pub const IDENTITY: &str = "server-identity";
 /// The key of the identity root's record.
 pub const IDENTITY_KEY: &str = "root";
-/// Record kind of the keys nodes have started with (key: the key's fingerprint).
-const ANNOUNCED: &str = "server-key";
 /// Record kinds whose bodies hold values sealed at rest (see [`sealed_fields`]).
 const SEALED_RECORDS: [&str; 2] = ["credential", crate::webhooks::SUBSCRIPTION_RECORD];
 /// Blobs looked at per page of the sweep.
 const BLOB_PAGE: u32 = 200;
 
-/// The server's keys: the one that seals, and those still accepted for opening during a rotation.
+/// The server's keys: the one that seals; during a rotation, the *previous* ones, whose values
+/// are opened and moved to the current key, and the *next* ones, opened only (a node not yet
+/// moved to a new key reads what the moved nodes sealed, and never moves it back). Which way
+/// data moves is the operator's setting alone: nothing in the database decides it.
 #[derive(Clone)]
 pub struct AtRestKeys {
     current: [u8; 32],
     previous: Vec<[u8; 32]>,
+    next: Vec<[u8; 32]>,
+}
+
+/// Which of the keys a value is sealed under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SealedUnder {
+    /// The current key.
+    Current,
+    /// A previous key: the sweep moves it to the current one.
+    Previous,
+    /// A next key: left where it is.
+    Next,
 }
 
 impl std::fmt::Debug for AtRestKeys {
@@ -49,6 +62,7 @@ impl std::fmt::Debug for AtRestKeys {
         f.debug_struct("AtRestKeys")
             .field("current", &crate::credentials::server_key_fingerprint(&self.current))
             .field("previous", &self.previous.len())
+            .field("next", &self.next.len())
             .finish()
     }
 }
@@ -62,7 +76,22 @@ impl AtRestKeys {
                 kept.push(*key);
             }
         }
-        AtRestKeys { current, previous: kept }
+        AtRestKeys { current, previous: kept, next: Vec::new() }
+    }
+
+    /// With `next` keys accepted for opening only (repeats of the others dropped).
+    pub fn with_next(mut self, next: &[[u8; 32]]) -> Self {
+        for key in next {
+            if *key != self.current && !self.previous.contains(key) && !self.next.contains(key) {
+                self.next.push(*key);
+            }
+        }
+        self
+    }
+
+    /// Keys accepted for opening only.
+    pub fn next(&self) -> &[[u8; 32]] {
+        &self.next
     }
 
     /// The key that seals.
@@ -70,7 +99,7 @@ impl AtRestKeys {
         &self.current
     }
 
-    /// Keys still accepted for opening.
+    /// Keys still accepted for opening, whose values the sweep moves to the current key.
     pub fn previous(&self) -> &[[u8; 32]] {
         &self.previous
     }
@@ -85,15 +114,16 @@ impl AtRestKeys {
         self.open_which(data).map(|(_, opened)| opened)
     }
 
-    /// Opens, saying whether it was under the current key (`true`) or a previous one.
-    pub fn open_which(&self, data: &[u8]) -> Result<(bool, Vec<u8>), SealError> {
+    /// Opens, saying which of the keys sealed it.
+    pub fn open_which(&self, data: &[u8]) -> Result<(SealedUnder, Vec<u8>), SealError> {
         let first = match open_at_rest(&self.current, data) {
-            Ok(opened) => return Ok((true, opened)),
+            Ok(opened) => return Ok((SealedUnder::Current, opened)),
             Err(e) => e,
         };
-        for key in &self.previous {
+        let others = self.previous.iter().map(|k| (k, SealedUnder::Previous));
+        for (key, under) in others.chain(self.next.iter().map(|k| (k, SealedUnder::Next))) {
             if let Ok(opened) = open_at_rest(key, data) {
-                return Ok((false, opened));
+                return Ok((under, opened));
             }
         }
         Err(first)
@@ -112,11 +142,6 @@ pub struct ResealReport {
     /// Values still under a previous key after the pass (changed underneath it, or failed):
     /// another pass is needed.
     pub remaining: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Announced {
-    first_seen: Timestamp,
 }
 
 /// The identity root the store holds, opened with `keys`; `None` when it holds none yet. Reads
@@ -201,55 +226,6 @@ async fn first_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 32], Co
     ))))
 }
 
-/// `keys` with the current key swapped for a previous one that nodes announced after it: a node
-/// restarted mid-roll with the new key still as a previous one (or given its keys the wrong way
-/// round) seals with the newest key, never moving data back. A current key no node has started
-/// with yet stays current: it is the new one.
-pub async fn prefer_newest(store: &dyn Store, keys: &AtRestKeys) -> Result<AtRestKeys, CoreError> {
-    let announced: Vec<(String, Timestamp)> = store
-        .list_records(ANNOUNCED)
-        .await?
-        .into_iter()
-        .filter_map(|(fingerprint, body)| {
-            Some((fingerprint, serde_json::from_str::<Announced>(&body).ok()?.first_seen))
-        })
-        .collect();
-    let seen = |key: &[u8; 32]| {
-        let fingerprint = crate::credentials::server_key_fingerprint(key);
-        announced.iter().find(|(f, _)| *f == fingerprint).map(|(_, t)| *t)
-    };
-    let Some(current_seen) = seen(keys.current()) else { return Ok(keys.clone()) };
-    let newer = keys
-        .previous()
-        .iter()
-        .filter_map(|key| seen(key).filter(|t| *t > current_seen).map(|t| (t, *key)))
-        .max_by_key(|(t, _)| *t);
-    Ok(match newer {
-        Some((_, key)) => {
-            let mut previous = vec![*keys.current()];
-            previous.extend(keys.previous().iter().copied().filter(|k| *k != key));
-            AtRestKeys::new(key, &previous)
-        }
-        None => keys.clone(),
-    })
-}
-
-/// Records that `keys`' current key is in use (first time only) and says whether it is the
-/// newest key any node has started with — the nodes that may move data to their key.
-pub async fn announce(store: &dyn Store, keys: &AtRestKeys, now: Timestamp) -> Result<bool, CoreError> {
-    let mine = crate::credentials::server_key_fingerprint(keys.current());
-    let body = serde_json::to_string(&Announced { first_seen: now }).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    store.swap_record(ANNOUNCED, &mine, None, &body).await?;
-    let mut newest: Option<(Timestamp, String)> = None;
-    for (fingerprint, body) in store.list_records(ANNOUNCED).await? {
-        let Ok(seen) = serde_json::from_str::<Announced>(&body) else { continue };
-        if newest.as_ref().is_none_or(|(t, f)| (seen.first_seen, &fingerprint) > (*t, f)) {
-            newest = Some((seen.first_seen, fingerprint));
-        }
-    }
-    Ok(newest.is_none_or(|(_, f)| f == mine))
-}
-
 /// The base64 values sealed at rest in a record body: `sealed` (credentials) and
 /// `secrets[].sealed` (webhook subscriptions).
 fn sealed_fields(body: &mut serde_json::Value) -> Vec<&mut serde_json::Value> {
@@ -278,8 +254,8 @@ fn reseal_text(keys: &AtRestKeys, value: &mut serde_json::Value) -> Option<bool>
     let b64 = base64::engine::general_purpose::STANDARD;
     let sealed = b64.decode(value.as_str()?).ok()?;
     match keys.open_which(&sealed) {
-        Ok((true, _)) => Some(false),
-        Ok((false, opened)) => {
+        Ok((SealedUnder::Current | SealedUnder::Next, _)) => Some(false),
+        Ok((SealedUnder::Previous, opened)) => {
             *value = serde_json::Value::String(b64.encode(keys.seal(&opened)));
             Some(true)
         }
@@ -287,18 +263,17 @@ fn reseal_text(keys: &AtRestKeys, value: &mut serde_json::Value) -> Option<bool>
     }
 }
 
-/// Whether a blob is sealed at rest, and under which key: looks only at its first chunk.
-fn sealed_under(keys: &AtRestKeys, first_chunk: &[u8]) -> Option<bool> {
-    if crate::seal::at_rest_opens(keys.current(), first_chunk) {
-        return Some(true);
-    }
-    keys.previous().iter().any(|k| crate::seal::at_rest_opens(k, first_chunk)).then_some(false)
+/// Whether a blob is sealed under a previous key (one the sweep moves): looks only at its first
+/// chunk.
+fn under_previous_key(keys: &AtRestKeys, first_chunk: &[u8]) -> bool {
+    !crate::seal::at_rest_opens(keys.current(), first_chunk)
+        && keys.previous().iter().any(|k| crate::seal::at_rest_opens(k, first_chunk))
 }
 
 impl Engine {
     /// The keys sealing and opening what pond keeps at rest.
     pub fn at_rest_keys(&self) -> AtRestKeys {
-        AtRestKeys::new(self.config().at_rest_key, &self.config().previous_keys)
+        AtRestKeys::new(self.config().at_rest_key, &self.config().previous_keys).with_next(&self.config().next_keys)
     }
 
     /// One pass of the re-seal sweep: every record value and blob sealed under a previous key
@@ -370,7 +345,7 @@ impl Engine {
                     Err(StoreError::NotFound(_)) => continue,
                     Err(e) => return Err(e.into()),
                 };
-                if sealed_under(&keys, &first) != Some(false) {
+                if !under_previous_key(&keys, &first) {
                     continue;
                 }
                 match self.reseal_blob(&keys, meta).await? {
@@ -392,7 +367,7 @@ impl Engine {
             Err(StoreError::NotFound(_)) => return Ok(false),
             Err(e) => return Err(e.into()),
         };
-        let Ok((false, opened)) = keys.open_which(&data) else { return Ok(false) };
+        let Ok((SealedUnder::Previous, opened)) = keys.open_which(&data) else { return Ok(false) };
         Ok(self.store().replace_blob(meta.id, &meta.sha256, &keys.seal(&opened)).await?)
     }
 }
@@ -445,10 +420,10 @@ mod tests {
         let before = seal_at_rest(&old, b"provider key");
         let keys = AtRestKeys::new(new, &[old, new, old]);
         assert_eq!(keys.previous().len(), 1, "the current key and repeats are dropped");
-        assert_eq!(keys.open_which(&before).unwrap(), (false, b"provider key".to_vec()));
+        assert_eq!(keys.open_which(&before).unwrap(), (SealedUnder::Previous, b"provider key".to_vec()));
         let after = keys.seal(b"provider key");
         assert!(open_at_rest(&old, &after).is_err(), "sealed under the new key only");
-        assert_eq!(keys.open_which(&after).unwrap(), (true, b"provider key".to_vec()));
+        assert_eq!(keys.open_which(&after).unwrap(), (SealedUnder::Current, b"provider key".to_vec()));
         assert!(AtRestKeys::new([3u8; 32], &[]).open(&before).is_err());
     }
 
@@ -458,9 +433,14 @@ mod tests {
         let keys = AtRestKeys::new(new, &[old]);
         let big = vec![7u8; 3 * crate::seal::CHUNK + 5];
         let sealed = seal_at_rest(&old, &big);
-        assert_eq!(sealed_under(&keys, &sealed[..crate::store::BLOB_CHUNK_BYTES.min(sealed.len())]), Some(false));
-        assert_eq!(sealed_under(&keys, &seal_at_rest(&new, b"x")), Some(true));
-        assert_eq!(sealed_under(&keys, b"plain artifact bytes, not sealed at all"), None);
+        assert!(under_previous_key(&keys, &sealed[..crate::store::BLOB_CHUNK_BYTES.min(sealed.len())]));
+        assert!(!under_previous_key(&keys, &seal_at_rest(&new, b"x")));
+        assert!(!under_previous_key(&keys, b"plain artifact bytes, not sealed at all"));
+        // A next key's values are opened, never moved.
+        let ahead = AtRestKeys::new(new, &[]).with_next(&[[9u8; 32]]);
+        let sealed_ahead = seal_at_rest(&[9u8; 32], b"x");
+        assert!(!under_previous_key(&ahead, &sealed_ahead));
+        assert_eq!(ahead.open_which(&sealed_ahead).unwrap(), (SealedUnder::Next, b"x".to_vec()));
     }
 
     #[test]

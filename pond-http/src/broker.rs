@@ -96,6 +96,8 @@ struct Shared {
 /// How often a streaming response reads the run's and project's caps again, so what other
 /// stages (on any node) booked meanwhile counts against it before it ends.
 const CAPS_REREAD: std::time::Duration = std::time::Duration::from_millis(500);
+/// The longest a streaming response waits for such a read (it keeps the caps it has otherwise).
+const CAPS_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A running broker.
 pub struct Broker {
@@ -289,6 +291,17 @@ impl Redactor {
     }
 }
 
+/// The stage's spend (input, output tokens) at this moment: its ended calls and what its
+/// responses still streaming have metered.
+fn stage_spend(shared: &Shared) -> (u64, u64) {
+    let ended = {
+        let u = shared.usage.lock().unwrap_or_else(|p| p.into_inner());
+        (u.input_tokens, u.output_tokens)
+    };
+    let streaming = *shared.streaming.lock().unwrap_or_else(|p| p.into_inner());
+    (ended.0 + streaming.0, ended.1 + streaming.1)
+}
+
 async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let config = &shared.config;
     // Only the per-task dummy key; a wrong one never reaches the provider.
@@ -316,7 +329,18 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         },
         None => Vec::new(),
     };
-    if let Some(why) = caps.iter().find_map(|cap| cap.passed(0, 0.0)) {
+    // The same reckoning as while a response streams: the stage's ended calls not yet booked
+    // and its responses streaming count too, and so does its own limit.
+    let spent_now = stage_spend(&shared);
+    let prices_now = config.account.as_ref().map(|a| a.prices()).unwrap_or((0.0, 0.0));
+    let (extra_in, extra_out) =
+        (spent_now.0.saturating_sub(booked_at_caps.0), spent_now.1.saturating_sub(booked_at_caps.1));
+    let extra_cost = extra_in as f64 / 1e6 * prices_now.0 + extra_out as f64 / 1e6 * prices_now.1;
+    let over = caps
+        .iter()
+        .find_map(|cap| cap.passed(extra_in + extra_out, extra_cost))
+        .or_else(|| config.limit.as_ref().and_then(|limit| limit.passed(spent_now.0, spent_now.1)));
+    if let Some(why) = over {
         *shared.exhausted.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
         return refuse(config.provider, StatusCode::TOO_MANY_REQUESTS, &format!("pond broker: {why}"));
     }
@@ -487,28 +511,24 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             };
             meter.feed(&chunk);
             // This response's tokens so far join the stage's streaming total.
-            let streaming = {
+            {
                 let mut streaming = worker.streaming.lock().unwrap_or_else(|p| p.into_inner());
                 streaming.0 += meter.input.saturating_sub(counted.0);
                 streaming.1 += meter.output.saturating_sub(counted.1);
                 counted = (counted.0.max(meter.input), counted.1.max(meter.output));
-                *streaming
-            };
+            }
             // The stage's spend now: calls that ended, and every response streaming (this one
             // included). Past a budget: this response goes no further (the agent sees it cut
             // off), nor does any other of the stage's in flight, and no call after it is
             // relayed; what was metered is accounted.
-            let ended = {
-                let u = worker.usage.lock().unwrap_or_else(|p| p.into_inner());
-                (u.input_tokens, u.output_tokens)
-            };
-            let (input, output) = (ended.0 + streaming.0, ended.1 + streaming.1);
+            let (input, output) = stage_spend(&worker);
             // Other stages' calls, on any node, count once booked: the caps are read again while
             // this response streams.
-            if let Some(account) = &config.account {
+            // Only where a budget applies; a slow store delays a chunk by at most a second.
+            if let Some(account) = config.account.as_ref().filter(|_| !caps.is_empty()) {
                 if caps_read.elapsed() >= CAPS_REREAD {
                     let booked = *worker.booked.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Ok(fresh) = account.caps().await {
+                    if let Ok(Ok(fresh)) = tokio::time::timeout(CAPS_READ_LIMIT, account.caps()).await {
                         (caps, booked_at_caps) = (fresh, booked);
                     }
                     caps_read = tokio::time::Instant::now();
@@ -551,7 +571,9 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         meter.finish();
         // Under a budget, a successful call whose cost cannot be read is not let through again:
         // pond stops rather than spend unmetered.
-        if metered && (200..300).contains(&status) && !meter.found {
+        // (Listing models and counting tokens cost nothing and say no usage.)
+        let billed = method == "POST" && !path.split('?').next().unwrap_or_default().ends_with("/count_tokens");
+        if metered && billed && (200..300).contains(&status) && !meter.found {
             worker.exhausted.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| {
                 format!(
                     "{}: a model call reported no usage, so the budget cannot be kept",

@@ -86,6 +86,9 @@ pub struct ServerConfig {
     /// (`--previous-server-key`); with `server_key` unset, `server.key.previous` in the data
     /// directory (one per line, as `pond admin server-key rotate` writes them) is added.
     pub previous_server_keys: Vec<[u8; 32]>,
+    /// Server keys accepted for opening only (`--next-server-key`): the first step of rolling a
+    /// rotation over several nodes, so a node not yet moved reads what moved nodes seal.
+    pub next_server_keys: Vec<[u8; 32]>,
     /// The first admin token, when the operator chooses it (`POND_ADMIN_TOKEN`: every node of a
     /// deployment gets the same from one Secret). Stored (hashed) only while no admin token
     /// exists; `None`: the first node to start mints one into `admin.token`.
@@ -140,6 +143,7 @@ impl ServerConfig {
             sandbox,
             server_key: None,
             previous_server_keys: Vec::new(),
+            next_server_keys: Vec::new(),
             bootstrap_admin_token: None,
             webhook_allow_ips: Vec::new(),
             event_retention: Duration::from_secs(30 * 24 * 3600),
@@ -173,6 +177,10 @@ pub enum ServerError {
     /// The TLS certificate or key cannot be used.
     #[error("--tls-cert/--tls-key: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// The keys, the database's identity or its schema do not fit this node (the message says
+    /// which, and what to do).
+    #[error("{0}")]
+    Refused(String),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -236,9 +244,19 @@ impl RunningServer {
 fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    // The mode above applies only to new files; tighten an existing one too.
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    // A fresh file, never one found in place: whatever is at the path (a leftover, or a link
+    // someone planted to make this process write elsewhere) is removed — not followed — and
+    // the new file is made exclusively, without following links.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(secret.as_bytes())?;
     file.write_all(b"\n")?;
     file.sync_all()
@@ -308,6 +326,20 @@ pub async fn recover_admin_token(
     database_url: Option<&str>,
     revoke_others: bool,
 ) -> Result<RecoveredToken, ServerError> {
+    // Never migrates: a CLI of another version refuses rather than change the schema under the
+    // servers.
+    let schema = match database_url {
+        Some(url) => Some(pond_store::pg_schema(url).await?),
+        None => pond_store::sqlite_schema(&data_dir.join("pond.db")).await?,
+    };
+    if let Some(schema) = schema {
+        if !schema.pending().is_empty() || !schema.unknown().is_empty() {
+            return Err(ServerError::Refused(format!(
+                "the database's schema is not this pond's ({}): run `pond admin token recover` of the version the server runs",
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+    }
     let store: Arc<dyn Store> = match database_url {
         Some(url) => Arc::new(PgStore::connect(url, 2).await?),
         None => {
@@ -414,24 +446,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         from_file = read_previous_keys(&previous_file)?;
         previous_keys.extend(from_file.iter().copied());
     }
-    let given = pond_core::server_keys::AtRestKeys::new(at_rest_key, &previous_keys);
-    let at_rest_keys = pond_core::server_keys::prefer_newest(store.as_ref(), &given)
-        .await
-        .map_err(|e| ServerError::Publish(e.to_string()))?;
-    if at_rest_keys.current() != given.current() {
-        tracing::warn!(
-            sealing_with = %pond_core::credentials::server_key_fingerprint(at_rest_keys.current()),
-            "a previous server key is newer than the current one (other nodes already moved to it): sealing with it"
-        );
-    }
+    let at_rest_keys =
+        pond_core::server_keys::AtRestKeys::new(at_rest_key, &previous_keys).with_next(&config.next_server_keys);
     // The control plane's identity outlives rotations; a node given a foreign key stops here.
     let identity_key = pond_core::server_keys::identity_root(store.as_ref(), &at_rest_keys)
         .await
-        .map_err(|e| ServerError::Publish(e.to_string()))?;
-    // Recorded before anything is sealed under it, so an older key's node never moves data back.
-    pond_core::server_keys::announce(store.as_ref(), &at_rest_keys, clock.now())
-        .await
-        .map_err(|e| ServerError::Publish(e.to_string()))?;
+        .map_err(|e| ServerError::Refused(e.to_string()))?;
+    check_pinned_identity(data_dir, &identity_key)?;
     let fetch = FetchConfig {
         allow_plain_http_git: config.allow_plain_http_git,
         allow_internal_git: config.allow_internal_git,
@@ -465,6 +486,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         signing_seed,
         at_rest_key: *at_rest_keys.current(),
         previous_keys: at_rest_keys.previous().to_vec(),
+        next_keys: at_rest_keys.next().to_vec(),
         identity_key,
         node_id,
         lease: Millis(config.lease.as_millis() as u64),
@@ -606,6 +628,34 @@ async fn prune_events(
 /// Where a data directory keeps the server keys a rotation replaced.
 pub const PREVIOUS_KEYS_FILE: &str = "server.key.previous";
 
+/// The control plane's public key this data directory's node served with before
+/// (`control-plane.pub`, written at its first start): a database whose identity record was
+/// swapped or deleted — which the server key alone cannot tell — is refused here instead of
+/// being served under an identity consumers and workers never pinned.
+fn check_pinned_identity(data_dir: &Path, identity_root: &[u8; 32]) -> Result<(), ServerError> {
+    use base64::Engine as _;
+    let public = base64::engine::general_purpose::STANDARD
+        .encode(pond_core::keys::ed25519_public(&pond_core::keys::control_plane_seed(identity_root)));
+    let path = data_dir.join(PINNED_IDENTITY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(pinned) if pinned.trim() == public => Ok(()),
+        Ok(pinned) => Err(ServerError::Refused(format!(
+            "the database's control-plane identity ({public}) is not the one this node served before ({}, in {}): \
+             its identity record was changed or replaced; restore the database, or remove {} if the change is meant",
+            pinned.trim(),
+            path.display(),
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&path, format!("{public}\n")).map_err(io(format!("writing {}", path.display())))
+        }
+        Err(e) => Err(io(format!("reading {}", path.display()))(e)),
+    }
+}
+
+/// Where a data directory pins the control plane's public key.
+pub const PINNED_IDENTITY_FILE: &str = "control-plane.pub";
+
 /// Holds `data_dir` for this process alone (`pond.lock`) for as long as the file returned is
 /// open: a second server on it, or a key rotation beside a running one, is refused.
 pub fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
@@ -656,20 +706,6 @@ async fn reseal_at_rest(
             _ = tokio::time::sleep(wait) => {}
         }
         wait = Duration::from_secs(60);
-        // Asked before every pass: once a node starts with a newer key, the data is moving to
-        // that one, and this node (given it as a previous key during a roll) only opens.
-        let keys = engine.at_rest_keys();
-        match pond_core::server_keys::announce(engine.store().as_ref(), &keys, engine.clock().now()).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::info!("another node runs a newer server key: it re-seals; this node only opens with both");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "checking which server key is newest failed; will retry");
-                continue;
-            }
-        }
         match engine.reseal_at_rest().await {
             Ok(report) => {
                 metrics::counter!("pond_resealed_total", "what" => "record").increment(report.records);
