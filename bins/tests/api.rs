@@ -1105,15 +1105,7 @@ fn the_server_key_rotates_and_what_it_sealed_follows() {
     // A node given only the old key, or a stranger's, is refused at start by name.
     drop(server);
     for key in [old_key, [9u8; 32]] {
-        let out = std::process::Command::new(POND)
-            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data)
-            .env("POND_SERVER_KEY", b64.encode(key))
-            .env("POND_SANDBOX", "host")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let stderr = refused_start(&data, &[], &[("POND_SERVER_KEY", &b64.encode(key))]);
         assert!(stderr.contains("does not open this database's sealed identity"), "{stderr}");
     }
 }
@@ -1139,15 +1131,7 @@ fn a_node_refuses_a_database_whose_identity_was_swapped() {
             store.delete_record("log_signer", &id).await.unwrap();
         }
     });
-    let out = std::process::Command::new(POND)
-        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .env_remove("POND_SERVER_KEY")
-        .env("POND_SANDBOX", "host")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = refused_start(&data, &[], &[]);
     assert!(stderr.contains("is not the one this node served before") && stderr.contains(&control_plane), "{stderr}");
 }
 

@@ -483,15 +483,10 @@ fn a_postgresql_dump_and_the_server_key_restore_the_deployment() {
     assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
     drop(restored);
 
-    let out = std::process::Command::new(POND)
-        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("c"))
-        .args(["--database-url", &restored_db.url])
-        .env("POND_SERVER_KEY", "b3RoZXItZGVwbG95bWVudC1zZXJ2ZXIta2V5LTMyISE=")
-        .env("POND_SANDBOX", "host")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = refused_start(
+        &dir.path().join("c"),
+        &["--database-url", &restored_db.url],
+        &[("POND_SERVER_KEY", "b3RoZXItZGVwbG95bWVudC1zZXJ2ZXIta2V5LTMyISE=")],
+    );
     assert!(stderr.contains("does not open this database's sealed identity"), "{stderr}");
 }

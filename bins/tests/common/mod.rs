@@ -336,6 +336,23 @@ impl Drop for Worker {
     }
 }
 
+/// Starts `pond server` on `data_dir` with `extra` flags and `env` (the host sandbox) expecting
+/// it to refuse: asserts exit code 2 and returns what it said on stderr.
+pub fn refused_start(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(POND)
+        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env_remove("POND_SERVER_KEY")
+        .env("POND_SANDBOX", "host")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run pond server");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
 /// Registers credential `openai` (provider openai, project acme) holding `value`, through the
 /// CLI as an operator would (the value from an environment variable, never argv).
 pub fn add_openai_credential(server: &Server, value: &str) {
