@@ -1170,7 +1170,13 @@ fn backup(data_dir: &Path, to: &Path) -> Result<()> {
     let mut copied = vec!["pond.db".to_string()];
     // A rotation under way keeps its previous keys beside server.key: what they still seal
     // opens only with them.
-    for file in ["server.key", pond_http::server::PREVIOUS_KEYS_FILE, "signing.ed25519", "admin.token"] {
+    for file in [
+        "server.key",
+        pond_http::server::PREVIOUS_KEYS_FILE,
+        pond_http::server::PINNED_IDENTITY_FILE,
+        "signing.ed25519",
+        "admin.token",
+    ] {
         let from = data_dir.join(file);
         if from.is_file() {
             use std::os::unix::fs::OpenOptionsExt as _;

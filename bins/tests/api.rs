@@ -1133,6 +1133,12 @@ fn a_node_refuses_a_database_whose_identity_was_swapped() {
     });
     let stderr = refused_start(&data, &[], &[]);
     assert!(stderr.contains("is not the one this node served before") && stderr.contains(&control_plane), "{stderr}");
+    // The refused node stored no new identity for other nodes to serve.
+    rt.block_on(async {
+        use pond_core::store::Store;
+        let store = pond_store::SqliteStore::open(&data.join("pond.db")).await.unwrap();
+        assert!(store.get_record("server-identity", "root").await.unwrap().is_none());
+    });
 }
 
 /// Every string under a `sealed` key, nested anywhere.

@@ -170,12 +170,18 @@ pub fn open_identity(keys: &AtRestKeys, text: &str) -> Result<[u8; 32], CoreErro
 }
 
 /// Which of `keys`' derived root opens the stored identity, storing one when the database has
-/// none: the identity root for [`crate::engine::EngineConfig::identity_key`].
-pub async fn identity_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 32], CoreError> {
+/// none: the identity root for [`crate::engine::EngineConfig::identity_key`]. `accept` sees a
+/// root about to be stored first, and may refuse it (a node that pinned another identity).
+pub async fn identity_root(
+    store: &dyn Store,
+    keys: &AtRestKeys,
+    accept: impl FnOnce(&[u8; 32]) -> Result<(), CoreError>,
+) -> Result<[u8; 32], CoreError> {
     if let Some(root) = stored_identity(store, keys).await? {
         return Ok(root);
     }
     let root = first_root(store, keys).await?;
+    accept(&root)?;
     let sealed = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, keys.seal(&root));
     if store.swap_record(IDENTITY, IDENTITY_KEY, None, &sealed).await? {
         return Ok(root);
@@ -192,7 +198,7 @@ pub async fn identity_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 
 /// deployment older than the stored root derived its identity from its server key: the one of
 /// `keys` whose control-plane key endorsed the nodes' signing keys is taken — and if none did,
 /// the node was given another deployment's key and is refused before it stores anything.
-async fn first_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 32], CoreError> {
+pub async fn first_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 32], CoreError> {
     let signers: Vec<crate::engine::LogSigner> = store
         .list_records(crate::engine::LOG_SIGNER)
         .await?

@@ -23,12 +23,16 @@ fn signer_endorsed_by(identity: &[u8; 32]) -> String {
 async fn a_new_deployment_gets_a_random_root_that_stays() {
     let store = MemoryStore::new();
     let key = [1u8; 32];
-    let root = identity_root(&store, &AtRestKeys::new(key, &[])).await.unwrap();
+    let root = identity_root(&store, &AtRestKeys::new(key, &[]), |_| Ok(())).await.unwrap();
     assert_ne!(root, key, "the root is not the server key");
-    assert_eq!(identity_root(&store, &AtRestKeys::new(key, &[])).await.unwrap(), root, "the same on every start");
+    assert_eq!(
+        identity_root(&store, &AtRestKeys::new(key, &[]), |_| Ok(())).await.unwrap(),
+        root,
+        "the same on every start"
+    );
     let rotated = AtRestKeys::new([2u8; 32], &[key]);
-    assert_eq!(identity_root(&store, &rotated).await.unwrap(), root, "a rotation keeps it");
-    let foreign = identity_root(&store, &AtRestKeys::new([3u8; 32], &[])).await.unwrap_err().to_string();
+    assert_eq!(identity_root(&store, &rotated, |_| Ok(())).await.unwrap(), root, "a rotation keeps it");
+    let foreign = identity_root(&store, &AtRestKeys::new([3u8; 32], &[]), |_| Ok(())).await.unwrap_err().to_string();
     assert!(foreign.contains("does not open this database's sealed identity"), "{foreign}");
 }
 
@@ -38,10 +42,10 @@ async fn an_older_deployment_keeps_the_identity_its_nodes_were_endorsed_under() 
     let store = MemoryStore::new();
     store.put_record("log_signer", "node-old", &signer_endorsed_by(&old_key)).await.unwrap();
     // A node given another deployment's key is refused, and stores nothing.
-    let wrong = identity_root(&store, &AtRestKeys::new([5u8; 32], &[])).await.unwrap_err().to_string();
+    let wrong = identity_root(&store, &AtRestKeys::new([5u8; 32], &[]), |_| Ok(())).await.unwrap_err().to_string();
     assert!(wrong.contains("not the one this database's nodes were endorsed under"), "{wrong}");
     assert!(store.get_record("server-identity", "root").await.unwrap().is_none());
     // Mid-rotation (the old key as a previous one), the endorsed key is the root.
-    let root = identity_root(&store, &AtRestKeys::new([6u8; 32], &[old_key])).await.unwrap();
+    let root = identity_root(&store, &AtRestKeys::new([6u8; 32], &[old_key]), |_| Ok(())).await.unwrap();
     assert_eq!(root, old_key);
 }

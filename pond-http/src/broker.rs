@@ -294,11 +294,13 @@ impl Redactor {
 /// The stage's spend (input, output tokens) at this moment: its ended calls and what its
 /// responses still streaming have metered.
 fn stage_spend(shared: &Shared) -> (u64, u64) {
+    // Streaming first: a call ending in between moves its tokens into the ended total before it
+    // leaves the streaming one, so it is counted twice at worst, never missed.
+    let streaming = *shared.streaming.lock().unwrap_or_else(|p| p.into_inner());
     let ended = {
         let u = shared.usage.lock().unwrap_or_else(|p| p.into_inner());
         (u.input_tokens, u.output_tokens)
     };
-    let streaming = *shared.streaming.lock().unwrap_or_else(|p| p.into_inner());
     (ended.0 + streaming.0, ended.1 + streaming.1)
 }
 
@@ -341,7 +343,14 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         .find_map(|cap| cap.passed(extra_in + extra_out, extra_cost))
         .or_else(|| config.limit.as_ref().and_then(|limit| limit.passed(spent_now.0, spent_now.1)));
     if let Some(why) = over {
-        *shared.exhausted.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+        // Spent for certain only by what is stored or ended; what is still streaming (or counted
+        // twice for a moment) refuses this call without ending the stage.
+        let ended = *shared.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let definite = caps.iter().any(|cap| cap.passed(0, 0.0).is_some())
+            || config.limit.as_ref().is_some_and(|l| l.passed(ended.input_tokens, ended.output_tokens).is_some());
+        if definite {
+            *shared.exhausted.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+        }
         return refuse(config.provider, StatusCode::TOO_MANY_REQUESTS, &format!("pond broker: {why}"));
     }
     let shown_path = req.uri().path().chars().take(100).collect::<String>();

@@ -355,7 +355,9 @@ pub async fn recover_admin_token(
     };
     let now = SystemClock.now();
     let (secret, record) = mint_token(Role::Admin, "admin (recovered)", Vec::new(), now);
-    let (pending, file) = (data_dir.join("admin.token.new"), data_dir.join("admin.token"));
+    // Staged under a name of its own: a server minting its first token stages `admin.token.new`.
+    let (pending, file) =
+        (data_dir.join(format!("admin.token.recover-{}", std::process::id())), data_dir.join("admin.token"));
     write_secret_file(&pending, &secret).map_err(io(format!("writing {}", pending.display())))?;
     store.insert_token(&record).await?;
     std::fs::rename(&pending, &file).map_err(io(format!("writing {}", file.display())))?;
@@ -446,12 +448,24 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         from_file = read_previous_keys(&previous_file)?;
         previous_keys.extend(from_file.iter().copied());
     }
+    if let Some(both) = config.next_server_keys.iter().find(|k| previous_keys.contains(k)) {
+        return Err(ServerError::Refused(format!(
+            "server key {} is given both as previous (its values are moved to the current key) and as next \
+             (opened only): give it as one of them",
+            pond_core::credentials::server_key_fingerprint(both)
+        )));
+    }
     let at_rest_keys =
         pond_core::server_keys::AtRestKeys::new(at_rest_key, &previous_keys).with_next(&config.next_server_keys);
     // The control plane's identity outlives rotations; a node given a foreign key stops here.
-    let identity_key = pond_core::server_keys::identity_root(store.as_ref(), &at_rest_keys)
-        .await
-        .map_err(|e| ServerError::Refused(e.to_string()))?;
+    // A new root is checked against this data directory's pin before it is stored, so a node
+    // that refuses it leaves nothing behind for other nodes to serve.
+    let identity_key = pond_core::server_keys::identity_root(store.as_ref(), &at_rest_keys, |root| {
+        pinned_identity_differs(data_dir, root)
+            .map_err(|e| pond_core::CoreError::Store(pond_core::StoreError::Backend(e)))
+    })
+    .await
+    .map_err(|e| ServerError::Refused(e.to_string()))?;
     check_pinned_identity(data_dir, &identity_key)?;
     let fetch = FetchConfig {
         allow_plain_http_git: config.allow_plain_http_git,
@@ -633,23 +647,40 @@ pub const PREVIOUS_KEYS_FILE: &str = "server.key.previous";
 /// swapped or deleted — which the server key alone cannot tell — is refused here instead of
 /// being served under an identity consumers and workers never pinned.
 fn check_pinned_identity(data_dir: &Path, identity_root: &[u8; 32]) -> Result<(), ServerError> {
+    pinned_identity_differs(data_dir, identity_root).map_err(ServerError::Refused)?;
+    let path = data_dir.join(PINNED_IDENTITY_FILE);
+    if path.exists() {
+        return Ok(());
+    }
+    // Whole or not at all: a crash mid-write never leaves an empty pin that refuses the next start.
+    let staged = data_dir.join(format!("{PINNED_IDENTITY_FILE}.new"));
+    std::fs::write(&staged, format!("{}\n", control_plane_public(identity_root)))
+        .and_then(|()| std::fs::rename(&staged, &path))
+        .map_err(io(format!("writing {}", path.display())))
+}
+
+fn control_plane_public(identity_root: &[u8; 32]) -> String {
     use base64::Engine as _;
-    let public = base64::engine::general_purpose::STANDARD
-        .encode(pond_core::keys::ed25519_public(&pond_core::keys::control_plane_seed(identity_root)));
+    base64::engine::general_purpose::STANDARD
+        .encode(pond_core::keys::ed25519_public(&pond_core::keys::control_plane_seed(identity_root)))
+}
+
+/// Why `identity_root` is not the identity this data directory pinned, if it is not (no pin
+/// yet: nothing to say).
+fn pinned_identity_differs(data_dir: &Path, identity_root: &[u8; 32]) -> Result<(), String> {
+    let public = control_plane_public(identity_root);
     let path = data_dir.join(PINNED_IDENTITY_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(pinned) if pinned.trim() == public => Ok(()),
-        Ok(pinned) => Err(ServerError::Refused(format!(
+        Ok(pinned) if pinned.trim() == public || pinned.trim().is_empty() => Ok(()),
+        Ok(pinned) => Err(format!(
             "the database's control-plane identity ({public}) is not the one this node served before ({}, in {}): \
              its identity record was changed or replaced; restore the database, or remove {} if the change is meant",
             pinned.trim(),
             path.display(),
             path.display()
-        ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::write(&path, format!("{public}\n")).map_err(io(format!("writing {}", path.display())))
-        }
-        Err(e) => Err(io(format!("reading {}", path.display()))(e)),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("reading {}: {e}", path.display())),
     }
 }
 
