@@ -278,26 +278,22 @@ fn credential_accepted(
 /// accepts the credential. `server` is the one configured (`--server`, the context).
 pub fn orchestrator_checks(server: &str, state_dir: &Path, has_enroll_code: bool) -> Vec<Check> {
     let mut checks = vec![private_dir("state dir", state_dir)];
-    let file = state_dir.join(crate::orchestrator::CREDENTIAL_FILE);
-    let mint = "pond admin enroll create --pool POOL";
-    let credential: Option<crate::orchestrator::Credential> =
-        credential_or_code(&file, has_enroll_code, mint, &mut checks);
-    let target = credential.as_ref().map(|c| c.server.trim_end_matches('/')).unwrap_or(server);
-    if credential.is_some() && target != server.trim_end_matches('/') {
-        checks.push(Check::fail(
-            "server",
-            format!("the saved credential is for {target}, but the server configured is {server}: the orchestrator uses the saved one"),
-            format!("to move it, remove {} and enroll again at {server}", file.display()),
-        ));
-    }
-    let fix = "start it, or point the orchestrator at it (`--server`, POND_SERVER)";
-    if !reachable("server", target, fix, &mut checks) {
-        return checks;
-    }
-    if let Some(credential) = &credential {
-        let client = Client::new(target, Some(credential.token.clone()));
-        credential_accepted(client.json(client.request("GET", "/v1/orch/me"), None), &file, mint, &mut checks);
-    }
+    let member = Member {
+        peer: "server",
+        configured: server,
+        file: state_dir.join(crate::orchestrator::CREDENTIAL_FILE),
+        mint: "pond admin enroll create --pool POOL",
+        unreachable_fix: "start it, or point the orchestrator at it (`--server`, POND_SERVER)",
+    };
+    member.check::<crate::orchestrator::Credential>(
+        has_enroll_code,
+        |c| (&c.server, &c.token),
+        |url, token| {
+            let client = Client::new(url, Some(token.to_string()));
+            client.json(client.request("GET", "/v1/orch/me"), None)
+        },
+        &mut checks,
+    );
     checks
 }
 
@@ -308,27 +304,64 @@ pub fn worker_checks(orchestrator: &str, key_dir: &Path, has_enroll_code: bool) 
     for key in ["sealing.key", "signing.key"] {
         checks.push(private_file(key, &key_dir.join(key), "made at first start"));
     }
-    let file = key_dir.join(crate::worker_process::CREDENTIAL_FILE);
-    let mint = "pond admin enroll create --pool POOL --worker";
-    let credential: Option<crate::worker_process::Credential> =
-        credential_or_code(&file, has_enroll_code, mint, &mut checks);
-    let target = credential.as_ref().map(|c| c.orchestrator.trim_end_matches('/')).unwrap_or(orchestrator);
-    if credential.is_some() && target != orchestrator.trim_end_matches('/') {
-        checks.push(Check::fail(
-            "orchestrator",
-            format!("the saved credential is for {target}, but --orchestrator says {orchestrator}: the worker uses the saved one"),
-            format!("to move it, remove {} and enroll again through {orchestrator}", file.display()),
-        ));
-    }
-    let fix = "start it (`pond orchestrator`), or point the worker at it (--orchestrator)";
-    if !reachable("orchestrator", target, fix, &mut checks) {
-        return checks;
-    }
-    if let Some(credential) = &credential {
-        let client = crate::pool_client::HttpWorkerClient::new(target, &credential.token);
-        credential_accepted(client.whoami(), &file, mint, &mut checks);
-    }
+    let member = Member {
+        peer: "orchestrator",
+        configured: orchestrator,
+        file: key_dir.join(crate::worker_process::CREDENTIAL_FILE),
+        mint: "pond admin enroll create --pool POOL --worker",
+        unreachable_fix: "start it (`pond orchestrator`), or point the worker at it (--orchestrator)",
+    };
+    member.check::<crate::worker_process::Credential>(
+        has_enroll_code,
+        |c| (&c.orchestrator, &c.token),
+        |url, token| crate::pool_client::HttpWorkerClient::new(url, token).whoami(),
+        &mut checks,
+    );
     checks
+}
+
+/// A pool member's saved enrollment, checked against the peer it talks to.
+struct Member<'a> {
+    /// What it talks to: `server` or `orchestrator`.
+    peer: &'a str,
+    /// The peer's URL as configured (flag, environment, context).
+    configured: &'a str,
+    /// The saved credential.
+    file: std::path::PathBuf,
+    /// The command that mints an enrollment code for it.
+    mint: &'a str,
+    /// How to make an unreachable peer answer.
+    unreachable_fix: &'a str,
+}
+
+impl Member<'_> {
+    /// The credential (or a code to enroll with), the peer the credential is for — the one the
+    /// member uses, named when it is not the configured one —, and whether it still accepts it.
+    fn check<T: serde::de::DeserializeOwned>(
+        &self,
+        has_enroll_code: bool,
+        url_and_token: impl Fn(&T) -> (&String, &String),
+        whoami: impl Fn(&str, &str) -> Result<pond_core::pool::PoolMember, crate::client::ClientError>,
+        checks: &mut Vec<Check>,
+    ) {
+        let (peer, configured) = (self.peer, self.configured.trim_end_matches('/'));
+        let credential: Option<T> = credential_or_code(&self.file, has_enroll_code, self.mint, checks);
+        let saved = credential.as_ref().map(|c| url_and_token(c));
+        let target = saved.map(|(url, _)| url.trim_end_matches('/')).unwrap_or(configured);
+        if saved.is_some() && target != configured {
+            checks.push(Check::fail(
+                peer,
+                format!("the saved credential is for {target}, but the {peer} configured is {configured}: the saved one is used"),
+                format!("to move it, remove {} and enroll again with {configured}", self.file.display()),
+            ));
+        }
+        if !reachable(peer, target, self.unreachable_fix, checks) {
+            return;
+        }
+        if let Some((_, token)) = saved {
+            credential_accepted(whoami(target, token), &self.file, self.mint, checks);
+        }
+    }
 }
 
 /// How far the server's `Date` header is from this host's clock.
