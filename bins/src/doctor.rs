@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use pond_http::doctor::{private_dir, private_file, Check};
+use pond_sandbox::oci::Limits;
 
 use crate::{OrchestratorArgs, SandboxArgs, ServerArgs, TlsArgs, WorkerArgs};
 
@@ -43,9 +44,7 @@ pub(crate) fn host_checks(data_dir: Option<&Path>, sandbox: bool) -> Vec<Check> 
         }
     }
     if sandbox {
-        let args =
-            SandboxArgs { backend: "oci".into(), dir: None, egress_allow: Vec::new(), defaults: None, ceilings: None };
-        checks.push(sandbox_check(&args));
+        checks.push(sandbox_check(None, None));
     }
     checks
 }
@@ -58,13 +57,12 @@ pub(crate) fn server(args: &ServerArgs) -> Result<Vec<Check>> {
     if args.data_dir.exists() {
         checks.extend(disk_check(&args.data_dir));
     }
-    let tls = TlsArgs { tls_cert: args.tls.tls_cert.clone(), tls_key: args.tls.tls_key.clone() };
-    checks.extend(tls_check(tls));
+    checks.extend(tls_check(args.tls.clone()));
     checks.push(listen_check(args.listen, args.tls.tls_cert.is_some()));
     let runtime = crate::runtime()?;
     checks.extend(runtime.block_on(store_checks(args)));
     if args.sandbox.backend != "host" {
-        checks.push(sandbox_check(&args.sandbox));
+        checks.push(sandbox_check(args.sandbox.defaults, args.sandbox.ceilings));
         checks.extend(egress_checks(&args.sandbox.egress_allow));
     }
     checks.extend(tool_checks(&[]));
@@ -75,8 +73,7 @@ pub(crate) fn server(args: &ServerArgs) -> Result<Vec<Check>> {
 /// TLS, version, clock) and whether it still accepts the enrollment, its address and TLS files.
 pub(crate) fn orchestrator(server: &str, args: &OrchestratorArgs) -> Vec<Check> {
     let mut checks = pond_http::doctor::orchestrator_checks(server, &args.state_dir, args.enroll.is_some());
-    let tls = TlsArgs { tls_cert: args.tls.tls_cert.clone(), tls_key: args.tls.tls_key.clone() };
-    checks.extend(tls_check(tls));
+    checks.extend(tls_check(args.tls.clone()));
     checks.push(listen_check(args.listen, args.tls.tls_cert.is_some()));
     checks
 }
@@ -92,7 +89,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> Vec<Check> {
         checks.extend(disk_check(&key_dir));
     }
     if args.sandbox.backend != "host" {
-        let sandbox = sandbox_check(&args.sandbox);
+        let sandbox = sandbox_check(args.sandbox.defaults, args.sandbox.ceilings);
         let sandboxed = args.capabilities.iter().any(|c| c == pond_core::routing::SANDBOX_CAPABILITY);
         if !sandbox.ok && !sandboxed && args.sandbox.backend == "auto" {
             // `auto` falls back to the `none` profile; say so without failing.
@@ -357,15 +354,9 @@ async fn key_checks(args: &ServerArgs, current_schema: bool) -> Vec<Check> {
 
 /// The OCI backend's self-check in a scratch state directory (a running node's is left alone),
 /// and the profiles it enforces.
-fn sandbox_check(args: &SandboxArgs) -> Check {
+fn sandbox_check(defaults: Option<Limits>, ceilings: Option<Limits>) -> Check {
     let dir: PathBuf = std::env::temp_dir().join(format!("pond-doctor-sandbox-{}", std::process::id()));
-    let oci = SandboxArgs {
-        backend: "oci".into(),
-        dir: None,
-        egress_allow: Vec::new(),
-        defaults: args.defaults,
-        ceilings: args.ceilings,
-    };
+    let oci = SandboxArgs { backend: "oci".into(), dir: None, egress_allow: Vec::new(), defaults, ceilings };
     let check = match crate::sandbox_backend(&oci, dir.clone()) {
         Ok((backend, _)) => {
             let profiles: Vec<&str> = backend.profiles().iter().map(|p| p.as_str()).collect();
@@ -388,25 +379,23 @@ fn egress_checks(rules: &[String]) -> Vec<Check> {
     let mut checks = Vec::new();
     for (i, text) in rules.iter().enumerate() {
         let name = format!("egress-allow[{i}]");
-        if let Err(e) = pond_sandbox::egress::Rule::parse(text) {
-            checks.push(Check::fail(&name, e, "write host, host:port, *.suffix or an IP address"));
-            continue;
-        }
-        let text = text.trim().to_ascii_lowercase();
-        let (host, port) = match text.rsplit_once(':') {
-            Some((h, p)) if !h.contains(':') && p.parse::<u16>().is_ok() => (h.to_string(), p.parse().unwrap_or(443)),
-            _ => (text.clone(), 443),
+        let rule = match pond_sandbox::egress::Rule::parse(text) {
+            Ok(rule) => rule,
+            Err(e) => {
+                checks.push(Check::fail(&name, e, "write host, host:port, *.suffix or an IP address"));
+                continue;
+            }
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-        if host.starts_with("*.") {
-            checks.push(Check::ok(&name, format!("{text}: any name under {} (resolved per request)", &host[2..])));
+        let (host, text) = (rule.host(), text.trim());
+        if let Some(suffix) = host.strip_prefix("*.") {
+            checks.push(Check::ok(&name, format!("{text}: any name under {suffix} (resolved per request)")));
             continue;
         }
         if host.parse::<std::net::IpAddr>().is_ok() {
             checks.push(Check::ok(&name, format!("{text}: an address, dialled as given")));
             continue;
         }
-        match (host.as_str(), port).to_socket_addrs() {
+        match (host, rule.port().unwrap_or(443)).to_socket_addrs() {
             Err(e) => checks.push(Check::fail(
                 &name,
                 format!("{host} does not resolve here: {e}"),

@@ -850,7 +850,7 @@ enum PoolCommand {
 }
 
 /// HTTPS on a listener.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct TlsArgs {
     /// Serve HTTPS with this certificate chain (PEM, the listener's own certificate first); a
     /// renewed file is picked up within seconds, without a restart.

@@ -334,10 +334,10 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     // The same reckoning as while a response streams: the stage's ended calls not yet booked
     // and its responses streaming count too, and so does its own limit.
     let spent_now = stage_spend(&shared);
-    let prices_now = config.account.as_ref().map(|a| a.prices()).unwrap_or((0.0, 0.0));
+    let prices = config.account.as_ref().map(|a| a.prices()).unwrap_or((0.0, 0.0));
     let (extra_in, extra_out) =
         (spent_now.0.saturating_sub(booked_at_caps.0), spent_now.1.saturating_sub(booked_at_caps.1));
-    let extra_cost = extra_in as f64 / 1e6 * prices_now.0 + extra_out as f64 / 1e6 * prices_now.1;
+    let extra_cost = extra_in as f64 / 1e6 * prices.0 + extra_out as f64 / 1e6 * prices.1;
     let over = caps
         .iter()
         .find_map(|cap| cap.passed(extra_in + extra_out, extra_cost))
@@ -393,7 +393,6 @@ async fn relay(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         },
         false => body,
     };
-    let prices = config.account.as_ref().map(|a| a.prices()).unwrap_or((0.0, 0.0));
     // What this stage spends beyond what it had booked when the caps were read — calls that
     // ended since, and every response streaming — counts against them on top of that.
     let (mut caps, mut booked_at_caps, mut caps_read) = (caps, booked_at_caps, tokio::time::Instant::now());

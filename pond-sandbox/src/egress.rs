@@ -44,6 +44,16 @@ impl Rule {
         Ok(Rule { host: host.to_string(), port })
     }
 
+    /// The host as written (lower case, without brackets): a name, `*.suffix` or an IP literal.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port it allows (`None`: 80 and 443).
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+
     fn matches(&self, host: &str, port: u16) -> bool {
         let port_ok = match self.port {
             Some(p) => p == port,
