@@ -102,6 +102,9 @@ pub fn run(pond_exe: &Path, work: &Path, runs: usize) -> Result<Report, String> 
     let state = work.join("pond-state");
     let scratch = work.join("pond-scratch");
     std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
+    // The helper takes its state directory's activity lock: the directory exists before it
+    // starts, as `OciBackend::new` makes it for a server or worker.
+    std::fs::create_dir_all(&state).map_err(|e| format!("creating {}: {e}", state.display()))?;
     oci::collect_garbage(&state)?;
     let helper_name = Path::new(&oci::helper_command(pond_exe)[0])
         .file_name()

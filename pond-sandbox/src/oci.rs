@@ -487,6 +487,8 @@ struct Sandbox<'a> {
     rw_mounted: bool,
     /// The cgroup slot held (its lock file) and its number.
     slot: Option<(File, usize)>,
+    /// The slot's cgroup directories (one per hierarchy), listed once the container is in them.
+    slot_cgroups: Vec<PathBuf>,
     /// The uid held (its lock file) and its number.
     uid: Option<(File, u32)>,
     /// Phase ends, printed to stderr when `POND_SANDBOX_TRACE` is set (for tuning).
@@ -502,7 +504,7 @@ impl<'a> Sandbox<'a> {
         let bundle = spec.state_dir.join("bundles").join(&spec.id);
         let rw = bundle.join("rw");
         let marks = vec![("start", std::time::Instant::now())];
-        Sandbox { spec, bundle, rw, container: None, rw_mounted: false, slot: None, uid: None, marks }
+        Sandbox { spec, bundle, rw, container: None, rw_mounted: false, slot: None, slot_cgroups: Vec::new(), uid: None, marks }
     }
 
     fn mark(&mut self, phase: &'static str) {
@@ -522,6 +524,8 @@ impl<'a> Sandbox<'a> {
 
     fn run(&mut self, report: &mut SandboxReport) -> Result<(), String> {
         let spec = self.spec;
+        // Started first, joined before libcontainer forks (it needs a single-threaded process).
+        let warm_moves = std::thread::spawn(warm_cgroup_moves);
         // SAFETY: prctl with constant arguments on this process only.
         unsafe {
             // Processes the container leaves behind are re-parented to us, not to the host's init.
@@ -567,10 +571,11 @@ impl<'a> Sandbox<'a> {
         self.uid = Some((uid_lock, uid));
         report.uid = Some(uid);
         let mounts = self.prepare_mounts(uid)?;
-        let (lock, slot) = acquire_slot(&spec.state_dir)?;
+        let (lock, slot, existing) = acquire_slot(&spec.state_dir)?;
         self.slot = Some((lock, slot));
         let cgroup = slot_cgroup(&spec.state_dir, slot);
-        let oom_before = oom_kills(&spec.state_dir, slot);
+        let oom_before = oom_kills(&existing);
+        self.slot_cgroups = existing;
         let netns = format!("/proc/{}/ns/net", std::process::id());
         let config = oci_config(spec, uid, &mounts, proxy.is_some(), Some(netns), &cgroup);
         std::fs::write(self.bundle.join("config.json"), serde_json::to_vec_pretty(&config).unwrap_or_default())
@@ -578,6 +583,10 @@ impl<'a> Sandbox<'a> {
         self.mark("bundle");
 
         let seccomp_filters = crate::seccomp::programs()?;
+        if warm_moves.join().is_err() {
+            return Err("the cgroup warm-up thread panicked".into());
+        }
+        self.mark("warm");
         let stdout = dup_fd(1)?;
         let stderr = dup_fd(2)?;
         // The container reads what the helper was given (/dev/null, or an agent's prompt).
@@ -614,10 +623,8 @@ impl<'a> Sandbox<'a> {
         if proxy.is_some() || !forwards.is_empty() {
             // The proxy's CPU time is the sandbox's: its thread joins the slot's cpu cgroup
             // (cgroup v1 moves single threads; on a v2-only host it stays the helper's).
-            let cpu_cgroups: Vec<PathBuf> = cgroup_dirs(&spec.state_dir, Some(&slot_name(slot)))
-                .into_iter()
-                .filter(|d| d.to_string_lossy().split('/').any(|part| part.split(',').any(|c| c == "cpu")))
-                .collect();
+            let cpu_cgroups: Vec<PathBuf> =
+                self.slot_cgroups.iter().filter(|d| hierarchy_has(d, "cpu")).cloned().collect();
             spawn_network_thread(host_netns, proxy, forwards, cpu_cgroups);
         }
         let status = wait_for(pid, signals.as_raw_fd(), parent.as_raw_fd(), spec.limits.timeout_secs, report)?;
@@ -627,7 +634,7 @@ impl<'a> Sandbox<'a> {
         } else if libc::WIFSIGNALED(status) {
             report.signal = Some(libc::WTERMSIG(status));
         }
-        report.oom_killed = oom_kills(&spec.state_dir, slot) > oom_before;
+        report.oom_killed = oom_kills(&self.slot_cgroups) > oom_before;
         self.copy_back()?;
         Ok(())
     }
@@ -691,14 +698,11 @@ impl<'a> Sandbox<'a> {
 
     fn tear_down(&mut self) -> Result<(), String> {
         let mut first_error = None;
-        if let Some(slot) = self.slot.as_ref().map(|(_, n)| *n) {
-            // Whatever is left in the slot's cgroup dies (the init was reaped, so the pid
-            // namespace is already gone; this is belt and braces). The cgroup itself stays,
-            // warm, for the next sandbox: a process's first entry into a fresh v1 cgroup costs
-            // milliseconds, into a used one microseconds.
-            for dir in cgroup_dirs(&self.spec.state_dir, Some(&slot_name(slot))) {
-                empty_cgroup(&dir);
-            }
+        // Whatever is left in the slot's cgroup dies (the init was reaped, so the pid namespace
+        // is already gone; this is belt and braces). The cgroup itself stays for the next
+        // sandbox, which then skips making it.
+        for dir in &self.slot_cgroups {
+            empty_cgroup(dir);
         }
         // libcontainer's delete() of a stopped container removes its cgroup and its state
         // directory; the state lives in the bundle's tmpfs, and the cgroup is kept warm.
@@ -1223,16 +1227,21 @@ fn walk(root: &Path) -> Result<Vec<(PathBuf, EntryKind, u32)>, String> {
 
 /// The cgroup directories of sandbox `id` of `state_dir` (every sandbox of it: `None`) on
 /// every mounted hierarchy.
-fn cgroup_dirs(state_dir: &Path, id: Option<&str>) -> Vec<PathBuf> {
+/// The cgroup hierarchies' mount points: `/sys/fs/cgroup` on a cgroup v2 host, each directory
+/// in it on a v1 or hybrid one.
+fn cgroup_hierarchies() -> Vec<PathBuf> {
     let base = Path::new("/sys/fs/cgroup");
-    let group = cgroup_group(state_dir);
-    let hierarchies: Vec<PathBuf> = if base.join("cgroup.controllers").exists() {
+    if base.join("cgroup.controllers").exists() {
         vec![base.to_path_buf()]
     } else {
         std::fs::read_dir(base).map(|e| e.flatten().map(|e| e.path()).collect()).unwrap_or_default()
-    };
+    }
+}
+
+fn cgroup_dirs(state_dir: &Path, id: Option<&str>) -> Vec<PathBuf> {
+    let group = cgroup_group(state_dir);
     let mut dirs = Vec::new();
-    for hierarchy in hierarchies {
+    for hierarchy in cgroup_hierarchies() {
         let parent = hierarchy.join(&group);
         match id {
             Some(id) => dirs.push(parent.join(id)),
@@ -1244,6 +1253,39 @@ fn cgroup_dirs(state_dir: &Path, id: Option<&str>) -> Vec<PathBuf> {
         }
     }
     dirs.into_iter().filter(|d| d.is_dir()).collect()
+}
+
+/// Moves this process into the cgroup it is already in, to have the kernel's wait for task
+/// moves paid early: the first move into a cgroup after a quiet spell waits for an RCU grace
+/// period (the global `cgroup_threadgroup_rwsem` switching to its writer side, ~5–7 ms on this
+/// machine), and moves within ~10 ms of an earlier one do not (~0.2 ms). Run on a thread at the
+/// helper's start, the wait overlaps the network namespace, the tmpfs and the bundle, and the
+/// container's own moves into the slot's cgroups a few milliseconds later find the writer side
+/// ready. A no-op move, best effort: nothing depends on it but the time (a host with
+/// `favordynmods` on its cgroup2 mount has no such wait at all).
+fn warm_cgroup_moves() {
+    let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") else { return };
+    let pid = std::process::id().to_string();
+    for line in own.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        let relative = path.trim_start_matches('/');
+        let candidates: Vec<PathBuf> = if controllers.is_empty() {
+            // cgroup v2: the mount is /sys/fs/cgroup itself, or /sys/fs/cgroup/unified on a hybrid host.
+            vec![Path::new("/sys/fs/cgroup").join(relative), Path::new("/sys/fs/cgroup/unified").join(relative)]
+        } else if controllers.starts_with("name=") {
+            continue;
+        } else {
+            vec![Path::new("/sys/fs/cgroup").join(controllers).join(relative)]
+        };
+        for dir in candidates {
+            if std::fs::write(dir.join("cgroup.procs"), &pid).is_ok() {
+                return;
+            }
+        }
+    }
 }
 
 fn slot_name(slot: usize) -> String {
@@ -1258,20 +1300,36 @@ fn slot_cgroup(state_dir: &Path, slot: usize) -> String {
 /// Takes the first free cgroup slot of `state_dir`: a lock held for the helper's life (the
 /// descriptor is close-on-exec, so the container never holds it). A slot whose lock is free
 /// but whose cgroup still has processes belonged to a helper that died: they are killed.
-fn acquire_slot(state_dir: &Path) -> Result<(File, usize), String> {
+/// Takes a free cgroup slot: its lock, its number and where its cgroup directories are (one per
+/// hierarchy; made by libcontainer on the slot's first use, kept after), emptied of anything a
+/// dead helper left there.
+fn acquire_slot(state_dir: &Path) -> Result<(File, usize, Vec<PathBuf>), String> {
     let dir = state_dir.join("slots");
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let (file, slot) = first_free_lock(&dir, 65_536)?.ok_or("no free cgroup slot")?;
-    for cgroup in cgroup_dirs(state_dir, Some(&slot_name(slot))) {
-        empty_cgroup(&cgroup);
+    // Listed without checking which exist yet: a path of a hierarchy libcontainer leaves out
+    // (a named one) is only read from, and reading it fails harmlessly.
+    let group = cgroup_group(state_dir);
+    let cgroups: Vec<PathBuf> =
+        cgroup_hierarchies().into_iter().map(|h| h.join(&group).join(slot_name(slot))).collect();
+    for cgroup in &cgroups {
+        empty_cgroup(cgroup);
     }
-    Ok((file, slot))
+    Ok((file, slot, cgroups))
 }
 
-/// How often the memory cgroup of slot `slot` killed a process for want of memory (a counter
-/// over the slot's life: compare before and after).
-fn oom_kills(state_dir: &Path, slot: usize) -> u64 {
-    for dir in cgroup_dirs(state_dir, Some(&slot_name(slot))) {
+/// Whether the cgroup directory `dir` is in the hierarchy of `controller` (`…/cpu,cpuacct/…`
+/// counts for `cpu`); on a cgroup v2 host, every directory is.
+fn hierarchy_has(dir: &Path, controller: &str) -> bool {
+    static UNIFIED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let unified = *UNIFIED.get_or_init(|| Path::new("/sys/fs/cgroup/cgroup.controllers").exists());
+    unified || dir.to_string_lossy().split('/').any(|part| part.split(',').any(|c| c == controller))
+}
+
+/// How often the memory cgroup among a slot's `cgroups` killed a process for want of memory (a
+/// counter over the slot's life: compare before and after).
+fn oom_kills(cgroups: &[PathBuf]) -> u64 {
+    for dir in cgroups.iter().filter(|d| hierarchy_has(d, "memory")) {
         for file in ["memory.events", "memory.oom_control"] {
             if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
                 if let Some(n) = text.lines().find_map(|l| l.strip_prefix("oom_kill ")) {
