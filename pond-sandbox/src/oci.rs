@@ -701,7 +701,7 @@ impl<'a> Sandbox<'a> {
         // Whatever is left in the slot's cgroup dies (the init was reaped, so the pid namespace
         // is already gone; this is belt and braces). The cgroup itself stays for the next
         // sandbox, which then skips making it.
-        for dir in &self.slot_cgroups {
+        for dir in membership_dirs(&self.slot_cgroups) {
             empty_cgroup(dir);
         }
         // libcontainer's delete() of a stopped container removes its cgroup and its state
@@ -1312,10 +1312,21 @@ fn acquire_slot(state_dir: &Path) -> Result<(File, usize, Vec<PathBuf>), String>
     let group = cgroup_group(state_dir);
     let cgroups: Vec<PathBuf> =
         cgroup_hierarchies().into_iter().map(|h| h.join(&group).join(slot_name(slot))).collect();
-    for cgroup in &cgroups {
+    for cgroup in membership_dirs(&cgroups) {
         empty_cgroup(cgroup);
     }
     Ok((file, slot, cgroups))
+}
+
+/// Which of a slot's cgroup directories to look in for processes left in it: the pids
+/// hierarchy's alone where there is one, since libcontainer puts every container process in all
+/// of the slot's hierarchies (only the helper's own proxy thread joins the cpu one alone, and it
+/// dies with the helper); every directory otherwise.
+fn membership_dirs(cgroups: &[PathBuf]) -> Vec<&PathBuf> {
+    match cgroups.iter().find(|d| hierarchy_has(d, "pids")) {
+        Some(pids) => vec![pids],
+        None => cgroups.iter().collect(),
+    }
 }
 
 /// Whether the cgroup directory `dir` is in the hierarchy of `controller` (`…/cpu,cpuacct/…`
