@@ -209,6 +209,11 @@ pub async fn first_root(store: &dyn Store, keys: &AtRestKeys) -> Result<[u8; 32]
     if signers.is_empty() {
         return Ok(crate::seal::random_key());
     }
+    // A node stores the identity before it endorses its signing key under it: signers read
+    // here may be those of a node that started beside this one, whose identity is read now.
+    if let Some(root) = stored_identity(store, keys).await? {
+        return Ok(root);
+    }
     let candidates = std::iter::once(*keys.current()).chain(keys.previous().iter().copied());
     if endorsed.is_empty() {
         // Signers from before endorsements: nothing to check a key against; the key that sealed

@@ -524,8 +524,9 @@ impl<'a> Sandbox<'a> {
 
     fn run(&mut self, report: &mut SandboxReport) -> Result<(), String> {
         let spec = self.spec;
-        // Started first, joined before libcontainer forks (it needs a single-threaded process).
-        let warm_moves = std::thread::spawn(warm_cgroup_moves);
+        // Started first, joined before libcontainer forks (it needs a single-threaded process);
+        // skipped when no thread can be made (the time is all it saves).
+        let warm_moves = std::thread::Builder::new().spawn(warm_cgroup_moves).ok();
         // SAFETY: prctl with constant arguments on this process only.
         unsafe {
             // Processes the container leaves behind are re-parented to us, not to the host's init.
@@ -583,7 +584,7 @@ impl<'a> Sandbox<'a> {
         self.mark("bundle");
 
         let seccomp_filters = crate::seccomp::programs()?;
-        if warm_moves.join().is_err() {
+        if warm_moves.is_some_and(|thread| thread.join().is_err()) {
             return Err("the cgroup warm-up thread panicked".into());
         }
         self.mark("warm");
@@ -624,7 +625,7 @@ impl<'a> Sandbox<'a> {
             // The proxy's CPU time is the sandbox's: its thread joins the slot's cpu cgroup
             // (cgroup v1 moves single threads; on a v2-only host it stays the helper's).
             let cpu_cgroups: Vec<PathBuf> =
-                self.slot_cgroups.iter().filter(|d| hierarchy_has(d, "cpu")).cloned().collect();
+                self.slot_cgroups.iter().filter(|d| names_v1_controller(d, "cpu")).cloned().collect();
             spawn_network_thread(host_netns, proxy, forwards, cpu_cgroups);
         }
         let status = wait_for(pid, signals.as_raw_fd(), parent.as_raw_fd(), spec.limits.timeout_secs, report)?;
@@ -911,7 +912,8 @@ fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
 
 /// Moves this (single-threaded) process into a new network namespace with only `lo`, up.
 fn enter_private_network() -> Result<(), String> {
-    // SAFETY: unshare affects only this process, which has one thread.
+    // SAFETY: unshare(CLONE_NEWNET) moves only the calling thread (this process's main one,
+    // whose namespace /proc/<pid>/ns/net names) into the new namespace.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         return Err(os_error("creating the network namespace"));
     }
@@ -1281,7 +1283,11 @@ fn warm_cgroup_moves() {
             vec![Path::new("/sys/fs/cgroup").join(controllers).join(relative)]
         };
         for dir in candidates {
-            if std::fs::write(dir.join("cgroup.procs"), &pid).is_ok() {
+            // Only the cgroup that lists this process (a cgroup namespace or a bind-mounted
+            // subtree can make the path name another one), and only an existing file.
+            let procs = dir.join("cgroup.procs");
+            let listed = std::fs::read_to_string(&procs).is_ok_and(|text| text.lines().any(|l| l.trim() == pid));
+            if listed && std::fs::OpenOptions::new().write(true).open(&procs).and_then(|mut f| f.write_all(pid.as_bytes())).is_ok() {
                 return;
             }
         }
@@ -1323,7 +1329,7 @@ fn acquire_slot(state_dir: &Path) -> Result<(File, usize, Vec<PathBuf>), String>
 /// of the slot's hierarchies (only the helper's own proxy thread joins the cpu one alone, and it
 /// dies with the helper); every directory otherwise.
 fn membership_dirs(cgroups: &[PathBuf]) -> Vec<&PathBuf> {
-    match cgroups.iter().find(|d| hierarchy_has(d, "pids")) {
+    match cgroups.iter().find(|d| hierarchy_has(d, "pids") && d.is_dir()) {
         Some(pids) => vec![pids],
         None => cgroups.iter().collect(),
     }
@@ -1333,8 +1339,12 @@ fn membership_dirs(cgroups: &[PathBuf]) -> Vec<&PathBuf> {
 /// counts for `cpu`); on a cgroup v2 host, every directory is.
 fn hierarchy_has(dir: &Path, controller: &str) -> bool {
     static UNIFIED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let unified = *UNIFIED.get_or_init(|| Path::new("/sys/fs/cgroup/cgroup.controllers").exists());
-    unified || dir.to_string_lossy().split('/').any(|part| part.split(',').any(|c| c == controller))
+    *UNIFIED.get_or_init(|| Path::new("/sys/fs/cgroup/cgroup.controllers").exists()) || names_v1_controller(dir, controller)
+}
+
+/// Whether `dir` is in the cgroup v1 hierarchy of `controller` (`…/cpu,cpuacct/…` counts for `cpu`).
+fn names_v1_controller(dir: &Path, controller: &str) -> bool {
+    dir.to_string_lossy().split('/').any(|part| part.split(',').any(|c| c == controller))
 }
 
 /// How often the memory cgroup among a slot's `cgroups` killed a process for want of memory (a
