@@ -49,3 +49,15 @@ async fn an_older_deployment_keeps_the_identity_its_nodes_were_endorsed_under() 
     let root = identity_root(&store, &AtRestKeys::new([6u8; 32], &[old_key]), |_| Ok(())).await.unwrap();
     assert_eq!(root, old_key);
 }
+
+#[tokio::test]
+async fn a_node_starting_beside_another_takes_the_identity_that_node_stored() {
+    // Nodes A and B start together on a new database with the same key: B found no identity,
+    // then A stored its random root and endorsed its signing key under it. B, looking for a
+    // root to store, meets that endorsement: it takes A's root, not a refusal of its own key.
+    let store = MemoryStore::new();
+    let keys = AtRestKeys::new([8u8; 32], &[]);
+    let root_of_a = identity_root(&store, &keys, |_| Ok(())).await.unwrap();
+    store.put_record("log_signer", "node-old", &signer_endorsed_by(&root_of_a)).await.unwrap();
+    assert_eq!(pond_core::server_keys::first_root(&store, &keys).await.unwrap(), root_of_a);
+}
