@@ -504,7 +504,17 @@ impl<'a> Sandbox<'a> {
         let bundle = spec.state_dir.join("bundles").join(&spec.id);
         let rw = bundle.join("rw");
         let marks = vec![("start", std::time::Instant::now())];
-        Sandbox { spec, bundle, rw, container: None, rw_mounted: false, slot: None, slot_cgroups: Vec::new(), uid: None, marks }
+        Sandbox {
+            spec,
+            bundle,
+            rw,
+            container: None,
+            rw_mounted: false,
+            slot: None,
+            slot_cgroups: Vec::new(),
+            uid: None,
+            marks,
+        }
     }
 
     fn mark(&mut self, phase: &'static str) {
@@ -1287,7 +1297,13 @@ fn warm_cgroup_moves() {
             // subtree can make the path name another one), and only an existing file.
             let procs = dir.join("cgroup.procs");
             let listed = std::fs::read_to_string(&procs).is_ok_and(|text| text.lines().any(|l| l.trim() == pid));
-            if listed && std::fs::OpenOptions::new().write(true).open(&procs).and_then(|mut f| f.write_all(pid.as_bytes())).is_ok() {
+            if listed
+                && std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&procs)
+                    .and_then(|mut f| f.write_all(pid.as_bytes()))
+                    .is_ok()
+            {
                 return;
             }
         }
@@ -1339,7 +1355,8 @@ fn membership_dirs(cgroups: &[PathBuf]) -> Vec<&PathBuf> {
 /// counts for `cpu`); on a cgroup v2 host, every directory is.
 fn hierarchy_has(dir: &Path, controller: &str) -> bool {
     static UNIFIED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *UNIFIED.get_or_init(|| Path::new("/sys/fs/cgroup/cgroup.controllers").exists()) || names_v1_controller(dir, controller)
+    *UNIFIED.get_or_init(|| Path::new("/sys/fs/cgroup/cgroup.controllers").exists())
+        || names_v1_controller(dir, controller)
 }
 
 /// Whether `dir` is in the cgroup v1 hierarchy of `controller` (`…/cpu,cpuacct/…` counts for `cpu`).
