@@ -487,7 +487,7 @@ struct Sandbox<'a> {
     rw_mounted: bool,
     /// The cgroup slot held (its lock file) and its number.
     slot: Option<(File, usize)>,
-    /// The slot's cgroup directories (one per hierarchy), listed once the container is in them.
+    /// Where the slot's cgroup directories are (one per hierarchy), listed when the slot is taken.
     slot_cgroups: Vec<PathBuf>,
     /// The uid held (its lock file) and its number.
     uid: Option<(File, u32)>,
