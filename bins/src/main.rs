@@ -1073,7 +1073,16 @@ struct BenchArgs {
     /// Servers sharing the database (PostgreSQL only), clients spread over them.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
-    /// Instead: time claims on PostgreSQL with this many stages queued (repeatable).
+    /// Seed this many runs into the database before the servers start (written straight into
+    /// the tables, project `backlog`): rates measured with a million stored or queued runs.
+    #[arg(long, default_value_t = 0)]
+    backlog: u64,
+    /// What the seeded runs are: `finished` (stored, nothing waiting) or `pooled` (queued for a
+    /// pool worker; no worker takes them during the bench).
+    #[arg(long, default_value = "finished", value_name = "KIND")]
+    backlog_kind: String,
+    /// Instead: time claims with this many local and as many pooled stages queued (repeatable;
+    /// SQLite in --data-dir, or PostgreSQL with --database-url).
     #[arg(long = "claim-latency", value_name = "QUEUED")]
     claim_latency: Vec<u64>,
     /// Instead: the pool benchmark (server and orchestrator processes, workers over HTTP):
@@ -2541,10 +2550,11 @@ fn bench(args: BenchArgs) -> Result<()> {
     }
     let rt = runtime()?;
     if !args.claim_latency.is_empty() {
-        let url = args.database_url.as_deref().context("--claim-latency needs --database-url")?;
+        let dir = std::path::absolute(&args.data_dir)?;
         for queued in &args.claim_latency {
-            say!("{}", rt.block_on(pond_http::bench::claim_latency(url, *queued))?);
+            say!("{}", rt.block_on(pond_http::bench::claim_latency(args.database_url.as_deref(), &dir, *queued))?);
         }
+        let _ = std::fs::remove_dir_all(&dir);
         return Ok(());
     }
     if args.crypto {
@@ -2603,6 +2613,34 @@ fn bench(args: BenchArgs) -> Result<()> {
         Some(url) => Some(rt.block_on(pond_store::ScratchDatabase::create(url, "bench"))?),
         None => None,
     };
+    if args.backlog > 0 {
+        let backlog = pond_store::Backlog::parse(&args.backlog_kind)
+            .filter(|b| *b != pond_store::Backlog::Local)
+            .with_context(|| {
+                format!("--backlog-kind `{}`: expected `finished` or `pooled` (a local backlog would be drained by the bench's own server first)", args.backlog_kind)
+            })?;
+        let now = pond_core::time::Clock::now(&pond_core::time::SystemClock);
+        let seeding = std::time::Instant::now();
+        match &scratch {
+            Some(db) => rt.block_on(async {
+                let store = pond_store::PgStore::connect(&db.url, 2).await?;
+                store.seed_runs(args.backlog, backlog, now).await?;
+                store.pool().close().await;
+                Ok::<_, pond_core::StoreError>(())
+            })?,
+            None => {
+                let node = args.data_dir.join("node-0");
+                std::fs::create_dir_all(&node)?;
+                rt.block_on(async {
+                    let store = pond_store::SqliteStore::open(&node.join("pond.db")).await?;
+                    store.seed_runs(args.backlog, backlog, now).await?;
+                    store.close().await;
+                    Ok::<_, pond_core::StoreError>(())
+                })?
+            }
+        }
+        say!("seeded {} {} runs in {:.1} s", args.backlog, backlog.as_str(), seeding.elapsed().as_secs_f64());
+    }
     let activity_before = match &scratch {
         Some(db) => Some(rt.block_on(db.activity())?),
         None => None,

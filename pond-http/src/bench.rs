@@ -151,66 +151,124 @@ pub fn run(nodes: &[Client], setup: &str, runs: usize, clients: usize) -> Result
     })
 }
 
-/// Claim latency on PostgreSQL with `queued` ready stages waiting: one claimer taking one stage
-/// at a time, as a driver with one free slot does.
+/// Claim latency with `queued` local and `queued` pooled stages waiting: one claimer taking
+/// one stage at a time, as a driver with one free slot does, then one pool worker after
+/// another taking one job each.
 #[derive(Debug, Clone)]
 pub struct ClaimReport {
-    /// Stages queued before the first claim.
+    /// What the store was (`SQLite`, `PostgreSQL`).
+    pub store: String,
+    /// Local stages queued before the first claim, and as many pooled ones.
     pub queued: u64,
-    /// Claims measured.
-    pub claims: usize,
-    /// p50 / p99 latency, ms.
-    pub latency_ms: (f64, f64),
-    /// Claims per second, one claimer.
-    pub per_sec: f64,
+    /// Seconds to seed both backlogs.
+    pub seed_secs: f64,
+    /// Local claims measured (a server's driver: its executor kinds, no offer).
+    pub local_claims: usize,
+    /// Their p50 / p99 latency, ms.
+    pub local_ms: (f64, f64),
+    /// Pooled claims measured (a worker's offer, a new worker each).
+    pub pooled_claims: usize,
+    /// Their p50 / p99 latency, ms.
+    pub pooled_ms: (f64, f64),
 }
 
 impl fmt::Display for ClaimReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "claim with {:>7} queued: p50 {:.2} ms, p99 {:.2} ms, {:.0} claims/s ({} claims, one claimer)",
-            self.queued, self.latency_ms.0, self.latency_ms.1, self.per_sec, self.claims
+            "{}, {} local + {} pooled queued (seeded in {:.1} s): local claim p50 {:.2} ms, p99 {:.2} ms ({} claims); \
+             pooled claim p50 {:.2} ms, p99 {:.2} ms ({} claims)",
+            self.store,
+            self.queued,
+            self.queued,
+            self.seed_secs,
+            self.local_ms.0,
+            self.local_ms.1,
+            self.local_claims,
+            self.pooled_ms.0,
+            self.pooled_ms.1,
+            self.pooled_claims
         )
     }
 }
 
-/// Seeds `queued` ready stages into a scratch database on `server_url` and times claims.
-pub async fn claim_latency(server_url: &str, queued: u64) -> Result<ClaimReport, pond_core::StoreError> {
-    use pond_core::store::{ClaimQuery, Store};
-    use pond_core::time::{Clock, Millis, SystemClock};
-    let db = pond_store::ScratchDatabase::create(server_url, "bench_claims").await?;
-    let store = pond_store::PgStore::connect(&db.url, 4).await?;
+/// Seeds `queued` local and `queued` pooled ready stages into a scratch database (PostgreSQL
+/// when `server_url` is given, else a SQLite file in `dir`) and times claims of each kind.
+pub async fn claim_latency(
+    server_url: Option<&str>,
+    dir: &std::path::Path,
+    queued: u64,
+) -> Result<ClaimReport, pond_core::StoreError> {
+    use pond_core::time::{Clock, SystemClock};
+    use pond_store::Backlog;
     let now = SystemClock.now();
-    store.seed_queued_runs(queued, now).await?;
+    let seeding = Instant::now();
+    let (store, _scratch): (std::sync::Arc<dyn pond_core::store::Store>, _) = match server_url {
+        Some(url) => {
+            let db = pond_store::ScratchDatabase::create(url, "bench_claims").await?;
+            let store = pond_store::PgStore::connect(&db.url, 4).await?;
+            store.seed_runs(queued, Backlog::Local, now).await?;
+            store.seed_runs(queued, Backlog::Pooled, now).await?;
+            (std::sync::Arc::new(store), Some(db))
+        }
+        None => {
+            let path = dir.join(format!("claims-{queued}.db"));
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+            std::fs::create_dir_all(dir)
+                .map_err(|e| pond_core::StoreError::Backend(format!("creating {}: {e}", dir.display())))?;
+            let store = pond_store::SqliteStore::open(&path).await?;
+            store.seed_runs(queued, Backlog::Local, now).await?;
+            store.seed_runs(queued, Backlog::Pooled, now).await?;
+            (std::sync::Arc::new(store), None)
+        }
+    };
+    let seed_secs = seeding.elapsed().as_secs_f64();
     let claims = (queued as usize / 2).min(2000);
+    let local = time_claims(&*store, claims, |n| {
+        (format!("driver-{n}"), vec!["noop".into(), "shell".into(), "builtin".into()], None)
+    })
+    .await?;
+    let offer = pond_core::routing::WorkerOffer::default();
+    let pooled = time_claims(&*store, claims, |n| {
+        (format!("worker-{n}"), vec![pond_core::definition::POOL_KIND.into()], Some(offer.clone()))
+    })
+    .await?;
+    Ok(ClaimReport {
+        store: if server_url.is_some() { "PostgreSQL".into() } else { "SQLite".into() },
+        queued,
+        seed_secs,
+        local_claims: claims,
+        local_ms: (percentile(&local, 0.5), percentile(&local, 0.99)),
+        pooled_claims: claims,
+        pooled_ms: (percentile(&pooled, 0.5), percentile(&pooled, 0.99)),
+    })
+}
+
+/// Times `claims` claims of one stage each, the `n`th with `query(n)`'s owner, kinds and offer;
+/// returns the latencies (ms), sorted.
+async fn time_claims(
+    store: &dyn pond_core::store::Store,
+    claims: usize,
+    query: impl Fn(usize) -> (String, Vec<String>, Option<pond_core::routing::WorkerOffer>),
+) -> Result<Vec<f64>, pond_core::StoreError> {
+    use pond_core::store::ClaimQuery;
+    use pond_core::time::{Clock, Millis, SystemClock};
     let mut latencies = Vec::with_capacity(claims);
-    let started = Instant::now();
-    for _ in 0..claims {
+    for n in 0..claims {
         let now = SystemClock.now();
-        let query = ClaimQuery {
-            owner: "bench".into(),
-            kinds: vec!["noop".into()],
-            now,
-            lease_until: now.plus(Millis::from_secs(60)),
-            limit: 1,
-            offer: None,
-        };
+        let (owner, kinds, offer) = query(n);
+        let claim = ClaimQuery { owner, kinds, now, lease_until: now.plus(Millis::from_secs(60)), limit: 1, offer };
         let t = Instant::now();
-        let got = store.claim_stages(&query).await?;
+        let got = store.claim_stages(&claim).await?;
         latencies.push(t.elapsed().as_secs_f64() * 1000.0);
         if got.is_empty() {
             return Err(pond_core::StoreError::Backend("the queue ran dry during the claim benchmark".into()));
         }
     }
-    let elapsed = started.elapsed();
     latencies.sort_by(f64::total_cmp);
-    Ok(ClaimReport {
-        queued,
-        claims,
-        latency_ms: (percentile(&latencies, 0.5), percentile(&latencies, 0.99)),
-        per_sec: claims as f64 / elapsed.as_secs_f64(),
-    })
+    Ok(latencies)
 }
 
 /// Figures of the pool benchmark.

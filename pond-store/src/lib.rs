@@ -18,6 +18,7 @@ mod pg;
 mod rows;
 mod schema;
 mod scratch;
+mod seed;
 mod sqlite;
 mod watched;
 
@@ -25,6 +26,7 @@ pub use memory::MemoryStore;
 pub use pg::{PgStore, CHANGE_CHANNEL};
 pub use schema::{pg_record, pg_schema, sqlite_record, sqlite_schema, SchemaStatus};
 pub use scratch::{missing_prerequisite, Activity, ScratchDatabase};
+pub use seed::{Backlog, BACKLOG_PROJECT};
 pub use sqlite::SqliteStore;
 pub use watched::WatchedStore;
 

@@ -156,24 +156,49 @@ impl PgStore {
         &self.pool
     }
 
-    /// Benchmark support: inserts `n` one-stage `noop` runs whose stage is ready at `now`, in
-    /// two statements, so a claim benchmark can start from a queue of 100k items in seconds.
-    pub async fn seed_queued_runs(&self, n: u64, now: Timestamp) -> Result<(), StoreError> {
-        let definition = r#"{"stages":[{"key":"s","executor":{"kind":"noop"}}]}"#;
+    /// Benchmark support: writes `n` one-stage runs of `backlog`'s kind straight into the tables
+    /// (project [`crate::BACKLOG_PROJECT`]), in one transaction, so a benchmark can start from a
+    /// million stored or queued runs in seconds.
+    pub async fn seed_runs(&self, n: u64, backlog: crate::Backlog, now: Timestamp) -> Result<(), StoreError> {
+        let (ready_at, attempt, started_at, finished_at) = backlog.stage_times(now);
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
         sqlx::query(
             "WITH r AS (
-                INSERT INTO runs (id, project_id, state, definition, sources, created_at)
-                SELECT gen_random_uuid()::TEXT, 'bench', 'queued', $1, '[]', $2 FROM generate_series(1, $3)
+                INSERT INTO runs (id, project_id, state, definition, sources, created_at, started_at, finished_at)
+                SELECT gen_random_uuid()::TEXT, $1, $2, $3, '[]', $4, $5, $6 FROM generate_series(1, $7)
                 RETURNING id)
-             INSERT INTO stages (run_id, key, position, executor_kind, state, ready_at)
-             SELECT id, 's', 0, 'noop', 'queued', $2 FROM r",
+             INSERT INTO stages (run_id, key, position, executor_kind, state, ready_at, attempt,
+                                 started_at, finished_at, pool_tags, pool_caps)
+             SELECT id, 's', 0, $8, $2, $9, $10, $5, $6, $11, $11 FROM r",
         )
-        .bind(definition)
+        .bind(crate::BACKLOG_PROJECT)
+        .bind(backlog.state())
+        .bind(backlog.definition())
         .bind(now.as_millis())
+        .bind(started_at)
+        .bind(finished_at)
         .bind(n as i64)
-        .execute(&self.pool)
+        .bind(backlog.executor_kind())
+        .bind(ready_at)
+        .bind(attempt)
+        .bind(backlog.requirements())
+        .execute(&mut *tx)
         .await
         .map_err(db_err)?;
+        if backlog == crate::Backlog::Finished {
+            sqlx::query(
+                "INSERT INTO attempts (run_id, stage_key, number, owner, started_at, finished_at, outcome)
+                 SELECT id, 's', 1, 'seed', $1, $1, 'succeeded' FROM runs
+                  WHERE project_id = $2 AND state = 'succeeded'
+                    AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.run_id = runs.id)",
+            )
+            .bind(now.as_millis())
+            .bind(crate::BACKLOG_PROJECT)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
         sqlx::query("ANALYZE").execute(&self.pool).await.map_err(db_err)?;
         Ok(())
     }
