@@ -1085,8 +1085,9 @@ struct BenchArgs {
     /// SQLite in --data-dir, or PostgreSQL with --database-url).
     #[arg(long = "claim-latency", value_name = "QUEUED")]
     claim_latency: Vec<u64>,
-    /// Instead: the pool benchmark (server and orchestrator processes, workers over HTTP):
-    /// submit → worker start latency, pooled throughput, memory with idle long-pollers.
+    /// Instead: the pool benchmark (server and orchestrator processes, workers over HTTP; SQLite,
+    /// or --database-url): submit → worker start latency, pooled throughput (in-process worker
+    /// loops, then `pond worker` processes), memory with idle long-pollers.
     #[arg(long)]
     pool: bool,
     /// Pool benchmark: workers in the latency and throughput phases.
@@ -2587,14 +2588,11 @@ fn bench(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     if args.pool {
-        if args.data_dir.exists() {
-            std::fs::remove_dir_all(&args.data_dir).with_context(|| format!("clearing {}", args.data_dir.display()))?;
-        }
-        std::fs::create_dir_all(&args.data_dir)?;
-        let exe = std::env::current_exe()?;
+        let (exe, dir, scratch) = process_bench("pool")?;
         let report = pond_http::bench::pool(
             &exe,
-            &std::fs::canonicalize(&args.data_dir)?,
+            &dir,
+            scratch.as_ref().map(|d| d.url.as_str()),
             args.samples,
             args.pool_workers,
             args.runs,

@@ -63,8 +63,14 @@ fn body() -> serde_json::Value {
     })
 }
 
-/// Submits `runs` runs from `clients` threads spread over the nodes; returns ids and latencies (ms).
-fn submit_all(nodes: &[Client], runs: usize, clients: usize) -> Result<(Vec<String>, Vec<f64>, Duration), ClientError> {
+/// Submits `runs` runs of `body` from `clients` threads spread over the nodes; returns ids and
+/// latencies (ms).
+fn submit_all(
+    nodes: &[Client],
+    body: &serde_json::Value,
+    runs: usize,
+    clients: usize,
+) -> Result<(Vec<String>, Vec<f64>, Duration), ClientError> {
     let started = Instant::now();
     let per = runs.div_ceil(clients.max(1));
     let results: Vec<Result<Vec<(String, f64)>, ClientError>> = std::thread::scope(|s| {
@@ -73,10 +79,9 @@ fn submit_all(nodes: &[Client], runs: usize, clients: usize) -> Result<(Vec<Stri
                 let client = nodes[c % nodes.len()].clone();
                 s.spawn(move || {
                     let mut out = Vec::with_capacity(per);
-                    let b = body();
                     for _ in (c * per)..((c + 1) * per).min(runs) {
                         let t = Instant::now();
-                        let run = client.submit(&b, None)?;
+                        let run = client.submit(body, None)?;
                         out.push((run.id.to_string(), t.elapsed().as_secs_f64() * 1000.0));
                     }
                     Ok(out)
@@ -134,10 +139,10 @@ fn wait_all(client: &Client, ids: &[String]) -> Result<Vec<f64>, ClientError> {
 
 /// Runs both phases against the servers behind `nodes` (clients spread over them).
 pub fn run(nodes: &[Client], setup: &str, runs: usize, clients: usize) -> Result<BenchReport, ClientError> {
-    let (ids, submit_lat, submit_time) = submit_all(nodes, runs, clients)?;
+    let (ids, submit_lat, submit_time) = submit_all(nodes, &body(), runs, clients)?;
     wait_all(&nodes[0], &ids)?;
     let started = Instant::now();
-    let (ids, _, _) = submit_all(nodes, runs, clients)?;
+    let (ids, _, _) = submit_all(nodes, &body(), runs, clients)?;
     let run_lat = wait_all(&nodes[0], &ids)?;
     let e2e = started.elapsed();
     Ok(BenchReport {
@@ -284,6 +289,10 @@ pub struct PoolBenchReport {
     pub runs: usize,
     /// Pooled noop runs submitted and completed per second.
     pub completed_per_sec: f64,
+    /// The same with as many `pond worker` processes in place of the in-process worker loops.
+    pub processes_completed_per_sec: f64,
+    /// `SQLite` or `PostgreSQL`: the server's store.
+    pub store: &'static str,
     /// Idle long-polling workers in the memory phase.
     pub idle_workers: usize,
     /// Resident memory of the server and the orchestrator before the idle workers, KiB.
@@ -294,7 +303,7 @@ pub struct PoolBenchReport {
 
 impl fmt::Display for PoolBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "pool (pond server + pond orchestrator processes, workers over HTTP on 127.0.0.1, SQLite)")?;
+        writeln!(f, "pool (pond server + pond orchestrator processes, workers over HTTP on 127.0.0.1, {})", self.store)?;
         writeln!(
             f,
             "submit → worker start, idle pool: p50 {:.2} ms, p99 {:.2} ms ({} runs, one at a time)",
@@ -304,6 +313,11 @@ impl fmt::Display for PoolBenchReport {
             f,
             "pooled noop runs, {} workers:   {:>6.0} runs/s submitted and completed ({} runs)",
             self.workers, self.completed_per_sec, self.runs
+        )?;
+        writeln!(
+            f,
+            "pooled noop runs, {} `pond worker` processes: {:>6.0} runs/s submitted and completed ({} runs)",
+            self.workers, self.processes_completed_per_sec, self.runs
         )?;
         write!(
             f,
@@ -516,18 +530,25 @@ pub(crate) fn server_and_orchestrator(
     Ok((server, admin, orch))
 }
 
-/// The pool benchmark: a `pond server` and a `pond orchestrator` as child processes of `exe`,
-/// `workers` pool workers (the real worker loop, in this process, over HTTP) for the latency
-/// and throughput phases, then `idle_workers` bare long-pollers for the memory phase.
+/// The pool benchmark: a `pond server` (SQLite in `dir`, or the PostgreSQL database at
+/// `database_url`) and a `pond orchestrator` as child processes of `exe`, `workers` pool workers
+/// (the real worker loop, in this process, over HTTP) for the latency and throughput phases, the
+/// throughput phase again with as many `pond worker` processes, then `idle_workers` bare
+/// long-pollers for the memory phase.
 pub fn pool(
     exe: &std::path::Path,
     dir: &std::path::Path,
+    database_url: Option<&str>,
     samples: usize,
     workers: usize,
     runs: usize,
     idle_workers: usize,
 ) -> Result<PoolBenchReport, ClientError> {
-    let (server, admin, orch) = server_and_orchestrator(exe, dir, &[])?;
+    let server_args: Vec<&str> = match database_url {
+        Some(url) => vec!["--database-url", url],
+        None => Vec::new(),
+    };
+    let (server, admin, orch) = server_and_orchestrator(exe, dir, &server_args)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (received_tx, received) = std::sync::mpsc::channel();
@@ -578,13 +599,47 @@ pub fn pool(
     }
     latencies.sort_by(f64::total_cmp);
     let started = Instant::now();
-    let (ids, _, _) = submit_all(std::slice::from_ref(&admin), runs, 8)?;
+    let (ids, _, _) = submit_all(std::slice::from_ref(&admin), &body, runs, 8)?;
     wait_all(&admin, &ids)?;
     let completed_per_sec = runs as f64 / started.elapsed().as_secs_f64();
     let _ = stop.send(true);
     for t in tasks {
         let _ = rt.block_on(t);
     }
+
+    // The same drain by `pond worker` processes, as an operator runs them (host sandbox: a
+    // `noop` stage runs nothing).
+    let mut processes = Vec::with_capacity(workers);
+    for n in 0..workers {
+        let code = worker_code(&admin, "bench")?;
+        let keys = dir.join(format!("process-worker-{n}")).display().to_string();
+        let name = format!("bench-process-{n}");
+        processes.push(Child::spawn(
+            exe,
+            &[
+                "worker",
+                "--orchestrator",
+                &orch.url,
+                "--key-dir",
+                &keys,
+                "--enroll",
+                &code,
+                "--name",
+                &name,
+                "--sandbox",
+                "host",
+                "--drain",
+                "1s",
+            ],
+            "pond worker ",
+        )?);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let (ids, _, _) = submit_all(std::slice::from_ref(&admin), &body, runs, 8)?;
+    wait_all(&admin, &ids)?;
+    let processes_completed_per_sec = runs as f64 / started.elapsed().as_secs_f64();
+    drop(processes);
 
     // Memory: `idle_workers` enrolled workers, each holding a long poll on the orchestrator.
     std::thread::sleep(Duration::from_millis(500));
@@ -622,6 +677,8 @@ pub fn pool(
         workers,
         runs,
         completed_per_sec,
+        processes_completed_per_sec,
+        store: if database_url.is_some() { "PostgreSQL" } else { "SQLite" },
         idle_workers,
         rss_before_kib,
         rss_idle_kib,

@@ -401,9 +401,19 @@ impl PgStore {
             format!("SELECT run_id, key FROM stages
               WHERE state = 'running' AND lease_expires_at <= $1 AND NOT cancel_requested AND executor_kind = ANY($2) {offer} {byo}
               ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED"),
-            format!("SELECT run_id, key FROM stages
-              WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1 AND executor_kind = ANY($2) {offer} {byo}
-              ORDER BY ready_at LIMIT $3 FOR UPDATE SKIP LOCKED"),
+            // One walk of the `(executor_kind, ready_at)` index per kind, each stopping after
+            // `want` rows: with `executor_kind = ANY($2)` the planner walked the former
+            // `stages_ready` (every kind in due order) and filtered, so a worker's claim read
+            // past every queued local stage due before its job (15 ms per claim with 100,000
+            // queued; `pond bench --claim-latency`). With that index still there, the generic
+            // plan of this form walked it too (40 ms per local claim): migration 0010 dropped it.
+            // Rows a kind locked beyond the outer LIMIT stay locked until this short transaction
+            // ends; other claimers skip them meanwhile.
+            format!("SELECT q.run_id, q.key FROM UNNEST($2::TEXT[]) AS k(kind) CROSS JOIN LATERAL (
+                SELECT run_id, key, ready_at FROM stages
+                 WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1 AND executor_kind = k.kind {offer} {byo}
+                 ORDER BY ready_at LIMIT $3 FOR UPDATE SKIP LOCKED) q
+              ORDER BY q.ready_at LIMIT $3"),
         ];
         for select in candidates {
             let want = query.limit as i64 - stages.len() as i64;

@@ -168,9 +168,10 @@ impl SqliteStore {
         // those are sorted: one arm per executor kind, because `executor_kind IN (…)` over the
         // `(executor_kind, ready_at)` index yields rows out of order, and SQLite would then
         // sort every queued stage of those kinds. The index is named: left to choose, SQLite
-        // may walk `stages_ready` (every kind in due order) and filter, which for a kind with
-        // nothing queued reads the whole queue (82 ms per claim with 100,000 queued, seen with
-        // the bundled SQLite after ANALYZE; `pond bench --claim-latency`).
+        // walked the former `stages_ready` (every kind in due order, dropped in migration 0010)
+        // and filtered, which for a kind with nothing queued reads the whole queue (82 ms per
+        // claim with 100,000 queued, seen with the bundled SQLite after ANALYZE; `pond bench
+        // --claim-latency`).
         let kinds = (0..query.kinds.len()).map(|i| format!("?{}", i + 7)).collect::<Vec<_>>().join(", ");
         let mut arms: Vec<String> = (0..query.kinds.len())
             .map(|i| {
