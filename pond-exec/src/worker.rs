@@ -134,9 +134,27 @@ impl Worker {
             if *shutdown.borrow() {
                 break;
             }
+            // The claim runs as a task of its own: a long poll cut short by shutdown is not
+            // cancelled by dropping it (the request may already be on its way back with a job),
+            // so whatever it still brings is handed back rather than left on a lease nobody
+            // renews until it expires.
+            let client = self.client.clone();
+            let wait = Millis(self.config.claim_wait.as_millis() as u64);
+            let mut pending = tokio::spawn(async move { client.claim(wait).await });
             let claim = tokio::select! {
-                c = self.client.claim(Millis(self.config.claim_wait.as_millis() as u64)) => c,
-                _ = shutdown.changed() => continue,
+                c = &mut pending => c.unwrap_or_else(|e| Err(WorkerCallError::Unavailable(format!("claim task: {e}")))),
+                _ = shutdown.changed() => {
+                    let client = self.client.clone();
+                    tokio::spawn(async move {
+                        if let Ok(Ok(Some(job))) = pending.await {
+                            match client.release(&job.id).await {
+                                Ok(()) => tracing::info!(job = %job.id, "handed back a job that came after shutdown"),
+                                Err(e) => tracing::warn!(job = %job.id, error = %e, "could not hand back a job that came after shutdown; its lease will expire instead"),
+                            }
+                        }
+                    });
+                    continue;
+                }
             };
             match claim {
                 Ok(Some(job)) => {
@@ -552,4 +570,102 @@ enum Ended {
     Reported,
     HandedBack,
     Lost,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pond_core::ids::RunId;
+    use pond_core::pool::JobId;
+    use pond_core::time::Timestamp;
+
+    /// An orchestrator whose long poll answers with a job only after `delay`, and that records
+    /// the jobs handed back.
+    struct SlowPoll {
+        delay: Duration,
+        run: pond_core::run::Run,
+        released: std::sync::mpsc::Sender<String>,
+    }
+
+    #[async_trait]
+    impl WorkerClient for SlowPoll {
+        async fn claim(&self, _wait: Millis) -> Result<Option<Job>, WorkerCallError> {
+            tokio::time::sleep(self.delay).await;
+            Ok(Some(Job {
+                id: JobId { run: self.run.id, stage: "noop".into(), attempt: 1 },
+                run: self.run.clone(),
+                lease: Millis(60_000),
+                input_sha256: String::new(),
+                credentials: None,
+                agent: None,
+                items: None,
+            }))
+        }
+        async fn input(&self, _: &JobId) -> Result<(Vec<u8>, Option<String>), WorkerCallError> {
+            Err(WorkerCallError::Unavailable("not in this test".into()))
+        }
+        async fn heartbeat(&self, _: &JobId) -> Result<bool, WorkerCallError> {
+            Ok(false)
+        }
+        async fn logs(&self, _: &JobId, _: Vec<pond_core::store::NewLogLine>) -> Result<(), WorkerCallError> {
+            Ok(())
+        }
+        async fn artifact(&self, _: &JobId, _: &str, _: Vec<u8>) -> Result<(), WorkerCallError> {
+            Ok(())
+        }
+        async fn result(&self, _: &JobId, _: &JobReport) -> Result<(bool, String), WorkerCallError> {
+            Err(WorkerCallError::Refused("no job should run in this test".into()))
+        }
+        async fn release(&self, job: &JobId) -> Result<(), WorkerCallError> {
+            let _ = self.released.send(job.to_string());
+            Ok(())
+        }
+    }
+
+    /// A worker told to stop while its long poll is out does not drop the job that poll then
+    /// brings (its lease would hold it from every other worker until it expired): it hands it
+    /// back, and runs nothing.
+    #[tokio::test]
+    async fn a_job_arriving_after_shutdown_is_handed_back() {
+        let run: pond_core::run::Run = serde_json::from_value(serde_json::json!({
+            "id": RunId::generate(Timestamp::from_millis(0)),
+            "project_id": "p",
+            "state": "running",
+            "definition": {"stages": [{"key": "noop", "executor": {"kind": "noop", "placement": "pool"}}]},
+            "sources": [],
+            "idempotency_key": null,
+            "cancel_requested": false,
+            "error": null,
+            "created_at": "2026-01-01T00:00:00Z",
+            "started_at": null,
+            "finished_at": null
+        }))
+        .expect("a run");
+        let (released, handed_back) = std::sync::mpsc::channel();
+        let client = Arc::new(SlowPoll { delay: Duration::from_millis(300), run: run.clone(), released });
+        let scratch = tempfile::tempdir().expect("scratch");
+        let config = WorkerConfig {
+            scratch: scratch.path().to_path_buf(),
+            once: false,
+            claim_wait: Duration::from_secs(20),
+            drain: Duration::from_secs(1),
+            max_input_bytes: 1 << 20,
+            pinned: pond_core::routing::WorkerOffer::default(),
+            max_log_bytes: 1 << 20,
+            allow_unconfined: false,
+        };
+        let identity = pond_core::keys::WorkerIdentity::from_secrets([7; 32], [9; 32]);
+        let worker = Worker::new(client, identity, config).with_executor(Arc::new(crate::NoopExecutor));
+        let (stop, stopped) = watch::channel(false);
+        let running = tokio::spawn(async move { worker.run(stopped).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.send(true).expect("the worker listens");
+        let summary = tokio::time::timeout(Duration::from_secs(5), running).await.expect("stops").expect("joins");
+        assert_eq!(summary, WorkerSummary::default(), "nothing ran");
+        let job = tokio::task::spawn_blocking(move || handed_back.recv_timeout(Duration::from_secs(5)))
+            .await
+            .expect("joins")
+            .expect("the job that came after shutdown was handed back");
+        assert_eq!(job, format!("{}.noop.1", run.id));
+    }
 }
