@@ -1077,12 +1077,13 @@ struct BenchArgs {
     /// the tables, project `backlog`): rates measured with a million stored or queued runs.
     #[arg(long, default_value_t = 0)]
     backlog: u64,
-    /// What the seeded runs are: `finished` (stored, nothing waiting) or `pooled` (queued for a
-    /// pool worker; no worker takes them during the bench).
+    /// What the seeded runs are: `finished` (stored, nothing waiting), `pooled` (queued for a
+    /// pool worker; no worker takes them during the bench) or `other-pool` (queued for a worker
+    /// tagged `gpu`, which no bench worker is).
     #[arg(long, default_value = "finished", value_name = "KIND")]
     backlog_kind: String,
-    /// Instead: time claims with this many local and as many pooled stages queued (repeatable;
-    /// SQLite in --data-dir, or PostgreSQL with --database-url).
+    /// Instead: time claims with this many local, as many pooled and as many stages of another
+    /// pool queued (repeatable; SQLite in --data-dir, or PostgreSQL with --database-url).
     #[arg(long = "claim-latency", value_name = "QUEUED")]
     claim_latency: Vec<u64>,
     /// Instead: the pool benchmark (server and orchestrator processes, workers over HTTP; SQLite,
@@ -2615,7 +2616,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         let backlog = pond_store::Backlog::parse(&args.backlog_kind)
             .filter(|b| *b != pond_store::Backlog::Local)
             .with_context(|| {
-                format!("--backlog-kind `{}`: expected `finished` or `pooled` (a local backlog would be drained by the bench's own server first)", args.backlog_kind)
+                format!("--backlog-kind `{}`: expected `finished`, `pooled` or `other-pool` (a local backlog would be drained by the bench's own server first)", args.backlog_kind)
             })?;
         let now = pond_core::time::Clock::now(&pond_core::time::SystemClock);
         let seeding = std::time::Instant::now();

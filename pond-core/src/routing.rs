@@ -100,6 +100,17 @@ pub fn admits(required: &Requirements, project_id: &str, worker: &WorkerOffer) -
         && required.capabilities.iter().all(|pattern| worker.capabilities.iter().any(|c| glob_match(pattern, c)))
 }
 
+/// Whether `worker` may run some job with `required`, whatever its project: [`admits`] without
+/// the check of the run's own project against a bring-your-own host's tenant tag. Stores use it
+/// to pick which kinds of queued work (same requirements) a worker's claim walks at all; the
+/// claim statement still applies the whole rule to every row it takes.
+pub fn admits_some_project(required: &Requirements, worker: &WorkerOffer) -> bool {
+    let byo_ok = !worker.tags.contains(BYO_TAG) || required.tags.contains(BYO_TAG);
+    byo_ok
+        && required.tags.is_subset(&worker.tags)
+        && required.capabilities.iter().all(|pattern| worker.capabilities.iter().any(|c| glob_match(pattern, c)))
+}
+
 /// Glob match over the whole text: `*` matches any run of characters (including none), `?`
 /// exactly one; everything else matches itself.
 pub fn glob_match(pattern: &str, text: &str) -> bool {

@@ -346,16 +346,23 @@ impl Worker {
                 return (failed(why), [0; 32]);
             }
         }
-        let input = match self.client.input(&job.id).await {
-            // Sealed to this worker (format (b)): open it; refuse an input that came in clear.
-            Ok((sealed, Some(sidecar))) => {
-                match pond_core::seal::open_artifact(&sealed, &sidecar, &self.sealing.0, &self.sealing.1) {
-                    Ok(bytes) => bytes,
-                    Err(e) => return (failed(format!("opening the input bundle failed: {e}")), [0; 32]),
+        // A run without sources has the empty input, and its digest in the ticket (which pond
+        // signs) says so: there is nothing to fetch, so no round trip through the orchestrator
+        // for it. What the attestation signs is the same either way.
+        let input = if job.input_sha256 == pond_core::engine::JobInput::empty().sha256 {
+            Vec::new()
+        } else {
+            match self.client.input(&job.id).await {
+                // Sealed to this worker (format (b)): open it; refuse an input that came in clear.
+                Ok((sealed, Some(sidecar))) => {
+                    match pond_core::seal::open_artifact(&sealed, &sidecar, &self.sealing.0, &self.sealing.1) {
+                        Ok(bytes) => bytes,
+                        Err(e) => return (failed(format!("opening the input bundle failed: {e}")), [0; 32]),
+                    }
                 }
+                Ok((_, None)) => return (failed("the input bundle came unencrypted; refused".into()), [0; 32]),
+                Err(e) => return (failed(format!("fetching the input bundle failed: {e}")), [0; 32]),
             }
-            Ok((_, None)) => return (failed("the input bundle came unencrypted; refused".into()), [0; 32]),
-            Err(e) => return (failed(format!("fetching the input bundle failed: {e}")), [0; 32]),
         };
         let input_sha: [u8; 32] = Sha256::digest(&input).into();
         if hex::encode(input_sha) != job.input_sha256 {

@@ -156,9 +156,10 @@ pub fn run(nodes: &[Client], setup: &str, runs: usize, clients: usize) -> Result
     })
 }
 
-/// Claim latency with `queued` local and `queued` pooled stages waiting: one claimer taking
-/// one stage at a time, as a driver with one free slot does, then one pool worker after
-/// another taking one job each.
+/// Claim latency with `queued` local and `queued` pooled stages waiting, behind `queued` more
+/// of another pool (due earlier, needing a tag no claimer has): one claimer taking one stage at
+/// a time, as a driver with one free slot does, then one pool worker after another taking one
+/// job each.
 #[derive(Debug, Clone)]
 pub struct ClaimReport {
     /// What the store was (`SQLite`, `PostgreSQL`).
@@ -181,9 +182,10 @@ impl fmt::Display for ClaimReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}, {} local + {} pooled queued (seeded in {:.1} s): local claim p50 {:.2} ms, p99 {:.2} ms ({} claims); \
+            "{}, {} local + {} pooled + {} of another pool queued (seeded in {:.1} s): local claim p50 {:.2} ms, p99 {:.2} ms ({} claims); \
              pooled claim p50 {:.2} ms, p99 {:.2} ms ({} claims)",
             self.store,
+            self.queued,
             self.queued,
             self.queued,
             self.seed_secs,
@@ -214,6 +216,7 @@ pub async fn claim_latency(
             let store = pond_store::PgStore::connect(&db.url, 4).await?;
             store.seed_runs(queued, Backlog::Local, now).await?;
             store.seed_runs(queued, Backlog::Pooled, now).await?;
+            store.seed_runs(queued, Backlog::OtherPool, now).await?;
             (std::sync::Arc::new(store), Some(db))
         }
         None => {
@@ -226,6 +229,7 @@ pub async fn claim_latency(
             let store = pond_store::SqliteStore::open(&path).await?;
             store.seed_runs(queued, Backlog::Local, now).await?;
             store.seed_runs(queued, Backlog::Pooled, now).await?;
+            store.seed_runs(queued, Backlog::OtherPool, now).await?;
             (std::sync::Arc::new(store), None)
         }
     };
@@ -276,6 +280,21 @@ async fn time_claims(
     Ok(latencies)
 }
 
+/// CPU milliseconds per run, by process.
+#[derive(Debug, Clone, Default)]
+pub struct CpuPerRun {
+    /// The `pond server`.
+    pub server: f64,
+    /// The `pond orchestrator`.
+    pub orchestrator: f64,
+    /// The `pond worker` processes together.
+    pub workers: f64,
+    /// The benchmark's own clients.
+    pub clients: f64,
+    /// Every process on the machine.
+    pub machine: f64,
+}
+
 /// Figures of the pool benchmark.
 #[derive(Debug, Clone)]
 pub struct PoolBenchReport {
@@ -293,6 +312,10 @@ pub struct PoolBenchReport {
     pub processes_completed_per_sec: f64,
     /// `SQLite` or `PostgreSQL`: the server's store.
     pub store: &'static str,
+    /// CPU milliseconds per run in the `pond worker` phase: the server, the orchestrator, the
+    /// worker processes together, this benchmark (its submitting clients), and the whole
+    /// machine (the database included).
+    pub cpu_ms_per_run: CpuPerRun,
     /// Idle long-polling workers in the memory phase.
     pub idle_workers: usize,
     /// Resident memory of the server and the orchestrator before the idle workers, KiB.
@@ -303,7 +326,11 @@ pub struct PoolBenchReport {
 
 impl fmt::Display for PoolBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "pool (pond server + pond orchestrator processes, workers over HTTP on 127.0.0.1, {})", self.store)?;
+        writeln!(
+            f,
+            "pool (pond server + pond orchestrator processes, workers over HTTP on 127.0.0.1, {})",
+            self.store
+        )?;
         writeln!(
             f,
             "submit → worker start, idle pool: p50 {:.2} ms, p99 {:.2} ms ({} runs, one at a time)",
@@ -318,6 +345,12 @@ impl fmt::Display for PoolBenchReport {
             f,
             "pooled noop runs, {} `pond worker` processes: {:>6.0} runs/s submitted and completed ({} runs)",
             self.workers, self.processes_completed_per_sec, self.runs
+        )?;
+        let c = &self.cpu_ms_per_run;
+        writeln!(
+            f,
+            "  CPU per run: server {:.2} ms, orchestrator {:.2} ms, workers {:.2} ms, submitting clients {:.2} ms; whole machine {:.2} ms",
+            c.server, c.orchestrator, c.workers, c.clients, c.machine
         )?;
         write!(
             f,
@@ -380,6 +413,11 @@ impl Child {
         self.status_field("Threads:")
     }
 
+    /// CPU time the process has used so far (user + system), in clock ticks.
+    fn cpu_ticks(&self) -> u64 {
+        process_cpu_ticks(&format!("/proc/{}/stat", self.process.id()))
+    }
+
     fn status_field(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.id())).unwrap_or_default();
         status
@@ -388,6 +426,32 @@ impl Child {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// User + system CPU ticks of the process whose `stat` file is at `path` (0 when unreadable).
+fn process_cpu_ticks(path: &str) -> u64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from field 3 on: utime and stime
+    // are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    field(14) + field(15)
+}
+
+/// Busy CPU ticks of the whole machine so far (every core: all but idle and iowait).
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else { return 0 };
+    let v: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    v.iter().take(8).sum::<u64>() - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
+}
+
+/// Milliseconds per clock tick of `/proc` CPU times.
+fn ms_per_tick() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    1000.0 / if hz > 0 { hz as f64 } else { 100.0 }
 }
 
 impl Drop for Child {
@@ -635,10 +699,29 @@ pub fn pool(
         )?);
     }
     std::thread::sleep(Duration::from_millis(500));
+    let cpu = |processes: &[Child]| {
+        (
+            server.cpu_ticks(),
+            orch.cpu_ticks(),
+            processes.iter().map(Child::cpu_ticks).sum::<u64>(),
+            process_cpu_ticks("/proc/self/stat"),
+            machine_busy_ticks(),
+        )
+    };
+    let before = cpu(&processes);
     let started = Instant::now();
     let (ids, _, _) = submit_all(std::slice::from_ref(&admin), &body, runs, 8)?;
     wait_all(&admin, &ids)?;
     let processes_completed_per_sec = runs as f64 / started.elapsed().as_secs_f64();
+    let after = cpu(&processes);
+    let per_run = |a: u64, b: u64| a.saturating_sub(b) as f64 * ms_per_tick() / runs.max(1) as f64;
+    let cpu_ms_per_run = CpuPerRun {
+        server: per_run(after.0, before.0),
+        orchestrator: per_run(after.1, before.1),
+        workers: per_run(after.2, before.2),
+        clients: per_run(after.3, before.3),
+        machine: per_run(after.4, before.4),
+    };
     drop(processes);
 
     // Memory: `idle_workers` enrolled workers, each holding a long poll on the orchestrator.
@@ -678,6 +761,7 @@ pub fn pool(
         runs,
         completed_per_sec,
         processes_completed_per_sec,
+        cpu_ms_per_run,
         store: if database_url.is_some() { "PostgreSQL" } else { "SQLite" },
         idle_workers,
         rss_before_kib,

@@ -294,3 +294,39 @@ pub(crate) fn event_from_row(row: &impl Columns) -> Result<pond_core::events::Ev
         },
     })
 }
+
+/// A distinct set of requirements among the queued stages of one executor kind, as a claim
+/// found it: what identifies it in the index, its `pool_tags` and `pool_caps` columns, and when
+/// its first stage is due.
+pub(crate) struct QueuedRoute<K> {
+    pub key: K,
+    pub tags: Option<String>,
+    pub caps: Option<String>,
+    pub due: i64,
+}
+
+/// The routes a claim of up to `limit` stages for `offer` at `now` walks: those the worker is
+/// admitted to (`routing::admits_some_project`; the claim statement applies the whole rule to
+/// each row) with a stage due, earliest first, at most `limit` of them — the `limit` stages due
+/// first all lie in the `limit` routes whose first stage is due first.
+pub(crate) fn routes_to_walk<K>(
+    routes: Vec<QueuedRoute<K>>,
+    offer: &pond_core::routing::WorkerOffer,
+    now: i64,
+    limit: usize,
+) -> Vec<QueuedRoute<K>> {
+    let mut admitted: Vec<QueuedRoute<K>> = routes
+        .into_iter()
+        .filter(|r| r.due <= now)
+        .filter(|r| {
+            let (Some(tags), Some(caps)) = (&r.tags, &r.caps) else { return false };
+            let (Ok(tags), Ok(capabilities)) = (serde_json::from_str(tags), serde_json::from_str(caps)) else {
+                return false;
+            };
+            pond_core::routing::admits_some_project(&pond_core::routing::Requirements { tags, capabilities }, offer)
+        })
+        .collect();
+    admitted.sort_by_key(|r| r.due);
+    admitted.truncate(limit);
+    admitted
+}

@@ -17,15 +17,19 @@ pub enum Backlog {
     Pooled,
     /// Runs that succeeded: a stage and an attempt each, nothing waiting.
     Finished,
+    /// Runs whose `noop` stage waits for a pool worker tagged `gpu` (which no benchmark worker
+    /// is), due a second before the others: another pool's backlog, ahead in due order.
+    OtherPool,
 }
 
 impl Backlog {
-    /// Parses `local`, `pooled` or `finished`.
+    /// Parses `local`, `pooled`, `finished` or `other-pool`.
     pub fn parse(text: &str) -> Option<Backlog> {
         match text {
             "local" => Some(Backlog::Local),
             "pooled" => Some(Backlog::Pooled),
             "finished" => Some(Backlog::Finished),
+            "other-pool" => Some(Backlog::OtherPool),
             _ => None,
         }
     }
@@ -36,33 +40,41 @@ impl Backlog {
             Backlog::Local => "local",
             Backlog::Pooled => "pooled",
             Backlog::Finished => "finished",
+            Backlog::OtherPool => "other-pool",
         }
     }
 
     pub(crate) fn definition(self) -> &'static str {
         match self {
             Backlog::Pooled => r#"{"stages":[{"key":"s","executor":{"kind":"noop","placement":"pool"}}]}"#,
+            Backlog::OtherPool => {
+                r#"{"stages":[{"key":"s","executor":{"kind":"noop","placement":"pool","tags":["gpu"]}}]}"#
+            }
             Backlog::Local | Backlog::Finished => r#"{"stages":[{"key":"s","executor":{"kind":"noop"}}]}"#,
         }
     }
 
     pub(crate) fn state(self) -> &'static str {
         match self {
-            Backlog::Local | Backlog::Pooled => "queued",
+            Backlog::Local | Backlog::Pooled | Backlog::OtherPool => "queued",
             Backlog::Finished => "succeeded",
         }
     }
 
     pub(crate) fn executor_kind(self) -> &'static str {
         match self {
-            Backlog::Pooled => pond_core::definition::POOL_KIND,
+            Backlog::Pooled | Backlog::OtherPool => pond_core::definition::POOL_KIND,
             Backlog::Local | Backlog::Finished => "noop",
         }
     }
 
     /// `pool_tags` and `pool_caps` of the stage.
-    pub(crate) fn requirements(self) -> Option<&'static str> {
-        (self == Backlog::Pooled).then_some("[]")
+    pub(crate) fn requirements(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Backlog::Pooled => Some(("[]", "[]")),
+            Backlog::OtherPool => Some((r#"["gpu"]"#, "[]")),
+            Backlog::Local | Backlog::Finished => None,
+        }
     }
 
     /// The stage's `ready_at`, `attempt`, `started_at` and `finished_at`.
@@ -70,6 +82,7 @@ impl Backlog {
         let now = now.as_millis();
         match self {
             Backlog::Local | Backlog::Pooled => (Some(now), 0, None, None),
+            Backlog::OtherPool => (Some(now - 1000), 0, None, None),
             Backlog::Finished => (None, 1, Some(now), Some(now)),
         }
     }

@@ -115,6 +115,11 @@ fn discard_if_in_transaction(
     Box::pin(async move { Ok(!open) })
 }
 
+/// The index expression that tells queued stages' requirements apart (`stages_ready_by_route`,
+/// migration 0010): `<pool_tags>|<pool_caps>`, `|` for a stage with none (a local one). Neither
+/// JSON list can hold a `|` (see `valid_tag`, `valid_capability_pattern`).
+const ROUTE_KEY: &str = "(COALESCE(pool_tags, '') || '|' || COALESCE(pool_caps, ''))";
+
 impl SqliteStore {
     /// Claims in one transaction; with `line`, the claimed stages' progress lines go in it too.
     async fn claim(&self, query: &ClaimQuery, line: Option<ClaimLine<'_>>) -> Result<Vec<Claim>, StoreError> {
@@ -159,30 +164,83 @@ impl SqliteStore {
                 serde_json::to_string(&o.capabilities).unwrap_or_else(|_| "[]".into()),
             )
         });
+        let now = query.now.as_millis();
+        let mut tx = self.begin().await?;
         // One statement claims the whole batch. Expressions in SET see each row as it was, so
         // `state = 'running'` tells the re-claim of an expired lease from a first claim.
         // Numbered parameters: ?1 owner, ?2 lease end, ?3 now, ?4 limit, ?5 the worker's tags,
-        // ?6 its capabilities, ?7… the executor kinds.
+        // ?6 its capabilities, ?7… the executor kinds, then the routes a worker's claim walks.
         //
         // Each arm takes its first `limit` rows in due order from an index and stops, and only
-        // those are sorted: one arm per executor kind, because `executor_kind IN (…)` over the
-        // `(executor_kind, ready_at)` index yields rows out of order, and SQLite would then
-        // sort every queued stage of those kinds. The index is named: left to choose, SQLite
-        // walked the former `stages_ready` (every kind in due order, dropped in migration 0010)
-        // and filtered, which for a kind with nothing queued reads the whole queue (82 ms per
-        // claim with 100,000 queued, seen with the bundled SQLite after ANALYZE; `pond bench
+        // those are sorted: one arm per route — an executor kind and the requirements a worker
+        // must meet (`stages_ready_by_route`). A local driver's routes are its kinds with no
+        // requirements; a worker's are the requirement sets queued for its kind that it is
+        // admitted to, found first (see `routes_to_walk`), so a backlog it cannot take (another
+        // pool's, another tenant's) is never read. One arm per route because `IN (…)` over the
+        // index yields rows out of due order, and SQLite would then sort every queued stage of
+        // those routes. The index is named: left to choose, SQLite walked the former
+        // `stages_ready` (every kind in due order, dropped in migration 0010) and filtered,
+        // which for a kind with nothing queued reads the whole queue (82 ms per claim with
+        // 100,000 queued, seen with the bundled SQLite after ANALYZE; `pond bench
         // --claim-latency`).
         let kinds = (0..query.kinds.len()).map(|i| format!("?{}", i + 7)).collect::<Vec<_>>().join(", ");
-        let mut arms: Vec<String> = (0..query.kinds.len())
-            .map(|i| {
+        let mut arms: Vec<String> = Vec::new();
+        let mut route_params: Vec<String> = Vec::new();
+        match &query.offer {
+            None => arms.extend((0..query.kinds.len()).map(|i| {
                 format!(
-                    "SELECT * FROM (SELECT run_id, key, ready_at AS due FROM stages INDEXED BY stages_ready_by_kind
-                      WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ?3 AND executor_kind = ?{} {offer}
+                    "SELECT * FROM (SELECT run_id, key, ready_at AS due FROM stages INDEXED BY stages_ready_by_route
+                      WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ?3 AND executor_kind = ?{}
+                        AND {ROUTE_KEY} = '|'
                       ORDER BY ready_at LIMIT ?4)",
                     i + 7
                 )
-            })
-            .collect();
+            })),
+            Some(worker) => {
+                for (i, kind) in query.kinds.iter().enumerate() {
+                    let found: Vec<(String, Option<i64>)> = sqlx::query_as(&format!(
+                        "WITH RECURSIVE routes(route) AS (
+                           SELECT (SELECT {ROUTE_KEY} AS rk FROM stages INDEXED BY stages_ready_by_route
+                                    WHERE state = 'queued' AND ready_at IS NOT NULL AND executor_kind = ?1
+                                    ORDER BY rk LIMIT 1)
+                           UNION ALL
+                           SELECT (SELECT {ROUTE_KEY} AS rk FROM stages INDEXED BY stages_ready_by_route
+                                    WHERE state = 'queued' AND ready_at IS NOT NULL AND executor_kind = ?1
+                                      AND {ROUTE_KEY} > r.route
+                                    ORDER BY rk LIMIT 1)
+                             FROM routes r WHERE r.route IS NOT NULL)
+                         SELECT route, (SELECT ready_at FROM stages INDEXED BY stages_ready_by_route
+                                         WHERE state = 'queued' AND ready_at IS NOT NULL AND executor_kind = ?1
+                                           AND {ROUTE_KEY} = routes.route
+                                         ORDER BY ready_at LIMIT 1)
+                           FROM routes WHERE route IS NOT NULL"
+                    ))
+                    .bind(kind)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                    let found = found
+                        .into_iter()
+                        .filter_map(|(route, due)| {
+                            let (tags, caps) = route.split_once('|')?;
+                            let (tags, caps) = (Some(tags.to_string()), Some(caps.to_string()));
+                            Some(crate::rows::QueuedRoute { key: route, tags, caps, due: due? })
+                        })
+                        .collect();
+                    for route in crate::rows::routes_to_walk(found, worker, now, query.limit as usize) {
+                        let n = 7 + query.kinds.len() + route_params.len();
+                        arms.push(format!(
+                            "SELECT * FROM (SELECT run_id, key, ready_at AS due FROM stages INDEXED BY stages_ready_by_route
+                              WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ?3 AND executor_kind = ?{}
+                                AND {ROUTE_KEY} = ?{n} {offer}
+                              ORDER BY ready_at LIMIT ?4)",
+                            i + 7
+                        ));
+                        route_params.push(route.key);
+                    }
+                }
+            }
+        }
         arms.push(format!(
             "SELECT * FROM (SELECT run_id, key, lease_expires_at AS due FROM stages INDEXED BY stages_leased
               WHERE state = 'running' AND lease_expires_at <= ?3 AND cancel_requested = 0 AND executor_kind IN ({kinds}) {offer}
@@ -197,8 +255,6 @@ impl SqliteStore {
               RETURNING *",
             arms.join(" UNION ALL ")
         );
-        let now = query.now.as_millis();
-        let mut tx = self.begin().await?;
         let (tags, caps) = offer_json.unwrap_or_default();
         let mut q = sqlx::query(&claim)
             .bind(&query.owner)
@@ -209,6 +265,9 @@ impl SqliteStore {
             .bind(caps);
         for k in &query.kinds {
             q = q.bind(k);
+        }
+        for p in &route_params {
+            q = q.bind(p);
         }
         let rows = q.fetch_all(&mut *tx).await.map_err(db_err)?;
         if rows.is_empty() {
@@ -382,7 +441,7 @@ impl SqliteStore {
         sqlx::query(&format!(
             "{seq} INSERT INTO stages (run_id, key, position, executor_kind, state, ready_at, attempt,
                                        started_at, finished_at, pool_tags, pool_caps)
-             SELECT {id}, 's', 0, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8 FROM seq"
+             SELECT {id}, 's', 0, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 FROM seq"
         ))
         .bind(n as i64)
         .bind(backlog.executor_kind())
@@ -391,7 +450,8 @@ impl SqliteStore {
         .bind(attempt)
         .bind(started_at)
         .bind(finished_at)
-        .bind(backlog.requirements())
+        .bind(backlog.requirements().map(|r| r.0))
+        .bind(backlog.requirements().map(|r| r.1))
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
