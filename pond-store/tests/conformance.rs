@@ -544,6 +544,43 @@ fn pool_query(owner: &str, now: Timestamp, offer: pond_core::routing::WorkerOffe
     ClaimQuery { kinds: vec!["pool".into()], offer: Some(offer), ..claim_query(owner, now, 60_000, 100) }
 }
 
+/// A worker's claim takes, of the work it is admitted to, what is due first — whatever other
+/// work (needing tags it lacks) was queued earlier — and a limit smaller than the routes it may
+/// take still yields the earliest stages.
+pub async fn pool_claims_take_admitted_work_in_due_order_past_work_for_others(store: Arc<dyn Store>) {
+    let pooled =
+        |tags: &[&str]| json!({"stages":[{"key":"s","executor":{"kind":"noop","placement":"pool","tags":tags}}]});
+    let mut ids = std::collections::HashMap::new();
+    for (name, tags, t) in [
+        ("b-early", &["b"][..], 0),
+        ("none-0", &[][..], 1),
+        ("a-1", &["a"][..], 2),
+        ("b-late", &["b"][..], 3),
+        ("none-2", &[][..], 4),
+        ("a-3", &["a"][..], 5),
+    ] {
+        let run = new_run("p", pooled(tags), None, at(t));
+        store.insert_run(&run).await.unwrap();
+        ids.insert(run.run.id, name);
+    }
+    let names = |claims: &[pond_core::store::Claim]| -> Vec<&str> { claims.iter().map(|c| ids[&c.run.id]).collect() };
+    let mut sorted = |claims: Vec<pond_core::store::Claim>| {
+        let mut n = names(&claims);
+        n.sort();
+        n
+    };
+    let first =
+        store.claim_stages(&ClaimQuery { limit: 1, ..pool_query("w1", at(10), offer(&["a"], &[])) }).await.unwrap();
+    assert_eq!(sorted(first), vec!["none-0"], "the earliest admitted stage, not the earlier one needing `b`");
+    let next =
+        store.claim_stages(&ClaimQuery { limit: 3, ..pool_query("w2", at(10), offer(&["a"], &[])) }).await.unwrap();
+    assert_eq!(sorted(next), vec!["a-1", "a-3", "none-2"]);
+    let rest = store.claim_stages(&pool_query("w3", at(10), offer(&["a"], &[]))).await.unwrap();
+    assert!(rest.is_empty(), "only `b` work is left: {:?}", sorted(rest));
+    let b = store.claim_stages(&pool_query("w4", at(10), offer(&["b"], &[]))).await.unwrap();
+    assert_eq!(sorted(b), vec!["b-early", "b-late"]);
+}
+
 pub async fn pool_claims_match_pinned_tags_and_capability_globs(store: Arc<dyn Store>) {
     // One run per tenant with a byo stage, a trusted stage needing a harness, and a local stage.
     let mut runs = Vec::new();
@@ -1099,6 +1136,7 @@ macro_rules! conformance {
                 batched_updates_apply_in_order_and_a_failure_stops_no_other,
                 a_logged_claim_writes_each_stage_s_line,
                 pool_claims_match_pinned_tags_and_capability_globs,
+                pool_claims_take_admitted_work_in_due_order_past_work_for_others,
                 byo_hosts_take_only_their_own_projects_work,
                 a_busy_worker_is_given_no_second_job,
                 records_swap_atomically,
