@@ -169,22 +169,8 @@ pub fn run(
             uses: None,
         })?
         .code;
-    let keys = dir.join("worker").display().to_string();
-    let _worker = Child::spawn(
-        exe,
-        &[
-            "worker",
-            "--orchestrator",
-            &orch.url,
-            "--key-dir",
-            &keys,
-            "--enroll",
-            &code,
-            "--capabilities",
-            "harness.codex",
-        ],
-        "pond worker ",
-    )?;
+    let _worker =
+        Child::spawn_worker(exe, &orch.url, &dir.join("worker"), &code, &["--capabilities", "harness.codex"])?;
     let timed = |placement: &str| -> Result<Vec<f64>, ClientError> {
         let body = serde_json::json!({"project_id": "bench", "definition": {"stages": [{"key": "agent",
             "executor": {"kind": "swarm", "placement": placement, "harness": "codex", "model_ref": "fast",

@@ -375,6 +375,21 @@ impl Child {
         Child::spawn_with(exe, args, prefix, std::process::Stdio::inherit())
     }
 
+    /// A `pond worker` of the orchestrator at `orchestrator`, enrolling with `code` (keys in
+    /// `keys`), with `extra` flags; ready once it printed that it enrolled.
+    pub(crate) fn spawn_worker(
+        exe: &std::path::Path,
+        orchestrator: &str,
+        keys: &std::path::Path,
+        code: &str,
+        extra: &[&str],
+    ) -> Result<Child, ClientError> {
+        let keys = keys.display().to_string();
+        let mut args = vec!["worker", "--orchestrator", orchestrator, "--key-dir", &keys, "--enroll", code];
+        args.extend_from_slice(extra);
+        Child::spawn(exe, &args, "pond worker ")
+    }
+
     /// Like [`Child::spawn`], its standard error written to `log`.
     fn spawn_logged(
         exe: &std::path::Path,
@@ -676,26 +691,14 @@ pub fn pool(
     let mut processes = Vec::with_capacity(workers);
     for n in 0..workers {
         let code = worker_code(&admin, "bench")?;
-        let keys = dir.join(format!("process-worker-{n}")).display().to_string();
         let name = format!("bench-process-{n}");
-        processes.push(Child::spawn(
+        let keys = dir.join(format!("process-worker-{n}"));
+        processes.push(Child::spawn_worker(
             exe,
-            &[
-                "worker",
-                "--orchestrator",
-                &orch.url,
-                "--key-dir",
-                &keys,
-                "--enroll",
-                &code,
-                "--name",
-                &name,
-                "--sandbox",
-                "host",
-                "--drain",
-                "1s",
-            ],
-            "pond worker ",
+            &orch.url,
+            &keys,
+            &code,
+            &["--name", &name, "--sandbox", "host", "--drain", "1s"],
         )?);
     }
     std::thread::sleep(Duration::from_millis(500));
