@@ -93,11 +93,8 @@ pub fn tenant_tag(project_id: &str) -> String {
 /// (`tenant:<project_id>`), whatever tags the job carries. The stores' claim statements and the
 /// worker itself (before it runs anything) apply the same rule.
 pub fn admits(required: &Requirements, project_id: &str, worker: &WorkerOffer) -> bool {
-    let byo_ok = !worker.tags.contains(BYO_TAG)
-        || (required.tags.contains(BYO_TAG) && worker.tags.contains(&tenant_tag(project_id)));
-    byo_ok
-        && required.tags.is_subset(&worker.tags)
-        && required.capabilities.iter().all(|pattern| worker.capabilities.iter().any(|c| glob_match(pattern, c)))
+    admits_some_project(required, worker)
+        && (!worker.tags.contains(BYO_TAG) || worker.tags.contains(&tenant_tag(project_id)))
 }
 
 /// Whether `worker` may run some job with `required`, whatever its project: [`admits`] without

@@ -165,6 +165,7 @@ impl PgStore {
     /// million stored or queued runs in seconds.
     pub async fn seed_runs(&self, n: u64, backlog: crate::Backlog, now: Timestamp) -> Result<(), StoreError> {
         let (ready_at, attempt, started_at, finished_at) = backlog.stage_times(now);
+        let (tags, caps) = backlog.requirements().unzip();
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         sqlx::query(
             "WITH r AS (
@@ -185,8 +186,8 @@ impl PgStore {
         .bind(backlog.executor_kind())
         .bind(ready_at)
         .bind(attempt)
-        .bind(backlog.requirements().map(|r| r.0))
-        .bind(backlog.requirements().map(|r| r.1))
+        .bind(tags)
+        .bind(caps)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -412,21 +413,27 @@ impl PgStore {
         // in due order and filtered (15–40 ms per claim with 100,000 queued of another kind).
         // Rows a route locked beyond the outer LIMIT stay locked until this short transaction
         // ends; other claimers skip them meanwhile.
-        let mut candidates = vec![format!(
-            "SELECT run_id, key FROM stages
-              WHERE state = 'running' AND lease_expires_at <= $1 AND NOT cancel_requested AND executor_kind = ANY($2) {offer} {byo}
-              ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED"
+        // Each candidate select, with the kind and route keys ($8, $9) of one that walks a
+        // worker's routes.
+        let mut candidates: Vec<(String, Option<(&String, Vec<String>)>)> = vec![(
+            format!(
+                "SELECT run_id, key FROM stages
+                  WHERE state = 'running' AND lease_expires_at <= $1 AND NOT cancel_requested AND executor_kind = ANY($2) {offer} {byo}
+                  ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED"
+            ),
+            None,
         )];
-        // (kind, route keys) of each candidate that walks a worker's routes, bound as $8 and $9.
-        let mut walks: Vec<(Option<String>, Vec<String>)> = vec![(None, Vec::new())];
         match &query.offer {
-            None => candidates.push(format!(
-                "SELECT q.run_id, q.key FROM UNNEST($2::TEXT[]) AS k(kind) CROSS JOIN LATERAL (
+            None => candidates.push((
+                format!(
+                    "SELECT q.run_id, q.key FROM UNNEST($2::TEXT[]) AS k(kind) CROSS JOIN LATERAL (
                     SELECT run_id, key, ready_at FROM stages
                      WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1 AND executor_kind = k.kind
                        AND {ROUTE_KEY} = md5('|') {offer}
                      ORDER BY ready_at LIMIT $3 FOR UPDATE SKIP LOCKED) q
                   ORDER BY q.ready_at LIMIT $3"
+                ),
+                None,
             )),
             Some(worker) => {
                 for kind in &query.kinds {
@@ -458,23 +465,20 @@ impl PgStore {
                         .collect();
                     let routes = crate::rows::routes_to_walk(found, worker, now, query.limit as usize);
                     if !routes.is_empty() {
-                        walks.push((Some(kind.clone()), routes.into_iter().map(|r| r.key).collect()));
-                        candidates.push(format!(
+                        let select = format!(
                             "SELECT q.run_id, q.key FROM UNNEST($9::TEXT[]) AS r(route) CROSS JOIN LATERAL (
                                 SELECT run_id, key, ready_at FROM stages
                                  WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1 AND executor_kind = $8
                                    AND $8 = ANY($2) AND {ROUTE_KEY} = r.route {offer} {byo}
                                  ORDER BY ready_at LIMIT $3 FOR UPDATE SKIP LOCKED) q
                               ORDER BY q.ready_at LIMIT $3"
-                        ));
+                        );
+                        candidates.push((select, Some((kind, routes.into_iter().map(|r| r.key).collect()))));
                     }
                 }
             }
         }
-        if query.offer.is_none() {
-            walks.push((None, Vec::new()));
-        }
-        for (select, (kind, routes)) in candidates.into_iter().zip(walks) {
+        for (select, walk) in candidates {
             let want = query.limit as i64 - stages.len() as i64;
             if want <= 0 {
                 break;
@@ -495,7 +499,7 @@ impl PgStore {
                 .bind(query.lease_until.as_millis())
                 .bind(&offer_tags)
                 .bind(&offer_caps);
-            if let Some(kind) = kind {
+            if let Some((kind, routes)) = walk {
                 statement = statement.bind(kind).bind(routes);
             }
             let rows = statement.fetch_all(&mut *tx).await?;

@@ -423,6 +423,7 @@ impl SqliteStore {
         );
         let seq = "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < ?1)";
         let (ready_at, attempt, started_at, finished_at) = backlog.stage_times(now);
+        let (tags, caps) = backlog.requirements().unzip();
         let mut tx = self.begin().await?;
         sqlx::query(&format!(
             "{seq} INSERT INTO runs (id, project_id, state, definition, sources, created_at, started_at, finished_at)
@@ -450,8 +451,8 @@ impl SqliteStore {
         .bind(attempt)
         .bind(started_at)
         .bind(finished_at)
-        .bind(backlog.requirements().map(|r| r.0))
-        .bind(backlog.requirements().map(|r| r.1))
+        .bind(tags)
+        .bind(caps)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
