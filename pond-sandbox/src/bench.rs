@@ -62,21 +62,60 @@ fn version(program: &str) -> Option<String> {
     Some(first)
 }
 
-fn time_runs(name: String, runs: usize, mut once: impl FnMut(usize) -> Result<(), String>) -> Timing {
-    let mut millis = Vec::with_capacity(runs);
-    // One unmeasured run warms the page cache.
-    if let Err(e) = once(usize::MAX) {
-        return Timing { name, millis, skipped: Some(e) };
+/// One runtime's way to run the container once (its argument: the run's number).
+type Once<'a> = Box<dyn FnMut(usize) -> Result<(), String> + 'a>;
+
+/// Times `runs` runs of each runtime, interleaved (run i of every runtime, then run i + 1, each
+/// round in a random order), so that the machine's drift over the minute the benchmark takes
+/// falls on all of them alike.
+/// One unmeasured run of each first warms the page cache; a runtime that fails is skipped.
+fn time_interleaved(runs: usize, mut runtimes: Vec<(String, Once<'_>)>) -> Vec<Timing> {
+    let mut timings: Vec<Timing> = Vec::new();
+    for (name, once) in &mut runtimes {
+        let skipped = once(usize::MAX).err();
+        timings.push(Timing { name: name.clone(), millis: Vec::with_capacity(runs), skipped });
     }
+    // Each round runs the runtimes in a fresh random order. What ran just before matters: the
+    // first cgroup move after a quiet spell waits for an RCU grace period (5-20 ms here), so a
+    // runtime that always followed another's cgroup work would always start warm, and one that
+    // always followed a runtime without cgroups would always start cold.
+    let mut order: Vec<usize> = (0..runtimes.len()).collect();
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0x9e37_79b9_7f4a_7c15)
+        | 1;
     for i in 0..runs {
-        let start = Instant::now();
-        if let Err(e) = once(i) {
-            return Timing { name, millis: Vec::new(), skipped: Some(format!("run {i}: {e}")) };
+        shuffle(&mut order, &mut seed);
+        for &j in &order {
+            let (once, timing) = (&mut runtimes[j].1, &mut timings[j]);
+            if timing.skipped.is_some() {
+                continue;
+            }
+            let start = Instant::now();
+            match once(i) {
+                Ok(()) => timing.millis.push(start.elapsed().as_secs_f64() * 1000.0),
+                Err(e) => {
+                    timing.millis.clear();
+                    timing.skipped = Some(format!("run {i}: {e}"));
+                }
+            }
         }
-        millis.push(start.elapsed().as_secs_f64() * 1000.0);
     }
-    millis.sort_by(f64::total_cmp);
-    Timing { name, millis, skipped: None }
+    for timing in &mut timings {
+        timing.millis.sort_by(f64::total_cmp);
+    }
+    timings
+}
+
+/// Fisher-Yates with xorshift64: the order needs no more randomness than that.
+fn shuffle(items: &mut [usize], state: &mut u64) {
+    for i in (1..items.len()).rev() {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        items.swap(i, (*state % (i as u64 + 1)) as usize);
+    }
 }
 
 fn status(mut cmd: Command) -> Result<(), String> {
@@ -95,9 +134,8 @@ fn status(mut cmd: Command) -> Result<(), String> {
 pub fn run(pond_exe: &Path, work: &Path, runs: usize) -> Result<Report, String> {
     std::fs::create_dir_all(work).map_err(|e| format!("creating {}: {e}", work.display()))?;
     private_mounts_without_unified();
-    let mut timings = Vec::new();
-
-    timings.push(time_runs("fork/exec floor".into(), runs, |_| status(Command::new("/bin/true"))));
+    let mut runtimes: Vec<(String, Once<'_>)> = Vec::new();
+    runtimes.push(("fork/exec floor".into(), Box::new(|_| status(Command::new("/bin/true")))));
 
     let state = work.join("pond-state");
     let scratch = work.join("pond-scratch");
@@ -106,44 +144,47 @@ pub fn run(pond_exe: &Path, work: &Path, runs: usize) -> Result<Report, String> 
     // starts, as `OciBackend::new` makes it for a server or worker.
     std::fs::create_dir_all(&state).map_err(|e| format!("creating {}: {e}", state.display()))?;
     oci::collect_garbage(&state)?;
-    let helper_name = Path::new(&oci::helper_command(pond_exe)[0])
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    timings.push(time_runs(format!("pond oci ({helper_name} + libcontainer 0.7)"), runs, |i| {
-        let spec = HelperSpec::plain(&format!("bench-{i}"), &state, &["/bin/true"], scratch.join("report.json"));
-        let path = scratch.join("spec.json");
-        std::fs::write(&path, serde_json::to_vec(&spec).unwrap_or_default()).map_err(|e| e.to_string())?;
-        let helper = oci::helper_command(pond_exe);
-        let mut cmd = Command::new(&helper[0]);
-        cmd.args(&helper[1..]).arg(&path);
-        status(cmd)?;
-        let report = std::fs::read_to_string(&spec.report).map_err(|e| e.to_string())?;
-        if !report.contains("\"exit_code\":0") {
-            return Err(report);
-        }
-        Ok(())
-    }));
-    let leftovers = oci::leftovers(&state);
+    let helper = oci::helper_command(pond_exe);
+    let helper_name = Path::new(&helper[0]).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let (pond_state, pond_scratch) = (state.clone(), scratch.clone());
+    runtimes.push((
+        format!("pond oci ({helper_name} + libcontainer 0.7)"),
+        Box::new(move |i| {
+            let report = pond_scratch.join("report.json");
+            let spec = HelperSpec::plain(&format!("bench-{i}"), &pond_state, &["/bin/true"], report.clone());
+            let path = pond_scratch.join("spec.json");
+            std::fs::write(&path, serde_json::to_vec(&spec).unwrap_or_default()).map_err(|e| e.to_string())?;
+            let mut cmd = Command::new(&helper[0]);
+            cmd.args(&helper[1..]).arg(&path);
+            status(cmd)?;
+            let report = std::fs::read_to_string(&report).map_err(|e| e.to_string())?;
+            if !report.contains("\"exit_code\":0") {
+                return Err(report);
+            }
+            Ok(())
+        }),
+    ));
 
     let bundle = work.join("bundle");
     oci::comparison_bundle(&bundle, &["/bin/true"])?;
     for runtime in ["crun", "runc"] {
         let Some(v) = version(runtime) else {
-            timings.push(Timing { name: runtime.into(), millis: Vec::new(), skipped: Some("not installed".into()) });
+            runtimes.push((runtime.into(), Box::new(|_| Err("not installed".into()))));
             continue;
         };
         let root = work.join(format!("{runtime}-root"));
-        timings.push(time_runs(v, runs, |i| {
-            let mut cmd = Command::new(runtime);
-            cmd.arg("--root").arg(&root).args(["run", "--bundle"]).arg(&bundle).arg(format!("bench-{i}"));
-            status(cmd)
-        }));
+        let bundle = bundle.clone();
+        runtimes.push((
+            v,
+            Box::new(move |i| {
+                let mut cmd = Command::new(runtime);
+                cmd.arg("--root").arg(&root).args(["run", "--bundle"]).arg(&bundle).arg(format!("bench-{i}"));
+                status(cmd)
+            }),
+        ));
     }
     match version("bwrap") {
-        None => {
-            timings.push(Timing { name: "bwrap".into(), millis: Vec::new(), skipped: Some("not installed".into()) })
-        }
+        None => runtimes.push(("bwrap".into(), Box::new(|_| Err("not installed".into())))),
         Some(v) => {
             let mut args: Vec<String> = Vec::new();
             for dir in ["/usr", "/etc", "/lib", "/lib64", "/bin", "/sbin"] {
@@ -172,13 +213,18 @@ pub fn run(pond_exe: &Path, work: &Path, runs: usize) -> Result<Report, String> 
                 .map(String::from),
             );
             args.push("/bin/true".into());
-            timings.push(time_runs(format!("{v} (no cgroups)"), runs, |_| {
-                let mut cmd = Command::new("bwrap");
-                cmd.args(&args);
-                status(cmd)
-            }));
+            runtimes.push((
+                format!("{v} (no cgroups)"),
+                Box::new(move |_| {
+                    let mut cmd = Command::new("bwrap");
+                    cmd.args(&args);
+                    status(cmd)
+                }),
+            ));
         }
     }
+    let timings = time_interleaved(runs, runtimes);
+    let leftovers = oci::leftovers(&state);
     Ok(Report { runs, timings, leftovers })
 }
 

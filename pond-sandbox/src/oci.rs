@@ -534,8 +534,19 @@ impl<'a> Sandbox<'a> {
 
     fn run(&mut self, report: &mut SandboxReport) -> Result<(), String> {
         let spec = self.spec;
-        // Started first, joined before libcontainer forks (it needs a single-threaded process);
-        // skipped when no thread can be made (the time is all it saves).
+        // The sandbox's network namespace is made on a thread of its own (a namespace is a
+        // thread's, not a process's) while this one fills the bundle: creating one costs more
+        // than half a millisecond. This thread joins it before libcontainer runs.
+        let network = {
+            let rules = spec.egress_allow.clone();
+            let ports = spec.loopback_ports.clone();
+            std::thread::Builder::new()
+                .spawn(move || private_network(&rules, &ports))
+                .map_err(|e| format!("starting the network set-up: {e}"))?
+        };
+        // Started after the network thread (a cgroup move holds back every thread or process
+        // being made until it is done), joined before libcontainer forks (it needs a
+        // single-threaded process); skipped when no thread can be made (the time is all it saves).
         let warm_moves = std::thread::Builder::new().spawn(warm_cgroup_moves).ok();
         // SAFETY: prctl with constant arguments on this process only.
         unsafe {
@@ -548,27 +559,6 @@ impl<'a> Sandbox<'a> {
         note_stop_signals();
         let host_netns =
             File::open("/proc/self/ns/net").map_err(|e| format!("opening the host network namespace: {e}"))?;
-        enter_private_network()?;
-        self.mark("network");
-        // Every sandbox has the proxy, whatever its allowlist (`untrusted-code-read` and an
-        // empty list allow nothing): a tool that reaches out through it is refused with a line in
-        // the stage's log, so an attempt is seen, not only failed.
-        let proxy = {
-            let mut rules = Vec::new();
-            for (i, text) in spec.egress_allow.iter().enumerate() {
-                rules.push(Rule::parse(text).map_err(|e| format!("egress allowlist entry {i}: {e}"))?);
-            }
-            let listener = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT))
-                .map_err(|e| format!("binding the egress proxy: {e}"))?;
-            Some((listener, rules))
-        };
-        let mut forwards = Vec::new();
-        for &port in &spec.loopback_ports {
-            let listener = std::net::TcpListener::bind(("127.0.0.1", port))
-                .map_err(|e| format!("binding the forward of port {port}: {e}"))?;
-            forwards.push((listener, port));
-        }
-
         // The whole bundle is one tmpfs: the root's mount points, the container's state and
         // the writable space cost memory operations, not ext4 ones, and go with one unmount.
         std::fs::create_dir_all(&self.bundle).map_err(|e| format!("creating the bundle: {e}"))?;
@@ -588,12 +578,21 @@ impl<'a> Sandbox<'a> {
         let oom_before = oom_kills(&existing);
         self.slot_cgroups = existing;
         let netns = format!("/proc/{}/ns/net", std::process::id());
-        let config = oci_config(spec, uid, &mounts, proxy.is_some(), Some(netns), &cgroup);
+        let config = oci_config(spec, uid, &mounts, true, Some(netns), &cgroup);
         std::fs::write(self.bundle.join("config.json"), serde_json::to_vec_pretty(&config).unwrap_or_default())
             .map_err(|e| format!("writing config.json: {e}"))?;
         self.mark("bundle");
 
         let seccomp_filters = crate::seccomp::programs()?;
+        let PrivateNetwork { namespace, proxy, forwards } =
+            network.join().map_err(|_| "the network set-up thread panicked".to_string())??;
+        // SAFETY: setns on this thread with a namespace fd the network thread opened; from here
+        // /proc/<pid>/ns/net, which the container joins, names the sandbox's namespace.
+        if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(os_error("joining the sandbox's network namespace"));
+        }
+        drop(namespace);
+        self.mark("network");
         if warm_moves.is_some_and(|thread| thread.join().is_err()) {
             return Err("the cgroup warm-up thread panicked".into());
         }
@@ -920,10 +919,43 @@ fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
     status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("")
 }
 
-/// Moves this (single-threaded) process into a new network namespace with only `lo`, up.
+/// A sandbox's network namespace (only `lo`, up) and the listeners bound in it.
+struct PrivateNetwork {
+    /// The namespace, for the helper's main thread to join.
+    namespace: File,
+    /// The egress proxy's listener and allowlist.
+    proxy: Option<(std::net::TcpListener, Vec<Rule>)>,
+    /// The loopback forwards' listeners and their host ports.
+    forwards: Vec<(std::net::TcpListener, u16)>,
+}
+
+/// Run on a thread of its own: moves it into a new network namespace and binds the proxy and
+/// the forwards there (a socket stays in the namespace it was made in).
+fn private_network(egress_allow: &[String], loopback_ports: &[u16]) -> Result<PrivateNetwork, String> {
+    enter_private_network()?;
+    let namespace =
+        File::open("/proc/thread-self/ns/net").map_err(|e| format!("opening the sandbox's network namespace: {e}"))?;
+    // Every sandbox has the proxy, whatever its allowlist (`untrusted-code-read` and an
+    // empty list allow nothing): a tool that reaches out through it is refused with a line in
+    // the stage's log, so an attempt is seen, not only failed.
+    let mut rules = Vec::new();
+    for (i, text) in egress_allow.iter().enumerate() {
+        rules.push(Rule::parse(text).map_err(|e| format!("egress allowlist entry {i}: {e}"))?);
+    }
+    let listener =
+        std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT)).map_err(|e| format!("binding the egress proxy: {e}"))?;
+    let mut forwards = Vec::new();
+    for &port in loopback_ports {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+            .map_err(|e| format!("binding the forward of port {port}: {e}"))?;
+        forwards.push((listener, port));
+    }
+    Ok(PrivateNetwork { namespace, proxy: Some((listener, rules)), forwards })
+}
+
+/// Moves the calling thread into a new network namespace with only `lo`, up.
 fn enter_private_network() -> Result<(), String> {
-    // SAFETY: unshare(CLONE_NEWNET) moves only the calling thread (this process's main one,
-    // whose namespace /proc/<pid>/ns/net names) into the new namespace.
+    // SAFETY: unshare(CLONE_NEWNET) moves only the calling thread into the new namespace.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         return Err(os_error("creating the network namespace"));
     }
