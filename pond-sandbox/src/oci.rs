@@ -591,6 +591,15 @@ impl<'a> Sandbox<'a> {
         if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(os_error("joining the sandbox's network namespace"));
         }
+        // What the container will join by path: refuse unless it is the new namespace and
+        // not the host's.
+        use std::os::unix::fs::MetadataExt;
+        let joined = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).ok();
+        let host = host_netns.metadata().map(|m| m.ino()).ok();
+        let made = namespace.metadata().map(|m| m.ino()).ok();
+        if joined.is_none() || joined != made || joined == host {
+            return Err("the helper is not in the sandbox's network namespace; not starting it".into());
+        }
         drop(namespace);
         self.mark("network");
         if warm_moves.is_some_and(|thread| thread.join().is_err()) {
