@@ -572,6 +572,7 @@ impl<'a> Sandbox<'a> {
         self.uid = Some((uid_lock, uid));
         report.uid = Some(uid);
         let mounts = self.prepare_mounts(uid)?;
+        make_mount_points(&self.bundle.join("rootfs"), &mounts)?;
         let (lock, slot, existing) = acquire_slot(&spec.state_dir)?;
         self.slot = Some((lock, slot));
         let cgroup = slot_cgroup(&spec.state_dir, slot);
@@ -606,6 +607,13 @@ impl<'a> Sandbox<'a> {
             return Err("the cgroup warm-up thread panicked".into());
         }
         self.mark("warm");
+        // libcontainer's processes each open a private procfs (fsopen + fsmount) for their
+        // path checks unless one is cached in the process they were forked from: made here, it
+        // is inherited by both (as the intermediate process's is by the init today). The init
+        // gets it close-on-exec, the same as before.
+        if let Err(e) = pathrs::procfs::ProcfsHandle::new() {
+            return Err(format!("opening a procfs handle: {e}"));
+        }
         let stdout = dup_fd(1)?;
         let stderr = dup_fd(2)?;
         // The container reads what the helper was given (/dev/null, or an agent's prompt).
@@ -738,6 +746,35 @@ impl<'a> Sandbox<'a> {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// Makes each mount's destination in the (fresh, empty) `rootfs` ahead of libcontainer, a
+/// directory, or an empty file for a file's bind: it then finds them with one lookup each
+/// instead of making them through its procfs-verified path walk (~0.05 ms a mount). A
+/// destination inside an earlier mount (`/dev/pts` in `/dev`, `/etc/passwd` in `/etc`) is left
+/// to libcontainer: it only exists once that mount does.
+fn make_mount_points(rootfs: &Path, mounts: &[serde_json::Value]) -> Result<(), String> {
+    let mut made: Vec<&Path> = Vec::new();
+    for mount in mounts {
+        let Some(destination) = mount["destination"].as_str().map(Path::new) else { continue };
+        if made.iter().any(|earlier| destination.starts_with(earlier)) {
+            continue;
+        }
+        made.push(destination);
+        let Ok(relative) = destination.strip_prefix("/") else { continue };
+        let at = rootfs.join(relative);
+        let file_bind =
+            mount["type"] == "bind" && mount["source"].as_str().is_some_and(|source| !Path::new(source).is_dir());
+        let made_it = if file_bind {
+            at.parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&at).map(drop))
+        } else {
+            std::fs::create_dir_all(&at)
+        };
+        made_it.map_err(|e| format!("making the mount point {}: {e}", at.display()))?;
+    }
+    Ok(())
 }
 
 fn bind(source: &Path, destination: &Path, writable: bool) -> serde_json::Value {
