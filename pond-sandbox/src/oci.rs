@@ -761,8 +761,25 @@ fn make_mount_points(rootfs: &Path, mounts: &[serde_json::Value]) -> Result<(), 
             continue;
         }
         made.push(destination);
+        // Only plain absolute paths, and never through a link (the rootfs holds links such as
+        // `/bin -> usr/bin`, whose targets are the host's): anything else is left to
+        // libcontainer, which resolves it inside the root.
         let Ok(relative) = destination.strip_prefix("/") else { continue };
-        let at = rootfs.join(relative);
+        if !relative.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+            continue;
+        }
+        let mut at = rootfs.to_path_buf();
+        let mut through_link = false;
+        for component in relative.components() {
+            at.push(component);
+            if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+                through_link = true;
+                break;
+            }
+        }
+        if through_link {
+            continue;
+        }
         let file_bind =
             mount["type"] == "bind" && mount["source"].as_str().is_some_and(|source| !Path::new(source).is_dir());
         let made_it = if file_bind {
@@ -1596,6 +1613,30 @@ pub fn leftovers(state_dir: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_points_stay_in_the_rootfs_and_off_its_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, rootfs.join("lnk")).unwrap();
+        let dir_mount = |at: &str| json!({"destination": at, "type": "tmpfs", "source": "tmpfs"});
+        let mounts = [
+            dir_mount("/proc"),
+            dir_mount("/a/../../escaped"),
+            dir_mount("/lnk/made-outside"),
+            dir_mount("/proc/inside-an-earlier-mount"),
+            dir_mount("relative"),
+        ];
+        make_mount_points(&rootfs, &mounts).unwrap();
+        assert!(rootfs.join("proc").is_dir());
+        assert!(!dir.path().join("escaped").exists(), "a `..` destination made a directory outside");
+        assert!(!outside.join("made-outside").exists(), "a destination through a link made one outside");
+        assert!(!rootfs.join("proc/inside-an-earlier-mount").exists());
+        assert!(!rootfs.join("relative").exists());
+    }
 
     #[test]
     fn limits_take_defaults_and_refuse_above_the_ceiling() {
