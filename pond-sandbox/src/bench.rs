@@ -122,6 +122,10 @@ fn status(mut cmd: Command) -> Result<(), String> {
     let out =
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).output().map_err(|e| e.to_string())?;
     if out.status.success() {
+        // The helper's phase marks (`POND_SANDBOX_TRACE`), passed on for tuning.
+        if std::env::var_os("POND_SANDBOX_TRACE").is_some() && !out.stderr.is_empty() {
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        }
         Ok(())
     } else {
         Err(format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))

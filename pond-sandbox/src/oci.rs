@@ -437,6 +437,7 @@ fn unique_id() -> String {
 /// Runs one sandbox as [`HelperSpec`] at `spec_path` says, writes its report, and returns the
 /// helper's exit code (0: the report was written). Must run in a single-threaded process.
 pub fn run_helper(spec_path: &Path) -> i32 {
+    let entry_ns = mono_ns();
     let spec: HelperSpec = match std::fs::read(spec_path).map(|b| serde_json::from_slice(&b)) {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return complain(&format!("reading {}: {e}", spec_path.display())),
@@ -468,10 +469,21 @@ pub fn run_helper(spec_path: &Path) -> i32 {
     sandbox.print_trace();
     drop(active);
     let text = serde_json::to_vec(&report).unwrap_or_default();
-    match std::fs::write(&spec.report, text) {
+    let code = match std::fs::write(&spec.report, text) {
         Ok(()) => 0,
         Err(e) => complain(&format!("writing {}: {e}", spec.report.display())),
+    };
+    if std::env::var_os("POND_SANDBOX_TRACE").is_some() {
+        let _ = writeln!(std::io::stderr(), "pond sandbox times: entry {entry_ns} end {}", mono_ns());
     }
+    code
+}
+
+fn mono_ns() -> i128 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as i128 * 1_000_000_000 + now.tv_nsec as i128
 }
 
 fn complain(message: &str) -> i32 {
@@ -525,7 +537,12 @@ impl<'a> Sandbox<'a> {
         if std::env::var_os("POND_SANDBOX_TRACE").is_none() {
             return;
         }
-        let mut line = String::from("pond sandbox trace:");
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        let now_ns = now.tv_sec as i128 * 1_000_000_000 + now.tv_nsec as i128;
+        let since_start = self.marks[0].1.elapsed().as_nanos() as i128;
+        let mut line = format!("pond sandbox trace: at {} {}", now_ns - since_start, now_ns);
         for pair in self.marks.windows(2) {
             line.push_str(&format!(" {} {:.2}ms", pair[1].0, (pair[1].1 - pair[0].1).as_secs_f64() * 1000.0));
         }
@@ -548,6 +565,7 @@ impl<'a> Sandbox<'a> {
         // being made until it is done), joined before libcontainer forks (it needs a
         // single-threaded process); skipped when no thread can be made (the time is all it saves).
         let warm_moves = std::thread::Builder::new().spawn(warm_cgroup_moves).ok();
+        self.mark("threads");
         // SAFETY: prctl with constant arguments on this process only.
         unsafe {
             // Processes the container leaves behind are re-parented to us, not to the host's init.
@@ -559,11 +577,14 @@ impl<'a> Sandbox<'a> {
         note_stop_signals();
         let host_netns =
             File::open("/proc/self/ns/net").map_err(|e| format!("opening the host network namespace: {e}"))?;
+        self.mark("pre");
         // The whole bundle is one tmpfs: the root's mount points, the container's state and
         // the writable space cost memory operations, not ext4 ones, and go with one unmount.
         std::fs::create_dir_all(&self.bundle).map_err(|e| format!("creating the bundle: {e}"))?;
+        self.mark("mkdir");
         mount_tmpfs(&self.bundle, spec.limits.disk_mib + 1)?;
         self.rw_mounted = true;
+        self.mark("mount");
         for dir in [self.bundle.join("rootfs"), self.rw.clone(), self.bundle.join("state")] {
             std::fs::create_dir_all(&dir).map_err(|e| format!("creating the bundle: {e}"))?;
         }
@@ -571,9 +592,13 @@ impl<'a> Sandbox<'a> {
         let (uid_lock, uid) = acquire_uid()?;
         self.uid = Some((uid_lock, uid));
         report.uid = Some(uid);
+        self.mark("uid");
         let mounts = self.prepare_mounts(uid)?;
+        self.mark("mounts");
         make_mount_points(&self.bundle.join("rootfs"), &mounts)?;
+        self.mark("points");
         let (lock, slot, existing) = acquire_slot(&spec.state_dir)?;
+        self.mark("slot");
         self.slot = Some((lock, slot));
         let cgroup = slot_cgroup(&spec.state_dir, slot);
         let oom_before = oom_kills(&existing);
@@ -731,9 +756,11 @@ impl<'a> Sandbox<'a> {
         for dir in membership_dirs(&self.slot_cgroups) {
             empty_cgroup(dir);
         }
+        self.mark("emptied");
         // libcontainer's delete() of a stopped container removes its cgroup and its state
         // directory; the state lives in the bundle's tmpfs, and the cgroup is kept warm.
         self.container = None;
+        self.mark("dropped");
         // For debugging the backend by hand: keep the bundle (config.json) for inspection.
         if std::env::var_os("POND_SANDBOX_KEEP_BUNDLE").is_some() {
             return first_error.map_or(Ok(()), Err);
@@ -741,6 +768,7 @@ impl<'a> Sandbox<'a> {
         if self.rw_mounted {
             unmount(&self.bundle);
         }
+        self.mark("unmount");
         if let Err(e) = remove_bundle(&self.bundle) {
             first_error.get_or_insert(e);
         }
