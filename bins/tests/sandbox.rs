@@ -417,7 +417,7 @@ fn a_killed_helper_s_sandbox_is_cleaned_up_at_the_next_start_and_runs_leave_noth
     let scratch = dir.path().join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
     let marker = format!("pond-orphan-{}", std::process::id());
-    let command = format!("exec -a {marker} sleep 600");
+    let command = format!("echo secret > /tmp/left-by-the-dead && exec -a {marker} sleep 600");
     let spec = HelperSpec::plain("orphan", &state, &["bash", "-c", &command], scratch.join("report.json"));
     std::fs::write(scratch.join("spec.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
     let mut helper =
@@ -442,7 +442,27 @@ fn a_killed_helper_s_sandbox_is_cleaned_up_at_the_next_start_and_runs_leave_noth
     common::eventually("empty cgroups", Duration::from_secs(5), || no_process_in_slots(&state));
     assert!(!leftovers(&state).is_empty());
 
-    // The next start (the self-check collects garbage first) removes it all.
+    // The next sandbox on the directory takes the dead one's slot (no garbage collection: a
+    // helper does none): it sees nothing the dead one wrote, and leaves nothing of either.
+    let spec = HelperSpec::plain(
+        "after",
+        &state,
+        &["sh", "-c", "test ! -e /tmp/left-by-the-dead && echo clean"],
+        scratch.join("after.json"),
+    );
+    std::fs::write(scratch.join("after-spec.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+    let out = std::process::Command::new(POND)
+        .args(["sandbox", "run"])
+        .arg(scratch.join("after-spec.json"))
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&std::fs::read(scratch.join("after.json")).unwrap()).unwrap();
+    assert!(out.status.success(), "{report} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(report["exit_code"], 0, "the next sandbox saw the dead one's files: {report}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "clean");
+    assert_eq!(leftovers(&state), Vec::<String>::new());
+
+    // A start (the self-check collects garbage first) removes it all.
     check(&state);
     assert!(!common::process_running(&marker), "the orphaned sandbox still runs");
     assert_eq!(leftovers(&state), Vec::<String>::new());

@@ -462,9 +462,7 @@ pub fn run_helper(spec_path: &Path) -> i32 {
         report.error = Some(e);
     }
     report.egress_refused = EGRESS_REFUSED.load(std::sync::atomic::Ordering::Relaxed);
-    if let Err(e) = sandbox.tear_down() {
-        report.error.get_or_insert(e);
-    }
+    sandbox.tear_down();
     sandbox.mark("teardown");
     sandbox.print_trace();
     drop(active);
@@ -513,8 +511,9 @@ fn os_error(what: &str) -> String {
 
 impl<'a> Sandbox<'a> {
     fn new(spec: &'a HelperSpec) -> Self {
-        let bundle = spec.state_dir.join("bundles").join(&spec.id);
-        let rw = bundle.join("rw");
+        // Named once the cgroup slot is taken (the bundle directory is the slot's).
+        let bundle = PathBuf::new();
+        let rw = PathBuf::new();
         let marks = vec![("start", std::time::Instant::now())];
         Sandbox {
             spec,
@@ -578,9 +577,19 @@ impl<'a> Sandbox<'a> {
         let host_netns =
             File::open("/proc/self/ns/net").map_err(|e| format!("opening the host network namespace: {e}"))?;
         self.mark("pre");
+        let (lock, slot, existing) = acquire_slot(&spec.state_dir)?;
+        self.mark("slot");
+        self.slot = Some((lock, slot));
+        let cgroup = slot_cgroup(&spec.state_dir, slot);
+        let oom_before = oom_kills(&existing);
+        self.slot_cgroups = existing;
         // The whole bundle is one tmpfs: the root's mount points, the container's state and
         // the writable space cost memory operations, not ext4 ones, and go with one unmount.
-        std::fs::create_dir_all(&self.bundle).map_err(|e| format!("creating the bundle: {e}"))?;
+        // It is mounted on the slot's own directory, kept (empty) between sandboxes like the
+        // slot's cgroups: making and removing a directory on the host's disk costs more than
+        // the rest of the bundle.
+        self.bundle = slot_bundle(&spec.state_dir, slot)?;
+        self.rw = self.bundle.join("rw");
         self.mark("mkdir");
         mount_tmpfs(&self.bundle, spec.limits.disk_mib + 1)?;
         self.rw_mounted = true;
@@ -597,12 +606,6 @@ impl<'a> Sandbox<'a> {
         self.mark("mounts");
         make_mount_points(&self.bundle.join("rootfs"), &mounts)?;
         self.mark("points");
-        let (lock, slot, existing) = acquire_slot(&spec.state_dir)?;
-        self.mark("slot");
-        self.slot = Some((lock, slot));
-        let cgroup = slot_cgroup(&spec.state_dir, slot);
-        let oom_before = oom_kills(&existing);
-        self.slot_cgroups = existing;
         let netns = format!("/proc/{}/ns/net", std::process::id());
         let config = oci_config(spec, uid, &mounts, true, Some(netns), &cgroup);
         std::fs::write(self.bundle.join("config.json"), serde_json::to_vec_pretty(&config).unwrap_or_default())
@@ -748,8 +751,7 @@ impl<'a> Sandbox<'a> {
         Ok(())
     }
 
-    fn tear_down(&mut self) -> Result<(), String> {
-        let mut first_error = None;
+    fn tear_down(&mut self) {
         // Whatever is left in the slot's cgroup dies (the init was reaped, so the pid namespace
         // is already gone; this is belt and braces). The cgroup itself stays for the next
         // sandbox, which then skips making it.
@@ -763,16 +765,13 @@ impl<'a> Sandbox<'a> {
         self.mark("dropped");
         // For debugging the backend by hand: keep the bundle (config.json) for inspection.
         if std::env::var_os("POND_SANDBOX_KEEP_BUNDLE").is_some() {
-            return first_error.map_or(Ok(()), Err);
+            return;
         }
+        // The slot's directory stays, empty, for the next sandbox of the slot.
         if self.rw_mounted {
             unmount(&self.bundle);
         }
         self.mark("unmount");
-        if let Err(e) = remove_bundle(&self.bundle) {
-            first_error.get_or_insert(e);
-        }
-        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -1433,6 +1432,33 @@ fn warm_cgroup_moves() {
     }
 }
 
+/// The directory sandboxes of cgroup slot `slot` mount their bundle's tmpfs on, made on the
+/// slot's first use and kept after. One a dead helper left mounted (its tmpfs with the
+/// container's state and whatever the command wrote) is unmounted first: the slot's lock, held
+/// by the caller, says no live helper uses it, and the slot's cgroups were just emptied.
+fn slot_bundle(state_dir: &Path, slot: usize) -> Result<PathBuf, String> {
+    let dir = state_dir.join("bundles").join(slot_name(slot));
+    let target = cstring(&dir)?;
+    // A mount stacked twice over (a helper that died while another's was still mounted there)
+    // takes as many unmounts; EINVAL (not a mount point) or ENOENT (no directory) ends it.
+    for _ in 0..16 {
+        // SAFETY: umount2 with a valid C string.
+        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+            break;
+        }
+    }
+    match std::fs::create_dir(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(format!("creating {}: {e}", dir.display()));
+        }
+        _ => {}
+    }
+    Ok(dir)
+}
+
 fn slot_name(slot: usize) -> String {
     format!("slot-{slot}")
 }
@@ -1620,8 +1646,15 @@ pub fn warm_slots(state_dir: &Path) -> usize {
 /// (for leak checks).
 pub fn leftovers(state_dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
+    // A slot's bundle directory stays, empty and unmounted, between sandboxes.
     if let Ok(entries) = std::fs::read_dir(state_dir.join("bundles")) {
-        found.extend(entries.flatten().map(|e| format!("bundles/{}", e.file_name().to_string_lossy())));
+        let kept = |e: &std::fs::DirEntry| {
+            e.file_name().to_string_lossy().starts_with("slot-")
+                && std::fs::read_dir(e.path()).is_ok_and(|mut inside| inside.next().is_none())
+        };
+        found.extend(
+            entries.flatten().filter(|e| !kept(e)).map(|e| format!("bundles/{}", e.file_name().to_string_lossy())),
+        );
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let state = state_dir.to_string_lossy();
