@@ -879,6 +879,84 @@ fn a_revoked_member_s_credential_stops_working_at_once() {
     assert_eq!(status, 401, "the revoked orchestrator's credential");
 }
 
+/// On PostgreSQL behind several nodes, each node caches the pool credentials it checked (a
+/// relayed call presents two), yet a revocation made on one node holds on another long before
+/// that cache would expire on its own (5 s): the store's relay tells the other nodes, which
+/// drop what they cached. Both kinds of credential, the worker's and its orchestrator's.
+#[test]
+fn a_revocation_on_one_node_holds_on_the_others_before_their_credential_cache_expires() {
+    use pond_http::pool_client::enroll_request;
+    use pond_http::pool_wire::{Enrolled, WORKER_TOKEN_HEADER};
+    let Some(pg) = Server::database_server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let db = common::scratch_database(&pg, "revoke");
+    let nodes: Vec<Server> = (0..2)
+        .map(|i| Server::start(&dir.path().join(format!("node{i}")), &["--database-url", db.url.as_str()]))
+        .collect();
+    let admin = nodes[0].admin();
+    let orch =
+        Client::new(&nodes[0].url, None).enroll_orchestrator(&enroll_code(&admin, "p", None, None), "o").unwrap();
+    let code = enroll_code(&admin, "p", Some(&["pool:trusted"]), None);
+    let enroll = json!(enroll_request(&code, "w", &identity(11), None, vec![]));
+    let (status, body) = raw("POST", &format!("{}/v1/orch/workers/enroll", nodes[0].url), &orch.token, Some(enroll));
+    assert_eq!(status, 201, "{body}");
+    let worker: Enrolled = serde_json::from_str(&body).unwrap();
+    // A relayed call for a job nobody holds: refused as such (409) while both credentials stand,
+    // 401 once one is revoked.
+    let relayed = |node: &Server| -> u16 {
+        let url = format!("{}/v1/orch/jobs/01a00000-0000-7000-8000-000000000000.s.1/heartbeat", node.url);
+        match ureq::post(&url)
+            .set("Authorization", &format!("Bearer {}", orch.token))
+            .set(WORKER_TOKEN_HEADER, &worker.token)
+            .call()
+        {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(s, _)) => s,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let refused_on_node_1_in_time = |what: &str, cached_at: Instant| loop {
+        let status = relayed(&nodes[1]);
+        if status == 401 {
+            eprintln!("{what}: refused on the other node {:?} after it cached the credential", cached_at.elapsed());
+            return;
+        }
+        assert_ne!(status, 200, "{what}");
+        assert!(
+            cached_at.elapsed() < Duration::from_secs(3),
+            "{what}: the other node still accepts the revoked credential ({status}) from its cache"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    // Node 1 checks (and caches) both credentials; the worker is revoked on node 0.
+    let cached_at = Instant::now();
+    assert_eq!(relayed(&nodes[1]), 409);
+    assert_eq!(relayed(&nodes[1]), 409, "from the cache");
+    let out = nodes[0].cli(&["pool", "revoke", &worker.member.id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(relayed(&nodes[0]), 401, "the revoking node refuses at once");
+    refused_on_node_1_in_time("the worker", cached_at);
+
+    // The orchestrator's own credential, cached by node 1 through a claim.
+    let claim = |node: &Server| {
+        raw("POST", &format!("{}/v1/orch/claim", node.url), &orch.token, Some(json!({"workers": [], "wait_ms": 0}))).0
+    };
+    let cached_at = Instant::now();
+    assert!(matches!(claim(&nodes[1]), 200 | 204));
+    let out = nodes[0].cli(&["pool", "revoke", &orch.member.id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(claim(&nodes[0]), 401);
+    loop {
+        let status = claim(&nodes[1]);
+        if status == 401 {
+            break;
+        }
+        assert!(cached_at.elapsed() < Duration::from_secs(3), "the revoked orchestrator is still accepted ({status})");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// An orchestrator and a worker serve their own Prometheus metrics (`--metrics-listen`): the
 /// orchestrator counts the jobs it handed out and the worker requests it answered, the worker
 /// the jobs it ended by outcome; both pass `promtool check metrics`.

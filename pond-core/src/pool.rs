@@ -27,6 +27,9 @@ use crate::time::{Clock, Millis, Timestamp};
 
 const CODE: &str = "enroll_code";
 const MEMBER: &str = "pool_member";
+/// The record kind of pool members: a store that relays changes between nodes announces
+/// writes of it, and nodes then drop their cached credentials ([`Pools::forget_credentials`]).
+pub const MEMBER_RECORD: &str = MEMBER;
 const TOKEN: &str = "pool_token";
 const SEEN: &str = "pool_seen";
 const VERSION: &str = "pool_version";
@@ -462,6 +465,62 @@ pub fn verify_ticket(pond_key: &[u8; 32], bytes: &[u8], signature: &str) -> bool
 pub struct Pools {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    credentials: CredentialCache,
+}
+
+/// Members recently authenticated, by their credential's digest: every relayed call presents
+/// two credentials (the orchestrator's and the worker's), each two record reads. Emptied when
+/// a member changes here ([`Pools::update_member`]) or, told by the store's relay, on another
+/// node ([`Pools::forget_credentials`]); an entry older than [`CredentialCache::TTL`] is read
+/// again anyway, in case such a notice was lost.
+#[derive(Default)]
+struct CredentialCache {
+    entries: std::sync::Mutex<CachedCredentials>,
+}
+
+#[derive(Default)]
+struct CachedCredentials {
+    by_digest: std::collections::HashMap<String, (PoolMember, std::time::Instant)>,
+    /// Moves on every emptying: a read that began before one must not refill the cache with
+    /// what it read (the member may have been revoked in between).
+    generation: u64,
+}
+
+impl CredentialCache {
+    const TTL: std::time::Duration = std::time::Duration::from_secs(5);
+    const MAX_ENTRIES: usize = 100_000;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CachedCredentials> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, digest: &str) -> Result<PoolMember, u64> {
+        let cached = self.lock();
+        match cached.by_digest.get(digest) {
+            Some((member, at)) if at.elapsed() < Self::TTL => Ok(member.clone()),
+            _ => Err(cached.generation),
+        }
+    }
+
+    fn put(&self, digest: String, member: PoolMember, read_in: u64) {
+        let mut cached = self.lock();
+        if cached.generation != read_in {
+            return;
+        }
+        if cached.by_digest.len() >= Self::MAX_ENTRIES {
+            cached.by_digest.retain(|_, (_, at)| at.elapsed() < Self::TTL);
+            if cached.by_digest.len() >= Self::MAX_ENTRIES {
+                cached.by_digest.clear();
+            }
+        }
+        cached.by_digest.insert(digest, (member, std::time::Instant::now()));
+    }
+
+    fn clear(&self) {
+        let mut cached = self.lock();
+        cached.by_digest.clear();
+        cached.generation = cached.generation.wrapping_add(1);
+    }
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<String, PoolError> {
@@ -484,7 +543,7 @@ fn check_tags(field: &str, tags: &[String]) -> Result<(), PoolError> {
 impl Pools {
     /// Pools over `store`.
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
-        Pools { store, clock }
+        Pools { store, clock, credentials: CredentialCache::default() }
     }
 
     /// Records a new one-time code whose secret is `secret` (the caller makes it random).
@@ -739,10 +798,25 @@ impl Pools {
 
     /// The member whose credential is `token` (none for a revoked member).
     pub async fn authenticate(&self, token: &str) -> Result<Option<PoolMember>, PoolError> {
-        let Some(id) = self.store.get_record(TOKEN, &secret_digest(token)).await? else {
+        let digest = secret_digest(token);
+        let generation = match self.credentials.get(&digest) {
+            Ok(member) => return Ok(Some(member)),
+            Err(generation) => generation,
+        };
+        let Some(id) = self.store.get_record(TOKEN, &digest).await? else {
             return Ok(None);
         };
-        Ok(self.member(&id).await?.filter(|m| m.revoked_at.is_none()))
+        let member = self.member(&id).await?.filter(|m| m.revoked_at.is_none());
+        if let Some(member) = &member {
+            self.credentials.put(digest, member.clone(), generation);
+        }
+        Ok(member)
+    }
+
+    /// Drops every cached credential: a member changed on another node (the store's relay
+    /// says so), so the next call of each reads its member again.
+    pub fn forget_credentials(&self) {
+        self.credentials.clear();
     }
 
     /// Revokes a member (a worker or an orchestrator, by id or name) for good: its credential
@@ -774,7 +848,12 @@ impl Pools {
                 .ok_or_else(|| PoolError::NoMember(member.id.clone()))?;
             let mut changed: PoolMember = from_json(&before)?;
             change(&mut changed)?;
-            if self.store.swap_record(MEMBER, &member.id, Some(&before), &to_json(&changed)?).await? {
+            // Emptied once the write is done (or failed): a read that began before it does not
+            // refill the cache (see `CredentialCache::put`), so the change holds on this node
+            // when this returns.
+            let swapped = self.store.swap_record(MEMBER, &member.id, Some(&before), &to_json(&changed)?).await;
+            self.credentials.clear();
+            if swapped? {
                 return Ok(changed);
             }
         }

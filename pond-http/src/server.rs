@@ -578,6 +578,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         node_id_for_webhooks,
         config.database_url.is_none(),
     ));
+    let credentials = tokio::spawn(forget_changed_credentials(
+        state.store.members_changed(),
+        state.pools.clone(),
+        shutdown_rx.clone(),
+    ));
     let mut http_stop = shutdown_rx.clone();
     let http = tokio::spawn(async move {
         let stop = async move {
@@ -597,11 +602,31 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         interrupted_stages,
         engine,
         shutdown,
-        tasks: vec![driving, http, webhooks, pruning, retiring, expiring, resealing],
+        tasks: vec![driving, http, webhooks, pruning, retiring, expiring, resealing, credentials],
         background,
         stop_within: config.drain + config.kill_grace + Duration::from_secs(5),
         _lock: lock,
     })
+}
+
+/// Drops the pool credentials this node cached whenever a pool member changes, here or on
+/// another node (told by the store's relay): a revocation or a drain holds everywhere at once.
+async fn forget_changed_credentials(
+    mut changed: watch::Receiver<u64>,
+    pools: Arc<pond_core::pool::Pools>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = changed.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                pools.forget_credentials();
+            }
+        }
+    }
 }
 
 /// Deletes events older than `retention` that no webhook still has to deliver, hourly (the

@@ -219,8 +219,25 @@ impl PgStore {
         let outgoing = tokio::spawn(async move {
             let mut runs = outgoing_watch.local_runs_changed();
             let mut output = outgoing_watch.local_output_changed();
+            let mut members = outgoing_watch.local_members_changed();
             loop {
                 let kind = tokio::select! {
+                    // A pool member's change first and on its own: other nodes drop their cached
+                    // credentials on it (a revocation holds on every node at once).
+                    r = members.changed() => {
+                        if r.is_err() { return; }
+                        members.borrow_and_update();
+                        let sent = sqlx::query("SELECT pg_notify($1, $2)")
+                            .bind(CHANGE_CHANNEL)
+                            .bind(format!("{me} members"))
+                            .execute(&notify_pool)
+                            .await;
+                        if sent.is_err() {
+                            // Not told: the others' caches expire on their own (see `Pools`).
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        continue;
+                    }
                     r = runs.changed() => { if r.is_err() { return; } "runs" }
                     r = output.changed() => { if r.is_err() { return; } "output" }
                 };
@@ -255,11 +272,17 @@ impl PgStore {
                 }
                 // Whatever happened while not listening: let waiters look once.
                 watched.announce_remote(true);
+                watched.announce_remote_members();
                 // `Ok(None)` or an error: the connection dropped; reconnect and listen again.
                 while let Ok(Some(n)) = listener.try_recv().await {
                     let mut parts = n.payload().splitn(2, ' ');
                     let (from, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or("runs"));
-                    if from != node_id {
+                    if from == node_id {
+                        continue;
+                    }
+                    if kind == "members" {
+                        watched.announce_remote_members();
+                    } else {
                         watched.announce_remote(kind == "runs");
                     }
                 }
@@ -352,8 +375,62 @@ impl PgStore {
     }
 
     async fn try_claim(&self, query: &ClaimQuery, line: Option<ClaimLine<'_>>) -> Result<Vec<Claim>, Fail> {
-        let mut tx = self.pool.begin().await?;
         let now = query.now.as_millis();
+        // One connection for the whole claim (each pool checkout costs a round trip of its own).
+        let mut conn = self.pool.acquire().await?;
+        // A worker's routes are found before the transaction, outside it: when nothing queued
+        // is for the worker and no lease has expired (an idle pool, a wake-up that found the
+        // queue drained), the claim ends there, without a transaction, a lock or a rollback —
+        // three statements instead of seven. (Read-committed statements see what is committed
+        // when each starts, inside a transaction or not: finding them first changes nothing.)
+        let mut worker_walks: Vec<(&String, Vec<String>)> = Vec::new();
+        if let Some(worker) = &query.offer {
+            for kind in &query.kinds {
+                let found: Vec<(String, Option<String>, Option<String>, Option<i64>)> = sqlx::query_as(&format!(
+                    "WITH RECURSIVE routes(route, tags, caps) AS (
+                       (SELECT {ROUTE_KEY}, pool_tags, pool_caps FROM stages
+                         WHERE state = 'queued' AND ready_at IS NOT NULL AND executor_kind = $1
+                         ORDER BY {ROUTE_KEY} LIMIT 1)
+                       UNION ALL
+                       SELECT n.route, n.tags, n.caps FROM routes r CROSS JOIN LATERAL (
+                         SELECT {ROUTE_KEY} AS route, pool_tags AS tags, pool_caps AS caps FROM stages
+                          WHERE state = 'queued' AND ready_at IS NOT NULL AND executor_kind = $1 AND {ROUTE_KEY} > r.route
+                          ORDER BY {ROUTE_KEY} LIMIT 1) n)
+                     SELECT r.route, r.tags, r.caps,
+                            (SELECT ready_at FROM stages
+                              WHERE state = 'queued' AND ready_at IS NOT NULL AND executor_kind = $1 AND {ROUTE_KEY} = r.route
+                              ORDER BY ready_at LIMIT 1)
+                       FROM routes r"
+                ))
+                .bind(kind)
+                .fetch_all(&mut *conn)
+                .await?;
+                let found = found
+                    .into_iter()
+                    .filter_map(|(key, tags, caps, due)| Some(crate::rows::QueuedRoute { key, tags, caps, due: due? }))
+                    .collect();
+                let routes = crate::rows::routes_to_walk(found, worker, now, query.limit as usize);
+                if !routes.is_empty() {
+                    worker_walks.push((kind, routes.into_iter().map(|r| r.key).collect()));
+                }
+            }
+            if worker_walks.is_empty() {
+                // Any expired lease of these kinds (the transaction's first candidate select
+                // narrows it to what the worker is admitted to).
+                let expired: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM stages WHERE state = 'running' AND lease_expires_at <= $1
+                                       AND NOT cancel_requested AND executor_kind = ANY($2))",
+                )
+                .bind(now)
+                .bind(&query.kinds)
+                .fetch_one(&mut *conn)
+                .await?;
+                if !expired {
+                    return Ok(Vec::new());
+                }
+            }
+        }
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         if query.offer.is_some() {
             // A worker runs one job at a time: none for a worker that holds a live lease. Claims
             // for one worker from several nodes (an older long poll still waiting behind a load
@@ -435,46 +512,17 @@ impl PgStore {
                 ),
                 None,
             )),
-            Some(worker) => {
-                for kind in &query.kinds {
-                    let found: Vec<(String, Option<String>, Option<String>, Option<i64>)> =
-                        sqlx::query_as(&format!(
-                            "WITH RECURSIVE routes(route, tags, caps) AS (
-                               (SELECT {ROUTE_KEY}, pool_tags, pool_caps FROM stages
-                                 WHERE state = 'queued' AND ready_at IS NOT NULL AND executor_kind = $1
-                                 ORDER BY {ROUTE_KEY} LIMIT 1)
-                               UNION ALL
-                               SELECT n.route, n.tags, n.caps FROM routes r CROSS JOIN LATERAL (
-                                 SELECT {ROUTE_KEY} AS route, pool_tags AS tags, pool_caps AS caps FROM stages
-                                  WHERE state = 'queued' AND ready_at IS NOT NULL AND executor_kind = $1 AND {ROUTE_KEY} > r.route
-                                  ORDER BY {ROUTE_KEY} LIMIT 1) n)
-                             SELECT r.route, r.tags, r.caps,
-                                    (SELECT ready_at FROM stages
-                                      WHERE state = 'queued' AND ready_at IS NOT NULL AND executor_kind = $1 AND {ROUTE_KEY} = r.route
-                                      ORDER BY ready_at LIMIT 1)
-                               FROM routes r"
-                        ))
-                        .bind(kind)
-                        .fetch_all(&mut *tx)
-                        .await?;
-                    let found = found
-                        .into_iter()
-                        .filter_map(|(key, tags, caps, due)| {
-                            Some(crate::rows::QueuedRoute { key, tags, caps, due: due? })
-                        })
-                        .collect();
-                    let routes = crate::rows::routes_to_walk(found, worker, now, query.limit as usize);
-                    if !routes.is_empty() {
-                        let select = format!(
-                            "SELECT q.run_id, q.key FROM UNNEST($9::TEXT[]) AS r(route) CROSS JOIN LATERAL (
-                                SELECT run_id, key, ready_at FROM stages
-                                 WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1 AND executor_kind = $8
-                                   AND $8 = ANY($2) AND {ROUTE_KEY} = r.route {offer} {byo}
-                                 ORDER BY ready_at LIMIT $3 FOR UPDATE SKIP LOCKED) q
-                              ORDER BY q.ready_at LIMIT $3"
-                        );
-                        candidates.push((select, Some((kind, routes.into_iter().map(|r| r.key).collect()))));
-                    }
+            Some(_) => {
+                for (kind, routes) in worker_walks {
+                    let select = format!(
+                        "SELECT q.run_id, q.key FROM UNNEST($9::TEXT[]) AS r(route) CROSS JOIN LATERAL (
+                            SELECT run_id, key, ready_at FROM stages
+                             WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1 AND executor_kind = $8
+                               AND $8 = ANY($2) AND {ROUTE_KEY} = r.route {offer} {byo}
+                             ORDER BY ready_at LIMIT $3 FOR UPDATE SKIP LOCKED) q
+                          ORDER BY q.ready_at LIMIT $3"
+                    );
+                    candidates.push((select, Some((kind, routes))));
                 }
             }
         }

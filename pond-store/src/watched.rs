@@ -29,6 +29,10 @@ pub struct WatchedStore {
     // Writes made through this process only (what a relay tells other nodes about).
     local_runs: watch::Sender<u64>,
     local_output: watch::Sender<u64>,
+    // Pool members (credentials, revocations, drains): caches of them listen (see
+    // `pond_core::pool::Pools::forget_credentials`); the local one is relayed to other nodes.
+    members: watch::Sender<u64>,
+    local_members: watch::Sender<u64>,
     // One channel per run someone follows; dropped when its last follower leaves.
     per_run: Mutex<HashMap<RunId, watch::Sender<u64>>>,
 }
@@ -42,6 +46,8 @@ impl WatchedStore {
             output: watch::channel(0).0,
             local_runs: watch::channel(0).0,
             local_output: watch::channel(0).0,
+            members: watch::channel(0).0,
+            local_members: watch::channel(0).0,
             per_run: Mutex::new(HashMap::new()),
         }
     }
@@ -94,6 +100,29 @@ impl WatchedStore {
     /// Changes when this process appended output (for relaying to other nodes).
     pub fn local_output_changed(&self) -> watch::Receiver<u64> {
         self.local_output.subscribe()
+    }
+
+    /// Changes when a pool member's record changes (here or, relayed, on another node).
+    pub fn members_changed(&self) -> watch::Receiver<u64> {
+        self.members.subscribe()
+    }
+
+    /// Changes when this process changed a pool member's record (for relaying to other nodes).
+    pub fn local_members_changed(&self) -> watch::Receiver<u64> {
+        self.local_members.subscribe()
+    }
+
+    /// Announces that another node changed a pool member (or that such a change may have been
+    /// missed: the relay reconnected).
+    pub fn announce_remote_members(&self) {
+        bump(&self.members);
+    }
+
+    fn announce_record(&self, kind: &str) {
+        if kind == pond_core::pool::MEMBER_RECORD {
+            bump(&self.members);
+            bump(&self.local_members);
+        }
     }
 
     /// Announces a change another node made (seen through the database): wakes local waiters
@@ -239,7 +268,9 @@ impl Store for WatchedStore {
         self.inner.prune_events(before, below).await
     }
     async fn delete_record(&self, kind: &str, key: &str) -> Result<(), StoreError> {
-        self.inner.delete_record(kind, key).await
+        self.inner.delete_record(kind, key).await?;
+        self.announce_record(kind);
+        Ok(())
     }
     async fn put_blob(&self, project_id: &str, data: &[u8], now: Timestamp) -> Result<BlobMeta, StoreError> {
         self.inner.put_blob(project_id, data, now).await
@@ -310,10 +341,16 @@ impl Store for WatchedStore {
         self.inner.list_records(kind).await
     }
     async fn put_record(&self, kind: &str, key: &str, body: &str) -> Result<(), StoreError> {
-        self.inner.put_record(kind, key, body).await
+        self.inner.put_record(kind, key, body).await?;
+        self.announce_record(kind);
+        Ok(())
     }
     async fn swap_record(&self, kind: &str, key: &str, expected: Option<&str>, body: &str) -> Result<bool, StoreError> {
-        self.inner.swap_record(kind, key, expected, body).await
+        let swapped = self.inner.swap_record(kind, key, expected, body).await?;
+        if swapped {
+            self.announce_record(kind);
+        }
+        Ok(swapped)
     }
 }
 

@@ -564,7 +564,7 @@ pub async fn pool_claims_take_admitted_work_in_due_order_past_work_for_others(st
         ids.insert(run.run.id, name);
     }
     let names = |claims: &[pond_core::store::Claim]| -> Vec<&str> { claims.iter().map(|c| ids[&c.run.id]).collect() };
-    let mut sorted = |claims: Vec<pond_core::store::Claim>| {
+    let sorted = |claims: Vec<pond_core::store::Claim>| {
         let mut n = names(&claims);
         n.sort();
         n
