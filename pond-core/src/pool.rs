@@ -468,11 +468,11 @@ pub struct Pools {
     credentials: CredentialCache,
 }
 
-/// Members recently authenticated, by their credential's digest: every relayed call presents
-/// two credentials (the orchestrator's and the worker's), each two record reads. Emptied when
-/// a member changes here ([`Pools::update_member`]) or, told by the store's relay, on another
-/// node ([`Pools::forget_credentials`]); an entry older than [`CredentialCache::TTL`] is read
-/// again anyway, in case such a notice was lost.
+/// Members recently read: by their credential's digest (every relayed call presents two
+/// credentials, the orchestrator's and the worker's, each two record reads), by id (a claim
+/// re-reads its worker for a drain), and the list of every member. Emptied when a member changes or enrolls here ([`Pools::update_member`]) or,
+/// told by the store's relay, on another node ([`Pools::forget_credentials`]); an entry older
+/// than [`CredentialCache::TTL`] is read again anyway, in case such a notice was lost.
 #[derive(Default)]
 struct CredentialCache {
     entries: std::sync::Mutex<CachedCredentials>,
@@ -480,7 +480,10 @@ struct CredentialCache {
 
 #[derive(Default)]
 struct CachedCredentials {
-    by_digest: std::collections::HashMap<String, (PoolMember, std::time::Instant)>,
+    /// By `token:<credential digest>` and by `id:<member id>`.
+    by_key: std::collections::HashMap<String, (PoolMember, std::time::Instant)>,
+    /// Every member (see [`Pools::members`]).
+    all: Option<(Vec<PoolMember>, std::time::Instant)>,
     /// Moves on every emptying: a read that began before one must not refill the cache with
     /// what it read (the member may have been revoked in between).
     generation: u64,
@@ -494,31 +497,47 @@ impl CredentialCache {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn get(&self, digest: &str) -> Result<PoolMember, u64> {
+    fn get(&self, key: &str) -> Result<PoolMember, u64> {
         let cached = self.lock();
-        match cached.by_digest.get(digest) {
+        match cached.by_key.get(key) {
             Some((member, at)) if at.elapsed() < Self::TTL => Ok(member.clone()),
             _ => Err(cached.generation),
         }
     }
 
-    fn put(&self, digest: String, member: PoolMember, read_in: u64) {
+    fn put(&self, key: String, member: PoolMember, read_in: u64) {
         let mut cached = self.lock();
         if cached.generation != read_in {
             return;
         }
-        if cached.by_digest.len() >= Self::MAX_ENTRIES {
-            cached.by_digest.retain(|_, (_, at)| at.elapsed() < Self::TTL);
-            if cached.by_digest.len() >= Self::MAX_ENTRIES {
-                cached.by_digest.clear();
+        if cached.by_key.len() >= Self::MAX_ENTRIES {
+            cached.by_key.retain(|_, (_, at)| at.elapsed() < Self::TTL);
+            if cached.by_key.len() >= Self::MAX_ENTRIES {
+                cached.by_key.clear();
             }
         }
-        cached.by_digest.insert(digest, (member, std::time::Instant::now()));
+        cached.by_key.insert(key, (member, std::time::Instant::now()));
+    }
+
+    fn all(&self) -> Result<Vec<PoolMember>, u64> {
+        let cached = self.lock();
+        match &cached.all {
+            Some((all, at)) if at.elapsed() < Self::TTL => Ok(all.clone()),
+            _ => Err(cached.generation),
+        }
+    }
+
+    fn put_all(&self, all: Vec<PoolMember>, read_in: u64) {
+        let mut cached = self.lock();
+        if cached.generation == read_in {
+            cached.all = Some((all, std::time::Instant::now()));
+        }
     }
 
     fn clear(&self) {
         let mut cached = self.lock();
-        cached.by_digest.clear();
+        cached.by_key.clear();
+        cached.all = None;
         cached.generation = cached.generation.wrapping_add(1);
     }
 }
@@ -679,6 +698,7 @@ impl Pools {
     async fn save_member(&self, member: &PoolMember, token: &str) -> Result<(), PoolError> {
         self.store.put_record(MEMBER, &member.id, &to_json(member)?).await?;
         self.store.put_record(TOKEN, &secret_digest(token), &member.id).await?;
+        self.credentials.clear();
         Ok(())
     }
 
@@ -798,19 +818,19 @@ impl Pools {
 
     /// The member whose credential is `token` (none for a revoked member).
     pub async fn authenticate(&self, token: &str) -> Result<Option<PoolMember>, PoolError> {
-        let digest = secret_digest(token);
-        let generation = match self.credentials.get(&digest) {
-            Ok(member) => return Ok(Some(member)),
+        let key = format!("token:{}", secret_digest(token));
+        let generation = match self.credentials.get(&key) {
+            Ok(member) => return Ok(Some(member).filter(|m| m.revoked_at.is_none())),
             Err(generation) => generation,
         };
-        let Some(id) = self.store.get_record(TOKEN, &digest).await? else {
+        let Some(id) = self.store.get_record(TOKEN, &key["token:".len()..]).await? else {
             return Ok(None);
         };
-        let member = self.member(&id).await?.filter(|m| m.revoked_at.is_none());
+        let member = self.member(&id).await?;
         if let Some(member) = &member {
-            self.credentials.put(digest, member.clone(), generation);
+            self.credentials.put(key, member.clone(), generation);
         }
-        Ok(member)
+        Ok(member.filter(|m| m.revoked_at.is_none()))
     }
 
     /// Drops every cached credential: a member changed on another node (the store's relay
@@ -859,16 +879,31 @@ impl Pools {
         }
     }
 
-    /// A member by id.
+    /// A member by id (from the cache of members, see [`Pools::forget_credentials`]).
     pub async fn member(&self, id: &str) -> Result<Option<PoolMember>, PoolError> {
+        let key = format!("id:{id}");
+        let generation = match self.credentials.get(&key) {
+            Ok(member) => return Ok(Some(member)),
+            Err(generation) => generation,
+        };
         match self.store.get_record(MEMBER, id).await? {
-            Some(text) => Ok(Some(from_json(&text)?)),
+            Some(text) => {
+                let member: PoolMember = from_json(&text)?;
+                self.credentials.put(key, member.clone(), generation);
+                Ok(Some(member))
+            }
             None => Ok(None),
         }
     }
 
-    /// Every member, orchestrators first, then by pool and name.
+    /// Every member, orchestrators first, then by pool and name. Read at most once every 5 s
+    /// between member changes (each submit of a pooled run and each
+    /// read of a waiting one explains from it why the stage waits).
     pub async fn members(&self) -> Result<Vec<PoolMember>, PoolError> {
+        let generation = match self.credentials.all() {
+            Ok(all) => return Ok(all),
+            Err(generation) => generation,
+        };
         let mut all: Vec<PoolMember> = Vec::new();
         for (_, text) in self.store.list_records(MEMBER).await? {
             all.push(from_json(&text)?);
@@ -881,6 +916,7 @@ impl Pools {
                 &b.id,
             ))
         });
+        self.credentials.put_all(all.clone(), generation);
         Ok(all)
     }
 

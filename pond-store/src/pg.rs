@@ -430,6 +430,26 @@ impl PgStore {
                 }
             }
         }
+        if query.offer.is_none() {
+            // The local driver is woken by every change of any run, pooled ones included, and
+            // most wake-ups find nothing of its own: one statement says so, rather than a
+            // transaction of four that rolls back.
+            let due: bool = sqlx::query_scalar(&format!(
+                "SELECT EXISTS (SELECT 1 FROM UNNEST($2::TEXT[]) AS k(kind) CROSS JOIN LATERAL (
+                          SELECT 1 FROM stages
+                           WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1
+                             AND executor_kind = k.kind AND {ROUTE_KEY} = md5('|') LIMIT 1) q)
+                     OR EXISTS (SELECT 1 FROM stages WHERE state = 'running' AND lease_expires_at <= $1
+                                   AND NOT cancel_requested AND executor_kind = ANY($2))"
+            ))
+            .bind(now)
+            .bind(&query.kinds)
+            .fetch_one(&mut *conn)
+            .await?;
+            if !due {
+                return Ok(Vec::new());
+            }
+        }
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         if query.offer.is_some() {
             // A worker runs one job at a time: none for a worker that holds a live lease. Claims
