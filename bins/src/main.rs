@@ -1548,13 +1548,29 @@ fn orchestrator(server: String, args: OrchestratorArgs) -> Result<()> {
     })
 }
 
+/// A new directory under the system's temporary directory that only this user can use: made
+/// with `mkdir` (which never takes over a path someone else made first, link or directory) and
+/// mode 0700.
+fn private_temp_dir(prefix: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    for n in 0..1000 {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+        }
+    }
+    bail!("no free name for a temporary directory under {}", std::env::temp_dir().display())
+}
+
 fn sandbox(command: SandboxCommand) -> Result<i32> {
     match command {
         SandboxCommand::Check { mut sandbox } => {
             if sandbox.backend == "auto" {
                 sandbox.backend = "oci".into();
             }
-            let dir = std::env::temp_dir().join(format!("pond-sandbox-check-{}", std::process::id()));
+            let dir = if sandbox.dir.is_none() { private_temp_dir("pond-sandbox-check")? } else { PathBuf::new() };
             let (backend, _) = sandbox_backend(&sandbox, dir.clone())?;
             let profiles: Vec<&str> = backend.profiles().iter().map(|p| p.as_str()).collect();
             say!("sandbox backend {}: self-check passed; profiles: {}", backend.name(), profiles.join(", "));

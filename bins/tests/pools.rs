@@ -879,6 +879,34 @@ fn a_revoked_member_s_credential_stops_working_at_once() {
     assert_eq!(status, 401, "the revoked orchestrator's credential");
 }
 
+/// A long poll that was already waiting when its orchestrator was revoked takes no job that
+/// arrives after: it ends with 401, and the job waits for another orchestrator.
+#[test]
+fn a_revoked_orchestrator_s_waiting_poll_takes_no_job() {
+    use pond_http::pool_client::enroll_request;
+    use pond_http::pool_wire::Enrolled;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let admin = server.admin();
+    let orch = Client::new(&server.url, None).enroll_orchestrator(&enroll_code(&admin, "p", None, None), "o").unwrap();
+    let code = enroll_code(&admin, "p", Some(&["pool:trusted"]), None);
+    let enroll = json!(enroll_request(&code, "w", &identity(12), None, vec![]));
+    let (status, body) = raw("POST", &format!("{}/v1/orch/workers/enroll", server.url), &orch.token, Some(enroll));
+    assert_eq!(status, 201, "{body}");
+    let worker: Enrolled = serde_json::from_str(&body).unwrap();
+    let poll = {
+        let (url, token, id) = (format!("{}/v1/orch/claim", server.url), orch.token.clone(), worker.member.id.clone());
+        std::thread::spawn(move || raw("POST", &url, &token, Some(json!({"workers": [id], "wait_ms": 20000}))))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let out = server.cli(&["pool", "revoke", &orch.member.id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = submit(&admin, &pooled("acme", "trusted", "true"));
+    let (status, body) = poll.join().unwrap();
+    assert_eq!(status, 401, "the revoked orchestrator's waiting poll: {body}");
+    assert_eq!(admin.get_run(&id).unwrap().stages[0].attempts.len(), 0);
+}
+
 /// On PostgreSQL behind several nodes, each node caches the pool credentials it checked (a
 /// relayed call presents two), yet a revocation made on one node holds on another long before
 /// that cache would expire on its own (5 s): the store's relay tells the other nodes, which

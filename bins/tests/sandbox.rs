@@ -652,3 +652,52 @@ fn a_server_on_a_relative_data_directory_runs_confined_stages() {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join(".pond")).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o700, "{mode:o}");
 }
+
+/// The helper mounts, unmounts and runs bundles under the state directory as root: one another
+/// user could write in (a shared temporary directory, a loose mode) is refused by the backend
+/// and by `pond sandbox gc`, naming why; `pond sandbox check` without a directory makes a
+/// private one of its own (a name someone else took first is passed over).
+#[test]
+fn a_state_directory_others_could_write_in_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out =
+        std::process::Command::new(POND).args(["sandbox", "check", "--sandbox-dir"]).arg(&state).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("writable by other users"), "{stderr}");
+    let out = std::process::Command::new(POND).args(["sandbox", "gc", "--dir"]).arg(&state).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("writable by other users"), "{stderr}");
+    // Another owner.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&state, Some(65534), None).unwrap();
+    let out =
+        std::process::Command::new(POND).args(["sandbox", "check", "--sandbox-dir"]).arg(&state).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("belongs to uid 65534"), "{stderr}");
+
+    // The throwaway directory of a bare `pond sandbox check` cannot be planted: a link to a
+    // directory of this test's takes the first name it tries (the shell's pid is pond's after
+    // `exec`); it is passed over.
+    let out = std::process::Command::new("sh")
+        .args(["-c", "ln -s \"$1\" \"$TMPDIR/pond-sandbox-check-$$-0\" && exec \"$2\" sandbox check", "sh"])
+        .arg(&state)
+        .arg(POND)
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let planted: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with("-0") && e.path().is_symlink())
+        .collect();
+    assert_eq!(planted.len(), 1, "the link was planted");
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0, "nothing was made in the planted directory");
+}

@@ -826,7 +826,12 @@ impl Pools {
         let Some(id) = self.store.get_record(TOKEN, &key["token:".len()..]).await? else {
             return Ok(None);
         };
-        let member = self.member(&id).await?;
+        // From the store, not from the cache by id: the entry made here is dated now, so what
+        // it holds must be as fresh (a cached one could be up to a TTL old already).
+        let member: Option<PoolMember> = match self.store.get_record(MEMBER, &id).await? {
+            Some(text) => Some(from_json(&text)?),
+            None => None,
+        };
         if let Some(member) = &member {
             self.credentials.put(key, member.clone(), generation);
         }
@@ -904,6 +909,13 @@ impl Pools {
             Ok(all) => return Ok(all),
             Err(generation) => generation,
         };
+        let all = self.read_members().await?;
+        self.credentials.put_all(all.clone(), generation);
+        Ok(all)
+    }
+
+    /// Every member, read from the store.
+    async fn read_members(&self) -> Result<Vec<PoolMember>, PoolError> {
         let mut all: Vec<PoolMember> = Vec::new();
         for (_, text) in self.store.list_records(MEMBER).await? {
             all.push(from_json(&text)?);
@@ -916,7 +928,6 @@ impl Pools {
                 &b.id,
             ))
         });
-        self.credentials.put_all(all.clone(), generation);
         Ok(all)
     }
 
@@ -925,7 +936,10 @@ impl Pools {
         if let Some(m) = self.member(id_or_name).await? {
             return Ok(m);
         }
-        let mut named: Vec<PoolMember> = self.members().await?.into_iter().filter(|m| m.name == id_or_name).collect();
+        // Names are resolved against the store itself: a member enrolled on another node a
+        // moment ago makes a name ambiguous at once.
+        let mut named: Vec<PoolMember> =
+            self.read_members().await?.into_iter().filter(|m| m.name == id_or_name).collect();
         match named.len() {
             1 => Ok(named.remove(0)),
             0 => Err(PoolError::NoMember(id_or_name.to_string())),

@@ -426,6 +426,11 @@ async fn claim(
         if *superseded.borrow_and_update() != mine {
             return Ok(Json(ClaimResponse { jobs: Vec::new(), refused }));
         }
+        // A revocation made while this poll waits ends it: no job goes to a revoked
+        // orchestrator (its record is cached, and the cache is emptied on any member's change).
+        if !state.pools.member(&orchestrator.id).await?.is_some_and(|m| m.revoked_at.is_none()) {
+            return Err(ApiError::Unauthorized("unknown orchestrator credential".into()));
+        }
         let jobs = claim_round(&state, &idle).await;
         // Refused workers (draining, unknown) are reported at once, so the orchestrator stops
         // counting on this poll for them and asks again for them later.

@@ -261,6 +261,31 @@ pub struct OciBackend {
     config: OciConfig,
 }
 
+/// Refuses a state directory another user could write in: the helper, as root, mounts on,
+/// unmounts and runs bundles from paths under it, so whoever can rename or link there could
+/// point those at paths (and an OCI config) of their own.
+fn check_state_dir_is_private(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(format!(
+            "the sandbox state directory {} belongs to uid {}, not to this process's ({me}); refusing it",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "the sandbox state directory {} is writable by other users (mode {:o}); refusing it",
+            dir.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 impl OciBackend {
     /// A backend that has passed its self-check: a probe sandbox ran and saw seccomp,
     /// no_new_privileges, no capabilities, a non-root uid and no network. Collects the
@@ -268,6 +293,7 @@ impl OciBackend {
     pub fn new(config: OciConfig) -> Result<OciBackend, SandboxError> {
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|e| SandboxError::SelfCheck(format!("creating {}: {e}", config.state_dir.display())))?;
+        check_state_dir_is_private(&config.state_dir).map_err(SandboxError::SelfCheck)?;
         // Another live process's sandboxes in the same directory are left alone.
         collect_garbage_if_idle(&config.state_dir).map_err(SandboxError::SelfCheck)?;
         let backend = OciBackend { config };
@@ -1285,7 +1311,7 @@ fn unmount(at: &Path) {
     if let Ok(target) = cstring(at) {
         // SAFETY: umount2 with a valid C string.
         unsafe {
-            libc::umount2(target.as_ptr(), libc::MNT_DETACH);
+            libc::umount2(target.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW);
         }
     }
 }
@@ -1443,7 +1469,7 @@ fn slot_bundle(state_dir: &Path, slot: usize) -> Result<PathBuf, String> {
     // takes as many unmounts; EINVAL (not a mount point) or ENOENT (no directory) ends it.
     for _ in 0..16 {
         // SAFETY: umount2 with a valid C string.
-        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } != 0 {
             break;
         }
     }
@@ -1456,7 +1482,12 @@ fn slot_bundle(state_dir: &Path, slot: usize) -> Result<PathBuf, String> {
         }
         _ => {}
     }
-    Ok(dir)
+    // The tmpfs goes on this very directory, never where a link there would lead.
+    match std::fs::symlink_metadata(&dir) {
+        Ok(meta) if meta.file_type().is_dir() => Ok(dir),
+        Ok(_) => Err(format!("{} is not a directory; not mounting on it", dir.display())),
+        Err(e) => Err(format!("reading {}: {e}", dir.display())),
+    }
 }
 
 fn slot_name(slot: usize) -> String {
@@ -1587,6 +1618,7 @@ pub fn collect_garbage_if_idle(state_dir: &Path) -> Result<Option<usize>, String
     if !state_dir.is_dir() {
         return Ok(Some(0));
     }
+    check_state_dir_is_private(state_dir)?;
     let lock = active_lock(state_dir)?;
     if lock.try_lock().is_err() {
         return Ok(None);

@@ -227,13 +227,15 @@ impl PgStore {
                     r = members.changed() => {
                         if r.is_err() { return; }
                         members.borrow_and_update();
-                        let sent = sqlx::query("SELECT pg_notify($1, $2)")
+                        // Sent until it goes through (the others' caches also expire on their
+                        // own meanwhile: see `Pools`).
+                        while sqlx::query("SELECT pg_notify($1, $2)")
                             .bind(CHANGE_CHANNEL)
                             .bind(format!("{me} members"))
                             .execute(&notify_pool)
-                            .await;
-                        if sent.is_err() {
-                            // Not told: the others' caches expire on their own (see `Pools`).
+                            .await
+                            .is_err()
+                        {
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
                         continue;
