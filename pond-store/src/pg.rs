@@ -781,15 +781,19 @@ async fn write_events(conn: &mut PgConnection, events: &[pond_core::events::NewE
 async fn load_snapshots(conn: &mut PgConnection, ids: &[RunId], lock: bool) -> Result<Vec<RunSnapshot>, Fail> {
     let keys: Vec<String> = ids.iter().map(RunId::to_string).collect();
     let lock_clause = if lock { " FOR UPDATE" } else { "" };
-    let stage_rows =
-        sqlx::query(&format!("SELECT * FROM stages WHERE run_id = ANY($1) ORDER BY run_id, position{lock_clause}"))
-            .bind(&keys)
-            .fetch_all(&mut *conn)
-            .await?;
-    let run_rows = sqlx::query(&format!("SELECT * FROM runs WHERE id = ANY($1) ORDER BY id{lock_clause}"))
-        .bind(&keys)
-        .fetch_all(&mut *conn)
-        .await?;
+    let stages = format!("SELECT * FROM stages WHERE run_id = ANY($1) ORDER BY run_id, position{lock_clause}");
+    let runs = format!("SELECT * FROM runs WHERE id = ANY($1) ORDER BY id{lock_clause}");
+    // Locked: stage rows first, then run rows (the lock order every writer uses). Unlocked,
+    // each statement sees what was committed when it began: the run first, then its stages and
+    // attempts, so a run read as ended is never shown with a stage that was not (they are
+    // written in the run's transaction, and an ended run's stages do not change after).
+    let (stage_rows, run_rows) = if lock {
+        let stage_rows = sqlx::query(&stages).bind(&keys).fetch_all(&mut *conn).await?;
+        (stage_rows, sqlx::query(&runs).bind(&keys).fetch_all(&mut *conn).await?)
+    } else {
+        let run_rows = sqlx::query(&runs).bind(&keys).fetch_all(&mut *conn).await?;
+        (sqlx::query(&stages).bind(&keys).fetch_all(&mut *conn).await?, run_rows)
+    };
     let attempt_rows =
         sqlx::query("SELECT * FROM attempts WHERE run_id = ANY($1) ORDER BY run_id, started_at, stage_key, number")
             .bind(&keys)

@@ -533,6 +533,72 @@ pub async fn concurrent_updates_of_one_run_are_never_lost(store: Arc<dyn Store>)
     assert_eq!(done.run.state, RunState::Succeeded, "the last completion saw all the others");
 }
 
+/// A run read while it changes is never shown ended with a stage still unfinished (what
+/// `--wait` and every client polling a run rely on): 200 one-stage runs are claimed and
+/// completed while two readers keep reading them.
+pub async fn a_run_read_as_it_ends_never_shows_an_unfinished_stage(store: Arc<dyn Store>) {
+    let mut ids = Vec::new();
+    for _ in 0..300 {
+        let run = new_run("p", json!({"stages": [{"key": "s", "executor": {"kind": "noop"}}]}), None, at(0));
+        ids.push(run.run.id);
+        store.insert_run(&run).await.unwrap();
+    }
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (store, ids, done) = (store.clone(), ids.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut torn = Vec::new();
+                let mut reads = 0;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    for id in &ids {
+                        let snapshot = store.get_run(*id).await.unwrap().unwrap();
+                        reads += 1;
+                        if snapshot.run.state.is_terminal() && snapshot.stages.iter().any(|s| !s.state.is_terminal()) {
+                            torn.push(format!("{:?} with {:?}", snapshot.run.state, snapshot.stages[0].state));
+                        }
+                    }
+                }
+                (torn, reads)
+            })
+        })
+        .collect();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            loop {
+                let claims = store.claim_stages(&claim_query("n", at(1), 60_000, 4)).await.unwrap();
+                if claims.is_empty() {
+                    return;
+                }
+                for c in claims {
+                    store
+                        .update_run(c.run.id, &mut |s| {
+                            s.complete_attempt(&c.stage.key, c.stage.attempt, &StageOutcome::Succeeded, at(2))
+                                .map(|()| Vec::new())
+                        })
+                        .await
+                        .unwrap();
+                }
+            }
+        })
+    };
+    writer.await.unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut torn, mut reads) = (Vec::new(), 0);
+    for reader in readers {
+        let (t, r) = reader.await.unwrap();
+        torn.extend(t);
+        reads += r;
+    }
+    assert!(
+        torn.is_empty(),
+        "{} of {reads} reads showed an ended run with an unfinished stage: {:?}",
+        torn.len(),
+        &torn[..torn.len().min(3)]
+    );
+}
+
 fn offer(tags: &[&str], caps: &[&str]) -> pond_core::routing::WorkerOffer {
     pond_core::routing::WorkerOffer {
         tags: tags.iter().map(|t| t.to_string()).collect(),
@@ -1133,6 +1199,7 @@ macro_rules! conformance {
                 blobs_and_artifacts_are_chunked_and_written_only_by_their_open_attempt,
                 tokens_are_found_by_hash_and_revoked,
                 concurrent_updates_of_one_run_are_never_lost,
+                a_run_read_as_it_ends_never_shows_an_unfinished_stage,
                 batched_updates_apply_in_order_and_a_failure_stops_no_other,
                 a_logged_claim_writes_each_stage_s_line,
                 pool_claims_match_pinned_tags_and_capability_globs,
