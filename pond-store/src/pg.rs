@@ -683,19 +683,8 @@ async fn write_log_lines(conn: &mut PgConnection, lines: &[(RunId, &NewLogLine)]
     for (run, line) in lines {
         by_run.entry(run.to_string()).or_default().push(line);
     }
-    let runs: Vec<&str> = by_run.keys().map(String::as_str).collect();
-    let counts: Vec<i64> = by_run.values().map(|l| l.len() as i64).collect();
-    let lasts: Vec<(String, i64)> = sqlx::query_as(
-        "INSERT INTO log_counters (run_id, seq) SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[])
-         ON CONFLICT (run_id) DO UPDATE SET seq = log_counters.seq + EXCLUDED.seq RETURNING run_id, seq",
-    )
-    .bind(&runs)
-    .bind(&counts)
-    .fetch_all(&mut *conn)
-    .await?;
-    let lasts: std::collections::HashMap<String, i64> = lasts.into_iter().collect();
     let total = lines.len();
-    let (mut run_ids, mut seqs, mut stages, mut attempts, mut streams, mut ats, mut texts, mut flags, mut line_seqs) = (
+    let (mut run_ids, mut backs, mut stages, mut attempts, mut streams, mut ats, mut texts, mut flags, mut line_seqs) = (
         Vec::with_capacity(total),
         Vec::with_capacity(total),
         Vec::with_capacity(total),
@@ -707,11 +696,10 @@ async fn write_log_lines(conn: &mut PgConnection, lines: &[(RunId, &NewLogLine)]
         Vec::with_capacity(total),
     );
     for (run, lines) in &by_run {
-        let last = *lasts.get(run).ok_or_else(|| corrupt(format!("no log counter came back for run {run}")))?;
-        let first = last - lines.len() as i64 + 1;
         for (i, l) in lines.iter().enumerate() {
             run_ids.push(run.as_str());
-            seqs.push(first + i as i64);
+            // How far before the run's new last position the line goes (0: the last).
+            backs.push((lines.len() - 1 - i) as i64);
             stages.push(l.stage.as_deref());
             attempts.push(l.attempt as i64);
             streams.push(l.stream.as_str());
@@ -721,15 +709,25 @@ async fn write_log_lines(conn: &mut PgConnection, lines: &[(RunId, &NewLogLine)]
             line_seqs.push(l.line_seq.map(|n| n as i64));
         }
     }
-    // A line whose producer number is already stored (a retried batch) is skipped; its
-    // position stays unused (positions only need to grow).
+    // One statement: each run's counter moves on by its lines (the counter rows taken in run
+    // id order, locked until commit, so a follower never skips a line committed late), and the
+    // lines take the positions just below the new values. A line whose producer number is
+    // already stored (a retried batch) is skipped; its position stays unused (positions only
+    // need to grow).
     sqlx::query(
-        "INSERT INTO logs (run_id, seq, stage, attempt, stream, at, text, flags, line_seq)
-         SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::BIGINT[], $9::BIGINT[])
+        "WITH l AS (SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::BIGINT[], $9::BIGINT[])
+                      AS t(run_id, back, stage, attempt, stream, at, text, flags, line_seq)),
+              c AS (INSERT INTO log_counters (run_id, seq)
+                    SELECT run_id, count(*) FROM l GROUP BY run_id ORDER BY run_id
+                    ON CONFLICT (run_id) DO UPDATE SET seq = log_counters.seq + EXCLUDED.seq
+                    RETURNING run_id, seq)
+         INSERT INTO logs (run_id, seq, stage, attempt, stream, at, text, flags, line_seq)
+         SELECT l.run_id, c.seq - l.back, l.stage, l.attempt, l.stream, l.at, l.text, l.flags, l.line_seq
+           FROM l JOIN c ON c.run_id = l.run_id
          ON CONFLICT DO NOTHING",
     )
     .bind(&run_ids)
-    .bind(&seqs)
+    .bind(&backs)
     .bind(&stages)
     .bind(&attempts)
     .bind(&streams)
