@@ -233,7 +233,14 @@ pub struct Engine {
     config: EngineConfig,
     /// The transparency log's tree as this node has read it (see [`Engine::with_log_tree`]).
     log_tree: std::sync::Mutex<crate::merkle::Tree>,
+    /// Inputs this node issued to pooled jobs, by run: a run's input never changes once
+    /// issued, and its result, usually posted to the node that issued it, checks against it
+    /// without reading it back (a miss reads the store, as on any other node).
+    issued_inputs: std::sync::Mutex<HashMap<RunId, JobInput>>,
 }
+
+/// How many runs' issued inputs a node keeps in memory (then it starts again empty).
+const ISSUED_INPUTS_KEPT: usize = 10_000;
 
 impl Engine {
     /// An engine with no executors; add them with [`Engine::with_executor`].
@@ -252,7 +259,16 @@ impl Engine {
             sandbox_profiles: vec![SandboxProfile::None],
             config,
             log_tree: std::sync::Mutex::default(),
+            issued_inputs: std::sync::Mutex::default(),
         }
+    }
+
+    fn remember_issued_input(&self, run: RunId, input: &JobInput) {
+        let mut kept = self.issued_inputs.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() >= ISSUED_INPUTS_KEPT {
+            kept.clear();
+        }
+        kept.insert(run, input.clone());
     }
 
     /// How the engine waits between retries of a write the store refused for being away (the
@@ -1010,6 +1026,12 @@ impl Engine {
     /// and kept as a blob, so every attempt (and every API node) issues the same bytes and a
     /// worker's attested `input_sha256` can be checked against it.
     pub async fn job_input(&self, claim: &Claim) -> Result<JobInput, CoreError> {
+        let input = self.make_job_input(claim).await?;
+        self.remember_issued_input(claim.run.id, &input);
+        Ok(input)
+    }
+
+    async fn make_job_input(&self, claim: &Claim) -> Result<JobInput, CoreError> {
         let run = &claim.run;
         if run.sources.is_empty() {
             return Ok(JobInput::empty());
@@ -1040,13 +1062,18 @@ impl Engine {
     /// The input bundle issued for a run's pooled jobs, if one was (a run without sources has
     /// the empty input, [`JobInput::empty`]).
     pub async fn issued_input(&self, run: RunId) -> Result<Option<JobInput>, CoreError> {
-        match self.store.get_record(JOB_INPUT, &run.to_string()).await? {
-            Some(text) => Ok(Some(serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?)),
-            None => match self.store.get_run(run).await? {
-                Some(s) if s.run.sources.is_empty() => Ok(Some(JobInput::empty())),
-                _ => Ok(None),
-            },
+        if let Some(input) = self.issued_inputs.lock().unwrap_or_else(|p| p.into_inner()).get(&run) {
+            return Ok(Some(input.clone()));
         }
+        let input = match self.store.get_record(JOB_INPUT, &run.to_string()).await? {
+            Some(text) => serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            None => match self.store.get_run(run).await? {
+                Some(s) if s.run.sources.is_empty() => JobInput::empty(),
+                _ => return Ok(None),
+            },
+        };
+        self.remember_issued_input(run, &input);
+        Ok(Some(input))
     }
 
     /// Extends the lease of `job`, held by `worker`. Also the check that `worker` still holds it
