@@ -120,6 +120,16 @@ fn discard_if_in_transaction(
     })
 }
 
+/// Whether a stage of the kinds `$2` holds a lease that ran out before `$1` (a claim takes
+/// such stages over).
+const EXPIRED_LEASE_EXISTS: &str = "EXISTS (SELECT 1 FROM stages WHERE state = 'running' AND lease_expires_at <= $1
+                                  AND NOT cancel_requested AND executor_kind = ANY($2))";
+
+/// Runs a claim's `SELECT <bool>` pre-check (`$1` now, `$2` the kinds) on its connection.
+async fn any_due(conn: &mut PgConnection, sql: &str, now: i64, kinds: &[String]) -> Result<bool, Fail> {
+    Ok(sqlx::query_scalar(sql).bind(now).bind(kinds).fetch_one(conn).await?)
+}
+
 /// The index expression that tells queued stages' requirements apart (`stages_ready_by_route`,
 /// migration 0010): a stage with none (a local one) has `md5('|')`.
 const ROUTE_KEY: &str = "md5(COALESCE(pool_tags, '') || '|' || COALESCE(pool_caps, ''))";
@@ -419,15 +429,7 @@ impl PgStore {
             if worker_walks.is_empty() {
                 // Any expired lease of these kinds (the transaction's first candidate select
                 // narrows it to what the worker is admitted to).
-                let expired: bool = sqlx::query_scalar(
-                    "SELECT EXISTS (SELECT 1 FROM stages WHERE state = 'running' AND lease_expires_at <= $1
-                                       AND NOT cancel_requested AND executor_kind = ANY($2))",
-                )
-                .bind(now)
-                .bind(&query.kinds)
-                .fetch_one(&mut *conn)
-                .await?;
-                if !expired {
+                if !any_due(&mut conn, &format!("SELECT {EXPIRED_LEASE_EXISTS}"), now, &query.kinds).await? {
                     return Ok(Vec::new());
                 }
             }
@@ -436,19 +438,14 @@ impl PgStore {
             // The local driver is woken by every change of any run, pooled ones included, and
             // most wake-ups find nothing of its own: one statement says so, rather than a
             // transaction of four that rolls back.
-            let due: bool = sqlx::query_scalar(&format!(
+            let sql = format!(
                 "SELECT EXISTS (SELECT 1 FROM UNNEST($2::TEXT[]) AS k(kind) CROSS JOIN LATERAL (
                           SELECT 1 FROM stages
                            WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1
                              AND executor_kind = k.kind AND {ROUTE_KEY} = md5('|') LIMIT 1) q)
-                     OR EXISTS (SELECT 1 FROM stages WHERE state = 'running' AND lease_expires_at <= $1
-                                   AND NOT cancel_requested AND executor_kind = ANY($2))"
-            ))
-            .bind(now)
-            .bind(&query.kinds)
-            .fetch_one(&mut *conn)
-            .await?;
-            if !due {
+                     OR {EXPIRED_LEASE_EXISTS}"
+            );
+            if !any_due(&mut conn, &sql, now, &query.kinds).await? {
                 return Ok(Vec::new());
             }
         }
