@@ -2661,6 +2661,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         None => None,
     };
     let mut servers = Vec::new();
+    // Nodes sharing a database share its server key (as an operator's would).
+    let server_key = pond_core::seal::random_key();
     for n in 0..args.nodes.max(1) {
         let mut config = pond_http::server::ServerConfig::new(
             args.data_dir.join(format!("node-{n}")),
@@ -2669,6 +2671,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.slots = args.slots;
         config.database_url = scratch.as_ref().map(|s| s.url.clone());
+        config.server_key = Some(server_key);
         servers.push(rt.block_on(pond_http::server::start(config))?);
     }
     let token = std::fs::read_to_string(&servers[0].admin_token_file)?.trim().to_string();
