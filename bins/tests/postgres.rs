@@ -490,3 +490,19 @@ fn a_postgresql_dump_and_the_server_key_restore_the_deployment() {
     );
     assert!(stderr.contains("does not open this database's sealed identity"), "{stderr}");
 }
+
+/// `pond bench` on several nodes sharing one database runs to its figures (the nodes share a
+/// server key, as an operator's must; each making its own once broke it).
+#[test]
+fn the_benchmark_runs_on_several_nodes_of_one_database() {
+    let Some(pg) = Server::database_server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(POND)
+        .args(["bench", "--runs", "20", "--clients", "2", "--nodes", "2", "--database-url", &pg, "--data-dir"])
+        .arg(dir.path().join("bench"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("PostgreSQL, 2 node(s)") && stdout.contains("end to end"), "{stdout}");
+}
