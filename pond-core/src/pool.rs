@@ -470,9 +470,10 @@ pub struct Pools {
 
 /// Members recently read: by their credential's digest (every relayed call presents two
 /// credentials, the orchestrator's and the worker's, each two record reads), by id (a claim
-/// re-reads its worker for a drain), and the list of every member. Emptied when a member changes or enrolls here ([`Pools::update_member`]) or,
-/// told by the store's relay, on another node ([`Pools::forget_credentials`]); an entry older
-/// than [`CredentialCache::TTL`] is read again anyway, in case such a notice was lost.
+/// re-reads its worker for a drain), and the list of every member. Emptied when a member
+/// changes or enrolls here ([`Pools::update_member`]) or, told by the store's relay, on another
+/// node ([`Pools::forget_credentials`]); an entry older than [`CredentialCache::TTL`] is read
+/// again anyway, in case such a notice was lost.
 #[derive(Default)]
 struct CredentialCache {
     entries: std::sync::Mutex<CachedCredentials>,
@@ -902,8 +903,8 @@ impl Pools {
     }
 
     /// Every member, orchestrators first, then by pool and name. Read at most once every 5 s
-    /// between member changes (each submit of a pooled run and each
-    /// read of a waiting one explains from it why the stage waits).
+    /// between member changes (each submit of a pooled run and each read of a waiting one
+    /// explains from it why the stage waits).
     pub async fn members(&self) -> Result<Vec<PoolMember>, PoolError> {
         let generation = match self.credentials.all() {
             Ok(all) => return Ok(all),
