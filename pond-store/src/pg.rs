@@ -803,7 +803,13 @@ async fn load_snapshots(conn: &mut PgConnection, ids: &[RunId], lock: bool) -> R
     for row in &attempt_rows {
         attempts.push((run_id_of(row)?, attempt_from_row(row)?));
     }
-    Ok(crate::batch::assemble(runs, stages, attempts))
+    let mut snapshots = crate::batch::assemble(runs, stages, attempts);
+    if !lock {
+        // Every run has a stage: one read without any was deleted (retention) between its row's
+        // read and its stages', and is reported gone, as it is.
+        snapshots.retain(|s| !s.stages.is_empty());
+    }
+    Ok(snapshots)
 }
 
 async fn load_snapshot(conn: &mut PgConnection, id: RunId, lock: bool) -> Result<Option<RunSnapshot>, Fail> {

@@ -534,7 +534,7 @@ pub async fn concurrent_updates_of_one_run_are_never_lost(store: Arc<dyn Store>)
 }
 
 /// A run read while it changes is never shown ended with a stage still unfinished (what
-/// `--wait` and every client polling a run rely on): 200 one-stage runs are claimed and
+/// `--wait` and every client polling a run rely on): 300 one-stage runs are claimed and
 /// completed while two readers keep reading them.
 pub async fn a_run_read_as_it_ends_never_shows_an_unfinished_stage(store: Arc<dyn Store>) {
     let mut ids = Vec::new();
