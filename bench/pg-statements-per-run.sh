@@ -7,7 +7,10 @@
 #
 #   sudo bash bench/pg-statements-per-run.sh ./target/release/pond [RUNS] [SAMPLES]
 #
-# Needs root (or the postgres user) to read the server's log under /var/log/postgresql.
+# Needs root (or the postgres user) to read the server's log under /var/log/postgresql. Meant
+# for a benchmark cluster: on exit it resets log_min_duration_statement with ALTER SYSTEM RESET
+# (an earlier ALTER SYSTEM value of it goes too), and the log gets every statement with its
+# parameters meanwhile.
 set -euo pipefail
 POND="${1:?usage: $0 POND_BINARY [RUNS] [SAMPLES]}"
 RUNS="${2:-1000}"
