@@ -518,7 +518,6 @@ fn complain(message: &str) -> i32 {
 struct Sandbox<'a> {
     spec: &'a HelperSpec,
     bundle: PathBuf,
-    rw: PathBuf,
     container: Option<Container>,
     rw_mounted: bool,
     /// The cgroup slot held (its lock file) and its number.
@@ -539,12 +538,10 @@ impl<'a> Sandbox<'a> {
     fn new(spec: &'a HelperSpec) -> Self {
         // Named once the cgroup slot is taken (the bundle directory is the slot's).
         let bundle = PathBuf::new();
-        let rw = PathBuf::new();
         let marks = vec![("start", std::time::Instant::now())];
         Sandbox {
             spec,
             bundle,
-            rw,
             container: None,
             rw_mounted: false,
             slot: None,
@@ -552,6 +549,11 @@ impl<'a> Sandbox<'a> {
             uid: None,
             marks,
         }
+    }
+
+    /// The bundle's writable space: copies of writable grants and checkouts, `/tmp`.
+    fn rw(&self) -> PathBuf {
+        self.bundle.join("rw")
     }
 
     fn mark(&mut self, phase: &'static str) {
@@ -615,12 +617,11 @@ impl<'a> Sandbox<'a> {
         // slot's cgroups: making and removing a directory on the host's disk costs more than
         // the rest of the bundle.
         self.bundle = slot_bundle(&spec.state_dir, slot)?;
-        self.rw = self.bundle.join("rw");
         self.mark("mkdir");
         mount_tmpfs(&self.bundle, spec.limits.disk_mib + 1)?;
         self.rw_mounted = true;
         self.mark("mount");
-        for dir in [self.bundle.join("rootfs"), self.rw.clone(), self.bundle.join("state")] {
+        for dir in [self.bundle.join("rootfs"), self.rw(), self.bundle.join("state")] {
             std::fs::create_dir_all(&dir).map_err(|e| format!("creating the bundle: {e}"))?;
         }
         self.mark("tmpfs");
@@ -737,7 +738,7 @@ impl<'a> Sandbox<'a> {
             std::fs::write(&path, line).map_err(|e| format!("writing {}: {e}", path.display()))?;
             mounts.push(bind(&path, &Path::new("/etc").join(file), false));
         }
-        let tmp = self.rw.join("tmp");
+        let tmp = self.rw().join("tmp");
         make_dir(&tmp, 0o1777)?;
         mounts.push(bind(&tmp, Path::new("/tmp"), true));
         let mut seen = BTreeSet::new();
@@ -747,8 +748,8 @@ impl<'a> Sandbox<'a> {
             }
             let copy = match (grant.access, spec.profile) {
                 (PathAccess::ReadOnly, _) | (PathAccess::Checkout, SandboxProfile::UntrustedCodeRead) => None,
-                (PathAccess::Writable, _) => Some(self.rw.join(format!("w{i}"))),
-                (PathAccess::Checkout, _) => Some(self.rw.join(format!("c{i}"))),
+                (PathAccess::Writable, _) => Some(self.rw().join(format!("w{i}"))),
+                (PathAccess::Checkout, _) => Some(self.rw().join(format!("c{i}"))),
             };
             match copy {
                 None => {
@@ -771,7 +772,7 @@ impl<'a> Sandbox<'a> {
         let mut seen = BTreeSet::new();
         for (i, grant) in self.spec.paths.iter().enumerate() {
             if grant.access == PathAccess::Writable && seen.insert(grant.path.clone()) {
-                copy_tree(&self.rw.join(format!("w{i}")), &grant.path, None)?;
+                copy_tree(&self.rw().join(format!("w{i}")), &grant.path, None)?;
             }
         }
         Ok(())
@@ -1473,15 +1474,7 @@ fn slot_bundle(state_dir: &Path, slot: usize) -> Result<PathBuf, String> {
             break;
         }
     }
-    match std::fs::create_dir(&dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?
-        }
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-            return Err(format!("creating {}: {e}", dir.display()));
-        }
-        _ => {}
-    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     // The tmpfs goes on this very directory, never where a link there would lead.
     match std::fs::symlink_metadata(&dir) {
         Ok(meta) if meta.file_type().is_dir() => Ok(dir),

@@ -126,6 +126,27 @@ impl SqliteStore {
         if query.kinds.is_empty() || query.limit == 0 {
             return Ok(Vec::new());
         }
+        if query.offer.is_none() {
+            // The local driver is woken by every change of any run, pooled ones included, and
+            // most wake-ups find nothing of its own: a reader says so without taking the one
+            // writer (and its lock) from the submits and results queued behind it.
+            let kinds = (0..query.kinds.len()).map(|i| format!("?{}", i + 2)).collect::<Vec<_>>().join(", ");
+            let sql = format!(
+                "SELECT EXISTS (SELECT 1 FROM stages INDEXED BY stages_ready_by_route
+                                 WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ?1
+                                   AND executor_kind IN ({kinds}) AND {ROUTE_KEY} = '|')
+                     OR EXISTS (SELECT 1 FROM stages INDEXED BY stages_leased
+                                 WHERE state = 'running' AND lease_expires_at <= ?1 AND cancel_requested = 0
+                                   AND executor_kind IN ({kinds}))"
+            );
+            let mut check = sqlx::query_scalar::<_, bool>(&sql).bind(query.now.as_millis());
+            for kind in &query.kinds {
+                check = check.bind(kind);
+            }
+            if !check.fetch_one(&self.reader).await.map_err(db_err)? {
+                return Ok(Vec::new());
+            }
+        }
         // A pool worker's claim takes only stages whose required tags are all among the worker's
         // and whose every capability pattern GLOB-matches one of its capabilities.
         // A bring-your-own host takes only byo work of the project it is pinned to: the stage
@@ -165,27 +186,6 @@ impl SqliteStore {
             )
         });
         let now = query.now.as_millis();
-        if query.offer.is_none() {
-            // The local driver is woken by every change of any run, pooled ones included, and
-            // most wake-ups find nothing of its own: a reader says so without taking the one
-            // writer (and its lock) from the submits and results queued behind it.
-            let kinds = (0..query.kinds.len()).map(|i| format!("?{}", i + 2)).collect::<Vec<_>>().join(", ");
-            let sql = format!(
-                "SELECT EXISTS (SELECT 1 FROM stages INDEXED BY stages_ready_by_route
-                                 WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= ?1
-                                   AND executor_kind IN ({kinds}) AND {ROUTE_KEY} = '|')
-                     OR EXISTS (SELECT 1 FROM stages INDEXED BY stages_leased
-                                 WHERE state = 'running' AND lease_expires_at <= ?1 AND cancel_requested = 0
-                                   AND executor_kind IN ({kinds}))"
-            );
-            let mut check = sqlx::query_scalar::<_, bool>(&sql).bind(now);
-            for kind in &query.kinds {
-                check = check.bind(kind);
-            }
-            if !check.fetch_one(&self.reader).await.map_err(db_err)? {
-                return Ok(Vec::new());
-            }
-        }
         let mut tx = self.begin().await?;
         // One statement claims the whole batch. Expressions in SET see each row as it was, so
         // `state = 'running'` tells the re-claim of an expired lease from a first claim.
