@@ -15,6 +15,7 @@
 mod batch;
 mod memory;
 mod pg;
+mod pg_arrays;
 mod rows;
 mod schema;
 mod scratch;

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pond_core::ids::{BlobId, RunId, TokenId};
-use pond_core::run::{AttemptOutcome, Run, RunSnapshot, Stage, MAX_LOST_LEASES};
+use pond_core::run::{Run, RunSnapshot, Stage, MAX_LOST_LEASES};
 use pond_core::store::{
     Artifact, BlobMeta, Claim, ClaimLine, ClaimQuery, InsertOutcome, LeaseStatus, LogLine, NewLogLine, RunMutation,
     RunQuery, Store, TokenRecord, BLOB_CHUNK_BYTES,
@@ -29,9 +29,10 @@ use sqlx::{ConnectOptions, PgConnection, PgPool, Row};
 use tokio::task::JoinHandle;
 
 use crate::batch::{group_commit, queue_write, Queued, Rows};
+use crate::pg_arrays::{insert_runs_statement, Changes, EventArrays, RunArrays, StageArrays};
 use crate::rows::{
-    artifact_from_row, attempt_from_row, attestation_column, blob_from_row, corrupt, db_err, encryption_column,
-    log_from_row, requirement_columns, role_text, run_from_row, stage_from_row, token_from_row, ts,
+    artifact_from_row, attempt_from_row, blob_from_row, corrupt, db_err, log_from_row, role_text, run_from_row,
+    stage_from_row, token_from_row, ts,
 };
 use crate::{sha256_hex, WatchedStore};
 
@@ -378,10 +379,9 @@ impl PgStore {
         if applied.results.iter().all(Result::is_err) {
             return Ok(applied.results);
         }
-        write_rows(&mut tx, &Rows::of(applied.runs.iter().map(|(b, a)| (Some(b), a)))).await?;
+        let rows = Rows::of(applied.runs.iter().map(|(b, a)| (Some(b), a)));
         let lines: Vec<(RunId, &NewLogLine)> = applied.lines.iter().map(|(id, l)| (*id, l)).collect();
-        write_log_lines(&mut tx, &lines).await?;
-        write_events(&mut tx, &applied.events).await?;
+        write_changes(&mut tx, &rows, &lines, &applied.events).await?;
         tx.commit().await?;
         Ok(applied.results)
     }
@@ -642,19 +642,19 @@ impl PgStore {
             let was = if taken_over.contains(&(run.id.to_string(), stage.key.clone())) { "running" } else { "queued" };
             events.extend(pond_core::events::claimed(run, stage, queued_runs.remove(&run.id.to_string()), was, at));
         }
-        write_events(&mut tx, &events).await?;
         let mut claims = Vec::with_capacity(stages.len());
         for (run, stage) in run_ids.into_iter().zip(stages) {
             let run =
                 runs.get(&run).cloned().ok_or_else(|| corrupt(format!("claimed a stage of missing run {run}")))?;
             claims.push(Claim { run, stage });
         }
-        if let Some(line) = line {
-            let lines: Vec<(RunId, NewLogLine)> =
-                claims.iter().filter_map(|c| line(c).map(|l| (c.run.id, l))).collect();
-            let rows: Vec<(RunId, &NewLogLine)> = lines.iter().map(|(id, l)| (*id, l)).collect();
-            write_log_lines(&mut tx, &rows).await?;
-        }
+        // The events and the stages' started lines in one statement.
+        let lines: Vec<(RunId, NewLogLine)> = match line {
+            Some(line) => claims.iter().filter_map(|c| line(c).map(|l| (c.run.id, l))).collect(),
+            None => Vec::new(),
+        };
+        let lines: Vec<(RunId, &NewLogLine)> = lines.iter().map(|(id, l)| (*id, l)).collect();
+        write_changes(&mut tx, &Rows::default(), &lines, &events).await?;
         tx.commit().await?;
         Ok(claims)
     }
@@ -663,111 +663,27 @@ impl PgStore {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        write_log_lines(&mut tx, lines).await.map_err(Fail::into_store)?;
-        tx.commit().await.map_err(db_err)
+        // One statement, its own transaction.
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        write_changes(&mut conn, &Rows::default(), lines, &[]).await.map_err(Fail::into_store)
     }
 }
 
-/// Appends log lines inside the caller's transaction, two statements for any number of runs.
-/// Each run's positions come from its counter row, locked until commit; counters are taken in
-/// run-id order so concurrent batches cannot deadlock.
-async fn write_log_lines(conn: &mut PgConnection, lines: &[(RunId, &NewLogLine)]) -> Result<(), Fail> {
-    if lines.is_empty() {
+/// Writes runs' changed rows, log lines and events in one statement (see [`Changes`]). Log
+/// positions come from each run's counter row, locked until commit and taken in run id order
+/// so concurrent writers cannot deadlock; events get their positions after commit.
+async fn write_changes(
+    conn: &mut PgConnection,
+    rows: &Rows<'_>,
+    lines: &[(RunId, &NewLogLine)],
+    events: &[pond_core::events::NewEvent],
+) -> Result<(), Fail> {
+    let changes = Changes::of(rows, lines, events)?;
+    if changes.is_empty() {
         return Ok(());
     }
-    let mut by_run: std::collections::BTreeMap<String, Vec<&NewLogLine>> = Default::default();
-    for (run, line) in lines {
-        by_run.entry(run.to_string()).or_default().push(line);
-    }
-    let total = lines.len();
-    let (mut run_ids, mut backs, mut stages, mut attempts, mut streams, mut ats, mut texts, mut flags, mut line_seqs) = (
-        Vec::with_capacity(total),
-        Vec::with_capacity(total),
-        Vec::with_capacity(total),
-        Vec::with_capacity(total),
-        Vec::with_capacity(total),
-        Vec::with_capacity(total),
-        Vec::with_capacity(total),
-        Vec::with_capacity(total),
-        Vec::with_capacity(total),
-    );
-    for (run, lines) in &by_run {
-        for (i, l) in lines.iter().enumerate() {
-            run_ids.push(run.as_str());
-            // How far before the run's new last position the line goes (0: the last).
-            backs.push((lines.len() - 1 - i) as i64);
-            stages.push(l.stage.as_deref());
-            attempts.push(l.attempt as i64);
-            streams.push(l.stream.as_str());
-            ats.push(l.at.as_millis());
-            texts.push(l.text.as_str());
-            flags.push(crate::rows::log_flags(l));
-            line_seqs.push(l.line_seq.map(|n| n as i64));
-        }
-    }
-    // One statement: each run's counter moves on by its lines (the counter rows taken in run
-    // id order, locked until commit, so a follower never skips a line committed late), and the
-    // lines take the positions just below the new values. A line whose producer number is
-    // already stored (a retried batch) is skipped; its position stays unused (positions only
-    // need to grow).
-    sqlx::query(
-        "WITH l AS (SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::BIGINT[], $9::BIGINT[])
-                      AS t(run_id, back, stage, attempt, stream, at, text, flags, line_seq)),
-              c AS (INSERT INTO log_counters (run_id, seq)
-                    SELECT run_id, count(*) FROM l GROUP BY run_id ORDER BY run_id
-                    ON CONFLICT (run_id) DO UPDATE SET seq = log_counters.seq + EXCLUDED.seq
-                    RETURNING run_id, seq)
-         INSERT INTO logs (run_id, seq, stage, attempt, stream, at, text, flags, line_seq)
-         SELECT l.run_id, c.seq - l.back, l.stage, l.attempt, l.stream, l.at, l.text, l.flags, l.line_seq
-           FROM l JOIN c ON c.run_id = l.run_id
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(&run_ids)
-    .bind(&backs)
-    .bind(&stages)
-    .bind(&attempts)
-    .bind(&streams)
-    .bind(&ats)
-    .bind(&texts)
-    .bind(&flags)
-    .bind(&line_seqs)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Appends events inside the caller's transaction, with no position yet: positions are given
-/// after commit by [`PgStore::sequence_events`], so writers do not queue on a shared counter.
-async fn write_events(conn: &mut PgConnection, events: &[pond_core::events::NewEvent]) -> Result<(), Fail> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    let projects: Vec<&str> = events.iter().map(|e| e.project_id.as_str()).collect();
-    let runs: Vec<String> = events.iter().map(|e| e.run_id.to_string()).collect();
-    let stages: Vec<Option<&str>> = events.iter().map(|e| e.stage.as_deref()).collect();
-    let attempts: Vec<Option<i64>> = events.iter().map(|e| e.attempt.map(|n| n as i64)).collect();
-    let states: Vec<&str> = events.iter().map(|e| e.state.as_str()).collect();
-    let previous: Vec<Option<&str>> = events.iter().map(|e| e.previous_state.as_deref()).collect();
-    let ats: Vec<i64> = events.iter().map(|e| e.at.as_millis()).collect();
-    // WITH ORDINALITY keeps the events' order in their ids.
-    sqlx::query(
-        "INSERT INTO events (type, project_id, run_id, stage, attempt, state, previous_state, at)
-         SELECT t, p, r, s, a, st, ps, at FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[])
-              WITH ORDINALITY AS u(t, p, r, s, a, st, ps, at, n)
-          ORDER BY n",
-    )
-    .bind(&kinds)
-    .bind(&projects)
-    .bind(&runs)
-    .bind(&stages)
-    .bind(&attempts)
-    .bind(&states)
-    .bind(&previous)
-    .bind(&ats)
-    .execute(&mut *conn)
-    .await?;
+    let sql = changes.sql();
+    changes.bind(sqlx::query(&sql)).execute(&mut *conn).await?;
     Ok(())
 }
 
@@ -820,242 +736,6 @@ fn run_id_of(row: &sqlx::postgres::PgRow) -> Result<RunId, StoreError> {
     RunId::from_str(&row.try_get::<String, _>("run_id").map_err(db_err)?).map_err(corrupt)
 }
 
-/// Inserts runs in one statement; returns the ids of those inserted (a run whose idempotency
-/// key is already taken in its project, or taken earlier in the same batch, is not).
-async fn insert_runs(conn: &mut PgConnection, runs: &[&Run]) -> Result<std::collections::HashSet<String>, Fail> {
-    let n = runs.len();
-    let (mut ids, mut projects, mut states, mut keys, mut definitions, mut sources) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut cancels, mut errors, mut created, mut started, mut finished, mut encryptions, mut digests) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for run in runs {
-        ids.push(run.id.to_string());
-        projects.push(run.project_id.as_str());
-        states.push(run.state.as_str());
-        keys.push(run.idempotency_key.as_deref());
-        definitions.push(serde_json::to_string(&run.definition).map_err(corrupt)?);
-        sources.push(serde_json::to_string(&run.sources).map_err(corrupt)?);
-        cancels.push(run.cancel_requested);
-        errors.push(run.error.as_deref());
-        created.push(run.created_at.as_millis());
-        started.push(ts(run.started_at));
-        finished.push(ts(run.finished_at));
-        encryptions.push(encryption_column(run));
-        digests.push(run.request_digest.as_deref());
-    }
-    let inserted: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO runs (id, project_id, state, idempotency_key, definition, sources, cancel_requested, error,
-                           created_at, started_at, finished_at, encryption, request_digest)
-         SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BOOLEAN[],
-                              $8::TEXT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[], $12::TEXT[], $13::TEXT[])
-         ON CONFLICT (project_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-         RETURNING id",
-    )
-    .bind(&ids)
-    .bind(&projects)
-    .bind(&states)
-    .bind(&keys)
-    .bind(&definitions)
-    .bind(&sources)
-    .bind(&cancels)
-    .bind(&errors)
-    .bind(&created)
-    .bind(&started)
-    .bind(&finished)
-    .bind(&encryptions)
-    .bind(&digests)
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(inserted.into_iter().collect())
-}
-
-/// Writes rows that changed, one statement over arrays per table: runs updated, stages and
-/// attempts upserted. (Runs are inserted by [`insert_runs`], which must go first.)
-async fn write_rows(conn: &mut PgConnection, rows: &Rows<'_>) -> Result<(), Fail> {
-    if !rows.updated_runs.is_empty() {
-        let n = rows.updated_runs.len();
-        let (mut ids, mut states, mut sources, mut cancels, mut errors, mut started, mut finished) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for run in &rows.updated_runs {
-            ids.push(run.id.to_string());
-            states.push(run.state.as_str());
-            sources.push(serde_json::to_string(&run.sources).map_err(corrupt)?);
-            cancels.push(run.cancel_requested);
-            errors.push(run.error.as_deref());
-            started.push(ts(run.started_at));
-            finished.push(ts(run.finished_at));
-        }
-        sqlx::query(
-            "UPDATE runs r SET state = u.state, sources = u.sources, cancel_requested = u.cancel_requested,
-                               error = u.error, started_at = u.started_at, finished_at = u.finished_at
-               FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BOOLEAN[], $5::TEXT[], $6::BIGINT[], $7::BIGINT[])
-                    AS u(id, state, sources, cancel_requested, error, started_at, finished_at)
-              WHERE r.id = u.id",
-        )
-        .bind(&ids)
-        .bind(&states)
-        .bind(&sources)
-        .bind(&cancels)
-        .bind(&errors)
-        .bind(&started)
-        .bind(&finished)
-        .execute(&mut *conn)
-        .await?;
-    }
-    if !rows.stages.is_empty() {
-        let n = rows.stages.len();
-        let mut cols: (Vec<String>, Vec<&str>, Vec<i64>, Vec<&str>, Vec<&str>, Vec<Option<i64>>) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let mut more: (Vec<i64>, Vec<i64>, Vec<i64>, Vec<Option<&str>>, Vec<Option<i64>>, Vec<bool>) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let mut rest: (
-            Vec<Option<i64>>,
-            Vec<Option<i64>>,
-            Vec<Option<&str>>,
-            Vec<Option<i64>>,
-            Vec<Option<String>>,
-            Vec<Option<String>>,
-        ) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for (run, s) in &rows.stages {
-            let (pool_tags, pool_caps) = requirement_columns(s);
-            cols.0.push(run.to_string());
-            cols.1.push(&s.key);
-            cols.2.push(s.position as i64);
-            cols.3.push(&s.executor_kind);
-            cols.4.push(s.state.as_str());
-            cols.5.push(ts(s.ready_at));
-            more.0.push(s.attempt as i64);
-            more.1.push(s.failures as i64);
-            more.2.push(s.lost_leases as i64);
-            more.3.push(s.lease_owner.as_deref());
-            more.4.push(ts(s.lease_expires_at));
-            more.5.push(s.cancel_requested);
-            rest.0.push(ts(s.started_at));
-            rest.1.push(ts(s.finished_at));
-            rest.2.push(s.error.as_deref());
-            rest.3.push(s.exit_code.map(|c| c as i64));
-            rest.4.push(pool_tags);
-            rest.5.push(pool_caps);
-        }
-        sqlx::query(
-            "INSERT INTO stages (run_id, key, position, executor_kind, state, ready_at, attempt, failures, lost_leases,
-                                 lease_owner, lease_expires_at, cancel_requested, started_at, finished_at, error,
-                                 exit_code, pool_tags, pool_caps)
-             SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[],
-                                  $7::BIGINT[], $8::BIGINT[], $9::BIGINT[], $10::TEXT[], $11::BIGINT[], $12::BOOLEAN[],
-                                  $13::BIGINT[], $14::BIGINT[], $15::TEXT[], $16::BIGINT[], $17::TEXT[], $18::TEXT[])
-             ON CONFLICT (run_id, key) DO UPDATE SET
-                state = EXCLUDED.state, ready_at = EXCLUDED.ready_at, attempt = EXCLUDED.attempt,
-                failures = EXCLUDED.failures, lost_leases = EXCLUDED.lost_leases, lease_owner = EXCLUDED.lease_owner,
-                lease_expires_at = EXCLUDED.lease_expires_at, cancel_requested = EXCLUDED.cancel_requested,
-                started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at, error = EXCLUDED.error,
-                exit_code = EXCLUDED.exit_code",
-        )
-        .bind(&cols.0)
-        .bind(&cols.1)
-        .bind(&cols.2)
-        .bind(&cols.3)
-        .bind(&cols.4)
-        .bind(&cols.5)
-        .bind(&more.0)
-        .bind(&more.1)
-        .bind(&more.2)
-        .bind(&more.3)
-        .bind(&more.4)
-        .bind(&more.5)
-        .bind(&rest.0)
-        .bind(&rest.1)
-        .bind(&rest.2)
-        .bind(&rest.3)
-        .bind(&rest.4)
-        .bind(&rest.5)
-        .execute(&mut *conn)
-        .await?;
-    }
-    if !rows.attempts.is_empty() {
-        let n = rows.attempts.len();
-        let (mut runs, mut keys, mut numbers, mut owners, mut started) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut finished, mut outcomes, mut errors, mut attestations) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        for (run, a) in &rows.attempts {
-            runs.push(run.to_string());
-            keys.push(a.stage_key.as_str());
-            numbers.push(a.number as i64);
-            owners.push(a.owner.as_str());
-            started.push(a.started_at.as_millis());
-            finished.push(ts(a.finished_at));
-            outcomes.push(a.outcome.map(AttemptOutcome::as_str));
-            errors.push(a.error.as_deref());
-            attestations.push(attestation_column(a));
-        }
-        sqlx::query(
-            "INSERT INTO attempts (run_id, stage_key, number, owner, started_at, finished_at, outcome, error, attestation)
-             SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[],
-                                  $7::TEXT[], $8::TEXT[], $9::TEXT[])
-             ON CONFLICT (run_id, stage_key, number) DO UPDATE SET
-                finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome, error = EXCLUDED.error,
-                attestation = EXCLUDED.attestation",
-        )
-        .bind(&runs)
-        .bind(&keys)
-        .bind(&numbers)
-        .bind(&owners)
-        .bind(&started)
-        .bind(&finished)
-        .bind(&outcomes)
-        .bind(&errors)
-        .bind(&attestations)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
-}
-
 /// Inserts runs in one transaction (see [`crate::batch::group_commit`]): runs whose idempotency
 /// key is taken are found after the commit (ON CONFLICT waited for the other submit to commit,
 /// so its run is visible then).
@@ -1099,19 +779,25 @@ async fn try_insert_batch(
     pool: &PgPool,
     snapshots: &[&RunSnapshot],
 ) -> Result<std::collections::HashSet<String>, Fail> {
-    let mut tx = pool.begin().await?;
+    // A new run has no attempts yet (the engine submits it queued); the statement writes none.
+    if let Some(s) = snapshots.iter().find(|s| !s.attempts.is_empty()) {
+        return Err(Fail::Store(StoreError::Backend(format!("run {} was submitted with attempts", s.run.id))));
+    }
     let runs: Vec<&Run> = snapshots.iter().map(|s| &s.run).collect();
-    let inserted = insert_runs(&mut tx, &runs).await?;
-    let fresh: Vec<&RunSnapshot> =
-        snapshots.iter().copied().filter(|s| inserted.contains(&s.run.id.to_string())).collect();
-    let mut rows = Rows::of(fresh.iter().map(|s| (None, *s)));
-    rows.inserted_runs.clear();
-    write_rows(&mut tx, &rows).await?;
+    let runs = RunArrays::of(&runs)?;
+    let stages: Vec<(RunId, &Stage)> =
+        snapshots.iter().flat_map(|s| s.stages.iter().map(|stage| (s.run.id, stage))).collect();
+    let stages = StageArrays::of(&stages);
     let at = crate::wall_clock();
-    let events: Vec<_> = fresh.iter().flat_map(|s| pond_core::events::changes(None, s, at)).collect();
-    write_events(&mut tx, &events).await?;
-    tx.commit().await?;
-    Ok(inserted)
+    let events: Vec<_> = snapshots.iter().flat_map(|s| pond_core::events::changes(None, s, at)).collect();
+    let events = EventArrays::of(&events);
+    // One statement, so one implicit transaction: a batch costs a round trip (and the pool's
+    // check of the connection), not a BEGIN, three inserts and a COMMIT.
+    let sql = insert_runs_statement();
+    let query = events.bind(stages.bind(runs.bind(sqlx::query(&sql))));
+    let inserted: Vec<String> =
+        query.fetch_all(pool).await?.iter().map(|row| row.try_get(0)).collect::<Result<_, _>>()?;
+    Ok(inserted.into_iter().collect())
 }
 
 #[async_trait]
