@@ -471,8 +471,6 @@ impl PgStore {
                 return Ok(Vec::new());
             }
         }
-        let mut stages: Vec<Stage> = Vec::new();
-        let mut run_ids: Vec<String> = Vec::new();
         // Expired leases first (rare), then queued stages, each walked in index order.
         // A pool worker's claim takes only stages whose required tags are all among the worker's
         // ($6) and whose every capability glob matches one of its capabilities ($7), the glob
@@ -509,71 +507,78 @@ impl PgStore {
         // in due order and filtered (15–40 ms per claim with 100,000 queued of another kind).
         // Rows a route locked beyond the outer LIMIT stay locked until this short transaction
         // ends; other claimers skip them meanwhile.
-        // Each candidate select, with the kind and route keys ($8, $9) of one that walks a
-        // worker's routes.
-        let mut candidates: Vec<(String, Option<(&String, Vec<String>)>)> = vec![(
-            format!(
-                "SELECT run_id, key FROM stages
-                  WHERE state = 'running' AND lease_expires_at <= $1 AND NOT cancel_requested AND executor_kind = ANY($2) {offer} {byo}
-                  ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED"
-            ),
-            None,
+        // Each candidate select; one that walks a worker's routes takes its kind and route keys
+        // as two parameters of its own, after the seven every select shares.
+        let mut candidates: Vec<String> = vec![format!(
+            "SELECT run_id, key FROM stages
+              WHERE state = 'running' AND lease_expires_at <= $1 AND NOT cancel_requested AND executor_kind = ANY($2) {offer} {byo}
+              ORDER BY lease_expires_at LIMIT $3 FOR UPDATE SKIP LOCKED"
         )];
-        match &query.offer {
-            None => candidates.push((
-                format!(
+        let walks: Vec<(&String, Vec<String>)> = match &query.offer {
+            None => {
+                candidates.push(format!(
                     "SELECT q.run_id, q.key FROM UNNEST($2::TEXT[]) AS k(kind) CROSS JOIN LATERAL (
                     SELECT run_id, key, ready_at FROM stages
                      WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1 AND executor_kind = k.kind
                        AND {ROUTE_KEY} = md5('|') {offer}
                      ORDER BY ready_at LIMIT $3 FOR UPDATE SKIP LOCKED) q
                   ORDER BY q.ready_at LIMIT $3"
-                ),
-                None,
-            )),
+                ));
+                Vec::new()
+            }
             Some(_) => {
-                for (kind, routes) in worker_walks {
-                    let select = format!(
-                        "SELECT q.run_id, q.key FROM UNNEST($9::TEXT[]) AS r(route) CROSS JOIN LATERAL (
+                for i in 0..worker_walks.len() {
+                    let (kind, routes) = (8 + 2 * i, 9 + 2 * i);
+                    candidates.push(format!(
+                        "SELECT q.run_id, q.key FROM UNNEST(${routes}::TEXT[]) AS r(route) CROSS JOIN LATERAL (
                             SELECT run_id, key, ready_at FROM stages
-                             WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1 AND executor_kind = $8
-                               AND $8 = ANY($2) AND {ROUTE_KEY} = r.route {offer} {byo}
+                             WHERE state = 'queued' AND ready_at IS NOT NULL AND ready_at <= $1 AND executor_kind = ${kind}
+                               AND ${kind} = ANY($2) AND {ROUTE_KEY} = r.route {offer} {byo}
                              ORDER BY ready_at LIMIT $3 FOR UPDATE SKIP LOCKED) q
                           ORDER BY q.ready_at LIMIT $3"
-                    );
-                    candidates.push((select, Some((kind, routes))));
+                    ));
                 }
+                worker_walks
             }
+        };
+        // One statement takes them (expired leases first, then each walk, up to the limit),
+        // leases them and opens their attempts.
+        let withs: Vec<String> =
+            candidates.iter().enumerate().map(|(i, select)| format!("candidates_{i} AS ({select})")).collect();
+        let union: Vec<String> =
+            (0..candidates.len()).map(|i| format!("SELECT run_id, key FROM candidates_{i}")).collect();
+        let sql = format!(
+            "WITH {},
+                  picked AS ({} LIMIT $3),
+                  claimed AS (
+                    UPDATE stages s SET state = 'running', attempt = s.attempt + 1,
+                           lost_leases = s.lost_leases + CASE WHEN s.state = 'running' THEN 1 ELSE 0 END,
+                           lease_owner = $4, lease_expires_at = $5, started_at = COALESCE(s.started_at, $1)
+                      FROM picked WHERE s.run_id = picked.run_id AND s.key = picked.key
+                    RETURNING s.*),
+                  opened AS (
+                    INSERT INTO attempts (run_id, stage_key, number, owner, started_at)
+                    SELECT run_id, key, attempt, $4, $1 FROM claimed)
+             SELECT * FROM claimed",
+            withs.join(",\n"),
+            union.join(" UNION ALL ")
+        );
+        let mut statement = sqlx::query(&sql)
+            .bind(now)
+            .bind(&query.kinds)
+            .bind(query.limit as i64)
+            .bind(&query.owner)
+            .bind(query.lease_until.as_millis())
+            .bind(&offer_tags)
+            .bind(&offer_caps);
+        for (kind, routes) in &walks {
+            statement = statement.bind(*kind).bind(routes);
         }
-        for (select, walk) in candidates {
-            let want = query.limit as i64 - stages.len() as i64;
-            if want <= 0 {
-                break;
-            }
-            let sql = format!(
-                "WITH picked AS ({select})
-                 UPDATE stages s SET state = 'running', attempt = s.attempt + 1,
-                        lost_leases = s.lost_leases + CASE WHEN s.state = 'running' THEN 1 ELSE 0 END,
-                        lease_owner = $4, lease_expires_at = $5, started_at = COALESCE(s.started_at, $1)
-                   FROM picked WHERE s.run_id = picked.run_id AND s.key = picked.key
-                 RETURNING s.*"
-            );
-            let mut statement = sqlx::query(&sql)
-                .bind(now)
-                .bind(&query.kinds)
-                .bind(want)
-                .bind(&query.owner)
-                .bind(query.lease_until.as_millis())
-                .bind(&offer_tags)
-                .bind(&offer_caps);
-            if let Some((kind, routes)) = walk {
-                statement = statement.bind(kind).bind(routes);
-            }
-            let rows = statement.fetch_all(&mut *tx).await?;
-            for row in &rows {
-                run_ids.push(row.try_get::<String, _>("run_id")?);
-                stages.push(stage_from_row(row)?);
-            }
+        let mut stages: Vec<Stage> = Vec::new();
+        let mut run_ids: Vec<String> = Vec::new();
+        for row in &statement.fetch_all(&mut *tx).await? {
+            run_ids.push(row.try_get::<String, _>("run_id")?);
+            stages.push(stage_from_row(row)?);
         }
         if stages.is_empty() {
             return Ok(Vec::new());
@@ -600,17 +605,6 @@ impl PgStore {
             .await?;
             taken_over.extend(closed);
         }
-        sqlx::query(
-            "INSERT INTO attempts (run_id, stage_key, number, owner, started_at)
-             SELECT r, k, n, $4, $5 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS t(r, k, n)",
-        )
-        .bind(&run_ids)
-        .bind(&keys)
-        .bind(&numbers)
-        .bind(&query.owner)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
         let mut unique = run_ids.clone();
         unique.sort();
         unique.dedup();
