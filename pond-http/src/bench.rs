@@ -23,6 +23,9 @@ pub struct BenchReport {
     pub completed_per_sec: f64,
     /// Phase 2: submit → finished p50 / p99, ms (server timestamps).
     pub run_ms: (f64, f64),
+    /// Phase 2: submit → claimed (the run's start) p50 / p99, ms (server timestamps): how much
+    /// of a run's latency is waiting for the driver.
+    pub queued_ms: (f64, f64),
 }
 
 impl fmt::Display for BenchReport {
@@ -37,10 +40,15 @@ impl fmt::Display for BenchReport {
             "submit (POST /v1/runs):      {:>8.0} runs/s   latency p50 {:.1} ms, p99 {:.1} ms",
             self.submits_per_sec, self.submit_ms.0, self.submit_ms.1
         )?;
-        write!(
+        writeln!(
             f,
             "end to end (submit→done):    {:>8.0} runs/s   latency p50 {:.1} ms, p99 {:.1} ms",
             self.completed_per_sec, self.run_ms.0, self.run_ms.1
+        )?;
+        write!(
+            f,
+            "  of which queued (submit→claimed):           p50 {:.1} ms, p99 {:.1} ms",
+            self.queued_ms.0, self.queued_ms.1
         )
     }
 }
@@ -108,7 +116,12 @@ fn submit_all(
 /// benchmark's own reads from loading the server), then reads the rest a page of the run list
 /// at a time (a statement per page, so the store's counts are the engine's, not the bench's).
 fn wait_all(client: &Client, ids: &[String]) -> Result<Vec<f64>, ClientError> {
-    let Some(last) = ids.last() else { return Ok(Vec::new()) };
+    Ok(wait_all_timed(client, ids)?.0)
+}
+
+/// [`wait_all`], also giving the runs' submit→claimed durations (ms), sorted.
+fn wait_all_timed(client: &Client, ids: &[String]) -> Result<(Vec<f64>, Vec<f64>), ClientError> {
+    let Some(last) = ids.last() else { return Ok((Vec::new(), Vec::new())) };
     while !client.get_run(last)?.state.is_terminal() {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -131,7 +144,17 @@ fn wait_all(client: &Client, ids: &[String]) -> Result<Vec<f64>, ClientError> {
         }
         if pending == 0 {
             durations.sort_by(f64::total_cmp);
-            return Ok(durations);
+            // When each was claimed, from 50 of them read one by one (after the phase, so the
+            // reads are not timed; the run list does not carry start times).
+            let mut queued = Vec::new();
+            for id in ids.iter().step_by(ids.len().div_ceil(50).max(1)) {
+                let run = client.get_run(id)?;
+                if let Some(started) = run.started_at {
+                    queued.push(started.since(run.created_at).0 as f64);
+                }
+            }
+            queued.sort_by(f64::total_cmp);
+            return Ok((durations, queued));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -143,7 +166,7 @@ pub fn run(nodes: &[Client], setup: &str, runs: usize, clients: usize) -> Result
     wait_all(&nodes[0], &ids)?;
     let started = Instant::now();
     let (ids, _, _) = submit_all(nodes, &body(), runs, clients)?;
-    let run_lat = wait_all(&nodes[0], &ids)?;
+    let (run_lat, queued) = wait_all_timed(&nodes[0], &ids)?;
     let e2e = started.elapsed();
     Ok(BenchReport {
         setup: setup.to_string(),
@@ -153,6 +176,7 @@ pub fn run(nodes: &[Client], setup: &str, runs: usize, clients: usize) -> Result
         submit_ms: (percentile(&submit_lat, 0.5), percentile(&submit_lat, 0.99)),
         completed_per_sec: runs as f64 / e2e.as_secs_f64(),
         run_ms: (percentile(&run_lat, 0.5), percentile(&run_lat, 0.99)),
+        queued_ms: (percentile(&queued, 0.5), percentile(&queued, 0.99)),
     })
 }
 

@@ -32,7 +32,7 @@ use crate::batch::{group_commit, queue_write, Queued, Rows};
 use crate::pg_arrays::{insert_runs_statement, Changes, EventArrays, RunArrays, StageArrays};
 use crate::rows::{
     artifact_from_row, attempt_from_row, blob_from_row, corrupt, db_err, log_from_row, role_text, run_from_row,
-    stage_from_row, token_from_row, ts,
+    stage_from_row, token_from_row, ts, Columns,
 };
 use crate::{sha256_hex, WatchedStore};
 
@@ -681,42 +681,41 @@ async fn write_changes(
     Ok(())
 }
 
-/// Loads runs with their stages and attempts, three statements for the lot; with `lock`, the
-/// stages and then the runs are locked, in id order. Runs that do not exist are left out.
+/// Loads runs with their stages and attempts, one statement for the lot (one snapshot, so a
+/// run is never shown with stages of another moment); with `lock`, the stages and then the
+/// runs are locked, in id order — the order every writer takes them. (The three tables' rows
+/// come back as `to_jsonb` objects, tagged by table; `UNION ALL` reads its branches in order,
+/// so the stage rows are locked before the run rows.) Runs that do not exist are left out.
 async fn load_snapshots(conn: &mut PgConnection, ids: &[RunId], lock: bool) -> Result<Vec<RunSnapshot>, Fail> {
     let keys: Vec<String> = ids.iter().map(RunId::to_string).collect();
     let lock_clause = if lock { " FOR UPDATE" } else { "" };
-    let stages = format!("SELECT * FROM stages WHERE run_id = ANY($1) ORDER BY run_id, position{lock_clause}");
-    let runs = format!("SELECT * FROM runs WHERE id = ANY($1) ORDER BY id{lock_clause}");
-    // Locked: stage rows first, then run rows (the lock order every writer uses). Unlocked,
-    // each statement sees what was committed when it began: the run first, then its stages and
-    // attempts, so a run read as ended is never shown with a stage that was not (they are
-    // written in the run's transaction, and an ended run's stages do not change after).
-    let (stage_rows, run_rows) = if lock {
-        let stage_rows = sqlx::query(&stages).bind(&keys).fetch_all(&mut *conn).await?;
-        (stage_rows, sqlx::query(&runs).bind(&keys).fetch_all(&mut *conn).await?)
-    } else {
-        let run_rows = sqlx::query(&runs).bind(&keys).fetch_all(&mut *conn).await?;
-        (sqlx::query(&stages).bind(&keys).fetch_all(&mut *conn).await?, run_rows)
-    };
-    let attempt_rows =
-        sqlx::query("SELECT * FROM attempts WHERE run_id = ANY($1) ORDER BY run_id, started_at, stage_key, number")
-            .bind(&keys)
-            .fetch_all(&mut *conn)
-            .await?;
-    let runs = run_rows.iter().map(run_from_row).collect::<Result<Vec<_>, _>>()?;
-    let mut stages = Vec::with_capacity(stage_rows.len());
-    for row in &stage_rows {
-        stages.push((run_id_of(row)?, stage_from_row(row)?));
+    let sql = format!(
+        "WITH s AS (SELECT * FROM stages WHERE run_id = ANY($1) ORDER BY run_id, position{lock_clause}),
+              r AS (SELECT * FROM runs WHERE id = ANY($1) ORDER BY id{lock_clause})
+         SELECT 0 AS part, to_jsonb(s) AS row FROM s
+         UNION ALL SELECT 1, to_jsonb(r) FROM r
+         UNION ALL SELECT 2, to_jsonb(a) FROM attempts a WHERE a.run_id = ANY($1)"
+    );
+    let rows: Vec<(i32, sqlx::types::Json<serde_json::Map<String, serde_json::Value>>)> =
+        sqlx::query_as(&sql).bind(&keys).fetch_all(&mut *conn).await?;
+    let (mut runs, mut stages, mut attempts) = (Vec::new(), Vec::new(), Vec::new());
+    for (part, sqlx::types::Json(row)) in &rows {
+        match part {
+            0 => stages.push((row.parsed::<RunId>("run_id")?, row.int("position")?, stage_from_row(row)?)),
+            1 => runs.push(run_from_row(row)?),
+            _ => attempts.push((row.parsed::<RunId>("run_id")?, attempt_from_row(row)?)),
+        }
     }
-    let mut attempts = Vec::with_capacity(attempt_rows.len());
-    for row in &attempt_rows {
-        attempts.push((run_id_of(row)?, attempt_from_row(row)?));
-    }
+    // The order the snapshots keep: runs by id, stages by position, attempts as they started.
+    runs.sort_by_key(|r| r.id);
+    stages.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    attempts.sort_by(|(ra, a), (rb, b)| {
+        (ra, a.started_at, &a.stage_key, a.number).cmp(&(rb, b.started_at, &b.stage_key, b.number))
+    });
+    let stages = stages.into_iter().map(|(run, _, stage)| (run, stage)).collect();
     let mut snapshots = crate::batch::assemble(runs, stages, attempts);
     if !lock {
-        // Every run has a stage: one read without any was deleted (retention) between its row's
-        // read and its stages', and is reported gone, as it is.
+        // Every run has a stage: one read without any was being deleted (retention).
         snapshots.retain(|s| !s.stages.is_empty());
     }
     Ok(snapshots)
@@ -724,10 +723,6 @@ async fn load_snapshots(conn: &mut PgConnection, ids: &[RunId], lock: bool) -> R
 
 async fn load_snapshot(conn: &mut PgConnection, id: RunId, lock: bool) -> Result<Option<RunSnapshot>, Fail> {
     Ok(load_snapshots(conn, &[id], lock).await?.pop())
-}
-
-fn run_id_of(row: &sqlx::postgres::PgRow) -> Result<RunId, StoreError> {
-    RunId::from_str(&row.try_get::<String, _>("run_id").map_err(db_err)?).map_err(corrupt)
 }
 
 /// Inserts runs in one transaction (see [`crate::batch::group_commit`]): runs whose idempotency

@@ -123,6 +123,37 @@ macro_rules! columns_for {
 columns_for!(sqlx::sqlite::SqliteRow);
 columns_for!(sqlx::postgres::PgRow);
 
+/// A row as PostgreSQL's `to_jsonb` gives it (rows of several tables read by one statement).
+impl Columns for serde_json::Map<String, serde_json::Value> {
+    fn text(&self, col: &str) -> Result<String, StoreError> {
+        self.opt_text(col)?.ok_or_else(|| corrupt(format!("column {col} is missing")))
+    }
+    fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError> {
+        match self.get(col) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(corrupt(format!("column {col}: text expected, found {other}"))),
+        }
+    }
+    fn int(&self, col: &str) -> Result<i64, StoreError> {
+        self.opt_int(col)?.ok_or_else(|| corrupt(format!("column {col} is missing")))
+    }
+    fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError> {
+        match self.get(col) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => {
+                v.as_i64().map(Some).ok_or_else(|| corrupt(format!("column {col}: integer expected, found {v}")))
+            }
+        }
+    }
+    fn flag(&self, col: &str) -> Result<bool, StoreError> {
+        match self.get(col) {
+            Some(serde_json::Value::Bool(b)) => Ok(*b),
+            other => Err(corrupt(format!("column {col}: boolean expected, found {other:?}"))),
+        }
+    }
+}
+
 pub(crate) fn run_from_row(row: &impl Columns) -> Result<Run, StoreError> {
     let state = row.text("state")?;
     Ok(Run {
