@@ -65,42 +65,23 @@ pub struct Driver {
     completion_queue: Mutex<Option<mpsc::Receiver<Completion>>>,
 }
 
-/// Outcome batches being written at once: while one waits for its commit, the next forms (one
-/// at a time, the recorder fell behind a store that took submits faster than it took outcomes).
-const RECORDING_BATCHES: usize = 2;
-
 /// Records outcomes as they come, whatever are waiting together in one store write (group
-/// commit): with many short stages ending at once, one transaction instead of one each. Two
-/// batches never hold the same attempt; runs are locked in id order by the store, so batches
-/// in flight together cannot deadlock.
+/// commit): with many short stages ending at once, one transaction instead of one each.
 async fn record_outcomes(engine: Arc<Engine>, mut queue: mpsc::Receiver<Completion>) {
-    use futures_util::StreamExt;
-    let mut in_flight = futures_util::stream::FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            first = queue.recv(), if in_flight.len() < RECORDING_BATCHES => {
-                let Some(first) = first else { break };
-                let mut batch = vec![first];
-                while batch.len() < COMPLETION_BATCH {
-                    match queue.try_recv() {
-                        Ok(next) => batch.push(next),
-                        Err(_) => break,
-                    }
-                }
-                in_flight.push(record_batch(&engine, batch));
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < COMPLETION_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
             }
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
         }
-    }
-    while in_flight.next().await.is_some() {}
-}
-
-async fn record_batch(engine: &Engine, batch: Vec<Completion>) {
-    let items: Vec<(&Claim, &StageOutcome)> = batch.iter().map(|(c, o, _)| (c, o)).collect();
-    let results = engine.complete_many(&items).await;
-    drop(items);
-    for ((_, _, reply), result) in batch.into_iter().zip(results) {
-        let _ = reply.send(result.map(|_| ()));
+        let items: Vec<(&Claim, &StageOutcome)> = batch.iter().map(|(c, o, _)| (c, o)).collect();
+        let results = engine.complete_many(&items).await;
+        drop(items);
+        for ((_, _, reply), result) in batch.into_iter().zip(results) {
+            let _ = reply.send(result.map(|_| ()));
+        }
     }
 }
 
