@@ -392,7 +392,7 @@ async fn claim(
     }
     let mut seen: Vec<(&str, Option<&str>)> = vec![(orchestrator.id.as_str(), None)];
     seen.extend(idle.iter().map(|m| (m.id.as_str(), None)));
-    state.seen.touch(&state.pools, &seen).await?;
+    state.seen.touch(&seen);
     // Versions: the orchestrator's own from its User-Agent, its workers' as it reports them —
     // only for this claim's idle workers (it speaks for no one else), one entry per worker (the
     // last), so a claim writes at most one record per member it names. Display only: a failed
@@ -616,11 +616,8 @@ async fn ticket(state: &AppState, worker: &PoolMember, claim: &Claim) -> Result<
             return Ok(None);
         }
     };
-    // Off the hand-over's critical path: `pond pool ls` may learn of the job a moment later.
-    let (seen, pools, worker_id, held) = (state.seen.clone(), state.pools.clone(), worker.id.clone(), job_id.clone());
-    tokio::spawn(async move {
-        let _ = seen.touch(&pools, &[(worker_id.as_str(), Some(held.as_str()))]).await;
-    });
+    // `pond pool ls` learns of the job within a second (written behind).
+    state.seen.touch(&[(worker.id.as_str(), Some(job_id.as_str()))]);
     let mut ticket = JobTicket {
         job_id,
         worker_id: worker.id.clone(),
@@ -741,10 +738,7 @@ async fn heartbeat(
 ) -> Result<Json<Heartbeat>, ApiError> {
     let (job, cancel_requested) = held(&state, &job, &r.worker).await?;
     let job = job.to_string();
-    state
-        .seen
-        .touch(&state.pools, &[(r.worker.id.as_str(), Some(job.as_str())), (r.orchestrator.id.as_str(), None)])
-        .await?;
+    state.seen.touch(&[(r.worker.id.as_str(), Some(job.as_str())), (r.orchestrator.id.as_str(), None)]);
     Ok(Json(Heartbeat { cancel_requested }))
 }
 
@@ -929,7 +923,7 @@ async fn result(
     }
     let snapshot = state.engine.complete_job(&job, &r.worker, &report).await?;
     state.members.release(&r.worker.id);
-    state.seen.touch(&state.pools, &[(r.worker.id.as_str(), None)]).await?;
+    state.seen.touch(&[(r.worker.id.as_str(), None)]);
     let record = snapshot
         .attempts
         .iter()
@@ -993,7 +987,7 @@ async fn release(
     let job = job_id(&job)?;
     state.engine.release_job(&job, &r.worker, "the worker gave it back").await?;
     state.members.release(&r.worker.id);
-    state.seen.touch(&state.pools, &[(r.worker.id.as_str(), None)]).await?;
+    state.seen.touch(&[(r.worker.id.as_str(), None)]);
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
@@ -1139,12 +1133,49 @@ async fn drain(
 
 /// Throttles last-seen writes: a member's idle record is rewritten at most every 30 s,
 /// so 1,000 idle long-polling workers do not cost 1,000 writes per poll. Changes of the job a
-/// member holds are always written.
+/// member holds are noted at once but written behind, by [`flush_seen`] once a second: what
+/// `pond pool ls` shows is display-only, and a pooled run used to pay two record writes on its
+/// claim and result paths (a job shorter than the flush interval now costs none).
 #[derive(Default)]
 pub struct SeenThrottle {
     written: std::sync::Mutex<HashMap<String, (Instant, Option<String>)>>,
+    /// Noted and not yet written: each member's latest job (`None`: idle).
+    pending: std::sync::Mutex<HashMap<String, Option<String>>>,
     /// The version last written for each member.
     versions: std::sync::Mutex<HashMap<String, String>>,
+}
+
+/// How often noted last-seen changes are written.
+const SEEN_FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// Writes what [`SeenThrottle`] noted, once a second until `stop`, and once more then. A write
+/// that fails is tried again at the next tick (unless the member was noted again meanwhile).
+pub async fn flush_seen(
+    seen: std::sync::Arc<SeenThrottle>,
+    pools: std::sync::Arc<pond_core::pool::Pools>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(SEEN_FLUSH_EVERY) => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        let due: Vec<(String, Option<String>)> =
+            seen.pending.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        if !due.is_empty() {
+            let rows: Vec<(&str, Option<&str>)> = due.iter().map(|(id, job)| (id.as_str(), job.as_deref())).collect();
+            if let Err(e) = pools.touch(&rows).await {
+                tracing::warn!(error = %e, "writing pool members' last-seen times failed; trying again");
+                let mut pending = seen.pending.lock().unwrap_or_else(|p| p.into_inner());
+                for (id, job) in due {
+                    pending.entry(id).or_insert(job);
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
 }
 
 impl SeenThrottle {
@@ -1173,7 +1204,8 @@ impl SeenThrottle {
         Ok(())
     }
 
-    async fn touch(&self, pools: &pond_core::pool::Pools, seen: &[(&str, Option<&str>)]) -> Result<(), ApiError> {
+    /// Notes that members were heard from, with the job each holds (written behind).
+    fn touch(&self, seen: &[(&str, Option<&str>)]) {
         let due: Vec<(&str, Option<&str>)> = {
             let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
@@ -1191,8 +1223,10 @@ impl SeenThrottle {
                 .collect()
         };
         if !due.is_empty() {
-            pools.touch(&due).await?;
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, job) in due {
+                pending.insert(id.to_string(), job.map(str::to_string));
+            }
         }
-        Ok(())
     }
 }

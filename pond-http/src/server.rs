@@ -583,6 +583,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         state.pools.clone(),
         shutdown_rx.clone(),
     ));
+    let seen = tokio::spawn(crate::orch::flush_seen(state.seen.clone(), state.pools.clone(), shutdown_rx.clone()));
     let mut http_stop = shutdown_rx.clone();
     let http = tokio::spawn(async move {
         let stop = async move {
@@ -602,7 +603,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         interrupted_stages,
         engine,
         shutdown,
-        tasks: vec![driving, http, webhooks, pruning, retiring, expiring, resealing, credentials],
+        tasks: vec![driving, http, webhooks, pruning, retiring, expiring, resealing, credentials, seen],
         background,
         stop_within: config.drain + config.kill_grace + Duration::from_secs(5),
         _lock: lock,

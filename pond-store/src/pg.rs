@@ -48,7 +48,20 @@ pub struct PgStore {
     /// Submits waiting for the next group commit. Each answer is its own: a lookup after the
     /// commit that fails fails that submit only (the batch is never replayed once committed).
     inserts: tokio::sync::mpsc::Sender<Queued<RunSnapshot, Result<InsertOutcome, StoreError>>>,
+    /// Transparency-log leaves waiting for the next group commit (answered with their index).
+    leaves: tokio::sync::mpsc::Sender<Queued<NewLeaf, u64>>,
 }
+
+/// A transparency-log leaf to append.
+struct NewLeaf {
+    run: RunId,
+    leaf: String,
+    hash: [u8; 32],
+    at: Timestamp,
+}
+
+/// Most leaves appended together (one turn on the log's table lock, one commit).
+const LEAF_BATCH: usize = 256;
 
 /// Most submits committed together (one transaction, one WAL sync).
 const INSERT_BATCH: usize = 128;
@@ -163,7 +176,15 @@ impl PgStore {
             let pool = batch_pool.clone();
             Box::pin(async move { insert_batch(&pool, snapshots).await })
         }));
-        Ok(PgStore { pool, inserts })
+        // Appends take turns on the log's table lock until they commit: one at a time, every
+        // pooled result waited for every other's WAL sync. A batch takes one turn.
+        let (leaves, leaf_queue) = tokio::sync::mpsc::channel(LEAF_BATCH);
+        let leaf_pool = pool.clone();
+        tokio::spawn(group_commit(leaf_queue, LEAF_BATCH, 1, move |leaves| {
+            let pool = leaf_pool.clone();
+            Box::pin(async move { append_leaves(&pool, leaves).await })
+        }));
+        Ok(PgStore { pool, inserts, leaves })
     }
 
     /// The pool (for benchmarks and tests that seed data directly).
@@ -789,6 +810,36 @@ async fn try_insert_batch(
     Ok(inserted.into_iter().collect())
 }
 
+/// Appends leaves in one transaction, in order, after the log's last: appends from several
+/// nodes take turns on the table lock (reads are not blocked), so indices have no gaps and no
+/// duplicates. Returns each leaf's index.
+async fn append_leaves(pool: &PgPool, leaves: &[&NewLeaf]) -> Result<Vec<u64>, StoreError> {
+    let runs: Vec<String> = leaves.iter().map(|l| l.run.to_string()).collect();
+    let texts: Vec<&str> = leaves.iter().map(|l| l.leaf.as_str()).collect();
+    let hashes: Vec<&[u8]> = leaves.iter().map(|l| l.hash.as_slice()).collect();
+    let ats: Vec<i64> = leaves.iter().map(|l| l.at.as_millis()).collect();
+    let mut tx = pool.begin().await.map_err(db_err)?;
+    sqlx::query("LOCK TABLE transparency_log IN EXCLUSIVE MODE").execute(&mut *tx).await.map_err(db_err)?;
+    // The n-th leaf of the batch goes n - 1 after the log's end, so the indices, sorted, are
+    // the leaves' in order.
+    let mut indices: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO transparency_log (idx, run_id, leaf, leaf_hash, created_at)
+         SELECT (SELECT COALESCE(MAX(idx) + 1, 0) FROM transparency_log) + u.n - 1, u.run_id, u.leaf, u.hash, u.at
+           FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BYTEA[], $4::BIGINT[]) WITH ORDINALITY AS u(run_id, leaf, hash, at, n)
+         RETURNING idx",
+    )
+    .bind(&runs)
+    .bind(&texts)
+    .bind(&hashes)
+    .bind(&ats)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
+    indices.sort_unstable();
+    Ok(indices.into_iter().map(|i| i as u64).collect())
+}
+
 #[async_trait]
 impl Store for PgStore {
     async fn insert_run(&self, snapshot: &RunSnapshot) -> Result<InsertOutcome, StoreError> {
@@ -1198,23 +1249,8 @@ impl Store for PgStore {
         leaf_hash: &[u8; 32],
         at: Timestamp,
     ) -> Result<u64, StoreError> {
-        // Appends from several nodes take turns on the table lock (reads are not blocked), so
-        // indices have no gaps and no duplicates.
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        sqlx::query("LOCK TABLE transparency_log IN EXCLUSIVE MODE").execute(&mut *tx).await.map_err(db_err)?;
-        let idx: i64 = sqlx::query_scalar(
-            "INSERT INTO transparency_log (idx, run_id, leaf, leaf_hash, created_at)
-             SELECT COALESCE(MAX(idx) + 1, 0), $1, $2, $3, $4 FROM transparency_log RETURNING idx",
-        )
-        .bind(run.to_string())
-        .bind(leaf)
-        .bind(leaf_hash.as_slice())
-        .bind(at.as_millis())
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(idx as u64)
+        let leaf = NewLeaf { run, leaf: leaf.to_string(), hash: *leaf_hash, at };
+        queue_write(&self.leaves, leaf, "transparency log").await
     }
 
     async fn leaf_hashes(&self, from: u64, to: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError> {
