@@ -49,7 +49,7 @@ pub struct PgStore {
     /// commit that fails fails that submit only (the batch is never replayed once committed).
     inserts: tokio::sync::mpsc::Sender<Queued<RunSnapshot, Result<InsertOutcome, StoreError>>>,
     /// Transparency-log leaves waiting for the next group commit (answered with their index).
-    leaves: tokio::sync::mpsc::Sender<Queued<NewLeaf, u64>>,
+    leaves: tokio::sync::mpsc::Sender<Queued<NewLeaf, Result<u64, StoreError>>>,
 }
 
 /// A transparency-log leaf to append.
@@ -182,7 +182,22 @@ impl PgStore {
         let leaf_pool = pool.clone();
         tokio::spawn(group_commit(leaf_queue, LEAF_BATCH, 1, move |leaves| {
             let pool = leaf_pool.clone();
-            Box::pin(async move { append_leaves(&pool, leaves).await })
+            // A failed batch fails every leaf in it (never retried leaf by leaf: a commit whose
+            // outcome is unknown may have stored them, and a retry would store them twice).
+            Box::pin(async move {
+                Ok(match append_leaves(&pool, leaves).await {
+                    Ok(indices) => indices.into_iter().map(Ok).collect(),
+                    Err(e) => leaves
+                        .iter()
+                        .map(|_| {
+                            Err(match &e {
+                                StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+                                other => StoreError::Backend(other.to_string()),
+                            })
+                        })
+                        .collect(),
+                })
+            })
         }));
         Ok(PgStore { pool, inserts, leaves })
     }
@@ -704,21 +719,34 @@ async fn write_changes(
 
 /// Loads runs with their stages and attempts, one statement for the lot (one snapshot, so a
 /// run is never shown with stages of another moment); with `lock`, the stages and then the
-/// runs are locked, in id order — the order every writer takes them. (The three tables' rows
+/// runs are locked, in id order — the order every writer takes them — and their attempts read
+/// after (two statements). (The three tables' rows
 /// come back as `to_jsonb` objects, tagged by table; `UNION ALL` reads its branches in order,
 /// so the stage rows are locked before the run rows.) Runs that do not exist are left out.
 async fn load_snapshots(conn: &mut PgConnection, ids: &[RunId], lock: bool) -> Result<Vec<RunSnapshot>, Fail> {
     let keys: Vec<String> = ids.iter().map(RunId::to_string).collect();
     let lock_clause = if lock { " FOR UPDATE" } else { "" };
+    // Locked, the attempts are read by a second statement, once the locks are held: the first
+    // statement's snapshot is taken before it waits for a lock, and only its locked rows are
+    // re-read at their newest when the holder commits — its attempts would be the older ones.
+    let attempts_part =
+        if lock { "" } else { " UNION ALL SELECT 2, to_jsonb(a) FROM attempts a WHERE a.run_id = ANY($1)" };
     let sql = format!(
         "WITH s AS (SELECT * FROM stages WHERE run_id = ANY($1) ORDER BY run_id, position{lock_clause}),
               r AS (SELECT * FROM runs WHERE id = ANY($1) ORDER BY id{lock_clause})
          SELECT 0 AS part, to_jsonb(s) AS row FROM s
-         UNION ALL SELECT 1, to_jsonb(r) FROM r
-         UNION ALL SELECT 2, to_jsonb(a) FROM attempts a WHERE a.run_id = ANY($1)"
+         UNION ALL SELECT 1, to_jsonb(r) FROM r{attempts_part}"
     );
-    let rows: Vec<(i32, sqlx::types::Json<serde_json::Map<String, serde_json::Value>>)> =
+    let mut rows: Vec<(i32, sqlx::types::Json<serde_json::Map<String, serde_json::Value>>)> =
         sqlx::query_as(&sql).bind(&keys).fetch_all(&mut *conn).await?;
+    if lock {
+        let attempt_rows: Vec<(i32, sqlx::types::Json<serde_json::Map<String, serde_json::Value>>)> =
+            sqlx::query_as("SELECT 2, to_jsonb(a) FROM attempts a WHERE a.run_id = ANY($1)")
+                .bind(&keys)
+                .fetch_all(&mut *conn)
+                .await?;
+        rows.extend(attempt_rows);
+    }
     let (mut runs, mut stages, mut attempts) = (Vec::new(), Vec::new(), Vec::new());
     for (part, sqlx::types::Json(row)) in &rows {
         match part {
@@ -1250,7 +1278,7 @@ impl Store for PgStore {
         at: Timestamp,
     ) -> Result<u64, StoreError> {
         let leaf = NewLeaf { run, leaf: leaf.to_string(), hash: *leaf_hash, at };
-        queue_write(&self.leaves, leaf, "transparency log").await
+        queue_write(&self.leaves, leaf, "transparency log").await?
     }
 
     async fn leaf_hashes(&self, from: u64, to: Option<u64>) -> Result<Vec<[u8; 32]>, StoreError> {
